@@ -1,0 +1,816 @@
+//! Configuration in two steps (zero2prod's pattern): a raw tree from `loraloop.yaml` plus
+//! `LORALOOP_...` environment overrides is deserialized into [`RawConfig`], then validated
+//! into the [`Config`] the code uses. Secrets come from the environment only and live in
+//! [`secrecy::SecretString`], whose `Debug` prints `[REDACTED]`.
+//!
+//! Environment overrides name a key path with `__` between levels:
+//! `LORALOOP_SERVER__PORT=9000` sets `server.port`, `LORALOOP_DATA_DIR=/srv/ll` sets
+//! `data_dir`. Values are read as YAML scalars (`9000` is a number, `[1, 2]` a list).
+
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+/// Environment variable naming the config file (the `--config` flag wins over it).
+pub const CONFIG_ENV: &str = "LORALOOP_CONFIG";
+/// Config file read when neither `--config` nor `LORALOOP_CONFIG` names one.
+pub const DEFAULT_CONFIG_FILE: &str = "loraloop.yaml";
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "LORALOOP_";
+
+/// The secrets and the environment variables they come from. Nothing else reads them.
+pub const SECRET_VARS: [(&str, &str); 4] = [
+    ("telegram_bot_token", "TELEGRAM_BOT_TOKEN"),
+    ("discord_bot_token", "DISCORD_BOT_TOKEN"),
+    ("api_key", "LORALOOP_API_KEY"),
+    ("admin_password", "LORALOOP_ADMIN_PASSWORD"),
+];
+
+/// `LORALOOP_` variables that are not key overrides.
+const RESERVED_VARS: [&str; 4] = [
+    CONFIG_ENV,
+    "LORALOOP_API_KEY",
+    "LORALOOP_ADMIN_PASSWORD",
+    "LORALOOP_LOG",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid YAML: {message}")]
+    Yaml { path: PathBuf, message: String },
+    #[error("{origin}: invalid value for `{key}`: {message}")]
+    Invalid {
+        key: String,
+        origin: String,
+        message: String,
+    },
+    #[error(
+        "`{key}` is a secret and is read from the environment only: remove it from {origin} and set {var}"
+    )]
+    SecretInFile {
+        key: String,
+        origin: String,
+        var: &'static str,
+    },
+}
+
+/// Where a key's value came from, for error messages.
+#[derive(Debug, Default, Clone)]
+struct Origins {
+    file: Option<PathBuf>,
+    env: BTreeMap<String, String>, // key path -> variable name
+}
+
+impl Origins {
+    fn of(&self, key: &str) -> String {
+        if let Some(var) = self
+            .env
+            .iter()
+            .find(|(path, _)| key == path.as_str() || key.starts_with(&format!("{path}.")))
+            .map(|(_, var)| var)
+        {
+            return format!("environment variable {var}");
+        }
+        match &self.file {
+            Some(p) => format!("config file {}", p.display()),
+            None => "defaults".to_string(),
+        }
+    }
+}
+
+/// The file/environment shape. Every field has a default, so an empty file is valid.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawConfig {
+    /// Folder for the database and models unless they are set explicitly.
+    pub data_dir: PathBuf,
+    /// SQLite database file. Default: `<data_dir>/loraloop.db`.
+    pub database: Option<PathBuf>,
+    /// Folder of local model files. Default: `<data_dir>/models`.
+    pub models_dir: Option<PathBuf>,
+    /// Model the assistant runs: a file name in `models_dir` or a path.
+    pub model: String,
+    /// Inference and training device: `auto`, `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    pub server: ServerConfig,
+    pub assistant: AssistantConfig,
+    pub generation: GenerationConfig,
+    pub telegram: TelegramConfig,
+    pub discord: DiscordConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AssistantConfig {
+    pub name: String,
+    pub system_prompt: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenerationConfig {
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: usize,
+    pub repetition_penalty: f64,
+    pub max_new_tokens: usize,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelegramConfig {
+    /// Bot API base URL (people run their own Bot API server).
+    pub api_url: String,
+    /// Webhook mode instead of long polling when set (https only).
+    pub webhook_url: Option<String>,
+    /// Telegram user ids allowed to chat; empty means everyone.
+    pub allowed_user_ids: Vec<i64>,
+    /// Messages per user per minute before the bot answers with a notice.
+    pub rate_limit_per_minute: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiscordConfig {
+    pub allowed_guild_ids: Vec<u64>,
+    pub allowed_channel_ids: Vec<u64>,
+    /// Role name whose members may use `/status`.
+    pub admin_role: Option<String>,
+    /// Register slash commands in this guild only (development) instead of globally.
+    pub dev_guild_id: Option<u64>,
+    pub rate_limit_per_minute: u32,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("data"),
+            database: None,
+            models_dir: None,
+            model: crate::DEFAULT_MODEL_FILE.to_string(),
+            device: "auto".to_string(),
+            server: ServerConfig::default(),
+            assistant: AssistantConfig::default(),
+            generation: GenerationConfig::default(),
+            telegram: TelegramConfig::default(),
+            discord: DiscordConfig::default(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".to_string(),
+            port: 8080,
+        }
+    }
+}
+
+impl Default for AssistantConfig {
+    fn default() -> Self {
+        Self {
+            name: "loraloop".to_string(),
+            system_prompt: "You are a helpful assistant.".to_string(),
+        }
+    }
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        Self {
+            temperature: 0.7,
+            top_p: 0.9,
+            top_k: 40,
+            repetition_penalty: 1.1,
+            max_new_tokens: 512,
+            seed: None,
+            stop: Vec::new(),
+        }
+    }
+}
+
+impl Default for TelegramConfig {
+    fn default() -> Self {
+        Self {
+            api_url: "https://api.telegram.org".to_string(),
+            webhook_url: None,
+            allowed_user_ids: Vec::new(),
+            rate_limit_per_minute: 20,
+        }
+    }
+}
+
+impl Default for DiscordConfig {
+    fn default() -> Self {
+        Self {
+            allowed_guild_ids: Vec::new(),
+            allowed_channel_ids: Vec::new(),
+            admin_role: None,
+            dev_guild_id: None,
+            rate_limit_per_minute: 20,
+        }
+    }
+}
+
+/// Secrets, from the environment only. `Debug` prints `[REDACTED]` for each one set.
+#[derive(Debug, Clone, Default)]
+pub struct Secrets {
+    pub telegram_bot_token: Option<SecretString>,
+    pub discord_bot_token: Option<SecretString>,
+    pub api_key: Option<SecretString>,
+    pub admin_password: Option<SecretString>,
+}
+
+impl Secrets {
+    fn from_env(env: &BTreeMap<String, String>) -> Self {
+        let get = |var: &str| {
+            env.get(var)
+                .filter(|v| !v.is_empty())
+                .map(|v| SecretString::from(v.clone()))
+        };
+        Self {
+            telegram_bot_token: get("TELEGRAM_BOT_TOKEN"),
+            discord_bot_token: get("DISCORD_BOT_TOKEN"),
+            api_key: get("LORALOOP_API_KEY"),
+            admin_password: get("LORALOOP_ADMIN_PASSWORD"),
+        }
+    }
+
+    fn is_set(&self, key: &str) -> bool {
+        match key {
+            "telegram_bot_token" => self.telegram_bot_token.is_some(),
+            "discord_bot_token" => self.discord_bot_token.is_some(),
+            "api_key" => self.api_key.is_some(),
+            "admin_password" => self.admin_password.is_some(),
+            _ => false,
+        }
+    }
+}
+
+/// Inference/training device as configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum DeviceChoice {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| {
+                    format!("got {other:?}; allowed: auto, cpu, cuda, cuda:N (N a GPU index)")
+                }),
+        }
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// The validated configuration the program uses.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The validated values as read (kept for `config check`).
+    pub raw: RawConfig,
+    /// The config file that was read, if any.
+    pub source: Option<PathBuf>,
+    pub database_path: PathBuf,
+    pub models_dir: PathBuf,
+    pub device: DeviceChoice,
+    pub secrets: Secrets,
+}
+
+/// Where to look for the config file: `--config` first, then `LORALOOP_CONFIG`, then
+/// `./loraloop.yaml` if it exists. An explicitly named file must exist.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    pub explicit_path: Option<PathBuf>,
+}
+
+impl Config {
+    /// Load from the process environment.
+    pub fn load(source: &ConfigSource) -> Result<Self, ConfigError> {
+        let env: BTreeMap<String, String> = std::env::vars().collect();
+        Self::load_with_env(source, &env)
+    }
+
+    /// Load with an explicit environment (tests pass their own map).
+    pub fn load_with_env(
+        source: &ConfigSource,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let explicit = source
+            .explicit_path
+            .clone()
+            .or_else(|| env.get(CONFIG_ENV).filter(|s| !s.is_empty()).map(PathBuf::from));
+        let file = match explicit {
+            Some(p) => Some(p),
+            None => {
+                let p = PathBuf::from(DEFAULT_CONFIG_FILE);
+                p.exists().then_some(p)
+            }
+        };
+        let mut origins = Origins {
+            file: file.clone(),
+            ..Default::default()
+        };
+        let mut tree = match &file {
+            Some(path) => read_yaml(path)?,
+            None => serde_yaml::Value::Mapping(Default::default()),
+        };
+        if tree.is_null() {
+            tree = serde_yaml::Value::Mapping(Default::default());
+        }
+        reject_secrets_in_file(&tree, &origins)?;
+        apply_env_overrides(&mut tree, env, &mut origins)?;
+
+        let raw: RawConfig = serde_path_to_error::deserialize(tree).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::Invalid {
+                origin: origins.of(&key),
+                message: e.into_inner().to_string(),
+                key,
+            }
+        })?;
+        Self::validate(raw, file, Secrets::from_env(env), &origins)
+    }
+
+    fn validate(
+        raw: RawConfig,
+        source: Option<PathBuf>,
+        secrets: Secrets,
+        origins: &Origins,
+    ) -> Result<Self, ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            key: key.to_string(),
+            origin: origins.of(key),
+            message,
+        };
+        let g = &raw.generation;
+        if !(g.temperature.is_finite() && (0.0..=5.0).contains(&g.temperature)) {
+            return Err(invalid(
+                "generation.temperature",
+                format!(
+                    "got {}; allowed: 0 to 5 (0 means greedy)",
+                    g.temperature
+                ),
+            ));
+        }
+        if !(g.top_p > 0.0 && g.top_p <= 1.0) {
+            return Err(invalid(
+                "generation.top_p",
+                format!("got {}; allowed: greater than 0, at most 1", g.top_p),
+            ));
+        }
+        if !(g.repetition_penalty.is_finite() && (1.0..=2.0).contains(&g.repetition_penalty)) {
+            return Err(invalid(
+                "generation.repetition_penalty",
+                format!(
+                    "got {}; allowed: 1 (off) to 2",
+                    g.repetition_penalty
+                ),
+            ));
+        }
+        if !(1..=32_768).contains(&g.max_new_tokens) {
+            return Err(invalid(
+                "generation.max_new_tokens",
+                format!("got {}; allowed: 1 to 32768", g.max_new_tokens),
+            ));
+        }
+        if let Some(i) = g.stop.iter().position(|s| s.is_empty()) {
+            return Err(invalid(
+                &format!("generation.stop.{i}"),
+                "got an empty string; allowed: non-empty strings".to_string(),
+            ));
+        }
+        if raw.server.host.parse::<IpAddr>().is_err() && !is_hostname(&raw.server.host) {
+            return Err(invalid(
+                "server.host",
+                format!(
+                    "got {:?}; allowed: an IP address (127.0.0.1, 0.0.0.0, ::1) or a host name",
+                    raw.server.host
+                ),
+            ));
+        }
+        if raw.model.trim().is_empty() {
+            return Err(invalid(
+                "model",
+                "got an empty string; allowed: a model file name in models_dir or a path"
+                    .to_string(),
+            ));
+        }
+        if raw.assistant.name.trim().is_empty() {
+            return Err(invalid(
+                "assistant.name",
+                "got an empty string; allowed: any non-empty name".to_string(),
+            ));
+        }
+        if !is_http_url(&raw.telegram.api_url) {
+            return Err(invalid(
+                "telegram.api_url",
+                format!(
+                    "got {:?}; allowed: an http:// or https:// URL",
+                    raw.telegram.api_url
+                ),
+            ));
+        }
+        if let Some(url) = &raw.telegram.webhook_url
+            && !url.starts_with("https://")
+        {
+            return Err(invalid(
+                "telegram.webhook_url",
+                format!("got {url:?}; allowed: an https:// URL (Telegram only calls https webhooks)"),
+            ));
+        }
+        for (key, value) in [
+            ("telegram.rate_limit_per_minute", raw.telegram.rate_limit_per_minute),
+            ("discord.rate_limit_per_minute", raw.discord.rate_limit_per_minute),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "got 0; allowed: 1 or more".to_string()));
+            }
+        }
+        let device: DeviceChoice = raw
+            .device
+            .parse()
+            .map_err(|m: String| invalid("device", m))?;
+        let database_path = raw
+            .database
+            .clone()
+            .unwrap_or_else(|| raw.data_dir.join("loraloop.db"));
+        let models_dir = raw
+            .models_dir
+            .clone()
+            .unwrap_or_else(|| raw.data_dir.join("models"));
+        Ok(Self {
+            raw,
+            source,
+            database_path,
+            models_dir,
+            device,
+            secrets,
+        })
+    }
+
+    /// The model file the assistant runs: `model` as a path if it names an existing file or
+    /// contains a path separator, else a file in `models_dir`.
+    pub fn model_path(&self) -> PathBuf {
+        let m = Path::new(&self.raw.model);
+        if m.components().count() > 1 || m.exists() {
+            m.to_path_buf()
+        } else {
+            self.models_dir.join(m)
+        }
+    }
+
+    /// The effective configuration as YAML with every secret replaced by whether it is
+    /// set. This is what `loraloop config check` prints; no secret value can reach it
+    /// because it is built from [`RawConfig`] (which has no secret fields) and booleans.
+    pub fn redacted_yaml(&self) -> String {
+        #[derive(Serialize)]
+        struct View<'a> {
+            config_file: String,
+            database_path: &'a Path,
+            models_dir: &'a Path,
+            #[serde(flatten)]
+            raw: &'a RawConfig,
+            secrets: BTreeMap<&'static str, String>,
+        }
+        let secrets = SECRET_VARS
+            .iter()
+            .map(|(key, var)| {
+                let state = if self.secrets.is_set(key) {
+                    format!("[redacted] (from {var})")
+                } else {
+                    format!("not set ({var})")
+                };
+                (*key, state)
+            })
+            .collect();
+        let view = View {
+            config_file: self
+                .source
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "none (defaults and environment)".to_string()),
+            database_path: &self.database_path,
+            models_dir: &self.models_dir,
+            raw: &self.raw,
+            secrets,
+        };
+        serde_yaml::to_string(&view).expect("the config view always serializes")
+    }
+}
+
+fn read_yaml(path: &Path) -> Result<serde_yaml::Value, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_yaml::from_str(&text).map_err(|e| ConfigError::Yaml {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+fn reject_secrets_in_file(tree: &serde_yaml::Value, origins: &Origins) -> Result<(), ConfigError> {
+    // Secrets under their own name at the top level or in the platform sections.
+    let candidates: [(&str, &[&str], &'static str); 6] = [
+        ("telegram.bot_token", &["telegram", "bot_token"], "TELEGRAM_BOT_TOKEN"),
+        ("discord.bot_token", &["discord", "bot_token"], "DISCORD_BOT_TOKEN"),
+        ("telegram_bot_token", &["telegram_bot_token"], "TELEGRAM_BOT_TOKEN"),
+        ("discord_bot_token", &["discord_bot_token"], "DISCORD_BOT_TOKEN"),
+        ("api_key", &["api_key"], "LORALOOP_API_KEY"),
+        ("admin_password", &["admin_password"], "LORALOOP_ADMIN_PASSWORD"),
+    ];
+    for (key, path, var) in candidates {
+        let mut node = Some(tree);
+        for part in path {
+            node = node.and_then(|n| n.get(*part));
+        }
+        if node.is_some() {
+            return Err(ConfigError::SecretInFile {
+                key: key.to_string(),
+                origin: origins.of(key),
+                var,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn apply_env_overrides(
+    tree: &mut serde_yaml::Value,
+    env: &BTreeMap<String, String>,
+    origins: &mut Origins,
+) -> Result<(), ConfigError> {
+    for (var, value) in env {
+        let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if RESERVED_VARS.contains(&var.as_str()) || rest.is_empty() {
+            continue;
+        }
+        let parts: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        let key = parts.join(".");
+        if parts.iter().any(|p| p.is_empty()) {
+            return Err(ConfigError::Invalid {
+                key,
+                origin: format!("environment variable {var}"),
+                message: "malformed name; use LORALOOP_SECTION__KEY (two underscores between levels)".into(),
+            });
+        }
+        let parsed: serde_yaml::Value = if value.is_empty() {
+            serde_yaml::Value::Null
+        } else {
+            serde_yaml::from_str(value)
+                .unwrap_or_else(|_| serde_yaml::Value::String(value.clone()))
+        };
+        set_path(tree, &parts, parsed).map_err(|message| ConfigError::Invalid {
+            key: key.clone(),
+            origin: format!("environment variable {var}"),
+            message,
+        })?;
+        origins.env.insert(key, var.clone());
+    }
+    Ok(())
+}
+
+fn set_path(
+    tree: &mut serde_yaml::Value,
+    parts: &[String],
+    value: serde_yaml::Value,
+) -> Result<(), String> {
+    let mut node = tree;
+    for (i, part) in parts.iter().enumerate() {
+        let map = match node {
+            serde_yaml::Value::Mapping(m) => m,
+            _ => return Err(format!("`{}` is not a section", parts[..i].join("."))),
+        };
+        let k = serde_yaml::Value::String(part.clone());
+        if i + 1 == parts.len() {
+            map.insert(k, value);
+            return Ok(());
+        }
+        node = map
+            .entry(k)
+            .or_insert_with(|| serde_yaml::Value::Mapping(Default::default()));
+    }
+    Ok(())
+}
+
+fn is_hostname(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+fn is_http_url(s: &str) -> bool {
+    let rest = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"));
+    matches!(rest, Some(r) if !r.is_empty() && !r.starts_with('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn load_yaml(yaml: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("loraloop.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        Config::load_with_env(
+            &ConfigSource {
+                explicit_path: Some(path),
+            },
+            &env(vars),
+        )
+    }
+
+    fn invalid_key(err: ConfigError) -> String {
+        match err {
+            ConfigError::Invalid { key, .. } => key,
+            other => panic!("expected an invalid-value error, got {other}"),
+        }
+    }
+
+    #[test]
+    fn an_empty_file_gives_the_documented_defaults() {
+        let cfg = load_yaml("", &[]).unwrap();
+        assert_eq!(cfg.raw.server.host, "127.0.0.1");
+        assert_eq!(cfg.raw.server.port, 8080);
+        assert_eq!(cfg.database_path, PathBuf::from("data/loraloop.db"));
+        assert_eq!(cfg.models_dir, PathBuf::from("data/models"));
+        assert_eq!(cfg.device, DeviceChoice::Auto);
+        assert_eq!(
+            cfg.model_path(),
+            PathBuf::from("data/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        );
+    }
+
+    #[test]
+    fn environment_overrides_win_over_the_file_and_nest_with_double_underscores() {
+        let cfg = load_yaml(
+            "server:\n  port: 9000\ndata_dir: /srv/a\n",
+            &[
+                ("LORALOOP_SERVER__PORT", "9100"),
+                ("LORALOOP_DATA_DIR", "/srv/b"),
+                ("LORALOOP_TELEGRAM__ALLOWED_USER_IDS", "[1, 2]"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(cfg.raw.server.port, 9100);
+        assert_eq!(cfg.database_path, PathBuf::from("/srv/b/loraloop.db"));
+        assert_eq!(cfg.raw.telegram.allowed_user_ids, vec![1, 2]);
+    }
+
+    #[test]
+    fn a_wrongly_typed_value_names_its_key_and_origin() {
+        let err = load_yaml("server:\n  port: eighty\n", &[]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("`server.port`"), "{text}");
+        assert!(text.contains("config file"), "{text}");
+        let err = load_yaml("", &[("LORALOOP_SERVER__PORT", "99999")]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("`server.port`"), "{text}");
+        assert!(text.contains("LORALOOP_SERVER__PORT"), "{text}");
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_error_not_silently_ignored() {
+        let err = load_yaml("sever:\n  port: 1\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("unknown field `sever`"), "{err}");
+        let err = load_yaml("", &[("LORALOOP_GENERATION__TEMPRATURE", "1")]).unwrap_err();
+        assert!(err.to_string().contains("temprature"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_say_what_is_allowed() {
+        let cases = [
+            ("generation:\n  top_p: 1.5\n", "generation.top_p", "at most 1"),
+            ("generation:\n  temperature: -1\n", "generation.temperature", "0 to 5"),
+            ("generation:\n  max_new_tokens: 0\n", "generation.max_new_tokens", "1 to 32768"),
+            ("generation:\n  repetition_penalty: 0.5\n", "generation.repetition_penalty", "1 (off) to 2"),
+            ("device: tpu\n", "device", "auto, cpu, cuda"),
+            ("server:\n  host: 'not a host!'\n", "server.host", "IP address"),
+            ("telegram:\n  webhook_url: http://x.example\n", "telegram.webhook_url", "https://"),
+            ("telegram:\n  api_url: ftp://x\n", "telegram.api_url", "http:// or https://"),
+            ("discord:\n  rate_limit_per_minute: 0\n", "discord.rate_limit_per_minute", "1 or more"),
+            ("model: ''\n", "model", "a model file name"),
+        ];
+        for (yaml, key, allowed) in cases {
+            let err = load_yaml(yaml, &[]).unwrap_err();
+            let text = err.to_string();
+            assert!(text.contains(allowed), "{yaml:?}: {text}");
+            assert_eq!(invalid_key(err), key, "{yaml:?}");
+        }
+    }
+
+    #[test]
+    fn device_names_parse_into_choices() {
+        assert_eq!("cuda:1".parse::<DeviceChoice>(), Ok(DeviceChoice::Cuda(1)));
+        assert_eq!("cuda".parse::<DeviceChoice>(), Ok(DeviceChoice::Cuda(0)));
+        assert_eq!("cpu".parse::<DeviceChoice>(), Ok(DeviceChoice::Cpu));
+        assert!("cuda:x".parse::<DeviceChoice>().is_err());
+    }
+
+    #[test]
+    fn a_secret_in_the_file_is_refused_and_its_value_not_echoed() {
+        let err = load_yaml("telegram:\n  bot_token: 123:SECRETVALUE\n", &[]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("TELEGRAM_BOT_TOKEN"), "{text}");
+        assert!(!text.contains("SECRETVALUE"), "{text}");
+    }
+
+    #[test]
+    fn secrets_come_from_the_environment_and_are_redacted_everywhere() {
+        let token = "7777:AAEhBOweik6ad9r_QXMENTIONED";
+        let cfg = load_yaml(
+            "",
+            &[
+                ("TELEGRAM_BOT_TOKEN", token),
+                ("LORALOOP_API_KEY", "api-key-value-xyz"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.secrets.telegram_bot_token.as_ref().unwrap().expose_secret(),
+            token
+        );
+        let debug = format!("{cfg:?}");
+        let yaml = cfg.redacted_yaml();
+        for out in [&debug, &yaml] {
+            assert!(!out.contains(token), "{out}");
+            assert!(!out.contains("api-key-value-xyz"), "{out}");
+        }
+        assert!(yaml.contains("telegram_bot_token: '[redacted] (from TELEGRAM_BOT_TOKEN)'"), "{yaml}");
+        assert!(yaml.contains("discord_bot_token: not set (DISCORD_BOT_TOKEN)"), "{yaml}");
+    }
+
+    #[test]
+    fn an_explicitly_named_missing_file_is_an_error() {
+        let err = Config::load_with_env(
+            &ConfigSource {
+                explicit_path: Some(PathBuf::from("/nonexistent/loraloop.yaml")),
+            },
+            &env(&[]),
+        )
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+        let err = Config::load_with_env(
+            &ConfigSource::default(),
+            &env(&[(CONFIG_ENV, "/nonexistent/from-env.yaml")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("from-env.yaml"), "{err}");
+    }
+}

@@ -1,0 +1,440 @@
+//! Platform users, chats, conversations, messages and feedback: what the chat service
+//! stores for every turn on every platform.
+
+use super::{Db, Result, StorageError};
+use crate::domain::Role;
+use serde::Serialize;
+use std::fmt;
+
+/// Where a conversation happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Platform {
+    Telegram,
+    Discord,
+    Web,
+    Cli,
+    Api,
+}
+
+impl Platform {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Telegram => "telegram",
+            Self::Discord => "discord",
+            Self::Web => "web",
+            Self::Cli => "cli",
+            Self::Api => "api",
+        }
+    }
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct PlatformUser {
+    pub id: i64,
+    pub platform: String,
+    pub platform_user_id: String,
+    pub username: Option<String>,
+    pub display_name: Option<String>,
+    pub excluded_from_training: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Conversation {
+    pub id: i64,
+    pub assistant_id: i64,
+    pub chat_id: Option<i64>,
+    pub user_id: Option<i64>,
+    pub platform_thread_id: Option<String>,
+    pub excluded_from_training: bool,
+    pub closed_at: Option<String>,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewMessage<'a> {
+    pub conversation_id: i64,
+    pub role: Role,
+    pub content: &'a str,
+    pub user_id: Option<i64>,
+    pub platform_message_id: Option<&'a str>,
+    pub adapter_id: Option<i64>,
+    pub adapter_name: Option<&'a str>,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct StoredMessage {
+    pub id: i64,
+    pub conversation_id: i64,
+    pub role: String,
+    pub content: String,
+    pub user_id: Option<i64>,
+    pub platform_message_id: Option<String>,
+    pub adapter_id: Option<i64>,
+    pub adapter_name: Option<String>,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Feedback {
+    pub id: i64,
+    pub message_id: i64,
+    pub rater: String,
+    pub rating: Option<i64>,
+    pub correction: Option<String>,
+}
+
+const CONVERSATION_COLUMNS: &str = "id, assistant_id, chat_id, user_id, platform_thread_id, excluded_from_training, closed_at, created_at";
+const MESSAGE_COLUMNS: &str = "id, conversation_id, role, content, user_id, platform_message_id, adapter_id, adapter_name, prompt_tokens, completion_tokens, created_at";
+
+impl Db {
+    /// The user with this platform id, created on first sight; names are refreshed.
+    pub async fn upsert_platform_user(
+        &self,
+        platform: Platform,
+        platform_user_id: &str,
+        username: Option<&str>,
+        display_name: Option<&str>,
+    ) -> Result<PlatformUser> {
+        Ok(sqlx::query_as(
+            "insert into platform_users (platform, platform_user_id, username, display_name)
+             values (?, ?, ?, ?)
+             on conflict (platform, platform_user_id) do update
+               set username = excluded.username, display_name = excluded.display_name
+             returning id, platform, platform_user_id, username, display_name, excluded_from_training",
+        )
+        .bind(platform.as_str())
+        .bind(platform_user_id)
+        .bind(username)
+        .bind(display_name)
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    /// The chat with this platform id, created on first sight. Returns its row id.
+    pub async fn upsert_chat(
+        &self,
+        platform: Platform,
+        platform_chat_id: &str,
+        kind: &str,
+        title: Option<&str>,
+    ) -> Result<i64> {
+        let (id,): (i64,) = sqlx::query_as(
+            "insert into chats (platform, platform_chat_id, kind, title) values (?, ?, ?, ?)
+             on conflict (platform, platform_chat_id) do update set title = excluded.title
+             returning id",
+        )
+        .bind(platform.as_str())
+        .bind(platform_chat_id)
+        .bind(kind)
+        .bind(title)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(id)
+    }
+
+    /// The open conversation of a chat (and thread), or a new one.
+    pub async fn current_conversation(
+        &self,
+        assistant_id: i64,
+        chat_id: i64,
+        thread_id: Option<&str>,
+        user_id: Option<i64>,
+    ) -> Result<Conversation> {
+        let mut tx = self.pool().begin().await?;
+        let open: Option<Conversation> = sqlx::query_as(&format!(
+            "select {CONVERSATION_COLUMNS} from conversations
+             where chat_id = ? and platform_thread_id is ? and closed_at is null
+             order by id desc limit 1"
+        ))
+        .bind(chat_id)
+        .bind(thread_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let conv = match open {
+            Some(c) => c,
+            None => {
+                sqlx::query_as(&format!(
+                    "insert into conversations (assistant_id, chat_id, platform_thread_id, user_id)
+                     values (?, ?, ?, ?) returning {CONVERSATION_COLUMNS}"
+                ))
+                .bind(assistant_id)
+                .bind(chat_id)
+                .bind(thread_id)
+                .bind(user_id)
+                .fetch_one(&mut *tx)
+                .await?
+            }
+        };
+        tx.commit().await?;
+        Ok(conv)
+    }
+
+    /// Close a chat's open conversation (`/reset`): the next message starts a new one.
+    pub async fn close_conversations(&self, chat_id: i64, thread_id: Option<&str>) -> Result<u64> {
+        Ok(sqlx::query(
+            "update conversations set closed_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+             where chat_id = ? and platform_thread_id is ? and closed_at is null",
+        )
+        .bind(chat_id)
+        .bind(thread_id)
+        .execute(self.pool())
+        .await?
+        .rows_affected())
+    }
+
+    /// Store a message. A platform message already stored (same conversation, role and
+    /// platform id, e.g. a redelivered update) is returned instead of stored twice.
+    pub async fn insert_message(&self, m: &NewMessage<'_>) -> Result<StoredMessage> {
+        let inserted: Option<StoredMessage> = sqlx::query_as(&format!(
+            "insert into messages (conversation_id, role, content, user_id, platform_message_id,
+                                   adapter_id, adapter_name, prompt_tokens, completion_tokens)
+             values (?, ?, ?, ?, ?, ?, ?, ?, ?)
+             on conflict do nothing
+             returning {MESSAGE_COLUMNS}"
+        ))
+        .bind(m.conversation_id)
+        .bind(m.role.as_str())
+        .bind(m.content)
+        .bind(m.user_id)
+        .bind(m.platform_message_id)
+        .bind(m.adapter_id)
+        .bind(m.adapter_name)
+        .bind(m.prompt_tokens)
+        .bind(m.completion_tokens)
+        .fetch_optional(self.pool())
+        .await?;
+        match inserted {
+            Some(msg) => Ok(msg),
+            None => Ok(sqlx::query_as(&format!(
+                "select {MESSAGE_COLUMNS} from messages
+                 where conversation_id = ? and role = ? and platform_message_id = ?"
+            ))
+            .bind(m.conversation_id)
+            .bind(m.role.as_str())
+            .bind(m.platform_message_id)
+            .fetch_one(self.pool())
+            .await?),
+        }
+    }
+
+    /// The last `limit` messages of a conversation, oldest first.
+    pub async fn recent_messages(&self, conversation_id: i64, limit: i64) -> Result<Vec<StoredMessage>> {
+        let mut rows: Vec<StoredMessage> = sqlx::query_as(&format!(
+            "select {MESSAGE_COLUMNS} from messages where conversation_id = ? order by id desc limit ?"
+        ))
+        .bind(conversation_id)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        rows.reverse();
+        Ok(rows)
+    }
+
+    /// Record a rating and/or a correction by `rater` on an assistant message; giving
+    /// feedback again replaces the earlier one.
+    pub async fn set_feedback(
+        &self,
+        message_id: i64,
+        rater: &str,
+        user_id: Option<i64>,
+        rating: Option<i64>,
+        correction: Option<&str>,
+    ) -> Result<Feedback> {
+        if rating.is_some_and(|r| r != 1 && r != -1) {
+            return Err(StorageError::Invalid {
+                what: "rating".into(),
+                message: "use 1 (thumbs up) or -1 (thumbs down)".into(),
+            });
+        }
+        let role: Option<(String,)> = sqlx::query_as("select role from messages where id = ?")
+            .bind(message_id)
+            .fetch_optional(self.pool())
+            .await?;
+        match role {
+            None => {
+                return Err(StorageError::NotFound {
+                    what: format!("message {message_id}"),
+                });
+            }
+            Some((r,)) if r != "assistant" => {
+                return Err(StorageError::Invalid {
+                    what: "feedback".into(),
+                    message: "only assistant replies can be rated or corrected".into(),
+                });
+            }
+            Some(_) => {}
+        }
+        Ok(sqlx::query_as(
+            "insert into feedback (message_id, rater, user_id, rating, correction) values (?, ?, ?, ?, ?)
+             on conflict (message_id, rater) do update
+               set rating = excluded.rating, correction = excluded.correction,
+                   updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+             returning id, message_id, rater, rating, correction",
+        )
+        .bind(message_id)
+        .bind(rater)
+        .bind(user_id)
+        .bind(rating)
+        .bind(correction)
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    /// `/forget`: delete a user's messages and feedback and exclude them from every future
+    /// dataset. Returns the number of messages deleted.
+    pub async fn forget_user(&self, user_id: i64) -> Result<u64> {
+        let mut tx = self.pool().begin().await?;
+        sqlx::query("delete from feedback where user_id = ?")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        // Whole conversations the user started go (their replies are about the user too).
+        let deleted = sqlx::query(
+            "delete from messages where user_id = ?1
+                or conversation_id in (select id from conversations where user_id = ?1)",
+        )
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query("update conversations set excluded_from_training = 1 where user_id = ?")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "update platform_users set excluded_from_training = 1, username = null, display_name = null,
+                    forgotten_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') where id = ?",
+        )
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
+    /// Remember a platform update; false if it was seen before (redelivery).
+    pub async fn mark_update_seen(&self, platform: Platform, key: &str) -> Result<bool> {
+        let done = sqlx::query("insert into inbound_updates (platform, update_key) values (?, ?) on conflict do nothing")
+            .bind(platform.as_str())
+            .bind(key)
+            .execute(self.pool())
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::SqlitePool;
+
+    async fn setup(db: &Db) -> (i64, PlatformUser, i64) {
+        let assistant = db.ensure_assistant("loraloop", "model.gguf", "Be nice.").await.unwrap();
+        let user = db
+            .upsert_platform_user(Platform::Telegram, "42", Some("ann"), Some("Ann"))
+            .await
+            .unwrap();
+        let chat = db.upsert_chat(Platform::Telegram, "42", "private", None).await.unwrap();
+        (assistant.id, user, chat)
+    }
+
+    fn msg<'a>(conv: i64, role: Role, content: &'a str, user: Option<i64>, pid: Option<&'a str>) -> NewMessage<'a> {
+        NewMessage {
+            conversation_id: conv,
+            role,
+            content,
+            user_id: user,
+            platform_message_id: pid,
+            adapter_id: None,
+            adapter_name: None,
+            prompt_tokens: None,
+            completion_tokens: None,
+        }
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn the_same_platform_user_and_chat_map_to_one_row(pool: SqlitePool) {
+        let db = Db::from_pool(pool);
+        let a = db.upsert_platform_user(Platform::Telegram, "42", Some("ann"), None).await.unwrap();
+        let b = db.upsert_platform_user(Platform::Telegram, "42", Some("ann2"), None).await.unwrap();
+        let c = db.upsert_platform_user(Platform::Discord, "42", None, None).await.unwrap();
+        assert_eq!(a.id, b.id);
+        assert_eq!(b.username.as_deref(), Some("ann2"));
+        assert_ne!(a.id, c.id);
+        let c1 = db.upsert_chat(Platform::Telegram, "-100", "group", Some("g")).await.unwrap();
+        let c2 = db.upsert_chat(Platform::Telegram, "-100", "group", Some("g")).await.unwrap();
+        assert_eq!(c1, c2);
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn a_redelivered_message_is_stored_once_and_reset_starts_a_new_conversation(pool: SqlitePool) {
+        let db = Db::from_pool(pool);
+        let (assistant, user, chat) = setup(&db).await;
+        let conv = db.current_conversation(assistant, chat, None, Some(user.id)).await.unwrap();
+        let m1 = db.insert_message(&msg(conv.id, Role::User, "hi", Some(user.id), Some("7"))).await.unwrap();
+        let m2 = db.insert_message(&msg(conv.id, Role::User, "hi", Some(user.id), Some("7"))).await.unwrap();
+        assert_eq!(m1.id, m2.id);
+        db.insert_message(&msg(conv.id, Role::Assistant, "hello!", None, Some("8"))).await.unwrap();
+        let recent = db.recent_messages(conv.id, 10).await.unwrap();
+        assert_eq!(recent.iter().map(|m| m.content.as_str()).collect::<Vec<_>>(), ["hi", "hello!"]);
+        assert_eq!(db.current_conversation(assistant, chat, None, None).await.unwrap().id, conv.id);
+        assert_eq!(db.close_conversations(chat, None).await.unwrap(), 1);
+        let next = db.current_conversation(assistant, chat, None, None).await.unwrap();
+        assert_ne!(next.id, conv.id);
+        // Threads of one chat are separate conversations.
+        let thread = db.current_conversation(assistant, chat, Some("t1"), None).await.unwrap();
+        assert_ne!(thread.id, next.id);
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn rating_again_replaces_the_rating_and_only_replies_can_be_rated(pool: SqlitePool) {
+        let db = Db::from_pool(pool);
+        let (assistant, user, chat) = setup(&db).await;
+        let conv = db.current_conversation(assistant, chat, None, Some(user.id)).await.unwrap();
+        let q = db.insert_message(&msg(conv.id, Role::User, "q", Some(user.id), None)).await.unwrap();
+        let a = db.insert_message(&msg(conv.id, Role::Assistant, "a", None, None)).await.unwrap();
+        db.set_feedback(a.id, "telegram:42", Some(user.id), Some(1), None).await.unwrap();
+        let f = db.set_feedback(a.id, "telegram:42", Some(user.id), Some(-1), None).await.unwrap();
+        assert_eq!(f.rating, Some(-1));
+        let op = db.set_feedback(a.id, "operator", None, None, Some("better")).await.unwrap();
+        assert_eq!(op.correction.as_deref(), Some("better"));
+        assert_eq!(db.counts().await.unwrap().rated_replies, 1);
+        assert!(db.set_feedback(q.id, "telegram:42", None, Some(1), None).await.is_err());
+        assert!(db.set_feedback(a.id, "telegram:42", None, Some(5), None).await.is_err());
+        assert!(db.set_feedback(9999, "telegram:42", None, Some(1), None).await.is_err());
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn forgetting_a_user_deletes_their_messages_and_ratings(pool: SqlitePool) {
+        let db = Db::from_pool(pool);
+        let (assistant, user, chat) = setup(&db).await;
+        let conv = db.current_conversation(assistant, chat, None, Some(user.id)).await.unwrap();
+        db.insert_message(&msg(conv.id, Role::User, "secret", Some(user.id), None)).await.unwrap();
+        let a = db.insert_message(&msg(conv.id, Role::Assistant, "a", None, None)).await.unwrap();
+        db.set_feedback(a.id, "telegram:42", Some(user.id), Some(1), None).await.unwrap();
+        assert_eq!(db.forget_user(user.id).await.unwrap(), 2);
+        let counts = db.counts().await.unwrap();
+        assert_eq!((counts.messages, counts.rated_replies), (0, 0));
+        let again = db.upsert_platform_user(Platform::Telegram, "42", None, None).await.unwrap();
+        assert!(again.excluded_from_training);
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn an_update_is_seen_once(pool: SqlitePool) {
+        let db = Db::from_pool(pool);
+        assert!(db.mark_update_seen(Platform::Telegram, "1001").await.unwrap());
+        assert!(!db.mark_update_seen(Platform::Telegram, "1001").await.unwrap());
+        assert!(db.mark_update_seen(Platform::Discord, "1001").await.unwrap());
+    }
+}

@@ -1,0 +1,311 @@
+//! Datasets: immutable, hashed snapshots of chat examples, versioned per name.
+
+use super::{Db, Result, StorageError};
+use crate::domain::ChatExample;
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Dataset {
+    pub id: i64,
+    pub name: String,
+    pub version: i64,
+    pub content_hash: String,
+    pub format: String,
+    pub source: String,
+    pub example_count: i64,
+    pub created_at: String,
+}
+
+/// A dataset to store. `content_hash` is computed by the caller over the canonical lines
+/// (`loraloop_trainer::dataset::content_hash`) so one definition of the hash exists.
+#[derive(Debug, Clone)]
+pub struct NewDataset<'a> {
+    pub name: &'a str,
+    pub format: &'a str,
+    pub source: &'a str,
+    pub content_hash: &'a str,
+    pub examples: &'a [ChatExample],
+    /// Conversation each example came from, parallel to `examples` (empty for imports).
+    pub source_conversations: &'a [Option<i64>],
+}
+
+/// What storing a dataset did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatasetInsert {
+    /// A new version was created.
+    Created(Dataset),
+    /// The same content already exists under this name: nothing was written.
+    Unchanged(Dataset),
+}
+
+impl DatasetInsert {
+    pub fn dataset(&self) -> &Dataset {
+        match self {
+            Self::Created(d) | Self::Unchanged(d) => d,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredExample {
+    pub position: i64,
+    pub example: ChatExample,
+    pub char_count: i64,
+    pub token_count: Option<i64>,
+    pub source_conversation_id: Option<i64>,
+}
+
+const COLUMNS: &str =
+    "id, name, version, content_hash, format, source, example_count, created_at";
+
+impl Db {
+    /// Store a dataset as the next version of `name` in one transaction: either every
+    /// example is written or nothing is. Identical content under the same name is not
+    /// stored twice.
+    pub async fn insert_dataset(&self, new: &NewDataset<'_>) -> Result<DatasetInsert> {
+        self.insert_dataset_with_progress(new, &|_| {}).await
+    }
+
+    /// [`Db::insert_dataset`], calling `progress` with the number of examples written.
+    pub async fn insert_dataset_with_progress(
+        &self,
+        new: &NewDataset<'_>,
+        progress: &(dyn Fn(usize) + Send + Sync),
+    ) -> Result<DatasetInsert> {
+        validate_name(new.name)?;
+        if new.examples.is_empty() {
+            return Err(StorageError::Invalid {
+                what: "dataset".into(),
+                message: "a dataset needs at least one example".into(),
+            });
+        }
+        let mut tx = self.pool().begin().await?;
+        let existing: Option<Dataset> = sqlx::query_as(&format!(
+            "select {COLUMNS} from datasets where name = ? and content_hash = ?"
+        ))
+        .bind(new.name)
+        .bind(new.content_hash)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(d) = existing {
+            return Ok(DatasetInsert::Unchanged(d));
+        }
+        let dataset: Dataset = sqlx::query_as(&format!(
+            "insert into datasets (name, version, content_hash, format, source, example_count)
+             values (?1, (select coalesce(max(version), 0) + 1 from datasets where name = ?1), ?2, ?3, ?4, ?5)
+             returning {COLUMNS}"
+        ))
+        .bind(new.name)
+        .bind(new.content_hash)
+        .bind(new.format)
+        .bind(new.source)
+        .bind(new.examples.len() as i64)
+        .fetch_one(&mut *tx)
+        .await?;
+        for (i, example) in new.examples.iter().enumerate() {
+            sqlx::query(
+                "insert into dataset_examples (dataset_id, position, messages, char_count, source_conversation_id)
+                 values (?, ?, ?, ?, ?)",
+            )
+            .bind(dataset.id)
+            .bind(i as i64)
+            .bind(example.to_json_line())
+            .bind(example.char_len() as i64)
+            .bind(new.source_conversations.get(i).copied().flatten())
+            .execute(&mut *tx)
+            .await?;
+            if i % 256 == 255 || i + 1 == new.examples.len() {
+                progress(i + 1);
+            }
+        }
+        tx.commit().await?;
+        Ok(DatasetInsert::Created(dataset))
+    }
+
+    /// Every dataset version, by name then version.
+    pub async fn list_datasets(&self) -> Result<Vec<Dataset>> {
+        Ok(sqlx::query_as(&format!(
+            "select {COLUMNS} from datasets order by name, version"
+        ))
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// A dataset by name: the given version, or the latest.
+    pub async fn dataset(&self, name: &str, version: Option<i64>) -> Result<Dataset> {
+        let found: Option<Dataset> = sqlx::query_as(&format!(
+            "select {COLUMNS} from datasets where name = ?1 and (?2 is null or version = ?2)
+             order by version desc limit 1"
+        ))
+        .bind(name)
+        .bind(version)
+        .fetch_optional(self.pool())
+        .await?;
+        found.ok_or_else(|| StorageError::NotFound {
+            what: match version {
+                Some(v) => format!("dataset {name:?} version {v}"),
+                None => format!("dataset {name:?}"),
+            },
+        })
+    }
+
+    /// The examples of a dataset, in order.
+    pub async fn dataset_examples(&self, dataset_id: i64) -> Result<Vec<StoredExample>> {
+        let rows: Vec<(i64, String, i64, Option<i64>, Option<i64>)> = sqlx::query_as(
+            "select position, messages, char_count, token_count, source_conversation_id
+             from dataset_examples where dataset_id = ? order by position",
+        )
+        .bind(dataset_id)
+        .fetch_all(self.pool())
+        .await?;
+        rows.into_iter()
+            .map(|(position, messages, char_count, token_count, source_conversation_id)| {
+                Ok(StoredExample {
+                    position,
+                    example: serde_json::from_str(&messages)?,
+                    char_count,
+                    token_count,
+                    source_conversation_id,
+                })
+            })
+            .collect()
+    }
+
+    /// Delete one version (or all versions when `version` is None). Refused while a
+    /// training job references it. Returns the number of versions deleted.
+    pub async fn delete_dataset(&self, name: &str, version: Option<i64>) -> Result<u64> {
+        let result = sqlx::query("delete from datasets where name = ?1 and (?2 is null or version = ?2)")
+            .bind(name)
+            .bind(version)
+            .execute(self.pool())
+            .await
+            .map_err(|e| match &e {
+                sqlx::Error::Database(db) if db.is_foreign_key_violation() => StorageError::Invalid {
+                    what: format!("deletion of dataset {name:?}"),
+                    message: "a training job uses it; delete the job first".into(),
+                },
+                _ => StorageError::Sqlx(e),
+            })?;
+        if result.rows_affected() == 0 {
+            return Err(StorageError::NotFound {
+                what: format!("dataset {name:?}"),
+            });
+        }
+        Ok(result.rows_affected())
+    }
+}
+
+/// Dataset names: 1-100 characters of letters, digits, `-`, `_`, `.` (they appear in file
+/// names and URLs).
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = (1..=100).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(StorageError::Invalid {
+            what: format!("dataset name {name:?}"),
+            message: "use 1-100 letters, digits, '-', '_' or '.', not starting with '.'".into(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{ChatMessage, Role};
+    use sqlx::SqlitePool;
+
+    fn examples(n: usize) -> Vec<ChatExample> {
+        (0..n)
+            .map(|i| ChatExample {
+                messages: vec![
+                    ChatMessage::new(Role::User, format!("question {i}")),
+                    ChatMessage::new(Role::Assistant, format!("answer {i}")),
+                ],
+            })
+            .collect()
+    }
+
+    fn new<'a>(name: &'a str, hash: &'a str, ex: &'a [ChatExample]) -> NewDataset<'a> {
+        NewDataset {
+            name,
+            format: "openai",
+            source: "test.jsonl",
+            content_hash: hash,
+            examples: ex,
+            source_conversations: &[],
+        }
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn a_new_dataset_is_version_one_and_its_examples_come_back_in_order(pool: SqlitePool) {
+        let db = Db::from_pool(pool);
+        let ex = examples(3);
+        let created = db.insert_dataset(&new("faq", "h1", &ex)).await.unwrap();
+        let DatasetInsert::Created(d) = created else { panic!("not created") };
+        assert_eq!((d.name.as_str(), d.version, d.example_count), ("faq", 1, 3));
+        let stored = db.dataset_examples(d.id).await.unwrap();
+        let back: Vec<_> = stored.iter().map(|s| s.example.clone()).collect();
+        assert_eq!(back, ex);
+        assert_eq!(stored[1].char_count, "question 1answer 1".len() as i64);
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn the_same_content_under_the_same_name_is_not_stored_twice(pool: SqlitePool) {
+        let db = Db::from_pool(pool);
+        let ex = examples(2);
+        db.insert_dataset(&new("faq", "h1", &ex)).await.unwrap();
+        let again = db.insert_dataset(&new("faq", "h1", &ex)).await.unwrap();
+        assert!(matches!(again, DatasetInsert::Unchanged(ref d) if d.version == 1));
+        let changed = db.insert_dataset(&new("faq", "h2", &examples(3))).await.unwrap();
+        assert!(matches!(changed, DatasetInsert::Created(ref d) if d.version == 2));
+        // Another name with the same content is its own dataset.
+        let other = db.insert_dataset(&new("faq2", "h1", &ex)).await.unwrap();
+        assert!(matches!(other, DatasetInsert::Created(ref d) if d.version == 1));
+        assert_eq!(db.list_datasets().await.unwrap().len(), 3);
+        assert_eq!(db.dataset("faq", None).await.unwrap().version, 2);
+        assert_eq!(db.dataset("faq", Some(1)).await.unwrap().content_hash, "h1");
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn stored_datasets_and_examples_cannot_be_modified(pool: SqlitePool) {
+        let db = Db::from_pool(pool);
+        let d = db.insert_dataset(&new("faq", "h1", &examples(1))).await.unwrap();
+        let err = sqlx::query("update datasets set name = 'x' where id = ?")
+            .bind(d.dataset().id)
+            .execute(db.pool())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("datasets are immutable"), "{err}");
+        let err = sqlx::query("update dataset_examples set messages = '{}'")
+            .execute(db.pool())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("immutable"), "{err}");
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn deleting_a_dataset_removes_its_examples(pool: SqlitePool) {
+        let db = Db::from_pool(pool);
+        let d = db.insert_dataset(&new("faq", "h1", &examples(2))).await.unwrap();
+        assert_eq!(db.delete_dataset("faq", None).await.unwrap(), 1);
+        assert!(db.dataset_examples(d.dataset().id).await.unwrap().is_empty());
+        assert!(matches!(
+            db.delete_dataset("faq", None).await,
+            Err(StorageError::NotFound { .. })
+        ));
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn bad_names_and_empty_datasets_are_refused(pool: SqlitePool) {
+        let db = Db::from_pool(pool);
+        for bad in ["", "a b", "../x", ".hidden", &"x".repeat(101)] {
+            assert!(db.insert_dataset(&new(bad, "h", &examples(1))).await.is_err(), "{bad:?}");
+        }
+        assert!(db.insert_dataset(&new("ok", "h", &[])).await.is_err());
+    }
+}

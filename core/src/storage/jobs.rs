@@ -1,0 +1,286 @@
+//! Training jobs and their progress events. States follow OpenAI's fine-tuning jobs:
+//! validating_files -> queued -> running -> succeeded | failed | cancelled.
+
+use super::{Db, Result, StorageError};
+use serde::Serialize;
+use std::fmt;
+use std::str::FromStr;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    ValidatingFiles,
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ValidatingFiles => "validating_files",
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        [
+            Self::ValidatingFiles,
+            Self::Queued,
+            Self::Running,
+            Self::Succeeded,
+            Self::Failed,
+            Self::Cancelled,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
+        .ok_or_else(|| format!("unknown job state {s:?}"))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct TrainingJob {
+    pub id: i64,
+    pub state: String,
+    pub dataset_id: i64,
+    pub base_model: String,
+    pub method: String,
+    pub hyperparameters: String,
+    pub output_dir: Option<String>,
+    pub adapter_id: Option<i64>,
+    pub step: i64,
+    pub total_steps: Option<i64>,
+    pub cancel_requested: bool,
+    pub error: Option<String>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+}
+
+impl TrainingJob {
+    pub fn state(&self) -> JobState {
+        self.state.parse().unwrap_or(JobState::Failed)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewJob<'a> {
+    pub dataset_id: i64,
+    pub base_model: &'a str,
+    pub method: &'a str,
+    pub hyperparameters: &'a serde_json::Value,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct NewTrainingEvent<'a> {
+    pub kind: &'a str,
+    pub step: Option<i64>,
+    pub loss: Option<f64>,
+    pub eval_loss: Option<f64>,
+    pub learning_rate: Option<f64>,
+    pub tokens_per_sec: Option<f64>,
+    pub message: Option<&'a str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct TrainingEvent {
+    pub id: i64,
+    pub job_id: i64,
+    pub kind: String,
+    pub step: Option<i64>,
+    pub loss: Option<f64>,
+    pub eval_loss: Option<f64>,
+    pub learning_rate: Option<f64>,
+    pub tokens_per_sec: Option<f64>,
+    pub message: Option<String>,
+    pub created_at: String,
+}
+
+const JOB_COLUMNS: &str = "id, state, dataset_id, base_model, method, hyperparameters, output_dir, adapter_id, step, total_steps, cancel_requested, error, created_at, started_at, finished_at";
+
+impl Db {
+    pub async fn create_job(&self, job: &NewJob<'_>) -> Result<TrainingJob> {
+        Ok(sqlx::query_as(&format!(
+            "insert into training_jobs (dataset_id, base_model, method, hyperparameters)
+             values (?, ?, ?, ?) returning {JOB_COLUMNS}"
+        ))
+        .bind(job.dataset_id)
+        .bind(job.base_model)
+        .bind(job.method)
+        .bind(job.hyperparameters.to_string())
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    pub async fn job(&self, id: i64) -> Result<TrainingJob> {
+        let found: Option<TrainingJob> = sqlx::query_as(&format!("select {JOB_COLUMNS} from training_jobs where id = ?"))
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await?;
+        found.ok_or_else(|| StorageError::NotFound {
+            what: format!("training job {id}"),
+        })
+    }
+
+    /// Move a job to `to` if it is in `from`; false if it was not (another worker moved it).
+    pub async fn transition_job(&self, id: i64, from: JobState, to: JobState, error: Option<&str>) -> Result<bool> {
+        let now = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+        let done = sqlx::query(&format!(
+            "update training_jobs set state = ?1, error = coalesce(?2, error),
+                started_at = case when ?1 = 'running' then {now} else started_at end,
+                finished_at = case when ?1 in ('succeeded', 'failed', 'cancelled') then {now} else finished_at end
+             where id = ?3 and state = ?4"
+        ))
+        .bind(to.as_str())
+        .bind(error)
+        .bind(id)
+        .bind(from.as_str())
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Claim the oldest queued job for a worker (queued -> running), atomically.
+    pub async fn claim_next_job(&self) -> Result<Option<TrainingJob>> {
+        Ok(sqlx::query_as(&format!(
+            "update training_jobs set state = 'running', started_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+             where id = (select id from training_jobs where state = 'queued' order by id limit 1)
+               and state = 'queued'
+             returning {JOB_COLUMNS}"
+        ))
+        .fetch_optional(self.pool())
+        .await?)
+    }
+
+    pub async fn add_training_event(&self, job_id: i64, e: &NewTrainingEvent<'_>) -> Result<()> {
+        let mut tx = self.pool().begin().await?;
+        sqlx::query(
+            "insert into training_events (job_id, kind, step, loss, eval_loss, learning_rate, tokens_per_sec, message)
+             values (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(job_id)
+        .bind(e.kind)
+        .bind(e.step)
+        .bind(e.loss)
+        .bind(e.eval_loss)
+        .bind(e.learning_rate)
+        .bind(e.tokens_per_sec)
+        .bind(e.message)
+        .execute(&mut *tx)
+        .await?;
+        if let Some(step) = e.step {
+            sqlx::query("update training_jobs set step = max(step, ?) where id = ?")
+                .bind(step)
+                .bind(job_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Events of a job after `after_id` (for server-sent events), oldest first.
+    pub async fn training_events(&self, job_id: i64, after_id: i64) -> Result<Vec<TrainingEvent>> {
+        Ok(sqlx::query_as(
+            "select id, job_id, kind, step, loss, eval_loss, learning_rate, tokens_per_sec, message, created_at
+             from training_events where job_id = ? and id > ? order by id",
+        )
+        .bind(job_id)
+        .bind(after_id)
+        .fetch_all(self.pool())
+        .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{ChatExample, ChatMessage, Role};
+    use crate::storage::NewDataset;
+    use sqlx::SqlitePool;
+
+    async fn dataset(db: &Db) -> i64 {
+        let ex = vec![ChatExample {
+            messages: vec![ChatMessage::new(Role::User, "q"), ChatMessage::new(Role::Assistant, "a")],
+        }];
+        db.insert_dataset(&NewDataset {
+            name: "d",
+            format: "openai",
+            source: "t",
+            content_hash: "h",
+            examples: &ex,
+            source_conversations: &[],
+        })
+        .await
+        .unwrap()
+        .dataset()
+        .id
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn a_job_moves_through_its_states_and_is_claimed_once(pool: SqlitePool) {
+        let db = Db::from_pool(pool);
+        let ds = dataset(&db).await;
+        let hp = serde_json::json!({"learning_rate": 5e-5});
+        let job = db
+            .create_job(&NewJob { dataset_id: ds, base_model: "m", method: "lora", hyperparameters: &hp })
+            .await
+            .unwrap();
+        assert_eq!(job.state(), JobState::ValidatingFiles);
+        assert!(db.claim_next_job().await.unwrap().is_none(), "not queued yet");
+        assert!(db.transition_job(job.id, JobState::ValidatingFiles, JobState::Queued, None).await.unwrap());
+        let claimed = db.claim_next_job().await.unwrap().unwrap();
+        assert_eq!((claimed.id, claimed.state()), (job.id, JobState::Running));
+        assert!(claimed.started_at.is_some());
+        assert!(db.claim_next_job().await.unwrap().is_none(), "claimed once");
+        assert!(!db.transition_job(job.id, JobState::Queued, JobState::Cancelled, None).await.unwrap());
+        assert!(db.transition_job(job.id, JobState::Running, JobState::Failed, Some("out of memory")).await.unwrap());
+        let done = db.job(job.id).await.unwrap();
+        assert_eq!(done.error.as_deref(), Some("out of memory"));
+        assert!(done.finished_at.is_some());
+        // A dataset used by a job cannot be deleted from under it.
+        assert!(db.delete_dataset("d", None).await.is_err());
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn events_are_stored_in_order_and_advance_the_step(pool: SqlitePool) {
+        let db = Db::from_pool(pool);
+        let ds = dataset(&db).await;
+        let hp = serde_json::json!({});
+        let job = db
+            .create_job(&NewJob { dataset_id: ds, base_model: "m", method: "lora", hyperparameters: &hp })
+            .await
+            .unwrap();
+        for step in 1..=3 {
+            db.add_training_event(
+                job.id,
+                &NewTrainingEvent { kind: "step", step: Some(step), loss: Some(2.0 / step as f64), ..Default::default() },
+            )
+            .await
+            .unwrap();
+        }
+        let events = db.training_events(job.id, 0).await.unwrap();
+        assert_eq!(events.iter().map(|e| e.step).collect::<Vec<_>>(), [Some(1), Some(2), Some(3)]);
+        assert_eq!(db.training_events(job.id, events[1].id).await.unwrap().len(), 1);
+        assert_eq!(db.job(job.id).await.unwrap().step, 3);
+    }
+}

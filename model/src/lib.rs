@@ -1,0 +1,10 @@
+//! loraloop's model layer. For now: local model files, their GGUF headers, and fetching
+//! the embedded default model. The llama-family architecture, LoRA layers, tokenizer,
+//! chat templates and the inference engine land here next (see the README's architecture).
+
+pub mod fetch;
+pub mod gguf;
+pub mod registry;
+
+pub use fetch::{DEFAULT_MODEL_FILE, DefaultModel};
+pub use gguf::{GgufSummary, ModelError};

