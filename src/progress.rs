@@ -76,7 +76,7 @@ impl Progress {
             None => {
                 if self.last_log.elapsed() >= Duration::from_secs(2) || done == self.total {
                     self.last_log = Instant::now();
-                    let pct = if self.total == 0 { 100 } else { done * 100 / self.total };
+                    let pct = (done * 100).checked_div(self.total).unwrap_or(100);
                     tracing::info!("{}: {done}/{} ({pct}%)", self.label, self.total);
                 }
             }

@@ -333,10 +333,11 @@ impl Config {
         source: &ConfigSource,
         env: &BTreeMap<String, String>,
     ) -> Result<Self, ConfigError> {
-        let explicit = source
-            .explicit_path
-            .clone()
-            .or_else(|| env.get(CONFIG_ENV).filter(|s| !s.is_empty()).map(PathBuf::from));
+        let explicit = source.explicit_path.clone().or_else(|| {
+            env.get(CONFIG_ENV)
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+        });
         let file = match explicit {
             Some(p) => Some(p),
             None => {
@@ -384,10 +385,7 @@ impl Config {
         if !(g.temperature.is_finite() && (0.0..=5.0).contains(&g.temperature)) {
             return Err(invalid(
                 "generation.temperature",
-                format!(
-                    "got {}; allowed: 0 to 5 (0 means greedy)",
-                    g.temperature
-                ),
+                format!("got {}; allowed: 0 to 5 (0 means greedy)", g.temperature),
             ));
         }
         if !(g.top_p > 0.0 && g.top_p <= 1.0) {
@@ -399,10 +397,7 @@ impl Config {
         if !(g.repetition_penalty.is_finite() && (1.0..=2.0).contains(&g.repetition_penalty)) {
             return Err(invalid(
                 "generation.repetition_penalty",
-                format!(
-                    "got {}; allowed: 1 (off) to 2",
-                    g.repetition_penalty
-                ),
+                format!("got {}; allowed: 1 (off) to 2", g.repetition_penalty),
             ));
         }
         if !(1..=32_768).contains(&g.max_new_tokens) {
@@ -453,12 +448,20 @@ impl Config {
         {
             return Err(invalid(
                 "telegram.webhook_url",
-                format!("got {url:?}; allowed: an https:// URL (Telegram only calls https webhooks)"),
+                format!(
+                    "got {url:?}; allowed: an https:// URL (Telegram only calls https webhooks)"
+                ),
             ));
         }
         for (key, value) in [
-            ("telegram.rate_limit_per_minute", raw.telegram.rate_limit_per_minute),
-            ("discord.rate_limit_per_minute", raw.discord.rate_limit_per_minute),
+            (
+                "telegram.rate_limit_per_minute",
+                raw.telegram.rate_limit_per_minute,
+            ),
+            (
+                "discord.rate_limit_per_minute",
+                raw.discord.rate_limit_per_minute,
+            ),
         ] {
             if value == 0 {
                 return Err(invalid(key, "got 0; allowed: 1 or more".to_string()));
@@ -550,12 +553,32 @@ fn read_yaml(path: &Path) -> Result<serde_yaml::Value, ConfigError> {
 fn reject_secrets_in_file(tree: &serde_yaml::Value, origins: &Origins) -> Result<(), ConfigError> {
     // Secrets under their own name at the top level or in the platform sections.
     let candidates: [(&str, &[&str], &'static str); 6] = [
-        ("telegram.bot_token", &["telegram", "bot_token"], "TELEGRAM_BOT_TOKEN"),
-        ("discord.bot_token", &["discord", "bot_token"], "DISCORD_BOT_TOKEN"),
-        ("telegram_bot_token", &["telegram_bot_token"], "TELEGRAM_BOT_TOKEN"),
-        ("discord_bot_token", &["discord_bot_token"], "DISCORD_BOT_TOKEN"),
+        (
+            "telegram.bot_token",
+            &["telegram", "bot_token"],
+            "TELEGRAM_BOT_TOKEN",
+        ),
+        (
+            "discord.bot_token",
+            &["discord", "bot_token"],
+            "DISCORD_BOT_TOKEN",
+        ),
+        (
+            "telegram_bot_token",
+            &["telegram_bot_token"],
+            "TELEGRAM_BOT_TOKEN",
+        ),
+        (
+            "discord_bot_token",
+            &["discord_bot_token"],
+            "DISCORD_BOT_TOKEN",
+        ),
         ("api_key", &["api_key"], "LORALOOP_API_KEY"),
-        ("admin_password", &["admin_password"], "LORALOOP_ADMIN_PASSWORD"),
+        (
+            "admin_password",
+            &["admin_password"],
+            "LORALOOP_ADMIN_PASSWORD",
+        ),
     ];
     for (key, path, var) in candidates {
         let mut node = Some(tree);
@@ -591,14 +614,15 @@ fn apply_env_overrides(
             return Err(ConfigError::Invalid {
                 key,
                 origin: format!("environment variable {var}"),
-                message: "malformed name; use LORALOOP_SECTION__KEY (two underscores between levels)".into(),
+                message:
+                    "malformed name; use LORALOOP_SECTION__KEY (two underscores between levels)"
+                        .into(),
             });
         }
         let parsed: serde_yaml::Value = if value.is_empty() {
             serde_yaml::Value::Null
         } else {
-            serde_yaml::from_str(value)
-                .unwrap_or_else(|_| serde_yaml::Value::String(value.clone()))
+            serde_yaml::from_str(value).unwrap_or_else(|_| serde_yaml::Value::String(value.clone()))
         };
         set_path(tree, &parts, parsed).map_err(|message| ConfigError::Invalid {
             key: key.clone(),
@@ -736,15 +760,47 @@ mod tests {
     #[test]
     fn out_of_range_values_say_what_is_allowed() {
         let cases = [
-            ("generation:\n  top_p: 1.5\n", "generation.top_p", "at most 1"),
-            ("generation:\n  temperature: -1\n", "generation.temperature", "0 to 5"),
-            ("generation:\n  max_new_tokens: 0\n", "generation.max_new_tokens", "1 to 32768"),
-            ("generation:\n  repetition_penalty: 0.5\n", "generation.repetition_penalty", "1 (off) to 2"),
+            (
+                "generation:\n  top_p: 1.5\n",
+                "generation.top_p",
+                "at most 1",
+            ),
+            (
+                "generation:\n  temperature: -1\n",
+                "generation.temperature",
+                "0 to 5",
+            ),
+            (
+                "generation:\n  max_new_tokens: 0\n",
+                "generation.max_new_tokens",
+                "1 to 32768",
+            ),
+            (
+                "generation:\n  repetition_penalty: 0.5\n",
+                "generation.repetition_penalty",
+                "1 (off) to 2",
+            ),
             ("device: tpu\n", "device", "auto, cpu, cuda"),
-            ("server:\n  host: 'not a host!'\n", "server.host", "IP address"),
-            ("telegram:\n  webhook_url: http://x.example\n", "telegram.webhook_url", "https://"),
-            ("telegram:\n  api_url: ftp://x\n", "telegram.api_url", "http:// or https://"),
-            ("discord:\n  rate_limit_per_minute: 0\n", "discord.rate_limit_per_minute", "1 or more"),
+            (
+                "server:\n  host: 'not a host!'\n",
+                "server.host",
+                "IP address",
+            ),
+            (
+                "telegram:\n  webhook_url: http://x.example\n",
+                "telegram.webhook_url",
+                "https://",
+            ),
+            (
+                "telegram:\n  api_url: ftp://x\n",
+                "telegram.api_url",
+                "http:// or https://",
+            ),
+            (
+                "discord:\n  rate_limit_per_minute: 0\n",
+                "discord.rate_limit_per_minute",
+                "1 or more",
+            ),
             ("model: ''\n", "model", "a model file name"),
         ];
         for (yaml, key, allowed) in cases {
@@ -783,7 +839,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            cfg.secrets.telegram_bot_token.as_ref().unwrap().expose_secret(),
+            cfg.secrets
+                .telegram_bot_token
+                .as_ref()
+                .unwrap()
+                .expose_secret(),
             token
         );
         let debug = format!("{cfg:?}");
@@ -792,8 +852,14 @@ mod tests {
             assert!(!out.contains(token), "{out}");
             assert!(!out.contains("api-key-value-xyz"), "{out}");
         }
-        assert!(yaml.contains("telegram_bot_token: '[redacted] (from TELEGRAM_BOT_TOKEN)'"), "{yaml}");
-        assert!(yaml.contains("discord_bot_token: not set (DISCORD_BOT_TOKEN)"), "{yaml}");
+        assert!(
+            yaml.contains("telegram_bot_token: '[redacted] (from TELEGRAM_BOT_TOKEN)'"),
+            "{yaml}"
+        );
+        assert!(
+            yaml.contains("discord_bot_token: not set (DISCORD_BOT_TOKEN)"),
+            "{yaml}"
+        );
     }
 
     #[test]

@@ -78,7 +78,10 @@ pub struct ChatExample {
 impl ChatExample {
     /// Total characters of content, the length measure used until a tokenizer is loaded.
     pub fn char_len(&self) -> usize {
-        self.messages.iter().map(|m| m.content.chars().count()).sum()
+        self.messages
+            .iter()
+            .map(|m| m.content.chars().count())
+            .sum()
     }
 
     /// The canonical one-line JSON form (OpenAI chat JSONL). Field order is fixed by the

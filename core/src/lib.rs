@@ -8,5 +8,5 @@ pub mod domain;
 pub mod storage;
 
 pub use config::Config;
-pub use storage::Db;
 pub use loraloop_model::DEFAULT_MODEL_FILE;
+pub use storage::Db;

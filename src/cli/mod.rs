@@ -12,7 +12,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
-#[command(name = "loraloop", version, about = "Self-hosted chat assistants that learn from their own conversations")]
+#[command(
+    name = "loraloop",
+    version,
+    about = "Self-hosted chat assistants that learn from their own conversations"
+)]
 pub struct Cli {
     /// Config file (default: ./loraloop.yaml if present). Also: LORALOOP_CONFIG.
     #[arg(long, global = true, value_name = "PATH")]

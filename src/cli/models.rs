@@ -67,8 +67,12 @@ pub async fn fetch(config: &Config, args: &FetchArgs) -> anyhow::Result<ExitCode
 }
 
 pub fn list(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
-    let models = list_models(&config.models_dir)
-        .with_context(|| format!("cannot read the models folder {}", config.models_dir.display()))?;
+    let models = list_models(&config.models_dir).with_context(|| {
+        format!(
+            "cannot read the models folder {}",
+            config.models_dir.display()
+        )
+    })?;
     if json {
         let rows: Vec<serde_json::Value> = models
             .iter()
@@ -93,7 +97,11 @@ pub fn list(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
     );
     let mut broken = 0;
     for m in &models {
-        let file = m.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let file = m
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         match &m.summary {
             Ok(s) => println!(
                 "{:<36} {:<8} {:>8} {:<6} {:>8} {:>7} {:<8} {:>7.1}M",
@@ -112,5 +120,9 @@ pub fn list(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    Ok(if broken > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if broken > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

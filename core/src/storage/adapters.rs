@@ -47,12 +47,18 @@ pub struct NewAdapter<'a> {
     pub job_id: Option<i64>,
 }
 
-const ASSISTANT_COLUMNS: &str = "id, name, base_model, system_prompt, generation, active_adapter_id";
+const ASSISTANT_COLUMNS: &str =
+    "id, name, base_model, system_prompt, generation, active_adapter_id";
 const ADAPTER_COLUMNS: &str = "id, name, path, base_model, base_model_hash, tokenizer_hash, chat_template_hash, method, rank, alpha, target_modules, metrics, job_id, created_at";
 
 impl Db {
     /// The assistant with this name, created with these settings if it does not exist.
-    pub async fn ensure_assistant(&self, name: &str, base_model: &str, system_prompt: &str) -> Result<Assistant> {
+    pub async fn ensure_assistant(
+        &self,
+        name: &str,
+        base_model: &str,
+        system_prompt: &str,
+    ) -> Result<Assistant> {
         sqlx::query("insert into assistants (name, base_model, system_prompt) values (?, ?, ?) on conflict (name) do nothing")
             .bind(name)
             .bind(base_model)
@@ -63,10 +69,12 @@ impl Db {
     }
 
     pub async fn assistant(&self, name: &str) -> Result<Assistant> {
-        let found: Option<Assistant> = sqlx::query_as(&format!("select {ASSISTANT_COLUMNS} from assistants where name = ?"))
-            .bind(name)
-            .fetch_optional(self.pool())
-            .await?;
+        let found: Option<Assistant> = sqlx::query_as(&format!(
+            "select {ASSISTANT_COLUMNS} from assistants where name = ?"
+        ))
+        .bind(name)
+        .fetch_optional(self.pool())
+        .await?;
         found.ok_or_else(|| StorageError::NotFound {
             what: format!("assistant {name:?}"),
         })
@@ -94,14 +102,21 @@ impl Db {
     }
 
     pub async fn list_adapters(&self) -> Result<Vec<Adapter>> {
-        Ok(sqlx::query_as(&format!("select {ADAPTER_COLUMNS} from adapters order by id"))
-            .fetch_all(self.pool())
-            .await?)
+        Ok(sqlx::query_as(&format!(
+            "select {ADAPTER_COLUMNS} from adapters order by id"
+        ))
+        .fetch_all(self.pool())
+        .await?)
     }
 
     /// Make `adapter_id` (or the base model, for None) the assistant's active adapter and
     /// record the activation.
-    pub async fn activate_adapter(&self, assistant_id: i64, adapter_id: Option<i64>, by: &str) -> Result<()> {
+    pub async fn activate_adapter(
+        &self,
+        assistant_id: i64,
+        adapter_id: Option<i64>,
+        by: &str,
+    ) -> Result<()> {
         let mut tx = self.pool().begin().await?;
         let updated = sqlx::query(
             "update assistants set active_adapter_id = ?, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') where id = ?",
@@ -145,7 +160,11 @@ mod tests {
     use super::*;
     use sqlx::SqlitePool;
 
-    fn adapter<'a>(name: &'a str, modules: &'a [String], metrics: &'a serde_json::Value) -> NewAdapter<'a> {
+    fn adapter<'a>(
+        name: &'a str,
+        modules: &'a [String],
+        metrics: &'a serde_json::Value,
+    ) -> NewAdapter<'a> {
         NewAdapter {
             name,
             path: "adapters/x",
@@ -168,15 +187,39 @@ mod tests {
         assert_eq!(db.ensure_assistant("a", "other", "x").await.unwrap(), asst);
         let modules = vec!["q_proj".to_string()];
         let metrics = serde_json::json!({"eval_loss": 1.5});
-        let one = db.insert_adapter(&adapter("one", &modules, &metrics)).await.unwrap();
-        let two = db.insert_adapter(&adapter("two", &modules, &metrics)).await.unwrap();
+        let one = db
+            .insert_adapter(&adapter("one", &modules, &metrics))
+            .await
+            .unwrap();
+        let two = db
+            .insert_adapter(&adapter("two", &modules, &metrics))
+            .await
+            .unwrap();
         assert_eq!(one.target_modules, r#"["q_proj"]"#);
-        db.activate_adapter(asst.id, Some(one.id), "operator").await.unwrap();
-        db.activate_adapter(asst.id, Some(two.id), "operator").await.unwrap();
-        assert_eq!(db.assistant("a").await.unwrap().active_adapter_id, Some(two.id));
-        assert_eq!(db.rollback_adapter(asst.id, "operator").await.unwrap(), Some(one.id));
-        assert_eq!(db.assistant("a").await.unwrap().active_adapter_id, Some(one.id));
-        assert!(db.insert_adapter(&adapter("one", &modules, &metrics)).await.is_err(), "names are unique");
+        db.activate_adapter(asst.id, Some(one.id), "operator")
+            .await
+            .unwrap();
+        db.activate_adapter(asst.id, Some(two.id), "operator")
+            .await
+            .unwrap();
+        assert_eq!(
+            db.assistant("a").await.unwrap().active_adapter_id,
+            Some(two.id)
+        );
+        assert_eq!(
+            db.rollback_adapter(asst.id, "operator").await.unwrap(),
+            Some(one.id)
+        );
+        assert_eq!(
+            db.assistant("a").await.unwrap().active_adapter_id,
+            Some(one.id)
+        );
+        assert!(
+            db.insert_adapter(&adapter("one", &modules, &metrics))
+                .await
+                .is_err(),
+            "names are unique"
+        );
         assert_eq!(db.list_adapters().await.unwrap().len(), 2);
     }
 }

@@ -229,7 +229,11 @@ impl Db {
     }
 
     /// The last `limit` messages of a conversation, oldest first.
-    pub async fn recent_messages(&self, conversation_id: i64, limit: i64) -> Result<Vec<StoredMessage>> {
+    pub async fn recent_messages(
+        &self,
+        conversation_id: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredMessage>> {
         let mut rows: Vec<StoredMessage> = sqlx::query_as(&format!(
             "select {MESSAGE_COLUMNS} from messages where conversation_id = ? order by id desc limit ?"
         ))
@@ -340,16 +344,28 @@ mod tests {
     use sqlx::SqlitePool;
 
     async fn setup(db: &Db) -> (i64, PlatformUser, i64) {
-        let assistant = db.ensure_assistant("loraloop", "model.gguf", "Be nice.").await.unwrap();
+        let assistant = db
+            .ensure_assistant("loraloop", "model.gguf", "Be nice.")
+            .await
+            .unwrap();
         let user = db
             .upsert_platform_user(Platform::Telegram, "42", Some("ann"), Some("Ann"))
             .await
             .unwrap();
-        let chat = db.upsert_chat(Platform::Telegram, "42", "private", None).await.unwrap();
+        let chat = db
+            .upsert_chat(Platform::Telegram, "42", "private", None)
+            .await
+            .unwrap();
         (assistant.id, user, chat)
     }
 
-    fn msg<'a>(conv: i64, role: Role, content: &'a str, user: Option<i64>, pid: Option<&'a str>) -> NewMessage<'a> {
+    fn msg<'a>(
+        conv: i64,
+        role: Role,
+        content: &'a str,
+        user: Option<i64>,
+        pid: Option<&'a str>,
+    ) -> NewMessage<'a> {
         NewMessage {
             conversation_id: conv,
             role,
@@ -366,34 +382,80 @@ mod tests {
     #[sqlx::test(migrations = "../migrations")]
     async fn the_same_platform_user_and_chat_map_to_one_row(pool: SqlitePool) {
         let db = Db::from_pool(pool);
-        let a = db.upsert_platform_user(Platform::Telegram, "42", Some("ann"), None).await.unwrap();
-        let b = db.upsert_platform_user(Platform::Telegram, "42", Some("ann2"), None).await.unwrap();
-        let c = db.upsert_platform_user(Platform::Discord, "42", None, None).await.unwrap();
+        let a = db
+            .upsert_platform_user(Platform::Telegram, "42", Some("ann"), None)
+            .await
+            .unwrap();
+        let b = db
+            .upsert_platform_user(Platform::Telegram, "42", Some("ann2"), None)
+            .await
+            .unwrap();
+        let c = db
+            .upsert_platform_user(Platform::Discord, "42", None, None)
+            .await
+            .unwrap();
         assert_eq!(a.id, b.id);
         assert_eq!(b.username.as_deref(), Some("ann2"));
         assert_ne!(a.id, c.id);
-        let c1 = db.upsert_chat(Platform::Telegram, "-100", "group", Some("g")).await.unwrap();
-        let c2 = db.upsert_chat(Platform::Telegram, "-100", "group", Some("g")).await.unwrap();
+        let c1 = db
+            .upsert_chat(Platform::Telegram, "-100", "group", Some("g"))
+            .await
+            .unwrap();
+        let c2 = db
+            .upsert_chat(Platform::Telegram, "-100", "group", Some("g"))
+            .await
+            .unwrap();
         assert_eq!(c1, c2);
     }
 
     #[sqlx::test(migrations = "../migrations")]
-    async fn a_redelivered_message_is_stored_once_and_reset_starts_a_new_conversation(pool: SqlitePool) {
+    async fn a_redelivered_message_is_stored_once_and_reset_starts_a_new_conversation(
+        pool: SqlitePool,
+    ) {
         let db = Db::from_pool(pool);
         let (assistant, user, chat) = setup(&db).await;
-        let conv = db.current_conversation(assistant, chat, None, Some(user.id)).await.unwrap();
-        let m1 = db.insert_message(&msg(conv.id, Role::User, "hi", Some(user.id), Some("7"))).await.unwrap();
-        let m2 = db.insert_message(&msg(conv.id, Role::User, "hi", Some(user.id), Some("7"))).await.unwrap();
+        let conv = db
+            .current_conversation(assistant, chat, None, Some(user.id))
+            .await
+            .unwrap();
+        let m1 = db
+            .insert_message(&msg(conv.id, Role::User, "hi", Some(user.id), Some("7")))
+            .await
+            .unwrap();
+        let m2 = db
+            .insert_message(&msg(conv.id, Role::User, "hi", Some(user.id), Some("7")))
+            .await
+            .unwrap();
         assert_eq!(m1.id, m2.id);
-        db.insert_message(&msg(conv.id, Role::Assistant, "hello!", None, Some("8"))).await.unwrap();
+        db.insert_message(&msg(conv.id, Role::Assistant, "hello!", None, Some("8")))
+            .await
+            .unwrap();
         let recent = db.recent_messages(conv.id, 10).await.unwrap();
-        assert_eq!(recent.iter().map(|m| m.content.as_str()).collect::<Vec<_>>(), ["hi", "hello!"]);
-        assert_eq!(db.current_conversation(assistant, chat, None, None).await.unwrap().id, conv.id);
+        assert_eq!(
+            recent
+                .iter()
+                .map(|m| m.content.as_str())
+                .collect::<Vec<_>>(),
+            ["hi", "hello!"]
+        );
+        assert_eq!(
+            db.current_conversation(assistant, chat, None, None)
+                .await
+                .unwrap()
+                .id,
+            conv.id
+        );
         assert_eq!(db.close_conversations(chat, None).await.unwrap(), 1);
-        let next = db.current_conversation(assistant, chat, None, None).await.unwrap();
+        let next = db
+            .current_conversation(assistant, chat, None, None)
+            .await
+            .unwrap();
         assert_ne!(next.id, conv.id);
         // Threads of one chat are separate conversations.
-        let thread = db.current_conversation(assistant, chat, Some("t1"), None).await.unwrap();
+        let thread = db
+            .current_conversation(assistant, chat, Some("t1"), None)
+            .await
+            .unwrap();
         assert_ne!(thread.id, next.id);
     }
 
@@ -401,40 +463,94 @@ mod tests {
     async fn rating_again_replaces_the_rating_and_only_replies_can_be_rated(pool: SqlitePool) {
         let db = Db::from_pool(pool);
         let (assistant, user, chat) = setup(&db).await;
-        let conv = db.current_conversation(assistant, chat, None, Some(user.id)).await.unwrap();
-        let q = db.insert_message(&msg(conv.id, Role::User, "q", Some(user.id), None)).await.unwrap();
-        let a = db.insert_message(&msg(conv.id, Role::Assistant, "a", None, None)).await.unwrap();
-        db.set_feedback(a.id, "telegram:42", Some(user.id), Some(1), None).await.unwrap();
-        let f = db.set_feedback(a.id, "telegram:42", Some(user.id), Some(-1), None).await.unwrap();
+        let conv = db
+            .current_conversation(assistant, chat, None, Some(user.id))
+            .await
+            .unwrap();
+        let q = db
+            .insert_message(&msg(conv.id, Role::User, "q", Some(user.id), None))
+            .await
+            .unwrap();
+        let a = db
+            .insert_message(&msg(conv.id, Role::Assistant, "a", None, None))
+            .await
+            .unwrap();
+        db.set_feedback(a.id, "telegram:42", Some(user.id), Some(1), None)
+            .await
+            .unwrap();
+        let f = db
+            .set_feedback(a.id, "telegram:42", Some(user.id), Some(-1), None)
+            .await
+            .unwrap();
         assert_eq!(f.rating, Some(-1));
-        let op = db.set_feedback(a.id, "operator", None, None, Some("better")).await.unwrap();
+        let op = db
+            .set_feedback(a.id, "operator", None, None, Some("better"))
+            .await
+            .unwrap();
         assert_eq!(op.correction.as_deref(), Some("better"));
         assert_eq!(db.counts().await.unwrap().rated_replies, 1);
-        assert!(db.set_feedback(q.id, "telegram:42", None, Some(1), None).await.is_err());
-        assert!(db.set_feedback(a.id, "telegram:42", None, Some(5), None).await.is_err());
-        assert!(db.set_feedback(9999, "telegram:42", None, Some(1), None).await.is_err());
+        assert!(
+            db.set_feedback(q.id, "telegram:42", None, Some(1), None)
+                .await
+                .is_err()
+        );
+        assert!(
+            db.set_feedback(a.id, "telegram:42", None, Some(5), None)
+                .await
+                .is_err()
+        );
+        assert!(
+            db.set_feedback(9999, "telegram:42", None, Some(1), None)
+                .await
+                .is_err()
+        );
     }
 
     #[sqlx::test(migrations = "../migrations")]
     async fn forgetting_a_user_deletes_their_messages_and_ratings(pool: SqlitePool) {
         let db = Db::from_pool(pool);
         let (assistant, user, chat) = setup(&db).await;
-        let conv = db.current_conversation(assistant, chat, None, Some(user.id)).await.unwrap();
-        db.insert_message(&msg(conv.id, Role::User, "secret", Some(user.id), None)).await.unwrap();
-        let a = db.insert_message(&msg(conv.id, Role::Assistant, "a", None, None)).await.unwrap();
-        db.set_feedback(a.id, "telegram:42", Some(user.id), Some(1), None).await.unwrap();
+        let conv = db
+            .current_conversation(assistant, chat, None, Some(user.id))
+            .await
+            .unwrap();
+        db.insert_message(&msg(conv.id, Role::User, "secret", Some(user.id), None))
+            .await
+            .unwrap();
+        let a = db
+            .insert_message(&msg(conv.id, Role::Assistant, "a", None, None))
+            .await
+            .unwrap();
+        db.set_feedback(a.id, "telegram:42", Some(user.id), Some(1), None)
+            .await
+            .unwrap();
         assert_eq!(db.forget_user(user.id).await.unwrap(), 2);
         let counts = db.counts().await.unwrap();
         assert_eq!((counts.messages, counts.rated_replies), (0, 0));
-        let again = db.upsert_platform_user(Platform::Telegram, "42", None, None).await.unwrap();
+        let again = db
+            .upsert_platform_user(Platform::Telegram, "42", None, None)
+            .await
+            .unwrap();
         assert!(again.excluded_from_training);
     }
 
     #[sqlx::test(migrations = "../migrations")]
     async fn an_update_is_seen_once(pool: SqlitePool) {
         let db = Db::from_pool(pool);
-        assert!(db.mark_update_seen(Platform::Telegram, "1001").await.unwrap());
-        assert!(!db.mark_update_seen(Platform::Telegram, "1001").await.unwrap());
-        assert!(db.mark_update_seen(Platform::Discord, "1001").await.unwrap());
+        assert!(
+            db.mark_update_seen(Platform::Telegram, "1001")
+                .await
+                .unwrap()
+        );
+        assert!(
+            !db.mark_update_seen(Platform::Telegram, "1001")
+                .await
+                .unwrap()
+        );
+        assert!(
+            db.mark_update_seen(Platform::Discord, "1001")
+                .await
+                .unwrap()
+        );
     }
 }

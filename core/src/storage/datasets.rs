@@ -55,8 +55,7 @@ pub struct StoredExample {
     pub source_conversation_id: Option<i64>,
 }
 
-const COLUMNS: &str =
-    "id, name, version, content_hash, format, source, example_count, created_at";
+const COLUMNS: &str = "id, name, version, content_hash, format, source, example_count, created_at";
 
 impl Db {
     /// Store a dataset as the next version of `name` in one transaction: either every
@@ -151,7 +150,15 @@ impl Db {
 
     /// The examples of a dataset, in order.
     pub async fn dataset_examples(&self, dataset_id: i64) -> Result<Vec<StoredExample>> {
-        let rows: Vec<(i64, String, i64, Option<i64>, Option<i64>)> = sqlx::query_as(
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            position: i64,
+            messages: String,
+            char_count: i64,
+            token_count: Option<i64>,
+            source_conversation_id: Option<i64>,
+        }
+        let rows: Vec<Row> = sqlx::query_as(
             "select position, messages, char_count, token_count, source_conversation_id
              from dataset_examples where dataset_id = ? order by position",
         )
@@ -159,13 +166,13 @@ impl Db {
         .fetch_all(self.pool())
         .await?;
         rows.into_iter()
-            .map(|(position, messages, char_count, token_count, source_conversation_id)| {
+            .map(|r| {
                 Ok(StoredExample {
-                    position,
-                    example: serde_json::from_str(&messages)?,
-                    char_count,
-                    token_count,
-                    source_conversation_id,
+                    position: r.position,
+                    example: serde_json::from_str(&r.messages)?,
+                    char_count: r.char_count,
+                    token_count: r.token_count,
+                    source_conversation_id: r.source_conversation_id,
                 })
             })
             .collect()
@@ -174,18 +181,21 @@ impl Db {
     /// Delete one version (or all versions when `version` is None). Refused while a
     /// training job references it. Returns the number of versions deleted.
     pub async fn delete_dataset(&self, name: &str, version: Option<i64>) -> Result<u64> {
-        let result = sqlx::query("delete from datasets where name = ?1 and (?2 is null or version = ?2)")
-            .bind(name)
-            .bind(version)
-            .execute(self.pool())
-            .await
-            .map_err(|e| match &e {
-                sqlx::Error::Database(db) if db.is_foreign_key_violation() => StorageError::Invalid {
-                    what: format!("deletion of dataset {name:?}"),
-                    message: "a training job uses it; delete the job first".into(),
-                },
-                _ => StorageError::Sqlx(e),
-            })?;
+        let result =
+            sqlx::query("delete from datasets where name = ?1 and (?2 is null or version = ?2)")
+                .bind(name)
+                .bind(version)
+                .execute(self.pool())
+                .await
+                .map_err(|e| match &e {
+                    sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
+                        StorageError::Invalid {
+                            what: format!("deletion of dataset {name:?}"),
+                            message: "a training job uses it; delete the job first".into(),
+                        }
+                    }
+                    _ => StorageError::Sqlx(e),
+                })?;
         if result.rows_affected() == 0 {
             return Err(StorageError::NotFound {
                 what: format!("dataset {name:?}"),
@@ -246,7 +256,9 @@ mod tests {
         let db = Db::from_pool(pool);
         let ex = examples(3);
         let created = db.insert_dataset(&new("faq", "h1", &ex)).await.unwrap();
-        let DatasetInsert::Created(d) = created else { panic!("not created") };
+        let DatasetInsert::Created(d) = created else {
+            panic!("not created")
+        };
         assert_eq!((d.name.as_str(), d.version, d.example_count), ("faq", 1, 3));
         let stored = db.dataset_examples(d.id).await.unwrap();
         let back: Vec<_> = stored.iter().map(|s| s.example.clone()).collect();
@@ -261,7 +273,10 @@ mod tests {
         db.insert_dataset(&new("faq", "h1", &ex)).await.unwrap();
         let again = db.insert_dataset(&new("faq", "h1", &ex)).await.unwrap();
         assert!(matches!(again, DatasetInsert::Unchanged(ref d) if d.version == 1));
-        let changed = db.insert_dataset(&new("faq", "h2", &examples(3))).await.unwrap();
+        let changed = db
+            .insert_dataset(&new("faq", "h2", &examples(3)))
+            .await
+            .unwrap();
         assert!(matches!(changed, DatasetInsert::Created(ref d) if d.version == 2));
         // Another name with the same content is its own dataset.
         let other = db.insert_dataset(&new("faq2", "h1", &ex)).await.unwrap();
@@ -274,7 +289,10 @@ mod tests {
     #[sqlx::test(migrations = "../migrations")]
     async fn stored_datasets_and_examples_cannot_be_modified(pool: SqlitePool) {
         let db = Db::from_pool(pool);
-        let d = db.insert_dataset(&new("faq", "h1", &examples(1))).await.unwrap();
+        let d = db
+            .insert_dataset(&new("faq", "h1", &examples(1)))
+            .await
+            .unwrap();
         let err = sqlx::query("update datasets set name = 'x' where id = ?")
             .bind(d.dataset().id)
             .execute(db.pool())
@@ -289,11 +307,47 @@ mod tests {
     }
 
     #[sqlx::test(migrations = "../migrations")]
+    async fn a_failure_halfway_through_an_insert_leaves_the_database_unchanged(pool: SqlitePool) {
+        let db = Db::from_pool(pool);
+        db.insert_dataset(&new("faq", "h1", &examples(2)))
+            .await
+            .unwrap();
+        // Make the 4th example row fail, after the dataset row and three examples went in.
+        sqlx::query(
+            "create trigger fail_fourth before insert on dataset_examples when new.position = 3
+             begin select raise(abort, 'disk on fire'); end",
+        )
+        .execute(db.pool())
+        .await
+        .unwrap();
+        let err = db
+            .insert_dataset(&new("faq", "h2", &examples(5)))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("disk on fire"), "{err}");
+        let all = db.list_datasets().await.unwrap();
+        assert_eq!(all.len(), 1, "{all:?}");
+        let (rows,): (i64,) = sqlx::query_as("select count(*) from dataset_examples")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(rows, 2);
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
     async fn deleting_a_dataset_removes_its_examples(pool: SqlitePool) {
         let db = Db::from_pool(pool);
-        let d = db.insert_dataset(&new("faq", "h1", &examples(2))).await.unwrap();
+        let d = db
+            .insert_dataset(&new("faq", "h1", &examples(2)))
+            .await
+            .unwrap();
         assert_eq!(db.delete_dataset("faq", None).await.unwrap(), 1);
-        assert!(db.dataset_examples(d.dataset().id).await.unwrap().is_empty());
+        assert!(
+            db.dataset_examples(d.dataset().id)
+                .await
+                .unwrap()
+                .is_empty()
+        );
         assert!(matches!(
             db.delete_dataset("faq", None).await,
             Err(StorageError::NotFound { .. })
@@ -304,7 +358,12 @@ mod tests {
     async fn bad_names_and_empty_datasets_are_refused(pool: SqlitePool) {
         let db = Db::from_pool(pool);
         for bad in ["", "a b", "../x", ".hidden", &"x".repeat(101)] {
-            assert!(db.insert_dataset(&new(bad, "h", &examples(1))).await.is_err(), "{bad:?}");
+            assert!(
+                db.insert_dataset(&new(bad, "h", &examples(1)))
+                    .await
+                    .is_err(),
+                "{bad:?}"
+            );
         }
         assert!(db.insert_dataset(&new("ok", "h", &[])).await.is_err());
     }

@@ -132,17 +132,25 @@ impl Db {
     }
 
     pub async fn job(&self, id: i64) -> Result<TrainingJob> {
-        let found: Option<TrainingJob> = sqlx::query_as(&format!("select {JOB_COLUMNS} from training_jobs where id = ?"))
-            .bind(id)
-            .fetch_optional(self.pool())
-            .await?;
+        let found: Option<TrainingJob> = sqlx::query_as(&format!(
+            "select {JOB_COLUMNS} from training_jobs where id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await?;
         found.ok_or_else(|| StorageError::NotFound {
             what: format!("training job {id}"),
         })
     }
 
     /// Move a job to `to` if it is in `from`; false if it was not (another worker moved it).
-    pub async fn transition_job(&self, id: i64, from: JobState, to: JobState, error: Option<&str>) -> Result<bool> {
+    pub async fn transition_job(
+        &self,
+        id: i64,
+        from: JobState,
+        to: JobState,
+        error: Option<&str>,
+    ) -> Result<bool> {
         let now = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
         let done = sqlx::query(&format!(
             "update training_jobs set state = ?1, error = coalesce(?2, error),
@@ -220,7 +228,10 @@ mod tests {
 
     async fn dataset(db: &Db) -> i64 {
         let ex = vec![ChatExample {
-            messages: vec![ChatMessage::new(Role::User, "q"), ChatMessage::new(Role::Assistant, "a")],
+            messages: vec![
+                ChatMessage::new(Role::User, "q"),
+                ChatMessage::new(Role::Assistant, "a"),
+            ],
         }];
         db.insert_dataset(&NewDataset {
             name: "d",
@@ -242,18 +253,43 @@ mod tests {
         let ds = dataset(&db).await;
         let hp = serde_json::json!({"learning_rate": 5e-5});
         let job = db
-            .create_job(&NewJob { dataset_id: ds, base_model: "m", method: "lora", hyperparameters: &hp })
+            .create_job(&NewJob {
+                dataset_id: ds,
+                base_model: "m",
+                method: "lora",
+                hyperparameters: &hp,
+            })
             .await
             .unwrap();
         assert_eq!(job.state(), JobState::ValidatingFiles);
-        assert!(db.claim_next_job().await.unwrap().is_none(), "not queued yet");
-        assert!(db.transition_job(job.id, JobState::ValidatingFiles, JobState::Queued, None).await.unwrap());
+        assert!(
+            db.claim_next_job().await.unwrap().is_none(),
+            "not queued yet"
+        );
+        assert!(
+            db.transition_job(job.id, JobState::ValidatingFiles, JobState::Queued, None)
+                .await
+                .unwrap()
+        );
         let claimed = db.claim_next_job().await.unwrap().unwrap();
         assert_eq!((claimed.id, claimed.state()), (job.id, JobState::Running));
         assert!(claimed.started_at.is_some());
         assert!(db.claim_next_job().await.unwrap().is_none(), "claimed once");
-        assert!(!db.transition_job(job.id, JobState::Queued, JobState::Cancelled, None).await.unwrap());
-        assert!(db.transition_job(job.id, JobState::Running, JobState::Failed, Some("out of memory")).await.unwrap());
+        assert!(
+            !db.transition_job(job.id, JobState::Queued, JobState::Cancelled, None)
+                .await
+                .unwrap()
+        );
+        assert!(
+            db.transition_job(
+                job.id,
+                JobState::Running,
+                JobState::Failed,
+                Some("out of memory")
+            )
+            .await
+            .unwrap()
+        );
         let done = db.job(job.id).await.unwrap();
         assert_eq!(done.error.as_deref(), Some("out of memory"));
         assert!(done.finished_at.is_some());
@@ -267,20 +303,39 @@ mod tests {
         let ds = dataset(&db).await;
         let hp = serde_json::json!({});
         let job = db
-            .create_job(&NewJob { dataset_id: ds, base_model: "m", method: "lora", hyperparameters: &hp })
+            .create_job(&NewJob {
+                dataset_id: ds,
+                base_model: "m",
+                method: "lora",
+                hyperparameters: &hp,
+            })
             .await
             .unwrap();
         for step in 1..=3 {
             db.add_training_event(
                 job.id,
-                &NewTrainingEvent { kind: "step", step: Some(step), loss: Some(2.0 / step as f64), ..Default::default() },
+                &NewTrainingEvent {
+                    kind: "step",
+                    step: Some(step),
+                    loss: Some(2.0 / step as f64),
+                    ..Default::default()
+                },
             )
             .await
             .unwrap();
         }
         let events = db.training_events(job.id, 0).await.unwrap();
-        assert_eq!(events.iter().map(|e| e.step).collect::<Vec<_>>(), [Some(1), Some(2), Some(3)]);
-        assert_eq!(db.training_events(job.id, events[1].id).await.unwrap().len(), 1);
+        assert_eq!(
+            events.iter().map(|e| e.step).collect::<Vec<_>>(),
+            [Some(1), Some(2), Some(3)]
+        );
+        assert_eq!(
+            db.training_events(job.id, events[1].id)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
         assert_eq!(db.job(job.id).await.unwrap().step, 3);
     }
 }

@@ -12,11 +12,13 @@ mod jobs;
 
 pub use adapters::{Adapter, Assistant, NewAdapter};
 pub use chat::{Conversation, Feedback, NewMessage, Platform, PlatformUser, StoredMessage};
-pub use datasets::{Dataset, DatasetInsert, NewDataset, StoredExample, validate_name as validate_dataset_name};
+pub use datasets::{
+    Dataset, DatasetInsert, NewDataset, StoredExample, validate_name as validate_dataset_name,
+};
 pub use jobs::{JobState, NewJob, NewTrainingEvent, TrainingEvent, TrainingJob};
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -166,6 +168,10 @@ mod tests {
             .execute(&pool)
             .await
             .unwrap_err();
-        assert!(err.to_string().contains("cannot store BLOB value in TEXT column"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("cannot store BLOB value in TEXT column"),
+            "{err}"
+        );
     }
 }
