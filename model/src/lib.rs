@@ -2,9 +2,15 @@
 //! the embedded default model. The llama-family architecture, LoRA layers, tokenizer,
 //! chat templates and the inference engine land here next (see the README's architecture).
 
+pub mod engine;
 pub mod fetch;
 pub mod gguf;
+pub mod llama;
+pub mod lora;
 pub mod registry;
+pub mod sampling;
+pub mod template;
+pub mod tokenizer;
 
 pub use fetch::{DEFAULT_MODEL_FILE, DefaultModel};
 pub use gguf::{GgufSummary, ModelError};

@@ -1,5 +1,6 @@
 //! Command-line interface: argument types and the dispatch to each command.
 
+mod chat;
 mod config_cmd;
 mod data;
 mod models;
@@ -42,6 +43,46 @@ pub enum Command {
     /// Configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Chat with the assistant in the terminal (replies stream as they are generated).
+    Chat(ChatArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    /// A .gguf file or a Hugging Face model folder (default: the configured model).
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+    /// A PEFT LoRA adapter folder to apply.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N (default: the configured device).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// System prompt (default: assistant.system_prompt from the config).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// 0 is greedy.
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// 0 means no limit.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// 1 is off.
+    #[arg(long)]
+    pub repetition_penalty: Option<f64>,
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// Same seed, same reply.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop when the reply contains this text (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Read prompts from stdin, write one JSON object per reply (for scripts).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -150,5 +191,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Models(ModelsCommand::List(args)) => models::list(&config, args.json),
         Command::Data(cmd) => data::run(&config, cmd).await,
         Command::Config(ConfigCommand::Check) => config_cmd::check(&config),
+        Command::Chat(args) => chat::run(&config, &args).await,
     }
 }

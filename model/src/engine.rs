@@ -1,0 +1,552 @@
+//! The inference engine: one owner thread runs the model, callers hold a cloneable
+//! handle. Each request gets its own channel of streamed events; dropping the receiver
+//! cancels the generation.
+//!
+//! Several requests are served at once by interleaving: the engine thread keeps every
+//! admitted sequence (each with its own attention cache) and advances each by one token
+//! per round, so a long reply does not hold up a short one. (Batched decode, several
+//! sequences in one forward pass, is the next step for aggregate throughput.)
+//!
+//! Hot swap: the active adapter sits in an `ArcSwapOption`. A sequence takes a snapshot
+//! when it is admitted and keeps it to the end; `set_adapter` only affects sequences
+//! admitted afterwards. No lock is held while generating.
+
+use crate::llama::{Cache, Llama, ModelLoadError, ModelSource};
+use crate::lora::{AdapterError, LoraAdapter};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::template::{ChatTemplate, TemplateError, TemplateMessage};
+use crate::tokenizer::{Tokenizer, TokenizerError};
+use arc_swap::ArcSwapOption;
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::Instant;
+use tokio::sync::mpsc as tmpsc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Load(#[from] ModelLoadError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error(
+        "the prompt needs {tokens} tokens but the context window leaves {budget} (context {context}, {reserved} reserved for the reply); shorten the last message"
+    )]
+    PromptTooLong {
+        tokens: usize,
+        budget: usize,
+        context: usize,
+        reserved: usize,
+    },
+    #[error("the inference engine has stopped")]
+    Stopped,
+}
+
+/// A model with its tokenizer and chat template, ready to run.
+pub struct LoadedModel {
+    pub llama: Llama,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    pub source: ModelSource,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("source", &self.source)
+            .field("config", &self.llama.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LoadedModel {
+    /// Load a `.gguf` file or a Hugging Face model folder on `device`.
+    pub fn load(path: &Path, device: &Device) -> Result<Self, EngineError> {
+        let source = ModelSource::detect(path)?;
+        match &source {
+            ModelSource::Gguf(p) => {
+                let (llama, content) = crate::llama::load::load_gguf(p, device)?;
+                let tokenizer = Tokenizer::from_gguf(&content)?;
+                let template = ChatTemplate::from_gguf(&content, tokenizer.bos_str(), tokenizer.eos_str())?;
+                Ok(Self {
+                    llama,
+                    tokenizer,
+                    template,
+                    source,
+                })
+            }
+            ModelSource::HfDir(dir) => {
+                let llama = crate::llama::load::load_hf_dir(dir, device, DType::F32)?;
+                let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+                let cfg_path = dir.join("tokenizer_config.json");
+                let template = if cfg_path.exists() {
+                    ChatTemplate::from_tokenizer_config(&cfg_path)?
+                } else {
+                    ChatTemplate::new(None, tokenizer.bos_str(), tokenizer.eos_str())?
+                };
+                Ok(Self {
+                    llama,
+                    tokenizer,
+                    template,
+                    source,
+                })
+            }
+        }
+    }
+
+    /// Short display name: the file or folder name.
+    pub fn name(&self) -> String {
+        self.source
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.llama.config.max_position_embeddings
+    }
+
+    /// Render and tokenize a conversation, dropping the oldest turns (never a system
+    /// message, never the last message) until it fits the context window with
+    /// `reserve` tokens left for the reply. Returns the ids and how many messages were
+    /// dropped.
+    pub fn chat_prompt(&self, messages: &[TemplateMessage], reserve: usize) -> Result<(Vec<u32>, usize), EngineError> {
+        if messages.is_empty() || messages.last().is_some_and(|m| m.content.trim().is_empty()) {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let context = self.context_length();
+        let reserve = reserve.min(context / 2);
+        let budget = context - reserve;
+        let mut msgs = messages.to_vec();
+        let mut dropped = 0;
+        loop {
+            let text = self.template.render(&msgs, true)?;
+            let ids = self.tokenizer.encode(&text, false)?;
+            if ids.len() <= budget {
+                return Ok((ids, dropped));
+            }
+            let last = msgs.len() - 1;
+            match msgs.iter().position(|m| m.role != "system") {
+                Some(i) if i < last => {
+                    msgs.remove(i);
+                    dropped += 1;
+                    // Do not leave an assistant turn first after the system prompt.
+                    while let Some(j) = msgs.iter().position(|m| m.role != "system") {
+                        if msgs[j].role == "assistant" && j < msgs.len() - 1 {
+                            msgs.remove(j);
+                            dropped += 1;
+                        } else {
+                            break;
+                        }
+                    }
+                }
+                _ => {
+                    return Err(EngineError::PromptTooLong {
+                        tokens: ids.len(),
+                        budget,
+                        context,
+                        reserved: reserve,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// What to generate from.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    /// A conversation, rendered with the model's chat template.
+    Chat(Vec<TemplateMessage>),
+    /// Raw text, tokenized as is (no template).
+    Text(String),
+    /// Token ids.
+    Tokens(Vec<u32>),
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: Prompt,
+    pub params: SamplingParams,
+}
+
+/// Which adapter produced a reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdapterTag {
+    /// Increases with every `set_adapter`; identifies one activation.
+    pub version: u64,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End-of-sequence token or a stop string.
+    Stop,
+    /// `max_new_tokens` or the context window was reached.
+    Length,
+}
+
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub text: String,
+    pub reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub adapter: Option<AdapterTag>,
+    /// Seconds spent on the prompt (prefill) and on decoding.
+    pub prompt_secs: f64,
+    pub decode_secs: f64,
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The prompt was processed; generation runs on `adapter` (None: the base model).
+    Started { adapter: Option<AdapterTag> },
+    /// A piece of text (whole characters).
+    Text(String),
+    Finished(Finished),
+    Failed(String),
+}
+
+/// The receiving end of one generation. Dropping it cancels the generation.
+#[derive(Debug)]
+pub struct Generation {
+    rx: tmpsc::UnboundedReceiver<Event>,
+    /// Tokens in the prompt after truncation.
+    pub prompt_tokens: usize,
+    /// Messages dropped from the start of the conversation to fit the context window.
+    pub dropped_messages: usize,
+}
+
+impl Generation {
+    pub async fn next(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+
+    /// For callers outside an async runtime.
+    pub fn blocking_next(&mut self) -> Option<Event> {
+        self.rx.blocking_recv()
+    }
+
+    /// Wait for the end; the whole reply.
+    pub async fn finish(mut self) -> Result<Finished, String> {
+        while let Some(e) = self.next().await {
+            match e {
+                Event::Finished(f) => return Ok(f),
+                Event::Failed(m) => return Err(m),
+                _ => {}
+            }
+        }
+        Err("the engine stopped".into())
+    }
+}
+
+/// The active adapter with its activation version.
+#[derive(Debug)]
+pub struct ActiveAdapter {
+    pub version: u64,
+    pub adapter: LoraAdapter,
+}
+
+impl ActiveAdapter {
+    pub fn tag(&self) -> AdapterTag {
+        AdapterTag {
+            version: self.version,
+            name: self.adapter.name.clone(),
+        }
+    }
+}
+
+struct Job {
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    events: tmpsc::UnboundedSender<Event>,
+}
+
+struct Shared {
+    model: Arc<LoadedModel>,
+    adapter: ArcSwapOption<ActiveAdapter>,
+    versions: AtomicU64,
+}
+
+/// Cloneable handle to the engine thread.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+    jobs: mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("model", &self.shared.model).finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Start the engine thread. It stops when every handle is dropped.
+    pub fn start(model: LoadedModel) -> Self {
+        let shared = Arc::new(Shared {
+            model: Arc::new(model),
+            adapter: ArcSwapOption::empty(),
+            versions: AtomicU64::new(0),
+        });
+        let (tx, rx) = mpsc::channel();
+        let worker = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("loraloop-engine".into())
+            .spawn(move || run_worker(&worker, rx))
+            .expect("the OS can start a thread");
+        Self { shared, jobs: tx }
+    }
+
+    pub fn model(&self) -> &LoadedModel {
+        &self.shared.model
+    }
+
+    /// Load and validate an adapter folder against this engine's model (blocking work,
+    /// done off the async workers). The active adapter is not changed.
+    pub async fn load_adapter(&self, dir: PathBuf) -> Result<LoraAdapter, EngineError> {
+        let model = Arc::clone(&self.shared.model);
+        tokio::task::spawn_blocking(move || LoraAdapter::load(&dir, &model.llama))
+            .await
+            .map_err(|_| EngineError::Stopped)?
+            .map_err(EngineError::from)
+    }
+
+    /// Swap the active adapter (None: the base model). Generations already running finish
+    /// on the adapter they started with. Returns the new activation's tag.
+    pub fn set_adapter(&self, adapter: Option<LoraAdapter>) -> Option<AdapterTag> {
+        let active = adapter.map(|adapter| {
+            Arc::new(ActiveAdapter {
+                version: self.shared.versions.fetch_add(1, Ordering::SeqCst) + 1,
+                adapter,
+            })
+        });
+        let tag = active.as_ref().map(|a| a.tag());
+        self.shared.adapter.store(active);
+        tracing::info!(adapter = ?tag.as_ref().map(|t| &t.name), "active adapter swapped");
+        tag
+    }
+
+    pub fn active_adapter(&self) -> Option<AdapterTag> {
+        self.shared.adapter.load().as_ref().map(|a| a.tag())
+    }
+
+    /// Queue a generation. Prompt errors (empty, too long) are returned here; the reply
+    /// streams through the returned [`Generation`].
+    pub fn generate(&self, req: GenerateRequest) -> Result<Generation, EngineError> {
+        let model = &self.shared.model;
+        let reserve = req.params.max_new_tokens;
+        let (prompt, dropped) = match req.prompt {
+            Prompt::Chat(messages) => model.chat_prompt(&messages, reserve)?,
+            Prompt::Text(text) => {
+                if text.is_empty() {
+                    return Err(EngineError::EmptyPrompt);
+                }
+                (model.tokenizer.encode(&text, false)?, 0)
+            }
+            Prompt::Tokens(ids) => (ids, 0),
+        };
+        if prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let context = model.context_length();
+        if prompt.len() >= context {
+            return Err(EngineError::PromptTooLong {
+                tokens: prompt.len(),
+                budget: context - 1,
+                context,
+                reserved: 1,
+            });
+        }
+        if dropped > 0 {
+            tracing::warn!(dropped, "conversation longer than the context window: oldest messages left out");
+        }
+        let (tx, rx) = tmpsc::unbounded_channel();
+        let prompt_tokens = prompt.len();
+        self.jobs
+            .send(Job {
+                prompt,
+                params: req.params,
+                events: tx,
+            })
+            .map_err(|_| EngineError::Stopped)?;
+        Ok(Generation {
+            rx,
+            prompt_tokens,
+            dropped_messages: dropped,
+        })
+    }
+}
+
+/// One sequence being generated.
+struct Sequence<'m> {
+    events: tmpsc::UnboundedSender<Event>,
+    adapter: Option<Arc<ActiveAdapter>>,
+    cache: Cache,
+    sampler: Sampler,
+    tokens: Vec<u32>,
+    prompt_tokens: usize,
+    logits: Vec<f32>,
+    stream: crate::tokenizer::TokenStream<'m>,
+    text: String,
+    /// Bytes of `text` already sent (the rest may be the start of a stop string).
+    sent: usize,
+    prompt_secs: f64,
+    decode_start: Instant,
+}
+
+fn run_worker(shared: &Shared, jobs: mpsc::Receiver<Job>) {
+    let model = Arc::clone(&shared.model);
+    let mut active: Vec<Sequence<'_>> = Vec::new();
+    loop {
+        if active.is_empty() {
+            match jobs.recv() {
+                Ok(job) => admit(shared, &model, job, &mut active),
+                Err(_) => return,
+            }
+        }
+        while let Ok(job) = jobs.try_recv() {
+            admit(shared, &model, job, &mut active);
+        }
+        active.retain_mut(|seq| match step(&model, seq) {
+            Ok(done) => !done,
+            Err(e) => {
+                let _ = seq.events.send(Event::Failed(e.to_string()));
+                false
+            }
+        });
+    }
+}
+
+fn admit<'m>(shared: &Shared, model: &'m LoadedModel, job: Job, active: &mut Vec<Sequence<'m>>) {
+    if job.events.is_closed() {
+        return;
+    }
+    let adapter = shared.adapter.load_full();
+    let _ = job.events.send(Event::Started {
+        adapter: adapter.as_ref().map(|a| a.tag()),
+    });
+    let start = Instant::now();
+    let mut cache = model.llama.new_cache();
+    let logits = Tensor::new(job.prompt.as_slice(), &model.llama.device)
+        .and_then(|t| t.unsqueeze(0))
+        .and_then(|t| model.llama.forward(&t, &mut cache, adapter.as_ref().map(|a| &a.adapter)))
+        .and_then(|l| l.squeeze(0)?.to_vec1::<f32>());
+    match logits {
+        Ok(logits) => active.push(Sequence {
+            events: job.events,
+            adapter,
+            cache,
+            sampler: Sampler::new(job.params),
+            prompt_tokens: job.prompt.len(),
+            tokens: job.prompt,
+            logits,
+            stream: model.tokenizer.stream(true),
+            text: String::new(),
+            sent: 0,
+            prompt_secs: start.elapsed().as_secs_f64(),
+            decode_start: Instant::now(),
+        }),
+        Err(e) => {
+            let _ = job.events.send(Event::Failed(format!("prompt processing failed: {e}")));
+        }
+    }
+}
+
+/// Sample one token for `seq`, stream its text, and run the model on it unless the
+/// sequence is finished. Returns true when finished (or cancelled).
+fn step<'m>(model: &'m LoadedModel, seq: &mut Sequence<'m>) -> Result<bool, Box<dyn std::error::Error>> {
+    if seq.events.is_closed() {
+        return Ok(true); // the caller dropped the stream: cancelled
+    }
+    let token = seq.sampler.sample(&mut seq.logits, &seq.tokens);
+    let eos = model.tokenizer.eos_token_ids().contains(&token);
+    let completion = seq.tokens.len() - seq.prompt_tokens;
+    if !eos {
+        seq.tokens.push(token);
+        if let Some(piece) = seq.stream.push(token)? {
+            seq.text.push_str(&piece);
+        }
+    }
+    let params = seq.sampler.params();
+    // Stop strings: cut at the first match; otherwise hold back a possible prefix of one.
+    let mut stop_at = None;
+    for s in &params.stop {
+        if let Some(i) = seq.text.find(s.as_str()) {
+            stop_at = Some(stop_at.map_or(i, |j: usize| j.min(i)));
+        }
+    }
+    let hit_length = completion + 1 >= params.max_new_tokens
+        || seq.tokens.len() >= model.context_length();
+    let done = eos || stop_at.is_some() || hit_length;
+    if let Some(i) = stop_at {
+        seq.text.truncate(i);
+    } else if done && let Some(rest) = std::mem::replace(&mut seq.stream, model.tokenizer.stream(true)).finish()? {
+        seq.text.push_str(&rest);
+    }
+    let hold = if done { 0 } else { held_back(&seq.text, &params.stop) };
+    let upto = seq.text.len() - hold;
+    if upto > seq.sent {
+        let _ = seq.events.send(Event::Text(seq.text[seq.sent..upto].to_string()));
+        seq.sent = upto;
+    }
+    if done {
+        let _ = seq.events.send(Event::Finished(Finished {
+            text: std::mem::take(&mut seq.text),
+            reason: if eos || stop_at.is_some() {
+                FinishReason::Stop
+            } else {
+                FinishReason::Length
+            },
+            prompt_tokens: seq.prompt_tokens,
+            completion_tokens: seq.tokens.len() - seq.prompt_tokens,
+            adapter: seq.adapter.as_ref().map(|a| a.tag()),
+            prompt_secs: seq.prompt_secs,
+            decode_secs: seq.decode_start.elapsed().as_secs_f64(),
+        }));
+        return Ok(true);
+    }
+    let input = Tensor::new(&[token], &model.llama.device)?.unsqueeze(0)?;
+    let logits = model
+        .llama
+        .forward(&input, &mut seq.cache, seq.adapter.as_ref().map(|a| &a.adapter))?;
+    seq.logits = logits.squeeze(0)?.to_vec1::<f32>()?;
+    Ok(false)
+}
+
+/// Bytes at the end of `text` that could begin a stop string (not yet safe to send).
+fn held_back(text: &str, stops: &[String]) -> usize {
+    let mut hold = 0;
+    for s in stops {
+        for len in (1..s.len()).rev() {
+            if len <= text.len() && text.is_char_boundary(text.len() - len) && s.is_char_boundary(len) && text.ends_with(&s[..len]) {
+                hold = hold.max(len);
+                break;
+            }
+        }
+    }
+    hold
+}
+
+#[cfg(test)]
+mod tests {
+    use super::held_back;
+
+    #[test]
+    fn text_that_may_start_a_stop_string_is_held_back() {
+        let stops = vec!["\nUser:".to_string()];
+        assert_eq!(held_back("Hello\nUs", &stops), 3);
+        assert_eq!(held_back("Hello", &stops), 0);
+        assert_eq!(held_back("Hello\n", &stops), 1);
+    }
+}

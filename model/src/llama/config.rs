@@ -1,0 +1,242 @@
+//! Llama-family hyperparameters, read from GGUF metadata or a Hugging Face `config.json`.
+
+use super::ModelLoadError;
+use candle_core::quantized::gguf_file;
+use serde::Deserialize;
+
+/// Which rotary layout the q/k weights use.
+///
+/// Hugging Face checkpoints rotate the two halves of each head (`rotate_half`, "NeoX"
+/// style). llama.cpp's converter permutes the rows of `q_proj`/`k_proj` for the llama
+/// architecture so that rotation applies to adjacent pairs instead ("normal" rope,
+/// `LLAMA_ROPE_TYPE_NORM`); qwen2 GGUF files keep the NeoX layout. The two are the same
+/// model up to that row permutation (see `permute_for_interleaved_rope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeLayout {
+    /// Rotate adjacent pairs (llama GGUF files).
+    Interleaved,
+    /// Rotate halves (Hugging Face checkpoints, qwen2 GGUF files).
+    Halves,
+}
+
+/// Llama 3's long-context frequency scaling (`rope_scaling.rope_type == "llama3"`).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+pub struct Llama3RopeScaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    /// `llama`, `mistral` or `qwen2`.
+    pub architecture: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<Llama3RopeScaling>,
+    pub rope_layout: RopeLayout,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Bias on q/k/v (Qwen2).
+    pub qkv_bias: bool,
+}
+
+impl LlamaConfig {
+    pub fn q_dim(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+
+    /// `(in, out)` of each of the seven projections a LoRA adapter may target.
+    pub fn projection_dims(&self, module: super::Projection) -> (usize, usize) {
+        use super::Projection::*;
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        match module {
+            Q => (h, self.q_dim()),
+            K | V => (h, self.kv_dim()),
+            O => (self.q_dim(), h),
+            Gate | Up => (h, i),
+            Down => (i, h),
+        }
+    }
+
+    fn check(self) -> Result<Self, ModelLoadError> {
+        let bad = |m: String| Err(ModelLoadError::Config(m));
+        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_layers == 0 {
+            return bad("heads and layers must be non-zero".into());
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return bad(format!(
+                "{} attention heads is not a multiple of {} key/value heads",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return bad(format!("head dimension {} is odd", self.head_dim));
+        }
+        Ok(self)
+    }
+
+    /// From a GGUF file's metadata (`{arch}.block_count`, ...).
+    pub fn from_gguf(content: &gguf_file::Content) -> Result<Self, ModelLoadError> {
+        let md = &content.metadata;
+        let arch = md
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .ok_or_else(|| ModelLoadError::Config("no general.architecture".into()))?;
+        if !matches!(arch.as_str(), "llama" | "qwen2") {
+            return Err(ModelLoadError::UnsupportedArchitecture(arch));
+        }
+        let get = |key: &str| -> Result<&gguf_file::Value, ModelLoadError> {
+            md.get(&format!("{arch}.{key}"))
+                .ok_or_else(|| ModelLoadError::Config(format!("missing {arch}.{key}")))
+        };
+        let int = |key: &str| -> Result<usize, ModelLoadError> {
+            get(key)?
+                .to_u64()
+                .map(|v| v as usize)
+                .map_err(|e| ModelLoadError::Config(format!("{arch}.{key}: {e}")))
+        };
+        let float = |key: &str| -> Result<f64, ModelLoadError> {
+            let v = get(key)?;
+            v.to_f32()
+                .map(f64::from)
+                .or_else(|_| v.to_f64())
+                .map_err(|e| ModelLoadError::Config(format!("{arch}.{key}: {e}")))
+        };
+        let hidden_size = int("embedding_length")?;
+        let num_heads = int("attention.head_count")?;
+        let num_kv_heads = int("attention.head_count_kv").unwrap_or(num_heads);
+        let head_dim = int("rope.dimension_count").unwrap_or(hidden_size / num_heads.max(1));
+        let vocab_size = match int("vocab_size") {
+            Ok(v) => v,
+            Err(_) => md
+                .get("tokenizer.ggml.tokens")
+                .and_then(|v| v.to_vec().ok())
+                .map(|v| v.len())
+                .ok_or_else(|| ModelLoadError::Config("no vocabulary size".into()))?,
+        };
+        Self {
+            vocab_size,
+            hidden_size,
+            intermediate_size: int("feed_forward_length")?,
+            num_layers: int("block_count")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: float("attention.layer_norm_rms_epsilon")?,
+            rope_theta: float("rope.freq_base").unwrap_or(10_000.0),
+            rope_scaling: None,
+            rope_layout: if arch == "llama" {
+                RopeLayout::Interleaved
+            } else {
+                RopeLayout::Halves
+            },
+            max_position_embeddings: int("context_length").unwrap_or(4096),
+            tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+            qkv_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+            architecture: arch,
+        }
+        .check()
+    }
+
+    /// From a Hugging Face `config.json`.
+    pub fn from_hf_json(text: &str) -> Result<Self, ModelLoadError> {
+        #[derive(Deserialize)]
+        struct Raw {
+            #[serde(default)]
+            architectures: Vec<String>,
+            #[serde(default)]
+            model_type: Option<String>,
+            vocab_size: usize,
+            hidden_size: usize,
+            intermediate_size: usize,
+            num_hidden_layers: usize,
+            num_attention_heads: usize,
+            num_key_value_heads: Option<usize>,
+            head_dim: Option<usize>,
+            rms_norm_eps: f64,
+            #[serde(default = "default_theta")]
+            rope_theta: f64,
+            #[serde(default)]
+            rope_scaling: Option<serde_json::Value>,
+            #[serde(default = "default_max_pos")]
+            max_position_embeddings: usize,
+            #[serde(default)]
+            tie_word_embeddings: bool,
+            #[serde(default)]
+            attention_bias: bool,
+        }
+        fn default_theta() -> f64 {
+            10_000.0
+        }
+        fn default_max_pos() -> usize {
+            4096
+        }
+        let raw: Raw = serde_json::from_str(text)
+            .map_err(|e| ModelLoadError::Config(format!("config.json: {e}")))?;
+        let arch = match (
+            raw.model_type.as_deref(),
+            raw.architectures.first().map(String::as_str),
+        ) {
+            (Some("llama"), _) | (_, Some("LlamaForCausalLM")) => "llama",
+            (Some("mistral"), _) | (_, Some("MistralForCausalLM")) => "mistral",
+            (Some("qwen2"), _) | (_, Some("Qwen2ForCausalLM")) => "qwen2",
+            (mt, a) => {
+                return Err(ModelLoadError::UnsupportedArchitecture(
+                    a.or(mt).unwrap_or("unknown").to_string(),
+                ));
+            }
+        };
+        let rope_scaling = match raw.rope_scaling {
+            Some(v)
+                if v.get("rope_type")
+                    .or_else(|| v.get("type"))
+                    .and_then(|t| t.as_str())
+                    == Some("llama3") =>
+            {
+                Some(serde_json::from_value(v).map_err(|e| {
+                    ModelLoadError::Config(format!("config.json rope_scaling: {e}"))
+                })?)
+            }
+            Some(serde_json::Value::Null) | None => None,
+            Some(other) => {
+                return Err(ModelLoadError::Config(format!(
+                    "unsupported rope_scaling {other} (supported: llama3)"
+                )));
+            }
+        };
+        Self {
+            vocab_size: raw.vocab_size,
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_layers: raw.num_hidden_layers,
+            num_heads: raw.num_attention_heads,
+            num_kv_heads: raw.num_key_value_heads.unwrap_or(raw.num_attention_heads),
+            head_dim: raw
+                .head_dim
+                .unwrap_or(raw.hidden_size / raw.num_attention_heads.max(1)),
+            rms_norm_eps: raw.rms_norm_eps,
+            rope_theta: raw.rope_theta,
+            rope_scaling,
+            rope_layout: RopeLayout::Halves,
+            max_position_embeddings: raw.max_position_embeddings,
+            tie_word_embeddings: raw.tie_word_embeddings,
+            qkv_bias: arch == "qwen2" || raw.attention_bias,
+            architecture: arch.to_string(),
+        }
+        .check()
+    }
+}

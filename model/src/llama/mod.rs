@@ -1,0 +1,428 @@
+//! The llama-family decoder (Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2) in candle, with
+//! unmerged LoRA deltas on its seven projections.
+//!
+//! Each projection's base weight is either quantized (candle `QMatMul`, for fast CPU
+//! decode from GGUF files) or dense (from safetensors); the adapter's `scale * B(A x)` is
+//! added on top at run time, so adapters swap without touching the base weights.
+
+mod config;
+pub mod load;
+
+pub use config::{Llama3RopeScaling, LlamaConfig, RopeLayout};
+pub use load::ModelSource;
+
+use crate::lora::{LayerLora, LoraAdapter};
+use candle_core::quantized::QMatMul;
+use candle_core::{D, DType, Device, Module, Tensor};
+use candle_nn::kv_cache::KvCache;
+use std::fmt;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelLoadError {
+    #[error(transparent)]
+    File(#[from] crate::gguf::ModelError),
+    #[error(
+        "unsupported architecture {0:?}; loraloop runs the llama family (llama, mistral, qwen2)"
+    )]
+    UnsupportedArchitecture(String),
+    #[error("invalid model configuration: {0}")]
+    Config(String),
+    #[error("model weights: {0}")]
+    Weights(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The seven projections of a llama block, the modules a LoRA adapter can target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Projection {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Projection {
+    pub const ALL: [Projection; 7] = [
+        Self::Q,
+        Self::K,
+        Self::V,
+        Self::O,
+        Self::Gate,
+        Self::Up,
+        Self::Down,
+    ];
+
+    /// The Hugging Face / PEFT module name (`q_proj`, ...).
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Self::Q => "q_proj",
+            Self::K => "k_proj",
+            Self::V => "v_proj",
+            Self::O => "o_proj",
+            Self::Gate => "gate_proj",
+            Self::Up => "up_proj",
+            Self::Down => "down_proj",
+        }
+    }
+
+    /// `self_attn` or `mlp`: the parent module in Hugging Face names.
+    pub fn hf_parent(self) -> &'static str {
+        match self {
+            Self::Q | Self::K | Self::V | Self::O => "self_attn",
+            _ => "mlp",
+        }
+    }
+
+    pub fn from_hf_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.hf_name() == name)
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for Projection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.hf_name())
+    }
+}
+
+/// A projection's frozen base weight.
+#[derive(Debug, Clone)]
+pub enum BaseWeight {
+    /// Quantized (or F16/F32 from a GGUF file): candle's `QMatMul`.
+    Quantized(QMatMul),
+    /// Dense `[out, in]`.
+    Dense(Tensor),
+}
+
+/// A linear layer `y = x W^T + b` with an optional LoRA delta applied unmerged.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: BaseWeight,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// `x`: `[.., in]`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        lora: Option<&crate::lora::LoraPair>,
+    ) -> candle_core::Result<Tensor> {
+        let y = match &self.weight {
+            BaseWeight::Quantized(q) => q.forward(x)?,
+            BaseWeight::Dense(w) => dense_matmul(x, w)?,
+        };
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        match lora {
+            Some(l) => y + l.delta(x)?,
+            None => Ok(y),
+        }
+    }
+}
+
+/// `x [.., in] @ w[out, in]^T` without materialising the transpose.
+pub(crate) fn dense_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    let in_dim = dims[dims.len() - 1];
+    let rows = x.elem_count() / in_dim;
+    let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
+    let mut out = dims.to_vec();
+    *out.last_mut().expect("x has a last dimension") = w.dim(0)?;
+    y.reshape(out)
+}
+
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub attn_norm: Tensor,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub ffn_norm: Tensor,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+/// The weights of a llama-family model. Immutable once loaded: share it with `Arc`.
+#[derive(Debug)]
+pub struct Llama {
+    pub config: LlamaConfig,
+    /// `[vocab, hidden]`, dense.
+    pub embed: Tensor,
+    pub blocks: Vec<Block>,
+    pub norm: Tensor,
+    pub lm_head: Linear,
+    cos: Tensor,
+    sin: Tensor,
+    pub device: Device,
+}
+
+/// Per-sequence attention cache.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    layers: Vec<KvCache>,
+}
+
+impl Cache {
+    pub fn new(config: &LlamaConfig) -> Self {
+        Self {
+            // Starts at 256 positions and grows by as much: short chats stay small.
+            layers: (0..config.num_layers)
+                .map(|_| KvCache::new(2, 256))
+                .collect(),
+        }
+    }
+
+    /// Positions already in the cache.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.current_seq_len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn reset(&mut self) {
+        self.layers.iter_mut().for_each(KvCache::reset);
+    }
+}
+
+impl Llama {
+    pub(crate) fn new(
+        config: LlamaConfig,
+        embed: Tensor,
+        blocks: Vec<Block>,
+        norm: Tensor,
+        lm_head: Linear,
+        device: Device,
+    ) -> candle_core::Result<Self> {
+        let (cos, sin) = rope_tables(&config, &device)?;
+        Ok(Self {
+            config,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            device,
+        })
+    }
+
+    pub fn new_cache(&self) -> Cache {
+        Cache::new(&self.config)
+    }
+
+    /// Run `tokens` (`[batch, seq]`, u32) after the positions already in `cache` and return
+    /// the logits of the last position, `[batch, vocab]` in f32.
+    pub fn forward(
+        &self,
+        tokens: &Tensor,
+        cache: &mut Cache,
+        adapter: Option<&LoraAdapter>,
+    ) -> candle_core::Result<Tensor> {
+        let hidden = self.hidden_states(tokens, cache, adapter)?;
+        let (_b, t, _h) = hidden.dims3()?;
+        let last = hidden.narrow(1, t - 1, 1)?;
+        let last = candle_nn::ops::rms_norm(&last, &self.norm, self.config.rms_norm_eps as f32)?;
+        self.lm_head
+            .forward(&last, None)?
+            .squeeze(1)?
+            .to_dtype(DType::F32)
+    }
+
+    /// Logits of every position, `[batch, seq, vocab]` (tests, evaluation).
+    pub fn forward_all(
+        &self,
+        tokens: &Tensor,
+        cache: &mut Cache,
+        adapter: Option<&LoraAdapter>,
+    ) -> candle_core::Result<Tensor> {
+        let hidden = self.hidden_states(tokens, cache, adapter)?;
+        let x = candle_nn::ops::rms_norm(&hidden, &self.norm, self.config.rms_norm_eps as f32)?;
+        self.lm_head.forward(&x, None)?.to_dtype(DType::F32)
+    }
+
+    fn hidden_states(
+        &self,
+        tokens: &Tensor,
+        cache: &mut Cache,
+        adapter: Option<&LoraAdapter>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        let pos = cache.len();
+        if pos + t > self.config.max_position_embeddings {
+            candle_core::bail!(
+                "{} positions exceed the context window of {}",
+                pos + t,
+                self.config.max_position_embeddings
+            );
+        }
+        let mut x = self
+            .embed
+            .index_select(&tokens.flatten_all()?, 0)?
+            .reshape((b, t, self.config.hidden_size))?;
+        let cos = self.cos.narrow(0, pos, t)?;
+        let sin = self.sin.narrow(0, pos, t)?;
+        let n_rep = self.config.num_heads / self.config.num_kv_heads;
+        let mask = if t > 1 {
+            Some(causal_mask(t, pos, n_rep, &self.device)?)
+        } else {
+            None
+        };
+        for (i, block) in self.blocks.iter().enumerate() {
+            let lora = adapter.and_then(|a| a.layer(i));
+            x = self.block_forward(
+                block,
+                &x,
+                &cos,
+                &sin,
+                mask.as_ref(),
+                &mut cache.layers[i],
+                lora,
+            )?;
+        }
+        Ok(x)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        kv: &mut KvCache,
+        lora: Option<&LayerLora>,
+    ) -> candle_core::Result<Tensor> {
+        let cfg = &self.config;
+        let eps = cfg.rms_norm_eps as f32;
+        let (b, t, _) = x.dims3()?;
+        let l = |p: Projection| lora.and_then(|l| l.get(p));
+
+        let h = candle_nn::ops::rms_norm(x, &block.attn_norm, eps)?;
+        let q = block.q.forward(&h, l(Projection::Q))?;
+        let k = block.k.forward(&h, l(Projection::K))?;
+        let v = block.v.forward(&h, l(Projection::V))?;
+        let q = q
+            .reshape((b, t, cfg.num_heads, cfg.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let k = k
+            .reshape((b, t, cfg.num_kv_heads, cfg.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = v
+            .reshape((b, t, cfg.num_kv_heads, cfg.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let (q, k) = match cfg.rope_layout {
+            RopeLayout::Interleaved => (
+                candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
+            ),
+            RopeLayout::Halves => (
+                candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope(&k, cos, sin)?,
+            ),
+        };
+        let (k, v) = kv.append(&k, &v)?;
+        let total = k.dim(2)?;
+
+        // Grouped-query attention without repeating k/v: fold the query heads that share a
+        // key/value head into the sequence axis, [b, kv_heads, n_rep * t, head_dim].
+        let n_rep = cfg.num_heads / cfg.num_kv_heads;
+        let q = q.reshape((b, cfg.num_kv_heads, n_rep * t, cfg.head_dim))?;
+        let scale = 1.0 / (cfg.head_dim as f64).sqrt();
+        let att = (q.matmul(&k.t()?)? * scale)?;
+        let att = match mask {
+            Some(m) => att.broadcast_add(m)?,
+            None => att,
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v.contiguous()?)?; // [b, kv, n_rep*t, hd]
+        debug_assert_eq!(att.dim(D::Minus1)?, total);
+        let y = y
+            .reshape((b, cfg.num_heads, t, cfg.head_dim))?
+            .transpose(1, 2)?
+            .reshape((b, t, cfg.q_dim()))?;
+        let x = (x + block.o.forward(&y, l(Projection::O))?)?;
+
+        let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
+        let gate = block.gate.forward(&h, l(Projection::Gate))?;
+        let up = block.up.forward(&h, l(Projection::Up))?;
+        let act = (candle_nn::ops::silu(&gate)? * up)?;
+        x + block.down.forward(&act, l(Projection::Down))?
+    }
+}
+
+/// `[n_rep * t, pos + t]` additive mask: query row `i` (of each repeated head group) sees
+/// keys `0..=pos + i`.
+fn causal_mask(t: usize, pos: usize, n_rep: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let total = pos + t;
+    let mut data = Vec::with_capacity(n_rep * t * total);
+    for _ in 0..n_rep {
+        for i in 0..t {
+            data.extend((0..total).map(|j| {
+                if j <= pos + i {
+                    0f32
+                } else {
+                    f32::NEG_INFINITY
+                }
+            }));
+        }
+    }
+    Tensor::from_vec(data, (n_rep * t, total), device)
+}
+
+/// Rotary tables `[max_pos, head_dim / 2]`, with Llama 3's frequency scaling when set
+/// (the formula of transformers' `_compute_llama3_parameters`).
+fn rope_tables(cfg: &LlamaConfig, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+    let half = cfg.head_dim / 2;
+    let mut inv_freq: Vec<f64> = (0..half)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64))
+        .collect();
+    if let Some(s) = cfg.rope_scaling {
+        let old = s.original_max_position_embeddings as f64;
+        let low_wavelen = old / s.low_freq_factor;
+        let high_wavelen = old / s.high_freq_factor;
+        for f in inv_freq.iter_mut() {
+            let wavelen = 2.0 * std::f64::consts::PI / *f;
+            *f = if wavelen < high_wavelen {
+                *f
+            } else if wavelen > low_wavelen {
+                *f / s.factor
+            } else {
+                let smooth =
+                    (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                (1.0 - smooth) * *f / s.factor + smooth * *f
+            };
+        }
+    }
+    let n = cfg.max_position_embeddings;
+    let mut cos = Vec::with_capacity(n * half);
+    let mut sin = Vec::with_capacity(n * half);
+    for p in 0..n {
+        for f in &inv_freq {
+            let a = p as f64 * f;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (n, half), device)?,
+        Tensor::from_vec(sin, (n, half), device)?,
+    ))
+}

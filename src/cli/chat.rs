@@ -1,0 +1,268 @@
+//! `loraloop chat`: an interactive terminal chat (or, with `--json`, a line protocol for
+//! scripts) on the inference engine.
+
+use super::ChatArgs;
+use anyhow::{Context, bail};
+use candle_core::Device;
+use loraloop_core::Config;
+use loraloop_core::config::DeviceChoice;
+use loraloop_model::engine::{Engine, Event, Finished, GenerateRequest, LoadedModel, Prompt};
+use loraloop_model::sampling::SamplingParams;
+use loraloop_model::template::TemplateMessage;
+use std::io::Write;
+use std::process::ExitCode;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// Pick the device; CUDA needs a binary built with `--features cuda`.
+pub fn select_device(choice: DeviceChoice) -> anyhow::Result<Device> {
+    match choice {
+        DeviceChoice::Cpu | DeviceChoice::Auto => Ok(Device::Cpu),
+        DeviceChoice::Cuda(n) => bail!(
+            "device cuda:{n} requested but this binary was built without CUDA support; use --device cpu"
+        ),
+    }
+}
+
+/// Load the model (and adapter) the way every front end does.
+pub async fn start_engine(config: &Config, args: &ChatArgs) -> anyhow::Result<Engine> {
+    let path = args.model.clone().unwrap_or_else(|| config.model_path());
+    let device_choice = match &args.device {
+        Some(d) => d.parse().map_err(|e: String| anyhow::anyhow!("--device: {e}"))?,
+        None => config.device,
+    };
+    let device = select_device(device_choice)?;
+    tracing::info!("loading {} on {:?}", path.display(), device);
+    let model = tokio::task::spawn_blocking(move || LoadedModel::load(&path, &device))
+        .await
+        .context("the model loader panicked")??;
+    if model.template.is_fallback() {
+        tracing::warn!("{} has no chat template: using ChatML", model.name());
+    }
+    let engine = Engine::start(model);
+    if let Some(dir) = &args.adapter {
+        let adapter = engine
+            .load_adapter(dir.clone())
+            .await
+            .with_context(|| format!("cannot use the adapter {}", dir.display()))?;
+        engine.set_adapter(Some(adapter));
+    }
+    Ok(engine)
+}
+
+fn sampling(config: &Config, args: &ChatArgs) -> anyhow::Result<SamplingParams> {
+    let g = &config.raw.generation;
+    let p = SamplingParams {
+        temperature: args.temperature.unwrap_or(g.temperature),
+        top_p: args.top_p.unwrap_or(g.top_p),
+        top_k: args.top_k.unwrap_or(g.top_k),
+        repetition_penalty: args.repetition_penalty.unwrap_or(g.repetition_penalty),
+        max_new_tokens: args.max_new_tokens.unwrap_or(g.max_new_tokens),
+        seed: args.seed.or(g.seed),
+        stop: if args.stop.is_empty() { g.stop.clone() } else { args.stop.clone() },
+        ..SamplingParams::default()
+    };
+    if !(p.temperature >= 0.0 && p.temperature.is_finite()) {
+        bail!("--temperature must be 0 or more");
+    }
+    if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+        bail!("--top-p must be greater than 0 and at most 1");
+    }
+    if p.repetition_penalty < 1.0 {
+        bail!("--repetition-penalty must be at least 1 (1 is off)");
+    }
+    if p.max_new_tokens == 0 {
+        bail!("--max-new-tokens must be at least 1");
+    }
+    Ok(p)
+}
+
+/// A conversation: the system prompt and the turns since the last `/reset`.
+struct Conversation {
+    system: String,
+    turns: Vec<TemplateMessage>,
+}
+
+impl Conversation {
+    fn messages(&self) -> Vec<TemplateMessage> {
+        let mut m = Vec::with_capacity(self.turns.len() + 1);
+        if !self.system.is_empty() {
+            m.push(TemplateMessage::new("system", self.system.clone()));
+        }
+        m.extend(self.turns.iter().cloned());
+        m
+    }
+}
+
+pub async fn run(config: &Config, args: &ChatArgs) -> anyhow::Result<ExitCode> {
+    let params = sampling(config, args)?;
+    let engine = start_engine(config, args).await?;
+    let mut conv = Conversation {
+        system: args.system.clone().unwrap_or_else(|| config.raw.assistant.system_prompt.clone()),
+        turns: Vec::new(),
+    };
+    if args.json {
+        return json_loop(&engine, &mut conv, &params).await;
+    }
+    let model = engine.model();
+    eprintln!(
+        "loraloop chat: {} ({} layers, context {}){}",
+        model.name(),
+        model.llama.config.num_layers,
+        model.context_length(),
+        engine
+            .active_adapter()
+            .map(|a| format!(", adapter {}", a.name))
+            .unwrap_or_default()
+    );
+    eprintln!("/reset starts over, /system TEXT sets the system prompt, /quit or Ctrl-D leaves; Ctrl-C stops a reply.");
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        eprint!("> ");
+        let line = tokio::select! {
+            line = lines.next_line() => line?,
+            _ = tokio::signal::ctrl_c() => None,
+        };
+        let Some(line) = line else {
+            eprintln!();
+            return Ok(ExitCode::SUCCESS);
+        };
+        let line = line.trim();
+        match command(line, &mut conv) {
+            Some(Handled::Quit) => return Ok(ExitCode::SUCCESS),
+            Some(Handled::Done(msg)) => {
+                eprintln!("{msg}");
+                continue;
+            }
+            None if line.is_empty() => continue,
+            None => {}
+        }
+        conv.turns.push(TemplateMessage::new("user", line));
+        let mut generation = match engine.generate(GenerateRequest {
+            prompt: Prompt::Chat(conv.messages()),
+            params: params.clone(),
+        }) {
+            Ok(g) => g,
+            Err(e) => {
+                conv.turns.pop();
+                eprintln!("error: {e}");
+                continue;
+            }
+        };
+        if generation.dropped_messages > 0 {
+            eprintln!("(the conversation is longer than the context window: the {} oldest message(s) are left out)", generation.dropped_messages);
+        }
+        let mut reply = String::new();
+        let mut stdout = std::io::stdout();
+        loop {
+            tokio::select! {
+                event = generation.next() => match event {
+                    Some(Event::Text(t)) => {
+                        reply.push_str(&t);
+                        print!("{t}");
+                        stdout.flush()?;
+                    }
+                    Some(Event::Finished(_)) | None => break,
+                    Some(Event::Failed(m)) => { eprintln!("\nerror: {m}"); break; }
+                    Some(Event::Started { .. }) => {}
+                },
+                _ = tokio::signal::ctrl_c() => {
+                    // Dropping the generation below cancels it; only this reply stops.
+                    eprint!(" [stopped]");
+                    break;
+                }
+            }
+        }
+        drop(generation);
+        println!();
+        conv.turns.push(TemplateMessage::new("assistant", reply));
+    }
+}
+
+enum Handled {
+    Quit,
+    Done(String),
+}
+
+fn command(line: &str, conv: &mut Conversation) -> Option<Handled> {
+    if line == "/quit" || line == "/exit" {
+        return Some(Handled::Quit);
+    }
+    if line == "/reset" {
+        conv.turns.clear();
+        return Some(Handled::Done("(conversation reset)".into()));
+    }
+    if let Some(rest) = line.strip_prefix("/system") {
+        conv.system = rest.trim().to_string();
+        conv.turns.clear();
+        return Some(Handled::Done(format!("(system prompt set; conversation reset): {}", conv.system)));
+    }
+    None
+}
+
+/// `--json`: each stdin line is a prompt (plain text, or `{"prompt": "..."}`); each reply is
+/// one JSON object on stdout. The conversation keeps its history; `/reset` and
+/// `/system TEXT` lines work as in the terminal.
+async fn json_loop(engine: &Engine, conv: &mut Conversation, params: &SamplingParams) -> anyhow::Result<ExitCode> {
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut failures = 0;
+    while let Some(line) = lines.next_line().await? {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let prompt = match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(v) if v.is_object() => match v.get("prompt").and_then(|p| p.as_str()) {
+                Some(p) => p.to_string(),
+                None => {
+                    println!("{}", serde_json::json!({"error": "a JSON line needs a \"prompt\" string"}));
+                    failures += 1;
+                    continue;
+                }
+            },
+            _ => line.to_string(),
+        };
+        if let Some(h) = command(&prompt, conv) {
+            match h {
+                Handled::Quit => break,
+                Handled::Done(msg) => println!("{}", serde_json::json!({"command": prompt, "result": msg})),
+            }
+            continue;
+        }
+        conv.turns.push(TemplateMessage::new("user", prompt.clone()));
+        let result = match engine.generate(GenerateRequest {
+            prompt: Prompt::Chat(conv.messages()),
+            params: params.clone(),
+        }) {
+            Ok(g) => g.finish().await.map_err(anyhow::Error::msg),
+            Err(e) => Err(e.into()),
+        };
+        match result {
+            Ok(f) => {
+                println!("{}", reply_json(&prompt, &f));
+                conv.turns.push(TemplateMessage::new("assistant", f.text));
+            }
+            Err(e) => {
+                conv.turns.pop();
+                failures += 1;
+                println!("{}", serde_json::json!({"prompt": prompt, "error": e.to_string()}));
+            }
+        }
+        std::io::stdout().flush()?;
+    }
+    Ok(if failures > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+fn reply_json(prompt: &str, f: &Finished) -> serde_json::Value {
+    serde_json::json!({
+        "prompt": prompt,
+        "reply": f.text,
+        "finish_reason": match f.reason {
+            loraloop_model::engine::FinishReason::Stop => "stop",
+            loraloop_model::engine::FinishReason::Length => "length",
+        },
+        "prompt_tokens": f.prompt_tokens,
+        "completion_tokens": f.completion_tokens,
+        "adapter": f.adapter.as_ref().map(|a| &a.name),
+        "decode_tokens_per_second": if f.decode_secs > 0.0 { f.completion_tokens as f64 / f.decode_secs } else { 0.0 },
+    })
+}
