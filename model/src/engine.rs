@@ -75,7 +75,8 @@ impl LoadedModel {
             ModelSource::Gguf(p) => {
                 let (llama, content) = crate::llama::load::load_gguf(p, device)?;
                 let tokenizer = Tokenizer::from_gguf(&content)?;
-                let template = ChatTemplate::from_gguf(&content, tokenizer.bos_str(), tokenizer.eos_str())?;
+                let template =
+                    ChatTemplate::from_gguf(&content, tokenizer.bos_str(), tokenizer.eos_str())?;
                 Ok(Self {
                     llama,
                     tokenizer,
@@ -119,7 +120,11 @@ impl LoadedModel {
     /// message, never the last message) until it fits the context window with
     /// `reserve` tokens left for the reply. Returns the ids and how many messages were
     /// dropped.
-    pub fn chat_prompt(&self, messages: &[TemplateMessage], reserve: usize) -> Result<(Vec<u32>, usize), EngineError> {
+    pub fn chat_prompt(
+        &self,
+        messages: &[TemplateMessage],
+        reserve: usize,
+    ) -> Result<(Vec<u32>, usize), EngineError> {
         if messages.is_empty() || messages.last().is_some_and(|m| m.content.trim().is_empty()) {
             return Err(EngineError::EmptyPrompt);
         }
@@ -198,6 +203,8 @@ pub enum FinishReason {
 #[derive(Debug, Clone)]
 pub struct Finished {
     pub text: String,
+    /// The generated token ids (without the end-of-sequence token).
+    pub token_ids: Vec<u32>,
     pub reason: FinishReason,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
@@ -210,7 +217,9 @@ pub struct Finished {
 #[derive(Debug, Clone)]
 pub enum Event {
     /// The prompt was processed; generation runs on `adapter` (None: the base model).
-    Started { adapter: Option<AdapterTag> },
+    Started {
+        adapter: Option<AdapterTag>,
+    },
     /// A piece of text (whole characters).
     Text(String),
     Finished(Finished),
@@ -287,7 +296,9 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("model", &self.shared.model).finish_non_exhaustive()
+        f.debug_struct("Engine")
+            .field("model", &self.shared.model)
+            .finish_non_exhaustive()
     }
 }
 
@@ -369,7 +380,10 @@ impl Engine {
             });
         }
         if dropped > 0 {
-            tracing::warn!(dropped, "conversation longer than the context window: oldest messages left out");
+            tracing::warn!(
+                dropped,
+                "conversation longer than the context window: oldest messages left out"
+            );
         }
         let (tx, rx) = tmpsc::unbounded_channel();
         let prompt_tokens = prompt.len();
@@ -440,7 +454,11 @@ fn admit<'m>(shared: &Shared, model: &'m LoadedModel, job: Job, active: &mut Vec
     let mut cache = model.llama.new_cache();
     let logits = Tensor::new(job.prompt.as_slice(), &model.llama.device)
         .and_then(|t| t.unsqueeze(0))
-        .and_then(|t| model.llama.forward(&t, &mut cache, adapter.as_ref().map(|a| &a.adapter)))
+        .and_then(|t| {
+            model
+                .llama
+                .forward(&t, &mut cache, adapter.as_ref().map(|a| &a.adapter))
+        })
         .and_then(|l| l.squeeze(0)?.to_vec1::<f32>());
     match logits {
         Ok(logits) => active.push(Sequence {
@@ -458,14 +476,19 @@ fn admit<'m>(shared: &Shared, model: &'m LoadedModel, job: Job, active: &mut Vec
             decode_start: Instant::now(),
         }),
         Err(e) => {
-            let _ = job.events.send(Event::Failed(format!("prompt processing failed: {e}")));
+            let _ = job
+                .events
+                .send(Event::Failed(format!("prompt processing failed: {e}")));
         }
     }
 }
 
 /// Sample one token for `seq`, stream its text, and run the model on it unless the
 /// sequence is finished. Returns true when finished (or cancelled).
-fn step<'m>(model: &'m LoadedModel, seq: &mut Sequence<'m>) -> Result<bool, Box<dyn std::error::Error>> {
+fn step<'m>(
+    model: &'m LoadedModel,
+    seq: &mut Sequence<'m>,
+) -> Result<bool, Box<dyn std::error::Error>> {
     if seq.events.is_closed() {
         return Ok(true); // the caller dropped the stream: cancelled
     }
@@ -486,23 +509,33 @@ fn step<'m>(model: &'m LoadedModel, seq: &mut Sequence<'m>) -> Result<bool, Box<
             stop_at = Some(stop_at.map_or(i, |j: usize| j.min(i)));
         }
     }
-    let hit_length = completion + 1 >= params.max_new_tokens
-        || seq.tokens.len() >= model.context_length();
+    let hit_length =
+        completion + 1 >= params.max_new_tokens || seq.tokens.len() >= model.context_length();
     let done = eos || stop_at.is_some() || hit_length;
     if let Some(i) = stop_at {
         seq.text.truncate(i);
-    } else if done && let Some(rest) = std::mem::replace(&mut seq.stream, model.tokenizer.stream(true)).finish()? {
+    } else if done
+        && let Some(rest) =
+            std::mem::replace(&mut seq.stream, model.tokenizer.stream(true)).finish()?
+    {
         seq.text.push_str(&rest);
     }
-    let hold = if done { 0 } else { held_back(&seq.text, &params.stop) };
+    let hold = if done {
+        0
+    } else {
+        held_back(&seq.text, &params.stop)
+    };
     let upto = seq.text.len() - hold;
     if upto > seq.sent {
-        let _ = seq.events.send(Event::Text(seq.text[seq.sent..upto].to_string()));
+        let _ = seq
+            .events
+            .send(Event::Text(seq.text[seq.sent..upto].to_string()));
         seq.sent = upto;
     }
     if done {
         let _ = seq.events.send(Event::Finished(Finished {
             text: std::mem::take(&mut seq.text),
+            token_ids: seq.tokens[seq.prompt_tokens..].to_vec(),
             reason: if eos || stop_at.is_some() {
                 FinishReason::Stop
             } else {
@@ -517,9 +550,11 @@ fn step<'m>(model: &'m LoadedModel, seq: &mut Sequence<'m>) -> Result<bool, Box<
         return Ok(true);
     }
     let input = Tensor::new(&[token], &model.llama.device)?.unsqueeze(0)?;
-    let logits = model
-        .llama
-        .forward(&input, &mut seq.cache, seq.adapter.as_ref().map(|a| &a.adapter))?;
+    let logits = model.llama.forward(
+        &input,
+        &mut seq.cache,
+        seq.adapter.as_ref().map(|a| &a.adapter),
+    )?;
     seq.logits = logits.squeeze(0)?.to_vec1::<f32>()?;
     Ok(false)
 }
@@ -529,7 +564,11 @@ fn held_back(text: &str, stops: &[String]) -> usize {
     let mut hold = 0;
     for s in stops {
         for len in (1..s.len()).rev() {
-            if len <= text.len() && text.is_char_boundary(text.len() - len) && s.is_char_boundary(len) && text.ends_with(&s[..len]) {
+            if len <= text.len()
+                && text.is_char_boundary(text.len() - len)
+                && s.is_char_boundary(len)
+                && text.ends_with(&s[..len])
+            {
                 hold = hold.max(len);
                 break;
             }

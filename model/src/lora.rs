@@ -136,7 +136,7 @@ impl PeftConfig {
     }
 
     fn check(&self) -> Result<(), AdapterError> {
-        if self.peft_type.to_ascii_uppercase() != "LORA" {
+        if !self.peft_type.eq_ignore_ascii_case("LORA") {
             return Err(AdapterError::Config(format!(
                 "peft_type {:?} is not LORA",
                 self.peft_type
@@ -401,6 +401,31 @@ pub fn write_peft_dir(
     std::fs::write(dir.join(ADAPTER_CONFIG_FILE), json).map_err(|e| write_err(e.to_string()))?;
     candle_core::safetensors::save(tensors, dir.join(ADAPTER_WEIGHTS_FILE))?;
     Ok(())
+}
+
+/// Random PEFT-named tensors for `config` on every targeted projection of `model`
+/// (A and B ~ N(0, std)): benchmarks and tests.
+pub fn random_peft_tensors(
+    model: &LlamaConfig,
+    config: &PeftConfig,
+    std: f64,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>, AdapterError> {
+    let mut out = HashMap::new();
+    for p in config.targets()? {
+        let (inp, outd) = model.projection_dims(p);
+        for layer in 0..model.num_layers {
+            out.insert(
+                peft_name(layer, p, 'A'),
+                Tensor::randn(0f32, std as f32, (config.r, inp), device)?,
+            );
+            out.insert(
+                peft_name(layer, p, 'B'),
+                Tensor::randn(0f32, std as f32, (outd, config.r), device)?,
+            );
+        }
+    }
+    Ok(out)
 }
 
 /// The PEFT tensor name of a projection's A or B.

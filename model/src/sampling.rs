@@ -183,10 +183,15 @@ mod tests {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
         let draw = |p: SamplingParams| {
             let mut s = Sampler::new(p);
-            (0..20).map(|_| s.sample(&mut logits.clone(), &[])).collect::<Vec<_>>()
+            (0..20)
+                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(params.clone()), draw(params.clone()));
-        let other = draw(SamplingParams { seed: Some(8), ..params.clone() });
+        let other = draw(SamplingParams {
+            seed: Some(8),
+            ..params.clone()
+        });
         assert_ne!(draw(params.clone()), other);
         let k1 = draw(SamplingParams { top_k: 1, ..params });
         assert!(k1.iter().all(|&t| t == argmax(&logits)));

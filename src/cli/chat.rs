@@ -27,7 +27,9 @@ pub fn select_device(choice: DeviceChoice) -> anyhow::Result<Device> {
 pub async fn start_engine(config: &Config, args: &ChatArgs) -> anyhow::Result<Engine> {
     let path = args.model.clone().unwrap_or_else(|| config.model_path());
     let device_choice = match &args.device {
-        Some(d) => d.parse().map_err(|e: String| anyhow::anyhow!("--device: {e}"))?,
+        Some(d) => d
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--device: {e}"))?,
         None => config.device,
     };
     let device = select_device(device_choice)?;
@@ -58,7 +60,11 @@ fn sampling(config: &Config, args: &ChatArgs) -> anyhow::Result<SamplingParams> 
         repetition_penalty: args.repetition_penalty.unwrap_or(g.repetition_penalty),
         max_new_tokens: args.max_new_tokens.unwrap_or(g.max_new_tokens),
         seed: args.seed.or(g.seed),
-        stop: if args.stop.is_empty() { g.stop.clone() } else { args.stop.clone() },
+        stop: if args.stop.is_empty() {
+            g.stop.clone()
+        } else {
+            args.stop.clone()
+        },
         ..SamplingParams::default()
     };
     if !(p.temperature >= 0.0 && p.temperature.is_finite()) {
@@ -97,7 +103,10 @@ pub async fn run(config: &Config, args: &ChatArgs) -> anyhow::Result<ExitCode> {
     let params = sampling(config, args)?;
     let engine = start_engine(config, args).await?;
     let mut conv = Conversation {
-        system: args.system.clone().unwrap_or_else(|| config.raw.assistant.system_prompt.clone()),
+        system: args
+            .system
+            .clone()
+            .unwrap_or_else(|| config.raw.assistant.system_prompt.clone()),
         turns: Vec::new(),
     };
     if args.json {
@@ -114,7 +123,9 @@ pub async fn run(config: &Config, args: &ChatArgs) -> anyhow::Result<ExitCode> {
             .map(|a| format!(", adapter {}", a.name))
             .unwrap_or_default()
     );
-    eprintln!("/reset starts over, /system TEXT sets the system prompt, /quit or Ctrl-D leaves; Ctrl-C stops a reply.");
+    eprintln!(
+        "/reset starts over, /system TEXT sets the system prompt, /quit or Ctrl-D leaves; Ctrl-C stops a reply."
+    );
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     loop {
         eprint!("> ");
@@ -149,7 +160,10 @@ pub async fn run(config: &Config, args: &ChatArgs) -> anyhow::Result<ExitCode> {
             }
         };
         if generation.dropped_messages > 0 {
-            eprintln!("(the conversation is longer than the context window: the {} oldest message(s) are left out)", generation.dropped_messages);
+            eprintln!(
+                "(the conversation is longer than the context window: the {} oldest message(s) are left out)",
+                generation.dropped_messages
+            );
         }
         let mut reply = String::new();
         let mut stdout = std::io::stdout();
@@ -194,7 +208,10 @@ fn command(line: &str, conv: &mut Conversation) -> Option<Handled> {
     if let Some(rest) = line.strip_prefix("/system") {
         conv.system = rest.trim().to_string();
         conv.turns.clear();
-        return Some(Handled::Done(format!("(system prompt set; conversation reset): {}", conv.system)));
+        return Some(Handled::Done(format!(
+            "(system prompt set; conversation reset): {}",
+            conv.system
+        )));
     }
     None
 }
@@ -202,7 +219,11 @@ fn command(line: &str, conv: &mut Conversation) -> Option<Handled> {
 /// `--json`: each stdin line is a prompt (plain text, or `{"prompt": "..."}`); each reply is
 /// one JSON object on stdout. The conversation keeps its history; `/reset` and
 /// `/system TEXT` lines work as in the terminal.
-async fn json_loop(engine: &Engine, conv: &mut Conversation, params: &SamplingParams) -> anyhow::Result<ExitCode> {
+async fn json_loop(
+    engine: &Engine,
+    conv: &mut Conversation,
+    params: &SamplingParams,
+) -> anyhow::Result<ExitCode> {
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut failures = 0;
     while let Some(line) = lines.next_line().await? {
@@ -214,7 +235,10 @@ async fn json_loop(engine: &Engine, conv: &mut Conversation, params: &SamplingPa
             Ok(v) if v.is_object() => match v.get("prompt").and_then(|p| p.as_str()) {
                 Some(p) => p.to_string(),
                 None => {
-                    println!("{}", serde_json::json!({"error": "a JSON line needs a \"prompt\" string"}));
+                    println!(
+                        "{}",
+                        serde_json::json!({"error": "a JSON line needs a \"prompt\" string"})
+                    );
                     failures += 1;
                     continue;
                 }
@@ -224,11 +248,14 @@ async fn json_loop(engine: &Engine, conv: &mut Conversation, params: &SamplingPa
         if let Some(h) = command(&prompt, conv) {
             match h {
                 Handled::Quit => break,
-                Handled::Done(msg) => println!("{}", serde_json::json!({"command": prompt, "result": msg})),
+                Handled::Done(msg) => {
+                    println!("{}", serde_json::json!({"command": prompt, "result": msg}))
+                }
             }
             continue;
         }
-        conv.turns.push(TemplateMessage::new("user", prompt.clone()));
+        conv.turns
+            .push(TemplateMessage::new("user", prompt.clone()));
         let result = match engine.generate(GenerateRequest {
             prompt: Prompt::Chat(conv.messages()),
             params: params.clone(),
@@ -244,12 +271,19 @@ async fn json_loop(engine: &Engine, conv: &mut Conversation, params: &SamplingPa
             Err(e) => {
                 conv.turns.pop();
                 failures += 1;
-                println!("{}", serde_json::json!({"prompt": prompt, "error": e.to_string()}));
+                println!(
+                    "{}",
+                    serde_json::json!({"prompt": prompt, "error": e.to_string()})
+                );
             }
         }
         std::io::stdout().flush()?;
     }
-    Ok(if failures > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failures > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn reply_json(prompt: &str, f: &Finished) -> serde_json::Value {

@@ -1,5 +1,6 @@
 //! Command-line interface: argument types and the dispatch to each command.
 
+mod bench;
 mod chat;
 mod config_cmd;
 mod data;
@@ -45,6 +46,33 @@ pub enum Command {
     Config(ConfigCommand),
     /// Chat with the assistant in the terminal (replies stream as they are generated).
     Chat(ChatArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Prompt and decode tokens/s with and without an adapter, and adapter swap time.
+    Generate(BenchGenerateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchGenerateArgs {
+    /// A .gguf file or a Hugging Face folder (default: the configured model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    pub gen_tokens: usize,
+    /// LoRA rank of the benchmark adapter (random weights, all seven projections).
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -192,5 +220,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Data(cmd) => data::run(&config, cmd).await,
         Command::Config(ConfigCommand::Check) => config_cmd::check(&config),
         Command::Chat(args) => chat::run(&config, &args).await,
+        Command::Bench(BenchCommand::Generate(args)) => bench::generate(&config, &args).await,
     }
 }

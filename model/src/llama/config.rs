@@ -76,13 +76,13 @@ impl LlamaConfig {
         if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_layers == 0 {
             return bad("heads and layers must be non-zero".into());
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "{} attention heads is not a multiple of {} key/value heads",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head dimension {} is odd", self.head_dim));
         }
         Ok(self)
@@ -156,10 +156,6 @@ impl LlamaConfig {
     pub fn from_hf_json(text: &str) -> Result<Self, ModelLoadError> {
         #[derive(Deserialize)]
         struct Raw {
-            #[serde(default)]
-            architectures: Vec<String>,
-            #[serde(default)]
-            model_type: Option<String>,
             vocab_size: usize,
             hidden_size: usize,
             intermediate_size: usize,
@@ -185,11 +181,20 @@ impl LlamaConfig {
         fn default_max_pos() -> usize {
             4096
         }
-        let raw: Raw = serde_json::from_str(text)
+        // The architecture first: another family's config.json lacks llama's fields, and
+        // "unsupported architecture" is the useful error then.
+        #[derive(Deserialize)]
+        struct Kind {
+            #[serde(default)]
+            architectures: Vec<String>,
+            #[serde(default)]
+            model_type: Option<String>,
+        }
+        let kind: Kind = serde_json::from_str(text)
             .map_err(|e| ModelLoadError::Config(format!("config.json: {e}")))?;
         let arch = match (
-            raw.model_type.as_deref(),
-            raw.architectures.first().map(String::as_str),
+            kind.model_type.as_deref(),
+            kind.architectures.first().map(String::as_str),
         ) {
             (Some("llama"), _) | (_, Some("LlamaForCausalLM")) => "llama",
             (Some("mistral"), _) | (_, Some("MistralForCausalLM")) => "mistral",
@@ -200,6 +205,8 @@ impl LlamaConfig {
                 ));
             }
         };
+        let raw: Raw = serde_json::from_str(text)
+            .map_err(|e| ModelLoadError::Config(format!("config.json: {e}")))?;
         let rope_scaling = match raw.rope_scaling {
             Some(v)
                 if v.get("rope_type")
