@@ -246,8 +246,8 @@ impl LoraAdapter {
         config.check()?;
         let targets = config.targets()?;
         let scale = config.scale();
-        let mut pairs: HashMap<(usize, Projection), (Option<&Tensor>, Option<&Tensor>)> =
-            HashMap::new();
+        type Sides<'t> = (Option<&'t Tensor>, Option<&'t Tensor>);
+        let mut pairs: HashMap<(usize, Projection), Sides<'_>> = HashMap::new();
         for (key, t) in tensors {
             let (layer, proj, which) = parse_peft_name(key)?;
             if layer >= model.num_layers {
