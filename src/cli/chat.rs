@@ -181,7 +181,7 @@ pub async fn run(config: &Config, args: &ChatArgs) -> anyhow::Result<ExitCode> {
                 },
                 _ = tokio::signal::ctrl_c() => {
                     // Dropping the generation below cancels it; only this reply stops.
-                    eprint!(" [stopped]");
+                    eprintln!(" [stopped]");
                     break;
                 }
             }

@@ -1,0 +1,121 @@
+use super::loraloop;
+use std::path::Path;
+
+fn real_model() -> std::path::PathBuf {
+    let p =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "run `cargo run -- models fetch` first");
+    p
+}
+
+#[test]
+fn chat_json_answers_each_stdin_line_with_one_json_object_and_keeps_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = loraloop(dir.path())
+        .args(["chat", "--json", "--temperature", "0", "--repetition-penalty", "1", "--max-new-tokens", "24", "--model"])
+        .arg(real_model())
+        .write_stdin("What is the capital of France?\n/reset\n{\"prompt\": \"What is the capital of France?\"}\n{\"oops\": 1}\n")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4, "{stdout}");
+    // The greedy answer llama.cpp gives for this ChatML prompt (see model/tests/real_model.rs).
+    assert_eq!(lines[0]["reply"], "The capital of France is Paris.");
+    assert_eq!(lines[0]["finish_reason"], "stop");
+    assert_eq!(lines[0]["prompt_tokens"], 27);
+    assert_eq!(lines[1]["command"], "/reset");
+    assert_eq!(
+        lines[2]["reply"], "The capital of France is Paris.",
+        "after /reset the prompt is the same"
+    );
+    assert!(lines[3]["error"].as_str().unwrap().contains("prompt"));
+    assert!(
+        !out.status.success(),
+        "a bad line makes the exit status non-zero"
+    );
+}
+
+#[test]
+fn chat_refuses_a_missing_model_and_a_bad_adapter_with_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = loraloop(dir.path())
+        .args(["chat", "--json"])
+        .write_stdin("hi\n")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("loraloop models fetch"), "{stderr}");
+
+    let bad = dir.path().join("adapter");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(
+        bad.join("adapter_config.json"),
+        r#"{"r": 8, "lora_alpha": 16, "target_modules": ["c_attn"]}"#,
+    )
+    .unwrap();
+    let out = loraloop(dir.path())
+        .args(["chat", "--json", "--model"])
+        .arg(real_model())
+        .arg("--adapter")
+        .arg(&bad)
+        .write_stdin("hi\n")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("cannot use the adapter"), "{stderr}");
+}
+
+#[test]
+fn ctrl_c_during_a_reply_stops_only_that_reply() {
+    use std::io::{Read, Write};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let bin = assert_cmd::cargo::cargo_bin("loraloop");
+    let mut child = std::process::Command::new(bin)
+        .current_dir(dir.path())
+        .args([
+            "chat",
+            "--temperature",
+            "0",
+            "--repetition-penalty",
+            "1",
+            "--max-new-tokens",
+            "2000",
+            "--model",
+        ])
+        .arg(real_model())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    writeln!(stdin, "Write a very long essay about the history of Rome.").unwrap();
+    // Wait until the reply is streaming, then interrupt it.
+    let mut buf = [0u8; 64];
+    let n = stdout.read(&mut buf).unwrap();
+    assert!(n > 0, "no streamed text");
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // The program is still there: a second question gets an answer, then EOF ends it.
+    writeln!(stdin, "/system You are a helpful assistant.").unwrap();
+    writeln!(stdin, "What is the capital of France?").unwrap();
+    drop(stdin);
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("[stopped]"), "{stderr}");
+    assert!(rest.contains("The capital of France is Paris."), "{rest}");
+}
