@@ -119,3 +119,23 @@ fn ctrl_c_during_a_reply_stops_only_that_reply() {
     assert!(stderr.contains("[stopped]"), "{stderr}");
     assert!(rest.contains("The capital of France is Paris."), "{rest}");
 }
+
+#[test]
+fn chat_on_a_truncated_model_says_it_is_corrupt_and_what_to_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(real_model()).unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() - 1000]).unwrap();
+    let out = loraloop(dir.path())
+        .args(["chat", "--json", "--model"])
+        .arg(&cut)
+        .write_stdin("hi\n")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("corrupt or truncated") && stderr.contains("models fetch --force"),
+        "{stderr}"
+    );
+}

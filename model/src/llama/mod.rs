@@ -124,7 +124,7 @@ impl Linear {
             None => y,
         };
         match lora {
-            Some(l) => y + l.delta(x)?,
+            Some(l) => l.add_to(x, &y),
             None => Ok(y),
         }
     }
