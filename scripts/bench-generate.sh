@@ -3,7 +3,7 @@
 # alternated so drift on a shared machine hits both alike. Prints a markdown table with
 # the ratios (loraloop / llama.cpp).
 #
-#   scripts/bench-generate.sh [ROUNDS]        (default 3)
+#   scripts/bench-generate.sh [ROUNDS]        (default 3; env: THREADS, MODEL, PROFILE, LLAMA_BENCH)
 #
 # llama.cpp's llama-bench: $LLAMA_BENCH if set, else built once into target/llama.cpp
 # from the vendored tree of the llama-cpp-python source distribution (needs cmake, which
@@ -29,8 +29,16 @@ if [ -z "${LLAMA_BENCH:-}" ]; then
     cmake --build target/llama.cpp/build -j"$THREADS" --target llama-bench >&2
   fi
 fi
-cargo build --release -q --bin loraloop
-LORALOOP=target/release/loraloop
+# PROFILE=dev reuses the test build (dependencies and the model crate are optimized
+# there too); the default is the release binary users run.
+PROFILE=${PROFILE:-release}
+if [ "$PROFILE" = release ]; then
+  cargo build --release -q --bin loraloop
+  LORALOOP=target/release/loraloop
+else
+  cargo build -q --bin loraloop
+  LORALOOP=target/debug/loraloop
+fi
 [ -f "$MODEL" ] || "$LORALOOP" models fetch
 
 results=$(mktemp)
