@@ -193,16 +193,18 @@ impl Default for AssistantConfig {
     }
 }
 
+/// The engine's sampling defaults are the one source of these values.
 impl Default for GenerationConfig {
     fn default() -> Self {
+        let p = loraloop_model::sampling::SamplingParams::default();
         Self {
-            temperature: 0.7,
-            top_p: 0.9,
-            top_k: 40,
-            repetition_penalty: 1.1,
-            max_new_tokens: 512,
-            seed: None,
-            stop: Vec::new(),
+            temperature: p.temperature,
+            top_p: p.top_p,
+            top_k: p.top_k,
+            repetition_penalty: p.repetition_penalty,
+            max_new_tokens: p.max_new_tokens,
+            seed: p.seed,
+            stop: p.stop,
         }
     }
 }

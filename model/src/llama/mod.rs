@@ -234,12 +234,7 @@ impl Llama {
     ) -> candle_core::Result<Tensor> {
         let hidden = self.hidden_states(tokens, cache, adapter)?;
         let (_b, t, _h) = hidden.dims3()?;
-        let last = hidden.narrow(1, t - 1, 1)?;
-        let last = candle_nn::ops::rms_norm(&last, &self.norm, self.config.rms_norm_eps as f32)?;
-        self.lm_head
-            .forward(&last, None)?
-            .squeeze(1)?
-            .to_dtype(DType::F32)
+        self.logits(&hidden.narrow(1, t - 1, 1)?)?.squeeze(1)
     }
 
     /// Logits of every position, `[batch, seq, vocab]` (tests, evaluation).
@@ -250,7 +245,12 @@ impl Llama {
         adapter: Option<&LoraAdapter>,
     ) -> candle_core::Result<Tensor> {
         let hidden = self.hidden_states(tokens, cache, adapter)?;
-        let x = candle_nn::ops::rms_norm(&hidden, &self.norm, self.config.rms_norm_eps as f32)?;
+        self.logits(&hidden)
+    }
+
+    /// Final norm and output projection, in f32.
+    fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        let x = candle_nn::ops::rms_norm(hidden, &self.norm, self.config.rms_norm_eps as f32)?;
         self.lm_head.forward(&x, None)?.to_dtype(DType::F32)
     }
 
