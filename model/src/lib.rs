@@ -7,6 +7,7 @@ pub mod fetch;
 pub mod gguf;
 pub mod llama;
 pub mod lora;
+pub mod q4_1;
 pub mod registry;
 pub mod sampling;
 pub mod template;

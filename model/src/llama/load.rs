@@ -108,10 +108,15 @@ pub fn load_gguf(
             } else {
                 None
             };
-            Ok(Linear {
-                weight: BaseWeight::Quantized(QMatMul::from_qtensor(w)?),
-                bias,
-            })
+            let weight = if device.is_cpu() && w.dtype() == candle_core::quantized::GgmlDType::Q4_1
+            {
+                BaseWeight::Q41(std::sync::Arc::new(crate::q4_1::Q41Matrix::from_qtensor(
+                    &w,
+                )?))
+            } else {
+                BaseWeight::Quantized(QMatMul::from_qtensor(w)?)
+            };
+            Ok(Linear { weight, bias })
         };
         use super::Projection as P;
         let b = cfg.qkv_bias;

@@ -99,6 +99,8 @@ pub enum BaseWeight {
     Quantized(QMatMul),
     /// Dense `[out, in]`.
     Dense(Tensor),
+    /// Q4_1 on the CPU, through loraloop's own kernel (`crate::q4_1`).
+    Q41(std::sync::Arc<crate::q4_1::Q41Matrix>),
 }
 
 /// A linear layer `y = x W^T + b` with an optional LoRA delta applied unmerged.
@@ -118,6 +120,7 @@ impl Linear {
         let y = match &self.weight {
             BaseWeight::Quantized(q) => q.forward(x)?,
             BaseWeight::Dense(w) => dense_matmul(x, w)?,
+            BaseWeight::Q41(w) => w.forward(x)?,
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
