@@ -186,10 +186,8 @@ mod tests {
         for rows in [1, 3] {
             let x = Tensor::randn(0f32, 1.0, (rows, 128), &dev).unwrap();
             let reference = x.matmul(&exact_w.t().unwrap()).unwrap();
-            let max_err = |t: Tensor| -> f32 {
-                (t - &reference)
-                    .unwrap()
-                    .abs()
+            let max_abs = |t: &Tensor| -> f32 {
+                t.abs()
                     .unwrap()
                     .flatten_all()
                     .unwrap()
@@ -198,15 +196,8 @@ mod tests {
                     .to_scalar()
                     .unwrap()
             };
-            let scale: f32 = reference
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let max_err = |t: Tensor| max_abs(&(t - &reference).unwrap());
+            let scale = max_abs(&reference);
             let ours_err = max_err(ours.forward(&x).unwrap());
             let theirs_err = max_err(theirs.forward(&x).unwrap());
             assert!(
