@@ -404,6 +404,8 @@ impl Engine {
 
 /// One sequence being generated.
 struct Sequence<'m> {
+    /// The tokenizer's end-of-sequence ids, looked up once per sequence.
+    eos_ids: Vec<u32>,
     events: tmpsc::UnboundedSender<Event>,
     adapter: Option<Arc<ActiveAdapter>>,
     cache: Cache,
@@ -462,6 +464,7 @@ fn admit<'m>(shared: &Shared, model: &'m LoadedModel, job: Job, active: &mut Vec
         .and_then(|l| l.squeeze(0)?.to_vec1::<f32>());
     match logits {
         Ok(logits) => active.push(Sequence {
+            eos_ids: model.tokenizer.eos_token_ids(),
             events: job.events,
             adapter,
             cache,
@@ -493,7 +496,7 @@ fn step<'m>(
         return Ok(true); // the caller dropped the stream: cancelled
     }
     let token = seq.sampler.sample(&mut seq.logits, &seq.tokens);
-    let eos = model.tokenizer.eos_token_ids().contains(&token);
+    let eos = seq.eos_ids.contains(&token);
     let completion = seq.tokens.len() - seq.prompt_tokens;
     if !eos {
         seq.tokens.push(token);
