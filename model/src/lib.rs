@@ -12,6 +12,7 @@ pub mod registry;
 pub mod sampling;
 pub mod template;
 pub mod tokenizer;
+pub mod train;
 
 pub use fetch::{DEFAULT_MODEL_FILE, DefaultModel};
 pub use gguf::{GgufSummary, ModelError};

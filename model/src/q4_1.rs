@@ -72,6 +72,22 @@ impl Q41Matrix {
         Ok(Self { rows, cols, blocks })
     }
 
+    /// The dense `[rows, cols]` f32 matrix (`d * q + m` per weight, ggml's nibble order:
+    /// low nibbles are the first half of a block). Training dequantizes once.
+    pub fn dequantize(&self, device: &candle_core::Device) -> candle_core::Result<Tensor> {
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for b in &self.blocks {
+            let start = out.len();
+            out.resize(start + QK, 0f32);
+            let dst = &mut out[start..];
+            for (j, &q) in b.qs.iter().enumerate() {
+                dst[j] = b.d * (q & 0x0F) as f32 + b.m;
+                dst[j + QK / 2] = b.d * (q >> 4) as f32 + b.m;
+            }
+        }
+        Tensor::from_vec(out, (self.rows, self.cols), device)
+    }
+
     /// `x [.., cols] @ W^T -> [.., rows]`, f32 on the CPU.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dims = x.dims();

@@ -392,7 +392,10 @@ fn causal_mask(t: usize, pos: usize, n_rep: usize, device: &Device) -> candle_co
 
 /// Rotary tables `[max_pos, head_dim / 2]`, with Llama 3's frequency scaling when set
 /// (the formula of transformers' `_compute_llama3_parameters`).
-fn rope_tables(cfg: &LlamaConfig, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+pub(crate) fn rope_tables(
+    cfg: &LlamaConfig,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
     let half = cfg.head_dim / 2;
     let mut inv_freq: Vec<f64> = (0..half)
         .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64))

@@ -1,0 +1,1190 @@
+//! The training graph: the llama forward that keeps what the backward pass needs, and a
+//! hand-written backward pass.
+//!
+//! Why not candle's autograd: `candle_nn`'s RMSNorm, softmax and rotary ops have no
+//! backward (a model built on them silently trains nothing), and autograd computes the
+//! gradient of every frozen base weight only to throw it away, and keeps one gradient per
+//! intermediate tensor. Written out by hand, the backward computes exactly what training
+//! needs: input gradients through the frozen base matmuls, weight gradients only where a
+//! parameter is trainable, and the cross-entropy over the vocabulary only on the positions
+//! that are scored, a chunk of rows at a time (the `[tokens, vocab]` logits are never
+//! materialised whole). Gradient checkpointing then is simple: keep each layer's input,
+//! recompute the layer in the backward pass.
+//!
+//! Everything runs on candle tensors, so the same code runs on CUDA; the dtype is a
+//! parameter (f32 on the CPU). Gradients are checked against a PyTorch autograd reference
+//! and against finite differences in the tests.
+//!
+//! The base weights are dense here (quantized GGUF weights are dequantized once) and in
+//! Hugging Face row order: llama GGUF files store q/k rows permuted for interleaved rope,
+//! which is undone on load, so adapters trained here are PEFT adapters as they are.
+
+use crate::llama::{BaseWeight, Llama, LlamaConfig, Projection, RopeLayout};
+use crate::lora::{LoraAdapter, PeftConfig, peft_name};
+use candle_core::{D, DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
+
+type Result<T> = candle_core::Result<T>;
+
+/// A dense linear layer `y = x W^T + b`, `W` `[out, in]`.
+#[derive(Debug, Clone)]
+pub struct DenseLinear {
+    pub w: Tensor,
+    pub b: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DenseBlock {
+    pub attn_norm: Tensor,
+    pub ffn_norm: Tensor,
+    /// Indexed by `Projection::index()`.
+    pub proj: [DenseLinear; 7],
+}
+
+/// A llama-family model with dense weights in Hugging Face layout, for training.
+#[derive(Debug, Clone)]
+pub struct DenseLlama {
+    /// Always `RopeLayout::Halves` (Hugging Face row order).
+    pub config: LlamaConfig,
+    pub embed: Tensor,
+    pub blocks: Vec<DenseBlock>,
+    pub norm: Tensor,
+    /// `None` when tied to `embed`.
+    pub lm_head: Option<Tensor>,
+    cos: Tensor,
+    sin: Tensor,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// Undo llama.cpp's q/k row permutation (`permute_for_interleaved_rope`):
+/// `w.reshape(n_head, rows / n_head / 2, 2, cols).swapaxes(1, 2)`.
+pub fn unpermute_interleaved_rope(w: &Tensor, n_head: usize) -> Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let rows = dims[0];
+    let cols = w.elem_count() / rows;
+    w.reshape((n_head, rows / n_head / 2, 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)
+}
+
+fn dense_of(weight: &BaseWeight, device: &Device) -> Result<Tensor> {
+    use candle_core::quantized::QMatMul;
+    Ok(match weight {
+        BaseWeight::Dense(t) => t.clone(),
+        BaseWeight::Q41(m) => m.dequantize(device)?,
+        BaseWeight::Quantized(QMatMul::QTensor(q)) => q.dequantize(device)?,
+        BaseWeight::Quantized(QMatMul::Tensor(t)) => t.clone(),
+        BaseWeight::Quantized(QMatMul::TensorF16(t)) => t.clone(),
+    })
+}
+
+impl DenseLlama {
+    /// Dense copy of `model` in `dtype` (quantized weights are dequantized once).
+    pub fn from_llama(model: &Llama, dtype: DType) -> Result<Self> {
+        let device = model.device.clone();
+        let cfg = &model.config;
+        let interleaved = cfg.rope_layout == RopeLayout::Interleaved;
+        let cast = |t: Tensor| t.to_dtype(dtype);
+        let mut blocks = Vec::with_capacity(model.blocks.len());
+        for b in &model.blocks {
+            let lin = |p: Projection| -> Result<DenseLinear> {
+                let l = match p {
+                    Projection::Q => &b.q,
+                    Projection::K => &b.k,
+                    Projection::V => &b.v,
+                    Projection::O => &b.o,
+                    Projection::Gate => &b.gate,
+                    Projection::Up => &b.up,
+                    Projection::Down => &b.down,
+                };
+                let mut w = dense_of(&l.weight, &device)?;
+                let mut bias = l.bias.clone();
+                if interleaved && matches!(p, Projection::Q | Projection::K) {
+                    let heads = if p == Projection::Q {
+                        cfg.num_heads
+                    } else {
+                        cfg.num_kv_heads
+                    };
+                    w = unpermute_interleaved_rope(&w, heads)?;
+                    bias = bias
+                        .map(|b| unpermute_interleaved_rope(&b, heads))
+                        .transpose()?;
+                }
+                Ok(DenseLinear {
+                    w: cast(w)?,
+                    b: bias.map(cast).transpose()?,
+                })
+            };
+            blocks.push(DenseBlock {
+                attn_norm: cast(b.attn_norm.clone())?,
+                ffn_norm: cast(b.ffn_norm.clone())?,
+                proj: [
+                    lin(Projection::Q)?,
+                    lin(Projection::K)?,
+                    lin(Projection::V)?,
+                    lin(Projection::O)?,
+                    lin(Projection::Gate)?,
+                    lin(Projection::Up)?,
+                    lin(Projection::Down)?,
+                ],
+            });
+        }
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(cast(dense_of(&model.lm_head.weight, &device)?)?)
+        };
+        let mut config = cfg.clone();
+        config.rope_layout = RopeLayout::Halves;
+        let (cos, sin) = crate::llama::rope_tables(&config, &device)?;
+        Ok(Self {
+            config,
+            embed: cast(model.embed.clone())?,
+            blocks,
+            norm: cast(model.norm.clone())?,
+            lm_head,
+            cos: cos.to_dtype(dtype)?,
+            sin: sin.to_dtype(dtype)?,
+            device,
+            dtype,
+        })
+    }
+
+    fn head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Every base parameter with its Hugging Face name.
+    pub fn named_params(&self) -> Vec<(String, &Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), &self.embed)];
+        for (i, b) in self.blocks.iter().enumerate() {
+            out.extend(self.block_params(i, b));
+        }
+        out.push(("model.norm.weight".into(), &self.norm));
+        if let Some(h) = &self.lm_head {
+            out.push(("lm_head.weight".into(), h));
+        }
+        out
+    }
+
+    fn block_params<'a>(&self, i: usize, b: &'a DenseBlock) -> Vec<(String, &'a Tensor)> {
+        let mut out = vec![
+            (
+                format!("model.layers.{i}.input_layernorm.weight"),
+                &b.attn_norm,
+            ),
+            (
+                format!("model.layers.{i}.post_attention_layernorm.weight"),
+                &b.ffn_norm,
+            ),
+        ];
+        for p in Projection::ALL {
+            let l = &b.proj[p.index()];
+            out.push((base_name(i, p, "weight"), &l.w));
+            if let Some(bias) = &l.b {
+                out.push((base_name(i, p, "bias"), bias));
+            }
+        }
+        out
+    }
+
+    /// The tensor behind a Hugging Face parameter name, to update it.
+    pub fn param_mut(&mut self, name: &str) -> Option<&mut Tensor> {
+        match name {
+            "model.embed_tokens.weight" => return Some(&mut self.embed),
+            "model.norm.weight" => return Some(&mut self.norm),
+            "lm_head.weight" => return self.lm_head.as_mut(),
+            _ => {}
+        }
+        let rest = name.strip_prefix("model.layers.")?;
+        let (i, rest) = rest.split_once('.')?;
+        let b = self.blocks.get_mut(i.parse::<usize>().ok()?)?;
+        match rest {
+            "input_layernorm.weight" => return Some(&mut b.attn_norm),
+            "post_attention_layernorm.weight" => return Some(&mut b.ffn_norm),
+            _ => {}
+        }
+        let (_parent, rest) = rest.split_once('.')?;
+        let (module, kind) = rest.split_once('.')?;
+        let l = &mut b.proj[Projection::from_hf_name(module)?.index()];
+        match kind {
+            "weight" => Some(&mut l.w),
+            "bias" => l.b.as_mut(),
+            _ => None,
+        }
+    }
+}
+
+/// `model.layers.{i}.{self_attn|mlp}.{q_proj..}.{weight|bias}`.
+pub fn base_name(layer: usize, p: Projection, kind: &str) -> String {
+    format!(
+        "model.layers.{layer}.{}.{}.{kind}",
+        p.hf_parent(),
+        p.hf_name()
+    )
+}
+
+/// A trainable LoRA pair: `A` `[r, in]`, `B` `[out, r]`.
+#[derive(Debug, Clone)]
+pub struct LoraAb {
+    pub a: Tensor,
+    pub b: Tensor,
+}
+
+/// The trainable LoRA parameters of a whole model (Hugging Face row order).
+#[derive(Debug, Clone)]
+pub struct LoraParams {
+    pub config: PeftConfig,
+    pub scale: f64,
+    pub layers: Vec<[Option<LoraAb>; 7]>,
+}
+
+impl LoraParams {
+    /// PEFT's initialisation: `A ~ kaiming_uniform(a = sqrt(5))`, i.e. uniform in
+    /// `±1/sqrt(in)`, and `B = 0`, so training starts from the base model exactly.
+    pub fn init(
+        config: PeftConfig,
+        model: &LlamaConfig,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let targets = config
+            .targets()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let r = config.r;
+        let mut layers = Vec::with_capacity(model.num_layers);
+        for _ in 0..model.num_layers {
+            let mut slots: [Option<LoraAb>; 7] = Default::default();
+            for p in Projection::ALL {
+                if !targets.contains(&p) {
+                    continue;
+                }
+                let (inp, out) = model.projection_dims(p);
+                let bound = 1.0 / (inp as f32).sqrt();
+                let a: Vec<f32> = (0..r * inp)
+                    .map(|_| rng.random_range(-bound..bound))
+                    .collect();
+                slots[p.index()] = Some(LoraAb {
+                    a: Tensor::from_vec(a, (r, inp), device)?.to_dtype(dtype)?,
+                    b: Tensor::zeros((out, r), dtype, device)?,
+                });
+            }
+            layers.push(slots);
+        }
+        Ok(Self {
+            scale: config.scale(),
+            config,
+            layers,
+        })
+    }
+
+    /// From PEFT-named tensors (an adapter folder), checked against the model.
+    pub fn from_tensors(
+        config: PeftConfig,
+        tensors: &HashMap<String, Tensor>,
+        model: &LlamaConfig,
+        dtype: DType,
+    ) -> std::result::Result<Self, crate::lora::AdapterError> {
+        // Validate names and shapes with the inference loader's checks.
+        let mut hf = model.clone();
+        hf.rope_layout = RopeLayout::Halves;
+        LoraAdapter::from_tensors("check".into(), config.clone(), tensors, &hf)?;
+        let targets = config.targets()?;
+        let mut layers = Vec::with_capacity(model.num_layers);
+        for layer in 0..model.num_layers {
+            let mut slots: [Option<LoraAb>; 7] = Default::default();
+            for p in &targets {
+                if let (Some(a), Some(b)) = (
+                    tensors.get(&peft_name(layer, *p, 'A')),
+                    tensors.get(&peft_name(layer, *p, 'B')),
+                ) {
+                    slots[p.index()] = Some(LoraAb {
+                        a: a.to_dtype(dtype)?,
+                        b: b.to_dtype(dtype)?,
+                    });
+                }
+            }
+            layers.push(slots);
+        }
+        Ok(Self {
+            scale: config.scale(),
+            config,
+            layers,
+        })
+    }
+
+    /// PEFT-named tensors (f32), ready for `write_peft_dir`.
+    pub fn to_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for (name, t) in self.named_params() {
+            out.insert(name, t.to_dtype(DType::F32)?);
+        }
+        Ok(out)
+    }
+
+    pub fn named_params(&self) -> Vec<(String, &Tensor)> {
+        let mut out = Vec::new();
+        for (i, slots) in self.layers.iter().enumerate() {
+            for p in Projection::ALL {
+                if let Some(ab) = &slots[p.index()] {
+                    out.push((peft_name(i, p, 'A'), &ab.a));
+                    out.push((peft_name(i, p, 'B'), &ab.b));
+                }
+            }
+        }
+        out
+    }
+
+    pub fn param_mut(&mut self, name: &str) -> Option<&mut Tensor> {
+        let rest = name.strip_prefix("base_model.model.model.layers.")?;
+        let (i, rest) = rest.split_once('.')?;
+        let slots = self.layers.get_mut(i.parse::<usize>().ok()?)?;
+        let parts: Vec<&str> = rest.split('.').collect();
+        let [_, module, which, "weight"] = parts.as_slice() else {
+            return None;
+        };
+        let ab = slots[Projection::from_hf_name(module)?.index()].as_mut()?;
+        match *which {
+            "lora_A" => Some(&mut ab.a),
+            "lora_B" => Some(&mut ab.b),
+            _ => None,
+        }
+    }
+
+    /// An inference adapter with these weights, for `model` (which may be a GGUF model in
+    /// interleaved rope layout: the inference loader permutes `B` as for any PEFT adapter).
+    pub fn to_adapter(
+        &self,
+        name: &str,
+        model: &Llama,
+    ) -> std::result::Result<LoraAdapter, crate::lora::AdapterError> {
+        let tensors = self.to_tensors()?;
+        let tensors = tensors
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_device(&model.device)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        LoraAdapter::from_tensors(name.into(), self.config.clone(), &tensors, &model.config)
+    }
+}
+
+/// Which base parameters train (besides LoRA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BaseTrain {
+    /// Layers `first_layer..` train all their weights (`num_layers`: none).
+    pub first_layer: usize,
+    /// Embeddings and the output head.
+    pub embeddings: bool,
+    /// The final norm.
+    pub final_norm: bool,
+}
+
+impl BaseTrain {
+    pub fn frozen(num_layers: usize) -> Self {
+        Self {
+            first_layer: num_layers,
+            embeddings: false,
+            final_norm: false,
+        }
+    }
+
+    pub fn full() -> Self {
+        Self {
+            first_layer: 0,
+            embeddings: true,
+            final_norm: true,
+        }
+    }
+}
+
+/// One padded row of a batch. All vectors have the batch's sequence length.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub tokens: Vec<u32>,
+    /// Rotary position of each token (restarts at 0 for each packed example).
+    pub positions: Vec<u32>,
+    /// Which packed example a token belongs to: tokens attend only within their segment,
+    /// causally. 0 marks padding.
+    pub segments: Vec<u32>,
+    /// The token to predict at each position (already shifted), or -1.
+    pub targets: Vec<i32>,
+    /// Loss weight of each target (0 excludes it).
+    pub weights: Vec<f32>,
+}
+
+/// A batch on the device.
+#[derive(Debug)]
+pub struct TrainBatch {
+    batch: usize,
+    seq: usize,
+    input_ids: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    /// `[b, 1, n_rep * t, t]` additive.
+    mask: Tensor,
+    /// Flat indices of scored positions, their targets and weights.
+    scored_idx: Vec<u32>,
+    scored_targets: Vec<u32>,
+    scored_weights: Vec<f32>,
+}
+
+impl TrainBatch {
+    pub fn new(rows: &[Row], model: &DenseLlama) -> Result<Self> {
+        let b = rows.len();
+        let t = rows.first().map_or(0, |r| r.tokens.len());
+        if b == 0 || t == 0 {
+            candle_core::bail!("empty batch");
+        }
+        let cfg = &model.config;
+        let n_rep = cfg.num_heads / cfg.num_kv_heads;
+        let mut ids = Vec::with_capacity(b * t);
+        let mut pos = Vec::with_capacity(b * t);
+        let mut mask = Vec::with_capacity(b * n_rep * t * t);
+        let (mut scored_idx, mut scored_targets, mut scored_weights) =
+            (Vec::new(), Vec::new(), Vec::new());
+        for (ri, r) in rows.iter().enumerate() {
+            if [
+                r.positions.len(),
+                r.segments.len(),
+                r.targets.len(),
+                r.weights.len(),
+            ] != [t; 4]
+                || r.tokens.len() != t
+            {
+                candle_core::bail!("row {ri}: every field must have {t} entries");
+            }
+            ids.extend_from_slice(&r.tokens);
+            for &p in &r.positions {
+                if p as usize >= cfg.max_position_embeddings {
+                    candle_core::bail!(
+                        "position {p} is beyond the model's context of {}",
+                        cfg.max_position_embeddings
+                    );
+                }
+                pos.push(p);
+            }
+            let mut row_mask = Vec::with_capacity(t * t);
+            for i in 0..t {
+                let si = r.segments[i];
+                row_mask.extend((0..t).map(|j| {
+                    let visible = if si == 0 {
+                        j == i
+                    } else {
+                        j <= i && r.segments[j] == si
+                    };
+                    if visible { 0f32 } else { f32::NEG_INFINITY }
+                }));
+            }
+            for _ in 0..n_rep {
+                mask.extend_from_slice(&row_mask);
+            }
+            for i in 0..t {
+                if r.targets[i] >= 0 && r.weights[i] > 0.0 && r.segments[i] != 0 {
+                    if r.targets[i] as usize >= cfg.vocab_size {
+                        candle_core::bail!(
+                            "target token {} is outside the vocabulary",
+                            r.targets[i]
+                        );
+                    }
+                    scored_idx.push((ri * t + i) as u32);
+                    scored_targets.push(r.targets[i] as u32);
+                    scored_weights.push(r.weights[i]);
+                }
+            }
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= cfg.vocab_size) {
+            candle_core::bail!("token {bad} is outside the vocabulary");
+        }
+        let dev = &model.device;
+        let pos_t = Tensor::from_vec(pos, b * t, dev)?;
+        let half = cfg.head_dim / 2;
+        let cos = model.cos.index_select(&pos_t, 0)?.reshape((b, t, half))?;
+        let sin = model.sin.index_select(&pos_t, 0)?.reshape((b, t, half))?;
+        Ok(Self {
+            batch: b,
+            seq: t,
+            input_ids: Tensor::from_vec(ids, b * t, dev)?,
+            cos,
+            sin,
+            mask: Tensor::from_vec(mask, (b, 1, n_rep * t, t), dev)?.to_dtype(model.dtype)?,
+            scored_idx,
+            scored_targets,
+            scored_weights,
+        })
+    }
+
+    /// Sum of the weights of scored tokens.
+    pub fn weight_sum(&self) -> f64 {
+        self.scored_weights.iter().map(|&w| w as f64).sum()
+    }
+
+    pub fn scored_tokens(&self) -> usize {
+        self.scored_idx.len()
+    }
+
+    /// Positions holding a real token (not padding).
+    pub fn tokens(&self) -> usize {
+        self.batch * self.seq
+    }
+}
+
+/// Loss statistics of a pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PassStats {
+    /// `sum(weight * nll)` over scored tokens.
+    pub weighted_nll: f64,
+    pub weight_sum: f64,
+    /// Scored tokens and how many of them the argmax predicts.
+    pub scored: usize,
+    pub correct: usize,
+}
+
+impl PassStats {
+    pub fn add(&mut self, o: &PassStats) {
+        self.weighted_nll += o.weighted_nll;
+        self.weight_sum += o.weight_sum;
+        self.scored += o.scored;
+        self.correct += o.correct;
+    }
+
+    /// Weighted mean negative log-likelihood.
+    pub fn loss(&self) -> f64 {
+        if self.weight_sum > 0.0 {
+            self.weighted_nll / self.weight_sum
+        } else {
+            f64::NAN
+        }
+    }
+
+    pub fn accuracy(&self) -> f64 {
+        if self.scored > 0 {
+            self.correct as f64 / self.scored as f64
+        } else {
+            f64::NAN
+        }
+    }
+}
+
+/// Gradients by parameter name (PEFT names for LoRA, Hugging Face names for the base),
+/// accumulated over micro-batches.
+#[derive(Debug, Default)]
+pub struct Grads {
+    pub map: HashMap<String, Tensor>,
+}
+
+impl Grads {
+    pub fn accumulate(&mut self, name: String, g: Tensor) -> Result<()> {
+        match self.map.get_mut(&name) {
+            Some(acc) => *acc = (&*acc + g)?,
+            None => {
+                self.map.insert(name, g);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.map.get(name)
+    }
+
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+}
+
+/// Options of a forward + backward pass.
+#[derive(Debug, Clone, Copy)]
+pub struct PassOptions {
+    /// Multiplies every gradient: `1 / (sum of scored weights over the optimizer step)`
+    /// makes the gradient that of the step's weighted mean loss.
+    pub grad_scale: f64,
+    /// Keep only each layer's input and recompute the layer in the backward pass.
+    pub checkpointing: bool,
+    /// LoRA dropout masks come from this seed (the same masks on recomputation).
+    pub dropout_seed: u64,
+}
+
+/// What the forward of one layer keeps for its backward.
+struct LayerCache {
+    x: Tensor,
+    h1: Tensor,
+    qf: Tensor,
+    kr: Tensor,
+    v4: Tensor,
+    p: Tensor,
+    y: Tensor,
+    x2: Tensor,
+    h2: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    act: Tensor,
+    lora: [Option<LoraSaved>; 7],
+}
+
+/// What a LoRA projection keeps for its backward.
+struct LoraSaved {
+    /// The input after dropout.
+    xd: Tensor,
+    /// `u = xd A^T`, `[n, r]`.
+    u: Tensor,
+    /// The dropout mask (already divided by `1 - p`), when dropout is on.
+    mask: Option<Tensor>,
+}
+
+struct Ctx<'a> {
+    model: &'a DenseLlama,
+    lora: Option<&'a LoraParams>,
+    batch: &'a TrainBatch,
+    /// `None`: evaluation (no dropout).
+    dropout_seed: Option<u64>,
+}
+
+fn rms_norm(x: &Tensor, g: &Tensor, eps: f64) -> Result<Tensor> {
+    if x.dtype() == DType::F64 {
+        // The fused kernel has no f64 path; f64 is for the gradient checks.
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+        x.broadcast_mul(&r)?.broadcast_mul(g)
+    } else {
+        candle_nn::ops::rms_norm(x, g, eps as f32)
+    }
+}
+
+fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.dtype() == DType::F64 {
+        candle_nn::ops::softmax(x, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(x)
+    }
+}
+
+/// RMSNorm backward: `y = x r g`, `r = 1/sqrt(mean(x^2) + eps)`;
+/// `dx = r (dxhat - xhat mean(dxhat xhat))` with `dxhat = dy g`, `dg = sum(dy xhat)`.
+fn rms_norm_bwd(
+    x: &Tensor,
+    g: &Tensor,
+    dy: &Tensor,
+    eps: f64,
+    want_dg: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let xhat = x.broadcast_mul(&r)?;
+    let dxhat = dy.broadcast_mul(g)?;
+    let c = (&dxhat * &xhat)?.mean_keepdim(D::Minus1)?;
+    let dx = (dxhat - xhat.broadcast_mul(&c)?)?.broadcast_mul(&r)?;
+    let dg = if want_dg {
+        Some((dy * &xhat)?.sum(0)?)
+    } else {
+        None
+    };
+    Ok((dx, dg))
+}
+
+fn silu_parts(g: &Tensor) -> Result<(Tensor, Tensor)> {
+    let sig = candle_nn::ops::sigmoid(g)?;
+    let silu = (g * &sig)?;
+    Ok((sig, silu))
+}
+
+/// `x` `[n, in]`: `x W^T + b + scale * (x_d A^T) B^T`, and what the backward needs.
+fn linear_fwd(
+    l: &DenseLinear,
+    x: &Tensor,
+    lora: Option<&LoraAb>,
+    scale: f64,
+    dropout: Option<(f64, u64)>,
+    keep: bool,
+) -> Result<(Tensor, Option<LoraSaved>)> {
+    let mut y = x.matmul(&l.w.t()?)?;
+    if let Some(b) = &l.b {
+        y = y.broadcast_add(b)?;
+    }
+    let Some(ab) = lora else {
+        return Ok((y, None));
+    };
+    let (xd, mask) = match dropout {
+        Some((p, seed)) if p > 0.0 => {
+            let mask = dropout_mask(x, p, seed)?;
+            ((x * &mask)?, Some(mask))
+        }
+        _ => (x.clone(), None),
+    };
+    let u = xd.matmul(&ab.a.t()?)?;
+    let y = (y + (u.matmul(&ab.b.t()?)? * scale)?)?;
+    Ok((y, keep.then_some(LoraSaved { xd, u, mask })))
+}
+
+/// An inverted-dropout mask (0 or `1 / (1 - p)`) drawn from `seed`, so recomputation
+/// under gradient checkpointing draws the same one.
+fn dropout_mask(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let keep = 1.0 / (1.0 - p);
+    let m: Vec<f32> = (0..x.elem_count())
+        .map(|_| {
+            if rng.random::<f64>() < p {
+                0.0
+            } else {
+                keep as f32
+            }
+        })
+        .collect();
+    Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(x.dtype())
+}
+
+fn mix_seed(seed: u64, layer: usize, p: Projection) -> u64 {
+    // splitmix64 of (seed, layer, projection): distinct, well-spread streams.
+    let mut z = seed
+        .wrapping_add((layer as u64) << 8 | p.index() as u64)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+struct LinBwd<'a> {
+    layer: usize,
+    p: Projection,
+    l: &'a DenseLinear,
+    lora: Option<&'a LoraAb>,
+    scale: f64,
+    base_trainable: bool,
+    need_dx: bool,
+}
+
+impl LinBwd<'_> {
+    /// Input gradient of one projection; parameter gradients go to `grads`.
+    fn run(
+        &self,
+        x: &Tensor,
+        saved: Option<&LoraSaved>,
+        dy: &Tensor,
+        grads: &mut Grads,
+    ) -> Result<Option<Tensor>> {
+        let mut dx = if self.need_dx {
+            Some(dy.matmul(&self.l.w)?)
+        } else {
+            None
+        };
+        if self.base_trainable {
+            let gw = dy.t()?.matmul(x)?;
+            grads.accumulate(base_name(self.layer, self.p, "weight"), gw)?;
+            if self.l.b.is_some() {
+                let gb = dy.sum(0)?;
+                grads.accumulate(base_name(self.layer, self.p, "bias"), gb)?;
+            }
+        }
+        if let (Some(ab), Some(LoraSaved { xd, u, mask })) = (self.lora, saved) {
+            // y += s * u B^T, u = xd A^T:
+            // dB = s dy^T u, du = s dy B, dA = du^T xd, dx += du A (through the dropout mask).
+            let gb = (dy.t()?.matmul(u)? * self.scale)?;
+            let du = (dy.matmul(&ab.b)? * self.scale)?;
+            let ga = du.t()?.matmul(xd)?;
+            grads.accumulate(peft_name(self.layer, self.p, 'B'), gb)?;
+            grads.accumulate(peft_name(self.layer, self.p, 'A'), ga)?;
+            if let Some(d) = dx.as_mut() {
+                let mut dxl = du.matmul(&ab.a)?;
+                if let Some(m) = mask {
+                    dxl = (dxl * m)?;
+                }
+                *d = (&*d + dxl)?;
+            }
+        }
+        Ok(dx)
+    }
+}
+
+impl Ctx<'_> {
+    fn lora_of(&self, layer: usize, p: Projection) -> Option<&LoraAb> {
+        self.lora
+            .and_then(|l| l.layers.get(layer))
+            .and_then(|s| s[p.index()].as_ref())
+    }
+
+    fn scale(&self) -> f64 {
+        self.lora.map_or(0.0, |l| l.scale)
+    }
+
+    fn dropout(&self, layer: usize, p: Projection) -> Option<(f64, u64)> {
+        let seed = self.dropout_seed?;
+        let pr = self.lora?.config.lora_dropout;
+        (pr > 0.0).then(|| (pr, mix_seed(seed, layer, p)))
+    }
+
+    /// One block's forward on `x` `[n, hidden]`; with `keep`, what its backward needs.
+    fn layer_fwd(&self, i: usize, x: &Tensor, keep: bool) -> Result<(Tensor, Option<LayerCache>)> {
+        let m = self.model;
+        let cfg = &m.config;
+        let blk = &m.blocks[i];
+        let (b, t) = (self.batch.batch, self.batch.seq);
+        let (nh, kvh, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let n_rep = nh / kvh;
+        let s = self.scale();
+        let mut lora: [Option<LoraSaved>; 7] = Default::default();
+        let mut lin = |p: Projection, inp: &Tensor| -> Result<Tensor> {
+            let (y, saved) = linear_fwd(
+                &blk.proj[p.index()],
+                inp,
+                self.lora_of(i, p),
+                s,
+                self.dropout(i, p),
+                keep,
+            )?;
+            lora[p.index()] = saved;
+            Ok(y)
+        };
+
+        let h1 = rms_norm(x, &blk.attn_norm, cfg.rms_norm_eps)?;
+        let q = lin(Projection::Q, &h1)?;
+        let k = lin(Projection::K, &h1)?;
+        let v = lin(Projection::V, &h1)?;
+        let heads = |z: Tensor, n: usize| -> Result<Tensor> {
+            z.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let q4 = candle_nn::rotary_emb::rope(&heads(q, nh)?, &self.batch.cos, &self.batch.sin)?;
+        let kr = candle_nn::rotary_emb::rope(&heads(k, kvh)?, &self.batch.cos, &self.batch.sin)?;
+        let v4 = heads(v, kvh)?;
+        // Grouped-query attention without repeating k/v: the query heads sharing a kv head
+        // are folded into the sequence axis, [b, kv, n_rep * t, hd].
+        let qf = q4.reshape((b, kvh, n_rep * t, hd))?;
+        let att_scale = 1.0 / (hd as f64).sqrt();
+        let scores = ((qf.matmul(&kr.t()?)? * att_scale)?.broadcast_add(&self.batch.mask))?;
+        let p = softmax_last_dim(&scores)?;
+        drop(scores);
+        let y = p
+            .matmul(&v4)?
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b * t, nh * hd))?;
+        let o = lin(Projection::O, &y)?;
+        let x2 = (x + o)?;
+        let h2 = rms_norm(&x2, &blk.ffn_norm, cfg.rms_norm_eps)?;
+        let gate = lin(Projection::Gate, &h2)?;
+        let up = lin(Projection::Up, &h2)?;
+        let (_sig, sl) = silu_parts(&gate)?;
+        let act = (sl * &up)?;
+        let d = lin(Projection::Down, &act)?;
+        let x3 = (&x2 + d)?;
+        let cache = keep.then(|| LayerCache {
+            x: x.clone(),
+            h1,
+            qf,
+            kr,
+            v4,
+            p,
+            y,
+            x2,
+            h2,
+            gate,
+            up,
+            act,
+            lora,
+        });
+        Ok((x3, cache))
+    }
+
+    /// One block's backward: `dx3` in, `dx` out (`None` when nothing below needs it).
+    fn layer_bwd(
+        &self,
+        i: usize,
+        c: &LayerCache,
+        dx3: &Tensor,
+        train: &BaseTrain,
+        need_dx: bool,
+        grads: &mut Grads,
+    ) -> Result<Option<Tensor>> {
+        let m = self.model;
+        let cfg = &m.config;
+        let blk = &m.blocks[i];
+        let (b, t) = (self.batch.batch, self.batch.seq);
+        let (nh, kvh, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let n_rep = nh / kvh;
+        let base_trainable = i >= train.first_layer;
+        let lb = |p: Projection, need: bool| LinBwd {
+            layer: i,
+            p,
+            l: &blk.proj[p.index()],
+            lora: self.lora_of(i, p),
+            scale: self.scale(),
+            base_trainable,
+            need_dx: need,
+        };
+        let must = || candle_core::Error::Msg("input gradient was not computed".into());
+
+        // MLP.
+        let da = lb(Projection::Down, true)
+            .run(
+                &c.act,
+                c.lora[Projection::Down.index()].as_ref(),
+                dx3,
+                grads,
+            )?
+            .ok_or_else(must)?;
+        let (sig, sl) = silu_parts(&c.gate)?;
+        // silu'(g) = sig (1 + g (1 - sig))
+        let dsilu = (&sig * ((&c.gate * (1.0 - &sig)?)? + 1.0)?)?;
+        let dgate = ((&da * &c.up)? * dsilu)?;
+        let dup = (&da * sl)?;
+        let dh2 = (lb(Projection::Gate, true)
+            .run(
+                &c.h2,
+                c.lora[Projection::Gate.index()].as_ref(),
+                &dgate,
+                grads,
+            )?
+            .ok_or_else(must)?
+            + lb(Projection::Up, true)
+                .run(&c.h2, c.lora[Projection::Up.index()].as_ref(), &dup, grads)?
+                .ok_or_else(must)?)?;
+        let (dn, dg2) = rms_norm_bwd(&c.x2, &blk.ffn_norm, &dh2, cfg.rms_norm_eps, base_trainable)?;
+        if let Some(g) = dg2 {
+            grads.accumulate(
+                format!("model.layers.{i}.post_attention_layernorm.weight"),
+                g,
+            )?;
+        }
+        let dx2 = (dx3 + dn)?;
+
+        // Attention.
+        let dy = lb(Projection::O, true)
+            .run(&c.y, c.lora[Projection::O.index()].as_ref(), &dx2, grads)?
+            .ok_or_else(must)?;
+        let dy4 = dy
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, kvh, n_rep * t, hd))?;
+        let dp = dy4.matmul(&c.v4.t()?)?;
+        let dv4 = c.p.t()?.matmul(&dy4)?;
+        let ds = (&c.p * dp.broadcast_sub(&(&dp * &c.p)?.sum_keepdim(D::Minus1)?)?)?;
+        drop(dp);
+        let att_scale = 1.0 / (hd as f64).sqrt();
+        let dqf = (ds.matmul(&c.kr)? * att_scale)?;
+        let dkr = (ds.t()?.matmul(&c.qf)? * att_scale)?;
+        drop(ds);
+        let neg_sin = self.batch.sin.neg()?;
+        let unrope = |z: &Tensor| candle_nn::rotary_emb::rope(z, &self.batch.cos, &neg_sin);
+        let flat =
+            |z: Tensor, n: usize| -> Result<Tensor> { z.transpose(1, 2)?.reshape((b * t, n * hd)) };
+        let dq = flat(unrope(&dqf.reshape((b, nh, t, hd))?.contiguous()?)?, nh)?;
+        let dk = flat(unrope(&dkr.contiguous()?)?, kvh)?;
+        let dv = flat(dv4, kvh)?;
+        let need_h1 = need_dx || base_trainable;
+        let mut dh1: Option<Tensor> = None;
+        for (p, d) in [
+            (Projection::Q, &dq),
+            (Projection::K, &dk),
+            (Projection::V, &dv),
+        ] {
+            if let Some(g) = lb(p, need_h1).run(&c.h1, c.lora[p.index()].as_ref(), d, grads)? {
+                dh1 = Some(match dh1 {
+                    Some(acc) => (acc + g)?,
+                    None => g,
+                });
+            }
+        }
+        if !need_h1 {
+            return Ok(None);
+        }
+        let dh1 = dh1.ok_or_else(must)?;
+        let (dn, dg1) = rms_norm_bwd(&c.x, &blk.attn_norm, &dh1, cfg.rms_norm_eps, base_trainable)?;
+        if let Some(g) = dg1 {
+            grads.accumulate(format!("model.layers.{i}.input_layernorm.weight"), g)?;
+        }
+        if need_dx {
+            Ok(Some((dx2 + dn)?))
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+/// Rows of the output head processed at once: bounds the `[rows, vocab]` logits buffer.
+const HEAD_CHUNK: usize = 256;
+
+impl DenseLlama {
+    /// Forward and backward over one micro-batch: gradients (times `opts.grad_scale`) are
+    /// accumulated into `grads`; returns the loss statistics.
+    pub fn forward_backward(
+        &self,
+        lora: Option<&LoraParams>,
+        train: &BaseTrain,
+        batch: &TrainBatch,
+        opts: &PassOptions,
+        grads: &mut Grads,
+    ) -> Result<PassStats> {
+        let ctx = Ctx {
+            model: self,
+            lora,
+            batch,
+            dropout_seed: Some(opts.dropout_seed),
+        };
+        let n_layers = self.blocks.len();
+        let mut x = self.embed.index_select(&batch.input_ids, 0)?;
+        let mut inputs = Vec::with_capacity(n_layers);
+        let mut caches = Vec::with_capacity(n_layers);
+        for i in 0..n_layers {
+            let (next, cache) = ctx.layer_fwd(i, &x, !opts.checkpointing)?;
+            if opts.checkpointing {
+                inputs.push(x);
+            } else {
+                caches.push(cache);
+            }
+            x = next;
+        }
+        let hf = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
+        let (stats, dhf) = self.head(&hf, batch, Some((opts.grad_scale, train, &mut *grads)))?;
+        let dhf = dhf.ok_or_else(|| candle_core::Error::Msg("no head gradient".into()))?;
+        let (mut dx, dg) = rms_norm_bwd(
+            &x,
+            &self.norm,
+            &dhf,
+            self.config.rms_norm_eps,
+            train.final_norm,
+        )?;
+        if let Some(g) = dg {
+            grads.accumulate("model.norm.weight".into(), g)?;
+        }
+        drop((x, hf, dhf));
+
+        // The lowest layer whose backward matters: the first with a trainable parameter.
+        let lowest = if train.embeddings {
+            0
+        } else {
+            (0..n_layers)
+                .find(|&i| {
+                    i >= train.first_layer
+                        || lora.is_some_and(|l| l.layers[i].iter().any(Option::is_some))
+                })
+                .unwrap_or(n_layers)
+        };
+        for i in (lowest..n_layers).rev() {
+            let cache = if opts.checkpointing {
+                let x_in = inputs
+                    .pop()
+                    .ok_or_else(|| candle_core::Error::Msg("lost input".into()))?;
+                ctx.layer_fwd(i, &x_in, true)?.1
+            } else {
+                caches.pop().flatten()
+            };
+            let cache = cache.ok_or_else(|| candle_core::Error::Msg("lost layer cache".into()))?;
+            let need_dx = i > lowest || train.embeddings;
+            match ctx.layer_bwd(i, &cache, &dx, train, need_dx, grads)? {
+                Some(d) => dx = d,
+                None => break,
+            }
+        }
+        if train.embeddings {
+            let ge = self
+                .embed
+                .zeros_like()?
+                .index_add(&batch.input_ids, &dx, 0)?;
+            grads.accumulate("model.embed_tokens.weight".into(), ge)?;
+        }
+        Ok(stats)
+    }
+
+    /// Loss statistics without gradients (evaluation; no dropout).
+    pub fn evaluate(&self, lora: Option<&LoraParams>, batch: &TrainBatch) -> Result<PassStats> {
+        let ctx = Ctx {
+            model: self,
+            lora,
+            batch,
+            dropout_seed: None,
+        };
+        let mut x = self.embed.index_select(&batch.input_ids, 0)?;
+        for i in 0..self.blocks.len() {
+            x = ctx.layer_fwd(i, &x, false)?.0;
+        }
+        let hf = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
+        Ok(self.head(&hf, batch, None)?.0)
+    }
+
+    /// Cross-entropy over the scored rows of `hf` (`[n, hidden]`, after the final norm),
+    /// `HEAD_CHUNK` rows at a time; with `backward`, the gradient w.r.t. `hf`.
+    fn head(
+        &self,
+        hf: &Tensor,
+        batch: &TrainBatch,
+        mut backward: Option<(f64, &BaseTrain, &mut Grads)>,
+    ) -> Result<(PassStats, Option<Tensor>)> {
+        let w = self.head_weight();
+        let dev = &self.device;
+        let mut stats = PassStats::default();
+        let mut dhf = match backward {
+            Some(_) => Some(hf.zeros_like()?),
+            None => None,
+        };
+        let mut dw: Option<Tensor> = None;
+        // Softmax in f32 at least (f64 for the gradient checks).
+        let cdt = if self.dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let n = batch.scored_idx.len();
+        let mut start = 0;
+        while start < n {
+            let len = HEAD_CHUNK.min(n - start);
+            let idx = Tensor::from_slice(&batch.scored_idx[start..start + len], len, dev)?;
+            let tgt = Tensor::from_slice(&batch.scored_targets[start..start + len], (len, 1), dev)?;
+            let wts = &batch.scored_weights[start..start + len];
+            let hs = hf.index_select(&idx, 0)?;
+            let logits = hs.matmul(&w.t()?)?.to_dtype(cdt)?;
+            let mx = logits.max_keepdim(D::Minus1)?;
+            let z = logits.broadcast_sub(&mx)?;
+            drop(logits);
+            let lse = z.exp()?.sum_keepdim(D::Minus1)?.log()?;
+            let zt = z.gather(&tgt, D::Minus1)?;
+            let nll: Vec<f64> = (&lse - &zt)?
+                .flatten_all()?
+                .to_dtype(DType::F64)?
+                .to_vec1()?;
+            let argmax: Vec<u32> = z.argmax(D::Minus1)?.to_vec1()?;
+            for (k, &l) in nll.iter().enumerate() {
+                stats.weighted_nll += wts[k] as f64 * l;
+                stats.weight_sum += wts[k] as f64;
+                stats.scored += 1;
+                if argmax[k] == batch.scored_targets[start + k] {
+                    stats.correct += 1;
+                }
+            }
+            if let Some((grad_scale, train, _)) = backward.as_mut() {
+                // d loss / d logits = w (softmax - onehot), times the step's 1 / sum(w).
+                let ws: Vec<f32> = wts
+                    .iter()
+                    .map(|&w| (w as f64 * *grad_scale) as f32)
+                    .collect();
+                let ws = Tensor::from_vec(ws, (len, 1), dev)?.to_dtype(cdt)?;
+                let p = z.broadcast_sub(&lse)?.exp()?;
+                drop(z);
+                let onehot = p.zeros_like()?.scatter_add(&tgt, &ws, D::Minus1)?;
+                let dlogits = (p.broadcast_mul(&ws)? - onehot)?.to_dtype(self.dtype)?;
+                let dhs = dlogits.matmul(w)?;
+                if let Some(d) = dhf.as_mut() {
+                    *d = d.index_add(&idx, &dhs, 0)?;
+                }
+                if train.embeddings {
+                    let g = dlogits.t()?.matmul(&hs)?;
+                    dw = Some(match dw {
+                        Some(acc) => (acc + g)?,
+                        None => g,
+                    });
+                }
+            }
+            start += len;
+        }
+        if let (Some((_, _, grads)), Some(g)) = (backward.as_mut(), dw) {
+            let name = if self.lm_head.is_some() {
+                "lm_head.weight"
+            } else {
+                "model.embed_tokens.weight"
+            };
+            grads.accumulate(name.into(), g)?;
+        }
+        Ok((stats, dhf))
+    }
+}

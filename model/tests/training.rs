@@ -1,0 +1,247 @@
+//! The training graph's loss and gradients, checked against finite differences of its own
+//! loss (float64) and against a PyTorch autograd reference (`fixtures/gen_train_ref.py`).
+
+use candle_core::{DType, Device, Tensor};
+use loraloop_model::llama::load::load_hf_dir;
+use loraloop_model::lora::read_peft_dir;
+use loraloop_model::train::{
+    BaseTrain, DenseLlama, Grads, LoraParams, PassOptions, PassStats, Row, TrainBatch,
+};
+use std::path::PathBuf;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn dense(name: &str, dtype: DType) -> DenseLlama {
+    let m = load_hf_dir(&fixture(name), &Device::Cpu, DType::F32).unwrap();
+    DenseLlama::from_llama(&m, dtype).unwrap()
+}
+
+fn fixture_lora(model: &DenseLlama) -> LoraParams {
+    let (cfg, tensors) = read_peft_dir(&fixture("tiny-llama-lora"), &Device::Cpu).unwrap();
+    LoraParams::from_tensors(cfg, &tensors, &model.config, model.dtype).unwrap()
+}
+
+/// Two rows: one plain sequence with a prompt and varied weights, one with two packed
+/// examples and padding (the batch of `gen_train_ref.py`).
+fn rows() -> Vec<Row> {
+    vec![
+        Row {
+            tokens: vec![3, 17, 42, 8, 25, 61, 0, 33],
+            positions: vec![0, 1, 2, 3, 4, 5, 6, 7],
+            segments: vec![1; 8],
+            targets: vec![-1, -1, -1, 25, 61, 0, 33, -1],
+            weights: vec![0., 0., 0., 1.0, 1.0, 0.5, 0.5, 0.],
+        },
+        Row {
+            tokens: vec![5, 9, 14, 2, 50, 7, 1, 1],
+            positions: vec![0, 1, 2, 0, 1, 2, 0, 0],
+            segments: vec![1, 1, 1, 2, 2, 2, 0, 0],
+            targets: vec![9, 14, -1, 50, 7, -1, -1, -1],
+            weights: vec![1.0, 1.0, 0., 2.0, 1.0, 0., 0., 0.],
+        },
+    ]
+}
+
+fn opts(batch: &TrainBatch, checkpointing: bool) -> PassOptions {
+    PassOptions {
+        grad_scale: 1.0 / batch.weight_sum(),
+        checkpointing,
+        dropout_seed: 7,
+    }
+}
+
+fn loss(model: &DenseLlama, lora: Option<&LoraParams>, batch: &TrainBatch) -> f64 {
+    model.evaluate(lora, batch).unwrap().loss()
+}
+
+fn value_at(t: &Tensor, flat: usize) -> f64 {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()[flat]
+}
+
+fn nudged(t: &Tensor, flat: usize, by: f64) -> Tensor {
+    let mut v = t
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    v[flat] += by;
+    Tensor::from_vec(v, t.shape(), t.device())
+        .unwrap()
+        .to_dtype(t.dtype())
+        .unwrap()
+}
+
+/// Central differences `(L(p + e) - L(p - e)) / 2e` at a few entries of each named
+/// parameter, compared with the analytic gradient.
+fn check_against_finite_differences(
+    model: &mut DenseLlama,
+    lora: &mut Option<LoraParams>,
+    names: &[&str],
+    grads: &Grads,
+    batch_rows: &[Row],
+) {
+    let eps = 1e-6;
+    let mut checked = 0;
+    for name in names {
+        let analytic = grads
+            .get(name)
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let n = analytic.elem_count();
+        for flat in [0, n / 3, n / 2 + 1, n - 1] {
+            let original = param(model, lora, name).clone();
+            *param(model, lora, name) = nudged(&original, flat, eps);
+            let batch = TrainBatch::new(batch_rows, model).unwrap();
+            let up = loss(model, lora.as_ref(), &batch);
+            *param(model, lora, name) = nudged(&original, flat, -eps);
+            let down = loss(model, lora.as_ref(), &batch);
+            *param(model, lora, name) = original;
+            let numeric = (up - down) / (2.0 * eps);
+            let got = value_at(analytic, flat);
+            let tol = 1e-6 + 1e-4 * numeric.abs().max(got.abs());
+            assert!(
+                (numeric - got).abs() <= tol,
+                "{name}[{flat}]: analytic {got:e}, finite difference {numeric:e}"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, names.len() * 4);
+}
+
+fn param<'a>(
+    model: &'a mut DenseLlama,
+    lora: &'a mut Option<LoraParams>,
+    name: &str,
+) -> &'a mut Tensor {
+    if name.starts_with("base_model.") {
+        lora.as_mut().unwrap().param_mut(name).unwrap()
+    } else {
+        model.param_mut(name).unwrap()
+    }
+}
+
+#[test]
+fn lora_gradients_match_finite_differences_in_float64() {
+    for model_name in ["tiny-llama", "tiny-qwen2"] {
+        let mut model = dense(model_name, DType::F64);
+        let mut lora = Some(fixture_lora(&model));
+        let batch = TrainBatch::new(&rows(), &model).unwrap();
+        let mut grads = Grads::default();
+        let stats = model
+            .forward_backward(
+                lora.as_ref(),
+                &BaseTrain::frozen(model.config.num_layers),
+                &batch,
+                &opts(&batch, false),
+                &mut grads,
+            )
+            .unwrap();
+        assert_eq!(stats.scored, 8, "positions with a target and weight > 0");
+        assert_eq!(
+            grads.map.len(),
+            2 * 7 * 2,
+            "A and B of 7 projections, 2 layers"
+        );
+        check_against_finite_differences(
+            &mut model,
+            &mut lora,
+            &[
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+                "base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight",
+                "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight",
+                "base_model.model.model.layers.1.self_attn.o_proj.lora_B.weight",
+                "base_model.model.model.layers.0.mlp.gate_proj.lora_B.weight",
+                "base_model.model.model.layers.1.mlp.up_proj.lora_A.weight",
+                "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight",
+            ],
+            &grads,
+            &rows(),
+        );
+    }
+}
+
+#[test]
+fn full_fine_tuning_gradients_match_finite_differences_in_float64() {
+    for model_name in ["tiny-llama", "tiny-qwen2"] {
+        let mut model = dense(model_name, DType::F64);
+        let mut lora = None;
+        let batch = TrainBatch::new(&rows(), &model).unwrap();
+        let mut grads = Grads::default();
+        model
+            .forward_backward(
+                None,
+                &BaseTrain::full(),
+                &batch,
+                &opts(&batch, false),
+                &mut grads,
+            )
+            .unwrap();
+        let mut names = vec![
+            "model.embed_tokens.weight",
+            "model.layers.0.input_layernorm.weight",
+            "model.layers.1.post_attention_layernorm.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.1.self_attn.k_proj.weight",
+            "model.layers.0.mlp.down_proj.weight",
+            "model.norm.weight",
+        ];
+        if model_name == "tiny-qwen2" {
+            names.push("model.layers.1.self_attn.q_proj.bias");
+        } else {
+            names.push("lm_head.weight");
+        }
+        check_against_finite_differences(&mut model, &mut lora, &names, &grads, &rows());
+    }
+}
+
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients() {
+    let model = dense("tiny-llama", DType::F32);
+    let mut lora = fixture_lora(&model);
+    lora.config.lora_dropout = 0.1;
+    let batch = TrainBatch::new(&rows(), &model).unwrap();
+    let run = |ckpt: bool| {
+        let mut g = Grads::default();
+        let s = model
+            .forward_backward(
+                Some(&lora),
+                &BaseTrain::frozen(2),
+                &batch,
+                &opts(&batch, ckpt),
+                &mut g,
+            )
+            .unwrap();
+        (s, g)
+    };
+    let (s1, g1) = run(false);
+    let (s2, g2) = run(true);
+    assert_eq!(s1, s2);
+    assert_eq!(g1.map.len(), g2.map.len());
+    for (name, a) in &g1.map {
+        let b = &g2.map[name];
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{name} differs");
+    }
+}
+
+#[test]
+fn evaluation_counts_only_positions_with_a_target_and_a_positive_weight() {
+    let model = dense("tiny-llama", DType::F32);
+    let batch = TrainBatch::new(&rows(), &model).unwrap();
+    let s: PassStats = model.evaluate(None, &batch).unwrap();
+    assert_eq!(s.scored, 8);
+    assert_eq!(s.weight_sum, 1.0 + 1.0 + 0.5 + 0.5 + 1.0 + 1.0 + 2.0 + 1.0);
+    // A random 64-token model: the loss is near ln(64) = 4.16.
+    assert!((3.0..5.5).contains(&s.loss()), "{}", s.loss());
+}
