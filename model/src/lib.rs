@@ -11,6 +11,7 @@ pub mod q4_1;
 pub mod registry;
 pub mod sampling;
 pub mod template;
+pub mod testing;
 pub mod tokenizer;
 pub mod train;
 

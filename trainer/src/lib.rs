@@ -1,3 +1,12 @@
-//! loraloop's trainer: dataset formats and validation (the training loop comes later).
+//! loraloop's trainer: dataset formats and validation, tokenization with loss weights,
+//! batching and packing, the training loop (AdamW, schedules, gradient accumulation and
+//! clipping, evaluation, early stopping), checkpoints in PEFT format, and evaluation.
 
+pub mod batch;
+pub mod checkpoint;
+pub mod config;
 pub mod dataset;
+pub mod generate;
+pub mod optim;
+pub mod run;
+pub mod tokenize;

@@ -1,0 +1,139 @@
+//! Tiny random chat models for tests and quick demos: a Hugging Face folder with a
+//! byte-level tokenizer (every byte a token, plus the ChatML markers), a ChatML template
+//! and random llama weights. Training and generation run on it in milliseconds.
+
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Shape of a tiny model.
+#[derive(Debug, Clone, Copy)]
+pub struct TinySpec {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub seed: u64,
+}
+
+impl Default for TinySpec {
+    fn default() -> Self {
+        Self {
+            hidden: 64,
+            intermediate: 128,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            seed: 0,
+        }
+    }
+}
+
+const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// Write `config.json`, `model.safetensors`, `tokenizer.json` and
+/// `tokenizer_config.json` of a random tiny llama into `dir`.
+pub fn write_tiny_chat_model(dir: &Path, spec: TinySpec) -> Result<(), String> {
+    use tokenizers::models::bpe::BPE;
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    use tokenizers::{AddedToken, Tokenizer};
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+    alphabet.sort();
+    let vocab: tokenizers::models::bpe::Vocab = alphabet
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.to_string(), i as u32))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, vec![])
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut tok = Tokenizer::new(bpe);
+    tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, false)));
+    tok.with_decoder(Some(ByteLevel::default()));
+    tok.add_special_tokens(vec![
+        AddedToken::from("<|im_start|>", true),
+        AddedToken::from("<|im_end|>", true),
+    ])
+    .map_err(|e| e.to_string())?;
+    let vocab_size = tok.get_vocab_size(true);
+    tok.save(dir.join("tokenizer.json"), false)
+        .map_err(|e| e.to_string())?;
+    let tc = serde_json::json!({
+        "chat_template": CHATML,
+        "bos_token": null,
+        "eos_token": "<|im_end|>",
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).map_err(|e| e.to_string())?;
+
+    let s = spec;
+    let head_dim = s.hidden / s.heads;
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": s.hidden,
+        "intermediate_size": s.intermediate,
+        "num_hidden_layers": s.layers,
+        "num_attention_heads": s.heads,
+        "num_key_value_heads": s.kv_heads,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 1024,
+        "tie_word_embeddings": true,
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).map_err(|e| e.to_string())?;
+
+    let mut rng = StdRng::seed_from_u64(s.seed);
+    let mut randn = |shape: (usize, usize), std: f32| -> Result<Tensor, String> {
+        // Box-Muller from the seeded generator (candle's CPU randn is not seedable).
+        let n = shape.0 * shape.1;
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                let u1: f32 = rng.random_range(1e-7..1.0);
+                let u2: f32 = rng.random();
+                std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).map_err(|e| e.to_string())
+    };
+    let ones = |n: usize| Tensor::ones(n, candle_core::DType::F32, &Device::Cpu);
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    tensors.insert(
+        "model.embed_tokens.weight".into(),
+        randn((vocab_size, s.hidden), 0.5)?,
+    );
+    tensors.insert(
+        "model.norm.weight".into(),
+        ones(s.hidden).map_err(|e| e.to_string())?,
+    );
+    let (q, kv) = (s.heads * head_dim, s.kv_heads * head_dim);
+    for i in 0..s.layers {
+        let p = format!("model.layers.{i}");
+        let std_in = 1.0 / (s.hidden as f32).sqrt();
+        let std_mid = 1.0 / (s.intermediate as f32).sqrt();
+        for (name, shape, std) in [
+            ("self_attn.q_proj", (q, s.hidden), std_in),
+            ("self_attn.k_proj", (kv, s.hidden), std_in),
+            ("self_attn.v_proj", (kv, s.hidden), std_in),
+            ("self_attn.o_proj", (s.hidden, q), std_in),
+            ("mlp.gate_proj", (s.intermediate, s.hidden), std_in),
+            ("mlp.up_proj", (s.intermediate, s.hidden), std_in),
+            ("mlp.down_proj", (s.hidden, s.intermediate), std_mid),
+        ] {
+            tensors.insert(format!("{p}.{name}.weight"), randn(shape, std)?);
+        }
+        for n in ["input_layernorm", "post_attention_layernorm"] {
+            tensors.insert(
+                format!("{p}.{n}.weight"),
+                ones(s.hidden).map_err(|e| e.to_string())?,
+            );
+        }
+    }
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))
+        .map_err(|e| e.to_string())
+}

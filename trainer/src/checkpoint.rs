@@ -1,0 +1,416 @@
+//! Checkpoints and the final output, written atomically.
+//!
+//! `checkpoint-STEP/` holds a complete PEFT adapter (`adapter_config.json` +
+//! `adapter_model.safetensors`; for `full`/`freeze` runs the trained base weights in
+//! `trainable.safetensors`), the AdamW moments (`optimizer.safetensors`), the
+//! `trainer_state.json` (step, loss history, evaluations, the data fingerprint) and
+//! `loraloop_adapter.json` (hashes of the base model, tokenizer and chat template the
+//! weights belong to). It is written under a `.tmp-` name and renamed into place only when
+//! every file is on disk, so a crash or a full disk never leaves a half-written folder
+//! that looks complete, and the previous checkpoint stays as it was.
+
+use crate::config::{Method, TrainConfig};
+use crate::optim::AdamW;
+use crate::run::{Ending, EvalMetrics, SaveCtx, TrainError, Trainable};
+use candle_core::{DType, Device, Tensor};
+use loraloop_model::lora::{ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PeftConfig, read_peft_dir};
+use loraloop_model::train::{DenseLlama, LoraParams};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const TRAINER_STATE_FILE: &str = "trainer_state.json";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const TRAINABLE_FILE: &str = "trainable.safetensors";
+pub const METADATA_FILE: &str = "loraloop_adapter.json";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogEntry {
+    pub step: usize,
+    pub loss: f64,
+    pub learning_rate: f64,
+    pub grad_norm: f64,
+    pub tokens_per_sec: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalEntry {
+    pub step: usize,
+    #[serde(flatten)]
+    pub metrics: EvalMetrics,
+}
+
+/// `trainer_state.json`: where the run is and how it went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub global_step: usize,
+    pub total_steps: usize,
+    pub epoch: f64,
+    pub config: TrainConfig,
+    pub data_hash: String,
+    pub base_model_hash: String,
+    /// AdamW's update count.
+    pub optimizer_steps: u64,
+    pub log_history: Vec<LogEntry>,
+    pub eval_history: Vec<EvalEntry>,
+    pub best_eval_loss: Option<f64>,
+    pub evals_without_improvement: usize,
+    pub last_checkpoint: Option<String>,
+    pub final_loss: Option<f64>,
+    pub final_eval: Option<EvalMetrics>,
+    pub ending: Option<Ending>,
+}
+
+impl TrainerState {
+    pub fn new(c: &TrainConfig, total: usize, data_hash: String, base_model_hash: String) -> Self {
+        Self {
+            global_step: 0,
+            total_steps: total,
+            epoch: 0.0,
+            config: c.clone(),
+            data_hash,
+            base_model_hash,
+            optimizer_steps: 0,
+            log_history: Vec::new(),
+            eval_history: Vec::new(),
+            best_eval_loss: None,
+            evals_without_improvement: 0,
+            last_checkpoint: None,
+            final_loss: None,
+            final_eval: None,
+            ending: None,
+        }
+    }
+}
+
+/// `loraloop_adapter.json`: what the weights were trained against.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterMetadata {
+    pub method: Method,
+    pub base_model: String,
+    pub base_model_hash: String,
+    pub tokenizer_hash: String,
+    pub chat_template_hash: String,
+    pub step: usize,
+    pub final_loss: Option<f64>,
+    pub eval: Option<EvalMetrics>,
+}
+
+impl AdapterMetadata {
+    pub fn read(dir: &Path) -> std::io::Result<Self> {
+        let text = std::fs::read_to_string(dir.join(METADATA_FILE))?;
+        serde_json::from_str(&text).map_err(std::io::Error::other)
+    }
+}
+
+/// The files and folders a run writes into its output folder that exist now.
+pub fn run_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    if !dir.is_dir() {
+        return Ok(out);
+    }
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let ours = name.starts_with("checkpoint-")
+            || name.starts_with(".tmp-")
+            || [
+                ADAPTER_CONFIG_FILE,
+                ADAPTER_WEIGHTS_FILE,
+                TRAINER_STATE_FILE,
+                METADATA_FILE,
+                "model.safetensors",
+                "config.json",
+                "tokenizer.json",
+                "tokenizer_config.json",
+            ]
+            .contains(&name.as_str());
+        if ours {
+            out.push(path);
+        }
+    }
+    Ok(out)
+}
+
+fn io_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
+    TrainError::Write {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// Write `bytes` to `path` and flush them to disk.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+    let mut f = std::fs::File::create(path).map_err(|e| io_err(path, e))?;
+    f.write_all(bytes).map_err(|e| io_err(path, e))?;
+    f.sync_all().map_err(|e| io_err(path, e))
+}
+
+fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>, TrainError> {
+    let data: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
+        .collect::<candle_core::Result<_>>()?;
+    safetensors::serialize(data.iter().map(|(k, v)| (k.as_str(), v)), None)
+        .map_err(|e| TrainError::Invalid(format!("serializing tensors: {e}")))
+}
+
+fn json_bytes(v: &impl Serialize) -> Vec<u8> {
+    serde_json::to_vec_pretty(v).expect("plain data serializes")
+}
+
+/// Fill a fresh folder through `fill`, then rename it to `dest` (replacing an older one).
+fn write_dir_atomically(
+    dest: &Path,
+    fill: impl FnOnce(&Path) -> Result<(), TrainError>,
+) -> Result<(), TrainError> {
+    let parent = dest.parent().unwrap_or(Path::new("."));
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = parent.join(format!(".tmp-{name}"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if dest.exists() {
+        std::fs::remove_dir_all(dest).map_err(|e| io_err(dest, e))?;
+    }
+    std::fs::rename(&tmp, dest).map_err(|e| io_err(dest, e))?;
+    if let Ok(d) = std::fs::File::open(parent) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+impl SaveCtx<'_> {
+    fn metadata(&self, state: &TrainerState) -> AdapterMetadata {
+        let base_model = self
+            .peft_config
+            .as_ref()
+            .and_then(|p| p.base_model_name_or_path.clone())
+            .unwrap_or_else(|| self.model.name());
+        AdapterMetadata {
+            method: state.config.method,
+            base_model,
+            base_model_hash: self.base_model_hash.to_string(),
+            tokenizer_hash: self.model.tokenizer.fingerprint(),
+            chat_template_hash: self.model.template.fingerprint(),
+            step: state.global_step,
+            final_loss: state.final_loss,
+            eval: state.final_eval,
+        }
+    }
+
+    fn write_weights(
+        &self,
+        dir: &Path,
+        tr: &Trainable,
+        full_model: bool,
+    ) -> Result<(), TrainError> {
+        match (&tr.lora, &self.peft_config) {
+            (Some(lora), Some(cfg)) => {
+                write_synced(&dir.join(ADAPTER_CONFIG_FILE), &json_bytes(cfg))?;
+                write_synced(
+                    &dir.join(ADAPTER_WEIGHTS_FILE),
+                    &safetensors_bytes(&lora.to_tensors()?)?,
+                )?;
+            }
+            _ => {
+                let n_layers = tr.model.blocks.len();
+                let tensors: HashMap<String, Tensor> = tr
+                    .model
+                    .named_params()
+                    .into_iter()
+                    .filter(|(n, _)| {
+                        full_model || crate::run::base_param_trains(n, &tr.base, n_layers)
+                    })
+                    .map(|(n, t)| (n, t.clone()))
+                    .collect();
+                let file = if full_model {
+                    "model.safetensors"
+                } else {
+                    TRAINABLE_FILE
+                };
+                write_synced(&dir.join(file), &safetensors_bytes(&tensors)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Write `checkpoint-STEP/`; returns its path.
+    pub fn save_checkpoint(
+        &self,
+        tr: &Trainable,
+        opt: &AdamW,
+        state: &TrainerState,
+    ) -> Result<PathBuf, TrainError> {
+        let dest = self
+            .output_dir
+            .join(format!("checkpoint-{}", state.global_step));
+        let mut state = state.clone();
+        state.optimizer_steps = opt.t;
+        write_dir_atomically(&dest, |dir| {
+            self.write_weights(dir, tr, false)?;
+            let mut moments = HashMap::new();
+            for (k, v) in &opt.m {
+                moments.insert(format!("m::{k}"), v.clone());
+            }
+            for (k, v) in &opt.v {
+                moments.insert(format!("v::{k}"), v.clone());
+            }
+            write_synced(&dir.join(OPTIMIZER_FILE), &safetensors_bytes(&moments)?)?;
+            write_synced(
+                &dir.join(METADATA_FILE),
+                &json_bytes(&self.metadata(&state)),
+            )?;
+            // Last: its presence marks the folder as complete.
+            write_synced(&dir.join(TRAINER_STATE_FILE), &json_bytes(&state))
+        })?;
+        Ok(dest)
+    }
+
+    /// The final weights in the output folder itself: a PEFT adapter (lora), or a
+    /// Hugging Face model folder (full / freeze) that `loraloop chat --model` loads.
+    pub fn save_final(&self, tr: &Trainable, state: &TrainerState) -> Result<(), TrainError> {
+        let staging = self.output_dir.join("final");
+        let files = |dir: &Path| -> Result<(), TrainError> {
+            self.write_weights(dir, tr, true)?;
+            if tr.lora.is_none() {
+                write_synced(&dir.join("config.json"), &json_bytes(&hf_config(&tr.model)))?;
+                let tok = dir.join("tokenizer.json");
+                self.model
+                    .tokenizer
+                    .inner()
+                    .save(&tok, false)
+                    .map_err(|e| io_err(&tok, e))?;
+                let tc = serde_json::json!({
+                    "chat_template": self.model.template.source(),
+                    "bos_token": self.model.tokenizer.bos_str(),
+                    "eos_token": self.model.tokenizer.eos_str(),
+                });
+                write_synced(&dir.join("tokenizer_config.json"), &json_bytes(&tc))?;
+            }
+            write_synced(&dir.join(METADATA_FILE), &json_bytes(&self.metadata(state)))?;
+            write_synced(&dir.join(TRAINER_STATE_FILE), &json_bytes(state))
+        };
+        write_dir_atomically(&staging, files)?;
+        // Move each file into the output folder (renames within one filesystem).
+        for entry in std::fs::read_dir(&staging).map_err(|e| io_err(&staging, e))? {
+            let from = entry.map_err(|e| io_err(&staging, e))?.path();
+            let to = self.output_dir.join(from.file_name().unwrap_or_default());
+            std::fs::rename(&from, &to).map_err(|e| io_err(&to, e))?;
+        }
+        std::fs::remove_dir(&staging).map_err(|e| io_err(&staging, e))
+    }
+}
+
+/// A Hugging Face `config.json` for a dense model.
+fn hf_config(m: &DenseLlama) -> serde_json::Value {
+    let c = &m.config;
+    let (arch, ty) = match c.architecture.as_str() {
+        "qwen2" => ("Qwen2ForCausalLM", "qwen2"),
+        "mistral" => ("MistralForCausalLM", "mistral"),
+        _ => ("LlamaForCausalLM", "llama"),
+    };
+    let mut v = serde_json::json!({
+        "architectures": [arch],
+        "model_type": ty,
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "max_position_embeddings": c.max_position_embeddings,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "torch_dtype": "float32",
+    });
+    if let Some(s) = c.rope_scaling {
+        v["rope_scaling"] = serde_json::json!({
+            "rope_type": "llama3",
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings,
+        });
+    }
+    v
+}
+
+/// A checkpoint folder read back.
+#[derive(Debug)]
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub state: TrainerState,
+}
+
+impl Checkpoint {
+    pub fn load(dir: &Path) -> Result<Self, String> {
+        let path = dir.join(TRAINER_STATE_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            format!(
+                "{} is not a complete checkpoint ({}: {e})",
+                dir.display(),
+                TRAINER_STATE_FILE
+            )
+        })?;
+        let state: TrainerState =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            state,
+        })
+    }
+
+    pub fn lora_params(&self, model: &DenseLlama) -> Result<LoraParams, TrainError> {
+        let (cfg, tensors): (PeftConfig, _) = read_peft_dir(&self.dir, &model.device)?;
+        Ok(LoraParams::from_tensors(
+            cfg,
+            &tensors,
+            &model.config,
+            model.dtype,
+        )?)
+    }
+
+    pub fn restore_base(&self, model: &mut DenseLlama) -> Result<(), TrainError> {
+        let path = self.dir.join(TRAINABLE_FILE);
+        let tensors =
+            candle_core::safetensors::load(&path, &model.device).map_err(|e| io_err(&path, e))?;
+        let dtype = model.dtype;
+        for (name, t) in tensors {
+            let p = model.param_mut(&name).ok_or_else(|| {
+                TrainError::Invalid(format!("checkpoint has unknown tensor {name}"))
+            })?;
+            *p = t.to_dtype(dtype)?;
+        }
+        Ok(())
+    }
+
+    pub fn restore_optimizer(&self, opt: &mut AdamW, device: &Device) -> Result<(), TrainError> {
+        let path = self.dir.join(OPTIMIZER_FILE);
+        let tensors =
+            candle_core::safetensors::load(&path, device).map_err(|e| io_err(&path, e))?;
+        for (k, v) in tensors {
+            if let Some(name) = k.strip_prefix("m::") {
+                opt.m.insert(name.to_string(), v);
+            } else if let Some(name) = k.strip_prefix("v::") {
+                opt.v.insert(name.to_string(), v);
+            }
+        }
+        opt.t = self.state.optimizer_steps;
+        Ok(())
+    }
+}

@@ -1,0 +1,45 @@
+//! Greedy generation for evaluation samples and replay: the same forward pass the engine
+//! runs, without its threads and streaming.
+
+use loraloop_model::engine::LoadedModel;
+use loraloop_model::lora::LoraAdapter;
+use loraloop_model::template::TemplateMessage;
+
+/// The greedy reply to `messages` (at most `max_new_tokens`, stopping at end of turn).
+pub fn greedy_reply(
+    model: &LoadedModel,
+    adapter: Option<&LoraAdapter>,
+    messages: &[TemplateMessage],
+    max_new_tokens: usize,
+) -> Result<String, String> {
+    let (prompt, _) = model
+        .chat_prompt(messages, max_new_tokens)
+        .map_err(|e| e.to_string())?;
+    let llama = &model.llama;
+    let eos = model.tokenizer.eos_token_ids();
+    let mut cache = llama.new_cache();
+    let mut input = prompt;
+    let mut out = Vec::new();
+    for _ in 0..max_new_tokens {
+        let t = candle_core::Tensor::new(input.as_slice(), &llama.device)
+            .and_then(|t| t.unsqueeze(0))
+            .map_err(|e| e.to_string())?;
+        let logits = llama
+            .forward(&t, &mut cache, adapter)
+            .and_then(|l| l.squeeze(0))
+            .map_err(|e| e.to_string())?;
+        let next = logits
+            .argmax(0)
+            .and_then(|a| a.to_scalar::<u32>())
+            .map_err(|e| e.to_string())?;
+        if eos.contains(&next) {
+            break;
+        }
+        out.push(next);
+        input = vec![next];
+    }
+    model
+        .tokenizer
+        .decode(&out, true)
+        .map_err(|e| e.to_string())
+}
