@@ -137,6 +137,7 @@ def main():
     from transformers import AutoModelForCausalLM
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notes on every step
     src = ensure_cache(args.model)
     torch.manual_seed(0)  # LoRA A init (kaiming uniform; B starts at zero)

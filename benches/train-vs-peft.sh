@@ -7,7 +7,8 @@
 # with the ratios (loraloop / PyTorch + PEFT).
 #
 #   benches/train-vs-peft.sh [REPEATS]      (default 2; env: STEPS (5), WARMUP (1), SEQ_LEN (256),
-#                                            MICRO_BATCH (4), RANK (16), ALPHA (32), CPUS (0,1), MODEL)
+#                                            MICRO_BATCH (4), RANK (16), ALPHA (32), CPUS (0,1), MODEL,
+#                                            LORALOOP (a binary to use instead of building one))
 #
 # PyTorch side: benches/peft_train.py in the virtualenv target/peft-venv, created here on
 # first use with the versions pinned below (torch from the default index; with its CUDA
@@ -38,12 +39,16 @@ for pin in "${PINS[@]}"; do
   fi
 done
 
-cargo build --release -q --bin loraloop
-LORALOOP=target/release/loraloop
+# LORALOOP=path/to/binary skips the build and runs that binary instead.
+if [ -z "${LORALOOP:-}" ]; then
+  cargo build --release -q --bin loraloop
+  LORALOOP=target/release/loraloop
+fi
 [ -f "$MODEL" ] || "$LORALOOP" models fetch
 [ -f "$MODEL" ] || { echo "missing $MODEL" >&2; exit 1; }
 
-# Same cores for both; the thread count follows the core list.
+# Same cores for both; PyTorch's thread count is the number of cores in the list
+# (CPUS is a comma-separated list, no ranges), loraloop sees only those cores.
 THREADS=$(awk -F, '{print NF}' <<<"$CPUS")
 PIN=()
 if command -v taskset >/dev/null; then
@@ -63,7 +68,7 @@ record() {
 }
 
 # Convert the GGUF for PyTorch once (and catch a broken venv) outside the timed runs.
-"$VENV/bin/python" benches/peft_train.py --model "$MODEL" --prepare
+"$VENV/bin/python" benches/peft_train.py --model "$MODEL" --prepare >&2
 
 for gc in off on; do
   flag=()

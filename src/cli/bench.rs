@@ -135,3 +135,51 @@ pub async fn generate(config: &Config, args: &BenchGenerateArgs) -> anyhow::Resu
     }
     Ok(ExitCode::SUCCESS)
 }
+
+pub async fn train(config: &Config, args: &super::BenchTrainArgs) -> anyhow::Result<ExitCode> {
+    let path = args.model.clone().unwrap_or_else(|| config.model_path());
+    let opts = loraloop_trainer::bench::TrainBenchOptions {
+        seq_len: args.seq_len,
+        micro_batch: args.micro_batch,
+        rank: args.rank,
+        steps: args.steps.max(1),
+        warmup: args.warmup,
+        gradient_checkpointing: args.gradient_checkpointing,
+    };
+    eprintln!(
+        "model {} | {} threads | LoRA rank {} on all 7 projections | {} x {} tokens | {} warm-up + {} timed steps | gradient checkpointing {}",
+        path.display(),
+        candle_core::utils::get_num_threads(),
+        opts.rank,
+        opts.micro_batch,
+        opts.seq_len,
+        opts.warmup,
+        opts.steps,
+        if opts.gradient_checkpointing {
+            "on"
+        } else {
+            "off"
+        },
+    );
+    let r = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let model = LoadedModel::load(&path, &Device::Cpu)?;
+        Ok(loraloop_trainer::bench::train_speed(&model.llama, opts)?)
+    })
+    .await??;
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{:.1} tokens/s, peak RSS {:.0} MB, final loss {:.3} (step times: {})",
+            r.tokens_per_s,
+            r.peak_rss_mb,
+            r.loss,
+            r.step_secs
+                .iter()
+                .map(|s| format!("{s:.2}s"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -5,6 +5,7 @@ mod chat;
 mod config_cmd;
 mod data;
 mod models;
+mod train;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -49,12 +50,45 @@ pub enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Train a LoRA adapter (or a full / last-layers fine-tune) on a dataset.
+    ///
+    /// Here `--config` names a training YAML (Axolotl keys); the loraloop config comes from
+    /// ./loraloop.yaml or LORALOOP_CONFIG. Flags override the YAML.
+    FineTune(Box<train::FineTuneArgs>),
+    /// Loss, perplexity and token accuracy of a model (and adapter) on a dataset.
+    Evaluate(train::EvaluateArgs),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Prompt and decode tokens/s with and without an adapter, and adapter swap time.
     Generate(BenchGenerateArgs),
+    /// LoRA training tokens/s and peak memory on synthetic rows (see benches/train-vs-peft.sh).
+    Train(BenchTrainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchTrainArgs {
+    /// A .gguf file or a Hugging Face folder (default: the configured model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 4)]
+    pub micro_batch: usize,
+    /// LoRA rank (all seven projections).
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// Timed optimizer steps.
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -209,10 +243,13 @@ pub enum ConfigCommand {
 
 /// Run the parsed command; the exit code says whether it succeeded.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let config = Config::load(&ConfigSource {
-        explicit_path: cli.config.clone(),
-    })
-    .context("invalid configuration")?;
+    // For fine-tune, --config is the training YAML (the issue's `loraloop fine-tune
+    // --config config.yaml`); the loraloop config then comes from the usual places.
+    let (explicit_path, training_yaml) = match &cli.command {
+        Command::FineTune(_) => (None, cli.config.clone()),
+        _ => (cli.config.clone(), None),
+    };
+    let config = Config::load(&ConfigSource { explicit_path }).context("invalid configuration")?;
     tracing::debug!(?config, "effective configuration");
     match cli.command {
         Command::Models(ModelsCommand::Fetch(args)) => models::fetch(&config, &args).await,
@@ -221,5 +258,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config(ConfigCommand::Check) => config_cmd::check(&config),
         Command::Chat(args) => chat::run(&config, &args).await,
         Command::Bench(BenchCommand::Generate(args)) => bench::generate(&config, &args).await,
+        Command::Bench(BenchCommand::Train(args)) => bench::train(&config, &args).await,
+        Command::FineTune(args) => {
+            train::fine_tune(&config, &args, training_yaml, cli.verbose).await
+        }
+        Command::Evaluate(args) => train::evaluate(&config, &args).await,
     }
 }

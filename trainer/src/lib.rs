@@ -3,10 +3,12 @@
 //! clipping, evaluation, early stopping), checkpoints in PEFT format, and evaluation.
 
 pub mod batch;
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod dataset;
 pub mod generate;
 pub mod optim;
+pub mod replay;
 pub mod run;
 pub mod tokenize;

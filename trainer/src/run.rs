@@ -717,3 +717,26 @@ pub(crate) struct SaveCtx<'a> {
     pub model: &'a LoadedModel,
     pub base_model_hash: &'a str,
 }
+
+/// SHA-256 of a model's weights: the `.gguf` file, or a folder's `*.safetensors` files in
+/// name order.
+pub fn hash_model(path: &Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut files = if path.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(path)?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut h = Sha256::new();
+    for f in files.drain(..) {
+        let mut file = std::fs::File::open(&f)?;
+        std::io::copy(&mut file, &mut h)?;
+    }
+    Ok(hex::encode(h.finalize()))
+}

@@ -1,0 +1,599 @@
+//! `loraloop fine-tune` and `loraloop evaluate`.
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Device};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use loraloop_core::Config;
+use loraloop_core::domain::ChatExample;
+use loraloop_core::storage::Db;
+use loraloop_model::engine::LoadedModel;
+use loraloop_model::lora::{LoraAdapter, read_peft_dir};
+use loraloop_model::template::TemplateMessage;
+use loraloop_model::train::{DenseLlama, LoraParams};
+use loraloop_trainer::config::{Method, TrainFile};
+use loraloop_trainer::dataset::{self, format_problems};
+use loraloop_trainer::generate::greedy_reply;
+use loraloop_trainer::replay;
+use loraloop_trainer::run::{
+    Ending, EvalMetrics, TrainEvent, TrainJob, evaluate_tokenized, hash_model, train,
+};
+use loraloop_trainer::tokenize::tokenize_dataset;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+#[derive(Debug, Args)]
+pub struct FineTuneArgs {
+    /// A .gguf file or a Hugging Face model folder (default: base_model from the YAML, else
+    /// the configured model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Training data: a JSONL file in any format `data import` reads.
+    #[arg(long, value_name = "FILE", conflicts_with = "dataset")]
+    pub data_path: Option<PathBuf>,
+    /// Training data: a stored dataset (latest version unless --dataset-version).
+    #[arg(long, value_name = "NAME")]
+    pub dataset: Option<String>,
+    #[arg(long, requires = "dataset")]
+    pub dataset_version: Option<i64>,
+    /// Held-out data for evaluation (default: val_set_size split off the training data).
+    #[arg(long, value_name = "FILE")]
+    pub eval_data_path: Option<PathBuf>,
+    /// Where the adapter, checkpoints and trainer_state.json go (default: adapters/NAME).
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+    /// Replace an earlier run in --output-dir.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Continue from a checkpoint-STEP folder (same data and settings).
+    #[arg(long, value_name = "DIR")]
+    pub resume_from_checkpoint: Option<PathBuf>,
+    /// Start from an existing PEFT adapter instead of a fresh one.
+    #[arg(long, value_name = "DIR")]
+    pub init_adapter: Option<PathBuf>,
+    /// lora (default), full or freeze.
+    #[arg(long)]
+    pub method: Option<String>,
+    /// With --method freeze: how many of the last layers train.
+    #[arg(long)]
+    pub freeze_layers: Option<usize>,
+    #[arg(long)]
+    pub epochs: Option<f64>,
+    /// Stop after this many optimizer steps.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Examples per optimizer step; with a smaller --micro-batch-size the difference is
+    /// made up by gradient accumulation.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Examples per forward/backward pass (default 4).
+    #[arg(long)]
+    pub micro_batch_size: Option<usize>,
+    #[arg(long)]
+    pub gradient_accumulation_steps: Option<usize>,
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+    /// constant, linear or cosine.
+    #[arg(long)]
+    pub lr_scheduler: Option<String>,
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    #[arg(long)]
+    pub warmup_ratio: Option<f64>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    #[arg(long)]
+    pub lora_r: Option<usize>,
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    #[arg(long)]
+    pub lora_dropout: Option<f64>,
+    /// Comma-separated, e.g. q_proj,v_proj (default: all seven).
+    #[arg(long, value_delimiter = ',')]
+    pub target_modules: Option<Vec<String>>,
+    #[arg(long)]
+    pub sequence_len: Option<usize>,
+    /// A fraction (below 1) or a number of examples held out for evaluation.
+    #[arg(long)]
+    pub val_set_size: Option<f64>,
+    #[arg(long)]
+    pub eval_steps: Option<usize>,
+    #[arg(long)]
+    pub save_steps: Option<usize>,
+    #[arg(long)]
+    pub early_stopping_patience: Option<usize>,
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    #[arg(long)]
+    pub sample_packing: bool,
+    #[arg(long)]
+    pub train_on_inputs: bool,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Mix the base model's answers to general prompts into the data, and report forgetting.
+    #[arg(long, overrides_with = "no_replay")]
+    pub replay: bool,
+    #[arg(long)]
+    pub no_replay: bool,
+    #[arg(long)]
+    pub replay_ratio: Option<f64>,
+    /// More replay prompts, one per line.
+    #[arg(long, value_name = "FILE")]
+    pub replay_prompts: Option<PathBuf>,
+}
+
+impl FineTuneArgs {
+    /// The flags as a YAML overlay.
+    fn overlay(&self) -> TrainFile {
+        let flag = |b: bool| b.then_some(true);
+        TrainFile {
+            finetuning_type: self.method.clone(),
+            freeze_trainable_layers: self.freeze_layers,
+            num_epochs: self.epochs,
+            max_steps: self.max_steps,
+            micro_batch_size: self.micro_batch_size,
+            gradient_accumulation_steps: self.gradient_accumulation_steps,
+            learning_rate: self.learning_rate,
+            lr_scheduler: self.lr_scheduler.clone(),
+            warmup_steps: self.warmup_steps,
+            warmup_ratio: self.warmup_ratio,
+            weight_decay: self.weight_decay,
+            max_grad_norm: self.max_grad_norm,
+            lora_r: self.lora_r,
+            lora_alpha: self.lora_alpha,
+            lora_dropout: self.lora_dropout,
+            lora_target_modules: self.target_modules.clone(),
+            sequence_len: self.sequence_len,
+            val_set_size: self.val_set_size,
+            eval_steps: self.eval_steps,
+            save_steps: self.save_steps,
+            early_stopping_patience: self.early_stopping_patience,
+            gradient_checkpointing: flag(self.gradient_checkpointing),
+            sample_packing: flag(self.sample_packing),
+            train_on_inputs: flag(self.train_on_inputs),
+            seed: self.seed,
+            replay: if self.no_replay {
+                Some(false)
+            } else {
+                flag(self.replay)
+            },
+            replay_ratio: self.replay_ratio,
+            replay_prompts_file: self.replay_prompts.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Examples from a JSONL file (any supported format); errors are listed and fatal.
+pub fn read_examples(path: &Path) -> anyhow::Result<Vec<ChatExample>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let outcome = dataset::parse_jsonl(&bytes, None);
+    if !outcome.warnings.is_empty() {
+        eprintln!(
+            "{} warning(s) in {}:\n{}",
+            outcome.warnings.len(),
+            path.display(),
+            format_problems(&outcome.warnings, 20)
+        );
+    }
+    if !outcome.is_ok() {
+        bail!(
+            "{} has {} problem(s):\n{}",
+            path.display(),
+            outcome.errors.len(),
+            format_problems(&outcome.errors, 20)
+        );
+    }
+    Ok(outcome.examples)
+}
+
+fn load_model(path: &Path) -> anyhow::Result<LoadedModel> {
+    if !path.exists() {
+        bail!(
+            "model {} not found; run `loraloop models fetch` for the default model, or pass --model PATH",
+            path.display()
+        );
+    }
+    LoadedModel::load(path, &Device::Cpu).with_context(|| format!("cannot load {}", path.display()))
+}
+
+/// Step progress: a bar on a terminal, log lines otherwise (every step with -v).
+struct StepProgress {
+    bar: Option<ProgressBar>,
+    every: usize,
+}
+
+impl StepProgress {
+    fn new(verbose: u8, logging_steps: usize) -> Self {
+        Self {
+            bar: None,
+            every: if verbose > 0 { 1 } else { logging_steps.max(1) },
+        }
+    }
+
+    fn on(&mut self, e: &TrainEvent) {
+        match e {
+            TrainEvent::Started {
+                total_steps,
+                train_examples,
+                eval_examples,
+                truncated,
+                dropped,
+                trainable_params,
+                resumed_from_step,
+            } => {
+                eprintln!(
+                    "training: {train_examples} examples ({eval_examples} held out), {total_steps} steps, {trainable_params} trainable parameters{}",
+                    if *resumed_from_step > 0 {
+                        format!(", resuming at step {resumed_from_step}")
+                    } else {
+                        String::new()
+                    }
+                );
+                if *truncated > 0 || *dropped > 0 {
+                    eprintln!(
+                        "{truncated} example(s) truncated to sequence_len, {dropped} left out with nothing to train on"
+                    );
+                }
+                if std::io::stderr().is_terminal() {
+                    let bar = ProgressBar::new(*total_steps as u64);
+                    bar.set_style(
+                        ProgressStyle::with_template(
+                            "{msg} [{bar:25}] step {pos}/{len} eta {eta}",
+                        )
+                        .expect("valid template")
+                        .progress_chars("=> "),
+                    );
+                    bar.set_position(*resumed_from_step as u64);
+                    bar.enable_steady_tick(Duration::from_millis(250));
+                    self.bar = Some(bar);
+                }
+            }
+            TrainEvent::Step {
+                step,
+                total_steps,
+                epoch,
+                loss,
+                learning_rate,
+                tokens_per_sec,
+                eta_secs,
+                grad_norm,
+            } => {
+                let line = format!(
+                    "loss {loss:.4} lr {learning_rate:.2e} {tokens_per_sec:.0} tok/s"
+                );
+                match &self.bar {
+                    Some(bar) => {
+                        bar.set_position(*step as u64);
+                        bar.set_message(line);
+                    }
+                    None => {}
+                }
+                if self.bar.is_none() && (step % self.every == 0 || step == total_steps) {
+                    tracing::info!(
+                        "step {step}/{total_steps} epoch {epoch:.2} loss {loss:.4} lr {learning_rate:.3e} grad_norm {grad_norm:.3} {tokens_per_sec:.0} tok/s eta {eta_secs:.0}s"
+                    );
+                }
+            }
+            TrainEvent::Eval {
+                step,
+                eval_loss,
+                perplexity,
+                accuracy,
+            } => self.println(&format!(
+                "eval at step {step}: loss {eval_loss:.4}, perplexity {perplexity:.2}, token accuracy {:.1}%",
+                accuracy * 100.0
+            )),
+            TrainEvent::Checkpoint { step, path } => {
+                self.println(&format!("checkpoint at step {step}: {}", path.display()))
+            }
+            TrainEvent::EarlyStop {
+                step,
+                best_eval_loss,
+            } => self.println(&format!(
+                "early stopping at step {step}: eval loss has not improved on {best_eval_loss:.4}"
+            )),
+            TrainEvent::Message { text } => self.println(text),
+        }
+    }
+
+    fn println(&self, s: &str) {
+        match &self.bar {
+            Some(b) => b.println(s),
+            None => eprintln!("{s}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+async fn open_db(config: &Config) -> anyhow::Result<Db> {
+    Db::open(&config.database_path).await.with_context(|| {
+        format!(
+            "cannot open the database {}",
+            config.database_path.display()
+        )
+    })
+}
+
+pub async fn fine_tune(
+    config: &Config,
+    args: &FineTuneArgs,
+    training_yaml: Option<PathBuf>,
+    verbose: u8,
+) -> anyhow::Result<ExitCode> {
+    let file = match &training_yaml {
+        Some(p) => TrainFile::read(p)?,
+        None => TrainFile::default(),
+    };
+    let mut merged = file.clone().merge(args.overlay());
+    if let Some(b) = args.batch_size {
+        if b == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        let micro = merged.micro_batch_size.unwrap_or(4).min(b);
+        if b % micro != 0 {
+            bail!(
+                "--batch-size {b} is not a multiple of the micro batch size {micro}; pick a --micro-batch-size that divides it"
+            );
+        }
+        merged.micro_batch_size = Some(micro);
+        merged.gradient_accumulation_steps = Some(b / micro);
+    }
+    let c = merged.validate()?;
+
+    // Data.
+    let data_path = args.data_path.clone().or_else(|| {
+        file.datasets
+            .as_ref()
+            .and_then(|d| d.first())
+            .map(|d| d.path.clone())
+    });
+    let (examples, data_name) = match (&data_path, &args.dataset) {
+        (Some(p), _) => (
+            read_examples(p)?,
+            p.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "run".into()),
+        ),
+        (None, Some(name)) => {
+            let db = open_db(config).await?;
+            let d = db.dataset(name, args.dataset_version).await?;
+            let ex = db.dataset_examples(d.id).await?;
+            (
+                ex.into_iter().map(|e| e.example).collect(),
+                format!("{}-v{}", d.name, d.version),
+            )
+        }
+        (None, None) => bail!(
+            "no training data: pass --data-path FILE or --dataset NAME (or datasets: in the YAML)"
+        ),
+    };
+    if examples.is_empty() {
+        bail!("the training data holds no examples");
+    }
+    let eval_examples = args
+        .eval_data_path
+        .as_deref()
+        .map(read_examples)
+        .transpose()?;
+    let model_path = args
+        .model
+        .clone()
+        .or_else(|| file.base_model.as_ref().map(PathBuf::from))
+        .unwrap_or_else(|| config.model_path());
+    let output_dir = args
+        .output_dir
+        .clone()
+        .or_else(|| file.output_dir.clone())
+        .unwrap_or_else(|| PathBuf::from("adapters").join(&data_name));
+
+    let cancel = Arc::new(AtomicBool::new(false));
+    {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!(
+                    "\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)"
+                );
+                cancel.store(true, Ordering::SeqCst);
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(130);
+                }
+            }
+        });
+    }
+    let overwrite = args.overwrite;
+    let resume = args.resume_from_checkpoint.clone();
+    let init = args.init_adapter.clone();
+    let result = tokio::task::spawn_blocking(move || -> anyhow::Result<ExitCode> {
+        let model = load_model(&model_path)?;
+        eprintln!("hashing {} ...", model_path.display());
+        let base_hash = hash_model(&model_path)?;
+        let mut examples = examples;
+        let mut replayed = Vec::new();
+        if c.replay && c.method == Method::Lora {
+            let prompts = replay::prompts(c.replay_prompts_file.as_deref())?;
+            eprintln!("replay: the base model answers {} general prompts ...", prompts.len());
+            let answers = replay::base_answers(&model, &prompts, &mut |_, _| {})
+                .map_err(anyhow::Error::msg)?;
+            let n = replay::replay_count(examples.len(), c.replay_ratio, answers.len());
+            eprintln!("replay: mixing {n} of the base model's answers into {} examples", examples.len());
+            examples.extend(answers.iter().take(n).cloned());
+            replayed = answers;
+        }
+        let mut progress = StepProgress::new(verbose, c.logging_steps);
+        let outcome = train(
+            TrainJob {
+                model: &model,
+                base_model_name: model_path.display().to_string(),
+                base_model_hash: base_hash,
+                examples,
+                eval_examples,
+                config: c.clone(),
+                output_dir,
+                overwrite,
+                resume_from: resume,
+                init_adapter: init,
+                dtype: DType::F32,
+            },
+            &cancel,
+            &mut |e| progress.on(e),
+        );
+        progress.finish();
+        let outcome = outcome?;
+        match outcome.ending {
+            Ending::Cancelled => {
+                println!(
+                    "stopped at step {}; checkpoint saved in {} (continue with --resume-from-checkpoint {})",
+                    outcome.steps,
+                    outcome.adapter_dir.display(),
+                    outcome.adapter_dir.display()
+                );
+                return Ok(ExitCode::from(130));
+            }
+            Ending::EarlyStopped => println!("stopped early at step {}", outcome.steps),
+            Ending::Finished => {}
+        }
+        println!(
+            "trained {} steps; final training loss {}",
+            outcome.steps,
+            outcome.final_loss.map_or("-".into(), |l| format!("{l:.4}"))
+        );
+        if let Some(m) = outcome.eval {
+            println!("{}", metrics_line("eval", &m));
+        }
+        println!("adapter: {}", outcome.output_dir.display());
+        if !replayed.is_empty() {
+            let adapter = LoraAdapter::load(&outcome.output_dir, &model.llama)?;
+            let dense = DenseLlama::from_llama(&model.llama, DType::F32)?;
+            let (cfg, tensors) = read_peft_dir(&outcome.output_dir, &Device::Cpu)?;
+            let lora = LoraParams::from_tensors(cfg, &tensors, &dense.config, DType::F32)?;
+            let r = replay::forgetting_report(&model, &adapter, &lora, &dense, &replayed, c.sequence_len)
+                .map_err(anyhow::Error::msg)?;
+            println!(
+                "forgetting: {}/{} general prompts answered as the base model did; loss on the base model's answers {:.4} (base {:.4})",
+                r.same_answers, r.prompts, r.adapter_loss.loss, r.base_loss.loss
+            );
+            let path = outcome.output_dir.join("forgetting.json");
+            std::fs::write(&path, serde_json::to_string_pretty(&r)?)?;
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+    .await
+    .context("the trainer panicked")??;
+    Ok(result)
+}
+
+fn metrics_line(label: &str, m: &EvalMetrics) -> String {
+    format!(
+        "{label}: loss {:.4}, perplexity {:.2}, token accuracy {:.1}% over {} tokens",
+        m.loss,
+        m.perplexity,
+        m.accuracy * 100.0,
+        m.tokens
+    )
+}
+
+#[derive(Debug, Args)]
+pub struct EvaluateArgs {
+    /// A .gguf file or a Hugging Face model folder (default: the configured model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// A PEFT adapter folder.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// The evaluation data (any format `data import` reads).
+    #[arg(long, value_name = "FILE")]
+    pub data_path: PathBuf,
+    /// Base vs adapter side by side, with a few sample generations.
+    #[arg(long, requires = "adapter")]
+    pub compare: bool,
+    /// Sample generations shown with --compare.
+    #[arg(long, default_value_t = 3)]
+    pub samples: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub sequence_len: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn evaluate(config: &Config, args: &EvaluateArgs) -> anyhow::Result<ExitCode> {
+    let examples = read_examples(&args.data_path)?;
+    let model_path = args.model.clone().unwrap_or_else(|| config.model_path());
+    let adapter_dir = args.adapter.clone();
+    let (compare, samples, seq, json) = (args.compare, args.samples, args.sequence_len, args.json);
+    tokio::task::spawn_blocking(move || -> anyhow::Result<ExitCode> {
+        let model = load_model(&model_path)?;
+        let dense = DenseLlama::from_llama(&model.llama, DType::F32)?;
+        let lora = match &adapter_dir {
+            Some(dir) => {
+                let (cfg, tensors) = read_peft_dir(dir, &Device::Cpu)
+                    .with_context(|| format!("cannot read the adapter {}", dir.display()))?;
+                Some(LoraParams::from_tensors(cfg, &tensors, &dense.config, DType::F32)?)
+            }
+            None => None,
+        };
+        let (tok, report) = tokenize_dataset(&examples, &model.tokenizer, &model.template, seq, false)?;
+        if report.truncated > 0 {
+            eprintln!("{} example(s) truncated to {seq} tokens", report.truncated);
+        }
+        let with = evaluate_tokenized(&dense, lora.as_ref(), &tok, 4, seq)?;
+        let base = if compare {
+            Some(evaluate_tokenized(&dense, None, &tok, 4, seq)?)
+        } else {
+            None
+        };
+        let mut sample_rows = Vec::new();
+        if compare {
+            let adapter = LoraAdapter::load(adapter_dir.as_deref().expect("compare requires adapter"), &model.llama)?;
+            for ex in examples.iter().take(samples) {
+                let Some(last_user) = ex.messages.iter().rposition(|m| m.role == loraloop_core::domain::Role::User) else {
+                    continue;
+                };
+                let msgs: Vec<TemplateMessage> = ex.messages[..=last_user]
+                    .iter()
+                    .map(|m| TemplateMessage::new(m.role.as_str(), m.content.clone()))
+                    .collect();
+                let b = greedy_reply(&model, None, &msgs, 64).map_err(anyhow::Error::msg)?;
+                let a = greedy_reply(&model, Some(&adapter), &msgs, 64).map_err(anyhow::Error::msg)?;
+                sample_rows.push((ex.messages[last_user].content.clone(), b, a));
+            }
+        }
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "metrics": with,
+                    "base_metrics": base,
+                    "samples": sample_rows.iter().map(|(p, b, a)| serde_json::json!({"prompt": p, "base": b, "adapter": a})).collect::<Vec<_>>(),
+                })
+            );
+        } else if let Some(b) = base {
+            println!("| metric | base | adapter |");
+            println!("| --- | --- | --- |");
+            println!("| loss | {:.4} | {:.4} |", b.loss, with.loss);
+            println!("| perplexity | {:.2} | {:.2} |", b.perplexity, with.perplexity);
+            println!("| token accuracy | {:.1}% | {:.1}% |", b.accuracy * 100.0, with.accuracy * 100.0);
+            println!("({} scored tokens)", with.tokens);
+            for (p, b, a) in &sample_rows {
+                println!("\nprompt:  {p}\nbase:    {b}\nadapter: {a}");
+            }
+        } else {
+            println!("{}", metrics_line(if lora.is_some() { "adapter" } else { "base" }, &with));
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+    .await
+    .context("the evaluator panicked")?
+}
