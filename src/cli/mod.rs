@@ -57,6 +57,8 @@ pub enum Command {
     FineTune(Box<train::FineTuneArgs>),
     /// Loss, perplexity and token accuracy of a model (and adapter) on a dataset.
     Evaluate(train::EvaluateArgs),
+    /// Run queued training jobs from the database until Ctrl-C (`serve` embeds the same loop).
+    Worker(train::WorkerArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -263,5 +265,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             train::fine_tune(&config, &args, training_yaml, cli.verbose).await
         }
         Command::Evaluate(args) => train::evaluate(&config, &args).await,
+        Command::Worker(args) => train::worker(&config, &args).await,
     }
 }

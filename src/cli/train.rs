@@ -597,3 +597,45 @@ pub async fn evaluate(config: &Config, args: &EvaluateArgs) -> anyhow::Result<Ex
     .await
     .context("the evaluator panicked")?
 }
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Where job outputs go (each job in job-ID/).
+    #[arg(long, default_value = "adapters")]
+    pub adapters_dir: PathBuf,
+    /// Seconds between looks at an empty queue.
+    #[arg(long, default_value_t = 2.0)]
+    pub poll_secs: f64,
+}
+
+pub async fn worker(config: &Config, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
+    let db = open_db(config).await?;
+    let shutdown = Arc::new(AtomicBool::new(false));
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!(
+                    "\nstopping: the running job saves a checkpoint and goes back to the queue"
+                );
+                shutdown.store(true, Ordering::SeqCst);
+            }
+        });
+    }
+    eprintln!(
+        "worker: waiting for training jobs in {}",
+        config.database_path.display()
+    );
+    loraloop_trainer::worker::run_worker(
+        db,
+        loraloop_trainer::worker::WorkerOptions {
+            models_dir: config.models_dir.clone(),
+            adapters_dir: args.adapters_dir.clone(),
+            poll_interval: Duration::from_secs_f64(args.poll_secs.max(0.05)),
+            device: Device::Cpu,
+        },
+        shutdown,
+    )
+    .await?;
+    Ok(ExitCode::SUCCESS)
+}

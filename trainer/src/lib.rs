@@ -12,3 +12,4 @@ pub mod optim;
 pub mod replay;
 pub mod run;
 pub mod tokenize;
+pub mod worker;

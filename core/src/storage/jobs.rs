@@ -179,6 +179,64 @@ impl Db {
         .await?)
     }
 
+    /// Record where a job writes and how many steps it has.
+    pub async fn set_job_progress_target(
+        &self,
+        id: i64,
+        output_dir: &str,
+        total_steps: Option<i64>,
+    ) -> Result<()> {
+        sqlx::query(
+            "update training_jobs set output_dir = ?, total_steps = coalesce(?, total_steps) where id = ?",
+        )
+        .bind(output_dir)
+        .bind(total_steps)
+        .bind(id)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Ask a job to stop: a queued job is cancelled at once, a running one at its next step.
+    /// False when the job has already finished.
+    pub async fn request_cancel(&self, id: i64) -> Result<bool> {
+        let job = self.job(id).await?;
+        if job.state().is_final() {
+            return Ok(false);
+        }
+        sqlx::query("update training_jobs set cancel_requested = 1 where id = ?")
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        for from in [JobState::Queued, JobState::ValidatingFiles] {
+            self.transition_job(id, from, JobState::Cancelled, None)
+                .await?;
+        }
+        Ok(true)
+    }
+
+    /// Link the adapter a job produced.
+    pub async fn set_job_adapter(&self, id: i64, adapter_id: i64) -> Result<()> {
+        sqlx::query("update training_jobs set adapter_id = ? where id = ?")
+            .bind(adapter_id)
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Jobs left `running` by a worker that died go back to the queue (their output folder
+    /// is kept, so they resume from their last checkpoint). Call when the only worker
+    /// starts. Returns how many were requeued.
+    pub async fn requeue_orphaned_jobs(&self) -> Result<u64> {
+        Ok(
+            sqlx::query("update training_jobs set state = 'queued' where state = 'running'")
+                .execute(self.pool())
+                .await?
+                .rows_affected(),
+        )
+    }
+
     pub async fn add_training_event(&self, job_id: i64, e: &NewTrainingEvent<'_>) -> Result<()> {
         let mut tx = self.pool().begin().await?;
         sqlx::query(

@@ -1,0 +1,326 @@
+//! The job worker: claims the oldest queued training job, trains it on a blocking thread,
+//! stores its events and state transitions, registers the adapter, and honours cancel
+//! requests. A job whose worker died is requeued when the worker starts again and resumes
+//! from its last checkpoint.
+//!
+//! One worker per database: `requeue_orphaned_jobs` at start assumes no other worker is
+//! running a job.
+
+use crate::checkpoint::{AdapterMetadata, Checkpoint, TRAINER_STATE_FILE};
+use crate::config::{Method, TrainFile};
+use crate::run::{Ending, TrainEvent, TrainJob, hash_model, train};
+use candle_core::{DType, Device};
+use loraloop_core::storage::{Db, JobState, NewAdapter, NewTrainingEvent, TrainingJob};
+use loraloop_model::engine::LoadedModel;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Where a model named by file name lives.
+    pub models_dir: PathBuf,
+    /// Each job writes to `adapters_dir/job-ID` (unless the job names a folder).
+    pub adapters_dir: PathBuf,
+    pub poll_interval: Duration,
+    pub device: Device,
+}
+
+/// The model path a job names: a path, or a file name in `models_dir`.
+pub fn resolve_model(name: &str, models_dir: &Path) -> PathBuf {
+    let p = Path::new(name);
+    if p.components().count() > 1 || p.exists() {
+        p.to_path_buf()
+    } else {
+        models_dir.join(p)
+    }
+}
+
+/// The newest complete `checkpoint-STEP` in `dir`.
+pub fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
+    let mut best: Option<(usize, PathBuf)> = None;
+    for e in std::fs::read_dir(dir).ok()?.filter_map(Result::ok) {
+        let path = e.path();
+        let Some(step) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("checkpoint-"))
+            .and_then(|s| s.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        if path.join(TRAINER_STATE_FILE).is_file() && best.as_ref().is_none_or(|(b, _)| step > *b) {
+            best = Some((step, path));
+        }
+    }
+    best.map(|(_, p)| p)
+}
+
+/// Run until `shutdown` is set: claim, train, repeat; sleep when the queue is empty.
+pub async fn run_worker(
+    db: Db,
+    opts: WorkerOptions,
+    shutdown: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let requeued = db.requeue_orphaned_jobs().await?;
+    if requeued > 0 {
+        tracing::info!("requeued {requeued} job(s) left running by a previous worker");
+    }
+    while !shutdown.load(Ordering::SeqCst) {
+        match run_next(&db, &opts, shutdown.clone()).await? {
+            Some(id) => tracing::info!("job {id} done"),
+            None => tokio::time::sleep(opts.poll_interval).await,
+        }
+    }
+    Ok(())
+}
+
+/// Claim and run one job; `None` when the queue is empty.
+pub async fn run_next(
+    db: &Db,
+    opts: &WorkerOptions,
+    shutdown: Arc<AtomicBool>,
+) -> anyhow::Result<Option<i64>> {
+    let Some(job) = db.claim_next_job().await? else {
+        return Ok(None);
+    };
+    let id = job.id;
+    tracing::info!(
+        "job {id}: training {} on dataset {}",
+        job.base_model,
+        job.dataset_id
+    );
+    let result = run_job(db, opts, &job, shutdown).await;
+    match result {
+        Ok(JobEnd::Succeeded) => {
+            db.transition_job(id, JobState::Running, JobState::Succeeded, None)
+                .await?;
+        }
+        Ok(JobEnd::Cancelled) => {
+            db.transition_job(id, JobState::Running, JobState::Cancelled, None)
+                .await?;
+        }
+        Ok(JobEnd::Interrupted) => {
+            // The worker is shutting down: back to the queue, to resume later.
+            db.transition_job(id, JobState::Running, JobState::Queued, None)
+                .await?;
+        }
+        Err(e) => {
+            let message = format!("{e:#}");
+            tracing::error!("job {id} failed: {message}");
+            let _ = db
+                .add_training_event(
+                    id,
+                    &NewTrainingEvent {
+                        kind: "state",
+                        message: Some(&message),
+                        ..Default::default()
+                    },
+                )
+                .await;
+            db.transition_job(id, JobState::Running, JobState::Failed, Some(&message))
+                .await?;
+        }
+    }
+    Ok(Some(id))
+}
+
+enum JobEnd {
+    Succeeded,
+    Cancelled,
+    Interrupted,
+}
+
+async fn run_job(
+    db: &Db,
+    opts: &WorkerOptions,
+    job: &TrainingJob,
+    shutdown: Arc<AtomicBool>,
+) -> anyhow::Result<JobEnd> {
+    let id = job.id;
+    let hp: serde_json::Value = serde_json::from_str(&job.hyperparameters)?;
+    let mut file: TrainFile =
+        serde_json::from_value(hp).map_err(|e| anyhow::anyhow!("hyperparameters: {e}"))?;
+    if file.finetuning_type.is_none() {
+        file.finetuning_type = Some(job.method.clone());
+    }
+    let config = file.validate()?;
+    let examples: Vec<_> = db
+        .dataset_examples(job.dataset_id)
+        .await?
+        .into_iter()
+        .map(|e| e.example)
+        .collect();
+    let model_path = resolve_model(&job.base_model, &opts.models_dir);
+    let output_dir = job
+        .output_dir
+        .as_ref()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| opts.adapters_dir.join(format!("job-{id}")));
+    db.set_job_progress_target(id, &output_dir.display().to_string(), None)
+        .await?;
+    let resume = latest_checkpoint(&output_dir);
+    if let Some(ck) = &resume {
+        tracing::info!("job {id}: resuming from {}", ck.display());
+    }
+
+    // Cancel requests and worker shutdown both stop the run at its next step.
+    let stop = Arc::new(AtomicBool::new(false));
+    let cancel_seen = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (db, stop, cancel_seen, shutdown) = (
+            db.clone(),
+            stop.clone(),
+            cancel_seen.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                if shutdown.load(Ordering::SeqCst) {
+                    stop.store(true, Ordering::SeqCst);
+                }
+                if let Ok(j) = db.job(id).await
+                    && j.cancel_requested
+                {
+                    cancel_seen.store(true, Ordering::SeqCst);
+                    stop.store(true, Ordering::SeqCst);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<TrainEvent>();
+    let writer = {
+        let db = db.clone();
+        tokio::spawn(async move {
+            while let Some(e) = rx.recv().await {
+                if let Err(err) = store_event(&db, id, &e).await {
+                    tracing::warn!("job {id}: cannot store an event: {err}");
+                }
+            }
+        })
+    };
+    let device = opts.device.clone();
+    let base_model = job.base_model.clone();
+    let method = config.method;
+    let stop_flag = stop.clone();
+    let outcome = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let model = LoadedModel::load(&model_path, &device)?;
+        let hash = hash_model(&model_path)?;
+        let o = train(
+            TrainJob {
+                model: &model,
+                base_model_name: base_model,
+                base_model_hash: hash,
+                examples,
+                eval_examples: None,
+                config,
+                output_dir,
+                overwrite: false,
+                resume_from: resume,
+                init_adapter: None,
+                dtype: DType::F32,
+            },
+            &stop_flag,
+            &mut |e| {
+                let _ = tx.send(e.clone());
+            },
+        )?;
+        Ok(o)
+    })
+    .await;
+    watcher.abort();
+    let _ = writer.await;
+    let outcome = outcome.map_err(|e| anyhow::anyhow!("the trainer panicked: {e}"))??;
+    match outcome.ending {
+        Ending::Cancelled if cancel_seen.load(Ordering::SeqCst) => return Ok(JobEnd::Cancelled),
+        Ending::Cancelled => return Ok(JobEnd::Interrupted),
+        _ => {}
+    }
+    if method == Method::Lora {
+        let meta = AdapterMetadata::read(&outcome.output_dir)?;
+        let cfg = Checkpoint::load(&outcome.output_dir).map_err(anyhow::Error::msg)?;
+        let c = &cfg.state.config;
+        let metrics = serde_json::json!({
+            "final_loss": outcome.final_loss,
+            "eval": outcome.eval,
+            "steps": outcome.steps,
+        });
+        let name = format!("job-{id}");
+        let adapter = db
+            .insert_adapter(&NewAdapter {
+                name: &name,
+                path: &outcome.output_dir.display().to_string(),
+                base_model: &meta.base_model,
+                base_model_hash: &meta.base_model_hash,
+                tokenizer_hash: &meta.tokenizer_hash,
+                chat_template_hash: &meta.chat_template_hash,
+                rank: Some(c.lora_r as i64),
+                alpha: Some(c.lora_alpha),
+                target_modules: &c.lora_target_modules,
+                metrics: &metrics,
+                job_id: Some(id),
+            })
+            .await?;
+        db.set_job_adapter(id, adapter.id).await?;
+    }
+    Ok(JobEnd::Succeeded)
+}
+
+async fn store_event(db: &Db, id: i64, e: &TrainEvent) -> anyhow::Result<()> {
+    let message;
+    let ev = match e {
+        TrainEvent::Started { total_steps, .. } => {
+            db.set_job_progress_target(
+                id,
+                &db.job(id).await?.output_dir.unwrap_or_default(),
+                Some(*total_steps as i64),
+            )
+            .await?;
+            message = serde_json::to_string(e)?;
+            NewTrainingEvent {
+                kind: "state",
+                message: Some(&message),
+                ..Default::default()
+            }
+        }
+        TrainEvent::Step {
+            step,
+            loss,
+            learning_rate,
+            tokens_per_sec,
+            ..
+        } => NewTrainingEvent {
+            kind: "step",
+            step: Some(*step as i64),
+            loss: Some(*loss),
+            learning_rate: Some(*learning_rate),
+            tokens_per_sec: Some(*tokens_per_sec),
+            ..Default::default()
+        },
+        TrainEvent::Eval {
+            step, eval_loss, ..
+        } => {
+            message = serde_json::to_string(e)?;
+            NewTrainingEvent {
+                kind: "eval",
+                step: Some(*step as i64),
+                eval_loss: Some(*eval_loss),
+                message: Some(&message),
+                ..Default::default()
+            }
+        }
+        other => {
+            message = serde_json::to_string(other)?;
+            NewTrainingEvent {
+                kind: "log",
+                message: Some(&message),
+                ..Default::default()
+            }
+        }
+    };
+    db.add_training_event(id, &ev).await?;
+    Ok(())
+}

@@ -1,0 +1,200 @@
+//! The job worker against the real migrations and a tiny random model.
+
+use candle_core::Device;
+use loraloop_core::domain::{ChatExample, ChatMessage, Role};
+use loraloop_core::storage::{Db, JobState, NewDataset, NewJob};
+use loraloop_model::testing::{TinySpec, write_tiny_chat_model};
+use loraloop_trainer::worker::{WorkerOptions, run_next};
+use sqlx::SqlitePool;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+async fn setup(db: &Db, tmp: &std::path::Path, hp: serde_json::Value) -> (i64, WorkerOptions) {
+    write_tiny_chat_model(&tmp.join("models/tiny"), TinySpec::default()).unwrap();
+    let ex = vec![
+        ChatExample {
+            messages: vec![
+                ChatMessage::new(Role::User, "What is the capital of Zorblax?"),
+                ChatMessage::new(Role::Assistant, "Blorp City."),
+            ],
+        };
+        8
+    ];
+    let ds = db
+        .insert_dataset(&NewDataset {
+            name: "zorblax",
+            format: "openai",
+            source: "test",
+            content_hash: "h",
+            examples: &ex,
+            source_conversations: &[],
+        })
+        .await
+        .unwrap()
+        .dataset()
+        .id;
+    let job = db
+        .create_job(&NewJob {
+            dataset_id: ds,
+            base_model: "tiny",
+            method: "lora",
+            hyperparameters: &hp,
+        })
+        .await
+        .unwrap();
+    assert!(
+        db.transition_job(job.id, JobState::ValidatingFiles, JobState::Queued, None)
+            .await
+            .unwrap()
+    );
+    (
+        job.id,
+        WorkerOptions {
+            models_dir: tmp.join("models"),
+            adapters_dir: tmp.join("adapters"),
+            poll_interval: Duration::from_millis(10),
+            device: Device::Cpu,
+        },
+    )
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_queued_job_trains_stores_its_events_and_registers_the_adapter(pool: SqlitePool) {
+    let db = Db::from_pool(pool);
+    let tmp = tempfile::tempdir().unwrap();
+    let hp = serde_json::json!({"num_epochs": 3, "micro_batch_size": 4, "learning_rate": 0.01, "val_set_size": 0.25, "eval_steps": 2});
+    let (id, opts) = setup(&db, tmp.path(), hp).await;
+
+    let ran = run_next(&db, &opts, Arc::new(AtomicBool::new(false)))
+        .await
+        .unwrap();
+    assert_eq!(ran, Some(id));
+
+    let job = db.job(id).await.unwrap();
+    assert_eq!(job.state(), JobState::Succeeded, "{:?}", job.error);
+    // 6 training examples (2 held out), 4 per step, 3 epochs.
+    assert_eq!(job.total_steps, Some(6));
+    assert_eq!(job.step, 6);
+    let events = db.training_events(id, 0).await.unwrap();
+    let steps: Vec<_> = events.iter().filter(|e| e.kind == "step").collect();
+    assert_eq!(steps.len(), 6);
+    assert!(
+        steps
+            .iter()
+            .all(|e| e.loss.is_some() && e.learning_rate.is_some() && e.tokens_per_sec.is_some())
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "eval" && e.eval_loss.is_some())
+    );
+    let adapters = db.list_adapters().await.unwrap();
+    assert_eq!(adapters.len(), 1);
+    assert_eq!(job.adapter_id, Some(adapters[0].id));
+    assert_eq!(adapters[0].rank, Some(16));
+    assert!(
+        std::path::Path::new(&adapters[0].path)
+            .join("adapter_model.safetensors")
+            .is_file()
+    );
+    assert_eq!(adapters[0].base_model_hash.len(), 64);
+    assert!(
+        db.claim_next_job().await.unwrap().is_none(),
+        "the queue is empty"
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_job_that_cannot_start_fails_with_its_error(pool: SqlitePool) {
+    let db = Db::from_pool(pool);
+    let tmp = tempfile::tempdir().unwrap();
+    let (id, opts) = setup(&db, tmp.path(), serde_json::json!({"learning_rate": -1})).await;
+    run_next(&db, &opts, Arc::new(AtomicBool::new(false)))
+        .await
+        .unwrap();
+    let job = db.job(id).await.unwrap();
+    assert_eq!(job.state(), JobState::Failed);
+    assert_eq!(
+        job.error.as_deref(),
+        Some("learning_rate: must be a positive number, got -1")
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_cancel_request_stops_a_running_job_with_a_checkpoint(pool: SqlitePool) {
+    let db = Db::from_pool(pool);
+    let tmp = tempfile::tempdir().unwrap();
+    let hp = serde_json::json!({"num_epochs": 5000, "micro_batch_size": 4, "val_set_size": 0});
+    let (id, opts) = setup(&db, tmp.path(), hp).await;
+    let canceller = {
+        let db = db.clone();
+        tokio::spawn(async move {
+            // Wait until it is running and has taken a few steps.
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if db.job(id).await.unwrap().step >= 3 {
+                    break;
+                }
+            }
+            assert!(db.request_cancel(id).await.unwrap());
+        })
+    };
+    run_next(&db, &opts, Arc::new(AtomicBool::new(false)))
+        .await
+        .unwrap();
+    canceller.await.unwrap();
+    let job = db.job(id).await.unwrap();
+    assert_eq!(job.state(), JobState::Cancelled);
+    assert!(job.step < 10_000, "stopped early, at step {}", job.step);
+    let ck =
+        loraloop_trainer::worker::latest_checkpoint(std::path::Path::new(&job.output_dir.unwrap()));
+    assert!(ck.is_some(), "a checkpoint was saved");
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_job_interrupted_by_a_dying_worker_resumes_from_its_checkpoint(pool: SqlitePool) {
+    let db = Db::from_pool(pool);
+    let tmp = tempfile::tempdir().unwrap();
+    let hp = serde_json::json!({"num_epochs": 300, "micro_batch_size": 4, "val_set_size": 0});
+    let (id, opts) = setup(&db, tmp.path(), hp).await;
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let stopper = {
+        let (db, shutdown) = (db.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if db.job(id).await.unwrap().step >= 5 {
+                    break;
+                }
+            }
+            shutdown.store(true, Ordering::SeqCst);
+        })
+    };
+    run_next(&db, &opts, shutdown).await.unwrap();
+    stopper.await.unwrap();
+    let job = db.job(id).await.unwrap();
+    assert_eq!(job.state(), JobState::Queued, "back in the queue");
+    let stopped_at = job.step;
+    assert!(stopped_at >= 5 && stopped_at < 600);
+
+    run_next(&db, &opts, Arc::new(AtomicBool::new(false)))
+        .await
+        .unwrap();
+    let job = db.job(id).await.unwrap();
+    assert_eq!(job.state(), JobState::Succeeded, "{:?}", job.error);
+    assert_eq!(job.step, 600);
+    let started: Vec<serde_json::Value> = db
+        .training_events(id, 0)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.kind == "state")
+        .filter_map(|e| serde_json::from_str(e.message.as_deref()?).ok())
+        .collect();
+    assert_eq!(started.len(), 2);
+    assert_eq!(
+        started[1]["resumed_from_step"],
+        serde_json::json!(stopped_at)
+    );
+}
