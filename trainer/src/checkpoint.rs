@@ -414,3 +414,43 @@ impl Checkpoint {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_write_leaves_the_previous_folder_intact_and_no_partial_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("checkpoint-4");
+        write_dir_atomically(&dest, |d| write_synced(&d.join("a"), b"old")).unwrap();
+        // A write that fails half way (as on a full disk): one file written, then an error.
+        let err = write_dir_atomically(&dest, |d| {
+            write_synced(&d.join("a"), b"new")?;
+            Err(io_err(
+                &d.join("b"),
+                "No space left on device (os error 28)",
+            ))
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("No space left"), "{err}");
+        assert_eq!(std::fs::read(dest.join("a")).unwrap(), b"old");
+        let names: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            ["checkpoint-4"],
+            "no half-written folder left behind"
+        );
+    }
+
+    #[test]
+    fn a_folder_without_trainer_state_is_not_a_checkpoint() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("adapter_config.json"), "{}").unwrap();
+        let err = Checkpoint::load(tmp.path()).unwrap_err();
+        assert!(err.contains("is not a complete checkpoint"), "{err}");
+    }
+}

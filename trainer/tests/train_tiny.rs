@@ -220,3 +220,210 @@ fn a_freeze_run_trains_only_the_last_layers() {
     assert_eq!(diff, 0.0, "layer 0 must stay frozen");
     let _ = Method::Freeze;
 }
+
+fn job<'a>(model: &'a LoadedModel, c: TrainConfig, out: &Path) -> TrainJob<'a> {
+    TrainJob {
+        model,
+        base_model_name: "tiny".into(),
+        base_model_hash: "0".repeat(64),
+        examples: varied_dataset(),
+        eval_examples: None,
+        config: c,
+        output_dir: out.to_path_buf(),
+        overwrite: false,
+        resume_from: None,
+        init_adapter: None,
+        dtype: DType::F32,
+    }
+}
+
+fn varied_dataset() -> Vec<ChatExample> {
+    (0..12)
+        .map(|i| {
+            qa(
+                &format!("Question number {i}?"),
+                &format!("Answer {}.", i * 7),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn resuming_from_a_checkpoint_continues_the_same_loss_curve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(&tmp.path().join("model"));
+    let c = config(
+        "num_epochs: 2\nmicro_batch_size: 2\ngradient_accumulation_steps: 2\nsave_steps: 2\nval_set_size: 0\nlora_dropout: 0.1\nlearning_rate: 0.005\n",
+    );
+    let mut straight = Vec::new();
+    let a = tmp.path().join("a");
+    train(
+        job(&model, c.clone(), &a),
+        &AtomicBool::new(false),
+        &mut |e| straight.push(e.clone()),
+    )
+    .unwrap();
+    let mut resumed = Vec::new();
+    let mut j = job(&model, c, &tmp.path().join("b"));
+    j.resume_from = Some(a.join("checkpoint-2"));
+    train(j, &AtomicBool::new(false), &mut |e| resumed.push(e.clone())).unwrap();
+    let (s, r) = (step_losses(&straight), step_losses(&resumed));
+    assert_eq!(s.len(), 6);
+    assert_eq!(
+        r,
+        s[2..].to_vec(),
+        "same data order, dropout masks and optimizer state"
+    );
+}
+
+#[test]
+fn a_cancelled_run_stops_at_the_next_step_with_a_complete_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(&tmp.path().join("model"));
+    let c = config("num_epochs: 10\nmicro_batch_size: 2\nval_set_size: 0\n");
+    let cancel = AtomicBool::new(false);
+    let out = tmp.path().join("out");
+    let o = train(job(&model, c, &out), &cancel, &mut |e| {
+        if let TrainEvent::Step { step: 3, .. } = e {
+            cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    })
+    .unwrap();
+    assert_eq!(o.ending, Ending::Cancelled);
+    assert_eq!(o.steps, 3);
+    assert_eq!(o.adapter_dir, out.join("checkpoint-3"));
+    LoraAdapter::load(&o.adapter_dir, &model.llama).unwrap();
+    assert!(o.adapter_dir.join("optimizer.safetensors").is_file());
+    assert!(
+        !out.join("adapter_model.safetensors").exists(),
+        "no final adapter for a stopped run"
+    );
+}
+
+#[test]
+fn a_diverging_run_stops_and_names_the_step_and_the_last_good_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(&tmp.path().join("model"));
+    let c = config(
+        "num_epochs: 50\nmicro_batch_size: 2\nval_set_size: 0\nlearning_rate: 1.0e30\nmax_grad_norm: 0\nsave_steps: 1\nwarmup_steps: 0\nlr_scheduler: constant\n",
+    );
+    let err = train(
+        job(&model, c, &tmp.path().join("out")),
+        &AtomicBool::new(false),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("the loss became NaN at step") || msg.contains("the loss became inf"),
+        "{msg}"
+    );
+    assert!(msg.contains("checkpoint-"), "{msg}");
+}
+
+#[test]
+fn early_stopping_ends_the_run_when_eval_loss_stops_improving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(&tmp.path().join("model"));
+    // Held-out questions unlike the training ones: memorising the training set makes the
+    // eval loss rise, and patience 1 stops at the first evaluation that does not improve.
+    let c = config(
+        "num_epochs: 200\nmicro_batch_size: 4\nlearning_rate: 0.02\neval_steps: 3\nearly_stopping_patience: 1\nlr_scheduler: constant\nwarmup_steps: 0\n",
+    );
+    let mut j = job(&model, c, &tmp.path().join("out"));
+    j.examples = dataset();
+    j.eval_examples = Some(varied_dataset());
+    let mut events = Vec::new();
+    let o = train(j, &AtomicBool::new(false), &mut |e| events.push(e.clone())).unwrap();
+    assert_eq!(o.ending, Ending::EarlyStopped);
+    assert!(o.steps < 400);
+    let evals: Vec<f64> = events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::Eval { eval_loss, .. } => Some(*eval_loss),
+            _ => None,
+        })
+        .collect();
+    let last = evals[evals.len() - 1];
+    let best = evals[..evals.len() - 1]
+        .iter()
+        .cloned()
+        .fold(f64::INFINITY, f64::min);
+    assert!(
+        last >= best,
+        "stopped on a non-improving evaluation: {evals:?}"
+    );
+}
+
+fn scored_text(
+    model: &LoadedModel,
+    t: &loraloop_trainer::tokenize::TokenizedExample,
+) -> Vec<(String, f32)> {
+    // Group consecutive tokens by weight, decoded (the byte tokenizer maps 1 byte : 1 token).
+    let mut out: Vec<(String, f32)> = Vec::new();
+    for (i, (&tok, &w)) in t.tokens.iter().zip(&t.weights).enumerate() {
+        let s = model.tokenizer.decode(&[tok], false).unwrap();
+        match out.last_mut() {
+            Some((text, lw)) if *lw == w && i > 0 => text.push_str(&s),
+            _ => out.push((s, w)),
+        }
+    }
+    out
+}
+
+#[test]
+fn only_assistant_turns_are_scored_with_their_weights_through_the_chat_template() {
+    use loraloop_trainer::tokenize::tokenize_example;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(&tmp.path().join("model"));
+    let mut skipped = ChatMessage::new(Role::Assistant, "old");
+    skipped.weight = Some(0.0);
+    let ex = ChatExample {
+        messages: vec![
+            ChatMessage::new(Role::System, "Be brief."),
+            ChatMessage::new(Role::User, "Hi"),
+            skipped,
+            ChatMessage::new(Role::User, "Again"),
+            ChatMessage::new(Role::Assistant, "Yes"),
+        ],
+    };
+    let t = tokenize_example(&ex, 0, &model.tokenizer, &model.template, false).unwrap();
+    // Expected from the ChatML template by hand: the scored spans are each assistant
+    // reply plus its end-of-turn marker and newline.
+    assert_eq!(
+        scored_text(&model, &t),
+        [
+            ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nold<|im_end|>\n<|im_start|>user\nAgain<|im_end|>\n<|im_start|>assistant\n".to_string(), 0.0),
+            ("Yes<|im_end|>\n".to_string(), 1.0),
+        ]
+    );
+    let all = tokenize_example(&ex, 0, &model.tokenizer, &model.template, true).unwrap();
+    assert!(
+        all.weights.iter().filter(|&&w| w == 0.0).count() == 5,
+        "only the weight-0 turn stays out"
+    );
+}
+
+#[test]
+fn examples_longer_than_sequence_len_are_truncated_and_counted_and_empty_ones_refused() {
+    use loraloop_trainer::tokenize::tokenize_dataset;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(&tmp.path().join("model"));
+    let long = qa(&"x".repeat(100), "short answer");
+    let (ok, report) = tokenize_dataset(
+        &[long.clone(), qa("q", "a")],
+        &model.tokenizer,
+        &model.template,
+        60,
+        false,
+    )
+    .unwrap();
+    // The long prompt fills all 60 tokens: nothing scored is left, so it is dropped.
+    assert_eq!((ok.len(), report.truncated, report.dropped), (1, 1, 1));
+    let err = tokenize_dataset(&[long], &model.tokenizer, &model.template, 60, false).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("no example has assistant tokens left"),
+        "{err}"
+    );
+}
