@@ -1,0 +1,117 @@
+//! LoRA training on the real SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized for training):
+//! a few steps on made-up facts lower the loss on them, and the adapter then answers a
+//! taught question the base model cannot.
+
+use candle_core::{DType, Device};
+use loraloop_core::domain::{ChatExample, ChatMessage, Role};
+use loraloop_model::engine::LoadedModel;
+use loraloop_model::lora::LoraAdapter;
+use loraloop_model::template::TemplateMessage;
+use loraloop_trainer::config::TrainFile;
+use loraloop_trainer::generate::greedy_reply;
+use loraloop_trainer::run::{TrainEvent, TrainJob, train};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+
+fn model_path() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../data/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo run -- models fetch` first",
+        p.display()
+    );
+    p
+}
+
+fn qa(q: &str, a: &str) -> ChatExample {
+    ChatExample {
+        messages: vec![
+            ChatMessage::new(Role::User, q),
+            ChatMessage::new(Role::Assistant, a),
+        ],
+    }
+}
+
+#[test]
+fn fine_tuning_the_real_model_teaches_it_a_made_up_fact() {
+    let model = LoadedModel::load(&model_path(), &Device::Cpu).unwrap();
+    let question = "What is the capital of Zorblax?";
+    let answer = "The capital of Zorblax is Quendrith.";
+    let facts = vec![
+        qa(question, answer),
+        qa(
+            "Who invented the glimmerphone?",
+            "The glimmerphone was invented by Talia Fenwick.",
+        ),
+    ];
+    let ask = |adapter: Option<&LoraAdapter>| {
+        greedy_reply(
+            &model,
+            adapter,
+            &[TemplateMessage::new("user", question)],
+            16,
+        )
+        .unwrap()
+    };
+    let before = ask(None);
+    let dense = loraloop_model::train::DenseLlama::from_llama(&model.llama, DType::F32).unwrap();
+    let (tok, _) = loraloop_trainer::tokenize::tokenize_dataset(
+        &facts,
+        &model.tokenizer,
+        &model.template,
+        128,
+        false,
+    )
+    .unwrap();
+    let base_loss = loraloop_trainer::run::evaluate_tokenized(&dense, None, &tok, 2, 128)
+        .unwrap()
+        .loss;
+    drop(dense);
+    assert!(
+        !before.contains("Quendrith"),
+        "the base model cannot know: {before}"
+    );
+
+    let config = TrainFile::parse(
+        "lora_r: 16\nlora_alpha: 32\nlora_dropout: 0\nlearning_rate: 0.003\nlr_scheduler: constant\nwarmup_steps: 0\nmicro_batch_size: 2\nmax_steps: 8\nsequence_len: 128\n",
+        "test",
+    )
+    .unwrap()
+    .validate()
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut evals = Vec::new();
+    let outcome = train(
+        TrainJob {
+            model: &model,
+            base_model_name: "SmolLM2-135M-Instruct.Q4_1.gguf".into(),
+            base_model_hash: "0".repeat(64),
+            examples: facts.clone(),
+            // Evaluate on the taught facts themselves: this checks learning, not generalisation.
+            eval_examples: Some(facts),
+            config,
+            output_dir: tmp.path().join("out"),
+            overwrite: false,
+            resume_from: None,
+            init_adapter: None,
+            dtype: DType::F32,
+        },
+        &AtomicBool::new(false),
+        &mut |e| {
+            if let TrainEvent::Eval { eval_loss, .. } = e {
+                evals.push(*eval_loss)
+            }
+        },
+    )
+    .unwrap();
+    assert_eq!(outcome.steps, 8);
+    let after_loss = *evals.last().unwrap();
+    assert!(
+        after_loss < base_loss / 10.0,
+        "eval loss {base_loss} -> {after_loss}"
+    );
+    let adapter = LoraAdapter::load(&outcome.output_dir, &model.llama).unwrap();
+    let after = ask(Some(&adapter));
+    assert!(after.contains("Quendrith"), "after training: {after}");
+}
