@@ -2,6 +2,7 @@ mod chat;
 mod config;
 mod data;
 mod models;
+mod train;
 
 use assert_cmd::Command;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,189 @@
+use super::{loraloop, stdout_of};
+use loraloop_model::testing::{TinySpec, write_tiny_chat_model};
+use std::path::{Path, PathBuf};
+
+/// A tiny random chat model and a small dataset in `dir`.
+fn setup(dir: &Path) -> (PathBuf, PathBuf) {
+    let model = dir.join("tiny");
+    write_tiny_chat_model(&model, TinySpec::default()).unwrap();
+    let data = dir.join("facts.jsonl");
+    let line = r#"{"messages":[{"role":"user","content":"What is the capital of Zorblax?"},{"role":"assistant","content":"Blorp City."}]}"#;
+    std::fs::write(&data, format!("{line}\n").repeat(8)).unwrap();
+    (model, data)
+}
+
+fn stderr_of_failure(cmd: &mut assert_cmd::Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        !out.status.success(),
+        "expected a failure: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn fine_tune_trains_an_adapter_that_evaluate_compares_with_the_base_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = setup(dir.path());
+    let out = stdout_of(
+        loraloop(dir.path())
+            .args(["fine-tune", "--model"])
+            .arg(&model)
+            .arg("--data-path")
+            .arg(&data)
+            .args([
+                "--epochs",
+                "30",
+                "--batch-size",
+                "4",
+                "--learning-rate",
+                "1e-2",
+                "--val-set-size",
+                "0",
+                "--output-dir",
+                "out",
+            ]),
+    );
+    assert!(out.contains("trained 60 steps"), "{out}");
+    assert!(out.contains("adapter: out"), "{out}");
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("out/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["global_step"], 60);
+    assert_eq!(state["config"]["learning_rate"], 0.01);
+    let peft: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("out/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(peft["base_model_name_or_path"], model.display().to_string());
+    assert_eq!(peft["r"], 16);
+
+    let table = stdout_of(
+        loraloop(dir.path())
+            .args(["evaluate", "--model"])
+            .arg(&model)
+            .args(["--adapter", "out", "--data-path"])
+            .arg(&data)
+            .args(["--compare", "--samples", "1"]),
+    );
+    assert!(table.starts_with("| metric | base | adapter |"), "{table}");
+    assert!(table.contains("adapter: Blorp City."), "{table}");
+    let json = stdout_of(
+        loraloop(dir.path())
+            .args(["evaluate", "--json", "--model"])
+            .arg(&model)
+            .args(["--adapter", "out", "--data-path"])
+            .arg(&data),
+    );
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(v["metrics"]["loss"].as_f64().unwrap() < 0.5, "{v}");
+    assert_eq!(v["metrics"]["accuracy"], 1.0);
+}
+
+#[test]
+fn a_training_yaml_with_axolotl_keys_is_read_and_flags_override_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = setup(dir.path());
+    std::fs::write(
+        dir.path().join("train.yaml"),
+        format!(
+            "base_model: {}\ndatasets:\n  - path: {}\n    type: chat_template\noutput_dir: yaml-out\nlora_r: 4\nlora_alpha: 8\nnum_epochs: 5\nmicro_batch_size: 2\ngradient_accumulation_steps: 2\nval_set_size: 0\nlearning_rate: 0.001\n",
+            model.display(),
+            data.display()
+        ),
+    )
+    .unwrap();
+    let out = stdout_of(loraloop(dir.path()).args([
+        "fine-tune",
+        "--config",
+        "train.yaml",
+        "--epochs",
+        "1",
+    ]));
+    // 8 examples, 2 per pass, 2 passes per step, 1 epoch (the flag beats the YAML's 5).
+    assert!(out.contains("trained 2 steps"), "{out}");
+    let peft: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("yaml-out/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(peft["r"], 4);
+}
+
+#[test]
+fn a_stored_dataset_can_be_trained_on_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = setup(dir.path());
+    stdout_of(
+        loraloop(dir.path())
+            .args(["data", "import", "--name", "facts"])
+            .arg(&data),
+    );
+    let out = stdout_of(
+        loraloop(dir.path())
+            .args([
+                "fine-tune",
+                "--dataset",
+                "facts",
+                "--epochs",
+                "1",
+                "--val-set-size",
+                "0",
+                "--model",
+            ])
+            .arg(&model),
+    );
+    assert!(out.contains("adapter: adapters/facts-v1"), "{out}");
+}
+
+#[test]
+fn bad_training_input_gets_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = setup(dir.path());
+    let base = |args: &[&str]| {
+        let mut c = loraloop(dir.path());
+        c.args(["fine-tune", "--model"])
+            .arg(&model)
+            .arg("--data-path")
+            .arg(&data)
+            .args(args);
+        c
+    };
+    let e = stderr_of_failure(&mut base(&["--learning-rate=-1"]));
+    assert!(
+        e.contains("learning_rate: must be a positive number, got -1"),
+        "{e}"
+    );
+    let e = stderr_of_failure(&mut base(&["--lora-r", "100"]));
+    assert!(
+        e.contains("lora_r 100 is larger than q_proj (64 -> 64)"),
+        "{e}"
+    );
+    let e = stderr_of_failure(
+        loraloop(dir.path())
+            .args(["fine-tune", "--model", "nope.gguf", "--data-path"])
+            .arg(&data),
+    );
+    assert!(e.contains("model nope.gguf not found"), "{e}");
+    // An output folder holding another run is refused unless --overwrite.
+    stdout_of(&mut base(&["--epochs", "1", "--output-dir", "o"]));
+    let e = stderr_of_failure(&mut base(&["--epochs", "1", "--output-dir", "o"]));
+    assert!(
+        e.contains("already holds a training run; pass --overwrite"),
+        "{e}"
+    );
+    stdout_of(&mut base(&[
+        "--epochs",
+        "1",
+        "--output-dir",
+        "o",
+        "--overwrite",
+    ]));
+    // Nothing left to train on after truncation.
+    let e = stderr_of_failure(&mut base(&["--sequence-len", "8"]));
+    assert!(
+        e.contains("no example has assistant tokens left to train on"),
+        "{e}"
+    );
+}
