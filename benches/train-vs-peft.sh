@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # CPU LoRA training throughput and peak memory of loraloop next to PyTorch + PEFT, same
 # model (SmolLM2-135M-Instruct, the Q4_1 GGUF; PyTorch trains its float32 dequantization),
-# same synthetic data, same LoRA (rank 16, alpha 32, all seven projections), same shapes,
+# same synthetic data, same LoRA (rank 16, alpha 2 x rank, all seven projections), same shapes,
 # each run in its own process pinned to the same cores, runs alternated so drift on a shared
 # machine hits both alike; with and without gradient checkpointing. Prints a markdown table
 # with the ratios (loraloop / PyTorch + PEFT).
 #
 #   benches/train-vs-peft.sh [REPEATS]      (default 2; env: STEPS (5), WARMUP (1), SEQ_LEN (256),
-#                                            MICRO_BATCH (4), RANK (16), ALPHA (32), CPUS (0,1), MODEL,
+#                                            MICRO_BATCH (4), RANK (16), CPUS (0,1), MODEL,
 #                                            LORALOOP (a binary to use instead of building one))
 #
 # PyTorch side: benches/peft_train.py in the virtualenv target/peft-venv, created here on
@@ -22,7 +22,7 @@ WARMUP=${WARMUP:-1}
 SEQ_LEN=${SEQ_LEN:-256}
 MICRO_BATCH=${MICRO_BATCH:-4}
 RANK=${RANK:-16}
-ALPHA=${ALPHA:-32}
+ALPHA=$((2 * RANK)) # what loraloop bench train uses
 CPUS=${CPUS:-0,1}
 MODEL=${MODEL:-data/models/SmolLM2-135M-Instruct.Q4_1.gguf}
 
@@ -79,8 +79,8 @@ for gc in off on; do
   fi
   for i in $(seq "$REPEATS"); do
     echo "gradient checkpointing $gc, round $i/$REPEATS" >&2
-    record "$gc" "${PIN[@]}" "$LORALOOP" bench train --seq-len "$SEQ_LEN" \
-      --micro-batch "$MICRO_BATCH" --rank "$RANK" --steps "$STEPS" "${flag[@]}" --json
+    record "$gc" "${PIN[@]}" "$LORALOOP" bench train --model "$MODEL" --seq-len "$SEQ_LEN" \
+      --micro-batch "$MICRO_BATCH" --rank "$RANK" --steps "$STEPS" --warmup "$WARMUP" "${flag[@]}" --json
     record "$gc" "${PIN[@]}" "$VENV/bin/python" benches/peft_train.py --model "$MODEL" --seq-len "$SEQ_LEN" \
       --micro-batch "$MICRO_BATCH" --rank "$RANK" --alpha "$ALPHA" --steps "$STEPS" --warmup "$WARMUP" \
       --threads "$THREADS" "${pyflag[@]}" --json

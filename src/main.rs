@@ -6,6 +6,12 @@ mod progress;
 use clap::Parser;
 use std::process::ExitCode;
 
+/// mimalloc keeps freed blocks for reuse: training allocates and frees large activation
+/// tensors every step, which glibc's allocator hands back to the kernel (`munmap`) and
+/// then faults in again, zero page by page.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
     progress::init_logging(args.verbose, args.quiet);
