@@ -169,13 +169,14 @@ def main():
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    losses = []
+    losses, step_secs = [], []
     for s in range(args.warmup):
         losses.append(step(s))
-    t0 = time.perf_counter()
     for s in range(args.warmup, args.warmup + args.steps):
+        t0 = time.perf_counter()
         losses.append(step(s))
-    elapsed = time.perf_counter() - t0
+        step_secs.append(time.perf_counter() - t0)
+    elapsed = sum(step_secs)
 
     tokens = args.micro_batch * args.seq_len * args.steps
     out = {
@@ -192,6 +193,7 @@ def main():
         "loss": losses[-1],
         "losses": losses,
         "s_per_step": elapsed / args.steps,
+        "step_secs": step_secs,
         "threads": torch.get_num_threads(),
         "attn_implementation": model.base_model.model.config._attn_implementation,
         "trainable_params": n_trainable,
@@ -207,7 +209,8 @@ def main():
         print(json.dumps(out))
     else:
         print(
-            f"pytorch-peft: {out['tokens_per_s']:.1f} tokens/s ({out['s_per_step']:.2f} s/step), "
+            f"pytorch-peft: {out['tokens_per_s']:.1f} tokens/s (step times: "
+            f"{', '.join(f'{x:.2f}s' for x in step_secs)}), "
             f"peak RSS {out['peak_rss_mb']:.0f} MB, gradient checkpointing "
             f"{'on' if args.gradient_checkpointing else 'off'}, attention {out['attn_implementation']}, "
             f"{n_trainable} trainable, losses {', '.join(f'{l:.4f}' for l in losses)}"
