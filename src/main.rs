@@ -6,13 +6,30 @@ mod progress;
 use clap::Parser;
 use std::process::ExitCode;
 
-/// mimalloc keeps freed blocks for reuse: training allocates and frees large activation
-/// tensors every step, which glibc's allocator hands back to the kernel (`munmap`) and
-/// then faults in again, zero page by page.
+/// Every candle op allocates its output; a training step allocates and frees gigabytes
+/// of activations (the output head's logits alone are 50 MB per chunk). glibc maps
+/// blocks that large afresh each time, and the kernel zeroes every new page. mimalloc,
+/// told never to return freed memory to the OS, reuses it instead: +17% training
+/// tokens/s on the 135M model (`loraloop bench train`, 2 steps after a warm-up), at the
+/// cost of keeping the peak heap resident, as PyTorch's caching allocator does.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `mi_option_purge_delay`: index 15 of `mi_option_e` in mimalloc.h (the same in v2 and
+/// v3); -1 means freed memory is never purged.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+fn keep_freed_memory() {
+    // SAFETY: `mi_option_set` stores an integer in mimalloc's option table; it takes no
+    // pointers and may be called at any time from any thread.
+    #[allow(unsafe_code)]
+    unsafe {
+        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1)
+    };
+}
+
 fn main() -> ExitCode {
+    keep_freed_memory();
     let args = cli::Cli::parse();
     progress::init_logging(args.verbose, args.quiet);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

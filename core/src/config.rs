@@ -30,11 +30,12 @@ pub const SECRET_VARS: [(&str, &str); 4] = [
 ];
 
 /// `LORALOOP_` variables that are not key overrides.
-const RESERVED_VARS: [&str; 4] = [
+const RESERVED_VARS: [&str; 5] = [
     CONFIG_ENV,
     "LORALOOP_API_KEY",
     "LORALOOP_ADMIN_PASSWORD",
     "LORALOOP_LOG",
+    "LORALOOP_TRAIN_PROFILE",
 ];
 
 #[derive(Debug, thiserror::Error)]

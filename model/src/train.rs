@@ -28,6 +28,47 @@ use std::collections::HashMap;
 
 type Result<T> = candle_core::Result<T>;
 
+/// Opt-in timing of the training graph's parts (`LORALOOP_TRAIN_PROFILE=1`): what
+/// `loraloop bench train` prints to find where a step's time goes.
+pub mod profile {
+    use std::collections::BTreeMap;
+    use std::sync::{Mutex, OnceLock};
+    use std::time::Instant;
+
+    static ON: OnceLock<bool> = OnceLock::new();
+    static TOTALS: Mutex<BTreeMap<&'static str, (f64, usize)>> = Mutex::new(BTreeMap::new());
+
+    pub fn enabled() -> bool {
+        *ON.get_or_init(|| std::env::var_os("LORALOOP_TRAIN_PROFILE").is_some())
+    }
+
+    /// Run `f`, adding its wall time to `tag` when profiling is on.
+    pub fn time<T>(tag: &'static str, f: impl FnOnce() -> T) -> T {
+        if !enabled() {
+            return f();
+        }
+        let t = Instant::now();
+        let out = f();
+        let mut m = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
+        let e = m.entry(tag).or_insert((0.0, 0));
+        e.0 += t.elapsed().as_secs_f64();
+        e.1 += 1;
+        out
+    }
+
+    /// The totals so far (seconds, calls), and reset them.
+    pub fn take() -> Vec<(&'static str, f64, usize)> {
+        let mut m = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
+        let out = m.iter().map(|(k, (s, n))| (*k, *s, *n)).collect();
+        m.clear();
+        out
+    }
+}
+
+fn mm(tag: &'static str, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    profile::time(tag, || a.matmul(b))
+}
+
 /// A dense linear layer `y = x W^T + b`, `W` `[out, in]`.
 #[derive(Debug, Clone)]
 pub struct DenseLinear {
@@ -699,7 +740,7 @@ fn linear_fwd(
     dropout: Option<(f64, u64)>,
     keep: bool,
 ) -> Result<(Tensor, Option<LoraSaved>)> {
-    let mut y = x.matmul(&l.w.t()?)?;
+    let mut y = mm("fwd x W^T", x, &l.w.t()?)?;
     if let Some(b) = &l.b {
         y = y.broadcast_add(b)?;
     }
@@ -713,8 +754,8 @@ fn linear_fwd(
         }
         _ => (x.clone(), None),
     };
-    let u = xd.matmul(&ab.a.t()?)?;
-    let y = (y + (u.matmul(&ab.b.t()?)? * scale)?)?;
+    let u = mm("fwd lora", &xd, &ab.a.t()?)?;
+    let y = (y + (mm("fwd lora", &u, &ab.b.t()?)? * scale)?)?;
     Ok((y, keep.then_some(LoraSaved { xd, u, mask })))
 }
 
@@ -765,12 +806,12 @@ impl LinBwd<'_> {
         grads: &mut Grads,
     ) -> Result<Option<Tensor>> {
         let mut dx = if self.need_dx {
-            Some(dy.matmul(&self.l.w)?)
+            Some(mm("bwd dy W", dy, &self.l.w)?)
         } else {
             None
         };
         if self.base_trainable {
-            let gw = dy.t()?.matmul(x)?;
+            let gw = mm("bwd dW", &dy.t()?, x)?;
             grads.accumulate(base_name(self.layer, self.p, "weight"), gw)?;
             if self.l.b.is_some() {
                 let gb = dy.sum(0)?;
@@ -780,13 +821,13 @@ impl LinBwd<'_> {
         if let (Some(ab), Some(LoraSaved { xd, u, mask })) = (self.lora, saved) {
             // y += s * u B^T, u = xd A^T:
             // dB = s dy^T u, du = s dy B, dA = du^T xd, dx += du A (through the dropout mask).
-            let gb = (dy.t()?.matmul(u)? * self.scale)?;
-            let du = (dy.matmul(&ab.b)? * self.scale)?;
-            let ga = du.t()?.matmul(xd)?;
+            let gb = (mm("bwd lora", &dy.t()?, u)? * self.scale)?;
+            let du = (mm("bwd lora", dy, &ab.b)? * self.scale)?;
+            let ga = mm("bwd lora", &du.t()?, xd)?;
             grads.accumulate(peft_name(self.layer, self.p, 'B'), gb)?;
             grads.accumulate(peft_name(self.layer, self.p, 'A'), ga)?;
             if let Some(d) = dx.as_mut() {
-                let mut dxl = du.matmul(&ab.a)?;
+                let mut dxl = mm("bwd lora", &du, &ab.a)?;
                 if let Some(m) = mask {
                     dxl = (dxl * m)?;
                 }
@@ -851,11 +892,11 @@ impl Ctx<'_> {
         // are folded into the sequence axis, [b, kv, n_rep * t, hd].
         let qf = q4.reshape((b, kvh, n_rep * t, hd))?;
         let att_scale = 1.0 / (hd as f64).sqrt();
-        let scores = ((qf.matmul(&kr.t()?)? * att_scale)?.broadcast_add(&self.batch.mask))?;
+        let scores =
+            ((mm("fwd attn", &qf, &kr.t()?)? * att_scale)?.broadcast_add(&self.batch.mask))?;
         let p = softmax_last_dim(&scores)?;
         drop(scores);
-        let y = p
-            .matmul(&v4)?
+        let y = mm("fwd attn", &p, &v4)?
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b * t, nh * hd))?;
@@ -957,13 +998,13 @@ impl Ctx<'_> {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, kvh, n_rep * t, hd))?;
-        let dp = dy4.matmul(&c.v4.t()?)?;
-        let dv4 = c.p.t()?.matmul(&dy4)?;
+        let dp = mm("bwd attn", &dy4, &c.v4.t()?)?;
+        let dv4 = mm("bwd attn", &c.p.t()?, &dy4)?;
         let ds = (&c.p * dp.broadcast_sub(&(&dp * &c.p)?.sum_keepdim(D::Minus1)?)?)?;
         drop(dp);
         let att_scale = 1.0 / (hd as f64).sqrt();
-        let dqf = (ds.matmul(&c.kr)? * att_scale)?;
-        let dkr = (ds.t()?.matmul(&c.qf)? * att_scale)?;
+        let dqf = (mm("bwd attn", &ds, &c.kr)? * att_scale)?;
+        let dkr = (mm("bwd attn", &ds.t()?, &c.qf)? * att_scale)?;
         drop(ds);
         let neg_sin = self.batch.sin.neg()?;
         let unrope = |z: &Tensor| candle_nn::rotary_emb::rope(z, &self.batch.cos, &neg_sin);
@@ -1027,7 +1068,9 @@ impl DenseLlama {
         let mut inputs = Vec::with_capacity(n_layers);
         let mut caches = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
-            let (next, cache) = ctx.layer_fwd(i, &x, !opts.checkpointing)?;
+            let (next, cache) = profile::time("layer forward (total)", || {
+                ctx.layer_fwd(i, &x, !opts.checkpointing)
+            })?;
             if opts.checkpointing {
                 inputs.push(x);
             } else {
@@ -1036,7 +1079,9 @@ impl DenseLlama {
             x = next;
         }
         let hf = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
-        let (stats, dhf) = self.head(&hf, batch, Some((opts.grad_scale, train, &mut *grads)))?;
+        let (stats, dhf) = profile::time("head (total)", || {
+            self.head(&hf, batch, Some((opts.grad_scale, train, &mut *grads)))
+        })?;
         let dhf = dhf.ok_or_else(|| candle_core::Error::Msg("no head gradient".into()))?;
         let (mut dx, dg) = rms_norm_bwd(
             &x,
@@ -1072,7 +1117,9 @@ impl DenseLlama {
             };
             let cache = cache.ok_or_else(|| candle_core::Error::Msg("lost layer cache".into()))?;
             let need_dx = i > lowest || train.embeddings;
-            match ctx.layer_bwd(i, &cache, &dx, train, need_dx, grads)? {
+            match profile::time("layer backward (total)", || {
+                ctx.layer_bwd(i, &cache, &dx, train, need_dx, grads)
+            })? {
                 Some(d) => dx = d,
                 None => break,
             }
@@ -1133,7 +1180,7 @@ impl DenseLlama {
             let tgt = Tensor::from_slice(&batch.scored_targets[start..start + len], (len, 1), dev)?;
             let wts = &batch.scored_weights[start..start + len];
             let hs = hf.index_select(&idx, 0)?;
-            let logits = hs.matmul(&w.t()?)?.to_dtype(cdt)?;
+            let logits = mm("head logits", &hs, &w.t()?)?.to_dtype(cdt)?;
             let mx = logits.max_keepdim(D::Minus1)?;
             let z = logits.broadcast_sub(&mx)?;
             drop(logits);
@@ -1163,12 +1210,12 @@ impl DenseLlama {
                 drop(z);
                 let onehot = p.zeros_like()?.scatter_add(&tgt, &ws, D::Minus1)?;
                 let dlogits = (p.broadcast_mul(&ws)? - onehot)?.to_dtype(self.dtype)?;
-                let dhs = dlogits.matmul(w)?;
+                let dhs = mm("head dlogits W", &dlogits, w)?;
                 if let Some(d) = dhf.as_mut() {
                     *d = d.index_add(&idx, &dhs, 0)?;
                 }
                 if train.embeddings {
-                    let g = dlogits.t()?.matmul(&hs)?;
+                    let g = mm("head dW", &dlogits.t()?, &hs)?;
                     dw = Some(match dw {
                         Some(acc) => (acc + g)?,
                         None => g,

@@ -109,9 +109,21 @@ pub fn train_speed(llama: &Llama, o: TrainBenchOptions) -> candle_core::Result<T
         }
         if step >= o.warmup {
             step_secs.push(t.elapsed().as_secs_f64());
+        } else {
+            loraloop_model::train::profile::take();
         }
     }
     let total: f64 = step_secs.iter().sum();
+    if loraloop_model::train::profile::enabled() {
+        eprintln!("per timed step (LORALOOP_TRAIN_PROFILE):");
+        for (tag, secs, calls) in loraloop_model::train::profile::take() {
+            eprintln!(
+                "  {tag:<24} {:>8.3} s  {:>6} calls",
+                secs / o.steps as f64,
+                calls / o.steps
+            );
+        }
+    }
     Ok(TrainBenchResult {
         implementation: "loraloop",
         tokens_per_s: (o.steps * o.micro_batch * o.seq_len) as f64 / total,
