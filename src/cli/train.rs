@@ -268,14 +268,10 @@ impl StepProgress {
                 let line = format!(
                     "loss {loss:.4} lr {learning_rate:.2e} {tokens_per_sec:.0} tok/s"
                 );
-                match &self.bar {
-                    Some(bar) => {
-                        bar.set_position(*step as u64);
-                        bar.set_message(line);
-                    }
-                    None => {}
-                }
-                if self.bar.is_none() && (step % self.every == 0 || step == total_steps) {
+                if let Some(bar) = &self.bar {
+                    bar.set_position(*step as u64);
+                    bar.set_message(line);
+                } else if step % self.every == 0 || step == total_steps {
                     tracing::info!(
                         "step {step}/{total_steps} epoch {epoch:.2} loss {loss:.4} lr {learning_rate:.3e} grad_norm {grad_norm:.3} {tokens_per_sec:.0} tok/s eta {eta_secs:.0}s"
                     );

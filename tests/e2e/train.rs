@@ -192,26 +192,54 @@ fn bad_training_input_gets_a_clear_error() {
 fn replay_mixes_the_base_models_answers_in_and_reports_forgetting() {
     let dir = tempfile::tempdir().unwrap();
     let (model, data) = setup(dir.path());
-    std::fs::write(dir.path().join("prompts.txt"), "Say hello.\n\nName a fruit.\n").unwrap();
+    std::fs::write(
+        dir.path().join("prompts.txt"),
+        "Say hello.\n\nName a fruit.\n",
+    )
+    .unwrap();
     let out = stdout_of(
         loraloop(dir.path())
-            .args(["fine-tune", "--replay", "--replay-ratio", "0.5", "--replay-prompts", "prompts.txt"])
-            .args(["--epochs", "1", "--val-set-size", "0", "--output-dir", "o", "--model"])
+            .args([
+                "fine-tune",
+                "--replay",
+                "--replay-ratio",
+                "0.5",
+                "--replay-prompts",
+                "prompts.txt",
+            ])
+            .args([
+                "--epochs",
+                "1",
+                "--val-set-size",
+                "0",
+                "--output-dir",
+                "o",
+                "--model",
+            ])
             .arg(&model)
             .arg("--data-path")
             .arg(&data),
     );
     // 16 built-in prompts + 2 from the file; ratio 0.5 adds as many as the 8 examples.
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("o/forgetting.json")).unwrap()).unwrap();
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("o/forgetting.json")).unwrap(),
+    )
+    .unwrap();
     let prompts = report["prompts"].as_u64().unwrap();
     assert!(prompts > 0 && prompts <= 18, "{report}");
     let same = report["same_answers"].as_u64().unwrap();
-    assert!(out.contains(&format!("forgetting: {same}/{prompts} general prompts answered as the base model did")), "{out}");
+    assert!(
+        out.contains(&format!(
+            "forgetting: {same}/{prompts} general prompts answered as the base model did"
+        )),
+        "{out}"
+    );
     assert!(report["adapter_loss"]["loss"].as_f64().unwrap().is_finite());
     assert!(report["base_loss"]["loss"].as_f64().unwrap().is_finite());
-    let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("o/trainer_state.json")).unwrap()).unwrap();
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("o/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
     // 8 examples + 8 replayed, 4 per step.
     assert_eq!(state["global_step"], 4, "{state}");
 }

@@ -176,7 +176,7 @@ async fn a_job_interrupted_by_a_dying_worker_resumes_from_its_checkpoint(pool: S
     let job = db.job(id).await.unwrap();
     assert_eq!(job.state(), JobState::Queued, "back in the queue");
     let stopped_at = job.step;
-    assert!(stopped_at >= 5 && stopped_at < 600);
+    assert!((5..600).contains(&stopped_at));
 
     run_next(&db, &opts, Arc::new(AtomicBool::new(false)))
         .await
