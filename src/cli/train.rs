@@ -423,6 +423,9 @@ pub async fn fine_tune(
             eprintln!("replay: the base model answers {} general prompts ...", prompts.len());
             let answers = replay::base_answers(&model, &prompts, &mut |_, _| {})
                 .map_err(anyhow::Error::msg)?;
+            if answers.is_empty() {
+                eprintln!("replay: the base model gave no usable answers; training without replay");
+            }
             let n = replay::replay_count(examples.len(), c.replay_ratio, answers.len());
             eprintln!("replay: mixing {n} of the base model's answers into {} examples", examples.len());
             examples.extend(answers.iter().take(n).cloned());

@@ -85,7 +85,7 @@ pub fn base_answers(
 
 /// How many replay examples to add to `n_train` examples for a share of `ratio`.
 pub fn replay_count(n_train: usize, ratio: f64, available: usize) -> usize {
-    if ratio <= 0.0 {
+    if ratio <= 0.0 || available == 0 {
         return 0;
     }
     (((ratio / (1.0 - ratio)) * n_train as f64).round() as usize).clamp(1, available)
