@@ -463,6 +463,8 @@ pub struct Row {
 pub struct TrainBatch {
     batch: usize,
     seq: usize,
+    /// Non-padding positions.
+    real_tokens: usize,
     input_ids: Tensor,
     cos: Tensor,
     sin: Tensor,
@@ -546,9 +548,14 @@ impl TrainBatch {
         let half = cfg.head_dim / 2;
         let cos = model.cos.index_select(&pos_t, 0)?.reshape((b, t, half))?;
         let sin = model.sin.index_select(&pos_t, 0)?.reshape((b, t, half))?;
+        let real_tokens = rows
+            .iter()
+            .map(|r| r.segments.iter().filter(|&&s| s != 0).count())
+            .sum();
         Ok(Self {
             batch: b,
             seq: t,
+            real_tokens,
             input_ids: Tensor::from_vec(ids, b * t, dev)?,
             cos,
             sin,
@@ -568,9 +575,9 @@ impl TrainBatch {
         self.scored_idx.len()
     }
 
-    /// Positions holding a real token (not padding).
+    /// Positions holding a real token (not padding): what tokens/s counts.
     pub fn tokens(&self) -> usize {
-        self.batch * self.seq
+        self.real_tokens
     }
 }
 

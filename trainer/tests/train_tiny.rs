@@ -44,24 +44,9 @@ fn run(
     out: &Path,
     events: &mut Vec<TrainEvent>,
 ) -> TrainOutcome {
-    train(
-        TrainJob {
-            model,
-            base_model_name: "tiny".into(),
-            base_model_hash: "0".repeat(64),
-            examples,
-            eval_examples: None,
-            config,
-            output_dir: out.to_path_buf(),
-            overwrite: false,
-            resume_from: None,
-            init_adapter: None,
-            dtype: DType::F32,
-        },
-        &AtomicBool::new(false),
-        &mut |e| events.push(e.clone()),
-    )
-    .unwrap()
+    let mut j = job(model, config, out);
+    j.examples = examples;
+    train(j, &AtomicBool::new(false), &mut |e| events.push(e.clone())).unwrap()
 }
 
 fn step_losses(events: &[TrainEvent]) -> Vec<f64> {
@@ -147,24 +132,9 @@ fn a_run_refuses_an_output_folder_holding_another_run() {
     let out = tmp.path().join("out");
     let c = config("num_epochs: 1\nval_set_size: 0\nmicro_batch_size: 8\n");
     run(&model, dataset(), c.clone(), &out, &mut Vec::new());
-    let err = train(
-        TrainJob {
-            model: &model,
-            base_model_name: "tiny".into(),
-            base_model_hash: "0".repeat(64),
-            examples: dataset(),
-            eval_examples: None,
-            config: c,
-            output_dir: out.clone(),
-            overwrite: false,
-            resume_from: None,
-            init_adapter: None,
-            dtype: DType::F32,
-        },
-        &AtomicBool::new(false),
-        &mut |_| {},
-    )
-    .unwrap_err();
+    let mut j = job(&model, c, &out);
+    j.examples = dataset();
+    let err = train(j, &AtomicBool::new(false), &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("--overwrite"), "{err}");
 }
 
