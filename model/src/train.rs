@@ -692,6 +692,131 @@ struct Ctx<'a> {
     dropout_seed: Option<u64>,
 }
 
+/// Fused element-wise kernels for f32 tensors on the CPU: one pass over memory and one
+/// output allocation where the generic candle-op versions (used for other dtypes and
+/// devices, and as the tests' reference) take several of each.
+mod fused {
+    use candle_core::{Result, Storage, Tensor};
+    use std::sync::Mutex;
+
+    const ROWS_PER_ITEM: usize = 32;
+
+    /// `f` on the f32 host data of contiguous CPU tensors; `None` if one is not that.
+    pub fn host_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<R> {
+        let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+        let mut slices = Vec::with_capacity(ts.len());
+        for (storage, layout) in &guards {
+            let Storage::Cpu(cpu) = &**storage else {
+                return None;
+            };
+            let (start, end) = layout.contiguous_offsets()?;
+            slices.push(&cpu.as_slice::<f32>().ok()?[start..end]);
+        }
+        Some(f(&slices))
+    }
+
+    /// Fill `outs.len()` buffers of `rows * len` row by row on candle's CPU pool.
+    fn map_rows<const K: usize>(
+        rows: usize,
+        len: usize,
+        f: impl Fn(usize, &mut [&mut [f32]; K]) + Sync,
+    ) -> [Vec<f32>; K] {
+        let mut outs: [Vec<f32>; K] = std::array::from_fn(|_| vec![0f32; rows * len]);
+        {
+            let mut chunks: Vec<Vec<&mut [f32]>> = Vec::new();
+            for out in outs.iter_mut() {
+                for (i, c) in out.chunks_mut(ROWS_PER_ITEM * len).enumerate() {
+                    if chunks.len() <= i {
+                        chunks.push(Vec::new());
+                    }
+                    chunks[i].push(c);
+                }
+            }
+            let items: Vec<Mutex<Vec<&mut [f32]>>> = chunks.into_iter().map(Mutex::new).collect();
+            candle_core::utils::barrier_pool().execute_chunked(items.len(), |range| {
+                for item in range {
+                    let mut bufs = items[item].lock().unwrap_or_else(|e| e.into_inner());
+                    let n = bufs[0].len() / len;
+                    for r in 0..n {
+                        let mut row: [&mut [f32]; K] = std::array::from_fn(|_| &mut [][..]);
+                        for (k, b) in bufs.iter_mut().enumerate() {
+                            // Reborrow row r of output k.
+                            let ptr: &mut [f32] = &mut b[r * len..(r + 1) * len];
+                            row[k] = ptr;
+                        }
+                        f(item * ROWS_PER_ITEM + r, &mut row);
+                    }
+                }
+            });
+        }
+        outs
+    }
+
+    /// Softmax backward along the last dimension: `ds = p (dp - sum(p dp))`.
+    pub fn softmax_bwd(p: &Tensor, dp: &Tensor) -> Option<Result<Tensor>> {
+        let len = *p.dims().last()?;
+        let rows = p.elem_count() / len;
+        let out = host_f32(&[p, dp], |s| {
+            let (p, dp) = (s[0], s[1]);
+            map_rows::<1>(rows, len, |r, [ds]| {
+                let (pr, dr) = (&p[r * len..(r + 1) * len], &dp[r * len..(r + 1) * len]);
+                let dot: f32 = pr.iter().zip(dr).map(|(a, b)| a * b).sum();
+                for ((o, a), b) in ds.iter_mut().zip(pr).zip(dr) {
+                    *o = a * (b - dot);
+                }
+            })
+        })?;
+        let [ds] = out;
+        Some(Tensor::from_vec(ds, p.shape(), p.device()))
+    }
+
+    fn sigmoid(x: f32) -> f32 {
+        1.0 / (1.0 + (-x).exp())
+    }
+
+    /// `silu(gate) * up`.
+    pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Option<Result<Tensor>> {
+        let len = *gate.dims().last()?;
+        let rows = gate.elem_count() / len;
+        let [act] = host_f32(&[gate, up], |s| {
+            let (g, u) = (s[0], s[1]);
+            map_rows::<1>(rows, len, |r, [a]| {
+                let o = r * len;
+                for (j, v) in a.iter_mut().enumerate() {
+                    let x = g[o + j];
+                    *v = x * sigmoid(x) * u[o + j];
+                }
+            })
+        })?;
+        Some(Tensor::from_vec(act, gate.shape(), gate.device()))
+    }
+
+    /// Backward of `silu(gate) * up` given `da`: `(dgate, dup)` with
+    /// `silu'(g) = sig(g) (1 + g (1 - sig(g)))`.
+    pub fn silu_mul_bwd(
+        gate: &Tensor,
+        up: &Tensor,
+        da: &Tensor,
+    ) -> Option<Result<(Tensor, Tensor)>> {
+        let len = *gate.dims().last()?;
+        let rows = gate.elem_count() / len;
+        let [dg, du] = host_f32(&[gate, up, da], |s| {
+            let (g, u, d) = (s[0], s[1], s[2]);
+            map_rows::<2>(rows, len, |r, [dg, du]| {
+                let o = r * len;
+                for j in 0..len {
+                    let (x, up, da) = (g[o + j], u[o + j], d[o + j]);
+                    let sg = sigmoid(x);
+                    dg[j] = da * up * sg * (1.0 + x * (1.0 - sg));
+                    du[j] = da * x * sg;
+                }
+            })
+        })?;
+        let make = |v| Tensor::from_vec(v, gate.shape(), gate.device());
+        Some(make(dg).and_then(|dg| Ok((dg, make(du)?))))
+    }
+}
+
 fn rms_norm(x: &Tensor, g: &Tensor, eps: f64) -> Result<Tensor> {
     if x.dtype() == DType::F64 {
         // The fused kernel has no f64 path; f64 is for the gradient checks.
@@ -912,8 +1037,10 @@ impl Ctx<'_> {
         let h2 = rms_norm(&x2, &blk.ffn_norm, cfg.rms_norm_eps)?;
         let gate = lin(Projection::Gate, &h2)?;
         let up = lin(Projection::Up, &h2)?;
-        let (_sig, sl) = silu_parts(&gate)?;
-        let act = (sl * &up)?;
+        let act = match fused::silu_mul(&gate, &up) {
+            Some(a) => a?,
+            None => (silu_parts(&gate)?.1 * &up)?,
+        };
         let d = lin(Projection::Down, &act)?;
         let x3 = (&x2 + d)?;
         let cache = keep.then(|| LayerCache {
@@ -971,11 +1098,15 @@ impl Ctx<'_> {
                 grads,
             )?
             .ok_or_else(must)?;
-        let (sig, sl) = silu_parts(&c.gate)?;
-        // silu'(g) = sig (1 + g (1 - sig))
-        let dsilu = (&sig * ((&c.gate * (1.0 - &sig)?)? + 1.0)?)?;
-        let dgate = ((&da * &c.up)? * dsilu)?;
-        let dup = (&da * sl)?;
+        let (dgate, dup) = match fused::silu_mul_bwd(&c.gate, &c.up, &da) {
+            Some(r) => r?,
+            None => {
+                let (sig, sl) = silu_parts(&c.gate)?;
+                // silu'(g) = sig (1 + g (1 - sig))
+                let dsilu = (&sig * ((&c.gate * (1.0 - &sig)?)? + 1.0)?)?;
+                (((&da * &c.up)? * dsilu)?, (&da * sl)?)
+            }
+        };
         let dh2 = (lb(Projection::Gate, true)
             .run(
                 &c.h2,
@@ -1007,7 +1138,10 @@ impl Ctx<'_> {
             .reshape((b, kvh, n_rep * t, hd))?;
         let dp = mm("bwd attn", &dy4, &c.v4.t()?)?;
         let dv4 = mm("bwd attn", &c.p.t()?, &dy4)?;
-        let ds = (&c.p * dp.broadcast_sub(&(&dp * &c.p)?.sum_keepdim(D::Minus1)?)?)?;
+        let ds = match fused::softmax_bwd(&c.p, &dp) {
+            Some(ds) => ds?,
+            None => (&c.p * dp.broadcast_sub(&(&dp * &c.p)?.sum_keepdim(D::Minus1)?)?)?,
+        };
         drop(dp);
         let att_scale = 1.0 / (hd as f64).sqrt();
         let dqf = (mm("bwd attn", &ds, &c.kr)? * att_scale)?;

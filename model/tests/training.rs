@@ -332,3 +332,49 @@ fn full_fine_tuning_gradients_match_pytorch_autograd() {
     check_against_torch("tiny-llama", true);
     check_against_torch("tiny-qwen2", true);
 }
+
+#[test]
+fn float32_gradients_with_the_fused_cpu_kernels_agree_with_the_float64_path() {
+    // f32 on the CPU runs the fused softmax / SiLU kernels; f64 the generic candle ops.
+    let grads_of = |dtype: DType| {
+        let model = dense("tiny-llama", dtype);
+        let lora = fixture_lora(&model);
+        let batch = TrainBatch::new(&rows(), &model).unwrap();
+        let mut g = Grads::default();
+        model
+            .forward_backward(
+                Some(&lora),
+                &BaseTrain::full(),
+                &batch,
+                &opts(&batch, false),
+                &mut g,
+            )
+            .unwrap();
+        g
+    };
+    let (g32, g64) = (grads_of(DType::F32), grads_of(DType::F64));
+    assert_eq!(g32.map.len(), g64.map.len());
+    for (name, a) in &g32.map {
+        let b = &g64.map[name];
+        let a = a.to_dtype(DType::F64).unwrap();
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(
+            diff <= 1e-4 * scale.max(1e-3),
+            "{name}: {diff:e} vs max |grad| {scale:e}"
+        );
+    }
+}
