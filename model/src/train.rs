@@ -214,14 +214,8 @@ impl DenseLlama {
 
     fn block_params<'a>(&self, i: usize, b: &'a DenseBlock) -> Vec<(String, &'a Tensor)> {
         let mut out = vec![
-            (
-                format!("model.layers.{i}.input_layernorm.weight"),
-                &b.attn_norm,
-            ),
-            (
-                format!("model.layers.{i}.post_attention_layernorm.weight"),
-                &b.ffn_norm,
-            ),
+            (norm_name(i, false), &b.attn_norm),
+            (norm_name(i, true), &b.ffn_norm),
         ];
         for p in Projection::ALL {
             let l = &b.proj[p.index()];
@@ -258,6 +252,17 @@ impl DenseLlama {
             _ => None,
         }
     }
+}
+
+/// `model.layers.{i}.{input_layernorm|post_attention_layernorm}.weight`: the norm before
+/// attention (`ffn = false`) or before the MLP.
+fn norm_name(layer: usize, ffn: bool) -> String {
+    let which = if ffn {
+        "post_attention_layernorm"
+    } else {
+        "input_layernorm"
+    };
+    format!("model.layers.{layer}.{which}.weight")
 }
 
 /// `model.layers.{i}.{self_attn|mlp}.{q_proj..}.{weight|bias}`.
@@ -468,6 +473,8 @@ pub struct TrainBatch {
     input_ids: Tensor,
     cos: Tensor,
     sin: Tensor,
+    /// `-sin`: the backward of a rotation is the rotation by the opposite angle.
+    neg_sin: Tensor,
     /// `[b, 1, n_rep * t, t]` additive.
     mask: Tensor,
     /// Flat indices of scored positions, their targets and weights.
@@ -558,6 +565,7 @@ impl TrainBatch {
             real_tokens,
             input_ids: Tensor::from_vec(ids, b * t, dev)?,
             cos,
+            neg_sin: sin.neg()?,
             sin,
             mask: Tensor::from_vec(mask, (b, 1, n_rep * t, t), dev)?.to_dtype(model.dtype)?,
             scored_idx,
@@ -1120,10 +1128,7 @@ impl Ctx<'_> {
                 .ok_or_else(must)?)?;
         let (dn, dg2) = rms_norm_bwd(&c.x2, &blk.ffn_norm, &dh2, cfg.rms_norm_eps, base_trainable)?;
         if let Some(g) = dg2 {
-            grads.accumulate(
-                format!("model.layers.{i}.post_attention_layernorm.weight"),
-                g,
-            )?;
+            grads.accumulate(norm_name(i, true), g)?;
         }
         let dx2 = (dx3 + dn)?;
 
@@ -1147,8 +1152,8 @@ impl Ctx<'_> {
         let dqf = (mm("bwd attn", &ds, &c.kr)? * att_scale)?;
         let dkr = (mm("bwd attn", &ds.t()?, &c.qf)? * att_scale)?;
         drop(ds);
-        let neg_sin = self.batch.sin.neg()?;
-        let unrope = |z: &Tensor| candle_nn::rotary_emb::rope(z, &self.batch.cos, &neg_sin);
+        let unrope =
+            |z: &Tensor| candle_nn::rotary_emb::rope(z, &self.batch.cos, &self.batch.neg_sin);
         let flat =
             |z: Tensor, n: usize| -> Result<Tensor> { z.transpose(1, 2)?.reshape((b * t, n * hd)) };
         let dq = flat(unrope(&dqf.reshape((b, nh, t, hd))?.contiguous()?)?, nh)?;
@@ -1174,7 +1179,7 @@ impl Ctx<'_> {
         let dh1 = dh1.ok_or_else(must)?;
         let (dn, dg1) = rms_norm_bwd(&c.x, &blk.attn_norm, &dh1, cfg.rms_norm_eps, base_trainable)?;
         if let Some(g) = dg1 {
-            grads.accumulate(format!("model.layers.{i}.input_layernorm.weight"), g)?;
+            grads.accumulate(norm_name(i, false), g)?;
         }
         if need_dx {
             Ok(Some((dx2 + dn)?))
@@ -1306,7 +1311,11 @@ impl DenseLlama {
             Some(_) => Some(hf.zeros_like()?),
             None => None,
         };
-        let mut dw: Option<Tensor> = None;
+        let head_name = if self.lm_head.is_some() {
+            "lm_head.weight"
+        } else {
+            "model.embed_tokens.weight"
+        };
         // Softmax in f32 at least (f64 for the gradient checks).
         let cdt = if self.dtype == DType::F64 {
             DType::F64
@@ -1340,7 +1349,7 @@ impl DenseLlama {
                     stats.correct += 1;
                 }
             }
-            if let Some((grad_scale, train, _)) = backward.as_mut() {
+            if let Some((grad_scale, train, grads)) = backward.as_mut() {
                 // d loss / d logits = w (softmax - onehot), times the step's 1 / sum(w).
                 let ws: Vec<f32> = wts
                     .iter()
@@ -1356,22 +1365,10 @@ impl DenseLlama {
                     *d = d.index_add(&idx, &dhs, 0)?;
                 }
                 if train.embeddings {
-                    let g = mm("head dW", &dlogits.t()?, &hs)?;
-                    dw = Some(match dw {
-                        Some(acc) => (acc + g)?,
-                        None => g,
-                    });
+                    grads.accumulate(head_name.into(), mm("head dW", &dlogits.t()?, &hs)?)?;
                 }
             }
             start += len;
-        }
-        if let (Some((_, _, grads)), Some(g)) = (backward.as_mut(), dw) {
-            let name = if self.lm_head.is_some() {
-                "lm_head.weight"
-            } else {
-                "model.embed_tokens.weight"
-            };
-            grads.accumulate(name.into(), g)?;
         }
         Ok((stats, dhf))
     }

@@ -58,6 +58,18 @@ fn loss(model: &DenseLlama, lora: Option<&LoraParams>, batch: &TrainBatch) -> f6
     model.evaluate(lora, batch).unwrap().loss()
 }
 
+/// The largest absolute entry, as f64.
+fn max_abs(t: &Tensor) -> f64 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
 fn value_at(t: &Tensor, flat: usize) -> f64 {
     t.flatten_all()
         .unwrap()
@@ -230,8 +242,7 @@ fn gradient_checkpointing_gives_the_same_gradients() {
     assert_eq!(g1.map.len(), g2.map.len());
     for (name, a) in &g1.map {
         let b = &g2.map[name];
-        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{name} differs");
+        assert_eq!(max_abs(&(a - b).unwrap()), 0.0, "{name} differs");
     }
 }
 
@@ -293,22 +304,8 @@ fn check_against_torch(model_name: &str, full: bool) {
             .get(name)
             .unwrap_or_else(|| panic!("no gradient for {name}"));
         let w = w.to_dtype(DType::F64).unwrap();
-        let scale = w
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-            .max(1e-12);
-        let diff = (got - &w)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let scale = max_abs(&w).max(1e-12);
+        let diff = max_abs(&(got - &w).unwrap());
         assert!(
             diff <= 1e-6 * scale.max(1.0),
             "{name}: max diff {diff:e} (max |grad| {scale:e})"
@@ -357,21 +354,8 @@ fn float32_gradients_with_the_fused_cpu_kernels_agree_with_the_float64_path() {
     for (name, a) in &g32.map {
         let b = &g64.map[name];
         let a = a.to_dtype(DType::F64).unwrap();
-        let scale = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        let diff = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let scale = max_abs(b);
+        let diff = max_abs(&(a - b).unwrap());
         assert!(
             diff <= 1e-4 * scale.max(1e-3),
             "{name}: {diff:e} vs max |grad| {scale:e}"

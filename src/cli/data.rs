@@ -30,7 +30,10 @@ fn parse_format(format: Option<&str>) -> anyhow::Result<Option<Format>> {
 }
 
 /// Read and parse a dataset file off the async workers, printing its warnings.
-async fn read_and_parse(file: &Path, format: Option<Format>) -> anyhow::Result<ParseOutcome> {
+pub(super) async fn read_and_parse(
+    file: &Path,
+    format: Option<Format>,
+) -> anyhow::Result<ParseOutcome> {
     let bytes = tokio::fs::read(file)
         .await
         .with_context(|| format!("cannot read {}", file.display()))?;
@@ -49,7 +52,7 @@ async fn read_and_parse(file: &Path, format: Option<Format>) -> anyhow::Result<P
 }
 
 /// Print a file's errors; true when there were any.
-fn report_errors(file: &Path, outcome: &ParseOutcome, action: &str) -> bool {
+pub(super) fn report_errors(file: &Path, outcome: &ParseOutcome, action: &str) -> bool {
     if outcome.is_ok() {
         return false;
     }
@@ -135,7 +138,7 @@ async fn import(config: &Config, args: &ImportArgs) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-async fn open_db(config: &Config) -> anyhow::Result<Db> {
+pub(super) async fn open_db(config: &Config) -> anyhow::Result<Db> {
     Db::open(&config.database_path).await.with_context(|| {
         format!(
             "cannot open the database {}",

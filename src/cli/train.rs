@@ -6,13 +6,11 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use loraloop_core::Config;
 use loraloop_core::domain::ChatExample;
-use loraloop_core::storage::Db;
 use loraloop_model::engine::LoadedModel;
 use loraloop_model::lora::{LoraAdapter, read_peft_dir};
 use loraloop_model::template::TemplateMessage;
 use loraloop_model::train::{DenseLlama, LoraParams};
 use loraloop_trainer::config::{Method, TrainFile};
-use loraloop_trainer::dataset::{self, format_problems};
 use loraloop_trainer::generate::greedy_reply;
 use loraloop_trainer::replay;
 use loraloop_trainer::run::{
@@ -170,27 +168,14 @@ impl FineTuneArgs {
     }
 }
 
-/// Examples from a JSONL file (any supported format); errors are listed and fatal.
-pub fn read_examples(path: &Path) -> anyhow::Result<Vec<ChatExample>> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let outcome = dataset::parse_jsonl(&bytes, None);
-    if !outcome.warnings.is_empty() {
-        eprintln!(
-            "{} warning(s) in {}:\n{}",
-            outcome.warnings.len(),
-            path.display(),
-            format_problems(&outcome.warnings, 20)
-        );
+/// Examples from a JSONL file in any format `data import` reads, parsed and reported the
+/// way `data import` does; `None` when it has errors (they are listed on stderr).
+async fn read_examples(path: &Path) -> anyhow::Result<Option<Vec<ChatExample>>> {
+    let outcome = super::data::read_and_parse(path, None).await?;
+    if super::data::report_errors(path, &outcome, "nothing was trained or evaluated") {
+        return Ok(None);
     }
-    if !outcome.is_ok() {
-        bail!(
-            "{} has {} problem(s):\n{}",
-            path.display(),
-            outcome.errors.len(),
-            format_problems(&outcome.errors, 20)
-        );
-    }
-    Ok(outcome.examples)
+    Ok(Some(outcome.examples))
 }
 
 fn load_model(path: &Path) -> anyhow::Result<LoadedModel> {
@@ -313,15 +298,6 @@ impl StepProgress {
     }
 }
 
-async fn open_db(config: &Config) -> anyhow::Result<Db> {
-    Db::open(&config.database_path).await.with_context(|| {
-        format!(
-            "cannot open the database {}",
-            config.database_path.display()
-        )
-    })
-}
-
 pub async fn fine_tune(
     config: &Config,
     args: &FineTuneArgs,
@@ -357,13 +333,16 @@ pub async fn fine_tune(
     });
     let (examples, data_name) = match (&data_path, &args.dataset) {
         (Some(p), _) => (
-            read_examples(p)?,
+            match read_examples(p).await? {
+                Some(ex) => ex,
+                None => return Ok(ExitCode::FAILURE),
+            },
             p.file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "run".into()),
         ),
         (None, Some(name)) => {
-            let db = open_db(config).await?;
+            let db = super::data::open_db(config).await?;
             let d = db.dataset(name, args.dataset_version).await?;
             let ex = db.dataset_examples(d.id).await?;
             (
@@ -378,11 +357,13 @@ pub async fn fine_tune(
     if examples.is_empty() {
         bail!("the training data holds no examples");
     }
-    let eval_examples = args
-        .eval_data_path
-        .as_deref()
-        .map(read_examples)
-        .transpose()?;
+    let eval_examples = match &args.eval_data_path {
+        Some(p) => match read_examples(p).await? {
+            Some(ex) => Some(ex),
+            None => return Ok(ExitCode::FAILURE),
+        },
+        None => None,
+    };
     let model_path = args
         .model
         .clone()
@@ -528,7 +509,9 @@ pub struct EvaluateArgs {
 }
 
 pub async fn evaluate(config: &Config, args: &EvaluateArgs) -> anyhow::Result<ExitCode> {
-    let examples = read_examples(&args.data_path)?;
+    let Some(examples) = read_examples(&args.data_path).await? else {
+        return Ok(ExitCode::FAILURE);
+    };
     let model_path = args.model.clone().unwrap_or_else(|| config.model_path());
     let adapter_dir = args.adapter.clone();
     let (compare, samples, seq, json) = (args.compare, args.samples, args.sequence_len, args.json);
@@ -608,7 +591,7 @@ pub struct WorkerArgs {
 }
 
 pub async fn worker(config: &Config, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
-    let db = open_db(config).await?;
+    let db = super::data::open_db(config).await?;
     let shutdown = Arc::new(AtomicBool::new(false));
     {
         let shutdown = shutdown.clone();

@@ -244,31 +244,25 @@ fn plan_steps(
     num_epochs: f64,
     max_steps: Option<usize>,
 ) -> Vec<(usize, Vec<Vec<Row>>)> {
-    let whole = num_epochs.ceil() as usize;
-    let mut steps = Vec::new();
-    let mut per_epoch = 0;
-    for epoch in 0..whole.max(1) {
-        let batches = epoch_batches(examples, plan, epoch);
-        let mut chunks: Vec<(usize, Vec<Vec<Row>>)> = Vec::new();
-        let mut it = batches.into_iter().peekable();
-        while it.peek().is_some() {
-            chunks.push((epoch, it.by_ref().take(accum).collect()));
-        }
-        if epoch == 0 {
-            per_epoch = chunks.len();
-        }
-        steps.extend(chunks);
-    }
-    let by_epochs = (num_epochs * per_epoch as f64).ceil() as usize;
-    let total = max_steps.unwrap_or(by_epochs).max(1);
-    // max_steps beyond the epochs: keep cycling through further epochs.
-    let mut epoch = whole.max(1);
-    while steps.len() < total {
-        let batches = epoch_batches(examples, plan, epoch);
-        let mut it = batches.into_iter().peekable();
+    // One epoch's micro-batches, `accum` to a step (the last step may have fewer).
+    let epoch_steps = |epoch: usize| -> Vec<(usize, Vec<Vec<Row>>)> {
+        let mut it = epoch_batches(examples, plan, epoch).into_iter().peekable();
+        let mut steps = Vec::new();
         while it.peek().is_some() {
             steps.push((epoch, it.by_ref().take(accum).collect()));
         }
+        steps
+    };
+    let mut steps = epoch_steps(0);
+    if steps.is_empty() {
+        return steps; // no examples: nothing to repeat
+    }
+    let by_epochs = (num_epochs * steps.len() as f64).ceil() as usize;
+    let total = max_steps.unwrap_or(by_epochs).max(1);
+    // Further epochs until there are enough steps (fractional epochs, max_steps).
+    let mut epoch = 1;
+    while steps.len() < total {
+        steps.extend(epoch_steps(epoch));
         epoch += 1;
     }
     steps.truncate(total);

@@ -158,7 +158,7 @@ async fn run_job(
         .as_ref()
         .map(PathBuf::from)
         .unwrap_or_else(|| opts.adapters_dir.join(format!("job-{id}")));
-    db.set_job_progress_target(id, &output_dir.display().to_string(), None)
+    db.set_job_progress_target(id, Some(&output_dir.display().to_string()), None)
         .await?;
     let resume = latest_checkpoint(&output_dir);
     if let Some(ck) = &resume {
@@ -273,12 +273,8 @@ async fn store_event(db: &Db, id: i64, e: &TrainEvent) -> anyhow::Result<()> {
     let message;
     let ev = match e {
         TrainEvent::Started { total_steps, .. } => {
-            db.set_job_progress_target(
-                id,
-                &db.job(id).await?.output_dir.unwrap_or_default(),
-                Some(*total_steps as i64),
-            )
-            .await?;
+            db.set_job_progress_target(id, None, Some(*total_steps as i64))
+                .await?;
             message = serde_json::to_string(e)?;
             NewTrainingEvent {
                 kind: "state",

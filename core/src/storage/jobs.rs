@@ -179,15 +179,16 @@ impl Db {
         .await?)
     }
 
-    /// Record where a job writes and how many steps it has.
+    /// Record where a job writes and/or how many steps it has (`None` keeps the value).
     pub async fn set_job_progress_target(
         &self,
         id: i64,
-        output_dir: &str,
+        output_dir: Option<&str>,
         total_steps: Option<i64>,
     ) -> Result<()> {
         sqlx::query(
-            "update training_jobs set output_dir = ?, total_steps = coalesce(?, total_steps) where id = ?",
+            "update training_jobs set output_dir = coalesce(?, output_dir),
+                total_steps = coalesce(?, total_steps) where id = ?",
         )
         .bind(output_dir)
         .bind(total_steps)
