@@ -113,6 +113,8 @@ pub struct RawConfig {
 pub struct ServerConfig {
     pub host: String,
     pub port: u16,
+    /// Largest dataset or adapter upload, in MB.
+    pub max_upload_mb: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -181,6 +183,7 @@ impl Default for ServerConfig {
         Self {
             host: "127.0.0.1".to_string(),
             port: 8080,
+            max_upload_mb: 100,
         }
     }
 }
@@ -421,6 +424,15 @@ impl Config {
                 format!(
                     "got {:?}; allowed: an IP address (127.0.0.1, 0.0.0.0, ::1) or a host name",
                     raw.server.host
+                ),
+            ));
+        }
+        if !(1..=100_000).contains(&raw.server.max_upload_mb) {
+            return Err(invalid(
+                "server.max_upload_mb",
+                format!(
+                    "got {}; allowed: 1 to 100000 (megabytes)",
+                    raw.server.max_upload_mb
                 ),
             ));
         }

@@ -182,6 +182,20 @@ pub enum Prompt {
 pub struct GenerateRequest {
     pub prompt: Prompt,
     pub params: SamplingParams,
+    pub adapter: AdapterChoice,
+}
+
+/// Which adapter a generation runs on. The choice is resolved when the engine admits the
+/// request, and the sequence keeps it to the end.
+#[derive(Debug, Clone, Default)]
+pub enum AdapterChoice {
+    /// Whatever is active when the request is admitted.
+    #[default]
+    Active,
+    /// The base model, whatever is active.
+    Base,
+    /// A specific adapter (prepared with [`Engine::prepare_adapter`]), whatever is active.
+    Fixed(Arc<ActiveAdapter>),
 }
 
 /// Which adapter produced a reply.
@@ -278,6 +292,7 @@ impl ActiveAdapter {
 struct Job {
     prompt: Vec<u32>,
     params: SamplingParams,
+    adapter: AdapterChoice,
     events: tmpsc::UnboundedSender<Event>,
 }
 
@@ -336,12 +351,21 @@ impl Engine {
     /// Swap the active adapter (None: the base model). Generations already running finish
     /// on the adapter they started with. Returns the new activation's tag.
     pub fn set_adapter(&self, adapter: Option<LoraAdapter>) -> Option<AdapterTag> {
-        let active = adapter.map(|adapter| {
-            Arc::new(ActiveAdapter {
-                version: self.shared.versions.fetch_add(1, Ordering::SeqCst) + 1,
-                adapter,
-            })
-        });
+        self.set_prepared_adapter(adapter.map(|a| self.prepare_adapter(a)))
+    }
+
+    /// Give a loaded adapter its version tag, ready for [`Self::set_prepared_adapter`] or
+    /// [`AdapterChoice::Fixed`]. Preparing is cheap; the adapter's tensors are shared.
+    pub fn prepare_adapter(&self, adapter: LoraAdapter) -> Arc<ActiveAdapter> {
+        Arc::new(ActiveAdapter {
+            version: self.shared.versions.fetch_add(1, Ordering::SeqCst) + 1,
+            adapter,
+        })
+    }
+
+    /// Swap in an adapter that is already prepared (None: the base model): one atomic
+    /// pointer store, nothing loaded or copied.
+    pub fn set_prepared_adapter(&self, active: Option<Arc<ActiveAdapter>>) -> Option<AdapterTag> {
         let tag = active.as_ref().map(|a| a.tag());
         self.shared.adapter.store(active);
         tracing::info!(adapter = ?tag.as_ref().map(|t| &t.name), "active adapter swapped");
@@ -391,6 +415,7 @@ impl Engine {
             .send(Job {
                 prompt,
                 params: req.params,
+                adapter: req.adapter,
                 events: tx,
             })
             .map_err(|_| EngineError::Stopped)?;
@@ -448,7 +473,11 @@ fn admit<'m>(shared: &Shared, model: &'m LoadedModel, job: Job, active: &mut Vec
     if job.events.is_closed() {
         return;
     }
-    let adapter = shared.adapter.load_full();
+    let adapter = match job.adapter {
+        AdapterChoice::Active => shared.adapter.load_full(),
+        AdapterChoice::Base => None,
+        AdapterChoice::Fixed(a) => Some(a),
+    };
     let _ = job.events.send(Event::Started {
         adapter: adapter.as_ref().map(|a| a.tag()),
     });

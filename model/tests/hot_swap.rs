@@ -36,6 +36,7 @@ fn request() -> GenerateRequest {
     GenerateRequest {
         prompt: Prompt::Tokens(vec![3, 17, 42, 8]),
         params: SamplingParams::greedy(12),
+        adapter: loraloop_model::engine::AdapterChoice::Active,
     }
 }
 
@@ -197,6 +198,7 @@ async fn dropping_the_stream_cancels_the_generation_and_the_engine_keeps_serving
     let long = GenerateRequest {
         prompt: Prompt::Tokens(vec![3, 17]),
         params: SamplingParams::greedy(50),
+        adapter: loraloop_model::engine::AdapterChoice::Active,
     };
     let mut g = engine.generate(long).unwrap();
     assert!(matches!(g.next().await, Some(Event::Started { .. })));

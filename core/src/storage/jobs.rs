@@ -265,6 +265,17 @@ impl Db {
         Ok(())
     }
 
+    /// Jobs newest first, `limit` of them, older than the job `before` when given.
+    pub async fn list_jobs(&self, before: Option<i64>, limit: i64) -> Result<Vec<TrainingJob>> {
+        Ok(sqlx::query_as(&format!(
+            "select {JOB_COLUMNS} from training_jobs where id < ? order by id desc limit ?"
+        ))
+        .bind(before.unwrap_or(i64::MAX))
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
     /// Events of a job after `after_id` (for server-sent events), oldest first.
     pub async fn training_events(&self, job_id: i64, after_id: i64) -> Result<Vec<TrainingEvent>> {
         Ok(sqlx::query_as(

@@ -1,0 +1,304 @@
+//! `loraloop serve`: one process with the web console, the REST API (`/api/v1`), the
+//! OpenAI-compatible endpoint (`/v1`), the training worker and the inference engine.
+//!
+//! Routes: `/healthz` is open; `/api/v1/*`, `/v1/*` and `/metrics` need the API key as a
+//! bearer token; every console page needs an admin session (and a CSRF token for
+//! anything that changes state), except the login page and the static assets.
+
+pub mod adapters;
+pub mod api;
+pub mod auth;
+pub mod chat;
+pub mod console;
+pub mod error;
+pub mod metrics;
+pub mod openai;
+pub mod services;
+pub mod state;
+
+use crate::adapters::AdapterService;
+use crate::metrics::Metrics;
+use crate::state::{AppState, Inner, ModelInfo};
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use candle_core::Device;
+use loraloop_core::{Config, Db};
+use loraloop_model::engine::{Engine, LoadedModel};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// How to run the server (what the config file does not say).
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Listen here instead of `server.host:server.port` (tests use port 0).
+    pub bind: Option<SocketAddr>,
+    /// Run the training worker in this process.
+    pub worker: bool,
+    /// How often the idle worker looks for a queued job.
+    pub poll_interval: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            bind: None,
+            worker: true,
+            poll_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// A started server.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    /// The admin password generated on this start (printed once; only its hash is kept).
+    pub generated_password: Option<String>,
+    pub state: AppState,
+    shutdown: Arc<tokio::sync::Notify>,
+    worker_stop: Arc<AtomicBool>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    worker: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl RunningServer {
+    /// Stop accepting requests, let the running training job checkpoint and go back to
+    /// the queue, and wait for both.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.notify_one();
+        self.worker_stop.store(true, Ordering::SeqCst);
+        self.server.await??;
+        if let Some(w) = self.worker {
+            w.await??;
+        }
+        Ok(())
+    }
+
+    /// Run until Ctrl-C, then stop.
+    pub async fn run_until_ctrl_c(self) -> anyhow::Result<()> {
+        let _ = tokio::signal::ctrl_c().await;
+        eprintln!(
+            "\nstopping: a running training job saves a checkpoint and goes back to the queue"
+        );
+        self.stop().await
+    }
+}
+
+/// The inference device the config asks for.
+pub fn device(config: &Config) -> anyhow::Result<Device> {
+    use loraloop_core::config::DeviceChoice;
+    match config.device {
+        DeviceChoice::Cpu | DeviceChoice::Auto => Ok(Device::Cpu),
+        DeviceChoice::Cuda(n) => anyhow::bail!(
+            "device cuda:{n} requested but this binary was built without CUDA support; set device: cpu"
+        ),
+    }
+}
+
+/// Open the database, load the model, start the engine, the worker and the HTTP server.
+pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<RunningServer> {
+    let db = Db::open(&config.database_path).await.with_context(|| {
+        format!(
+            "cannot open the database {}",
+            config.database_path.display()
+        )
+    })?;
+    let generated_password =
+        auth::ensure_admin(&db, config.secrets.admin_password.as_ref()).await?;
+
+    let model_path = config.model_path();
+    if !model_path.exists() {
+        anyhow::bail!(
+            "the model {} is not there: run `loraloop models fetch` (or set `model` in the config)",
+            model_path.display()
+        );
+    }
+    let dev = device(&config)?;
+    let (model, hash) = {
+        let (path, dev) = (model_path.clone(), dev.clone());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let model = LoadedModel::load(&path, &dev)?;
+            let hash = loraloop_trainer::run::hash_model(&path)?;
+            Ok((model, hash))
+        })
+        .await
+        .context("the model loader panicked")?
+        .with_context(|| format!("cannot load the model {}", model_path.display()))?
+    };
+    let info = ModelInfo {
+        name: model.name(),
+        config_name: config.raw.model.clone(),
+        path: model_path.clone(),
+        hash,
+        tokenizer_hash: model.tokenizer.fingerprint(),
+        chat_template_hash: model.template.fingerprint(),
+        device: match &dev {
+            Device::Cpu => "cpu".to_string(),
+            other => format!("{other:?}"),
+        },
+        layers: model.llama.config.num_layers,
+        context_length: model.context_length(),
+    };
+    let engine = Engine::start(model);
+    let a = &config.raw.assistant;
+    let assistant = db
+        .ensure_assistant(&a.name, &config.raw.model, &a.system_prompt)
+        .await?;
+    let adapters_dir = config.raw.data_dir.join("adapters");
+    std::fs::create_dir_all(&adapters_dir)
+        .with_context(|| format!("cannot create {}", adapters_dir.display()))?;
+    let state = AppState(Arc::new(Inner {
+        db: db.clone(),
+        engine,
+        model: info,
+        assistant,
+        adapters: AdapterService::default(),
+        metrics: Arc::new(Metrics::default()),
+        api_key: config.secrets.api_key.clone(),
+        adapters_dir: adapters_dir.clone(),
+        max_upload_bytes: config.raw.server.max_upload_mb * 1024 * 1024,
+        started: Instant::now(),
+        config,
+    }));
+    match state.adapters.restore(&state).await {
+        Ok(Some(name)) => tracing::info!("active adapter: {name}"),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!("the active adapter cannot be restored, serving the base model: {e}")
+        }
+    }
+
+    let worker_stop = Arc::new(AtomicBool::new(false));
+    let worker = opts.worker.then(|| {
+        let opts = loraloop_trainer::worker::WorkerOptions {
+            models_dir: state.config.models_dir.clone(),
+            adapters_dir: adapters_dir.clone(),
+            poll_interval: opts.poll_interval,
+            device: dev.clone(),
+        };
+        tokio::spawn(loraloop_trainer::worker::run_worker(
+            db.clone(),
+            opts,
+            worker_stop.clone(),
+        ))
+    });
+
+    let bind = match opts.bind {
+        Some(b) => b,
+        None => {
+            let s = &state.config.raw.server;
+            tokio::net::lookup_host((s.host.as_str(), s.port))
+                .await
+                .with_context(|| format!("cannot resolve server.host {:?}", s.host))?
+                .next()
+                .with_context(|| format!("server.host {:?} resolves to nothing", s.host))?
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| {
+        format!("cannot listen on {bind} (is another server running there? set server.port)")
+    })?;
+    let addr = listener.local_addr()?;
+    let shutdown = Arc::new(tokio::sync::Notify::new());
+    let app = router(state.clone());
+    let server = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { shutdown.notified().await })
+                .await
+        })
+    };
+    Ok(RunningServer {
+        addr,
+        generated_password,
+        state,
+        shutdown,
+        worker_stop,
+        server,
+        worker,
+    })
+}
+
+/// Every route of the server.
+pub fn router(state: AppState) -> Router {
+    let (api, doc) = api::router(&state).split_for_parts();
+    let doc = Arc::new(doc);
+    let api = api
+        .route(
+            "/api/v1/openapi.json",
+            axum::routing::get(move || {
+                let doc = doc.clone();
+                async move { axum::Json(doc.as_ref().clone()) }
+            }),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_api_key,
+        ));
+    Router::new()
+        .route("/healthz", axum::routing::get(healthz))
+        .merge(api)
+        .merge(console::router(state.clone()))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            record_request,
+        ))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            state.max_upload_bytes as usize,
+        ))
+        .with_state(state)
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn record_request(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let method = req.method().to_string();
+    let resp = next.run(req).await;
+    state
+        .metrics
+        .record_request(&method, &route, resp.status().as_u16());
+    resp
+}
+
+/// The folder under which a name supplied by a client may become a path: refuses
+/// separators, `..`, and anything but letters, digits, `-`, `_`, `.`.
+pub fn safe_file_name(name: &str) -> Result<&str, error::ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 100
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(name)
+    } else {
+        Err(error::ApiError::invalid(
+            "name",
+            format!(
+                "{name:?} is not a valid name: use letters, digits, '-', '_' and '.', not starting with '.'"
+            ),
+        ))
+    }
+}
+
+/// A scratch path for a download or an upload.
+pub fn scratch_file(state: &AppState, suffix: &str) -> PathBuf {
+    state
+        .config
+        .raw
+        .data_dir
+        .join("tmp")
+        .join(format!("{}{suffix}", auth::random_token(8)))
+}
