@@ -131,12 +131,17 @@ impl AdapterService {
         .fetch_all(state.db.pool())
         .await
         .map_err(ApiError::internal)?;
-        if history.len() < 2 {
-            return Err(ApiError::conflict(
-                "nothing to roll back to: no earlier activation",
-            ));
-        }
-        self.swap(state, history[1].0, by, start, true).await
+        // Before the first activation the assistant ran the base model.
+        let previous = match history.as_slice() {
+            [] | [(None,)] => {
+                return Err(ApiError::conflict(
+                    "nothing to roll back to: no earlier activation",
+                ));
+            }
+            [_] => None,
+            [_, (p,), ..] => *p,
+        };
+        self.swap(state, previous, by, start, true).await
     }
 
     /// Make the engine run what the database says is active (at startup).
