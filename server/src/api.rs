@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::Stream;
-use loraloop_core::storage::{JobState, TrainingEvent};
+use loraloop_core::storage::TrainingEvent;
 use serde::{Deserialize, Serialize};
 use std::convert::Infallible;
 use std::time::Duration;
@@ -300,17 +300,8 @@ fn async_stream(
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     });
-    tokio_stream::wrappers::ReceiverStream::new(rx).map_ok()
+    futures_util::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok)
 }
-
-trait MapOk: Stream<Item = SseEvent> + Sized {
-    fn map_ok(
-        self,
-    ) -> futures_util::stream::Map<Self, fn(SseEvent) -> Result<SseEvent, Infallible>> {
-        futures_util::StreamExt::map(self, Ok)
-    }
-}
-impl<S: Stream<Item = SseEvent>> MapOk for S {}
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -558,7 +549,6 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
         }
         _ => None,
     };
-    let _ = JobState::Running;
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state

@@ -1,6 +1,7 @@
 //! Command-line interface: argument types and the dispatch to each command.
 
 mod bench;
+mod bench_swap;
 mod chat;
 mod config_cmd;
 mod data;
@@ -83,6 +84,27 @@ pub enum BenchCommand {
     Generate(BenchGenerateArgs),
     /// LoRA training tokens/s and peak memory on synthetic rows (see benches/train-vs-peft.sh).
     Train(BenchTrainArgs),
+    /// Adapter hot swap over HTTP: activation request to the first token of the new
+    /// adapter, with chats streaming in the background (none may fail).
+    Swap(BenchSwapArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchSwapArgs {
+    /// A .gguf file or a Hugging Face folder (default: the configured model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Timed activations (alternating between two adapters).
+    #[arg(long, default_value_t = 50)]
+    pub swaps: usize,
+    /// Chats streaming in the background during the swaps.
+    #[arg(long, default_value_t = 2)]
+    pub load: usize,
+    /// LoRA rank of the two random adapters (all seven projections).
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -277,6 +299,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Chat(args) => chat::run(&config, &args).await,
         Command::Bench(BenchCommand::Generate(args)) => bench::generate(&config, &args).await,
         Command::Bench(BenchCommand::Train(args)) => bench::train(&config, &args).await,
+        Command::Bench(BenchCommand::Swap(args)) => bench_swap::swap(&config, &args).await,
         Command::FineTune(args) => {
             train::fine_tune(&config, &args, training_yaml, cli.verbose).await
         }
