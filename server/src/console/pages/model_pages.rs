@@ -48,17 +48,12 @@ fn fail(session: &AdminSession, e: &ApiError) -> Response {
     error_page(session, e.status, &e.message)
 }
 
-/// A path id, or a 404 page.
+/// A path id, or a 404.
 fn path_id(
-    session: &AdminSession,
     id: Result<axum::extract::Path<i64>, axum::extract::rejection::PathRejection>,
-) -> Result<i64, Response> {
-    id.map(|axum::extract::Path(i)| i).map_err(|_| {
-        fail(
-            session,
-            &ApiError::not_found("there is nothing at this address"),
-        )
-    })
+) -> Result<i64, ApiError> {
+    id.map(|axum::extract::Path(i)| i)
+        .map_err(|_| ApiError::not_found("there is nothing at this address"))
 }
 
 /// `2026-11-22T10:31:05.123Z` as `2026-11-22 10:31` (UTC).

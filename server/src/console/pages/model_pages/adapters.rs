@@ -134,7 +134,9 @@ fn adapter_row(session: &AdminSession, a: &AdapterView) -> Markup {
     let final_loss = m.get("final_loss").and_then(Value::as_f64);
     let eval = m.get("eval");
     let eval_loss = eval.and_then(|e| e.get("loss")).and_then(Value::as_f64);
-    let ppl = eval.and_then(|e| e.get("perplexity")).and_then(Value::as_f64);
+    let ppl = eval
+        .and_then(|e| e.get("perplexity"))
+        .and_then(Value::as_f64);
     let acc = eval.and_then(|e| e.get("accuracy")).and_then(Value::as_f64);
     html! {
         tr id=(format!("adapter-{}", a.id)) data-name=(a.name) data-active=(a.active) {
@@ -173,9 +175,9 @@ async fn activate(
     session: AdminSession,
     id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
 ) -> Response {
-    let id = match path_id(&session, id) {
+    let id = match path_id(id) {
         Ok(i) => i,
-        Err(r) => return r,
+        Err(e) => return fail(&session, &e),
     };
     match state.adapters.activate(&state, Some(id), "operator").await {
         Ok(_) => Redirect::to("/adapters?ok=activated").into_response(),
@@ -203,9 +205,9 @@ async fn download(
     session: AdminSession,
     id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
 ) -> Response {
-    let id = match path_id(&session, id) {
+    let id = match path_id(id) {
         Ok(i) => i,
-        Err(r) => return r,
+        Err(e) => return fail(&session, &e),
     };
     let row = match crate::adapters::adapter_row(&state, id).await {
         Ok(r) => r,
@@ -297,7 +299,13 @@ async fn receive_upload(state: &AppState, req: Request) -> Result<(), ApiError> 
             format!("{name:?} is reserved; choose another name"),
         ));
     }
-    if state.db.list_adapters().await?.iter().any(|a| a.name == name) {
+    if state
+        .db
+        .list_adapters()
+        .await?
+        .iter()
+        .any(|a| a.name == name)
+    {
         return Err(ApiError::conflict(format!(
             "an adapter named {name:?} exists already"
         )));
@@ -428,7 +436,8 @@ fn unpack(bytes: &[u8], dir: &FsPath, limit: u64) -> Result<(), ApiError> {
             .name()
             .map(|n| n.to_string())
             .unwrap_or_else(|_| "?".into());
-        let Some(path) = entry.enclosed_name() else {
+        let absolute = raw.starts_with(['/', '\\']) || raw.contains(':');
+        let Some(path) = entry.enclosed_name().filter(|_| !absolute) else {
             return Err(bad(format!(
                 "the zip entry {raw:?} points outside the adapter folder"
             )));
@@ -576,7 +585,8 @@ async fn compare(
                 let jobs = prompts.iter().map(|p| {
                     let (state, ca, cb) = (&state, ca.clone(), cb.clone());
                     async move {
-                        let (x, y) = futures_util::join!(answer(state, p, ca), answer(state, p, cb));
+                        let (x, y) =
+                            futures_util::join!(answer(state, p, ca), answer(state, p, cb));
                         (p.to_string(), x, y)
                     }
                 });
@@ -668,10 +678,7 @@ mod tests {
 
         for (entries, why) in [
             (
-                vec![
-                    ("adapter_config.json", &b"{}"[..]),
-                    ("../evil", b"x"),
-                ],
+                vec![("adapter_config.json", &b"{}"[..]), ("../evil", b"x")],
                 "outside",
             ),
             (
@@ -682,7 +689,10 @@ mod tests {
                 vec![("adapter_config.json", &b"{}"[..]), ("run.sh", b"x")],
                 "unexpected file",
             ),
-            (vec![("adapter_config.json", &b"{}"[..])], "no adapter_model"),
+            (
+                vec![("adapter_config.json", &b"{}"[..])],
+                "no adapter_model",
+            ),
             (
                 vec![
                     ("adapter_config.json", &b"{}"[..]),

@@ -162,10 +162,7 @@ impl JobForm {
             match self.get(k) {
                 "" => Ok(None),
                 s => s.parse::<u64>().map(Some).map_err(|_| {
-                    ApiError::invalid(
-                        k.to_string(),
-                        format!("{k}: {s:?} is not a whole number"),
-                    )
+                    ApiError::invalid(k.to_string(), format!("{k}: {s:?} is not a whole number"))
                 }),
             }
         };
@@ -477,8 +474,20 @@ pub struct RunSettings {
 
 impl RunSettings {
     fn of(form: &JobForm) -> Self {
-        let f = |k: &str, d: f64| form.get(k).parse::<f64>().ok().filter(|x| x.is_finite() && *x >= 0.0).unwrap_or(d);
-        let u = |k: &str, d: u64| form.get(k).parse::<u64>().ok().filter(|x| *x >= 1).unwrap_or(d);
+        let f = |k: &str, d: f64| {
+            form.get(k)
+                .parse::<f64>()
+                .ok()
+                .filter(|x| x.is_finite() && *x >= 0.0)
+                .unwrap_or(d)
+        };
+        let u = |k: &str, d: u64| {
+            form.get(k)
+                .parse::<u64>()
+                .ok()
+                .filter(|x| *x >= 1)
+                .unwrap_or(d)
+        };
         let batch = u("batch_size", 4);
         Self {
             method: match form.get("method") {
@@ -492,7 +501,11 @@ impl RunSettings {
             lora_r: u("lora_r", 16),
             sequence_len: u("sequence_len", 512),
             val_set_size: f("val_set_size", 0.1),
-            max_steps: form.get("max_steps").parse::<u64>().ok().filter(|x| *x >= 1),
+            max_steps: form
+                .get("max_steps")
+                .parse::<u64>()
+                .ok()
+                .filter(|x| *x >= 1),
         }
     }
 }
@@ -579,13 +592,13 @@ async fn estimate_markup(state: &AppState, form: &JobForm) -> Markup {
     };
     let e = estimate(Shape::of(state), s, examples, tokens);
     html! {
-        div.estimate.card data-seconds=(format!("{:.0}", e.seconds)) data-memory=(format!("{:.0}", e.memory_bytes)) {
+        div.estimate.card data-seconds=(format!("{:.3}", e.seconds)) data-tokens=(format!("{:.0}", e.train_tokens)) data-memory=(format!("{:.0}", e.memory_bytes)) {
             strong { "Estimate: about " (duration(e.seconds)) " and " (format!("{:.1}", e.memory_bytes / 1e9)) " GB of memory" }
             p.hint {
                 (e.examples) " examples, ~" (format!("{:.0}", e.train_tokens)) " training tokens in ~" (e.steps) " steps at ~"
                 (format!("{:.0}", e.tokens_per_sec)) " tokens/s. "
                 "This is a rough estimate: tokens ≈ characters ÷ 4 (cut at the sequence length); speed and memory are scaled by the model's size ("
-                (format!("{:.0}", Shape::of(state).params / 1e6)) "M parameters) from one measurement on a 2-core CPU "
+                (params_label(Shape::of(state).params)) " parameters) from one measurement on a 2-core CPU "
                 "(SmolLM2-135M, LoRA rank 16, sequence length 256, micro batch 4: ~130 tokens/s, ~2.5 GB peak). "
                 "Other machines, longer sequences and full fine-tuning differ."
             }
@@ -598,9 +611,9 @@ async fn show(
     session: AdminSession,
     id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
 ) -> Response {
-    let id = match path_id(&session, id) {
+    let id = match path_id(id) {
         Ok(i) => i,
-        Err(r) => return r,
+        Err(e) => return fail(&session, &e),
     };
     let job = match state.db.job(id).await {
         Ok(j) => j,
@@ -689,6 +702,17 @@ async fn show(
     )
 }
 
+/// A parameter count as `135M` or `42K`.
+fn params_label(p: f64) -> String {
+    if p >= 1e9 {
+        format!("{:.1}B", p / 1e9)
+    } else if p >= 1e6 {
+        format!("{:.0}M", p / 1e6)
+    } else {
+        format!("{:.0}K", p / 1e3)
+    }
+}
+
 /// Elapsed seconds, and remaining seconds from the pace of the step events.
 fn timing(job: &TrainingJob, events: &[TrainingEvent]) -> (Option<f64>, Option<f64>) {
     let secs = |t: &str| {
@@ -712,7 +736,9 @@ fn timing(job: &TrainingJob, events: &[TrainingEvent]) -> (Option<f64>, Option<f
         (Some(total), Some(&(s0, t0)), Some(&(s1, t1))) if s1 > s0 => {
             Some((t1 - t0) / (s1 - s0) as f64 * (total - s1) as f64)
         }
-        (Some(total), Some(&(s1, t1)), _) if s1 > 0 => start.map(|s| (t1 - s) / s1 as f64 * (total - s1) as f64),
+        (Some(total), Some(&(s1, t1)), _) if s1 > 0 => {
+            start.map(|s| (t1 - s) / s1 as f64 * (total - s1) as f64)
+        }
         _ => None,
     };
     (elapsed, remaining)
@@ -753,9 +779,9 @@ async fn events(
     headers: HeaderMap,
     id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
 ) -> Response {
-    let id = match path_id(&session, id) {
+    let id = match path_id(id) {
         Ok(i) => i,
-        Err(r) => return r,
+        Err(e) => return fail(&session, &e),
     };
     if let Err(e) = state.db.job(id).await {
         return ApiError::from(e).into_response();
@@ -773,9 +799,9 @@ async fn cancel(
     session: AdminSession,
     id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
 ) -> Response {
-    let id = match path_id(&session, id) {
+    let id = match path_id(id) {
         Ok(i) => i,
-        Err(r) => return r,
+        Err(e) => return fail(&session, &e),
     };
     match state.db.request_cancel(id).await {
         Ok(true) => Redirect::to(&format!("/jobs/{id}")).into_response(),
@@ -833,14 +859,46 @@ mod tests {
     #[test]
     fn epochs_held_out_examples_and_max_steps_change_the_estimate() {
         let one = estimate(smollm(), settings(), 100, 10_000.0);
-        let three = estimate(smollm(), RunSettings { epochs: 3.0, ..settings() }, 100, 10_000.0);
+        let three = estimate(
+            smollm(),
+            RunSettings {
+                epochs: 3.0,
+                ..settings()
+            },
+            100,
+            10_000.0,
+        );
         assert!((three.seconds / one.seconds - 3.0).abs() < 1e-9);
-        let held = estimate(smollm(), RunSettings { val_set_size: 0.2, ..settings() }, 100, 10_000.0);
+        let held = estimate(
+            smollm(),
+            RunSettings {
+                val_set_size: 0.2,
+                ..settings()
+            },
+            100,
+            10_000.0,
+        );
         assert!((held.train_tokens - 8_000.0).abs() < 1e-6);
-        let capped = estimate(smollm(), RunSettings { max_steps: Some(5), ..settings() }, 100, 10_000.0);
+        let capped = estimate(
+            smollm(),
+            RunSettings {
+                max_steps: Some(5),
+                ..settings()
+            },
+            100,
+            10_000.0,
+        );
         assert_eq!(capped.steps, 5);
         assert!((capped.train_tokens - 2_000.0).abs() < 1e-6);
-        let full = estimate(smollm(), RunSettings { method: "full", ..settings() }, 100, 10_000.0);
+        let full = estimate(
+            smollm(),
+            RunSettings {
+                method: "full",
+                ..settings()
+            },
+            100,
+            10_000.0,
+        );
         assert!(full.memory_bytes > one.memory_bytes + 1e9 && full.seconds > one.seconds);
     }
 

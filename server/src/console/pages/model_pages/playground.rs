@@ -50,11 +50,7 @@ async fn page(
         Ok(c) => c,
         Err(e) => return fail(session, &e),
     };
-    let messages = match state
-        .db
-        .recent_messages(conversation, SHOWN_MESSAGES)
-        .await
-    {
+    let messages = match state.db.recent_messages(conversation, SHOWN_MESSAGES).await {
         Ok(m) => m,
         Err(e) => return fail(session, &e.into()),
     };
