@@ -675,7 +675,7 @@ async fn show(
                         dt { "Dataset" } dd { @match &dataset { Some(d) => { (d.name) " v" (d.version) " (" (d.example_count) " examples)" }, None => { "#" (job.dataset_id) } } }
                         dt { "Model" } dd { (model_label(&job.base_model)) }
                         dt { "Method" } dd { (job.method) }
-                        @for (k, v) in &hp {
+                        @for (k, v) in hp.iter().filter(|(k, _)| k.as_str() != "finetuning_type") {
                             dt { (k) } dd { (match v { Value::String(s) => s.clone(), other => other.to_string() }) }
                         }
                     }
