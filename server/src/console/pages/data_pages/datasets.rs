@@ -207,7 +207,17 @@ pub(super) async fn import(
     session: AdminSession,
     req: Request,
 ) -> Response {
+    // A body over the limit is refused by its declared length: past the limit the
+    // multipart reader only says that the form could not be parsed.
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     let result = async {
+        if declared.is_some_and(|n| n > state.max_upload_bytes) {
+            return Err(ApiError::too_large(state.max_upload_bytes).with_param("file"));
+        }
         let (bytes, fields) = crate::api::read_upload(&state, req, "file").await?;
         let name = fields.get("name").map_or("", |n| n.trim());
         if name.is_empty() {
