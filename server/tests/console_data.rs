@@ -808,6 +808,27 @@ async fn the_build_form_makes_a_dataset_from_rated_and_corrected_conversations()
     assert!(page.contains("invalid dataset name"), "{page}");
     assert_eq!(db.list_datasets().await.unwrap().len(), before);
 
+    // Deleting a conversation a dataset was built from leaves the dataset as it was.
+    let (status, _, _) = c
+        .post(
+            &format!("/conversations/{fixed}/delete"),
+            &[("confirm", "1")],
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let after = db.dataset_examples(built.id).await.unwrap();
+    assert_eq!(
+        after.iter().map(|e| &e.example).collect::<Vec<_>>(),
+        all.iter().collect::<Vec<_>>()
+    );
+    assert_eq!(
+        after
+            .iter()
+            .map(|e| e.source_conversation_id)
+            .collect::<Vec<_>>(),
+        [Some(liked), None]
+    );
+
     c.server.stop().await.unwrap();
 }
 
