@@ -7,11 +7,16 @@
 
 mod adapters;
 mod chat;
+mod console;
 mod datasets;
 mod jobs;
 
 pub use adapters::{Adapter, Assistant, NewAdapter};
 pub use chat::{Conversation, Feedback, NewMessage, Platform, PlatformUser, StoredMessage};
+pub use console::{
+    BuildFilter, ConversationDetail, ConversationExample, ConversationFilter, ConversationSummary,
+    MessageWithFeedback, OPERATOR, PLATFORMS, RatingFilter,
+};
 pub use datasets::{
     Dataset, DatasetInsert, NewDataset, StoredExample, validate_name as validate_dataset_name,
 };
