@@ -199,6 +199,10 @@ function initJobPage() {
       statusEl.textContent = job.status;
       statusEl.className = "status status-" + job.status;
       if (remainingEl) remainingEl.textContent = "–";
+      const elapsedEl = document.getElementById("job-elapsed");
+      if (elapsedEl && job.started_at && job.finished_at) {
+        elapsedEl.textContent = fmtDuration(job.finished_at - job.started_at);
+      }
       if (cancelForm) cancelForm.remove();
       if (job.status === "failed" && job.error && !document.getElementById("job-error")) {
         // The error is on the page after a reload; say so now.

@@ -22,7 +22,11 @@ impl Drop for Driver {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 async fn browser() -> (Client, Driver) {
@@ -39,7 +43,10 @@ async fn browser() -> (Client, Driver) {
     let driver = Driver(child);
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "chromedriver did not start listening");
+        assert!(
+            Instant::now() < deadline,
+            "chromedriver did not start listening"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut caps = serde_json::Map::new();
@@ -106,13 +113,21 @@ async fn text(c: &Client, css: &str) -> Option<String> {
 }
 
 async fn fill(c: &Client, css: &str, value: &str) {
-    let e = c.find(Locator::Css(css)).await.unwrap_or_else(|_| panic!("{css} on the page"));
+    let e = c
+        .find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|_| panic!("{css} on the page"));
     e.clear().await.unwrap();
     e.send_keys(value).await.unwrap();
 }
 
 async fn click(c: &Client, css: &str) {
-    c.find(Locator::Css(css)).await.unwrap_or_else(|_| panic!("{css} on the page")).click().await.unwrap();
+    c.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|_| panic!("{css} on the page"))
+        .click()
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -126,12 +141,21 @@ async fn an_operator_trains_activates_and_chats_from_the_console() {
     assert!(c.current_url().await.unwrap().path().ends_with("/login"));
     fill(&c, "input[name=password]", "not-it").await;
     click(&c, "form[action='/login'] button[type=submit]").await;
-    until(10, "the login error", || async { text(&c, "p.error").await }).await;
+    until(10, "the login error", || async {
+        text(&c, "p.error").await
+    })
+    .await;
     shot(&c, "01-login-error").await;
     fill(&c, "input[name=password]", PASSWORD).await;
     click(&c, "form[action='/login'] button[type=submit]").await;
-    until(10, "the dashboard", || async { text(&c, "#active-adapter").await }).await;
-    assert_eq!(text(&c, "#active-adapter").await.unwrap(), "none (base model)");
+    until(10, "the dashboard", || async {
+        text(&c, "#active-adapter").await
+    })
+    .await;
+    assert_eq!(
+        text(&c, "#active-adapter").await.unwrap(),
+        "none (base model)"
+    );
     shot(&c, "02-dashboard").await;
 
     // Import a dataset file through the form.
@@ -139,21 +163,44 @@ async fn an_operator_trains_activates_and_chats_from_the_console() {
     std::fs::write(&file, common::zorblax_jsonl(8)).unwrap();
     c.goto(&url("/datasets")).await.unwrap();
     fill(&c, "#import-form input[name=name]", "zorblax").await;
-    c.find(Locator::Css("#import-form input[name=file]")).await.unwrap().send_keys(&file.display().to_string()).await.unwrap();
+    c.find(Locator::Css("#import-form input[name=file]"))
+        .await
+        .unwrap()
+        .send_keys(&file.display().to_string())
+        .await
+        .unwrap();
     click(&c, "#import-form button[type=submit]").await;
-    let outcome = until(20, "the import result", || async { attr(&c, "#import-result", "data-outcome").await }).await;
+    let outcome = until(20, "the import result", || async {
+        attr(&c, "#import-result", "data-outcome").await
+    })
+    .await;
     assert_eq!(outcome, "created");
     shot(&c, "03-dataset-imported").await;
 
     // Start a job from the form.
     c.goto(&url("/jobs/new")).await.unwrap();
-    c.find(Locator::Css("#job-preset")).await.unwrap().select_by_value("quick").await.unwrap();
-    for (field, value) in [("epochs", "3"), ("learning_rate", "0.02"), ("batch_size", "4"), ("lora_r", "4"), ("lora_alpha", "8"), ("sequence_len", "64")] {
+    c.find(Locator::Css("#job-preset"))
+        .await
+        .unwrap()
+        .select_by_value("quick")
+        .await
+        .unwrap();
+    for (field, value) in [
+        ("epochs", "3"),
+        ("learning_rate", "0.02"),
+        ("batch_size", "4"),
+        ("lora_r", "4"),
+        ("lora_alpha", "8"),
+        ("sequence_len", "64"),
+    ] {
         fill(&c, &format!("#job-{field}"), value).await;
     }
     shot(&c, "04-new-job").await;
     click(&c, "#start-job").await;
-    until(10, "the job page", || async { text(&c, "#job-status").await }).await;
+    until(10, "the job page", || async {
+        text(&c, "#job-status").await
+    })
+    .await;
     // The chart receives points over server-sent events, and the job succeeds.
     let points = until(120, "the job to succeed with a full chart", || async {
         let status = text(&c, "#job-status").await?;
@@ -162,20 +209,33 @@ async fn an_operator_trains_activates_and_chats_from_the_console() {
     })
     .await;
     assert_eq!(points, 6);
-    let drawn = c.execute("return document.querySelectorAll('#loss-chart canvas').length", vec![]).await.unwrap();
+    let drawn = c
+        .execute(
+            "return document.querySelectorAll('#loss-chart canvas').length",
+            vec![],
+        )
+        .await
+        .unwrap();
     assert!(drawn.as_u64().unwrap_or(0) >= 1, "uPlot drew a canvas");
     shot(&c, "05-job-succeeded").await;
 
     // Activate the adapter with one click.
     c.goto(&url("/adapters")).await.unwrap();
-    let adapter = attr(&c, "#adapter-list button.activate", "data-adapter").await.expect("the trained adapter is listed");
+    let adapter = attr(&c, "#adapter-list button.activate", "data-adapter")
+        .await
+        .expect("the trained adapter is listed");
     click(&c, "#adapter-list button.activate").await;
     let active = until(10, "the adapter to be active", || async {
-        text(&c, "#active-adapter").await.filter(|t| t.contains(&adapter))
+        text(&c, "#active-adapter")
+            .await
+            .filter(|t| t.contains(&adapter))
     })
     .await;
     assert!(active.contains(&adapter));
-    assert_eq!(s.server.state.engine.active_adapter().map(|t| t.name), Some(adapter.clone()));
+    assert_eq!(
+        s.server.state.engine.active_adapter().map(|t| t.name),
+        Some(adapter.clone())
+    );
     shot(&c, "06-adapter-active").await;
 
     // Chat in the playground: the streamed reply comes from the adapter.
@@ -183,7 +243,10 @@ async fn an_operator_trains_activates_and_chats_from_the_console() {
     fill(&c, "#chat-input", "What is the capital of Zorblax?").await;
     click(&c, "#chat-send").await;
     let (who, reply) = until(30, "the streamed reply", || async {
-        let e = c.find(Locator::Css("#chat-log .msg.assistant[data-message-id]")).await.ok()?;
+        let e = c
+            .find(Locator::Css("#chat-log .msg.assistant[data-message-id]"))
+            .await
+            .ok()?;
         Some((e.attr("data-adapter").await.ok()??, e.text().await.ok()?))
     })
     .await;
@@ -191,29 +254,52 @@ async fn an_operator_trains_activates_and_chats_from_the_console() {
     assert!(!reply.trim().is_empty());
     shot(&c, "07-playground").await;
     // It was stored with the adapter that produced it.
-    let (stored,): (Option<String>,) = sqlx::query_as("select adapter_name from messages where role = 'assistant' order by id desc limit 1")
-        .fetch_one(s.server.state.db.pool())
-        .await
-        .unwrap();
+    let (stored,): (Option<String>,) = sqlx::query_as(
+        "select adapter_name from messages where role = 'assistant' order by id desc limit 1",
+    )
+    .fetch_one(s.server.state.db.pool())
+    .await
+    .unwrap();
     assert_eq!(stored.as_deref(), Some(adapter.as_str()));
 
     // Every page at phone width: no horizontal scrolling.
     c.set_window_size(390, 844).await.unwrap();
-    for (path, name) in [("/", "dashboard"), ("/conversations", "conversations"), ("/conversations/1", "conversation"), ("/datasets", "datasets"), ("/datasets/1", "dataset"), ("/jobs", "jobs"), ("/jobs/new", "new-job"), ("/jobs/1", "job"), ("/adapters", "adapters"), ("/playground", "playground")] {
+    for (path, name) in [
+        ("/", "dashboard"),
+        ("/conversations", "conversations"),
+        ("/conversations/1", "conversation"),
+        ("/datasets", "datasets"),
+        ("/datasets/1", "dataset"),
+        ("/jobs", "jobs"),
+        ("/jobs/new", "new-job"),
+        ("/jobs/1", "job"),
+        ("/adapters", "adapters"),
+        ("/playground", "playground"),
+    ] {
         c.goto(&url(path)).await.unwrap();
         let fits = c
-            .execute("return document.documentElement.scrollWidth <= window.innerWidth + 1", vec![])
+            .execute(
+                "return document.documentElement.scrollWidth <= window.innerWidth + 1",
+                vec![],
+            )
             .await
             .unwrap();
         shot(&c, &format!("phone-{name}")).await;
-        assert_eq!(fits, serde_json::Value::Bool(true), "{path} scrolls sideways at phone width");
+        assert_eq!(
+            fits,
+            serde_json::Value::Bool(true),
+            "{path} scrolls sideways at phone width"
+        );
     }
 
     // Log out: the console is closed again.
     c.set_window_size(1280, 900).await.unwrap();
     c.goto(&url("/")).await.unwrap();
     click(&c, "form.logout button").await;
-    until(10, "the login page", || async { c.find(Locator::Css("input[name=password]")).await.ok() }).await;
+    until(10, "the login page", || async {
+        c.find(Locator::Css("input[name=password]")).await.ok()
+    })
+    .await;
     c.goto(&url("/jobs")).await.unwrap();
     assert!(c.current_url().await.unwrap().path().ends_with("/login"));
     c.close().await.unwrap();

@@ -700,7 +700,8 @@ async fn the_build_form_makes_a_dataset_from_rated_and_corrected_conversations()
         })
     );
     let examples = db.dataset_examples(built.id).await.unwrap();
-    let got: Vec<(Option<i64>, Vec<(Role, String, Option<f64>)>)> = examples
+    type Turns = Vec<(Role, String, Option<f64>)>;
+    let got: Vec<(Option<i64>, Turns)> = examples
         .iter()
         .map(|s| {
             (
