@@ -146,6 +146,21 @@ pub async fn swap(config: &Config, args: &BenchSwapArgs) -> anyhow::Result<ExitC
         "model {} | {} swaps between two random rank-{} adapters | {} chats streaming in the background",
         st.model.name, args.swaps, args.rank, args.load
     );
+    // The same request without a swap before it (an adapter active, as in the swaps): the
+    // time to first token the swap adds to.
+    let r = http
+        .post(format!("{base}/api/v1/adapters/{}/activate", ids[1].0))
+        .bearer_auth(&key)
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!("activation failed: {}", r.text().await?);
+    }
+    let mut baseline = Vec::new();
+    for _ in 0..args.swaps.min(20) {
+        baseline.push(first_token(&http, &base, &key, 4).await?.0);
+    }
+    baseline.sort_by(f64::total_cmp);
     let (mut to_first, mut activate_ms, mut wrong) = (Vec::new(), Vec::new(), 0usize);
     for i in 0..args.swaps + 1 {
         let (id, name) = &ids[i % 2];
@@ -181,6 +196,7 @@ pub async fn swap(config: &Config, args: &BenchSwapArgs) -> anyhow::Result<ExitC
         "swaps": to_first.len(),
         "activate_to_first_token_ms": {"p50": percentile(&to_first, 0.5), "p99": percentile(&to_first, 0.99), "max": to_first[to_first.len() - 1]},
         "activate_request_ms": {"p50": percentile(&activate_ms, 0.5), "p99": percentile(&activate_ms, 0.99)},
+        "first_token_without_swap_ms": {"p50": percentile(&baseline, 0.5), "p99": percentile(&baseline, 0.99)},
         "replies_from_the_wrong_adapter": wrong,
         "background_chats_ok": ok.load(Ordering::SeqCst),
         "background_chats_failed": failed.load(Ordering::SeqCst),
@@ -201,6 +217,15 @@ pub async fn swap(config: &Config, args: &BenchSwapArgs) -> anyhow::Result<ExitC
                 .unwrap_or(0.0),
             to_first.len(),
             report["activate_request_ms"]["p50"].as_f64().unwrap_or(0.0),
+        );
+        println!(
+            "the same request without a swap: first token p50 {:.1} ms, p99 {:.1} ms (prompt processing under the background load)",
+            report["first_token_without_swap_ms"]["p50"]
+                .as_f64()
+                .unwrap_or(0.0),
+            report["first_token_without_swap_ms"]["p99"]
+                .as_f64()
+                .unwrap_or(0.0),
         );
         println!(
             "replies from the wrong adapter: {wrong}; background chats: {} finished, {} failed",
