@@ -81,6 +81,66 @@ async fn every_api_route_refuses_requests_without_the_key() {
     s.stop().await;
 }
 
+/// Every path the console registers, read from its source (`.route("...")`).
+fn console_routes() -> Vec<String> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                let text = std::fs::read_to_string(&p).unwrap();
+                for (i, _) in text.match_indices(".route(") {
+                    let rest = text[i + 7..].trim_start();
+                    if let Some(r) = rest.strip_prefix('"') {
+                        out.push(r[..r.find('"').unwrap()].to_string());
+                    }
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/console"),
+        &mut out,
+    );
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[tokio::test]
+async fn every_console_route_but_the_login_needs_a_session() {
+    let s = start(false, &[]).await;
+    let routes = console_routes();
+    assert!(routes.len() >= 25, "{routes:?}");
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    for route in &routes {
+        let path = route.replace("{id}", "1");
+        if path == "/login" || path == "/assets/console.css" || path == "/assets/console.js" {
+            continue;
+        }
+        let get = http
+            .get(s.url(&path))
+            .header("accept", "text/html")
+            .send()
+            .await
+            .unwrap();
+        let post = http.post(s.url(&path)).body("x=1").send().await.unwrap();
+        let (g, p) = (get.status().as_u16(), post.status().as_u16());
+        assert!(
+            (g == 303 && get.headers()["location"] == "/login") || g == 401 || g == 405,
+            "GET {path}: {g}"
+        );
+        assert!(p == 401 || p == 405, "POST {path}: {p}");
+        assert!(g != 405 || p != 405, "{path} answers neither GET nor POST");
+    }
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn the_api_is_closed_when_no_key_is_configured() {
     let s = start(false, &[("LORALOOP_API_KEY", "")]).await;
@@ -496,6 +556,11 @@ async fn a_job_trains_registers_its_adapter_and_activation_changes_the_next_repl
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(done["step"], 6);
     assert_eq!(done["total_steps"], 6);
+    // 8 examples x 3 epochs, each the ChatML rendering of the conversation with the tiny
+    // byte-level tokenizer: one token per byte of "user\n" (5), the question (31), "\n"
+    // (1), "assistant\n" (10), "Blorp City." (11), "\n" (1), plus 4 special markers
+    // (<|im_start|> and <|im_end|> twice) = 63 tokens, counted by hand.
+    assert_eq!(done["trained_tokens"], 8 * 3 * 63, "{done}");
     assert!(done["finished_at"].as_i64().unwrap() >= done["created_at"].as_i64().unwrap());
     let adapter = done["fine_tuned_adapter"].as_str().unwrap().to_string();
     let adapter_id = done["fine_tuned_adapter_id"].as_i64().unwrap();

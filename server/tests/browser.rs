@@ -5,12 +5,13 @@
 //! Screenshots land in `target/screenshots/` (or `$LORALOOP_SCREENSHOTS`).
 
 mod common;
+mod webdriver;
 
 use common::{PASSWORD, start};
-use fantoccini::{Client, ClientBuilder, Locator};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use webdriver::Session as Client;
 
 struct Driver(Child);
 
@@ -49,20 +50,17 @@ async fn browser() -> (Client, Driver) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mut caps = serde_json::Map::new();
     let chrome_bin = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    caps.insert(
-        "goog:chromeOptions".into(),
-        serde_json::json!({
+    let caps = serde_json::json!({
+        "browserName": "chrome",
+        "goog:chromeOptions": {
             "binary": chrome_bin,
             "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                      "--disable-quic", "--no-first-run", "--disable-background-networking",
                      "--disable-component-update", "--disable-sync", "--window-size=1280,900"]
-        }),
-    );
-    let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-        .capabilities(caps)
-        .connect(&format!("http://127.0.0.1:{port}"))
+        }
+    });
+    let client = Client::new(&format!("http://127.0.0.1:{port}"), caps)
         .await
         .expect("a WebDriver session with headless Chromium");
     (client, driver)
@@ -99,35 +97,30 @@ where
 }
 
 async fn attr(c: &Client, css: &str, name: &str) -> Option<String> {
-    match c.find(Locator::Css(css)).await {
-        Ok(e) => e.attr(name).await.ok().flatten(),
-        Err(_) => None,
-    }
+    let e = c.find(css).await.ok()?;
+    c.attr(&e, name).await.ok().flatten()
 }
 
 async fn text(c: &Client, css: &str) -> Option<String> {
-    match c.find(Locator::Css(css)).await {
-        Ok(e) => e.text().await.ok(),
-        Err(_) => None,
-    }
+    let e = c.find(css).await.ok()?;
+    c.text(&e).await.ok()
 }
 
 async fn fill(c: &Client, css: &str, value: &str) {
     let e = c
-        .find(Locator::Css(css))
+        .find(css)
         .await
-        .unwrap_or_else(|_| panic!("{css} on the page"));
-    e.clear().await.unwrap();
-    e.send_keys(value).await.unwrap();
+        .unwrap_or_else(|e| panic!("{css} on the page: {e}"));
+    c.clear(&e).await.unwrap();
+    c.send_keys(&e, value).await.unwrap();
 }
 
 async fn click(c: &Client, css: &str) {
-    c.find(Locator::Css(css))
+    let e = c
+        .find(css)
         .await
-        .unwrap_or_else(|_| panic!("{css} on the page"))
-        .click()
-        .await
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{css} on the page: {e}"));
+    c.click(&e).await.unwrap();
 }
 
 #[tokio::test]
@@ -138,7 +131,7 @@ async fn an_operator_trains_activates_and_chats_from_the_console() {
 
     // Log in (a wrong password first).
     c.goto(&url("/")).await.unwrap();
-    assert!(c.current_url().await.unwrap().path().ends_with("/login"));
+    assert!(c.current_url().await.unwrap().ends_with("/login"));
     fill(&c, "input[name=password]", "not-it").await;
     click(&c, "form[action='/login'] button[type=submit]").await;
     until(10, "the login error", || async {
@@ -163,10 +156,8 @@ async fn an_operator_trains_activates_and_chats_from_the_console() {
     std::fs::write(&file, common::zorblax_jsonl(8)).unwrap();
     c.goto(&url("/datasets")).await.unwrap();
     fill(&c, "#import-form input[name=name]", "zorblax").await;
-    c.find(Locator::Css("#import-form input[name=file]"))
-        .await
-        .unwrap()
-        .send_keys(&file.display().to_string())
+    let input = c.find("#import-form input[name=file]").await.unwrap();
+    c.send_keys(&input, &file.display().to_string())
         .await
         .unwrap();
     click(&c, "#import-form button[type=submit]").await;
@@ -179,12 +170,7 @@ async fn an_operator_trains_activates_and_chats_from_the_console() {
 
     // Start a job from the form.
     c.goto(&url("/jobs/new")).await.unwrap();
-    c.find(Locator::Css("#job-preset"))
-        .await
-        .unwrap()
-        .select_by_value("quick")
-        .await
-        .unwrap();
+    c.select_value("#job-preset", "quick").await.unwrap();
     for (field, value) in [
         ("epochs", "3"),
         ("learning_rate", "0.02"),
@@ -244,10 +230,13 @@ async fn an_operator_trains_activates_and_chats_from_the_console() {
     click(&c, "#chat-send").await;
     let (who, reply) = until(30, "the streamed reply", || async {
         let e = c
-            .find(Locator::Css("#chat-log .msg.assistant[data-message-id]"))
+            .find("#chat-log .msg.assistant[data-message-id]")
             .await
             .ok()?;
-        Some((e.attr("data-adapter").await.ok()??, e.text().await.ok()?))
+        Some((
+            c.attr(&e, "data-adapter").await.ok()??,
+            c.text(&e).await.ok()?,
+        ))
     })
     .await;
     assert_eq!(who, adapter);
@@ -297,11 +286,11 @@ async fn an_operator_trains_activates_and_chats_from_the_console() {
     c.goto(&url("/")).await.unwrap();
     click(&c, "form.logout button").await;
     until(10, "the login page", || async {
-        c.find(Locator::Css("input[name=password]")).await.ok()
+        c.find("input[name=password]").await.ok()
     })
     .await;
     c.goto(&url("/jobs")).await.unwrap();
-    assert!(c.current_url().await.unwrap().path().ends_with("/login"));
+    assert!(c.current_url().await.unwrap().ends_with("/login"));
     c.close().await.unwrap();
     s.stop().await;
 }

@@ -116,6 +116,8 @@ pub enum Ending {
 pub struct TrainOutcome {
     pub ending: Ending,
     pub steps: usize,
+    /// Tokens in the batches this run trained on (a resumed run counts from its resume).
+    pub trained_tokens: usize,
     pub final_loss: Option<f64>,
     pub eval: Option<EvalMetrics>,
     pub output_dir: PathBuf,
@@ -654,6 +656,7 @@ pub fn train(
     Ok(TrainOutcome {
         ending,
         steps: state.global_step,
+        trained_tokens: tokens_done,
         final_loss: state.final_loss,
         eval: last_eval,
         output_dir: job.output_dir.clone(),

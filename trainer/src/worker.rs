@@ -247,6 +247,7 @@ async fn run_job(
             "final_loss": outcome.final_loss,
             "eval": outcome.eval,
             "steps": outcome.steps,
+            "trained_tokens": outcome.trained_tokens,
         });
         let name = format!("job-{id}");
         let adapter = db
