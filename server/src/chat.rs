@@ -82,6 +82,19 @@ pub async fn start_turn(
     text: &str,
     adapter: AdapterChoice,
 ) -> Result<Turn, ApiError> {
+    start_turn_from(state, conversation_id, user_id, text, None, adapter).await
+}
+
+/// [`start_turn`] for a platform message with its id: a message already stored (a
+/// redelivered or replayed update) is not stored twice.
+pub async fn start_turn_from(
+    state: &AppState,
+    conversation_id: i64,
+    user_id: Option<i64>,
+    text: &str,
+    platform_message_id: Option<&str>,
+    adapter: AdapterChoice,
+) -> Result<Turn, ApiError> {
     if text.trim().is_empty() {
         return Err(ApiError::invalid("message", "the message is empty"));
     }
@@ -92,7 +105,7 @@ pub async fn start_turn(
             role: Role::User,
             content: text,
             user_id,
-            platform_message_id: None,
+            platform_message_id,
             adapter_id: None,
             adapter_name: None,
             prompt_tokens: None,

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod openai;
 pub mod services;
 pub mod state;
+pub mod telegram;
 
 use crate::adapters::AdapterService;
 use crate::metrics::Metrics;
@@ -64,6 +65,10 @@ pub struct RunningServer {
     worker_stop: Arc<AtomicBool>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     worker: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    telegram: Option<(
+        Arc<tokio::sync::Notify>,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    )>,
 }
 
 impl RunningServer {
@@ -72,6 +77,10 @@ impl RunningServer {
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.notify_one();
         self.worker_stop.store(true, Ordering::SeqCst);
+        if let Some((stop, bot)) = self.telegram {
+            stop.notify_one();
+            bot.await??;
+        }
         self.server.await??;
         if let Some(w) = self.worker {
             w.await??;
@@ -213,6 +222,16 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
                 .await
         })
     };
+    let telegram = state
+        .config
+        .secrets
+        .telegram_bot_token
+        .clone()
+        .map(|token| {
+            let stop = Arc::new(tokio::sync::Notify::new());
+            let bot = tokio::spawn(telegram::run(state.clone(), token, stop.clone()));
+            (stop, bot)
+        });
     Ok(RunningServer {
         addr,
         generated_password,
@@ -221,6 +240,7 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
         worker_stop,
         server,
         worker,
+        telegram,
     })
 }
 

@@ -151,7 +151,7 @@ impl Db {
         thread_id: Option<&str>,
         user_id: Option<i64>,
     ) -> Result<Conversation> {
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         let open: Option<Conversation> = sqlx::query_as(&format!(
             "select {CONVERSATION_COLUMNS} from conversations
              where chat_id = ? and platform_thread_id is ? and closed_at is null
@@ -298,7 +298,7 @@ impl Db {
     /// `/forget`: delete a user's messages and feedback and exclude them from every future
     /// dataset. Returns the number of messages deleted.
     pub async fn forget_user(&self, user_id: i64) -> Result<u64> {
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query("delete from feedback where user_id = ?")
             .bind(user_id)
             .execute(&mut *tx)

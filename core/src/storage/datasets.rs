@@ -78,7 +78,7 @@ impl Db {
                 message: "a dataset needs at least one example".into(),
             });
         }
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         let existing: Option<Dataset> = sqlx::query_as(&format!(
             "select {COLUMNS} from datasets where name = ? and content_hash = ?"
         ))

@@ -239,7 +239,7 @@ impl Db {
     }
 
     pub async fn add_training_event(&self, job_id: i64, e: &NewTrainingEvent<'_>) -> Result<()> {
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(
             "insert into training_events (job_id, kind, step, loss, eval_loss, learning_rate, tokens_per_sec, message)
              values (?, ?, ?, ?, ?, ?, ?, ?)",

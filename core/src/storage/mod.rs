@@ -4,12 +4,17 @@
 //! Queries are written with the runtime-checked `sqlx::query*` functions rather than the
 //! compile-time macros, so building needs no database and no `DATABASE_URL`; every query is
 //! exercised by the `#[sqlx::test]` tests of its repository.
+//!
+//! Every transaction that writes starts with `BEGIN IMMEDIATE`: a deferred transaction
+//! that reads and then writes fails with `SQLITE_BUSY_SNAPSHOT` (no waiting helps) when
+//! another connection committed in between, which concurrent bot handlers hit at once.
 
 mod adapters;
 mod chat;
 mod console;
 mod datasets;
 mod jobs;
+mod updates;
 
 pub use adapters::{Adapter, Assistant, NewAdapter};
 pub use chat::{Conversation, Feedback, NewMessage, Platform, PlatformUser, StoredMessage};
@@ -21,6 +26,7 @@ pub use datasets::{
     Dataset, DatasetInsert, NewDataset, StoredExample, validate_name as validate_dataset_name,
 };
 pub use jobs::{JobState, NewJob, NewTrainingEvent, TrainingEvent, TrainingJob};
+pub use updates::PendingUpdate;
 
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};

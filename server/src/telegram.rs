@@ -1,0 +1,642 @@
+//! The Telegram bot. Its own `getUpdates` loop (teloxide's `Bot` for the API calls)
+//! stores every update in the database *before* its offset is confirmed to Telegram, and
+//! the handlers work from the stored updates: an update read but not answered when the
+//! process dies is answered after the restart. Each update is marked done once its reply
+//! is sent; a kill between Telegram accepting a reply and that mark can repeat one reply
+//! (at most one duplicate per update), never lose one.
+//!
+//! Replies stream: the first words are sent as soon as they exist and the message is
+//! edited as tokens arrive (at most once a second per chat); the final text always
+//! arrives complete, split at Telegram's 4,096-character limit, with 👍/👎 buttons.
+
+use crate::chat;
+use crate::state::AppState;
+use loraloop_core::storage::Platform;
+use loraloop_model::engine::{AdapterChoice, Event};
+use secrecy::{ExposeSecret, SecretString};
+use std::collections::{HashMap, VecDeque};
+use std::future::IntoFuture;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use teloxide_core::payloads::setters::*;
+use teloxide_core::prelude::Requester;
+use teloxide_core::types::{
+    BotCommand, ChatAction, ChatId, InlineKeyboardButton, InlineKeyboardMarkup, Me, Message,
+    MessageId, Update, UpdateKind,
+};
+use teloxide_core::{ApiError as TgError, Bot, RequestError};
+
+/// Telegram's limit on a message's text.
+pub const MAX_MESSAGE_CHARS: usize = 4096;
+/// Edits of a streamed reply, at most one per this interval per chat.
+const EDIT_INTERVAL: Duration = Duration::from_secs(1);
+
+const START_TEXT: &str = "Hello! I'm an assistant that runs on a small language model and learns from conversations.\n\nWrite to me and I'll answer. Rate my replies with 👍 / 👎: your ratings (and the conversations) may be used to improve the assistant.\n\n/reset starts a new conversation, /forget deletes everything stored about you, /help shows this again.";
+const NON_TEXT: &str = "Sorry, I only understand text messages.";
+const NOT_ALLOWED: &str = "Sorry, this assistant is private and you are not on its list of users.";
+
+pub struct TelegramBot {
+    state: AppState,
+    bot: Bot,
+    me: Me,
+    /// One lock per chat: a chat's updates are handled in order.
+    chats: Mutex<HashMap<i64, Arc<tokio::sync::Mutex<()>>>>,
+    /// Message times per user in the last minute, and whether the flood notice went out.
+    rate: Mutex<HashMap<u64, (VecDeque<Instant>, bool)>>,
+}
+
+/// Run the bot until `stop` is notified.
+pub async fn run(
+    state: AppState,
+    token: SecretString,
+    stop: Arc<tokio::sync::Notify>,
+) -> anyhow::Result<()> {
+    let api = reqwest::Url::parse(&state.config.raw.telegram.api_url)?;
+    let bot = Bot::new(token.expose_secret()).set_api_url(api);
+    let me = tokio::select! {
+        me = retry("getMe", || bot.get_me()) => me.map_err(|e| anyhow::anyhow!("telegram getMe: {e}"))?,
+        _ = stop.notified() => return Ok(()),
+    };
+    let commands = [
+        BotCommand::new("start", "What this bot does"),
+        BotCommand::new("reset", "Start a new conversation"),
+        BotCommand::new("forget", "Delete everything stored about you"),
+        BotCommand::new("help", "How to use this bot"),
+    ];
+    if let Err(e) = retry("setMyCommands", || bot.set_my_commands(commands.clone())).await {
+        tracing::warn!("telegram: setMyCommands failed: {e}");
+    }
+    tracing::info!("telegram: polling as @{}", me.username());
+    let tb = Arc::new(TelegramBot {
+        state,
+        bot,
+        me,
+        chats: Mutex::new(HashMap::new()),
+        rate: Mutex::new(HashMap::new()),
+    });
+    // Updates stored by an earlier run and not answered.
+    tb.clone().dispatch_pending().await?;
+    let mut offset = tb
+        .state
+        .db
+        .last_update_id(Platform::Telegram)
+        .await?
+        .map(|u| u + 1);
+    loop {
+        let mut req = tb.bot.get_updates().timeout(25);
+        if let Some(o) = offset {
+            req = req.offset(o as i32);
+        }
+        let updates = tokio::select! {
+            u = req.into_future() => u,
+            _ = stop.notified() => return Ok(()),
+        };
+        let updates = match updates {
+            Ok(u) => u,
+            Err(RequestError::RetryAfter(s)) => {
+                tokio::time::sleep(s.duration()).await;
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!("telegram: getUpdates failed: {e}; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = stop.notified() => return Ok(()),
+                }
+            }
+        };
+        let mut stored = false;
+        for u in &updates {
+            let payload = serde_json::to_string(u)?;
+            stored |= tb
+                .state
+                .db
+                .store_update(Platform::Telegram, &u.id.0.to_string(), &payload)
+                .await?;
+            offset = Some(offset.unwrap_or(0).max(i64::from(u.id.0) + 1));
+        }
+        if stored {
+            tb.clone().dispatch_pending().await?;
+        }
+    }
+}
+
+/// Retry a Telegram call on transient errors (429 with `retry_after`, network, 5xx) with
+/// backoff; a permanent error (blocked, chat not found, bad request) returns at once.
+pub async fn retry<T, F, Fut>(what: &str, mut call: F) -> Result<T, RequestError>
+where
+    F: FnMut() -> Fut,
+    Fut: IntoFuture<Output = Result<T, RequestError>>,
+{
+    let mut delay = Duration::from_millis(250);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(RequestError::RetryAfter(s)) if attempt < 8 => {
+                tracing::debug!("telegram {what}: rate limited for {} s", s.seconds());
+                tokio::time::sleep(s.duration()).await;
+            }
+            Err(e) if attempt < 8 && transient(&e) => {
+                tracing::debug!("telegram {what}: {e}; retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(8));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn transient(e: &RequestError) -> bool {
+    match e {
+        RequestError::Network(_) | RequestError::Io(_) | RequestError::InvalidJson { .. } => true,
+        // Telegram's 5xx answers have no specific error kind.
+        RequestError::Api(TgError::Unknown(_)) => true,
+        _ => false,
+    }
+}
+
+/// `text` in pieces of at most `max` characters, split at a line or word break when one
+/// is near the end.
+pub fn split_message(text: &str, max: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while rest.chars().count() > max {
+        let cut = rest.char_indices().nth(max).map_or(rest.len(), |(i, _)| i);
+        let head = &rest[..cut];
+        let at = head
+            .rfind('\n')
+            .or_else(|| head.rfind(' '))
+            .filter(|&i| i > cut / 2)
+            .map_or(cut, |i| i + 1);
+        out.push(rest[..at].to_string());
+        rest = &rest[at..];
+    }
+    if !rest.is_empty() || out.is_empty() {
+        out.push(rest.to_string());
+    }
+    out
+}
+
+fn rating_keyboard(message_id: i64) -> InlineKeyboardMarkup {
+    InlineKeyboardMarkup::new([[
+        InlineKeyboardButton::callback("👍", format!("rate:{message_id}:1")),
+        InlineKeyboardButton::callback("👎", format!("rate:{message_id}:-1")),
+    ]])
+}
+
+impl TelegramBot {
+    fn chat_lock(&self, chat: i64) -> Arc<tokio::sync::Mutex<()>> {
+        self.chats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(chat)
+            .or_default()
+            .clone()
+    }
+
+    /// Handle every pending update: chats in parallel, each chat's updates in order.
+    async fn dispatch_pending(self: Arc<Self>) -> anyhow::Result<()> {
+        for p in self.state.db.pending_updates(Platform::Telegram).await? {
+            let update: Update = match serde_json::from_str(&p.payload) {
+                Ok(u) => u,
+                Err(e) => {
+                    self.state
+                        .db
+                        .finish_update(
+                            Platform::Telegram,
+                            &p.update_key,
+                            Some(&format!("unreadable update: {e}")),
+                        )
+                        .await?;
+                    continue;
+                }
+            };
+            let chat = update.chat().map_or(0, |c| c.id.0);
+            let lock = self.chat_lock(chat);
+            // Taken here, in update order, so a chat's updates run in the order they came.
+            let guard = lock.clone().lock_owned().await;
+            let me = self.clone();
+            tokio::spawn(async move {
+                let _guard = guard;
+                let key = p.update_key;
+                // Another task may have handled it while this one waited.
+                let still_pending = me
+                    .state
+                    .db
+                    .pending_updates(Platform::Telegram)
+                    .await
+                    .map(|v| v.iter().any(|u| u.update_key == key))
+                    .unwrap_or(false);
+                if !still_pending {
+                    return;
+                }
+                let outcome = me.handle(update).await;
+                let error = match &outcome {
+                    Ok(()) => None,
+                    Err(e) => {
+                        tracing::warn!("telegram: update {key} failed: {e:#}");
+                        Some(format!("{e:#}"))
+                    }
+                };
+                if let Err(e) = me
+                    .state
+                    .db
+                    .finish_update(Platform::Telegram, &key, error.as_deref())
+                    .await
+                {
+                    tracing::error!("telegram: cannot record update {key}: {e}");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    async fn handle(&self, update: Update) -> anyhow::Result<()> {
+        match update.kind {
+            UpdateKind::Message(m) => self.on_message(m).await,
+            UpdateKind::CallbackQuery(q) => {
+                let data = q.data.clone().unwrap_or_default();
+                let answer = self.on_callback(&q.from, &data).await;
+                let text = match &answer {
+                    Ok(t) => t.clone(),
+                    Err(e) => {
+                        tracing::warn!("telegram: callback {data:?}: {e:#}");
+                        "Sorry, that did not work.".to_string()
+                    }
+                };
+                retry("answerCallbackQuery", || {
+                    self.bot
+                        .answer_callback_query(q.id.clone())
+                        .text(text.clone())
+                })
+                .await?;
+                answer.map(|_| ())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn allowed(&self, user_id: u64) -> bool {
+        let list = &self.state.config.raw.telegram.allowed_user_ids;
+        list.is_empty() || list.iter().any(|&u| u as u64 == user_id)
+    }
+
+    /// True when the user may send another message; on the first refusal in a flood the
+    /// second value says to send the notice.
+    fn rate_check(&self, user_id: u64) -> (bool, bool) {
+        let limit = self.state.config.raw.telegram.rate_limit_per_minute as usize;
+        let mut map = self.rate.lock().unwrap_or_else(|e| e.into_inner());
+        let (times, notified) = map.entry(user_id).or_default();
+        let now = Instant::now();
+        while times
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
+        {
+            times.pop_front();
+        }
+        if limit == 0 || times.len() < limit {
+            times.push_back(now);
+            *notified = false;
+            (true, false)
+        } else {
+            let first = !*notified;
+            *notified = true;
+            (false, first)
+        }
+    }
+
+    async fn say(&self, chat: ChatId, text: &str) -> anyhow::Result<Message> {
+        Ok(retry("sendMessage", || self.bot.send_message(chat, text)).await?)
+    }
+
+    async fn on_message(&self, m: Message) -> anyhow::Result<()> {
+        let Some(from) = m.from.clone() else {
+            return Ok(());
+        };
+        if from.is_bot {
+            return Ok(());
+        }
+        let chat = m.chat.id;
+        let private = m.chat.is_private();
+        let text = m.text().map(str::to_string);
+        let bot_name = self.me.username().to_string();
+        let mention = format!("@{bot_name}");
+        // In groups: only when mentioned or replied to.
+        if !private {
+            let replied_to_me = m
+                .reply_to_message()
+                .and_then(|r| r.from.as_ref())
+                .is_some_and(|u| u.id == self.me.id);
+            let mentioned = text.as_deref().is_some_and(|t| t.contains(&mention));
+            if !replied_to_me && !mentioned {
+                return Ok(());
+            }
+        }
+        if !self.allowed(from.id.0) {
+            self.say(chat, NOT_ALLOWED).await?;
+            return Ok(());
+        }
+        let (ok, notice) = self.rate_check(from.id.0);
+        if !ok {
+            if notice {
+                self.say(
+                    chat,
+                    "You're sending messages faster than I can answer; please wait a minute.",
+                )
+                .await?;
+            }
+            return Ok(());
+        }
+        let Some(text) = text else {
+            self.say(chat, NON_TEXT).await?;
+            return Ok(());
+        };
+        let text = text.replace(&mention, "").trim().to_string();
+        let db = &self.state.db;
+        let user = db
+            .upsert_platform_user(
+                Platform::Telegram,
+                &from.id.0.to_string(),
+                from.username.as_deref(),
+                Some(&from.full_name()),
+            )
+            .await?;
+        let kind = if private { "private" } else { "group" };
+        let chat_row = db
+            .upsert_chat(
+                Platform::Telegram,
+                &chat.0.to_string(),
+                kind,
+                m.chat.title(),
+            )
+            .await?;
+        let thread = m.thread_id.map(|t| t.0.0.to_string());
+        // Commands (in groups they may carry the bot's name: /reset@name).
+        if let Some(cmd) = text.strip_prefix('/') {
+            let cmd = cmd.split_whitespace().next().unwrap_or("");
+            let cmd = cmd.split('@').next().unwrap_or("");
+            match cmd {
+                "start" | "help" => {
+                    self.say(chat, START_TEXT).await?;
+                    return Ok(());
+                }
+                "reset" => {
+                    db.close_conversations(chat_row, thread.as_deref()).await?;
+                    self.say(chat, "Started a new conversation.").await?;
+                    return Ok(());
+                }
+                "forget" => {
+                    let kb = InlineKeyboardMarkup::new([[InlineKeyboardButton::callback(
+                        "Yes, delete everything about me",
+                        format!("forget:{}", from.id.0),
+                    )]]);
+                    retry("sendMessage", || {
+                        self.bot
+                            .send_message(chat, "This deletes your messages and ratings and keeps you out of every future training dataset. Sure?")
+                            .reply_markup(kb.clone())
+                    })
+                    .await?;
+                    return Ok(());
+                }
+                _ => {
+                    self.say(
+                        chat,
+                        "I don't know that command. /help lists what I understand.",
+                    )
+                    .await?;
+                    return Ok(());
+                }
+            }
+        }
+        if text.is_empty() {
+            self.say(chat, "Yes?").await?;
+            return Ok(());
+        }
+        let conv = db
+            .current_conversation(
+                self.state.assistant.id,
+                chat_row,
+                thread.as_deref(),
+                Some(user.id),
+            )
+            .await?;
+        // A replayed update (the process died before marking it done): a reply that was
+        // stored is not generated again; if Telegram confirmed it, nothing is left to do,
+        // otherwise the stored text is sent (the user may see it twice: the one duplicate
+        // a kill at that moment can cause).
+        let earlier: Option<(i64, String, Option<String>)> = sqlx::query_as(
+            "select a.id, a.content, a.platform_message_id from messages u join messages a
+               on a.conversation_id = u.conversation_id and a.role = 'assistant' and a.id > u.id
+             where u.conversation_id = ? and u.role = 'user' and u.platform_message_id = ?
+               and not exists (select 1 from messages x where x.conversation_id = u.conversation_id
+                               and x.role = 'user' and x.id > u.id and x.id < a.id)
+             order by a.id limit 1",
+        )
+        .bind(conv.id)
+        .bind(m.id.0.to_string())
+        .fetch_optional(db.pool())
+        .await?;
+        match earlier {
+            Some((_, _, Some(_))) => return Ok(()),
+            Some((id, text, None)) => return self.deliver(chat, None, &text, id).await,
+            None => {}
+        }
+        let _ = self.bot.send_chat_action(chat, ChatAction::Typing).await;
+        let mut turn = chat::start_turn_from(
+            &self.state,
+            conv.id,
+            Some(user.id),
+            &text,
+            Some(&m.id.0.to_string()),
+            AdapterChoice::Active,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        // Stream: send the first words, edit at most once a second, then the full text.
+        let mut reply = String::new();
+        let mut sent: Option<MessageId> = None;
+        let mut last_edit = Instant::now();
+        let finished = loop {
+            match turn.generation.next().await {
+                Some(Event::Text(t)) => {
+                    reply.push_str(&t);
+                    let shown = reply.trim();
+                    if shown.is_empty() || shown.chars().count() > MAX_MESSAGE_CHARS {
+                        continue;
+                    }
+                    match sent {
+                        None => {
+                            sent = Some(self.say(chat, shown).await?.id);
+                            last_edit = Instant::now();
+                        }
+                        Some(id) if last_edit.elapsed() >= EDIT_INTERVAL => {
+                            let _ = retry("editMessageText", || {
+                                self.bot.edit_message_text(chat, id, shown)
+                            })
+                            .await;
+                            last_edit = Instant::now();
+                        }
+                        Some(_) => {}
+                    }
+                }
+                Some(Event::Finished(f)) => break f,
+                Some(Event::Failed(e)) => {
+                    self.say(chat, "Sorry, I could not answer that (the model failed).")
+                        .await?;
+                    anyhow::bail!("generation failed: {e}");
+                }
+                Some(Event::Started { .. }) => {}
+                None => anyhow::bail!("the engine stopped"),
+            }
+        };
+        drop(turn.in_flight);
+        let stored = chat::store_reply(&self.state, conv.id, &finished)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        self.deliver(chat, sent, &finished.text, stored.id).await
+    }
+
+    /// Send a stored reply's final text (editing the streamed message `sent` when there
+    /// is one), split at the length limit, with the rating buttons on its last part; then
+    /// record the Telegram id of its first part.
+    async fn deliver(
+        &self,
+        chat: ChatId,
+        sent: Option<MessageId>,
+        text: &str,
+        stored_id: i64,
+    ) -> anyhow::Result<()> {
+        let full = if text.trim().is_empty() {
+            "…".to_string()
+        } else {
+            text.trim().to_string()
+        };
+        let parts = split_message(&full, MAX_MESSAGE_CHARS);
+        let last = parts.len() - 1;
+        let mut first_id = None;
+        for (i, part) in parts.iter().enumerate() {
+            let kb = (i == last).then(|| rating_keyboard(stored_id));
+            let id = match (i, sent) {
+                (0, Some(id)) => {
+                    let r = retry("editMessageText", || {
+                        let req = self.bot.edit_message_text(chat, id, part.as_str());
+                        match &kb {
+                            Some(k) => req.reply_markup(k.clone()),
+                            None => req,
+                        }
+                    })
+                    .await;
+                    match r {
+                        Ok(_) => {}
+                        // The text did not change since the last edit: only the buttons are new.
+                        Err(RequestError::Api(TgError::MessageNotModified)) => {
+                            if let Some(k) = &kb {
+                                retry("editMessageReplyMarkup", || {
+                                    self.bot
+                                        .edit_message_reply_markup(chat, id)
+                                        .reply_markup(k.clone())
+                                })
+                                .await?;
+                            }
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                    id
+                }
+                _ => {
+                    retry("sendMessage", || {
+                        let req = self.bot.send_message(chat, part.as_str());
+                        match &kb {
+                            Some(k) => req.reply_markup(k.clone()),
+                            None => req,
+                        }
+                    })
+                    .await?
+                    .id
+                }
+            };
+            first_id.get_or_insert(id);
+        }
+        if let Some(id) = first_id {
+            sqlx::query("update messages set platform_message_id = ? where id = ?")
+                .bind(id.0.to_string())
+                .bind(stored_id)
+                .execute(self.state.db.pool())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// A button press: the toast text to show.
+    async fn on_callback(
+        &self,
+        from: &teloxide_core::types::User,
+        data: &str,
+    ) -> anyhow::Result<String> {
+        let db = &self.state.db;
+        let user = db
+            .upsert_platform_user(
+                Platform::Telegram,
+                &from.id.0.to_string(),
+                from.username.as_deref(),
+                Some(&from.full_name()),
+            )
+            .await?;
+        if let Some(rest) = data.strip_prefix("rate:") {
+            let (msg, rating) = rest
+                .split_once(':')
+                .ok_or_else(|| anyhow::anyhow!("bad rating data"))?;
+            let msg: i64 = msg.parse()?;
+            let rating: i64 = rating.parse()?;
+            db.set_feedback(
+                msg,
+                &format!("telegram:{}", from.id.0),
+                Some(user.id),
+                Some(rating),
+                None,
+            )
+            .await?;
+            return Ok(if rating > 0 {
+                "Thanks! 👍 recorded."
+            } else {
+                "Thanks! 👎 recorded."
+            }
+            .to_string());
+        }
+        if let Some(who) = data.strip_prefix("forget:") {
+            if who != from.id.0.to_string() {
+                return Ok("Only that user can confirm this.".to_string());
+            }
+            let n = db.forget_user(user.id).await?;
+            return Ok(format!(
+                "Done: {n} message(s) deleted, and you are excluded from training."
+            ));
+        }
+        Ok("Unknown button.".to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_replies_are_split_at_breaks_within_the_limit() {
+        let text = format!("{}\n{}", "a".repeat(3000), "b ".repeat(1500));
+        let parts = split_message(&text, MAX_MESSAGE_CHARS);
+        assert_eq!(parts.len(), 2);
+        assert!(parts.iter().all(|p| p.chars().count() <= MAX_MESSAGE_CHARS));
+        assert_eq!(parts.concat(), text);
+        assert_eq!(parts[0], format!("{}\n", "a".repeat(3000)));
+        // No break anywhere: a hard cut, on a character boundary.
+        let emoji = "😀".repeat(5000);
+        let parts = split_message(&emoji, MAX_MESSAGE_CHARS);
+        assert_eq!(
+            parts.iter().map(|p| p.chars().count()).collect::<Vec<_>>(),
+            vec![4096, 904]
+        );
+        assert_eq!(split_message("", 10), vec![String::new()]);
+    }
+}

@@ -1,0 +1,690 @@
+//! The Telegram bot against a fake Telegram Bot API server (axum on 127.0.0.1, written
+//! here): several users at once, streamed replies, ratings, commands, groups, non-text
+//! messages, the allowlist, the rate limit, 429 and 5xx answers, and a kill in the middle
+//! of a burst with exactly-once accounting after the restart.
+
+mod common;
+
+use axum::extract::{Path, State};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const TOKEN: &str = "123456:secret-test-token";
+const BOT_ID: i64 = 4242;
+
+/// Every log line of this test binary, at debug level.
+static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+struct LogSink;
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("debug")
+        .with_ansi(false)
+        .with_writer(|| LogSink)
+        .try_init();
+}
+
+#[derive(Default)]
+struct Fake {
+    /// Updates waiting for getUpdates.
+    queue: VecDeque<Value>,
+    next_update: i64,
+    next_message: i64,
+    /// Every call: (method in lower case, params).
+    calls: Vec<(String, Value)>,
+    /// Answers to force on upcoming calls of a method: (status, body).
+    inject: HashMap<String, VecDeque<(u16, Value)>>,
+    /// The highest offset the bot confirmed.
+    confirmed: i64,
+    /// After this many sendMessage/edit calls, record each call and never answer it: the
+    /// reply reached Telegram but the bot never hears back (the moment a kill can make a
+    /// duplicate).
+    hang_after: Option<usize>,
+    hung: usize,
+}
+
+#[derive(Clone, Default)]
+struct FakeTelegram(Arc<Mutex<Fake>>);
+
+impl FakeTelegram {
+    fn user(id: i64) -> Value {
+        json!({"id": id, "is_bot": false, "first_name": format!("User{id}"), "username": format!("user{id}")})
+    }
+
+    fn push(&self, kind: &str, body: Value) -> i64 {
+        let mut f = self.0.lock().unwrap();
+        f.next_update += 1;
+        let id = f.next_update;
+        let mut u = json!({"update_id": id});
+        u[kind] = body;
+        f.queue.push_back(u);
+        id
+    }
+
+    /// A private text message from `user`; its message id.
+    fn text(&self, user: i64, text: &str) -> i64 {
+        let mid = self.new_message_id();
+        self.push("message", json!({"message_id": mid, "date": 1, "chat": {"id": user, "type": "private", "first_name": "U"}, "from": Self::user(user), "text": text}));
+        mid
+    }
+
+    fn new_message_id(&self) -> i64 {
+        let mut f = self.0.lock().unwrap();
+        f.next_message += 1;
+        f.next_message
+    }
+
+    fn calls(&self, method: &str) -> Vec<Value> {
+        self.0
+            .lock()
+            .unwrap()
+            .calls
+            .iter()
+            .filter(|(m, _)| m == method)
+            .map(|(_, p)| p.clone())
+            .collect()
+    }
+
+    fn inject(&self, method: &str, status: u16, body: Value) {
+        self.0
+            .lock()
+            .unwrap()
+            .inject
+            .entry(method.to_string())
+            .or_default()
+            .push_back((status, body));
+    }
+
+    /// Sent or edited texts per chat, the last text of each bot message.
+    fn final_texts(&self, chat: i64) -> Vec<String> {
+        let f = self.0.lock().unwrap();
+        let mut order: Vec<i64> = Vec::new();
+        let mut texts: HashMap<i64, String> = HashMap::new();
+        for (m, p) in &f.calls {
+            if p["chat_id"].as_i64() != Some(chat) {
+                continue;
+            }
+            if let Some(id) = p["_message_id"].as_i64() {
+                if m == "sendmessage" {
+                    order.push(id);
+                }
+                if m == "sendmessage" || m == "editmessagetext" {
+                    texts.insert(id, p["text"].as_str().unwrap_or("").to_string());
+                }
+            }
+        }
+        order.iter().map(|id| texts[id].clone()).collect()
+    }
+}
+
+async fn handle(
+    State(fake): State<FakeTelegram>,
+    Path((token, method)): Path<(String, String)>,
+    body: Option<Json<Value>>,
+) -> (axum::http::StatusCode, Json<Value>) {
+    assert_eq!(token, format!("bot{TOKEN}"));
+    let method = method.to_lowercase();
+    let mut params = body.map(|Json(v)| v).unwrap_or(json!({}));
+    let forced = fake
+        .0
+        .lock()
+        .unwrap()
+        .inject
+        .get_mut(&method)
+        .and_then(|q| q.pop_front());
+    if let Some((status, body)) = forced {
+        fake.0
+            .lock()
+            .unwrap()
+            .calls
+            .push((format!("{method}:refused"), params));
+        return (
+            axum::http::StatusCode::from_u16(status).unwrap(),
+            Json(body),
+        );
+    }
+    let ok = |v: Value| {
+        (
+            axum::http::StatusCode::OK,
+            Json(json!({"ok": true, "result": v})),
+        )
+    };
+    match method.as_str() {
+        "getupdates" => {
+            let offset = params["offset"].as_i64().unwrap_or(0);
+            let timeout = params["timeout"].as_u64().unwrap_or(0).min(1);
+            let deadline = std::time::Instant::now() + Duration::from_secs(timeout);
+            loop {
+                {
+                    let mut f = fake.0.lock().unwrap();
+                    f.confirmed = f.confirmed.max(offset);
+                    // Confirmed updates are gone, as on Telegram.
+                    f.queue
+                        .retain(|u| u["update_id"].as_i64().unwrap() >= offset);
+                    if !f.queue.is_empty() {
+                        let batch: Vec<Value> = f.queue.iter().take(100).cloned().collect();
+                        return ok(Value::Array(batch));
+                    }
+                }
+                if std::time::Instant::now() >= deadline {
+                    return ok(json!([]));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        "getme" => ok(
+            json!({"id": BOT_ID, "is_bot": true, "first_name": "loraloop", "username": "loraloop_bot",
+                             "can_join_groups": true, "can_read_all_group_messages": false, "supports_inline_queries": false, "has_main_web_app": false}),
+        ),
+        "sendmessage" | "editmessagetext" | "editmessagereplymarkup" => {
+            let hang = {
+                let mut f = fake.0.lock().unwrap();
+                let sent = f
+                    .calls
+                    .iter()
+                    .filter(|(m, _)| m.starts_with("sendmessage") || m.starts_with("edit"))
+                    .count();
+                let hang = f.hang_after.is_some_and(|n| sent >= n);
+                if hang {
+                    f.hung += 1;
+                }
+                hang
+            };
+            let chat = params["chat_id"].as_i64().unwrap();
+            let id = match params["message_id"].as_i64() {
+                Some(id) => id,
+                None => fake.new_message_id(),
+            };
+            params["_message_id"] = json!(id);
+            let text = params["text"].clone();
+            fake.0.lock().unwrap().calls.push((method, params));
+            if hang {
+                std::future::pending::<()>().await;
+            }
+            ok(
+                json!({"message_id": id, "date": 1, "chat": {"id": chat, "type": "private", "first_name": "U"},
+                      "from": {"id": BOT_ID, "is_bot": true, "first_name": "loraloop", "username": "loraloop_bot"},
+                      "text": text.as_str().unwrap_or("")}),
+            )
+        }
+        _ => {
+            fake.0.lock().unwrap().calls.push((method, params));
+            ok(json!(true))
+        }
+    }
+}
+
+async fn fake_telegram() -> (FakeTelegram, String) {
+    let fake = FakeTelegram::default();
+    let app = Router::new()
+        .route("/{token}/{method}", post(handle))
+        .with_state(fake.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (fake, url)
+}
+
+async fn until<F: FnMut() -> bool>(secs: u64, what: &str, mut f: F) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn env<'a>(url: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut v = vec![
+        ("TELEGRAM_BOT_TOKEN", TOKEN),
+        ("LORALOOP_TELEGRAM__API_URL", url),
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+/// Replies are the messages with rating buttons (the final form of each reply).
+fn rated_replies(fake: &FakeTelegram, chat: i64) -> usize {
+    fake.calls("editmessagetext")
+        .iter()
+        .chain(fake.calls("sendmessage").iter())
+        .chain(fake.calls("editmessagereplymarkup").iter())
+        .filter(|p| {
+            p["chat_id"].as_i64() == Some(chat)
+                && p["reply_markup"]["inline_keyboard"][0][0]["callback_data"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with("rate:"))
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn users_chat_rate_and_use_every_command() {
+    capture_logs();
+    let (fake, url) = fake_telegram().await;
+    let s = common::start(false, &env(&url, &[])).await;
+    until(10, "setMyCommands", || {
+        !fake.calls("setmycommands").is_empty()
+    })
+    .await;
+    let commands: Vec<&str> = vec!["start", "reset", "forget", "help"];
+    let set = fake.calls("setmycommands");
+    let names: Vec<String> = set[0]["commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["command"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, commands);
+
+    // Three users at once.
+    for u in [1001, 1002, 1003] {
+        fake.text(u, "What is the capital of Zorblax?");
+    }
+    until(30, "three replies", || {
+        [1001, 1002, 1003]
+            .iter()
+            .all(|&u| rated_replies(&fake, u) == 1)
+    })
+    .await;
+    for u in [1001i64, 1002, 1003] {
+        assert!(
+            fake.calls("sendchataction")
+                .iter()
+                .any(|p| p["chat_id"] == u && p["action"] == "typing")
+        );
+        let texts = fake.final_texts(u);
+        assert_eq!(texts.len(), 1, "one reply message for {u}: {texts:?}");
+    }
+    let db = &s.server.state.db;
+    let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "select m.role, m.content, m.platform_message_id from messages m order by m.id",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(rows.iter().filter(|r| r.0 == "user").count(), 3);
+    assert_eq!(rows.iter().filter(|r| r.0 == "assistant").count(), 3);
+    assert!(
+        rows.iter().all(|r| r.2.is_some()),
+        "every stored message has its Telegram id: {rows:?}"
+    );
+    // The stored reply is the text the user saw last.
+    let (reply, pid): (String, String) = sqlx::query_as(
+        "select m.content, m.platform_message_id from messages m join conversations c on c.id = m.conversation_id
+         join chats ch on ch.id = c.chat_id where ch.platform_chat_id = '1001' and m.role = 'assistant'",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    let shown = fake.final_texts(1001)[0].clone();
+    assert_eq!(
+        shown,
+        if reply.trim().is_empty() {
+            "…".to_string()
+        } else {
+            reply.trim().to_string()
+        }
+    );
+    assert!(pid.parse::<i64>().is_ok());
+
+    // 👍 then 👎 on the same reply: one rating, the last one, and a toast each time.
+    let data = fake
+        .calls("editmessagetext")
+        .iter()
+        .chain(fake.calls("sendmessage").iter())
+        .chain(fake.calls("editmessagereplymarkup").iter())
+        .find(|p| p["chat_id"] == 1001 && p["reply_markup"].is_object())
+        .map(|p| {
+            p["reply_markup"]["inline_keyboard"][0][0]["callback_data"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .unwrap();
+    for (i, d) in [data.clone(), data.replace(":1", ":-1")].iter().enumerate() {
+        fake.push("callback_query", json!({"id": format!("cq{i}"), "from": FakeTelegram::user(1001), "chat_instance": "x", "data": d}));
+    }
+    until(10, "two toasts", || {
+        fake.calls("answercallbackquery").len() == 2
+    })
+    .await;
+    let toasts: Vec<String> = fake
+        .calls("answercallbackquery")
+        .iter()
+        .map(|p| p["text"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        toasts[0].contains("👍") && toasts[1].contains("👎"),
+        "{toasts:?}"
+    );
+    let ratings: Vec<(String, i64)> = sqlx::query_as("select rater, rating from feedback")
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(ratings, vec![("telegram:1001".to_string(), -1)]);
+
+    // Commands.
+    fake.text(1002, "/start");
+    until(10, "the greeting", || {
+        fake.final_texts(1002).iter().any(|t| t.contains("/forget"))
+    })
+    .await;
+    let (before,): (i64,) = sqlx::query_as("select count(distinct id) from conversations")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    fake.text(1002, "/reset");
+    until(10, "the reset notice", || {
+        fake.final_texts(1002)
+            .iter()
+            .any(|t| t.contains("new conversation"))
+    })
+    .await;
+    fake.text(1002, "Hello again");
+    until(30, "the reply in the new conversation", || {
+        rated_replies(&fake, 1002) == 2
+    })
+    .await;
+    let (after,): (i64,) = sqlx::query_as("select count(distinct id) from conversations")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(after, before + 1);
+    fake.text(1003, "/help");
+    until(10, "help", || {
+        fake.final_texts(1003).iter().any(|t| t.contains("/reset"))
+    })
+    .await;
+    fake.text(1003, "/forget");
+    until(10, "the forget confirmation", || {
+        fake.calls("sendmessage").iter().any(|p| {
+            p["chat_id"] == 1003
+                && p["reply_markup"]["inline_keyboard"][0][0]["callback_data"] == "forget:1003"
+        })
+    })
+    .await;
+    // Someone else cannot confirm it.
+    fake.push("callback_query", json!({"id": "f0", "from": FakeTelegram::user(1001), "chat_instance": "x", "data": "forget:1003"}));
+    fake.push("callback_query", json!({"id": "f1", "from": FakeTelegram::user(1003), "chat_instance": "x", "data": "forget:1003"}));
+    until(10, "the forget toasts", || {
+        fake.calls("answercallbackquery").len() == 4
+    })
+    .await;
+    let (left,): (i64,) = sqlx::query_as("select count(*) from messages m join platform_users u on u.id = m.user_id where u.platform_user_id = '1003'").fetch_one(db.pool()).await.unwrap();
+    assert_eq!(left, 0);
+    let (excluded,): (i64,) = sqlx::query_as(
+        "select excluded_from_training from platform_users where platform_user_id = '1003'",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(excluded, 1);
+    let (kept,): (i64,) = sqlx::query_as("select count(*) from messages m join platform_users u on u.id = m.user_id where u.platform_user_id = '1001'").fetch_one(db.pool()).await.unwrap();
+    assert_eq!(kept, 1, "another user's messages stay");
+
+    // A sticker: a polite reply, nothing stored.
+    let mid = fake.new_message_id();
+    fake.push("message", json!({"message_id": mid, "date": 1, "chat": {"id": 1001, "type": "private", "first_name": "U"}, "from": FakeTelegram::user(1001),
+                                "sticker": {"file_id": "s", "file_unique_id": "s", "type": "regular", "width": 1, "height": 1, "is_animated": false, "is_video": false}}));
+    until(10, "the non-text notice", || {
+        fake.final_texts(1001)
+            .iter()
+            .any(|t| t.contains("only understand text"))
+    })
+    .await;
+
+    // Groups: only a mention or a reply to the bot gets an answer.
+    let group = -5001;
+    let m1 = fake.new_message_id();
+    fake.push("message", json!({"message_id": m1, "date": 1, "chat": {"id": group, "type": "group", "title": "G"}, "from": FakeTelegram::user(1001), "text": "just chatting"}));
+    let m2 = fake.new_message_id();
+    fake.push("message", json!({"message_id": m2, "date": 1, "chat": {"id": group, "type": "group", "title": "G"}, "from": FakeTelegram::user(1001), "text": "@loraloop_bot what is Zorblax?"}));
+    until(30, "the group reply", || rated_replies(&fake, group) == 1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        rated_replies(&fake, group),
+        1,
+        "the message without a mention got no reply"
+    );
+    let (stored,): (String,) =
+        sqlx::query_as("select content from messages where role = 'user' order by id desc limit 1")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        stored, "what is Zorblax?",
+        "the mention is not part of the prompt"
+    );
+
+    // Every update handled, none pending; the token never reached the database.
+    until(10, "no pending updates", || true).await;
+    let (pending,): (i64,) =
+        sqlx::query_as("select count(*) from inbound_updates where status = 'pending'")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(pending, 0);
+    let (leaks,): (i64,) = sqlx::query_as(
+        "select count(*) from inbound_updates where payload like '%secret-test-token%'",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(leaks, 0);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn allowlist_rate_limit_and_transient_errors() {
+    capture_logs();
+    let (fake, url) = fake_telegram().await;
+    let s = common::start(
+        false,
+        &env(
+            &url,
+            &[
+                ("LORALOOP_TELEGRAM__ALLOWED_USER_IDS", "[2001, 2002]"),
+                ("LORALOOP_TELEGRAM__RATE_LIMIT_PER_MINUTE", "2"),
+            ],
+        ),
+    )
+    .await;
+    // Not on the list: a refusal, nothing stored.
+    fake.text(2999, "hello");
+    until(10, "the refusal", || {
+        fake.final_texts(2999).iter().any(|t| t.contains("private"))
+    })
+    .await;
+    // A flood: two answered, one notice, the rest dropped quietly.
+    for i in 0..6 {
+        fake.text(2001, &format!("message {i}"));
+    }
+    until(60, "two replies and one notice", || {
+        rated_replies(&fake, 2001) == 2
+            && fake
+                .final_texts(2001)
+                .iter()
+                .filter(|t| t.contains("faster than I can answer"))
+                .count()
+                == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        fake.final_texts(2001)
+            .iter()
+            .filter(|t| t.contains("faster than I can answer"))
+            .count(),
+        1
+    );
+    assert_eq!(rated_replies(&fake, 2001), 2);
+    // 429 with retry_after, then 5xx answers: the reply still arrives, once. (teloxide
+    // itself waits 10 s after a 5xx before it reports it, so the burst is kept short.)
+    fake.inject("sendmessage", 429, json!({"ok": false, "error_code": 429, "description": "Too Many Requests: retry after 1", "parameters": {"retry_after": 1}}));
+    fake.inject(
+        "sendmessage",
+        502,
+        json!({"ok": false, "error_code": 502, "description": "Bad Gateway"}),
+    );
+    fake.text(2002, "hello there");
+    until(60, "the reply after the errors", || {
+        rated_replies(&fake, 2002) == 1
+    })
+    .await;
+    assert_eq!(fake.calls("sendmessage:refused").len(), 2);
+    assert_eq!(fake.final_texts(2002).len(), 1);
+    let db = &s.server.state.db;
+    let (users,): (i64,) =
+        sqlx::query_as("select count(*) from platform_users where platform_user_id = '2999'")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(users, 0, "a refused user is not stored");
+    s.stop().await;
+}
+
+/// Start the server with the bot on its own runtime, so the test can kill every task of
+/// it at once (the runtime is dropped: each task stops at its next await, as if the
+/// process had died) and keep the database.
+fn start_on_own_runtime(config: loraloop_core::Config) -> tokio::runtime::Runtime {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let server = rt
+            .block_on(loraloop_server::start(
+                config,
+                loraloop_server::ServeOptions {
+                    bind: Some("127.0.0.1:0".parse().unwrap()),
+                    worker: false,
+                    ..Default::default()
+                },
+            ))
+            .unwrap();
+        // The handle lives in the runtime until the runtime is killed.
+        rt.spawn(async move {
+            std::future::pending::<()>().await;
+            drop(server);
+        });
+        rt
+    })
+    .join()
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_in_the_middle_of_a_burst_loses_nothing_and_answers_each_message_once() {
+    capture_logs();
+    let (fake, url) = fake_telegram().await;
+    let first = common::start(
+        false,
+        &env(&url, &[("LORALOOP_GENERATION__MAX_NEW_TOKENS", "40")]),
+    )
+    .await;
+    let config = first.server.state.config.clone();
+    let common::TestServer { server, dir, .. } = first;
+    server.stop().await.unwrap();
+    let users: Vec<i64> = (3001..3041).collect();
+    let mut sent = Vec::new();
+    for &u in &users {
+        sent.push((u, fake.text(u, "Tell me a long story about Zorblax.")));
+    }
+    // Run until some replies went out and the next calls hang, then kill everything.
+    fake.0.lock().unwrap().hang_after = Some(10);
+    let rt = start_on_own_runtime(config.clone());
+    until(60, "calls left hanging", || {
+        fake.0.lock().unwrap().hung >= 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    rt.shutdown_background();
+    fake.0.lock().unwrap().hang_after = None;
+    let answered_before = {
+        let db = loraloop_core::Db::open(&config.database_path)
+            .await
+            .unwrap();
+        let (done,): (i64,) =
+            sqlx::query_as("select count(*) from inbound_updates where status = 'done'")
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+        done as usize
+    };
+    assert!(
+        answered_before < users.len(),
+        "the kill came after every update was done; the test proves nothing"
+    );
+    // Restart on the same database: the rest is answered.
+    let server = loraloop_server::start(
+        config,
+        loraloop_server::ServeOptions {
+            bind: Some("127.0.0.1:0".parse().unwrap()),
+            worker: false,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    until(120, "every user answered", || {
+        users.iter().all(|&u| rated_replies(&fake, u) >= 1)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let db = &server.state.db;
+    let mut duplicates = 0;
+    for &(u, mid) in &sent {
+        let (stored,): (i64,) = sqlx::query_as("select count(*) from messages where role = 'user' and platform_message_id = ? and user_id = (select id from platform_users where platform_user_id = ?)")
+            .bind(mid.to_string())
+            .bind(u.to_string())
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(stored, 1, "user {u}'s message is stored exactly once");
+        let replies = rated_replies(&fake, u);
+        assert!((1..=2).contains(&replies), "user {u} got {replies} replies");
+        duplicates += replies - 1;
+    }
+    let (pending,): (i64,) =
+        sqlx::query_as("select count(*) from inbound_updates where status != 'done'")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(pending, 0);
+    eprintln!(
+        "kill after {answered_before} of {} updates were done; after the restart every message was answered, {duplicates} duplicate(s)",
+        users.len()
+    );
+    // The bot token reached no log line (everything at debug level, HTTP clients included).
+    let logs = String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned();
+    assert!(
+        logs.contains("telegram: polling as @loraloop_bot"),
+        "the logs were captured"
+    );
+    assert!(
+        !logs.contains("secret-test-token"),
+        "the bot token is in the logs"
+    );
+    server.stop().await.unwrap();
+    drop(dir);
+}
