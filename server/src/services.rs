@@ -312,12 +312,25 @@ pub async fn fetch_dataset(url: &str, limit: u64) -> Result<(Vec<u8>, String), A
 /// Create a queued job from a request (importing `dataset_url` first).
 pub async fn create_job(state: &AppState, req: &CreateJob) -> Result<TrainingJob, ApiError> {
     let settings = job_settings(req)?;
+    // The served model as configured, or a model file in the models folder by name: a
+    // client's string never becomes an arbitrary path.
     let model = req
         .model_id
         .clone()
         .unwrap_or_else(|| state.model.config_name.clone());
+    if model != state.model.config_name {
+        crate::safe_file_name(&model).map_err(|e| {
+            ApiError::invalid(
+                "model_id",
+                format!(
+                    "{}; model_id names a model file in the models folder",
+                    e.message
+                ),
+            )
+        })?;
+    }
     let model_path = loraloop_trainer::worker::resolve_model(&model, &state.config.models_dir);
-    if model.is_empty() || !model_path.exists() {
+    if !model_path.exists() {
         return Err(ApiError::not_found(format!(
             "model {model:?} not found in {} (GET /v1/models lists what is served)",
             state.config.models_dir.display()

@@ -214,6 +214,16 @@ async fn bad_requests_get_a_clear_4xx_and_change_nothing() {
         (json!({}), 422, "dataset_id"),
         (
             json!({"dataset_id": ds, "model_id": "../../etc/passwd"}),
+            422,
+            "model_id",
+        ),
+        (
+            json!({"dataset_id": ds, "model_id": "/etc/passwd"}),
+            422,
+            "model_id",
+        ),
+        (
+            json!({"dataset_id": ds, "model_id": "missing.gguf"}),
             404,
             "model_id",
         ),
