@@ -197,6 +197,22 @@ impl Default for AssistantConfig {
     }
 }
 
+impl GenerationConfig {
+    /// The engine's sampling settings these values describe.
+    pub fn sampling_params(&self) -> loraloop_model::sampling::SamplingParams {
+        loraloop_model::sampling::SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            repetition_penalty: self.repetition_penalty,
+            max_new_tokens: self.max_new_tokens,
+            seed: self.seed,
+            stop: self.stop.clone(),
+            ..Default::default()
+        }
+    }
+}
+
 /// The engine's sampling defaults are the one source of these values.
 impl Default for GenerationConfig {
     fn default() -> Self {

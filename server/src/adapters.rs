@@ -215,11 +215,5 @@ impl AdapterService {
 }
 
 pub async fn adapter_row(state: &Inner, id: i64) -> Result<Adapter, ApiError> {
-    state
-        .db
-        .list_adapters()
-        .await?
-        .into_iter()
-        .find(|a| a.id == id)
-        .ok_or_else(|| ApiError::not_found(format!("adapter {id} not found")))
+    Ok(state.db.adapter(id).await?)
 }

@@ -18,17 +18,7 @@ pub const HISTORY_MESSAGES: i64 = 24;
 
 /// The engine's sampling settings from `generation:` in the config.
 pub fn sampling(state: &AppState) -> SamplingParams {
-    let g = &state.config.raw.generation;
-    SamplingParams {
-        temperature: g.temperature,
-        top_p: g.top_p,
-        top_k: g.top_k,
-        repetition_penalty: g.repetition_penalty,
-        max_new_tokens: g.max_new_tokens,
-        seed: g.seed,
-        stop: g.stop.clone(),
-        ..SamplingParams::default()
-    }
+    state.config.raw.generation.sampling_params()
 }
 
 pub fn engine_error(e: EngineError) -> ApiError {

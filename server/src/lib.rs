@@ -98,13 +98,13 @@ impl RunningServer {
     }
 }
 
-/// The inference device the config asks for.
-pub fn device(config: &Config) -> anyhow::Result<Device> {
+/// The device for a configured choice; CUDA needs a binary built with CUDA support.
+pub fn select_device(choice: loraloop_core::config::DeviceChoice) -> anyhow::Result<Device> {
     use loraloop_core::config::DeviceChoice;
-    match config.device {
+    match choice {
         DeviceChoice::Cpu | DeviceChoice::Auto => Ok(Device::Cpu),
         DeviceChoice::Cuda(n) => anyhow::bail!(
-            "device cuda:{n} requested but this binary was built without CUDA support; set device: cpu"
+            "device cuda:{n} requested but this binary was built without CUDA support; use device cpu (`device: cpu` in the config, or --device cpu)"
         ),
     }
 }
@@ -127,7 +127,7 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
             model_path.display()
         );
     }
-    let dev = device(&config)?;
+    let dev = select_device(config.device)?;
     let (model, hash) = {
         let (path, dev) = (model_path.clone(), dev.clone());
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {

@@ -384,13 +384,9 @@ pub async fn create_job(state: &AppState, req: &CreateJob) -> Result<TrainingJob
 pub async fn dataset_by_id(state: &AppState, id: i64) -> Result<Dataset, ApiError> {
     state
         .db
-        .list_datasets()
-        .await?
-        .into_iter()
-        .find(|d| d.id == id)
-        .ok_or_else(|| {
-            ApiError::not_found(format!("dataset {id} not found")).with_param("dataset_id")
-        })
+        .dataset_by_id(id)
+        .await
+        .map_err(|e| ApiError::from(e).with_param("dataset_id"))
 }
 
 /// A job as the API shows it, in the shape of OpenAI's fine-tuning job.

@@ -3,9 +3,7 @@
 
 use super::ChatArgs;
 use anyhow::{Context, bail};
-use candle_core::Device;
 use loraloop_core::Config;
-use loraloop_core::config::DeviceChoice;
 use loraloop_model::engine::{Engine, Event, Finished, GenerateRequest, LoadedModel, Prompt};
 use loraloop_model::sampling::SamplingParams;
 use loraloop_model::template::TemplateMessage;
@@ -13,15 +11,7 @@ use std::io::Write;
 use std::process::ExitCode;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-/// Pick the device; CUDA needs a binary built with `--features cuda`.
-pub fn select_device(choice: DeviceChoice) -> anyhow::Result<Device> {
-    match choice {
-        DeviceChoice::Cpu | DeviceChoice::Auto => Ok(Device::Cpu),
-        DeviceChoice::Cuda(n) => bail!(
-            "device cuda:{n} requested but this binary was built without CUDA support; use --device cpu"
-        ),
-    }
-}
+pub use loraloop_server::select_device;
 
 /// Load the model (and adapter) the way every front end does.
 pub async fn start_engine(config: &Config, args: &ChatArgs) -> anyhow::Result<Engine> {
@@ -52,7 +42,7 @@ pub async fn start_engine(config: &Config, args: &ChatArgs) -> anyhow::Result<En
 }
 
 fn sampling(config: &Config, args: &ChatArgs) -> anyhow::Result<SamplingParams> {
-    let g = &config.raw.generation;
+    let g = config.raw.generation.sampling_params();
     let p = SamplingParams {
         temperature: args.temperature.unwrap_or(g.temperature),
         top_p: args.top_p.unwrap_or(g.top_p),
@@ -65,7 +55,7 @@ fn sampling(config: &Config, args: &ChatArgs) -> anyhow::Result<SamplingParams> 
         } else {
             args.stop.clone()
         },
-        ..SamplingParams::default()
+        ..g
     };
     if !(p.temperature >= 0.0 && p.temperature.is_finite()) {
         bail!("--temperature must be 0 or more");

@@ -101,6 +101,18 @@ impl Db {
         .await?)
     }
 
+    pub async fn adapter(&self, id: i64) -> Result<Adapter> {
+        let found: Option<Adapter> = sqlx::query_as(&format!(
+            "select {ADAPTER_COLUMNS} from adapters where id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await?;
+        found.ok_or_else(|| StorageError::NotFound {
+            what: format!("adapter {id}"),
+        })
+    }
+
     pub async fn list_adapters(&self) -> Result<Vec<Adapter>> {
         Ok(sqlx::query_as(&format!(
             "select {ADAPTER_COLUMNS} from adapters order by id"

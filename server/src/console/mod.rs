@@ -107,6 +107,11 @@ pub fn layout(title: &str, session: Option<&AdminSession>, active: &str, body: M
     resp
 }
 
+/// `2026-11-22T10:31:05.123Z` as `2026-11-22 10:31` (UTC, as stored).
+pub fn short_time(ts: &str) -> String {
+    ts.get(..16).unwrap_or(ts).replacen('T', " ", 1)
+}
+
 /// A hidden CSRF field for a form.
 pub fn csrf_field(s: &AdminSession) -> Markup {
     html! { input type="hidden" name="_csrf" value=(s.csrf); }

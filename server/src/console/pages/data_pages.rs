@@ -89,10 +89,7 @@ fn parse_date(params: &Params, key: &str) -> Result<Option<chrono::NaiveDate>, S
         .transpose()
 }
 
-/// `2026-11-22T10:31:05.123Z` as `2026-11-22 10:31` (UTC, as stored).
-fn short_time(ts: &str) -> String {
-    ts.get(..16).unwrap_or(ts).replacen('T', " ", 1)
-}
+use crate::console::short_time;
 
 /// Percent-encoding of a query-string value.
 fn encode(s: &str) -> String {

@@ -56,11 +56,7 @@ fn path_id(
         .map_err(|_| ApiError::not_found("there is nothing at this address"))
 }
 
-/// `2026-11-22T10:31:05.123Z` as `2026-11-22 10:31` (UTC).
-fn short_time(ts: &str) -> String {
-    let t: String = ts.chars().take(16).collect();
-    t.replace('T', " ")
-}
+use crate::console::short_time;
 
 /// Seconds as `2 h 5 min`, `3 min 20 s` or `12 s`.
 fn duration(secs: f64) -> String {
