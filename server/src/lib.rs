@@ -8,6 +8,7 @@
 pub mod adapters;
 pub mod api;
 pub mod auth;
+pub mod bots;
 pub mod chat;
 pub mod console;
 pub mod error;

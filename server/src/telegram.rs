@@ -9,12 +9,13 @@
 //! edited as tokens arrive (at most once a second per chat); the final text always
 //! arrives complete, split at Telegram's 4,096-character limit, with 👍/👎 buttons.
 
+use crate::bots::{RateLimiter, split_message};
 use crate::chat;
 use crate::state::AppState;
 use loraloop_core::storage::Platform;
 use loraloop_model::engine::{AdapterChoice, Event};
 use secrecy::{ExposeSecret, SecretString};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::IntoFuture;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -41,8 +42,7 @@ pub struct TelegramBot {
     me: Me,
     /// One lock per chat: a chat's updates are handled in order.
     chats: Mutex<HashMap<i64, Arc<tokio::sync::Mutex<()>>>>,
-    /// Message times per user in the last minute, and whether the flood notice went out.
-    rate: Mutex<HashMap<u64, (VecDeque<Instant>, bool)>>,
+    rate: RateLimiter,
 }
 
 /// Run the bot until `stop` is notified.
@@ -67,12 +67,13 @@ pub async fn run(
         tracing::warn!("telegram: setMyCommands failed: {e}");
     }
     tracing::info!("telegram: polling as @{}", me.username());
+    let rate = RateLimiter::new(state.config.raw.telegram.rate_limit_per_minute);
     let tb = Arc::new(TelegramBot {
         state,
         bot,
         me,
         chats: Mutex::new(HashMap::new()),
-        rate: Mutex::new(HashMap::new()),
+        rate,
     });
     // Updates stored by an earlier run and not answered.
     tb.clone().dispatch_pending().await?;
@@ -155,28 +156,6 @@ fn transient(e: &RequestError) -> bool {
         RequestError::Api(TgError::Unknown(_)) => true,
         _ => false,
     }
-}
-
-/// `text` in pieces of at most `max` characters, split at a line or word break when one
-/// is near the end.
-pub fn split_message(text: &str, max: usize) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut rest = text;
-    while rest.chars().count() > max {
-        let cut = rest.char_indices().nth(max).map_or(rest.len(), |(i, _)| i);
-        let head = &rest[..cut];
-        let at = head
-            .rfind('\n')
-            .or_else(|| head.rfind(' '))
-            .filter(|&i| i > cut / 2)
-            .map_or(cut, |i| i + 1);
-        out.push(rest[..at].to_string());
-        rest = &rest[at..];
-    }
-    if !rest.is_empty() || out.is_empty() {
-        out.push(rest.to_string());
-    }
-    out
 }
 
 fn rating_keyboard(message_id: i64) -> InlineKeyboardMarkup {
@@ -283,30 +262,6 @@ impl TelegramBot {
         list.is_empty() || list.iter().any(|&u| u as u64 == user_id)
     }
 
-    /// True when the user may send another message; on the first refusal in a flood the
-    /// second value says to send the notice.
-    fn rate_check(&self, user_id: u64) -> (bool, bool) {
-        let limit = self.state.config.raw.telegram.rate_limit_per_minute as usize;
-        let mut map = self.rate.lock().unwrap_or_else(|e| e.into_inner());
-        let (times, notified) = map.entry(user_id).or_default();
-        let now = Instant::now();
-        while times
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
-        {
-            times.pop_front();
-        }
-        if limit == 0 || times.len() < limit {
-            times.push_back(now);
-            *notified = false;
-            (true, false)
-        } else {
-            let first = !*notified;
-            *notified = true;
-            (false, first)
-        }
-    }
-
     async fn say(&self, chat: ChatId, text: &str) -> anyhow::Result<Message> {
         Ok(retry("sendMessage", || self.bot.send_message(chat, text)).await?)
     }
@@ -338,7 +293,7 @@ impl TelegramBot {
             self.say(chat, NOT_ALLOWED).await?;
             return Ok(());
         }
-        let (ok, notice) = self.rate_check(from.id.0);
+        let (ok, notice) = self.rate.check(from.id.0);
         if !ok {
             if notice {
                 self.say(
@@ -615,28 +570,5 @@ impl TelegramBot {
             ));
         }
         Ok("Unknown button.".to_string())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn long_replies_are_split_at_breaks_within_the_limit() {
-        let text = format!("{}\n{}", "a".repeat(3000), "b ".repeat(1500));
-        let parts = split_message(&text, MAX_MESSAGE_CHARS);
-        assert_eq!(parts.len(), 2);
-        assert!(parts.iter().all(|p| p.chars().count() <= MAX_MESSAGE_CHARS));
-        assert_eq!(parts.concat(), text);
-        assert_eq!(parts[0], format!("{}\n", "a".repeat(3000)));
-        // No break anywhere: a hard cut, on a character boundary.
-        let emoji = "😀".repeat(5000);
-        let parts = split_message(&emoji, MAX_MESSAGE_CHARS);
-        assert_eq!(
-            parts.iter().map(|p| p.chars().count()).collect::<Vec<_>>(),
-            vec![4096, 904]
-        );
-        assert_eq!(split_message("", 10), vec![String::new()]);
     }
 }
