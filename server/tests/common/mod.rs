@@ -1,6 +1,8 @@
 //! Start the real server on port 0 with a fresh SQLite file and a tiny random model.
 #![allow(dead_code)]
 
+pub mod fake_telegram;
+
 use loraloop_model::testing::{TinySpec, write_tiny_chat_model};
 use loraloop_server::{RunningServer, ServeOptions};
 use std::collections::BTreeMap;
@@ -150,4 +152,16 @@ pub async fn train_adapter(s: &TestServer, dataset_id: i64, seed: u64) -> (i64, 
     assert_eq!(done["status"], "succeeded", "{done}");
     let name = done["fine_tuned_adapter"].as_str().unwrap().to_string();
     (id, done["fine_tuned_adapter_id"].as_i64().unwrap(), name)
+}
+
+/// Wait until `f` holds, polling every 20 ms; fail the test after `secs`.
+pub async fn until<F: FnMut() -> bool>(secs: u64, what: &str, mut f: F) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -1,0 +1,239 @@
+//! A fake Telegram Bot API server (axum on 127.0.0.1): it queues updates for
+//! `getUpdates`, records every call with the time it came, answers `sendMessage` and
+//! edits like Telegram, and can refuse calls or leave them hanging on demand.
+#![allow(dead_code)]
+
+use axum::extract::{Path, State};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const TOKEN: &str = "123456:secret-test-token";
+pub const BOT_ID: i64 = 4242;
+
+#[derive(Default)]
+pub struct Fake {
+    /// Updates waiting for getUpdates.
+    pub queue: VecDeque<Value>,
+    pub next_update: i64,
+    pub next_message: i64,
+    /// Every call: (method in lower case, params).
+    pub calls: Vec<(String, Value)>,
+    /// When each of `calls` came.
+    pub call_times: Vec<Instant>,
+    /// Answers to force on upcoming calls of a method: (status, body).
+    pub inject: HashMap<String, VecDeque<(u16, Value)>>,
+    /// The highest offset the bot confirmed.
+    pub confirmed: i64,
+    /// After this many sendMessage/edit calls, record each call and never answer it: the
+    /// reply reached Telegram but the bot never hears back (the moment a kill can make a
+    /// duplicate).
+    pub hang_after: Option<usize>,
+    pub hung: usize,
+}
+
+impl Fake {
+    fn record(&mut self, method: String, params: Value) {
+        self.calls.push((method, params));
+        self.call_times.push(Instant::now());
+    }
+}
+
+#[derive(Clone, Default)]
+pub struct FakeTelegram(pub Arc<Mutex<Fake>>);
+
+impl FakeTelegram {
+    pub fn user(id: i64) -> Value {
+        json!({"id": id, "is_bot": false, "first_name": format!("User{id}"), "username": format!("user{id}")})
+    }
+
+    pub fn push(&self, kind: &str, body: Value) -> i64 {
+        let mut f = self.0.lock().unwrap();
+        f.next_update += 1;
+        let id = f.next_update;
+        let mut u = json!({"update_id": id});
+        u[kind] = body;
+        f.queue.push_back(u);
+        id
+    }
+
+    /// A private text message from `user`; its message id.
+    pub fn text(&self, user: i64, text: &str) -> i64 {
+        let mid = self.new_message_id();
+        self.push("message", json!({"message_id": mid, "date": 1, "chat": {"id": user, "type": "private", "first_name": "U"}, "from": Self::user(user), "text": text}));
+        mid
+    }
+
+    pub fn new_message_id(&self) -> i64 {
+        let mut f = self.0.lock().unwrap();
+        f.next_message += 1;
+        f.next_message
+    }
+
+    pub fn calls(&self, method: &str) -> Vec<Value> {
+        self.0
+            .lock()
+            .unwrap()
+            .calls
+            .iter()
+            .filter(|(m, _)| m == method)
+            .map(|(_, p)| p.clone())
+            .collect()
+    }
+
+    pub fn inject(&self, method: &str, status: u16, body: Value) {
+        self.0
+            .lock()
+            .unwrap()
+            .inject
+            .entry(method.to_string())
+            .or_default()
+            .push_back((status, body));
+    }
+
+    /// Sent or edited texts per chat, the last text of each bot message.
+    pub fn final_texts(&self, chat: i64) -> Vec<String> {
+        let f = self.0.lock().unwrap();
+        let mut order: Vec<i64> = Vec::new();
+        let mut texts: HashMap<i64, String> = HashMap::new();
+        for (m, p) in &f.calls {
+            if p["chat_id"].as_i64() != Some(chat) {
+                continue;
+            }
+            if let Some(id) = p["_message_id"].as_i64() {
+                if m == "sendmessage" {
+                    order.push(id);
+                }
+                if m == "sendmessage" || m == "editmessagetext" {
+                    texts.insert(id, p["text"].as_str().unwrap_or("").to_string());
+                }
+            }
+        }
+        order.iter().map(|id| texts[id].clone()).collect()
+    }
+}
+
+async fn handle(
+    State(fake): State<FakeTelegram>,
+    Path((token, method)): Path<(String, String)>,
+    body: Option<Json<Value>>,
+) -> (axum::http::StatusCode, Json<Value>) {
+    assert_eq!(token, format!("bot{TOKEN}"));
+    let method = method.to_lowercase();
+    let mut params = body.map(|Json(v)| v).unwrap_or(json!({}));
+    let forced = fake
+        .0
+        .lock()
+        .unwrap()
+        .inject
+        .get_mut(&method)
+        .and_then(|q| q.pop_front());
+    if let Some((status, body)) = forced {
+        fake.0
+            .lock()
+            .unwrap()
+            .record(format!("{method}:refused"), params);
+        return (
+            axum::http::StatusCode::from_u16(status).unwrap(),
+            Json(body),
+        );
+    }
+    let ok = |v: Value| {
+        (
+            axum::http::StatusCode::OK,
+            Json(json!({"ok": true, "result": v})),
+        )
+    };
+    match method.as_str() {
+        "getupdates" => {
+            let offset = params["offset"].as_i64().unwrap_or(0);
+            let timeout = params["timeout"].as_u64().unwrap_or(0).min(1);
+            let deadline = std::time::Instant::now() + Duration::from_secs(timeout);
+            loop {
+                {
+                    let mut f = fake.0.lock().unwrap();
+                    f.confirmed = f.confirmed.max(offset);
+                    // Confirmed updates are gone, as on Telegram.
+                    f.queue
+                        .retain(|u| u["update_id"].as_i64().unwrap() >= offset);
+                    if !f.queue.is_empty() {
+                        let batch: Vec<Value> = f.queue.iter().take(100).cloned().collect();
+                        return ok(Value::Array(batch));
+                    }
+                }
+                if std::time::Instant::now() >= deadline {
+                    return ok(json!([]));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        "getme" => ok(
+            json!({"id": BOT_ID, "is_bot": true, "first_name": "loraloop", "username": "loraloop_bot",
+                             "can_join_groups": true, "can_read_all_group_messages": false, "supports_inline_queries": false, "has_main_web_app": false}),
+        ),
+        "sendmessage" | "editmessagetext" | "editmessagereplymarkup" => {
+            let hang = {
+                let mut f = fake.0.lock().unwrap();
+                let sent = f
+                    .calls
+                    .iter()
+                    .filter(|(m, _)| m.starts_with("sendmessage") || m.starts_with("edit"))
+                    .count();
+                let hang = f.hang_after.is_some_and(|n| sent >= n);
+                if hang {
+                    f.hung += 1;
+                }
+                hang
+            };
+            let chat = params["chat_id"].as_i64().unwrap();
+            let id = match params["message_id"].as_i64() {
+                Some(id) => id,
+                None => fake.new_message_id(),
+            };
+            params["_message_id"] = json!(id);
+            let text = params["text"].clone();
+            fake.0.lock().unwrap().record(method, params);
+            if hang {
+                std::future::pending::<()>().await;
+            }
+            ok(
+                json!({"message_id": id, "date": 1, "chat": {"id": chat, "type": "private", "first_name": "U"},
+                      "from": {"id": BOT_ID, "is_bot": true, "first_name": "loraloop", "username": "loraloop_bot"},
+                      "text": text.as_str().unwrap_or("")}),
+            )
+        }
+        _ => {
+            fake.0.lock().unwrap().record(method, params);
+            ok(json!(true))
+        }
+    }
+}
+
+pub async fn fake_telegram() -> (FakeTelegram, String) {
+    let fake = FakeTelegram::default();
+    let app = Router::new()
+        .route("/{token}/{method}", post(handle))
+        .with_state(fake.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (fake, url)
+}
+
+/// Replies are the messages with rating buttons (the final form of each reply).
+pub fn rated_replies(fake: &FakeTelegram, chat: i64) -> usize {
+    fake.calls("editmessagetext")
+        .iter()
+        .chain(fake.calls("sendmessage").iter())
+        .chain(fake.calls("editmessagereplymarkup").iter())
+        .filter(|p| {
+            p["chat_id"].as_i64() == Some(chat)
+                && p["reply_markup"]["inline_keyboard"][0][0]["callback_data"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with("rate:"))
+        })
+        .count()
+}
