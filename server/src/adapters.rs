@@ -18,6 +18,9 @@ pub struct AdapterService {
     loaded: Mutex<HashMap<i64, Arc<ActiveAdapter>>>,
     /// Engine activation version -> adapter id, to tell which adapter wrote a reply.
     by_version: Mutex<HashMap<u64, i64>>,
+    /// What this process's engine runs: None before the first swap, then the adapter id
+    /// (Some(None): the base model).
+    current: Mutex<Option<Option<i64>>>,
 }
 
 /// The adapter now active (None: the base model).
@@ -148,7 +151,10 @@ impl AdapterService {
     pub async fn restore(&self, state: &Inner) -> Result<Option<String>, ApiError> {
         let assistant = state.db.assistant(&state.assistant.name).await?;
         match assistant.active_adapter_id {
-            None => Ok(None),
+            None => {
+                *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(None);
+                Ok(None)
+            }
             Some(id) => {
                 let a = self
                     .swap(state, Some(id), "startup", std::time::Instant::now(), false)
@@ -156,6 +162,26 @@ impl AdapterService {
                 Ok(a.adapter_name)
             }
         }
+    }
+
+    /// Swap in what the database says is active when that is not what the engine runs
+    /// (an activation made by another process). Returns the new activation, if any.
+    pub async fn follow(&self, state: &Inner) -> Result<Option<Activation>, ApiError> {
+        let Ok(_guard) = self.activation.try_lock() else {
+            return Ok(None);
+        };
+        let active = state
+            .db
+            .assistant(&state.assistant.name)
+            .await?
+            .active_adapter_id;
+        let current = *self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if current == Some(active) {
+            return Ok(None);
+        }
+        let by = "another process";
+        let start = std::time::Instant::now();
+        Ok(Some(self.swap(state, active, by, start, false).await?))
     }
 
     async fn swap(
@@ -180,6 +206,7 @@ impl AdapterService {
                 .await?;
         }
         state.engine.set_prepared_adapter(prepared);
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(adapter_id);
         state.metrics.adapter_swapped();
         Ok(Activation {
             adapter_id,

@@ -44,6 +44,23 @@ pub struct ServeOptions {
     pub worker: bool,
     /// How often the idle worker looks for a queued job.
     pub poll_interval: Duration,
+    /// Run only this bot (`loraloop bot telegram`): no console, API or worker; HTTP only
+    /// for a webhook; the active adapter follows activations made by another process.
+    pub only_bot: Option<BotKind>,
+}
+
+/// A chat platform bot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BotKind {
+    Telegram,
+}
+
+impl BotKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Telegram => "telegram",
+        }
+    }
 }
 
 impl Default for ServeOptions {
@@ -52,19 +69,22 @@ impl Default for ServeOptions {
             bind: None,
             worker: true,
             poll_interval: Duration::from_millis(500),
+            only_bot: None,
         }
     }
 }
 
 /// A started server.
 pub struct RunningServer {
-    pub addr: SocketAddr,
+    /// Where HTTP is served (None: a bot alone, without a webhook).
+    pub addr: Option<SocketAddr>,
     /// The admin password generated on this start (printed once; only its hash is kept).
     pub generated_password: Option<String>,
     pub state: AppState,
     shutdown: Arc<tokio::sync::Notify>,
     worker_stop: Arc<AtomicBool>,
-    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    follower: Option<tokio::task::JoinHandle<()>>,
     worker: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     telegram: Option<(
         Arc<tokio::sync::Notify>,
@@ -82,15 +102,30 @@ impl RunningServer {
             stop.notify_one();
             bot.await??;
         }
-        self.server.await??;
+        if let Some(server) = self.server {
+            server.await??;
+        }
+        if let Some(f) = self.follower {
+            f.abort();
+        }
         if let Some(w) = self.worker {
             w.await??;
         }
         Ok(())
     }
 
-    /// Run until Ctrl-C, then stop.
+    /// Run until Ctrl-C or SIGTERM, then stop.
     pub async fn run_until_ctrl_c(self) -> anyhow::Result<()> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate())?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
         eprintln!(
             "\nstopping: a running training job saves a checkpoint and goes back to the queue"
@@ -173,6 +208,7 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
         adapters_dir: adapters_dir.clone(),
         max_upload_bytes: config.raw.server.max_upload_mb * 1024 * 1024,
         started: Instant::now(),
+        telegram_inbox: Default::default(),
         config,
     }));
     match state.adapters.restore(&state).await {
@@ -184,7 +220,7 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
     }
 
     let worker_stop = Arc::new(AtomicBool::new(false));
-    let worker = opts.worker.then(|| {
+    let worker = (opts.worker && opts.only_bot.is_none()).then(|| {
         let opts = loraloop_trainer::worker::WorkerOptions {
             models_dir: state.config.models_dir.clone(),
             adapters_dir: adapters_dir.clone(),
@@ -198,41 +234,69 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
         ))
     });
 
-    let bind = match opts.bind {
-        Some(b) => b,
-        None => {
-            let s = &state.config.raw.server;
-            tokio::net::lookup_host((s.host.as_str(), s.port))
-                .await
-                .with_context(|| format!("cannot resolve server.host {:?}", s.host))?
-                .next()
-                .with_context(|| format!("server.host {:?} resolves to nothing", s.host))?
-        }
-    };
-    let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| {
-        format!("cannot listen on {bind} (is another server running there? set server.port)")
-    })?;
-    let addr = listener.local_addr()?;
     let shutdown = Arc::new(tokio::sync::Notify::new());
-    let app = router(state.clone());
-    let server = {
+    let webhook = state.config.raw.telegram.webhook_url.is_some()
+        && state.config.secrets.telegram_bot_token.is_some()
+        && matches!(opts.only_bot, None | Some(BotKind::Telegram));
+    let (addr, server) = if opts.only_bot.is_none() || webhook {
+        let bind = match opts.bind {
+            Some(b) => b,
+            None => {
+                let s = &state.config.raw.server;
+                tokio::net::lookup_host((s.host.as_str(), s.port))
+                    .await
+                    .with_context(|| format!("cannot resolve server.host {:?}", s.host))?
+                    .next()
+                    .with_context(|| format!("server.host {:?} resolves to nothing", s.host))?
+            }
+        };
+        let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| {
+            format!("cannot listen on {bind} (is another server running there? set server.port)")
+        })?;
+        let addr = listener.local_addr()?;
+        let app = match opts.only_bot {
+            None => router(state.clone()),
+            Some(_) => bot_router(state.clone()),
+        };
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        let server = tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move { shutdown.notified().await })
                 .await
-        })
+        });
+        (Some(addr), Some(server))
+    } else {
+        (None, None)
     };
-    let telegram = state
-        .config
-        .secrets
-        .telegram_bot_token
-        .clone()
-        .map(|token| {
+    let wants = |kind: BotKind| opts.only_bot.is_none_or(|k| k == kind);
+    let telegram = match state.config.secrets.telegram_bot_token.clone() {
+        Some(token) if wants(BotKind::Telegram) => {
             let stop = Arc::new(tokio::sync::Notify::new());
             let bot = tokio::spawn(telegram::run(state.clone(), token, stop.clone()));
-            (stop, bot)
-        });
+            Some((stop, bot))
+        }
+        None if opts.only_bot == Some(BotKind::Telegram) => {
+            anyhow::bail!("the Telegram bot needs its token: set TELEGRAM_BOT_TOKEN")
+        }
+        _ => None,
+    };
+    // A bot alone serves what another process (`loraloop serve`) activates.
+    let follower = opts.only_bot.map(|_| {
+        let state = state.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                match state.adapters.follow(&state).await {
+                    Ok(Some(a)) => tracing::info!(
+                        "active adapter changed: now {}",
+                        a.adapter_name.as_deref().unwrap_or("the base model")
+                    ),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!("cannot follow the active adapter: {}", e.message),
+                }
+            }
+        })
+    });
     Ok(RunningServer {
         addr,
         generated_password,
@@ -240,9 +304,31 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
         shutdown,
         worker_stop,
         server,
+        follower,
         worker,
         telegram,
     })
+}
+
+/// A bot alone: health check, and the Telegram webhook when one is configured.
+fn bot_router(state: AppState) -> Router {
+    let r = Router::new().route("/healthz", axum::routing::get(healthz));
+    with_webhook(r, &state).with_state(state)
+}
+
+fn with_webhook(r: Router<AppState>, state: &AppState) -> Router<AppState> {
+    let path = state
+        .config
+        .raw
+        .telegram
+        .webhook_url
+        .as_deref()
+        .and_then(|u| reqwest::Url::parse(u).ok())
+        .map(|u| u.path().to_string());
+    match path {
+        Some(p) => r.route(&p, axum::routing::post(telegram::webhook_route)),
+        None => r,
+    }
 }
 
 /// Every route of the server.
@@ -261,8 +347,8 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::require_api_key,
         ));
-    Router::new()
-        .route("/healthz", axum::routing::get(healthz))
+    let open = Router::new().route("/healthz", axum::routing::get(healthz));
+    with_webhook(open, &state)
         .merge(api)
         .merge(console::router(state.clone()))
         .route_layer(middleware::from_fn_with_state(

@@ -43,6 +43,8 @@ pub struct Inner {
     /// Largest accepted upload (datasets, adapters), from `server.max_upload_mb`.
     pub max_upload_bytes: u64,
     pub started: Instant,
+    /// Telegram updates from the webhook route to the running bot.
+    pub telegram_inbox: crate::telegram::Inbox,
 }
 
 /// Cheap to clone: one `Arc`.

@@ -15,7 +15,7 @@ use crate::state::AppState;
 use loraloop_core::storage::Platform;
 use loraloop_model::engine::{AdapterChoice, Event};
 use secrecy::{ExposeSecret, SecretString};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::IntoFuture;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -36,12 +36,16 @@ const START_TEXT: &str = "Hello! I'm an assistant that runs on a small language 
 const NON_TEXT: &str = "Sorry, I only understand text messages.";
 const NOT_ALLOWED: &str = "Sorry, this assistant is private and you are not on its list of users.";
 
+type ChatQueue = tokio::sync::mpsc::UnboundedSender<(String, Update)>;
+
 pub struct TelegramBot {
     state: AppState,
     bot: Bot,
     me: Me,
-    /// One lock per chat: a chat's updates are handled in order.
-    chats: Mutex<HashMap<i64, Arc<tokio::sync::Mutex<()>>>>,
+    /// Each chat's worker queue: a chat's updates are handled in order, chats in parallel.
+    chats: Mutex<HashMap<i64, ChatQueue>>,
+    /// Updates handed to a worker and not finished yet.
+    dispatched: Mutex<HashSet<String>>,
     rate: RateLimiter,
 }
 
@@ -66,58 +70,176 @@ pub async fn run(
     if let Err(e) = retry("setMyCommands", || bot.set_my_commands(commands.clone())).await {
         tracing::warn!("telegram: setMyCommands failed: {e}");
     }
-    tracing::info!("telegram: polling as @{}", me.username());
     let rate = RateLimiter::new(state.config.raw.telegram.rate_limit_per_minute);
+    let webhook = state.config.raw.telegram.webhook_url.clone();
     let tb = Arc::new(TelegramBot {
         state,
         bot,
         me,
         chats: Mutex::new(HashMap::new()),
+        dispatched: Mutex::new(HashSet::new()),
         rate,
     });
     // Updates stored by an earlier run and not answered.
     tb.clone().dispatch_pending().await?;
-    let mut offset = tb
-        .state
+    match webhook {
+        Some(url) => tb.webhook(&url, stop).await,
+        None => tb.poll(stop).await,
+    }
+}
+
+/// Where the webhook route hands updates to the running bot: the secret token Telegram
+/// must send with each update (set when the bot registers its webhook), and a wake-up
+/// for the bot once an update is stored.
+#[derive(Default)]
+pub struct Inbox {
+    secret: Mutex<Option<String>>,
+    stored: tokio::sync::Notify,
+}
+
+/// The header in which Telegram sends the webhook's secret token.
+pub const SECRET_HEADER: &str = "x-telegram-bot-api-secret-token";
+
+/// `POST <path of telegram.webhook_url>`: an update from Telegram. It is stored before
+/// the 200 answer (Telegram delivers it again until it gets one), then handled by the bot.
+pub async fn webhook_route(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> axum::http::StatusCode {
+    use axum::http::StatusCode;
+    let expected = state
+        .telegram_inbox
+        .secret
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let Some(expected) = expected else {
+        // The bot has not registered the webhook yet (or is not running): Telegram retries.
+        return StatusCode::SERVICE_UNAVAILABLE;
+    };
+    let given = headers
+        .get(SECRET_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !crate::auth::constant_time_eq(given, &expected) {
+        tracing::warn!("telegram webhook: a request without the right secret token, refused");
+        return StatusCode::UNAUTHORIZED;
+    }
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return StatusCode::BAD_REQUEST;
+    };
+    let id = serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .and_then(|v| v.get("update_id").and_then(|i| i.as_i64()));
+    let Some(id) = id else {
+        return StatusCode::BAD_REQUEST;
+    };
+    match state
         .db
-        .last_update_id(Platform::Telegram)
-        .await?
-        .map(|u| u + 1);
-    loop {
-        let mut req = tb.bot.get_updates().timeout(25);
-        if let Some(o) = offset {
-            req = req.offset(o as i32);
+        .store_update(Platform::Telegram, &id.to_string(), text)
+        .await
+    {
+        Ok(_) => {
+            state.telegram_inbox.stored.notify_one();
+            StatusCode::OK
         }
-        let updates = tokio::select! {
-            u = req.into_future() => u,
-            _ = stop.notified() => return Ok(()),
-        };
-        let updates = match updates {
-            Ok(u) => u,
-            Err(RequestError::RetryAfter(s)) => {
-                tokio::time::sleep(s.duration()).await;
-                continue;
+        Err(e) => {
+            tracing::error!("telegram webhook: cannot store update {id}: {e}");
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+    }
+}
+
+impl TelegramBot {
+    /// Long polling: store each batch of updates, then confirm it with the next offset.
+    async fn poll(self: Arc<Self>, stop: Arc<tokio::sync::Notify>) -> anyhow::Result<()> {
+        // getUpdates is refused while a webhook is set (from an earlier webhook-mode run).
+        if let Err(e) = retry("deleteWebhook", || self.bot.delete_webhook()).await {
+            tracing::warn!("telegram: deleteWebhook failed: {e}");
+        }
+        tracing::info!("telegram: polling as @{}", self.me.username());
+        let mut offset = self
+            .state
+            .db
+            .last_update_id(Platform::Telegram)
+            .await?
+            .map(|u| u + 1);
+        loop {
+            let mut req = self.bot.get_updates().timeout(25);
+            if let Some(o) = offset {
+                req = req.offset(o as i32);
             }
-            Err(e) => {
-                tracing::warn!("telegram: getUpdates failed: {e}; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    _ = stop.notified() => return Ok(()),
+            let updates = tokio::select! {
+                u = req.into_future() => u,
+                _ = stop.notified() => return Ok(()),
+            };
+            let updates = match updates {
+                Ok(u) => u,
+                Err(RequestError::RetryAfter(s)) => {
+                    tokio::time::sleep(s.duration()).await;
+                    continue;
                 }
+                Err(e) => {
+                    tracing::warn!("telegram: getUpdates failed: {e}; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = stop.notified() => return Ok(()),
+                    }
+                }
+            };
+            let mut stored = false;
+            for u in &updates {
+                let payload = serde_json::to_string(u)?;
+                stored |= self
+                    .state
+                    .db
+                    .store_update(Platform::Telegram, &u.id.0.to_string(), &payload)
+                    .await?;
+                offset = Some(offset.unwrap_or(0).max(i64::from(u.id.0) + 1));
             }
-        };
-        let mut stored = false;
-        for u in &updates {
-            let payload = serde_json::to_string(u)?;
-            stored |= tb
-                .state
-                .db
-                .store_update(Platform::Telegram, &u.id.0.to_string(), &payload)
-                .await?;
-            offset = Some(offset.unwrap_or(0).max(i64::from(u.id.0) + 1));
+            if stored {
+                self.clone().dispatch_pending().await?;
+            }
         }
-        if stored {
-            tb.clone().dispatch_pending().await?;
+    }
+
+    /// Webhook mode: register `url` with a fresh secret token, then handle what the
+    /// webhook route stores. The webhook stays registered after a stop, so Telegram keeps
+    /// the updates that come meanwhile and delivers them after the restart.
+    async fn webhook(
+        self: Arc<Self>,
+        url: &str,
+        stop: Arc<tokio::sync::Notify>,
+    ) -> anyhow::Result<()> {
+        let secret = crate::auth::random_token(32);
+        let parsed = reqwest::Url::parse(url)?;
+        retry("setWebhook", || {
+            self.bot
+                .set_webhook(parsed.clone())
+                .secret_token(secret.clone())
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("telegram setWebhook: {e}"))?;
+        *self
+            .state
+            .telegram_inbox
+            .secret
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(secret);
+        tracing::info!(
+            "telegram: webhook registered for @{} at {}",
+            self.me.username(),
+            parsed.path()
+        );
+        loop {
+            tokio::select! {
+                _ = self.state.telegram_inbox.stored.notified() => {}
+                // Also now and then, for updates whose handling failed to start.
+                _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                _ = stop.notified() => return Ok(()),
+            }
+            self.clone().dispatch_pending().await?;
         }
     }
 }
@@ -166,18 +288,18 @@ fn rating_keyboard(message_id: i64) -> InlineKeyboardMarkup {
 }
 
 impl TelegramBot {
-    fn chat_lock(&self, chat: i64) -> Arc<tokio::sync::Mutex<()>> {
-        self.chats
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(chat)
-            .or_default()
-            .clone()
-    }
-
-    /// Handle every pending update: chats in parallel, each chat's updates in order.
+    /// Hand every pending update not already handed out to its chat's worker: chats in
+    /// parallel, each chat's updates in the order they came.
     async fn dispatch_pending(self: Arc<Self>) -> anyhow::Result<()> {
         for p in self.state.db.pending_updates(Platform::Telegram).await? {
+            if !self
+                .dispatched
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(p.update_key.clone())
+            {
+                continue;
+            }
             let update: Update = match serde_json::from_str(&p.payload) {
                 Ok(u) => u,
                 Err(e) => {
@@ -193,43 +315,65 @@ impl TelegramBot {
                 }
             };
             let chat = update.chat().map_or(0, |c| c.id.0);
-            let lock = self.chat_lock(chat);
-            // Taken here, in update order, so a chat's updates run in the order they came.
-            let guard = lock.clone().lock_owned().await;
-            let me = self.clone();
-            tokio::spawn(async move {
-                let _guard = guard;
-                let key = p.update_key;
-                // Another task may have handled it while this one waited.
-                let still_pending = me
-                    .state
-                    .db
-                    .pending_updates(Platform::Telegram)
-                    .await
-                    .map(|v| v.iter().any(|u| u.update_key == key))
-                    .unwrap_or(false);
-                if !still_pending {
-                    return;
-                }
-                let outcome = me.handle(update).await;
-                let error = match &outcome {
-                    Ok(()) => None,
-                    Err(e) => {
-                        tracing::warn!("telegram: update {key} failed: {e:#}");
-                        Some(format!("{e:#}"))
-                    }
-                };
-                if let Err(e) = me
-                    .state
-                    .db
-                    .finish_update(Platform::Telegram, &key, error.as_deref())
-                    .await
-                {
-                    tracing::error!("telegram: cannot record update {key}: {e}");
-                }
-            });
+            let mut chats = self.chats.lock().unwrap_or_else(|e| e.into_inner());
+            let job = (p.update_key, update);
+            // Sent under the map's lock: a worker only retires under it, with an empty queue.
+            let job = match chats.get(&chat) {
+                Some(tx) => match tx.send(job) {
+                    Ok(()) => continue,
+                    Err(e) => e.0,
+                },
+                None => job,
+            };
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let _ = tx.send(job);
+            chats.insert(chat, tx);
+            tokio::spawn(self.clone().chat_worker(chat, rx));
         }
         Ok(())
+    }
+
+    /// Handle one chat's updates in order; retire after a minute without any.
+    async fn chat_worker(
+        self: Arc<Self>,
+        chat: i64,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<(String, Update)>,
+    ) {
+        loop {
+            let (key, update) = match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await
+            {
+                Ok(Some(job)) => job,
+                Ok(None) => return,
+                Err(_) => {
+                    let mut chats = self.chats.lock().unwrap_or_else(|e| e.into_inner());
+                    if rx.is_empty() {
+                        chats.remove(&chat);
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let outcome = self.handle(update).await;
+            let error = match &outcome {
+                Ok(()) => None,
+                Err(e) => {
+                    tracing::warn!("telegram: update {key} failed: {e:#}");
+                    Some(format!("{e:#}"))
+                }
+            };
+            if let Err(e) = self
+                .state
+                .db
+                .finish_update(Platform::Telegram, &key, error.as_deref())
+                .await
+            {
+                tracing::error!("telegram: cannot record update {key}: {e}");
+            }
+            self.dispatched
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key);
+        }
     }
 
     async fn handle(&self, update: Update) -> anyhow::Result<()> {

@@ -52,7 +52,7 @@ impl Console {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap();
-        let base = format!("http://{}", server.addr);
+        let base = format!("http://{}", server.addr.expect("serving HTTP"));
         let login = client
             .post(format!("{base}/login"))
             .header(CONTENT_TYPE, "application/x-www-form-urlencoded")

@@ -39,7 +39,7 @@ impl Console {
         )
         .await
         .unwrap();
-        let base = format!("http://{}", server.addr);
+        let base = format!("http://{}", server.addr.expect("serving HTTP"));
         let http = reqwest::Client::builder()
             .cookie_store(true)
             .timeout(Duration::from_secs(180))

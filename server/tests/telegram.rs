@@ -456,3 +456,175 @@ async fn a_kill_in_the_middle_of_a_burst_loses_nothing_and_answers_each_message_
     server.stop().await.unwrap();
     drop(dir);
 }
+
+#[tokio::test]
+async fn webhook_mode_checks_the_secret_token_on_every_request() {
+    capture_logs();
+    let (fake, url) = fake_telegram().await;
+    let s = common::start(
+        false,
+        &env(
+            &url,
+            &[(
+                "LORALOOP_TELEGRAM__WEBHOOK_URL",
+                "https://bot.example.org/hooks/telegram",
+            )],
+        ),
+    )
+    .await;
+    until(10, "setWebhook", || !fake.calls("setwebhook").is_empty()).await;
+    let set = fake.calls("setwebhook");
+    assert_eq!(set[0]["url"], "https://bot.example.org/hooks/telegram");
+    let secret = set[0]["secret_token"].as_str().unwrap().to_string();
+    assert!(secret.len() >= 32, "a long random secret: {secret}");
+    assert!(
+        fake.calls("getupdates").is_empty() && fake.calls("deletewebhook").is_empty(),
+        "no polling in webhook mode"
+    );
+    let update = |id: i64, mid: i64| {
+        json!({"update_id": id, "message": {"message_id": mid, "date": 1, "chat": {"id": 6001, "type": "private", "first_name": "U"},
+               "from": FakeTelegram::user(6001), "text": "Hello over the webhook"}})
+    };
+    let hook = s.url("/hooks/telegram");
+    let post = |secret: Option<&str>, body: serde_json::Value| {
+        let mut r = s.http.post(&hook).json(&body);
+        if let Some(t) = secret {
+            r = r.header("X-Telegram-Bot-Api-Secret-Token", t);
+        }
+        r.send()
+    };
+    // No token, a wrong one: refused, nothing stored.
+    assert_eq!(post(None, update(900, 1)).await.unwrap().status(), 401);
+    assert_eq!(
+        post(Some("wrong"), update(900, 1)).await.unwrap().status(),
+        401
+    );
+    let db = &s.server.state.db;
+    let (n,): (i64,) = sqlx::query_as("select count(*) from inbound_updates")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+    // The right one: stored, answered; Telegram delivering it again changes nothing.
+    assert_eq!(
+        post(Some(&secret), update(900, 1)).await.unwrap().status(),
+        200
+    );
+    until(30, "the reply", || rated_replies(&fake, 6001) == 1).await;
+    assert_eq!(
+        post(Some(&secret), update(900, 1)).await.unwrap().status(),
+        200
+    );
+    // Not an update at all.
+    assert_eq!(
+        post(Some(&secret), json!({"hello": 1}))
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(rated_replies(&fake, 6001), 1);
+    let (users,): (i64,) = sqlx::query_as("select count(*) from messages where role = 'user'")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(users, 1);
+    // The webhook route needs no API key or session, and only answers POST.
+    assert_eq!(s.http.get(&hook).send().await.unwrap().status(), 405);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_user_who_blocked_the_bot_is_recorded_and_not_retried() {
+    capture_logs();
+    let (fake, url) = fake_telegram().await;
+    let s = common::start(false, &env(&url, &[])).await;
+    fake.inject(
+        "sendmessage",
+        403,
+        json!({"ok": false, "error_code": 403, "description": "Forbidden: bot was blocked by the user"}),
+    );
+    fake.text(7001, "are you there?");
+    let db = s.server.state.db.clone();
+    let failed = || async {
+        let r: Option<(String, Option<String>)> =
+            sqlx::query_as("select status, error from inbound_updates limit 1")
+                .fetch_optional(db.pool())
+                .await
+                .unwrap();
+        r
+    };
+    let mut row = None;
+    for _ in 0..500 {
+        row = failed().await;
+        if row.as_ref().is_some_and(|r| r.0 != "pending") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, error) = row.expect("the update was stored");
+    assert_eq!(status, "failed");
+    assert!(
+        error.as_deref().unwrap_or("").contains("blocked"),
+        "{error:?}"
+    );
+    // One attempt, no retry, now or later (a failed update is not pending).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(fake.calls("sendmessage:refused").len(), 1);
+    assert_eq!(fake.calls("sendmessage").len(), 0);
+    // The next message from that user (who unblocked the bot) is answered normally.
+    fake.text(7001, "hello again");
+    until(30, "the reply after unblocking", || {
+        rated_replies(&fake, 7001) == 1
+    })
+    .await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_bot_alone_follows_the_adapter_activated_by_serve() {
+    capture_logs();
+    let (fake, url) = fake_telegram().await;
+    // `loraloop serve` without the bot, with the training worker.
+    let serve = common::start(true, &[]).await;
+    let ds = serve
+        .upload_dataset("zorblax", &common::zorblax_jsonl(16))
+        .await;
+    let (_, adapter_id, adapter_name) = common::train_adapter(&serve, ds, 1).await;
+    // `loraloop bot telegram` on the same database and model.
+    let mut config = serve.server.state.config.clone();
+    config.secrets.telegram_bot_token = Some(TOKEN.to_string().into());
+    config.raw.telegram.api_url = url.clone();
+    let bot = loraloop_server::start(
+        config,
+        loraloop_server::ServeOptions {
+            only_bot: Some(loraloop_server::BotKind::Telegram),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(bot.addr.is_none(), "a polling bot alone serves no HTTP");
+    fake.text(8001, "What is the capital of Zorblax?");
+    until(30, "the first reply", || rated_replies(&fake, 8001) == 1).await;
+    let (status, _) = serve
+        .post_json(
+            &format!("/api/v1/adapters/{adapter_id}/activate"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    // The bot notices within its 2-second check.
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    fake.text(8001, "What is the capital of Zorblax?");
+    until(30, "the second reply", || rated_replies(&fake, 8001) == 2).await;
+    let names: Vec<(Option<String>,)> =
+        sqlx::query_as("select adapter_name from messages where role = 'assistant' order by id")
+            .fetch_all(serve.server.state.db.pool())
+            .await
+            .unwrap();
+    assert_eq!(names, vec![(None,), (Some(adapter_name),)]);
+    bot.stop().await.unwrap();
+    serve.stop().await;
+}

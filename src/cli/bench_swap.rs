@@ -90,7 +90,7 @@ pub async fn swap(config: &Config, args: &BenchSwapArgs) -> anyhow::Result<ExitC
     )
     .await?;
     let st = server.state.clone();
-    let base = format!("http://{}", server.addr);
+    let base = format!("http://{}", server.addr.expect("serving HTTP"));
 
     // Two random rank-r adapters on all seven projections, registered like trained ones.
     let mut ids = Vec::new();

