@@ -1,3 +1,4 @@
+mod bot;
 mod chat;
 mod config;
 mod data;
