@@ -35,6 +35,7 @@ impl Console {
                 bind: Some("127.0.0.1:0".parse().unwrap()),
                 worker: true,
                 poll_interval: Duration::from_millis(100),
+                only_bot: None,
             },
         )
         .await
