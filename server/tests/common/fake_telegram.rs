@@ -43,7 +43,7 @@ impl Fake {
 }
 
 #[derive(Clone, Default)]
-pub struct FakeTelegram(pub Arc<Mutex<Fake>>);
+pub struct FakeTelegram(pub Arc<Mutex<Fake>>, Arc<tokio::sync::Notify>);
 
 impl FakeTelegram {
     pub fn user(id: i64) -> Value {
@@ -57,6 +57,8 @@ impl FakeTelegram {
         let mut u = json!({"update_id": id});
         u[kind] = body;
         f.queue.push_back(u);
+        // A waiting getUpdates answers at once, as Telegram's long polling does.
+        self.1.notify_waiters();
         id
     }
 
@@ -194,7 +196,7 @@ async fn handle(
                 if std::time::Instant::now() >= deadline {
                     return ok(json!([]));
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                let _ = tokio::time::timeout(Duration::from_millis(20), fake.1.notified()).await;
             }
         }
         "getme" => ok(

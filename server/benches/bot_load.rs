@@ -1,0 +1,206 @@
+//! Load test of the chat bots: simulated users, each sending messages one after another
+//! (the next once the previous reply is complete), through a fake platform server, with
+//! the real bot, engine and database. Reports messages/s, the p50/p95 reply latency
+//! (message sent to final reply text) and time to first visible text (message sent to
+//! the first streamed words), and checks that every message was stored and answered once.
+//!
+//! cargo bench -p loraloop-server --bench bot_load -- telegram [--users 50] [--messages 10]
+//!     [--model PATH.gguf] [--max-new-tokens 24]
+//!
+//! Without --model it runs a tiny random-weight model (the bot's own overhead); with the
+//! real SmolLM2-135M GGUF the first-visible-text figure is what users would see.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::fake_telegram::{FakeTelegram, TOKEN, fake_telegram};
+use std::time::{Duration, Instant};
+
+struct Args {
+    platform: String,
+    users: usize,
+    messages: usize,
+    model: Option<std::path::PathBuf>,
+    max_new_tokens: usize,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        platform: String::new(),
+        users: 50,
+        messages: 10,
+        model: None,
+        max_new_tokens: 24,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(x) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .unwrap_or_else(|| panic!("{name} needs a value"))
+        };
+        match x.as_str() {
+            // cargo bench passes --bench to every bench binary.
+            "--bench" => {}
+            "--users" => a.users = value("--users").parse().expect("--users N"),
+            "--messages" => a.messages = value("--messages").parse().expect("--messages N"),
+            "--model" => a.model = Some(value("--model").into()),
+            "--max-new-tokens" => {
+                a.max_new_tokens = value("--max-new-tokens").parse().expect("a number")
+            }
+            p if !p.starts_with('-') && a.platform.is_empty() => a.platform = p.to_string(),
+            other => panic!("unknown argument {other:?}"),
+        }
+    }
+    if a.platform.is_empty() {
+        a.platform = "telegram".to_string();
+    }
+    a
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// When the bot first showed text in `chat` after `since`, and when the final reply (the
+/// message with the rating buttons) arrived; None while it has not.
+fn reply_times(fake: &FakeTelegram, chat: i64, since: Instant) -> Option<(Instant, Instant)> {
+    let f = fake.0.lock().unwrap();
+    let mut first = None;
+    for ((method, p), &at) in f.calls.iter().zip(&f.call_times) {
+        if at < since || p["chat_id"].as_i64() != Some(chat) {
+            continue;
+        }
+        let is_text = method == "sendmessage" || method == "editmessagetext";
+        if is_text && first.is_none() {
+            first = Some(at);
+        }
+        let rated = p["reply_markup"]["inline_keyboard"][0][0]["callback_data"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("rate:"));
+        if rated {
+            return Some((first.unwrap_or(at), at));
+        }
+    }
+    None
+}
+
+async fn telegram(a: &Args) {
+    let (fake, url) = fake_telegram().await;
+    let max_tokens = a.max_new_tokens.to_string();
+    let mut env = vec![
+        ("TELEGRAM_BOT_TOKEN", TOKEN.to_string()),
+        ("LORALOOP_TELEGRAM__API_URL", url.clone()),
+        ("LORALOOP_TELEGRAM__RATE_LIMIT_PER_MINUTE", "0".to_string()),
+        ("LORALOOP_GENERATION__MAX_NEW_TOKENS", max_tokens),
+    ];
+    let model_name = match &a.model {
+        Some(m) => {
+            let dir = m.parent().expect("--model is a file path");
+            let file = m.file_name().unwrap().to_string_lossy().into_owned();
+            env.push(("LORALOOP_MODELS_DIR", dir.display().to_string()));
+            env.push(("LORALOOP_MODEL", file.clone()));
+            file
+        }
+        None => "a tiny random-weight model".to_string(),
+    };
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let s = common::start(false, &env).await;
+    // Wait for the bot to be polling.
+    common::until(30, "the bot polling", || {
+        !fake.calls("getupdates").is_empty()
+    })
+    .await;
+    eprintln!(
+        "telegram: {} users x {} messages, {model_name}, max_new_tokens {}",
+        a.users, a.messages, a.max_new_tokens
+    );
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for u in 0..a.users {
+        let fake = fake.clone();
+        let n = a.messages;
+        tasks.push(tokio::spawn(async move {
+            let chat = 100_000 + u as i64;
+            let mut out = Vec::new();
+            for i in 0..n {
+                let sent = Instant::now();
+                fake.text(chat, &format!("Message {i} from user {u}: tell me about Zorblax."));
+                let deadline = sent + Duration::from_secs(600);
+                loop {
+                    if let Some((first, done)) = reply_times(&fake, chat, sent) {
+                        out.push((
+                            (first - sent).as_secs_f64() * 1e3,
+                            (done - sent).as_secs_f64() * 1e3,
+                        ));
+                        break;
+                    }
+                    assert!(Instant::now() < deadline, "user {u} got no reply to message {i}");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            out
+        }));
+    }
+    let mut first = Vec::new();
+    let mut reply = Vec::new();
+    for t in tasks {
+        for (f, r) in t.await.unwrap() {
+            first.push(f);
+            reply.push(r);
+        }
+    }
+    let wall = start.elapsed().as_secs_f64();
+    // Let the last updates be marked done.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let db = &s.server.state.db;
+    let count = |sql: &'static str| async move {
+        let (n,): (i64,) = sqlx::query_as(sql).fetch_one(db.pool()).await.unwrap();
+        n as usize
+    };
+    let total = a.users * a.messages;
+    let users = count("select count(*) from messages where role = 'user'").await;
+    let replies = count("select count(*) from messages where role = 'assistant'").await;
+    let done = count("select count(*) from inbound_updates where status = 'done'").await;
+    let rated: usize = (0..a.users)
+        .map(|u| common::fake_telegram::rated_replies(&fake, 100_000 + u as i64))
+        .sum();
+    first.sort_by(f64::total_cmp);
+    reply.sort_by(f64::total_cmp);
+    println!(
+        "telegram load: {total} messages from {} users in {wall:.1} s = {:.1} messages/s",
+        a.users,
+        total as f64 / wall
+    );
+    println!(
+        "  reply latency (sent -> final text):      p50 {:.0} ms, p95 {:.0} ms",
+        percentile(&reply, 0.5),
+        percentile(&reply, 0.95)
+    );
+    println!(
+        "  time to first visible text:              p50 {:.0} ms, p95 {:.0} ms",
+        percentile(&first, 0.5),
+        percentile(&first, 0.95)
+    );
+    println!(
+        "  stored: {users} user messages, {replies} replies; {done} updates done; {rated} rated replies delivered"
+    );
+    let ok = users == total && replies == total && done == total && rated == total;
+    s.stop().await;
+    if !ok {
+        eprintln!("FAILED: every message must be stored and answered exactly once");
+        std::process::exit(1);
+    }
+}
+
+fn main() {
+    let a = args();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    match a.platform.as_str() {
+        "telegram" => rt.block_on(telegram(&a)),
+        other => panic!("unknown platform {other:?}: use telegram"),
+    }
+}
