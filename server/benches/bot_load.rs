@@ -67,8 +67,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 fn reply_times(fake: &FakeTelegram, chat: i64, since: Instant) -> Option<(Instant, Instant)> {
     let f = fake.0.lock().unwrap();
     let mut first = None;
-    for ((method, p), &at) in f.calls.iter().zip(&f.call_times) {
-        if at < since || p["chat_id"].as_i64() != Some(chat) {
+    for &i in f.by_chat.get(&chat)? {
+        let ((method, p), at) = (&f.calls[i], f.call_times[i]);
+        if at < since {
             continue;
         }
         let is_text = method == "sendmessage" || method == "editmessagetext";
@@ -91,7 +92,7 @@ async fn telegram(a: &Args) {
     let mut env = vec![
         ("TELEGRAM_BOT_TOKEN", TOKEN.to_string()),
         ("LORALOOP_TELEGRAM__API_URL", url.clone()),
-        ("LORALOOP_TELEGRAM__RATE_LIMIT_PER_MINUTE", "0".to_string()),
+        ("LORALOOP_TELEGRAM__RATE_LIMIT_PER_MINUTE", "1000".to_string()),
         ("LORALOOP_GENERATION__MAX_NEW_TOKENS", max_tokens),
     ];
     let model_name = match &a.model {
@@ -106,9 +107,9 @@ async fn telegram(a: &Args) {
     };
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let s = common::start(false, &env).await;
-    // Wait for the bot to be polling.
+    // Wait for the bot to be about to poll (deleteWebhook comes right before).
     common::until(30, "the bot polling", || {
-        !fake.calls("getupdates").is_empty()
+        !fake.calls("deletewebhook").is_empty()
     })
     .await;
     eprintln!(
@@ -194,6 +195,16 @@ async fn telegram(a: &Args) {
 }
 
 fn main() {
+    // As the `loraloop` binary does (see `pin_candle_thread_count` in src/main.rs):
+    // without it every candle matmul parses /proc/cpuinfo.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        // SAFETY: first thing in `main`, before any other thread exists.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string())
+        };
+    }
     let a = args();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

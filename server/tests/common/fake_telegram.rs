@@ -24,6 +24,8 @@ pub struct Fake {
     pub calls: Vec<(String, Value)>,
     /// When each of `calls` came.
     pub call_times: Vec<Instant>,
+    /// Indexes into `calls` by `chat_id`.
+    pub by_chat: HashMap<i64, Vec<usize>>,
     /// Answers to force on upcoming calls of a method: (status, body).
     pub inject: HashMap<String, VecDeque<(u16, Value)>>,
     /// The highest offset the bot confirmed.
@@ -37,6 +39,9 @@ pub struct Fake {
 
 impl Fake {
     fn record(&mut self, method: String, params: Value) {
+        if let Some(chat) = params["chat_id"].as_i64() {
+            self.by_chat.entry(chat).or_default().push(self.calls.len());
+        }
         self.calls.push((method, params));
         self.call_times.push(Instant::now());
     }
