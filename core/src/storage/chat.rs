@@ -374,17 +374,21 @@ impl Db {
     }
 
     /// The chat a platform thread belongs to, if any conversation of it was stored (the
-    /// Discord bot's threads: it stores a conversation for each thread it starts).
-    pub async fn chat_of_thread(&self, platform: Platform, thread_id: &str) -> Result<Option<i64>> {
-        Ok(sqlx::query_as::<_, (i64,)>(
-            "select c.chat_id from conversations c join chats ch on ch.id = c.chat_id
+    /// Discord bot's threads: it stores a conversation for each thread it starts): the
+    /// chat's row id and platform id.
+    pub async fn chat_of_thread(
+        &self,
+        platform: Platform,
+        thread_id: &str,
+    ) -> Result<Option<(i64, String)>> {
+        Ok(sqlx::query_as(
+            "select ch.id, ch.platform_chat_id from conversations c join chats ch on ch.id = c.chat_id
              where ch.platform = ? and c.platform_thread_id = ? order by c.id limit 1",
         )
         .bind(platform.as_str())
         .bind(thread_id)
         .fetch_optional(self.pool())
-        .await?
-        .map(|(id,)| id))
+        .await?)
     }
 
     /// `/forget`: delete a user's messages and feedback and exclude them from every future
@@ -679,7 +683,7 @@ mod tests {
         );
         assert_eq!(
             db.chat_of_thread(Platform::Telegram, "t9").await.unwrap(),
-            Some(chat)
+            Some((chat, "42".to_string()))
         );
         assert_eq!(
             db.chat_of_thread(Platform::Discord, "t9").await.unwrap(),
