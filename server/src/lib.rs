@@ -11,6 +11,7 @@ pub mod auth;
 pub mod bots;
 pub mod chat;
 pub mod console;
+pub mod discord;
 pub mod error;
 pub mod metrics;
 pub mod openai;
@@ -70,6 +71,10 @@ pub struct RunningServer {
         Arc<tokio::sync::Notify>,
         tokio::task::JoinHandle<anyhow::Result<()>>,
     )>,
+    discord: Option<(
+        Arc<tokio::sync::Notify>,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    )>,
 }
 
 impl RunningServer {
@@ -82,6 +87,11 @@ impl RunningServer {
             stop.notify_one();
             bot.await??;
         }
+        // Closes the gateway connection and waits for the shard to end.
+        if let Some((stop, bot)) = self.discord {
+            stop.notify_one();
+            bot.await??;
+        }
         self.server.await??;
         if let Some(w) = self.worker {
             w.await??;
@@ -89,8 +99,24 @@ impl RunningServer {
         Ok(())
     }
 
-    /// Run until Ctrl-C, then stop.
+    /// Run until Ctrl-C (or SIGTERM, on Unix), then stop.
     pub async fn run_until_ctrl_c(self) -> anyhow::Result<()> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
         eprintln!(
             "\nstopping: a running training job saves a checkpoint and goes back to the queue"
@@ -233,6 +259,11 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
             let bot = tokio::spawn(telegram::run(state.clone(), token, stop.clone()));
             (stop, bot)
         });
+    let discord = state.config.secrets.discord_bot_token.clone().map(|token| {
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let bot = tokio::spawn(discord::run(state.clone(), token, stop.clone()));
+        (stop, bot)
+    });
     Ok(RunningServer {
         addr,
         generated_password,
@@ -242,6 +273,7 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
         server,
         worker,
         telegram,
+        discord,
     })
 }
 
