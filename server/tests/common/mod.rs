@@ -1,6 +1,8 @@
 //! Start the real server on port 0 with a fresh SQLite file and a tiny random model.
 #![allow(dead_code)]
 
+pub mod fake_discord;
+
 use loraloop_model::testing::{TinySpec, write_tiny_chat_model};
 use loraloop_server::{RunningServer, ServeOptions};
 use std::collections::BTreeMap;
