@@ -152,8 +152,17 @@ pub struct TelegramConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DiscordConfig {
+    /// Base URL of a Discord API proxy (for example twilight's http-proxy) that takes the
+    /// REST calls instead of Discord; it does the rate limiting then, the bot's own limiter
+    /// is off. Unset: Discord itself.
+    pub api_url: Option<String>,
+    /// Servers (guilds) the bot answers in; empty means every server it is in.
     pub allowed_guild_ids: Vec<u64>,
+    /// Server channels the bot answers in (a thread counts as its parent channel); empty
+    /// means every channel.
     pub allowed_channel_ids: Vec<u64>,
+    /// Whether the bot answers direct messages.
+    pub direct_messages: bool,
     /// Role name whose members may use `/status`.
     pub admin_role: Option<String>,
     /// Register slash commands in this guild only (development) instead of globally.
@@ -243,8 +252,10 @@ impl Default for TelegramConfig {
 impl Default for DiscordConfig {
     fn default() -> Self {
         Self {
+            api_url: None,
             allowed_guild_ids: Vec::new(),
             allowed_channel_ids: Vec::new(),
+            direct_messages: true,
             admin_role: None,
             dev_guild_id: None,
             rate_limit_per_minute: 20,
@@ -472,6 +483,14 @@ impl Config {
                     "got {:?}; allowed: an http:// or https:// URL",
                     raw.telegram.api_url
                 ),
+            ));
+        }
+        if let Some(url) = &raw.discord.api_url
+            && !is_http_url(url)
+        {
+            return Err(invalid(
+                "discord.api_url",
+                format!("got {url:?}; allowed: an http:// or https:// URL"),
             ));
         }
         if let Some(url) = &raw.telegram.webhook_url
@@ -760,12 +779,19 @@ mod tests {
                 ("LORALOOP_SERVER__PORT", "9100"),
                 ("LORALOOP_DATA_DIR", "/srv/b"),
                 ("LORALOOP_TELEGRAM__ALLOWED_USER_IDS", "[1, 2]"),
+                ("LORALOOP_DISCORD__API_URL", "http://127.0.0.1:9"),
+                ("LORALOOP_DISCORD__DIRECT_MESSAGES", "false"),
             ],
         )
         .unwrap();
         assert_eq!(cfg.raw.server.port, 9100);
         assert_eq!(cfg.database_path, PathBuf::from("/srv/b/loraloop.db"));
         assert_eq!(cfg.raw.telegram.allowed_user_ids, vec![1, 2]);
+        assert_eq!(
+            cfg.raw.discord.api_url.as_deref(),
+            Some("http://127.0.0.1:9")
+        );
+        assert!(!cfg.raw.discord.direct_messages);
     }
 
     #[test]
@@ -825,6 +851,11 @@ mod tests {
             (
                 "telegram:\n  api_url: ftp://x\n",
                 "telegram.api_url",
+                "http:// or https://",
+            ),
+            (
+                "discord:\n  api_url: 'discord.local'\n",
+                "discord.api_url",
                 "http:// or https://",
             ),
             (

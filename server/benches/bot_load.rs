@@ -34,10 +34,7 @@ fn args() -> Args {
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .unwrap_or_else(|| panic!("{name} needs a value"))
-        };
+        let mut value = |name: &str| it.next().unwrap_or_else(|| panic!("{name} needs a value"));
         match x.as_str() {
             // cargo bench passes --bench to every bench binary.
             "--bench" => {}
@@ -92,7 +89,10 @@ async fn telegram(a: &Args) {
     let mut env = vec![
         ("TELEGRAM_BOT_TOKEN", TOKEN.to_string()),
         ("LORALOOP_TELEGRAM__API_URL", url.clone()),
-        ("LORALOOP_TELEGRAM__RATE_LIMIT_PER_MINUTE", "1000".to_string()),
+        (
+            "LORALOOP_TELEGRAM__RATE_LIMIT_PER_MINUTE",
+            "1000".to_string(),
+        ),
         ("LORALOOP_GENERATION__MAX_NEW_TOKENS", max_tokens),
     ];
     let model_name = match &a.model {
@@ -126,7 +126,10 @@ async fn telegram(a: &Args) {
             let mut out = Vec::new();
             for i in 0..n {
                 let sent = Instant::now();
-                fake.text(chat, &format!("Message {i} from user {u}: tell me about Zorblax."));
+                fake.text(
+                    chat,
+                    &format!("Message {i} from user {u}: tell me about Zorblax."),
+                );
                 let deadline = sent + Duration::from_secs(600);
                 loop {
                     if let Some((first, done)) = reply_times(&fake, chat, sent) {
@@ -136,7 +139,10 @@ async fn telegram(a: &Args) {
                         ));
                         break;
                     }
-                    assert!(Instant::now() < deadline, "user {u} got no reply to message {i}");
+                    assert!(
+                        Instant::now() < deadline,
+                        "user {u} got no reply to message {i}"
+                    );
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }

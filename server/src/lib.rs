@@ -11,6 +11,7 @@ pub mod auth;
 pub mod bots;
 pub mod chat;
 pub mod console;
+pub mod discord;
 pub mod error;
 pub mod metrics;
 pub mod openai;
@@ -53,12 +54,14 @@ pub struct ServeOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BotKind {
     Telegram,
+    Discord,
 }
 
 impl BotKind {
     pub fn name(self) -> &'static str {
         match self {
             Self::Telegram => "telegram",
+            Self::Discord => "discord",
         }
     }
 }
@@ -90,6 +93,10 @@ pub struct RunningServer {
         Arc<tokio::sync::Notify>,
         tokio::task::JoinHandle<anyhow::Result<()>>,
     )>,
+    discord: Option<(
+        Arc<tokio::sync::Notify>,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    )>,
 }
 
 impl RunningServer {
@@ -99,6 +106,11 @@ impl RunningServer {
         self.shutdown.notify_one();
         self.worker_stop.store(true, Ordering::SeqCst);
         if let Some((stop, bot)) = self.telegram {
+            stop.notify_one();
+            bot.await??;
+        }
+        // Closes the gateway connection and waits for the shard to end.
+        if let Some((stop, bot)) = self.discord {
             stop.notify_one();
             bot.await??;
         }
@@ -119,10 +131,16 @@ impl RunningServer {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};
-            let mut term = signal(SignalKind::terminate())?;
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
         #[cfg(not(unix))]
@@ -280,6 +298,17 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
         }
         _ => None,
     };
+    let discord = match state.config.secrets.discord_bot_token.clone() {
+        Some(token) if wants(BotKind::Discord) => {
+            let stop = Arc::new(tokio::sync::Notify::new());
+            let bot = tokio::spawn(discord::run(state.clone(), token, stop.clone()));
+            Some((stop, bot))
+        }
+        None if opts.only_bot == Some(BotKind::Discord) => {
+            anyhow::bail!("the Discord bot needs its token: set DISCORD_BOT_TOKEN")
+        }
+        _ => None,
+    };
     // A bot alone serves what another process (`loraloop serve`) activates.
     let follower = opts.only_bot.map(|_| {
         let state = state.clone();
@@ -307,6 +336,7 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
         follower,
         worker,
         telegram,
+        discord,
     })
 }
 

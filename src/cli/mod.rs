@@ -74,6 +74,8 @@ pub enum BotCommand {
     /// The Telegram bot (needs TELEGRAM_BOT_TOKEN; the `telegram:` config keys apply).
     /// With telegram.webhook_url set it listens on server.host:server.port for the webhook.
     Telegram,
+    /// The Discord bot (needs DISCORD_BOT_TOKEN; the `discord:` config keys apply).
+    Discord,
 }
 
 #[derive(Debug, Args)]
@@ -318,6 +320,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Worker(args) => train::worker(&config, &args).await,
         Command::Serve(args) => serve(config, &args).await,
         Command::Bot(BotCommand::Telegram) => bot(config, loraloop_server::BotKind::Telegram).await,
+        Command::Bot(BotCommand::Discord) => bot(config, loraloop_server::BotKind::Discord).await,
     }
 }
 

@@ -295,6 +295,102 @@ impl Db {
         .await?)
     }
 
+    /// Take back the rating `rater` gave a message (a removed reaction); a correction
+    /// stays. Returns whether there was a rating to remove.
+    pub async fn delete_feedback(&self, message_id: i64, rater: &str) -> Result<bool> {
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        // Nothing else in that feedback: the row goes; with a correction it stays.
+        let deleted = sqlx::query(
+            "delete from feedback where message_id = ? and rater = ? and rating is not null
+               and correction is null",
+        )
+        .bind(message_id)
+        .bind(rater)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let cleared = sqlx::query(
+            "update feedback set rating = null, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+             where message_id = ? and rater = ? and rating is not null",
+        )
+        .bind(message_id)
+        .bind(rater)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(deleted + cleared == 1)
+    }
+
+    /// The assistant reply sent on `platform` as the platform message `platform_message_id`
+    /// (the id of its first part).
+    pub async fn reply_by_platform_id(
+        &self,
+        platform: Platform,
+        platform_message_id: &str,
+    ) -> Result<Option<StoredMessage>> {
+        Ok(sqlx::query_as(&format!(
+            "select {} from messages m join conversations c on c.id = m.conversation_id
+               join chats ch on ch.id = c.chat_id
+             where ch.platform = ? and m.role = 'assistant' and m.platform_message_id = ?
+             order by m.id desc limit 1",
+            MESSAGE_COLUMNS
+                .split(", ")
+                .map(|c| format!("m.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+        .bind(platform.as_str())
+        .bind(platform_message_id)
+        .fetch_optional(self.pool())
+        .await?)
+    }
+
+    /// The reply already stored for the user's platform message `platform_message_id` in a
+    /// conversation (the first assistant message after it, before the next user message):
+    /// a replayed update reuses it instead of generating again.
+    pub async fn stored_reply_to(
+        &self,
+        conversation_id: i64,
+        platform_message_id: &str,
+    ) -> Result<Option<StoredMessage>> {
+        Ok(sqlx::query_as(&format!(
+            "select {} from messages u join messages a
+               on a.conversation_id = u.conversation_id and a.role = 'assistant' and a.id > u.id
+             where u.conversation_id = ? and u.role = 'user' and u.platform_message_id = ?
+               and not exists (select 1 from messages x where x.conversation_id = u.conversation_id
+                               and x.role = 'user' and x.id > u.id and x.id < a.id)
+             order by a.id limit 1",
+            MESSAGE_COLUMNS
+                .split(", ")
+                .map(|c| format!("a.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+        .bind(conversation_id)
+        .bind(platform_message_id)
+        .fetch_optional(self.pool())
+        .await?)
+    }
+
+    /// The chat a platform thread belongs to, if any conversation of it was stored (the
+    /// Discord bot's threads: it stores a conversation for each thread it starts): the
+    /// chat's row id and platform id.
+    pub async fn chat_of_thread(
+        &self,
+        platform: Platform,
+        thread_id: &str,
+    ) -> Result<Option<(i64, String)>> {
+        Ok(sqlx::query_as(
+            "select ch.id, ch.platform_chat_id from conversations c join chats ch on ch.id = c.chat_id
+             where ch.platform = ? and c.platform_thread_id = ? order by c.id limit 1",
+        )
+        .bind(platform.as_str())
+        .bind(thread_id)
+        .fetch_optional(self.pool())
+        .await?)
+    }
+
     /// `/forget`: delete a user's messages and feedback and exclude them from every future
     /// dataset. Returns the number of messages deleted.
     pub async fn forget_user(&self, user_id: i64) -> Result<u64> {
@@ -503,6 +599,95 @@ mod tests {
             db.set_feedback(9999, "telegram:42", None, Some(1), None)
                 .await
                 .is_err()
+        );
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn a_removed_rating_goes_and_a_correction_stays(pool: SqlitePool) {
+        let db = Db::from_pool(pool);
+        let (assistant, user, chat) = setup(&db).await;
+        let conv = db
+            .current_conversation(assistant, chat, None, Some(user.id))
+            .await
+            .unwrap();
+        let a = db
+            .insert_message(&msg(conv.id, Role::Assistant, "a", None, Some("900")))
+            .await
+            .unwrap();
+        db.set_feedback(a.id, "discord:42", Some(user.id), Some(1), None)
+            .await
+            .unwrap();
+        db.set_feedback(a.id, "discord:43", None, Some(-1), Some("better"))
+            .await
+            .unwrap();
+        assert!(db.delete_feedback(a.id, "discord:42").await.unwrap());
+        assert!(!db.delete_feedback(a.id, "discord:42").await.unwrap());
+        assert!(db.delete_feedback(a.id, "discord:43").await.unwrap());
+        let left: Vec<(String, Option<i64>, Option<String>)> =
+            sqlx::query_as("select rater, rating, correction from feedback")
+                .fetch_all(db.pool())
+                .await
+                .unwrap();
+        assert_eq!(
+            left,
+            vec![("discord:43".to_string(), None, Some("better".to_string()))]
+        );
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn replies_are_found_by_platform_id_and_by_the_message_they_answer(pool: SqlitePool) {
+        let db = Db::from_pool(pool);
+        let (assistant, user, chat) = setup(&db).await;
+        let conv = db
+            .current_conversation(assistant, chat, Some("t9"), Some(user.id))
+            .await
+            .unwrap();
+        db.insert_message(&msg(conv.id, Role::User, "q1", Some(user.id), Some("1")))
+            .await
+            .unwrap();
+        let a1 = db
+            .insert_message(&msg(conv.id, Role::Assistant, "a1", None, Some("2")))
+            .await
+            .unwrap();
+        db.insert_message(&msg(conv.id, Role::User, "q2", Some(user.id), Some("3")))
+            .await
+            .unwrap();
+        assert_eq!(
+            db.stored_reply_to(conv.id, "1")
+                .await
+                .unwrap()
+                .map(|m| m.id),
+            Some(a1.id)
+        );
+        assert_eq!(db.stored_reply_to(conv.id, "3").await.unwrap(), None);
+        // Telegram's chat: the platform must match.
+        assert_eq!(
+            db.reply_by_platform_id(Platform::Telegram, "2")
+                .await
+                .unwrap()
+                .map(|m| m.content),
+            Some("a1".to_string())
+        );
+        assert_eq!(
+            db.reply_by_platform_id(Platform::Discord, "2")
+                .await
+                .unwrap(),
+            None
+        );
+        // A user message is not a reply.
+        assert_eq!(
+            db.reply_by_platform_id(Platform::Telegram, "1")
+                .await
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            db.chat_of_thread(Platform::Telegram, "t9").await.unwrap(),
+            Some((chat, "42".to_string()))
+        );
+        assert_eq!(
+            db.chat_of_thread(Platform::Discord, "t9").await.unwrap(),
+            None
         );
     }
 

@@ -1,6 +1,7 @@
 //! Start the real server on port 0 with a fresh SQLite file and a tiny random model.
 #![allow(dead_code)]
 
+pub mod fake_discord;
 pub mod fake_telegram;
 
 use loraloop_model::testing::{TinySpec, write_tiny_chat_model};

@@ -1,0 +1,925 @@
+//! The Discord bot: serenity's gateway client (no cache, no framework) in front of the same
+//! chat service and storage as the Telegram bot.
+//!
+//! Where it answers: every direct message; in a server, a message that mentions the bot or
+//! replies to one of its messages. A mention in a server channel starts a thread on the
+//! message (when the bot may create threads there; otherwise it answers in the channel),
+//! and every later message in a thread the bot started is answered: one conversation per
+//! thread.
+//!
+//! Every message the bot is going to answer is stored in `inbound_updates` (keyed by its
+//! Discord id) before it is handled, and the handlers work from the stored rows: a message
+//! that Discord delivers twice (a RESUME replay, a redelivery) is answered once, and one
+//! stored but not answered when the process died is answered on the next READY. Each
+//! channel's messages are handled in order, channels in parallel.
+//!
+//! Replies stream: the first words are sent as soon as they exist and the message is edited
+//! as tokens arrive (at most one edit per [`EDIT_INTERVAL`] per reply, within Discord's 5
+//! edits per 5 s per channel); the final text arrives complete, split at Discord's
+//! 2,000-character limit, and the bot adds 👍 and 👎 to it: a user's 👍/👎 reaction on
+//! the reply's first message is a rating, removing the reaction removes the rating.
+
+use crate::bots::{RateLimiter, split_message};
+use crate::chat;
+use crate::state::AppState;
+use loraloop_core::storage::{PendingUpdate, Platform};
+use loraloop_model::engine::{AdapterChoice, Event};
+use secrecy::{ExposeSecret, SecretString};
+use serenity::all::{
+    ButtonStyle, ChannelId, Command, CommandInteraction, ComponentInteraction, Context,
+    CreateActionRow, CreateAllowedMentions, CreateButton, CreateCommand, CreateInteractionResponse,
+    CreateInteractionResponseMessage, CreateMessage, CreateThread, EditMessage, EventHandler,
+    GatewayIntents, GuildId, Http, HttpBuilder, Interaction, Message, MessageId, Reaction,
+    ReactionType, Ready, ResumedEvent, UserId,
+};
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Discord's limit on a message's content.
+pub const MAX_MESSAGE_CHARS: usize = 2000;
+/// Edits of a streamed reply: at most one per this interval.
+pub const EDIT_INTERVAL: Duration = Duration::from_secs(1);
+/// Discord shows "typing" for about 10 s after each trigger.
+const TYPING_INTERVAL: Duration = Duration::from_secs(8);
+const THUMBS_UP: &str = "👍";
+const THUMBS_DOWN: &str = "👎";
+
+const HELP_TEXT: &str = "I'm an assistant that runs on a small language model and learns from conversations.\n\nWrite to me in a direct message, or mention me in a server: I answer in a thread, and everything in that thread is one conversation. Rate my replies with 👍 / 👎 reactions: your ratings (and the conversations) may be used to improve the assistant.\n\n/reset starts a new conversation here, /forget deletes everything stored about you, /help shows this again.";
+const NOT_HERE: &str = "Sorry, this assistant does not answer in this channel.";
+const NO_DMS: &str = "Sorry, this assistant does not answer direct messages.";
+const SLOW_DOWN: &str = "You're sending messages faster than I can answer; please wait a minute.";
+
+/// The gateway events the bot needs: messages (guilds and DMs) with their content, and
+/// reactions for the ratings. MESSAGE_CONTENT is privileged: it must be switched on in the
+/// application's Bot settings.
+pub fn intents() -> GatewayIntents {
+    GatewayIntents::GUILD_MESSAGES
+        | GatewayIntents::DIRECT_MESSAGES
+        | GatewayIntents::MESSAGE_CONTENT
+        | GatewayIntents::GUILD_MESSAGE_REACTIONS
+        | GatewayIntents::DIRECT_MESSAGE_REACTIONS
+}
+
+/// The slash commands, registered (bulk overwrite) on every READY.
+pub fn commands() -> Vec<CreateCommand> {
+    vec![
+        CreateCommand::new("reset").description("Start a new conversation here"),
+        CreateCommand::new("forget").description("Delete everything stored about you"),
+        CreateCommand::new("help").description("How to use this bot"),
+        CreateCommand::new("status")
+            .description("Active adapter and training job (members with the admin role)"),
+    ]
+}
+
+/// Run the bot until `stop` is notified.
+pub async fn run(
+    state: AppState,
+    token: SecretString,
+    stop: Arc<tokio::sync::Notify>,
+) -> anyhow::Result<()> {
+    let cfg = &state.config.raw.discord;
+    let mut http = HttpBuilder::new(token.expose_secret())
+        .default_allowed_mentions(CreateAllowedMentions::new().replied_user(false));
+    if let Some(url) = &cfg.api_url {
+        // serenity sends to a proxy only with its own rate limiter off; the proxy limits.
+        http = http
+            .proxy(url.trim_end_matches('/'))
+            .ratelimiter_disabled(true);
+    }
+    let http = http.build();
+    let rate = RateLimiter::new(cfg.rate_limit_per_minute);
+    let bot = Arc::new(DiscordBot {
+        state,
+        me: OnceLock::new(),
+        http: OnceLock::new(),
+        workers: Mutex::new(HashMap::new()),
+        queued: Mutex::new(HashSet::new()),
+        threads: Mutex::new(HashMap::new()),
+        rate,
+        wake: tokio::sync::Notify::new(),
+    });
+    let builder = serenity::all::ClientBuilder::new_with_http(http, intents())
+        .event_handler(Handler(bot.clone()));
+    let mut client = tokio::select! {
+        c = builder => c.map_err(|e| anyhow::anyhow!("discord: {e}"))?,
+        _ = stop.notified() => return Ok(()),
+    };
+    let _ = bot.http.set(client.http.clone());
+    let shards = client.shard_manager.clone();
+    let dispatcher = tokio::spawn(bot.clone().dispatcher());
+    let mut gateway = tokio::spawn(async move { client.start().await });
+    let result = tokio::select! {
+        r = &mut gateway => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(anyhow::anyhow!("discord gateway: {e}")),
+            Err(e) => Err(anyhow::anyhow!("discord gateway task: {e}")),
+        },
+        _ = stop.notified() => {
+            // Close the gateway connection (close frame 1000) and wait for the shard to end.
+            shards.shutdown_all().await;
+            if tokio::time::timeout(Duration::from_secs(10), &mut gateway).await.is_err() {
+                tracing::warn!("discord: the gateway did not stop in 10 s");
+                gateway.abort();
+            }
+            Ok(())
+        }
+    };
+    dispatcher.abort();
+    tracing::info!("discord: stopped");
+    result
+}
+
+/// Retry a Discord call on transient errors (429, 5xx, network) with backoff; a permanent
+/// error (missing permission, unknown channel, bad request) returns at once. (With a proxy
+/// serenity's own rate limiter is off, so a 429 reaches this; serenity does not hand over
+/// the answer's `retry_after`, so the wait is the backoff.)
+pub async fn retry<T, F, Fut>(what: &str, mut call: F) -> serenity::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = serenity::Result<T>>,
+{
+    let mut delay = Duration::from_millis(250);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(e) if attempt < 8 && transient(&e) => {
+                tracing::debug!("discord {what}: {e}; retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(8));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn transient(e: &serenity::Error) -> bool {
+    use serenity::http::HttpError;
+    match e {
+        serenity::Error::Http(HttpError::UnsuccessfulRequest(r)) => {
+            r.status_code.as_u16() == 429 || r.status_code.is_server_error()
+        }
+        serenity::Error::Http(HttpError::Request(_)) | serenity::Error::Io(_) => true,
+        _ => false,
+    }
+}
+
+/// Where a message or a command came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    Dm,
+    /// A server channel that is not one of the bot's threads.
+    Channel {
+        guild: GuildId,
+    },
+    /// A thread the bot started: its parent channel's chat row and Discord id.
+    Thread {
+        guild: GuildId,
+        chat: i64,
+        parent: u64,
+    },
+}
+
+pub struct DiscordBot {
+    state: AppState,
+    me: OnceLock<UserId>,
+    /// serenity's client, set once it is built (before the gateway starts and any event).
+    http: OnceLock<Arc<Http>>,
+    /// One worker per channel with queued messages: a channel's messages run in order.
+    workers: Mutex<HashMap<ChannelId, mpsc::UnboundedSender<PendingUpdate>>>,
+    /// Stored messages handed to a worker and not finished.
+    queued: Mutex<HashSet<String>>,
+    /// The bot's threads: thread id -> (parent chat row, parent channel id).
+    threads: Mutex<HashMap<u64, (i64, u64)>>,
+    rate: RateLimiter,
+    /// Rung when a message is stored (and on READY): the dispatcher looks for pending ones.
+    wake: tokio::sync::Notify,
+}
+
+struct Handler(Arc<DiscordBot>);
+
+#[serenity::async_trait]
+impl EventHandler for Handler {
+    async fn ready(&self, ctx: Context, ready: Ready) {
+        let _ = self.0.me.set(ready.user.id);
+        tracing::info!(
+            "discord: connected as {} ({} server(s))",
+            ready.user.name,
+            ready.guilds.len()
+        );
+        // Messages stored by an earlier run and not answered.
+        self.0.wake.notify_one();
+        let dev_guild = self.0.state.config.raw.discord.dev_guild_id;
+        let registered = retry("register commands", || async {
+            match dev_guild {
+                Some(g) => GuildId::new(g).set_commands(&ctx.http, commands()).await,
+                None => Command::set_global_commands(&ctx.http, commands()).await,
+            }
+        })
+        .await;
+        if let Err(e) = registered {
+            tracing::warn!("discord: registering the slash commands failed: {e}");
+        }
+    }
+
+    async fn resume(&self, _ctx: Context, _: ResumedEvent) {
+        tracing::info!("discord: gateway session resumed");
+    }
+
+    async fn message(&self, _ctx: Context, m: Message) {
+        if let Err(e) = self.0.receive(m).await {
+            tracing::error!("discord: cannot store a message: {e:#}");
+        }
+    }
+
+    async fn reaction_add(&self, _ctx: Context, r: Reaction) {
+        if let Err(e) = self.0.on_reaction(r, true).await {
+            tracing::warn!("discord: reaction: {e:#}");
+        }
+    }
+
+    async fn reaction_remove(&self, _ctx: Context, r: Reaction) {
+        if let Err(e) = self.0.on_reaction(r, false).await {
+            tracing::warn!("discord: reaction removal: {e:#}");
+        }
+    }
+
+    async fn interaction_create(&self, ctx: Context, interaction: Interaction) {
+        let outcome = match interaction {
+            Interaction::Command(c) => self.0.on_command(&ctx.http, &c).await,
+            Interaction::Component(c) => self.0.on_component(&ctx.http, &c).await,
+            _ => Ok(()),
+        };
+        if let Err(e) = outcome {
+            tracing::warn!("discord: interaction: {e:#}");
+        }
+    }
+}
+
+fn ephemeral(text: impl Into<String>) -> CreateInteractionResponse {
+    CreateInteractionResponse::Message(
+        CreateInteractionResponseMessage::new()
+            .content(text)
+            .ephemeral(true),
+    )
+}
+
+/// A message's content without mentions of `me`.
+fn without_mention(content: &str, me: UserId) -> String {
+    content
+        .replace(&format!("<@{me}>"), "")
+        .replace(&format!("<@!{me}>"), "")
+        .trim()
+        .to_string()
+}
+
+/// A thread name from the first words of a message (Discord allows 100 characters).
+fn thread_name(text: &str, author: &str) -> String {
+    let line = text.lines().next().unwrap_or("").trim();
+    if line.is_empty() {
+        return format!("Conversation with {author}");
+    }
+    let mut name: String = line.chars().take(80).collect();
+    if line.chars().count() > 80 {
+        name.push('…');
+    }
+    name
+}
+
+impl DiscordBot {
+    fn me(&self) -> Option<UserId> {
+        self.me.get().copied()
+    }
+
+    /// The bot's thread this channel is, if it is one (memory, then the database).
+    async fn bot_thread(&self, channel: ChannelId) -> anyhow::Result<Option<(i64, u64)>> {
+        if let Some(t) = self
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&channel.get())
+        {
+            return Ok(Some(*t));
+        }
+        let found = self
+            .state
+            .db
+            .chat_of_thread(Platform::Discord, &channel.get().to_string())
+            .await?;
+        Ok(match found {
+            Some((chat, parent)) => {
+                let parent: u64 = parent.parse()?;
+                self.threads
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(channel.get(), (chat, parent));
+                Some((chat, parent))
+            }
+            None => None,
+        })
+    }
+
+    async fn place(&self, guild: Option<GuildId>, channel: ChannelId) -> anyhow::Result<Place> {
+        let Some(guild) = guild else {
+            return Ok(Place::Dm);
+        };
+        Ok(match self.bot_thread(channel).await? {
+            Some((chat, parent)) => Place::Thread {
+                guild,
+                chat,
+                parent,
+            },
+            None => Place::Channel { guild },
+        })
+    }
+
+    /// Whether the allowlists let the bot answer here.
+    fn allowed(&self, place: Place, channel: ChannelId) -> bool {
+        let cfg = &self.state.config.raw.discord;
+        let (guild, channel) = match place {
+            Place::Dm => return cfg.direct_messages,
+            Place::Channel { guild } => (guild.get(), channel.get()),
+            Place::Thread { guild, parent, .. } => (guild.get(), parent),
+        };
+        (cfg.allowed_guild_ids.is_empty() || cfg.allowed_guild_ids.contains(&guild))
+            && (cfg.allowed_channel_ids.is_empty() || cfg.allowed_channel_ids.contains(&channel))
+    }
+
+    /// A message from the gateway: store it if the bot is to answer it, then wake the
+    /// dispatcher.
+    async fn receive(&self, m: Message) -> anyhow::Result<()> {
+        let Some(me) = self.me() else {
+            return Ok(());
+        };
+        if m.author.bot || m.author.id == me {
+            return Ok(());
+        }
+        let addressed = m.guild_id.is_none()
+            || m.mentions.iter().any(|u| u.id == me)
+            || m.referenced_message
+                .as_ref()
+                .is_some_and(|r| r.author.id == me)
+            || self.bot_thread(m.channel_id).await?.is_some();
+        if !addressed {
+            return Ok(());
+        }
+        let payload = serde_json::to_string(&m)?;
+        if self
+            .state
+            .db
+            .store_update(Platform::Discord, &m.id.get().to_string(), &payload)
+            .await?
+        {
+            self.wake.notify_one();
+        } else {
+            tracing::debug!("discord: message {} was delivered again", m.id);
+        }
+        Ok(())
+    }
+
+    /// Hand every pending message to its channel's worker, in message order.
+    async fn dispatcher(self: Arc<Self>) {
+        loop {
+            self.wake.notified().await;
+            let pending = match self.state.db.pending_updates(Platform::Discord).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!("discord: cannot read pending messages: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    self.wake.notify_one();
+                    continue;
+                }
+            };
+            for p in pending {
+                let new = self
+                    .queued
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(p.update_key.clone());
+                if !new {
+                    continue;
+                }
+                let channel = serde_json::from_str::<Message>(&p.payload)
+                    .map(|m| m.channel_id)
+                    .unwrap_or(ChannelId::new(1));
+                let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+                let sent = workers.get(&channel).map(|tx| tx.send(p.clone()));
+                if !matches!(sent, Some(Ok(()))) {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    let _ = tx.send(p);
+                    workers.insert(channel, tx);
+                    tokio::spawn(self.clone().worker(channel, rx));
+                }
+            }
+        }
+    }
+
+    /// Handle one channel's messages in order; ends when its queue is empty.
+    async fn worker(
+        self: Arc<Self>,
+        channel: ChannelId,
+        mut rx: mpsc::UnboundedReceiver<PendingUpdate>,
+    ) {
+        loop {
+            let next = match rx.try_recv() {
+                Ok(p) => p,
+                Err(_) => {
+                    // Ended under the lock the dispatcher sends under: nothing is lost.
+                    let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+                    match rx.try_recv() {
+                        Ok(p) => p,
+                        Err(_) => {
+                            workers.remove(&channel);
+                            return;
+                        }
+                    }
+                }
+            };
+            let key = next.update_key.clone();
+            // The dispatcher may have read it as pending just before an earlier pass of
+            // this worker finished it.
+            let status: Option<(String,)> = sqlx::query_as(
+                "select status from inbound_updates where platform = 'discord' and update_key = ?",
+            )
+            .bind(&key)
+            .fetch_optional(self.state.db.pool())
+            .await
+            .unwrap_or(None);
+            if status.is_some_and(|(s,)| s != "pending") {
+                self.queued
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&key);
+                continue;
+            }
+            let outcome = match serde_json::from_str::<Message>(&next.payload) {
+                Ok(m) => self.on_message(m).await,
+                Err(e) => Err(anyhow::anyhow!("unreadable message: {e}")),
+            };
+            let error = match &outcome {
+                Ok(()) => None,
+                Err(e) => {
+                    tracing::warn!("discord: message {key} failed: {e:#}");
+                    Some(format!("{e:#}"))
+                }
+            };
+            if let Err(e) = self
+                .state
+                .db
+                .finish_update(Platform::Discord, &key, error.as_deref())
+                .await
+            {
+                tracing::error!("discord: cannot record message {key}: {e}");
+            }
+            self.queued
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key);
+        }
+    }
+
+    fn http(&self) -> &Http {
+        self.http
+            .get()
+            .expect("`run` sets the HTTP client before it starts the gateway")
+    }
+
+    async fn say(&self, channel: ChannelId, text: &str) -> anyhow::Result<Message> {
+        Ok(retry("send message", || {
+            channel.send_message(self.http(), CreateMessage::new().content(text))
+        })
+        .await?)
+    }
+
+    async fn on_message(&self, m: Message) -> anyhow::Result<()> {
+        let me = self.me().ok_or_else(|| anyhow::anyhow!("not connected"))?;
+        let mut channel = m.channel_id;
+        let mut place = self.place(m.guild_id, channel).await?;
+        if !self.allowed(place, channel) {
+            let text = if place == Place::Dm { NO_DMS } else { NOT_HERE };
+            self.say(channel, text).await?;
+            return Ok(());
+        }
+        let (ok, notice) = self.rate.check(m.author.id.get());
+        if !ok {
+            if notice {
+                self.say(channel, SLOW_DOWN).await?;
+            }
+            return Ok(());
+        }
+        let text = without_mention(&m.content, me);
+        if text.is_empty() {
+            self.say(
+                channel,
+                if m.attachments.is_empty() && m.sticker_items.is_empty() {
+                    "Yes?"
+                } else {
+                    "Sorry, I only understand text messages."
+                },
+            )
+            .await?;
+            return Ok(());
+        }
+        let db = &self.state.db;
+        let user = db
+            .upsert_platform_user(
+                Platform::Discord,
+                &m.author.id.get().to_string(),
+                Some(&m.author.name),
+                m.author.global_name.as_deref(),
+            )
+            .await?;
+        // A mention in a server channel: a thread on the message holds the conversation.
+        let replied_to_me = m
+            .referenced_message
+            .as_ref()
+            .is_some_and(|r| r.author.id == me);
+        if let Place::Channel { guild } = place
+            && !replied_to_me
+        {
+            let name = thread_name(&text, &m.author.name);
+            match retry("start thread", || {
+                channel.create_thread_from_message(self.http(), m.id, CreateThread::new(&name))
+            })
+            .await
+            {
+                Ok(thread) => {
+                    let chat = db
+                        .upsert_chat(
+                            Platform::Discord,
+                            &channel.get().to_string(),
+                            "channel",
+                            None,
+                        )
+                        .await?;
+                    self.threads
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(thread.id.get(), (chat, channel.get()));
+                    place = Place::Thread {
+                        guild,
+                        chat,
+                        parent: channel.get(),
+                    };
+                    channel = thread.id;
+                }
+                Err(e) => tracing::info!(
+                    "discord: cannot start a thread in channel {channel} ({e}); answering there"
+                ),
+            }
+        }
+        let (chat, thread) = match place {
+            Place::Dm => (
+                db.upsert_chat(
+                    Platform::Discord,
+                    &channel.get().to_string(),
+                    "private",
+                    None,
+                )
+                .await?,
+                None,
+            ),
+            Place::Channel { .. } => (
+                db.upsert_chat(
+                    Platform::Discord,
+                    &channel.get().to_string(),
+                    "channel",
+                    None,
+                )
+                .await?,
+                None,
+            ),
+            Place::Thread { chat, .. } => (chat, Some(channel.get().to_string())),
+        };
+        let conv = db
+            .current_conversation(
+                self.state.assistant.id,
+                chat,
+                thread.as_deref(),
+                Some(user.id),
+            )
+            .await?;
+        let message_id = m.id.get().to_string();
+        // A replayed message (the process died before marking it done): a stored reply is
+        // not generated again; if Discord took it, nothing is left to do, otherwise the
+        // stored text is sent.
+        if let Some(earlier) = db.stored_reply_to(conv.id, &message_id).await? {
+            if earlier.platform_message_id.is_none() {
+                self.deliver(channel, None, &earlier.content, earlier.id)
+                    .await?;
+            }
+            return Ok(());
+        }
+        let _ = channel.broadcast_typing(self.http()).await;
+        let mut last_typing = Instant::now();
+        let mut turn = chat::start_turn_from(
+            &self.state,
+            conv.id,
+            Some(user.id),
+            &text,
+            Some(&message_id),
+            AdapterChoice::Active,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        let mut reply = String::new();
+        let mut sent: Option<MessageId> = None;
+        let mut last_edit = Instant::now();
+        let finished = loop {
+            match turn.generation.next().await {
+                Some(Event::Text(t)) => {
+                    reply.push_str(&t);
+                    let shown = reply.trim();
+                    if shown.is_empty() || shown.chars().count() > MAX_MESSAGE_CHARS {
+                        if sent.is_none() && last_typing.elapsed() >= TYPING_INTERVAL {
+                            let _ = channel.broadcast_typing(self.http()).await;
+                            last_typing = Instant::now();
+                        }
+                        continue;
+                    }
+                    match sent {
+                        None => {
+                            sent = Some(self.say(channel, shown).await?.id);
+                            last_edit = Instant::now();
+                        }
+                        Some(id) if last_edit.elapsed() >= EDIT_INTERVAL => {
+                            let _ = retry("edit message", || {
+                                channel.edit_message(
+                                    self.http(),
+                                    id,
+                                    EditMessage::new().content(shown),
+                                )
+                            })
+                            .await;
+                            last_edit = Instant::now();
+                        }
+                        Some(_) => {}
+                    }
+                }
+                Some(Event::Finished(f)) => break f,
+                Some(Event::Failed(e)) => {
+                    self.say(
+                        channel,
+                        "Sorry, I could not answer that (the model failed).",
+                    )
+                    .await?;
+                    anyhow::bail!("generation failed: {e}");
+                }
+                Some(Event::Started { .. }) => {}
+                None => anyhow::bail!("the engine stopped"),
+            }
+        };
+        drop(turn.in_flight);
+        let stored = chat::store_reply(&self.state, conv.id, &finished)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        self.deliver(channel, sent, &finished.text, stored.id).await
+    }
+
+    /// Send a stored reply's final text (editing the streamed message `sent` when there is
+    /// one), split at the length limit; add the rating reactions to its first part and
+    /// record that part's Discord id.
+    async fn deliver(
+        &self,
+        channel: ChannelId,
+        sent: Option<MessageId>,
+        text: &str,
+        stored_id: i64,
+    ) -> anyhow::Result<()> {
+        let full = if text.trim().is_empty() {
+            "…".to_string()
+        } else {
+            text.trim().to_string()
+        };
+        let mut first = None;
+        for (i, part) in split_message(&full, MAX_MESSAGE_CHARS).iter().enumerate() {
+            let id = match (i, sent) {
+                (0, Some(id)) => {
+                    retry("edit message", || {
+                        channel.edit_message(self.http(), id, EditMessage::new().content(part))
+                    })
+                    .await?;
+                    id
+                }
+                _ => self.say(channel, part).await?.id,
+            };
+            first.get_or_insert(id);
+        }
+        let Some(first) = first else {
+            return Ok(());
+        };
+        sqlx::query("update messages set platform_message_id = ? where id = ?")
+            .bind(first.get().to_string())
+            .bind(stored_id)
+            .execute(self.state.db.pool())
+            .await?;
+        for emoji in [THUMBS_UP, THUMBS_DOWN] {
+            if let Err(e) = retry("add reaction", || {
+                channel.create_reaction(
+                    self.http(),
+                    first,
+                    ReactionType::Unicode(emoji.to_string()),
+                )
+            })
+            .await
+            {
+                // A missing permission must not fail the reply: people can still react.
+                tracing::info!("discord: cannot add {emoji} to a reply: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// A 👍/👎 added to or removed from one of the bot's replies.
+    async fn on_reaction(&self, r: Reaction, added: bool) -> anyhow::Result<()> {
+        let Some(me) = self.me() else {
+            return Ok(());
+        };
+        let Some(user_id) = r.user_id else {
+            return Ok(());
+        };
+        if user_id == me {
+            return Ok(());
+        }
+        let rating = match &r.emoji {
+            ReactionType::Unicode(e) if e.as_str() == THUMBS_UP => 1,
+            ReactionType::Unicode(e) if e.as_str() == THUMBS_DOWN => -1,
+            _ => return Ok(()),
+        };
+        let db = &self.state.db;
+        let Some(reply) = db
+            .reply_by_platform_id(Platform::Discord, &r.message_id.get().to_string())
+            .await?
+        else {
+            return Ok(());
+        };
+        let rater = format!("discord:{user_id}");
+        if added {
+            let user = self
+                .user_row(user_id, r.member.as_ref().map(|m| &m.user))
+                .await?;
+            db.set_feedback(reply.id, &rater, Some(user), Some(rating), None)
+                .await?;
+        } else {
+            // Only the rating that reaction gave: 👍 removed after 👎 was added keeps 👎.
+            let (current,): (Option<i64>,) =
+                sqlx::query_as("select rating from feedback where message_id = ? and rater = ?")
+                    .bind(reply.id)
+                    .bind(&rater)
+                    .fetch_optional(db.pool())
+                    .await?
+                    .unwrap_or((None,));
+            if current == Some(rating) {
+                db.delete_feedback(reply.id, &rater).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The stored user's row id, created when first seen (names from `user` when known).
+    async fn user_row(
+        &self,
+        id: UserId,
+        user: Option<&serenity::all::User>,
+    ) -> anyhow::Result<i64> {
+        let db = &self.state.db;
+        if user.is_none() {
+            let known: Option<(i64,)> = sqlx::query_as(
+                "select id from platform_users where platform = 'discord' and platform_user_id = ?",
+            )
+            .bind(id.get().to_string())
+            .fetch_optional(db.pool())
+            .await?;
+            if let Some((row,)) = known {
+                return Ok(row);
+            }
+        }
+        Ok(db
+            .upsert_platform_user(
+                Platform::Discord,
+                &id.get().to_string(),
+                user.map(|u| u.name.as_str()),
+                user.and_then(|u| u.global_name.as_deref()),
+            )
+            .await?
+            .id)
+    }
+
+    async fn on_command(&self, http: &Http, c: &CommandInteraction) -> anyhow::Result<()> {
+        let place = self.place(c.guild_id, c.channel_id).await?;
+        let answer = if !self.allowed(place, c.channel_id) {
+            ephemeral(if place == Place::Dm { NO_DMS } else { NOT_HERE })
+        } else {
+            match c.data.name.as_str() {
+                "help" => ephemeral(HELP_TEXT),
+                "reset" => {
+                    let db = &self.state.db;
+                    let (chat, thread) = match place {
+                        Place::Thread { chat, .. } => {
+                            (Some(chat), Some(c.channel_id.get().to_string()))
+                        }
+                        _ => {
+                            let row: Option<(i64,)> = sqlx::query_as(
+                                "select id from chats where platform = 'discord' and platform_chat_id = ?",
+                            )
+                            .bind(c.channel_id.get().to_string())
+                            .fetch_optional(db.pool())
+                            .await?;
+                            (row.map(|(id,)| id), None)
+                        }
+                    };
+                    if let Some(chat) = chat {
+                        db.close_conversations(chat, thread.as_deref()).await?;
+                    }
+                    ephemeral("Started a new conversation.")
+                }
+                "forget" => CreateInteractionResponse::Message(
+                    CreateInteractionResponseMessage::new()
+                        .content("This deletes your messages and ratings and keeps you out of every future training dataset. Sure?")
+                        .ephemeral(true)
+                        .components(vec![CreateActionRow::Buttons(vec![
+                            CreateButton::new(format!("forget:{}", c.user.id))
+                                .label("Yes, delete everything about me")
+                                .style(ButtonStyle::Danger),
+                        ])]),
+                ),
+                "status" => ephemeral(self.status(http, c).await?),
+                other => ephemeral(format!(
+                    "I don't know /{other}. /help lists what I understand."
+                )),
+            }
+        };
+        retry("interaction response", || {
+            c.create_response(http, answer.clone())
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// `/status`, for members with the configured admin role.
+    async fn status(&self, http: &Http, c: &CommandInteraction) -> anyhow::Result<String> {
+        let Some(role_name) = &self.state.config.raw.discord.admin_role else {
+            return Ok("Not allowed: no admin role is configured (`discord.admin_role`).".into());
+        };
+        let (Some(guild), Some(member)) = (c.guild_id, c.member.as_ref()) else {
+            return Ok("Not allowed: /status works in a server, for its admins.".into());
+        };
+        let roles = retry("guild roles", || guild.roles(http)).await?;
+        let admin = roles
+            .values()
+            .filter(|r| &r.name == role_name)
+            .any(|r| member.roles.contains(&r.id));
+        if !admin {
+            return Ok(format!(
+                "Not allowed: /status is for members with the {role_name} role."
+            ));
+        }
+        let active = self.state.engine.active_adapter();
+        let job = self
+            .state
+            .db
+            .list_jobs(None, 20)
+            .await?
+            .into_iter()
+            .find(|j| j.state == "running" || j.state == "queued");
+        let job = match job {
+            Some(j) => match j.total_steps {
+                Some(t) => format!("job {} is {} (step {} of {t})", j.id, j.state, j.step),
+                None => format!("job {} is {}", j.id, j.state),
+            },
+            None => "no job running".to_string(),
+        };
+        Ok(format!(
+            "Model: {}\nActive adapter: {}\nTraining: {job}",
+            self.state.model.name,
+            active.map_or_else(|| "none (base model)".to_string(), |t| t.name)
+        ))
+    }
+
+    async fn on_component(&self, http: &Http, c: &ComponentInteraction) -> anyhow::Result<()> {
+        let answer = match c.data.custom_id.strip_prefix("forget:") {
+            Some(who) if who == c.user.id.get().to_string() => {
+                let user = self.user_row(c.user.id, Some(&c.user)).await?;
+                let n = self.state.db.forget_user(user).await?;
+                CreateInteractionResponse::UpdateMessage(
+                    CreateInteractionResponseMessage::new()
+                        .content(format!(
+                            "Done: {n} message(s) deleted, and you are excluded from training."
+                        ))
+                        .components(vec![]),
+                )
+            }
+            Some(_) => ephemeral("Only that user can confirm this."),
+            None => ephemeral("Unknown button."),
+        };
+        retry("interaction response", || {
+            c.create_response(http, answer.clone())
+        })
+        .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,855 @@
+//! A fake Discord on 127.0.0.1 for the bot's tests and load runs: the gateway (WebSocket:
+//! HELLO, IDENTIFY, READY, heartbeats with ACK, dispatches with increasing `s`, RESUME with
+//! a replay of what the session missed, then RESUMED) and the REST API under `/api/v10`
+//! (messages, edits, typing, reactions, threads, roles, slash-command registration,
+//! interaction callbacks).
+//!
+//! Tests act as users ([`FakeDiscord::dm`], [`FakeDiscord::guild_message`],
+//! [`FakeDiscord::react`], [`FakeDiscord::command`], [`FakeDiscord::button`]) and read
+//! what the bot did ([`FakeDiscord::sent`] with creation and edit times, [`FakeDiscord::calls`]).
+//! [`FakeDiscord::disconnect`] closes the gateway connection; events dispatched until the
+//! bot resumes are replayed to it, as Discord does.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message as Ws;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+pub const BOT_ID: u64 = 990_000_000_000_000_001;
+pub const APP_ID: u64 = 990_000_000_000_000_002;
+pub const BOT_NAME: &str = "loraloop";
+/// The heartbeat interval the fake asks for (short, so heartbeats happen in tests).
+pub const HEARTBEAT_MS: u64 = 1500;
+const TIMESTAMP: &str = "2025-01-01T00:00:00.000000+00:00";
+
+/// One REST call the bot made.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub method: String,
+    /// The path after `/api/v10`, e.g. `/channels/5/messages`.
+    pub path: String,
+    pub body: Value,
+    pub at: Instant,
+    /// The status the fake answered.
+    pub status: u16,
+}
+
+/// A message the bot created, with every later edit.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub id: u64,
+    pub channel: u64,
+    pub created: Instant,
+    /// The content as created, then after each edit: (when, content).
+    pub versions: Vec<(Instant, String)>,
+    /// Emoji the bot put on it.
+    pub reactions: Vec<String>,
+    pub body: Value,
+}
+
+impl Sent {
+    pub fn text(&self) -> &str {
+        &self.versions.last().expect("created with a version").1
+    }
+}
+
+/// The gateway's state of one bot session.
+#[derive(Default)]
+struct Gateway {
+    seq: u64,
+    /// Every dispatch with its `s`, to replay on RESUME.
+    log: Vec<(u64, Value)>,
+    /// The highest `s` written to any connection.
+    sent_upto: u64,
+    session_id: Option<String>,
+    /// The live connection (id, sender) once it is identified or resumed.
+    live: Option<(u64, mpsc::UnboundedSender<Ws>)>,
+    /// Every connection's sender, by id.
+    conns: HashMap<u64, mpsc::UnboundedSender<Ws>>,
+    next_conn: u64,
+    /// The URL path (with query) of each connection.
+    paths: Vec<String>,
+    identifies: Vec<Value>,
+    resumes: Vec<Value>,
+    heartbeats: usize,
+    /// On the next RESUME, also replay this many events the session had already seen
+    /// (a redelivery).
+    replay_extra: usize,
+}
+
+#[derive(Default)]
+struct Inner {
+    gw: Gateway,
+    calls: Vec<Call>,
+    sent: Vec<Sent>,
+    next_id: u64,
+    /// Answers to force on upcoming calls: (method, path fragment, status, body).
+    inject: VecDeque<(String, String, u16, Value)>,
+    /// Roles per guild: (role id, name).
+    roles: HashMap<u64, Vec<(u64, String)>>,
+    /// Threads created by the bot: thread id -> parent channel.
+    threads: HashMap<u64, u64>,
+    /// When set, calls that create or edit messages wait this long before answering.
+    rest_delay: Option<Duration>,
+}
+
+#[derive(Clone)]
+pub struct FakeDiscord {
+    inner: Arc<Mutex<Inner>>,
+    token: String,
+    /// Base URL of the REST API (what `discord.api_url` is set to).
+    pub api_url: String,
+    /// The gateway's `ws://` URL.
+    pub gateway_url: String,
+}
+
+pub fn user_json(id: u64) -> Value {
+    json!({"id": id.to_string(), "username": format!("user{id}"), "global_name": format!("User {id}"),
+           "discriminator": "0", "avatar": null, "bot": false})
+}
+
+fn bot_user() -> Value {
+    json!({"id": BOT_ID.to_string(), "username": BOT_NAME, "global_name": null, "discriminator": "0",
+           "avatar": null, "bot": true})
+}
+
+fn message_json(
+    id: u64,
+    channel: u64,
+    guild: Option<u64>,
+    author: Value,
+    content: &str,
+    mentions: Vec<Value>,
+    referenced: Option<Value>,
+) -> Value {
+    let mut m = json!({
+        "id": id.to_string(), "channel_id": channel.to_string(), "author": author, "content": content,
+        "timestamp": TIMESTAMP, "edited_timestamp": null, "tts": false, "mention_everyone": false,
+        "mentions": mentions, "mention_roles": [], "attachments": [], "embeds": [], "pinned": false,
+        "type": if referenced.is_some() { 19 } else { 0 }, "flags": 0,
+    });
+    if let Some(g) = guild {
+        m["guild_id"] = json!(g.to_string());
+    }
+    if let Some(r) = referenced {
+        m["message_reference"] = json!({"message_id": r["id"], "channel_id": r["channel_id"]});
+        m["referenced_message"] = r;
+    }
+    m
+}
+
+fn member_json(user: u64, roles: &[u64]) -> Value {
+    json!({"user": user_json(user), "roles": roles.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+           "joined_at": TIMESTAMP, "deaf": false, "mute": false, "flags": 0, "nick": null})
+}
+
+impl FakeDiscord {
+    /// Start the REST API and the gateway on 127.0.0.1; `token` is the bot token both check.
+    pub async fn start(token: &str) -> FakeDiscord {
+        let rest = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ws = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let fake = FakeDiscord {
+            inner: Arc::new(Mutex::new(Inner {
+                next_id: 1_100_000_000_000_000_000,
+                ..Default::default()
+            })),
+            token: token.to_string(),
+            api_url: format!("http://{}", rest.local_addr().unwrap()),
+            gateway_url: format!("ws://{}", ws.local_addr().unwrap()),
+        };
+        let app = axum::Router::new()
+            .fallback(rest_call)
+            .with_state(fake.clone());
+        tokio::spawn(async move { axum::serve(rest, app).await.unwrap() });
+        let f = fake.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = ws.accept().await else {
+                    continue;
+                };
+                tokio::spawn(f.clone().gateway_connection(stream));
+            }
+        });
+        fake
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new snowflake (increasing, all of the same length).
+    pub fn new_id(&self) -> u64 {
+        let mut i = self.lock();
+        i.next_id += 1;
+        i.next_id
+    }
+
+    /// The direct-message channel of a user.
+    pub fn dm_channel(user: u64) -> u64 {
+        800_000_000_000_000_000 + user
+    }
+
+    // ---- acting as users ----
+
+    /// Dispatch a gateway event (`t`, `d`): sent now on a live connection, otherwise kept
+    /// for the next RESUME (or, before the first READY, sent after it).
+    pub fn dispatch(&self, t: &str, d: Value) -> u64 {
+        let mut i = self.lock();
+        let gw = &mut i.gw;
+        gw.seq += 1;
+        let frame = json!({"op": 0, "t": t, "s": gw.seq, "d": d});
+        gw.log.push((gw.seq, frame.clone()));
+        if let Some((_, tx)) = &gw.live
+            && tx.send(Ws::Text(frame.to_string())).is_ok()
+        {
+            gw.sent_upto = gw.seq;
+        }
+        gw.seq
+    }
+
+    /// A direct message from `user`; its message id.
+    pub fn dm(&self, user: u64, text: &str) -> u64 {
+        let id = self.new_id();
+        let m = message_json(
+            id,
+            Self::dm_channel(user),
+            None,
+            user_json(user),
+            text,
+            vec![],
+            None,
+        );
+        self.dispatch("MESSAGE_CREATE", m);
+        id
+    }
+
+    /// A message in a server channel (or thread); `mention` puts `<@bot>` in front of the
+    /// text; `reply_to` makes it a reply to a message the bot sent.
+    pub fn guild_message(
+        &self,
+        guild: u64,
+        channel: u64,
+        user: u64,
+        text: &str,
+        mention: bool,
+        reply_to: Option<u64>,
+    ) -> u64 {
+        let id = self.new_id();
+        let (content, mentions) = if mention {
+            (format!("<@{BOT_ID}> {text}"), vec![bot_user()])
+        } else {
+            (text.to_string(), vec![])
+        };
+        let referenced = reply_to.map(|r| {
+            let sent = self
+                .sent_message(r)
+                .expect("a reply to a message the bot sent");
+            sent.body
+        });
+        let mut m = message_json(
+            id,
+            channel,
+            Some(guild),
+            user_json(user),
+            &content,
+            mentions,
+            referenced,
+        );
+        m["member"] =
+            json!({"roles": [], "joined_at": TIMESTAMP, "deaf": false, "mute": false, "flags": 0});
+        self.dispatch("MESSAGE_CREATE", m);
+        id
+    }
+
+    /// `user` adds (`add`) or removes a reaction on a message.
+    pub fn react(
+        &self,
+        user: u64,
+        guild: Option<u64>,
+        channel: u64,
+        message: u64,
+        emoji: &str,
+        add: bool,
+    ) {
+        let mut d = json!({"user_id": user.to_string(), "channel_id": channel.to_string(),
+                           "message_id": message.to_string(), "emoji": {"id": null, "name": emoji},
+                           "burst": false, "type": 0});
+        if let Some(g) = guild {
+            d["guild_id"] = json!(g.to_string());
+            if add {
+                d["member"] = member_json(user, &[]);
+            }
+        }
+        if add {
+            d["message_author_id"] = json!(BOT_ID.to_string());
+        }
+        self.dispatch(
+            if add {
+                "MESSAGE_REACTION_ADD"
+            } else {
+                "MESSAGE_REACTION_REMOVE"
+            },
+            d,
+        );
+    }
+
+    /// `user` runs the slash command `/name` in a channel (a server channel when `guild` is
+    /// set, with the member's `roles`; a DM otherwise). Returns the interaction id.
+    pub fn command(
+        &self,
+        user: u64,
+        guild: Option<u64>,
+        channel: u64,
+        name: &str,
+        roles: &[u64],
+    ) -> u64 {
+        let id = self.new_id();
+        let mut d = json!({
+            "id": id.to_string(), "application_id": APP_ID.to_string(), "type": 2,
+            "data": {"id": "77", "name": name, "type": 1},
+            "channel_id": channel.to_string(), "token": format!("itoken-{id}"), "version": 1,
+            "locale": "en-US", "entitlements": [], "attachment_size_limit": 8_388_608,
+            "app_permissions": "0",
+        });
+        match guild {
+            Some(g) => {
+                d["guild_id"] = json!(g.to_string());
+                d["member"] = member_json(user, roles);
+                d["context"] = json!(0);
+            }
+            None => {
+                d["user"] = user_json(user);
+                d["context"] = json!(1);
+            }
+        }
+        self.dispatch("INTERACTION_CREATE", d);
+        id
+    }
+
+    /// `user` presses a button with `custom_id` (on an ephemeral message in `channel`).
+    pub fn button(&self, user: u64, guild: Option<u64>, channel: u64, custom_id: &str) -> u64 {
+        let id = self.new_id();
+        let message = message_json(self.new_id(), channel, guild, bot_user(), "…", vec![], None);
+        let mut d = json!({
+            "id": id.to_string(), "application_id": APP_ID.to_string(), "type": 3,
+            "data": {"custom_id": custom_id, "component_type": 2},
+            "channel_id": channel.to_string(), "token": format!("itoken-{id}"), "version": 1,
+            "locale": "en-US", "entitlements": [], "attachment_size_limit": 8_388_608,
+            "message": message,
+        });
+        match guild {
+            Some(g) => {
+                d["guild_id"] = json!(g.to_string());
+                d["member"] = member_json(user, &[]);
+            }
+            None => d["user"] = user_json(user),
+        }
+        self.dispatch("INTERACTION_CREATE", d);
+        id
+    }
+
+    /// The roles of a server (for `/status`'s admin check).
+    pub fn set_roles(&self, guild: u64, roles: &[(u64, &str)]) {
+        self.lock().roles.insert(
+            guild,
+            roles.iter().map(|(i, n)| (*i, n.to_string())).collect(),
+        );
+    }
+
+    // ---- faults ----
+
+    /// Answer the next call whose method is `method` and whose path contains `path` with
+    /// `status` (a 429 gets Discord's body and headers).
+    pub fn fail_next(&self, method: &str, path: &str, status: u16) {
+        let body = if status == 429 {
+            json!({"message": "You are being rate limited.", "retry_after": 0.3, "global": false, "code": 0})
+        } else {
+            json!({"message": "Internal Server Error", "code": 0})
+        };
+        self.lock()
+            .inject
+            .push_back((method.to_string(), path.to_string(), status, body));
+    }
+
+    /// Close the gateway connection (close code 4000, as Discord does on an internal error).
+    /// Events dispatched until the bot resumes are replayed to it.
+    pub fn disconnect(&self) {
+        let mut i = self.lock();
+        if let Some((_, tx)) = i.gw.live.take() {
+            let _ = tx.send(Ws::Close(Some(CloseFrame {
+                code: CloseCode::Library(4000),
+                reason: "fake: reconnect".into(),
+            })));
+        }
+    }
+
+    /// On the next RESUME also replay the last `n` events the session had already received.
+    pub fn replay_extra_on_resume(&self, n: usize) {
+        self.lock().gw.replay_extra = n;
+    }
+
+    /// Delay answers to message creations and edits (a slow Discord).
+    pub fn set_rest_delay(&self, d: Option<Duration>) {
+        self.lock().rest_delay = d;
+    }
+
+    // ---- what the bot did ----
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.lock().calls.clone()
+    }
+
+    /// Calls with this method whose path contains `path`.
+    pub fn calls_to(&self, method: &str, path: &str) -> Vec<Call> {
+        self.lock()
+            .calls
+            .iter()
+            .filter(|c| c.method == method && c.path.contains(path))
+            .cloned()
+            .collect()
+    }
+
+    /// Every message the bot created, in order.
+    pub fn sent(&self) -> Vec<Sent> {
+        self.lock().sent.clone()
+    }
+
+    pub fn sent_message(&self, id: u64) -> Option<Sent> {
+        self.lock().sent.iter().find(|s| s.id == id).cloned()
+    }
+
+    /// The bot's messages in a channel, their latest text.
+    pub fn texts(&self, channel: u64) -> Vec<String> {
+        self.lock()
+            .sent
+            .iter()
+            .filter(|s| s.channel == channel)
+            .map(|s| s.text().to_string())
+            .collect()
+    }
+
+    /// The bot's replies in a channel: its messages that got the rating reactions.
+    pub fn replies(&self, channel: u64) -> Vec<Sent> {
+        self.lock()
+            .sent
+            .iter()
+            .filter(|s| s.channel == channel && s.reactions.len() == 2)
+            .cloned()
+            .collect()
+    }
+
+    /// The interaction responses: (interaction id, response body).
+    pub fn interaction_responses(&self) -> Vec<(u64, Value)> {
+        self.lock()
+            .calls
+            .iter()
+            .filter(|c| {
+                c.method == "POST" && c.path.starts_with("/interactions/") && c.status < 300
+            })
+            .map(|c| {
+                let id = c.path.split('/').nth(2).unwrap().parse().unwrap();
+                (id, c.body.clone())
+            })
+            .collect()
+    }
+
+    /// The threads the bot started: (thread id, parent channel).
+    pub fn threads(&self) -> Vec<(u64, u64)> {
+        let mut t: Vec<(u64, u64)> = self.lock().threads.iter().map(|(a, b)| (*a, *b)).collect();
+        t.sort();
+        t
+    }
+
+    pub fn identifies(&self) -> Vec<Value> {
+        self.lock().gw.identifies.clone()
+    }
+
+    pub fn resumes(&self) -> Vec<Value> {
+        self.lock().gw.resumes.clone()
+    }
+
+    pub fn heartbeats(&self) -> usize {
+        self.lock().gw.heartbeats
+    }
+
+    /// The path (with query) of every gateway connection.
+    pub fn gateway_paths(&self) -> Vec<String> {
+        self.lock().gw.paths.clone()
+    }
+
+    /// Whether a connection is identified or resumed now.
+    pub fn is_live(&self) -> bool {
+        self.lock().gw.live.is_some()
+    }
+
+    /// Whether every gateway connection is closed.
+    pub fn all_closed(&self) -> bool {
+        self.lock().gw.conns.is_empty()
+    }
+
+    // ---- the gateway ----
+
+    async fn gateway_connection(self, stream: tokio::net::TcpStream) {
+        let path = Arc::new(Mutex::new(String::new()));
+        let p = path.clone();
+        #[allow(clippy::result_large_err)]
+        let callback = move |req: &tokio_tungstenite::tungstenite::handshake::server::Request,
+                             resp| {
+            *p.lock().unwrap() = req.uri().to_string();
+            Ok(resp)
+        };
+        let Ok(ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
+            return;
+        };
+        let (mut sink, mut source) = ws.split();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Ws>();
+        let conn = {
+            let mut i = self.lock();
+            i.gw.next_conn += 1;
+            let id = i.gw.next_conn;
+            i.gw.conns.insert(id, tx.clone());
+            i.gw.paths.push(path.lock().unwrap().clone());
+            id
+        };
+        let writer = tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                let close = matches!(m, Ws::Close(_));
+                if sink.send(m).await.is_err() || close {
+                    break;
+                }
+            }
+        });
+        let _ = tx.send(Ws::Text(
+            json!({"op": 10, "s": null, "t": null, "d": {"heartbeat_interval": HEARTBEAT_MS}})
+                .to_string(),
+        ));
+        while let Some(Ok(msg)) = source.next().await {
+            let Ws::Text(text) = msg else {
+                // A close frame: keep reading so the reply goes out, until the stream ends.
+                continue;
+            };
+            let Ok(v) = serde_json::from_str::<Value>(&text) else {
+                continue;
+            };
+            match v["op"].as_u64() {
+                Some(1) => {
+                    self.lock().gw.heartbeats += 1;
+                    let _ = tx.send(Ws::Text(
+                        json!({"op": 11, "s": null, "t": null, "d": null}).to_string(),
+                    ));
+                }
+                Some(2) => self.identify(conn, &tx, v["d"].clone()),
+                Some(6) => self.resume(conn, &tx, v["d"].clone()),
+                _ => {}
+            }
+        }
+        {
+            let mut i = self.lock();
+            i.gw.conns.remove(&conn);
+            if i.gw.live.as_ref().is_some_and(|(c, _)| *c == conn) {
+                i.gw.live = None;
+            }
+        }
+        writer.abort();
+    }
+
+    fn token_ok(&self, token: &Value) -> bool {
+        let t = token.as_str().unwrap_or("");
+        t == self.token || t.strip_prefix("Bot ") == Some(self.token.as_str())
+    }
+
+    fn identify(&self, conn: u64, tx: &mpsc::UnboundedSender<Ws>, d: Value) {
+        let mut i = self.lock();
+        let mut recorded = d.clone();
+        recorded["token"] = json!(if self.token_ok(&d["token"]) {
+            "[the right token]"
+        } else {
+            "[a wrong token]"
+        });
+        i.gw.identifies.push(recorded);
+        if !self.token_ok(&d["token"]) {
+            let _ = tx.send(Ws::Close(Some(CloseFrame {
+                code: CloseCode::Library(4004),
+                reason: "Authentication failed.".into(),
+            })));
+            return;
+        }
+        let gw = &mut i.gw;
+        let session = format!("session-{conn}");
+        gw.session_id = Some(session.clone());
+        gw.seq += 1;
+        let ready = json!({"op": 0, "t": "READY", "s": gw.seq, "d": {
+            "v": 10, "user": bot_user(), "guilds": [{"id": "5000", "unavailable": true}],
+            "session_id": session, "resume_gateway_url": self.gateway_url,
+            "application": {"id": APP_ID.to_string(), "flags": 0},
+        }});
+        // READY is not replayed on a RESUME.
+        gw.log.push((gw.seq, json!(null)));
+        let _ = tx.send(Ws::Text(ready.to_string()));
+        // What was dispatched before the bot was connected.
+        for (s, frame) in gw
+            .log
+            .iter()
+            .filter(|(s, f)| *s > gw.sent_upto && !f.is_null())
+        {
+            let _ = s;
+            let _ = tx.send(Ws::Text(frame.to_string()));
+        }
+        gw.sent_upto = gw.seq;
+        gw.live = Some((conn, tx.clone()));
+    }
+
+    fn resume(&self, conn: u64, tx: &mpsc::UnboundedSender<Ws>, d: Value) {
+        let mut i = self.lock();
+        let gw = &mut i.gw;
+        let mut recorded = d.clone();
+        recorded["token"] = json!(if self.token_ok(&d["token"]) {
+            "[the right token]"
+        } else {
+            "[a wrong token]"
+        });
+        gw.resumes.push(recorded);
+        let same = d["session_id"].as_str() == gw.session_id.as_deref();
+        if !same || !self.token_ok(&d["token"]) {
+            // Invalid session, not resumable: the bot identifies anew.
+            let _ = tx.send(Ws::Text(
+                json!({"op": 9, "s": null, "t": null, "d": false}).to_string(),
+            ));
+            return;
+        }
+        let from = d["seq"].as_u64().unwrap_or(0);
+        let extra = std::mem::take(&mut gw.replay_extra);
+        let replay: Vec<&(u64, Value)> = gw
+            .log
+            .iter()
+            .filter(|(s, f)| !f.is_null() && *s <= from)
+            .rev()
+            .take(extra)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .chain(gw.log.iter().filter(|(s, f)| !f.is_null() && *s > from))
+            .collect();
+        for (_, frame) in replay {
+            let _ = tx.send(Ws::Text(frame.to_string()));
+        }
+        let _ = tx.send(Ws::Text(
+            json!({"op": 0, "t": "RESUMED", "s": gw.seq, "d": null}).to_string(),
+        ));
+        gw.sent_upto = gw.seq;
+        gw.live = Some((conn, tx.clone()));
+    }
+
+    // ---- REST ----
+
+    fn created(&self, channel: u64, body: &Value) -> Value {
+        let id = self.new_id();
+        let content = body["content"].as_str().unwrap_or("").to_string();
+        let m = message_json(id, channel, None, bot_user(), &content, vec![], None);
+        let now = Instant::now();
+        self.lock().sent.push(Sent {
+            id,
+            channel,
+            created: now,
+            versions: vec![(now, content)],
+            reactions: vec![],
+            body: m.clone(),
+        });
+        m
+    }
+
+    fn edited(&self, channel: u64, id: u64, body: &Value) -> Option<Value> {
+        let mut i = self.lock();
+        let s = i
+            .sent
+            .iter_mut()
+            .find(|s| s.id == id && s.channel == channel)?;
+        if let Some(c) = body["content"].as_str() {
+            s.versions.push((Instant::now(), c.to_string()));
+        }
+        let mut m = s.body.clone();
+        m["content"] = json!(s.text());
+        m["edited_timestamp"] = json!(TIMESTAMP);
+        Some(m)
+    }
+}
+
+fn json_response(status: u16, body: Value) -> Response {
+    (StatusCode::from_u16(status).unwrap(), axum::Json(body)).into_response()
+}
+
+async fn rest_call(
+    State(fake): State<FakeDiscord>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let full = uri.path().to_string();
+    let Some(path) = full.strip_prefix("/api/v10") else {
+        return json_response(404, json!({"message": "404: Not Found", "code": 0}));
+    };
+    let path = path.to_string();
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let method = method.as_str().to_string();
+    let authorized = headers
+        .get("authorization")
+        .and_then(|h| h.to_str().ok())
+        .is_some_and(|h| h == format!("Bot {}", fake.token));
+    let forced = {
+        let mut i = fake.lock();
+        let at = i
+            .inject
+            .iter()
+            .position(|(m, p, _, _)| *m == method && path.contains(p.as_str()));
+        at.and_then(|n| i.inject.remove(n))
+    };
+    let record = |status: u16| {
+        fake.lock().calls.push(Call {
+            method: method.clone(),
+            path: path.clone(),
+            body: body.clone(),
+            at: Instant::now(),
+            status,
+        });
+    };
+    if !authorized && !path.starts_with("/interactions/") {
+        record(401);
+        return json_response(401, json!({"message": "401: Unauthorized", "code": 0}));
+    }
+    if let Some((_, _, status, answer)) = forced {
+        record(status);
+        let mut r = json_response(status, answer);
+        if status == 429 {
+            let h = r.headers_mut();
+            h.insert("retry-after", "1".parse().unwrap());
+            h.insert("x-ratelimit-scope", "user".parse().unwrap());
+            h.insert("x-ratelimit-remaining", "0".parse().unwrap());
+            h.insert("x-ratelimit-reset-after", "0.3".parse().unwrap());
+        }
+        return r;
+    }
+    let delay = fake.lock().rest_delay;
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let id = |n: usize| {
+        parts
+            .get(n)
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let (status, answer) = match (method.as_str(), parts.as_slice()) {
+        ("GET", ["gateway"]) => (200, json!({"url": fake.gateway_url})),
+        ("GET", ["gateway", "bot"]) => (
+            200,
+            json!({"url": fake.gateway_url, "shards": 1,
+                   "session_start_limit": {"total": 1000, "remaining": 999, "reset_after": 0, "max_concurrency": 1}}),
+        ),
+        ("GET", ["users", "@me"]) => (200, bot_user()),
+        ("PUT", ["applications", _, "commands"])
+        | ("PUT", ["applications", _, "guilds", _, "commands"]) => {
+            let guild = (parts.len() == 5).then(|| parts[3].to_string());
+            let list: Vec<Value> = body
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+                .map(|(n, c)| {
+                    json!({"id": (500 + n).to_string(), "type": 1, "application_id": APP_ID.to_string(),
+                           "guild_id": guild, "name": c["name"], "description": c["description"],
+                           "version": "1", "default_member_permissions": null})
+                })
+                .collect();
+            (200, Value::Array(list))
+        }
+        ("POST", ["channels", _, "typing"]) => (204, Value::Null),
+        ("POST", ["channels", _, "messages"]) => {
+            if let Some(d) = delay {
+                tokio::time::sleep(d).await;
+            }
+            (200, fake.created(id(1), &body))
+        }
+        ("PATCH", ["channels", _, "messages", _]) => {
+            if let Some(d) = delay {
+                tokio::time::sleep(d).await;
+            }
+            match fake.edited(id(1), id(3), &body) {
+                Some(m) => (200, m),
+                None => (404, json!({"message": "Unknown Message", "code": 10008})),
+            }
+        }
+        ("PUT", ["channels", _, "messages", _, "reactions", emoji, "@me"]) => {
+            let emoji = percent_decode(emoji);
+            let mut i = fake.lock();
+            match i.sent.iter_mut().find(|s| s.id == id(3)) {
+                Some(s) => {
+                    s.reactions.push(emoji);
+                    (204, Value::Null)
+                }
+                None => (404, json!({"message": "Unknown Message", "code": 10008})),
+            }
+        }
+        ("POST", ["channels", _, "messages", _, "threads"]) => {
+            let thread = fake.new_id();
+            let parent = id(1);
+            fake.lock().threads.insert(thread, parent);
+            (
+                201,
+                json!({"id": thread.to_string(), "type": 11, "guild_id": "5000", "parent_id": parent.to_string(),
+                       "owner_id": BOT_ID.to_string(), "name": body["name"], "last_message_id": null,
+                       "thread_metadata": {"archived": false, "auto_archive_duration": 1440,
+                                           "archive_timestamp": TIMESTAMP, "locked": false},
+                       "message_count": 0, "member_count": 1, "rate_limit_per_user": 0, "flags": 0}),
+            )
+        }
+        ("GET", ["guilds", _, "roles"]) => {
+            let roles = fake.lock().roles.get(&id(1)).cloned().unwrap_or_default();
+            let list: Vec<Value> = roles
+                .iter()
+                .enumerate()
+                .map(|(n, (rid, name))| {
+                    json!({"id": rid.to_string(), "name": name, "color": 0,
+                           "colors": {"primary_color": 0, "secondary_color": null, "tertiary_color": null},
+                           "hoist": false, "managed": false, "mentionable": false, "permissions": "0",
+                           "position": n, "icon": null, "unicode_emoji": null, "flags": 0})
+                })
+                .collect();
+            (200, Value::Array(list))
+        }
+        ("POST", ["interactions", _, _, "callback"]) => (204, Value::Null),
+        _ => (404, json!({"message": "404: Not Found", "code": 0})),
+    };
+    record(status);
+    if status == 204 {
+        return StatusCode::NO_CONTENT.into_response();
+    }
+    json_response(status, answer)
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

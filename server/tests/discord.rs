@@ -1,0 +1,667 @@
+//! The Discord bot (serenity's real client) against a fake Discord gateway and REST API
+//! on 127.0.0.1 (`common/fake_discord.rs`): direct messages with streamed edits, a mention
+//! in a server that starts a thread, the thread as one conversation, replies to the bot,
+//! 👍/👎 reactions added and removed, every slash command, the allowlists, the rate limit,
+//! a 429 from REST, and a gateway disconnect with RESUME that answers each message once.
+
+mod common;
+
+use common::fake_discord::{APP_ID, FakeDiscord};
+use serde_json::Value;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "discord-secret-test-token";
+const GUILD: u64 = 5000;
+const CHANNEL: u64 = 6001;
+
+/// Every log line of this test binary, at debug level.
+static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+struct LogSink;
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("debug")
+        .with_ansi(false)
+        .with_writer(|| LogSink)
+        .try_init();
+}
+
+async fn until<F: FnMut() -> bool>(secs: u64, what: &str, mut f: F) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The fake, and the server with the bot connected to it (READY received).
+async fn start(extra: &[(&str, &str)]) -> (FakeDiscord, common::TestServer) {
+    capture_logs();
+    let fake = FakeDiscord::start(TOKEN).await;
+    let mut env = vec![
+        ("DISCORD_BOT_TOKEN", TOKEN),
+        ("LORALOOP_DISCORD__API_URL", fake.api_url.as_str()),
+    ];
+    env.extend_from_slice(extra);
+    let s = common::start(false, &env).await;
+    until(20, "the bot to connect", || fake.is_live()).await;
+    (fake, s)
+}
+
+fn dm(user: u64) -> u64 {
+    FakeDiscord::dm_channel(user)
+}
+
+/// The interaction response to an interaction.
+fn response(fake: &FakeDiscord, interaction: u64) -> Option<Value> {
+    fake.interaction_responses()
+        .into_iter()
+        .find(|(id, _)| *id == interaction)
+        .map(|(_, b)| b)
+}
+
+async fn count(s: &common::TestServer, sql: &str) -> i64 {
+    let (n,): (i64,) = sqlx::query_as(sql)
+        .fetch_one(s.server.state.db.pool())
+        .await
+        .unwrap();
+    n
+}
+
+fn shown(reply: &str) -> String {
+    if reply.trim().is_empty() {
+        "…".to_string()
+    } else {
+        reply.trim().to_string()
+    }
+}
+
+#[tokio::test]
+async fn direct_messages_stream_by_edits_and_reactions_rate_the_reply() {
+    // Long, and with a repetition penalty so the tiny model says more than newlines: the
+    // reply has words and takes more than a second.
+    let (fake, s) = start(&[
+        ("LORALOOP_GENERATION__MAX_NEW_TOKENS", "400"),
+        ("LORALOOP_GENERATION__REPETITION_PENALTY", "2"),
+    ])
+    .await;
+    // IDENTIFY: the token and the intents (guild messages, DMs, message content, reactions).
+    let identify = fake.identifies()[0].clone();
+    assert_eq!(identify["token"], "[the right token]");
+    let intents = identify["intents"].as_u64().unwrap();
+    for bit in [9, 12, 15, 10, 13] {
+        assert!(intents & (1 << bit) != 0, "intent bit {bit} in {intents:b}");
+    }
+    // Slash commands, registered globally.
+    until(10, "the commands", || {
+        !fake
+            .calls_to("PUT", &format!("/applications/{APP_ID}/commands"))
+            .is_empty()
+    })
+    .await;
+    let names: Vec<String> = fake.calls_to("PUT", "/commands")[0]
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["reset", "forget", "help", "status"]);
+
+    let users = [1001u64, 1002, 1003];
+    let mut asked = Vec::new();
+    for u in users {
+        asked.push((u, fake.dm(u, "What is the capital of Zorblax?")));
+    }
+    until(60, "three replies", || {
+        users.iter().all(|&u| fake.replies(dm(u)).len() == 1)
+    })
+    .await;
+    let db = s.server.state.db.pool();
+    for (u, mid) in asked {
+        assert!(
+            !fake
+                .calls_to("POST", &format!("/channels/{}/typing", dm(u)))
+                .is_empty(),
+            "typing shown to {u}"
+        );
+        let sent = fake.replies(dm(u)).remove(0);
+        assert_eq!(fake.texts(dm(u)).len(), 1, "one message for {u}");
+        let (content, pid): (String, String) = sqlx::query_as(
+            "select a.content, a.platform_message_id from messages a join messages q on q.conversation_id = a.conversation_id
+             where q.platform_message_id = ? and q.role = 'user' and a.role = 'assistant'",
+        )
+        .bind(mid.to_string())
+        .fetch_one(db)
+        .await
+        .unwrap();
+        assert_eq!(
+            sent.text(),
+            shown(&content),
+            "the stored reply is what {u} sees"
+        );
+        assert_eq!(pid, sent.id.to_string());
+        assert_eq!(sent.reactions, ["👍", "👎"]);
+        // Streamed: created with the first words, then edited; never more than one edit a
+        // second before the final one.
+        let versions = &sent.versions;
+        eprintln!(
+            "{u}: {} versions over {:?}, {} chars",
+            versions.len(),
+            versions.last().unwrap().0 - versions[0].0,
+            sent.text().chars().count()
+        );
+        assert!(versions.len() >= 2, "created, then edited: {versions:?}");
+        assert!(
+            sent.text().starts_with(versions[0].1.trim_end()),
+            "the first version is the start of the reply"
+        );
+        for w in versions[..versions.len() - 1].windows(2) {
+            assert!(
+                w[1].0 - w[0].0 >= Duration::from_millis(950),
+                "edits throttled"
+            );
+        }
+        // No pings: the bot's messages mention nobody.
+        let create = fake
+            .calls_to("POST", &format!("/channels/{}/messages", dm(u)))
+            .remove(0);
+        assert_eq!(
+            create.body["allowed_mentions"]["parse"],
+            serde_json::json!([])
+        );
+    }
+    let longest = fake.sent().iter().map(|m| m.versions.len()).max().unwrap();
+    eprintln!("most versions of one reply: {longest}");
+
+    // 👍, then 👎 instead: one rating, the last. Removing 👍 (no longer the rating) keeps
+    // 👎; removing 👎 removes it.
+    let reply = fake.replies(dm(1001)).remove(0);
+    let rating = || async {
+        sqlx::query_as::<_, (String, Option<i64>)>("select rater, rating from feedback")
+            .fetch_all(db)
+            .await
+            .unwrap()
+    };
+    fake.react(1001, None, dm(1001), reply.id, "👍", true);
+    until(10, "the 👍", || true).await;
+    let mut seen = Vec::new();
+    for _ in 0..200 {
+        seen = rating().await;
+        if !seen.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen, vec![("discord:1001".to_string(), Some(1))]);
+    fake.react(1001, None, dm(1001), reply.id, "👎", true);
+    wait_rows(db, "select count(*) from feedback where rating = -1", 1).await;
+    fake.react(1001, None, dm(1001), reply.id, "👍", false);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rating().await, vec![("discord:1001".to_string(), Some(-1))]);
+    fake.react(1001, None, dm(1001), reply.id, "👎", false);
+    wait_rows(db, "select count(*) from feedback", 0).await;
+    // Another emoji, or a reaction on a user's own message, is no rating.
+    fake.react(1002, None, dm(1002), reply.id, "🎉", true);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(count(&s, "select count(*) from feedback").await, 0);
+    s.stop().await;
+    until(10, "the gateway connection to close", || fake.all_closed()).await;
+}
+
+/// A message stored but not answered when the process died is answered after the
+/// restart (on READY), from its stored reply when there is one (not generated again), and
+/// a reply over 2,000 characters arrives in parts. (The tiny test model's context is too
+/// short to generate 2,000 characters, so the stored reply is made long by hand.)
+#[tokio::test]
+async fn after_a_restart_a_pending_message_gets_its_stored_reply_split_at_2000() {
+    let (fake, first) = start(&[]).await;
+    let asked = fake.dm(1101, "Tell me everything.");
+    until(30, "the reply", || fake.replies(dm(1101)).len() == 1).await;
+    let config = first.server.state.config.clone();
+    let common::TestServer { server, dir, .. } = first;
+    let db = server.state.db.clone();
+    // As if the process had died after storing the reply and before sending it.
+    let long = format!("{}\n{}", "Zorblax ".repeat(200), "Blorp City. ".repeat(120));
+    sqlx::query(
+        "update messages set content = ?, platform_message_id = null where role = 'assistant'",
+    )
+    .bind(&long)
+    .execute(db.pool())
+    .await
+    .unwrap();
+    sqlx::query("update inbound_updates set status = 'pending' where update_key = ?")
+        .bind(asked.to_string())
+        .execute(db.pool())
+        .await
+        .unwrap();
+    server.stop().await.unwrap();
+    let before = fake.sent().len();
+    let server = loraloop_server::start(
+        config,
+        loraloop_server::ServeOptions {
+            bind: Some("127.0.0.1:0".parse().unwrap()),
+            worker: false,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    until(30, "the stored reply", || fake.replies(dm(1101)).len() == 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let parts: Vec<String> = fake.sent()[before..]
+        .iter()
+        .map(|m| m.text().to_string())
+        .collect();
+    assert_eq!(parts.len(), 2, "{parts:?}");
+    assert!(parts.iter().all(|t| t.chars().count() <= 2000));
+    assert_eq!(parts.concat(), long.trim());
+    let first_part = &fake.sent()[before];
+    assert_eq!(
+        first_part.reactions.len(),
+        2,
+        "the reactions are on the first part"
+    );
+    let db = &server.state.db;
+    let (replies, pid): (i64, Option<String>) = sqlx::query_as(
+        "select count(*), max(platform_message_id) from messages where role = 'assistant'",
+    )
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(replies, 1, "not generated again");
+    assert_eq!(pid, Some(first_part.id.to_string()));
+    let (pending,): (i64,) =
+        sqlx::query_as("select count(*) from inbound_updates where status != 'done'")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(pending, 0);
+    server.stop().await.unwrap();
+    drop(dir);
+}
+
+async fn wait_rows(db: &sqlx::SqlitePool, sql: &str, want: i64) {
+    for _ in 0..500 {
+        let (n,): (i64,) = sqlx::query_as(sql).fetch_one(db).await.unwrap();
+        if n == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{sql} never gave {want}");
+}
+
+#[tokio::test]
+async fn a_mention_in_a_server_starts_a_thread_that_is_one_conversation() {
+    let (fake, s) = start(&[]).await;
+    let db = s.server.state.db.pool();
+    // Chatter without a mention: ignored, not even stored.
+    fake.guild_message(GUILD, CHANNEL, 2001, "just chatting", false, None);
+    // A mention: a thread on that message, the reply in it.
+    let asked = fake.guild_message(GUILD, CHANNEL, 2001, "what is Zorblax?", true, None);
+    until(30, "the thread and the reply", || {
+        fake.threads()
+            .first()
+            .is_some_and(|(t, _)| fake.replies(*t).len() == 1)
+    })
+    .await;
+    let (thread, parent) = fake.threads()[0];
+    assert_eq!(parent, CHANNEL);
+    let create = fake.calls_to("POST", "/threads").remove(0);
+    assert!(create.path.contains(&format!("/messages/{asked}/threads")));
+    assert_eq!(create.body["name"], "what is Zorblax?");
+    assert!(
+        fake.texts(CHANNEL).is_empty(),
+        "nothing in the channel itself"
+    );
+    // In the thread no mention is needed; it is the same conversation.
+    fake.guild_message(GUILD, thread, 2002, "and its capital?", false, None);
+    until(30, "the second reply in the thread", || {
+        fake.replies(thread).len() == 2
+    })
+    .await;
+    let convs: Vec<(i64, Option<String>, i64)> = sqlx::query_as(
+        "select c.id, c.platform_thread_id, count(m.id) from conversations c join messages m on m.conversation_id = c.id
+         where m.role = 'user' group by c.id",
+    )
+    .fetch_all(db)
+    .await
+    .unwrap();
+    assert_eq!(convs.len(), 1, "{convs:?}");
+    assert_eq!(convs[0].1.as_deref(), Some(thread.to_string().as_str()));
+    assert_eq!(convs[0].2, 2);
+    let (stored,): (String,) =
+        sqlx::query_as("select content from messages where role = 'user' order by id limit 1")
+            .fetch_one(db)
+            .await
+            .unwrap();
+    assert_eq!(
+        stored, "what is Zorblax?",
+        "the mention is not in the prompt"
+    );
+    assert_eq!(
+        count(&s, "select count(*) from inbound_updates").await,
+        2,
+        "only messages to the bot are stored"
+    );
+
+    // Where the bot cannot start a thread it answers in the channel; a reply to that
+    // answer is answered too, in the channel's conversation.
+    fake.fail_next("POST", "/threads", 403);
+    fake.guild_message(GUILD, CHANNEL, 2003, "hello there", true, None);
+    until(30, "the reply in the channel", || {
+        fake.replies(CHANNEL).len() == 1
+    })
+    .await;
+    let answer = fake.replies(CHANNEL)[0].id;
+    fake.guild_message(GUILD, CHANNEL, 2003, "tell me more", false, Some(answer));
+    until(30, "the answer to the reply", || {
+        fake.replies(CHANNEL).len() == 2
+    })
+    .await;
+    assert_eq!(fake.threads().len(), 1, "no thread for a reply");
+    // Reactions in a server rate too.
+    fake.react(2003, Some(GUILD), CHANNEL, answer, "👍", true);
+    wait_rows(
+        db,
+        "select count(*) from feedback where rater = 'discord:2003' and rating = 1",
+        1,
+    )
+    .await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn slash_commands_help_reset_forget_and_status_for_admins() {
+    let (fake, s) = start(&[
+        ("LORALOOP_DISCORD__ADMIN_ROLE", "ops"),
+        ("LORALOOP_DISCORD__DEV_GUILD_ID", "5000"),
+    ])
+    .await;
+    // Development: registered in the one server.
+    until(10, "the guild commands", || {
+        !fake
+            .calls_to(
+                "PUT",
+                &format!("/applications/{APP_ID}/guilds/{GUILD}/commands"),
+            )
+            .is_empty()
+    })
+    .await;
+    assert!(
+        fake.calls_to("PUT", &format!("/applications/{APP_ID}/commands"))
+            .is_empty()
+    );
+    fake.set_roles(GUILD, &[(70, "members"), (71, "ops")]);
+    let db = s.server.state.db.pool();
+    let ephemeral = |v: &Value| v["type"] == 4 && v["data"]["flags"].as_u64() == Some(64);
+
+    let help = fake.command(3001, None, dm(3001), "help", &[]);
+    until(10, "/help", || response(&fake, help).is_some()).await;
+    let r = response(&fake, help).unwrap();
+    assert!(ephemeral(&r), "{r}");
+    assert!(r["data"]["content"].as_str().unwrap().contains("/forget"));
+
+    // /reset: the next message starts a new conversation.
+    fake.dm(3001, "hello");
+    until(30, "a reply", || fake.replies(dm(3001)).len() == 1).await;
+    let reset = fake.command(3001, None, dm(3001), "reset", &[]);
+    until(10, "/reset", || response(&fake, reset).is_some()).await;
+    assert!(
+        response(&fake, reset).unwrap()["data"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("new conversation")
+    );
+    fake.dm(3001, "hello again");
+    until(30, "the second reply", || fake.replies(dm(3001)).len() == 2).await;
+    assert_eq!(count(&s, "select count(*) from conversations").await, 2);
+
+    // /forget asks (ephemeral, with a button); only that user's press deletes.
+    fake.dm(3002, "remember me");
+    until(30, "3002's reply", || fake.replies(dm(3002)).len() == 1).await;
+    let forget = fake.command(3001, None, dm(3001), "forget", &[]);
+    until(10, "/forget", || response(&fake, forget).is_some()).await;
+    let r = response(&fake, forget).unwrap();
+    assert!(ephemeral(&r), "{r}");
+    let button = r["data"]["components"][0]["components"][0].clone();
+    assert_eq!(button["custom_id"], "forget:3001");
+    assert_eq!(button["style"], 4, "a danger button");
+    let other = fake.button(3002, None, dm(3002), "forget:3001");
+    until(10, "the refusal", || response(&fake, other).is_some()).await;
+    assert!(
+        response(&fake, other).unwrap()["data"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Only that user")
+    );
+    assert_eq!(
+        count(&s, "select count(*) from messages m join platform_users u on u.id = m.user_id where u.platform_user_id = '3001'").await,
+        2
+    );
+    let press = fake.button(3001, None, dm(3001), "forget:3001");
+    until(10, "the confirmation", || response(&fake, press).is_some()).await;
+    let r = response(&fake, press).unwrap();
+    assert_eq!(r["type"], 7, "the question is replaced by the answer: {r}");
+    assert!(
+        r["data"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Done: 4 message(s)")
+    );
+    assert_eq!(
+        count(&s, "select count(*) from messages m join conversations c on c.id = m.conversation_id join platform_users u on u.id = c.user_id where u.platform_user_id = '3001'").await,
+        0
+    );
+    assert_eq!(
+        count(&s, "select count(*) from platform_users where platform_user_id = '3001' and excluded_from_training = 1").await,
+        1
+    );
+    assert_eq!(
+        count(&s, "select count(*) from messages m join platform_users u on u.id = m.user_id where u.platform_user_id = '3002'").await,
+        1,
+        "another user's messages stay"
+    );
+
+    // /status: members with the admin role only; not in DMs.
+    let denied = fake.command(3003, Some(GUILD), CHANNEL, "status", &[70]);
+    let allowed = fake.command(3004, Some(GUILD), CHANNEL, "status", &[70, 71]);
+    let in_dm = fake.command(3004, None, dm(3004), "status", &[]);
+    until(10, "three /status answers", || {
+        [denied, allowed, in_dm]
+            .iter()
+            .all(|i| response(&fake, *i).is_some())
+    })
+    .await;
+    let text = |i| {
+        response(&fake, i).unwrap()["data"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert!(text(denied).starts_with("Not allowed"), "{}", text(denied));
+    assert!(text(in_dm).starts_with("Not allowed"), "{}", text(in_dm));
+    let status = text(allowed);
+    assert!(
+        status.contains("Active adapter: none (base model)"),
+        "{status}"
+    );
+    assert!(status.contains("Training: no job running"), "{status}");
+    assert!(ephemeral(&response(&fake, allowed).unwrap()));
+    let _ = db;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn allowlists_rate_limit_and_a_429_from_rest() {
+    let (fake, s) = start(&[
+        ("LORALOOP_DISCORD__ALLOWED_GUILD_IDS", "[5000]"),
+        ("LORALOOP_DISCORD__ALLOWED_CHANNEL_IDS", "[6001]"),
+        ("LORALOOP_DISCORD__RATE_LIMIT_PER_MINUTE", "2"),
+    ])
+    .await;
+    // Another channel of the server, another server: a notice, no thread, nothing stored.
+    fake.guild_message(GUILD, 6002, 4001, "hello", true, None);
+    fake.guild_message(5001, 6003, 4001, "hello", true, None);
+    until(20, "two notices", || {
+        fake.texts(6002).len() == 1 && fake.texts(6003).len() == 1
+    })
+    .await;
+    assert!(fake.texts(6002)[0].contains("does not answer in this channel"));
+    assert!(fake.threads().is_empty());
+    assert_eq!(
+        count(&s, "select count(*) from messages").await,
+        0,
+        "nothing stored"
+    );
+    // A flood: two answered, one notice, the rest dropped quietly.
+    for i in 0..5 {
+        fake.dm(4002, &format!("message {i}"));
+    }
+    until(60, "two replies and a notice", || {
+        fake.replies(dm(4002)).len() == 2
+            && fake
+                .texts(dm(4002))
+                .iter()
+                .filter(|t| t.contains("faster than I can answer"))
+                .count()
+                == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(fake.replies(dm(4002)).len(), 2);
+    assert_eq!(fake.texts(dm(4002)).len(), 3);
+    // A 429 (and a 500) on sending: retried, the reply arrives once.
+    fake.fail_next("POST", &format!("/channels/{}/messages", dm(4003)), 429);
+    fake.fail_next("POST", &format!("/channels/{}/messages", dm(4003)), 500);
+    fake.dm(4003, "hello there");
+    until(60, "the reply after the errors", || {
+        fake.replies(dm(4003)).len() == 1
+    })
+    .await;
+    let refused: Vec<u16> = fake
+        .calls_to("POST", &format!("/channels/{}/messages", dm(4003)))
+        .iter()
+        .map(|c| c.status)
+        .collect();
+    assert_eq!(refused, [429, 500, 200]);
+    assert_eq!(fake.texts(dm(4003)).len(), 1);
+    s.stop().await;
+
+    // DMs switched off.
+    let (fake, s) = start(&[("LORALOOP_DISCORD__DIRECT_MESSAGES", "false")]).await;
+    fake.dm(4004, "hello");
+    until(20, "the DM notice", || fake.texts(dm(4004)).len() == 1).await;
+    assert!(fake.texts(dm(4004))[0].contains("direct messages"));
+    assert_eq!(count(&s, "select count(*) from messages").await, 0);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_disconnect_resumes_and_answers_each_message_once() {
+    let (fake, s) = start(&[]).await;
+    let first = fake.dm(5001, "before the gap");
+    until(30, "the first reply", || fake.replies(dm(5001)).len() == 1).await;
+    // Heartbeats are answered, so the connection holds.
+    until(10, "a heartbeat", || fake.heartbeats() >= 1).await;
+
+    fake.disconnect();
+    // Messages during the gap: Discord keeps them for the session and replays them.
+    let mut gap = Vec::new();
+    for u in [5002u64, 5003, 5004] {
+        gap.push((u, fake.dm(u, "during the gap")));
+    }
+    // The replay also repeats the message answered before the gap (a redelivery).
+    fake.replay_extra_on_resume(1);
+    until(30, "the resume", || fake.is_live()).await;
+    until(60, "every gap message answered", || {
+        gap.iter().all(|(u, _)| fake.replies(dm(*u)).len() == 1)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(fake.identifies().len(), 1, "resumed, not identified again");
+    let resumes = fake.resumes();
+    assert_eq!(resumes.len(), 1);
+    assert_eq!(resumes[0]["session_id"], "session-1");
+    assert_eq!(resumes[0]["token"], "[the right token]");
+    assert!(resumes[0]["seq"].as_u64().unwrap() >= 2);
+    assert_eq!(
+        fake.replies(dm(5001)).len(),
+        1,
+        "the redelivered message is not answered again"
+    );
+    for (u, mid) in &gap {
+        assert_eq!(fake.replies(dm(*u)).len(), 1, "{u} answered once");
+        assert_eq!(
+            count(
+                &s,
+                &format!("select count(*) from messages where role = 'user' and platform_message_id = '{mid}'")
+            )
+            .await,
+            1
+        );
+    }
+    assert_eq!(
+        count(
+            &s,
+            &format!("select count(*) from inbound_updates where update_key = '{first}'")
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &s,
+            "select count(*) from inbound_updates where status != 'done'"
+        )
+        .await,
+        0
+    );
+    eprintln!("gateway connections: {:?}", fake.gateway_paths());
+    assert_token_not_stored(&s);
+
+    // Clean shutdown: the bot closes its gateway connection.
+    s.stop().await;
+    until(10, "the gateway connection to close", || fake.all_closed()).await;
+    assert_token_not_logged();
+}
+
+/// The bot token is in no stored row: not in the database file nor its write-ahead log.
+fn assert_token_not_stored(s: &common::TestServer) {
+    let db = &s.server.state.config.database_path;
+    let mut files = 0;
+    for suffix in ["", "-wal"] {
+        let path = format!("{}{suffix}", db.display());
+        if let Ok(bytes) = std::fs::read(&path) {
+            files += 1;
+            assert!(
+                !bytes.windows(TOKEN.len()).any(|w| w == TOKEN.as_bytes()),
+                "the bot token is in {path}"
+            );
+        }
+    }
+    assert!(files >= 1, "the database was read");
+}
+
+/// The bot token is in no log line (debug level, serenity and HTTP clients included).
+fn assert_token_not_logged() {
+    let logs = String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned();
+    assert!(
+        logs.contains("discord: connected as loraloop"),
+        "the logs were captured"
+    );
+    assert!(!logs.contains(TOKEN), "the bot token is in the logs");
+}
