@@ -4,7 +4,7 @@
 //! (message sent to final reply text) and time to first visible text (message sent to
 //! the first streamed words), and checks that every message was stored and answered once.
 //!
-//! cargo bench -p loraloop-server --bench bot_load -- telegram [--users 50] [--messages 10]
+//! cargo bench -p loraloop-server --bench bot_load -- telegram|discord [--users 50] [--messages 10]
 //!     [--model PATH.gguf] [--max-new-tokens 24]
 //!
 //! Without --model it runs a tiny random-weight model (the bot's own overhead); with the
@@ -13,6 +13,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use common::fake_discord::FakeDiscord;
 use common::fake_telegram::{FakeTelegram, TOKEN, fake_telegram};
 use std::time::{Duration, Instant};
 
@@ -83,19 +84,11 @@ fn reply_times(fake: &FakeTelegram, chat: i64, since: Instant) -> Option<(Instan
     None
 }
 
-async fn telegram(a: &Args) {
-    let (fake, url) = fake_telegram().await;
-    let max_tokens = a.max_new_tokens.to_string();
-    let mut env = vec![
-        ("TELEGRAM_BOT_TOKEN", TOKEN.to_string()),
-        ("LORALOOP_TELEGRAM__API_URL", url.clone()),
-        (
-            "LORALOOP_TELEGRAM__RATE_LIMIT_PER_MINUTE",
-            "1000".to_string(),
-        ),
-        ("LORALOOP_GENERATION__MAX_NEW_TOKENS", max_tokens),
-    ];
-    let model_name = match &a.model {
+/// The configuration both platforms share: the model, reply length, no rate limit in
+/// the way.
+fn model_env(a: &Args) -> (Vec<(&'static str, String)>, String) {
+    let mut env = vec![("LORALOOP_GENERATION__MAX_NEW_TOKENS", a.max_new_tokens.to_string())];
+    let name = match &a.model {
         Some(m) => {
             let dir = m.parent().expect("--model is a file path");
             let file = m.file_name().unwrap().to_string_lossy().into_owned();
@@ -103,61 +96,70 @@ async fn telegram(a: &Args) {
             env.push(("LORALOOP_MODEL", file.clone()));
             file
         }
-        None => "a tiny random-weight model".to_string(),
+        None => {
+            // Greedy on random weights the tiny model says only newlines; a penalty on
+            // repeats makes it say words, so replies stream as real ones do.
+            env.push(("LORALOOP_GENERATION__REPETITION_PENALTY", "2".to_string()));
+            "a tiny random-weight model".to_string()
+        }
     };
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let s = common::start(false, &env).await;
-    // Wait for the bot to be about to poll (deleteWebhook comes right before).
-    common::until(30, "the bot polling", || {
-        !fake.calls("deletewebhook").is_empty()
-    })
-    .await;
-    eprintln!(
-        "telegram: {} users x {} messages, {model_name}, max_new_tokens {}",
-        a.users, a.messages, a.max_new_tokens
-    );
+    (env, name)
+}
+
+/// Each simulated user sends its messages one after another (the next once the previous
+/// reply is complete); `send(user, i)` sends one and returns the moment it went out,
+/// `done(user, since)` says (first visible text, final text) once the reply is complete.
+async fn drive<S, D>(a: &Args, send: S, done: D) -> (f64, Vec<f64>, Vec<f64>)
+where
+    S: Fn(usize, usize) + Send + Sync + Clone + 'static,
+    D: Fn(usize, Instant) -> Option<(Instant, Instant)> + Send + Sync + Clone + 'static,
+{
     let start = Instant::now();
     let mut tasks = Vec::new();
     for u in 0..a.users {
-        let fake = fake.clone();
+        let (send, done) = (send.clone(), done.clone());
         let n = a.messages;
         tasks.push(tokio::spawn(async move {
-            let chat = 100_000 + u as i64;
             let mut out = Vec::new();
             for i in 0..n {
                 let sent = Instant::now();
-                fake.text(
-                    chat,
-                    &format!("Message {i} from user {u}: tell me about Zorblax."),
-                );
+                send(u, i);
                 let deadline = sent + Duration::from_secs(600);
                 loop {
-                    if let Some((first, done)) = reply_times(&fake, chat, sent) {
+                    if let Some((first, last)) = done(u, sent) {
                         out.push((
                             (first - sent).as_secs_f64() * 1e3,
-                            (done - sent).as_secs_f64() * 1e3,
+                            (last - sent).as_secs_f64() * 1e3,
                         ));
                         break;
                     }
-                    assert!(
-                        Instant::now() < deadline,
-                        "user {u} got no reply to message {i}"
-                    );
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    assert!(Instant::now() < deadline, "user {u} got no reply to message {i}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             }
             out
         }));
     }
-    let mut first = Vec::new();
-    let mut reply = Vec::new();
+    let (mut first, mut reply) = (Vec::new(), Vec::new());
     for t in tasks {
         for (f, r) in t.await.unwrap() {
             first.push(f);
             reply.push(r);
         }
     }
-    let wall = start.elapsed().as_secs_f64();
+    first.sort_by(f64::total_cmp);
+    reply.sort_by(f64::total_cmp);
+    (start.elapsed().as_secs_f64(), first, reply)
+}
+
+/// Print the figures; check every message was stored once and answered once.
+async fn report(
+    platform: &str,
+    a: &Args,
+    s: common::TestServer,
+    (wall, first, reply): (f64, Vec<f64>, Vec<f64>),
+    delivered: usize,
+) {
     // Let the last updates be marked done.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let db = &s.server.state.db;
@@ -169,35 +171,99 @@ async fn telegram(a: &Args) {
     let users = count("select count(*) from messages where role = 'user'").await;
     let replies = count("select count(*) from messages where role = 'assistant'").await;
     let done = count("select count(*) from inbound_updates where status = 'done'").await;
-    let rated: usize = (0..a.users)
-        .map(|u| common::fake_telegram::rated_replies(&fake, 100_000 + u as i64))
-        .sum();
-    first.sort_by(f64::total_cmp);
-    reply.sort_by(f64::total_cmp);
     println!(
-        "telegram load: {total} messages from {} users in {wall:.1} s = {:.1} messages/s",
+        "{platform} load: {total} messages from {} users in {wall:.1} s = {:.1} messages/s",
         a.users,
         total as f64 / wall
     );
     println!(
-        "  reply latency (sent -> final text):      p50 {:.0} ms, p95 {:.0} ms",
+        "  reply latency (sent -> final text):  p50 {:.0} ms, p95 {:.0} ms",
         percentile(&reply, 0.5),
         percentile(&reply, 0.95)
     );
     println!(
-        "  time to first visible text:              p50 {:.0} ms, p95 {:.0} ms",
+        "  time to first visible text:          p50 {:.0} ms, p95 {:.0} ms",
         percentile(&first, 0.5),
         percentile(&first, 0.95)
     );
     println!(
-        "  stored: {users} user messages, {replies} replies; {done} updates done; {rated} rated replies delivered"
+        "  stored: {users} user messages, {replies} replies; {done} updates done; {delivered} rated replies delivered"
     );
-    let ok = users == total && replies == total && done == total && rated == total;
+    let ok = users == total && replies == total && done == total && delivered == total;
     s.stop().await;
     if !ok {
         eprintln!("FAILED: every message must be stored and answered exactly once");
         std::process::exit(1);
     }
+}
+
+async fn telegram(a: &Args) {
+    let (fake, url) = fake_telegram().await;
+    let (mut env, model_name) = model_env(a);
+    env.push(("TELEGRAM_BOT_TOKEN", TOKEN.to_string()));
+    env.push(("LORALOOP_TELEGRAM__API_URL", url.clone()));
+    env.push(("LORALOOP_TELEGRAM__RATE_LIMIT_PER_MINUTE", "1000".to_string()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let s = common::start(false, &env).await;
+    // Wait for the bot to be about to poll (deleteWebhook comes right before).
+    common::until(30, "the bot polling", || {
+        !fake.calls("deletewebhook").is_empty()
+    })
+    .await;
+    eprintln!(
+        "telegram: {} users x {} messages, {model_name}, max_new_tokens {}",
+        a.users, a.messages, a.max_new_tokens
+    );
+    let chat = |u: usize| 100_000 + u as i64;
+    let (f1, f2) = (fake.clone(), fake.clone());
+    let figures = drive(
+        a,
+        move |u, i| {
+            f1.text(chat(u), &format!("Message {i} from user {u}: tell me about Zorblax."));
+        },
+        move |u, since| reply_times(&f2, chat(u), since),
+    )
+    .await;
+    let delivered = (0..a.users)
+        .map(|u| common::fake_telegram::rated_replies(&fake, chat(u)))
+        .sum();
+    report("telegram", a, s, figures, delivered).await;
+}
+
+async fn discord(a: &Args) {
+    const DISCORD_TOKEN: &str = "discord-bench-token";
+    let fake = FakeDiscord::start(DISCORD_TOKEN).await;
+    let (mut env, model_name) = model_env(a);
+    env.push(("DISCORD_BOT_TOKEN", DISCORD_TOKEN.to_string()));
+    env.push(("LORALOOP_DISCORD__API_URL", fake.api_url.clone()));
+    env.push(("LORALOOP_DISCORD__RATE_LIMIT_PER_MINUTE", "1000".to_string()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let s = common::start(false, &env).await;
+    common::until(30, "the bot to connect", || fake.is_live()).await;
+    eprintln!(
+        "discord: {} users x {} messages, {model_name}, max_new_tokens {}",
+        a.users, a.messages, a.max_new_tokens
+    );
+    let user = |u: usize| 200_000 + u as u64;
+    let (f1, f2) = (fake.clone(), fake.clone());
+    let figures = drive(
+        a,
+        move |u, i| {
+            f1.dm(user(u), &format!("Message {i} from user {u}: tell me about Zorblax."));
+        },
+        move |u, since| {
+            // A reply is complete once the bot put the rating reactions on it.
+            f2.replies(FakeDiscord::dm_channel(user(u)))
+                .into_iter()
+                .find(|r| r.created >= since)
+                .map(|r| (r.created, r.versions.last().map_or(r.created, |v| v.0)))
+        },
+    )
+    .await;
+    let delivered = (0..a.users)
+        .map(|u| fake.replies(FakeDiscord::dm_channel(user(u))).len())
+        .sum();
+    report("discord", a, s, figures, delivered).await;
 }
 
 fn main() {
@@ -218,6 +284,7 @@ fn main() {
         .unwrap();
     match a.platform.as_str() {
         "telegram" => rt.block_on(telegram(&a)),
-        other => panic!("unknown platform {other:?}: use telegram"),
+        "discord" => rt.block_on(discord(&a)),
+        other => panic!("unknown platform {other:?}: use telegram or discord"),
     }
 }
