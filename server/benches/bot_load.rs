@@ -87,7 +87,10 @@ fn reply_times(fake: &FakeTelegram, chat: i64, since: Instant) -> Option<(Instan
 /// The configuration both platforms share: the model, reply length, no rate limit in
 /// the way.
 fn model_env(a: &Args) -> (Vec<(&'static str, String)>, String) {
-    let mut env = vec![("LORALOOP_GENERATION__MAX_NEW_TOKENS", a.max_new_tokens.to_string())];
+    let mut env = vec![(
+        "LORALOOP_GENERATION__MAX_NEW_TOKENS",
+        a.max_new_tokens.to_string(),
+    )];
     let name = match &a.model {
         Some(m) => {
             let dir = m.parent().expect("--model is a file path");
@@ -133,7 +136,10 @@ where
                         ));
                         break;
                     }
-                    assert!(Instant::now() < deadline, "user {u} got no reply to message {i}");
+                    assert!(
+                        Instant::now() < deadline,
+                        "user {u} got no reply to message {i}"
+                    );
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             }
@@ -202,7 +208,10 @@ async fn telegram(a: &Args) {
     let (mut env, model_name) = model_env(a);
     env.push(("TELEGRAM_BOT_TOKEN", TOKEN.to_string()));
     env.push(("LORALOOP_TELEGRAM__API_URL", url.clone()));
-    env.push(("LORALOOP_TELEGRAM__RATE_LIMIT_PER_MINUTE", "1000".to_string()));
+    env.push((
+        "LORALOOP_TELEGRAM__RATE_LIMIT_PER_MINUTE",
+        "1000".to_string(),
+    ));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let s = common::start(false, &env).await;
     // Wait for the bot to be about to poll (deleteWebhook comes right before).
@@ -219,7 +228,10 @@ async fn telegram(a: &Args) {
     let figures = drive(
         a,
         move |u, i| {
-            f1.text(chat(u), &format!("Message {i} from user {u}: tell me about Zorblax."));
+            f1.text(
+                chat(u),
+                &format!("Message {i} from user {u}: tell me about Zorblax."),
+            );
         },
         move |u, since| reply_times(&f2, chat(u), since),
     )
@@ -236,7 +248,10 @@ async fn discord(a: &Args) {
     let (mut env, model_name) = model_env(a);
     env.push(("DISCORD_BOT_TOKEN", DISCORD_TOKEN.to_string()));
     env.push(("LORALOOP_DISCORD__API_URL", fake.api_url.clone()));
-    env.push(("LORALOOP_DISCORD__RATE_LIMIT_PER_MINUTE", "1000".to_string()));
+    env.push((
+        "LORALOOP_DISCORD__RATE_LIMIT_PER_MINUTE",
+        "1000".to_string(),
+    ));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let s = common::start(false, &env).await;
     common::until(30, "the bot to connect", || fake.is_live()).await;
@@ -249,7 +264,10 @@ async fn discord(a: &Args) {
     let figures = drive(
         a,
         move |u, i| {
-            f1.dm(user(u), &format!("Message {i} from user {u}: tell me about Zorblax."));
+            f1.dm(
+                user(u),
+                &format!("Message {i} from user {u}: tell me about Zorblax."),
+            );
         },
         move |u, since| {
             // A reply is complete once the bot put the rating reactions on it.

@@ -17,6 +17,7 @@ use loraloop_model::engine::{AdapterChoice, Event};
 use secrecy::{ExposeSecret, SecretString};
 use std::collections::{HashMap, HashSet};
 use std::future::IntoFuture;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use teloxide_core::payloads::setters::*;
@@ -47,7 +48,14 @@ pub struct TelegramBot {
     /// Updates handed to a worker and not finished yet.
     dispatched: Mutex<HashSet<String>>,
     rate: RateLimiter,
+    /// Set on stop: workers take no further update (it stays pending for the next start).
+    stopping: std::sync::atomic::AtomicBool,
+    /// Updates being handled right now.
+    busy: std::sync::atomic::AtomicUsize,
 }
+
+/// How long a stop waits for the replies being generated to be sent.
+const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Run the bot until `stop` is notified.
 pub async fn run(
@@ -78,14 +86,24 @@ pub async fn run(
         me,
         chats: Mutex::new(HashMap::new()),
         dispatched: Mutex::new(HashSet::new()),
+        stopping: Default::default(),
+        busy: Default::default(),
         rate,
     });
     // Updates stored by an earlier run and not answered.
     tb.clone().dispatch_pending().await?;
-    match webhook {
-        Some(url) => tb.webhook(&url, stop).await,
-        None => tb.poll(stop).await,
+    let outcome = match webhook {
+        Some(url) => tb.clone().webhook(&url, stop).await,
+        None => tb.clone().poll(stop).await,
+    };
+    // Finish the replies in progress (within a grace period); queued updates stay pending.
+    tb.stopping.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + STOP_GRACE;
+    while tb.busy.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    tracing::info!("telegram: stopped");
+    outcome
 }
 
 /// Where the webhook route hands updates to the running bot: the secret token Telegram
@@ -353,6 +371,13 @@ impl TelegramBot {
                     continue;
                 }
             };
+            // Counted before the check, so a stop that saw no work in progress is never
+            // followed by a start.
+            self.busy.fetch_add(1, Ordering::SeqCst);
+            if self.stopping.load(Ordering::SeqCst) {
+                self.busy.fetch_sub(1, Ordering::SeqCst);
+                return;
+            }
             let outcome = self.handle(update).await;
             let error = match &outcome {
                 Ok(()) => None,
@@ -373,6 +398,7 @@ impl TelegramBot {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&key);
+            self.busy.fetch_sub(1, Ordering::SeqCst);
         }
     }
 

@@ -628,3 +628,35 @@ async fn a_bot_alone_follows_the_adapter_activated_by_serve() {
     bot.stop().await.unwrap();
     serve.stop().await;
 }
+
+#[tokio::test]
+async fn a_stop_lets_the_reply_in_progress_finish() {
+    capture_logs();
+    let (fake, url) = fake_telegram().await;
+    // Long replies with words (the repetition penalty), so a reply takes a while.
+    let s = common::start(
+        false,
+        &env(
+            &url,
+            &[
+                ("LORALOOP_GENERATION__MAX_NEW_TOKENS", "400"),
+                ("LORALOOP_GENERATION__REPETITION_PENALTY", "2"),
+            ],
+        ),
+    )
+    .await;
+    fake.text(9101, "Tell me everything about Zorblax.");
+    until(30, "the first streamed words", || {
+        !fake.final_texts(9101).is_empty()
+    })
+    .await;
+    assert_eq!(rated_replies(&fake, 9101), 0, "stopped while streaming");
+    let db = s.server.state.db.clone();
+    s.stop().await;
+    assert_eq!(rated_replies(&fake, 9101), 1, "the reply was finished");
+    let (status,): (String,) = sqlx::query_as("select status from inbound_updates")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(status, "done");
+}
