@@ -86,18 +86,30 @@ fn greedy_decoding_gives_llama_cpps_tokens_and_close_logits() {
         (60, 23.58765),
         (2219, 22.956703),
     ];
-    let mut worst = 0f32;
+    let (mut worst, mut worst_gap) = (0f32, 0f32);
     for (id, value) in reference {
         let diff = (logits[id] - value).abs();
+        // Sampling only sees the differences between logits: each one's distance to the
+        // top logit, ours against llama.cpp's.
+        let gap = ((logits[id] - logits[reference[0].0]) - (value - reference[0].1)).abs();
         eprintln!(
-            "logit {id}: ours {} llama.cpp {value} diff {diff}",
+            "logit {id}: ours {} llama.cpp {value} diff {diff} gap diff {gap}",
             logits[id]
         );
         worst = worst.max(diff);
+        worst_gap = worst_gap.max(gap);
     }
-    // Not bit-exact: llama.cpp keeps its KV cache in f16 (we keep f32) and sums in a
-    // different order, though both round activations to 8 bits the same way.
-    assert!(worst < 0.35, "max logit difference {worst}");
+    // Not bit-exact: llama.cpp keeps its KV cache in f16 (we keep f32), and every layer
+    // rounds its input to 8 bits per block, so a last-bit difference in one sum can move
+    // a value to the next 8-bit step and the logits with it. Measured: the portable Q4_1
+    // loop gives a worst difference of 0.13 (gaps 0.21); the AVX2 kernel, which sums in
+    // llama.cpp's own order but whose float rounding differs from both, moves the top-5
+    // together by 0.40 to 0.56 with gaps within 0.16 (and the same 32 greedy tokens).
+    assert!(worst < 0.75, "max logit difference {worst}");
+    assert!(
+        worst_gap < 0.25,
+        "max difference of a logit's distance to the top one {worst_gap}"
+    );
     let mut ours: Vec<usize> = (0..logits.len()).collect();
     ours.sort_by(|a, b| logits[*b].total_cmp(&logits[*a]));
     assert_eq!(ours[..5], reference.map(|r| r.0), "top-5 order");
