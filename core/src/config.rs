@@ -163,7 +163,8 @@ pub struct DiscordConfig {
     pub allowed_channel_ids: Vec<u64>,
     /// Whether the bot answers direct messages.
     pub direct_messages: bool,
-    /// Role name whose members may use `/status`.
+    /// The role whose members may use `/status`: its numeric id (safer: a role name can be
+    /// taken by anyone allowed to create roles in any server the bot is in) or its name.
     pub admin_role: Option<String>,
     /// Register slash commands in this guild only (development) instead of globally.
     pub dev_guild_id: Option<u64>,
@@ -517,6 +518,12 @@ impl Config {
                 return Err(invalid(key, "got 0; allowed: 1 or more".to_string()));
             }
         }
+        if raw.discord.dev_guild_id == Some(0) {
+            return Err(invalid(
+                "discord.dev_guild_id",
+                "got 0; allowed: a server (guild) id, 1 or more".to_string(),
+            ));
+        }
         let device: DeviceChoice = raw
             .device
             .parse()
@@ -862,6 +869,11 @@ mod tests {
                 "discord:\n  rate_limit_per_minute: 0\n",
                 "discord.rate_limit_per_minute",
                 "1 or more",
+            ),
+            (
+                "discord:\n  dev_guild_id: 0\n",
+                "discord.dev_guild_id",
+                "a server (guild) id",
             ),
             ("model: ''\n", "model", "a model file name"),
         ];
