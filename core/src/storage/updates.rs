@@ -25,11 +25,13 @@ impl Db {
             == 1)
     }
 
-    /// Updates stored but not yet handled, oldest first (numeric keys in numeric order).
+    /// Updates stored but not yet handled, oldest first (numeric keys in numeric order). (A
+    /// pending row without a payload reads as an empty one: its handler fails it rather than
+    /// the whole read failing.)
     pub async fn pending_updates(&self, platform: Platform) -> Result<Vec<PendingUpdate>> {
         Ok(sqlx::query_as(
-            "select update_key, payload from inbound_updates where platform = ? and status = 'pending'
-             order by length(update_key), update_key",
+            "select update_key, coalesce(payload, '') as payload from inbound_updates
+             where platform = ? and status = 'pending' order by length(update_key), update_key",
         )
         .bind(platform.as_str())
         .fetch_all(self.pool())
