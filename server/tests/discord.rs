@@ -108,9 +108,9 @@ fn shown(reply: &str) -> String {
 #[tokio::test]
 async fn direct_messages_stream_by_edits_and_reactions_rate_the_reply() {
     // Long, and with a repetition penalty so the tiny model says more than newlines: the
-    // reply has words and takes more than a second.
+    // reply has words and takes a few seconds (edits at most one a second).
     let (fake, s) = start(&[
-        ("LORALOOP_GENERATION__MAX_NEW_TOKENS", "400"),
+        ("LORALOOP_GENERATION__MAX_NEW_TOKENS", "900"),
         ("LORALOOP_GENERATION__REPETITION_PENALTY", "2"),
     ])
     .await;
@@ -903,7 +903,7 @@ async fn allowlists_rate_limit_and_a_429_from_rest() {
 #[tokio::test]
 async fn stop_lets_a_reply_in_progress_finish() {
     let (fake, s) = start(&[
-        ("LORALOOP_GENERATION__MAX_NEW_TOKENS", "200"),
+        ("LORALOOP_GENERATION__MAX_NEW_TOKENS", "600"),
         ("LORALOOP_GENERATION__REPETITION_PENALTY", "2"),
     ])
     .await;
