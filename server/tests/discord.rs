@@ -478,17 +478,28 @@ async fn a_mention_in_a_server_starts_a_thread_that_is_one_conversation() {
 async fn a_quick_follow_up_in_a_new_thread_waits_for_the_first_reply() {
     let (fake, s) = start(&[]).await;
     let db = s.server.state.db.pool();
+    // A slow Discord: the first reply takes a while to send, the follow-up comes meanwhile.
+    fake.set_rest_delay(Some(Duration::from_millis(400)));
     fake.follow_up_on_next_thread(2101, "and one more thing");
     let asked = fake.guild_message(GUILD, CHANNEL, 2101, "first question", true, None);
     until(30, "two replies in the thread", || {
         fake.replies(asked).len() == 2
     })
     .await;
+    fake.set_rest_delay(None);
     let follow_up = fake.follow_ups()[0];
     let replies = fake.replies(asked);
-    let first_done = replies[0].versions.last().unwrap().0;
+    // The follow-up's turn (its "typing") starts after the first reply is complete (its
+    // rating reactions added).
+    let first_done = fake
+        .calls_to("PUT", &format!("/messages/{}/reactions/", replies[0].id))
+        .last()
+        .unwrap()
+        .at;
+    let typing = fake.calls_to("POST", &format!("/channels/{asked}/typing"));
+    assert_eq!(typing.len(), 2);
     assert!(
-        replies[1].created >= first_done,
+        typing[1].at >= first_done,
         "the follow-up is answered after the first reply is complete"
     );
     let stored: Vec<(String, Option<String>)> = sqlx::query_as(
