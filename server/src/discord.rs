@@ -763,11 +763,7 @@ impl DiscordBot {
                 lock(&self.threads).insert(on_message.get(), (chat, channel.get()));
                 let name = thread_name(&text, &m.author.name);
                 let started = match retry("start thread", || {
-                    channel.create_thread_from_message(
-                        self.http(),
-                        m.id,
-                        CreateThread::new(&name),
-                    )
+                    channel.create_thread_from_message(self.http(), m.id, CreateThread::new(&name))
                 })
                 .await
                 {
@@ -1170,9 +1166,9 @@ impl DiscordBot {
                 }
                 .await;
                 let text = match deleted {
-                    Ok(n) => format!(
-                        "Done: {n} message(s) deleted, and you are excluded from training."
-                    ),
+                    Ok(n) => {
+                        format!("Done: {n} message(s) deleted, and you are excluded from training.")
+                    }
                     Err(e) => {
                         tracing::error!("discord: /forget failed: {e:#}");
                         "Sorry, deleting failed; please try again later.".to_string()

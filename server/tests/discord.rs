@@ -470,7 +470,6 @@ async fn a_mention_in_a_server_starts_a_thread_that_is_one_conversation() {
     s.stop().await;
 }
 
-
 /// A follow-up written in a new thread before the bot even has Discord's answer to its
 /// "start thread" request is answered, after the first reply (one conversation, in order);
 /// mentions in one channel are answered in parallel, each in its own thread.
@@ -629,7 +628,10 @@ async fn a_restart_mid_thread_answers_once_in_the_thread() {
             "thread {t}"
         );
     }
-    assert_eq!(count_in(db.pool(), "select count(*) from conversations").await, 2);
+    assert_eq!(
+        count_in(db.pool(), "select count(*) from conversations").await,
+        2
+    );
     server.stop().await.unwrap();
     drop(dir);
 }
@@ -895,7 +897,11 @@ async fn allowlists_rate_limit_and_a_429_from_rest() {
     };
     assert!(content(help).contains("/forget"), "{}", content(help));
     assert!(content(forget).contains("Sure?"), "{}", content(forget));
-    assert!(content(reset).contains("direct messages"), "{}", content(reset));
+    assert!(
+        content(reset).contains("direct messages"),
+        "{}",
+        content(reset)
+    );
     // admin_role as an id: that role, not a role that happens to be named "71".
     fake.set_roles(GUILD, &[(71, "ops"), (80, "71")]);
     let by_id = fake.command(4006, Some(GUILD), CHANNEL, "status", &[71]);
@@ -904,9 +910,18 @@ async fn allowlists_rate_limit_and_a_429_from_rest() {
         edit(&fake, by_id).is_some() && edit(&fake, by_name).is_some()
     })
     .await;
-    let text = |i| edit(&fake, i).unwrap()["content"].as_str().unwrap().to_string();
+    let text = |i| {
+        edit(&fake, i).unwrap()["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
     assert!(text(by_id).contains("Active adapter"), "{}", text(by_id));
-    assert!(text(by_name).starts_with("Not allowed"), "{}", text(by_name));
+    assert!(
+        text(by_name).starts_with("Not allowed"),
+        "{}",
+        text(by_name)
+    );
     s.stop().await;
 }
 
@@ -973,7 +988,10 @@ async fn a_gateway_refusal_is_logged_at_once_with_what_to_do() {
     };
     until(20, "the error in the log", logged).await;
     assert!(!fake.identifies().is_empty());
-    assert!(s.server.stop().await.is_err(), "the bot ended with the error");
+    assert!(
+        s.server.stop().await.is_err(),
+        "the bot ended with the error"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,12 @@
 //! what the bot did ([`FakeDiscord::sent`] with creation and edit times, [`FakeDiscord::calls`]).
 //! [`FakeDiscord::disconnect`] closes the gateway connection; events dispatched until the
 //! bot resumes are replayed to it, as Discord does.
+//!
+//! Like Discord: a thread started from a message has the message's id, and a second one on
+//! it is refused (400, code 160004); a message sent with `enforce_nonce` and a nonce seen
+//! in the last minutes returns the earlier message; the bot's own reactions come back as
+//! MESSAGE_REACTION_ADD events; an interaction's first answer later than 3 s is refused
+//! (404, code 10062), and deferred answers are edited under `/webhooks/.../@original`.
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -393,7 +399,9 @@ impl FakeDiscord {
             .log
             .iter()
             .map(|(_, f)| f)
-            .find(|f| f["t"] == "MESSAGE_CREATE" && f["d"]["id"] == id.to_string())
+            .find(|f| {
+                f["t"] == "MESSAGE_CREATE" && f["d"]["id"].as_str() == Some(id.to_string().as_str())
+            })
             .map(|f| f["d"].clone())
     }
 
@@ -891,9 +899,7 @@ async fn rest_call(
                     let m = fake.created(id(1), &body);
                     if let Some(n) = nonce {
                         let mid = m["id"].as_str().unwrap().parse().unwrap();
-                        fake.lock()
-                            .nonces
-                            .insert((id(1), n), (mid, Instant::now()));
+                        fake.lock().nonces.insert((id(1), n), (mid, Instant::now()));
                     }
                     (200, m)
                 }
@@ -988,7 +994,10 @@ async fn rest_call(
             let mut i = fake.lock();
             match i.interactions.remove(&id(1)) {
                 Some(at) if at.elapsed() <= Duration::from_secs(3) => (204, Value::Null),
-                _ => (404, json!({"message": "Unknown interaction", "code": 10062})),
+                _ => (
+                    404,
+                    json!({"message": "Unknown interaction", "code": 10062}),
+                ),
             }
         }
         // An edit of an interaction's (deferred) response.
