@@ -163,11 +163,27 @@ pub struct DiscordConfig {
     pub allowed_channel_ids: Vec<u64>,
     /// Whether the bot answers direct messages.
     pub direct_messages: bool,
-    /// Role name whose members may use `/status`.
+    /// The role whose members may use `/status`: its numeric id (safer: a role name can be
+    /// taken by anyone allowed to create roles in any server the bot is in) or its name.
+    #[serde(deserialize_with = "string_or_number")]
     pub admin_role: Option<String>,
     /// Register slash commands in this guild only (development) instead of globally.
     pub dev_guild_id: Option<u64>,
     pub rate_limit_per_minute: u32,
+}
+
+/// A text value that may be written as a bare number (a Discord id: `admin_role: 123`).
+fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Value {
+        Text(String),
+        Number(u64),
+    }
+    Ok(Option::<Value>::deserialize(d)?.map(|v| match v {
+        Value::Text(t) => t,
+        Value::Number(n) => n.to_string(),
+    }))
 }
 
 impl Default for RawConfig {
@@ -517,6 +533,12 @@ impl Config {
                 return Err(invalid(key, "got 0; allowed: 1 or more".to_string()));
             }
         }
+        if raw.discord.dev_guild_id == Some(0) {
+            return Err(invalid(
+                "discord.dev_guild_id",
+                "got 0; allowed: a server (guild) id, 1 or more".to_string(),
+            ));
+        }
         let device: DeviceChoice = raw
             .device
             .parse()
@@ -781,6 +803,7 @@ mod tests {
                 ("LORALOOP_TELEGRAM__ALLOWED_USER_IDS", "[1, 2]"),
                 ("LORALOOP_DISCORD__API_URL", "http://127.0.0.1:9"),
                 ("LORALOOP_DISCORD__DIRECT_MESSAGES", "false"),
+                ("LORALOOP_DISCORD__ADMIN_ROLE", "987654321012345678"),
             ],
         )
         .unwrap();
@@ -792,6 +815,11 @@ mod tests {
             Some("http://127.0.0.1:9")
         );
         assert!(!cfg.raw.discord.direct_messages);
+        // A role id reads as YAML's number; it is kept as its digits.
+        assert_eq!(
+            cfg.raw.discord.admin_role.as_deref(),
+            Some("987654321012345678")
+        );
     }
 
     #[test]
@@ -862,6 +890,11 @@ mod tests {
                 "discord:\n  rate_limit_per_minute: 0\n",
                 "discord.rate_limit_per_minute",
                 "1 or more",
+            ),
+            (
+                "discord:\n  dev_guild_id: 0\n",
+                "discord.dev_guild_id",
+                "a server (guild) id",
             ),
             ("model: ''\n", "model", "a model file name"),
         ];

@@ -28,15 +28,17 @@ use secrecy::{ExposeSecret, SecretString};
 use serenity::all::{
     ButtonStyle, ChannelId, Command, CommandInteraction, ComponentInteraction, Context,
     CreateActionRow, CreateAllowedMentions, CreateButton, CreateCommand, CreateInteractionResponse,
-    CreateInteractionResponseMessage, CreateMessage, CreateThread, EditMessage, EventHandler,
-    GatewayIntents, GuildId, Http, HttpBuilder, Interaction, Message, MessageId, Reaction,
-    ReactionType, Ready, ResumedEvent, UserId,
+    CreateInteractionResponseMessage, CreateMessage, CreateThread, EditInteractionResponse,
+    EditMessage, EventHandler, GatewayIntents, GuildId, Http, HttpBuilder, Interaction, Message,
+    MessageId, MessageType, Nonce, Reaction, ReactionType, Ready, ResumedEvent, RoleId, UserId,
 };
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 /// Discord's limit on a message's content.
 pub const MAX_MESSAGE_CHARS: usize = 2000;
@@ -74,8 +76,34 @@ pub fn commands() -> Vec<CreateCommand> {
     ]
 }
 
+/// How long a burst of messages is given to be stored before the dispatcher reads the
+/// pending ones: serenity handles each gateway event in its own task, so messages sent
+/// together can be stored out of order.
+const SETTLE: Duration = Duration::from_millis(150);
+/// On stop, replies being generated get this long to finish; then they are cut off (and
+/// answered after the next start).
+pub const STOP_DEADLINE: Duration = Duration::from_secs(10);
+/// A refusal (channel not allowed, DMs off) goes to a channel at most once per this long.
+const REFUSAL_INTERVAL: Duration = Duration::from_secs(3600);
+/// Discord's error code for a second thread on one message.
+const THREAD_ALREADY_CREATED: isize = 160004;
+const TOO_LONG: &str = "That conversation got too long for me; /reset starts a new one.";
+
 /// Run the bot until `stop` is notified.
 pub async fn run(
+    state: AppState,
+    token: SecretString,
+    stop: Arc<tokio::sync::Notify>,
+) -> anyhow::Result<()> {
+    let result = run_bot(state, token, stop).await;
+    if let Err(e) = &result {
+        // Logged now: the caller only sees the result when the server stops.
+        tracing::error!("discord: the bot stopped: {e:#}");
+    }
+    result
+}
+
+async fn run_bot(
     state: AppState,
     token: SecretString,
     stop: Arc<tokio::sync::Notify>,
@@ -90,16 +118,27 @@ pub async fn run(
             .ratelimiter_disabled(true);
     }
     let http = http.build();
+    // The bot's own user before any event: a message right after READY is not dropped for
+    // want of knowing who "me" is.
+    let me = tokio::select! {
+        u = retry("get the bot's user", || http.get_current_user()) => {
+            u.map_err(|e| anyhow::anyhow!("discord: cannot get the bot's user: {e}{}", hint(&e)))?
+        }
+        _ = stop.notified() => return Ok(()),
+    };
     let rate = RateLimiter::new(cfg.rate_limit_per_minute);
     let bot = Arc::new(DiscordBot {
         state,
-        me: OnceLock::new(),
+        me: me.id,
         http: OnceLock::new(),
         workers: Mutex::new(HashMap::new()),
         queued: Mutex::new(HashSet::new()),
         threads: Mutex::new(HashMap::new()),
         rate,
         wake: tokio::sync::Notify::new(),
+        refused: Mutex::new(HashMap::new()),
+        tasks: Mutex::new(JoinSet::new()),
+        stopping: AtomicBool::new(false),
     });
     let builder = serenity::all::ClientBuilder::new_with_http(http, intents())
         .event_handler(Handler(bot.clone()));
@@ -114,28 +153,61 @@ pub async fn run(
     let result = tokio::select! {
         r = &mut gateway => match r {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(anyhow::anyhow!("discord gateway: {e}")),
+            Ok(Err(e)) => Err(anyhow::anyhow!("discord gateway: {e}{}", hint(&e))),
             Err(e) => Err(anyhow::anyhow!("discord gateway task: {e}")),
         },
-        _ = stop.notified() => {
-            // Close the gateway connection (close frame 1000) and wait for the shard to end.
+        _ = stop.notified() => Ok(()),
+    };
+    // No new work; replies in progress finish (within the deadline) while the gateway
+    // connection closes (close frame 1000).
+    bot.stopping.store(true, Ordering::SeqCst);
+    dispatcher.abort();
+    let _ = dispatcher.await;
+    let gateway_closed = async {
+        if !gateway.is_finished() {
             shards.shutdown_all().await;
-            if tokio::time::timeout(Duration::from_secs(10), &mut gateway).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(10), &mut gateway)
+                .await
+                .is_err()
+            {
                 tracing::warn!("discord: the gateway did not stop in 10 s");
                 gateway.abort();
             }
-            Ok(())
         }
     };
-    dispatcher.abort();
+    tokio::join!(gateway_closed, bot.finish_workers(STOP_DEADLINE));
     tracing::info!("discord: stopped");
     result
+}
+
+/// What to do about an error that stops the bot, for the log.
+fn hint(e: &serenity::Error) -> &'static str {
+    use serenity::gateway::GatewayError;
+    use serenity::http::HttpError;
+    match e {
+        serenity::Error::Gateway(GatewayError::DisallowedGatewayIntents) => {
+            " (close code 4014: enable the MESSAGE CONTENT intent for the bot in the Discord \
+             developer portal, Bot > Privileged Gateway Intents)"
+        }
+        serenity::Error::Gateway(GatewayError::InvalidGatewayIntents) => {
+            " (close code 4013: the intents asked for are invalid)"
+        }
+        serenity::Error::Gateway(GatewayError::InvalidAuthentication) => {
+            " (close code 4004: Discord refused the token; check DISCORD_BOT_TOKEN, or reset the \
+             token under Bot in the developer portal)"
+        }
+        serenity::Error::Http(HttpError::UnsuccessfulRequest(r)) if r.status_code == 401 => {
+            " (Discord refused the token; check DISCORD_BOT_TOKEN, or reset the token under Bot \
+             in the developer portal)"
+        }
+        _ => "",
+    }
 }
 
 /// Retry a Discord call on transient errors (429, 5xx, network) with backoff; a permanent
 /// error (missing permission, unknown channel, bad request) returns at once. (With a proxy
 /// serenity's own rate limiter is off, so a 429 reaches this; serenity does not hand over
-/// the answer's `retry_after`, so the wait is the backoff.)
+/// the answer's `retry_after` or `Retry-After`, so a 429 waits at least a second.)
 pub async fn retry<T, F, Fut>(what: &str, mut call: F) -> serenity::Result<T>
 where
     F: FnMut() -> Fut,
@@ -148,12 +220,36 @@ where
         match call().await {
             Ok(v) => return Ok(v),
             Err(e) if attempt < 8 && transient(&e) => {
-                tracing::debug!("discord {what}: {e}; retrying in {delay:?}");
-                tokio::time::sleep(delay).await;
+                let wait = if status(&e) == Some(429) {
+                    delay.max(Duration::from_secs(1))
+                } else {
+                    delay
+                };
+                tracing::debug!("discord {what}: {e}; retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
                 delay = (delay * 2).min(Duration::from_secs(8));
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+fn status(e: &serenity::Error) -> Option<u16> {
+    match e {
+        serenity::Error::Http(serenity::http::HttpError::UnsuccessfulRequest(r)) => {
+            Some(r.status_code.as_u16())
+        }
+        _ => None,
+    }
+}
+
+/// Discord's JSON error code of a refused request.
+fn error_code(e: &serenity::Error) -> Option<isize> {
+    match e {
+        serenity::Error::Http(serenity::http::HttpError::UnsuccessfulRequest(r)) => {
+            Some(r.error.code)
+        }
+        _ => None,
     }
 }
 
@@ -166,6 +262,20 @@ fn transient(e: &serenity::Error) -> bool {
         serenity::Error::Http(HttpError::Request(_)) | serenity::Error::Io(_) => true,
         _ => false,
     }
+}
+
+/// A nonce for one message to send (Discord allows 25 characters): with `enforce_nonce`
+/// a retried send that Discord had already taken returns that message instead of a copy.
+fn new_nonce() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64;
+    format!(
+        "ll{now:x}{:x}",
+        COUNTER.fetch_add(1, Ordering::Relaxed) & 0xffff
+    )
 }
 
 /// Where a message or a command came from.
@@ -186,11 +296,14 @@ enum Place {
 
 pub struct DiscordBot {
     state: AppState,
-    me: OnceLock<UserId>,
+    /// The bot's user, fetched before the gateway starts.
+    me: UserId,
     /// serenity's client, set once it is built (before the gateway starts and any event).
     http: OnceLock<Arc<Http>>,
-    /// One worker per channel with queued messages: a channel's messages run in order.
-    workers: Mutex<HashMap<ChannelId, mpsc::UnboundedSender<PendingUpdate>>>,
+    /// One worker per conversation target with queued messages (a DM channel, a thread, or
+    /// for a mention that starts a thread the message id, which becomes the thread's id):
+    /// a conversation's messages run in order, different ones in parallel.
+    workers: Mutex<HashMap<u64, mpsc::UnboundedSender<PendingUpdate>>>,
     /// Stored messages handed to a worker and not finished.
     queued: Mutex<HashSet<String>>,
     /// The bot's threads: thread id -> (parent chat row, parent channel id).
@@ -198,6 +311,12 @@ pub struct DiscordBot {
     rate: RateLimiter,
     /// Rung when a message is stored (and on READY): the dispatcher looks for pending ones.
     wake: tokio::sync::Notify,
+    /// When each channel last got a refusal.
+    refused: Mutex<HashMap<u64, Instant>>,
+    /// The workers, waited for on stop.
+    tasks: Mutex<JoinSet<()>>,
+    /// Set on stop: nothing new is dispatched or started.
+    stopping: AtomicBool,
 }
 
 struct Handler(Arc<DiscordBot>);
@@ -205,7 +324,6 @@ struct Handler(Arc<DiscordBot>);
 #[serenity::async_trait]
 impl EventHandler for Handler {
     async fn ready(&self, ctx: Context, ready: Ready) {
-        let _ = self.0.me.set(ready.user.id);
         tracing::info!(
             "discord: connected as {} ({} server(s))",
             ready.user.name,
@@ -268,6 +386,10 @@ fn ephemeral(text: impl Into<String>) -> CreateInteractionResponse {
     )
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A message's content without mentions of `me`.
 fn without_mention(content: &str, me: UserId) -> String {
     content
@@ -291,18 +413,9 @@ fn thread_name(text: &str, author: &str) -> String {
 }
 
 impl DiscordBot {
-    fn me(&self) -> Option<UserId> {
-        self.me.get().copied()
-    }
-
     /// The bot's thread this channel is, if it is one (memory, then the database).
     async fn bot_thread(&self, channel: ChannelId) -> anyhow::Result<Option<(i64, u64)>> {
-        if let Some(t) = self
-            .threads
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&channel.get())
-        {
+        if let Some(t) = lock(&self.threads).get(&channel.get()) {
             return Ok(Some(*t));
         }
         let found = self
@@ -313,10 +426,7 @@ impl DiscordBot {
         Ok(match found {
             Some((chat, parent)) => {
                 let parent: u64 = parent.parse()?;
-                self.threads
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(channel.get(), (chat, parent));
+                lock(&self.threads).insert(channel.get(), (chat, parent));
                 Some((chat, parent))
             }
             None => None,
@@ -349,31 +459,69 @@ impl DiscordBot {
             && (cfg.allowed_channel_ids.is_empty() || cfg.allowed_channel_ids.contains(&channel))
     }
 
+    fn replied_to_me(&self, m: &Message) -> bool {
+        m.referenced_message
+            .as_ref()
+            .is_some_and(|r| r.author.id == self.me)
+    }
+
     /// A message from the gateway: store it if the bot is to answer it, then wake the
-    /// dispatcher.
+    /// dispatcher. Outside the allowlists nothing is stored and the channel gets a refusal
+    /// (at most one an hour).
     async fn receive(&self, m: Message) -> anyhow::Result<()> {
-        let Some(me) = self.me() else {
-            return Ok(());
-        };
+        let me = self.me;
         if m.author.bot || m.author.id == me {
             return Ok(());
         }
+        // System messages (a member added to a thread, a pin, ...) are nobody talking.
+        if !matches!(m.kind, MessageType::Regular | MessageType::InlineReply) {
+            return Ok(());
+        }
+        let thread = self.bot_thread(m.channel_id).await?;
         let addressed = m.guild_id.is_none()
             || m.mentions.iter().any(|u| u.id == me)
-            || m.referenced_message
-                .as_ref()
-                .is_some_and(|r| r.author.id == me)
-            || self.bot_thread(m.channel_id).await?.is_some();
+            || self.replied_to_me(&m)
+            || thread.is_some();
         if !addressed {
             return Ok(());
         }
+        let place = match (m.guild_id, thread) {
+            (None, _) => Place::Dm,
+            (Some(guild), Some((chat, parent))) => Place::Thread {
+                guild,
+                chat,
+                parent,
+            },
+            (Some(guild), None) => Place::Channel { guild },
+        };
+        if !self.allowed(place, m.channel_id) {
+            self.refuse(m.channel_id, place).await;
+            return Ok(());
+        }
         let payload = serde_json::to_string(&m)?;
-        if self
-            .state
-            .db
-            .store_update(Platform::Discord, &m.id.get().to_string(), &payload)
-            .await?
-        {
+        let key = m.id.get().to_string();
+        // A failed store loses the message (Discord does not send it again): retry a few
+        // times (a busy or briefly unavailable database) before giving up.
+        let mut delay = Duration::from_millis(200);
+        let mut attempt = 0;
+        let stored = loop {
+            attempt += 1;
+            match self
+                .state
+                .db
+                .store_update(Platform::Discord, &key, &payload)
+                .await
+            {
+                Ok(new) => break new,
+                Err(e) if attempt < 5 => {
+                    tracing::warn!("discord: storing message {key} failed ({e}); retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        if stored {
             self.wake.notify_one();
         } else {
             tracing::debug!("discord: message {} was delivered again", m.id);
@@ -381,10 +529,46 @@ impl DiscordBot {
         Ok(())
     }
 
-    /// Hand every pending message to its channel's worker, in message order.
+    /// Tell a channel the bot does not answer there, at most once per
+    /// [`REFUSAL_INTERVAL`].
+    async fn refuse(&self, channel: ChannelId, place: Place) {
+        {
+            let mut refused = lock(&self.refused);
+            if refused
+                .get(&channel.get())
+                .is_some_and(|t| t.elapsed() < REFUSAL_INTERVAL)
+            {
+                return;
+            }
+            if refused.len() > 10_000 {
+                refused.retain(|_, t| t.elapsed() < REFUSAL_INTERVAL);
+            }
+            refused.insert(channel.get(), Instant::now());
+        }
+        let text = if place == Place::Dm { NO_DMS } else { NOT_HERE };
+        if let Err(e) = self.say(channel, text).await {
+            tracing::info!("discord: cannot send a refusal to {channel}: {e:#}");
+        }
+    }
+
+    /// The conversation a message belongs to, as the key of its worker: its thread (a
+    /// mention in a server channel starts a thread whose id is the message's), else its
+    /// channel.
+    async fn target(&self, m: &Message) -> u64 {
+        if m.guild_id.is_none()
+            || self.replied_to_me(m)
+            || !matches!(self.bot_thread(m.channel_id).await, Ok(None))
+        {
+            return m.channel_id.get();
+        }
+        m.id.get()
+    }
+
+    /// Hand every pending message to its conversation's worker, in message order.
     async fn dispatcher(self: Arc<Self>) {
         loop {
             self.wake.notified().await;
+            tokio::time::sleep(SETTLE).await;
             let pending = match self.state.db.pending_updates(Platform::Discord).await {
                 Ok(p) => p,
                 Err(e) => {
@@ -395,45 +579,60 @@ impl DiscordBot {
                 }
             };
             for p in pending {
-                let new = self
-                    .queued
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(p.update_key.clone());
+                if self.stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                let new = lock(&self.queued).insert(p.update_key.clone());
                 if !new {
                     continue;
                 }
-                let channel = serde_json::from_str::<Message>(&p.payload)
-                    .map(|m| m.channel_id)
-                    .unwrap_or(ChannelId::new(1));
-                let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
-                let sent = workers.get(&channel).map(|tx| tx.send(p.clone()));
+                let target = match serde_json::from_str::<Message>(&p.payload) {
+                    Ok(m) => self.target(&m).await,
+                    Err(_) => 0,
+                };
+                let mut workers = lock(&self.workers);
+                let sent = workers.get(&target).map(|tx| tx.send(p.clone()));
                 if !matches!(sent, Some(Ok(()))) {
                     let (tx, rx) = mpsc::unbounded_channel();
                     let _ = tx.send(p);
-                    workers.insert(channel, tx);
-                    tokio::spawn(self.clone().worker(channel, rx));
+                    workers.insert(target, tx);
+                    let mut tasks = lock(&self.tasks);
+                    // Finished workers' entries go.
+                    while tasks.try_join_next().is_some() {}
+                    tasks.spawn(self.clone().worker(target, rx));
                 }
             }
         }
     }
 
-    /// Handle one channel's messages in order; ends when its queue is empty.
-    async fn worker(
-        self: Arc<Self>,
-        channel: ChannelId,
-        mut rx: mpsc::UnboundedReceiver<PendingUpdate>,
-    ) {
+    /// On stop: wait for the workers (each ends after the message it is handling), then cut
+    /// off what is left at `deadline`.
+    async fn finish_workers(&self, deadline: Duration) {
+        let mut tasks = std::mem::take(&mut *lock(&self.tasks));
+        let all = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(deadline, all).await.is_err() {
+            tracing::warn!(
+                "discord: {} repl(ies) still in progress after {deadline:?}: cut off (answered after the next start)",
+                tasks.len()
+            );
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
+    }
+
+    /// Handle one conversation's messages in order; ends when its queue is empty, or on
+    /// stop after the message in hand.
+    async fn worker(self: Arc<Self>, target: u64, mut rx: mpsc::UnboundedReceiver<PendingUpdate>) {
         loop {
             let next = match rx.try_recv() {
-                Ok(p) => p,
-                Err(_) => {
+                Ok(p) if !self.stopping.load(Ordering::SeqCst) => p,
+                _ => {
                     // Ended under the lock the dispatcher sends under: nothing is lost.
-                    let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut workers = lock(&self.workers);
                     match rx.try_recv() {
-                        Ok(p) => p,
-                        Err(_) => {
-                            workers.remove(&channel);
+                        Ok(p) if !self.stopping.load(Ordering::SeqCst) => p,
+                        _ => {
+                            workers.remove(&target);
                             return;
                         }
                     }
@@ -450,10 +649,7 @@ impl DiscordBot {
             .await
             .unwrap_or(None);
             if status.is_some_and(|(s,)| s != "pending") {
-                self.queued
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&key);
+                lock(&self.queued).remove(&key);
                 continue;
             }
             let outcome = match serde_json::from_str::<Message>(&next.payload) {
@@ -475,10 +671,7 @@ impl DiscordBot {
             {
                 tracing::error!("discord: cannot record message {key}: {e}");
             }
-            self.queued
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&key);
+            lock(&self.queued).remove(&key);
         }
     }
 
@@ -488,20 +681,29 @@ impl DiscordBot {
             .expect("`run` sets the HTTP client before it starts the gateway")
     }
 
+    /// Send a message; a retry after an error that Discord may have acted on (a 5xx, a
+    /// lost answer) carries the same nonce, so Discord returns the first copy.
     async fn say(&self, channel: ChannelId, text: &str) -> anyhow::Result<Message> {
+        let nonce = new_nonce();
         Ok(retry("send message", || {
-            channel.send_message(self.http(), CreateMessage::new().content(text))
+            channel.send_message(
+                self.http(),
+                CreateMessage::new()
+                    .content(text)
+                    .nonce(Nonce::String(nonce.clone()))
+                    .enforce_nonce(true),
+            )
         })
         .await?)
     }
 
     async fn on_message(&self, m: Message) -> anyhow::Result<()> {
-        let me = self.me().ok_or_else(|| anyhow::anyhow!("not connected"))?;
+        let me = self.me;
         let mut channel = m.channel_id;
         let mut place = self.place(m.guild_id, channel).await?;
         if !self.allowed(place, channel) {
-            let text = if place == Place::Dm { NO_DMS } else { NOT_HERE };
-            self.say(channel, text).await?;
+            // Stored before the allowlists changed.
+            self.refuse(channel, place).await;
             return Ok(());
         }
         let (ok, notice) = self.rate.check(m.author.id.get());
@@ -534,42 +736,61 @@ impl DiscordBot {
             )
             .await?;
         // A mention in a server channel: a thread on the message holds the conversation.
-        let replied_to_me = m
-            .referenced_message
-            .as_ref()
-            .is_some_and(|r| r.author.id == me);
+        // A thread started from a message has that message's id.
         if let Place::Channel { guild } = place
-            && !replied_to_me
+            && !self.replied_to_me(&m)
         {
-            let name = thread_name(&text, &m.author.name);
-            match retry("start thread", || {
-                channel.create_thread_from_message(self.http(), m.id, CreateThread::new(&name))
-            })
-            .await
-            {
-                Ok(thread) => {
-                    let chat = db
-                        .upsert_chat(
-                            Platform::Discord,
-                            &channel.get().to_string(),
-                            "channel",
-                            None,
-                        )
-                        .await?;
-                    self.threads
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(thread.id.get(), (chat, channel.get()));
-                    place = Place::Thread {
-                        guild,
-                        chat,
-                        parent: channel.get(),
-                    };
-                    channel = thread.id;
+            let on_message = ChannelId::new(m.id.get());
+            if let Some((chat, parent)) = self.bot_thread(on_message).await? {
+                // Replayed after a restart: the thread was started, its conversation stored.
+                place = Place::Thread {
+                    guild,
+                    chat,
+                    parent,
+                };
+                channel = on_message;
+            } else {
+                let chat = db
+                    .upsert_chat(
+                        Platform::Discord,
+                        &channel.get().to_string(),
+                        "channel",
+                        None,
+                    )
+                    .await?;
+                // Known as the bot's thread before it exists: a quick follow-up in it is
+                // stored (and waits for this reply: its worker is this message's).
+                lock(&self.threads).insert(on_message.get(), (chat, channel.get()));
+                let name = thread_name(&text, &m.author.name);
+                let started = match retry("start thread", || {
+                    channel.create_thread_from_message(self.http(), m.id, CreateThread::new(&name))
+                })
+                .await
+                {
+                    Ok(thread) => Some(thread.id),
+                    // Started before a restart, nothing stored yet: it is this message's id.
+                    Err(e) if error_code(&e) == Some(THREAD_ALREADY_CREATED) => Some(on_message),
+                    Err(e) => {
+                        tracing::info!(
+                            "discord: cannot start a thread in channel {channel} ({e}); answering there"
+                        );
+                        None
+                    }
+                };
+                match started {
+                    Some(thread) => {
+                        lock(&self.threads).insert(thread.get(), (chat, channel.get()));
+                        place = Place::Thread {
+                            guild,
+                            chat,
+                            parent: channel.get(),
+                        };
+                        channel = thread;
+                    }
+                    None => {
+                        lock(&self.threads).remove(&on_message.get());
+                    }
                 }
-                Err(e) => tracing::info!(
-                    "discord: cannot start a thread in channel {channel} ({e}); answering there"
-                ),
             }
         }
         let (chat, thread) = match place {
@@ -616,7 +837,7 @@ impl DiscordBot {
         }
         let _ = channel.broadcast_typing(self.http()).await;
         let mut last_typing = Instant::now();
-        let mut turn = chat::start_turn_from(
+        let mut turn = match chat::start_turn_from(
             &self.state,
             conv.id,
             Some(user.id),
@@ -625,7 +846,20 @@ impl DiscordBot {
             AdapterChoice::Active,
         )
         .await
-        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        {
+            Ok(t) => t,
+            Err(e) => {
+                // The prompt is too long for the model (the conversation grew, or one long
+                // message), or storing failed: the user hears of it.
+                let notice = if e.param.as_deref() == Some("messages") {
+                    TOO_LONG
+                } else {
+                    "Sorry, I could not answer that."
+                };
+                self.say(channel, notice).await?;
+                anyhow::bail!("cannot start the reply: {}", e.message);
+            }
+        };
         let mut reply = String::new();
         let mut sent: Option<MessageId> = None;
         let mut last_edit = Instant::now();
@@ -736,13 +970,13 @@ impl DiscordBot {
 
     /// A 👍/👎 added to or removed from one of the bot's replies.
     async fn on_reaction(&self, r: Reaction, added: bool) -> anyhow::Result<()> {
-        let Some(me) = self.me() else {
-            return Ok(());
-        };
+        let me = self.me;
         let Some(user_id) = r.user_id else {
             return Ok(());
         };
-        if user_id == me {
+        // The bot's own 👍/👎, and reactions on messages that are not the bot's (Discord
+        // names the author on an added reaction), are no ratings.
+        if user_id == me || (added && r.message_author_id.is_some_and(|a| a != me)) {
             return Ok(());
         }
         let rating = match &r.emoji {
@@ -765,17 +999,9 @@ impl DiscordBot {
             db.set_feedback(reply.id, &rater, Some(user), Some(rating), None)
                 .await?;
         } else {
-            // Only the rating that reaction gave: 👍 removed after 👎 was added keeps 👎.
-            let (current,): (Option<i64>,) =
-                sqlx::query_as("select rating from feedback where message_id = ? and rater = ?")
-                    .bind(reply.id)
-                    .bind(&rater)
-                    .fetch_optional(db.pool())
-                    .await?
-                    .unwrap_or((None,));
-            if current == Some(rating) {
-                db.delete_feedback(reply.id, &rater).await?;
-            }
+            // Only the rating that reaction gave: 👍 removed after 👎 was added keeps 👎
+            // (checked in the statement itself, whatever order the two events run in).
+            db.remove_rating(reply.id, &rater, rating).await?;
         }
         Ok(())
     }
@@ -810,11 +1036,14 @@ impl DiscordBot {
     }
 
     async fn on_command(&self, http: &Http, c: &CommandInteraction) -> anyhow::Result<()> {
+        let name = c.data.name.as_str();
         let place = self.place(c.guild_id, c.channel_id).await?;
-        let answer = if !self.allowed(place, c.channel_id) {
+        // /forget and /help work everywhere: anyone can always delete what is stored about
+        // them, wherever the bot answers or not.
+        let answer = if !matches!(name, "forget" | "help") && !self.allowed(place, c.channel_id) {
             ephemeral(if place == Place::Dm { NO_DMS } else { NOT_HERE })
         } else {
-            match c.data.name.as_str() {
+            match name {
                 "help" => ephemeral(HELP_TEXT),
                 "reset" => {
                     let db = &self.state.db;
@@ -847,7 +1076,23 @@ impl DiscordBot {
                                 .style(ButtonStyle::Danger),
                         ])]),
                 ),
-                "status" => ephemeral(self.status(http, c).await?),
+                "status" => {
+                    // Discord waits 3 s for the first answer; the roles are fetched after
+                    // it (deferred: "thinking…", only to that member), then it is edited.
+                    retry("interaction response", || c.defer_ephemeral(http)).await?;
+                    let text = match self.status(http, c).await {
+                        Ok(t) => t,
+                        Err(e) => {
+                            tracing::warn!("discord: /status: {e:#}");
+                            "Sorry, /status failed (see the server's log).".to_string()
+                        }
+                    };
+                    retry("edit interaction response", || {
+                        c.edit_response(http, EditInteractionResponse::new().content(&text))
+                    })
+                    .await?;
+                    return Ok(());
+                }
                 other => ephemeral(format!(
                     "I don't know /{other}. /help lists what I understand."
                 )),
@@ -868,11 +1113,17 @@ impl DiscordBot {
         let (Some(guild), Some(member)) = (c.guild_id, c.member.as_ref()) else {
             return Ok("Not allowed: /status works in a server, for its admins.".into());
         };
-        let roles = retry("guild roles", || guild.roles(http)).await?;
-        let admin = roles
-            .values()
-            .filter(|r| &r.name == role_name)
-            .any(|r| member.roles.contains(&r.id));
+        // A role id is the one role; a name matches any role of that name in the server.
+        let admin = match role_name.trim().parse::<u64>() {
+            Ok(id) if id > 0 => member.roles.contains(&RoleId::new(id)),
+            _ => {
+                let roles = retry("guild roles", || guild.roles(http)).await?;
+                roles
+                    .values()
+                    .filter(|r| &r.name == role_name)
+                    .any(|r| member.roles.contains(&r.id))
+            }
+        };
         if !admin {
             return Ok(format!(
                 "Not allowed: /status is for members with the {role_name} role."
@@ -903,15 +1154,36 @@ impl DiscordBot {
     async fn on_component(&self, http: &Http, c: &ComponentInteraction) -> anyhow::Result<()> {
         let answer = match c.data.custom_id.strip_prefix("forget:") {
             Some(who) if who == c.user.id.get().to_string() => {
-                let user = self.user_row(c.user.id, Some(&c.user)).await?;
-                let n = self.state.db.forget_user(user).await?;
-                CreateInteractionResponse::UpdateMessage(
-                    CreateInteractionResponseMessage::new()
-                        .content(format!(
-                            "Done: {n} message(s) deleted, and you are excluded from training."
-                        ))
-                        .components(vec![]),
-                )
+                // Acknowledged first (Discord waits 3 s), then the question is replaced by
+                // the outcome.
+                retry("interaction response", || {
+                    c.create_response(http, CreateInteractionResponse::Acknowledge)
+                })
+                .await?;
+                let deleted = async {
+                    let user = self.user_row(c.user.id, Some(&c.user)).await?;
+                    anyhow::Ok(self.state.db.forget_user(user).await?)
+                }
+                .await;
+                let text = match deleted {
+                    Ok(n) => {
+                        format!("Done: {n} message(s) deleted, and you are excluded from training.")
+                    }
+                    Err(e) => {
+                        tracing::error!("discord: /forget failed: {e:#}");
+                        "Sorry, deleting failed; please try again later.".to_string()
+                    }
+                };
+                retry("edit interaction response", || {
+                    c.edit_response(
+                        http,
+                        EditInteractionResponse::new()
+                            .content(&text)
+                            .components(vec![]),
+                    )
+                })
+                .await?;
+                return Ok(());
             }
             Some(_) => ephemeral("Only that user can confirm this."),
             None => ephemeral("Unknown button."),

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::fake_discord::{APP_ID, FakeDiscord};
+use common::fake_discord::{APP_ID, BOT_ID, FakeDiscord};
 use serde_json::Value;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -72,6 +72,23 @@ fn response(fake: &FakeDiscord, interaction: u64) -> Option<Value> {
         .map(|(_, b)| b)
 }
 
+/// The edit of an interaction's deferred response.
+fn edit(fake: &FakeDiscord, interaction: u64) -> Option<Value> {
+    fake.interaction_edits()
+        .into_iter()
+        .find(|(id, _)| *id == interaction)
+        .map(|(_, b)| b)
+}
+
+/// Whether the database file (or its write-ahead log) holds `text`.
+fn db_file_contains(s: &common::TestServer, text: &str) -> bool {
+    let db = &s.server.state.config.database_path;
+    ["", "-wal"].iter().any(|suffix| {
+        std::fs::read(format!("{}{suffix}", db.display()))
+            .is_ok_and(|bytes| bytes.windows(text.len()).any(|w| w == text.as_bytes()))
+    })
+}
+
 async fn count(s: &common::TestServer, sql: &str) -> i64 {
     let (n,): (i64,) = sqlx::query_as(sql)
         .fetch_one(s.server.state.db.pool())
@@ -91,9 +108,9 @@ fn shown(reply: &str) -> String {
 #[tokio::test]
 async fn direct_messages_stream_by_edits_and_reactions_rate_the_reply() {
     // Long, and with a repetition penalty so the tiny model says more than newlines: the
-    // reply has words and takes more than a second.
+    // reply has words and takes a few seconds (edits at most one a second).
     let (fake, s) = start(&[
-        ("LORALOOP_GENERATION__MAX_NEW_TOKENS", "400"),
+        ("LORALOOP_GENERATION__MAX_NEW_TOKENS", "900"),
         ("LORALOOP_GENERATION__REPETITION_PENALTY", "2"),
     ])
     .await;
@@ -163,7 +180,19 @@ async fn direct_messages_stream_by_edits_and_reactions_rate_the_reply() {
             versions.last().unwrap().0 - versions[0].0,
             sent.text().chars().count()
         );
-        assert!(versions.len() >= 2, "created, then edited: {versions:?}");
+        // Streamed: at least one version between the first words and the final text (the
+        // first send and the final edit exist for every reply).
+        assert!(
+            versions.len() >= 3,
+            "created, edited while generating, then final: {versions:?}"
+        );
+        let (first, last) = (&versions[0].1, &versions[versions.len() - 1].1);
+        assert!(
+            versions[1..versions.len() - 1]
+                .iter()
+                .any(|(_, v)| v != first && v != last),
+            "an intermediate version: {versions:?}"
+        );
         assert!(
             sent.text().starts_with(versions[0].1.trim_end()),
             "the first version is the start of the reply"
@@ -185,6 +214,36 @@ async fn direct_messages_stream_by_edits_and_reactions_rate_the_reply() {
     }
     let longest = fake.sent().iter().map(|m| m.versions.len()).max().unwrap();
     eprintln!("most versions of one reply: {longest}");
+    // Handled: the stored copy of each message (its payload) is gone.
+    wait_rows(
+        db,
+        "select count(*) from inbound_updates where status = 'done'",
+        3,
+    )
+    .await;
+    assert_eq!(
+        count(
+            &s,
+            "select count(*) from inbound_updates where payload is not null"
+        )
+        .await,
+        0
+    );
+    // Discord tells the bot of its own 👍/👎 on each reply (the fake does too): no ratings.
+    until(10, "the bot's own reaction events", || {
+        fake.calls_to("PUT", "/reactions/").len() >= 6
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(count(&s, "select count(*) from feedback").await, 0);
+    assert_eq!(
+        count(
+            &s,
+            &format!("select count(*) from platform_users where platform_user_id = '{BOT_ID}'")
+        )
+        .await,
+        0
+    );
 
     // 👍, then 👎 instead: one rating, the last. Removing 👍 (no longer the rating) keeps
     // 👎; removing 👎 removes it.
@@ -196,7 +255,6 @@ async fn direct_messages_stream_by_edits_and_reactions_rate_the_reply() {
             .unwrap()
     };
     fake.react(1001, None, dm(1001), reply.id, "👍", true);
-    until(10, "the 👍", || true).await;
     let mut seen = Vec::new();
     for _ in 0..200 {
         seen = rating().await;
@@ -242,11 +300,7 @@ async fn after_a_restart_a_pending_message_gets_its_stored_reply_split_at_2000()
     .execute(db.pool())
     .await
     .unwrap();
-    sqlx::query("update inbound_updates set status = 'pending' where update_key = ?")
-        .bind(asked.to_string())
-        .execute(db.pool())
-        .await
-        .unwrap();
+    set_pending(&db, &fake, asked).await;
     server.stop().await.unwrap();
     let before = fake.sent().len();
     let server = loraloop_server::start(
@@ -293,6 +347,32 @@ async fn after_a_restart_a_pending_message_gets_its_stored_reply_split_at_2000()
     drop(dir);
 }
 
+/// Mark a handled message pending again, with the payload it had before it was handled (as
+/// if the process had died while handling it).
+async fn set_pending(db: &loraloop_core::storage::Db, fake: &FakeDiscord, message: u64) {
+    let payload = fake.dispatched_message(message).expect("dispatched");
+    sqlx::query("update inbound_updates set status = 'pending', payload = ? where update_key = ?")
+        .bind(payload.to_string())
+        .bind(message.to_string())
+        .execute(db.pool())
+        .await
+        .unwrap();
+}
+
+/// Start the server again on the same database and fake (after `stop`).
+async fn restart(config: loraloop_core::Config) -> loraloop_server::RunningServer {
+    loraloop_server::start(
+        config,
+        loraloop_server::ServeOptions {
+            bind: Some("127.0.0.1:0".parse().unwrap()),
+            worker: false,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
 async fn wait_rows(db: &sqlx::SqlitePool, sql: &str, want: i64) {
     for _ in 0..500 {
         let (n,): (i64,) = sqlx::query_as(sql).fetch_one(db).await.unwrap();
@@ -320,6 +400,7 @@ async fn a_mention_in_a_server_starts_a_thread_that_is_one_conversation() {
     .await;
     let (thread, parent) = fake.threads()[0];
     assert_eq!(parent, CHANNEL);
+    assert_eq!(thread, asked, "a thread on a message has the message's id");
     let create = fake.calls_to("POST", "/threads").remove(0);
     assert!(create.path.contains(&format!("/messages/{asked}/threads")));
     assert_eq!(create.body["name"], "what is Zorblax?");
@@ -343,6 +424,11 @@ async fn a_mention_in_a_server_starts_a_thread_that_is_one_conversation() {
     assert_eq!(convs.len(), 1, "{convs:?}");
     assert_eq!(convs[0].1.as_deref(), Some(thread.to_string().as_str()));
     assert_eq!(convs[0].2, 2);
+    // System messages in the thread (someone added to it, a pin) are nobody talking.
+    fake.system_message(GUILD, thread, 2002, 1);
+    fake.system_message(GUILD, thread, 2002, 6);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(fake.texts(thread).len(), 2, "{:?}", fake.texts(thread));
     let (stored,): (String,) =
         sqlx::query_as("select content from messages where role = 'user' order by id limit 1")
             .fetch_one(db)
@@ -384,6 +470,177 @@ async fn a_mention_in_a_server_starts_a_thread_that_is_one_conversation() {
     s.stop().await;
 }
 
+/// A follow-up written in a new thread before the bot even has Discord's answer to its
+/// "start thread" request is answered, after the first reply (one conversation, in order);
+/// mentions in one channel are answered in parallel, each in its own thread.
+#[tokio::test]
+async fn a_quick_follow_up_in_a_new_thread_waits_for_the_first_reply() {
+    let (fake, s) = start(&[]).await;
+    let db = s.server.state.db.pool();
+    // A slow Discord: the first reply takes a while to send, the follow-up comes meanwhile.
+    fake.set_rest_delay(Some(Duration::from_millis(400)));
+    fake.follow_up_on_next_thread(2101, "and one more thing");
+    let asked = fake.guild_message(GUILD, CHANNEL, 2101, "first question", true, None);
+    until(30, "two replies in the thread", || {
+        fake.replies(asked).len() == 2
+    })
+    .await;
+    fake.set_rest_delay(None);
+    let follow_up = fake.follow_ups()[0];
+    let replies = fake.replies(asked);
+    // The follow-up's turn (its "typing") starts after the first reply is complete (its
+    // rating reactions added).
+    let first_done = fake
+        .calls_to("PUT", &format!("/messages/{}/reactions/", replies[0].id))
+        .last()
+        .unwrap()
+        .at;
+    let typing = fake.calls_to("POST", &format!("/channels/{asked}/typing"));
+    assert_eq!(typing.len(), 2);
+    assert!(
+        typing[1].at >= first_done,
+        "the follow-up is answered after the first reply is complete"
+    );
+    let stored: Vec<(String, Option<String>)> = sqlx::query_as(
+        "select m.platform_message_id, c.platform_thread_id from messages m
+         join conversations c on c.id = m.conversation_id where m.role = 'user' order by m.id",
+    )
+    .fetch_all(db)
+    .await
+    .unwrap();
+    assert_eq!(
+        stored,
+        [
+            (asked.to_string(), Some(asked.to_string())),
+            (follow_up.to_string(), Some(asked.to_string()))
+        ]
+    );
+    assert!(fake.texts(CHANNEL).is_empty());
+
+    // Two mentions at once in one channel: two threads, neither waits for the other's reply
+    // (both threads are started before the first reply is complete).
+    let before = fake.calls_to("POST", "/threads").len();
+    let a = fake.guild_message(GUILD, CHANNEL, 2102, "question a", true, None);
+    let b = fake.guild_message(GUILD, CHANNEL, 2103, "question b", true, None);
+    until(30, "both replies", || {
+        fake.replies(a).len() == 1 && fake.replies(b).len() == 1
+    })
+    .await;
+    let starts: Vec<Instant> = fake.calls_to("POST", "/threads")[before..]
+        .iter()
+        .map(|c| c.at)
+        .collect();
+    assert_eq!(starts.len(), 2);
+    let first_reply_done = [a, b]
+        .iter()
+        .map(|t| fake.replies(*t)[0].versions.last().unwrap().0)
+        .min()
+        .unwrap();
+    assert!(
+        starts.iter().all(|t| *t < first_reply_done),
+        "both threads started before either reply was complete"
+    );
+    s.stop().await;
+}
+
+/// The process dies while answering a mention in a thread: after the restart the message
+/// is answered once, in its thread (the thread exists; Discord refuses a second one on the
+/// message with code 160004), with the user's message stored once.
+#[tokio::test]
+async fn a_restart_mid_thread_answers_once_in_the_thread() {
+    let (fake, first) = start(&[]).await;
+    // Died after starting the thread, before anything was stored: (a). Died while
+    // generating, the thread's conversation and the user's message stored: (b).
+    let a = fake.guild_message(GUILD, CHANNEL, 2201, "question a", true, None);
+    until(30, "the reply to a", || fake.replies(a).len() == 1).await;
+    let b = fake.guild_message(GUILD, CHANNEL, 2202, "question b", true, None);
+    until(30, "the reply to b", || fake.replies(b).len() == 1).await;
+    let config = first.server.state.config.clone();
+    let common::TestServer { server, dir, .. } = first;
+    let db = server.state.db.clone();
+    wait_rows(
+        db.pool(),
+        "select count(*) from inbound_updates where status = 'done'",
+        2,
+    )
+    .await;
+    for sql in [
+        "delete from messages where conversation_id in (select id from conversations where platform_thread_id = ?1)",
+        "delete from conversations where platform_thread_id = ?1",
+    ] {
+        sqlx::query(sql)
+            .bind(a.to_string())
+            .execute(db.pool())
+            .await
+            .unwrap();
+    }
+    sqlx::query(
+        "delete from messages where role = 'assistant' and conversation_id in
+           (select id from conversations where platform_thread_id = ?)",
+    )
+    .bind(b.to_string())
+    .execute(db.pool())
+    .await
+    .unwrap();
+    set_pending(&db, &fake, a).await;
+    set_pending(&db, &fake, b).await;
+    server.stop().await.unwrap();
+    let threads_before = fake.calls_to("POST", "/threads").len();
+
+    let server = restart(config).await;
+    until(30, "a new reply in each thread", || {
+        fake.replies(a).len() == 2 && fake.replies(b).len() == 2
+    })
+    .await;
+    let db = &server.state.db;
+    wait_rows(
+        db.pool(),
+        "select count(*) from inbound_updates where status = 'done'",
+        2,
+    )
+    .await;
+    assert!(fake.texts(CHANNEL).is_empty(), "{:?}", fake.texts(CHANNEL));
+    let again: Vec<(String, u16)> = fake.calls_to("POST", "/threads")[threads_before..]
+        .iter()
+        .map(|c| (c.path.clone(), c.status))
+        .collect();
+    assert_eq!(
+        again,
+        [(format!("/channels/{CHANNEL}/messages/{a}/threads"), 400)],
+        "(a) tried once and was told the thread exists; (b) knew its thread"
+    );
+    for t in [a, b] {
+        let rows: Vec<(String, Option<String>)> = sqlx::query_as(
+            "select m.role, m.platform_message_id from messages m join conversations c on c.id = m.conversation_id
+             where c.platform_thread_id = ? order by m.id",
+        )
+        .bind(t.to_string())
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
+        let sent = fake.replies(t)[1].id.to_string();
+        assert_eq!(
+            rows,
+            [
+                ("user".to_string(), Some(t.to_string())),
+                ("assistant".to_string(), Some(sent))
+            ],
+            "thread {t}"
+        );
+    }
+    assert_eq!(
+        count_in(db.pool(), "select count(*) from conversations").await,
+        2
+    );
+    server.stop().await.unwrap();
+    drop(dir);
+}
+
+async fn count_in(db: &sqlx::SqlitePool, sql: &str) -> i64 {
+    let (n,): (i64,) = sqlx::query_as(sql).fetch_one(db).await.unwrap();
+    n
+}
+
 #[tokio::test]
 async fn slash_commands_help_reset_forget_and_status_for_admins() {
     let (fake, s) = start(&[
@@ -416,7 +673,7 @@ async fn slash_commands_help_reset_forget_and_status_for_admins() {
     assert!(r["data"]["content"].as_str().unwrap().contains("/forget"));
 
     // /reset: the next message starts a new conversation.
-    fake.dm(3001, "hello");
+    fake.dm(3001, "hello qzxvw first");
     until(30, "a reply", || fake.replies(dm(3001)).len() == 1).await;
     let reset = fake.command(3001, None, dm(3001), "reset", &[]);
     until(10, "/reset", || response(&fake, reset).is_some()).await;
@@ -426,7 +683,7 @@ async fn slash_commands_help_reset_forget_and_status_for_admins() {
             .unwrap()
             .contains("new conversation")
     );
-    fake.dm(3001, "hello again");
+    fake.dm(3001, "hello qzxvw again");
     until(30, "the second reply", || fake.replies(dm(3001)).len() == 2).await;
     assert_eq!(count(&s, "select count(*) from conversations").await, 2);
 
@@ -453,15 +710,20 @@ async fn slash_commands_help_reset_forget_and_status_for_admins() {
         2
     );
     let press = fake.button(3001, None, dm(3001), "forget:3001");
-    until(10, "the confirmation", || response(&fake, press).is_some()).await;
+    // Acknowledged at once (Discord waits 3 s), then the question is replaced by the
+    // outcome.
+    until(10, "the confirmation", || edit(&fake, press).is_some()).await;
     let r = response(&fake, press).unwrap();
-    assert_eq!(r["type"], 7, "the question is replaced by the answer: {r}");
+    assert_eq!(r["type"], 6, "a deferred update of the question: {r}");
+    let done = edit(&fake, press).unwrap();
     assert!(
-        r["data"]["content"]
+        done["content"]
             .as_str()
             .unwrap()
-            .contains("Done: 4 message(s)")
+            .contains("Done: 4 message(s)"),
+        "{done}"
     );
+    assert_eq!(done["components"], serde_json::json!([]), "the button goes");
     assert_eq!(
         count(&s, "select count(*) from messages m join conversations c on c.id = m.conversation_id join platform_users u on u.id = c.user_id where u.platform_user_id = '3001'").await,
         0
@@ -475,19 +737,37 @@ async fn slash_commands_help_reset_forget_and_status_for_admins() {
         1,
         "another user's messages stay"
     );
+    // Nothing of 3001's text is left anywhere in the database file: not in a table (the
+    // handled messages' payloads are dropped), not in free pages (secure_delete).
+    let (busy, _, _): (i64, i64, i64) = sqlx::query_as("pragma wal_checkpoint(TRUNCATE)")
+        .fetch_one(db)
+        .await
+        .unwrap();
+    assert_eq!(busy, 0, "the checkpoint completed");
+    assert!(db_file_contains(&s, "remember me"), "the file is read");
+    assert!(!db_file_contains(&s, "qzxvw"), "3001's text is gone");
 
-    // /status: members with the admin role only; not in DMs.
+    // /status: members with the admin role only; not in DMs. Deferred first: the roles
+    // come after Discord's 3 s (it refuses a first answer later than that).
+    fake.set_roles_delay(Some(Duration::from_millis(3500)));
     let denied = fake.command(3003, Some(GUILD), CHANNEL, "status", &[70]);
     let allowed = fake.command(3004, Some(GUILD), CHANNEL, "status", &[70, 71]);
     let in_dm = fake.command(3004, None, dm(3004), "status", &[]);
-    until(10, "three /status answers", || {
+    until(20, "three /status answers", || {
         [denied, allowed, in_dm]
             .iter()
-            .all(|i| response(&fake, *i).is_some())
+            .all(|i| edit(&fake, *i).is_some())
     })
     .await;
+    for i in [denied, allowed, in_dm] {
+        let r = response(&fake, i).unwrap();
+        assert!(
+            r["type"] == 5 && r["data"]["flags"].as_u64() == Some(64),
+            "an ephemeral deferred answer: {r}"
+        );
+    }
     let text = |i| {
-        response(&fake, i).unwrap()["data"]["content"]
+        edit(&fake, i).unwrap()["content"]
             .as_str()
             .unwrap()
             .to_string()
@@ -500,8 +780,6 @@ async fn slash_commands_help_reset_forget_and_status_for_admins() {
         "{status}"
     );
     assert!(status.contains("Training: no job running"), "{status}");
-    assert!(ephemeral(&response(&fake, allowed).unwrap()));
-    let _ = db;
     s.stop().await;
 }
 
@@ -521,11 +799,21 @@ async fn allowlists_rate_limit_and_a_429_from_rest() {
     })
     .await;
     assert!(fake.texts(6002)[0].contains("does not answer in this channel"));
+    // More mentions there: no second notice within the hour.
+    fake.guild_message(GUILD, 6002, 4001, "hello?", true, None);
+    fake.guild_message(GUILD, 6002, 4009, "anyone?", true, None);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(fake.texts(6002).len(), 1);
     assert!(fake.threads().is_empty());
     assert_eq!(
         count(&s, "select count(*) from messages").await,
         0,
         "nothing stored"
+    );
+    assert_eq!(
+        count(&s, "select count(*) from inbound_updates").await,
+        0,
+        "not even the message"
     );
     // A flood: two answered, one notice, the rest dropped quietly.
     for i in 0..5 {
@@ -559,15 +847,151 @@ async fn allowlists_rate_limit_and_a_429_from_rest() {
         .collect();
     assert_eq!(refused, [429, 500, 200]);
     assert_eq!(fake.texts(dm(4003)).len(), 1);
+    let calls = fake.calls_to("POST", &format!("/channels/{}/messages", dm(4003)));
+    assert!(
+        calls[1].at - calls[0].at >= Duration::from_secs(1),
+        "a 429 waits at least a second"
+    );
+    // A 500 after Discord created the message: the retry carries the same nonce and
+    // Discord returns that message instead of a copy.
+    fake.fail_next_after_effect("POST", &format!("/channels/{}/messages", dm(4005)), 500);
+    fake.dm(4005, "hello there");
+    until(60, "the reply after the error", || {
+        fake.replies(dm(4005)).len() == 1
+    })
+    .await;
+    let statuses: Vec<u16> = fake
+        .calls_to("POST", &format!("/channels/{}/messages", dm(4005)))
+        .iter()
+        .map(|c| c.status)
+        .collect();
+    assert_eq!(statuses, [500, 200]);
+    assert_eq!(fake.texts(dm(4005)).len(), 1, "{:?}", fake.texts(dm(4005)));
     s.stop().await;
 
-    // DMs switched off.
-    let (fake, s) = start(&[("LORALOOP_DISCORD__DIRECT_MESSAGES", "false")]).await;
+    // DMs switched off: a notice, nothing stored; /help and /forget still work there
+    // (anyone can always have their data deleted).
+    let (fake, s) = start(&[
+        ("LORALOOP_DISCORD__DIRECT_MESSAGES", "false"),
+        ("LORALOOP_DISCORD__ADMIN_ROLE", "71"),
+    ])
+    .await;
     fake.dm(4004, "hello");
     until(20, "the DM notice", || fake.texts(dm(4004)).len() == 1).await;
     assert!(fake.texts(dm(4004))[0].contains("direct messages"));
     assert_eq!(count(&s, "select count(*) from messages").await, 0);
+    let help = fake.command(4004, None, dm(4004), "help", &[]);
+    let forget = fake.command(4004, None, dm(4004), "forget", &[]);
+    let reset = fake.command(4004, None, dm(4004), "reset", &[]);
+    until(10, "three answers", || {
+        [help, forget, reset]
+            .iter()
+            .all(|i| response(&fake, *i).is_some())
+    })
+    .await;
+    let content = |i| {
+        response(&fake, i).unwrap()["data"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert!(content(help).contains("/forget"), "{}", content(help));
+    assert!(content(forget).contains("Sure?"), "{}", content(forget));
+    assert!(
+        content(reset).contains("direct messages"),
+        "{}",
+        content(reset)
+    );
+    // admin_role as an id: that role, not a role that happens to be named "71".
+    fake.set_roles(GUILD, &[(71, "ops"), (80, "71")]);
+    let by_id = fake.command(4006, Some(GUILD), CHANNEL, "status", &[71]);
+    let by_name = fake.command(4007, Some(GUILD), CHANNEL, "status", &[80]);
+    until(10, "two /status answers", || {
+        edit(&fake, by_id).is_some() && edit(&fake, by_name).is_some()
+    })
+    .await;
+    let text = |i| {
+        edit(&fake, i).unwrap()["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert!(text(by_id).contains("Active adapter"), "{}", text(by_id));
+    assert!(
+        text(by_name).starts_with("Not allowed"),
+        "{}",
+        text(by_name)
+    );
     s.stop().await;
+}
+
+/// Stopping lets a reply being generated finish (and be recorded) before the bot is gone.
+#[tokio::test]
+async fn stop_lets_a_reply_in_progress_finish() {
+    let (fake, s) = start(&[
+        ("LORALOOP_GENERATION__MAX_NEW_TOKENS", "600"),
+        ("LORALOOP_GENERATION__REPETITION_PENALTY", "2"),
+    ])
+    .await;
+    // Too long for the model's context: the user is told, not left without an answer.
+    fake.dm(4301, &"a very long message ".repeat(80));
+    until(30, "the notice", || !fake.texts(dm(4301)).is_empty()).await;
+    assert!(
+        fake.texts(dm(4301))[0].contains("/reset starts a new one"),
+        "{:?}",
+        fake.texts(dm(4301))
+    );
+
+    let asked = fake.dm(4302, "Tell me a long story.");
+    until(30, "the first words", || !fake.texts(dm(4302)).is_empty()).await;
+    assert!(fake.replies(dm(4302)).is_empty(), "still generating");
+    let db = s.server.state.db.clone();
+    let started = Instant::now();
+    s.server.stop().await.unwrap();
+    eprintln!("stopped in {:?}", started.elapsed());
+    assert_eq!(
+        fake.replies(dm(4302)).len(),
+        1,
+        "the reply was completed before stop returned"
+    );
+    let (status,): (String,) =
+        sqlx::query_as("select status from inbound_updates where update_key = ?")
+            .bind(asked.to_string())
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(status, "done");
+    let calls = fake.calls().len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(fake.calls().len(), calls, "nothing after stop");
+}
+
+/// A gateway refusal at start (here 4014: the MESSAGE CONTENT intent is not switched on)
+/// is logged when it happens, with what to do.
+#[tokio::test]
+async fn a_gateway_refusal_is_logged_at_once_with_what_to_do() {
+    capture_logs();
+    let fake = FakeDiscord::start(TOKEN).await;
+    fake.disallow_message_content();
+    let s = common::start(
+        false,
+        &[
+            ("DISCORD_BOT_TOKEN", TOKEN),
+            ("LORALOOP_DISCORD__API_URL", fake.api_url.as_str()),
+        ],
+    )
+    .await;
+    let logged = || {
+        String::from_utf8_lossy(&LOGS.lock().unwrap())
+            .lines()
+            .any(|l| l.contains("ERROR") && l.contains("enable the MESSAGE CONTENT intent"))
+    };
+    until(20, "the error in the log", logged).await;
+    assert!(!fake.identifies().is_empty());
+    assert!(
+        s.server.stop().await.is_err(),
+        "the bot ended with the error"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -322,6 +322,36 @@ impl Db {
         Ok(deleted + cleared == 1)
     }
 
+    /// Remove `rater`'s rating of a message only if it is `rating` (a platform reaction
+    /// removed: 👍 taken back after 👎 replaced it keeps the 👎). Each statement checks the
+    /// rating itself, so a removal handled before or after a concurrent new rating leaves the
+    /// right one. A correction in the same row stays. True if a rating was removed.
+    pub async fn remove_rating(&self, message_id: i64, rater: &str, rating: i64) -> Result<bool> {
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let deleted = sqlx::query(
+            "delete from feedback where message_id = ? and rater = ? and rating = ?
+               and correction is null",
+        )
+        .bind(message_id)
+        .bind(rater)
+        .bind(rating)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let cleared = sqlx::query(
+            "update feedback set rating = null, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+             where message_id = ? and rater = ? and rating = ?",
+        )
+        .bind(message_id)
+        .bind(rater)
+        .bind(rating)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(deleted + cleared == 1)
+    }
+
     /// The assistant reply sent on `platform` as the platform message `platform_message_id`
     /// (the id of its first part).
     pub async fn reply_by_platform_id(
@@ -632,6 +662,74 @@ mod tests {
             left,
             vec![("discord:43".to_string(), None, Some("better".to_string()))]
         );
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn removing_a_reaction_removes_only_the_rating_it_gave(pool: SqlitePool) {
+        let db = Db::from_pool(pool);
+        let (assistant, user, chat) = setup(&db).await;
+        let conv = db
+            .current_conversation(assistant, chat, None, Some(user.id))
+            .await
+            .unwrap();
+        let a = db
+            .insert_message(&msg(conv.id, Role::Assistant, "a", None, Some("901")))
+            .await
+            .unwrap();
+        let rating = || async {
+            sqlx::query_as::<_, (String, Option<i64>, Option<String>)>(
+                "select rater, rating, correction from feedback order by rater",
+            )
+            .fetch_all(db.pool())
+            .await
+            .unwrap()
+        };
+        // 👎 replaced 👍; 👍 taken back (in either order with the 👎) keeps the 👎.
+        db.set_feedback(a.id, "discord:42", Some(user.id), Some(-1), None)
+            .await
+            .unwrap();
+        assert!(!db.remove_rating(a.id, "discord:42", 1).await.unwrap());
+        assert_eq!(
+            rating().await,
+            vec![("discord:42".to_string(), Some(-1), None)]
+        );
+        assert!(db.remove_rating(a.id, "discord:42", -1).await.unwrap());
+        assert!(rating().await.is_empty());
+        // With a correction in the row the correction stays.
+        db.set_feedback(a.id, "discord:43", None, Some(1), Some("better"))
+            .await
+            .unwrap();
+        assert!(db.remove_rating(a.id, "discord:43", 1).await.unwrap());
+        assert_eq!(
+            rating().await,
+            vec![("discord:43".to_string(), None, Some("better".to_string()))]
+        );
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn threads_and_platform_messages_are_looked_up_by_index(pool: SqlitePool) {
+        let db = Db::from_pool(pool);
+        for (sql, index) in [
+            (
+                "select id from conversations where platform_thread_id = ?",
+                "conversations_thread_idx",
+            ),
+            (
+                "select id from messages where platform_message_id = ?",
+                "messages_platform_message_idx",
+            ),
+        ] {
+            let plan: Vec<(i64, i64, i64, String)> =
+                sqlx::query_as(&format!("explain query plan {sql}"))
+                    .bind("1")
+                    .fetch_all(db.pool())
+                    .await
+                    .unwrap();
+            assert!(
+                plan.iter().any(|(_, _, _, d)| d.contains(index)),
+                "{sql}: {plan:?}"
+            );
+        }
     }
 
     #[sqlx::test(migrations = "../migrations")]

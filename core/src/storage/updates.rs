@@ -25,18 +25,22 @@ impl Db {
             == 1)
     }
 
-    /// Updates stored but not yet handled, oldest first (numeric keys in numeric order).
+    /// Updates stored but not yet handled, oldest first (numeric keys in numeric order). (A
+    /// pending row without a payload reads as an empty one: its handler fails it rather than
+    /// the whole read failing.)
     pub async fn pending_updates(&self, platform: Platform) -> Result<Vec<PendingUpdate>> {
         Ok(sqlx::query_as(
-            "select update_key, payload from inbound_updates where platform = ? and status = 'pending'
-             order by length(update_key), update_key",
+            "select update_key, coalesce(payload, '') as payload from inbound_updates
+             where platform = ? and status = 'pending' order by length(update_key), update_key",
         )
         .bind(platform.as_str())
         .fetch_all(self.pool())
         .await?)
     }
 
-    /// Record how an update ended: `error` None is done, Some is failed (not retried).
+    /// Record how an update ended: `error` None is done, Some is failed (not retried). The
+    /// payload (the whole platform message, with the user's text) is dropped: only pending
+    /// updates are read from it, and `/forget` must leave no copy of a user's text behind.
     pub async fn finish_update(
         &self,
         platform: Platform,
@@ -45,7 +49,7 @@ impl Db {
     ) -> Result<()> {
         sqlx::query(
             "update inbound_updates set status = case when ?1 is null then 'done' else 'failed' end,
-                error = ?1, done_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+                error = ?1, payload = null, done_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
              where platform = ?2 and update_key = ?3",
         )
         .bind(error)
@@ -117,6 +121,21 @@ mod tests {
         let left = db.pending_updates(Platform::Telegram).await.unwrap();
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].update_key, "100");
+        // A finished update keeps no copy of the message; a pending one keeps it.
+        let payloads: Vec<(String, Option<String>)> = sqlx::query_as(
+            "select update_key, payload from inbound_updates order by length(update_key), update_key",
+        )
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
+        assert_eq!(
+            payloads,
+            [
+                ("9".to_string(), None),
+                ("10".to_string(), None),
+                ("100".to_string(), Some("{}".to_string()))
+            ]
+        );
         assert_eq!(db.last_update_id(Platform::Discord).await.unwrap(), None);
     }
 }

@@ -9,6 +9,12 @@
 //! what the bot did ([`FakeDiscord::sent`] with creation and edit times, [`FakeDiscord::calls`]).
 //! [`FakeDiscord::disconnect`] closes the gateway connection; events dispatched until the
 //! bot resumes are replayed to it, as Discord does.
+//!
+//! Like Discord: a thread started from a message has the message's id, and a second one on
+//! it is refused (400, code 160004); a message sent with `enforce_nonce` and a nonce seen
+//! in the last minutes returns the earlier message; the bot's own reactions come back as
+//! MESSAGE_REACTION_ADD events; an interaction's first answer later than 3 s is refused
+//! (404, code 10062), and deferred answers are edited under `/webhooks/.../@original`.
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -92,14 +98,28 @@ struct Inner {
     calls: Vec<Call>,
     sent: Vec<Sent>,
     next_id: u64,
-    /// Answers to force on upcoming calls: (method, path fragment, status, body).
-    inject: VecDeque<(String, String, u16, Value)>,
+    /// Answers to force on upcoming calls: (method, path fragment, status, body, whether
+    /// the call takes effect all the same, as a 5xx after the work was done).
+    inject: VecDeque<(String, String, u16, Value, bool)>,
     /// Roles per guild: (role id, name).
     roles: HashMap<u64, Vec<(u64, String)>>,
     /// Threads created by the bot: thread id -> parent channel.
     threads: HashMap<u64, u64>,
     /// When set, calls that create or edit messages wait this long before answering.
     rest_delay: Option<Duration>,
+    /// When set, fetching a server's roles waits this long.
+    roles_delay: Option<Duration>,
+    /// Message nonces sent with `enforce_nonce`: (channel, nonce) -> (message id, when).
+    nonces: HashMap<(u64, String), (u64, Instant)>,
+    /// When each interaction was dispatched: Discord takes its first answer within 3 s.
+    interactions: HashMap<u64, Instant>,
+    /// IDENTIFY with the MESSAGE_CONTENT intent is refused with 4014 (the intent is not
+    /// switched on in the developer portal).
+    message_content_disallowed: bool,
+    /// On the next thread creation, before answering it, this user writes this in the new
+    /// thread (a quick follow-up); the message ids written so.
+    follow_up: Option<(u64, String)>,
+    follow_ups: Vec<u64>,
 }
 
 #[derive(Clone)]
@@ -331,6 +351,7 @@ impl FakeDiscord {
                 d["context"] = json!(1);
             }
         }
+        self.lock().interactions.insert(id, Instant::now());
         self.dispatch("INTERACTION_CREATE", d);
         id
     }
@@ -353,8 +374,35 @@ impl FakeDiscord {
             }
             None => d["user"] = user_json(user),
         }
+        self.lock().interactions.insert(id, Instant::now());
         self.dispatch("INTERACTION_CREATE", d);
         id
+    }
+
+    /// A system message (`kind`: 1 a member added to a thread, 6 a pin, ...) by `user`
+    /// in a server channel or thread; its id.
+    pub fn system_message(&self, guild: u64, channel: u64, user: u64, kind: u64) -> u64 {
+        let id = self.new_id();
+        let mut m = message_json(id, channel, Some(guild), user_json(user), "", vec![], None);
+        m["type"] = json!(kind);
+        if kind == 1 {
+            m["mentions"] = json!([bot_user()]);
+        }
+        self.dispatch("MESSAGE_CREATE", m);
+        id
+    }
+
+    /// The message a MESSAGE_CREATE dispatch carried (what the bot received).
+    pub fn dispatched_message(&self, id: u64) -> Option<Value> {
+        self.lock()
+            .gw
+            .log
+            .iter()
+            .map(|(_, f)| f)
+            .find(|f| {
+                f["t"] == "MESSAGE_CREATE" && f["d"]["id"].as_str() == Some(id.to_string().as_str())
+            })
+            .map(|f| f["d"].clone())
     }
 
     /// The roles of a server (for `/status`'s admin check).
@@ -370,6 +418,16 @@ impl FakeDiscord {
     /// Answer the next call whose method is `method` and whose path contains `path` with
     /// `status` (a 429 gets Discord's body and headers).
     pub fn fail_next(&self, method: &str, path: &str, status: u16) {
+        self.inject(method, path, status, false);
+    }
+
+    /// Like [`Self::fail_next`], but the call takes effect before the error is answered
+    /// (a 5xx or a lost answer after Discord did the work).
+    pub fn fail_next_after_effect(&self, method: &str, path: &str, status: u16) {
+        self.inject(method, path, status, true);
+    }
+
+    fn inject(&self, method: &str, path: &str, status: u16, effect: bool) {
         let body = if status == 429 {
             json!({"message": "You are being rate limited.", "retry_after": 0.3, "global": false, "code": 0})
         } else {
@@ -377,7 +435,28 @@ impl FakeDiscord {
         };
         self.lock()
             .inject
-            .push_back((method.to_string(), path.to_string(), status, body));
+            .push_back((method.to_string(), path.to_string(), status, body, effect));
+    }
+
+    /// Delay the answer to a roles fetch (a slow Discord).
+    pub fn set_roles_delay(&self, d: Option<Duration>) {
+        self.lock().roles_delay = d;
+    }
+
+    /// On the next thread the bot starts, `user` writes `text` in it before the bot has
+    /// the answer to its request (the gateway is quicker than REST).
+    pub fn follow_up_on_next_thread(&self, user: u64, text: &str) {
+        self.lock().follow_up = Some((user, text.to_string()));
+    }
+
+    /// The messages written by [`Self::follow_up_on_next_thread`].
+    pub fn follow_ups(&self) -> Vec<u64> {
+        self.lock().follow_ups.clone()
+    }
+
+    /// Refuse IDENTIFY with close code 4014 while it asks for MESSAGE_CONTENT.
+    pub fn disallow_message_content(&self) {
+        self.lock().message_content_disallowed = true;
     }
 
     /// Close the gateway connection (close code 4000, as Discord does on an internal error).
@@ -444,6 +523,20 @@ impl FakeDiscord {
             .iter()
             .filter(|s| s.channel == channel && s.reactions.len() == 2)
             .cloned()
+            .collect()
+    }
+
+    /// The edits of interactions' original responses: (interaction id, edit body).
+    pub fn interaction_edits(&self) -> Vec<(u64, Value)> {
+        self.lock()
+            .calls
+            .iter()
+            .filter(|c| c.method == "PATCH" && c.path.starts_with("/webhooks/") && c.status < 300)
+            .filter_map(|c| {
+                let token = c.path.split('/').nth(3)?;
+                let id = token.strip_prefix("itoken-")?.parse().ok()?;
+                Some((id, c.body.clone()))
+            })
             .collect()
     }
 
@@ -583,6 +676,13 @@ impl FakeDiscord {
             })));
             return;
         }
+        if i.message_content_disallowed && d["intents"].as_u64().unwrap_or(0) & (1 << 15) != 0 {
+            let _ = tx.send(Ws::Close(Some(CloseFrame {
+                code: CloseCode::Library(4014),
+                reason: "Disallowed intent(s).".into(),
+            })));
+            return;
+        }
         let gw = &mut i.gw;
         let session = format!("session-{conn}");
         gw.session_id = Some(session.clone());
@@ -710,7 +810,7 @@ async fn rest_call(
         let at = i
             .inject
             .iter()
-            .position(|(m, p, _, _)| *m == method && path.contains(p.as_str()));
+            .position(|(m, p, _, _, _)| *m == method && path.contains(p.as_str()));
         at.and_then(|n| i.inject.remove(n))
     };
     let record = |status: u16| {
@@ -726,7 +826,12 @@ async fn rest_call(
         record(401);
         return json_response(401, json!({"message": "401: Unauthorized", "code": 0}));
     }
-    if let Some((_, _, status, answer)) = forced {
+    let (forced, effect) = match forced {
+        Some((_, _, status, answer, true)) => (None, Some((status, answer))),
+        Some((_, _, status, answer, false)) => (Some((status, answer)), None),
+        None => (None, None),
+    };
+    if let Some((status, answer)) = forced {
         record(status);
         let mut r = json_response(status, answer);
         if status == 429 {
@@ -776,7 +881,29 @@ async fn rest_call(
             if let Some(d) = delay {
                 tokio::time::sleep(d).await;
             }
-            (200, fake.created(id(1), &body))
+            // With `enforce_nonce`, the same nonce from the bot within minutes is the same
+            // message: Discord returns the one it created.
+            let nonce = body["nonce"]
+                .as_str()
+                .map(str::to_string)
+                .or_else(|| body["nonce"].as_u64().map(|n| n.to_string()))
+                .filter(|_| body["enforce_nonce"] == true);
+            let earlier = nonce.as_ref().and_then(|n| {
+                let i = fake.lock();
+                let (mid, at) = i.nonces.get(&(id(1), n.clone()))?;
+                (at.elapsed() < Duration::from_secs(300)).then_some(*mid)
+            });
+            match earlier.and_then(|m| fake.sent_message(m)) {
+                Some(m) => (200, m.body),
+                None => {
+                    let m = fake.created(id(1), &body);
+                    if let Some(n) = nonce {
+                        let mid = m["id"].as_str().unwrap().parse().unwrap();
+                        fake.lock().nonces.insert((id(1), n), (mid, Instant::now()));
+                    }
+                    (200, m)
+                }
+            }
         }
         ("PATCH", ["channels", _, "messages", _]) => {
             if let Some(d) = delay {
@@ -789,19 +916,52 @@ async fn rest_call(
         }
         ("PUT", ["channels", _, "messages", _, "reactions", emoji, "@me"]) => {
             let emoji = percent_decode(emoji);
-            let mut i = fake.lock();
-            match i.sent.iter_mut().find(|s| s.id == id(3)) {
-                Some(s) => {
-                    s.reactions.push(emoji);
-                    (204, Value::Null)
+            let found = {
+                let mut i = fake.lock();
+                match i.sent.iter_mut().find(|s| s.id == id(3)) {
+                    Some(s) => {
+                        s.reactions.push(emoji.clone());
+                        true
+                    }
+                    None => false,
                 }
-                None => (404, json!({"message": "Unknown Message", "code": 10008})),
+            };
+            if found {
+                // Discord tells the bot of its own reactions too.
+                fake.dispatch(
+                    "MESSAGE_REACTION_ADD",
+                    json!({"user_id": BOT_ID.to_string(), "channel_id": id(1).to_string(),
+                           "message_id": id(3).to_string(), "emoji": {"id": null, "name": emoji},
+                           "message_author_id": BOT_ID.to_string(), "burst": false, "type": 0}),
+                );
+                (204, Value::Null)
+            } else {
+                (404, json!({"message": "Unknown Message", "code": 10008}))
             }
         }
+        // A thread started from a message has that message's id; a second one on the same
+        // message is refused.
+        ("POST", ["channels", _, "messages", _, "threads"])
+            if fake.lock().threads.contains_key(&id(3)) =>
+        {
+            (
+                400,
+                json!({"message": "A thread has already been created for this message", "code": 160004}),
+            )
+        }
         ("POST", ["channels", _, "messages", _, "threads"]) => {
-            let thread = fake.new_id();
+            let thread = id(3);
             let parent = id(1);
-            fake.lock().threads.insert(thread, parent);
+            let follow_up = {
+                let mut i = fake.lock();
+                i.threads.insert(thread, parent);
+                i.follow_up.take()
+            };
+            if let Some((user, text)) = follow_up {
+                let m = fake.guild_message(5000, thread, user, &text, false, None);
+                fake.lock().follow_ups.push(m);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             (
                 201,
                 json!({"id": thread.to_string(), "type": 11, "guild_id": "5000", "parent_id": parent.to_string(),
@@ -812,6 +972,10 @@ async fn rest_call(
             )
         }
         ("GET", ["guilds", _, "roles"]) => {
+            let wait = fake.lock().roles_delay;
+            if let Some(d) = wait {
+                tokio::time::sleep(d).await;
+            }
             let roles = fake.lock().roles.get(&id(1)).cloned().unwrap_or_default();
             let list: Vec<Value> = roles
                 .iter()
@@ -825,9 +989,30 @@ async fn rest_call(
                 .collect();
             (200, Value::Array(list))
         }
-        ("POST", ["interactions", _, _, "callback"]) => (204, Value::Null),
+        // The first answer to an interaction is taken within 3 s of it, and once.
+        ("POST", ["interactions", _, _, "callback"]) => {
+            let mut i = fake.lock();
+            match i.interactions.remove(&id(1)) {
+                Some(at) if at.elapsed() <= Duration::from_secs(3) => (204, Value::Null),
+                _ => (
+                    404,
+                    json!({"message": "Unknown interaction", "code": 10062}),
+                ),
+            }
+        }
+        // An edit of an interaction's (deferred) response.
+        ("PATCH", ["webhooks", app, _, "messages", "@original"]) if *app == APP_ID.to_string() => {
+            let content = body["content"].as_str().unwrap_or("");
+            let mut m = message_json(fake.new_id(), 1, None, bot_user(), content, vec![], None);
+            m["webhook_id"] = json!(APP_ID.to_string());
+            (200, m)
+        }
         _ => (404, json!({"message": "404: Not Found", "code": 0})),
     };
+    if let Some((status, answer)) = effect {
+        record(status);
+        return json_response(status, answer);
+    }
     record(status);
     if status == 204 {
         return StatusCode::NO_CONTENT.into_response();
