@@ -240,7 +240,16 @@ fn dot_row_avx2(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
     _mm_cvtss_f32(one) + mins
 }
 
-/// The portable dot product of one weight row with one activation row.
+/// The portable dot product of one weight row with one activation row (on x86-64-v3
+/// builds only the tests' reference for the AVX2 kernel).
+#[cfg(any(
+    test,
+    not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))
+))]
 #[inline]
 fn dot_row_generic(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
     let mut sum = 0f32;
