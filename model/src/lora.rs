@@ -180,8 +180,11 @@ pub struct LoraPair {
 #[derive(Debug)]
 struct HostLora {
     r: usize,
+    /// `A`, `[r, in]`: row `j` is what `x` is dotted with for `u[j]`.
     a: Vec<f32>,
-    b_scaled: Vec<f32>,
+    /// `scale * B` transposed, `[r, out]`: row `j` is added `u[j]` times to `y`, a loop
+    /// over contiguous outputs with no per-output horizontal sum.
+    b_scaled_t: Vec<f32>,
 }
 
 /// Rows up to which the host path is used: decode steps and short prompts.
@@ -195,8 +198,10 @@ impl LoraPair {
             Some(std::sync::Arc::new(HostLora {
                 r: a.dim(0)?,
                 a: a.flatten_all()?.to_vec1::<f32>()?,
-                b_scaled: b_scaled
+                b_scaled_t: b_scaled
                     .to_dtype(candle_core::DType::F32)?
+                    .t()?
+                    .contiguous()?
                     .flatten_all()?
                     .to_vec1::<f32>()?,
             }))
@@ -247,8 +252,11 @@ impl LoraPair {
                         *uj = dot(&h.a[j * in_dim..(j + 1) * in_dim], xr);
                     }
                     let yr = &mut ys[row * out_dim..(row + 1) * out_dim];
-                    for (o, yo) in yr.iter_mut().enumerate() {
-                        *yo += dot(&h.b_scaled[o * h.r..(o + 1) * h.r], &u);
+                    for (j, &uj) in u.iter().enumerate() {
+                        let bj = &h.b_scaled_t[j * out_dim..(j + 1) * out_dim];
+                        for (yo, b) in yr.iter_mut().zip(bj) {
+                            *yo += uj * b;
+                        }
                     }
                 }
                 Tensor::from_vec(ys, y.shape(), y.device())
@@ -519,6 +527,33 @@ pub fn peft_name(layer: usize, p: Projection, which: char) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_path_adds_what_the_matmul_path_adds() {
+        // Reference: `y + x A^T (scale B)^T` through candle's general matmul (`delta`).
+        let dev = candle_core::Device::Cpu;
+        let a = Tensor::randn(0f32, 1.0, (16, 96), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (40, 16), &dev).unwrap();
+        let pair = LoraPair::new(&a, &b, 0.5).unwrap();
+        assert!(pair.host.is_some());
+        for rows in [1, 3] {
+            let x = Tensor::randn(0f32, 1.0, (1, rows, 96), &dev).unwrap();
+            let y = Tensor::randn(0f32, 1.0, (1, rows, 40), &dev).unwrap();
+            let fast = pair.add_to(&x, &y).unwrap();
+            let reference = (&y + pair.delta(&x).unwrap()).unwrap();
+            let diff: f32 = (fast - reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(diff < 1e-3, "rows {rows}: max difference {diff}");
+        }
+    }
 
     #[test]
     fn peft_names_parse_into_layer_projection_and_side() {
