@@ -41,7 +41,22 @@ fn args() -> Args {
             "--bench" => {}
             "--users" => a.users = value("--users").parse().expect("--users N"),
             "--messages" => a.messages = value("--messages").parse().expect("--messages N"),
-            "--model" => a.model = Some(value("--model").into()),
+            "--model" => {
+                // cargo runs benches in the package's folder: a relative path is taken
+                // from the workspace root, where the README's commands run.
+                let given = std::path::PathBuf::from(value("--model"));
+                let path = if given.is_absolute() {
+                    given
+                } else {
+                    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .join("..")
+                        .join(given)
+                };
+                a.model = Some(
+                    path.canonicalize()
+                        .unwrap_or_else(|e| panic!("--model {}: {e}", path.display())),
+                )
+            }
             "--max-new-tokens" => {
                 a.max_new_tokens = value("--max-new-tokens").parse().expect("a number")
             }
