@@ -660,3 +660,64 @@ async fn a_stop_lets_the_reply_in_progress_finish() {
         .unwrap();
     assert_eq!(status, "done");
 }
+
+#[tokio::test]
+async fn a_long_reply_streams_by_edits_at_most_once_a_second() {
+    capture_logs();
+    let (fake, url) = fake_telegram().await;
+    // Long replies with words (the repetition penalty): generation takes seconds.
+    let s = common::start(
+        false,
+        &env(
+            &url,
+            &[
+                ("LORALOOP_GENERATION__MAX_NEW_TOKENS", "900"),
+                ("LORALOOP_GENERATION__REPETITION_PENALTY", "2"),
+            ],
+        ),
+    )
+    .await;
+    fake.text(9201, "Tell me a long story.");
+    until(60, "the final reply", || rated_replies(&fake, 9201) == 1).await;
+    let f = fake.0.lock().unwrap();
+    // The reply's message: sent once with the first words, then edited.
+    let versions: Vec<(std::time::Instant, String, bool)> = f
+        .calls
+        .iter()
+        .zip(&f.call_times)
+        .filter(|((m, p), _)| {
+            p["chat_id"] == 9201 && (m == "sendmessage" || m == "editmessagetext")
+        })
+        .map(|((_, p), at)| {
+            (
+                *at,
+                p["text"].as_str().unwrap_or("").to_string(),
+                p["reply_markup"].is_object(),
+            )
+        })
+        .collect();
+    assert!(
+        versions.len() >= 3,
+        "first words, at least one edit while generating, the final text: {} versions",
+        versions.len()
+    );
+    let (last, streamed) = versions.split_last().unwrap();
+    assert!(last.2, "the final version carries the rating buttons");
+    assert!(streamed.iter().all(|v| !v.2), "no buttons while streaming");
+    // Each streamed version extends the one before, and the final text extends them all.
+    for pair in versions.windows(2) {
+        assert!(
+            pair[1].1.starts_with(pair[0].1.trim_end()),
+            "{:?} then {:?}",
+            pair[0].1,
+            pair[1].1
+        );
+    }
+    // Throttled: at most one edit a second while streaming (a little slack for timers).
+    for pair in streamed.windows(2) {
+        let gap = pair[1].0 - pair[0].0;
+        assert!(gap >= Duration::from_millis(950), "edits {gap:?} apart");
+    }
+    drop(f);
+    s.stop().await;
+}
