@@ -679,23 +679,24 @@ async fn a_long_reply_streams_by_edits_at_most_once_a_second() {
     .await;
     fake.text(9201, "Tell me a long story.");
     until(60, "the final reply", || rated_replies(&fake, 9201) == 1).await;
-    let f = fake.0.lock().unwrap();
     // The reply's message: sent once with the first words, then edited.
-    let versions: Vec<(std::time::Instant, String, bool)> = f
-        .calls
-        .iter()
-        .zip(&f.call_times)
-        .filter(|((m, p), _)| {
-            p["chat_id"] == 9201 && (m == "sendmessage" || m == "editmessagetext")
-        })
-        .map(|((_, p), at)| {
-            (
-                *at,
-                p["text"].as_str().unwrap_or("").to_string(),
-                p["reply_markup"].is_object(),
-            )
-        })
-        .collect();
+    let versions: Vec<(std::time::Instant, String, bool)> = {
+        let f = fake.0.lock().unwrap();
+        f.calls
+            .iter()
+            .zip(&f.call_times)
+            .filter(|((m, p), _)| {
+                p["chat_id"] == 9201 && (m == "sendmessage" || m == "editmessagetext")
+            })
+            .map(|((_, p), at)| {
+                (
+                    *at,
+                    p["text"].as_str().unwrap_or("").to_string(),
+                    p["reply_markup"].is_object(),
+                )
+            })
+            .collect()
+    };
     assert!(
         versions.len() >= 3,
         "first words, at least one edit while generating, the final text: {} versions",
@@ -718,6 +719,5 @@ async fn a_long_reply_streams_by_edits_at_most_once_a_second() {
         let gap = pair[1].0 - pair[0].0;
         assert!(gap >= Duration::from_millis(950), "edits {gap:?} apart");
     }
-    drop(f);
     s.stop().await;
 }
