@@ -1,9 +1,100 @@
-//! What the chat bots (Telegram, Discord) share: splitting long replies at a platform's
-//! length limit and the per-user rate limit.
+//! What the chat bots (Telegram, Discord) share: streaming a reply into a message,
+//! splitting long replies at a platform's length limit, and the per-user rate limit.
 
+use crate::chat::Turn;
+use crate::error::ApiError;
+use loraloop_model::engine::{Event, Finished};
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// Edits of a streamed reply, at most one per this interval (per reply; Telegram allows
+/// about one a second per chat, Discord five per 5 s per channel).
+pub const EDIT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What the user is told when a reply cannot start.
+pub fn start_failure_notice(e: &ApiError) -> &'static str {
+    // The prompt is too long for the model (the conversation grew, or one long message).
+    if e.param.as_deref() == Some("messages") {
+        "That conversation got too long for me; /reset starts a new one."
+    } else {
+        "Sorry, I could not answer that."
+    }
+}
+
+/// A chat where a reply is streamed: a platform's messages in one chat or channel.
+pub trait ReplyChannel: Sync {
+    type Id: Copy + Send + Sync;
+    /// "typing…" lapses after this long and is shown again while nothing is visible yet.
+    const TYPING_INTERVAL: Duration;
+    /// A new message; its id.
+    fn send(&self, text: &str) -> impl Future<Output = anyhow::Result<Self::Id>> + Send;
+    /// Replace a message's text; a failure only loses one intermediate version.
+    fn edit(&self, id: Self::Id, text: &str) -> impl Future<Output = ()> + Send;
+    /// Show "typing…".
+    fn typing(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// Stream `turn`'s reply into `ch`: "typing…" until there is text, the first words as
+/// soon as they exist, then an edit at most every [`EDIT_INTERVAL`] while the text fits
+/// in one message of `max_chars`. Returns the streamed message (None when nothing was
+/// shown) and the finished generation; the caller sends the final text. A failed
+/// generation is told to the user and returned as an error.
+pub async fn stream_reply<C: ReplyChannel>(
+    turn: &mut Turn,
+    ch: &C,
+    max_chars: usize,
+) -> anyhow::Result<(Option<C::Id>, Finished)> {
+    let mut reply = String::new();
+    let mut sent: Option<C::Id> = None;
+    let mut last_edit = Instant::now();
+    let mut last_typing = Instant::now();
+    loop {
+        match turn.generation.next().await {
+            Some(Event::Text(t)) => {
+                reply.push_str(&t);
+                let shown = reply.trim();
+                if shown.is_empty() || shown.chars().count() > max_chars {
+                    if sent.is_none() && last_typing.elapsed() >= C::TYPING_INTERVAL {
+                        ch.typing().await;
+                        last_typing = Instant::now();
+                    }
+                    continue;
+                }
+                match sent {
+                    None => {
+                        sent = Some(ch.send(shown).await?);
+                        last_edit = Instant::now();
+                    }
+                    Some(id) if last_edit.elapsed() >= EDIT_INTERVAL => {
+                        ch.edit(id, shown).await;
+                        last_edit = Instant::now();
+                    }
+                    Some(_) => {}
+                }
+            }
+            Some(Event::Finished(f)) => return Ok((sent, f)),
+            Some(Event::Failed(e)) => {
+                ch.send("Sorry, I could not answer that (the model failed).")
+                    .await?;
+                anyhow::bail!("generation failed: {e}");
+            }
+            Some(Event::Started { .. }) => {}
+            None => anyhow::bail!("the engine stopped"),
+        }
+    }
+}
+
+/// The text a reply is shown as: trimmed, and never empty (Telegram and Discord refuse
+/// empty messages).
+pub fn shown_text(text: &str) -> String {
+    if text.trim().is_empty() {
+        "…".to_string()
+    } else {
+        text.trim().to_string()
+    }
+}
 
 /// `text` in pieces of at most `max` characters, split at a line or word break when one
 /// is near the end.

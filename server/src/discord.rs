@@ -14,16 +14,16 @@
 //! channel's messages are handled in order, channels in parallel.
 //!
 //! Replies stream: the first words are sent as soon as they exist and the message is edited
-//! as tokens arrive (at most one edit per [`EDIT_INTERVAL`] per reply, within Discord's 5
+//! as tokens arrive (at most one edit per [`bots::EDIT_INTERVAL`] per reply, within Discord's 5
 //! edits per 5 s per channel); the final text arrives complete, split at Discord's
 //! 2,000-character limit, and the bot adds 👍 and 👎 to it: a user's 👍/👎 reaction on
 //! the reply's first message is a rating, removing the reaction removes the rating.
 
-use crate::bots::{RateLimiter, split_message};
+use crate::bots::{self, RateLimiter, split_message};
 use crate::chat;
 use crate::state::AppState;
 use loraloop_core::storage::{PendingUpdate, Platform};
-use loraloop_model::engine::{AdapterChoice, Event};
+use loraloop_model::engine::AdapterChoice;
 use secrecy::{ExposeSecret, SecretString};
 use serenity::all::{
     ButtonStyle, ChannelId, Command, CommandInteraction, ComponentInteraction, Context,
@@ -42,10 +42,6 @@ use tokio::task::JoinSet;
 
 /// Discord's limit on a message's content.
 pub const MAX_MESSAGE_CHARS: usize = 2000;
-/// Edits of a streamed reply: at most one per this interval.
-pub const EDIT_INTERVAL: Duration = Duration::from_secs(1);
-/// Discord shows "typing" for about 10 s after each trigger.
-const TYPING_INTERVAL: Duration = Duration::from_secs(8);
 const THUMBS_UP: &str = "👍";
 const THUMBS_DOWN: &str = "👎";
 
@@ -87,7 +83,6 @@ pub const STOP_DEADLINE: Duration = Duration::from_secs(10);
 const REFUSAL_INTERVAL: Duration = Duration::from_secs(3600);
 /// Discord's error code for a second thread on one message.
 const THREAD_ALREADY_CREATED: isize = 160004;
-const TOO_LONG: &str = "That conversation got too long for me; /reset starts a new one.";
 
 /// Run the bot until `stop` is notified.
 pub async fn run(
@@ -317,6 +312,34 @@ pub struct DiscordBot {
     tasks: Mutex<JoinSet<()>>,
     /// Set on stop: nothing new is dispatched or started.
     stopping: AtomicBool,
+}
+
+/// A Discord channel (or thread) as the place a reply streams to.
+struct DiscordChannel<'a> {
+    bot: &'a DiscordBot,
+    channel: ChannelId,
+}
+
+impl bots::ReplyChannel for DiscordChannel<'_> {
+    type Id = MessageId;
+    /// Discord shows "typing" for about 10 s after each trigger.
+    const TYPING_INTERVAL: Duration = Duration::from_secs(8);
+
+    async fn send(&self, text: &str) -> anyhow::Result<MessageId> {
+        Ok(self.bot.say(self.channel, text).await?.id)
+    }
+
+    async fn edit(&self, id: MessageId, text: &str) {
+        let _ = retry("edit message", || {
+            self.channel
+                .edit_message(self.bot.http(), id, EditMessage::new().content(text))
+        })
+        .await;
+    }
+
+    async fn typing(&self) {
+        let _ = self.channel.broadcast_typing(self.bot.http()).await;
+    }
 }
 
 struct Handler(Arc<DiscordBot>);
@@ -836,7 +859,6 @@ impl DiscordBot {
             return Ok(());
         }
         let _ = channel.broadcast_typing(self.http()).await;
-        let mut last_typing = Instant::now();
         let mut turn = match chat::start_turn_from(
             &self.state,
             conv.id,
@@ -849,64 +871,12 @@ impl DiscordBot {
         {
             Ok(t) => t,
             Err(e) => {
-                // The prompt is too long for the model (the conversation grew, or one long
-                // message), or storing failed: the user hears of it.
-                let notice = if e.param.as_deref() == Some("messages") {
-                    TOO_LONG
-                } else {
-                    "Sorry, I could not answer that."
-                };
-                self.say(channel, notice).await?;
+                self.say(channel, bots::start_failure_notice(&e)).await?;
                 anyhow::bail!("cannot start the reply: {}", e.message);
             }
         };
-        let mut reply = String::new();
-        let mut sent: Option<MessageId> = None;
-        let mut last_edit = Instant::now();
-        let finished = loop {
-            match turn.generation.next().await {
-                Some(Event::Text(t)) => {
-                    reply.push_str(&t);
-                    let shown = reply.trim();
-                    if shown.is_empty() || shown.chars().count() > MAX_MESSAGE_CHARS {
-                        if sent.is_none() && last_typing.elapsed() >= TYPING_INTERVAL {
-                            let _ = channel.broadcast_typing(self.http()).await;
-                            last_typing = Instant::now();
-                        }
-                        continue;
-                    }
-                    match sent {
-                        None => {
-                            sent = Some(self.say(channel, shown).await?.id);
-                            last_edit = Instant::now();
-                        }
-                        Some(id) if last_edit.elapsed() >= EDIT_INTERVAL => {
-                            let _ = retry("edit message", || {
-                                channel.edit_message(
-                                    self.http(),
-                                    id,
-                                    EditMessage::new().content(shown),
-                                )
-                            })
-                            .await;
-                            last_edit = Instant::now();
-                        }
-                        Some(_) => {}
-                    }
-                }
-                Some(Event::Finished(f)) => break f,
-                Some(Event::Failed(e)) => {
-                    self.say(
-                        channel,
-                        "Sorry, I could not answer that (the model failed).",
-                    )
-                    .await?;
-                    anyhow::bail!("generation failed: {e}");
-                }
-                Some(Event::Started { .. }) => {}
-                None => anyhow::bail!("the engine stopped"),
-            }
-        };
+        let ch = DiscordChannel { bot: self, channel };
+        let (sent, finished) = bots::stream_reply(&mut turn, &ch, MAX_MESSAGE_CHARS).await?;
         drop(turn.in_flight);
         let stored = chat::store_reply(&self.state, conv.id, &finished)
             .await
@@ -924,11 +894,7 @@ impl DiscordBot {
         text: &str,
         stored_id: i64,
     ) -> anyhow::Result<()> {
-        let full = if text.trim().is_empty() {
-            "…".to_string()
-        } else {
-            text.trim().to_string()
-        };
+        let full = bots::shown_text(text);
         let mut first = None;
         for (i, part) in split_message(&full, MAX_MESSAGE_CHARS).iter().enumerate() {
             let id = match (i, sent) {

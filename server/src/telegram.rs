@@ -9,11 +9,11 @@
 //! edited as tokens arrive (at most once a second per chat); the final text always
 //! arrives complete, split at Telegram's 4,096-character limit, with 👍/👎 buttons.
 
-use crate::bots::{RateLimiter, split_message};
+use crate::bots::{self, RateLimiter, split_message};
 use crate::chat;
 use crate::state::AppState;
 use loraloop_core::storage::Platform;
-use loraloop_model::engine::{AdapterChoice, Event};
+use loraloop_model::engine::AdapterChoice;
 use secrecy::{ExposeSecret, SecretString};
 use std::collections::{HashMap, HashSet};
 use std::future::IntoFuture;
@@ -30,8 +30,6 @@ use teloxide_core::{ApiError as TgError, Bot, RequestError};
 
 /// Telegram's limit on a message's text.
 pub const MAX_MESSAGE_CHARS: usize = 4096;
-/// Edits of a streamed reply, at most one per this interval per chat.
-const EDIT_INTERVAL: Duration = Duration::from_secs(1);
 
 const START_TEXT: &str = "Hello! I'm an assistant that runs on a small language model and learns from conversations.\n\nWrite to me and I'll answer. Rate my replies with 👍 / 👎: your ratings (and the conversations) may be used to improve the assistant.\n\n/reset starts a new conversation, /forget deletes everything stored about you, /help shows this again.";
 const NON_TEXT: &str = "Sorry, I only understand text messages.";
@@ -295,6 +293,40 @@ fn transient(e: &RequestError) -> bool {
         // Telegram's 5xx answers have no specific error kind.
         RequestError::Api(TgError::Unknown(_)) => true,
         _ => false,
+    }
+}
+
+/// A Telegram chat as the place a reply streams to.
+struct TgChat<'a> {
+    bot: &'a Bot,
+    chat: ChatId,
+}
+
+impl bots::ReplyChannel for TgChat<'_> {
+    type Id = MessageId;
+    /// Telegram shows "typing…" for 5 seconds.
+    const TYPING_INTERVAL: Duration = Duration::from_secs(4);
+
+    async fn send(&self, text: &str) -> anyhow::Result<MessageId> {
+        Ok(
+            retry("sendMessage", || self.bot.send_message(self.chat, text))
+                .await?
+                .id,
+        )
+    }
+
+    async fn edit(&self, id: MessageId, text: &str) {
+        let _ = retry("editMessageText", || {
+            self.bot.edit_message_text(self.chat, id, text)
+        })
+        .await;
+    }
+
+    async fn typing(&self) {
+        let _ = self
+            .bot
+            .send_chat_action(self.chat, ChatAction::Typing)
+            .await;
     }
 }
 
@@ -569,7 +601,7 @@ impl TelegramBot {
             None => {}
         }
         let _ = self.bot.send_chat_action(chat, ChatAction::Typing).await;
-        let mut turn = chat::start_turn_from(
+        let mut turn = match chat::start_turn_from(
             &self.state,
             conv.id,
             Some(user.id),
@@ -578,44 +610,18 @@ impl TelegramBot {
             AdapterChoice::Active,
         )
         .await
-        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-        // Stream: send the first words, edit at most once a second, then the full text.
-        let mut reply = String::new();
-        let mut sent: Option<MessageId> = None;
-        let mut last_edit = Instant::now();
-        let finished = loop {
-            match turn.generation.next().await {
-                Some(Event::Text(t)) => {
-                    reply.push_str(&t);
-                    let shown = reply.trim();
-                    if shown.is_empty() || shown.chars().count() > MAX_MESSAGE_CHARS {
-                        continue;
-                    }
-                    match sent {
-                        None => {
-                            sent = Some(self.say(chat, shown).await?.id);
-                            last_edit = Instant::now();
-                        }
-                        Some(id) if last_edit.elapsed() >= EDIT_INTERVAL => {
-                            let _ = retry("editMessageText", || {
-                                self.bot.edit_message_text(chat, id, shown)
-                            })
-                            .await;
-                            last_edit = Instant::now();
-                        }
-                        Some(_) => {}
-                    }
-                }
-                Some(Event::Finished(f)) => break f,
-                Some(Event::Failed(e)) => {
-                    self.say(chat, "Sorry, I could not answer that (the model failed).")
-                        .await?;
-                    anyhow::bail!("generation failed: {e}");
-                }
-                Some(Event::Started { .. }) => {}
-                None => anyhow::bail!("the engine stopped"),
+        {
+            Ok(t) => t,
+            Err(e) => {
+                self.say(chat, bots::start_failure_notice(&e)).await?;
+                anyhow::bail!("cannot start the reply: {}", e.message);
             }
         };
+        let ch = TgChat {
+            bot: &self.bot,
+            chat,
+        };
+        let (sent, finished) = bots::stream_reply(&mut turn, &ch, MAX_MESSAGE_CHARS).await?;
         drop(turn.in_flight);
         let stored = chat::store_reply(&self.state, conv.id, &finished)
             .await
@@ -633,12 +639,7 @@ impl TelegramBot {
         text: &str,
         stored_id: i64,
     ) -> anyhow::Result<()> {
-        let full = if text.trim().is_empty() {
-            "…".to_string()
-        } else {
-            text.trim().to_string()
-        };
-        let parts = split_message(&full, MAX_MESSAGE_CHARS);
+        let parts = split_message(&bots::shown_text(text), MAX_MESSAGE_CHARS);
         let last = parts.len() - 1;
         let mut first_id = None;
         for (i, part) in parts.iter().enumerate() {
