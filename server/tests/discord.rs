@@ -6,49 +6,19 @@
 
 mod common;
 
+use common::until;
+
 use common::fake_discord::{APP_ID, BOT_ID, FakeDiscord};
 use serde_json::Value;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 const TOKEN: &str = "discord-secret-test-token";
 const GUILD: u64 = 5000;
 const CHANNEL: u64 = 6001;
 
-/// Every log line of this test binary, at debug level.
-static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-
-struct LogSink;
-
-impl std::io::Write for LogSink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        LOGS.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn capture_logs() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("debug")
-        .with_ansi(false)
-        .with_writer(|| LogSink)
-        .try_init();
-}
-
-async fn until<F: FnMut() -> bool>(secs: u64, what: &str, mut f: F) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The fake, and the server with the bot connected to it (READY received).
 async fn start(extra: &[(&str, &str)]) -> (FakeDiscord, common::TestServer) {
-    capture_logs();
+    common::capture_logs();
     let fake = FakeDiscord::start(TOKEN).await;
     let mut env = vec![
         ("DISCORD_BOT_TOKEN", TOKEN),
@@ -970,7 +940,7 @@ async fn stop_lets_a_reply_in_progress_finish() {
 /// is logged when it happens, with what to do.
 #[tokio::test]
 async fn a_gateway_refusal_is_logged_at_once_with_what_to_do() {
-    capture_logs();
+    common::capture_logs();
     let fake = FakeDiscord::start(TOKEN).await;
     fake.disallow_message_content();
     let s = common::start(
@@ -982,7 +952,7 @@ async fn a_gateway_refusal_is_logged_at_once_with_what_to_do() {
     )
     .await;
     let logged = || {
-        String::from_utf8_lossy(&LOGS.lock().unwrap())
+        common::logs()
             .lines()
             .any(|l| l.contains("ERROR") && l.contains("enable the MESSAGE CONTENT intent"))
     };
@@ -1082,7 +1052,7 @@ fn assert_token_not_stored(s: &common::TestServer) {
 
 /// The bot token is in no log line (debug level, serenity and HTTP clients included).
 fn assert_token_not_logged() {
-    let logs = String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned();
+    let logs = common::logs();
     assert!(
         logs.contains("discord: connected as loraloop"),
         "the logs were captured"

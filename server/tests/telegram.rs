@@ -8,31 +8,7 @@ mod common;
 use common::fake_telegram::{FakeTelegram, TOKEN, fake_telegram, rated_replies};
 use common::until;
 use serde_json::json;
-use std::sync::Mutex;
 use std::time::Duration;
-
-/// Every log line of this test binary, at debug level.
-static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
-
-struct LogSink;
-
-impl std::io::Write for LogSink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        LOGS.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn capture_logs() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("debug")
-        .with_ansi(false)
-        .with_writer(|| LogSink)
-        .try_init();
-}
 
 fn env<'a>(url: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
     let mut v = vec![
@@ -45,7 +21,7 @@ fn env<'a>(url: &'a str, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)
 
 #[tokio::test]
 async fn users_chat_rate_and_use_every_command() {
-    capture_logs();
+    common::capture_logs();
     let (fake, url) = fake_telegram().await;
     let s = common::start(false, &env(&url, &[])).await;
     until(10, "setMyCommands", || {
@@ -262,7 +238,7 @@ async fn users_chat_rate_and_use_every_command() {
 
 #[tokio::test]
 async fn allowlist_rate_limit_and_transient_errors() {
-    capture_logs();
+    common::capture_logs();
     let (fake, url) = fake_telegram().await;
     let s = common::start(
         false,
@@ -362,7 +338,7 @@ fn start_on_own_runtime(config: loraloop_core::Config) -> tokio::runtime::Runtim
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_in_the_middle_of_a_burst_loses_nothing_and_answers_each_message_once() {
-    capture_logs();
+    common::capture_logs();
     let (fake, url) = fake_telegram().await;
     let first = common::start(
         false,
@@ -444,7 +420,7 @@ async fn a_kill_in_the_middle_of_a_burst_loses_nothing_and_answers_each_message_
         users.len()
     );
     // The bot token reached no log line (everything at debug level, HTTP clients included).
-    let logs = String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned();
+    let logs = common::logs();
     assert!(
         logs.contains("telegram: polling as @loraloop_bot"),
         "the logs were captured"
@@ -459,7 +435,7 @@ async fn a_kill_in_the_middle_of_a_burst_loses_nothing_and_answers_each_message_
 
 #[tokio::test]
 async fn webhook_mode_checks_the_secret_token_on_every_request() {
-    capture_logs();
+    common::capture_logs();
     let (fake, url) = fake_telegram().await;
     let s = common::start(
         false,
@@ -537,7 +513,7 @@ async fn webhook_mode_checks_the_secret_token_on_every_request() {
 
 #[tokio::test]
 async fn a_user_who_blocked_the_bot_is_recorded_and_not_retried() {
-    capture_logs();
+    common::capture_logs();
     let (fake, url) = fake_telegram().await;
     let s = common::start(false, &env(&url, &[])).await;
     fake.inject(
@@ -584,7 +560,7 @@ async fn a_user_who_blocked_the_bot_is_recorded_and_not_retried() {
 
 #[tokio::test]
 async fn a_bot_alone_follows_the_adapter_activated_by_serve() {
-    capture_logs();
+    common::capture_logs();
     let (fake, url) = fake_telegram().await;
     // `loraloop serve` without the bot, with the training worker.
     let serve = common::start(true, &[]).await;
@@ -631,7 +607,7 @@ async fn a_bot_alone_follows_the_adapter_activated_by_serve() {
 
 #[tokio::test]
 async fn a_stop_lets_the_reply_in_progress_finish() {
-    capture_logs();
+    common::capture_logs();
     let (fake, url) = fake_telegram().await;
     // Long replies with words (the repetition penalty), so a reply takes a while.
     let s = common::start(
@@ -663,7 +639,7 @@ async fn a_stop_lets_the_reply_in_progress_finish() {
 
 #[tokio::test]
 async fn a_long_reply_streams_by_edits_at_most_once_a_second() {
-    capture_logs();
+    common::capture_logs();
     let (fake, url) = fake_telegram().await;
     // Long replies with words (the repetition penalty): generation takes seconds.
     let s = common::start(

@@ -167,3 +167,33 @@ pub async fn until<F: FnMut() -> bool>(secs: u64, what: &str, mut f: F) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Every log line of the test binary, at debug level (HTTP clients included), for the
+/// tests that check no secret reaches a log.
+static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+struct LogSink;
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Send every log line of this test binary to [`logs`] (once per binary).
+pub fn capture_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("debug")
+        .with_ansi(false)
+        .with_writer(|| LogSink)
+        .try_init();
+}
+
+/// What was logged so far.
+pub fn logs() -> String {
+    String::from_utf8_lossy(&LOGS.lock().unwrap()).into_owned()
+}
