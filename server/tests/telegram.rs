@@ -245,7 +245,10 @@ async fn allowlist_rate_limit_and_transient_errors() {
         &env(
             &url,
             &[
-                ("LORALOOP_TELEGRAM__ALLOWED_USER_IDS", "[2001, 2002]"),
+                (
+                    "LORALOOP_TELEGRAM__ALLOWED_USER_IDS",
+                    "[2001, 2002, 2003, 2004]",
+                ),
                 ("LORALOOP_TELEGRAM__RATE_LIMIT_PER_MINUTE", "2"),
             ],
         ),
@@ -280,21 +283,30 @@ async fn allowlist_rate_limit_and_transient_errors() {
         1
     );
     assert_eq!(rated_replies(&fake, 2001), 2);
-    // 429 with retry_after, then 5xx answers: the reply still arrives, once. (teloxide
-    // itself waits 10 s after a 5xx before it reports it, so the burst is kept short.)
+    // 429 with retry_after, then a burst of 5xx answers hitting three users' replies at
+    // once: every reply still arrives, once. (teloxide itself waits 10 s after a 5xx
+    // before it reports it; the three waits overlap.)
     fake.inject("sendmessage", 429, json!({"ok": false, "error_code": 429, "description": "Too Many Requests: retry after 1", "parameters": {"retry_after": 1}}));
-    fake.inject(
-        "sendmessage",
-        502,
-        json!({"ok": false, "error_code": 502, "description": "Bad Gateway"}),
-    );
-    fake.text(2002, "hello there");
-    until(60, "the reply after the errors", || {
-        rated_replies(&fake, 2002) == 1
+    for status in [502, 503, 500] {
+        fake.inject(
+            "sendmessage",
+            status,
+            json!({"ok": false, "error_code": status, "description": "Server error"}),
+        );
+    }
+    for u in [2002, 2003, 2004] {
+        fake.text(u, "hello there");
+    }
+    until(90, "the replies after the errors", || {
+        [2002, 2003, 2004]
+            .iter()
+            .all(|&u| rated_replies(&fake, u) == 1)
     })
     .await;
-    assert_eq!(fake.calls("sendmessage:refused").len(), 2);
-    assert_eq!(fake.final_texts(2002).len(), 1);
+    assert_eq!(fake.calls("sendmessage:refused").len(), 4);
+    for u in [2002, 2003, 2004] {
+        assert_eq!(fake.final_texts(u).len(), 1, "one reply message for {u}");
+    }
     let db = &s.server.state.db;
     let (users,): (i64,) =
         sqlx::query_as("select count(*) from platform_users where platform_user_id = '2999'")
