@@ -1,9 +1,11 @@
 //! What the chat bots (Telegram, Discord) share: streaming a reply into a message,
 //! splitting long replies at a platform's length limit, and the per-user rate limit.
 
-use crate::chat::Turn;
+use crate::chat::{self, Turn};
 use crate::error::ApiError;
-use loraloop_model::engine::{Event, Finished};
+use crate::state::AppState;
+use loraloop_core::storage::StoredMessage;
+use loraloop_model::engine::{AdapterChoice, Event, Finished};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Mutex;
@@ -36,12 +38,49 @@ pub trait ReplyChannel: Sync {
     fn typing(&self) -> impl Future<Output = ()> + Send;
 }
 
+/// Answer a platform message: store it in `conversation_id`, generate the reply with the
+/// active adapter and stream it into `ch` (a reply that cannot start is told to the
+/// user), then store the reply. Returns the streamed message, if any, the finished
+/// generation and the stored reply; the caller sends the final text.
+pub async fn answer<C: ReplyChannel>(
+    state: &AppState,
+    conversation_id: i64,
+    user_id: i64,
+    text: &str,
+    platform_message_id: &str,
+    ch: &C,
+    max_chars: usize,
+) -> anyhow::Result<(Option<C::Id>, Finished, StoredMessage)> {
+    let mut turn = match chat::start_turn_from(
+        state,
+        conversation_id,
+        Some(user_id),
+        text,
+        Some(platform_message_id),
+        AdapterChoice::Active,
+    )
+    .await
+    {
+        Ok(t) => t,
+        Err(e) => {
+            ch.send(start_failure_notice(&e)).await?;
+            anyhow::bail!("cannot start the reply: {}", e.message);
+        }
+    };
+    let (sent, finished) = stream_reply(&mut turn, ch, max_chars).await?;
+    drop(turn.in_flight);
+    let stored = chat::store_reply(state, conversation_id, &finished)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    Ok((sent, finished, stored))
+}
+
 /// Stream `turn`'s reply into `ch`: "typing…" until there is text, the first words as
 /// soon as they exist, then an edit at most every [`EDIT_INTERVAL`] while the text fits
 /// in one message of `max_chars`. Returns the streamed message (None when nothing was
 /// shown) and the finished generation; the caller sends the final text. A failed
 /// generation is told to the user and returned as an error.
-pub async fn stream_reply<C: ReplyChannel>(
+async fn stream_reply<C: ReplyChannel>(
     turn: &mut Turn,
     ch: &C,
     max_chars: usize,

@@ -20,10 +20,8 @@
 //! the reply's first message is a rating, removing the reaction removes the rating.
 
 use crate::bots::{self, RateLimiter, split_message};
-use crate::chat;
 use crate::state::AppState;
 use loraloop_core::storage::{PendingUpdate, Platform};
-use loraloop_model::engine::AdapterChoice;
 use secrecy::{ExposeSecret, SecretString};
 use serenity::all::{
     ButtonStyle, ChannelId, Command, CommandInteraction, ComponentInteraction, Context,
@@ -859,28 +857,17 @@ impl DiscordBot {
             return Ok(());
         }
         let _ = channel.broadcast_typing(self.http()).await;
-        let mut turn = match chat::start_turn_from(
+        let ch = DiscordChannel { bot: self, channel };
+        let (sent, finished, stored) = bots::answer(
             &self.state,
             conv.id,
-            Some(user.id),
+            user.id,
             &text,
-            Some(&message_id),
-            AdapterChoice::Active,
+            &message_id,
+            &ch,
+            MAX_MESSAGE_CHARS,
         )
-        .await
-        {
-            Ok(t) => t,
-            Err(e) => {
-                self.say(channel, bots::start_failure_notice(&e)).await?;
-                anyhow::bail!("cannot start the reply: {}", e.message);
-            }
-        };
-        let ch = DiscordChannel { bot: self, channel };
-        let (sent, finished) = bots::stream_reply(&mut turn, &ch, MAX_MESSAGE_CHARS).await?;
-        drop(turn.in_flight);
-        let stored = chat::store_reply(&self.state, conv.id, &finished)
-            .await
-            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        .await?;
         self.deliver(channel, sent, &finished.text, stored.id).await
     }
 
@@ -912,10 +899,9 @@ impl DiscordBot {
         let Some(first) = first else {
             return Ok(());
         };
-        sqlx::query("update messages set platform_message_id = ? where id = ?")
-            .bind(first.get().to_string())
-            .bind(stored_id)
-            .execute(self.state.db.pool())
+        self.state
+            .db
+            .set_platform_message_id(stored_id, &first.get().to_string())
             .await?;
         for emoji in [THUMBS_UP, THUMBS_DOWN] {
             if let Err(e) = retry("add reaction", || {

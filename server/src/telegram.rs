@@ -10,10 +10,8 @@
 //! arrives complete, split at Telegram's 4,096-character limit, with 👍/👎 buttons.
 
 use crate::bots::{self, RateLimiter, split_message};
-use crate::chat;
 use crate::state::AppState;
 use loraloop_core::storage::Platform;
-use loraloop_model::engine::AdapterChoice;
 use secrecy::{ExposeSecret, SecretString};
 use std::collections::{HashMap, HashSet};
 use std::future::IntoFuture;
@@ -583,49 +581,28 @@ impl TelegramBot {
         // stored is not generated again; if Telegram confirmed it, nothing is left to do,
         // otherwise the stored text is sent (the user may see it twice: the one duplicate
         // a kill at that moment can cause).
-        let earlier: Option<(i64, String, Option<String>)> = sqlx::query_as(
-            "select a.id, a.content, a.platform_message_id from messages u join messages a
-               on a.conversation_id = u.conversation_id and a.role = 'assistant' and a.id > u.id
-             where u.conversation_id = ? and u.role = 'user' and u.platform_message_id = ?
-               and not exists (select 1 from messages x where x.conversation_id = u.conversation_id
-                               and x.role = 'user' and x.id > u.id and x.id < a.id)
-             order by a.id limit 1",
-        )
-        .bind(conv.id)
-        .bind(m.id.0.to_string())
-        .fetch_optional(db.pool())
-        .await?;
-        match earlier {
-            Some((_, _, Some(_))) => return Ok(()),
-            Some((id, text, None)) => return self.deliver(chat, None, &text, id).await,
-            None => {}
+        if let Some(earlier) = db.stored_reply_to(conv.id, &m.id.0.to_string()).await? {
+            if earlier.platform_message_id.is_none() {
+                self.deliver(chat, None, &earlier.content, earlier.id)
+                    .await?;
+            }
+            return Ok(());
         }
         let _ = self.bot.send_chat_action(chat, ChatAction::Typing).await;
-        let mut turn = match chat::start_turn_from(
-            &self.state,
-            conv.id,
-            Some(user.id),
-            &text,
-            Some(&m.id.0.to_string()),
-            AdapterChoice::Active,
-        )
-        .await
-        {
-            Ok(t) => t,
-            Err(e) => {
-                self.say(chat, bots::start_failure_notice(&e)).await?;
-                anyhow::bail!("cannot start the reply: {}", e.message);
-            }
-        };
         let ch = TgChat {
             bot: &self.bot,
             chat,
         };
-        let (sent, finished) = bots::stream_reply(&mut turn, &ch, MAX_MESSAGE_CHARS).await?;
-        drop(turn.in_flight);
-        let stored = chat::store_reply(&self.state, conv.id, &finished)
-            .await
-            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        let (sent, finished, stored) = bots::answer(
+            &self.state,
+            conv.id,
+            user.id,
+            &text,
+            &m.id.0.to_string(),
+            &ch,
+            MAX_MESSAGE_CHARS,
+        )
+        .await?;
         self.deliver(chat, sent, &finished.text, stored.id).await
     }
 
@@ -686,10 +663,9 @@ impl TelegramBot {
             first_id.get_or_insert(id);
         }
         if let Some(id) = first_id {
-            sqlx::query("update messages set platform_message_id = ? where id = ?")
-                .bind(id.0.to_string())
-                .bind(stored_id)
-                .execute(self.state.db.pool())
+            self.state
+                .db
+                .set_platform_message_id(stored_id, &id.0.to_string())
                 .await?;
         }
         Ok(())

@@ -295,33 +295,6 @@ impl Db {
         .await?)
     }
 
-    /// Take back the rating `rater` gave a message (a removed reaction); a correction
-    /// stays. Returns whether there was a rating to remove.
-    pub async fn delete_feedback(&self, message_id: i64, rater: &str) -> Result<bool> {
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-        // Nothing else in that feedback: the row goes; with a correction it stays.
-        let deleted = sqlx::query(
-            "delete from feedback where message_id = ? and rater = ? and rating is not null
-               and correction is null",
-        )
-        .bind(message_id)
-        .bind(rater)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        let cleared = sqlx::query(
-            "update feedback set rating = null, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
-             where message_id = ? and rater = ? and rating is not null",
-        )
-        .bind(message_id)
-        .bind(rater)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        tx.commit().await?;
-        Ok(deleted + cleared == 1)
-    }
-
     /// Remove `rater`'s rating of a message only if it is `rating` (a platform reaction
     /// removed: 👍 taken back after 👎 replaced it keeps the 👎). Each statement checks the
     /// rating itself, so a removal handled before or after a concurrent new rating leaves the
@@ -350,6 +323,20 @@ impl Db {
         .rows_affected();
         tx.commit().await?;
         Ok(deleted + cleared == 1)
+    }
+
+    /// Record the platform's id for a stored message (a reply once the platform took it).
+    pub async fn set_platform_message_id(
+        &self,
+        message_id: i64,
+        platform_message_id: &str,
+    ) -> Result<()> {
+        sqlx::query("update messages set platform_message_id = ? where id = ?")
+            .bind(platform_message_id)
+            .bind(message_id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
     }
 
     /// The assistant reply sent on `platform` as the platform message `platform_message_id`
@@ -629,38 +616,6 @@ mod tests {
             db.set_feedback(9999, "telegram:42", None, Some(1), None)
                 .await
                 .is_err()
-        );
-    }
-
-    #[sqlx::test(migrations = "../migrations")]
-    async fn a_removed_rating_goes_and_a_correction_stays(pool: SqlitePool) {
-        let db = Db::from_pool(pool);
-        let (assistant, user, chat) = setup(&db).await;
-        let conv = db
-            .current_conversation(assistant, chat, None, Some(user.id))
-            .await
-            .unwrap();
-        let a = db
-            .insert_message(&msg(conv.id, Role::Assistant, "a", None, Some("900")))
-            .await
-            .unwrap();
-        db.set_feedback(a.id, "discord:42", Some(user.id), Some(1), None)
-            .await
-            .unwrap();
-        db.set_feedback(a.id, "discord:43", None, Some(-1), Some("better"))
-            .await
-            .unwrap();
-        assert!(db.delete_feedback(a.id, "discord:42").await.unwrap());
-        assert!(!db.delete_feedback(a.id, "discord:42").await.unwrap());
-        assert!(db.delete_feedback(a.id, "discord:43").await.unwrap());
-        let left: Vec<(String, Option<i64>, Option<String>)> =
-            sqlx::query_as("select rater, rating, correction from feedback")
-                .fetch_all(db.pool())
-                .await
-                .unwrap();
-        assert_eq!(
-            left,
-            vec![("discord:43".to_string(), None, Some("better".to_string()))]
         );
     }
 
