@@ -699,16 +699,7 @@ async fn a_job_trains_registers_its_adapter_and_activation_changes_the_next_repl
     let config = s.server.state.config.clone();
     let common::TestServer { server, dir, .. } = s;
     server.stop().await.unwrap();
-    let server = loraloop_server::start(
-        config,
-        loraloop_server::ServeOptions {
-            bind: Some("127.0.0.1:0".parse().unwrap()),
-            worker: false,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let server = common::start_config(config).await;
     assert_eq!(
         server.state.engine.active_adapter().map(|t| t.name),
         Some(adapter)

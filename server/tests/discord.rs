@@ -273,16 +273,7 @@ async fn after_a_restart_a_pending_message_gets_its_stored_reply_split_at_2000()
     set_pending(&db, &fake, asked).await;
     server.stop().await.unwrap();
     let before = fake.sent().len();
-    let server = loraloop_server::start(
-        config,
-        loraloop_server::ServeOptions {
-            bind: Some("127.0.0.1:0".parse().unwrap()),
-            worker: false,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let server = common::start_config(config).await;
     until(30, "the stored reply", || fake.replies(dm(1101)).len() == 2).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let parts: Vec<String> = fake.sent()[before..]
@@ -327,20 +318,6 @@ async fn set_pending(db: &loraloop_core::storage::Db, fake: &FakeDiscord, messag
         .execute(db.pool())
         .await
         .unwrap();
-}
-
-/// Start the server again on the same database and fake (after `stop`).
-async fn restart(config: loraloop_core::Config) -> loraloop_server::RunningServer {
-    loraloop_server::start(
-        config,
-        loraloop_server::ServeOptions {
-            bind: Some("127.0.0.1:0".parse().unwrap()),
-            worker: false,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap()
 }
 
 async fn wait_rows(db: &sqlx::SqlitePool, sql: &str, want: i64) {
@@ -557,7 +534,7 @@ async fn a_restart_mid_thread_answers_once_in_the_thread() {
     server.stop().await.unwrap();
     let threads_before = fake.calls_to("POST", "/threads").len();
 
-    let server = restart(config).await;
+    let server = common::start_config(config).await;
     until(30, "a new reply in each thread", || {
         fake.replies(a).len() == 2 && fake.replies(b).len() == 2
     })

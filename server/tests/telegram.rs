@@ -392,16 +392,7 @@ async fn a_kill_in_the_middle_of_a_burst_loses_nothing_and_answers_each_message_
         "the kill came after every update was done; the test proves nothing"
     );
     // Restart on the same database: the rest is answered.
-    let server = loraloop_server::start(
-        config,
-        loraloop_server::ServeOptions {
-            bind: Some("127.0.0.1:0".parse().unwrap()),
-            worker: false,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let server = common::start_config(config).await;
     until(120, "every user answered", || {
         users.iter().all(|&u| rated_replies(&fake, u) >= 1)
     })

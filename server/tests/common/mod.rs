@@ -19,6 +19,21 @@ pub struct TestServer {
     pub http: reqwest::Client,
 }
 
+/// The server on `config` (a restart on the same database, or a hand-made config):
+/// without the worker, on a free port.
+pub async fn start_config(config: loraloop_core::Config) -> RunningServer {
+    loraloop_server::start(
+        config,
+        ServeOptions {
+            bind: Some("127.0.0.1:0".parse().unwrap()),
+            worker: false,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
 pub async fn start(worker: bool, extra_env: &[(&str, &str)]) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("models/tiny");
