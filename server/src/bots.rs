@@ -4,7 +4,7 @@
 use crate::chat::{self, Turn};
 use crate::error::ApiError;
 use crate::state::AppState;
-use loraloop_core::storage::StoredMessage;
+use loraloop_core::storage::{Platform, StoredMessage};
 use loraloop_model::engine::{AdapterChoice, Event, Finished};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -36,6 +36,31 @@ pub trait ReplyChannel: Sync {
     fn edit(&self, id: Self::Id, text: &str) -> impl Future<Output = ()> + Send;
     /// Show "typing…".
     fn typing(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// Record how handling a stored update ended: done, or failed with the error (logged and
+/// kept on the row; a failed update is not retried).
+pub async fn finish_update(
+    state: &AppState,
+    platform: Platform,
+    key: &str,
+    outcome: &anyhow::Result<()>,
+) {
+    let name = platform.as_str();
+    let error = match outcome {
+        Ok(()) => None,
+        Err(e) => {
+            tracing::warn!("{name}: update {key} failed: {e:#}");
+            Some(format!("{e:#}"))
+        }
+    };
+    if let Err(e) = state
+        .db
+        .finish_update(platform, key, error.as_deref())
+        .await
+    {
+        tracing::error!("{name}: cannot record update {key}: {e}");
+    }
 }
 
 /// Answer a platform message: store it in `conversation_id`, generate the reply with the

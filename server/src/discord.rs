@@ -677,21 +677,7 @@ impl DiscordBot {
                 Ok(m) => self.on_message(m).await,
                 Err(e) => Err(anyhow::anyhow!("unreadable message: {e}")),
             };
-            let error = match &outcome {
-                Ok(()) => None,
-                Err(e) => {
-                    tracing::warn!("discord: message {key} failed: {e:#}");
-                    Some(format!("{e:#}"))
-                }
-            };
-            if let Err(e) = self
-                .state
-                .db
-                .finish_update(Platform::Discord, &key, error.as_deref())
-                .await
-            {
-                tracing::error!("discord: cannot record message {key}: {e}");
-            }
+            bots::finish_update(&self.state, Platform::Discord, &key, &outcome).await;
             lock(&self.queued).remove(&key);
         }
     }

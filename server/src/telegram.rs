@@ -409,21 +409,7 @@ impl TelegramBot {
                 return;
             }
             let outcome = self.handle(update).await;
-            let error = match &outcome {
-                Ok(()) => None,
-                Err(e) => {
-                    tracing::warn!("telegram: update {key} failed: {e:#}");
-                    Some(format!("{e:#}"))
-                }
-            };
-            if let Err(e) = self
-                .state
-                .db
-                .finish_update(Platform::Telegram, &key, error.as_deref())
-                .await
-            {
-                tracing::error!("telegram: cannot record update {key}: {e}");
-            }
+            bots::finish_update(&self.state, Platform::Telegram, &key, &outcome).await;
             self.dispatched
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -510,14 +496,7 @@ impl TelegramBot {
         };
         let text = text.replace(&mention, "").trim().to_string();
         let db = &self.state.db;
-        let user = db
-            .upsert_platform_user(
-                Platform::Telegram,
-                &from.id.0.to_string(),
-                from.username.as_deref(),
-                Some(&from.full_name()),
-            )
-            .await?;
+        let user = self.user_row(&from).await?;
         let kind = if private { "private" } else { "group" };
         let chat_row = db
             .upsert_chat(
@@ -671,6 +650,23 @@ impl TelegramBot {
         Ok(())
     }
 
+    /// The stored user for a Telegram user, created on first sight, names refreshed.
+    async fn user_row(
+        &self,
+        from: &teloxide_core::types::User,
+    ) -> anyhow::Result<loraloop_core::storage::PlatformUser> {
+        Ok(self
+            .state
+            .db
+            .upsert_platform_user(
+                Platform::Telegram,
+                &from.id.0.to_string(),
+                from.username.as_deref(),
+                Some(&from.full_name()),
+            )
+            .await?)
+    }
+
     /// A button press: the toast text to show.
     async fn on_callback(
         &self,
@@ -678,14 +674,7 @@ impl TelegramBot {
         data: &str,
     ) -> anyhow::Result<String> {
         let db = &self.state.db;
-        let user = db
-            .upsert_platform_user(
-                Platform::Telegram,
-                &from.id.0.to_string(),
-                from.username.as_deref(),
-                Some(&from.full_name()),
-            )
-            .await?;
+        let user = self.user_row(from).await?;
         if let Some(rest) = data.strip_prefix("rate:") {
             let (msg, rating) = rest
                 .split_once(':')
