@@ -28,25 +28,12 @@ fn keep_freed_memory() {
     };
 }
 
-/// candle's CPU matmul asks how many threads to use on every call, and unless
-/// `RAYON_NUM_THREADS` is set the answer comes from parsing `/proc/cpuinfo` again each
-/// time: `perf` put a quarter of all CPU time of the bot load test in the kernel's
-/// `show_cpuinfo` and `vsnprintf`. Asking once and setting the variable to candle's own
-/// answer keeps its choice and makes each later call an environment lookup.
-fn pin_candle_thread_count() {
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let n = candle_core::utils::get_num_threads();
-        // SAFETY: called first thing in `main`, before any other thread exists, so no
-        // one reads the environment while it changes.
-        #[allow(unsafe_code)]
-        unsafe {
-            std::env::set_var("RAYON_NUM_THREADS", n.to_string())
-        };
-    }
-}
-
 fn main() -> ExitCode {
-    pin_candle_thread_count();
+    // SAFETY: first thing in `main`, before any other thread exists.
+    #[allow(unsafe_code)]
+    unsafe {
+        loraloop_model::pin_candle_thread_count()
+    };
     keep_freed_memory();
     let args = cli::Cli::parse();
     progress::init_logging(args.verbose, args.quiet);

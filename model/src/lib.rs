@@ -16,4 +16,22 @@ pub mod tokenizer;
 pub mod train;
 
 pub use fetch::{DEFAULT_MODEL_FILE, DefaultModel};
+
+/// candle's CPU matmul asks how many threads to use on every call, and unless
+/// `RAYON_NUM_THREADS` is set the answer comes from parsing `/proc/cpuinfo` again each
+/// time: `perf` put a quarter of all CPU time of the bot load test in the kernel's
+/// `show_cpuinfo` and `vsnprintf`. This asks once and sets the variable to candle's own
+/// answer, which keeps its choice and makes each later call an environment lookup.
+///
+/// # Safety
+/// It changes the process environment: call it first thing in `main`, before any other
+/// thread exists (no thread may read the environment meanwhile).
+#[allow(unsafe_code)]
+pub unsafe fn pin_candle_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        // SAFETY: the caller guarantees no other thread exists yet.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    }
+}
 pub use gguf::{GgufSummary, ModelError};

@@ -300,16 +300,12 @@ async fn discord(a: &Args) {
 }
 
 fn main() {
-    // As the `loraloop` binary does (see `pin_candle_thread_count` in src/main.rs):
-    // without it every candle matmul parses /proc/cpuinfo.
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let n = candle_core::utils::get_num_threads();
-        // SAFETY: first thing in `main`, before any other thread exists.
-        #[allow(unsafe_code)]
-        unsafe {
-            std::env::set_var("RAYON_NUM_THREADS", n.to_string())
-        };
-    }
+    // As the `loraloop` binary does: without it every candle matmul parses /proc/cpuinfo.
+    // SAFETY: first thing in `main`, before any other thread exists.
+    #[allow(unsafe_code)]
+    unsafe {
+        loraloop_model::pin_candle_thread_count()
+    };
     let a = args();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
