@@ -7,6 +7,7 @@
 //! `alpha / sqrt(r)` with rsLoRA), as in PEFT's `LoraLayer`.
 
 use crate::llama::{Llama, LlamaConfig, Projection, RopeLayout};
+use crate::q4_1::dot_f32;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
@@ -173,37 +174,67 @@ pub struct LoraPair {
     /// `scale * B^T`, `[r, out]`.
     b_t_scaled: Tensor,
     /// The same weights as plain row-major vectors (`A` `[r, in]`, `scale * B` `[out, r]`)
-    /// for the few-rows CPU path, when the tensors live on the CPU.
+    /// for the CPU kernels, when the tensors live on the CPU in f32.
     host: Option<std::sync::Arc<HostLora>>,
 }
 
+/// A LoRA pair in host memory, for the CPU paths (`crate::q4_1::forward_many` fuses it
+/// into the base matmul).
 #[derive(Debug)]
-struct HostLora {
+pub struct HostLora {
     r: usize,
+    in_dim: usize,
+    out_dim: usize,
     /// `A`, `[r, in]`: row `j` is what `x` is dotted with for `u[j]`.
     a: Vec<f32>,
-    /// `scale * B` transposed, `[r, out]`: row `j` is added `u[j]` times to `y`, a loop
-    /// over contiguous outputs with no per-output horizontal sum.
-    b_scaled_t: Vec<f32>,
+    /// `scale * B`, `[out, r]`: output `o` adds its row dotted with `u`.
+    b_scaled: Vec<f32>,
 }
 
-/// Rows up to which the host path is used: decode steps and short prompts.
+/// The largest rank the host path takes (its per-row scratch lives on the stack).
+pub(crate) const HOST_MAX_RANK: usize = 256;
+
+impl HostLora {
+    pub fn rank(&self) -> usize {
+        self.r
+    }
+    pub fn in_dim(&self) -> usize {
+        self.in_dim
+    }
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+    /// Row `j` of `A`.
+    pub fn a_row(&self, j: usize) -> &[f32] {
+        &self.a[j * self.in_dim..(j + 1) * self.in_dim]
+    }
+    /// Row `o` of `scale * B`.
+    pub fn b_row(&self, o: usize) -> &[f32] {
+        &self.b_scaled[o * self.r..(o + 1) * self.r]
+    }
+}
+
+/// Rows up to which the host path is used on a base weight other than Q4_1: decode
+/// steps and short prompts.
 const HOST_PATH_MAX_ROWS: usize = 8;
 
 impl LoraPair {
     /// `a`: `[r, in]`, `b`: `[out, r]` (PEFT layout).
     pub fn new(a: &Tensor, b: &Tensor, scale: f64) -> candle_core::Result<Self> {
         let b_scaled = (b * scale)?;
-        let host = if a.device().is_cpu() && a.dtype() == candle_core::DType::F32 {
+        let (r, in_dim) = a.dims2()?;
+        let out_dim = b.dim(0)?;
+        let host = if a.device().is_cpu()
+            && a.dtype() == candle_core::DType::F32
+            && b.dtype() == candle_core::DType::F32
+            && r <= HOST_MAX_RANK
+        {
             Some(std::sync::Arc::new(HostLora {
-                r: a.dim(0)?,
+                r,
+                in_dim,
+                out_dim,
                 a: a.flatten_all()?.to_vec1::<f32>()?,
-                b_scaled_t: b_scaled
-                    .to_dtype(candle_core::DType::F32)?
-                    .t()?
-                    .contiguous()?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?,
+                b_scaled: b_scaled.flatten_all()?.to_vec1::<f32>()?,
             }))
         } else {
             None
@@ -213,6 +244,11 @@ impl LoraPair {
             b_t_scaled: b_scaled.t()?.contiguous()?,
             host,
         })
+    }
+
+    /// The host copy of the weights, where there is one (CPU, f32).
+    pub fn host(&self) -> Option<&HostLora> {
+        self.host.as_deref()
     }
 
     /// `scale * B (A x)` for `x` `[.., in]`.
@@ -232,7 +268,8 @@ impl LoraPair {
     /// `y + scale * B (A x)`. For a few rows on the CPU (decode) this is two small loops
     /// over host memory: the two `[1, in] x [in, r]` and `[1, r] x [r, out]` matmuls are
     /// far too small for the general matmul kernel, whose per-call overhead dominated the
-    /// adapter's cost (420 such calls per token on the 135M model).
+    /// adapter's cost (420 such calls per token on the 135M model). (Q4_1 bases skip
+    /// this: `crate::q4_1::forward_many` adds the delta inside the base matmul.)
     pub fn add_to(&self, x: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
         let in_dim = x.dim(candle_core::D::Minus1)?;
         let rows = x.elem_count() / in_dim;
@@ -249,14 +286,11 @@ impl LoraPair {
                 for row in 0..rows {
                     let xr = &xs[row * in_dim..(row + 1) * in_dim];
                     for (j, uj) in u.iter_mut().enumerate() {
-                        *uj = dot(&h.a[j * in_dim..(j + 1) * in_dim], xr);
+                        *uj = dot_f32(h.a_row(j), xr);
                     }
                     let yr = &mut ys[row * out_dim..(row + 1) * out_dim];
-                    for (j, &uj) in u.iter().enumerate() {
-                        let bj = &h.b_scaled_t[j * out_dim..(j + 1) * out_dim];
-                        for (yo, b) in yr.iter_mut().zip(bj) {
-                            *yo += uj * b;
-                        }
+                    for (o, yo) in yr.iter_mut().enumerate() {
+                        *yo += dot_f32(h.b_row(o), &u);
                     }
                 }
                 Tensor::from_vec(ys, y.shape(), y.device())
@@ -264,25 +298,6 @@ impl LoraPair {
             _ => y + self.delta(x)?,
         }
     }
-}
-
-/// A dot product written so the compiler vectorizes it (eight independent accumulators,
-/// no bounds checks in the loop).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// The LoRA pairs of one block, by projection.

@@ -1,26 +1,47 @@
-//! A Q4_1 x Q8_1 matrix product for the CPU.
+//! A Q4_1 x Q8_1 matrix product for the CPU, with LoRA deltas fused in.
 //!
 //! candle 0.11 computes Q4_1 dot products with its scalar reference loop and converts the
 //! four f16 block scales on every block. This kernel follows ggml's
 //! `ggml_vec_dot_q4_1_q8_1` arithmetic (activations rounded to 8 bits per 32-value block,
-//! `d_w * d_x * sum(q_w * q_x) + m_w * s_x`), keeps the weight scales as f32, unpacks the
-//! nibbles so LLVM vectorizes the multiply-accumulate, and splits the output rows over
-//! candle's own worker pool (a second pool would fight it for the same cores).
+//! `d_w * d_x * sum(q_w * q_x) + m_w * s_x`) on the weights in ggml's own 20-byte block
+//! layout (decode reads every weight once per token, so bytes per weight set its speed),
+//! and splits the output rows over candle's own worker pool (a second pool would fight it
+//! for the same cores).
+//!
+//! [`forward_many`] runs several projections of the same input (q, k and v; gate and up)
+//! in one trip through the pool, quantizing the input once, and computes each LoRA delta
+//! `scale * B (A x)` inside the same trip: the rows of `A x` first, then every output row
+//! adds its `B` row times `A x` while it is in cache. Decode with an adapter thus reads the
+//! adapter's weights on all cores, with no extra tensors, copies or pool trips.
 
+use crate::lora::HostLora;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use half::f16;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 const QK: usize = 32;
 
+/// ggml's `block_q4_1`: f16 `d`, f16 `m`, then 16 bytes of nibbles (value `j` of the
+/// block is the low nibble of byte `j` for `j < 16`, the high nibble of byte `j - 16`
+/// otherwise); weight = `d * q + m`.
 #[derive(Debug, Clone, Copy)]
+#[repr(C)]
 struct WeightBlock {
-    d: f32,
-    m: f32,
+    dm: [u16; 2],
     qs: [u8; QK / 2],
 }
 
+impl WeightBlock {
+    fn d(&self) -> f32 {
+        f16::from_bits(self.dm[0]).to_f32()
+    }
+    fn m(&self) -> f32 {
+        f16::from_bits(self.dm[1]).to_f32()
+    }
+}
+
+/// A block of 32 activations rounded to 8 bits: `x ≈ d * q`, `s = d * sum(q)`.
 #[derive(Debug, Clone, Copy)]
 struct ActBlock {
     d: f32,
@@ -37,7 +58,7 @@ pub struct Q41Matrix {
 }
 
 /// Output rows per work item.
-const ROWS_PER_ITEM: usize = 32;
+const ROWS_PER_ITEM: usize = 16;
 
 impl Q41Matrix {
     /// From a Q4_1 `QTensor` (ggml block layout: f16 d, f16 m, 16 bytes of nibbles).
@@ -56,8 +77,10 @@ impl Q41Matrix {
                 let mut qs = [0u8; QK / 2];
                 qs.copy_from_slice(&b[4..20]);
                 WeightBlock {
-                    d: f16::from_le_bytes([b[0], b[1]]).to_f32(),
-                    m: f16::from_le_bytes([b[2], b[3]]).to_f32(),
+                    dm: [
+                        u16::from_le_bytes([b[0], b[1]]),
+                        u16::from_le_bytes([b[2], b[3]]),
+                    ],
                     qs,
                 }
             })
@@ -72,6 +95,14 @@ impl Q41Matrix {
         Ok(Self { rows, cols, blocks })
     }
 
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
     /// The dense `[rows, cols]` f32 matrix (`d * q + m` per weight, ggml's nibble order:
     /// low nibbles are the first half of a block). Training dequantizes once.
     pub fn dequantize(&self, device: &candle_core::Device) -> candle_core::Result<Tensor> {
@@ -80,9 +111,10 @@ impl Q41Matrix {
             let start = out.len();
             out.resize(start + QK, 0f32);
             let dst = &mut out[start..];
+            let (d, m) = (b.d(), b.m());
             for (j, &q) in b.qs.iter().enumerate() {
-                dst[j] = b.d * (q & 0x0F) as f32 + b.m;
-                dst[j + QK / 2] = b.d * (q >> 4) as f32 + b.m;
+                dst[j] = d * (q & 0x0F) as f32 + m;
+                dst[j + QK / 2] = d * (q >> 4) as f32 + m;
             }
         }
         Tensor::from_vec(out, (self.rows, self.cols), device)
@@ -90,56 +122,212 @@ impl Q41Matrix {
 
     /// `x [.., cols] @ W^T -> [.., rows]`, f32 on the CPU.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dims = x.dims();
-        let cols = dims[dims.len() - 1];
-        if cols != self.cols {
+        let mut out = forward_many(x, &[(self, None)])?;
+        Ok(out.pop().expect("one projection in, one out"))
+    }
+}
+
+/// `x [.., cols] @ W_i^T (+ scale_i * B_i (A_i x))` for each `(W_i, lora_i)`, all with
+/// the same input: one quantization of `x`, one trip through the worker pool.
+pub fn forward_many(
+    x: &Tensor,
+    projections: &[(&Q41Matrix, Option<&HostLora>)],
+) -> candle_core::Result<Vec<Tensor>> {
+    let dims = x.dims();
+    let cols = dims[dims.len() - 1];
+    for (w, lora) in projections {
+        if w.cols != cols {
+            candle_core::bail!("Q4_1 matmul: input has {cols} columns, weight {}", w.cols);
+        }
+        if let Some(l) = lora
+            && (l.in_dim() != cols || l.out_dim() != w.rows)
+        {
             candle_core::bail!(
-                "Q4_1 matmul: input has {cols} columns, weight {}",
-                self.cols
+                "LoRA pair of [{}, {}] on a [{}, {}] weight",
+                l.out_dim(),
+                l.in_dim(),
+                w.rows,
+                w.cols
             );
         }
-        let n = x.elem_count() / cols;
-        let xs = x
-            .flatten_all()?
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec1::<f32>()?;
-        let acts: Vec<ActBlock> = xs.chunks_exact(QK).map(quantize_q8_1).collect();
-        let nb = self.cols / QK;
-        // Results by weight row ([rows, n]); each work item owns whole rows.
-        let mut by_row = vec![0f32; self.rows * n];
-        {
-            let items: Vec<Mutex<&mut [f32]>> = by_row
-                .chunks_mut(ROWS_PER_ITEM * n)
-                .map(Mutex::new)
-                .collect();
-            candle_core::utils::barrier_pool().execute_chunked(items.len(), |range| {
-                for item in range {
-                    let mut dst = items[item].lock().unwrap_or_else(|e| e.into_inner());
-                    for (i, d) in dst.chunks_exact_mut(n).enumerate() {
-                        let r = item * ROWS_PER_ITEM + i;
-                        let w = &self.blocks[r * nb..(r + 1) * nb];
-                        for (t, v) in d.iter_mut().enumerate() {
-                            *v = dot_row(w, &acts[t * nb..(t + 1) * nb]);
-                        }
-                    }
-                }
-            });
-        }
-        let out = if n == 1 {
-            by_row
-        } else {
-            let mut out = vec![0f32; n * self.rows];
-            for r in 0..self.rows {
+    }
+    let n = x.elem_count() / cols;
+    let xs = x
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()?;
+    let acts: Vec<ActBlock> = xs.chunks_exact(QK).map(quantize_q8_1).collect();
+    let nb = cols / QK;
+
+    // The work, in the order the workers claim it: first every LoRA `A` row (its dot
+    // products with each input row go to `u`), then the weight rows in groups of
+    // `ROWS_PER_ITEM`. A worker that reaches a weight row whose projection has an adapter
+    // waits until all `A` rows are done: they were all claimed before it, by workers that
+    // are running them.
+    let a_rows: usize = projections
+        .iter()
+        .map(|(_, l)| l.map_or(0, |l| l.rank()))
+        .sum();
+    let mut a_start = Vec::with_capacity(projections.len());
+    let mut item_start = Vec::with_capacity(projections.len() + 1);
+    let (mut a_acc, mut item_acc) = (0, a_rows);
+    for (w, l) in projections {
+        a_start.push(a_acc);
+        a_acc += l.map_or(0, |l| l.rank());
+        item_start.push(item_acc);
+        item_acc += w.rows.div_ceil(ROWS_PER_ITEM);
+    }
+    item_start.push(item_acc);
+    let total_items = item_acc;
+
+    // `u[a_row * n + t]`: `A` row times input row `t`.
+    let u: Vec<AtomicF32> = (0..a_rows * n).map(|_| AtomicF32::default()).collect();
+    let a_done = AtomicUsize::new(0);
+    // Results by weight row (`[rows, n]`), one buffer per projection; every work item
+    // writes only its own rows.
+    let outs: Vec<SharedOut> = projections
+        .iter()
+        .map(|(w, _)| SharedOut::new(w.rows * n))
+        .collect();
+
+    let cursor = AtomicUsize::new(0);
+    let work = || {
+        loop {
+            let item = cursor.fetch_add(1, Ordering::Relaxed);
+            if item >= total_items {
+                break;
+            }
+            if item < a_rows {
+                // Which projection's adapter, which of its rows.
+                let p = a_start.partition_point(|&s| s <= item) - 1;
+                let (w, lora) = projections[p];
+                let lora = lora.expect("A rows belong to projections with an adapter");
+                let j = item - a_start[p];
+                let a = lora.a_row(j);
                 for t in 0..n {
-                    out[t * self.rows + r] = by_row[r * n + t];
+                    u[item * n + t].set(dot_f32(a, &xs[t * w.cols..(t + 1) * w.cols]));
+                }
+                a_done.fetch_add(1, Ordering::Release);
+                continue;
+            }
+            let p = item_start.partition_point(|&s| s <= item) - 1;
+            let (w, lora) = projections[p];
+            let r0 = (item - item_start[p]) * ROWS_PER_ITEM;
+            let r1 = (r0 + ROWS_PER_ITEM).min(w.rows);
+            // SAFETY: rows `r0..r1` of projection `p` are this work item's alone (the
+            // cursor hands each item out once).
+            #[allow(unsafe_code)]
+            let dst = unsafe { outs[p].rows_mut(r0 * n, r1 * n) };
+            for (i, d) in dst.chunks_exact_mut(n).enumerate() {
+                let wr = &w.blocks[(r0 + i) * nb..(r0 + i + 1) * nb];
+                for (t, v) in d.iter_mut().enumerate() {
+                    *v = dot_row(wr, &acts[t * nb..(t + 1) * nb]);
                 }
             }
-            out
+            if let Some(lora) = lora {
+                while a_done.load(Ordering::Acquire) < a_rows {
+                    std::hint::spin_loop();
+                }
+                let rank = lora.rank();
+                let mut ut = [0f32; crate::lora::HOST_MAX_RANK];
+                for t in 0..n {
+                    for (j, v) in ut[..rank].iter_mut().enumerate() {
+                        *v = u[(a_start[p] + j) * n + t].get();
+                    }
+                    for (i, d) in dst.chunks_exact_mut(n).enumerate() {
+                        d[t] += dot_f32(lora.b_row(r0 + i), &ut[..rank]);
+                    }
+                }
+            }
+        }
+    };
+    let pool = candle_core::utils::barrier_pool();
+    let threads = pool.n_workers() + 1;
+    // One claim per thread; each then drains the shared cursor (inline, in order, when
+    // called from inside the pool).
+    pool.execute_chunked(threads, |range| range.for_each(|_| work()));
+
+    let mut results = Vec::with_capacity(projections.len());
+    for ((w, _), out) in projections.iter().zip(outs) {
+        let by_row = out.into_inner();
+        let data = if n == 1 {
+            by_row
+        } else {
+            let mut t_major = vec![0f32; n * w.rows];
+            for r in 0..w.rows {
+                for t in 0..n {
+                    t_major[t * w.rows + r] = by_row[r * n + t];
+                }
+            }
+            t_major
         };
         let mut shape = dims.to_vec();
-        *shape.last_mut().expect("x has a last dimension") = self.rows;
-        Tensor::from_vec(out, shape, &Device::Cpu)
+        *shape.last_mut().expect("x has a last dimension") = w.rows;
+        results.push(Tensor::from_vec(data, shape, &Device::Cpu)?);
     }
+    Ok(results)
+}
+
+/// An f32 that several workers can write (each element by one worker) and read after a
+/// release/acquire handshake.
+#[derive(Default)]
+struct AtomicF32(std::sync::atomic::AtomicU32);
+
+impl AtomicF32 {
+    fn set(&self, v: f32) {
+        self.0.store(v.to_bits(), Ordering::Relaxed);
+    }
+    fn get(&self) -> f32 {
+        f32::from_bits(self.0.load(Ordering::Relaxed))
+    }
+}
+
+/// An output buffer whose disjoint row ranges are written by different workers.
+struct SharedOut(std::cell::UnsafeCell<Vec<f32>>);
+
+// SAFETY: workers only write disjoint ranges (`rows_mut` callers own their rows), and the
+// buffer is read only after the pool trip has joined every worker.
+#[allow(unsafe_code)]
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    fn new(len: usize) -> Self {
+        Self(std::cell::UnsafeCell::new(vec![0f32; len]))
+    }
+
+    /// # Safety
+    /// No other live slice from this buffer may overlap `start..end`.
+    #[allow(clippy::mut_from_ref, unsafe_code)]
+    unsafe fn rows_mut(&self, start: usize, end: usize) -> &mut [f32] {
+        // SAFETY: the caller's promise: the range is its own.
+        unsafe {
+            let v = &mut *self.0.get();
+            &mut v[start..end]
+        }
+    }
+
+    fn into_inner(self) -> Vec<f32> {
+        self.0.into_inner()
+    }
+}
+
+/// A dot product written so the compiler vectorizes it (eight independent accumulators,
+/// no bounds checks in the loop).
+pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// ggml's `quantize_row_q8_1`: d = max|x| / 127, q = round(x / d), s = d * sum(q), both
@@ -161,19 +349,20 @@ fn quantize_q8_1(x: &[f32]) -> ActBlock {
     }
 }
 
-/// One weight row times one activation row: the AVX2 kernel where the build has AVX2 and
-/// FMA (x86-64-v3, see `.cargo/config.toml`), the portable loop otherwise.
+/// One weight row times one activation row: the AVX2 kernel where the build has AVX2,
+/// FMA and F16C (x86-64-v3, see `.cargo/config.toml`), the portable loop otherwise.
 #[inline]
 fn dot_row(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
-        target_feature = "fma"
+        target_feature = "fma",
+        target_feature = "f16c"
     ))]
     {
-        // SAFETY: `dot_row_avx2` only needs AVX2 and FMA, and this code exists only in a
-        // build compiled for CPUs that have both (the `cfg` above): the whole binary
-        // already uses them.
+        // SAFETY: `dot_row_avx2` only needs AVX2, FMA and F16C, and this code exists only
+        // in a build compiled for CPUs that have all three (the `cfg` above): the whole
+        // binary already uses them.
         #[allow(unsafe_code)]
         unsafe {
             dot_row_avx2(w, x)
@@ -182,7 +371,8 @@ fn dot_row(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
     #[cfg(not(all(
         target_arch = "x86_64",
         target_feature = "avx2",
-        target_feature = "fma"
+        target_feature = "fma",
+        target_feature = "f16c"
     )))]
     {
         dot_row_generic(w, x)
@@ -191,16 +381,18 @@ fn dot_row(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
 
 /// The same sum as [`dot_row_generic`] with the integer products in one `vpmaddubsw`
 /// (unsigned 4-bit weights times signed 8-bit activations, pairs added into 16 bits:
-/// at most 2 * 15 * 128, no saturation) and one `vpmaddwd` per block, and the block
-/// scales applied in an 8-lane float accumulator, reduced once per row instead of once
-/// per block. Loads go through `_mm*_set_epi64x` from byte arrays, which the compiler
-/// turns into plain unaligned loads, so there is no pointer arithmetic.
+/// at most 2 * 15 * 128, no saturation) and one `vpmaddwd` per block, both f16 scales of a
+/// block converted by one `vcvtph2ps`, and the block scales applied in an 8-lane float
+/// accumulator, reduced once per row instead of once per block. Loads go through
+/// `_mm*_set_epi*` from byte arrays, which the compiler turns into plain unaligned loads,
+/// so there is no pointer arithmetic.
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
-    target_feature = "fma"
+    target_feature = "fma",
+    target_feature = "f16c"
 ))]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn dot_row_avx2(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
     use std::arch::x86_64::*;
     let u64_at = |b: &[u8], i: usize| -> i64 {
@@ -215,7 +407,8 @@ fn dot_row_avx2(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
     let low_nibbles = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     let mut acc = _mm256_setzero_ps();
-    let mut mins = 0f32;
+    // Lane 1 accumulates `m_w * s_x`.
+    let mut mins = _mm_setzero_ps();
     for (wb, xb) in w.iter().zip(x) {
         let packed = _mm_set_epi64x(u64_at(&wb.qs, 1), u64_at(&wb.qs, 0));
         // ggml's order: the low nibbles are the block's first 16 values, the high ones
@@ -231,13 +424,22 @@ fn dot_row_avx2(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
             i64_at(&xb.qs, 0),
         );
         let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), ones);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(wb.d * xb.d), _mm256_cvtepi32_ps(sums), acc);
-        mins += wb.m * xb.s;
+        // [d_w, m_w, 0, 0] * [d_x, s_x, 0, 0]
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(
+            (wb.dm[0] as u32 | (wb.dm[1] as u32) << 16) as i32,
+        ));
+        let scales = _mm_mul_ps(dm, _mm_set_ps(0.0, 0.0, xb.s, xb.d));
+        acc = _mm256_fmadd_ps(
+            _mm256_broadcastss_ps(scales),
+            _mm256_cvtepi32_ps(sums),
+            acc,
+        );
+        mins = _mm_add_ps(mins, scales);
     }
     let half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
     let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
     let one = _mm_add_ss(quarter, _mm_movehdup_ps(quarter));
-    _mm_cvtss_f32(one) + mins
+    _mm_cvtss_f32(one) + _mm_cvtss_f32(_mm_movehdup_ps(mins))
 }
 
 /// The portable dot product of one weight row with one activation row (on x86-64-v3
@@ -247,7 +449,8 @@ fn dot_row_avx2(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
     not(all(
         target_arch = "x86_64",
         target_feature = "avx2",
-        target_feature = "fma"
+        target_feature = "fma",
+        target_feature = "f16c"
     ))
 ))]
 #[inline]
@@ -266,7 +469,7 @@ fn dot_row_generic(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
             .zip(&xb.qs)
             .map(|(a, b)| *a as i16 as i32 * *b as i16 as i32)
             .sum();
-        sum += wb.d * xb.d * sumi as f32 + wb.m * xb.s;
+        sum += wb.d() * xb.d * sumi as f32 + wb.m() * xb.s;
     }
     sum
 }
@@ -316,10 +519,112 @@ mod tests {
         }
     }
 
+    #[test]
+    fn fused_lora_deltas_are_the_plain_f32_product_of_b_a_and_x() {
+        // Reference: `scale * x A^T B^T` by candle's f32 matmul, a computation that shares
+        // nothing with the fused kernel. The base part is taken out by running the same
+        // matrices without adapters: the kernel is deterministic, so what is left is the
+        // delta alone, equal up to f32 rounding. Three projections of one input (as q, k, v
+        // go), one of them without an adapter, ranks 16 and 4; one and five input rows.
+        let dev = Device::Cpu;
+        let cols = 96;
+        let shapes = [(64, Some(16)), (32, None), (40, Some(4))];
+        let mats: Vec<Q41Matrix> = shapes
+            .iter()
+            .map(|&(rows, _)| {
+                let w = Tensor::randn(0f32, 1.0, (rows, cols), &dev).unwrap();
+                Q41Matrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q4_1).unwrap())
+                    .unwrap()
+            })
+            .collect();
+        let scale = 2.0;
+        let pairs: Vec<Option<(Tensor, Tensor, crate::lora::LoraPair)>> = shapes
+            .iter()
+            .map(|&(rows, rank)| {
+                rank.map(|r| {
+                    let a = Tensor::randn(0f32, 0.5, (r, cols), &dev).unwrap();
+                    let b = Tensor::randn(0f32, 0.5, (rows, r), &dev).unwrap();
+                    let pair = crate::lora::LoraPair::new(&a, &b, scale).unwrap();
+                    (a, b, pair)
+                })
+            })
+            .collect();
+        for n in [1, 5] {
+            let x = Tensor::randn(0f32, 1.0, (n, cols), &dev).unwrap();
+            let with: Vec<(&Q41Matrix, Option<&HostLora>)> = mats
+                .iter()
+                .zip(&pairs)
+                .map(|(m, p)| (m, p.as_ref().map(|(_, _, l)| l.host().unwrap())))
+                .collect();
+            let without: Vec<(&Q41Matrix, Option<&HostLora>)> =
+                mats.iter().map(|m| (m, None)).collect();
+            let got = forward_many(&x, &with).unwrap();
+            let base = forward_many(&x, &without).unwrap();
+            for (i, p) in pairs.iter().enumerate() {
+                let delta = (&got[i] - &base[i]).unwrap();
+                let want = match p {
+                    Some((a, b, _)) => (x.matmul(&a.t().unwrap()).unwrap())
+                        .matmul(&b.t().unwrap())
+                        .unwrap()
+                        .affine(scale, 0.0)
+                        .unwrap(),
+                    None => delta.zeros_like().unwrap(),
+                };
+                assert_eq!(delta.dims(), want.dims());
+                let err: f32 = (&delta - &want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap();
+                let size: f32 = want
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap();
+                assert!(
+                    err <= 1e-4 * size.max(1.0),
+                    "projection {i}, {n} rows: delta off by {err} (size {size})"
+                );
+                if p.is_some() {
+                    assert!(size > 1.0, "the delta must be large enough to see");
+                }
+            }
+            // The single-projection entry point is the same kernel.
+            let single = mats[1].forward(&x).unwrap();
+            assert_eq!(
+                single.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                base[1].flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn a_lora_pair_that_does_not_fit_the_weight_is_refused() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (64, 64), &dev).unwrap();
+        let m = Q41Matrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q4_1).unwrap()).unwrap();
+        let a = Tensor::randn(0f32, 1.0, (4, 64), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (32, 4), &dev).unwrap();
+        let pair = crate::lora::LoraPair::new(&a, &b, 1.0).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 64), &dev).unwrap();
+        let err = forward_many(&x, &[(&m, pair.host())]).unwrap_err();
+        assert!(err.to_string().contains("LoRA pair"), "{err}");
+    }
+
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
-        target_feature = "fma"
+        target_feature = "fma",
+        target_feature = "f16c"
     ))]
     #[test]
     fn the_avx2_dot_product_is_the_portable_one() {
@@ -346,8 +651,7 @@ mod tests {
         }
         // Extremes: every nibble 15 against every activation -128 (the largest pair sums).
         let wb = WeightBlock {
-            d: 1.0,
-            m: 0.0,
+            dm: [f16::ONE.to_bits(), f16::ZERO.to_bits()],
             qs: [0xFF; QK / 2],
         };
         let xb = ActBlock {

@@ -133,6 +133,42 @@ impl Linear {
     }
 }
 
+/// Several projections of the same input (q, k, v; gate, up), each with its LoRA delta.
+/// Q4_1 bases with host-memory adapters (or none) go through one fused CPU kernel
+/// call; anything else projects one by one.
+fn project_many<const N: usize>(
+    x: &Tensor,
+    projections: [(&Linear, Option<&crate::lora::LoraPair>); N],
+) -> candle_core::Result<[Tensor; N]> {
+    let fused: Option<Vec<_>> = projections
+        .iter()
+        .map(|(lin, lora)| match (&lin.weight, lora) {
+            (BaseWeight::Q41(w), None) => Some((w.as_ref(), None)),
+            (BaseWeight::Q41(w), Some(l)) => l.host().map(|h| (w.as_ref(), Some(h))),
+            _ => None,
+        })
+        .collect();
+    let outs: Vec<Tensor> = match fused {
+        Some(jobs) if x.device().is_cpu() => {
+            let ys = crate::q4_1::forward_many(x, &jobs)?;
+            ys.into_iter()
+                .zip(&projections)
+                .map(|(y, (lin, _))| match &lin.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                })
+                .collect::<candle_core::Result<_>>()?
+        }
+        _ => projections
+            .iter()
+            .map(|(lin, lora)| lin.forward(x, *lora))
+            .collect::<candle_core::Result<_>>()?,
+    };
+    Ok(outs
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("N projections in, N out")))
+}
+
 /// `x [.., in] @ w[out, in]^T` without materialising the transpose.
 pub(crate) fn dense_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let dims = x.dims();
@@ -316,9 +352,14 @@ impl Llama {
         let l = |p: Projection| lora.and_then(|l| l.get(p));
 
         let h = candle_nn::ops::rms_norm(x, &block.attn_norm, eps)?;
-        let q = block.q.forward(&h, l(Projection::Q))?;
-        let k = block.k.forward(&h, l(Projection::K))?;
-        let v = block.v.forward(&h, l(Projection::V))?;
+        let [q, k, v] = project_many(
+            &h,
+            [
+                (&block.q, l(Projection::Q)),
+                (&block.k, l(Projection::K)),
+                (&block.v, l(Projection::V)),
+            ],
+        )?;
         let q = q
             .reshape((b, t, cfg.num_heads, cfg.head_dim))?
             .transpose(1, 2)?
@@ -361,13 +402,20 @@ impl Llama {
             .reshape((b, cfg.num_heads, t, cfg.head_dim))?
             .transpose(1, 2)?
             .reshape((b, t, cfg.q_dim()))?;
-        let x = (x + block.o.forward(&y, l(Projection::O))?)?;
+        let [o] = project_many(&y, [(&block.o, l(Projection::O))])?;
+        let x = (x + o)?;
 
         let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, eps)?;
-        let gate = block.gate.forward(&h, l(Projection::Gate))?;
-        let up = block.up.forward(&h, l(Projection::Up))?;
+        let [gate, up] = project_many(
+            &h,
+            [
+                (&block.gate, l(Projection::Gate)),
+                (&block.up, l(Projection::Up)),
+            ],
+        )?;
         let act = (candle_nn::ops::silu(&gate)? * up)?;
-        x + block.down.forward(&act, l(Projection::Down))?
+        let [down] = project_many(&act, [(&block.down, l(Projection::Down))])?;
+        x + down
     }
 }
 
