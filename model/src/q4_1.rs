@@ -135,6 +135,31 @@ pub fn forward_many(
 ) -> candle_core::Result<Vec<Tensor>> {
     let dims = x.dims();
     let cols = dims[dims.len() - 1];
+    let xs = x
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()?;
+    forward_many_host(&xs, cols, projections)?
+        .into_iter()
+        .zip(projections)
+        .map(|(data, (w, _))| {
+            let mut shape = dims.to_vec();
+            *shape.last_mut().expect("x has a last dimension") = w.rows;
+            Tensor::from_vec(data, shape, &Device::Cpu)
+        })
+        .collect()
+}
+
+/// [`forward_many`] on host memory: `xs` holds `n` rows of `cols`; each result holds `n`
+/// rows of its projection's outputs.
+pub fn forward_many_host(
+    xs: &[f32],
+    cols: usize,
+    projections: &[(&Q41Matrix, Option<&HostLora>)],
+) -> candle_core::Result<Vec<Vec<f32>>> {
+    if cols == 0 || !xs.len().is_multiple_of(cols) {
+        candle_core::bail!("Q4_1 matmul: {} inputs are not rows of {cols}", xs.len());
+    }
     for (w, lora) in projections {
         if w.cols != cols {
             candle_core::bail!("Q4_1 matmul: input has {cols} columns, weight {}", w.cols);
@@ -151,11 +176,7 @@ pub fn forward_many(
             );
         }
     }
-    let n = x.elem_count() / cols;
-    let xs = x
-        .flatten_all()?
-        .to_dtype(candle_core::DType::F32)?
-        .to_vec1::<f32>()?;
+    let n = xs.len() / cols;
     let acts: Vec<ActBlock> = xs.chunks_exact(QK).map(quantize_q8_1).collect();
     let nb = cols / QK;
 
@@ -247,12 +268,14 @@ pub fn forward_many(
     // called from inside the pool).
     pool.execute_chunked(threads, |range| range.for_each(|_| work()));
 
-    let mut results = Vec::with_capacity(projections.len());
-    for ((w, _), out) in projections.iter().zip(outs) {
-        let by_row = out.into_inner();
-        let data = if n == 1 {
-            by_row
-        } else {
+    Ok(projections
+        .iter()
+        .zip(outs)
+        .map(|((w, _), out)| {
+            let by_row = out.into_inner();
+            if n == 1 {
+                return by_row;
+            }
             let mut t_major = vec![0f32; n * w.rows];
             for r in 0..w.rows {
                 for t in 0..n {
@@ -260,12 +283,8 @@ pub fn forward_many(
                 }
             }
             t_major
-        };
-        let mut shape = dims.to_vec();
-        *shape.last_mut().expect("x has a last dimension") = w.rows;
-        results.push(Tensor::from_vec(data, shape, &Device::Cpu)?);
-    }
-    Ok(results)
+        })
+        .collect())
 }
 
 /// An f32 that several workers can write (each element by one worker) and read after a
@@ -283,7 +302,7 @@ impl AtomicF32 {
 }
 
 /// An output buffer whose disjoint row ranges are written by different workers.
-struct SharedOut(std::cell::UnsafeCell<Vec<f32>>);
+pub(crate) struct SharedOut(std::cell::UnsafeCell<Vec<f32>>);
 
 // SAFETY: workers only write disjoint ranges (`rows_mut` callers own their rows), and the
 // buffer is read only after the pool trip has joined every worker.
@@ -291,14 +310,14 @@ struct SharedOut(std::cell::UnsafeCell<Vec<f32>>);
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
-    fn new(len: usize) -> Self {
+    pub(crate) fn new(len: usize) -> Self {
         Self(std::cell::UnsafeCell::new(vec![0f32; len]))
     }
 
     /// # Safety
     /// No other live slice from this buffer may overlap `start..end`.
     #[allow(clippy::mut_from_ref, unsafe_code)]
-    unsafe fn rows_mut(&self, start: usize, end: usize) -> &mut [f32] {
+    pub(crate) unsafe fn rows_mut(&self, start: usize, end: usize) -> &mut [f32] {
         // SAFETY: the caller's promise: the range is its own.
         unsafe {
             let v = &mut *self.0.get();
@@ -306,7 +325,7 @@ impl SharedOut {
         }
     }
 
-    fn into_inner(self) -> Vec<f32> {
+    pub(crate) fn into_inner(self) -> Vec<f32> {
         self.0.into_inner()
     }
 }

@@ -151,6 +151,9 @@ fn tiny_qwen2_with_qkv_biases_and_tied_embeddings_matches_the_numpy_reference() 
     assert!(model.config.qkv_bias && model.config.tie_word_embeddings);
     let got = all_logits(&model, &e.tokens, None);
     assert_close("tiny-qwen2", &got, &e.qwen2, TOL);
+    // The one-token decode path (host loops: biases, rope in halves, tied output head).
+    let steps = one_at_a_time(&model, &e.tokens, None);
+    assert_close("tiny-qwen2, one token at a time", &steps, &e.qwen2, TOL);
 }
 
 #[test]
@@ -422,6 +425,40 @@ fn a_q8_0_gguf_stays_close_to_the_reference_and_keeps_every_argmax() {
     let got_argmax: Vec<usize> = got.iter().map(|r| argmax(r)).collect();
     let want_argmax: Vec<usize> = e.llama.iter().map(|r| argmax(r)).collect();
     assert_eq!(got_argmax, want_argmax);
+}
+
+#[test]
+fn a_q4_1_gguf_with_an_adapter_decodes_one_token_at_a_time_as_it_prefills() {
+    // Q4_1 weights go through loraloop's fused Q4_1 + LoRA kernel (ffn_down's rows of 48
+    // are not whole Q4_1 blocks and stay F32, so the other projection path runs too).
+    // Both passes quantize each position's activations the same way, so the one-token
+    // decode path (host loops) and the whole-sequence pass (candle ops) may differ only
+    // by float summation order. The accuracy of Q4_1 itself is checked against llama.cpp
+    // on the real model (tests/real_model.rs).
+    let e = expected();
+    let (_dir, model) = gguf_model(GgmlDType::Q4_1);
+    assert!(matches!(
+        model.blocks[0].q.weight,
+        loraloop_model::llama::BaseWeight::Q41(_)
+    ));
+    let adapter = LoraAdapter::load(&fixture("tiny-llama-lora"), &model).unwrap();
+    for adapter in [None, Some(&adapter)] {
+        let whole = all_logits(&model, &e.tokens, adapter);
+        let steps = one_at_a_time(&model, &e.tokens, adapter);
+        let want: Vec<Vec<f64>> = whole
+            .iter()
+            .map(|r| r.iter().map(|&v| v as f64).collect())
+            .collect();
+        assert_close("q4_1, one token at a time", &steps, &want, 1e-4);
+    }
+    // The adapter changes the logits by far more than that tolerance.
+    let base = all_logits(&model, &e.tokens, None);
+    let with = all_logits(&model, &e.tokens, Some(&adapter));
+    let base64: Vec<Vec<f64>> = base
+        .iter()
+        .map(|r| r.iter().map(|&v| v as f64).collect())
+        .collect();
+    assert!(max_abs_diff(&with, &base64) > 1e-2);
 }
 
 // ---------------------------------------------------------------------------------------

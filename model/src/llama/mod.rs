@@ -6,6 +6,7 @@
 //! added on top at run time, so adapters swap without touching the base weights.
 
 mod config;
+mod decode;
 pub mod load;
 
 pub use config::{Llama3RopeScaling, LlamaConfig, RopeLayout};
@@ -271,6 +272,10 @@ impl Llama {
         cache: &mut Cache,
         adapter: Option<&LoraAdapter>,
     ) -> candle_core::Result<Tensor> {
+        if self.host_decode_applies(tokens) && tokens.dtype() == DType::U32 {
+            let token = tokens.flatten_all()?.to_vec1::<u32>()?[0];
+            return self.decode_step(token, cache, adapter);
+        }
         let hidden = self.hidden_states(tokens, cache, adapter)?;
         let (_b, t, _h) = hidden.dims3()?;
         self.logits(&hidden.narrow(1, t - 1, 1)?)?.squeeze(1)
