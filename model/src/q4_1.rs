@@ -448,11 +448,7 @@ fn dot_row_avx2(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
             (wb.dm[0] as u32 | (wb.dm[1] as u32) << 16) as i32,
         ));
         let scales = _mm_mul_ps(dm, _mm_set_ps(0.0, 0.0, xb.s, xb.d));
-        acc = _mm256_fmadd_ps(
-            _mm256_broadcastss_ps(scales),
-            _mm256_cvtepi32_ps(sums),
-            acc,
-        );
+        acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), _mm256_cvtepi32_ps(sums), acc);
         mins = _mm_add_ps(mins, scales);
     }
     let half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
@@ -552,8 +548,7 @@ mod tests {
             .iter()
             .map(|&(rows, _)| {
                 let w = Tensor::randn(0f32, 1.0, (rows, cols), &dev).unwrap();
-                Q41Matrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q4_1).unwrap())
-                    .unwrap()
+                Q41Matrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q4_1).unwrap()).unwrap()
             })
             .collect();
         let scale = 2.0;

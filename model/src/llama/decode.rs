@@ -130,8 +130,9 @@ impl Llama {
         }
         let hidden = cfg.hidden_size;
         let token = token as usize;
-        if token >= cfg.vocab_size {
-            candle_core::bail!("token {token} is outside the vocabulary ({})", cfg.vocab_size);
+        let vocab = self.embed.dim(0)?;
+        if token >= vocab {
+            candle_core::bail!("token {token} is outside the vocabulary ({vocab})");
         }
         let mut x = with_host(&self.embed, |data, layout| {
             let row = layout.start_offset() + token * layout.stride()[0];
