@@ -3,7 +3,8 @@
 # alternated so drift on a shared machine hits both alike. Prints a markdown table with
 # the ratios (loraloop / llama.cpp).
 #
-#   scripts/bench-generate.sh [ROUNDS]        (default 3; env: THREADS, MODEL, PROFILE, LLAMA_BENCH)
+#   scripts/bench-generate.sh [ROUNDS]        (default 3; env: THREADS, MODEL, PROFILE, LLAMA_BENCH,
+#                                              LORALOOP: a binary to use instead of building one)
 #
 # llama.cpp's llama-bench: $LLAMA_BENCH if set, else built once into target/llama.cpp
 # from the vendored tree of the llama-cpp-python source distribution (needs cmake, which
@@ -32,7 +33,9 @@ fi
 # PROFILE=dev reuses the test build (dependencies and the model crate are optimized
 # there too); the default is the release binary users run.
 PROFILE=${PROFILE:-release}
-if [ "$PROFILE" = release ]; then
+if [ -n "${LORALOOP:-}" ]; then
+  : # a binary given by the caller
+elif [ "$PROFILE" = release ]; then
   cargo build --release -q --bin loraloop
   LORALOOP=target/release/loraloop
 else
