@@ -239,10 +239,24 @@ pub fn forward_many_host(
             // cursor hands each item out once).
             #[allow(unsafe_code)]
             let dst = unsafe { outs[p].rows_mut(r0 * n, r1 * n) };
+            // Four input rows at a time against each weight row (prompt processing): the
+            // weight nibbles are unpacked once for all four, and the four activation rows
+            // and this item's weight rows stay in L1.
+            let act = |t: usize| &acts[t * nb..(t + 1) * nb];
+            let quads = n / 4 * 4;
+            for t in (0..quads).step_by(4) {
+                for (i, d) in dst.chunks_exact_mut(n).enumerate() {
+                    let wr = &w.blocks[(r0 + i) * nb..(r0 + i + 1) * nb];
+                    d[t..t + 4].copy_from_slice(&dot_row4(
+                        wr,
+                        [act(t), act(t + 1), act(t + 2), act(t + 3)],
+                    ));
+                }
+            }
             for (i, d) in dst.chunks_exact_mut(n).enumerate() {
                 let wr = &w.blocks[(r0 + i) * nb..(r0 + i + 1) * nb];
-                for (t, v) in d.iter_mut().enumerate() {
-                    *v = dot_row(wr, &acts[t * nb..(t + 1) * nb]);
+                for (t, v) in d.iter_mut().enumerate().skip(quads) {
+                    *v = dot_row(wr, act(t));
                 }
             }
             if let Some(lora) = lora {
@@ -396,6 +410,92 @@ fn dot_row(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
     {
         dot_row_generic(w, x)
     }
+}
+
+/// One weight row times four activation rows.
+#[inline]
+fn dot_row4(w: &[WeightBlock], x: [&[ActBlock]; 4]) -> [f32; 4] {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    ))]
+    {
+        // SAFETY: as in `dot_row`.
+        #[allow(unsafe_code)]
+        unsafe {
+            dot_row4_avx2(w, x)
+        }
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    )))]
+    {
+        x.map(|x| dot_row_generic(w, x))
+    }
+}
+
+/// [`dot_row_avx2`] for four activation rows at once: each weight block is unpacked and
+/// its scales converted once, then multiplied with the four activation blocks into four
+/// accumulators (same per-row arithmetic, so the same sums up to float rounding).
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_row4_avx2(w: &[WeightBlock], x: [&[ActBlock]; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let u64_at = |b: &[u8], i: usize| -> i64 {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[i * 8..i * 8 + 8]);
+        i64::from_le_bytes(a)
+    };
+    let i64_at = |b: &[i8; QK], i: usize| -> i64 {
+        let a: [u8; 8] = std::array::from_fn(|k| b[i * 8 + k] as u8);
+        i64::from_le_bytes(a)
+    };
+    let low_nibbles = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut mins = [0f32; 4];
+    for (b, wb) in w.iter().enumerate() {
+        let packed = _mm_set_epi64x(u64_at(&wb.qs, 1), u64_at(&wb.qs, 0));
+        let wq = _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed),
+            low_nibbles,
+        );
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(
+            (wb.dm[0] as u32 | (wb.dm[1] as u32) << 16) as i32,
+        ));
+        let (d, m) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
+        for k in 0..4 {
+            let xb = &x[k][b];
+            let xq = _mm256_set_epi64x(
+                i64_at(&xb.qs, 3),
+                i64_at(&xb.qs, 2),
+                i64_at(&xb.qs, 1),
+                i64_at(&xb.qs, 0),
+            );
+            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), ones);
+            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(sums), acc[k]);
+            mins[k] += m * xb.s;
+        }
+    }
+    std::array::from_fn(|k| {
+        let half = _mm_add_ps(
+            _mm256_castps256_ps128(acc[k]),
+            _mm256_extractf128_ps::<1>(acc[k]),
+        );
+        let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+        let one = _mm_add_ss(quarter, _mm_movehdup_ps(quarter));
+        _mm_cvtss_f32(one) + mins[k]
+    })
 }
 
 /// The same sum as [`dot_row_generic`] with the integer products in one `vpmaddubsw`
@@ -662,6 +762,27 @@ mod tests {
                 (fast - slow).abs() <= 1e-4 * slow.abs().max(1.0),
                 "row {r}: avx2 {fast}, portable {slow}"
             );
+        }
+        // Four activation rows at once: each the portable loop's sum for that row.
+        let rows4: Vec<Vec<ActBlock>> = (0..4)
+            .map(|_| {
+                let x: Vec<f32> = Tensor::randn(0f32, 1.0, 576, &dev)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                x.chunks_exact(QK).map(quantize_q8_1).collect()
+            })
+            .collect();
+        for r in 0..4 {
+            let row = &m.blocks[r * nb..(r + 1) * nb];
+            let got = dot_row4(row, [&rows4[0], &rows4[1], &rows4[2], &rows4[3]]);
+            for (k, g) in got.iter().enumerate() {
+                let want = dot_row_generic(row, &rows4[k]);
+                assert!(
+                    (g - want).abs() <= 1e-4 * want.abs().max(1.0),
+                    "row {r}, input {k}: four at once {g}, portable {want}"
+                );
+            }
         }
         // Extremes: every nibble 15 against every activation -128 (the largest pair sums).
         let wb = WeightBlock {
