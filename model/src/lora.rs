@@ -187,12 +187,14 @@ pub struct HostLora {
     out_dim: usize,
     /// `A`, `[r, in]`: row `j` is what `x` is dotted with for `u[j]`.
     a: Vec<f32>,
-    /// `scale * B`, `[out, r]`: output `o` adds its row dotted with `u`.
-    b_scaled: Vec<f32>,
+    /// `scale * B` in tiles of [`B_TILE`] outputs: tile `k` holds, for each `j < r`, the
+    /// `B_TILE` values `(sB)[k * B_TILE + i, j]` (zero past the last output). A worker
+    /// that owns a tile of output rows adds `u[j]` times each of its `r` runs: contiguous
+    /// multiply-adds with no horizontal sums, over memory read front to back (per-output
+    /// dot products with horizontal sums, or a `[r, out]` layout read in scattered
+    /// 64-byte pieces, each cost more than the arithmetic).
+    b_tiles: Vec<f32>,
 }
-
-/// The largest rank the host path takes (its per-row scratch lives on the stack).
-pub(crate) const HOST_MAX_RANK: usize = 256;
 
 impl HostLora {
     pub fn rank(&self) -> usize {
@@ -208,11 +210,15 @@ impl HostLora {
     pub fn a_row(&self, j: usize) -> &[f32] {
         &self.a[j * self.in_dim..(j + 1) * self.in_dim]
     }
-    /// Row `o` of `scale * B`.
-    pub fn b_row(&self, o: usize) -> &[f32] {
-        &self.b_scaled[o * self.r..(o + 1) * self.r]
+    /// Tile `k` of `scale * B`: `r` runs of [`B_TILE`] outputs.
+    pub fn b_tile(&self, k: usize) -> &[f32] {
+        let len = self.r * B_TILE;
+        &self.b_tiles[k * len..(k + 1) * len]
     }
 }
+
+/// Output rows per tile of a host LoRA `B` (and per work item of the Q4_1 kernel).
+pub(crate) const B_TILE: usize = 16;
 
 /// Rows up to which the host path is used on a base weight other than Q4_1: decode
 /// steps and short prompts.
@@ -227,14 +233,13 @@ impl LoraPair {
         let host = if a.device().is_cpu()
             && a.dtype() == candle_core::DType::F32
             && b.dtype() == candle_core::DType::F32
-            && r <= HOST_MAX_RANK
         {
             Some(std::sync::Arc::new(HostLora {
                 r,
                 in_dim,
                 out_dim,
                 a: a.flatten_all()?.to_vec1::<f32>()?,
-                b_scaled: b_scaled.flatten_all()?.to_vec1::<f32>()?,
+                b_tiles: tile_b(&b_scaled.flatten_all()?.to_vec1::<f32>()?, out_dim, r),
             }))
         } else {
             None
@@ -289,8 +294,12 @@ impl LoraPair {
                         *uj = dot_f32(h.a_row(j), xr);
                     }
                     let yr = &mut ys[row * out_dim..(row + 1) * out_dim];
-                    for (o, yo) in yr.iter_mut().enumerate() {
-                        *yo += dot_f32(h.b_row(o), &u);
+                    for (k, yt) in yr.chunks_mut(B_TILE).enumerate() {
+                        for (&uj, bj) in u.iter().zip(h.b_tile(k).chunks_exact(B_TILE)) {
+                            for (yo, b) in yt.iter_mut().zip(bj) {
+                                *yo += uj * b;
+                            }
+                        }
                     }
                 }
                 Tensor::from_vec(ys, y.shape(), y.device())
@@ -298,6 +307,19 @@ impl LoraPair {
             _ => y + self.delta(x)?,
         }
     }
+}
+
+/// `b` (`[out, r]`, row-major) in the tiled layout of `HostLora::b_tiles`.
+fn tile_b(b: &[f32], out: usize, r: usize) -> Vec<f32> {
+    let tiles = out.div_ceil(B_TILE);
+    let mut t = vec![0f32; tiles * r * B_TILE];
+    for o in 0..out {
+        let (k, i) = (o / B_TILE, o % B_TILE);
+        for j in 0..r {
+            t[(k * r + j) * B_TILE + i] = b[o * r + j];
+        }
+    }
+    t
 }
 
 /// The LoRA pairs of one block, by projection.

@@ -57,8 +57,8 @@ pub struct Q41Matrix {
     blocks: Vec<WeightBlock>,
 }
 
-/// Output rows per work item.
-const ROWS_PER_ITEM: usize = 16;
+/// Output rows per work item: one tile of a host LoRA's `B`.
+const ROWS_PER_ITEM: usize = crate::lora::B_TILE;
 
 impl Q41Matrix {
     /// From a Q4_1 `QTensor` (ggml block layout: f16 d, f16 m, 16 bytes of nibbles).
@@ -180,18 +180,21 @@ pub fn forward_many_host(
     let acts: Vec<ActBlock> = xs.chunks_exact(QK).map(quantize_q8_1).collect();
     let nb = cols / QK;
 
-    // The work, in the order the workers claim it: first every LoRA `A` row (its dot
-    // products with each input row go to `u`), then the weight rows in groups of
-    // `ROWS_PER_ITEM`. A worker that reaches a weight row whose projection has an adapter
-    // waits until all `A` rows are done: they were all claimed before it, by workers that
-    // are running them.
+    // The work: first every LoRA `A` row (its dot products with each input row go to
+    // `u`), then the weight rows in items of `ROWS_PER_ITEM`. Workers claim chunks of each
+    // from two shared cursors (one claim per item made the cursor's cache line bounce
+    // between cores thousands of times per token), the `A` rows first. A worker that has
+    // weight rows of a projection with an adapter waits until all `A` rows are done: they
+    // were all claimed before it moved on, by workers that are running them.
+    let pool = candle_core::utils::barrier_pool();
+    let threads = pool.n_workers() + 1;
     let a_rows: usize = projections
         .iter()
         .map(|(_, l)| l.map_or(0, |l| l.rank()))
         .sum();
     let mut a_start = Vec::with_capacity(projections.len());
     let mut item_start = Vec::with_capacity(projections.len() + 1);
-    let (mut a_acc, mut item_acc) = (0, a_rows);
+    let (mut a_acc, mut item_acc) = (0, 0);
     for (w, l) in projections {
         a_start.push(a_acc);
         a_acc += l.map_or(0, |l| l.rank());
@@ -200,10 +203,16 @@ pub fn forward_many_host(
     }
     item_start.push(item_acc);
     let total_items = item_acc;
+    // About eight claims per thread per phase: few enough that claiming is cheap, enough
+    // that a thread slowed by another process leaves its share to the others.
+    let a_chunk = a_rows.div_ceil(threads * 8).max(1);
+    let item_chunk = total_items.div_ceil(threads * 8).max(1);
 
     // `u[a_row * n + t]`: `A` row times input row `t`.
     let u: Vec<AtomicF32> = (0..a_rows * n).map(|_| AtomicF32::default()).collect();
-    let a_done = AtomicUsize::new(0);
+    let a_done = CacheLine(AtomicUsize::new(0));
+    let a_cursor = CacheLine(AtomicUsize::new(0));
+    let cursor = CacheLine(AtomicUsize::new(0));
     // Results by weight row (`[rows, n]`), one buffer per projection; every work item
     // writes only its own rows.
     let outs: Vec<SharedOut> = projections
@@ -211,73 +220,75 @@ pub fn forward_many_host(
         .map(|(w, _)| SharedOut::new(w.rows * n))
         .collect();
 
-    let cursor = AtomicUsize::new(0);
-    let work = || {
-        loop {
-            let item = cursor.fetch_add(1, Ordering::Relaxed);
-            if item >= total_items {
-                break;
+    let a_row = |row: usize| {
+        // Which projection's adapter, which of its rows.
+        let p = a_start.partition_point(|&s| s <= row) - 1;
+        let lora = projections[p]
+            .1
+            .expect("A rows belong to projections with an adapter");
+        let a = lora.a_row(row - a_start[p]);
+        for t in 0..n {
+            u[row * n + t].set(dot_f32(a, &xs[t * cols..(t + 1) * cols]));
+        }
+    };
+    let weight_rows = |item: usize| {
+        let p = item_start.partition_point(|&s| s <= item) - 1;
+        let (w, lora) = projections[p];
+        let r0 = (item - item_start[p]) * ROWS_PER_ITEM;
+        let r1 = (r0 + ROWS_PER_ITEM).min(w.rows);
+        // SAFETY: rows `r0..r1` of projection `p` are this work item's alone (the cursor
+        // hands each item out once).
+        #[allow(unsafe_code)]
+        let dst = unsafe { outs[p].rows_mut(r0 * n, r1 * n) };
+        rows_dot(&w.blocks[r0 * nb..r1 * nb], nb, &acts, n, dst);
+        if let Some(lora) = lora {
+            while a_done.0.load(Ordering::Acquire) < a_rows {
+                std::hint::spin_loop();
             }
-            if item < a_rows {
-                // Which projection's adapter, which of its rows.
-                let p = a_start.partition_point(|&s| s <= item) - 1;
-                let (w, lora) = projections[p];
-                let lora = lora.expect("A rows belong to projections with an adapter");
-                let j = item - a_start[p];
-                let a = lora.a_row(j);
-                for t in 0..n {
-                    u[item * n + t].set(dot_f32(a, &xs[t * w.cols..(t + 1) * w.cols]));
-                }
-                a_done.fetch_add(1, Ordering::Release);
-                continue;
-            }
-            let p = item_start.partition_point(|&s| s <= item) - 1;
-            let (w, lora) = projections[p];
-            let r0 = (item - item_start[p]) * ROWS_PER_ITEM;
-            let r1 = (r0 + ROWS_PER_ITEM).min(w.rows);
-            // SAFETY: rows `r0..r1` of projection `p` are this work item's alone (the
-            // cursor hands each item out once).
-            #[allow(unsafe_code)]
-            let dst = unsafe { outs[p].rows_mut(r0 * n, r1 * n) };
-            // Four input rows at a time against each weight row (prompt processing): the
-            // weight nibbles are unpacked once for all four, and the four activation rows
-            // and this item's weight rows stay in L1.
-            let act = |t: usize| &acts[t * nb..(t + 1) * nb];
-            let quads = n / 4 * 4;
-            for t in (0..quads).step_by(4) {
-                for (i, d) in dst.chunks_exact_mut(n).enumerate() {
-                    let wr = &w.blocks[(r0 + i) * nb..(r0 + i + 1) * nb];
-                    d[t..t + 4].copy_from_slice(&dot_row4(
-                        wr,
-                        [act(t), act(t + 1), act(t + 2), act(t + 3)],
-                    ));
-                }
-            }
-            for (i, d) in dst.chunks_exact_mut(n).enumerate() {
-                let wr = &w.blocks[(r0 + i) * nb..(r0 + i + 1) * nb];
-                for (t, v) in d.iter_mut().enumerate().skip(quads) {
-                    *v = dot_row(wr, act(t));
-                }
-            }
-            if let Some(lora) = lora {
-                while a_done.load(Ordering::Acquire) < a_rows {
-                    std::hint::spin_loop();
-                }
-                let rank = lora.rank();
-                let mut ut = [0f32; crate::lora::HOST_MAX_RANK];
-                for t in 0..n {
-                    for (j, v) in ut[..rank].iter_mut().enumerate() {
-                        *v = u[(a_start[p] + j) * n + t].get();
+            // y[r, t] += sum_j (sB)[r, j] u[j, t], as rank-many multiply-adds of
+            // contiguous runs: over this item's rows for one input row (decode), over the
+            // input rows for one weight row otherwise.
+            let rank = lora.rank();
+            let tile = lora.b_tile(r0 / ROWS_PER_ITEM);
+            let uj = |j: usize, t: usize| u[(a_start[p] + j) * n + t].get();
+            if n == 1 {
+                for (j, bj) in tile.chunks_exact(ROWS_PER_ITEM).enumerate() {
+                    let c = uj(j, 0);
+                    for (d, b) in dst.iter_mut().zip(bj) {
+                        *d += c * b;
                     }
-                    for (i, d) in dst.chunks_exact_mut(n).enumerate() {
-                        d[t] += dot_f32(lora.b_row(r0 + i), &ut[..rank]);
+                }
+            } else {
+                let us: Vec<f32> = (0..rank * n).map(|k| uj(k / n, k % n)).collect();
+                for (i, d) in dst.chunks_exact_mut(n).enumerate() {
+                    for (j, bj) in tile.chunks_exact(ROWS_PER_ITEM).enumerate() {
+                        let b = bj[i];
+                        for (d, u) in d.iter_mut().zip(&us[j * n..(j + 1) * n]) {
+                            *d += b * u;
+                        }
                     }
                 }
             }
         }
     };
-    let pool = candle_core::utils::barrier_pool();
-    let threads = pool.n_workers() + 1;
+    let work = || {
+        loop {
+            let start = a_cursor.0.fetch_add(a_chunk, Ordering::Relaxed);
+            if start >= a_rows {
+                break;
+            }
+            let end = a_rows.min(start + a_chunk);
+            (start..end).for_each(a_row);
+            a_done.0.fetch_add(end - start, Ordering::Release);
+        }
+        loop {
+            let start = cursor.0.fetch_add(item_chunk, Ordering::Relaxed);
+            if start >= total_items {
+                break;
+            }
+            (start..total_items.min(start + item_chunk)).for_each(weight_rows);
+        }
+    };
     // One claim per thread; each then drains the shared cursor (inline, in order, when
     // called from inside the pool).
     pool.execute_chunked(threads, |range| range.for_each(|_| work()));
@@ -299,6 +310,87 @@ pub fn forward_many_host(
             t_major
         })
         .collect())
+}
+
+/// A value alone on its cache line (two lines: the adjacent-line prefetcher pairs them),
+/// so workers updating one atomic do not slow down readers of its neighbours.
+#[repr(align(128))]
+struct CacheLine<T>(T);
+
+/// `dst[i * n + t]` = weight row `i` of `w` (`nb` blocks each) times activation row `t`.
+fn rows_dot(w: &[WeightBlock], nb: usize, acts: &[ActBlock], n: usize, dst: &mut [f32]) {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    ))]
+    {
+        // SAFETY: as in `dot_row`.
+        #[allow(unsafe_code)]
+        unsafe {
+            rows_dot_avx2(w, nb, acts, n, dst)
+        }
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    )))]
+    {
+        rows_dot_with(w, nb, acts, n, dst, dot_row_generic, |w, x| {
+            x.map(|x| dot_row_generic(w, x))
+        })
+    }
+}
+
+/// [`rows_dot`] with the AVX2 kernels inlined into its loops (one call per work item
+/// instead of one per weight row).
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn rows_dot_avx2(w: &[WeightBlock], nb: usize, acts: &[ActBlock], n: usize, dst: &mut [f32]) {
+    rows_dot_with(
+        w,
+        nb,
+        acts,
+        n,
+        dst,
+        |w, x| dot_row_avx2(w, x),
+        |w, x| dot_row4_avx2(w, x),
+    )
+}
+
+/// The loops of [`rows_dot`] around a one-row and a four-row kernel. Four input rows at
+/// a time against each weight row (prompt processing): the weight nibbles are unpacked
+/// once for all four, and the four activation rows and the item's weight rows stay in L1.
+#[inline(always)]
+fn rows_dot_with(
+    w: &[WeightBlock],
+    nb: usize,
+    acts: &[ActBlock],
+    n: usize,
+    dst: &mut [f32],
+    one: impl Fn(&[WeightBlock], &[ActBlock]) -> f32,
+    four: impl Fn(&[WeightBlock], [&[ActBlock]; 4]) -> [f32; 4],
+) {
+    let act = |t: usize| &acts[t * nb..(t + 1) * nb];
+    let quads = n / 4 * 4;
+    for t in (0..quads).step_by(4) {
+        for (wr, d) in w.chunks_exact(nb).zip(dst.chunks_exact_mut(n)) {
+            d[t..t + 4].copy_from_slice(&four(wr, [act(t), act(t + 1), act(t + 2), act(t + 3)]));
+        }
+    }
+    for (wr, d) in w.chunks_exact(nb).zip(dst.chunks_exact_mut(n)) {
+        for (t, v) in d.iter_mut().enumerate().skip(quads) {
+            *v = one(wr, act(t));
+        }
+    }
 }
 
 /// An f32 that several workers can write (each element by one worker) and read after a
@@ -383,8 +475,9 @@ fn quantize_q8_1(x: &[f32]) -> ActBlock {
 }
 
 /// One weight row times one activation row: the AVX2 kernel where the build has AVX2,
-/// FMA and F16C (x86-64-v3, see `.cargo/config.toml`), the portable loop otherwise.
-#[inline]
+/// FMA and F16C (x86-64-v3, see `.cargo/config.toml`), the portable loop otherwise (the
+/// tests' entry point; the matmul calls [`rows_dot`]).
+#[cfg(test)]
 fn dot_row(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
     #[cfg(all(
         target_arch = "x86_64",
@@ -412,8 +505,8 @@ fn dot_row(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
     }
 }
 
-/// One weight row times four activation rows.
-#[inline]
+/// One weight row times four activation rows (the tests' entry point).
+#[cfg(test)]
 fn dot_row4(w: &[WeightBlock], x: [&[ActBlock]; 4]) -> [f32; 4] {
     #[cfg(all(
         target_arch = "x86_64",
@@ -449,6 +542,7 @@ fn dot_row4(w: &[WeightBlock], x: [&[ActBlock]; 4]) -> [f32; 4] {
     target_feature = "f16c"
 ))]
 #[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
 fn dot_row4_avx2(w: &[WeightBlock], x: [&[ActBlock]; 4]) -> [f32; 4] {
     use std::arch::x86_64::*;
     let u64_at = |b: &[u8], i: usize| -> i64 {
@@ -512,6 +606,7 @@ fn dot_row4_avx2(w: &[WeightBlock], x: [&[ActBlock]; 4]) -> [f32; 4] {
     target_feature = "f16c"
 ))]
 #[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
 fn dot_row_avx2(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
     use std::arch::x86_64::*;
     let u64_at = |b: &[u8], i: usize| -> i64 {
