@@ -68,7 +68,6 @@ def parse_args():
 
 def make_model(out, shape):
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -77,7 +76,33 @@ def make_model(out, shape):
                       eos_token_id=None, **SHAPES[shape])
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     os.makedirs(out, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out)  # safetensors (the default), possibly in several shards
+    plain_rope_config(out, shape)
+    write_tokenizer(out)
+    print(out)
+
+
+def plain_rope_config(out, shape):
+    """transformers 5 writes the rope settings as `rope_parameters` (and may mirror them in
+    `rope_scaling`); loraloop reads llama's classic top-level `rope_theta` and takes a
+    `rope_scaling` only for llama3 scaling. Rewrite config.json in the plain-rope form,
+    which both read."""
+    path = os.path.join(out, "config.json")
+    c = json.load(open(path))
+    c["rope_theta"] = SHAPES[shape]["rope_theta"]
+    for k in ("rope_scaling", "rope_parameters"):
+        v = c.get(k)
+        if isinstance(v, dict) and v.get("rope_type", v.get("type", "default")) == "default":
+            c.pop(k)
+    with open(path, "w") as f:
+        json.dump(c, f, indent=2)
+
+
+def write_tokenizer(out):
+    """A byte-level tokenizer (every byte a token, plus the ChatML markers) with a ChatML
+    template: the one loraloop's own test models use (model/src/testing.rs)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -86,7 +111,6 @@ def make_model(out, shape):
     tok.save(os.path.join(out, "tokenizer.json"))
     with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
         json.dump({"chat_template": CHATML, "bos_token": None, "eos_token": "<|im_end|>"}, f)
-    print(out)
 
 
 def batch(step, micro_batch, seq_len, torch, device):

@@ -67,7 +67,7 @@ record() {
 
 for shape in $SHAPES; do
   model="$OUT/random-$shape"
-  [ -f "$model/model.safetensors" ] || "$PYTHON" benches/peft_train_cuda.py --make-model "$model" --shape "$shape" >&2
+  [ -f "$model/tokenizer_config.json" ] || "$PYTHON" benches/peft_train_cuda.py --make-model "$model" --shape "$shape" >&2
   for gc in off on; do
     flag=()
     pyflag=(--no-gradient-checkpointing)

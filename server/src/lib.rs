@@ -177,7 +177,10 @@ pub fn pick_device(
             Ok(d) => Ok((d, "auto: a CUDA device answered".into())),
             Err(e) => Ok((
                 Device::Cpu,
-                format!("auto: no CUDA device answered: {}", first_line(&e.to_string())),
+                format!(
+                    "auto: no CUDA device answered: {}",
+                    first_line(&e.to_string())
+                ),
             )),
         },
         DeviceChoice::Cuda(n) if !built_with_cuda => anyhow::bail!(
@@ -504,10 +507,7 @@ mod device_tests {
         assert!(d.is_cpu());
         assert!(why.contains("built without CUDA"), "{why}");
         let e = pick_device(DeviceChoice::Cuda(1)).unwrap_err().to_string();
-        assert!(
-            e.contains("cuda:1") && e.contains("--features cuda"),
-            "{e}"
-        );
+        assert!(e.contains("cuda:1") && e.contains("--features cuda"), "{e}");
     }
 
     // A CUDA build: `auto` is a CUDA device if one answers, else the CPU with the reason;
@@ -526,7 +526,9 @@ mod device_tests {
                 assert!(why.contains("no CUDA device answered"), "{why}");
             }
         }
-        let e = pick_device(DeviceChoice::Cuda(4096)).unwrap_err().to_string();
+        let e = pick_device(DeviceChoice::Cuda(4096))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cuda:4096"), "{e}");
     }
 }

@@ -145,10 +145,7 @@ pub async fn train(config: &Config, args: &super::BenchTrainArgs) -> anyhow::Res
     let dtype = super::parse_dtype(&args.dtype)
         .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?
         .unwrap_or_else(|| {
-            loraloop_trainer::run::auto_train_dtype(
-                &device,
-                loraloop_trainer::config::Method::Lora,
-            )
+            loraloop_trainer::run::auto_train_dtype(&device, loraloop_trainer::config::Method::Lora)
         });
     let opts = loraloop_trainer::bench::TrainBenchOptions {
         seq_len: args.seq_len,
@@ -207,10 +204,7 @@ pub async fn parity(config: &Config, args: &super::BenchParityArgs) -> anyhow::R
     let dtype = super::parse_dtype(&args.dtype)
         .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?
         .unwrap_or_else(|| {
-            loraloop_trainer::run::auto_train_dtype(
-                &device,
-                loraloop_trainer::config::Method::Lora,
-            )
+            loraloop_trainer::run::auto_train_dtype(&device, loraloop_trainer::config::Method::Lora)
         });
     let o = loraloop_trainer::bench::ParityOptions {
         seq_len: args.seq_len,

@@ -11,8 +11,6 @@ use std::io::Write;
 use std::process::ExitCode;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-pub use loraloop_server::select_device;
-
 /// Load the model (and adapter) the way every front end does.
 pub async fn start_engine(config: &Config, args: &ChatArgs) -> anyhow::Result<Engine> {
     let path = args.model.clone().unwrap_or_else(|| config.model_path());

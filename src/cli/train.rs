@@ -1,7 +1,7 @@
 //! `loraloop fine-tune` and `loraloop evaluate`.
 
 use anyhow::{Context, bail};
-use candle_core::{DType, Device};
+use candle_core::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use loraloop_core::Config;

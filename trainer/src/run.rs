@@ -39,7 +39,7 @@ pub enum TrainError {
     Adapter(#[from] loraloop_model::lora::AdapterError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-    #[error("{}", oom_message(.detail, *.micro_batch_size, *.gradient_checkpointing))]
+    #[error("{}", oom_message(.detail, .micro_batch_size, .gradient_checkpointing))]
     OutOfMemory {
         /// The device's own error text.
         detail: String,
@@ -48,7 +48,8 @@ pub enum TrainError {
     },
 }
 
-fn oom_message(detail: &str, micro_batch_size: usize, gradient_checkpointing: bool) -> String {
+fn oom_message(detail: &str, micro_batch_size: &usize, gradient_checkpointing: &bool) -> String {
+    let (micro_batch_size, gradient_checkpointing) = (*micro_batch_size, *gradient_checkpointing);
     let mut fixes = Vec::new();
     if micro_batch_size > 1 {
         fixes.push(format!(
@@ -116,7 +117,9 @@ pub fn parse_train_dtype(s: &str) -> Result<Option<DType>, String> {
         "auto" => Ok(None),
         "f32" | "float32" => Ok(Some(DType::F32)),
         "bf16" | "bfloat16" => Ok(Some(DType::BF16)),
-        other => Err(format!("unknown dtype {other:?}: expected auto, f32 or bf16")),
+        other => Err(format!(
+            "unknown dtype {other:?}: expected auto, f32 or bf16"
+        )),
     }
 }
 
@@ -856,7 +859,10 @@ mod oom_tests {
     fn a_cuda_out_of_memory_error_says_so_and_what_to_change() {
         let e = TrainError::Candle(candle_core::Error::Cuda(Box::new(FakeDriverError)));
         let msg = e.classify_oom(&config(8, false)).to_string();
-        assert!(msg.starts_with("the GPU ran out of memory during training"), "{msg}");
+        assert!(
+            msg.starts_with("the GPU ran out of memory during training"),
+            "{msg}"
+        );
         assert!(msg.contains("CUDA_ERROR_OUT_OF_MEMORY"), "{msg}");
         assert!(msg.contains("micro_batch_size (now 8"), "{msg}");
         assert!(msg.contains("gradient_checkpointing: true"), "{msg}");
@@ -869,8 +875,13 @@ mod oom_tests {
         assert!(msg.contains("shorter sequence_len"), "{msg}");
 
         // cuBLAS's failed workspace allocation (its status name is its Display).
-        let e = TrainError::Candle(candle_core::Error::Msg("CublasError(CUBLAS_STATUS_ALLOC_FAILED)".into()));
-        assert!(matches!(e.classify_oom(&config(4, false)), TrainError::OutOfMemory { .. }));
+        let e = TrainError::Candle(candle_core::Error::Msg(
+            "CublasError(CUBLAS_STATUS_ALLOC_FAILED)".into(),
+        ));
+        assert!(matches!(
+            e.classify_oom(&config(4, false)),
+            TrainError::OutOfMemory { .. }
+        ));
     }
 
     #[test]
@@ -879,6 +890,9 @@ mod oom_tests {
         let msg = e.classify_oom(&config(4, false)).to_string();
         assert_eq!(msg, "shape mismatch in matmul");
         let e = TrainError::Invalid("lora_r 999 is larger".into());
-        assert!(matches!(e.classify_oom(&config(4, false)), TrainError::Invalid(_)));
+        assert!(matches!(
+            e.classify_oom(&config(4, false)),
+            TrainError::Invalid(_)
+        ));
     }
 }
