@@ -50,6 +50,17 @@ pub enum EngineError {
     Stopped,
 }
 
+/// The dtype dense (safetensors) weights are loaded in on `device`: bf16 on CUDA (half
+/// the memory, tensor-core matmuls; what the trainer runs a LoRA base in there, so a
+/// training job shares these tensors), f32 on the CPU (candle has no fast bf16 CPU matmul).
+pub fn dense_dtype(device: &Device) -> DType {
+    if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    }
+}
+
 /// A model with its tokenizer and chat template, ready to run.
 pub struct LoadedModel {
     pub llama: Llama,
@@ -68,7 +79,9 @@ impl std::fmt::Debug for LoadedModel {
 }
 
 impl LoadedModel {
-    /// Load a `.gguf` file or a Hugging Face model folder on `device`.
+    /// Load a `.gguf` file or a Hugging Face model folder on `device`. GGUF weights stay
+    /// quantized (candle's quantized matmul on CUDA); a folder's dense weights are loaded
+    /// in [`dense_dtype`] for the device.
     pub fn load(path: &Path, device: &Device) -> Result<Self, EngineError> {
         let source = ModelSource::detect(path)?;
         match &source {
@@ -85,7 +98,7 @@ impl LoadedModel {
                 })
             }
             ModelSource::HfDir(dir) => {
-                let llama = crate::llama::load::load_hf_dir(dir, device, DType::F32)?;
+                let llama = crate::llama::load::load_hf_dir(dir, device, dense_dtype(device))?;
                 let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
                 let cfg_path = dir.join("tokenizer_config.json");
                 let template = if cfg_path.exists() {
@@ -336,6 +349,12 @@ impl Engine {
 
     pub fn model(&self) -> &LoadedModel {
         &self.shared.model
+    }
+
+    /// The engine's model, to share its weights (a training job on the same device
+    /// trains on them instead of loading the file again).
+    pub fn shared_model(&self) -> Arc<LoadedModel> {
+        Arc::clone(&self.shared.model)
     }
 
     /// Load and validate an adapter folder against this engine's model (blocking work,

@@ -261,10 +261,13 @@ impl LoraPair {
         let dims = x.dims();
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim;
+        // In the adapter's dtype (f32), back to the activations' (bf16 on CUDA).
         let y = x
             .reshape((rows, in_dim))?
+            .to_dtype(self.a_t.dtype())?
             .matmul(&self.a_t)?
-            .matmul(&self.b_t_scaled)?;
+            .matmul(&self.b_t_scaled)?
+            .to_dtype(x.dtype())?;
         let mut out = dims.to_vec();
         *out.last_mut().expect("x has a last dimension") = self.b_t_scaled.dim(1)?;
         y.reshape(out)

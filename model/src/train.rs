@@ -12,7 +12,9 @@
 //! recompute the layer in the backward pass.
 //!
 //! Everything runs on candle tensors, so the same code runs on CUDA; the dtype is a
-//! parameter (f32 on the CPU). Gradients are checked against a PyTorch autograd reference
+//! parameter (f32 on the CPU; on CUDA the trainer runs the base in bf16 with f32 LoRA
+//! weights, the LoRA branch in f32 and norms and softmax through f32, as PEFT on a bf16
+//! model does). Gradients are checked against a PyTorch autograd reference
 //! and against finite differences in the tests.
 //!
 //! The base weights are dense here (quantized GGUF weights are dequantized once) and in
@@ -825,7 +827,31 @@ mod fused {
     }
 }
 
+/// Whether `dt` is a 16-bit float: such tensors go through f32 for reductions (norms,
+/// softmax), as PyTorch's llama does (`LlamaRMSNorm` and eager attention upcast to f32).
+fn is_half(dt: DType) -> bool {
+    matches!(dt, DType::BF16 | DType::F16)
+}
+
+/// `f` on f32 copies of 16-bit inputs, its result cast back to `x`'s dtype; `f` as is
+/// for other dtypes.
+fn via_f32(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    if is_half(x.dtype()) {
+        f(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
+    } else {
+        f(x)
+    }
+}
+
 fn rms_norm(x: &Tensor, g: &Tensor, eps: f64) -> Result<Tensor> {
+    if is_half(x.dtype()) {
+        let y = candle_nn::ops::rms_norm(
+            &x.to_dtype(DType::F32)?,
+            &g.to_dtype(DType::F32)?,
+            eps as f32,
+        )?;
+        return y.to_dtype(x.dtype());
+    }
     if x.dtype() == DType::F64 {
         // The fused kernel has no f64 path; f64 is for the gradient checks.
         let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
@@ -839,7 +865,7 @@ fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if x.dtype() == DType::F64 {
         candle_nn::ops::softmax(x, D::Minus1)
     } else {
-        candle_nn::ops::softmax_last_dim(x)
+        via_f32(x, candle_nn::ops::softmax_last_dim)
     }
 }
 
@@ -852,6 +878,15 @@ fn rms_norm_bwd(
     eps: f64,
     want_dg: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
+    if is_half(x.dtype()) {
+        // In f32 (the mean over the hidden size loses too much in 16 bits).
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        let (dx, dg) = rms_norm_bwd(&f(x)?, &f(g)?, &f(dy)?, eps, want_dg)?;
+        return Ok((
+            dx.to_dtype(x.dtype())?,
+            dg.map(|d| d.to_dtype(x.dtype())).transpose()?,
+        ));
+    }
     let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
     let xhat = x.broadcast_mul(&r)?;
     let dxhat = dy.broadcast_mul(g)?;
@@ -872,6 +907,12 @@ fn silu_parts(g: &Tensor) -> Result<(Tensor, Tensor)> {
 }
 
 /// `x` `[n, in]`: `x W^T + b + scale * (x_d A^T) B^T`, and what the backward needs.
+///
+/// The LoRA branch runs in the LoRA weights' dtype: with a bf16 base and f32 LoRA
+/// weights (the trainer's mixed precision), `x` is cast to f32 before the dropout and the
+/// two small matmuls, and the branch's output back to bf16 before it is added, as PEFT
+/// does for f32 adapter weights on a bf16 model (`_cast_input_dtype`, then
+/// `result.to(torch_result_dtype)`).
 fn linear_fwd(
     l: &DenseLinear,
     x: &Tensor,
@@ -887,15 +928,17 @@ fn linear_fwd(
     let Some(ab) = lora else {
         return Ok((y, None));
     };
+    let xl = x.to_dtype(ab.a.dtype())?;
     let (xd, mask) = match dropout {
         Some((p, seed)) if p > 0.0 => {
-            let mask = dropout_mask(x, p, seed)?;
-            ((x * &mask)?, Some(mask))
+            let mask = dropout_mask(&xl, p, seed)?;
+            ((&xl * &mask)?, Some(mask))
         }
-        _ => (x.clone(), None),
+        _ => (xl, None),
     };
     let u = mm("fwd lora", &xd, &ab.a.t()?)?;
-    let y = (y + (mm("fwd lora", &u, &ab.b.t()?)? * scale)?)?;
+    let delta = (mm("fwd lora", &u, &ab.b.t()?)? * scale)?.to_dtype(y.dtype())?;
+    let y = (y + delta)?;
     Ok((y, keep.then_some(LoraSaved { xd, u, mask })))
 }
 
@@ -961,8 +1004,10 @@ impl LinBwd<'_> {
         if let (Some(ab), Some(LoraSaved { xd, u, mask })) = (self.lora, saved) {
             // y += s * u B^T, u = xd A^T:
             // dB = s dy^T u, du = s dy B, dA = du^T xd, dx += du A (through the dropout mask).
-            let gb = (mm("bwd lora", &dy.t()?, u)? * self.scale)?;
-            let du = (mm("bwd lora", dy, &ab.b)? * self.scale)?;
+            // In the LoRA weights' dtype (see `linear_fwd`), so their gradients are too.
+            let dyl = dy.to_dtype(ab.b.dtype())?;
+            let gb = (mm("bwd lora", &dyl.t()?, u)? * self.scale)?;
+            let du = (mm("bwd lora", &dyl, &ab.b)? * self.scale)?;
             let ga = mm("bwd lora", &du.t()?, xd)?;
             grads.accumulate(peft_name(self.layer, self.p, 'B'), gb)?;
             grads.accumulate(peft_name(self.layer, self.p, 'A'), ga)?;
@@ -971,7 +1016,7 @@ impl LinBwd<'_> {
                 if let Some(m) = mask {
                     dxl = (dxl * m)?;
                 }
-                *d = (&*d + dxl)?;
+                *d = (&*d + dxl.to_dtype(d.dtype())?)?;
             }
         }
         Ok(dx)
@@ -1145,6 +1190,12 @@ impl Ctx<'_> {
         let dv4 = mm("bwd attn", &c.p.t()?, &dy4)?;
         let ds = match fused::softmax_bwd(&c.p, &dp) {
             Some(ds) => ds?,
+            None if is_half(dp.dtype()) => {
+                // The row sums in f32, as the forward's softmax.
+                let (p32, dp32) = (c.p.to_dtype(DType::F32)?, dp.to_dtype(DType::F32)?);
+                (&p32 * dp32.broadcast_sub(&(&dp32 * &p32)?.sum_keepdim(D::Minus1)?)?)?
+                    .to_dtype(dp.dtype())?
+            }
             None => (&c.p * dp.broadcast_sub(&(&dp * &c.p)?.sum_keepdim(D::Minus1)?)?)?,
         };
         drop(dp);

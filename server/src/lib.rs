@@ -152,14 +152,60 @@ impl RunningServer {
     }
 }
 
-/// The device for a configured choice; CUDA needs a binary built with CUDA support.
+/// The device for a configured choice, said in a log line. `auto` is the first CUDA
+/// device when this binary has CUDA support and a device answers, else the CPU; `cuda:N`
+/// fails (with the reason) when it cannot be had.
 pub fn select_device(choice: loraloop_core::config::DeviceChoice) -> anyhow::Result<Device> {
+    let (device, why) = pick_device(choice)?;
+    tracing::info!("device: {} ({why})", device_name(&device));
+    Ok(device)
+}
+
+/// `select_device` without the log line: the device and why it was chosen.
+pub fn pick_device(
+    choice: loraloop_core::config::DeviceChoice,
+) -> anyhow::Result<(Device, String)> {
     use loraloop_core::config::DeviceChoice;
+    let built_with_cuda = candle_core::utils::cuda_is_available();
     match choice {
-        DeviceChoice::Cpu | DeviceChoice::Auto => Ok(Device::Cpu),
-        DeviceChoice::Cuda(n) => anyhow::bail!(
-            "device cuda:{n} requested but this binary was built without CUDA support; use device cpu (`device: cpu` in the config, or --device cpu)"
+        DeviceChoice::Cpu => Ok((Device::Cpu, "device cpu configured".into())),
+        DeviceChoice::Auto if !built_with_cuda => Ok((
+            Device::Cpu,
+            "auto: this binary was built without CUDA support".into(),
+        )),
+        DeviceChoice::Auto => match Device::new_cuda(0) {
+            Ok(d) => Ok((d, "auto: a CUDA device answered".into())),
+            Err(e) => Ok((
+                Device::Cpu,
+                format!(
+                    "auto: no CUDA device answered: {}",
+                    first_line(&e.to_string())
+                ),
+            )),
+        },
+        DeviceChoice::Cuda(n) if !built_with_cuda => anyhow::bail!(
+            "device cuda:{n} requested but this binary was built without CUDA support (build with `--features cuda`); or use device cpu (`device: cpu` in the config, or --device cpu)"
         ),
+        DeviceChoice::Cuda(n) => match Device::new_cuda(n) {
+            Ok(d) => Ok((d, format!("device cuda:{n} configured"))),
+            Err(e) => anyhow::bail!(
+                "device cuda:{n} requested but it cannot be opened: {}; check the NVIDIA driver and the device number, or use device cpu",
+                first_line(&e.to_string())
+            ),
+        },
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or_default()
+}
+
+/// `cpu` or `cuda:N`.
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
     }
 }
 
@@ -200,14 +246,12 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
         hash,
         tokenizer_hash: model.tokenizer.fingerprint(),
         chat_template_hash: model.template.fingerprint(),
-        device: match &dev {
-            Device::Cpu => "cpu".to_string(),
-            other => format!("{other:?}"),
-        },
+        device: device_name(&dev),
         layers: model.llama.config.num_layers,
         context_length: model.context_length(),
     };
     let engine = Engine::start(model);
+    let shared_model = engine.shared_model();
     let a = &config.raw.assistant;
     let assistant = db
         .ensure_assistant(&a.name, &config.raw.model, &a.system_prompt)
@@ -244,6 +288,8 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
             adapters_dir: adapters_dir.clone(),
             poll_interval: opts.poll_interval,
             device: dev.clone(),
+            // A job on the served model trains on the engine's weights (one copy in memory).
+            shared_model: Some((model_path.clone(), shared_model)),
         };
         tokio::spawn(loraloop_trainer::worker::run_worker(
             db.clone(),
@@ -438,4 +484,51 @@ pub fn scratch_file(state: &AppState, suffix: &str) -> PathBuf {
         .data_dir
         .join("tmp")
         .join(format!("{}{suffix}", auth::random_token(8)))
+}
+
+#[cfg(test)]
+mod device_tests {
+    use super::*;
+    use loraloop_core::config::DeviceChoice;
+
+    #[test]
+    fn cpu_is_named_cpu_and_chosen_when_configured() {
+        let (d, why) = pick_device(DeviceChoice::Cpu).unwrap();
+        assert!(d.is_cpu());
+        assert_eq!(device_name(&d), "cpu");
+        assert!(why.contains("configured"), "{why}");
+    }
+
+    // A CPU build: `auto` falls back to the CPU and says why; `cuda` is refused with the fix.
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn without_cuda_support_auto_is_cpu_and_cuda_is_refused() {
+        let (d, why) = pick_device(DeviceChoice::Auto).unwrap();
+        assert!(d.is_cpu());
+        assert!(why.contains("built without CUDA"), "{why}");
+        let e = pick_device(DeviceChoice::Cuda(1)).unwrap_err().to_string();
+        assert!(e.contains("cuda:1") && e.contains("--features cuda"), "{e}");
+    }
+
+    // A CUDA build: `auto` is a CUDA device if one answers, else the CPU with the reason;
+    // an explicit device that cannot be opened is an error naming it.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn with_cuda_support_auto_follows_the_device() {
+        let (d, why) = pick_device(DeviceChoice::Auto).unwrap();
+        match Device::new_cuda(0) {
+            Ok(_) => {
+                assert!(d.is_cuda(), "{why}");
+                assert_eq!(device_name(&d), "cuda:0");
+            }
+            Err(_) => {
+                assert!(d.is_cpu());
+                assert!(why.contains("no CUDA device answered"), "{why}");
+            }
+        }
+        let e = pick_device(DeviceChoice::Cuda(4096))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cuda:4096"), "{e}");
+    }
 }

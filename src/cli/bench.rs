@@ -5,7 +5,7 @@
 
 use super::BenchGenerateArgs;
 use anyhow::Context;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use loraloop_core::Config;
 use loraloop_model::engine::{Engine, LoadedModel};
 use loraloop_model::llama::{Llama, Projection};
@@ -54,20 +54,22 @@ fn decode_speed(llama: &Llama, n: usize, adapter: Option<&LoraAdapter>) -> anyho
 
 pub async fn generate(config: &Config, args: &BenchGenerateArgs) -> anyhow::Result<ExitCode> {
     let path = args.model.clone().unwrap_or_else(|| config.model_path());
+    let device = super::resolve_device(args.device.as_deref(), config)?;
     let model = tokio::task::spawn_blocking({
-        let path = path.clone();
-        move || LoadedModel::load(&path, &Device::Cpu)
+        let (path, device) = (path.clone(), device.clone());
+        move || LoadedModel::load(&path, &device)
     })
     .await??;
     let rank = args.rank;
     let peft = PeftConfig::new(rank, 2.0 * rank as f64, &Projection::ALL);
-    let tensors = random_peft_tensors(&model.llama.config, &peft, 0.02, &Device::Cpu)?;
+    let tensors = random_peft_tensors(&model.llama.config, &peft, 0.02, &device)?;
     let adapter =
         LoraAdapter::from_tensors("bench".into(), peft.clone(), &tensors, &model.llama.config)?;
     let threads = candle_core::utils::get_num_threads();
     eprintln!(
-        "model {} | {} threads | prompt {} tokens, decode {} tokens, {} repeats, adapter rank {} on all 7 projections",
+        "model {} | {} | {} threads | prompt {} tokens, decode {} tokens, {} repeats, adapter rank {} on all 7 projections",
         path.display(),
+        loraloop_server::device_name(&device),
         threads,
         args.prompt_tokens,
         args.gen_tokens,
@@ -109,6 +111,7 @@ pub async fn generate(config: &Config, args: &BenchGenerateArgs) -> anyhow::Resu
     if args.json {
         let mut out = serde_json::json!({
             "model": path, "threads": threads, "rank": rank,
+            "device": loraloop_server::device_name(&device),
             "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
             "adapter_load_ms": load.mean, "adapter_swap_us": swap.mean,
         });
@@ -138,6 +141,12 @@ pub async fn generate(config: &Config, args: &BenchGenerateArgs) -> anyhow::Resu
 
 pub async fn train(config: &Config, args: &super::BenchTrainArgs) -> anyhow::Result<ExitCode> {
     let path = args.model.clone().unwrap_or_else(|| config.model_path());
+    let device = super::resolve_device(args.device.as_deref(), config)?;
+    let dtype = super::parse_dtype(&args.dtype)
+        .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?
+        .unwrap_or_else(|| {
+            loraloop_trainer::run::auto_train_dtype(&device, loraloop_trainer::config::Method::Lora)
+        });
     let opts = loraloop_trainer::bench::TrainBenchOptions {
         seq_len: args.seq_len,
         micro_batch: args.micro_batch,
@@ -145,10 +154,12 @@ pub async fn train(config: &Config, args: &super::BenchTrainArgs) -> anyhow::Res
         steps: args.steps.max(1),
         warmup: args.warmup,
         gradient_checkpointing: args.gradient_checkpointing,
+        dtype,
     };
     eprintln!(
-        "model {} | {} threads | LoRA rank {} on all 7 projections | {} x {} tokens | {} warm-up + {} timed steps | gradient checkpointing {}",
+        "model {} | {} {dtype:?} | {} threads | LoRA rank {} on all 7 projections | {} x {} tokens | {} warm-up + {} timed steps | gradient checkpointing {}",
         path.display(),
+        loraloop_server::device_name(&device),
         candle_core::utils::get_num_threads(),
         opts.rank,
         opts.micro_batch,
@@ -162,15 +173,18 @@ pub async fn train(config: &Config, args: &super::BenchTrainArgs) -> anyhow::Res
         },
     );
     let r = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let model = LoadedModel::load(&path, &Device::Cpu)?;
+        let model = LoadedModel::load(&path, &device)?;
         Ok(loraloop_trainer::bench::train_speed(&model.llama, opts)?)
     })
     .await??;
     if args.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
+        let gpu = r
+            .peak_gpu_mb
+            .map_or(String::new(), |mb| format!(", peak GPU memory {mb:.0} MB"));
         println!(
-            "{:.1} tokens/s, peak RSS {:.0} MB, final loss {:.3} (step times: {})",
+            "{:.1} tokens/s, peak RSS {:.0} MB{gpu}, final loss {:.3} (step times: {})",
             r.tokens_per_s,
             r.peak_rss_mb,
             r.loss,
@@ -182,4 +196,55 @@ pub async fn train(config: &Config, args: &super::BenchTrainArgs) -> anyhow::Res
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+pub async fn parity(config: &Config, args: &super::BenchParityArgs) -> anyhow::Result<ExitCode> {
+    let path = args.model.clone().unwrap_or_else(|| config.model_path());
+    let device = super::resolve_device(Some(&args.device), config)?;
+    let dtype = super::parse_dtype(&args.dtype)
+        .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?
+        .unwrap_or_else(|| {
+            loraloop_trainer::run::auto_train_dtype(&device, loraloop_trainer::config::Method::Lora)
+        });
+    let o = loraloop_trainer::bench::ParityOptions {
+        seq_len: args.seq_len,
+        micro_batch: args.micro_batch,
+        rank: args.rank,
+        steps: args.steps.max(1),
+        ..Default::default()
+    };
+    let r = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let cpu = LoadedModel::load(&path, &candle_core::Device::Cpu)?;
+        let dev = LoadedModel::load(&path, &device)?;
+        Ok(loraloop_trainer::bench::device_parity(
+            &cpu.llama, &dev.llama, dtype, &o,
+        )?)
+    })
+    .await??;
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        let fmt = |v: &[f64]| {
+            v.iter()
+                .map(|l| format!("{l:.5}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!("losses {}: {}", r.reference, fmt(&r.reference_losses));
+        println!("losses {}: {}", r.candidate, fmt(&r.candidate_losses));
+        println!(
+            "largest loss difference {:.2e} (tolerance {:.0e}); largest LoRA update difference {:.3} in {} (tolerance {})",
+            r.max_loss_rel_diff,
+            r.loss_tolerance,
+            r.max_update_rel_diff,
+            r.worst_tensor,
+            r.update_tolerance
+        );
+        println!("{}", if r.pass { "PASS" } else { "FAIL" });
+    }
+    Ok(if r.pass {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

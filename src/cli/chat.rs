@@ -11,19 +11,15 @@ use std::io::Write;
 use std::process::ExitCode;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-pub use loraloop_server::select_device;
-
 /// Load the model (and adapter) the way every front end does.
 pub async fn start_engine(config: &Config, args: &ChatArgs) -> anyhow::Result<Engine> {
     let path = args.model.clone().unwrap_or_else(|| config.model_path());
-    let device_choice = match &args.device {
-        Some(d) => d
-            .parse()
-            .map_err(|e: String| anyhow::anyhow!("--device: {e}"))?,
-        None => config.device,
-    };
-    let device = select_device(device_choice)?;
-    tracing::info!("loading {} on {:?}", path.display(), device);
+    let device = super::resolve_device(args.device.as_deref(), config)?;
+    tracing::info!(
+        "loading {} on {}",
+        path.display(),
+        loraloop_server::device_name(&device)
+    );
     let model = tokio::task::spawn_blocking(move || LoadedModel::load(&path, &device))
         .await
         .context("the model loader panicked")??;

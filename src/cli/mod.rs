@@ -15,6 +15,23 @@ use loraloop_core::config::ConfigSource;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// The device for a `--device` flag (`auto`, `cpu`, `cuda`, `cuda:N`), else the configured
+/// `device:`; the choice is logged.
+pub fn resolve_device(flag: Option<&str>, config: &Config) -> anyhow::Result<candle_core::Device> {
+    let choice = match flag {
+        Some(d) => d
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--device: {e}"))?,
+        None => config.device,
+    };
+    loraloop_server::select_device(choice)
+}
+
+/// A `--dtype` flag: `auto` (None), `f32` or `bf16`.
+pub fn parse_dtype(s: &str) -> Result<Option<candle_core::DType>, String> {
+    loraloop_trainer::run::parse_train_dtype(s)
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "loraloop",
@@ -100,6 +117,33 @@ pub enum BenchCommand {
     /// Adapter hot swap over HTTP: activation request to the first token of the new
     /// adapter, with chats streaming in the background (none may fail).
     Swap(BenchSwapArgs),
+    /// Train the same few LoRA steps on the CPU (f32, the reference) and on a device
+    /// (bf16 on CUDA) from the same seed and data; compare losses and adapter updates.
+    /// Exits 1 when they differ beyond bf16 tolerance.
+    Parity(BenchParityArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchParityArgs {
+    /// A .gguf file or a Hugging Face folder (default: the configured model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The device to check against the CPU: cuda, cuda:N (or cpu, to check bf16 there).
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    /// The base model's dtype on that device: auto (bf16 on CUDA, f32 on the CPU), f32, bf16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 64)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 2)]
+    pub micro_batch: usize,
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -142,6 +186,13 @@ pub struct BenchTrainArgs {
     pub gradient_checkpointing: bool,
     #[arg(long)]
     pub json: bool,
+    /// auto, cpu, cuda or cuda:N (default: the configured device).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// The base model's dtype while training: auto (bf16 on CUDA, f32 on the CPU), f32 or
+    /// bf16. LoRA weights and optimizer state are f32 either way.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
 }
 
 #[derive(Debug, Args)]
@@ -160,6 +211,9 @@ pub struct BenchGenerateArgs {
     pub repeats: usize,
     #[arg(long)]
     pub json: bool,
+    /// auto, cpu, cuda or cuda:N (default: the configured device).
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -313,6 +367,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Generate(args)) => bench::generate(&config, &args).await,
         Command::Bench(BenchCommand::Train(args)) => bench::train(&config, &args).await,
         Command::Bench(BenchCommand::Swap(args)) => bench_swap::swap(&config, &args).await,
+        Command::Bench(BenchCommand::Parity(args)) => bench::parity(&config, &args).await,
         Command::FineTune(args) => {
             train::fine_tune(&config, &args, training_yaml, cli.verbose).await
         }

@@ -1,7 +1,7 @@
 //! `loraloop fine-tune` and `loraloop evaluate`.
 
 use anyhow::{Context, bail};
-use candle_core::{DType, Device};
+use candle_core::Device;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use loraloop_core::Config;
@@ -14,7 +14,8 @@ use loraloop_trainer::config::{Method, TrainFile};
 use loraloop_trainer::generate::greedy_reply;
 use loraloop_trainer::replay;
 use loraloop_trainer::run::{
-    Ending, EvalMetrics, TrainEvent, TrainJob, evaluate_tokenized, hash_model, train,
+    Ending, EvalMetrics, LORA_DTYPE, TrainEvent, TrainJob, auto_train_dtype, evaluate_tokenized,
+    hash_model, train,
 };
 use loraloop_trainer::tokenize::tokenize_dataset;
 use std::io::IsTerminal;
@@ -124,6 +125,13 @@ pub struct FineTuneArgs {
     /// More replay prompts, one per line.
     #[arg(long, value_name = "FILE")]
     pub replay_prompts: Option<PathBuf>,
+    /// auto, cpu, cuda or cuda:N (default: the configured device).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// The base model's dtype while training: auto (bf16 on CUDA for LoRA, f32 otherwise),
+    /// f32 or bf16. LoRA weights and optimizer state are f32 either way.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
 }
 
 impl FineTuneArgs {
@@ -178,14 +186,14 @@ async fn read_examples(path: &Path) -> anyhow::Result<Option<Vec<ChatExample>>> 
     Ok(Some(outcome.examples))
 }
 
-fn load_model(path: &Path) -> anyhow::Result<LoadedModel> {
+fn load_model(path: &Path, device: &Device) -> anyhow::Result<LoadedModel> {
     if !path.exists() {
         bail!(
             "model {} not found; run `loraloop models fetch` for the default model, or pass --model PATH",
             path.display()
         );
     }
-    LoadedModel::load(path, &Device::Cpu).with_context(|| format!("cannot load {}", path.display()))
+    LoadedModel::load(path, device).with_context(|| format!("cannot load {}", path.display()))
 }
 
 /// Step progress: a bar on a terminal, log lines otherwise (every step with -v).
@@ -393,8 +401,16 @@ pub async fn fine_tune(
     let overwrite = args.overwrite;
     let resume = args.resume_from_checkpoint.clone();
     let init = args.init_adapter.clone();
+    let device = super::resolve_device(args.device.as_deref(), config)?;
+    let dtype = super::parse_dtype(&args.dtype)
+        .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?
+        .unwrap_or_else(|| auto_train_dtype(&device, c.method));
+    eprintln!(
+        "training on {} with the base model in {dtype:?} (LoRA weights and optimizer state f32)",
+        loraloop_server::device_name(&device)
+    );
     let result = tokio::task::spawn_blocking(move || -> anyhow::Result<ExitCode> {
-        let model = load_model(&model_path)?;
+        let model = load_model(&model_path, &device)?;
         eprintln!("hashing {} ...", model_path.display());
         let base_hash = hash_model(&model_path)?;
         let mut examples = examples;
@@ -425,7 +441,7 @@ pub async fn fine_tune(
                 overwrite,
                 resume_from: resume,
                 init_adapter: init,
-                dtype: DType::F32,
+                dtype,
             },
             &cancel,
             &mut |e| progress.on(e),
@@ -456,9 +472,9 @@ pub async fn fine_tune(
         println!("adapter: {}", outcome.output_dir.display());
         if !replayed.is_empty() {
             let adapter = LoraAdapter::load(&outcome.output_dir, &model.llama)?;
-            let dense = DenseLlama::from_llama(&model.llama, DType::F32)?;
-            let (cfg, tensors) = read_peft_dir(&outcome.output_dir, &Device::Cpu)?;
-            let lora = LoraParams::from_tensors(cfg, &tensors, &dense.config, DType::F32)?;
+            let dense = DenseLlama::from_llama(&model.llama, dtype)?;
+            let (cfg, tensors) = read_peft_dir(&outcome.output_dir, &model.llama.device)?;
+            let lora = LoraParams::from_tensors(cfg, &tensors, &dense.config, LORA_DTYPE)?;
             let r = replay::forgetting_report(&model, &adapter, &lora, &dense, &replayed, c.sequence_len)
                 .map_err(anyhow::Error::msg)?;
             println!(
@@ -506,6 +522,9 @@ pub struct EvaluateArgs {
     pub sequence_len: usize,
     #[arg(long)]
     pub json: bool,
+    /// auto, cpu, cuda or cuda:N (default: the configured device).
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 pub async fn evaluate(config: &Config, args: &EvaluateArgs) -> anyhow::Result<ExitCode> {
@@ -515,14 +534,15 @@ pub async fn evaluate(config: &Config, args: &EvaluateArgs) -> anyhow::Result<Ex
     let model_path = args.model.clone().unwrap_or_else(|| config.model_path());
     let adapter_dir = args.adapter.clone();
     let (compare, samples, seq, json) = (args.compare, args.samples, args.sequence_len, args.json);
+    let device = super::resolve_device(args.device.as_deref(), config)?;
     tokio::task::spawn_blocking(move || -> anyhow::Result<ExitCode> {
-        let model = load_model(&model_path)?;
-        let dense = DenseLlama::from_llama(&model.llama, DType::F32)?;
+        let model = load_model(&model_path, &device)?;
+        let dense = DenseLlama::from_llama(&model.llama, auto_train_dtype(&device, Method::Lora))?;
         let lora = match &adapter_dir {
             Some(dir) => {
-                let (cfg, tensors) = read_peft_dir(dir, &Device::Cpu)
+                let (cfg, tensors) = read_peft_dir(dir, &device)
                     .with_context(|| format!("cannot read the adapter {}", dir.display()))?;
-                Some(LoraParams::from_tensors(cfg, &tensors, &dense.config, DType::F32)?)
+                Some(LoraParams::from_tensors(cfg, &tensors, &dense.config, LORA_DTYPE)?)
             }
             None => None,
         };
@@ -588,6 +608,9 @@ pub struct WorkerArgs {
     /// Seconds between looks at an empty queue.
     #[arg(long, default_value_t = 2.0)]
     pub poll_secs: f64,
+    /// auto, cpu, cuda or cuda:N (default: the configured device).
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 pub async fn worker(config: &Config, args: &WorkerArgs) -> anyhow::Result<ExitCode> {
@@ -604,9 +627,11 @@ pub async fn worker(config: &Config, args: &WorkerArgs) -> anyhow::Result<ExitCo
             }
         });
     }
+    let device = super::resolve_device(args.device.as_deref(), config)?;
     eprintln!(
-        "worker: waiting for training jobs in {}",
-        config.database_path.display()
+        "worker: waiting for training jobs in {} (training on {})",
+        config.database_path.display(),
+        loraloop_server::device_name(&device)
     );
     loraloop_trainer::worker::run_worker(
         db,
@@ -614,7 +639,8 @@ pub async fn worker(config: &Config, args: &WorkerArgs) -> anyhow::Result<ExitCo
             models_dir: config.models_dir.clone(),
             adapters_dir: args.adapters_dir.clone(),
             poll_interval: Duration::from_secs_f64(args.poll_secs.max(0.05)),
-            device: Device::Cpu,
+            device,
+            shared_model: None,
         },
         shutdown,
     )

@@ -381,7 +381,7 @@ impl Checkpoint {
             cfg,
             &tensors,
             &model.config,
-            model.dtype,
+            crate::run::LORA_DTYPE,
         )?)
     }
 

@@ -8,8 +8,8 @@
 
 use crate::checkpoint::{AdapterMetadata, Checkpoint, TRAINER_STATE_FILE};
 use crate::config::{Method, TrainFile};
-use crate::run::{Ending, TrainEvent, TrainJob, hash_model, train};
-use candle_core::{DType, Device};
+use crate::run::{Ending, TrainEvent, TrainJob, auto_train_dtype, hash_model, train};
+use candle_core::Device;
 use loraloop_core::storage::{Db, JobState, NewAdapter, NewTrainingEvent, TrainingJob};
 use loraloop_model::engine::LoadedModel;
 use std::path::{Path, PathBuf};
@@ -25,6 +25,33 @@ pub struct WorkerOptions {
     pub adapters_dir: PathBuf,
     pub poll_interval: Duration,
     pub device: Device,
+    /// A model already loaded on `device` (the server's engine model) and its path: a
+    /// job on that model trains on it instead of loading the file again. The dense
+    /// training copy shares its tensors where the dtypes match (a Hugging Face folder:
+    /// f32 on the CPU, bf16 on CUDA); quantized GGUF weights are dequantized for training.
+    pub shared_model: Option<(PathBuf, Arc<LoadedModel>)>,
+}
+
+/// The loaded model a job on `path` uses: `shared` when it is the same model file.
+fn model_for(
+    path: &Path,
+    shared: Option<&(PathBuf, Arc<LoadedModel>)>,
+    device: &Device,
+) -> anyhow::Result<Arc<LoadedModel>> {
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if let Some((p, m)) = shared
+        && same(p, path)
+    {
+        tracing::info!(
+            "training on the serving model's weights already loaded on {device:?} (not loading {} again)",
+            path.display()
+        );
+        return Ok(m.clone());
+    }
+    Ok(Arc::new(LoadedModel::load(path, device)?))
 }
 
 /// The model path a job names: a path, or a file name in `models_dir`.
@@ -203,11 +230,13 @@ async fn run_job(
         })
     };
     let device = opts.device.clone();
+    let shared = opts.shared_model.clone();
     let base_model = job.base_model.clone();
     let method = config.method;
+    let dtype = auto_train_dtype(&device, method);
     let stop_flag = stop.clone();
     let outcome = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let model = LoadedModel::load(&model_path, &device)?;
+        let model = model_for(&model_path, shared.as_ref(), &device)?;
         let hash = hash_model(&model_path)?;
         let o = train(
             TrainJob {
@@ -221,7 +250,7 @@ async fn run_job(
                 overwrite: false,
                 resume_from: resume,
                 init_adapter: None,
-                dtype: DType::F32,
+                dtype,
             },
             &stop_flag,
             &mut |e| {

@@ -397,3 +397,42 @@ fn examples_longer_than_sequence_len_are_truncated_and_counted_and_empty_ones_re
         "{err}"
     );
 }
+
+// The CUDA training setup (bf16 base, f32 LoRA weights and AdamW state), run on the CPU:
+// it learns the taught answer like the f32 run, writes f32 PEFT tensors, and a resume
+// from its checkpoint continues it.
+#[test]
+fn lora_training_with_a_bf16_base_learns_and_writes_f32_adapter_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(&tmp.path().join("model"));
+    let out = tmp.path().join("out");
+    let c = config(
+        "lora_r: 8\nlora_alpha: 16\nlora_dropout: 0\nlearning_rate: 0.01\nnum_epochs: 40\nmicro_batch_size: 4\nval_set_size: 0\nwarmup_steps: 2\nlr_scheduler: constant\nsave_steps: 40\n",
+    );
+    let mut j = job(&model, c.clone(), &out);
+    j.examples = dataset();
+    j.dtype = DType::BF16;
+    let mut events = Vec::new();
+    let outcome = train(j, &AtomicBool::new(false), &mut |e| events.push(e.clone())).unwrap();
+    assert_eq!(outcome.ending, Ending::Finished);
+    let losses = step_losses(&events);
+    let (first, last) = (losses[0], *losses.last().unwrap());
+    assert!(last < first / 20.0, "loss {first} -> {last}");
+    let tensors =
+        candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert!(!tensors.is_empty());
+    assert!(tensors.values().all(|t| t.dtype() == DType::F32));
+    let adapter = LoraAdapter::load(&out, &model.llama).unwrap();
+    assert_eq!(ask(&model, Some(&adapter)), ANSWER);
+
+    // Resume from the step-40 checkpoint: the same losses from there on.
+    let out2 = tmp.path().join("resumed");
+    let mut j = job(&model, c, &out2);
+    j.examples = dataset();
+    j.dtype = DType::BF16;
+    j.resume_from = Some(out.join("checkpoint-40"));
+    let mut resumed = Vec::new();
+    train(j, &AtomicBool::new(false), &mut |e| resumed.push(e.clone())).unwrap();
+    assert_eq!(step_losses(&resumed), losses[40..].to_vec());
+}

@@ -55,6 +55,7 @@ async fn setup(db: &Db, tmp: &std::path::Path, hp: serde_json::Value) -> (i64, W
             adapters_dir: tmp.join("adapters"),
             poll_interval: Duration::from_millis(10),
             device: Device::Cpu,
+            shared_model: None,
         },
     )
 }
@@ -197,4 +198,68 @@ async fn a_job_interrupted_by_a_dying_worker_resumes_from_its_checkpoint(pool: S
         started[1]["resumed_from_step"],
         serde_json::json!(stopped_at)
     );
+}
+
+// A job on the model the worker was given already loaded (the server's engine model)
+// trains on that one instead of loading the file: here the shared model has 3 layers and
+// the file at the job's path 2, so the adapter shows which one was trained.
+#[sqlx::test(migrations = "../migrations")]
+async fn a_job_on_the_shared_model_trains_on_it_without_loading_the_file(pool: SqlitePool) {
+    let db = Db::from_pool(pool);
+    let tmp = tempfile::tempdir().unwrap();
+    let hp = serde_json::json!({"max_steps": 1, "micro_batch_size": 4, "val_set_size": 0});
+    let (id, mut opts) = setup(&db, tmp.path(), hp).await;
+    let other = tmp.path().join("three-layers");
+    let spec = TinySpec {
+        layers: 3,
+        ..TinySpec::default()
+    };
+    write_tiny_chat_model(&other, spec).unwrap();
+    let shared = loraloop_model::engine::LoadedModel::load(&other, &Device::Cpu).unwrap();
+    opts.shared_model = Some((tmp.path().join("models/tiny"), Arc::new(shared)));
+    run_next(&db, &opts, Arc::new(AtomicBool::new(false)))
+        .await
+        .unwrap();
+    let job = db.job(id).await.unwrap();
+    assert_eq!(job.state(), JobState::Succeeded, "{:?}", job.error);
+    let adapter = &db.list_adapters().await.unwrap()[0];
+    let tensors = candle_core::safetensors::load(
+        std::path::Path::new(&adapter.path).join("adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(
+        tensors.keys().any(|k| k.contains("layers.2.")),
+        "trained on the 2-layer file, not the shared 3-layer model"
+    );
+
+    // Not the same file: the worker loads the job's model itself (2 layers).
+    let other_db_job = {
+        let (id2, mut opts2) = setup(&db, &tmp.path().join("second"), hp_one_step()).await;
+        opts2.shared_model = opts.shared_model.clone();
+        opts2.shared_model.as_mut().unwrap().0 = other.clone();
+        run_next(&db, &opts2, Arc::new(AtomicBool::new(false)))
+            .await
+            .unwrap();
+        db.job(id2).await.unwrap()
+    };
+    assert_eq!(other_db_job.state(), JobState::Succeeded);
+    let path = db
+        .list_adapters()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|a| a.job_id == Some(other_db_job.id))
+        .unwrap()
+        .path;
+    let tensors = candle_core::safetensors::load(
+        std::path::Path::new(&path).join("adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(!tensors.keys().any(|k| k.contains("layers.2.")));
+}
+
+fn hp_one_step() -> serde_json::Value {
+    serde_json::json!({"max_steps": 1, "micro_batch_size": 4, "val_set_size": 0})
 }

@@ -247,7 +247,9 @@ impl Llama {
         lm_head: Linear,
         device: Device,
     ) -> candle_core::Result<Self> {
+        // In the activations' dtype (bf16 for a bf16 folder on CUDA), as rope needs.
         let (cos, sin) = rope_tables(&config, &device)?;
+        let (cos, sin) = (cos.to_dtype(embed.dtype())?, sin.to_dtype(embed.dtype())?);
         Ok(Self {
             config,
             embed,
@@ -321,7 +323,7 @@ impl Llama {
         let sin = self.sin.narrow(0, pos, t)?;
         let n_rep = self.config.num_heads / self.config.num_kv_heads;
         let mask = if t > 1 {
-            Some(causal_mask(t, pos, n_rep, &self.device)?)
+            Some(causal_mask(t, pos, n_rep, &self.device)?.to_dtype(x.dtype())?)
         } else {
             None
         };
