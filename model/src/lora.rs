@@ -194,6 +194,12 @@ pub struct HostLora {
     /// dot products with horizontal sums, or a `[r, out]` layout read in scattered
     /// 64-byte pieces, each cost more than the arithmetic).
     b_tiles: Vec<f32>,
+    /// `a` and `b_tiles` rounded to f16 (bit patterns), for the Q4_1 kernel: decode reads
+    /// the whole adapter every token, so half the bytes is most of its cost, and f16's
+    /// 11-bit mantissa is far finer than the 4-bit base weights it is added to (llama.cpp
+    /// applies its LoRA adapters in f16 the same way).
+    a16: Vec<u16>,
+    b_tiles16: Vec<u16>,
 }
 
 impl HostLora {
@@ -215,6 +221,15 @@ impl HostLora {
         let len = self.r * B_TILE;
         &self.b_tiles[k * len..(k + 1) * len]
     }
+    /// [`HostLora::a_row`] in f16.
+    pub fn a_row16(&self, j: usize) -> &[u16] {
+        &self.a16[j * self.in_dim..(j + 1) * self.in_dim]
+    }
+    /// [`HostLora::b_tile`] in f16.
+    pub fn b_tile16(&self, k: usize) -> &[u16] {
+        let len = self.r * B_TILE;
+        &self.b_tiles16[k * len..(k + 1) * len]
+    }
 }
 
 /// Output rows per tile of a host LoRA `B` (and per work item of the Q4_1 kernel).
@@ -234,12 +249,21 @@ impl LoraPair {
             && a.dtype() == candle_core::DType::F32
             && b.dtype() == candle_core::DType::F32
         {
+            let a = a.flatten_all()?.to_vec1::<f32>()?;
+            let b_tiles = tile_b(&b_scaled.flatten_all()?.to_vec1::<f32>()?, out_dim, r);
+            let to16 = |v: &[f32]| -> Vec<u16> {
+                v.iter()
+                    .map(|&x| half::f16::from_f32(x).to_bits())
+                    .collect()
+            };
             Some(std::sync::Arc::new(HostLora {
                 r,
                 in_dim,
                 out_dim,
-                a: a.flatten_all()?.to_vec1::<f32>()?,
-                b_tiles: tile_b(&b_scaled.flatten_all()?.to_vec1::<f32>()?, out_dim, r),
+                a16: to16(&a),
+                b_tiles16: to16(&b_tiles),
+                a,
+                b_tiles,
             }))
         } else {
             None

@@ -226,9 +226,14 @@ pub fn forward_many_host(
         let lora = projections[p]
             .1
             .expect("A rows belong to projections with an adapter");
-        let a = lora.a_row(row - a_start[p]);
-        for t in 0..n {
-            u[row * n + t].set(dot_f32(a, &xs[t * cols..(t + 1) * cols]));
+        let a = lora.a_row16(row - a_start[p]);
+        if n == 1 {
+            u[row].set(dot_f16(a, xs));
+        } else {
+            let a: Vec<f32> = a.iter().map(|&h| f16::from_bits(h).to_f32()).collect();
+            for t in 0..n {
+                u[row * n + t].set(dot_f32(&a, &xs[t * cols..(t + 1) * cols]));
+            }
         }
     };
     let weight_rows = |item: usize| {
@@ -249,20 +254,16 @@ pub fn forward_many_host(
             // contiguous runs: over this item's rows for one input row (decode), over the
             // input rows for one weight row otherwise.
             let rank = lora.rank();
-            let tile = lora.b_tile(r0 / ROWS_PER_ITEM);
+            let tile = lora.b_tile16(r0 / ROWS_PER_ITEM);
             let uj = |j: usize, t: usize| u[(a_start[p] + j) * n + t].get();
             if n == 1 {
-                for (j, bj) in tile.chunks_exact(ROWS_PER_ITEM).enumerate() {
-                    let c = uj(j, 0);
-                    for (d, b) in dst.iter_mut().zip(bj) {
-                        *d += c * b;
-                    }
-                }
+                let us: Vec<f32> = (0..rank).map(|j| uj(j, 0)).collect();
+                tile_axpy_f16(dst, &us, tile);
             } else {
                 let us: Vec<f32> = (0..rank * n).map(|k| uj(k / n, k % n)).collect();
                 for (i, d) in dst.chunks_exact_mut(n).enumerate() {
                     for (j, bj) in tile.chunks_exact(ROWS_PER_ITEM).enumerate() {
-                        let b = bj[i];
+                        let b = f16::from_bits(bj[i]).to_f32();
                         for (d, u) in d.iter_mut().zip(&us[j * n..(j + 1) * n]) {
                             *d += b * u;
                         }
@@ -390,6 +391,136 @@ fn rows_dot_with(
         for (t, v) in d.iter_mut().enumerate().skip(quads) {
             *v = one(wr, act(t));
         }
+    }
+}
+
+/// `a` (f16 bit patterns) dotted with `x`.
+fn dot_f16(a: &[u16], x: &[f32]) -> f32 {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    ))]
+    {
+        // SAFETY: as in `dot_row`.
+        #[allow(unsafe_code)]
+        unsafe {
+            dot_f16_avx2(a, x)
+        }
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    )))]
+    {
+        a.iter()
+            .zip(x)
+            .map(|(&a, x)| f16::from_bits(a).to_f32() * x)
+            .sum()
+    }
+}
+
+/// Eight f16 bit patterns as eight f32 (`vcvtph2ps`).
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn f16x8(h: &[u16]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let q = |i: usize| -> i64 {
+        (h[i] as u64 | (h[i + 1] as u64) << 16 | (h[i + 2] as u64) << 32 | (h[i + 3] as u64) << 48)
+            as i64
+    };
+    _mm256_cvtph_ps(_mm_set_epi64x(q(4), q(0)))
+}
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_f16_avx2(a: &[u16], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let f32x8 = |v: &[f32]| _mm256_set_ps(v[7], v[6], v[5], v[4], v[3], v[2], v[1], v[0]);
+    let (ac, xc) = (a.chunks_exact(16), x.chunks_exact(16));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(xc.remainder())
+        .map(|(&a, x)| f16::from_bits(a).to_f32() * x)
+        .sum();
+    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for (a, x) in ac.zip(xc) {
+        s0 = _mm256_fmadd_ps(f16x8(&a[..8]), f32x8(&x[..8]), s0);
+        s1 = _mm256_fmadd_ps(f16x8(&a[8..]), f32x8(&x[8..]), s1);
+    }
+    let s = _mm256_add_ps(s0, s1);
+    let half = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+    let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    let one = _mm_add_ss(quarter, _mm_movehdup_ps(quarter));
+    _mm_cvtss_f32(one) + tail
+}
+
+/// `dst[i] += sum_j us[j] * tile[j * ROWS_PER_ITEM + i]` for one LoRA `B` tile in f16
+/// (`dst`: up to `ROWS_PER_ITEM` outputs).
+fn tile_axpy_f16(dst: &mut [f32], us: &[f32], tile: &[u16]) {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    ))]
+    if dst.len() == ROWS_PER_ITEM {
+        // SAFETY: as in `dot_row`.
+        #[allow(unsafe_code)]
+        unsafe {
+            tile_axpy_f16_avx2(dst, us, tile)
+        };
+        return;
+    }
+    for (&c, bj) in us.iter().zip(tile.chunks_exact(ROWS_PER_ITEM)) {
+        for (d, &b) in dst.iter_mut().zip(bj) {
+            *d += c * f16::from_bits(b).to_f32();
+        }
+    }
+}
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn tile_axpy_f16_avx2(dst: &mut [f32], us: &[f32], tile: &[u16]) {
+    use std::arch::x86_64::*;
+    const _: () = assert!(ROWS_PER_ITEM == 16);
+    let (mut y0, mut y1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for (&c, bj) in us.iter().zip(tile.chunks_exact(ROWS_PER_ITEM)) {
+        let c = _mm256_set1_ps(c);
+        y0 = _mm256_fmadd_ps(c, f16x8(&bj[..8]), y0);
+        y1 = _mm256_fmadd_ps(c, f16x8(&bj[8..]), y1);
+    }
+    // SAFETY: `__m256` and `[f32; 8]` have the same size and every bit pattern is a
+    // valid value of both.
+    #[allow(unsafe_code)]
+    let (lo, hi) = unsafe {
+        (
+            std::mem::transmute::<__m256, [f32; 8]>(y0),
+            std::mem::transmute::<__m256, [f32; 8]>(y1),
+        )
+    };
+    for (d, o) in dst.iter_mut().zip(lo.iter().chain(&hi)) {
+        *d += o;
     }
 }
 
@@ -731,11 +862,14 @@ mod tests {
 
     #[test]
     fn fused_lora_deltas_are_the_plain_f32_product_of_b_a_and_x() {
-        // Reference: `scale * x A^T B^T` by candle's f32 matmul, a computation that shares
-        // nothing with the fused kernel. The base part is taken out by running the same
-        // matrices without adapters: the kernel is deterministic, so what is left is the
-        // delta alone, equal up to f32 rounding. Three projections of one input (as q, k, v
-        // go), one of them without an adapter, ranks 16 and 4; one and five input rows.
+        // Reference: `x A16^T (sB)16^T` by candle's f32 matmul, a computation that shares
+        // nothing with the fused kernel, where `A16` and `(sB)16` are `A` and `scale * B`
+        // rounded to f16 as the kernel stores them. The base part is taken out by running
+        // the same matrices without adapters: the kernel is deterministic, so what is
+        // left is the delta alone, equal to the reference up to f32 rounding; and within
+        // f16 rounding (0.3% of its size) of the unrounded `scale * x A^T B^T`. Three
+        // projections of one input (as q, k, v go), one of them without an adapter, ranks
+        // 16 and 4; one and five input rows (the decode and prompt paths).
         let dev = Device::Cpu;
         let cols = 96;
         let shapes = [(64, Some(16)), (32, None), (40, Some(4))];
@@ -771,37 +905,46 @@ mod tests {
             let base = forward_many(&x, &without).unwrap();
             for (i, p) in pairs.iter().enumerate() {
                 let delta = (&got[i] - &base[i]).unwrap();
-                let want = match p {
-                    Some((a, b, _)) => (x.matmul(&a.t().unwrap()).unwrap())
-                        .matmul(&b.t().unwrap())
+                let r16 = |t: &Tensor| {
+                    t.to_dtype(candle_core::DType::F16)
                         .unwrap()
-                        .affine(scale, 0.0)
-                        .unwrap(),
-                    None => delta.zeros_like().unwrap(),
+                        .to_dtype(candle_core::DType::F32)
+                        .unwrap()
+                };
+                let product = |a: &Tensor, sb: &Tensor| {
+                    x.matmul(&a.t().unwrap())
+                        .unwrap()
+                        .matmul(&sb.t().unwrap())
+                        .unwrap()
+                };
+                let (want, exact) = match p {
+                    Some((a, b, _)) => {
+                        let sb = b.affine(scale, 0.0).unwrap();
+                        (product(&r16(a), &r16(&sb)), product(a, &sb))
+                    }
+                    None => (delta.zeros_like().unwrap(), delta.zeros_like().unwrap()),
                 };
                 assert_eq!(delta.dims(), want.dims());
-                let err: f32 = (&delta - &want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap();
-                let size: f32 = want
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap();
+                let max_abs = |t: Tensor| -> f32 {
+                    t.abs()
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .max(0)
+                        .unwrap()
+                        .to_scalar()
+                        .unwrap()
+                };
+                let err = max_abs((&delta - &want).unwrap());
+                let size = max_abs(want.clone());
                 assert!(
                     err <= 1e-4 * size.max(1.0),
                     "projection {i}, {n} rows: delta off by {err} (size {size})"
+                );
+                let f16_err = max_abs((&delta - &exact).unwrap());
+                assert!(
+                    f16_err <= 3e-3 * size.max(1.0),
+                    "projection {i}, {n} rows: f16 rounding moved the delta by {f16_err} (size {size})"
                 );
                 if p.is_some() {
                     assert!(size > 1.0, "the delta must be large enough to see");
