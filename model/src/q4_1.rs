@@ -257,8 +257,9 @@ pub fn forward_many_host(
             let tile = lora.b_tile16(r0 / ROWS_PER_ITEM);
             let uj = |j: usize, t: usize| u[(a_start[p] + j) * n + t].get();
             if n == 1 {
-                let us: Vec<f32> = (0..rank).map(|j| uj(j, 0)).collect();
-                tile_axpy_f16(dst, &us, tile);
+                // With one input row, `u` of this projection is `rank` consecutive values.
+                let first = a_start[p];
+                tile_axpy_f16(dst, &u[first..first + rank], tile);
             } else {
                 let us: Vec<f32> = (0..rank * n).map(|k| uj(k / n, k % n)).collect();
                 for (i, d) in dst.chunks_exact_mut(n).enumerate() {
@@ -472,7 +473,7 @@ fn dot_f16_avx2(a: &[u16], x: &[f32]) -> f32 {
 
 /// `dst[i] += sum_j us[j] * tile[j * ROWS_PER_ITEM + i]` for one LoRA `B` tile in f16
 /// (`dst`: up to `ROWS_PER_ITEM` outputs).
-fn tile_axpy_f16(dst: &mut [f32], us: &[f32], tile: &[u16]) {
+fn tile_axpy_f16(dst: &mut [f32], us: &[AtomicF32], tile: &[u16]) {
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
@@ -487,7 +488,8 @@ fn tile_axpy_f16(dst: &mut [f32], us: &[f32], tile: &[u16]) {
         };
         return;
     }
-    for (&c, bj) in us.iter().zip(tile.chunks_exact(ROWS_PER_ITEM)) {
+    for (c, bj) in us.iter().zip(tile.chunks_exact(ROWS_PER_ITEM)) {
+        let c = c.get();
         for (d, &b) in dst.iter_mut().zip(bj) {
             *d += c * f16::from_bits(b).to_f32();
         }
@@ -501,12 +503,12 @@ fn tile_axpy_f16(dst: &mut [f32], us: &[f32], tile: &[u16]) {
     target_feature = "f16c"
 ))]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn tile_axpy_f16_avx2(dst: &mut [f32], us: &[f32], tile: &[u16]) {
+fn tile_axpy_f16_avx2(dst: &mut [f32], us: &[AtomicF32], tile: &[u16]) {
     use std::arch::x86_64::*;
     const _: () = assert!(ROWS_PER_ITEM == 16);
     let (mut y0, mut y1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    for (&c, bj) in us.iter().zip(tile.chunks_exact(ROWS_PER_ITEM)) {
-        let c = _mm256_set1_ps(c);
+    for (c, bj) in us.iter().zip(tile.chunks_exact(ROWS_PER_ITEM)) {
+        let c = _mm256_set1_ps(c.get());
         y0 = _mm256_fmadd_ps(c, f16x8(&bj[..8]), y0);
         y1 = _mm256_fmadd_ps(c, f16x8(&bj[8..]), y1);
     }
