@@ -187,7 +187,7 @@ pub struct HostLora {
     out_dim: usize,
     /// `A`, `[r, in]`: row `j` is what `x` is dotted with for `u[j]`.
     a: Vec<f32>,
-    /// `scale * B` in tiles of [`B_TILE`] outputs: tile `k` holds, for each `j < r`, the
+    /// `scale * B` in tiles of `B_TILE` outputs: tile `k` holds, for each `j < r`, the
     /// `B_TILE` values `(sB)[k * B_TILE + i, j]` (zero past the last output). A worker
     /// that owns a tile of output rows adds `u[j]` times each of its `r` runs: contiguous
     /// multiply-adds with no horizontal sums, over memory read front to back (per-output
@@ -216,7 +216,7 @@ impl HostLora {
     pub fn a_row(&self, j: usize) -> &[f32] {
         &self.a[j * self.in_dim..(j + 1) * self.in_dim]
     }
-    /// Tile `k` of `scale * B`: `r` runs of [`B_TILE`] outputs.
+    /// Tile `k` of `scale * B`: `r` runs of `B_TILE` outputs.
     pub fn b_tile(&self, k: usize) -> &[f32] {
         let len = self.r * B_TILE;
         &self.b_tiles[k * len..(k + 1) * len]

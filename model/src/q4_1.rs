@@ -22,6 +22,37 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 const QK: usize = 32;
 
+/// `$fast` (a call into `avx2`) in builds for CPUs with AVX2, FMA and F16C (x86-64-v3,
+/// see `.cargo/config.toml`), `$portable` otherwise.
+macro_rules! with_avx2 {
+    ($fast:expr, $portable:expr) => {{
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma",
+            target_feature = "f16c"
+        ))]
+        {
+            // SAFETY: the `avx2` kernels need only AVX2, FMA and F16C, and this code
+            // exists only in a build compiled for CPUs that have all three (the `cfg`
+            // above): the whole binary already uses them.
+            #[allow(unsafe_code)]
+            unsafe {
+                $fast
+            }
+        }
+        #[cfg(not(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma",
+            target_feature = "f16c"
+        )))]
+        {
+            $portable
+        }
+    }};
+}
+
 /// ggml's `block_q4_1`: f16 `d`, f16 `m`, then 16 bytes of nibbles (value `j` of the
 /// block is the low nibble of byte `j` for `j < 16`, the high nibble of byte `j - 16`
 /// otherwise); weight = `d * q + m`.
@@ -321,50 +352,11 @@ struct CacheLine<T>(T);
 
 /// `dst[i * n + t]` = weight row `i` of `w` (`nb` blocks each) times activation row `t`.
 fn rows_dot(w: &[WeightBlock], nb: usize, acts: &[ActBlock], n: usize, dst: &mut [f32]) {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))]
-    {
-        // SAFETY: as in `dot_row`.
-        #[allow(unsafe_code)]
-        unsafe {
-            rows_dot_avx2(w, nb, acts, n, dst)
-        }
-    }
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    )))]
-    {
+    with_avx2!(
+        avx2::rows_dot(w, nb, acts, n, dst),
         rows_dot_with(w, nb, acts, n, dst, dot_row_generic, |w, x| {
             x.map(|x| dot_row_generic(w, x))
         })
-    }
-}
-
-/// [`rows_dot`] with the AVX2 kernels inlined into its loops (one call per work item
-/// instead of one per weight row).
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-))]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn rows_dot_avx2(w: &[WeightBlock], nb: usize, acts: &[ActBlock], n: usize, dst: &mut [f32]) {
-    rows_dot_with(
-        w,
-        nb,
-        acts,
-        n,
-        dst,
-        |w, x| dot_row_avx2(w, x),
-        |w, x| dot_row4_avx2(w, x),
     )
 }
 
@@ -397,132 +389,32 @@ fn rows_dot_with(
 
 /// `a` (f16 bit patterns) dotted with `x`.
 fn dot_f16(a: &[u16], x: &[f32]) -> f32 {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))]
-    {
-        // SAFETY: as in `dot_row`.
-        #[allow(unsafe_code)]
-        unsafe {
-            dot_f16_avx2(a, x)
-        }
-    }
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    )))]
-    {
+    with_avx2!(
+        avx2::dot_f16(a, x),
         a.iter()
             .zip(x)
             .map(|(&a, x)| f16::from_bits(a).to_f32() * x)
             .sum()
-    }
-}
-
-/// Eight f16 bit patterns as eight f32 (`vcvtph2ps`).
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-))]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-fn f16x8(h: &[u16]) -> std::arch::x86_64::__m256 {
-    use std::arch::x86_64::*;
-    let q = |i: usize| -> i64 {
-        (h[i] as u64 | (h[i + 1] as u64) << 16 | (h[i + 2] as u64) << 32 | (h[i + 3] as u64) << 48)
-            as i64
-    };
-    _mm256_cvtph_ps(_mm_set_epi64x(q(4), q(0)))
-}
-
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-))]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn dot_f16_avx2(a: &[u16], x: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let f32x8 = |v: &[f32]| _mm256_set_ps(v[7], v[6], v[5], v[4], v[3], v[2], v[1], v[0]);
-    let (ac, xc) = (a.chunks_exact(16), x.chunks_exact(16));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(xc.remainder())
-        .map(|(&a, x)| f16::from_bits(a).to_f32() * x)
-        .sum();
-    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    for (a, x) in ac.zip(xc) {
-        s0 = _mm256_fmadd_ps(f16x8(&a[..8]), f32x8(&x[..8]), s0);
-        s1 = _mm256_fmadd_ps(f16x8(&a[8..]), f32x8(&x[8..]), s1);
-    }
-    let s = _mm256_add_ps(s0, s1);
-    let half = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
-    let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-    let one = _mm_add_ss(quarter, _mm_movehdup_ps(quarter));
-    _mm_cvtss_f32(one) + tail
+    )
 }
 
 /// `dst[i] += sum_j us[j] * tile[j * ROWS_PER_ITEM + i]` for one LoRA `B` tile in f16
 /// (`dst`: up to `ROWS_PER_ITEM` outputs).
 fn tile_axpy_f16(dst: &mut [f32], us: &[AtomicF32], tile: &[u16]) {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))]
     if dst.len() == ROWS_PER_ITEM {
-        // SAFETY: as in `dot_row`.
-        #[allow(unsafe_code)]
-        unsafe {
-            tile_axpy_f16_avx2(dst, us, tile)
-        };
-        return;
+        with_avx2!(
+            {
+                avx2::tile_axpy_f16(dst, us, tile);
+                return;
+            },
+            ()
+        )
     }
     for (c, bj) in us.iter().zip(tile.chunks_exact(ROWS_PER_ITEM)) {
         let c = c.get();
         for (d, &b) in dst.iter_mut().zip(bj) {
             *d += c * f16::from_bits(b).to_f32();
         }
-    }
-}
-
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-))]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn tile_axpy_f16_avx2(dst: &mut [f32], us: &[AtomicF32], tile: &[u16]) {
-    use std::arch::x86_64::*;
-    const _: () = assert!(ROWS_PER_ITEM == 16);
-    let (mut y0, mut y1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    for (c, bj) in us.iter().zip(tile.chunks_exact(ROWS_PER_ITEM)) {
-        let c = _mm256_set1_ps(c.get());
-        y0 = _mm256_fmadd_ps(c, f16x8(&bj[..8]), y0);
-        y1 = _mm256_fmadd_ps(c, f16x8(&bj[8..]), y1);
-    }
-    // SAFETY: `__m256` and `[f32; 8]` have the same size and every bit pattern is a
-    // valid value of both.
-    #[allow(unsafe_code)]
-    let (lo, hi) = unsafe {
-        (
-            std::mem::transmute::<__m256, [f32; 8]>(y0),
-            std::mem::transmute::<__m256, [f32; 8]>(y1),
-        )
-    };
-    for (d, o) in dst.iter_mut().zip(lo.iter().chain(&hi)) {
-        *d += o;
     }
 }
 
@@ -607,182 +499,29 @@ fn quantize_q8_1(x: &[f32]) -> ActBlock {
     }
 }
 
-/// One weight row times one activation row: the AVX2 kernel where the build has AVX2,
-/// FMA and F16C (x86-64-v3, see `.cargo/config.toml`), the portable loop otherwise (the
-/// tests' entry point; the matmul calls [`rows_dot`]).
-#[cfg(test)]
+/// One weight row times one activation row through the AVX2 kernel (the tests' entry
+/// point, in builds that have it; the matmul calls [`rows_dot`]).
+#[cfg(all(
+    test,
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
 fn dot_row(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))]
-    {
-        // SAFETY: `dot_row_avx2` only needs AVX2, FMA and F16C, and this code exists only
-        // in a build compiled for CPUs that have all three (the `cfg` above): the whole
-        // binary already uses them.
-        #[allow(unsafe_code)]
-        unsafe {
-            dot_row_avx2(w, x)
-        }
-    }
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    )))]
-    {
-        dot_row_generic(w, x)
-    }
+    with_avx2!(avx2::dot_row(w, x), dot_row_generic(w, x))
 }
 
 /// One weight row times four activation rows (the tests' entry point).
-#[cfg(test)]
+#[cfg(all(
+    test,
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
 fn dot_row4(w: &[WeightBlock], x: [&[ActBlock]; 4]) -> [f32; 4] {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))]
-    {
-        // SAFETY: as in `dot_row`.
-        #[allow(unsafe_code)]
-        unsafe {
-            dot_row4_avx2(w, x)
-        }
-    }
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    )))]
-    {
-        x.map(|x| dot_row_generic(w, x))
-    }
-}
-
-/// [`dot_row_avx2`] for four activation rows at once: each weight block is unpacked and
-/// its scales converted once, then multiplied with the four activation blocks into four
-/// accumulators (same per-row arithmetic, so the same sums up to float rounding).
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-))]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-fn dot_row4_avx2(w: &[WeightBlock], x: [&[ActBlock]; 4]) -> [f32; 4] {
-    use std::arch::x86_64::*;
-    let u64_at = |b: &[u8], i: usize| -> i64 {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&b[i * 8..i * 8 + 8]);
-        i64::from_le_bytes(a)
-    };
-    let i64_at = |b: &[i8; QK], i: usize| -> i64 {
-        let a: [u8; 8] = std::array::from_fn(|k| b[i * 8 + k] as u8);
-        i64::from_le_bytes(a)
-    };
-    let low_nibbles = _mm256_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut mins = [0f32; 4];
-    for (b, wb) in w.iter().enumerate() {
-        let packed = _mm_set_epi64x(u64_at(&wb.qs, 1), u64_at(&wb.qs, 0));
-        let wq = _mm256_and_si256(
-            _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed),
-            low_nibbles,
-        );
-        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(
-            (wb.dm[0] as u32 | (wb.dm[1] as u32) << 16) as i32,
-        ));
-        let (d, m) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
-        for k in 0..4 {
-            let xb = &x[k][b];
-            let xq = _mm256_set_epi64x(
-                i64_at(&xb.qs, 3),
-                i64_at(&xb.qs, 2),
-                i64_at(&xb.qs, 1),
-                i64_at(&xb.qs, 0),
-            );
-            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), ones);
-            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(sums), acc[k]);
-            mins[k] += m * xb.s;
-        }
-    }
-    std::array::from_fn(|k| {
-        let half = _mm_add_ps(
-            _mm256_castps256_ps128(acc[k]),
-            _mm256_extractf128_ps::<1>(acc[k]),
-        );
-        let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-        let one = _mm_add_ss(quarter, _mm_movehdup_ps(quarter));
-        _mm_cvtss_f32(one) + mins[k]
-    })
-}
-
-/// The same sum as [`dot_row_generic`] with the integer products in one `vpmaddubsw`
-/// (unsigned 4-bit weights times signed 8-bit activations, pairs added into 16 bits:
-/// at most 2 * 15 * 128, no saturation) and one `vpmaddwd` per block, both f16 scales of a
-/// block converted by one `vcvtph2ps`, and the block scales applied in an 8-lane float
-/// accumulator, reduced once per row instead of once per block. Loads go through
-/// `_mm*_set_epi*` from byte arrays, which the compiler turns into plain unaligned loads,
-/// so there is no pointer arithmetic.
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-))]
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-fn dot_row_avx2(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
-    use std::arch::x86_64::*;
-    let u64_at = |b: &[u8], i: usize| -> i64 {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&b[i * 8..i * 8 + 8]);
-        i64::from_le_bytes(a)
-    };
-    let i64_at = |b: &[i8; QK], i: usize| -> i64 {
-        let a: [u8; 8] = std::array::from_fn(|k| b[i * 8 + k] as u8);
-        i64::from_le_bytes(a)
-    };
-    let low_nibbles = _mm256_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = _mm256_setzero_ps();
-    // Lane 1 accumulates `m_w * s_x`.
-    let mut mins = _mm_setzero_ps();
-    for (wb, xb) in w.iter().zip(x) {
-        let packed = _mm_set_epi64x(u64_at(&wb.qs, 1), u64_at(&wb.qs, 0));
-        // ggml's order: the low nibbles are the block's first 16 values, the high ones
-        // the last 16.
-        let wq = _mm256_and_si256(
-            _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed),
-            low_nibbles,
-        );
-        let xq = _mm256_set_epi64x(
-            i64_at(&xb.qs, 3),
-            i64_at(&xb.qs, 2),
-            i64_at(&xb.qs, 1),
-            i64_at(&xb.qs, 0),
-        );
-        let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), ones);
-        // [d_w, m_w, 0, 0] * [d_x, s_x, 0, 0]
-        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(
-            (wb.dm[0] as u32 | (wb.dm[1] as u32) << 16) as i32,
-        ));
-        let scales = _mm_mul_ps(dm, _mm_set_ps(0.0, 0.0, xb.s, xb.d));
-        acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), _mm256_cvtepi32_ps(sums), acc);
-        mins = _mm_add_ps(mins, scales);
-    }
-    let half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
-    let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-    let one = _mm_add_ss(quarter, _mm_movehdup_ps(quarter));
-    _mm_cvtss_f32(one) + _mm_cvtss_f32(_mm_movehdup_ps(mins))
+    with_avx2!(avx2::dot_row4(w, x), x.map(|x| dot_row_generic(w, x)))
 }
 
 /// The portable dot product of one weight row with one activation row (on x86-64-v3
@@ -815,6 +554,205 @@ fn dot_row_generic(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
         sum += wb.d() * xb.d * sumi as f32 + wb.m() * xb.s;
     }
     sum
+}
+
+/// The AVX2 + FMA + F16C kernels (x86-64-v3 builds only; callers go through
+/// `with_avx2!`).
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+mod avx2 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// [`super::rows_dot`] with the AVX2 kernels inlined into its loops (one call per work item
+    /// instead of one per weight row).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn rows_dot(
+        w: &[WeightBlock],
+        nb: usize,
+        acts: &[ActBlock],
+        n: usize,
+        dst: &mut [f32],
+    ) {
+        rows_dot_with(
+            w,
+            nb,
+            acts,
+            n,
+            dst,
+            |w, x| dot_row(w, x),
+            |w, x| dot_row4(w, x),
+        )
+    }
+
+    /// Eight f16 bit patterns as eight f32 (`vcvtph2ps`).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    pub(super) fn f16x8(h: &[u16]) -> std::arch::x86_64::__m256 {
+        let q = |i: usize| -> i64 {
+            (h[i] as u64
+                | (h[i + 1] as u64) << 16
+                | (h[i + 2] as u64) << 32
+                | (h[i + 3] as u64) << 48) as i64
+        };
+        _mm256_cvtph_ps(_mm_set_epi64x(q(4), q(0)))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn dot_f16(a: &[u16], x: &[f32]) -> f32 {
+        let f32x8 = |v: &[f32]| _mm256_set_ps(v[7], v[6], v[5], v[4], v[3], v[2], v[1], v[0]);
+        let (ac, xc) = (a.chunks_exact(16), x.chunks_exact(16));
+        let tail: f32 = ac
+            .remainder()
+            .iter()
+            .zip(xc.remainder())
+            .map(|(&a, x)| f16::from_bits(a).to_f32() * x)
+            .sum();
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for (a, x) in ac.zip(xc) {
+            s0 = _mm256_fmadd_ps(f16x8(&a[..8]), f32x8(&x[..8]), s0);
+            s1 = _mm256_fmadd_ps(f16x8(&a[8..]), f32x8(&x[8..]), s1);
+        }
+        let s = _mm256_add_ps(s0, s1);
+        let half = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+        let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+        let one = _mm_add_ss(quarter, _mm_movehdup_ps(quarter));
+        _mm_cvtss_f32(one) + tail
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn tile_axpy_f16(dst: &mut [f32], us: &[AtomicF32], tile: &[u16]) {
+        const _: () = assert!(ROWS_PER_ITEM == 16);
+        let (mut y0, mut y1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for (c, bj) in us.iter().zip(tile.chunks_exact(ROWS_PER_ITEM)) {
+            let c = _mm256_set1_ps(c.get());
+            y0 = _mm256_fmadd_ps(c, f16x8(&bj[..8]), y0);
+            y1 = _mm256_fmadd_ps(c, f16x8(&bj[8..]), y1);
+        }
+        // SAFETY: `__m256` and `[f32; 8]` have the same size and every bit pattern is a
+        // valid value of both.
+        #[allow(unsafe_code)]
+        let (lo, hi) = unsafe {
+            (
+                std::mem::transmute::<__m256, [f32; 8]>(y0),
+                std::mem::transmute::<__m256, [f32; 8]>(y1),
+            )
+        };
+        for (d, o) in dst.iter_mut().zip(lo.iter().chain(&hi)) {
+            *d += o;
+        }
+    }
+
+    /// [`dot_row`] for four activation rows at once: each weight block is unpacked and
+    /// its scales converted once, then multiplied with the four activation blocks into four
+    /// accumulators (same per-row arithmetic, so the same sums up to float rounding).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    pub(super) fn dot_row4(w: &[WeightBlock], x: [&[ActBlock]; 4]) -> [f32; 4] {
+        let u64_at = |b: &[u8], i: usize| -> i64 {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[i * 8..i * 8 + 8]);
+            i64::from_le_bytes(a)
+        };
+        let i64_at = |b: &[i8; QK], i: usize| -> i64 {
+            let a: [u8; 8] = std::array::from_fn(|k| b[i * 8 + k] as u8);
+            i64::from_le_bytes(a)
+        };
+        let low_nibbles = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut mins = [0f32; 4];
+        for (b, wb) in w.iter().enumerate() {
+            let packed = _mm_set_epi64x(u64_at(&wb.qs, 1), u64_at(&wb.qs, 0));
+            let wq = _mm256_and_si256(
+                _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed),
+                low_nibbles,
+            );
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(
+                (wb.dm[0] as u32 | (wb.dm[1] as u32) << 16) as i32,
+            ));
+            let (d, m) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
+            for k in 0..4 {
+                let xb = &x[k][b];
+                let xq = _mm256_set_epi64x(
+                    i64_at(&xb.qs, 3),
+                    i64_at(&xb.qs, 2),
+                    i64_at(&xb.qs, 1),
+                    i64_at(&xb.qs, 0),
+                );
+                let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), ones);
+                acc[k] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(sums), acc[k]);
+                mins[k] += m * xb.s;
+            }
+        }
+        std::array::from_fn(|k| {
+            let half = _mm_add_ps(
+                _mm256_castps256_ps128(acc[k]),
+                _mm256_extractf128_ps::<1>(acc[k]),
+            );
+            let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+            let one = _mm_add_ss(quarter, _mm_movehdup_ps(quarter));
+            _mm_cvtss_f32(one) + mins[k]
+        })
+    }
+
+    /// The same sum as [`dot_row_generic`] with the integer products in one `vpmaddubsw`
+    /// (unsigned 4-bit weights times signed 8-bit activations, pairs added into 16 bits:
+    /// at most 2 * 15 * 128, no saturation) and one `vpmaddwd` per block, both f16 scales of a
+    /// block converted by one `vcvtph2ps`, and the block scales applied in an 8-lane float
+    /// accumulator, reduced once per row instead of once per block. Loads go through
+    /// `_mm*_set_epi*` from byte arrays, which the compiler turns into plain unaligned loads,
+    /// so there is no pointer arithmetic.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    pub(super) fn dot_row(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
+        let u64_at = |b: &[u8], i: usize| -> i64 {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[i * 8..i * 8 + 8]);
+            i64::from_le_bytes(a)
+        };
+        let i64_at = |b: &[i8; QK], i: usize| -> i64 {
+            let a: [u8; 8] = std::array::from_fn(|k| b[i * 8 + k] as u8);
+            i64::from_le_bytes(a)
+        };
+        let low_nibbles = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = _mm256_setzero_ps();
+        // Lane 1 accumulates `m_w * s_x`.
+        let mut mins = _mm_setzero_ps();
+        for (wb, xb) in w.iter().zip(x) {
+            let packed = _mm_set_epi64x(u64_at(&wb.qs, 1), u64_at(&wb.qs, 0));
+            // ggml's order: the low nibbles are the block's first 16 values, the high ones
+            // the last 16.
+            let wq = _mm256_and_si256(
+                _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed),
+                low_nibbles,
+            );
+            let xq = _mm256_set_epi64x(
+                i64_at(&xb.qs, 3),
+                i64_at(&xb.qs, 2),
+                i64_at(&xb.qs, 1),
+                i64_at(&xb.qs, 0),
+            );
+            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), ones);
+            // [d_w, m_w, 0, 0] * [d_x, s_x, 0, 0]
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(
+                (wb.dm[0] as u32 | (wb.dm[1] as u32) << 16) as i32,
+            ));
+            let scales = _mm_mul_ps(dm, _mm_set_ps(0.0, 0.0, xb.s, xb.d));
+            acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), _mm256_cvtepi32_ps(sums), acc);
+            mins = _mm_add_ps(mins, scales);
+        }
+        let half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+        let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+        let one = _mm_add_ss(quarter, _mm_movehdup_ps(quarter));
+        _mm_cvtss_f32(one) + _mm_cvtss_f32(_mm_movehdup_ps(mins))
+    }
 }
 
 #[cfg(test)]
