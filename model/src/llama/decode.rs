@@ -10,7 +10,7 @@
 //! output head. Its numbers are those of the candle path (`Llama::hidden_states`) up to
 //! float summation order; the tiny-model tests compare both to the numpy reference.
 
-use super::{BaseWeight, Block, Cache, Linear, Llama, Projection, RopeLayout};
+use super::{Block, Cache, Linear, Llama, Projection, RopeLayout};
 use crate::lora::{LayerLora, LoraAdapter, LoraPair};
 use crate::q4_1;
 use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor};
@@ -66,14 +66,7 @@ fn project<const N: usize>(
     x: &[f32],
     projections: [(&Linear, Option<&LoraPair>); N],
 ) -> candle_core::Result<[Vec<f32>; N]> {
-    let fused: Option<Vec<_>> = projections
-        .iter()
-        .map(|(lin, lora)| match (&lin.weight, lora) {
-            (BaseWeight::Q41(w), None) => Some((w.as_ref(), None)),
-            (BaseWeight::Q41(w), Some(l)) => l.host().map(|h| (w.as_ref(), Some(h))),
-            _ => None,
-        })
-        .collect();
+    let fused = super::fused_q41(&projections);
     let outs = match fused {
         Some(jobs) => {
             let mut ys = q4_1::forward_many_host(x, x.len(), &jobs)?;

@@ -134,6 +134,26 @@ impl Linear {
     }
 }
 
+/// The fused Q4_1 kernel's view of `projections`, when every base is Q4_1 and every
+/// adapter has a host-memory copy; `None` when any projection must go through candle.
+pub(crate) fn fused_q41<'a>(
+    projections: &[(&'a Linear, Option<&'a crate::lora::LoraPair>)],
+) -> Option<
+    Vec<(
+        &'a crate::q4_1::Q41Matrix,
+        Option<&'a crate::lora::HostLora>,
+    )>,
+> {
+    projections
+        .iter()
+        .map(|(lin, lora)| match (&lin.weight, lora) {
+            (BaseWeight::Q41(w), None) => Some((w.as_ref(), None)),
+            (BaseWeight::Q41(w), Some(l)) => l.host().map(|h| (w.as_ref(), Some(h))),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Several projections of the same input (q, k, v; gate, up), each with its LoRA delta.
 /// Q4_1 bases with host-memory adapters (or none) go through one fused CPU kernel
 /// call; anything else projects one by one.
@@ -141,14 +161,7 @@ fn project_many<const N: usize>(
     x: &Tensor,
     projections: [(&Linear, Option<&crate::lora::LoraPair>); N],
 ) -> candle_core::Result<[Tensor; N]> {
-    let fused: Option<Vec<_>> = projections
-        .iter()
-        .map(|(lin, lora)| match (&lin.weight, lora) {
-            (BaseWeight::Q41(w), None) => Some((w.as_ref(), None)),
-            (BaseWeight::Q41(w), Some(l)) => l.host().map(|h| (w.as_ref(), Some(h))),
-            _ => None,
-        })
-        .collect();
+    let fused = fused_q41(&projections);
     let outs: Vec<Tensor> = match fused {
         Some(jobs) if x.device().is_cpu() => {
             let ys = crate::q4_1::forward_many(x, &jobs)?;
