@@ -261,6 +261,18 @@ async fn after_a_restart_a_pending_message_gets_its_stored_reply_split_at_2000()
     let config = first.server.state.config.clone();
     let common::TestServer { server, dir, .. } = first;
     let db = server.state.db.clone();
+    // The database is rewritten only once the first run has stopped: the reply's reactions
+    // (what `replies` counts) are added before its worker marks the message done, so a
+    // rewrite while it runs can be overwritten by that 'done' (and nothing is pending
+    // after the restart). Stopping waits for the worker.
+    server.stop().await.unwrap();
+    let (status,): (String,) =
+        sqlx::query_as("select status from inbound_updates where update_key = ?")
+            .bind(asked.to_string())
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(status, "done", "the first run finished the message");
     // As if the process had died after storing the reply and before sending it.
     let long = format!("{}\n{}", "Zorblax ".repeat(200), "Blorp City. ".repeat(120));
     sqlx::query(
@@ -271,11 +283,19 @@ async fn after_a_restart_a_pending_message_gets_its_stored_reply_split_at_2000()
     .await
     .unwrap();
     set_pending(&db, &fake, asked).await;
-    server.stop().await.unwrap();
     let before = fake.sent().len();
     let server = common::start_config(config).await;
+    // The first reply and the first part of the resent one (the part with the reactions).
     until(30, "the stored reply", || fake.replies(dm(1101)).len() == 2).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The reactions come before the message is marked done: once it is, the delivery is
+    // over (no further part can come).
+    let db = &server.state.db;
+    wait_rows(
+        db.pool(),
+        "select count(*) from inbound_updates where status = 'done'",
+        1,
+    )
+    .await;
     let parts: Vec<String> = fake.sent()[before..]
         .iter()
         .map(|m| m.text().to_string())
@@ -289,7 +309,6 @@ async fn after_a_restart_a_pending_message_gets_its_stored_reply_split_at_2000()
         2,
         "the reactions are on the first part"
     );
-    let db = &server.state.db;
     let (replies, pid): (i64, Option<String>) = sqlx::query_as(
         "select count(*), max(platform_message_id) from messages where role = 'assistant'",
     )
@@ -685,7 +704,14 @@ async fn slash_commands_help_reset_forget_and_status_for_admins() {
         "another user's messages stay"
     );
     // Nothing of 3001's text is left anywhere in the database file: not in a table (the
-    // handled messages' payloads are dropped), not in free pages (secure_delete).
+    // handled messages' payloads are dropped), not in free pages (secure_delete). (A
+    // payload is dropped when its message is marked done, after the reply's reactions.)
+    wait_rows(
+        db,
+        "select count(*) from inbound_updates where status != 'done'",
+        0,
+    )
+    .await;
     let (busy, _, _): (i64, i64, i64) = sqlx::query_as("pragma wal_checkpoint(TRUNCATE)")
         .fetch_one(db)
         .await
@@ -993,14 +1019,13 @@ async fn a_gateway_disconnect_resumes_and_answers_each_message_once() {
         .await,
         1
     );
-    assert_eq!(
-        count(
-            &s,
-            "select count(*) from inbound_updates where status != 'done'"
-        )
-        .await,
-        0
-    );
+    // Marked done after the reply's reactions.
+    wait_rows(
+        s.server.state.db.pool(),
+        "select count(*) from inbound_updates where status != 'done'",
+        0,
+    )
+    .await;
     eprintln!("gateway connections: {:?}", fake.gateway_paths());
     assert_token_not_stored(&s);
 
