@@ -84,6 +84,25 @@ pub struct DenseBlock {
     pub ffn_norm: Tensor,
     /// Indexed by `Projection::index()`.
     pub proj: [DenseLinear; 7],
+    /// On the CPU, `[q; k; v]` and `[gate; up]` stacked in one tensor each, with the
+    /// projections' weights views into them (no second copy): the f32 host path
+    /// (`host.rs`) multiplies by each stack at once. Dropped when a weight is handed out
+    /// to be replaced (`param_mut`).
+    fused_qkv: Option<Tensor>,
+    fused_gate_up: Option<Tensor>,
+}
+
+/// `parts` stacked along rows into one tensor, and each part as a view into it.
+fn stack_rows(parts: &[&Tensor]) -> Result<(Tensor, Vec<Tensor>)> {
+    let all = Tensor::cat(parts, 0)?;
+    let mut views = Vec::with_capacity(parts.len());
+    let mut start = 0;
+    for p in parts {
+        let rows = p.dim(0)?;
+        views.push(all.narrow(0, start, rows)?);
+        start += rows;
+    }
+    Ok((all, views))
 }
 
 /// A llama-family model with dense weights in Hugging Face layout, for training.
@@ -162,18 +181,33 @@ impl DenseLlama {
                     b: bias.map(cast).transpose()?,
                 })
             };
+            let mut proj = [
+                lin(Projection::Q)?,
+                lin(Projection::K)?,
+                lin(Projection::V)?,
+                lin(Projection::O)?,
+                lin(Projection::Gate)?,
+                lin(Projection::Up)?,
+                lin(Projection::Down)?,
+            ];
+            let (mut fused_qkv, mut fused_gate_up) = (None, None);
+            if device.is_cpu() {
+                let (qkv, v) = stack_rows(&[&proj[0].w, &proj[1].w, &proj[2].w])?;
+                for (k, w) in v.into_iter().enumerate() {
+                    proj[k].w = w;
+                }
+                let (gu, v) = stack_rows(&[&proj[4].w, &proj[5].w])?;
+                for (k, w) in v.into_iter().enumerate() {
+                    proj[4 + k].w = w;
+                }
+                (fused_qkv, fused_gate_up) = (Some(qkv), Some(gu));
+            }
             blocks.push(DenseBlock {
                 attn_norm: cast(b.attn_norm.clone())?,
                 ffn_norm: cast(b.ffn_norm.clone())?,
-                proj: [
-                    lin(Projection::Q)?,
-                    lin(Projection::K)?,
-                    lin(Projection::V)?,
-                    lin(Projection::O)?,
-                    lin(Projection::Gate)?,
-                    lin(Projection::Up)?,
-                    lin(Projection::Down)?,
-                ],
+                proj,
+                fused_qkv,
+                fused_gate_up,
             });
         }
         let lm_head = if cfg.tie_word_embeddings {
@@ -247,7 +281,14 @@ impl DenseLlama {
         }
         let (_parent, rest) = rest.split_once('.')?;
         let (module, kind) = rest.split_once('.')?;
-        let l = &mut b.proj[Projection::from_hf_name(module)?.index()];
+        let p = Projection::from_hf_name(module)?;
+        // The caller is about to replace this tensor: the stack would go stale.
+        match p {
+            Projection::Q | Projection::K | Projection::V => b.fused_qkv = None,
+            Projection::Gate | Projection::Up => b.fused_gate_up = None,
+            _ => {}
+        }
+        let l = &mut b.proj[p.index()];
         match kind {
             "weight" => Some(&mut l.w),
             "bias" => l.b.as_mut(),
@@ -483,6 +524,9 @@ pub struct TrainBatch {
     scored_idx: Vec<u32>,
     scored_targets: Vec<u32>,
     scored_weights: Vec<f32>,
+    /// What the f32 host path needs (f32 on the CPU, each token's visible keys one
+    /// contiguous range).
+    host: Option<host::HostBatch>,
 }
 
 impl TrainBatch {
@@ -561,6 +605,11 @@ impl TrainBatch {
             .iter()
             .map(|r| r.segments.iter().filter(|&&s| s != 0).count())
             .sum();
+        let host = if dev.is_cpu() && model.dtype == DType::F32 {
+            host::HostBatch::new(rows, &cos, &sin)?
+        } else {
+            None
+        };
         Ok(Self {
             batch: b,
             seq: t,
@@ -573,6 +622,7 @@ impl TrainBatch {
             scored_idx,
             scored_targets,
             scored_weights,
+            host,
         })
     }
 
@@ -684,6 +734,12 @@ struct LayerCache {
     lora: [Option<LoraSaved>; 7],
 }
 
+/// What a layer's forward kept: from the generic graph or from the f32 host path.
+enum Saved {
+    Generic(LayerCache),
+    Host(host::HostCache),
+}
+
 /// What a LoRA projection keeps for its backward.
 struct LoraSaved {
     /// The input after dropout.
@@ -701,6 +757,8 @@ struct Ctx<'a> {
     /// `None`: evaluation (no dropout).
     dropout_seed: Option<u64>,
 }
+
+mod host;
 
 /// Fused element-wise kernels for f32 tensors on the CPU: one pass over memory and one
 /// output allocation where the generic candle-op versions (used for other dtypes and
@@ -945,9 +1003,15 @@ fn linear_fwd(
 /// An inverted-dropout mask (0 or `1 / (1 - p)`) drawn from `seed`, so recomputation
 /// under gradient checkpointing draws the same one.
 fn dropout_mask(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    let m = dropout_values(x.elem_count(), p, seed);
+    Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(x.dtype())
+}
+
+/// The values of [`dropout_mask`], row-major.
+fn dropout_values(len: usize, p: f64, seed: u64) -> Vec<f32> {
     let mut rng = StdRng::seed_from_u64(seed);
     let keep = 1.0 / (1.0 - p);
-    let m: Vec<f32> = (0..x.elem_count())
+    (0..len)
         .map(|_| {
             if rng.random::<f64>() < p {
                 0.0
@@ -955,8 +1019,7 @@ fn dropout_mask(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
                 keep as f32
             }
         })
-        .collect();
-    Tensor::from_vec(m, x.shape(), x.device())?.to_dtype(x.dtype())
+        .collect()
 }
 
 fn mix_seed(seed: u64, layer: usize, p: Projection) -> u64 {
@@ -1038,6 +1101,25 @@ impl Ctx<'_> {
         let seed = self.dropout_seed?;
         let pr = self.lora?.config.lora_dropout;
         (pr > 0.0).then(|| (pr, mix_seed(seed, layer, p)))
+    }
+
+    /// One block's forward, through the f32 host path where it applies (`host`: the pass
+    /// qualifies; the layer's base weights must also be frozen and stacked).
+    fn any_layer_fwd(
+        &self,
+        i: usize,
+        x: &Tensor,
+        keep: bool,
+        host: bool,
+        train: &BaseTrain,
+    ) -> Result<(Tensor, Option<Saved>)> {
+        let blk = &self.model.blocks[i];
+        if host && i < train.first_layer && blk.fused_qkv.is_some() && blk.fused_gate_up.is_some() {
+            let (y, c) = host::layer_fwd(self, i, x, keep)?;
+            return Ok((y, c.map(Saved::Host)));
+        }
+        let (y, c) = self.layer_fwd(i, x, keep)?;
+        Ok((y, c.map(Saved::Generic)))
     }
 
     /// One block's forward on `x` `[n, hidden]`; with `keep`, what its backward needs.
@@ -1261,12 +1343,13 @@ impl DenseLlama {
             dropout_seed: Some(opts.dropout_seed),
         };
         let n_layers = self.blocks.len();
+        let host = host::applies(self, lora, batch);
         let mut x = self.embed.index_select(&batch.input_ids, 0)?;
         let mut inputs = Vec::with_capacity(n_layers);
         let mut caches = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
             let (next, cache) = profile::time("layer forward (total)", || {
-                ctx.layer_fwd(i, &x, !opts.checkpointing)
+                ctx.any_layer_fwd(i, &x, !opts.checkpointing, host, train)
             })?;
             if opts.checkpointing {
                 inputs.push(x);
@@ -1277,7 +1360,11 @@ impl DenseLlama {
         }
         let hf = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
         let (stats, dhf) = profile::time("head (total)", || {
-            self.head(&hf, batch, Some((opts.grad_scale, train, &mut *grads)))
+            if host && !train.embeddings {
+                host::head(self, &hf, batch, Some(opts.grad_scale))
+            } else {
+                self.head(&hf, batch, Some((opts.grad_scale, train, &mut *grads)))
+            }
         })?;
         let dhf = dhf.ok_or_else(|| candle_core::Error::Msg("no head gradient".into()))?;
         let (mut dx, dg) = rms_norm_bwd(
@@ -1308,14 +1395,15 @@ impl DenseLlama {
                 let x_in = inputs
                     .pop()
                     .ok_or_else(|| candle_core::Error::Msg("lost input".into()))?;
-                ctx.layer_fwd(i, &x_in, true)?.1
+                ctx.any_layer_fwd(i, &x_in, true, host, train)?.1
             } else {
                 caches.pop().flatten()
             };
             let cache = cache.ok_or_else(|| candle_core::Error::Msg("lost layer cache".into()))?;
             let need_dx = i > lowest || train.embeddings;
-            match profile::time("layer backward (total)", || {
-                ctx.layer_bwd(i, &cache, &dx, train, need_dx, grads)
+            match profile::time("layer backward (total)", || match &cache {
+                Saved::Generic(c) => ctx.layer_bwd(i, c, &dx, train, need_dx, grads),
+                Saved::Host(c) => host::layer_bwd(&ctx, i, c, &dx, need_dx, grads),
             })? {
                 Some(d) => dx = d,
                 None => break,
@@ -1339,11 +1427,16 @@ impl DenseLlama {
             batch,
             dropout_seed: None,
         };
+        let host = host::applies(self, lora, batch);
+        let frozen = BaseTrain::frozen(self.blocks.len());
         let mut x = self.embed.index_select(&batch.input_ids, 0)?;
         for i in 0..self.blocks.len() {
-            x = ctx.layer_fwd(i, &x, false)?.0;
+            x = ctx.any_layer_fwd(i, &x, false, host, &frozen)?.0;
         }
         let hf = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
+        if host {
+            return Ok(host::head(self, &hf, batch, None)?.0);
+        }
         Ok(self.head(&hf, batch, None)?.0)
     }
 

@@ -1,0 +1,1368 @@
+//! The f32 CPU path of the training graph, for layers whose base weights are frozen (LoRA
+//! training, and the frozen layers of `freeze`), and for the output head when it is
+//! frozen: the same arithmetic as the generic candle graph in `mod.rs` (which stays the
+//! path for CUDA, bf16, f64 and trainable base weights, and the reference the tests check
+//! this one against), organised for two CPU cores:
+//!
+//! - q/k/v are one matrix product with the stacked `[q; k; v]` weights, and so are gate
+//!   and up; the LoRA `B` products accumulate straight into the projection's output and
+//!   the residual products into a copy of the residual, through `gemm` with strides (no
+//!   transposed or contiguous copies, no separate add passes);
+//! - attention works on the `[tokens, q | k | v]` rows as they are, one (sequence, head)
+//!   at a time on the worker pool, in blocks of 64 query rows that only multiply the key
+//!   columns a row can see (causal, and within its packed example), so the masked half of
+//!   the scores is never computed;
+//! - norms, rope, SiLU and the softmax are single passes over memory, with a vectorizable
+//!   `exp`; the output head's softmax, loss, accuracy and gradient are one pass per row
+//!   over its logits, which become the logits' gradient in place.
+
+use super::{Ctx, DenseLlama, Grads, PassStats, TrainBatch, dropout_values, peft_name, profile};
+use crate::llama::Projection;
+use crate::q4_1::dot_f32;
+use candle_core::{DType, Result, Tensor};
+use std::ops::Range;
+use std::sync::Mutex;
+
+/// Query rows per attention block.
+const BLK: usize = 64;
+/// Rows per work item of the element-wise passes.
+const ROWS_PER_ITEM: usize = 16;
+/// Scored rows of the output head at once (bounds the `[rows, vocab]` logits buffer).
+const HEAD_CHUNK: usize = 256;
+
+/// Per-batch data of the host path.
+#[derive(Debug)]
+pub(super) struct HostBatch {
+    /// `[tokens, head_dim / 2]` rotary tables at each token's position.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// Per token, the first position (within its row) it may attend to: it sees
+    /// `lo..=i`. Padding sees only itself.
+    lo: Vec<u32>,
+}
+
+impl HostBatch {
+    /// `None` when some token's visible keys are not one contiguous range (a packed
+    /// example split in two): the generic path's mask handles that.
+    pub(super) fn new(rows: &[super::Row], cos: &Tensor, sin: &Tensor) -> Result<Option<Self>> {
+        let mut lo = Vec::with_capacity(rows.len() * rows.first().map_or(0, |r| r.tokens.len()));
+        for r in rows {
+            let mut seen_ended = std::collections::HashSet::new();
+            let mut start = 0usize;
+            for i in 0..r.segments.len() {
+                let s = r.segments[i];
+                if i > 0 && r.segments[i - 1] != s {
+                    if r.segments[i - 1] != 0 {
+                        seen_ended.insert(r.segments[i - 1]);
+                    }
+                    start = i;
+                }
+                if s == 0 {
+                    lo.push(i as u32);
+                } else {
+                    if seen_ended.contains(&s) {
+                        return Ok(None);
+                    }
+                    lo.push(start as u32);
+                }
+            }
+        }
+        Ok(Some(Self {
+            cos: cos.flatten_all()?.to_vec1()?,
+            sin: sin.flatten_all()?.to_vec1()?,
+            lo,
+        }))
+    }
+}
+
+/// Whether the host path runs this pass: f32 on the CPU, f32 LoRA weights, a batch it
+/// can mask.
+pub(super) fn applies(
+    model: &DenseLlama,
+    lora: Option<&super::LoraParams>,
+    batch: &TrainBatch,
+) -> bool {
+    model.device.is_cpu()
+        && model.dtype == DType::F32
+        && batch.host.is_some()
+        && lora.is_none_or(|l| {
+            l.layers.iter().flatten().flatten().all(|ab| {
+                ab.a.dtype() == DType::F32
+                    && ab.b.dtype() == DType::F32
+                    && ab.a.device().is_cpu()
+                    && ab.b.device().is_cpu()
+            })
+        })
+}
+
+// ---------------------------------------------------------------------------------------
+// Matrix products on host slices.
+
+/// A strided matrix inside a slice: element `(i, j)` is at `off + i * rs + j * cs`.
+#[derive(Debug, Clone, Copy)]
+struct View {
+    off: usize,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl View {
+    /// Row-major `rows x cols` at `off`, `ld` apart.
+    fn rm(off: usize, rows: usize, cols: usize, ld: usize) -> Self {
+        Self {
+            off,
+            rows,
+            cols,
+            rs: ld,
+            cs: 1,
+        }
+    }
+
+    fn t(self) -> Self {
+        Self {
+            off: self.off,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
+    /// Rows `r` of this matrix.
+    fn rows(self, r: Range<usize>) -> Self {
+        Self {
+            off: self.off + r.start * self.rs,
+            rows: r.len(),
+            ..self
+        }
+    }
+
+    /// One past the last element it touches.
+    fn end(&self) -> usize {
+        if self.rows == 0 || self.cols == 0 {
+            self.off
+        } else {
+            self.off + (self.rows - 1) * self.rs + (self.cols - 1) * self.cs + 1
+        }
+    }
+}
+
+/// `dst = scale * a b`, or `dst += scale * a b` with `acc`; on candle's thread count
+/// with `par`, else on this thread.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    dst: &mut [f32],
+    d: View,
+    acc: bool,
+    a: &[f32],
+    av: View,
+    b: &[f32],
+    bv: View,
+    scale: f32,
+    par: bool,
+) {
+    assert!(d.end() <= dst.len() && av.end() <= a.len() && bv.end() <= b.len());
+    // SAFETY: every view lies inside its slice (checked above), and `dst` is a `&mut`
+    // borrow, so it overlaps neither input.
+    #[allow(unsafe_code)]
+    unsafe {
+        gemm_ptr(
+            dst.as_mut_ptr(),
+            d,
+            acc,
+            a.as_ptr(),
+            av,
+            b.as_ptr(),
+            bv,
+            scale,
+            par,
+        )
+    }
+}
+
+/// [`gemm`] on raw pointers, for the attention items that write disjoint strided parts
+/// of one buffer from several threads.
+///
+/// # Safety
+/// Every view must lie inside the allocation its pointer points into, and the elements
+/// of `d` must not be read or written by anything else during the call.
+#[allow(unsafe_code, clippy::too_many_arguments)]
+unsafe fn gemm_ptr(
+    dst: *mut f32,
+    d: View,
+    acc: bool,
+    a: *const f32,
+    av: View,
+    b: *const f32,
+    bv: View,
+    scale: f32,
+    par: bool,
+) {
+    assert_eq!((d.rows, d.cols, av.cols), (av.rows, bv.cols, bv.rows));
+    if d.rows == 0 || d.cols == 0 || av.cols == 0 {
+        return;
+    }
+    let parallelism = match candle_core::utils::get_num_threads() {
+        n if par && n > 1 => gemm::Parallelism::Rayon(n),
+        _ => gemm::Parallelism::None,
+    };
+    // SAFETY: the caller's contract; `gemm` reads and writes exactly the views' elements.
+    unsafe {
+        gemm::gemm(
+            d.rows,
+            d.cols,
+            av.cols,
+            dst.add(d.off),
+            d.cs as isize,
+            d.rs as isize,
+            acc,
+            a.add(av.off),
+            av.cs as isize,
+            av.rs as isize,
+            b.add(bv.off),
+            bv.cs as isize,
+            bv.rs as isize,
+            if acc { 1.0 } else { 0.0 },
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// A buffer that attention items write disjoint parts of from the pool's threads.
+struct Shared {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: only used through `gemm_ptr` and `slice_mut`, whose callers guarantee that
+// concurrent users touch disjoint elements.
+#[allow(unsafe_code)]
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    fn new(v: &mut [f32]) -> Self {
+        Self {
+            ptr: v.as_mut_ptr(),
+            len: v.len(),
+        }
+    }
+
+    /// `dst (+)= scale * a b` into this buffer.
+    ///
+    /// # Safety
+    /// No other thread touches `d`'s elements during the call.
+    #[allow(unsafe_code, clippy::too_many_arguments)]
+    unsafe fn gemm(
+        &self,
+        d: View,
+        acc: bool,
+        a: &[f32],
+        av: View,
+        b: &[f32],
+        bv: View,
+        scale: f32,
+    ) {
+        assert!(d.end() <= self.len && av.end() <= a.len() && bv.end() <= b.len());
+        // SAFETY: bounds checked; exclusivity is the caller's contract.
+        unsafe {
+            gemm_ptr(
+                self.ptr,
+                d,
+                acc,
+                a.as_ptr(),
+                av,
+                b.as_ptr(),
+                bv,
+                scale,
+                false,
+            )
+        }
+    }
+
+    /// Elements `r` as a slice.
+    ///
+    /// # Safety
+    /// No other thread touches them while the slice lives.
+    #[allow(unsafe_code, clippy::mut_from_ref)]
+    unsafe fn slice_mut(&self, r: Range<usize>) -> &mut [f32] {
+        assert!(r.start <= r.end && r.end <= self.len);
+        // SAFETY: in bounds; exclusivity is the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(r.start), r.len()) }
+    }
+}
+
+/// `f(item)` for every item on candle's worker pool.
+fn pool_items(n: usize, f: impl Fn(usize) + Sync) {
+    candle_core::utils::barrier_pool().execute_chunked(n, |r| r.for_each(&f));
+}
+
+/// `f(row, row_slice)` for every `ld`-long row of `buf`, on the pool.
+fn par_rows(buf: &mut [f32], ld: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let items: Vec<Mutex<&mut [f32]>> =
+        buf.chunks_mut(ROWS_PER_ITEM * ld).map(Mutex::new).collect();
+    pool_items(items.len(), |it| {
+        let mut chunk = items[it].lock().unwrap_or_else(|e| e.into_inner());
+        for (k, row) in chunk.chunks_mut(ld).enumerate() {
+            f(it * ROWS_PER_ITEM + k, row);
+        }
+    });
+}
+
+/// `exp(x)` in f32 without a libm call, so loops over it vectorize: `2^k e^r` with
+/// `r = x - k ln 2` in `[-ln2/2, ln2/2]` and Cephes' `expf` polynomial for `e^r` (about
+/// 1 ulp of error; the test compares it with f64 `exp`). `x <= -87.3` gives ~1e-38, not 0.
+#[inline(always)]
+pub(crate) fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split so that `k * LN2_HI` is exact.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Round to nearest by adding 1.5 * 2^23.
+    const MAGIC: f32 = 12_582_912.0;
+    let x = x.clamp(-87.3, 88.3);
+    let k = (x * LOG2E + MAGIC) - MAGIC;
+    let r = x - k * LN2_HI - k * LN2_LO;
+    let p = ((((1.987_569_2e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 5.000_000_1e-1;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((k as i32 + 127) << 23) as u32)
+}
+
+/// Eight independent lanes, so these vectorize (a plain f32 `sum()` or `fold` is one
+/// serial chain: float addition is not reassociated).
+fn lanes8(v: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; 8];
+    let c = v.chunks_exact(8);
+    let tail = c.remainder().iter().fold(init, |a, &x| f(a, x));
+    for x in c {
+        for k in 0..8 {
+            acc[k] = f(acc[k], x[k]);
+        }
+    }
+    acc.iter().fold(tail, |a, &x| f(a, x))
+}
+
+fn sum_f32(v: &[f32]) -> f32 {
+    lanes8(v, 0.0, |a, x| a + x)
+}
+
+fn max_f32(v: &[f32]) -> f32 {
+    lanes8(v, f32::NEG_INFINITY, f32::max)
+}
+
+/// `z = exp(z - mx)` in place; returns the sum.
+fn exp_sub(z: &mut [f32], mx: f32) -> f32 {
+    for v in z.iter_mut() {
+        *v = fast_exp(*v - mx);
+    }
+    sum_f32(z)
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + fast_exp(-x))
+}
+
+// ---------------------------------------------------------------------------------------
+// Element-wise passes.
+
+/// RMSNorm of `[n, h]` rows: `(x r g, r)` with `r = 1 / sqrt(mean(x^2) + eps)` per row.
+fn rms_fwd(x: &[f32], g: &[f32], eps: f32, h: usize) -> (Vec<f32>, Vec<f32>) {
+    let r: Vec<f32> = x
+        .chunks(h)
+        .map(|row| 1.0 / (dot_f32(row, row) / h as f32 + eps).sqrt())
+        .collect();
+    let mut y = vec![0f32; x.len()];
+    par_rows(&mut y, h, |i, out| {
+        let (xr, ri) = (&x[i * h..(i + 1) * h], r[i]);
+        for ((o, v), gv) in out.iter_mut().zip(xr).zip(g) {
+            *o = v * ri * gv;
+        }
+    });
+    (y, r)
+}
+
+/// RMSNorm backward added to `acc`: `acc += r (dy g - xhat mean(dy g xhat))`,
+/// `xhat = x r`.
+fn rms_bwd_add(acc: &mut [f32], x: &[f32], r: &[f32], g: &[f32], dy: &[f32], h: usize) {
+    par_rows(acc, h, |i, out| {
+        let (xr, dr, ri) = (&x[i * h..(i + 1) * h], &dy[i * h..(i + 1) * h], r[i]);
+        // dxhat = dy g, kept in `out`'s space until the final pass would need two
+        // buffers: compute mean(dxhat xhat) from a product of dy and x first.
+        let mut acc = [0f32; 8];
+        let (xc, dc, gc) = (xr.chunks_exact(8), dr.chunks_exact(8), g.chunks_exact(8));
+        let mut tail = 0f32;
+        for ((xv, dv), gv) in xc
+            .remainder()
+            .iter()
+            .zip(dc.remainder())
+            .zip(gc.remainder())
+        {
+            tail += dv * gv * xv;
+        }
+        for ((xv, dv), gv) in xc.zip(dc).zip(gc) {
+            for k in 0..8 {
+                acc[k] += dv[k] * gv[k] * xv[k];
+            }
+        }
+        let c = (sum_f32(&acc) + tail) * ri / h as f32;
+        for (((o, xv), dv), gv) in out.iter_mut().zip(xr).zip(dr).zip(g) {
+            *o += ri * (dv * gv - xv * ri * c);
+        }
+    });
+}
+
+/// Add `bias` to columns `col..col + bias.len()` of every `ld`-long row.
+fn add_bias(buf: &mut [f32], ld: usize, col: usize, bias: Option<&[f32]>) {
+    let Some(bias) = bias else { return };
+    for row in buf.chunks_mut(ld) {
+        for (o, b) in row[col..col + bias.len()].iter_mut().zip(bias) {
+            *o += b;
+        }
+    }
+}
+
+/// Rotate `heads` heads of `hd` values starting at column `col` of every `ld`-long row
+/// (the halves layout: value `j` pairs with `j + hd/2`) by each row's angle; by the
+/// opposite angle with `inverse` (the backward of a rotation).
+#[allow(clippy::too_many_arguments)]
+fn rope(
+    buf: &mut [f32],
+    ld: usize,
+    col: usize,
+    heads: usize,
+    hd: usize,
+    cos: &[f32],
+    sin: &[f32],
+    inverse: bool,
+) {
+    let half = hd / 2;
+    let sign = if inverse { -1.0 } else { 1.0 };
+    par_rows(buf, ld, |i, row| {
+        let (c, s) = (
+            &cos[i * half..(i + 1) * half],
+            &sin[i * half..(i + 1) * half],
+        );
+        for h in 0..heads {
+            let (a, b) = row[col + h * hd..col + (h + 1) * hd].split_at_mut(half);
+            for j in 0..half {
+                let (x0, x1, sn) = (a[j], b[j], sign * s[j]);
+                a[j] = x0 * c[j] - x1 * sn;
+                b[j] = x1 * c[j] + x0 * sn;
+            }
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// LoRA.
+
+/// One projection's LoRA weights on the host: `A` `[r, in]`, `B` `[out, r]`.
+struct LoraW {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    r: usize,
+}
+
+/// What a LoRA projection keeps for its backward.
+pub(super) struct LoraKept {
+    w: LoraW,
+    /// `u = x_d A^T`, `[n, r]`.
+    u: Vec<f32>,
+    /// The dropout mask (0 or `1 / (1 - p)`), when dropout is on.
+    mask: Option<Vec<f32>>,
+}
+
+fn lora_w(ab: &super::LoraAb) -> Result<LoraW> {
+    Ok(LoraW {
+        a: ab.a.flatten_all()?.to_vec1()?,
+        b: ab.b.flatten_all()?.to_vec1()?,
+        r: ab.a.dim(0)?,
+    })
+}
+
+/// `x` after the dropout mask, or `x` itself.
+fn dropped<'a>(x: &'a [f32], mask: Option<&[f32]>, owned: &'a mut Vec<f32>) -> &'a [f32] {
+    match mask {
+        Some(m) => {
+            *owned = x.iter().zip(m).map(|(a, b)| a * b).collect();
+            owned
+        }
+        None => x,
+    }
+}
+
+/// `dst += s (x_d A^T) B^T` for `x` `[n, in]`, `dst` a `[n, out]` view.
+fn lora_fwd(
+    x: &[f32],
+    n: usize,
+    w: LoraW,
+    s: f32,
+    dropout: Option<(f64, u64)>,
+    dst: &mut [f32],
+    d: View,
+) -> LoraKept {
+    let inp = x.len() / n;
+    let mask = dropout
+        .filter(|(p, _)| *p > 0.0)
+        .map(|(p, seed)| dropout_values(x.len(), p, seed));
+    let mut owned = Vec::new();
+    let xd = dropped(x, mask.as_deref(), &mut owned);
+    let r = w.r;
+    let mut u = vec![0f32; n * r];
+    let a_t = View::rm(0, r, inp, inp).t();
+    gemm(
+        &mut u,
+        View::rm(0, n, r, r),
+        false,
+        xd,
+        View::rm(0, n, inp, inp),
+        &w.a,
+        a_t,
+        1.0,
+        true,
+    );
+    let b_t = View::rm(0, d.cols, r, r).t();
+    gemm(dst, d, true, &u, View::rm(0, n, r, r), &w.b, b_t, s, true);
+    LoraKept { w, u, mask }
+}
+
+/// LoRA gradients of one projection into `grads`, and `dx += (s dy B) A` (through the
+/// dropout mask) when `dx` is given. `x` `[n, in]` is the projection's input, `dy` a
+/// `[n, out]` view of its output gradient.
+#[allow(clippy::too_many_arguments)]
+fn lora_bwd(
+    ctx: &Ctx,
+    layer: usize,
+    p: Projection,
+    x: &[f32],
+    kept: &LoraKept,
+    dy: &[f32],
+    dyv: View,
+    dx: Option<&mut [f32]>,
+    grads: &mut Grads,
+) -> Result<()> {
+    let n = dyv.rows;
+    let (inp, out, r) = (x.len() / n, dyv.cols, kept.w.r);
+    let s = ctx.scale() as f32;
+    let dev = &ctx.model.device;
+    let nr = View::rm(0, n, r, r);
+    profile::time("bwd lora", || -> Result<()> {
+        let mut gb = vec![0f32; out * r];
+        gemm(
+            &mut gb,
+            View::rm(0, out, r, r),
+            false,
+            dy,
+            dyv.t(),
+            &kept.u,
+            nr,
+            s,
+            true,
+        );
+        let mut du = vec![0f32; n * r];
+        gemm(
+            &mut du,
+            nr,
+            false,
+            dy,
+            dyv,
+            &kept.w.b,
+            View::rm(0, out, r, r),
+            s,
+            true,
+        );
+        let mut owned = Vec::new();
+        let xd = dropped(x, kept.mask.as_deref(), &mut owned);
+        let mut ga = vec![0f32; r * inp];
+        let xv = View::rm(0, n, inp, inp);
+        gemm(
+            &mut ga,
+            View::rm(0, r, inp, inp),
+            false,
+            &du,
+            nr.t(),
+            xd,
+            xv,
+            1.0,
+            true,
+        );
+        grads.accumulate(
+            peft_name(layer, p, 'B'),
+            Tensor::from_vec(gb, (out, r), dev)?,
+        )?;
+        grads.accumulate(
+            peft_name(layer, p, 'A'),
+            Tensor::from_vec(ga, (r, inp), dev)?,
+        )?;
+        if let Some(dx) = dx {
+            let av = View::rm(0, r, inp, inp);
+            match &kept.mask {
+                None => gemm(dx, xv, true, &du, nr, &kept.w.a, av, 1.0, true),
+                Some(m) => {
+                    let mut t = vec![0f32; n * inp];
+                    gemm(&mut t, xv, false, &du, nr, &kept.w.a, av, 1.0, true);
+                    for ((o, v), mv) in dx.iter_mut().zip(&t).zip(m) {
+                        *o += v * mv;
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention.
+
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    b: usize,
+    t: usize,
+    n: usize,
+    h: usize,
+    nh: usize,
+    kvh: usize,
+    hd: usize,
+    /// Widths of q and of k (= v) in a `[q | k | v]` row, and the row's width.
+    dq: usize,
+    dk: usize,
+    wq: usize,
+    inter: usize,
+}
+
+impl Dims {
+    fn of(ctx: &Ctx) -> Self {
+        let c = &ctx.model.config;
+        let (b, t) = (ctx.batch.batch, ctx.batch.seq);
+        let (dq, dk) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        Self {
+            b,
+            t,
+            n: b * t,
+            h: c.hidden_size,
+            nh: c.num_heads,
+            kvh: c.num_kv_heads,
+            hd: c.head_dim,
+            dq,
+            dk,
+            wq: dq + 2 * dk,
+            inter: c.intermediate_size,
+        }
+    }
+
+    /// Head `h` of q, `g` of k or `g` of v in row `bi`'s tokens of a `[q | k | v]` buffer.
+    fn q(&self, bi: usize, h: usize) -> View {
+        View::rm(
+            bi * self.t * self.wq + h * self.hd,
+            self.t,
+            self.hd,
+            self.wq,
+        )
+    }
+
+    fn k(&self, bi: usize, g: usize) -> View {
+        self.q(bi, 0).shift(self.dq + g * self.hd)
+    }
+
+    fn v(&self, bi: usize, g: usize) -> View {
+        self.q(bi, 0).shift(self.dq + self.dk + g * self.hd)
+    }
+
+    /// Head `h` of row `bi` in a `[tokens, nh * hd]` buffer (the attention output).
+    fn o(&self, bi: usize, h: usize) -> View {
+        View::rm(
+            bi * self.t * self.dq + h * self.hd,
+            self.t,
+            self.hd,
+            self.dq,
+        )
+    }
+
+    /// The `[t, t]` probabilities of row `bi`, head `h`: where they start.
+    fn p_off(&self, bi: usize, h: usize) -> usize {
+        (bi * self.nh + h) * self.t * self.t
+    }
+
+    /// Query-row blocks of row `bi`: each with the first key column any of its rows sees.
+    fn blocks<'a>(
+        &self,
+        lo: &'a [u32],
+        bi: usize,
+    ) -> impl Iterator<Item = (usize, usize, usize)> + 'a {
+        let t = self.t;
+        (0..t).step_by(BLK).map(move |r0| {
+            let r1 = (r0 + BLK).min(t);
+            let c0 = lo[bi * t + r0..bi * t + r1]
+                .iter()
+                .min()
+                .copied()
+                .unwrap_or(0) as usize;
+            (r0, r1, c0)
+        })
+    }
+}
+
+impl View {
+    fn shift(self, by: usize) -> Self {
+        Self {
+            off: self.off + by,
+            ..self
+        }
+    }
+}
+
+/// Attention forward on roped `qkv` `[n, q | k | v]`: the output `[n, nh * hd]` and the
+/// probabilities `[b, nh, t, t]` (zero where masked).
+fn attn_fwd(qkv: &[f32], d: Dims, hb: &HostBatch) -> (Vec<f32>, Vec<f32>) {
+    let (t, n_rep) = (d.t, d.nh / d.kvh);
+    let scale = 1.0 / (d.hd as f32).sqrt();
+    let mut y = vec![0f32; d.n * d.dq];
+    let mut p = vec![0f32; d.b * d.nh * t * t];
+    let (ys, ps) = (Shared::new(&mut y), Shared::new(&mut p));
+    pool_items(d.b * d.nh, |item| {
+        let (bi, h) = (item / d.nh, item % d.nh);
+        let g = h / n_rep;
+        let (qv, kv, vv) = (d.q(bi, h), d.k(bi, g), d.v(bi, g));
+        let po = d.p_off(bi, h);
+        // SAFETY: item (bi, h) alone touches P[bi, h] (and head h of row bi's output).
+        #[allow(unsafe_code)]
+        let pm = unsafe { ps.slice_mut(po..po + t * t) };
+        for (r0, r1, c0) in d.blocks(&hb.lo, bi) {
+            let pv = View::rm(r0 * t + c0, r1 - r0, r1 - c0, t);
+            gemm(
+                pm,
+                pv,
+                false,
+                qkv,
+                qv.rows(r0..r1),
+                qkv,
+                kv.rows(c0..r1).t(),
+                scale,
+                false,
+            );
+            for i in r0..r1 {
+                let row = &mut pm[i * t..i * t + r1];
+                let lo = hb.lo[bi * t + i] as usize;
+                row[c0..lo].fill(0.0);
+                row[i + 1..].fill(0.0);
+                let z = &mut row[lo..=i];
+                let sum = exp_sub(z, max_f32(z));
+                let inv = 1.0 / sum;
+                z.iter_mut().for_each(|v| *v *= inv);
+            }
+            // SAFETY: see `pm`.
+            #[allow(unsafe_code)]
+            unsafe {
+                ys.gemm(
+                    d.o(bi, h).rows(r0..r1),
+                    false,
+                    pm,
+                    pv,
+                    qkv,
+                    vv.rows(c0..r1),
+                    1.0,
+                );
+            }
+        }
+    });
+    (y, p)
+}
+
+/// Attention backward: from the output gradient `dy` `[n, nh * hd]`, the gradient of the
+/// roped `[n, q | k | v]`.
+fn attn_bwd(qkv: &[f32], p: &[f32], dy: &[f32], d: Dims, hb: &HostBatch) -> Vec<f32> {
+    let (t, n_rep) = (d.t, d.nh / d.kvh);
+    let scale = 1.0 / (d.hd as f32).sqrt();
+    let mut dqkv = vec![0f32; d.n * d.wq];
+    let ds_all = Shared::new(&mut dqkv);
+    pool_items(d.b * d.kvh, |item| {
+        let (bi, g) = (item / d.kvh, item % d.kvh);
+        let (kv, vv) = (d.k(bi, g), d.v(bi, g));
+        let mut ds = vec![0f32; t * t];
+        for h in g * n_rep..(g + 1) * n_rep {
+            let qv = d.q(bi, h);
+            let ov = d.o(bi, h);
+            let po = d.p_off(bi, h);
+            for (r0, r1, c0) in d.blocks(&hb.lo, bi) {
+                let sv = View::rm(r0 * t + c0, r1 - r0, r1 - c0, t);
+                let pv = sv.shift(po);
+                // dP = dO V^T
+                gemm(
+                    &mut ds,
+                    sv,
+                    false,
+                    dy,
+                    ov.rows(r0..r1),
+                    qkv,
+                    vv.rows(c0..r1).t(),
+                    1.0,
+                    false,
+                );
+                // dS = P (dP - sum(P dP))
+                for i in r0..r1 {
+                    let (pr, dr) = (
+                        &p[po + i * t + c0..po + i * t + r1],
+                        &mut ds[i * t + c0..i * t + r1],
+                    );
+                    let dot = dot_f32(pr, dr);
+                    for (o, a) in dr.iter_mut().zip(pr) {
+                        *o = a * (*o - dot);
+                    }
+                }
+                // SAFETY (all three): item (bi, g) alone touches the q columns of heads
+                // g * n_rep.. and the k/v columns of kv head g in row bi's tokens.
+                #[allow(unsafe_code)]
+                unsafe {
+                    let dqv = d.q(bi, h).rows(r0..r1);
+                    ds_all.gemm(dqv, false, &ds, sv, qkv, kv.rows(c0..r1), scale);
+                    ds_all.gemm(
+                        d.k(bi, g).rows(c0..r1),
+                        true,
+                        &ds,
+                        sv.t(),
+                        qkv,
+                        qv.rows(r0..r1),
+                        scale,
+                    );
+                    ds_all.gemm(
+                        d.v(bi, g).rows(c0..r1),
+                        true,
+                        p,
+                        pv.t(),
+                        dy,
+                        ov.rows(r0..r1),
+                        1.0,
+                    );
+                }
+            }
+        }
+    });
+    dqkv
+}
+
+// ---------------------------------------------------------------------------------------
+// A layer.
+
+/// What the forward of one layer keeps for its backward.
+pub(super) struct HostCache {
+    x: Tensor,
+    r1: Vec<f32>,
+    h1: Vec<f32>,
+    /// After bias, LoRA and rope: what attention read.
+    qkv: Vec<f32>,
+    p: Vec<f32>,
+    y: Vec<f32>,
+    x2: Vec<f32>,
+    r2: Vec<f32>,
+    h2: Vec<f32>,
+    /// `[n, gate | up]`.
+    gu: Vec<f32>,
+    act: Vec<f32>,
+    lora: [Option<LoraKept>; 7],
+}
+
+fn vec_of(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1()
+}
+
+fn bias_of(ctx: &Ctx, i: usize, p: Projection) -> Result<Option<Vec<f32>>> {
+    ctx.model.blocks[i].proj[p.index()]
+        .b
+        .as_ref()
+        .map(vec_of)
+        .transpose()
+}
+
+fn missing(what: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!("host training path: {what}"))
+}
+
+/// One layer's forward; with `keep`, what its backward needs.
+pub(super) fn layer_fwd(
+    ctx: &Ctx,
+    i: usize,
+    x: &Tensor,
+    keep: bool,
+) -> Result<(Tensor, Option<HostCache>)> {
+    let m = ctx.model;
+    let blk = &m.blocks[i];
+    let d = Dims::of(ctx);
+    let hb = ctx
+        .batch
+        .host
+        .as_ref()
+        .ok_or_else(|| missing("no host batch"))?;
+    let (wqkv, wgu) = (
+        blk.fused_qkv
+            .as_ref()
+            .ok_or_else(|| missing("q/k/v not stacked"))?,
+        blk.fused_gate_up
+            .as_ref()
+            .ok_or_else(|| missing("gate/up not stacked"))?,
+    );
+    let (wo, wd) = (
+        &blk.proj[Projection::O.index()].w,
+        &blk.proj[Projection::Down.index()].w,
+    );
+    let eps = m.config.rms_norm_eps as f32;
+    let (g1, g2) = (vec_of(&blk.attn_norm)?, vec_of(&blk.ffn_norm)?);
+    let s = ctx.scale() as f32;
+    let mut lw: [Option<LoraW>; 7] = Default::default();
+    let mut bias: [Option<Vec<f32>>; 7] = Default::default();
+    for p in Projection::ALL {
+        lw[p.index()] = ctx.lora_of(i, p).map(lora_w).transpose()?;
+        bias[p.index()] = bias_of(ctx, i, p)?;
+    }
+    let (n, h, inter) = (d.n, d.h, d.inter);
+    let x_in = x.clone();
+    let (x3, cache) = super::fused::host_f32(&[x, wqkv, wo, wgu, wd], |sl| -> Result<_> {
+        let [x, wqkv, wo, wgu, wd] = sl else {
+            unreachable!("five tensors in, five slices out")
+        };
+        let mut lora: [Option<LoraKept>; 7] = Default::default();
+        let mut lora_into = |p: Projection, inp: &[f32], dst: &mut [f32], dv: View| {
+            if let Some(w) = lw[p.index()].take() {
+                let kept = profile::time("fwd lora", || {
+                    lora_fwd(inp, n, w, s, ctx.dropout(i, p), dst, dv)
+                });
+                lora[p.index()] = Some(kept);
+            }
+        };
+
+        // Attention.
+        let (h1, r1) = rms_fwd(x, &g1, eps, h);
+        let mut qkv = vec![0f32; n * d.wq];
+        profile::time("fwd x W^T", || {
+            let wv = View::rm(0, d.wq, h, h).t();
+            gemm(
+                &mut qkv,
+                View::rm(0, n, d.wq, d.wq),
+                false,
+                &h1,
+                View::rm(0, n, h, h),
+                wqkv,
+                wv,
+                1.0,
+                true,
+            )
+        });
+        for (p, col, width) in [
+            (Projection::Q, 0, d.dq),
+            (Projection::K, d.dq, d.dk),
+            (Projection::V, d.dq + d.dk, d.dk),
+        ] {
+            add_bias(&mut qkv, d.wq, col, bias[p.index()].as_deref());
+            lora_into(p, &h1, &mut qkv, View::rm(col, n, width, d.wq));
+        }
+        rope(&mut qkv, d.wq, 0, d.nh, d.hd, &hb.cos, &hb.sin, false);
+        rope(&mut qkv, d.wq, d.dq, d.kvh, d.hd, &hb.cos, &hb.sin, false);
+        let (y, p) = profile::time("fwd attn", || attn_fwd(&qkv, d, hb));
+        let mut x2 = x.to_vec();
+        profile::time("fwd x W^T", || {
+            let wv = View::rm(0, h, d.dq, d.dq).t();
+            gemm(
+                &mut x2,
+                View::rm(0, n, h, h),
+                true,
+                &y,
+                View::rm(0, n, d.dq, d.dq),
+                wo,
+                wv,
+                1.0,
+                true,
+            )
+        });
+        add_bias(&mut x2, h, 0, bias[Projection::O.index()].as_deref());
+        lora_into(Projection::O, &y, &mut x2, View::rm(0, n, h, h));
+
+        // MLP.
+        let (h2, r2) = rms_fwd(&x2, &g2, eps, h);
+        let mut gu = vec![0f32; n * 2 * inter];
+        profile::time("fwd x W^T", || {
+            let wv = View::rm(0, 2 * inter, h, h).t();
+            gemm(
+                &mut gu,
+                View::rm(0, n, 2 * inter, 2 * inter),
+                false,
+                &h2,
+                View::rm(0, n, h, h),
+                wgu,
+                wv,
+                1.0,
+                true,
+            )
+        });
+        for (p, col) in [(Projection::Gate, 0), (Projection::Up, inter)] {
+            add_bias(&mut gu, 2 * inter, col, bias[p.index()].as_deref());
+            lora_into(p, &h2, &mut gu, View::rm(col, n, inter, 2 * inter));
+        }
+        let mut act = vec![0f32; n * inter];
+        par_rows(&mut act, inter, |r, a| {
+            let row = &gu[r * 2 * inter..(r + 1) * 2 * inter];
+            let (g, u) = row.split_at(inter);
+            for ((o, gv), uv) in a.iter_mut().zip(g).zip(u) {
+                *o = gv * sigmoid(*gv) * uv;
+            }
+        });
+        let mut x3 = x2.clone();
+        profile::time("fwd x W^T", || {
+            let wv = View::rm(0, h, inter, inter).t();
+            gemm(
+                &mut x3,
+                View::rm(0, n, h, h),
+                true,
+                &act,
+                View::rm(0, n, inter, inter),
+                wd,
+                wv,
+                1.0,
+                true,
+            )
+        });
+        add_bias(&mut x3, h, 0, bias[Projection::Down.index()].as_deref());
+        lora_into(Projection::Down, &act, &mut x3, View::rm(0, n, h, h));
+        let cache = keep.then(|| HostCache {
+            x: x_in,
+            r1,
+            h1,
+            qkv,
+            p,
+            y,
+            x2,
+            r2,
+            h2,
+            gu,
+            act,
+            lora,
+        });
+        Ok((x3, cache))
+    })
+    .ok_or_else(|| missing("weights not contiguous f32 on the CPU"))??;
+    Ok((Tensor::from_vec(x3, (n, h), &m.device)?, cache))
+}
+
+/// One layer's backward: `dx3` in, the input gradient out (`None` without `need_dx`).
+pub(super) fn layer_bwd(
+    ctx: &Ctx,
+    i: usize,
+    c: &HostCache,
+    dx3: &Tensor,
+    need_dx: bool,
+    grads: &mut Grads,
+) -> Result<Option<Tensor>> {
+    let m = ctx.model;
+    let blk = &m.blocks[i];
+    let d = Dims::of(ctx);
+    let hb = ctx
+        .batch
+        .host
+        .as_ref()
+        .ok_or_else(|| missing("no host batch"))?;
+    let (wqkv, wgu) = (
+        blk.fused_qkv
+            .as_ref()
+            .ok_or_else(|| missing("q/k/v not stacked"))?,
+        blk.fused_gate_up
+            .as_ref()
+            .ok_or_else(|| missing("gate/up not stacked"))?,
+    );
+    let (wo, wd) = (
+        &blk.proj[Projection::O.index()].w,
+        &blk.proj[Projection::Down.index()].w,
+    );
+    let (g1, g2) = (vec_of(&blk.attn_norm)?, vec_of(&blk.ffn_norm)?);
+    let (n, h, inter) = (d.n, d.h, d.inter);
+    let dx = super::fused::host_f32(&[dx3, &c.x, wqkv, wo, wgu, wd], |sl| -> Result<_> {
+        let [dx3, x, wqkv, wo, wgu, wd] = sl else {
+            unreachable!("six tensors in, six slices out")
+        };
+        let kept = |p: Projection| c.lora[p.index()].as_ref();
+        let nh_view = View::rm(0, n, h, h);
+
+        // MLP.
+        let mut da = vec![0f32; n * inter];
+        profile::time("bwd dy W", || {
+            gemm(
+                &mut da,
+                View::rm(0, n, inter, inter),
+                false,
+                dx3,
+                nh_view,
+                wd,
+                View::rm(0, h, inter, inter),
+                1.0,
+                true,
+            )
+        });
+        if let Some(k) = kept(Projection::Down) {
+            lora_bwd(
+                ctx,
+                i,
+                Projection::Down,
+                &c.act,
+                k,
+                dx3,
+                nh_view,
+                Some(&mut da),
+                grads,
+            )?;
+        }
+        let w2 = 2 * inter;
+        let mut dgu = vec![0f32; n * w2];
+        par_rows(&mut dgu, w2, |r, out| {
+            let (g, u) = c.gu[r * w2..(r + 1) * w2].split_at(inter);
+            let dr = &da[r * inter..(r + 1) * inter];
+            let (dg, du) = out.split_at_mut(inter);
+            for j in 0..inter {
+                let (x, up, dav) = (g[j], u[j], dr[j]);
+                let sg = sigmoid(x);
+                dg[j] = dav * up * sg * (1.0 + x * (1.0 - sg));
+                du[j] = dav * x * sg;
+            }
+        });
+        drop(da);
+        let mut dh2 = vec![0f32; n * h];
+        profile::time("bwd dy W", || {
+            gemm(
+                &mut dh2,
+                nh_view,
+                false,
+                &dgu,
+                View::rm(0, n, w2, w2),
+                wgu,
+                View::rm(0, w2, h, h),
+                1.0,
+                true,
+            )
+        });
+        for (p, col) in [(Projection::Gate, 0), (Projection::Up, inter)] {
+            if let Some(k) = kept(p) {
+                let dv = View::rm(col, n, inter, w2);
+                lora_bwd(ctx, i, p, &c.h2, k, &dgu, dv, Some(&mut dh2), grads)?;
+            }
+        }
+        drop(dgu);
+        let mut dx2 = dx3.to_vec();
+        rms_bwd_add(&mut dx2, &c.x2, &c.r2, &g2, &dh2, h);
+        drop(dh2);
+
+        // Attention.
+        let mut dy = vec![0f32; n * d.dq];
+        profile::time("bwd dy W", || {
+            gemm(
+                &mut dy,
+                View::rm(0, n, d.dq, d.dq),
+                false,
+                &dx2,
+                nh_view,
+                wo,
+                View::rm(0, h, d.dq, d.dq),
+                1.0,
+                true,
+            )
+        });
+        if let Some(k) = kept(Projection::O) {
+            lora_bwd(
+                ctx,
+                i,
+                Projection::O,
+                &c.y,
+                k,
+                &dx2,
+                nh_view,
+                Some(&mut dy),
+                grads,
+            )?;
+        }
+        let mut dqkv = profile::time("bwd attn", || attn_bwd(&c.qkv, &c.p, &dy, d, hb));
+        drop(dy);
+        rope(&mut dqkv, d.wq, 0, d.nh, d.hd, &hb.cos, &hb.sin, true);
+        rope(&mut dqkv, d.wq, d.dq, d.kvh, d.hd, &hb.cos, &hb.sin, true);
+        let mut dh1 = if need_dx {
+            let mut dh1 = vec![0f32; n * h];
+            profile::time("bwd dy W", || {
+                gemm(
+                    &mut dh1,
+                    nh_view,
+                    false,
+                    &dqkv,
+                    View::rm(0, n, d.wq, d.wq),
+                    wqkv,
+                    View::rm(0, d.wq, h, h),
+                    1.0,
+                    true,
+                )
+            });
+            Some(dh1)
+        } else {
+            None
+        };
+        for (p, col, width) in [
+            (Projection::Q, 0, d.dq),
+            (Projection::K, d.dq, d.dk),
+            (Projection::V, d.dq + d.dk, d.dk),
+        ] {
+            if let Some(k) = kept(p) {
+                let dv = View::rm(col, n, width, d.wq);
+                lora_bwd(ctx, i, p, &c.h1, k, &dqkv, dv, dh1.as_deref_mut(), grads)?;
+            }
+        }
+        Ok(dh1.map(|dh1| {
+            rms_bwd_add(&mut dx2, x, &c.r1, &g1, &dh1, h);
+            dx2
+        }))
+    })
+    .ok_or_else(|| missing("tensors not contiguous f32 on the CPU"))??;
+    dx.map(|v| Tensor::from_vec(v, (n, h), &m.device))
+        .transpose()
+}
+
+// ---------------------------------------------------------------------------------------
+// The output head.
+
+/// Cross-entropy over the scored rows of `hf` (`[n, hidden]`, after the final norm),
+/// `HEAD_CHUNK` rows at a time, with the frozen head; with `grad_scale`, the gradient
+/// w.r.t. `hf` (the head's own gradient is not computed: it is frozen here).
+pub(super) fn head(
+    model: &DenseLlama,
+    hf: &Tensor,
+    batch: &TrainBatch,
+    grad_scale: Option<f64>,
+) -> Result<(PassStats, Option<Tensor>)> {
+    let w = model.head_weight();
+    let vocab = model.config.vocab_size;
+    let h = model.config.hidden_size;
+    let n = batch.scored_idx.len();
+    let hf = hf.contiguous()?;
+    let out = super::fused::host_f32(&[&hf, w], |sl| -> Result<_> {
+        let [hf, w] = sl else {
+            unreachable!("two tensors in, two slices out")
+        };
+        let mut stats = PassStats::default();
+        let mut dhf = grad_scale.map(|_| vec![0f32; hf.len()]);
+        let rows = HEAD_CHUNK.min(n);
+        let mut logits = vec![0f32; rows * vocab];
+        let mut hs = vec![0f32; rows * h];
+        let mut dhs = vec![0f32; rows * h];
+        let mut per_row = vec![(0f64, 0u32); rows];
+        for start in (0..n).step_by(HEAD_CHUNK) {
+            let len = HEAD_CHUNK.min(n - start);
+            let idx = &batch.scored_idx[start..start + len];
+            let tgt = &batch.scored_targets[start..start + len];
+            let wts = &batch.scored_weights[start..start + len];
+            for (k, &row) in idx.iter().enumerate() {
+                let row = row as usize;
+                hs[k * h..(k + 1) * h].copy_from_slice(&hf[row * h..(row + 1) * h]);
+            }
+            let lg = &mut logits[..len * vocab];
+            profile::time("head logits", || {
+                let wv = View::rm(0, vocab, h, h).t();
+                gemm(
+                    lg,
+                    View::rm(0, len, vocab, vocab),
+                    false,
+                    &hs,
+                    View::rm(0, len, h, h),
+                    w,
+                    wv,
+                    1.0,
+                    true,
+                )
+            });
+            // Per row: the loss and the argmax; with a gradient, the row becomes
+            // `w (softmax - onehot)` in place.
+            let per = Mutex::new(&mut per_row[..len]);
+            profile::time("head softmax", || {
+                par_rows(lg, vocab, |k, z| {
+                    let (target, ws) = (
+                        tgt[k] as usize,
+                        grad_scale.map(|g| (wts[k] as f64 * g) as f32),
+                    );
+                    let zt = z[target];
+                    let mx = max_f32(z);
+                    let arg = z.iter().position(|&v| v == mx).unwrap_or(0);
+                    let sum = exp_sub(z, mx);
+                    let nll = (mx + sum.ln() - zt) as f64;
+                    if let Some(ws) = ws {
+                        let inv = ws / sum;
+                        z.iter_mut().for_each(|v| *v *= inv);
+                        z[target] -= ws;
+                    }
+                    per.lock().unwrap_or_else(|e| e.into_inner())[k] = (nll, arg as u32);
+                })
+            });
+            drop(per);
+            for (k, &(nll, arg)) in per_row[..len].iter().enumerate() {
+                stats.weighted_nll += wts[k] as f64 * nll;
+                stats.weight_sum += wts[k] as f64;
+                stats.scored += 1;
+                if arg == tgt[k] {
+                    stats.correct += 1;
+                }
+            }
+            if let Some(dhf) = dhf.as_mut() {
+                let dh = &mut dhs[..len * h];
+                profile::time("head dlogits W", || {
+                    gemm(
+                        dh,
+                        View::rm(0, len, h, h),
+                        false,
+                        lg,
+                        View::rm(0, len, vocab, vocab),
+                        w,
+                        View::rm(0, vocab, h, h),
+                        1.0,
+                        true,
+                    )
+                });
+                for (k, &row) in idx.iter().enumerate() {
+                    let row = row as usize;
+                    for (o, v) in dhf[row * h..(row + 1) * h]
+                        .iter_mut()
+                        .zip(&dh[k * h..(k + 1) * h])
+                    {
+                        *o += v;
+                    }
+                }
+            }
+        }
+        Ok((stats, dhf))
+    })
+    .ok_or_else(|| missing("head not contiguous f32 on the CPU"))??;
+    let (stats, dhf) = out;
+    let dev = &model.device;
+    Ok((
+        stats,
+        dhf.map(|v| Tensor::from_vec(v, (hf.dim(0)?, h), dev))
+            .transpose()?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fast_exp;
+
+    #[test]
+    fn fast_exp_is_within_two_ulp_of_f64_exp() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            let got = fast_exp(x) as f64;
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.000_37;
+        }
+        // f32 has a 2^-23 = 1.19e-7 relative spacing.
+        assert!(worst < 2.5e-7, "worst relative error {worst:e}");
+        assert_eq!(fast_exp(0.0), 1.0);
+        assert!(fast_exp(f32::NEG_INFINITY) < 1e-37);
+    }
+}
