@@ -331,7 +331,7 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     let p = ((((1.987_569_2e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let e = p * r * r + r + 1.0;
     e * f32::from_bits(((k as i32 + 127) << 23) as u32)
 }
@@ -1299,7 +1299,6 @@ pub(super) fn head(
                     per.lock().unwrap_or_else(|e| e.into_inner())[k] = (nll, arg as u32);
                 })
             });
-            drop(per);
             for (k, &(nll, arg)) in per_row[..len].iter().enumerate() {
                 stats.weighted_nll += wts[k] as f64 * nll;
                 stats.weight_sum += wts[k] as f64;

@@ -736,8 +736,8 @@ struct LayerCache {
 
 /// What a layer's forward kept: from the generic graph or from the f32 host path.
 enum Saved {
-    Generic(LayerCache),
-    Host(host::HostCache),
+    Generic(Box<LayerCache>),
+    Host(Box<host::HostCache>),
 }
 
 /// What a LoRA projection keeps for its backward.
@@ -1116,10 +1116,10 @@ impl Ctx<'_> {
         let blk = &self.model.blocks[i];
         if host && i < train.first_layer && blk.fused_qkv.is_some() && blk.fused_gate_up.is_some() {
             let (y, c) = host::layer_fwd(self, i, x, keep)?;
-            return Ok((y, c.map(Saved::Host)));
+            return Ok((y, c.map(|c| Saved::Host(Box::new(c)))));
         }
         let (y, c) = self.layer_fwd(i, x, keep)?;
-        Ok((y, c.map(Saved::Generic)))
+        Ok((y, c.map(|c| Saved::Generic(Box::new(c)))))
     }
 
     /// One block's forward on `x` `[n, hidden]`; with `keep`, what its backward needs.
