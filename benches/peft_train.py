@@ -10,7 +10,7 @@ Converting the GGUF takes ~20 s and its peak memory (~1.5 GB) would swamp the tr
 peak, so the first run saves the converted model once, in a child process, as float32
 safetensors under target/peft-cache/, and every run trains from that copy.
 
-Training: peft LoRA (r, alpha, dropout 0, bias none) on all seven projections q, k, v, o,
+Training: peft LoRA (r, alpha, dropout --lora-dropout (default 0), bias none) on all seven projections q, k, v, o,
 gate, up, down_proj; AdamW (lr 1e-4, weight decay 0, torch defaults otherwise) on the LoRA
 parameters only; float32; model in train mode, use_cache False, attention as transformers
 picks by default for Llama (``sdpa``: torch's scaled_dot_product_attention, causal);
@@ -58,6 +58,7 @@ def parse_args():
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
@@ -149,7 +150,7 @@ def main():
     cfg = LoraConfig(
         r=args.rank,
         lora_alpha=args.alpha,
-        lora_dropout=0.0,
+        lora_dropout=args.lora_dropout,
         target_modules=TARGETS,
         bias="none",
         task_type="CAUSAL_LM",

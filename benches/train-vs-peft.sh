@@ -7,7 +7,8 @@
 # with the ratios (loraloop / PyTorch + PEFT).
 #
 #   benches/train-vs-peft.sh [REPEATS]      (default 2; env: STEPS (5), WARMUP (1), SEQ_LEN (256),
-#                                            MICRO_BATCH (4), RANK (16), CPUS (0,1), MODEL,
+#                                            MICRO_BATCH (4), RANK (16), LORA_DROPOUT (0),
+#                                            CPUS (0,1), MODEL,
 #                                            LORALOOP (a binary to use instead of building one))
 #
 # PyTorch side: benches/peft_train.py in the virtualenv target/peft-venv, created here on
@@ -22,6 +23,7 @@ WARMUP=${WARMUP:-1}
 SEQ_LEN=${SEQ_LEN:-256}
 MICRO_BATCH=${MICRO_BATCH:-4}
 RANK=${RANK:-16}
+LORA_DROPOUT=${LORA_DROPOUT:-0}
 ALPHA=$((2 * RANK)) # what loraloop bench train uses
 CPUS=${CPUS:-0,1}
 MODEL=${MODEL:-data/models/SmolLM2-135M-Instruct.Q4_1.gguf}
@@ -80,22 +82,24 @@ for gc in off on; do
   for i in $(seq "$REPEATS"); do
     echo "gradient checkpointing $gc, round $i/$REPEATS" >&2
     record "$gc" "${PIN[@]}" "$LORALOOP" bench train --model "$MODEL" --seq-len "$SEQ_LEN" \
-      --micro-batch "$MICRO_BATCH" --rank "$RANK" --steps "$STEPS" --warmup "$WARMUP" "${flag[@]}" --json
+      --micro-batch "$MICRO_BATCH" --rank "$RANK" --lora-dropout "$LORA_DROPOUT" --steps "$STEPS" \
+      --warmup "$WARMUP" "${flag[@]}" --json
     record "$gc" "${PIN[@]}" "$VENV/bin/python" benches/peft_train.py --model "$MODEL" --seq-len "$SEQ_LEN" \
-      --micro-batch "$MICRO_BATCH" --rank "$RANK" --alpha "$ALPHA" --steps "$STEPS" --warmup "$WARMUP" \
+      --micro-batch "$MICRO_BATCH" --rank "$RANK" --alpha "$ALPHA" --lora-dropout "$LORA_DROPOUT" \
+      --steps "$STEPS" --warmup "$WARMUP" \
       --threads "$THREADS" "${pyflag[@]}" --json
   done
 done
 
-python3 - "$results" "$CPUS" "$SEQ_LEN" "$MICRO_BATCH" "$RANK" "$STEPS" <<'PY'
+python3 - "$results" "$CPUS" "$SEQ_LEN" "$MICRO_BATCH" "$RANK" "$STEPS" "$LORA_DROPOUT" <<'PY'
 import json, statistics, sys
-path, cpus, seq, mb, rank, steps = sys.argv[1:]
+path, cpus, seq, mb, rank, steps, dropout = sys.argv[1:]
 rows = [json.loads(l) for l in open(path)]
 def agg(impl, gc):
     rs = [r for r in rows if r["impl"] == impl and r["gc"] == gc]
     return (statistics.median(r["tokens_per_s"] for r in rs), max(r["peak_rss_mb"] for r in rs),
             rs[-1].get("loss"), len(rs))
-print(f"CPU LoRA training, cores {cpus}, seq {seq} x micro-batch {mb}, rank {rank}, {steps} timed steps")
+print(f"CPU LoRA training, cores {cpus}, seq {seq} x micro-batch {mb}, rank {rank}, LoRA dropout {dropout}, {steps} timed steps")
 print()
 print("| impl | gradient checkpointing | tokens/s (median) | peak RSS MB (max) | final loss | tokens/s vs peft | RSS vs peft |")
 print("| --- | --- | --- | --- | --- | --- | --- |")

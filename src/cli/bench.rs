@@ -155,13 +155,21 @@ pub async fn train(config: &Config, args: &super::BenchTrainArgs) -> anyhow::Res
         warmup: args.warmup,
         gradient_checkpointing: args.gradient_checkpointing,
         dtype,
+        lora_dropout: args.lora_dropout,
     };
+    if !(0.0..1.0).contains(&args.lora_dropout) {
+        anyhow::bail!(
+            "--lora-dropout must be in [0, 1), got {}",
+            args.lora_dropout
+        );
+    }
     eprintln!(
-        "model {} | {} {dtype:?} | {} threads | LoRA rank {} on all 7 projections | {} x {} tokens | {} warm-up + {} timed steps | gradient checkpointing {}",
+        "model {} | {} {dtype:?} | {} threads | LoRA rank {} on all 7 projections, dropout {} | {} x {} tokens | {} warm-up + {} timed steps | gradient checkpointing {}",
         path.display(),
         loraloop_server::device_name(&device),
         candle_core::utils::get_num_threads(),
         opts.rank,
+        opts.lora_dropout,
         opts.micro_batch,
         opts.seq_len,
         opts.warmup,

@@ -184,6 +184,9 @@ pub struct BenchTrainArgs {
     pub warmup: usize,
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// LoRA dropout (`fine-tune` defaults to 0.05; the comparison with PEFT uses 0).
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
     #[arg(long)]
     pub json: bool,
     /// auto, cpu, cuda or cuda:N (default: the configured device).

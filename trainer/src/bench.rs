@@ -24,6 +24,8 @@ pub struct TrainBenchOptions {
     pub gradient_checkpointing: bool,
     /// The base model's dtype (LoRA weights and AdamW state are f32 regardless).
     pub dtype: DType,
+    /// LoRA dropout on every projection's input (`fine-tune` defaults to 0.05).
+    pub lora_dropout: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -356,7 +358,8 @@ pub fn device_parity(
 pub fn train_speed(llama: &Llama, o: TrainBenchOptions) -> candle_core::Result<TrainBenchResult> {
     let peak = GpuPeak::start(&llama.device);
     let model = DenseLlama::from_llama(llama, o.dtype)?;
-    let peft = PeftConfig::new(o.rank, 2.0 * o.rank as f64, &Projection::ALL);
+    let mut peft = PeftConfig::new(o.rank, 2.0 * o.rank as f64, &Projection::ALL);
+    peft.lora_dropout = o.lora_dropout;
     let mut lora = LoraParams::init(peft, &model.config, 0, LORA_DTYPE, &model.device)?;
     let base = BaseTrain::frozen(model.config.num_layers);
     let mut opt = AdamW::new(AdamWConfig::default());

@@ -16,7 +16,7 @@
 //!   `exp`; the output head's softmax, loss, accuracy and gradient are one pass per row
 //!   over its logits, which become the logits' gradient in place.
 
-use super::{Ctx, DenseLlama, Grads, PassStats, TrainBatch, dropout_values, peft_name, profile};
+use super::{Ctx, DenseLlama, Dropout, Grads, PassStats, TrainBatch, peft_name, profile};
 use crate::llama::Projection;
 use crate::q4_1::dot_f32;
 use candle_core::{DType, Result, Tensor};
@@ -476,8 +476,8 @@ pub(super) struct LoraKept {
     w: LoraW,
     /// `u = x_d A^T`, `[n, r]`.
     u: Vec<f32>,
-    /// The dropout mask (0 or `1 / (1 - p)`), when dropout is on.
-    mask: Option<Vec<f32>>,
+    /// The dropout, when it is on (its mask is recomputed, not stored).
+    dropout: Option<Dropout>,
 }
 
 fn lora_w(ab: &super::LoraAb) -> Result<LoraW> {
@@ -489,10 +489,10 @@ fn lora_w(ab: &super::LoraAb) -> Result<LoraW> {
 }
 
 /// `x` after the dropout mask, or `x` itself.
-fn dropped<'a>(x: &'a [f32], mask: Option<&[f32]>, owned: &'a mut Vec<f32>) -> &'a [f32] {
-    match mask {
-        Some(m) => {
-            *owned = x.iter().zip(m).map(|(a, b)| a * b).collect();
+fn dropped<'a>(x: &'a [f32], dropout: Option<&Dropout>, owned: &'a mut Vec<f32>) -> &'a [f32] {
+    match dropout {
+        Some(d) => {
+            *owned = d.apply(x);
             owned
         }
         None => x,
@@ -510,11 +510,11 @@ fn lora_fwd(
     d: View,
 ) -> LoraKept {
     let inp = x.len() / n;
-    let mask = dropout
+    let dropout = dropout
         .filter(|(p, _)| *p > 0.0)
-        .map(|(p, seed)| dropout_values(x.len(), p, seed));
+        .map(|(p, seed)| Dropout::new(p, seed));
     let mut owned = Vec::new();
-    let xd = dropped(x, mask.as_deref(), &mut owned);
+    let xd = dropped(x, dropout.as_ref(), &mut owned);
     let r = w.r;
     let mut u = vec![0f32; n * r];
     let a_t = View::rm(0, r, inp, inp).t();
@@ -531,7 +531,7 @@ fn lora_fwd(
     );
     let b_t = View::rm(0, d.cols, r, r).t();
     gemm(dst, d, true, &u, View::rm(0, n, r, r), &w.b, b_t, s, true);
-    LoraKept { w, u, mask }
+    LoraKept { w, u, dropout }
 }
 
 /// LoRA gradients of one projection into `grads`, and `dx += (s dy B) A` (through the
@@ -580,7 +580,7 @@ fn lora_bwd(
             true,
         );
         let mut owned = Vec::new();
-        let xd = dropped(x, kept.mask.as_deref(), &mut owned);
+        let xd = dropped(x, kept.dropout.as_ref(), &mut owned);
         let mut ga = vec![0f32; r * inp];
         let xv = View::rm(0, n, inp, inp);
         gemm(
@@ -604,13 +604,13 @@ fn lora_bwd(
         )?;
         if let Some(dx) = dx {
             let av = View::rm(0, r, inp, inp);
-            match &kept.mask {
+            match &kept.dropout {
                 None => gemm(dx, xv, true, &du, nr, &kept.w.a, av, 1.0, true),
-                Some(m) => {
+                Some(drop) => {
                     let mut t = vec![0f32; n * inp];
                     gemm(&mut t, xv, false, &du, nr, &kept.w.a, av, 1.0, true);
-                    for ((o, v), mv) in dx.iter_mut().zip(&t).zip(m) {
-                        *o += v * mv;
+                    for (k, (o, v)) in dx.iter_mut().zip(&t).enumerate() {
+                        *o += v * drop.factor(k);
                     }
                 }
             }
