@@ -908,6 +908,40 @@ fn missing(what: &str) -> candle_core::Error {
     candle_core::Error::Msg(format!("host training path: {what}"))
 }
 
+/// What a layer's forward and backward read: the shapes, the batch's host data, the
+/// stacked and single weights, the two norms' gains.
+struct LayerW<'a> {
+    d: Dims,
+    hb: &'a HostBatch,
+    wqkv: &'a Tensor,
+    wgu: &'a Tensor,
+    wo: &'a Tensor,
+    wd: &'a Tensor,
+    g1: Vec<f32>,
+    g2: Vec<f32>,
+}
+
+impl<'a> LayerW<'a> {
+    fn of(ctx: &'a Ctx, i: usize) -> Result<Self> {
+        let blk = &ctx.model.blocks[i];
+        let stacked = |t: &'a Option<Tensor>, what: &str| t.as_ref().ok_or_else(|| missing(what));
+        Ok(Self {
+            d: Dims::of(ctx),
+            hb: ctx
+                .batch
+                .host
+                .as_ref()
+                .ok_or_else(|| missing("no host batch"))?,
+            wqkv: stacked(&blk.fused_qkv, "q/k/v not stacked")?,
+            wgu: stacked(&blk.fused_gate_up, "gate/up not stacked")?,
+            wo: &blk.proj[Projection::O.index()].w,
+            wd: &blk.proj[Projection::Down.index()].w,
+            g1: vec_of(&blk.attn_norm)?,
+            g2: vec_of(&blk.ffn_norm)?,
+        })
+    }
+}
+
 /// One layer's forward; with `keep`, what its backward needs.
 pub(super) fn layer_fwd(
     ctx: &Ctx,
@@ -916,27 +950,17 @@ pub(super) fn layer_fwd(
     keep: bool,
 ) -> Result<(Tensor, Option<HostCache>)> {
     let m = ctx.model;
-    let blk = &m.blocks[i];
-    let d = Dims::of(ctx);
-    let hb = ctx
-        .batch
-        .host
-        .as_ref()
-        .ok_or_else(|| missing("no host batch"))?;
-    let (wqkv, wgu) = (
-        blk.fused_qkv
-            .as_ref()
-            .ok_or_else(|| missing("q/k/v not stacked"))?,
-        blk.fused_gate_up
-            .as_ref()
-            .ok_or_else(|| missing("gate/up not stacked"))?,
-    );
-    let (wo, wd) = (
-        &blk.proj[Projection::O.index()].w,
-        &blk.proj[Projection::Down.index()].w,
-    );
+    let LayerW {
+        d,
+        hb,
+        wqkv,
+        wgu,
+        wo,
+        wd,
+        g1,
+        g2,
+    } = LayerW::of(ctx, i)?;
     let eps = m.config.rms_norm_eps as f32;
-    let (g1, g2) = (vec_of(&blk.attn_norm)?, vec_of(&blk.ffn_norm)?);
     let s = ctx.scale() as f32;
     let mut lw: [Option<LoraW>; 7] = Default::default();
     let mut bias: [Option<Vec<f32>>; 7] = Default::default();
@@ -1082,26 +1106,16 @@ pub(super) fn layer_bwd(
     grads: &mut Grads,
 ) -> Result<Option<Tensor>> {
     let m = ctx.model;
-    let blk = &m.blocks[i];
-    let d = Dims::of(ctx);
-    let hb = ctx
-        .batch
-        .host
-        .as_ref()
-        .ok_or_else(|| missing("no host batch"))?;
-    let (wqkv, wgu) = (
-        blk.fused_qkv
-            .as_ref()
-            .ok_or_else(|| missing("q/k/v not stacked"))?,
-        blk.fused_gate_up
-            .as_ref()
-            .ok_or_else(|| missing("gate/up not stacked"))?,
-    );
-    let (wo, wd) = (
-        &blk.proj[Projection::O.index()].w,
-        &blk.proj[Projection::Down.index()].w,
-    );
-    let (g1, g2) = (vec_of(&blk.attn_norm)?, vec_of(&blk.ffn_norm)?);
+    let LayerW {
+        d,
+        hb,
+        wqkv,
+        wgu,
+        wo,
+        wd,
+        g1,
+        g2,
+    } = LayerW::of(ctx, i)?;
     let (n, h, inter) = (d.n, d.h, d.inter);
     let dx = super::fused::host_f32(&[dx3, &c.x, wqkv, wo, wgu, wd], |sl| -> Result<_> {
         let [dx3, x, wqkv, wo, wgu, wd] = sl else {
