@@ -969,6 +969,8 @@ pub(super) fn layer_fwd(
         bias[p.index()] = bias_of(ctx, i, p)?;
     }
     let (n, h, inter) = (d.n, d.h, d.inter);
+    // From a generic layer below (`freeze`), `x` may be a strided view.
+    let x = &x.contiguous()?;
     let x_in = x.clone();
     let (x3, cache) = super::fused::host_f32(&[x, wqkv, wo, wgu, wd], |sl| -> Result<_> {
         let [x, wqkv, wo, wgu, wd] = sl else {
@@ -1117,6 +1119,7 @@ pub(super) fn layer_bwd(
         g2,
     } = LayerW::of(ctx, i)?;
     let (n, h, inter) = (d.n, d.h, d.inter);
+    let dx3 = &dx3.contiguous()?;
     let dx = super::fused::host_f32(&[dx3, &c.x, wqkv, wo, wgu, wd], |sl| -> Result<_> {
         let [dx3, x, wqkv, wo, wgu, wd] = sl else {
             unreachable!("six tensors in, six slices out")
