@@ -568,6 +568,64 @@ mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
 
+    // The pieces the kernels below share, as macros: expanded in place inside the
+    // `#[target_feature]` kernels (as functions they were not inlined into them, and
+    // decode lost a sixth of its speed).
+
+    /// A weight block's 32 nibbles as 32 bytes, in ggml's order: the low nibbles are the
+    /// block's first 16 values, the high ones the last 16. (Loads go through
+    /// `_mm*_set_epi*` from byte arrays, which the compiler turns into plain unaligned
+    /// loads, so there is no pointer arithmetic.)
+    macro_rules! weight_nibbles {
+        ($wb:expr) => {{
+            let u64_at = |i: usize| -> i64 {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(&$wb.qs[i * 8..i * 8 + 8]);
+                i64::from_le_bytes(a)
+            };
+            let packed = _mm_set_epi64x(u64_at(1), u64_at(0));
+            _mm256_and_si256(
+                _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed),
+                _mm256_set1_epi8(0x0F),
+            )
+        }};
+    }
+
+    /// A weight block's f16 `d` and `m` as `[d, m, 0, 0]` (one `vcvtph2ps`).
+    macro_rules! weight_scales {
+        ($wb:expr) => {
+            _mm_cvtph_ps(_mm_cvtsi32_si128(
+                ($wb.dm[0] as u32 | ($wb.dm[1] as u32) << 16) as i32,
+            ))
+        };
+    }
+
+    /// `sum(q_w * q_x)` of a block pair as eight f32 lanes: `vpmaddubsw` (unsigned 4-bit
+    /// weights times signed 8-bit activations, pairs added into 16 bits: at most
+    /// 2 * 15 * 128, no saturation), then `vpmaddwd` with ones.
+    macro_rules! block_sums {
+        ($wq:expr, $xb:expr) => {{
+            let i64_at = |i: usize| -> i64 {
+                let a: [u8; 8] = std::array::from_fn(|k| $xb.qs[i * 8 + k] as u8);
+                i64::from_le_bytes(a)
+            };
+            let xq = _mm256_set_epi64x(i64_at(3), i64_at(2), i64_at(1), i64_at(0));
+            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16($wq, xq), _mm256_set1_epi16(1));
+            _mm256_cvtepi32_ps(sums)
+        }};
+    }
+
+    /// The sum of the eight lanes.
+    macro_rules! hsum {
+        ($v:expr) => {{
+            let v = $v;
+            let half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+            let one = _mm_add_ss(quarter, _mm_movehdup_ps(quarter));
+            _mm_cvtss_f32(one)
+        }};
+    }
+
     /// [`super::rows_dot`] with the AVX2 kernels inlined into its loops (one call per work item
     /// instead of one per weight row).
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -617,11 +675,7 @@ mod avx2 {
             s0 = _mm256_fmadd_ps(f16x8(&a[..8]), f32x8(&x[..8]), s0);
             s1 = _mm256_fmadd_ps(f16x8(&a[8..]), f32x8(&x[8..]), s1);
         }
-        let s = _mm256_add_ps(s0, s1);
-        let half = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
-        let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-        let one = _mm_add_ss(quarter, _mm_movehdup_ps(quarter));
-        _mm_cvtss_f32(one) + tail
+        hsum!(_mm256_add_ps(s0, s1)) + tail
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -653,111 +707,46 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     pub(super) fn dot_row4(w: &[WeightBlock], x: [&[ActBlock]; 4]) -> [f32; 4] {
-        let u64_at = |b: &[u8], i: usize| -> i64 {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&b[i * 8..i * 8 + 8]);
-            i64::from_le_bytes(a)
-        };
-        let i64_at = |b: &[i8; QK], i: usize| -> i64 {
-            let a: [u8; 8] = std::array::from_fn(|k| b[i * 8 + k] as u8);
-            i64::from_le_bytes(a)
-        };
-        let low_nibbles = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut mins = [0f32; 4];
         for (b, wb) in w.iter().enumerate() {
-            let packed = _mm_set_epi64x(u64_at(&wb.qs, 1), u64_at(&wb.qs, 0));
-            let wq = _mm256_and_si256(
-                _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed),
-                low_nibbles,
-            );
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(
-                (wb.dm[0] as u32 | (wb.dm[1] as u32) << 16) as i32,
-            ));
+            let wq = weight_nibbles!(wb);
+            let dm = weight_scales!(wb);
             let (d, m) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
             for k in 0..4 {
                 let xb = &x[k][b];
-                let xq = _mm256_set_epi64x(
-                    i64_at(&xb.qs, 3),
-                    i64_at(&xb.qs, 2),
-                    i64_at(&xb.qs, 1),
-                    i64_at(&xb.qs, 0),
-                );
-                let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), ones);
-                acc[k] =
-                    _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(sums), acc[k]);
+                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), block_sums!(wq, xb), acc[k]);
                 mins[k] += m * xb.s;
             }
         }
-        std::array::from_fn(|k| {
-            let half = _mm_add_ps(
-                _mm256_castps256_ps128(acc[k]),
-                _mm256_extractf128_ps::<1>(acc[k]),
-            );
-            let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-            let one = _mm_add_ss(quarter, _mm_movehdup_ps(quarter));
-            _mm_cvtss_f32(one) + mins[k]
-        })
+        std::array::from_fn(|k| hsum!(acc[k]) + mins[k])
     }
 
     /// The same sum as [`dot_row_generic`] with the integer products in one `vpmaddubsw`
-    /// (unsigned 4-bit weights times signed 8-bit activations, pairs added into 16 bits:
-    /// at most 2 * 15 * 128, no saturation) and one `vpmaddwd` per block, both f16 scales of a
-    /// block converted by one `vcvtph2ps`, and the block scales applied in an 8-lane float
-    /// accumulator, reduced once per row instead of once per block. Loads go through
-    /// `_mm*_set_epi*` from byte arrays, which the compiler turns into plain unaligned loads,
-    /// so there is no pointer arithmetic.
+    /// and one `vpmaddwd` per block ([`block_sums`]), both f16 scales of a block converted
+    /// by one `vcvtph2ps`, and the block scales applied in an 8-lane float accumulator,
+    /// reduced once per row instead of once per block.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     pub(super) fn dot_row(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
-        let u64_at = |b: &[u8], i: usize| -> i64 {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&b[i * 8..i * 8 + 8]);
-            i64::from_le_bytes(a)
-        };
-        let i64_at = |b: &[i8; QK], i: usize| -> i64 {
-            let a: [u8; 8] = std::array::from_fn(|k| b[i * 8 + k] as u8);
-            i64::from_le_bytes(a)
-        };
-        let low_nibbles = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
         let mut acc = _mm256_setzero_ps();
         // Lane 1 accumulates `m_w * s_x`.
         let mut mins = _mm_setzero_ps();
         for (wb, xb) in w.iter().zip(x) {
-            let packed = _mm_set_epi64x(u64_at(&wb.qs, 1), u64_at(&wb.qs, 0));
-            // ggml's order: the low nibbles are the block's first 16 values, the high ones
-            // the last 16.
-            let wq = _mm256_and_si256(
-                _mm256_set_m128i(_mm_srli_epi16::<4>(packed), packed),
-                low_nibbles,
-            );
-            let xq = _mm256_set_epi64x(
-                i64_at(&xb.qs, 3),
-                i64_at(&xb.qs, 2),
-                i64_at(&xb.qs, 1),
-                i64_at(&xb.qs, 0),
-            );
-            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), ones);
             // [d_w, m_w, 0, 0] * [d_x, s_x, 0, 0]
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(
-                (wb.dm[0] as u32 | (wb.dm[1] as u32) << 16) as i32,
-            ));
-            let scales = _mm_mul_ps(dm, _mm_set_ps(0.0, 0.0, xb.s, xb.d));
-            acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), _mm256_cvtepi32_ps(sums), acc);
+            let scales = _mm_mul_ps(weight_scales!(wb), _mm_set_ps(0.0, 0.0, xb.s, xb.d));
+            let sums = block_sums!(weight_nibbles!(wb), xb);
+            acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), sums, acc);
             mins = _mm_add_ps(mins, scales);
         }
-        let half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
-        let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-        let one = _mm_add_ss(quarter, _mm_movehdup_ps(quarter));
-        _mm_cvtss_f32(one) + _mm_cvtss_f32(_mm_movehdup_ps(mins))
+        hsum!(acc) + _mm_cvtss_f32(_mm_movehdup_ps(mins))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::max_abs;
     use candle_core::Module;
     use candle_core::quantized::QMatMul;
 
@@ -775,16 +764,6 @@ mod tests {
         for rows in [1, 3] {
             let x = Tensor::randn(0f32, 1.0, (rows, 128), &dev).unwrap();
             let reference = x.matmul(&exact_w.t().unwrap()).unwrap();
-            let max_abs = |t: &Tensor| -> f32 {
-                t.abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap()
-            };
             let max_err = |t: Tensor| max_abs(&(t - &reference).unwrap());
             let scale = max_abs(&reference);
             let ours_err = max_err(ours.forward(&x).unwrap());
@@ -865,23 +844,13 @@ mod tests {
                     None => (delta.zeros_like().unwrap(), delta.zeros_like().unwrap()),
                 };
                 assert_eq!(delta.dims(), want.dims());
-                let max_abs = |t: Tensor| -> f32 {
-                    t.abs()
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .max(0)
-                        .unwrap()
-                        .to_scalar()
-                        .unwrap()
-                };
-                let err = max_abs((&delta - &want).unwrap());
-                let size = max_abs(want.clone());
+                let err = max_abs(&(&delta - &want).unwrap());
+                let size = max_abs(&want);
                 assert!(
                     err <= 1e-4 * size.max(1.0),
                     "projection {i}, {n} rows: delta off by {err} (size {size})"
                 );
-                let f16_err = max_abs((&delta - &exact).unwrap());
+                let f16_err = max_abs(&(&delta - &exact).unwrap());
                 assert!(
                     f16_err <= 3e-3 * size.max(1.0),
                     "projection {i}, {n} rows: f16 rounding moved the delta by {f16_err} (size {size})"

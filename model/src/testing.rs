@@ -137,3 +137,13 @@ pub fn write_tiny_chat_model(dir: &Path, spec: TinySpec) -> Result<(), String> {
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))
         .map_err(|e| e.to_string())
 }
+
+/// The largest absolute entry of an f32 tensor (the unit tests' error measure).
+#[cfg(test)]
+pub(crate) fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .and_then(|a| a.flatten_all())
+        .and_then(|a| a.max(0))
+        .and_then(|a| a.to_scalar())
+        .expect("an f32 tensor")
+}
