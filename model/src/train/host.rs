@@ -417,8 +417,7 @@ fn rms_fwd(x: &[f32], g: &[f32], eps: f32, h: usize) -> (Vec<f32>, Vec<f32>) {
 fn rms_bwd_add(acc: &mut [f32], x: &[f32], r: &[f32], g: &[f32], dy: &[f32], h: usize) {
     par_rows(acc, h, |i, out| {
         let (xr, dr, ri) = (&x[i * h..(i + 1) * h], &dy[i * h..(i + 1) * h], r[i]);
-        // dxhat = dy g, kept in `out`'s space until the final pass would need two
-        // buffers: compute mean(dxhat xhat) from a product of dy and x first.
+        // c = mean(dxhat xhat) with dxhat = dy g and xhat = x r, in eight lanes.
         let mut acc = [0f32; 8];
         let (xc, dc, gc) = (xr.chunks_exact(8), dr.chunks_exact(8), g.chunks_exact(8));
         let mut tail = 0f32;
@@ -679,6 +678,20 @@ impl Dims {
             wq: dq + 2 * dk,
             inter: c.intermediate_size,
         }
+    }
+
+    /// q, k and v, each with its first column and width in a `[q | k | v]` row.
+    fn qkv_parts(&self) -> [(Projection, usize, usize); 3] {
+        [
+            (Projection::Q, 0, self.dq),
+            (Projection::K, self.dq, self.dk),
+            (Projection::V, self.dq + self.dk, self.dk),
+        ]
+    }
+
+    /// gate and up, each with its first column in a `[gate | up]` row.
+    fn gate_up_parts(&self) -> [(Projection, usize); 2] {
+        [(Projection::Gate, 0), (Projection::Up, self.inter)]
     }
 
     /// Head `h` of q, `g` of k or `g` of v in row `bi`'s tokens of a `[q | k | v]` buffer.
@@ -1003,11 +1016,7 @@ pub(super) fn layer_fwd(
                 true,
             )
         });
-        for (p, col, width) in [
-            (Projection::Q, 0, d.dq),
-            (Projection::K, d.dq, d.dk),
-            (Projection::V, d.dq + d.dk, d.dk),
-        ] {
+        for (p, col, width) in d.qkv_parts() {
             add_bias(&mut qkv, d.wq, col, bias[p.index()].as_deref());
             lora_into(p, &h1, &mut qkv, View::rm(col, n, width, d.wq));
         }
@@ -1049,7 +1058,7 @@ pub(super) fn layer_fwd(
                 true,
             )
         });
-        for (p, col) in [(Projection::Gate, 0), (Projection::Up, inter)] {
+        for (p, col) in d.gate_up_parts() {
             add_bias(&mut gu, 2 * inter, col, bias[p.index()].as_deref());
             lora_into(p, &h2, &mut gu, View::rm(col, n, inter, 2 * inter));
         }
@@ -1183,7 +1192,7 @@ pub(super) fn layer_bwd(
                 true,
             )
         });
-        for (p, col) in [(Projection::Gate, 0), (Projection::Up, inter)] {
+        for (p, col) in d.gate_up_parts() {
             if let Some(k) = kept(p) {
                 let dv = View::rm(col, n, inter, w2);
                 lora_bwd(ctx, i, p, &c.h2, k, &dgu, dv, Some(&mut dh2), grads)?;
@@ -1245,11 +1254,7 @@ pub(super) fn layer_bwd(
         } else {
             None
         };
-        for (p, col, width) in [
-            (Projection::Q, 0, d.dq),
-            (Projection::K, d.dq, d.dk),
-            (Projection::V, d.dq + d.dk, d.dk),
-        ] {
+        for (p, col, width) in d.qkv_parts() {
             if let Some(k) = kept(p) {
                 let dv = View::rm(col, n, width, d.wq);
                 lora_bwd(ctx, i, p, &c.h1, k, &dqkv, dv, dh1.as_deref_mut(), grads)?;
