@@ -266,13 +266,11 @@ async fn after_a_restart_a_pending_message_gets_its_stored_reply_split_at_2000()
     // rewrite while it runs can be overwritten by that 'done' (and nothing is pending
     // after the restart). Stopping waits for the worker.
     server.stop().await.unwrap();
-    let (status,): (String,) =
-        sqlx::query_as("select status from inbound_updates where update_key = ?")
-            .bind(asked.to_string())
-            .fetch_one(db.pool())
-            .await
-            .unwrap();
-    assert_eq!(status, "done", "the first run finished the message");
+    assert_eq!(
+        update_status(&db, asked).await,
+        "done",
+        "the first run finished the message"
+    );
     // As if the process had died after storing the reply and before sending it.
     let long = format!("{}\n{}", "Zorblax ".repeat(200), "Blorp City. ".repeat(120));
     sqlx::query(
@@ -329,6 +327,17 @@ async fn after_a_restart_a_pending_message_gets_its_stored_reply_split_at_2000()
 
 /// Mark a handled message pending again, with the payload it had before it was handled (as
 /// if the process had died while handling it).
+/// The `inbound_updates` status of a dispatched message.
+async fn update_status(db: &loraloop_core::storage::Db, message: u64) -> String {
+    let (status,): (String,) =
+        sqlx::query_as("select status from inbound_updates where update_key = ?")
+            .bind(message.to_string())
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    status
+}
+
 async fn set_pending(db: &loraloop_core::storage::Db, fake: &FakeDiscord, message: u64) {
     let payload = fake.dispatched_message(message).expect("dispatched");
     sqlx::query("update inbound_updates set status = 'pending', payload = ? where update_key = ?")
@@ -927,13 +936,7 @@ async fn stop_lets_a_reply_in_progress_finish() {
         1,
         "the reply was completed before stop returned"
     );
-    let (status,): (String,) =
-        sqlx::query_as("select status from inbound_updates where update_key = ?")
-            .bind(asked.to_string())
-            .fetch_one(db.pool())
-            .await
-            .unwrap();
-    assert_eq!(status, "done");
+    assert_eq!(update_status(&db, asked).await, "done");
     let calls = fake.calls().len();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(fake.calls().len(), calls, "nothing after stop");
