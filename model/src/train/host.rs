@@ -349,14 +349,35 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     // Round to nearest by adding 1.5 * 2^23.
     const MAGIC: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.3);
-    let k = (x * LOG2E + MAGIC) - MAGIC;
-    let r = x - k * LN2_HI - k * LN2_LO;
-    let p = ((((1.987_569_2e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 1.666_666_5e-1)
-        * r
-        + 0.5;
-    let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((k as i32 + 127) << 23) as u32)
+    // `k` sits in the low mantissa bits of `km`: integer arithmetic takes it out (an
+    // `as i32` conversion, which saturates, keeps the loop from vectorizing).
+    let km = fma(x, LOG2E, MAGIC);
+    let k = km - MAGIC;
+    let ki = km.to_bits() as i32 - MAGIC.to_bits() as i32;
+    let r = fma(k, -LN2_LO, fma(k, -LN2_HI, x));
+    let mut p = 1.987_569_2e-4;
+    for c in [
+        1.398_2e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ] {
+        p = fma(p, r, c);
+    }
+    let e = fma(p, r * r, r) + 1.0;
+    e * f32::from_bits(((ki + 127) << 23) as u32)
+}
+
+/// `a b + c`, fused where the build targets FMA (x86-64-v3 does); elsewhere `mul_add`
+/// would be a library call, so it is two operations there.
+#[inline(always)]
+fn fma(a: f32, b: f32, c: f32) -> f32 {
+    if cfg!(target_feature = "fma") {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
 }
 
 /// Eight independent lanes, so these vectorize (a plain f32 `sum()` or `fold` is one
