@@ -28,7 +28,7 @@ const BLK: usize = 64;
 /// Rows per work item of the element-wise passes.
 const ROWS_PER_ITEM: usize = 16;
 /// Scored rows of the output head at once (bounds the `[rows, vocab]` logits buffer).
-const HEAD_CHUNK: usize = 256;
+const HEAD_CHUNK: usize = 512;
 
 /// Per-batch data of the host path.
 #[derive(Debug)]
@@ -1315,7 +1315,7 @@ pub(super) fn head(
         let mut stats = PassStats::default();
         let mut dhf = grad_scale.map(|_| vec![0f32; hf.len()]);
         let rows = HEAD_CHUNK.min(n);
-        let mut logits = vec![0f32; rows * vocab];
+        let mut logits = model.head_scratch.take(rows * vocab);
         let mut hs = vec![0f32; rows * h];
         let mut dhs = vec![0f32; rows * h];
         let mut per_row = vec![(0f64, 0u32); rows];
@@ -1399,6 +1399,7 @@ pub(super) fn head(
                 }
             }
         }
+        model.head_scratch.put(logits);
         Ok((stats, dhf))
     })
     .ok_or_else(|| missing("head not contiguous f32 on the CPU"))??;
