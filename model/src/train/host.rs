@@ -419,10 +419,11 @@ fn sigmoid(x: f32) -> f32 {
 
 /// RMSNorm of `[n, h]` rows: `(x r g, r)` with `r = 1 / sqrt(mean(x^2) + eps)` per row.
 fn rms_fwd(x: &[f32], g: &[f32], eps: f32, h: usize) -> (Vec<f32>, Vec<f32>) {
-    let r: Vec<f32> = x
-        .chunks(h)
-        .map(|row| 1.0 / (dot_f32(row, row) / h as f32 + eps).sqrt())
-        .collect();
+    let mut r = vec![0f32; x.len() / h];
+    par_rows(&mut r, 1, |i, ri| {
+        let row = &x[i * h..(i + 1) * h];
+        ri[0] = 1.0 / (dot_f32(row, row) / h as f32 + eps).sqrt();
+    });
     let mut y = vec![0f32; x.len()];
     par_rows(&mut y, h, |i, out| {
         let (xr, ri) = (&x[i * h..(i + 1) * h], r[i]);

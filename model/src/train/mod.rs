@@ -9,7 +9,8 @@
 //! parameter is trainable, and the cross-entropy over the vocabulary only on the positions
 //! that are scored, a chunk of rows at a time (the `[tokens, vocab]` logits are never
 //! materialised whole). Gradient checkpointing then is simple: keep each layer's input,
-//! recompute the layer in the backward pass.
+//! recompute the layer in the backward pass (all but the top layer, whose backward comes
+//! right after its forward).
 //!
 //! Everything runs on candle tensors, so the same code runs on CUDA; the dtype is a
 //! parameter (f32 on the CPU; on CUDA the trainer runs the base in bf16 with f32 LoRA
@@ -1427,13 +1428,18 @@ impl DenseLlama {
         let mut inputs = Vec::with_capacity(n_layers);
         let mut caches = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
+            // Under checkpointing a layer keeps only its input and recomputes the rest in
+            // the backward; not the top layer, whose backward follows the head at once:
+            // recomputing it would cost a layer's forward to save memory the backward
+            // needs again right away.
+            let keep = !opts.checkpointing || i + 1 == n_layers;
             let (next, cache) = profile::time("layer forward (total)", || {
-                ctx.any_layer_fwd(i, &x, !opts.checkpointing, host, train)
+                ctx.any_layer_fwd(i, &x, keep, host, train)
             })?;
-            if opts.checkpointing {
-                inputs.push(x);
-            } else {
+            if keep {
                 caches.push(cache);
+            } else {
+                inputs.push(x);
             }
             x = next;
         }
@@ -1470,7 +1476,7 @@ impl DenseLlama {
                 .unwrap_or(n_layers)
         };
         for i in (lowest..n_layers).rev() {
-            let cache = if opts.checkpointing {
+            let cache = if opts.checkpointing && i + 1 < n_layers {
                 let x_in = inputs
                     .pop()
                     .ok_or_else(|| candle_core::Error::Msg("lost input".into()))?;
