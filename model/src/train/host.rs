@@ -508,28 +508,76 @@ fn rope(
 // ---------------------------------------------------------------------------------------
 // LoRA.
 
-/// One projection's LoRA weights on the host: `A` `[r, in]`, `B` `[out, r]`.
-struct LoraW {
-    a: Vec<f32>,
+/// One projection of a [`LoraGroup`]: its `B` `[out, r]`, where its rank's columns sit in
+/// the group's `u`, where its output columns sit in the output rows.
+struct Member {
+    p: Projection,
     b: Vec<f32>,
     r: usize,
+    /// First column in `u`.
+    uc: usize,
+    /// First column and width in the output rows.
+    col: usize,
+    out: usize,
 }
 
-/// What a LoRA projection keeps for its backward.
-pub(super) struct LoraKept {
-    w: LoraW,
-    /// `u = x_d A^T`, `[n, r]`.
+/// The LoRA of projections that read the same input (q/k/v, or gate/up) and draw no
+/// dropout: their `A`s stacked, so `x A^T`, the `A` gradient and `dx += du A` are one
+/// product each for the group instead of one per projection (the rank-16 products are
+/// thin, and three thin ones cost more than one three times as wide). With dropout
+/// each projection draws its own mask, as in PEFT, and is a group of one.
+pub(super) struct LoraGroup {
+    members: Vec<Member>,
+    /// The members' `A`s stacked, `[rt, in]`.
+    a: Vec<f32>,
+    rt: usize,
+    /// `u = x_d A^T`, `[n, rt]`.
     u: Vec<f32>,
     /// The dropout, when it is on (its mask is recomputed, not stored).
     dropout: Option<Dropout>,
 }
 
-fn lora_w(ab: &super::LoraAb) -> Result<LoraW> {
-    Ok(LoraW {
-        a: ab.a.flatten_all()?.to_vec1()?,
-        b: ab.b.flatten_all()?.to_vec1()?,
-        r: ab.a.dim(0)?,
-    })
+/// The LoRA groups of the projections `parts` (each with its first column and width in
+/// the output rows) of layer `i`; the projections without LoRA are left out.
+fn lora_groups(
+    ctx: &Ctx,
+    i: usize,
+    parts: &[(Projection, usize, usize)],
+) -> Result<Vec<LoraGroup>> {
+    let mut groups: Vec<LoraGroup> = Vec::new();
+    for &(p, col, out) in parts {
+        let Some(ab) = ctx.lora_of(i, p) else {
+            continue;
+        };
+        let dropout = ctx
+            .dropout(i, p)
+            .filter(|(pr, _)| *pr > 0.0)
+            .map(|(pr, seed)| Dropout::new(pr, seed));
+        let (a, b) = (vec_of(&ab.a)?, vec_of(&ab.b)?);
+        let r = ab.a.dim(0)?;
+        let joins = dropout.is_none() && groups.last().is_some_and(|g| g.dropout.is_none());
+        if !joins {
+            groups.push(LoraGroup {
+                members: Vec::new(),
+                a: Vec::new(),
+                rt: 0,
+                u: Vec::new(),
+                dropout,
+            });
+        }
+        let g = groups.last_mut().expect("pushed above");
+        g.members.push(Member {
+            p,
+            b,
+            r,
+            uc: g.rt,
+            col,
+            out,
+        });
+        g.a.extend_from_slice(&a);
+        g.rt += r;
+    }
+    Ok(groups)
 }
 
 /// `x` after the dropout mask, or `x` itself.
@@ -543,116 +591,103 @@ fn dropped<'a>(x: &'a [f32], dropout: Option<&Dropout>, owned: &'a mut Vec<f32>)
     }
 }
 
-/// `dst += s (x_d A^T) B^T` for `x` `[n, in]`, `dst` a `[n, out]` view.
-fn lora_fwd(
-    x: &[f32],
-    n: usize,
-    w: LoraW,
-    s: f32,
-    dropout: Option<(f64, u64)>,
-    dst: &mut [f32],
-    d: View,
-) -> LoraKept {
+/// `u = x_d A^T` for `x` `[n, in]` and, with `dst` (`ld`-long rows), each member's
+/// `dst[:, col..col + out] += s u_m B_m^T`; without `dst` (a recomputation whose output is
+/// already kept) only `u`, which the backward needs.
+fn lora_fwd(x: &[f32], n: usize, g: &mut LoraGroup, s: f32, dst: Option<(&mut [f32], usize)>) {
     let inp = x.len() / n;
-    let dropout = dropout
-        .filter(|(p, _)| *p > 0.0)
-        .map(|(p, seed)| Dropout::new(p, seed));
     let mut owned = Vec::new();
-    let xd = dropped(x, dropout.as_ref(), &mut owned);
-    let r = w.r;
-    let mut u = vec![0f32; n * r];
-    let a_t = View::rm(0, r, inp, inp).t();
+    let xd = dropped(x, g.dropout.as_ref(), &mut owned);
+    let rt = g.rt;
+    let mut u = vec![0f32; n * rt];
+    let a_t = View::rm(0, rt, inp, inp).t();
     gemm(
         &mut u,
-        View::rm(0, n, r, r),
+        View::rm(0, n, rt, rt),
         false,
         xd,
         View::rm(0, n, inp, inp),
-        &w.a,
+        &g.a,
         a_t,
         1.0,
         true,
     );
-    let b_t = View::rm(0, d.cols, r, r).t();
-    gemm(dst, d, true, &u, View::rm(0, n, r, r), &w.b, b_t, s, true);
-    LoraKept { w, u, dropout }
+    if let Some((dst, ld)) = dst {
+        for m in &g.members {
+            let b_t = View::rm(0, m.out, m.r, m.r).t();
+            let uv = View::rm(m.uc, n, m.r, rt);
+            let dv = View::rm(m.col, n, m.out, ld);
+            gemm(dst, dv, true, &u, uv, &m.b, b_t, s, true);
+        }
+    }
+    g.u = u;
 }
 
-/// LoRA gradients of one projection into `grads`, and `dx += (s dy B) A` (through the
-/// dropout mask) when `dx` is given. `x` `[n, in]` is the projection's input, `dy` a
-/// `[n, out]` view of its output gradient.
+/// LoRA gradients of one group into `grads`, and `dx += (s dy B) A` (through the dropout
+/// mask) when `dx` is given. `x` `[n, in]` is the group's input, `dy` the gradient of
+/// its output rows (`ld` long).
 #[allow(clippy::too_many_arguments)]
 fn lora_bwd(
     ctx: &Ctx,
     layer: usize,
-    p: Projection,
     x: &[f32],
-    kept: &LoraKept,
+    g: &LoraGroup,
     dy: &[f32],
-    dyv: View,
+    ld: usize,
     dx: Option<&mut [f32]>,
     grads: &mut Grads,
 ) -> Result<()> {
-    let n = dyv.rows;
-    let (inp, out, r) = (x.len() / n, dyv.cols, kept.w.r);
+    let n = dy.len() / ld;
+    let (inp, rt) = (x.len() / n, g.rt);
     let s = ctx.scale() as f32;
     let dev = &ctx.model.device;
-    let nr = View::rm(0, n, r, r);
     profile::time("bwd lora", || -> Result<()> {
-        let mut gb = vec![0f32; out * r];
-        gemm(
-            &mut gb,
-            View::rm(0, out, r, r),
-            false,
-            dy,
-            dyv.t(),
-            &kept.u,
-            nr,
-            s,
-            true,
-        );
-        let mut du = vec![0f32; n * r];
-        gemm(
-            &mut du,
-            nr,
-            false,
-            dy,
-            dyv,
-            &kept.w.b,
-            View::rm(0, out, r, r),
-            s,
-            true,
-        );
+        // dB = s dy^T u and du = s dy B, per member; du lands in its columns of `du`.
+        let mut du = vec![0f32; n * rt];
+        for m in &g.members {
+            let dyv = View::rm(m.col, n, m.out, ld);
+            let uv = View::rm(m.uc, n, m.r, rt);
+            let mut gb = vec![0f32; m.out * m.r];
+            let gbv = View::rm(0, m.out, m.r, m.r);
+            gemm(&mut gb, gbv, false, dy, dyv.t(), &g.u, uv, s, true);
+            let bv = View::rm(0, m.out, m.r, m.r);
+            gemm(&mut du, uv, false, dy, dyv, &m.b, bv, s, true);
+            grads.accumulate(
+                peft_name(layer, m.p, 'B'),
+                Tensor::from_vec(gb, (m.out, m.r), dev)?,
+            )?;
+        }
+        // dA = du^T x_d, for the stacked A.
         let mut owned = Vec::new();
-        let xd = dropped(x, kept.dropout.as_ref(), &mut owned);
-        let mut ga = vec![0f32; r * inp];
+        let xd = dropped(x, g.dropout.as_ref(), &mut owned);
         let xv = View::rm(0, n, inp, inp);
+        let duv = View::rm(0, n, rt, rt);
+        let mut ga = vec![0f32; rt * inp];
         gemm(
             &mut ga,
-            View::rm(0, r, inp, inp),
+            View::rm(0, rt, inp, inp),
             false,
             &du,
-            nr.t(),
+            duv.t(),
             xd,
             xv,
             1.0,
             true,
         );
-        grads.accumulate(
-            peft_name(layer, p, 'B'),
-            Tensor::from_vec(gb, (out, r), dev)?,
-        )?;
-        grads.accumulate(
-            peft_name(layer, p, 'A'),
-            Tensor::from_vec(ga, (r, inp), dev)?,
-        )?;
+        for m in &g.members {
+            let rows = ga[m.uc * inp..(m.uc + m.r) * inp].to_vec();
+            grads.accumulate(
+                peft_name(layer, m.p, 'A'),
+                Tensor::from_vec(rows, (m.r, inp), dev)?,
+            )?;
+        }
         if let Some(dx) = dx {
-            let av = View::rm(0, r, inp, inp);
-            match &kept.dropout {
-                None => gemm(dx, xv, true, &du, nr, &kept.w.a, av, 1.0, true),
+            let av = View::rm(0, rt, inp, inp);
+            match &g.dropout {
+                None => gemm(dx, xv, true, &du, duv, &g.a, av, 1.0, true),
                 Some(drop) => {
                     let mut t = vec![0f32; n * inp];
-                    gemm(&mut t, xv, false, &du, nr, &kept.w.a, av, 1.0, true);
+                    gemm(&mut t, xv, false, &du, duv, &g.a, av, 1.0, true);
                     for (k, (o, v)) in dx.iter_mut().zip(&t).enumerate() {
                         *o += v * drop.factor(k);
                     }
@@ -711,9 +746,12 @@ impl Dims {
         ]
     }
 
-    /// gate and up, each with its first column in a `[gate | up]` row.
-    fn gate_up_parts(&self) -> [(Projection, usize); 2] {
-        [(Projection::Gate, 0), (Projection::Up, self.inter)]
+    /// gate and up, each with its first column and width in a `[gate | up]` row.
+    fn gate_up_parts(&self) -> [(Projection, usize, usize); 2] {
+        [
+            (Projection::Gate, 0, self.inter),
+            (Projection::Up, self.inter, self.inter),
+        ]
     }
 
     /// Head `h` of q, `g` of k or `g` of v in row `bi`'s tokens of a `[q | k | v]` buffer.
@@ -924,7 +962,40 @@ pub(super) struct HostCache {
     /// `[n, gate | up]`.
     gu: Vec<f32>,
     act: Vec<f32>,
-    lora: [Option<LoraKept>; 7],
+    lora: LayerLora,
+}
+
+/// A layer's LoRA groups, by the input they read.
+pub(super) struct LayerLora {
+    qkv: Vec<LoraGroup>,
+    o: Vec<LoraGroup>,
+    gate_up: Vec<LoraGroup>,
+    down: Vec<LoraGroup>,
+}
+
+impl LayerLora {
+    fn of(ctx: &Ctx, i: usize, d: &Dims) -> Result<Self> {
+        Ok(Self {
+            qkv: lora_groups(ctx, i, &d.qkv_parts())?,
+            o: lora_groups(ctx, i, &[(Projection::O, 0, d.h)])?,
+            gate_up: lora_groups(ctx, i, &d.gate_up_parts())?,
+            down: lora_groups(ctx, i, &[(Projection::Down, 0, d.h)])?,
+        })
+    }
+}
+
+/// [`lora_fwd`] for each of `groups`.
+fn lora_fwd_all(
+    groups: &mut [LoraGroup],
+    x: &[f32],
+    n: usize,
+    s: f32,
+    mut dst: Option<(&mut [f32], usize)>,
+) {
+    for g in groups {
+        let dst = dst.as_mut().map(|(d, ld)| (&mut **d, *ld));
+        profile::time("fwd lora", || lora_fwd(x, n, g, s, dst));
+    }
 }
 
 fn vec_of(t: &Tensor) -> Result<Vec<f32>> {
@@ -977,13 +1048,41 @@ impl<'a> LayerW<'a> {
     }
 }
 
-/// One layer's forward; with `keep`, what its backward needs.
+/// What a layer's forward keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Keep {
+    /// Nothing (evaluation).
+    Nothing,
+    /// The residual between its attention and its MLP (the forward under gradient
+    /// checkpointing: with the layer's input, the two sub-blocks' inputs).
+    Mid,
+    /// All that its backward needs.
+    All,
+}
+
+/// What [`layer_fwd`] returns: the layer's output (`None` from a recomputation), what its
+/// backward needs (with [`Keep::All`] and on recomputation), the mid-layer residual (with
+/// [`Keep::Mid`]).
+pub(super) struct LayerOut {
+    pub y: Option<Tensor>,
+    pub cache: Option<HostCache>,
+    pub mid: Option<Vec<f32>>,
+}
+
+/// One layer's forward from its input `x`.
+///
+/// With `mid`, the residual between attention and MLP that the checkpointing forward
+/// kept, it is the recomputation for the backward: each residual sub-block (attention,
+/// MLP) is recomputed from its own input, so the o and down products, whose outputs are
+/// only ever added to the residual stream that is already kept, are not run again
+/// (their LoRA `x A^T`, which the backward reads, is).
 pub(super) fn layer_fwd(
     ctx: &Ctx,
     i: usize,
     x: &Tensor,
-    keep: bool,
-) -> Result<(Tensor, Option<HostCache>)> {
+    keep: Keep,
+    mid: Option<Vec<f32>>,
+) -> Result<LayerOut> {
     let m = ctx.model;
     let LayerW {
         d,
@@ -997,30 +1096,21 @@ pub(super) fn layer_fwd(
     } = LayerW::of(ctx, i)?;
     let eps = m.config.rms_norm_eps as f32;
     let s = ctx.scale() as f32;
-    let mut lw: [Option<LoraW>; 7] = Default::default();
+    let mut lora = LayerLora::of(ctx, i, &d)?;
     let mut bias: [Option<Vec<f32>>; 7] = Default::default();
     for p in Projection::ALL {
-        lw[p.index()] = ctx.lora_of(i, p).map(lora_w).transpose()?;
         bias[p.index()] = bias_of(ctx, i, p)?;
     }
     let (n, h, inter) = (d.n, d.h, d.inter);
+    let recompute = mid.is_some();
+    let keep_all = keep == Keep::All || recompute;
     // From a generic layer below (`freeze`), `x` may be a strided view.
     let x = &x.contiguous()?;
     let x_in = x.clone();
-    let (x3, cache) = super::fused::host_f32(&[x, wqkv, wo, wgu, wd], |sl| -> Result<_> {
+    let (x3, x2, cache) = super::fused::host_f32(&[x, wqkv, wo, wgu, wd], |sl| -> Result<_> {
         let [x, wqkv, wo, wgu, wd] = sl else {
             unreachable!("five tensors in, five slices out")
         };
-        let mut lora: [Option<LoraKept>; 7] = Default::default();
-        let mut lora_into = |p: Projection, inp: &[f32], dst: &mut [f32], dv: View| {
-            if let Some(w) = lw[p.index()].take() {
-                let kept = profile::time("fwd lora", || {
-                    lora_fwd(inp, n, w, s, ctx.dropout(i, p), dst, dv)
-                });
-                lora[p.index()] = Some(kept);
-            }
-        };
-
         // Attention.
         let (h1, r1) = rms_fwd(x, &g1, eps, h);
         let mut qkv = vec![0f32; n * d.wq];
@@ -1038,30 +1128,39 @@ pub(super) fn layer_fwd(
                 true,
             )
         });
-        for (p, col, width) in d.qkv_parts() {
+        for (p, col, _) in d.qkv_parts() {
             add_bias(&mut qkv, d.wq, col, bias[p.index()].as_deref());
-            lora_into(p, &h1, &mut qkv, View::rm(col, n, width, d.wq));
         }
+        lora_fwd_all(&mut lora.qkv, &h1, n, s, Some((&mut qkv, d.wq)));
         rope(&mut qkv, d.wq, 0, d.nh, d.hd, &hb.cos, &hb.sin, false);
         rope(&mut qkv, d.wq, d.dq, d.kvh, d.hd, &hb.cos, &hb.sin, false);
         let (y, p) = profile::time("fwd attn", || attn_fwd(&qkv, d, hb));
-        let mut x2 = x.to_vec();
-        profile::time("fwd x W^T", || {
-            let wv = View::rm(0, h, d.dq, d.dq).t();
-            gemm(
-                &mut x2,
-                View::rm(0, n, h, h),
-                true,
-                &y,
-                View::rm(0, n, d.dq, d.dq),
-                wo,
-                wv,
-                1.0,
-                true,
-            )
-        });
-        add_bias(&mut x2, h, 0, bias[Projection::O.index()].as_deref());
-        lora_into(Projection::O, &y, &mut x2, View::rm(0, n, h, h));
+        let x2 = match mid {
+            Some(x2) => {
+                lora_fwd_all(&mut lora.o, &y, n, s, None);
+                x2
+            }
+            None => {
+                let mut x2 = x.to_vec();
+                profile::time("fwd x W^T", || {
+                    let wv = View::rm(0, h, d.dq, d.dq).t();
+                    gemm(
+                        &mut x2,
+                        View::rm(0, n, h, h),
+                        true,
+                        &y,
+                        View::rm(0, n, d.dq, d.dq),
+                        wo,
+                        wv,
+                        1.0,
+                        true,
+                    )
+                });
+                add_bias(&mut x2, h, 0, bias[Projection::O.index()].as_deref());
+                lora_fwd_all(&mut lora.o, &y, n, s, Some((&mut x2, h)));
+                x2
+            }
+        };
 
         // MLP.
         let (h2, r2) = rms_fwd(&x2, &g2, eps, h);
@@ -1080,10 +1179,10 @@ pub(super) fn layer_fwd(
                 true,
             )
         });
-        for (p, col) in d.gate_up_parts() {
+        for (p, col, _) in d.gate_up_parts() {
             add_bias(&mut gu, 2 * inter, col, bias[p.index()].as_deref());
-            lora_into(p, &h2, &mut gu, View::rm(col, n, inter, 2 * inter));
         }
+        lora_fwd_all(&mut lora.gate_up, &h2, n, s, Some((&mut gu, 2 * inter)));
         let mut act = vec![0f32; n * inter];
         par_rows(&mut act, inter, |r, a| {
             let row = &gu[r * 2 * inter..(r + 1) * 2 * inter];
@@ -1092,24 +1191,34 @@ pub(super) fn layer_fwd(
                 *o = gv * sigmoid(*gv) * uv;
             }
         });
-        let mut x3 = x2.clone();
-        profile::time("fwd x W^T", || {
-            let wv = View::rm(0, h, inter, inter).t();
-            gemm(
-                &mut x3,
-                View::rm(0, n, h, h),
-                true,
-                &act,
-                View::rm(0, n, inter, inter),
-                wd,
-                wv,
-                1.0,
-                true,
-            )
-        });
-        add_bias(&mut x3, h, 0, bias[Projection::Down.index()].as_deref());
-        lora_into(Projection::Down, &act, &mut x3, View::rm(0, n, h, h));
-        let cache = keep.then(|| HostCache {
+        let x3 = if recompute {
+            lora_fwd_all(&mut lora.down, &act, n, s, None);
+            None
+        } else {
+            let mut x3 = x2.clone();
+            profile::time("fwd x W^T", || {
+                let wv = View::rm(0, h, inter, inter).t();
+                gemm(
+                    &mut x3,
+                    View::rm(0, n, h, h),
+                    true,
+                    &act,
+                    View::rm(0, n, inter, inter),
+                    wd,
+                    wv,
+                    1.0,
+                    true,
+                )
+            });
+            add_bias(&mut x3, h, 0, bias[Projection::Down.index()].as_deref());
+            lora_fwd_all(&mut lora.down, &act, n, s, Some((&mut x3, h)));
+            Some(x3)
+        };
+        if !keep_all {
+            let mid = (keep == Keep::Mid).then_some(x2);
+            return Ok((x3, mid, None));
+        }
+        let cache = HostCache {
             x: x_in,
             r1,
             h1,
@@ -1122,11 +1231,17 @@ pub(super) fn layer_fwd(
             gu,
             act,
             lora,
-        });
-        Ok((x3, cache))
+        };
+        Ok((x3, None, Some(cache)))
     })
     .ok_or_else(|| missing("weights not contiguous f32 on the CPU"))??;
-    Ok((Tensor::from_vec(x3, (n, h), &m.device)?, cache))
+    Ok(LayerOut {
+        y: x3
+            .map(|v| Tensor::from_vec(v, (n, h), &m.device))
+            .transpose()?,
+        cache,
+        mid: x2,
+    })
 }
 
 /// One layer's backward: `dx3` in, the input gradient out (`None` without `need_dx`).
@@ -1155,7 +1270,6 @@ pub(super) fn layer_bwd(
         let [dx3, x, wqkv, wo, wgu, wd] = sl else {
             unreachable!("six tensors in, six slices out")
         };
-        let kept = |p: Projection| c.lora[p.index()].as_ref();
         let nh_view = View::rm(0, n, h, h);
 
         // MLP.
@@ -1173,18 +1287,8 @@ pub(super) fn layer_bwd(
                 true,
             )
         });
-        if let Some(k) = kept(Projection::Down) {
-            lora_bwd(
-                ctx,
-                i,
-                Projection::Down,
-                &c.act,
-                k,
-                dx3,
-                nh_view,
-                Some(&mut da),
-                grads,
-            )?;
+        for g in &c.lora.down {
+            lora_bwd(ctx, i, &c.act, g, dx3, h, Some(&mut da), grads)?;
         }
         let w2 = 2 * inter;
         let mut dgu = vec![0f32; n * w2];
@@ -1214,11 +1318,8 @@ pub(super) fn layer_bwd(
                 true,
             )
         });
-        for (p, col) in d.gate_up_parts() {
-            if let Some(k) = kept(p) {
-                let dv = View::rm(col, n, inter, w2);
-                lora_bwd(ctx, i, p, &c.h2, k, &dgu, dv, Some(&mut dh2), grads)?;
-            }
+        for g in &c.lora.gate_up {
+            lora_bwd(ctx, i, &c.h2, g, &dgu, w2, Some(&mut dh2), grads)?;
         }
         drop(dgu);
         let mut dx2 = dx3.to_vec();
@@ -1240,18 +1341,8 @@ pub(super) fn layer_bwd(
                 true,
             )
         });
-        if let Some(k) = kept(Projection::O) {
-            lora_bwd(
-                ctx,
-                i,
-                Projection::O,
-                &c.y,
-                k,
-                &dx2,
-                nh_view,
-                Some(&mut dy),
-                grads,
-            )?;
+        for g in &c.lora.o {
+            lora_bwd(ctx, i, &c.y, g, &dx2, h, Some(&mut dy), grads)?;
         }
         let mut dqkv = profile::time("bwd attn", || attn_bwd(&c.qkv, &c.p, &dy, d, hb));
         drop(dy);
@@ -1276,11 +1367,8 @@ pub(super) fn layer_bwd(
         } else {
             None
         };
-        for (p, col, width) in d.qkv_parts() {
-            if let Some(k) = kept(p) {
-                let dv = View::rm(col, n, width, d.wq);
-                lora_bwd(ctx, i, p, &c.h1, k, &dqkv, dv, dh1.as_deref_mut(), grads)?;
-            }
+        for g in &c.lora.qkv {
+            lora_bwd(ctx, i, &c.h1, g, &dqkv, d.wq, dh1.as_deref_mut(), grads)?;
         }
         Ok(dh1.map(|dh1| {
             rms_bwd_add(&mut dx2, x, &c.r1, &g1, &dh1, h);

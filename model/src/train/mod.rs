@@ -774,6 +774,14 @@ struct LayerCache {
     lora: [Option<LoraSaved>; 7],
 }
 
+/// A layer's checkpoint under gradient checkpointing: its input and, on the f32 host
+/// path, the residual between its attention and its MLP, so that each residual sub-block
+/// is recomputed from its own input (see [`host::layer_fwd`]).
+struct LayerCheckpoint {
+    x: Tensor,
+    mid: Option<Vec<f32>>,
+}
+
 /// What a layer's forward kept: from the generic graph or from the f32 host path.
 enum Saved {
     Generic(Box<LayerCache>),
@@ -799,6 +807,7 @@ struct Ctx<'a> {
 }
 
 mod host;
+use host::Keep;
 
 /// Fused element-wise kernels for f32 tensors on the CPU: one pass over memory and one
 /// output allocation where the generic candle-op versions (used for other dtypes and
@@ -1183,23 +1192,55 @@ impl Ctx<'_> {
         (pr > 0.0).then(|| (pr, mix_seed(seed, layer, p)))
     }
 
-    /// One block's forward, through the f32 host path where it applies (`host`: the pass
-    /// qualifies; the layer's base weights must also be frozen and stacked).
+    /// Whether layer `i` runs on the f32 host path (`host`: the pass qualifies; the
+    /// layer's base weights must also be frozen and stacked).
+    fn on_host(&self, i: usize, host: bool, train: &BaseTrain) -> bool {
+        let blk = &self.model.blocks[i];
+        host && i < train.first_layer && blk.fused_qkv.is_some() && blk.fused_gate_up.is_some()
+    }
+
+    /// One block's forward, through the f32 host path where it applies: its output, what
+    /// its backward needs (with [`Keep::All`]) and its checkpoint (with [`Keep::Mid`]).
     fn any_layer_fwd(
         &self,
         i: usize,
         x: &Tensor,
-        keep: bool,
+        keep: Keep,
         host: bool,
         train: &BaseTrain,
-    ) -> Result<(Tensor, Option<Saved>)> {
-        let blk = &self.model.blocks[i];
-        if host && i < train.first_layer && blk.fused_qkv.is_some() && blk.fused_gate_up.is_some() {
-            let (y, c) = host::layer_fwd(self, i, x, keep)?;
-            return Ok((y, c.map(|c| Saved::Host(Box::new(c)))));
+    ) -> Result<(Tensor, Option<Saved>, Option<LayerCheckpoint>)> {
+        if self.on_host(i, host, train) {
+            let out = host::layer_fwd(self, i, x, keep, None)?;
+            let y = out
+                .y
+                .ok_or_else(|| candle_core::Error::Msg("host layer: no output".into()))?;
+            let ckpt = (keep == Keep::Mid).then(|| LayerCheckpoint {
+                x: x.clone(),
+                mid: out.mid,
+            });
+            return Ok((y, out.cache.map(|c| Saved::Host(Box::new(c))), ckpt));
         }
-        let (y, c) = self.layer_fwd(i, x, keep)?;
-        Ok((y, c.map(|c| Saved::Generic(Box::new(c)))))
+        let (y, c) = self.layer_fwd(i, x, keep == Keep::All)?;
+        let ckpt = (keep == Keep::Mid).then(|| LayerCheckpoint {
+            x: x.clone(),
+            mid: None,
+        });
+        Ok((y, c.map(|c| Saved::Generic(Box::new(c))), ckpt))
+    }
+
+    /// What layer `i`'s backward needs, recomputed from its checkpoint.
+    fn layer_recompute(
+        &self,
+        i: usize,
+        ckpt: LayerCheckpoint,
+        host: bool,
+        train: &BaseTrain,
+    ) -> Result<Option<Saved>> {
+        if self.on_host(i, host, train) && ckpt.mid.is_some() {
+            let out = host::layer_fwd(self, i, &ckpt.x, Keep::All, ckpt.mid)?;
+            return Ok(out.cache.map(|c| Saved::Host(Box::new(c))));
+        }
+        Ok(self.any_layer_fwd(i, &ckpt.x, Keep::All, host, train)?.1)
     }
 
     /// One block's forward on `x` `[n, hidden]`; with `keep`, what its backward needs.
@@ -1432,14 +1473,17 @@ impl DenseLlama {
             // the backward; not the top layer, whose backward follows the head at once:
             // recomputing it would cost a layer's forward to save memory the backward
             // needs again right away.
-            let keep = !opts.checkpointing || i + 1 == n_layers;
-            let (next, cache) = profile::time("layer forward (total)", || {
+            let keep = if !opts.checkpointing || i + 1 == n_layers {
+                Keep::All
+            } else {
+                Keep::Mid
+            };
+            let (next, cache, ckpt) = profile::time("layer forward (total)", || {
                 ctx.any_layer_fwd(i, &x, keep, host, train)
             })?;
-            if keep {
-                caches.push(cache);
-            } else {
-                inputs.push(x);
+            match ckpt {
+                Some(c) => inputs.push(c),
+                None => caches.push(cache),
             }
             x = next;
         }
@@ -1477,10 +1521,12 @@ impl DenseLlama {
         };
         for i in (lowest..n_layers).rev() {
             let cache = if opts.checkpointing && i + 1 < n_layers {
-                let x_in = inputs
+                let ckpt = inputs
                     .pop()
                     .ok_or_else(|| candle_core::Error::Msg("lost input".into()))?;
-                ctx.any_layer_fwd(i, &x_in, true, host, train)?.1
+                profile::time("layer recompute (total)", || {
+                    ctx.layer_recompute(i, ckpt, host, train)
+                })?
             } else {
                 caches.pop().flatten()
             };
@@ -1516,7 +1562,7 @@ impl DenseLlama {
         let frozen = BaseTrain::frozen(self.blocks.len());
         let mut x = self.embed.index_select(&batch.input_ids, 0)?;
         for i in 0..self.blocks.len() {
-            x = ctx.any_layer_fwd(i, &x, false, host, &frozen)?.0;
+            x = ctx.any_layer_fwd(i, &x, Keep::Nothing, host, &frozen)?.0;
         }
         let hf = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
         if host {
