@@ -20,6 +20,7 @@ use super::{Ctx, DenseLlama, Dropout, Grads, PassStats, TrainBatch, peft_name, p
 use crate::llama::Projection;
 use crate::q4_1::dot_f32;
 use candle_core::{DType, Result, Tensor};
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Mutex;
 
@@ -325,6 +326,84 @@ fn pool_items(n: usize, f: impl Fn(usize) + Sync) {
     candle_core::utils::barrier_pool().execute_chunked(n, |r| r.for_each(&f));
 }
 
+/// Host buffers by length, handed back when their user is done and handed out again.
+/// A fresh `vec![0f32; n]` of these sizes is a memset on the calling thread (the allocator
+/// reuses freed memory, which it must clear for a zeroed allocation) while the other core
+/// waits for the next parallel part: about 2 GB of them a step in `bench train`.
+#[derive(Default)]
+pub(super) struct BufPool(Mutex<HashMap<usize, Vec<Vec<f32>>>>);
+
+impl BufPool {
+    /// A buffer of `len` holding whatever an earlier user left in it: every caller writes
+    /// it whole before reading it.
+    fn dirty(&self, len: usize) -> Vec<f32> {
+        let reused = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&len)
+            .and_then(Vec::pop);
+        match reused {
+            // Tests run with debug assertions: a read before the first write shows up as
+            // NaN in their results.
+            Some(mut v) if cfg!(debug_assertions) => {
+                v.fill(f32::NAN);
+                v
+            }
+            Some(v) => v,
+            None if cfg!(debug_assertions) => vec![f32::NAN; len],
+            None => vec![0f32; len],
+        }
+    }
+
+    /// A zeroed buffer of `len`, cleared on the pool's threads.
+    fn zeros(&self, len: usize) -> Vec<f32> {
+        let mut v = self.dirty(len);
+        par_chunks(&mut v, |_, c| c.fill(0.0));
+        v
+    }
+
+    /// A copy of `x`, copied on the pool's threads.
+    fn copy_of(&self, x: &[f32]) -> Vec<f32> {
+        let mut v = self.dirty(x.len());
+        par_chunks(&mut v, |k, c| {
+            c.copy_from_slice(&x[k * PAR_CHUNK..][..c.len()])
+        });
+        v
+    }
+
+    fn put(&self, v: Vec<f32>) {
+        if !v.is_empty() {
+            let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            m.entry(v.len()).or_default().push(v);
+        }
+    }
+}
+
+/// A copy of a model starts with no buffers of its own.
+impl Clone for BufPool {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl std::fmt::Debug for BufPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BufPool")
+    }
+}
+
+/// Elements per work item of [`par_chunks`].
+const PAR_CHUNK: usize = 1 << 16;
+
+/// `f(k, piece)` on the `PAR_CHUNK`-long pieces of `buf` (`k` counts them), on the pool.
+fn par_chunks(buf: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
+    let items: Vec<Mutex<&mut [f32]>> = buf.chunks_mut(PAR_CHUNK).map(Mutex::new).collect();
+    pool_items(items.len(), |k| {
+        f(k, &mut items[k].lock().unwrap_or_else(|e| e.into_inner()))
+    });
+}
+
 /// `f(row, row_slice)` for every `ld`-long row of `buf`, on the pool.
 fn par_rows(buf: &mut [f32], ld: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     let items: Vec<Mutex<&mut [f32]>> =
@@ -417,14 +496,14 @@ fn sigmoid(x: f32) -> f32 {
 // ---------------------------------------------------------------------------------------
 // Element-wise passes.
 
-/// RMSNorm of `[n, h]` rows: `(x r g, r)` with `r = 1 / sqrt(mean(x^2) + eps)` per row.
-fn rms_fwd(x: &[f32], g: &[f32], eps: f32, h: usize) -> (Vec<f32>, Vec<f32>) {
+/// RMSNorm of `[n, h]` rows: `(x r g, r)` with `r = 1 / sqrt(mean(x^2) + eps)` per row,
+/// the first written into `y` (`x.len()` long, overwritten whole).
+fn rms_fwd(x: &[f32], g: &[f32], eps: f32, h: usize, mut y: Vec<f32>) -> (Vec<f32>, Vec<f32>) {
     let mut r = vec![0f32; x.len() / h];
     par_rows(&mut r, 1, |i, ri| {
         let row = &x[i * h..(i + 1) * h];
         ri[0] = 1.0 / (dot_f32(row, row) / h as f32 + eps).sqrt();
     });
-    let mut y = vec![0f32; x.len()];
     par_rows(&mut y, h, |i, out| {
         let (xr, ri) = (&x[i * h..(i + 1) * h], r[i]);
         for ((o, v), gv) in out.iter_mut().zip(xr).zip(g) {
@@ -594,12 +673,19 @@ fn dropped<'a>(x: &'a [f32], dropout: Option<&Dropout>, owned: &'a mut Vec<f32>)
 /// `u = x_d A^T` for `x` `[n, in]` and, with `dst` (`ld`-long rows), each member's
 /// `dst[:, col..col + out] += s u_m B_m^T`; without `dst` (a recomputation whose output is
 /// already kept) only `u`, which the backward needs.
-fn lora_fwd(x: &[f32], n: usize, g: &mut LoraGroup, s: f32, dst: Option<(&mut [f32], usize)>) {
+fn lora_fwd(
+    x: &[f32],
+    n: usize,
+    g: &mut LoraGroup,
+    s: f32,
+    dst: Option<(&mut [f32], usize)>,
+    bufs: &BufPool,
+) {
     let inp = x.len() / n;
     let mut owned = Vec::new();
     let xd = dropped(x, g.dropout.as_ref(), &mut owned);
     let rt = g.rt;
-    let mut u = vec![0f32; n * rt];
+    let mut u = bufs.dirty(n * rt);
     let a_t = View::rm(0, rt, inp, inp).t();
     gemm(
         &mut u,
@@ -643,7 +729,8 @@ fn lora_bwd(
     let dev = &ctx.model.device;
     profile::time("bwd lora", || -> Result<()> {
         // dB = s dy^T u and du = s dy B, per member; du lands in its columns of `du`.
-        let mut du = vec![0f32; n * rt];
+        let bufs = &ctx.model.host_bufs;
+        let mut du = bufs.dirty(n * rt);
         for m in &g.members {
             let dyv = View::rm(m.col, n, m.out, ld);
             let uv = View::rm(m.uc, n, m.r, rt);
@@ -686,14 +773,16 @@ fn lora_bwd(
             match &g.dropout {
                 None => gemm(dx, xv, true, &du, duv, &g.a, av, 1.0, true),
                 Some(drop) => {
-                    let mut t = vec![0f32; n * inp];
+                    let mut t = bufs.dirty(n * inp);
                     gemm(&mut t, xv, false, &du, duv, &g.a, av, 1.0, true);
                     for (k, (o, v)) in dx.iter_mut().zip(&t).enumerate() {
                         *o += v * drop.factor(k);
                     }
+                    bufs.put(t);
                 }
             }
         }
+        bufs.put(du);
         Ok(())
     })
 }
@@ -817,11 +906,13 @@ impl View {
 
 /// Attention forward on roped `qkv` `[n, q | k | v]`: the output `[n, nh * hd]` and the
 /// probabilities `[b, nh, t, t]` (zero where masked).
-fn attn_fwd(qkv: &[f32], d: Dims, hb: &HostBatch) -> (Vec<f32>, Vec<f32>) {
+fn attn_fwd(qkv: &[f32], d: Dims, hb: &HostBatch, bufs: &BufPool) -> (Vec<f32>, Vec<f32>) {
     let (t, n_rep) = (d.t, d.nh / d.kvh);
     let scale = 1.0 / (d.hd as f32).sqrt();
-    let mut y = vec![0f32; d.n * d.dq];
-    let mut p = vec![0f32; d.b * d.nh * t * t];
+    // Every block writes its output rows whole, and its probability rows `c0..r1` (all
+    // that the backward reads): neither needs clearing first.
+    let mut y = bufs.dirty(d.n * d.dq);
+    let mut p = bufs.dirty(d.b * d.nh * t * t);
     let (ys, ps) = (Shared::new(&mut y), Shared::new(&mut p));
     pool_items(d.b * d.nh, |item| {
         let (bi, h) = (item / d.nh, item % d.nh);
@@ -874,10 +965,17 @@ fn attn_fwd(qkv: &[f32], d: Dims, hb: &HostBatch) -> (Vec<f32>, Vec<f32>) {
 
 /// Attention backward: from the output gradient `dy` `[n, nh * hd]`, the gradient of the
 /// roped `[n, q | k | v]`.
-fn attn_bwd(qkv: &[f32], p: &[f32], dy: &[f32], d: Dims, hb: &HostBatch) -> Vec<f32> {
+fn attn_bwd(
+    qkv: &[f32],
+    p: &[f32],
+    dy: &[f32],
+    d: Dims,
+    hb: &HostBatch,
+    bufs: &BufPool,
+) -> Vec<f32> {
     let (t, n_rep) = (d.t, d.nh / d.kvh);
     let scale = 1.0 / (d.hd as f32).sqrt();
-    let mut dqkv = vec![0f32; d.n * d.wq];
+    let mut dqkv = bufs.zeros(d.n * d.wq);
     let ds_all = Shared::new(&mut dqkv);
     pool_items(d.b * d.kvh, |item| {
         let (bi, g) = (item / d.kvh, item % d.kvh);
@@ -965,6 +1063,22 @@ pub(super) struct HostCache {
     lora: LayerLora,
 }
 
+impl HostCache {
+    /// Hand the buffers back to `bufs`.
+    fn recycle(self, bufs: &BufPool) {
+        let l = self.lora;
+        for v in [
+            self.r1, self.h1, self.qkv, self.p, self.y, self.x2, self.r2, self.h2, self.gu,
+            self.act,
+        ] {
+            bufs.put(v);
+        }
+        for g in [l.qkv, l.o, l.gate_up, l.down].into_iter().flatten() {
+            bufs.put(g.u);
+        }
+    }
+}
+
 /// A layer's LoRA groups, by the input they read.
 pub(super) struct LayerLora {
     qkv: Vec<LoraGroup>,
@@ -991,10 +1105,11 @@ fn lora_fwd_all(
     n: usize,
     s: f32,
     mut dst: Option<(&mut [f32], usize)>,
+    bufs: &BufPool,
 ) {
     for g in groups {
         let dst = dst.as_mut().map(|(d, ld)| (&mut **d, *ld));
-        profile::time("fwd lora", || lora_fwd(x, n, g, s, dst));
+        profile::time("fwd lora", || lora_fwd(x, n, g, s, dst, bufs));
     }
 }
 
@@ -1107,13 +1222,14 @@ pub(super) fn layer_fwd(
     // From a generic layer below (`freeze`), `x` may be a strided view.
     let x = &x.contiguous()?;
     let x_in = x.clone();
+    let bufs = &m.host_bufs;
     let (x3, x2, cache) = super::fused::host_f32(&[x, wqkv, wo, wgu, wd], |sl| -> Result<_> {
         let [x, wqkv, wo, wgu, wd] = sl else {
             unreachable!("five tensors in, five slices out")
         };
         // Attention.
-        let (h1, r1) = rms_fwd(x, &g1, eps, h);
-        let mut qkv = vec![0f32; n * d.wq];
+        let (h1, r1) = rms_fwd(x, &g1, eps, h, bufs.dirty(n * h));
+        let mut qkv = bufs.dirty(n * d.wq);
         profile::time("fwd x W^T", || {
             let wv = View::rm(0, d.wq, h, h).t();
             gemm(
@@ -1131,17 +1247,17 @@ pub(super) fn layer_fwd(
         for (p, col, _) in d.qkv_parts() {
             add_bias(&mut qkv, d.wq, col, bias[p.index()].as_deref());
         }
-        lora_fwd_all(&mut lora.qkv, &h1, n, s, Some((&mut qkv, d.wq)));
+        lora_fwd_all(&mut lora.qkv, &h1, n, s, Some((&mut qkv, d.wq)), bufs);
         rope(&mut qkv, d.wq, 0, d.nh, d.hd, &hb.cos, &hb.sin, false);
         rope(&mut qkv, d.wq, d.dq, d.kvh, d.hd, &hb.cos, &hb.sin, false);
-        let (y, p) = profile::time("fwd attn", || attn_fwd(&qkv, d, hb));
+        let (y, p) = profile::time("fwd attn", || attn_fwd(&qkv, d, hb, bufs));
         let x2 = match mid {
             Some(x2) => {
-                lora_fwd_all(&mut lora.o, &y, n, s, None);
+                lora_fwd_all(&mut lora.o, &y, n, s, None, bufs);
                 x2
             }
             None => {
-                let mut x2 = x.to_vec();
+                let mut x2 = bufs.copy_of(x);
                 profile::time("fwd x W^T", || {
                     let wv = View::rm(0, h, d.dq, d.dq).t();
                     gemm(
@@ -1157,14 +1273,14 @@ pub(super) fn layer_fwd(
                     )
                 });
                 add_bias(&mut x2, h, 0, bias[Projection::O.index()].as_deref());
-                lora_fwd_all(&mut lora.o, &y, n, s, Some((&mut x2, h)));
+                lora_fwd_all(&mut lora.o, &y, n, s, Some((&mut x2, h)), bufs);
                 x2
             }
         };
 
         // MLP.
-        let (h2, r2) = rms_fwd(&x2, &g2, eps, h);
-        let mut gu = vec![0f32; n * 2 * inter];
+        let (h2, r2) = rms_fwd(&x2, &g2, eps, h, bufs.dirty(n * h));
+        let mut gu = bufs.dirty(n * 2 * inter);
         profile::time("fwd x W^T", || {
             let wv = View::rm(0, 2 * inter, h, h).t();
             gemm(
@@ -1182,8 +1298,15 @@ pub(super) fn layer_fwd(
         for (p, col, _) in d.gate_up_parts() {
             add_bias(&mut gu, 2 * inter, col, bias[p.index()].as_deref());
         }
-        lora_fwd_all(&mut lora.gate_up, &h2, n, s, Some((&mut gu, 2 * inter)));
-        let mut act = vec![0f32; n * inter];
+        lora_fwd_all(
+            &mut lora.gate_up,
+            &h2,
+            n,
+            s,
+            Some((&mut gu, 2 * inter)),
+            bufs,
+        );
+        let mut act = bufs.dirty(n * inter);
         par_rows(&mut act, inter, |r, a| {
             let row = &gu[r * 2 * inter..(r + 1) * 2 * inter];
             let (g, u) = row.split_at(inter);
@@ -1192,7 +1315,7 @@ pub(super) fn layer_fwd(
             }
         });
         let x3 = if recompute {
-            lora_fwd_all(&mut lora.down, &act, n, s, None);
+            lora_fwd_all(&mut lora.down, &act, n, s, None, bufs);
             None
         } else {
             let mut x3 = x2.clone();
@@ -1211,14 +1334,10 @@ pub(super) fn layer_fwd(
                 )
             });
             add_bias(&mut x3, h, 0, bias[Projection::Down.index()].as_deref());
-            lora_fwd_all(&mut lora.down, &act, n, s, Some((&mut x3, h)));
+            lora_fwd_all(&mut lora.down, &act, n, s, Some((&mut x3, h)), bufs);
             Some(x3)
         };
-        if !keep_all {
-            let mid = (keep == Keep::Mid).then_some(x2);
-            return Ok((x3, mid, None));
-        }
-        let cache = HostCache {
+        let mut cache = HostCache {
             x: x_in,
             r1,
             h1,
@@ -1232,7 +1351,12 @@ pub(super) fn layer_fwd(
             act,
             lora,
         };
-        Ok((x3, None, Some(cache)))
+        if keep_all {
+            return Ok((x3, None, Some(cache)));
+        }
+        let mid = (keep == Keep::Mid).then(|| std::mem::take(&mut cache.x2));
+        cache.recycle(bufs);
+        Ok((x3, mid, None))
     })
     .ok_or_else(|| missing("weights not contiguous f32 on the CPU"))??;
     Ok(LayerOut {
@@ -1244,11 +1368,12 @@ pub(super) fn layer_fwd(
     })
 }
 
-/// One layer's backward: `dx3` in, the input gradient out (`None` without `need_dx`).
+/// One layer's backward: `dx3` in, the input gradient out (`None` without `need_dx`);
+/// the cache's buffers go back to the model's pool.
 pub(super) fn layer_bwd(
     ctx: &Ctx,
     i: usize,
-    c: &HostCache,
+    c: HostCache,
     dx3: &Tensor,
     need_dx: bool,
     grads: &mut Grads,
@@ -1265,6 +1390,7 @@ pub(super) fn layer_bwd(
         g2,
     } = LayerW::of(ctx, i)?;
     let (n, h, inter) = (d.n, d.h, d.inter);
+    let bufs = &m.host_bufs;
     let dx3 = &dx3.contiguous()?;
     let dx = super::fused::host_f32(&[dx3, &c.x, wqkv, wo, wgu, wd], |sl| -> Result<_> {
         let [dx3, x, wqkv, wo, wgu, wd] = sl else {
@@ -1273,7 +1399,7 @@ pub(super) fn layer_bwd(
         let nh_view = View::rm(0, n, h, h);
 
         // MLP.
-        let mut da = vec![0f32; n * inter];
+        let mut da = bufs.dirty(n * inter);
         profile::time("bwd dy W", || {
             gemm(
                 &mut da,
@@ -1291,7 +1417,7 @@ pub(super) fn layer_bwd(
             lora_bwd(ctx, i, &c.act, g, dx3, h, Some(&mut da), grads)?;
         }
         let w2 = 2 * inter;
-        let mut dgu = vec![0f32; n * w2];
+        let mut dgu = bufs.dirty(n * w2);
         par_rows(&mut dgu, w2, |r, out| {
             let (g, u) = c.gu[r * w2..(r + 1) * w2].split_at(inter);
             let dr = &da[r * inter..(r + 1) * inter];
@@ -1303,8 +1429,8 @@ pub(super) fn layer_bwd(
                 du[j] = dav * x * sg;
             }
         });
-        drop(da);
-        let mut dh2 = vec![0f32; n * h];
+        bufs.put(da);
+        let mut dh2 = bufs.dirty(n * h);
         profile::time("bwd dy W", || {
             gemm(
                 &mut dh2,
@@ -1321,13 +1447,13 @@ pub(super) fn layer_bwd(
         for g in &c.lora.gate_up {
             lora_bwd(ctx, i, &c.h2, g, &dgu, w2, Some(&mut dh2), grads)?;
         }
-        drop(dgu);
+        bufs.put(dgu);
         let mut dx2 = dx3.to_vec();
         rms_bwd_add(&mut dx2, &c.x2, &c.r2, &g2, &dh2, h);
-        drop(dh2);
+        bufs.put(dh2);
 
         // Attention.
-        let mut dy = vec![0f32; n * d.dq];
+        let mut dy = bufs.dirty(n * d.dq);
         profile::time("bwd dy W", || {
             gemm(
                 &mut dy,
@@ -1344,12 +1470,12 @@ pub(super) fn layer_bwd(
         for g in &c.lora.o {
             lora_bwd(ctx, i, &c.y, g, &dx2, h, Some(&mut dy), grads)?;
         }
-        let mut dqkv = profile::time("bwd attn", || attn_bwd(&c.qkv, &c.p, &dy, d, hb));
-        drop(dy);
+        let mut dqkv = profile::time("bwd attn", || attn_bwd(&c.qkv, &c.p, &dy, d, hb, bufs));
+        bufs.put(dy);
         rope(&mut dqkv, d.wq, 0, d.nh, d.hd, &hb.cos, &hb.sin, true);
         rope(&mut dqkv, d.wq, d.dq, d.kvh, d.hd, &hb.cos, &hb.sin, true);
         let mut dh1 = if need_dx {
-            let mut dh1 = vec![0f32; n * h];
+            let mut dh1 = bufs.dirty(n * h);
             profile::time("bwd dy W", || {
                 gemm(
                     &mut dh1,
@@ -1370,12 +1496,15 @@ pub(super) fn layer_bwd(
         for g in &c.lora.qkv {
             lora_bwd(ctx, i, &c.h1, g, &dqkv, d.wq, dh1.as_deref_mut(), grads)?;
         }
+        bufs.put(dqkv);
         Ok(dh1.map(|dh1| {
             rms_bwd_add(&mut dx2, x, &c.r1, &g1, &dh1, h);
+            bufs.put(dh1);
             dx2
         }))
     })
     .ok_or_else(|| missing("tensors not contiguous f32 on the CPU"))??;
+    c.recycle(bufs);
     dx.map(|v| Tensor::from_vec(v, (n, h), &m.device))
         .transpose()
 }

@@ -123,6 +123,9 @@ pub struct DenseLlama {
     pub dtype: DType,
     /// The host path's `[rows, vocab]` logits buffer, kept from step to step.
     head_scratch: Scratch,
+    /// The host path's activation and gradient buffers, handed back after their layer's
+    /// backward and reused from step to step.
+    host_bufs: host::BufPool,
 }
 
 /// A host buffer reused from step to step. A buffer as large as the output head's
@@ -268,6 +271,7 @@ impl DenseLlama {
             device,
             dtype,
             head_scratch: Scratch::default(),
+            host_bufs: host::BufPool::default(),
         })
     }
 
@@ -1532,9 +1536,9 @@ impl DenseLlama {
             };
             let cache = cache.ok_or_else(|| candle_core::Error::Msg("lost layer cache".into()))?;
             let need_dx = i > lowest || train.embeddings;
-            match profile::time("layer backward (total)", || match &cache {
-                Saved::Generic(c) => ctx.layer_bwd(i, c, &dx, train, need_dx, grads),
-                Saved::Host(c) => host::layer_bwd(&ctx, i, c, &dx, need_dx, grads),
+            match profile::time("layer backward (total)", || match cache {
+                Saved::Generic(c) => ctx.layer_bwd(i, &c, &dx, train, need_dx, grads),
+                Saved::Host(c) => host::layer_bwd(&ctx, i, *c, &dx, need_dx, grads),
             })? {
                 Some(d) => dx = d,
                 None => break,
