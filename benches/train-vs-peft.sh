@@ -109,6 +109,12 @@ for gc in ("off", "on"):
         t, m, l, n = agg(impl, gc)
         loss = "" if l is None else f"{l:.4f}"
         print(f"| {impl} | {gc} | {t:.1f} | {m:.0f} | {loss} | {t / pt:.2f}x | {m / pm:.2f}x |")
+print()
+print("Every run, in the order they ran (tokens/s):")
+for gc in ("off", "on"):
+    for impl in ("loraloop", "pytorch-peft"):
+        runs = ", ".join(f"{r['tokens_per_s']:.1f}" for r in rows if r["impl"] == impl and r["gc"] == gc)
+        print(f"- {impl}, gradient checkpointing {gc}: {runs}")
 versions = next(r["versions"] for r in rows if r["impl"] == "pytorch-peft")
 print()
 print("PyTorch side: " + ", ".join(f"{k} {v}" for k, v in versions.items()))

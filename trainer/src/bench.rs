@@ -172,11 +172,14 @@ impl StepCtx<'_> {
             self.grads,
         )?;
         self.opt.begin_step();
-        for n in self.names {
-            if let (Some(g), Some(p)) = (self.grads.get(n), self.lora.param_mut(n)) {
-                *p = self.opt.update(n, p, g, lr)?;
+        loraloop_model::train::profile::time("optimizer step", || {
+            for n in self.names {
+                if let (Some(g), Some(p)) = (self.grads.get(n), self.lora.param_mut(n)) {
+                    *p = self.opt.update(n, p, g, lr)?;
+                }
             }
-        }
+            Ok::<_, candle_core::Error>(())
+        })?;
         Ok(stats.loss())
     }
 }

@@ -861,19 +861,42 @@ impl Dims {
         self.q(bi, 0).shift(self.dq + self.dk + g * self.hd)
     }
 
-    /// Head `h` of row `bi` in a `[tokens, nh * hd]` buffer (the attention output).
-    fn o(&self, bi: usize, h: usize) -> View {
-        View::rm(
-            bi * self.t * self.dq + h * self.hd,
-            self.t,
-            self.hd,
-            self.dq,
-        )
+    /// Query heads per kv head.
+    fn rep(&self) -> usize {
+        self.nh / self.kvh
     }
 
-    /// The `[t, t]` probabilities of row `bi`, head `h`: where they start.
-    fn p_off(&self, bi: usize, h: usize) -> usize {
-        (bi * self.nh + h) * self.t * self.t
+    /// The `[t, n_rep, t]` probabilities of row `bi`, kv head `g` (token-major: a block of
+    /// token rows is one block of rows for all the group's heads): where they start.
+    fn p_off(&self, bi: usize, g: usize) -> usize {
+        (bi * self.kvh + g) * self.t * self.rep() * self.t
+    }
+
+    /// The query heads of kv head `g` in row `bi`'s tokens, from `src` (`ld`-long rows,
+    /// q heads from column 0: the `[q | k | v]` rows, or the attention output), as one
+    /// token-major `[t * n_rep, hd]` block.
+    fn gather(&self, src: &[f32], ld: usize, bi: usize, g: usize) -> Vec<f32> {
+        let w = self.rep() * self.hd;
+        let mut out = vec![0f32; self.t * w];
+        for (r, o) in out.chunks_exact_mut(w).enumerate() {
+            let s = (bi * self.t + r) * ld + g * w;
+            o.copy_from_slice(&src[s..s + w]);
+        }
+        out
+    }
+
+    /// The inverse of [`Dims::gather`]: `block` into `dst`.
+    ///
+    /// # Safety
+    /// No other thread touches those columns of row `bi`'s tokens during the call.
+    #[allow(unsafe_code)]
+    unsafe fn scatter(&self, block: &[f32], dst: &Shared, ld: usize, bi: usize, g: usize) {
+        let w = self.rep() * self.hd;
+        for (r, b) in block.chunks_exact(w).enumerate() {
+            let s = (bi * self.t + r) * ld + g * w;
+            // SAFETY: the caller's contract.
+            unsafe { dst.slice_mut(s..s + w) }.copy_from_slice(b);
+        }
     }
 
     /// Query-row blocks of row `bi`: each with the first key column any of its rows sees.
@@ -905,38 +928,50 @@ impl View {
 }
 
 /// Attention forward on roped `qkv` `[n, q | k | v]`: the output `[n, nh * hd]` and the
-/// probabilities `[b, nh, t, t]` (zero where masked).
+/// probabilities (zero where masked), `[b, kvh, t, n_rep, t]`.
+///
+/// One work item is a (sequence, kv head): the `n_rep` query heads that share its keys and
+/// values are copied out token-major into one `[t * n_rep, hd]` block, so each block of
+/// query rows is one product with the keys (packed once for the group, with three times
+/// the rows of a single head) and one with the values.
 fn attn_fwd(qkv: &[f32], d: Dims, hb: &HostBatch, bufs: &BufPool) -> (Vec<f32>, Vec<f32>) {
-    let (t, n_rep) = (d.t, d.nh / d.kvh);
-    let scale = 1.0 / (d.hd as f32).sqrt();
-    // Every block writes its output rows whole, and its probability rows `c0..r1` (all
-    // that the backward reads): neither needs clearing first.
+    let (t, rep, hd) = (d.t, d.rep(), d.hd);
+    let w = rep * hd;
+    let scale = 1.0 / (hd as f32).sqrt();
+    // Every item writes its output rows whole, and its probability rows `c0..r1` of each
+    // block (all that the backward reads): neither needs clearing first.
     let mut y = bufs.dirty(d.n * d.dq);
     let mut p = bufs.dirty(d.b * d.nh * t * t);
     let (ys, ps) = (Shared::new(&mut y), Shared::new(&mut p));
-    pool_items(d.b * d.nh, |item| {
-        let (bi, h) = (item / d.nh, item % d.nh);
-        let g = h / n_rep;
-        let (qv, kv, vv) = (d.q(bi, h), d.k(bi, g), d.v(bi, g));
-        let po = d.p_off(bi, h);
-        // SAFETY: item (bi, h) alone touches P[bi, h] (and head h of row bi's output).
+    let m3 = View::rm(0, t * rep, hd, hd);
+    pool_items(d.b * d.kvh, |item| {
+        let (bi, g) = (item / d.kvh, item % d.kvh);
+        let (kv, vv) = (d.k(bi, g), d.v(bi, g));
+        let q3 = d.gather(qkv, d.wq, bi, g);
+        let mut y3 = vec![0f32; t * w];
+        let po = d.p_off(bi, g);
+        // SAFETY: item (bi, g) alone touches its probabilities (and its heads' output
+        // columns in row bi's tokens).
         #[allow(unsafe_code)]
-        let pm = unsafe { ps.slice_mut(po..po + t * t) };
+        let pm = unsafe { ps.slice_mut(po..po + t * rep * t) };
         for (r0, r1, c0) in d.blocks(&hb.lo, bi) {
-            let pv = View::rm(r0 * t + c0, r1 - r0, r1 - c0, t);
+            let rows = r0 * rep..r1 * rep;
+            let pv = View::rm(r0 * rep * t + c0, rows.len(), r1 - c0, t);
+            let kt = kv.rows(c0..r1).t();
             gemm(
                 pm,
                 pv,
                 false,
+                &q3,
+                m3.rows(rows.clone()),
                 qkv,
-                qv.rows(r0..r1),
-                qkv,
-                kv.rows(c0..r1).t(),
+                kt,
                 scale,
                 false,
             );
-            for i in r0..r1 {
-                let row = &mut pm[i * t..i * t + r1];
+            for j in rows.clone() {
+                let i = j / rep;
+                let row = &mut pm[j * t..j * t + r1];
                 let lo = hb.lo[bi * t + i] as usize;
                 row[c0..lo].fill(0.0);
                 row[i + 1..].fill(0.0);
@@ -945,26 +980,20 @@ fn attn_fwd(qkv: &[f32], d: Dims, hb: &HostBatch, bufs: &BufPool) -> (Vec<f32>, 
                 let inv = 1.0 / sum;
                 z.iter_mut().for_each(|v| *v *= inv);
             }
-            // SAFETY: see `pm`.
-            #[allow(unsafe_code)]
-            unsafe {
-                ys.gemm(
-                    d.o(bi, h).rows(r0..r1),
-                    false,
-                    pm,
-                    pv,
-                    qkv,
-                    vv.rows(c0..r1),
-                    1.0,
-                );
-            }
+            let yv = m3.rows(rows);
+            gemm(&mut y3, yv, false, pm, pv, qkv, vv.rows(c0..r1), 1.0, false);
         }
+        // SAFETY: see `pm`.
+        #[allow(unsafe_code)]
+        unsafe {
+            d.scatter(&y3, &ys, d.dq, bi, g)
+        };
     });
     (y, p)
 }
 
 /// Attention backward: from the output gradient `dy` `[n, nh * hd]`, the gradient of the
-/// roped `[n, q | k | v]`.
+/// roped `[n, q | k | v]`. Work items as in [`attn_fwd`].
 fn attn_bwd(
     qkv: &[f32],
     p: &[f32],
@@ -973,71 +1002,65 @@ fn attn_bwd(
     hb: &HostBatch,
     bufs: &BufPool,
 ) -> Vec<f32> {
-    let (t, n_rep) = (d.t, d.nh / d.kvh);
-    let scale = 1.0 / (d.hd as f32).sqrt();
+    let (t, rep, hd) = (d.t, d.rep(), d.hd);
+    let w = rep * hd;
+    let scale = 1.0 / (hd as f32).sqrt();
+    // The k and v columns accumulate over the blocks; the q columns are written whole.
     let mut dqkv = bufs.zeros(d.n * d.wq);
     let ds_all = Shared::new(&mut dqkv);
+    let m3 = View::rm(0, t * rep, hd, hd);
     pool_items(d.b * d.kvh, |item| {
         let (bi, g) = (item / d.kvh, item % d.kvh);
         let (kv, vv) = (d.k(bi, g), d.v(bi, g));
-        let mut ds = vec![0f32; t * t];
-        for h in g * n_rep..(g + 1) * n_rep {
-            let qv = d.q(bi, h);
-            let ov = d.o(bi, h);
-            let po = d.p_off(bi, h);
-            for (r0, r1, c0) in d.blocks(&hb.lo, bi) {
-                let sv = View::rm(r0 * t + c0, r1 - r0, r1 - c0, t);
-                let pv = sv.shift(po);
-                // dP = dO V^T
-                gemm(
-                    &mut ds,
-                    sv,
-                    false,
-                    dy,
-                    ov.rows(r0..r1),
-                    qkv,
-                    vv.rows(c0..r1).t(),
-                    1.0,
-                    false,
+        let q3 = d.gather(qkv, d.wq, bi, g);
+        let do3 = d.gather(dy, d.dq, bi, g);
+        let mut dq3 = vec![0f32; t * w];
+        let mut ds = vec![0f32; t * rep * t];
+        let po = d.p_off(bi, g);
+        for (r0, r1, c0) in d.blocks(&hb.lo, bi) {
+            let rows = r0 * rep..r1 * rep;
+            let sv = View::rm(r0 * rep * t + c0, rows.len(), r1 - c0, t);
+            let pv = sv.shift(po);
+            let rv = m3.rows(rows.clone());
+            // dP = dO V^T
+            let vt = vv.rows(c0..r1).t();
+            gemm(&mut ds, sv, false, &do3, rv, qkv, vt, 1.0, false);
+            // dS = P (dP - sum(P dP))
+            for j in rows {
+                let (pr, dr) = (
+                    &p[po + j * t + c0..po + j * t + r1],
+                    &mut ds[j * t + c0..j * t + r1],
                 );
-                // dS = P (dP - sum(P dP))
-                for i in r0..r1 {
-                    let (pr, dr) = (
-                        &p[po + i * t + c0..po + i * t + r1],
-                        &mut ds[i * t + c0..i * t + r1],
-                    );
-                    let dot = dot_f32(pr, dr);
-                    for (o, a) in dr.iter_mut().zip(pr) {
-                        *o = a * (*o - dot);
-                    }
-                }
-                // SAFETY (all three): item (bi, g) alone touches the q columns of heads
-                // g * n_rep.. and the k/v columns of kv head g in row bi's tokens.
-                #[allow(unsafe_code)]
-                unsafe {
-                    let dqv = d.q(bi, h).rows(r0..r1);
-                    ds_all.gemm(dqv, false, &ds, sv, qkv, kv.rows(c0..r1), scale);
-                    ds_all.gemm(
-                        d.k(bi, g).rows(c0..r1),
-                        true,
-                        &ds,
-                        sv.t(),
-                        qkv,
-                        qv.rows(r0..r1),
-                        scale,
-                    );
-                    ds_all.gemm(
-                        d.v(bi, g).rows(c0..r1),
-                        true,
-                        p,
-                        pv.t(),
-                        dy,
-                        ov.rows(r0..r1),
-                        1.0,
-                    );
+                let dot = dot_f32(pr, dr);
+                for (o, a) in dr.iter_mut().zip(pr) {
+                    *o = a * (*o - dot);
                 }
             }
+            gemm(
+                &mut dq3,
+                rv,
+                false,
+                &ds,
+                sv,
+                qkv,
+                kv.rows(c0..r1),
+                scale,
+                false,
+            );
+            // SAFETY (both): item (bi, g) alone touches the k/v columns of kv head g in
+            // row bi's tokens.
+            #[allow(unsafe_code)]
+            unsafe {
+                ds_all.gemm(kv.rows(c0..r1), true, &ds, sv.t(), &q3, rv, scale);
+                ds_all.gemm(vv.rows(c0..r1), true, p, pv.t(), &do3, rv, 1.0);
+            }
         }
+        // SAFETY: item (bi, g) alone touches the q columns of heads g * rep.. in row bi's
+        // tokens.
+        #[allow(unsafe_code)]
+        unsafe {
+            d.scatter(&dq3, &ds_all, d.wq, bi, g)
+        };
     });
     dqkv
 }

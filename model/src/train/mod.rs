@@ -10,7 +10,10 @@
 //! that are scored, a chunk of rows at a time (the `[tokens, vocab]` logits are never
 //! materialised whole). Gradient checkpointing then is simple: keep each layer's input,
 //! recompute the layer in the backward pass (all but the top layer, whose backward comes
-//! right after its forward).
+//! right after its forward). On the f32 host path a layer also keeps the residual between
+//! its attention and its MLP, so each residual sub-block is recomputed from its own input
+//! and the o and down products, whose outputs only feed that kept residual stream, are
+//! not run again.
 //!
 //! Everything runs on candle tensors, so the same code runs on CUDA; the dtype is a
 //! parameter (f32 on the CPU; on CUDA the trainer runs the base in bf16 with f32 LoRA
@@ -755,7 +758,8 @@ pub struct PassOptions {
     /// Multiplies every gradient: `1 / (sum of scored weights over the optimizer step)`
     /// makes the gradient that of the step's weighted mean loss.
     pub grad_scale: f64,
-    /// Keep only each layer's input and recompute the layer in the backward pass.
+    /// Keep only each layer's input (and on the f32 host path the residual between its
+    /// attention and MLP) and recompute the layer in the backward pass.
     pub checkpointing: bool,
     /// LoRA dropout masks come from this seed (the same masks on recomputation).
     pub dropout_seed: u64,
