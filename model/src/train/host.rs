@@ -1271,8 +1271,17 @@ pub(super) fn layer_fwd(
             add_bias(&mut qkv, d.wq, col, bias[p.index()].as_deref());
         }
         lora_fwd_all(&mut lora.qkv, &h1, n, s, Some((&mut qkv, d.wq)), bufs);
-        rope(&mut qkv, d.wq, 0, d.nh, d.hd, &hb.cos, &hb.sin, false);
-        rope(&mut qkv, d.wq, d.dq, d.kvh, d.hd, &hb.cos, &hb.sin, false);
+        // The k heads follow the q heads in a row: one pass rotates both.
+        rope(
+            &mut qkv,
+            d.wq,
+            0,
+            d.nh + d.kvh,
+            d.hd,
+            &hb.cos,
+            &hb.sin,
+            false,
+        );
         let (y, p) = profile::time("fwd attn", || attn_fwd(&qkv, d, hb, bufs));
         let x2 = match mid {
             Some(x2) => {
@@ -1495,8 +1504,16 @@ pub(super) fn layer_bwd(
         }
         let mut dqkv = profile::time("bwd attn", || attn_bwd(&c.qkv, &c.p, &dy, d, hb, bufs));
         bufs.put(dy);
-        rope(&mut dqkv, d.wq, 0, d.nh, d.hd, &hb.cos, &hb.sin, true);
-        rope(&mut dqkv, d.wq, d.dq, d.kvh, d.hd, &hb.cos, &hb.sin, true);
+        rope(
+            &mut dqkv,
+            d.wq,
+            0,
+            d.nh + d.kvh,
+            d.hd,
+            &hb.cos,
+            &hb.sin,
+            true,
+        );
         let mut dh1 = if need_dx {
             let mut dh1 = bufs.dirty(n * h);
             profile::time("bwd dy W", || {
