@@ -101,14 +101,22 @@ def agg(impl, gc):
             rs[-1].get("loss"), len(rs))
 print(f"CPU LoRA training, cores {cpus}, seq {seq} x micro-batch {mb}, rank {rank}, LoRA dropout {dropout}, {steps} timed steps")
 print()
-print("| impl | gradient checkpointing | tokens/s (median) | peak RSS MB (max) | final loss | tokens/s vs peft | RSS vs peft |")
-print("| --- | --- | --- | --- | --- | --- | --- |")
+# A second measure less sensitive to a burst of load from elsewhere on a shared machine:
+# each run's median step, the median over runs (the same for both sides).
+def med_step(impl, gc):
+    rs = [r for r in rows if r["impl"] == impl and r["gc"] == gc]
+    tok = int(mb) * int(seq)
+    return statistics.median(tok / statistics.median(r["step_secs"]) for r in rs)
+print("| impl | gradient checkpointing | tokens/s (median) | peak RSS MB (max) | final loss | tokens/s vs peft | RSS vs peft | median-step tokens/s | vs peft |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 for gc in ("off", "on"):
     pt, pm, pl, _ = agg("pytorch-peft", gc)
+    ps = med_step("pytorch-peft", gc)
     for impl in ("loraloop", "pytorch-peft"):
         t, m, l, n = agg(impl, gc)
+        st = med_step(impl, gc)
         loss = "" if l is None else f"{l:.4f}"
-        print(f"| {impl} | {gc} | {t:.1f} | {m:.0f} | {loss} | {t / pt:.2f}x | {m / pm:.2f}x |")
+        print(f"| {impl} | {gc} | {t:.1f} | {m:.0f} | {loss} | {t / pt:.2f}x | {m / pm:.2f}x | {st:.1f} | {st / ps:.2f}x |")
 print()
 print("Every run, in the order they ran (tokens/s):")
 for gc in ("off", "on"):
