@@ -330,10 +330,38 @@ fn pool_items(n: usize, f: impl Fn(usize) + Sync) {
 /// A fresh `vec![0f32; n]` of these sizes is a memset on the calling thread (the allocator
 /// reuses freed memory, which it must clear for a zeroed allocation) while the other core
 /// waits for the next parallel part: about 2 GB of them a step in `bench train`.
+///
+/// The buffers are kept for one batch shape: a pass over a batch of another shape (rows
+/// padded to another length, an evaluation batch) empties the pool first, so batches of
+/// many lengths do not each leave a full set of buffers behind.
 #[derive(Default)]
-pub(super) struct BufPool(Mutex<HashMap<usize, Vec<Vec<f32>>>>);
+pub(super) struct BufPool(Mutex<PoolInner>);
+
+#[derive(Default)]
+struct PoolInner {
+    /// `(rows, tokens per row)` of the batch the buffers were sized for.
+    shape: (usize, usize),
+    free: HashMap<usize, Vec<Vec<f32>>>,
+}
 
 impl BufPool {
+    /// Start a pass over a batch of `shape` (`(rows, tokens per row)`): the buffers of
+    /// another shape go back to the allocator.
+    pub(super) fn begin(&self, shape: (usize, usize)) {
+        let mut p = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if p.shape != shape {
+            p.free.clear();
+            p.shape = shape;
+        }
+    }
+
+    /// How many buffers it holds.
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        let p = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        p.free.values().map(Vec::len).sum()
+    }
+
     /// A buffer of `len` holding whatever an earlier user left in it: every caller writes
     /// it whole before reading it.
     fn dirty(&self, len: usize) -> Vec<f32> {
@@ -341,6 +369,7 @@ impl BufPool {
             .0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .free
             .get_mut(&len)
             .and_then(Vec::pop);
         match reused {
@@ -375,7 +404,7 @@ impl BufPool {
     fn put(&self, v: Vec<f32>) {
         if !v.is_empty() {
             let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            m.entry(v.len()).or_default().push(v);
+            m.free.entry(v.len()).or_default().push(v);
         }
     }
 }
@@ -1672,7 +1701,27 @@ pub(super) fn head(
 
 #[cfg(test)]
 mod tests {
-    use super::fast_exp;
+    use super::{BufPool, fast_exp};
+
+    #[test]
+    fn the_buffer_pool_reuses_buffers_within_a_batch_shape_and_drops_them_on_another() {
+        let pool = BufPool::default();
+        pool.begin((4, 256));
+        let a = pool.dirty(1000);
+        let ptr = a.as_ptr();
+        pool.put(a);
+        pool.put(vec![1.0; 10]);
+        assert_eq!(pool.held(), 2);
+        // Same shape: the same allocation comes back, at the length asked for.
+        pool.begin((4, 256));
+        let b = pool.dirty(1000);
+        assert_eq!((b.as_ptr(), b.len()), (ptr, 1000));
+        pool.put(b);
+        // Another shape: nothing is kept.
+        pool.begin((4, 128));
+        assert_eq!(pool.held(), 0);
+        assert_eq!(pool.zeros(10), vec![0.0; 10]);
+    }
 
     #[test]
     fn fast_exp_is_within_two_ulp_of_f64_exp() {

@@ -1473,6 +1473,9 @@ impl DenseLlama {
         };
         let n_layers = self.blocks.len();
         let host = host::applies(self, lora, batch);
+        if host {
+            self.host_bufs.begin((batch.batch, batch.seq));
+        }
         let mut x = self.embed.index_select(&batch.input_ids, 0)?;
         let mut inputs = Vec::with_capacity(n_layers);
         let mut caches = Vec::with_capacity(n_layers);
@@ -1567,6 +1570,9 @@ impl DenseLlama {
             dropout_seed: None,
         };
         let host = host::applies(self, lora, batch);
+        if host {
+            self.host_bufs.begin((batch.batch, batch.seq));
+        }
         let frozen = BaseTrain::frozen(self.blocks.len());
         let mut x = self.embed.index_select(&batch.input_ids, 0)?;
         for i in 0..self.blocks.len() {
