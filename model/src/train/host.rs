@@ -388,15 +388,15 @@ impl BufPool {
     /// A zeroed buffer of `len`, cleared on the pool's threads.
     fn zeros(&self, len: usize) -> Vec<f32> {
         let mut v = self.dirty(len);
-        par_chunks(&mut v, |_, c| c.fill(0.0));
+        par_rows(&mut v, PIECE, |_, c| c.fill(0.0));
         v
     }
 
     /// A copy of `x`, copied on the pool's threads.
     fn copy_of(&self, x: &[f32]) -> Vec<f32> {
         let mut v = self.dirty(x.len());
-        par_chunks(&mut v, |k, c| {
-            c.copy_from_slice(&x[k * PAR_CHUNK..][..c.len()])
+        par_rows(&mut v, PIECE, |k, c| {
+            c.copy_from_slice(&x[k * PIECE..][..c.len()])
         });
         v
     }
@@ -422,16 +422,9 @@ impl std::fmt::Debug for BufPool {
     }
 }
 
-/// Elements per work item of [`par_chunks`].
-const PAR_CHUNK: usize = 1 << 16;
-
-/// `f(k, piece)` on the `PAR_CHUNK`-long pieces of `buf` (`k` counts them), on the pool.
-fn par_chunks(buf: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
-    let items: Vec<Mutex<&mut [f32]>> = buf.chunks_mut(PAR_CHUNK).map(Mutex::new).collect();
-    pool_items(items.len(), |k| {
-        f(k, &mut items[k].lock().unwrap_or_else(|e| e.into_inner()))
-    });
-}
+/// The "row" length [`BufPool`] clears and copies flat buffers in with [`par_rows`]
+/// (`ROWS_PER_ITEM` of them, 64 Ki elements, per work item).
+const PIECE: usize = 4096;
 
 /// `f(row, row_slice)` for every `ld`-long row of `buf`, on the pool.
 fn par_rows(buf: &mut [f32], ld: usize, f: impl Fn(usize, &mut [f32]) + Sync) {

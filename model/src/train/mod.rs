@@ -1244,8 +1244,9 @@ impl Ctx<'_> {
         host: bool,
         train: &BaseTrain,
     ) -> Result<Option<Saved>> {
-        if self.on_host(i, host, train) && ckpt.mid.is_some() {
-            let out = host::layer_fwd(self, i, &ckpt.x, Keep::All, ckpt.mid)?;
+        // Only the host path keeps a mid-layer residual.
+        if let Some(mid) = ckpt.mid {
+            let out = host::layer_fwd(self, i, &ckpt.x, Keep::All, Some(mid))?;
             return Ok(out.cache.map(|c| Saved::Host(Box::new(c))));
         }
         Ok(self.any_layer_fwd(i, &ckpt.x, Keep::All, host, train)?.1)
