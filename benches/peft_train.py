@@ -67,6 +67,11 @@ def parse_args():
     p.add_argument("--attn", default=None, help="attn_implementation (default: transformers' own, sdpa)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--prepare", action="store_true", help="only build the float32 copy of the model, if missing")
+    p.add_argument(
+        "--save-init",
+        metavar="DIR",
+        help="save the LoRA adapter training starts from (torch seed 0) to DIR in PEFT's format and exit",
+    )
     p.add_argument("--convert-only", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -156,6 +161,12 @@ def main():
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, cfg)
+    if args.save_init:
+        # The weights every run starts from (the seed above makes them the same each time);
+        # `loraloop bench train --init-adapter DIR` starts from them too.
+        model.save_pretrained(args.save_init)
+        print(args.save_init)
+        return
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)

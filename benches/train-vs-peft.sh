@@ -71,6 +71,12 @@ record() {
 
 # Convert the GGUF for PyTorch once (and catch a broken venv) outside the timed runs.
 "$VENV/bin/python" benches/peft_train.py --model "$MODEL" --prepare >&2
+# The LoRA both sides start from: PEFT's own initialization (torch seed 0), saved once;
+# loraloop loads it, so both train the same weights and their losses compare step by step.
+INIT=target/peft-cache/$(basename "$MODEL" .gguf)-init-r$RANK-a$ALPHA
+[ -f "$INIT/adapter_model.safetensors" ] ||
+  "$VENV/bin/python" benches/peft_train.py --model "$MODEL" --rank "$RANK" --alpha "$ALPHA" \
+    --save-init "$INIT" >&2
 
 for gc in off on; do
   flag=()
@@ -83,7 +89,7 @@ for gc in off on; do
     echo "gradient checkpointing $gc, round $i/$REPEATS" >&2
     record "$gc" "${PIN[@]}" "$LORALOOP" bench train --model "$MODEL" --seq-len "$SEQ_LEN" \
       --micro-batch "$MICRO_BATCH" --rank "$RANK" --lora-dropout "$LORA_DROPOUT" --steps "$STEPS" \
-      --warmup "$WARMUP" "${flag[@]}" --json
+      --warmup "$WARMUP" --init-adapter "$INIT" "${flag[@]}" --json
     record "$gc" "${PIN[@]}" "$VENV/bin/python" benches/peft_train.py --model "$MODEL" --seq-len "$SEQ_LEN" \
       --micro-batch "$MICRO_BATCH" --rank "$RANK" --alpha "$ALPHA" --lora-dropout "$LORA_DROPOUT" \
       --steps "$STEPS" --warmup "$WARMUP" \
@@ -123,6 +129,15 @@ for gc in ("off", "on"):
     for impl in ("loraloop", "pytorch-peft"):
         runs = ", ".join(f"{r['tokens_per_s']:.1f}" for r in rows if r["impl"] == impl and r["gc"] == gc)
         print(f"- {impl}, gradient checkpointing {gc}: {runs}")
+print()
+print("Losses of every step (warm-up included) in the first run of each side, both from the same adapter:")
+for gc in ("off", "on"):
+    first = {impl: next(r["losses"] for r in rows if r["impl"] == impl and r["gc"] == gc)
+             for impl in ("loraloop", "pytorch-peft")}
+    a, b = first["loraloop"], first["pytorch-peft"]
+    worst = max(abs(x - y) / abs(y) for x, y in zip(a, b))
+    print(f"- gradient checkpointing {gc}: loraloop {', '.join(f'{x:.5f}' for x in a)}; "
+          f"PEFT {', '.join(f'{y:.5f}' for y in b)}; largest relative difference {worst:.1e}")
 versions = next(r["versions"] for r in rows if r["impl"] == "pytorch-peft")
 print()
 print("PyTorch side: " + ", ".join(f"{k} {v}" for k, v in versions.items()))

@@ -156,6 +156,7 @@ pub async fn train(config: &Config, args: &super::BenchTrainArgs) -> anyhow::Res
         gradient_checkpointing: args.gradient_checkpointing,
         dtype,
         lora_dropout: args.lora_dropout,
+        init_adapter: args.init_adapter.clone(),
     };
     if !(0.0..1.0).contains(&args.lora_dropout) {
         anyhow::bail!(

@@ -187,6 +187,11 @@ pub struct BenchTrainArgs {
     /// LoRA dropout (`fine-tune` defaults to 0.05; the comparison with PEFT uses 0).
     #[arg(long, default_value_t = 0.0)]
     pub lora_dropout: f64,
+    /// Start from this PEFT adapter folder (rank --rank, alpha 2 x rank, all seven
+    /// projections) instead of a fresh LoRA; `benches/train-vs-peft.sh` passes the one
+    /// PEFT starts from, so the losses of both sides can be compared step by step.
+    #[arg(long)]
+    pub init_adapter: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
     /// auto, cpu, cuda or cuda:N (default: the configured device).

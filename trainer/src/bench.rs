@@ -5,7 +5,7 @@ use crate::optim::{AdamW, AdamWConfig};
 use crate::run::LORA_DTYPE;
 use candle_core::{DType, Device};
 use loraloop_model::llama::{Llama, Projection};
-use loraloop_model::lora::PeftConfig;
+use loraloop_model::lora::{PeftConfig, read_peft_dir};
 use loraloop_model::train::{
     BaseTrain, DenseLlama, Grads, LoraParams, PassOptions, Row, TrainBatch,
 };
@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct TrainBenchOptions {
     pub seq_len: usize,
     pub micro_batch: usize,
@@ -26,6 +26,11 @@ pub struct TrainBenchOptions {
     pub dtype: DType,
     /// LoRA dropout on every projection's input (`fine-tune` defaults to 0.05).
     pub lora_dropout: f64,
+    /// Start from this PEFT adapter folder instead of a fresh LoRA (seed 0): it must
+    /// have rank `rank`, alpha `2 * rank` and all seven projections. With the initial
+    /// adapter PEFT saved (`benches/peft_train.py --save-init`), both sides train from the
+    /// same weights and their losses can be compared step by step.
+    pub init_adapter: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -40,6 +45,8 @@ pub struct TrainBenchResult {
     pub micro_batch: usize,
     pub rank: usize,
     pub loss: f64,
+    /// The loss of every step, warm-up included.
+    pub losses: Vec<f64>,
     pub step_secs: Vec<f64>,
     /// `cpu` or `cuda:N`.
     pub device: String,
@@ -356,6 +363,33 @@ pub fn device_parity(
     )
 }
 
+/// The LoRA of the PEFT adapter folder `dir`, which must have the shape of `want` (rank,
+/// alpha, the seven projections): the benchmark reports that shape.
+fn init_lora(
+    dir: &std::path::Path,
+    want: &PeftConfig,
+    model: &DenseLlama,
+) -> candle_core::Result<LoraParams> {
+    let (cfg, tensors) = read_peft_dir(dir, &model.device).map_err(candle_core::Error::wrap)?;
+    let targets = cfg.targets().map_err(candle_core::Error::wrap)?;
+    let all: std::collections::BTreeSet<Projection> = Projection::ALL.into_iter().collect();
+    if cfg.r != want.r || cfg.lora_alpha != want.lora_alpha || targets != all {
+        candle_core::bail!(
+            "--init-adapter {}: rank {}, alpha {} on {} projections; this benchmark trains rank {}, alpha {} on all 7 (set --rank to match)",
+            dir.display(),
+            cfg.r,
+            cfg.lora_alpha,
+            targets.len(),
+            want.r,
+            want.lora_alpha
+        );
+    }
+    let mut p = LoraParams::from_tensors(cfg, &tensors, &model.config, LORA_DTYPE)
+        .map_err(candle_core::Error::wrap)?;
+    p.config.lora_dropout = want.lora_dropout;
+    Ok(p)
+}
+
 /// Run the benchmark: `warmup` untimed steps, then `steps` timed optimizer steps
 /// (forward, backward, AdamW on the LoRA parameters).
 pub fn train_speed(llama: &Llama, o: TrainBenchOptions) -> candle_core::Result<TrainBenchResult> {
@@ -363,12 +397,16 @@ pub fn train_speed(llama: &Llama, o: TrainBenchOptions) -> candle_core::Result<T
     let model = DenseLlama::from_llama(llama, o.dtype)?;
     let mut peft = PeftConfig::new(o.rank, 2.0 * o.rank as f64, &Projection::ALL);
     peft.lora_dropout = o.lora_dropout;
-    let mut lora = LoraParams::init(peft, &model.config, 0, LORA_DTYPE, &model.device)?;
+    let mut lora = match &o.init_adapter {
+        Some(dir) => init_lora(dir, &peft, &model)?,
+        None => LoraParams::init(peft, &model.config, 0, LORA_DTYPE, &model.device)?,
+    };
     let base = BaseTrain::frozen(model.config.num_layers);
     let mut opt = AdamW::new(AdamWConfig::default());
     let names: Vec<String> = lora.named_params().into_iter().map(|(n, _)| n).collect();
     let mut grads = Grads::default();
     let mut step_secs = Vec::new();
+    let mut losses = Vec::new();
     let mut loss = f64::NAN;
     for step in 0..o.warmup + o.steps {
         let t = Instant::now();
@@ -387,6 +425,7 @@ pub fn train_speed(llama: &Llama, o: TrainBenchOptions) -> candle_core::Result<T
             o.gradient_checkpointing,
             1e-4,
         )?;
+        losses.push(loss);
         // CUDA runs asynchronously: a step is done when the device is.
         model.device.synchronize()?;
         if step >= o.warmup {
@@ -416,6 +455,7 @@ pub fn train_speed(llama: &Llama, o: TrainBenchOptions) -> candle_core::Result<T
         micro_batch: o.micro_batch,
         rank: o.rank,
         loss,
+        losses,
         step_secs,
         device: match model.device.location() {
             candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
