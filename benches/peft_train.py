@@ -27,6 +27,10 @@ where s counts every step run, warmup included, from 0 (so the timed steps are
 s = warmup .. warmup + steps - 1). One optimizer step = one micro-batch: forward, backward,
 optimizer.step(), zero_grad().
 
+``--save-init DIR`` writes the LoRA weights training starts from (the seed below makes
+them the same in every run) as a PEFT folder and exits; train-vs-peft.sh passes that
+folder to ``loraloop bench train --init-adapter``, so both sides train the same weights.
+
 Timing: the `warmup` steps are excluded; then `steps` steps are timed.
 tokens/s = micro_batch * seq_len * steps / elapsed. Peak RSS is ru_maxrss of this process
 (its whole life: loading the cached float32 model and training). ``--json`` prints one line:

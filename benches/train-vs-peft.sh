@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # CPU LoRA training throughput and peak memory of loraloop next to PyTorch + PEFT, same
 # model (SmolLM2-135M-Instruct, the Q4_1 GGUF; PyTorch trains its float32 dequantization),
-# same synthetic data, same LoRA (rank 16, alpha 2 x rank, all seven projections), same shapes,
+# same synthetic data, same LoRA (rank 16, alpha 2 x rank, all seven projections, both
+# starting from the weights PEFT initializes: saved once, loaded by loraloop), same shapes,
 # each run in its own process pinned to the same cores, runs alternated so drift on a shared
 # machine hits both alike; with and without gradient checkpointing. Prints a markdown table
-# with the ratios (loraloop / PyTorch + PEFT).
+# with the ratios (loraloop / PyTorch + PEFT), then every step's loss of the first run of
+# each side (they should agree without dropout; with it each side draws its own masks).
 #
 #   benches/train-vs-peft.sh [REPEATS]      (default 2; env: STEPS (5), WARMUP (1), SEQ_LEN (256),
 #                                            MICRO_BATCH (4), RANK (16), LORA_DROPOUT (0),
@@ -71,12 +73,12 @@ record() {
 
 # Convert the GGUF for PyTorch once (and catch a broken venv) outside the timed runs.
 "$VENV/bin/python" benches/peft_train.py --model "$MODEL" --prepare >&2
-# The LoRA both sides start from: PEFT's own initialization (torch seed 0), saved once;
-# loraloop loads it, so both train the same weights and their losses compare step by step.
+# The LoRA both sides start from: PEFT's own initialization (torch seed 0), saved afresh
+# each time (so it follows the pinned versions); loraloop loads it, so both train the same
+# weights and their losses compare step by step.
 INIT=target/peft-cache/$(basename "$MODEL" .gguf)-init-r$RANK-a$ALPHA
-[ -f "$INIT/adapter_model.safetensors" ] ||
-  "$VENV/bin/python" benches/peft_train.py --model "$MODEL" --rank "$RANK" --alpha "$ALPHA" \
-    --save-init "$INIT" >&2
+"$VENV/bin/python" benches/peft_train.py --model "$MODEL" --rank "$RANK" --alpha "$ALPHA" \
+  --save-init "$INIT" >&2
 
 for gc in off on; do
   flag=()
