@@ -2,10 +2,10 @@
 //! `benches/peft_train.py` feeds PyTorch + PEFT, so the two are comparable in one run.
 
 use crate::optim::{AdamW, AdamWConfig};
-use crate::run::LORA_DTYPE;
+use crate::run::{LORA_DTYPE, read_adapter};
 use candle_core::{DType, Device};
 use loraloop_model::llama::{Llama, Projection};
-use loraloop_model::lora::{PeftConfig, read_peft_dir};
+use loraloop_model::lora::PeftConfig;
 use loraloop_model::train::{
     BaseTrain, DenseLlama, Grads, LoraParams, PassOptions, Row, TrainBatch,
 };
@@ -370,7 +370,8 @@ fn init_lora(
     want: &PeftConfig,
     model: &DenseLlama,
 ) -> candle_core::Result<LoraParams> {
-    let (cfg, tensors) = read_peft_dir(dir, &model.device).map_err(candle_core::Error::wrap)?;
+    let p = read_adapter(dir, model, want.lora_dropout).map_err(candle_core::Error::wrap)?;
+    let cfg = &p.config;
     let targets = cfg.targets().map_err(candle_core::Error::wrap)?;
     let all: std::collections::BTreeSet<Projection> = Projection::ALL.into_iter().collect();
     if cfg.r != want.r || cfg.lora_alpha != want.lora_alpha || targets != all {
@@ -384,9 +385,6 @@ fn init_lora(
             want.lora_alpha
         );
     }
-    let mut p = LoraParams::from_tensors(cfg, &tensors, &model.config, LORA_DTYPE)
-        .map_err(candle_core::Error::wrap)?;
-    p.config.lora_dropout = want.lora_dropout;
     Ok(p)
 }
 

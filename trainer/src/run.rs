@@ -100,6 +100,20 @@ impl TrainError {
 /// the base model's dtype (mixed precision, as PEFT keeps adapter weights in f32).
 pub const LORA_DTYPE: DType = DType::F32;
 
+/// The LoRA of the PEFT adapter folder `dir`, to train further on `dense`: the adapter's
+/// shape (rank, alpha, targets) and weights, with `lora_dropout` (this run's) instead of
+/// the dropout it was trained with.
+pub(crate) fn read_adapter(
+    dir: &Path,
+    dense: &DenseLlama,
+    lora_dropout: f64,
+) -> Result<LoraParams, loraloop_model::lora::AdapterError> {
+    let (cfg, tensors) = read_peft_dir(dir, &dense.device)?;
+    let mut p = LoraParams::from_tensors(cfg, &tensors, &dense.config, LORA_DTYPE)?;
+    p.config.lora_dropout = lora_dropout;
+    Ok(p)
+}
+
 /// The base model's dtype for training on `device` when none is asked for: bf16 on CUDA
 /// for LoRA (the frozen base), f32 otherwise. Full and freeze training update base
 /// weights, which have no f32 master copy here, so they stay f32 on every device.
@@ -515,10 +529,7 @@ fn train_inner(
         Method::Lora => Some(match (&resume, &job.init_adapter) {
             (Some(ck), _) => ck.lora_params(&dense)?,
             (None, Some(dir)) => {
-                let (cfg, tensors) = read_peft_dir(dir, &dense.device)?;
-                let mut p = LoraParams::from_tensors(cfg, &tensors, &dense.config, LORA_DTYPE)?;
-                // Continue with this run's dropout, keep the adapter's shape.
-                p.config.lora_dropout = c.lora_dropout;
+                let mut p = read_adapter(dir, &dense, c.lora_dropout)?;
                 p.config.base_model_name_or_path = Some(job.base_model_name.clone());
                 p
             }
