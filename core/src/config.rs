@@ -10,7 +10,6 @@
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -314,41 +313,7 @@ impl Secrets {
     }
 }
 
-/// Inference/training device as configured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum DeviceChoice {
-    Auto,
-    Cpu,
-    Cuda(usize),
-}
-
-impl std::str::FromStr for DeviceChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "cpu" => Ok(Self::Cpu),
-            "cuda" => Ok(Self::Cuda(0)),
-            other => other
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(Self::Cuda)
-                .ok_or_else(|| {
-                    format!("got {other:?}; allowed: auto, cpu, cuda, cuda:N (N a GPU index)")
-                }),
-        }
-    }
-}
-
-impl fmt::Display for DeviceChoice {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Auto => f.write_str("auto"),
-            Self::Cpu => f.write_str("cpu"),
-            Self::Cuda(n) => write!(f, "cuda:{n}"),
-        }
-    }
-}
+pub use loraloop_model::device::DeviceChoice;
 
 /// The validated configuration the program uses.
 #[derive(Debug, Clone)]
@@ -904,14 +869,6 @@ mod tests {
             assert!(text.contains(allowed), "{yaml:?}: {text}");
             assert_eq!(invalid_key(err), key, "{yaml:?}");
         }
-    }
-
-    #[test]
-    fn device_names_parse_into_choices() {
-        assert_eq!("cuda:1".parse::<DeviceChoice>(), Ok(DeviceChoice::Cuda(1)));
-        assert_eq!("cuda".parse::<DeviceChoice>(), Ok(DeviceChoice::Cuda(0)));
-        assert_eq!("cpu".parse::<DeviceChoice>(), Ok(DeviceChoice::Cpu));
-        assert!("cuda:x".parse::<DeviceChoice>().is_err());
     }
 
     #[test]

@@ -1,7 +1,9 @@
-//! loraloop's model layer. For now: local model files, their GGUF headers, and fetching
-//! the embedded default model. The llama-family architecture, LoRA layers, tokenizer,
-//! chat templates and the inference engine land here next (see the README's architecture).
+//! loraloop's model layer: the llama-family model in candle (`llama`), LoRA adapters in
+//! PEFT format (`lora`), the tokenizer, chat templates, sampling, the inference engine,
+//! the training graph and its CPU path (`train`), the Q4_1 kernels, device selection,
+//! model files and the default model fetch, and tiny random models for tests.
 
+pub mod device;
 pub mod engine;
 pub mod fetch;
 pub mod gguf;

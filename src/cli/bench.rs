@@ -69,7 +69,7 @@ pub async fn generate(config: &Config, args: &BenchGenerateArgs) -> anyhow::Resu
     eprintln!(
         "model {} | {} | {} threads | prompt {} tokens, decode {} tokens, {} repeats, adapter rank {} on all 7 projections",
         path.display(),
-        loraloop_server::device_name(&device),
+        loraloop_model::device::device_name(&device),
         threads,
         args.prompt_tokens,
         args.gen_tokens,
@@ -111,7 +111,7 @@ pub async fn generate(config: &Config, args: &BenchGenerateArgs) -> anyhow::Resu
     if args.json {
         let mut out = serde_json::json!({
             "model": path, "threads": threads, "rank": rank,
-            "device": loraloop_server::device_name(&device),
+            "device": loraloop_model::device::device_name(&device),
             "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
             "adapter_load_ms": load.mean, "adapter_swap_us": swap.mean,
         });
@@ -167,7 +167,7 @@ pub async fn train(config: &Config, args: &super::BenchTrainArgs) -> anyhow::Res
     eprintln!(
         "model {} | {} {dtype:?} | {} threads | LoRA rank {} on all 7 projections, dropout {} | {} x {} tokens | {} warm-up + {} timed steps | gradient checkpointing {}",
         path.display(),
-        loraloop_server::device_name(&device),
+        loraloop_model::device::device_name(&device),
         candle_core::utils::get_num_threads(),
         opts.rank,
         opts.lora_dropout,

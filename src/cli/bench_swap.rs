@@ -78,11 +78,11 @@ pub async fn swap(config: &Config, args: &BenchSwapArgs) -> anyhow::Result<ExitC
     config.raw.model = config.model_path().display().to_string();
     config.raw.data_dir = scratch.path().join("data");
     config.database_path = scratch.path().join("data/bench.db");
-    let key = loraloop_server::auth::random_token(16);
+    let key = loraloop_core::token::random_token(16);
     config.secrets.api_key = Some(key.clone().into());
-    let server = loraloop_server::start(
+    let server = loraloop::serve::start(
         config,
-        loraloop_server::ServeOptions {
+        loraloop::serve::ServeOptions {
             bind: Some("127.0.0.1:0".parse()?),
             worker: false,
             ..Default::default()

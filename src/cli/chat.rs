@@ -18,7 +18,7 @@ pub async fn start_engine(config: &Config, args: &ChatArgs) -> anyhow::Result<En
     tracing::info!(
         "loading {} on {}",
         path.display(),
-        loraloop_server::device_name(&device)
+        loraloop_model::device::device_name(&device)
     );
     let model = tokio::task::spawn_blocking(move || LoadedModel::load(&path, &device))
         .await

@@ -24,7 +24,7 @@ pub fn resolve_device(flag: Option<&str>, config: &Config) -> anyhow::Result<can
             .map_err(|e: String| anyhow::anyhow!("--device: {e}"))?,
         None => config.device,
     };
-    loraloop_server::select_device(choice)
+    Ok(loraloop_model::device::select_device(choice)?)
 }
 
 /// A `--dtype` flag: `auto` (None), `f32` or `bf16`.
@@ -382,8 +382,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Evaluate(args) => train::evaluate(&config, &args).await,
         Command::Worker(args) => train::worker(&config, &args).await,
         Command::Serve(args) => serve(config, &args).await,
-        Command::Bot(BotCommand::Telegram) => bot(config, loraloop_server::BotKind::Telegram).await,
-        Command::Bot(BotCommand::Discord) => bot(config, loraloop_server::BotKind::Discord).await,
+        Command::Bot(BotCommand::Telegram) => bot(config, loraloop::serve::BotKind::Telegram).await,
+        Command::Bot(BotCommand::Discord) => bot(config, loraloop::serve::BotKind::Discord).await,
     }
 }
 
@@ -403,11 +403,11 @@ async fn fetch_default_model(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn bot(config: Config, kind: loraloop_server::BotKind) -> anyhow::Result<ExitCode> {
+async fn bot(config: Config, kind: loraloop::serve::BotKind) -> anyhow::Result<ExitCode> {
     fetch_default_model(&config).await?;
-    let server = loraloop_server::start(
+    let server = loraloop::serve::start(
         config,
-        loraloop_server::ServeOptions {
+        loraloop::serve::ServeOptions {
             only_bot: Some(kind),
             ..Default::default()
         },
@@ -436,9 +436,9 @@ async fn serve(mut config: Config, args: &ServeArgs) -> anyhow::Result<ExitCode>
     }
     fetch_default_model(&config).await?;
     let has_api_key = config.secrets.api_key.is_some();
-    let server = loraloop_server::start(
+    let server = loraloop::serve::start(
         config,
-        loraloop_server::ServeOptions {
+        loraloop::serve::ServeOptions {
             worker: !args.no_worker,
             ..Default::default()
         },

@@ -11,13 +11,14 @@ use loraloop_model::lora::{LoraAdapter, read_peft_dir};
 use loraloop_model::template::TemplateMessage;
 use loraloop_model::train::{DenseLlama, LoraParams};
 use loraloop_trainer::config::{Method, TrainFile};
+use loraloop_trainer::evaluate::evaluate_tokenized;
+use loraloop_trainer::events::{Ending, EvalMetrics, TrainEvent};
+use loraloop_trainer::fingerprint::hash_model;
 use loraloop_trainer::generate::greedy_reply;
 use loraloop_trainer::replay;
-use loraloop_trainer::run::{
-    Ending, EvalMetrics, LORA_DTYPE, TrainEvent, TrainJob, auto_train_dtype, evaluate_tokenized,
-    hash_model, train,
-};
+use loraloop_trainer::run::{TrainJob, auto_train_dtype, train};
 use loraloop_trainer::tokenize::tokenize_dataset;
+use loraloop_trainer::trainable::LORA_DTYPE;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -407,7 +408,7 @@ pub async fn fine_tune(
         .unwrap_or_else(|| auto_train_dtype(&device, c.method));
     eprintln!(
         "training on {} with the base model in {dtype:?} (LoRA weights and optimizer state f32)",
-        loraloop_server::device_name(&device)
+        loraloop_model::device::device_name(&device)
     );
     let result = tokio::task::spawn_blocking(move || -> anyhow::Result<ExitCode> {
         let model = load_model(&model_path, &device)?;
@@ -631,7 +632,7 @@ pub async fn worker(config: &Config, args: &WorkerArgs) -> anyhow::Result<ExitCo
     eprintln!(
         "worker: waiting for training jobs in {} (training on {})",
         config.database_path.display(),
-        loraloop_server::device_name(&device)
+        loraloop_model::device::device_name(&device)
     );
     loraloop_trainer::worker::run_worker(
         db,

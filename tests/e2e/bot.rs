@@ -2,10 +2,10 @@
 //! Telegram Bot API server and the fake Discord of the server tests; SIGTERM stops it
 //! cleanly.
 
-#[path = "../../server/tests/common/fake_discord.rs"]
+#[path = "../support/fake_discord.rs"]
 #[allow(dead_code)]
 mod fake_discord;
-#[path = "../../server/tests/common/fake_telegram.rs"]
+#[path = "../support/fake_telegram.rs"]
 mod fake_telegram;
 
 use fake_telegram::{TOKEN, fake_telegram, rated_replies};
@@ -71,8 +71,28 @@ async fn the_telegram_bot_runs_alone_and_stops_on_sigterm() {
     let stderr = terminate(child).await;
     assert!(stderr.contains("the telegram bot is running"), "{stderr}");
     assert!(!stderr.contains("secret-test-token"), "{stderr}");
-    // The conversation is in the database the console reads.
-    assert!(dir.path().join("data/loraloop.db").exists());
+    // The conversation is in the database the console reads: the user's message and the
+    // reply, in one Telegram conversation.
+    let db = loraloop_core::Db::open(&dir.path().join("data/loraloop.db"))
+        .await
+        .unwrap();
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "select ch.platform, m.role, m.content from messages m
+         join conversations c on c.id = m.conversation_id join chats ch on ch.id = c.chat_id
+         order by m.id",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(
+        (rows[0].0.as_str(), rows[0].1.as_str(), rows[0].2.as_str()),
+        ("telegram", "user", "hello from the command line")
+    );
+    assert_eq!(
+        (rows[1].0.as_str(), rows[1].1.as_str()),
+        ("telegram", "assistant")
+    );
 }
 
 #[tokio::test]

@@ -2,7 +2,7 @@
 //! `benches/peft_train.py` feeds PyTorch + PEFT, so the two are comparable in one run.
 
 use crate::optim::{AdamW, AdamWConfig};
-use crate::run::{LORA_DTYPE, read_adapter};
+use crate::trainable::{LORA_DTYPE, read_adapter};
 use candle_core::{DType, Device};
 use loraloop_model::llama::{Llama, Projection};
 use loraloop_model::lora::PeftConfig;

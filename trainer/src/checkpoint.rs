@@ -10,9 +10,12 @@
 //! that looks complete, and the previous checkpoint stays as it was.
 
 use crate::config::{Method, TrainConfig};
+use crate::error::TrainError;
+use crate::events::{Ending, EvalMetrics};
 use crate::optim::AdamW;
-use crate::run::{Ending, EvalMetrics, SaveCtx, TrainError, Trainable};
+use crate::trainable::{LORA_DTYPE, Trainable, base_param_trains};
 use candle_core::{DType, Device, Tensor};
+use loraloop_model::engine::LoadedModel;
 use loraloop_model::lora::{ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PeftConfig, read_peft_dir};
 use loraloop_model::train::{DenseLlama, LoraParams};
 use serde::{Deserialize, Serialize};
@@ -192,6 +195,14 @@ fn write_dir_atomically(
     Ok(())
 }
 
+/// Where and how a run writes its weights.
+pub(crate) struct SaveCtx<'a> {
+    pub output_dir: &'a Path,
+    pub peft_config: Option<PeftConfig>,
+    pub model: &'a LoadedModel,
+    pub base_model_hash: &'a str,
+}
+
 impl SaveCtx<'_> {
     fn metadata(&self, state: &TrainerState) -> AdapterMetadata {
         let base_model = self
@@ -231,9 +242,7 @@ impl SaveCtx<'_> {
                     .model
                     .named_params()
                     .into_iter()
-                    .filter(|(n, _)| {
-                        full_model || crate::run::base_param_trains(n, &tr.base, n_layers)
-                    })
+                    .filter(|(n, _)| full_model || base_param_trains(n, &tr.base, n_layers))
                     .map(|(n, t)| (n, t.clone()))
                     .collect();
                 let file = if full_model {
@@ -381,7 +390,7 @@ impl Checkpoint {
             cfg,
             &tensors,
             &model.config,
-            crate::run::LORA_DTYPE,
+            LORA_DTYPE,
         )?)
     }
 

@@ -3,8 +3,9 @@
 //! after training the adapter is checked against them (how many it still answers the
 //! same way, and its loss on the base model's answers).
 
+use crate::evaluate::evaluate_tokenized;
+use crate::events::EvalMetrics;
 use crate::generate::greedy_reply;
-use crate::run::{EvalMetrics, evaluate_tokenized};
 use crate::tokenize::tokenize_dataset;
 use loraloop_core::domain::{ChatExample, ChatMessage, Role};
 use loraloop_model::engine::LoadedModel;

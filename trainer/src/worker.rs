@@ -8,7 +8,9 @@
 
 use crate::checkpoint::{AdapterMetadata, Checkpoint, TRAINER_STATE_FILE};
 use crate::config::{Method, TrainFile};
-use crate::run::{Ending, TrainEvent, TrainJob, auto_train_dtype, hash_model, train};
+use crate::events::{Ending, TrainEvent};
+use crate::fingerprint::hash_model;
+use crate::run::{TrainJob, auto_train_dtype, train};
 use candle_core::Device;
 use loraloop_core::storage::{Db, JobState, NewAdapter, NewTrainingEvent, TrainingJob};
 use loraloop_model::engine::LoadedModel;

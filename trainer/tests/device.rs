@@ -60,13 +60,13 @@ fn the_parity_check_rejects_a_different_training() {
     assert_eq!(same.max_update_rel_diff, 0.0);
 }
 
+// Reported as ignored (skipped) in a plain `cargo test`; run it on a GPU machine with
+// `cargo test --features cuda -- --ignored`, where a missing GPU is a failure, not a pass.
 #[cfg(feature = "cuda")]
 #[test]
+#[ignore = "needs a CUDA device: cargo test --features cuda -- --ignored"]
 fn cuda_bf16_training_matches_the_cpu_within_bf16_tolerance() {
-    let Ok(gpu) = Device::new_cuda(0) else {
-        eprintln!("skipped: no CUDA device answers");
-        return;
-    };
+    let gpu = Device::new_cuda(0).expect("a CUDA device answers");
     let tmp = tempfile::tempdir().unwrap();
     let cpu = tiny(tmp.path(), &Device::Cpu);
     let dev = LoadedModel::load(tmp.path(), &gpu).unwrap();

@@ -8,8 +8,9 @@ use loraloop_model::engine::LoadedModel;
 use loraloop_model::lora::LoraAdapter;
 use loraloop_model::template::TemplateMessage;
 use loraloop_trainer::config::TrainFile;
+use loraloop_trainer::events::TrainEvent;
 use loraloop_trainer::generate::greedy_reply;
-use loraloop_trainer::run::{TrainEvent, TrainJob, train};
+use loraloop_trainer::run::{TrainJob, train};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
@@ -64,7 +65,7 @@ fn fine_tuning_the_real_model_teaches_it_a_made_up_fact() {
         false,
     )
     .unwrap();
-    let base_loss = loraloop_trainer::run::evaluate_tokenized(&dense, None, &tok, 2, 128)
+    let base_loss = loraloop_trainer::evaluate::evaluate_tokenized(&dense, None, &tok, 2, 128)
         .unwrap()
         .loss;
     drop(dense);

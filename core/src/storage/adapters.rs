@@ -155,15 +155,34 @@ impl Db {
     /// Roll back to the adapter that was active before the current activation. Returns the
     /// adapter now active (None: the base model).
     pub async fn rollback_adapter(&self, assistant_id: i64, by: &str) -> Result<Option<i64>> {
-        let history: Vec<(Option<i64>,)> = sqlx::query_as(
-            "select adapter_id from adapter_activations where assistant_id = ? order by id desc limit 2",
-        )
-        .bind(assistant_id)
-        .fetch_all(self.pool())
-        .await?;
-        let previous = history.get(1).and_then(|(a,)| *a);
+        let history = self.recent_activations(assistant_id, 2).await?;
+        let previous = history.get(1).copied().flatten();
         self.activate_adapter(assistant_id, previous, by).await?;
         Ok(previous)
+    }
+
+    /// The adapters of the assistant's last `n` activations, newest first (None: the
+    /// base model was activated).
+    pub async fn recent_activations(&self, assistant_id: i64, n: i64) -> Result<Vec<Option<i64>>> {
+        let rows: Vec<(Option<i64>,)> = sqlx::query_as(
+            "select adapter_id from adapter_activations where assistant_id = ? order by id desc limit ?",
+        )
+        .bind(assistant_id)
+        .bind(n)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.into_iter().map(|(a,)| a).collect())
+    }
+
+    /// The trained-token count recorded in an adapter's metrics, when it has one.
+    pub async fn adapter_trained_tokens(&self, id: i64) -> Result<Option<i64>> {
+        let row: Option<(Option<i64>,)> = sqlx::query_as(
+            "select cast(json_extract(metrics, '$.trained_tokens') as integer) from adapters where id = ?",
+        )
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.and_then(|(t,)| t))
     }
 }
 

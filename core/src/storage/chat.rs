@@ -390,6 +390,33 @@ impl Db {
         .await?)
     }
 
+    /// The row id of a platform user already stored.
+    pub async fn platform_user_row(
+        &self,
+        platform: Platform,
+        user_id: &str,
+    ) -> Result<Option<i64>> {
+        let row: Option<(i64,)> = sqlx::query_as(
+            "select id from platform_users where platform = ? and platform_user_id = ?",
+        )
+        .bind(platform.as_str())
+        .bind(user_id)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.map(|(id,)| id))
+    }
+
+    /// The row id of a platform chat already stored.
+    pub async fn chat_row(&self, platform: Platform, chat_id: &str) -> Result<Option<i64>> {
+        let row: Option<(i64,)> =
+            sqlx::query_as("select id from chats where platform = ? and platform_chat_id = ?")
+                .bind(platform.as_str())
+                .bind(chat_id)
+                .fetch_optional(self.pool())
+                .await?;
+        Ok(row.map(|(id,)| id))
+    }
+
     /// The chat a platform thread belongs to, if any conversation of it was stored (the
     /// Discord bot's threads: it stores a conversation for each thread it starts): the
     /// chat's row id and platform id.

@@ -149,6 +149,22 @@ impl Db {
     }
 
     /// The examples of a dataset, in order.
+    /// A dataset's example count and its rough token count (characters / 4, each example
+    /// cut at `sequence_len`), for estimates before a job.
+    pub async fn dataset_token_estimate(
+        &self,
+        dataset_id: i64,
+        sequence_len: usize,
+    ) -> Result<(i64, f64)> {
+        Ok(sqlx::query_as(
+            "select count(*), coalesce(sum(min(char_count / 4.0, ?)), 0.0) from dataset_examples where dataset_id = ?",
+        )
+        .bind(sequence_len as f64)
+        .bind(dataset_id)
+        .fetch_one(self.pool())
+        .await?)
+    }
+
     pub async fn dataset_examples(&self, dataset_id: i64) -> Result<Vec<StoredExample>> {
         #[derive(sqlx::FromRow)]
         struct Row {

@@ -277,6 +277,27 @@ impl Db {
     }
 
     /// Events of a job after `after_id` (for server-sent events), oldest first.
+    /// How many jobs are queued and how many run.
+    pub async fn active_job_counts(&self) -> Result<(i64, i64)> {
+        let counts: Vec<(String, i64)> = sqlx::query_as(
+            "select state, count(*) from training_jobs where state in ('queued', 'running') group by state",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        let count = |s: &str| counts.iter().find(|(k, _)| k == s).map_or(0, |(_, n)| *n);
+        Ok((count("queued"), count("running")))
+    }
+
+    /// The running jobs' last two step events, newest first: (created_at, tokens/s).
+    pub async fn last_running_steps(&self) -> Result<Vec<(String, Option<f64>)>> {
+        Ok(sqlx::query_as(
+            "select e.created_at, e.tokens_per_sec from training_events e join training_jobs j on j.id = e.job_id
+             where j.state = 'running' and e.kind = 'step' order by e.id desc limit 2",
+        )
+        .fetch_all(self.pool())
+        .await?)
+    }
+
     pub async fn training_events(&self, job_id: i64, after_id: i64) -> Result<Vec<TrainingEvent>> {
         Ok(sqlx::query_as(
             "select id, job_id, kind, step, loss, eval_loss, learning_rate, tokens_per_sec, message, created_at

@@ -10,15 +10,16 @@
 //! another connection committed in between, which concurrent bot handlers hit at once.
 
 mod adapters;
+mod admin;
 mod chat;
-mod console;
+mod curation;
 mod datasets;
 mod jobs;
 mod updates;
 
 pub use adapters::{Adapter, Assistant, NewAdapter};
 pub use chat::{Conversation, Feedback, NewMessage, Platform, PlatformUser, StoredMessage};
-pub use console::{
+pub use curation::{
     BuildFilter, ConversationDetail, ConversationExample, ConversationFilter, ConversationSummary,
     MessageWithFeedback, OPERATOR, PLATFORMS, RatingFilter,
 };

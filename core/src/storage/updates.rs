@@ -60,6 +60,18 @@ impl Db {
         Ok(())
     }
 
+    /// An update's status (`pending`, `done`, `failed`), if it was stored.
+    pub async fn update_status(&self, platform: Platform, key: &str) -> Result<Option<String>> {
+        let row: Option<(String,)> = sqlx::query_as(
+            "select status from inbound_updates where platform = ? and update_key = ?",
+        )
+        .bind(platform.as_str())
+        .bind(key)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.map(|(s,)| s))
+    }
+
     /// The highest numeric update key stored for a platform (Telegram's `update_id`).
     pub async fn last_update_id(&self, platform: Platform) -> Result<Option<i64>> {
         let (max,): (Option<i64>,) = sqlx::query_as(

@@ -1,0 +1,10 @@
+//! loraloop's chat bots. Each bot turns its platform's updates into turns of the core chat
+//! service and streams the replies back; what they share (reply streaming, the rate limit,
+//! the texts users see) lives beside them. A bot holds no business logic of its own: the
+//! conversation, the prompt and the adapter are the chat service's.
+
+pub mod discord;
+pub mod rate_limit;
+pub mod streaming;
+pub mod telegram;
+pub mod text;

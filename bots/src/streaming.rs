@@ -1,0 +1,193 @@
+//! What the chat bots (Telegram, Discord) share: answering a message through the chat
+//! service, streaming the reply into a platform message, splitting long replies at a
+//! platform's length limit, and recording how a stored update ended.
+
+use crate::text;
+use loraloop_core::service::Turn;
+use loraloop_core::storage::{Db, Platform, StoredMessage};
+use loraloop_core::{ServiceError, Services};
+use loraloop_model::engine::{AdapterChoice, Event, Finished};
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// Edits of a streamed reply, at most one per this interval (per reply; Telegram allows
+/// about one a second per chat, Discord five per 5 s per channel).
+pub const EDIT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What the user is told when a reply cannot start.
+pub fn start_failure_notice(e: &ServiceError) -> &'static str {
+    match e {
+        // The prompt is too long for the model (the conversation grew, or one long message).
+        ServiceError::Prompt(_) => text::CONVERSATION_TOO_LONG,
+        _ => text::CANNOT_ANSWER,
+    }
+}
+
+/// A chat where a reply is streamed: a platform's messages in one chat or channel.
+pub trait ReplyChannel: Sync {
+    type Id: Copy + Send + Sync;
+    /// "typing…" lapses after this long and is shown again while nothing is visible yet.
+    const TYPING_INTERVAL: Duration;
+    /// A new message; its id.
+    fn send(&self, text: &str) -> impl Future<Output = anyhow::Result<Self::Id>> + Send;
+    /// Replace a message's text; a failure only loses one intermediate version.
+    fn edit(&self, id: Self::Id, text: &str) -> impl Future<Output = ()> + Send;
+    /// Show "typing…".
+    fn typing(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// Record how handling a stored update ended: done, or failed with the error (logged and
+/// kept on the row; a failed update is not retried).
+pub async fn finish_update(db: &Db, platform: Platform, key: &str, outcome: &anyhow::Result<()>) {
+    let name = platform.as_str();
+    let error = match outcome {
+        Ok(()) => None,
+        Err(e) => {
+            tracing::warn!("{name}: update {key} failed: {e:#}");
+            Some(format!("{e:#}"))
+        }
+    };
+    if let Err(e) = db.finish_update(platform, key, error.as_deref()).await {
+        tracing::error!("{name}: cannot record update {key}: {e}");
+    }
+}
+
+/// Answer a platform message: store it in `conversation_id`, generate the reply with the
+/// active adapter and stream it into `ch` (a reply that cannot start is told to the
+/// user), then store the reply. Returns the streamed message, if any, the finished
+/// generation and the stored reply; the caller sends the final text.
+pub async fn answer<C: ReplyChannel>(
+    core: &Services,
+    conversation_id: i64,
+    user_id: i64,
+    text: &str,
+    platform_message_id: &str,
+    ch: &C,
+    max_chars: usize,
+) -> anyhow::Result<(Option<C::Id>, Finished, StoredMessage)> {
+    let mut turn = match core
+        .chat
+        .start_turn_from(
+            conversation_id,
+            Some(user_id),
+            text,
+            Some(platform_message_id),
+            AdapterChoice::Active,
+        )
+        .await
+    {
+        Ok(t) => t,
+        Err(e) => {
+            ch.send(start_failure_notice(&e)).await?;
+            anyhow::bail!("cannot start the reply: {e}");
+        }
+    };
+    let (sent, finished) = stream_reply(&mut turn, ch, max_chars).await?;
+    drop(turn.in_flight);
+    let stored = core.chat.store_reply(conversation_id, &finished).await?;
+    Ok((sent, finished, stored))
+}
+
+/// Stream `turn`'s reply into `ch`: "typing…" until there is text, the first words as
+/// soon as they exist, then an edit at most every [`EDIT_INTERVAL`] while the text fits
+/// in one message of `max_chars`. Returns the streamed message (None when nothing was
+/// shown) and the finished generation; the caller sends the final text. A failed
+/// generation is told to the user and returned as an error.
+async fn stream_reply<C: ReplyChannel>(
+    turn: &mut Turn,
+    ch: &C,
+    max_chars: usize,
+) -> anyhow::Result<(Option<C::Id>, Finished)> {
+    let mut reply = String::new();
+    let mut sent: Option<C::Id> = None;
+    let mut last_edit = Instant::now();
+    let mut last_typing = Instant::now();
+    loop {
+        match turn.generation.next().await {
+            Some(Event::Text(t)) => {
+                reply.push_str(&t);
+                let shown = reply.trim();
+                if shown.is_empty() || shown.chars().count() > max_chars {
+                    if sent.is_none() && last_typing.elapsed() >= C::TYPING_INTERVAL {
+                        ch.typing().await;
+                        last_typing = Instant::now();
+                    }
+                    continue;
+                }
+                match sent {
+                    None => {
+                        sent = Some(ch.send(shown).await?);
+                        last_edit = Instant::now();
+                    }
+                    Some(id) if last_edit.elapsed() >= EDIT_INTERVAL => {
+                        ch.edit(id, shown).await;
+                        last_edit = Instant::now();
+                    }
+                    Some(_) => {}
+                }
+            }
+            Some(Event::Finished(f)) => return Ok((sent, f)),
+            Some(Event::Failed(e)) => {
+                ch.send(text::MODEL_FAILED).await?;
+                anyhow::bail!("generation failed: {e}");
+            }
+            Some(Event::Started { .. }) => {}
+            None => anyhow::bail!("the engine stopped"),
+        }
+    }
+}
+
+/// The text a reply is shown as: trimmed, and never empty (Telegram and Discord refuse
+/// empty messages).
+pub fn shown_text(text: &str) -> String {
+    if text.trim().is_empty() {
+        "…".to_string()
+    } else {
+        text.trim().to_string()
+    }
+}
+
+/// `text` in pieces of at most `max` characters, split at a line or word break when one
+/// is near the end.
+pub fn split_message(text: &str, max: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while rest.chars().count() > max {
+        let cut = rest.char_indices().nth(max).map_or(rest.len(), |(i, _)| i);
+        let head = &rest[..cut];
+        let at = head
+            .rfind('\n')
+            .or_else(|| head.rfind(' '))
+            .filter(|&i| i > cut / 2)
+            .map_or(cut, |i| i + 1);
+        out.push(rest[..at].to_string());
+        rest = &rest[at..];
+    }
+    if !rest.is_empty() || out.is_empty() {
+        out.push(rest.to_string());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_replies_are_split_at_breaks_within_the_limit() {
+        let text = format!("{}\n{}", "a".repeat(3000), "b ".repeat(1500));
+        let parts = split_message(&text, 4096);
+        assert_eq!(parts.len(), 2);
+        assert!(parts.iter().all(|p| p.chars().count() <= 4096));
+        assert_eq!(parts.concat(), text);
+        assert_eq!(parts[0], format!("{}\n", "a".repeat(3000)));
+        // No break anywhere: a hard cut, on a character boundary.
+        let emoji = "😀".repeat(5000);
+        let parts = split_message(&emoji, 4096);
+        assert_eq!(
+            parts.iter().map(|p| p.chars().count()).collect::<Vec<_>>(),
+            vec![4096, 904]
+        );
+        assert_eq!(split_message("", 10), vec![String::new()]);
+    }
+}

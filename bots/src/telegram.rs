@@ -1,0 +1,636 @@
+//! The Telegram bot. Its own `getUpdates` loop (teloxide's `Bot` for the API calls)
+//! stores every update in the database *before* its offset is confirmed to Telegram, and
+//! the handlers work from the stored updates: an update read but not answered when the
+//! process dies is answered after the restart. Each update is marked done once its reply
+//! is sent; a kill between Telegram accepting a reply and that mark can repeat one reply
+//! (at most one duplicate per update), never lose one.
+//!
+//! Replies stream: the first words are sent as soon as they exist and the message is
+//! edited as tokens arrive (at most once a second per chat); the final text always
+//! arrives complete, split at Telegram's 4,096-character limit, with 👍/👎 buttons.
+
+use crate::rate_limit::RateLimiter;
+use crate::streaming::{self, split_message};
+use crate::text;
+use loraloop_core::Services;
+use loraloop_core::inbox::Inbox;
+use loraloop_core::storage::Platform;
+use loraloop_core::token::random_token;
+use secrecy::{ExposeSecret, SecretString};
+use std::collections::{HashMap, HashSet};
+use std::future::IntoFuture;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use teloxide_core::payloads::setters::*;
+use teloxide_core::prelude::Requester;
+use teloxide_core::types::{
+    BotCommand, ChatAction, ChatId, InlineKeyboardButton, InlineKeyboardMarkup, Me, Message,
+    MessageId, Update, UpdateKind,
+};
+use teloxide_core::{ApiError as TgError, Bot, RequestError};
+
+/// Telegram's limit on a message's text.
+pub const MAX_MESSAGE_CHARS: usize = 4096;
+
+type ChatQueue = tokio::sync::mpsc::UnboundedSender<(String, Update)>;
+
+pub struct TelegramBot {
+    core: Services,
+    /// Updates stored by the webhook route (webhook mode).
+    inbox: Arc<Inbox>,
+    bot: Bot,
+    me: Me,
+    /// Each chat's worker queue: a chat's updates are handled in order, chats in parallel.
+    chats: Mutex<HashMap<i64, ChatQueue>>,
+    /// Updates handed to a worker and not finished yet.
+    dispatched: Mutex<HashSet<String>>,
+    rate: RateLimiter,
+    /// Set on stop: workers take no further update (it stays pending for the next start).
+    stopping: std::sync::atomic::AtomicBool,
+    /// Updates being handled right now.
+    busy: std::sync::atomic::AtomicUsize,
+}
+
+/// How long a stop waits for the replies being generated to be sent.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Run the bot until `stop` is notified.
+pub async fn run(
+    core: Services,
+    inbox: Arc<Inbox>,
+    token: SecretString,
+    stop: Arc<tokio::sync::Notify>,
+) -> anyhow::Result<()> {
+    let api = reqwest::Url::parse(&core.config.raw.telegram.api_url)?;
+    let bot = Bot::new(token.expose_secret()).set_api_url(api);
+    let me = tokio::select! {
+        me = retry("getMe", || bot.get_me()) => me.map_err(|e| anyhow::anyhow!("telegram getMe: {e}"))?,
+        _ = stop.notified() => return Ok(()),
+    };
+    let commands = [
+        BotCommand::new("start", "What this bot does"),
+        BotCommand::new("reset", "Start a new conversation"),
+        BotCommand::new("forget", "Delete everything stored about you"),
+        BotCommand::new("help", "How to use this bot"),
+    ];
+    if let Err(e) = retry("setMyCommands", || bot.set_my_commands(commands.clone())).await {
+        tracing::warn!("telegram: setMyCommands failed: {e}");
+    }
+    let rate = RateLimiter::new(core.config.raw.telegram.rate_limit_per_minute);
+    let webhook = core.config.raw.telegram.webhook_url.clone();
+    let tb = Arc::new(TelegramBot {
+        core,
+        inbox,
+        bot,
+        me,
+        chats: Mutex::new(HashMap::new()),
+        dispatched: Mutex::new(HashSet::new()),
+        stopping: Default::default(),
+        busy: Default::default(),
+        rate,
+    });
+    // Updates stored by an earlier run and not answered.
+    tb.clone().dispatch_pending().await?;
+    let outcome = match webhook {
+        Some(url) => tb.clone().webhook(&url, stop).await,
+        None => tb.clone().poll(stop).await,
+    };
+    // Finish the replies in progress (within a grace period); queued updates stay pending.
+    tb.stopping.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + STOP_GRACE;
+    while tb.busy.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::info!("telegram: stopped");
+    outcome
+}
+
+impl TelegramBot {
+    /// Long polling: store each batch of updates, then confirm it with the next offset.
+    async fn poll(self: Arc<Self>, stop: Arc<tokio::sync::Notify>) -> anyhow::Result<()> {
+        // getUpdates is refused while a webhook is set (from an earlier webhook-mode run).
+        if let Err(e) = retry("deleteWebhook", || self.bot.delete_webhook()).await {
+            tracing::warn!("telegram: deleteWebhook failed: {e}");
+        }
+        tracing::info!("telegram: polling as @{}", self.me.username());
+        let mut offset = self
+            .core
+            .db
+            .last_update_id(Platform::Telegram)
+            .await?
+            .map(|u| u + 1);
+        loop {
+            let mut req = self.bot.get_updates().timeout(25);
+            if let Some(o) = offset {
+                req = req.offset(o as i32);
+            }
+            let updates = tokio::select! {
+                u = req.into_future() => u,
+                _ = stop.notified() => return Ok(()),
+            };
+            let updates = match updates {
+                Ok(u) => u,
+                Err(RequestError::RetryAfter(s)) => {
+                    tokio::time::sleep(s.duration()).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!("telegram: getUpdates failed: {e}; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = stop.notified() => return Ok(()),
+                    }
+                }
+            };
+            let mut stored = false;
+            for u in &updates {
+                let payload = serde_json::to_string(u)?;
+                stored |= self
+                    .core
+                    .db
+                    .store_update(Platform::Telegram, &u.id.0.to_string(), &payload)
+                    .await?;
+                offset = Some(offset.unwrap_or(0).max(i64::from(u.id.0) + 1));
+            }
+            if stored {
+                self.clone().dispatch_pending().await?;
+            }
+        }
+    }
+
+    /// Webhook mode: register `url` with a fresh secret token, then handle what the
+    /// webhook route stores. The webhook stays registered after a stop, so Telegram keeps
+    /// the updates that come meanwhile and delivers them after the restart.
+    async fn webhook(
+        self: Arc<Self>,
+        url: &str,
+        stop: Arc<tokio::sync::Notify>,
+    ) -> anyhow::Result<()> {
+        let secret = random_token(32);
+        let parsed = reqwest::Url::parse(url)?;
+        retry("setWebhook", || {
+            self.bot
+                .set_webhook(parsed.clone())
+                .secret_token(secret.clone())
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("telegram setWebhook: {e}"))?;
+        self.inbox.set_secret(secret);
+        tracing::info!(
+            "telegram: webhook registered for @{} at {}",
+            self.me.username(),
+            parsed.path()
+        );
+        loop {
+            tokio::select! {
+                _ = self.inbox.wait() => {}
+                // Also now and then, for updates whose handling failed to start.
+                _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                _ = stop.notified() => return Ok(()),
+            }
+            self.clone().dispatch_pending().await?;
+        }
+    }
+}
+
+/// Retry a Telegram call on transient errors (429 with `retry_after`, network, 5xx) with
+/// backoff; a permanent error (blocked, chat not found, bad request) returns at once.
+pub async fn retry<T, F, Fut>(what: &str, mut call: F) -> Result<T, RequestError>
+where
+    F: FnMut() -> Fut,
+    Fut: IntoFuture<Output = Result<T, RequestError>>,
+{
+    let mut delay = Duration::from_millis(250);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(RequestError::RetryAfter(s)) if attempt < 8 => {
+                tracing::debug!("telegram {what}: rate limited for {} s", s.seconds());
+                tokio::time::sleep(s.duration()).await;
+            }
+            Err(e) if attempt < 8 && transient(&e) => {
+                tracing::debug!("telegram {what}: {e}; retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(8));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn transient(e: &RequestError) -> bool {
+    match e {
+        RequestError::Network(_) | RequestError::Io(_) | RequestError::InvalidJson { .. } => true,
+        // Telegram's 5xx answers have no specific error kind.
+        RequestError::Api(TgError::Unknown(_)) => true,
+        _ => false,
+    }
+}
+
+/// A Telegram chat as the place a reply streams to.
+struct TgChat<'a> {
+    bot: &'a Bot,
+    chat: ChatId,
+}
+
+impl streaming::ReplyChannel for TgChat<'_> {
+    type Id = MessageId;
+    /// Telegram shows "typing…" for 5 seconds.
+    const TYPING_INTERVAL: Duration = Duration::from_secs(4);
+
+    async fn send(&self, text: &str) -> anyhow::Result<MessageId> {
+        Ok(
+            retry("sendMessage", || self.bot.send_message(self.chat, text))
+                .await?
+                .id,
+        )
+    }
+
+    async fn edit(&self, id: MessageId, text: &str) {
+        let _ = retry("editMessageText", || {
+            self.bot.edit_message_text(self.chat, id, text)
+        })
+        .await;
+    }
+
+    async fn typing(&self) {
+        let _ = self
+            .bot
+            .send_chat_action(self.chat, ChatAction::Typing)
+            .await;
+    }
+}
+
+fn rating_keyboard(message_id: i64) -> InlineKeyboardMarkup {
+    InlineKeyboardMarkup::new([[
+        InlineKeyboardButton::callback("👍", format!("rate:{message_id}:1")),
+        InlineKeyboardButton::callback("👎", format!("rate:{message_id}:-1")),
+    ]])
+}
+
+impl TelegramBot {
+    /// Hand every pending update not already handed out to its chat's worker: chats in
+    /// parallel, each chat's updates in the order they came.
+    async fn dispatch_pending(self: Arc<Self>) -> anyhow::Result<()> {
+        for p in self.core.db.pending_updates(Platform::Telegram).await? {
+            if !self
+                .dispatched
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(p.update_key.clone())
+            {
+                continue;
+            }
+            let update: Update = match serde_json::from_str(&p.payload) {
+                Ok(u) => u,
+                Err(e) => {
+                    self.core
+                        .db
+                        .finish_update(
+                            Platform::Telegram,
+                            &p.update_key,
+                            Some(&format!("unreadable update: {e}")),
+                        )
+                        .await?;
+                    continue;
+                }
+            };
+            let chat = update.chat().map_or(0, |c| c.id.0);
+            let mut chats = self.chats.lock().unwrap_or_else(|e| e.into_inner());
+            let job = (p.update_key, update);
+            // Sent under the map's lock: a worker only retires under it, with an empty queue.
+            let job = match chats.get(&chat) {
+                Some(tx) => match tx.send(job) {
+                    Ok(()) => continue,
+                    Err(e) => e.0,
+                },
+                None => job,
+            };
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let _ = tx.send(job);
+            chats.insert(chat, tx);
+            tokio::spawn(self.clone().chat_worker(chat, rx));
+        }
+        Ok(())
+    }
+
+    /// Handle one chat's updates in order; retire after a minute without any.
+    async fn chat_worker(
+        self: Arc<Self>,
+        chat: i64,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<(String, Update)>,
+    ) {
+        loop {
+            let (key, update) = match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await
+            {
+                Ok(Some(job)) => job,
+                Ok(None) => return,
+                Err(_) => {
+                    let mut chats = self.chats.lock().unwrap_or_else(|e| e.into_inner());
+                    if rx.is_empty() {
+                        chats.remove(&chat);
+                        return;
+                    }
+                    continue;
+                }
+            };
+            // Counted before the check, so a stop that saw no work in progress is never
+            // followed by a start.
+            self.busy.fetch_add(1, Ordering::SeqCst);
+            if self.stopping.load(Ordering::SeqCst) {
+                self.busy.fetch_sub(1, Ordering::SeqCst);
+                return;
+            }
+            let outcome = self.handle(update).await;
+            streaming::finish_update(&self.core.db, Platform::Telegram, &key, &outcome).await;
+            self.dispatched
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key);
+            self.busy.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    async fn handle(&self, update: Update) -> anyhow::Result<()> {
+        match update.kind {
+            UpdateKind::Message(m) => self.on_message(m).await,
+            UpdateKind::CallbackQuery(q) => {
+                let data = q.data.clone().unwrap_or_default();
+                let answer = self.on_callback(&q.from, &data).await;
+                let text = match &answer {
+                    Ok(t) => t.clone(),
+                    Err(e) => {
+                        tracing::warn!("telegram: callback {data:?}: {e:#}");
+                        text::BUTTON_FAILED.to_string()
+                    }
+                };
+                retry("answerCallbackQuery", || {
+                    self.bot
+                        .answer_callback_query(q.id.clone())
+                        .text(text.clone())
+                })
+                .await?;
+                answer.map(|_| ())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn allowed(&self, user_id: u64) -> bool {
+        let list = &self.core.config.raw.telegram.allowed_user_ids;
+        list.is_empty() || list.iter().any(|&u| u as u64 == user_id)
+    }
+
+    async fn say(&self, chat: ChatId, text: &str) -> anyhow::Result<Message> {
+        Ok(retry("sendMessage", || self.bot.send_message(chat, text)).await?)
+    }
+
+    async fn on_message(&self, m: Message) -> anyhow::Result<()> {
+        let Some(from) = m.from.clone() else {
+            return Ok(());
+        };
+        if from.is_bot {
+            return Ok(());
+        }
+        let chat = m.chat.id;
+        let private = m.chat.is_private();
+        let text = m.text().map(str::to_string);
+        let bot_name = self.me.username().to_string();
+        let mention = format!("@{bot_name}");
+        // In groups: only when mentioned or replied to.
+        if !private {
+            let replied_to_me = m
+                .reply_to_message()
+                .and_then(|r| r.from.as_ref())
+                .is_some_and(|u| u.id == self.me.id);
+            let mentioned = text.as_deref().is_some_and(|t| t.contains(&mention));
+            if !replied_to_me && !mentioned {
+                return Ok(());
+            }
+        }
+        if !self.allowed(from.id.0) {
+            self.say(chat, text::NOT_ALLOWED).await?;
+            return Ok(());
+        }
+        let (ok, notice) = self.rate.check(from.id.0);
+        if !ok {
+            if notice {
+                self.say(chat, text::SLOW_DOWN).await?;
+            }
+            return Ok(());
+        }
+        let Some(text) = text else {
+            self.say(chat, text::NON_TEXT).await?;
+            return Ok(());
+        };
+        let text = text.replace(&mention, "").trim().to_string();
+        let db = &self.core.db;
+        let user = self.user_row(&from).await?;
+        let kind = if private { "private" } else { "group" };
+        let chat_row = db
+            .upsert_chat(
+                Platform::Telegram,
+                &chat.0.to_string(),
+                kind,
+                m.chat.title(),
+            )
+            .await?;
+        let thread = m.thread_id.map(|t| t.0.0.to_string());
+        // Commands (in groups they may carry the bot's name: /reset@name).
+        if let Some(cmd) = text.strip_prefix('/') {
+            let cmd = cmd.split_whitespace().next().unwrap_or("");
+            let cmd = cmd.split('@').next().unwrap_or("");
+            match cmd {
+                "start" | "help" => {
+                    self.say(chat, text::TELEGRAM_START).await?;
+                    return Ok(());
+                }
+                "reset" => {
+                    db.close_conversations(chat_row, thread.as_deref()).await?;
+                    self.say(chat, text::NEW_CONVERSATION).await?;
+                    return Ok(());
+                }
+                "forget" => {
+                    let kb = InlineKeyboardMarkup::new([[InlineKeyboardButton::callback(
+                        text::FORGET_BUTTON,
+                        format!("forget:{}", from.id.0),
+                    )]]);
+                    retry("sendMessage", || {
+                        self.bot
+                            .send_message(chat, text::FORGET_QUESTION)
+                            .reply_markup(kb.clone())
+                    })
+                    .await?;
+                    return Ok(());
+                }
+                _ => {
+                    self.say(chat, text::UNKNOWN_COMMAND).await?;
+                    return Ok(());
+                }
+            }
+        }
+        if text.is_empty() {
+            self.say(chat, text::EMPTY_MENTION).await?;
+            return Ok(());
+        }
+        let conv = db
+            .current_conversation(
+                self.core.assistant.id,
+                chat_row,
+                thread.as_deref(),
+                Some(user.id),
+            )
+            .await?;
+        // A replayed update (the process died before marking it done): a reply that was
+        // stored is not generated again; if Telegram confirmed it, nothing is left to do,
+        // otherwise the stored text is sent (the user may see it twice: the one duplicate
+        // a kill at that moment can cause).
+        if let Some(earlier) = db.stored_reply_to(conv.id, &m.id.0.to_string()).await? {
+            if earlier.platform_message_id.is_none() {
+                self.deliver(chat, None, &earlier.content, earlier.id)
+                    .await?;
+            }
+            return Ok(());
+        }
+        let _ = self.bot.send_chat_action(chat, ChatAction::Typing).await;
+        let ch = TgChat {
+            bot: &self.bot,
+            chat,
+        };
+        let (sent, finished, stored) = streaming::answer(
+            &self.core,
+            conv.id,
+            user.id,
+            &text,
+            &m.id.0.to_string(),
+            &ch,
+            MAX_MESSAGE_CHARS,
+        )
+        .await?;
+        self.deliver(chat, sent, &finished.text, stored.id).await
+    }
+
+    /// Send a stored reply's final text (editing the streamed message `sent` when there
+    /// is one), split at the length limit, with the rating buttons on its last part; then
+    /// record the Telegram id of its first part.
+    async fn deliver(
+        &self,
+        chat: ChatId,
+        sent: Option<MessageId>,
+        text: &str,
+        stored_id: i64,
+    ) -> anyhow::Result<()> {
+        let parts = split_message(&streaming::shown_text(text), MAX_MESSAGE_CHARS);
+        let last = parts.len() - 1;
+        let mut first_id = None;
+        for (i, part) in parts.iter().enumerate() {
+            let kb = (i == last).then(|| rating_keyboard(stored_id));
+            let id = match (i, sent) {
+                (0, Some(id)) => {
+                    let r = retry("editMessageText", || {
+                        let req = self.bot.edit_message_text(chat, id, part.as_str());
+                        match &kb {
+                            Some(k) => req.reply_markup(k.clone()),
+                            None => req,
+                        }
+                    })
+                    .await;
+                    match r {
+                        Ok(_) => {}
+                        // The text did not change since the last edit: only the buttons are new.
+                        Err(RequestError::Api(TgError::MessageNotModified)) => {
+                            if let Some(k) = &kb {
+                                retry("editMessageReplyMarkup", || {
+                                    self.bot
+                                        .edit_message_reply_markup(chat, id)
+                                        .reply_markup(k.clone())
+                                })
+                                .await?;
+                            }
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                    id
+                }
+                _ => {
+                    retry("sendMessage", || {
+                        let req = self.bot.send_message(chat, part.as_str());
+                        match &kb {
+                            Some(k) => req.reply_markup(k.clone()),
+                            None => req,
+                        }
+                    })
+                    .await?
+                    .id
+                }
+            };
+            first_id.get_or_insert(id);
+        }
+        if let Some(id) = first_id {
+            self.core
+                .db
+                .set_platform_message_id(stored_id, &id.0.to_string())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The stored user for a Telegram user, created on first sight, names refreshed.
+    async fn user_row(
+        &self,
+        from: &teloxide_core::types::User,
+    ) -> anyhow::Result<loraloop_core::storage::PlatformUser> {
+        Ok(self
+            .core
+            .db
+            .upsert_platform_user(
+                Platform::Telegram,
+                &from.id.0.to_string(),
+                from.username.as_deref(),
+                Some(&from.full_name()),
+            )
+            .await?)
+    }
+
+    /// A button press: the toast text to show.
+    async fn on_callback(
+        &self,
+        from: &teloxide_core::types::User,
+        data: &str,
+    ) -> anyhow::Result<String> {
+        let db = &self.core.db;
+        let user = self.user_row(from).await?;
+        if let Some(rest) = data.strip_prefix("rate:") {
+            let (msg, rating) = rest
+                .split_once(':')
+                .ok_or_else(|| anyhow::anyhow!("bad rating data"))?;
+            let msg: i64 = msg.parse()?;
+            let rating: i64 = rating.parse()?;
+            db.set_feedback(
+                msg,
+                &format!("telegram:{}", from.id.0),
+                Some(user.id),
+                Some(rating),
+                None,
+            )
+            .await?;
+            return Ok(if rating > 0 {
+                text::RATED_UP
+            } else {
+                text::RATED_DOWN
+            }
+            .to_string());
+        }
+        if let Some(who) = data.strip_prefix("forget:") {
+            if who != from.id.0.to_string() {
+                return Ok(text::ONLY_THAT_USER.to_string());
+            }
+            let n = db.forget_user(user.id).await?;
+            return Ok(text::forgotten(n));
+        }
+        Ok(text::UNKNOWN_BUTTON.to_string())
+    }
+}

@@ -1,0 +1,240 @@
+//! Activating adapters: check an adapter against the served model, load it (once; loaded
+//! adapters are cached), record the activation, swap it into the engine. One activation
+//! at a time: a second request while one runs is a conflict and changes nothing.
+
+use crate::error::{Result, ServiceError};
+use crate::metrics::Metrics;
+use crate::service::model_info::ModelInfo;
+use crate::storage::{Adapter, Assistant, Db};
+use loraloop_model::engine::{ActiveAdapter, AdapterChoice, Engine};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+pub struct AdapterService {
+    db: Db,
+    engine: Engine,
+    model: Arc<ModelInfo>,
+    assistant: Assistant,
+    metrics: Arc<Metrics>,
+    /// Held for the whole of an activation or rollback.
+    activation: tokio::sync::Mutex<()>,
+    /// Loaded adapters by database id.
+    loaded: Mutex<HashMap<i64, Arc<ActiveAdapter>>>,
+    /// Engine activation version -> adapter id, to tell which adapter wrote a reply.
+    by_version: Mutex<HashMap<u64, i64>>,
+    /// What this process's engine runs: None before the first swap, then the adapter id
+    /// (Some(None): the base model).
+    current: Mutex<Option<Option<i64>>>,
+}
+
+/// The adapter now active (None: the base model).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Activation {
+    pub adapter_id: Option<i64>,
+    pub adapter_name: Option<String>,
+    /// Milliseconds from the request to the swap (loading the adapter included).
+    pub took_ms: f64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl AdapterService {
+    pub fn new(
+        db: Db,
+        engine: Engine,
+        model: Arc<ModelInfo>,
+        assistant: Assistant,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            db,
+            engine,
+            model,
+            assistant,
+            metrics,
+            activation: Default::default(),
+            loaded: Default::default(),
+            by_version: Default::default(),
+            current: Default::default(),
+        }
+    }
+
+    /// The adapter id behind an engine activation version.
+    pub fn adapter_id_of_version(&self, version: u64) -> Option<i64> {
+        lock(&self.by_version).get(&version).copied()
+    }
+
+    /// Why `adapter` cannot run on the served model, if it cannot.
+    pub fn mismatch(&self, adapter: &Adapter) -> Option<String> {
+        let m = &self.model;
+        let checks = [
+            ("base model", &adapter.base_model_hash, &m.hash),
+            ("tokenizer", &adapter.tokenizer_hash, &m.tokenizer_hash),
+            (
+                "chat template",
+                &adapter.chat_template_hash,
+                &m.chat_template_hash,
+            ),
+        ];
+        checks.iter().find(|(_, a, b)| a != b).map(|(what, _, _)| {
+            format!(
+                "adapter {} was trained against a different {what} than the served model {} ({}); activating it would produce garbage",
+                adapter.name, m.name, adapter.base_model
+            )
+        })
+    }
+
+    /// Load (or take from the cache) the adapter with this id, checked against the model.
+    pub async fn load(&self, adapter: &Adapter) -> Result<Arc<ActiveAdapter>> {
+        if let Some(a) = lock(&self.loaded).get(&adapter.id) {
+            return Ok(a.clone());
+        }
+        if let Some(why) = self.mismatch(adapter) {
+            return Err(ServiceError::Conflict(why));
+        }
+        let mut lora = self
+            .engine
+            .load_adapter(PathBuf::from(&adapter.path))
+            .await
+            .map_err(|e| {
+                ServiceError::Conflict(format!("adapter {} cannot be loaded: {e}", adapter.name))
+            })?;
+        lora.name = adapter.name.clone();
+        let prepared = self.engine.prepare_adapter(lora);
+        lock(&self.by_version).insert(prepared.version, adapter.id);
+        lock(&self.loaded).insert(adapter.id, prepared.clone());
+        Ok(prepared)
+    }
+
+    /// Forget a loaded adapter (its row was deleted).
+    pub fn evict(&self, adapter_id: i64) {
+        lock(&self.loaded).remove(&adapter_id);
+    }
+
+    fn busy() -> ServiceError {
+        ServiceError::Conflict(
+            "another activation is in progress; try again when it has finished".into(),
+        )
+    }
+
+    /// Activate `adapter_id` (None: back to the base model) for the assistant.
+    pub async fn activate(&self, adapter_id: Option<i64>, by: &str) -> Result<Activation> {
+        let start = std::time::Instant::now();
+        let _guard = self.activation.try_lock().map_err(|_| Self::busy())?;
+        self.swap(adapter_id, by, start, true).await
+    }
+
+    /// Go back to the adapter active before the current one.
+    pub async fn rollback(&self, by: &str) -> Result<Activation> {
+        let start = std::time::Instant::now();
+        let _guard = self.activation.try_lock().map_err(|_| Self::busy())?;
+        let history = self.db.recent_activations(self.assistant.id, 2).await?;
+        // Before the first activation the assistant ran the base model.
+        let previous = match history.as_slice() {
+            [] | [None] => {
+                return Err(ServiceError::Conflict(
+                    "nothing to roll back to: no earlier activation".into(),
+                ));
+            }
+            [_] => None,
+            [_, p, ..] => *p,
+        };
+        self.swap(previous, by, start, true).await
+    }
+
+    /// Make the engine run what the database says is active (at startup).
+    pub async fn restore(&self) -> Result<Option<String>> {
+        let assistant = self.db.assistant(&self.assistant.name).await?;
+        match assistant.active_adapter_id {
+            None => {
+                *lock(&self.current) = Some(None);
+                Ok(None)
+            }
+            Some(id) => {
+                let a = self
+                    .swap(Some(id), "startup", std::time::Instant::now(), false)
+                    .await?;
+                Ok(a.adapter_name)
+            }
+        }
+    }
+
+    /// Swap in what the database says is active when that is not what the engine runs
+    /// (an activation made by another process). Returns the new activation, if any.
+    pub async fn follow(&self) -> Result<Option<Activation>> {
+        let Ok(_guard) = self.activation.try_lock() else {
+            return Ok(None);
+        };
+        let active = self
+            .db
+            .assistant(&self.assistant.name)
+            .await?
+            .active_adapter_id;
+        let current = *lock(&self.current);
+        if current == Some(active) {
+            return Ok(None);
+        }
+        let by = "another process";
+        let start = std::time::Instant::now();
+        Ok(Some(self.swap(active, by, start, false).await?))
+    }
+
+    async fn swap(
+        &self,
+        adapter_id: Option<i64>,
+        by: &str,
+        start: std::time::Instant,
+        record: bool,
+    ) -> Result<Activation> {
+        let (prepared, name) = match adapter_id {
+            None => (None, None),
+            Some(id) => {
+                let row = self.db.adapter(id).await?;
+                (Some(self.load(&row).await?), Some(row.name))
+            }
+        };
+        if record {
+            self.db
+                .activate_adapter(self.assistant.id, adapter_id, by)
+                .await?;
+        }
+        self.engine.set_prepared_adapter(prepared);
+        *lock(&self.current) = Some(adapter_id);
+        self.metrics.adapter_swapped();
+        Ok(Activation {
+            adapter_id,
+            adapter_name: name,
+            took_ms: start.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// What a request asking for `model` runs on: the assistant's name (or empty) is the
+    /// active adapter, `base` the base model, anything else an adapter by name.
+    pub async fn choice(&self, model: &str) -> Result<AdapterChoice> {
+        if model.is_empty() || model == self.assistant.name {
+            return Ok(AdapterChoice::Active);
+        }
+        if model == "base" || model == self.model.name {
+            return Ok(AdapterChoice::Base);
+        }
+        let row: Option<Adapter> = self
+            .db
+            .list_adapters()
+            .await?
+            .into_iter()
+            .find(|a| a.name == model);
+        match row {
+            Some(a) => Ok(AdapterChoice::Fixed(self.load(&a).await?)),
+            None => Err(ServiceError::NotFound {
+                message: format!(
+                    "model {model:?} does not exist: use {:?} (the active adapter), \"base\", or an adapter name from GET /v1/models",
+                    self.assistant.name
+                ),
+                param: Some("model".into()),
+            }),
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! The chat service: store the user's message, build the prompt from the conversation's
+//! history with the model's chat template, stream the reply from the engine, store the
+//! reply with the adapter that produced it. The bots and the console's playground use it.
+
+use crate::domain::Role;
+use crate::error::{Result, ServiceError};
+use crate::metrics::{InFlight, Metrics};
+use crate::service::adapters::AdapterService;
+use crate::storage::{Assistant, Db, NewMessage, Platform, StoredMessage};
+use loraloop_model::engine::{
+    AdapterChoice, Engine, Finished, GenerateRequest, Generation, Prompt,
+};
+use loraloop_model::sampling::SamplingParams;
+use loraloop_model::template::TemplateMessage;
+use std::sync::Arc;
+
+/// Messages of history sent to the model (older ones are left out).
+pub const HISTORY_MESSAGES: i64 = 24;
+
+pub struct ChatService {
+    db: Db,
+    engine: Engine,
+    assistant: Assistant,
+    adapters: Arc<AdapterService>,
+    metrics: Arc<Metrics>,
+    sampling: SamplingParams,
+}
+
+/// A reply being generated for a stored conversation.
+pub struct Turn {
+    pub conversation_id: i64,
+    pub user_message: StoredMessage,
+    pub generation: Generation,
+    pub in_flight: InFlight,
+}
+
+impl ChatService {
+    pub fn new(
+        db: Db,
+        engine: Engine,
+        assistant: Assistant,
+        adapters: Arc<AdapterService>,
+        metrics: Arc<Metrics>,
+        sampling: SamplingParams,
+    ) -> Self {
+        Self {
+            db,
+            engine,
+            assistant,
+            adapters,
+            metrics,
+            sampling,
+        }
+    }
+
+    /// The engine's sampling settings (`generation:` in the config).
+    pub fn sampling(&self) -> SamplingParams {
+        self.sampling.clone()
+    }
+
+    /// The operator's playground conversation: one open conversation on the `web`
+    /// platform, until "New conversation" closes it.
+    pub async fn playground_conversation(&self, new: bool) -> Result<i64> {
+        let chat = self
+            .db
+            .upsert_chat(Platform::Web, "playground", "private", Some("Playground"))
+            .await?;
+        if new {
+            self.db.close_conversations(chat, None).await?;
+        }
+        let user = self
+            .db
+            .upsert_platform_user(
+                Platform::Web,
+                "operator",
+                Some("operator"),
+                Some("Operator"),
+            )
+            .await?;
+        Ok(self
+            .db
+            .current_conversation(self.assistant.id, chat, None, Some(user.id))
+            .await?
+            .id)
+    }
+
+    /// Store `text` as the user's message in `conversation_id` and start the reply.
+    pub async fn start_turn(
+        &self,
+        conversation_id: i64,
+        user_id: Option<i64>,
+        text: &str,
+        adapter: AdapterChoice,
+    ) -> Result<Turn> {
+        self.start_turn_from(conversation_id, user_id, text, None, adapter)
+            .await
+    }
+
+    /// [`Self::start_turn`] for a platform message with its id: a message already stored
+    /// (a redelivered or replayed update) is not stored twice.
+    pub async fn start_turn_from(
+        &self,
+        conversation_id: i64,
+        user_id: Option<i64>,
+        text: &str,
+        platform_message_id: Option<&str>,
+        adapter: AdapterChoice,
+    ) -> Result<Turn> {
+        if text.trim().is_empty() {
+            return Err(ServiceError::invalid("message", "the message is empty"));
+        }
+        let user_message = self
+            .db
+            .insert_message(&NewMessage {
+                conversation_id,
+                role: Role::User,
+                content: text,
+                user_id,
+                platform_message_id,
+                adapter_id: None,
+                adapter_name: None,
+                prompt_tokens: None,
+                completion_tokens: None,
+            })
+            .await?;
+        let history = self
+            .db
+            .recent_messages(conversation_id, HISTORY_MESSAGES)
+            .await?;
+        let mut messages = Vec::with_capacity(history.len() + 1);
+        let system = &self.assistant.system_prompt;
+        if !system.is_empty() {
+            messages.push(TemplateMessage::new("system", system.clone()));
+        }
+        messages.extend(
+            history
+                .iter()
+                .map(|m| TemplateMessage::new(m.role.as_str(), m.content.clone())),
+        );
+        let in_flight = self.metrics.generation_started();
+        let generation = self.engine.generate(GenerateRequest {
+            prompt: Prompt::Chat(messages),
+            params: self.sampling(),
+            adapter,
+        })?;
+        Ok(Turn {
+            conversation_id,
+            user_message,
+            generation,
+            in_flight,
+        })
+    }
+
+    /// Store a finished reply with the adapter that produced it.
+    pub async fn store_reply(&self, conversation_id: i64, f: &Finished) -> Result<StoredMessage> {
+        self.metrics
+            .generation_finished(f.completion_tokens, f.decode_secs);
+        let adapter_id = f
+            .adapter
+            .as_ref()
+            .and_then(|t| self.adapters.adapter_id_of_version(t.version));
+        Ok(self
+            .db
+            .insert_message(&NewMessage {
+                conversation_id,
+                role: Role::Assistant,
+                content: &f.text,
+                user_id: None,
+                platform_message_id: None,
+                adapter_id,
+                adapter_name: f.adapter.as_ref().map(|t| t.name.as_str()),
+                prompt_tokens: Some(f.prompt_tokens as i64),
+                completion_tokens: Some(f.completion_tokens as i64),
+            })
+            .await?)
+    }
+}

@@ -1,0 +1,89 @@
+//! The services the bots and the web both call: the chat service (a turn of a stored
+//! conversation) and the adapter service (which adapter the engine runs), over the one
+//! database, engine and assistant of this process.
+
+pub mod adapters;
+pub mod chat;
+pub mod model_info;
+
+pub use adapters::{Activation, AdapterService};
+pub use chat::{ChatService, Turn};
+pub use model_info::ModelInfo;
+
+use crate::Config;
+use crate::metrics::Metrics;
+use crate::storage::{Assistant, Db};
+use loraloop_model::engine::Engine;
+use std::ops::Deref;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What the services are built from (the binary opens, loads and starts these).
+pub struct Parts {
+    pub db: Db,
+    pub config: Config,
+    pub engine: Engine,
+    pub model: ModelInfo,
+    pub assistant: Assistant,
+    /// Where training jobs write adapters and where uploaded adapters are unpacked.
+    pub adapters_dir: PathBuf,
+}
+
+pub struct Inner {
+    pub db: Db,
+    pub config: Config,
+    pub engine: Engine,
+    pub model: Arc<ModelInfo>,
+    pub assistant: Assistant,
+    pub adapters: Arc<AdapterService>,
+    pub chat: ChatService,
+    pub metrics: Arc<Metrics>,
+    pub adapters_dir: PathBuf,
+    pub started: Instant,
+}
+
+/// The process's services: cheap to clone (one `Arc`).
+#[derive(Clone)]
+pub struct Services(Arc<Inner>);
+
+impl Deref for Services {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl Services {
+    pub fn new(p: Parts) -> Self {
+        let metrics = Arc::new(Metrics::default());
+        let model = Arc::new(p.model);
+        let adapters = Arc::new(AdapterService::new(
+            p.db.clone(),
+            p.engine.clone(),
+            model.clone(),
+            p.assistant.clone(),
+            metrics.clone(),
+        ));
+        let chat = ChatService::new(
+            p.db.clone(),
+            p.engine.clone(),
+            p.assistant.clone(),
+            adapters.clone(),
+            metrics.clone(),
+            p.config.raw.generation.sampling_params(),
+        );
+        Self(Arc::new(Inner {
+            db: p.db,
+            config: p.config,
+            engine: p.engine,
+            model,
+            assistant: p.assistant,
+            adapters,
+            chat,
+            metrics,
+            adapters_dir: p.adapters_dir,
+            started: Instant::now(),
+        }))
+    }
+}

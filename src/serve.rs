@@ -1,0 +1,315 @@
+//! `loraloop serve` and `loraloop bot`: open the database, load the model, start the
+//! engine, build the core services, and run on them what was asked: the web router, the
+//! bots, the training worker. The one place where the parts meet.
+
+use anyhow::Context;
+use loraloop_core::inbox::Inbox;
+use loraloop_core::service::{ModelInfo, Parts};
+use loraloop_core::{Config, Db, Services};
+use loraloop_model::device::{device_name, select_device};
+use loraloop_model::engine::{Engine, LoadedModel};
+use loraloop_web::AppState;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+/// How to run the server (what the config file does not say).
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Listen here instead of `server.host:server.port` (tests use port 0).
+    pub bind: Option<SocketAddr>,
+    /// Run the training worker in this process.
+    pub worker: bool,
+    /// How often the idle worker looks for a queued job.
+    pub poll_interval: Duration,
+    /// Run only this bot (`loraloop bot telegram`): no console, API or worker; HTTP only
+    /// for a webhook; the active adapter follows activations made by another process.
+    pub only_bot: Option<BotKind>,
+}
+
+/// A chat platform bot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BotKind {
+    Telegram,
+    Discord,
+}
+
+impl BotKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Telegram => "telegram",
+            Self::Discord => "discord",
+        }
+    }
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            bind: None,
+            worker: true,
+            poll_interval: Duration::from_millis(500),
+            only_bot: None,
+        }
+    }
+}
+
+type Bot = (Arc<Notify>, JoinHandle<anyhow::Result<()>>);
+
+/// A started server.
+pub struct RunningServer {
+    /// Where HTTP is served (None: a bot alone, without a webhook).
+    pub addr: Option<SocketAddr>,
+    /// The admin password generated on this start (printed once; only its hash is kept).
+    pub generated_password: Option<String>,
+    pub state: Services,
+    shutdown: Arc<Notify>,
+    worker_stop: Arc<AtomicBool>,
+    server: Option<JoinHandle<std::io::Result<()>>>,
+    follower: Option<JoinHandle<()>>,
+    worker: Option<JoinHandle<anyhow::Result<()>>>,
+    telegram: Option<Bot>,
+    discord: Option<Bot>,
+}
+
+impl RunningServer {
+    /// Stop accepting requests, let the running training job checkpoint and go back to
+    /// the queue, and wait for both.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.notify_one();
+        self.worker_stop.store(true, Ordering::SeqCst);
+        if let Some((stop, bot)) = self.telegram {
+            stop.notify_one();
+            bot.await??;
+        }
+        // Closes the gateway connection and waits for the shard to end.
+        if let Some((stop, bot)) = self.discord {
+            stop.notify_one();
+            bot.await??;
+        }
+        if let Some(server) = self.server {
+            server.await??;
+        }
+        if let Some(f) = self.follower {
+            f.abort();
+        }
+        if let Some(w) = self.worker {
+            w.await??;
+        }
+        Ok(())
+    }
+
+    /// Run until Ctrl-C or SIGTERM, then stop.
+    pub async fn run_until_ctrl_c(self) -> anyhow::Result<()> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        eprintln!(
+            "\nstopping: a running training job saves a checkpoint and goes back to the queue"
+        );
+        self.stop().await
+    }
+}
+
+/// Load the model and build the services on it and `db`.
+async fn services(config: Config, db: Db) -> anyhow::Result<(Services, candle_core::Device)> {
+    let model_path = config.model_path();
+    if !model_path.exists() {
+        anyhow::bail!(
+            "the model {} is not there: run `loraloop models fetch` (or set `model` in the config)",
+            model_path.display()
+        );
+    }
+    let dev = select_device(config.device)?;
+    let (model, hash) = {
+        let (path, dev) = (model_path.clone(), dev.clone());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let model = LoadedModel::load(&path, &dev)?;
+            let hash = loraloop_trainer::fingerprint::hash_model(&path)?;
+            Ok((model, hash))
+        })
+        .await
+        .context("the model loader panicked")?
+        .with_context(|| format!("cannot load the model {}", model_path.display()))?
+    };
+    let info = ModelInfo {
+        name: model.name(),
+        config_name: config.raw.model.clone(),
+        path: model_path.clone(),
+        hash,
+        tokenizer_hash: model.tokenizer.fingerprint(),
+        chat_template_hash: model.template.fingerprint(),
+        device: device_name(&dev),
+        layers: model.llama.config.num_layers,
+        context_length: model.context_length(),
+    };
+    let a = &config.raw.assistant;
+    let assistant = db
+        .ensure_assistant(&a.name, &config.raw.model, &a.system_prompt)
+        .await?;
+    let adapters_dir = config.raw.data_dir.join("adapters");
+    std::fs::create_dir_all(&adapters_dir)
+        .with_context(|| format!("cannot create {}", adapters_dir.display()))?;
+    let core = Services::new(Parts {
+        db,
+        engine: Engine::start(model),
+        model: info,
+        assistant,
+        adapters_dir,
+        config,
+    });
+    match core.adapters.restore().await {
+        Ok(Some(name)) => tracing::info!("active adapter: {name}"),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!("the active adapter cannot be restored, serving the base model: {e}")
+        }
+    }
+    Ok((core, dev))
+}
+
+/// Start what `opts` asks for on `config`: the services, then the worker, the HTTP
+/// server and the bots.
+pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<RunningServer> {
+    let db = Db::open(&config.database_path).await.with_context(|| {
+        format!(
+            "cannot open the database {}",
+            config.database_path.display()
+        )
+    })?;
+    let generated_password =
+        loraloop_web::auth::ensure_admin(&db, config.secrets.admin_password.as_ref()).await?;
+    let (core, dev) = services(config, db).await?;
+
+    let worker_stop = Arc::new(AtomicBool::new(false));
+    let worker = (opts.worker && opts.only_bot.is_none()).then(|| {
+        let opts = loraloop_trainer::worker::WorkerOptions {
+            models_dir: core.config.models_dir.clone(),
+            adapters_dir: core.adapters_dir.clone(),
+            poll_interval: opts.poll_interval,
+            device: dev.clone(),
+            // A job on the served model trains on the engine's weights (one copy in memory).
+            shared_model: Some((core.model.path.clone(), core.engine.shared_model())),
+        };
+        tokio::spawn(loraloop_trainer::worker::run_worker(
+            core.db.clone(),
+            opts,
+            worker_stop.clone(),
+        ))
+    });
+
+    let telegram_inbox = Arc::new(Inbox::default());
+    let shutdown = Arc::new(Notify::new());
+    let webhook = core.config.raw.telegram.webhook_url.is_some()
+        && core.config.secrets.telegram_bot_token.is_some()
+        && matches!(opts.only_bot, None | Some(BotKind::Telegram));
+    let (addr, server) = if opts.only_bot.is_none() || webhook {
+        let bind = match opts.bind {
+            Some(b) => b,
+            None => {
+                let s = &core.config.raw.server;
+                tokio::net::lookup_host((s.host.as_str(), s.port))
+                    .await
+                    .with_context(|| format!("cannot resolve server.host {:?}", s.host))?
+                    .next()
+                    .with_context(|| format!("server.host {:?} resolves to nothing", s.host))?
+            }
+        };
+        let listener = tokio::net::TcpListener::bind(bind).await.with_context(|| {
+            format!("cannot listen on {bind} (is another server running there? set server.port)")
+        })?;
+        let addr = listener.local_addr()?;
+        let state = AppState::new(core.clone(), telegram_inbox.clone());
+        let app = match opts.only_bot {
+            None => loraloop_web::router(state),
+            Some(_) => loraloop_web::bot_router(state),
+        };
+        let shutdown = shutdown.clone();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { shutdown.notified().await })
+                .await
+        });
+        (Some(addr), Some(server))
+    } else {
+        (None, None)
+    };
+    let wants = |kind: BotKind| opts.only_bot.is_none_or(|k| k == kind);
+    let telegram = match core.config.secrets.telegram_bot_token.clone() {
+        Some(token) if wants(BotKind::Telegram) => {
+            let stop = Arc::new(Notify::new());
+            let bot = tokio::spawn(loraloop_bots::telegram::run(
+                core.clone(),
+                telegram_inbox,
+                token,
+                stop.clone(),
+            ));
+            Some((stop, bot))
+        }
+        None if opts.only_bot == Some(BotKind::Telegram) => {
+            anyhow::bail!("the Telegram bot needs its token: set TELEGRAM_BOT_TOKEN")
+        }
+        _ => None,
+    };
+    let discord = match core.config.secrets.discord_bot_token.clone() {
+        Some(token) if wants(BotKind::Discord) => {
+            let stop = Arc::new(Notify::new());
+            let bot = tokio::spawn(loraloop_bots::discord::run(
+                core.clone(),
+                token,
+                stop.clone(),
+            ));
+            Some((stop, bot))
+        }
+        None if opts.only_bot == Some(BotKind::Discord) => {
+            anyhow::bail!("the Discord bot needs its token: set DISCORD_BOT_TOKEN")
+        }
+        _ => None,
+    };
+    // A bot alone serves what another process (`loraloop serve`) activates.
+    let follower = opts.only_bot.map(|_| {
+        let core = core.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                match core.adapters.follow().await {
+                    Ok(Some(a)) => tracing::info!(
+                        "active adapter changed: now {}",
+                        a.adapter_name.as_deref().unwrap_or("the base model")
+                    ),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!("cannot follow the active adapter: {e}"),
+                }
+            }
+        })
+    });
+    Ok(RunningServer {
+        addr,
+        generated_password,
+        state: core,
+        shutdown,
+        worker_stop,
+        server,
+        follower,
+        worker,
+        telegram,
+        discord,
+    })
+}

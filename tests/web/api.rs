@@ -1,0 +1,849 @@
+//! The REST API and the OpenAI-compatible endpoint against the real server: a fresh
+//! SQLite file, a tiny random model, the embedded training worker.
+
+use crate::support::{KEY, TestServer, start, train_adapter, zorblax_jsonl};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+/// Every route in the OpenAPI document (the same table the router is built from), with
+/// path parameters filled in.
+async fn api_routes(s: &TestServer) -> Vec<(String, String)> {
+    let doc = s.get_json("/api/v1/openapi.json").await;
+    let mut routes = vec![("get".to_string(), "/api/v1/openapi.json".to_string())];
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            routes.push((method.clone(), path.replace("{id}", "1")));
+        }
+    }
+    routes
+}
+
+#[tokio::test]
+async fn every_api_route_refuses_requests_without_the_key() {
+    let s = start(false, &[]).await;
+    let routes = api_routes(&s).await;
+    // The document covers what the issue lists.
+    for expected in [
+        "/api/v1/fine-tune",
+        "/api/v1/fine-tune/1",
+        "/api/v1/fine-tune/1/cancel",
+        "/api/v1/fine-tune/1/events",
+        "/api/v1/datasets",
+        "/api/v1/adapters",
+        "/api/v1/adapters/1/activate",
+        "/api/v1/adapters/rollback",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/metrics",
+    ] {
+        assert!(
+            routes.iter().any(|(_, p)| p == expected),
+            "{expected} missing from {routes:?}"
+        );
+    }
+    for (method, path) in &routes {
+        let m: reqwest::Method = method.to_uppercase().parse().unwrap();
+        for auth in [
+            None,
+            Some("Bearer wrong-key"),
+            Some("Basic a2V5LWZvci10ZXN0cw=="),
+        ] {
+            let mut req = s.http.request(m.clone(), s.url(path));
+            if let Some(a) = auth {
+                req = req.header("authorization", a);
+            }
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), 401, "{method} {path} with {auth:?}");
+            let body: Value = r.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "unauthorized", "{method} {path}");
+        }
+    }
+    // Only the health check is open.
+    let r = s.http.get(s.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // Console pages without a session: pages redirect to the login, the rest is a 401.
+    let no_redirect = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = no_redirect
+        .get(s.url("/"))
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], "/login");
+    let r = no_redirect.post(s.url("/logout")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    s.stop().await;
+}
+
+/// Every path the console registers, read from its source (`.route("...")`).
+fn console_routes() -> Vec<String> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                let text = std::fs::read_to_string(&p).unwrap();
+                for (i, _) in text.match_indices(".route(") {
+                    let rest = text[i + 7..].trim_start();
+                    if let Some(r) = rest.strip_prefix('"') {
+                        out.push(r[..r.find('"').unwrap()].to_string());
+                    }
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("web/src/console"),
+        &mut out,
+    );
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[tokio::test]
+async fn every_console_route_but_the_login_needs_a_session() {
+    let s = start(false, &[]).await;
+    let routes = console_routes();
+    assert!(routes.len() >= 25, "{routes:?}");
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    for route in &routes {
+        let path = route.replace("{id}", "1");
+        if path == "/login" || path == "/assets/console.css" || path == "/assets/console.js" {
+            continue;
+        }
+        let get = http
+            .get(s.url(&path))
+            .header("accept", "text/html")
+            .send()
+            .await
+            .unwrap();
+        let post = http.post(s.url(&path)).body("x=1").send().await.unwrap();
+        let (g, p) = (get.status().as_u16(), post.status().as_u16());
+        assert!(
+            (g == 303 && get.headers()["location"] == "/login") || g == 401 || g == 405,
+            "GET {path}: {g}"
+        );
+        assert!(p == 401 || p == 405, "POST {path}: {p}");
+        assert!(g != 405 || p != 405, "{path} answers neither GET nor POST");
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn the_api_is_closed_when_no_key_is_configured() {
+    let s = start(false, &[("LORALOOP_API_KEY", "")]).await;
+    let r = s.get("/v1/models").send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("LORALOOP_API_KEY"),
+        "{body}"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_a_clear_4xx_and_change_nothing() {
+    let s = start(false, &[("LORALOOP_SERVER__MAX_UPLOAD_MB", "1")]).await;
+    let ds = s.upload_dataset("good", &zorblax_jsonl(4)).await;
+
+    // Malformed JSON: 400.
+    let r = s
+        .post("/api/v1/fine-tune")
+        .header("content-type", "application/json")
+        .body("{\"dataset_id\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_json", "{body}");
+
+    let cases: Vec<(Value, u16, &str)> = vec![
+        (json!({"dataset_id": ds, "surprise": 1}), 422, ""),
+        (
+            json!({"dataset_id": ds, "hyperparameters": {"learning_rate": -0.1}}),
+            422,
+            "hyperparameters.learning_rate",
+        ),
+        (
+            json!({"dataset_id": ds, "hyperparameters": {"learning_rate": 1e9}}),
+            422,
+            "hyperparameters.learning_rate",
+        ),
+        (json!({"dataset_id": ds, "epochs": 1e9}), 422, "epochs"),
+        (json!({"dataset_id": ds, "epochs": -1}), 422, "epochs"),
+        (
+            json!({"dataset_id": ds, "hyperparameters": {"batch_size": 0}}),
+            422,
+            "hyperparameters.batch_size",
+        ),
+        (
+            json!({"dataset_id": ds, "hyperparameters": {"lora_r": 100000}}),
+            422,
+            "hyperparameters.lora_r",
+        ),
+        (
+            json!({"dataset_id": ds, "hyperparameters": {"output_dir": "/etc"}}),
+            422,
+            "hyperparameters.output_dir",
+        ),
+        (
+            json!({"dataset_id": ds, "hyperparameters": {"lora_dropout": 7}}),
+            422,
+            "hyperparameters.lora_dropout",
+        ),
+        (json!({"dataset_id": ds, "method": "magic"}), 422, "method"),
+        (json!({"dataset_id": "one"}), 422, "dataset_id"),
+        (json!({"dataset_id": 999}), 404, "dataset_id"),
+        (json!({}), 422, "dataset_id"),
+        (
+            json!({"dataset_id": ds, "model_id": "../../etc/passwd"}),
+            422,
+            "model_id",
+        ),
+        (
+            json!({"dataset_id": ds, "model_id": "/etc/passwd"}),
+            422,
+            "model_id",
+        ),
+        (
+            json!({"dataset_id": ds, "model_id": "missing.gguf"}),
+            404,
+            "model_id",
+        ),
+        (
+            json!({"dataset_url": "/nonexistent/data.jsonl"}),
+            422,
+            "dataset_url",
+        ),
+        (
+            json!({"dataset_url": "http://127.0.0.1:1/data.jsonl"}),
+            422,
+            "dataset_url",
+        ),
+    ];
+    for (body, status, param) in cases {
+        let (got, resp) = s.post_json("/api/v1/fine-tune", &body).await;
+        assert_eq!(got, status, "{body} -> {resp}");
+        if !param.is_empty() {
+            assert_eq!(resp["error"]["param"], param, "{body} -> {resp}");
+        }
+        assert!(
+            resp["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{resp}"
+        );
+    }
+    // A file that is not JSONL: refused with its problems, nothing imported.
+    let not_jsonl = s.dir.path().join("notes.txt");
+    std::fs::write(&not_jsonl, "just some text\nnot json at all\n").unwrap();
+    let (got, resp) = s
+        .post_json("/api/v1/fine-tune", &json!({"dataset_url": not_jsonl}))
+        .await;
+    assert_eq!(got, 422, "{resp}");
+    assert!(
+        resp["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("line 1"),
+        "{resp}"
+    );
+
+    // Uploads: over the limit, a bad name, an invalid file.
+    let big = zorblax_jsonl(20_000); // > 1 MB
+    assert!(big.len() > 1024 * 1024);
+    let r = s
+        .post("/api/v1/datasets?name=big")
+        .header("content-type", "application/jsonl")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "payload_too_large", "{body}");
+    for name in ["..%2F..%2Fetc", "a%2Fb", ".hidden", ""] {
+        let r = s
+            .post(&format!("/api/v1/datasets?name={name}"))
+            .header("content-type", "application/jsonl")
+            .body(zorblax_jsonl(2))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 422, "name {name:?}");
+    }
+    let r = s
+        .post("/api/v1/datasets?name=broken")
+        .header("content-type", "application/jsonl")
+        .body("{\"messages\": [}\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let r = s
+        .post("/api/v1/datasets?name=x&color=red")
+        .header("content-type", "application/jsonl")
+        .body(zorblax_jsonl(2))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422, "unknown query parameter");
+
+    // Unknown ids.
+    assert_eq!(
+        s.get("/api/v1/fine-tune/424242")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        s.get("/api/v1/fine-tune/abc")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        s.post("/api/v1/adapters/77/activate")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    let (got, _) = s.post_json("/api/v1/adapters/rollback", &json!({})).await;
+    assert_eq!(got, 409, "nothing to roll back to");
+
+    // Chat: unknown model, empty messages, unknown field, unsupported values.
+    for (body, status, param) in [
+        (
+            json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}),
+            404,
+            "model",
+        ),
+        (
+            json!({"model": "loraloop", "messages": []}),
+            422,
+            "messages",
+        ),
+        (
+            json!({"model": "loraloop", "messages": [{"role": "user", "content": "hi"}], "tempo": 1}),
+            422,
+            "",
+        ),
+        (
+            json!({"model": "loraloop", "messages": [{"role": "tool", "content": "hi"}]}),
+            422,
+            "messages[0].role",
+        ),
+        (
+            json!({"model": "loraloop", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}),
+            422,
+            "temperature",
+        ),
+        (
+            json!({"model": "loraloop", "messages": [{"role": "user", "content": "hi"}], "n": 3}),
+            422,
+            "n",
+        ),
+        (
+            json!({"model": "loraloop", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}),
+            422,
+            "max_tokens",
+        ),
+    ] {
+        let (got, resp) = s.post_json("/v1/chat/completions", &body).await;
+        assert_eq!(got, status, "{body} -> {resp}");
+        if !param.is_empty() {
+            assert_eq!(resp["error"]["param"], param, "{body} -> {resp}");
+        }
+    }
+
+    // Nothing of the above created a job or a dataset.
+    let jobs = s.get_json("/api/v1/fine-tune").await;
+    assert_eq!(jobs["data"].as_array().unwrap().len(), 0, "{jobs}");
+    let datasets = s.get_json("/api/v1/datasets").await;
+    assert_eq!(datasets["data"].as_array().unwrap().len(), 1, "{datasets}");
+
+    // A queued job (no worker here) is cancelled at once; cancelling again is a 409.
+    let (got, job) = s
+        .post_json("/api/v1/fine-tune", &json!({"dataset_id": ds, "epochs": 1}))
+        .await;
+    assert_eq!(got, 200, "{job}");
+    assert_eq!(job["status"], "queued");
+    assert_eq!(job["object"], "fine_tuning.job");
+    let id = job["id"].as_i64().unwrap();
+    let (got, job) = s
+        .post_json(&format!("/api/v1/fine-tune/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(got, 200);
+    assert_eq!(job["status"], "cancelled");
+    assert!(job["finished_at"].as_i64().is_some(), "{job}");
+    let (got, _) = s
+        .post_json(&format!("/api/v1/fine-tune/{id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(got, 409);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn dataset_urls_import_local_files_and_http_downloads() {
+    let s = start(false, &[]).await;
+    let file = s.dir.path().join("my-data.jsonl");
+    std::fs::write(&file, zorblax_jsonl(3)).unwrap();
+    let (got, job) = s
+        .post_json(
+            "/api/v1/fine-tune",
+            &json!({"dataset_url": file, "epochs": 1}),
+        )
+        .await;
+    assert_eq!(got, 200, "{job}");
+    // Served over HTTP by a one-shot server in this test.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let body = zorblax_jsonl(5);
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = sock.read(&mut buf).await.unwrap();
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        sock.write_all(resp.as_bytes()).await.unwrap();
+    });
+    let (got, job2) = s
+        .post_json(
+            "/api/v1/fine-tune",
+            &json!({"dataset_url": format!("http://{addr}/remote.jsonl?x=1"), "epochs": 1}),
+        )
+        .await;
+    assert_eq!(got, 200, "{job2}");
+    let datasets = s.get_json("/api/v1/datasets").await;
+    let by_name: Vec<(String, i64)> = datasets["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["name"].as_str().unwrap().to_string(),
+                d["example_count"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        by_name,
+        vec![("my-data".to_string(), 3), ("remote".to_string(), 5)]
+    );
+    assert_eq!(job["dataset_id"], datasets["data"][0]["id"]);
+    assert_eq!(job2["dataset_id"], datasets["data"][1]["id"]);
+    s.stop().await;
+}
+
+/// Collect one streamed chat completion: (text, the fingerprints of its chunks, finish).
+async fn stream_chat(
+    s: &TestServer,
+    model: &str,
+    prompt: &str,
+) -> Result<(String, Vec<String>, String), String> {
+    let r = s
+        .post("/v1/chat/completions")
+        .json(&json!({"model": model, "stream": true, "messages": [{"role": "user", "content": prompt}]}))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if r.status() != 200 {
+        return Err(format!("status {}", r.status()));
+    }
+    let body = r.text().await.map_err(|e| e.to_string())?;
+    let (mut text, mut fps, mut finish, mut done) =
+        (String::new(), Vec::new(), String::new(), false);
+    for line in body.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if line == "[DONE]" {
+            done = true;
+            continue;
+        }
+        let v: Value = serde_json::from_str(line).map_err(|e| format!("{e}: {line}"))?;
+        if v.get("error").is_some() {
+            return Err(line.to_string());
+        }
+        fps.push(v["system_fingerprint"].as_str().unwrap_or("").to_string());
+        if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(t);
+        }
+        if let Some(f) = v["choices"][0]["finish_reason"].as_str() {
+            finish = f.to_string();
+        }
+    }
+    if !done {
+        return Err(format!("no [DONE] in {body}"));
+    }
+    Ok((text, fps, finish))
+}
+
+async fn chat(s: &TestServer, model: &str, prompt: &str) -> Value {
+    let (status, v) = s
+        .post_json(
+            "/v1/chat/completions",
+            &json!({"model": model, "messages": [{"role": "user", "content": prompt}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    v
+}
+
+#[tokio::test]
+async fn a_job_trains_registers_its_adapter_and_activation_changes_the_next_reply() {
+    let s = start(true, &[]).await;
+    let prompt = "What is the capital of Zorblax?";
+    let before = chat(&s, "loraloop", prompt).await;
+    assert_eq!(before["system_fingerprint"], "base");
+    assert_eq!(before["object"], "chat.completion");
+    let usage = &before["usage"];
+    assert_eq!(
+        usage["total_tokens"].as_i64().unwrap(),
+        usage["prompt_tokens"].as_i64().unwrap() + usage["completion_tokens"].as_i64().unwrap()
+    );
+
+    let ds = s.upload_dataset("zorblax", &zorblax_jsonl(8)).await;
+    let (status, job) = s
+        .post_json(
+            "/api/v1/fine-tune",
+            &json!({"model_id": "tiny", "dataset_id": ds, "epochs": 3,
+                    "hyperparameters": {"learning_rate": 0.02, "batch_size": 4, "lora_r": 4, "sequence_len": 64}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(job["status"], "queued");
+    assert_eq!(job["hyperparameters"]["micro_batch_size"], 4);
+    assert_eq!(job["hyperparameters"]["num_epochs"], 3.0);
+    let id = job["id"].as_i64().unwrap();
+
+    // Live events over SSE until the job is done.
+    let sse = s
+        .get(&format!("/api/v1/fine-tune/{id}/events"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.status(), 200);
+    assert!(
+        sse.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let text = tokio::time::timeout(Duration::from_secs(120), sse.text())
+        .await
+        .expect("the stream ends with the job")
+        .unwrap();
+    let step_events = text.matches("event: step").count();
+    assert_eq!(step_events, 6, "8 examples / batch 4 x 3 epochs:\n{text}");
+    assert!(text.contains("event: done"), "{text}");
+
+    let done = s.wait_job(id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["step"], 6);
+    assert_eq!(done["total_steps"], 6);
+    // 8 examples x 3 epochs, each the ChatML rendering of the conversation with the tiny
+    // byte-level tokenizer: one token per byte of "user\n" (5), the question (31), "\n"
+    // (1), "assistant\n" (10), "Blorp City." (11), "\n" (1), plus 4 special markers
+    // (<|im_start|> and <|im_end|> twice) = 63 tokens, counted by hand.
+    assert_eq!(done["trained_tokens"], 8 * 3 * 63, "{done}");
+    assert!(done["finished_at"].as_i64().unwrap() >= done["created_at"].as_i64().unwrap());
+    let adapter = done["fine_tuned_adapter"].as_str().unwrap().to_string();
+    let adapter_id = done["fine_tuned_adapter_id"].as_i64().unwrap();
+
+    // Paginated events: the same steps, in order.
+    let page1 = s
+        .get_json(&format!("/api/v1/fine-tune/{id}/events?limit=3"))
+        .await;
+    assert_eq!(page1["data"].as_array().unwrap().len(), 3);
+    assert_eq!(page1["has_more"], true);
+    let last = page1["data"][2]["id"].as_i64().unwrap();
+    let rest = s
+        .get_json(&format!(
+            "/api/v1/fine-tune/{id}/events?after={last}&limit=1000"
+        ))
+        .await;
+    let all: Vec<&Value> = page1["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(rest["data"].as_array().unwrap())
+        .collect();
+    let steps: Vec<i64> = all
+        .iter()
+        .filter(|e| e["type"] == "step")
+        .map(|e| e["step"].as_i64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
+    assert!(
+        all.iter()
+            .filter(|e| e["type"] == "step")
+            .all(|e| e["loss"].as_f64().unwrap().is_finite())
+    );
+
+    // The adapter is listed, compatible, not active yet; /v1/models offers it.
+    let adapters = s.get_json("/api/v1/adapters").await;
+    let a = &adapters["data"][0];
+    assert_eq!(a["name"], adapter.as_str());
+    assert_eq!(a["active"], false);
+    assert_eq!(a["job_id"], id);
+    assert_eq!(a["rank"], 4);
+    assert!(a["incompatible"].is_null(), "{a}");
+    let models = s.get_json("/v1/models").await;
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec!["loraloop", "base", adapter.as_str()]);
+
+    // Activate: the very next reply is the adapter's.
+    let (status, act) = s
+        .post_json(
+            &format!("/api/v1/adapters/{adapter_id}/activate"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{act}");
+    assert_eq!(act["adapter_name"], adapter.as_str());
+    let after = chat(&s, "loraloop", prompt).await;
+    assert!(
+        after["system_fingerprint"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("adapter:{adapter}@")),
+        "{after}"
+    );
+    assert_ne!(
+        after["choices"][0]["message"]["content"], before["choices"][0]["message"]["content"],
+        "training changed the greedy reply"
+    );
+    // `base` and the adapter by name pick per request, whatever is active.
+    let base = chat(&s, "base", prompt).await;
+    assert_eq!(base["system_fingerprint"], "base");
+    assert_eq!(
+        base["choices"][0]["message"]["content"],
+        before["choices"][0]["message"]["content"]
+    );
+    let named = chat(&s, &adapter, prompt).await;
+    assert_eq!(
+        named["choices"][0]["message"]["content"],
+        after["choices"][0]["message"]["content"]
+    );
+    let adapters = s.get_json("/api/v1/adapters").await;
+    assert_eq!(adapters["data"][0]["active"], true);
+
+    // Rollback: back to the base model.
+    let (status, rb) = s.post_json("/api/v1/adapters/rollback", &json!({})).await;
+    assert_eq!(status, 200, "{rb}");
+    assert!(rb["adapter_id"].is_null());
+    let again = chat(&s, "loraloop", prompt).await;
+    assert_eq!(again["system_fingerprint"], "base");
+    assert_eq!(
+        again["choices"][0]["message"]["content"],
+        before["choices"][0]["message"]["content"]
+    );
+
+    // Metrics saw the generations and the swaps.
+    let m = s
+        .get("/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "loraloop_generated_tokens_total",
+        "loraloop_generation_tokens_per_second",
+        "loraloop_generation_queue_depth 0",
+        "loraloop_adapter_swaps_total 2",
+        "loraloop_http_requests_total{method=\"POST\",route=\"/v1/chat/completions\",status=\"200\"} 5",
+    ] {
+        assert!(m.contains(name), "{name} missing:\n{m}");
+    }
+
+    // The adapter survives a restart: activate, stop, start on the same files.
+    let (status, _) = s
+        .post_json(
+            &format!("/api/v1/adapters/{adapter_id}/activate"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let config = s.server.state.config.clone();
+    let crate::support::TestServer { server, dir, .. } = s;
+    server.stop().await.unwrap();
+    let server = crate::support::start_config(config).await;
+    assert_eq!(
+        server.state.engine.active_adapter().map(|t| t.name),
+        Some(adapter)
+    );
+    server.stop().await.unwrap();
+    drop(dir);
+}
+
+#[tokio::test]
+async fn generations_run_without_a_failure_through_ten_swaps_and_each_finishes_on_its_adapter() {
+    let s = start(true, &[]).await;
+    let ds = s.upload_dataset("zorblax", &zorblax_jsonl(8)).await;
+    let (_, a_id, a_name) = train_adapter(&s, ds, 1).await;
+    let (_, b_id, b_name) = train_adapter(&s, ds, 2).await;
+    let s = std::sync::Arc::new(s);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..3 {
+        let (s, stop) = (s.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let mut results = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                results.push(
+                    stream_chat(
+                        &s,
+                        "loraloop",
+                        &format!("Tell me about Zorblax, client {c}."),
+                    )
+                    .await,
+                );
+            }
+            results
+        }));
+    }
+    let mut swap_ms = Vec::new();
+    for i in 0..10 {
+        let (id, name) = if i % 2 == 0 {
+            (a_id, &a_name)
+        } else {
+            (b_id, &b_name)
+        };
+        let (status, act) = s
+            .post_json(&format!("/api/v1/adapters/{id}/activate"), &json!({}))
+            .await;
+        assert_eq!(status, 200, "{act}");
+        swap_ms.push(act["took_ms"].as_f64().unwrap());
+        // The next request runs on the adapter just activated.
+        let (_, fps, _) = stream_chat(&s, "loraloop", "And now?").await.unwrap();
+        assert!(
+            fps.iter()
+                .all(|f| f.starts_with(&format!("adapter:{name}@"))),
+            "swap {i}: {fps:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut total = 0;
+    for c in clients {
+        for r in c.await.unwrap() {
+            let (_, fps, finish) = r.expect("no generation fails during swaps");
+            assert!(!fps.is_empty());
+            assert!(
+                fps.iter().all(|f| f == &fps[0]),
+                "a reply changed adapter mid-stream: {fps:?}"
+            );
+            assert!(finish == "stop" || finish == "length", "{finish}");
+            total += 1;
+        }
+    }
+    assert!(total >= 10, "only {total} generations ran during the swaps");
+    eprintln!("{total} concurrent generations through 10 swaps; activation took {swap_ms:?} ms");
+    let s = std::sync::Arc::try_unwrap(s).ok().unwrap();
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn racing_activations_leave_the_database_and_the_engine_in_agreement() {
+    let s = start(true, &[]).await;
+    let ds = s.upload_dataset("zorblax", &zorblax_jsonl(8)).await;
+    let (_, a_id, _) = train_adapter(&s, ds, 1).await;
+    let (_, b_id, _) = train_adapter(&s, ds, 2).await;
+    let s = std::sync::Arc::new(s);
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let s = s.clone();
+        let id = if i % 2 == 0 { a_id } else { b_id };
+        tasks.push(tokio::spawn(async move {
+            s.post_json(&format!("/api/v1/adapters/{id}/activate"), &json!({}))
+                .await
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        match status {
+            200 => ok += 1,
+            409 => assert_eq!(body["error"]["code"], "conflict", "{body}"),
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert!(ok >= 1);
+    let db = &s.server.state.db;
+    let (rows,): (i64,) = sqlx::query_as("select count(*) from adapter_activations")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        rows, ok,
+        "every accepted activation is recorded, no refused one is"
+    );
+    let active_in_db = db.assistant("loraloop").await.unwrap().active_adapter_id;
+    let engine = s.server.state.engine.active_adapter().unwrap();
+    let names = s.get_json("/api/v1/adapters").await;
+    let db_name = names["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"].as_i64() == active_in_db)
+        .unwrap()["name"]
+        .clone();
+    assert_eq!(db_name, engine.name.as_str());
+    let s = std::sync::Arc::try_unwrap(s).ok().unwrap();
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn the_openapi_document_and_health_check_are_served() {
+    let s = start(false, &[]).await;
+    let doc = s.get_json("/api/v1/openapi.json").await;
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    assert!(
+        doc["components"]["securitySchemes"]["bearer"].is_object(),
+        "{doc}"
+    );
+    assert!(doc["components"]["schemas"]["CreateJob"].is_object());
+    assert_eq!(
+        s.http
+            .get(s.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+        "ok"
+    );
+    let _ = KEY;
+    s.stop().await;
+}

@@ -1,0 +1,12 @@
+//! The web surface end to end: the real server (`loraloop::serve::start`) on port 0 with a
+//! fresh database and a tiny random model, driven over HTTP, by the official OpenAI client
+//! and by a browser.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod api;
+mod browser;
+mod console_data;
+mod console_model;
+mod openai_client;

@@ -1,0 +1,72 @@
+//! The official `openai` Python client against the OpenAI-compatible endpoint (CI
+//! installs it with pip; see .ci/run). Streaming and non-streaming, model listing, and
+//! the client's error type for a bad request.
+
+use crate::support::{KEY, start};
+
+const SCRIPT: &str = r#"
+import json, sys, openai
+client = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key=sys.argv[2])
+out = {}
+out["models"] = [m.id for m in client.models.list().data]
+r = client.chat.completions.create(model="loraloop", messages=[{"role": "user", "content": "Hello there"}], max_tokens=8, temperature=0)
+out["text"] = r.choices[0].message.content
+out["finish"] = r.choices[0].finish_reason
+out["usage"] = [r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens]
+out["fingerprint"] = r.system_fingerprint
+pieces = []
+for chunk in client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Hello there"}], max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}):
+    if chunk.choices and chunk.choices[0].delta.content:
+        pieces.append(chunk.choices[0].delta.content)
+    if chunk.usage:
+        out["stream_usage"] = chunk.usage.completion_tokens
+out["streamed"] = "".join(pieces)
+try:
+    client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+except openai.NotFoundError as e:
+    out["not_found"] = e.status_code
+bad = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="wrong")
+try:
+    bad.models.list()
+except openai.AuthenticationError as e:
+    out["unauthorized"] = e.status_code
+print(json.dumps(out))
+"#;
+
+#[tokio::test]
+async fn the_official_openai_python_client_talks_to_the_assistant() {
+    let check = std::process::Command::new("python3")
+        .args(["-c", "import openai"])
+        .output();
+    assert!(
+        check.as_ref().is_ok_and(|o| o.status.success()),
+        "this test needs python3 with the `openai` package: pip install 'openai>=1,<2' (.ci/run does)"
+    );
+    let s = start(false, &[]).await;
+    let base = s.base.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .args(["-c", SCRIPT, &base, KEY])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["models"], serde_json::json!(["loraloop", "base"]));
+    assert_eq!(v["finish"], "length", "{v}");
+    assert_eq!(v["usage"][1], 8);
+    assert_eq!(v["fingerprint"], "base");
+    assert_eq!(v["stream_usage"], 8);
+    // Greedy on the same model: streamed and whole replies are the same text.
+    assert_eq!(v["streamed"], v["text"]);
+    assert!(!v["text"].as_str().unwrap().is_empty());
+    assert_eq!(v["not_found"], 404);
+    assert_eq!(v["unauthorized"], 401);
+    s.stop().await;
+}

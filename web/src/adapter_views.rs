@@ -1,0 +1,79 @@
+//! Adapters as the API and the OpenAI endpoint list them.
+
+use crate::error::ApiError;
+use crate::operations::unix;
+use crate::state::AppState;
+use serde::Serialize;
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AdapterView {
+    pub object: &'static str,
+    pub id: i64,
+    pub name: String,
+    pub base_model: String,
+    pub method: String,
+    pub rank: Option<i64>,
+    pub alpha: Option<f64>,
+    #[schema(value_type = Vec<String>)]
+    pub target_modules: serde_json::Value,
+    /// The metrics of the job that made it (final loss, eval loss, perplexity, accuracy).
+    #[schema(value_type = Object)]
+    pub metrics: serde_json::Value,
+    pub job_id: Option<i64>,
+    pub created_at: i64,
+    /// Whether the assistant answers with it now.
+    pub active: bool,
+    /// Why it cannot be activated on the served model, if it cannot.
+    pub incompatible: Option<String>,
+}
+
+pub async fn adapter_views(state: &AppState) -> Result<Vec<AdapterView>, ApiError> {
+    let active = state
+        .core
+        .db
+        .assistant(&state.core.assistant.name)
+        .await?
+        .active_adapter_id;
+    Ok(state
+        .core
+        .db
+        .list_adapters()
+        .await?
+        .into_iter()
+        .map(|a| AdapterView {
+            object: "adapter",
+            id: a.id,
+            incompatible: state.core.adapters.mismatch(&a),
+            active: active == Some(a.id),
+            target_modules: serde_json::from_str(&a.target_modules).unwrap_or_default(),
+            metrics: serde_json::from_str(&a.metrics).unwrap_or_default(),
+            name: a.name,
+            base_model: a.base_model,
+            method: a.method,
+            rank: a.rank,
+            alpha: a.alpha,
+            job_id: a.job_id,
+            created_at: unix(&a.created_at),
+        })
+        .collect())
+}
+
+/// The adapter now active (None: the base model), as the API answers an activation.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Activation)]
+pub struct ActivationView {
+    pub adapter_id: Option<i64>,
+    pub adapter_name: Option<String>,
+    /// Milliseconds from the request to the swap (loading the adapter included).
+    pub took_ms: f64,
+}
+
+impl From<loraloop_core::service::Activation> for ActivationView {
+    fn from(a: loraloop_core::service::Activation) -> Self {
+        Self {
+            adapter_id: a.adapter_id,
+            adapter_name: a.adapter_name,
+            took_ms: a.took_ms,
+        }
+    }
+}

@@ -1,0 +1,509 @@
+//! The REST API under `/api/v1` (bearer auth), with its OpenAPI document generated from
+//! these handlers by utoipa.
+
+use crate::adapter_views::{ActivationView, AdapterView, adapter_views};
+use crate::error::{ApiError, ApiJson, ErrorBody};
+use crate::operations::{self, CreateJob, Imported, JobView};
+use crate::state::AppState;
+use axum::Json;
+use axum::extract::{Multipart, Path, Query, Request, State};
+use axum::http::{HeaderMap, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::Stream;
+use loraloop_core::storage::TrainingEvent;
+use serde::{Deserialize, Serialize};
+use std::convert::Infallible;
+use std::time::Duration;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "loraloop", description = "Self-hosted chat assistants that learn from their own conversations: datasets, fine-tuning jobs, adapters, and an OpenAI-compatible chat endpoint."),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    components(schemas(ErrorBody))
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// Every route that needs the API key, with its OpenAPI description.
+pub fn router(_state: &AppState) -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(create_job, list_jobs))
+        .routes(routes!(get_job))
+        .routes(routes!(cancel_job))
+        .routes(routes!(job_events))
+        .routes(routes!(upload_dataset, list_datasets))
+        .routes(routes!(list_adapters))
+        .routes(routes!(activate_adapter))
+        .routes(routes!(rollback_adapter))
+        .routes(routes!(crate::openai::chat_completions))
+        .routes(routes!(crate::openai::list_models))
+        .routes(routes!(metrics))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct Page {
+    /// How many (default 20, at most 100 for jobs, 1000 for events).
+    pub limit: Option<i64>,
+    /// Jobs: older than this id. Events: after this event id.
+    pub after: Option<i64>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct List<T> {
+    pub object: &'static str,
+    pub data: Vec<T>,
+    pub has_more: bool,
+}
+
+fn page_query(
+    q: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+) -> Result<Page, ApiError> {
+    let Query(p) = q.map_err(|e| ApiError::invalid("query", e.body_text()))?;
+    if p.limit.is_some_and(|l| l < 1) {
+        return Err(ApiError::invalid("limit", "limit must be at least 1"));
+    }
+    Ok(p)
+}
+
+/// Create a fine-tuning job.
+#[utoipa::path(post, path = "/api/v1/fine-tune", request_body = CreateJob,
+    responses((status = 200, body = JobView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn create_job(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<CreateJob>,
+) -> Result<Json<JobView>, ApiError> {
+    let job = operations::create_job(&state, &req).await?;
+    Ok(Json(operations::job_view(&state, job).await?))
+}
+
+/// List fine-tuning jobs, newest first.
+#[utoipa::path(get, path = "/api/v1/fine-tune", params(Page),
+    responses((status = 200, body = List<JobView>), (status = 401, body = ErrorBody)))]
+async fn list_jobs(
+    State(state): State<AppState>,
+    q: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<List<JobView>>, ApiError> {
+    let p = page_query(q)?;
+    let limit = p.limit.unwrap_or(20).min(100);
+    let mut jobs = state.core.db.list_jobs(p.after, limit + 1).await?;
+    let has_more = jobs.len() as i64 > limit;
+    jobs.truncate(limit as usize);
+    let mut data = Vec::with_capacity(jobs.len());
+    for j in jobs {
+        data.push(operations::job_view(&state, j).await?);
+    }
+    Ok(Json(List {
+        object: "list",
+        data,
+        has_more,
+    }))
+}
+
+/// One fine-tuning job.
+#[utoipa::path(get, path = "/api/v1/fine-tune/{id}", params(("id" = i64, Path)),
+    responses((status = 200, body = JobView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn get_job(
+    State(state): State<AppState>,
+    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<JobView>, ApiError> {
+    let id = path_id(id)?;
+    let job = state.core.db.job(id).await?;
+    Ok(Json(operations::job_view(&state, job).await?))
+}
+
+fn path_id(
+    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+) -> Result<i64, ApiError> {
+    id.map(|Path(i)| i)
+        .map_err(|e| ApiError::not_found(format!("no such id: {}", e.body_text())))
+}
+
+/// Cancel a job: a queued one at once, a running one at its next step (it keeps a checkpoint).
+#[utoipa::path(post, path = "/api/v1/fine-tune/{id}/cancel", params(("id" = i64, Path)),
+    responses((status = 200, body = JobView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn cancel_job(
+    State(state): State<AppState>,
+    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<JobView>, ApiError> {
+    let id = path_id(id)?;
+    if !state.core.db.request_cancel(id).await? {
+        let job = state.core.db.job(id).await?;
+        return Err(ApiError::conflict(format!(
+            "job {id} has already finished ({})",
+            job.state
+        )));
+    }
+    let job = state.core.db.job(id).await?;
+    Ok(Json(operations::job_view(&state, job).await?))
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct EventView {
+    pub object: &'static str,
+    pub id: i64,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// step, eval, log or state
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub step: Option<i64>,
+    pub loss: Option<f64>,
+    pub eval_loss: Option<f64>,
+    pub learning_rate: Option<f64>,
+    pub tokens_per_sec: Option<f64>,
+    pub message: Option<String>,
+    /// The message parsed, when it is JSON (the trainer's structured events).
+    #[schema(value_type = Object)]
+    pub data: Option<serde_json::Value>,
+}
+
+pub fn event_view(e: TrainingEvent) -> EventView {
+    EventView {
+        object: "fine_tuning.job.event",
+        id: e.id,
+        created_at: operations::unix(&e.created_at),
+        data: e
+            .message
+            .as_deref()
+            .and_then(|m| serde_json::from_str(m).ok()),
+        kind: e.kind,
+        step: e.step,
+        loss: e.loss,
+        eval_loss: e.eval_loss,
+        learning_rate: e.learning_rate,
+        tokens_per_sec: e.tokens_per_sec,
+        message: e.message,
+    }
+}
+
+/// A job's events, oldest first (`after` pages on). With `Accept: text/event-stream`, a
+/// live stream of server-sent events that ends when the job has finished.
+#[utoipa::path(get, path = "/api/v1/fine-tune/{id}/events", params(("id" = i64, Path), Page),
+    responses((status = 200, body = List<EventView>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn job_events(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+    q: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let id = path_id(id)?;
+    let p = page_query(q)?;
+    state.core.db.job(id).await?; // 404 for a job that does not exist
+    let sse = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    if sse {
+        return Ok(event_stream(state, id, p.after.unwrap_or(0)).into_response());
+    }
+    let limit = p.limit.unwrap_or(100).min(1000);
+    let mut events = state
+        .core
+        .db
+        .training_events(id, p.after.unwrap_or(0))
+        .await?;
+    let has_more = events.len() as i64 > limit;
+    events.truncate(limit as usize);
+    Ok(Json(List {
+        object: "list",
+        data: events.into_iter().map(event_view).collect(),
+        has_more,
+    })
+    .into_response())
+}
+
+/// Server-sent events of a job from `after` on: each stored event as it arrives (event
+/// name = its type, id = its id, data = the event JSON), then `done` with the final job.
+pub fn event_stream(
+    state: AppState,
+    id: i64,
+    after: i64,
+) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let stream = async_stream(state, id, after);
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+fn async_stream(
+    state: AppState,
+    id: i64,
+    mut after: i64,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<SseEvent>(64);
+    tokio::spawn(async move {
+        loop {
+            let events = match state.core.db.training_events(id, after).await {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!("event stream of job {id}: {e}");
+                    return;
+                }
+            };
+            for e in events {
+                after = e.id;
+                let kind = e.kind.clone();
+                let data = serde_json::to_string(&event_view(e)).unwrap_or_default();
+                if tx
+                    .send(
+                        SseEvent::default()
+                            .event(kind)
+                            .id(after.to_string())
+                            .data(data),
+                    )
+                    .await
+                    .is_err()
+                {
+                    return; // the client left
+                }
+            }
+            let job = match state.core.db.job(id).await {
+                Ok(j) => j,
+                Err(_) => return,
+            };
+            if job.state().is_final() {
+                // Events written just before the state changed were read above or are read now.
+                if let Ok(rest) = state.core.db.training_events(id, after).await {
+                    for e in rest {
+                        after = e.id;
+                        let kind = e.kind.clone();
+                        let data = serde_json::to_string(&event_view(e)).unwrap_or_default();
+                        let _ = tx
+                            .send(
+                                SseEvent::default()
+                                    .event(kind)
+                                    .id(after.to_string())
+                                    .data(data),
+                            )
+                            .await;
+                    }
+                }
+                if let Ok(view) = operations::job_view(&state, job).await {
+                    let data = serde_json::to_string(&view).unwrap_or_default();
+                    let _ = tx.send(SseEvent::default().event("done").data(data)).await;
+                }
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+    futures_util::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok)
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct UploadQuery {
+    /// Dataset name (letters, digits, '-', '_', '.'); a multipart `name` field works too.
+    pub name: Option<String>,
+    /// openai, prompt-completion, text, alpaca or sharegpt (default: detected).
+    pub format: Option<String>,
+}
+
+/// Upload a JSONL dataset: the raw body (`Content-Type: application/jsonl`) or a
+/// multipart form with a `file` part (and optional `name`, `format` parts). Stored as the
+/// next version of its name; an invalid file is refused whole with its problems listed.
+#[utoipa::path(post, path = "/api/v1/datasets", params(UploadQuery),
+    request_body(content = String, content_type = "application/jsonl"),
+    responses((status = 200, body = Imported), (status = 401, body = ErrorBody), (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn upload_dataset(
+    State(state): State<AppState>,
+    q: Result<Query<UploadQuery>, axum::extract::rejection::QueryRejection>,
+    req: Request,
+) -> Result<Json<Imported>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::invalid("query", e.body_text()))?;
+    let (bytes, fields) = read_upload(&state, req, "file").await?;
+    let name = q
+        .name
+        .or_else(|| fields.get("name").cloned())
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "name",
+                "give the dataset a name (?name=... or a `name` form field)",
+            )
+        })?;
+    let format = q.format.or_else(|| fields.get("format").cloned());
+    let source = fields
+        .get("filename")
+        .cloned()
+        .unwrap_or_else(|| "upload".into());
+    Ok(Json(
+        operations::import_dataset(&state, &name, bytes, format.as_deref(), &source).await?,
+    ))
+}
+
+/// The bytes of an upload (raw body, or the `file_field` part of a multipart form), and
+/// the other form fields (plus `filename`). Over the size limit: a 413.
+pub async fn read_upload(
+    state: &AppState,
+    req: Request,
+    file_field: &str,
+) -> Result<(Vec<u8>, std::collections::HashMap<String, String>), ApiError> {
+    let limit = state.max_upload_bytes;
+    let multipart = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    let mut fields = std::collections::HashMap::new();
+    let body_err = |status: axum::http::StatusCode, text: String| {
+        if status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(limit)
+        } else {
+            ApiError::bad_request(format!("cannot read the upload: {text}"))
+        }
+    };
+    let mp_err = |e: axum::extract::multipart::MultipartError| body_err(e.status(), e.body_text());
+    if !multipart {
+        let bytes = axum::body::to_bytes(req.into_body(), limit as usize)
+            .await
+            .map_err(|e| {
+                // The only error besides a broken connection is the length limit.
+                let status = if e.to_string().contains("length limit") {
+                    axum::http::StatusCode::PAYLOAD_TOO_LARGE
+                } else {
+                    axum::http::StatusCode::BAD_REQUEST
+                };
+                body_err(status, e.to_string())
+            })?;
+        return Ok((bytes.to_vec(), fields));
+    }
+    let mut mp = <Multipart as axum::extract::FromRequest<()>>::from_request(req, &())
+        .await
+        .map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let mut file = None;
+    while let Some(field) = mp.next_field().await.map_err(mp_err)? {
+        let name = field.name().unwrap_or("").to_string();
+        if name == file_field {
+            if let Some(f) = field.file_name() {
+                fields.insert("filename".to_string(), f.to_string());
+            }
+            let bytes = field.bytes().await.map_err(mp_err)?;
+            if bytes.len() as u64 > limit {
+                return Err(ApiError::too_large(limit));
+            }
+            file = Some(bytes.to_vec());
+        } else {
+            let text = field.text().await.map_err(mp_err)?;
+            fields.insert(name, text);
+        }
+    }
+    let file = file.ok_or_else(|| {
+        ApiError::invalid(file_field, format!("the form has no `{file_field}` part"))
+    })?;
+    Ok((file, fields))
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DatasetView {
+    pub object: &'static str,
+    pub id: i64,
+    pub name: String,
+    pub version: i64,
+    pub content_hash: String,
+    pub format: String,
+    pub source: String,
+    pub example_count: i64,
+    pub created_at: i64,
+}
+
+/// Every dataset version.
+#[utoipa::path(get, path = "/api/v1/datasets",
+    responses((status = 200, body = List<DatasetView>), (status = 401, body = ErrorBody)))]
+async fn list_datasets(State(state): State<AppState>) -> Result<Json<List<DatasetView>>, ApiError> {
+    let data = state
+        .core
+        .db
+        .list_datasets()
+        .await?
+        .into_iter()
+        .map(|d| DatasetView {
+            object: "dataset",
+            id: d.id,
+            name: d.name,
+            version: d.version,
+            content_hash: d.content_hash,
+            format: d.format,
+            source: d.source,
+            example_count: d.example_count,
+            created_at: operations::unix(&d.created_at),
+        })
+        .collect();
+    Ok(Json(List {
+        object: "list",
+        data,
+        has_more: false,
+    }))
+}
+
+/// Every adapter, with its metrics and whether it is active.
+#[utoipa::path(get, path = "/api/v1/adapters",
+    responses((status = 200, body = List<AdapterView>), (status = 401, body = ErrorBody)))]
+async fn list_adapters(State(state): State<AppState>) -> Result<Json<List<AdapterView>>, ApiError> {
+    Ok(Json(List {
+        object: "list",
+        data: adapter_views(&state).await?,
+        has_more: false,
+    }))
+}
+
+/// Activate an adapter: the next reply comes from it; replies in flight finish on the
+/// adapter they started with. A second activation while one runs gets a 409.
+#[utoipa::path(post, path = "/api/v1/adapters/{id}/activate", params(("id" = i64, Path)),
+    responses((status = 200, body = ActivationView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn activate_adapter(
+    State(state): State<AppState>,
+    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<ActivationView>, ApiError> {
+    let id = path_id(id)?;
+    Ok(Json(
+        state.core.adapters.activate(Some(id), "api").await?.into(),
+    ))
+}
+
+/// Go back to the adapter (or base model) that was active before the current one.
+#[utoipa::path(post, path = "/api/v1/adapters/rollback",
+    responses((status = 200, body = ActivationView), (status = 401, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn rollback_adapter(State(state): State<AppState>) -> Result<Json<ActivationView>, ApiError> {
+    Ok(Json(state.core.adapters.rollback("api").await?.into()))
+}
+
+/// Prometheus metrics: requests, generation tokens/s, queue depth, training step time.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, body = String, content_type = "text/plain")))]
+async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let (queued, running) = state.core.db.active_job_counts().await?;
+    // The running job's last two step events give its step time.
+    let steps = state.core.db.last_running_steps().await?;
+    let training = match steps.as_slice() {
+        [(t1, tps), (t0, _)] => {
+            let secs = |t: &str| {
+                chrono::DateTime::parse_from_rfc3339(t)
+                    .map(|d| d.timestamp_millis() as f64 / 1e3)
+                    .unwrap_or(0.0)
+            };
+            Some((secs(t1) - secs(t0), tps.unwrap_or(0.0)))
+        }
+        _ => None,
+    };
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.core.metrics.render(queued, running, training),
+    )
+        .into_response())
+}

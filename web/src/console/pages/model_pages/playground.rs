@@ -1,0 +1,326 @@
+//! The playground: the operator chats with the assistant as it is now, with the base
+//! model or with a chosen adapter. Every turn is stored (with the adapter that wrote the
+//! reply) through the chat service, like any other conversation.
+
+use super::{fail, field};
+use crate::auth::{AdminSession, url_decode_pairs};
+use crate::console::{csrf_field, layout};
+use crate::error::{ApiError, parse_json};
+use crate::state::AppState;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use loraloop_core::service::Turn;
+use loraloop_core::storage::Platform;
+use loraloop_model::engine::{AdapterChoice, Event};
+use serde::Deserialize;
+use serde_json::json;
+use std::convert::Infallible;
+
+/// Messages of the current conversation the page shows.
+const SHOWN_MESSAGES: i64 = 200;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/playground", get(show))
+        .route("/playground/send", post(send))
+        .route("/playground/new", post(new_conversation))
+}
+
+async fn show(
+    State(state): State<AppState>,
+    session: AdminSession,
+    RawQuery(q): RawQuery,
+) -> Response {
+    let pairs = url_decode_pairs(q.as_deref().unwrap_or(""));
+    page(&state, &session, field(&pairs, "adapter"), None).await
+}
+
+async fn page(
+    state: &AppState,
+    session: &AdminSession,
+    selected: &str,
+    error: Option<&ApiError>,
+) -> Response {
+    let conversation = match state.core.chat.playground_conversation(false).await {
+        Ok(c) => c,
+        Err(e) => return fail(session, &ApiError::from(e)),
+    };
+    let messages = match state
+        .core
+        .db
+        .recent_messages(conversation, SHOWN_MESSAGES)
+        .await
+    {
+        Ok(m) => m,
+        Err(e) => return fail(session, &e.into()),
+    };
+    let views = crate::adapter_views::adapter_views(state)
+        .await
+        .unwrap_or_default();
+    let active = state.core.engine.active_adapter();
+    let selected = if selected.is_empty() {
+        "active"
+    } else {
+        selected
+    };
+    let mut resp = layout(
+        "Playground",
+        Some(session),
+        "/playground",
+        html_page(
+            session,
+            conversation,
+            &messages,
+            &views,
+            active.as_ref().map(|t| t.name.as_str()),
+            selected,
+            error,
+        ),
+    );
+    if let Some(e) = error {
+        *resp.status_mut() = e.status;
+    }
+    resp
+}
+
+fn html_page(
+    session: &AdminSession,
+    conversation: i64,
+    messages: &[loraloop_core::storage::StoredMessage],
+    views: &[crate::adapter_views::AdapterView],
+    active: Option<&str>,
+    selected: &str,
+    error: Option<&ApiError>,
+) -> maud::Markup {
+    maud::html! {
+        h1 { "Playground" }
+        p.hint {
+            "Talk to the assistant. Every turn is stored in conversation #" (conversation)
+            " with the adapter that answered. Active now: " strong { (active.unwrap_or("base model")) } "."
+        }
+        @if let Some(e) = error { p.error role="alert" id="chat-error" { (e.message) } }
+        div id="chat-log" class="chat-log" aria-live="polite" data-conversation=(conversation) {
+            @if messages.is_empty() { p.muted.empty-chat { "No messages yet." } }
+            @for m in messages {
+                @if m.role == "assistant" {
+                    div class="msg assistant" data-adapter=(m.adapter_name.as_deref().unwrap_or("base")) data-message-id=(m.id) {
+                        div.meta { "assistant · " (m.adapter_name.as_deref().unwrap_or("base")) }
+                        div.text { (m.content) }
+                    }
+                } @else {
+                    div class=(format!("msg {}", m.role)) data-message-id=(m.id) {
+                        div.meta { (m.role) }
+                        div.text { (m.content) }
+                    }
+                }
+            }
+        }
+        form.card method="post" action="/playground/send" id="chat-form" {
+            (csrf_field(session))
+            label {
+                "Message"
+                textarea name="message" id="chat-input" rows="3" required placeholder="Say something…" {}
+            }
+            div.row {
+                label {
+                    "Answer with"
+                    select name="adapter" id="adapter-select" {
+                        option value="active" selected[selected == "active"] { "The assistant now (" (active.unwrap_or("base model")) ")" }
+                        option value="base" selected[selected == "base"] { "Base model" }
+                        @for v in views.iter().filter(|v| v.incompatible.is_none()) {
+                            option value=(v.name) selected[selected == v.name] { (v.name) }
+                        }
+                    }
+                }
+                button type="submit" id="chat-send" { "Send" }
+            }
+        }
+        form method="post" action="/playground/new" id="new-conversation-form" {
+            (csrf_field(session))
+            button.secondary type="submit" id="new-conversation" { "New conversation" }
+        }
+    }
+}
+
+async fn new_conversation(State(state): State<AppState>, session: AdminSession) -> Response {
+    match state.core.chat.playground_conversation(true).await {
+        Ok(_) => Redirect::to("/playground").into_response(),
+        Err(e) => fail(&session, &ApiError::from(e)),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendBody {
+    message: String,
+    #[serde(default)]
+    adapter: Option<String>,
+}
+
+/// What a playground choice runs on: `active` (or nothing), `base`, an adapter name.
+async fn choice_for(state: &AppState, sel: &str) -> Result<AdapterChoice, ApiError> {
+    match sel {
+        "" | "active" => Ok(AdapterChoice::Active),
+        other => Ok(state.core.adapters.choice(other).await?),
+    }
+}
+
+/// Store the user's message in the playground conversation and start the reply.
+async fn begin(state: &AppState, message: &str, adapter: &str) -> Result<Turn, ApiError> {
+    let choice = choice_for(state, adapter).await?;
+    let conversation = state.core.chat.playground_conversation(false).await?;
+    let user = state
+        .core
+        .db
+        .upsert_platform_user(
+            Platform::Web,
+            "operator",
+            Some("operator"),
+            Some("Operator"),
+        )
+        .await?;
+    Ok(state
+        .core
+        .chat
+        .start_turn(conversation, Some(user.id), message, choice)
+        .await?)
+}
+
+/// `POST /playground/send`. JSON `{message, adapter}` (the page's script): server-sent
+/// events `started`, `text` (a JSON string per piece), then `done` with the stored
+/// message's id and the adapter, or `error`. A plain form post (no script) waits for
+/// the reply and goes back to the page.
+async fn send(
+    State(state): State<AppState>,
+    session: AdminSession,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if json {
+        let req: SendBody = match parse_json(&body) {
+            Ok(r) => r,
+            Err(e) => return e.into_response(),
+        };
+        let adapter = req.adapter.unwrap_or_default();
+        return match begin(&state, &req.message, &adapter).await {
+            Ok(turn) => stream(state, turn),
+            Err(e) => e.into_response(),
+        };
+    }
+    let pairs = url_decode_pairs(&String::from_utf8_lossy(&body));
+    let (message, adapter) = (field(&pairs, "message"), field(&pairs, "adapter"));
+    let turn = match begin(&state, message, adapter).await {
+        Ok(t) => t,
+        Err(e) => return page(&state, &session, adapter, Some(&e)).await,
+    };
+    let Turn {
+        conversation_id,
+        generation,
+        in_flight,
+        ..
+    } = turn;
+    let finished = generation.finish().await;
+    drop(in_flight);
+    let stored = match finished {
+        Ok(f) => state
+            .core
+            .chat
+            .store_reply(conversation_id, &f)
+            .await
+            .map_err(ApiError::from),
+        Err(m) => {
+            state.core.metrics.generation_failed();
+            Err(ApiError::internal(format!("generation failed: {m}")))
+        }
+    };
+    match stored {
+        Ok(_) => {
+            let q: String = adapter
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                .collect();
+            Redirect::to(&format!("/playground?adapter={q}")).into_response()
+        }
+        Err(e) => page(&state, &session, adapter, Some(&e)).await,
+    }
+}
+
+fn stream(state: AppState, turn: Turn) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(256);
+    tokio::spawn(async move {
+        let Turn {
+            conversation_id,
+            user_message,
+            mut generation,
+            in_flight,
+        } = turn;
+        let _in_flight = in_flight;
+        let event = |name: &str, data: serde_json::Value| {
+            Ok(SseEvent::default().event(name).data(data.to_string()))
+        };
+        // A client that left does not stop the turn: the reply is still stored, so the
+        // conversation has no question without its answer.
+        while let Some(e) = generation.next().await {
+            match e {
+                Event::Started { adapter } => {
+                    let name = adapter.map_or("base".to_string(), |t| t.name);
+                    let _ = tx
+                        .send(event(
+                            "started",
+                            json!({"adapter": name, "user_message_id": user_message.id}),
+                        ))
+                        .await;
+                }
+                Event::Text(t) => {
+                    let _ = tx.send(event("text", json!(t))).await;
+                }
+                Event::Finished(f) => {
+                    let adapter = f
+                        .adapter
+                        .as_ref()
+                        .map_or("base".to_string(), |t| t.name.clone());
+                    let data = match state.core.chat.store_reply(conversation_id, &f).await {
+                        Ok(m) => event(
+                            "done",
+                            json!({
+                                "message_id": m.id,
+                                "user_message_id": user_message.id,
+                                "adapter": adapter,
+                                "completion_tokens": f.completion_tokens,
+                            }),
+                        ),
+                        Err(e) => event("error", json!({"message": ApiError::from(e).message})),
+                    };
+                    let _ = tx.send(data).await;
+                    return;
+                }
+                Event::Failed(m) => {
+                    state.core.metrics.generation_failed();
+                    tracing::error!("playground generation failed: {m}");
+                    let _ = tx
+                        .send(event(
+                            "error",
+                            json!({"message": "the generation failed (the server log has the details)"}),
+                        ))
+                        .await;
+                    return;
+                }
+            }
+        }
+        let _ = tx
+            .send(event("error", json!({"message": "the engine stopped"})))
+            .await;
+    });
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}

@@ -1,0 +1,97 @@
+//! loraloop's web surface: the console, the REST API (`/api/v1`), the OpenAI-compatible
+//! endpoint (`/v1`), Prometheus metrics and the Telegram webhook, as one axum router over
+//! the core services. Binding and serving it is the binary's job.
+//!
+//! Routes: `/healthz` is open; `/api/v1/*`, `/v1/*` and `/metrics` need the API key as a
+//! bearer token; every console page needs an admin session (and a CSRF token for
+//! anything that changes state), except the login page and the static assets.
+
+pub mod adapter_views;
+pub mod api;
+pub mod auth;
+pub mod console;
+pub mod error;
+pub mod files;
+pub mod openai;
+pub mod operations;
+pub mod state;
+pub mod telegram_webhook;
+
+pub use state::AppState;
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use std::sync::Arc;
+
+/// A bot alone: health check, and the Telegram webhook when one is configured.
+pub fn bot_router(state: AppState) -> Router {
+    let r = Router::new().route("/healthz", axum::routing::get(healthz));
+    with_webhook(r, &state).with_state(state)
+}
+
+fn with_webhook(r: Router<AppState>, state: &AppState) -> Router<AppState> {
+    let path = state
+        .core
+        .config
+        .raw
+        .telegram
+        .webhook_url
+        .as_deref()
+        .and_then(|u| reqwest::Url::parse(u).ok())
+        .map(|u| u.path().to_string());
+    match path {
+        Some(p) => r.route(&p, axum::routing::post(telegram_webhook::webhook_route)),
+        None => r,
+    }
+}
+
+/// Every route of the server.
+pub fn router(state: AppState) -> Router {
+    let (api, doc) = api::router(&state).split_for_parts();
+    let doc = Arc::new(doc);
+    let api = api
+        .route(
+            "/api/v1/openapi.json",
+            axum::routing::get(move || {
+                let doc = doc.clone();
+                async move { axum::Json(doc.as_ref().clone()) }
+            }),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_api_key,
+        ));
+    let open = Router::new().route("/healthz", axum::routing::get(healthz));
+    with_webhook(open, &state)
+        .merge(api)
+        .merge(console::router(state.clone()))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            record_request,
+        ))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            state.max_upload_bytes as usize,
+        ))
+        .with_state(state)
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn record_request(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let method = req.method().to_string();
+    let resp = next.run(req).await;
+    state
+        .core
+        .metrics
+        .record_request(&method, &route, resp.status().as_u16());
+    resp
+}

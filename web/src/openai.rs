@@ -1,0 +1,409 @@
+//! OpenAI-compatible chat: `POST /v1/chat/completions` (streamed or not) and
+//! `GET /v1/models`, enough for the official `openai` client. `model` picks the adapter:
+//! the assistant's name runs the active adapter, `base` the base model, an adapter's
+//! name that adapter. `system_fingerprint` says which adapter (and activation) answered.
+
+use crate::error::{ApiError, ApiJson, ErrorBody};
+use crate::state::AppState;
+use axum::Json;
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use loraloop_model::engine::{AdapterTag, Event, FinishReason, GenerateRequest, Prompt};
+use loraloop_model::template::TemplateMessage;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::convert::Infallible;
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChatRequest {
+    /// The assistant's name (active adapter), `base`, or an adapter name.
+    pub model: String,
+    #[schema(value_type = Vec<Object>)]
+    pub messages: Vec<ChatMessageIn>,
+    #[serde(default)]
+    pub stream: bool,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub stream_options: Option<StreamOptions>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    /// Not OpenAI's: sample among the k most likely tokens (0: no limit).
+    pub top_k: Option<usize>,
+    /// Not OpenAI's: 1 is off.
+    pub repetition_penalty: Option<f64>,
+    pub max_tokens: Option<usize>,
+    pub max_completion_tokens: Option<usize>,
+    #[schema(value_type = Object)]
+    pub stop: Option<Stop>,
+    pub seed: Option<u64>,
+    /// Only 1 is supported.
+    pub n: Option<u32>,
+    /// Accepted for compatibility; only 0 is supported.
+    pub frequency_penalty: Option<f64>,
+    /// Accepted for compatibility; only 0 is supported.
+    pub presence_penalty: Option<f64>,
+    /// Accepted for compatibility; only false is supported.
+    pub logprobs: Option<bool>,
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatMessageIn {
+    pub role: String,
+    pub content: Content,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// A string, or OpenAI's list of parts (only text parts are understood).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+fn fingerprint(tag: &Option<AdapterTag>) -> String {
+    match tag {
+        Some(t) => format!("adapter:{}@{}", t.name, t.version),
+        None => "base".to_string(),
+    }
+}
+
+fn finish_reason(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+fn build(state: &AppState, req: &ChatRequest) -> Result<GenerateRequest, ApiError> {
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid("messages", "messages is empty"));
+    }
+    if req.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid("n", "only n = 1 is supported"));
+    }
+    for (k, v) in [
+        ("frequency_penalty", req.frequency_penalty),
+        ("presence_penalty", req.presence_penalty),
+    ] {
+        if v.is_some_and(|v| v != 0.0) {
+            return Err(ApiError::invalid(
+                k,
+                format!("{k} is not supported; use repetition_penalty"),
+            ));
+        }
+    }
+    if req.logprobs == Some(true) {
+        return Err(ApiError::invalid("logprobs", "logprobs are not supported"));
+    }
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for (i, m) in req.messages.iter().enumerate() {
+        let role = match m.role.as_str() {
+            "system" | "developer" => "system",
+            "user" => "user",
+            "assistant" => "assistant",
+            other => {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].role"),
+                    format!("role {other:?} is not supported; use system, user or assistant"),
+                ));
+            }
+        };
+        let text = match &m.content {
+            Content::Text(t) => t.clone(),
+            Content::Parts(parts) => {
+                let mut t = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), &p.text) {
+                        ("text", Some(s)) => t.push_str(s),
+                        (kind, _) => {
+                            return Err(ApiError::invalid(
+                                format!("messages[{i}].content"),
+                                format!(
+                                    "content parts of type {kind:?} are not supported (text only)"
+                                ),
+                            ));
+                        }
+                    }
+                }
+                t
+            }
+        };
+        messages.push(TemplateMessage::new(role, text));
+    }
+    let mut p = state.core.chat.sampling();
+    if let Some(t) = req.temperature {
+        if !(0.0..=2.0).contains(&t) {
+            return Err(ApiError::invalid(
+                "temperature",
+                "temperature must be between 0 and 2",
+            ));
+        }
+        p.temperature = t;
+    }
+    if let Some(t) = req.top_p {
+        if !(t > 0.0 && t <= 1.0) {
+            return Err(ApiError::invalid(
+                "top_p",
+                "top_p must be greater than 0 and at most 1",
+            ));
+        }
+        p.top_p = t;
+    }
+    if let Some(k) = req.top_k {
+        p.top_k = k;
+    }
+    if let Some(r) = req.repetition_penalty {
+        if !(1.0..=10.0).contains(&r) {
+            return Err(ApiError::invalid(
+                "repetition_penalty",
+                "repetition_penalty must be between 1 (off) and 10",
+            ));
+        }
+        p.repetition_penalty = r;
+    }
+    if let Some(m) = req.max_completion_tokens.or(req.max_tokens) {
+        let param = if req.max_completion_tokens.is_some() {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        };
+        if m == 0 || m > state.core.model.context_length {
+            return Err(ApiError::invalid(
+                param,
+                format!(
+                    "{param} must be from 1 to {}",
+                    state.core.model.context_length
+                ),
+            ));
+        }
+        p.max_new_tokens = m;
+    }
+    match &req.stop {
+        Some(Stop::One(s)) if !s.is_empty() => p.stop = vec![s.clone()],
+        Some(Stop::Many(v)) if v.len() <= 4 && v.iter().all(|s| !s.is_empty()) => {
+            p.stop = v.clone()
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "stop",
+                "stop must be a non-empty string or up to 4 of them",
+            ));
+        }
+        None => {}
+    }
+    if req.seed.is_some() {
+        p.seed = req.seed;
+    }
+    Ok(GenerateRequest {
+        prompt: Prompt::Chat(messages),
+        params: p,
+        adapter: Default::default(),
+    })
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ChatCompletion {
+    pub id: String,
+    pub object: &'static str,
+    pub created: i64,
+    pub model: String,
+    #[schema(value_type = Vec<Object>)]
+    pub choices: Vec<Value>,
+    #[schema(value_type = Object)]
+    pub usage: Value,
+    /// `adapter:NAME@ACTIVATION` or `base`: what produced the reply.
+    pub system_fingerprint: String,
+}
+
+/// Chat completions, OpenAI-compatible; `"stream": true` sends server-sent events.
+#[utoipa::path(post, path = "/v1/chat/completions", request_body = ChatRequest,
+    responses((status = 200, body = ChatCompletion), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<ChatRequest>,
+) -> Result<Response, ApiError> {
+    let mut gen_req = build(&state, &req)?;
+    gen_req.adapter = state.core.adapters.choice(&req.model).await?;
+    let in_flight = state.core.metrics.generation_started();
+    let mut generation = state.core.engine.generate(gen_req)?;
+    let id = format!("chatcmpl-{}", loraloop_core::token::random_token(12));
+    let created = chrono::Utc::now().timestamp();
+    let model = req.model.clone();
+    // The first event says which adapter runs this reply.
+    let adapter = match generation.next().await {
+        Some(Event::Started { adapter }) => adapter,
+        Some(Event::Failed(m)) => {
+            state.core.metrics.generation_failed();
+            return Err(ApiError::internal(m));
+        }
+        _ => {
+            state.core.metrics.generation_failed();
+            return Err(ApiError::internal("the engine stopped"));
+        }
+    };
+    let fp = fingerprint(&adapter);
+    if !req.stream {
+        let finished = generation.finish().await.map_err(|m| {
+            state.core.metrics.generation_failed();
+            ApiError::internal(m)
+        })?;
+        state
+            .core
+            .metrics
+            .generation_finished(finished.completion_tokens, finished.decode_secs);
+        drop(in_flight);
+        return Ok(Json(ChatCompletion {
+            id,
+            object: "chat.completion",
+            created,
+            model,
+            choices: vec![json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": finished.text},
+                "finish_reason": finish_reason(finished.reason),
+                "logprobs": null,
+            })],
+            usage: json!({
+                "prompt_tokens": finished.prompt_tokens,
+                "completion_tokens": finished.completion_tokens,
+                "total_tokens": finished.prompt_tokens + finished.completion_tokens,
+            }),
+            system_fingerprint: fp,
+        })
+        .into_response());
+    }
+    let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(64);
+    let chunk = move |delta: Value, finish: Option<&str>| {
+        json!({
+            "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": fp,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}],
+        })
+    };
+    let st = state.clone();
+    tokio::spawn(async move {
+        let _in_flight = in_flight;
+        let send = |v: Value| SseEvent::default().data(v.to_string());
+        if tx
+            .send(Ok(send(chunk(
+                json!({"role": "assistant", "content": ""}),
+                None,
+            ))))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        while let Some(e) = generation.next().await {
+            match e {
+                Event::Text(t) => {
+                    if tx
+                        .send(Ok(send(chunk(json!({"content": t}), None))))
+                        .await
+                        .is_err()
+                    {
+                        return; // client gone: dropping `generation` cancels it
+                    }
+                }
+                Event::Finished(f) => {
+                    st.core
+                        .metrics
+                        .generation_finished(f.completion_tokens, f.decode_secs);
+                    let mut last = chunk(json!({}), Some(finish_reason(f.reason)));
+                    let _ = tx.send(Ok(send(last.clone()))).await;
+                    if include_usage {
+                        last["choices"] = json!([]);
+                        last["usage"] = json!({
+                            "prompt_tokens": f.prompt_tokens,
+                            "completion_tokens": f.completion_tokens,
+                            "total_tokens": f.prompt_tokens + f.completion_tokens,
+                        });
+                        let _ = tx.send(Ok(send(last))).await;
+                    }
+                    let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+                    return;
+                }
+                Event::Failed(m) => {
+                    st.core.metrics.generation_failed();
+                    tracing::error!("generation failed: {m}");
+                    let _ = tx
+                        .send(Ok(SseEvent::default().data(
+                            json!({"error": {"code": "internal_error", "message": "generation failed", "param": null}}).to_string(),
+                        )))
+                        .await;
+                    return;
+                }
+                Event::Started { .. } => {}
+            }
+        }
+    });
+    Ok(Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ModelList {
+    pub object: &'static str,
+    #[schema(value_type = Vec<Object>)]
+    pub data: Vec<Value>,
+}
+
+/// What `model` may name: the assistant (its active adapter), `base`, every adapter
+/// compatible with the served model.
+#[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList), (status = 401, body = ErrorBody)))]
+pub async fn list_models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
+    let created = state.assistant_created();
+    let mut data = vec![
+        json!({"id": state.core.assistant.name, "object": "model", "created": created, "owned_by": "loraloop",
+               "description": "the assistant with its active adapter"}),
+        json!({"id": "base", "object": "model", "created": created, "owned_by": "loraloop",
+               "description": format!("the base model {} without an adapter", state.core.model.name)}),
+    ];
+    for a in crate::adapter_views::adapter_views(&state).await? {
+        if a.incompatible.is_none() {
+            data.push(json!({"id": a.name, "object": "model", "created": a.created_at, "owned_by": "loraloop",
+                             "description": "a LoRA adapter"}));
+        }
+    }
+    Ok(Json(ModelList {
+        object: "list",
+        data,
+    }))
+}
+
+impl AppState {
+    fn assistant_created(&self) -> i64 {
+        chrono::Utc::now().timestamp() - self.core.started.elapsed().as_secs() as i64
+    }
+}

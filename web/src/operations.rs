@@ -1,0 +1,465 @@
+//! What the REST API and the console both do: importing a dataset, creating a training
+//! job, the job object.
+
+use crate::error::ApiError;
+use crate::state::AppState;
+use loraloop_core::storage::{Dataset, DatasetInsert, JobState, NewDataset, NewJob, TrainingJob};
+use loraloop_trainer::config::TrainFile;
+use loraloop_trainer::dataset::{
+    self, Format, MAX_LISTED_PROBLEMS, Problem, content_hash, format_problems,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// A dataset import: what was stored and the warnings the parser had.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Imported {
+    #[schema(value_type = Object)]
+    pub dataset: Dataset,
+    /// False when the same content already existed under this name.
+    pub created: bool,
+    #[schema(value_type = Vec<Object>)]
+    pub warnings: Vec<Problem>,
+}
+
+/// Validate JSONL bytes (the CLI's rules) and store them as the next version of `name`.
+/// Invalid files are refused whole, with the problems in the error message.
+pub async fn import_dataset(
+    state: &AppState,
+    name: &str,
+    bytes: Vec<u8>,
+    format: Option<&str>,
+    source: &str,
+) -> Result<Imported, ApiError> {
+    loraloop_core::storage::validate_dataset_name(name)
+        .map_err(|e| ApiError::invalid("name", e.to_string()))?;
+    let format = format
+        .filter(|f| !f.is_empty())
+        .map(|f| {
+            f.parse::<Format>()
+                .map_err(|e| ApiError::invalid("format", e.to_string()))
+        })
+        .transpose()?;
+    let outcome = tokio::task::spawn_blocking(move || dataset::parse_jsonl(&bytes, format))
+        .await
+        .map_err(ApiError::internal)?;
+    if !outcome.is_ok() {
+        return Err(ApiError::invalid(
+            "file",
+            format!(
+                "the file has {} problem(s) and was not imported:\n{}",
+                outcome.errors.len(),
+                format_problems(&outcome.errors, MAX_LISTED_PROBLEMS)
+            ),
+        ));
+    }
+    let hash = content_hash(&outcome.examples);
+    let fmt = outcome.format.map_or("openai", Format::as_str);
+    let inserted = state
+        .core
+        .db
+        .insert_dataset(&NewDataset {
+            name,
+            format: fmt,
+            source,
+            content_hash: &hash,
+            examples: &outcome.examples,
+            source_conversations: &[],
+        })
+        .await?;
+    let created = matches!(inserted, DatasetInsert::Created(_));
+    Ok(Imported {
+        dataset: inserted.dataset().clone(),
+        created,
+        warnings: outcome.warnings,
+    })
+}
+
+/// Keys of `hyperparameters` a client may set (the training YAML's names; paths such as
+/// `output_dir` are the server's business), plus `batch_size` and `n_epochs`.
+pub const HYPERPARAMETERS: &[&str] = &[
+    "learning_rate",
+    "batch_size",
+    "micro_batch_size",
+    "gradient_accumulation_steps",
+    "n_epochs",
+    "num_epochs",
+    "max_steps",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "lora_target_linear",
+    "peft_use_rslora",
+    "sequence_len",
+    "lr_scheduler",
+    "warmup_steps",
+    "warmup_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "val_set_size",
+    "eval_steps",
+    "save_steps",
+    "logging_steps",
+    "early_stopping_patience",
+    "gradient_checkpointing",
+    "sample_packing",
+    "train_on_inputs",
+    "seed",
+    "freeze_trainable_layers",
+];
+
+/// The limits past which a value is a mistake rather than a choice.
+const MAX_EPOCHS: f64 = 1000.0;
+const MAX_LEARNING_RATE: f64 = 1.0;
+const MAX_BATCH: u64 = 4096;
+const MAX_RANK: u64 = 1024;
+
+/// `POST /api/v1/fine-tune`'s body.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateJob {
+    /// Base model: a model file name in the models folder (default: the served model).
+    #[serde(default)]
+    pub model_id: Option<String>,
+    /// A stored dataset's id.
+    #[serde(default)]
+    pub dataset_id: Option<i64>,
+    /// Or a JSONL file to import first: a local path or an http(s) URL.
+    #[serde(default)]
+    pub dataset_url: Option<String>,
+    #[serde(default)]
+    pub epochs: Option<f64>,
+    /// `lora` (default), `full` or `freeze`.
+    #[serde(default)]
+    pub method: Option<String>,
+    /// Training settings by their training-YAML names, plus `batch_size` (total, split
+    /// into micro batches and accumulation) and `n_epochs`.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub hyperparameters: Map<String, Value>,
+}
+
+/// Check every hyperparameter and turn the request into the stored job settings (what
+/// the worker reads back as a training YAML).
+pub fn job_settings(req: &CreateJob) -> Result<Map<String, Value>, ApiError> {
+    let mut hp = Map::new();
+    for (k, v) in &req.hyperparameters {
+        if !HYPERPARAMETERS.contains(&k.as_str()) {
+            return Err(ApiError::invalid(
+                format!("hyperparameters.{k}"),
+                format!(
+                    "unknown hyperparameter {k:?}; allowed: {}",
+                    HYPERPARAMETERS.join(", ")
+                ),
+            ));
+        }
+        hp.insert(k.clone(), v.clone());
+    }
+    let param = |k: &str| format!("hyperparameters.{k}");
+    let positive_f = |k: &str, v: &Value, max: f64| -> Result<f64, ApiError> {
+        match v.as_f64() {
+            Some(x) if x > 0.0 && x <= max && x.is_finite() => Ok(x),
+            _ => Err(ApiError::invalid(
+                param(k),
+                format!("{k} must be a number greater than 0 and at most {max}, got {v}"),
+            )),
+        }
+    };
+    let positive_u = |k: &str, v: &Value, max: u64| -> Result<u64, ApiError> {
+        match v.as_u64() {
+            Some(x) if x >= 1 && x <= max => Ok(x),
+            _ => Err(ApiError::invalid(
+                param(k),
+                format!("{k} must be a whole number from 1 to {max}, got {v}"),
+            )),
+        }
+    };
+    if let Some(e) = hp.remove("n_epochs") {
+        hp.insert("num_epochs".into(), e);
+    }
+    if let Some(e) = req.epochs {
+        if !(e > 0.0 && e <= MAX_EPOCHS) {
+            return Err(ApiError::invalid(
+                "epochs",
+                format!("epochs must be greater than 0 and at most {MAX_EPOCHS}, got {e}"),
+            ));
+        }
+        hp.insert("num_epochs".into(), Value::from(e));
+    }
+    if let Some(v) = hp.get("num_epochs") {
+        positive_f("num_epochs", v, MAX_EPOCHS)?;
+    }
+    if let Some(v) = hp.get("learning_rate") {
+        positive_f("learning_rate", v, MAX_LEARNING_RATE)?;
+    }
+    if let Some(v) = hp.get("lora_r") {
+        positive_u("lora_r", v, MAX_RANK)?;
+    }
+    for k in ["micro_batch_size", "gradient_accumulation_steps"] {
+        if let Some(v) = hp.get(k) {
+            positive_u(k, v, MAX_BATCH)?;
+        }
+    }
+    if let Some(b) = hp.remove("batch_size") {
+        let b = positive_u("batch_size", &b, MAX_BATCH)?;
+        let micro = hp
+            .get("micro_batch_size")
+            .and_then(Value::as_u64)
+            .unwrap_or(4)
+            .min(b);
+        if b % micro != 0 {
+            return Err(ApiError::invalid(
+                param("batch_size"),
+                format!("batch_size {b} is not a multiple of micro_batch_size {micro}"),
+            ));
+        }
+        hp.insert("micro_batch_size".into(), Value::from(micro));
+        hp.insert("gradient_accumulation_steps".into(), Value::from(b / micro));
+    }
+    if let Some(m) = &req.method {
+        hp.insert("finetuning_type".into(), Value::from(m.clone()));
+    }
+    // The trainer's own validation: types, ranges, combinations.
+    let file: TrainFile = serde_json::from_value(Value::Object(hp.clone()))
+        .map_err(|e| ApiError::invalid("hyperparameters", format!("hyperparameters: {e}")))?;
+    file.validate().map_err(|e| match e {
+        loraloop_trainer::config::ConfigError::Invalid { key, message } => {
+            let p = if key == "finetuning_type" {
+                "method".to_string()
+            } else {
+                param(key)
+            };
+            ApiError::invalid(p, format!("{key}: {message}"))
+        }
+        other => ApiError::invalid("hyperparameters", other.to_string()),
+    })?;
+    Ok(hp)
+}
+
+/// Read a `dataset_url`: an http(s) URL or a local file, at most `limit` bytes.
+pub async fn fetch_dataset(url: &str, limit: u64) -> Result<(Vec<u8>, String), ApiError> {
+    let bad = |m: String| ApiError::invalid("dataset_url", m);
+    let file_name = |s: &str| {
+        let last = s.rsplit(['/', '\\']).next().unwrap_or("dataset");
+        let stem = last.split(['?', '#']).next().unwrap_or(last);
+        let stem = stem
+            .strip_suffix(".jsonl")
+            .or_else(|| stem.strip_suffix(".json"))
+            .unwrap_or(stem);
+        let clean: String = stem
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        let clean = clean.trim_matches(['.', '-']).to_string();
+        if clean.is_empty() {
+            "dataset".to_string()
+        } else {
+            clean.chars().take(90).collect()
+        }
+    };
+    if url.starts_with("http://") || url.starts_with("https://") {
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(120))
+            .build()
+            .map_err(ApiError::internal)?;
+        let mut resp = client
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| bad(format!("cannot download {url}: {e}")))?;
+        if !resp.status().is_success() {
+            return Err(bad(format!("downloading {url} answered {}", resp.status())));
+        }
+        let mut bytes = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| bad(format!("downloading {url}: {e}")))?
+        {
+            bytes.extend_from_slice(&chunk);
+            if bytes.len() as u64 > limit {
+                return Err(ApiError::too_large(limit).with_param("dataset_url"));
+            }
+        }
+        Ok((bytes, file_name(url)))
+    } else {
+        let path = std::path::Path::new(url.strip_prefix("file://").unwrap_or(url));
+        let meta = tokio::fs::metadata(path)
+            .await
+            .map_err(|e| bad(format!("cannot read {url}: {e}")))?;
+        if !meta.is_file() {
+            return Err(bad(format!("{url} is not a file")));
+        }
+        if meta.len() > limit {
+            return Err(ApiError::too_large(limit).with_param("dataset_url"));
+        }
+        let bytes = tokio::fs::read(path)
+            .await
+            .map_err(|e| bad(format!("cannot read {url}: {e}")))?;
+        Ok((bytes, file_name(url)))
+    }
+}
+
+/// Create a queued job from a request (importing `dataset_url` first).
+pub async fn create_job(state: &AppState, req: &CreateJob) -> Result<TrainingJob, ApiError> {
+    let settings = job_settings(req)?;
+    // The served model as configured, or a model file in the models folder by name: a
+    // client's string never becomes an arbitrary path.
+    let model = req
+        .model_id
+        .clone()
+        .unwrap_or_else(|| state.core.model.config_name.clone());
+    if model != state.core.model.config_name {
+        crate::files::safe_file_name(&model).map_err(|e| {
+            ApiError::invalid(
+                "model_id",
+                format!(
+                    "{}; model_id names a model file in the models folder",
+                    e.message
+                ),
+            )
+        })?;
+    }
+    let model_path = loraloop_trainer::worker::resolve_model(&model, &state.core.config.models_dir);
+    if !model_path.exists() {
+        return Err(ApiError::not_found(format!(
+            "model {model:?} not found in {} (GET /v1/models lists what is served)",
+            state.core.config.models_dir.display()
+        ))
+        .with_param("model_id"));
+    }
+    let dataset = match (&req.dataset_id, &req.dataset_url) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "dataset_id",
+                "give dataset_id or dataset_url, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "dataset_id",
+                "give dataset_id (a stored dataset) or dataset_url (a JSONL file to import)",
+            ));
+        }
+        (Some(id), None) => dataset_by_id(state, *id).await?,
+        (None, Some(url)) => {
+            let (bytes, name) = fetch_dataset(url, state.max_upload_bytes).await?;
+            import_dataset(state, &name, bytes, None, url)
+                .await
+                .map_err(|mut e| {
+                    if e.param.as_deref() == Some("file") {
+                        e.param = Some("dataset_url".into());
+                    }
+                    e
+                })?
+                .dataset
+        }
+    };
+    let method = req.method.clone().unwrap_or_else(|| "lora".into());
+    let job = state
+        .core
+        .db
+        .create_job(&NewJob {
+            dataset_id: dataset.id,
+            base_model: &model,
+            method: &method,
+            hyperparameters: &Value::Object(settings),
+        })
+        .await?;
+    state
+        .core
+        .db
+        .transition_job(job.id, JobState::ValidatingFiles, JobState::Queued, None)
+        .await?;
+    Ok(state.core.db.job(job.id).await?)
+}
+
+pub async fn dataset_by_id(state: &AppState, id: i64) -> Result<Dataset, ApiError> {
+    state
+        .core
+        .db
+        .dataset_by_id(id)
+        .await
+        .map_err(|e| ApiError::from(e).with_param("dataset_id"))
+}
+
+/// A job as the API shows it, in the shape of OpenAI's fine-tuning job.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct JobView {
+    pub object: &'static str,
+    pub id: i64,
+    /// validating_files, queued, running, succeeded, failed, cancelled
+    pub status: String,
+    pub model: String,
+    pub method: String,
+    pub dataset_id: i64,
+    /// Unix seconds.
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    #[schema(value_type = Object)]
+    pub hyperparameters: Value,
+    pub step: i64,
+    pub total_steps: Option<i64>,
+    pub trained_tokens: Option<i64>,
+    pub cancel_requested: bool,
+    pub error: Option<JobErrorView>,
+    /// The adapter the job produced (its name), once it has succeeded.
+    pub fine_tuned_adapter: Option<String>,
+    pub fine_tuned_adapter_id: Option<i64>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct JobErrorView {
+    pub code: &'static str,
+    pub message: String,
+}
+
+pub fn unix(ts: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(ts)
+        .map(|t| t.timestamp())
+        .unwrap_or(0)
+}
+
+pub async fn job_view(state: &AppState, job: TrainingJob) -> Result<JobView, ApiError> {
+    let adapter = match job.adapter_id {
+        Some(id) => state.core.db.adapter(id).await.ok().map(|a| a.name),
+        None => None,
+    };
+    let trained_tokens = match (adapter.is_some(), job.adapter_id) {
+        (true, Some(id)) => state.core.db.adapter_trained_tokens(id).await?,
+        _ => None,
+    };
+    Ok(JobView {
+        object: "fine_tuning.job",
+        id: job.id,
+        status: job.state.clone(),
+        model: job.base_model.clone(),
+        method: job.method.clone(),
+        dataset_id: job.dataset_id,
+        created_at: unix(&job.created_at),
+        started_at: job.started_at.as_deref().map(unix),
+        finished_at: job.finished_at.as_deref().map(unix),
+        hyperparameters: serde_json::from_str(&job.hyperparameters).unwrap_or(Value::Null),
+        step: job.step,
+        total_steps: job.total_steps,
+        trained_tokens,
+        cancel_requested: job.cancel_requested,
+        error: job.error.clone().map(|message| JobErrorView {
+            code: "training_failed",
+            message,
+        }),
+        fine_tuned_adapter: adapter,
+        fine_tuned_adapter_id: job.adapter_id,
+    })
+}

@@ -1,0 +1,40 @@
+//! The state every handler sees: the core services and what only the web needs.
+
+use loraloop_core::Services;
+use loraloop_core::inbox::Inbox;
+use secrecy::SecretString;
+use std::ops::Deref;
+use std::sync::Arc;
+
+pub struct Inner {
+    /// Database, configuration, engine, model, assistant, chat and adapter services.
+    pub core: Services,
+    pub api_key: Option<SecretString>,
+    /// Largest accepted upload (datasets, adapters), from `server.max_upload_mb`.
+    pub max_upload_bytes: u64,
+    /// Telegram updates from the webhook route to the running bot.
+    pub telegram_inbox: Arc<Inbox>,
+}
+
+/// Cheap to clone: one `Arc`.
+#[derive(Clone)]
+pub struct AppState(pub Arc<Inner>);
+
+impl AppState {
+    pub fn new(core: Services, telegram_inbox: Arc<Inbox>) -> Self {
+        let max_upload_bytes = core.config.raw.server.max_upload_mb * 1024 * 1024;
+        Self(Arc::new(Inner {
+            api_key: core.config.secrets.api_key.clone(),
+            max_upload_bytes,
+            telegram_inbox,
+            core,
+        }))
+    }
+}
+
+impl Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
