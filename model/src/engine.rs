@@ -361,10 +361,12 @@ impl Engine {
     /// done off the async workers). The active adapter is not changed.
     pub async fn load_adapter(&self, dir: PathBuf) -> Result<LoraAdapter, EngineError> {
         let model = Arc::clone(&self.shared.model);
-        tokio::task::spawn_blocking(move || LoraAdapter::load(&dir, &model.llama))
-            .await
-            .map_err(|_| EngineError::Stopped)?
-            .map_err(EngineError::from)
+        tokio::task::spawn_blocking(move || {
+            LoraAdapter::load(&dir, &model.llama.config, &model.llama.device)
+        })
+        .await
+        .map_err(|_| EngineError::Stopped)?
+        .map_err(EngineError::from)
     }
 
     /// Swap the active adapter (None: the base model). Generations already running finish

@@ -7,6 +7,7 @@ pub mod device;
 pub mod engine;
 pub mod fetch;
 pub mod gguf;
+mod kernels;
 pub mod llama;
 pub mod lora;
 pub mod q4_1;

@@ -14,7 +14,9 @@
 //! adds its `B` row times `A x` while it is in cache. Decode with an adapter thus reads the
 //! adapter's weights on all cores, with no extra tensors, copies or pool trips.
 
-use crate::lora::HostLora;
+use crate::kernels::reduce::dot_f32;
+use crate::kernels::shared::SharedBuf;
+use crate::lora::host::{B_TILE, HostLora};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use half::f16;
@@ -89,7 +91,7 @@ pub struct Q41Matrix {
 }
 
 /// Output rows per work item: one tile of a host LoRA's `B`.
-const ROWS_PER_ITEM: usize = crate::lora::B_TILE;
+const ROWS_PER_ITEM: usize = B_TILE;
 
 impl Q41Matrix {
     /// From a Q4_1 `QTensor` (ggml block layout: f16 d, f16 m, 16 bytes of nibbles).
@@ -246,10 +248,11 @@ pub fn forward_many_host(
     let cursor = CacheLine(AtomicUsize::new(0));
     // Results by weight row (`[rows, n]`), one buffer per projection; every work item
     // writes only its own rows.
-    let outs: Vec<SharedOut> = projections
+    let mut out_data: Vec<Vec<f32>> = projections
         .iter()
-        .map(|(w, _)| SharedOut::new(w.rows * n))
+        .map(|(w, _)| vec![0f32; w.rows * n])
         .collect();
+    let outs: Vec<SharedBuf> = out_data.iter_mut().map(|v| SharedBuf::new(v)).collect();
 
     let a_row = |row: usize| {
         // Which projection's adapter, which of its rows.
@@ -275,7 +278,7 @@ pub fn forward_many_host(
         // SAFETY: rows `r0..r1` of projection `p` are this work item's alone (the cursor
         // hands each item out once).
         #[allow(unsafe_code)]
-        let dst = unsafe { outs[p].rows_mut(r0 * n, r1 * n) };
+        let dst = unsafe { outs[p].slice_mut(r0 * n..r1 * n) };
         rows_dot(&w.blocks[r0 * nb..r1 * nb], nb, &acts, n, dst);
         if let Some(lora) = lora {
             while a_done.0.load(Ordering::Acquire) < a_rows {
@@ -325,12 +328,12 @@ pub fn forward_many_host(
     // One claim per thread; each then drains the shared cursor (inline, in order, when
     // called from inside the pool).
     pool.execute_chunked(threads, |range| range.for_each(|_| work()));
+    drop(outs);
 
     Ok(projections
         .iter()
-        .zip(outs)
-        .map(|((w, _), out)| {
-            let by_row = out.into_inner();
+        .zip(out_data)
+        .map(|((w, _), by_row)| {
             if n == 1 {
                 return by_row;
             }
@@ -430,54 +433,6 @@ impl AtomicF32 {
     fn get(&self) -> f32 {
         f32::from_bits(self.0.load(Ordering::Relaxed))
     }
-}
-
-/// An output buffer whose disjoint row ranges are written by different workers.
-pub(crate) struct SharedOut(std::cell::UnsafeCell<Vec<f32>>);
-
-// SAFETY: workers only write disjoint ranges (`rows_mut` callers own their rows), and the
-// buffer is read only after the pool trip has joined every worker.
-#[allow(unsafe_code)]
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    pub(crate) fn new(len: usize) -> Self {
-        Self(std::cell::UnsafeCell::new(vec![0f32; len]))
-    }
-
-    /// # Safety
-    /// No other live slice from this buffer may overlap `start..end`.
-    #[allow(clippy::mut_from_ref, unsafe_code)]
-    pub(crate) unsafe fn rows_mut(&self, start: usize, end: usize) -> &mut [f32] {
-        // SAFETY: the caller's promise: the range is its own.
-        unsafe {
-            let v = &mut *self.0.get();
-            &mut v[start..end]
-        }
-    }
-
-    pub(crate) fn into_inner(self) -> Vec<f32> {
-        self.0.into_inner()
-    }
-}
-
-/// A dot product written so the compiler vectorizes it (eight independent accumulators,
-/// no bounds checks in the loop).
-pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// ggml's `quantize_row_q8_1`: d = max|x| / 127, q = round(x / d), s = d * sum(q), both

@@ -62,8 +62,8 @@ fn bf16_logits_match_f32_with_and_without_an_adapter() {
     let f32m = load_hf_dir(&fixture("tiny-llama"), &Device::Cpu, DType::F32).unwrap();
     let bf16m = load_hf_dir(&fixture("tiny-llama"), &Device::Cpu, DType::BF16).unwrap();
     assert_eq!(bf16m.embed.dtype(), DType::BF16);
-    let a32 = LoraAdapter::load(&fixture("tiny-llama-lora"), &f32m).unwrap();
-    let a16 = LoraAdapter::load(&fixture("tiny-llama-lora"), &bf16m).unwrap();
+    let a32 = LoraAdapter::load(&fixture("tiny-llama-lora"), &f32m.config, &f32m.device).unwrap();
+    let a16 = LoraAdapter::load(&fixture("tiny-llama-lora"), &bf16m.config, &bf16m.device).unwrap();
 
     let base = rel_diff(&logits(&bf16m, None), &logits(&f32m, None));
     let with = rel_diff(&logits(&bf16m, Some(&a16)), &logits(&f32m, Some(&a32)));

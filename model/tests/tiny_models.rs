@@ -180,7 +180,8 @@ fn a_lora_adapter_changes_the_logits_as_the_merged_numpy_weights_predict() {
     // W + (alpha / r) * B @ A merged into all seven projections). Observed 1.5e-6.
     let e = expected();
     let model = hf_model("tiny-llama");
-    let adapter = LoraAdapter::load(&fixture("tiny-llama-lora"), &model).unwrap();
+    let adapter =
+        LoraAdapter::load(&fixture("tiny-llama-lora"), &model.config, &model.device).unwrap();
     assert_eq!(adapter.config.scale(), 2.0);
     assert_eq!(adapter.targets.len(), 7);
     let got = all_logits(&model, &e.tokens, Some(&adapter));
@@ -195,7 +196,8 @@ fn an_rslora_adapter_scales_its_delta_by_alpha_over_sqrt_r() {
     // W + (alpha / sqrt(r)) * B @ A merged). Observed 1.6e-6.
     let e = expected();
     let model = hf_model("tiny-llama");
-    let adapter = LoraAdapter::load(&fixture("tiny-llama-lora-rs"), &model).unwrap();
+    let adapter =
+        LoraAdapter::load(&fixture("tiny-llama-lora-rs"), &model.config, &model.device).unwrap();
     assert_eq!(adapter.config.scale(), 4.0);
     let got = all_logits(&model, &e.tokens, Some(&adapter));
     assert_close("tiny-llama + rslora", &got, &e.llama_lora_rs, TOL);
@@ -242,7 +244,8 @@ fn feeding_tokens_one_at_a_time_through_the_cache_gives_the_reference_logits_at_
     let d = row_diff(&last, &e.llama[e.tokens.len() - 1]);
     assert!(d < TOL, "forward (last position): max |diff| {d:.3e}");
 
-    let adapter = LoraAdapter::load(&fixture("tiny-llama-lora"), &model).unwrap();
+    let adapter =
+        LoraAdapter::load(&fixture("tiny-llama-lora"), &model.config, &model.device).unwrap();
     let steps = one_at_a_time(&model, &e.tokens, Some(&adapter));
     assert_close("one token at a time + lora", &steps, &e.llama_lora, TOL);
 }
@@ -405,7 +408,8 @@ fn a_lora_adapter_on_the_gguf_model_matches_the_merged_numpy_weights() {
     // Observed 1.5e-6.
     let e = expected();
     let (_dir, model) = gguf_model(GgmlDType::F32);
-    let adapter = LoraAdapter::load(&fixture("tiny-llama-lora"), &model).unwrap();
+    let adapter =
+        LoraAdapter::load(&fixture("tiny-llama-lora"), &model.config, &model.device).unwrap();
     let got = all_logits(&model, &e.tokens, Some(&adapter));
     assert_close("gguf f32 + lora", &got, &e.llama_lora, TOL);
 }
@@ -441,7 +445,8 @@ fn a_q4_1_gguf_with_an_adapter_decodes_one_token_at_a_time_as_it_prefills() {
         model.blocks[0].q.weight,
         loraloop_model::llama::BaseWeight::Q41(_)
     ));
-    let adapter = LoraAdapter::load(&fixture("tiny-llama-lora"), &model).unwrap();
+    let adapter =
+        LoraAdapter::load(&fixture("tiny-llama-lora"), &model.config, &model.device).unwrap();
     for adapter in [None, Some(&adapter)] {
         let whole = all_logits(&model, &e.tokens, adapter);
         let steps = one_at_a_time(&model, &e.tokens, adapter);
@@ -485,7 +490,7 @@ fn an_adapter_whose_lora_a_has_the_wrong_input_size_is_refused_naming_the_shape(
         let a = t[key].narrow(1, 0, 31).unwrap(); // [4, 32] -> [4, 31]
         t.insert(key.into(), a);
     });
-    let err = LoraAdapter::load(dir.path(), &model).unwrap_err();
+    let err = LoraAdapter::load(dir.path(), &model.config, &model.device).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, AdapterError::Mismatch(_)), "{err:?}");
     assert!(
@@ -500,7 +505,7 @@ fn an_adapter_targeting_an_unknown_module_is_refused() {
     let dir = edited_adapter(|_, c| {
         c.target_modules = TargetModules::List(vec!["q_proj".into(), "c_attn".into()]);
     });
-    let err = LoraAdapter::load(dir.path(), &model).unwrap_err();
+    let err = LoraAdapter::load(dir.path(), &model.config, &model.device).unwrap_err();
     assert!(matches!(err, AdapterError::Mismatch(_)), "{err:?}");
     assert!(err.to_string().contains("c_attn"), "{err}");
 }
@@ -515,7 +520,7 @@ fn an_adapter_holding_tensors_for_an_unknown_module_is_refused() {
             a,
         );
     });
-    let err = LoraAdapter::load(dir.path(), &model).unwrap_err();
+    let err = LoraAdapter::load(dir.path(), &model.config, &model.device).unwrap_err();
     assert!(matches!(err, AdapterError::Mismatch(_)), "{err:?}");
     assert!(err.to_string().contains("c_attn"), "{err}");
 }

@@ -472,7 +472,7 @@ pub async fn fine_tune(
         }
         println!("adapter: {}", outcome.output_dir.display());
         if !replayed.is_empty() {
-            let adapter = LoraAdapter::load(&outcome.output_dir, &model.llama)?;
+            let adapter = LoraAdapter::load(&outcome.output_dir, &model.llama.config, &model.llama.device)?;
             let dense = DenseLlama::from_llama(&model.llama, dtype)?;
             let (cfg, tensors) = read_peft_dir(&outcome.output_dir, &model.llama.device)?;
             let lora = LoraParams::from_tensors(cfg, &tensors, &dense.config, LORA_DTYPE)?;
@@ -559,7 +559,7 @@ pub async fn evaluate(config: &Config, args: &EvaluateArgs) -> anyhow::Result<Ex
         };
         let mut sample_rows = Vec::new();
         if compare {
-            let adapter = LoraAdapter::load(adapter_dir.as_deref().expect("compare requires adapter"), &model.llama)?;
+            let adapter = LoraAdapter::load(adapter_dir.as_deref().expect("compare requires adapter"), &model.llama.config, &model.llama.device)?;
             for ex in examples.iter().take(samples) {
                 let Some(last_user) = ex.messages.iter().rposition(|m| m.role == loraloop_core::domain::Role::User) else {
                     continue;

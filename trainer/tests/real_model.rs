@@ -112,7 +112,12 @@ fn fine_tuning_the_real_model_teaches_it_a_made_up_fact() {
         after_loss < base_loss / 10.0,
         "eval loss {base_loss} -> {after_loss}"
     );
-    let adapter = LoraAdapter::load(&outcome.output_dir, &model.llama).unwrap();
+    let adapter = LoraAdapter::load(
+        &outcome.output_dir,
+        &model.llama.config,
+        &model.llama.device,
+    )
+    .unwrap();
     let after = ask(Some(&adapter));
     assert!(after.contains("Quendrith"), "after training: {after}");
 }

@@ -94,7 +94,7 @@ fn lora_training_drives_the_loss_down_and_the_adapter_answers_what_it_was_taught
     let (first, last) = (losses[0], *losses.last().unwrap());
     assert!(last < first / 20.0, "loss {first} -> {last}");
     // The saved adapter is a PEFT folder the inference engine loads.
-    let adapter = LoraAdapter::load(&out, &model.llama).unwrap();
+    let adapter = LoraAdapter::load(&out, &model.llama.config, &model.llama.device).unwrap();
     assert_eq!(ask(&model, Some(&adapter)), ANSWER);
     for f in [
         "adapter_config.json",
@@ -261,7 +261,7 @@ fn a_cancelled_run_stops_at_the_next_step_with_a_complete_checkpoint() {
     assert_eq!(o.ending, Ending::Cancelled);
     assert_eq!(o.steps, 3);
     assert_eq!(o.adapter_dir, out.join("checkpoint-3"));
-    LoraAdapter::load(&o.adapter_dir, &model.llama).unwrap();
+    LoraAdapter::load(&o.adapter_dir, &model.llama.config, &model.llama.device).unwrap();
     assert!(o.adapter_dir.join("optimizer.safetensors").is_file());
     assert!(
         !out.join("adapter_model.safetensors").exists(),
@@ -422,7 +422,7 @@ fn lora_training_with_a_bf16_base_learns_and_writes_f32_adapter_weights() {
             .unwrap();
     assert!(!tensors.is_empty());
     assert!(tensors.values().all(|t| t.dtype() == DType::F32));
-    let adapter = LoraAdapter::load(&out, &model.llama).unwrap();
+    let adapter = LoraAdapter::load(&out, &model.llama.config, &model.llama.device).unwrap();
     assert_eq!(ask(&model, Some(&adapter)), ANSWER);
 
     // Resume from the step-40 checkpoint: the same losses from there on.

@@ -3,6 +3,7 @@
 use super::ModelLoadError;
 use candle_core::quantized::gguf_file;
 use serde::Deserialize;
+use std::fmt;
 
 /// Which rotary layout the q/k weights use.
 ///
@@ -59,8 +60,8 @@ impl LlamaConfig {
     }
 
     /// `(in, out)` of each of the seven projections a LoRA adapter may target.
-    pub fn projection_dims(&self, module: super::Projection) -> (usize, usize) {
-        use super::Projection::*;
+    pub fn projection_dims(&self, module: Projection) -> (usize, usize) {
+        use Projection::*;
         let (h, i) = (self.hidden_size, self.intermediate_size);
         match module {
             Q => (h, self.q_dim()),
@@ -245,5 +246,64 @@ impl LlamaConfig {
             architecture: arch.to_string(),
         }
         .check()
+    }
+}
+
+/// The seven projections of a llama block, the modules a LoRA adapter can target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Projection {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Projection {
+    pub const ALL: [Projection; 7] = [
+        Self::Q,
+        Self::K,
+        Self::V,
+        Self::O,
+        Self::Gate,
+        Self::Up,
+        Self::Down,
+    ];
+
+    /// The Hugging Face / PEFT module name (`q_proj`, ...).
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Self::Q => "q_proj",
+            Self::K => "k_proj",
+            Self::V => "v_proj",
+            Self::O => "o_proj",
+            Self::Gate => "gate_proj",
+            Self::Up => "up_proj",
+            Self::Down => "down_proj",
+        }
+    }
+
+    /// `self_attn` or `mlp`: the parent module in Hugging Face names.
+    pub fn hf_parent(self) -> &'static str {
+        match self {
+            Self::Q | Self::K | Self::V | Self::O => "self_attn",
+            _ => "mlp",
+        }
+    }
+
+    pub fn from_hf_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.hf_name() == name)
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for Projection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.hf_name())
     }
 }

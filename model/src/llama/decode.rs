@@ -11,6 +11,12 @@
 //! float summation order; the tiny-model tests compare both to the numpy reference.
 
 use super::{Block, Cache, Linear, Llama, Projection, RopeLayout};
+use crate::kernels::exp::{exp_sub, silu_mul};
+use crate::kernels::norm::rms_norm_row;
+use crate::kernels::pool::pool_items;
+use crate::kernels::reduce::{dot_f32, max_f32};
+use crate::kernels::rope::rotate_head;
+use crate::kernels::shared::SharedBuf;
 use crate::lora::{LayerLora, LoraAdapter, LoraPair};
 use crate::q4_1;
 use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor};
@@ -35,27 +41,15 @@ fn with_vec<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R
     })?
 }
 
-/// candle's `rms_norm`: `x / sqrt(mean(x^2) + eps) * w`.
+/// candle's `rms_norm` of one row with the norm's weight tensor.
 fn rms_norm(x: &[f32], w: &Tensor, eps: f32) -> candle_core::Result<Vec<f32>> {
-    let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-    let inv = 1.0 / (mean_sq + eps).sqrt();
-    with_vec(w, |w| x.iter().zip(w).map(|(v, w)| v * inv * w).collect())
+    with_vec(w, |w| rms_norm_row(x, w, eps))
 }
 
-/// Rotate each `head_dim` slice of `x` by the angles of one position (`cos`, `sin`:
-/// `head_dim / 2` values), in the model's pair layout (as candle's `rope_i` / `rope`).
+/// Rotate each `head_dim` slice of `x` by the angles of one position.
 fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32], layout: RopeLayout) {
-    let half = head_dim / 2;
     for head in x.chunks_exact_mut(head_dim) {
-        for i in 0..half {
-            let (a, b) = match layout {
-                RopeLayout::Interleaved => (2 * i, 2 * i + 1),
-                RopeLayout::Halves => (i, i + half),
-            };
-            let (x0, x1) = (head[a], head[b]);
-            head[a] = x0 * cos[i] - x1 * sin[i];
-            head[b] = x0 * sin[i] + x1 * cos[i];
-        }
+        rotate_head(head, cos, sin, layout, 1.0);
     }
 }
 
@@ -188,7 +182,7 @@ impl Llama {
         let act: Vec<f32> = gate
             .iter()
             .zip(&up)
-            .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+            .map(|(&g, &u)| silu_mul(g, u))
             .collect();
         let [down] = project(&act, [(&block.down, l(Projection::Down))])?;
         x.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
@@ -209,7 +203,8 @@ fn attention(
     let n_rep = cfg.num_heads / cfg.num_kv_heads;
     let positions = keys.dim(2)?;
     let scale = 1.0 / (hd as f32).sqrt();
-    let out = q4_1::SharedOut::new(cfg.num_heads * hd);
+    let mut out_data = vec![0f32; cfg.num_heads * hd];
+    let out = SharedBuf::new(&mut out_data);
     with_host(keys, |kd, kl| {
         with_host(values, |vd, vl| {
             let (ks, vs) = (kl.stride(), vl.stride());
@@ -228,26 +223,21 @@ fn attention(
                     &vd[s..s + hd]
                 };
                 let mut scores: Vec<f32> = (0..positions)
-                    .map(|j| q4_1::dot_f32(qh, k_at(j)) * scale)
+                    .map(|j| dot_f32(qh, k_at(j)) * scale)
                     .collect();
-                let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
+                let max = max_f32(&scores);
+                let sum = exp_sub(&mut scores, max);
                 // SAFETY: head `head`'s slice of the output belongs to this work item.
                 #[allow(unsafe_code)]
-                let dst = unsafe { out.rows_mut(head * hd, (head + 1) * hd) };
+                let dst = unsafe { out.slice_mut(head * hd..(head + 1) * hd) };
                 for (j, p) in scores.iter().enumerate() {
                     let p = p / sum;
                     dst.iter_mut().zip(v_at(j)).for_each(|(o, v)| *o += p * v);
                 }
             };
-            candle_core::utils::barrier_pool()
-                .execute_chunked(cfg.num_heads, |range| range.for_each(work));
+            pool_items(cfg.num_heads, work);
             Ok(())
         })?
     })??;
-    Ok(out.into_inner())
+    Ok(out_data)
 }

@@ -5,18 +5,17 @@
 //! decode from GGUF files) or dense (from safetensors); the adapter's `scale * B(A x)` is
 //! added on top at run time, so adapters swap without touching the base weights.
 
-mod config;
+pub mod config;
 mod decode;
 pub mod load;
 
-pub use config::{Llama3RopeScaling, LlamaConfig, RopeLayout};
+pub use config::{Llama3RopeScaling, LlamaConfig, Projection, RopeLayout};
 pub use load::ModelSource;
 
 use crate::lora::{LayerLora, LoraAdapter};
 use candle_core::quantized::QMatMul;
 use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::kv_cache::KvCache;
-use std::fmt;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelLoadError {
@@ -32,65 +31,6 @@ pub enum ModelLoadError {
     Weights(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-}
-
-/// The seven projections of a llama block, the modules a LoRA adapter can target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Projection {
-    Q,
-    K,
-    V,
-    O,
-    Gate,
-    Up,
-    Down,
-}
-
-impl Projection {
-    pub const ALL: [Projection; 7] = [
-        Self::Q,
-        Self::K,
-        Self::V,
-        Self::O,
-        Self::Gate,
-        Self::Up,
-        Self::Down,
-    ];
-
-    /// The Hugging Face / PEFT module name (`q_proj`, ...).
-    pub fn hf_name(self) -> &'static str {
-        match self {
-            Self::Q => "q_proj",
-            Self::K => "k_proj",
-            Self::V => "v_proj",
-            Self::O => "o_proj",
-            Self::Gate => "gate_proj",
-            Self::Up => "up_proj",
-            Self::Down => "down_proj",
-        }
-    }
-
-    /// `self_attn` or `mlp`: the parent module in Hugging Face names.
-    pub fn hf_parent(self) -> &'static str {
-        match self {
-            Self::Q | Self::K | Self::V | Self::O => "self_attn",
-            _ => "mlp",
-        }
-    }
-
-    pub fn from_hf_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|p| p.hf_name() == name)
-    }
-
-    pub fn index(self) -> usize {
-        self as usize
-    }
-}
-
-impl fmt::Display for Projection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.hf_name())
-    }
 }
 
 /// A projection's frozen base weight.
@@ -141,7 +81,7 @@ pub(crate) fn fused_q41<'a>(
 ) -> Option<
     Vec<(
         &'a crate::q4_1::Q41Matrix,
-        Option<&'a crate::lora::HostLora>,
+        Option<&'a crate::lora::host::HostLora>,
     )>,
 > {
     projections

@@ -17,17 +17,19 @@
 //!   over its logits, which become the logits' gradient in place.
 
 use super::{Ctx, DenseLlama, Dropout, Grads, PassStats, TrainBatch, peft_name, profile};
+use crate::kernels::exp::{exp_sub, sigmoid, silu_mul};
+use crate::kernels::gemm::{View, gemm};
+use crate::kernels::norm::{rms_bwd_add, rms_fwd};
+use crate::kernels::pool::{BufPool, par_rows, pool_items};
+use crate::kernels::reduce::{dot_f32, max_f32};
+use crate::kernels::rope::rope_rows;
+use crate::kernels::shared::SharedBuf;
 use crate::llama::Projection;
-use crate::q4_1::dot_f32;
 use candle_core::{DType, Result, Tensor};
-use std::collections::HashMap;
-use std::ops::Range;
 use std::sync::Mutex;
 
 /// Query rows per attention block.
 const BLK: usize = 64;
-/// Rows per work item of the element-wise passes.
-const ROWS_PER_ITEM: usize = 16;
 /// Scored rows of the output head at once (bounds the `[rows, vocab]` logits buffer).
 const HEAD_CHUNK: usize = 512;
 
@@ -97,472 +99,7 @@ pub(super) fn applies(
 }
 
 // ---------------------------------------------------------------------------------------
-// Matrix products on host slices.
-
-/// A strided matrix inside a slice: element `(i, j)` is at `off + i * rs + j * cs`.
-#[derive(Debug, Clone, Copy)]
-struct View {
-    off: usize,
-    rows: usize,
-    cols: usize,
-    rs: usize,
-    cs: usize,
-}
-
-impl View {
-    /// Row-major `rows x cols` at `off`, `ld` apart.
-    fn rm(off: usize, rows: usize, cols: usize, ld: usize) -> Self {
-        Self {
-            off,
-            rows,
-            cols,
-            rs: ld,
-            cs: 1,
-        }
-    }
-
-    fn t(self) -> Self {
-        Self {
-            off: self.off,
-            rows: self.cols,
-            cols: self.rows,
-            rs: self.cs,
-            cs: self.rs,
-        }
-    }
-
-    /// Rows `r` of this matrix.
-    fn rows(self, r: Range<usize>) -> Self {
-        Self {
-            off: self.off + r.start * self.rs,
-            rows: r.len(),
-            ..self
-        }
-    }
-
-    /// Columns `c` of this matrix.
-    fn cols(self, c: Range<usize>) -> Self {
-        Self {
-            off: self.off + c.start * self.cs,
-            cols: c.len(),
-            ..self
-        }
-    }
-
-    /// One past the last element it touches.
-    fn end(&self) -> usize {
-        if self.rows == 0 || self.cols == 0 {
-            self.off
-        } else {
-            self.off + (self.rows - 1) * self.rs + (self.cols - 1) * self.cs + 1
-        }
-    }
-}
-
-/// `dst = scale * a b`, or `dst += scale * a b` with `acc`; with `par`, split in row (or
-/// column) bands over candle's worker pool, one single-threaded `gemm` per core (the
-/// `gemm` crate's own two-thread split measured 83-85% of two single threads' rate on
-/// these shapes), else on this thread.
-#[allow(clippy::too_many_arguments)]
-fn gemm(
-    dst: &mut [f32],
-    d: View,
-    acc: bool,
-    a: &[f32],
-    av: View,
-    b: &[f32],
-    bv: View,
-    scale: f32,
-    par: bool,
-) {
-    assert!(d.end() <= dst.len() && av.end() <= a.len() && bv.end() <= b.len());
-    let parts = if par {
-        candle_core::utils::get_num_threads()
-    } else {
-        1
-    };
-    // Bands of rows, unless the product is much wider than tall (the output head's
-    // logits: each core then reads only its half of the head's weights).
-    let by_rows = d.rows >= 32 * parts && d.cols < 4 * d.rows;
-    if parts > 1 && (by_rows || d.cols >= 64 * parts) {
-        let len = if by_rows { d.rows } else { d.cols };
-        let step = len.div_ceil(parts);
-        let out = Shared::new(dst);
-        pool_items(parts, |k| {
-            let r = k * step..((k + 1) * step).min(len);
-            if r.is_empty() {
-                return;
-            }
-            let (dk, ak, bk) = if by_rows {
-                (d.rows(r.clone()), av.rows(r), bv)
-            } else {
-                (d.cols(r.clone()), av, bv.cols(r))
-            };
-            // SAFETY: the parts write disjoint row (or column) bands of `dst`.
-            #[allow(unsafe_code)]
-            unsafe {
-                out.gemm(dk, acc, a, ak, b, bk, scale)
-            }
-        });
-        return;
-    }
-    // SAFETY: every view lies inside its slice (checked above), and `dst` is a `&mut`
-    // borrow, so it overlaps neither input.
-    #[allow(unsafe_code)]
-    unsafe {
-        gemm_ptr(
-            dst.as_mut_ptr(),
-            d,
-            acc,
-            a.as_ptr(),
-            av,
-            b.as_ptr(),
-            bv,
-            scale,
-        )
-    }
-}
-
-/// [`gemm`] on raw pointers, for the attention items that write disjoint strided parts
-/// of one buffer from several threads.
-///
-/// # Safety
-/// Every view must lie inside the allocation its pointer points into, and the elements
-/// of `d` must not be read or written by anything else during the call.
-#[allow(unsafe_code, clippy::too_many_arguments)]
-unsafe fn gemm_ptr(
-    dst: *mut f32,
-    d: View,
-    acc: bool,
-    a: *const f32,
-    av: View,
-    b: *const f32,
-    bv: View,
-    scale: f32,
-) {
-    assert_eq!((d.rows, d.cols, av.cols), (av.rows, bv.cols, bv.rows));
-    if d.rows == 0 || d.cols == 0 || av.cols == 0 {
-        return;
-    }
-    // SAFETY: the caller's contract; `gemm` reads and writes exactly the views' elements.
-    unsafe {
-        gemm::gemm(
-            d.rows,
-            d.cols,
-            av.cols,
-            dst.add(d.off),
-            d.cs as isize,
-            d.rs as isize,
-            acc,
-            a.add(av.off),
-            av.cs as isize,
-            av.rs as isize,
-            b.add(bv.off),
-            bv.cs as isize,
-            bv.rs as isize,
-            if acc { 1.0 } else { 0.0 },
-            scale,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
-
-/// A buffer that attention items write disjoint parts of from the pool's threads.
-struct Shared {
-    ptr: *mut f32,
-    len: usize,
-}
-
-// SAFETY: only used through `gemm_ptr` and `slice_mut`, whose callers guarantee that
-// concurrent users touch disjoint elements.
-#[allow(unsafe_code)]
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    fn new(v: &mut [f32]) -> Self {
-        Self {
-            ptr: v.as_mut_ptr(),
-            len: v.len(),
-        }
-    }
-
-    /// `dst (+)= scale * a b` into this buffer.
-    ///
-    /// # Safety
-    /// No other thread touches `d`'s elements during the call.
-    #[allow(unsafe_code, clippy::too_many_arguments)]
-    unsafe fn gemm(
-        &self,
-        d: View,
-        acc: bool,
-        a: &[f32],
-        av: View,
-        b: &[f32],
-        bv: View,
-        scale: f32,
-    ) {
-        assert!(d.end() <= self.len && av.end() <= a.len() && bv.end() <= b.len());
-        // SAFETY: bounds checked; exclusivity is the caller's contract.
-        unsafe { gemm_ptr(self.ptr, d, acc, a.as_ptr(), av, b.as_ptr(), bv, scale) }
-    }
-
-    /// Elements `r` as a slice.
-    ///
-    /// # Safety
-    /// No other thread touches them while the slice lives.
-    #[allow(unsafe_code, clippy::mut_from_ref)]
-    unsafe fn slice_mut(&self, r: Range<usize>) -> &mut [f32] {
-        assert!(r.start <= r.end && r.end <= self.len);
-        // SAFETY: in bounds; exclusivity is the caller's contract.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(r.start), r.len()) }
-    }
-}
-
-/// `f(item)` for every item on candle's worker pool.
-fn pool_items(n: usize, f: impl Fn(usize) + Sync) {
-    candle_core::utils::barrier_pool().execute_chunked(n, |r| r.for_each(&f));
-}
-
-/// Host buffers by length, handed back when their user is done and handed out again.
-/// A fresh `vec![0f32; n]` of these sizes is a memset on the calling thread (the allocator
-/// reuses freed memory, which it must clear for a zeroed allocation) while the other core
-/// waits for the next parallel part: about 2 GB of them a step in `bench train`.
-///
-/// The buffers are kept for one batch shape: a pass over a batch of another shape (rows
-/// padded to another length, an evaluation batch) empties the pool first, so batches of
-/// many lengths do not each leave a full set of buffers behind.
-#[derive(Default)]
-pub(super) struct BufPool(Mutex<PoolInner>);
-
-#[derive(Default)]
-struct PoolInner {
-    /// `(rows, tokens per row)` of the batch the buffers were sized for.
-    shape: (usize, usize),
-    free: HashMap<usize, Vec<Vec<f32>>>,
-}
-
-impl BufPool {
-    /// Start a pass over a batch of `shape` (`(rows, tokens per row)`): the buffers of
-    /// another shape go back to the allocator.
-    pub(super) fn begin(&self, shape: (usize, usize)) {
-        let mut p = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if p.shape != shape {
-            p.free.clear();
-            p.shape = shape;
-        }
-    }
-
-    /// How many buffers it holds.
-    #[cfg(test)]
-    fn held(&self) -> usize {
-        let p = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        p.free.values().map(Vec::len).sum()
-    }
-
-    /// A buffer of `len` holding whatever an earlier user left in it: every caller writes
-    /// it whole before reading it.
-    fn dirty(&self, len: usize) -> Vec<f32> {
-        let reused = self
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .free
-            .get_mut(&len)
-            .and_then(Vec::pop);
-        match reused {
-            // Tests run with debug assertions: a read before the first write shows up as
-            // NaN in their results.
-            Some(mut v) if cfg!(debug_assertions) => {
-                v.fill(f32::NAN);
-                v
-            }
-            Some(v) => v,
-            None if cfg!(debug_assertions) => vec![f32::NAN; len],
-            None => vec![0f32; len],
-        }
-    }
-
-    /// A zeroed buffer of `len`, cleared on the pool's threads.
-    fn zeros(&self, len: usize) -> Vec<f32> {
-        let mut v = self.dirty(len);
-        par_rows(&mut v, PIECE, |_, c| c.fill(0.0));
-        v
-    }
-
-    /// A copy of `x`, copied on the pool's threads.
-    fn copy_of(&self, x: &[f32]) -> Vec<f32> {
-        let mut v = self.dirty(x.len());
-        par_rows(&mut v, PIECE, |k, c| {
-            c.copy_from_slice(&x[k * PIECE..][..c.len()])
-        });
-        v
-    }
-
-    fn put(&self, v: Vec<f32>) {
-        if !v.is_empty() {
-            let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            m.free.entry(v.len()).or_default().push(v);
-        }
-    }
-}
-
-/// A copy of a model starts with no buffers of its own.
-impl Clone for BufPool {
-    fn clone(&self) -> Self {
-        Self::default()
-    }
-}
-
-impl std::fmt::Debug for BufPool {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("BufPool")
-    }
-}
-
-/// The "row" length [`BufPool`] clears and copies flat buffers in with [`par_rows`]
-/// (`ROWS_PER_ITEM` of them, 64 Ki elements, per work item).
-const PIECE: usize = 4096;
-
-/// `f(row, row_slice)` for every `ld`-long row of `buf`, on the pool.
-fn par_rows(buf: &mut [f32], ld: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    let items: Vec<Mutex<&mut [f32]>> =
-        buf.chunks_mut(ROWS_PER_ITEM * ld).map(Mutex::new).collect();
-    pool_items(items.len(), |it| {
-        let mut chunk = items[it].lock().unwrap_or_else(|e| e.into_inner());
-        for (k, row) in chunk.chunks_mut(ld).enumerate() {
-            f(it * ROWS_PER_ITEM + k, row);
-        }
-    });
-}
-
-/// `exp(x)` in f32 without a libm call, so loops over it vectorize: `2^k e^r` with
-/// `r = x - k ln 2` in `[-ln2/2, ln2/2]` and Cephes' `expf` polynomial for `e^r` (about
-/// 1 ulp of error; the test compares it with f64 `exp`). `x <= -87.3` gives ~1e-38, not 0.
-#[inline(always)]
-pub(crate) fn fast_exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 split so that `k * LN2_HI` is exact.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Round to nearest by adding 1.5 * 2^23.
-    const MAGIC: f32 = 12_582_912.0;
-    let x = x.clamp(-87.3, 88.3);
-    // `k` sits in the low mantissa bits of `km`: integer arithmetic takes it out (an
-    // `as i32` conversion, which saturates, keeps the loop from vectorizing).
-    let km = fma(x, LOG2E, MAGIC);
-    let k = km - MAGIC;
-    let ki = km.to_bits() as i32 - MAGIC.to_bits() as i32;
-    let r = fma(k, -LN2_LO, fma(k, -LN2_HI, x));
-    let mut p = 1.987_569_2e-4;
-    for c in [
-        1.398_2e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ] {
-        p = fma(p, r, c);
-    }
-    let e = fma(p, r * r, r) + 1.0;
-    e * f32::from_bits(((ki + 127) << 23) as u32)
-}
-
-/// `a b + c`, fused where the build targets FMA (x86-64-v3 does); elsewhere `mul_add`
-/// would be a library call, so it is two operations there.
-#[inline(always)]
-fn fma(a: f32, b: f32, c: f32) -> f32 {
-    if cfg!(target_feature = "fma") {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
-}
-
-/// Eight independent lanes, so these vectorize (a plain f32 `sum()` or `fold` is one
-/// serial chain: float addition is not reassociated).
-fn lanes8(v: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut acc = [init; 8];
-    let c = v.chunks_exact(8);
-    let tail = c.remainder().iter().fold(init, |a, &x| f(a, x));
-    for x in c {
-        for k in 0..8 {
-            acc[k] = f(acc[k], x[k]);
-        }
-    }
-    acc.iter().fold(tail, |a, &x| f(a, x))
-}
-
-fn sum_f32(v: &[f32]) -> f32 {
-    lanes8(v, 0.0, |a, x| a + x)
-}
-
-fn max_f32(v: &[f32]) -> f32 {
-    lanes8(v, f32::NEG_INFINITY, f32::max)
-}
-
-/// `z = exp(z - mx)` in place; returns the sum.
-fn exp_sub(z: &mut [f32], mx: f32) -> f32 {
-    for v in z.iter_mut() {
-        *v = fast_exp(*v - mx);
-    }
-    sum_f32(z)
-}
-
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + fast_exp(-x))
-}
-
-// ---------------------------------------------------------------------------------------
 // Element-wise passes.
-
-/// RMSNorm of `[n, h]` rows: `(x r g, r)` with `r = 1 / sqrt(mean(x^2) + eps)` per row,
-/// the first written into `y` (`x.len()` long, overwritten whole).
-fn rms_fwd(x: &[f32], g: &[f32], eps: f32, h: usize, mut y: Vec<f32>) -> (Vec<f32>, Vec<f32>) {
-    let mut r = vec![0f32; x.len() / h];
-    par_rows(&mut r, 1, |i, ri| {
-        let row = &x[i * h..(i + 1) * h];
-        ri[0] = 1.0 / (dot_f32(row, row) / h as f32 + eps).sqrt();
-    });
-    par_rows(&mut y, h, |i, out| {
-        let (xr, ri) = (&x[i * h..(i + 1) * h], r[i]);
-        for ((o, v), gv) in out.iter_mut().zip(xr).zip(g) {
-            *o = v * ri * gv;
-        }
-    });
-    (y, r)
-}
-
-/// RMSNorm backward added to `acc`: `acc += r (dy g - xhat mean(dy g xhat))`,
-/// `xhat = x r`.
-fn rms_bwd_add(acc: &mut [f32], x: &[f32], r: &[f32], g: &[f32], dy: &[f32], h: usize) {
-    par_rows(acc, h, |i, out| {
-        let (xr, dr, ri) = (&x[i * h..(i + 1) * h], &dy[i * h..(i + 1) * h], r[i]);
-        // c = mean(dxhat xhat) with dxhat = dy g and xhat = x r, in eight lanes.
-        let mut acc = [0f32; 8];
-        let (xc, dc, gc) = (xr.chunks_exact(8), dr.chunks_exact(8), g.chunks_exact(8));
-        let mut tail = 0f32;
-        for ((xv, dv), gv) in xc
-            .remainder()
-            .iter()
-            .zip(dc.remainder())
-            .zip(gc.remainder())
-        {
-            tail += dv * gv * xv;
-        }
-        for ((xv, dv), gv) in xc.zip(dc).zip(gc) {
-            for k in 0..8 {
-                acc[k] += dv[k] * gv[k] * xv[k];
-            }
-        }
-        let c = (sum_f32(&acc) + tail) * ri / h as f32;
-        for (((o, xv), dv), gv) in out.iter_mut().zip(xr).zip(dr).zip(g) {
-            *o += ri * (dv * gv - xv * ri * c);
-        }
-    });
-}
 
 /// Add `bias` to columns `col..col + bias.len()` of every `ld`-long row.
 fn add_bias(buf: &mut [f32], ld: usize, col: usize, bias: Option<&[f32]>) {
@@ -572,38 +109,6 @@ fn add_bias(buf: &mut [f32], ld: usize, col: usize, bias: Option<&[f32]>) {
             *o += b;
         }
     }
-}
-
-/// Rotate `heads` heads of `hd` values starting at column `col` of every `ld`-long row
-/// (the halves layout: value `j` pairs with `j + hd/2`) by each row's angle; by the
-/// opposite angle with `inverse` (the backward of a rotation).
-#[allow(clippy::too_many_arguments)]
-fn rope(
-    buf: &mut [f32],
-    ld: usize,
-    col: usize,
-    heads: usize,
-    hd: usize,
-    cos: &[f32],
-    sin: &[f32],
-    inverse: bool,
-) {
-    let half = hd / 2;
-    let sign = if inverse { -1.0 } else { 1.0 };
-    par_rows(buf, ld, |i, row| {
-        let (c, s) = (
-            &cos[i * half..(i + 1) * half],
-            &sin[i * half..(i + 1) * half],
-        );
-        for h in 0..heads {
-            let (a, b) = row[col + h * hd..col + (h + 1) * hd].split_at_mut(half);
-            for j in 0..half {
-                let (x0, x1, sn) = (a[j], b[j], sign * s[j]);
-                a[j] = x0 * c[j] - x1 * sn;
-                b[j] = x1 * c[j] + x0 * sn;
-            }
-        }
-    });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -912,7 +417,7 @@ impl Dims {
     /// # Safety
     /// No other thread touches those columns of row `bi`'s tokens during the call.
     #[allow(unsafe_code)]
-    unsafe fn scatter(&self, block: &[f32], dst: &Shared, ld: usize, bi: usize, g: usize) {
+    unsafe fn scatter(&self, block: &[f32], dst: &SharedBuf, ld: usize, bi: usize, g: usize) {
         let w = self.rep() * self.hd;
         for (r, b) in block.chunks_exact(w).enumerate() {
             let s = (bi * self.t + r) * ld + g * w;
@@ -940,15 +445,6 @@ impl Dims {
     }
 }
 
-impl View {
-    fn shift(self, by: usize) -> Self {
-        Self {
-            off: self.off + by,
-            ..self
-        }
-    }
-}
-
 /// Attention forward on roped `qkv` `[n, q | k | v]`: the output `[n, nh * hd]` and the
 /// probabilities (zero where masked), `[b, kvh, t, n_rep, t]`.
 ///
@@ -964,7 +460,7 @@ fn attn_fwd(qkv: &[f32], d: Dims, hb: &HostBatch, bufs: &BufPool) -> (Vec<f32>, 
     // block (all that the backward reads): neither needs clearing first.
     let mut y = bufs.dirty(d.n * d.dq);
     let mut p = bufs.dirty(d.b * d.nh * t * t);
-    let (ys, ps) = (Shared::new(&mut y), Shared::new(&mut p));
+    let (ys, ps) = (SharedBuf::new(&mut y), SharedBuf::new(&mut p));
     let m3 = View::rm(0, t * rep, hd, hd);
     pool_items(d.b * d.kvh, |item| {
         let (bi, g) = (item / d.kvh, item % d.kvh);
@@ -1029,7 +525,7 @@ fn attn_bwd(
     let scale = 1.0 / (hd as f32).sqrt();
     // The k and v columns accumulate over the blocks; the q columns are written whole.
     let mut dqkv = bufs.zeros(d.n * d.wq);
-    let ds_all = Shared::new(&mut dqkv);
+    let ds_all = SharedBuf::new(&mut dqkv);
     let m3 = View::rm(0, t * rep, hd, hd);
     pool_items(d.b * d.kvh, |item| {
         let (bi, g) = (item / d.kvh, item % d.kvh);
@@ -1294,7 +790,7 @@ pub(super) fn layer_fwd(
         }
         lora_fwd_all(&mut lora.qkv, &h1, n, s, Some((&mut qkv, d.wq)), bufs);
         // The k heads follow the q heads in a row: one pass rotates both.
-        rope(
+        rope_rows(
             &mut qkv,
             d.wq,
             0,
@@ -1365,7 +861,7 @@ pub(super) fn layer_fwd(
             let row = &gu[r * 2 * inter..(r + 1) * 2 * inter];
             let (g, u) = row.split_at(inter);
             for ((o, gv), uv) in a.iter_mut().zip(g).zip(u) {
-                *o = gv * sigmoid(*gv) * uv;
+                *o = silu_mul(*gv, *uv);
             }
         });
         let x3 = if recompute {
@@ -1526,7 +1022,7 @@ pub(super) fn layer_bwd(
         }
         let mut dqkv = profile::time("bwd attn", || attn_bwd(&c.qkv, &c.p, &dy, d, hb, bufs));
         bufs.put(dy);
-        rope(
+        rope_rows(
             &mut dqkv,
             d.wq,
             0,
@@ -1690,45 +1186,4 @@ pub(super) fn head(
         dhf.map(|v| Tensor::from_vec(v, (hf.dim(0)?, h), dev))
             .transpose()?,
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{BufPool, fast_exp};
-
-    #[test]
-    fn the_buffer_pool_reuses_buffers_within_a_batch_shape_and_drops_them_on_another() {
-        let pool = BufPool::default();
-        pool.begin((4, 256));
-        let a = pool.dirty(1000);
-        let ptr = a.as_ptr();
-        pool.put(a);
-        pool.put(vec![1.0; 10]);
-        assert_eq!(pool.held(), 2);
-        // Same shape: the same allocation comes back, at the length asked for.
-        pool.begin((4, 256));
-        let b = pool.dirty(1000);
-        assert_eq!((b.as_ptr(), b.len()), (ptr, 1000));
-        pool.put(b);
-        // Another shape: nothing is kept.
-        pool.begin((4, 128));
-        assert_eq!(pool.held(), 0);
-        assert_eq!(pool.zeros(10), vec![0.0; 10]);
-    }
-
-    #[test]
-    fn fast_exp_is_within_two_ulp_of_f64_exp() {
-        let mut worst = 0f64;
-        let mut x = -87.0f32;
-        while x < 88.0 {
-            let want = (x as f64).exp();
-            let got = fast_exp(x) as f64;
-            worst = worst.max(((got - want) / want).abs());
-            x += 0.000_37;
-        }
-        // f32 has a 2^-23 = 1.19e-7 relative spacing.
-        assert!(worst < 2.5e-7, "worst relative error {worst:e}");
-        assert_eq!(fast_exp(0.0), 1.0);
-        assert!(fast_exp(f32::NEG_INFINITY) < 1e-37);
-    }
 }

@@ -25,13 +25,13 @@
 //! Hugging Face row order: llama GGUF files store q/k rows permuted for interleaved rope,
 //! which is undone on load, so adapters trained here are PEFT adapters as they are.
 
+use crate::kernels::pool::{BufPool, Scratch};
 use crate::llama::{BaseWeight, Llama, LlamaConfig, Projection, RopeLayout};
 use crate::lora::{LoraAdapter, PeftConfig, peft_name};
 use candle_core::{D, DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
-use std::sync::Mutex;
 
 type Result<T> = candle_core::Result<T>;
 
@@ -128,42 +128,7 @@ pub struct DenseLlama {
     head_scratch: Scratch,
     /// The host path's activation and gradient buffers, handed back after their layer's
     /// backward and reused from step to step.
-    host_bufs: host::BufPool,
-}
-
-/// A host buffer reused from step to step. A buffer as large as the output head's
-/// logits (100 MB) comes back from the allocator as fresh pages that the kernel zeroes
-/// on first touch: 93 ms a step in `bench train`, for a product of 320 ms.
-#[derive(Default)]
-pub(crate) struct Scratch(Mutex<Vec<f32>>);
-
-impl Scratch {
-    /// The buffer, at least `len` long (its contents are whatever was left in it).
-    pub(crate) fn take(&self, len: usize) -> Vec<f32> {
-        let mut v = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
-        if v.len() < len {
-            v.resize(len, 0.0);
-        }
-        v
-    }
-
-    /// Give the buffer back for the next step.
-    pub(crate) fn put(&self, v: Vec<f32>) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = v;
-    }
-}
-
-/// A copy starts with no buffer of its own.
-impl Clone for Scratch {
-    fn clone(&self) -> Self {
-        Self::default()
-    }
-}
-
-impl std::fmt::Debug for Scratch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Scratch")
-    }
+    host_bufs: BufPool,
 }
 
 /// Undo llama.cpp's q/k row permutation (`permute_for_interleaved_rope`):
@@ -274,7 +239,7 @@ impl DenseLlama {
             device,
             dtype,
             head_scratch: Scratch::default(),
-            host_bufs: host::BufPool::default(),
+            host_bufs: BufPool::default(),
         })
     }
 
