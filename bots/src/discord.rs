@@ -19,6 +19,7 @@
 //! 2,000-character limit, and the bot adds 👍 and 👎 to it: a user's 👍/👎 reaction on
 //! the reply's first message is a rating, removing the reaction removes the rating.
 
+use crate::queue::{UpdateHandler, UpdateQueue};
 use crate::rate_limit::RateLimiter;
 use crate::streaming::{self, split_message};
 use crate::text;
@@ -32,13 +33,11 @@ use serenity::all::{
     EditMessage, EventHandler, GatewayIntents, GuildId, Http, HttpBuilder, Interaction, Message,
     MessageId, MessageType, Nonce, Reaction, ReactionType, Ready, ResumedEvent, RoleId, UserId,
 };
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 
 /// Discord's limit on a message's content.
 pub const MAX_MESSAGE_CHARS: usize = 2000;
@@ -117,18 +116,16 @@ async fn run_bot(
         _ = stop.notified() => return Ok(()),
     };
     let rate = RateLimiter::new(cfg.rate_limit_per_minute);
+    let queue = Arc::new(UpdateQueue::new(Platform::Discord, core.db.clone()));
     let bot = Arc::new(DiscordBot {
         core,
+        queue,
         me: me.id,
         http: OnceLock::new(),
-        workers: Mutex::new(HashMap::new()),
-        queued: Mutex::new(HashSet::new()),
         threads: Mutex::new(HashMap::new()),
         rate,
         wake: tokio::sync::Notify::new(),
         refused: Mutex::new(HashMap::new()),
-        tasks: Mutex::new(JoinSet::new()),
-        stopping: AtomicBool::new(false),
     });
     let builder = serenity::all::ClientBuilder::new_with_http(http, intents())
         .event_handler(Handler(bot.clone()));
@@ -150,7 +147,6 @@ async fn run_bot(
     };
     // No new work; replies in progress finish (within the deadline) while the gateway
     // connection closes (close frame 1000).
-    bot.stopping.store(true, Ordering::SeqCst);
     dispatcher.abort();
     let _ = dispatcher.await;
     let gateway_closed = async {
@@ -165,7 +161,7 @@ async fn run_bot(
             }
         }
     };
-    tokio::join!(gateway_closed, bot.finish_workers(STOP_DEADLINE));
+    tokio::join!(gateway_closed, bot.queue.stop(STOP_DEADLINE));
     tracing::info!("discord: stopped");
     result
 }
@@ -290,12 +286,10 @@ pub struct DiscordBot {
     me: UserId,
     /// serenity's client, set once it is built (before the gateway starts and any event).
     http: OnceLock<Arc<Http>>,
-    /// One worker per conversation target with queued messages (a DM channel, a thread, or
-    /// for a mention that starts a thread the message id, which becomes the thread's id):
-    /// a conversation's messages run in order, different ones in parallel.
-    workers: Mutex<HashMap<u64, mpsc::UnboundedSender<PendingUpdate>>>,
-    /// Stored messages handed to a worker and not finished.
-    queued: Mutex<HashSet<String>>,
+    /// The stored messages, by conversation target (a DM channel, a thread, or for a
+    /// mention that starts a thread the message id, which becomes the thread's id): a
+    /// conversation's messages run in order, different ones in parallel.
+    queue: Arc<UpdateQueue<u64>>,
     /// The bot's threads: thread id -> (parent chat row, parent channel id).
     threads: Mutex<HashMap<u64, (i64, u64)>>,
     rate: RateLimiter,
@@ -303,10 +297,6 @@ pub struct DiscordBot {
     wake: tokio::sync::Notify,
     /// When each channel last got a refusal.
     refused: Mutex<HashMap<u64, Instant>>,
-    /// The workers, waited for on stop.
-    tasks: Mutex<JoinSet<()>>,
-    /// Set on stop: nothing new is dispatched or started.
-    stopping: AtomicBool,
 }
 
 /// A Discord channel (or thread) as the place a reply streams to.
@@ -601,84 +591,18 @@ impl DiscordBot {
                 }
             };
             for p in pending {
-                if self.stopping.load(Ordering::SeqCst) {
-                    return;
-                }
-                let new = lock(&self.queued).insert(p.update_key.clone());
-                if !new {
+                if !self.queue.claim(&p.update_key) {
+                    if self.queue.stopping() {
+                        return;
+                    }
                     continue;
                 }
                 let target = match serde_json::from_str::<Message>(&p.payload) {
                     Ok(m) => self.target(&m).await,
                     Err(_) => 0,
                 };
-                let mut workers = lock(&self.workers);
-                let sent = workers.get(&target).map(|tx| tx.send(p.clone()));
-                if !matches!(sent, Some(Ok(()))) {
-                    let (tx, rx) = mpsc::unbounded_channel();
-                    let _ = tx.send(p);
-                    workers.insert(target, tx);
-                    let mut tasks = lock(&self.tasks);
-                    // Finished workers' entries go.
-                    while tasks.try_join_next().is_some() {}
-                    tasks.spawn(self.clone().worker(target, rx));
-                }
+                self.queue.push(target, p, &self);
             }
-        }
-    }
-
-    /// On stop: wait for the workers (each ends after the message it is handling), then cut
-    /// off what is left at `deadline`.
-    async fn finish_workers(&self, deadline: Duration) {
-        let mut tasks = std::mem::take(&mut *lock(&self.tasks));
-        let all = async { while tasks.join_next().await.is_some() {} };
-        if tokio::time::timeout(deadline, all).await.is_err() {
-            tracing::warn!(
-                "discord: {} repl(ies) still in progress after {deadline:?}: cut off (answered after the next start)",
-                tasks.len()
-            );
-            tasks.abort_all();
-            while tasks.join_next().await.is_some() {}
-        }
-    }
-
-    /// Handle one conversation's messages in order; ends when its queue is empty, or on
-    /// stop after the message in hand.
-    async fn worker(self: Arc<Self>, target: u64, mut rx: mpsc::UnboundedReceiver<PendingUpdate>) {
-        loop {
-            let next = match rx.try_recv() {
-                Ok(p) if !self.stopping.load(Ordering::SeqCst) => p,
-                _ => {
-                    // Ended under the lock the dispatcher sends under: nothing is lost.
-                    let mut workers = lock(&self.workers);
-                    match rx.try_recv() {
-                        Ok(p) if !self.stopping.load(Ordering::SeqCst) => p,
-                        _ => {
-                            workers.remove(&target);
-                            return;
-                        }
-                    }
-                }
-            };
-            let key = next.update_key.clone();
-            // The dispatcher may have read it as pending just before an earlier pass of
-            // this worker finished it.
-            let status = self
-                .core
-                .db
-                .update_status(Platform::Discord, &key)
-                .await
-                .unwrap_or(None);
-            if status.is_some_and(|s| s != "pending") {
-                lock(&self.queued).remove(&key);
-                continue;
-            }
-            let outcome = match serde_json::from_str::<Message>(&next.payload) {
-                Ok(m) => self.on_message(m).await,
-                Err(e) => Err(anyhow::anyhow!("unreadable message: {e}")),
-            };
-            streaming::finish_update(&self.core.db, Platform::Discord, &key, &outcome).await;
-            lock(&self.queued).remove(&key);
         }
     }
 
@@ -1125,5 +1049,13 @@ impl DiscordBot {
         })
         .await?;
         Ok(())
+    }
+}
+
+impl UpdateHandler for DiscordBot {
+    async fn handle(&self, update: &PendingUpdate) -> anyhow::Result<()> {
+        let m: Message = serde_json::from_str(&update.payload)
+            .map_err(|e| anyhow::anyhow!("unreadable message: {e}"))?;
+        self.on_message(m).await
     }
 }

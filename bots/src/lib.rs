@@ -4,6 +4,7 @@
 //! conversation, the prompt and the adapter are the chat service's.
 
 pub mod discord;
+pub mod queue;
 pub mod rate_limit;
 pub mod streaming;
 pub mod telegram;

@@ -9,19 +9,18 @@
 //! edited as tokens arrive (at most once a second per chat); the final text always
 //! arrives complete, split at Telegram's 4,096-character limit, with 👍/👎 buttons.
 
+use crate::queue::{UpdateHandler, UpdateQueue};
 use crate::rate_limit::RateLimiter;
 use crate::streaming::{self, split_message};
 use crate::text;
 use loraloop_core::Services;
 use loraloop_core::inbox::Inbox;
-use loraloop_core::storage::Platform;
+use loraloop_core::storage::{PendingUpdate, Platform};
 use loraloop_core::token::random_token;
 use secrecy::{ExposeSecret, SecretString};
-use std::collections::{HashMap, HashSet};
 use std::future::IntoFuture;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 use teloxide_core::payloads::setters::*;
 use teloxide_core::prelude::Requester;
 use teloxide_core::types::{
@@ -33,23 +32,16 @@ use teloxide_core::{ApiError as TgError, Bot, RequestError};
 /// Telegram's limit on a message's text.
 pub const MAX_MESSAGE_CHARS: usize = 4096;
 
-type ChatQueue = tokio::sync::mpsc::UnboundedSender<(String, Update)>;
-
 pub struct TelegramBot {
     core: Services,
     /// Updates stored by the webhook route (webhook mode).
     inbox: Arc<Inbox>,
     bot: Bot,
     me: Me,
-    /// Each chat's worker queue: a chat's updates are handled in order, chats in parallel.
-    chats: Mutex<HashMap<i64, ChatQueue>>,
-    /// Updates handed to a worker and not finished yet.
-    dispatched: Mutex<HashSet<String>>,
+    /// The stored updates, by chat: a chat's updates are handled in order, chats in
+    /// parallel.
+    queue: Arc<UpdateQueue<i64>>,
     rate: RateLimiter,
-    /// Set on stop: workers take no further update (it stays pending for the next start).
-    stopping: std::sync::atomic::AtomicBool,
-    /// Updates being handled right now.
-    busy: std::sync::atomic::AtomicUsize,
 }
 
 /// How long a stop waits for the replies being generated to be sent.
@@ -79,15 +71,13 @@ pub async fn run(
     }
     let rate = RateLimiter::new(core.config.raw.telegram.rate_limit_per_minute);
     let webhook = core.config.raw.telegram.webhook_url.clone();
+    let queue = Arc::new(UpdateQueue::new(Platform::Telegram, core.db.clone()));
     let tb = Arc::new(TelegramBot {
         core,
         inbox,
         bot,
         me,
-        chats: Mutex::new(HashMap::new()),
-        dispatched: Mutex::new(HashSet::new()),
-        stopping: Default::default(),
-        busy: Default::default(),
+        queue,
         rate,
     });
     // Updates stored by an earlier run and not answered.
@@ -97,11 +87,7 @@ pub async fn run(
         None => tb.clone().poll(stop).await,
     };
     // Finish the replies in progress (within a grace period); queued updates stay pending.
-    tb.stopping.store(true, Ordering::SeqCst);
-    let deadline = Instant::now() + STOP_GRACE;
-    while tb.busy.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tb.queue.stop(STOP_GRACE).await;
     tracing::info!("telegram: stopped");
     outcome
 }
@@ -276,16 +262,11 @@ impl TelegramBot {
     /// parallel, each chat's updates in the order they came.
     async fn dispatch_pending(self: Arc<Self>) -> anyhow::Result<()> {
         for p in self.core.db.pending_updates(Platform::Telegram).await? {
-            if !self
-                .dispatched
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(p.update_key.clone())
-            {
+            if !self.queue.claim(&p.update_key) {
                 continue;
             }
-            let update: Update = match serde_json::from_str(&p.payload) {
-                Ok(u) => u,
+            let chat = match serde_json::from_str::<Update>(&p.payload) {
+                Ok(u) => u.chat().map_or(0, |c| c.id.0),
                 Err(e) => {
                     self.core
                         .db
@@ -298,63 +279,12 @@ impl TelegramBot {
                     continue;
                 }
             };
-            let chat = update.chat().map_or(0, |c| c.id.0);
-            let mut chats = self.chats.lock().unwrap_or_else(|e| e.into_inner());
-            let job = (p.update_key, update);
-            // Sent under the map's lock: a worker only retires under it, with an empty queue.
-            let job = match chats.get(&chat) {
-                Some(tx) => match tx.send(job) {
-                    Ok(()) => continue,
-                    Err(e) => e.0,
-                },
-                None => job,
-            };
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            let _ = tx.send(job);
-            chats.insert(chat, tx);
-            tokio::spawn(self.clone().chat_worker(chat, rx));
+            self.queue.push(chat, p, &self);
         }
         Ok(())
     }
 
-    /// Handle one chat's updates in order; retire after a minute without any.
-    async fn chat_worker(
-        self: Arc<Self>,
-        chat: i64,
-        mut rx: tokio::sync::mpsc::UnboundedReceiver<(String, Update)>,
-    ) {
-        loop {
-            let (key, update) = match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await
-            {
-                Ok(Some(job)) => job,
-                Ok(None) => return,
-                Err(_) => {
-                    let mut chats = self.chats.lock().unwrap_or_else(|e| e.into_inner());
-                    if rx.is_empty() {
-                        chats.remove(&chat);
-                        return;
-                    }
-                    continue;
-                }
-            };
-            // Counted before the check, so a stop that saw no work in progress is never
-            // followed by a start.
-            self.busy.fetch_add(1, Ordering::SeqCst);
-            if self.stopping.load(Ordering::SeqCst) {
-                self.busy.fetch_sub(1, Ordering::SeqCst);
-                return;
-            }
-            let outcome = self.handle(update).await;
-            streaming::finish_update(&self.core.db, Platform::Telegram, &key, &outcome).await;
-            self.dispatched
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&key);
-            self.busy.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-
-    async fn handle(&self, update: Update) -> anyhow::Result<()> {
+    async fn on_update(&self, update: Update) -> anyhow::Result<()> {
         match update.kind {
             UpdateKind::Message(m) => self.on_message(m).await,
             UpdateKind::CallbackQuery(q) => {
@@ -632,5 +562,13 @@ impl TelegramBot {
             return Ok(text::forgotten(n));
         }
         Ok(text::UNKNOWN_BUTTON.to_string())
+    }
+}
+
+impl UpdateHandler for TelegramBot {
+    async fn handle(&self, update: &PendingUpdate) -> anyhow::Result<()> {
+        let update: Update = serde_json::from_str(&update.payload)
+            .map_err(|e| anyhow::anyhow!("unreadable update: {e}"))?;
+        self.on_update(update).await
     }
 }
