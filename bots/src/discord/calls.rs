@@ -1,0 +1,79 @@
+//! Discord REST calls: retries with backoff on transient errors, and nonces.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Retry a Discord call on transient errors (429, 5xx, network) with backoff; a permanent
+/// error (missing permission, unknown channel, bad request) returns at once. (With a proxy
+/// serenity's own rate limiter is off, so a 429 reaches this; serenity does not hand over
+/// the answer's `retry_after` or `Retry-After`, so a 429 waits at least a second.)
+pub async fn retry<T, F, Fut>(what: &str, mut call: F) -> serenity::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = serenity::Result<T>>,
+{
+    let mut delay = Duration::from_millis(250);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(e) if attempt < 8 && transient(&e) => {
+                let wait = if status(&e) == Some(429) {
+                    delay.max(Duration::from_secs(1))
+                } else {
+                    delay
+                };
+                tracing::debug!("discord {what}: {e}; retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
+                delay = (delay * 2).min(Duration::from_secs(8));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+pub(super) fn status(e: &serenity::Error) -> Option<u16> {
+    match e {
+        serenity::Error::Http(serenity::http::HttpError::UnsuccessfulRequest(r)) => {
+            Some(r.status_code.as_u16())
+        }
+        _ => None,
+    }
+}
+
+/// Discord's JSON error code of a refused request.
+pub(super) fn error_code(e: &serenity::Error) -> Option<isize> {
+    match e {
+        serenity::Error::Http(serenity::http::HttpError::UnsuccessfulRequest(r)) => {
+            Some(r.error.code)
+        }
+        _ => None,
+    }
+}
+
+pub(super) fn transient(e: &serenity::Error) -> bool {
+    use serenity::http::HttpError;
+    match e {
+        serenity::Error::Http(HttpError::UnsuccessfulRequest(r)) => {
+            r.status_code.as_u16() == 429 || r.status_code.is_server_error()
+        }
+        serenity::Error::Http(HttpError::Request(_)) | serenity::Error::Io(_) => true,
+        _ => false,
+    }
+}
+
+/// A nonce for one message to send (Discord allows 25 characters): with `enforce_nonce`
+/// a retried send that Discord had already taken returns that message instead of a copy.
+pub(super) fn new_nonce() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64;
+    format!(
+        "ll{now:x}{:x}",
+        COUNTER.fetch_add(1, Ordering::Relaxed) & 0xffff
+    )
+}

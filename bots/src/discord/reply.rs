@@ -1,0 +1,293 @@
+//! Answering a stored message: the conversation (a thread for a mention), the streamed reply, the final text split at Discord's limit with the rating reactions.
+
+use super::bot::{DiscordBot, Place, THUMBS_DOWN, THUMBS_UP, lock};
+use super::calls::{error_code, new_nonce, retry};
+use crate::streaming::{self, split_message};
+use crate::text;
+use loraloop_core::storage::Platform;
+use serenity::all::{
+    ChannelId, CreateMessage, CreateThread, EditMessage, Http, Message, MessageId, Nonce,
+    ReactionType, UserId,
+};
+use std::time::Duration;
+
+/// Discord's limit on a message's content.
+pub const MAX_MESSAGE_CHARS: usize = 2000;
+/// Discord's error code for a second thread on one message.
+pub(super) const THREAD_ALREADY_CREATED: isize = 160004;
+
+/// A Discord channel (or thread) as the place a reply streams to.
+pub(super) struct DiscordChannel<'a> {
+    bot: &'a DiscordBot,
+    channel: ChannelId,
+}
+
+impl streaming::ReplyChannel for DiscordChannel<'_> {
+    type Id = MessageId;
+    /// Discord shows "typing" for about 10 s after each trigger.
+    const TYPING_INTERVAL: Duration = Duration::from_secs(8);
+
+    async fn send(&self, text: &str) -> anyhow::Result<MessageId> {
+        Ok(self.bot.say(self.channel, text).await?.id)
+    }
+
+    async fn edit(&self, id: MessageId, text: &str) {
+        let _ = retry("edit message", || {
+            self.channel
+                .edit_message(self.bot.http(), id, EditMessage::new().content(text))
+        })
+        .await;
+    }
+
+    async fn typing(&self) {
+        let _ = self.channel.broadcast_typing(self.bot.http()).await;
+    }
+}
+
+/// A message's content without mentions of `me`.
+pub(super) fn without_mention(content: &str, me: UserId) -> String {
+    content
+        .replace(&format!("<@{me}>"), "")
+        .replace(&format!("<@!{me}>"), "")
+        .trim()
+        .to_string()
+}
+
+/// A thread name from the first words of a message (Discord allows 100 characters).
+pub(super) fn thread_name(text: &str, author: &str) -> String {
+    let line = text.lines().next().unwrap_or("").trim();
+    if line.is_empty() {
+        return text::thread_title(author);
+    }
+    let mut name: String = line.chars().take(80).collect();
+    if line.chars().count() > 80 {
+        name.push('…');
+    }
+    name
+}
+
+impl DiscordBot {
+    pub(super) fn http(&self) -> &Http {
+        self.http
+            .get()
+            .expect("`run` sets the HTTP client before it starts the gateway")
+    }
+
+    /// Send a message; a retry after an error that Discord may have acted on (a 5xx, a
+    /// lost answer) carries the same nonce, so Discord returns the first copy.
+    pub(super) async fn say(&self, channel: ChannelId, text: &str) -> anyhow::Result<Message> {
+        let nonce = new_nonce();
+        Ok(retry("send message", || {
+            channel.send_message(
+                self.http(),
+                CreateMessage::new()
+                    .content(text)
+                    .nonce(Nonce::String(nonce.clone()))
+                    .enforce_nonce(true),
+            )
+        })
+        .await?)
+    }
+
+    pub(super) async fn on_message(&self, m: Message) -> anyhow::Result<()> {
+        let me = self.me;
+        let mut channel = m.channel_id;
+        let mut place = self.place(m.guild_id, channel).await?;
+        if !self.allowed(place, channel) {
+            // Stored before the allowlists changed.
+            self.refuse(channel, place).await;
+            return Ok(());
+        }
+        let (ok, notice) = self.rate.check(m.author.id.get());
+        if !ok {
+            if notice {
+                self.say(channel, text::SLOW_DOWN).await?;
+            }
+            return Ok(());
+        }
+        let text = without_mention(&m.content, me);
+        if text.is_empty() {
+            self.say(
+                channel,
+                if m.attachments.is_empty() && m.sticker_items.is_empty() {
+                    text::EMPTY_MENTION
+                } else {
+                    text::NON_TEXT
+                },
+            )
+            .await?;
+            return Ok(());
+        }
+        let db = &self.core.db;
+        let user = db
+            .upsert_platform_user(
+                Platform::Discord,
+                &m.author.id.get().to_string(),
+                Some(&m.author.name),
+                m.author.global_name.as_deref(),
+            )
+            .await?;
+        // A mention in a server channel: a thread on the message holds the conversation.
+        // A thread started from a message has that message's id.
+        if let Place::Channel { guild } = place
+            && !self.replied_to_me(&m)
+        {
+            let on_message = ChannelId::new(m.id.get());
+            if let Some((chat, parent)) = self.bot_thread(on_message).await? {
+                // Replayed after a restart: the thread was started, its conversation stored.
+                place = Place::Thread {
+                    guild,
+                    chat,
+                    parent,
+                };
+                channel = on_message;
+            } else {
+                let chat = db
+                    .upsert_chat(
+                        Platform::Discord,
+                        &channel.get().to_string(),
+                        "channel",
+                        None,
+                    )
+                    .await?;
+                // Known as the bot's thread before it exists: a quick follow-up in it is
+                // stored (and waits for this reply: its worker is this message's).
+                lock(&self.threads).insert(on_message.get(), (chat, channel.get()));
+                let name = thread_name(&text, &m.author.name);
+                let started = match retry("start thread", || {
+                    channel.create_thread_from_message(self.http(), m.id, CreateThread::new(&name))
+                })
+                .await
+                {
+                    Ok(thread) => Some(thread.id),
+                    // Started before a restart, nothing stored yet: it is this message's id.
+                    Err(e) if error_code(&e) == Some(THREAD_ALREADY_CREATED) => Some(on_message),
+                    Err(e) => {
+                        tracing::info!(
+                            "discord: cannot start a thread in channel {channel} ({e}); answering there"
+                        );
+                        None
+                    }
+                };
+                match started {
+                    Some(thread) => {
+                        lock(&self.threads).insert(thread.get(), (chat, channel.get()));
+                        place = Place::Thread {
+                            guild,
+                            chat,
+                            parent: channel.get(),
+                        };
+                        channel = thread;
+                    }
+                    None => {
+                        lock(&self.threads).remove(&on_message.get());
+                    }
+                }
+            }
+        }
+        let (chat, thread) = match place {
+            Place::Dm => (
+                db.upsert_chat(
+                    Platform::Discord,
+                    &channel.get().to_string(),
+                    "private",
+                    None,
+                )
+                .await?,
+                None,
+            ),
+            Place::Channel { .. } => (
+                db.upsert_chat(
+                    Platform::Discord,
+                    &channel.get().to_string(),
+                    "channel",
+                    None,
+                )
+                .await?,
+                None,
+            ),
+            Place::Thread { chat, .. } => (chat, Some(channel.get().to_string())),
+        };
+        let conv = db
+            .current_conversation(
+                self.core.assistant.id,
+                chat,
+                thread.as_deref(),
+                Some(user.id),
+            )
+            .await?;
+        let message_id = m.id.get().to_string();
+        // A replayed message (the process died before marking it done): a stored reply is
+        // not generated again; if Discord took it, nothing is left to do, otherwise the
+        // stored text is sent.
+        if let Some(earlier) = db.stored_reply_to(conv.id, &message_id).await? {
+            if earlier.platform_message_id.is_none() {
+                self.deliver(channel, None, &earlier.content, earlier.id)
+                    .await?;
+            }
+            return Ok(());
+        }
+        let _ = channel.broadcast_typing(self.http()).await;
+        let ch = DiscordChannel { bot: self, channel };
+        let (sent, finished, stored) = streaming::answer(
+            &self.core,
+            conv.id,
+            user.id,
+            &text,
+            &message_id,
+            &ch,
+            MAX_MESSAGE_CHARS,
+        )
+        .await?;
+        self.deliver(channel, sent, &finished.text, stored.id).await
+    }
+
+    /// Send a stored reply's final text (editing the streamed message `sent` when there is
+    /// one), split at the length limit; add the rating reactions to its first part and
+    /// record that part's Discord id.
+    pub(super) async fn deliver(
+        &self,
+        channel: ChannelId,
+        sent: Option<MessageId>,
+        text: &str,
+        stored_id: i64,
+    ) -> anyhow::Result<()> {
+        let full = streaming::shown_text(text);
+        let mut first = None;
+        for (i, part) in split_message(&full, MAX_MESSAGE_CHARS).iter().enumerate() {
+            let id = match (i, sent) {
+                (0, Some(id)) => {
+                    retry("edit message", || {
+                        channel.edit_message(self.http(), id, EditMessage::new().content(part))
+                    })
+                    .await?;
+                    id
+                }
+                _ => self.say(channel, part).await?.id,
+            };
+            first.get_or_insert(id);
+        }
+        let Some(first) = first else {
+            return Ok(());
+        };
+        self.core
+            .db
+            .set_platform_message_id(stored_id, &first.get().to_string())
+            .await?;
+        for emoji in [THUMBS_UP, THUMBS_DOWN] {
+            if let Err(e) = retry("add reaction", || {
+                channel.create_reaction(
+                    self.http(),
+                    first,
+                    ReactionType::Unicode(emoji.to_string()),
+                )
+            })
+            .await
+            {
+                // A missing permission must not fail the reply: people can still react.
+                tracing::info!("discord: cannot add {emoji} to a reply: {e}");
+            }
+        }
+        Ok(())
+    }
+}
