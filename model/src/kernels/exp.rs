@@ -65,6 +65,14 @@ pub(crate) fn silu_mul(g: f32, u: f32) -> f32 {
     g * sigmoid(g) * u
 }
 
+/// The backward of [`silu_mul`] given `da`: `(dg, du)`, with
+/// `silu'(g) = sigmoid(g) (1 + g (1 - sigmoid(g)))`.
+#[inline]
+pub(crate) fn silu_mul_grad(g: f32, u: f32, da: f32) -> (f32, f32) {
+    let sg = sigmoid(g);
+    (da * u * sg * (1.0 + g * (1.0 - sg)), da * g * sg)
+}
+
 #[cfg(test)]
 mod tests {
     use super::fast_exp;

@@ -16,8 +16,14 @@
 //!   `exp`; the output head's softmax, loss, accuracy and gradient are one pass per row
 //!   over its logits, which become the logits' gradient in place.
 
-use super::{Ctx, DenseLlama, Dropout, Grads, PassStats, TrainBatch, peft_name, profile};
-use crate::kernels::exp::{exp_sub, sigmoid, silu_mul};
+use super::batch::{Grads, HostBatch, PassStats, TrainBatch};
+use super::ctx::Ctx;
+use super::dense::DenseLlama;
+use super::dropout::Dropout;
+use super::fused;
+use super::lora_params::LoraParams;
+use super::profile;
+use crate::kernels::exp::{exp_sub, silu_mul, silu_mul_grad};
 use crate::kernels::gemm::{View, gemm};
 use crate::kernels::norm::{rms_bwd_add, rms_fwd};
 use crate::kernels::pool::{BufPool, par_rows, pool_items};
@@ -25,6 +31,7 @@ use crate::kernels::reduce::{dot_f32, max_f32};
 use crate::kernels::rope::rope_rows;
 use crate::kernels::shared::SharedBuf;
 use crate::llama::Projection;
+use crate::lora::peft_name;
 use candle_core::{DType, Result, Tensor};
 use std::sync::Mutex;
 
@@ -33,58 +40,9 @@ const BLK: usize = 64;
 /// Scored rows of the output head at once (bounds the `[rows, vocab]` logits buffer).
 const HEAD_CHUNK: usize = 512;
 
-/// Per-batch data of the host path.
-#[derive(Debug)]
-pub(super) struct HostBatch {
-    /// `[tokens, head_dim / 2]` rotary tables at each token's position.
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-    /// Per token, the first position (within its row) it may attend to: it sees
-    /// `lo..=i`. Padding sees only itself.
-    lo: Vec<u32>,
-}
-
-impl HostBatch {
-    /// `None` when some token's visible keys are not one contiguous range (a packed
-    /// example split in two): the generic path's mask handles that.
-    pub(super) fn new(rows: &[super::Row], cos: &Tensor, sin: &Tensor) -> Result<Option<Self>> {
-        let mut lo = Vec::with_capacity(rows.len() * rows.first().map_or(0, |r| r.tokens.len()));
-        for r in rows {
-            let mut seen_ended = std::collections::HashSet::new();
-            let mut start = 0usize;
-            for i in 0..r.segments.len() {
-                let s = r.segments[i];
-                if i > 0 && r.segments[i - 1] != s {
-                    if r.segments[i - 1] != 0 {
-                        seen_ended.insert(r.segments[i - 1]);
-                    }
-                    start = i;
-                }
-                if s == 0 {
-                    lo.push(i as u32);
-                } else {
-                    if seen_ended.contains(&s) {
-                        return Ok(None);
-                    }
-                    lo.push(start as u32);
-                }
-            }
-        }
-        Ok(Some(Self {
-            cos: cos.flatten_all()?.to_vec1()?,
-            sin: sin.flatten_all()?.to_vec1()?,
-            lo,
-        }))
-    }
-}
-
 /// Whether the host path runs this pass: f32 on the CPU, f32 LoRA weights, a batch it
 /// can mask.
-pub(super) fn applies(
-    model: &DenseLlama,
-    lora: Option<&super::LoraParams>,
-    batch: &TrainBatch,
-) -> bool {
+pub(super) fn applies(model: &DenseLlama, lora: Option<&LoraParams>, batch: &TrainBatch) -> bool {
     model.device.is_cpu()
         && model.dtype == DType::F32
         && batch.host.is_some()
@@ -764,7 +722,7 @@ pub(super) fn layer_fwd(
     let x = &x.contiguous()?;
     let x_in = x.clone();
     let bufs = &m.host_bufs;
-    let (x3, x2, cache) = super::fused::host_f32(&[x, wqkv, wo, wgu, wd], |sl| -> Result<_> {
+    let (x3, x2, cache) = fused::host_f32(&[x, wqkv, wo, wgu, wd], |sl| -> Result<_> {
         let [x, wqkv, wo, wgu, wd] = sl else {
             unreachable!("five tensors in, five slices out")
         };
@@ -942,7 +900,7 @@ pub(super) fn layer_bwd(
     let (n, h, inter) = (d.n, d.h, d.inter);
     let bufs = &m.host_bufs;
     let dx3 = &dx3.contiguous()?;
-    let dx = super::fused::host_f32(&[dx3, &c.x, wqkv, wo, wgu, wd], |sl| -> Result<_> {
+    let dx = fused::host_f32(&[dx3, &c.x, wqkv, wo, wgu, wd], |sl| -> Result<_> {
         let [dx3, x, wqkv, wo, wgu, wd] = sl else {
             unreachable!("six tensors in, six slices out")
         };
@@ -973,10 +931,7 @@ pub(super) fn layer_bwd(
             let dr = &da[r * inter..(r + 1) * inter];
             let (dg, du) = out.split_at_mut(inter);
             for j in 0..inter {
-                let (x, up, dav) = (g[j], u[j], dr[j]);
-                let sg = sigmoid(x);
-                dg[j] = dav * up * sg * (1.0 + x * (1.0 - sg));
-                du[j] = dav * x * sg;
+                (dg[j], du[j]) = silu_mul_grad(g[j], u[j], dr[j]);
             }
         });
         bufs.put(da);
@@ -1084,7 +1039,7 @@ pub(super) fn head(
     let h = model.config.hidden_size;
     let n = batch.scored_idx.len();
     let hf = hf.contiguous()?;
-    let out = super::fused::host_f32(&[&hf, w], |sl| -> Result<_> {
+    let out = fused::host_f32(&[&hf, w], |sl| -> Result<_> {
         let [hf, w] = sl else {
             unreachable!("two tensors in, two slices out")
         };

@@ -1,0 +1,226 @@
+//! One micro-batch's forward and backward through every layer and the output head, and
+//! evaluation.
+
+use super::batch::{BaseTrain, Grads, PassOptions, PassStats, TrainBatch};
+use super::ctx::Ctx;
+use super::dense::DenseLlama;
+use super::graph::Saved;
+use super::host;
+use super::host::Keep;
+use super::lora_params::LoraParams;
+use super::ops::{mm, rms_norm, rms_norm_bwd};
+use super::profile;
+use candle_core::Result;
+use candle_core::{D, DType, Tensor};
+
+/// Rows of the output head processed at once: bounds the `[rows, vocab]` logits buffer.
+pub(super) const HEAD_CHUNK: usize = 256;
+
+impl DenseLlama {
+    /// Forward and backward over one micro-batch: gradients (times `opts.grad_scale`) are
+    /// accumulated into `grads`; returns the loss statistics.
+    pub fn forward_backward(
+        &self,
+        lora: Option<&LoraParams>,
+        train: &BaseTrain,
+        batch: &TrainBatch,
+        opts: &PassOptions,
+        grads: &mut Grads,
+    ) -> Result<PassStats> {
+        let ctx = Ctx {
+            model: self,
+            lora,
+            batch,
+            dropout_seed: Some(opts.dropout_seed),
+        };
+        let n_layers = self.blocks.len();
+        let host = host::applies(self, lora, batch);
+        if host {
+            self.host_bufs.begin((batch.batch, batch.seq));
+        }
+        let mut x = self.embed.index_select(&batch.input_ids, 0)?;
+        let mut inputs = Vec::with_capacity(n_layers);
+        let mut caches = Vec::with_capacity(n_layers);
+        for i in 0..n_layers {
+            // Under checkpointing a layer keeps only its input and recomputes the rest in
+            // the backward; not the top layer, whose backward follows the head at once:
+            // recomputing it would cost a layer's forward to save memory the backward
+            // needs again right away.
+            let keep = if !opts.checkpointing || i + 1 == n_layers {
+                Keep::All
+            } else {
+                Keep::Mid
+            };
+            let (next, cache, ckpt) = profile::time("layer forward (total)", || {
+                ctx.any_layer_fwd(i, &x, keep, host, train)
+            })?;
+            match ckpt {
+                Some(c) => inputs.push(c),
+                None => caches.push(cache),
+            }
+            x = next;
+        }
+        let hf = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
+        let (stats, dhf) = profile::time("head (total)", || {
+            if host && !train.embeddings {
+                host::head(self, &hf, batch, Some(opts.grad_scale))
+            } else {
+                self.head(&hf, batch, Some((opts.grad_scale, train, &mut *grads)))
+            }
+        })?;
+        let dhf = dhf.ok_or_else(|| candle_core::Error::Msg("no head gradient".into()))?;
+        let (mut dx, dg) = rms_norm_bwd(
+            &x,
+            &self.norm,
+            &dhf,
+            self.config.rms_norm_eps,
+            train.final_norm,
+        )?;
+        if let Some(g) = dg {
+            grads.accumulate("model.norm.weight".into(), g)?;
+        }
+        drop((x, hf, dhf));
+
+        // The lowest layer whose backward matters: the first with a trainable parameter.
+        let lowest = if train.embeddings {
+            0
+        } else {
+            (0..n_layers)
+                .find(|&i| {
+                    i >= train.first_layer
+                        || lora.is_some_and(|l| l.layers[i].iter().any(Option::is_some))
+                })
+                .unwrap_or(n_layers)
+        };
+        for i in (lowest..n_layers).rev() {
+            let cache = if opts.checkpointing && i + 1 < n_layers {
+                let ckpt = inputs
+                    .pop()
+                    .ok_or_else(|| candle_core::Error::Msg("lost input".into()))?;
+                profile::time("layer recompute (total)", || {
+                    ctx.layer_recompute(i, ckpt, host, train)
+                })?
+            } else {
+                caches.pop().flatten()
+            };
+            let cache = cache.ok_or_else(|| candle_core::Error::Msg("lost layer cache".into()))?;
+            let need_dx = i > lowest || train.embeddings;
+            match profile::time("layer backward (total)", || match cache {
+                Saved::Generic(c) => ctx.layer_bwd(i, &c, &dx, train, need_dx, grads),
+                Saved::Host(c) => host::layer_bwd(&ctx, i, *c, &dx, need_dx, grads),
+            })? {
+                Some(d) => dx = d,
+                None => break,
+            }
+        }
+        if train.embeddings {
+            let ge = self
+                .embed
+                .zeros_like()?
+                .index_add(&batch.input_ids, &dx, 0)?;
+            grads.accumulate("model.embed_tokens.weight".into(), ge)?;
+        }
+        Ok(stats)
+    }
+
+    /// Loss statistics without gradients (evaluation; no dropout).
+    pub fn evaluate(&self, lora: Option<&LoraParams>, batch: &TrainBatch) -> Result<PassStats> {
+        let ctx = Ctx {
+            model: self,
+            lora,
+            batch,
+            dropout_seed: None,
+        };
+        let host = host::applies(self, lora, batch);
+        if host {
+            self.host_bufs.begin((batch.batch, batch.seq));
+        }
+        let frozen = BaseTrain::frozen(self.blocks.len());
+        let mut x = self.embed.index_select(&batch.input_ids, 0)?;
+        for i in 0..self.blocks.len() {
+            x = ctx.any_layer_fwd(i, &x, Keep::Nothing, host, &frozen)?.0;
+        }
+        let hf = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
+        if host {
+            return Ok(host::head(self, &hf, batch, None)?.0);
+        }
+        Ok(self.head(&hf, batch, None)?.0)
+    }
+
+    /// Cross-entropy over the scored rows of `hf` (`[n, hidden]`, after the final norm),
+    /// `HEAD_CHUNK` rows at a time; with `backward`, the gradient w.r.t. `hf`.
+    pub(super) fn head(
+        &self,
+        hf: &Tensor,
+        batch: &TrainBatch,
+        mut backward: Option<(f64, &BaseTrain, &mut Grads)>,
+    ) -> Result<(PassStats, Option<Tensor>)> {
+        let w = self.head_weight();
+        let dev = &self.device;
+        let mut stats = PassStats::default();
+        let mut dhf = match backward {
+            Some(_) => Some(hf.zeros_like()?),
+            None => None,
+        };
+        let head_name = if self.lm_head.is_some() {
+            "lm_head.weight"
+        } else {
+            "model.embed_tokens.weight"
+        };
+        // Softmax in f32 at least (f64 for the gradient checks).
+        let cdt = if self.dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let n = batch.scored_idx.len();
+        let mut start = 0;
+        while start < n {
+            let len = HEAD_CHUNK.min(n - start);
+            let idx = Tensor::from_slice(&batch.scored_idx[start..start + len], len, dev)?;
+            let tgt = Tensor::from_slice(&batch.scored_targets[start..start + len], (len, 1), dev)?;
+            let wts = &batch.scored_weights[start..start + len];
+            let hs = hf.index_select(&idx, 0)?;
+            let logits = mm("head logits", &hs, &w.t()?)?.to_dtype(cdt)?;
+            let mx = logits.max_keepdim(D::Minus1)?;
+            let z = logits.broadcast_sub(&mx)?;
+            drop(logits);
+            let lse = z.exp()?.sum_keepdim(D::Minus1)?.log()?;
+            let zt = z.gather(&tgt, D::Minus1)?;
+            let nll: Vec<f64> = (&lse - &zt)?
+                .flatten_all()?
+                .to_dtype(DType::F64)?
+                .to_vec1()?;
+            let argmax: Vec<u32> = z.argmax(D::Minus1)?.to_vec1()?;
+            for (k, &l) in nll.iter().enumerate() {
+                stats.weighted_nll += wts[k] as f64 * l;
+                stats.weight_sum += wts[k] as f64;
+                stats.scored += 1;
+                if argmax[k] == batch.scored_targets[start + k] {
+                    stats.correct += 1;
+                }
+            }
+            if let Some((grad_scale, train, grads)) = backward.as_mut() {
+                // d loss / d logits = w (softmax - onehot), times the step's 1 / sum(w).
+                let ws: Vec<f32> = wts
+                    .iter()
+                    .map(|&w| (w as f64 * *grad_scale) as f32)
+                    .collect();
+                let ws = Tensor::from_vec(ws, (len, 1), dev)?.to_dtype(cdt)?;
+                let p = z.broadcast_sub(&lse)?.exp()?;
+                drop(z);
+                let onehot = p.zeros_like()?.scatter_add(&tgt, &ws, D::Minus1)?;
+                let dlogits = (p.broadcast_mul(&ws)? - onehot)?.to_dtype(self.dtype)?;
+                let dhs = mm("head dlogits W", &dlogits, w)?;
+                if let Some(d) = dhf.as_mut() {
+                    *d = d.index_add(&idx, &dhs, 0)?;
+                }
+                if train.embeddings {
+                    grads.accumulate(head_name.into(), mm("head dW", &dlogits.t()?, &hs)?)?;
+                }
+            }
+            start += len;
+        }
+        Ok((stats, dhf))
+    }
+}
