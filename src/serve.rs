@@ -9,6 +9,8 @@ use loraloop_core::{Config, Db, Services};
 use loraloop_model::device::{device_name, select_device};
 use loraloop_model::engine::{Engine, LoadedModel};
 use loraloop_web::AppState;
+use secrecy::SecretString;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -251,38 +253,18 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
     } else {
         (None, None)
     };
-    let wants = |kind: BotKind| opts.only_bot.is_none_or(|k| k == kind);
-    let telegram = match core.config.secrets.telegram_bot_token.clone() {
-        Some(token) if wants(BotKind::Telegram) => {
-            let stop = Arc::new(Notify::new());
-            let bot = tokio::spawn(loraloop_bots::telegram::run(
-                core.clone(),
-                telegram_inbox,
-                token,
-                stop.clone(),
-            ));
-            Some((stop, bot))
-        }
-        None if opts.only_bot == Some(BotKind::Telegram) => {
-            anyhow::bail!("the Telegram bot needs its token: set TELEGRAM_BOT_TOKEN")
-        }
-        _ => None,
-    };
-    let discord = match core.config.secrets.discord_bot_token.clone() {
-        Some(token) if wants(BotKind::Discord) => {
-            let stop = Arc::new(Notify::new());
-            let bot = tokio::spawn(loraloop_bots::discord::run(
-                core.clone(),
-                token,
-                stop.clone(),
-            ));
-            Some((stop, bot))
-        }
-        None if opts.only_bot == Some(BotKind::Discord) => {
-            anyhow::bail!("the Discord bot needs its token: set DISCORD_BOT_TOKEN")
-        }
-        _ => None,
-    };
+    let telegram = start_bot(
+        core.config.secrets.telegram_bot_token.clone(),
+        BotKind::Telegram,
+        &opts,
+        |token, stop| loraloop_bots::telegram::run(core.clone(), telegram_inbox, token, stop),
+    )?;
+    let discord = start_bot(
+        core.config.secrets.discord_bot_token.clone(),
+        BotKind::Discord,
+        &opts,
+        |token, stop| loraloop_bots::discord::run(core.clone(), token, stop),
+    )?;
     // A bot alone serves what another process (`loraloop serve`) activates.
     let follower = opts.only_bot.map(|_| {
         let core = core.clone();
@@ -312,4 +294,32 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
         telegram,
         discord,
     })
+}
+
+/// Start the `kind` bot when its token is set and this run wants it; a bot run alone
+/// without its token is an error naming the variable to set.
+fn start_bot<Fut>(
+    token: Option<SecretString>,
+    kind: BotKind,
+    opts: &ServeOptions,
+    run: impl FnOnce(SecretString, Arc<Notify>) -> Fut,
+) -> anyhow::Result<Option<Bot>>
+where
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let wanted = opts.only_bot.is_none_or(|k| k == kind);
+    match token {
+        Some(token) if wanted => {
+            let stop = Arc::new(Notify::new());
+            Ok(Some((stop.clone(), tokio::spawn(run(token, stop)))))
+        }
+        None if opts.only_bot == Some(kind) => {
+            let var = match kind {
+                BotKind::Telegram => ("Telegram", "TELEGRAM_BOT_TOKEN"),
+                BotKind::Discord => ("Discord", "DISCORD_BOT_TOKEN"),
+            };
+            anyhow::bail!("the {} bot needs its token: set {}", var.0, var.1)
+        }
+        _ => Ok(None),
+    }
 }

@@ -3,6 +3,7 @@
 //! the texts users see) lives beside them. A bot holds no business logic of its own: the
 //! conversation, the prompt and the adapter are the chat service's.
 
+pub mod backoff;
 pub mod discord;
 pub mod queue;
 pub mod rate_limit;

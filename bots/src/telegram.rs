@@ -9,6 +9,7 @@
 //! edited as tokens arrive (at most once a second per chat); the final text always
 //! arrives complete, split at Telegram's 4,096-character limit, with 👍/👎 buttons.
 
+use crate::backoff::{self, Wait};
 use crate::queue::{UpdateHandler, UpdateQueue};
 use crate::rate_limit::RateLimiter;
 use crate::streaming::{self, split_message};
@@ -182,29 +183,18 @@ impl TelegramBot {
 
 /// Retry a Telegram call on transient errors (429 with `retry_after`, network, 5xx) with
 /// backoff; a permanent error (blocked, chat not found, bad request) returns at once.
-pub async fn retry<T, F, Fut>(what: &str, mut call: F) -> Result<T, RequestError>
+pub async fn retry<T, F, Fut>(what: &str, call: F) -> Result<T, RequestError>
 where
     F: FnMut() -> Fut,
     Fut: IntoFuture<Output = Result<T, RequestError>>,
 {
-    let mut delay = Duration::from_millis(250);
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match call().await {
-            Ok(v) => return Ok(v),
-            Err(RequestError::RetryAfter(s)) if attempt < 8 => {
-                tracing::debug!("telegram {what}: rate limited for {} s", s.seconds());
-                tokio::time::sleep(s.duration()).await;
-            }
-            Err(e) if attempt < 8 && transient(&e) => {
-                tracing::debug!("telegram {what}: {e}; retrying in {delay:?}");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(8));
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    backoff::retry("telegram", what, call, |e| match e {
+        RequestError::RetryAfter(s) => Some(Wait::Exactly(s.duration())),
+        e => transient(e).then_some(Wait::Backoff {
+            at_least: Duration::ZERO,
+        }),
+    })
+    .await
 }
 
 fn transient(e: &RequestError) -> bool {

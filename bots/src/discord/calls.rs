@@ -1,5 +1,6 @@
 //! Discord REST calls: retries with backoff on transient errors, and nonces.
 
+use crate::backoff::{self, Wait};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -8,30 +9,21 @@ use std::time::Duration;
 /// error (missing permission, unknown channel, bad request) returns at once. (With a proxy
 /// serenity's own rate limiter is off, so a 429 reaches this; serenity does not hand over
 /// the answer's `retry_after` or `Retry-After`, so a 429 waits at least a second.)
-pub async fn retry<T, F, Fut>(what: &str, mut call: F) -> serenity::Result<T>
+pub async fn retry<T, F, Fut>(what: &str, call: F) -> serenity::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = serenity::Result<T>>,
 {
-    let mut delay = Duration::from_millis(250);
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match call().await {
-            Ok(v) => return Ok(v),
-            Err(e) if attempt < 8 && transient(&e) => {
-                let wait = if status(&e) == Some(429) {
-                    delay.max(Duration::from_secs(1))
-                } else {
-                    delay
-                };
-                tracing::debug!("discord {what}: {e}; retrying in {wait:?}");
-                tokio::time::sleep(wait).await;
-                delay = (delay * 2).min(Duration::from_secs(8));
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    backoff::retry("discord", what, call, |e| {
+        transient(e).then(|| Wait::Backoff {
+            at_least: if status(e) == Some(429) {
+                Duration::from_secs(1)
+            } else {
+                Duration::ZERO
+            },
+        })
+    })
+    .await
 }
 
 pub(super) fn status(e: &serenity::Error) -> Option<u16> {

@@ -18,12 +18,13 @@ use std::sync::Arc;
 pub const HISTORY_MESSAGES: i64 = 24;
 
 pub struct ChatService {
-    db: Db,
-    engine: Engine,
-    assistant: Assistant,
-    adapters: Arc<AdapterService>,
-    metrics: Arc<Metrics>,
-    sampling: SamplingParams,
+    pub(super) db: Db,
+    pub(super) engine: Engine,
+    pub(super) assistant: Assistant,
+    pub(super) adapters: Arc<AdapterService>,
+    pub(super) metrics: Arc<Metrics>,
+    /// The engine's sampling settings (`generation:` in the config).
+    pub(super) sampling: SamplingParams,
 }
 
 /// A reply being generated for a stored conversation.
@@ -35,24 +36,6 @@ pub struct Turn {
 }
 
 impl ChatService {
-    pub fn new(
-        db: Db,
-        engine: Engine,
-        assistant: Assistant,
-        adapters: Arc<AdapterService>,
-        metrics: Arc<Metrics>,
-        sampling: SamplingParams,
-    ) -> Self {
-        Self {
-            db,
-            engine,
-            assistant,
-            adapters,
-            metrics,
-            sampling,
-        }
-    }
-
     /// The engine's sampling settings (`generation:` in the config).
     pub fn sampling(&self) -> SamplingParams {
         self.sampling.clone()
@@ -61,6 +44,19 @@ impl ChatService {
     /// The operator's playground conversation: one open conversation on the `web`
     /// platform, until "New conversation" closes it.
     pub async fn playground_conversation(&self, new: bool) -> Result<i64> {
+        Ok(self.playground(new).await?.0)
+    }
+
+    /// Store `text` as the operator's message in the playground conversation and start
+    /// the reply on `adapter`.
+    pub async fn start_playground_turn(&self, text: &str, adapter: AdapterChoice) -> Result<Turn> {
+        let (conversation, operator) = self.playground(false).await?;
+        self.start_turn(conversation, Some(operator), text, adapter)
+            .await
+    }
+
+    /// The playground conversation (a new one with `new`) and the operator's user row.
+    async fn playground(&self, new: bool) -> Result<(i64, i64)> {
         let chat = self
             .db
             .upsert_chat(Platform::Web, "playground", "private", Some("Playground"))
@@ -77,11 +73,11 @@ impl ChatService {
                 Some("Operator"),
             )
             .await?;
-        Ok(self
+        let conversation = self
             .db
             .current_conversation(self.assistant.id, chat, None, Some(user.id))
-            .await?
-            .id)
+            .await?;
+        Ok((conversation.id, user.id))
     }
 
     /// Store `text` as the user's message in `conversation_id` and start the reply.

@@ -65,14 +65,14 @@ impl Services {
             p.assistant.clone(),
             metrics.clone(),
         ));
-        let chat = ChatService::new(
-            p.db.clone(),
-            p.engine.clone(),
-            p.assistant.clone(),
-            adapters.clone(),
-            metrics.clone(),
-            p.config.raw.generation.sampling_params(),
-        );
+        let chat = ChatService {
+            db: p.db.clone(),
+            engine: p.engine.clone(),
+            assistant: p.assistant.clone(),
+            adapters: adapters.clone(),
+            metrics: metrics.clone(),
+            sampling: p.config.raw.generation.sampling_params(),
+        };
         Self(Arc::new(Inner {
             db: p.db,
             config: p.config,

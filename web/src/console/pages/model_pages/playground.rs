@@ -15,7 +15,6 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use loraloop_core::service::Turn;
-use loraloop_core::storage::Platform;
 use loraloop_model::engine::{AdapterChoice, Event};
 use serde::Deserialize;
 use serde_json::json;
@@ -173,21 +172,10 @@ async fn choice_for(state: &AppState, sel: &str) -> Result<AdapterChoice, ApiErr
 /// Store the user's message in the playground conversation and start the reply.
 async fn begin(state: &AppState, message: &str, adapter: &str) -> Result<Turn, ApiError> {
     let choice = choice_for(state, adapter).await?;
-    let conversation = state.core.chat.playground_conversation(false).await?;
-    let user = state
-        .core
-        .db
-        .upsert_platform_user(
-            Platform::Web,
-            "operator",
-            Some("operator"),
-            Some("Operator"),
-        )
-        .await?;
     Ok(state
         .core
         .chat
-        .start_turn(conversation, Some(user.id), message, choice)
+        .start_playground_turn(message, choice)
         .await?)
 }
 
