@@ -56,12 +56,26 @@ async fn users_chat_rate_and_use_every_command() {
         assert_eq!(texts.len(), 1, "one reply message for {u}: {texts:?}");
     }
     let db = &s.server.state.db;
-    let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
-        "select m.role, m.content, m.platform_message_id from messages m order by m.id",
-    )
-    .fetch_all(db.pool())
-    .await
-    .unwrap();
+    // The bot records a reply's Telegram id once Telegram has answered the send, so just
+    // after the fake saw the last reply its id may not be stored yet: wait for it.
+    let stored = || async {
+        let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
+            "select m.role, m.content, m.platform_message_id from messages m order by m.id",
+        )
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
+        rows
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut rows = stored().await;
+    while rows.len() < 6 || rows.iter().any(|r| r.2.is_none()) {
+        if std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        rows = stored().await;
+    }
     assert_eq!(rows.iter().filter(|r| r.0 == "user").count(), 3);
     assert_eq!(rows.iter().filter(|r| r.0 == "assistant").count(), 3);
     assert!(
