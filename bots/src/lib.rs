@@ -10,3 +10,9 @@ pub mod rate_limit;
 pub mod streaming;
 pub mod telegram;
 pub mod text;
+
+/// A mutex's guard, also after a panic elsewhere poisoned it (the state it guards stays
+/// consistent: every holder only inserts or removes whole entries).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

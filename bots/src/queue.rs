@@ -6,13 +6,14 @@
 //! queued. On stop, workers finish the update in hand (within a grace period) and take no
 //! other: what is left stays pending in the database for the next start.
 
+use crate::lock;
 use crate::streaming::finish_update;
 use loraloop_core::storage::{Db, PendingUpdate, Platform};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -33,10 +34,6 @@ pub struct UpdateQueue<K> {
     tasks: Mutex<JoinSet<()>>,
     /// Set on stop: nothing new is handed out or started.
     stopping: AtomicBool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl<K: Copy + Eq + Hash + Send + Sync + 'static> UpdateQueue<K> {

@@ -48,10 +48,6 @@ pub struct DiscordBot {
     pub(super) refused: Mutex<HashMap<u64, Instant>>,
 }
 
-pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl UpdateHandler for DiscordBot {
     async fn handle(&self, update: &PendingUpdate) -> anyhow::Result<()> {
         let m: Message = serde_json::from_str(&update.payload)

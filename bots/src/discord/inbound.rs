@@ -1,6 +1,7 @@
 //! Messages from the gateway: whether the bot answers them (where, allowlists, refusals), storing them, and handing the stored ones to the update queue.
 
-use super::bot::{DiscordBot, Place, lock};
+use super::bot::{DiscordBot, Place};
+use crate::lock;
 use crate::text;
 use loraloop_core::storage::Platform;
 use serenity::all::{ChannelId, GuildId, Message, MessageType};

@@ -1,7 +1,8 @@
 //! Answering a stored message: the conversation (a thread for a mention), the streamed reply, the final text split at Discord's limit with the rating reactions.
 
-use super::bot::{DiscordBot, Place, THUMBS_DOWN, THUMBS_UP, lock};
+use super::bot::{DiscordBot, Place, THUMBS_DOWN, THUMBS_UP};
 use super::calls::{error_code, new_nonce, retry};
+use crate::lock;
 use crate::streaming::{self, split_message};
 use crate::text;
 use loraloop_core::storage::Platform;
