@@ -209,6 +209,7 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
             device: dev.clone(),
             // A job on the served model trains on the engine's weights (one copy in memory).
             shared_model: Some((core.model.path.clone(), core.engine.shared_model())),
+            gate: loraloop_trainer::job_card::GateOptions::from_config(&core.config),
         };
         tokio::spawn(loraloop_trainer::worker::run_worker(
             core.db.clone(),

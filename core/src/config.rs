@@ -7,6 +7,7 @@
 //! `LORALOOP_SERVER__PORT=9000` sets `server.port`, `LORALOOP_DATA_DIR=/srv/ll` sets
 //! `data_dir`. Values are read as YAML scalars (`9000` is a number, `[1, 2]` a list).
 
+use crate::gate::{ActivationPolicy, GateConfig};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -105,6 +106,8 @@ pub struct RawConfig {
     pub generation: GenerationConfig,
     pub telegram: TelegramConfig,
     pub discord: DiscordConfig,
+    /// The thresholds a new adapter's report card is held to.
+    pub gate: GateConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -121,6 +124,8 @@ pub struct ServerConfig {
 pub struct AssistantConfig {
     pub name: String,
     pub system_prompt: String,
+    /// How a finished job's adapter reaches users: `manual` or `gate`.
+    pub activation: ActivationPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -198,6 +203,7 @@ impl Default for RawConfig {
             generation: GenerationConfig::default(),
             telegram: TelegramConfig::default(),
             discord: DiscordConfig::default(),
+            gate: GateConfig::default(),
         }
     }
 }
@@ -217,6 +223,7 @@ impl Default for AssistantConfig {
         Self {
             name: "loraloop".to_string(),
             system_prompt: "You are a helpful assistant.".to_string(),
+            activation: ActivationPolicy::default(),
         }
     }
 }
@@ -456,6 +463,9 @@ impl Config {
                 "assistant.name",
                 "got an empty string; allowed: any non-empty name".to_string(),
             ));
+        }
+        if let Err((key, message)) = raw.gate.check() {
+            return Err(invalid(key, message));
         }
         if !is_http_url(&raw.telegram.api_url) {
             return Err(invalid(

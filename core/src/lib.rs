@@ -7,6 +7,7 @@
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod gate;
 pub mod inbox;
 pub mod metrics;
 pub mod service;

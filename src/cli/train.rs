@@ -642,6 +642,7 @@ pub async fn worker(config: &Config, args: &WorkerArgs) -> anyhow::Result<ExitCo
             poll_interval: Duration::from_secs_f64(args.poll_secs.max(0.05)),
             device,
             shared_model: None,
+            gate: loraloop_trainer::job_card::GateOptions::from_config(config),
         },
         shutdown,
     )

@@ -12,13 +12,27 @@ pub fn greedy_reply(
     messages: &[TemplateMessage],
     max_new_tokens: usize,
 ) -> Result<String, String> {
+    let (_, out) = greedy_tokens(model, adapter, messages, max_new_tokens)?;
+    model
+        .tokenizer
+        .decode(&out, true)
+        .map_err(|e| e.to_string())
+}
+
+/// The prompt's tokens and the greedy reply's (without the end-of-turn token).
+pub fn greedy_tokens(
+    model: &LoadedModel,
+    adapter: Option<&LoraAdapter>,
+    messages: &[TemplateMessage],
+    max_new_tokens: usize,
+) -> Result<(Vec<u32>, Vec<u32>), String> {
     let (prompt, _) = model
         .chat_prompt(messages, max_new_tokens)
         .map_err(|e| e.to_string())?;
     let llama = &model.llama;
     let eos = model.tokenizer.eos_token_ids();
     let mut cache = llama.new_cache();
-    let mut input = prompt;
+    let mut input = prompt.clone();
     let mut out = Vec::new();
     for _ in 0..max_new_tokens {
         let t = candle_core::Tensor::new(input.as_slice(), &llama.device)
@@ -38,8 +52,5 @@ pub fn greedy_reply(
         out.push(next);
         input = vec![next];
     }
-    model
-        .tokenizer
-        .decode(&out, true)
-        .map_err(|e| e.to_string())
+    Ok((prompt, out))
 }

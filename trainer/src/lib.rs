@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod bench;
+pub mod card;
 pub mod checkpoint;
 pub mod config;
 pub mod dataset;
@@ -12,6 +13,7 @@ pub mod evaluate;
 pub mod events;
 pub mod fingerprint;
 pub mod generate;
+pub mod job_card;
 pub mod optim;
 pub mod plan;
 pub mod replay;

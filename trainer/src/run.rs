@@ -276,7 +276,7 @@ fn train_inner(
         model: job.model,
         base_model_hash: &job.base_model_hash,
     };
-    TrainingLoop {
+    let mut outcome = TrainingLoop {
         config: c,
         trainable: tr,
         opt,
@@ -286,5 +286,7 @@ fn train_inner(
         save,
         output_dir: job.output_dir.clone(),
     }
-    .run(cancel, on_event)
+    .run(cancel, on_event)?;
+    outcome.heldout = eval_ex;
+    Ok(outcome)
 }

@@ -13,7 +13,7 @@ pub const LORA_DTYPE: DType = DType::F32;
 /// The LoRA of the PEFT adapter folder `dir`, to train further on `dense`: the adapter's
 /// shape (rank, alpha, targets) and weights, with `lora_dropout` (this run's) instead of
 /// the dropout it was trained with.
-pub(crate) fn read_adapter(
+pub fn read_adapter(
     dir: &Path,
     dense: &DenseLlama,
     lora_dropout: f64,

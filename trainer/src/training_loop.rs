@@ -11,6 +11,7 @@ use crate::events::{Ending, EvalMetrics, TrainEvent};
 use crate::optim::{AdamW, global_norm};
 use crate::tokenize::TokenizedExample;
 use crate::trainable::Trainable;
+use loraloop_core::domain::ChatExample;
 use loraloop_model::train::{Grads, PassOptions, PassStats, Row, TrainBatch};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +29,8 @@ pub struct TrainOutcome {
     /// The folder with the trained weights (the output folder; a checkpoint if cancelled).
     pub adapter_dir: PathBuf,
     pub state: TrainerState,
+    /// The examples held out of training (for the report card).
+    pub heldout: Vec<ChatExample>,
 }
 
 /// A run ready to step: what trains, the planned steps, the optimizer and the trainer
@@ -173,6 +176,7 @@ impl TrainingLoop<'_> {
             output_dir: self.output_dir,
             adapter_dir,
             state: self.state,
+            heldout: Vec::new(),
         })
     }
 

@@ -10,10 +10,12 @@ use crate::checkpoint::{AdapterMetadata, Checkpoint, TRAINER_STATE_FILE};
 use crate::config::{Method, TrainFile};
 use crate::events::{Ending, TrainEvent};
 use crate::fingerprint::hash_model;
+use crate::job_card::{self, GateOptions};
 use crate::run::{TrainJob, auto_train_dtype, train};
 use candle_core::Device;
 use loraloop_core::storage::{Db, JobState, NewAdapter, NewTrainingEvent, TrainingJob};
 use loraloop_model::engine::LoadedModel;
+use loraloop_model::train::DenseLlama;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,6 +34,8 @@ pub struct WorkerOptions {
     /// training copy shares its tensors where the dtypes match (a Hugging Face folder:
     /// f32 on the CPU, bf16 on CUDA); quantized GGUF weights are dequantized for training.
     pub shared_model: Option<(PathBuf, Arc<LoadedModel>)>,
+    /// The report card's thresholds and what the activation policy does with a card.
+    pub gate: GateOptions,
 }
 
 /// The loaded model a job on `path` uses: `shared` when it is the same model file.
@@ -175,12 +179,17 @@ async fn run_job(
         file.finetuning_type = Some(job.method.clone());
     }
     let config = file.validate()?;
-    let examples: Vec<_> = db
-        .dataset_examples(job.dataset_id)
-        .await?
-        .into_iter()
-        .map(|e| e.example)
+    let stored = db.dataset_examples(job.dataset_id).await?;
+    let trained_on = stored
+        .iter()
+        .filter_map(|e| e.source_conversation_id)
         .collect();
+    let examples: Vec<_> = stored.into_iter().map(|e| e.example).collect();
+    let card_data = if config.method == Method::Lora {
+        Some(job_card::card_data(db, &opts.gate, &trained_on).await?)
+    } else {
+        None
+    };
     let model_path = resolve_model(&job.base_model, &opts.models_dir);
     let output_dir = job
         .output_dir
@@ -237,14 +246,20 @@ async fn run_job(
     let method = config.method;
     let dtype = auto_train_dtype(&device, method);
     let stop_flag = stop.clone();
+    let gate = opts.gate.clone();
+    let seq = config.sequence_len;
+    let name = format!("job-{id}");
+    let card_name = name.clone();
+    let assistant_id = card_data.as_ref().and_then(|d| d.assistant_id);
     let outcome = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let model = model_for(&model_path, shared.as_ref(), &device)?;
         let hash = hash_model(&model_path)?;
+        let started = std::time::Instant::now();
         let o = train(
             TrainJob {
                 model: &model,
                 base_model_name: base_model,
-                base_model_hash: hash,
+                base_model_hash: hash.clone(),
                 examples,
                 eval_examples: None,
                 config,
@@ -259,12 +274,52 @@ async fn run_job(
                 let _ = tx.send(e.clone());
             },
         )?;
-        Ok(o)
+        let train_secs = started.elapsed().as_secs_f64();
+        let card = match (&card_data, o.ending) {
+            (Some(data), Ending::Finished | Ending::EarlyStopped) => {
+                let say = |text: String| {
+                    let _ = tx.send(TrainEvent::Message { text });
+                };
+                let made = DenseLlama::from_llama(&model.llama, dtype)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|dense| {
+                        job_card::make_card(
+                            &model,
+                            &dense,
+                            &card_name,
+                            &o.output_dir,
+                            &o.heldout,
+                            data,
+                            &hash,
+                            seq,
+                            &gate,
+                            &mut |m| say(m.to_string()),
+                        )
+                    });
+                match made {
+                    Ok(card) => {
+                        say(format!(
+                            "report card made in {:.1} s ({:.0}% of the {:.1} s of training)",
+                            card.seconds,
+                            100.0 * card.seconds / train_secs.max(1e-9),
+                            train_secs
+                        ));
+                        Some(card)
+                    }
+                    Err(e) => {
+                        say(format!("report card failed: {e:#}"));
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        Ok((o, card))
     })
     .await;
     watcher.abort();
     let _ = writer.await;
-    let outcome = outcome.map_err(|e| anyhow::anyhow!("the trainer panicked: {e}"))??;
+    let (outcome, card) = outcome.map_err(|e| anyhow::anyhow!("the trainer panicked: {e}"))??;
     match outcome.ending {
         Ending::Cancelled if cancel_seen.load(Ordering::SeqCst) => return Ok(JobEnd::Cancelled),
         Ending::Cancelled => return Ok(JobEnd::Interrupted),
@@ -280,7 +335,6 @@ async fn run_job(
             "steps": outcome.steps,
             "trained_tokens": outcome.trained_tokens,
         });
-        let name = format!("job-{id}");
         let adapter = db
             .insert_adapter(&NewAdapter {
                 name: &name,
@@ -297,6 +351,16 @@ async fn run_job(
             })
             .await?;
         db.set_job_adapter(id, adapter.id).await?;
+        let said = match &card {
+            Some(card) => {
+                db.set_report_card(adapter.id, &serde_json::to_value(card)?)
+                    .await?;
+                job_card::decide(db, &opts.gate, assistant_id, adapter.id, card).await?
+            }
+            None => format!("{name} has no report card, so the gate does not activate it"),
+        };
+        tracing::info!("job {id}: {said}");
+        store_event(db, id, &TrainEvent::Message { text: said }).await?;
     }
     Ok(JobEnd::Succeeded)
 }

@@ -30,6 +30,8 @@ pub struct Adapter {
     pub metrics: String,
     pub job_id: Option<i64>,
     pub created_at: String,
+    /// The report card as JSON (None: uploaded, or made before cards existed).
+    pub report_card: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -49,7 +51,7 @@ pub struct NewAdapter<'a> {
 
 const ASSISTANT_COLUMNS: &str =
     "id, name, base_model, system_prompt, generation, active_adapter_id";
-const ADAPTER_COLUMNS: &str = "id, name, path, base_model, base_model_hash, tokenizer_hash, chat_template_hash, method, rank, alpha, target_modules, metrics, job_id, created_at";
+const ADAPTER_COLUMNS: &str = "id, name, path, base_model, base_model_hash, tokenizer_hash, chat_template_hash, method, rank, alpha, target_modules, metrics, job_id, created_at, report_card";
 
 impl Db {
     /// The assistant with this name, created with these settings if it does not exist.
@@ -111,6 +113,21 @@ impl Db {
         found.ok_or_else(|| StorageError::NotFound {
             what: format!("adapter {id}"),
         })
+    }
+
+    /// Store an adapter's report card (JSON).
+    pub async fn set_report_card(&self, id: i64, card: &serde_json::Value) -> Result<()> {
+        let updated = sqlx::query("update adapters set report_card = ? where id = ?")
+            .bind(card.to_string())
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        if updated.rows_affected() == 0 {
+            return Err(StorageError::NotFound {
+                what: format!("adapter {id}"),
+            });
+        }
+        Ok(())
     }
 
     pub async fn list_adapters(&self) -> Result<Vec<Adapter>> {

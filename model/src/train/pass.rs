@@ -125,6 +125,37 @@ impl DenseLlama {
 
     /// Loss statistics without gradients (evaluation; no dropout).
     pub fn evaluate(&self, lora: Option<&LoraParams>, batch: &TrainBatch) -> Result<PassStats> {
+        let (hf, host) = self.final_hidden(lora, batch)?;
+        if host {
+            return Ok(host::head(self, &hf, batch, None)?.0);
+        }
+        Ok(self.head(&hf, batch, None)?.0)
+    }
+
+    /// Log-probabilities over the vocabulary at the batch's scored positions (`[n_scored,
+    /// vocab]`, f32): what a KL divergence between two adapters on the same text needs.
+    pub fn scored_log_probs(
+        &self,
+        lora: Option<&LoraParams>,
+        batch: &TrainBatch,
+    ) -> Result<Tensor> {
+        let (hf, _) = self.final_hidden(lora, batch)?;
+        let n = batch.scored_idx.len();
+        let idx = Tensor::from_slice(&batch.scored_idx, n, &self.device)?;
+        let hs = hf.index_select(&idx, 0)?;
+        let logits = mm("head logits", &hs, &self.head_weight().t()?)?.to_dtype(DType::F32)?;
+        let z = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?)?;
+        let lse = z.exp()?.sum_keepdim(D::Minus1)?.log()?;
+        z.broadcast_sub(&lse)
+    }
+
+    /// The hidden states after the final norm (`[batch * seq, hidden]`), without keeping
+    /// anything for a backward pass; and whether the f32 host path ran.
+    fn final_hidden(
+        &self,
+        lora: Option<&LoraParams>,
+        batch: &TrainBatch,
+    ) -> Result<(Tensor, bool)> {
         let ctx = Ctx {
             model: self,
             lora,
@@ -140,11 +171,7 @@ impl DenseLlama {
         for i in 0..self.blocks.len() {
             x = ctx.any_layer_fwd(i, &x, Keep::Nothing, host, &frozen)?.0;
         }
-        let hf = rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
-        if host {
-            return Ok(host::head(self, &hf, batch, None)?.0);
-        }
-        Ok(self.head(&hf, batch, None)?.0)
+        Ok((rms_norm(&x, &self.norm, self.config.rms_norm_eps)?, host))
     }
 
     /// Cross-entropy over the scored rows of `hf` (`[n, hidden]`, after the final norm),
