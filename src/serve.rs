@@ -266,12 +266,14 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
         &opts,
         |token, stop| loraloop_bots::discord::run(core.clone(), token, stop),
     )?;
-    // A bot alone serves what another process (`loraloop serve`) activates.
-    let follower = opts.only_bot.map(|_| {
+    // The engine serves what the database says is active, whoever activated it: the
+    // gate in a training worker (this process's or `loraloop worker`'s), or `loraloop
+    // serve` when this is a bot alone.
+    let follower = Some({
         let core = core.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
                 match core.adapters.follow().await {
                     Ok(Some(a)) => tracing::info!(
                         "active adapter changed: now {}",

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_swap;
+mod card;
 mod chat;
 mod config_cmd;
 mod data;

@@ -116,7 +116,8 @@ pub struct FineTuneArgs {
     pub train_on_inputs: bool,
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Mix the base model's answers to general prompts into the data, and report forgetting.
+    /// Mix the base model's answers to general prompts into the data (a guard against
+    /// forgetting; the report card measures what was kept).
     #[arg(long, overrides_with = "no_replay")]
     pub replay: bool,
     #[arg(long)]
@@ -126,6 +127,9 @@ pub struct FineTuneArgs {
     /// More replay prompts, one per line.
     #[arg(long, value_name = "FILE")]
     pub replay_prompts: Option<PathBuf>,
+    /// Skip the report card (held-out scores and the retention probe) after training.
+    #[arg(long)]
+    pub no_card: bool,
     /// auto, cpu, cuda or cuda:N (default: the configured device).
     #[arg(long)]
     pub device: Option<String>,
@@ -400,9 +404,11 @@ pub async fn fine_tune(
         });
     }
     let overwrite = args.overwrite;
+    let no_card = args.no_card;
+    let config = config.clone();
     let resume = args.resume_from_checkpoint.clone();
     let init = args.init_adapter.clone();
-    let device = super::resolve_device(args.device.as_deref(), config)?;
+    let device = super::resolve_device(args.device.as_deref(), &config)?;
     let dtype = super::parse_dtype(&args.dtype)
         .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?
         .unwrap_or_else(|| auto_train_dtype(&device, c.method));
@@ -415,7 +421,6 @@ pub async fn fine_tune(
         eprintln!("hashing {} ...", model_path.display());
         let base_hash = hash_model(&model_path)?;
         let mut examples = examples;
-        let mut replayed = Vec::new();
         if c.replay && c.method == Method::Lora {
             let prompts = replay::prompts(c.replay_prompts_file.as_deref())?;
             eprintln!("replay: the base model answers {} general prompts ...", prompts.len());
@@ -426,15 +431,14 @@ pub async fn fine_tune(
             }
             let n = replay::replay_count(examples.len(), c.replay_ratio, answers.len());
             eprintln!("replay: mixing {n} of the base model's answers into {} examples", examples.len());
-            examples.extend(answers.iter().take(n).cloned());
-            replayed = answers;
+            examples.extend(answers.into_iter().take(n));
         }
         let mut progress = StepProgress::new(verbose, c.logging_steps);
         let outcome = train(
             TrainJob {
                 model: &model,
                 base_model_name: model_path.display().to_string(),
-                base_model_hash: base_hash,
+                base_model_hash: base_hash.clone(),
                 examples,
                 eval_examples,
                 config: c.clone(),
@@ -471,19 +475,18 @@ pub async fn fine_tune(
             println!("{}", metrics_line("eval", &m));
         }
         println!("adapter: {}", outcome.output_dir.display());
-        if !replayed.is_empty() {
-            let adapter = LoraAdapter::load(&outcome.output_dir, &model.llama.config, &model.llama.device)?;
+        if c.method == Method::Lora && !no_card {
             let dense = DenseLlama::from_llama(&model.llama, dtype)?;
-            let (cfg, tensors) = read_peft_dir(&outcome.output_dir, &model.llama.device)?;
-            let lora = LoraParams::from_tensors(cfg, &tensors, &dense.config, LORA_DTYPE)?;
-            let r = replay::forgetting_report(&model, &adapter, &lora, &dense, &replayed, c.sequence_len)
-                .map_err(anyhow::Error::msg)?;
-            println!(
-                "forgetting: {}/{} general prompts answered as the base model did; loss on the base model's answers {:.4} (base {:.4})",
-                r.same_answers, r.prompts, r.adapter_loss.loss, r.base_loss.loss
-            );
-            let path = outcome.output_dir.join("forgetting.json");
-            std::fs::write(&path, serde_json::to_string_pretty(&r)?)?;
+            let card = super::card::make(
+                &config,
+                &model,
+                &dense,
+                &outcome.output_dir,
+                &outcome.heldout,
+                &base_hash,
+                c.sequence_len,
+            )?;
+            super::card::report(&card, &outcome.output_dir)?;
         }
         Ok(ExitCode::SUCCESS)
     })
@@ -535,7 +538,8 @@ pub async fn evaluate(config: &Config, args: &EvaluateArgs) -> anyhow::Result<Ex
     let model_path = args.model.clone().unwrap_or_else(|| config.model_path());
     let adapter_dir = args.adapter.clone();
     let (compare, samples, seq, json) = (args.compare, args.samples, args.sequence_len, args.json);
-    let device = super::resolve_device(args.device.as_deref(), config)?;
+    let config = config.clone();
+    let device = super::resolve_device(args.device.as_deref(), &config)?;
     tokio::task::spawn_blocking(move || -> anyhow::Result<ExitCode> {
         let model = load_model(&model_path, &device)?;
         let dense = DenseLlama::from_llama(&model.llama, auto_train_dtype(&device, Method::Lora))?;
@@ -552,6 +556,13 @@ pub async fn evaluate(config: &Config, args: &EvaluateArgs) -> anyhow::Result<Ex
             eprintln!("{} example(s) truncated to {seq} tokens", report.truncated);
         }
         let with = evaluate_tokenized(&dense, lora.as_ref(), &tok, 4, seq)?;
+        let card = match &adapter_dir {
+            Some(dir) => {
+                let hash = hash_model(&model_path)?;
+                Some(super::card::make(&config, &model, &dense, dir, &examples, &hash, seq)?)
+            }
+            None => None,
+        };
         let base = if compare {
             Some(evaluate_tokenized(&dense, None, &tok, 4, seq)?)
         } else {
@@ -580,6 +591,7 @@ pub async fn evaluate(config: &Config, args: &EvaluateArgs) -> anyhow::Result<Ex
                     "metrics": with,
                     "base_metrics": base,
                     "samples": sample_rows.iter().map(|(p, b, a)| serde_json::json!({"prompt": p, "base": b, "adapter": a})).collect::<Vec<_>>(),
+                    "report_card": card,
                 })
             );
         } else if let Some(b) = base {
@@ -594,6 +606,9 @@ pub async fn evaluate(config: &Config, args: &EvaluateArgs) -> anyhow::Result<Ex
             }
         } else {
             println!("{}", metrics_line(if lora.is_some() { "adapter" } else { "base" }, &with));
+        }
+        if let (Some(card), false) = (&card, json) {
+            println!("\n{}", super::card::render(card));
         }
         Ok(ExitCode::SUCCESS)
     })

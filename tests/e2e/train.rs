@@ -201,51 +201,76 @@ fn replay_mixes_the_base_models_answers_in_and_reports_forgetting() {
         "Say hello.\n\nName a fruit.\n",
     )
     .unwrap();
-    let out = stdout_of(
-        loraloop(dir.path())
-            .args([
-                "fine-tune",
-                "--replay",
-                "--replay-ratio",
-                "0.5",
-                "--replay-prompts",
-                "prompts.txt",
-            ])
-            .args([
-                "--max-steps",
-                "2",
-                "--micro-batch-size",
-                "4",
-                "--val-set-size",
-                "0",
-                "--output-dir",
-                "o",
-                "--model",
-            ])
-            .arg(&model)
-            .arg("--data-path")
-            .arg(&data),
-    );
-    let report: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("o/forgetting.json")).unwrap(),
+    // A share of the retention probe keeps the test quick (the base model answers every
+    // probe prompt once per data folder).
+    std::fs::write(
+        dir.path().join("loraloop.yaml"),
+        "gate:\n  retention_prompts: 24\n",
     )
     .unwrap();
-    // 16 built-in prompts + 2 from the file (blank lines skipped), each answered.
-    assert_eq!(report["prompts"], 18, "{report}");
-    let same = report["same_answers"].as_u64().unwrap();
+    let run = loraloop(dir.path())
+        .args([
+            "fine-tune",
+            "--replay",
+            "--replay-ratio",
+            "0.5",
+            "--replay-prompts",
+            "prompts.txt",
+        ])
+        .args([
+            "--max-steps",
+            "2",
+            "--micro-batch-size",
+            "4",
+            "--val-set-size",
+            "0",
+            "--output-dir",
+            "o",
+            "--model",
+        ])
+        .arg(&model)
+        .arg("--data-path")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let (out, err) = (
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr),
+    );
+    // 16 built-in prompts + 2 from the file (blank lines skipped); a share of 0.5 next to
+    // 8 examples is 8 of them.
+    assert!(
+        err.contains("replay: the base model answers 18 general prompts"),
+        "{err}"
+    );
+    assert!(
+        err.contains("replay: mixing 8 of the base model's answers into 8 examples"),
+        "{err}"
+    );
+    // What was kept is on the report card: the retention probe against the real base
+    // model, on the shipped prompts (none of them replayed).
+    let card: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("o/report_card.json")).unwrap(),
+    )
+    .unwrap();
+    let r = &card["retention"];
+    assert_eq!(r["prompts"], 24, "{card}");
+    let (agreement, kl) = (
+        r["adapter"]["agreement"].as_f64().unwrap(),
+        r["adapter"]["kl"].as_f64().unwrap(),
+    );
+    assert!((0.0..=1.0).contains(&agreement) && kl > 0.0, "{card}");
     assert!(
         out.contains(&format!(
-            "forgetting: {same}/18 general prompts answered as the base model did"
+            "agrees with the base model on {:.1}% of next tokens",
+            agreement * 100.0
         )),
         "{out}"
-    );
-    let (adapter, base) = (
-        report["adapter_loss"]["loss"].as_f64().unwrap(),
-        report["base_loss"]["loss"].as_f64().unwrap(),
-    );
-    assert!(
-        adapter.is_finite() && base.is_finite() && base < 2.0,
-        "{report}"
     );
     let state: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.path().join("o/trainer_state.json")).unwrap(),

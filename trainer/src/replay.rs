@@ -1,18 +1,12 @@
 //! A guard against catastrophic forgetting: before training, the base model answers a
-//! set of general prompts; those answers are mixed into the training data ("replay"), and
-//! after training the adapter is checked against them (how many it still answers the
-//! same way, and its loss on the base model's answers).
+//! set of general prompts, and those answers are mixed into the training data ("replay").
+//! What the adapter kept is measured by the report card's retention probe, on other
+//! prompts (`card::probe`).
 
-use crate::evaluate::evaluate_tokenized;
-use crate::events::EvalMetrics;
 use crate::generate::greedy_reply;
-use crate::tokenize::tokenize_dataset;
 use loraloop_core::domain::{ChatExample, ChatMessage, Role};
 use loraloop_model::engine::LoadedModel;
-use loraloop_model::lora::LoraAdapter;
 use loraloop_model::template::TemplateMessage;
-use loraloop_model::train::{DenseLlama, LoraParams};
-use serde::Serialize;
 use std::path::Path;
 
 /// General prompts the base model answers before training.
@@ -90,56 +84,4 @@ pub fn replay_count(n_train: usize, ratio: f64, available: usize) -> usize {
         return 0;
     }
     (((ratio / (1.0 - ratio)) * n_train as f64).round() as usize).clamp(1, available)
-}
-
-/// Forgetting, next to the task metrics.
-#[derive(Debug, Clone, Serialize)]
-pub struct ForgettingReport {
-    pub prompts: usize,
-    /// Prompts the adapter answers exactly as the base model did (greedy).
-    pub same_answers: usize,
-    /// The adapter's loss on the base model's answers (and the base model's own).
-    pub adapter_loss: EvalMetrics,
-    pub base_loss: EvalMetrics,
-}
-
-pub fn forgetting_report(
-    model: &LoadedModel,
-    adapter: &LoraAdapter,
-    lora: &LoraParams,
-    dense: &DenseLlama,
-    answers: &[ChatExample],
-    sequence_len: usize,
-) -> Result<ForgettingReport, String> {
-    let mut same = 0;
-    for ex in answers {
-        let prompt = &ex.messages[0].content;
-        let got = greedy_reply(
-            model,
-            Some(adapter),
-            &[TemplateMessage::new("user", prompt.clone())],
-            REPLAY_MAX_NEW_TOKENS,
-        )?;
-        if got.trim() == ex.messages[1].content.trim() {
-            same += 1;
-        }
-    }
-    let (tok, _) = tokenize_dataset(
-        answers,
-        &model.tokenizer,
-        &model.template,
-        sequence_len,
-        false,
-    )
-    .map_err(|e| e.to_string())?;
-    let adapter_loss =
-        evaluate_tokenized(dense, Some(lora), &tok, 4, sequence_len).map_err(|e| e.to_string())?;
-    let base_loss =
-        evaluate_tokenized(dense, None, &tok, 4, sequence_len).map_err(|e| e.to_string())?;
-    Ok(ForgettingReport {
-        prompts: answers.len(),
-        same_answers: same,
-        adapter_loss,
-        base_loss,
-    })
 }

@@ -25,6 +25,10 @@ pub struct AdapterView {
     pub active: bool,
     /// Why it cannot be activated on the served model, if it cannot.
     pub incompatible: Option<String>,
+    /// What it learned and kept, and the gate's verdict (None: uploaded, or made before
+    /// report cards).
+    #[schema(value_type = Option<Object>)]
+    pub report_card: Option<serde_json::Value>,
 }
 
 pub async fn adapter_views(state: &AppState) -> Result<Vec<AdapterView>, ApiError> {
@@ -47,6 +51,10 @@ pub async fn adapter_views(state: &AppState) -> Result<Vec<AdapterView>, ApiErro
             active: active == Some(a.id),
             target_modules: serde_json::from_str(&a.target_modules).unwrap_or_default(),
             metrics: serde_json::from_str(&a.metrics).unwrap_or_default(),
+            report_card: a
+                .report_card
+                .as_deref()
+                .and_then(|c| serde_json::from_str(c).ok()),
             name: a.name,
             base_model: a.base_model,
             method: a.method,

@@ -417,6 +417,9 @@ pub struct JobView {
     /// The adapter the job produced (its name), once it has succeeded.
     pub fine_tuned_adapter: Option<String>,
     pub fine_tuned_adapter_id: Option<i64>,
+    /// The adapter's report card: what it learned and kept, and the gate's verdict.
+    #[schema(value_type = Option<Object>)]
+    pub report_card: Option<Value>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -432,10 +435,15 @@ pub fn unix(ts: &str) -> i64 {
 }
 
 pub async fn job_view(state: &AppState, job: TrainingJob) -> Result<JobView, ApiError> {
-    let adapter = match job.adapter_id {
-        Some(id) => state.core.db.adapter(id).await.ok().map(|a| a.name),
+    let row = match job.adapter_id {
+        Some(id) => state.core.db.adapter(id).await.ok(),
         None => None,
     };
+    let report_card = row
+        .as_ref()
+        .and_then(|a| a.report_card.as_deref())
+        .and_then(|c| serde_json::from_str(c).ok());
+    let adapter = row.map(|a| a.name);
     let trained_tokens = match (adapter.is_some(), job.adapter_id) {
         (true, Some(id)) => state.core.db.adapter_trained_tokens(id).await?,
         _ => None,
@@ -461,5 +469,6 @@ pub async fn job_view(state: &AppState, job: TrainingJob) -> Result<JobView, Api
         }),
         fine_tuned_adapter: adapter,
         fine_tuned_adapter_id: job.adapter_id,
+        report_card,
     })
 }

@@ -21,7 +21,7 @@ pub const PROMPTS: &str = include_str!("../../data/retention_prompts.txt");
 
 /// Answers are short: the probe measures the first tokens of each answer, where a model
 /// that has drifted shows it.
-pub const ANSWER_TOKENS: usize = 32;
+pub const ANSWER_TOKENS: usize = 16;
 
 /// The shipped prompts (the first `limit`; 0: all).
 pub fn prompts(limit: usize) -> Vec<&'static str> {

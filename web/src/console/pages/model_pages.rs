@@ -4,6 +4,7 @@
 mod adapters;
 mod jobs;
 mod playground;
+mod report_card;
 
 use crate::auth::AdminSession;
 use crate::console::error_page;

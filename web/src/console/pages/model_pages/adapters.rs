@@ -154,6 +154,9 @@ fn adapter_row(session: &AdminSession, a: &AdapterView) -> Markup {
                 @if let Some(p) = ppl { span { "ppl " (num(p)) } " " }
                 @if let Some(x) = acc { span { "acc " (format!("{:.1}%", x * 100.0)) } }
                 @if final_loss.is_none() && eval_loss.is_none() { span.muted { "–" } }
+                @if let Some(card) = a.report_card.clone().and_then(|c| serde_json::from_value(c).ok()) {
+                    " " a href=(format!("/jobs/{}#report-card", a.job_id.unwrap_or_default())) { (super::report_card::badge(&card)) }
+                }
             }
             td { (short_time(&chrono::DateTime::from_timestamp(a.created_at, 0).map(|t| t.to_rfc3339()).unwrap_or_default())) }
             td.actions {

@@ -4,6 +4,7 @@
 mod estimate;
 mod form;
 
+use super::report_card;
 use super::{duration, fail, num, path_id, short_time};
 use crate::auth::AdminSession;
 use crate::console::{csrf_field, layout};
@@ -164,6 +165,9 @@ async fn show(
                         }
                     }
                 }
+            }
+            @if let Some(card) = report_card::parse(adapter.as_ref().and_then(|a| a.report_card.as_deref())) {
+                (report_card::full(&card))
             }
             section.card {
                 h2 { "Loss and learning rate" }
