@@ -15,7 +15,6 @@ use loraloop_trainer::evaluate::evaluate_tokenized;
 use loraloop_trainer::events::{Ending, EvalMetrics, TrainEvent};
 use loraloop_trainer::fingerprint::hash_model;
 use loraloop_trainer::generate::greedy_reply;
-use loraloop_trainer::replay;
 use loraloop_trainer::run::{TrainJob, auto_train_dtype, train};
 use loraloop_trainer::tokenize::tokenize_dataset;
 use loraloop_trainer::trainable::LORA_DTYPE;
@@ -420,19 +419,6 @@ pub async fn fine_tune(
         let model = load_model(&model_path, &device)?;
         eprintln!("hashing {} ...", model_path.display());
         let base_hash = hash_model(&model_path)?;
-        let mut examples = examples;
-        if c.replay && c.method == Method::Lora {
-            let prompts = replay::prompts(c.replay_prompts_file.as_deref())?;
-            eprintln!("replay: the base model answers {} general prompts ...", prompts.len());
-            let answers = replay::base_answers(&model, &prompts, &mut |_, _| {})
-                .map_err(anyhow::Error::msg)?;
-            if answers.is_empty() {
-                eprintln!("replay: the base model gave no usable answers; training without replay");
-            }
-            let n = replay::replay_count(examples.len(), c.replay_ratio, answers.len());
-            eprintln!("replay: mixing {n} of the base model's answers into {} examples", examples.len());
-            examples.extend(answers.into_iter().take(n));
-        }
         let mut progress = StepProgress::new(verbose, c.logging_steps);
         let outcome = train(
             TrainJob {

@@ -10,6 +10,7 @@ use crate::events::TrainEvent;
 use crate::fingerprint::data_fingerprint;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::plan::{plan_steps, split_examples};
+use crate::replay;
 use crate::tokenize::{TokenizeReport, TokenizedExample, tokenize_dataset};
 use crate::trainable::{LORA_DTYPE, Trainable, peft_config, read_adapter};
 use crate::training_loop::{TrainOutcome, TrainingLoop};
@@ -143,6 +144,38 @@ fn check_settings(c: &TrainConfig, model: &LlamaConfig) -> Result<(), TrainError
     Ok(())
 }
 
+/// The base model's answers to the replay prompts that join `n_train` examples.
+fn replay_examples(
+    model: &LoadedModel,
+    c: &TrainConfig,
+    n_train: usize,
+    on_event: &mut dyn FnMut(&TrainEvent),
+) -> Result<Vec<ChatExample>, TrainError> {
+    let prompts = replay::prompts(c.replay_prompts_file.as_deref()).map_err(|e| {
+        TrainError::Invalid(format!(
+            "cannot read the replay prompts {}: {e}",
+            c.replay_prompts_file
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        ))
+    })?;
+    let say = |text: String| TrainEvent::Message { text };
+    on_event(&say(format!(
+        "replay: the base model answers {} general prompts",
+        prompts.len()
+    )));
+    let answers = replay::base_answers(model, &prompts, &mut |_, _| {})
+        .map_err(|e| TrainError::Invalid(format!("replay: {e}")))?;
+    let n = replay::replay_count(n_train, c.replay_ratio, answers.len());
+    on_event(&say(if answers.is_empty() {
+        "replay: the base model gave no usable answers; training without replay".to_string()
+    } else {
+        format!("replay: mixing {n} of the base model's answers into {n_train} examples")
+    }));
+    Ok(answers.into_iter().take(n).collect())
+}
+
 /// Run a training job. `cancel` is checked after every optimizer step; when set, the run
 /// saves a checkpoint and returns `Ending::Cancelled`. A device out-of-memory error comes
 /// back as `TrainError::OutOfMemory`.
@@ -174,10 +207,14 @@ fn train_inner(
     };
     prepare_output_dir(&job.output_dir, job.overwrite, resume.is_some())?;
 
-    let (train_ex, eval_ex) = match job.eval_examples {
+    let (mut train_ex, eval_ex) = match job.eval_examples {
         Some(v) => (job.examples, v),
         None => split_examples(job.examples, c.val_set_size, c.seed),
     };
+    // Replay joins the training side only: the held-out examples stay the job's own data.
+    if c.replay && c.method == Method::Lora {
+        train_ex.extend(replay_examples(job.model, &c, train_ex.len(), on_event)?);
+    }
     let tok = &job.model.tokenizer;
     let tpl = &job.model.template;
     let (train_tok, report): (Vec<TokenizedExample>, TokenizeReport) =
