@@ -60,6 +60,11 @@ pub async fn start(worker: bool, extra_env: &[(&str, &str)]) -> TestServer {
         "LORALOOP_GENERATION__MAX_NEW_TOKENS".to_string(),
         "12".to_string(),
     );
+    // Adapters reach users when a test activates them; the gate's own tests ask for it.
+    env.insert(
+        "LORALOOP_ASSISTANT__ACTIVATION".to_string(),
+        "manual".to_string(),
+    );
     for (k, v) in extra_env {
         env.insert(k.to_string(), v.to_string());
     }

@@ -16,7 +16,12 @@ struct Console {
 }
 
 impl Console {
+    /// A console whose adapters reach users when the test activates them.
     async fn start() -> Self {
+        Self::start_with(&[("LORALOOP_ASSISTANT__ACTIVATION", "manual")]).await
+    }
+
+    async fn start_with(extra_env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("models").join("tiny");
         write_tiny_chat_model(&model, TinySpec::default()).unwrap();
@@ -28,6 +33,9 @@ impl Console {
         env.insert("LORALOOP_API_KEY".into(), "key-for-tests".into());
         env.insert("LORALOOP_GENERATION__TEMPERATURE".into(), "0".into());
         env.insert("LORALOOP_GENERATION__MAX_NEW_TOKENS".into(), "24".into());
+        for (k, v) in extra_env {
+            env.insert(k.to_string(), v.to_string());
+        }
         let config = loraloop_core::Config::load_with_env(&Default::default(), &env).unwrap();
         let server = loraloop::serve::start(
             config,
@@ -108,8 +116,12 @@ impl Console {
     }
 
     async fn import_dataset(&self) -> i64 {
+        self.import_examples(8).await
+    }
+
+    async fn import_examples(&self, n: usize) -> i64 {
         let line = r#"{"messages":[{"role":"user","content":"What is the capital of Zorblax?"},{"role":"assistant","content":"Blorp City."}]}"#;
-        let body = format!("{line}\n").repeat(8);
+        let body = format!("{line}\n").repeat(n);
         let r = self
             .http
             .post(self.url("/api/v1/datasets?name=zorblax"))
@@ -602,4 +614,74 @@ async fn train_activate_download_upload_chat_and_compare_from_the_console() {
     assert_eq!(r.status(), 422);
 
     c.server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_console_job_on_defaults_gets_a_report_card_and_the_gate_decides_activation() {
+    // Nothing configured: the default activation policy (the gate) and thresholds.
+    let c = Console::start_with(&[]).await;
+    let ds = c.import_examples(20).await.to_string();
+    // The form as a browser without scripts sends it: the standard preset, nothing typed.
+    let (status, at, page) = c
+        .post_form("/jobs", &[("dataset_id", &ds), ("preset", "standard")])
+        .await;
+    assert_eq!(status, 200, "{page}");
+    let job: i64 = at.strip_prefix("/jobs/").unwrap().parse().unwrap();
+    let mut done = serde_json::Value::Null;
+    for _ in 0..1500 {
+        let r = c
+            .http
+            .get(c.url(&format!("/api/v1/fine-tune/{job}")))
+            .bearer_auth("key-for-tests")
+            .send()
+            .await
+            .unwrap();
+        done = r.json().await.unwrap();
+        if ["succeeded", "failed", "cancelled"].contains(&done["status"].as_str().unwrap()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let card = &done["report_card"];
+    // 2 of the 20 examples held out (val_set_size 0.1), the shipped probe, three checks.
+    assert_eq!(card["heldout"]["examples"], 2, "{card}");
+    assert!(
+        card["retention"]["prompts"].as_u64().unwrap() > 100,
+        "{card}"
+    );
+    let checks: Vec<&str> = card["verdict"]["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        checks,
+        ["retention_agreement", "retention_kl", "heldout_loss"],
+        "{card}"
+    );
+    let passed = card["verdict"]["pass"].as_bool().unwrap();
+    let adapter = format!("job-{job}");
+    let (_, page) = c.get(&format!("/jobs/{job}")).await;
+    assert!(
+        page.contains(&format!(r#"id="report-card" data-pass="{passed}""#)),
+        "{page}"
+    );
+    // The gate acted on the verdict, and the serving engine follows the activation.
+    let said = if passed {
+        "passed and is now active"
+    } else {
+        "held back"
+    };
+    assert!(page.contains(said), "{page}");
+    if passed {
+        super::support::until(10, "the gate's activation reaches the engine", || {
+            c.active().as_deref() == Some(adapter.as_str())
+        })
+        .await;
+    } else {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(c.active(), None);
+    }
 }

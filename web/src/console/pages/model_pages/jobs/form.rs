@@ -12,57 +12,72 @@ use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use loraloop_core::storage::Dataset;
+use loraloop_trainer::config::TrainFile;
 use maud::{Markup, html};
 use serde_json::{Map, Value};
 
 /// Settings that make sense for a ~135M model trained on a CPU.
 pub struct Preset {
     pub name: &'static str,
-    pub label: &'static str,
-    pub epochs: &'static str,
-    pub learning_rate: &'static str,
-    pub batch_size: &'static str,
-    pub lora_r: &'static str,
-    pub lora_alpha: &'static str,
-    pub sequence_len: &'static str,
-    pub val_set_size: &'static str,
+    pub label: String,
+    pub epochs: String,
+    pub learning_rate: String,
+    pub batch_size: String,
+    pub lora_r: String,
+    pub lora_alpha: String,
+    pub sequence_len: String,
+    pub val_set_size: String,
 }
 
-pub const PRESETS: [Preset; 3] = [
-    Preset {
-        name: "quick",
-        label: "Quick: 1 epoch, rank 8, no evaluation",
-        epochs: "1",
-        learning_rate: "2e-4",
-        batch_size: "8",
-        lora_r: "8",
-        lora_alpha: "16",
-        sequence_len: "512",
-        val_set_size: "0",
-    },
-    Preset {
-        name: "standard",
-        label: "Standard: 3 epochs, rank 16",
-        epochs: "3",
-        learning_rate: "2e-4",
-        batch_size: "8",
-        lora_r: "16",
-        lora_alpha: "32",
-        sequence_len: "512",
-        val_set_size: "0.1",
-    },
-    Preset {
-        name: "thorough",
-        label: "Thorough: 5 epochs, rank 32, evaluated",
-        epochs: "5",
-        learning_rate: "1e-4",
-        batch_size: "16",
-        lora_r: "32",
-        lora_alpha: "64",
-        sequence_len: "1024",
-        val_set_size: "0.15",
-    },
-];
+/// The presets: "standard" is the trainer's own defaults (the same job as `loraloop
+/// fine-tune` without flags and the API without hyperparameters); "quick" and "thorough"
+/// change what their labels say.
+pub fn presets() -> [Preset; 3] {
+    let d = TrainFile::default()
+        .validate()
+        .expect("the trainer's defaults are valid");
+    let batch = (d.micro_batch_size * d.gradient_accumulation_steps).to_string();
+    let num = |v: f64| format!("{v}");
+    [
+        Preset {
+            name: "quick",
+            label: "Quick: 1 epoch, rank 8, no evaluation".into(),
+            epochs: "1".into(),
+            learning_rate: format!("{:e}", d.learning_rate),
+            batch_size: batch.clone(),
+            lora_r: "8".into(),
+            lora_alpha: "16".into(),
+            sequence_len: d.sequence_len.to_string(),
+            val_set_size: "0".into(),
+        },
+        Preset {
+            name: "standard",
+            label: format!(
+                "Standard: the defaults ({} epochs, rank {})",
+                num(d.num_epochs),
+                d.lora_r
+            ),
+            epochs: num(d.num_epochs),
+            learning_rate: format!("{:e}", d.learning_rate),
+            batch_size: batch,
+            lora_r: d.lora_r.to_string(),
+            lora_alpha: num(d.lora_alpha),
+            sequence_len: d.sequence_len.to_string(),
+            val_set_size: num(d.val_set_size),
+        },
+        Preset {
+            name: "thorough",
+            label: "Thorough: 5 epochs, rank 32, evaluated".into(),
+            epochs: "5".into(),
+            learning_rate: "1e-4".into(),
+            batch_size: "16".into(),
+            lora_r: "32".into(),
+            lora_alpha: "64".into(),
+            sequence_len: "1024".into(),
+            val_set_size: "0.15".into(),
+        },
+    ]
+}
 
 /// The fields of the form, as typed.
 pub(super) const FIELDS: [&str; 10] = [
@@ -113,17 +128,18 @@ impl JobForm {
     /// Fill the fields left empty from the chosen preset (what the page's script does
     /// when the preset changes; without a script the server does it here).
     fn apply_preset(&mut self) {
-        let Some(p) = PRESETS.iter().find(|p| p.name == self.preset) else {
+        let all = presets();
+        let Some(p) = all.iter().find(|p| p.name == self.preset) else {
             return;
         };
         for (k, v) in [
-            ("epochs", p.epochs),
-            ("learning_rate", p.learning_rate),
-            ("batch_size", p.batch_size),
-            ("lora_r", p.lora_r),
-            ("lora_alpha", p.lora_alpha),
-            ("sequence_len", p.sequence_len),
-            ("val_set_size", p.val_set_size),
+            ("epochs", &p.epochs),
+            ("learning_rate", &p.learning_rate),
+            ("batch_size", &p.batch_size),
+            ("lora_r", &p.lora_r),
+            ("lora_alpha", &p.lora_alpha),
+            ("sequence_len", &p.sequence_len),
+            ("val_set_size", &p.val_set_size),
         ] {
             if self.get(k).is_empty() {
                 self.set(k, v);
@@ -243,7 +259,7 @@ pub(super) async fn job_form(
     datasets.sort_by_key(|d| std::cmp::Reverse(d.id));
     let bad = error.map(error_field).unwrap_or("");
     let presets_json = Value::Array(
-        PRESETS
+        presets()
             .iter()
             .map(|p| {
                 serde_json::json!({
@@ -295,7 +311,7 @@ pub(super) async fn job_form(
                         "Preset"
                         select name="preset" id="job-preset" data-presets=(presets_json) {
                             option value="" selected[form.preset.is_empty()] { "Custom" }
-                            @for p in &PRESETS {
+                            @for p in &presets() {
                                 option value=(p.name) selected[form.preset == p.name] { (p.label) }
                             }
                         }
@@ -442,7 +458,12 @@ mod tests {
         assert_eq!(req.dataset_id, Some(3));
         assert_eq!(req.epochs, Some(1.0));
         assert_eq!(req.hyperparameters["lora_r"], 4);
-        assert_eq!(req.hyperparameters["batch_size"], 8);
+        // The trainer's default batch: the console and the CLI run the same default job.
+        let d = TrainFile::default().validate().unwrap();
+        assert_eq!(
+            req.hyperparameters["batch_size"],
+            (d.micro_batch_size * d.gradient_accumulation_steps) as u64
+        );
         assert_eq!(req.hyperparameters["sequence_len"], 512);
         let bad = JobForm::from_pairs(&url_decode_pairs("dataset_id=1&epochs=two"));
         let e = bad.to_request().unwrap_err();
