@@ -3,7 +3,7 @@
 use candle_core::Device;
 use loraloop_core::domain::{ChatExample, ChatMessage, Role};
 use loraloop_core::gate::{ActivationPolicy, GateConfig};
-use loraloop_core::storage::{Db, JobState, NewDataset, NewJob};
+use loraloop_core::storage::{Db, JobState, NewDataset, NewJob, NewMessage, Platform};
 use loraloop_model::testing::{TinySpec, write_tiny_chat_model};
 use loraloop_trainer::card::ReportCard;
 use loraloop_trainer::job_card::GateOptions;
@@ -376,5 +376,69 @@ async fn a_job_whose_card_fails_the_gate_is_held_back_with_the_reason(pool: Sqli
         said.iter()
             .any(|m| m.contains("held back") && m.contains("KL divergence")),
         "{said:?}"
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn the_card_scores_thumbs_up_replies_from_conversations_the_job_did_not_train_on(
+    pool: SqlitePool,
+) {
+    let db = Db::from_pool(pool);
+    let tmp = tempfile::tempdir().unwrap();
+    let assistant = db.ensure_assistant("a", "tiny", "").await.unwrap();
+    // Two chats: one reply rated 👍, one not rated (not scored: nothing rated in it).
+    let user = db
+        .upsert_platform_user(Platform::Telegram, "7", Some("ann"), None)
+        .await
+        .unwrap();
+    for (chat, rated) in [("100", true), ("200", false)] {
+        let chat = db
+            .upsert_chat(Platform::Telegram, chat, "private", None)
+            .await
+            .unwrap();
+        let conv = db
+            .current_conversation(assistant.id, chat, None, Some(user.id))
+            .await
+            .unwrap();
+        let msg = |role, content| NewMessage {
+            conversation_id: conv.id,
+            role,
+            content,
+            user_id: (role == Role::User).then_some(user.id),
+            platform_message_id: None,
+            adapter_id: None,
+            adapter_name: None,
+            prompt_tokens: None,
+            completion_tokens: None,
+        };
+        db.insert_message(&msg(Role::User, "What is the capital of Zorblax?"))
+            .await
+            .unwrap();
+        let reply = db
+            .insert_message(&msg(Role::Assistant, "Blorp City."))
+            .await
+            .unwrap();
+        if rated {
+            db.set_feedback(reply.id, "telegram:7", Some(user.id), Some(1), None)
+                .await
+                .unwrap();
+        }
+    }
+    let lenient = GateConfig {
+        min_retention_agreement: 0.0,
+        max_retention_kl: 1e9,
+        max_heldout_loss_ratio: 10.0,
+        max_rated_loss_increase: 10.0,
+        ..GateConfig::default()
+    };
+    let (card, _, _) = gated_job(&db, tmp.path(), lenient).await;
+    let rated = card.rated.as_ref().expect("the rated reply was scored");
+    assert_eq!(rated.examples, 1, "{rated:?}");
+    // "Blorp City." is what the job trained on, so the adapter scores it far better.
+    assert!(rated.adapter.loss < rated.base.loss, "{rated:?}");
+    assert!(
+        card.verdict.checks.iter().any(|c| c.name == "rated_loss"),
+        "{:?}",
+        card.verdict
     );
 }
