@@ -663,6 +663,24 @@ async fn a_console_job_on_defaults_gets_a_report_card_and_the_gate_decides_activ
     );
     let passed = card["verdict"]["pass"].as_bool().unwrap();
     let adapter = format!("job-{job}");
+    // The adapter carries the same card in the API's list.
+    let list: serde_json::Value = c
+        .http
+        .get(c.url("/api/v1/adapters"))
+        .bearer_auth("key-for-tests")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == adapter.as_str())
+        .expect("the job's adapter is listed");
+    assert_eq!(&listed["report_card"], card);
     let (_, page) = c.get(&format!("/jobs/{job}")).await;
     assert!(
         page.contains(&format!(r#"id="report-card" data-pass="{passed}""#)),
