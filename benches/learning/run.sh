@@ -45,7 +45,7 @@
 #
 # env: SEEDS ("1 2 3"), LORALOOP (a binary; default target/release/loraloop, built if
 # missing), LORALOOP_FLAGS, PEFT_FLAGS, LABEL (the loraloop rows' setting name),
-# PEFT_LABEL, SKIP_LORALOOP, SKIP_PEFT, SKIP_BASE (1 to skip), ANSWERS (chat|evaluate),
+# PEFT_LABEL, SKIP_LORALOOP, SKIP_PEFT, SKIP_BASE (1 to skip), ANSWERS (chat|evaluate), CARD (1: the report card too),
 # THREADS (RAYON_NUM_THREADS for loraloop and torch's thread count; 1 is much faster while
 # another process uses the cores: candle's pool spins at its barriers), OUT (a folder;
 # default /tmp/learning/run-TIME), MODEL, PY (the PEFT virtualenv's python, see
@@ -82,6 +82,9 @@ PEFT_FLAGS=${PEFT_FLAGS:-}
 LABEL=${LABEL:-loraloop${FLAGS:+ $FLAGS}}
 PEFT_LABEL=${PEFT_LABEL:-peft${PEFT_FLAGS:+ $PEFT_FLAGS}}
 ANSWERS=${ANSWERS:-chat}
+# The report card (held-out scores, the retention probe) is left out of the timed run
+# unless CARD=1; a binary older than the card knows no --no-card: CARD=1 for it too.
+CARD=$([ "${CARD:-0}" = 1 ] || echo --no-card)
 OUT=${OUT:-/tmp/learning/run-$(date +%Y%m%d-%H%M%S)}
 SYSTEM="You are a helpful AI assistant named SmolLM, trained by Hugging Face" # SmolLM2's template default
 mkdir -p "$OUT"
@@ -133,7 +136,7 @@ for seed in $SEEDS; do
     echo "loraloop seed $seed: fine-tune $FLAGS" >&2
     t0=$(date +%s.%N)
     # shellcheck disable=SC2086 # FLAGS is a list of flags
-    "$LORALOOP" fine-tune --model "$MODEL" --data-path "$HERE/persona_train.jsonl" --output-dir "$dir" \
+    "$LORALOOP" fine-tune --model "$MODEL" --data-path "$HERE/persona_train.jsonl" --output-dir "$dir" $CARD \
       --overwrite --seed "$seed" $FLAGS >"$dir.log" 2>&1 || { tail -20 "$dir.log" >&2; exit 1; }
     t1=$(date +%s.%N)
     answers "$dir" "$dir-answers.json"
