@@ -71,7 +71,7 @@ pub struct RunningServer {
     shutdown: Arc<Notify>,
     worker_stop: Arc<AtomicBool>,
     server: Option<JoinHandle<std::io::Result<()>>>,
-    follower: Option<JoinHandle<()>>,
+    follower: JoinHandle<()>,
     worker: Option<JoinHandle<anyhow::Result<()>>>,
     telegram: Option<Bot>,
     discord: Option<Bot>,
@@ -95,9 +95,7 @@ impl RunningServer {
         if let Some(server) = self.server {
             server.await??;
         }
-        if let Some(f) = self.follower {
-            f.abort();
-        }
+        self.follower.abort();
         if let Some(w) = self.worker {
             w.await??;
         }
@@ -269,7 +267,7 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
     // The engine serves what the database says is active, whoever activated it: the
     // gate in a training worker (this process's or `loraloop worker`'s), or `loraloop
     // serve` when this is a bot alone.
-    let follower = Some({
+    let follower = {
         let core = core.clone();
         tokio::spawn(async move {
             loop {
@@ -284,7 +282,7 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
                 }
             }
         })
-    });
+    };
     Ok(RunningServer {
         addr,
         generated_password,

@@ -15,15 +15,6 @@ pub enum ActivationPolicy {
     Gate,
 }
 
-impl ActivationPolicy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Manual => "manual",
-            Self::Gate => "gate",
-        }
-    }
-}
-
 /// The thresholds of the report card's verdict.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
