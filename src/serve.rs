@@ -32,6 +32,9 @@ pub struct ServeOptions {
     pub only_bot: Option<BotKind>,
 }
 
+/// How often (seconds) `serve` looks at a running canary's ratings.
+const CANARY_EVERY_SECS: u64 = 5;
+
 /// A chat platform bot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BotKind {
@@ -266,12 +269,22 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
     )?;
     // The engine serves what the database says is active, whoever activated it: the
     // gate in a training worker (this process's or `loraloop worker`'s), or `loraloop
-    // serve` when this is a bot alone.
+    // serve` when this is a bot alone. Every few seconds the running canary, if any, is
+    // looked at and ended when its ratings decide.
     let follower = {
         let core = core.clone();
         tokio::spawn(async move {
-            loop {
+            for tick in 1u64.. {
                 tokio::time::sleep(Duration::from_secs(1)).await;
+                if tick % CANARY_EVERY_SECS == 0 {
+                    match core.canary.tick().await {
+                        Ok(Some((c, d))) => {
+                            tracing::info!(adapter = c.adapter_id, "canary ended: {d:?}")
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!("cannot look at the canary: {e}"),
+                    }
+                }
                 match core.adapters.follow().await {
                     Ok(Some(a)) => tracing::info!(
                         "active adapter changed: now {}",

@@ -6,7 +6,7 @@ use crate::text;
 use loraloop_core::service::Turn;
 use loraloop_core::storage::{Db, Platform, StoredMessage};
 use loraloop_core::{ServiceError, Services};
-use loraloop_model::engine::{AdapterChoice, Event, Finished};
+use loraloop_model::engine::{Event, Finished};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -53,8 +53,8 @@ pub async fn finish_update(db: &Db, platform: Platform, key: &str, outcome: &any
 }
 
 /// Answer a platform message: store it in `conversation_id`, generate the reply with the
-/// active adapter and stream it into `ch` (a reply that cannot start is told to the
-/// user), then store the reply. Returns the streamed message, if any, the finished
+/// conversation's adapter (its pin, the canary's or the active one) and stream it into
+/// `ch` (a reply that cannot start is told to the user), then store the reply. Returns the streamed message, if any, the finished
 /// generation and the stored reply; the caller sends the final text.
 pub async fn answer<C: ReplyChannel>(
     core: &Services,
@@ -67,12 +67,11 @@ pub async fn answer<C: ReplyChannel>(
 ) -> anyhow::Result<(Option<C::Id>, Finished, StoredMessage)> {
     let mut turn = match core
         .chat
-        .start_turn_from(
+        .start_routed_turn(
             conversation_id,
             Some(user_id),
             text,
             Some(platform_message_id),
-            AdapterChoice::Active,
         )
         .await
     {

@@ -7,6 +7,7 @@
 //! `LORALOOP_SERVER__PORT=9000` sets `server.port`, `LORALOOP_DATA_DIR=/srv/ll` sets
 //! `data_dir`. Values are read as YAML scalars (`9000` is a number, `[1, 2]` a list).
 
+use crate::canary::CanaryConfig;
 use crate::gate::{ActivationPolicy, GateConfig};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
@@ -108,6 +109,8 @@ pub struct RawConfig {
     pub discord: DiscordConfig,
     /// The thresholds a new adapter's report card is held to.
     pub gate: GateConfig,
+    /// How a canary release is run and decided (`assistant.activation: canary`).
+    pub canary: CanaryConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -124,8 +127,11 @@ pub struct ServerConfig {
 pub struct AssistantConfig {
     pub name: String,
     pub system_prompt: String,
-    /// How a finished job's adapter reaches users: `manual` or `gate`.
+    /// How a finished job's adapter reaches users: `manual`, `gate` or `canary`.
     pub activation: ActivationPolicy,
+    /// A conversation stays on the adapter it started with until it has been idle this
+    /// long, so a swap never changes the voice mid-conversation (0: no pinning).
+    pub pin_idle_minutes: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -204,6 +210,7 @@ impl Default for RawConfig {
             telegram: TelegramConfig::default(),
             discord: DiscordConfig::default(),
             gate: GateConfig::default(),
+            canary: CanaryConfig::default(),
         }
     }
 }
@@ -224,6 +231,7 @@ impl Default for AssistantConfig {
             name: "loraloop".to_string(),
             system_prompt: "You are a helpful assistant.".to_string(),
             activation: ActivationPolicy::default(),
+            pin_idle_minutes: 30.0,
         }
     }
 }
@@ -466,6 +474,16 @@ impl Config {
         }
         if let Err((key, message)) = raw.gate.check() {
             return Err(invalid(key, message));
+        }
+        if let Err((key, message)) = raw.canary.check() {
+            return Err(invalid(key, message));
+        }
+        let pin = raw.assistant.pin_idle_minutes;
+        if !(pin.is_finite() && (0.0..=10_080.0).contains(&pin)) {
+            return Err(invalid(
+                "assistant.pin_idle_minutes",
+                format!("got {pin}; allowed: 0 (no pinning) to 10080 (a week)"),
+            ));
         }
         if !is_http_url(&raw.telegram.api_url) {
             return Err(invalid(

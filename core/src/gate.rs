@@ -13,6 +13,9 @@ pub enum ActivationPolicy {
     /// reasons on the card.
     #[default]
     Gate,
+    /// When its card passes the gate, it serves a share of new conversations (`canary:`)
+    /// and is promoted or rolled back by its users' ratings against the current adapter's.
+    Canary,
 }
 
 /// The thresholds of the report card's verdict.

@@ -65,6 +65,11 @@ pub async fn start(worker: bool, extra_env: &[(&str, &str)]) -> TestServer {
         "LORALOOP_ASSISTANT__ACTIVATION".to_string(),
         "manual".to_string(),
     );
+    // Each turn runs on what is active now; the pinning tests ask for pins.
+    env.insert(
+        "LORALOOP_ASSISTANT__PIN_IDLE_MINUTES".to_string(),
+        "0".to_string(),
+    );
     for (k, v) in extra_env {
         env.insert(k.to_string(), v.to_string());
     }

@@ -19,6 +19,8 @@ pub struct GateOptions {
     pub assistant: Option<String>,
     pub policy: ActivationPolicy,
     pub thresholds: GateConfig,
+    /// The share of new conversations a canary serves (`canary.share`).
+    pub canary_share: f64,
     /// Where the retention probe's base answers are cached.
     pub cache_dir: Option<PathBuf>,
 }
@@ -31,6 +33,7 @@ impl GateOptions {
             assistant: Some(config.raw.assistant.name.clone()),
             policy: config.raw.assistant.activation,
             thresholds: config.raw.gate.clone(),
+            canary_share: config.raw.canary.share,
             cache_dir: Some(config.raw.data_dir.join("cache")),
         }
     }
@@ -150,7 +153,16 @@ pub async fn decide(
                 .await?;
             format!("gate: {} passed and is now active", card.adapter)
         }
-        (ActivationPolicy::Gate, false) => {
+        (ActivationPolicy::Canary, true) => {
+            db.start_canary(assistant_id, adapter_id, opts.canary_share)
+                .await?;
+            format!(
+                "canary: {} passed the gate and now serves {:.0}% of new conversations; its users' ratings promote it or roll it back",
+                card.adapter,
+                opts.canary_share * 100.0
+            )
+        }
+        (ActivationPolicy::Gate | ActivationPolicy::Canary, false) => {
             format!("gate: {} held back: {reasons}", card.adapter)
         }
         (ActivationPolicy::Manual, true) => format!(

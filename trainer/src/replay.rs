@@ -7,44 +7,35 @@ use crate::generate::greedy_reply;
 use loraloop_core::domain::{ChatExample, ChatMessage, Role};
 use loraloop_model::engine::LoadedModel;
 use loraloop_model::template::TemplateMessage;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use std::path::Path;
 
-/// General prompts the base model answers before training.
-pub const BUILTIN_PROMPTS: &[&str] = &[
-    "What is the capital of France?",
-    "How many days are there in a week?",
-    "What is 12 times 7?",
-    "Name three primary colors.",
-    "What is the boiling point of water at sea level in Celsius?",
-    "Write a haiku about autumn.",
-    "What does a thermometer measure?",
-    "Give me a synonym for happy.",
-    "What planet is known as the Red Planet?",
-    "Translate 'thank you' into Spanish.",
-    "What is the largest ocean on Earth?",
-    "Explain in one sentence what photosynthesis is.",
-    "Who wrote Romeo and Juliet?",
-    "What is the square root of 81?",
-    "List the four seasons.",
-    "What gas do humans need to breathe to survive?",
-];
+/// General prompts the base model answers before training, one per line: everyday
+/// questions, instructions, small talk and writing tasks. None of them is a retention
+/// probe prompt (`trainer/data/retention_prompts.txt`), so the card measures what replay
+/// kept on prompts replay did not train on.
+pub const BUILTIN_PROMPTS: &str = include_str!("../data/replay_prompts.txt");
 
 /// Answers per prompt are capped so replay stays quick on a CPU.
 pub const REPLAY_MAX_NEW_TOKENS: usize = 48;
 
 /// The prompts: the built-in list, plus one prompt per non-empty line of `file`.
 pub fn prompts(file: Option<&Path>) -> std::io::Result<Vec<String>> {
-    let mut out: Vec<String> = BUILTIN_PROMPTS.iter().map(|s| s.to_string()).collect();
+    let mut out: Vec<String> = lines(BUILTIN_PROMPTS);
     if let Some(f) = file {
-        let text = std::fs::read_to_string(f)?;
-        out.extend(
-            text.lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .map(String::from),
-        );
+        out.extend(lines(&std::fs::read_to_string(f)?));
     }
     Ok(out)
+}
+
+fn lines(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 fn example(prompt: &str, answer: &str) -> ChatExample {
@@ -76,6 +67,14 @@ pub fn base_answers(
         }
     }
     Ok(out)
+}
+
+/// `n` of the prompts in an order set by `seed`: only the answers that join the training
+/// data are generated, and different seeds replay different prompts.
+pub fn pick(prompts: &[String], n: usize, seed: u64) -> Vec<String> {
+    let mut order: Vec<&String> = prompts.iter().collect();
+    order.shuffle(&mut StdRng::seed_from_u64(seed ^ 0x5EED_7E11_A11A_0001));
+    order.into_iter().take(n).cloned().collect()
 }
 
 /// How many replay examples to add to `n_train` examples for a share of `ratio`.

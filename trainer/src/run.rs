@@ -161,19 +161,23 @@ fn replay_examples(
         ))
     })?;
     let say = |text: String| TrainEvent::Message { text };
+    let wanted = replay::replay_count(n_train, c.replay_ratio, prompts.len());
     on_event(&say(format!(
-        "replay: the base model answers {} general prompts",
+        "replay: the base model answers {wanted} of {} general prompts",
         prompts.len()
     )));
-    let answers = replay::base_answers(model, &prompts, &mut |_, _| {})
+    let picked = replay::pick(&prompts, wanted, c.seed);
+    let answers = replay::base_answers(model, &picked, &mut |_, _| {})
         .map_err(|e| TrainError::Invalid(format!("replay: {e}")))?;
-    let n = replay::replay_count(n_train, c.replay_ratio, answers.len());
     on_event(&say(if answers.is_empty() {
         "replay: the base model gave no usable answers; training without replay".to_string()
     } else {
-        format!("replay: mixing {n} of the base model's answers into {n_train} examples")
+        format!(
+            "replay: mixing {} of the base model's answers into {n_train} examples",
+            answers.len()
+        )
     }));
-    Ok(answers.into_iter().take(n).collect())
+    Ok(answers)
 }
 
 /// Run a training job. `cancel` is checked after every optimizer step; when set, the run

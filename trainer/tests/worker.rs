@@ -63,6 +63,7 @@ async fn setup(db: &Db, tmp: &std::path::Path, hp: serde_json::Value) -> (i64, W
                 assistant: None,
                 policy: ActivationPolicy::Manual,
                 thresholds: GateConfig::default(),
+                canary_share: 0.2,
                 cache_dir: Some(tmp.join("cache")),
             },
         },
@@ -278,6 +279,7 @@ fn hp_one_step() -> serde_json::Value {
 async fn gated_job(
     db: &Db,
     tmp: &std::path::Path,
+    policy: ActivationPolicy,
     thresholds: GateConfig,
 ) -> (ReportCard, Vec<String>, Option<i64>) {
     let hp = serde_json::json!({"num_epochs": 3, "micro_batch_size": 4, "learning_rate": 0.01, "val_set_size": 0.25});
@@ -290,8 +292,9 @@ async fn gated_job(
     };
     opts.gate = GateOptions {
         assistant: Some("a".into()),
-        policy: ActivationPolicy::Gate,
+        policy,
         thresholds,
+        canary_share: 0.25,
         cache_dir: Some(tmp.join("cache")),
     };
     run_next(db, &opts, Arc::new(AtomicBool::new(false)))
@@ -323,7 +326,8 @@ async fn a_job_whose_card_passes_the_gate_becomes_the_active_adapter(pool: Sqlit
         max_heldout_loss_ratio: 1.0,
         ..GateConfig::default()
     };
-    let (card, said, adapter_id) = gated_job(&db, tmp.path(), lenient).await;
+    let (card, said, adapter_id) =
+        gated_job(&db, tmp.path(), ActivationPolicy::Gate, lenient).await;
     // The card measured what the job learned: 2 held-out copies of the trained example,
     // whose loss training at lr 0.01 brings well under the random base model's.
     let h = card.heldout.as_ref().expect("held-out scores");
@@ -351,6 +355,36 @@ async fn a_job_whose_card_passes_the_gate_becomes_the_active_adapter(pool: Sqlit
 }
 
 #[sqlx::test(migrations = "../migrations")]
+async fn under_the_canary_policy_a_passing_adapter_starts_a_canary_instead(pool: SqlitePool) {
+    let db = Db::from_pool(pool);
+    let tmp = tempfile::tempdir().unwrap();
+    let lenient = GateConfig {
+        min_retention_agreement: 0.0,
+        max_retention_kl: 1e9,
+        max_heldout_loss_ratio: 1.0,
+        ..GateConfig::default()
+    };
+    let (card, said, adapter_id) =
+        gated_job(&db, tmp.path(), ActivationPolicy::Canary, lenient).await;
+    assert!(card.verdict.pass, "{:?}", card.verdict);
+    let a = db.assistant("a").await.unwrap();
+    // Users keep what they had; the new adapter serves a quarter of new conversations.
+    assert_eq!(a.active_adapter_id, None);
+    let c = db
+        .running_canary(a.id)
+        .await
+        .unwrap()
+        .expect("a canary runs");
+    assert_eq!(Some(c.adapter_id), adapter_id);
+    assert_eq!((c.baseline_adapter_id, c.share), (None, 0.25));
+    assert!(
+        said.iter()
+            .any(|m| m.contains("canary:") && m.contains("25% of new conversations")),
+        "{said:?}"
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
 async fn a_job_whose_card_fails_the_gate_is_held_back_with_the_reason(pool: SqlitePool) {
     let db = Db::from_pool(pool);
     let tmp = tempfile::tempdir().unwrap();
@@ -361,7 +395,7 @@ async fn a_job_whose_card_fails_the_gate_is_held_back_with_the_reason(pool: Sqli
         max_heldout_loss_ratio: 10.0,
         ..GateConfig::default()
     };
-    let (card, said, _) = gated_job(&db, tmp.path(), strict).await;
+    let (card, said, _) = gated_job(&db, tmp.path(), ActivationPolicy::Gate, strict).await;
     assert!(!card.verdict.pass);
     let failed: Vec<&str> = card
         .verdict
@@ -431,7 +465,7 @@ async fn the_card_scores_thumbs_up_replies_from_conversations_the_job_did_not_tr
         max_rated_loss_increase: 10.0,
         ..GateConfig::default()
     };
-    let (card, _, _) = gated_job(&db, tmp.path(), lenient).await;
+    let (card, _, _) = gated_job(&db, tmp.path(), ActivationPolicy::Gate, lenient).await;
     let rated = card.rated.as_ref().expect("the rated reply was scored");
     assert_eq!(rated.examples, 1, "{rated:?}");
     // "Blorp City." is what the job trained on, so the adapter scores it far better.

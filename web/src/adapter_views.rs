@@ -29,6 +29,25 @@ pub struct AdapterView {
     /// report cards).
     #[schema(value_type = Option<Object>)]
     pub report_card: Option<serde_json::Value>,
+    /// Whether it is the candidate of the running canary (serving a share of new
+    /// conversations).
+    pub canary: bool,
+    /// When it was last rolled back (by an operator or a canary), if it was.
+    pub rolled_back_at: Option<i64>,
+    /// 👍 and 👎 on its replies per day over the last [`RATING_DAYS`] days (days
+    /// without ratings left out).
+    pub ratings: Vec<DayRatings>,
+}
+
+/// Days of ratings an adapter view carries.
+pub const RATING_DAYS: i64 = 14;
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DayRatings {
+    /// `YYYY-MM-DD` (UTC).
+    pub day: String,
+    pub up: i64,
+    pub down: i64,
 }
 
 pub async fn adapter_views(state: &AppState) -> Result<Vec<AdapterView>, ApiError> {
@@ -38,17 +57,31 @@ pub async fn adapter_views(state: &AppState) -> Result<Vec<AdapterView>, ApiErro
         .assistant(&state.core.assistant.name)
         .await?
         .active_adapter_id;
-    Ok(state
-        .core
-        .db
-        .list_adapters()
+    let db = &state.core.db;
+    let canary = db
+        .running_canary(state.core.assistant.id)
         .await?
-        .into_iter()
-        .map(|a| AdapterView {
+        .map(|c| c.adapter_id);
+    let mut views = Vec::new();
+    for a in db.list_adapters().await? {
+        let ratings = db
+            .daily_ratings(Some(a.id), RATING_DAYS)
+            .await?
+            .into_iter()
+            .map(|d| DayRatings {
+                day: d.day,
+                up: d.up,
+                down: d.down,
+            })
+            .collect();
+        views.push(AdapterView {
             object: "adapter",
             id: a.id,
             incompatible: state.core.adapters.mismatch(&a),
             active: active == Some(a.id),
+            canary: canary == Some(a.id),
+            rolled_back_at: a.rolled_back_at.as_deref().map(unix),
+            ratings,
             target_modules: serde_json::from_str(&a.target_modules).unwrap_or_default(),
             metrics: serde_json::from_str(&a.metrics).unwrap_or_default(),
             report_card: a
@@ -62,8 +95,9 @@ pub async fn adapter_views(state: &AppState) -> Result<Vec<AdapterView>, ApiErro
             alpha: a.alpha,
             job_id: a.job_id,
             created_at: unix(&a.created_at),
-        })
-        .collect())
+        });
+    }
+    Ok(views)
 }
 
 /// The adapter now active (None: the base model), as the API answers an activation.

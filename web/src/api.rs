@@ -52,6 +52,8 @@ pub fn router(_state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(list_adapters))
         .routes(routes!(activate_adapter))
         .routes(routes!(rollback_adapter))
+        .routes(routes!(crate::canary_views::get_canary))
+        .routes(routes!(crate::canary_views::stop_canary))
         .routes(routes!(crate::openai::chat_completions))
         .routes(routes!(crate::openai::list_models))
         .routes(routes!(metrics))
@@ -477,7 +479,8 @@ async fn activate_adapter(
     ))
 }
 
-/// Go back to the adapter (or base model) that was active before the current one.
+/// Undo the newest activation still in force (each rollback goes one step further back
+/// in the activation history); a running canary is cancelled.
 #[utoipa::path(post, path = "/api/v1/adapters/rollback",
     responses((status = 200, body = ActivationView), (status = 401, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn rollback_adapter(State(state): State<AppState>) -> Result<Json<ActivationView>, ApiError> {

@@ -5,7 +5,7 @@
 use crate::error::{Result, ServiceError};
 use crate::metrics::Metrics;
 use crate::service::model_info::ModelInfo;
-use crate::storage::{Adapter, Assistant, Db};
+use crate::storage::{Adapter, Assistant, Db, RollbackStep};
 use loraloop_model::engine::{ActiveAdapter, AdapterChoice, Engine};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -35,6 +35,14 @@ pub struct Activation {
     pub adapter_name: Option<String>,
     /// Milliseconds from the request to the swap (loading the adapter included).
     pub took_ms: f64,
+}
+
+/// What a swap writes to the activation history.
+enum Record {
+    /// Nothing: the engine catches up with the database.
+    None,
+    Activation,
+    Rollback(RollbackStep),
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -109,6 +117,17 @@ impl AdapterService {
         Ok(prepared)
     }
 
+    /// What the engine runs for `adapter_id` (None: the base model), loaded if needed.
+    pub async fn choice_of(&self, adapter_id: Option<i64>) -> Result<AdapterChoice> {
+        match adapter_id {
+            None => Ok(AdapterChoice::Base),
+            Some(id) => {
+                let row = self.db.adapter(id).await?;
+                Ok(AdapterChoice::Fixed(self.load(&row).await?))
+            }
+        }
+    }
+
     /// Forget a loaded adapter (its row was deleted).
     pub fn evict(&self, adapter_id: i64) {
         lock(&self.loaded).remove(&adapter_id);
@@ -120,29 +139,57 @@ impl AdapterService {
         )
     }
 
-    /// Activate `adapter_id` (None: back to the base model) for the assistant.
+    /// Activate `adapter_id` (None: back to the base model) for the assistant. A running
+    /// canary ends: promoted when this is its adapter, cancelled otherwise.
     pub async fn activate(&self, adapter_id: Option<i64>, by: &str) -> Result<Activation> {
         let start = std::time::Instant::now();
         let _guard = self.activation.try_lock().map_err(|_| Self::busy())?;
-        self.swap(adapter_id, by, start, true).await
+        let a = self.swap(adapter_id, by, start, Record::Activation).await?;
+        if let Some(c) = self.db.running_canary(self.assistant.id).await? {
+            let (outcome, reason) = if adapter_id == Some(c.adapter_id) {
+                ("promoted", format!("activated by {by}"))
+            } else {
+                ("cancelled", format!("{by} activated another adapter"))
+            };
+            self.db.end_canary(c.id, outcome, &reason).await?;
+        }
+        Ok(a)
     }
 
-    /// Go back to the adapter active before the current one.
+    /// Activate a canary's candidate once the canary has been ended as promoted (waits for
+    /// an activation in progress instead of refusing).
+    pub async fn promote(&self, adapter_id: i64, by: &str) -> Result<Activation> {
+        let start = std::time::Instant::now();
+        let _guard = self.activation.lock().await;
+        self.swap(Some(adapter_id), by, start, Record::Activation)
+            .await
+    }
+
+    /// Undo the newest activation still in force: each rollback goes one step further back
+    /// in the history. A running canary is cancelled (what it was compared with changed).
     pub async fn rollback(&self, by: &str) -> Result<Activation> {
         let start = std::time::Instant::now();
         let _guard = self.activation.try_lock().map_err(|_| Self::busy())?;
-        let history = self.db.recent_activations(self.assistant.id, 2).await?;
-        // Before the first activation the assistant ran the base model.
-        let previous = match history.as_slice() {
-            [] | [None] => {
-                return Err(ServiceError::Conflict(
-                    "nothing to roll back to: no earlier activation".into(),
-                ));
-            }
-            [_] => None,
-            [_, p, ..] => *p,
-        };
-        self.swap(previous, by, start, true).await
+        let step = self
+            .db
+            .rollback_step(self.assistant.id)
+            .await?
+            .ok_or_else(|| {
+                ServiceError::Conflict("nothing to roll back to: no earlier activation".into())
+            })?;
+        let a = self
+            .swap(step.to, by, start, Record::Rollback(step))
+            .await?;
+        if let Some(c) = self.db.running_canary(self.assistant.id).await? {
+            self.db
+                .end_canary(
+                    c.id,
+                    "cancelled",
+                    &format!("{by} rolled the active adapter back"),
+                )
+                .await?;
+        }
+        Ok(a)
     }
 
     /// Make the engine run what the database says is active (at startup).
@@ -155,7 +202,7 @@ impl AdapterService {
             }
             Some(id) => {
                 let a = self
-                    .swap(Some(id), "startup", std::time::Instant::now(), false)
+                    .swap(Some(id), "startup", std::time::Instant::now(), Record::None)
                     .await?;
                 Ok(a.adapter_name)
             }
@@ -179,7 +226,7 @@ impl AdapterService {
         }
         let by = "another process";
         let start = std::time::Instant::now();
-        Ok(Some(self.swap(active, by, start, false).await?))
+        Ok(Some(self.swap(active, by, start, Record::None).await?))
     }
 
     async fn swap(
@@ -187,7 +234,7 @@ impl AdapterService {
         adapter_id: Option<i64>,
         by: &str,
         start: std::time::Instant,
-        record: bool,
+        record: Record,
     ) -> Result<Activation> {
         let (prepared, name) = match adapter_id {
             None => (None, None),
@@ -196,10 +243,18 @@ impl AdapterService {
                 (Some(self.load(&row).await?), Some(row.name))
             }
         };
-        if record {
-            self.db
-                .activate_adapter(self.assistant.id, adapter_id, by)
-                .await?;
+        match record {
+            Record::None => {}
+            Record::Activation => {
+                self.db
+                    .activate_adapter(self.assistant.id, adapter_id, by)
+                    .await?
+            }
+            Record::Rollback(step) => {
+                self.db
+                    .record_rollback(self.assistant.id, &step, by)
+                    .await?
+            }
         }
         self.engine.set_prepared_adapter(prepared);
         *lock(&self.current) = Some(adapter_id);

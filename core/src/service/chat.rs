@@ -6,6 +6,7 @@ use crate::domain::Role;
 use crate::error::{Result, ServiceError};
 use crate::metrics::{InFlight, Metrics};
 use crate::service::adapters::AdapterService;
+use crate::service::routing::Router;
 use crate::storage::{Assistant, Db, NewMessage, Platform, StoredMessage};
 use loraloop_model::engine::{
     AdapterChoice, Engine, Finished, GenerateRequest, Generation, Prompt,
@@ -22,6 +23,8 @@ pub struct ChatService {
     pub(super) engine: Engine,
     pub(super) assistant: Assistant,
     pub(super) adapters: Arc<AdapterService>,
+    /// Which adapter a bot conversation's turn runs on (pins and canaries).
+    pub(super) router: Router,
     pub(super) metrics: Arc<Metrics>,
     /// The engine's sampling settings (`generation:` in the config).
     pub(super) sampling: SamplingParams,
@@ -89,6 +92,21 @@ impl ChatService {
         adapter: AdapterChoice,
     ) -> Result<Turn> {
         self.start_turn_from(conversation_id, user_id, text, None, adapter)
+            .await
+    }
+
+    /// A bot conversation's turn: the adapter comes from the conversation's pin, or from
+    /// the canary or the active adapter when it has none (see [`Router`]).
+    pub async fn start_routed_turn(
+        &self,
+        conversation_id: i64,
+        user_id: Option<i64>,
+        text: &str,
+        platform_message_id: Option<&str>,
+    ) -> Result<Turn> {
+        // Routed before the message is stored: the pin's idle time runs to the last message.
+        let adapter = self.router.route(conversation_id).await?;
+        self.start_turn_from(conversation_id, user_id, text, platform_message_id, adapter)
             .await
     }
 

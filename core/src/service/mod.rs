@@ -3,12 +3,16 @@
 //! database, engine and assistant of this process.
 
 pub mod adapters;
+pub mod canary;
 pub mod chat;
 pub mod model_info;
+pub mod routing;
 
 pub use adapters::{Activation, AdapterService};
+pub use canary::{CanaryService, CanaryStatus};
 pub use chat::{ChatService, Turn};
 pub use model_info::ModelInfo;
+pub use routing::Router;
 
 use crate::Config;
 use crate::metrics::Metrics;
@@ -38,6 +42,7 @@ pub struct Inner {
     pub assistant: Assistant,
     pub adapters: Arc<AdapterService>,
     pub chat: ChatService,
+    pub canary: CanaryService,
     pub metrics: Arc<Metrics>,
     pub adapters_dir: PathBuf,
     pub started: Instant,
@@ -65,13 +70,26 @@ impl Services {
             p.assistant.clone(),
             metrics.clone(),
         ));
+        let router = Router {
+            db: p.db.clone(),
+            adapters: adapters.clone(),
+            assistant: p.assistant.clone(),
+            pin_idle_secs: p.config.raw.assistant.pin_idle_minutes * 60.0,
+        };
         let chat = ChatService {
             db: p.db.clone(),
             engine: p.engine.clone(),
             assistant: p.assistant.clone(),
             adapters: adapters.clone(),
+            router,
             metrics: metrics.clone(),
             sampling: p.config.raw.generation.sampling_params(),
+        };
+        let canary = CanaryService {
+            db: p.db.clone(),
+            adapters: adapters.clone(),
+            assistant: p.assistant.clone(),
+            config: p.config.raw.canary.clone(),
         };
         Self(Arc::new(Inner {
             db: p.db,
@@ -81,6 +99,7 @@ impl Services {
             assistant: p.assistant,
             adapters,
             chat,
+            canary,
             metrics,
             adapters_dir: p.adapters_dir,
             started: Instant::now(),

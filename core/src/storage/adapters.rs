@@ -32,6 +32,18 @@ pub struct Adapter {
     pub created_at: String,
     /// The report card as JSON (None: uploaded, or made before cards existed).
     pub report_card: Option<String>,
+    /// When an operator or a canary last rolled it back (None: never, or activated since).
+    pub rolled_back_at: Option<String>,
+}
+
+/// One step back in the activation history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RollbackStep {
+    /// The activation row undone.
+    pub undo: i64,
+    /// The adapter it activated and the one active before it (None: the base model).
+    pub from: Option<i64>,
+    pub to: Option<i64>,
 }
 
 #[derive(Debug, Clone)]
@@ -51,7 +63,7 @@ pub struct NewAdapter<'a> {
 
 const ASSISTANT_COLUMNS: &str =
     "id, name, base_model, system_prompt, generation, active_adapter_id";
-const ADAPTER_COLUMNS: &str = "id, name, path, base_model, base_model_hash, tokenizer_hash, chat_template_hash, method, rank, alpha, target_modules, metrics, job_id, created_at, report_card";
+const ADAPTER_COLUMNS: &str = "id, name, path, base_model, base_model_hash, tokenizer_hash, chat_template_hash, method, rank, alpha, target_modules, metrics, job_id, created_at, report_card, rolled_back_at";
 
 impl Db {
     /// The assistant with this name, created with these settings if it does not exist.
@@ -165,30 +177,75 @@ impl Db {
             .bind(by)
             .execute(&mut *tx)
             .await?;
+        sqlx::query("update adapters set rolled_back_at = null where id = ?")
+            .bind(adapter_id)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
 
-    /// Roll back to the adapter that was active before the current activation. Returns the
-    /// adapter now active (None: the base model).
-    pub async fn rollback_adapter(&self, assistant_id: i64, by: &str) -> Result<Option<i64>> {
-        let history = self.recent_activations(assistant_id, 2).await?;
-        let previous = history.get(1).copied().flatten();
-        self.activate_adapter(assistant_id, previous, by).await?;
-        Ok(previous)
-    }
-
-    /// The adapters of the assistant's last `n` activations, newest first (None: the
-    /// base model was activated).
-    pub async fn recent_activations(&self, assistant_id: i64, n: i64) -> Result<Vec<Option<i64>>> {
-        let rows: Vec<(Option<i64>,)> = sqlx::query_as(
-            "select adapter_id from adapter_activations where assistant_id = ? order by id desc limit ?",
+    /// What a rollback would undo, walking the activation history back: activations
+    /// stack up and each rollback takes the newest one off, so rolling back twice goes two
+    /// steps back. None when no activation is left to undo.
+    pub async fn rollback_step(&self, assistant_id: i64) -> Result<Option<RollbackStep>> {
+        let rows: Vec<(i64, Option<i64>, Option<i64>)> = sqlx::query_as(
+            "select id, adapter_id, rollback_of from adapter_activations where assistant_id = ? order by id",
         )
         .bind(assistant_id)
-        .bind(n)
         .fetch_all(self.pool())
         .await?;
-        Ok(rows.into_iter().map(|(a,)| a).collect())
+        let mut stack: Vec<(i64, Option<i64>)> = Vec::new();
+        for (id, adapter, undoes) in rows {
+            match undoes {
+                Some(undone) => {
+                    if stack.last().is_some_and(|(top, _)| *top == undone) {
+                        stack.pop();
+                    }
+                }
+                None => stack.push((id, adapter)),
+            }
+        }
+        let Some(&(undo, from)) = stack.last() else {
+            return Ok(None);
+        };
+        // Below the first activation the assistant ran the base model.
+        let to = stack.len().checked_sub(2).and_then(|i| stack[i].1);
+        Ok(Some(RollbackStep { undo, from, to }))
+    }
+
+    /// Apply a rollback step: `step.to` becomes active, the history records which
+    /// activation was undone, and the adapter rolled back from is marked (conversations
+    /// pinned to it move on at their next turn).
+    pub async fn record_rollback(
+        &self,
+        assistant_id: i64,
+        step: &RollbackStep,
+        by: &str,
+    ) -> Result<()> {
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query(
+            "update assistants set active_adapter_id = ?, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') where id = ?",
+        )
+        .bind(step.to)
+        .bind(assistant_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("insert into adapter_activations (assistant_id, adapter_id, activated_by, rollback_of) values (?, ?, ?, ?)")
+            .bind(assistant_id)
+            .bind(step.to)
+            .bind(by)
+            .bind(step.undo)
+            .execute(&mut *tx)
+            .await?;
+        if step.from != step.to {
+            sqlx::query("update adapters set rolled_back_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') where id = ?")
+                .bind(step.from)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     /// The trained-token count recorded in an adapter's metrics, when it has one.
@@ -254,14 +311,27 @@ mod tests {
             db.assistant("a").await.unwrap().active_adapter_id,
             Some(two.id)
         );
-        assert_eq!(
-            db.rollback_adapter(asst.id, "operator").await.unwrap(),
-            Some(one.id)
-        );
-        assert_eq!(
-            db.assistant("a").await.unwrap().active_adapter_id,
-            Some(one.id)
-        );
+        // Each rollback goes one step further back: two, then one, then the base model.
+        let back = |db: Db| async move {
+            let step = db.rollback_step(asst.id).await.unwrap()?;
+            db.record_rollback(asst.id, &step, "operator")
+                .await
+                .unwrap();
+            Some((
+                step.from,
+                db.assistant("a").await.unwrap().active_adapter_id,
+            ))
+        };
+        assert_eq!(back(db.clone()).await, Some((Some(two.id), Some(one.id))));
+        assert!(db.adapter(two.id).await.unwrap().rolled_back_at.is_some());
+        assert_eq!(back(db.clone()).await, Some((Some(one.id), None)));
+        assert_eq!(back(db.clone()).await, None, "nothing left to undo");
+        // Activating again clears the mark and starts a new step.
+        db.activate_adapter(asst.id, Some(two.id), "operator")
+            .await
+            .unwrap();
+        assert!(db.adapter(two.id).await.unwrap().rolled_back_at.is_none());
+        assert_eq!(back(db.clone()).await, Some((Some(two.id), None)));
         assert!(
             db.insert_adapter(&adapter("one", &modules, &metrics))
                 .await

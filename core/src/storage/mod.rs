@@ -15,9 +15,10 @@ mod chat;
 mod curation;
 mod datasets;
 mod jobs;
+mod routing;
 mod updates;
 
-pub use adapters::{Adapter, Assistant, NewAdapter};
+pub use adapters::{Adapter, Assistant, NewAdapter, RollbackStep};
 pub use chat::{Conversation, Feedback, NewMessage, Platform, PlatformUser, StoredMessage};
 pub use curation::{
     BuildFilter, ConversationDetail, ConversationExample, ConversationFilter, ConversationSummary,
@@ -27,6 +28,7 @@ pub use datasets::{
     Dataset, DatasetInsert, NewDataset, StoredExample, validate_name as validate_dataset_name,
 };
 pub use jobs::{JobState, NewJob, NewTrainingEvent, TrainingEvent, TrainingJob};
+pub use routing::{Canary, DailyRatings, Pin};
 pub use updates::PendingUpdate;
 
 use sqlx::SqlitePool;

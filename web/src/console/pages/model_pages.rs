@@ -2,6 +2,7 @@
 //! playground (`playground`), plus the vendored uPlot chart library they use.
 
 mod adapters;
+mod canary;
 mod jobs;
 mod playground;
 mod report_card;

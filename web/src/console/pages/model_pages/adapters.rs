@@ -35,6 +35,7 @@ pub fn routes() -> Router<AppState> {
         .route("/adapters/{id}/activate", post(activate))
         .route("/adapters/{id}/download", get(download))
         .route("/adapters/rollback", post(rollback))
+        .route("/adapters/canary/stop", post(super::canary::stop))
         .route("/adapters/base", post(use_base))
         .route("/adapters/upload", post(upload))
         .route("/adapters/compare", get(compare))
@@ -44,7 +45,10 @@ pub fn routes() -> Router<AppState> {
 fn notice(code: &str) -> Option<&'static str> {
     match code {
         "activated" => Some("Activated: the next replies come from this adapter."),
-        "rolledback" => Some("Rolled back to the previous adapter."),
+        "rolledback" => Some("Rolled back one step in the activation history."),
+        "canarystopped" => Some(
+            "The canary was stopped and its adapter rolled back: its conversations move to the active adapter at their next message.",
+        ),
         "base" => Some("The assistant answers with the base model now."),
         "uploaded" => Some("The adapter was uploaded and checked against the served model."),
         _ => None,
@@ -69,6 +73,10 @@ async fn page(
 ) -> Response {
     let views = match crate::adapter_views::adapter_views(state).await {
         Ok(v) => v,
+        Err(e) => return fail(session, &e),
+    };
+    let canaries = match crate::canary_views::canary_views(state, super::canary::SHOWN).await {
+        Ok(c) => c,
         Err(e) => return fail(session, &e),
     };
     let active = state.core.engine.active_adapter();
@@ -98,12 +106,13 @@ async fn page(
                     a.button href="/adapters/compare" { "Compare" }
                 }
             }
+            (super::canary::section(session, &canaries, &views))
             @if views.is_empty() {
                 p.muted { "No adapters yet: they appear here when a training job succeeds, or upload one below." }
             } @else {
                 div.table-wrap {
                     table id="adapter-list" {
-                        thead { tr { th { "Name" } th { "Job" } th { "Base model" } th { "Rank" } th { "Metrics" } th { "Created" } th { "" } } }
+                        thead { tr { th { "Name" } th { "Job" } th { "Base model" } th { "Rank" } th { "Metrics" } th { "Ratings" } th { "Created" } th { "" } } }
                         tbody { @for a in &views { (adapter_row(session, a)) } }
                     }
                 }
@@ -143,6 +152,7 @@ fn adapter_row(session: &AdminSession, a: &AdapterView) -> Markup {
             td {
                 strong { (a.name) }
                 @if a.active { " " span.badge.active-marker { "active" } }
+                @if a.canary { " " span.badge.canary-marker { "canary" } }
                 @if let Some(why) = &a.incompatible { p.error.small { (why) } }
             }
             td { @match a.job_id { Some(j) => { a href=(format!("/jobs/{j}")) { "#" (j) } }, None => { span.muted { "upload" } } } }
@@ -158,6 +168,7 @@ fn adapter_row(session: &AdminSession, a: &AdapterView) -> Markup {
                     " " a href=(format!("/jobs/{}#report-card", a.job_id.unwrap_or_default())) { (super::report_card::badge(&card)) }
                 }
             }
+            td { (super::canary::ratings(a)) }
             td { (short_time(&chrono::DateTime::from_timestamp(a.created_at, 0).map(|t| t.to_rfc3339()).unwrap_or_default())) }
             td.actions {
                 @if !a.active && a.incompatible.is_none() {
