@@ -11,6 +11,7 @@ pub mod error;
 pub mod gate;
 pub mod inbox;
 pub mod metrics;
+pub mod preference;
 pub mod service;
 pub mod storage;
 pub mod token;

@@ -1,6 +1,6 @@
 //! `loraloop data ...`: import, validate, list, show, export and delete datasets.
 
-use super::{DataCommand, ExportArgs, ImportArgs, NameVersion, ShowArgs, ValidateArgs};
+use super::{BuildArgs, DataCommand, ExportArgs, ImportArgs, NameVersion, ShowArgs, ValidateArgs};
 use crate::progress::Progress;
 use anyhow::{Context, anyhow};
 use loraloop_core::storage::{DatasetInsert, NewDataset, validate_dataset_name};
@@ -20,6 +20,7 @@ pub async fn run(config: &Config, cmd: DataCommand) -> anyhow::Result<ExitCode> 
         DataCommand::Show(args) => show(config, &args).await,
         DataCommand::Export(args) => export(config, &args).await,
         DataCommand::Delete(args) => delete(config, &args).await,
+        DataCommand::Build(args) => build(config, &args).await,
     }
 }
 
@@ -254,6 +255,67 @@ async fn export(config: &Config, args: &ExportArgs) -> anyhow::Result<ExitCode> 
             examples.len(),
             args.output.display()
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn build(config: &Config, args: &BuildArgs) -> anyhow::Result<ExitCode> {
+    let kind: dataset::BuildKind = args.kind.parse().map_err(anyhow::Error::msg)?;
+    let spec = dataset::BuildSpec {
+        kind,
+        name: args.name.clone(),
+        assistant: args.assistant.clone(),
+        adapter: args.adapter.clone(),
+        platform: args.platform.clone(),
+        chat: args.chat.clone(),
+        from: args.from,
+        to: args.to,
+        rating: args.rating.clone(),
+        only_upvoted: args.only_upvoted,
+        include_corrections: Some(!args.no_corrections),
+        exclude_downvoted: Some(!args.keep_downvoted),
+    };
+    let db = open_db(config).await?;
+    let filter = spec.filter(&db).await?;
+    match (&args.name, &args.output) {
+        (Some(name), None) if kind == dataset::BuildKind::Sft => {
+            match dataset::store_sft(&db, name, &filter).await? {
+                DatasetInsert::Created(d) => println!(
+                    "built {} v{}: {} example(s) from stored conversations",
+                    d.name, d.version, d.example_count
+                ),
+                DatasetInsert::Unchanged(d) => println!(
+                    "{} v{} already holds these {} example(s); nothing stored",
+                    d.name, d.version, d.example_count
+                ),
+            }
+        }
+        (None, Some(out)) => {
+            let rows = dataset::build_rows(&db, &filter, kind).await?;
+            let mut text = String::new();
+            for r in &rows {
+                text.push_str(&r.to_string());
+                text.push('\n');
+            }
+            if out.as_os_str() == "-" {
+                std::io::stdout().write_all(text.as_bytes())?;
+            } else {
+                write_atomically(out, text.as_bytes())
+                    .with_context(|| format!("cannot write {}", out.display()))?;
+                eprintln!(
+                    "wrote {} {} row(s) to {}",
+                    rows.len(),
+                    kind.as_str(),
+                    out.display()
+                );
+            }
+        }
+        (Some(_), None) => anyhow::bail!(
+            "{} rows are not stored as a dataset: write them with --output FILE",
+            kind.as_str()
+        ),
+        (None, None) => anyhow::bail!("say where the rows go: --name NAME (sft) or --output FILE"),
+        (Some(_), Some(_)) => anyhow::bail!("--name and --output exclude each other"),
     }
     Ok(ExitCode::SUCCESS)
 }

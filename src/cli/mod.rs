@@ -302,6 +302,54 @@ pub enum DataCommand {
     Delete(NameVersion),
     /// Check a JSONL file without importing it.
     Validate(ValidateArgs),
+    /// Turn stored conversations, ratings and corrections into training rows: SFT
+    /// examples (a new dataset version), DPO pairs or KTO rows (a JSONL file).
+    Build(BuildArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// sft (conversations), dpo (operators' corrections over the original replies) or kto
+    /// (👍/👎 on replies).
+    #[arg(long, default_value = "sft")]
+    pub kind: String,
+    /// Store SFT rows as the next version of this dataset.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Write the rows as JSONL here instead ('-': stdout): OpenAI chat (sft), OpenAI
+    /// preference (dpo) or TRL unpaired preference (kto) lines.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    /// Only this assistant's conversations (by name).
+    #[arg(long)]
+    pub assistant: Option<String>,
+    /// Only conversations this adapter answered in (by name).
+    #[arg(long)]
+    pub adapter: Option<String>,
+    /// telegram, discord, web, cli or api.
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// The platform's chat id (a Telegram chat, a Discord channel).
+    #[arg(long)]
+    pub chat: Option<String>,
+    /// First day of the conversations' start (YYYY-MM-DD, UTC, inclusive).
+    #[arg(long)]
+    pub from: Option<chrono::NaiveDate>,
+    /// Last day (inclusive).
+    #[arg(long)]
+    pub to: Option<chrono::NaiveDate>,
+    /// any, up, down or unrated: conversations by their replies' ratings.
+    #[arg(long)]
+    pub rating: Option<String>,
+    /// SFT: train only on 👍-rated replies.
+    #[arg(long)]
+    pub only_upvoted: bool,
+    /// SFT: keep the original reply even where an operator corrected it.
+    #[arg(long)]
+    pub no_corrections: bool,
+    /// SFT: train on 👎-rated replies too.
+    #[arg(long)]
+    pub keep_downvoted: bool,
 }
 
 #[derive(Debug, Args)]

@@ -6,4 +6,5 @@ mod support;
 
 mod canary;
 mod discord;
+mod feedback;
 mod telegram;

@@ -49,6 +49,7 @@ pub fn router(_state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(cancel_job))
         .routes(routes!(job_events))
         .routes(routes!(upload_dataset, list_datasets))
+        .routes(routes!(crate::build_api::build_dataset))
         .routes(routes!(list_adapters))
         .routes(routes!(activate_adapter))
         .routes(routes!(rollback_adapter))
@@ -425,6 +426,22 @@ pub struct DatasetView {
     pub created_at: i64,
 }
 
+impl From<loraloop_core::storage::Dataset> for DatasetView {
+    fn from(d: loraloop_core::storage::Dataset) -> Self {
+        Self {
+            object: "dataset",
+            id: d.id,
+            name: d.name,
+            version: d.version,
+            content_hash: d.content_hash,
+            format: d.format,
+            source: d.source,
+            example_count: d.example_count,
+            created_at: operations::unix(&d.created_at),
+        }
+    }
+}
+
 /// Every dataset version.
 #[utoipa::path(get, path = "/api/v1/datasets",
     responses((status = 200, body = List<DatasetView>), (status = 401, body = ErrorBody)))]
@@ -435,17 +452,7 @@ async fn list_datasets(State(state): State<AppState>) -> Result<Json<List<Datase
         .list_datasets()
         .await?
         .into_iter()
-        .map(|d| DatasetView {
-            object: "dataset",
-            id: d.id,
-            name: d.name,
-            version: d.version,
-            content_hash: d.content_hash,
-            format: d.format,
-            source: d.source,
-            example_count: d.example_count,
-            created_at: operations::unix(&d.created_at),
-        })
+        .map(DatasetView::from)
         .collect();
     Ok(Json(List {
         object: "list",

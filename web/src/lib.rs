@@ -9,6 +9,7 @@
 pub mod adapter_views;
 pub mod api;
 pub mod auth;
+pub mod build_api;
 pub mod canary_views;
 pub mod console;
 pub mod error;

@@ -4,6 +4,7 @@
 
 use super::{Dataset, Db, Feedback, Platform, Result, StorageError};
 use crate::domain::{ChatExample, ChatMessage, Role};
+use crate::preference::{KtoRow, PreferencePair, PreferenceRows};
 use chrono::NaiveDate;
 use serde::Serialize;
 use std::str::FromStr;
@@ -130,15 +131,31 @@ pub struct ConversationDetail {
 /// Which conversations become a dataset, and how feedback shapes the examples.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct BuildFilter {
+    /// Conversations of this assistant (by id).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub assistant: Option<i64>,
+    /// Conversations with at least one reply from this adapter (by id).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<i64>,
     pub platform: Option<Platform>,
+    /// The platform's chat id (a Telegram chat, a Discord channel).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chat: Option<String>,
     pub from: Option<NaiveDate>,
     pub to: Option<NaiveDate>,
+    /// Conversations by their replies' ratings.
+    #[serde(skip_serializing_if = "is_any")]
+    pub rating: RatingFilter,
     /// Train only on replies someone rated 👍 (others get weight 0).
     pub only_upvoted: bool,
     /// An operator's correction replaces the reply as the training target.
     pub include_corrections: bool,
     /// Replies someone rated 👎 get weight 0.
     pub exclude_downvoted: bool,
+}
+
+fn is_any(r: &RatingFilter) -> bool {
+    *r == RatingFilter::Any
 }
 
 /// A training example and the conversation it came from.
@@ -431,7 +448,41 @@ impl Db {
         &self,
         filter: &BuildFilter,
     ) -> Result<Vec<ConversationExample>> {
-        let rows: Vec<TurnRow> = sqlx::query_as(
+        let mut out = Vec::new();
+        for turns in self
+            .build_turns(filter)
+            .await?
+            .chunk_by(|a, b| a.conversation_id == b.conversation_id)
+        {
+            let first = &turns[0];
+            if let Some(example) = conversation_example(&first.system_prompt, turns, filter) {
+                out.push(ConversationExample {
+                    conversation_id: first.conversation_id,
+                    example,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Preference rows from the rated and corrected replies of the conversations `filter`
+    /// picks (same exclusions as [`Self::conversation_examples`]); see
+    /// [`crate::preference`] for the rules.
+    pub async fn preference_rows(&self, filter: &BuildFilter) -> Result<PreferenceRows> {
+        let mut out = PreferenceRows::default();
+        for turns in self
+            .build_turns(filter)
+            .await?
+            .chunk_by(|a, b| a.conversation_id == b.conversation_id)
+        {
+            preference_rows(&turns[0].system_prompt, turns, &mut out);
+        }
+        Ok(out)
+    }
+
+    /// Every message of the conversations `filter` picks, by conversation and order.
+    async fn build_turns(&self, filter: &BuildFilter) -> Result<Vec<TurnRow>> {
+        Ok(sqlx::query_as(
             "with picked as (
                  select c.id, a.system_prompt from conversations c
                  join assistants a on a.id = c.assistant_id
@@ -441,7 +492,19 @@ impl Db {
                    and coalesce(u.excluded_from_training, 0) = 0
                    and (?1 is null or coalesce(ch.platform, u.platform) = ?1)
                    and (?2 is null or substr(c.created_at, 1, 10) >= ?2)
-                   and (?3 is null or substr(c.created_at, 1, 10) <= ?3))
+                   and (?3 is null or substr(c.created_at, 1, 10) <= ?3)
+                   and (?5 is null or c.assistant_id = ?5)
+                   and (?6 is null or exists (select 1 from messages m
+                          where m.conversation_id = c.id and m.adapter_id = ?6))
+                   and (?7 is null or ch.platform_chat_id = ?7)
+                   and (case ?8
+                          when 'up' then exists (select 1 from feedback f join messages m on m.id = f.message_id
+                                                 where m.conversation_id = c.id and f.rating = 1)
+                          when 'down' then exists (select 1 from feedback f join messages m on m.id = f.message_id
+                                                   where m.conversation_id = c.id and f.rating = -1)
+                          when 'unrated' then not exists (select 1 from feedback f join messages m on m.id = f.message_id
+                                                          where m.conversation_id = c.id and f.rating is not null)
+                          else 1 end))
              select p.id as conversation_id, p.system_prompt, m.role, m.content,
                     coalesce(pu.excluded_from_training, 0) as author_excluded,
                     exists (select 1 from feedback f where f.message_id = m.id and f.rating = 1) as upvoted,
@@ -456,19 +519,12 @@ impl Db {
         .bind(day(filter.from))
         .bind(day(filter.to))
         .bind(OPERATOR)
+        .bind(filter.assistant)
+        .bind(filter.adapter)
+        .bind(needle(&filter.chat))
+        .bind(filter.rating.as_str())
         .fetch_all(self.pool())
-        .await?;
-        let mut out = Vec::new();
-        for turns in rows.chunk_by(|a, b| a.conversation_id == b.conversation_id) {
-            let first = &turns[0];
-            if let Some(example) = conversation_example(&first.system_prompt, turns, filter) {
-                out.push(ConversationExample {
-                    conversation_id: first.conversation_id,
-                    example,
-                });
-            }
-        }
-        Ok(out)
+        .await?)
     }
 }
 
@@ -547,6 +603,59 @@ fn conversation_example(
         .iter()
         .any(|m| m.role == Role::Assistant && m.weight != Some(0.0));
     (has_user && trained).then_some(ChatExample { messages })
+}
+
+/// The preference rows of one conversation (rules on [`PreferenceRows`]). Each reply's
+/// prompt is the conversation before it as users saw it: the system prompt, then the
+/// messages, without those of users excluded from training and the replies to them.
+fn preference_rows(system_prompt: &str, turns: &[TurnRow], out: &mut PreferenceRows) {
+    let mut context = Vec::new();
+    if !system_prompt.trim().is_empty() {
+        context.push(ChatMessage::new(Role::System, system_prompt));
+    }
+    let mut skipping_replies = false;
+    for t in turns {
+        let Ok(role) = t.role.parse::<Role>() else {
+            continue;
+        };
+        if t.content.trim().is_empty() {
+            continue;
+        }
+        match role {
+            Role::User if t.author_excluded => {
+                skipping_replies = true;
+                continue;
+            }
+            Role::User | Role::System => skipping_replies = false,
+            Role::Assistant if skipping_replies => continue,
+            Role::Assistant if context.iter().any(|m| m.role == Role::User) => {
+                let kto = |completion: &str, label| KtoRow {
+                    prompt: context.clone(),
+                    completion: completion.to_string(),
+                    label,
+                };
+                let correction = t
+                    .correction
+                    .as_deref()
+                    .filter(|c| !c.trim().is_empty() && *c != t.content);
+                if let Some(c) = correction {
+                    out.pairs.push(PreferencePair {
+                        prompt: context.clone(),
+                        preferred: c.to_string(),
+                        non_preferred: t.content.clone(),
+                    });
+                    out.kto.push(kto(c, true));
+                }
+                match (t.upvoted, t.downvoted || correction.is_some()) {
+                    (true, false) => out.kto.push(kto(&t.content, true)),
+                    (false, true) => out.kto.push(kto(&t.content, false)),
+                    _ => {}
+                }
+            }
+            Role::Assistant => {}
+        }
+        context.push(ChatMessage::new(role, t.content.as_str()));
+    }
 }
 
 #[cfg(test)]
@@ -645,6 +754,101 @@ mod tests {
             content: content.into(),
             weight,
         }
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn ratings_and_corrections_become_dpo_pairs_and_kto_rows(pool: SqlitePool) {
+        let f = Fixture::new(pool, "Be brief.").await;
+        let ann = f.user(Platform::Telegram, "1001", "ann").await;
+        let (_, m) = f
+            .conversation(
+                Platform::Telegram,
+                ann,
+                &[
+                    (U, "Hi"),
+                    (A, "Hello!"),
+                    (U, "Capital of France?"),
+                    (A, "Lyon."),
+                    (U, "Thanks"),
+                    (A, "You're welcome."),
+                ],
+            )
+            .await;
+        // 👍 on the first reply, 👎 and a correction on the second, the third unrated.
+        f.db.set_feedback(m[1], "telegram:1001", Some(ann), Some(1), None)
+            .await
+            .unwrap();
+        f.db.set_feedback(m[3], "telegram:1001", Some(ann), Some(-1), None)
+            .await
+            .unwrap();
+        f.db.set_operator_correction(m[3], Some("Paris."))
+            .await
+            .unwrap();
+        // A second conversation, unrated, and one whose only reply is rated both ways.
+        f.conversation(Platform::Telegram, ann, &[(U, "a"), (A, "b")])
+            .await;
+        let (_, m3) = f
+            .conversation(Platform::Telegram, ann, &[(U, "c"), (A, "d")])
+            .await;
+        f.db.set_feedback(m3[1], "telegram:1001", Some(ann), Some(1), None)
+            .await
+            .unwrap();
+        f.db.set_feedback(m3[1], "telegram:2", None, Some(-1), None)
+            .await
+            .unwrap();
+        let rows = f.db.preference_rows(&BuildFilter::default()).await.unwrap();
+        let first = vec![msg(S, "Be brief.", None), msg(U, "Hi", None)];
+        let second = vec![
+            msg(S, "Be brief.", None),
+            msg(U, "Hi", None),
+            msg(A, "Hello!", None),
+            msg(U, "Capital of France?", None),
+        ];
+        assert_eq!(
+            rows.pairs,
+            vec![PreferencePair {
+                prompt: second.clone(),
+                preferred: "Paris.".into(),
+                non_preferred: "Lyon.".into(),
+            }]
+        );
+        let kto = |prompt: &Vec<ChatMessage>, completion: &str, label| KtoRow {
+            prompt: prompt.clone(),
+            completion: completion.into(),
+            label,
+        };
+        assert_eq!(
+            rows.kto,
+            vec![
+                kto(&first, "Hello!", true),
+                kto(&second, "Paris.", true),
+                kto(&second, "Lyon.", false),
+            ]
+        );
+        // The JSONL shapes other tools read.
+        assert_eq!(
+            rows.pairs[0].to_json()["preferred_output"],
+            serde_json::json!([{"role": "assistant", "content": "Paris."}])
+        );
+        assert_eq!(
+            rows.kto[2].to_json()["prompt"][3],
+            serde_json::json!({"role": "user", "content": "Capital of France?"})
+        );
+        assert_eq!(rows.kto[2].to_json()["label"], false);
+        // Filters apply: only conversations rated 👎 somewhere, another platform: nothing.
+        let down = BuildFilter {
+            rating: RatingFilter::Down,
+            ..Default::default()
+        };
+        assert_eq!(f.db.preference_rows(&down).await.unwrap().kto.len(), 3);
+        let discord = BuildFilter {
+            platform: Some(Platform::Discord),
+            ..Default::default()
+        };
+        assert_eq!(
+            f.db.preference_rows(&discord).await.unwrap(),
+            PreferenceRows::default()
+        );
     }
 
     #[sqlx::test(migrations = "../migrations")]

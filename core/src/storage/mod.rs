@@ -18,6 +18,7 @@ mod jobs;
 mod routing;
 mod updates;
 
+pub use crate::preference::PreferenceRows;
 pub use adapters::{Adapter, Assistant, NewAdapter, RollbackStep};
 pub use chat::{Conversation, Feedback, NewMessage, Platform, PlatformUser, StoredMessage};
 pub use curation::{

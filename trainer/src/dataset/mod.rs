@@ -6,6 +6,7 @@
 //! [`loraloop_core::domain::ChatExample`], so the rest of the trainer only ever sees one
 //! shape, and [`to_openai_jsonl`] writes that shape back out as OpenAI chat JSONL.
 
+mod build;
 mod format;
 mod parse;
 mod problem;
@@ -15,6 +16,7 @@ mod validate;
 #[cfg(test)]
 mod tests;
 
+pub use build::{BuildError, BuildKind, BuildSpec, rows as build_rows, sft_examples, store_sft};
 pub use format::{Format, ParseFormatError};
 pub use parse::{LONG_EXAMPLE_CHARS, ParseOutcome, parse_jsonl};
 pub use problem::{MAX_LISTED_PROBLEMS, Problem, ProblemCode, Severity, format_problems};

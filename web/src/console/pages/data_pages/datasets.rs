@@ -12,9 +12,11 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use loraloop_core::domain::{ChatExample, Role};
 use loraloop_core::storage::{
-    BuildFilter, Dataset, DatasetInsert, NewDataset, PLATFORMS, StorageError, validate_dataset_name,
+    Dataset, DatasetInsert, PLATFORMS, StorageError, validate_dataset_name,
 };
-use loraloop_trainer::dataset::{self, MAX_LISTED_PROBLEMS, format_problems};
+use loraloop_trainer::dataset::{
+    self, BuildError, BuildSpec, MAX_LISTED_PROBLEMS, format_problems, store_sft,
+};
 use maud::{Markup, html};
 
 /// Examples the preview shows.
@@ -248,26 +250,16 @@ pub(super) async fn import(
     datasets_page(&state, &session, &Params::default(), outcome).await
 }
 
-/// The build form's values as a filter.
-fn build_filter(form: &Params) -> Result<BuildFilter, String> {
-    let platform = match form.get("platform") {
-        None | Some("any") => None,
-        Some(p) => Some(p.parse().map_err(|e| format!("platform: {e}"))?),
-    };
-    let from = parse_date(form, "from")?;
-    let to = parse_date(form, "to")?;
-    if let (Some(f), Some(t)) = (from, to)
-        && f > t
-    {
-        return Err(format!("from ({f}) is after to ({t})"));
-    }
-    Ok(BuildFilter {
-        platform,
-        from,
-        to,
+/// The build form's values as the builder's spec.
+fn build_spec(form: &Params) -> Result<BuildSpec, String> {
+    Ok(BuildSpec {
+        platform: form.get("platform").map(str::to_string),
+        from: parse_date(form, "from")?,
+        to: parse_date(form, "to")?,
         only_upvoted: form.checked("only_upvoted"),
-        include_corrections: form.checked("include_corrections"),
-        exclude_downvoted: form.checked("exclude_downvoted"),
+        include_corrections: Some(form.checked("include_corrections")),
+        exclude_downvoted: Some(form.checked("exclude_downvoted")),
+        ..Default::default()
     })
 }
 
@@ -303,46 +295,25 @@ async fn build_dataset(
     let invalid = |m: String| (StatusCode::UNPROCESSABLE_ENTITY, m);
     let name = form.get("name").unwrap_or("");
     validate_dataset_name(name).map_err(|e| invalid(e.to_string()))?;
-    let filter = build_filter(form).map_err(invalid)?;
-    let failed = |e: StorageError| super::storage_failure(e);
-    let built = state
-        .core
-        .db
-        .conversation_examples(&filter)
-        .await
-        .map_err(failed)?;
-    if built.is_empty() {
-        return Err(invalid(
-            "No conversation matches these settings with a reply left to train on: nothing was stored.".into(),
-        ));
+    let db = &state.core.db;
+    let built = async {
+        let filter = build_spec(form)
+            .map_err(|m| BuildError::Invalid {
+                field: "date",
+                message: m,
+            })?
+            .filter(db)
+            .await?;
+        store_sft(db, name, &filter).await
     }
-    let (examples, conversations): (Vec<ChatExample>, Vec<Option<i64>>) = built
-        .into_iter()
-        .map(|b| (b.example, Some(b.conversation_id)))
-        .unzip();
-    let source = serde_json::to_string(&filter).map_err(|e| failed(e.into()))?;
-    let (examples, hash) = tokio::task::spawn_blocking(move || {
-        let hash = dataset::content_hash(&examples);
-        (examples, hash)
+    .await;
+    built.map_err(|e| match e {
+        BuildError::Storage(e) => super::storage_failure(e),
+        BuildError::Empty(_) => invalid(
+            "No conversation matches these settings with a reply left to train on: nothing was stored.".into(),
+        ),
+        BuildError::Invalid { message, .. } => invalid(message),
     })
-    .await
-    .map_err(|e| {
-        let e = ApiError::internal(e);
-        (e.status, e.message)
-    })?;
-    state
-        .core
-        .db
-        .insert_dataset(&NewDataset {
-            name,
-            format: "conversations",
-            source: &source,
-            content_hash: &hash,
-            examples: &examples,
-            source_conversations: &conversations,
-        })
-        .await
-        .map_err(failed)
 }
 
 /// Tokens of each example through the served model's tokenizer and chat template, as the
