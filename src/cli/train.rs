@@ -10,11 +10,12 @@ use loraloop_model::engine::LoadedModel;
 use loraloop_model::lora::{LoraAdapter, read_peft_dir};
 use loraloop_model::template::TemplateMessage;
 use loraloop_model::train::{DenseLlama, LoraParams};
-use loraloop_trainer::config::{Method, TrainFile};
+use loraloop_trainer::config::{Method, Objective, TrainFile};
 use loraloop_trainer::evaluate::evaluate_tokenized;
 use loraloop_trainer::events::{Ending, EvalMetrics, TrainEvent};
 use loraloop_trainer::fingerprint::hash_model;
 use loraloop_trainer::generate::greedy_reply;
+use loraloop_trainer::preference::{PreferenceData, parse_preference_jsonl, train_preferences};
 use loraloop_trainer::run::{TrainJob, auto_train_dtype, train};
 use loraloop_trainer::tokenize::tokenize_dataset;
 use loraloop_trainer::trainable::LORA_DTYPE;
@@ -126,6 +127,14 @@ pub struct FineTuneArgs {
     /// More replay prompts, one per line.
     #[arg(long, value_name = "FILE")]
     pub replay_prompts: Option<PathBuf>,
+    /// What to learn: sft (chat examples, the default), dpo (OpenAI preference JSONL:
+    /// preferred over non-preferred replies) or kto (TRL's JSONL: replies labelled
+    /// desirable or not), as `data build --kind` writes them.
+    #[arg(long)]
+    pub rl: Option<String>,
+    /// DPO's and KTO's β (default 0.1).
+    #[arg(long)]
+    pub rl_beta: Option<f64>,
     /// Skip the report card (held-out scores and the retention probe) after training.
     #[arg(long)]
     pub no_card: bool,
@@ -175,7 +184,37 @@ impl FineTuneArgs {
             },
             replay_ratio: self.replay_ratio,
             replay_prompts_file: self.replay_prompts.clone(),
+            rl: self.rl.clone(),
+            rl_beta: self.rl_beta,
             ..Default::default()
+        }
+    }
+}
+
+/// Preference rows for `objective` from a JSONL file; `None` when it has problems (they
+/// are listed on stderr).
+async fn read_preferences(
+    path: &Path,
+    objective: Objective,
+) -> anyhow::Result<Option<PreferenceData>> {
+    let bytes = tokio::fs::read(path)
+        .await
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    match parse_preference_jsonl(&bytes, objective) {
+        Ok(d) => Ok(Some(d)),
+        Err(problems) => {
+            eprintln!(
+                "{}: {} problem(s); nothing was trained:",
+                path.display(),
+                problems.len()
+            );
+            for p in problems.iter().take(20) {
+                eprintln!("  {p}");
+            }
+            if problems.len() > 20 {
+                eprintln!("  ... and {} more", problems.len() - 20);
+            }
+            Ok(None)
         }
     }
 }
@@ -343,7 +382,25 @@ pub async fn fine_tune(
             .and_then(|d| d.first())
             .map(|d| d.path.clone())
     });
+    let preferences = match (&data_path, c.objective) {
+        (_, Objective::Sft) => None,
+        (Some(p), objective) => match read_preferences(p, objective).await? {
+            Some(d) => Some(d),
+            None => return Ok(ExitCode::FAILURE),
+        },
+        (None, objective) => bail!(
+            "--rl {} trains on a preference file: pass --data-path FILE (`data build --kind {}` writes one)",
+            objective.as_str(),
+            objective.as_str()
+        ),
+    };
     let (examples, data_name) = match (&data_path, &args.dataset) {
+        (Some(p), _) if preferences.is_some() => (
+            Vec::new(),
+            p.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "run".into()),
+        ),
         (Some(p), _) => (
             match read_examples(p).await? {
                 Some(ex) => ex,
@@ -366,7 +423,7 @@ pub async fn fine_tune(
             "no training data: pass --data-path FILE or --dataset NAME (or datasets: in the YAML)"
         ),
     };
-    if examples.is_empty() {
+    if examples.is_empty() && preferences.is_none() {
         bail!("the training data holds no examples");
     }
     let eval_examples = match &args.eval_data_path {
@@ -420,23 +477,23 @@ pub async fn fine_tune(
         eprintln!("hashing {} ...", model_path.display());
         let base_hash = hash_model(&model_path)?;
         let mut progress = StepProgress::new(verbose, c.logging_steps);
-        let outcome = train(
-            TrainJob {
-                model: &model,
-                base_model_name: model_path.display().to_string(),
-                base_model_hash: base_hash.clone(),
-                examples,
-                eval_examples,
-                config: c.clone(),
-                output_dir,
-                overwrite,
-                resume_from: resume,
-                init_adapter: init,
-                dtype,
-            },
-            &cancel,
-            &mut |e| progress.on(e),
-        );
+        let job = TrainJob {
+            model: &model,
+            base_model_name: model_path.display().to_string(),
+            base_model_hash: base_hash.clone(),
+            examples,
+            eval_examples,
+            config: c.clone(),
+            output_dir,
+            overwrite,
+            resume_from: resume,
+            init_adapter: init,
+            dtype,
+        };
+        let outcome = match &preferences {
+            Some(data) => train_preferences(job, data, &cancel, &mut |e| progress.on(e)),
+            None => train(job, &cancel, &mut |e| progress.on(e)),
+        };
         progress.finish();
         let outcome = outcome?;
         match outcome.ending {

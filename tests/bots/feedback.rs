@@ -156,14 +156,30 @@ async fn rated_telegram_replies_become_sft_dpo_and_kto_rows_by_api_and_cli() {
         assert_eq!(e["error"]["param"], field, "{body}: {e}");
     }
 
-    // The CLI on the same database writes the same KTO rows.
+    // The CLI on the same database writes the same KTO rows, and the DPO pair.
+    let cli = || {
+        let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("loraloop"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("LORALOOP_DATA_DIR", s.dir.path().join("data"))
+            .env("LORALOOP_MODELS_DIR", s.dir.path().join("models"))
+            .env("LORALOOP_MODEL", "tiny")
+            // A share of the retention probe keeps the debug-build card quick.
+            .env("LORALOOP_GATE__RETENTION_PROMPTS", "16")
+            .current_dir(s.dir.path());
+        cmd
+    };
+    let run = |cmd: &mut std::process::Command| {
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
     let out = s.dir.path().join("kto.jsonl");
-    let run = std::process::Command::new(assert_cmd::cargo::cargo_bin("loraloop"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("LORALOOP_DATA_DIR", s.dir.path().join("data"))
-        .env("LORALOOP_MODELS_DIR", s.dir.path().join("models"))
-        .env("LORALOOP_MODEL", "tiny")
+    run(cli()
         .args([
             "data",
             "build",
@@ -173,19 +189,66 @@ async fn rated_telegram_replies_become_sft_dpo_and_kto_rows_by_api_and_cli() {
             "telegram",
             "--output",
         ])
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+        .arg(&out));
     let lines: Vec<Value> = std::fs::read_to_string(&out)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines, kto["data"].as_array().unwrap().clone());
+    let dpo_file = s.dir.path().join("dpo.jsonl");
+    run(cli()
+        .args(["data", "build", "--kind", "dpo", "-o"])
+        .arg(&dpo_file));
+
+    // Both train a LoRA adapter from those rows, and the report card follows. The loss
+    // falls: the run learned the preferences (at this learning rate on the tiny model).
+    for (rl, file) in [("kto", &out), ("dpo", &dpo_file)] {
+        let printed = run(cli()
+            .args([
+                "fine-tune",
+                "--rl",
+                rl,
+                "--rl-beta",
+                "0.5",
+                "--epochs",
+                "8",
+                "--learning-rate",
+                "0.01",
+                "--batch-size",
+                "4",
+                "--lora-r",
+                "4",
+                "--model",
+            ])
+            .arg(s.dir.path().join("models/tiny"))
+            .arg("--data-path")
+            .arg(file)
+            .arg("--output-dir")
+            .arg(s.dir.path().join(rl)));
+        assert!(printed.contains("report card"), "{printed}");
+        let dir = s.dir.path().join(rl);
+        assert!(dir.join("adapter_model.safetensors").is_file());
+        let card: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("report_card.json")).unwrap())
+                .unwrap();
+        assert_eq!(card["retention"]["prompts"], 16, "{card}");
+        let state: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json")).unwrap())
+                .unwrap();
+        let losses: Vec<f64> = state["log_history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["loss"].as_f64().unwrap())
+            .collect();
+        assert!(losses.len() >= 2, "{state}");
+        assert!(
+            losses.last().unwrap() < &(losses[0] * 0.9),
+            "{rl}: the loss fell from {} to {}: {losses:?}",
+            losses[0],
+            losses.last().unwrap()
+        );
+    }
     s.stop().await;
 }

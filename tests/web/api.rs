@@ -207,6 +207,18 @@ async fn bad_requests_get_a_clear_4xx_and_change_nothing() {
             "hyperparameters.lora_dropout",
         ),
         (json!({"dataset_id": ds, "method": "magic"}), 422, "method"),
+        // Not an API hyperparameter: stored datasets are chat examples, and preference
+        // runs go through `loraloop fine-tune --rl` for now.
+        (
+            json!({"dataset_id": ds, "hyperparameters": {"rl": "kto"}}),
+            422,
+            "hyperparameters.rl",
+        ),
+        (
+            json!({"dataset_id": ds, "hyperparameters": {"rl": "ppo"}}),
+            422,
+            "hyperparameters.rl",
+        ),
         (json!({"dataset_id": "one"}), 422, "dataset_id"),
         (json!({"dataset_id": 999}), 404, "dataset_id"),
         (json!({}), 422, "dataset_id"),

@@ -99,6 +99,12 @@ pub struct TrainFile {
     pub replay: Option<bool>,
     pub replay_ratio: Option<f64>,
     pub replay_prompts_file: Option<PathBuf>,
+    /// Axolotl: `dpo` or `kto` trains on preferences instead of chat examples.
+    pub rl: Option<String>,
+    /// Axolotl: DPO's and KTO's β (TRL's default 0.1).
+    pub rl_beta: Option<f64>,
+    pub kto_desirable_weight: Option<f64>,
+    pub kto_undesirable_weight: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -172,7 +178,11 @@ impl TrainFile {
             seed,
             replay,
             replay_ratio,
-            replay_prompts_file
+            replay_prompts_file,
+            rl,
+            rl_beta,
+            kto_desirable_weight,
+            kto_undesirable_weight
         )
     }
 }
@@ -213,6 +223,46 @@ pub struct TrainConfig {
     pub replay: bool,
     pub replay_ratio: f64,
     pub replay_prompts_file: Option<PathBuf>,
+    /// What the examples teach: chat replies (SFT) or preferences (DPO, KTO).
+    pub objective: Objective,
+    pub rl_beta: f64,
+    pub kto_desirable_weight: f64,
+    pub kto_undesirable_weight: f64,
+}
+
+/// What a run learns from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// Supervised fine-tuning on chat examples.
+    #[default]
+    Sft,
+    /// Direct preference optimization on pairs (a preferred and a non-preferred reply).
+    Dpo,
+    /// Kahneman-Tversky optimization on replies labelled desirable or not.
+    Kto,
+}
+
+impl Objective {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sft => "sft",
+            Self::Dpo => "dpo",
+            Self::Kto => "kto",
+        }
+    }
+}
+
+impl std::str::FromStr for Objective {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sft" => Ok(Self::Sft),
+            "dpo" => Ok(Self::Dpo),
+            "kto" => Ok(Self::Kto),
+            _ => Err(format!("unknown rl {s:?}; expected sft, dpo or kto")),
+        }
+    }
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
@@ -324,7 +374,35 @@ impl TrainFile {
                 Err(invalid(key, format!("must be in [0, 1), got {v}")))
             }
         };
+        let objective: Objective = match &self.rl {
+            None => Objective::Sft,
+            Some(r) => r.parse().map_err(|m| invalid("rl", m))?,
+        };
+        if objective != Objective::Sft {
+            if method != Method::Lora {
+                return Err(invalid(
+                    "rl",
+                    "dpo and kto train LoRA adapters (the base model is their reference, kept once in memory)",
+                ));
+            }
+            if self.sample_packing == Some(true) {
+                return Err(invalid(
+                    "sample_packing",
+                    "dpo and kto do not pack examples",
+                ));
+            }
+        }
         Ok(TrainConfig {
+            objective,
+            rl_beta: positive("rl_beta", self.rl_beta.unwrap_or(0.1))?,
+            kto_desirable_weight: positive(
+                "kto_desirable_weight",
+                self.kto_desirable_weight.unwrap_or(1.0),
+            )?,
+            kto_undesirable_weight: positive(
+                "kto_undesirable_weight",
+                self.kto_undesirable_weight.unwrap_or(1.0),
+            )?,
             method,
             freeze_trainable_layers: at_least_one(
                 "freeze_trainable_layers",
@@ -378,7 +456,7 @@ impl TrainFile {
             sample_packing: self.sample_packing.unwrap_or(false),
             train_on_inputs: self.train_on_inputs.unwrap_or(false),
             seed: self.seed.unwrap_or(42),
-            replay: self.replay.unwrap_or(false),
+            replay: self.replay.unwrap_or(true),
             replay_ratio,
             replay_prompts_file: self.replay_prompts_file.clone(),
         })

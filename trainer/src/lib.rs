@@ -16,6 +16,7 @@ pub mod generate;
 pub mod job_card;
 pub mod optim;
 pub mod plan;
+pub mod preference;
 pub mod replay;
 pub mod run;
 pub mod tokenize;

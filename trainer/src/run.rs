@@ -73,7 +73,11 @@ fn write_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
 
 /// Refuse an output folder that holds a different run (unless `overwrite`); with
 /// `overwrite`, remove what an earlier run wrote there (and nothing else).
-fn prepare_output_dir(dir: &Path, overwrite: bool, resuming: bool) -> Result<(), TrainError> {
+pub(crate) fn prepare_output_dir(
+    dir: &Path,
+    overwrite: bool,
+    resuming: bool,
+) -> Result<(), TrainError> {
     if dir.exists() && !dir.is_dir() {
         return Err(TrainError::Invalid(format!(
             "output folder {} is a file",
@@ -113,7 +117,7 @@ fn prepare_output_dir(dir: &Path, overwrite: bool, resuming: bool) -> Result<(),
 }
 
 /// Refuse settings the model cannot train with.
-fn check_settings(c: &TrainConfig, model: &LlamaConfig) -> Result<(), TrainError> {
+pub(crate) fn check_settings(c: &TrainConfig, model: &LlamaConfig) -> Result<(), TrainError> {
     let n_layers = model.num_layers;
     if c.method == Method::Lora {
         for m in &c.lora_target_modules {
@@ -180,6 +184,46 @@ fn replay_examples(
     Ok(answers)
 }
 
+/// The model and what trains, as a run starts: LoRA from the checkpoint, the starting
+/// adapter or fresh; the base's trainable part by method.
+pub(crate) fn initial_trainable(
+    job: &TrainJob<'_>,
+    c: &TrainConfig,
+    resume: Option<&Checkpoint>,
+) -> Result<Trainable, TrainError> {
+    let n_layers = job.model.llama.config.num_layers;
+    let dense = DenseLlama::from_llama(&job.model.llama, job.dtype)?;
+    let base = match c.method {
+        Method::Lora => BaseTrain::frozen(n_layers),
+        Method::Full => BaseTrain::full(),
+        Method::Freeze => BaseTrain {
+            first_layer: n_layers - c.freeze_trainable_layers,
+            embeddings: false,
+            final_norm: false,
+        },
+    };
+    let peft = peft_config(c, &job.base_model_name);
+    let lora = match c.method {
+        Method::Lora => Some(match (resume, &job.init_adapter) {
+            (Some(ck), _) => ck.lora_params(&dense)?,
+            (None, Some(dir)) => {
+                let mut p = read_adapter(dir, &dense, c.lora_dropout)?;
+                p.config.base_model_name_or_path = Some(job.base_model_name.clone());
+                p
+            }
+            (None, None) => {
+                LoraParams::init(peft, &dense.config, c.seed, LORA_DTYPE, &dense.device)?
+            }
+        }),
+        _ => None,
+    };
+    Ok(Trainable {
+        model: dense,
+        lora,
+        base,
+    })
+}
+
 /// Run a training job. `cancel` is checked after every optimizer step; when set, the run
 /// saves a checkpoint and returns `Ending::Cancelled`. A device out-of-memory error comes
 /// back as `TrainError::OutOfMemory`.
@@ -193,14 +237,12 @@ pub fn train(
 }
 
 fn train_inner(
-    job: TrainJob<'_>,
+    mut job: TrainJob<'_>,
     cancel: &AtomicBool,
     on_event: &mut dyn FnMut(&TrainEvent),
 ) -> Result<TrainOutcome, TrainError> {
     let c = job.config.clone();
-    let llama = &job.model.llama;
-    let n_layers = llama.config.num_layers;
-    check_settings(&c, &llama.config)?;
+    check_settings(&c, &job.model.llama.config)?;
 
     // Resume state first: it fixes the data split and everything after.
     let resume = match &job.resume_from {
@@ -211,9 +253,10 @@ fn train_inner(
     };
     prepare_output_dir(&job.output_dir, job.overwrite, resume.is_some())?;
 
-    let (mut train_ex, eval_ex) = match job.eval_examples {
-        Some(v) => (job.examples, v),
-        None => split_examples(job.examples, c.val_set_size, c.seed),
+    let examples = std::mem::take(&mut job.examples);
+    let (mut train_ex, eval_ex) = match job.eval_examples.take() {
+        Some(v) => (examples, v),
+        None => split_examples(examples, c.val_set_size, c.seed),
     };
     // Replay joins the training side only: the held-out examples stay the job's own data.
     if c.replay && c.method == Method::Lora {
@@ -234,36 +277,7 @@ fn train_inner(
     };
     let data_hash = data_fingerprint(&train_tok);
 
-    let dense = DenseLlama::from_llama(llama, job.dtype)?;
-    let base = match c.method {
-        Method::Lora => BaseTrain::frozen(n_layers),
-        Method::Full => BaseTrain::full(),
-        Method::Freeze => BaseTrain {
-            first_layer: n_layers - c.freeze_trainable_layers,
-            embeddings: false,
-            final_norm: false,
-        },
-    };
-    let peft = peft_config(&c, &job.base_model_name);
-    let lora = match c.method {
-        Method::Lora => Some(match (&resume, &job.init_adapter) {
-            (Some(ck), _) => ck.lora_params(&dense)?,
-            (None, Some(dir)) => {
-                let mut p = read_adapter(dir, &dense, c.lora_dropout)?;
-                p.config.base_model_name_or_path = Some(job.base_model_name.clone());
-                p
-            }
-            (None, None) => {
-                LoraParams::init(peft, &dense.config, c.seed, LORA_DTYPE, &dense.device)?
-            }
-        }),
-        _ => None,
-    };
-    let mut tr = Trainable {
-        model: dense,
-        lora,
-        base,
-    };
+    let mut tr = initial_trainable(&job, &c, resume.as_ref())?;
     if c.method != Method::Lora
         && let Some(ck) = &resume
     {

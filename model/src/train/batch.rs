@@ -46,7 +46,8 @@ pub struct Row {
     pub segments: Vec<u32>,
     /// The token to predict at each position (already shifted), or -1.
     pub targets: Vec<i32>,
-    /// Loss weight of each target (0 excludes it).
+    /// Loss weight of each target (0 excludes it; a negative weight's gradient raises
+    /// the target's loss, as DPO and KTO need for unwanted replies).
     pub weights: Vec<f32>,
 }
 
@@ -124,7 +125,8 @@ impl TrainBatch {
                 mask.extend_from_slice(&row_mask);
             }
             for i in 0..t {
-                if r.targets[i] >= 0 && r.weights[i] > 0.0 && r.segments[i] != 0 {
+                // Negative weights push a target's probability down (preference objectives).
+                if r.targets[i] >= 0 && r.weights[i] != 0.0 && r.segments[i] != 0 {
                     if r.targets[i] as usize >= cfg.vocab_size {
                         candle_core::bail!(
                             "target token {} is outside the vocabulary",

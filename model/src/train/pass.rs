@@ -149,6 +149,39 @@ impl DenseLlama {
         z.broadcast_sub(&lse)
     }
 
+    /// Each row's summed log-probability of its scored targets (`log p(completion |
+    /// prompt)` for a row whose weights mark the completion), without gradients: what
+    /// DPO and KTO compare between the policy and the reference.
+    pub fn row_log_probs(&self, lora: Option<&LoraParams>, batch: &TrainBatch) -> Result<Vec<f64>> {
+        let (hf, _) = self.final_hidden(lora, batch)?;
+        let w = self.head_weight();
+        let mut sums = vec![0f64; batch.batch];
+        let n = batch.scored_idx.len();
+        let mut start = 0;
+        while start < n {
+            let len = HEAD_CHUNK.min(n - start);
+            let rows = &batch.scored_idx[start..start + len];
+            let idx = Tensor::from_slice(rows, len, &self.device)?;
+            let tgt = Tensor::from_slice(
+                &batch.scored_targets[start..start + len],
+                (len, 1),
+                &self.device,
+            )?;
+            let logits =
+                mm("head logits", &hf.index_select(&idx, 0)?, &w.t()?)?.to_dtype(DType::F64)?;
+            let z = logits.broadcast_sub(&logits.max_keepdim(D::Minus1)?)?;
+            let lse = z.exp()?.sum_keepdim(D::Minus1)?.log()?;
+            let lp: Vec<f64> = (z.gather(&tgt, D::Minus1)? - lse)?
+                .flatten_all()?
+                .to_vec1()?;
+            for (k, l) in lp.into_iter().enumerate() {
+                sums[rows[k] as usize / batch.seq] += l;
+            }
+            start += len;
+        }
+        Ok(sums)
+    }
+
     /// The hidden states after the final norm (`[batch * seq, hidden]`), without keeping
     /// anything for a backward pass; and whether the f32 host path ran.
     fn final_hidden(
