@@ -360,7 +360,7 @@ impl TrainFile {
         if warmup_ratio >= 1.0 {
             return Err(invalid("warmup_ratio", "must be below 1"));
         }
-        let replay_ratio = non_negative("replay_ratio", self.replay_ratio.unwrap_or(0.2))?;
+        let replay_ratio = non_negative("replay_ratio", self.replay_ratio.unwrap_or(0.3))?;
         if replay_ratio >= 1.0 {
             return Err(invalid(
                 "replay_ratio",

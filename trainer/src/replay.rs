@@ -13,9 +13,10 @@ use rand::seq::SliceRandom;
 use std::path::Path;
 
 /// General prompts the base model answers before training, one per line: everyday
-/// questions, instructions, small talk and writing tasks. None of them is a retention
-/// probe prompt (`trainer/data/retention_prompts.txt`), so the card measures what replay
-/// kept on prompts replay did not train on.
+/// questions, instructions, small talk, writing tasks and general-knowledge questions.
+/// None of them is a retention probe prompt (`trainer/data/retention_prompts.txt`) or a
+/// learning-bench question, so the card and the bench measure what replay kept on
+/// prompts replay did not train on.
 pub const BUILTIN_PROMPTS: &str = include_str!("../data/replay_prompts.txt");
 
 /// Answers per prompt are capped so replay stays quick on a CPU.
