@@ -5,6 +5,7 @@ use crate::progress::Progress;
 use anyhow::{Context, anyhow};
 use loraloop_core::storage::{DatasetInsert, NewDataset, validate_dataset_name};
 use loraloop_core::{Config, Db};
+use loraloop_trainer::config::Objective;
 use loraloop_trainer::dataset::{
     self, Format, MAX_LISTED_PROBLEMS, ParseOutcome, content_hash, format_problems,
 };
@@ -260,7 +261,7 @@ async fn export(config: &Config, args: &ExportArgs) -> anyhow::Result<ExitCode> 
 }
 
 async fn build(config: &Config, args: &BuildArgs) -> anyhow::Result<ExitCode> {
-    let kind: dataset::BuildKind = args.kind.parse().map_err(anyhow::Error::msg)?;
+    let kind: Objective = args.kind.parse().map_err(|e| anyhow!("--kind: {e}"))?;
     let spec = dataset::BuildSpec {
         kind,
         name: args.name.clone(),
@@ -278,7 +279,7 @@ async fn build(config: &Config, args: &BuildArgs) -> anyhow::Result<ExitCode> {
     let db = open_db(config).await?;
     let filter = spec.filter(&db).await?;
     match (&args.name, &args.output) {
-        (Some(name), None) if kind == dataset::BuildKind::Sft => {
+        (Some(name), None) if kind == Objective::Sft => {
             match dataset::store_sft(&db, name, &filter).await? {
                 DatasetInsert::Created(d) => println!(
                     "built {} v{}: {} example(s) from stored conversations",

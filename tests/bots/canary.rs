@@ -93,6 +93,19 @@ async fn rate(s: &TestServer, fake: &FakeTelegram, user: i64, message_id: i64, u
     }
 }
 
+/// The canary once `serve` has decided it (it looks every 5 s).
+async fn decided(s: &TestServer) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let c = s.get_json("/api/v1/canary").await;
+        if c["status"] != "running" {
+            return c;
+        }
+        assert!(std::time::Instant::now() < deadline, "no decision: {c}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Train an adapter through the API and wait for the canary it starts.
 async fn canary_of_new_adapter(s: &TestServer, seed: u64) -> (i64, serde_json::Value) {
     let ds = s
@@ -178,15 +191,7 @@ async fn a_canary_is_promoted_by_good_ratings_and_the_next_is_rolled_back_by_bad
     for (u, r) in users.iter().zip(&first).skip(2) {
         rate(&s, &fake, *u, r.0, r.1.is_some()).await;
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let c = loop {
-        let c = s.get_json("/api/v1/canary").await;
-        if c["status"] != "running" {
-            break c;
-        }
-        assert!(std::time::Instant::now() < deadline, "no decision: {c}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let c = decided(&s).await;
     assert_eq!(c["status"], "promoted", "{c}");
     assert_eq!(c["candidate_up"], json!(on_a.len()), "{c}");
     assert_eq!(c["baseline_up"], 0, "{c}");
@@ -223,15 +228,7 @@ async fn a_canary_is_promoted_by_good_ratings_and_the_next_is_rolled_back_by_bad
     for (u, r) in newcomers.iter().zip(&got) {
         rate(&s, &fake, *u, r.0, r.1 == Some(a)).await;
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let c = loop {
-        let c = s.get_json("/api/v1/canary").await;
-        if c["status"] != "running" {
-            break c;
-        }
-        assert!(std::time::Instant::now() < deadline, "no decision: {c}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let c = decided(&s).await;
     assert_eq!(c["status"], "rolled_back", "{c}");
     assert!(c["reason"].as_str().unwrap().contains("worse"), "{c}");
     assert_eq!(

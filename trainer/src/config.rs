@@ -260,7 +260,7 @@ impl std::str::FromStr for Objective {
             "sft" => Ok(Self::Sft),
             "dpo" => Ok(Self::Dpo),
             "kto" => Ok(Self::Kto),
-            _ => Err(format!("unknown rl {s:?}; expected sft, dpo or kto")),
+            _ => Err(format!("unknown {s:?}; expected sft, dpo or kto")),
         }
     }
 }

@@ -47,6 +47,39 @@ pub(crate) struct TrainingLoop<'a> {
     pub output_dir: PathBuf,
 }
 
+/// The end of optimizer step `step` (0-based) of `total`: the accumulated gradients'
+/// global norm, clipped to `max_grad_norm`, and AdamW at the scheduled learning rate.
+/// Returns the learning rate and the norm before clipping.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn apply_gradients(
+    c: &TrainConfig,
+    tr: &mut Trainable,
+    opt: &mut AdamW,
+    names: &[String],
+    grads: &Grads,
+    step: usize,
+    warmup: usize,
+    total: usize,
+) -> Result<(f64, f64), TrainError> {
+    let grad_norm = global_norm(names.iter().filter_map(|n| grads.get(n)))?;
+    let clip = if c.max_grad_norm > 0.0 && grad_norm > c.max_grad_norm {
+        c.max_grad_norm / (grad_norm + 1e-6)
+    } else {
+        1.0
+    };
+    let lr = c.learning_rate * c.lr_scheduler.factor(step, warmup, total);
+    opt.begin_step();
+    for name in names {
+        let Some(g) = grads.get(name) else { continue };
+        let g = if clip < 1.0 { (g * clip)? } else { g.clone() };
+        let p = tr
+            .param(name)
+            .ok_or_else(|| TrainError::Invalid(format!("lost parameter {name}")))?;
+        *p = opt.update(name, p, &g, lr)?;
+    }
+    Ok((lr, grad_norm))
+}
+
 /// What one optimizer step did.
 struct StepReport {
     loss: f64,
@@ -226,25 +259,11 @@ impl TrainingLoop<'_> {
                     .unwrap_or_else(|| "none (no checkpoint was written yet)".into()),
             });
         }
-        let grad_norm = global_norm(names.iter().filter_map(|n| grads.get(n)))?;
-        let clip = if c.max_grad_norm > 0.0 && grad_norm > c.max_grad_norm {
-            c.max_grad_norm / (grad_norm + 1e-6)
-        } else {
-            1.0
-        };
-        let lr = c.learning_rate * c.lr_scheduler.factor(step, warmup, total);
-        self.opt.begin_step();
-        for name in names {
-            let Some(g) = grads.get(name) else { continue };
-            let g = if clip < 1.0 { (g * clip)? } else { g.clone() };
-            let p = tr
-                .param(name)
-                .ok_or_else(|| TrainError::Invalid(format!("lost parameter {name}")))?;
-            *p = self.opt.update(name, p, &g, lr)?;
-        }
+        let (learning_rate, grad_norm) =
+            apply_gradients(c, tr, &mut self.opt, names, grads, step, warmup, total)?;
         Ok(StepReport {
             loss,
-            learning_rate: lr,
+            learning_rate,
             grad_norm,
             tokens,
         })

@@ -9,7 +9,8 @@ use axum::Json;
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
 use loraloop_core::storage::DatasetInsert;
-use loraloop_trainer::dataset::{BuildError, BuildKind, BuildSpec, build_rows, store_sft};
+use loraloop_trainer::config::Objective;
+use loraloop_trainer::dataset::{BuildError, BuildSpec, build_rows, store_sft};
 use serde::Serialize;
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -51,7 +52,7 @@ pub async fn build_dataset(
     let db = &state.core.db;
     let filter = req.filter(db).await.map_err(api_error)?;
     let kind = req.kind;
-    if let (Some(name), BuildKind::Sft) = (&req.name, kind) {
+    if let (Some(name), Objective::Sft) = (&req.name, kind) {
         let stored = store_sft(db, name, &filter).await.map_err(api_error)?;
         let created = matches!(stored, DatasetInsert::Created(_));
         let d = stored.dataset().clone();

@@ -4,6 +4,7 @@
 //! as OpenAI chat JSONL), DPO pairs or KTO rows (`loraloop_core::preference`).
 
 use super::content_hash;
+use crate::config::Objective;
 use chrono::NaiveDate;
 use loraloop_core::domain::ChatExample;
 use loraloop_core::storage::{
@@ -11,49 +12,14 @@ use loraloop_core::storage::{
 };
 use serde::Deserialize;
 use serde_json::Value;
-use std::str::FromStr;
-
-/// What rows a build makes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BuildKind {
-    /// Conversations as chat examples (supervised fine-tuning).
-    #[default]
-    Sft,
-    /// Corrected replies as preference pairs (OpenAI's preference JSONL).
-    Dpo,
-    /// Rated and corrected replies as unpaired rows (TRL's KTO JSONL).
-    Kto,
-}
-
-impl BuildKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Sft => "sft",
-            Self::Dpo => "dpo",
-            Self::Kto => "kto",
-        }
-    }
-}
-
-impl FromStr for BuildKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "sft" => Ok(Self::Sft),
-            "dpo" => Ok(Self::Dpo),
-            "kto" => Ok(Self::Kto),
-            _ => Err(format!("unknown kind {s:?} (allowed: sft, dpo, kto)")),
-        }
-    }
-}
 
 /// A build's filters as the CLI and the API take them.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BuildSpec {
+    /// What rows: sft (conversations), dpo (pairs) or kto (labelled replies).
     #[serde(default)]
-    pub kind: BuildKind,
+    pub kind: Objective,
     /// Store SFT rows as the next version of this dataset (None: the rows are returned).
     pub name: Option<String>,
     /// An assistant's name.
@@ -202,23 +168,23 @@ pub async fn store_sft(
 pub async fn rows(
     db: &Db,
     filter: &BuildFilter,
-    kind: BuildKind,
+    kind: Objective,
 ) -> Result<Vec<Value>, BuildError> {
     let rows: Vec<Value> = match kind {
-        BuildKind::Sft => sft_examples(db, filter)
+        Objective::Sft => sft_examples(db, filter)
             .await?
             .0
             .iter()
             .map(|e| serde_json::from_str(&e.to_json_line()).expect("a JSON line"))
             .collect(),
-        BuildKind::Dpo => db
+        Objective::Dpo => db
             .preference_rows(filter)
             .await?
             .pairs
             .iter()
             .map(|p| p.to_json())
             .collect(),
-        BuildKind::Kto => db
+        Objective::Kto => db
             .preference_rows(filter)
             .await?
             .kto
@@ -228,9 +194,9 @@ pub async fn rows(
     };
     if rows.is_empty() {
         return Err(BuildError::Empty(match kind {
-            BuildKind::Sft => "reply",
-            BuildKind::Dpo => "corrected reply",
-            BuildKind::Kto => "rated or corrected reply",
+            Objective::Sft => "reply",
+            Objective::Dpo => "corrected reply",
+            Objective::Kto => "rated or corrected reply",
         }));
     }
     Ok(rows)

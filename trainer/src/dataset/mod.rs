@@ -16,7 +16,7 @@ mod validate;
 #[cfg(test)]
 mod tests;
 
-pub use build::{BuildError, BuildKind, BuildSpec, rows as build_rows, sft_examples, store_sft};
+pub use build::{BuildError, BuildSpec, rows as build_rows, sft_examples, store_sft};
 pub use format::{Format, ParseFormatError};
 pub use parse::{LONG_EXAMPLE_CHARS, ParseOutcome, parse_jsonl};
 pub use problem::{MAX_LISTED_PROBLEMS, Problem, ProblemCode, Severity, format_problems};

@@ -12,11 +12,11 @@ use crate::checkpoint::{SaveCtx, TrainerState};
 use crate::config::{Objective, TrainConfig};
 use crate::error::TrainError;
 use crate::events::{Ending, TrainEvent};
-use crate::optim::{AdamW, AdamWConfig, global_norm};
+use crate::optim::{AdamW, AdamWConfig};
 use crate::run::{TrainJob, check_settings, initial_trainable, prepare_output_dir};
 use crate::tokenize::{TokenizedExample, tokenize_example};
 use crate::trainable::Trainable;
-use crate::training_loop::TrainOutcome;
+use crate::training_loop::{TrainOutcome, apply_gradients};
 use loraloop_core::domain::{ChatExample, ChatMessage, Role};
 use loraloop_model::train::{Grads, PassOptions, Row, TrainBatch};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -286,22 +286,8 @@ pub fn train_preferences(
                     last_checkpoint: "none (preference runs write no checkpoints yet)".into(),
                 });
             }
-            let grad_norm = global_norm(names.iter().filter_map(|n| grads.get(n)))?;
-            let clip = if c.max_grad_norm > 0.0 && grad_norm > c.max_grad_norm {
-                c.max_grad_norm / (grad_norm + 1e-6)
-            } else {
-                1.0
-            };
-            let lr = c.learning_rate * c.lr_scheduler.factor(step, warmup, total);
-            opt.begin_step();
-            for name in &names {
-                let Some(g) = grads.get(name) else { continue };
-                let g = if clip < 1.0 { (g * clip)? } else { g.clone() };
-                let p = tr
-                    .param(name)
-                    .ok_or_else(|| TrainError::Invalid(format!("lost parameter {name}")))?;
-                *p = opt.update(name, p, &g, lr)?;
-            }
+            let (lr, grad_norm) =
+                apply_gradients(&c, &mut tr, &mut opt, &names, &grads, step, warmup, total)?;
             step += 1;
             tokens_done += tokens;
             let elapsed = started.elapsed().as_secs_f64();
