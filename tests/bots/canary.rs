@@ -267,6 +267,41 @@ async fn a_canary_is_promoted_by_good_ratings_and_the_next_is_rolled_back_by_bad
         on_a.len() + (newcomers.len() - on_b.len()),
         "{va}"
     );
+    // The console's adapters page: both past canaries, and each adapter's ratings.
+    let http = reqwest::Client::builder()
+        .cookie_store(true)
+        .build()
+        .unwrap();
+    let login = http
+        .post(s.url("/login"))
+        .form(&[
+            ("username", "admin"),
+            ("password", crate::support::PASSWORD),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 200);
+    let page = http
+        .get(s.url("/adapters"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains(r#"id="canary-history""#), "{page}");
+    assert!(!page.contains(r#"id="canary" data-status="running""#));
+    for outcome in ["promoted", "rolled_back"] {
+        assert!(
+            page.contains(&format!(r#"data-outcome="{outcome}""#)),
+            "{outcome}: {page}"
+        );
+    }
+    assert!(
+        page.contains(&format!(r#"data-up="0" data-down="{}""#, on_b.len())),
+        "B's ratings: {page}"
+    );
     s.stop().await;
 }
 
