@@ -777,6 +777,20 @@ async fn the_build_form_makes_a_dataset_from_rated_and_corrected_conversations()
         [Some(liked)]
     );
 
+    // Conversations with a 👍 somewhere (the rating filter), all their replies trained on.
+    let (status, _, _) = c
+        .post("/datasets/build", &[("name", "rated-up"), ("rating", "up")])
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let up = db.dataset("rated-up", None).await.unwrap();
+    let ex = db.dataset_examples(up.id).await.unwrap();
+    assert_eq!(
+        ex.iter()
+            .map(|e| e.source_conversation_id)
+            .collect::<Vec<_>>(),
+        [Some(liked)]
+    );
+
     // Nothing matches: said on the page, nothing stored.
     let before = db.list_datasets().await.unwrap().len();
     let (status, _, page) = c
@@ -807,6 +821,11 @@ async fn the_build_form_makes_a_dataset_from_rated_and_corrected_conversations()
     let (status, _, page) = c.post("/datasets/build", &[("name", "bad name")]).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(page.contains("invalid dataset name"), "{page}");
+    let (status, _, page) = c
+        .post("/datasets/build", &[("name", "x"), ("adapter", "nope")])
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(page.contains("no adapter is named"), "{page}");
     assert_eq!(db.list_datasets().await.unwrap().len(), before);
 
     // Deleting a conversation a dataset was built from leaves the dataset as it was.

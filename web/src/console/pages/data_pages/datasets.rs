@@ -12,7 +12,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use loraloop_core::domain::{ChatExample, Role};
 use loraloop_core::storage::{
-    Dataset, DatasetInsert, PLATFORMS, StorageError, validate_dataset_name,
+    Dataset, DatasetInsert, PLATFORMS, RatingFilter, StorageError, validate_dataset_name,
 };
 use loraloop_trainer::dataset::{
     self, BuildError, BuildSpec, MAX_LISTED_PROBLEMS, format_problems, store_sft,
@@ -152,6 +152,7 @@ fn build_form(session: &AdminSession, posted: Option<&Params>) -> Markup {
     // A fresh form trains on corrections and leaves out 👎 replies.
     let checked = |k: &str, default: bool| posted.map_or(default, |p| p.checked(k));
     let platform = posted.and_then(|p| p.get("platform")).unwrap_or("any");
+    let rating = posted.and_then(|p| p.get("rating")).unwrap_or("any");
     html! {
         form id="build-form" method="post" action="/datasets/build" {
             (csrf_field(session))
@@ -167,6 +168,17 @@ fn build_form(session: &AdminSession, posted: Option<&Params>) -> Markup {
             div.row {
                 label { "From" input type="date" name="from" value=(value("from")); }
                 label { "To" input type="date" name="to" value=(value("to")); }
+            }
+            div.row {
+                label { "Rated"
+                    select name="rating" {
+                        @for r in RatingFilter::ALL {
+                            option value=(r.as_str()) selected[rating == r.as_str()] { (r.as_str()) }
+                        }
+                    }
+                }
+                label { "Answered by adapter" input name="adapter" value=(value("adapter")) placeholder="any"; }
+                label { "Chat id" input name="chat" value=(value("chat")) placeholder="any"; }
             }
             label.check { input type="checkbox" name="only_upvoted" value="1" checked[checked("only_upvoted", false)]; " Only 👍-rated replies" }
             label.check { input type="checkbox" name="include_corrections" value="1" checked[checked("include_corrections", true)]; " Include operator corrections (they replace the reply)" }
@@ -254,6 +266,9 @@ pub(super) async fn import(
 fn build_spec(form: &Params) -> Result<BuildSpec, String> {
     Ok(BuildSpec {
         platform: form.get("platform").map(str::to_string),
+        rating: form.get("rating").map(str::to_string),
+        adapter: form.get("adapter").map(str::to_string),
+        chat: form.get("chat").map(str::to_string),
         from: parse_date(form, "from")?,
         to: parse_date(form, "to")?,
         only_upvoted: form.checked("only_upvoted"),
