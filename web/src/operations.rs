@@ -381,7 +381,11 @@ pub async fn create_job(state: &AppState, req: &CreateJob) -> Result<TrainingJob
         .db
         .transition_job(job.id, JobState::ValidatingFiles, JobState::Queued, None)
         .await?;
-    Ok(state.core.db.job(job.id).await?)
+    // The job as this request left it: a worker polling the queue may claim it before a
+    // second read, and the answer to "create" should not depend on that race.
+    let mut job = job;
+    job.state = JobState::Queued.as_str().to_string();
+    Ok(job)
 }
 
 pub async fn dataset_by_id(state: &AppState, id: i64) -> Result<Dataset, ApiError> {
