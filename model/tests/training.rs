@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use loraloop_model::llama::load::load_hf_dir;
 use loraloop_model::lora::read_peft_dir;
 use loraloop_model::train::{
-    BaseTrain, DenseLlama, Grads, LoraParams, PassOptions, PassStats, Row, TrainBatch,
+    BaseTrain, DenseLlama, Grads, LoraParams, PassOptions, PassStats, Row, SoftTarget, TrainBatch,
 };
 use std::path::PathBuf;
 
@@ -35,6 +35,7 @@ fn rows() -> Vec<Row> {
             segments: vec![1; 8],
             targets: vec![-1, -1, -1, 25, 61, 0, 33, -1],
             weights: vec![0., 0., 0., 1.0, 1.0, 0.5, 0.5, 0.],
+            soft: vec![],
         },
         Row {
             tokens: vec![5, 9, 14, 2, 50, 7, 1, 1],
@@ -42,6 +43,7 @@ fn rows() -> Vec<Row> {
             segments: vec![1, 1, 1, 2, 2, 2, 0, 0],
             targets: vec![9, 14, -1, 50, 7, -1, -1, -1],
             weights: vec![1.0, 1.0, 0., 2.0, 1.0, 0., 0., 0.],
+            soft: vec![],
         },
     ]
 }
@@ -444,6 +446,7 @@ fn long_rows() -> Vec<Row> {
             segments,
             targets,
             weights,
+            soft: vec![],
         }
     };
     vec![row(&[60, 50, 40], 10, 3), row(&[64, 64, 20], 12, 11)]
@@ -522,6 +525,156 @@ fn float32_gradients_with_the_fused_cpu_kernels_agree_with_the_float64_path() {
         assert!(
             diff <= 1e-4 * scale.max(1e-3),
             "{name}: {diff:e} vs max |grad| {scale:e}"
+        );
+    }
+}
+
+/// `rows()` with soft targets (distillation) at three scored positions: one spread over a
+/// few tokens, one one-hot on a token that is not the position's
+/// target, and one one-hot on its own target.
+fn soft_rows() -> Vec<Row> {
+    let mut r = rows();
+    r[0].soft = vec![
+        SoftTarget {
+            position: 3,
+            tokens: vec![25, 4, 60, 2],
+            probs: vec![0.5, 0.2, 0.2, 0.1],
+        },
+        SoftTarget {
+            position: 5,
+            tokens: vec![12],
+            probs: vec![1.0],
+        },
+    ];
+    r[1].soft = vec![SoftTarget {
+        position: 3,
+        tokens: vec![50],
+        probs: vec![1.0],
+    }];
+    r
+}
+
+/// Soft targets: the loss at such a position is the KL divergence `sum q (log q - log p)`
+/// (computed here by hand from the model's full log-softmax), a one-hot soft target is the
+/// plain cross-entropy on its token, the gradients match finite differences in float64,
+/// and the f32 host path agrees with the generic graph.
+#[test]
+fn soft_targets_train_the_kl_divergence_from_the_given_distribution() {
+    let mut model = dense("tiny-llama", DType::F64);
+    let mut lora = Some(fixture_lora(&model));
+    let rows = soft_rows();
+    let batch = TrainBatch::new(&rows, &model).unwrap();
+    let got = model.evaluate(lora.as_ref(), &batch).unwrap();
+
+    // By hand: log p over the vocabulary at every scored position, in batch order.
+    let plain = TrainBatch::new(&self::rows(), &model).unwrap();
+    let lp: Vec<Vec<f64>> = model
+        .scored_log_probs(lora.as_ref(), &plain)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let mut expected = 0.0;
+    let mut wsum = 0.0;
+    let mut k = 0;
+    for r in &rows {
+        for i in 0..r.tokens.len() {
+            if r.targets[i] < 0 || r.weights[i] == 0.0 {
+                continue;
+            }
+            let w = r.weights[i] as f64;
+            let term = match r.soft.iter().find(|s| s.position as usize == i) {
+                Some(s) => s
+                    .tokens
+                    .iter()
+                    .zip(&s.probs)
+                    .map(|(&t, &p)| p as f64 * ((p as f64).ln() - lp[k][t as usize]))
+                    .sum::<f64>(),
+                None => -lp[k][r.targets[i] as usize],
+            };
+            expected += w * term;
+            wsum += w;
+            k += 1;
+        }
+    }
+    assert_eq!(k, 8);
+    // scored_log_probs gives f32 log-probabilities.
+    assert!(
+        (got.loss() - expected / wsum).abs() < 1e-6,
+        "loss {} vs KL by hand {}",
+        got.loss(),
+        expected / wsum
+    );
+    // The one-hot soft target on the position's own token changes nothing.
+    let mut own = self::rows();
+    own[1].soft = soft_rows()[1].soft.clone();
+    let own = TrainBatch::new(&own, &model).unwrap();
+    assert!(
+        (model.evaluate(lora.as_ref(), &own).unwrap().loss() - loss(&model, lora.as_ref(), &plain))
+            .abs()
+            < 1e-12
+    );
+
+    let mut grads = Grads::default();
+    model
+        .forward_backward(
+            lora.as_ref(),
+            &BaseTrain::frozen(model.config.num_layers),
+            &batch,
+            &opts(&batch, false),
+            &mut grads,
+        )
+        .unwrap();
+    check_against_finite_differences(
+        &mut model,
+        &mut lora,
+        &[
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+            "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight",
+        ],
+        &grads,
+        &rows,
+    );
+
+    let model = dense("tiny-llama", DType::F32);
+    let lora = fixture_lora(&model);
+    let batch = TrainBatch::new(&rows, &model).unwrap();
+    let run = |train: BaseTrain| {
+        let mut g = Grads::default();
+        let s = model
+            .forward_backward(Some(&lora), &train, &batch, &opts(&batch, false), &mut g)
+            .unwrap();
+        (s, g)
+    };
+    let (s_gen, g_gen) = run(BaseTrain {
+        first_layer: 0,
+        embeddings: false,
+        final_norm: false,
+    });
+    let (s_host, g_host) = run(BaseTrain::frozen(model.config.num_layers));
+    assert!(
+        (s_host.loss() - s_gen.loss()).abs() < 1e-5 * s_gen.loss(),
+        "loss {} vs {}",
+        s_host.loss(),
+        s_gen.loss()
+    );
+    assert_lora_grads_agree("tiny-llama", &g_host, &g_gen);
+}
+
+#[test]
+fn a_soft_target_must_sit_on_a_scored_position_with_distinct_tokens_in_the_vocabulary() {
+    let model = dense("tiny-llama", DType::F32);
+    for (position, token) in [(0, 5), (3, 1_000_000)] {
+        let mut r = rows();
+        r[0].soft = vec![SoftTarget {
+            position,
+            tokens: vec![token],
+            probs: vec![1.0],
+        }];
+        assert!(
+            TrainBatch::new(&r, &model).is_err(),
+            "position {position}, token {token}"
         );
     }
 }

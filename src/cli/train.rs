@@ -127,6 +127,10 @@ pub struct FineTuneArgs {
     /// More replay prompts, one per line.
     #[arg(long, value_name = "FILE")]
     pub replay_prompts: Option<PathBuf>,
+    /// Replayed answers teach only the base model's greedy tokens, not its whole
+    /// next-token distribution (the default).
+    #[arg(long)]
+    pub no_replay_distill: bool,
     /// What to learn: sft (chat examples, the default), dpo (OpenAI preference JSONL:
     /// preferred over non-preferred replies) or kto (TRL's JSONL: replies labelled
     /// desirable or not), as `data build --kind` writes them.
@@ -184,6 +188,7 @@ impl FineTuneArgs {
             },
             replay_ratio: self.replay_ratio,
             replay_prompts_file: self.replay_prompts.clone(),
+            replay_distill: self.no_replay_distill.then_some(false),
             rl: self.rl.clone(),
             rl_beta: self.rl_beta,
             ..Default::default()

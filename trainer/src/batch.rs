@@ -3,7 +3,7 @@
 //! `sample_packing` (each example attends only to itself, positions restart at 0).
 
 use crate::tokenize::TokenizedExample;
-use loraloop_model::train::Row;
+use loraloop_model::train::{Row, SoftTarget};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -30,6 +30,11 @@ pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
 /// Append one example to a row under construction as segment `segment`.
 fn push_example(row: &mut Row, ex: &TokenizedExample, segment: u32) {
     let n = ex.tokens.len();
+    let offset = row.tokens.len() as u32;
+    row.soft.extend(ex.soft.iter().map(|s| SoftTarget {
+        position: offset + s.position,
+        ..s.clone()
+    }));
     for t in 0..n {
         row.tokens.push(ex.tokens[t]);
         row.positions.push(t as u32);
@@ -48,16 +53,6 @@ fn push_example(row: &mut Row, ex: &TokenizedExample, segment: u32) {
     }
 }
 
-fn empty_row() -> Row {
-    Row {
-        tokens: Vec::new(),
-        positions: Vec::new(),
-        segments: Vec::new(),
-        targets: Vec::new(),
-        weights: Vec::new(),
-    }
-}
-
 fn pad_to(row: &mut Row, len: usize) {
     while row.tokens.len() < len {
         row.tokens.push(PAD);
@@ -72,11 +67,11 @@ fn pad_to(row: &mut Row, len: usize) {
 fn rows_of(examples: &[&TokenizedExample], plan: &BatchPlan) -> Vec<Row> {
     let mut rows = Vec::new();
     if plan.sample_packing {
-        let mut row = empty_row();
+        let mut row = Row::default();
         let mut segment = 0;
         for ex in examples {
             if !row.tokens.is_empty() && row.tokens.len() + ex.tokens.len() > plan.sequence_len {
-                rows.push(std::mem::replace(&mut row, empty_row()));
+                rows.push(std::mem::take(&mut row));
                 segment = 0;
             }
             segment += 1;
@@ -87,7 +82,7 @@ fn rows_of(examples: &[&TokenizedExample], plan: &BatchPlan) -> Vec<Row> {
         }
     } else {
         for ex in examples {
-            let mut row = empty_row();
+            let mut row = Row::default();
             push_example(&mut row, ex, 1);
             rows.push(row);
         }
@@ -132,6 +127,7 @@ mod tests {
         TokenizedExample {
             tokens: tokens.to_vec(),
             weights: weights.to_vec(),
+            soft: Vec::new(),
         }
     }
 
@@ -176,6 +172,24 @@ mod tests {
         // No target crosses from one example into the next.
         assert_eq!(r.targets, [2, 3, -1, -1, 6, 7, -1]);
         assert_eq!(rows[0][1].tokens, [8, 9, PAD, PAD, PAD, PAD, PAD]);
+    }
+
+    #[test]
+    fn soft_targets_move_with_their_example_into_a_packed_row() {
+        let a = ex(&[1, 2, 3], &[0., 1., 1.]);
+        let mut b = ex(&[4, 5, 6, 7], &[0., 0., 1., 1.]);
+        b.soft = vec![SoftTarget {
+            position: 2,
+            tokens: vec![7, 9],
+            probs: vec![0.75, 0.25],
+        }];
+        let rows = batches_in_order(&[&a, &b], &plan(true));
+        let r = &rows[0][0];
+        assert_eq!(r.soft.len(), 1);
+        // b starts at row position 3: its position 2 (predicting 7) is row position 5.
+        assert_eq!(r.soft[0].position, 5);
+        assert_eq!(r.targets[5], 7);
+        assert_eq!(r.soft[0].tokens, [7, 9]);
     }
 
     #[test]

@@ -126,6 +126,7 @@ pub fn synthetic_rows(step: usize, micro_batch: usize, seq_len: usize, vocab: us
                 tokens,
                 targets,
                 weights,
+                soft: Vec::new(),
             }
         })
         .collect()

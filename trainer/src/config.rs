@@ -99,6 +99,9 @@ pub struct TrainFile {
     pub replay: Option<bool>,
     pub replay_ratio: Option<f64>,
     pub replay_prompts_file: Option<PathBuf>,
+    /// loraloop: replayed answers teach the base model's whole next-token distribution
+    /// (KL divergence from its top tokens), not only its greedy tokens.
+    pub replay_distill: Option<bool>,
     /// Axolotl: `dpo` or `kto` trains on preferences instead of chat examples.
     pub rl: Option<String>,
     /// Axolotl: DPO's and KTO's β (TRL's default 0.1).
@@ -179,6 +182,7 @@ impl TrainFile {
             replay,
             replay_ratio,
             replay_prompts_file,
+            replay_distill,
             rl,
             rl_beta,
             kto_desirable_weight,
@@ -223,6 +227,7 @@ pub struct TrainConfig {
     pub replay: bool,
     pub replay_ratio: f64,
     pub replay_prompts_file: Option<PathBuf>,
+    pub replay_distill: bool,
     /// What the examples teach: chat replies (SFT) or preferences (DPO, KTO).
     pub objective: Objective,
     pub rl_beta: f64,
@@ -459,6 +464,7 @@ impl TrainFile {
             replay: self.replay.unwrap_or(true),
             replay_ratio,
             replay_prompts_file: self.replay_prompts_file.clone(),
+            replay_distill: self.replay_distill.unwrap_or(true),
         })
     }
 }

@@ -37,6 +37,8 @@ pub(crate) fn data_fingerprint(examples: &[TokenizedExample]) -> String {
             h.update(t.to_le_bytes());
             h.update(w.to_le_bytes());
         }
+        // Distilled or not (the distributions themselves follow from the base model).
+        h.update((e.soft.len() as u64).to_le_bytes());
     }
     hex::encode(h.finalize())
 }

@@ -3,10 +3,13 @@
 //! What the adapter kept is measured by the report card's retention probe, on other
 //! prompts (`card::probe`).
 
+use crate::batch::{BatchPlan, batches_in_order};
 use crate::generate::greedy_reply;
+use crate::tokenize::TokenizedExample;
 use loraloop_core::domain::{ChatExample, ChatMessage, Role};
 use loraloop_model::engine::LoadedModel;
 use loraloop_model::template::TemplateMessage;
+use loraloop_model::train::{DenseLlama, SoftTarget, TrainBatch};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -21,6 +24,10 @@ pub const BUILTIN_PROMPTS: &str = include_str!("../data/replay_prompts.txt");
 
 /// Answers per prompt are capped so replay stays quick on a CPU.
 pub const REPLAY_MAX_NEW_TOKENS: usize = 48;
+
+/// Distilled replay keeps this many of the base model's most likely next tokens at each
+/// answer position.
+pub const DISTILL_TOP_K: usize = 64;
 
 /// The prompts: the built-in list, plus one prompt per non-empty line of `file`.
 pub fn prompts(file: Option<&Path>) -> std::io::Result<Vec<String>> {
@@ -84,4 +91,78 @@ pub fn replay_count(n_train: usize, ratio: f64, available: usize) -> usize {
         return 0;
     }
     (((ratio / (1.0 - ratio)) * n_train as f64).round() as usize).clamp(1, available)
+}
+
+/// Turn the replayed answers into distillation targets: at each scored position, the base
+/// model's `top_k` most likely next tokens, renormalized, so the adapter learns the base
+/// model's whole next-token distribution there (the loss is the KL divergence from it)
+/// rather than only its greedy token. `dense` runs without an adapter. Returns the mean
+/// probability the kept tokens held (how much of the distribution survives the cut).
+pub fn distill(
+    dense: &DenseLlama,
+    examples: &mut [TokenizedExample],
+    sequence_len: usize,
+    top_k: usize,
+) -> candle_core::Result<f64> {
+    let plan = BatchPlan {
+        micro_batch_size: 8,
+        sequence_len,
+        sample_packing: false,
+        seed: 0,
+    };
+    let (mut kept, mut positions) = (0f64, 0usize);
+    for chunk in examples.chunks_mut(plan.micro_batch_size) {
+        let refs: Vec<&TokenizedExample> = chunk.iter().collect();
+        let rows = batches_in_order(&refs, &plan).concat();
+        let batch = TrainBatch::new(&rows, dense)?;
+        let lp: Vec<Vec<f32>> = dense
+            .scored_log_probs(None, &batch)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec2()?;
+        // Scored positions come row by row, in order: those whose next token has a
+        // positive weight (`batch::push_example`).
+        let mut next = lp.into_iter();
+        for ex in chunk.iter_mut() {
+            ex.soft.clear();
+            for t in 0..ex.tokens.len().saturating_sub(1) {
+                if ex.weights[t + 1] <= 0.0 {
+                    continue;
+                }
+                let row = next.next().ok_or_else(|| {
+                    candle_core::Error::Msg("fewer scored positions than expected".into())
+                })?;
+                let (target, mass) = top_tokens(&row, top_k, t as u32);
+                kept += mass;
+                positions += 1;
+                ex.soft.push(target);
+            }
+        }
+    }
+    Ok(if positions > 0 {
+        kept / positions as f64
+    } else {
+        f64::NAN
+    })
+}
+
+/// The `k` most likely tokens of one position's log-probabilities, renormalized, and the
+/// probability they held.
+fn top_tokens(log_probs: &[f32], k: usize, position: u32) -> (SoftTarget, f64) {
+    let mut idx: Vec<u32> = (0..log_probs.len() as u32).collect();
+    let k = k.clamp(1, idx.len());
+    let by_prob = |a: &u32, b: &u32| log_probs[*b as usize].total_cmp(&log_probs[*a as usize]);
+    idx.select_nth_unstable_by(k - 1, by_prob);
+    idx.truncate(k);
+    idx.sort_by(by_prob);
+    let p: Vec<f64> = idx
+        .iter()
+        .map(|&i| (log_probs[i as usize] as f64).exp())
+        .collect();
+    let mass: f64 = p.iter().sum();
+    let target = SoftTarget {
+        position,
+        tokens: idx,
+        probs: p.iter().map(|&x| (x / mass) as f32).collect(),
+    };
+    (target, mass)
 }

@@ -184,6 +184,48 @@ fn replay_examples(
     Ok(answers)
 }
 
+/// The replayed answers as training examples: tokenized, and with `replay_distill` the
+/// base model's next-token distributions as their targets.
+fn replay_tokens(
+    replayed: &[ChatExample],
+    tr: &Trainable,
+    c: &TrainConfig,
+    report: &mut TokenizeReport,
+    model: &LoadedModel,
+    on_event: &mut dyn FnMut(&TrainEvent),
+) -> Result<Vec<TokenizedExample>, TrainError> {
+    if replayed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (mut toks, r) = match tokenize_dataset(
+        replayed,
+        &model.tokenizer,
+        &model.template,
+        c.sequence_len,
+        c.train_on_inputs,
+    ) {
+        Ok(t) => t,
+        Err(crate::tokenize::TokenizeError::NothingToTrain { .. }) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    report.examples += r.examples;
+    report.truncated += r.truncated;
+    report.dropped += r.dropped;
+    report.tokens += r.tokens;
+    report.scored_tokens += r.scored_tokens;
+    if c.replay_distill {
+        let kept = replay::distill(&tr.model, &mut toks, c.sequence_len, replay::DISTILL_TOP_K)?;
+        on_event(&TrainEvent::Message {
+            text: format!(
+                "replay: the answers teach the base model's next-token distribution (its top {} tokens, {:.1}% of the probability)",
+                replay::DISTILL_TOP_K,
+                100.0 * kept
+            ),
+        });
+    }
+    Ok(toks)
+}
+
 /// The model and what trains, as a run starts: LoRA from the checkpoint, the starting
 /// adapter or fresh; the base's trainable part by method.
 pub(crate) fn initial_trainable(
@@ -254,18 +296,32 @@ fn train_inner(
     prepare_output_dir(&job.output_dir, job.overwrite, resume.is_some())?;
 
     let examples = std::mem::take(&mut job.examples);
-    let (mut train_ex, eval_ex) = match job.eval_examples.take() {
+    let (train_ex, eval_ex) = match job.eval_examples.take() {
         Some(v) => (examples, v),
         None => split_examples(examples, c.val_set_size, c.seed),
     };
-    // Replay joins the training side only: the held-out examples stay the job's own data.
-    if c.replay && c.method == Method::Lora {
-        train_ex.extend(replay_examples(job.model, &c, train_ex.len(), on_event)?);
+    let mut tr = initial_trainable(&job, &c, resume.as_ref())?;
+    if c.method != Method::Lora
+        && let Some(ck) = &resume
+    {
+        ck.restore_base(&mut tr.model)?;
     }
     let tok = &job.model.tokenizer;
     let tpl = &job.model.template;
-    let (train_tok, report): (Vec<TokenizedExample>, TokenizeReport) =
+    let (mut train_tok, mut report): (Vec<TokenizedExample>, TokenizeReport) =
         tokenize_dataset(&train_ex, tok, tpl, c.sequence_len, c.train_on_inputs)?;
+    // Replay joins the training side only: the held-out examples stay the job's own data.
+    if c.replay && c.method == Method::Lora {
+        let replayed = replay_examples(job.model, &c, train_ex.len(), on_event)?;
+        train_tok.extend(replay_tokens(
+            &replayed,
+            &tr,
+            &c,
+            &mut report,
+            job.model,
+            on_event,
+        )?);
+    }
     let eval_tok = if eval_ex.is_empty() {
         Vec::new()
     } else {
@@ -276,13 +332,6 @@ fn train_inner(
         }
     };
     let data_hash = data_fingerprint(&train_tok);
-
-    let mut tr = initial_trainable(&job, &c, resume.as_ref())?;
-    if c.method != Method::Lora
-        && let Some(ck) = &resume
-    {
-        ck.restore_base(&mut tr.model)?;
-    }
 
     let plan = BatchPlan {
         micro_batch_size: c.micro_batch_size,

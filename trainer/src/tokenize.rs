@@ -10,12 +10,16 @@
 use loraloop_core::domain::{ChatExample, Role};
 use loraloop_model::template::{ChatTemplate, TemplateMessage};
 use loraloop_model::tokenizer::Tokenizer;
+use loraloop_model::train::SoftTarget;
 
 /// One example as tokens, with the loss weight of each token (0: not scored).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct TokenizedExample {
     pub tokens: Vec<u32>,
     pub weights: Vec<f32>,
+    /// Positions (`t`: predicting token `t + 1`) that learn a distribution instead of
+    /// the next token (replay's distillation targets).
+    pub soft: Vec<SoftTarget>,
 }
 
 impl TokenizedExample {
@@ -105,10 +109,7 @@ pub fn tokenize_example(
             ));
         }
     }
-    let mut out = TokenizedExample {
-        tokens: Vec::new(),
-        weights: Vec::new(),
-    };
+    let mut out = TokenizedExample::default();
     for (k, (text, w)) in pieces.iter().enumerate() {
         if text.is_empty() {
             continue;

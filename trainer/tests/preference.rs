@@ -29,6 +29,7 @@ fn rows() -> Vec<Row> {
         tokens,
         targets,
         weights,
+        soft: vec![],
     };
     vec![
         row(

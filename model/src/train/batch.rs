@@ -35,8 +35,8 @@ impl BaseTrain {
     }
 }
 
-/// One padded row of a batch. All vectors have the batch's sequence length.
-#[derive(Debug, Clone, PartialEq)]
+/// One padded row of a batch. All vectors but `soft` have the batch's sequence length.
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Row {
     pub tokens: Vec<u32>,
     /// Rotary position of each token (restarts at 0 for each packed example).
@@ -49,6 +49,31 @@ pub struct Row {
     /// Loss weight of each target (0 excludes it; a negative weight's gradient raises
     /// the target's loss, as DPO and KTO need for unwanted replies).
     pub weights: Vec<f32>,
+    /// Scored positions that learn a distribution instead of their one target
+    /// (distillation): the loss there is the KL divergence from it, with the position's
+    /// weight. Accuracy still compares with `targets`.
+    pub soft: Vec<SoftTarget>,
+}
+
+/// A next-token distribution to learn at one position: the most likely tokens of a
+/// reference model (each once) and their probabilities (summing to 1).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SoftTarget {
+    pub position: u32,
+    pub tokens: Vec<u32>,
+    pub probs: Vec<f32>,
+}
+
+impl SoftTarget {
+    /// `sum q log q`: the loss is `KL(q || p) = sum q (log q - log p)`, so the cross-entropy
+    /// less the target's entropy.
+    pub(super) fn neg_entropy(&self) -> f64 {
+        self.probs
+            .iter()
+            .filter(|&&q| q > 0.0)
+            .map(|&q| q as f64 * (q as f64).ln())
+            .sum()
+    }
 }
 
 /// A batch on the device.
@@ -69,6 +94,8 @@ pub struct TrainBatch {
     pub(super) scored_idx: Vec<u32>,
     pub(super) scored_targets: Vec<u32>,
     pub(super) scored_weights: Vec<f32>,
+    /// Per scored position, the distribution it learns instead of its target, if any.
+    pub(super) scored_soft: Vec<Option<SoftTarget>>,
     /// What the f32 host path needs (f32 on the CPU, each token's visible keys one
     /// contiguous range).
     pub(super) host: Option<HostBatch>,
@@ -86,8 +113,8 @@ impl TrainBatch {
         let mut ids = Vec::with_capacity(b * t);
         let mut pos = Vec::with_capacity(b * t);
         let mut mask = Vec::with_capacity(b * n_rep * t * t);
-        let (mut scored_idx, mut scored_targets, mut scored_weights) =
-            (Vec::new(), Vec::new(), Vec::new());
+        let (mut scored_idx, mut scored_targets, mut scored_weights, mut scored_soft) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (ri, r) in rows.iter().enumerate() {
             if [
                 r.positions.len(),
@@ -124,6 +151,28 @@ impl TrainBatch {
             for _ in 0..n_rep {
                 mask.extend_from_slice(&row_mask);
             }
+            let mut soft_at: std::collections::HashMap<u32, &SoftTarget> =
+                std::collections::HashMap::new();
+            for st in &r.soft {
+                let ok = (st.position as usize) < t
+                    && r.targets[st.position as usize] >= 0
+                    && st.tokens.len() == st.probs.len()
+                    && !st.tokens.is_empty()
+                    && st.tokens.iter().all(|&k| (k as usize) < cfg.vocab_size)
+                    && st
+                        .tokens
+                        .iter()
+                        .collect::<std::collections::HashSet<_>>()
+                        .len()
+                        == st.tokens.len();
+                if !ok {
+                    candle_core::bail!(
+                        "row {ri}: a soft target at position {} must be a scored position with distinct tokens in the vocabulary",
+                        st.position
+                    );
+                }
+                soft_at.insert(st.position, st);
+            }
             for i in 0..t {
                 // Negative weights push a target's probability down (preference objectives).
                 if r.targets[i] >= 0 && r.weights[i] != 0.0 && r.segments[i] != 0 {
@@ -136,6 +185,7 @@ impl TrainBatch {
                     scored_idx.push((ri * t + i) as u32);
                     scored_targets.push(r.targets[i] as u32);
                     scored_weights.push(r.weights[i]);
+                    scored_soft.push(soft_at.get(&(i as u32)).map(|s| (*s).clone()));
                 }
             }
         }
@@ -168,6 +218,7 @@ impl TrainBatch {
             scored_idx,
             scored_targets,
             scored_weights,
+            scored_soft,
             host,
         })
     }

@@ -238,7 +238,11 @@ impl DenseLlama {
         while start < n {
             let len = HEAD_CHUNK.min(n - start);
             let idx = Tensor::from_slice(&batch.scored_idx[start..start + len], len, dev)?;
-            let tgt = Tensor::from_slice(&batch.scored_targets[start..start + len], (len, 1), dev)?;
+            // Each position's targets and their probabilities, `[len, k]`: one target with
+            // probability 1, or a soft target's tokens (padded with probability 0).
+            let (tgt, q, neg_entropy) = head_targets(batch, start, len);
+            let k = tgt.len() / len;
+            let tgt = Tensor::from_vec(tgt, (len, k), dev)?;
             let wts = &batch.scored_weights[start..start + len];
             let hs = hf.index_select(&idx, 0)?;
             let logits = mm("head logits", &hs, &w.t()?)?.to_dtype(cdt)?;
@@ -246,14 +250,15 @@ impl DenseLlama {
             let z = logits.broadcast_sub(&mx)?;
             drop(logits);
             let lse = z.exp()?.sum_keepdim(D::Minus1)?.log()?;
-            let zt = z.gather(&tgt, D::Minus1)?;
-            let nll: Vec<f64> = (&lse - &zt)?
-                .flatten_all()?
+            let qt = Tensor::from_slice(&q, (len, k), dev)?.to_dtype(cdt)?;
+            // sum q (lse - z_target), plus sum q log q for soft targets: the KL divergence.
+            let nll: Vec<f64> = (lse.broadcast_sub(&z.gather(&tgt, D::Minus1)?)? * &qt)?
+                .sum(D::Minus1)?
                 .to_dtype(DType::F64)?
                 .to_vec1()?;
             let argmax: Vec<u32> = z.argmax(D::Minus1)?.to_vec1()?;
             for (k, &l) in nll.iter().enumerate() {
-                stats.weighted_nll += wts[k] as f64 * l;
+                stats.weighted_nll += wts[k] as f64 * (l + neg_entropy[k]);
                 stats.weight_sum += wts[k] as f64;
                 stats.scored += 1;
                 if argmax[k] == batch.scored_targets[start + k] {
@@ -261,7 +266,8 @@ impl DenseLlama {
                 }
             }
             if let Some((grad_scale, train, grads)) = backward.as_mut() {
-                // d loss / d logits = w (softmax - onehot), times the step's 1 / sum(w).
+                // d loss / d logits = w (softmax - q), times the step's 1 / sum(w); q is
+                // one-hot for a plain target.
                 let ws: Vec<f32> = wts
                     .iter()
                     .map(|&w| (w as f64 * *grad_scale) as f32)
@@ -269,8 +275,10 @@ impl DenseLlama {
                 let ws = Tensor::from_vec(ws, (len, 1), dev)?.to_dtype(cdt)?;
                 let p = z.broadcast_sub(&lse)?.exp()?;
                 drop(z);
-                let onehot = p.zeros_like()?.scatter_add(&tgt, &ws, D::Minus1)?;
-                let dlogits = (p.broadcast_mul(&ws)? - onehot)?.to_dtype(self.dtype)?;
+                let target =
+                    p.zeros_like()?
+                        .scatter_add(&tgt, &qt.broadcast_mul(&ws)?, D::Minus1)?;
+                let dlogits = (p.broadcast_mul(&ws)? - target)?.to_dtype(self.dtype)?;
                 let dhs = mm("head dlogits W", &dlogits, w)?;
                 if let Some(d) = dhf.as_mut() {
                     *d = d.index_add(&idx, &dhs, 0)?;
@@ -283,4 +291,37 @@ impl DenseLlama {
         }
         Ok((stats, dhf))
     }
+}
+
+/// The targets of scored positions `start..start + len` as `[len, k]` token ids and
+/// probabilities (`k` = the most tokens any of them has), and each position's `sum q log q`
+/// (0 for a plain target).
+pub(super) fn head_targets(
+    batch: &TrainBatch,
+    start: usize,
+    len: usize,
+) -> (Vec<u32>, Vec<f32>, Vec<f64>) {
+    let soft = &batch.scored_soft[start..start + len];
+    let k = soft
+        .iter()
+        .map(|s| s.as_ref().map_or(1, |s| s.tokens.len()))
+        .max()
+        .unwrap_or(1);
+    let mut tgt = vec![0u32; len * k];
+    let mut q = vec![0f32; len * k];
+    let mut neg_entropy = vec![0f64; len];
+    for i in 0..len {
+        match &soft[i] {
+            Some(s) => {
+                tgt[i * k..i * k + s.tokens.len()].copy_from_slice(&s.tokens);
+                q[i * k..i * k + s.probs.len()].copy_from_slice(&s.probs);
+                neg_entropy[i] = s.neg_entropy();
+            }
+            None => {
+                tgt[i * k] = batch.scored_targets[start + i];
+                q[i * k] = 1.0;
+            }
+        }
+    }
+    (tgt, q, neg_entropy)
 }

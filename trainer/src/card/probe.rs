@@ -149,7 +149,11 @@ impl Probe {
                 tokens.truncate(sequence_len);
                 let mut weights = vec![0.0; a.prompt_tokens.len()];
                 weights.resize(tokens.len(), 1.0);
-                TokenizedExample { tokens, weights }
+                TokenizedExample {
+                    tokens,
+                    weights,
+                    soft: Vec::new(),
+                }
             })
             .collect();
         Self {

@@ -46,6 +46,7 @@ pub(crate) fn head(
             let idx = &batch.scored_idx[start..start + len];
             let tgt = &batch.scored_targets[start..start + len];
             let wts = &batch.scored_weights[start..start + len];
+            let soft = &batch.scored_soft[start..start + len];
             for (k, &row) in idx.iter().enumerate() {
                 let row = row as usize;
                 hs[k * h..(k + 1) * h].copy_from_slice(&hf[row * h..(row + 1) * h]);
@@ -66,7 +67,8 @@ pub(crate) fn head(
                 )
             });
             // Per row: the loss and the argmax; with a gradient, the row becomes
-            // `w (softmax - onehot)` in place.
+            // `w (softmax - q)` in place (q: one-hot, or a soft target's distribution, whose
+            // loss is the KL divergence from it).
             let per = Mutex::new(&mut per_row[..len]);
             profile::time("head softmax", || {
                 par_rows(lg, vocab, |k, z| {
@@ -74,15 +76,31 @@ pub(crate) fn head(
                         tgt[k] as usize,
                         grad_scale.map(|g| (wts[k] as f64 * g) as f32),
                     );
-                    let zt = z[target];
+                    // sum q z_t (and sum q) before exp_sub overwrites the logits.
+                    let (qz, qsum, neg_entropy) = match &soft[k] {
+                        Some(s) => s.tokens.iter().zip(&s.probs).fold(
+                            (0f64, 0f64, s.neg_entropy()),
+                            |(a, b, e), (&t, &q)| {
+                                (a + q as f64 * z[t as usize] as f64, b + q as f64, e)
+                            },
+                        ),
+                        None => (z[target] as f64, 1.0, 0.0),
+                    };
                     let mx = max_f32(z);
                     let arg = z.iter().position(|&v| v == mx).unwrap_or(0);
                     let sum = exp_sub(z, mx);
-                    let nll = (mx + sum.ln() - zt) as f64;
+                    let nll = qsum * (mx + sum.ln()) as f64 - qz + neg_entropy;
                     if let Some(ws) = ws {
                         let inv = ws / sum;
                         z.iter_mut().for_each(|v| *v *= inv);
-                        z[target] -= ws;
+                        match &soft[k] {
+                            Some(s) => {
+                                for (&t, &q) in s.tokens.iter().zip(&s.probs) {
+                                    z[t as usize] -= ws * q;
+                                }
+                            }
+                            None => z[target] -= ws,
+                        }
                     }
                     per.lock().unwrap_or_else(|e| e.into_inner())[k] = (nll, arg as u32);
                 })
