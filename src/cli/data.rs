@@ -9,6 +9,7 @@ use loraloop_trainer::config::Objective;
 use loraloop_trainer::dataset::{
     self, Format, MAX_LISTED_PROBLEMS, ParseOutcome, content_hash, format_problems,
 };
+use loraloop_trainer::preference::{PreferenceImport, preference_import};
 use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
@@ -39,6 +40,15 @@ pub(super) async fn read_and_parse(
     let bytes = tokio::fs::read(file)
         .await
         .with_context(|| format!("cannot read {}", file.display()))?;
+    parse_bytes(file, bytes, format).await
+}
+
+/// Parse a dataset file's bytes off the async workers, printing its warnings.
+async fn parse_bytes(
+    file: &Path,
+    bytes: Vec<u8>,
+    format: Option<Format>,
+) -> anyhow::Result<ParseOutcome> {
     let outcome = tokio::task::spawn_blocking(move || dataset::parse_jsonl(&bytes, format))
         .await
         .context("the parser panicked")?;
@@ -67,6 +77,64 @@ pub(super) fn report_errors(file: &Path, outcome: &ParseOutcome, action: &str) -
     true
 }
 
+/// `data import` of a DPO or KTO file: every problem, or the rows stored as a preference
+/// dataset.
+async fn import_preferences(
+    config: &Config,
+    args: &ImportArgs,
+    parsed: PreferenceImport,
+) -> anyhow::Result<ExitCode> {
+    let (kind, lines) = match parsed {
+        Ok(p) => p,
+        Err(problems) => {
+            eprintln!(
+                "error: {} has {} problem(s); nothing was imported:",
+                args.file.display(),
+                problems.len()
+            );
+            for p in problems.iter().take(MAX_LISTED_PROBLEMS) {
+                eprintln!("  {p}");
+            }
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let source = args
+        .file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let db = open_db(config).await?;
+    let inserted = db
+        .insert_dataset(&NewDataset {
+            name: &args.name,
+            format: kind.as_str(),
+            source: &source,
+            content_hash: &dataset::lines_hash(&lines),
+            kind,
+            lines: &lines,
+            ..Default::default()
+        })
+        .await?;
+    match inserted {
+        DatasetInsert::Created(d) => println!(
+            "imported {} {} row(s) from {} as {} v{} (sha256 {})",
+            d.example_count,
+            d.kind,
+            args.file.display(),
+            d.name,
+            d.version,
+            &d.content_hash[..12]
+        ),
+        DatasetInsert::Unchanged(d) => println!(
+            "unchanged: {} v{} already holds this content (sha256 {}); no new version",
+            d.name,
+            d.version,
+            &d.content_hash[..12]
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn validate(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
     let outcome = read_and_parse(&args.file, parse_format(args.format.as_deref())?).await?;
     if report_errors(&args.file, &outcome, "it cannot be imported as it is") {
@@ -83,8 +151,14 @@ async fn validate(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
 
 async fn import(config: &Config, args: &ImportArgs) -> anyhow::Result<ExitCode> {
     validate_dataset_name(&args.name)?;
+    let bytes = tokio::fs::read(&args.file)
+        .await
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    if let Some(parsed) = preference_import(&bytes, args.format.as_deref()) {
+        return import_preferences(config, args, parsed).await;
+    }
     let format = parse_format(args.format.as_deref())?;
-    let outcome = read_and_parse(&args.file, format).await?;
+    let outcome = parse_bytes(&args.file, bytes, format).await?;
     if report_errors(&args.file, &outcome, "nothing was imported") {
         return Ok(ExitCode::FAILURE);
     }
@@ -109,7 +183,7 @@ async fn import(config: &Config, args: &ImportArgs) -> anyhow::Result<ExitCode> 
                 source: &source,
                 content_hash: &hash,
                 examples: &outcome.examples,
-                source_conversations: &[],
+                ..Default::default()
             },
             &|done| {
                 if let Ok(mut p) = progress.lock() {
@@ -157,15 +231,16 @@ async fn list(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
         println!("no datasets yet; import one with `loraloop data import FILE.jsonl --name NAME`");
     } else {
         println!(
-            "{:<24} {:>7} {:>9} {:<18} {:<12} {:<24} SOURCE",
-            "NAME", "VERSION", "EXAMPLES", "FORMAT", "SHA256", "CREATED"
+            "{:<24} {:>7} {:>9} {:<4} {:<18} {:<12} {:<24} SOURCE",
+            "NAME", "VERSION", "ROWS", "KIND", "FORMAT", "SHA256", "CREATED"
         );
         for d in datasets {
             println!(
-                "{:<24} {:>7} {:>9} {:<18} {:<12} {:<24} {}",
+                "{:<24} {:>7} {:>9} {:<4} {:<18} {:<12} {:<24} {}",
                 d.name,
                 d.version,
                 d.example_count,
+                d.kind,
                 d.format,
                 &d.content_hash[..12.min(d.content_hash.len())],
                 d.created_at,
@@ -179,6 +254,15 @@ async fn list(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
 async fn show(config: &Config, args: &ShowArgs) -> anyhow::Result<ExitCode> {
     let db = open_db(config).await?;
     let d = db.dataset(&args.dataset.name, args.dataset.version).await?;
+    if d.objective() != Objective::Sft {
+        anyhow::bail!(
+            "{} v{} holds {} {} row(s), not chat examples: `loraloop data export` writes them",
+            d.name,
+            d.version,
+            d.example_count,
+            d.kind
+        );
+    }
     let stored = db.dataset_examples(d.id).await?;
     let examples: Vec<_> = stored.into_iter().map(|s| s.example).collect();
     let stats = dataset::stats(&examples);
@@ -237,23 +321,20 @@ async fn show(config: &Config, args: &ShowArgs) -> anyhow::Result<ExitCode> {
 async fn export(config: &Config, args: &ExportArgs) -> anyhow::Result<ExitCode> {
     let db = open_db(config).await?;
     let d = db.dataset(&args.dataset.name, args.dataset.version).await?;
-    let examples: Vec<_> = db
-        .dataset_examples(d.id)
-        .await?
-        .into_iter()
-        .map(|s| s.example)
-        .collect();
-    let text = dataset::to_openai_jsonl(&examples);
+    // Stored rows are canonical JSON lines: a chat dataset's are its OpenAI chat JSONL.
+    let lines = db.dataset_lines(d.id).await?;
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
     if args.output.as_os_str() == "-" {
         std::io::stdout().write_all(text.as_bytes())?;
     } else {
         write_atomically(&args.output, text.as_bytes())
             .with_context(|| format!("cannot write {}", args.output.display()))?;
         eprintln!(
-            "exported {} v{} ({} example(s)) to {}",
+            "exported {} v{} ({} {} row(s)) to {}",
             d.name,
             d.version,
-            examples.len(),
+            lines.len(),
+            d.kind,
             args.output.display()
         );
     }
@@ -279,18 +360,16 @@ async fn build(config: &Config, args: &BuildArgs) -> anyhow::Result<ExitCode> {
     let db = open_db(config).await?;
     let filter = spec.filter(&db).await?;
     match (&args.name, &args.output) {
-        (Some(name), None) if kind == Objective::Sft => {
-            match dataset::store_sft(&db, name, &filter).await? {
-                DatasetInsert::Created(d) => println!(
-                    "built {} v{}: {} example(s) from stored conversations",
-                    d.name, d.version, d.example_count
-                ),
-                DatasetInsert::Unchanged(d) => println!(
-                    "{} v{} already holds these {} example(s); nothing stored",
-                    d.name, d.version, d.example_count
-                ),
-            }
-        }
+        (Some(name), None) => match dataset::store(&db, name, &filter, kind).await? {
+            DatasetInsert::Created(d) => println!(
+                "built {} v{}: {} {} row(s) from stored conversations",
+                d.name, d.version, d.example_count, d.kind
+            ),
+            DatasetInsert::Unchanged(d) => println!(
+                "{} v{} already holds these {} {} row(s); nothing stored",
+                d.name, d.version, d.example_count, d.kind
+            ),
+        },
         (None, Some(out)) => {
             let rows = dataset::build_rows(&db, &filter, kind).await?;
             let mut text = String::new();
@@ -311,11 +390,7 @@ async fn build(config: &Config, args: &BuildArgs) -> anyhow::Result<ExitCode> {
                 );
             }
         }
-        (Some(_), None) => anyhow::bail!(
-            "{} rows are not stored as a dataset: write them with --output FILE",
-            kind.as_str()
-        ),
-        (None, None) => anyhow::bail!("say where the rows go: --name NAME (sft) or --output FILE"),
+        (None, None) => anyhow::bail!("say where the rows go: --name NAME or --output FILE"),
         (Some(_), Some(_)) => anyhow::bail!("--name and --output exclude each other"),
     }
     Ok(ExitCode::SUCCESS)

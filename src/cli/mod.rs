@@ -359,7 +359,9 @@ pub struct ImportArgs {
     /// Dataset name (letters, digits, '-', '_', '.').
     #[arg(long)]
     pub name: String,
-    /// Skip auto-detection: openai, prompt-completion, text, alpaca, sharegpt.
+    /// Skip auto-detection: openai, prompt-completion, text, alpaca, sharegpt; or dpo
+    /// (OpenAI's preference lines) or kto (prompt, completion, label): a preference
+    /// dataset, which a job trains with DPO or KTO.
     #[arg(long)]
     pub format: Option<String>,
 }

@@ -378,8 +378,6 @@ pub async fn fine_tune(
         merged.micro_batch_size = Some(micro);
         merged.gradient_accumulation_steps = Some(b / micro);
     }
-    let c = merged.validate()?;
-
     // Data.
     let data_path = args.data_path.clone().or_else(|| {
         file.datasets
@@ -387,8 +385,40 @@ pub async fn fine_tune(
             .and_then(|d| d.first())
             .map(|d| d.path.clone())
     });
+    // A stored dataset trains by its kind: DPO or KTO rows set the objective.
+    let stored = match (&data_path, &args.dataset) {
+        (None, Some(name)) => {
+            let db = super::data::open_db(config).await?;
+            let d = db.dataset(name, args.dataset_version).await?;
+            if merged.rl.is_none() && d.objective() != Objective::Sft {
+                merged.rl = Some(d.kind.clone());
+            }
+            Some((db, d))
+        }
+        _ => None,
+    };
+    let c = merged.validate()?;
     let preferences = match (&data_path, c.objective) {
         (_, Objective::Sft) => None,
+        (None, objective) if stored.is_some() => {
+            let (db, d) = stored.as_ref().expect("checked");
+            if d.objective() != objective {
+                bail!(
+                    "{} v{} holds {} rows, but --rl {} trains on {} rows",
+                    d.name,
+                    d.version,
+                    d.kind,
+                    objective.as_str(),
+                    objective.as_str()
+                );
+            }
+            let lines = db.dataset_lines(d.id).await?.join("\n");
+            Some(
+                parse_preference_jsonl(lines.as_bytes(), objective).map_err(|p| {
+                    anyhow::anyhow!("{} v{} does not parse: {}", d.name, d.version, p[0])
+                })?,
+            )
+        }
         (Some(p), objective) => match read_preferences(p, objective).await? {
             Some(d) => Some(d),
             None => return Ok(ExitCode::FAILURE),
@@ -406,6 +436,10 @@ pub async fn fine_tune(
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "run".into()),
         ),
+        (None, Some(_)) if preferences.is_some() => {
+            let (_, d) = stored.as_ref().expect("a stored dataset");
+            (Vec::new(), format!("{}-v{}", d.name, d.version))
+        }
         (Some(p), _) => (
             match read_examples(p).await? {
                 Some(ex) => ex,
@@ -415,9 +449,8 @@ pub async fn fine_tune(
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "run".into()),
         ),
-        (None, Some(name)) => {
-            let db = super::data::open_db(config).await?;
-            let d = db.dataset(name, args.dataset_version).await?;
+        (None, Some(_)) => {
+            let (db, d) = stored.as_ref().expect("a stored dataset");
             let ex = db.dataset_examples(d.id).await?;
             (
                 ex.into_iter().map(|e| e.example).collect(),

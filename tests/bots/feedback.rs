@@ -146,7 +146,6 @@ async fn rated_telegram_replies_become_sft_dpo_and_kto_rows_by_api_and_cli() {
         (json!({"kind": "ppo"}), "body"),
         (json!({"adapter": "nope"}), "adapter"),
         (json!({"rating": "meh"}), "rating"),
-        (json!({"kind": "dpo", "name": "x"}), "name"),
         (json!({"from": "2026-02-01", "to": "2026-01-01"}), "from"),
         (json!({"platform": "discord"}), "filters"),
         (json!({"colour": "red"}), "body"),
@@ -154,6 +153,54 @@ async fn rated_telegram_replies_become_sft_dpo_and_kto_rows_by_api_and_cli() {
         let (status, e) = build(body.clone()).await;
         assert_eq!(status, 422, "{body}: {e}");
         assert_eq!(e["error"]["param"], field, "{body}: {e}");
+    }
+
+    // Stored with a name, preference rows are a dataset a job trains by its kind: the API
+    // job on the KTO rows trains KTO with no method given, and the DPO pair trains DPO.
+    let (status, stored) =
+        build(json!({"kind": "kto", "name": "rated", "platform": "telegram"})).await;
+    assert_eq!(status, 200, "{stored}");
+    assert_eq!(
+        (stored["dataset"]["kind"].as_str(), stored["rows"].as_i64()),
+        (Some("kto"), Some(3)),
+        "{stored}"
+    );
+    let kto_id = stored["dataset"]["id"].as_i64().unwrap();
+    let (status, stored) = build(json!({"kind": "dpo", "name": "corrected"})).await;
+    assert_eq!(status, 200, "{stored}");
+    let dpo_id = stored["dataset"]["id"].as_i64().unwrap();
+    let hp = json!({"learning_rate": 0.01, "batch_size": 4, "lora_r": 4, "rl_beta": 0.5});
+    // Asking for another objective than the dataset holds names the dataset.
+    let (status, e) = s
+        .post_json(
+            "/api/v1/fine-tune",
+            &json!({"dataset_id": kto_id, "method": "dpo", "hyperparameters": hp}),
+        )
+        .await;
+    assert_eq!(
+        (status, e["error"]["param"].as_str()),
+        (422, Some("dataset_id")),
+        "{e}"
+    );
+    for (dataset, method, rl) in [(kto_id, None, "kto"), (dpo_id, Some("dpo"), "dpo")] {
+        let mut body = json!({"dataset_id": dataset, "epochs": 8, "hyperparameters": hp});
+        if let Some(m) = method {
+            body["method"] = json!(m);
+        }
+        let (status, job) = s.post_json("/api/v1/fine-tune", &body).await;
+        assert_eq!(status, 200, "{job}");
+        assert_eq!(job["hyperparameters"]["rl"], rl, "{job}");
+        let done = s.wait_job(job["id"].as_i64().unwrap()).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+        assert!(done["report_card"]["retention"].is_object(), "{done}");
+        let events = s
+            .get_json(&format!("/api/v1/fine-tune/{}/events", job["id"]))
+            .await;
+        let text = events.to_string();
+        assert!(
+            text.contains(&format!("{rl}: training on")),
+            "{rl} trained: {text}"
+        );
     }
 
     // The CLI on the same database writes the same KTO rows, and the DPO pair.

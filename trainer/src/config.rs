@@ -2,6 +2,7 @@
 //! fine-tuning method), overridden by command-line flags, validated into [`TrainConfig`].
 
 use crate::optim::Scheduler;
+pub use loraloop_core::preference::Objective;
 use loraloop_model::llama::Projection;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -233,41 +234,6 @@ pub struct TrainConfig {
     pub rl_beta: f64,
     pub kto_desirable_weight: f64,
     pub kto_undesirable_weight: f64,
-}
-
-/// What a run learns from.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Objective {
-    /// Supervised fine-tuning on chat examples.
-    #[default]
-    Sft,
-    /// Direct preference optimization on pairs (a preferred and a non-preferred reply).
-    Dpo,
-    /// Kahneman-Tversky optimization on replies labelled desirable or not.
-    Kto,
-}
-
-impl Objective {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Sft => "sft",
-            Self::Dpo => "dpo",
-            Self::Kto => "kto",
-        }
-    }
-}
-
-impl std::str::FromStr for Objective {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "sft" => Ok(Self::Sft),
-            "dpo" => Ok(Self::Dpo),
-            "kto" => Ok(Self::Kto),
-            _ => Err(format!("unknown {s:?}; expected sft, dpo or kto")),
-        }
-    }
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {

@@ -7,10 +7,11 @@
 //! running a job.
 
 use crate::checkpoint::{AdapterMetadata, Checkpoint, TRAINER_STATE_FILE};
-use crate::config::{Method, TrainFile};
+use crate::config::{Method, Objective, TrainFile};
 use crate::events::{Ending, TrainEvent};
 use crate::fingerprint::hash_model;
 use crate::job_card::{self, GateOptions};
+use crate::preference::{parse_preference_jsonl, train_preferences};
 use crate::run::{TrainJob, auto_train_dtype, train};
 use candle_core::Device;
 use loraloop_core::storage::{Db, JobState, NewAdapter, NewTrainingEvent, TrainingJob};
@@ -178,13 +179,47 @@ async fn run_job(
     if file.finetuning_type.is_none() {
         file.finetuning_type = Some(job.method.clone());
     }
+    let dataset = db.dataset_by_id(job.dataset_id).await?;
+    // A preference dataset trains by its kind (the API and the console set `rl` to it).
+    if file.rl.is_none() && dataset.objective() != Objective::Sft {
+        file.rl = Some(dataset.kind.clone());
+    }
     let config = file.validate()?;
-    let stored = db.dataset_examples(job.dataset_id).await?;
-    let trained_on = stored
-        .iter()
-        .filter_map(|e| e.source_conversation_id)
-        .collect();
-    let examples: Vec<_> = stored.into_iter().map(|e| e.example).collect();
+    if config.objective != dataset.objective() {
+        anyhow::bail!(
+            "dataset {} v{} holds {} rows, but the job trains {}: build or import a {} dataset",
+            dataset.name,
+            dataset.version,
+            dataset.kind,
+            config.objective.as_str(),
+            config.objective.as_str()
+        );
+    }
+    let (examples, preferences, trained_on) = match config.objective {
+        Objective::Sft => {
+            let stored = db.dataset_examples(job.dataset_id).await?;
+            let trained_on = stored
+                .iter()
+                .filter_map(|e| e.source_conversation_id)
+                .collect();
+            let examples: Vec<_> = stored.into_iter().map(|e| e.example).collect();
+            (examples, None, trained_on)
+        }
+        objective => {
+            let lines = db.dataset_lines(job.dataset_id).await?.join("\n");
+            let data = parse_preference_jsonl(lines.as_bytes(), objective).map_err(|p| {
+                anyhow::anyhow!(
+                    "the stored {} rows do not parse: {}",
+                    objective.as_str(),
+                    p.iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )
+            })?;
+            (Vec::new(), Some(data), Default::default())
+        }
+    };
     let card_data = if config.method == Method::Lora {
         Some(job_card::card_data(db, &opts.gate, &trained_on).await?)
     } else {
@@ -198,7 +233,9 @@ async fn run_job(
         .unwrap_or_else(|| opts.adapters_dir.join(format!("job-{id}")));
     db.set_job_progress_target(id, Some(&output_dir.display().to_string()), None)
         .await?;
-    let resume = latest_checkpoint(&output_dir);
+    // Preference runs cannot resume yet: an interrupted one starts over.
+    let resume = latest_checkpoint(&output_dir).filter(|_| preferences.is_none());
+    let overwrite = preferences.is_some();
     if let Some(ck) = &resume {
         tracing::info!("job {id}: resuming from {}", ck.display());
     }
@@ -255,25 +292,26 @@ async fn run_job(
         let model = model_for(&model_path, shared.as_ref(), &device)?;
         let hash = hash_model(&model_path)?;
         let started = std::time::Instant::now();
-        let o = train(
-            TrainJob {
-                model: &model,
-                base_model_name: base_model,
-                base_model_hash: hash.clone(),
-                examples,
-                eval_examples: None,
-                config,
-                output_dir,
-                overwrite: false,
-                resume_from: resume,
-                init_adapter: None,
-                dtype,
-            },
-            &stop_flag,
-            &mut |e| {
-                let _ = tx.send(e.clone());
-            },
-        )?;
+        let train_job = TrainJob {
+            model: &model,
+            base_model_name: base_model,
+            base_model_hash: hash.clone(),
+            examples,
+            eval_examples: None,
+            config,
+            output_dir,
+            overwrite,
+            resume_from: resume,
+            init_adapter: None,
+            dtype,
+        };
+        let mut on_event = |e: &TrainEvent| {
+            let _ = tx.send(e.clone());
+        };
+        let o = match &preferences {
+            Some(data) => train_preferences(train_job, data, &stop_flag, &mut on_event)?,
+            None => train(train_job, &stop_flag, &mut on_event)?,
+        };
         let train_secs = started.elapsed().as_secs_f64();
         let card = match (&card_data, o.ending) {
             (Some(data), Ending::Finished | Ending::EarlyStopped) => {

@@ -31,7 +31,7 @@ async fn setup(db: &Db, tmp: &std::path::Path, hp: serde_json::Value) -> (i64, W
             source: "test",
             content_hash: "h",
             examples: &ex,
-            source_conversations: &[],
+            ..Default::default()
         })
         .await
         .unwrap()

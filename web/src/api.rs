@@ -424,6 +424,9 @@ pub struct DatasetView {
     pub source: String,
     pub example_count: i64,
     pub created_at: i64,
+    /// `sft` (chat examples), `dpo` (preference pairs) or `kto` (rated replies): what a
+    /// job on it trains.
+    pub kind: String,
 }
 
 impl From<loraloop_core::storage::Dataset> for DatasetView {
@@ -438,6 +441,7 @@ impl From<loraloop_core::storage::Dataset> for DatasetView {
             source: d.source,
             example_count: d.example_count,
             created_at: operations::unix(&d.created_at),
+            kind: d.kind,
         }
     }
 }

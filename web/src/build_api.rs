@@ -9,8 +9,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
 use loraloop_core::storage::DatasetInsert;
-use loraloop_trainer::config::Objective;
-use loraloop_trainer::dataset::{BuildError, BuildSpec, build_rows, store_sft};
+use loraloop_trainer::dataset::{BuildError, BuildSpec, build_rows, store};
 use serde::Serialize;
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -20,7 +19,7 @@ pub struct Built {
     pub kind: &'static str,
     /// How many rows the filters gave.
     pub rows: usize,
-    /// The stored dataset version (SFT with a name).
+    /// The stored dataset version (with a name).
     pub dataset: Option<DatasetView>,
     /// False when the latest version already held exactly these examples.
     pub created: Option<bool>,
@@ -40,9 +39,10 @@ fn api_error(e: BuildError) -> ApiError {
 }
 
 /// Build training rows from stored conversations: filters by assistant, adapter,
-/// platform, chat, date range and rating; SFT examples (stored as a dataset version when
-/// `name` is given), DPO pairs from operators' corrections, or KTO rows from 👍/👎.
-#[utoipa::path(post, path = "/api/v1/datasets/build", request_body(content = Object, description = "kind (sft, dpo, kto), name (store SFT rows as this dataset), assistant, adapter, platform, chat, from, to, rating, only_upvoted, include_corrections, exclude_downvoted"),
+/// platform, chat, date range and rating; SFT examples, DPO pairs from operators'
+/// corrections, or KTO rows from 👍/👎 (stored as a dataset version when `name` is given,
+/// which a job then trains on by its kind).
+#[utoipa::path(post, path = "/api/v1/datasets/build", request_body(content = Object, description = "kind (sft, dpo, kto), name (store the rows as this dataset), assistant, adapter, platform, chat, from, to, rating, only_upvoted, include_corrections, exclude_downvoted"),
     responses((status = 200, body = Built), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn build_dataset(
     State(state): State<AppState>,
@@ -52,8 +52,8 @@ pub async fn build_dataset(
     let db = &state.core.db;
     let filter = req.filter(db).await.map_err(api_error)?;
     let kind = req.kind;
-    if let (Some(name), Objective::Sft) = (&req.name, kind) {
-        let stored = store_sft(db, name, &filter).await.map_err(api_error)?;
+    if let Some(name) = &req.name {
+        let stored = store(db, name, &filter, kind).await.map_err(api_error)?;
         let created = matches!(stored, DatasetInsert::Created(_));
         let d = stored.dataset().clone();
         return Ok(Json(Built {
@@ -64,15 +64,6 @@ pub async fn build_dataset(
             created: Some(created),
             data: Vec::new(),
         }));
-    }
-    if req.name.is_some() {
-        return Err(ApiError::invalid(
-            "name",
-            format!(
-                "{} rows are not stored as a dataset: leave out `name` and save `data` as JSONL",
-                kind.as_str()
-            ),
-        ));
     }
     let data = build_rows(db, &filter, kind).await.map_err(api_error)?;
     Ok(Json(Built {

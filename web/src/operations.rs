@@ -4,10 +4,11 @@
 use crate::error::ApiError;
 use crate::state::AppState;
 use loraloop_core::storage::{Dataset, DatasetInsert, JobState, NewDataset, NewJob, TrainingJob};
-use loraloop_trainer::config::TrainFile;
+use loraloop_trainer::config::{Objective, TrainFile};
 use loraloop_trainer::dataset::{
     self, Format, MAX_LISTED_PROBLEMS, Problem, content_hash, format_problems,
 };
+use loraloop_trainer::preference::{PreferenceImport, preference_import};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -33,6 +34,16 @@ pub async fn import_dataset(
 ) -> Result<Imported, ApiError> {
     loraloop_core::storage::validate_dataset_name(name)
         .map_err(|e| ApiError::invalid("name", e.to_string()))?;
+    let fmt = format.filter(|f| !f.is_empty()).map(str::to_string);
+    let (bytes, preference) = tokio::task::spawn_blocking(move || {
+        let p = preference_import(&bytes, fmt.as_deref());
+        (bytes, p)
+    })
+    .await
+    .map_err(ApiError::internal)?;
+    if let Some(parsed) = preference {
+        return import_preferences(state, name, parsed, source).await;
+    }
     let format = format
         .filter(|f| !f.is_empty())
         .map(|f| {
@@ -64,7 +75,7 @@ pub async fn import_dataset(
             source,
             content_hash: &hash,
             examples: &outcome.examples,
-            source_conversations: &[],
+            ..Default::default()
         })
         .await?;
     let created = matches!(inserted, DatasetInsert::Created(_));
@@ -72,6 +83,48 @@ pub async fn import_dataset(
         dataset: inserted.dataset().clone(),
         created,
         warnings: outcome.warnings,
+    })
+}
+
+/// Store a parsed preference file (DPO pairs or KTO rows) as the next version of `name`.
+async fn import_preferences(
+    state: &AppState,
+    name: &str,
+    parsed: PreferenceImport,
+    source: &str,
+) -> Result<Imported, ApiError> {
+    let (kind, lines) = parsed.map_err(|problems| {
+        let listed: Vec<String> = problems
+            .iter()
+            .take(MAX_LISTED_PROBLEMS)
+            .map(ToString::to_string)
+            .collect();
+        ApiError::invalid(
+            "file",
+            format!(
+                "the file has {} problem(s) and was not imported:\n{}",
+                problems.len(),
+                listed.join("\n")
+            ),
+        )
+    })?;
+    let inserted = state
+        .core
+        .db
+        .insert_dataset(&NewDataset {
+            name,
+            format: kind.as_str(),
+            source,
+            content_hash: &dataset::lines_hash(&lines),
+            kind,
+            lines: &lines,
+            ..Default::default()
+        })
+        .await?;
+    Ok(Imported {
+        created: matches!(inserted, DatasetInsert::Created(_)),
+        dataset: inserted.dataset().clone(),
+        warnings: Vec::new(),
     })
 }
 
@@ -110,6 +163,13 @@ pub const HYPERPARAMETERS: &[&str] = &[
     "train_on_inputs",
     "seed",
     "freeze_trainable_layers",
+    "replay",
+    "replay_ratio",
+    "replay_distill",
+    "rl",
+    "rl_beta",
+    "kto_desirable_weight",
+    "kto_undesirable_weight",
 ];
 
 /// The limits past which a value is a mistake rather than a choice.
@@ -133,7 +193,9 @@ pub struct CreateJob {
     pub dataset_url: Option<String>,
     #[serde(default)]
     pub epochs: Option<f64>,
-    /// `lora` (default), `full` or `freeze`.
+    /// What trains: `lora` (default), `full` or `freeze`; or what it learns from:
+    /// `sft`, `dpo` or `kto` (a LoRA adapter). Default: the dataset's kind (a DPO or KTO
+    /// dataset trains DPO or KTO).
     #[serde(default)]
     pub method: Option<String>,
     /// Training settings by their training-YAML names, plus `batch_size` (total, split
@@ -220,10 +282,30 @@ pub fn job_settings(req: &CreateJob) -> Result<Map<String, Value>, ApiError> {
         hp.insert("micro_batch_size".into(), Value::from(micro));
         hp.insert("gradient_accumulation_steps".into(), Value::from(b / micro));
     }
-    if let Some(m) = &req.method {
-        hp.insert("finetuning_type".into(), Value::from(m.clone()));
+    match req.method.as_deref() {
+        Some(m @ ("sft" | "dpo" | "kto")) => {
+            if hp.get("rl").is_some_and(|r| r.as_str() != Some(m)) {
+                return Err(ApiError::invalid(
+                    "method",
+                    format!("method {m} and hyperparameters.rl disagree"),
+                ));
+            }
+            if m != "sft" {
+                hp.insert("rl".into(), Value::from(m));
+            }
+        }
+        Some(m) => {
+            hp.insert("finetuning_type".into(), Value::from(m));
+        }
+        None => {}
     }
-    // The trainer's own validation: types, ranges, combinations.
+    check_settings(&hp)?;
+    Ok(hp)
+}
+
+/// The trainer's own validation of stored job settings: types, ranges, combinations.
+fn check_settings(hp: &Map<String, Value>) -> Result<(), ApiError> {
+    let param = |k: &str| format!("hyperparameters.{k}");
     let file: TrainFile = serde_json::from_value(Value::Object(hp.clone()))
         .map_err(|e| ApiError::invalid("hyperparameters", format!("hyperparameters: {e}")))?;
     file.validate().map_err(|e| match e {
@@ -237,7 +319,38 @@ pub fn job_settings(req: &CreateJob) -> Result<Map<String, Value>, ApiError> {
         }
         other => ApiError::invalid("hyperparameters", other.to_string()),
     })?;
-    Ok(hp)
+    Ok(())
+}
+
+/// A job trains what its dataset holds: a DPO or KTO dataset sets `rl`, and a job that
+/// asks for another objective than its dataset's kind is refused.
+fn match_dataset_kind(hp: &mut Map<String, Value>, dataset: &Dataset) -> Result<(), ApiError> {
+    let asked: Objective = match hp.get("rl").and_then(Value::as_str) {
+        Some(r) => r
+            .parse()
+            .map_err(|m: String| ApiError::invalid("hyperparameters.rl", m))?,
+        None => Objective::Sft,
+    };
+    let has = dataset.objective();
+    if hp.get("rl").is_none() && has != Objective::Sft {
+        hp.insert("rl".into(), Value::from(has.as_str()));
+        return check_settings(hp);
+    }
+    if asked != has {
+        return Err(ApiError::invalid(
+            "dataset_id",
+            format!(
+                "dataset {} v{} holds {} rows, but the job trains {}: build one with POST /api/v1/datasets/build (kind {}) or import a {} file",
+                dataset.name,
+                dataset.version,
+                has.as_str(),
+                asked.as_str(),
+                asked.as_str(),
+                asked.as_str()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Read a `dataset_url`: an http(s) URL or a local file, at most `limit` bytes.
@@ -312,7 +425,7 @@ pub async fn fetch_dataset(url: &str, limit: u64) -> Result<(Vec<u8>, String), A
 
 /// Create a queued job from a request (importing `dataset_url` first).
 pub async fn create_job(state: &AppState, req: &CreateJob) -> Result<TrainingJob, ApiError> {
-    let settings = job_settings(req)?;
+    let mut settings = job_settings(req)?;
     // The served model as configured, or a model file in the models folder by name: a
     // client's string never becomes an arbitrary path.
     let model = req
@@ -365,7 +478,12 @@ pub async fn create_job(state: &AppState, req: &CreateJob) -> Result<TrainingJob
                 .dataset
         }
     };
-    let method = req.method.clone().unwrap_or_else(|| "lora".into());
+    match_dataset_kind(&mut settings, &dataset)?;
+    let method = req
+        .method
+        .clone()
+        .filter(|m| !matches!(m.as_str(), "sft" | "dpo" | "kto"))
+        .unwrap_or_else(|| "lora".into());
     let job = state
         .core
         .db

@@ -2,7 +2,7 @@
 //! ratings and corrections, and training examples built from stored conversations (what
 //! the web console's conversation and dataset pages read and change).
 
-use super::{Dataset, Db, Feedback, Platform, Result, StorageError};
+use super::{Db, Feedback, Platform, Result, StorageError};
 use crate::domain::{ChatExample, ChatMessage, Role};
 use crate::preference::{KtoRow, PreferencePair, PreferenceRows};
 use chrono::NaiveDate;
@@ -413,20 +413,6 @@ impl Db {
             });
         }
         Ok(())
-    }
-
-    /// A dataset version by its id.
-    pub async fn dataset_by_id(&self, id: i64) -> Result<Dataset> {
-        let found: Option<Dataset> = sqlx::query_as(
-            "select id, name, version, content_hash, format, source, example_count, created_at
-             from datasets where id = ?",
-        )
-        .bind(id)
-        .fetch_optional(self.pool())
-        .await?;
-        found.ok_or_else(|| StorageError::NotFound {
-            what: format!("dataset {id}"),
-        })
     }
 
     /// The training jobs that use a dataset version (they keep it from being deleted).
@@ -1289,7 +1275,7 @@ mod tests {
                 source: "t",
                 content_hash: "h",
                 examples: &examples,
-                source_conversations: &[],
+                ..Default::default()
             })
             .await
             .unwrap()

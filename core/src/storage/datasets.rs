@@ -1,7 +1,9 @@
-//! Datasets: immutable, hashed snapshots of chat examples, versioned per name.
+//! Datasets: immutable, hashed snapshots of chat examples (or of preference rows),
+//! versioned per name.
 
 use super::{Db, Result, StorageError};
 use crate::domain::ChatExample;
+use crate::preference::Objective;
 use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -14,19 +16,52 @@ pub struct Dataset {
     pub source: String,
     pub example_count: i64,
     pub created_at: String,
+    /// `sft` (chat examples), `dpo` (preference pairs) or `kto` (rated replies).
+    pub kind: String,
+}
+
+impl Dataset {
+    /// What the dataset holds (`sft` for a value this build does not know).
+    pub fn objective(&self) -> Objective {
+        self.kind.parse().unwrap_or_default()
+    }
 }
 
 /// A dataset to store. `content_hash` is computed by the caller over the canonical lines
 /// (`loraloop_trainer::dataset::content_hash`) so one definition of the hash exists.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct NewDataset<'a> {
     pub name: &'a str,
     pub format: &'a str,
     pub source: &'a str,
     pub content_hash: &'a str,
     pub examples: &'a [ChatExample],
-    /// Conversation each example came from, parallel to `examples` (empty for imports).
+    /// Conversation each example came from, parallel to `examples` or `lines` (empty
+    /// for imports).
     pub source_conversations: &'a [Option<i64>],
+    /// `Sft`: `examples` holds the rows; `Dpo` and `Kto`: `lines` holds them, one JSON
+    /// object each (`loraloop_core::preference`'s shapes).
+    pub kind: Objective,
+    pub lines: &'a [String],
+}
+
+impl NewDataset<'_> {
+    /// Each row as stored: its JSON line and its character count (what token estimates
+    /// divide).
+    fn rows(&self) -> Vec<(String, usize)> {
+        match self.kind {
+            Objective::Sft => self
+                .examples
+                .iter()
+                .map(|e| (e.to_json_line(), e.char_len()))
+                .collect(),
+            Objective::Dpo | Objective::Kto => self
+                .lines
+                .iter()
+                .map(|l| (l.clone(), l.chars().count()))
+                .collect(),
+        }
+    }
 }
 
 /// What storing a dataset did.
@@ -55,7 +90,8 @@ pub struct StoredExample {
     pub source_conversation_id: Option<i64>,
 }
 
-const COLUMNS: &str = "id, name, version, content_hash, format, source, example_count, created_at";
+const COLUMNS: &str =
+    "id, name, version, content_hash, format, source, example_count, created_at, kind";
 
 impl Db {
     /// Store a dataset as the next version of `name` in one transaction: either every
@@ -72,7 +108,8 @@ impl Db {
         progress: &(dyn Fn(usize) + Send + Sync),
     ) -> Result<DatasetInsert> {
         validate_name(new.name)?;
-        if new.examples.is_empty() {
+        let rows = new.rows();
+        if rows.is_empty() {
             return Err(StorageError::Invalid {
                 what: "dataset".into(),
                 message: "a dataset needs at least one example".into(),
@@ -90,30 +127,32 @@ impl Db {
             return Ok(DatasetInsert::Unchanged(d));
         }
         let dataset: Dataset = sqlx::query_as(&format!(
-            "insert into datasets (name, version, content_hash, format, source, example_count)
-             values (?1, (select coalesce(max(version), 0) + 1 from datasets where name = ?1), ?2, ?3, ?4, ?5)
+            "insert into datasets (name, version, content_hash, format, source, example_count, kind)
+             values (?1, (select coalesce(max(version), 0) + 1 from datasets where name = ?1), ?2, ?3, ?4, ?5, ?6)
              returning {COLUMNS}"
         ))
         .bind(new.name)
         .bind(new.content_hash)
         .bind(new.format)
         .bind(new.source)
-        .bind(new.examples.len() as i64)
+        .bind(rows.len() as i64)
+        .bind(new.kind.as_str())
         .fetch_one(&mut *tx)
         .await?;
-        for (i, example) in new.examples.iter().enumerate() {
+        let n = rows.len();
+        for (i, (line, chars)) in rows.into_iter().enumerate() {
             sqlx::query(
                 "insert into dataset_examples (dataset_id, position, messages, char_count, source_conversation_id)
                  values (?, ?, ?, ?, ?)",
             )
             .bind(dataset.id)
             .bind(i as i64)
-            .bind(example.to_json_line())
-            .bind(example.char_len() as i64)
+            .bind(line)
+            .bind(chars as i64)
             .bind(new.source_conversations.get(i).copied().flatten())
             .execute(&mut *tx)
             .await?;
-            if i % 256 == 255 || i + 1 == new.examples.len() {
+            if i % 256 == 255 || i + 1 == n {
                 progress(i + 1);
             }
         }
@@ -148,7 +187,6 @@ impl Db {
         })
     }
 
-    /// The examples of a dataset, in order.
     /// A dataset's example count and its rough token count (characters / 4, each example
     /// cut at `sequence_len`), for estimates before a job.
     pub async fn dataset_token_estimate(
@@ -165,7 +203,19 @@ impl Db {
         .await?)
     }
 
+    /// The chat examples of an SFT dataset, in order (a preference dataset's rows are
+    /// not chat examples: `dataset_lines`).
     pub async fn dataset_examples(&self, dataset_id: i64) -> Result<Vec<StoredExample>> {
+        let kind: Option<String> = sqlx::query_scalar("select kind from datasets where id = ?")
+            .bind(dataset_id)
+            .fetch_optional(self.pool())
+            .await?;
+        if let Some(k) = kind.filter(|k| k != "sft") {
+            return Err(StorageError::Invalid {
+                what: format!("dataset {dataset_id}"),
+                message: format!("it holds {k} preference rows, not chat examples"),
+            });
+        }
         #[derive(sqlx::FromRow)]
         struct Row {
             position: i64,
@@ -192,6 +242,29 @@ impl Db {
                 })
             })
             .collect()
+    }
+
+    /// Every row of a dataset as stored (one JSON object each), in order: what a
+    /// preference dataset holds, and what an export writes.
+    pub async fn dataset_lines(&self, dataset_id: i64) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "select messages from dataset_examples where dataset_id = ? order by position",
+        )
+        .bind(dataset_id)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// A dataset version by id.
+    pub async fn dataset_by_id(&self, id: i64) -> Result<Dataset> {
+        let found: Option<Dataset> =
+            sqlx::query_as(&format!("select {COLUMNS} from datasets where id = ?"))
+                .bind(id)
+                .fetch_optional(self.pool())
+                .await?;
+        found.ok_or_else(|| StorageError::NotFound {
+            what: format!("dataset {id}"),
+        })
     }
 
     /// Delete one version (or all versions when `version` is None). Refused while a
@@ -263,7 +336,7 @@ mod tests {
             source: "test.jsonl",
             content_hash: hash,
             examples: ex,
-            source_conversations: &[],
+            ..Default::default()
         }
     }
 

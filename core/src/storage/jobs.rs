@@ -330,7 +330,7 @@ mod tests {
             source: "t",
             content_hash: "h",
             examples: &ex,
-            source_conversations: &[],
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -3,7 +3,7 @@
 //! adapter by name); the rows are SFT examples (stored as a dataset version, or written
 //! as OpenAI chat JSONL), DPO pairs or KTO rows (`loraloop_core::preference`).
 
-use super::content_hash;
+use super::{content_hash, lines_hash};
 use crate::config::Objective;
 use chrono::NaiveDate;
 use loraloop_core::domain::ChatExample;
@@ -20,7 +20,7 @@ pub struct BuildSpec {
     /// What rows: sft (conversations), dpo (pairs) or kto (labelled replies).
     #[serde(default)]
     pub kind: Objective,
-    /// Store SFT rows as the next version of this dataset (None: the rows are returned).
+    /// Store the rows as the next version of this dataset (None: the rows are returned).
     pub name: Option<String>,
     /// An assistant's name.
     pub assistant: Option<String>,
@@ -135,17 +135,36 @@ pub async fn sft_examples(
         .unzip())
 }
 
-/// Store `filter`'s SFT examples as the next version of dataset `name` (the same
-/// examples as the latest version: that version, unchanged).
-pub async fn store_sft(
+/// Store `filter`'s rows of `kind` as the next version of dataset `name` (the same rows
+/// as the latest version: that version, unchanged).
+pub async fn store(
     db: &Db,
     name: &str,
     filter: &BuildFilter,
+    kind: Objective,
 ) -> Result<DatasetInsert, BuildError> {
     loraloop_core::storage::validate_dataset_name(name)
         .map_err(|e| invalid("name", e.to_string()))?;
-    let (examples, conversations) = sft_examples(db, filter).await?;
     let source = serde_json::to_string(filter).map_err(StorageError::from)?;
+    if kind != Objective::Sft {
+        let lines: Vec<String> = rows(db, filter, kind)
+            .await?
+            .iter()
+            .map(Value::to_string)
+            .collect();
+        return Ok(db
+            .insert_dataset(&NewDataset {
+                name,
+                format: "conversations",
+                source: &source,
+                content_hash: &lines_hash(&lines),
+                kind,
+                lines: &lines,
+                ..Default::default()
+            })
+            .await?);
+    }
+    let (examples, conversations) = sft_examples(db, filter).await?;
     let (examples, hash) = tokio::task::spawn_blocking(move || {
         let hash = content_hash(&examples);
         (examples, hash)
@@ -160,6 +179,7 @@ pub async fn store_sft(
             content_hash: &hash,
             examples: &examples,
             source_conversations: &conversations,
+            ..Default::default()
         })
         .await?)
 }

@@ -16,7 +16,7 @@ mod validate;
 #[cfg(test)]
 mod tests;
 
-pub use build::{BuildError, BuildSpec, rows as build_rows, sft_examples, store_sft};
+pub use build::{BuildError, BuildSpec, rows as build_rows, sft_examples, store};
 pub use format::{Format, ParseFormatError};
 pub use parse::{LONG_EXAMPLE_CHARS, ParseOutcome, parse_jsonl};
 pub use problem::{MAX_LISTED_PROBLEMS, Problem, ProblemCode, Severity, format_problems};
@@ -34,9 +34,15 @@ use sha2::{Digest, Sha256};
 /// `name` fields. In particular an exported dataset re-imports to the same hash, which is
 /// what lets loraloop recognise a dataset it has seen before.
 pub fn content_hash(examples: &[ChatExample]) -> String {
+    lines_hash(examples.iter().map(ChatExample::to_json_line))
+}
+
+/// The hash of stored rows given as their JSON lines (a preference dataset's), the same
+/// scheme as [`content_hash`].
+pub fn lines_hash<S: AsRef<str>>(lines: impl IntoIterator<Item = S>) -> String {
     let mut hasher = Sha256::new();
-    for example in examples {
-        hasher.update(example.to_json_line().as_bytes());
+    for line in lines {
+        hasher.update(line.as_ref().as_bytes());
         hasher.update(b"\n");
     }
     hex::encode(hasher.finalize())

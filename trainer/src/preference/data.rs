@@ -83,6 +83,47 @@ impl PreferenceData {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// What a preference dataset stores: one canonical JSON line per row.
+    pub fn to_lines(&self) -> Vec<String> {
+        match self {
+            Self::Pairs(p) => p.iter().map(|r| r.to_json().to_string()).collect(),
+            Self::Kto(k) => k.iter().map(|r| r.to_json().to_string()).collect(),
+        }
+    }
+}
+
+/// Which preference file `bytes` is, by the keys of its first row: `dpo` (OpenAI's
+/// `preferred_output`), `kto` (`completion` and `label`), or None (chat data).
+pub fn detect_kind(bytes: &[u8]) -> Option<Objective> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let first = text.lines().find(|l| !l.trim().is_empty())?;
+    let v: Value = serde_json::from_str(first.trim_start_matches('\u{feff}')).ok()?;
+    let has = |k: &str| v.get(k).is_some();
+    if has("preferred_output") || has("non_preferred_output") {
+        Some(Objective::Dpo)
+    } else if has("label") && has("completion") {
+        Some(Objective::Kto)
+    } else {
+        None
+    }
+}
+
+/// A preference file's kind and rows as stored lines, or every problem it has.
+pub type PreferenceImport = Result<(Objective, Vec<String>), Vec<PreferenceProblem>>;
+
+/// A file to import as a preference dataset: its kind (`format` "dpo" or "kto", or
+/// detected when `format` is None) and its rows as stored lines, or every problem. None
+/// when it is chat data.
+pub fn preference_import(bytes: &[u8], format: Option<&str>) -> Option<PreferenceImport> {
+    let kind = match format {
+        Some(f) => f
+            .parse::<Objective>()
+            .ok()
+            .filter(|k| *k != Objective::Sft)?,
+        None => detect_kind(bytes)?,
+    };
+    Some(parse_preference_jsonl(bytes, kind).map(|d| (kind, d.to_lines())))
 }
 
 type Check<T> = Result<T, (PreferenceCode, String)>;
@@ -250,6 +291,37 @@ pub fn parse_preference_jsonl(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn preference_files_are_told_from_chat_files_by_their_first_row() {
+        let dpo = r#"{"input": {"messages": [{"role": "user", "content": "Hi"}]}, "preferred_output": [{"role": "assistant", "content": "Hello!"}], "non_preferred_output": [{"role": "assistant", "content": "What?"}]}"#;
+        let kto = r#"{"prompt": "Hi", "completion": "Hello!", "label": true}"#;
+        let chat = r#"{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}"#;
+        assert_eq!(
+            detect_kind(format!("\n{dpo}\n").as_bytes()),
+            Some(Objective::Dpo)
+        );
+        assert_eq!(detect_kind(kto.as_bytes()), Some(Objective::Kto));
+        assert_eq!(detect_kind(chat.as_bytes()), None);
+        assert!(preference_import(chat.as_bytes(), None).is_none());
+        assert!(preference_import(kto.as_bytes(), Some("openai")).is_none());
+        let Some(Ok((kind, lines))) = preference_import(kto.as_bytes(), None) else {
+            panic!("a kto file")
+        };
+        assert_eq!(kind, Objective::Kto);
+        // Stored canonical: the prompt as messages, parsed back to the same row.
+        assert_eq!(lines.len(), 1);
+        let back = parse_preference_jsonl(lines[0].as_bytes(), Objective::Kto).unwrap();
+        assert_eq!(
+            back,
+            parse_preference_jsonl(kto.as_bytes(), Objective::Kto).unwrap()
+        );
+        // A file named dpo that is not: every problem, as for chat data.
+        let Some(Err(problems)) = preference_import(kto.as_bytes(), Some("dpo")) else {
+            panic!("refused")
+        };
+        assert_eq!(problems[0].code, PreferenceCode::MissingKey);
+    }
 
     fn codes(text: &str, objective: Objective) -> Vec<(Option<usize>, &'static str)> {
         match parse_preference_jsonl(text.as_bytes(), objective) {

@@ -6,5 +6,8 @@ mod data;
 pub mod loss;
 mod run;
 
-pub use data::{PreferenceCode, PreferenceData, PreferenceProblem, parse_preference_jsonl};
+pub use data::{
+    PreferenceCode, PreferenceData, PreferenceImport, PreferenceProblem, detect_kind,
+    parse_preference_jsonl, preference_import,
+};
 pub use run::{micro_loss, train_preferences, weighted};

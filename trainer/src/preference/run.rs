@@ -200,6 +200,14 @@ pub fn train_preferences(
     }
     prepare_output_dir(&job.output_dir, job.overwrite, false)?;
     let (units, dropped) = units(&job, data)?;
+    on_event(&TrainEvent::Message {
+        text: format!(
+            "{}: training on {} row(s), beta {}; the reference is the model as the run starts",
+            c.objective.as_str(),
+            data.len(),
+            c.rl_beta
+        ),
+    });
     let mut tr: Trainable = initial_trainable(&job, &c, None)?;
     // The reference: the model as the run starts (fresh LoRA adds nothing to the base).
     let per_micro = c.micro_batch_size.max(1);

@@ -8,6 +8,7 @@
 
 mod conversations;
 mod datasets;
+mod preference_preview;
 
 use crate::auth::{self, AdminSession};
 use crate::console::error_page;

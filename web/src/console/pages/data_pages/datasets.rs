@@ -11,11 +11,12 @@ use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use loraloop_core::domain::{ChatExample, Role};
+use loraloop_core::preference::Objective;
 use loraloop_core::storage::{
     Dataset, DatasetInsert, PLATFORMS, RatingFilter, StorageError, validate_dataset_name,
 };
 use loraloop_trainer::dataset::{
-    self, BuildError, BuildSpec, MAX_LISTED_PROBLEMS, format_problems, store_sft,
+    self, BuildError, BuildSpec, MAX_LISTED_PROBLEMS, format_problems, store,
 };
 use maud::{Markup, html};
 
@@ -86,7 +87,7 @@ fn dataset_table(session: &AdminSession, datasets: &[Dataset]) -> Markup {
         div.table-wrap {
             table id="datasets" {
                 thead { tr {
-                    th { "Name" } th { "Version" } th { "Examples" } th { "Format" }
+                    th { "Name" } th { "Version" } th { "Rows" } th { "Kind" } th { "Format" }
                     th { "Source" } th { "Created" } th { "Hash" } th { "" }
                 } }
                 tbody {
@@ -95,6 +96,7 @@ fn dataset_table(session: &AdminSession, datasets: &[Dataset]) -> Markup {
                             td { a href=(format!("/datasets/{}", d.id)) { (d.name) } }
                             td { (d.version) }
                             td { (d.example_count) }
+                            td.kind title=(kind_label(d.objective())) { (d.kind) }
                             td { (d.format) }
                             td.source title=(d.source) { (shorten(&d.source, 48)) }
                             td { (short_time(&d.created_at)) }
@@ -118,6 +120,15 @@ fn dataset_table(session: &AdminSession, datasets: &[Dataset]) -> Markup {
     }
 }
 
+/// What a dataset of each kind holds, as the console says it.
+fn kind_label(kind: Objective) -> &'static str {
+    match kind {
+        Objective::Sft => "chat examples (SFT)",
+        Objective::Dpo => "preference pairs: a preferred and a non-preferred reply (DPO)",
+        Objective::Kto => "replies rated good or bad (KTO)",
+    }
+}
+
 fn shorten(s: &str, max: usize) -> String {
     if s.chars().count() <= max {
         s.to_string()
@@ -135,14 +146,14 @@ fn import_form(session: &AdminSession) -> Markup {
             label { "Name" input name="name" required pattern="[A-Za-z0-9_\\-][A-Za-z0-9_.\\-]{0,99}" placeholder="faq"; }
             label { "Format"
                 select name="format" {
-                    @for f in ["auto", "openai", "prompt-completion", "text", "alpaca", "sharegpt"] {
+                    @for f in ["auto", "openai", "prompt-completion", "text", "alpaca", "sharegpt", "dpo", "kto"] {
                         option value=(f) { (f) }
                     }
                 }
             }
             label { "File (JSONL)" input type="file" name="file" accept=".jsonl,.json,application/jsonl,application/json" required; }
             button type="submit" { "Import" }
-            p.hint { "The same checks as `loraloop data import`: a file with any error is not stored." }
+            p.hint { "The same checks as `loraloop data import`: a file with any error is not stored. dpo: OpenAI's preference lines (input, preferred_output, non_preferred_output); kto: prompt, completion, label." }
         }
     }
 }
@@ -153,10 +164,18 @@ fn build_form(session: &AdminSession, posted: Option<&Params>) -> Markup {
     let checked = |k: &str, default: bool| posted.map_or(default, |p| p.checked(k));
     let platform = posted.and_then(|p| p.get("platform")).unwrap_or("any");
     let rating = posted.and_then(|p| p.get("rating")).unwrap_or("any");
+    let kind = posted.and_then(|p| p.get("kind")).unwrap_or("sft");
     html! {
         form id="build-form" method="post" action="/datasets/build" {
             (csrf_field(session))
             label { "Name" input name="name" required value=(value("name")) placeholder="from-chats"; }
+            label { "Rows"
+                select name="kind" {
+                    @for k in [Objective::Sft, Objective::Dpo, Objective::Kto] {
+                        option value=(k.as_str()) selected[kind == k.as_str()] { (kind_label(k)) }
+                    }
+                }
+            }
             label { "Platform"
                 select name="platform" {
                     option value="any" selected[platform == "any"] { "any" }
@@ -184,7 +203,7 @@ fn build_form(session: &AdminSession, posted: Option<&Params>) -> Markup {
             label.check { input type="checkbox" name="include_corrections" value="1" checked[checked("include_corrections", true)]; " Include operator corrections (they replace the reply)" }
             label.check { input type="checkbox" name="exclude_downvoted" value="1" checked[checked("exclude_downvoted", true)]; " Exclude 👎-rated replies" }
             button type="submit" { "Build dataset" }
-            p.hint { "Conversations and users excluded from training are always left out. Replies that are not trained on stay as context with weight 0." }
+            p.hint { "Conversations and users excluded from training are always left out. Replies that are not trained on stay as context with weight 0. DPO pairs come from operators' corrections (preferred over the original reply); KTO rows from 👍/👎 and corrections. The checkboxes shape SFT rows." }
         }
     }
 }
@@ -265,6 +284,7 @@ pub(super) async fn import(
 /// The build form's values as the builder's spec.
 fn build_spec(form: &Params) -> Result<BuildSpec, String> {
     Ok(BuildSpec {
+        kind: form.get("kind").unwrap_or("sft").parse()?,
         platform: form.get("platform").map(str::to_string),
         rating: form.get("rating").map(str::to_string),
         adapter: form.get("adapter").map(str::to_string),
@@ -312,21 +332,19 @@ async fn build_dataset(
     validate_dataset_name(name).map_err(|e| invalid(e.to_string()))?;
     let db = &state.core.db;
     let built = async {
-        let filter = build_spec(form)
-            .map_err(|m| BuildError::Invalid {
-                field: "date",
-                message: m,
-            })?
-            .filter(db)
-            .await?;
-        store_sft(db, name, &filter).await
+        let spec = build_spec(form).map_err(|m| BuildError::Invalid {
+            field: "date",
+            message: m,
+        })?;
+        let filter = spec.filter(db).await?;
+        store(db, name, &filter, spec.kind).await
     }
     .await;
     built.map_err(|e| match e {
         BuildError::Storage(e) => super::storage_failure(e),
-        BuildError::Empty(_) => invalid(
-            "No conversation matches these settings with a reply left to train on: nothing was stored.".into(),
-        ),
+        BuildError::Empty(what) => invalid(format!(
+            "No conversation matches these settings with a {what} left to use: nothing was stored."
+        )),
         BuildError::Invalid { message, .. } => invalid(message),
     })
 }
@@ -390,6 +408,12 @@ pub(super) async fn preview(
         Ok(d) => d,
         Err(page) => return page,
     };
+    if d.objective() != Objective::Sft {
+        return match state.core.db.dataset_lines(d.id).await {
+            Ok(lines) => super::preference_preview::page(&session, &d, &lines, &params),
+            Err(e) => storage_error_page(&session, e),
+        };
+    }
     let stored = match state.core.db.dataset_examples(d.id).await {
         Ok(e) => e,
         Err(e) => return storage_error_page(&session, e),
@@ -467,11 +491,11 @@ pub(super) async fn export(
         Ok(d) => d,
         Err(page) => return page,
     };
-    let examples: Vec<ChatExample> = match state.core.db.dataset_examples(d.id).await {
-        Ok(e) => e.into_iter().map(|s| s.example).collect(),
+    // Stored rows are canonical JSON lines: a chat dataset's are its OpenAI chat JSONL.
+    let body = match state.core.db.dataset_lines(d.id).await {
+        Ok(lines) => lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
         Err(e) => return storage_error_page(&session, e),
     };
-    let body = dataset::to_openai_jsonl(&examples);
     // Dataset names are letters, digits, '-', '_' and '.': safe in a quoted file name.
     let disposition = format!("attachment; filename=\"{}-v{}.jsonl\"", d.name, d.version);
     (

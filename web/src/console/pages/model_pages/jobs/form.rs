@@ -12,7 +12,7 @@ use axum::extract::{RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use loraloop_core::storage::Dataset;
-use loraloop_trainer::config::TrainFile;
+use loraloop_trainer::config::{Objective, TrainFile};
 use maud::{Markup, html};
 use serde_json::{Map, Value};
 
@@ -80,7 +80,7 @@ pub fn presets() -> [Preset; 3] {
 }
 
 /// The fields of the form, as typed.
-pub(super) const FIELDS: [&str; 10] = [
+pub(super) const FIELDS: [&str; 11] = [
     "dataset_id",
     "method",
     "epochs",
@@ -91,6 +91,7 @@ pub(super) const FIELDS: [&str; 10] = [
     "sequence_len",
     "val_set_size",
     "max_steps",
+    "rl_beta",
 ];
 
 #[derive(Debug, Clone, Default)]
@@ -184,6 +185,7 @@ impl JobForm {
         put("sequence_len", whole("sequence_len")?.map(Value::from));
         put("val_set_size", float("val_set_size")?.map(Value::from));
         put("max_steps", whole("max_steps")?.map(Value::from));
+        put("rl_beta", float("rl_beta")?.map(Value::from));
         let method = match self.get("method") {
             "" => None,
             m => Some(m.to_string()),
@@ -301,7 +303,7 @@ pub(super) async fn job_form(
                     select name="dataset_id" id="job-dataset" required aria-invalid=[(bad == "dataset_id").then_some("true")] {
                         @for d in &datasets {
                             option value=(d.id) selected[form.get("dataset_id") == d.id.to_string()] {
-                                (d.name) " v" (d.version) " (" (d.example_count) " examples)"
+                                (d.name) " v" (d.version) " (" (d.example_count) " " (dataset_rows(d)) ")"
                             }
                         }
                     }
@@ -333,7 +335,9 @@ pub(super) async fn job_form(
                     (input("sequence_len", "Sequence length", "tokens; longer examples are cut", "number"))
                     (input("val_set_size", "Held out for evaluation", "share of examples, 0 for none", "number"))
                     (input("max_steps", "Max steps", "optional: stop after this many steps", "number"))
+                    (input("rl_beta", "β (DPO and KTO datasets)", "optional: how far from the base model the preferences may pull (default 0.1)", "number"))
                 }
+                p.hint { "A job trains what its dataset holds: chat examples (SFT), preference pairs (DPO) or rated replies (KTO). Build DPO and KTO datasets from corrections and 👍/👎 on the Datasets page." }
                 div id="job-estimate" aria-live="polite" { (estimate) }
                 button type="submit" id="start-job" { "Start training" }
             }
@@ -343,6 +347,15 @@ pub(super) async fn job_form(
         *resp.status_mut() = error.map_or(StatusCode::UNPROCESSABLE_ENTITY, |e| e.status);
     }
     resp
+}
+
+/// What a dataset's rows are, for the dataset choice.
+fn dataset_rows(d: &Dataset) -> &'static str {
+    match d.objective() {
+        Objective::Sft => "examples",
+        Objective::Dpo => "DPO pairs",
+        Objective::Kto => "KTO rows",
+    }
 }
 
 /// `GET /jobs/estimate?...`: the estimate for the form's current values (the page's
