@@ -207,12 +207,21 @@ async fn bad_requests_get_a_clear_4xx_and_change_nothing() {
             "hyperparameters.lora_dropout",
         ),
         (json!({"dataset_id": ds, "method": "magic"}), 422, "method"),
-        // Not an API hyperparameter: stored datasets are chat examples, and preference
-        // runs go through `loraloop fine-tune --rl` for now.
+        // A KTO run needs a KTO dataset; this one holds chat examples.
         (
             json!({"dataset_id": ds, "hyperparameters": {"rl": "kto"}}),
             422,
-            "hyperparameters.rl",
+            "dataset_id",
+        ),
+        (
+            json!({"dataset_id": ds, "method": "dpo"}),
+            422,
+            "dataset_id",
+        ),
+        (
+            json!({"dataset_id": ds, "method": "dpo", "hyperparameters": {"rl": "kto"}}),
+            422,
+            "method",
         ),
         (
             json!({"dataset_id": ds, "hyperparameters": {"rl": "ppo"}}),

@@ -863,3 +863,95 @@ async fn an_upload_over_the_limit_shows_the_413_message() {
     assert!(c.db().list_datasets().await.unwrap().is_empty());
     c.server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn preference_datasets_are_built_imported_previewed_exported_and_offered_to_jobs() {
+    let c = Console::start(&[]).await;
+    let db = c.db().clone();
+    let (_, m) = c
+        .conversation(
+            Platform::Telegram,
+            "ann",
+            &[(Role::User, "3+3?"), (Role::Assistant, "7")],
+        )
+        .await;
+    db.set_feedback(m[1], "telegram:ann", None, Some(-1), None)
+        .await
+        .unwrap();
+    db.set_operator_correction(m[1], Some("6")).await.unwrap();
+
+    // The build form writes DPO pairs: the correction preferred over the reply.
+    let (status, location, _) = c
+        .post(
+            "/datasets/build",
+            &[("name", "pairs"), ("kind", "dpo"), ("platform", "any")],
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let pairs = db.dataset("pairs", None).await.unwrap();
+    assert_eq!(location, format!("/datasets/{}?ok=built", pairs.id));
+    assert_eq!((pairs.kind.as_str(), pairs.example_count), ("dpo", 1));
+    let (status, page) = c.get(&format!("/datasets/{}", pairs.id)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains(r#"id="dataset-kind">dpo<"#), "{page}");
+    let preferred = between(&page, "<strong>preferred</strong></div>", "</div>").unwrap();
+    let rejected = between(&page, "<strong>not preferred</strong></div>", "</div>").unwrap();
+    assert_eq!((preferred, rejected), ("6", "7"));
+    // Export writes the stored OpenAI preference lines.
+    let (status, body) = c.get(&format!("/datasets/{}/export", pairs.id)).await;
+    assert_eq!(status, StatusCode::OK);
+    let line: serde_json::Value = serde_json::from_str(body.trim()).unwrap();
+    assert_eq!(line["preferred_output"][0]["content"], "6");
+    assert_eq!(line["non_preferred_output"][0]["content"], "7");
+    assert_eq!(
+        line["input"]["messages"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap()["content"],
+        "3+3?"
+    );
+
+    // A KTO file is recognized by its keys and stored as KTO rows.
+    let kto = "{\"prompt\": \"Hi\", \"completion\": \"Hello!\", \"label\": true}\n{\"prompt\": \"Hi\", \"completion\": \"Go away.\", \"label\": false}\n";
+    let (status, page) = c
+        .import("rated", "auto", kto.as_bytes().to_vec(), true)
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{page}");
+    let rated = db.dataset("rated", None).await.unwrap();
+    assert_eq!(
+        (
+            rated.kind.as_str(),
+            rated.format.as_str(),
+            rated.example_count
+        ),
+        ("kto", "kto", 2)
+    );
+    let (_, page) = c.get(&format!("/datasets/{}", rated.id)).await;
+    assert_eq!(page.matches(r#"data-label="false""#).count(), 1, "{page}");
+    assert!(page.contains("Go away."), "{page}");
+    // A file named dpo with a bad row is refused whole, with the row's line and code.
+    let bad = "{\"input\": {\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}, \"preferred_output\": [{\"role\": \"assistant\", \"content\": \"Same\"}], \"non_preferred_output\": [{\"role\": \"assistant\", \"content\": \"Same\"}]}\n";
+    let (status, page) = c.import("bad", "dpo", bad.as_bytes().to_vec(), true).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{page}");
+    assert!(
+        page.contains("line 1") && page.contains("identical_outputs"),
+        "{page}"
+    );
+    assert!(matches!(
+        db.dataset("bad", None).await,
+        Err(StorageError::NotFound { .. })
+    ));
+
+    // The list says what each dataset holds; the job form offers them by kind.
+    let (_, list) = c.get("/datasets").await;
+    assert!(
+        list.contains(
+            r#"title="preference pairs: a preferred and a non-preferred reply (DPO)">dpo<"#
+        ),
+        "{list}"
+    );
+    let (_, form) = c.get("/jobs/new").await;
+    assert!(form.contains("pairs v1 (1 DPO pairs)"), "{form}");
+    assert!(form.contains("rated v1 (2 KTO rows)"), "{form}");
+}
