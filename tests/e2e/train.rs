@@ -259,6 +259,19 @@ fn replay_mixes_the_base_models_answers_in_and_reports_forgetting() {
         err.contains("replay: mixing 8 of the base model's answers into 8 examples"),
         "{err}"
     );
+    // By default the answers teach the base model's next-token distributions, most of
+    // their probability kept in the top tokens.
+    let distilled = err
+        .lines()
+        .find(|l| l.contains("replay: the answers teach the base model's next-token distribution (its top 64 tokens, "))
+        .unwrap_or_else(|| panic!("{err}"));
+    let kept: f64 = distilled
+        .rsplit(", ")
+        .next()
+        .and_then(|t| t.split('%').next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("{distilled}"));
+    assert!((50.0..=100.0).contains(&kept), "{distilled}");
     // What was kept is on the report card: the retention probe against the real base
     // model, on the shipped prompts (none of them replayed).
     let card: serde_json::Value = serde_json::from_str(

@@ -3,7 +3,7 @@
 
 use crate::adapter_views::{ActivationView, AdapterView, adapter_views};
 use crate::error::{ApiError, ApiJson, ErrorBody};
-use crate::operations::{self, CreateJob, Imported, JobView};
+use crate::operations::{self, CreateJob, DatasetView, Imported, JobView};
 use crate::state::AppState;
 use axum::Json;
 use axum::extract::{Multipart, Path, Query, Request, State};
@@ -411,39 +411,6 @@ pub async fn read_upload(
         ApiError::invalid(file_field, format!("the form has no `{file_field}` part"))
     })?;
     Ok((file, fields))
-}
-
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct DatasetView {
-    pub object: &'static str,
-    pub id: i64,
-    pub name: String,
-    pub version: i64,
-    pub content_hash: String,
-    pub format: String,
-    pub source: String,
-    pub example_count: i64,
-    pub created_at: i64,
-    /// `sft` (chat examples), `dpo` (preference pairs) or `kto` (rated replies): what a
-    /// job on it trains.
-    pub kind: String,
-}
-
-impl From<loraloop_core::storage::Dataset> for DatasetView {
-    fn from(d: loraloop_core::storage::Dataset) -> Self {
-        Self {
-            object: "dataset",
-            id: d.id,
-            name: d.name,
-            version: d.version,
-            content_hash: d.content_hash,
-            format: d.format,
-            source: d.source,
-            example_count: d.example_count,
-            created_at: operations::unix(&d.created_at),
-            kind: d.kind,
-        }
-    }
 }
 
 /// Every dataset version.

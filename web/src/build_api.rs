@@ -2,8 +2,8 @@
 //! with the filters of the console's form and more (the shared builder:
 //! `loraloop_trainer::dataset::build`).
 
-use crate::api::DatasetView;
 use crate::error::{ApiError, ErrorBody};
+use crate::operations::DatasetView;
 use crate::state::AppState;
 use axum::Json;
 use axum::extract::State;

@@ -23,6 +23,40 @@ pub struct Imported {
     pub warnings: Vec<Problem>,
 }
 
+/// A dataset version as the API shows it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DatasetView {
+    pub object: &'static str,
+    pub id: i64,
+    pub name: String,
+    pub version: i64,
+    pub content_hash: String,
+    pub format: String,
+    pub source: String,
+    pub example_count: i64,
+    pub created_at: i64,
+    /// `sft` (chat examples), `dpo` (preference pairs) or `kto` (rated replies): what a
+    /// job on it trains.
+    pub kind: String,
+}
+
+impl From<loraloop_core::storage::Dataset> for DatasetView {
+    fn from(d: loraloop_core::storage::Dataset) -> Self {
+        Self {
+            object: "dataset",
+            id: d.id,
+            name: d.name,
+            version: d.version,
+            content_hash: d.content_hash,
+            format: d.format,
+            source: d.source,
+            example_count: d.example_count,
+            created_at: unix(&d.created_at),
+            kind: d.kind,
+        }
+    }
+}
+
 /// Validate JSONL bytes (the CLI's rules) and store them as the next version of `name`.
 /// Invalid files are refused whole, with the problems in the error message.
 pub async fn import_dataset(
