@@ -131,6 +131,9 @@ pub struct FineTuneArgs {
     /// next-token distribution (the default).
     #[arg(long)]
     pub no_replay_distill: bool,
+    /// The loss weight of replayed answers next to the data's own (default 1).
+    #[arg(long)]
+    pub replay_weight: Option<f64>,
     /// What to learn: sft (chat examples, the default), dpo (OpenAI preference JSONL:
     /// preferred over non-preferred replies) or kto (TRL's JSONL: replies labelled
     /// desirable or not), as `data build --kind` writes them.
@@ -189,6 +192,7 @@ impl FineTuneArgs {
             replay_ratio: self.replay_ratio,
             replay_prompts_file: self.replay_prompts.clone(),
             replay_distill: self.no_replay_distill.then_some(false),
+            replay_weight: self.replay_weight,
             rl: self.rl.clone(),
             rl_beta: self.rl_beta,
             ..Default::default()

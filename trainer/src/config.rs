@@ -103,6 +103,8 @@ pub struct TrainFile {
     /// loraloop: replayed answers teach the base model's whole next-token distribution
     /// (KL divergence from its top tokens), not only its greedy tokens.
     pub replay_distill: Option<bool>,
+    /// loraloop: the loss weight of replayed answers next to the job's own (1: the same).
+    pub replay_weight: Option<f64>,
     /// Axolotl: `dpo` or `kto` trains on preferences instead of chat examples.
     pub rl: Option<String>,
     /// Axolotl: DPO's and KTO's β (TRL's default 0.1).
@@ -184,6 +186,7 @@ impl TrainFile {
             replay_ratio,
             replay_prompts_file,
             replay_distill,
+            replay_weight,
             rl,
             rl_beta,
             kto_desirable_weight,
@@ -229,6 +232,7 @@ pub struct TrainConfig {
     pub replay_ratio: f64,
     pub replay_prompts_file: Option<PathBuf>,
     pub replay_distill: bool,
+    pub replay_weight: f64,
     /// What the examples teach: chat replies (SFT) or preferences (DPO, KTO).
     pub objective: Objective,
     pub rl_beta: f64,
@@ -431,6 +435,7 @@ impl TrainFile {
             replay_ratio,
             replay_prompts_file: self.replay_prompts_file.clone(),
             replay_distill: self.replay_distill.unwrap_or(true),
+            replay_weight: positive("replay_weight", self.replay_weight.unwrap_or(1.0))?,
         })
     }
 }

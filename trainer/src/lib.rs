@@ -20,6 +20,7 @@ pub mod preference;
 pub mod replay;
 pub mod run;
 pub mod tokenize;
+pub mod topk;
 pub mod trainable;
 pub mod training_loop;
 pub mod worker;

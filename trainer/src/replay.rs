@@ -6,6 +6,7 @@
 use crate::batch::{BatchPlan, batches_in_order};
 use crate::generate::greedy_reply;
 use crate::tokenize::TokenizedExample;
+use crate::topk::top_k;
 use loraloop_core::domain::{ChatExample, ChatMessage, Role};
 use loraloop_model::engine::LoadedModel;
 use loraloop_model::template::TemplateMessage;
@@ -148,12 +149,7 @@ pub fn distill(
 /// The `k` most likely tokens of one position's log-probabilities, renormalized, and the
 /// probability they held.
 fn top_tokens(log_probs: &[f32], k: usize, position: u32) -> (SoftTarget, f64) {
-    let mut idx: Vec<u32> = (0..log_probs.len() as u32).collect();
-    let k = k.clamp(1, idx.len());
-    let by_prob = |a: &u32, b: &u32| log_probs[*b as usize].total_cmp(&log_probs[*a as usize]);
-    idx.select_nth_unstable_by(k - 1, by_prob);
-    idx.truncate(k);
-    idx.sort_by(by_prob);
+    let idx = top_k(log_probs, k);
     let p: Vec<f64> = idx
         .iter()
         .map(|&i| (log_probs[i as usize] as f64).exp())

@@ -213,6 +213,13 @@ fn replay_tokens(
     report.dropped += r.dropped;
     report.tokens += r.tokens;
     report.scored_tokens += r.scored_tokens;
+    if c.replay_weight != 1.0 {
+        for t in &mut toks {
+            t.weights
+                .iter_mut()
+                .for_each(|w| *w *= c.replay_weight as f32);
+        }
+    }
     if c.replay_distill {
         let kept = replay::distill(&tr.model, &mut toks, c.sequence_len, replay::DISTILL_TOP_K)?;
         on_event(&TrainEvent::Message {

@@ -200,6 +200,7 @@ pub const HYPERPARAMETERS: &[&str] = &[
     "replay",
     "replay_ratio",
     "replay_distill",
+    "replay_weight",
     "rl",
     "rl_beta",
     "kto_desirable_weight",

@@ -130,7 +130,9 @@ pub fn report_card(
     if let Some(c) = i.current {
         adapters.push(&c.params);
     }
-    let drift = probe.drift(i.dense, &adapters, i.sequence_len)?;
+    let key = probe::answers_key(i.model, i.base_model_hash, &prompts);
+    let base = probe.base_tops(i.dense, i.sequence_len, &key, i.cache_dir.as_deref())?;
+    let drift = probe.drift(i.dense, &base, &adapters, i.sequence_len)?;
     let retention = Retention {
         prompts: probe.prompts,
         tokens: probe.tokens,

@@ -4,12 +4,15 @@
 //! answers.
 //!
 //! The answers are generated once per base model and cached: they depend only on the
-//! model, its tokenizer and template, and the prompts.
+//! model, its tokenizer and template, and the prompts. So are the base model's next-token
+//! distributions over them (its top `BASE_TOP_K` tokens at each position, per training
+//! dtype and device), so a card runs only the adapters over the probe.
 
 use crate::batch::{BatchPlan, batches_in_order};
 use crate::generate::greedy_tokens;
 use crate::tokenize::TokenizedExample;
-use candle_core::{D, DType};
+use crate::topk::top_k;
+use candle_core::{D, DType, Tensor};
 use loraloop_model::engine::LoadedModel;
 use loraloop_model::template::TemplateMessage;
 use loraloop_model::train::{DenseLlama, LoraParams, TrainBatch};
@@ -48,7 +51,8 @@ struct Cached {
     answers: Vec<BaseAnswer>,
 }
 
-fn cache_key(model: &LoadedModel, base_model_hash: &str, prompts: &[&str]) -> String {
+/// What the base model's answers to `prompts` depend on, as one key.
+pub fn answers_key(model: &LoadedModel, base_model_hash: &str, prompts: &[&str]) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     for part in [
@@ -75,7 +79,7 @@ pub fn base_answers(
     prompts: &[&str],
     cache_dir: Option<&Path>,
 ) -> Result<Vec<BaseAnswer>, String> {
-    let key = cache_key(model, base_model_hash, prompts);
+    let key = answers_key(model, base_model_hash, prompts);
     let file = cache_dir.map(|d| d.join(format!("retention-{}.json", &key[..16])));
     let cached = file
         .as_ref()
@@ -103,21 +107,33 @@ pub fn base_answers(
     }
     if let Some(f) = &file {
         // A cache: a run that cannot write it generates the answers again.
-        let c = Cached {
-            key,
-            answers: answers.clone(),
-        };
-        if let Some(dir) = f.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        if let Ok(json) = serde_json::to_vec(&c) {
-            let tmp = f.with_extension("tmp");
-            if std::fs::write(&tmp, json).is_ok() {
-                let _ = std::fs::rename(&tmp, f);
-            }
-        }
+        write_cache(
+            f,
+            &Cached {
+                key,
+                answers: answers.clone(),
+            },
+        );
     }
     Ok(answers)
+}
+
+/// The base model's next-token distributions are kept as their most likely tokens, the
+/// rest as one bucket.
+pub const BASE_TOP_K: usize = 64;
+
+/// The base model's next-token distribution at one probe position: its most likely
+/// tokens (most likely first) and their log-probabilities.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BaseTop {
+    pub tokens: Vec<u32>,
+    pub log_probs: Vec<f32>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CachedTops {
+    key: String,
+    tops: Vec<BaseTop>,
 }
 
 /// How far one adapter is from the base model on the base model's answers.
@@ -126,7 +142,9 @@ pub struct Drift {
     /// The share of answer positions where the adapter's most likely next token is the
     /// base model's (1 for the base model itself).
     pub agreement: f64,
-    /// Mean KL(base || adapter) over those positions, in nats per token.
+    /// Mean KL(base || adapter) over those positions, in nats per token, over the base
+    /// model's `BASE_TOP_K` most likely tokens and the rest as one bucket (a lower bound
+    /// of the KL over the whole vocabulary, and close to it: the rest holds a few percent).
     pub kl: f64,
 }
 
@@ -163,37 +181,107 @@ impl Probe {
         }
     }
 
-    /// The drift of each of `adapters` from the base model, in one pass of the base model
-    /// per batch.
-    pub fn drift(
-        &self,
-        dense: &DenseLlama,
-        adapters: &[&LoraParams],
-        sequence_len: usize,
-    ) -> candle_core::Result<Vec<Drift>> {
-        let refs: Vec<&TokenizedExample> = self.examples.iter().collect();
-        let plan = BatchPlan {
+    fn plan(sequence_len: usize) -> BatchPlan {
+        BatchPlan {
             micro_batch_size: 8,
             sequence_len,
             sample_packing: false,
             seed: 0,
-        };
-        let mut sums = vec![(0usize, 0usize, 0f64); adapters.len()];
-        for rows in batches_in_order(&refs, &plan) {
+        }
+    }
+
+    /// The base model's distribution at every scored position, in order: from
+    /// `cache_dir` when an earlier card computed them for this model, dtype, device and
+    /// probe (`answers_key`), computed (and written there) otherwise.
+    pub fn base_tops(
+        &self,
+        dense: &DenseLlama,
+        sequence_len: usize,
+        answers_key: &str,
+        cache_dir: Option<&Path>,
+    ) -> candle_core::Result<Vec<BaseTop>> {
+        let key = format!(
+            "{answers_key}/{:?}/{}/{sequence_len}/{BASE_TOP_K}",
+            dense.dtype,
+            if dense.device.is_cpu() { "cpu" } else { "gpu" }
+        );
+        let file = cache_dir.map(|d| {
+            use sha2::{Digest, Sha256};
+            let h = hex::encode(Sha256::digest(key.as_bytes()));
+            d.join(format!("retention-base-{}.json", &h[..16]))
+        });
+        let cached = file
+            .as_ref()
+            .and_then(|f| std::fs::read(f).ok())
+            .and_then(|b| serde_json::from_slice::<CachedTops>(&b).ok())
+            .filter(|c| c.key == key && c.tops.len() == self.tokens);
+        if let Some(c) = cached {
+            return Ok(c.tops);
+        }
+        let refs: Vec<&TokenizedExample> = self.examples.iter().collect();
+        let mut tops = Vec::with_capacity(self.tokens);
+        for rows in batches_in_order(&refs, &Self::plan(sequence_len)) {
             let batch = TrainBatch::new(&rows, dense)?;
-            let base = dense.scored_log_probs(None, &batch)?;
-            let base_top = base.argmax(D::Minus1)?;
-            let p_base = base.exp()?;
+            let lp: Vec<Vec<f32>> = dense
+                .scored_log_probs(None, &batch)?
+                .to_dtype(DType::F32)?
+                .to_vec2()?;
+            for row in lp {
+                let tokens = top_k(&row, BASE_TOP_K);
+                let log_probs = tokens.iter().map(|&t| row[t as usize]).collect();
+                tops.push(BaseTop { tokens, log_probs });
+            }
+        }
+        if let Some(f) = &file {
+            // A cache: a card that cannot write it computes the distributions again.
+            write_cache(
+                f,
+                &CachedTops {
+                    key,
+                    tops: tops.clone(),
+                },
+            );
+        }
+        Ok(tops)
+    }
+
+    /// The drift of each of `adapters` from the base model's distributions `base` (from
+    /// `base_tops`): one pass per adapter and batch.
+    pub fn drift(
+        &self,
+        dense: &DenseLlama,
+        base: &[BaseTop],
+        adapters: &[&LoraParams],
+        sequence_len: usize,
+    ) -> candle_core::Result<Vec<Drift>> {
+        let refs: Vec<&TokenizedExample> = self.examples.iter().collect();
+        let mut sums = vec![(0usize, 0usize, 0f64); adapters.len()];
+        let mut at = 0;
+        for rows in batches_in_order(&refs, &Self::plan(sequence_len)) {
+            let batch = TrainBatch::new(&rows, dense)?;
+            let n = batch.scored_tokens();
+            let tops = base.get(at..at + n).ok_or_else(|| {
+                candle_core::Error::Msg("the base distributions do not fit the probe".into())
+            })?;
+            at += n;
+            let k = tops.iter().map(|t| t.tokens.len()).max().unwrap_or(1);
+            let mut idx = vec![0u32; n * k];
+            for (i, t) in tops.iter().enumerate() {
+                idx[i * k..i * k + t.tokens.len()].copy_from_slice(&t.tokens);
+            }
+            let idx = Tensor::from_vec(idx, (n, k), &dense.device)?;
             for (a, sum) in adapters.iter().zip(sums.iter_mut()) {
                 let lp = dense.scored_log_probs(Some(a), &batch)?;
-                let same: Vec<u8> = lp.argmax(D::Minus1)?.eq(&base_top)?.to_vec1()?;
-                let kl = (&p_base * (&base - &lp)?)?
-                    .sum_all()?
-                    .to_dtype(DType::F64)?
-                    .to_scalar::<f64>()?;
-                sum.0 += same.len();
-                sum.1 += same.iter().filter(|s| **s != 0).count();
-                sum.2 += kl;
+                let top: Vec<u32> = lp.argmax(D::Minus1)?.to_vec1()?;
+                let picked: Vec<Vec<f32>> = lp
+                    .gather(&idx, D::Minus1)?
+                    .to_dtype(DType::F32)?
+                    .to_vec2()?;
+                for (i, t) in tops.iter().enumerate() {
+                    sum.0 += 1;
+                    sum.1 += usize::from(t.tokens.first() == Some(&top[i]));
+                    sum.2 += bucketed_kl(&t.log_probs, &picked[i][..t.tokens.len()]);
+                }
             }
         }
         Ok(sums
@@ -207,5 +295,35 @@ impl Probe {
                 kl: if n > 0 { kl / n as f64 } else { f64::NAN },
             })
             .collect())
+    }
+}
+
+/// KL(q || p) over the same tokens plus one bucket for the rest of the vocabulary: `q` and
+/// `p` as log-probabilities of those tokens.
+pub fn bucketed_kl(q: &[f32], p: &[f32]) -> f64 {
+    let (mut kl, mut q_top, mut p_top) = (0f64, 0f64, 0f64);
+    for (&lq, &lp) in q.iter().zip(p) {
+        let (lq, lp) = (lq as f64, lp as f64);
+        kl += lq.exp() * (lq - lp);
+        q_top += lq.exp();
+        p_top += lp.exp();
+    }
+    let q_rest = (1.0 - q_top).max(0.0);
+    if q_rest > 1e-12 {
+        kl += q_rest * (q_rest.ln() - (1.0 - p_top).max(1e-12).ln());
+    }
+    kl
+}
+
+/// Write a cache file whole (a temporary file renamed), ignoring failures.
+fn write_cache<T: Serialize>(f: &Path, value: &T) {
+    if let Some(dir) = f.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    if let Ok(json) = serde_json::to_vec(value) {
+        let tmp = f.with_extension("tmp");
+        if std::fs::write(&tmp, json).is_ok() {
+            let _ = std::fs::rename(&tmp, f);
+        }
     }
 }
