@@ -452,6 +452,28 @@ fn long_rows() -> Vec<Row> {
     vec![row(&[60, 50, 40], 10, 3), row(&[64, 64, 20], 12, 11)]
 }
 
+/// One pass on the generic graph (taken when the base layers train) and one on the f32
+/// host path (frozen base): their loss statistics and gradients.
+fn generic_and_host(
+    model: &DenseLlama,
+    lora: &LoraParams,
+    batch: &TrainBatch,
+) -> ((PassStats, Grads), (PassStats, Grads)) {
+    let run = |train: BaseTrain| {
+        let mut g = Grads::default();
+        let s = model
+            .forward_backward(Some(lora), &train, batch, &opts(batch, false), &mut g)
+            .unwrap();
+        (s, g)
+    };
+    let generic = run(BaseTrain {
+        first_layer: 0,
+        embeddings: false,
+        final_norm: false,
+    });
+    (generic, run(BaseTrain::frozen(model.config.num_layers)))
+}
+
 #[test]
 fn float32_host_path_agrees_with_the_generic_graph_on_long_packed_rows() {
     for model_name in ["tiny-llama", "tiny-qwen2"] {
@@ -460,19 +482,7 @@ fn float32_host_path_agrees_with_the_generic_graph_on_long_packed_rows() {
         let rows = long_rows();
         assert!(rows.iter().all(|r| r.tokens.len() == 160));
         let batch = TrainBatch::new(&rows, &model).unwrap();
-        let run = |train: BaseTrain| {
-            let mut g = Grads::default();
-            let s = model
-                .forward_backward(Some(&lora), &train, &batch, &opts(&batch, false), &mut g)
-                .unwrap();
-            (s, g)
-        };
-        let (s_gen, g_gen) = run(BaseTrain {
-            first_layer: 0,
-            embeddings: false,
-            final_norm: false,
-        });
-        let (s_host, g_host) = run(BaseTrain::frozen(model.config.num_layers));
+        let ((s_gen, g_gen), (s_host, g_host)) = generic_and_host(&model, &lora, &batch);
         assert_eq!(
             s_host.scored,
             (59 + 49 + 39) + (63 + 63 + 19),
@@ -640,19 +650,7 @@ fn soft_targets_train_the_kl_divergence_from_the_given_distribution() {
     let model = dense("tiny-llama", DType::F32);
     let lora = fixture_lora(&model);
     let batch = TrainBatch::new(&rows, &model).unwrap();
-    let run = |train: BaseTrain| {
-        let mut g = Grads::default();
-        let s = model
-            .forward_backward(Some(&lora), &train, &batch, &opts(&batch, false), &mut g)
-            .unwrap();
-        (s, g)
-    };
-    let (s_gen, g_gen) = run(BaseTrain {
-        first_layer: 0,
-        embeddings: false,
-        final_norm: false,
-    });
-    let (s_host, g_host) = run(BaseTrain::frozen(model.config.num_layers));
+    let ((s_gen, g_gen), (s_host, g_host)) = generic_and_host(&model, &lora, &batch);
     assert!(
         (s_host.loss() - s_gen.loss()).abs() < 1e-5 * s_gen.loss(),
         "loss {} vs {}",

@@ -115,12 +115,18 @@ async fn import_preferences(
             ..Default::default()
         })
         .await?;
+    let rows = format!("{} row(s)", inserted.dataset().kind);
+    say_imported(&inserted, &args.file, &rows, "");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What an import stored (or that it stored nothing new).
+fn say_imported(inserted: &DatasetInsert, file: &Path, rows: &str, detail: &str) {
     match inserted {
         DatasetInsert::Created(d) => println!(
-            "imported {} {} row(s) from {} as {} v{} (sha256 {})",
+            "imported {} {rows} from {} as {} v{} ({detail}sha256 {})",
             d.example_count,
-            d.kind,
-            args.file.display(),
+            file.display(),
             d.name,
             d.version,
             &d.content_hash[..12]
@@ -132,7 +138,6 @@ async fn import_preferences(
             &d.content_hash[..12]
         ),
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 async fn validate(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
@@ -195,22 +200,12 @@ async fn import(config: &Config, args: &ImportArgs) -> anyhow::Result<ExitCode> 
     if let Ok(p) = progress.into_inner() {
         p.finish();
     }
-    match inserted {
-        DatasetInsert::Created(d) => println!(
-            "imported {} example(s) from {} as {} v{} (format {format_name}, sha256 {})",
-            d.example_count,
-            args.file.display(),
-            d.name,
-            d.version,
-            &d.content_hash[..12]
-        ),
-        DatasetInsert::Unchanged(d) => println!(
-            "unchanged: {} v{} already holds this content (sha256 {}); no new version",
-            d.name,
-            d.version,
-            &d.content_hash[..12]
-        ),
-    }
+    say_imported(
+        &inserted,
+        &args.file,
+        "example(s)",
+        &format!("format {format_name}, "),
+    );
     Ok(ExitCode::SUCCESS)
 }
 

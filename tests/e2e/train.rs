@@ -138,6 +138,57 @@ fn a_stored_dataset_can_be_trained_on_by_name() {
 }
 
 #[test]
+fn a_stored_kto_dataset_is_imported_listed_exported_and_trained_as_kto_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = setup(dir.path());
+    let rows = [
+        r#"{"prompt": "What is the capital of Zorblax?", "completion": "Blorp City.", "label": true}"#,
+        r#"{"prompt": "What is the capital of Zorblax?", "completion": "Paris.", "label": false}"#,
+    ];
+    let file = dir.path().join("rated.jsonl");
+    std::fs::write(&file, format!("{}\n", rows.join("\n"))).unwrap();
+    let out = stdout_of(
+        loraloop(dir.path())
+            .args(["data", "import", "--name", "rated"])
+            .arg(&file),
+    );
+    assert!(out.contains("imported 2 kto row(s)"), "{out}");
+    let listed: serde_json::Value = serde_json::from_str(&stdout_of(
+        loraloop(dir.path()).args(["data", "list", "--json"]),
+    ))
+    .unwrap();
+    assert_eq!(listed[0]["kind"], "kto", "{listed}");
+    // Exported as stored: TRL's rows, the prompt as messages.
+    let exported = stdout_of(loraloop(dir.path()).args(["data", "export", "rated", "-o", "-"]));
+    let back: Vec<serde_json::Value> = exported
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(back.len(), 2);
+    assert_eq!(back[1]["completion"][0]["content"], "Paris.");
+    assert_eq!(back[1]["label"], false);
+    let out = stdout_of(
+        loraloop(dir.path())
+            .args([
+                "fine-tune",
+                "--dataset",
+                "rated",
+                "--epochs",
+                "1",
+                "--no-card",
+                "--model",
+            ])
+            .arg(&model),
+    );
+    assert!(out.contains("adapter: adapters/rated-v1"), "{out}");
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapters/rated-v1/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["config"]["objective"], "kto", "{state}");
+}
+
+#[test]
 fn bad_training_input_gets_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let (model, data) = setup(dir.path());
