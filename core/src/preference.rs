@@ -90,6 +90,10 @@ pub struct PreferenceRows {
     /// corrected reply the correction as desirable (and the original as undesirable,
     /// unless someone rated it 👍).
     pub kto: Vec<KtoRow>,
+    /// The conversation each pair and each KTO row came from (parallel to `pairs` and
+    /// `kto`): a report card leaves those conversations out of its rated replies.
+    pub pair_conversations: Vec<i64>,
+    pub kto_conversations: Vec<i64>,
 }
 
 fn messages(ms: &[ChatMessage]) -> Vec<Value> {

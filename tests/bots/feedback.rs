@@ -166,6 +166,8 @@ async fn rated_telegram_replies_become_sft_dpo_and_kto_rows_by_api_and_cli() {
         "{stored}"
     );
     let kto_id = stored["dataset"]["id"].as_i64().unwrap();
+    // Each row remembers its conversation (5001's and 5002's).
+    assert_eq!(db.dataset_conversations(kto_id).await.unwrap().len(), 2);
     let (status, stored) = build(json!({"kind": "dpo", "name": "corrected"})).await;
     assert_eq!(status, 200, "{stored}");
     let dpo_id = stored["dataset"]["id"].as_i64().unwrap();
@@ -193,6 +195,13 @@ async fn rated_telegram_replies_become_sft_dpo_and_kto_rows_by_api_and_cli() {
         let done = s.wait_job(job["id"].as_i64().unwrap()).await;
         assert_eq!(done["status"], "succeeded", "{done}");
         assert!(done["report_card"]["retention"].is_object(), "{done}");
+        // The card's rated replies are 👍 replies the job did not train on: 5001's is in
+        // the KTO rows, not in the DPO pair.
+        let rated = &done["report_card"]["rated"];
+        match rl {
+            "kto" => assert!(rated.is_null(), "{done}"),
+            _ => assert_eq!(rated["examples"], 1, "{done}"),
+        }
         let events = s
             .get_json(&format!("/api/v1/fine-tune/{}/events", job["id"]))
             .await;

@@ -195,15 +195,15 @@ async fn run_job(
             config.objective.as_str()
         );
     }
-    let (examples, preferences, trained_on) = match config.objective {
+    let trained_on = db
+        .dataset_conversations(job.dataset_id)
+        .await?
+        .into_iter()
+        .collect();
+    let (examples, preferences) = match config.objective {
         Objective::Sft => {
             let stored = db.dataset_examples(job.dataset_id).await?;
-            let trained_on = stored
-                .iter()
-                .filter_map(|e| e.source_conversation_id)
-                .collect();
-            let examples: Vec<_> = stored.into_iter().map(|e| e.example).collect();
-            (examples, None, trained_on)
+            (stored.into_iter().map(|e| e.example).collect(), None)
         }
         objective => {
             let lines = db.dataset_lines(job.dataset_id).await?.join("\n");
@@ -217,7 +217,7 @@ async fn run_job(
                         .join("; ")
                 )
             })?;
-            (Vec::new(), Some(data), Default::default())
+            (Vec::new(), Some(data))
         }
     };
     let card_data = if config.method == Method::Lora {

@@ -624,17 +624,22 @@ fn preference_rows(system_prompt: &str, turns: &[TurnRow], out: &mut PreferenceR
                     .correction
                     .as_deref()
                     .filter(|c| !c.trim().is_empty() && *c != t.content);
+                let mut push_kto = |completion: &str, label| {
+                    out.kto.push(kto(completion, label));
+                    out.kto_conversations.push(t.conversation_id);
+                };
                 if let Some(c) = correction {
                     out.pairs.push(PreferencePair {
                         prompt: context.clone(),
                         preferred: c.to_string(),
                         non_preferred: t.content.clone(),
                     });
-                    out.kto.push(kto(c, true));
+                    out.pair_conversations.push(t.conversation_id);
+                    push_kto(c, true);
                 }
                 match (t.upvoted, t.downvoted || correction.is_some()) {
-                    (true, false) => out.kto.push(kto(&t.content, true)),
-                    (false, true) => out.kto.push(kto(&t.content, false)),
+                    (true, false) => push_kto(&t.content, true),
+                    (false, true) => push_kto(&t.content, false),
                     _ => {}
                 }
             }

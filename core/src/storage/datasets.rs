@@ -255,6 +255,18 @@ impl Db {
         .await?)
     }
 
+    /// The conversations a dataset's rows came from (a report card leaves them out of
+    /// its rated replies).
+    pub async fn dataset_conversations(&self, dataset_id: i64) -> Result<Vec<i64>> {
+        Ok(sqlx::query_scalar(
+            "select distinct source_conversation_id from dataset_examples
+             where dataset_id = ? and source_conversation_id is not null",
+        )
+        .bind(dataset_id)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
     /// A dataset version by id.
     pub async fn dataset_by_id(&self, id: i64) -> Result<Dataset> {
         let found: Option<Dataset> =

@@ -147,11 +147,24 @@ pub async fn store(
         .map_err(|e| invalid("name", e.to_string()))?;
     let source = serde_json::to_string(filter).map_err(StorageError::from)?;
     if kind != Objective::Sft {
-        let lines: Vec<String> = rows(db, filter, kind)
-            .await?
-            .iter()
-            .map(Value::to_string)
-            .collect();
+        let found = db.preference_rows(filter).await?;
+        let (lines, conversations): (Vec<String>, Vec<Option<i64>>) = match kind {
+            Objective::Dpo => found
+                .pairs
+                .iter()
+                .zip(&found.pair_conversations)
+                .map(|(p, &c)| (p.to_json().to_string(), Some(c)))
+                .unzip(),
+            _ => found
+                .kto
+                .iter()
+                .zip(&found.kto_conversations)
+                .map(|(r, &c)| (r.to_json().to_string(), Some(c)))
+                .unzip(),
+        };
+        if lines.is_empty() {
+            return Err(BuildError::Empty(left_to_use(kind)));
+        }
         return Ok(db
             .insert_dataset(&NewDataset {
                 name,
@@ -160,6 +173,7 @@ pub async fn store(
                 content_hash: &lines_hash(&lines),
                 kind,
                 lines: &lines,
+                source_conversations: &conversations,
                 ..Default::default()
             })
             .await?);
@@ -213,11 +227,16 @@ pub async fn rows(
             .collect(),
     };
     if rows.is_empty() {
-        return Err(BuildError::Empty(match kind {
-            Objective::Sft => "reply",
-            Objective::Dpo => "corrected reply",
-            Objective::Kto => "rated or corrected reply",
-        }));
+        return Err(BuildError::Empty(left_to_use(kind)));
     }
     Ok(rows)
+}
+
+/// What a build of `kind` needs a conversation to have.
+fn left_to_use(kind: Objective) -> &'static str {
+    match kind {
+        Objective::Sft => "reply",
+        Objective::Dpo => "corrected reply",
+        Objective::Kto => "rated or corrected reply",
+    }
 }
