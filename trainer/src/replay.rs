@@ -3,14 +3,13 @@
 //! What the adapter kept is measured by the report card's retention probe, on other
 //! prompts (`card::probe`).
 
-use crate::batch::{BatchPlan, batches_in_order};
 use crate::generate::greedy_reply;
 use crate::tokenize::TokenizedExample;
-use crate::topk::top_k;
+use crate::topk::{TopTokens, base_top_k};
 use loraloop_core::domain::{ChatExample, ChatMessage, Role};
 use loraloop_model::engine::LoadedModel;
 use loraloop_model::template::TemplateMessage;
-use loraloop_model::train::{DenseLlama, SoftTarget, TrainBatch};
+use loraloop_model::train::{DenseLlama, SoftTarget};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -105,38 +104,24 @@ pub fn distill(
     sequence_len: usize,
     top_k: usize,
 ) -> candle_core::Result<f64> {
-    let plan = BatchPlan {
-        micro_batch_size: 8,
-        sequence_len,
-        sample_packing: false,
-        seed: 0,
-    };
+    let refs: Vec<&TokenizedExample> = examples.iter().collect();
+    let mut tops = base_top_k(dense, &refs, sequence_len, top_k)?.into_iter();
     let (mut kept, mut positions) = (0f64, 0usize);
-    for chunk in examples.chunks_mut(plan.micro_batch_size) {
-        let refs: Vec<&TokenizedExample> = chunk.iter().collect();
-        let rows = batches_in_order(&refs, &plan).concat();
-        let batch = TrainBatch::new(&rows, dense)?;
-        let lp: Vec<Vec<f32>> = dense
-            .scored_log_probs(None, &batch)?
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec2()?;
-        // Scored positions come row by row, in order: those whose next token has a
-        // positive weight (`batch::push_example`).
-        let mut next = lp.into_iter();
-        for ex in chunk.iter_mut() {
-            ex.soft.clear();
-            for t in 0..ex.tokens.len().saturating_sub(1) {
-                if ex.weights[t + 1] <= 0.0 {
-                    continue;
-                }
-                let row = next.next().ok_or_else(|| {
-                    candle_core::Error::Msg("fewer scored positions than expected".into())
-                })?;
-                let (target, mass) = top_tokens(&row, top_k, t as u32);
-                kept += mass;
-                positions += 1;
-                ex.soft.push(target);
+    // Scored positions come example by example, in order: those whose next token has a
+    // positive weight (`batch::push_example`).
+    for ex in examples.iter_mut() {
+        ex.soft.clear();
+        for t in 0..ex.tokens.len().saturating_sub(1) {
+            if ex.weights[t + 1] <= 0.0 {
+                continue;
             }
+            let top = tops.next().ok_or_else(|| {
+                candle_core::Error::Msg("fewer scored positions than expected".into())
+            })?;
+            let (target, mass) = soft_target(&top, t as u32);
+            kept += mass;
+            positions += 1;
+            ex.soft.push(target);
         }
     }
     Ok(if positions > 0 {
@@ -146,18 +131,14 @@ pub fn distill(
     })
 }
 
-/// The `k` most likely tokens of one position's log-probabilities, renormalized, and the
-/// probability they held.
-fn top_tokens(log_probs: &[f32], k: usize, position: u32) -> (SoftTarget, f64) {
-    let idx = top_k(log_probs, k);
-    let p: Vec<f64> = idx
-        .iter()
-        .map(|&i| (log_probs[i as usize] as f64).exp())
-        .collect();
+/// One position's top tokens as a soft target (renormalized), and the probability they
+/// held.
+fn soft_target(top: &TopTokens, position: u32) -> (SoftTarget, f64) {
+    let p: Vec<f64> = top.log_probs.iter().map(|&l| (l as f64).exp()).collect();
     let mass: f64 = p.iter().sum();
     let target = SoftTarget {
         position,
-        tokens: idx,
+        tokens: top.tokens.clone(),
         probs: p.iter().map(|&x| (x / mass) as f32).collect(),
     };
     (target, mass)

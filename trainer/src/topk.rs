@@ -1,5 +1,50 @@
-//! The `k` largest entries of a row of scores: the base model's most likely next tokens,
-//! which distilled replay learns and the retention probe compares against.
+//! The `k` largest entries of a row of scores, and the base model's most likely next
+//! tokens at every scored position of some examples: what distilled replay learns and
+//! what the retention probe compares adapters against.
+
+use crate::batch::{BatchPlan, batches_in_order};
+use crate::tokenize::TokenizedExample;
+use loraloop_model::train::{DenseLlama, TrainBatch};
+use serde::{Deserialize, Serialize};
+
+/// A next-token distribution kept as its most likely tokens (most likely first) and
+/// their log-probabilities.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopTokens {
+    pub tokens: Vec<u32>,
+    pub log_probs: Vec<f32>,
+}
+
+/// The base model's (`dense` without an adapter) `k` most likely next tokens at every
+/// scored position of `examples`, example by example and in order: one pass per 8
+/// examples, keeping only the top tokens of each position.
+pub fn base_top_k(
+    dense: &DenseLlama,
+    examples: &[&TokenizedExample],
+    sequence_len: usize,
+    k: usize,
+) -> candle_core::Result<Vec<TopTokens>> {
+    let plan = BatchPlan {
+        micro_batch_size: 8,
+        sequence_len,
+        sample_packing: false,
+        seed: 0,
+    };
+    let mut out = Vec::new();
+    for rows in batches_in_order(examples, &plan) {
+        let batch = TrainBatch::new(&rows, dense)?;
+        let lp: Vec<Vec<f32>> = dense
+            .scored_log_probs(None, &batch)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec2()?;
+        for row in lp {
+            let tokens = top_k(&row, k);
+            let log_probs = tokens.iter().map(|&t| row[t as usize]).collect();
+            out.push(TopTokens { tokens, log_probs });
+        }
+    }
+    Ok(out)
+}
 
 /// Indices of the `k` largest values, largest first (`k` is clamped to 1..=len).
 pub fn top_k(values: &[f32], k: usize) -> Vec<u32> {

@@ -11,7 +11,7 @@
 use crate::batch::{BatchPlan, batches_in_order};
 use crate::generate::greedy_tokens;
 use crate::tokenize::TokenizedExample;
-use crate::topk::top_k;
+use crate::topk::base_top_k;
 use candle_core::{D, DType, Tensor};
 use loraloop_model::engine::LoadedModel;
 use loraloop_model::template::TemplateMessage;
@@ -122,13 +122,8 @@ pub fn base_answers(
 /// rest as one bucket.
 pub const BASE_TOP_K: usize = 64;
 
-/// The base model's next-token distribution at one probe position: its most likely
-/// tokens (most likely first) and their log-probabilities.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BaseTop {
-    pub tokens: Vec<u32>,
-    pub log_probs: Vec<f32>,
-}
+/// The base model's next-token distribution at one probe position.
+pub use crate::topk::TopTokens as BaseTop;
 
 #[derive(Serialize, Deserialize)]
 struct CachedTops {
@@ -219,19 +214,7 @@ impl Probe {
             return Ok(c.tops);
         }
         let refs: Vec<&TokenizedExample> = self.examples.iter().collect();
-        let mut tops = Vec::with_capacity(self.tokens);
-        for rows in batches_in_order(&refs, &Self::plan(sequence_len)) {
-            let batch = TrainBatch::new(&rows, dense)?;
-            let lp: Vec<Vec<f32>> = dense
-                .scored_log_probs(None, &batch)?
-                .to_dtype(DType::F32)?
-                .to_vec2()?;
-            for row in lp {
-                let tokens = top_k(&row, BASE_TOP_K);
-                let log_probs = tokens.iter().map(|&t| row[t as usize]).collect();
-                tops.push(BaseTop { tokens, log_probs });
-            }
-        }
+        let tops = base_top_k(dense, &refs, sequence_len, BASE_TOP_K)?;
         if let Some(f) = &file {
             // A cache: a card that cannot write it computes the distributions again.
             write_cache(
