@@ -88,21 +88,15 @@ async fn import_preferences(
         Ok(p) => p,
         Err(problems) => {
             eprintln!(
-                "error: {} has {} problem(s); nothing was imported:",
+                "error: {} has {} problem(s); nothing was imported:\n{}",
                 args.file.display(),
-                problems.len()
+                problems.len(),
+                format_problems(&problems, MAX_LISTED_PROBLEMS)
             );
-            for p in problems.iter().take(MAX_LISTED_PROBLEMS) {
-                eprintln!("  {p}");
-            }
             return Ok(ExitCode::FAILURE);
         }
     };
-    let source = args
-        .file
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let source = file_name(&args.file);
     let db = open_db(config).await?;
     let inserted = db
         .insert_dataset(&NewDataset {
@@ -118,6 +112,13 @@ async fn import_preferences(
     let rows = format!("{} row(s)", inserted.dataset().kind);
     say_imported(&inserted, &args.file, &rows, "");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The name a dataset's source records: the imported file's name.
+fn file_name(file: &Path) -> String {
+    file.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// What an import stored (or that it stored nothing new).
@@ -169,11 +170,7 @@ async fn import(config: &Config, args: &ImportArgs) -> anyhow::Result<ExitCode> 
     }
     let format_name = outcome.format.map_or("unknown", Format::as_str);
     let hash = content_hash(&outcome.examples);
-    let source = args
-        .file
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let source = file_name(&args.file);
     let db = open_db(config).await?;
     let progress = std::sync::Mutex::new(Progress::new(
         "importing",
@@ -316,9 +313,7 @@ async fn show(config: &Config, args: &ShowArgs) -> anyhow::Result<ExitCode> {
 async fn export(config: &Config, args: &ExportArgs) -> anyhow::Result<ExitCode> {
     let db = open_db(config).await?;
     let d = db.dataset(&args.dataset.name, args.dataset.version).await?;
-    // Stored rows are canonical JSON lines: a chat dataset's are its OpenAI chat JSONL.
-    let lines = db.dataset_lines(d.id).await?;
-    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    let text = db.dataset_jsonl(d.id).await?;
     if args.output.as_os_str() == "-" {
         std::io::stdout().write_all(text.as_bytes())?;
     } else {
@@ -328,7 +323,7 @@ async fn export(config: &Config, args: &ExportArgs) -> anyhow::Result<ExitCode> 
             "exported {} v{} ({} {} row(s)) to {}",
             d.name,
             d.version,
-            lines.len(),
+            d.example_count,
             d.kind,
             args.output.display()
         );

@@ -15,7 +15,9 @@ use loraloop_trainer::evaluate::evaluate_tokenized;
 use loraloop_trainer::events::{Ending, EvalMetrics, TrainEvent};
 use loraloop_trainer::fingerprint::hash_model;
 use loraloop_trainer::generate::greedy_reply;
-use loraloop_trainer::preference::{PreferenceData, parse_preference_jsonl, train_preferences};
+use loraloop_trainer::preference::{
+    PreferenceData, parse_preference_jsonl, parse_stored, train_preferences,
+};
 use loraloop_trainer::run::{TrainJob, auto_train_dtype, train};
 use loraloop_trainer::tokenize::tokenize_dataset;
 use loraloop_trainer::trainable::LORA_DTYPE;
@@ -416,12 +418,10 @@ pub async fn fine_tune(
                     objective.as_str()
                 );
             }
-            let lines = db.dataset_lines(d.id).await?.join("\n");
-            Some(
-                parse_preference_jsonl(lines.as_bytes(), objective).map_err(|p| {
-                    anyhow::anyhow!("{} v{} does not parse: {}", d.name, d.version, p[0])
-                })?,
-            )
+            let lines = db.dataset_lines(d.id).await?;
+            Some(parse_stored(&lines, objective).map_err(|p| {
+                anyhow::anyhow!("{} v{} does not parse: {}", d.name, d.version, p[0])
+            })?)
         }
         (Some(p), objective) => match read_preferences(p, objective).await? {
             Some(d) => Some(d),

@@ -11,7 +11,7 @@ use crate::config::{Method, Objective, TrainFile};
 use crate::events::{Ending, TrainEvent};
 use crate::fingerprint::hash_model;
 use crate::job_card::{self, GateOptions};
-use crate::preference::{parse_preference_jsonl, train_preferences};
+use crate::preference::{parse_stored, train_preferences};
 use crate::run::{TrainJob, auto_train_dtype, train};
 use candle_core::Device;
 use loraloop_core::storage::{Db, JobState, NewAdapter, NewTrainingEvent, TrainingJob};
@@ -206,8 +206,8 @@ async fn run_job(
             (stored.into_iter().map(|e| e.example).collect(), None)
         }
         objective => {
-            let lines = db.dataset_lines(job.dataset_id).await?.join("\n");
-            let data = parse_preference_jsonl(lines.as_bytes(), objective).map_err(|p| {
+            let lines = db.dataset_lines(job.dataset_id).await?;
+            let data = parse_stored(&lines, objective).map_err(|p| {
                 anyhow::anyhow!(
                     "the stored {} rows do not parse: {}",
                     objective.as_str(),

@@ -128,17 +128,12 @@ async fn import_preferences(
     source: &str,
 ) -> Result<Imported, ApiError> {
     let (kind, lines) = parsed.map_err(|problems| {
-        let listed: Vec<String> = problems
-            .iter()
-            .take(MAX_LISTED_PROBLEMS)
-            .map(ToString::to_string)
-            .collect();
         ApiError::invalid(
             "file",
             format!(
                 "the file has {} problem(s) and was not imported:\n{}",
                 problems.len(),
-                listed.join("\n")
+                format_problems(&problems, MAX_LISTED_PROBLEMS)
             ),
         )
     })?;

@@ -255,6 +255,17 @@ impl Db {
         .await?)
     }
 
+    /// A dataset as the JSONL file its export writes: the stored lines, each ending with
+    /// `\n` (a chat dataset's are its OpenAI chat JSONL).
+    pub async fn dataset_jsonl(&self, dataset_id: i64) -> Result<String> {
+        Ok(self
+            .dataset_lines(dataset_id)
+            .await?
+            .iter()
+            .map(|l| format!("{l}\n"))
+            .collect())
+    }
+
     /// The conversations a dataset's rows came from (a report card leaves them out of
     /// its rated replies).
     pub async fn dataset_conversations(&self, dataset_id: i64) -> Result<Vec<i64>> {

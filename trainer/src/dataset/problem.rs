@@ -143,7 +143,7 @@ impl fmt::Display for Problem {
 
 /// One problem per line (see [`Problem`]'s `Display`), at most `limit` of them, then
 /// `... and N more (M problems in total)` when some were left out. No trailing newline.
-pub fn format_problems(problems: &[Problem], limit: usize) -> String {
+pub fn format_problems<P: std::fmt::Display>(problems: &[P], limit: usize) -> String {
     let mut lines: Vec<String> = problems
         .iter()
         .take(limit)
@@ -238,6 +238,6 @@ mod tests {
         let text = format_problems(&problems, MAX_LISTED_PROBLEMS);
         assert_eq!(text.lines().count(), 20);
         assert!(!text.contains("more"));
-        assert_eq!(format_problems(&[], MAX_LISTED_PROBLEMS), "");
+        assert_eq!(format_problems::<Problem>(&[], MAX_LISTED_PROBLEMS), "");
     }
 }

@@ -93,6 +93,14 @@ impl PreferenceData {
     }
 }
 
+/// A preference dataset's stored lines (`Db::dataset_lines`) as rows of `objective`.
+pub fn parse_stored(
+    lines: &[String],
+    objective: Objective,
+) -> Result<PreferenceData, Vec<PreferenceProblem>> {
+    parse_preference_jsonl(lines.join("\n").as_bytes(), objective)
+}
+
 /// Which preference file `bytes` is, by the keys of its first row: `dpo` (OpenAI's
 /// `preferred_output`), `kto` (`completion` and `label`), or None (chat data).
 pub fn detect_kind(bytes: &[u8]) -> Option<Objective> {

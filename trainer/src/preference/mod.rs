@@ -8,6 +8,6 @@ mod run;
 
 pub use data::{
     PreferenceCode, PreferenceData, PreferenceImport, PreferenceProblem, detect_kind,
-    parse_preference_jsonl, preference_import,
+    parse_preference_jsonl, parse_stored, preference_import,
 };
 pub use run::{micro_loss, train_preferences, weighted};

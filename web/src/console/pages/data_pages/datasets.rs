@@ -491,9 +491,8 @@ pub(super) async fn export(
         Ok(d) => d,
         Err(page) => return page,
     };
-    // Stored rows are canonical JSON lines: a chat dataset's are its OpenAI chat JSONL.
-    let body = match state.core.db.dataset_lines(d.id).await {
-        Ok(lines) => lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    let body = match state.core.db.dataset_jsonl(d.id).await {
+        Ok(text) => text,
         Err(e) => return storage_error_page(&session, e),
     };
     // Dataset names are letters, digits, '-', '_' and '.': safe in a quoted file name.

@@ -8,7 +8,7 @@ use axum::response::Response;
 use loraloop_core::domain::ChatMessage;
 use loraloop_core::preference::{KtoRow, PreferencePair};
 use loraloop_core::storage::Dataset;
-use loraloop_trainer::preference::{PreferenceData, parse_preference_jsonl};
+use loraloop_trainer::preference::{PreferenceData, parse_stored};
 use maud::{Markup, html};
 
 /// Rows the preview shows.
@@ -21,7 +21,7 @@ pub(super) fn page(
     params: &Params,
 ) -> Response {
     let shown = lines.len().min(PREVIEW_ROWS);
-    let parsed = parse_preference_jsonl(lines[..shown].join("\n").as_bytes(), d.objective());
+    let parsed = parse_stored(&lines[..shown], d.objective());
     layout(
         &format!("Dataset {}", d.name),
         Some(session),
