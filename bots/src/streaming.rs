@@ -87,11 +87,17 @@ pub async fn answer<C: ReplyChannel>(
     Ok((sent, finished, stored))
 }
 
-/// Stream `turn`'s reply into `ch`: "typing…" until there is text, the first words as
-/// soon as they exist, then an edit at most every [`EDIT_INTERVAL`] while the text fits
-/// in one message of `max_chars`. Returns the streamed message (None when nothing was
-/// shown) and the finished generation; the caller sends the final text. A failed
-/// generation is told to the user and returned as an error.
+/// How long a reply may wait for the engine before the user is told their place in line
+/// (shorter waits only show "typing…").
+pub const QUEUE_NOTICE_AFTER: Duration = Duration::from_secs(2);
+
+/// Stream `turn`'s reply into `ch`: "typing…" until there is text (and, when the engine is
+/// busy for longer than [`QUEUE_NOTICE_AFTER`], a message with the place in line, which
+/// the reply then replaces), the first words as soon as they exist, then an edit at most
+/// every [`EDIT_INTERVAL`] while the text fits in one message of `max_chars`. Returns the
+/// streamed message (None when nothing was shown) and the finished generation; the
+/// caller sends the final text. A failed generation is told to the user and returned as
+/// an error.
 async fn stream_reply<C: ReplyChannel>(
     turn: &mut Turn,
     ch: &C,
@@ -99,15 +105,53 @@ async fn stream_reply<C: ReplyChannel>(
 ) -> anyhow::Result<(Option<C::Id>, Finished)> {
     let mut reply = String::new();
     let mut sent: Option<C::Id> = None;
+    // `sent` shows the place in line, not reply text.
+    let mut placeholder = false;
+    let mut waiting: Option<(usize, Instant)> = None;
+    let mut told_place: Option<usize> = None;
     let mut last_edit = Instant::now();
     let mut last_typing = Instant::now();
     loop {
-        match turn.generation.next().await {
+        let event = match tokio::time::timeout(C::TYPING_INTERVAL, turn.generation.next()).await {
+            Ok(e) => Some(e),
+            Err(_) => None, // nothing for a while: keep "typing…" up
+        };
+        if let Some((place, since)) = waiting
+            && (sent.is_none() || placeholder)
+            && since.elapsed() >= QUEUE_NOTICE_AFTER
+            && told_place != Some(place)
+        {
+            let notice = text::in_line(place);
+            match sent {
+                None => sent = Some(ch.send(&notice).await?),
+                Some(id) => ch.edit(id, &notice).await,
+            }
+            placeholder = true;
+            told_place = Some(place);
+        }
+        let Some(event) = event else {
+            if sent.is_none() || placeholder {
+                ch.typing().await;
+                last_typing = Instant::now();
+            }
+            continue;
+        };
+        match event {
+            Some(Event::Queued { position }) => {
+                waiting = Some((position, waiting.map_or_else(Instant::now, |(_, t)| t)));
+                if last_typing.elapsed() >= C::TYPING_INTERVAL {
+                    ch.typing().await;
+                    last_typing = Instant::now();
+                }
+            }
+            Some(Event::Started { .. }) => waiting = None,
             Some(Event::Text(t)) => {
                 reply.push_str(&t);
                 let shown = reply.trim();
                 if shown.is_empty() || shown.chars().count() > max_chars {
-                    if sent.is_none() && last_typing.elapsed() >= C::TYPING_INTERVAL {
+                    if (sent.is_none() || placeholder)
+                        && last_typing.elapsed() >= C::TYPING_INTERVAL
+                    {
                         ch.typing().await;
                         last_typing = Instant::now();
                     }
@@ -118,8 +162,9 @@ async fn stream_reply<C: ReplyChannel>(
                         sent = Some(ch.send(shown).await?);
                         last_edit = Instant::now();
                     }
-                    Some(id) if last_edit.elapsed() >= EDIT_INTERVAL => {
+                    Some(id) if placeholder || last_edit.elapsed() >= EDIT_INTERVAL => {
                         ch.edit(id, shown).await;
+                        placeholder = false;
                         last_edit = Instant::now();
                     }
                     Some(_) => {}
@@ -127,10 +172,14 @@ async fn stream_reply<C: ReplyChannel>(
             }
             Some(Event::Finished(f)) => return Ok((sent, f)),
             Some(Event::Failed(e)) => {
-                ch.send(text::MODEL_FAILED).await?;
+                match sent {
+                    Some(id) if placeholder => ch.edit(id, text::MODEL_FAILED).await,
+                    _ => {
+                        ch.send(text::MODEL_FAILED).await?;
+                    }
+                }
                 anyhow::bail!("generation failed: {e}");
             }
-            Some(Event::Started { .. }) => {}
             None => anyhow::bail!("the engine stopped"),
         }
     }

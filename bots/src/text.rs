@@ -5,6 +5,14 @@ pub const CONVERSATION_TOO_LONG: &str =
     "That conversation got too long for me; /reset starts a new one.";
 pub const CANNOT_ANSWER: &str = "Sorry, I could not answer that.";
 pub const MODEL_FAILED: &str = "Sorry, I could not answer that (the model failed).";
+/// Shown while a reply waits for the model (the engine is busy with others).
+pub fn in_line(place: usize) -> String {
+    if place == 1 {
+        "⏳ Lots of people are chatting right now; you're next in line.".to_string()
+    } else {
+        format!("⏳ Lots of people are chatting right now; you're number {place} in line.")
+    }
+}
 pub const NON_TEXT: &str = "Sorry, I only understand text messages.";
 pub const SLOW_DOWN: &str =
     "You're sending messages faster than I can answer; please wait a minute.";

@@ -401,6 +401,22 @@ fn dot_f16(a: &[u16], x: &[f32]) -> f32 {
     )
 }
 
+/// `y += scale * B (A x)` for one row, from the pair's f16 copies, with the kernels
+/// [`forward_many_host`] applies a pair with for one input row: a row on its own adapter
+/// in a batch of rows on others (`crate::llama::decode`) gets the numbers it gets alone.
+pub(crate) fn add_lora_f16(lora: &HostLora, x: &[f32], y: &mut [f32]) {
+    let u: Vec<AtomicF32> = (0..lora.rank())
+        .map(|j| {
+            let v = AtomicF32::default();
+            v.set(dot_f16(lora.a_row16(j), x));
+            v
+        })
+        .collect();
+    for (k, dst) in y.chunks_mut(ROWS_PER_ITEM).enumerate() {
+        tile_axpy_f16(dst, &u, lora.b_tile16(k));
+    }
+}
+
 /// `dst[i] += sum_j us[j] * tile[j * ROWS_PER_ITEM + i]` for one LoRA `B` tile in f16
 /// (`dst`: up to `ROWS_PER_ITEM` outputs).
 fn tile_axpy_f16(dst: &mut [f32], us: &[AtomicF32], tile: &[u16]) {

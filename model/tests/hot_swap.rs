@@ -2,7 +2,9 @@
 //! (`fixtures/gen_tiny.py`).
 
 use candle_core::Device;
-use loraloop_model::engine::{Engine, Event, GenerateRequest, LoadedModel, Prompt};
+use loraloop_model::engine::{
+    AdapterChoice, Engine, Event, GenerateRequest, LoadedModel, Prompt,
+};
 use loraloop_model::sampling::SamplingParams;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -37,6 +39,7 @@ fn request() -> GenerateRequest {
         prompt: Prompt::Tokens(vec![3, 17, 42, 8]),
         params: SamplingParams::greedy(12),
         adapter: loraloop_model::engine::AdapterChoice::Active,
+        user: None,
     }
 }
 
@@ -119,7 +122,7 @@ async fn swapping_adapters_under_concurrent_generation_gives_each_reply_exactly_
                     Some(Event::Started { adapter }) => started = Some(adapter),
                     Some(Event::Finished(f)) => return (started.expect("Started comes first"), f),
                     Some(Event::Failed(m)) => panic!("a generation failed: {m}"),
-                    Some(Event::Text(_)) => {}
+                    Some(Event::Text(_) | Event::Queued { .. }) => {}
                     None => panic!("the stream ended without a result"),
                 }
             }
@@ -149,6 +152,42 @@ async fn swapping_adapters_under_concurrent_generation_gives_each_reply_exactly_
     assert!(
         seen.len() >= 2,
         "all replies used one adapter ({seen:?}): no swap happened mid-run"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_decoded_together_on_different_adapters_match_each_reply_decoded_alone() {
+    let (engine, _dir) = tiny_engine();
+    let mut choices = vec![AdapterChoice::Base];
+    for name in ["tiny-llama-lora", "tiny-llama-lora-rs"] {
+        let a = engine.load_adapter(fixtures().join(name)).await.unwrap();
+        choices.push(AdapterChoice::Fixed(engine.prepare_adapter(a)));
+    }
+    let request = |i: usize| GenerateRequest {
+        prompt: Prompt::Tokens(vec![3 + i as u32, 17, 42, 8 + (i % 4) as u32][..2 + i % 3].to_vec()),
+        params: SamplingParams::greedy(30),
+        adapter: choices[i % 3].clone(),
+        user: None,
+    };
+    // Expected: each request alone (one row per decode step: the path the tiny-model
+    // tests check against the numpy reference).
+    let mut alone = Vec::new();
+    for i in 0..9 {
+        let f = engine.generate(request(i)).unwrap().finish().await.unwrap();
+        alone.push(f.token_ids);
+    }
+    assert_eq!(engine.stats().largest_batch, 1);
+    assert_ne!(alone[0], alone[1], "the adapters must change the replies");
+    // All nine at once: they decode together, rows on different adapters in one step.
+    let generations: Vec<_> = (0..9).map(|i| engine.generate(request(i)).unwrap()).collect();
+    for (i, g) in generations.into_iter().enumerate() {
+        let f = g.finish().await.unwrap();
+        assert_eq!(f.token_ids, alone[i], "request {i} decoded in a batch");
+    }
+    let stats = engine.stats();
+    assert!(
+        stats.largest_batch >= 2,
+        "the replies were not decoded together: {stats:?}"
     );
 }
 
@@ -202,6 +241,7 @@ async fn dropping_the_stream_cancels_the_generation_and_the_engine_keeps_serving
         prompt: Prompt::Tokens(vec![3, 17]),
         params: SamplingParams::greedy(50),
         adapter: loraloop_model::engine::AdapterChoice::Active,
+        user: None,
     };
     let mut g = engine.generate(long).unwrap();
     assert!(matches!(g.next().await, Some(Event::Started { .. })));

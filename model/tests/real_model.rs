@@ -134,6 +134,7 @@ fn a_chat_reply_streams_and_stops_at_the_end_of_turn() {
             prompt: Prompt::Chat(messages),
             params: SamplingParams::greedy(64),
             adapter: loraloop_model::engine::AdapterChoice::Active,
+            user: None,
         })
         .unwrap();
     assert_eq!(g.prompt_tokens, PROMPT_IDS.len());
@@ -144,6 +145,7 @@ fn a_chat_reply_streams_and_stops_at_the_end_of_turn() {
             Event::Finished(f) => break f,
             Event::Failed(m) => panic!("{m}"),
             Event::Started { adapter } => assert!(adapter.is_none()),
+            Event::Queued { .. } => {}
         }
     };
     assert_eq!(finished.text, "The capital of France is Paris.");
@@ -172,6 +174,7 @@ fn the_same_seed_gives_the_same_sampled_reply() {
                 )]),
                 params: params.clone(),
                 adapter: loraloop_model::engine::AdapterChoice::Active,
+                user: None,
             })
             .unwrap();
         rt.block_on(g.finish()).unwrap().token_ids
@@ -186,6 +189,7 @@ fn bad_prompts_get_clear_errors() {
         prompt: Prompt::Chat(vec![TemplateMessage::new("user", "  ")]),
         params: SamplingParams::greedy(4),
         adapter: loraloop_model::engine::AdapterChoice::Active,
+        user: None,
     });
     assert!(matches!(
         empty,
@@ -198,6 +202,7 @@ fn bad_prompts_get_clear_errors() {
             prompt: Prompt::Chat(vec![TemplateMessage::new("user", huge)]),
             params: SamplingParams::greedy(4),
             adapter: loraloop_model::engine::AdapterChoice::Active,
+            user: None,
         })
         .unwrap_err();
     assert!(err.to_string().contains("context window"), "{err}");

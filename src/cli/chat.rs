@@ -138,6 +138,7 @@ pub async fn run(config: &Config, args: &ChatArgs) -> anyhow::Result<ExitCode> {
             prompt: Prompt::Chat(conv.messages()),
             params: params.clone(),
             adapter: loraloop_model::engine::AdapterChoice::Active,
+            user: None,
         }) {
             Ok(g) => g,
             Err(e) => {
@@ -164,7 +165,7 @@ pub async fn run(config: &Config, args: &ChatArgs) -> anyhow::Result<ExitCode> {
                     }
                     Some(Event::Finished(_)) | None => break,
                     Some(Event::Failed(m)) => { eprintln!("\nerror: {m}"); break; }
-                    Some(Event::Started { .. }) => {}
+                    Some(Event::Started { .. } | Event::Queued { .. }) => {}
                 },
                 _ = tokio::signal::ctrl_c() => {
                     // Dropping the generation below cancels it; only this reply stops.
@@ -247,6 +248,7 @@ async fn json_loop(
             prompt: Prompt::Chat(conv.messages()),
             params: params.clone(),
             adapter: loraloop_model::engine::AdapterChoice::Active,
+            user: None,
         }) {
             Ok(g) => g.finish().await.map_err(anyhow::Error::msg),
             Err(e) => Err(e.into()),

@@ -96,8 +96,10 @@ pub fn epoch_batches(
     plan: &BatchPlan,
     epoch: usize,
 ) -> Vec<Vec<Row>> {
-    let order = epoch_order(examples.len(), plan.seed, epoch);
-    let ordered: Vec<&TokenizedExample> = order.iter().map(|&i| &examples[i]).collect();
+    let this_epoch: Vec<&TokenizedExample> =
+        examples.iter().filter(|e| e.trains_in(epoch)).collect();
+    let order = epoch_order(this_epoch.len(), plan.seed, epoch);
+    let ordered: Vec<&TokenizedExample> = order.iter().map(|&i| this_epoch[i]).collect();
     batches_in_order(&ordered, plan)
 }
 
@@ -127,7 +129,7 @@ mod tests {
         TokenizedExample {
             tokens: tokens.to_vec(),
             weights: weights.to_vec(),
-            soft: Vec::new(),
+            ..Default::default()
         }
     }
 

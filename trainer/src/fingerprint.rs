@@ -39,6 +39,10 @@ pub(crate) fn data_fingerprint(examples: &[TokenizedExample]) -> String {
         }
         // Distilled or not (the distributions themselves follow from the base model).
         h.update((e.soft.len() as u64).to_le_bytes());
+        if let Some((turn, of)) = e.rotation {
+            h.update((turn as u64).to_le_bytes());
+            h.update((of as u64).to_le_bytes());
+        }
     }
     hex::encode(h.finalize())
 }

@@ -93,6 +93,15 @@ pub fn replay_count(n_train: usize, ratio: f64, available: usize) -> usize {
     (((ratio / (1.0 - ratio)) * n_train as f64).round() as usize).clamp(1, available)
 }
 
+/// In how many epochs replay takes turns: one turn per epoch the job starts (a partial
+/// epoch counts), while the pool holds `wanted` fresh prompts for each.
+pub fn rounds(wanted: usize, available: usize, num_epochs: f64) -> usize {
+    if wanted == 0 {
+        return 1;
+    }
+    (num_epochs.ceil().max(1.0) as usize).min(available / wanted).max(1)
+}
+
 /// Turn the replayed answers into distillation targets: at each scored position, the base
 /// model's `top_k` most likely next tokens, renormalized, so the adapter learns the base
 /// model's whole next-token distribution there (the loss is the KL divergence from it)

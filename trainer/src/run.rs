@@ -148,13 +148,15 @@ pub(crate) fn check_settings(c: &TrainConfig, model: &LlamaConfig) -> Result<(),
     Ok(())
 }
 
-/// The base model's answers to the replay prompts that join `n_train` examples.
+/// The base model's answers to the replay prompts that join `n_train` examples, and in
+/// how many epochs they take turns (each epoch replays different prompts while the pool
+/// lasts: more of what the base model knows is held in place for the same steps).
 fn replay_examples(
     model: &LoadedModel,
     c: &TrainConfig,
     n_train: usize,
     on_event: &mut dyn FnMut(&TrainEvent),
-) -> Result<Vec<ChatExample>, TrainError> {
+) -> Result<(Vec<ChatExample>, usize), TrainError> {
     let prompts = replay::prompts(c.replay_prompts_file.as_deref()).map_err(|e| {
         TrainError::Invalid(format!(
             "cannot read the replay prompts {}: {e}",
@@ -166,22 +168,29 @@ fn replay_examples(
     })?;
     let say = |text: String| TrainEvent::Message { text };
     let wanted = replay::replay_count(n_train, c.replay_ratio, prompts.len());
+    let rounds = replay::rounds(wanted, prompts.len(), c.num_epochs);
     on_event(&say(format!(
-        "replay: the base model answers {wanted} of {} general prompts",
+        "replay: the base model answers {} of {} general prompts",
+        wanted * rounds,
         prompts.len()
     )));
-    let picked = replay::pick(&prompts, wanted, c.seed);
+    let picked = replay::pick(&prompts, wanted * rounds, c.seed);
     let answers = replay::base_answers(model, &picked, &mut |_, _| {})
         .map_err(|e| TrainError::Invalid(format!("replay: {e}")))?;
     on_event(&say(if answers.is_empty() {
         "replay: the base model gave no usable answers; training without replay".to_string()
+    } else if rounds > 1 {
+        format!(
+            "replay: mixing about {} of the base model's answers into {n_train} examples each epoch, different ones in each of {rounds} epochs",
+            answers.len() / rounds
+        )
     } else {
         format!(
             "replay: mixing {} of the base model's answers into {n_train} examples",
             answers.len()
         )
     }));
-    Ok(answers)
+    Ok((answers, rounds))
 }
 
 /// The replayed answers as training examples: tokenized, and with `replay_distill` the
@@ -319,15 +328,14 @@ fn train_inner(
         tokenize_dataset(&train_ex, tok, tpl, c.sequence_len, c.train_on_inputs)?;
     // Replay joins the training side only: the held-out examples stay the job's own data.
     if c.replay && c.method == Method::Lora {
-        let replayed = replay_examples(job.model, &c, train_ex.len(), on_event)?;
-        train_tok.extend(replay_tokens(
-            &replayed,
-            &tr,
-            &c,
-            &mut report,
-            job.model,
-            on_event,
-        )?);
+        let (replayed, rounds) = replay_examples(job.model, &c, train_ex.len(), on_event)?;
+        let mut replay_tok = replay_tokens(&replayed, &tr, &c, &mut report, job.model, on_event)?;
+        if rounds > 1 {
+            for (i, t) in replay_tok.iter_mut().enumerate() {
+                t.rotation = Some((i % rounds, rounds));
+            }
+        }
+        train_tok.extend(replay_tok);
     }
     let eval_tok = if eval_ex.is_empty() {
         Vec::new()

@@ -20,9 +20,18 @@ pub struct TokenizedExample {
     /// Positions (`t`: predicting token `t + 1`) that learn a distribution instead of
     /// the next token (replay's distillation targets).
     pub soft: Vec<SoftTarget>,
+    /// `Some((turn, of))`: the example trains only in epochs `e` with `e % of == turn`
+    /// (replay shows different prompts in different epochs); `None`: every epoch.
+    pub rotation: Option<(usize, usize)>,
 }
 
 impl TokenizedExample {
+    /// Whether the example is part of epoch `epoch`.
+    pub fn trains_in(&self, epoch: usize) -> bool {
+        self.rotation
+            .is_none_or(|(turn, of)| of == 0 || epoch % of == turn)
+    }
+
     /// Tokens scored with a positive weight (after the first: the first token has no
     /// position predicting it).
     pub fn scored(&self) -> usize {

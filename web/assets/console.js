@@ -309,6 +309,7 @@ function initPlayground() {
         let v;
         try { v = JSON.parse(data); } catch (_) { return; }
         if (name === "started") setAdapter(v.adapter);
+        else if (name === "queued") meta.textContent = "assistant · waiting, place " + v.position + " in line";
         else if (name === "text") { text.textContent += v; reply.scrollIntoView({ block: "end" }); }
         else if (name === "done") { setAdapter(v.adapter); reply.dataset.messageId = v.message_id; }
         else if (name === "error") showError(v.message);

@@ -226,6 +226,8 @@ fn build(state: &AppState, req: &ChatRequest) -> Result<GenerateRequest, ApiErro
         prompt: Prompt::Chat(messages),
         params: p,
         adapter: Default::default(),
+        // OpenAI's end-user id: fair shares and the per-user cap (none without it).
+        user: req.user.as_ref().map(|u| format!("api:{u}")),
     })
 }
 
@@ -258,8 +260,12 @@ pub async fn chat_completions(
     let id = format!("chatcmpl-{}", loraloop_core::token::random_token(12));
     let created = chrono::Utc::now().timestamp();
     let model = req.model.clone();
-    // The first event says which adapter runs this reply.
-    let adapter = match generation.next().await {
+    // The first event after any wait in line says which adapter runs this reply.
+    let mut first = generation.next().await;
+    while let Some(Event::Queued { .. }) = first {
+        first = generation.next().await;
+    }
+    let adapter = match first {
         Some(Event::Started { adapter }) => adapter,
         Some(Event::Failed(m)) => {
             state.core.metrics.generation_failed();
@@ -363,7 +369,7 @@ pub async fn chat_completions(
                         .await;
                     return;
                 }
-                Event::Started { .. } => {}
+                Event::Started { .. } | Event::Queued { .. } => {}
             }
         }
     });

@@ -156,6 +156,12 @@ impl ChatService {
             prompt: Prompt::Chat(messages),
             params: self.sampling(),
             adapter,
+            // Fair shares and the per-user cap go by the person (by the conversation when
+            // the platform gave no user).
+            user: Some(match user_id {
+                Some(u) => format!("user:{u}"),
+                None => format!("conversation:{conversation_id}"),
+            }),
         })?;
         Ok(Turn {
             conversation_id,

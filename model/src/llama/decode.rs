@@ -1,4 +1,5 @@
-//! One decode step (one sequence, one new token) on the CPU, in host memory.
+//! One decode step (one new token for each of a batch of sequences) on the CPU, in host
+//! memory.
 //!
 //! At decode time every tensor but the weights is tiny (the 135M model's hidden state is
 //! 576 floats), so the graph of small candle ops (norms, rope, reshapes, copies, the
@@ -41,9 +42,13 @@ fn with_vec<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R
     })?
 }
 
-/// candle's `rms_norm` of one row with the norm's weight tensor.
-fn rms_norm(x: &[f32], w: &Tensor, eps: f32) -> candle_core::Result<Vec<f32>> {
-    with_vec(w, |w| rms_norm_row(x, w, eps))
+/// candle's `rms_norm` of each row (of `width`) with the norm's weight tensor.
+fn rms_norm_rows(x: &[f32], width: usize, w: &Tensor, eps: f32) -> candle_core::Result<Vec<f32>> {
+    with_vec(w, |w| {
+        x.chunks_exact(width)
+            .flat_map(|row| rms_norm_row(row, w, eps))
+            .collect()
+    })
 }
 
 /// Rotate each `head_dim` slice of `x` by the angles of one position.
@@ -53,28 +58,41 @@ fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32], layout: RopeLa
     }
 }
 
-/// Several projections of one input vector, each with its LoRA delta: the fused Q4_1
-/// kernel when every base is Q4_1 and every adapter is in host memory, else one candle
-/// `Linear::forward` each.
+/// Several projections of the same rows (`xs`: rows of `cols`), each row with its own
+/// LoRA pair (`pairs[p][row]`). Each weight is read once for all the rows: through the
+/// fused Q4_1 kernel when every base is Q4_1 (a pair shared by every row rides along in
+/// the kernel), else through candle's `Linear::forward`. Pairs that differ between rows
+/// are added afterwards, row by row, from their host copies: the CPU counterpart of
+/// Punica's SGMV, cheap next to the base weights at LoRA ranks.
 fn project<const N: usize>(
-    x: &[f32],
-    projections: [(&Linear, Option<&LoraPair>); N],
+    xs: &[f32],
+    cols: usize,
+    projections: [(&Linear, &[Option<&LoraPair>]); N],
 ) -> candle_core::Result<[Vec<f32>; N]> {
-    let fused = super::fused_q41(&projections);
-    let outs = match fused {
+    let n = xs.len() / cols;
+    let shared: Vec<Option<Option<&LoraPair>>> =
+        projections.iter().map(|(_, pairs)| one_pair(pairs)).collect();
+    let base: Vec<(&Linear, Option<&LoraPair>)> = projections
+        .iter()
+        .zip(&shared)
+        .map(|((lin, _), s)| (*lin, s.flatten()))
+        .collect();
+    let mut outs = match super::fused_q41(&base) {
         Some(jobs) => {
-            let mut ys = q4_1::forward_many_host(x, x.len(), &jobs)?;
-            for (y, (lin, _)) in ys.iter_mut().zip(&projections) {
+            let mut ys = q4_1::forward_many_host(xs, cols, &jobs)?;
+            for (y, (lin, _)) in ys.iter_mut().zip(&base) {
                 if let Some(b) = &lin.bias {
-                    with_vec(b, |b| y.iter_mut().zip(b).for_each(|(y, b)| *y += b))?;
+                    with_vec(b, |b| {
+                        y.chunks_exact_mut(b.len())
+                            .for_each(|y| y.iter_mut().zip(b).for_each(|(y, b)| *y += b))
+                    })?;
                 }
             }
             ys
         }
         None => {
-            let t = Tensor::from_slice(x, (1, x.len()), &Device::Cpu)?;
-            projections
-                .iter()
+            let t = Tensor::from_slice(xs, (n, cols), &Device::Cpu)?;
+            base.iter()
                 .map(|(lin, lora)| {
                     lin.forward(&t, *lora)?
                         .flatten_all()?
@@ -84,160 +102,247 @@ fn project<const N: usize>(
                 .collect::<candle_core::Result<Vec<_>>>()?
         }
     };
+    for ((y, (lin, pairs)), s) in outs.iter_mut().zip(&projections).zip(&shared) {
+        if s.is_some() {
+            continue;
+        }
+        // The precision the fused kernel would apply the pair in, had it been shared.
+        let rounded = matches!(lin.weight, super::BaseWeight::Q41(_));
+        let out_dim = y.len() / n;
+        for (row, pair) in pairs.iter().enumerate() {
+            let Some(pair) = pair else { continue };
+            let (x, y) = (
+                &xs[row * cols..(row + 1) * cols],
+                &mut y[row * out_dim..(row + 1) * out_dim],
+            );
+            match pair.host() {
+                Some(h) if rounded => q4_1::add_lora_f16(h, x, y),
+                Some(h) => h.add_delta(x, y),
+                None => {
+                    let d = pair
+                        .delta(&Tensor::from_slice(x, (1, cols), &Device::Cpu)?)?
+                        .flatten_all()?
+                        .to_dtype(DType::F32)?
+                        .to_vec1::<f32>()?;
+                    y.iter_mut().zip(d).for_each(|(y, d)| *y += d);
+                }
+            }
+        }
+    }
     Ok(outs
         .try_into()
         .unwrap_or_else(|_| unreachable!("N projections in, N out")))
 }
 
+/// The pair every row uses (`Some(None)`: none of them has one), or `None` when rows
+/// differ.
+fn one_pair<'a>(pairs: &[Option<&'a LoraPair>]) -> Option<Option<&'a LoraPair>> {
+    let first = *pairs.first()?;
+    let same = |p: &Option<&LoraPair>| match (p, first) {
+        (None, None) => true,
+        (Some(a), Some(b)) => std::ptr::eq(*a, b),
+        _ => false,
+    };
+    pairs.iter().all(same).then_some(first)
+}
+
+/// One row of the batch: the token it appends, its cache and its adapter.
+pub struct DecodeRow<'a> {
+    pub token: u32,
+    pub cache: &'a mut Cache,
+    pub adapter: Option<&'a LoraAdapter>,
+}
+
 impl Llama {
-    /// Whether [`Llama::decode_step`] applies to this call: one sequence, one token, on
-    /// the CPU with f32 activations.
-    pub(super) fn host_decode_applies(&self, tokens: &Tensor) -> bool {
-        self.device.is_cpu()
-            && self.embed.dtype() == DType::F32
-            && self.norm.dtype() == DType::F32
-            && tokens.dims() == [1, 1]
+    /// Whether [`Llama::decode_batch`] runs on host memory (CPU, f32 activations); other
+    /// devices decode each row through [`Llama::forward`].
+    pub(super) fn host_decode_applies(&self) -> bool {
+        self.device.is_cpu() && self.embed.dtype() == DType::F32 && self.norm.dtype() == DType::F32
     }
 
-    /// The logits `[1, vocab]` after `token`, appended to `cache`.
-    pub(super) fn decode_step(
-        &self,
-        token: u32,
-        cache: &mut Cache,
-        adapter: Option<&LoraAdapter>,
-    ) -> candle_core::Result<Tensor> {
+    /// One decode step for several sequences at once: each row appends its token to its
+    /// own cache, at its own position, and runs on its own adapter (or none). Every
+    /// weight is read once for the whole batch. Returns each row's logits over the
+    /// vocabulary, in row order.
+    pub fn decode_batch(&self, rows: &mut [DecodeRow<'_>]) -> candle_core::Result<Vec<Vec<f32>>> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        if !self.host_decode_applies() {
+            return rows
+                .iter_mut()
+                .map(|r| {
+                    let t = Tensor::new(&[r.token], &self.device)?.unsqueeze(0)?;
+                    self.forward(&t, r.cache, r.adapter)?
+                        .squeeze(0)?
+                        .to_vec1::<f32>()
+                })
+                .collect();
+        }
         let cfg = &self.config;
-        let pos = cache.len();
-        if pos + 1 > cfg.max_position_embeddings {
-            candle_core::bail!(
-                "{} positions exceed the context window of {}",
-                pos + 1,
-                cfg.max_position_embeddings
-            );
-        }
-        let hidden = cfg.hidden_size;
-        let token = token as usize;
+        let (hidden, half) = (cfg.hidden_size, cfg.head_dim / 2);
         let vocab = self.embed.dim(0)?;
-        if token >= vocab {
-            candle_core::bail!("token {token} is outside the vocabulary ({vocab})");
+        let n = rows.len();
+        let mut x = Vec::with_capacity(n * hidden);
+        let (mut cos, mut sin) = (Vec::with_capacity(n * half), Vec::with_capacity(n * half));
+        for r in rows.iter() {
+            let pos = r.cache.len();
+            if pos + 1 > cfg.max_position_embeddings {
+                candle_core::bail!(
+                    "{} positions exceed the context window of {}",
+                    pos + 1,
+                    cfg.max_position_embeddings
+                );
+            }
+            let token = r.token as usize;
+            if token >= vocab {
+                candle_core::bail!("token {token} is outside the vocabulary ({vocab})");
+            }
+            with_host(&self.embed, |data, layout| {
+                let row = layout.start_offset() + token * layout.stride()[0];
+                x.extend_from_slice(&data[row..row + hidden]);
+            })?;
+            with_vec(&self.cos, |c| cos.extend_from_slice(&c[pos * half..(pos + 1) * half]))?;
+            with_vec(&self.sin, |s| sin.extend_from_slice(&s[pos * half..(pos + 1) * half]))?;
         }
-        let mut x = with_host(&self.embed, |data, layout| {
-            let row = layout.start_offset() + token * layout.stride()[0];
-            data[row..row + hidden].to_vec()
-        })?;
-        let half = cfg.head_dim / 2;
-        let (cos, sin) = (
-            with_vec(&self.cos, |c| c[pos * half..(pos + 1) * half].to_vec())?,
-            with_vec(&self.sin, |s| s[pos * half..(pos + 1) * half].to_vec())?,
-        );
         for (i, block) in self.blocks.iter().enumerate() {
-            let lora = adapter.and_then(|a| a.layer(i));
-            self.block_step(block, &mut x, &cos, &sin, &mut cache.layers[i], lora)?;
+            let loras: Vec<Option<&LayerLora>> =
+                rows.iter().map(|r| r.adapter.and_then(|a| a.layer(i))).collect();
+            let mut kvs: Vec<&mut KvCache> =
+                rows.iter_mut().map(|r| &mut r.cache.layers[i]).collect();
+            self.block_step(block, &mut x, &cos, &sin, &mut kvs, &loras)?;
         }
-        let x = Tensor::from_vec(x, (1, 1, hidden), &Device::Cpu)?;
-        self.logits(&x)?.squeeze(1)
+        let logits = self.logits(&Tensor::from_vec(x, (n, 1, hidden), &Device::Cpu)?)?;
+        logits.squeeze(1)?.to_vec2::<f32>()
     }
 
+    /// One block for every row of the batch (`x`: rows of `hidden`, updated in place).
     fn block_step(
         &self,
         block: &Block,
         x: &mut [f32],
         cos: &[f32],
         sin: &[f32],
-        kv: &mut KvCache,
-        lora: Option<&LayerLora>,
+        kvs: &mut [&mut KvCache],
+        loras: &[Option<&LayerLora>],
     ) -> candle_core::Result<()> {
         let cfg = &self.config;
         let eps = cfg.rms_norm_eps as f32;
-        let l = |p: Projection| lora.and_then(|l| l.get(p));
+        let hidden = cfg.hidden_size;
+        let half = cfg.head_dim / 2;
+        let pairs = |p: Projection| -> Vec<Option<&LoraPair>> {
+            loras.iter().map(|l| l.and_then(|l| l.get(p))).collect()
+        };
+        let (pq, pk, pv, po) = (
+            pairs(Projection::Q),
+            pairs(Projection::K),
+            pairs(Projection::V),
+            pairs(Projection::O),
+        );
+        let (pg, pu, pd) = (
+            pairs(Projection::Gate),
+            pairs(Projection::Up),
+            pairs(Projection::Down),
+        );
 
-        let h = rms_norm(x, &block.attn_norm, eps)?;
+        let h = rms_norm_rows(x, hidden, &block.attn_norm, eps)?;
         let [mut q, mut k, v] = project(
             &h,
-            [
-                (&block.q, l(Projection::Q)),
-                (&block.k, l(Projection::K)),
-                (&block.v, l(Projection::V)),
-            ],
+            hidden,
+            [(&block.q, &pq), (&block.k, &pk), (&block.v, &pv)],
         )?;
-        rope(&mut q, cfg.head_dim, cos, sin, cfg.rope_layout);
-        rope(&mut k, cfg.head_dim, cos, sin, cfg.rope_layout);
+        let (qd, kd) = (cfg.q_dim(), cfg.num_kv_heads * cfg.head_dim);
+        for (r, (q, k)) in q.chunks_exact_mut(qd).zip(k.chunks_exact_mut(kd)).enumerate() {
+            let (c, s) = (&cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);
+            rope(q, cfg.head_dim, c, s, cfg.rope_layout);
+            rope(k, cfg.head_dim, c, s, cfg.rope_layout);
+        }
         let kv_shape = (1, cfg.num_kv_heads, 1, cfg.head_dim);
-        let (keys, values) = kv.append(
-            &Tensor::from_vec(k, kv_shape, &Device::Cpu)?,
-            &Tensor::from_vec(v, kv_shape, &Device::Cpu)?,
-        )?;
-        let att = attention(cfg, &q, &keys, &values)?;
-        let [o] = project(&att, [(&block.o, l(Projection::O))])?;
+        let mut cached = Vec::with_capacity(kvs.len());
+        for (r, kv) in kvs.iter_mut().enumerate() {
+            cached.push(kv.append(
+                &Tensor::from_slice(&k[r * kd..(r + 1) * kd], kv_shape, &Device::Cpu)?,
+                &Tensor::from_slice(&v[r * kd..(r + 1) * kd], kv_shape, &Device::Cpu)?,
+            )?);
+        }
+        let att = attention(cfg, &q, &cached)?;
+        let [o] = project(&att, qd, [(&block.o, &po)])?;
         x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
 
-        let h = rms_norm(x, &block.ffn_norm, eps)?;
-        let [gate, up] = project(
-            &h,
-            [
-                (&block.gate, l(Projection::Gate)),
-                (&block.up, l(Projection::Up)),
-            ],
-        )?;
+        let h = rms_norm_rows(x, hidden, &block.ffn_norm, eps)?;
+        let [gate, up] = project(&h, hidden, [(&block.gate, &pg), (&block.up, &pu)])?;
         let act: Vec<f32> = gate
             .iter()
             .zip(&up)
             .map(|(&g, &u)| silu_mul(g, u))
             .collect();
-        let [down] = project(&act, [(&block.down, l(Projection::Down))])?;
+        let [down] = project(&act, cfg.intermediate_size, [(&block.down, &pd)])?;
         x.iter_mut().zip(&down).for_each(|(x, d)| *x += d);
         Ok(())
     }
 }
 
-/// Causal attention of one query position over every cached position (`keys`, `values`:
-/// `[1, kv_heads, positions, head_dim]` views of the cache), query heads sharing key/value
-/// heads in groups as in `Llama::block_forward`. One work item per query head.
+/// Causal attention of each row's query (`q`: rows of `num_heads * head_dim`) over the
+/// positions cached for that row (`cached[row]`: `[1, kv_heads, positions, head_dim]`
+/// views of its cache), query heads sharing key/value heads in groups as in
+/// `Llama::block_forward`. One work item per row and query head, in one trip through the
+/// worker pool.
 fn attention(
     cfg: &super::LlamaConfig,
     q: &[f32],
-    keys: &Tensor,
-    values: &Tensor,
+    cached: &[(Tensor, Tensor)],
 ) -> candle_core::Result<Vec<f32>> {
     let hd = cfg.head_dim;
-    let n_rep = cfg.num_heads / cfg.num_kv_heads;
-    let positions = keys.dim(2)?;
+    let heads = cfg.num_heads;
+    let n_rep = heads / cfg.num_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut out_data = vec![0f32; cfg.num_heads * hd];
+    // Read access to every row's keys and values for the whole pool trip.
+    let guards: Vec<_> = cached
+        .iter()
+        .map(|(k, v)| (k.storage_and_layout(), v.storage_and_layout()))
+        .collect();
+    let mut rows = Vec::with_capacity(guards.len());
+    for ((ks, kl), (vs, vl)) in &guards {
+        let (Storage::Cpu(CpuStorage::F32(kd)), Storage::Cpu(CpuStorage::F32(vd))) =
+            (&**ks, &**vs)
+        else {
+            candle_core::bail!("host decode: expected an f32 CPU KV cache");
+        };
+        if kl.stride()[3] != 1 || vl.stride()[3] != 1 {
+            candle_core::bail!("host decode: the KV cache rows are not contiguous");
+        }
+        rows.push((kd.as_slice(), *kl, vd.as_slice(), *vl, kl.dims()[2]));
+    }
+    let mut out_data = vec![0f32; rows.len() * heads * hd];
     let out = SharedBuf::new(&mut out_data);
-    with_host(keys, |kd, kl| {
-        with_host(values, |vd, vl| {
-            let (ks, vs) = (kl.stride(), vl.stride());
-            if ks[3] != 1 || vs[3] != 1 {
-                candle_core::bail!("host decode: the KV cache rows are not contiguous");
-            }
-            let work = |head: usize| {
-                let g = head / n_rep;
-                let qh = &q[head * hd..(head + 1) * hd];
-                let k_at = |j: usize| {
-                    let s = kl.start_offset() + g * ks[1] + j * ks[2];
-                    &kd[s..s + hd]
-                };
-                let v_at = |j: usize| {
-                    let s = vl.start_offset() + g * vs[1] + j * vs[2];
-                    &vd[s..s + hd]
-                };
-                let mut scores: Vec<f32> = (0..positions)
-                    .map(|j| dot_f32(qh, k_at(j)) * scale)
-                    .collect();
-                let max = max_f32(&scores);
-                let sum = exp_sub(&mut scores, max);
-                // SAFETY: head `head`'s slice of the output belongs to this work item.
-                #[allow(unsafe_code)]
-                let dst = unsafe { out.slice_mut(head * hd..(head + 1) * hd) };
-                for (j, p) in scores.iter().enumerate() {
-                    let p = p / sum;
-                    dst.iter_mut().zip(v_at(j)).for_each(|(o, v)| *o += p * v);
-                }
-            };
-            pool_items(cfg.num_heads, work);
-            Ok(())
-        })?
-    })??;
+    let work = |item: usize| {
+        let (row, head) = (item / heads, item % heads);
+        let (kd, kl, vd, vl, positions) = rows[row];
+        let (ks, vs) = (kl.stride(), vl.stride());
+        let g = head / n_rep;
+        let at = (row * heads + head) * hd;
+        let qh = &q[at..at + hd];
+        let k_at = |j: usize| {
+            let s = kl.start_offset() + g * ks[1] + j * ks[2];
+            &kd[s..s + hd]
+        };
+        let v_at = |j: usize| {
+            let s = vl.start_offset() + g * vs[1] + j * vs[2];
+            &vd[s..s + hd]
+        };
+        let mut scores: Vec<f32> = (0..positions)
+            .map(|j| dot_f32(qh, k_at(j)) * scale)
+            .collect();
+        let max = max_f32(&scores);
+        let sum = exp_sub(&mut scores, max);
+        // SAFETY: this row's head `head` slice of the output belongs to this work item.
+        #[allow(unsafe_code)]
+        let dst = unsafe { out.slice_mut(at..at + hd) };
+        for (j, p) in scores.iter().enumerate() {
+            let p = p / sum;
+            dst.iter_mut().zip(v_at(j)).for_each(|(o, v)| *o += p * v);
+        }
+    };
+    pool_items(rows.len() * heads, work);
     Ok(out_data)
 }

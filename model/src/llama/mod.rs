@@ -9,6 +9,7 @@ pub mod config;
 mod decode;
 pub mod load;
 
+pub use decode::DecodeRow;
 pub use config::{Llama3RopeScaling, LlamaConfig, Projection, RopeLayout};
 pub use load::ModelSource;
 
@@ -227,9 +228,17 @@ impl Llama {
         cache: &mut Cache,
         adapter: Option<&LoraAdapter>,
     ) -> candle_core::Result<Tensor> {
-        if self.host_decode_applies(tokens) && tokens.dtype() == DType::U32 {
+        if self.host_decode_applies() && tokens.dims() == [1, 1] && tokens.dtype() == DType::U32
+        {
             let token = tokens.flatten_all()?.to_vec1::<u32>()?[0];
-            return self.decode_step(token, cache, adapter);
+            let mut logits = self.decode_batch(&mut [DecodeRow {
+                token,
+                cache,
+                adapter,
+            }])?;
+            let row = logits.pop().expect("one row in, one out");
+            let vocab = row.len();
+            return Tensor::from_vec(row, (1, vocab), &self.device);
         }
         let hidden = self.hidden_states(tokens, cache, adapter)?;
         let (_b, t, _h) = hidden.dims3()?;

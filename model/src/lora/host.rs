@@ -1,6 +1,8 @@
 //! A LoRA pair's weights in host memory, laid out for the CPU kernels: `A` by rows, and
 //! `scale * B` in tiles of [`B_TILE`] outputs, in f32 and rounded to f16.
 
+use crate::kernels::reduce::dot_f32;
+
 /// A LoRA pair in host memory, for the CPU paths (`crate::q4_1::forward_many` fuses it
 /// into the base matmul).
 #[derive(Debug)]
@@ -44,6 +46,28 @@ impl HostLora {
         let len = self.r * B_TILE;
         &self.b_tiles[k * len..(k + 1) * len]
     }
+    /// `ys += scale * B (A x)` for each row of `xs` (`n` rows of `in_dim`) and `ys` (`n`
+    /// rows of `out_dim`), in f32: two small loops, with `u = A x` for one row at a time.
+    /// (`crate::q4_1::add_lora_f16` is the same over the f16 copies.)
+    pub fn add_delta(&self, xs: &[f32], ys: &mut [f32]) {
+        let mut u = vec![0f32; self.r];
+        for (xr, yr) in xs
+            .chunks_exact(self.in_dim)
+            .zip(ys.chunks_exact_mut(self.out_dim))
+        {
+            for (j, uj) in u.iter_mut().enumerate() {
+                *uj = dot_f32(self.a_row(j), xr);
+            }
+            for (k, yt) in yr.chunks_mut(B_TILE).enumerate() {
+                for (&uj, bj) in u.iter().zip(self.b_tile(k).chunks_exact(B_TILE)) {
+                    for (yo, b) in yt.iter_mut().zip(bj) {
+                        *yo += uj * b;
+                    }
+                }
+            }
+        }
+    }
+
     /// [`HostLora::a_row`] in f16.
     pub fn a_row16(&self, j: usize) -> &[u16] {
         &self.a16[j * self.in_dim..(j + 1) * self.in_dim]

@@ -14,10 +14,9 @@ pub use peft::{
     random_peft_tensors, read_peft_dir, write_peft_dir,
 };
 
-use crate::kernels::reduce::dot_f32;
 use crate::llama::config::{LlamaConfig, Projection, RopeLayout};
 use candle_core::{DType, Device, Tensor};
-use host::{B_TILE, HostLora};
+use host::HostLora;
 use peft::parse_peft_name;
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -99,24 +98,9 @@ impl LoraPair {
                     && x.dtype() == candle_core::DType::F32
                     && y.dtype() == candle_core::DType::F32 =>
             {
-                let out_dim = y.dim(candle_core::D::Minus1)?;
                 let xs = x.flatten_all()?.to_vec1::<f32>()?;
                 let mut ys = y.flatten_all()?.to_vec1::<f32>()?;
-                let mut u = vec![0f32; h.rank()];
-                for row in 0..rows {
-                    let xr = &xs[row * in_dim..(row + 1) * in_dim];
-                    for (j, uj) in u.iter_mut().enumerate() {
-                        *uj = dot_f32(h.a_row(j), xr);
-                    }
-                    let yr = &mut ys[row * out_dim..(row + 1) * out_dim];
-                    for (k, yt) in yr.chunks_mut(B_TILE).enumerate() {
-                        for (&uj, bj) in u.iter().zip(h.b_tile(k).chunks_exact(B_TILE)) {
-                            for (yo, b) in yt.iter_mut().zip(bj) {
-                                *yo += uj * b;
-                            }
-                        }
-                    }
-                }
+                h.add_delta(&xs, &mut ys);
                 Tensor::from_vec(ys, y.shape(), y.device())
             }
             _ => y + self.delta(x)?,

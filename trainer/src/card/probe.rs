@@ -165,7 +165,7 @@ impl Probe {
                 TokenizedExample {
                     tokens,
                     weights,
-                    soft: Vec::new(),
+                    ..Default::default()
                 }
             })
             .collect();

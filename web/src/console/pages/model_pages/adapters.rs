@@ -534,6 +534,7 @@ async fn answer(state: &AppState, prompt: &str, choice: AdapterChoice) -> Answer
         prompt: Prompt::Chat(messages),
         params: SamplingParams::greedy(COMPARE_TOKENS),
         adapter: choice,
+        user: None,
     });
     let in_flight = state.core.metrics.generation_started();
     let result = match generation {

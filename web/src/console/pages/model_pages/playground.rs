@@ -259,6 +259,9 @@ fn stream(state: AppState, turn: Turn) -> Response {
         // conversation has no question without its answer.
         while let Some(e) = generation.next().await {
             match e {
+                Event::Queued { position } => {
+                    let _ = tx.send(event("queued", json!({"position": position}))).await;
+                }
                 Event::Started { adapter } => {
                     let name = adapter.map_or("base".to_string(), |t| t.name);
                     let _ = tx

@@ -2,27 +2,32 @@
 //! handle. Each request gets its own channel of streamed events; dropping the receiver
 //! cancels the generation.
 //!
-//! Several requests are served at once by interleaving: the engine thread keeps every
-//! admitted sequence (each with its own attention cache) and advances each by one token
-//! per round, so a long reply does not hold up a short one. (Batched decode, several
-//! sequences in one forward pass, is the next step for aggregate throughput.)
+//! Several requests are served at once by continuous batching (`scheduler`): every
+//! running sequence, each with its own attention cache and adapter, advances by one token
+//! per step in one batched forward pass; new ones join between steps, prompts run in
+//! chunks, and what does not fit waits in a fair line (`EngineLimits`).
 //!
 //! Hot swap: the active adapter sits in an `ArcSwapOption`. A sequence takes a snapshot
 //! when it is admitted and keeps it to the end; `set_adapter` only affects sequences
 //! admitted afterwards. No lock is held while generating.
 
-use crate::llama::{Cache, Llama, ModelLoadError, ModelSource};
+mod limits;
+mod scheduler;
+mod sequence;
+
+pub use limits::EngineLimits;
+
+use crate::llama::{Llama, ModelLoadError, ModelSource};
 use crate::lora::{AdapterError, LoraAdapter};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::SamplingParams;
 use crate::template::{ChatTemplate, TemplateError, TemplateMessage};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 use arc_swap::ArcSwapOption;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::time::Instant;
 use tokio::sync::mpsc as tmpsc;
 
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +201,9 @@ pub struct GenerateRequest {
     pub prompt: Prompt,
     pub params: SamplingParams,
     pub adapter: AdapterChoice,
+    /// Who is asking (a chat user, an API caller's `user`): replies are shared fairly
+    /// between users and capped per user ([`EngineLimits::max_per_user`]). `None`: no cap.
+    pub user: Option<String>,
 }
 
 /// Which adapter a generation runs on. The choice is resolved when the engine admits the
@@ -243,7 +251,10 @@ pub struct Finished {
 
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// The prompt was processed; generation runs on `adapter` (None: the base model).
+    /// The engine is busy: the request waits in line at `position` (1: next). Sent again
+    /// when the place changes.
+    Queued { position: usize },
+    /// Admitted: the reply runs on `adapter` (None: the base model).
     Started {
         adapter: Option<AdapterTag>,
     },
@@ -306,6 +317,7 @@ struct Job {
     prompt: Vec<u32>,
     params: SamplingParams,
     adapter: AdapterChoice,
+    user: Option<String>,
     events: tmpsc::UnboundedSender<Event>,
 }
 
@@ -313,6 +325,25 @@ struct Shared {
     model: Arc<LoadedModel>,
     adapter: ArcSwapOption<ActiveAdapter>,
     versions: AtomicU64,
+    limits: EngineLimits,
+    stats: Counters,
+}
+
+/// What the engine thread has done, counted as it goes.
+#[derive(Default)]
+struct Counters {
+    decode_steps: AtomicU64,
+    decoded_rows: AtomicU64,
+    largest_batch: AtomicU64,
+}
+
+/// The engine's work so far: decode steps, the rows they ran (tokens generated), and the
+/// most rows one step ran together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineStats {
+    pub decode_steps: u64,
+    pub decoded_rows: u64,
+    pub largest_batch: u64,
 }
 
 /// Cloneable handle to the engine thread.
@@ -331,18 +362,26 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// Start the engine thread. It stops when every handle is dropped.
+    /// Start the engine thread with the default limits. It stops when every handle is
+    /// dropped.
     pub fn start(model: LoadedModel) -> Self {
+        Self::start_with(model, EngineLimits::default())
+    }
+
+    /// Start the engine thread with `limits`.
+    pub fn start_with(model: LoadedModel, limits: EngineLimits) -> Self {
         let shared = Arc::new(Shared {
             model: Arc::new(model),
             adapter: ArcSwapOption::empty(),
             versions: AtomicU64::new(0),
+            limits,
+            stats: Counters::default(),
         });
         let (tx, rx) = mpsc::channel();
         let worker = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("loraloop-engine".into())
-            .spawn(move || run_worker(&worker, rx))
+            .spawn(move || scheduler::run(&worker, rx))
             .expect("the OS can start a thread");
         Self { shared, jobs: tx }
     }
@@ -393,6 +432,19 @@ impl Engine {
         tag
     }
 
+    pub fn limits(&self) -> &EngineLimits {
+        &self.shared.limits
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let c = &self.shared.stats;
+        EngineStats {
+            decode_steps: c.decode_steps.load(Ordering::Relaxed),
+            decoded_rows: c.decoded_rows.load(Ordering::Relaxed),
+            largest_batch: c.largest_batch.load(Ordering::Relaxed),
+        }
+    }
+
     pub fn active_adapter(&self) -> Option<AdapterTag> {
         self.shared.adapter.load().as_ref().map(|a| a.tag())
     }
@@ -437,6 +489,7 @@ impl Engine {
                 prompt,
                 params: req.params,
                 adapter: req.adapter,
+                user: req.user,
                 events: tx,
             })
             .map_err(|_| EngineError::Stopped)?;
@@ -448,197 +501,3 @@ impl Engine {
     }
 }
 
-/// One sequence being generated.
-struct Sequence<'m> {
-    /// The tokenizer's end-of-sequence ids, looked up once per sequence.
-    eos_ids: Vec<u32>,
-    events: tmpsc::UnboundedSender<Event>,
-    adapter: Option<Arc<ActiveAdapter>>,
-    cache: Cache,
-    sampler: Sampler,
-    tokens: Vec<u32>,
-    prompt_tokens: usize,
-    logits: Vec<f32>,
-    stream: crate::tokenizer::TokenStream<'m>,
-    text: String,
-    /// Bytes of `text` already sent (the rest may be the start of a stop string).
-    sent: usize,
-    prompt_secs: f64,
-    decode_start: Instant,
-}
-
-fn run_worker(shared: &Shared, jobs: mpsc::Receiver<Job>) {
-    let model = Arc::clone(&shared.model);
-    let mut active: Vec<Sequence<'_>> = Vec::new();
-    loop {
-        if active.is_empty() {
-            match jobs.recv() {
-                Ok(job) => admit(shared, &model, job, &mut active),
-                Err(_) => return,
-            }
-        }
-        while let Ok(job) = jobs.try_recv() {
-            admit(shared, &model, job, &mut active);
-        }
-        active.retain_mut(|seq| match step(&model, seq) {
-            Ok(done) => !done,
-            Err(e) => {
-                let _ = seq.events.send(Event::Failed(e.to_string()));
-                false
-            }
-        });
-    }
-}
-
-fn admit<'m>(shared: &Shared, model: &'m LoadedModel, job: Job, active: &mut Vec<Sequence<'m>>) {
-    if job.events.is_closed() {
-        return;
-    }
-    let adapter = match job.adapter {
-        AdapterChoice::Active => shared.adapter.load_full(),
-        AdapterChoice::Base => None,
-        AdapterChoice::Fixed(a) => Some(a),
-    };
-    let _ = job.events.send(Event::Started {
-        adapter: adapter.as_ref().map(|a| a.tag()),
-    });
-    let start = Instant::now();
-    let mut cache = model.llama.new_cache();
-    let logits = Tensor::new(job.prompt.as_slice(), &model.llama.device)
-        .and_then(|t| t.unsqueeze(0))
-        .and_then(|t| {
-            model
-                .llama
-                .forward(&t, &mut cache, adapter.as_ref().map(|a| &a.adapter))
-        })
-        .and_then(|l| l.squeeze(0)?.to_vec1::<f32>());
-    match logits {
-        Ok(logits) => active.push(Sequence {
-            eos_ids: model.tokenizer.eos_token_ids(),
-            events: job.events,
-            adapter,
-            cache,
-            sampler: Sampler::new(job.params),
-            prompt_tokens: job.prompt.len(),
-            tokens: job.prompt,
-            logits,
-            stream: model.tokenizer.stream(true),
-            text: String::new(),
-            sent: 0,
-            prompt_secs: start.elapsed().as_secs_f64(),
-            decode_start: Instant::now(),
-        }),
-        Err(e) => {
-            let _ = job
-                .events
-                .send(Event::Failed(format!("prompt processing failed: {e}")));
-        }
-    }
-}
-
-/// Sample one token for `seq`, stream its text, and run the model on it unless the
-/// sequence is finished. Returns true when finished (or cancelled).
-fn step<'m>(
-    model: &'m LoadedModel,
-    seq: &mut Sequence<'m>,
-) -> Result<bool, Box<dyn std::error::Error>> {
-    if seq.events.is_closed() {
-        return Ok(true); // the caller dropped the stream: cancelled
-    }
-    let token = seq.sampler.sample(&mut seq.logits, &seq.tokens);
-    let eos = seq.eos_ids.contains(&token);
-    let completion = seq.tokens.len() - seq.prompt_tokens;
-    if !eos {
-        seq.tokens.push(token);
-        if let Some(piece) = seq.stream.push(token)? {
-            seq.text.push_str(&piece);
-        }
-    }
-    let params = seq.sampler.params();
-    // Stop strings: cut at the first match; otherwise hold back a possible prefix of one.
-    let mut stop_at = None;
-    for s in &params.stop {
-        if let Some(i) = seq.text.find(s.as_str()) {
-            stop_at = Some(stop_at.map_or(i, |j: usize| j.min(i)));
-        }
-    }
-    let hit_length =
-        completion + 1 >= params.max_new_tokens || seq.tokens.len() >= model.context_length();
-    let done = eos || stop_at.is_some() || hit_length;
-    if let Some(i) = stop_at {
-        seq.text.truncate(i);
-    } else if done
-        && let Some(rest) =
-            std::mem::replace(&mut seq.stream, model.tokenizer.stream(true)).finish()?
-    {
-        seq.text.push_str(&rest);
-    }
-    let hold = if done {
-        0
-    } else {
-        held_back(&seq.text, &params.stop)
-    };
-    let upto = seq.text.len() - hold;
-    if upto > seq.sent {
-        let _ = seq
-            .events
-            .send(Event::Text(seq.text[seq.sent..upto].to_string()));
-        seq.sent = upto;
-    }
-    if done {
-        let _ = seq.events.send(Event::Finished(Finished {
-            text: std::mem::take(&mut seq.text),
-            token_ids: seq.tokens[seq.prompt_tokens..].to_vec(),
-            reason: if eos || stop_at.is_some() {
-                FinishReason::Stop
-            } else {
-                FinishReason::Length
-            },
-            prompt_tokens: seq.prompt_tokens,
-            completion_tokens: seq.tokens.len() - seq.prompt_tokens,
-            adapter: seq.adapter.as_ref().map(|a| a.tag()),
-            prompt_secs: seq.prompt_secs,
-            decode_secs: seq.decode_start.elapsed().as_secs_f64(),
-        }));
-        return Ok(true);
-    }
-    let input = Tensor::new(&[token], &model.llama.device)?.unsqueeze(0)?;
-    let logits = model.llama.forward(
-        &input,
-        &mut seq.cache,
-        seq.adapter.as_ref().map(|a| &a.adapter),
-    )?;
-    seq.logits = logits.squeeze(0)?.to_vec1::<f32>()?;
-    Ok(false)
-}
-
-/// Bytes at the end of `text` that could begin a stop string (not yet safe to send).
-fn held_back(text: &str, stops: &[String]) -> usize {
-    let mut hold = 0;
-    for s in stops {
-        for len in (1..s.len()).rev() {
-            if len <= text.len()
-                && text.is_char_boundary(text.len() - len)
-                && s.is_char_boundary(len)
-                && text.ends_with(&s[..len])
-            {
-                hold = hold.max(len);
-                break;
-            }
-        }
-    }
-    hold
-}
-
-#[cfg(test)]
-mod tests {
-    use super::held_back;
-
-    #[test]
-    fn text_that_may_start_a_stop_string_is_held_back() {
-        let stops = vec!["\nUser:".to_string()];
-        assert_eq!(held_back("Hello\nUs", &stops), 3);
-        assert_eq!(held_back("Hello", &stops), 0);
-        assert_eq!(held_back("Hello\n", &stops), 1);
-    }
-}

@@ -1,0 +1,216 @@
+//! One admitted request: its prompt (prefilled in chunks), its attention cache, its
+//! sampler, and the text it has streamed so far.
+
+use super::{ActiveAdapter, Event, FinishReason, Finished, Job, LoadedModel};
+use crate::llama::Cache;
+use crate::sampling::Sampler;
+use candle_core::Tensor;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc as tmpsc;
+
+pub(super) struct Sequence<'m> {
+    /// Who asked (fairness and the per-user cap), if the caller said.
+    pub user: Option<String>,
+    /// Cache positions set aside for it: prompt plus the most it may generate.
+    pub reserved: usize,
+    pub adapter: Option<Arc<ActiveAdapter>>,
+    pub cache: Cache,
+    pub events: tmpsc::UnboundedSender<Event>,
+    /// The tokenizer's end-of-sequence ids, looked up once per sequence.
+    eos_ids: Vec<u32>,
+    sampler: Sampler,
+    tokens: Vec<u32>,
+    prompt_tokens: usize,
+    /// Prompt tokens already in the cache; the sequence decodes once all are.
+    prefilled: usize,
+    /// The next token's logits (set by the last prefill chunk, then by each decode step).
+    logits: Vec<f32>,
+    stream: crate::tokenizer::TokenStream<'m>,
+    text: String,
+    /// Bytes of `text` already sent (the rest may be the start of a stop string).
+    sent: usize,
+    admitted: Instant,
+    prompt_secs: f64,
+    decode_start: Instant,
+}
+
+impl<'m> Sequence<'m> {
+    /// Admit `job`: its adapter is resolved now (an adapter swapped in later does not
+    /// change a reply under way) and the caller hears that it started.
+    pub fn admit(
+        job: Job,
+        adapter: Option<Arc<ActiveAdapter>>,
+        reserved: usize,
+        model: &'m LoadedModel,
+    ) -> Self {
+        let _ = job.events.send(Event::Started {
+            adapter: adapter.as_ref().map(|a| a.tag()),
+        });
+        Self {
+            user: job.user,
+            reserved,
+            adapter,
+            cache: model.llama.new_cache(),
+            events: job.events,
+            eos_ids: model.tokenizer.eos_token_ids(),
+            sampler: Sampler::new(job.params),
+            prompt_tokens: job.prompt.len(),
+            tokens: job.prompt,
+            prefilled: 0,
+            logits: Vec::new(),
+            stream: model.tokenizer.stream(true),
+            text: String::new(),
+            sent: 0,
+            admitted: Instant::now(),
+            prompt_secs: 0.0,
+            decode_start: Instant::now(),
+        }
+    }
+
+    /// Prompt tokens in the cache so far.
+    #[cfg(test)]
+    pub fn prefilled(&self) -> usize {
+        self.prefilled
+    }
+
+    /// Tokens generated so far.
+    #[cfg(test)]
+    pub fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_tokens
+    }
+
+    pub fn is_prefilling(&self) -> bool {
+        self.prefilled < self.prompt_tokens
+    }
+
+    pub fn cancelled(&self) -> bool {
+        self.events.is_closed()
+    }
+
+    /// Run up to `budget` more prompt tokens through the model; returns how many ran.
+    pub fn prefill(&mut self, model: &LoadedModel, budget: usize) -> candle_core::Result<usize> {
+        let take = budget.min(self.prompt_tokens - self.prefilled);
+        if take == 0 {
+            return Ok(0);
+        }
+        let chunk = &self.tokens[self.prefilled..self.prefilled + take];
+        let input = Tensor::new(chunk, &model.llama.device)?.unsqueeze(0)?;
+        let logits = model.llama.forward(
+            &input,
+            &mut self.cache,
+            self.adapter.as_ref().map(|a| &a.adapter),
+        )?;
+        self.prefilled += take;
+        if !self.is_prefilling() {
+            self.logits = logits.squeeze(0)?.to_vec1::<f32>()?;
+            self.prompt_secs = self.admitted.elapsed().as_secs_f64();
+            self.decode_start = Instant::now();
+        }
+        Ok(take)
+    }
+
+    /// Sample the next token and stream its text. Returns the token to run through the
+    /// model next, or `None` when the sequence is finished (its last event sent).
+    pub fn emit(&mut self, model: &'m LoadedModel) -> Result<Option<u32>, String> {
+        let token = self.sampler.sample(&mut self.logits, &self.tokens);
+        let eos = self.eos_ids.contains(&token);
+        let completion = self.tokens.len() - self.prompt_tokens;
+        if !eos {
+            self.tokens.push(token);
+            if let Some(piece) = self.stream.push(token).map_err(|e| e.to_string())? {
+                self.text.push_str(&piece);
+            }
+        }
+        let params = self.sampler.params();
+        // Stop strings: cut at the first match; otherwise hold back a possible prefix of one.
+        let mut stop_at = None;
+        for s in &params.stop {
+            if let Some(i) = self.text.find(s.as_str()) {
+                stop_at = Some(stop_at.map_or(i, |j: usize| j.min(i)));
+            }
+        }
+        let hit_length =
+            completion + 1 >= params.max_new_tokens || self.tokens.len() >= model.context_length();
+        let done = eos || stop_at.is_some() || hit_length;
+        if let Some(i) = stop_at {
+            self.text.truncate(i);
+        } else if done
+            && let Some(rest) = std::mem::replace(&mut self.stream, model.tokenizer.stream(true))
+                .finish()
+                .map_err(|e| e.to_string())?
+        {
+            self.text.push_str(&rest);
+        }
+        let hold = if done {
+            0
+        } else {
+            held_back(&self.text, &params.stop)
+        };
+        let upto = self.text.len() - hold;
+        if upto > self.sent {
+            let _ = self
+                .events
+                .send(Event::Text(self.text[self.sent..upto].to_string()));
+            self.sent = upto;
+        }
+        if !done {
+            return Ok(Some(token));
+        }
+        let _ = self.events.send(Event::Finished(Finished {
+            text: std::mem::take(&mut self.text),
+            token_ids: self.tokens[self.prompt_tokens..].to_vec(),
+            reason: if eos || stop_at.is_some() {
+                FinishReason::Stop
+            } else {
+                FinishReason::Length
+            },
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.tokens.len() - self.prompt_tokens,
+            adapter: self.adapter.as_ref().map(|a| a.tag()),
+            prompt_secs: self.prompt_secs,
+            decode_secs: self.decode_start.elapsed().as_secs_f64(),
+        }));
+        Ok(None)
+    }
+
+    /// The logits after the token just run through the model.
+    pub fn set_logits(&mut self, logits: Vec<f32>) {
+        self.logits = logits;
+    }
+
+    pub fn fail(&self, message: String) {
+        let _ = self.events.send(Event::Failed(message));
+    }
+}
+
+/// Bytes at the end of `text` that could begin a stop string (not yet safe to send).
+fn held_back(text: &str, stops: &[String]) -> usize {
+    let mut hold = 0;
+    for s in stops {
+        for len in (1..s.len()).rev() {
+            if len <= text.len()
+                && text.is_char_boundary(text.len() - len)
+                && s.is_char_boundary(len)
+                && text.ends_with(&s[..len])
+            {
+                hold = hold.max(len);
+                break;
+            }
+        }
+    }
+    hold
+}
+
+#[cfg(test)]
+mod tests {
+    use super::held_back;
+
+    #[test]
+    fn text_that_may_start_a_stop_string_is_held_back() {
+        let stops = vec!["\nUser:".to_string()];
+        assert_eq!(held_back("Hello\nUs", &stops), 3);
+        assert_eq!(held_back("Hello", &stops), 0);
+        assert_eq!(held_back("Hello\n", &stops), 1);
+    }
+}
