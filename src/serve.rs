@@ -163,6 +163,7 @@ async fn services(config: Config, db: Db) -> anyhow::Result<(Services, candle_co
         layers: model.llama.config.num_layers,
         context_length: model.context_length(),
     };
+    let engine_limits = config.raw.engine.limits(&model);
     let a = &config.raw.assistant;
     let assistant = db
         .ensure_assistant(&a.name, &config.raw.model, &a.system_prompt)
@@ -172,7 +173,7 @@ async fn services(config: Config, db: Db) -> anyhow::Result<(Services, candle_co
         .with_context(|| format!("cannot create {}", adapters_dir.display()))?;
     let core = Services::new(Parts {
         db,
-        engine: Engine::start(model),
+        engine: Engine::start_with(model, engine_limits),
         model: info,
         assistant,
         adapters_dir,

@@ -105,6 +105,7 @@ pub struct RawConfig {
     pub server: ServerConfig,
     pub assistant: AssistantConfig,
     pub generation: GenerationConfig,
+    pub engine: EngineConfig,
     pub telegram: TelegramConfig,
     pub discord: DiscordConfig,
     /// The thresholds a new adapter's report card is held to.
@@ -144,6 +145,50 @@ pub struct GenerationConfig {
     pub max_new_tokens: usize,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
+}
+
+/// How much the inference engine runs at once; what is beyond waits in a fair line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Replies decoded together at most.
+    pub max_sequences: usize,
+    /// Replies running at once for one user (a chat user, an API request's `user`).
+    pub max_per_user: usize,
+    /// Prompt tokens run per step: how long one long prompt may hold up the others.
+    pub prefill_chunk: usize,
+    /// Memory for the running replies' attention caches, in MiB.
+    pub kv_cache_mib: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        let d = loraloop_model::engine::EngineLimits::default();
+        Self {
+            max_sequences: d.max_sequences,
+            max_per_user: d.max_per_user,
+            prefill_chunk: d.prefill_chunk,
+            kv_cache_mib: 1024,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The engine's limits for `model` (its cache takes f32 values on the CPU, bf16 on a
+    /// GPU).
+    pub fn limits(&self, model: &loraloop_model::engine::LoadedModel) -> loraloop_model::engine::EngineLimits {
+        let bytes = if model.llama.device.is_cpu() { 4 } else { 2 };
+        loraloop_model::engine::EngineLimits {
+            max_sequences: self.max_sequences,
+            max_per_user: self.max_per_user,
+            prefill_chunk: self.prefill_chunk,
+            kv_positions: loraloop_model::engine::EngineLimits::kv_positions(
+                &model.llama.config,
+                self.kv_cache_mib,
+                bytes,
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -207,6 +252,7 @@ impl Default for RawConfig {
             server: ServerConfig::default(),
             assistant: AssistantConfig::default(),
             generation: GenerationConfig::default(),
+            engine: EngineConfig::default(),
             telegram: TelegramConfig::default(),
             discord: DiscordConfig::default(),
             gate: GateConfig::default(),
@@ -434,6 +480,17 @@ impl Config {
                 "generation.max_new_tokens",
                 format!("got {}; allowed: 1 to 32768", g.max_new_tokens),
             ));
+        }
+        let e = &raw.engine;
+        for (key, value, max) in [
+            ("engine.max_sequences", e.max_sequences, 1024),
+            ("engine.max_per_user", e.max_per_user, 1024),
+            ("engine.prefill_chunk", e.prefill_chunk, 8192),
+            ("engine.kv_cache_mib", e.kv_cache_mib, 1 << 20),
+        ] {
+            if !(1..=max).contains(&value) {
+                return Err(invalid(key, format!("got {value}; allowed: 1 to {max}")));
+            }
         }
         if let Some(i) = g.stop.iter().position(|s| s.is_empty()) {
             return Err(invalid(
@@ -857,6 +914,11 @@ mod tests {
                 "generation:\n  repetition_penalty: 0.5\n",
                 "generation.repetition_penalty",
                 "1 (off) to 2",
+            ),
+            (
+                "engine:\n  max_sequences: 0\n",
+                "engine.max_sequences",
+                "1 to 1024",
             ),
             ("device: tpu\n", "device", "auto, cpu, cuda"),
             (

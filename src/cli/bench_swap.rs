@@ -4,120 +4,41 @@
 //! one of those chats must finish.
 
 use super::BenchSwapArgs;
-use anyhow::{Context, bail};
-use candle_core::Device;
+use super::bench_http::{percentile, random_adapters, start_scratch_serve, stream_chat};
+use anyhow::bail;
 use loraloop_core::Config;
-use loraloop_core::storage::NewAdapter;
-use loraloop_model::llama::Projection;
-use loraloop_model::lora::{PeftConfig, random_peft_tensors, write_peft_dir};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
-/// Stream one chat; returns (ms to the first content token, its fingerprint), or an error.
+/// Stream one chat with `max_tokens`; (ms to the first content token, its fingerprint,
+/// whether it ended cleanly).
 async fn first_token(
     http: &reqwest::Client,
     base: &str,
     key: &str,
     max_tokens: usize,
 ) -> anyhow::Result<(f64, String, bool)> {
-    let start = Instant::now();
-    let mut resp = http
-        .post(format!("{base}/v1/chat/completions"))
-        .bearer_auth(key)
-        .json(&serde_json::json!({
-            "model": "loraloop", "stream": true, "max_tokens": max_tokens,
+    let r = stream_chat(
+        http,
+        base,
+        key,
+        serde_json::json!({
+            "model": "loraloop", "max_tokens": max_tokens,
             "messages": [{"role": "user", "content": "Write one sentence about the sea."}]
-        }))
-        .send()
-        .await?;
-    if !resp.status().is_success() {
-        bail!("status {}", resp.status());
-    }
-    let (mut buf, mut first, mut fp, mut done) = (String::new(), None, String::new(), false);
-    while let Some(chunk) = resp.chunk().await? {
-        buf.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(i) = buf.find("\n\n") {
-            let event: String = buf.drain(..i + 2).collect();
-            let Some(data) = event.trim().strip_prefix("data: ") else {
-                continue;
-            };
-            if data == "[DONE]" {
-                done = true;
-                continue;
-            }
-            let v: serde_json::Value = serde_json::from_str(data)?;
-            if v.get("error").is_some() {
-                bail!("{data}");
-            }
-            if first.is_none()
-                && v["choices"][0]["delta"]["content"]
-                    .as_str()
-                    .is_some_and(|c| !c.is_empty())
-            {
-                first = Some(start.elapsed().as_secs_f64() * 1e3);
-                fp = v["system_fingerprint"].as_str().unwrap_or("").to_string();
-            }
-        }
-    }
-    Ok((first.context("no token came")?, fp, done))
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
+        }),
+    )
+    .await?;
+    Ok((r.first_ms, r.fingerprint, r.done))
 }
 
 pub async fn swap(config: &Config, args: &BenchSwapArgs) -> anyhow::Result<ExitCode> {
-    let scratch = tempfile::tempdir()?;
-    let mut config = config.clone();
-    if let Some(m) = &args.model {
-        config.raw.model = m.display().to_string();
-    }
-    config.raw.model = config.model_path().display().to_string();
-    config.raw.data_dir = scratch.path().join("data");
-    config.database_path = scratch.path().join("data/bench.db");
-    let key = loraloop_core::token::random_token(16);
-    config.secrets.api_key = Some(key.clone().into());
-    let server = loraloop::serve::start(
-        config,
-        loraloop::serve::ServeOptions {
-            bind: Some("127.0.0.1:0".parse()?),
-            worker: false,
-            ..Default::default()
-        },
-    )
-    .await?;
-    let st = server.state.clone();
-    let base = format!("http://{}", server.addr.expect("serving HTTP"));
-
+    let serve = start_scratch_serve(config, args.model.as_ref()).await?;
+    let st = serve.server.state.clone();
+    let (base, key) = (serve.base.clone(), serve.key.clone());
     // Two random rank-r adapters on all seven projections, registered like trained ones.
-    let mut ids = Vec::new();
-    for i in 0..2 {
-        let peft = PeftConfig::new(args.rank, 2.0 * args.rank as f64, &Projection::ALL);
-        let cfg = st.engine.model().llama.config.clone();
-        let tensors = random_peft_tensors(&cfg, &peft, 0.02, &Device::Cpu)?;
-        let dir = scratch.path().join(format!("adapter-{i}"));
-        write_peft_dir(&dir, &peft, &tensors)?;
-        let a = st
-            .db
-            .insert_adapter(&NewAdapter {
-                name: &format!("bench-{i}"),
-                path: &dir.display().to_string(),
-                base_model: &st.model.name,
-                base_model_hash: &st.model.hash,
-                tokenizer_hash: &st.model.tokenizer_hash,
-                chat_template_hash: &st.model.chat_template_hash,
-                rank: Some(args.rank as i64),
-                alpha: Some(2.0 * args.rank as f64),
-                target_modules: &[],
-                metrics: &serde_json::json!({}),
-                job_id: None,
-            })
-            .await?;
-        ids.push((a.id, a.name));
-    }
+    let ids = random_adapters(&serve, 2, args.rank).await?;
     let http = reqwest::Client::new();
 
     // Background chats that keep the engine busy through every swap.
@@ -189,7 +110,7 @@ pub async fn swap(config: &Config, args: &BenchSwapArgs) -> anyhow::Result<ExitC
     for l in load {
         let _ = l.await;
     }
-    server.stop().await?;
+    serve.server.stop().await?;
     to_first.sort_by(f64::total_cmp);
     activate_ms.sort_by(f64::total_cmp);
     let report = serde_json::json!({

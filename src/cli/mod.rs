@@ -1,6 +1,8 @@
 //! Command-line interface: argument types and the dispatch to each command.
 
 mod bench;
+mod bench_http;
+mod bench_load;
 mod bench_swap;
 mod card;
 mod chat;
@@ -118,10 +120,43 @@ pub enum BenchCommand {
     /// Adapter hot swap over HTTP: activation request to the first token of the new
     /// adapter, with chats streaming in the background (none may fail).
     Swap(BenchSwapArgs),
+    /// Many concurrent streaming chats over HTTP (each client on one of several random
+    /// adapters), optionally beside another OpenAI-compatible server: tokens/s, time to
+    /// first token, reply time.
+    Load(BenchLoadArgs),
     /// Train the same few LoRA steps on the CPU (f32, the reference) and on a device
     /// (bf16 on CUDA) from the same seed and data; compare losses and adapter updates.
     /// Exits 1 when they differ beyond bf16 tolerance.
     Parity(BenchParityArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchLoadArgs {
+    /// A .gguf file or a Hugging Face folder (default: the configured model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Concurrent clients, one run for each value.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub clients: Vec<usize>,
+    /// Chats each client sends, one after another.
+    #[arg(long, default_value_t = 2)]
+    pub requests: usize,
+    /// Tokens generated per chat at most (greedy).
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// Random adapters (all seven projections) the clients spread over: client i uses
+    /// adapter i mod N. 0: every client on the base model.
+    #[arg(long, default_value_t = 8)]
+    pub adapters: usize,
+    /// LoRA rank of the random adapters.
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    /// Base URL of another OpenAI-compatible server to drive with the same clients in the
+    /// same run (its key from BENCH_AGAINST_KEY, if it needs one).
+    #[arg(long)]
+    pub against: Option<String>,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -426,6 +461,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Generate(args)) => bench::generate(&config, &args).await,
         Command::Bench(BenchCommand::Train(args)) => bench::train(&config, &args).await,
         Command::Bench(BenchCommand::Swap(args)) => bench_swap::swap(&config, &args).await,
+        Command::Bench(BenchCommand::Load(args)) => bench_load::load(&config, &args).await,
         Command::Bench(BenchCommand::Parity(args)) => bench::parity(&config, &args).await,
         Command::FineTune(args) => {
             train::fine_tune(&config, &args, training_yaml, cli.verbose).await
