@@ -159,6 +159,9 @@ pub struct EngineConfig {
     pub prefill_chunk: usize,
     /// Memory for the running replies' attention caches, in MiB.
     pub kv_cache_mib: usize,
+    /// Memory for loaded adapters, in MiB: beyond it the least recently used is unloaded
+    /// (and loaded again, off the engine thread, when a conversation needs it).
+    pub adapter_cache_mib: usize,
 }
 
 impl Default for EngineConfig {
@@ -169,6 +172,7 @@ impl Default for EngineConfig {
             max_per_user: d.max_per_user,
             prefill_chunk: d.prefill_chunk,
             kv_cache_mib: 1024,
+            adapter_cache_mib: 1024,
         }
     }
 }
@@ -487,6 +491,7 @@ impl Config {
             ("engine.max_per_user", e.max_per_user, 1024),
             ("engine.prefill_chunk", e.prefill_chunk, 8192),
             ("engine.kv_cache_mib", e.kv_cache_mib, 1 << 20),
+            ("engine.adapter_cache_mib", e.adapter_cache_mib, 1 << 20),
         ] {
             if !(1..=max).contains(&value) {
                 return Err(invalid(key, format!("got {value}; allowed: 1 to {max}")));

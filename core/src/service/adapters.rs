@@ -5,6 +5,7 @@
 use crate::error::{Result, ServiceError};
 use crate::metrics::Metrics;
 use crate::service::model_info::ModelInfo;
+use crate::service::adapter_cache::AdapterCache;
 use crate::storage::{Adapter, Assistant, Db, RollbackStep};
 use loraloop_model::engine::{ActiveAdapter, AdapterChoice, Engine};
 use std::collections::HashMap;
@@ -19,8 +20,8 @@ pub struct AdapterService {
     metrics: Arc<Metrics>,
     /// Held for the whole of an activation or rollback.
     activation: tokio::sync::Mutex<()>,
-    /// Loaded adapters by database id.
-    loaded: Mutex<HashMap<i64, Arc<ActiveAdapter>>>,
+    /// Loaded adapters by database id, least recently used out first under a cap.
+    loaded: Mutex<AdapterCache>,
     /// Engine activation version -> adapter id, to tell which adapter wrote a reply.
     by_version: Mutex<HashMap<u64, i64>>,
     /// What this process's engine runs: None before the first swap, then the adapter id
@@ -56,6 +57,7 @@ impl AdapterService {
         model: Arc<ModelInfo>,
         assistant: Assistant,
         metrics: Arc<Metrics>,
+        cache_bytes: usize,
     ) -> Self {
         Self {
             db,
@@ -64,7 +66,7 @@ impl AdapterService {
             assistant,
             metrics,
             activation: Default::default(),
-            loaded: Default::default(),
+            loaded: Mutex::new(AdapterCache::new(cache_bytes)),
             by_version: Default::default(),
             current: Default::default(),
         }
@@ -97,8 +99,8 @@ impl AdapterService {
 
     /// Load (or take from the cache) the adapter with this id, checked against the model.
     pub async fn load(&self, adapter: &Adapter) -> Result<Arc<ActiveAdapter>> {
-        if let Some(a) = lock(&self.loaded).get(&adapter.id) {
-            return Ok(a.clone());
+        if let Some(a) = lock(&self.loaded).get(adapter.id) {
+            return Ok(a);
         }
         if let Some(why) = self.mismatch(adapter) {
             return Err(ServiceError::Conflict(why));
@@ -113,7 +115,16 @@ impl AdapterService {
         lora.name = adapter.name.clone();
         let prepared = self.engine.prepare_adapter(lora);
         lock(&self.by_version).insert(prepared.version, adapter.id);
-        lock(&self.loaded).insert(adapter.id, prepared.clone());
+        let evicted = lock(&self.loaded).insert(adapter.id, prepared.clone());
+        if !evicted.is_empty() {
+            let (n, bytes) = lock(&self.loaded).usage();
+            tracing::info!(
+                ?evicted,
+                held = n,
+                mib = bytes >> 20,
+                "adapter cache full: least recently used adapters unloaded"
+            );
+        }
         Ok(prepared)
     }
 
@@ -130,7 +141,7 @@ impl AdapterService {
 
     /// Forget a loaded adapter (its row was deleted).
     pub fn evict(&self, adapter_id: i64) {
-        lock(&self.loaded).remove(&adapter_id);
+        lock(&self.loaded).remove(adapter_id);
     }
 
     fn busy() -> ServiceError {

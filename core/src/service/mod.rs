@@ -2,6 +2,7 @@
 //! conversation) and the adapter service (which adapter the engine runs), over the one
 //! database, engine and assistant of this process.
 
+pub mod adapter_cache;
 pub mod adapters;
 pub mod canary;
 pub mod chat;
@@ -69,6 +70,7 @@ impl Services {
             model.clone(),
             p.assistant.clone(),
             metrics.clone(),
+            p.config.raw.engine.adapter_cache_mib << 20,
         ));
         let router = Router {
             db: p.db.clone(),

@@ -102,31 +102,43 @@ fn project<const N: usize>(
                 .collect::<candle_core::Result<Vec<_>>>()?
         }
     };
-    for ((y, (lin, pairs)), s) in outs.iter_mut().zip(&projections).zip(&shared) {
-        if s.is_some() {
-            continue;
-        }
-        // The precision the fused kernel would apply the pair in, had it been shared.
-        let rounded = matches!(lin.weight, super::BaseWeight::Q41(_));
-        let out_dim = y.len() / n;
-        for (row, pair) in pairs.iter().enumerate() {
-            let Some(pair) = pair else { continue };
-            let (x, y) = (
-                &xs[row * cols..(row + 1) * cols],
-                &mut y[row * out_dim..(row + 1) * out_dim],
-            );
+    // The per-row deltas, one work item per (projection, row) on the pool: each writes its
+    // own row of its projection's output.
+    let mixed: Vec<usize> = (0..N).filter(|&p| shared[p].is_none()).collect();
+    if !mixed.is_empty() {
+        let out_dims: Vec<usize> = outs.iter().map(|y| y.len() / n).collect();
+        let bufs: Vec<SharedBuf> = outs.iter_mut().map(|y| SharedBuf::new(y)).collect();
+        let failed = std::sync::Mutex::new(None);
+        pool_items(mixed.len() * n, |item| {
+            let (p, row) = (mixed[item / n], item % n);
+            let (lin, pairs) = &projections[p];
+            let Some(pair) = pairs[row] else { return };
+            let out_dim = out_dims[p];
+            let x = &xs[row * cols..(row + 1) * cols];
+            // SAFETY: row `row` of projection `p`'s output is this item's alone.
+            #[allow(unsafe_code)]
+            let y = unsafe { bufs[p].slice_mut(row * out_dim..(row + 1) * out_dim) };
             match pair.host() {
-                Some(h) if rounded => q4_1::add_lora_f16(h, x, y),
+                // The precision the fused kernel applies a pair in (f16 over Q4_1 bases),
+                // so a row's numbers do not depend on the rows beside it.
+                Some(h) if matches!(lin.weight, super::BaseWeight::Q41(_)) => {
+                    q4_1::add_lora_f16(h, x, y)
+                }
                 Some(h) => h.add_delta(x, y),
                 None => {
-                    let d = pair
-                        .delta(&Tensor::from_slice(x, (1, cols), &Device::Cpu)?)?
-                        .flatten_all()?
-                        .to_dtype(DType::F32)?
-                        .to_vec1::<f32>()?;
-                    y.iter_mut().zip(d).for_each(|(y, d)| *y += d);
+                    let d = Tensor::from_slice(x, (1, cols), &Device::Cpu)
+                        .and_then(|t| pair.delta(&t))
+                        .and_then(|d| d.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>());
+                    match d {
+                        Ok(d) => y.iter_mut().zip(d).for_each(|(y, d)| *y += d),
+                        Err(e) => *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e),
+                    }
                 }
             }
+        });
+        drop(bufs);
+        if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
         }
     }
     Ok(outs

@@ -16,7 +16,7 @@ pub use peft::{
 
 use crate::llama::config::{LlamaConfig, Projection, RopeLayout};
 use candle_core::{DType, Device, Tensor};
-use host::HostLora;
+use host::{B_TILE as B_TILE_ROWS, HostLora};
 use peft::parse_peft_name;
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -38,6 +38,16 @@ pub struct LoraPair {
 const HOST_PATH_MAX_ROWS: usize = 8;
 
 impl LoraPair {
+    fn memory_bytes(&self) -> usize {
+        let tensor = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        // The host copy: f32 and f16 of both (B padded to whole tiles).
+        let host = self
+            .host
+            .as_ref()
+            .map_or(0, |h| 6 * h.rank() * (h.in_dim() + h.out_dim().next_multiple_of(B_TILE_ROWS)));
+        tensor(&self.a_t) + tensor(&self.b_t_scaled) + host
+    }
+
     /// `a`: `[r, in]`, `b`: `[out, r]` (PEFT layout).
     pub fn new(a: &Tensor, b: &Tensor, scale: f64) -> candle_core::Result<Self> {
         let b_scaled = (b * scale)?;
@@ -133,6 +143,15 @@ pub struct LoraAdapter {
 impl LoraAdapter {
     pub fn layer(&self, i: usize) -> Option<&LayerLora> {
         self.layers.get(i)
+    }
+
+    /// Bytes the adapter holds in memory: its tensors and their host copies.
+    pub fn memory_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| l.modules.iter().flatten())
+            .map(LoraPair::memory_bytes)
+            .sum()
     }
 
     /// Load a PEFT adapter folder for `model`. Anything that does not fit the model
