@@ -9,7 +9,7 @@
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{DType, Device, Tensor};
 use loraloop_model::llama::load::{load_gguf, load_hf_dir};
-use loraloop_model::llama::{DecodeRow, Llama, ModelLoadError};
+use loraloop_model::llama::{BatchRow, Llama, ModelLoadError};
 use loraloop_model::lora::{
     AdapterError, LoraAdapter, TargetModules, permute_for_interleaved_rope, read_peft_dir,
     write_peft_dir,
@@ -470,49 +470,60 @@ fn a_q4_1_gguf_with_an_adapter_decodes_one_token_at_a_time_as_it_prefills() {
 // Batched decoding: several sequences, each at its own position and on its own adapter
 // ---------------------------------------------------------------------------------------
 
-/// Row `r` first runs `tokens[..starts[r]]` through its own cache, then all rows decode
-/// together, one `decode_batch` per step, each appending its next token while it has one.
-/// Returns each row's logits for positions `starts[r]..`.
+/// Row `r` first runs `tokens[..starts[r]]` through its own cache, then all rows run
+/// together, one `forward_batch` per step: row `r` appends `chunks[r]` tokens per step
+/// (1: decoding; more: a prompt in chunks) while it has any left. Returns, for each row,
+/// the logits after each step's last token with that token's position.
 fn batched_steps(
     model: &Llama,
     adapters: &[Option<&LoraAdapter>],
     starts: &[usize],
+    chunks: &[usize],
     tokens: &[u32],
-) -> Vec<Vec<Vec<f32>>> {
+) -> Vec<Vec<(usize, Vec<f32>)>> {
     let mut caches: Vec<_> = starts
         .iter()
         .zip(adapters)
         .map(|(&s, &a)| {
             let mut cache = model.new_cache();
-            model
-                .forward_all(&token_tensor(&tokens[..s]), &mut cache, a)
-                .unwrap();
+            if s > 0 {
+                model
+                    .forward_all(&token_tensor(&tokens[..s]), &mut cache, a)
+                    .unwrap();
+            }
             cache
         })
         .collect();
+    let mut next = starts.to_vec();
     let mut out = vec![Vec::new(); starts.len()];
     let mut sizes = Vec::new();
-    for step in 0.. {
+    loop {
         let live: Vec<usize> = (0..starts.len())
-            .filter(|&r| starts[r] + step < tokens.len())
+            .filter(|&r| next[r] < tokens.len())
             .collect();
         if live.is_empty() {
             break;
         }
         sizes.push(live.len());
-        let mut rows: Vec<DecodeRow<'_>> = caches
+        let spans: Vec<(usize, usize)> = live
+            .iter()
+            .map(|&r| (next[r], (next[r] + chunks[r]).min(tokens.len())))
+            .collect();
+        let mut rows: Vec<BatchRow<'_>> = caches
             .iter_mut()
             .enumerate()
             .filter(|(r, _)| live.contains(r))
-            .map(|(r, cache)| DecodeRow {
-                token: tokens[starts[r] + step],
+            .zip(&spans)
+            .map(|((r, cache), &(a, b))| BatchRow {
+                tokens: &tokens[a..b],
                 cache,
                 adapter: adapters[r],
             })
             .collect();
-        let logits = model.decode_batch(&mut rows).unwrap();
-        for (r, l) in live.iter().zip(logits) {
-            out[*r].push(l);
+        let logits = model.forward_batch(&mut rows).unwrap();
+        for ((r, l), (_, b)) in live.iter().zip(logits).zip(spans) {
+            out[*r].push((b - 1, l));
+            next[*r] = b;
         }
     }
     // The batch really held several sequences at once, and shrank as they finished.
@@ -520,11 +531,18 @@ fn batched_steps(
     out
 }
 
+/// Each step's logits against the reference row of its position.
+fn assert_steps_close(what: &str, steps: &[(usize, Vec<f32>)], want: &[Vec<f64>], tol: f64) {
+    let got: Vec<Vec<f32>> = steps.iter().map(|(_, l)| l.clone()).collect();
+    let want: Vec<Vec<f64>> = steps.iter().map(|(p, _)| want[*p].clone()).collect();
+    assert_close(what, &got, &want, tol);
+}
+
 #[test]
-fn a_batch_of_sequences_at_different_positions_on_different_adapters_gives_each_its_reference_logits()
+fn a_batch_of_sequences_at_different_positions_on_different_adapters_some_in_chunks_gives_each_its_reference_logits()
 {
-    // Expected: expected.json "llama", "llama_lora" and "llama_lora_rs" from each row's
-    // starting position on (gen_tiny.py, numpy eager forward with the adapter merged).
+    // Expected: expected.json "llama", "llama_lora" and "llama_lora_rs" at the position of
+    // each step's last token (gen_tiny.py, numpy eager forward with the adapter merged).
     // Observed 1.5e-6.
     let e = expected();
     let model = hf_model("tiny-llama");
@@ -532,16 +550,18 @@ fn a_batch_of_sequences_at_different_positions_on_different_adapters_gives_each_
         LoraAdapter::load(&fixture("tiny-llama-lora"), &model.config, &model.device).unwrap();
     let rs =
         LoraAdapter::load(&fixture("tiny-llama-lora-rs"), &model.config, &model.device).unwrap();
-    let starts = [1, 3, 5, 2];
+    // Rows 1 and 3 run their tokens in chunks of 3 and 2 (prompts), the others one at a
+    // time (decoding), all in the same passes.
     let got = batched_steps(
         &model,
         &[None, Some(&lora), Some(&rs), Some(&lora)],
-        &starts,
+        &[1, 0, 5, 2],
+        &[1, 3, 1, 2],
         &e.tokens,
     );
     let refs = [&e.llama, &e.llama_lora, &e.llama_lora_rs, &e.llama_lora];
-    for (r, (rows, want)) in got.iter().zip(refs).enumerate() {
-        assert_close(&format!("batch row {r}"), rows, &want[starts[r]..], TOL);
+    for (r, (steps, want)) in got.iter().zip(refs).enumerate() {
+        assert_steps_close(&format!("batch row {r}"), steps, want, TOL);
     }
 }
 
@@ -561,15 +581,13 @@ fn a_q4_1_batch_with_mixed_adapters_decodes_each_row_as_it_decodes_alone() {
         (vec![Some(&lora), Some(&lora), Some(&lora)], 1e-6),
         (vec![None, Some(&lora), None], 1e-6),
     ] {
-        let starts = [1, 4, 2];
-        let got = batched_steps(&model, &adapters, &starts, &e.tokens);
-        for (r, rows) in got.iter().enumerate() {
-            let alone = one_at_a_time(&model, &e.tokens, adapters[r]);
-            let want: Vec<Vec<f64>> = alone[starts[r]..]
+        let got = batched_steps(&model, &adapters, &[1, 4, 2], &[1, 1, 1], &e.tokens);
+        for (r, steps) in got.iter().enumerate() {
+            let alone: Vec<Vec<f64>> = one_at_a_time(&model, &e.tokens, adapters[r])
                 .iter()
                 .map(|row| row.iter().map(|&v| v as f64).collect())
                 .collect();
-            assert_close(&format!("q4_1 batch row {r}"), rows, &want, tol);
+            assert_steps_close(&format!("q4_1 batch row {r}"), steps, &alone, tol);
         }
     }
 }

@@ -94,6 +94,12 @@ async fn drive(
 }
 
 pub async fn load(config: &Config, args: &BenchLoadArgs) -> anyhow::Result<ExitCode> {
+    // Numbers no earlier run of this command used either (a server kept running between
+    // runs would otherwise find their prompts cached).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as usize);
+    NONCE.store((now % 1_000_000) * 1_000_000, std::sync::atomic::Ordering::Relaxed);
     let serve = start_scratch_serve(config, args.model.as_ref()).await?;
     let models: Vec<String> = if args.adapters == 0 {
         vec!["base".to_string()]

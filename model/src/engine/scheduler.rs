@@ -2,16 +2,16 @@
 //!
 //! Each round it takes new requests into a waiting line, admits what fits (a cap on
 //! sequences, a budget of cache positions, a cap per user, users with the fewest replies
-//! running first), runs at most `prefill_chunk` prompt tokens of admitted sequences, then
-//! one decode step for every sequence past its prompt, all rows in one forward pass
-//! (`Llama::decode_batch`: each weight read once per step, each row on its own adapter).
-//! New sequences join at step boundaries, and a long prompt delays the others' next token
-//! by one chunk at most. Waiting callers hear their place in line.
+//! running first), then runs one forward pass (`Llama::forward_batch`: each weight read
+//! once per step, each row on its own adapter) over one new token of every sequence past
+//! its prompt and at most `prefill_chunk` prompt tokens of those still on theirs. New
+//! sequences join at step boundaries, and a long prompt delays the others' next token by
+//! one chunk at most. Waiting callers hear their place in line.
 
 use super::sequence::Sequence;
 use super::{AdapterChoice, Counters, EngineLimits, Event, Job, LoadedModel, Shared};
 use std::sync::atomic::Ordering;
-use crate::llama::DecodeRow;
+use crate::llama::BatchRow;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -54,15 +54,13 @@ pub(super) fn run(shared: &Shared, jobs: mpsc::Receiver<Job>) {
 }
 
 impl<'m> Scheduler<'m> {
-    /// One step: drop what was cancelled, admit, tell places, a prefill chunk, a decode
-    /// step.
+    /// One round: drop what was cancelled, admit, tell places, one forward pass.
     fn round(&mut self, shared: &Shared) {
         self.waiting.retain(|w| !w.job.events.is_closed());
         self.running.retain(|seq| !seq.cancelled());
         self.admit(shared);
         self.tell_places();
-        self.prefill();
-        self.decode();
+        self.step();
     }
 
     fn queue(&mut self, job: Job) {
@@ -128,80 +126,64 @@ impl<'m> Scheduler<'m> {
         }
     }
 
-    /// Up to `prefill_chunk` prompt tokens, to the sequences admitted first.
-    fn prefill(&mut self) {
-        let mut budget = self.limits.prefill_chunk;
+    /// One forward pass: a token for every sequence past its prompt (sampled and
+    /// streamed first), and up to `prefill_chunk` prompt tokens for the sequences still
+    /// on their prompts, first admitted first.
+    fn step(&mut self) {
         let model = self.model;
-        self.running.retain_mut(|seq| {
-            if budget == 0 || !seq.is_prefilling() {
-                return true;
-            }
-            match seq.prefill(model, budget) {
-                Ok(ran) => {
-                    budget -= ran;
-                    true
-                }
-                Err(e) => {
-                    seq.fail(format!("prompt processing failed: {e}"));
-                    false
-                }
-            }
-        });
-    }
-
-    /// One token for every sequence past its prompt: sample and stream each, then run the
-    /// new tokens through the model together.
-    fn decode(&mut self) {
-        let model = self.model;
-        let mut next: Vec<Option<u32>> = Vec::with_capacity(self.running.len());
-        let mut keep: Vec<bool> = Vec::with_capacity(self.running.len());
-        for seq in &mut self.running {
+        let n = self.running.len();
+        let (mut keep, mut feed) = (vec![true; n], vec![0usize; n]);
+        let mut decoding = 0u64;
+        for (i, seq) in self.running.iter_mut().enumerate() {
             if seq.is_prefilling() {
-                next.push(None);
-                keep.push(true);
                 continue;
             }
             match seq.emit(model) {
-                Ok(token) => {
-                    keep.push(token.is_some());
-                    next.push(token);
+                Ok(Some(_)) => {
+                    feed[i] = 1;
+                    decoding += 1;
                 }
+                Ok(None) => keep[i] = false,
                 Err(e) => {
                     seq.fail(e);
-                    keep.push(false);
-                    next.push(None);
+                    keep[i] = false;
                 }
             }
         }
-        let mut rows: Vec<DecodeRow<'_>> = Vec::new();
-        let mut which: Vec<usize> = Vec::new();
-        for (i, (seq, token)) in self.running.iter_mut().zip(&next).enumerate() {
-            if let Some(token) = *token {
-                which.push(i);
-                rows.push(DecodeRow {
-                    token,
-                    cache: &mut seq.cache,
-                    adapter: seq.adapter.as_ref().map(|a| &a.adapter),
-                });
+        let mut budget = self.limits.prefill_chunk;
+        for (i, seq) in self.running.iter().enumerate() {
+            if budget == 0 {
+                break;
+            }
+            if seq.is_prefilling() {
+                feed[i] = seq.prompt_left().min(budget);
+                budget -= feed[i];
             }
         }
-        if !rows.is_empty() {
-            let n = rows.len() as u64;
+        if decoding > 0 {
             self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
-            self.stats.decoded_rows.fetch_add(n, Ordering::Relaxed);
-            self.stats.largest_batch.fetch_max(n, Ordering::Relaxed);
+            self.stats.decoded_rows.fetch_add(decoding, Ordering::Relaxed);
+            self.stats.largest_batch.fetch_max(decoding, Ordering::Relaxed);
         }
-        match model.llama.decode_batch(&mut rows) {
+        let which: Vec<usize> = (0..n).filter(|&i| feed[i] > 0).collect();
+        let mut rows: Vec<BatchRow<'_>> = self
+            .running
+            .iter_mut()
+            .zip(&feed)
+            .filter(|(_, f)| **f > 0)
+            .map(|(seq, &f)| seq.next_row(f))
+            .collect();
+        let result = model.llama.forward_batch(&mut rows);
+        drop(rows);
+        match result {
             Ok(logits) => {
-                drop(rows);
                 for (i, l) in which.into_iter().zip(logits) {
-                    self.running[i].set_logits(l);
+                    self.running[i].advance(feed[i], l);
                 }
             }
             Err(e) => {
-                drop(rows);
                 for i in which {
-                    self.running[i].fail(format!("decoding failed: {e}"));
+                    self.running[i].fail(format!("the model failed: {e}"));
                     keep[i] = false;
                 }
             }
@@ -295,17 +277,20 @@ mod tests {
         s.queue(short);
         s.round(&sh);
         assert_eq!(s.running.len(), 1);
-        assert_eq!(s.running[0].generated(), 1, "prefilled and one token in one round");
+        assert_eq!(s.running[0].prefilled(), 4, "a short prompt in one round");
+        assert_eq!(s.running[0].generated(), 0);
         let (long, _long_rx) = job(100, 5, None);
         s.queue(long);
         for round in 1..=7 {
             s.round(&sh);
-            // The long prompt advances one chunk per round; the short reply one token.
+            // In the same forward pass: one chunk of the long prompt, one token of the
+            // short reply.
             assert_eq!(s.running[1].prefilled(), (16 * round).min(100), "round {round}");
-            assert_eq!(s.running[0].generated(), 1 + round, "round {round}");
+            assert_eq!(s.running[0].generated(), round, "round {round}");
         }
         assert!(!s.running[1].is_prefilling());
-        assert_eq!(s.running[1].generated(), 1, "its first token in the round its prompt ended");
+        s.round(&sh);
+        assert_eq!(s.running[1].generated(), 1, "its first token the round after its prompt");
     }
 
     #[test]
@@ -328,9 +313,10 @@ mod tests {
         assert_eq!(places(&b_ev), [1]);
         assert_eq!(places(&c_ev), [2]);
         assert!(!started(&b_ev) && !started(&c_ev));
-        // A generates its 3 tokens (the first in round 1), finishing in round 3.
-        s.round(&sh);
-        s.round(&sh);
+        // A runs its prompt in round 1, samples its 3 tokens in rounds 2 to 4.
+        for _ in 0..3 {
+            s.round(&sh);
+        }
         assert!(drain(&mut a_rx).iter().any(|e| matches!(e, Event::Finished(_))));
         assert!(s.running.is_empty());
         s.round(&sh);

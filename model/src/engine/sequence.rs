@@ -1,10 +1,9 @@
-//! One admitted request: its prompt (prefilled in chunks), its attention cache, its
+//! One admitted request: its prompt (run in chunks), its attention cache, its
 //! sampler, and the text it has streamed so far.
 
 use super::{ActiveAdapter, Event, FinishReason, Finished, Job, LoadedModel};
-use crate::llama::Cache;
+use crate::llama::{BatchRow, Cache};
 use crate::sampling::Sampler;
-use candle_core::Tensor;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc as tmpsc;
@@ -88,26 +87,37 @@ impl<'m> Sequence<'m> {
         self.events.is_closed()
     }
 
-    /// Run up to `budget` more prompt tokens through the model; returns how many ran.
-    pub fn prefill(&mut self, model: &LoadedModel, budget: usize) -> candle_core::Result<usize> {
-        let take = budget.min(self.prompt_tokens - self.prefilled);
-        if take == 0 {
-            return Ok(0);
+    /// Prompt tokens not yet in the cache.
+    pub fn prompt_left(&self) -> usize {
+        self.prompt_tokens - self.prefilled
+    }
+
+    /// The batch row that runs this sequence's next `n` tokens: the token just sampled
+    /// when decoding, else the next `n` prompt tokens.
+    pub fn next_row(&mut self, n: usize) -> BatchRow<'_> {
+        let tokens = if self.is_prefilling() {
+            &self.tokens[self.prefilled..self.prefilled + n]
+        } else {
+            &self.tokens[self.tokens.len() - 1..]
+        };
+        BatchRow {
+            tokens,
+            cache: &mut self.cache,
+            adapter: self.adapter.as_ref().map(|a| &a.adapter),
         }
-        let chunk = &self.tokens[self.prefilled..self.prefilled + take];
-        let input = Tensor::new(chunk, &model.llama.device)?.unsqueeze(0)?;
-        let logits = model.llama.forward(
-            &input,
-            &mut self.cache,
-            self.adapter.as_ref().map(|a| &a.adapter),
-        )?;
-        self.prefilled += take;
-        if !self.is_prefilling() {
-            self.logits = logits.squeeze(0)?.to_vec1::<f32>()?;
+    }
+
+    /// The row from [`Self::next_row`] ran `n` tokens; `logits` follow the last of them.
+    pub fn advance(&mut self, n: usize, logits: Vec<f32>) {
+        if self.is_prefilling() {
+            self.prefilled += n;
+            if self.is_prefilling() {
+                return; // the logits of a prompt's middle are not needed
+            }
             self.prompt_secs = self.admitted.elapsed().as_secs_f64();
             self.decode_start = Instant::now();
         }
-        Ok(take)
+        self.logits = logits;
     }
 
     /// Sample the next token and stream its text. Returns the token to run through the
@@ -172,11 +182,6 @@ impl<'m> Sequence<'m> {
             decode_secs: self.decode_start.elapsed().as_secs_f64(),
         }));
         Ok(None)
-    }
-
-    /// The logits after the token just run through the model.
-    pub fn set_logits(&mut self, logits: Vec<f32>) {
-        self.logits = logits;
     }
 
     pub fn fail(&self, message: String) {

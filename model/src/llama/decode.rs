@@ -158,83 +158,111 @@ fn one_pair<'a>(pairs: &[Option<&'a LoraPair>]) -> Option<Option<&'a LoraPair>> 
     pairs.iter().all(same).then_some(first)
 }
 
-/// One row of the batch: the token it appends, its cache and its adapter.
-pub struct DecodeRow<'a> {
-    pub token: u32,
+/// One sequence in a batch: the tokens it appends (one when decoding, a prompt chunk
+/// when prefilling), its cache and its adapter.
+pub struct BatchRow<'a> {
+    pub tokens: &'a [u32],
     pub cache: &'a mut Cache,
     pub adapter: Option<&'a LoraAdapter>,
 }
 
+/// Where each token of a batch comes from: its sequence and its position there.
+struct TokenPlace {
+    row: usize,
+    pos: usize,
+}
+
 impl Llama {
-    /// Whether [`Llama::decode_batch`] runs on host memory (CPU, f32 activations); other
-    /// devices decode each row through [`Llama::forward`].
+    /// Whether [`Llama::forward_batch`] runs on host memory (CPU, f32 activations); other
+    /// devices run each row through [`Llama::forward`].
     pub(super) fn host_decode_applies(&self) -> bool {
         self.device.is_cpu() && self.embed.dtype() == DType::F32 && self.norm.dtype() == DType::F32
     }
 
-    /// One decode step for several sequences at once: each row appends its token to its
-    /// own cache, at its own position, and runs on its own adapter (or none). Every
-    /// weight is read once for the whole batch. Returns each row's logits over the
-    /// vocabulary, in row order.
-    pub fn decode_batch(&self, rows: &mut [DecodeRow<'_>]) -> candle_core::Result<Vec<Vec<f32>>> {
-        if rows.is_empty() {
-            return Ok(Vec::new());
+    /// One forward pass for several sequences at once (continuous batching): each row
+    /// appends its tokens to its own cache, after its own positions, and runs on its own
+    /// adapter (or none); decode steps and prompt chunks ride together. Every weight is
+    /// read once for the whole batch. Returns each row's logits after its last token, in
+    /// row order.
+    pub fn forward_batch(&self, rows: &mut [BatchRow<'_>]) -> candle_core::Result<Vec<Vec<f32>>> {
+        if rows.iter().any(|r| r.tokens.is_empty()) {
+            candle_core::bail!("a batch row has no tokens");
         }
         if !self.host_decode_applies() {
             return rows
                 .iter_mut()
                 .map(|r| {
-                    let t = Tensor::new(&[r.token], &self.device)?.unsqueeze(0)?;
+                    let t = Tensor::new(r.tokens, &self.device)?.unsqueeze(0)?;
                     self.forward(&t, r.cache, r.adapter)?
                         .squeeze(0)?
                         .to_vec1::<f32>()
                 })
                 .collect();
         }
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
         let cfg = &self.config;
         let (hidden, half) = (cfg.hidden_size, cfg.head_dim / 2);
         let vocab = self.embed.dim(0)?;
-        let n = rows.len();
-        let mut x = Vec::with_capacity(n * hidden);
-        let (mut cos, mut sin) = (Vec::with_capacity(n * half), Vec::with_capacity(n * half));
-        for r in rows.iter() {
-            let pos = r.cache.len();
-            if pos + 1 > cfg.max_position_embeddings {
+        let total: usize = rows.iter().map(|r| r.tokens.len()).sum();
+        let mut x = Vec::with_capacity(total * hidden);
+        let (mut cos, mut sin) = (Vec::with_capacity(total * half), Vec::with_capacity(total * half));
+        let mut places = Vec::with_capacity(total);
+        for (ri, r) in rows.iter().enumerate() {
+            let start = r.cache.len();
+            if start + r.tokens.len() > cfg.max_position_embeddings {
                 candle_core::bail!(
                     "{} positions exceed the context window of {}",
-                    pos + 1,
+                    start + r.tokens.len(),
                     cfg.max_position_embeddings
                 );
             }
-            let token = r.token as usize;
-            if token >= vocab {
-                candle_core::bail!("token {token} is outside the vocabulary ({vocab})");
+            for (j, &token) in r.tokens.iter().enumerate() {
+                let (token, pos) = (token as usize, start + j);
+                if token >= vocab {
+                    candle_core::bail!("token {token} is outside the vocabulary ({vocab})");
+                }
+                with_host(&self.embed, |data, layout| {
+                    let row = layout.start_offset() + token * layout.stride()[0];
+                    x.extend_from_slice(&data[row..row + hidden]);
+                })?;
+                with_vec(&self.cos, |c| cos.extend_from_slice(&c[pos * half..(pos + 1) * half]))?;
+                with_vec(&self.sin, |s| sin.extend_from_slice(&s[pos * half..(pos + 1) * half]))?;
+                places.push(TokenPlace { row: ri, pos });
             }
-            with_host(&self.embed, |data, layout| {
-                let row = layout.start_offset() + token * layout.stride()[0];
-                x.extend_from_slice(&data[row..row + hidden]);
-            })?;
-            with_vec(&self.cos, |c| cos.extend_from_slice(&c[pos * half..(pos + 1) * half]))?;
-            with_vec(&self.sin, |s| sin.extend_from_slice(&s[pos * half..(pos + 1) * half]))?;
         }
         for (i, block) in self.blocks.iter().enumerate() {
-            let loras: Vec<Option<&LayerLora>> =
-                rows.iter().map(|r| r.adapter.and_then(|a| a.layer(i))).collect();
+            let loras: Vec<Option<&LayerLora>> = places
+                .iter()
+                .map(|p| rows[p.row].adapter.and_then(|a| a.layer(i)))
+                .collect();
             let mut kvs: Vec<&mut KvCache> =
                 rows.iter_mut().map(|r| &mut r.cache.layers[i]).collect();
-            self.block_step(block, &mut x, &cos, &sin, &mut kvs, &loras)?;
+            self.block_step(block, &mut x, &cos, &sin, &places, &mut kvs, &loras)?;
         }
-        let logits = self.logits(&Tensor::from_vec(x, (n, 1, hidden), &Device::Cpu)?)?;
+        // The hidden state after each row's last token.
+        let mut last = Vec::with_capacity(rows.len() * hidden);
+        let mut end = 0;
+        for r in rows.iter() {
+            end += r.tokens.len();
+            last.extend_from_slice(&x[(end - 1) * hidden..end * hidden]);
+        }
+        let n = rows.len();
+        let logits = self.logits(&Tensor::from_vec(last, (n, 1, hidden), &Device::Cpu)?)?;
         logits.squeeze(1)?.to_vec2::<f32>()
     }
 
-    /// One block for every row of the batch (`x`: rows of `hidden`, updated in place).
+    /// One block for every token of the batch (`x`: rows of `hidden`, one per token,
+    /// updated in place; `loras`: each token's row's layer adapter).
+    #[allow(clippy::too_many_arguments)]
     fn block_step(
         &self,
         block: &Block,
         x: &mut [f32],
         cos: &[f32],
         sin: &[f32],
+        places: &[TokenPlace],
         kvs: &mut [&mut KvCache],
         loras: &[Option<&LayerLora>],
     ) -> candle_core::Result<()> {
@@ -264,20 +292,26 @@ impl Llama {
             [(&block.q, &pq), (&block.k, &pk), (&block.v, &pv)],
         )?;
         let (qd, kd) = (cfg.q_dim(), cfg.num_kv_heads * cfg.head_dim);
-        for (r, (q, k)) in q.chunks_exact_mut(qd).zip(k.chunks_exact_mut(kd)).enumerate() {
-            let (c, s) = (&cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);
+        for (t, (q, k)) in q.chunks_exact_mut(qd).zip(k.chunks_exact_mut(kd)).enumerate() {
+            let (c, s) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
             rope(q, cfg.head_dim, c, s, cfg.rope_layout);
             rope(k, cfg.head_dim, c, s, cfg.rope_layout);
         }
-        let kv_shape = (1, cfg.num_kv_heads, 1, cfg.head_dim);
+        // Each row's new keys and values into its cache, `[1, kv_heads, tokens, head_dim]`.
         let mut cached = Vec::with_capacity(kvs.len());
-        for (r, kv) in kvs.iter_mut().enumerate() {
-            cached.push(kv.append(
-                &Tensor::from_slice(&k[r * kd..(r + 1) * kd], kv_shape, &Device::Cpu)?,
-                &Tensor::from_slice(&v[r * kd..(r + 1) * kd], kv_shape, &Device::Cpu)?,
-            )?);
+        let mut first = 0;
+        for (ri, kv) in kvs.iter_mut().enumerate() {
+            let n = places[first..].iter().take_while(|p| p.row == ri).count();
+            let shape = (1, n, cfg.num_kv_heads, cfg.head_dim);
+            let part = |m: &[f32]| -> candle_core::Result<Tensor> {
+                Tensor::from_slice(&m[first * kd..(first + n) * kd], shape, &Device::Cpu)?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            cached.push(kv.append(&part(&k)?, &part(&v)?)?);
+            first += n;
         }
-        let att = attention(cfg, &q, &cached)?;
+        let att = attention(cfg, &q, places, &cached)?;
         let [o] = project(&att, qd, [(&block.o, &po)])?;
         x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
 
@@ -294,14 +328,15 @@ impl Llama {
     }
 }
 
-/// Causal attention of each row's query (`q`: rows of `num_heads * head_dim`) over the
-/// positions cached for that row (`cached[row]`: `[1, kv_heads, positions, head_dim]`
-/// views of its cache), query heads sharing key/value heads in groups as in
-/// `Llama::block_forward`. One work item per row and query head, in one trip through the
-/// worker pool.
+/// Causal attention of each token's query (`q`: one row of `num_heads * head_dim` per
+/// token) over its sequence's cached positions up to its own (`cached[row]`: `[1,
+/// kv_heads, positions, head_dim]` views of that row's cache, this batch's keys
+/// included), query heads sharing key/value heads in groups as in `Llama::block_forward`.
+/// One work item per token and query head, in one trip through the worker pool.
 fn attention(
     cfg: &super::LlamaConfig,
     q: &[f32],
+    places: &[TokenPlace],
     cached: &[(Tensor, Tensor)],
 ) -> candle_core::Result<Vec<f32>> {
     let hd = cfg.head_dim;
@@ -323,16 +358,17 @@ fn attention(
         if kl.stride()[3] != 1 || vl.stride()[3] != 1 {
             candle_core::bail!("host decode: the KV cache rows are not contiguous");
         }
-        rows.push((kd.as_slice(), *kl, vd.as_slice(), *vl, kl.dims()[2]));
+        rows.push((kd.as_slice(), *kl, vd.as_slice(), *vl));
     }
-    let mut out_data = vec![0f32; rows.len() * heads * hd];
+    let mut out_data = vec![0f32; places.len() * heads * hd];
     let out = SharedBuf::new(&mut out_data);
     let work = |item: usize| {
-        let (row, head) = (item / heads, item % heads);
-        let (kd, kl, vd, vl, positions) = rows[row];
+        let (t, head) = (item / heads, item % heads);
+        let place = &places[t];
+        let (kd, kl, vd, vl) = rows[place.row];
         let (ks, vs) = (kl.stride(), vl.stride());
         let g = head / n_rep;
-        let at = (row * heads + head) * hd;
+        let at = (t * heads + head) * hd;
         let qh = &q[at..at + hd];
         let k_at = |j: usize| {
             let s = kl.start_offset() + g * ks[1] + j * ks[2];
@@ -342,12 +378,13 @@ fn attention(
             let s = vl.start_offset() + g * vs[1] + j * vs[2];
             &vd[s..s + hd]
         };
-        let mut scores: Vec<f32> = (0..positions)
+        // Causal: the token sees its sequence's positions up to its own.
+        let mut scores: Vec<f32> = (0..=place.pos)
             .map(|j| dot_f32(qh, k_at(j)) * scale)
             .collect();
         let max = max_f32(&scores);
         let sum = exp_sub(&mut scores, max);
-        // SAFETY: this row's head `head` slice of the output belongs to this work item.
+        // SAFETY: this token's head `head` slice of the output belongs to this work item.
         #[allow(unsafe_code)]
         let dst = unsafe { out.slice_mut(at..at + hd) };
         for (j, p) in scores.iter().enumerate() {
@@ -355,6 +392,6 @@ fn attention(
             dst.iter_mut().zip(v_at(j)).for_each(|(o, v)| *o += p * v);
         }
     };
-    pool_items(rows.len() * heads, work);
+    pool_items(places.len() * heads, work);
     Ok(out_data)
 }

@@ -9,7 +9,7 @@ pub mod config;
 mod decode;
 pub mod load;
 
-pub use decode::DecodeRow;
+pub use decode::BatchRow;
 pub use config::{Llama3RopeScaling, LlamaConfig, Projection, RopeLayout};
 pub use load::ModelSource;
 
@@ -231,8 +231,8 @@ impl Llama {
         if self.host_decode_applies() && tokens.dims() == [1, 1] && tokens.dtype() == DType::U32
         {
             let token = tokens.flatten_all()?.to_vec1::<u32>()?[0];
-            let mut logits = self.decode_batch(&mut [DecodeRow {
-                token,
+            let mut logits = self.forward_batch(&mut [BatchRow {
+                tokens: &[token],
                 cache,
                 adapter,
             }])?;
