@@ -212,6 +212,11 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
             // A job on the served model trains on the engine's weights (one copy in memory).
             shared_model: Some((core.model.path.clone(), core.engine.shared_model())),
             gate: loraloop_trainer::job_card::GateOptions::from_config(&core.config),
+            // Chat first: a job pauses between micro-batches while replies are being made.
+            yield_to: Some(loraloop_trainer::yield_to::YieldTo({
+                let engine = core.engine.clone();
+                Arc::new(move || engine.busy())
+            })),
         };
         tokio::spawn(loraloop_trainer::worker::run_worker(
             core.db.clone(),

@@ -531,6 +531,7 @@ pub async fn fine_tune(
             resume_from: resume,
             init_adapter: init,
             dtype,
+            yield_to: None,
         };
         let outcome = match &preferences {
             Some(data) => train_preferences(job, data, &cancel, &mut |e| progress.on(e)),
@@ -743,6 +744,7 @@ pub async fn worker(config: &Config, args: &WorkerArgs) -> anyhow::Result<ExitCo
             device,
             shared_model: None,
             gate: loraloop_trainer::job_card::GateOptions::from_config(config),
+            yield_to: None,
         },
         shutdown,
     )

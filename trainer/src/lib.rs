@@ -24,3 +24,4 @@ pub mod topk;
 pub mod trainable;
 pub mod training_loop;
 pub mod worker;
+pub mod yield_to;

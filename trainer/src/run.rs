@@ -62,6 +62,8 @@ pub struct TrainJob<'a> {
     pub init_adapter: Option<PathBuf>,
     /// The base model's dtype (see [`auto_train_dtype`]); LoRA weights are [`LORA_DTYPE`].
     pub dtype: DType,
+    /// Give way to chat between micro-batches (a job inside `serve`).
+    pub yield_to: Option<crate::yield_to::YieldTo>,
 }
 
 fn write_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
@@ -404,6 +406,8 @@ fn train_inner(
         eval_examples: eval_tok,
         save,
         output_dir: job.output_dir.clone(),
+        yield_to: job.yield_to.clone(),
+        paused: std::time::Duration::ZERO,
     }
     .run(cancel, on_event)?;
     outcome.heldout = eval_ex;

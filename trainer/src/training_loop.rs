@@ -11,6 +11,7 @@ use crate::events::{Ending, EvalMetrics, TrainEvent};
 use crate::optim::{AdamW, global_norm};
 use crate::tokenize::TokenizedExample;
 use crate::trainable::Trainable;
+use crate::yield_to::YieldTo;
 use loraloop_core::domain::ChatExample;
 use loraloop_model::train::{Grads, PassOptions, PassStats, Row, TrainBatch};
 use std::path::PathBuf;
@@ -45,6 +46,10 @@ pub(crate) struct TrainingLoop<'a> {
     pub eval_examples: Vec<TokenizedExample>,
     pub save: SaveCtx<'a>,
     pub output_dir: PathBuf,
+    /// Give way to chat between micro-batches (a job inside `serve`).
+    pub yield_to: Option<YieldTo>,
+    /// Time paused for chat so far.
+    pub paused: std::time::Duration,
 }
 
 /// The end of optimizer step `step` (0-based) of `total`: the accumulated gradients'
@@ -109,9 +114,22 @@ impl TrainingLoop<'_> {
         let mut ending = Ending::Finished;
         let mut last_eval = None;
         let mut grads = Grads::default();
+        let mut told_paused = 0.0;
         let steps = std::mem::take(&mut self.steps);
         for (step, (epoch, micro)) in steps.iter().enumerate().skip(start_step) {
-            let r = self.step(step, micro, &names, warmup, total, &mut grads)?;
+            let r = self.step(step, micro, &names, warmup, total, &mut grads, cancel)?;
+            // Tell how much the job gives way to chat: at the first pause, then every
+            // further 30 s of pauses.
+            let paused = self.paused.as_secs_f64();
+            if paused >= told_paused + if told_paused == 0.0 { 1.0 } else { 30.0 } {
+                told_paused = paused;
+                on_event(&TrainEvent::Message {
+                    text: format!(
+                        "training gives way to chat: paused {paused:.0} s so far while replies were being written ({:.0}% of the time)",
+                        100.0 * paused / started.elapsed().as_secs_f64().max(1e-9)
+                    ),
+                });
+            }
             tokens_done += r.tokens;
             let state = &mut self.state;
             state.global_step = step + 1;
@@ -215,6 +233,7 @@ impl TrainingLoop<'_> {
 
     /// One optimizer step (index `step`): forward and backward over its micro-batches,
     /// the gradient normalised by the step's total weight and clipped, then AdamW.
+    #[allow(clippy::too_many_arguments)]
     fn step(
         &mut self,
         step: usize,
@@ -223,6 +242,7 @@ impl TrainingLoop<'_> {
         warmup: usize,
         total: usize,
         grads: &mut Grads,
+        cancel: &AtomicBool,
     ) -> Result<StepReport, TrainError> {
         let c = &self.config;
         let tr = &mut self.trainable;
@@ -236,6 +256,9 @@ impl TrainingLoop<'_> {
         let mut tokens = 0;
         grads.clear();
         for (k, b) in batches.iter().enumerate() {
+            if let Some(y) = &self.yield_to {
+                self.paused += y.wait(|| cancel.load(Ordering::SeqCst));
+            }
             let opts = PassOptions {
                 grad_scale: if weight > 0.0 { 1.0 / weight } else { 0.0 },
                 checkpointing: c.gradient_checkpointing,

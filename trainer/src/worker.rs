@@ -37,6 +37,8 @@ pub struct WorkerOptions {
     pub shared_model: Option<(PathBuf, Arc<LoadedModel>)>,
     /// The report card's thresholds and what the activation policy does with a card.
     pub gate: GateOptions,
+    /// Chat in the same process: jobs give way to it between micro-batches.
+    pub yield_to: Option<crate::yield_to::YieldTo>,
 }
 
 /// The loaded model a job on `path` uses: `shared` when it is the same model file.
@@ -284,6 +286,7 @@ async fn run_job(
     let dtype = auto_train_dtype(&device, method);
     let stop_flag = stop.clone();
     let gate = opts.gate.clone();
+    let yield_to = opts.yield_to.clone();
     let seq = config.sequence_len;
     let name = format!("job-{id}");
     let card_name = name.clone();
@@ -304,6 +307,7 @@ async fn run_job(
             resume_from: resume,
             init_adapter: None,
             dtype,
+            yield_to,
         };
         let mut on_event = |e: &TrainEvent| {
             let _ = tx.send(e.clone());

@@ -98,6 +98,7 @@ fn fine_tuning_the_real_model_teaches_it_a_made_up_fact() {
             resume_from: None,
             init_adapter: None,
             dtype: DType::F32,
+            yield_to: None,
         },
         &AtomicBool::new(false),
         &mut |e| {

@@ -203,6 +203,7 @@ fn job<'a>(model: &'a LoadedModel, c: TrainConfig, out: &Path) -> TrainJob<'a> {
         resume_from: None,
         init_adapter: None,
         dtype: DType::F32,
+        yield_to: None,
     }
 }
 

@@ -66,6 +66,7 @@ async fn setup(db: &Db, tmp: &std::path::Path, hp: serde_json::Value) -> (i64, W
                 canary_share: 0.2,
                 cache_dir: Some(tmp.join("cache")),
             },
+            yield_to: None,
         },
     )
 }
@@ -474,5 +475,75 @@ async fn the_card_scores_thumbs_up_replies_from_conversations_the_job_did_not_tr
         card.verdict.checks.iter().any(|c| c.name == "rated_loss"),
         "{:?}",
         card.verdict
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_job_in_the_server_waits_while_a_chat_reply_is_being_made_then_finishes(
+    pool: SqlitePool,
+) {
+    use loraloop_model::engine::{AdapterChoice, Engine, GenerateRequest, LoadedModel, Prompt};
+    use loraloop_model::sampling::SamplingParams;
+    use loraloop_trainer::yield_to::YieldTo;
+    let db = Db::from_pool(pool);
+    let tmp = tempfile::tempdir().unwrap();
+    let hp = serde_json::json!({"num_epochs": 2, "micro_batch_size": 4, "val_set_size": 0, "replay": false});
+    let (id, mut opts) = setup(&db, tmp.path(), hp).await;
+    // The real engine on the same model, as `serve` wires it.
+    let engine =
+        Engine::start(LoadedModel::load(&tmp.path().join("models/tiny"), &Device::Cpu).unwrap());
+    opts.yield_to = Some(YieldTo({
+        let engine = engine.clone();
+        Arc::new(move || engine.busy())
+    }));
+    // A reply in flight: the caller holds its stream.
+    let reply = engine
+        .generate(GenerateRequest {
+            prompt: Prompt::Tokens(vec![70, 71, 72]),
+            params: SamplingParams::greedy(4),
+            adapter: AdapterChoice::Base,
+            user: None,
+        })
+        .unwrap();
+    assert!(engine.busy());
+    let job = {
+        let (db, opts) = (db.clone(), opts.clone());
+        tokio::spawn(async move { run_next(&db, &opts, Arc::new(AtomicBool::new(false))).await })
+    };
+    // Training starts, then waits at its first micro-batch for as long as the reply runs.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !db
+        .training_events(id, 0)
+        .await
+        .unwrap()
+        .iter()
+        .any(|e| e.message.as_deref().is_some_and(|m| m.contains("\"started\"")))
+    {
+        assert!(std::time::Instant::now() < deadline, "the job never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let events = db.training_events(id, 0).await.unwrap();
+    assert!(
+        !events.iter().any(|e| e.kind == "step"),
+        "the job trained while chat was busy"
+    );
+    let paused_at = db.job(id).await.unwrap();
+    assert_eq!(paused_at.step, 0);
+    // The reply is done and dropped: the job goes on and finishes.
+    reply.finish().await.unwrap();
+    assert!(!engine.busy());
+    assert_eq!(job.await.unwrap().unwrap(), Some(id));
+    let job = db.job(id).await.unwrap();
+    assert_eq!(job.state(), JobState::Succeeded, "{:?}", job.error);
+    let events = db.training_events(id, 0).await.unwrap();
+    let told = events
+        .iter()
+        .filter_map(|e| e.message.as_deref())
+        .find(|m| m.contains("training gives way to chat"));
+    assert!(
+        told.is_some(),
+        "the job says it paused for chat: {:?}",
+        events.iter().map(|e| (&e.kind, &e.message)).collect::<Vec<_>>()
     );
 }

@@ -268,6 +268,8 @@ pub enum Event {
 #[derive(Debug)]
 pub struct Generation {
     rx: tmpsc::UnboundedReceiver<Event>,
+    /// Counts the generation as in flight until it is dropped ([`Engine::busy`]).
+    _in_flight: InFlight,
     /// Tokens in the prompt after truncation.
     pub prompt_tokens: usize,
     /// Messages dropped from the start of the conversation to fit the context window.
@@ -294,6 +296,16 @@ impl Generation {
             }
         }
         Err("the engine stopped".into())
+    }
+}
+
+/// One generation held by a caller: counted in [`Engine::busy`] until dropped.
+#[derive(Debug)]
+struct InFlight(Arc<Shared>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -327,6 +339,14 @@ struct Shared {
     versions: AtomicU64,
     limits: EngineLimits,
     stats: Counters,
+    /// Generations whose callers still hold them.
+    in_flight: std::sync::atomic::AtomicUsize,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
 }
 
 /// What the engine thread has done, counted as it goes.
@@ -376,6 +396,7 @@ impl Engine {
             versions: AtomicU64::new(0),
             limits,
             stats: Counters::default(),
+            in_flight: Default::default(),
         });
         let (tx, rx) = mpsc::channel();
         let worker = Arc::clone(&shared);
@@ -436,6 +457,12 @@ impl Engine {
         &self.shared.limits
     }
 
+    /// Whether replies are being made or waiting: work that a training job in the same
+    /// process gives way to.
+    pub fn busy(&self) -> bool {
+        self.shared.in_flight.load(Ordering::SeqCst) > 0
+    }
+
     pub fn stats(&self) -> EngineStats {
         let c = &self.shared.stats;
         EngineStats {
@@ -484,6 +511,8 @@ impl Engine {
         }
         let (tx, rx) = tmpsc::unbounded_channel();
         let prompt_tokens = prompt.len();
+        self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        let in_flight = InFlight(Arc::clone(&self.shared));
         self.jobs
             .send(Job {
                 prompt,
@@ -495,6 +524,7 @@ impl Engine {
             .map_err(|_| EngineError::Stopped)?;
         Ok(Generation {
             rx,
+            _in_flight: in_flight,
             prompt_tokens,
             dropped_messages: dropped,
         })

@@ -212,6 +212,7 @@ mod tests {
             versions: AtomicU64::new(0),
             limits,
             stats: Counters::default(),
+            in_flight: Default::default(),
         };
         (dir, shared)
     }

@@ -1,0 +1,63 @@
+//! Training that gives way to chat in the same process: between micro-batches, a job
+//! pauses while the inference engine has replies to make, so the cores go to the people
+//! waiting. It never pauses longer than [`MAX_PAUSE`] in a row (then one micro-batch
+//! runs), so a busy server slows training down but cannot stop it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The longest a job waits for chat in one go.
+pub const MAX_PAUSE: Duration = Duration::from_secs(10);
+
+/// How often a paused job looks again.
+const POLL: Duration = Duration::from_millis(5);
+
+/// Whether chat has work now (the engine's `busy`).
+#[derive(Clone)]
+pub struct YieldTo(pub Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl std::fmt::Debug for YieldTo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("YieldTo(..)")
+    }
+}
+
+impl YieldTo {
+    /// Wait while chat is busy (at most [`MAX_PAUSE`], and not past `stop()`); the time
+    /// waited.
+    pub fn wait(&self, stop: impl Fn() -> bool) -> Duration {
+        let start = Instant::now();
+        while (self.0)() && !stop() && start.elapsed() < MAX_PAUSE {
+            std::thread::sleep(POLL);
+        }
+        start.elapsed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[test]
+    fn a_job_waits_while_chat_is_busy_and_goes_on_when_it_is_not() {
+        let busy = Arc::new(AtomicBool::new(true));
+        let y = {
+            let busy = busy.clone();
+            YieldTo(Arc::new(move || busy.load(Ordering::SeqCst)))
+        };
+        let b = busy.clone();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(60));
+            b.store(false, Ordering::SeqCst);
+        });
+        let waited = y.wait(|| false);
+        release.join().unwrap();
+        assert!(waited >= Duration::from_millis(60), "{waited:?}");
+        assert!(waited < MAX_PAUSE);
+        // Not busy: no wait at all; busy but stopping (a cancel): no wait either.
+        assert!(y.wait(|| false) < Duration::from_millis(5));
+        busy.store(true, Ordering::SeqCst);
+        assert!(y.wait(|| true) < Duration::from_millis(5));
+    }
+}
