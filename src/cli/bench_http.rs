@@ -19,11 +19,12 @@ pub struct ScratchServe {
     pub scratch: tempfile::TempDir,
 }
 
-/// Start `serve` (HTTP only, no training worker) on a scratch database with `model`
-/// (default: the configured one).
+/// Start `serve` (HTTP, and the training worker when `worker`) on a scratch database with
+/// `model` (default: the configured one).
 pub async fn start_scratch_serve(
     config: &Config,
     model: Option<&PathBuf>,
+    worker: bool,
 ) -> anyhow::Result<ScratchServe> {
     let scratch = tempfile::tempdir()?;
     let mut config = config.clone();
@@ -39,7 +40,7 @@ pub async fn start_scratch_serve(
         config,
         loraloop::serve::ServeOptions {
             bind: Some("127.0.0.1:0".parse()?),
-            worker: false,
+            worker,
             ..Default::default()
         },
     )
@@ -170,4 +171,49 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
+}
+
+/// Queue a LoRA job on the served model with `examples` synthetic question/answer pairs
+/// and the default settings; its id.
+pub async fn queue_training(s: &ScratchServe, examples: usize) -> anyhow::Result<i64> {
+    use loraloop_core::domain::{ChatExample, ChatMessage, Role};
+    use loraloop_core::storage::{JobState, NewDataset, NewJob};
+    let st = s.server.state.clone();
+    let ex: Vec<ChatExample> = (0..examples)
+        .map(|i| ChatExample {
+            messages: vec![
+                ChatMessage::new(Role::User, format!("What is the code word number {i}?")),
+                ChatMessage::new(
+                    Role::Assistant,
+                    format!("The code word number {i} is pebble-{}.", i * 7919 % 1000),
+                ),
+            ],
+        })
+        .collect();
+    let ds = st
+        .db
+        .insert_dataset(&NewDataset {
+            name: "bench-training",
+            format: "openai",
+            source: "bench",
+            content_hash: "bench",
+            examples: &ex,
+            ..Default::default()
+        })
+        .await?
+        .dataset()
+        .id;
+    let job = st
+        .db
+        .create_job(&NewJob {
+            dataset_id: ds,
+            base_model: &st.model.name,
+            method: "lora",
+            hyperparameters: &serde_json::json!({"replay": false}),
+        })
+        .await?;
+    st.db
+        .transition_job(job.id, JobState::ValidatingFiles, JobState::Queued, None)
+        .await?;
+    Ok(job.id)
 }

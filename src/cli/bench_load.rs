@@ -5,7 +5,9 @@
 //! generated tokens/s, time to first token and reply time per number of clients.
 
 use super::BenchLoadArgs;
-use super::bench_http::{Streamed, percentile, random_adapters, start_scratch_serve, stream_chat};
+use super::bench_http::{
+    Streamed, percentile, queue_training, random_adapters, start_scratch_serve, stream_chat,
+};
 use anyhow::bail;
 use loraloop_core::Config;
 use std::process::ExitCode;
@@ -100,7 +102,7 @@ pub async fn load(config: &Config, args: &BenchLoadArgs) -> anyhow::Result<ExitC
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as usize);
     NONCE.store((now % 1_000_000) * 1_000_000, std::sync::atomic::Ordering::Relaxed);
-    let serve = start_scratch_serve(config, args.model.as_ref()).await?;
+    let serve = start_scratch_serve(config, args.model.as_ref(), args.while_training).await?;
     let models: Vec<String> = if args.adapters == 0 {
         vec!["base".to_string()]
     } else {
@@ -139,8 +141,16 @@ pub async fn load(config: &Config, args: &BenchLoadArgs) -> anyhow::Result<ExitC
         );
         rows.push((ours, theirs));
     }
+    let training = if args.while_training {
+        Some(beside_training(&serve, &http, &models, args).await?)
+    } else {
+        None
+    };
     let stats = serve.server.state.engine.stats();
     serve.server.stop().await?;
+    if let Some(t) = &training {
+        println!("{t}");
+    }
     if args.json {
         for (ours, theirs) in &rows {
             println!(
@@ -189,4 +199,54 @@ pub async fn load(config: &Config, args: &BenchLoadArgs) -> anyhow::Result<ExitC
         stats.largest_batch
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The same clients on loraloop alone and while a fine-tune runs in the same `serve`
+/// (the job queued once, measured from its first step on); a markdown table.
+async fn beside_training(
+    serve: &super::bench_http::ScratchServe,
+    http: &reqwest::Client,
+    models: &[String],
+    args: &BenchLoadArgs,
+) -> anyhow::Result<String> {
+    let db = serve.server.state.db.clone();
+    let mut idle = Vec::new();
+    for &n in &args.clients {
+        idle.push(drive(http, &serve.base, &serve.key, models, n, args).await?);
+    }
+    let id = queue_training(serve, 400).await?;
+    let deadline = Instant::now() + std::time::Duration::from_secs(900);
+    while db.job(id).await?.step < 1 {
+        if let Some(e) = db.job(id).await?.error {
+            bail!("the training job failed: {e}");
+        }
+        if Instant::now() > deadline {
+            bail!("the training job did not start within 15 minutes");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let mut out = String::from(
+        "| clients | idle tok/s | while training tok/s | ratio | first token p95 idle / training | training steps during the run |\n| --- | --- | --- | --- | --- | --- |\n",
+    );
+    for (&n, quiet) in args.clients.iter().zip(&idle) {
+        let before = db.job(id).await?.step;
+        let busy = drive(http, &serve.base, &serve.key, models, n, args).await?;
+        let after = db.job(id).await?.step;
+        eprintln!(
+            "{n} clients while training: {:.1} tok/s (idle {:.1})",
+            busy.tokens_per_s, quiet.tokens_per_s
+        );
+        out.push_str(&format!(
+            "| {n} | {:.1} | {:.1} | {:.2}x | {:.2} / {:.2} s | {} in {:.0} s |\n",
+            quiet.tokens_per_s,
+            busy.tokens_per_s,
+            busy.tokens_per_s / quiet.tokens_per_s,
+            quiet.first_token_p95_ms / 1e3,
+            busy.first_token_p95_ms / 1e3,
+            after - before,
+            busy.wall_s,
+        ));
+    }
+    db.request_cancel(id).await?;
+    Ok(out)
 }

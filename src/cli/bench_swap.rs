@@ -34,7 +34,7 @@ async fn first_token(
 }
 
 pub async fn swap(config: &Config, args: &BenchSwapArgs) -> anyhow::Result<ExitCode> {
-    let serve = start_scratch_serve(config, args.model.as_ref()).await?;
+    let serve = start_scratch_serve(config, args.model.as_ref(), false).await?;
     let st = serve.server.state.clone();
     let (base, key) = (serve.base.clone(), serve.key.clone());
     // Two random rank-r adapters on all seven projections, registered like trained ones.

@@ -155,6 +155,10 @@ pub struct BenchLoadArgs {
     /// same run (its key from BENCH_AGAINST_KEY, if it needs one).
     #[arg(long)]
     pub against: Option<String>,
+    /// Then the same clients again while a fine-tune runs in the same `serve` (a LoRA job
+    /// on 400 synthetic examples), next to the same clients idle: a second table.
+    #[arg(long)]
+    pub while_training: bool,
     #[arg(long)]
     pub json: bool,
 }
