@@ -229,3 +229,35 @@ fn a_conversation_longer_than_the_context_drops_its_oldest_turns_but_keeps_the_s
         "the oldest turn should be gone"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_decoded_together_give_llama_cpps_greedy_reply() {
+    // Expected: llama.cpp's greedy reply to this ChatML prompt (see the test above); four
+    // of them decoded in the same batched steps (one forward pass per token for all
+    // four) must each still be it.
+    let engine = engine();
+    let messages = vec![
+        TemplateMessage::new("system", "You are a helpful assistant."),
+        TemplateMessage::new("user", "What is the capital of France?"),
+    ];
+    let gens: Vec<_> = (0..4)
+        .map(|_| {
+            engine
+                .generate(GenerateRequest {
+                    prompt: Prompt::Chat(messages.clone()),
+                    params: SamplingParams::greedy(64),
+                    adapter: loraloop_model::engine::AdapterChoice::Base,
+                    user: None,
+                })
+                .unwrap()
+        })
+        .collect();
+    for g in gens {
+        assert_eq!(g.finish().await.unwrap().text, "The capital of France is Paris.");
+    }
+    assert!(
+        engine.stats().largest_batch >= 2,
+        "the replies were not decoded together: {:?}",
+        engine.stats()
+    );
+}

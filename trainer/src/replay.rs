@@ -152,3 +152,17 @@ fn soft_target(top: &TopTokens, position: u32) -> (SoftTarget, f64) {
     };
     (target, mass)
 }
+
+#[cfg(test)]
+mod rotation_tests {
+    use super::rounds;
+
+    #[test]
+    fn replay_takes_one_turn_per_epoch_while_the_pool_has_fresh_prompts() {
+        assert_eq!(rounds(58, 225, 3.0), 3); // 174 different prompts over 3 epochs
+        assert_eq!(rounds(58, 100, 3.0), 1); // not enough for a second fresh set
+        assert_eq!(rounds(58, 225, 2.5), 3); // a partial epoch still starts
+        assert_eq!(rounds(8, 227, 1.0), 1);
+        assert_eq!(rounds(0, 10, 3.0), 1);
+    }
+}

@@ -170,7 +170,16 @@ fn replay_examples(
     })?;
     let say = |text: String| TrainEvent::Message { text };
     let wanted = replay::replay_count(n_train, c.replay_ratio, prompts.len());
-    let rounds = replay::rounds(wanted, prompts.len(), c.num_epochs);
+    // Epochs the job starts: with max_steps, about as many as those steps span.
+    let epochs = match c.max_steps {
+        Some(steps) => {
+            let per_step = (c.micro_batch_size * c.gradient_accumulation_steps).max(1);
+            let per_epoch = (n_train + wanted).div_ceil(per_step).max(1);
+            steps.div_ceil(per_epoch) as f64
+        }
+        None => c.num_epochs,
+    };
+    let rounds = replay::rounds(wanted, prompts.len(), epochs);
     on_event(&say(format!(
         "replay: the base model answers {} of {} general prompts",
         wanted * rounds,

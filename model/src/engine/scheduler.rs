@@ -2,11 +2,11 @@
 //!
 //! Each round it takes new requests into a waiting line, admits what fits (a cap on
 //! sequences, a budget of cache positions, a cap per user, users with the fewest replies
-//! running first), then runs one forward pass (`Llama::forward_batch`: each weight read
-//! once per step, each row on its own adapter) over one new token of every sequence past
-//! its prompt and at most `prefill_chunk` prompt tokens of those still on theirs. New
-//! sequences join at step boundaries, and a long prompt delays the others' next token by
-//! one chunk at most. Waiting callers hear their place in line.
+//! running first), runs at most `prefill_chunk` prompt tokens of the sequences still on
+//! their prompts, then one decode step for every sequence past its prompt, all of them in
+//! one forward pass (`Llama::forward_batch`: each weight read once per step, each row on
+//! its own adapter). New sequences join at step boundaries, and a long prompt delays the
+//! others' next token by one chunk at most. Waiting callers hear their place in line.
 
 use super::sequence::Sequence;
 use super::{AdapterChoice, Counters, EngineLimits, Event, Job, LoadedModel, Shared};
@@ -126,23 +126,19 @@ impl<'m> Scheduler<'m> {
         }
     }
 
-    /// One forward pass: a token for every sequence past its prompt (sampled and
-    /// streamed first), and up to `prefill_chunk` prompt tokens for the sequences still
-    /// on their prompts, first admitted first.
+    /// One step: a token for every sequence past its prompt (sampled and streamed, then
+    /// all run through the model in one batched pass), and up to `prefill_chunk` prompt
+    /// tokens of the sequences still on their prompts, first admitted first.
     fn step(&mut self) {
         let model = self.model;
         let n = self.running.len();
-        let (mut keep, mut feed) = (vec![true; n], vec![0usize; n]);
-        let mut decoding = 0u64;
+        let (mut keep, mut decode) = (vec![true; n], vec![false; n]);
         for (i, seq) in self.running.iter_mut().enumerate() {
             if seq.is_prefilling() {
                 continue;
             }
             match seq.emit(model) {
-                Ok(Some(_)) => {
-                    feed[i] = 1;
-                    decoding += 1;
-                }
+                Ok(Some(_)) => decode[i] = true,
                 Ok(None) => keep[i] = false,
                 Err(e) => {
                     seq.fail(e);
@@ -151,40 +147,46 @@ impl<'m> Scheduler<'m> {
             }
         }
         let mut budget = self.limits.prefill_chunk;
-        for (i, seq) in self.running.iter().enumerate() {
+        for (i, seq) in self.running.iter_mut().enumerate() {
             if budget == 0 {
                 break;
             }
-            if seq.is_prefilling() {
-                feed[i] = seq.prompt_left().min(budget);
-                budget -= feed[i];
+            if !seq.is_prefilling() {
+                continue;
+            }
+            let take = seq.prompt_left().min(budget);
+            budget -= take;
+            if let Err(e) = seq.prefill(model, take) {
+                seq.fail(format!("prompt processing failed: {e}"));
+                keep[i] = false;
             }
         }
-        if decoding > 0 {
+        let which: Vec<usize> = (0..n).filter(|&i| decode[i]).collect();
+        if !which.is_empty() {
+            let rows_n = which.len() as u64;
             self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
-            self.stats.decoded_rows.fetch_add(decoding, Ordering::Relaxed);
-            self.stats.largest_batch.fetch_max(decoding, Ordering::Relaxed);
-        }
-        let which: Vec<usize> = (0..n).filter(|&i| feed[i] > 0).collect();
-        let mut rows: Vec<BatchRow<'_>> = self
-            .running
-            .iter_mut()
-            .zip(&feed)
-            .filter(|(_, f)| **f > 0)
-            .map(|(seq, &f)| seq.next_row(f))
-            .collect();
-        let result = model.llama.forward_batch(&mut rows);
-        drop(rows);
-        match result {
-            Ok(logits) => {
-                for (i, l) in which.into_iter().zip(logits) {
-                    self.running[i].advance(feed[i], l);
+            self.stats.decoded_rows.fetch_add(rows_n, Ordering::Relaxed);
+            self.stats.largest_batch.fetch_max(rows_n, Ordering::Relaxed);
+            let mut rows: Vec<BatchRow<'_>> = self
+                .running
+                .iter_mut()
+                .zip(&decode)
+                .filter(|(_, d)| **d)
+                .map(|(seq, _)| seq.decode_row())
+                .collect();
+            let result = model.llama.forward_batch(&mut rows);
+            drop(rows);
+            match result {
+                Ok(logits) => {
+                    for (i, l) in which.into_iter().zip(logits) {
+                        self.running[i].set_logits(l);
+                    }
                 }
-            }
-            Err(e) => {
-                for i in which {
-                    self.running[i].fail(format!("the model failed: {e}"));
-                    keep[i] = false;
+                Err(e) => {
+                    for i in which {
+                        self.running[i].fail(format!("decoding failed: {e}"));
+                        keep[i] = false;
+                    }
                 }
             }
         }

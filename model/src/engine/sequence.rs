@@ -4,6 +4,7 @@
 use super::{ActiveAdapter, Event, FinishReason, Finished, Job, LoadedModel};
 use crate::llama::{BatchRow, Cache};
 use crate::sampling::Sampler;
+use candle_core::Tensor;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc as tmpsc;
@@ -92,31 +93,38 @@ impl<'m> Sequence<'m> {
         self.prompt_tokens - self.prefilled
     }
 
-    /// The batch row that runs this sequence's next `n` tokens: the token just sampled
-    /// when decoding, else the next `n` prompt tokens.
-    pub fn next_row(&mut self, n: usize) -> BatchRow<'_> {
-        let tokens = if self.is_prefilling() {
-            &self.tokens[self.prefilled..self.prefilled + n]
-        } else {
-            &self.tokens[self.tokens.len() - 1..]
-        };
+    /// Run the next `n` prompt tokens through the model, in their own pass: the whole-
+    /// sequence graph (`Llama::forward`), whose numbers for a prompt are the ones checked
+    /// against llama.cpp (the batched host pass rounds differently, and on a near-tie of
+    /// the first token that showed).
+    pub fn prefill(&mut self, model: &LoadedModel, n: usize) -> candle_core::Result<()> {
+        let chunk = &self.tokens[self.prefilled..self.prefilled + n];
+        let input = Tensor::new(chunk, &model.llama.device)?.unsqueeze(0)?;
+        let logits = model.llama.forward(
+            &input,
+            &mut self.cache,
+            self.adapter.as_ref().map(|a| &a.adapter),
+        )?;
+        self.prefilled += n;
+        if !self.is_prefilling() {
+            self.logits = logits.squeeze(0)?.to_vec1::<f32>()?;
+            self.prompt_secs = self.admitted.elapsed().as_secs_f64();
+            self.decode_start = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// The batch row that runs the token just sampled.
+    pub fn decode_row(&mut self) -> BatchRow<'_> {
         BatchRow {
-            tokens,
+            tokens: &self.tokens[self.tokens.len() - 1..],
             cache: &mut self.cache,
             adapter: self.adapter.as_ref().map(|a| &a.adapter),
         }
     }
 
-    /// The row from [`Self::next_row`] ran `n` tokens; `logits` follow the last of them.
-    pub fn advance(&mut self, n: usize, logits: Vec<f32>) {
-        if self.is_prefilling() {
-            self.prefilled += n;
-            if self.is_prefilling() {
-                return; // the logits of a prompt's middle are not needed
-            }
-            self.prompt_secs = self.admitted.elapsed().as_secs_f64();
-            self.decode_start = Instant::now();
-        }
+    /// The logits after the token of [`Self::decode_row`].
+    pub fn set_logits(&mut self, logits: Vec<f32>) {
         self.logits = logits;
     }
 
