@@ -532,6 +532,9 @@ async fn a_job_in_the_server_waits_while_a_chat_reply_is_being_made_then_finishe
     assert_eq!(paused_at.step, 0);
     // The reply is done and dropped: the job goes on and finishes.
     reply.finish().await.unwrap();
+    // Busy a moment longer (a conversation's next message often follows), then not.
+    assert!(engine.busy());
+    tokio::time::sleep(loraloop_model::engine::BUSY_GRACE + Duration::from_millis(50)).await;
     assert!(!engine.busy());
     assert_eq!(job.await.unwrap().unwrap(), Some(id));
     let job = db.job(id).await.unwrap();

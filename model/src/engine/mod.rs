@@ -306,8 +306,15 @@ struct InFlight(Arc<Shared>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let now = self.0.started.elapsed().as_millis() as u64;
+        self.0.last_done_ms.store(now, Ordering::SeqCst);
     }
 }
+
+/// After a reply, chat counts as busy this long: the next request of a conversation or
+/// a script usually follows within it, and a training step started in between would
+/// hold that request up.
+pub const BUSY_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The active adapter with its activation version.
 #[derive(Debug)]
@@ -341,6 +348,9 @@ struct Shared {
     stats: Counters,
     /// Generations whose callers still hold them.
     in_flight: std::sync::atomic::AtomicUsize,
+    started: std::time::Instant,
+    /// When the last generation was dropped, in ms after `started` (0: none yet).
+    last_done_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for Shared {
@@ -397,6 +407,8 @@ impl Engine {
             limits,
             stats: Counters::default(),
             in_flight: Default::default(),
+            started: std::time::Instant::now(),
+            last_done_ms: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel();
         let worker = Arc::clone(&shared);
@@ -457,10 +469,15 @@ impl Engine {
         &self.shared.limits
     }
 
-    /// Whether replies are being made or waiting: work that a training job in the same
-    /// process gives way to.
+    /// Whether replies are being made or waiting, or one ended less than [`BUSY_GRACE`]
+    /// ago: work that a training job in the same process gives way to.
     pub fn busy(&self) -> bool {
-        self.shared.in_flight.load(Ordering::SeqCst) > 0
+        let s = &self.shared;
+        if s.in_flight.load(Ordering::SeqCst) > 0 {
+            return true;
+        }
+        let last = s.last_done_ms.load(Ordering::SeqCst);
+        last > 0 && s.started.elapsed().as_millis() as u64 <= last + BUSY_GRACE.as_millis() as u64
     }
 
     pub fn stats(&self) -> EngineStats {

@@ -215,6 +215,8 @@ mod tests {
             limits,
             stats: Counters::default(),
             in_flight: Default::default(),
+            started: std::time::Instant::now(),
+            last_done_ms: AtomicU64::new(0),
         };
         (dir, shared)
     }
