@@ -112,10 +112,10 @@ async fn stream_reply<C: ReplyChannel>(
     let mut last_edit = Instant::now();
     let mut last_typing = Instant::now();
     loop {
-        let event = match tokio::time::timeout(C::TYPING_INTERVAL, turn.generation.next()).await {
-            Ok(e) => Some(e),
-            Err(_) => None, // nothing for a while: keep "typing…" up
-        };
+        // None: nothing for a while (keep "typing…" up).
+        let event = tokio::time::timeout(C::TYPING_INTERVAL, turn.generation.next())
+            .await
+            .ok();
         if let Some((place, since)) = waiting
             && (sent.is_none() || placeholder)
             && since.elapsed() >= QUEUE_NOTICE_AFTER

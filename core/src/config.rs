@@ -180,7 +180,10 @@ impl Default for EngineConfig {
 impl EngineConfig {
     /// The engine's limits for `model` (its cache takes f32 values on the CPU, bf16 on a
     /// GPU).
-    pub fn limits(&self, model: &loraloop_model::engine::LoadedModel) -> loraloop_model::engine::EngineLimits {
+    pub fn limits(
+        &self,
+        model: &loraloop_model::engine::LoadedModel,
+    ) -> loraloop_model::engine::EngineLimits {
         let bytes = if model.llama.device.is_cpu() { 4 } else { 2 };
         loraloop_model::engine::EngineLimits {
             max_sequences: self.max_sequences,

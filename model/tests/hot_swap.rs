@@ -2,9 +2,7 @@
 //! (`fixtures/gen_tiny.py`).
 
 use candle_core::Device;
-use loraloop_model::engine::{
-    AdapterChoice, Engine, Event, GenerateRequest, LoadedModel, Prompt,
-};
+use loraloop_model::engine::{AdapterChoice, Engine, Event, GenerateRequest, LoadedModel, Prompt};
 use loraloop_model::sampling::SamplingParams;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -164,7 +162,9 @@ async fn replies_decoded_together_on_different_adapters_match_each_reply_decoded
         choices.push(AdapterChoice::Fixed(engine.prepare_adapter(a)));
     }
     let request = |i: usize| GenerateRequest {
-        prompt: Prompt::Tokens(vec![3 + i as u32, 17, 42, 8 + (i % 4) as u32][..2 + i % 3].to_vec()),
+        prompt: Prompt::Tokens(
+            vec![3 + i as u32, 17, 42, 8 + (i % 4) as u32][..2 + i % 3].to_vec(),
+        ),
         params: SamplingParams::greedy(30),
         adapter: choices[i % 3].clone(),
         user: None,
@@ -179,7 +179,9 @@ async fn replies_decoded_together_on_different_adapters_match_each_reply_decoded
     assert_eq!(engine.stats().largest_batch, 1);
     assert_ne!(alone[0], alone[1], "the adapters must change the replies");
     // All nine at once: they decode together, rows on different adapters in one step.
-    let generations: Vec<_> = (0..9).map(|i| engine.generate(request(i)).unwrap()).collect();
+    let generations: Vec<_> = (0..9)
+        .map(|i| engine.generate(request(i)).unwrap())
+        .collect();
     for (i, g) in generations.into_iter().enumerate() {
         let f = g.finish().await.unwrap();
         assert_eq!(f.token_ids, alone[i], "request {i} decoded in a batch");

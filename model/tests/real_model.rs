@@ -253,7 +253,10 @@ async fn replies_decoded_together_give_llama_cpps_greedy_reply() {
         })
         .collect();
     for g in gens {
-        assert_eq!(g.finish().await.unwrap().text, "The capital of France is Paris.");
+        assert_eq!(
+            g.finish().await.unwrap().text,
+            "The capital of France is Paris."
+        );
     }
     assert!(
         engine.stats().largest_batch >= 2,

@@ -540,7 +540,7 @@ fn assert_steps_close(what: &str, steps: &[(usize, Vec<f32>)], want: &[Vec<f64>]
 
 #[test]
 fn a_batch_of_sequences_at_different_positions_on_different_adapters_some_in_chunks_gives_each_its_reference_logits()
-{
+ {
     // Expected: expected.json "llama", "llama_lora" and "llama_lora_rs" at the position of
     // each step's last token (gen_tiny.py, numpy eager forward with the adapter merged).
     // Observed 1.5e-6.

@@ -14,8 +14,22 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 const TOPICS: [&str; 16] = [
-    "the sea", "bread", "mountains", "bicycles", "the moon", "libraries", "rain", "coffee",
-    "trains", "gardens", "winter", "music", "bridges", "cats", "the desert", "markets",
+    "the sea",
+    "bread",
+    "mountains",
+    "bicycles",
+    "the moon",
+    "libraries",
+    "rain",
+    "coffee",
+    "trains",
+    "gardens",
+    "winter",
+    "music",
+    "bridges",
+    "cats",
+    "the desert",
+    "markets",
 ];
 
 /// Numbers the prompts start with, different in every run.
@@ -101,7 +115,10 @@ pub async fn load(config: &Config, args: &BenchLoadArgs) -> anyhow::Result<ExitC
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as usize);
-    NONCE.store((now % 1_000_000) * 1_000_000, std::sync::atomic::Ordering::Relaxed);
+    NONCE.store(
+        (now % 1_000_000) * 1_000_000,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let serve = start_scratch_serve(config, args.model.as_ref(), args.while_training).await?;
     let models: Vec<String> = if args.adapters == 0 {
         vec!["base".to_string()]
@@ -120,9 +137,33 @@ pub async fn load(config: &Config, args: &BenchLoadArgs) -> anyhow::Result<ExitC
     let other_key = std::env::var("BENCH_AGAINST_KEY").unwrap_or_else(|_| "none".into());
     let other_models = vec!["default".to_string()];
     // Warm both sides (page cache, allocations, each adapter loaded once).
-    drive(&http, &serve.base, &serve.key, &models, models.len(), &BenchLoadArgs { requests: 1, max_tokens: 4, ..args.clone() }).await?;
+    drive(
+        &http,
+        &serve.base,
+        &serve.key,
+        &models,
+        models.len(),
+        &BenchLoadArgs {
+            requests: 1,
+            max_tokens: 4,
+            ..args.clone()
+        },
+    )
+    .await?;
     if let Some(url) = &args.against {
-        drive(&http, url, &other_key, &other_models, 1, &BenchLoadArgs { requests: 1, max_tokens: 4, ..args.clone() }).await?;
+        drive(
+            &http,
+            url,
+            &other_key,
+            &other_models,
+            1,
+            &BenchLoadArgs {
+                requests: 1,
+                max_tokens: 4,
+                ..args.clone()
+            },
+        )
+        .await?;
     }
     let mut rows = Vec::new();
     for &n in &args.clients {

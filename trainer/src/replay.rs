@@ -99,7 +99,9 @@ pub fn rounds(wanted: usize, available: usize, num_epochs: f64) -> usize {
     if wanted == 0 {
         return 1;
     }
-    (num_epochs.ceil().max(1.0) as usize).min(available / wanted).max(1)
+    (num_epochs.ceil().max(1.0) as usize)
+        .min(available / wanted)
+        .max(1)
 }
 
 /// Turn the replayed answers into distillation targets: at each scored position, the base

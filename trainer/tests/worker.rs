@@ -512,14 +512,15 @@ async fn a_job_in_the_server_waits_while_a_chat_reply_is_being_made_then_finishe
     };
     // Training starts, then waits at its first micro-batch for as long as the reply runs.
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while !db
-        .training_events(id, 0)
-        .await
-        .unwrap()
-        .iter()
-        .any(|e| e.message.as_deref().is_some_and(|m| m.contains("\"started\"")))
-    {
-        assert!(std::time::Instant::now() < deadline, "the job never started");
+    while !db.training_events(id, 0).await.unwrap().iter().any(|e| {
+        e.message
+            .as_deref()
+            .is_some_and(|m| m.contains("\"started\""))
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job never started"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -547,6 +548,9 @@ async fn a_job_in_the_server_waits_while_a_chat_reply_is_being_made_then_finishe
     assert!(
         told.is_some(),
         "the job says it paused for chat: {:?}",
-        events.iter().map(|e| (&e.kind, &e.message)).collect::<Vec<_>>()
+        events
+            .iter()
+            .map(|e| (&e.kind, &e.message))
+            .collect::<Vec<_>>()
     );
 }

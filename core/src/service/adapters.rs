@@ -4,8 +4,8 @@
 
 use crate::error::{Result, ServiceError};
 use crate::metrics::Metrics;
-use crate::service::model_info::ModelInfo;
 use crate::service::adapter_cache::AdapterCache;
+use crate::service::model_info::ModelInfo;
 use crate::storage::{Adapter, Assistant, Db, RollbackStep};
 use loraloop_model::engine::{ActiveAdapter, AdapterChoice, Engine};
 use std::collections::HashMap;

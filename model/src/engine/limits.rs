@@ -31,8 +31,13 @@ impl Default for EngineLimits {
 impl EngineLimits {
     /// Cache positions that fit `mib` MiB of attention cache for `config` in `dtype_bytes`
     /// per value (keys and values of every layer).
-    pub fn kv_positions(config: &crate::llama::LlamaConfig, mib: usize, dtype_bytes: usize) -> usize {
-        let per_position = config.num_layers * 2 * config.num_kv_heads * config.head_dim * dtype_bytes;
+    pub fn kv_positions(
+        config: &crate::llama::LlamaConfig,
+        mib: usize,
+        dtype_bytes: usize,
+    ) -> usize {
+        let per_position =
+            config.num_layers * 2 * config.num_kv_heads * config.head_dim * dtype_bytes;
         (mib << 20) / per_position.max(1)
     }
 }

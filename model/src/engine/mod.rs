@@ -253,7 +253,9 @@ pub struct Finished {
 pub enum Event {
     /// The engine is busy: the request waits in line at `position` (1: next). Sent again
     /// when the place changes.
-    Queued { position: usize },
+    Queued {
+        position: usize,
+    },
     /// Admitted: the reply runs on `adapter` (None: the base model).
     Started {
         adapter: Option<AdapterTag>,
@@ -547,4 +549,3 @@ impl Engine {
         })
     }
 }
-

@@ -10,10 +10,10 @@
 
 use super::sequence::Sequence;
 use super::{AdapterChoice, Counters, EngineLimits, Event, Job, LoadedModel, Shared};
-use std::sync::atomic::Ordering;
 use crate::llama::BatchRow;
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 
 struct Waiting {
@@ -166,7 +166,9 @@ impl<'m> Scheduler<'m> {
             let rows_n = which.len() as u64;
             self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
             self.stats.decoded_rows.fetch_add(rows_n, Ordering::Relaxed);
-            self.stats.largest_batch.fetch_max(rows_n, Ordering::Relaxed);
+            self.stats
+                .largest_batch
+                .fetch_max(rows_n, Ordering::Relaxed);
             let mut rows: Vec<BatchRow<'_>> = self
                 .running
                 .iter_mut()
@@ -290,12 +292,20 @@ mod tests {
             s.round(&sh);
             // In the same forward pass: one chunk of the long prompt, one token of the
             // short reply.
-            assert_eq!(s.running[1].prefilled(), (16 * round).min(100), "round {round}");
+            assert_eq!(
+                s.running[1].prefilled(),
+                (16 * round).min(100),
+                "round {round}"
+            );
             assert_eq!(s.running[0].generated(), round, "round {round}");
         }
         assert!(!s.running[1].is_prefilling());
         s.round(&sh);
-        assert_eq!(s.running[1].generated(), 1, "its first token the round after its prompt");
+        assert_eq!(
+            s.running[1].generated(),
+            1,
+            "its first token the round after its prompt"
+        );
     }
 
     #[test]
@@ -322,7 +332,11 @@ mod tests {
         for _ in 0..3 {
             s.round(&sh);
         }
-        assert!(drain(&mut a_rx).iter().any(|e| matches!(e, Event::Finished(_))));
+        assert!(
+            drain(&mut a_rx)
+                .iter()
+                .any(|e| matches!(e, Event::Finished(_)))
+        );
         assert!(s.running.is_empty());
         s.round(&sh);
         assert!(started(&drain(&mut b_rx)), "B runs once A is done");
@@ -348,7 +362,11 @@ mod tests {
         s.round(&sh);
         let users: Vec<Option<&str>> = s.running.iter().map(|q| q.user.as_deref()).collect();
         assert_eq!(users, [Some("ann"), Some("bob"), None]);
-        assert_eq!(places(&drain(&mut a2_rx)), [1], "ann's second reply waits for her first");
+        assert_eq!(
+            places(&drain(&mut a2_rx)),
+            [1],
+            "ann's second reply waits for her first"
+        );
     }
 
     #[test]

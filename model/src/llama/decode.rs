@@ -70,8 +70,10 @@ fn project<const N: usize>(
     projections: [(&Linear, &[Option<&LoraPair>]); N],
 ) -> candle_core::Result<[Vec<f32>; N]> {
     let n = xs.len() / cols;
-    let shared: Vec<Option<Option<&LoraPair>>> =
-        projections.iter().map(|(_, pairs)| one_pair(pairs)).collect();
+    let shared: Vec<Option<Option<&LoraPair>>> = projections
+        .iter()
+        .map(|(_, pairs)| one_pair(pairs))
+        .collect();
     let base: Vec<(&Linear, Option<&LoraPair>)> = projections
         .iter()
         .zip(&shared)
@@ -207,7 +209,10 @@ impl Llama {
         let vocab = self.embed.dim(0)?;
         let total: usize = rows.iter().map(|r| r.tokens.len()).sum();
         let mut x = Vec::with_capacity(total * hidden);
-        let (mut cos, mut sin) = (Vec::with_capacity(total * half), Vec::with_capacity(total * half));
+        let (mut cos, mut sin) = (
+            Vec::with_capacity(total * half),
+            Vec::with_capacity(total * half),
+        );
         let mut places = Vec::with_capacity(total);
         for (ri, r) in rows.iter().enumerate() {
             let start = r.cache.len();
@@ -227,8 +232,12 @@ impl Llama {
                     let row = layout.start_offset() + token * layout.stride()[0];
                     x.extend_from_slice(&data[row..row + hidden]);
                 })?;
-                with_vec(&self.cos, |c| cos.extend_from_slice(&c[pos * half..(pos + 1) * half]))?;
-                with_vec(&self.sin, |s| sin.extend_from_slice(&s[pos * half..(pos + 1) * half]))?;
+                with_vec(&self.cos, |c| {
+                    cos.extend_from_slice(&c[pos * half..(pos + 1) * half])
+                })?;
+                with_vec(&self.sin, |s| {
+                    sin.extend_from_slice(&s[pos * half..(pos + 1) * half])
+                })?;
                 places.push(TokenPlace { row: ri, pos });
             }
         }
@@ -292,8 +301,15 @@ impl Llama {
             [(&block.q, &pq), (&block.k, &pk), (&block.v, &pv)],
         )?;
         let (qd, kd) = (cfg.q_dim(), cfg.num_kv_heads * cfg.head_dim);
-        for (t, (q, k)) in q.chunks_exact_mut(qd).zip(k.chunks_exact_mut(kd)).enumerate() {
-            let (c, s) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+        for (t, (q, k)) in q
+            .chunks_exact_mut(qd)
+            .zip(k.chunks_exact_mut(kd))
+            .enumerate()
+        {
+            let (c, s) = (
+                &cos[t * half..(t + 1) * half],
+                &sin[t * half..(t + 1) * half],
+            );
             rope(q, cfg.head_dim, c, s, cfg.rope_layout);
             rope(k, cfg.head_dim, c, s, cfg.rope_layout);
         }
@@ -350,8 +366,7 @@ fn attention(
         .collect();
     let mut rows = Vec::with_capacity(guards.len());
     for ((ks, kl), (vs, vl)) in &guards {
-        let (Storage::Cpu(CpuStorage::F32(kd)), Storage::Cpu(CpuStorage::F32(vd))) =
-            (&**ks, &**vs)
+        let (Storage::Cpu(CpuStorage::F32(kd)), Storage::Cpu(CpuStorage::F32(vd))) = (&**ks, &**vs)
         else {
             candle_core::bail!("host decode: expected an f32 CPU KV cache");
         };

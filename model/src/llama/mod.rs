@@ -9,8 +9,8 @@ pub mod config;
 mod decode;
 pub mod load;
 
-pub use decode::BatchRow;
 pub use config::{Llama3RopeScaling, LlamaConfig, Projection, RopeLayout};
+pub use decode::BatchRow;
 pub use load::ModelSource;
 
 use crate::lora::{LayerLora, LoraAdapter};
@@ -228,8 +228,7 @@ impl Llama {
         cache: &mut Cache,
         adapter: Option<&LoraAdapter>,
     ) -> candle_core::Result<Tensor> {
-        if self.host_decode_applies() && tokens.dims() == [1, 1] && tokens.dtype() == DType::U32
-        {
+        if self.host_decode_applies() && tokens.dims() == [1, 1] && tokens.dtype() == DType::U32 {
             let token = tokens.flatten_all()?.to_vec1::<u32>()?[0];
             let mut logits = self.forward_batch(&mut [BatchRow {
                 tokens: &[token],

@@ -41,10 +41,9 @@ impl LoraPair {
     fn memory_bytes(&self) -> usize {
         let tensor = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         // The host copy: f32 and f16 of both (B padded to whole tiles).
-        let host = self
-            .host
-            .as_ref()
-            .map_or(0, |h| 6 * h.rank() * (h.in_dim() + h.out_dim().next_multiple_of(B_TILE_ROWS)));
+        let host = self.host.as_ref().map_or(0, |h| {
+            6 * h.rank() * (h.in_dim() + h.out_dim().next_multiple_of(B_TILE_ROWS))
+        });
         tensor(&self.a_t) + tensor(&self.b_t_scaled) + host
     }
 

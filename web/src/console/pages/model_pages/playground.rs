@@ -260,7 +260,9 @@ fn stream(state: AppState, turn: Turn) -> Response {
         while let Some(e) = generation.next().await {
             match e {
                 Event::Queued { position } => {
-                    let _ = tx.send(event("queued", json!({"position": position}))).await;
+                    let _ = tx
+                        .send(event("queued", json!({"position": position})))
+                        .await;
                 }
                 Event::Started { adapter } => {
                     let name = adapter.map_or("base".to_string(), |t| t.name);
