@@ -665,8 +665,9 @@ async fn a_stop_lets_the_reply_in_progress_finish() {
 async fn a_long_reply_streams_by_edits_at_most_once_a_second() {
     crate::support::capture_logs();
     let (fake, url) = fake_telegram().await;
-    // Long replies with words (the repetition penalty): generation takes seconds.
-    let s = crate::support::start(
+    // Long replies with words (the repetition penalty) from a model large enough that
+    // generating one takes seconds even with the four decoded together.
+    let s = crate::support::start_with_model(
         false,
         &env(
             &url,
@@ -675,10 +676,17 @@ async fn a_long_reply_streams_by_edits_at_most_once_a_second() {
                 ("LORALOOP_GENERATION__REPETITION_PENALTY", "2"),
             ],
         ),
+        loraloop_model::testing::TinySpec {
+            hidden: 256,
+            intermediate: 768,
+            layers: 8,
+            heads: 4,
+            kv_heads: 2,
+            seed: 0,
+        },
     )
     .await;
-    // Four users at once: the engine advances their replies one token each per round, so
-    // each takes about four times as long as alone, long enough to be edited on the way.
+    // Four users at once, each reply edited on the way.
     let users = [9201i64, 9202, 9203, 9204];
     for u in users {
         fake.text(u, "Tell me a long story.");

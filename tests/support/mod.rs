@@ -36,9 +36,18 @@ pub async fn start_config(config: loraloop_core::Config) -> RunningServer {
 }
 
 pub async fn start(worker: bool, extra_env: &[(&str, &str)]) -> TestServer {
+    start_with_model(worker, extra_env, TinySpec::default()).await
+}
+
+/// [`start`] on a random model of the shape `spec`.
+pub async fn start_with_model(
+    worker: bool,
+    extra_env: &[(&str, &str)],
+    spec: TinySpec,
+) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("models/tiny");
-    write_tiny_chat_model(&model, TinySpec::default()).unwrap();
+    write_tiny_chat_model(&model, spec).unwrap();
     let mut env = BTreeMap::new();
     env.insert(
         "LORALOOP_DATA_DIR".to_string(),
