@@ -16,6 +16,13 @@ const CHANNEL: u64 = 6001;
 
 /// The fake, and the server with the bot connected to it (READY received).
 async fn start(extra: &[(&str, &str)]) -> (FakeDiscord, crate::support::TestServer) {
+    start_with_model(extra, loraloop_model::testing::TinySpec::default()).await
+}
+
+async fn start_with_model(
+    extra: &[(&str, &str)],
+    spec: loraloop_model::testing::TinySpec,
+) -> (FakeDiscord, crate::support::TestServer) {
     crate::support::capture_logs();
     let fake = FakeDiscord::start(TOKEN).await;
     let mut env = vec![
@@ -23,7 +30,7 @@ async fn start(extra: &[(&str, &str)]) -> (FakeDiscord, crate::support::TestServ
         ("LORALOOP_DISCORD__API_URL", fake.api_url.as_str()),
     ];
     env.extend_from_slice(extra);
-    let s = crate::support::start(false, &env).await;
+    let s = crate::support::start_with_model(false, &env, spec).await;
     until(20, "the bot to connect", || fake.is_live()).await;
     (fake, s)
 }
@@ -75,12 +82,23 @@ fn shown(reply: &str) -> String {
 
 #[tokio::test]
 async fn direct_messages_stream_by_edits_and_reactions_rate_the_reply() {
-    // Long, and with a repetition penalty so the tiny model says more than newlines: the
-    // reply has words and takes a few seconds (edits at most one a second).
-    let (fake, s) = start(&[
-        ("LORALOOP_GENERATION__MAX_NEW_TOKENS", "900"),
-        ("LORALOOP_GENERATION__REPETITION_PENALTY", "2"),
-    ])
+    // Long, and with a repetition penalty so the model says more than newlines, from a
+    // random model large enough that the reply takes a few seconds even when replies are
+    // decoded together (edits at most one a second).
+    let (fake, s) = start_with_model(
+        &[
+            ("LORALOOP_GENERATION__MAX_NEW_TOKENS", "900"),
+            ("LORALOOP_GENERATION__REPETITION_PENALTY", "2"),
+        ],
+        loraloop_model::testing::TinySpec {
+            hidden: 256,
+            intermediate: 768,
+            layers: 8,
+            heads: 4,
+            kv_heads: 2,
+            seed: 0,
+        },
+    )
     .await;
     // IDENTIFY: the token and the intents (guild messages, DMs, message content, reactions).
     let identify = fake.identifies()[0].clone();
