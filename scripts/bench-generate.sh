@@ -15,24 +15,8 @@ ROUNDS=${1:-3}
 THREADS=${THREADS:-$(nproc)}
 MODEL=${MODEL:-data/models/SmolLM2-135M-Instruct.Q4_1.gguf}
 
-if [ -z "${LLAMA_BENCH:-}" ]; then
-  LLAMA_BENCH=target/llama.cpp/build/bin/llama-bench
-  if [ ! -x "$LLAMA_BENCH" ]; then
-    echo "building llama-bench from the llama-cpp-python sdist (once, ~10 min on 2 cores)" >&2
-    tmp=$(mktemp -d)
-    # Without build isolation: with it, pip builds the sdist's build requirements from
-    # source too (--no-binary :all: applies to them); here that was still compiling
-    # after seven minutes, before llama.cpp itself had started.
-    python3 -m pip install -q scikit-build-core cmake >&2
-    python3 -m pip download --no-deps --no-binary :all: --no-build-isolation llama-cpp-python==0.3.36 -d "$tmp" >&2
-    tar -xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
-    mkdir -p target/llama.cpp && cp -r "$tmp"/llama_cpp_python-*/vendor/llama.cpp/. target/llama.cpp/
-    cmake -S target/llama.cpp -B target/llama.cpp/build -DCMAKE_BUILD_TYPE=Release \
-      -DGGML_NATIVE=ON -DGGML_OPENMP=ON -DGGML_BLAS=OFF -DLLAMA_OPENSSL=OFF \
-      -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF >&2
-    cmake --build target/llama.cpp/build -j"$THREADS" --target llama-bench >&2
-  fi
-fi
+. scripts/llama-cpp.sh
+LLAMA_BENCH=${LLAMA_BENCH:-$(llama_cpp_tool llama-bench)}
 # PROFILE=dev reuses the test build (dependencies and the model crate are optimized
 # there too); the default is the release binary users run.
 PROFILE=${PROFILE:-release}

@@ -9,8 +9,7 @@
 #                                      ADAPTERS 8, THREADS, MODEL, LORALOOP, LLAMA_SERVER)
 #
 # llama-server: $LLAMA_SERVER if set, else built once into target/llama.cpp from the
-# vendored tree of the llama-cpp-python source distribution, as scripts/bench-generate.sh
-# builds llama-bench. No llama.cpp code enters the repository.
+# vendored tree of the llama-cpp-python source distribution (scripts/llama-cpp.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-$(nproc)}
@@ -21,23 +20,8 @@ MAX_TOKENS=${MAX_TOKENS:-64}
 ADAPTERS=${ADAPTERS:-8}
 PORT=${PORT:-18093}
 
-if [ -z "${LLAMA_SERVER:-}" ]; then
-  LLAMA_SERVER=target/llama.cpp/build/bin/llama-server
-  if [ ! -x "$LLAMA_SERVER" ]; then
-    echo "building llama-server from the llama-cpp-python sdist (once, ~10 min on 2 cores)" >&2
-    if [ ! -f target/llama.cpp/CMakeLists.txt ]; then
-      tmp=$(mktemp -d)
-      python3 -m pip install -q scikit-build-core cmake >&2
-      python3 -m pip download --no-deps --no-binary :all: --no-build-isolation llama-cpp-python==0.3.36 -d "$tmp" >&2
-      tar -xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
-      mkdir -p target/llama.cpp && cp -r "$tmp"/llama_cpp_python-*/vendor/llama.cpp/. target/llama.cpp/
-    fi
-    cmake -S target/llama.cpp -B target/llama.cpp/build -DCMAKE_BUILD_TYPE=Release \
-      -DGGML_NATIVE=ON -DGGML_OPENMP=ON -DGGML_BLAS=OFF -DLLAMA_OPENSSL=OFF \
-      -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=ON >&2
-    cmake --build target/llama.cpp/build -j"$THREADS" --target llama-server >&2
-  fi
-fi
+. scripts/llama-cpp.sh
+LLAMA_SERVER=${LLAMA_SERVER:-$(llama_cpp_tool llama-server)}
 if [ -z "${LORALOOP:-}" ]; then
   cargo build --release -q --bin loraloop
   LORALOOP=target/release/loraloop

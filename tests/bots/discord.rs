@@ -90,14 +90,7 @@ async fn direct_messages_stream_by_edits_and_reactions_rate_the_reply() {
             ("LORALOOP_GENERATION__MAX_NEW_TOKENS", "900"),
             ("LORALOOP_GENERATION__REPETITION_PENALTY", "2"),
         ],
-        loraloop_model::testing::TinySpec {
-            hidden: 256,
-            intermediate: 768,
-            layers: 8,
-            heads: 4,
-            kv_heads: 2,
-            seed: 0,
-        },
+        crate::support::SLOW_MODEL,
     )
     .await;
     // IDENTIFY: the token and the intents (guild messages, DMs, message content, reactions).

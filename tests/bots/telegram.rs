@@ -676,14 +676,7 @@ async fn a_long_reply_streams_by_edits_at_most_once_a_second() {
                 ("LORALOOP_GENERATION__REPETITION_PENALTY", "2"),
             ],
         ),
-        loraloop_model::testing::TinySpec {
-            hidden: 256,
-            intermediate: 768,
-            layers: 8,
-            heads: 4,
-            kv_heads: 2,
-            seed: 0,
-        },
+        crate::support::SLOW_MODEL,
     )
     .await;
     // Four users at once, each reply edited on the way.

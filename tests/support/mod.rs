@@ -39,6 +39,17 @@ pub async fn start(worker: bool, extra_env: &[(&str, &str)]) -> TestServer {
     start_with_model(worker, extra_env, TinySpec::default()).await
 }
 
+/// A random model large enough that a 900-token reply takes seconds even when several
+/// are decoded together (the streaming-edit tests need replies that outlast an edit).
+pub const SLOW_MODEL: TinySpec = TinySpec {
+    hidden: 256,
+    intermediate: 768,
+    layers: 8,
+    heads: 4,
+    kv_heads: 2,
+    seed: 0,
+};
+
 /// [`start`] on a random model of the shape `spec`.
 pub async fn start_with_model(
     worker: bool,

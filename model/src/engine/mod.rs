@@ -355,6 +355,21 @@ struct Shared {
     last_done_ms: AtomicU64,
 }
 
+impl Shared {
+    fn new(model: LoadedModel, limits: EngineLimits) -> Self {
+        Self {
+            model: Arc::new(model),
+            adapter: ArcSwapOption::empty(),
+            versions: AtomicU64::new(0),
+            limits,
+            stats: Counters::default(),
+            in_flight: Default::default(),
+            started: std::time::Instant::now(),
+            last_done_ms: AtomicU64::new(0),
+        }
+    }
+}
+
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shared").finish_non_exhaustive()
@@ -402,16 +417,7 @@ impl Engine {
 
     /// Start the engine thread with `limits`.
     pub fn start_with(model: LoadedModel, limits: EngineLimits) -> Self {
-        let shared = Arc::new(Shared {
-            model: Arc::new(model),
-            adapter: ArcSwapOption::empty(),
-            versions: AtomicU64::new(0),
-            limits,
-            stats: Counters::default(),
-            in_flight: Default::default(),
-            started: std::time::Instant::now(),
-            last_done_ms: AtomicU64::new(0),
-        });
+        let shared = Arc::new(Shared::new(model, limits));
         let (tx, rx) = mpsc::channel();
         let worker = Arc::clone(&shared);
         std::thread::Builder::new()

@@ -88,8 +88,7 @@ impl<'m> Scheduler<'m> {
     /// cache budget waits for room (nothing behind it overtakes it, so it cannot starve),
     /// unless nothing runs at all: then it runs alone.
     fn admit(&mut self, shared: &Shared) {
-        let reserved: usize = self.running.iter().map(|s| s.reserved).sum();
-        let mut reserved = reserved;
+        let mut reserved: usize = self.running.iter().map(|s| s.reserved).sum();
         while self.running.len() < self.limits.max_sequences {
             let pick = self
                 .waiting
@@ -202,25 +201,13 @@ mod tests {
     use super::*;
     use crate::sampling::SamplingParams;
     use crate::testing::{TinySpec, write_tiny_chat_model};
-    use arc_swap::ArcSwapOption;
-    use std::sync::atomic::AtomicU64;
     use tokio::sync::mpsc as tmpsc;
 
     fn shared(limits: EngineLimits) -> (tempfile::TempDir, Shared) {
         let dir = tempfile::tempdir().unwrap();
         write_tiny_chat_model(dir.path(), TinySpec::default()).unwrap();
         let model = LoadedModel::load(dir.path(), &candle_core::Device::Cpu).unwrap();
-        let shared = Shared {
-            model: Arc::new(model),
-            adapter: ArcSwapOption::empty(),
-            versions: AtomicU64::new(0),
-            limits,
-            stats: Counters::default(),
-            in_flight: Default::default(),
-            started: std::time::Instant::now(),
-            last_done_ms: AtomicU64::new(0),
-        };
-        (dir, shared)
+        (dir, Shared::new(model, limits))
     }
 
     fn scheduler(shared: &Shared) -> Scheduler<'_> {
