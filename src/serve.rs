@@ -179,6 +179,11 @@ async fn services(config: Config, db: Db) -> anyhow::Result<(Services, candle_co
         adapters_dir,
         config,
     });
+    // The config's `assistants:` are set from it at every start.
+    core.assistants
+        .sync_config(&core.config.raw.assistants)
+        .await
+        .context("cannot set up the config's assistants")?;
     match core.adapters.restore().await {
         Ok(Some(name)) => tracing::info!("active adapter: {name}"),
         Ok(None) => {}
@@ -284,11 +289,16 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 if tick % CANARY_EVERY_SECS == 0 {
                     match core.canary.tick().await {
-                        Ok(Some((c, d))) => {
-                            tracing::info!(adapter = c.adapter_id, "canary ended: {d:?}")
+                        Ok(ended) => {
+                            for (c, d) in ended {
+                                tracing::info!(
+                                    assistant = c.assistant_id,
+                                    adapter = c.adapter_id,
+                                    "canary ended: {d:?}"
+                                )
+                            }
                         }
-                        Ok(None) => {}
-                        Err(e) => tracing::warn!("cannot look at the canary: {e}"),
+                        Err(e) => tracing::warn!("cannot look at the canaries: {e}"),
                     }
                 }
                 match core.adapters.follow().await {

@@ -81,6 +81,16 @@ pub async fn run(
         queue,
         rate,
     });
+    // Updates are stored under the bot's id (several bots may share the database); those
+    // stored before keys had one were this bot's.
+    let adopted = tb
+        .core
+        .db
+        .adopt_unscoped_updates(Platform::Telegram, &tb.source())
+        .await?;
+    if adopted > 0 {
+        tracing::info!("telegram: {adopted} updates stored by an earlier version are this bot's");
+    }
     // Updates stored by an earlier run and not answered.
     tb.clone().dispatch_pending().await?;
     let outcome = match webhook {
@@ -94,6 +104,24 @@ pub async fn run(
 }
 
 impl TelegramBot {
+    /// The prefix of this bot's update keys in `inbound_updates` (its user id).
+    fn source(&self) -> String {
+        self.me.id.0.to_string()
+    }
+
+    /// The assistant that answers in `chat`: the chat's route, else this bot's, else the
+    /// default assistant.
+    async fn assistant(
+        &self,
+        chat: ChatId,
+    ) -> loraloop_core::error::Result<loraloop_core::storage::Assistant> {
+        let (chat, bot) = (chat.0.to_string(), self.me.id.0.to_string());
+        self.core
+            .assistants
+            .routed("telegram", &[("chat", &chat), ("bot", &bot)])
+            .await
+    }
+
     /// Long polling: store each batch of updates, then confirm it with the next offset.
     async fn poll(self: Arc<Self>, stop: Arc<tokio::sync::Notify>) -> anyhow::Result<()> {
         // getUpdates is refused while a webhook is set (from an earlier webhook-mode run).
@@ -104,7 +132,7 @@ impl TelegramBot {
         let mut offset = self
             .core
             .db
-            .last_update_id(Platform::Telegram)
+            .last_update_id(Platform::Telegram, &self.source())
             .await?
             .map(|u| u + 1);
         loop {
@@ -136,7 +164,11 @@ impl TelegramBot {
                 stored |= self
                     .core
                     .db
-                    .store_update(Platform::Telegram, &u.id.0.to_string(), &payload)
+                    .store_update(
+                        Platform::Telegram,
+                        &format!("{}:{}", self.source(), u.id.0),
+                        &payload,
+                    )
                     .await?;
                 offset = Some(offset.unwrap_or(0).max(i64::from(u.id.0) + 1));
             }
@@ -163,7 +195,7 @@ impl TelegramBot {
         })
         .await
         .map_err(|e| anyhow::anyhow!("telegram setWebhook: {e}"))?;
-        self.inbox.set_secret(secret);
+        self.inbox.set_secret(secret, self.source());
         tracing::info!(
             "telegram: webhook registered for @{} at {}",
             self.me.username(),
@@ -251,7 +283,13 @@ impl TelegramBot {
     /// Hand every pending update not already handed out to its chat's worker: chats in
     /// parallel, each chat's updates in the order they came.
     async fn dispatch_pending(self: Arc<Self>) -> anyhow::Result<()> {
-        for p in self.core.db.pending_updates(Platform::Telegram).await? {
+        let source = self.source();
+        for p in self
+            .core
+            .db
+            .pending_updates(Platform::Telegram, Some(&source))
+            .await?
+        {
             if !self.queue.claim(&p.update_key) {
                 continue;
             }
@@ -369,7 +407,9 @@ impl TelegramBot {
                     return Ok(());
                 }
                 "reset" => {
-                    db.close_conversations(chat_row, thread.as_deref()).await?;
+                    let assistant = self.assistant(chat).await?;
+                    db.close_conversations(chat_row, thread.as_deref(), Some(assistant.id))
+                        .await?;
                     self.say(chat, text::NEW_CONVERSATION).await?;
                     return Ok(());
                 }
@@ -396,13 +436,9 @@ impl TelegramBot {
             self.say(chat, text::EMPTY_MENTION).await?;
             return Ok(());
         }
+        let assistant = self.assistant(chat).await?;
         let conv = db
-            .current_conversation(
-                self.core.assistant.id,
-                chat_row,
-                thread.as_deref(),
-                Some(user.id),
-            )
+            .current_conversation(assistant.id, chat_row, thread.as_deref(), Some(user.id))
             .await?;
         // A replayed update (the process died before marking it done): a reply that was
         // stored is not generated again; if Telegram confirmed it, nothing is left to do,

@@ -104,6 +104,8 @@ pub struct RawConfig {
     pub device: String,
     pub server: ServerConfig,
     pub assistant: AssistantConfig,
+    /// More assistants on the same model, each with its own routes.
+    pub assistants: Vec<crate::assistant_settings::AssistantEntry>,
     pub generation: GenerationConfig,
     pub engine: EngineConfig,
     pub telegram: TelegramConfig,
@@ -123,6 +125,10 @@ pub struct ServerConfig {
     pub max_upload_mb: u64,
 }
 
+/// The system prompt of an assistant that sets none.
+pub const DEFAULT_SYSTEM_PROMPT: &str = "You are a helpful assistant.";
+
+/// The default assistant: it answers wherever no route names another.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AssistantConfig {
@@ -258,6 +264,7 @@ impl Default for RawConfig {
             device: "auto".to_string(),
             server: ServerConfig::default(),
             assistant: AssistantConfig::default(),
+            assistants: Vec::new(),
             generation: GenerationConfig::default(),
             engine: EngineConfig::default(),
             telegram: TelegramConfig::default(),
@@ -282,7 +289,7 @@ impl Default for AssistantConfig {
     fn default() -> Self {
         Self {
             name: "loraloop".to_string(),
-            system_prompt: "You are a helpful assistant.".to_string(),
+            system_prompt: DEFAULT_SYSTEM_PROMPT.to_string(),
             activation: ActivationPolicy::default(),
             pin_idle_minutes: 30.0,
         }
@@ -290,6 +297,43 @@ impl Default for AssistantConfig {
 }
 
 impl GenerationConfig {
+    /// The first value out of range, as (field, what is wrong and what is allowed).
+    pub fn check(&self) -> Result<(), (String, String)> {
+        let g = self;
+        let bad = |field: &str, message: String| Err((field.to_string(), message));
+        if !(g.temperature.is_finite() && (0.0..=5.0).contains(&g.temperature)) {
+            return bad(
+                "temperature",
+                format!("got {}; allowed: 0 to 5 (0 means greedy)", g.temperature),
+            );
+        }
+        if !(g.top_p > 0.0 && g.top_p <= 1.0) {
+            return bad(
+                "top_p",
+                format!("got {}; allowed: greater than 0, at most 1", g.top_p),
+            );
+        }
+        if !(g.repetition_penalty.is_finite() && (1.0..=2.0).contains(&g.repetition_penalty)) {
+            return bad(
+                "repetition_penalty",
+                format!("got {}; allowed: 1 (off) to 2", g.repetition_penalty),
+            );
+        }
+        if !(1..=32_768).contains(&g.max_new_tokens) {
+            return bad(
+                "max_new_tokens",
+                format!("got {}; allowed: 1 to 32768", g.max_new_tokens),
+            );
+        }
+        if let Some(i) = g.stop.iter().position(|s| s.is_empty()) {
+            return bad(
+                &format!("stop.{i}"),
+                "got an empty string; allowed: non-empty strings".to_string(),
+            );
+        }
+        Ok(())
+    }
+
     /// The engine's sampling settings these values describe.
     pub fn sampling_params(&self) -> loraloop_model::sampling::SamplingParams {
         loraloop_model::sampling::SamplingParams {
@@ -463,30 +507,8 @@ impl Config {
             origin: origins.of(key),
             message,
         };
-        let g = &raw.generation;
-        if !(g.temperature.is_finite() && (0.0..=5.0).contains(&g.temperature)) {
-            return Err(invalid(
-                "generation.temperature",
-                format!("got {}; allowed: 0 to 5 (0 means greedy)", g.temperature),
-            ));
-        }
-        if !(g.top_p > 0.0 && g.top_p <= 1.0) {
-            return Err(invalid(
-                "generation.top_p",
-                format!("got {}; allowed: greater than 0, at most 1", g.top_p),
-            ));
-        }
-        if !(g.repetition_penalty.is_finite() && (1.0..=2.0).contains(&g.repetition_penalty)) {
-            return Err(invalid(
-                "generation.repetition_penalty",
-                format!("got {}; allowed: 1 (off) to 2", g.repetition_penalty),
-            ));
-        }
-        if !(1..=32_768).contains(&g.max_new_tokens) {
-            return Err(invalid(
-                "generation.max_new_tokens",
-                format!("got {}; allowed: 1 to 32768", g.max_new_tokens),
-            ));
+        if let Err((field, message)) = raw.generation.check() {
+            return Err(invalid(&format!("generation.{field}"), message));
         }
         let e = &raw.engine;
         for (key, value, max) in [
@@ -499,12 +521,6 @@ impl Config {
             if !(1..=max).contains(&value) {
                 return Err(invalid(key, format!("got {value}; allowed: 1 to {max}")));
             }
-        }
-        if let Some(i) = g.stop.iter().position(|s| s.is_empty()) {
-            return Err(invalid(
-                &format!("generation.stop.{i}"),
-                "got an empty string; allowed: non-empty strings".to_string(),
-            ));
         }
         if raw.server.host.parse::<IpAddr>().is_err() && !is_hostname(&raw.server.host) {
             return Err(invalid(
@@ -536,6 +552,28 @@ impl Config {
                 "assistant.name",
                 "got an empty string; allowed: any non-empty name".to_string(),
             ));
+        }
+        let mut names = vec![raw.assistant.name.as_str()];
+        for (i, a) in raw.assistants.iter().enumerate() {
+            if let Some(why) = crate::assistant_settings::name_problem(&a.name) {
+                return Err(invalid(&format!("assistants.{i}.name"), why));
+            }
+            if names.contains(&a.name.as_str()) {
+                return Err(invalid(
+                    &format!("assistants.{i}.name"),
+                    format!(
+                        "{:?} is taken: every assistant needs its own name (assistant.name included)",
+                        a.name
+                    ),
+                ));
+            }
+            names.push(&a.name);
+            if let Err((field, message)) = a.generation.over(&raw.generation).check() {
+                return Err(invalid(
+                    &format!("assistants.{i}.generation.{field}"),
+                    message,
+                ));
+            }
         }
         if let Err((key, message)) = raw.gate.check() {
             return Err(invalid(key, message));

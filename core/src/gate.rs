@@ -18,6 +18,25 @@ pub enum ActivationPolicy {
     Canary,
 }
 
+impl ActivationPolicy {
+    pub const NAMES: [&'static str; 3] = ["manual", "gate", "canary"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Manual => "manual",
+            Self::Gate => "gate",
+            Self::Canary => "canary",
+        }
+    }
+
+    /// The policy an assistant row names (None: unknown or unset).
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Manual, Self::Gate, Self::Canary]
+            .into_iter()
+            .find(|p| p.as_str() == s)
+    }
+}
+
 /// The thresholds of the report card's verdict.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -7,21 +7,23 @@ use std::sync::Mutex;
 
 #[derive(Default)]
 pub struct Inbox {
-    secret: Mutex<Option<String>>,
+    /// The secret, and the source the bot's updates are stored under (its id).
+    secret: Mutex<Option<(String, String)>>,
     stored: tokio::sync::Notify,
 }
 
 impl Inbox {
-    /// The secret a delivery must carry; None until the bot has registered its webhook.
-    pub fn secret(&self) -> Option<String> {
+    /// The secret a delivery must carry and the source its update is stored under; None
+    /// until the bot has registered its webhook.
+    pub fn secret(&self) -> Option<(String, String)> {
         self.secret
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
 
-    pub fn set_secret(&self, secret: String) {
-        *self.secret.lock().unwrap_or_else(|e| e.into_inner()) = Some(secret);
+    pub fn set_secret(&self, secret: String, source: String) {
+        *self.secret.lock().unwrap_or_else(|e| e.into_inner()) = Some((secret, source));
     }
 
     /// An update was stored: wake the bot.

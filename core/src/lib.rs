@@ -4,6 +4,7 @@
 //! Dependencies point one way: `loraloop-model` <- `loraloop-core` <- {trainer, bots, web}
 //! <- the `loraloop` binary.
 
+pub mod assistant_settings;
 pub mod canary;
 pub mod config;
 pub mod domain;

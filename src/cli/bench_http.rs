@@ -72,6 +72,7 @@ pub async fn random_adapters(
         let a = st
             .db
             .insert_adapter(&NewAdapter {
+                assistant_id: None,
                 name: &format!("bench-{i}"),
                 path: &dir.display().to_string(),
                 base_model: &st.model.name,
@@ -193,6 +194,7 @@ pub async fn queue_training(s: &ScratchServe, examples: usize) -> anyhow::Result
     let ds = st
         .db
         .insert_dataset(&NewDataset {
+            assistant_id: None,
             name: "bench-training",
             format: "openai",
             source: "bench",
@@ -206,6 +208,7 @@ pub async fn queue_training(s: &ScratchServe, examples: usize) -> anyhow::Result
     let job = st
         .db
         .create_job(&NewJob {
+            assistant_id: None,
             dataset_id: ds,
             base_model: &st.model.name,
             method: "lora",

@@ -100,6 +100,7 @@ async fn import_preferences(
     let db = open_db(config).await?;
     let inserted = db
         .insert_dataset(&NewDataset {
+            assistant_id: None,
             name: &args.name,
             format: kind.as_str(),
             source: &source,
@@ -180,6 +181,7 @@ async fn import(config: &Config, args: &ImportArgs) -> anyhow::Result<ExitCode> 
     let inserted = db
         .insert_dataset_with_progress(
             &NewDataset {
+                assistant_id: None,
                 name: &args.name,
                 format: format_name,
                 source: &source,

@@ -1073,3 +1073,67 @@ fn assert_token_not_logged() {
     );
     assert!(!logs.contains(TOKEN), "the bot token is in the logs");
 }
+
+/// Routes send a Discord channel, a server or the bot's application to an assistant: the
+/// most specific one answers (a thread goes by its parent channel).
+#[tokio::test]
+async fn routes_pick_the_assistant_by_channel_then_server_then_application() {
+    let (fake, s) = start(&[]).await;
+    for (name, scope, key) in [
+        ("in-server", "guild", GUILD),
+        ("in-channel", "channel", CHANNEL + 1),
+        ("everywhere", "application", APP_ID),
+    ] {
+        let (status, a) = s
+            .post_json(
+                "/api/v1/assistants",
+                &serde_json::json!({"name": name, "routes": [{"platform": "discord", "scope": scope, "key": key.to_string()}]}),
+            )
+            .await;
+        assert_eq!(status, 201, "{a}");
+    }
+    fake.dm(3001, "hello in private");
+    fake.guild_message(GUILD, CHANNEL, 3002, "hello in the server", true, None);
+    fake.guild_message(GUILD, CHANNEL + 1, 3003, "hello in the channel", true, None);
+    wait_rows(
+        s.server.state.db.pool(),
+        "select count(*) from messages where role = 'assistant'",
+        3,
+    )
+    .await;
+    let answered: Vec<(String, String)> = sqlx::query_as(
+        "select u.content, a.name from messages u join conversations c on c.id = u.conversation_id
+         join assistants a on a.id = c.assistant_id where u.role = 'user' order by u.content",
+    )
+    .fetch_all(s.server.state.db.pool())
+    .await
+    .unwrap();
+    let pairs: Vec<(&str, &str)> = answered
+        .iter()
+        .map(|(t, a)| (t.as_str(), a.as_str()))
+        .collect();
+    assert_eq!(
+        pairs,
+        [
+            ("hello in private", "everywhere"),
+            ("hello in the channel", "in-channel"),
+            ("hello in the server", "in-server"),
+        ]
+    );
+    // The thread started for the server message keeps its assistant: its parent channel
+    // routes nowhere more specific.
+    let (thread, _) = *fake
+        .threads()
+        .iter()
+        .find(|(_, parent)| *parent == CHANNEL)
+        .unwrap();
+    fake.guild_message(GUILD, thread, 3002, "more in the thread", false, None);
+    wait_rows(
+        s.server.state.db.pool(),
+        "select count(*) from messages m join conversations c on c.id = m.conversation_id
+         join assistants a on a.id = c.assistant_id where a.name = 'in-server' and m.role = 'assistant'",
+        2,
+    )
+    .await;
+    s.stop().await;
+}

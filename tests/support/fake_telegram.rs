@@ -35,6 +35,8 @@ pub struct Fake {
     /// duplicate).
     pub hang_after: Option<usize>,
     pub hung: usize,
+    /// The bot it serves: its token and user id (None: [`TOKEN`] and [`BOT_ID`]).
+    pub bot: Option<(String, i64)>,
 }
 
 impl Fake {
@@ -155,7 +157,14 @@ async fn handle(
     Path((token, method)): Path<(String, String)>,
     req: axum::extract::Request,
 ) -> (axum::http::StatusCode, Json<Value>) {
-    assert_eq!(token, format!("bot{TOKEN}"));
+    let (want, bot_id) = fake
+        .0
+        .lock()
+        .unwrap()
+        .bot
+        .clone()
+        .unwrap_or((TOKEN.to_string(), BOT_ID));
+    assert_eq!(token, format!("bot{want}"));
     let method = method.to_lowercase();
     let mut params = params_of(req).await;
     let forced = fake
@@ -205,7 +214,7 @@ async fn handle(
             }
         }
         "getme" => ok(
-            json!({"id": BOT_ID, "is_bot": true, "first_name": "loraloop", "username": "loraloop_bot",
+            json!({"id": bot_id, "is_bot": true, "first_name": "loraloop", "username": "loraloop_bot",
                              "can_join_groups": true, "can_read_all_group_messages": false, "supports_inline_queries": false, "has_main_web_app": false}),
         ),
         "sendmessage" | "editmessagetext" | "editmessagereplymarkup" => {
@@ -235,7 +244,7 @@ async fn handle(
             }
             ok(
                 json!({"message_id": id, "date": 1, "chat": {"id": chat, "type": "private", "first_name": "U"},
-                      "from": {"id": BOT_ID, "is_bot": true, "first_name": "loraloop", "username": "loraloop_bot"},
+                      "from": {"id": bot_id, "is_bot": true, "first_name": "loraloop", "username": "loraloop_bot"},
                       "text": text.as_str().unwrap_or("")}),
             )
         }
@@ -247,7 +256,13 @@ async fn handle(
 }
 
 pub async fn fake_telegram() -> (FakeTelegram, String) {
+    fake_telegram_for(TOKEN, BOT_ID).await
+}
+
+/// A fake Telegram for the bot with this token and user id.
+pub async fn fake_telegram_for(token: &str, bot_id: i64) -> (FakeTelegram, String) {
     let fake = FakeTelegram::default();
+    fake.0.lock().unwrap().bot = Some((token.to_string(), bot_id));
     let app = Router::new()
         .route("/{token}/{method}", post(handle))
         .with_state(fake.clone());

@@ -127,6 +127,12 @@ impl TestServer {
         self.http.post(self.url(path)).bearer_auth(KEY)
     }
 
+    /// DELETE with the key; the status.
+    pub async fn delete(&self, path: &str) -> u16 {
+        let r = self.http.delete(self.url(path)).bearer_auth(KEY);
+        r.send().await.unwrap().status().as_u16()
+    }
+
     /// GET with the key, expecting 200 and JSON.
     pub async fn get_json(&self, path: &str) -> serde_json::Value {
         let r = self.get(path).send().await.unwrap();

@@ -573,6 +573,7 @@ async fn datasets_are_imported_previewed_exported_and_deleted() {
     let job = c
         .db()
         .create_job(&NewJob {
+            assistant_id: None,
             dataset_id: faq.id,
             base_model: "tiny",
             method: "lora",

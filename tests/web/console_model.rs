@@ -536,7 +536,7 @@ async fn train_activate_download_upload_chat_and_compare_from_the_console() {
         .server
         .state
         .chat
-        .playground_conversation(false)
+        .playground_conversation(&c.server.state.assistant, false)
         .await
         .unwrap();
     let msgs = c.server.state.db.recent_messages(conv, 10).await.unwrap();
@@ -577,7 +577,7 @@ async fn train_activate_download_upload_chat_and_compare_from_the_console() {
         c.server
             .state
             .chat
-            .playground_conversation(false)
+            .playground_conversation(&c.server.state.assistant, false)
             .await
             .unwrap(),
         conv

@@ -46,22 +46,32 @@ pub struct CardData {
     /// The active adapter's name and folder, when the assistant has one.
     pub current: Option<(String, PathBuf)>,
     pub assistant_id: Option<i64>,
+    /// The assistant's activation policy (its own, else the config's).
+    pub policy: ActivationPolicy,
 }
 
-/// The newest `limit` conversations with a 👍-rated reply that are not among
+/// The card's data for a job for `assistant_id` (None: `opts.assistant`): the newest
+/// `limit` of that assistant's conversations with a 👍-rated reply that are not among
 /// `trained_on` (the conversations the job's dataset came from), as examples scored on the
 /// rated replies only.
 pub async fn card_data(
     db: &Db,
     opts: &GateOptions,
+    assistant_id: Option<i64>,
     trained_on: &HashSet<i64>,
 ) -> anyhow::Result<CardData> {
+    let assistant = match (assistant_id, &opts.assistant) {
+        (Some(id), _) => Some(db.assistant_by_id(id).await?),
+        (None, Some(name)) => Some(db.assistant(name).await?),
+        (None, None) => None,
+    };
     let limit = opts.thresholds.rated_replies;
     let mut rated: Vec<ChatExample> = if limit == 0 {
         Vec::new()
     } else {
         db.conversation_examples(&BuildFilter {
             only_upvoted: true,
+            assistant: assistant.as_ref().map(|a| a.id),
             ..Default::default()
         })
         .await?
@@ -74,11 +84,14 @@ pub async fn card_data(
     rated.drain(..rated.len().saturating_sub(limit));
     let mut data = CardData {
         rated,
+        policy: opts.policy,
         ..Default::default()
     };
-    if let Some(name) = &opts.assistant {
-        let a = db.assistant(name).await?;
+    if let Some(a) = assistant {
         data.assistant_id = Some(a.id);
+        if let Some(p) = a.activation.as_deref().and_then(ActivationPolicy::parse) {
+            data.policy = p;
+        }
         if let Some(id) = a.active_adapter_id {
             let row = db.adapter(id).await?;
             data.current = Some((row.name, PathBuf::from(row.path)));
@@ -136,18 +149,18 @@ pub fn make_card(
 pub async fn decide(
     db: &Db,
     opts: &GateOptions,
-    assistant_id: Option<i64>,
+    data: &CardData,
     adapter_id: i64,
     card: &ReportCard,
 ) -> anyhow::Result<String> {
     let reasons = card.verdict.reasons().join("; ");
-    let Some(assistant_id) = assistant_id else {
+    let Some(assistant_id) = data.assistant_id else {
         return Ok(match card.verdict.pass {
             true => "report card: passes the gate".to_string(),
             false => format!("report card: does not pass the gate: {reasons}"),
         });
     };
-    Ok(match (opts.policy, card.verdict.pass) {
+    Ok(match (data.policy, card.verdict.pass) {
         (ActivationPolicy::Gate, true) => {
             db.activate_adapter(assistant_id, Some(adapter_id), "gate")
                 .await?;

@@ -223,7 +223,7 @@ async fn run_job(
         }
     };
     let card_data = if config.method == Method::Lora {
-        Some(job_card::card_data(db, &opts.gate, &trained_on).await?)
+        Some(job_card::card_data(db, &opts.gate, job.assistant_id, &trained_on).await?)
     } else {
         None
     };
@@ -290,7 +290,11 @@ async fn run_job(
     let seq = config.sequence_len;
     let name = format!("job-{id}");
     let card_name = name.clone();
-    let assistant_id = card_data.as_ref().and_then(|d| d.assistant_id);
+    let decide_data = card_data.clone();
+    let assistant_id = decide_data
+        .as_ref()
+        .and_then(|d| d.assistant_id)
+        .or(job.assistant_id);
     let outcome = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let model = model_for(&model_path, shared.as_ref(), &device)?;
         let hash = hash_model(&model_path)?;
@@ -390,6 +394,7 @@ async fn run_job(
                 target_modules: &c.lora_target_modules,
                 metrics: &metrics,
                 job_id: Some(id),
+                assistant_id,
             })
             .await?;
         db.set_job_adapter(id, adapter.id).await?;
@@ -397,7 +402,8 @@ async fn run_job(
             Some(card) => {
                 db.set_report_card(adapter.id, &serde_json::to_value(card)?)
                     .await?;
-                job_card::decide(db, &opts.gate, assistant_id, adapter.id, card).await?
+                let data = decide_data.unwrap_or_default();
+                job_card::decide(db, &opts.gate, &data, adapter.id, card).await?
             }
             None => format!("{name} has no report card, so the gate does not activate it"),
         };

@@ -26,6 +26,7 @@ async fn setup(db: &Db, tmp: &std::path::Path, hp: serde_json::Value) -> (i64, W
     ];
     let ds = db
         .insert_dataset(&NewDataset {
+            assistant_id: None,
             name: "zorblax",
             format: "openai",
             source: "test",
@@ -39,6 +40,7 @@ async fn setup(db: &Db, tmp: &std::path::Path, hp: serde_json::Value) -> (i64, W
         .id;
     let job = db
         .create_job(&NewJob {
+            assistant_id: None,
             dataset_id: ds,
             base_model: "tiny",
             method: "lora",

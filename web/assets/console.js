@@ -293,7 +293,8 @@ function initPlayground() {
       reply.appendChild(p);
     }
     try {
-      const resp = await fetch("/playground/send", {
+      // The form's action carries the assistant (?assistant=NAME).
+      const resp = await fetch(form.action, {
         method: "POST",
         credentials: "same-origin",
         headers: { "Content-Type": "application/json", "Accept": "text/event-stream", "X-CSRF-Token": csrfToken() },

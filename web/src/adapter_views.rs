@@ -3,6 +3,7 @@
 use crate::error::ApiError;
 use crate::operations::unix;
 use crate::state::AppState;
+use loraloop_core::storage::Assistant;
 use serde::Serialize;
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -20,6 +21,8 @@ pub struct AdapterView {
     #[schema(value_type = Object)]
     pub metrics: serde_json::Value,
     pub job_id: Option<i64>,
+    /// The assistant it was trained for (None: uploaded for any assistant).
+    pub assistant_id: Option<i64>,
     pub created_at: i64,
     /// Whether the assistant answers with it now.
     pub active: bool,
@@ -50,20 +53,15 @@ pub struct DayRatings {
     pub down: i64,
 }
 
-pub async fn adapter_views(state: &AppState) -> Result<Vec<AdapterView>, ApiError> {
-    let active = state
-        .core
-        .db
-        .assistant(&state.core.assistant.name)
-        .await?
-        .active_adapter_id;
+pub async fn adapter_views(
+    state: &AppState,
+    assistant: &Assistant,
+) -> Result<Vec<AdapterView>, ApiError> {
     let db = &state.core.db;
-    let canary = db
-        .running_canary(state.core.assistant.id)
-        .await?
-        .map(|c| c.adapter_id);
+    let active = db.assistant_by_id(assistant.id).await?.active_adapter_id;
+    let canary = db.running_canary(assistant.id).await?.map(|c| c.adapter_id);
     let mut views = Vec::new();
-    for a in db.list_adapters().await? {
+    for a in db.assistant_adapters(assistant.id).await? {
         let ratings = db
             .daily_ratings(Some(a.id), RATING_DAYS)
             .await?
@@ -94,6 +92,7 @@ pub async fn adapter_views(state: &AppState) -> Result<Vec<AdapterView>, ApiErro
             rank: a.rank,
             alpha: a.alpha,
             job_id: a.job_id,
+            assistant_id: a.assistant_id,
             created_at: unix(&a.created_at),
         });
     }

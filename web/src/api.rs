@@ -2,10 +2,12 @@
 //! these handlers by utoipa.
 
 use crate::adapter_views::{ActivationView, AdapterView, adapter_views};
+use crate::assistant_api::{AssistantQuery, query_assistant};
 use crate::error::{ApiError, ApiJson, ErrorBody};
 use crate::operations::{self, CreateJob, DatasetView, Imported, JobView};
 use crate::state::AppState;
 use axum::Json;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Multipart, Path, Query, Request, State};
 use axum::http::{HeaderMap, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -50,6 +52,17 @@ pub fn router(_state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(job_events))
         .routes(routes!(upload_dataset, list_datasets))
         .routes(routes!(crate::build_api::build_dataset))
+        .routes(routes!(
+            crate::assistant_api::list_assistants,
+            crate::assistant_api::create_assistant
+        ))
+        .routes(routes!(
+            crate::assistant_api::get_assistant,
+            crate::assistant_api::update_assistant,
+            crate::assistant_api::delete_assistant
+        ))
+        .routes(routes!(crate::assistant_api::add_route))
+        .routes(routes!(crate::assistant_api::delete_route))
         .routes(routes!(list_adapters))
         .routes(routes!(activate_adapter))
         .routes(routes!(rollback_adapter))
@@ -432,37 +445,60 @@ async fn list_datasets(State(state): State<AppState>) -> Result<Json<List<Datase
     }))
 }
 
-/// Every adapter, with its metrics and whether it is active.
-#[utoipa::path(get, path = "/api/v1/adapters",
-    responses((status = 200, body = List<AdapterView>), (status = 401, body = ErrorBody)))]
-async fn list_adapters(State(state): State<AppState>) -> Result<Json<List<AdapterView>>, ApiError> {
+/// The adapters an assistant may use (its own and those tied to none), with their metrics
+/// and whether they are its active one.
+#[utoipa::path(get, path = "/api/v1/adapters", params(AssistantQuery),
+    responses((status = 200, body = List<AdapterView>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn list_adapters(
+    State(state): State<AppState>,
+    q: Result<Query<AssistantQuery>, QueryRejection>,
+) -> Result<Json<List<AdapterView>>, ApiError> {
+    let assistant = query_assistant(&state, q).await?;
     Ok(Json(List {
         object: "list",
-        data: adapter_views(&state).await?,
+        data: adapter_views(&state, &assistant).await?,
         has_more: false,
     }))
 }
 
 /// Activate an adapter: the next reply comes from it; replies in flight finish on the
 /// adapter they started with. A second activation while one runs gets a 409.
-#[utoipa::path(post, path = "/api/v1/adapters/{id}/activate", params(("id" = i64, Path)),
+#[utoipa::path(post, path = "/api/v1/adapters/{id}/activate", params(("id" = i64, Path), AssistantQuery),
     responses((status = 200, body = ActivationView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn activate_adapter(
     State(state): State<AppState>,
     id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+    q: Result<Query<AssistantQuery>, QueryRejection>,
 ) -> Result<Json<ActivationView>, ApiError> {
     let id = path_id(id)?;
+    let assistant = query_assistant(&state, q).await?;
     Ok(Json(
-        state.core.adapters.activate(Some(id), "api").await?.into(),
+        state
+            .core
+            .adapters
+            .activate(assistant.id, Some(id), "api")
+            .await?
+            .into(),
     ))
 }
 
 /// Undo the newest activation still in force (each rollback goes one step further back
 /// in the activation history); a running canary is cancelled.
-#[utoipa::path(post, path = "/api/v1/adapters/rollback",
-    responses((status = 200, body = ActivationView), (status = 401, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn rollback_adapter(State(state): State<AppState>) -> Result<Json<ActivationView>, ApiError> {
-    Ok(Json(state.core.adapters.rollback("api").await?.into()))
+#[utoipa::path(post, path = "/api/v1/adapters/rollback", params(AssistantQuery),
+    responses((status = 200, body = ActivationView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn rollback_adapter(
+    State(state): State<AppState>,
+    q: Result<Query<AssistantQuery>, QueryRejection>,
+) -> Result<Json<ActivationView>, ApiError> {
+    let assistant = query_assistant(&state, q).await?;
+    Ok(Json(
+        state
+            .core
+            .adapters
+            .rollback(assistant.id, "api")
+            .await?
+            .into(),
+    ))
 }
 
 /// Prometheus metrics: requests, generation tokens/s, queue depth, training step time.

@@ -1,13 +1,16 @@
 //! The canary as the API shows it: the running one (or the last one) with the ratings of
 //! both sides and where the decision stands, and stopping it.
 
+use crate::assistant_api::{AssistantQuery, query_assistant};
 use crate::error::{ApiError, ErrorBody};
 use crate::operations::unix;
 use crate::state::AppState;
 use axum::Json;
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use loraloop_core::canary::Decision;
 use loraloop_core::service::CanaryStatus;
+use loraloop_core::storage::Assistant;
 use serde::Serialize;
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -60,14 +63,13 @@ impl From<CanaryStatus> for CanaryView {
 }
 
 /// The assistant's latest canaries, newest first, with their ratings.
-pub async fn canary_views(state: &AppState, limit: i64) -> Result<Vec<CanaryView>, ApiError> {
+pub async fn canary_views(
+    state: &AppState,
+    assistant: &Assistant,
+    limit: i64,
+) -> Result<Vec<CanaryView>, ApiError> {
     let mut out = Vec::new();
-    for c in state
-        .core
-        .db
-        .canaries(state.core.assistant.id, limit)
-        .await?
-    {
+    for c in state.core.db.canaries(assistant.id, limit).await? {
         out.push(state.core.canary.status(c).await?.into());
     }
     Ok(out)
@@ -75,10 +77,14 @@ pub async fn canary_views(state: &AppState, limit: i64) -> Result<Vec<CanaryView
 
 /// The running canary, or the last one, with the ratings of both sides. 404 when there
 /// has never been one.
-#[utoipa::path(get, path = "/api/v1/canary",
+#[utoipa::path(get, path = "/api/v1/canary", params(AssistantQuery),
     responses((status = 200, body = CanaryView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub async fn get_canary(State(state): State<AppState>) -> Result<Json<CanaryView>, ApiError> {
-    canary_views(&state, 1)
+pub async fn get_canary(
+    State(state): State<AppState>,
+    q: Result<Query<AssistantQuery>, QueryRejection>,
+) -> Result<Json<CanaryView>, ApiError> {
+    let assistant = query_assistant(&state, q).await?;
+    canary_views(&state, &assistant, 1)
         .await?
         .into_iter()
         .next()
@@ -88,9 +94,13 @@ pub async fn get_canary(State(state): State<AppState>) -> Result<Json<CanaryView
 
 /// Stop the running canary: the candidate is rolled back, and conversations pinned to it
 /// move to the active adapter at their next message. 409 when none runs.
-#[utoipa::path(post, path = "/api/v1/canary/stop",
-    responses((status = 200, body = CanaryView), (status = 401, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub async fn stop_canary(State(state): State<AppState>) -> Result<Json<CanaryView>, ApiError> {
-    let c = state.core.canary.stop("api").await?;
+#[utoipa::path(post, path = "/api/v1/canary/stop", params(AssistantQuery),
+    responses((status = 200, body = CanaryView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn stop_canary(
+    State(state): State<AppState>,
+    q: Result<Query<AssistantQuery>, QueryRejection>,
+) -> Result<Json<CanaryView>, ApiError> {
+    let assistant = query_assistant(&state, q).await?;
+    let c = state.core.canary.stop(assistant.id, "api").await?;
     Ok(Json(state.core.canary.status(c).await?.into()))
 }

@@ -8,6 +8,7 @@
 
 pub mod adapter_views;
 pub mod api;
+pub mod assistant_api;
 pub mod auth;
 pub mod build_api;
 pub mod canary_views;

@@ -9,6 +9,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use loraloop_core::storage::Assistant;
 use loraloop_model::engine::{AdapterTag, Event, FinishReason, GenerateRequest, Prompt};
 use loraloop_model::template::TemplateMessage;
 use serde::{Deserialize, Serialize};
@@ -102,7 +103,32 @@ fn finish_reason(r: FinishReason) -> &'static str {
     }
 }
 
-fn build(state: &AppState, req: &ChatRequest) -> Result<GenerateRequest, ApiError> {
+/// The assistant a request's `model` names (None: `base` or an adapter name) and the one
+/// whose generation settings it starts from (that one, else the default assistant).
+async fn assistant_for(
+    state: &AppState,
+    model: &str,
+) -> Result<(Option<Assistant>, Assistant), ApiError> {
+    let a = &state.core.assistants;
+    let named = match model {
+        "" => Some(a.default_assistant().await?),
+        m => state.core.db.assistant(m).await.ok(),
+    };
+    let settings = match &named {
+        Some(n) => n.clone(),
+        None => a.default_assistant().await?,
+    };
+    Ok((named, settings))
+}
+
+/// The engine request: the client's messages (after the named assistant's system prompt
+/// when they hold none), the assistant's generation settings under the request's.
+fn build(
+    state: &AppState,
+    req: &ChatRequest,
+    named: Option<&Assistant>,
+    settings: &Assistant,
+) -> Result<GenerateRequest, ApiError> {
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages", "messages is empty"));
     }
@@ -123,7 +149,17 @@ fn build(state: &AppState, req: &ChatRequest) -> Result<GenerateRequest, ApiErro
     if req.logprobs == Some(true) {
         return Err(ApiError::invalid("logprobs", "logprobs are not supported"));
     }
-    let mut messages = Vec::with_capacity(req.messages.len());
+    let mut messages = Vec::with_capacity(req.messages.len() + 1);
+    let has_system = req
+        .messages
+        .iter()
+        .any(|m| matches!(m.role.as_str(), "system" | "developer"));
+    if let Some(a) = named
+        && !has_system
+        && !a.system_prompt.is_empty()
+    {
+        messages.push(TemplateMessage::new("system", a.system_prompt.clone()));
+    }
     for (i, m) in req.messages.iter().enumerate() {
         let role = match m.role.as_str() {
             "system" | "developer" => "system",
@@ -158,7 +194,7 @@ fn build(state: &AppState, req: &ChatRequest) -> Result<GenerateRequest, ApiErro
         };
         messages.push(TemplateMessage::new(role, text));
     }
-    let mut p = state.core.chat.sampling();
+    let mut p = state.core.assistants.sampling(settings);
     if let Some(t) = req.temperature {
         if !(0.0..=2.0).contains(&t) {
             return Err(ApiError::invalid(
@@ -253,7 +289,8 @@ pub async fn chat_completions(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
-    let mut gen_req = build(&state, &req)?;
+    let (named, settings) = assistant_for(&state, &req.model).await?;
+    let mut gen_req = build(&state, &req, named.as_ref(), &settings)?;
     gen_req.adapter = state.core.adapters.choice(&req.model).await?;
     let in_flight = state.core.metrics.generation_started();
     let mut generation = state.core.engine.generate(gen_req)?;
@@ -385,20 +422,26 @@ pub struct ModelList {
     pub data: Vec<Value>,
 }
 
-/// What `model` may name: the assistant (its active adapter), `base`, every adapter
-/// compatible with the served model.
+/// What `model` may name: each assistant (its system prompt, settings and active
+/// adapter; the default one first), `base`, every adapter compatible with the served model.
 #[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList), (status = 401, body = ErrorBody)))]
 pub async fn list_models(State(state): State<AppState>) -> Result<Json<ModelList>, ApiError> {
     let created = state.assistant_created();
-    let mut data = vec![
-        json!({"id": state.core.assistant.name, "object": "model", "created": created, "owned_by": "loraloop",
-               "description": "the assistant with its active adapter"}),
-        json!({"id": "base", "object": "model", "created": created, "owned_by": "loraloop",
-               "description": format!("the base model {} without an adapter", state.core.model.name)}),
-    ];
-    for a in crate::adapter_views::adapter_views(&state).await? {
-        if a.incompatible.is_none() {
-            data.push(json!({"id": a.name, "object": "model", "created": a.created_at, "owned_by": "loraloop",
+    let default = state.core.assistants.default_name().to_string();
+    let mut assistants = state.core.assistants.list().await?;
+    assistants.sort_by_key(|a| (a.name != default, a.id));
+    let mut data: Vec<Value> = assistants
+        .iter()
+        .map(|a| {
+            json!({"id": a.name, "object": "model", "created": created, "owned_by": "loraloop",
+                   "description": if a.name == default { "the default assistant with its active adapter" } else { "an assistant with its active adapter" }})
+        })
+        .collect();
+    data.push(json!({"id": "base", "object": "model", "created": created, "owned_by": "loraloop",
+               "description": format!("the base model {} without an adapter", state.core.model.name)}));
+    for a in state.core.db.list_adapters().await? {
+        if state.core.adapters.mismatch(&a).is_none() {
+            data.push(json!({"id": a.name, "object": "model", "created": crate::operations::unix(&a.created_at), "owned_by": "loraloop",
                              "description": "a LoRA adapter"}));
         }
     }

@@ -104,6 +104,7 @@ pub async fn import_dataset(
         .core
         .db
         .insert_dataset(&NewDataset {
+            assistant_id: None,
             name,
             format: fmt,
             source,
@@ -141,6 +142,7 @@ async fn import_preferences(
         .core
         .db
         .insert_dataset(&NewDataset {
+            assistant_id: None,
             name,
             format: kind.as_str(),
             source,
@@ -218,6 +220,10 @@ pub struct CreateJob {
     /// A stored dataset's id.
     #[serde(default)]
     pub dataset_id: Option<i64>,
+    /// The assistant the adapter is for: its activation policy decides what happens to
+    /// the adapter (default: the dataset's assistant, else the default assistant).
+    #[serde(default)]
+    pub assistant: Option<String>,
     /// Or a JSONL file to import first: a local path or an http(s) URL.
     #[serde(default)]
     pub dataset_url: Option<String>,
@@ -509,6 +515,24 @@ pub async fn create_job(state: &AppState, req: &CreateJob) -> Result<TrainingJob
         }
     };
     match_dataset_kind(&mut settings, &dataset)?;
+    let assistant = match (&req.assistant, dataset.assistant_id) {
+        (None, Some(id)) => state.core.db.assistant_by_id(id).await?,
+        (named, _) => {
+            crate::assistant_api::assistant_named(state, named.as_deref(), "assistant").await?
+        }
+    };
+    if let Some(owner) = dataset.assistant_id
+        && owner != assistant.id
+    {
+        let owner = state.core.db.assistant_by_id(owner).await?;
+        return Err(ApiError::invalid(
+            "assistant",
+            format!(
+                "dataset {} was built from {}'s conversations; train it for {} (or build one from {}'s)",
+                dataset.name, owner.name, owner.name, assistant.name
+            ),
+        ));
+    }
     let method = req
         .method
         .clone()
@@ -522,6 +546,7 @@ pub async fn create_job(state: &AppState, req: &CreateJob) -> Result<TrainingJob
             base_model: &model,
             method: &method,
             hyperparameters: &Value::Object(settings),
+            assistant_id: Some(assistant.id),
         })
         .await?;
     state
@@ -555,6 +580,8 @@ pub struct JobView {
     pub model: String,
     pub method: String,
     pub dataset_id: i64,
+    /// The assistant the adapter is for.
+    pub assistant: Option<String>,
     /// Unix seconds.
     pub created_at: i64,
     pub started_at: Option<i64>,
@@ -600,8 +627,13 @@ pub async fn job_view(state: &AppState, job: TrainingJob) -> Result<JobView, Api
         (true, Some(id)) => state.core.db.adapter_trained_tokens(id).await?,
         _ => None,
     };
+    let assistant = match job.assistant_id {
+        Some(id) => state.core.db.assistant_by_id(id).await.ok().map(|a| a.name),
+        None => None,
+    };
     Ok(JobView {
         object: "fine_tuning.job",
+        assistant,
         id: job.id,
         status: job.state.clone(),
         model: job.base_model.clone(),

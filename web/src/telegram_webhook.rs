@@ -17,7 +17,7 @@ pub async fn webhook_route(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> StatusCode {
-    let Some(expected) = state.telegram_inbox.secret() else {
+    let Some((expected, source)) = state.telegram_inbox.secret() else {
         // The bot has not registered the webhook yet (or is not running): Telegram retries.
         return StatusCode::SERVICE_UNAVAILABLE;
     };
@@ -41,7 +41,7 @@ pub async fn webhook_route(
     match state
         .core
         .db
-        .store_update(Platform::Telegram, &id.to_string(), text)
+        .store_update(Platform::Telegram, &format!("{source}:{id}"), text)
         .await
     {
         Ok(_) => {

@@ -33,6 +33,8 @@ pub struct DiscordBot {
     pub(super) core: Services,
     /// The bot's user, fetched before the gateway starts.
     pub(super) me: UserId,
+    /// The bot's application, from READY (its routes send its messages to an assistant).
+    pub(super) application: OnceLock<u64>,
     /// serenity's client, set once it is built (before the gateway starts and any event).
     pub(super) http: OnceLock<Arc<Http>>,
     /// The stored messages, by conversation target (a DM channel, a thread, or for a
@@ -46,6 +48,35 @@ pub struct DiscordBot {
     pub(super) wake: tokio::sync::Notify,
     /// When each channel last got a refusal.
     pub(super) refused: Mutex<HashMap<u64, Instant>>,
+}
+
+impl DiscordBot {
+    /// The assistant that answers in `channel` at `place`: the route of the channel (a
+    /// thread's parent), else of the server, else of this bot's application, else the
+    /// default assistant.
+    pub(super) async fn assistant(
+        &self,
+        place: Place,
+        channel: serenity::all::ChannelId,
+    ) -> loraloop_core::error::Result<loraloop_core::storage::Assistant> {
+        let app = self.application.get().copied().unwrap_or(self.me.get());
+        let (channel, guild) = match place {
+            Place::Dm => (channel.get(), None),
+            Place::Channel { guild } => (channel.get(), Some(guild.get())),
+            Place::Thread { guild, parent, .. } => (parent, Some(guild.get())),
+        };
+        let (channel, guild, app) = (
+            channel.to_string(),
+            guild.map(|g| g.to_string()),
+            app.to_string(),
+        );
+        let mut places = vec![("channel", channel.as_str())];
+        if let Some(g) = &guild {
+            places.push(("guild", g.as_str()));
+        }
+        places.push(("application", app.as_str()));
+        self.core.assistants.routed("discord", &places).await
+    }
 }
 
 impl UpdateHandler for DiscordBot {

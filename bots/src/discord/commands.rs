@@ -62,7 +62,9 @@ impl DiscordBot {
                         }
                     };
                     if let Some(chat) = chat {
-                        db.close_conversations(chat, thread.as_deref()).await?;
+                        let assistant = self.assistant(place, c.channel_id).await?;
+                        db.close_conversations(chat, thread.as_deref(), Some(assistant.id))
+                            .await?;
                     }
                     ephemeral(text::NEW_CONVERSATION)
                 }

@@ -30,6 +30,7 @@ impl EventHandler for Handler {
             ready.user.name,
             ready.guilds.len()
         );
+        let _ = self.0.application.set(ready.application.id.get());
         // Messages stored by an earlier run and not answered.
         self.0.wake.notify_one();
         let dev_guild = self.0.core.config.raw.discord.dev_guild_id;

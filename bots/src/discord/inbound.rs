@@ -183,7 +183,7 @@ impl DiscordBot {
         loop {
             self.wake.notified().await;
             tokio::time::sleep(SETTLE).await;
-            let pending = match self.core.db.pending_updates(Platform::Discord).await {
+            let pending = match self.core.db.pending_updates(Platform::Discord, None).await {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::error!("discord: cannot read pending messages: {e}");

@@ -90,6 +90,7 @@ async fn run_bot(
         core,
         queue,
         me: me.id,
+        application: OnceLock::new(),
         http: OnceLock::new(),
         threads: Mutex::new(HashMap::new()),
         rate,

@@ -209,13 +209,9 @@ impl DiscordBot {
             ),
             Place::Thread { chat, .. } => (chat, Some(channel.get().to_string())),
         };
+        let assistant = self.assistant(place, channel).await?;
         let conv = db
-            .current_conversation(
-                self.core.assistant.id,
-                chat,
-                thread.as_deref(),
-                Some(user.id),
-            )
+            .current_conversation(assistant.id, chat, thread.as_deref(), Some(user.id))
             .await?;
         let message_id = m.id.get().to_string();
         // A replayed message (the process died before marking it done): a stored reply is

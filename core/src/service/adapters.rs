@@ -16,6 +16,8 @@ pub struct AdapterService {
     db: Db,
     engine: Engine,
     model: Arc<ModelInfo>,
+    /// The default assistant: the engine's own active adapter is its (other assistants'
+    /// turns name their adapter).
     assistant: Assistant,
     metrics: Arc<Metrics>,
     /// Held for the whole of an activation or rollback.
@@ -152,11 +154,18 @@ impl AdapterService {
 
     /// Activate `adapter_id` (None: back to the base model) for the assistant. A running
     /// canary ends: promoted when this is its adapter, cancelled otherwise.
-    pub async fn activate(&self, adapter_id: Option<i64>, by: &str) -> Result<Activation> {
+    pub async fn activate(
+        &self,
+        assistant_id: i64,
+        adapter_id: Option<i64>,
+        by: &str,
+    ) -> Result<Activation> {
         let start = std::time::Instant::now();
         let _guard = self.activation.try_lock().map_err(|_| Self::busy())?;
-        let a = self.swap(adapter_id, by, start, Record::Activation).await?;
-        if let Some(c) = self.db.running_canary(self.assistant.id).await? {
+        let a = self
+            .swap(assistant_id, adapter_id, by, start, Record::Activation)
+            .await?;
+        if let Some(c) = self.db.running_canary(assistant_id).await? {
             let (outcome, reason) = if adapter_id == Some(c.adapter_id) {
                 ("promoted", format!("activated by {by}"))
             } else {
@@ -169,29 +178,36 @@ impl AdapterService {
 
     /// Activate a canary's candidate once the canary has been ended as promoted (waits for
     /// an activation in progress instead of refusing).
-    pub async fn promote(&self, adapter_id: i64, by: &str) -> Result<Activation> {
+    pub async fn promote(
+        &self,
+        assistant_id: i64,
+        adapter_id: i64,
+        by: &str,
+    ) -> Result<Activation> {
         let start = std::time::Instant::now();
         let _guard = self.activation.lock().await;
-        self.swap(Some(adapter_id), by, start, Record::Activation)
-            .await
+        self.swap(
+            assistant_id,
+            Some(adapter_id),
+            by,
+            start,
+            Record::Activation,
+        )
+        .await
     }
 
     /// Undo the newest activation still in force: each rollback goes one step further back
     /// in the history. A running canary is cancelled (what it was compared with changed).
-    pub async fn rollback(&self, by: &str) -> Result<Activation> {
+    pub async fn rollback(&self, assistant_id: i64, by: &str) -> Result<Activation> {
         let start = std::time::Instant::now();
         let _guard = self.activation.try_lock().map_err(|_| Self::busy())?;
-        let step = self
-            .db
-            .rollback_step(self.assistant.id)
-            .await?
-            .ok_or_else(|| {
-                ServiceError::Conflict("nothing to roll back to: no earlier activation".into())
-            })?;
+        let step = self.db.rollback_step(assistant_id).await?.ok_or_else(|| {
+            ServiceError::Conflict("nothing to roll back to: no earlier activation".into())
+        })?;
         let a = self
-            .swap(step.to, by, start, Record::Rollback(step))
+            .swap(assistant_id, step.to, by, start, Record::Rollback(step))
             .await?;
-        if let Some(c) = self.db.running_canary(self.assistant.id).await? {
+        if let Some(c) = self.db.running_canary(assistant_id).await? {
             self.db
                 .end_canary(
                     c.id,
@@ -213,7 +229,13 @@ impl AdapterService {
             }
             Some(id) => {
                 let a = self
-                    .swap(Some(id), "startup", std::time::Instant::now(), Record::None)
+                    .swap(
+                        self.assistant.id,
+                        Some(id),
+                        "startup",
+                        std::time::Instant::now(),
+                        Record::None,
+                    )
                     .await?;
                 Ok(a.adapter_name)
             }
@@ -237,11 +259,15 @@ impl AdapterService {
         }
         let by = "another process";
         let start = std::time::Instant::now();
-        Ok(Some(self.swap(active, by, start, Record::None).await?))
+        Ok(Some(
+            self.swap(self.assistant.id, active, by, start, Record::None)
+                .await?,
+        ))
     }
 
     async fn swap(
         &self,
+        assistant_id: i64,
         adapter_id: Option<i64>,
         by: &str,
         start: std::time::Instant,
@@ -258,17 +284,17 @@ impl AdapterService {
             Record::None => {}
             Record::Activation => {
                 self.db
-                    .activate_adapter(self.assistant.id, adapter_id, by)
+                    .activate_adapter(assistant_id, adapter_id, by)
                     .await?
             }
-            Record::Rollback(step) => {
-                self.db
-                    .record_rollback(self.assistant.id, &step, by)
-                    .await?
-            }
+            Record::Rollback(step) => self.db.record_rollback(assistant_id, &step, by).await?,
         }
-        self.engine.set_prepared_adapter(prepared);
-        *lock(&self.current) = Some(adapter_id);
+        // Other assistants' turns name their active adapter when they start (the router
+        // reads it from the database); only the default assistant's is the engine's own.
+        if assistant_id == self.assistant.id {
+            self.engine.set_prepared_adapter(prepared);
+            *lock(&self.current) = Some(adapter_id);
+        }
         self.metrics.adapter_swapped();
         Ok(Activation {
             adapter_id,
@@ -277,7 +303,8 @@ impl AdapterService {
         })
     }
 
-    /// What a request asking for `model` runs on: the assistant's name (or empty) is the
+    /// What a request asking for `model` runs on: the default assistant's name (or
+    /// empty) is the engine's active adapter, another assistant's name that assistant's
     /// active adapter, `base` the base model, anything else an adapter by name.
     pub async fn choice(&self, model: &str) -> Result<AdapterChoice> {
         if model.is_empty() || model == self.assistant.name {
@@ -285,6 +312,9 @@ impl AdapterService {
         }
         if model == "base" || model == self.model.name {
             return Ok(AdapterChoice::Base);
+        }
+        if let Ok(a) = self.db.assistant(model).await {
+            return self.choice_of(a.active_adapter_id).await;
         }
         let row: Option<Adapter> = self
             .db
@@ -296,7 +326,7 @@ impl AdapterService {
             Some(a) => Ok(AdapterChoice::Fixed(self.load(&a).await?)),
             None => Err(ServiceError::NotFound {
                 message: format!(
-                    "model {model:?} does not exist: use {:?} (the active adapter), \"base\", or an adapter name from GET /v1/models",
+                    "model {model:?} does not exist: use an assistant's name ({:?} is the default one), \"base\", or an adapter name from GET /v1/models",
                     self.assistant.name
                 ),
                 param: Some("model".into()),

@@ -5,14 +5,13 @@
 use crate::canary::{self, CanaryConfig, Decision, Ratings};
 use crate::error::{Result, ServiceError};
 use crate::service::adapters::AdapterService;
-use crate::storage::{Assistant, Canary, Db};
+use crate::storage::{Canary, Db};
 use serde::Serialize;
 use std::sync::Arc;
 
 pub struct CanaryService {
     pub(super) db: Db,
     pub(super) adapters: Arc<AdapterService>,
-    pub(super) assistant: Assistant,
     pub(super) config: CanaryConfig,
 }
 
@@ -53,20 +52,29 @@ impl CanaryService {
         })
     }
 
-    /// The running canary's status, if one runs.
-    pub async fn running(&self) -> Result<Option<CanaryStatus>> {
-        match self.db.running_canary(self.assistant.id).await? {
+    /// The assistant's running canary's status, if one runs.
+    pub async fn running(&self, assistant_id: i64) -> Result<Option<CanaryStatus>> {
+        match self.db.running_canary(assistant_id).await? {
             Some(c) => Ok(Some(self.status(c).await?)),
             None => Ok(None),
         }
     }
 
-    /// Look at the running canary and end it when its ratings decide. Returns the canary
-    /// that ended and how, if one did.
-    pub async fn tick(&self) -> Result<Option<(Canary, Decision)>> {
-        let Some(status) = self.running().await? else {
-            return Ok(None);
-        };
+    /// Look at every assistant's running canary and end those whose ratings decide.
+    /// Returns the canaries that ended and how.
+    pub async fn tick(&self) -> Result<Vec<(Canary, Decision)>> {
+        let mut ended = Vec::new();
+        for a in self.db.list_assistants().await? {
+            if let Some(status) = self.running(a.id).await?
+                && let Some(e) = self.decide(status).await?
+            {
+                ended.push(e);
+            }
+        }
+        Ok(ended)
+    }
+
+    async fn decide(&self, status: CanaryStatus) -> Result<Option<(Canary, Decision)>> {
         let c = status.canary;
         let (outcome, reason) = match &status.decision {
             Some(Decision::Promote { reason }) => ("promoted", reason),
@@ -78,17 +86,19 @@ impl CanaryService {
             return Ok(None);
         }
         if outcome == "promoted" {
-            self.adapters.promote(c.adapter_id, "canary").await?;
+            self.adapters
+                .promote(c.assistant_id, c.adapter_id, "canary")
+                .await?;
         }
         Ok(status.decision.map(|d| (c, d)))
     }
 
     /// An operator ends the running canary: the candidate is rolled back (conversations
     /// pinned to it move on at their next turn). Returns it as ended.
-    pub async fn stop(&self, by: &str) -> Result<Canary> {
+    pub async fn stop(&self, assistant_id: i64, by: &str) -> Result<Canary> {
         let c = self
             .db
-            .running_canary(self.assistant.id)
+            .running_canary(assistant_id)
             .await?
             .ok_or_else(|| ServiceError::Conflict("no canary is running".into()))?;
         self.db

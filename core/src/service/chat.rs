@@ -6,12 +6,12 @@ use crate::domain::Role;
 use crate::error::{Result, ServiceError};
 use crate::metrics::{InFlight, Metrics};
 use crate::service::adapters::AdapterService;
+use crate::service::assistants::AssistantService;
 use crate::service::routing::Router;
 use crate::storage::{Assistant, Db, NewMessage, Platform, StoredMessage};
 use loraloop_model::engine::{
     AdapterChoice, Engine, Finished, GenerateRequest, Generation, Prompt,
 };
-use loraloop_model::sampling::SamplingParams;
 use loraloop_model::template::TemplateMessage;
 use std::sync::Arc;
 
@@ -21,13 +21,12 @@ pub const HISTORY_MESSAGES: i64 = 24;
 pub struct ChatService {
     pub(super) db: Db,
     pub(super) engine: Engine,
-    pub(super) assistant: Assistant,
+    /// Each conversation's assistant: its system prompt and generation settings.
+    pub(super) assistants: Arc<AssistantService>,
     pub(super) adapters: Arc<AdapterService>,
     /// Which adapter a bot conversation's turn runs on (pins and canaries).
     pub(super) router: Router,
     pub(super) metrics: Arc<Metrics>,
-    /// The engine's sampling settings (`generation:` in the config).
-    pub(super) sampling: SamplingParams,
 }
 
 /// A reply being generated for a stored conversation.
@@ -39,33 +38,35 @@ pub struct Turn {
 }
 
 impl ChatService {
-    /// The engine's sampling settings (`generation:` in the config).
-    pub fn sampling(&self) -> SamplingParams {
-        self.sampling.clone()
+    /// The operator's playground conversation with `assistant`: one open conversation on
+    /// the `web` platform per assistant, until "New conversation" closes it.
+    pub async fn playground_conversation(&self, assistant: &Assistant, new: bool) -> Result<i64> {
+        Ok(self.playground(assistant, new).await?.0)
     }
 
-    /// The operator's playground conversation: one open conversation on the `web`
-    /// platform, until "New conversation" closes it.
-    pub async fn playground_conversation(&self, new: bool) -> Result<i64> {
-        Ok(self.playground(new).await?.0)
-    }
-
-    /// Store `text` as the operator's message in the playground conversation and start
-    /// the reply on `adapter`.
-    pub async fn start_playground_turn(&self, text: &str, adapter: AdapterChoice) -> Result<Turn> {
-        let (conversation, operator) = self.playground(false).await?;
+    /// Store `text` as the operator's message in the playground conversation with
+    /// `assistant` and start the reply on `adapter`.
+    pub async fn start_playground_turn(
+        &self,
+        assistant: &Assistant,
+        text: &str,
+        adapter: AdapterChoice,
+    ) -> Result<Turn> {
+        let (conversation, operator) = self.playground(assistant, false).await?;
         self.start_turn(conversation, Some(operator), text, adapter)
             .await
     }
 
     /// The playground conversation (a new one with `new`) and the operator's user row.
-    async fn playground(&self, new: bool) -> Result<(i64, i64)> {
+    async fn playground(&self, assistant: &Assistant, new: bool) -> Result<(i64, i64)> {
         let chat = self
             .db
             .upsert_chat(Platform::Web, "playground", "private", Some("Playground"))
             .await?;
         if new {
-            self.db.close_conversations(chat, None).await?;
+            self.db
+                .close_conversations(chat, None, Some(assistant.id))
+                .await?;
         }
         let user = self
             .db
@@ -78,7 +79,7 @@ impl ChatService {
             .await?;
         let conversation = self
             .db
-            .current_conversation(self.assistant.id, chat, None, Some(user.id))
+            .current_conversation(assistant.id, chat, None, Some(user.id))
             .await?;
         Ok((conversation.id, user.id))
     }
@@ -105,7 +106,8 @@ impl ChatService {
         platform_message_id: Option<&str>,
     ) -> Result<Turn> {
         // Routed before the message is stored: the pin's idle time runs to the last message.
-        let adapter = self.router.route(conversation_id).await?;
+        let assistant = self.db.conversation_assistant(conversation_id).await?;
+        let adapter = self.router.route(&assistant, conversation_id).await?;
         self.start_turn_from(conversation_id, user_id, text, platform_message_id, adapter)
             .await
     }
@@ -137,12 +139,13 @@ impl ChatService {
                 completion_tokens: None,
             })
             .await?;
+        let assistant = self.db.conversation_assistant(conversation_id).await?;
         let history = self
             .db
             .recent_messages(conversation_id, HISTORY_MESSAGES)
             .await?;
         let mut messages = Vec::with_capacity(history.len() + 1);
-        let system = &self.assistant.system_prompt;
+        let system = &assistant.system_prompt;
         if !system.is_empty() {
             messages.push(TemplateMessage::new("system", system.clone()));
         }
@@ -154,7 +157,7 @@ impl ChatService {
         let in_flight = self.metrics.generation_started();
         let generation = self.engine.generate(GenerateRequest {
             prompt: Prompt::Chat(messages),
-            params: self.sampling(),
+            params: self.assistants.sampling(&assistant),
             adapter,
             // Fair shares and the per-user cap go by the person (by the conversation when
             // the platform gave no user).

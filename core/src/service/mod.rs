@@ -4,12 +4,14 @@
 
 pub mod adapter_cache;
 pub mod adapters;
+pub mod assistants;
 pub mod canary;
 pub mod chat;
 pub mod model_info;
 pub mod routing;
 
 pub use adapters::{Activation, AdapterService};
+pub use assistants::{AssistantForm, AssistantService};
 pub use canary::{CanaryService, CanaryStatus};
 pub use chat::{ChatService, Turn};
 pub use model_info::ModelInfo;
@@ -40,7 +42,9 @@ pub struct Inner {
     pub config: Config,
     pub engine: Engine,
     pub model: Arc<ModelInfo>,
+    /// The default assistant, as it was at start-up (its id and name do not change).
     pub assistant: Assistant,
+    pub assistants: Arc<AssistantService>,
     pub adapters: Arc<AdapterService>,
     pub chat: ChatService,
     pub canary: CanaryService,
@@ -72,25 +76,29 @@ impl Services {
             metrics.clone(),
             p.config.raw.engine.adapter_cache_mib << 20,
         ));
+        let assistants = Arc::new(AssistantService {
+            db: p.db.clone(),
+            default_name: p.assistant.name.clone(),
+            base_model: p.config.raw.model.clone(),
+            generation: p.config.raw.generation.clone(),
+            default_policy: p.config.raw.assistant.activation,
+        });
         let router = Router {
             db: p.db.clone(),
             adapters: adapters.clone(),
-            assistant: p.assistant.clone(),
             pin_idle_secs: p.config.raw.assistant.pin_idle_minutes * 60.0,
         };
         let chat = ChatService {
             db: p.db.clone(),
             engine: p.engine.clone(),
-            assistant: p.assistant.clone(),
+            assistants: assistants.clone(),
             adapters: adapters.clone(),
             router,
             metrics: metrics.clone(),
-            sampling: p.config.raw.generation.sampling_params(),
         };
         let canary = CanaryService {
             db: p.db.clone(),
             adapters: adapters.clone(),
-            assistant: p.assistant.clone(),
             config: p.config.raw.canary.clone(),
         };
         Self(Arc::new(Inner {
@@ -99,6 +107,7 @@ impl Services {
             engine: p.engine,
             model,
             assistant: p.assistant,
+            assistants,
             adapters,
             chat,
             canary,

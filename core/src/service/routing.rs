@@ -13,14 +13,18 @@ use std::sync::Arc;
 pub struct Router {
     pub(super) db: Db,
     pub(super) adapters: Arc<AdapterService>,
-    pub(super) assistant: Assistant,
     /// Seconds a pin outlives the conversation's last message (0: no pinning).
     pub(super) pin_idle_secs: f64,
 }
 
 impl Router {
-    /// The adapter for `conversation_id`'s next turn, pinning the conversation to it.
-    pub async fn route(&self, conversation_id: i64) -> Result<AdapterChoice> {
+    /// The adapter for `conversation_id`'s next turn with `assistant`, pinning the
+    /// conversation to it.
+    pub async fn route(
+        &self,
+        assistant: &Assistant,
+        conversation_id: i64,
+    ) -> Result<AdapterChoice> {
         if let Some(pin) = self.db.conversation_pin(conversation_id).await?
             && pin.valid
             && pin.idle_secs < self.pin_idle_secs
@@ -33,12 +37,12 @@ impl Router {
                 ),
             }
         }
-        let canary = self.db.running_canary(self.assistant.id).await?;
+        let canary = self.db.running_canary(assistant.id).await?;
         let target = match canary {
             Some(c) if canary::serves(conversation_id, c.id, c.share) => Some(c.adapter_id),
             _ => {
                 self.db
-                    .assistant(&self.assistant.name)
+                    .assistant_by_id(assistant.id)
                     .await?
                     .active_adapter_id
             }

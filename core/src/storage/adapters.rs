@@ -1,18 +1,8 @@
-//! Assistants and adapters: which base model each assistant runs and which LoRA adapter is
-//! active, with the activation history a rollback walks back.
+//! Adapters: the stored LoRA adapters, which one each assistant has active, and the
+//! activation history a rollback walks back.
 
 use super::{Db, Result, StorageError};
 use serde::Serialize;
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
-pub struct Assistant {
-    pub id: i64,
-    pub name: String,
-    pub base_model: String,
-    pub system_prompt: String,
-    pub generation: String,
-    pub active_adapter_id: Option<i64>,
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
 pub struct Adapter {
@@ -34,6 +24,8 @@ pub struct Adapter {
     pub report_card: Option<String>,
     /// When an operator or a canary last rolled it back (None: never, or activated since).
     pub rolled_back_at: Option<String>,
+    /// The assistant it was trained for (None: uploaded without one; any assistant may use it).
+    pub assistant_id: Option<i64>,
 }
 
 /// One step back in the activation history.
@@ -59,46 +51,17 @@ pub struct NewAdapter<'a> {
     pub target_modules: &'a [String],
     pub metrics: &'a serde_json::Value,
     pub job_id: Option<i64>,
+    pub assistant_id: Option<i64>,
 }
 
-const ASSISTANT_COLUMNS: &str =
-    "id, name, base_model, system_prompt, generation, active_adapter_id";
-const ADAPTER_COLUMNS: &str = "id, name, path, base_model, base_model_hash, tokenizer_hash, chat_template_hash, method, rank, alpha, target_modules, metrics, job_id, created_at, report_card, rolled_back_at";
+const ADAPTER_COLUMNS: &str = "id, name, path, base_model, base_model_hash, tokenizer_hash, chat_template_hash, method, rank, alpha, target_modules, metrics, job_id, created_at, report_card, rolled_back_at, assistant_id";
 
 impl Db {
-    /// The assistant with this name, created with these settings if it does not exist.
-    pub async fn ensure_assistant(
-        &self,
-        name: &str,
-        base_model: &str,
-        system_prompt: &str,
-    ) -> Result<Assistant> {
-        sqlx::query("insert into assistants (name, base_model, system_prompt) values (?, ?, ?) on conflict (name) do nothing")
-            .bind(name)
-            .bind(base_model)
-            .bind(system_prompt)
-            .execute(self.pool())
-            .await?;
-        self.assistant(name).await
-    }
-
-    pub async fn assistant(&self, name: &str) -> Result<Assistant> {
-        let found: Option<Assistant> = sqlx::query_as(&format!(
-            "select {ASSISTANT_COLUMNS} from assistants where name = ?"
-        ))
-        .bind(name)
-        .fetch_optional(self.pool())
-        .await?;
-        found.ok_or_else(|| StorageError::NotFound {
-            what: format!("assistant {name:?}"),
-        })
-    }
-
     pub async fn insert_adapter(&self, a: &NewAdapter<'_>) -> Result<Adapter> {
         Ok(sqlx::query_as(&format!(
             "insert into adapters (name, path, base_model, base_model_hash, tokenizer_hash, chat_template_hash,
-                                   rank, alpha, target_modules, metrics, job_id)
-             values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) returning {ADAPTER_COLUMNS}"
+                                   rank, alpha, target_modules, metrics, job_id, assistant_id)
+             values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) returning {ADAPTER_COLUMNS}"
         ))
         .bind(a.name)
         .bind(a.path)
@@ -111,6 +74,7 @@ impl Db {
         .bind(serde_json::to_string(a.target_modules)?)
         .bind(a.metrics.to_string())
         .bind(a.job_id)
+        .bind(a.assistant_id)
         .fetch_one(self.pool())
         .await?)
     }
@@ -146,6 +110,16 @@ impl Db {
         Ok(sqlx::query_as(&format!(
             "select {ADAPTER_COLUMNS} from adapters order by id"
         ))
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// The adapters an assistant may use: its own and those tied to no assistant.
+    pub async fn assistant_adapters(&self, assistant_id: i64) -> Result<Vec<Adapter>> {
+        Ok(sqlx::query_as(&format!(
+            "select {ADAPTER_COLUMNS} from adapters where assistant_id = ? or assistant_id is null order by id"
+        ))
+        .bind(assistant_id)
         .fetch_all(self.pool())
         .await?)
     }
@@ -282,6 +256,7 @@ mod tests {
             target_modules: modules,
             metrics,
             job_id: None,
+            assistant_id: None,
         }
     }
 

@@ -143,7 +143,9 @@ impl Db {
         Ok(id)
     }
 
-    /// The open conversation of a chat (and thread), or a new one.
+    /// The open conversation of a chat (and thread) with the assistant, or a new one. The
+    /// same chat may hold one open conversation per assistant (a private chat with two
+    /// bots has one chat id on Telegram).
     pub async fn current_conversation(
         &self,
         assistant_id: i64,
@@ -154,11 +156,12 @@ impl Db {
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         let open: Option<Conversation> = sqlx::query_as(&format!(
             "select {CONVERSATION_COLUMNS} from conversations
-             where chat_id = ? and platform_thread_id is ? and closed_at is null
+             where chat_id = ? and platform_thread_id is ? and assistant_id = ? and closed_at is null
              order by id desc limit 1"
         ))
         .bind(chat_id)
         .bind(thread_id)
+        .bind(assistant_id)
         .fetch_optional(&mut *tx)
         .await?;
         let conv = match open {
@@ -180,14 +183,22 @@ impl Db {
         Ok(conv)
     }
 
-    /// Close a chat's open conversation (`/reset`): the next message starts a new one.
-    pub async fn close_conversations(&self, chat_id: i64, thread_id: Option<&str>) -> Result<u64> {
+    /// Close a chat's open conversation (`/reset`) with the assistant (None: with every
+    /// assistant): the next message starts a new one.
+    pub async fn close_conversations(
+        &self,
+        chat_id: i64,
+        thread_id: Option<&str>,
+        assistant_id: Option<i64>,
+    ) -> Result<u64> {
         Ok(sqlx::query(
             "update conversations set closed_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
-             where chat_id = ? and platform_thread_id is ? and closed_at is null",
+             where chat_id = ? and platform_thread_id is ? and closed_at is null
+                and (?3 is null or assistant_id = ?3)",
         )
         .bind(chat_id)
         .bind(thread_id)
+        .bind(assistant_id)
         .execute(self.pool())
         .await?
         .rows_affected())
@@ -585,7 +596,7 @@ mod tests {
                 .id,
             conv.id
         );
-        assert_eq!(db.close_conversations(chat, None).await.unwrap(), 1);
+        assert_eq!(db.close_conversations(chat, None, None).await.unwrap(), 1);
         let next = db
             .current_conversation(assistant, chat, None, None)
             .await

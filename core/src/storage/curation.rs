@@ -1275,6 +1275,7 @@ mod tests {
         }];
         let d = db
             .insert_dataset(&NewDataset {
+                assistant_id: None,
                 name: "faq",
                 format: "openai",
                 source: "t",
@@ -1291,6 +1292,7 @@ mod tests {
         let job = db
             .create_job(&NewJob {
                 dataset_id: d.id,
+                assistant_id: None,
                 base_model: "tiny",
                 method: "lora",
                 hyperparameters: &serde_json::json!({}),

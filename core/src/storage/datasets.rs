@@ -18,6 +18,8 @@ pub struct Dataset {
     pub created_at: String,
     /// `sft` (chat examples), `dpo` (preference pairs) or `kto` (rated replies).
     pub kind: String,
+    /// The assistant whose conversations it was built from (None: any assistant's to use).
+    pub assistant_id: Option<i64>,
 }
 
 impl Dataset {
@@ -43,6 +45,7 @@ pub struct NewDataset<'a> {
     /// object each (`loraloop_core::preference`'s shapes).
     pub kind: Objective,
     pub lines: &'a [String],
+    pub assistant_id: Option<i64>,
 }
 
 impl NewDataset<'_> {
@@ -90,8 +93,7 @@ pub struct StoredExample {
     pub source_conversation_id: Option<i64>,
 }
 
-const COLUMNS: &str =
-    "id, name, version, content_hash, format, source, example_count, created_at, kind";
+const COLUMNS: &str = "id, name, version, content_hash, format, source, example_count, created_at, kind, assistant_id";
 
 impl Db {
     /// Store a dataset as the next version of `name` in one transaction: either every
@@ -127,8 +129,8 @@ impl Db {
             return Ok(DatasetInsert::Unchanged(d));
         }
         let dataset: Dataset = sqlx::query_as(&format!(
-            "insert into datasets (name, version, content_hash, format, source, example_count, kind)
-             values (?1, (select coalesce(max(version), 0) + 1 from datasets where name = ?1), ?2, ?3, ?4, ?5, ?6)
+            "insert into datasets (name, version, content_hash, format, source, example_count, kind, assistant_id)
+             values (?1, (select coalesce(max(version), 0) + 1 from datasets where name = ?1), ?2, ?3, ?4, ?5, ?6, ?7)
              returning {COLUMNS}"
         ))
         .bind(new.name)
@@ -137,6 +139,7 @@ impl Db {
         .bind(new.source)
         .bind(rows.len() as i64)
         .bind(new.kind.as_str())
+        .bind(new.assistant_id)
         .fetch_one(&mut *tx)
         .await?;
         let n = rows.len();
@@ -354,6 +357,7 @@ mod tests {
 
     fn new<'a>(name: &'a str, hash: &'a str, ex: &'a [ChatExample]) -> NewDataset<'a> {
         NewDataset {
+            assistant_id: None,
             name,
             format: "openai",
             source: "test.jsonl",

@@ -74,6 +74,8 @@ pub struct TrainingJob {
     pub created_at: String,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
+    /// The assistant the adapter is for: its activation policy decides what happens to it.
+    pub assistant_id: Option<i64>,
 }
 
 impl TrainingJob {
@@ -88,6 +90,7 @@ pub struct NewJob<'a> {
     pub base_model: &'a str,
     pub method: &'a str,
     pub hyperparameters: &'a serde_json::Value,
+    pub assistant_id: Option<i64>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -115,18 +118,19 @@ pub struct TrainingEvent {
     pub created_at: String,
 }
 
-const JOB_COLUMNS: &str = "id, state, dataset_id, base_model, method, hyperparameters, output_dir, adapter_id, step, total_steps, cancel_requested, error, created_at, started_at, finished_at";
+const JOB_COLUMNS: &str = "id, state, dataset_id, base_model, method, hyperparameters, output_dir, adapter_id, step, total_steps, cancel_requested, error, created_at, started_at, finished_at, assistant_id";
 
 impl Db {
     pub async fn create_job(&self, job: &NewJob<'_>) -> Result<TrainingJob> {
         Ok(sqlx::query_as(&format!(
-            "insert into training_jobs (dataset_id, base_model, method, hyperparameters)
-             values (?, ?, ?, ?) returning {JOB_COLUMNS}"
+            "insert into training_jobs (dataset_id, base_model, method, hyperparameters, assistant_id)
+             values (?, ?, ?, ?, ?) returning {JOB_COLUMNS}"
         ))
         .bind(job.dataset_id)
         .bind(job.base_model)
         .bind(job.method)
         .bind(job.hyperparameters.to_string())
+        .bind(job.assistant_id)
         .fetch_one(self.pool())
         .await?)
     }
@@ -325,6 +329,7 @@ mod tests {
             ],
         }];
         db.insert_dataset(&NewDataset {
+            assistant_id: None,
             name: "d",
             format: "openai",
             source: "t",
@@ -346,6 +351,7 @@ mod tests {
         let job = db
             .create_job(&NewJob {
                 dataset_id: ds,
+                assistant_id: None,
                 base_model: "m",
                 method: "lora",
                 hyperparameters: &hp,
@@ -396,6 +402,7 @@ mod tests {
         let job = db
             .create_job(&NewJob {
                 dataset_id: ds,
+                assistant_id: None,
                 base_model: "m",
                 method: "lora",
                 hyperparameters: &hp,

@@ -11,6 +11,7 @@
 
 mod adapters;
 mod admin;
+mod assistants;
 mod chat;
 mod curation;
 mod datasets;
@@ -19,7 +20,10 @@ mod routing;
 mod updates;
 
 pub use crate::preference::PreferenceRows;
-pub use adapters::{Adapter, Assistant, NewAdapter, RollbackStep};
+pub use adapters::{Adapter, NewAdapter, RollbackStep};
+pub use assistants::{
+    Assistant, AssistantSettings, ROUTE_SCOPES, Route, validate_assistant_name, validate_route,
+};
 pub use chat::{Conversation, Feedback, NewMessage, Platform, PlatformUser, StoredMessage};
 pub use curation::{
     BuildFilter, ConversationDetail, ConversationExample, ConversationFilter, ConversationSummary,

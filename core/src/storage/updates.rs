@@ -25,17 +25,38 @@ impl Db {
             == 1)
     }
 
-    /// Updates stored but not yet handled, oldest first (numeric keys in numeric order). (A
-    /// pending row without a payload reads as an empty one: its handler fails it rather than
-    /// the whole read failing.)
-    pub async fn pending_updates(&self, platform: Platform) -> Result<Vec<PendingUpdate>> {
+    /// Updates stored but not yet handled, oldest first (numeric keys in numeric order), of
+    /// one `source` when given (keys `SOURCE:ID`: one Telegram bot's). (A pending row
+    /// without a payload reads as an empty one: its handler fails it rather than the whole
+    /// read failing.)
+    pub async fn pending_updates(
+        &self,
+        platform: Platform,
+        source: Option<&str>,
+    ) -> Result<Vec<PendingUpdate>> {
         Ok(sqlx::query_as(
             "select update_key, coalesce(payload, '') as payload from inbound_updates
-             where platform = ? and status = 'pending' order by length(update_key), update_key",
+             where platform = ?1 and status = 'pending' and (?2 is null or update_key like ?2 || ':%')
+             order by length(update_key), update_key",
         )
         .bind(platform.as_str())
+        .bind(source)
         .fetch_all(self.pool())
         .await?)
+    }
+
+    /// Give the keys stored without a source (before there were several Telegram bots:
+    /// they were all one bot's) to `source`. Returns how many.
+    pub async fn adopt_unscoped_updates(&self, platform: Platform, source: &str) -> Result<u64> {
+        Ok(sqlx::query(
+            "update or ignore inbound_updates set update_key = ?1 || ':' || update_key
+             where platform = ?2 and instr(update_key, ':') = 0",
+        )
+        .bind(source)
+        .bind(platform.as_str())
+        .execute(self.pool())
+        .await?
+        .rows_affected())
     }
 
     /// Record how an update ended: `error` None is done, Some is failed (not retried). The
@@ -72,11 +93,14 @@ impl Db {
         Ok(row.map(|(s,)| s))
     }
 
-    /// The highest numeric update key stored for a platform (Telegram's `update_id`).
-    pub async fn last_update_id(&self, platform: Platform) -> Result<Option<i64>> {
+    /// The highest update id stored under `source` (keys `SOURCE:ID`: one Telegram bot's
+    /// `update_id`s).
+    pub async fn last_update_id(&self, platform: Platform, source: &str) -> Result<Option<i64>> {
         let (max,): (Option<i64>,) = sqlx::query_as(
-            "select max(cast(update_key as integer)) from inbound_updates where platform = ?",
+            "select max(cast(substr(update_key, length(?1) + 2) as integer)) from inbound_updates
+             where platform = ?2 and update_key like ?1 || ':%'",
         )
+        .bind(source)
         .bind(platform.as_str())
         .fetch_one(self.pool())
         .await?;
@@ -93,49 +117,77 @@ mod tests {
     async fn an_update_is_stored_once_and_pending_until_finished(pool: SqlitePool) {
         let db = Db::from_pool(pool);
         assert!(
-            db.store_update(Platform::Telegram, "10", "{\"a\":1}")
+            db.store_update(Platform::Telegram, "7:10", "{\"a\":1}")
                 .await
                 .unwrap()
         );
         assert!(
-            !db.store_update(Platform::Telegram, "10", "{\"a\":2}")
+            !db.store_update(Platform::Telegram, "7:10", "{\"a\":2}")
                 .await
                 .unwrap()
         );
         assert!(
-            db.store_update(Platform::Telegram, "9", "{}")
+            db.store_update(Platform::Telegram, "7:9", "{}")
                 .await
                 .unwrap()
         );
         assert!(
-            db.store_update(Platform::Telegram, "100", "{}")
+            db.store_update(Platform::Telegram, "7:100", "{}")
                 .await
                 .unwrap()
         );
+        // Another bot's update, and one stored before keys had a bot.
+        assert!(
+            db.store_update(Platform::Telegram, "8:5", "{}")
+                .await
+                .unwrap()
+        );
+        assert!(
+            db.store_update(Platform::Telegram, "3", "{}")
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            db.adopt_unscoped_updates(Platform::Telegram, "7")
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            db.last_update_id(Platform::Telegram, "8").await.unwrap(),
+            Some(5)
+        );
+        db.finish_update(Platform::Telegram, "8:5", None)
+            .await
+            .unwrap();
+        db.finish_update(Platform::Telegram, "7:3", None)
+            .await
+            .unwrap();
         let keys: Vec<String> = db
-            .pending_updates(Platform::Telegram)
+            .pending_updates(Platform::Telegram, Some("7"))
             .await
             .unwrap()
             .into_iter()
             .map(|u| u.update_key)
             .collect();
-        assert_eq!(keys, ["9", "10", "100"]);
+        assert_eq!(keys, ["7:9", "7:10", "7:100"]);
         assert_eq!(
-            db.last_update_id(Platform::Telegram).await.unwrap(),
+            db.last_update_id(Platform::Telegram, "7").await.unwrap(),
             Some(100)
         );
-        db.finish_update(Platform::Telegram, "10", None)
+        db.finish_update(Platform::Telegram, "7:10", None)
             .await
             .unwrap();
-        db.finish_update(Platform::Telegram, "9", Some("blocked by the user"))
+        db.finish_update(Platform::Telegram, "7:9", Some("blocked by the user"))
             .await
             .unwrap();
-        let left = db.pending_updates(Platform::Telegram).await.unwrap();
+        let left = db.pending_updates(Platform::Telegram, None).await.unwrap();
         assert_eq!(left.len(), 1);
-        assert_eq!(left[0].update_key, "100");
+        assert_eq!(left[0].update_key, "7:100");
         // A finished update keeps no copy of the message; a pending one keeps it.
         let payloads: Vec<(String, Option<String>)> = sqlx::query_as(
-            "select update_key, payload from inbound_updates order by length(update_key), update_key",
+            "select update_key, payload from inbound_updates where update_key in ('7:9', '7:10', '7:100')
+             order by length(update_key), update_key",
         )
         .fetch_all(db.pool())
         .await
@@ -143,11 +195,14 @@ mod tests {
         assert_eq!(
             payloads,
             [
-                ("9".to_string(), None),
-                ("10".to_string(), None),
-                ("100".to_string(), Some("{}".to_string()))
+                ("7:9".to_string(), None),
+                ("7:10".to_string(), None),
+                ("7:100".to_string(), Some("{}".to_string()))
             ]
         );
-        assert_eq!(db.last_update_id(Platform::Discord).await.unwrap(), None);
+        assert_eq!(
+            db.last_update_id(Platform::Discord, "7").await.unwrap(),
+            None
+        );
     }
 }

@@ -167,6 +167,7 @@ pub async fn store(
         }
         return Ok(db
             .insert_dataset(&NewDataset {
+                assistant_id: filter.assistant,
                 name,
                 format: "conversations",
                 source: &source,
@@ -187,6 +188,7 @@ pub async fn store(
     .expect("hashing does not panic");
     Ok(db
         .insert_dataset(&NewDataset {
+            assistant_id: filter.assistant,
             name,
             format: "conversations",
             source: &source,

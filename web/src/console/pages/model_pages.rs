@@ -1,7 +1,8 @@
-//! The console's model pages: training jobs (`jobs`), adapters (`adapters`) and the
-//! playground (`playground`), plus the vendored uPlot chart library they use.
+//! The console's model pages: training jobs (`jobs`), adapters (`adapters`), assistants
+//! (`assistants`) and the playground (`playground`), plus the vendored uPlot chart library they use.
 
 mod adapters;
+mod assistants;
 mod canary;
 mod jobs;
 mod playground;
@@ -31,6 +32,7 @@ pub fn routes() -> Router<AppState> {
         )
         .merge(jobs::routes())
         .merge(adapters::routes())
+        .merge(assistants::routes())
         .merge(playground::routes())
 }
 

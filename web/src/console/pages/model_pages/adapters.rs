@@ -12,7 +12,7 @@ use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
-use loraloop_core::storage::NewAdapter;
+use loraloop_core::storage::{Assistant, NewAdapter};
 use loraloop_model::engine::{AdapterChoice, GenerateRequest, Prompt};
 use loraloop_model::lora::{ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
 use loraloop_model::sampling::SamplingParams;
@@ -55,31 +55,64 @@ fn notice(code: &str) -> Option<&'static str> {
     }
 }
 
+/// The assistant a page or an action is about: `?assistant=NAME`, else the default one.
+pub(super) async fn chosen_assistant(
+    state: &AppState,
+    q: &Option<String>,
+) -> Result<Assistant, ApiError> {
+    let pairs = url_decode_pairs(q.as_deref().unwrap_or(""));
+    crate::assistant_api::assistant_named(state, Some(field(&pairs, "assistant")), "assistant")
+        .await
+}
+
+/// `/adapters?assistant=NAME&ok=CODE`: back to the assistant's adapters after an action.
+fn back_to(a: &Assistant, ok: &str) -> Response {
+    Redirect::to(&format!("/adapters?assistant={}&ok={ok}", a.name)).into_response()
+}
+
 async fn list(
     State(state): State<AppState>,
     session: AdminSession,
     RawQuery(q): RawQuery,
 ) -> Response {
+    let assistant = match chosen_assistant(&state, &q).await {
+        Ok(a) => a,
+        Err(e) => return fail(&session, &e),
+    };
     let pairs = url_decode_pairs(q.as_deref().unwrap_or(""));
-    page(&state, &session, notice(field(&pairs, "ok")), None).await
+    page(
+        &state,
+        &session,
+        &assistant,
+        notice(field(&pairs, "ok")),
+        None,
+    )
+    .await
 }
 
-/// The adapters page, with a notice or an error (and the error's status).
+/// The adapters page of an assistant, with a notice or an error (and the error's status).
 async fn page(
     state: &AppState,
     session: &AdminSession,
+    assistant: &Assistant,
     ok: Option<&str>,
     error: Option<&ApiError>,
 ) -> Response {
-    let views = match crate::adapter_views::adapter_views(state).await {
+    let views = match crate::adapter_views::adapter_views(state, assistant).await {
         Ok(v) => v,
         Err(e) => return fail(session, &e),
     };
-    let canaries = match crate::canary_views::canary_views(state, super::canary::SHOWN).await {
-        Ok(c) => c,
-        Err(e) => return fail(session, &e),
+    let canaries =
+        match crate::canary_views::canary_views(state, assistant, super::canary::SHOWN).await {
+            Ok(c) => c,
+            Err(e) => return fail(session, &e),
+        };
+    let assistants = match state.core.assistants.list().await {
+        Ok(a) => a,
+        Err(e) => return fail(session, &e.into()),
     };
-    let active = state.core.engine.active_adapter();
+    let active = views.iter().find(|v| v.active).map(|v| v.name.clone());
+    let q = format!("?assistant={}", assistant.name);
     let mut resp = layout(
         "Adapters",
         Some(session),
@@ -88,32 +121,39 @@ async fn page(
             h1 { "Adapters" }
             @if let Some(m) = ok { p.ok role="status" id="adapter-notice" { (m) } }
             @if let Some(e) = error { p.error role="alert" id="adapter-error" { (e.message) } }
+            @if assistants.len() > 1 {
+                nav.tabs id="assistant-tabs" aria-label="Assistant" {
+                    @for a in &assistants {
+                        a href=(format!("/adapters?assistant={}", a.name)) aria-current=[(a.id == assistant.id).then_some("page")] { (a.name) }
+                    }
+                }
+            }
             section.card {
                 p {
-                    "The assistant answers with "
-                    strong id="active-adapter" { @match &active { Some(t) => (t.name), None => "the base model" } }
+                    "The assistant " strong id="adapter-assistant" { (assistant.name) } " answers with "
+                    strong id="active-adapter" { @match &active { Some(t) => (t), None => "the base model" } }
                     "."
                 }
                 div.row {
-                    form.inline method="post" action="/adapters/rollback" {
+                    form.inline method="post" action=(format!("/adapters/rollback{q}")) {
                         (csrf_field(session))
                         button.secondary type="submit" id="rollback" { "Roll back" }
                     }
-                    form.inline method="post" action="/adapters/base" {
+                    form.inline method="post" action=(format!("/adapters/base{q}")) {
                         (csrf_field(session))
                         button.secondary type="submit" id="use-base" disabled[active.is_none()] { "Use base model" }
                     }
                     a.button href="/adapters/compare" { "Compare" }
                 }
             }
-            (super::canary::section(session, &canaries, &views))
+            (super::canary::section(session, &canaries, &views, &q))
             @if views.is_empty() {
                 p.muted { "No adapters yet: they appear here when a training job succeeds, or upload one below." }
             } @else {
                 div.table-wrap {
                     table id="adapter-list" {
                         thead { tr { th { "Name" } th { "Job" } th { "Base model" } th { "Rank" } th { "Metrics" } th { "Ratings" } th { "Created" } th { "" } } }
-                        tbody { @for a in &views { (adapter_row(session, a)) } }
+                        tbody { @for a in &views { (adapter_row(session, a, &q)) } }
                     }
                 }
             }
@@ -138,7 +178,7 @@ async fn page(
     resp
 }
 
-fn adapter_row(session: &AdminSession, a: &AdapterView) -> Markup {
+fn adapter_row(session: &AdminSession, a: &AdapterView, q: &str) -> Markup {
     let m = &a.metrics;
     let final_loss = m.get("final_loss").and_then(Value::as_f64);
     let eval = m.get("eval");
@@ -172,7 +212,7 @@ fn adapter_row(session: &AdminSession, a: &AdapterView) -> Markup {
             td { (short_time(&chrono::DateTime::from_timestamp(a.created_at, 0).map(|t| t.to_rfc3339()).unwrap_or_default())) }
             td.actions {
                 @if !a.active && a.incompatible.is_none() {
-                    form.inline method="post" action=(format!("/adapters/{}/activate", a.id)) {
+                    form.inline method="post" action=(format!("/adapters/{}/activate{q}", a.id)) {
                         (csrf_field(session))
                         button type="submit" class="activate" data-adapter=(a.name) { "Activate" }
                     }
@@ -188,28 +228,58 @@ async fn activate(
     State(state): State<AppState>,
     session: AdminSession,
     id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+    RawQuery(q): RawQuery,
 ) -> Response {
     let id = match path_id(id) {
         Ok(i) => i,
         Err(e) => return fail(&session, &e),
     };
-    match state.core.adapters.activate(Some(id), "operator").await {
-        Ok(_) => Redirect::to("/adapters?ok=activated").into_response(),
-        Err(e) => page(&state, &session, None, Some(&ApiError::from(e))).await,
+    swap(&state, &session, &q, Some(id), "activated").await
+}
+
+async fn use_base(
+    State(state): State<AppState>,
+    session: AdminSession,
+    RawQuery(q): RawQuery,
+) -> Response {
+    swap(&state, &session, &q, None, "base").await
+}
+
+/// Activate `adapter` (None: the base model) for the assistant the query names.
+async fn swap(
+    state: &AppState,
+    session: &AdminSession,
+    q: &Option<String>,
+    adapter: Option<i64>,
+    ok: &str,
+) -> Response {
+    let assistant = match chosen_assistant(state, q).await {
+        Ok(a) => a,
+        Err(e) => return fail(session, &e),
+    };
+    match state
+        .core
+        .adapters
+        .activate(assistant.id, adapter, "operator")
+        .await
+    {
+        Ok(_) => back_to(&assistant, ok),
+        Err(e) => page(state, session, &assistant, None, Some(&ApiError::from(e))).await,
     }
 }
 
-async fn use_base(State(state): State<AppState>, session: AdminSession) -> Response {
-    match state.core.adapters.activate(None, "operator").await {
-        Ok(_) => Redirect::to("/adapters?ok=base").into_response(),
-        Err(e) => page(&state, &session, None, Some(&ApiError::from(e))).await,
-    }
-}
-
-async fn rollback(State(state): State<AppState>, session: AdminSession) -> Response {
-    match state.core.adapters.rollback("operator").await {
-        Ok(_) => Redirect::to("/adapters?ok=rolledback").into_response(),
-        Err(e) => page(&state, &session, None, Some(&ApiError::from(e))).await,
+async fn rollback(
+    State(state): State<AppState>,
+    session: AdminSession,
+    RawQuery(q): RawQuery,
+) -> Response {
+    let assistant = match chosen_assistant(&state, &q).await {
+        Ok(a) => a,
+        Err(e) => return fail(&session, &e),
+    };
+    match state.core.adapters.rollback(assistant.id, "operator").await {
+        Ok(_) => back_to(&assistant, "rolledback"),
+        Err(e) => page(&state, &session, &assistant, None, Some(&ApiError::from(e))).await,
     }
 }
 
@@ -283,17 +353,20 @@ fn zip_dir(dir: &FsPath) -> Result<Vec<u8>, ApiError> {
 }
 
 /// Names an uploaded adapter may not take: they mean something else to `model`.
-fn reserved(state: &AppState, name: &str) -> bool {
+async fn reserved(state: &AppState, name: &str) -> bool {
     ["active", "base"].contains(&name)
-        || name == state.core.assistant.name
         || name == state.core.model.name
+        || state.core.db.assistant(name).await.is_ok()
 }
 
 /// `POST /adapters/upload?_csrf=...` (multipart: `file`, `name`).
 async fn upload(State(state): State<AppState>, session: AdminSession, req: Request) -> Response {
     match receive_upload(&state, req).await {
         Ok(()) => Redirect::to("/adapters?ok=uploaded").into_response(),
-        Err(e) => page(&state, &session, None, Some(&e)).await,
+        Err(e) => match state.core.assistants.default_assistant().await {
+            Ok(a) => page(&state, &session, &a, None, Some(&e)).await,
+            Err(d) => fail(&session, &d.into()),
+        },
     }
 }
 
@@ -309,7 +382,7 @@ async fn receive_upload(state: &AppState, req: Request) -> Result<(), ApiError> 
         given.to_string()
     };
     crate::files::safe_file_name(&name)?;
-    if reserved(state, &name) {
+    if reserved(state, &name).await {
         return Err(ApiError::invalid(
             "name",
             format!("{name:?} is reserved; choose another name"),
@@ -429,6 +502,7 @@ async fn check_upload(
             target_modules: &modules,
             metrics: &metrics,
             job_id: None,
+            assistant_id: None,
         })
         .await;
     if let Err(e) = inserted {
@@ -573,7 +647,11 @@ async fn compare(
     RawQuery(q): RawQuery,
 ) -> Response {
     let pairs = url_decode_pairs(q.as_deref().unwrap_or(""));
-    let views = match crate::adapter_views::adapter_views(&state).await {
+    let assistant = match chosen_assistant(&state, &q).await {
+        Ok(a) => a,
+        Err(e) => return fail(&session, &e),
+    };
+    let views = match crate::adapter_views::adapter_views(&state, &assistant).await {
         Ok(v) => v,
         Err(e) => return fail(&session, &e),
     };

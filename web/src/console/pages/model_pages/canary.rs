@@ -32,7 +32,13 @@ fn rate(up: u64, rated: u64) -> String {
 }
 
 /// The canary section; empty when no canary has ever run.
-pub fn section(session: &AdminSession, canaries: &[CanaryView], views: &[AdapterView]) -> Markup {
+/// The canary card of an assistant's adapters page (`q`: its `?assistant=` query).
+pub fn section(
+    session: &AdminSession,
+    canaries: &[CanaryView],
+    views: &[AdapterView],
+    q: &str,
+) -> Markup {
     let name = |id: Option<i64>| match id {
         None => "the base model".to_string(),
         Some(id) => views
@@ -56,7 +62,7 @@ pub fn section(session: &AdminSession, canaries: &[CanaryView], views: &[Adapter
                     "New: " (rate(c.candidate_up, c.candidate_rated)) ". Current: " (rate(c.baseline_up, c.baseline_rated)) "."
                 }
                 @if let Some(r) = &c.reason { p.hint id="canary-standing" { (r) } }
-                form.inline method="post" action="/adapters/canary/stop" {
+                form.inline method="post" action=(format!("/adapters/canary/stop{q}")) {
                     (csrf_field(session))
                     button.secondary type="submit" id="stop-canary" { "Stop and roll back" }
                 }
@@ -130,10 +136,22 @@ pub fn ratings(a: &AdapterView) -> Markup {
     }
 }
 
-/// `POST /adapters/canary/stop`.
-pub async fn stop(State(state): State<AppState>, session: AdminSession) -> Response {
-    match state.core.canary.stop("operator").await {
-        Ok(_) => Redirect::to("/adapters?ok=canarystopped").into_response(),
+/// `POST /adapters/canary/stop?assistant=NAME`.
+pub async fn stop(
+    State(state): State<AppState>,
+    session: AdminSession,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> Response {
+    let assistant = match super::adapters::chosen_assistant(&state, &q).await {
+        Ok(a) => a,
+        Err(e) => return fail(&session, &e),
+    };
+    match state.core.canary.stop(assistant.id, "operator").await {
+        Ok(_) => Redirect::to(&format!(
+            "/adapters?assistant={}&ok=canarystopped",
+            assistant.name
+        ))
+        .into_response(),
         Err(e) => fail(&session, &ApiError::from(e)),
     }
 }

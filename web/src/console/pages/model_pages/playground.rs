@@ -1,5 +1,5 @@
-//! The playground: the operator chats with the assistant as it is now, with the base
-//! model or with a chosen adapter. Every turn is stored (with the adapter that wrote the
+//! The playground: the operator chats with an assistant as it is now (`?assistant=NAME`,
+//! else the default one), with the base model or with a chosen adapter. Every turn is stored (with the adapter that wrote the
 //! reply) through the chat service, like any other conversation.
 
 use super::{fail, field};
@@ -15,6 +15,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use loraloop_core::service::Turn;
+use loraloop_core::storage::Assistant;
 use loraloop_model::engine::{AdapterChoice, Event};
 use serde::Deserialize;
 use serde_json::json;
@@ -36,16 +37,26 @@ async fn show(
     RawQuery(q): RawQuery,
 ) -> Response {
     let pairs = url_decode_pairs(q.as_deref().unwrap_or(""));
-    page(&state, &session, field(&pairs, "adapter"), None).await
+    let assistant = match super::adapters::chosen_assistant(&state, &q).await {
+        Ok(a) => a,
+        Err(e) => return fail(&session, &e),
+    };
+    page(&state, &session, &assistant, field(&pairs, "adapter"), None).await
 }
 
 async fn page(
     state: &AppState,
     session: &AdminSession,
+    assistant: &Assistant,
     selected: &str,
     error: Option<&ApiError>,
 ) -> Response {
-    let conversation = match state.core.chat.playground_conversation(false).await {
+    let conversation = match state
+        .core
+        .chat
+        .playground_conversation(assistant, false)
+        .await
+    {
         Ok(c) => c,
         Err(e) => return fail(session, &ApiError::from(e)),
     };
@@ -58,10 +69,11 @@ async fn page(
         Ok(m) => m,
         Err(e) => return fail(session, &e.into()),
     };
-    let views = crate::adapter_views::adapter_views(state)
+    let views = crate::adapter_views::adapter_views(state, assistant)
         .await
         .unwrap_or_default();
-    let active = state.core.engine.active_adapter();
+    let active = views.iter().find(|v| v.active).map(|v| v.name.clone());
+    let assistants = state.core.assistants.list().await.unwrap_or_default();
     let selected = if selected.is_empty() {
         "active"
     } else {
@@ -73,11 +85,15 @@ async fn page(
         "/playground",
         html_page(
             session,
-            conversation,
-            &messages,
-            &views,
-            active.as_ref().map(|t| t.name.as_str()),
-            selected,
+            &Shown {
+                assistant,
+                assistants: &assistants,
+                conversation,
+                messages: &messages,
+                views: &views,
+                active: active.as_deref(),
+                selected,
+            },
             error,
         ),
     );
@@ -87,19 +103,39 @@ async fn page(
     resp
 }
 
-fn html_page(
-    session: &AdminSession,
+/// What the playground page shows.
+struct Shown<'a> {
+    assistant: &'a Assistant,
+    assistants: &'a [Assistant],
     conversation: i64,
-    messages: &[loraloop_core::storage::StoredMessage],
-    views: &[crate::adapter_views::AdapterView],
-    active: Option<&str>,
-    selected: &str,
-    error: Option<&ApiError>,
-) -> maud::Markup {
+    messages: &'a [loraloop_core::storage::StoredMessage],
+    views: &'a [crate::adapter_views::AdapterView],
+    active: Option<&'a str>,
+    selected: &'a str,
+}
+
+fn html_page(session: &AdminSession, s: &Shown, error: Option<&ApiError>) -> maud::Markup {
+    let Shown {
+        assistant,
+        assistants,
+        conversation,
+        messages,
+        views,
+        active,
+        selected,
+    } = *s;
+    let q = format!("?assistant={}", assistant.name);
     maud::html! {
         h1 { "Playground" }
+        @if assistants.len() > 1 {
+            nav.tabs id="assistant-tabs" aria-label="Assistant" {
+                @for a in assistants {
+                    a href=(format!("/playground?assistant={}", a.name)) aria-current=[(a.id == assistant.id).then_some("page")] { (a.name) }
+                }
+            }
+        }
         p.hint {
-            "Talk to the assistant. Every turn is stored in conversation #" (conversation)
+            "Talk to " strong id="playground-assistant" { (assistant.name) } ". Every turn is stored in conversation #" (conversation)
             " with the adapter that answered. Active now: " strong { (active.unwrap_or("base model")) } "."
         }
         @if let Some(e) = error { p.error role="alert" id="chat-error" { (e.message) } }
@@ -119,7 +155,7 @@ fn html_page(
                 }
             }
         }
-        form.card method="post" action="/playground/send" id="chat-form" {
+        form.card method="post" action=(format!("/playground/send{q}")) id="chat-form" {
             (csrf_field(session))
             label {
                 "Message"
@@ -139,16 +175,29 @@ fn html_page(
                 button type="submit" id="chat-send" { "Send" }
             }
         }
-        form method="post" action="/playground/new" id="new-conversation-form" {
+        form method="post" action=(format!("/playground/new{q}")) id="new-conversation-form" {
             (csrf_field(session))
             button.secondary type="submit" id="new-conversation" { "New conversation" }
         }
     }
 }
 
-async fn new_conversation(State(state): State<AppState>, session: AdminSession) -> Response {
-    match state.core.chat.playground_conversation(true).await {
-        Ok(_) => Redirect::to("/playground").into_response(),
+async fn new_conversation(
+    State(state): State<AppState>,
+    session: AdminSession,
+    RawQuery(q): RawQuery,
+) -> Response {
+    let assistant = match super::adapters::chosen_assistant(&state, &q).await {
+        Ok(a) => a,
+        Err(e) => return fail(&session, &e),
+    };
+    match state
+        .core
+        .chat
+        .playground_conversation(&assistant, true)
+        .await
+    {
+        Ok(_) => Redirect::to(&format!("/playground?assistant={}", assistant.name)).into_response(),
         Err(e) => fail(&session, &ApiError::from(e)),
     }
 }
@@ -161,21 +210,31 @@ struct SendBody {
     adapter: Option<String>,
 }
 
-/// What a playground choice runs on: `active` (or nothing), `base`, an adapter name.
-async fn choice_for(state: &AppState, sel: &str) -> Result<AdapterChoice, ApiError> {
+/// What a playground choice runs on: `active` (or nothing: the assistant's active
+/// adapter), `base`, an adapter name.
+async fn choice_for(
+    state: &AppState,
+    assistant: &Assistant,
+    sel: &str,
+) -> Result<AdapterChoice, ApiError> {
     match sel {
-        "" | "active" => Ok(AdapterChoice::Active),
+        "" | "active" => Ok(state.core.adapters.choice(&assistant.name).await?),
         other => Ok(state.core.adapters.choice(other).await?),
     }
 }
 
 /// Store the user's message in the playground conversation and start the reply.
-async fn begin(state: &AppState, message: &str, adapter: &str) -> Result<Turn, ApiError> {
-    let choice = choice_for(state, adapter).await?;
+async fn begin(
+    state: &AppState,
+    assistant: &Assistant,
+    message: &str,
+    adapter: &str,
+) -> Result<Turn, ApiError> {
+    let choice = choice_for(state, assistant, adapter).await?;
     Ok(state
         .core
         .chat
-        .start_playground_turn(message, choice)
+        .start_playground_turn(assistant, message, choice)
         .await?)
 }
 
@@ -186,9 +245,14 @@ async fn begin(state: &AppState, message: &str, adapter: &str) -> Result<Turn, A
 async fn send(
     State(state): State<AppState>,
     session: AdminSession,
+    RawQuery(q): RawQuery,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let assistant = match super::adapters::chosen_assistant(&state, &q).await {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
+    };
     let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -199,16 +263,16 @@ async fn send(
             Err(e) => return e.into_response(),
         };
         let adapter = req.adapter.unwrap_or_default();
-        return match begin(&state, &req.message, &adapter).await {
+        return match begin(&state, &assistant, &req.message, &adapter).await {
             Ok(turn) => stream(state, turn),
             Err(e) => e.into_response(),
         };
     }
     let pairs = url_decode_pairs(&String::from_utf8_lossy(&body));
     let (message, adapter) = (field(&pairs, "message"), field(&pairs, "adapter"));
-    let turn = match begin(&state, message, adapter).await {
+    let turn = match begin(&state, &assistant, message, adapter).await {
         Ok(t) => t,
-        Err(e) => return page(&state, &session, adapter, Some(&e)).await,
+        Err(e) => return page(&state, &session, &assistant, adapter, Some(&e)).await,
     };
     let Turn {
         conversation_id,
@@ -236,9 +300,13 @@ async fn send(
                 .chars()
                 .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
                 .collect();
-            Redirect::to(&format!("/playground?adapter={q}")).into_response()
+            Redirect::to(&format!(
+                "/playground?assistant={}&adapter={q}",
+                assistant.name
+            ))
+            .into_response()
         }
-        Err(e) => page(&state, &session, adapter, Some(&e)).await,
+        Err(e) => page(&state, &session, &assistant, adapter, Some(&e)).await,
     }
 }
 

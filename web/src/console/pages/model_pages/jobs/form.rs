@@ -80,8 +80,9 @@ pub fn presets() -> [Preset; 3] {
 }
 
 /// The fields of the form, as typed.
-pub(super) const FIELDS: [&str; 11] = [
+pub(super) const FIELDS: [&str; 12] = [
     "dataset_id",
+    "assistant",
     "method",
     "epochs",
     "learning_rate",
@@ -193,6 +194,7 @@ impl JobForm {
         Ok(CreateJob {
             model_id: None,
             dataset_id,
+            assistant: Some(self.get("assistant").to_string()).filter(|a| !a.is_empty()),
             dataset_url: None,
             epochs: float("epochs")?,
             method,
@@ -259,6 +261,10 @@ pub(super) async fn job_form(
         Err(e) => return fail(session, &e.into()),
     };
     datasets.sort_by_key(|d| std::cmp::Reverse(d.id));
+    let assistants = match state.core.assistants.list().await {
+        Ok(a) => a,
+        Err(e) => return fail(session, &e.into()),
+    };
     let bad = error.map(error_field).unwrap_or("");
     let presets_json = Value::Array(
         presets()
@@ -306,6 +312,18 @@ pub(super) async fn job_form(
                                 (d.name) " v" (d.version) " (" (d.example_count) " " (dataset_rows(d)) ")"
                             }
                         }
+                    }
+                }
+                @if assistants.len() > 1 {
+                    label {
+                        "Assistant"
+                        select name="assistant" id="job-assistant" aria-invalid=[(bad == "assistant").then_some("true")] {
+                            option value="" selected[form.get("assistant").is_empty()] { "The dataset's (else the default assistant)" }
+                            @for a in &assistants {
+                                option value=(a.name) selected[form.get("assistant") == a.name] { (a.name) }
+                            }
+                        }
+                        span.hint { "Its activation policy decides what happens to the adapter." }
                     }
                 }
                 div.grid.form-grid {

@@ -1,0 +1,466 @@
+//! Assistants (a name, a system prompt, generation settings and an activation policy on
+//! the served base model) and the routes that say which one answers a bot, chat, guild or
+//! channel.
+
+use super::{Db, Result, StorageError};
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Assistant {
+    pub id: i64,
+    pub name: String,
+    pub base_model: String,
+    pub system_prompt: String,
+    /// Generation settings that differ from the config's `generation:`, as a JSON object.
+    pub generation: String,
+    pub active_adapter_id: Option<i64>,
+    /// `manual`, `gate` or `canary` (None: the config's `assistant.activation`).
+    pub activation: Option<String>,
+}
+
+/// An assistant's settings, as created or changed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AssistantSettings<'a> {
+    pub system_prompt: &'a str,
+    pub generation: &'a serde_json::Value,
+    pub activation: Option<&'a str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Route {
+    pub id: i64,
+    pub assistant_id: i64,
+    pub platform: String,
+    pub scope: String,
+    pub key: String,
+}
+
+/// The scopes a route may have on each platform, most specific first: the order in which a
+/// bot looks its message's places up.
+pub const ROUTE_SCOPES: &[(&str, &[&str])] = &[
+    ("telegram", &["chat", "bot"]),
+    ("discord", &["channel", "guild", "application"]),
+];
+
+const ASSISTANT_COLUMNS: &str =
+    "id, name, base_model, system_prompt, generation, active_adapter_id, activation";
+const ROUTE_COLUMNS: &str = "id, assistant_id, platform, scope, key";
+
+/// An error when the assistant name is refused.
+pub fn validate_assistant_name(name: &str) -> Result<()> {
+    match crate::assistant_settings::name_problem(name) {
+        None => Ok(()),
+        Some(message) => Err(StorageError::Invalid {
+            what: "assistant name".into(),
+            message,
+        }),
+    }
+}
+
+/// An error naming what is wrong with a route, if anything is.
+pub fn validate_route(platform: &str, scope: &str, key: &str) -> Result<()> {
+    let Some((_, scopes)) = ROUTE_SCOPES.iter().find(|(p, _)| *p == platform) else {
+        return Err(StorageError::Invalid {
+            what: "route".into(),
+            message: format!("platform {platform:?}: use telegram or discord"),
+        });
+    };
+    if !scopes.contains(&scope) {
+        return Err(StorageError::Invalid {
+            what: "route".into(),
+            message: format!("a {platform} route's scope is one of {}", scopes.join(", ")),
+        });
+    }
+    let key_ok = (1..=64).contains(&key.len())
+        && key
+            .strip_prefix('-')
+            .unwrap_or(key)
+            .chars()
+            .all(|c| c.is_ascii_digit())
+        && key != "-";
+    if !key_ok {
+        return Err(StorageError::Invalid {
+            what: "route".into(),
+            message: format!(
+                "{key:?} is not a {platform} {scope} id (a number; a Telegram bot's is the part of its token before the colon)"
+            ),
+        });
+    }
+    Ok(())
+}
+
+impl Db {
+    /// The assistant with this name, created with these settings if it does not exist.
+    pub async fn ensure_assistant(
+        &self,
+        name: &str,
+        base_model: &str,
+        system_prompt: &str,
+    ) -> Result<Assistant> {
+        sqlx::query("insert into assistants (name, base_model, system_prompt) values (?, ?, ?) on conflict (name) do nothing")
+            .bind(name)
+            .bind(base_model)
+            .bind(system_prompt)
+            .execute(self.pool())
+            .await?;
+        self.assistant(name).await
+    }
+
+    /// Create the assistant or set its settings (the config's assistants, at start-up).
+    pub async fn upsert_assistant(
+        &self,
+        name: &str,
+        base_model: &str,
+        s: &AssistantSettings<'_>,
+    ) -> Result<Assistant> {
+        validate_assistant_name(name)?;
+        Ok(sqlx::query_as(&format!(
+            "insert into assistants (name, base_model, system_prompt, generation, activation) values (?, ?, ?, ?, ?)
+             on conflict (name) do update set base_model = excluded.base_model, system_prompt = excluded.system_prompt,
+                generation = excluded.generation, activation = excluded.activation,
+                updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+             returning {ASSISTANT_COLUMNS}"
+        ))
+        .bind(name)
+        .bind(base_model)
+        .bind(s.system_prompt)
+        .bind(s.generation.to_string())
+        .bind(s.activation)
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    /// A new assistant; an error when the name is taken.
+    pub async fn create_assistant(
+        &self,
+        name: &str,
+        base_model: &str,
+        s: &AssistantSettings<'_>,
+    ) -> Result<Assistant> {
+        validate_assistant_name(name)?;
+        let created: Option<Assistant> = sqlx::query_as(&format!(
+            "insert into assistants (name, base_model, system_prompt, generation, activation) values (?, ?, ?, ?, ?)
+             on conflict (name) do nothing returning {ASSISTANT_COLUMNS}"
+        ))
+        .bind(name)
+        .bind(base_model)
+        .bind(s.system_prompt)
+        .bind(s.generation.to_string())
+        .bind(s.activation)
+        .fetch_optional(self.pool())
+        .await?;
+        created.ok_or_else(|| StorageError::Invalid {
+            what: "assistant name".into(),
+            message: format!("an assistant named {name:?} already exists"),
+        })
+    }
+
+    /// Change an assistant's settings.
+    pub async fn update_assistant(&self, id: i64, s: &AssistantSettings<'_>) -> Result<Assistant> {
+        let updated: Option<Assistant> = sqlx::query_as(&format!(
+            "update assistants set system_prompt = ?, generation = ?, activation = ?,
+                updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+             where id = ? returning {ASSISTANT_COLUMNS}"
+        ))
+        .bind(s.system_prompt)
+        .bind(s.generation.to_string())
+        .bind(s.activation)
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await?;
+        updated.ok_or_else(|| StorageError::NotFound {
+            what: format!("assistant {id}"),
+        })
+    }
+
+    /// Delete an assistant with no conversations (its routes go with it; its jobs,
+    /// datasets and adapters stay, tied to no assistant).
+    pub async fn delete_assistant(&self, id: i64) -> Result<()> {
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let (conversations,): (i64,) =
+            sqlx::query_as("select count(*) from conversations where assistant_id = ?")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
+        if conversations > 0 {
+            return Err(StorageError::Invalid {
+                what: "assistant".into(),
+                message: format!(
+                    "it has {conversations} conversations; they are training data and stay with it (delete them first)"
+                ),
+            });
+        }
+        let deleted = sqlx::query("delete from assistants where id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        if deleted.rows_affected() == 0 {
+            return Err(StorageError::NotFound {
+                what: format!("assistant {id}"),
+            });
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn assistant(&self, name: &str) -> Result<Assistant> {
+        let found: Option<Assistant> = sqlx::query_as(&format!(
+            "select {ASSISTANT_COLUMNS} from assistants where name = ?"
+        ))
+        .bind(name)
+        .fetch_optional(self.pool())
+        .await?;
+        found.ok_or_else(|| StorageError::NotFound {
+            what: format!("assistant {name:?}"),
+        })
+    }
+
+    pub async fn assistant_by_id(&self, id: i64) -> Result<Assistant> {
+        let found: Option<Assistant> = sqlx::query_as(&format!(
+            "select {ASSISTANT_COLUMNS} from assistants where id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await?;
+        found.ok_or_else(|| StorageError::NotFound {
+            what: format!("assistant {id}"),
+        })
+    }
+
+    /// The assistant a conversation is with.
+    pub async fn conversation_assistant(&self, conversation_id: i64) -> Result<Assistant> {
+        let found: Option<Assistant> = sqlx::query_as(&format!(
+            "select {ASSISTANT_COLUMNS} from assistants
+             where id = (select assistant_id from conversations where id = ?)"
+        ))
+        .bind(conversation_id)
+        .fetch_optional(self.pool())
+        .await?;
+        found.ok_or_else(|| StorageError::NotFound {
+            what: format!("conversation {conversation_id}"),
+        })
+    }
+
+    pub async fn list_assistants(&self) -> Result<Vec<Assistant>> {
+        Ok(sqlx::query_as(&format!(
+            "select {ASSISTANT_COLUMNS} from assistants order by id"
+        ))
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// Route `platform`/`scope`/`key` to the assistant (moved there if it routed elsewhere).
+    pub async fn set_route(
+        &self,
+        assistant_id: i64,
+        platform: &str,
+        scope: &str,
+        key: &str,
+    ) -> Result<Route> {
+        validate_route(platform, scope, key)?;
+        Ok(sqlx::query_as(&format!(
+            "insert into assistant_routes (assistant_id, platform, scope, key) values (?, ?, ?, ?)
+             on conflict (platform, scope, key) do update set assistant_id = excluded.assistant_id
+             returning {ROUTE_COLUMNS}"
+        ))
+        .bind(assistant_id)
+        .bind(platform)
+        .bind(scope)
+        .bind(key)
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    /// Remove one of the assistant's routes.
+    pub async fn delete_route(&self, assistant_id: i64, route_id: i64) -> Result<()> {
+        let deleted = sqlx::query("delete from assistant_routes where id = ? and assistant_id = ?")
+            .bind(route_id)
+            .bind(assistant_id)
+            .execute(self.pool())
+            .await?;
+        if deleted.rows_affected() == 0 {
+            return Err(StorageError::NotFound {
+                what: format!("route {route_id}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Every route, by assistant then id.
+    pub async fn routes(&self) -> Result<Vec<Route>> {
+        Ok(sqlx::query_as(&format!(
+            "select {ROUTE_COLUMNS} from assistant_routes order by assistant_id, id"
+        ))
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// The assistant routed from the most specific of `places` (scope, key) on `platform`
+    /// that has a route; `places` go most specific first. None: no route matches.
+    pub async fn routed_assistant(
+        &self,
+        platform: &str,
+        places: &[(&str, &str)],
+    ) -> Result<Option<Assistant>> {
+        for (scope, key) in places {
+            let found: Option<Assistant> = sqlx::query_as(&format!(
+                "select {} from assistants a join assistant_routes r on r.assistant_id = a.id
+                 where r.platform = ? and r.scope = ? and r.key = ?",
+                ASSISTANT_COLUMNS
+                    .split(", ")
+                    .map(|c| format!("a.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .bind(platform)
+            .bind(scope)
+            .bind(key)
+            .fetch_optional(self.pool())
+            .await?;
+            if found.is_some() {
+                return Ok(found);
+            }
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::SqlitePool;
+
+    fn settings(prompt: &str) -> AssistantSettings<'_> {
+        static EMPTY: std::sync::LazyLock<serde_json::Value> =
+            std::sync::LazyLock::new(|| serde_json::json!({}));
+        AssistantSettings {
+            system_prompt: prompt,
+            generation: &EMPTY,
+            activation: None,
+        }
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn the_most_specific_route_wins(pool: SqlitePool) {
+        let db = Db::from_pool(pool);
+        let support = db
+            .create_assistant("support", "m", &settings("Help."))
+            .await
+            .unwrap();
+        let sales = db
+            .create_assistant("sales", "m", &settings("Sell."))
+            .await
+            .unwrap();
+        db.set_route(support.id, "discord", "guild", "10")
+            .await
+            .unwrap();
+        db.set_route(sales.id, "discord", "channel", "20")
+            .await
+            .unwrap();
+        let route = |channel: &'static str, guild: &'static str| {
+            let db = db.clone();
+            async move {
+                db.routed_assistant(
+                    "discord",
+                    &[("channel", channel), ("guild", guild), ("application", "1")],
+                )
+                .await
+                .unwrap()
+                .map(|a| a.name)
+            }
+        };
+        assert_eq!(
+            route("20", "10").await.as_deref(),
+            Some("sales"),
+            "channel over guild"
+        );
+        assert_eq!(route("21", "10").await.as_deref(), Some("support"));
+        assert_eq!(
+            route("21", "11").await,
+            None,
+            "no route: the default assistant"
+        );
+        // A key routes to one assistant: setting it again moves it.
+        db.set_route(support.id, "discord", "channel", "20")
+            .await
+            .unwrap();
+        assert_eq!(route("20", "11").await.as_deref(), Some("support"));
+        assert_eq!(db.routes().await.unwrap().len(), 2);
+        // Telegram scopes are not Discord's; keys are ids.
+        for (p, s, k) in [
+            ("telegram", "guild", "1"),
+            ("discord", "chat", "1"),
+            ("telegram", "bot", "123:secret"),
+            ("slack", "chat", "1"),
+        ] {
+            assert!(
+                db.set_route(sales.id, p, s, k).await.is_err(),
+                "{p} {s} {k}"
+            );
+        }
+        db.set_route(sales.id, "telegram", "chat", "-100123")
+            .await
+            .unwrap();
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn assistants_are_created_changed_and_deleted(pool: SqlitePool) {
+        let db = Db::from_pool(pool);
+        let a = db.create_assistant("a", "m", &settings("x")).await.unwrap();
+        assert!(
+            db.create_assistant("a", "m", &settings("y")).await.is_err(),
+            "taken"
+        );
+        assert!(
+            db.create_assistant("a b", "m", &settings("y"))
+                .await
+                .is_err(),
+            "space"
+        );
+        let generation = serde_json::json!({"temperature": 0.2});
+        let changed = db
+            .update_assistant(
+                a.id,
+                &AssistantSettings {
+                    system_prompt: "z",
+                    generation: &generation,
+                    activation: Some("manual"),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(changed.system_prompt, "z");
+        assert_eq!(changed.activation.as_deref(), Some("manual"));
+        assert_eq!(changed.generation, r#"{"temperature":0.2}"#);
+        let bad = AssistantSettings {
+            activation: Some("sometimes"),
+            ..settings("z")
+        };
+        assert!(
+            db.update_assistant(a.id, &bad).await.is_err(),
+            "unknown policy"
+        );
+        db.set_route(a.id, "telegram", "bot", "42").await.unwrap();
+        // A conversation keeps its assistant from being deleted.
+        let chat = db
+            .upsert_chat(super::super::Platform::Web, "c", "private", None)
+            .await
+            .unwrap();
+        let conv = db
+            .current_conversation(a.id, chat, None, None)
+            .await
+            .unwrap();
+        assert!(db.delete_assistant(a.id).await.is_err());
+        sqlx::query("delete from conversations where id = ?")
+            .bind(conv.id)
+            .execute(db.pool())
+            .await
+            .unwrap();
+        db.delete_assistant(a.id).await.unwrap();
+        assert!(
+            db.routes().await.unwrap().is_empty(),
+            "its routes went with it"
+        );
+        assert!(db.assistant("a").await.is_err());
+    }
+}
