@@ -574,6 +574,19 @@ impl Config {
                     message,
                 ));
             }
+            if let Some((_, scope, key)) = a
+                .routes
+                .all()
+                .into_iter()
+                .find(|(_, _, key)| key.parse::<i64>().is_err())
+            {
+                return Err(invalid(
+                    &format!("assistants.{i}.routes"),
+                    format!(
+                        "{key:?} is not a {scope} id (a number; a Telegram bot's is the part of its token before the colon)"
+                    ),
+                ));
+            }
         }
         if let Err((key, message)) = raw.gate.check() {
             return Err(invalid(key, message));
@@ -928,6 +941,52 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("`server.port`"), "{text}");
         assert!(text.contains("LORALOOP_SERVER__PORT"), "{text}");
+    }
+
+    #[test]
+    fn more_assistants_come_with_their_routes_and_are_checked() {
+        let cfg = load_yaml(
+            "assistants:\n  - name: support\n    system_prompt: Help.\n    activation: canary\n    generation: {temperature: 0.3}\n    routes:\n      telegram_chats: [-100123, \"42\"]\n      discord_guilds: [5000]\n",
+            &[],
+        )
+        .unwrap();
+        let a = &cfg.raw.assistants[0];
+        assert_eq!(a.name, "support");
+        assert_eq!(a.activation, Some(ActivationPolicy::Canary));
+        assert_eq!(a.generation.temperature, Some(0.3));
+        assert_eq!(
+            a.routes.all(),
+            [
+                ("telegram", "chat", "-100123".to_string()),
+                ("telegram", "chat", "42".to_string()),
+                ("discord", "guild", "5000".to_string()),
+            ]
+        );
+        for (yaml, key) in [
+            ("assistants:\n  - name: loraloop\n", "assistants.0.name"),
+            ("assistants:\n  - name: a b\n", "assistants.0.name"),
+            (
+                "assistants:\n  - name: x\n  - name: x\n",
+                "assistants.1.name",
+            ),
+            (
+                "assistants:\n  - name: x\n    generation: {top_p: 2}\n",
+                "assistants.0.generation.top_p",
+            ),
+            (
+                "assistants:\n  - name: x\n    routes: {discord_channels: [general]}\n",
+                "assistants.0.routes",
+            ),
+        ] {
+            assert_eq!(
+                invalid_key(load_yaml(yaml, &[]).unwrap_err()),
+                key,
+                "{yaml}"
+            );
+        }
+        let err =
+            load_yaml("assistants:\n  - name: x\n    routes: {slack: [1]}\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("slack"), "{err}");
     }
 
     #[test]

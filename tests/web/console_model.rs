@@ -703,3 +703,132 @@ async fn a_console_job_on_defaults_gets_a_report_card_and_the_gate_decides_activ
         assert_eq!(c.active(), None);
     }
 }
+
+/// The assistants page: the config's assistants with their routes; create one, change
+/// its settings, add and remove a route, delete it; bad input is shown, not stored. The
+/// adapters page and the playground act on the assistant their address names.
+#[tokio::test]
+async fn assistants_are_managed_from_the_console() {
+    let c = Console::start_with(&[(
+        "LORALOOP_ASSISTANTS",
+        "[{name: support, system_prompt: Help with travel., routes: {telegram_chats: [-100777]}}]",
+    )])
+    .await;
+    let (status, page) = c.get("/assistants").await;
+    assert_eq!(status, 200);
+    assert!(page.contains(r#"id="assistant-loraloop""#), "{page}");
+    assert!(page.contains(r#"id="assistant-support""#));
+    assert!(page.contains("Help with travel.") && page.contains("-100777"));
+
+    let (status, _, page) = c
+        .post_form(
+            "/assistants",
+            &[
+                ("name", "sales"),
+                ("system_prompt", "Sell things."),
+                ("generation", r#"{"max_new_tokens": 5}"#),
+                ("activation", "manual"),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(page.contains(r#"id="assistant-notice""#), "{page}");
+    let db = &c.server.state.db;
+    let sales = db.assistant("sales").await.unwrap();
+    assert_eq!(
+        (
+            sales.system_prompt.as_str(),
+            sales.generation.as_str(),
+            sales.activation.as_deref()
+        ),
+        ("Sell things.", r#"{"max_new_tokens":5}"#, Some("manual"))
+    );
+    // Bad settings are refused with the reason, and nothing changes.
+    let (status, _, page) = c
+        .post_form(
+            "/assistants/sales",
+            &[
+                ("system_prompt", "x"),
+                ("generation", r#"{"temperature": 7}"#),
+            ],
+        )
+        .await;
+    assert_eq!(status, 422);
+    assert!(
+        page.contains(r#"id="assistant-error""#) && page.contains("temperature"),
+        "{page}"
+    );
+    assert_eq!(
+        db.assistant("sales").await.unwrap().system_prompt,
+        "Sell things."
+    );
+    let (status, _, _) = c
+        .post_form(
+            "/assistants/sales",
+            &[("system_prompt", "Sell more."), ("generation", "{}")],
+        )
+        .await;
+    assert_eq!(status, 200);
+    let sales = db.assistant("sales").await.unwrap();
+    assert_eq!(
+        (sales.system_prompt.as_str(), sales.activation),
+        ("Sell more.", None)
+    );
+
+    let (status, _, _) = c
+        .post_form(
+            "/assistants/sales/routes",
+            &[("route", "discord:guild"), ("key", "5000")],
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, _, page) = c
+        .post_form(
+            "/assistants/sales/routes",
+            &[("route", "discord:guild"), ("key", "lobby")],
+        )
+        .await;
+    assert_eq!(status, 422, "{page}");
+    let routes = db.routes().await.unwrap();
+    let route = routes.iter().find(|r| r.assistant_id == sales.id).unwrap();
+    assert_eq!(
+        (
+            route.platform.as_str(),
+            route.scope.as_str(),
+            route.key.as_str()
+        ),
+        ("discord", "guild", "5000")
+    );
+    assert_eq!(
+        routes.len(),
+        2,
+        "the config's route and this one: {routes:?}"
+    );
+
+    // The adapters page and the playground are per assistant.
+    let (_, page) = c.get("/adapters?assistant=sales").await;
+    assert!(page.contains(r#"id="adapter-assistant">sales<"#), "{page}");
+    assert!(page.contains(r#"action="/adapters/rollback?assistant=sales""#));
+    let (_, page) = c.get("/playground?assistant=support").await;
+    assert!(
+        page.contains(r#"action="/playground/send?assistant=support""#),
+        "{page}"
+    );
+    let (status, _) = c.get("/adapters?assistant=nobody").await;
+    assert_eq!(status, 404);
+
+    let (status, _, _) = c
+        .post_form(
+            &format!("/assistants/sales/routes/{}/delete", route.id),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(db.routes().await.unwrap().len(), 1);
+    let (status, _, page) = c.post_form("/assistants/loraloop/delete", &[]).await;
+    assert_eq!(status, 409, "the default assistant stays: {page}");
+    let (status, _, _) = c.post_form("/assistants/sales/delete", &[]).await;
+    assert_eq!(status, 200);
+    assert!(db.assistant("sales").await.is_err());
+    c.server.stop().await.unwrap();
+}
