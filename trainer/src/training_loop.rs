@@ -114,21 +114,12 @@ impl TrainingLoop<'_> {
         let mut ending = Ending::Finished;
         let mut last_eval = None;
         let mut grads = Grads::default();
-        let mut told_paused = 0.0;
+        let mut pauses = crate::yield_to::PauseReport::default();
         let steps = std::mem::take(&mut self.steps);
         for (step, (epoch, micro)) in steps.iter().enumerate().skip(start_step) {
             let r = self.step(step, micro, &names, warmup, total, &mut grads, cancel)?;
-            // Tell how much the job gives way to chat: at the first pause, then every
-            // further 30 s of pauses.
-            let paused = self.paused.as_secs_f64();
-            if paused >= told_paused + if told_paused == 0.0 { 1.0 } else { 30.0 } {
-                told_paused = paused;
-                on_event(&TrainEvent::Message {
-                    text: format!(
-                        "training gives way to chat: paused {paused:.0} s so far while replies were being written ({:.0}% of the time)",
-                        100.0 * paused / started.elapsed().as_secs_f64().max(1e-9)
-                    ),
-                });
+            if let Some(text) = pauses.due(self.paused, started.elapsed()) {
+                on_event(&TrainEvent::Message { text });
             }
             tokens_done += r.tokens;
             let state = &mut self.state;

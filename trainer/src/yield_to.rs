@@ -34,6 +34,28 @@ impl YieldTo {
     }
 }
 
+/// What a job says about the time it gave way to chat: at the first second paused, then
+/// every further 30 s of pauses.
+#[derive(Debug, Default)]
+pub struct PauseReport {
+    told: f64,
+}
+
+impl PauseReport {
+    /// The message to log now, if one is due, for `paused` in a run `elapsed` long.
+    pub fn due(&mut self, paused: Duration, elapsed: Duration) -> Option<String> {
+        let paused = paused.as_secs_f64();
+        let next = self.told + if self.told == 0.0 { 1.0 } else { 30.0 };
+        (paused >= next).then(|| {
+            self.told = paused;
+            format!(
+                "training gives way to chat: paused {paused:.0} s so far while replies were being written ({:.0}% of the time)",
+                100.0 * paused / elapsed.as_secs_f64().max(1e-9)
+            )
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

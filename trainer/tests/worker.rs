@@ -484,16 +484,60 @@ async fn the_card_scores_thumbs_up_replies_from_conversations_the_job_did_not_tr
 async fn a_job_in_the_server_waits_while_a_chat_reply_is_being_made_then_finishes(
     pool: SqlitePool,
 ) {
-    use loraloop_model::engine::{AdapterChoice, Engine, GenerateRequest, LoadedModel, Prompt};
-    use loraloop_model::sampling::SamplingParams;
-    use loraloop_trainer::yield_to::YieldTo;
     let db = Db::from_pool(pool);
     let tmp = tempfile::tempdir().unwrap();
     let hp = serde_json::json!({"num_epochs": 2, "micro_batch_size": 4, "val_set_size": 0, "replay": false});
-    let (id, mut opts) = setup(&db, tmp.path(), hp).await;
+    let (id, opts) = setup(&db, tmp.path(), hp).await;
+    waits_for_chat(&db, tmp.path(), id, opts).await;
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_dpo_job_in_the_server_waits_for_chat_too(pool: SqlitePool) {
+    let db = Db::from_pool(pool);
+    let tmp = tempfile::tempdir().unwrap();
+    let hp = serde_json::json!({"num_epochs": 2, "micro_batch_size": 2, "rl": "dpo"});
+    let (id, opts) = setup(&db, tmp.path(), hp).await;
+    // The job trains a DPO dataset instead.
+    let pair = loraloop_core::preference::PreferencePair {
+        prompt: vec![ChatMessage::new(
+            Role::User,
+            "What is the capital of Zorblax?",
+        )],
+        preferred: "Blorp City.".into(),
+        non_preferred: "I do not know.".into(),
+    };
+    let lines = vec![pair.to_json().to_string(); 4];
+    let ds = db
+        .insert_dataset(&NewDataset {
+            name: "zorblax-dpo",
+            format: "openai-preference",
+            source: "test",
+            content_hash: "p",
+            kind: loraloop_core::preference::Objective::Dpo,
+            lines: &lines,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .dataset()
+        .id;
+    sqlx::query("update training_jobs set dataset_id = ? where id = ?")
+        .bind(ds)
+        .bind(id)
+        .execute(db.pool())
+        .await
+        .unwrap();
+    waits_for_chat(&db, tmp.path(), id, opts).await;
+}
+
+/// Job `id` run by a worker that gives way to a real engine: it waits at its first
+/// micro-batch while a reply is in flight, says so, and finishes once the reply is done.
+async fn waits_for_chat(db: &Db, tmp: &std::path::Path, id: i64, mut opts: WorkerOptions) {
+    use loraloop_model::engine::{AdapterChoice, Engine, GenerateRequest, LoadedModel, Prompt};
+    use loraloop_model::sampling::SamplingParams;
+    use loraloop_trainer::yield_to::YieldTo;
     // The real engine on the same model, as `serve` wires it.
-    let engine =
-        Engine::start(LoadedModel::load(&tmp.path().join("models/tiny"), &Device::Cpu).unwrap());
+    let engine = Engine::start(LoadedModel::load(&tmp.join("models/tiny"), &Device::Cpu).unwrap());
     opts.yield_to = Some(YieldTo({
         let engine = engine.clone();
         Arc::new(move || engine.busy())

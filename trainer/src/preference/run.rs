@@ -257,6 +257,9 @@ pub fn train_preferences(
     let mut grads = Grads::default();
     let mut ending = Ending::Finished;
     let mut step = 0;
+    // Chat first, as in SFT runs: a pause between micro-batches while replies are made.
+    let mut paused = std::time::Duration::ZERO;
+    let mut pauses = crate::yield_to::PauseReport::default();
     'epochs: for epoch in 0..epochs {
         let order = epoch_order(units.len(), c.seed, epoch);
         for step_units in order.chunks(per_step).take(steps_per_epoch) {
@@ -269,6 +272,9 @@ pub fn train_preferences(
             let mut loss = 0.0;
             let mut tokens = 0;
             for (k, idx) in micro.iter().enumerate() {
+                if let Some(y) = &job.yield_to {
+                    paused += y.wait(|| cancel.load(Ordering::SeqCst));
+                }
                 let us: Vec<&Unit> = idx.iter().map(|&i| &units[i]).collect();
                 let rows = rows_of(&us, &c);
                 let batch = TrainBatch::new(&rows, &tr.model)?;
@@ -296,6 +302,9 @@ pub fn train_preferences(
             }
             let (lr, grad_norm) =
                 apply_gradients(&c, &mut tr, &mut opt, &names, &grads, step, warmup, total)?;
+            if let Some(text) = pauses.due(paused, started.elapsed()) {
+                on_event(&TrainEvent::Message { text });
+            }
             step += 1;
             tokens_done += tokens;
             let elapsed = started.elapsed().as_secs_f64();
