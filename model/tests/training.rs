@@ -5,7 +5,8 @@ use candle_core::{DType, Device, Tensor};
 use loraloop_model::llama::load::load_hf_dir;
 use loraloop_model::lora::read_peft_dir;
 use loraloop_model::train::{
-    BaseTrain, DenseLlama, Grads, LoraParams, PassOptions, PassStats, Row, SoftTarget, TrainBatch,
+    BaseTrain, DenseLlama, Grads, LoraParams, PassOptions, PassStats, Pause, Row, SoftTarget,
+    TrainBatch,
 };
 use std::path::PathBuf;
 
@@ -48,11 +49,12 @@ fn rows() -> Vec<Row> {
     ]
 }
 
-fn opts(batch: &TrainBatch, checkpointing: bool) -> PassOptions {
+fn opts(batch: &TrainBatch, checkpointing: bool) -> PassOptions<'static> {
     PassOptions {
         grad_scale: 1.0 / batch.weight_sum(),
         checkpointing,
         dropout_seed: 7,
+        pause: None,
     }
 }
 
@@ -225,6 +227,41 @@ fn gradient_checkpointing_gives_the_same_gradients() {
     // dropout each projection on its own; the recomputation skips the o and down products.
     for dropout in [0.0, 0.1] {
         checkpointing_gives_the_same_gradients(dropout);
+    }
+}
+
+/// A pass calls its pause hook before every layer, forward and backward (where a training
+/// job waits for chat), and the hook changes nothing of what it computes.
+#[test]
+fn a_pass_pauses_before_each_layer_and_computes_the_same() {
+    let model = dense("tiny-llama", DType::F32);
+    let lora = fixture_lora(&model);
+    let batch = TrainBatch::new(&rows(), &model).unwrap();
+    let calls = std::cell::Cell::new(0);
+    let count = || calls.set(calls.get() + 1);
+    let run = |pause: Option<Pause<'_>>| {
+        let mut g = Grads::default();
+        let s = model
+            .forward_backward(
+                Some(&lora),
+                &BaseTrain::frozen(2),
+                &batch,
+                &PassOptions {
+                    pause,
+                    ..opts(&batch, true)
+                },
+                &mut g,
+            )
+            .unwrap();
+        (s, g)
+    };
+    let (s1, g1) = run(None);
+    let (s2, g2) = run(Some(Pause(&count)));
+    // LoRA on every layer: every layer runs forward and backward.
+    assert_eq!(calls.get(), 2 * model.config.num_layers);
+    assert_eq!(s1, s2);
+    for (name, a) in &g1.map {
+        assert_eq!(max_abs(&(a - &g2.map[name]).unwrap()), 0.0, "{name}");
     }
 }
 

@@ -176,6 +176,7 @@ impl StepCtx<'_> {
                 grad_scale: 1.0 / batch.weight_sum(),
                 checkpointing,
                 dropout_seed: step as u64,
+                pause: None,
             },
             self.grads,
         )?;

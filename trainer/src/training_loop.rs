@@ -13,7 +13,7 @@ use crate::tokenize::TokenizedExample;
 use crate::trainable::Trainable;
 use crate::yield_to::YieldTo;
 use loraloop_core::domain::ChatExample;
-use loraloop_model::train::{Grads, PassOptions, PassStats, Row, TrainBatch};
+use loraloop_model::train::{Grads, PassOptions, PassStats, Pause, Row, TrainBatch};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -246,14 +246,15 @@ impl TrainingLoop<'_> {
         let mut stats = PassStats::default();
         let mut tokens = 0;
         grads.clear();
+        // Chat first: the passes wait before each layer while replies are being made.
+        let waiter = crate::yield_to::Waiter::new(self.yield_to.as_ref(), cancel);
+        let wait = || waiter.wait();
         for (k, b) in batches.iter().enumerate() {
-            if let Some(y) = &self.yield_to {
-                self.paused += y.wait(|| cancel.load(Ordering::SeqCst));
-            }
             let opts = PassOptions {
                 grad_scale: if weight > 0.0 { 1.0 / weight } else { 0.0 },
                 checkpointing: c.gradient_checkpointing,
                 dropout_seed: c.seed ^ ((step as u64) << 20) ^ k as u64,
+                pause: Some(Pause(&wait)),
             };
             let s = tr
                 .model
@@ -261,6 +262,7 @@ impl TrainingLoop<'_> {
             stats.add(&s);
             tokens += b.tokens();
         }
+        self.paused += waiter.paused();
         let loss = stats.loss();
         if !loss.is_finite() && stats.weight_sum > 0.0 {
             return Err(TrainError::NonFiniteLoss {

@@ -1,9 +1,12 @@
-//! Training that gives way to chat in the same process: between micro-batches, a job
-//! pauses while the inference engine has replies to make, so the cores go to the people
-//! waiting. It never pauses longer than [`MAX_PAUSE`] in a row (then one micro-batch
-//! runs), so a busy server slows training down but cannot stop it.
+//! Training that gives way to chat in the same process: before each layer of its forward
+//! and backward passes, a job pauses while the inference engine has replies to make, so
+//! the cores go to the people waiting within one layer's time. It never pauses longer
+//! than [`MAX_PAUSE`] in a row (then one layer runs), so a busy server slows training
+//! down but cannot stop it.
 
+use std::cell::Cell;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// The longest a job waits for chat in one go.
@@ -31,6 +34,37 @@ impl YieldTo {
             std::thread::sleep(POLL);
         }
         start.elapsed()
+    }
+}
+
+/// A job's waits inside one optimizer step (before each layer of its passes), and their
+/// total.
+pub struct Waiter<'a> {
+    to: Option<&'a YieldTo>,
+    cancel: &'a AtomicBool,
+    paused: Cell<Duration>,
+}
+
+impl<'a> Waiter<'a> {
+    pub fn new(to: Option<&'a YieldTo>, cancel: &'a AtomicBool) -> Self {
+        Self {
+            to,
+            cancel,
+            paused: Cell::new(Duration::ZERO),
+        }
+    }
+
+    /// Wait while chat is busy (see [`YieldTo::wait`]).
+    pub fn wait(&self) {
+        if let Some(y) = self.to {
+            let waited = y.wait(|| self.cancel.load(Ordering::SeqCst));
+            self.paused.set(self.paused.get() + waited);
+        }
+    }
+
+    /// The time waited so far.
+    pub fn paused(&self) -> Duration {
+        self.paused.get()
     }
 }
 

@@ -135,6 +135,7 @@ fn check(objective: Objective, labels: &[bool]) {
                 grad_scale: 1.0,
                 checkpointing: false,
                 dropout_seed: 1,
+                pause: None,
             },
             &mut grads,
         )

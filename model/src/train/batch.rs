@@ -302,9 +302,20 @@ impl Grads {
     }
 }
 
+/// Called before each layer of a pass, forward and backward: where a training job may
+/// wait mid-micro-batch (for chat replies) instead of only between micro-batches.
+#[derive(Clone, Copy)]
+pub struct Pause<'a>(pub &'a dyn Fn());
+
+impl std::fmt::Debug for Pause<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pause(..)")
+    }
+}
+
 /// Options of a forward + backward pass.
 #[derive(Debug, Clone, Copy)]
-pub struct PassOptions {
+pub struct PassOptions<'a> {
     /// Multiplies every gradient: `1 / (sum of scored weights over the optimizer step)`
     /// makes the gradient that of the step's weighted mean loss.
     pub grad_scale: f64,
@@ -313,6 +324,7 @@ pub struct PassOptions {
     pub checkpointing: bool,
     /// LoRA dropout masks come from this seed (the same masks on recomputation).
     pub dropout_seed: u64,
+    pub pause: Option<Pause<'a>>,
 }
 
 /// Per-batch data of the host path.

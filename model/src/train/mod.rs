@@ -37,6 +37,6 @@ mod ops;
 mod pass;
 pub mod profile;
 
-pub use batch::{BaseTrain, Grads, PassOptions, PassStats, Row, SoftTarget, TrainBatch};
+pub use batch::{BaseTrain, Grads, PassOptions, PassStats, Pause, Row, SoftTarget, TrainBatch};
 pub use dense::{DenseBlock, DenseLinear, DenseLlama, base_name, unpermute_interleaved_rope};
 pub use lora_params::{LoraAb, LoraParams};

@@ -24,7 +24,7 @@ impl DenseLlama {
         lora: Option<&LoraParams>,
         train: &BaseTrain,
         batch: &TrainBatch,
-        opts: &PassOptions,
+        opts: &PassOptions<'_>,
         grads: &mut Grads,
     ) -> Result<PassStats> {
         let ctx = Ctx {
@@ -41,7 +41,13 @@ impl DenseLlama {
         let mut x = self.embed.index_select(&batch.input_ids, 0)?;
         let mut inputs = Vec::with_capacity(n_layers);
         let mut caches = Vec::with_capacity(n_layers);
+        let pause = || {
+            if let Some(p) = opts.pause {
+                (p.0)()
+            }
+        };
         for i in 0..n_layers {
+            pause();
             // Under checkpointing a layer keeps only its input and recomputes the rest in
             // the backward; not the top layer, whose backward follows the head at once:
             // recomputing it would cost a layer's forward to save memory the backward
@@ -93,6 +99,7 @@ impl DenseLlama {
                 .unwrap_or(n_layers)
         };
         for i in (lowest..n_layers).rev() {
+            pause();
             let cache = if opts.checkpointing && i + 1 < n_layers {
                 let ckpt = inputs
                     .pop()

@@ -18,7 +18,7 @@ use crate::tokenize::{TokenizedExample, tokenize_example};
 use crate::trainable::Trainable;
 use crate::training_loop::{TrainOutcome, apply_gradients};
 use loraloop_core::domain::{ChatExample, ChatMessage, Role};
-use loraloop_model::train::{Grads, PassOptions, Row, TrainBatch};
+use loraloop_model::train::{Grads, PassOptions, Pause, Row, TrainBatch};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -271,10 +271,11 @@ pub fn train_preferences(
             let n_micro = micro.len() as f64;
             let mut loss = 0.0;
             let mut tokens = 0;
+            let waiter = crate::yield_to::Waiter::new(job.yield_to.as_ref(), cancel);
+            let wait = || waiter.wait();
             for (k, idx) in micro.iter().enumerate() {
-                if let Some(y) = &job.yield_to {
-                    paused += y.wait(|| cancel.load(Ordering::SeqCst));
-                }
+                // The log-probabilities' pass has no pause point: wait before it too.
+                wait();
                 let us: Vec<&Unit> = idx.iter().map(|&i| &units[i]).collect();
                 let rows = rows_of(&us, &c);
                 let batch = TrainBatch::new(&rows, &tr.model)?;
@@ -289,6 +290,7 @@ pub fn train_preferences(
                     grad_scale: 1.0 / n_micro,
                     checkpointing: c.gradient_checkpointing,
                     dropout_seed: c.seed ^ ((step as u64) << 20) ^ k as u64,
+                    pause: Some(Pause(&wait)),
                 };
                 tr.model
                     .forward_backward(tr.lora.as_ref(), &tr.base, &batch, &opts, &mut grads)?;
@@ -300,6 +302,7 @@ pub fn train_preferences(
                     last_checkpoint: "none (preference runs write no checkpoints yet)".into(),
                 });
             }
+            paused += waiter.paused();
             let (lr, grad_norm) =
                 apply_gradients(&c, &mut tr, &mut opt, &names, &grads, step, warmup, total)?;
             if let Some(text) = pauses.due(paused, started.elapsed()) {
