@@ -42,6 +42,14 @@ pub const ROUTE_SCOPES: &[(&str, &[&str])] = &[
     ("discord", &["channel", "guild", "application"]),
 ];
 
+/// How an assistant is looked up.
+#[derive(Clone, Copy)]
+enum Which<'a> {
+    Name(&'a str),
+    Id(i64),
+    Conversation(i64),
+}
+
 const ASSISTANT_COLUMNS: &str =
     "id, name, base_model, system_prompt, generation, active_adapter_id, activation";
 const ROUTE_COLUMNS: &str = "id, assistant_id, platform, scope, key";
@@ -204,41 +212,38 @@ impl Db {
     }
 
     pub async fn assistant(&self, name: &str) -> Result<Assistant> {
-        let found: Option<Assistant> = sqlx::query_as(&format!(
-            "select {ASSISTANT_COLUMNS} from assistants where name = ?"
-        ))
-        .bind(name)
-        .fetch_optional(self.pool())
-        .await?;
-        found.ok_or_else(|| StorageError::NotFound {
-            what: format!("assistant {name:?}"),
-        })
+        self.find_assistant(Which::Name(name)).await
     }
 
     pub async fn assistant_by_id(&self, id: i64) -> Result<Assistant> {
-        let found: Option<Assistant> = sqlx::query_as(&format!(
-            "select {ASSISTANT_COLUMNS} from assistants where id = ?"
-        ))
-        .bind(id)
-        .fetch_optional(self.pool())
-        .await?;
-        found.ok_or_else(|| StorageError::NotFound {
-            what: format!("assistant {id}"),
-        })
+        self.find_assistant(Which::Id(id)).await
     }
 
     /// The assistant a conversation is with.
     pub async fn conversation_assistant(&self, conversation_id: i64) -> Result<Assistant> {
-        let found: Option<Assistant> = sqlx::query_as(&format!(
-            "select {ASSISTANT_COLUMNS} from assistants
-             where id = (select assistant_id from conversations where id = ?)"
-        ))
-        .bind(conversation_id)
-        .fetch_optional(self.pool())
-        .await?;
-        found.ok_or_else(|| StorageError::NotFound {
-            what: format!("conversation {conversation_id}"),
-        })
+        self.find_assistant(Which::Conversation(conversation_id))
+            .await
+    }
+
+    async fn find_assistant(&self, which: Which<'_>) -> Result<Assistant> {
+        let (condition, what) = match which {
+            Which::Name(n) => ("name = ?", format!("assistant {n:?}")),
+            Which::Id(i) => ("id = ?", format!("assistant {i}")),
+            Which::Conversation(c) => (
+                "id = (select assistant_id from conversations where id = ?)",
+                format!("conversation {c}"),
+            ),
+        };
+        let sql = format!("select {ASSISTANT_COLUMNS} from assistants where {condition}");
+        let query = sqlx::query_as::<_, Assistant>(&sql);
+        let query = match which {
+            Which::Name(n) => query.bind(n),
+            Which::Id(i) | Which::Conversation(i) => query.bind(i),
+        };
+        query
+            .fetch_optional(self.pool())
+            .await?
+            .ok_or(StorageError::NotFound { what })
     }
 
     pub async fn list_assistants(&self) -> Result<Vec<Assistant>> {

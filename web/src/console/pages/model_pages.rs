@@ -52,6 +52,29 @@ fn fail(session: &AdminSession, e: &ApiError) -> Response {
     error_page(session, e.status, &e.message)
 }
 
+/// The assistant a console page or action is about: `?assistant=NAME`, else the default
+/// one; an error page when no assistant has that name.
+pub(super) struct ChosenAssistant(pub loraloop_core::storage::Assistant);
+
+impl axum::extract::FromRequestParts<AppState> for ChosenAssistant {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &AppState,
+    ) -> Result<Self, Response> {
+        let session = AdminSession::from_request_parts(parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let pairs = crate::auth::url_decode_pairs(parts.uri.query().unwrap_or(""));
+        let name = field(&pairs, "assistant");
+        crate::assistant_api::assistant_named(state, Some(name), "assistant")
+            .await
+            .map(Self)
+            .map_err(|e| fail(&session, &e))
+    }
+}
+
 /// A path id, or a 404.
 fn path_id(
     id: Result<axum::extract::Path<i64>, axum::extract::rejection::PathRejection>,

@@ -1,7 +1,7 @@
 //! Adapter pages: the list with one-click activation and rollback, downloads and uploads
 //! of PEFT zips, and a side-by-side comparison of two adapters on a few prompts.
 
-use super::{fail, field, num, path_id, short_time};
+use super::{ChosenAssistant, fail, field, num, path_id, short_time};
 use crate::adapter_views::AdapterView;
 use crate::auth::{AdminSession, url_decode_pairs};
 use crate::console::{csrf_field, layout};
@@ -55,16 +55,6 @@ fn notice(code: &str) -> Option<&'static str> {
     }
 }
 
-/// The assistant a page or an action is about: `?assistant=NAME`, else the default one.
-pub(super) async fn chosen_assistant(
-    state: &AppState,
-    q: &Option<String>,
-) -> Result<Assistant, ApiError> {
-    let pairs = url_decode_pairs(q.as_deref().unwrap_or(""));
-    crate::assistant_api::assistant_named(state, Some(field(&pairs, "assistant")), "assistant")
-        .await
-}
-
 /// `/adapters?assistant=NAME&ok=CODE`: back to the assistant's adapters after an action.
 fn back_to(a: &Assistant, ok: &str) -> Response {
     Redirect::to(&format!("/adapters?assistant={}&ok={ok}", a.name)).into_response()
@@ -73,12 +63,9 @@ fn back_to(a: &Assistant, ok: &str) -> Response {
 async fn list(
     State(state): State<AppState>,
     session: AdminSession,
+    ChosenAssistant(assistant): ChosenAssistant,
     RawQuery(q): RawQuery,
 ) -> Response {
-    let assistant = match chosen_assistant(&state, &q).await {
-        Ok(a) => a,
-        Err(e) => return fail(&session, &e),
-    };
     let pairs = url_decode_pairs(q.as_deref().unwrap_or(""));
     page(
         &state,
@@ -228,55 +215,47 @@ async fn activate(
     State(state): State<AppState>,
     session: AdminSession,
     id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
-    RawQuery(q): RawQuery,
+    ChosenAssistant(assistant): ChosenAssistant,
 ) -> Response {
     let id = match path_id(id) {
         Ok(i) => i,
         Err(e) => return fail(&session, &e),
     };
-    swap(&state, &session, &q, Some(id), "activated").await
+    swap(&state, &session, &assistant, Some(id), "activated").await
 }
 
 async fn use_base(
     State(state): State<AppState>,
     session: AdminSession,
-    RawQuery(q): RawQuery,
+    ChosenAssistant(assistant): ChosenAssistant,
 ) -> Response {
-    swap(&state, &session, &q, None, "base").await
+    swap(&state, &session, &assistant, None, "base").await
 }
 
-/// Activate `adapter` (None: the base model) for the assistant the query names.
+/// Activate `adapter` (None: the base model) for the assistant.
 async fn swap(
     state: &AppState,
     session: &AdminSession,
-    q: &Option<String>,
+    assistant: &Assistant,
     adapter: Option<i64>,
     ok: &str,
 ) -> Response {
-    let assistant = match chosen_assistant(state, q).await {
-        Ok(a) => a,
-        Err(e) => return fail(session, &e),
-    };
     match state
         .core
         .adapters
         .activate(assistant.id, adapter, "operator")
         .await
     {
-        Ok(_) => back_to(&assistant, ok),
-        Err(e) => page(state, session, &assistant, None, Some(&ApiError::from(e))).await,
+        Ok(_) => back_to(assistant, ok),
+        Err(e) => page(state, session, assistant, None, Some(&ApiError::from(e))).await,
     }
 }
 
 async fn rollback(
     State(state): State<AppState>,
     session: AdminSession,
-    RawQuery(q): RawQuery,
+    ChosenAssistant(assistant): ChosenAssistant,
 ) -> Response {
-    let assistant = match chosen_assistant(&state, &q).await {
-        Ok(a) => a,
-        Err(e) => return fail(&session, &e),
-    };
     match state.core.adapters.rollback(assistant.id, "operator").await {
         Ok(_) => back_to(&assistant, "rolledback"),
         Err(e) => page(&state, &session, &assistant, None, Some(&ApiError::from(e))).await,
@@ -644,13 +623,10 @@ async fn answer(state: &AppState, prompt: &str, choice: AdapterChoice) -> Answer
 async fn compare(
     State(state): State<AppState>,
     session: AdminSession,
+    ChosenAssistant(assistant): ChosenAssistant,
     RawQuery(q): RawQuery,
 ) -> Response {
     let pairs = url_decode_pairs(q.as_deref().unwrap_or(""));
-    let assistant = match chosen_assistant(&state, &q).await {
-        Ok(a) => a,
-        Err(e) => return fail(&session, &e),
-    };
     let views = match crate::adapter_views::adapter_views(&state, &assistant).await {
         Ok(v) => v,
         Err(e) => return fail(&session, &e),

@@ -206,8 +206,17 @@ fn form_of(pairs: &[(String, String)]) -> Result<AssistantForm, ApiError> {
     })
 }
 
-fn done(code: &str) -> Response {
-    Redirect::to(&format!("/assistants?ok={code}")).into_response()
+/// Back to the page with the notice `ok`, or the page again with the error.
+async fn finish<T>(
+    state: &AppState,
+    session: &AdminSession,
+    result: Result<T, ApiError>,
+    ok: &str,
+) -> Response {
+    match result {
+        Ok(_) => Redirect::to(&format!("/assistants?ok={ok}")).into_response(),
+        Err(e) => page(state, session, None, Some(&e)).await,
+    }
 }
 
 async fn create(State(state): State<AppState>, session: AdminSession, body: String) -> Response {
@@ -222,10 +231,7 @@ async fn create(State(state): State<AppState>, session: AdminSession, body: Stri
             .map_err(ApiError::from)
     }
     .await;
-    match result {
-        Ok(_) => done("created"),
-        Err(e) => page(&state, &session, None, Some(&e)).await,
-    }
+    finish(&state, &session, result, "created").await
 }
 
 async fn named(
@@ -246,18 +252,10 @@ async fn update(
     let result = async {
         let a = named(&state, name).await?;
         let form = form_of(&pairs)?;
-        state
-            .core
-            .assistants
-            .update(a.id, &form)
-            .await
-            .map_err(ApiError::from)
+        Ok(state.core.assistants.update(a.id, &form).await?)
     }
     .await;
-    match result {
-        Ok(_) => done("saved"),
-        Err(e) => page(&state, &session, None, Some(&e)).await,
-    }
+    finish(&state, &session, result, "saved").await
 }
 
 async fn delete(
@@ -267,18 +265,10 @@ async fn delete(
 ) -> Response {
     let result = async {
         let a = named(&state, name).await?;
-        state
-            .core
-            .assistants
-            .delete(&a)
-            .await
-            .map_err(ApiError::from)
+        Ok(state.core.assistants.delete(&a).await?)
     }
     .await;
-    match result {
-        Ok(()) => done("deleted"),
-        Err(e) => page(&state, &session, None, Some(&e)).await,
-    }
+    finish(&state, &session, result, "deleted").await
 }
 
 async fn add_route(
@@ -293,18 +283,14 @@ async fn add_route(
         let (platform, scope) = field(&pairs, "route")
             .split_once(':')
             .ok_or_else(|| ApiError::invalid("route", "choose what to route"))?;
-        state
+        Ok(state
             .core
             .assistants
             .set_route(&a, platform, scope, field(&pairs, "key"))
-            .await
-            .map_err(ApiError::from)
+            .await?)
     }
     .await;
-    match result {
-        Ok(_) => done("routed"),
-        Err(e) => page(&state, &session, None, Some(&e)).await,
-    }
+    finish(&state, &session, result, "routed").await
 }
 
 async fn delete_route(
@@ -316,16 +302,8 @@ async fn delete_route(
         let Path((name, id)) =
             p.map_err(|_| ApiError::not_found("there is nothing at this address"))?;
         let a = state.core.assistants.named(&name, "name").await?;
-        state
-            .core
-            .assistants
-            .delete_route(&a, id)
-            .await
-            .map_err(ApiError::from)
+        Ok(state.core.assistants.delete_route(&a, id).await?)
     }
     .await;
-    match result {
-        Ok(()) => done("unrouted"),
-        Err(e) => page(&state, &session, None, Some(&e)).await,
-    }
+    finish(&state, &session, result, "unrouted").await
 }

@@ -140,12 +140,8 @@ pub fn ratings(a: &AdapterView) -> Markup {
 pub async fn stop(
     State(state): State<AppState>,
     session: AdminSession,
-    axum::extract::RawQuery(q): axum::extract::RawQuery,
+    super::ChosenAssistant(assistant): super::ChosenAssistant,
 ) -> Response {
-    let assistant = match super::adapters::chosen_assistant(&state, &q).await {
-        Ok(a) => a,
-        Err(e) => return fail(&session, &e),
-    };
     match state.core.canary.stop(assistant.id, "operator").await {
         Ok(_) => Redirect::to(&format!(
             "/adapters?assistant={}&ok=canarystopped",

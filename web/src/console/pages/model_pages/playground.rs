@@ -2,7 +2,7 @@
 //! else the default one), with the base model or with a chosen adapter. Every turn is stored (with the adapter that wrote the
 //! reply) through the chat service, like any other conversation.
 
-use super::{fail, field};
+use super::{ChosenAssistant, fail, field};
 use crate::auth::{AdminSession, url_decode_pairs};
 use crate::console::{csrf_field, layout};
 use crate::error::{ApiError, parse_json};
@@ -34,13 +34,10 @@ pub fn routes() -> Router<AppState> {
 async fn show(
     State(state): State<AppState>,
     session: AdminSession,
+    ChosenAssistant(assistant): ChosenAssistant,
     RawQuery(q): RawQuery,
 ) -> Response {
     let pairs = url_decode_pairs(q.as_deref().unwrap_or(""));
-    let assistant = match super::adapters::chosen_assistant(&state, &q).await {
-        Ok(a) => a,
-        Err(e) => return fail(&session, &e),
-    };
     page(&state, &session, &assistant, field(&pairs, "adapter"), None).await
 }
 
@@ -185,12 +182,8 @@ fn html_page(session: &AdminSession, s: &Shown, error: Option<&ApiError>) -> mau
 async fn new_conversation(
     State(state): State<AppState>,
     session: AdminSession,
-    RawQuery(q): RawQuery,
+    ChosenAssistant(assistant): ChosenAssistant,
 ) -> Response {
-    let assistant = match super::adapters::chosen_assistant(&state, &q).await {
-        Ok(a) => a,
-        Err(e) => return fail(&session, &e),
-    };
     match state
         .core
         .chat
@@ -245,14 +238,10 @@ async fn begin(
 async fn send(
     State(state): State<AppState>,
     session: AdminSession,
-    RawQuery(q): RawQuery,
+    ChosenAssistant(assistant): ChosenAssistant,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let assistant = match super::adapters::chosen_assistant(&state, &q).await {
-        Ok(a) => a,
-        Err(e) => return e.into_response(),
-    };
     let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
