@@ -1,10 +1,95 @@
 //! What sets one assistant apart from another on the same base model: generation settings
-//! laid over the config's `generation:`, its activation policy, and (for the assistants
-//! the config's `assistants:` list declares) the routes that send chats to it.
+//! (the config's `generation:`, and an assistant's own laid over them), its activation
+//! policy, and (for the assistants the config's `assistants:` list declares) the routes
+//! that send chats to it.
 
-use crate::config::GenerationConfig;
 use crate::gate::ActivationPolicy;
 use serde::{Deserialize, Serialize};
+
+/// The system prompt of an assistant that sets none.
+pub const DEFAULT_SYSTEM_PROMPT: &str = "You are a helpful assistant.";
+
+/// Sampling settings (`generation:` in the config; an assistant's own lie over them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenerationConfig {
+    pub temperature: f64,
+    pub top_p: f64,
+    pub top_k: usize,
+    pub repetition_penalty: f64,
+    pub max_new_tokens: usize,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+}
+
+impl GenerationConfig {
+    /// The first value out of range, as (field, what is wrong and what is allowed).
+    pub fn check(&self) -> Result<(), (String, String)> {
+        let g = self;
+        let bad = |field: &str, message: String| Err((field.to_string(), message));
+        if !(g.temperature.is_finite() && (0.0..=5.0).contains(&g.temperature)) {
+            return bad(
+                "temperature",
+                format!("got {}; allowed: 0 to 5 (0 means greedy)", g.temperature),
+            );
+        }
+        if !(g.top_p > 0.0 && g.top_p <= 1.0) {
+            return bad(
+                "top_p",
+                format!("got {}; allowed: greater than 0, at most 1", g.top_p),
+            );
+        }
+        if !(g.repetition_penalty.is_finite() && (1.0..=2.0).contains(&g.repetition_penalty)) {
+            return bad(
+                "repetition_penalty",
+                format!("got {}; allowed: 1 (off) to 2", g.repetition_penalty),
+            );
+        }
+        if !(1..=32_768).contains(&g.max_new_tokens) {
+            return bad(
+                "max_new_tokens",
+                format!("got {}; allowed: 1 to 32768", g.max_new_tokens),
+            );
+        }
+        if let Some(i) = g.stop.iter().position(|s| s.is_empty()) {
+            return bad(
+                &format!("stop.{i}"),
+                "got an empty string; allowed: non-empty strings".to_string(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The engine's sampling settings these values describe.
+    pub fn sampling_params(&self) -> loraloop_model::sampling::SamplingParams {
+        loraloop_model::sampling::SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            repetition_penalty: self.repetition_penalty,
+            max_new_tokens: self.max_new_tokens,
+            seed: self.seed,
+            stop: self.stop.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+/// The engine's sampling defaults are the one source of these values.
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        let p = loraloop_model::sampling::SamplingParams::default();
+        Self {
+            temperature: p.temperature,
+            top_p: p.top_p,
+            top_k: p.top_k,
+            repetition_penalty: p.repetition_penalty,
+            max_new_tokens: p.max_new_tokens,
+            seed: p.seed,
+            stop: p.stop,
+        }
+    }
+}
 
 /// Generation settings an assistant sets differently from `generation:` (unset: the same).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -142,7 +227,7 @@ impl Default for AssistantEntry {
     fn default() -> Self {
         Self {
             name: String::new(),
-            system_prompt: crate::config::DEFAULT_SYSTEM_PROMPT.to_string(),
+            system_prompt: DEFAULT_SYSTEM_PROMPT.to_string(),
             activation: None,
             generation: GenerationOverrides::default(),
             routes: RoutesConfig::default(),

@@ -7,6 +7,7 @@
 //! `LORALOOP_SERVER__PORT=9000` sets `server.port`, `LORALOOP_DATA_DIR=/srv/ll` sets
 //! `data_dir`. Values are read as YAML scalars (`9000` is a number, `[1, 2]` a list).
 
+pub use crate::assistant_settings::{DEFAULT_SYSTEM_PROMPT, GenerationConfig};
 use crate::canary::CanaryConfig;
 use crate::gate::{ActivationPolicy, GateConfig};
 use secrecy::SecretString;
@@ -125,9 +126,6 @@ pub struct ServerConfig {
     pub max_upload_mb: u64,
 }
 
-/// The system prompt of an assistant that sets none.
-pub const DEFAULT_SYSTEM_PROMPT: &str = "You are a helpful assistant.";
-
 /// The default assistant: it answers wherever no route names another.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -139,18 +137,6 @@ pub struct AssistantConfig {
     /// A conversation stays on the adapter it started with until it has been idle this
     /// long, so a swap never changes the voice mid-conversation (0: no pinning).
     pub pin_idle_minutes: f64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct GenerationConfig {
-    pub temperature: f64,
-    pub top_p: f64,
-    pub top_k: usize,
-    pub repetition_penalty: f64,
-    pub max_new_tokens: usize,
-    pub seed: Option<u64>,
-    pub stop: Vec<String>,
 }
 
 /// How much the inference engine runs at once; what is beyond waits in a fair line.
@@ -292,75 +278,6 @@ impl Default for AssistantConfig {
             system_prompt: DEFAULT_SYSTEM_PROMPT.to_string(),
             activation: ActivationPolicy::default(),
             pin_idle_minutes: 30.0,
-        }
-    }
-}
-
-impl GenerationConfig {
-    /// The first value out of range, as (field, what is wrong and what is allowed).
-    pub fn check(&self) -> Result<(), (String, String)> {
-        let g = self;
-        let bad = |field: &str, message: String| Err((field.to_string(), message));
-        if !(g.temperature.is_finite() && (0.0..=5.0).contains(&g.temperature)) {
-            return bad(
-                "temperature",
-                format!("got {}; allowed: 0 to 5 (0 means greedy)", g.temperature),
-            );
-        }
-        if !(g.top_p > 0.0 && g.top_p <= 1.0) {
-            return bad(
-                "top_p",
-                format!("got {}; allowed: greater than 0, at most 1", g.top_p),
-            );
-        }
-        if !(g.repetition_penalty.is_finite() && (1.0..=2.0).contains(&g.repetition_penalty)) {
-            return bad(
-                "repetition_penalty",
-                format!("got {}; allowed: 1 (off) to 2", g.repetition_penalty),
-            );
-        }
-        if !(1..=32_768).contains(&g.max_new_tokens) {
-            return bad(
-                "max_new_tokens",
-                format!("got {}; allowed: 1 to 32768", g.max_new_tokens),
-            );
-        }
-        if let Some(i) = g.stop.iter().position(|s| s.is_empty()) {
-            return bad(
-                &format!("stop.{i}"),
-                "got an empty string; allowed: non-empty strings".to_string(),
-            );
-        }
-        Ok(())
-    }
-
-    /// The engine's sampling settings these values describe.
-    pub fn sampling_params(&self) -> loraloop_model::sampling::SamplingParams {
-        loraloop_model::sampling::SamplingParams {
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            repetition_penalty: self.repetition_penalty,
-            max_new_tokens: self.max_new_tokens,
-            seed: self.seed,
-            stop: self.stop.clone(),
-            ..Default::default()
-        }
-    }
-}
-
-/// The engine's sampling defaults are the one source of these values.
-impl Default for GenerationConfig {
-    fn default() -> Self {
-        let p = loraloop_model::sampling::SamplingParams::default();
-        Self {
-            temperature: p.temperature,
-            top_p: p.top_p,
-            top_k: p.top_k,
-            repetition_penalty: p.repetition_penalty,
-            max_new_tokens: p.max_new_tokens,
-            seed: p.seed,
-            stop: p.stop,
         }
     }
 }
