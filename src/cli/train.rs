@@ -505,7 +505,7 @@ pub async fn fine_tune(
     let no_card = args.no_card;
     let config = config.clone();
     let resume = args.resume_from_checkpoint.clone();
-    let init = args.init_adapter.clone();
+    let init = args.init_adapter.clone().or(file.lora_model_dir.clone());
     let device = super::resolve_device(args.device.as_deref(), &config)?;
     let dtype = super::parse_dtype(&args.dtype)
         .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?

@@ -868,3 +868,90 @@ async fn the_openapi_document_and_health_check_are_served() {
     let _ = KEY;
     s.stop().await;
 }
+
+/// The first step's loss of a finished job, from its events.
+async fn first_loss(s: &TestServer, id: i64) -> f64 {
+    let events = s
+        .get_json(&format!("/api/v1/fine-tune/{id}/events?limit=1000"))
+        .await;
+    events["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["type"] == "step" && e["step"] == 1)
+        .and_then(|e| e["loss"].as_f64())
+        .unwrap_or_else(|| panic!("no step 1 in {events}"))
+}
+
+#[tokio::test]
+async fn every_name_v1_models_lists_is_a_model_id_and_an_adapter_name_continues_it() {
+    let s = start(true, &[]).await;
+    let ds = s.upload_dataset("zorblax", &zorblax_jsonl(8)).await;
+    let settings = json!({"learning_rate": 0.02, "batch_size": 4, "lora_r": 4, "sequence_len": 64});
+    let mut first = None;
+    for name in ["loraloop", "base", "tiny"] {
+        let (status, job) = s
+            .post_json(
+                "/api/v1/fine-tune",
+                &json!({"model_id": name, "dataset_id": ds, "epochs": 2, "hyperparameters": settings}),
+            )
+            .await;
+        assert_eq!(status, 200, "{name}: {job}");
+        assert_eq!(
+            job["model"], "tiny",
+            "{name} trains the served model: {job}"
+        );
+        assert_eq!(job["assistant"], "loraloop", "{job}");
+        let done = s.wait_job(job["id"].as_i64().unwrap()).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+        first.get_or_insert(done);
+    }
+    let first = first.unwrap();
+    let adapter = first["fine_tuned_adapter"].as_str().unwrap();
+    let fresh_loss = first_loss(&s, first["id"].as_i64().unwrap()).await;
+
+    // An adapter's name continues training from that adapter: the same data starts at
+    // the loss the adapter ended with, far below a fresh adapter's first step.
+    let (status, job) = s
+        .post_json(
+            "/api/v1/fine-tune",
+            &json!({"model_id": adapter, "dataset_id": ds, "epochs": 1, "hyperparameters": settings}),
+        )
+        .await;
+    assert_eq!(status, 200, "{job}");
+    let done = s.wait_job(job["id"].as_i64().unwrap()).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let continued_loss = first_loss(&s, job["id"].as_i64().unwrap()).await;
+    assert!(
+        continued_loss < fresh_loss * 0.5,
+        "continued from {adapter}: first loss {continued_loss} vs fresh {fresh_loss}"
+    );
+    // Only a LoRA run continues an adapter; a full one is told what it can start from.
+    let (status, err) = s
+        .post_json(
+            "/api/v1/fine-tune",
+            &json!({"model_id": adapter, "dataset_id": ds, "method": "full"}),
+        )
+        .await;
+    assert_eq!(status, 422, "{err}");
+    assert_eq!(err["error"]["param"], "model_id");
+
+    // An unknown name is refused with every accepted name in the message.
+    let (status, err) = s
+        .post_json(
+            "/api/v1/fine-tune",
+            &json!({"model_id": "gpt-4o", "dataset_id": ds}),
+        )
+        .await;
+    assert_eq!(status, 404, "{err}");
+    assert_eq!(err["error"]["param"], "model_id");
+    let message = err["error"]["message"].as_str().unwrap();
+    for accepted in [
+        "\"loraloop\"",
+        "\"base\"",
+        &format!("{adapter:?}"),
+        "\"tiny\"",
+    ] {
+        assert!(message.contains(accepted), "{accepted} missing: {message}");
+    }
+}

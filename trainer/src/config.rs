@@ -63,6 +63,8 @@ pub struct TrainFile {
     /// Axolotl: `adapter: lora` (or absent for full fine-tuning when `finetuning_type` is
     /// not set).
     pub adapter: Option<String>,
+    /// Axolotl: a LoRA adapter folder to start from instead of a fresh initialisation.
+    pub lora_model_dir: Option<PathBuf>,
     /// LLaMA-Factory: `lora`, `full` or `freeze`.
     pub finetuning_type: Option<String>,
     pub freeze_trainable_layers: Option<usize>,
@@ -150,6 +152,7 @@ impl TrainFile {
             datasets,
             output_dir,
             adapter,
+            lora_model_dir,
             finetuning_type,
             freeze_trainable_layers,
             lora_r,

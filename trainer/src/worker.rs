@@ -187,6 +187,7 @@ async fn run_job(
         file.rl = Some(dataset.kind.clone());
     }
     let config = file.validate()?;
+    let init_adapter = file.lora_model_dir.clone();
     if config.objective != dataset.objective() {
         anyhow::bail!(
             "dataset {} v{} holds {} rows, but the job trains {}: build or import a {} dataset",
@@ -309,7 +310,7 @@ async fn run_job(
             output_dir,
             overwrite,
             resume_from: resume,
-            init_adapter: None,
+            init_adapter,
             dtype,
             yield_to,
         };

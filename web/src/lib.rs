@@ -15,6 +15,7 @@ pub mod canary_views;
 pub mod console;
 pub mod error;
 pub mod files;
+pub mod job_model;
 pub mod openai;
 pub mod operations;
 pub mod state;

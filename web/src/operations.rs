@@ -214,7 +214,9 @@ const MAX_RANK: u64 = 1024;
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateJob {
-    /// Base model: a model file name in the models folder (default: the served model).
+    /// What to train: any name `GET /v1/models` lists (an assistant or `base`: the served
+    /// model; an adapter: a LoRA run continues from it) or a model file in the models
+    /// folder (default: the served model).
     #[serde(default)]
     pub model_id: Option<String>,
     /// A stored dataset's id.
@@ -462,31 +464,10 @@ pub async fn fetch_dataset(url: &str, limit: u64) -> Result<(Vec<u8>, String), A
 /// Create a queued job from a request (importing `dataset_url` first).
 pub async fn create_job(state: &AppState, req: &CreateJob) -> Result<TrainingJob, ApiError> {
     let mut settings = job_settings(req)?;
-    // The served model as configured, or a model file in the models folder by name: a
+    // A name `GET /v1/models` lists, or a model file in the models folder by name: a
     // client's string never becomes an arbitrary path.
-    let model = req
-        .model_id
-        .clone()
-        .unwrap_or_else(|| state.core.model.config_name.clone());
-    if model != state.core.model.config_name {
-        crate::files::safe_file_name(&model).map_err(|e| {
-            ApiError::invalid(
-                "model_id",
-                format!(
-                    "{}; model_id names a model file in the models folder",
-                    e.message
-                ),
-            )
-        })?;
-    }
-    let model_path = loraloop_trainer::worker::resolve_model(&model, &state.core.config.models_dir);
-    if !model_path.exists() {
-        return Err(ApiError::not_found(format!(
-            "model {model:?} not found in {} (GET /v1/models lists what is served)",
-            state.core.config.models_dir.display()
-        ))
-        .with_param("model_id"));
-    }
+    let chosen = crate::job_model::job_model(state, req.model_id.as_deref()).await?;
+    let model = chosen.file.clone();
     let dataset = match (&req.dataset_id, &req.dataset_url) {
         (Some(_), Some(_)) => {
             return Err(ApiError::invalid(
@@ -515,7 +496,32 @@ pub async fn create_job(state: &AppState, req: &CreateJob) -> Result<TrainingJob
         }
     };
     match_dataset_kind(&mut settings, &dataset)?;
-    let assistant = match (&req.assistant, dataset.assistant_id) {
+    if let Some(a) = &chosen.init_adapter {
+        let trains_lora = settings.get("rl").is_none()
+            && settings
+                .get("finetuning_type")
+                .is_none_or(|m| m.as_str() == Some("lora"));
+        if !trains_lora {
+            return Err(ApiError::invalid(
+                "model_id",
+                format!(
+                    "only a LoRA fine-tune (sft) continues from adapter {:?}; dpo, kto, full and freeze runs start from the base model (model_id \"base\" or an assistant's name)",
+                    a.name
+                ),
+            ));
+        }
+        settings.insert("lora_model_dir".into(), Value::from(a.path.clone()));
+    }
+    if let (Some(a), Some(b)) = (&req.assistant, &chosen.assistant)
+        && a != b
+    {
+        return Err(ApiError::invalid(
+            "assistant",
+            format!("model_id belongs to assistant {b:?} but assistant is {a:?}"),
+        ));
+    }
+    let asked = req.assistant.clone().or(chosen.assistant);
+    let assistant = match (&asked, dataset.assistant_id) {
         (None, Some(id)) => state.core.db.assistant_by_id(id).await?,
         (named, _) => {
             crate::assistant_api::assistant_named(state, named.as_deref(), "assistant").await?

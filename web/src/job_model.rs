@@ -1,0 +1,108 @@
+//! What a fine-tune's `model_id` names: every name `GET /v1/models` lists (an
+//! assistant, `base`, an adapter) and a model file in the models folder.
+
+use crate::error::ApiError;
+use crate::state::AppState;
+use loraloop_core::storage::Adapter;
+
+/// The base a job trains and where it starts from.
+#[derive(Debug, Default)]
+pub struct JobModel {
+    /// The model file (the served model's configured name, or a file in the models folder).
+    pub file: String,
+    /// The assistant `model_id` named (its name), when it named one.
+    pub assistant: Option<String>,
+    /// The adapter training continues from, when `model_id` named one.
+    pub init_adapter: Option<Adapter>,
+}
+
+/// Resolve `model_id` (None: the served model).
+pub async fn job_model(state: &AppState, model_id: Option<&str>) -> Result<JobModel, ApiError> {
+    let served = &state.core.model;
+    let served_file = || served.config_name.clone();
+    let Some(id) = model_id.map(str::trim).filter(|m| !m.is_empty()) else {
+        return Ok(JobModel {
+            file: served_file(),
+            ..Default::default()
+        });
+    };
+    if id == served.config_name || id == "base" || id == served.name {
+        return Ok(JobModel {
+            file: served_file(),
+            ..Default::default()
+        });
+    }
+    if let Ok(a) = state.core.db.assistant(id).await {
+        return Ok(JobModel {
+            file: served_file(),
+            assistant: Some(a.name),
+            init_adapter: None,
+        });
+    }
+    let adapters = state.core.db.list_adapters().await?;
+    if let Some(a) = adapters.iter().find(|a| a.name == id) {
+        if let Some(why) = state.core.adapters.mismatch(a) {
+            return Err(ApiError::invalid(
+                "model_id",
+                format!("adapter {id:?} does not fit the served model: {why}"),
+            ));
+        }
+        let assistant = match a.assistant_id {
+            Some(aid) => Some(state.core.db.assistant_by_id(aid).await?.name),
+            None => None,
+        };
+        return Ok(JobModel {
+            file: served_file(),
+            assistant,
+            init_adapter: Some(a.clone()),
+        });
+    }
+    let file_ok = crate::files::safe_file_name(id).is_ok();
+    let models_dir = &state.core.config.models_dir;
+    if file_ok && models_dir.join(id).exists() {
+        return Ok(JobModel {
+            file: id.to_string(),
+            ..Default::default()
+        });
+    }
+    let message = format!(
+        "model_id {id:?} is not a model here; accepted: {}",
+        accepted(state, &adapters).await?.join(", ")
+    );
+    Err(if file_ok {
+        ApiError::not_found(message).with_param("model_id")
+    } else {
+        ApiError::invalid("model_id", message)
+    })
+}
+
+/// Every name `model_id` accepts, in the order `GET /v1/models` lists them, then the
+/// model files in the models folder.
+async fn accepted(state: &AppState, adapters: &[Adapter]) -> Result<Vec<String>, ApiError> {
+    let mut names: Vec<String> = state
+        .core
+        .assistants
+        .list()
+        .await?
+        .into_iter()
+        .map(|a| a.name)
+        .collect();
+    names.push("base".into());
+    names.extend(
+        adapters
+            .iter()
+            .filter(|a| state.core.adapters.mismatch(a).is_none())
+            .map(|a| a.name.clone()),
+    );
+    let mut files: Vec<String> = std::fs::read_dir(&state.core.config.models_dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| crate::files::safe_file_name(n).is_ok())
+        .collect();
+    files.sort();
+    names.extend(files);
+    names.dedup();
+    Ok(names.into_iter().map(|n| format!("{n:?}")).collect())
+}
