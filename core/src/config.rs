@@ -115,6 +115,19 @@ pub struct RawConfig {
     pub gate: GateConfig,
     /// How a canary release is run and decided (`assistant.activation: canary`).
     pub canary: CanaryConfig,
+    /// Where a job's `dataset_url` may read from.
+    pub imports: ImportConfig,
+}
+
+/// Where a job's `dataset_url` may read from: http(s) to public addresses, local files
+/// only under `dir`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImportConfig {
+    /// The folder local `dataset_url` paths are read from (none: local files are refused).
+    pub dir: Option<PathBuf>,
+    /// Let `dataset_url` reach loopback, private and link-local addresses.
+    pub allow_private_addresses: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -257,6 +270,7 @@ impl Default for RawConfig {
             discord: DiscordConfig::default(),
             gate: GateConfig::default(),
             canary: CanaryConfig::default(),
+            imports: ImportConfig::default(),
         }
     }
 }

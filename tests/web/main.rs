@@ -9,4 +9,5 @@ mod api;
 mod browser;
 mod console_data;
 mod console_model;
+mod dataset_urls;
 mod openai_client;

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod build_api;
 pub mod canary_views;
 pub mod console;
+pub mod dataset_url;
 pub mod error;
 pub mod files;
 pub mod job_model;

@@ -391,76 +391,6 @@ fn match_dataset_kind(hp: &mut Map<String, Value>, dataset: &Dataset) -> Result<
     Ok(())
 }
 
-/// Read a `dataset_url`: an http(s) URL or a local file, at most `limit` bytes.
-pub async fn fetch_dataset(url: &str, limit: u64) -> Result<(Vec<u8>, String), ApiError> {
-    let bad = |m: String| ApiError::invalid("dataset_url", m);
-    let file_name = |s: &str| {
-        let last = s.rsplit(['/', '\\']).next().unwrap_or("dataset");
-        let stem = last.split(['?', '#']).next().unwrap_or(last);
-        let stem = stem
-            .strip_suffix(".jsonl")
-            .or_else(|| stem.strip_suffix(".json"))
-            .unwrap_or(stem);
-        let clean: String = stem
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                    c
-                } else {
-                    '-'
-                }
-            })
-            .collect();
-        let clean = clean.trim_matches(['.', '-']).to_string();
-        if clean.is_empty() {
-            "dataset".to_string()
-        } else {
-            clean.chars().take(90).collect()
-        }
-    };
-    if url.starts_with("http://") || url.starts_with("https://") {
-        let client = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(120))
-            .build()
-            .map_err(ApiError::internal)?;
-        let mut resp = client
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| bad(format!("cannot download {url}: {e}")))?;
-        if !resp.status().is_success() {
-            return Err(bad(format!("downloading {url} answered {}", resp.status())));
-        }
-        let mut bytes = Vec::new();
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| bad(format!("downloading {url}: {e}")))?
-        {
-            bytes.extend_from_slice(&chunk);
-            if bytes.len() as u64 > limit {
-                return Err(ApiError::too_large(limit).with_param("dataset_url"));
-            }
-        }
-        Ok((bytes, file_name(url)))
-    } else {
-        let path = std::path::Path::new(url.strip_prefix("file://").unwrap_or(url));
-        let meta = tokio::fs::metadata(path)
-            .await
-            .map_err(|e| bad(format!("cannot read {url}: {e}")))?;
-        if !meta.is_file() {
-            return Err(bad(format!("{url} is not a file")));
-        }
-        if meta.len() > limit {
-            return Err(ApiError::too_large(limit).with_param("dataset_url"));
-        }
-        let bytes = tokio::fs::read(path)
-            .await
-            .map_err(|e| bad(format!("cannot read {url}: {e}")))?;
-        Ok((bytes, file_name(url)))
-    }
-}
-
 /// Create a queued job from a request (importing `dataset_url` first).
 pub async fn create_job(state: &AppState, req: &CreateJob) -> Result<TrainingJob, ApiError> {
     let mut settings = job_settings(req)?;
@@ -483,8 +413,10 @@ pub async fn create_job(state: &AppState, req: &CreateJob) -> Result<TrainingJob
         }
         (Some(id), None) => dataset_by_id(state, *id).await?,
         (None, Some(url)) => {
-            let (bytes, name) = fetch_dataset(url, state.max_upload_bytes).await?;
-            import_dataset(state, &name, bytes, None, url)
+            let policy = &state.core.config.raw.imports;
+            let got =
+                crate::dataset_url::fetch_dataset(url, policy, state.max_upload_bytes).await?;
+            import_dataset(state, &got.name, got.bytes, None, &got.source)
                 .await
                 .map_err(|mut e| {
                     if e.param.as_deref() == Some("file") {
