@@ -258,9 +258,12 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
         };
         let shutdown = shutdown.clone();
         let server = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { shutdown.notified().await })
-                .await
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { shutdown.notified().await })
+            .await
         });
         (Some(addr), Some(server))
     } else {

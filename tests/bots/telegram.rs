@@ -532,6 +532,23 @@ async fn webhook_mode_checks_the_secret_token_on_every_request() {
     assert_eq!(users, 1);
     // The webhook route needs no API key or session, and only answers POST.
     assert_eq!(s.http.get(&hook).send().await.unwrap().status(), 405);
+    // A stranger announcing 900 KB and sending none of it is answered at once from the
+    // headers: the body is read only after the secret matched.
+    let mut sock = tokio::net::TcpStream::connect(s.server.addr.unwrap())
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    sock.write_all(
+        b"POST /hooks/telegram HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 900000\r\nx-telegram-bot-api-secret-token: wrong\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    let mut head = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), sock.read_exact(&mut head))
+        .await
+        .expect("answered without waiting for the body")
+        .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 401");
     s.stop().await;
 }
 

@@ -10,4 +10,5 @@ mod browser;
 mod console_data;
 mod console_model;
 mod dataset_urls;
+mod limits;
 mod openai_client;

@@ -17,6 +17,7 @@ pub mod dataset_url;
 pub mod error;
 pub mod files;
 pub mod job_model;
+pub mod limits;
 pub mod openai;
 pub mod operations;
 pub mod state;
@@ -33,7 +34,12 @@ use std::sync::Arc;
 /// A bot alone: health check, and the Telegram webhook when one is configured.
 pub fn bot_router(state: AppState) -> Router {
     let r = Router::new().route("/healthz", axum::routing::get(healthz));
-    with_webhook(r, &state).with_state(state)
+    with_webhook(r, &state)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            limits::limit_body,
+        ))
+        .with_state(state)
 }
 
 fn with_webhook(r: Router<AppState>, state: &AppState) -> Router<AppState> {
@@ -78,6 +84,10 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(axum::extract::DefaultBodyLimit::max(
             state.max_upload_bytes as usize,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            limits::limit_body,
         ))
         .with_state(state)
 }

@@ -14,6 +14,8 @@ pub struct Inner {
     pub max_upload_bytes: u64,
     /// Telegram updates from the webhook route to the running bot.
     pub telegram_inbox: Arc<Inbox>,
+    /// Failed console logins per client address.
+    pub logins: crate::limits::LoginThrottle,
 }
 
 /// Cheap to clone: one `Arc`.
@@ -27,6 +29,7 @@ impl AppState {
             api_key: core.config.secrets.api_key.clone(),
             max_upload_bytes,
             telegram_inbox,
+            logins: crate::limits::LoginThrottle::new(),
             core,
         }))
     }

@@ -2,7 +2,7 @@
 //! secret the running bot registered, stored, and handed to the bot through the inbox.
 
 use crate::state::AppState;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use loraloop_core::storage::Platform;
 use loraloop_core::token::constant_time_eq;
@@ -12,11 +12,8 @@ pub const SECRET_HEADER: &str = "x-telegram-bot-api-secret-token";
 
 /// The update is stored before the 200 answer (Telegram delivers it again until it gets
 /// one), then handled by the bot.
-pub async fn webhook_route(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> StatusCode {
+pub async fn webhook_route(State(state): State<AppState>, req: Request) -> StatusCode {
+    let headers: &HeaderMap = req.headers();
     let Some((expected, source)) = state.telegram_inbox.secret() else {
         // The bot has not registered the webhook yet (or is not running): Telegram retries.
         return StatusCode::SERVICE_UNAVAILABLE;
@@ -29,6 +26,11 @@ pub async fn webhook_route(
         tracing::warn!("telegram webhook: a request without the right secret token, refused");
         return StatusCode::UNAUTHORIZED;
     }
+    // The body is read only once the secret matched: a stranger's upload costs nothing.
+    let Ok(body) = axum::body::to_bytes(req.into_body(), crate::limits::BODY_LIMIT as usize).await
+    else {
+        return StatusCode::PAYLOAD_TOO_LARGE;
+    };
     let Ok(text) = std::str::from_utf8(&body) else {
         return StatusCode::BAD_REQUEST;
     };

@@ -160,7 +160,28 @@ fn login_form(error: Option<&str>) -> Response {
     )
 }
 
-async fn login(State(state): State<AppState>, headers: HeaderMap, body: String) -> Response {
+async fn login(
+    State(state): State<AppState>,
+    extensions: axum::http::Extensions,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let ip = crate::limits::client_ip(&extensions);
+    if let Some(wait) = state.logins.wait(ip) {
+        let minutes = wait.as_secs().div_ceil(60);
+        let mut r = login_form(Some(&format!(
+            "Too many failed logins from your address: try again in {minutes} minute(s)."
+        )));
+        *r.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        if let Ok(v) = HeaderValue::from_str(&wait.as_secs().max(1).to_string()) {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        return r;
+    }
+    // One password check at a time (see `LoginThrottle`).
+    let Ok(_permit) = state.logins.hashing.acquire().await else {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    };
     let pairs = auth::url_decode_pairs(&body);
     let get = |k: &str| {
         pairs
@@ -171,10 +192,12 @@ async fn login(State(state): State<AppState>, headers: HeaderMap, body: String) 
     };
     match auth::login(&state.core.db, get("username"), get("password")).await {
         Ok(Some((token, _csrf))) => {
+            state.logins.succeeded(ip);
             let cookie = auth::session_cookie(&token, auth::is_https(&headers));
             ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
         }
         Ok(None) => {
+            state.logins.failed(ip);
             let mut r = login_form(Some("Wrong user or password."));
             *r.status_mut() = StatusCode::UNAUTHORIZED;
             r

@@ -1,0 +1,76 @@
+//! What a request may cost before anyone is known, against the real server: body
+//! limits per kind of route, failed logins throttled per address.
+
+use crate::support::{PASSWORD, start, zorblax_jsonl};
+use serde_json::json;
+
+fn form_login(s: &crate::support::TestServer, password: &str) -> reqwest::RequestBuilder {
+    s.http
+        .post(s.url("/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("username=admin&password={password}"))
+}
+
+#[tokio::test]
+async fn failed_logins_make_an_address_wait_and_a_success_clears_them() {
+    let s = start(false, &[]).await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let login = |pw: &str| {
+        http.post(s.url("/login"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("username=admin&password={pw}"))
+            .send()
+    };
+    // Four failures, then the right password: in, and the count starts over.
+    for _ in 0..4 {
+        assert_eq!(login("guess").await.unwrap().status(), 401);
+    }
+    assert_eq!(login(PASSWORD).await.unwrap().status(), 303);
+    for _ in 0..5 {
+        assert_eq!(login("guess").await.unwrap().status(), 401);
+    }
+    // The sixth attempt waits, even with the right password, and is told for how long.
+    let r = login(PASSWORD).await.unwrap();
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry > 800 && retry <= 900, "{retry}");
+    assert!(r.text().await.unwrap().contains("Too many failed logins"));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn each_route_reads_at_most_what_it_takes() {
+    let s = start(false, &[]).await;
+    // A login form of 100 KB: refused before the password is checked.
+    let r = form_login(&s, &"x".repeat(100_000)).send().await.unwrap();
+    assert_eq!(r.status(), 413);
+    // A 2 MB JSON body to a JSON route: refused, though uploads may be 100 MB.
+    let huge = json!({"dataset_id": 1, "hyperparameters": {"pad": "x".repeat(2_000_000)}});
+    let (status, body) = s.post_json("/api/v1/fine-tune", &huge).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "payload_too_large", "{body}");
+    // Without a declared length (chunked), cut while reading.
+    let chunks =
+        futures_util::stream::iter((0..40).map(|_| Ok::<_, std::io::Error>(vec![b' '; 64 * 1024])));
+    let r = s
+        .post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    // A 2 MB dataset upload is still fine.
+    let big = zorblax_jsonl(20_000);
+    assert!(big.len() > 2_000_000);
+    let id = s.upload_dataset("big", &big).await;
+    assert!(id > 0);
+    s.stop().await;
+}
