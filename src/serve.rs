@@ -5,6 +5,7 @@
 use anyhow::Context;
 use loraloop_core::inbox::Inbox;
 use loraloop_core::service::{ModelInfo, Parts};
+use loraloop_core::supervisor::supervise;
 use loraloop_core::{Config, Db, Services};
 use loraloop_model::device::{device_name, select_device};
 use loraloop_model::engine::{Engine, LoadedModel};
@@ -62,7 +63,20 @@ impl Default for ServeOptions {
     }
 }
 
-type Bot = (Arc<Notify>, JoinHandle<anyhow::Result<()>>);
+/// A bot under its supervisor: `stop` ends its run, `stopping` a wait for a restart.
+struct Bot {
+    stop: Arc<Notify>,
+    stopping: Arc<AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl Bot {
+    async fn stop(self) -> anyhow::Result<()> {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.stop.notify_one();
+        Ok(self.task.await?)
+    }
+}
 
 /// A started server.
 pub struct RunningServer {
@@ -75,7 +89,7 @@ pub struct RunningServer {
     worker_stop: Arc<AtomicBool>,
     server: Option<JoinHandle<std::io::Result<()>>>,
     follower: JoinHandle<()>,
-    worker: Option<JoinHandle<anyhow::Result<()>>>,
+    worker: Option<JoinHandle<()>>,
     telegram: Option<Bot>,
     discord: Option<Bot>,
 }
@@ -86,21 +100,19 @@ impl RunningServer {
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.notify_one();
         self.worker_stop.store(true, Ordering::SeqCst);
-        if let Some((stop, bot)) = self.telegram {
-            stop.notify_one();
-            bot.await??;
+        if let Some(bot) = self.telegram {
+            bot.stop().await?;
         }
         // Closes the gateway connection and waits for the shard to end.
-        if let Some((stop, bot)) = self.discord {
-            stop.notify_one();
-            bot.await??;
+        if let Some(bot) = self.discord {
+            bot.stop().await?;
         }
         if let Some(server) = self.server {
             server.await??;
         }
         self.follower.abort();
         if let Some(w) = self.worker {
-            w.await??;
+            w.await?;
         }
         Ok(())
     }
@@ -223,11 +235,13 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
                 Arc::new(move || engine.busy())
             })),
         };
-        tokio::spawn(loraloop_trainer::worker::run_worker(
-            core.db.clone(),
-            opts,
-            worker_stop.clone(),
-        ))
+        let (db, stop, health) = (core.db.clone(), worker_stop.clone(), core.health.clone());
+        tokio::spawn(async move {
+            supervise(&health, "worker", &stop, || {
+                loraloop_trainer::worker::run_worker(db.clone(), opts.clone(), stop.clone())
+            })
+            .await
+        })
     });
 
     let telegram_inbox = Arc::new(Inbox::default());
@@ -269,18 +283,23 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
     } else {
         (None, None)
     };
-    let telegram = start_bot(
-        core.config.secrets.telegram_bot_token.clone(),
-        BotKind::Telegram,
-        &opts,
-        |token, stop| loraloop_bots::telegram::run(core.clone(), telegram_inbox, token, stop),
-    )?;
-    let discord = start_bot(
-        core.config.secrets.discord_bot_token.clone(),
-        BotKind::Discord,
-        &opts,
-        |token, stop| loraloop_bots::discord::run(core.clone(), token, stop),
-    )?;
+    let telegram = {
+        let (core, inbox) = (core.clone(), telegram_inbox.clone());
+        start_bot(
+            &core.clone(),
+            BotKind::Telegram,
+            &opts,
+            move |token, stop| {
+                loraloop_bots::telegram::run(core.clone(), inbox.clone(), token, stop)
+            },
+        )?
+    };
+    let discord = {
+        let core2 = core.clone();
+        start_bot(&core, BotKind::Discord, &opts, move |token, stop| {
+            loraloop_bots::discord::run(core2.clone(), token, stop)
+        })?
+    };
     // The engine serves what the database says is active, whoever activated it: the
     // gate in a training worker (this process's or `loraloop worker`'s), or `loraloop
     // serve` when this is a bot alone. Every few seconds the running canary, if any, is
@@ -329,29 +348,46 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
     })
 }
 
-/// Start the `kind` bot when its token is set and this run wants it; a bot run alone
-/// without its token is an error naming the variable to set.
+/// Start the `kind` bot under its supervisor when its token is set and this run wants
+/// it; a bot run alone without its token is an error naming the variable to set.
 fn start_bot<Fut>(
-    token: Option<SecretString>,
+    core: &Services,
     kind: BotKind,
     opts: &ServeOptions,
-    run: impl FnOnce(SecretString, Arc<Notify>) -> Fut,
+    run: impl Fn(SecretString, Arc<Notify>) -> Fut + Send + Sync + 'static,
 ) -> anyhow::Result<Option<Bot>>
 where
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
+    let (token, name, var) = match kind {
+        BotKind::Telegram => (
+            core.config.secrets.telegram_bot_token.clone(),
+            "telegram",
+            "TELEGRAM_BOT_TOKEN",
+        ),
+        BotKind::Discord => (
+            core.config.secrets.discord_bot_token.clone(),
+            "discord",
+            "DISCORD_BOT_TOKEN",
+        ),
+    };
     let wanted = opts.only_bot.is_none_or(|k| k == kind);
     match token {
         Some(token) if wanted => {
             let stop = Arc::new(Notify::new());
-            Ok(Some((stop.clone(), tokio::spawn(run(token, stop)))))
+            let stopping = Arc::new(AtomicBool::new(false));
+            let (s, flag, health) = (stop.clone(), stopping.clone(), core.health.clone());
+            let task = tokio::spawn(async move {
+                supervise(&health, name, &flag, || run(token.clone(), s.clone())).await
+            });
+            Ok(Some(Bot {
+                stop,
+                stopping,
+                task,
+            }))
         }
         None if opts.only_bot == Some(kind) => {
-            let var = match kind {
-                BotKind::Telegram => ("Telegram", "TELEGRAM_BOT_TOKEN"),
-                BotKind::Discord => ("Discord", "DISCORD_BOT_TOKEN"),
-            };
-            anyhow::bail!("the {} bot needs its token: set {}", var.0, var.1)
+            anyhow::bail!("the {name} bot needs its token: set {var}")
         }
         _ => Ok(None),
     }

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod preference;
 pub mod service;
 pub mod storage;
+pub mod supervisor;
 pub mod token;
 
 pub use config::Config;

@@ -772,3 +772,52 @@ async fn a_long_reply_streams_by_edits_at_most_once_a_second() {
     );
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_bot_that_fails_is_restarted_with_backoff_and_healthz_says_so() {
+    crate::support::capture_logs();
+    let (fake, url) = fake_telegram().await;
+    // Telegram refuses the token twice (as during an outage of its auth), then accepts it.
+    let refusal = json!({"ok": false, "error_code": 401, "description": "Unauthorized"});
+    fake.inject("getme", 401, refusal.clone());
+    fake.inject("getme", 401, refusal);
+    let s = crate::support::start(false, &env(&url, &[])).await;
+    let health = || async {
+        let r = s.http.get(s.url("/healthz")).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json::<serde_json::Value>().await.unwrap())
+    };
+    let mut degraded = None;
+    for _ in 0..100 {
+        let (status, h) = health().await;
+        if h["parts"]["telegram"]["state"] == "restarting" {
+            degraded = Some((status, h));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, h) = degraded.expect("the failure shows on /healthz");
+    assert_eq!(status, 503, "{h}");
+    assert_eq!(h["status"], "degraded");
+    assert!(
+        h["parts"]["telegram"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("getMe"),
+        "{h}"
+    );
+    // Restarted after 1 s and 2 s, then running, and it answers.
+    let mut last = serde_json::Value::Null;
+    for _ in 0..100 {
+        let (status, h) = health().await;
+        if status == 200 && h["parts"]["telegram"]["state"] == "running" {
+            last = h;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(last["parts"]["telegram"]["restarts"], 2, "{last}");
+    fake.text(7001, "Are you back?");
+    until(30, "the reply", || rated_replies(&fake, 7001) == 1).await;
+    s.stop().await;
+}

@@ -1,10 +1,11 @@
 //! The job worker: claims the oldest queued training job, trains it on a blocking thread,
 //! stores its events and state transitions, registers the adapter, and honours cancel
-//! requests. A job whose worker died is requeued when the worker starts again and resumes
-//! from its last checkpoint.
+//! requests. A job whose worker died is requeued and resumes from its last checkpoint.
 //!
-//! One worker per database: `requeue_orphaned_jobs` at start assumes no other worker is
-//! running a job.
+//! A running job holds a lease the worker renews every few seconds; a job whose lease ran
+//! out was left by a worker that died and goes back to the queue, or fails once it has
+//! been claimed [`MAX_ATTEMPTS`] times (a job that takes the process down is not retried
+//! forever). Several workers may share a database.
 
 use crate::checkpoint::{AdapterMetadata, Checkpoint, TRAINER_STATE_FILE};
 use crate::config::{Method, Objective, TrainFile};
@@ -99,14 +100,46 @@ pub async fn run_worker(
     opts: WorkerOptions,
     shutdown: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
-    let requeued = db.requeue_orphaned_jobs().await?;
-    if requeued > 0 {
-        tracing::info!("requeued {requeued} job(s) left running by a previous worker");
-    }
     while !shutdown.load(Ordering::SeqCst) {
+        recover_abandoned(&db).await?;
         match run_next(&db, &opts, shutdown.clone()).await? {
             Some(id) => tracing::info!("job {id} done"),
             None => tokio::time::sleep(opts.poll_interval).await,
+        }
+    }
+    Ok(())
+}
+
+/// How long a claim holds a job without a renewal.
+pub const LEASE_SECS: i64 = 20;
+const RENEW_EVERY: Duration = Duration::from_secs(4);
+/// Claims of one job that may end without a clean stop before it fails.
+pub const MAX_ATTEMPTS: i64 = 3;
+
+/// Requeue (or fail) the jobs whose worker died, with a line in each one's events.
+async fn recover_abandoned(db: &Db) -> anyhow::Result<()> {
+    let (requeued, failed) = db.recover_abandoned_jobs(MAX_ATTEMPTS).await?;
+    for (ids, message) in [
+        (
+            requeued,
+            "the worker running this job stopped without a word; back in the queue",
+        ),
+        (
+            failed,
+            "the process stopped while running this job too many times; not started again",
+        ),
+    ] {
+        for id in ids {
+            tracing::warn!("job {id}: {message}");
+            db.add_training_event(
+                id,
+                &NewTrainingEvent {
+                    kind: "state",
+                    message: Some(message),
+                    ..Default::default()
+                },
+            )
+            .await?;
         }
     }
     Ok(())
@@ -118,16 +151,30 @@ pub async fn run_next(
     opts: &WorkerOptions,
     shutdown: Arc<AtomicBool>,
 ) -> anyhow::Result<Option<i64>> {
-    let Some(job) = db.claim_next_job().await? else {
+    let Some(job) = db.claim_next_job(LEASE_SECS).await? else {
         return Ok(None);
     };
     let id = job.id;
+    let lease = {
+        let db = db.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(RENEW_EVERY).await;
+                match db.renew_job_lease(id, LEASE_SECS).await {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => tracing::warn!("job {id}: cannot renew its lease: {e}"),
+                }
+            }
+        })
+    };
+    let result = run_job(db, opts, &job, shutdown).await;
+    lease.abort();
     tracing::info!(
         "job {id}: training {} on dataset {}",
         job.base_model,
         job.dataset_id
     );
-    let result = run_job(db, opts, &job, shutdown).await;
     match result {
         Ok(JobEnd::Succeeded) => {
             db.transition_job(id, JobState::Running, JobState::Succeeded, None)
@@ -139,8 +186,7 @@ pub async fn run_next(
         }
         Ok(JobEnd::Interrupted) => {
             // The worker is shutting down: back to the queue, to resume later.
-            db.transition_job(id, JobState::Running, JobState::Queued, None)
-                .await?;
+            db.return_job_to_queue(id).await?;
         }
         Err(e) => {
             let message = format!("{e:#}");

@@ -7,7 +7,7 @@ use loraloop_core::storage::{Db, JobState, NewDataset, NewJob, NewMessage, Platf
 use loraloop_model::testing::{TinySpec, write_tiny_chat_model};
 use loraloop_trainer::card::ReportCard;
 use loraloop_trainer::job_card::GateOptions;
-use loraloop_trainer::worker::{WorkerOptions, run_next};
+use loraloop_trainer::worker::{MAX_ATTEMPTS, WorkerOptions, run_next, run_worker};
 use sqlx::SqlitePool;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -114,7 +114,7 @@ async fn a_queued_job_trains_stores_its_events_and_registers_the_adapter(pool: S
     );
     assert_eq!(adapters[0].base_model_hash.len(), 64);
     assert!(
-        db.claim_next_job().await.unwrap().is_none(),
+        db.claim_next_job(20).await.unwrap().is_none(),
         "the queue is empty"
     );
 }
@@ -598,5 +598,81 @@ async fn waits_for_chat(db: &Db, tmp: &std::path::Path, id: i64, mut opts: Worke
             .iter()
             .map(|e| (&e.kind, &e.message))
             .collect::<Vec<_>>()
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_job_whose_worker_died_is_requeued_and_fails_after_max_attempts(pool: SqlitePool) {
+    let db = Db::from_pool(pool);
+    let tmp = tempfile::tempdir().unwrap();
+    let (id, _) = setup(&db, tmp.path(), serde_json::json!({"num_epochs": 1})).await;
+    // A live worker's lease is respected: another worker does not take its job.
+    let claimed = db.claim_next_job(20).await.unwrap().unwrap();
+    assert_eq!(claimed.id, id);
+    assert_eq!(
+        db.recover_abandoned_jobs(MAX_ATTEMPTS).await.unwrap(),
+        (vec![], vec![])
+    );
+    // A clean stop gives it back without counting an attempt.
+    assert!(db.return_job_to_queue(id).await.unwrap());
+    assert_eq!(db.job_attempts(id).await.unwrap(), 0);
+    // Claims whose lease runs out (the process was killed): requeued until the limit...
+    for attempt in 1..=MAX_ATTEMPTS {
+        assert_eq!(db.claim_next_job(0).await.unwrap().unwrap().id, id);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (requeued, failed) = db.recover_abandoned_jobs(MAX_ATTEMPTS).await.unwrap();
+        if attempt < MAX_ATTEMPTS {
+            assert_eq!((requeued, failed), (vec![id], vec![]), "attempt {attempt}");
+            assert_eq!(db.job(id).await.unwrap().state(), JobState::Queued);
+        } else {
+            assert_eq!((requeued, failed), (vec![], vec![id]));
+        }
+    }
+    // ...then failed, with the reason, and never claimed again.
+    let job = db.job(id).await.unwrap();
+    assert_eq!(job.state(), JobState::Failed);
+    assert!(
+        job.error.as_deref().unwrap().contains("3 times"),
+        "{:?}",
+        job.error
+    );
+    assert!(job.finished_at.is_some());
+    assert!(db.claim_next_job(20).await.unwrap().is_none());
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn the_worker_resumes_a_job_left_by_a_killed_worker(pool: SqlitePool) {
+    let db = Db::from_pool(pool);
+    let tmp = tempfile::tempdir().unwrap();
+    let (id, opts) = setup(
+        &db,
+        tmp.path(),
+        serde_json::json!({"num_epochs": 1, "micro_batch_size": 4}),
+    )
+    .await;
+    // A worker claimed it and died: its lease ran out.
+    db.claim_next_job(0).await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let worker = tokio::spawn(run_worker(db.clone(), opts, shutdown.clone()));
+    let mut state = JobState::Running;
+    for _ in 0..600 {
+        state = db.job(id).await.unwrap().state();
+        if state.is_final() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shutdown.store(true, Ordering::SeqCst);
+    worker.await.unwrap().unwrap();
+    assert_eq!(state, JobState::Succeeded);
+    assert_eq!(db.job_attempts(id).await.unwrap(), 2);
+    let events = db.training_events(id, 0).await.unwrap();
+    assert!(
+        events.iter().any(|e| e
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("back in the queue"))),
+        "{events:?}"
     );
 }

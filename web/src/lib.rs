@@ -92,8 +92,22 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn healthz() -> &'static str {
-    "ok"
+/// `ok` (200) while every supervised part runs, `degraded` (503) while one waits to
+/// restart after a failure; each part's state, restarts and last error.
+async fn healthz(State(state): State<AppState>) -> Response {
+    use axum::response::IntoResponse;
+    let health = &state.core.health;
+    let ok = health.ok();
+    let body = serde_json::json!({
+        "status": if ok { "ok" } else { "degraded" },
+        "parts": health.parts(),
+    });
+    let status = if ok {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
 }
 
 async fn record_request(State(state): State<AppState>, req: Request, next: Next) -> Response {

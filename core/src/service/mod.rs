@@ -51,6 +51,8 @@ pub struct Inner {
     pub metrics: Arc<Metrics>,
     pub adapters_dir: PathBuf,
     pub started: Instant,
+    /// The state of the bots and the worker, for `/healthz`.
+    pub health: Arc<crate::supervisor::Health>,
 }
 
 /// The process's services: cheap to clone (one `Arc`).
@@ -114,6 +116,7 @@ impl Services {
             metrics,
             adapters_dir: p.adapters_dir,
             started: Instant::now(),
+            health: Arc::default(),
         }))
     }
 }

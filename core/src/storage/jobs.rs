@@ -118,6 +118,10 @@ pub struct TrainingEvent {
     pub created_at: String,
 }
 
+const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+/// Now plus the first bound parameter, in seconds.
+const LEASE: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+' || ?1 || ' seconds')";
+
 const JOB_COLUMNS: &str = "id, state, dataset_id, base_model, method, hyperparameters, output_dir, adapter_id, step, total_steps, cancel_requested, error, created_at, started_at, finished_at, assistant_id";
 
 impl Db {
@@ -171,16 +175,77 @@ impl Db {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Claim the oldest queued job for a worker (queued -> running), atomically.
-    pub async fn claim_next_job(&self) -> Result<Option<TrainingJob>> {
+    /// Claim the oldest queued job for a worker (queued -> running), atomically, with a
+    /// lease of `lease_secs` that the worker renews while it runs.
+    pub async fn claim_next_job(&self, lease_secs: i64) -> Result<Option<TrainingJob>> {
         Ok(sqlx::query_as(&format!(
-            "update training_jobs set state = 'running', started_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+            "update training_jobs set state = 'running', started_at = {NOW},
+                attempts = attempts + 1, lease_until = {LEASE}
              where id = (select id from training_jobs where state = 'queued' order by id limit 1)
                and state = 'queued'
              returning {JOB_COLUMNS}"
         ))
+        .bind(lease_secs)
         .fetch_optional(self.pool())
         .await?)
+    }
+
+    /// Extend a running job's lease; false when the job is no longer running.
+    pub async fn renew_job_lease(&self, id: i64, lease_secs: i64) -> Result<bool> {
+        let done = sqlx::query(&format!(
+            "update training_jobs set lease_until = {LEASE} where id = ?2 and state = 'running'"
+        ))
+        .bind(lease_secs)
+        .bind(id)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// A clean stop (shutdown): back to the queue, the claim not counted as an attempt.
+    pub async fn return_job_to_queue(&self, id: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "update training_jobs set state = 'queued', lease_until = null,
+                attempts = max(attempts - 1, 0)
+             where id = ? and state = 'running'",
+        )
+        .bind(id)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Jobs whose worker died (running, lease run out): back to the queue, or failed after
+    /// `max_attempts` claims. Returns (requeued, failed) ids.
+    pub async fn recover_abandoned_jobs(&self, max_attempts: i64) -> Result<(Vec<i64>, Vec<i64>)> {
+        let abandoned =
+            format!("state = 'running' and (lease_until is null or lease_until < {NOW})");
+        let failed: Vec<(i64,)> = sqlx::query_as(&format!(
+            "update training_jobs set state = 'failed', finished_at = {NOW}, lease_until = null,
+                error = 'the process stopped while running this job ' || attempts || ' times (a crash or an out-of-memory kill?): not started again; create a new job to retry'
+             where {abandoned} and attempts >= ?1 returning id"
+        ))
+        .bind(max_attempts)
+        .fetch_all(self.pool())
+        .await?;
+        let requeued: Vec<(i64,)> = sqlx::query_as(&format!(
+            "update training_jobs set state = 'queued', lease_until = null where {abandoned} returning id"
+        ))
+        .fetch_all(self.pool())
+        .await?;
+        Ok((
+            requeued.into_iter().map(|r| r.0).collect(),
+            failed.into_iter().map(|r| r.0).collect(),
+        ))
+    }
+
+    /// How many times a job has been claimed without a clean stop.
+    pub async fn job_attempts(&self, id: i64) -> Result<i64> {
+        let (n,): (i64,) = sqlx::query_as("select attempts from training_jobs where id = ?")
+            .bind(id)
+            .fetch_one(self.pool())
+            .await?;
+        Ok(n)
     }
 
     /// Record where a job writes and/or how many steps it has (`None` keeps the value).
@@ -228,18 +293,6 @@ impl Db {
             .execute(self.pool())
             .await?;
         Ok(())
-    }
-
-    /// Jobs left `running` by a worker that died go back to the queue (their output folder
-    /// is kept, so they resume from their last checkpoint). Call when the only worker
-    /// starts. Returns how many were requeued.
-    pub async fn requeue_orphaned_jobs(&self) -> Result<u64> {
-        Ok(
-            sqlx::query("update training_jobs set state = 'queued' where state = 'running'")
-                .execute(self.pool())
-                .await?
-                .rows_affected(),
-        )
     }
 
     pub async fn add_training_event(&self, job_id: i64, e: &NewTrainingEvent<'_>) -> Result<()> {
@@ -360,7 +413,7 @@ mod tests {
             .unwrap();
         assert_eq!(job.state(), JobState::ValidatingFiles);
         assert!(
-            db.claim_next_job().await.unwrap().is_none(),
+            db.claim_next_job(20).await.unwrap().is_none(),
             "not queued yet"
         );
         assert!(
@@ -368,10 +421,13 @@ mod tests {
                 .await
                 .unwrap()
         );
-        let claimed = db.claim_next_job().await.unwrap().unwrap();
+        let claimed = db.claim_next_job(20).await.unwrap().unwrap();
         assert_eq!((claimed.id, claimed.state()), (job.id, JobState::Running));
         assert!(claimed.started_at.is_some());
-        assert!(db.claim_next_job().await.unwrap().is_none(), "claimed once");
+        assert!(
+            db.claim_next_job(20).await.unwrap().is_none(),
+            "claimed once"
+        );
         assert!(
             !db.transition_job(job.id, JobState::Queued, JobState::Cancelled, None)
                 .await
