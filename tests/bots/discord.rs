@@ -973,10 +973,27 @@ async fn a_gateway_refusal_is_logged_at_once_with_what_to_do() {
     };
     until(20, "the error in the log", logged).await;
     assert!(!fake.identifies().is_empty());
+    // The supervisor keeps trying (with backoff) and /healthz says why it is down.
+    let mut h = serde_json::Value::Null;
+    for _ in 0..100 {
+        let r = s.http.get(s.url("/healthz")).send().await.unwrap();
+        let status = r.status();
+        h = r.json().await.unwrap();
+        if h["parts"]["discord"]["state"] == "restarting" {
+            assert_eq!(status, 503);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(h["parts"]["discord"]["state"], "restarting", "{h}");
     assert!(
-        s.server.stop().await.is_err(),
-        "the bot ended with the error"
+        h["parts"]["discord"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("MESSAGE CONTENT"),
+        "{h}"
     );
+    s.server.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
