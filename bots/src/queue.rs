@@ -2,7 +2,7 @@
 //! `inbound_updates` before it is handled; the queue hands the stored ones to one worker
 //! per conversation, so a conversation's updates run in order and different
 //! conversations in parallel. Each update is handed out once; a worker records how it
-//! ended (done, or failed with the error) and ends when its conversation has nothing
+//! ended (done, failed with the error, or still pending when the failure was passing) and ends when its conversation has nothing
 //! queued. On stop, workers finish the update in hand (within a grace period) and take no
 //! other: what is left stays pending in the database for the next start.
 
@@ -21,6 +21,9 @@ use tokio::task::JoinSet;
 /// What a bot does with one stored update.
 pub trait UpdateHandler: Send + Sync + 'static {
     fn handle(&self, update: &PendingUpdate) -> impl Future<Output = anyhow::Result<()>> + Send;
+    /// Whether a failure was passing (the platform or the network down, a busy
+    /// database): the update is tried again later instead of failing.
+    fn retryable(&self, error: &anyhow::Error) -> bool;
 }
 
 pub struct UpdateQueue<K> {
@@ -118,7 +121,8 @@ impl<K: Copy + Eq + Hash + Send + Sync + 'static> UpdateQueue<K> {
                 .unwrap_or(None);
             if status.is_none_or(|s| s == "pending") {
                 let outcome = handler.handle(&next).await;
-                finish_update(&self.db, self.platform, &key, &outcome).await;
+                let retry = outcome.as_ref().err().is_some_and(|e| handler.retryable(e));
+                finish_update(&self.db, self.platform, &key, &outcome, retry).await;
             }
             lock(&self.queued).remove(&key);
         }

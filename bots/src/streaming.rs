@@ -34,37 +34,138 @@ pub trait ReplyChannel: Sync {
     fn edit(&self, id: Self::Id, text: &str) -> impl Future<Output = ()> + Send;
     /// Show "typing…".
     fn typing(&self) -> impl Future<Output = ()> + Send;
+    /// A message id as stored, and back.
+    fn id_text(id: Self::Id) -> String;
+    fn parse_id(s: &str) -> Option<Self::Id>;
 }
 
-/// Record how handling a stored update ended: done, or failed with the error (logged and
-/// kept on the row; a failed update is not retried).
-pub async fn finish_update(db: &Db, platform: Platform, key: &str, outcome: &anyhow::Result<()>) {
+/// How long a reply that keeps failing for a passing reason is tried again, from when
+/// its update arrived: an outage shorter than this loses no reply.
+pub const RETRY_FOR: Duration = Duration::from_secs(24 * 3600);
+
+/// The wait before try number `attempts + 1` of a reply: 5 s doubling to 5 minutes.
+pub fn retry_wait(attempts: i64) -> Duration {
+    Duration::from_secs(5u64 << attempts.clamp(0, 6)).min(Duration::from_secs(300))
+}
+
+/// Record how handling a stored update ended: done; failed with the error (logged and
+/// kept on the row); or, when `retryable` says the failure was passing (the platform or
+/// the network down, a busy database), still pending and tried again after a wait, for
+/// up to [`RETRY_FOR`].
+pub async fn finish_update(
+    db: &Db,
+    platform: Platform,
+    key: &str,
+    outcome: &anyhow::Result<()>,
+    retryable: bool,
+) {
     let name = platform.as_str();
     let error = match outcome {
         Ok(()) => None,
-        Err(e) => {
-            tracing::warn!("{name}: update {key} failed: {e:#}");
-            Some(format!("{e:#}"))
-        }
+        Err(e) => Some(format!("{e:#}")),
     };
+    if let Some(error) = &error
+        && retryable
+    {
+        match db.update_age(platform, key).await {
+            Ok(Some((age, attempts))) if age < RETRY_FOR.as_secs_f64() => {
+                let wait = retry_wait(attempts);
+                tracing::warn!(
+                    "{name}: update {key} failed ({error}); trying again in {}s",
+                    wait.as_secs()
+                );
+                match db
+                    .postpone_update(platform, key, error, wait.as_secs_f64())
+                    .await
+                {
+                    Ok(_) => return,
+                    Err(e) => tracing::error!("{name}: cannot postpone update {key}: {e}"),
+                }
+            }
+            Ok(_) => tracing::warn!(
+                "{name}: update {key} kept failing for {}h; given up",
+                RETRY_FOR.as_secs() / 3600
+            ),
+            Err(e) => tracing::error!("{name}: cannot read update {key}: {e}"),
+        }
+    }
+    if let Some(error) = &error {
+        tracing::warn!("{name}: update {key} failed: {error}");
+    }
     if let Err(e) = db.finish_update(platform, key, error.as_deref()).await {
         tracing::error!("{name}: cannot record update {key}: {e}");
     }
 }
 
-/// Answer a platform message: store it in `conversation_id`, generate the reply with the
+/// A database failure somewhere in `e`'s chain (busy, locked, I/O): worth another try.
+pub fn storage_failed(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<loraloop_core::storage::StorageError>(),
+            Some(loraloop_core::storage::StorageError::Sqlx(_))
+        )
+    })
+}
+
+/// Where a reply to a stored update is streamed: the platform message is recorded as
+/// soon as it exists, so a replay after a crash finishes that message (edits it) instead
+/// of sending a second one.
+pub struct ReplySlot<'a> {
+    pub db: &'a Db,
+    pub platform: Platform,
+    pub update_key: &'a str,
+}
+
+impl ReplySlot<'_> {
+    /// The message an earlier attempt started, if any.
+    pub async fn started<C: ReplyChannel>(&self) -> Option<C::Id> {
+        match self.db.update_reply(self.platform, self.update_key).await {
+            Ok(id) => id.and_then(|s| C::parse_id(&s)),
+            Err(e) => {
+                tracing::warn!("cannot read the reply of update {}: {e}", self.update_key);
+                None
+            }
+        }
+    }
+
+    async fn record<C: ReplyChannel>(&self, id: C::Id) {
+        if let Err(e) = self
+            .db
+            .record_update_reply(self.platform, self.update_key, &C::id_text(id))
+            .await
+        {
+            tracing::warn!("cannot record the reply of update {}: {e}", self.update_key);
+        }
+    }
+}
+
+/// A user's platform message in its stored conversation.
+pub struct Incoming<'a> {
+    pub conversation_id: i64,
+    pub user_id: i64,
+    pub text: &'a str,
+    pub platform_message_id: &'a str,
+}
+
+/// Answer a platform message: store it in its conversation, generate the reply with the
 /// conversation's adapter (its pin, the canary's or the active one) and stream it into
-/// `ch` (a reply that cannot start is told to the user), then store the reply. Returns the streamed message, if any, the finished
-/// generation and the stored reply; the caller sends the final text.
+/// `ch` (a reply that cannot start is told to the user), then store the reply. Returns
+/// the streamed message, if any, the finished generation and the stored reply; the
+/// caller sends the final text.
 pub async fn answer<C: ReplyChannel>(
     core: &Services,
-    conversation_id: i64,
-    user_id: i64,
-    text: &str,
-    platform_message_id: &str,
+    incoming: &Incoming<'_>,
     ch: &C,
     max_chars: usize,
+    slot: &ReplySlot<'_>,
 ) -> anyhow::Result<(Option<C::Id>, Finished, StoredMessage)> {
+    let &Incoming {
+        conversation_id,
+        user_id,
+        text,
+        platform_message_id,
+    } = incoming;
+    let started = slot.started::<C>().await;
     let mut turn = match core
         .chat
         .start_routed_turn(
@@ -77,11 +178,17 @@ pub async fn answer<C: ReplyChannel>(
     {
         Ok(t) => t,
         Err(e) => {
-            ch.send(start_failure_notice(&e)).await?;
+            match started {
+                Some(id) => ch.edit(id, start_failure_notice(&e)).await,
+                None => {
+                    slot.record::<C>(ch.send(start_failure_notice(&e)).await?)
+                        .await
+                }
+            }
             anyhow::bail!("cannot start the reply: {e}");
         }
     };
-    let (sent, finished) = stream_reply(&mut turn, ch, max_chars).await?;
+    let (sent, finished) = stream_reply(&mut turn, ch, max_chars, started, slot).await?;
     drop(turn.in_flight);
     let stored = core.chat.store_reply(conversation_id, &finished).await?;
     Ok((sent, finished, stored))
@@ -102,11 +209,14 @@ async fn stream_reply<C: ReplyChannel>(
     turn: &mut Turn,
     ch: &C,
     max_chars: usize,
+    started: Option<C::Id>,
+    slot: &ReplySlot<'_>,
 ) -> anyhow::Result<(Option<C::Id>, Finished)> {
     let mut reply = String::new();
-    let mut sent: Option<C::Id> = None;
-    // `sent` shows the place in line, not reply text.
-    let mut placeholder = false;
+    // A message an earlier attempt started (then crashed) is overwritten, not repeated.
+    let mut sent: Option<C::Id> = started;
+    // `sent` shows the place in line (or an earlier attempt's text), not this reply's.
+    let mut placeholder = started.is_some();
     let mut waiting: Option<(usize, Instant)> = None;
     let mut told_place: Option<usize> = None;
     let mut last_edit = Instant::now();
@@ -123,7 +233,11 @@ async fn stream_reply<C: ReplyChannel>(
         {
             let notice = text::in_line(place);
             match sent {
-                None => sent = Some(ch.send(&notice).await?),
+                None => {
+                    let id = ch.send(&notice).await?;
+                    slot.record::<C>(id).await;
+                    sent = Some(id);
+                }
                 Some(id) => ch.edit(id, &notice).await,
             }
             placeholder = true;
@@ -159,7 +273,9 @@ async fn stream_reply<C: ReplyChannel>(
                 }
                 match sent {
                     None => {
-                        sent = Some(ch.send(shown).await?);
+                        let id = ch.send(shown).await?;
+                        slot.record::<C>(id).await;
+                        sent = Some(id);
                         last_edit = Instant::now();
                     }
                     Some(id) if placeholder || last_edit.elapsed() >= EDIT_INTERVAL => {
@@ -175,7 +291,10 @@ async fn stream_reply<C: ReplyChannel>(
                 match sent {
                     Some(id) if placeholder => ch.edit(id, text::MODEL_FAILED).await,
                     _ => {
-                        ch.send(text::MODEL_FAILED).await?;
+                        let id = ch.send(text::MODEL_FAILED).await?;
+                        if sent.is_none() {
+                            slot.record::<C>(id).await;
+                        }
                     }
                 }
                 anyhow::bail!("generation failed: {e}");

@@ -158,11 +158,9 @@ impl TelegramBot {
                     }
                 }
             };
-            let mut stored = false;
             for u in &updates {
                 let payload = serde_json::to_string(u)?;
-                stored |= self
-                    .core
+                self.core
                     .db
                     .store_update(
                         Platform::Telegram,
@@ -172,9 +170,9 @@ impl TelegramBot {
                     .await?;
                 offset = Some(offset.unwrap_or(0).max(i64::from(u.id.0) + 1));
             }
-            if stored {
-                self.clone().dispatch_pending().await?;
-            }
+            // Also without new updates: replies that failed for a passing reason are
+            // due again after their wait.
+            self.clone().dispatch_pending().await?;
         }
     }
 
@@ -205,7 +203,7 @@ impl TelegramBot {
             tokio::select! {
                 _ = self.inbox.wait() => {}
                 // Also now and then, for updates whose handling failed to start.
-                _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
                 _ = stop.notified() => return Ok(()),
             }
             self.clone().dispatch_pending().await?;
@@ -270,6 +268,14 @@ impl streaming::ReplyChannel for TgChat<'_> {
             .send_chat_action(self.chat, ChatAction::Typing)
             .await;
     }
+
+    fn id_text(id: MessageId) -> String {
+        id.0.to_string()
+    }
+
+    fn parse_id(s: &str) -> Option<MessageId> {
+        s.parse().ok().map(MessageId)
+    }
 }
 
 fn rating_keyboard(message_id: i64) -> InlineKeyboardMarkup {
@@ -312,9 +318,9 @@ impl TelegramBot {
         Ok(())
     }
 
-    async fn on_update(&self, update: Update) -> anyhow::Result<()> {
+    async fn on_update(&self, update: Update, key: &str) -> anyhow::Result<()> {
         match update.kind {
-            UpdateKind::Message(m) => self.on_message(m).await,
+            UpdateKind::Message(m) => self.on_message(m, key).await,
             UpdateKind::CallbackQuery(q) => {
                 let data = q.data.clone().unwrap_or_default();
                 let answer = self.on_callback(&q.from, &data).await;
@@ -346,7 +352,7 @@ impl TelegramBot {
         Ok(retry("sendMessage", || self.bot.send_message(chat, text)).await?)
     }
 
-    async fn on_message(&self, m: Message) -> anyhow::Result<()> {
+    async fn on_message(&self, m: Message, key: &str) -> anyhow::Result<()> {
         let Some(from) = m.from.clone() else {
             return Ok(());
         };
@@ -444,26 +450,35 @@ impl TelegramBot {
         // stored is not generated again; if Telegram confirmed it, nothing is left to do,
         // otherwise the stored text is sent (the user may see it twice: the one duplicate
         // a kill at that moment can cause).
+        let slot = streaming::ReplySlot {
+            db,
+            platform: Platform::Telegram,
+            update_key: key,
+        };
+        let ch = TgChat {
+            bot: &self.bot,
+            chat,
+        };
         if let Some(earlier) = db.stored_reply_to(conv.id, &m.id.0.to_string()).await? {
             if earlier.platform_message_id.is_none() {
-                self.deliver(chat, None, &earlier.content, earlier.id)
+                let started = slot.started::<TgChat>().await;
+                self.deliver(chat, started, &earlier.content, earlier.id)
                     .await?;
             }
             return Ok(());
         }
         let _ = self.bot.send_chat_action(chat, ChatAction::Typing).await;
-        let ch = TgChat {
-            bot: &self.bot,
-            chat,
-        };
         let (sent, finished, stored) = streaming::answer(
             &self.core,
-            conv.id,
-            user.id,
-            &text,
-            &m.id.0.to_string(),
+            &streaming::Incoming {
+                conversation_id: conv.id,
+                user_id: user.id,
+                text: &text,
+                platform_message_id: &m.id.0.to_string(),
+            },
             &ch,
             MAX_MESSAGE_CHARS,
+            &slot,
         )
         .await?;
         self.deliver(chat, sent, &finished.text, stored.id).await
@@ -593,8 +608,17 @@ impl TelegramBot {
 
 impl UpdateHandler for TelegramBot {
     async fn handle(&self, update: &PendingUpdate) -> anyhow::Result<()> {
+        let key = &update.update_key;
         let update: Update = serde_json::from_str(&update.payload)
             .map_err(|e| anyhow::anyhow!("unreadable update: {e}"))?;
-        self.on_update(update).await
+        self.on_update(update, key).await
+    }
+
+    fn retryable(&self, error: &anyhow::Error) -> bool {
+        streaming::storage_failed(error)
+            || error.chain().any(|c| {
+                c.downcast_ref::<RequestError>()
+                    .is_some_and(|e| matches!(e, RequestError::RetryAfter(_)) || transient(e))
+            })
     }
 }

@@ -237,6 +237,8 @@ async fn handle(
                 None => fake.new_message_id(),
             };
             params["_message_id"] = json!(id);
+            // The bot never hears of this call: a send it cannot know succeeded.
+            params["_hung"] = json!(hang);
             let text = params["text"].clone();
             fake.0.lock().unwrap().record(method, params);
             if hang {
@@ -273,6 +275,18 @@ pub async fn fake_telegram_for(token: &str, bot_id: i64) -> (FakeTelegram, Strin
 }
 
 /// Replies are the messages with rating buttons (the final form of each reply).
+/// The bot messages created in `chat` (distinct messages, however often edited), and how
+/// many of them were created by a call whose answer the bot never got.
+pub fn bot_messages(fake: &FakeTelegram, chat: i64) -> (usize, usize) {
+    let sends: Vec<Value> = fake
+        .calls("sendmessage")
+        .into_iter()
+        .filter(|p| p["chat_id"].as_i64() == Some(chat))
+        .collect();
+    let unheard = sends.iter().filter(|p| p["_hung"] == true).count();
+    (sends.len(), unheard)
+}
+
 pub fn rated_replies(fake: &FakeTelegram, chat: i64) -> usize {
     fake.calls("editmessagetext")
         .iter()

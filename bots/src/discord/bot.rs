@@ -85,4 +85,12 @@ impl UpdateHandler for DiscordBot {
             .map_err(|e| anyhow::anyhow!("unreadable message: {e}"))?;
         self.on_message(m).await
     }
+
+    fn retryable(&self, error: &anyhow::Error) -> bool {
+        crate::streaming::storage_failed(error)
+            || error.chain().any(|c| {
+                c.downcast_ref::<serenity::Error>()
+                    .is_some_and(super::calls::transient)
+            })
+    }
 }

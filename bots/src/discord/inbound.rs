@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 /// pending ones: serenity handles each gateway event in its own task, so messages sent
 /// together can be stored out of order.
 pub(super) const SETTLE: Duration = Duration::from_millis(150);
+/// How often the dispatcher looks for pending messages without being woken.
+const RETRY_TICK: Duration = Duration::from_secs(5);
 /// A refusal (channel not allowed, DMs off) goes to a channel at most once per this long.
 pub(super) const REFUSAL_INTERVAL: Duration = Duration::from_secs(3600);
 
@@ -181,7 +183,9 @@ impl DiscordBot {
     /// Hand every pending message to its conversation's worker, in message order.
     pub(super) async fn dispatcher(self: Arc<Self>) {
         loop {
-            self.wake.notified().await;
+            // Also every few seconds: replies that failed for a passing reason are due
+            // again after their wait.
+            let _ = tokio::time::timeout(RETRY_TICK, self.wake.notified()).await;
             tokio::time::sleep(SETTLE).await;
             let pending = match self.core.db.pending_updates(Platform::Discord, None).await {
                 Ok(p) => p,

@@ -43,6 +43,17 @@ impl streaming::ReplyChannel for DiscordChannel<'_> {
     async fn typing(&self) {
         let _ = self.channel.broadcast_typing(self.bot.http()).await;
     }
+
+    fn id_text(id: MessageId) -> String {
+        id.get().to_string()
+    }
+
+    fn parse_id(s: &str) -> Option<MessageId> {
+        s.parse::<u64>()
+            .ok()
+            .filter(|n| *n != 0)
+            .map(MessageId::new)
+    }
 }
 
 /// A message's content without mentions of `me`.
@@ -217,9 +228,16 @@ impl DiscordBot {
         // A replayed message (the process died before marking it done): a stored reply is
         // not generated again; if Discord took it, nothing is left to do, otherwise the
         // stored text is sent.
+        // The update's key is the message's id (see `receive`).
+        let slot = streaming::ReplySlot {
+            db,
+            platform: Platform::Discord,
+            update_key: &message_id,
+        };
         if let Some(earlier) = db.stored_reply_to(conv.id, &message_id).await? {
             if earlier.platform_message_id.is_none() {
-                self.deliver(channel, None, &earlier.content, earlier.id)
+                let started = slot.started::<DiscordChannel>().await;
+                self.deliver(channel, started, &earlier.content, earlier.id)
                     .await?;
             }
             return Ok(());
@@ -228,12 +246,15 @@ impl DiscordBot {
         let ch = DiscordChannel { bot: self, channel };
         let (sent, finished, stored) = streaming::answer(
             &self.core,
-            conv.id,
-            user.id,
-            &text,
-            &message_id,
+            &streaming::Incoming {
+                conversation_id: conv.id,
+                user_id: user.id,
+                text: &text,
+                platform_message_id: &message_id,
+            },
             &ch,
             MAX_MESSAGE_CHARS,
+            &slot,
         )
         .await?;
         self.deliver(channel, sent, &finished.text, stored.id).await

@@ -37,6 +37,7 @@ impl Db {
         Ok(sqlx::query_as(
             "select update_key, coalesce(payload, '') as payload from inbound_updates
              where platform = ?1 and status = 'pending' and (?2 is null or update_key like ?2 || ':%')
+               and (retry_at is null or retry_at <= strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
              order by length(update_key), update_key",
         )
         .bind(platform.as_str())
@@ -79,6 +80,71 @@ impl Db {
         .execute(self.pool())
         .await?;
         Ok(())
+    }
+
+    /// A reply that failed for a passing reason: the update stays pending, to be tried
+    /// again in `retry_in_secs`. Returns the attempts so far.
+    pub async fn postpone_update(
+        &self,
+        platform: Platform,
+        key: &str,
+        error: &str,
+        retry_in_secs: f64,
+    ) -> Result<i64> {
+        let (attempts,): (i64,) = sqlx::query_as(
+            "update inbound_updates set attempts = attempts + 1, error = ?1,
+                retry_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+' || ?2 || ' seconds')
+             where platform = ?3 and update_key = ?4 returning attempts",
+        )
+        .bind(error)
+        .bind(retry_in_secs)
+        .bind(platform.as_str())
+        .bind(key)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(attempts)
+    }
+
+    /// How old a stored update is, in seconds, and how many times its reply failed.
+    pub async fn update_age(&self, platform: Platform, key: &str) -> Result<Option<(f64, i64)>> {
+        Ok(sqlx::query_as(
+            "select (julianday('now') - julianday(created_at)) * 86400.0, attempts
+             from inbound_updates where platform = ? and update_key = ?",
+        )
+        .bind(platform.as_str())
+        .bind(key)
+        .fetch_optional(self.pool())
+        .await?)
+    }
+
+    /// Record the platform message a reply to this update is streamed into.
+    pub async fn record_update_reply(
+        &self,
+        platform: Platform,
+        key: &str,
+        platform_id: &str,
+    ) -> Result<()> {
+        sqlx::query(
+            "update inbound_updates set reply_platform_id = ? where platform = ? and update_key = ?",
+        )
+        .bind(platform_id)
+        .bind(platform.as_str())
+        .bind(key)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// The platform message a reply to this update was being streamed into, if any.
+    pub async fn update_reply(&self, platform: Platform, key: &str) -> Result<Option<String>> {
+        let row: Option<(Option<String>,)> = sqlx::query_as(
+            "select reply_platform_id from inbound_updates where platform = ? and update_key = ?",
+        )
+        .bind(platform.as_str())
+        .bind(key)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.and_then(|(r,)| r))
     }
 
     /// An update's status (`pending`, `done`, `failed`), if it was stored.
