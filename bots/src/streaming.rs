@@ -128,7 +128,8 @@ impl ReplySlot<'_> {
         }
     }
 
-    async fn record<C: ReplyChannel>(&self, id: C::Id) {
+    /// Record the message the reply is in (once it exists).
+    pub async fn record<C: ReplyChannel>(&self, id: C::Id) {
         if let Err(e) = self
             .db
             .record_update_reply(self.platform, self.update_key, &C::id_text(id))

@@ -462,7 +462,7 @@ impl TelegramBot {
         if let Some(earlier) = db.stored_reply_to(conv.id, &m.id.0.to_string()).await? {
             if earlier.platform_message_id.is_none() {
                 let started = slot.started::<TgChat>().await;
-                self.deliver(chat, started, &earlier.content, earlier.id)
+                self.deliver(chat, started, &earlier.content, earlier.id, &slot)
                     .await?;
             }
             return Ok(());
@@ -481,7 +481,8 @@ impl TelegramBot {
             &slot,
         )
         .await?;
-        self.deliver(chat, sent, &finished.text, stored.id).await
+        self.deliver(chat, sent, &finished.text, stored.id, &slot)
+            .await
     }
 
     /// Send a stored reply's final text (editing the streamed message `sent` when there
@@ -493,6 +494,7 @@ impl TelegramBot {
         sent: Option<MessageId>,
         text: &str,
         stored_id: i64,
+        slot: &streaming::ReplySlot<'_>,
     ) -> anyhow::Result<()> {
         let parts = split_message(&streaming::shown_text(text), MAX_MESSAGE_CHARS);
         let last = parts.len() - 1;
@@ -527,7 +529,7 @@ impl TelegramBot {
                     id
                 }
                 _ => {
-                    retry("sendMessage", || {
+                    let id = retry("sendMessage", || {
                         let req = self.bot.send_message(chat, part.as_str());
                         match &kb {
                             Some(k) => req.reply_markup(k.clone()),
@@ -535,7 +537,11 @@ impl TelegramBot {
                         }
                     })
                     .await?
-                    .id
+                    .id;
+                    if i == 0 {
+                        slot.record::<TgChat>(id).await;
+                    }
+                    id
                 }
             };
             first_id.get_or_insert(id);

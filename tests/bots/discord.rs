@@ -259,8 +259,9 @@ async fn direct_messages_stream_by_edits_and_reactions_rate_the_reply() {
 }
 
 /// A message stored but not answered when the process died is answered after the
-/// restart (on READY), from its stored reply when there is one (not generated again), and
-/// a reply over 2,000 characters arrives in parts. (The tiny test model's context is too
+/// restart (on READY), from its stored reply when there is one (not generated again), in
+/// the message the reply was already in, and a reply over 2,000 characters arrives in
+/// parts. (The tiny test model's context is too
 /// short to generate 2,000 characters, so the stored reply is made long by hand.)
 #[tokio::test]
 async fn after_a_restart_a_pending_message_gets_its_stored_reply_split_at_2000() {
@@ -291,11 +292,11 @@ async fn after_a_restart_a_pending_message_gets_its_stored_reply_split_at_2000()
     .unwrap();
     set_pending(&db, &fake, asked).await;
     let before = fake.sent().len();
+    let first_message = fake.sent()[before - 1].id;
     let server = crate::support::start_config(config).await;
-    // The first reply and the first part of the resent one (the part with the reactions).
-    until(30, "the stored reply", || fake.replies(dm(1101)).len() == 2).await;
-    // The reactions come before the message is marked done: once it is, the delivery is
-    // over (no further part can come).
+    // The reply's message (recorded when it was sent) takes the first part; the second
+    // part is a new message: the reply is not repeated.
+    until(30, "the second part", || fake.sent().len() == before + 1).await;
     let db = &server.state.db;
     wait_rows(
         db.pool(),
@@ -303,16 +304,15 @@ async fn after_a_restart_a_pending_message_gets_its_stored_reply_split_at_2000()
         1,
     )
     .await;
-    let parts: Vec<String> = fake.sent()[before..]
-        .iter()
-        .map(|m| m.text().to_string())
-        .collect();
-    assert_eq!(parts.len(), 2, "{parts:?}");
+    let first = fake.sent_message(first_message).unwrap();
+    let parts = [
+        first.text().to_string(),
+        fake.sent()[before].text().to_string(),
+    ];
     assert!(parts.iter().all(|t| t.chars().count() <= 2000));
     assert_eq!(parts.concat(), long.trim());
-    let first_part = &fake.sent()[before];
     assert_eq!(
-        first_part.reactions.len(),
+        first.reactions.len(),
         2,
         "the reactions are on the first part"
     );
@@ -323,7 +323,7 @@ async fn after_a_restart_a_pending_message_gets_its_stored_reply_split_at_2000()
     .await
     .unwrap();
     assert_eq!(replies, 1, "not generated again");
-    assert_eq!(pid, Some(first_part.id.to_string()));
+    assert_eq!(pid, Some(first_message.to_string()));
     let (pending,): (i64,) =
         sqlx::query_as("select count(*) from inbound_updates where status != 'done'")
             .fetch_one(db.pool())
@@ -529,7 +529,8 @@ async fn a_quick_follow_up_in_a_new_thread_waits_for_the_first_reply() {
 
 /// The process dies while answering a mention in a thread: after the restart the message
 /// is answered once, in its thread (the thread exists; Discord refuses a second one on the
-/// message with code 160004), with the user's message stored once.
+/// message with code 160004), in the message the reply had started, with the user's
+/// message stored once.
 #[tokio::test]
 async fn a_restart_mid_thread_answers_once_in_the_thread() {
     let (fake, first) = start(&[]).await;
@@ -571,11 +572,8 @@ async fn a_restart_mid_thread_answers_once_in_the_thread() {
     server.stop().await.unwrap();
     let threads_before = fake.calls_to("POST", "/threads").len();
 
+    let sent_before = fake.sent().len();
     let server = crate::support::start_config(config).await;
-    until(30, "a new reply in each thread", || {
-        fake.replies(a).len() == 2 && fake.replies(b).len() == 2
-    })
-    .await;
     let db = &server.state.db;
     wait_rows(
         db.pool(),
@@ -583,6 +581,8 @@ async fn a_restart_mid_thread_answers_once_in_the_thread() {
         2,
     )
     .await;
+    // Each reply is finished in the message it had started: no second message.
+    assert_eq!(fake.sent().len(), sent_before, "no new message");
     assert!(fake.texts(CHANNEL).is_empty(), "{:?}", fake.texts(CHANNEL));
     let again: Vec<(String, u16)> = fake.calls_to("POST", "/threads")[threads_before..]
         .iter()
@@ -602,7 +602,24 @@ async fn a_restart_mid_thread_answers_once_in_the_thread() {
         .fetch_all(db.pool())
         .await
         .unwrap();
-        let sent = fake.replies(t)[1].id.to_string();
+        let replies = fake.replies(t);
+        assert_eq!(replies.len(), 1, "thread {t}");
+        let sent = replies[0].id.to_string();
+        let (stored,): (String,) = sqlx::query_as(
+            "select m.content from messages m join conversations c on c.id = m.conversation_id
+             where c.platform_thread_id = ? and m.role = 'assistant'",
+        )
+        .bind(t.to_string())
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        // (An empty reply is shown as "…": platforms refuse empty messages.)
+        let shown = if stored.trim().is_empty() {
+            "…"
+        } else {
+            stored.trim()
+        };
+        assert_eq!(replies[0].text(), shown, "the message shows the new reply");
         assert_eq!(
             rows,
             [
@@ -1153,4 +1170,81 @@ async fn routes_pick_the_assistant_by_channel_then_server_then_application() {
     )
     .await;
     s.stop().await;
+}
+
+/// Messages sent while the bot was down never come over the gateway (a new session starts
+/// from now): after the restart the bot reads the history of the channels it answered in
+/// and answers them, once, in a DM and in its thread on a server.
+#[tokio::test]
+async fn messages_sent_while_the_bot_was_down_are_answered_after_it_returns() {
+    let (fake, first) = start(&[]).await;
+    fake.dm(4701, "Hello before the downtime.");
+    until(30, "the DM reply", || fake.replies(dm(4701)).len() == 1).await;
+    fake.guild_message(GUILD, CHANNEL, 4702, "what is Zorblax?", true, None);
+    until(30, "the thread and its reply", || {
+        fake.threads()
+            .first()
+            .is_some_and(|(t, _)| fake.replies(*t).len() == 1)
+    })
+    .await;
+    let thread = fake.threads()[0].0;
+    let config = first.server.state.config.clone();
+    let crate::support::TestServer { server, dir, .. } = first;
+    server.stop().await.unwrap();
+    until(10, "the gateway connection to close", || fake.all_closed()).await;
+
+    // While it is down: a DM, a message in its thread, and chatter it must not answer.
+    let missed_dm = fake.dm(4701, "Are you there?");
+    let missed_thread = fake.guild_message(GUILD, thread, 4702, "and its capital?", false, None);
+    fake.guild_message(
+        GUILD,
+        CHANNEL,
+        4703,
+        "just chatting, no mention",
+        false,
+        None,
+    );
+
+    let server = crate::support::start_config(config).await;
+    until(30, "both missed messages answered", || {
+        fake.replies(dm(4701)).len() == 2 && fake.replies(thread).len() == 2
+    })
+    .await;
+    let db = &server.state.db;
+    for missed in [missed_dm, missed_thread] {
+        let (status,): (String,) =
+            sqlx::query_as("select status from inbound_updates where update_key = ?")
+                .bind(missed.to_string())
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+        assert_eq!(status, "done");
+    }
+    // Read from the history, the thread's message is in its server's conversation.
+    let (in_thread,): (i64,) = sqlx::query_as(
+        "select count(*) from messages m join conversations c on c.id = m.conversation_id
+         where m.role = 'user' and c.platform_thread_id = ?",
+    )
+    .bind(thread.to_string())
+    .fetch_one(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        in_thread, 2,
+        "both thread messages in the thread's conversation"
+    );
+    // A second restart reads the same history again and answers nothing twice.
+    let config = server.state.config.clone();
+    server.stop().await.unwrap();
+    let server = crate::support::start_config(config).await;
+    until(20, "the bot to connect again", || fake.is_live()).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(fake.replies(dm(4701)).len(), 2);
+    assert_eq!(fake.replies(thread).len(), 2);
+    assert!(
+        fake.texts(CHANNEL).is_empty(),
+        "the chatter is not answered"
+    );
+    server.stop().await.unwrap();
+    drop(dir);
 }

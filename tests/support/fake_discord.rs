@@ -76,6 +76,8 @@ struct Gateway {
     log: Vec<(u64, Value)>,
     /// The highest `s` written to any connection.
     sent_upto: u64,
+    /// Whether a session was ever identified.
+    identified_before: bool,
     session_id: Option<String>,
     /// The live connection (id, sender) once it is identified or resumed.
     live: Option<(u64, mpsc::UnboundedSender<Ws>)>,
@@ -120,6 +122,8 @@ struct Inner {
     /// thread (a quick follow-up); the message ids written so.
     follow_up: Option<(u64, String)>,
     follow_ups: Vec<u64>,
+    /// Every message in each channel (users' and the bot's), for `GET .../messages`.
+    history: HashMap<u64, Vec<Value>>,
 }
 
 #[derive(Clone)]
@@ -224,6 +228,11 @@ impl FakeDiscord {
     /// for the next RESUME (or, before the first READY, sent after it).
     pub fn dispatch(&self, t: &str, d: Value) -> u64 {
         let mut i = self.lock();
+        if t == "MESSAGE_CREATE"
+            && let Some(ch) = d["channel_id"].as_str().and_then(|c| c.parse::<u64>().ok())
+        {
+            i.history.entry(ch).or_default().push(d.clone());
+        }
         let gw = &mut i.gw;
         gw.seq += 1;
         let frame = json!({"op": 0, "t": t, "s": gw.seq, "d": d});
@@ -695,15 +704,19 @@ impl FakeDiscord {
         // READY is not replayed on a RESUME.
         gw.log.push((gw.seq, json!(null)));
         let _ = tx.send(Ws::Text(ready.to_string()));
-        // What was dispatched before the bot was connected.
-        for (s, frame) in gw
-            .log
-            .iter()
-            .filter(|(s, f)| *s > gw.sent_upto && !f.is_null())
-        {
-            let _ = s;
-            let _ = tx.send(Ws::Text(frame.to_string()));
+        // What was dispatched before the bot first connected (tests write right after
+        // the start). A later new session, as on Discord, starts from now: what was sent
+        // while no session was live never comes over the gateway.
+        if !gw.identified_before {
+            for (_, frame) in gw
+                .log
+                .iter()
+                .filter(|(s, f)| *s > gw.sent_upto && !f.is_null())
+            {
+                let _ = tx.send(Ws::Text(frame.to_string()));
+            }
         }
+        gw.identified_before = true;
         gw.sent_upto = gw.seq;
         gw.live = Some((conn, tx.clone()));
     }
@@ -755,6 +768,11 @@ impl FakeDiscord {
         let id = self.new_id();
         let content = body["content"].as_str().unwrap_or("").to_string();
         let m = message_json(id, channel, None, bot_user(), &content, vec![], None);
+        self.lock()
+            .history
+            .entry(channel)
+            .or_default()
+            .push(m.clone());
         let now = Instant::now();
         self.lock().sent.push(Sent {
             id,
@@ -877,6 +895,45 @@ async fn rest_call(
             (200, Value::Array(list))
         }
         ("POST", ["channels", _, "typing"]) => (204, Value::Null),
+        // A channel's history after a message, newest first as Discord answers; REST
+        // message objects carry no guild_id or member.
+        ("GET", ["channels", _, "messages"]) => {
+            let q: HashMap<String, String> = uri
+                .query()
+                .unwrap_or("")
+                .split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let after: u64 = q.get("after").and_then(|a| a.parse().ok()).unwrap_or(0);
+            let limit: usize = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(50);
+            let i = fake.lock();
+            let mut found: Vec<Value> = i
+                .history
+                .get(&id(1))
+                .into_iter()
+                .flatten()
+                .filter(|m| {
+                    m["id"]
+                        .as_str()
+                        .and_then(|x| x.parse::<u64>().ok())
+                        .unwrap_or(0)
+                        > after
+                })
+                .cloned()
+                .map(|mut m| {
+                    if let Some(o) = m.as_object_mut() {
+                        o.remove("guild_id");
+                        o.remove("member");
+                    }
+                    m
+                })
+                .collect();
+            found.sort_by_key(|m| m["id"].as_str().and_then(|x| x.parse::<u64>().ok()));
+            found.truncate(limit);
+            found.reverse();
+            (200, Value::Array(found))
+        }
         ("POST", ["channels", _, "messages"]) => {
             if let Some(d) = delay {
                 tokio::time::sleep(d).await;
@@ -920,7 +977,10 @@ async fn rest_call(
                 let mut i = fake.lock();
                 match i.sent.iter_mut().find(|s| s.id == id(3)) {
                     Some(s) => {
-                        s.reactions.push(emoji.clone());
+                        // One reaction per emoji and user, as on Discord.
+                        if !s.reactions.contains(&emoji) {
+                            s.reactions.push(emoji.clone());
+                        }
                         true
                     }
                     None => false,

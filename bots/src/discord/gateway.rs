@@ -22,6 +22,9 @@ pub fn intents() -> GatewayIntents {
 
 pub(super) struct Handler(pub(super) Arc<DiscordBot>);
 
+/// A message that could not be stored is read from its channel's history this much later.
+const CATCH_UP_AFTER_FAILURE: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[serenity::async_trait]
 impl EventHandler for Handler {
     async fn ready(&self, ctx: Context, ready: Ready) {
@@ -31,8 +34,10 @@ impl EventHandler for Handler {
             ready.guilds.len()
         );
         let _ = self.0.application.set(ready.application.id.get());
-        // Messages stored by an earlier run and not answered.
+        // Messages stored by an earlier run and not answered, and those sent while the
+        // bot was away.
         self.0.wake.notify_one();
+        tokio::spawn(self.0.clone().catch_up());
         let dev_guild = self.0.core.config.raw.discord.dev_guild_id;
         let registered = retry("register commands", || async {
             match dev_guild {
@@ -52,7 +57,15 @@ impl EventHandler for Handler {
 
     async fn message(&self, _ctx: Context, m: Message) {
         if let Err(e) = self.0.receive(m).await {
-            tracing::error!("discord: cannot store a message: {e:#}");
+            tracing::error!(
+                "discord: cannot store a message: {e:#}; reading the channels' history again in {}s",
+                CATCH_UP_AFTER_FAILURE.as_secs()
+            );
+            let bot = self.0.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(CATCH_UP_AFTER_FAILURE).await;
+                bot.catch_up().await;
+            });
         }
     }
 

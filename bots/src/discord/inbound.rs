@@ -77,17 +77,17 @@ impl DiscordBot {
             .is_some_and(|r| r.author.id == self.me)
     }
 
-    /// A message from the gateway: store it if the bot is to answer it, then wake the
-    /// dispatcher. Outside the allowlists nothing is stored and the channel gets a refusal
-    /// (at most one an hour).
-    pub(super) async fn receive(&self, m: Message) -> anyhow::Result<()> {
+    /// A message from the gateway (or a channel's history): store it if the bot is to
+    /// answer it, then wake the dispatcher; true when it was new. Outside the allowlists
+    /// nothing is stored and the channel gets a refusal (at most one an hour).
+    pub(super) async fn receive(&self, m: Message) -> anyhow::Result<bool> {
         let me = self.me;
         if m.author.bot || m.author.id == me {
-            return Ok(());
+            return Ok(false);
         }
         // System messages (a member added to a thread, a pin, ...) are nobody talking.
         if !matches!(m.kind, MessageType::Regular | MessageType::InlineReply) {
-            return Ok(());
+            return Ok(false);
         }
         let thread = self.bot_thread(m.channel_id).await?;
         let addressed = m.guild_id.is_none()
@@ -95,7 +95,7 @@ impl DiscordBot {
             || self.replied_to_me(&m)
             || thread.is_some();
         if !addressed {
-            return Ok(());
+            return Ok(false);
         }
         let place = match (m.guild_id, thread) {
             (None, _) => Place::Dm,
@@ -108,12 +108,13 @@ impl DiscordBot {
         };
         if !self.allowed(place, m.channel_id) {
             self.refuse(m.channel_id, place).await;
-            return Ok(());
+            return Ok(false);
         }
         let payload = serde_json::to_string(&m)?;
         let key = m.id.get().to_string();
-        // A failed store loses the message (Discord does not send it again): retry a few
-        // times (a busy or briefly unavailable database) before giving up.
+        // Discord does not send a message again: retry a failed store a few times (a busy
+        // or briefly unavailable database); a message still not stored is read from the
+        // channel's history by the next catch-up (the cursor has not passed it).
         let mut delay = Duration::from_millis(200);
         let mut attempt = 0;
         let stored = loop {
@@ -133,12 +134,29 @@ impl DiscordBot {
                 Err(e) => return Err(e.into()),
             }
         };
+        let guild = m.guild_id.map(|g| g.get().to_string());
+        if let Err(e) = self
+            .core
+            .db
+            .advance_cursor(
+                Platform::Discord,
+                &m.channel_id.get().to_string(),
+                guild.as_deref(),
+                i64::try_from(m.id.get())?,
+            )
+            .await
+        {
+            tracing::warn!(
+                "discord: cannot record channel {}'s cursor: {e}",
+                m.channel_id
+            );
+        }
         if stored {
             self.wake.notify_one();
         } else {
             tracing::debug!("discord: message {} was delivered again", m.id);
         }
-        Ok(())
+        Ok(stored)
     }
 
     /// Tell a channel the bot does not answer there, at most once per

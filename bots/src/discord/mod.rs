@@ -10,8 +10,9 @@
 //! Every message the bot is going to answer is stored in `inbound_updates` (keyed by its
 //! Discord id) before it is handled, and the handlers work from the stored rows: a message
 //! that Discord delivers twice (a RESUME replay, a redelivery) is answered once, and one
-//! stored but not answered when the process died is answered on the next READY. Each
-//! channel's messages are handled in order, channels in parallel.
+//! stored but not answered when the process died is answered on the next READY, and the
+//! messages sent while the bot was down are read from each channel's history (see
+//! `catch_up`). Each channel's messages are handled in order, channels in parallel.
 //!
 //! Replies stream: the first words are sent as soon as they exist and the message is edited
 //! as tokens arrive (at most one edit per [`crate::streaming::EDIT_INTERVAL`] per reply, within Discord's 5
@@ -21,6 +22,7 @@
 
 mod bot;
 mod calls;
+mod catch_up;
 mod commands;
 mod gateway;
 mod inbound;

@@ -184,6 +184,19 @@ impl DiscordBot {
                 match started {
                     Some(thread) => {
                         lock(&self.threads).insert(thread.get(), (chat, channel.get()));
+                        // The thread is a channel whose history a catch-up reads from its
+                        // start (every message in it comes after the one it was made on).
+                        if let Err(e) = db
+                            .advance_cursor(
+                                Platform::Discord,
+                                &thread.get().to_string(),
+                                Some(&guild.get().to_string()),
+                                i64::try_from(thread.get())?,
+                            )
+                            .await
+                        {
+                            tracing::warn!("discord: cannot record thread {thread}'s cursor: {e}");
+                        }
                         place = Place::Thread {
                             guild,
                             chat,
@@ -237,7 +250,7 @@ impl DiscordBot {
         if let Some(earlier) = db.stored_reply_to(conv.id, &message_id).await? {
             if earlier.platform_message_id.is_none() {
                 let started = slot.started::<DiscordChannel>().await;
-                self.deliver(channel, started, &earlier.content, earlier.id)
+                self.deliver(channel, started, &earlier.content, earlier.id, &slot)
                     .await?;
             }
             return Ok(());
@@ -257,7 +270,8 @@ impl DiscordBot {
             &slot,
         )
         .await?;
-        self.deliver(channel, sent, &finished.text, stored.id).await
+        self.deliver(channel, sent, &finished.text, stored.id, &slot)
+            .await
     }
 
     /// Send a stored reply's final text (editing the streamed message `sent` when there is
@@ -269,6 +283,7 @@ impl DiscordBot {
         sent: Option<MessageId>,
         text: &str,
         stored_id: i64,
+        slot: &streaming::ReplySlot<'_>,
     ) -> anyhow::Result<()> {
         let full = streaming::shown_text(text);
         let mut first = None;
@@ -279,6 +294,11 @@ impl DiscordBot {
                         channel.edit_message(self.http(), id, EditMessage::new().content(part))
                     })
                     .await?;
+                    id
+                }
+                (0, None) => {
+                    let id = self.say(channel, part).await?.id;
+                    slot.record::<DiscordChannel>(id).await;
                     id
                 }
                 _ => self.say(channel, part).await?.id,

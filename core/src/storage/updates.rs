@@ -147,6 +147,51 @@ impl Db {
         Ok(row.and_then(|(r,)| r))
     }
 
+    /// Record that the bot stored message `message_id` of `channel` (the cursor only moves
+    /// forward).
+    pub async fn advance_cursor(
+        &self,
+        platform: Platform,
+        channel: &str,
+        guild: Option<&str>,
+        message_id: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "insert into channel_cursors (platform, channel, guild, last_message_id) values (?1, ?2, ?3, ?4)
+             on conflict (platform, channel) do update set
+                last_message_id = max(last_message_id, excluded.last_message_id),
+                guild = coalesce(excluded.guild, guild),
+                updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+        )
+        .bind(platform.as_str())
+        .bind(channel)
+        .bind(guild)
+        .bind(message_id)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// The channels the bot stored a message in during the last `days`, newest first, at
+    /// most `limit`: (channel, guild, last message id).
+    pub async fn cursors(
+        &self,
+        platform: Platform,
+        days: i64,
+        limit: i64,
+    ) -> Result<Vec<(String, Option<String>, i64)>> {
+        Ok(sqlx::query_as(
+            "select channel, guild, last_message_id from channel_cursors
+             where platform = ?1 and updated_at >= strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-' || ?2 || ' days')
+             order by updated_at desc limit ?3",
+        )
+        .bind(platform.as_str())
+        .bind(days)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
     /// An update's status (`pending`, `done`, `failed`), if it was stored.
     pub async fn update_status(&self, platform: Platform, key: &str) -> Result<Option<String>> {
         let row: Option<(String,)> = sqlx::query_as(
