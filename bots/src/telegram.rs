@@ -606,7 +606,7 @@ impl TelegramBot {
                 return Ok(text::ONLY_THAT_USER.to_string());
             }
             let n = db.forget_user(user.id).await?;
-            return Ok(text::forgotten(n));
+            return Ok(text::forgotten(n.messages));
         }
         Ok(text::UNKNOWN_BUTTON.to_string())
     }

@@ -37,6 +37,10 @@ pub struct AdapterView {
     pub canary: bool,
     /// When it was last rolled back (by an operator or a canary), if it was.
     pub rolled_back_at: Option<i64>,
+    /// When a user whose data it was trained on asked to be forgotten (Unix seconds): its
+    /// weights may still reflect that data; retrain it on the dataset's new version, or
+    /// retire it.
+    pub forgotten_data_at: Option<i64>,
     /// 👍 and 👎 on its replies per day over the last [`RATING_DAYS`] days (days
     /// without ratings left out).
     pub ratings: Vec<DayRatings>,
@@ -79,6 +83,7 @@ pub async fn adapter_views(
             active: active == Some(a.id),
             canary: canary == Some(a.id),
             rolled_back_at: a.rolled_back_at.as_deref().map(unix),
+            forgotten_data_at: a.forgotten_data_at.as_deref().map(unix),
             ratings,
             target_modules: serde_json::from_str(&a.target_modules).unwrap_or_default(),
             metrics: serde_json::from_str(&a.metrics).unwrap_or_default(),

@@ -174,7 +174,7 @@ impl DiscordBot {
                 }
                 .await;
                 let text = match deleted {
-                    Ok(n) => text::forgotten(n),
+                    Ok(f) => text::forgotten(f.messages),
                     Err(e) => {
                         tracing::error!("discord: /forget failed: {e:#}");
                         text::FORGET_FAILED.to_string()

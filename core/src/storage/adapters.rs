@@ -26,6 +26,8 @@ pub struct Adapter {
     pub rolled_back_at: Option<String>,
     /// The assistant it was trained for (None: uploaded without one; any assistant may use it).
     pub assistant_id: Option<i64>,
+    /// When a user whose data it was trained on asked to be forgotten (retrain or retire it).
+    pub forgotten_data_at: Option<String>,
 }
 
 /// One step back in the activation history.
@@ -54,14 +56,18 @@ pub struct NewAdapter<'a> {
     pub assistant_id: Option<i64>,
 }
 
-const ADAPTER_COLUMNS: &str = "id, name, path, base_model, base_model_hash, tokenizer_hash, chat_template_hash, method, rank, alpha, target_modules, metrics, job_id, created_at, report_card, rolled_back_at, assistant_id";
+const ADAPTER_COLUMNS: &str = "id, name, path, base_model, base_model_hash, tokenizer_hash, chat_template_hash, method, rank, alpha, target_modules, metrics, job_id, created_at, report_card, rolled_back_at, assistant_id, forgotten_data_at";
 
 impl Db {
     pub async fn insert_adapter(&self, a: &NewAdapter<'_>) -> Result<Adapter> {
         Ok(sqlx::query_as(&format!(
             "insert into adapters (name, path, base_model, base_model_hash, tokenizer_hash, chat_template_hash,
-                                   rank, alpha, target_modules, metrics, job_id, assistant_id)
-             values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) returning {ADAPTER_COLUMNS}"
+                                   rank, alpha, target_modules, metrics, job_id, assistant_id, forgotten_data_at)
+             values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12,
+                     -- trained while a user's data was taken out of its dataset
+                     (select p.purged_at from dataset_purges p join training_jobs j on j.dataset_id = p.dataset_id
+                      where j.id = ?11))
+             returning {ADAPTER_COLUMNS}"
         ))
         .bind(a.name)
         .bind(a.path)

@@ -446,38 +446,6 @@ impl Db {
         .await?)
     }
 
-    /// `/forget`: delete a user's messages and feedback and exclude them from every future
-    /// dataset. Returns the number of messages deleted.
-    pub async fn forget_user(&self, user_id: i64) -> Result<u64> {
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query("delete from feedback where user_id = ?")
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await?;
-        // Whole conversations the user started go (their replies are about the user too).
-        let deleted = sqlx::query(
-            "delete from messages where user_id = ?1
-                or conversation_id in (select id from conversations where user_id = ?1)",
-        )
-        .bind(user_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        sqlx::query("update conversations set excluded_from_training = 1 where user_id = ?")
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "update platform_users set excluded_from_training = 1, username = null, display_name = null,
-                    forgotten_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') where id = ?",
-        )
-        .bind(user_id)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(deleted)
-    }
-
     /// Remember a platform update; false if it was seen before (redelivery).
     pub async fn mark_update_seen(&self, platform: Platform, key: &str) -> Result<bool> {
         let done = sqlx::query("insert into inbound_updates (platform, update_key) values (?, ?) on conflict do nothing")
@@ -780,34 +748,6 @@ mod tests {
             db.chat_of_thread(Platform::Discord, "t9").await.unwrap(),
             None
         );
-    }
-
-    #[sqlx::test(migrations = "../migrations")]
-    async fn forgetting_a_user_deletes_their_messages_and_ratings(pool: SqlitePool) {
-        let db = Db::from_pool(pool);
-        let (assistant, user, chat) = setup(&db).await;
-        let conv = db
-            .current_conversation(assistant, chat, None, Some(user.id))
-            .await
-            .unwrap();
-        db.insert_message(&msg(conv.id, Role::User, "secret", Some(user.id), None))
-            .await
-            .unwrap();
-        let a = db
-            .insert_message(&msg(conv.id, Role::Assistant, "a", None, None))
-            .await
-            .unwrap();
-        db.set_feedback(a.id, "telegram:42", Some(user.id), Some(1), None)
-            .await
-            .unwrap();
-        assert_eq!(db.forget_user(user.id).await.unwrap(), 2);
-        let counts = db.counts().await.unwrap();
-        assert_eq!((counts.messages, counts.rated_replies), (0, 0));
-        let again = db
-            .upsert_platform_user(Platform::Telegram, "42", None, None)
-            .await
-            .unwrap();
-        assert!(again.excluded_from_training);
     }
 
     #[sqlx::test(migrations = "../migrations")]

@@ -15,6 +15,7 @@ mod assistants;
 mod chat;
 mod curation;
 mod datasets;
+mod forget;
 mod jobs;
 mod routing;
 mod updates;
@@ -32,6 +33,7 @@ pub use curation::{
 pub use datasets::{
     Dataset, DatasetInsert, NewDataset, StoredExample, validate_name as validate_dataset_name,
 };
+pub use forget::{Forgotten, lines_hash};
 pub use jobs::{JobState, NewJob, NewTrainingEvent, TrainingEvent, TrainingJob};
 pub use routing::{Canary, DailyRatings, Pin};
 pub use updates::PendingUpdate;

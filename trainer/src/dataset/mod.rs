@@ -23,7 +23,6 @@ pub use problem::{MAX_LISTED_PROBLEMS, Problem, ProblemCode, Severity, format_pr
 pub use stats::{DatasetStats, RoleCounts, stats};
 
 use loraloop_core::domain::ChatExample;
-use sha2::{Digest, Sha256};
 
 /// Lowercase hex SHA-256 over the canonical lines ([`ChatExample::to_json_line`] each
 /// followed by `\n`), i.e. the SHA-256 of [`to_openai_jsonl`]'s output.
@@ -39,14 +38,7 @@ pub fn content_hash(examples: &[ChatExample]) -> String {
 
 /// The hash of stored rows given as their JSON lines (a preference dataset's), the same
 /// scheme as [`content_hash`].
-pub fn lines_hash<S: AsRef<str>>(lines: impl IntoIterator<Item = S>) -> String {
-    let mut hasher = Sha256::new();
-    for line in lines {
-        hasher.update(line.as_ref().as_bytes());
-        hasher.update(b"\n");
-    }
-    hex::encode(hasher.finalize())
-}
+pub use loraloop_core::storage::lines_hash;
 
 /// The canonical OpenAI chat JSONL form: one [`ChatExample::to_json_line`] per example,
 /// each ending with `\n`. Parsing it back (auto-detected) yields the same examples,

@@ -181,6 +181,7 @@ fn adapter_row(session: &AdminSession, a: &AdapterView, q: &str) -> Markup {
                 @if a.active { " " span.badge.active-marker { "active" } }
                 @if a.canary { " " span.badge.canary-marker { "canary" } }
                 @if let Some(why) = &a.incompatible { p.error.small { (why) } }
+                @if a.forgotten_data_at.is_some() { p.error.small { "Trained on data a user asked to forget: retrain it on the dataset's new version, or retire it." } }
             }
             td { @match a.job_id { Some(j) => { a href=(format!("/jobs/{j}")) { "#" (j) } }, None => { span.muted { "upload" } } } }
             td { (super::jobs::model_label(&a.base_model)) " · " (a.method) }
