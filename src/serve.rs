@@ -200,7 +200,13 @@ async fn services(config: Config, db: Db) -> anyhow::Result<(Services, candle_co
         Ok(Some(name)) => tracing::info!("active adapter: {name}"),
         Ok(None) => {}
         Err(e) => {
-            tracing::warn!("the active adapter cannot be restored, serving the base model: {e}")
+            // The database still names it: it is tried again every second (see the
+            // follower) and /healthz says the base model answers meanwhile.
+            let message = format!(
+                "the active adapter cannot be loaded, the base model answers until it can: {e}"
+            );
+            tracing::error!("{message}");
+            core.health.report("adapter", Err(message));
         }
     }
     Ok((core, dev))
@@ -329,7 +335,19 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
                         a.adapter_name.as_deref().unwrap_or("the base model")
                     ),
                     Ok(None) => {}
-                    Err(e) => tracing::warn!("cannot follow the active adapter: {e}"),
+                    Err(e) => {
+                        let message = format!(
+                            "the active adapter cannot be loaded, the base model answers until it can: {e}"
+                        );
+                        // Logged when it starts failing, not every second.
+                        if core.health.report("adapter", Err(message.clone())) {
+                            tracing::error!("{message}");
+                        }
+                        continue;
+                    }
+                }
+                if core.health.report("adapter", Ok(())) && tick > 1 {
+                    tracing::info!("the active adapter is loaded again");
                 }
             }
         })

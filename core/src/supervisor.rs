@@ -61,6 +61,25 @@ impl Health {
         }
     }
 
+    /// Report a part that is not a supervised loop (the active adapter): running, or
+    /// failing with this error (logged by the caller). True when the state changed.
+    pub fn report(&self, part: &str, outcome: Result<(), String>) -> bool {
+        let before = self.parts.lock().unwrap().get(part).map(|p| p.state);
+        match outcome {
+            Ok(()) => {
+                self.set(part, PartState::Running, None);
+                before != Some(PartState::Running)
+            }
+            Err(e) => {
+                let changed = before != Some(PartState::Restarting);
+                if changed {
+                    self.set(part, PartState::Restarting, Some(e));
+                }
+                changed
+            }
+        }
+    }
+
     /// Every part, by name.
     pub fn parts(&self) -> BTreeMap<String, PartHealth> {
         let mut parts = self.parts.lock().unwrap().clone();

@@ -884,3 +884,75 @@ async fn every_name_v1_models_lists_is_a_model_id_and_an_adapter_name_continues_
         assert!(message.contains(accepted), "{accepted} missing: {message}");
     }
 }
+
+/// The database names an active adapter whose files cannot be loaded at start (moved,
+/// an unmounted disk): the base model answers, /healthz says so, and the adapter is
+/// served as soon as its files are back, without a restart.
+#[tokio::test]
+async fn an_active_adapter_that_cannot_be_restored_is_reported_and_retried() {
+    let s = start(true, &[]).await;
+    let ds = s.upload_dataset("zorblax", &zorblax_jsonl(8)).await;
+    let (_, adapter_id, name) = train_adapter(&s, ds, 1).await;
+    let (status, _) = s
+        .post_json(
+            &format!("/api/v1/adapters/{adapter_id}/activate"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let rows = s.server.state.db.list_adapters().await.unwrap();
+    let path = std::path::PathBuf::from(&rows[0].path);
+    let config = s.server.state.config.clone();
+    let crate::support::TestServer { server, dir, .. } = s;
+    server.stop().await.unwrap();
+    let aside = path.with_extension("moved");
+    std::fs::rename(&path, &aside).unwrap();
+
+    let server = crate::support::start_config(config).await;
+    let base = format!("http://{}", server.addr.unwrap());
+    let http = reqwest::Client::new();
+    let health = || async {
+        let r = http.get(format!("{base}/healthz")).send().await.unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    let (status, h) = health().await;
+    assert_eq!(status, 503, "{h}");
+    assert_eq!(h["parts"]["adapter"]["state"], "restarting", "{h}");
+    assert!(
+        h["parts"]["adapter"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("base model answers"),
+        "{h}"
+    );
+    let chat = |model: &'static str| {
+        http.post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .json(&json!({"model": model, "messages": [{"role": "user", "content": "Zorblax?"}]}))
+            .send()
+    };
+    let r: Value = chat("loraloop").await.unwrap().json().await.unwrap();
+    assert_eq!(r["system_fingerprint"], "base", "{r}");
+
+    std::fs::rename(&aside, &path).unwrap();
+    let mut healthy = Value::Null;
+    for _ in 0..50 {
+        let (status, h) = health().await;
+        if status == 200 {
+            healthy = h;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(healthy["parts"]["adapter"]["state"], "running", "{healthy}");
+    let r: Value = chat("loraloop").await.unwrap().json().await.unwrap();
+    assert!(
+        r["system_fingerprint"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("adapter:{name}@")),
+        "{r}"
+    );
+    server.stop().await.unwrap();
+    drop(dir);
+}

@@ -229,6 +229,18 @@ impl LoraAdapter {
             }
             let a = a.to_dtype(DType::F32)?;
             let mut b = b.to_dtype(DType::F32)?;
+            for (side, t) in [("lora_A", &a), ("lora_B", &b)] {
+                let values = t.flatten_all()?.to_vec1::<f32>()?;
+                if let Some(bad) = values
+                    .iter()
+                    .find(|v| !v.is_finite() || v.abs() > peft::MAX_WEIGHT)
+                {
+                    return Err(AdapterError::Config(format!(
+                        "{prefix}: {side} holds {bad}: weights must be finite and at most {} in size",
+                        peft::MAX_WEIGHT
+                    )));
+                }
+            }
             if model.rope_layout == RopeLayout::Interleaved {
                 b = match proj {
                     Projection::Q => permute_for_interleaved_rope(&b, model.num_heads)?,
@@ -304,6 +316,46 @@ mod tests {
             peft_name(3, Projection::V, 'A'),
             "base_model.model.model.layers.3.self_attn.v_proj.lora_A.weight"
         );
+    }
+
+    #[test]
+    fn adapters_with_non_finite_or_absurd_values_are_refused() {
+        let cfg = LlamaConfig::from_hf_json(
+            r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 32, "hidden_size": 32,
+                "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "max_position_embeddings": 64, "rms_norm_eps": 1e-5}"#,
+        )
+        .unwrap();
+        let dev = candle_core::Device::Cpu;
+        let build = |alpha: f64, poison: Option<f32>| {
+            let peft = PeftConfig::new(4, alpha, &[Projection::Q]);
+            let mut tensors = random_peft_tensors(&cfg, &peft, 0.02, &dev).unwrap();
+            if let Some(v) = poison {
+                let key = peft_name(1, Projection::Q, 'B');
+                let t = &tensors[&key];
+                let mut values = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                values[5] = v;
+                tensors.insert(key, Tensor::from_vec(values, t.dims(), &dev).unwrap());
+            }
+            LoraAdapter::from_tensors("a".into(), peft, &tensors, &cfg)
+        };
+        assert!(build(8.0, None).is_ok());
+        for (alpha, poison) in [
+            (8.0, Some(f32::NAN)),
+            (8.0, Some(f32::INFINITY)),
+            (8.0, Some(-3e5)),
+            (f64::NAN, None),
+            (f64::INFINITY, None),
+            (0.0, None),
+            (-8.0, None),
+            (1e9, None),
+        ] {
+            let e = build(alpha, poison).expect_err("refused");
+            assert!(
+                matches!(e, AdapterError::Config(_)),
+                "alpha {alpha} poison {poison:?}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -139,8 +139,18 @@ impl PeftConfig {
                 self.peft_type
             )));
         }
-        if self.r == 0 {
-            return Err(AdapterError::Config("r must be at least 1".into()));
+        if self.r == 0 || self.r > MAX_RANK {
+            return Err(AdapterError::Config(format!(
+                "r must be from 1 to {MAX_RANK}, got {}",
+                self.r
+            )));
+        }
+        let scale = self.scale();
+        if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0 && scale <= MAX_SCALE) {
+            return Err(AdapterError::Config(format!(
+                "lora_alpha {} is out of range: it must be greater than 0 with lora_alpha / r at most {MAX_SCALE} (got {scale})",
+                self.lora_alpha
+            )));
         }
         if self.fan_in_fan_out {
             return Err(AdapterError::Config(
@@ -161,6 +171,14 @@ impl PeftConfig {
         Ok(())
     }
 }
+
+/// The largest rank an adapter may have (PEFT's own adapters go to a few hundred).
+pub const MAX_RANK: usize = 4096;
+/// The largest `lora_alpha / r` (or `/ sqrt(r)` with rsLoRA) an adapter may scale its
+/// update by: trained adapters sit near 1-4; far beyond, a bad file, not a model.
+pub const MAX_SCALE: f64 = 256.0;
+/// The largest magnitude a LoRA weight may have (trained ones stay far below 1).
+pub const MAX_WEIGHT: f32 = 1e4;
 
 /// `(layer, projection, 'A' | 'B')` from a PEFT tensor name.
 pub(crate) fn parse_peft_name(key: &str) -> Result<(usize, Projection, char), AdapterError> {
