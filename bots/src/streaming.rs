@@ -19,6 +19,8 @@ pub fn start_failure_notice(e: &ServiceError) -> &'static str {
     match e {
         // The prompt is too long for the model (the conversation grew, or one long message).
         ServiceError::Prompt(_) => text::CONVERSATION_TOO_LONG,
+        // The reply is tried again later (see `finish_update`).
+        ServiceError::Busy(_) => text::BUSY,
         _ => text::CANNOT_ANSWER,
     }
 }
@@ -97,12 +99,16 @@ pub async fn finish_update(
     }
 }
 
-/// A database failure somewhere in `e`'s chain (busy, locked, I/O): worth another try.
-pub fn storage_failed(e: &anyhow::Error) -> bool {
+/// A failure on our side worth another try: the database (busy, locked, I/O) or the
+/// engine's line full.
+pub fn passing_failure(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         matches!(
             c.downcast_ref::<loraloop_core::storage::StorageError>(),
             Some(loraloop_core::storage::StorageError::Sqlx(_))
+        ) || matches!(
+            c.downcast_ref::<ServiceError>(),
+            Some(ServiceError::Busy(_))
         )
     })
 }
@@ -186,7 +192,7 @@ pub async fn answer<C: ReplyChannel>(
                         .await
                 }
             }
-            anyhow::bail!("cannot start the reply: {e}");
+            return Err(anyhow::Error::new(e).context("cannot start the reply"));
         }
     };
     let (sent, finished) = stream_reply(&mut turn, ch, max_chars, started, slot).await?;

@@ -621,7 +621,7 @@ impl UpdateHandler for TelegramBot {
     }
 
     fn retryable(&self, error: &anyhow::Error) -> bool {
-        streaming::storage_failed(error)
+        streaming::passing_failure(error)
             || error.chain().any(|c| {
                 c.downcast_ref::<RequestError>()
                     .is_some_and(|e| matches!(e, RequestError::RetryAfter(_)) || transient(e))

@@ -4,6 +4,8 @@
 pub const CONVERSATION_TOO_LONG: &str =
     "That conversation got too long for me; /reset starts a new one.";
 pub const CANNOT_ANSWER: &str = "Sorry, I could not answer that.";
+/// The engine's line is full; the bot answers this message later by itself.
+pub const BUSY: &str = "⏳ So many people are chatting right now that I can't take this yet; I'll answer it in a minute.";
 pub const MODEL_FAILED: &str = "Sorry, I could not answer that (the model failed).";
 /// Shown while a reply waits for the model (the engine is busy with others).
 pub fn in_line(place: usize) -> String {

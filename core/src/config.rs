@@ -167,6 +167,9 @@ pub struct EngineConfig {
     /// Memory for loaded adapters, in MiB: beyond it the least recently used is unloaded
     /// (and loaded again, off the engine thread, when a conversation needs it).
     pub adapter_cache_mib: usize,
+    /// Replies running or waiting at most; beyond, a request is refused at once (the API
+    /// answers 503, a bot says it is busy and answers later).
+    pub max_queued: usize,
 }
 
 impl Default for EngineConfig {
@@ -178,6 +181,7 @@ impl Default for EngineConfig {
             prefill_chunk: d.prefill_chunk,
             kv_cache_mib: 1024,
             adapter_cache_mib: 1024,
+            max_queued: d.max_in_flight,
         }
     }
 }
@@ -199,6 +203,7 @@ impl EngineConfig {
                 self.kv_cache_mib,
                 bytes,
             ),
+            max_in_flight: self.max_queued,
         }
     }
 }
@@ -448,6 +453,7 @@ impl Config {
             ("engine.prefill_chunk", e.prefill_chunk, 8192),
             ("engine.kv_cache_mib", e.kv_cache_mib, 1 << 20),
             ("engine.adapter_cache_mib", e.adapter_cache_mib, 1 << 20),
+            ("engine.max_queued", e.max_queued, 1 << 20),
         ] {
             if !(1..=max).contains(&value) {
                 return Err(invalid(key, format!("got {value}; allowed: 1 to {max}")));

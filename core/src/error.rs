@@ -23,6 +23,9 @@ pub enum ServiceError {
     /// not fit the served model, nothing to roll back to).
     #[error("{0}")]
     Conflict(String),
+    /// Too much is running or waiting: try again shortly.
+    #[error("{0}")]
+    Busy(String),
     /// Something failed on our side; the message is for the log, not for users.
     #[error("{0}")]
     Internal(String),
@@ -61,6 +64,7 @@ impl From<EngineError> for ServiceError {
             EngineError::EmptyPrompt | EngineError::PromptTooLong { .. } => {
                 Self::Prompt(e.to_string())
             }
+            EngineError::Busy { .. } => Self::Busy(e.to_string()),
             other => Self::Internal(other.to_string()),
         }
     }

@@ -74,3 +74,64 @@ async fn each_route_reads_at_most_what_it_takes() {
     assert!(id > 0);
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_full_engine_answers_503_at_once_and_takes_requests_again_when_it_has_room() {
+    let s = crate::support::start_with_model(
+        false,
+        &[
+            ("LORALOOP_ENGINE__MAX_QUEUED", "1"),
+            ("LORALOOP_GENERATION__MAX_NEW_TOKENS", "400"),
+        ],
+        crate::support::SLOW_MODEL,
+    )
+    .await;
+    let body = json!({"model": "loraloop", "stream": true,
+                      "messages": [{"role": "user", "content": "A long story, please."}]});
+    // A streamed reply holds the engine's one place while its stream is open.
+    let first = s
+        .post("/v1/chat/completions")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    let mut stream = first.bytes_stream();
+    use futures_util::StreamExt;
+    let chunk = stream.next().await.unwrap().unwrap();
+    assert!(!chunk.is_empty());
+    let started = std::time::Instant::now();
+    let second = s
+        .post("/v1/chat/completions")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "refused at once"
+    );
+    assert_eq!(second.status(), 503);
+    assert_eq!(second.headers()["retry-after"], "5");
+    let err: serde_json::Value = second.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "overloaded", "{err}");
+    // The first reply ends; its place is free again.
+    drop(stream);
+    let mut ok = false;
+    for _ in 0..100 {
+        let r = s
+            .post("/v1/chat/completions")
+            .json(&json!({"model": "loraloop", "max_tokens": 4,
+                          "messages": [{"role": "user", "content": "Hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(ok, "a place is free once the first reply is gone");
+    s.stop().await;
+}

@@ -98,7 +98,14 @@ impl std::fmt::Display for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body())).into_response()
+        let mut r = (self.status, axum::Json(self.body())).into_response();
+        if self.code == "overloaded" {
+            r.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("5"),
+            );
+        }
+        r
     }
 }
 
@@ -125,6 +132,9 @@ impl From<ServiceError> for ApiError {
                 }
             }
             ServiceError::Conflict(message) => Self::conflict(message),
+            ServiceError::Busy(message) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message)
+            }
             ServiceError::Internal(cause) => Self::internal(cause),
         }
     }

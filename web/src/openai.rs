@@ -121,6 +121,11 @@ async fn assistant_for(
     Ok((named, settings))
 }
 
+/// Messages a request may hold: more cannot fit any context window this project runs.
+const MAX_MESSAGES: usize = 1024;
+/// Bytes in one stop string.
+const MAX_STOP_BYTES: usize = 256;
+
 /// The engine request: the client's messages (after the named assistant's system prompt
 /// when they hold none), the assistant's generation settings under the request's.
 fn build(
@@ -131,6 +136,15 @@ fn build(
 ) -> Result<GenerateRequest, ApiError> {
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages", "messages is empty"));
+    }
+    if req.messages.len() > MAX_MESSAGES {
+        return Err(ApiError::invalid(
+            "messages",
+            format!(
+                "{} messages is more than the {MAX_MESSAGES} a request may hold (the model reads a few thousand tokens at most)",
+                req.messages.len()
+            ),
+        ));
     }
     if req.n.is_some_and(|n| n != 1) {
         return Err(ApiError::invalid("n", "only n = 1 is supported"));
@@ -242,15 +256,16 @@ fn build(
         }
         p.max_new_tokens = m;
     }
+    let stop_ok = |s: &String| !s.is_empty() && s.len() <= MAX_STOP_BYTES;
     match &req.stop {
-        Some(Stop::One(s)) if !s.is_empty() => p.stop = vec![s.clone()],
-        Some(Stop::Many(v)) if v.len() <= 4 && v.iter().all(|s| !s.is_empty()) => {
-            p.stop = v.clone()
-        }
+        Some(Stop::One(s)) if stop_ok(s) => p.stop = vec![s.clone()],
+        Some(Stop::Many(v)) if v.len() <= 4 && v.iter().all(stop_ok) => p.stop = v.clone(),
         Some(_) => {
             return Err(ApiError::invalid(
                 "stop",
-                "stop must be a non-empty string or up to 4 of them",
+                format!(
+                    "stop must be a non-empty string of at most {MAX_STOP_BYTES} bytes, or up to 4 of them"
+                ),
             ));
         }
         None => {}

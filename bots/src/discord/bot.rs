@@ -87,7 +87,7 @@ impl UpdateHandler for DiscordBot {
     }
 
     fn retryable(&self, error: &anyhow::Error) -> bool {
-        crate::streaming::storage_failed(error)
+        crate::streaming::passing_failure(error)
             || error.chain().any(|c| {
                 c.downcast_ref::<serenity::Error>()
                     .is_some_and(super::calls::transient)

@@ -1,7 +1,7 @@
 //! How much the engine runs at once, and what waits.
 
 /// The engine's admission limits. Requests beyond them wait in line (and hear their
-/// place), never fail.
+/// place), up to `max_in_flight` in all.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngineLimits {
     /// Sequences decoded together at most.
@@ -14,6 +14,9 @@ pub struct EngineLimits {
     /// Attention-cache positions the running sequences may reserve together (each
     /// reserves its prompt plus its `max_new_tokens`); see [`EngineLimits::kv_positions`].
     pub kv_positions: usize,
+    /// Replies running or waiting at most: a request beyond is refused at once
+    /// ([`crate::engine::EngineError::Busy`]) instead of growing the line without end.
+    pub max_in_flight: usize,
 }
 
 impl Default for EngineLimits {
@@ -24,6 +27,7 @@ impl Default for EngineLimits {
             prefill_chunk: 128,
             // The default model's f32 cache takes 45 KiB a position: about 1 GiB.
             kv_positions: 24_576,
+            max_in_flight: 512,
         }
     }
 }

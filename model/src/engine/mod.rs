@@ -51,6 +51,10 @@ pub enum EngineError {
         context: usize,
         reserved: usize,
     },
+    #[error(
+        "{in_flight} replies are running or waiting, the most the engine takes; try again shortly"
+    )]
+    Busy { in_flight: usize },
     #[error("the inference engine has stopped")]
     Stopped,
 }
@@ -536,7 +540,11 @@ impl Engine {
         }
         let (tx, rx) = tmpsc::unbounded_channel();
         let prompt_tokens = prompt.len();
-        self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        let in_flight = self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        if in_flight >= self.shared.limits.max_in_flight {
+            self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::Busy { in_flight });
+        }
         let in_flight = InFlight(Arc::clone(&self.shared));
         self.jobs
             .send(Job {
