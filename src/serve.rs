@@ -35,6 +35,8 @@ pub struct ServeOptions {
 
 /// How often (seconds) `serve` looks at a running canary's ratings.
 const CANARY_EVERY_SECS: u64 = 5;
+/// How often old rows are removed (`retention:`), the first time 5 s after the start.
+const PRUNE_EVERY_SECS: u64 = 3600;
 
 /// A chat platform bot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -315,6 +317,14 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
         tokio::spawn(async move {
             for tick in 1u64.. {
                 tokio::time::sleep(Duration::from_secs(1)).await;
+                if tick % PRUNE_EVERY_SECS == 5 {
+                    let retention = core.config.raw.retention.retention();
+                    match core.db.prune(&retention).await {
+                        Ok(p) if p.total() > 0 => tracing::info!(?p, "retention: old rows removed"),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!("retention: cannot remove old rows: {e}"),
+                    }
+                }
                 if tick % CANARY_EVERY_SECS == 0 {
                     match core.canary.tick().await {
                         Ok(ended) => {

@@ -605,8 +605,8 @@ impl TelegramBot {
             if who != from.id.0.to_string() {
                 return Ok(text::ONLY_THAT_USER.to_string());
             }
-            let n = db.forget_user(user.id).await?;
-            return Ok(text::forgotten(n.messages));
+            let f = streaming::forget(&self.core, Platform::Telegram, user.id).await?;
+            return Ok(text::forgotten(f.messages));
         }
         Ok(text::UNKNOWN_BUTTON.to_string())
     }

@@ -117,6 +117,41 @@ pub struct RawConfig {
     pub canary: CanaryConfig,
     /// Where a job's `dataset_url` may read from.
     pub imports: ImportConfig,
+    /// How long the tables that grow with use keep their rows.
+    pub retention: RetentionConfig,
+}
+
+/// How long the tables that grow with use keep their rows, in days (checked hourly by
+/// `serve`; expired console sessions go too).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Handled Telegram/Discord updates (pending ones are kept until answered).
+    pub updates_days: f64,
+    /// The events (losses, messages) of jobs that ended.
+    pub training_events_days: f64,
+    /// The audit log.
+    pub audit_days: f64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            updates_days: 30.0,
+            training_events_days: 365.0,
+            audit_days: 365.0,
+        }
+    }
+}
+
+impl RetentionConfig {
+    pub fn retention(&self) -> crate::storage::Retention {
+        crate::storage::Retention {
+            updates_days: self.updates_days,
+            training_events_days: self.training_events_days,
+            audit_days: self.audit_days,
+        }
+    }
 }
 
 /// Where a job's `dataset_url` may read from: http(s) to public addresses, local files
@@ -276,6 +311,7 @@ impl Default for RawConfig {
             gate: GateConfig::default(),
             canary: CanaryConfig::default(),
             imports: ImportConfig::default(),
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -457,6 +493,19 @@ impl Config {
         ] {
             if !(1..=max).contains(&value) {
                 return Err(invalid(key, format!("got {value}; allowed: 1 to {max}")));
+            }
+        }
+        let r = &raw.retention;
+        for (key, days) in [
+            ("retention.updates_days", r.updates_days),
+            ("retention.training_events_days", r.training_events_days),
+            ("retention.audit_days", r.audit_days),
+        ] {
+            if !(days.is_finite() && days > 0.0 && days <= 36_500.0) {
+                return Err(invalid(
+                    key,
+                    format!("got {days}; allowed: more than 0, at most 36500 (days)"),
+                ));
             }
         }
         if raw.server.host.parse::<IpAddr>().is_err() && !is_hostname(&raw.server.host) {

@@ -1,5 +1,6 @@
 //! Command-line interface: argument types and the dispatch to each command.
 
+mod backup;
 mod bench;
 mod bench_http;
 mod bench_load;
@@ -83,6 +84,11 @@ pub enum Command {
     /// The whole loop in one process: web console, REST API, OpenAI-compatible endpoint,
     /// training worker, inference engine.
     Serve(ServeArgs),
+    /// Back up the database (an online, consistent copy: serve may keep running) and the
+    /// adapter folders it names into one folder.
+    Backup(backup::BackupArgs),
+    /// Restore a backup into this configuration's data folder (stop serve first).
+    Restore(backup::RestoreArgs),
     /// Run one chat bot alone (no console, API or training), on the same database and
     /// model as `serve`; it follows the adapter activated there. Stops on Ctrl-C/SIGTERM.
     #[command(subcommand)]
@@ -473,6 +479,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Evaluate(args) => train::evaluate(&config, &args).await,
         Command::Worker(args) => train::worker(&config, &args).await,
         Command::Serve(args) => serve(config, &args).await,
+        Command::Backup(args) => backup::backup(&config, &args).await,
+        Command::Restore(args) => backup::restore(&config, &args).await,
         Command::Bot(BotCommand::Telegram) => bot(config, loraloop::serve::BotKind::Telegram).await,
         Command::Bot(BotCommand::Discord) => bot(config, loraloop::serve::BotKind::Discord).await,
     }

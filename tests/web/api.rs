@@ -956,3 +956,62 @@ async fn an_active_adapter_that_cannot_be_restored_is_reported_and_retried() {
     server.stop().await.unwrap();
     drop(dir);
 }
+
+#[tokio::test]
+async fn the_audit_log_records_who_did_what() {
+    let s = start(true, &[]).await;
+    let ds = s.upload_dataset("zorblax", &zorblax_jsonl(8)).await;
+    let (job, adapter_id, name) = train_adapter(&s, ds, 1).await;
+    let (status, _) = s
+        .post_json(
+            &format!("/api/v1/adapters/{adapter_id}/activate"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = s.post_json("/api/v1/adapters/rollback", &json!({})).await;
+    assert_eq!(status, 200);
+    let (status, _) = s
+        .post_json("/api/v1/assistants", &json!({"name": "support"}))
+        .await;
+    assert_eq!(status, 201);
+    let r = s.delete("/api/v1/assistants/support").await;
+    assert_eq!(r, 204);
+    let log = s.get_json("/api/v1/audit?limit=10").await;
+    let rows: Vec<(String, String, String)> = log["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["actor"].as_str().unwrap().to_string(),
+                e["action"].as_str().unwrap().to_string(),
+                e["target"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let expected = [
+        ("api", "delete assistant", "support".to_string()),
+        ("api", "create assistant", "support".to_string()),
+        (
+            "api",
+            "roll back adapter",
+            "assistant 1: the base model".to_string(),
+        ),
+        ("api", "activate adapter", format!("assistant 1: {name}")),
+        (
+            "api",
+            "create job",
+            format!("job {job} on dataset zorblax v1"),
+        ),
+    ];
+    let expected: Vec<(String, String, String)> = expected
+        .into_iter()
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c))
+        .collect();
+    assert_eq!(rows, expected);
+    // The audit log needs the key like every API route.
+    let r = s.http.get(s.url("/api/v1/audit")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    s.stop().await;
+}

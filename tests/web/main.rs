@@ -6,6 +6,7 @@
 mod support;
 
 mod api;
+mod backup;
 mod browser;
 mod console_data;
 mod console_model;

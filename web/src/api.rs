@@ -71,6 +71,7 @@ pub fn router(_state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(crate::openai::chat_completions))
         .routes(routes!(crate::openai::list_models))
         .routes(routes!(metrics))
+        .routes(routes!(crate::audit::list_audit))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -107,7 +108,7 @@ async fn create_job(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<CreateJob>,
 ) -> Result<Json<JobView>, ApiError> {
-    let job = operations::create_job(&state, &req).await?;
+    let job = operations::create_job(&state, &req, crate::audit::API).await?;
     Ok(Json(operations::job_view(&state, job).await?))
 }
 
@@ -168,6 +169,13 @@ async fn cancel_job(
             job.state
         )));
     }
+    crate::audit::record(
+        &state,
+        crate::audit::API,
+        "cancel job",
+        &format!("job {id}"),
+    )
+    .await;
     let job = state.core.db.job(id).await?;
     Ok(Json(operations::job_view(&state, job).await?))
 }

@@ -264,6 +264,7 @@ pub async fn create_assistant(
         .create(name, &form(&req, None))
         .await?;
     add_routes(&state, &a, routes, &keys).await?;
+    crate::audit::record(&state, crate::audit::API, "create assistant", &a.name).await;
     Ok((StatusCode::CREATED, Json(assistant_view(&state, a).await?)))
 }
 
@@ -316,6 +317,7 @@ pub async fn update_assistant(
         .update(old.id, &form(&req, Some(&old)))
         .await?;
     add_routes(&state, &a, routes, &keys).await?;
+    crate::audit::record(&state, crate::audit::API, "update assistant", &a.name).await;
     Ok(Json(assistant_view(&state, a).await?))
 }
 
@@ -333,6 +335,7 @@ pub async fn delete_assistant(
         .named(&path_name(name)?, "name")
         .await?;
     state.core.assistants.delete(&a).await?;
+    crate::audit::record(&state, crate::audit::API, "delete assistant", &a.name).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -9,6 +9,7 @@
 pub mod adapter_views;
 pub mod api;
 pub mod assistant_api;
+pub mod audit;
 pub mod auth;
 pub mod build_api;
 pub mod canary_views;

@@ -392,7 +392,11 @@ fn match_dataset_kind(hp: &mut Map<String, Value>, dataset: &Dataset) -> Result<
 }
 
 /// Create a queued job from a request (importing `dataset_url` first).
-pub async fn create_job(state: &AppState, req: &CreateJob) -> Result<TrainingJob, ApiError> {
+pub async fn create_job(
+    state: &AppState,
+    req: &CreateJob,
+    actor: &str,
+) -> Result<TrainingJob, ApiError> {
     let mut settings = job_settings(req)?;
     // A name `GET /v1/models` lists, or a model file in the models folder by name: a
     // client's string never becomes an arbitrary path.
@@ -496,6 +500,16 @@ pub async fn create_job(state: &AppState, req: &CreateJob) -> Result<TrainingJob
     // second read, and the answer to "create" should not depend on that race.
     let mut job = job;
     job.state = JobState::Queued.as_str().to_string();
+    crate::audit::record(
+        state,
+        actor,
+        "create job",
+        &format!(
+            "job {} on dataset {} v{}",
+            job.id, dataset.name, dataset.version
+        ),
+    )
+    .await;
     Ok(job)
 }
 

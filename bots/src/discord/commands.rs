@@ -170,7 +170,7 @@ impl DiscordBot {
                 .await?;
                 let deleted = async {
                     let user = self.user_row(c.user.id, Some(&c.user)).await?;
-                    anyhow::Ok(self.core.db.forget_user(user).await?)
+                    crate::streaming::forget(&self.core, Platform::Discord, user).await
                 }
                 .await;
                 let text = match deleted {

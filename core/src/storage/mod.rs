@@ -12,11 +12,13 @@
 mod adapters;
 mod admin;
 mod assistants;
+mod audit;
 mod chat;
 mod curation;
 mod datasets;
 mod forget;
 mod jobs;
+mod maintenance;
 mod routing;
 mod updates;
 
@@ -25,6 +27,7 @@ pub use adapters::{Adapter, NewAdapter, RollbackStep};
 pub use assistants::{
     Assistant, AssistantSettings, ROUTE_SCOPES, Route, validate_assistant_name, validate_route,
 };
+pub use audit::AuditEntry;
 pub use chat::{Conversation, Feedback, NewMessage, Platform, PlatformUser, StoredMessage};
 pub use curation::{
     BuildFilter, ConversationDetail, ConversationExample, ConversationFilter, ConversationSummary,
@@ -35,6 +38,7 @@ pub use datasets::{
 };
 pub use forget::{Forgotten, lines_hash};
 pub use jobs::{JobState, NewJob, NewTrainingEvent, TrainingEvent, TrainingJob};
+pub use maintenance::{Pruned, Retention};
 pub use routing::{Canary, DailyRatings, Pin};
 pub use updates::PendingUpdate;
 

@@ -72,6 +72,7 @@ pub fn layout(title: &str, session: Option<&AdminSession>, active: &str, body: M
         ("/adapters", "Adapters"),
         ("/assistants", "Assistants"),
         ("/playground", "Playground"),
+        ("/audit", "Audit log"),
     ];
     let markup = html! {
         (DOCTYPE)
@@ -193,11 +194,13 @@ async fn login(
     match auth::login(&state.core.db, get("username"), get("password")).await {
         Ok(Some((token, _csrf))) => {
             state.logins.succeeded(ip);
+            crate::audit::record(&state, crate::audit::CONSOLE, "log in", &ip.to_string()).await;
             let cookie = auth::session_cookie(&token, auth::is_https(&headers));
             ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
         }
         Ok(None) => {
             state.logins.failed(ip);
+            crate::audit::record(&state, "console", "failed login", &ip.to_string()).await;
             let mut r = login_form(Some("Wrong user or password."));
             *r.status_mut() = StatusCode::UNAUTHORIZED;
             r

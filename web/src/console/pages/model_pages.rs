@@ -3,6 +3,7 @@
 
 mod adapters;
 mod assistants;
+mod audit;
 mod canary;
 mod jobs;
 mod playground;
@@ -34,6 +35,7 @@ pub fn routes() -> Router<AppState> {
         .merge(adapters::routes())
         .merge(assistants::routes())
         .merge(playground::routes())
+        .merge(audit::routes())
 }
 
 fn asset(body: &'static str, content_type: &'static str) -> Response {

@@ -425,7 +425,16 @@ pub(super) async fn delete(
         return conversation_page(&state, &session, id, &Params::default(), Some(error)).await;
     }
     match state.core.db.delete_conversation(id).await {
-        Ok(()) => Redirect::to("/conversations?ok=deleted").into_response(),
+        Ok(()) => {
+            crate::audit::record(
+                &state,
+                crate::audit::CONSOLE,
+                "delete conversation",
+                &format!("conversation {id}"),
+            )
+            .await;
+            Redirect::to("/conversations?ok=deleted").into_response()
+        }
         Err(e) => storage_error_page(&session, e),
     }
 }

@@ -537,7 +537,11 @@ pub(super) async fn delete(
             refuse(StatusCode::CONFLICT, in_use(&label, &jobs))
         } else {
             match state.core.db.delete_dataset(&d.name, Some(d.version)).await {
-                Ok(_) => return Redirect::to("/datasets?ok=dataset-deleted").into_response(),
+                Ok(_) => {
+                    crate::audit::record(&state, crate::audit::CONSOLE, "delete dataset", &label)
+                        .await;
+                    return Redirect::to("/datasets?ok=dataset-deleted").into_response();
+                }
                 // A job created since the check above.
                 Err(StorageError::Invalid { .. }) => {
                     let jobs = state

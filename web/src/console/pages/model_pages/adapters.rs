@@ -395,6 +395,9 @@ async fn receive_upload(state: &AppState, req: Request) -> Result<(), ApiError> 
     if staging.exists() {
         let _ = std::fs::remove_dir_all(&staging);
     }
+    if result.is_ok() {
+        crate::audit::record(state, crate::audit::CONSOLE, "upload adapter", &name).await;
+    }
     result
 }
 

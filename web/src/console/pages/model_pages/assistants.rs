@@ -223,12 +223,13 @@ async fn create(State(state): State<AppState>, session: AdminSession, body: Stri
     let pairs = url_decode_pairs(&body);
     let result = async {
         let form = form_of(&pairs)?;
-        state
+        let a = state
             .core
             .assistants
             .create(field(&pairs, "name").trim(), &form)
-            .await
-            .map_err(ApiError::from)
+            .await?;
+        crate::audit::record(&state, crate::audit::CONSOLE, "create assistant", &a.name).await;
+        Ok::<_, ApiError>(a)
     }
     .await;
     finish(&state, &session, result, "created").await
@@ -252,7 +253,9 @@ async fn update(
     let result = async {
         let a = named(&state, name).await?;
         let form = form_of(&pairs)?;
-        Ok(state.core.assistants.update(a.id, &form).await?)
+        let a = state.core.assistants.update(a.id, &form).await?;
+        crate::audit::record(&state, crate::audit::CONSOLE, "update assistant", &a.name).await;
+        Ok(a)
     }
     .await;
     finish(&state, &session, result, "saved").await
@@ -265,7 +268,9 @@ async fn delete(
 ) -> Response {
     let result = async {
         let a = named(&state, name).await?;
-        Ok(state.core.assistants.delete(&a).await?)
+        state.core.assistants.delete(&a).await?;
+        crate::audit::record(&state, crate::audit::CONSOLE, "delete assistant", &a.name).await;
+        Ok(())
     }
     .await;
     finish(&state, &session, result, "deleted").await

@@ -229,7 +229,7 @@ pub(super) async fn create(
     let mut form = JobForm::from_pairs(&pairs);
     form.apply_preset();
     let result = match form.to_request() {
-        Ok(req) => operations::create_job(&state, &req).await,
+        Ok(req) => operations::create_job(&state, &req, crate::audit::CONSOLE).await,
         Err(e) => Err(e),
     };
     match result {

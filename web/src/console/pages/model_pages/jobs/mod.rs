@@ -281,7 +281,16 @@ async fn cancel(
         Err(e) => return fail(&session, &e),
     };
     match state.core.db.request_cancel(id).await {
-        Ok(true) => Redirect::to(&format!("/jobs/{id}")).into_response(),
+        Ok(true) => {
+            crate::audit::record(
+                &state,
+                crate::audit::CONSOLE,
+                "cancel job",
+                &format!("job {id}"),
+            )
+            .await;
+            Redirect::to(&format!("/jobs/{id}")).into_response()
+        }
         Ok(false) => match state.core.db.job(id).await {
             Ok(j) => fail(
                 &session,

@@ -1,0 +1,169 @@
+//! `loraloop backup` and `loraloop restore`: the database (an online, consistent copy)
+//! and the adapter folders it names, in one folder; restored into this configuration's
+//! data folder, the adapters' paths moved to where they now are.
+
+use anyhow::Context;
+use clap::Args;
+use loraloop_core::{Config, Db};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+const DB_FILE: &str = "loraloop.db";
+const ADAPTERS: &str = "adapters";
+const MANIFEST: &str = "backup.json";
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// The folder to write (must not exist). Default: <data_dir>/backups/loraloop-<UTC time>.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// A folder `loraloop backup` wrote.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// Replace an existing database (stop `serve` and the bots first).
+    #[arg(long)]
+    pub force: bool,
+}
+
+fn adapters_dir(config: &Config) -> PathBuf {
+    config.raw.data_dir.join(ADAPTERS)
+}
+
+pub async fn backup(config: &Config, args: &BackupArgs) -> anyhow::Result<ExitCode> {
+    if !config.database_path.exists() {
+        anyhow::bail!(
+            "no database at {}: nothing to back up",
+            config.database_path.display()
+        );
+    }
+    let out = args.out.clone().unwrap_or_else(|| {
+        config.raw.data_dir.join("backups").join(format!(
+            "loraloop-{}",
+            chrono::Utc::now().format("%Y%m%d-%H%M%S")
+        ))
+    });
+    if out.exists() {
+        anyhow::bail!("{} exists: name a new folder with --out", out.display());
+    }
+    std::fs::create_dir_all(out.join(ADAPTERS))
+        .with_context(|| format!("cannot create {}", out.display()))?;
+    let db = Db::open(&config.database_path).await?;
+    db.backup_into(&out.join(DB_FILE))
+        .await
+        .context("the database copy failed")?;
+    let mut copied = Vec::new();
+    let mut missing = Vec::new();
+    for a in db.list_adapters().await? {
+        let src = PathBuf::from(&a.path);
+        let Some(name) = src.file_name() else {
+            continue;
+        };
+        let dst = out.join(ADAPTERS).join(name);
+        if src.is_dir() {
+            copy_dir(&src, &dst)?;
+            copied.push(a.name);
+        } else {
+            missing.push(format!("{} ({})", a.name, a.path));
+        }
+    }
+    let manifest = serde_json::json!({
+        "created_at": chrono::Utc::now().to_rfc3339(),
+        "database": config.database_path.display().to_string(),
+        "adapters_dir": adapters_dir(config).display().to_string(),
+        "adapters": copied,
+    });
+    std::fs::write(out.join(MANIFEST), serde_json::to_string_pretty(&manifest)?)?;
+    println!(
+        "backup written to {}: the database and {} adapter folder(s)",
+        out.display(),
+        copied.len()
+    );
+    for m in &missing {
+        eprintln!("warning: adapter {m} has no folder to copy");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn restore(config: &Config, args: &RestoreArgs) -> anyhow::Result<ExitCode> {
+    let from = &args.from;
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(from.join(MANIFEST)).with_context(|| {
+            format!(
+                "{} is not a loraloop backup (no {MANIFEST})",
+                from.display()
+            )
+        })?,
+    )?;
+    let target = &config.database_path;
+    if target.exists() && !args.force {
+        anyhow::bail!(
+            "a database exists at {}: stop serve and the bots, then pass --force to replace it",
+            target.display()
+        );
+    }
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    // The old database's write-ahead log would be replayed into the restored file.
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", target.display()));
+    }
+    std::fs::copy(from.join(DB_FILE), target)
+        .with_context(|| format!("cannot write {}", target.display()))?;
+    let dir = adapters_dir(config);
+    std::fs::create_dir_all(&dir)?;
+    let mut restored = 0;
+    for e in std::fs::read_dir(from.join(ADAPTERS))? {
+        let e = e?;
+        let dst = dir.join(e.file_name());
+        if dst.exists() {
+            std::fs::remove_dir_all(&dst)?;
+        }
+        copy_dir(&e.path(), &dst)?;
+        restored += 1;
+    }
+    let db = Db::open(target).await?;
+    let old = manifest["adapters_dir"].as_str().unwrap_or_default();
+    let new = absolute(&dir)?;
+    let moved = if old.is_empty() {
+        0
+    } else {
+        db.relocate_adapters(old, &new.display().to_string())
+            .await?
+    };
+    db.audit("cli", "restore", Some(&from.display().to_string()), None)
+        .await?;
+    println!(
+        "restored {} and {restored} adapter folder(s) into {} ({moved} adapter path(s) moved)",
+        target.display(),
+        dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    Ok(if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
+    })
+}
+
+fn copy_dir(src: &Path, dst: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dst)?;
+    for e in std::fs::read_dir(src)? {
+        let e = e?;
+        let to = dst.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &to)?;
+        } else {
+            std::fs::copy(e.path(), &to)
+                .with_context(|| format!("cannot copy {}", e.path().display()))?;
+        }
+    }
+    Ok(())
+}
