@@ -2,6 +2,7 @@ mod bot;
 mod chat;
 mod config;
 mod data;
+mod hostile;
 mod models;
 mod train;
 

@@ -79,6 +79,9 @@ pub fn router(state: AppState) -> Router {
     with_webhook(open, &state)
         .merge(api)
         .merge(console::router(state.clone()))
+        .fallback(|| async {
+            error::ApiError::not_found("there is no page or endpoint at this address")
+        })
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             record_request,

@@ -12,11 +12,11 @@ pub const SECRET_HEADER: &str = "x-telegram-bot-api-secret-token";
 
 /// The update is stored before the 200 answer (Telegram delivers it again until it gets
 /// one), then handled by the bot.
-pub async fn webhook_route(State(state): State<AppState>, req: Request) -> StatusCode {
+pub async fn webhook_route(State(state): State<AppState>, req: Request) -> (StatusCode, &'static str) {
     let headers: &HeaderMap = req.headers();
     let Some((expected, source)) = state.telegram_inbox.secret() else {
         // The bot has not registered the webhook yet (or is not running): Telegram retries.
-        return StatusCode::SERVICE_UNAVAILABLE;
+        return (StatusCode::SERVICE_UNAVAILABLE, "the bot is not running yet");
     };
     let given = headers
         .get(SECRET_HEADER)
@@ -24,21 +24,21 @@ pub async fn webhook_route(State(state): State<AppState>, req: Request) -> Statu
         .unwrap_or("");
     if !constant_time_eq(given, &expected) {
         tracing::warn!("telegram webhook: a request without the right secret token, refused");
-        return StatusCode::UNAUTHORIZED;
+        return (StatusCode::UNAUTHORIZED, "wrong secret token");
     }
     // The body is read only once the secret matched: a stranger's upload costs nothing.
     let Ok(body) = axum::body::to_bytes(req.into_body(), crate::limits::BODY_LIMIT as usize).await
     else {
-        return StatusCode::PAYLOAD_TOO_LARGE;
+        return (StatusCode::PAYLOAD_TOO_LARGE, "too large for an update");
     };
     let Ok(text) = std::str::from_utf8(&body) else {
-        return StatusCode::BAD_REQUEST;
+        return (StatusCode::BAD_REQUEST, "not a Telegram update");
     };
     let id = serde_json::from_str::<serde_json::Value>(text)
         .ok()
         .and_then(|v| v.get("update_id").and_then(|i| i.as_i64()));
     let Some(id) = id else {
-        return StatusCode::BAD_REQUEST;
+        return (StatusCode::BAD_REQUEST, "not a Telegram update");
     };
     match state
         .core
@@ -48,11 +48,11 @@ pub async fn webhook_route(State(state): State<AppState>, req: Request) -> Statu
     {
         Ok(_) => {
             state.telegram_inbox.stored();
-            StatusCode::OK
+            (StatusCode::OK, "")
         }
         Err(e) => {
             tracing::error!("telegram webhook: cannot store update {id}: {e}");
-            StatusCode::INTERNAL_SERVER_ERROR
+            (StatusCode::INTERNAL_SERVER_ERROR, "cannot store the update")
         }
     }
 }

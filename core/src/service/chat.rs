@@ -40,6 +40,15 @@ pub struct Turn {
 impl ChatService {
     /// The operator's playground conversation with `assistant`: one open conversation on
     /// the `web` platform per assistant, until "New conversation" closes it.
+    /// The playground's open conversation with `assistant`, if any (nothing is created:
+    /// viewing the page writes nothing).
+    pub async fn playground_shown(&self, assistant: &Assistant) -> Result<Option<i64>> {
+        Ok(self
+            .db
+            .open_conversation(Platform::Web, "playground", assistant.id)
+            .await?)
+    }
+
     pub async fn playground_conversation(&self, assistant: &Assistant, new: bool) -> Result<i64> {
         Ok(self.playground(assistant, new).await?.0)
     }
@@ -52,6 +61,13 @@ impl ChatService {
         text: &str,
         adapter: AdapterChoice,
     ) -> Result<Turn> {
+        // Checked before anything is stored: a refused message leaves no trace.
+        if text.trim().is_empty() {
+            return Err(ServiceError::Invalid {
+                param: "message".into(),
+                message: "the message is empty".into(),
+            });
+        }
         let (conversation, operator) = self.playground(assistant, false).await?;
         self.start_turn(conversation, Some(operator), text, adapter)
             .await

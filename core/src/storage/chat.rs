@@ -183,6 +183,27 @@ impl Db {
         Ok(conv)
     }
 
+    /// The open conversation of a platform chat with the assistant, if there is one
+    /// (nothing is created: for pages that only show it).
+    pub async fn open_conversation(
+        &self,
+        platform: Platform,
+        platform_chat_id: &str,
+        assistant_id: i64,
+    ) -> Result<Option<i64>> {
+        Ok(sqlx::query_scalar(
+            "select c.id from conversations c join chats ch on ch.id = c.chat_id
+             where ch.platform = ? and ch.platform_chat_id = ? and c.platform_thread_id is null
+               and c.assistant_id = ? and c.closed_at is null
+             order by c.id desc limit 1",
+        )
+        .bind(platform.as_str())
+        .bind(platform_chat_id)
+        .bind(assistant_id)
+        .fetch_optional(self.pool())
+        .await?)
+    }
+
     /// Close a chat's open conversation (`/reset`) with the assistant (None: with every
     /// assistant): the next message starts a new one.
     pub async fn close_conversations(

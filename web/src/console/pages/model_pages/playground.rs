@@ -48,23 +48,16 @@ async fn page(
     selected: &str,
     error: Option<&ApiError>,
 ) -> Response {
-    let conversation = match state
-        .core
-        .chat
-        .playground_conversation(assistant, false)
-        .await
-    {
+    let conversation = match state.core.chat.playground_shown(assistant).await {
         Ok(c) => c,
         Err(e) => return fail(session, &ApiError::from(e)),
     };
-    let messages = match state
-        .core
-        .db
-        .recent_messages(conversation, SHOWN_MESSAGES)
-        .await
-    {
-        Ok(m) => m,
-        Err(e) => return fail(session, &e.into()),
+    let messages = match conversation {
+        None => Vec::new(),
+        Some(c) => match state.core.db.recent_messages(c, SHOWN_MESSAGES).await {
+            Ok(m) => m,
+            Err(e) => return fail(session, &e.into()),
+        },
     };
     let views = crate::adapter_views::adapter_views(state, assistant)
         .await
@@ -104,7 +97,8 @@ async fn page(
 struct Shown<'a> {
     assistant: &'a Assistant,
     assistants: &'a [Assistant],
-    conversation: i64,
+    /// None until the first message starts one.
+    conversation: Option<i64>,
     messages: &'a [loraloop_core::storage::StoredMessage],
     views: &'a [crate::adapter_views::AdapterView],
     active: Option<&'a str>,
@@ -132,11 +126,15 @@ fn html_page(session: &AdminSession, s: &Shown, error: Option<&ApiError>) -> mau
             }
         }
         p.hint {
-            "Talk to " strong id="playground-assistant" { (assistant.name) } ". Every turn is stored in conversation #" (conversation)
+            "Talk to " strong id="playground-assistant" { (assistant.name) } ". Every turn is stored "
+            @match conversation {
+                Some(c) => { "in conversation #" (c) }
+                None => { "in a new conversation" }
+            }
             " with the adapter that answered. Active now: " strong { (active.unwrap_or("base model")) } "."
         }
         @if let Some(e) = error { p.error role="alert" id="chat-error" { (e.message) } }
-        div id="chat-log" class="chat-log" aria-live="polite" data-conversation=(conversation) {
+        div id="chat-log" class="chat-log" aria-live="polite" data-conversation=[conversation] {
             @if messages.is_empty() { p.muted.empty-chat { "No messages yet." } }
             @for m in messages {
                 @if m.role == "assistant" {
