@@ -5,10 +5,7 @@
 #[path = "../support/fake_discord.rs"]
 #[allow(dead_code)]
 mod fake_discord;
-#[path = "../support/fake_telegram.rs"]
-mod fake_telegram;
-
-use fake_telegram::{TOKEN, fake_telegram, rated_replies};
+use super::fake_telegram::{TOKEN, fake_telegram, rated_replies};
 use loraloop_model::testing::{TinySpec, write_tiny_chat_model};
 use std::time::{Duration, Instant};
 

@@ -5,10 +5,7 @@
 //! 4xx (never a 5xx, never a hang), the process must stay up with its memory bounded,
 //! and the database must be what it was before (a dump of every table compared).
 
-#[path = "../support/fake_telegram.rs"]
-#[allow(dead_code)]
-mod fake_telegram;
-
+use super::fake_telegram;
 use loraloop_model::testing::{TinySpec, write_tiny_chat_model};
 use reqwest::Method;
 use serde_json::{Value, json};

@@ -1,3 +1,6 @@
+#[path = "../support/fake_telegram.rs"]
+mod fake_telegram;
+
 mod bot;
 mod chat;
 mod config;

@@ -12,11 +12,17 @@ pub const SECRET_HEADER: &str = "x-telegram-bot-api-secret-token";
 
 /// The update is stored before the 200 answer (Telegram delivers it again until it gets
 /// one), then handled by the bot.
-pub async fn webhook_route(State(state): State<AppState>, req: Request) -> (StatusCode, &'static str) {
+pub async fn webhook_route(
+    State(state): State<AppState>,
+    req: Request,
+) -> (StatusCode, &'static str) {
     let headers: &HeaderMap = req.headers();
     let Some((expected, source)) = state.telegram_inbox.secret() else {
         // The bot has not registered the webhook yet (or is not running): Telegram retries.
-        return (StatusCode::SERVICE_UNAVAILABLE, "the bot is not running yet");
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the bot is not running yet",
+        );
     };
     let given = headers
         .get(SECRET_HEADER)
