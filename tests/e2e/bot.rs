@@ -2,9 +2,7 @@
 //! Telegram Bot API server and the fake Discord of the server tests; SIGTERM stops it
 //! cleanly.
 
-#[path = "../support/fake_discord.rs"]
-#[allow(dead_code)]
-mod fake_discord;
+use super::fake_discord;
 use super::fake_telegram::{TOKEN, fake_telegram, rated_replies};
 use loraloop_model::testing::{TinySpec, write_tiny_chat_model};
 use std::time::{Duration, Instant};

@@ -1,9 +1,13 @@
+#[path = "../support/fake_discord.rs"]
+#[allow(dead_code)]
+mod fake_discord;
 #[path = "../support/fake_telegram.rs"]
 mod fake_telegram;
 
 mod bot;
 mod chat;
 mod config;
+mod crash;
 mod data;
 mod hostile;
 mod models;
