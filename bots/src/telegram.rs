@@ -323,7 +323,9 @@ impl TelegramBot {
             UpdateKind::Message(m) => self.on_message(m, key).await,
             UpdateKind::CallbackQuery(q) => {
                 let data = q.data.clone().unwrap_or_default();
-                let answer = self.on_callback(&q.from, &data).await;
+                // The chat the button was pressed in (none for an inline message).
+                let chat = q.message.as_ref().map(|m| m.chat().id);
+                let answer = self.on_callback(&q.from, chat, &data).await;
                 let text = match &answer {
                     Ok(t) => t.clone(),
                     Err(e) => {
@@ -576,16 +578,30 @@ impl TelegramBot {
     async fn on_callback(
         &self,
         from: &teloxide_core::types::User,
+        chat: Option<ChatId>,
         data: &str,
     ) -> anyhow::Result<String> {
         let db = &self.core.db;
         let user = self.user_row(from).await?;
         if let Some(rest) = data.strip_prefix("rate:") {
-            let (msg, rating) = rest
+            // A modified client can send any data for a button: only a reply in the chat
+            // the button is in may be rated, and only up or down.
+            let parsed = rest
                 .split_once(':')
-                .ok_or_else(|| anyhow::anyhow!("bad rating data"))?;
-            let msg: i64 = msg.parse()?;
-            let rating: i64 = rating.parse()?;
+                .and_then(|(m, r)| Some((m.parse::<i64>().ok()?, r.parse::<i64>().ok()?)));
+            let Some((msg, rating)) = parsed.filter(|(_, r)| *r == 1 || *r == -1) else {
+                return Ok(text::UNKNOWN_BUTTON.to_string());
+            };
+            let here = match chat {
+                Some(c) => {
+                    db.message_in_chat(msg, Platform::Telegram, &c.0.to_string())
+                        .await?
+                }
+                None => false,
+            };
+            if !here {
+                return Ok(text::UNKNOWN_BUTTON.to_string());
+            }
             db.set_feedback(
                 msg,
                 &format!("telegram:{}", from.id.0),

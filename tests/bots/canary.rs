@@ -73,10 +73,7 @@ async fn reply_counts(s: &TestServer, users: &[i64]) -> Vec<usize> {
 /// `user` presses 👍 (`up`) or 👎 on reply `message_id`; waits for the stored rating.
 async fn rate(s: &TestServer, fake: &FakeTelegram, user: i64, message_id: i64, up: bool) {
     let data = format!("rate:{message_id}:{}", if up { 1 } else { -1 });
-    fake.push(
-        "callback_query",
-        json!({"id": format!("cq-{message_id}"), "from": FakeTelegram::user(user), "chat_instance": "x", "data": data}),
-    );
+    fake.press(&format!("cq-{message_id}"), user, user, &data);
     let db = s.server.state.db.clone();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -196,14 +193,23 @@ async fn a_canary_is_promoted_by_good_ratings_and_the_next_is_rolled_back_by_bad
     assert_eq!(c["candidate_up"], json!(on_a.len()), "{c}");
     assert_eq!(c["baseline_up"], 0, "{c}");
     let db = &s.server.state.db;
+    // The canary is marked promoted, then the promotion is recorded: wait for the record.
+    let mut by = String::new();
+    for _ in 0..100 {
+        by = sqlx::query_scalar(
+            "select activated_by from adapter_activations order by id desc limit 1",
+        )
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        if by == "canary" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(by, "canary");
     let asst = db.assistant("loraloop").await.unwrap();
     assert_eq!(asst.active_adapter_id, Some(a));
-    let by: String =
-        sqlx::query_scalar("select activated_by from adapter_activations order by id desc limit 1")
-            .fetch_one(db.pool())
-            .await
-            .unwrap();
-    assert_eq!(by, "canary");
 
     // 2. Adapter B against A: users on B rate 👎, users on A 👍: rolled back.
     let (b, c) = canary_of_new_adapter(&s, 2).await;

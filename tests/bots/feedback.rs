@@ -2,7 +2,7 @@
 //! operator corrects one, and `POST /api/v1/datasets/build` and `loraloop data build` turn
 //! them into SFT, DPO and KTO rows with the same filters.
 
-use crate::support::fake_telegram::{FakeTelegram, TOKEN, fake_telegram, rated_replies};
+use crate::support::fake_telegram::{TOKEN, fake_telegram, rated_replies};
 use crate::support::until;
 use serde_json::{Value, json};
 
@@ -67,9 +67,11 @@ async fn rated_telegram_replies_become_sft_dpo_and_kto_rows_by_api_and_cli() {
         "{text1:?} {text2:?}"
     );
     for (user, id, rating) in [(5001, r1, 1), (5002, r2, -1)] {
-        fake.push(
-            "callback_query",
-            json!({"id": format!("cq{user}"), "from": FakeTelegram::user(user), "chat_instance": "x", "data": format!("rate:{id}:{rating}")}),
+        fake.press(
+            &format!("cq{user}"),
+            user,
+            user,
+            &format!("rate:{id}:{rating}"),
         );
     }
     until(10, "two toasts", || {

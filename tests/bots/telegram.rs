@@ -118,7 +118,7 @@ async fn users_chat_rate_and_use_every_command() {
         })
         .unwrap();
     for (i, d) in [data.clone(), data.replace(":1", ":-1")].iter().enumerate() {
-        fake.push("callback_query", json!({"id": format!("cq{i}"), "from": FakeTelegram::user(1001), "chat_instance": "x", "data": d}));
+        fake.press(&format!("cq{i}"), 1001, 1001, d);
     }
     until(10, "two toasts", || {
         fake.calls("answercallbackquery").len() == 2
@@ -133,6 +133,25 @@ async fn users_chat_rate_and_use_every_command() {
         toasts[0].contains("👍") && toasts[1].contains("👎"),
         "{toasts:?}"
     );
+    let ratings: Vec<(String, i64)> = sqlx::query_as("select rater, rating from feedback")
+        .fetch_all(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(ratings, vec![("telegram:1001".to_string(), -1)]);
+    // A modified client's forged buttons: a rating of 5, and user 1009 rating 1001's
+    // reply from their own chat. Both refused; the rating stays as it was.
+    let reply_id = data.split(':').nth(1).unwrap().to_string();
+    fake.press("forged-1", 1001, 1001, &format!("rate:{reply_id}:5"));
+    fake.press("forged-2", 1009, 1009, &format!("rate:{reply_id}:1"));
+    until(10, "two more toasts", || {
+        fake.calls("answercallbackquery").len() == 4
+    })
+    .await;
+    let toasts: Vec<String> = fake.calls("answercallbackquery")[2..]
+        .iter()
+        .map(|p| p["text"].as_str().unwrap().to_string())
+        .collect();
+    assert!(toasts.iter().all(|t| t == "Unknown button."), "{toasts:?}");
     let ratings: Vec<(String, i64)> = sqlx::query_as("select rater, rating from feedback")
         .fetch_all(db.pool())
         .await
@@ -183,7 +202,7 @@ async fn users_chat_rate_and_use_every_command() {
     fake.push("callback_query", json!({"id": "f0", "from": FakeTelegram::user(1001), "chat_instance": "x", "data": "forget:1003"}));
     fake.push("callback_query", json!({"id": "f1", "from": FakeTelegram::user(1003), "chat_instance": "x", "data": "forget:1003"}));
     until(10, "the forget toasts", || {
-        fake.calls("answercallbackquery").len() == 4
+        fake.calls("answercallbackquery").len() == 6
     })
     .await;
     let (left,): (i64,) = sqlx::query_as("select count(*) from messages m join platform_users u on u.id = m.user_id where u.platform_user_id = '1003'").fetch_one(db.pool()).await.unwrap();

@@ -57,6 +57,17 @@ impl FakeTelegram {
         json!({"id": id, "is_bot": false, "first_name": format!("User{id}"), "username": format!("user{id}")})
     }
 
+    /// `user` pressing a button with `data` on a bot message in private chat `chat` (as
+    /// Telegram sends it: with the message the button is on).
+    pub fn press(&self, id: &str, user: i64, chat: i64, data: &str) -> i64 {
+        self.push(
+            "callback_query",
+            json!({"id": id, "from": Self::user(user), "chat_instance": "x", "data": data,
+                   "message": {"message_id": 1, "date": 1, "text": "a reply",
+                               "chat": {"id": chat, "type": "private", "first_name": "U"}}}),
+        )
+    }
+
     pub fn push(&self, kind: &str, body: Value) -> i64 {
         let mut f = self.0.lock().unwrap();
         f.next_update += 1;

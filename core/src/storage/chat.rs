@@ -204,6 +204,27 @@ impl Db {
         .await?)
     }
 
+    /// Whether message `message_id` is in a conversation of the platform chat `chat_key`
+    /// (a rating button may only rate a reply in the chat it was pressed in).
+    pub async fn message_in_chat(
+        &self,
+        message_id: i64,
+        platform: Platform,
+        chat_key: &str,
+    ) -> Result<bool> {
+        let found: Option<i64> = sqlx::query_scalar(
+            "select m.id from messages m join conversations c on c.id = m.conversation_id
+             join chats ch on ch.id = c.chat_id
+             where m.id = ? and ch.platform = ? and ch.platform_chat_id = ?",
+        )
+        .bind(message_id)
+        .bind(platform.as_str())
+        .bind(chat_key)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(found.is_some())
+    }
+
     /// Close a chat's open conversation (`/reset`) with the assistant (None: with every
     /// assistant): the next message starts a new one.
     pub async fn close_conversations(
