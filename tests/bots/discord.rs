@@ -1248,3 +1248,44 @@ async fn messages_sent_while_the_bot_was_down_are_answered_after_it_returns() {
     server.stop().await.unwrap();
     drop(dir);
 }
+
+/// The database refuses to store a message (every retry fails): it is not lost, the bot
+/// reads the channel's history again a little later and answers it then.
+#[tokio::test]
+async fn a_message_that_could_not_be_stored_is_read_again_and_answered() {
+    let (fake, s) = start(&[]).await;
+    fake.dm(4801, "Hello.");
+    until(30, "the first reply", || fake.replies(dm(4801)).len() == 1).await;
+    let db = s.server.state.db.clone();
+    // Every store of a Discord message fails, as a broken disk would make it.
+    sqlx::query(
+        "create trigger refuse_discord before insert on inbound_updates when new.platform = 'discord'
+         begin select raise(abort, 'disk I/O error (injected)'); end",
+    )
+    .execute(db.pool())
+    .await
+    .unwrap();
+    let lost = fake.dm(4801, "Did you get this?");
+    until(20, "the failure in the log", || {
+        crate::support::logs().contains("cannot store a message")
+    })
+    .await;
+    sqlx::query("drop trigger refuse_discord")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    until(
+        30,
+        "the reply to the message that could not be stored",
+        || fake.replies(dm(4801)).len() == 2,
+    )
+    .await;
+    let (status,): (String,) =
+        sqlx::query_as("select status from inbound_updates where update_key = ?")
+            .bind(lost.to_string())
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(status, "done");
+    s.stop().await;
+}

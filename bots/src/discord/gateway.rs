@@ -23,7 +23,7 @@ pub fn intents() -> GatewayIntents {
 pub(super) struct Handler(pub(super) Arc<DiscordBot>);
 
 /// A message that could not be stored is read from its channel's history this much later.
-const CATCH_UP_AFTER_FAILURE: std::time::Duration = std::time::Duration::from_secs(30);
+const CATCH_UP_AFTER_FAILURE: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[serenity::async_trait]
 impl EventHandler for Handler {
