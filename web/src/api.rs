@@ -5,6 +5,7 @@ use crate::adapter_views::{ActivationView, AdapterView, adapter_views};
 use crate::assistant_api::{AssistantQuery, query_assistant};
 use crate::error::{ApiError, ApiJson, ErrorBody};
 use crate::operations::{self, CreateJob, DatasetView, Imported, JobView};
+use crate::paging::{List, Page};
 use crate::state::AppState;
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
@@ -72,22 +73,6 @@ pub fn router(_state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(crate::openai::list_models))
         .routes(routes!(metrics))
         .routes(routes!(crate::audit::list_audit))
-}
-
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[serde(deny_unknown_fields)]
-pub struct Page {
-    /// How many (default 20, at most 100 for jobs, 1000 for events).
-    pub limit: Option<i64>,
-    /// Jobs: older than this id. Events: after this event id.
-    pub after: Option<i64>,
-}
-
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct List<T> {
-    pub object: &'static str,
-    pub data: Vec<T>,
-    pub has_more: bool,
 }
 
 fn page_query(

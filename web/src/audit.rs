@@ -1,8 +1,8 @@
 //! The audit log as the web sees it: recording what an operator or API client did, and
 //! `GET /api/v1/audit`.
 
-use crate::api::{List, Page};
 use crate::error::ApiError;
+use crate::paging::{List, Page};
 use crate::state::AppState;
 use axum::Json;
 use axum::extract::{Query, State};

@@ -19,8 +19,10 @@ pub mod error;
 pub mod files;
 pub mod job_model;
 pub mod limits;
+pub mod login_throttle;
 pub mod openai;
 pub mod operations;
+pub mod paging;
 pub mod state;
 pub mod telegram_webhook;
 

@@ -15,7 +15,7 @@ pub struct Inner {
     /// Telegram updates from the webhook route to the running bot.
     pub telegram_inbox: Arc<Inbox>,
     /// Failed console logins per client address.
-    pub logins: crate::limits::LoginThrottle,
+    pub logins: crate::login_throttle::LoginThrottle,
 }
 
 /// Cheap to clone: one `Arc`.
@@ -29,7 +29,7 @@ impl AppState {
             api_key: core.config.secrets.api_key.clone(),
             max_upload_bytes,
             telegram_inbox,
-            logins: crate::limits::LoginThrottle::new(),
+            logins: crate::login_throttle::LoginThrottle::new(),
             core,
         }))
     }
