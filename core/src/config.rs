@@ -172,6 +172,10 @@ pub struct ServerConfig {
     pub port: u16,
     /// Largest dataset or adapter upload, in MB.
     pub max_upload_mb: u64,
+    /// Reverse proxies in front of the server (their addresses): for a request from one
+    /// of them, the client is the address it names in `X-Forwarded-For` (what the login
+    /// throttle counts by). Empty: the TCP peer is the client.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 /// The default assistant: it answers wherever no route names another.
@@ -322,6 +326,7 @@ impl Default for ServerConfig {
             host: "127.0.0.1".to_string(),
             port: 8080,
             max_upload_mb: 100,
+            trusted_proxies: Vec::new(),
         }
     }
 }

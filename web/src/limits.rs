@@ -52,10 +52,76 @@ pub async fn limit_body(State(state): State<AppState>, req: Request, next: Next)
     next.run(req).await
 }
 
-/// The client's address: the TCP peer (a proxy in front makes all clients one).
-pub fn client_ip(req_extensions: &axum::http::Extensions) -> IpAddr {
-    req_extensions
+/// The client's address: the TCP peer, or, when the peer is one of `trusted` proxies,
+/// the nearest address in `X-Forwarded-For` that is not a trusted proxy (the entries
+/// before it could be written by the client).
+pub fn client_ip(
+    req_extensions: &axum::http::Extensions,
+    headers: &axum::http::HeaderMap,
+    trusted: &[IpAddr],
+) -> IpAddr {
+    let peer = req_extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip())
-        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    if !trusted.contains(&peer) {
+        return peer;
+    }
+    let forwarded: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|a| a.trim().parse().ok())
+        .collect();
+    forwarded
+        .into_iter()
+        .rev()
+        .find(|a| !trusted.contains(a))
+        .unwrap_or(peer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from(peer: &str, forwarded: Option<&str>, trusted: &[&str]) -> IpAddr {
+        let mut ext = axum::http::Extensions::new();
+        ext.insert(ConnectInfo(SocketAddr::new(peer.parse().unwrap(), 1234)));
+        let mut headers = axum::http::HeaderMap::new();
+        if let Some(f) = forwarded {
+            headers.insert("x-forwarded-for", f.parse().unwrap());
+        }
+        let trusted: Vec<IpAddr> = trusted.iter().map(|t| t.parse().unwrap()).collect();
+        client_ip(&ext, &headers, &trusted)
+    }
+
+    #[test]
+    fn the_client_is_the_peer_unless_a_trusted_proxy_names_it() {
+        // No proxy trusted: the header is the client's to forge, and ignored.
+        assert_eq!(
+            from("203.0.113.9", Some("1.2.3.4"), &[]).to_string(),
+            "203.0.113.9"
+        );
+        // Through a trusted proxy: the address it appended.
+        assert_eq!(
+            from("10.0.0.2", Some("1.2.3.4, 198.51.100.7"), &["10.0.0.2"]).to_string(),
+            "198.51.100.7"
+        );
+        // Two trusted hops: the nearest untrusted one.
+        assert_eq!(
+            from(
+                "10.0.0.2",
+                Some("198.51.100.7, 10.0.0.3"),
+                &["10.0.0.2", "10.0.0.3"]
+            )
+            .to_string(),
+            "198.51.100.7"
+        );
+        // A trusted proxy that sent no header: the proxy itself.
+        assert_eq!(
+            from("10.0.0.2", None, &["10.0.0.2"]).to_string(),
+            "10.0.0.2"
+        );
+    }
 }

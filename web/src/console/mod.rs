@@ -167,7 +167,11 @@ async fn login(
     headers: HeaderMap,
     body: String,
 ) -> Response {
-    let ip = crate::limits::client_ip(&extensions);
+    let ip = crate::limits::client_ip(
+        &extensions,
+        &headers,
+        &state.core.config.raw.server.trusted_proxies,
+    );
     if let Some(wait) = state.logins.wait(ip) {
         let minutes = wait.as_secs().div_ceil(60);
         let mut r = login_form(Some(&format!(
