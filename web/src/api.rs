@@ -5,7 +5,7 @@ use crate::adapter_views::{ActivationView, AdapterView, adapter_views};
 use crate::assistant_api::{AssistantQuery, query_assistant};
 use crate::error::{ApiError, ApiJson, ErrorBody};
 use crate::operations::{self, CreateJob, DatasetView, Imported, JobView};
-use crate::paging::{List, Page};
+use crate::paging::{List, Page, page_query};
 use crate::state::AppState;
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
@@ -75,16 +75,6 @@ pub fn router(_state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(crate::audit::list_audit))
 }
 
-fn page_query(
-    q: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
-) -> Result<Page, ApiError> {
-    let Query(p) = q.map_err(|e| ApiError::invalid("query", e.body_text()))?;
-    if p.limit.is_some_and(|l| l < 1) {
-        return Err(ApiError::invalid("limit", "limit must be at least 1"));
-    }
-    Ok(p)
-}
-
 /// Create a fine-tuning job.
 #[utoipa::path(post, path = "/api/v1/fine-tune", request_body = CreateJob,
     responses((status = 200, body = JobView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
@@ -107,8 +97,7 @@ async fn list_jobs(
     let p = page_query(q)?;
     let limit = p.limit.unwrap_or(20).min(100);
     let mut jobs = state.core.db.list_jobs(p.after, limit + 1).await?;
-    let has_more = jobs.len() as i64 > limit;
-    jobs.truncate(limit as usize);
+    let has_more = crate::paging::cut(&mut jobs, limit);
     let mut data = Vec::with_capacity(jobs.len());
     for j in jobs {
         data.push(operations::job_view(&state, j).await?);
@@ -230,8 +219,7 @@ async fn job_events(
         .db
         .training_events(id, p.after.unwrap_or(0))
         .await?;
-    let has_more = events.len() as i64 > limit;
-    events.truncate(limit as usize);
+    let has_more = crate::paging::cut(&mut events, limit);
     Ok(Json(List {
         object: "list",
         data: events.into_iter().map(event_view).collect(),

@@ -2,7 +2,7 @@
 //! `GET /api/v1/audit`.
 
 use crate::error::ApiError;
-use crate::paging::{List, Page};
+use crate::paging::{List, Page, cut, page_query};
 use crate::state::AppState;
 use axum::Json;
 use axum::extract::{Query, State};
@@ -26,11 +26,10 @@ pub async fn list_audit(
     State(state): State<AppState>,
     q: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<List<AuditEntry>>, ApiError> {
-    let Query(p) = q.map_err(|e| ApiError::invalid("query", e.body_text()))?;
-    let limit = p.limit.unwrap_or(50).clamp(1, 500);
+    let p = page_query(q)?;
+    let limit = p.limit.unwrap_or(50).min(500);
     let mut data = state.core.db.audit_entries(p.after, limit + 1).await?;
-    let has_more = data.len() as i64 > limit;
-    data.truncate(limit as usize);
+    let has_more = cut(&mut data, limit);
     Ok(Json(List {
         object: "list",
         data,

@@ -1,13 +1,16 @@
 //! A page of a list, as every list route of the API takes and answers it.
 
+use crate::error::ApiError;
+use axum::extract::Query;
+use axum::extract::rejection::QueryRejection;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct Page {
-    /// How many (default 20, at most 100 for jobs, 1000 for events).
+    /// How many (default 20, at most 100 for jobs, 1000 for events, 500 for the audit log).
     pub limit: Option<i64>,
-    /// Jobs: older than this id. Events: after this event id.
+    /// Jobs and the audit log: older than this id. Events: after this event id.
     pub after: Option<i64>,
 }
 
@@ -16,4 +19,20 @@ pub struct List<T> {
     pub object: &'static str,
     pub data: Vec<T>,
     pub has_more: bool,
+}
+
+/// The query of a list route; a limit under 1 is refused.
+pub fn page_query(q: Result<Query<Page>, QueryRejection>) -> Result<Page, ApiError> {
+    let Query(p) = q.map_err(|e| ApiError::invalid("query", e.body_text()))?;
+    if p.limit.is_some_and(|l| l < 1) {
+        return Err(ApiError::invalid("limit", "limit must be at least 1"));
+    }
+    Ok(p)
+}
+
+/// Keep the first `limit` of `rows` (read as `limit + 1`); whether there were more.
+pub fn cut<T>(rows: &mut Vec<T>, limit: i64) -> bool {
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    more
 }
