@@ -47,7 +47,11 @@ pub const RETRY_FOR: Duration = Duration::from_secs(24 * 3600);
 
 /// The wait before try number `attempts + 1` of a reply: 5 s doubling to 5 minutes.
 pub fn retry_wait(attempts: i64) -> Duration {
-    Duration::from_secs(5u64 << attempts.clamp(0, 6)).min(Duration::from_secs(300))
+    loraloop_core::supervisor::doubling(
+        Duration::from_secs(5),
+        attempts.clamp(0, 16) as u32,
+        Duration::from_secs(300),
+    )
 }
 
 /// Record how handling a stored update ended: done; failed with the error (logged and

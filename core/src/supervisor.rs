@@ -99,9 +99,18 @@ impl Health {
     }
 }
 
+/// `first` doubled `n` times, at most `cap`: the wait before a retry.
+pub fn doubling(first: Duration, n: u32, cap: Duration) -> Duration {
+    first.saturating_mul(1 << n.min(16)).min(cap)
+}
+
 /// The wait before restart number `failures` (1-based): 1 s doubling to 60 s.
 pub fn backoff(failures: u32) -> Duration {
-    Duration::from_secs(1u64 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(60))
+    doubling(
+        Duration::from_secs(1),
+        failures.saturating_sub(1),
+        Duration::from_secs(60),
+    )
 }
 
 /// A run this long counts as healthy: the next failure starts the backoff over.
@@ -156,6 +165,16 @@ mod tests {
     fn the_backoff_doubles_to_a_minute() {
         let secs: Vec<u64> = (1..=9).map(|n| backoff(n).as_secs()).collect();
         assert_eq!(secs, vec![1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        // A reply's retries (bots' `retry_wait`): 5 s doubling to 5 minutes.
+        let five = Duration::from_secs(5);
+        let secs: Vec<u64> = (0..9)
+            .map(|n| doubling(five, n, Duration::from_secs(300)).as_secs())
+            .collect();
+        assert_eq!(secs, vec![5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(
+            doubling(five, u32::MAX, Duration::from_secs(300)).as_secs(),
+            300
+        );
     }
 
     #[tokio::test(start_paused = true)]
