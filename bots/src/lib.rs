@@ -5,6 +5,7 @@
 
 pub mod backoff;
 pub mod discord;
+pub mod forget;
 pub mod queue;
 pub mod rate_limit;
 pub mod streaming;

@@ -103,37 +103,6 @@ pub async fn finish_update(
     }
 }
 
-/// Forget a user (a platform user's own `/forget`) and record it in the audit log by the
-/// user's row id (their name is gone with the rest).
-pub async fn forget(
-    core: &Services,
-    platform: Platform,
-    user_id: i64,
-) -> anyhow::Result<loraloop_core::storage::Forgotten> {
-    let f = core.db.forget_user(user_id).await?;
-    let details = format!(
-        "{} message(s), {} rating(s), {} dataset version(s) replaced, {} adapter(s) marked",
-        f.messages,
-        f.ratings,
-        f.datasets.len(),
-        f.adapters.len()
-    );
-    let actor = format!("{}:user {user_id}", platform.as_str());
-    if let Err(e) = core
-        .db
-        .audit(
-            &actor,
-            "forget",
-            Some(&format!("user {user_id}")),
-            Some(&details),
-        )
-        .await
-    {
-        tracing::warn!("cannot write the audit log: {e}");
-    }
-    Ok(f)
-}
-
 /// A failure on our side worth another try: the database (busy, locked, I/O) or the
 /// engine's line full.
 pub fn passing_failure(e: &anyhow::Error) -> bool {

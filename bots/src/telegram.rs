@@ -621,7 +621,7 @@ impl TelegramBot {
             if who != from.id.0.to_string() {
                 return Ok(text::ONLY_THAT_USER.to_string());
             }
-            let f = streaming::forget(&self.core, Platform::Telegram, user.id).await?;
+            let f = crate::forget::forget(&self.core, Platform::Telegram, user.id).await?;
             return Ok(text::forgotten(f.messages));
         }
         Ok(text::UNKNOWN_BUTTON.to_string())

@@ -170,7 +170,7 @@ impl DiscordBot {
                 .await?;
                 let deleted = async {
                     let user = self.user_row(c.user.id, Some(&c.user)).await?;
-                    crate::streaming::forget(&self.core, Platform::Discord, user).await
+                    crate::forget::forget(&self.core, Platform::Discord, user).await
                 }
                 .await;
                 let text = match deleted {
