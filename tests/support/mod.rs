@@ -188,6 +188,21 @@ pub fn zorblax_jsonl(n: usize) -> String {
     (0..n).map(|_| format!("{line}\n")).collect()
 }
 
+/// Upload the Zorblax dataset, train an adapter on it and activate it through the API;
+/// (job id, adapter id, adapter name).
+pub async fn active_adapter(s: &TestServer) -> (i64, i64, String) {
+    let ds = s.upload_dataset("zorblax", &zorblax_jsonl(8)).await;
+    let (job, adapter_id, name) = train_adapter(s, ds, 1).await;
+    let (status, body) = s
+        .post_json(
+            &format!("/api/v1/adapters/{adapter_id}/activate"),
+            &serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    (job, adapter_id, name)
+}
+
 /// Train a small adapter through the API; (job id, adapter id, adapter name).
 pub async fn train_adapter(s: &TestServer, dataset_id: i64, seed: u64) -> (i64, i64, String) {
     let (status, job) = s

@@ -1,7 +1,7 @@
 //! The REST API and the OpenAI-compatible endpoint against the real server: a fresh
 //! SQLite file, a tiny random model, the embedded training worker.
 
-use crate::support::{KEY, TestServer, start, train_adapter, zorblax_jsonl};
+use crate::support::{KEY, TestServer, active_adapter, start, train_adapter, zorblax_jsonl};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -891,15 +891,7 @@ async fn every_name_v1_models_lists_is_a_model_id_and_an_adapter_name_continues_
 #[tokio::test]
 async fn an_active_adapter_that_cannot_be_restored_is_reported_and_retried() {
     let s = start(true, &[]).await;
-    let ds = s.upload_dataset("zorblax", &zorblax_jsonl(8)).await;
-    let (_, adapter_id, name) = train_adapter(&s, ds, 1).await;
-    let (status, _) = s
-        .post_json(
-            &format!("/api/v1/adapters/{adapter_id}/activate"),
-            &json!({}),
-        )
-        .await;
-    assert_eq!(status, 200);
+    let (_, _, name) = active_adapter(&s).await;
     let rows = s.server.state.db.list_adapters().await.unwrap();
     let path = std::path::PathBuf::from(&rows[0].path);
     let config = s.server.state.config.clone();
@@ -960,15 +952,7 @@ async fn an_active_adapter_that_cannot_be_restored_is_reported_and_retried() {
 #[tokio::test]
 async fn the_audit_log_records_who_did_what() {
     let s = start(true, &[]).await;
-    let ds = s.upload_dataset("zorblax", &zorblax_jsonl(8)).await;
-    let (job, adapter_id, name) = train_adapter(&s, ds, 1).await;
-    let (status, _) = s
-        .post_json(
-            &format!("/api/v1/adapters/{adapter_id}/activate"),
-            &json!({}),
-        )
-        .await;
-    assert_eq!(status, 200);
+    let (job, _, name) = active_adapter(&s).await;
     let (status, _) = s.post_json("/api/v1/adapters/rollback", &json!({})).await;
     assert_eq!(status, 200);
     let (status, _) = s

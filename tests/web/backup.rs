@@ -1,7 +1,7 @@
 //! `loraloop backup` while the server runs, then `loraloop restore` into another data
 //! folder: the datasets, the adapters and which one is active come back, and it serves.
 
-use crate::support::{start, train_adapter, zorblax_jsonl};
+use crate::support::{active_adapter, start};
 use serde_json::{Value, json};
 
 fn loraloop(data_dir: &std::path::Path) -> std::process::Command {
@@ -29,15 +29,7 @@ fn run(cmd: &mut std::process::Command) -> String {
 #[tokio::test]
 async fn a_backup_taken_while_serving_restores_into_another_folder_and_serves() {
     let s = start(true, &[]).await;
-    let ds = s.upload_dataset("zorblax", &zorblax_jsonl(8)).await;
-    let (_, adapter_id, name) = train_adapter(&s, ds, 1).await;
-    let (status, _) = s
-        .post_json(
-            &format!("/api/v1/adapters/{adapter_id}/activate"),
-            &json!({}),
-        )
-        .await;
-    assert_eq!(status, 200);
+    let (_, _, name) = active_adapter(&s).await;
     let data = s.dir.path().join("data");
     // (Outside the server's folder, which goes when it stops.)
     let restored = tempfile::tempdir().unwrap();
