@@ -331,6 +331,9 @@ async fn hostile_requests_get_4xx_and_change_nothing() {
     let pid = child.id();
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        // A fresh connection per case: a refusal sent before the body was read closes
+        // its connection, and a pooled one reused in that moment fails on the client.
+        .pool_max_idle_per_host(0)
         .timeout(Duration::from_secs(60))
         .build()
         .unwrap();
@@ -383,6 +386,9 @@ async fn hostile_requests_get_4xx_and_change_nothing() {
     let console = reqwest::Client::builder()
         .cookie_store(true)
         .redirect(reqwest::redirect::Policy::none())
+        // A fresh connection per case: a refusal sent before the body was read closes
+        // its connection, and a pooled one reused in that moment fails on the client.
+        .pool_max_idle_per_host(0)
         .build()
         .unwrap();
     let r = console
