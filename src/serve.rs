@@ -275,7 +275,11 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
         let addr = listener.local_addr()?;
         let state = AppState::new(core.clone(), telegram_inbox.clone());
         let app = match opts.only_bot {
-            None => loraloop_web::router(state),
+            None => {
+                // Jobs a stopped server left in `validating_files`.
+                tokio::spawn(loraloop_web::job_files::validate_waiting(state.clone()));
+                loraloop_web::router(state)
+            }
             Some(_) => loraloop_web::bot_router(state),
         };
         let shutdown = shutdown.clone();

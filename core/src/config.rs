@@ -119,6 +119,28 @@ pub struct RawConfig {
     pub imports: ImportConfig,
     /// How long the tables that grow with use keep their rows.
     pub retention: RetentionConfig,
+    /// Which conversations besides the bots' are stored for the learning loop.
+    pub record: RecordConfig,
+}
+
+/// Conversations outside the bots that are stored like theirs (platform `api` / `cli`),
+/// so they can be rated and trained on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RecordConfig {
+    /// `/v1/chat/completions`: one user per OpenAI `user` field (else the API key).
+    pub api: bool,
+    /// `loraloop chat`: one user per session.
+    pub cli: bool,
+}
+
+impl Default for RecordConfig {
+    fn default() -> Self {
+        Self {
+            api: true,
+            cli: true,
+        }
+    }
 }
 
 /// How long the tables that grow with use keep their rows, in days (checked hourly by
@@ -316,6 +338,7 @@ impl Default for RawConfig {
             canary: CanaryConfig::default(),
             imports: ImportConfig::default(),
             retention: RetentionConfig::default(),
+            record: RecordConfig::default(),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! scripts) on the inference engine.
 
 use super::ChatArgs;
+use super::chat_record::Recorder;
 use anyhow::{Context, bail};
 use loraloop_core::Config;
 use loraloop_model::engine::{Engine, Event, Finished, GenerateRequest, LoadedModel, Prompt};
@@ -95,8 +96,9 @@ pub async fn run(config: &Config, args: &ChatArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_else(|| config.raw.assistant.system_prompt.clone()),
         turns: Vec::new(),
     };
+    let recorder = Recorder::open(config).await;
     if args.json {
-        return json_loop(&engine, &mut conv, &params).await;
+        return json_loop(&engine, &mut conv, &params, recorder.as_ref()).await;
     }
     let model = engine.model();
     eprintln!(
@@ -147,6 +149,10 @@ pub async fn run(config: &Config, args: &ChatArgs) -> anyhow::Result<ExitCode> {
                 continue;
             }
         };
+        let recorded = match &recorder {
+            Some(r) => r.turn(&conv.turns).await,
+            None => None,
+        };
         if generation.dropped_messages > 0 {
             eprintln!(
                 "(the conversation is longer than the context window: the {} oldest message(s) are left out)",
@@ -154,6 +160,7 @@ pub async fn run(config: &Config, args: &ChatArgs) -> anyhow::Result<ExitCode> {
             );
         }
         let mut reply = String::new();
+        let mut finished = None;
         let mut stdout = std::io::stdout();
         loop {
             tokio::select! {
@@ -163,7 +170,8 @@ pub async fn run(config: &Config, args: &ChatArgs) -> anyhow::Result<ExitCode> {
                         print!("{t}");
                         stdout.flush()?;
                     }
-                    Some(Event::Finished(_)) | None => break,
+                    Some(Event::Finished(f)) => { finished = Some(f); break; }
+                    None => break,
                     Some(Event::Failed(m)) => { eprintln!("\nerror: {m}"); break; }
                     Some(Event::Started { .. } | Event::Queued { .. }) => {}
                 },
@@ -176,6 +184,10 @@ pub async fn run(config: &Config, args: &ChatArgs) -> anyhow::Result<ExitCode> {
         }
         drop(generation);
         println!();
+        // A reply stopped with Ctrl-C is not stored: it is not what the model would say.
+        if let (Some(r), Some(f)) = (&recorder, &finished) {
+            r.reply(recorded, f).await;
+        }
         conv.turns.push(TemplateMessage::new("assistant", reply));
     }
 }
@@ -211,6 +223,7 @@ async fn json_loop(
     engine: &Engine,
     conv: &mut Conversation,
     params: &SamplingParams,
+    recorder: Option<&Recorder>,
 ) -> anyhow::Result<ExitCode> {
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut failures = 0;
@@ -250,7 +263,17 @@ async fn json_loop(
             adapter: loraloop_model::engine::AdapterChoice::Active,
             user: None,
         }) {
-            Ok(g) => g.finish().await.map_err(anyhow::Error::msg),
+            Ok(g) => {
+                let recorded = match recorder {
+                    Some(r) => r.turn(&conv.turns).await,
+                    None => None,
+                };
+                let f = g.finish().await.map_err(anyhow::Error::msg);
+                if let (Some(r), Ok(f)) = (recorder, &f) {
+                    r.reply(recorded, f).await;
+                }
+                f
+            }
             Err(e) => Err(e.into()),
         };
         match result {

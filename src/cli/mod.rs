@@ -7,6 +7,7 @@ mod bench_load;
 mod bench_swap;
 mod card;
 mod chat;
+mod chat_record;
 mod config_cmd;
 mod data;
 mod models;

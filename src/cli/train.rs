@@ -311,6 +311,7 @@ impl StepProgress {
                 tokens_per_sec,
                 eta_secs,
                 grad_norm,
+                ..
             } => {
                 let line = format!(
                     "loss {loss:.4} lr {learning_rate:.2e} {tokens_per_sec:.0} tok/s"

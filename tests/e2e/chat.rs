@@ -37,6 +37,57 @@ fn chat_json_answers_each_stdin_line_with_one_json_object_and_keeps_history() {
         !out.status.success(),
         "a bad line makes the exit status non-zero"
     );
+    // The session was stored like a bot's chat (platform cli, one user for the session):
+    // /reset started a second conversation.
+    let rows = cli_messages(&dir.path().join("data/loraloop.db"));
+    assert_eq!(rows.len(), 4, "{rows:#?}");
+    let (user, conv_a, _, _) = &rows[0];
+    assert!(user.starts_with("session-"), "{rows:#?}");
+    assert!(rows.iter().all(|r| &r.0 == user), "{rows:#?}");
+    let texts: Vec<(&str, &str)> = rows.iter().map(|r| (r.2.as_str(), r.3.as_str())).collect();
+    let turn = [
+        ("user", "What is the capital of France?"),
+        ("assistant", "The capital of France is Paris."),
+    ];
+    assert_eq!(texts[..2], turn);
+    assert_eq!(texts[2..], turn);
+    assert_eq!(rows[1].1, *conv_a);
+    assert_ne!(rows[2].1, *conv_a, "after /reset, a new conversation");
+}
+
+/// Every stored `cli` message: (user, conversation, role, text), in order.
+fn cli_messages(db: &Path) -> Vec<(String, i64, String, String)> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let db = loraloop_core::storage::Db::open(db).await.unwrap();
+        sqlx::query_as(
+            "select u.platform_user_id, m.conversation_id, m.role, m.content
+             from messages m join conversations c on c.id = m.conversation_id
+             join chats ch on ch.id = c.chat_id join platform_users u on u.id = c.user_id
+             where ch.platform = 'cli' order by m.id",
+        )
+        .fetch_all(db.pool())
+        .await
+        .unwrap()
+    })
+}
+
+#[test]
+fn with_record_cli_off_a_chat_writes_no_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = loraloop(dir.path())
+        .env("LORALOOP_RECORD__CLI", "false")
+        .args(["chat", "--json", "--max-new-tokens", "2", "--model"])
+        .arg(real_model())
+        .write_stdin("hi\n")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!dir.path().join("data/loraloop.db").exists());
 }
 
 #[test]

@@ -6,6 +6,7 @@
 mod support;
 
 mod api;
+mod api_chats;
 mod backup;
 mod browser;
 mod console_data;
@@ -13,3 +14,4 @@ mod console_model;
 mod dataset_urls;
 mod limits;
 mod openai_client;
+mod openai_fine_tuning;

@@ -26,6 +26,9 @@ pub enum TrainEvent {
         grad_norm: f64,
         tokens_per_sec: f64,
         eta_secs: f64,
+        /// The share of scored tokens the model's argmax predicted in this step's batches
+        /// (OpenAI's `train_mean_token_accuracy`); None for preference objectives.
+        accuracy: Option<f64>,
     },
     Eval {
         step: usize,

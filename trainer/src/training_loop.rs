@@ -88,6 +88,7 @@ pub(crate) fn apply_gradients(
 /// What one optimizer step did.
 struct StepReport {
     loss: f64,
+    accuracy: f64,
     learning_rate: f64,
     grad_norm: f64,
     tokens: usize,
@@ -146,6 +147,7 @@ impl TrainingLoop<'_> {
                 grad_norm: r.grad_norm,
                 tokens_per_sec: tps,
                 eta_secs: eta,
+                accuracy: Some(r.accuracy).filter(|a| a.is_finite()),
             });
 
             let is_last = step + 1 == total;
@@ -279,6 +281,7 @@ impl TrainingLoop<'_> {
             apply_gradients(c, tr, &mut self.opt, names, grads, step, warmup, total)?;
         Ok(StepReport {
             loss,
+            accuracy: stats.accuracy(),
             learning_rate,
             grad_norm,
             tokens,

@@ -171,7 +171,7 @@ pub async fn run_next(
     let result = run_job(db, opts, &job, shutdown).await;
     lease.abort();
     tracing::info!(
-        "job {id}: training {} on dataset {}",
+        "job {id}: training {} on dataset {:?}",
         job.base_model,
         job.dataset_id
     );
@@ -227,7 +227,10 @@ async fn run_job(
     if file.finetuning_type.is_none() {
         file.finetuning_type = Some(job.method.clone());
     }
-    let dataset = db.dataset_by_id(job.dataset_id).await?;
+    let dataset_id = job
+        .dataset_id
+        .ok_or_else(|| anyhow::anyhow!("job {id} has no dataset (its file was never validated)"))?;
+    let dataset = db.dataset_by_id(dataset_id).await?;
     // A preference dataset trains by its kind (the API and the console set `rl` to it).
     if file.rl.is_none() && dataset.objective() != Objective::Sft {
         file.rl = Some(dataset.kind.clone());
@@ -245,17 +248,17 @@ async fn run_job(
         );
     }
     let trained_on = db
-        .dataset_conversations(job.dataset_id)
+        .dataset_conversations(dataset_id)
         .await?
         .into_iter()
         .collect();
     let (examples, preferences) = match config.objective {
         Objective::Sft => {
-            let stored = db.dataset_examples(job.dataset_id).await?;
+            let stored = db.dataset_examples(dataset_id).await?;
             (stored.into_iter().map(|e| e.example).collect(), None)
         }
         objective => {
-            let lines = db.dataset_lines(job.dataset_id).await?;
+            let lines = db.dataset_lines(dataset_id).await?;
             let data = parse_stored(&lines, objective).map_err(|p| {
                 anyhow::anyhow!(
                     "the stored {} rows do not parse: {}",
@@ -268,6 +271,17 @@ async fn run_job(
             })?;
             (Vec::new(), Some(data))
         }
+    };
+    // OpenAI's `validation_file`: held out as given, instead of a split of the training set.
+    let eval_examples = match (job.validation_dataset_id, &preferences) {
+        (Some(v), None) => Some(
+            db.dataset_examples(v)
+                .await?
+                .into_iter()
+                .map(|e| e.example)
+                .collect(),
+        ),
+        _ => None,
     };
     let card_data = if config.method == Method::Lora {
         Some(job_card::card_data(db, &opts.gate, job.assistant_id, &trained_on).await?)
@@ -335,7 +349,7 @@ async fn run_job(
     let gate = opts.gate.clone();
     let yield_to = opts.yield_to.clone();
     let seq = config.sequence_len;
-    let name = format!("job-{id}");
+    let name = adapter_name(job);
     let card_name = name.clone();
     let decide_data = card_data.clone();
     let assistant_id = decide_data
@@ -351,7 +365,7 @@ async fn run_job(
             base_model_name: base_model,
             base_model_hash: hash.clone(),
             examples,
-            eval_examples: None,
+            eval_examples,
             config,
             output_dir,
             overwrite,
@@ -460,6 +474,14 @@ async fn run_job(
     Ok(JobEnd::Succeeded)
 }
 
+/// `job-ID`, or `SUFFIX-job-ID` for a job given OpenAI's `suffix`.
+fn adapter_name(job: &TrainingJob) -> String {
+    match &job.suffix {
+        Some(s) => format!("{s}-job-{}", job.id),
+        None => format!("job-{}", job.id),
+    }
+}
+
 async fn store_event(db: &Db, id: i64, e: &TrainEvent) -> anyhow::Result<()> {
     let message;
     let ev = match e {
@@ -479,14 +501,19 @@ async fn store_event(db: &Db, id: i64, e: &TrainEvent) -> anyhow::Result<()> {
             learning_rate,
             tokens_per_sec,
             ..
-        } => NewTrainingEvent {
-            kind: "step",
-            step: Some(*step as i64),
-            loss: Some(*loss),
-            learning_rate: Some(*learning_rate),
-            tokens_per_sec: Some(*tokens_per_sec),
-            ..Default::default()
-        },
+        } => {
+            // The whole event too: its accuracy and grad norm have no column.
+            message = serde_json::to_string(e)?;
+            NewTrainingEvent {
+                kind: "step",
+                step: Some(*step as i64),
+                loss: Some(*loss),
+                learning_rate: Some(*learning_rate),
+                tokens_per_sec: Some(*tokens_per_sec),
+                message: Some(&message),
+                ..Default::default()
+            }
+        }
         TrainEvent::Eval {
             step, eval_loss, ..
         } => {

@@ -71,6 +71,23 @@ pub fn router(_state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(crate::canary_views::stop_canary))
         .routes(routes!(crate::openai::chat_completions))
         .routes(routes!(crate::openai::list_models))
+        .routes(routes!(
+            crate::openai_files::upload_file,
+            crate::openai_files::list_files
+        ))
+        .routes(routes!(
+            crate::openai_files::get_file,
+            crate::openai_files::delete_file
+        ))
+        .routes(routes!(crate::openai_files::file_content))
+        .routes(routes!(
+            crate::fine_tuning::create_fine_tuning_job,
+            crate::fine_tuning::list_fine_tuning_jobs
+        ))
+        .routes(routes!(crate::fine_tuning::get_fine_tuning_job))
+        .routes(routes!(crate::fine_tuning::cancel_fine_tuning_job))
+        .routes(routes!(crate::fine_tuning::list_fine_tuning_events))
+        .routes(routes!(crate::fine_tuning::list_fine_tuning_checkpoints))
         .routes(routes!(metrics))
         .routes(routes!(crate::audit::list_audit))
 }

@@ -9,8 +9,10 @@ use axum::Json;
 use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use loraloop_core::storage::Assistant;
-use loraloop_model::engine::{AdapterTag, Event, FinishReason, GenerateRequest, Prompt};
+use loraloop_core::domain::Role;
+use loraloop_core::service::transcripts::{Recorded, Said, record_turn};
+use loraloop_core::storage::{Assistant, Platform};
+use loraloop_model::engine::{AdapterTag, Event, FinishReason, Finished, GenerateRequest, Prompt};
 use loraloop_model::template::TemplateMessage;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -307,8 +309,11 @@ pub async fn chat_completions(
     let (named, settings) = assistant_for(&state, &req.model).await?;
     let mut gen_req = build(&state, &req, named.as_ref(), &settings)?;
     gen_req.adapter = state.core.adapters.choice(&req.model).await?;
+    let said = said(&gen_req);
     let in_flight = state.core.metrics.generation_started();
     let mut generation = state.core.engine.generate(gen_req)?;
+    // Stored once the engine has taken the request: a refused one (busy) leaves no trace.
+    let recorded = record_request(&state, &req, &said, &settings).await?;
     let id = format!("chatcmpl-{}", loraloop_core::token::random_token(12));
     let created = chrono::Utc::now().timestamp();
     let model = req.model.clone();
@@ -339,6 +344,7 @@ pub async fn chat_completions(
             .metrics
             .generation_finished(finished.completion_tokens, finished.decode_secs);
         drop(in_flight);
+        record_reply(&state, recorded, &finished).await;
         return Ok(Json(ChatCompletion {
             id,
             object: "chat.completion",
@@ -397,6 +403,7 @@ pub async fn chat_completions(
                     st.core
                         .metrics
                         .generation_finished(f.completion_tokens, f.decode_secs);
+                    record_reply(&st, recorded, &f).await;
                     let mut last = chunk(json!({}), Some(finish_reason(f.reason)));
                     let _ = tx.send(Ok(send(last.clone()))).await;
                     if include_usage {
@@ -428,6 +435,53 @@ pub async fn chat_completions(
     Ok(Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx))
         .keep_alive(KeepAlive::default())
         .into_response())
+}
+
+/// Store the request's conversation like a bot's (unless `record.api` is off): the
+/// caller is the OpenAI `user` field, else the API key.
+async fn record_request(
+    state: &AppState,
+    req: &ChatRequest,
+    said: &[Said],
+    assistant: &Assistant,
+) -> Result<Option<Recorded>, ApiError> {
+    if !state.core.config.raw.record.api {
+        return Ok(None);
+    }
+    let caller = req.user.as_deref().unwrap_or(API_KEY_CALLER);
+    Ok(record_turn(&state.core.db, Platform::Api, caller, assistant.id, said).await?)
+}
+
+/// The user and assistant messages of a request, to store.
+fn said(gen_req: &GenerateRequest) -> Vec<Said> {
+    let Prompt::Chat(messages) = &gen_req.prompt else {
+        return Vec::new();
+    };
+    messages
+        .iter()
+        .filter_map(|m| {
+            let role = match m.role.as_str() {
+                "user" => Role::User,
+                "assistant" => Role::Assistant,
+                _ => return None,
+            };
+            Some(Said {
+                role,
+                text: m.content.clone(),
+            })
+        })
+        .collect()
+}
+
+/// The API caller when a request names no `user`.
+const API_KEY_CALLER: &str = "api-key";
+
+async fn record_reply(state: &AppState, recorded: Option<Recorded>, f: &Finished) {
+    if let Some(r) = recorded
+        && let Err(e) = state.core.chat.record_reply(r.conversation_id, f).await
+    {
+        tracing::warn!("cannot store an API reply: {e}");
+    }
 }
 
 #[derive(Serialize, utoipa::ToSchema)]

@@ -531,7 +531,8 @@ pub struct JobView {
     pub status: String,
     pub model: String,
     pub method: String,
-    pub dataset_id: i64,
+    /// None while a job created from a file (`/v1/fine_tuning/jobs`) validates it.
+    pub dataset_id: Option<i64>,
     /// The assistant the adapter is for.
     pub assistant: Option<String>,
     /// Unix seconds.

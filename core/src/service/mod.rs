@@ -9,6 +9,7 @@ pub mod canary;
 pub mod chat;
 pub mod model_info;
 pub mod routing;
+pub mod transcripts;
 
 pub use adapters::{Activation, AdapterService};
 pub use assistants::{AssistantForm, AssistantService};

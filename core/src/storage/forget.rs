@@ -433,8 +433,8 @@ mod tests {
         let lines = db.dataset_lines(v2.id).await.unwrap();
         assert_eq!(v2.content_hash, lines_hash(&lines));
         assert!(db.dataset_lines(chats).await.unwrap().is_empty());
-        assert_eq!(db.job(trained).await.unwrap().dataset_id, chats);
-        assert_eq!(db.job(waiting).await.unwrap().dataset_id, v2.id);
+        assert_eq!(db.job(trained).await.unwrap().dataset_id, Some(chats));
+        assert_eq!(db.job(waiting).await.unwrap().dataset_id, Some(v2.id));
         assert_eq!(f.datasets, [(chats, Some(v2.id)), (ann_only, None)]);
         assert!(db.dataset_by_id(ann_only).await.is_err());
         assert_eq!(db.dataset_lines(bobs).await.unwrap().len(), 1, "untouched");

@@ -61,7 +61,8 @@ impl FromStr for JobState {
 pub struct TrainingJob {
     pub id: i64,
     pub state: String,
-    pub dataset_id: i64,
+    /// None only while a job created from a file is validating it (or failed to).
+    pub dataset_id: Option<i64>,
     pub base_model: String,
     pub method: String,
     pub hyperparameters: String,
@@ -76,6 +77,15 @@ pub struct TrainingJob {
     pub finished_at: Option<String>,
     /// The assistant the adapter is for: its activation policy decides what happens to it.
     pub assistant_id: Option<i64>,
+    /// The uploaded files an OpenAI-style job was created from.
+    pub training_file_id: Option<i64>,
+    pub validation_file_id: Option<i64>,
+    /// The held-out examples its validation file became.
+    pub validation_dataset_id: Option<i64>,
+    /// Which file a failed validation refused (`training_file`, `validation_file`).
+    pub error_param: Option<String>,
+    /// OpenAI's `suffix`: part of the adapter's name.
+    pub suffix: Option<String>,
 }
 
 impl TrainingJob {
@@ -91,6 +101,18 @@ pub struct NewJob<'a> {
     pub method: &'a str,
     pub hyperparameters: &'a serde_json::Value,
     pub assistant_id: Option<i64>,
+}
+
+/// A job created from uploaded files; see [`Db::create_file_job`].
+#[derive(Debug, Clone)]
+pub struct NewFileJob<'a> {
+    pub base_model: &'a str,
+    pub method: &'a str,
+    pub hyperparameters: &'a serde_json::Value,
+    pub assistant_id: Option<i64>,
+    pub training_file_id: i64,
+    pub validation_file_id: Option<i64>,
+    pub suffix: Option<&'a str>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -122,7 +144,7 @@ const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 /// Now plus the first bound parameter, in seconds.
 const LEASE: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+' || ?1 || ' seconds')";
 
-const JOB_COLUMNS: &str = "id, state, dataset_id, base_model, method, hyperparameters, output_dir, adapter_id, step, total_steps, cancel_requested, error, created_at, started_at, finished_at, assistant_id";
+const JOB_COLUMNS: &str = "id, state, dataset_id, base_model, method, hyperparameters, output_dir, adapter_id, step, total_steps, cancel_requested, error, created_at, started_at, finished_at, assistant_id, training_file_id, validation_file_id, validation_dataset_id, error_param, suffix";
 
 impl Db {
     pub async fn create_job(&self, job: &NewJob<'_>) -> Result<TrainingJob> {
@@ -137,6 +159,69 @@ impl Db {
         .bind(job.assistant_id)
         .fetch_one(self.pool())
         .await?)
+    }
+
+    /// A job from uploaded files (OpenAI's API): `validating_files`, with no dataset until
+    /// [`Db::validated_job`] gives it the one its training file became.
+    pub async fn create_file_job(&self, job: &NewFileJob<'_>) -> Result<TrainingJob> {
+        Ok(sqlx::query_as(&format!(
+            "insert into training_jobs (base_model, method, hyperparameters, assistant_id,
+                training_file_id, validation_file_id, suffix)
+             values (?, ?, ?, ?, ?, ?, ?) returning {JOB_COLUMNS}"
+        ))
+        .bind(job.base_model)
+        .bind(job.method)
+        .bind(job.hyperparameters.to_string())
+        .bind(job.assistant_id)
+        .bind(job.training_file_id)
+        .bind(job.validation_file_id)
+        .bind(job.suffix)
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    /// A validated job: its datasets, and `validating_files` -> `queued`. False when the
+    /// job had left `validating_files` (cancelled meanwhile).
+    pub async fn validated_job(
+        &self,
+        id: i64,
+        dataset_id: i64,
+        validation_dataset_id: Option<i64>,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "update training_jobs set dataset_id = ?, validation_dataset_id = ?, state = 'queued'
+             where id = ? and state = 'validating_files'",
+        )
+        .bind(dataset_id)
+        .bind(validation_dataset_id)
+        .bind(id)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// A job whose file did not validate: failed, with the file (`param`) and why.
+    pub async fn job_file_refused(&self, id: i64, param: &str, message: &str) -> Result<bool> {
+        let done = sqlx::query(&format!(
+            "update training_jobs set state = 'failed', error = ?, error_param = ?, finished_at = {NOW}
+             where id = ? and state = 'validating_files'"
+        ))
+        .bind(message)
+        .bind(param)
+        .bind(id)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Jobs waiting for their files to be validated, oldest first.
+    pub async fn jobs_validating_files(&self) -> Result<Vec<i64>> {
+        let ids: Vec<(i64,)> = sqlx::query_as(
+            "select id from training_jobs where state = 'validating_files' order by id",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        Ok(ids.into_iter().map(|r| r.0).collect())
     }
 
     pub async fn job(&self, id: i64) -> Result<TrainingJob> {
@@ -352,6 +437,40 @@ impl Db {
              where j.state = 'running' and e.kind = 'step' order by e.id desc limit 2",
         )
         .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// Events of a job older than `before_id`, newest first, `limit` of them (OpenAI's order).
+    pub async fn training_events_newest_first(
+        &self,
+        job_id: i64,
+        before_id: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<TrainingEvent>> {
+        Ok(sqlx::query_as(
+            "select id, job_id, kind, step, loss, eval_loss, learning_rate, tokens_per_sec, message, created_at
+             from training_events where job_id = ? and id < ? order by id desc limit ?",
+        )
+        .bind(job_id)
+        .bind(before_id.unwrap_or(i64::MAX))
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// A job's last event of `kind` (`step`, `eval`).
+    pub async fn last_training_event(
+        &self,
+        job_id: i64,
+        kind: &str,
+    ) -> Result<Option<TrainingEvent>> {
+        Ok(sqlx::query_as(
+            "select id, job_id, kind, step, loss, eval_loss, learning_rate, tokens_per_sec, message, created_at
+             from training_events where job_id = ? and kind = ? order by id desc limit 1",
+        )
+        .bind(job_id)
+        .bind(kind)
+        .fetch_optional(self.pool())
         .await?)
     }
 

@@ -16,6 +16,7 @@ mod audit;
 mod chat;
 mod curation;
 mod datasets;
+mod files;
 mod forget;
 mod jobs;
 mod maintenance;
@@ -36,8 +37,9 @@ pub use curation::{
 pub use datasets::{
     Dataset, DatasetInsert, NewDataset, StoredExample, validate_name as validate_dataset_name,
 };
+pub use files::{NewFile, StoredFile};
 pub use forget::{Forgotten, lines_hash};
-pub use jobs::{JobState, NewJob, NewTrainingEvent, TrainingEvent, TrainingJob};
+pub use jobs::{JobState, NewFileJob, NewJob, NewTrainingEvent, TrainingEvent, TrainingJob};
 pub use maintenance::{Pruned, Retention};
 pub use routing::{Canary, DailyRatings, Pin};
 pub use updates::PendingUpdate;
@@ -45,7 +47,6 @@ pub use updates::PendingUpdate;
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use std::path::Path;
-use std::str::FromStr;
 use std::time::Duration;
 
 /// The embedded migrations (the `migrations/` folder at the workspace root).
@@ -72,6 +73,31 @@ pub enum StorageError {
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
 
+/// Apply pending migrations on a connection of their own with foreign keys off: a table
+/// rebuild (SQLite's documented way to change a column) drops the old table, and with
+/// foreign keys on that drop would run the children's `on delete` actions (cascading away
+/// a job's events). `foreign_key_check` afterwards proves every link still holds.
+async fn migrate(opts: &SqliteConnectOptions) -> Result<()> {
+    use sqlx::Connection;
+    let mut conn = sqlx::SqliteConnection::connect_with(&opts.clone().foreign_keys(false)).await?;
+    MIGRATOR.run(&mut conn).await?;
+    let broken: Vec<(String, Option<i64>)> =
+        sqlx::query_as("select \"table\", rowid from pragma_foreign_key_check")
+            .fetch_all(&mut conn)
+            .await?;
+    conn.close().await?;
+    if let Some((table, row)) = broken.first() {
+        return Err(StorageError::Invalid {
+            what: "database".into(),
+            message: format!(
+                "after the migrations, {} row(s) point at rows that do not exist (first: {table} row {row:?})",
+                broken.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// A handle to the database: cheap to clone (a connection pool).
 #[derive(Debug, Clone)]
 pub struct Db {
@@ -93,11 +119,6 @@ impl Db {
         Self::connect(opts).await
     }
 
-    /// Open a database URL such as `sqlite::memory:` (tests, tools).
-    pub async fn open_url(url: &str) -> Result<Self> {
-        Self::connect(SqliteConnectOptions::from_str(url)?.create_if_missing(true)).await
-    }
-
     async fn connect(opts: SqliteConnectOptions) -> Result<Self> {
         let opts = opts
             .journal_mode(SqliteJournalMode::Wal)
@@ -107,11 +128,11 @@ impl Db {
             // of a user's text in the file.
             .pragma("secure_delete", "on")
             .busy_timeout(Duration::from_secs(10));
+        migrate(&opts).await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .connect_with(opts)
             .await?;
-        MIGRATOR.run(&pool).await?;
         Ok(Self { pool })
     }
 
@@ -153,6 +174,7 @@ pub struct Counts {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::str::FromStr;
 
     #[tokio::test]
     async fn opening_a_file_creates_it_in_wal_mode_with_foreign_keys_on() {
@@ -173,6 +195,69 @@ mod tests {
         // Re-opening applies nothing twice.
         drop(db);
         Db::open(&path).await.unwrap();
+    }
+
+    /// The rebuild of `training_jobs` (nullable `dataset_id`) on a database that has jobs,
+    /// their events and adapters: every row and every link survives, cascades included.
+    #[tokio::test]
+    async fn rebuilding_training_jobs_keeps_jobs_events_and_adapters() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("old.db").display());
+        let opts = SqliteConnectOptions::from_str(&url).unwrap();
+        let pool = SqlitePool::connect_with(opts.clone().foreign_keys(true))
+            .await
+            .unwrap();
+        let before: Vec<_> = MIGRATOR
+            .migrations
+            .iter()
+            .filter(|m| m.version < 20261204000001)
+            .cloned()
+            .collect();
+        let old = sqlx::migrate::Migrator {
+            migrations: std::borrow::Cow::Owned(before),
+            ..sqlx::migrate::Migrator::DEFAULT
+        };
+        old.run(&pool).await.unwrap();
+        for q in [
+            "insert into datasets (id, name, version, content_hash, format, source, example_count) values (1, 'd', 1, 'h', 'openai', 'f', 0)",
+            "insert into training_jobs (id, state, dataset_id, base_model, attempts) values (7, 'succeeded', 1, 'm', 1)",
+            "insert into training_events (job_id, kind, step, loss) values (7, 'step', 3, 0.5)",
+            "insert into adapters (id, name, path, base_model, base_model_hash, tokenizer_hash, chat_template_hash, job_id) values (2, 'job-7', 'p', 'm', 'h', 'h', 'h', 7)",
+            "update training_jobs set adapter_id = 2 where id = 7",
+        ] {
+            sqlx::query(q).execute(&pool).await.unwrap();
+        }
+        // With foreign keys on, the rebuild would cascade: its guard refuses to run.
+        let refused = MIGRATOR.run(&pool).await;
+        assert!(refused.is_err(), "{refused:?}");
+        migrate(&opts).await.unwrap();
+        let job: (i64, Option<i64>, i64, Option<i64>) =
+            sqlx::query_as("select id, dataset_id, attempts, adapter_id from training_jobs")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(job, (7, Some(1), 1, Some(2)));
+        let adapter_job: (Option<i64>,) = sqlx::query_as("select job_id from adapters")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(adapter_job.0, Some(7));
+        let problems: Vec<(String,)> =
+            sqlx::query_as("select \"table\" from pragma_foreign_key_check")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert!(problems.is_empty(), "{problems:?}");
+        // The events still hang off the job: deleting it cascades to them.
+        sqlx::query("delete from training_jobs where id = 7")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let events: (i64,) = sqlx::query_as("select count(*) from training_events")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(events.0, 0);
     }
 
     #[sqlx::test(migrations = "../migrations")]

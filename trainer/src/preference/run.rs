@@ -329,6 +329,7 @@ pub fn train_preferences(
                 grad_norm,
                 tokens_per_sec: tokens_done as f64 / elapsed.max(1e-9),
                 eta_secs: elapsed / step as f64 * (total - step) as f64,
+                accuracy: None,
             });
             if cancel.load(Ordering::SeqCst) && step < total {
                 ending = Ending::Cancelled;

@@ -38,12 +38,13 @@ async fn list(State(state): State<AppState>, session: AdminSession) -> Response 
     };
     let datasets = state.core.db.list_datasets().await.unwrap_or_default();
     let adapters = state.core.db.list_adapters().await.unwrap_or_default();
-    let dataset_name = |id: i64| {
-        datasets
+    let dataset_name = |id: Option<i64>| match id {
+        Some(id) => datasets
             .iter()
             .find(|d| d.id == id)
             .map(|d| format!("{} v{}", d.name, d.version))
-            .unwrap_or_else(|| format!("#{id}"))
+            .unwrap_or_else(|| format!("#{id}")),
+        None => "(file being validated)".to_string(),
     };
     layout(
         "Training",
@@ -108,7 +109,10 @@ async fn show(
         Ok(e) => e,
         Err(e) => return fail(&session, &e.into()),
     };
-    let dataset = operations::dataset_by_id(&state, job.dataset_id).await.ok();
+    let dataset = match job.dataset_id {
+        Some(d) => operations::dataset_by_id(&state, d).await.ok(),
+        None => None,
+    };
     let adapter = match job.adapter_id {
         Some(a) => state.core.db.adapter(a).await.ok(),
         None => None,
@@ -157,7 +161,7 @@ async fn show(
                 section.card {
                     h2 { "Settings" }
                     dl id="job-settings" {
-                        dt { "Dataset" } dd { @match &dataset { Some(d) => { (d.name) " v" (d.version) " (" (d.example_count) " examples)" }, None => { "#" (job.dataset_id) } } }
+                        dt { "Dataset" } dd { @match &dataset { Some(d) => { (d.name) " v" (d.version) " (" (d.example_count) " examples)" }, None => { (job.dataset_id.map_or("none yet: its file is being validated".to_string(), |d| format!("#{d}"))) } } }
                         dt { "Model" } dd { (model_label(&job.base_model)) }
                         dt { "Method" } dd { (job.method) }
                         @for (k, v) in hp.iter().filter(|(k, _)| k.as_str() != "finetuning_type") {

@@ -1,0 +1,151 @@
+//! Uploaded files (OpenAI's `/v1/files`): the bytes as uploaded, until deleted.
+
+use super::{Db, Result, StorageError};
+use serde::Serialize;
+
+/// A file's metadata (the bytes are read apart: [`Db::file_content`]).
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct StoredFile {
+    pub id: i64,
+    pub filename: String,
+    pub purpose: String,
+    pub bytes: i64,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewFile<'a> {
+    pub filename: &'a str,
+    pub purpose: &'a str,
+    pub content: &'a [u8],
+}
+
+const FILE_COLUMNS: &str = "id, filename, purpose, bytes, created_at";
+
+impl Db {
+    pub async fn insert_file(&self, f: &NewFile<'_>) -> Result<StoredFile> {
+        Ok(sqlx::query_as(&format!(
+            "insert into files (filename, purpose, bytes, content) values (?, ?, ?, ?)
+             returning {FILE_COLUMNS}"
+        ))
+        .bind(f.filename)
+        .bind(f.purpose)
+        .bind(f.content.len() as i64)
+        .bind(f.content)
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    pub async fn file(&self, id: i64) -> Result<StoredFile> {
+        let found: Option<StoredFile> =
+            sqlx::query_as(&format!("select {FILE_COLUMNS} from files where id = ?"))
+                .bind(id)
+                .fetch_optional(self.pool())
+                .await?;
+        found.ok_or_else(|| StorageError::NotFound {
+            what: format!("file file-{id}"),
+        })
+    }
+
+    pub async fn file_content(&self, id: i64) -> Result<Vec<u8>> {
+        let found: Option<(Vec<u8>,)> = sqlx::query_as("select content from files where id = ?")
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await?;
+        found.map(|r| r.0).ok_or_else(|| StorageError::NotFound {
+            what: format!("file file-{id}"),
+        })
+    }
+
+    /// Files of `purpose` (all when None), `limit` of them after the file `after` in the
+    /// order asked (newest first unless `ascending`).
+    pub async fn list_files(
+        &self,
+        purpose: Option<&str>,
+        after: Option<i64>,
+        limit: i64,
+        ascending: bool,
+    ) -> Result<Vec<StoredFile>> {
+        let (cmp, order, start) = if ascending {
+            (">", "asc", i64::MIN)
+        } else {
+            ("<", "desc", i64::MAX)
+        };
+        Ok(sqlx::query_as(&format!(
+            "select {FILE_COLUMNS} from files where (?1 is null or purpose = ?1) and id {cmp} ?2
+             order by id {order} limit ?3"
+        ))
+        .bind(purpose)
+        .bind(after.unwrap_or(start))
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// False when there was no such file. Jobs keep their datasets; their file link clears.
+    pub async fn delete_file(&self, id: i64) -> Result<bool> {
+        let done = sqlx::query("delete from files where id = ?")
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::NewFileJob;
+
+    #[tokio::test]
+    async fn a_file_round_trips_and_a_job_from_it_waits_for_validation() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("t.db")).await.unwrap();
+        let content = b"{\"messages\": []}\n".to_vec();
+        let f = db
+            .insert_file(&NewFile {
+                filename: "train.jsonl",
+                purpose: "fine-tune",
+                content: &content,
+            })
+            .await
+            .unwrap();
+        assert_eq!(f.bytes, content.len() as i64);
+        assert_eq!(db.file_content(f.id).await.unwrap(), content);
+        let hp = serde_json::json!({});
+        let job = db
+            .create_file_job(&NewFileJob {
+                base_model: "m",
+                method: "lora",
+                hyperparameters: &hp,
+                assistant_id: None,
+                training_file_id: f.id,
+                validation_file_id: None,
+                suffix: Some("mine"),
+            })
+            .await
+            .unwrap();
+        assert_eq!(job.state, "validating_files");
+        assert_eq!(job.dataset_id, None);
+        // A job with no dataset cannot be queued: the schema refuses it.
+        let queued = sqlx::query("update training_jobs set state = 'queued' where id = ?")
+            .bind(job.id)
+            .execute(db.pool())
+            .await;
+        assert!(queued.is_err(), "{queued:?}");
+        assert!(
+            db.job_file_refused(job.id, "training_file", "bad line 1")
+                .await
+                .unwrap()
+        );
+        let failed = db.job(job.id).await.unwrap();
+        assert_eq!(
+            (failed.state.as_str(), failed.error_param.as_deref()),
+            ("failed", Some("training_file"))
+        );
+        // Deleting the file keeps the job, without its link.
+        assert!(db.delete_file(f.id).await.unwrap());
+        assert!(!db.delete_file(f.id).await.unwrap());
+        assert_eq!(db.job(job.id).await.unwrap().training_file_id, None);
+    }
+}
