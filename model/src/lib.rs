@@ -5,6 +5,7 @@
 
 pub mod device;
 pub mod engine;
+pub mod export;
 pub mod fetch;
 pub mod gguf;
 mod kernels;

@@ -10,6 +10,7 @@ mod chat;
 mod chat_record;
 mod config_cmd;
 mod data;
+mod export;
 mod models;
 mod train;
 
@@ -80,6 +81,9 @@ pub enum Command {
     FineTune(Box<train::FineTuneArgs>),
     /// Loss, perplexity and token accuracy of a model (and adapter) on a dataset.
     Evaluate(train::EvaluateArgs),
+    /// An adapter for llama.cpp and Ollama: a LoRA GGUF, or the model with the adapter
+    /// merged in as a GGUF (f16, q8_0, q4_1), each with an Ollama Modelfile.
+    Export(export::ExportArgs),
     /// Run queued training jobs from the database until Ctrl-C (`serve` embeds the same loop).
     Worker(train::WorkerArgs),
     /// The whole loop in one process: web console, REST API, OpenAI-compatible endpoint,
@@ -479,6 +483,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Evaluate(args) => train::evaluate(&config, &args).await,
         Command::Worker(args) => train::worker(&config, &args).await,
+        Command::Export(args) => export::export(&config, &args).await,
         Command::Serve(args) => serve(config, &args).await,
         Command::Backup(args) => backup::backup(&config, &args).await,
         Command::Restore(args) => backup::restore(&config, &args).await,

@@ -11,6 +11,7 @@ mod crash;
 mod data;
 mod hostile;
 mod models;
+mod object_storage;
 mod train;
 
 use assert_cmd::Command;

@@ -1,5 +1,6 @@
 //! Reading a job's `dataset_url`: http(s) to public addresses (private ones only when
-//! the config allows them), local files only under the configured import folder, every
+//! the config allows them), object storage (`s3://`, `gs://`, `az://`:
+//! [`crate::dataset_object`]), local files only under the configured import folder, every
 //! read bounded, credentials never stored or echoed.
 
 use crate::error::ApiError;
@@ -37,9 +38,11 @@ pub async fn fetch_dataset(
             name: file_name(parsed.path()),
             source,
         })
+    } else if crate::dataset_object::is_object_url(url) {
+        crate::dataset_object::fetch_object(url, limit).await
     } else if url.contains("://") && !url.starts_with("file://") {
         Err(bad(format!(
-            "{} is not a URL loraloop reads: use http(s):// or a file under the import folder",
+            "{} is not a URL loraloop reads: use http(s)://, s3://, gs://, az:// or a file under the import folder",
             redact_text(url)
         )))
     } else {
@@ -284,7 +287,7 @@ async fn read_local(asked: &Path, dir: Option<&Path>, limit: u64) -> Result<Vec<
 }
 
 /// A dataset name from the last part of a path or URL path.
-fn file_name(s: &str) -> String {
+pub(crate) fn file_name(s: &str) -> String {
     let last = s.rsplit(['/', '\\']).next().unwrap_or("dataset");
     let stem = last.split(['?', '#']).next().unwrap_or(last);
     let stem = stem

@@ -14,6 +14,7 @@ pub mod auth;
 pub mod build_api;
 pub mod canary_views;
 pub mod console;
+pub mod dataset_object;
 pub mod dataset_url;
 pub mod error;
 pub mod files;

@@ -293,6 +293,19 @@ impl Projection {
         }
     }
 
+    /// llama.cpp's tensor name in GGUF files (`blk.N.<name>.weight`).
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Self::Q => "attn_q",
+            Self::K => "attn_k",
+            Self::V => "attn_v",
+            Self::O => "attn_output",
+            Self::Gate => "ffn_gate",
+            Self::Up => "ffn_up",
+            Self::Down => "ffn_down",
+        }
+    }
+
     pub fn from_hf_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|p| p.hf_name() == name)
     }

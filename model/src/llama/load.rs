@@ -120,13 +120,14 @@ pub fn load_gguf(
         };
         use super::Projection as P;
         let b = cfg.qkv_bias;
-        let q = linear("attn_q", cfg.projection_dims(P::Q), b)?;
-        let k = linear("attn_k", cfg.projection_dims(P::K), b)?;
-        let vv = linear("attn_v", cfg.projection_dims(P::V), b)?;
-        let o = linear("attn_output", cfg.projection_dims(P::O), false)?;
-        let gate = linear("ffn_gate", cfg.projection_dims(P::Gate), false)?;
-        let up = linear("ffn_up", cfg.projection_dims(P::Up), false)?;
-        let down = linear("ffn_down", cfg.projection_dims(P::Down), false)?;
+        let mut proj = |p: P, bias: bool| linear(p.gguf_name(), cfg.projection_dims(p), bias);
+        let q = proj(P::Q, b)?;
+        let k = proj(P::K, b)?;
+        let vv = proj(P::V, b)?;
+        let o = proj(P::O, false)?;
+        let gate = proj(P::Gate, false)?;
+        let up = proj(P::Up, false)?;
+        let down = proj(P::Down, false)?;
         blocks.push(Block {
             attn_norm: qt(&format!("blk.{i}.attn_norm.weight"), &[h])?.dequantize(device)?,
             ffn_norm: qt(&format!("blk.{i}.ffn_norm.weight"), &[h])?.dequantize(device)?,

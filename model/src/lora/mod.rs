@@ -144,6 +144,25 @@ impl LoraAdapter {
         self.layers.get(i)
     }
 
+    /// Every pair as `(layer, projection, A [r, in], scale * B [out, r])`, B in the row
+    /// order of the base model it was loaded for (llama.cpp's for a llama GGUF base).
+    pub fn scaled_pairs(&self) -> candle_core::Result<Vec<(usize, Projection, Tensor, Tensor)>> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            for p in Projection::ALL {
+                if let Some(pair) = layer.get(p) {
+                    out.push((
+                        i,
+                        p,
+                        pair.a_t.t()?.contiguous()?,
+                        pair.b_t_scaled.t()?.contiguous()?,
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Bytes the adapter holds in memory: its tensors and their host copies.
     pub fn memory_bytes(&self) -> usize {
         self.layers

@@ -1,0 +1,255 @@
+//! Adapters and fine-tuned models for other runtimes: a LoRA adapter as a GGUF file in
+//! llama.cpp's adapter layout (`llama-cli --lora`, Ollama's `ADAPTER`), the model with the
+//! adapter merged in as a GGUF (F16, Q8_0 or Q4_1; the base's tokenizer and chat template
+//! carried over), and an Ollama Modelfile for either.
+//!
+//! llama.cpp's converter permutes the rows of `q_proj`/`k_proj` for llama-architecture
+//! GGUF files (see [`crate::lora::permute_for_interleaved_rope`]); an adapter loaded for a
+//! llama GGUF base already has its `B` in that order, one loaded for a Hugging Face folder
+//! is permuted here, so the file fits a GGUF of that base either way.
+
+use crate::llama::config::{LlamaConfig, Projection, RopeLayout};
+use crate::lora::{LoraAdapter, permute_for_interleaved_rope};
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::io::{BufReader, BufWriter, Seek, Write};
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("cannot write {path}: {message}")]
+    Write { path: String, message: String },
+    #[error("cannot read {path}: {message}")]
+    Read { path: String, message: String },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The weight type of an exported GGUF model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufType {
+    F16,
+    Q8_0,
+    Q4_1,
+}
+
+impl GgufType {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f16" => Ok(Self::F16),
+            "q8_0" => Ok(Self::Q8_0),
+            "q4_1" => Ok(Self::Q4_1),
+            other => Err(format!(
+                "unknown GGUF type {other:?}: use f16, q8_0 or q4_1"
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::F16 => "f16",
+            Self::Q8_0 => "q8_0",
+            Self::Q4_1 => "q4_1",
+        }
+    }
+
+    fn ggml(self) -> GgmlDType {
+        match self {
+            Self::F16 => GgmlDType::F16,
+            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q4_1 => GgmlDType::Q4_1,
+        }
+    }
+
+    /// llama.cpp's `general.file_type` (`LLAMA_FTYPE_MOSTLY_*`).
+    fn file_type(self) -> u32 {
+        match self {
+            Self::F16 => 1,
+            Self::Q4_1 => 3,
+            Self::Q8_0 => 7,
+        }
+    }
+}
+
+/// Whether llama.cpp's GGUF files of this architecture hold q/k in the permuted row order.
+fn gguf_permutes_qk(arch: &str) -> bool {
+    matches!(arch, "llama" | "mistral")
+}
+
+/// `scale * B` of `adapter` in the row order of a GGUF file of `base`'s architecture.
+fn gguf_pairs(
+    adapter: &LoraAdapter,
+    base: &LlamaConfig,
+) -> Result<Vec<(usize, Projection, Tensor, Tensor)>, ExportError> {
+    let permuted_already = base.rope_layout == RopeLayout::Interleaved;
+    let want_permuted = gguf_permutes_qk(&base.architecture);
+    let mut pairs = adapter.scaled_pairs()?;
+    if want_permuted && !permuted_already {
+        for (_, p, _, b) in pairs.iter_mut() {
+            *b = match p {
+                Projection::Q => permute_for_interleaved_rope(b, base.num_heads)?,
+                Projection::K => permute_for_interleaved_rope(b, base.num_kv_heads)?,
+                _ => b.clone(),
+            };
+        }
+    }
+    Ok(pairs)
+}
+
+fn create(path: &Path) -> Result<BufWriter<std::fs::File>, ExportError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| write_err(path, e))?;
+    }
+    Ok(BufWriter::new(
+        std::fs::File::create(path).map_err(|e| write_err(path, e))?,
+    ))
+}
+
+fn write_err(path: &Path, e: impl std::fmt::Display) -> ExportError {
+    ExportError::Write {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// Write `adapter` (loaded for `base`) as a llama.cpp LoRA GGUF: `general.type = adapter`,
+/// `adapter.type = lora`, tensors `blk.N.<proj>.weight.lora_a` (`[r, in]`) and `.lora_b`
+/// (`[out, r]`), f32. `B` is stored already scaled, with `adapter.lora.alpha = r`, so
+/// llama.cpp's `alpha / r` is 1 and the delta is exactly PEFT's (`--lora-scaled S` still
+/// scales it by S).
+pub fn write_gguf_lora(
+    adapter: &LoraAdapter,
+    base: &LlamaConfig,
+    path: &Path,
+) -> Result<(), ExportError> {
+    let pairs = gguf_pairs(adapter, base)?;
+    let mut tensors = Vec::with_capacity(pairs.len() * 2);
+    for (layer, p, a, b) in &pairs {
+        let stem = format!("blk.{layer}.{}.weight", p.gguf_name());
+        tensors.push((
+            format!("{stem}.lora_a"),
+            QTensor::quantize(&a.to_dtype(DType::F32)?, GgmlDType::F32)?,
+        ));
+        tensors.push((
+            format!("{stem}.lora_b"),
+            QTensor::quantize(&b.to_dtype(DType::F32)?, GgmlDType::F32)?,
+        ));
+    }
+    let r = adapter.config.r as f32;
+    let metadata = [
+        (
+            "general.architecture",
+            Value::String(base.architecture.clone()),
+        ),
+        ("general.type", Value::String("adapter".into())),
+        ("general.name", Value::String(adapter.name.clone())),
+        ("adapter.type", Value::String("lora".into())),
+        ("adapter.lora.alpha", Value::F32(r)),
+    ];
+    let mut w = create(path)?;
+    write_gguf(&mut w, &metadata, &tensors)?;
+    w.flush().map_err(|e| write_err(path, e))
+}
+
+fn write_gguf<W: Write + Seek>(
+    w: &mut W,
+    metadata: &[(&str, Value)],
+    tensors: &[(String, QTensor)],
+) -> Result<(), ExportError> {
+    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    gguf_file::write(w, &md, &ts)?;
+    Ok(())
+}
+
+/// Write the GGUF model at `base_path` with `adapter` merged into its weights
+/// (`W + scale * B A`; None: the base alone, in another type), every matrix in `ty` (a matrix whose rows do not split into the
+/// type's blocks stays f16), vectors in f32. Metadata (tokenizer, chat template,
+/// hyperparameters) is copied; `general.file_type` and `general.name` are set.
+pub fn write_merged_gguf(
+    base_path: &Path,
+    adapter: Option<&LoraAdapter>,
+    base: &LlamaConfig,
+    ty: GgufType,
+    name: &str,
+    path: &Path,
+) -> Result<(), ExportError> {
+    let read_err = |e: &dyn std::fmt::Display| ExportError::Read {
+        path: base_path.display().to_string(),
+        message: e.to_string(),
+    };
+    if base.rope_layout == RopeLayout::Halves && gguf_permutes_qk(&base.architecture) {
+        return Err(ExportError::Unsupported(
+            "a merged GGUF is made from a GGUF base; this base is a Hugging Face folder (export it as a merged safetensors folder, or convert the base with llama.cpp first)".into(),
+        ));
+    }
+    let file = std::fs::File::open(base_path).map_err(|e| read_err(&e))?;
+    let mut reader = BufReader::new(file);
+    let content = gguf_file::Content::read(&mut reader).map_err(|e| read_err(&e))?;
+    let pairs = match adapter {
+        Some(a) => gguf_pairs(a, base)?,
+        None => Vec::new(),
+    };
+    let deltas: HashMap<String, (Tensor, Tensor)> = pairs
+        .into_iter()
+        .map(|(layer, p, a, b)| (format!("blk.{layer}.{}.weight", p.gguf_name()), (a, b)))
+        .collect();
+    let cpu = Device::Cpu;
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort_by_key(|n| content.tensor_infos[*n].offset);
+    let mut tensors = Vec::with_capacity(names.len());
+    for name in names {
+        let q = content.tensor(&mut reader, name, &cpu)?;
+        let dims = q.shape().dims().to_vec();
+        let mut w = q.dequantize(&cpu)?;
+        if let Some((a, b)) = deltas.get(name.as_str()) {
+            let delta = b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)?;
+            w = (w + delta)?;
+        }
+        let target = if dims.len() < 2 {
+            GgmlDType::F32
+        } else if dims[dims.len() - 1] % ty.ggml().block_size() == 0 {
+            ty.ggml()
+        } else {
+            GgmlDType::F16
+        };
+        tensors.push((name.clone(), QTensor::quantize(&w, target)?));
+    }
+    let mut metadata: Vec<(&str, Value)> = content
+        .metadata
+        .iter()
+        .filter(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "general.file_type" | "general.alignment" | "general.name"
+            )
+        })
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    metadata.sort_by(|a, b| a.0.cmp(b.0));
+    metadata.push(("general.file_type", Value::U32(ty.file_type())));
+    metadata.push(("general.name", Value::String(name.to_string())));
+    let mut w = create(path)?;
+    write_gguf(&mut w, &metadata, &tensors)?;
+    w.flush().map_err(|e| write_err(path, e))
+}
+
+/// An Ollama Modelfile: `FROM` the model file, `ADAPTER` the LoRA GGUF when there is one,
+/// the system prompt. (The chat template travels in the GGUF's metadata.)
+pub fn modelfile(from: &str, adapter: Option<&str>, system_prompt: &str) -> String {
+    let mut m = format!("FROM {from}\n");
+    if let Some(a) = adapter {
+        m.push_str(&format!("ADAPTER {a}\n"));
+    }
+    if !system_prompt.trim().is_empty() {
+        m.push_str(&format!(
+            "SYSTEM \"\"\"{}\"\"\"\n",
+            system_prompt.replace("\"\"\"", "\" \" \"")
+        ));
+    }
+    m
+}

@@ -1,0 +1,191 @@
+//! Export on the real default model (SmolLM2-135M-Instruct Q4_1, fetched by the README's
+//! test command): a random LoRA adapter written as a llama.cpp LoRA GGUF reads back
+//! tensor for tensor, and the model with it merged, written as a GGUF and loaded again by
+//! the project's own GGUF loader, gives the logits the unmerged model gives.
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use loraloop_model::engine::LoadedModel;
+use loraloop_model::export::{GgufType, write_gguf_lora, write_merged_gguf};
+use loraloop_model::llama::config::Projection;
+use loraloop_model::lora::{LoraAdapter, PeftConfig, random_peft_tensors};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn model_path() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../data/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo run -- models fetch` first",
+        p.display()
+    );
+    p
+}
+
+/// llama.cpp's ids for a ChatML prompt (see real_model.rs).
+const PROMPT_IDS: [u32; 27] = [
+    1, 9690, 198, 2683, 359, 253, 5356, 11173, 30, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282,
+    4649, 47, 2, 198, 1, 520, 9531, 198,
+];
+
+fn last_logits(m: &LoadedModel, adapter: Option<&LoraAdapter>) -> Vec<f32> {
+    let input = Tensor::new(&PROMPT_IDS[..], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mut cache = m.llama.new_cache();
+    m.llama
+        .forward(&input, &mut cache, adapter)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .unwrap()
+        .0
+}
+
+#[test]
+fn exported_lora_and_merged_ggufs_read_back_and_match_the_unmerged_model() {
+    let dev = Device::Cpu;
+    let base = LoadedModel::load(&model_path(), &dev).unwrap();
+    let cfg = base.llama.config.clone();
+    let peft = PeftConfig::new(8, 16.0, &Projection::ALL);
+    // Deterministic pseudo-random weights (uniform, std 0.05): large enough to move the
+    // logits far more than the tolerances below, and the same on every run.
+    let tensors: HashMap<String, Tensor> = random_peft_tensors(&cfg, &peft, 0.05, &dev)
+        .unwrap()
+        .into_iter()
+        .map(|(name, t)| {
+            let k = name
+                .bytes()
+                .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64))
+                % 1000;
+            let n = t.elem_count();
+            let v: Vec<f32> = (0..n)
+                .map(|i| {
+                    let x = ((i as f64 * 12.9898 + k as f64 * 78.233).sin() * 43758.5453).fract();
+                    (x * 0.0866) as f32 // uniform on (-0.0866, 0.0866): std 0.05
+                })
+                .collect();
+            (name, Tensor::from_vec(v, t.shape(), &dev).unwrap())
+        })
+        .collect();
+    let adapter = LoraAdapter::from_tensors("random".into(), peft, &tensors, &cfg).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+
+    // The LoRA GGUF: llama.cpp's keys, and every pair as the adapter applies it.
+    let lora_path = dir.path().join("adapter.gguf");
+    write_gguf_lora(&adapter, &cfg, &lora_path).unwrap();
+    let mut f = std::io::BufReader::new(std::fs::File::open(&lora_path).unwrap());
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    let md = |k: &str| content.metadata.get(k).unwrap().clone();
+    assert_eq!(md("general.type").to_string().unwrap(), "adapter");
+    assert_eq!(md("adapter.type").to_string().unwrap(), "lora");
+    assert_eq!(md("general.architecture").to_string().unwrap(), "llama");
+    assert_eq!(md("adapter.lora.alpha").to_f32().unwrap(), 8.0);
+    let pairs = adapter.scaled_pairs().unwrap();
+    assert_eq!(content.tensor_infos.len(), 2 * pairs.len());
+    for (layer, p, a, b) in &pairs {
+        let stem = format!("blk.{layer}.{}.weight", p.gguf_name());
+        for (side, want) in [("lora_a", a), ("lora_b", b)] {
+            let got = content
+                .tensor(&mut f, &format!("{stem}.{side}"), &dev)
+                .unwrap()
+                .dequantize(&dev)
+                .unwrap();
+            assert_eq!(got.dims(), want.dims(), "{stem}.{side}");
+            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{stem}.{side}");
+        }
+    }
+
+    let with_adapter = last_logits(&base, Some(&adapter));
+    let without = last_logits(&base, None);
+    let moved = with_adapter
+        .iter()
+        .zip(&without)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(moved > 1.0, "the adapter moves the logits: {moved}");
+    // F16: the reference is the base re-typed to F16 (nothing merged) running the
+    // adapter unmerged. Both see the same rounding of the base weights, so what is left
+    // is f16's relative 2^-11 on each merged weight, through 30 layers to logits of size
+    // ~20 (measured: 0.022). The largest logit difference over the 49152-token
+    // vocabulary (the adapter itself moves them by more than 1), and the same top token.
+    let load = |ty: GgufType, adapter: Option<&LoraAdapter>| {
+        let name = format!(
+            "{}-{}.gguf",
+            if adapter.is_some() { "merged" } else { "base" },
+            ty.as_str()
+        );
+        let path = dir.path().join(name);
+        write_merged_gguf(&model_path(), adapter, &cfg, ty, "exported", &path).unwrap();
+        LoadedModel::load(&path, &dev).unwrap()
+    };
+    let max_diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    let base_f16 = load(GgufType::F16, None);
+    let merged_f16 = load(GgufType::F16, Some(&adapter));
+    assert_eq!(merged_f16.llama.config, cfg);
+    assert_eq!(
+        merged_f16.template.source(),
+        base.template.source(),
+        "the chat template travels"
+    );
+    assert_eq!(
+        merged_f16
+            .tokenizer
+            .encode("What is the capital of France?", false)
+            .unwrap(),
+        base.tokenizer
+            .encode("What is the capital of France?", false)
+            .unwrap()
+    );
+    let unmerged_f16 = last_logits(&base_f16, Some(&adapter));
+    let merged_f16 = last_logits(&merged_f16, None);
+    let f16_diff = max_diff(&merged_f16, &unmerged_f16);
+    eprintln!("f16: max logit difference, merged vs unmerged: {f16_diff}");
+    assert!(f16_diff < 0.05, "f16: {f16_diff}");
+    assert_eq!(argmax(&merged_f16), argmax(&unmerged_f16));
+    assert_eq!(
+        argmax(&merged_f16),
+        argmax(&with_adapter),
+        "the Q4_1 base's top token"
+    );
+    // Q8_0 rounds every 32-weight block to 8 bits: the merged Q8_0 file may be about as
+    // far from the merged F16 one as the base's Q8_0 re-typing is from its F16 one (the
+    // rounding of one Q8_0 model; root mean square over the vocabulary), not much further
+    // (measured: 0.33 for the base, 0.55 for the merged model, whose blocks span the
+    // delta too).
+    let rms = |a: &[f32], b: &[f32]| {
+        (a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f32>() / a.len() as f32).sqrt()
+    };
+    let base_q8 = last_logits(&load(GgufType::Q8_0, None), None);
+    let base_rounding = rms(&base_q8, &last_logits(&base_f16, None));
+    let merged_q8 = last_logits(&load(GgufType::Q8_0, Some(&adapter)), None);
+    let merged_rounding = rms(&merged_q8, &merged_f16);
+    eprintln!(
+        "q8_0: rms rounding of the base {base_rounding}, of the merged model {merged_rounding}"
+    );
+    assert!(
+        merged_rounding < 2.0 * base_rounding,
+        "q8_0: merged {merged_rounding} vs base {base_rounding}"
+    );
+    assert_eq!(
+        argmax(&merged_q8),
+        argmax(&merged_f16),
+        "q8_0: the same top token"
+    );
+}
