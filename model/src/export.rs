@@ -238,6 +238,37 @@ pub fn write_merged_gguf(
     w.flush().map_err(|e| write_err(path, e))
 }
 
+/// What to export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Export {
+    /// The adapter as a llama.cpp LoRA GGUF.
+    Lora,
+    /// The base with the adapter merged in, as a GGUF of this type.
+    Merged(GgufType),
+}
+
+/// Load the PEFT adapter in `adapter_dir` for the base described by `cfg` (on the CPU)
+/// and write `what` to `out`, naming the adapter or merged model `name`.
+pub fn export_adapter(
+    adapter_dir: &Path,
+    base_path: &Path,
+    cfg: &LlamaConfig,
+    what: Export,
+    name: &str,
+    out: &Path,
+) -> Result<(), ExportError> {
+    let mut adapter =
+        LoraAdapter::load(adapter_dir, cfg, &Device::Cpu).map_err(|e| ExportError::Read {
+            path: adapter_dir.display().to_string(),
+            message: e.to_string(),
+        })?;
+    adapter.name = name.to_string();
+    match what {
+        Export::Lora => write_gguf_lora(&adapter, cfg, out),
+        Export::Merged(ty) => write_merged_gguf(base_path, Some(&adapter), cfg, ty, name, out),
+    }
+}
+
 /// An Ollama Modelfile: `FROM` the model file, `ADAPTER` the LoRA GGUF when there is one,
 /// the system prompt. (The chat template travels in the GGUF's metadata.)
 pub fn modelfile(from: &str, adapter: Option<&str>, system_prompt: &str) -> String {

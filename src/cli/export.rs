@@ -7,8 +7,7 @@ use anyhow::Context;
 use clap::Args;
 use loraloop_core::Config;
 use loraloop_model::engine::LoadedModel;
-use loraloop_model::export::{GgufType, modelfile, write_gguf_lora, write_merged_gguf};
-use loraloop_model::lora::LoraAdapter;
+use loraloop_model::export::{Export, GgufType, export_adapter, modelfile};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -41,23 +40,30 @@ pub async fn export(config: &Config, args: &ExportArgs) -> anyhow::Result<ExitCo
     let (adapter_dir, out) = (args.adapter.clone(), args.output_dir.clone());
     let system = config.raw.assistant.system_prompt.clone();
     let written = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<PathBuf>> {
-        let device = candle_core::Device::Cpu;
-        let base = LoadedModel::load(&model_path, &device)?;
+        let base = LoadedModel::load(&model_path, &candle_core::Device::Cpu)?;
         let cfg = &base.llama.config;
-        let adapter = LoraAdapter::load(&adapter_dir, cfg, &device)
-            .with_context(|| format!("cannot load the adapter {}", adapter_dir.display()))?;
+        let name = adapter_dir
+            .file_name()
+            .map_or("adapter".to_string(), |n| n.to_string_lossy().into_owned());
         std::fs::create_dir_all(&out)
             .with_context(|| format!("cannot create {}", out.display()))?;
         let (file, from, adapter_line) = if args_format == "lora" {
             let file = out.join("adapter.gguf");
-            write_gguf_lora(&adapter, cfg, &file)?;
+            export_adapter(&adapter_dir, &model_path, cfg, Export::Lora, &name, &file)?;
             let from = std::fs::canonicalize(&model_path).unwrap_or(model_path.clone());
             (file, from.display().to_string(), Some("./adapter.gguf"))
         } else {
-            let name = format!("model-{}.gguf", ty.as_str());
-            let file = out.join(&name);
-            write_merged_gguf(&model_path, Some(&adapter), cfg, ty, &adapter.name, &file)?;
-            (file, format!("./{name}"), None)
+            let file_name = format!("model-{}.gguf", ty.as_str());
+            let file = out.join(&file_name);
+            export_adapter(
+                &adapter_dir,
+                &model_path,
+                cfg,
+                Export::Merged(ty),
+                &name,
+                &file,
+            )?;
+            (file, format!("./{file_name}"), None)
         };
         let mf = out.join("Modelfile");
         std::fs::write(&mf, modelfile(&from, adapter_line, &system))

@@ -9,6 +9,7 @@ mod chat;
 mod config;
 mod crash;
 mod data;
+mod export;
 mod hostile;
 mod models;
 mod object_storage;

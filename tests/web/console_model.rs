@@ -406,6 +406,30 @@ async fn train_activate_download_upload_chat_and_compare_from_the_console() {
             "loraloop_adapter.json"
         ]
     );
+    // The same adapter as a llama.cpp LoRA GGUF, from the list's "GGUF" link.
+    let list = c
+        .http
+        .get(c.url("/adapters"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let link = format!("/adapters/{trained_id}/export?format=lora");
+    assert!(list.contains(&link), "{list}");
+    let r = c.http.get(c.url(&link)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-disposition"]
+            .to_str()
+            .unwrap()
+            .ends_with(".gguf\""),
+        "{:?}",
+        r.headers()
+    );
+    let gguf = r.bytes().await.unwrap();
+    assert_eq!(&gguf[..4], b"GGUF");
     let (status, page) = c.upload("reup", zip.clone()).await;
     assert_eq!(status, 200, "{page}");
     assert!(page.contains(r#"id="adapter-notice""#) && page.contains(r#"data-name="reup""#));

@@ -12,6 +12,7 @@ mod browser;
 mod console_data;
 mod console_model;
 mod dataset_urls;
+mod export;
 mod limits;
 mod openai_client;
 mod openai_fine_tuning;

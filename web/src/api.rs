@@ -66,6 +66,7 @@ pub fn router(_state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(crate::assistant_api::delete_route))
         .routes(routes!(list_adapters))
         .routes(routes!(activate_adapter))
+        .routes(routes!(crate::export_api::export_adapter))
         .routes(routes!(rollback_adapter))
         .routes(routes!(crate::canary_views::get_canary))
         .routes(routes!(crate::canary_views::stop_canary))

@@ -17,6 +17,7 @@ pub mod console;
 pub mod dataset_object;
 pub mod dataset_url;
 pub mod error;
+pub mod export_api;
 pub mod files;
 pub mod fine_tuning;
 pub mod job_files;

@@ -34,6 +34,7 @@ pub fn routes() -> Router<AppState> {
         .route("/adapters", get(list))
         .route("/adapters/{id}/activate", post(activate))
         .route("/adapters/{id}/download", get(download))
+        .route("/adapters/{id}/export", get(export))
         .route("/adapters/rollback", post(rollback))
         .route("/adapters/canary/stop", post(super::canary::stop))
         .route("/adapters/base", post(use_base))
@@ -206,7 +207,13 @@ fn adapter_row(session: &AdminSession, a: &AdapterView, q: &str) -> Markup {
                     }
                     " "
                 }
-                a href=(format!("/adapters/{}/download", a.id)) class="download" { "Download" }
+                a href=(format!("/adapters/{}/download", a.id)) class="download" title="PEFT files (zip)" { "Download" }
+                @if a.incompatible.is_none() {
+                    " "
+                    a href=(format!("/adapters/{}/export?format=lora", a.id)) class="export-lora" title="LoRA GGUF for llama.cpp (--lora) or Ollama (ADAPTER)" { "GGUF" }
+                    " "
+                    a href=(format!("/adapters/{}/export?format=merged&type=q8_0", a.id)) class="export-merged" title="the model with this adapter merged in, Q8_0 GGUF" { "Merged GGUF" }
+                }
             }
         }
     }
@@ -263,6 +270,30 @@ async fn rollback(
     }
 }
 
+/// `GET /adapters/{id}/export?format=lora|merged&type=...`: a GGUF for llama.cpp / Ollama.
+async fn export(
+    State(state): State<AppState>,
+    session: AdminSession,
+    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+    q: Result<
+        axum::extract::Query<crate::export_api::ExportQuery>,
+        axum::extract::rejection::QueryRejection,
+    >,
+) -> Response {
+    let id = match path_id(id) {
+        Ok(i) => i,
+        Err(e) => return fail(&session, &e),
+    };
+    let q = match q {
+        Ok(axum::extract::Query(q)) => q,
+        Err(e) => return fail(&session, &ApiError::invalid("query", e.body_text())),
+    };
+    match crate::export_api::export_download(&state, id, &q, crate::audit::CONSOLE).await {
+        Ok(r) => r,
+        Err(e) => fail(&session, &e),
+    }
+}
+
 /// `GET /adapters/{id}/download`: the adapter's PEFT files as a zip.
 async fn download(
     State(state): State<AppState>,
@@ -284,17 +315,7 @@ async fn download(
         Ok(Err(e)) => return fail(&session, &e),
         Err(e) => return fail(&session, &ApiError::internal(e)),
     };
-    let file_name: String = row
-        .name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let file_name = crate::export_api::download_name(&row.name);
     (
         [
             (header::CONTENT_TYPE, "application/zip".to_string()),

@@ -1,0 +1,124 @@
+//! `loraloop export` on the real default model: a LoRA GGUF with a Modelfile that points
+//! llama.cpp / Ollama at the base, and a merged Q4_1 GGUF that loads and chats.
+
+use super::loraloop;
+use loraloop_model::engine::LoadedModel;
+use loraloop_model::llama::config::Projection;
+use loraloop_model::lora::{PeftConfig, random_peft_tensors, write_peft_dir};
+use std::path::Path;
+
+fn real_model() -> std::path::PathBuf {
+    let p =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.exists(), "run `cargo run -- models fetch` first");
+    p
+}
+
+#[test]
+fn export_writes_a_lora_gguf_or_a_merged_gguf_with_an_ollama_modelfile() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = candle_core::Device::Cpu;
+    let base = LoadedModel::load(&real_model(), &dev).unwrap();
+    let peft = PeftConfig::new(4, 8.0, &[Projection::Q, Projection::V]);
+    let tensors = random_peft_tensors(&base.llama.config, &peft, 0.01, &dev).unwrap();
+    let adapter = dir.path().join("my-adapter");
+    write_peft_dir(&adapter, &peft, &tensors).unwrap();
+
+    let out = loraloop(dir.path())
+        .args([
+            "export",
+            "--adapter",
+            "my-adapter",
+            "--output-dir",
+            "lora",
+            "--model",
+        ])
+        .arg(real_model())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gguf = std::fs::read(dir.path().join("lora/adapter.gguf")).unwrap();
+    assert_eq!(&gguf[..4], b"GGUF");
+    let modelfile = std::fs::read_to_string(dir.path().join("lora/Modelfile")).unwrap();
+    let from = std::fs::canonicalize(real_model()).unwrap();
+    assert!(
+        modelfile.starts_with(&format!(
+            "FROM {}\nADAPTER ./adapter.gguf\n",
+            from.display()
+        )),
+        "{modelfile}"
+    );
+    assert!(
+        modelfile.contains("SYSTEM \"\"\"You are a helpful assistant.\"\"\""),
+        "{modelfile}"
+    );
+
+    let out = loraloop(dir.path())
+        .args([
+            "export",
+            "--adapter",
+            "my-adapter",
+            "--format",
+            "merged",
+            "--type",
+            "q4_1",
+        ])
+        .args(["--output-dir", "merged", "--model"])
+        .arg(real_model())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("model-q4_1.gguf"), "{stdout}");
+    let modelfile = std::fs::read_to_string(dir.path().join("merged/Modelfile")).unwrap();
+    assert!(
+        modelfile.starts_with("FROM ./model-q4_1.gguf\n"),
+        "{modelfile}"
+    );
+    // The merged file is a model of its own: `loraloop chat` runs it.
+    let out = loraloop(dir.path())
+        .args([
+            "chat",
+            "--json",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "8",
+            "--model",
+        ])
+        .arg(dir.path().join("merged/model-q4_1.gguf"))
+        .write_stdin("What is the capital of France?\n")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reply: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert!(!reply["reply"].as_str().unwrap().is_empty(), "{reply}");
+
+    let out = loraloop(dir.path())
+        .args([
+            "export",
+            "--adapter",
+            "missing",
+            "--output-dir",
+            "x",
+            "--model",
+        ])
+        .arg(real_model())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing"));
+}
