@@ -12,6 +12,7 @@ mod config_cmd;
 mod data;
 mod export;
 mod models;
+mod sweep;
 mod train;
 
 use anyhow::Context;
@@ -84,6 +85,12 @@ pub enum Command {
     /// An adapter for llama.cpp and Ollama: a LoRA GGUF, or the model with the adapter
     /// merged in as a GGUF (f16, q8_0, q4_1), each with an Ollama Modelfile.
     Export(export::ExportArgs),
+    /// A hyperparameter sweep on the running server: grid or random search, each trial a
+    /// training job, ranked by the adapters' report cards.
+    ///
+    /// Here `--config` names the sweep's YAML: dataset, search (grid | random), trials,
+    /// seed, hyperparameters (shared), parameters ({setting: [values]}), activate_best.
+    Sweep(sweep::SweepArgs),
     /// Run queued training jobs from the database until Ctrl-C (`serve` embeds the same loop).
     Worker(train::WorkerArgs),
     /// The whole loop in one process: web console, REST API, OpenAI-compatible endpoint,
@@ -460,9 +467,10 @@ pub enum ConfigCommand {
 /// Run the parsed command; the exit code says whether it succeeded.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // For fine-tune, --config is the training YAML (the issue's `loraloop fine-tune
-    // --config config.yaml`); the loraloop config then comes from the usual places.
+    // --config config.yaml`), for sweep the sweep's YAML; the loraloop config then comes
+    // from the usual places.
     let (explicit_path, training_yaml) = match &cli.command {
-        Command::FineTune(_) => (None, cli.config.clone()),
+        Command::FineTune(_) | Command::Sweep(_) => (None, cli.config.clone()),
         _ => (cli.config.clone(), None),
     };
     let config = Config::load(&ConfigSource { explicit_path }).context("invalid configuration")?;
@@ -484,6 +492,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Evaluate(args) => train::evaluate(&config, &args).await,
         Command::Worker(args) => train::worker(&config, &args).await,
         Command::Export(args) => export::export(&config, &args).await,
+        Command::Sweep(args) => sweep::sweep(&config, &args, training_yaml).await,
         Command::Serve(args) => serve(config, &args).await,
         Command::Backup(args) => backup::backup(&config, &args).await,
         Command::Restore(args) => backup::restore(&config, &args).await,

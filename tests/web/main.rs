@@ -16,3 +16,4 @@ mod export;
 mod limits;
 mod openai_client;
 mod openai_fine_tuning;
+mod sweeps;

@@ -19,6 +19,7 @@ pub mod plan;
 pub mod preference;
 pub mod replay;
 pub mod run;
+pub mod sweep;
 pub mod tokenize;
 pub mod topk;
 pub mod trainable;

@@ -205,6 +205,11 @@ pub async fn run_next(
                 .await?;
         }
     }
+    if let Some(sweep) = job.sweep_id
+        && let Err(e) = crate::sweep::finish_if_done(db, &opts.gate, sweep).await
+    {
+        tracing::warn!("sweep {sweep}: cannot rank its trials: {e:#}");
+    }
     Ok(Some(id))
 }
 
@@ -460,6 +465,14 @@ async fn run_job(
             .await?;
         db.set_job_adapter(id, adapter.id).await?;
         let said = match &card {
+            Some(card) if job.sweep_id.is_some() => {
+                db.set_report_card(adapter.id, &serde_json::to_value(card)?)
+                    .await?;
+                format!(
+                    "{name} is a trial of sweep {}: the sweep decides when its last trial ends",
+                    job.sweep_id.unwrap_or_default()
+                )
+            }
             Some(card) => {
                 db.set_report_card(adapter.id, &serde_json::to_value(card)?)
                     .await?;

@@ -67,6 +67,11 @@ pub fn router(_state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(list_adapters))
         .routes(routes!(activate_adapter))
         .routes(routes!(crate::export_api::export_adapter))
+        .routes(routes!(
+            crate::sweep_api::create_sweep,
+            crate::sweep_api::list_sweeps
+        ))
+        .routes(routes!(crate::sweep_api::get_sweep))
         .routes(routes!(rollback_adapter))
         .routes(routes!(crate::canary_views::get_canary))
         .routes(routes!(crate::canary_views::stop_canary))

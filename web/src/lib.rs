@@ -29,6 +29,7 @@ pub mod openai_files;
 pub mod operations;
 pub mod paging;
 pub mod state;
+pub mod sweep_api;
 pub mod telegram_webhook;
 
 pub use state::AppState;

@@ -397,6 +397,17 @@ pub async fn create_job(
     req: &CreateJob,
     actor: &str,
 ) -> Result<TrainingJob, ApiError> {
+    create_trial(state, req, actor, None).await
+}
+
+/// [`create_job`], as a trial of `sweep` when given (marked before it is queued, so no
+/// worker decides its adapter alone).
+pub async fn create_trial(
+    state: &AppState,
+    req: &CreateJob,
+    actor: &str,
+    sweep: Option<i64>,
+) -> Result<TrainingJob, ApiError> {
     let mut settings = job_settings(req)?;
     // A name `GET /v1/models` lists, or a model file in the models folder by name: a
     // client's string never becomes an arbitrary path.
@@ -491,6 +502,9 @@ pub async fn create_job(
             assistant_id: Some(assistant.id),
         })
         .await?;
+    if let Some(s) = sweep {
+        state.core.db.set_job_sweep(job.id, s).await?;
+    }
     state
         .core
         .db

@@ -86,6 +86,8 @@ pub struct TrainingJob {
     pub error_param: Option<String>,
     /// OpenAI's `suffix`: part of the adapter's name.
     pub suffix: Option<String>,
+    /// The sweep this job is a trial of: the sweep, not the job, decides its adapter.
+    pub sweep_id: Option<i64>,
 }
 
 impl TrainingJob {
@@ -144,7 +146,7 @@ const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 /// Now plus the first bound parameter, in seconds.
 const LEASE: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+' || ?1 || ' seconds')";
 
-const JOB_COLUMNS: &str = "id, state, dataset_id, base_model, method, hyperparameters, output_dir, adapter_id, step, total_steps, cancel_requested, error, created_at, started_at, finished_at, assistant_id, training_file_id, validation_file_id, validation_dataset_id, error_param, suffix";
+pub(super) const JOB_COLUMNS: &str = "id, state, dataset_id, base_model, method, hyperparameters, output_dir, adapter_id, step, total_steps, cancel_requested, error, created_at, started_at, finished_at, assistant_id, training_file_id, validation_file_id, validation_dataset_id, error_param, suffix, sweep_id";
 
 impl Db {
     pub async fn create_job(&self, job: &NewJob<'_>) -> Result<TrainingJob> {

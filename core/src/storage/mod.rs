@@ -21,6 +21,7 @@ mod forget;
 mod jobs;
 mod maintenance;
 mod routing;
+mod sweeps;
 mod updates;
 
 pub use crate::preference::PreferenceRows;
@@ -42,6 +43,7 @@ pub use forget::{Forgotten, lines_hash};
 pub use jobs::{JobState, NewFileJob, NewJob, NewTrainingEvent, TrainingEvent, TrainingJob};
 pub use maintenance::{Pruned, Retention};
 pub use routing::{Canary, DailyRatings, Pin};
+pub use sweeps::Sweep;
 pub use updates::PendingUpdate;
 
 use sqlx::SqlitePool;

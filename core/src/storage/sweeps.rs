@@ -1,0 +1,101 @@
+//! Hyperparameter sweeps: their trials are ordinary jobs carrying the sweep's id.
+
+use super::jobs::JOB_COLUMNS;
+use super::{Db, Result, StorageError, TrainingJob};
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct Sweep {
+    pub id: i64,
+    pub name: String,
+    pub spec: String,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+    pub best_job_id: Option<i64>,
+    pub decision: Option<String>,
+}
+
+const SWEEP_COLUMNS: &str = "id, name, spec, created_at, finished_at, best_job_id, decision";
+
+impl Db {
+    pub async fn create_sweep(&self, name: &str, spec: &serde_json::Value) -> Result<Sweep> {
+        Ok(sqlx::query_as(&format!(
+            "insert into sweeps (name, spec) values (?, ?) returning {SWEEP_COLUMNS}"
+        ))
+        .bind(name)
+        .bind(spec.to_string())
+        .fetch_one(self.pool())
+        .await?)
+    }
+
+    pub async fn sweep(&self, id: i64) -> Result<Sweep> {
+        let found: Option<Sweep> =
+            sqlx::query_as(&format!("select {SWEEP_COLUMNS} from sweeps where id = ?"))
+                .bind(id)
+                .fetch_optional(self.pool())
+                .await?;
+        found.ok_or_else(|| StorageError::NotFound {
+            what: format!("sweep {id}"),
+        })
+    }
+
+    /// Sweeps newest first.
+    pub async fn list_sweeps(&self, limit: i64) -> Result<Vec<Sweep>> {
+        Ok(sqlx::query_as(&format!(
+            "select {SWEEP_COLUMNS} from sweeps order by id desc limit ?"
+        ))
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// Make job `job_id` a trial of `sweep_id` (before it is queued).
+    pub async fn set_job_sweep(&self, job_id: i64, sweep_id: i64) -> Result<()> {
+        sqlx::query("update training_jobs set sweep_id = ? where id = ?")
+            .bind(sweep_id)
+            .bind(job_id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// A sweep's trials, in the order they were created.
+    pub async fn sweep_jobs(&self, sweep_id: i64) -> Result<Vec<TrainingJob>> {
+        Ok(sqlx::query_as(&format!(
+            "select {JOB_COLUMNS} from training_jobs where sweep_id = ? order by id"
+        ))
+        .bind(sweep_id)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// Close a sweep with its best trial; false when it was closed already (another
+    /// worker finished it first).
+    pub async fn finish_sweep(
+        &self,
+        id: i64,
+        best_job_id: Option<i64>,
+        decision: &str,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "update sweeps set finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'),
+                best_job_id = ?, decision = ? where id = ? and finished_at is null",
+        )
+        .bind(best_job_id)
+        .bind(decision)
+        .bind(id)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// What became of a finished sweep's best adapter.
+    pub async fn set_sweep_decision(&self, id: i64, decision: &str) -> Result<()> {
+        sqlx::query("update sweeps set decision = ? where id = ?")
+            .bind(decision)
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+}
