@@ -131,3 +131,65 @@ async fn the_sweep_command_runs_a_sweep_on_the_server_and_prints_the_ranking() {
     assert!(stdout.contains("best of 2 trials"), "{stdout}");
     s.stop().await;
 }
+
+/// The console's Sweeps page starts a sweep from its YAML and shows its trials; a sweep
+/// that does not parse is shown again with the reason and nothing is created.
+#[tokio::test]
+async fn the_console_starts_a_sweep_from_yaml_and_lists_its_trials() {
+    let s = start(false, &[]).await;
+    s.upload_dataset("zorblax", &zorblax_jsonl(8)).await;
+    let http = reqwest::Client::builder()
+        .cookie_store(true)
+        .build()
+        .unwrap();
+    let home = http
+        .post(s.url("/login"))
+        .form(&[
+            ("username", "admin"),
+            ("password", crate::support::PASSWORD),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = home
+        .split(r#"<meta name="csrf-token" content=""#)
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("the dashboard carries the CSRF token")
+        .to_string();
+    let post = |yaml: &str| {
+        http.post(s.url("/sweeps"))
+            .form(&[("_csrf", csrf.as_str()), ("yaml", yaml)])
+            .send()
+    };
+    let bad = post("dataset: zorblax\nparameters: {lora_r: []}\n")
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 422);
+    let page = bad.text().await.unwrap();
+    assert!(page.contains("parameters.lora_r has no values"), "{page}");
+    assert!(page.contains("lora_r: []"), "the YAML is kept: {page}");
+    assert!(!page.contains(r#"id="sweep-list""#), "nothing was created");
+
+    let r = post("dataset: zorblax\nparameters:\n  lora_r: [2, 4]\n")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.url().path().starts_with("/sweeps/"), "{}", r.url());
+    let page = r.text().await.unwrap();
+    assert_eq!(page.matches("<tr data-job=").count(), 2, "{page}");
+    assert!(page.contains(r#"data-status="running""#), "{page}");
+    let list = http
+        .get(s.url("/sweeps"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(list.contains("sweep on zorblax v1"), "{list}");
+    s.stop().await;
+}

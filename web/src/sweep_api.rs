@@ -62,10 +62,21 @@ pub async fn create_sweep(
     State(state): State<AppState>,
     ApiJson(spec): ApiJson<SweepSpec>,
 ) -> Result<Json<SweepView>, ApiError> {
+    let sweep = start_sweep(&state, &spec, crate::audit::API).await?;
+    Ok(Json(sweep_view(&state, sweep).await?))
+}
+
+/// Check every trial of `spec`, then create the sweep and its trials as queued jobs (the
+/// API's route and the console's form).
+pub async fn start_sweep(
+    state: &AppState,
+    spec: &SweepSpec,
+    actor: &str,
+) -> Result<Sweep, ApiError> {
     let trials = spec
         .trials()
         .map_err(|m| ApiError::invalid("parameters", m))?;
-    let dataset = dataset_of(&state, &spec.dataset).await?;
+    let dataset = dataset_of(state, &spec.dataset).await?;
     let requests: Vec<CreateJob> = trials
         .iter()
         .map(|t| CreateJob {
@@ -93,14 +104,14 @@ pub async fn create_sweep(
         .name
         .clone()
         .unwrap_or_else(|| format!("sweep on {} v{}", dataset.name, dataset.version));
-    let spec_json = serde_json::to_value(&spec).map_err(ApiError::internal)?;
+    let spec_json = serde_json::to_value(spec).map_err(ApiError::internal)?;
     let sweep = state.core.db.create_sweep(&name, &spec_json).await?;
     for r in &requests {
-        create_trial(&state, r, crate::audit::API, Some(sweep.id)).await?;
+        create_trial(state, r, actor, Some(sweep.id)).await?;
     }
     crate::audit::record(
-        &state,
-        crate::audit::API,
+        state,
+        actor,
         "start sweep",
         &format!(
             "sweep {} ({} trials on {} v{})",
@@ -111,7 +122,7 @@ pub async fn create_sweep(
         ),
     )
     .await;
-    Ok(Json(sweep_view(&state, sweep).await?))
+    Ok(sweep)
 }
 
 pub async fn sweep_view(state: &AppState, sweep: Sweep) -> Result<SweepView, ApiError> {

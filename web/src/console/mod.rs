@@ -69,6 +69,7 @@ pub fn layout(title: &str, session: Option<&AdminSession>, active: &str, body: M
         ("/conversations", "Conversations"),
         ("/datasets", "Datasets"),
         ("/jobs", "Training"),
+        ("/sweeps", "Sweeps"),
         ("/adapters", "Adapters"),
         ("/assistants", "Assistants"),
         ("/playground", "Playground"),

@@ -8,6 +8,7 @@ mod canary;
 mod jobs;
 mod playground;
 mod report_card;
+mod sweeps;
 
 use crate::auth::AdminSession;
 use crate::console::error_page;
@@ -36,6 +37,7 @@ pub fn routes() -> Router<AppState> {
         .merge(assistants::routes())
         .merge(playground::routes())
         .merge(audit::routes())
+        .merge(sweeps::routes())
 }
 
 fn asset(body: &'static str, content_type: &'static str) -> Response {
