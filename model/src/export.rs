@@ -284,3 +284,114 @@ pub fn modelfile(from: &str, adapter: Option<&str>, system_prompt: &str) -> Stri
     }
     m
 }
+
+/// The Hugging Face `config.json` of a model with `cfg`'s hyperparameters.
+pub fn hf_config_json(
+    cfg: &LlamaConfig,
+    tokenizer: &crate::tokenizer::Tokenizer,
+    dtype: DType,
+) -> serde_json::Value {
+    let (architecture, model_type) = match cfg.architecture.as_str() {
+        "qwen2" => ("Qwen2ForCausalLM", "qwen2"),
+        "mistral" => ("MistralForCausalLM", "mistral"),
+        _ => ("LlamaForCausalLM", "llama"),
+    };
+    let mut c = serde_json::json!({
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "attention_bias": cfg.qkv_bias,
+        "hidden_act": "silu",
+        "torch_dtype": if dtype == DType::F16 { "float16" } else { "float32" },
+        "bos_token_id": tokenizer.bos_token().map(|t| t.0),
+        "eos_token_id": tokenizer.eos_token().map(|t| t.0),
+    });
+    if let Some(s) = &cfg.rope_scaling {
+        c["rope_scaling"] = serde_json::json!({
+            "rope_type": "llama3",
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings,
+        });
+    }
+    c
+}
+
+/// Write `model` with `adapter` merged in (None: the model alone) as a Hugging Face
+/// folder: `config.json`, `model.safetensors` (f16 or f32, Hugging Face row order),
+/// `tokenizer.json` and `tokenizer_config.json` with the chat template.
+pub fn write_merged_hf(
+    model: &crate::engine::LoadedModel,
+    adapter: Option<&LoraAdapter>,
+    dtype: DType,
+    dir: &Path,
+) -> Result<(), ExportError> {
+    if !matches!(dtype, DType::F16 | DType::F32) {
+        return Err(ExportError::Unsupported(format!(
+            "a Hugging Face folder is written in f16 or f32, not {dtype:?}"
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| write_err(dir, e))?;
+    let cfg = &model.llama.config;
+    let mut dense = crate::train::DenseLlama::from_llama(&model.llama, DType::F32)?;
+    if let Some(a) = adapter {
+        let interleaved = cfg.rope_layout == RopeLayout::Interleaved;
+        for (layer, p, a, mut b) in a.scaled_pairs()? {
+            if interleaved && matches!(p, Projection::Q | Projection::K) {
+                let heads = if p == Projection::Q {
+                    cfg.num_heads
+                } else {
+                    cfg.num_kv_heads
+                };
+                b = crate::train::unpermute_interleaved_rope(&b, heads)?;
+            }
+            let name = crate::train::base_name(layer, p, "weight");
+            let w = dense
+                .param_mut(&name)
+                .ok_or_else(|| ExportError::Unsupported(format!("the model has no {name}")))?;
+            *w = (&*w + b.matmul(&a)?)?;
+        }
+    }
+    let tensors: HashMap<String, Tensor> = dense
+        .named_params()
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_dtype(dtype)?.contiguous()?)))
+        .collect::<candle_core::Result<_>>()?;
+    let weights = dir.join("model.safetensors");
+    candle_core::safetensors::save(&tensors, &weights)?;
+    let json = |name: &str, v: &serde_json::Value| {
+        let path = dir.join(name);
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(v).expect("JSON values serialize"),
+        )
+        .map_err(|e| write_err(&path, e))
+    };
+    json("config.json", &hf_config_json(cfg, &model.tokenizer, dtype))?;
+    let tok = &model.tokenizer;
+    json(
+        "tokenizer_config.json",
+        &serde_json::json!({
+            "chat_template": model.template.source(),
+            "bos_token": tok.bos_token().map(|t| t.1),
+            "eos_token": tok.eos_token().map(|t| t.1),
+            "add_bos_token": tok.add_bos_token(),
+        }),
+    )?;
+    let tok_path = dir.join("tokenizer.json");
+    tok.inner()
+        .save(&tok_path, false)
+        .map_err(|e| write_err(&tok_path, e))?;
+    Ok(())
+}

@@ -6,7 +6,7 @@
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use loraloop_model::engine::LoadedModel;
-use loraloop_model::export::{GgufType, write_gguf_lora, write_merged_gguf};
+use loraloop_model::export::{GgufType, write_gguf_lora, write_merged_gguf, write_merged_hf};
 use loraloop_model::llama::config::Projection;
 use loraloop_model::lora::{LoraAdapter, PeftConfig, random_peft_tensors};
 use std::collections::HashMap;
@@ -188,4 +188,32 @@ fn exported_lora_and_merged_ggufs_read_back_and_match_the_unmerged_model() {
         argmax(&merged_f16),
         "q8_0: the same top token"
     );
+
+    // A Hugging Face folder (f32): the base's weights as the loader dequantizes them,
+    // q/k back in Hugging Face row order, plus the delta; loaded by the folder loader.
+    // Its reference is the F16 re-typing running the adapter (both compute in f32 on
+    // dequantized weights; what is left is f16's rounding of the base, measured 0.031).
+    // The Q4_1 file itself runs its matmuls on 8-bit-quantized activations, as llama.cpp
+    // does, which moves its logits by about 1.1 from either: compared by top token only.
+    let hf = dir.path().join("hf");
+    write_merged_hf(&base, Some(&adapter), candle_core::DType::F32, &hf).unwrap();
+    let folder = LoadedModel::load(&hf, &dev).unwrap();
+    assert_eq!(folder.template.source(), base.template.source());
+    assert_eq!(
+        folder
+            .tokenizer
+            .encode("What is the capital of France?", false)
+            .unwrap(),
+        base.tokenizer
+            .encode("What is the capital of France?", false)
+            .unwrap()
+    );
+    let got = last_logits(&folder, None);
+    let hf_diff = max_diff(&got, &unmerged_f16);
+    eprintln!(
+        "hf f32: max logit difference from the F16 base running the adapter: {hf_diff}; from the Q4_1 base: {}",
+        max_diff(&got, &with_adapter)
+    );
+    assert!(hf_diff < 0.05, "hf: {hf_diff}");
+    assert_eq!(argmax(&got), argmax(&with_adapter));
 }

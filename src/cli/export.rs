@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Args;
 use loraloop_core::Config;
 use loraloop_model::engine::LoadedModel;
-use loraloop_model::export::{Export, GgufType, export_adapter, modelfile};
+use loraloop_model::export::{Export, GgufType, export_adapter, modelfile, write_merged_hf};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -20,12 +20,14 @@ pub struct ExportArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// `lora`: the adapter as a llama.cpp LoRA GGUF; `merged`: the model with the adapter
-    /// merged in, as a GGUF (the base must be a GGUF).
-    #[arg(long, default_value = "lora", value_parser = ["lora", "merged"])]
+    /// merged in, as a GGUF (the base must be a GGUF); `hf`: the merged model as a Hugging
+    /// Face folder (safetensors, tokenizer, chat template).
+    #[arg(long, default_value = "lora", value_parser = ["lora", "merged", "hf"])]
     pub format: String,
-    /// Weights of a merged GGUF: f16, q8_0 or q4_1.
-    #[arg(long = "type", default_value = "q8_0", value_parser = ["f16", "q8_0", "q4_1"])]
-    pub gguf_type: String,
+    /// Weights: f16, q8_0 or q4_1 for a merged GGUF (default q8_0); f16 or f32 for a
+    /// Hugging Face folder (default f16).
+    #[arg(long = "type", value_parser = ["f16", "f32", "q8_0", "q4_1"])]
+    pub gguf_type: Option<String>,
     /// Folder to write the GGUF file and the Modelfile into.
     #[arg(long)]
     pub output_dir: PathBuf,
@@ -33,10 +35,17 @@ pub struct ExportArgs {
 
 pub async fn export(config: &Config, args: &ExportArgs) -> anyhow::Result<ExitCode> {
     let model_path = args.model.clone().unwrap_or_else(|| config.model_path());
-    let (args_format, ty) = (
-        args.format.clone(),
-        GgufType::parse(&args.gguf_type).map_err(anyhow::Error::msg)?,
-    );
+    let args_format = args.format.clone();
+    let asked = args.gguf_type.as_deref();
+    if args_format == "hf" {
+        let dtype = match asked.unwrap_or("f16") {
+            "f16" => candle_core::DType::F16,
+            "f32" => candle_core::DType::F32,
+            other => anyhow::bail!("a Hugging Face folder is f16 or f32, not {other}"),
+        };
+        return export_hf(config, args, dtype).await;
+    }
+    let ty = GgufType::parse(asked.unwrap_or("q8_0")).map_err(anyhow::Error::msg)?;
     let (adapter_dir, out) = (args.adapter.clone(), args.output_dir.clone());
     let system = config.raw.assistant.system_prompt.clone();
     let written = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<PathBuf>> {
@@ -75,5 +84,28 @@ pub async fn export(config: &Config, args: &ExportArgs) -> anyhow::Result<ExitCo
     for p in written {
         println!("wrote {}", p.display());
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--format hf`: the merged model as a Hugging Face folder.
+async fn export_hf(
+    config: &Config,
+    args: &ExportArgs,
+    dtype: candle_core::DType,
+) -> anyhow::Result<ExitCode> {
+    let model_path = args.model.clone().unwrap_or_else(|| config.model_path());
+    let (adapter_dir, out) = (args.adapter.clone(), args.output_dir.clone());
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let device = candle_core::Device::Cpu;
+        let base = LoadedModel::load(&model_path, &device)?;
+        let adapter =
+            loraloop_model::lora::LoraAdapter::load(&adapter_dir, &base.llama.config, &device)
+                .with_context(|| format!("cannot load the adapter {}", adapter_dir.display()))?;
+        write_merged_hf(&base, Some(&adapter), dtype, &out)?;
+        Ok(())
+    })
+    .await
+    .context("the export panicked")??;
+    println!("wrote {}", args.output_dir.display());
     Ok(ExitCode::SUCCESS)
 }

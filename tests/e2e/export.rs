@@ -107,6 +107,54 @@ fn export_writes_a_lora_gguf_or_a_merged_gguf_with_an_ollama_modelfile() {
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
     assert!(!reply["reply"].as_str().unwrap().is_empty(), "{reply}");
 
+    // The merged model as a Hugging Face folder, which the folder loader runs.
+    let out = loraloop(dir.path())
+        .args([
+            "export",
+            "--adapter",
+            "my-adapter",
+            "--format",
+            "hf",
+            "--output-dir",
+            "hf",
+            "--model",
+        ])
+        .arg(real_model())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(dir.path().join("hf").join(f).is_file(), "{f}");
+    }
+    let out = loraloop(dir.path())
+        .args([
+            "chat",
+            "--json",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "8",
+            "--model",
+            "hf",
+        ])
+        .write_stdin("What is the capital of France?\n")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     let out = loraloop(dir.path())
         .args([
             "export",
