@@ -72,6 +72,15 @@ async fn each_route_reads_at_most_what_it_takes() {
     assert!(big.len() > 2_000_000);
     let id = s.upload_dataset("big", &big).await;
     assert!(id > 0);
+    // So is a 2 MB fine-tuning file through OpenAI's /v1/files.
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "fine-tune")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(big.into_bytes()).file_name("big.jsonl"),
+        );
+    let r = s.post("/v1/files").multipart(form).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     s.stop().await;
 }
 

@@ -16,12 +16,12 @@ pub const BODY_LIMIT: u64 = 1024 * 1024;
 /// The login form: a user name and a password.
 pub const LOGIN_BODY_LIMIT: u64 = 16 * 1024;
 
-/// The routes that take files: a dataset or an adapter upload.
+/// The routes that take files: a dataset, an adapter or an OpenAI file upload.
 fn is_upload(method: &Method, path: &str) -> bool {
     method == Method::POST
         && matches!(
             path,
-            "/api/v1/datasets" | "/datasets/import" | "/adapters/upload"
+            "/api/v1/datasets" | "/datasets/import" | "/adapters/upload" | "/v1/files"
         )
 }
 
