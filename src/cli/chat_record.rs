@@ -4,7 +4,7 @@
 
 use loraloop_core::Config;
 use loraloop_core::domain::Role;
-use loraloop_core::service::transcripts::{Recorded, Said, record_turn};
+use loraloop_core::service::transcripts::{Recorded, record_turn, said_of};
 use loraloop_core::storage::{Db, NewMessage, Platform};
 use loraloop_model::engine::Finished;
 use loraloop_model::template::TemplateMessage;
@@ -49,20 +49,7 @@ impl Recorder {
 
     /// Store the conversation's new user message (the last of `turns`).
     pub async fn turn(&self, turns: &[TemplateMessage]) -> Option<Recorded> {
-        let said: Vec<Said> = turns
-            .iter()
-            .filter_map(|m| {
-                let role = match m.role.as_str() {
-                    "user" => Role::User,
-                    "assistant" => Role::Assistant,
-                    _ => return None,
-                };
-                Some(Said {
-                    role,
-                    text: m.content.clone(),
-                })
-            })
-            .collect();
+        let said = said_of(turns);
         match record_turn(
             &self.db,
             Platform::Cli,

@@ -9,7 +9,7 @@ use crate::paging::{List, Page, page_query};
 use crate::state::AppState;
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Multipart, Path, Query, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -348,7 +348,7 @@ async fn upload_dataset(
     req: Request,
 ) -> Result<Json<Imported>, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::invalid("query", e.body_text()))?;
-    let (bytes, fields) = read_upload(&state, req, "file").await?;
+    let (bytes, fields) = crate::files::read_upload(&state, req, "file").await?;
     let name = q
         .name
         .or_else(|| fields.get("name").cloned())
@@ -366,68 +366,6 @@ async fn upload_dataset(
     Ok(Json(
         operations::import_dataset(&state, &name, bytes, format.as_deref(), &source).await?,
     ))
-}
-
-/// The bytes of an upload (raw body, or the `file_field` part of a multipart form), and
-/// the other form fields (plus `filename`). Over the size limit: a 413.
-pub async fn read_upload(
-    state: &AppState,
-    req: Request,
-    file_field: &str,
-) -> Result<(Vec<u8>, std::collections::HashMap<String, String>), ApiError> {
-    let limit = state.max_upload_bytes;
-    let multipart = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("multipart/form-data"));
-    let mut fields = std::collections::HashMap::new();
-    let body_err = |status: axum::http::StatusCode, text: String| {
-        if status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large(limit)
-        } else {
-            ApiError::bad_request(format!("cannot read the upload: {text}"))
-        }
-    };
-    let mp_err = |e: axum::extract::multipart::MultipartError| body_err(e.status(), e.body_text());
-    if !multipart {
-        let bytes = axum::body::to_bytes(req.into_body(), limit as usize)
-            .await
-            .map_err(|e| {
-                // The only error besides a broken connection is the length limit.
-                let status = if e.to_string().contains("length limit") {
-                    axum::http::StatusCode::PAYLOAD_TOO_LARGE
-                } else {
-                    axum::http::StatusCode::BAD_REQUEST
-                };
-                body_err(status, e.to_string())
-            })?;
-        return Ok((bytes.to_vec(), fields));
-    }
-    let mut mp = <Multipart as axum::extract::FromRequest<()>>::from_request(req, &())
-        .await
-        .map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let mut file = None;
-    while let Some(field) = mp.next_field().await.map_err(mp_err)? {
-        let name = field.name().unwrap_or("").to_string();
-        if name == file_field {
-            if let Some(f) = field.file_name() {
-                fields.insert("filename".to_string(), f.to_string());
-            }
-            let bytes = field.bytes().await.map_err(mp_err)?;
-            if bytes.len() as u64 > limit {
-                return Err(ApiError::too_large(limit));
-            }
-            file = Some(bytes.to_vec());
-        } else {
-            let text = field.text().await.map_err(mp_err)?;
-            fields.insert(name, text);
-        }
-    }
-    let file = file.ok_or_else(|| {
-        ApiError::invalid(file_field, format!("the form has no `{file_field}` part"))
-    })?;
-    Ok((file, fields))
 }
 
 /// Every dataset version.

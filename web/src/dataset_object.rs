@@ -6,8 +6,8 @@
 //! `AZURE_STORAGE_ACCOUNT_KEY`, ...). Bounded as http is: an object over the limit is
 //! refused from its size before a byte of it is read.
 
-use crate::dataset_url::{Fetched, file_name};
 use crate::error::ApiError;
+use crate::fetched::{Fetched, file_name};
 use futures_util::StreamExt;
 use object_store::ObjectStore;
 use object_store::path::Path as ObjectPath;

@@ -4,6 +4,7 @@
 //! read bounded, credentials never stored or echoed.
 
 use crate::error::ApiError;
+pub use crate::fetched::{Fetched, file_name};
 use loraloop_core::config::ImportConfig;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -12,15 +13,6 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 
 const MAX_REDIRECTS: usize = 5;
-
-/// A dataset read from a URL: its bytes, a dataset name from its file name, and the URL
-/// as it may be stored (no user name, password or query).
-#[derive(Debug)]
-pub struct Fetched {
-    pub bytes: Vec<u8>,
-    pub name: String,
-    pub source: String,
-}
 
 /// Read `url` under `policy`, at most `limit` bytes.
 pub async fn fetch_dataset(
@@ -284,32 +276,6 @@ async fn read_local(asked: &Path, dir: Option<&Path>, limit: u64) -> Result<Vec<
         return Err(ApiError::too_large(limit).with_param("dataset_url"));
     }
     Ok(bytes)
-}
-
-/// A dataset name from the last part of a path or URL path.
-pub(crate) fn file_name(s: &str) -> String {
-    let last = s.rsplit(['/', '\\']).next().unwrap_or("dataset");
-    let stem = last.split(['?', '#']).next().unwrap_or(last);
-    let stem = stem
-        .strip_suffix(".jsonl")
-        .or_else(|| stem.strip_suffix(".json"))
-        .unwrap_or(stem);
-    let clean: String = stem
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    let clean = clean.trim_matches(['.', '-']).to_string();
-    if clean.is_empty() {
-        "dataset".to_string()
-    } else {
-        clean.chars().take(90).collect()
-    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,10 @@
-//! Names a client supplies that become paths, and scratch files for uploads.
+//! Uploads: reading one within its limit, names a client supplies that become paths,
+//! and scratch files.
 
 use crate::error::ApiError;
 use crate::state::AppState;
+use axum::extract::{Multipart, Request};
+use axum::http::header;
 use loraloop_core::token::random_token;
 use std::path::PathBuf;
 
@@ -35,4 +38,66 @@ pub fn scratch_file(state: &AppState, suffix: &str) -> PathBuf {
         .data_dir
         .join("tmp")
         .join(format!("{}{suffix}", random_token(8)))
+}
+
+/// The bytes of an upload (raw body, or the `file_field` part of a multipart form), and
+/// the other form fields (plus `filename`). Over the size limit: a 413.
+pub async fn read_upload(
+    state: &AppState,
+    req: Request,
+    file_field: &str,
+) -> Result<(Vec<u8>, std::collections::HashMap<String, String>), ApiError> {
+    let limit = state.max_upload_bytes;
+    let multipart = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    let mut fields = std::collections::HashMap::new();
+    let body_err = |status: axum::http::StatusCode, text: String| {
+        if status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(limit)
+        } else {
+            ApiError::bad_request(format!("cannot read the upload: {text}"))
+        }
+    };
+    let mp_err = |e: axum::extract::multipart::MultipartError| body_err(e.status(), e.body_text());
+    if !multipart {
+        let bytes = axum::body::to_bytes(req.into_body(), limit as usize)
+            .await
+            .map_err(|e| {
+                // The only error besides a broken connection is the length limit.
+                let status = if e.to_string().contains("length limit") {
+                    axum::http::StatusCode::PAYLOAD_TOO_LARGE
+                } else {
+                    axum::http::StatusCode::BAD_REQUEST
+                };
+                body_err(status, e.to_string())
+            })?;
+        return Ok((bytes.to_vec(), fields));
+    }
+    let mut mp = <Multipart as axum::extract::FromRequest<()>>::from_request(req, &())
+        .await
+        .map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let mut file = None;
+    while let Some(field) = mp.next_field().await.map_err(mp_err)? {
+        let name = field.name().unwrap_or("").to_string();
+        if name == file_field {
+            if let Some(f) = field.file_name() {
+                fields.insert("filename".to_string(), f.to_string());
+            }
+            let bytes = field.bytes().await.map_err(mp_err)?;
+            if bytes.len() as u64 > limit {
+                return Err(ApiError::too_large(limit));
+            }
+            file = Some(bytes.to_vec());
+        } else {
+            let text = field.text().await.map_err(mp_err)?;
+            fields.insert(name, text);
+        }
+    }
+    let file = file.ok_or_else(|| {
+        ApiError::invalid(file_field, format!("the form has no `{file_field}` part"))
+    })?;
+    Ok((file, fields))
 }

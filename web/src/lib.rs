@@ -18,6 +18,7 @@ pub mod dataset_object;
 pub mod dataset_url;
 pub mod error;
 pub mod export_api;
+pub mod fetched;
 pub mod files;
 pub mod fine_tuning;
 pub mod job_files;

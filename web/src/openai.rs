@@ -9,8 +9,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use loraloop_core::domain::Role;
-use loraloop_core::service::transcripts::{Recorded, Said, record_turn};
+use loraloop_core::service::transcripts::{Recorded, Said, record_turn, said_of};
 use loraloop_core::storage::{Assistant, Platform};
 use loraloop_model::engine::{AdapterTag, Event, FinishReason, Finished, GenerateRequest, Prompt};
 use loraloop_model::template::TemplateMessage;
@@ -454,23 +453,10 @@ async fn record_request(
 
 /// The user and assistant messages of a request, to store.
 fn said(gen_req: &GenerateRequest) -> Vec<Said> {
-    let Prompt::Chat(messages) = &gen_req.prompt else {
-        return Vec::new();
-    };
-    messages
-        .iter()
-        .filter_map(|m| {
-            let role = match m.role.as_str() {
-                "user" => Role::User,
-                "assistant" => Role::Assistant,
-                _ => return None,
-            };
-            Some(Said {
-                role,
-                text: m.content.clone(),
-            })
-        })
-        .collect()
+    match &gen_req.prompt {
+        Prompt::Chat(messages) => said_of(messages),
+        _ => Vec::new(),
+    }
 }
 
 /// The API caller when a request names no `user`.

@@ -110,7 +110,7 @@ pub async fn upload_file(
     State(state): State<AppState>,
     req: Request,
 ) -> Result<Json<FileObject>, ApiError> {
-    let (bytes, fields) = crate::api::read_upload(&state, req, "file").await?;
+    let (bytes, fields) = crate::files::read_upload(&state, req, "file").await?;
     let purpose = fields.get("purpose").map(String::as_str).unwrap_or("");
     if purpose != "fine-tune" {
         return Err(ApiError::invalid(

@@ -8,12 +8,32 @@
 use crate::domain::Role;
 use crate::error::Result;
 use crate::storage::{Db, NewMessage, Platform};
+use loraloop_model::template::TemplateMessage;
 
 /// One message of a whole-conversation request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Said {
     pub role: Role,
     pub text: String,
+}
+
+/// The user and assistant messages of a prompt, to store (system messages are the
+/// assistant's business, not the conversation's).
+pub fn said_of(messages: &[TemplateMessage]) -> Vec<Said> {
+    messages
+        .iter()
+        .filter_map(|m| {
+            let role = match m.role.as_str() {
+                "user" => Role::User,
+                "assistant" => Role::Assistant,
+                _ => return None,
+            };
+            Some(Said {
+                role,
+                text: m.content.clone(),
+            })
+        })
+        .collect()
 }
 
 /// Where a recorded turn's reply goes.

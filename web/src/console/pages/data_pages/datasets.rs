@@ -251,7 +251,7 @@ pub(super) async fn import(
         if declared.is_some_and(|n| n > state.max_upload_bytes) {
             return Err(ApiError::too_large(state.max_upload_bytes).with_param("file"));
         }
-        let (bytes, fields) = crate::api::read_upload(&state, req, "file").await?;
+        let (bytes, fields) = crate::files::read_upload(&state, req, "file").await?;
         let name = fields.get("name").map_or("", |n| n.trim());
         if name.is_empty() {
             return Err(ApiError::invalid("name", "give the dataset a name"));

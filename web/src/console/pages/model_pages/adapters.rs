@@ -372,7 +372,7 @@ async fn upload(State(state): State<AppState>, session: AdminSession, req: Reque
 }
 
 async fn receive_upload(state: &AppState, req: Request) -> Result<(), ApiError> {
-    let (bytes, fields) = crate::api::read_upload(state, req, "file").await?;
+    let (bytes, fields) = crate::files::read_upload(state, req, "file").await?;
     let given = fields.get("name").map(|n| n.trim()).unwrap_or("");
     let name = if given.is_empty() {
         fields
