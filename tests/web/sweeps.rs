@@ -193,3 +193,60 @@ async fn the_console_starts_a_sweep_from_yaml_and_lists_its_trials() {
     assert!(list.contains("sweep on zorblax v1"), "{list}");
     s.stop().await;
 }
+
+/// A sweep whose trials all end without a worker running them (cancelled while queued)
+/// is still closed: an idle worker (`loraloop worker` on the same database) ranks it.
+#[tokio::test]
+async fn an_idle_worker_closes_a_sweep_whose_trials_were_all_cancelled() {
+    let s = start(false, &[]).await;
+    s.upload_dataset("zorblax", &zorblax_jsonl(8)).await;
+    let (status, sweep) = s
+        .post_json(
+            "/api/v1/sweeps",
+            &json!({"dataset": "zorblax", "parameters": {"lora_r": [2, 4]}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{sweep}");
+    let id = sweep["id"].as_i64().unwrap();
+    for t in sweep["trials"].as_array().unwrap() {
+        let (status, job) = s
+            .post_json(
+                &format!("/api/v1/fine-tune/{}/cancel", t["job_id"]),
+                &json!({}),
+            )
+            .await;
+        assert_eq!(status, 200, "{job}");
+        assert_eq!(job["status"], "cancelled");
+    }
+    assert_eq!(
+        s.get_json(&format!("/api/v1/sweeps/{id}")).await["status"],
+        "running"
+    );
+    let dir = s.dir.path();
+    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_loraloop"))
+        .current_dir(dir)
+        .env("LORALOOP_DATA_DIR", dir.join("data"))
+        .env("LORALOOP_MODELS_DIR", dir.join("models"))
+        .env("LORALOOP_MODEL", "tiny")
+        .args(["worker", "--poll-secs", "0.1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut done = Value::Null;
+    for _ in 0..300 {
+        done = s.get_json(&format!("/api/v1/sweeps/{id}")).await;
+        if done["status"] == "finished" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = worker.kill();
+    let _ = worker.wait();
+    assert_eq!(done["status"], "finished", "{done}");
+    assert_eq!(
+        done["decision"],
+        "no trial made an adapter with a report card"
+    );
+    s.stop().await;
+}

@@ -104,10 +104,28 @@ pub async fn run_worker(
         recover_abandoned(&db).await?;
         match run_next(&db, &opts, shutdown.clone()).await? {
             Some(id) => tracing::info!("job {id} done"),
-            None => tokio::time::sleep(opts.poll_interval).await,
+            None => {
+                close_ended_sweeps(&db, &opts).await;
+                tokio::time::sleep(opts.poll_interval).await
+            }
         }
     }
     Ok(())
+}
+
+/// Sweeps whose trials have all ended but that no trial's end closed: the last trial was
+/// cancelled before a worker ran it, or a worker stopped between a trial and the ranking.
+async fn close_ended_sweeps(db: &Db, opts: &WorkerOptions) {
+    match db.sweeps_ended_unranked().await {
+        Ok(ids) => {
+            for s in ids {
+                if let Err(e) = crate::sweep::finish_if_done(db, &opts.gate, s).await {
+                    tracing::warn!("sweep {s}: cannot rank its trials: {e:#}");
+                }
+            }
+        }
+        Err(e) => tracing::warn!("cannot look for ended sweeps: {e}"),
+    }
 }
 
 /// How long a claim holds a job without a renewal.

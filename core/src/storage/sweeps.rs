@@ -89,6 +89,19 @@ impl Db {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Open sweeps with trials, every one of which has ended.
+    pub async fn sweeps_ended_unranked(&self) -> Result<Vec<i64>> {
+        let ids: Vec<(i64,)> = sqlx::query_as(
+            "select s.id from sweeps s where s.finished_at is null
+               and exists (select 1 from training_jobs j where j.sweep_id = s.id)
+               and not exists (select 1 from training_jobs j where j.sweep_id = s.id
+                               and j.state not in ('succeeded', 'failed', 'cancelled'))",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        Ok(ids.into_iter().map(|r| r.0).collect())
+    }
+
     /// What became of a finished sweep's best adapter.
     pub async fn set_sweep_decision(&self, id: i64, decision: &str) -> Result<()> {
         sqlx::query("update sweeps set decision = ? where id = ?")
