@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Exported files in llama.cpp: greedy tokens of `llama-cli` on (a) the base GGUF with the
+# Exported files in llama.cpp: greedy text of `llama-completion` on (a) the base GGUF with the
 # exported LoRA GGUF (`--lora`) and (b) the exported merged GGUF (F16), next to loraloop's
 # own greedy reply with the adapter unmerged, for the same ChatML prompt. Prints a
 # markdown table: how many of the first N tokens of each agree with loraloop's.
 #
 #   scripts/bench-export.sh [ADAPTER_DIR]    (default: an adapter trained for 30 steps on
 #                                             examples/quickstart.jsonl; env: MODEL, N,
-#                                             LLAMA_CLI, LORALOOP)
+#                                             LLAMA_COMPLETION, LORALOOP)
 #
-# llama.cpp's llama-cli: $LLAMA_CLI if set, else built once into target/llama.cpp (see
+# llama.cpp's llama-completion: $LLAMA_COMPLETION if set, else built once into target/llama.cpp (see
 # scripts/llama-cpp.sh). No llama.cpp code enters the repository.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ MODEL=${MODEL:-data/models/SmolLM2-135M-Instruct.Q4_1.gguf}
 N=${N:-32}
 
 . scripts/llama-cpp.sh
-LLAMA_CLI=${LLAMA_CLI:-$(llama_cpp_tool llama-cli)}
+LLAMA_COMPLETION=${LLAMA_COMPLETION:-$(llama_cpp_tool llama-completion)}
 if [ -z "${LORALOOP:-}" ]; then
   cargo build --release -q --bin loraloop
   LORALOOP=target/release/loraloop
@@ -37,7 +37,7 @@ SYSTEM="You are a helpful assistant."
 QUESTION="What is the capital of France?"
 PROMPT=$'<|im_start|>system\n'"$SYSTEM"$'<|im_end|>\n<|im_start|>user\n'"$QUESTION"$'<|im_end|>\n<|im_start|>assistant\n'
 run_llama() {
-  "$LLAMA_CLI" "$@" -p "$PROMPT" -n "$N" --temp 0 -no-cnv --no-warmup -t "$(nproc)" \
+  "$LLAMA_COMPLETION" "$@" -p "$PROMPT" -n "$N" --temp 0 -no-cnv --no-warmup -t "$(nproc)" \
     --no-display-prompt -s 1 2>/dev/null
 }
 run_llama -m "$MODEL" --lora "$work/lora/adapter.gguf" >"$work/llama-lora.txt"
