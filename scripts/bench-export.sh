@@ -34,7 +34,7 @@ fi
 "$LORALOOP" -q export --adapter "$ADAPTER" --model "$MODEL" --format merged --type f16 --output-dir "$work/merged"
 
 SYSTEM="You are a helpful assistant."
-QUESTION="What is the capital of France?"
+QUESTION=${QUESTION:-"What is the capital of France?"}
 PROMPT=$'<|im_start|>system\n'"$SYSTEM"$'<|im_end|>\n<|im_start|>user\n'"$QUESTION"$'<|im_end|>\n<|im_start|>assistant\n'
 run_llama() {
   "$LLAMA_COMPLETION" "$@" -p "$PROMPT" -n "$N" --temp 0 -no-cnv --no-warmup -t "$(nproc)" \
