@@ -6,8 +6,9 @@
 //! model it already holds.
 
 use crate::card::ReportCard;
+use crate::events::TrainEvent;
 use crate::job_card::{GateOptions, card_data, decide};
-use loraloop_core::storage::{Db, JobState, NewTrainingEvent, TrainingJob};
+use loraloop_core::storage::{Db, JobState, TrainingJob};
 use rand::SeedableRng;
 use rand::seq::IndexedRandom;
 use serde::{Deserialize, Serialize};
@@ -290,18 +291,10 @@ pub async fn finish_if_done(db: &Db, gate: &GateOptions, sweep_id: i64) -> anyho
     let decided = decide(db, gate, &data, adapter_id, &card).await?;
     let text = format!("{said}; {decided}");
     db.set_sweep_decision(sweep_id, &text).await?;
-    let event = serde_json::json!({"kind": "message", "text": format!("sweep {sweep_id}: {text}")})
-        .to_string();
-    db.add_training_event(
-        best_job.id,
-        &NewTrainingEvent {
-            kind: "log",
-            message: Some(&event),
-            ..Default::default()
-        },
-    )
-    .await?;
-    Ok(())
+    let said = TrainEvent::Message {
+        text: format!("sweep {sweep_id}: {text}"),
+    };
+    crate::worker::store_event(db, best_job.id, &said).await
 }
 
 #[cfg(test)]

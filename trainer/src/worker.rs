@@ -513,7 +513,7 @@ fn adapter_name(job: &TrainingJob) -> String {
     }
 }
 
-async fn store_event(db: &Db, id: i64, e: &TrainEvent) -> anyhow::Result<()> {
+pub(crate) async fn store_event(db: &Db, id: i64, e: &TrainEvent) -> anyhow::Result<()> {
     let message;
     let ev = match e {
         TrainEvent::Started { total_steps, .. } => {

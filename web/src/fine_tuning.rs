@@ -139,11 +139,7 @@ pub struct OpenAiList<T> {
 
 /// `ftjob-N` (or `N`) to N.
 pub fn job_number(id: &str) -> Option<i64> {
-    id.strip_prefix(JOB_PREFIX)
-        .unwrap_or(id)
-        .parse()
-        .ok()
-        .filter(|n| *n > 0)
+    crate::paging::prefixed_id(id, JOB_PREFIX).filter(|n| *n > 0)
 }
 
 fn path_job(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
@@ -385,8 +381,9 @@ pub async fn create_fine_tuning_job(
     Ok(Json(view))
 }
 
-/// The hyperparameters a job runs with, by OpenAI's names (defaults filled in).
-fn openai_hyperparameters(settings: &Value) -> (Objective, Value) {
+/// The objective, hyperparameters (by OpenAI's names) and seed a job runs with, defaults
+/// filled in.
+fn openai_hyperparameters(settings: &Value) -> (Objective, Value, u64) {
     let file: TrainFile = serde_json::from_value(settings.clone()).unwrap_or_default();
     let objective: Objective = file
         .rl
@@ -394,7 +391,8 @@ fn openai_hyperparameters(settings: &Value) -> (Objective, Value) {
         .and_then(|r| r.parse().ok())
         .unwrap_or(Objective::Sft);
     let Ok(c) = file.validate() else {
-        return (objective, json!({}));
+        let default_seed = || TrainFile::default().validate().map(|c| c.seed).unwrap_or(0);
+        return (objective, json!({}), file.seed.unwrap_or_else(default_seed));
     };
     let mut hp = json!({
         "n_epochs": c.num_epochs,
@@ -402,15 +400,15 @@ fn openai_hyperparameters(settings: &Value) -> (Objective, Value) {
         "learning_rate_multiplier": c.learning_rate / default_learning_rate(objective),
     });
     if objective == Objective::Dpo {
-        hp["beta"] = json!(file.rl_beta.unwrap_or(c.rl_beta));
+        hp["beta"] = json!(c.rl_beta);
     }
-    (objective, hp)
+    (objective, hp, c.seed)
 }
 
 /// A job as OpenAI's FineTuningJob object.
 pub async fn job_object(state: &AppState, job: &TrainingJob) -> Result<FineTuningJob, ApiError> {
     let settings: Value = serde_json::from_str(&job.hyperparameters).unwrap_or_default();
-    let (objective, hyperparameters) = openai_hyperparameters(&settings);
+    let (objective, hyperparameters, seed) = openai_hyperparameters(&settings);
     let kind = method_name(objective);
     let adapter = match job.adapter_id {
         Some(id) => state.core.db.adapter(id).await.ok(),
@@ -449,10 +447,7 @@ pub async fn job_object(state: &AppState, job: &TrainingJob) -> Result<FineTunin
         hyperparameters,
         trained_tokens,
         error,
-        seed: settings
-            .get("seed")
-            .and_then(Value::as_u64)
-            .unwrap_or(TrainFile::default().validate().map(|c| c.seed).unwrap_or(0)),
+        seed,
         estimated_finish: None,
         integrations: Vec::new(),
         user_provided_suffix: job.suffix.clone(),
@@ -483,10 +478,8 @@ fn page(
     let after = match q.after {
         None => None,
         Some(a) => Some(
-            a.strip_prefix(prefix)
-                .unwrap_or(&a)
-                .parse::<i64>()
-                .map_err(|_| ApiError::invalid("after", format!("{a:?} is not an id")))?,
+            crate::paging::prefixed_id(&a, prefix)
+                .ok_or_else(|| ApiError::invalid("after", format!("{a:?} is not an id")))?,
         ),
     };
     Ok((limit, after))

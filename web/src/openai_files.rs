@@ -63,11 +63,7 @@ pub struct FileDeleted {
 
 /// `file-N` (or `N`) to N.
 pub fn file_number(id: &str) -> Option<i64> {
-    id.strip_prefix(FILE_PREFIX)
-        .unwrap_or(id)
-        .parse()
-        .ok()
-        .filter(|n| *n > 0)
+    crate::paging::prefixed_id(id, FILE_PREFIX).filter(|n| *n > 0)
 }
 
 /// The stored file `id` names; a 404 naming the id otherwise.

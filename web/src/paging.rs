@@ -21,6 +21,11 @@ pub struct List<T> {
     pub has_more: bool,
 }
 
+/// An OpenAI-style id (`file-12`, `ftjob-7`; the bare number too) as its number.
+pub fn prefixed_id(id: &str, prefix: &str) -> Option<i64> {
+    id.strip_prefix(prefix).unwrap_or(id).parse().ok()
+}
+
 /// The query of a list route; a limit under 1 is refused.
 pub fn page_query(q: Result<Query<Page>, QueryRejection>) -> Result<Page, ApiError> {
     let Query(p) = q.map_err(|e| ApiError::invalid("query", e.body_text()))?;
