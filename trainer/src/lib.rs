@@ -14,6 +14,7 @@ pub mod events;
 pub mod fingerprint;
 pub mod generate;
 pub mod job_card;
+pub mod job_events;
 pub mod optim;
 pub mod plan;
 pub mod preference;

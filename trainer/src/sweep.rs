@@ -294,7 +294,7 @@ pub async fn finish_if_done(db: &Db, gate: &GateOptions, sweep_id: i64) -> anyho
     let said = TrainEvent::Message {
         text: format!("sweep {sweep_id}: {text}"),
     };
-    crate::worker::store_event(db, best_job.id, &said).await
+    crate::job_events::store_event(db, best_job.id, &said).await
 }
 
 #[cfg(test)]

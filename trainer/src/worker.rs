@@ -12,6 +12,7 @@ use crate::config::{Method, Objective, TrainFile};
 use crate::events::{Ending, TrainEvent};
 use crate::fingerprint::hash_model;
 use crate::job_card::{self, GateOptions};
+use crate::job_events::store_event;
 use crate::preference::{parse_stored, train_preferences};
 use crate::run::{TrainJob, auto_train_dtype, train};
 use candle_core::Device;
@@ -511,61 +512,4 @@ fn adapter_name(job: &TrainingJob) -> String {
         Some(s) => format!("{s}-job-{}", job.id),
         None => format!("job-{}", job.id),
     }
-}
-
-pub(crate) async fn store_event(db: &Db, id: i64, e: &TrainEvent) -> anyhow::Result<()> {
-    let message;
-    let ev = match e {
-        TrainEvent::Started { total_steps, .. } => {
-            db.set_job_progress_target(id, None, Some(*total_steps as i64))
-                .await?;
-            message = serde_json::to_string(e)?;
-            NewTrainingEvent {
-                kind: "state",
-                message: Some(&message),
-                ..Default::default()
-            }
-        }
-        TrainEvent::Step {
-            step,
-            loss,
-            learning_rate,
-            tokens_per_sec,
-            ..
-        } => {
-            // The whole event too: its accuracy and grad norm have no column.
-            message = serde_json::to_string(e)?;
-            NewTrainingEvent {
-                kind: "step",
-                step: Some(*step as i64),
-                loss: Some(*loss),
-                learning_rate: Some(*learning_rate),
-                tokens_per_sec: Some(*tokens_per_sec),
-                message: Some(&message),
-                ..Default::default()
-            }
-        }
-        TrainEvent::Eval {
-            step, eval_loss, ..
-        } => {
-            message = serde_json::to_string(e)?;
-            NewTrainingEvent {
-                kind: "eval",
-                step: Some(*step as i64),
-                eval_loss: Some(*eval_loss),
-                message: Some(&message),
-                ..Default::default()
-            }
-        }
-        other => {
-            message = serde_json::to_string(other)?;
-            NewTrainingEvent {
-                kind: "log",
-                message: Some(&message),
-                ..Default::default()
-            }
-        }
-    };
-    db.add_training_event(id, &ev).await?;
-    Ok(())
 }
