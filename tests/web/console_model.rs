@@ -459,8 +459,8 @@ async fn train_activate_download_upload_chat_and_compare_from_the_console() {
     c.post_form(&format!("/adapters/{trained_id}/activate"), &[])
         .await;
     assert_eq!(c.active().as_deref(), Some(adapter_name.as_str()));
-    let (status, _, _) = c.post_form("/adapters/rollback", &[]).await;
-    assert_eq!(status, 200);
+    let (status, _, page) = c.post_form("/adapters/rollback", &[]).await;
+    assert_eq!(status, 200, "{page}");
     assert_eq!(c.active().as_deref(), Some("reup"));
     let (status, _, _) = c.post_form("/adapters/base", &[]).await;
     assert_eq!(status, 200);
