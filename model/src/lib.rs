@@ -3,6 +3,7 @@
 //! the training graph and its CPU path (`train`), the Q4_1 kernels, device selection,
 //! model files and the default model fetch, and tiny random models for tests.
 
+pub mod classify;
 pub mod device;
 pub mod engine;
 pub mod export;

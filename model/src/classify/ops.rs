@@ -1,0 +1,124 @@
+//! The building blocks of the encoder and the ResNet written with ops that candle can
+//! differentiate. candle-nn's fused `layer_norm`, `softmax_last_dim` and `rms_norm` have no
+//! backward pass: a model built on them trains nothing below them and says nothing. These
+//! are composed of means, exps and broadcasts, each with a backward, and are checked against
+//! PyTorch in `model/tests/classify.rs`.
+
+use candle_core::{D, DType, Result, Tensor};
+
+/// Layer norm over the last dimension (`torch.nn.LayerNorm`, biased variance).
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+/// Softmax over the last dimension. The max subtracted for stability is a constant (the
+/// softmax does not depend on it), so it is detached.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Mean cross-entropy of `logits` `[n, classes]` against class indices `labels` `[n]` (u32).
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let log_z = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let log_probs = shifted.broadcast_sub(&log_z)?;
+    let picked = log_probs.gather(&labels.unsqueeze(1)?, 1)?;
+    picked.neg()?.mean_all()
+}
+
+/// Inverted dropout (`torch.nn.Dropout` in training mode); identity when `p` is 0.
+pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let keep = x.rand_like(0.0, 1.0)?.ge(p)?.to_dtype(x.dtype())?;
+    x.mul(&(keep * (1.0 / (1.0 - p)))?)
+}
+
+/// Batch statistics of a `[n, c, h, w]` tensor per channel: (mean, biased variance), each
+/// `[1, c, 1, 1]`.
+pub fn channel_stats(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let mean = x.mean_keepdim((0, 2, 3))?;
+    let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim((0, 2, 3))?;
+    Ok((mean, var))
+}
+
+/// `torch.nn.BatchNorm2d`'s normalization with the given per-channel mean and variance
+/// (`[c]` or `[1, c, 1, 1]`) and affine parameters `[c]`.
+pub fn batch_norm(
+    x: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let c = x.dim(1)?;
+    let shape = (1, c, 1, 1);
+    let scale = (var.reshape(shape)? + eps)?.sqrt()?.recip()?;
+    let scale = scale.broadcast_mul(&weight.reshape(shape)?)?;
+    x.broadcast_sub(&mean.reshape(shape)?)?
+        .broadcast_mul(&scale)?
+        .broadcast_add(&bias.reshape(shape)?)
+}
+
+/// `torch.nn.MaxPool2d(kernel_size=3, stride=2, padding=1)`, the ResNet stem's pool. candle's
+/// max-pool has a backward only when the kernel equals the stride, so this takes the max
+/// over the nine shifted, stride-2 views of the padded input; the max's backward sends the
+/// gradient to the winning element.
+pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let (ho, wo) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
+    // Padding: one row/column before (the pool's padding) and two after, so that every
+    // shifted view can take 2*out rows; the extra ones are never selected.
+    let pad = |t: &Tensor, dim: usize, before: usize, after: usize| -> Result<Tensor> {
+        let mut shape = t.dims().to_vec();
+        shape[dim] = before;
+        let lo = Tensor::full(f32::MIN, shape.clone(), t.device())?.to_dtype(t.dtype())?;
+        shape[dim] = after;
+        let hi = Tensor::full(f32::MIN, shape, t.device())?.to_dtype(t.dtype())?;
+        Tensor::cat(&[&lo, t, &hi], dim)
+    };
+    let padded = pad(&pad(x, 2, 1, 2)?, 3, 1, 2)?;
+    let mut views = Vec::with_capacity(9);
+    for dy in 0..3 {
+        let rows = padded
+            .narrow(2, dy, 2 * ho)?
+            .reshape((n, c, ho, 2, w + 3))?
+            .narrow(3, 0, 1)?
+            .squeeze(3)?;
+        for dx in 0..3 {
+            let v = rows
+                .narrow(3, dx, 2 * wo)?
+                .reshape((n, c, ho, wo, 2))?
+                .narrow(4, 0, 1)?
+                .squeeze(4)?;
+            views.push(v);
+        }
+    }
+    Tensor::stack(&views, 0)?.max(0)
+}
+
+/// Global average pool: `[n, c, h, w]` to `[n, c]`.
+pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+    x.mean((2, 3))
+}
+
+/// `x W^T + b` for `x` of any rank.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.broadcast_matmul(&weight.t()?)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// Everything these models compute in is f32 (on the CPU and on CUDA alike).
+pub const DTYPE: DType = DType::F32;

@@ -1,0 +1,326 @@
+//! The classifiers against PyTorch: forward outputs and the gradient of every parameter of
+//! a tiny BERT (transformers' `BertForSequenceClassification`) and of two tiny ResNets
+//! (torchvision's structure, basic and bottleneck blocks, batch norms in train mode), with
+//! the numbers computed once by `tests/fixtures/classify/reference.py` (PyTorch 2.15,
+//! transformers 5.23) and committed as `expected.json`. Then: one optimizer step changes
+//! every weight each method says it trains, and nothing else.
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use loraloop_model::classify::lora::LoraSpec;
+use loraloop_model::classify::{self, Arch, Classifier, Input, Method, bert, ops, params};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/classify")
+        .join(name)
+}
+
+fn expected(name: &str) -> serde_json::Value {
+    let s = std::fs::read_to_string(fixture(name).join("expected.json")).unwrap();
+    serde_json::from_str(&s).unwrap()
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// Largest absolute difference, scaled by the reference's largest magnitude (at least 1e-3).
+fn rel_err(ours: &[f32], theirs: &[f32]) -> f32 {
+    assert_eq!(ours.len(), theirs.len());
+    let scale = theirs.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
+    ours.iter()
+        .zip(theirs)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+        / scale
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// The reference checkpoint with its own head, every weight trainable.
+fn reference_classifier(dir: &Path, labels: usize) -> Classifier {
+    let dev = Device::Cpu;
+    let base = classify::load_base(dir, 19, None, 0, &dev).unwrap();
+    let mut params = base.params;
+    let raw = params::read_weights(dir, &dev).unwrap();
+    for (k, v) in raw {
+        let k = k.strip_prefix("bert.").map(str::to_string).unwrap_or(k);
+        if k.starts_with("classifier.") || k.starts_with("fc.") {
+            params.insert(&k, v).unwrap();
+        }
+    }
+    params
+        .set_trainable(|n| !classify::resnet::is_buffer(n))
+        .unwrap();
+    Classifier {
+        arch: base.arch,
+        params,
+        tokenizer: base.tokenizer,
+        labels: (0..labels).map(|i| i.to_string()).collect(),
+        method: Method::Full,
+    }
+}
+
+fn check_grads(
+    c: &Classifier,
+    grads: &GradStore,
+    exp: &serde_json::Value,
+    rename: impl Fn(&str) -> String,
+) {
+    let exp_grads = exp["grads"].as_object().unwrap();
+    let ours = c.params.trainable();
+    assert_eq!(
+        ours.len(),
+        exp_grads.len(),
+        "one gradient per PyTorch parameter"
+    );
+    for (name, var) in ours {
+        let theirs = exp_grads
+            .get(&rename(name))
+            .unwrap_or_else(|| panic!("PyTorch has no parameter {}", rename(name)));
+        let g = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("no gradient reached {name}"));
+        let err = rel_err(&flat(g), &floats(theirs));
+        assert!(
+            err < 2e-4,
+            "{name}: gradient differs from PyTorch by {err} (relative)"
+        );
+    }
+}
+
+#[test]
+fn bert_logits_and_every_gradient_match_transformers() {
+    let exp = expected("bert");
+    let mut c = reference_classifier(&fixture("bert"), 3);
+    let Arch::Bert { pooling, .. } = c.arch else {
+        panic!("not read as BERT")
+    };
+    assert_eq!(
+        pooling,
+        bert::Pooling::Cls,
+        "a plain BERT folder pools through the pooler"
+    );
+    // vocab.txt is turned into BertTokenizer's ids.
+    let Input::Text { ids, mask } = c
+        .encode_texts(&["The movie was very GOOD", "awful"])
+        .unwrap()
+    else {
+        panic!()
+    };
+    let want_ids: Vec<Vec<u32>> = serde_json::from_value(exp["input_ids"].clone()).unwrap();
+    assert_eq!(ids.to_vec2::<u32>().unwrap(), want_ids);
+    let want_mask: Vec<Vec<f32>> = serde_json::from_value(exp["attention_mask"].clone()).unwrap();
+    assert_eq!(mask.to_vec2::<f32>().unwrap(), want_mask);
+
+    let logits = c.forward(&Input::Text { ids, mask }, false).unwrap();
+    let err = rel_err(&flat(&logits), &floats(&exp["logits"]));
+    assert!(err < 1e-4, "logits differ from transformers by {err}");
+    let labels = Tensor::new(&[2u32, 0], &Device::Cpu).unwrap();
+    let loss = ops::cross_entropy(&logits, &labels).unwrap();
+    let l: f32 = loss.to_scalar().unwrap();
+    assert!((l - exp["loss"].as_f64().unwrap() as f32).abs() < 1e-4);
+    let grads = loss.backward().unwrap();
+    check_grads(&c, &grads, &exp, bert::stored_name);
+}
+
+fn resnet_matches_torch(name: &str) {
+    let exp = expected(name);
+    let mut c = reference_classifier(&fixture(name), 3);
+    let x = candle_core::safetensors::load(fixture(name).join("input.safetensors"), &Device::Cpu)
+        .unwrap()
+        .remove("x")
+        .unwrap();
+    let input = Input::Images(x);
+    let eval = c.forward(&input, false).unwrap();
+    let err = rel_err(&flat(&eval), &floats(&exp["eval_logits"]));
+    assert!(err < 1e-4, "eval-mode logits differ from PyTorch by {err}");
+    let logits = c.forward(&input, true).unwrap();
+    let err = rel_err(&flat(&logits), &floats(&exp["logits"]));
+    assert!(err < 1e-4, "train-mode logits differ from PyTorch by {err}");
+    let labels = Tensor::new(&[0u32, 2, 1], &Device::Cpu).unwrap();
+    let loss = ops::cross_entropy(&logits, &labels).unwrap();
+    let grads = loss.backward().unwrap();
+    check_grads(&c, &grads, &exp, |n| n.to_string());
+    for (stat, theirs) in exp["running"].as_object().unwrap() {
+        let ours = c.params.get(stat).unwrap();
+        let err = rel_err(&flat(&ours), &floats(theirs));
+        assert!(
+            err < 1e-4,
+            "{stat} after one train pass differs from PyTorch by {err}"
+        );
+    }
+}
+
+#[test]
+fn resnet_basic_blocks_match_torch_in_eval_and_train_mode() {
+    resnet_matches_torch("resnet");
+}
+
+#[test]
+fn resnet_bottleneck_blocks_match_torch_in_eval_and_train_mode() {
+    resnet_matches_torch("resnet_bottleneck");
+}
+
+/// One AdamW step on a fresh classifier: every weight the method trains changes, the rest
+/// (and the batch-norm buffers of frozen norms) stay bit for bit.
+fn one_step_changes_what_trains(dir: &Path, input: impl Fn(&Classifier) -> Input, method: Method) {
+    let base = classify::load_base(dir, 19, None, 0, &Device::Cpu).unwrap();
+    let mut c = Classifier::new(base, vec!["a".into(), "b".into(), "c".into()], method, 1).unwrap();
+    let before: BTreeMap<String, Vec<f32>> = c
+        .params
+        .tensors()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), flat(v)))
+        .collect();
+    let trainable: Vec<String> = c.params.trainable().keys().cloned().collect();
+    assert!(!trainable.is_empty());
+    let vars = c.params.trainable().values().cloned().collect();
+    let mut opt = AdamW::new(
+        vars,
+        ParamsAdamW {
+            lr: 1e-2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let x = input(&c);
+    let n = match &x {
+        Input::Text { ids, .. } => ids.dim(0).unwrap(),
+        Input::Images(t) => t.dim(0).unwrap(),
+    };
+    let labels = Tensor::arange(0u32, n as u32, &Device::Cpu)
+        .unwrap()
+        .broadcast_as(n)
+        .unwrap();
+    let labels = (labels.to_dtype(DType::F32).unwrap() * 0.0)
+        .unwrap()
+        .to_dtype(DType::U32)
+        .unwrap();
+    // Two steps: LoRA's B starts at zero, so A's gradient is zero on the first one.
+    for _ in 0..2 {
+        let loss = ops::cross_entropy(&c.forward(&x, true).unwrap(), &labels).unwrap();
+        opt.backward_step(&loss).unwrap();
+    }
+    let after = c.params.tensors().unwrap();
+    for (name, old) in &before {
+        let changed = flat(&after[name]) != *old;
+        let trains = trainable.contains(name);
+        let buffer = classify::resnet::is_buffer(name);
+        if trains {
+            assert!(
+                changed,
+                "{} ({}) did not change after a step",
+                name,
+                method.name()
+            );
+        } else if !buffer {
+            assert!(
+                !changed,
+                "{} is frozen under {} but changed",
+                name,
+                method.name()
+            );
+        }
+    }
+}
+
+fn text_input(c: &Classifier) -> Input {
+    c.encode_texts(&["the movie was good", "awful", "very bad movie"])
+        .unwrap()
+}
+
+fn image_input(_: &Classifier) -> Input {
+    let x =
+        candle_core::safetensors::load(fixture("resnet").join("input.safetensors"), &Device::Cpu)
+            .unwrap()
+            .remove("x")
+            .unwrap();
+    Input::Images(x)
+}
+
+#[test]
+fn every_trainable_weight_of_the_encoder_changes_after_a_step() {
+    let dir = fixture("bert");
+    one_step_changes_what_trains(&dir, text_input, Method::Full);
+    one_step_changes_what_trains(&dir, text_input, Method::Freeze { layers: 1 });
+    one_step_changes_what_trains(
+        &dir,
+        text_input,
+        Method::Lora(LoraSpec {
+            dropout: 0.0,
+            ..Default::default()
+        }),
+    );
+}
+
+#[test]
+fn every_trainable_weight_of_the_resnet_changes_after_a_step() {
+    let dir = fixture("resnet");
+    one_step_changes_what_trains(&dir, image_input, Method::Full);
+    one_step_changes_what_trains(&dir, image_input, Method::Freeze { layers: 0 });
+    one_step_changes_what_trains(
+        &dir,
+        image_input,
+        Method::Lora(LoraSpec {
+            dropout: 0.0,
+            ..Default::default()
+        }),
+    );
+}
+
+#[test]
+fn a_saved_checkpoint_predicts_what_the_trained_model_predicted() {
+    let dir = fixture("bert");
+    let base = classify::load_base(&dir, 19, None, 0, &Device::Cpu).unwrap();
+    let spec = LoraSpec {
+        dropout: 0.0,
+        ..Default::default()
+    };
+    let mut c = Classifier::new(
+        base,
+        vec!["neg".into(), "pos".into()],
+        Method::Lora(spec),
+        3,
+    )
+    .unwrap();
+    // Move the LoRA factors off their zero start so merging has something to fold in.
+    for (name, var) in c.params.trainable().clone() {
+        if name.contains("lora_B") {
+            var.set(
+                &var.as_tensor()
+                    .ones_like()
+                    .unwrap()
+                    .affine(0.05, 0.0)
+                    .unwrap(),
+            )
+            .unwrap();
+        }
+    }
+    let x = text_input(&c);
+    let ours = flat(&c.forward(&x, false).unwrap());
+    let out = tempfile::tempdir().unwrap();
+    c.save(out.path(), "tiny", Some(1), None).unwrap();
+    let (mut loaded, manifest) = Classifier::load(out.path(), &Device::Cpu).unwrap();
+    assert_eq!(manifest.labels, vec!["neg", "pos"]);
+    assert_eq!(manifest.method, "lora");
+    let x = text_input(&loaded);
+    let theirs = flat(&loaded.forward(&x, false).unwrap());
+    assert!(rel_err(&ours, &theirs) < 1e-5, "{ours:?} vs {theirs:?}");
+    let p = loaded.predict(&x).unwrap();
+    assert_eq!(p.len(), 3);
+    assert!(
+        p.iter()
+            .all(|p| (p.scores.iter().map(|s| s.1).sum::<f32>() - 1.0).abs() < 1e-5)
+    );
+}
