@@ -147,3 +147,59 @@ pub(crate) fn max_abs(t: &Tensor) -> f32 {
         .and_then(|a| a.to_scalar())
         .expect("an f32 tensor")
 }
+
+/// Write a tiny random BERT (`config.json`, `vocab.txt` of BERT's special tokens plus
+/// `words`, `model.safetensors` with Hugging Face's init) into `dir`.
+pub fn write_tiny_bert(
+    dir: &Path,
+    words: &[&str],
+    hidden: usize,
+    layers: usize,
+    seed: u64,
+) -> Result<(), String> {
+    use crate::classify::bert::{BertConfig, random_weights};
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let mut vocab: Vec<&str> = vec!["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
+    vocab.extend(
+        words
+            .iter()
+            .filter(|w| !vocab.contains(w))
+            .collect::<Vec<_>>(),
+    );
+    std::fs::write(dir.join("vocab.txt"), vocab.join("\n") + "\n").map_err(|e| e.to_string())?;
+    let cfg = BertConfig {
+        vocab_size: vocab.len(),
+        hidden_size: hidden,
+        num_hidden_layers: layers,
+        num_attention_heads: 2,
+        intermediate_size: hidden * 2,
+        max_position_embeddings: 64,
+        type_vocab_size: 2,
+        layer_norm_eps: 1e-12,
+        hidden_dropout_prob: 0.1,
+        attention_probs_dropout_prob: 0.1,
+    };
+    let json = serde_json::to_string_pretty(&cfg.to_hf_json()).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("config.json"), json).map_err(|e| e.to_string())?;
+    let w = random_weights(&cfg, seed, &Device::Cpu).map_err(|e| e.to_string())?;
+    candle_core::safetensors::save(&w, dir.join("model.safetensors")).map_err(|e| e.to_string())
+}
+
+/// Write a tiny random torchvision-layout ResNet (`model.safetensors`, no head) into `dir`.
+pub fn write_tiny_resnet(
+    dir: &Path,
+    width: usize,
+    layers: &[usize],
+    bottleneck: bool,
+    seed: u64,
+) -> Result<(), String> {
+    use crate::classify::resnet::{ResNetConfig, random_weights};
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let cfg = ResNetConfig {
+        bottleneck,
+        layers: layers.to_vec(),
+        width,
+    };
+    let w = random_weights(&cfg, seed, &Device::Cpu).map_err(|e| e.to_string())?;
+    candle_core::safetensors::save(&w, dir.join("model.safetensors")).map_err(|e| e.to_string())
+}

@@ -8,6 +8,7 @@ mod bench_swap;
 mod card;
 mod chat;
 mod chat_record;
+mod classify;
 mod config_cmd;
 mod data;
 mod export;
@@ -80,8 +81,12 @@ pub enum Command {
     /// Here `--config` names a training YAML (Axolotl keys); the loraloop config comes from
     /// ./loraloop.yaml or LORALOOP_CONFIG. Flags override the YAML.
     FineTune(Box<train::FineTuneArgs>),
-    /// Loss, perplexity and token accuracy of a model (and adapter) on a dataset.
+    /// Loss, perplexity and token accuracy of a model (and adapter) on a dataset; for a
+    /// classifier checkpoint (`--model-path DIR`), loss, accuracy, F1 per class and the
+    /// confusion matrix.
     Evaluate(train::EvaluateArgs),
+    /// Classify texts or images with a fine-tuned classifier checkpoint.
+    Predict(classify::PredictArgs),
     /// An adapter for llama.cpp and Ollama: a LoRA GGUF, or the model with the adapter
     /// merged in as a GGUF (f16, q8_0, q4_1), each with an Ollama Modelfile.
     Export(export::ExportArgs),
@@ -490,6 +495,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             train::fine_tune(&config, &args, training_yaml, cli.verbose).await
         }
         Command::Evaluate(args) => train::evaluate(&config, &args).await,
+        Command::Predict(args) => classify::predict(&config, &args).await,
         Command::Worker(args) => train::worker(&config, &args).await,
         Command::Export(args) => export::export(&config, &args).await,
         Command::Sweep(args) => sweep::sweep(&config, &args, training_yaml).await,

@@ -6,6 +6,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use loraloop_core::Config;
 use loraloop_core::domain::ChatExample;
+use loraloop_model::classify::MANIFEST as CLASSIFIER_MANIFEST;
 use loraloop_model::engine::LoadedModel;
 use loraloop_model::lora::{LoraAdapter, read_peft_dir};
 use loraloop_model::template::TemplateMessage;
@@ -147,6 +148,18 @@ pub struct FineTuneArgs {
     /// Skip the report card (held-out scores and the retention probe) after training.
     #[arg(long)]
     pub no_card: bool,
+    /// text-classification or image-classification (default: from the model and the
+    /// data; an encoder or a ResNet, or a folder of images, trains a classifier).
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Classifiers: the held-out metric that picks the best checkpoint and drives early
+    /// stopping: accuracy (default), macro_f1, loss, macro_precision, macro_recall,
+    /// f1:LABEL, precision:LABEL or recall:LABEL.
+    #[arg(long)]
+    pub metric_for_best_model: Option<String>,
+    /// Classifiers: the side images are resized and cropped to (default 224).
+    #[arg(long)]
+    pub image_size: Option<usize>,
     /// auto, cpu, cuda or cuda:N (default: the configured device).
     #[arg(long)]
     pub device: Option<String>,
@@ -197,6 +210,9 @@ impl FineTuneArgs {
             replay_weight: self.replay_weight,
             rl: self.rl.clone(),
             rl_beta: self.rl_beta,
+            task: self.task.clone(),
+            metric_for_best_model: self.metric_for_best_model.clone(),
+            image_size: self.image_size,
             ..Default::default()
         }
     }
@@ -372,6 +388,22 @@ pub async fn fine_tune(
         None => TrainFile::default(),
     };
     let mut merged = file.clone().merge(args.overlay());
+    let data_hint = args.data_path.clone().or_else(|| {
+        merged
+            .datasets
+            .as_ref()
+            .and_then(|d| d.first())
+            .map(|d| d.path.clone())
+    });
+    let model_hint = args
+        .model
+        .clone()
+        .or_else(|| merged.base_model.clone().map(PathBuf::from));
+    if let Some(task) =
+        super::classify::task_of(config, &merged, model_hint.as_deref(), data_hint.as_deref())?
+    {
+        return super::classify::fine_tune(config, args, merged, task).await;
+    }
     if let Some(b) = args.batch_size {
         if b == 0 {
             bail!("--batch-size must be at least 1");
@@ -594,13 +626,15 @@ fn metrics_line(label: &str, m: &EvalMetrics) -> String {
 
 #[derive(Debug, Args)]
 pub struct EvaluateArgs {
-    /// A .gguf file or a Hugging Face model folder (default: the configured model).
-    #[arg(long)]
+    /// A .gguf file or a Hugging Face model folder (default: the configured model), or a
+    /// classifier checkpoint folder.
+    #[arg(long, alias = "model-path")]
     pub model: Option<PathBuf>,
     /// A PEFT adapter folder.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// The evaluation data (any format `data import` reads).
+    /// The evaluation data (any format `data import` reads; for a classifier, a JSONL/CSV
+    /// of texts or a folder of class folders of images).
     #[arg(long, value_name = "FILE")]
     pub data_path: PathBuf,
     /// Base vs adapter side by side, with a few sample generations.
@@ -619,6 +653,20 @@ pub struct EvaluateArgs {
 }
 
 pub async fn evaluate(config: &Config, args: &EvaluateArgs) -> anyhow::Result<ExitCode> {
+    if let Some(dir) = args
+        .model
+        .as_deref()
+        .filter(|m| m.join(CLASSIFIER_MANIFEST).is_file())
+    {
+        return super::classify::evaluate(
+            config,
+            dir,
+            &args.data_path,
+            args.json,
+            args.device.as_deref(),
+        )
+        .await;
+    }
     let Some(examples) = read_examples(&args.data_path).await? else {
         return Ok(ExitCode::FAILURE);
     };

@@ -6,6 +6,7 @@ mod fake_telegram;
 
 mod bot;
 mod chat;
+mod classify;
 mod config;
 mod crash;
 mod data;

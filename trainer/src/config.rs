@@ -113,6 +113,13 @@ pub struct TrainFile {
     pub rl_beta: Option<f64>,
     pub kto_desirable_weight: Option<f64>,
     pub kto_undesirable_weight: Option<f64>,
+    /// Classifier fine-tunes: text-classification or image-classification (default: from
+    /// the model and the data).
+    pub task: Option<String>,
+    /// Classifier fine-tunes: the held-out metric that picks the best checkpoint.
+    pub metric_for_best_model: Option<String>,
+    /// Classifier fine-tunes: the side images are cropped to.
+    pub image_size: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -193,7 +200,10 @@ impl TrainFile {
             rl,
             rl_beta,
             kto_desirable_weight,
-            kto_undesirable_weight
+            kto_undesirable_weight,
+            task,
+            metric_for_best_model,
+            image_size
         )
     }
 }

@@ -6,6 +6,7 @@ pub mod batch;
 pub mod bench;
 pub mod card;
 pub mod checkpoint;
+pub mod classify;
 pub mod config;
 pub mod dataset;
 pub mod error;

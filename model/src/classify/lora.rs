@@ -40,7 +40,12 @@ pub fn factor_names(base: &str) -> (String, String) {
 }
 
 /// Add trainable LoRA factors for the weight `base` (`[out, in]` or `[out, in, kh, kw]`).
-pub fn attach(params: &mut Params, base: &str, spec: LoraSpec) -> Result<()> {
+pub fn attach(
+    params: &mut Params,
+    base: &str,
+    spec: LoraSpec,
+    rng: &mut rand::rngs::StdRng,
+) -> Result<()> {
     let w = params.get(base)?;
     let dims = w.dims().to_vec();
     let (out, fan_in) = (dims[0], dims[1..].iter().product::<usize>());
@@ -49,7 +54,12 @@ pub fn attach(params: &mut Params, base: &str, spec: LoraSpec) -> Result<()> {
     let (a_name, b_name) = factor_names(base);
     let mut a_shape = dims.clone();
     a_shape[0] = spec.r;
-    let a = Tensor::rand(-bound as f32, bound as f32, a_shape, params.device())?;
+    let n: usize = a_shape.iter().product();
+    let bound = bound as f32;
+    let values: Vec<f32> = (0..n)
+        .map(|_| rand::Rng::random_range(rng, -bound..bound))
+        .collect();
+    let a = Tensor::from_vec(values, a_shape, params.device())?;
     let b_shape: Vec<usize> = if dims.len() == 4 {
         vec![out, spec.r, 1, 1]
     } else {

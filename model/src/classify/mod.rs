@@ -328,8 +328,10 @@ impl Classifier {
                 Arch::Bert { config, .. } => bert::lora_targets(config),
                 Arch::ResNet { config, .. } => resnet::lora_targets(config),
             };
+            let mut rng =
+                <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed.wrapping_add(1));
             for t in targets {
-                lora::attach(&mut params, &t, spec)?;
+                lora::attach(&mut params, &t, spec, &mut rng)?;
             }
         }
         Ok(Self {

@@ -33,13 +33,38 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     picked.neg()?.mean_all()
 }
 
+thread_local! {
+    /// The dropout masks' generator: seeded by the training run (`seed_dropout`), so a run
+    /// with the same seed draws the same masks.
+    static DROPOUT_RNG: std::cell::RefCell<rand::rngs::StdRng> =
+        std::cell::RefCell::new(rand::SeedableRng::seed_from_u64(0));
+}
+
+/// Seed this thread's dropout masks.
+pub fn seed_dropout(seed: u64) {
+    DROPOUT_RNG.with(|r| *r.borrow_mut() = rand::SeedableRng::seed_from_u64(seed));
+}
+
 /// Inverted dropout (`torch.nn.Dropout` in training mode); identity when `p` is 0.
 pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
     if p <= 0.0 {
         return Ok(x.clone());
     }
-    let keep = x.rand_like(0.0, 1.0)?.ge(p)?.to_dtype(x.dtype())?;
-    x.mul(&(keep * (1.0 / (1.0 - p)))?)
+    let scale = (1.0 / (1.0 - p)) as f32;
+    let mask: Vec<f32> = DROPOUT_RNG.with(|r| {
+        let mut r = r.borrow_mut();
+        (0..x.elem_count())
+            .map(|_| {
+                if rand::Rng::random::<f64>(&mut *r) < p {
+                    0.0
+                } else {
+                    scale
+                }
+            })
+            .collect()
+    });
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x.mul(&mask)
 }
 
 /// Batch statistics of a `[n, c, h, w]` tensor per channel: (mean, biased variance), each
