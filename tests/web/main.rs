@@ -9,6 +9,7 @@ mod api;
 mod api_chats;
 mod backup;
 mod browser;
+mod classifiers;
 mod console_data;
 mod console_model;
 mod dataset_urls;

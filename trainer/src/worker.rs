@@ -101,10 +101,18 @@ pub async fn run_worker(
     opts: WorkerOptions,
     shutdown: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
+    // A classifier job a stopped process left running starts over.
+    db.requeue_running_classifier_jobs().await?;
     while !shutdown.load(Ordering::SeqCst) {
         recover_abandoned(&db).await?;
         match run_next(&db, &opts, shutdown.clone()).await? {
             Some(id) => tracing::info!("job {id} done"),
+            // Classifier jobs when no chat-model job waits: one training run at a time.
+            None if let Some(id) =
+                crate::classify::worker::run_next(&db, &opts.device, shutdown.clone()).await? =>
+            {
+                tracing::info!("classifier job {id} done")
+            }
             None => {
                 close_ended_sweeps(&db, &opts).await;
                 tokio::time::sleep(opts.poll_interval).await

@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::stream::Stream;
 use loraloop_core::storage::TrainingEvent;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use std::convert::Infallible;
 use std::time::Duration;
 use utoipa::OpenApi;
@@ -95,19 +96,30 @@ pub fn router(_state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(crate::fine_tuning::list_fine_tuning_events))
         .routes(routes!(crate::fine_tuning::list_fine_tuning_checkpoints))
         .routes(routes!(metrics))
+        .routes(routes!(crate::classifier_api::list))
+        .routes(routes!(crate::classifier_api::get))
+        .routes(routes!(crate::classifier_api::cancel))
+        .routes(routes!(crate::classifier_api::events))
+        .routes(routes!(crate::classifier_api::predict))
         .routes(routes!(crate::audit::list_audit))
 }
 
 /// Create a fine-tuning job.
 #[utoipa::path(post, path = "/api/v1/fine-tune", request_body = CreateJob,
-    responses((status = 200, body = JobView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+    responses((status = 200, body = JobView, description = "a chat-model job; a classifier request (model_id an encoder or ResNet folder) answers a ClassifierJobView"), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
               (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn create_job(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<CreateJob>,
-) -> Result<Json<JobView>, ApiError> {
+) -> Result<Json<Value>, ApiError> {
+    if let Some(job) = crate::classifier_api::create(&state, &req).await? {
+        return Ok(Json(serde_json::to_value(job).map_err(ApiError::internal)?));
+    }
     let job = operations::create_job(&state, &req, crate::audit::API).await?;
-    Ok(Json(operations::job_view(&state, job).await?))
+    Ok(Json(
+        serde_json::to_value(operations::job_view(&state, job).await?)
+            .map_err(ApiError::internal)?,
+    ))
 }
 
 /// List fine-tuning jobs, newest first.

@@ -279,6 +279,7 @@ fn settings_of(
         epochs,
         method: Some(objective.as_str().to_string()),
         hyperparameters: keys,
+        ..Default::default()
     };
     job_settings(&create).map_err(|mut e| {
         if e.param.as_deref() == Some("epochs") {

@@ -13,6 +13,7 @@ pub mod audit;
 pub mod auth;
 pub mod build_api;
 pub mod canary_views;
+pub mod classifier_api;
 pub mod console;
 pub mod dataset_object;
 pub mod dataset_url;

@@ -211,7 +211,7 @@ const MAX_BATCH: u64 = 4096;
 const MAX_RANK: u64 = 1024;
 
 /// `POST /api/v1/fine-tune`'s body.
-#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateJob {
     /// What to train: any name `GET /v1/models` lists (an assistant or `base`: the served
@@ -241,6 +241,18 @@ pub struct CreateJob {
     #[serde(default)]
     #[schema(value_type = Object)]
     pub hyperparameters: Map<String, Value>,
+    /// Classifier jobs: text-classification or image-classification (default: from
+    /// `model_id`, an encoder or ResNet folder in the models directory).
+    #[serde(default)]
+    pub task: Option<String>,
+    /// Classifier jobs: the training data, a JSONL/CSV file of texts or a folder of class
+    /// folders of images, named inside `imports.dir`.
+    #[serde(default)]
+    pub data_path: Option<String>,
+    /// Classifier jobs: held-out data inside `imports.dir` (default: the folder's `val/`,
+    /// else `val_set_size` split off).
+    #[serde(default)]
+    pub eval_data_path: Option<String>,
 }
 
 /// Check every hyperparameter and turn the request into the stored job settings (what

@@ -16,6 +16,8 @@ pub struct Inner {
     pub telegram_inbox: Arc<Inbox>,
     /// Failed console logins per client address.
     pub logins: crate::login_throttle::LoginThrottle,
+    /// The classifier `POST /api/v1/predict` served last, kept loaded.
+    pub classifier: Arc<crate::classifier_api::LoadedClassifier>,
 }
 
 /// Cheap to clone: one `Arc`.
@@ -30,6 +32,7 @@ impl AppState {
             max_upload_bytes,
             telegram_inbox,
             logins: crate::login_throttle::LoginThrottle::new(),
+            classifier: Arc::default(),
             core,
         }))
     }

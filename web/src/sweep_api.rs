@@ -87,6 +87,7 @@ pub async fn start_sweep(
             epochs: t.epochs,
             method: t.method.clone(),
             hyperparameters: t.hyperparameters.clone(),
+            ..Default::default()
         })
         .collect();
     for (i, r) in requests.iter().enumerate() {

@@ -14,6 +14,7 @@ mod admin;
 mod assistants;
 mod audit;
 mod chat;
+mod classifier_jobs;
 mod curation;
 mod datasets;
 mod files;
@@ -31,6 +32,7 @@ pub use assistants::{
 };
 pub use audit::AuditEntry;
 pub use chat::{Conversation, Feedback, NewMessage, Platform, PlatformUser, StoredMessage};
+pub use classifier_jobs::{ClassifierJob, ClassifierJobEvent, NewClassifierJob};
 pub use curation::{
     BuildFilter, ConversationDetail, ConversationExample, ConversationFilter, ConversationSummary,
     MessageWithFeedback, OPERATOR, PLATFORMS, RatingFilter,

@@ -56,13 +56,6 @@ impl Rows {
         }
     }
 
-    fn len(&self) -> usize {
-        match self {
-            Self::Text(v) => v.len(),
-            Self::Images(v) => v.len(),
-        }
-    }
-
     /// With label indices from `labels`; a label not in it is an error.
     pub fn index(self, labels: &[String]) -> Result<Examples, String> {
         let of = |l: &str| -> Result<usize, String> {
@@ -312,7 +305,72 @@ pub fn split(rows: &Examples, val_set_size: f64, seed: u64) -> (Examples, Exampl
     (rows.pick(&train), rows.pick(&val))
 }
 
-/// How many rows there are (for messages).
-pub fn row_count(rows: &Rows) -> usize {
-    rows.len()
+/// Training and held-out examples with their label set, ready for `train`.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub labels: Vec<String>,
+    pub train: Examples,
+    pub eval: Examples,
+}
+
+/// Read rows that must fit `task`, with a clear error when they do not.
+pub fn read_for(
+    path: &Path,
+    task: loraloop_model::classify::Task,
+) -> Result<(Rows, Option<Rows>), String> {
+    use loraloop_model::classify::Task;
+    let (rows, val) = read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    match (&rows, task) {
+        (Rows::Text(_), Task::TextClassification)
+        | (Rows::Images(_), Task::ImageClassification) => Ok((rows, val)),
+        (Rows::Text(_), Task::ImageClassification) => Err(format!(
+            "{} is a file of texts, but this model classifies images (give a folder of class folders)",
+            path.display()
+        )),
+        (Rows::Images(_), Task::TextClassification) => Err(format!(
+            "{} is a folder of images, but this model classifies texts (give a JSONL or CSV file)",
+            path.display()
+        )),
+    }
+}
+
+/// The data of a fine-tune: `data` (and `eval_data`, else the folder's own `val/`, else a
+/// stratified `val_set_size` split), with the label set of all of it.
+pub fn prepare(
+    data: &Path,
+    eval_data: Option<&Path>,
+    task: loraloop_model::classify::Task,
+    val_set_size: f64,
+    seed: u64,
+) -> Result<Prepared, String> {
+    let (rows, own_val) = read_for(data, task)?;
+    let eval_rows = match eval_data {
+        Some(p) => Some(read_for(p, task)?.0),
+        None => own_val,
+    };
+    let mut sets = vec![&rows];
+    sets.extend(eval_rows.as_ref());
+    let labels = label_set(sets);
+    if labels.len() < 2 {
+        return Err(format!(
+            "{} has only one label ({labels:?}); a classifier needs two or more",
+            data.display()
+        ));
+    }
+    let all = rows.index(&labels)?;
+    let (train, eval) = match eval_rows {
+        Some(v) => (all, v.index(&labels)?),
+        None => split(&all, val_set_size, seed),
+    };
+    if train.is_empty() {
+        return Err(format!(
+            "{}: no examples left to train on after the held-out split",
+            data.display()
+        ));
+    }
+    Ok(Prepared {
+        labels,
+        train,
+        eval,
+    })
 }

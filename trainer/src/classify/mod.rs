@@ -6,6 +6,7 @@ pub mod data;
 pub mod metrics;
 pub mod run;
 pub mod settings;
+pub mod worker;
 
 pub use metrics::Metrics;
 pub use run::{ClassifyEvent, Outcome, Run, evaluate, train};

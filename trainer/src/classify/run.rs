@@ -48,9 +48,18 @@ pub enum ClassifyEvent {
         epoch: usize,
         dir: PathBuf,
     },
+    /// The checkpoint just saved is the best so far by the chosen metric.
+    Best {
+        epoch: usize,
+        dir: PathBuf,
+        metric: Option<f64>,
+    },
     EarlyStopped {
         epoch: usize,
         best_epoch: usize,
+    },
+    Message {
+        text: String,
     },
 }
 
@@ -334,6 +343,11 @@ pub fn train(
         });
         out.last_checkpoint = Some(dir.clone());
         if best {
+            on_event(ClassifyEvent::Best {
+                epoch,
+                dir: dir.clone(),
+                metric: score,
+            });
             out.best_checkpoint = Some(dir);
             out.best_metric = score;
             out.best_epoch = Some(epoch);

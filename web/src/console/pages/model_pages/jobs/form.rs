@@ -199,6 +199,7 @@ impl JobForm {
             epochs: float("epochs")?,
             method,
             hyperparameters: hp,
+            ..Default::default()
         })
     }
 }

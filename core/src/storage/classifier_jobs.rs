@@ -1,0 +1,218 @@
+//! Classifier fine-tuning jobs and their events.
+
+use super::{Db, Result, StorageError};
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct ClassifierJob {
+    pub id: i64,
+    pub state: String,
+    pub task: String,
+    pub base_model: String,
+    pub data_path: String,
+    pub eval_data_path: Option<String>,
+    pub settings: String,
+    pub output_dir: String,
+    pub best_checkpoint: Option<String>,
+    pub best_metric: Option<f64>,
+    pub step: i64,
+    pub total_steps: Option<i64>,
+    pub cancel_requested: bool,
+    pub error: Option<String>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct ClassifierJobEvent {
+    pub id: i64,
+    pub job_id: i64,
+    pub kind: String,
+    pub payload: String,
+    pub created_at: String,
+}
+
+/// A job to queue.
+#[derive(Debug, Clone)]
+pub struct NewClassifierJob<'a> {
+    pub task: &'a str,
+    pub base_model: &'a str,
+    pub data_path: &'a str,
+    pub eval_data_path: Option<&'a str>,
+    pub settings: &'a serde_json::Value,
+    /// Where checkpoints go; `{id}` is replaced by the job's id.
+    pub output_dir: &'a str,
+}
+
+const COLUMNS: &str = "id, state, task, base_model, data_path, eval_data_path, settings, output_dir, best_checkpoint, best_metric, step, total_steps, cancel_requested, error, created_at, started_at, finished_at";
+
+impl Db {
+    pub async fn create_classifier_job(&self, job: &NewClassifierJob<'_>) -> Result<ClassifierJob> {
+        let mut tx = self.pool().begin().await?;
+        let created: ClassifierJob = sqlx::query_as(&format!(
+            "insert into classifier_jobs (task, base_model, data_path, eval_data_path, settings, output_dir) values (?, ?, ?, ?, ?, '') returning {COLUMNS}"
+        ))
+        .bind(job.task)
+        .bind(job.base_model)
+        .bind(job.data_path)
+        .bind(job.eval_data_path)
+        .bind(job.settings.to_string())
+        .fetch_one(&mut *tx)
+        .await?;
+        let out = job.output_dir.replace("{id}", &created.id.to_string());
+        let created: ClassifierJob = sqlx::query_as(&format!(
+            "update classifier_jobs set output_dir = ? where id = ? returning {COLUMNS}"
+        ))
+        .bind(out)
+        .bind(created.id)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(created)
+    }
+
+    pub async fn classifier_job(&self, id: i64) -> Result<ClassifierJob> {
+        let found: Option<ClassifierJob> = sqlx::query_as(&format!(
+            "select {COLUMNS} from classifier_jobs where id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await?;
+        found.ok_or_else(|| StorageError::NotFound {
+            what: format!("classifier job {id}"),
+        })
+    }
+
+    /// Jobs newest first.
+    pub async fn list_classifier_jobs(&self, limit: i64) -> Result<Vec<ClassifierJob>> {
+        Ok(sqlx::query_as(&format!(
+            "select {COLUMNS} from classifier_jobs order by id desc limit ?"
+        ))
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// Take the oldest queued job (it becomes `running`); `None` when none waits.
+    pub async fn claim_classifier_job(&self) -> Result<Option<ClassifierJob>> {
+        Ok(sqlx::query_as(&format!(
+            "update classifier_jobs set state = 'running', started_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+             where id = (select id from classifier_jobs where state = 'queued' order by id limit 1)
+             returning {COLUMNS}"
+        ))
+        .fetch_optional(self.pool())
+        .await?)
+    }
+
+    /// Jobs a stopped process left running go back to the queue (they start over).
+    pub async fn requeue_running_classifier_jobs(&self) -> Result<u64> {
+        Ok(sqlx::query("update classifier_jobs set state = 'queued', step = 0, started_at = null where state = 'running'")
+            .execute(self.pool())
+            .await?
+            .rows_affected())
+    }
+
+    pub async fn set_classifier_job_progress(&self, id: i64, step: i64, total: i64) -> Result<()> {
+        sqlx::query("update classifier_jobs set step = ?, total_steps = ? where id = ?")
+            .bind(step)
+            .bind(total)
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    pub async fn set_classifier_job_best(
+        &self,
+        id: i64,
+        checkpoint: &str,
+        metric: Option<f64>,
+    ) -> Result<()> {
+        sqlx::query("update classifier_jobs set best_checkpoint = ?, best_metric = ? where id = ?")
+            .bind(checkpoint)
+            .bind(metric)
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// End a running job in `state` (succeeded, failed, cancelled).
+    pub async fn finish_classifier_job(
+        &self,
+        id: i64,
+        state: &str,
+        error: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query(
+            "update classifier_jobs set state = ?, error = ?, finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') where id = ? and state = 'running'",
+        )
+        .bind(state)
+        .bind(error)
+        .bind(id)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Cancel: a queued job ends now, a running one is asked to stop. False when it had
+    /// already ended.
+    pub async fn cancel_classifier_job(&self, id: i64) -> Result<bool> {
+        let job = self.classifier_job(id).await?;
+        let changed = match job.state.as_str() {
+            "queued" => sqlx::query(
+                "update classifier_jobs set state = 'cancelled', finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') where id = ? and state = 'queued'",
+            ),
+            "running" => sqlx::query("update classifier_jobs set cancel_requested = 1 where id = ? and state = 'running'"),
+            _ => return Ok(false),
+        }
+        .bind(id)
+        .execute(self.pool())
+        .await?
+        .rows_affected();
+        Ok(changed > 0)
+    }
+
+    pub async fn classifier_cancel_requested(&self, id: i64) -> Result<bool> {
+        Ok(
+            sqlx::query_scalar("select cancel_requested from classifier_jobs where id = ?")
+                .bind(id)
+                .fetch_optional(self.pool())
+                .await?
+                .unwrap_or(false),
+        )
+    }
+
+    pub async fn add_classifier_event(
+        &self,
+        job_id: i64,
+        kind: &str,
+        payload: &serde_json::Value,
+    ) -> Result<()> {
+        sqlx::query("insert into classifier_job_events (job_id, kind, payload) values (?, ?, ?)")
+            .bind(job_id)
+            .bind(kind)
+            .bind(payload.to_string())
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// A job's events in order, after event `after` (0: from the start).
+    pub async fn classifier_events(
+        &self,
+        job_id: i64,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<ClassifierJobEvent>> {
+        Ok(sqlx::query_as(
+            "select id, job_id, kind, payload, created_at from classifier_job_events where job_id = ? and id > ? order by id limit ?",
+        )
+        .bind(job_id)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?)
+    }
+}
