@@ -265,6 +265,19 @@ fn every_trainable_weight_of_the_encoder_changes_after_a_step() {
 }
 
 #[test]
+fn a_mean_pooled_encoder_trains_every_weight_it_keeps() {
+    // A sentence-transformers folder (modules.json) pools by the mean: the pooler it
+    // ships is dropped rather than left "trainable" without a gradient.
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors", "vocab.txt"] {
+        std::fs::copy(fixture("bert").join(f), dir.path().join(f)).unwrap();
+    }
+    std::fs::write(dir.path().join("modules.json"), "[]").unwrap();
+    one_step_changes_what_trains(dir.path(), text_input, Method::Full);
+    one_step_changes_what_trains(dir.path(), text_input, Method::Freeze { layers: 0 });
+}
+
+#[test]
 fn every_trainable_weight_of_the_resnet_changes_after_a_step() {
     let dir = fixture("resnet");
     one_step_changes_what_trains(&dir, image_input, Method::Full);

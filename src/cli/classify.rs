@@ -182,6 +182,12 @@ pub async fn fine_tune(
     })
     .await?
     .map_err(anyhow::Error::msg)?;
+    eprintln!(
+        "{} steps in {:.1} s of training ({:.2} s/step)",
+        outcome.steps,
+        outcome.train_seconds,
+        outcome.train_seconds / outcome.steps.max(1) as f64
+    );
     if let Some(best) = &outcome.best_checkpoint {
         println!("best checkpoint: {}", best.display());
     }

@@ -301,6 +301,16 @@ impl Classifier {
             tokenizer,
             ..
         } = base;
+        if let Arch::Bert {
+            pooling: Pooling::Mean,
+            ..
+        } = &arch
+        {
+            // Mean pooling never reads BERT's pooler: it would be a weight that "trains"
+            // without a gradient.
+            params.remove("pooler.dense.weight");
+            params.remove("pooler.dense.bias");
+        }
         match &arch {
             Arch::Bert {
                 config, pooling, ..

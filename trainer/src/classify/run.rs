@@ -74,6 +74,8 @@ pub struct Outcome {
     pub steps: usize,
     pub cancelled: bool,
     pub history: Vec<serde_json::Value>,
+    /// Seconds spent in training steps (not evaluating or saving).
+    pub train_seconds: f64,
 }
 
 /// Logits' loss and hits for a batch.
@@ -237,6 +239,7 @@ pub fn train(
         steps: 0,
         cancelled: false,
         history: Vec::new(),
+        train_seconds: 0.0,
     };
     let mut since_best = 0usize;
     'epochs: for epoch in 1..=s.epochs {
@@ -250,6 +253,7 @@ pub fn train(
                 out.cancelled = true;
                 break 'epochs;
             }
+            let step_start = std::time::Instant::now();
             let (input, labels) = batch_input(&c, &run.train, idx, true, &mut rng)?;
             let logits = c.forward(&input, true).map_err(err)?;
             let loss = ops::cross_entropy(&logits, &labels).map_err(err)?;
@@ -302,6 +306,7 @@ pub fn train(
                 .and_then(|m| m.to_scalar())
                 .map_err(err)?;
             out.steps += 1;
+            out.train_seconds += step_start.elapsed().as_secs_f64();
             loss_sum += l as f64 * idx.len() as f64;
             seen += idx.len();
             on_event(ClassifyEvent::Step {
@@ -391,6 +396,7 @@ fn write_state(dir: &Path, s: &ClassifySettings, out: &Outcome) -> Result<(), St
         "metric_for_best_model": s.metric,
         "epochs_run": out.epochs_run,
         "global_step": out.steps,
+        "train_seconds": out.train_seconds,
         "log_history": out.history,
         "settings": s,
     });
