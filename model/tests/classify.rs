@@ -337,3 +337,34 @@ fn a_saved_checkpoint_predicts_what_the_trained_model_predicted() {
             .all(|p| (p.scores.iter().map(|s| s.1).sum::<f32>() - 1.0).abs() < 1e-5)
     );
 }
+
+#[test]
+fn a_distilbert_checkpoint_reads_as_the_same_encoder_as_transformers() {
+    let exp = expected("distilbert");
+    let base = classify::load_base(&fixture("distilbert"), 19, None, 0, &Device::Cpu).unwrap();
+    let Arch::Bert {
+        config, pooling, ..
+    } = &base.arch
+    else {
+        panic!("not read as an encoder")
+    };
+    assert_eq!(config.type_vocab_size, 0, "DistilBERT has no token types");
+    let ids: Vec<Vec<u32>> = serde_json::from_value(exp["input_ids"].clone()).unwrap();
+    let mask: Vec<Vec<f32>> = serde_json::from_value(exp["attention_mask"].clone()).unwrap();
+    let ids = Tensor::new(ids, &Device::Cpu).unwrap();
+    let mask = Tensor::new(mask, &Device::Cpu).unwrap();
+    let pooled = bert::encode(
+        &base.params,
+        config,
+        *pooling,
+        &ids,
+        &mask,
+        classify::lora::Mode::eval(),
+    )
+    .unwrap();
+    let err = rel_err(&flat(&pooled), &floats(&exp["pooled"]));
+    assert!(
+        err < 1e-4,
+        "mean-pooled output differs from transformers' DistilBertModel by {err}"
+    );
+}

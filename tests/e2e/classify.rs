@@ -220,3 +220,181 @@ fn a_tiny_resnet_learns_coloured_shapes_and_the_checkpoint_evaluates_and_predict
         "{preds}"
     );
 }
+
+fn failure(cmd: &mut assert_cmd::Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        !out.status.success(),
+        "expected a failure: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_classifier_data_is_refused_with_the_reason_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny-bert");
+    write_tiny_bert(&model, &REVIEW_WORDS, 16, 1, 7).unwrap();
+    let out = dir.path().join("out");
+    let cases: [(&str, &str, &str); 5] = [
+        (
+            "bad.jsonl",
+            "{\"text\": \"good\", \"label\": \"a\"}\nnot json\n{\"text\": \"\", \"label\": \"b\"}\n{\"text\": \"x\"}\n",
+            "3 problem(s)",
+        ),
+        (
+            "one.jsonl",
+            "{\"text\": \"good\", \"label\": \"a\"}\n{\"text\": \"bad\", \"label\": \"a\"}\n",
+            "only one label",
+        ),
+        (
+            "cols.csv",
+            "sentence,sentiment\ngood,1\n",
+            "\"text\" and \"label\" columns",
+        ),
+        ("empty.jsonl", "\n\n", "holds no examples"),
+        ("quoted.csv", "text,label\n\"unterminated,1\n", "problem"),
+    ];
+    for (name, content, want) in cases {
+        let data = dir.path().join(name);
+        std::fs::write(&data, content).unwrap();
+        let err = failure(
+            loraloop(dir.path())
+                .args(["fine-tune", "--model"])
+                .arg(&model)
+                .arg("--data-path")
+                .arg(&data)
+                .arg("--output-dir")
+                .arg(&out),
+        );
+        assert!(err.contains(want), "{name}: {err}");
+        assert!(!out.join("checkpoint-1").exists());
+    }
+    // Texts given to an image model, images to a text model.
+    let shapes = dir.path().join("shapes");
+    write_shapes(&shapes, 2, 1);
+    let err = failure(
+        loraloop(dir.path())
+            .args(["fine-tune", "--task", "text-classification", "--model"])
+            .arg(&model)
+            .arg("--data-path")
+            .arg(&shapes),
+    );
+    assert!(err.contains("folder of images"), "{err}");
+    // A corrupt image is named.
+    std::fs::write(shapes.join("circle/broken.png"), b"not a png").unwrap();
+    let resnet = dir.path().join("tiny-resnet");
+    write_tiny_resnet(&resnet, 4, &[1], false, 1).unwrap();
+    let err = failure(
+        loraloop(dir.path())
+            .args(["fine-tune", "--image-size", "16", "--model"])
+            .arg(&resnet)
+            .arg("--data-path")
+            .arg(&shapes)
+            .arg("--output-dir")
+            .arg(&out),
+    );
+    assert!(err.contains("broken.png"), "{err}");
+    // Settings a classifier cannot use.
+    let good = dir.path().join("good.jsonl");
+    std::fs::write(&good, two_class_reviews(10, 1)).unwrap();
+    for (flags, want) in [
+        (vec!["--gradient-checkpointing"], "gradient_checkpointing"),
+        (vec!["--metric-for-best-model", "vibes"], "unknown metric"),
+        (vec!["--method", "qlora"], "unknown method"),
+    ] {
+        let err = failure(
+            loraloop(dir.path())
+                .args(["fine-tune", "--model"])
+                .arg(&model)
+                .arg("--data-path")
+                .arg(&good)
+                .args(&flags),
+        );
+        assert!(err.contains(want), "{flags:?}: {err}");
+    }
+}
+
+#[test]
+fn a_bare_resnet_name_trains_from_random_weights_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let shapes = dir.path().join("shapes");
+    write_shapes(&shapes, 4, 1);
+    let out = loraloop(dir.path())
+        .args(["fine-tune", "--model", "resnet18", "--data-path"])
+        .arg(&shapes)
+        .args([
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--image-size",
+            "32",
+            "--val-set-size",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("RANDOM initialization of resnet18"),
+        "{stderr}"
+    );
+    let ckpt = dir
+        .path()
+        .join("classifiers/resnet18-image-classification/checkpoint-1");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("classifier.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        manifest["arch"]["config"]["layers"],
+        serde_json::json!([2, 2, 2, 2])
+    );
+    assert_eq!(manifest["labels"], serde_json::json!(["circle", "square"]));
+}
+
+#[test]
+fn a_training_yaml_drives_a_classifier_fine_tune() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny-bert");
+    write_tiny_bert(&model, &REVIEW_WORDS, 16, 1, 7).unwrap();
+    std::fs::write(dir.path().join("reviews.csv"), {
+        let mut csv = String::from("text,label\n");
+        for line in two_class_reviews(40, 4).lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let label = if v["label"] == "positive" { 1 } else { 0 };
+            csv.push_str(&format!("\"{}\",{label}\n", v["text"].as_str().unwrap()));
+        }
+        csv
+    })
+    .unwrap();
+    let yaml = format!(
+        "base_model: {}\ndatasets:\n  - path: reviews.csv\noutput_dir: yaml-out\nnum_epochs: 2\nmicro_batch_size: 8\nlearning_rate: 0.001\nfinetuning_type: lora\nlora_r: 4\nmetric_for_best_model: macro_f1\nval_set_size: 8\n",
+        model.display()
+    );
+    std::fs::write(dir.path().join("train.yaml"), yaml).unwrap();
+    let out = loraloop(dir.path())
+        .args(["fine-tune", "--config", "train.yaml"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("(lora)"), "{stderr}");
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("yaml-out/checkpoint-2/classifier.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        manifest["labels"],
+        serde_json::json!(["0", "1"]),
+        "integer labels sort numerically"
+    );
+    assert_eq!(manifest["method"], "lora");
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("yaml-out/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["metric_for_best_model"], "macro_f1");
+}

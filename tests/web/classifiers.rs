@@ -200,3 +200,139 @@ async fn classifier_requests_that_reach_outside_their_folders_or_lack_data_are_r
         "nothing was queued"
     );
 }
+
+/// A logged-in console client (cookies, no redirects followed) and the page's CSRF token.
+async fn console(s: &crate::support::TestServer) -> (reqwest::Client, String) {
+    let client = reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let login = client
+        .post(s.url("/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!(
+            "username=admin&password={}",
+            crate::support::PASSWORD
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 303);
+    let home = client
+        .get(s.url("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let start = home.find(r#"<meta name="csrf-token" content=""#).unwrap()
+        + r#"<meta name="csrf-token" content=""#.len();
+    let csrf = home[start..start + home[start..].find('"').unwrap()].to_string();
+    (client, csrf)
+}
+
+#[tokio::test]
+async fn the_console_starts_a_classifier_fine_tune_and_shows_its_loss_chart_and_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let imports = tmp.path().join("imports");
+    std::fs::create_dir_all(&imports).unwrap();
+    std::fs::write(imports.join("reviews.jsonl"), two_class_reviews(120, 3)).unwrap();
+    let imports_env = imports.display().to_string();
+    let s = start(true, &[("LORALOOP_IMPORTS__DIR", &imports_env)]).await;
+    write_tiny_bert(
+        &s.dir.path().join("models/tiny-bert"),
+        &REVIEW_WORDS,
+        32,
+        2,
+        7,
+    )
+    .unwrap();
+    let (client, csrf) = console(&s).await;
+
+    let page = client
+        .get(s.url("/classifiers"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains(r#"<option value="tiny-bert""#),
+        "the encoder folder is offered: {page}"
+    );
+    // A bad field comes back on the form with the reason, nothing queued.
+    let bad = client
+        .post(s.url("/classifiers"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!(
+            "_csrf={csrf}&model_id=tiny-bert&data_path=missing.jsonl&method=full&epochs=3"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 422);
+    assert!(
+        bad.text()
+            .await
+            .unwrap()
+            .contains("missing.jsonl is not in imports.dir")
+    );
+
+    let r = client
+        .post(s.url("/classifiers"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!(
+            "_csrf={csrf}&model_id=tiny-bert&data_path=reviews.jsonl&method=full&epochs=3&batch_size=16&learning_rate=0.002&metric_for_best_model=macro_f1&image_size=224"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    assert_eq!(location, "/classifiers/1");
+    let started = Instant::now();
+    let page = loop {
+        let page = client
+            .get(s.url(&location))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if page.contains(r#"data-status="succeeded""#) {
+            break page;
+        }
+        assert!(!page.contains(r#"data-status="failed""#), "{page}");
+        assert!(started.elapsed() < Duration::from_secs(300), "{page}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // The chart has a point per step (120 examples, 12 held out: 108 / 16 -> 7 a epoch).
+    assert!(
+        page.contains(r#"id="classifier-loss-chart" data-points="21""#),
+        "{page}"
+    );
+    assert_eq!(
+        page.matches("<circle").count(),
+        3,
+        "one held-out loss per epoch"
+    );
+    assert_eq!(page.matches("data-epoch=").count(), 3);
+    assert!(page.contains("(best)"));
+    assert!(page.contains(r#"id="classifier-confusion""#));
+    let list = client
+        .get(s.url("/classifiers"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        list.contains(r#"<a href="/classifiers/1">clsjob-1</a>"#),
+        "{list}"
+    );
+}

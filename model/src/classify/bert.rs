@@ -108,7 +108,13 @@ pub fn canonical_names(tensors: HashMap<String, Tensor>) -> HashMap<String, Tens
             .or_else(|| name.strip_prefix("model."))
             .unwrap_or(&name)
             .to_string();
-        if n.starts_with("cls.") || n.ends_with("position_ids") || n.starts_with("vocab_") {
+        // Pretraining heads, buffers, and a fine-tuned classifier's head (a new one is put
+        // on for the new labels).
+        if n.starts_with("cls.")
+            || n.ends_with("position_ids")
+            || n.starts_with("vocab_")
+            || n.starts_with("pre_classifier.")
+        {
             continue;
         }
         n = n.replace("LayerNorm.gamma", "LayerNorm.weight");
@@ -126,7 +132,6 @@ pub fn canonical_names(tensors: HashMap<String, Tensor>) -> HashMap<String, Tens
                 .replace("output_layer_norm", "output.LayerNorm");
             n = format!("encoder.layer.{idx}.{tail}");
         }
-        n = n.replace("pre_classifier", "pooler.dense");
         out.insert(n, t);
     }
     out

@@ -135,7 +135,7 @@ pub fn linear(params: &Params, x: &Tensor, stem: &str, mode: Mode) -> Result<Ten
             } else {
                 x.clone()
             };
-            let delta = xin.broadcast_matmul(&a.t()?)?.broadcast_matmul(&lb.t()?)?;
+            let delta = super::ops::linear(&super::ops::linear(&xin, &a, None)?, &lb, None)?;
             y + (delta * spec.scale())?
         }
         _ => Ok(y),

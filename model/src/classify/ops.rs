@@ -136,9 +136,22 @@ pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     x.mean((2, 3))
 }
 
-/// `x W^T + b` for `x` of any rank.
+/// `x W^T + b` for `x` of any rank. The leading dimensions are folded into one matrix
+/// product: a broadcast product's backward would build a `[batch, in, out]` gradient of
+/// `W` per batch row and sum it.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let y = x.broadcast_matmul(&weight.t()?)?;
+    let dims = x.dims().to_vec();
+    let y = if dims.len() > 2 {
+        let inner = dims[dims.len() - 1];
+        let rows = x.elem_count() / inner.max(1);
+        let mut out_dims = dims.clone();
+        out_dims[dims.len() - 1] = weight.dim(0)?;
+        x.reshape((rows, inner))?
+            .matmul(&weight.t()?)?
+            .reshape(out_dims)?
+    } else {
+        x.matmul(&weight.t()?)?
+    };
     match bias {
         Some(b) => y.broadcast_add(b),
         None => Ok(y),

@@ -70,6 +70,7 @@ pub fn layout(title: &str, session: Option<&AdminSession>, active: &str, body: M
         ("/datasets", "Datasets"),
         ("/jobs", "Training"),
         ("/sweeps", "Sweeps"),
+        ("/classifiers", "Classifiers"),
         ("/adapters", "Adapters"),
         ("/assistants", "Assistants"),
         ("/playground", "Playground"),

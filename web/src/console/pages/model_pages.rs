@@ -5,6 +5,7 @@ mod adapters;
 mod assistants;
 mod audit;
 mod canary;
+mod classifiers;
 mod jobs;
 mod playground;
 mod report_card;
@@ -38,6 +39,7 @@ pub fn routes() -> Router<AppState> {
         .merge(playground::routes())
         .merge(audit::routes())
         .merge(sweeps::routes())
+        .merge(classifiers::routes())
 }
 
 fn asset(body: &'static str, content_type: &'static str) -> Response {
