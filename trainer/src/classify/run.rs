@@ -7,7 +7,7 @@
 use super::data::Examples;
 use super::metrics::{Metrics, higher_is_better};
 use super::settings::ClassifySettings;
-use crate::optim::{AdamW, AdamWConfig, global_norm};
+use crate::optim::{AdamW, AdamWConfig, HostMoments, global_norm};
 use candle_core::Tensor;
 use loraloop_model::classify::image::{self as img, Preprocess};
 use loraloop_model::classify::{Arch, Base, Classifier, Input, ops};
@@ -227,6 +227,7 @@ pub fn train(
         ..Default::default()
     };
     let (mut decay, mut no_decay) = (AdamW::new(adam(s.weight_decay)), AdamW::new(adam(0.0)));
+    let mut host = HostMoments::default();
     let mut rng = StdRng::seed_from_u64(s.seed);
     let mut order: Vec<usize> = (0..n).collect();
     let higher = higher_is_better(&s.metric);
@@ -283,18 +284,23 @@ pub fn train(
             decay.begin_step();
             no_decay.begin_step();
             for ((name, var), g) in vars.iter().zip(&gs) {
-                let g = if clip < 1.0 {
-                    (g * clip).map_err(err)?
-                } else {
-                    g.clone()
-                };
                 let opt = if var.rank() >= 2 {
                     &mut decay
                 } else {
                     &mut no_decay
                 };
-                let new = opt.update(name, var.as_tensor(), &g, lr).map_err(err)?;
-                var.set(&new).map_err(err)?;
+                if !opt
+                    .step_in_place(&mut host, name, var.as_tensor(), g, clip, lr)
+                    .map_err(err)?
+                {
+                    let g = if clip < 1.0 {
+                        (g * clip).map_err(err)?
+                    } else {
+                        g.clone()
+                    };
+                    let new = opt.update(name, var.as_tensor(), &g, lr).map_err(err)?;
+                    var.set(&new).map_err(err)?;
+                }
             }
             let l: f32 = loss.to_scalar().map_err(err)?;
             let hits: f32 = logits
