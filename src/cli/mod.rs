@@ -497,9 +497,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(BenchCommand::Load(args)) => bench_load::load(&config, &args).await,
         Command::Bench(BenchCommand::Parity(args)) => bench::parity(&config, &args).await,
         Command::FineTune(args) => {
-            train::fine_tune(&config, &args, training_yaml, cli.verbose).await
+            let merged = train::merged_file(&args, training_yaml.as_deref())?;
+            match classify::task_for(&config, &args, &merged)? {
+                Some(task) => classify::fine_tune(&config, &args, merged, task).await,
+                None => train::fine_tune(&config, &args, training_yaml, cli.verbose).await,
+            }
         }
-        Command::Evaluate(args) => train::evaluate(&config, &args).await,
+        Command::Evaluate(args) => {
+            match args.model.as_deref().filter(|m| classify::is_checkpoint(m)) {
+                Some(dir) => {
+                    classify::evaluate(
+                        &config,
+                        dir,
+                        &args.data_path,
+                        args.json,
+                        args.device.as_deref(),
+                    )
+                    .await
+                }
+                None => train::evaluate(&config, &args).await,
+            }
+        }
         Command::Predict(args) => classify::predict(&config, &args).await,
         Command::Worker(args) => train::worker(&config, &args).await,
         Command::Export(args) => export::export(&config, &args).await,

@@ -6,7 +6,6 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use loraloop_core::Config;
 use loraloop_core::domain::ChatExample;
-use loraloop_model::classify::MANIFEST as CLASSIFIER_MANIFEST;
 use loraloop_model::engine::LoadedModel;
 use loraloop_model::lora::{LoraAdapter, read_peft_dir};
 use loraloop_model::template::TemplateMessage;
@@ -377,6 +376,15 @@ impl StepProgress {
     }
 }
 
+/// The training YAML (if any) with the flags laid over it.
+pub fn merged_file(args: &FineTuneArgs, training_yaml: Option<&Path>) -> anyhow::Result<TrainFile> {
+    let file = match training_yaml {
+        Some(p) => TrainFile::read(p)?,
+        None => TrainFile::default(),
+    };
+    Ok(file.merge(args.overlay()))
+}
+
 pub async fn fine_tune(
     config: &Config,
     args: &FineTuneArgs,
@@ -388,22 +396,6 @@ pub async fn fine_tune(
         None => TrainFile::default(),
     };
     let mut merged = file.clone().merge(args.overlay());
-    let data_hint = args.data_path.clone().or_else(|| {
-        merged
-            .datasets
-            .as_ref()
-            .and_then(|d| d.first())
-            .map(|d| d.path.clone())
-    });
-    let model_hint = args
-        .model
-        .clone()
-        .or_else(|| merged.base_model.clone().map(PathBuf::from));
-    if let Some(task) =
-        super::classify::task_of(config, &merged, model_hint.as_deref(), data_hint.as_deref())?
-    {
-        return super::classify::fine_tune(config, args, merged, task).await;
-    }
     if let Some(b) = args.batch_size {
         if b == 0 {
             bail!("--batch-size must be at least 1");
@@ -653,20 +645,6 @@ pub struct EvaluateArgs {
 }
 
 pub async fn evaluate(config: &Config, args: &EvaluateArgs) -> anyhow::Result<ExitCode> {
-    if let Some(dir) = args
-        .model
-        .as_deref()
-        .filter(|m| m.join(CLASSIFIER_MANIFEST).is_file())
-    {
-        return super::classify::evaluate(
-            config,
-            dir,
-            &args.data_path,
-            args.json,
-            args.device.as_deref(),
-        )
-        .await;
-    }
     let Some(examples) = read_examples(&args.data_path).await? else {
         return Ok(ExitCode::FAILURE);
     };

@@ -366,9 +366,6 @@ pub struct PredictionView {
     pub scores: Map<String, Value>,
 }
 
-/// The last classifier served, kept loaded for the next request.
-pub type LoadedClassifier = Mutex<Option<(String, Arc<Mutex<Classifier>>)>>;
-
 /// Labels and probabilities from a fine-tuned classifier.
 #[utoipa::path(post, path = "/api/v1/predict", request_body = PredictRequest,
     responses((status = 200, body = Vec<PredictionView>), (status = 404, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody)))]

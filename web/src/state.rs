@@ -17,8 +17,17 @@ pub struct Inner {
     /// Failed console logins per client address.
     pub logins: crate::login_throttle::LoginThrottle,
     /// The classifier `POST /api/v1/predict` served last, kept loaded.
-    pub classifier: Arc<crate::classifier_api::LoadedClassifier>,
+    pub classifier: Arc<LoadedClassifier>,
 }
+
+/// The last classifier served (its checkpoint folder and the loaded model), kept loaded
+/// for the next request.
+pub type LoadedClassifier = std::sync::Mutex<
+    Option<(
+        String,
+        Arc<std::sync::Mutex<loraloop_model::classify::Classifier>>,
+    )>,
+>;
 
 /// Cheap to clone: one `Arc`.
 #[derive(Clone)]
