@@ -119,6 +119,10 @@ async fn classifier_requests_that_reach_outside_their_folders_or_lack_data_are_r
     std::fs::create_dir_all(&imports).unwrap();
     std::fs::write(imports.join("reviews.jsonl"), two_class_reviews(20, 1)).unwrap();
     std::fs::write(imports.join("chat.jsonl"), "{\"messages\": []}\n").unwrap();
+    // A link in the folder to a file outside it stays outside.
+    let outside = tmp.path().join("outside.jsonl");
+    std::fs::write(&outside, two_class_reviews(20, 1)).unwrap();
+    std::os::unix::fs::symlink(&outside, imports.join("link.jsonl")).unwrap();
     let imports_env = imports.display().to_string();
     let s = start(false, &[("LORALOOP_IMPORTS__DIR", &imports_env)]).await;
     write_tiny_bert(
@@ -144,6 +148,10 @@ async fn classifier_requests_that_reach_outside_their_folders_or_lack_data_are_r
         ),
         (
             json!({"model_id": "tiny-bert", "data_path": "missing.jsonl"}),
+            "data_path",
+        ),
+        (
+            json!({"model_id": "tiny-bert", "data_path": "link.jsonl"}),
             "data_path",
         ),
         (json!({"model_id": "tiny-bert"}), "data_path"),

@@ -100,6 +100,15 @@ fn inside(root: &std::path::Path, name: &str, param: &str) -> Result<PathBuf, Ap
     Ok(root.join(rel))
 }
 
+/// A name inside `imports.dir` as the real path it resolves to, with the same check as
+/// a local `dataset_url` (links followed first, so a link out of the folder is refused).
+async fn in_imports(root: &std::path::Path, name: &str, param: &str) -> Result<PathBuf, ApiError> {
+    let lexical = inside(root, name, param)?;
+    crate::dataset_url::resolve_inside(root, &lexical)
+        .await
+        .ok_or_else(|| ApiError::invalid(param, format!("{name} is not in imports.dir")))
+}
+
 /// The classifier base a request names, or `None` when it is not a classifier request.
 fn classifier_base(state: &AppState, req: &CreateJob) -> Result<Option<(PathBuf, Task)>, ApiError> {
     let asked = req.task.as_deref().map(|t| {
@@ -172,24 +181,9 @@ pub async fn create(
         .data_path
         .as_deref()
         .ok_or_else(|| ApiError::invalid("data_path", "a classifier job needs data_path: a JSONL/CSV file of texts or a folder of class folders, inside imports.dir"))?;
-    let data = inside(&root, data_name, "data_path")?;
-    if !data.exists() {
-        return Err(ApiError::invalid(
-            "data_path",
-            format!("{data_name} is not in imports.dir"),
-        ));
-    }
+    let data = in_imports(&root, data_name, "data_path").await?;
     let eval = match req.eval_data_path.as_deref() {
-        Some(e) => {
-            let p = inside(&root, e, "eval_data_path")?;
-            if !p.exists() {
-                return Err(ApiError::invalid(
-                    "eval_data_path",
-                    format!("{e} is not in imports.dir"),
-                ));
-            }
-            Some(p)
-        }
+        Some(e) => Some(in_imports(&root, e, "eval_data_path").await?),
         None => None,
     };
     let settings = settings_of(req, task)?;

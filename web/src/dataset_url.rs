@@ -233,6 +233,20 @@ async fn download(
     Ok(bytes)
 }
 
+/// `asked` (relative to `root`, or absolute) as a real path inside `root`; `None` when it
+/// does not exist or lies elsewhere. Links are resolved before the check: a link in the
+/// folder to /etc stays outside.
+pub async fn resolve_inside(root: &Path, asked: &Path) -> Option<PathBuf> {
+    let root = tokio::fs::canonicalize(root).await.ok()?;
+    let joined = if asked.is_absolute() {
+        asked.to_path_buf()
+    } else {
+        root.join(asked)
+    };
+    let real = tokio::fs::canonicalize(&joined).await.ok()?;
+    real.starts_with(&root).then_some(real)
+}
+
 /// A local file, only under the import folder. Every refusal reads the same whether
 /// the path exists or not, so the API does not tell which files the server has.
 async fn read_local(asked: &Path, dir: Option<&Path>, limit: u64) -> Result<Vec<u8>, ApiError> {
@@ -248,19 +262,7 @@ async fn read_local(asked: &Path, dir: Option<&Path>, limit: u64) -> Result<Vec<
             dir.display()
         ))
     };
-    let root = tokio::fs::canonicalize(dir).await.map_err(|_| refused())?;
-    let joined: PathBuf = if asked.is_absolute() {
-        asked.to_path_buf()
-    } else {
-        root.join(asked)
-    };
-    // Links are resolved before the check: a link in the folder to /etc stays outside.
-    let real = tokio::fs::canonicalize(&joined)
-        .await
-        .map_err(|_| refused())?;
-    if !real.starts_with(&root) {
-        return Err(refused());
-    }
+    let real = resolve_inside(dir, asked).await.ok_or_else(refused)?;
     let file = tokio::fs::File::open(&real).await.map_err(|_| refused())?;
     let meta = file.metadata().await.map_err(|_| refused())?;
     if !meta.is_file() {
