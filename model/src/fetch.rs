@@ -73,7 +73,8 @@ pub enum FetchError {
     },
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FetchError + '_ {
+/// An I/O error on `path`, for `map_err`.
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FetchError + '_ {
     move |source| FetchError::Io {
         path: path.to_path_buf(),
         source,

@@ -3,7 +3,7 @@
 //! folder next to the final one and renamed into place only when all are verified.
 //! `loraloop models fetch minilm` installs sentence-transformers' all-MiniLM-L6-v2 this way.
 
-use crate::fetch::{FetchError, FetchOptions, FetchOutcome, FetchProgress, sha256_file};
+use crate::fetch::{FetchError, FetchOptions, FetchOutcome, FetchProgress, io, sha256_file};
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::{BufReader, Read, Write};
@@ -82,13 +82,6 @@ pub const MINILM_L6: FolderModel = FolderModel {
         ),
     ],
 };
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FetchError + '_ {
-    move |source| FetchError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
 
 impl FolderModel {
     /// Fetch into `models_dir/folder_name` unless a verified copy is there.

@@ -141,7 +141,7 @@ pub async fn fine_tune(
             "note: no weights found for {base_name} (no such file or folder, none in the models directory): training from a RANDOM initialization of {base_name}. For a pretrained start, pass --model path/to/folder with its safetensors."
         );
     }
-    if matches!(base.arch.task(), t if t != task) {
+    if base.arch.task() != task {
         bail!(
             "{base_name} is a {} model but the task is {}",
             base.arch.task().name(),

@@ -78,7 +78,8 @@ pub struct Outcome {
     pub train_seconds: f64,
 }
 
-/// Logits' loss and hits for a batch.
+/// The model's input for the examples `idx` of `ex` (images decoded, and augmented when
+/// `augment`) and their label indices.
 fn batch_input(
     c: &Classifier,
     ex: &Examples,
