@@ -1,4 +1,4 @@
-//! Images to tensors, with the `image` crate: decoding (JPEG, PNG), resizing the shorter
+//! Images to tensors, with the `image` crate: decoding (JPEG, PNG, WebP), resizing the shorter
 //! side, a centre crop (evaluation) or a random crop and horizontal flip (training), and
 //! ImageNet's normalization, as torchvision's standard transforms do.
 

@@ -1,6 +1,6 @@
 //! Labelled data for classifiers: texts from JSONL (`{"text": ..., "label": ...}`) or CSV
 //! (a header with `text` and `label` columns), images from class folders
-//! (`DIR/train/CLASS/*.jpg|png` with an optional `DIR/val/`, or `DIR/CLASS/*`). Labels may
+//! (`DIR/train/CLASS/*.jpg|png|webp` with an optional `DIR/val/`, or `DIR/CLASS/*`). Labels may
 //! be strings or integers; the label set is sorted (numerically when every label is an
 //! integer) and stored with the model.
 
@@ -267,7 +267,7 @@ fn read_image_folders(dir: &Path) -> Result<(Rows, Option<Rows>), String> {
     };
     if train.is_empty() {
         return Err(format!(
-            "{} holds no images: expected CLASS/*.jpg|png folders (or train/CLASS/...)",
+            "{} holds no images: expected CLASS/*.jpg|png|webp folders (or train/CLASS/...)",
             dir.display()
         ));
     }
