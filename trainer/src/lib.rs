@@ -16,6 +16,7 @@ pub mod fingerprint;
 pub mod generate;
 pub mod job_card;
 pub mod job_events;
+pub mod lease;
 pub mod optim;
 pub mod plan;
 pub mod preference;

@@ -13,6 +13,7 @@ use crate::events::{Ending, TrainEvent};
 use crate::fingerprint::hash_model;
 use crate::job_card::{self, GateOptions};
 use crate::job_events::store_event;
+use crate::lease::{LEASE_SECS, MAX_ATTEMPTS, keep_renewed};
 use crate::preference::{parse_stored, train_preferences};
 use crate::run::{TrainJob, auto_train_dtype, train};
 use candle_core::Device;
@@ -101,10 +102,9 @@ pub async fn run_worker(
     opts: WorkerOptions,
     shutdown: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
-    // A classifier job a stopped process left running starts over.
-    db.requeue_running_classifier_jobs().await?;
     while !shutdown.load(Ordering::SeqCst) {
         recover_abandoned(&db).await?;
+        crate::classify::worker::recover_abandoned(&db).await?;
         match run_next(&db, &opts, shutdown.clone()).await? {
             Some(id) => tracing::info!("job {id} done"),
             // Classifier jobs when no chat-model job waits: one training run at a time.
@@ -136,12 +136,6 @@ async fn close_ended_sweeps(db: &Db, opts: &WorkerOptions) {
         Err(e) => tracing::warn!("cannot look for ended sweeps: {e}"),
     }
 }
-
-/// How long a claim holds a job without a renewal.
-pub const LEASE_SECS: i64 = 20;
-const RENEW_EVERY: Duration = Duration::from_secs(4);
-/// Claims of one job that may end without a clean stop before it fails.
-pub const MAX_ATTEMPTS: i64 = 3;
 
 /// Requeue (or fail) the jobs whose worker died, with a line in each one's events.
 async fn recover_abandoned(db: &Db) -> anyhow::Result<()> {
@@ -184,15 +178,9 @@ pub async fn run_next(
     let id = job.id;
     let lease = {
         let db = db.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(RENEW_EVERY).await;
-                match db.renew_job_lease(id, LEASE_SECS).await {
-                    Ok(true) => {}
-                    Ok(false) => break,
-                    Err(e) => tracing::warn!("job {id}: cannot renew its lease: {e}"),
-                }
-            }
+        keep_renewed(format!("job {id}"), move || {
+            let db = db.clone();
+            async move { db.renew_job_lease(id, LEASE_SECS).await }
         })
     };
     let result = run_job(db, opts, &job, shutdown).await;

@@ -7,7 +7,8 @@ use loraloop_core::storage::{Db, JobState, NewDataset, NewJob, NewMessage, Platf
 use loraloop_model::testing::{TinySpec, write_tiny_chat_model};
 use loraloop_trainer::card::ReportCard;
 use loraloop_trainer::job_card::GateOptions;
-use loraloop_trainer::worker::{MAX_ATTEMPTS, WorkerOptions, run_next, run_worker};
+use loraloop_trainer::lease::MAX_ATTEMPTS;
+use loraloop_trainer::worker::{WorkerOptions, run_next, run_worker};
 use sqlx::SqlitePool;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -638,6 +639,76 @@ async fn a_job_whose_worker_died_is_requeued_and_fails_after_max_attempts(pool: 
     );
     assert!(job.finished_at.is_some());
     assert!(db.claim_next_job(20).await.unwrap().is_none());
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_classifier_job_whose_worker_died_is_requeued_and_fails_after_max_attempts(
+    pool: SqlitePool,
+) {
+    let db = Db::from_pool(pool);
+    let job = db
+        .create_classifier_job(&loraloop_core::storage::NewClassifierJob {
+            task: "text_classification",
+            base_model: "tiny-bert",
+            data_path: "reviews.jsonl",
+            eval_data_path: None,
+            settings: &serde_json::json!({}),
+            output_dir: "out/clsjob-{id}",
+        })
+        .await
+        .unwrap();
+    let id = job.id;
+    // A live worker's lease is respected: another worker's start does not take its job
+    // back (it used to put every running classifier job back in the queue).
+    assert_eq!(db.claim_classifier_job(20).await.unwrap().unwrap().id, id);
+    assert_eq!(
+        db.recover_abandoned_classifier_jobs(MAX_ATTEMPTS)
+            .await
+            .unwrap(),
+        (vec![], vec![])
+    );
+    assert!(db.renew_classifier_lease(id, 20).await.unwrap());
+    // A clean stop gives it back without counting an attempt.
+    assert!(db.return_classifier_job_to_queue(id).await.unwrap());
+    // Claims whose lease runs out (the process was killed): requeued until the limit...
+    for attempt in 1..=MAX_ATTEMPTS {
+        assert_eq!(db.claim_classifier_job(0).await.unwrap().unwrap().id, id);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        loraloop_trainer::classify::worker::recover_abandoned(&db)
+            .await
+            .unwrap();
+        let job = db.classifier_job(id).await.unwrap();
+        if attempt < MAX_ATTEMPTS {
+            assert_eq!(job.state, "queued", "attempt {attempt}");
+            assert_eq!(job.step, 0, "it starts over");
+        } else {
+            assert_eq!(job.state, "failed");
+        }
+    }
+    // ...then failed, with the reason in the job and its events, and never claimed again.
+    let job = db.classifier_job(id).await.unwrap();
+    assert!(
+        job.error.as_deref().unwrap().contains("3 times"),
+        "{:?}",
+        job.error
+    );
+    assert!(job.finished_at.is_some());
+    assert!(!db.renew_classifier_lease(id, 20).await.unwrap());
+    assert!(db.claim_classifier_job(20).await.unwrap().is_none());
+    let texts: Vec<String> = db
+        .classifier_events(id, 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "message")
+        .map(|e| e.payload)
+        .collect();
+    assert_eq!(texts.len(), MAX_ATTEMPTS as usize, "{texts:?}");
+    assert!(texts[0].contains("back in the queue"), "{texts:?}");
+    assert!(
+        texts.last().unwrap().contains("not started again"),
+        "{texts:?}"
+    );
 }
 
 #[sqlx::test(migrations = "../migrations")]

@@ -1,5 +1,6 @@
 //! Classifier fine-tuning jobs and their events.
 
+use super::jobs::{LEASE, NOW};
 use super::{Db, Result, StorageError};
 use serde::Serialize;
 
@@ -94,23 +95,72 @@ impl Db {
         .await?)
     }
 
-    /// Take the oldest queued job (it becomes `running`); `None` when none waits.
-    pub async fn claim_classifier_job(&self) -> Result<Option<ClassifierJob>> {
+    /// Take the oldest queued job (it becomes `running`) with a lease of `lease_secs` that
+    /// the worker renews while it runs; `None` when none waits.
+    pub async fn claim_classifier_job(&self, lease_secs: i64) -> Result<Option<ClassifierJob>> {
         Ok(sqlx::query_as(&format!(
-            "update classifier_jobs set state = 'running', started_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+            "update classifier_jobs set state = 'running', started_at = {NOW},
+                attempts = attempts + 1, lease_until = {LEASE}
              where id = (select id from classifier_jobs where state = 'queued' order by id limit 1)
+               and state = 'queued'
              returning {COLUMNS}"
         ))
+        .bind(lease_secs)
         .fetch_optional(self.pool())
         .await?)
     }
 
-    /// Jobs a stopped process left running go back to the queue (they start over).
-    pub async fn requeue_running_classifier_jobs(&self) -> Result<u64> {
-        Ok(sqlx::query("update classifier_jobs set state = 'queued', step = 0, started_at = null where state = 'running'")
-            .execute(self.pool())
-            .await?
-            .rows_affected())
+    /// Extend a running job's lease; false when the job is no longer running.
+    pub async fn renew_classifier_lease(&self, id: i64, lease_secs: i64) -> Result<bool> {
+        let done = sqlx::query(&format!(
+            "update classifier_jobs set lease_until = {LEASE} where id = ?2 and state = 'running'"
+        ))
+        .bind(lease_secs)
+        .bind(id)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// A clean stop (shutdown): back to the queue to start over, the claim not counted.
+    pub async fn return_classifier_job_to_queue(&self, id: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "update classifier_jobs set state = 'queued', step = 0, started_at = null,
+                lease_until = null, attempts = max(attempts - 1, 0)
+             where id = ? and state = 'running'",
+        )
+        .bind(id)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Jobs whose worker died (running, lease run out): back to the queue to start over,
+    /// or failed after `max_attempts` claims. Returns (requeued, failed) ids.
+    pub async fn recover_abandoned_classifier_jobs(
+        &self,
+        max_attempts: i64,
+    ) -> Result<(Vec<i64>, Vec<i64>)> {
+        let abandoned =
+            format!("state = 'running' and (lease_until is null or lease_until < {NOW})");
+        let failed: Vec<(i64,)> = sqlx::query_as(&format!(
+            "update classifier_jobs set state = 'failed', finished_at = {NOW}, lease_until = null,
+                error = 'the process stopped while running this job ' || attempts || ' times (a crash or an out-of-memory kill?): not started again; create a new job to retry'
+             where {abandoned} and attempts >= ?1 returning id"
+        ))
+        .bind(max_attempts)
+        .fetch_all(self.pool())
+        .await?;
+        let requeued: Vec<(i64,)> = sqlx::query_as(&format!(
+            "update classifier_jobs set state = 'queued', step = 0, started_at = null, lease_until = null
+             where {abandoned} returning id"
+        ))
+        .fetch_all(self.pool())
+        .await?;
+        Ok((
+            requeued.into_iter().map(|r| r.0).collect(),
+            failed.into_iter().map(|r| r.0).collect(),
+        ))
     }
 
     pub async fn set_classifier_job_progress(&self, id: i64, step: i64, total: i64) -> Result<()> {
@@ -146,7 +196,7 @@ impl Db {
         error: Option<&str>,
     ) -> Result<()> {
         sqlx::query(
-            "update classifier_jobs set state = ?, error = ?, finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') where id = ? and state = 'running'",
+            "update classifier_jobs set state = ?, error = ?, finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), lease_until = null where id = ? and state = 'running'",
         )
         .bind(state)
         .bind(error)
@@ -171,6 +221,15 @@ impl Db {
         .execute(self.pool())
         .await?
         .rows_affected();
+        if changed > 0 && job.state == "queued" {
+            // A queued job never reaches the worker, which records the other endings.
+            self.add_classifier_event(
+                id,
+                "state",
+                &serde_json::json!({"state": "cancelled", "error": null}),
+            )
+            .await?;
+        }
         Ok(changed > 0)
     }
 

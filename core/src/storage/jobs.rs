@@ -142,9 +142,9 @@ pub struct TrainingEvent {
     pub created_at: String,
 }
 
-const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+pub(super) const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 /// Now plus the first bound parameter, in seconds.
-const LEASE: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+' || ?1 || ' seconds')";
+pub(super) const LEASE: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+' || ?1 || ' seconds')";
 
 pub(super) const JOB_COLUMNS: &str = "id, state, dataset_id, base_model, method, hyperparameters, output_dir, adapter_id, step, total_steps, cancel_requested, error, created_at, started_at, finished_at, assistant_id, training_file_id, validation_file_id, validation_dataset_id, error_param, suffix, sweep_id";
 

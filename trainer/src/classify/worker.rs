@@ -6,6 +6,7 @@ use super::data;
 use super::run::{ClassifyEvent, Run};
 use super::settings::ClassifySettings;
 use crate::config::TrainFile;
+use crate::lease::{LEASE_SECS, MAX_ATTEMPTS, keep_renewed};
 use candle_core::Device;
 use loraloop_core::storage::{ClassifierJob, Db};
 use loraloop_model::classify::{self, Task};
@@ -29,22 +30,53 @@ fn task_of_key(key: &str) -> Option<Task> {
     }
 }
 
+/// Requeue (or fail, after `MAX_ATTEMPTS` claims) the classifier jobs whose worker died,
+/// with a line in each one's events.
+pub async fn recover_abandoned(db: &Db) -> anyhow::Result<()> {
+    let (requeued, failed) = db.recover_abandoned_classifier_jobs(MAX_ATTEMPTS).await?;
+    for (ids, text) in [
+        (
+            requeued,
+            "the worker running this job stopped without a word; back in the queue, to start over",
+        ),
+        (
+            failed,
+            "the process stopped while running this job too many times; not started again",
+        ),
+    ] {
+        for id in ids {
+            tracing::warn!("classifier job {id}: {text}");
+            db.add_classifier_event(id, "message", &serde_json::json!({ "text": text }))
+                .await?;
+        }
+    }
+    Ok(())
+}
+
 /// Claim and run one queued classifier job; its id, or `None` when none waits.
 pub async fn run_next(
     db: &Db,
     device: &Device,
     shutdown: Arc<AtomicBool>,
 ) -> anyhow::Result<Option<i64>> {
-    let Some(job) = db.claim_classifier_job().await? else {
+    let Some(job) = db.claim_classifier_job(LEASE_SECS).await? else {
         return Ok(None);
     };
     let id = job.id;
+    let lease = {
+        let db = db.clone();
+        keep_renewed(format!("classifier job {id}"), move || {
+            let db = db.clone();
+            async move { db.renew_classifier_lease(id, LEASE_SECS).await }
+        })
+    };
     let result = run_job(db, device, &job, shutdown.clone()).await;
+    lease.abort();
     let (state, error) = match result {
         Ok(false) => ("succeeded", None),
         Ok(true) if shutdown.load(Ordering::SeqCst) => {
             // Stopping: back to the queue, it starts over next time.
-            db.requeue_running_classifier_jobs().await?;
+            db.return_classifier_job_to_queue(id).await?;
             return Ok(Some(id));
         }
         Ok(true) => ("cancelled", None),

@@ -1,0 +1,33 @@
+//! The lease a worker holds on the job it runs: claimed for `LEASE_SECS`, renewed every
+//! `RENEW_EVERY` while the job runs. A job whose lease ran out was left by a worker that
+//! died; it goes back to the queue, or fails after `MAX_ATTEMPTS` claims so a job that
+//! crashes the process is not retried forever. Chat-model and classifier jobs alike.
+
+use std::future::Future;
+use std::time::Duration;
+
+/// How long a claim holds a job without a renewal.
+pub const LEASE_SECS: i64 = 20;
+/// How often a running job's lease is renewed.
+pub const RENEW_EVERY: Duration = Duration::from_secs(4);
+/// Claims of one job that may end without a clean stop before it fails.
+pub const MAX_ATTEMPTS: i64 = 3;
+
+/// Renew a lease in the background until `renew` answers false (the job is no longer
+/// running) or the returned handle is aborted.
+pub fn keep_renewed<F, Fut>(job: String, mut renew: F) -> tokio::task::JoinHandle<()>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<bool, loraloop_core::storage::StorageError>> + Send,
+{
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(RENEW_EVERY).await;
+            match renew().await {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => tracing::warn!("{job}: cannot renew its lease: {e}"),
+            }
+        }
+    })
+}
