@@ -129,8 +129,29 @@ fn bert_logits_and_every_gradient_match_transformers() {
     let loss = ops::cross_entropy(&logits, &labels).unwrap();
     let l: f32 = loss.to_scalar().unwrap();
     assert!((l - exp["loss"].as_f64().unwrap() as f32).abs() < 1e-4);
-    let grads = loss.backward().unwrap();
-    check_grads(&c, &grads, &exp, bert::stored_name);
+    assert!(
+        !logits.track_op(),
+        "evaluation builds no autograd graph (it would hold every activation)"
+    );
+
+    // The training pass, with and without gradient checkpointing, gives PyTorch's
+    // gradients (dropout off: the reference was computed without it).
+    if let Arch::Bert { config, .. } = &mut c.arch {
+        config.hidden_dropout_prob = 0.0;
+        config.attention_probs_dropout_prob = 0.0;
+    }
+    let input = c
+        .encode_texts(&["The movie was very GOOD", "awful"])
+        .unwrap();
+    for checkpoint in [false, true] {
+        let pass = c.backward(&input, &labels, checkpoint).unwrap();
+        let l: f32 = pass.loss.to_scalar().unwrap();
+        assert!(
+            (l - exp["loss"].as_f64().unwrap() as f32).abs() < 1e-4,
+            "checkpoint {checkpoint}: loss {l}"
+        );
+        check_grads(&c, &pass.grads, &exp, bert::stored_name);
+    }
 }
 
 fn resnet_matches_torch(name: &str) {
@@ -151,6 +172,24 @@ fn resnet_matches_torch(name: &str) {
     let loss = ops::cross_entropy(&logits, &labels).unwrap();
     let grads = loss.backward().unwrap();
     check_grads(&c, &grads, &exp, |n| n.to_string());
+    check_running_stats(&c, &exp);
+    // The training pass, with and without gradient checkpointing, on a fresh copy: the
+    // same gradients, and the running statistics updated once (the recomputation must not
+    // update them again).
+    for checkpoint in [false, true] {
+        let mut c = reference_classifier(&fixture(name), 3);
+        let pass = c.backward(&input, &labels, checkpoint).unwrap();
+        let err = rel_err(&flat(&pass.logits), &floats(&exp["logits"]));
+        assert!(
+            err < 1e-4,
+            "checkpoint {checkpoint}: logits differ by {err}"
+        );
+        check_grads(&c, &pass.grads, &exp, |n| n.to_string());
+        check_running_stats(&c, &exp);
+    }
+}
+
+fn check_running_stats(c: &Classifier, exp: &serde_json::Value) {
     for (stat, theirs) in exp["running"].as_object().unwrap() {
         let ours = c.params.get(stat).unwrap();
         let err = rel_err(&flat(&ours), &floats(theirs));
@@ -158,6 +197,91 @@ fn resnet_matches_torch(name: &str) {
             err < 1e-4,
             "{stat} after one train pass differs from PyTorch by {err}"
         );
+    }
+}
+
+/// Gradients of a training pass with dropout on: checkpointing recomputes each segment
+/// with the masks it drew the first time, so the gradients are the non-checkpointed
+/// pass's (no outside reference draws our masks; the pass without checkpointing is the
+/// one checked against PyTorch above).
+fn checkpointing_replays_the_same_masks(
+    dir: &Path,
+    input: impl Fn(&Classifier) -> Input,
+    method: Method,
+) {
+    let mut passes = Vec::new();
+    for checkpoint in [false, true] {
+        let base = classify::load_base(dir, 19, None, 0, &Device::Cpu).unwrap();
+        let mut c = Classifier::new(base, vec!["a".into(), "b".into()], method, 3).unwrap();
+        if let Arch::Bert { config, .. } = &mut c.arch {
+            config.hidden_dropout_prob = 0.3;
+            config.attention_probs_dropout_prob = 0.3;
+        }
+        let x = input(&c);
+        let n = match &x {
+            Input::Text { ids, .. } => ids.dim(0).unwrap(),
+            Input::Images(t) => t.dim(0).unwrap(),
+        };
+        let labels: Vec<u32> = (0..n as u32).map(|i| i % 2).collect();
+        let labels = Tensor::new(labels.as_slice(), &Device::Cpu).unwrap();
+        ops::seed_dropout(11);
+        let pass = c.backward(&x, &labels, checkpoint).unwrap();
+        let after_masks = ops::dropout_state();
+        let grads: BTreeMap<String, Vec<f32>> = c
+            .params
+            .trainable()
+            .iter()
+            .map(|(k, v)| {
+                let g = pass
+                    .grads
+                    .get(v)
+                    .unwrap_or_else(|| panic!("no gradient reached {k}"));
+                (k.clone(), flat(g))
+            })
+            .collect();
+        let stats: BTreeMap<String, Vec<f32>> = c
+            .params
+            .tensors()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| classify::resnet::is_buffer(k))
+            .map(|(k, v)| (k.clone(), flat(v)))
+            .collect();
+        let next: f64 = rand::Rng::random(&mut after_masks.clone());
+        passes.push((flat(&pass.logits), grads, stats, next));
+    }
+    let (plain, checkpointed) = (&passes[0], &passes[1]);
+    assert!(rel_err(&checkpointed.0, &plain.0) < 1e-5, "logits differ");
+    assert!(!plain.1.is_empty());
+    for (name, g) in &plain.1 {
+        let err = rel_err(&checkpointed.1[name], g);
+        assert!(
+            err < 1e-4,
+            "{} ({}): checkpointed gradient differs by {err}",
+            name,
+            method.name()
+        );
+    }
+    assert_eq!(checkpointed.2, plain.2, "running statistics differ");
+    assert_eq!(
+        checkpointed.3, plain.3,
+        "the dropout generator is left where the plain pass leaves it"
+    );
+}
+
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients_with_dropout_on() {
+    let lora = Method::Lora(LoraSpec {
+        dropout: 0.2,
+        ..Default::default()
+    });
+    let bert = fixture("bert");
+    for method in [Method::Full, Method::Freeze { layers: 1 }, lora] {
+        checkpointing_replays_the_same_masks(&bert, text_input, method);
+    }
+    let resnet = fixture("resnet");
+    for method in [Method::Full, Method::Freeze { layers: 1 }, lora] {
+        checkpointing_replays_the_same_masks(&resnet, image_input, method);
     }
 }
 
@@ -171,8 +295,9 @@ fn resnet_bottleneck_blocks_match_torch_in_eval_and_train_mode() {
     resnet_matches_torch("resnet_bottleneck");
 }
 
-/// One AdamW step on a fresh classifier: every weight the method trains changes, the rest
-/// (and the batch-norm buffers of frozen norms) stay bit for bit.
+/// One AdamW step on a fresh classifier: every weight the method trains changes, the other
+/// weights stay bit for bit (batch-norm running statistics move in training mode, frozen
+/// or not, as in PyTorch's `model.train()`).
 fn one_step_changes_what_trains(dir: &Path, input: impl Fn(&Classifier) -> Input, method: Method) {
     let base = classify::load_base(dir, 19, None, 0, &Device::Cpu).unwrap();
     let mut c = Classifier::new(base, vec!["a".into(), "b".into(), "c".into()], method, 1).unwrap();

@@ -176,12 +176,7 @@ pub fn forward(
     mode: Mode,
 ) -> Result<Tensor> {
     let pooled = encode(p, cfg, pooling, input_ids, attention_mask, mode)?;
-    let pooled = if mode.train {
-        ops::dropout(&pooled, cfg.hidden_dropout_prob)?
-    } else {
-        pooled
-    };
-    lora::linear(p, &pooled, "classifier", mode)
+    classify(p, cfg, &pooled, mode)
 }
 
 /// The pooled vector `[batch, hidden]` the head reads.
@@ -193,14 +188,25 @@ pub fn encode(
     attention_mask: &Tensor,
     mode: Mode,
 ) -> Result<Tensor> {
+    let mut x = embed(p, cfg, input_ids, mode)?;
+    let mask_add = additive_mask(attention_mask)?;
+    for l in 0..cfg.num_hidden_layers {
+        x = layer(p, cfg, l, &x, &mask_add, mode)?;
+    }
+    pool(p, pooling, &x, attention_mask, mode)
+}
+
+fn drop(x: Tensor, rate: f64, mode: Mode) -> Result<Tensor> {
+    if mode.train {
+        ops::dropout(&x, rate)
+    } else {
+        Ok(x)
+    }
+}
+
+/// The embeddings `[batch, seq, hidden]` of token ids `[batch, seq]`.
+pub fn embed(p: &Params, cfg: &BertConfig, input_ids: &Tensor, mode: Mode) -> Result<Tensor> {
     let (b, t) = input_ids.dims2()?;
-    let drop = |x: Tensor, rate: f64| -> Result<Tensor> {
-        if mode.train {
-            ops::dropout(&x, rate)
-        } else {
-            Ok(x)
-        }
-    };
     let words = p
         .get("embeddings.word_embeddings.weight")?
         .index_select(&input_ids.flatten_all()?, 0)?
@@ -213,46 +219,72 @@ pub fn encode(
     if let Some(types) = p.get_opt("embeddings.token_type_embeddings.weight")? {
         x = x.broadcast_add(&types.narrow(0, 0, 1)?.unsqueeze(0)?)?;
     }
-    let mut x = drop(
+    drop(
         norm(p, &x, "embeddings.LayerNorm", cfg)?,
         cfg.hidden_dropout_prob,
-    )?;
-    // 0 where attended, a large negative where padded: [b, 1, 1, t].
-    let mask_add = ((attention_mask.to_dtype(DTYPE)? - 1.0)? * 1e9)?.reshape((b, 1, 1, t))?;
+        mode,
+    )
+}
+
+/// The attention's additive mask `[batch, 1, 1, seq]` for a 0/1 mask `[batch, seq]`: 0
+/// where attended, a large negative where padded.
+pub fn additive_mask(attention_mask: &Tensor) -> Result<Tensor> {
+    let (b, t) = attention_mask.dims2()?;
+    ((attention_mask.to_dtype(DTYPE)? - 1.0)? * 1e9)?.reshape((b, 1, 1, t))
+}
+
+/// Encoder layer `l` on hidden states `x` `[batch, seq, hidden]`.
+pub fn layer(
+    p: &Params,
+    cfg: &BertConfig,
+    l: usize,
+    x: &Tensor,
+    mask_add: &Tensor,
+    mode: Mode,
+) -> Result<Tensor> {
+    let (b, t, _) = x.dims3()?;
     let (h, d) = (cfg.num_attention_heads, cfg.head_dim());
-    for l in 0..cfg.num_hidden_layers {
-        let pre = format!("encoder.layer.{l}");
-        let heads = |name: &str| -> Result<Tensor> {
-            lora::linear(p, &x, &format!("{pre}.attention.self.{name}"), mode)?
-                .reshape((b, t, h, d))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let (q, k, v) = (heads("query")?, heads("key")?, heads("value")?);
-        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(&mask_add)?;
-        let probs = drop(
-            ops::softmax_last(&scores)?,
-            cfg.attention_probs_dropout_prob,
-        )?;
-        let ctx =
-            probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((b, t, cfg.hidden_size))?;
-        let attn = lora::linear(p, &ctx, &format!("{pre}.attention.output.dense"), mode)?;
-        let attn = drop(attn, cfg.hidden_dropout_prob)?;
-        let x1 = norm(
-            p,
-            &(attn + &x)?,
-            &format!("{pre}.attention.output.LayerNorm"),
-            cfg,
-        )?;
-        let inner = lora::linear(p, &x1, &format!("{pre}.intermediate.dense"), mode)?.gelu_erf()?;
-        let out = lora::linear(p, &inner, &format!("{pre}.output.dense"), mode)?;
-        let out = drop(out, cfg.hidden_dropout_prob)?;
-        x = norm(p, &(out + x1)?, &format!("{pre}.output.LayerNorm"), cfg)?;
-    }
+    let pre = format!("encoder.layer.{l}");
+    let heads = |name: &str| -> Result<Tensor> {
+        lora::linear(p, x, &format!("{pre}.attention.self.{name}"), mode)?
+            .reshape((b, t, h, d))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let (q, k, v) = (heads("query")?, heads("key")?, heads("value")?);
+    let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(mask_add)?;
+    let probs = drop(
+        ops::softmax_last(&scores)?,
+        cfg.attention_probs_dropout_prob,
+        mode,
+    )?;
+    let ctx = probs
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, t, cfg.hidden_size))?;
+    let attn = lora::linear(p, &ctx, &format!("{pre}.attention.output.dense"), mode)?;
+    let attn = drop(attn, cfg.hidden_dropout_prob, mode)?;
+    let x1 = norm(
+        p,
+        &(attn + x)?,
+        &format!("{pre}.attention.output.LayerNorm"),
+        cfg,
+    )?;
+    let inner = lora::linear(p, &x1, &format!("{pre}.intermediate.dense"), mode)?.gelu_erf()?;
+    let out = lora::linear(p, &inner, &format!("{pre}.output.dense"), mode)?;
+    let out = drop(out, cfg.hidden_dropout_prob, mode)?;
+    norm(p, &(out + x1)?, &format!("{pre}.output.LayerNorm"), cfg)
+}
+
+/// The last hidden states `[batch, seq, hidden]` pooled to `[batch, hidden]`.
+pub fn pool(
+    p: &Params,
+    pooling: Pooling,
+    x: &Tensor,
+    attention_mask: &Tensor,
+    mode: Mode,
+) -> Result<Tensor> {
     match pooling {
         Pooling::Cls => {
             let first = x.narrow(1, 0, 1)?.squeeze(1)?;
@@ -265,6 +297,12 @@ pub fn encode(
             summed.broadcast_div(&count)
         }
     }
+}
+
+/// The head on a pooled vector: dropout (training) and the classifier, `[batch, labels]`.
+pub fn classify(p: &Params, cfg: &BertConfig, pooled: &Tensor, mode: Mode) -> Result<Tensor> {
+    let pooled = drop(pooled.clone(), cfg.hidden_dropout_prob, mode)?;
+    lora::linear(p, &pooled, "classifier", mode)
 }
 
 fn norm(p: &Params, x: &Tensor, stem: &str, cfg: &BertConfig) -> Result<Tensor> {

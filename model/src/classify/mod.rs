@@ -8,6 +8,7 @@ pub mod image;
 pub mod lora;
 pub mod ops;
 pub mod params;
+pub mod recompute;
 pub mod resnet;
 pub mod text;
 
@@ -15,6 +16,7 @@ use bert::{BertConfig, Pooling};
 use candle_core::{Device, Result, Tensor};
 use lora::{LoraSpec, Mode};
 use params::Params;
+use recompute::{Backward, Pass};
 use resnet::ResNetConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -363,23 +365,112 @@ impl Classifier {
         }
     }
 
-    /// Logits `[n, labels]`. In training mode, batch-norm running statistics are updated.
+    /// Logits `[n, labels]`. In training mode, batch-norm running statistics are updated;
+    /// in evaluation mode no autograd graph is built (the weights are read detached), so
+    /// the pass holds one layer's activations at a time, not the whole network's.
     pub fn forward(&mut self, input: &Input, train: bool) -> Result<Tensor> {
         let mode = self.mode(train);
+        let detached;
+        let p = if train {
+            &self.params
+        } else {
+            detached = self.params.detached();
+            &detached
+        };
         match (&self.arch, input) {
             (
                 Arch::Bert {
                     config, pooling, ..
                 },
                 Input::Text { ids, mask },
-            ) => bert::forward(&self.params, config, *pooling, ids, mask, mode),
+            ) => bert::forward(p, config, *pooling, ids, mask, mode),
             (Arch::ResNet { config, .. }, Input::Images(x)) => {
                 let mut updates = Vec::new();
-                let logits = resnet::forward(&self.params, config, x, mode, &mut updates)?;
+                let logits = resnet::forward(p, config, x, mode, &mut updates)?;
                 for (name, t) in updates {
                     self.params.insert(&name, t)?;
                 }
                 Ok(logits)
+            }
+            _ => candle_core::bail!("this model does not take this kind of input"),
+        }
+    }
+
+    /// The loss of a training batch and the trainable weights' gradients (training mode:
+    /// dropout on, batch-norm running statistics updated). With `checkpoint`, activations
+    /// are recomputed in the backward pass instead of kept (see `recompute`): one encoder
+    /// layer or residual block is held at a time.
+    pub fn backward(
+        &mut self,
+        input: &Input,
+        labels: &Tensor,
+        checkpoint: bool,
+    ) -> Result<Backward> {
+        let mode = self.mode(true);
+        let p = &self.params;
+        let weights: Vec<Tensor> = p
+            .trainable()
+            .values()
+            .map(|v| v.as_tensor().clone())
+            .collect();
+        match (&self.arch, input) {
+            (
+                Arch::Bert {
+                    config, pooling, ..
+                },
+                Input::Text { ids, mask },
+            ) => {
+                let mask_add = bert::additive_mask(mask)?;
+                let mut run = |i: usize, x: &Tensor, _: Pass| {
+                    if i == 0 {
+                        bert::embed(p, config, x, mode)
+                    } else {
+                        bert::layer(p, config, i - 1, x, &mask_add, mode)
+                    }
+                };
+                let mut head = |x: &Tensor| {
+                    let pooled = bert::pool(p, *pooling, x, mask, mode)?;
+                    let logits = bert::classify(p, config, &pooled, mode)?;
+                    Ok((ops::cross_entropy(&logits, labels)?, logits))
+                };
+                let segments = config.num_hidden_layers + 1;
+                recompute::backward(ids, segments, &mut run, &mut head, &weights, checkpoint)
+            }
+            (Arch::ResNet { config, .. }, Input::Images(x)) => {
+                let blocks = resnet::blocks(config);
+                let mut updates = Vec::new();
+                let out = {
+                    let mut run = |i: usize, x: &Tensor, pass: Pass| {
+                        let mut replayed = Vec::new();
+                        let u = match pass {
+                            Pass::Record => &mut updates,
+                            Pass::Replay => &mut replayed,
+                        };
+                        match i.checked_sub(1) {
+                            None => resnet::stem(p, x, mode, u),
+                            Some(b) => {
+                                let (pre, stride) = &blocks[b];
+                                resnet::block(p, config, x, pre, *stride, mode, u)
+                            }
+                        }
+                    };
+                    let mut head = |x: &Tensor| {
+                        let logits = resnet::head(p, x, mode)?;
+                        Ok((ops::cross_entropy(&logits, labels)?, logits))
+                    };
+                    recompute::backward(
+                        x,
+                        blocks.len() + 1,
+                        &mut run,
+                        &mut head,
+                        &weights,
+                        checkpoint,
+                    )?
+                };
+                for (name, t) in updates {
+                    self.params.insert(&name, t)?;
+                }
+                Ok(out)
             }
             _ => candle_core::bail!("this model does not take this kind of input"),
         }

@@ -45,6 +45,17 @@ pub fn seed_dropout(seed: u64) {
     DROPOUT_RNG.with(|r| *r.borrow_mut() = rand::SeedableRng::seed_from_u64(seed));
 }
 
+/// The dropout generator's state, to replay the same masks when a segment is recomputed
+/// (gradient checkpointing, see `recompute`).
+pub fn dropout_state() -> rand::rngs::StdRng {
+    DROPOUT_RNG.with(|r| r.borrow().clone())
+}
+
+/// Put back a state `dropout_state` returned.
+pub fn set_dropout_state(state: rand::rngs::StdRng) {
+    DROPOUT_RNG.with(|r| *r.borrow_mut() = state);
+}
+
 /// Inverted dropout (`torch.nn.Dropout` in training mode); identity when `p` is 0.
 pub fn dropout(x: &Tensor, p: f64) -> Result<Tensor> {
     if p <= 0.0 {

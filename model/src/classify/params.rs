@@ -64,6 +64,21 @@ impl Params {
         }
     }
 
+    /// The same weights, every one frozen (sharing storage): a forward pass over them
+    /// builds no autograd graph, so each activation is freed as soon as the next op has
+    /// read it. What evaluation and prediction run on.
+    pub fn detached(&self) -> Self {
+        let mut frozen = self.frozen.clone();
+        for (name, v) in &self.trainable {
+            frozen.insert(name.clone(), v.as_tensor().detach());
+        }
+        Self {
+            device: self.device.clone(),
+            frozen,
+            trainable: BTreeMap::new(),
+        }
+    }
+
     /// Make every weight whose name `train` accepts trainable and every other one frozen.
     pub fn set_trainable(&mut self, train: impl Fn(&str) -> bool) -> Result<()> {
         let names: Vec<String> = self.names();

@@ -1,8 +1,9 @@
 //! ResNet-18/34/50 (torchvision's layout, which timm's ResNets share) with a fresh `fc`
 //! head. The architecture is read off the weights (bottleneck blocks or not, blocks per
 //! stage, stem width), so a folder of torchvision or timm safetensors needs no config.
-//! Batch norms whose affine weights train use the batch's statistics and update their
-//! running ones, as `model.train()` does; frozen ones use the running statistics.
+//! In training mode every batch norm, frozen or not, normalizes with the batch's
+//! statistics and updates its running ones, as PyTorch's `model.train()` does; evaluation
+//! uses the running statistics.
 
 use super::lora::{self, Mode};
 use super::ops::{self, DTYPE};
@@ -124,39 +125,39 @@ pub fn forward(
     mode: Mode,
     updates: &mut BnUpdates,
 ) -> Result<Tensor> {
-    let feats = features(p, cfg, x, mode, updates)?;
-    lora::linear(p, &feats, "fc", mode)
+    let mut x = stem(p, x, mode, updates)?;
+    for (pre, stride) in blocks(cfg) {
+        x = block(p, cfg, &x, &pre, stride, mode, updates)?;
+    }
+    head(p, &x, mode)
 }
 
-/// The pooled features `[batch, features]`.
-pub fn features(
-    p: &Params,
-    cfg: &ResNetConfig,
-    x: &Tensor,
-    mode: Mode,
-    updates: &mut BnUpdates,
-) -> Result<Tensor> {
-    let mut x = lora::conv2d(p, x, "conv1.weight", 2, 3, mode)?;
-    x = bn(p, &x, "bn1", mode, updates)?.relu()?;
-    x = ops::max_pool_3x3_s2(&x)?;
+/// The head on the last block's output: global average pool and `fc`.
+pub fn head(p: &Params, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    lora::linear(p, &ops::global_avg_pool(x)?, "fc", mode)
+}
+
+/// The stem: the 7x7/2 convolution, its batch norm, ReLU and the 3x3/2 max-pool.
+pub fn stem(p: &Params, x: &Tensor, mode: Mode, updates: &mut BnUpdates) -> Result<Tensor> {
+    let x = lora::conv2d(p, x, "conv1.weight", 2, 3, mode)?;
+    let x = bn(p, &x, "bn1", mode, updates)?.relu()?;
+    ops::max_pool_3x3_s2(&x)
+}
+
+/// The residual blocks in order: (weight-name prefix, stride).
+pub fn blocks(cfg: &ResNetConfig) -> Vec<(String, usize)> {
+    let mut out = Vec::new();
     for (s, &n) in cfg.layers.iter().enumerate() {
         for b in 0..n {
             let stride = if s > 0 && b == 0 { 2 } else { 1 };
-            x = block(
-                p,
-                cfg,
-                &x,
-                &format!("layer{}.{b}", s + 1),
-                stride,
-                mode,
-                updates,
-            )?;
+            out.push((format!("layer{}.{b}", s + 1), stride));
         }
     }
-    ops::global_avg_pool(&x)
+    out
 }
 
-fn block(
+/// One residual block (basic or bottleneck) with its shortcut.
+pub fn block(
     p: &Params,
     cfg: &ResNetConfig,
     x: &Tensor,
@@ -198,8 +199,7 @@ fn bn(p: &Params, x: &Tensor, stem: &str, mode: Mode, updates: &mut BnUpdates) -
         format!("{stem}.running_mean"),
         format!("{stem}.running_var"),
     );
-    let batch_stats = mode.train && p.trainable().contains_key(&weight_name);
-    if !batch_stats {
+    if !mode.train {
         return ops::batch_norm(x, &p.get(&rm_name)?, &p.get(&rv_name)?, &w, &b, BN_EPS);
     }
     let (mean, var) = ops::channel_stats(x)?;

@@ -257,9 +257,9 @@ pub fn train(
             }
             let step_start = std::time::Instant::now();
             let (input, labels) = batch_input(&c, &run.train, idx, true, &mut rng)?;
-            let logits = c.forward(&input, true).map_err(err)?;
-            let loss = ops::cross_entropy(&logits, &labels).map_err(err)?;
-            let grads = loss.backward().map_err(err)?;
+            let pass = c
+                .backward(&input, &labels, s.gradient_checkpointing)
+                .map_err(err)?;
             let vars: Vec<(String, candle_core::Var)> = c
                 .params
                 .trainable()
@@ -269,7 +269,7 @@ pub fn train(
             let gs: Vec<Tensor> = vars
                 .iter()
                 .map(|(k, v)| {
-                    grads
+                    pass.grads
                         .get(v)
                         .cloned()
                         .ok_or_else(|| format!("no gradient reached {k}"))
@@ -303,9 +303,9 @@ pub fn train(
                     var.set(&new).map_err(err)?;
                 }
             }
-            let l: f32 = loss.to_scalar().map_err(err)?;
-            let hits: f32 = logits
-                .detach()
+            let l: f32 = pass.loss.to_scalar().map_err(err)?;
+            let hits: f32 = pass
+                .logits
                 .argmax(1)
                 .and_then(|p| p.eq(&labels))
                 .and_then(|m| m.to_dtype(candle_core::DType::F32))
