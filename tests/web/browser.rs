@@ -291,3 +291,85 @@ async fn an_operator_trains_activates_and_chats_from_the_console() {
     c.close().await.unwrap();
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_classifier_job_page_follows_the_run_without_a_reload() {
+    let tmp = tempfile::tempdir().unwrap();
+    let imports = tmp.path().join("imports");
+    std::fs::create_dir_all(&imports).unwrap();
+    std::fs::write(
+        imports.join("reviews.jsonl"),
+        loraloop_model::testing::two_class_reviews(40, 1),
+    )
+    .unwrap();
+    let imports_env = imports.display().to_string();
+    // No worker: the job stays queued until the API cancels it, so the page is certain
+    // to be open while the job is live.
+    let s = start(false, &[("LORALOOP_IMPORTS__DIR", &imports_env)]).await;
+    loraloop_model::testing::write_tiny_bert(
+        &s.dir.path().join("models/tiny-bert"),
+        &loraloop_model::testing::REVIEW_WORDS,
+        32,
+        2,
+        7,
+    )
+    .unwrap();
+    let job: serde_json::Value = s
+        .post("/api/v1/fine-tune")
+        .json(&serde_json::json!({"model_id": "tiny-bert", "data_path": "reviews.jsonl"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+
+    let (c, _driver) = browser().await;
+    c.goto(&s.url("/login")).await.unwrap();
+    fill(&c, "input[name=password]", PASSWORD).await;
+    click(&c, "form[action='/login'] button[type=submit]").await;
+    until(10, "the dashboard", || async {
+        text(&c, "#active-adapter").await
+    })
+    .await;
+    // The job is in the training list beside the chat-model jobs.
+    c.goto(&s.url("/jobs")).await.unwrap();
+    let row = until(10, "the classifier job's row", || async {
+        text(&c, "tr[data-classifier-job='1']").await
+    })
+    .await;
+    assert!(row.contains(&id) && row.contains("queued"), "{row}");
+    click(&c, "tr[data-classifier-job='1'] a").await;
+    let status = until(10, "the job page", || async {
+        attr(&c, "#classifier-status", "data-status").await
+    })
+    .await;
+    assert_eq!(status, "queued");
+    // A mark in this page's window: a reload would wipe it.
+    c.execute("window.followMark = 42; return 1;", vec![])
+        .await
+        .unwrap();
+    let r = s
+        .post(&format!("/api/v1/fine-tune/{id}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    until(15, "the page to show the cancellation", || async {
+        attr(&c, "#classifier-status", "data-status")
+            .await
+            .filter(|s| s == "cancelled")
+    })
+    .await;
+    let mark = c
+        .execute("return window.followMark;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(mark, serde_json::json!(42), "the page updated in place");
+    assert!(
+        attr(&c, "#classifier-job", "data-follow").await.is_none(),
+        "an ended job is not followed"
+    );
+    shot(&c, "classifier-job-cancelled").await;
+}

@@ -46,7 +46,7 @@ async fn a_classifier_job_from_the_api_trains_reports_metrics_and_predicts() {
     let started = Instant::now();
     let job = loop {
         let j: Value = s
-            .get(&format!("/api/v1/classifier-jobs/{id}"))
+            .get(&format!("/api/v1/fine-tune/{id}"))
             .send()
             .await
             .unwrap()
@@ -67,8 +67,17 @@ async fn a_classifier_job_from_the_api_trains_reports_metrics_and_predicts() {
             .contains("checkpoint-")
     );
 
+    let same: Value = s
+        .get(&format!("/api/v1/classifier-jobs/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(same, job);
     let events: Value = s
-        .get(&format!("/api/v1/classifier-jobs/{id}/events"))
+        .get(&format!("/api/v1/fine-tune/{id}/events"))
         .send()
         .await
         .unwrap()
@@ -207,6 +216,70 @@ async fn classifier_requests_that_reach_outside_their_folders_or_lack_data_are_r
         0,
         "nothing was queued"
     );
+
+    // The id POST /api/v1/fine-tune answers works on the same job endpoints (this server
+    // has no worker, so the job stays queued until it is cancelled).
+    let job: Value = s
+        .post("/api/v1/fine-tune")
+        .json(&json!({"model_id": "tiny-bert", "data_path": "reviews.jsonl"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap();
+    let got: Value = s
+        .get(&format!("/api/v1/fine-tune/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got, job);
+    let r = s
+        .post(&format!("/api/v1/fine-tune/{id}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let cancelled: Value = r.json().await.unwrap();
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+    let r = s
+        .post(&format!("/api/v1/fine-tune/{id}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        409,
+        "a job that has ended is not cancelled twice"
+    );
+    let events: Value = s
+        .get(&format!("/api/v1/fine-tune/{id}/events"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        events["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["type"] == "state" && e["data"]["state"] == "cancelled"),
+        "{events}"
+    );
+    for missing in ["clsjob-99", "clsjob-x", "x"] {
+        let r = s
+            .get(&format!("/api/v1/fine-tune/{missing}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{missing}");
+    }
 }
 
 /// A logged-in console client (cookies, no redirects followed) and the page's CSRF token.

@@ -218,6 +218,30 @@ function initJobPage() {
   });
 }
 
+// ---------------------------------------------------------------- classifier job page
+// While the job is queued or running, the server-drawn page (chart, epoch table, status)
+// is fetched again every two seconds and swapped in, until the job has ended.
+(function () {
+  const FINAL = ["succeeded", "failed", "cancelled"];
+  function follow() {
+    const el = document.getElementById("classifier-job");
+    const url = el && el.dataset.follow;
+    if (!url) return;
+    setTimeout(function () {
+      fetch(url, { credentials: "same-origin" })
+        .then(function (r) { return r.ok ? r.text() : Promise.reject(r.status); })
+        .then(function (html) {
+          const next = new DOMParser().parseFromString(html, "text/html").getElementById("classifier-job");
+          if (next) el.replaceWith(next);
+          const status = next && next.querySelector("#classifier-status");
+          if (status && FINAL.indexOf(status.dataset.status) < 0) follow();
+        })
+        .catch(function () { follow(); });
+    }, 2000);
+  }
+  follow();
+})();
+
 // ---------------------------------------------------------------- playground
 function initPlayground() {
   const form = document.getElementById("chat-form");

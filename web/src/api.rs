@@ -145,15 +145,24 @@ async fn list_jobs(
 }
 
 /// One fine-tuning job.
-#[utoipa::path(get, path = "/api/v1/fine-tune/{id}", params(("id" = i64, Path)),
-    responses((status = 200, body = JobView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+#[utoipa::path(get, path = "/api/v1/fine-tune/{id}", params(("id" = String, Path, description = "N (a chat-model job) or clsjob-N (a classifier job)")),
+    responses((status = 200, body = JobView, description = "a chat-model job; a classifier job answers a ClassifierJobView"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn get_job(
     State(state): State<AppState>,
-    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
-) -> Result<Json<JobView>, ApiError> {
-    let id = path_id(id)?;
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = match job_ref(id)? {
+        JobRef::Chat(id) => id,
+        JobRef::Classifier(id) => {
+            let Json(v) = crate::classifier_api::get(State(state), Path(id)).await?;
+            return Ok(Json(serde_json::to_value(v).map_err(ApiError::internal)?));
+        }
+    };
     let job = state.core.db.job(id).await?;
-    Ok(Json(operations::job_view(&state, job).await?))
+    Ok(Json(
+        serde_json::to_value(operations::job_view(&state, job).await?)
+            .map_err(ApiError::internal)?,
+    ))
 }
 
 fn path_id(
@@ -163,14 +172,39 @@ fn path_id(
         .map_err(|e| ApiError::not_found(format!("no such id: {}", e.body_text())))
 }
 
+/// A job id in a path: `N` for a chat-model job, `clsjob-N` for a classifier job (what
+/// `POST /api/v1/fine-tune` answers for one), so one set of job endpoints serves both.
+enum JobRef {
+    Chat(i64),
+    Classifier(String),
+}
+
+fn job_ref(
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<JobRef, ApiError> {
+    let Path(id) = id.map_err(|e| ApiError::not_found(format!("no such id: {}", e.body_text())))?;
+    if id.starts_with(crate::classifier_api::ID_PREFIX) {
+        return Ok(JobRef::Classifier(id));
+    }
+    id.parse()
+        .map(JobRef::Chat)
+        .map_err(|_| ApiError::not_found(format!("no such id: {id:?}")))
+}
+
 /// Cancel a job: a queued one at once, a running one at its next step (it keeps a checkpoint).
-#[utoipa::path(post, path = "/api/v1/fine-tune/{id}/cancel", params(("id" = i64, Path)),
-    responses((status = 200, body = JobView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+#[utoipa::path(post, path = "/api/v1/fine-tune/{id}/cancel", params(("id" = String, Path, description = "N (a chat-model job) or clsjob-N (a classifier job)")),
+    responses((status = 200, body = JobView, description = "a chat-model job; a classifier job answers a ClassifierJobView"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn cancel_job(
     State(state): State<AppState>,
-    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
-) -> Result<Json<JobView>, ApiError> {
-    let id = path_id(id)?;
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = match job_ref(id)? {
+        JobRef::Chat(id) => id,
+        JobRef::Classifier(id) => {
+            let Json(v) = crate::classifier_api::cancel(State(state), Path(id)).await?;
+            return Ok(Json(serde_json::to_value(v).map_err(ApiError::internal)?));
+        }
+    };
     if !state.core.db.request_cancel(id).await? {
         let job = state.core.db.job(id).await?;
         return Err(ApiError::conflict(format!(
@@ -186,7 +220,10 @@ async fn cancel_job(
     )
     .await;
     let job = state.core.db.job(id).await?;
-    Ok(Json(operations::job_view(&state, job).await?))
+    Ok(Json(
+        serde_json::to_value(operations::job_view(&state, job).await?)
+            .map_err(ApiError::internal)?,
+    ))
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -230,15 +267,22 @@ pub fn event_view(e: TrainingEvent) -> EventView {
 
 /// A job's events, oldest first (`after` pages on). With `Accept: text/event-stream`, a
 /// live stream of server-sent events that ends when the job has finished.
-#[utoipa::path(get, path = "/api/v1/fine-tune/{id}/events", params(("id" = i64, Path), Page),
+#[utoipa::path(get, path = "/api/v1/fine-tune/{id}/events", params(("id" = String, Path, description = "N (a chat-model job) or clsjob-N (a classifier job: its events as GET /api/v1/classifier-jobs/{id}/events answers them)"), Page),
     responses((status = 200, body = List<EventView>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn job_events(
     State(state): State<AppState>,
     headers: HeaderMap,
-    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
     q: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let id = path_id(id)?;
+    let id = match job_ref(id)? {
+        JobRef::Chat(id) => id,
+        JobRef::Classifier(id) => {
+            return Ok(crate::classifier_api::events(State(state), Path(id))
+                .await?
+                .into_response());
+        }
+    };
     let p = page_query(q)?;
     state.core.db.job(id).await?; // 404 for a job that does not exist
     let sse = headers

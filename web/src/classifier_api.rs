@@ -1,7 +1,8 @@
 //! Classifier fine-tunes over HTTP: `POST /api/v1/fine-tune` with `model_id` naming an
 //! encoder or ResNet folder in the models directory (or `resnet18|34|50`) and `data_path`
-//! naming a file or folder inside `imports.dir` queues a classifier job; its state and
-//! events are under `/api/v1/classifier-jobs`, and `POST /api/v1/predict` serves the best
+//! naming a file or folder inside `imports.dir` queues a classifier job `clsjob-N`; its
+//! state and events are under `/api/v1/classifier-jobs` (and `/api/v1/fine-tune/clsjob-N`,
+//! which `api` hands here), and `POST /api/v1/predict` serves the best
 //! checkpoint of a finished job. A client's strings never become arbitrary paths: both
 //! names are resolved inside their configured folders.
 
@@ -42,8 +43,13 @@ pub const CLASSIFIER_HYPERPARAMETERS: [&str; 18] = [
     "early_stopping_patience",
     "metric_for_best_model",
 ];
-/// Also accepted: `seed`, `sequence_len`, `image_size`.
-const MORE_KEYS: [&str; 3] = ["seed", "sequence_len", "image_size"];
+/// Also accepted: `seed`, `sequence_len`, `image_size`, `gradient_checkpointing`.
+const MORE_KEYS: [&str; 4] = [
+    "seed",
+    "sequence_len",
+    "image_size",
+    "gradient_checkpointing",
+];
 
 /// A classifier job as the API shows it.
 #[derive(Debug, Serialize, ToSchema)]
@@ -69,7 +75,7 @@ pub struct ClassifierJobView {
 
 pub fn view(job: ClassifierJob) -> ClassifierJobView {
     ClassifierJobView {
-        id: format!("clsjob-{}", job.id),
+        id: format!("{ID_PREFIX}{}", job.id),
         object: "classifier_job",
         task: job.task.replace('_', "-"),
         status: job.state,
@@ -260,8 +266,11 @@ fn settings_of(req: &CreateJob, task: Task) -> Result<Map<String, Value>, ApiErr
     Ok(hp)
 }
 
+/// What a classifier job's id starts with (`clsjob-N`).
+pub const ID_PREFIX: &str = "clsjob-";
+
 fn job_id(s: &str) -> Result<i64, ApiError> {
-    s.strip_prefix("clsjob-")
+    s.strip_prefix(ID_PREFIX)
         .unwrap_or(s)
         .parse()
         .map_err(|_| ApiError::not_found(format!("no classifier job {s:?}")))
@@ -347,7 +356,7 @@ pub struct PredictRequest {
     /// Texts (text models).
     #[serde(default)]
     pub inputs: Vec<String>,
-    /// Base64-encoded JPEG or PNG images (image models).
+    /// Base64-encoded JPEG, PNG or WebP images (image models).
     #[serde(default)]
     pub images: Vec<String>,
 }

@@ -2,7 +2,8 @@
 //! directory, data inside `imports.dir`, the task's settings), follow it: a loss chart
 //! drawn on the server (each step's training loss, each epoch's held-out loss), each
 //! epoch's held-out accuracy and macro-F1, the best epoch's per-class scores and
-//! confusion matrix.
+//! confusion matrix. While the job is live, `console.js` fetches the page again every two
+//! seconds and swaps the job's part in.
 
 use super::{fail, field, num, path_id};
 use crate::auth::{AdminSession, url_decode_pairs};
@@ -121,6 +122,10 @@ async fn page(
                     input id="c-size" name="image_size" value=(v("image_size", "224"));
                     label for="c-len" { "Texts: tokens per text (empty: the model's)" }
                     input id="c-len" name="sequence_len" value=(v("sequence_len", ""));
+                    label.check for="c-ckpt" {
+                        input id="c-ckpt" type="checkbox" name="gradient_checkpointing" value="on" checked[!field(form, "gradient_checkpointing").is_empty()];
+                        " Gradient checkpointing (less memory: each layer's activations are recomputed in the backward pass)"
+                    }
                     button type="submit" { "Start fine-tune" }
                 }
             }
@@ -186,6 +191,9 @@ fn request(pairs: &[(String, String)]) -> Result<CreateJob, ApiError> {
     }
     if let Some(m) = opt("metric_for_best_model") {
         hp.insert("metric_for_best_model".into(), Value::from(m));
+    }
+    if opt("gradient_checkpointing").is_some() {
+        hp.insert("gradient_checkpointing".into(), Value::from(true));
     }
     let epochs = match opt("epochs") {
         Some(e) => Some(
@@ -305,7 +313,10 @@ fn job_page(session: &AdminSession, v: &ClassifierJobView, events: &[(String, Va
         .filter(|(k, _)| k == "message")
         .filter_map(|(_, d)| d["text"].as_str())
         .collect();
+    let live = v.status == "queued" || v.status == "running";
+    let id = v.id.trim_start_matches(classifier_api::ID_PREFIX);
     html! {
+        div id="classifier-job" data-follow=[live.then(|| format!("/classifiers/{id}"))] {
         h1 { (v.id) " · " (v.task) }
         p id="classifier-status" data-status=(v.status) {
             "Status: " strong { (v.status) } " · step " (v.step) " / " (v.total_steps.map(|t| t.to_string()).unwrap_or("-".into()))
@@ -313,12 +324,12 @@ fn job_page(session: &AdminSession, v: &ClassifierJobView, events: &[(String, Va
         }
         p { "Model " code { (v.model) } " · data " code { (v.data_path) } }
         @for m in &messages { p.hint { (m) } }
-        @if v.status == "queued" || v.status == "running" {
-            form method="post" action=(format!("/classifiers/{}/cancel", v.id.trim_start_matches("clsjob-"))) {
+        @if live {
+            form method="post" action=(format!("/classifiers/{id}/cancel")) {
                 (csrf_field(session))
                 button type="submit" { "Cancel" }
             }
-            p.muted { "Reload to follow the run." }
+            noscript { p.muted { "Reload to follow the run." } }
         }
         h2 { "Loss" }
         (loss_chart(&steps, &eval_points))
@@ -369,6 +380,7 @@ fn job_page(session: &AdminSession, v: &ClassifierJobView, events: &[(String, Va
             p { "Best checkpoint: " code { (c) } " (POST /api/v1/predict with model " code { (v.id) } ")" }
         }
         p { a href="/classifiers" { "All classifier fine-tunes" } }
+        }
     }
 }
 

@@ -7,6 +7,7 @@ mod form;
 use super::report_card;
 use super::{duration, fail, num, path_id, short_time};
 use crate::auth::AdminSession;
+use crate::classifier_api;
 use crate::console::{csrf_field, layout};
 use crate::error::ApiError;
 use crate::operations::{self};
@@ -18,7 +19,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use form::{create, estimate_fragment, new_form};
 use loraloop_core::storage::{TrainingEvent, TrainingJob};
-use maud::html;
+use maud::{Markup, html};
 use serde_json::{Map, Value};
 
 pub fn routes() -> Router<AppState> {
@@ -36,6 +37,10 @@ async fn list(State(state): State<AppState>, session: AdminSession) -> Response 
         Ok(j) => j,
         Err(e) => return fail(&session, &e.into()),
     };
+    let classifier_jobs = match state.core.db.list_classifier_jobs(200).await {
+        Ok(j) => j,
+        Err(e) => return fail(&session, &e.into()),
+    };
     let datasets = state.core.db.list_datasets().await.unwrap_or_default();
     let adapters = state.core.db.list_adapters().await.unwrap_or_default();
     let dataset_name = |id: Option<i64>| match id {
@@ -46,36 +51,75 @@ async fn list(State(state): State<AppState>, session: AdminSession) -> Response 
             .unwrap_or_else(|| format!("#{id}")),
         None => "(file being validated)".to_string(),
     };
+    // Chat-model and classifier fine-tunes in one list, newest first (both tables stamp
+    // created_at in the same ISO format, so the strings order as the times do).
+    let mut rows: Vec<(&str, Markup)> = Vec::with_capacity(jobs.len() + classifier_jobs.len());
+    for j in &jobs {
+        rows.push((
+            &j.created_at,
+            html! {
+                tr data-job=(j.id) {
+                    td { a href=(format!("/jobs/{}", j.id)) { "#" (j.id) } }
+                    td { span class=(format!("status status-{}", j.state)) { (j.state) } }
+                    td { (dataset_name(j.dataset_id)) }
+                    td { (model_label(&j.base_model)) " · " (j.method) }
+                    td { (j.step) " / " @match j.total_steps { Some(t) => (t), None => "?" } }
+                    td { (short_time(&j.created_at)) }
+                    td {
+                        @match j.adapter_id.and_then(|id| adapters.iter().find(|a| a.id == id)) {
+                            Some(a) => { a href=(format!("/adapters#adapter-{}", a.id)) { (a.name) } }
+                            None => { span.muted { "–" } }
+                        }
+                    }
+                }
+            },
+        ));
+    }
+    for j in &classifier_jobs {
+        let method = serde_json::from_str::<Value>(&j.settings)
+            .ok()
+            .and_then(|v| v["finetuning_type"].as_str().map(str::to_string))
+            .unwrap_or_else(|| "full".into());
+        rows.push((
+            &j.created_at,
+            html! {
+                tr data-classifier-job=(j.id) {
+                    td { a href=(format!("/classifiers/{}", j.id)) { (classifier_api::ID_PREFIX) (j.id) } }
+                    td { span class=(format!("status status-{}", j.state)) { (j.state) } }
+                    td { (model_label(&j.data_path)) }
+                    td { (model_label(&j.base_model)) " · " (j.task.replace('_', "-")) " · " (method) }
+                    td { (j.step) " / " @match j.total_steps { Some(t) => (t), None => "?" } }
+                    td { (short_time(&j.created_at)) }
+                    td {
+                        @match j.best_metric {
+                            Some(m) => { "best " (num(m)) }
+                            None => { span.muted { "–" } }
+                        }
+                    }
+                }
+            },
+        ));
+    }
+    rows.sort_by(|a, b| b.0.cmp(a.0));
     layout(
         "Training",
         Some(&session),
         "/jobs",
         html! {
             h1 { "Training" }
-            p { a.button href="/jobs/new" id="new-job" { "New training job" } }
-            @if jobs.is_empty() {
+            p {
+                a.button href="/jobs/new" id="new-job" { "New training job" }
+                " "
+                a.button href="/classifiers" id="new-classifier-job" { "New classifier fine-tune" }
+            }
+            @if rows.is_empty() {
                 p.muted { "No training jobs yet." }
             } @else {
                 div.table-wrap {
                     table id="job-list" {
-                        thead { tr { th { "Job" } th { "Status" } th { "Dataset" } th { "Model" } th { "Step" } th { "Created" } th { "Adapter" } } }
+                        thead { tr { th { "Job" } th { "Status" } th { "Data" } th { "Model" } th { "Step" } th { "Created" } th { "Result" } } }
                         tbody {
-                            @for j in &jobs {
-                                tr data-job=(j.id) {
-                                    td { a href=(format!("/jobs/{}", j.id)) { "#" (j.id) } }
-                                    td { span class=(format!("status status-{}", j.state)) { (j.state) } }
-                                    td { (dataset_name(j.dataset_id)) }
-                                    td { (model_label(&j.base_model)) " · " (j.method) }
-                                    td { (j.step) " / " @match j.total_steps { Some(t) => (t), None => "?" } }
-                                    td { (short_time(&j.created_at)) }
-                                    td {
-                                        @match j.adapter_id.and_then(|id| adapters.iter().find(|a| a.id == id)) {
-                                            Some(a) => { a href=(format!("/adapters#adapter-{}", a.id)) { (a.name) } }
-                                            None => { span.muted { "–" } }
-                                        }
-                                    }
-                                }
-                            }
+                            @for (_, row) in &rows { (row) }
                         }
                     }
                 }
