@@ -272,6 +272,50 @@ async fn classifier_requests_that_reach_outside_their_folders_or_lack_data_are_r
             .any(|e| e["type"] == "state" && e["data"]["state"] == "cancelled"),
         "{events}"
     );
+    // The classifier list pages as the other lists do: newest first, `after` a job number.
+    for _ in 0..2 {
+        let r = s
+            .post("/api/v1/fine-tune")
+            .json(&json!({"model_id": "tiny-bert", "data_path": "reviews.jsonl"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let ids = |page: &Value| -> Vec<String> {
+        page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let first: Value = s
+        .get("/api/v1/classifier-jobs?limit=2")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ids(&first), ["clsjob-3", "clsjob-2"], "{first}");
+    assert_eq!(first["has_more"], true, "{first}");
+    let rest: Value = s
+        .get("/api/v1/classifier-jobs?limit=2&after=2")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ids(&rest), [id], "{rest}");
+    assert_eq!(rest["has_more"], false, "{rest}");
+    let r = s
+        .get("/api/v1/classifier-jobs?limit=0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
     for missing in ["clsjob-99", "clsjob-x", "x"] {
         let r = s
             .get(&format!("/api/v1/fine-tune/{missing}"))

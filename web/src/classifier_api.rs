@@ -10,7 +10,9 @@ use crate::error::ApiError;
 use crate::operations::CreateJob;
 use crate::state::AppState;
 use axum::Json;
-use axum::extract::{Path, State};
+use crate::paging::{List, Page, page_query};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use loraloop_core::storage::{ClassifierJob, ClassifierJobEvent, NewClassifierJob};
 use loraloop_model::classify::{self, Classifier, Task};
 use loraloop_trainer::classify::ClassifySettings;
@@ -276,13 +278,22 @@ fn job_id(s: &str) -> Result<i64, ApiError> {
         .map_err(|_| ApiError::not_found(format!("no classifier job {s:?}")))
 }
 
-/// Classifier jobs, newest first.
-#[utoipa::path(get, path = "/api/v1/classifier-jobs",
-    responses((status = 200, body = Vec<ClassifierJobView>), (status = 401, body = crate::error::ErrorBody)))]
-pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let jobs = state.core.db.list_classifier_jobs(100).await?;
-    let data: Vec<ClassifierJobView> = jobs.into_iter().map(view).collect();
-    Ok(Json(serde_json::json!({"object": "list", "data": data})))
+/// Classifier jobs, newest first; `after=N` pages on to jobs older than clsjob-N.
+#[utoipa::path(get, path = "/api/v1/classifier-jobs", params(Page),
+    responses((status = 200, body = List<ClassifierJobView>), (status = 422, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody)))]
+pub async fn list(
+    State(state): State<AppState>,
+    q: Result<Query<Page>, QueryRejection>,
+) -> Result<Json<List<ClassifierJobView>>, ApiError> {
+    let p = page_query(q)?;
+    let limit = p.limit.unwrap_or(20).min(100);
+    let mut jobs = state.core.db.list_classifier_jobs(p.after, limit + 1).await?;
+    let has_more = crate::paging::cut(&mut jobs, limit);
+    Ok(Json(List {
+        object: "list",
+        data: jobs.into_iter().map(view).collect(),
+        has_more,
+    }))
 }
 
 /// One classifier job.

@@ -85,11 +85,16 @@ impl Db {
         })
     }
 
-    /// Jobs newest first.
-    pub async fn list_classifier_jobs(&self, limit: i64) -> Result<Vec<ClassifierJob>> {
+    /// Jobs newest first, `limit` of them, older than the job `before` when given.
+    pub async fn list_classifier_jobs(
+        &self,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<ClassifierJob>> {
         Ok(sqlx::query_as(&format!(
-            "select {COLUMNS} from classifier_jobs order by id desc limit ?"
+            "select {COLUMNS} from classifier_jobs where id < ? order by id desc limit ?"
         ))
+        .bind(before.unwrap_or(i64::MAX))
         .bind(limit)
         .fetch_all(self.pool())
         .await?)

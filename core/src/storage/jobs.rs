@@ -420,7 +420,6 @@ impl Db {
         .await?)
     }
 
-    /// Events of a job after `after_id` (for server-sent events), oldest first.
     /// How many jobs are queued and how many run.
     pub async fn active_job_counts(&self) -> Result<(i64, i64)> {
         let counts: Vec<(String, i64)> = sqlx::query_as(

@@ -60,7 +60,7 @@ async fn page(
     form: &[(String, String)],
     error: Option<&ApiError>,
 ) -> Response {
-    let jobs = match state.core.db.list_classifier_jobs(50).await {
+    let jobs = match state.core.db.list_classifier_jobs(None, 50).await {
         Ok(j) => j,
         Err(e) => return fail(session, &e.into()),
     };

@@ -37,7 +37,7 @@ async fn list(State(state): State<AppState>, session: AdminSession) -> Response 
         Ok(j) => j,
         Err(e) => return fail(&session, &e.into()),
     };
-    let classifier_jobs = match state.core.db.list_classifier_jobs(200).await {
+    let classifier_jobs = match state.core.db.list_classifier_jobs(None, 200).await {
         Ok(j) => j,
         Err(e) => return fail(&session, &e.into()),
     };
