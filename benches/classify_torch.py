@@ -4,7 +4,8 @@ dropout 0.1, a linear head), the same data, order-independent settings (AdamW, l
 linear decay, weight decay 0.01 except biases and LayerNorm weights, clipping at 1.0,
 batch size, max length, epochs), then accuracy and macro-F1 on the test file.
 
-    python classify_torch.py MODEL_DIR TRAIN.jsonl TEST.jsonl EPOCHS BATCH LR MAX_LEN THREADS
+    python classify_torch.py MODEL_DIR TRAIN.jsonl TEST.jsonl EPOCHS BATCH LR MAX_LEN THREADS [GRAD_CKPT]
+GRAD_CKPT 1 turns on transformers' gradient checkpointing.
 Prints one JSON line: train_seconds, accuracy, macro_f1, examples.
 """
 import json, sys, time
@@ -28,6 +29,8 @@ tyi = torch.tensor([labels.index(y) for y in ty])
 vyi = [labels.index(y) for y in vy]
 tok = AutoTokenizer.from_pretrained(model_dir)
 enc = AutoModel.from_pretrained(model_dir)
+if len(sys.argv) > 9 and sys.argv[9] == "1":
+    enc.gradient_checkpointing_enable()
 
 class Clf(nn.Module):
     def __init__(self):
