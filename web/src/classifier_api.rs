@@ -8,9 +8,9 @@
 
 use crate::error::ApiError;
 use crate::operations::CreateJob;
+use crate::paging::{List, Page, page_query};
 use crate::state::AppState;
 use axum::Json;
-use crate::paging::{List, Page, page_query};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use loraloop_core::storage::{ClassifierJob, ClassifierJobEvent, NewClassifierJob};
@@ -287,7 +287,11 @@ pub async fn list(
 ) -> Result<Json<List<ClassifierJobView>>, ApiError> {
     let p = page_query(q)?;
     let limit = p.limit.unwrap_or(20).min(100);
-    let mut jobs = state.core.db.list_classifier_jobs(p.after, limit + 1).await?;
+    let mut jobs = state
+        .core
+        .db
+        .list_classifier_jobs(p.after, limit + 1)
+        .await?;
     let has_more = crate::paging::cut(&mut jobs, limit);
     Ok(Json(List {
         object: "list",
