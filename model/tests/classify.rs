@@ -493,3 +493,29 @@ fn a_distilbert_checkpoint_reads_as_the_same_encoder_as_transformers() {
         "mean-pooled output differs from transformers' DistilBertModel by {err}"
     );
 }
+
+/// A ResNet folder holding only a PyTorch pickle (`model.pth`, written by torch.save as
+/// torchvision's and timm's downloads are: `fixtures/classify/pth_reference.py`) loads to
+/// the same tensors as the safetensors file it was saved from and gives PyTorch's logits.
+#[test]
+fn a_resnet_from_a_torch_pickle_gives_the_same_logits_as_torch() {
+    let dev = Device::Cpu;
+    let from_pickle = params::read_weights(&fixture("resnet_pth"), &dev).unwrap();
+    let from_safetensors = params::read_weights(&fixture("resnet"), &dev).unwrap();
+    assert_eq!(from_pickle.len(), from_safetensors.len());
+    for (name, t) in &from_safetensors {
+        let p = &from_pickle[name];
+        assert_eq!(p.dims(), t.dims(), "{name}");
+        assert_eq!(p.dtype(), t.dtype(), "{name}");
+        let f32s = |t: &Tensor| flat(&t.to_dtype(DType::F32).unwrap());
+        assert_eq!(f32s(p), f32s(t), "{name}");
+    }
+    let mut c = reference_classifier(&fixture("resnet_pth"), 3);
+    let x = candle_core::safetensors::load(fixture("resnet").join("input.safetensors"), &dev)
+        .unwrap()
+        .remove("x")
+        .unwrap();
+    let logits = c.forward(&Input::Images(x), false).unwrap();
+    let err = rel_err(&flat(&logits), &floats(&expected("resnet")["eval_logits"]));
+    assert!(err < 1e-4, "eval-mode logits differ from PyTorch by {err}");
+}

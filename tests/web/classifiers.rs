@@ -45,14 +45,7 @@ async fn a_classifier_job_from_the_api_trains_reports_metrics_and_predicts() {
 
     let started = Instant::now();
     let job = loop {
-        let j: Value = s
-            .get(&format!("/api/v1/fine-tune/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let j: Value = s.get_json(&format!("/api/v1/fine-tune/{id}")).await;
         if ["succeeded", "failed", "cancelled"].contains(&j["status"].as_str().unwrap()) {
             break j;
         }
@@ -67,23 +60,9 @@ async fn a_classifier_job_from_the_api_trains_reports_metrics_and_predicts() {
             .contains("checkpoint-")
     );
 
-    let same: Value = s
-        .get(&format!("/api/v1/classifier-jobs/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let same: Value = s.get_json(&format!("/api/v1/classifier-jobs/{id}")).await;
     assert_eq!(same, job);
-    let events: Value = s
-        .get(&format!("/api/v1/fine-tune/{id}/events"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let events: Value = s.get_json(&format!("/api/v1/fine-tune/{id}/events")).await;
     let events = events["data"].as_array().unwrap();
     let of = |t: &str| events.iter().filter(|e| e["type"] == t).collect::<Vec<_>>();
     let steps = of("step");
@@ -203,14 +182,7 @@ async fn classifier_requests_that_reach_outside_their_folders_or_lack_data_are_r
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
-    let jobs: Value = s
-        .get("/api/v1/classifier-jobs")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jobs: Value = s.get_json("/api/v1/classifier-jobs").await;
     assert_eq!(
         jobs["data"].as_array().unwrap().len(),
         0,
@@ -220,23 +192,14 @@ async fn classifier_requests_that_reach_outside_their_folders_or_lack_data_are_r
     // The id POST /api/v1/fine-tune answers works on the same job endpoints (this server
     // has no worker, so the job stays queued until it is cancelled).
     let job: Value = s
-        .post("/api/v1/fine-tune")
-        .json(&json!({"model_id": "tiny-bert", "data_path": "reviews.jsonl"}))
-        .send()
+        .post_json(
+            "/api/v1/fine-tune",
+            &json!({"model_id": "tiny-bert", "data_path": "reviews.jsonl"}),
+        )
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .1;
     let id = job["id"].as_str().unwrap();
-    let got: Value = s
-        .get(&format!("/api/v1/fine-tune/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let got: Value = s.get_json(&format!("/api/v1/fine-tune/{id}")).await;
     assert_eq!(got, job);
     let r = s
         .post(&format!("/api/v1/fine-tune/{id}/cancel"))
@@ -256,14 +219,7 @@ async fn classifier_requests_that_reach_outside_their_folders_or_lack_data_are_r
         409,
         "a job that has ended is not cancelled twice"
     );
-    let events: Value = s
-        .get(&format!("/api/v1/fine-tune/{id}/events"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let events: Value = s.get_json(&format!("/api/v1/fine-tune/{id}/events")).await;
     assert!(
         events["data"]
             .as_array()
@@ -290,24 +246,10 @@ async fn classifier_requests_that_reach_outside_their_folders_or_lack_data_are_r
             .map(|j| j["id"].as_str().unwrap().to_string())
             .collect()
     };
-    let first: Value = s
-        .get("/api/v1/classifier-jobs?limit=2")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let first: Value = s.get_json("/api/v1/classifier-jobs?limit=2").await;
     assert_eq!(ids(&first), ["clsjob-3", "clsjob-2"], "{first}");
     assert_eq!(first["has_more"], true, "{first}");
-    let rest: Value = s
-        .get("/api/v1/classifier-jobs?limit=2&after=2")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rest: Value = s.get_json("/api/v1/classifier-jobs?limit=2&after=2").await;
     assert_eq!(ids(&rest), [id], "{rest}");
     assert_eq!(rest["has_more"], false, "{rest}");
     let r = s

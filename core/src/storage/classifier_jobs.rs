@@ -117,14 +117,7 @@ impl Db {
 
     /// Extend a running job's lease; false when the job is no longer running.
     pub async fn renew_classifier_lease(&self, id: i64, lease_secs: i64) -> Result<bool> {
-        let done = sqlx::query(&format!(
-            "update classifier_jobs set lease_until = {LEASE} where id = ?2 and state = 'running'"
-        ))
-        .bind(lease_secs)
-        .bind(id)
-        .execute(self.pool())
-        .await?;
-        Ok(done.rows_affected() == 1)
+        self.renew_lease("classifier_jobs", id, lease_secs).await
     }
 
     /// A clean stop (shutdown): back to the queue to start over, the claim not counted.

@@ -279,8 +279,19 @@ impl Db {
 
     /// Extend a running job's lease; false when the job is no longer running.
     pub async fn renew_job_lease(&self, id: i64, lease_secs: i64) -> Result<bool> {
+        self.renew_lease("training_jobs", id, lease_secs).await
+    }
+
+    /// Extend the lease of the running row `id` of a jobs table (`training_jobs`,
+    /// `classifier_jobs`); false when that row is no longer running.
+    pub(super) async fn renew_lease(
+        &self,
+        table: &'static str,
+        id: i64,
+        lease_secs: i64,
+    ) -> Result<bool> {
         let done = sqlx::query(&format!(
-            "update training_jobs set lease_until = {LEASE} where id = ?2 and state = 'running'"
+            "update {table} set lease_until = {LEASE} where id = ?2 and state = 'running'"
         ))
         .bind(lease_secs)
         .bind(id)
