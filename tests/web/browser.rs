@@ -314,15 +314,13 @@ async fn a_classifier_job_page_follows_the_run_without_a_reload() {
         7,
     )
     .unwrap();
-    let job: serde_json::Value = s
-        .post("/api/v1/fine-tune")
-        .json(&serde_json::json!({"model_id": "tiny-bert", "data_path": "reviews.jsonl"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (code, job) = s
+        .post_json(
+            "/api/v1/fine-tune",
+            &serde_json::json!({"model_id": "tiny-bert", "data_path": "reviews.jsonl"}),
+        )
+        .await;
+    assert_eq!(code, 200, "{job}");
     let id = job["id"].as_str().unwrap().to_string();
 
     let (c, _driver) = browser().await;

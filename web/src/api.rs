@@ -113,13 +113,10 @@ async fn create_job(
     ApiJson(req): ApiJson<CreateJob>,
 ) -> Result<Json<Value>, ApiError> {
     if let Some(job) = crate::classifier_api::create(&state, &req).await? {
-        return Ok(Json(serde_json::to_value(job).map_err(ApiError::internal)?));
+        return json_value(job);
     }
     let job = operations::create_job(&state, &req, crate::audit::API).await?;
-    Ok(Json(
-        serde_json::to_value(operations::job_view(&state, job).await?)
-            .map_err(ApiError::internal)?,
-    ))
+    json_value(operations::job_view(&state, job).await?)
 }
 
 /// List fine-tuning jobs, newest first.
@@ -155,21 +152,28 @@ async fn get_job(
         JobRef::Chat(id) => id,
         JobRef::Classifier(id) => {
             let Json(v) = crate::classifier_api::get(State(state), Path(id)).await?;
-            return Ok(Json(serde_json::to_value(v).map_err(ApiError::internal)?));
+            return json_value(v);
         }
     };
     let job = state.core.db.job(id).await?;
-    Ok(Json(
-        serde_json::to_value(operations::job_view(&state, job).await?)
-            .map_err(ApiError::internal)?,
-    ))
+    json_value(operations::job_view(&state, job).await?)
 }
 
 fn path_id(
     id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
 ) -> Result<i64, ApiError> {
-    id.map(|Path(i)| i)
-        .map_err(|e| ApiError::not_found(format!("no such id: {}", e.body_text())))
+    id.map(|Path(i)| i).map_err(no_such_id)
+}
+
+fn no_such_id(e: axum::extract::rejection::PathRejection) -> ApiError {
+    ApiError::not_found(format!("no such id: {}", e.body_text()))
+}
+
+/// A view as the `Value` the job endpoints answer (a chat-model or a classifier job).
+fn json_value(view: impl Serialize) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        serde_json::to_value(view).map_err(ApiError::internal)?,
+    ))
 }
 
 /// A job id in a path: `N` for a chat-model job, `clsjob-N` for a classifier job (what
@@ -182,7 +186,7 @@ enum JobRef {
 fn job_ref(
     id: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Result<JobRef, ApiError> {
-    let Path(id) = id.map_err(|e| ApiError::not_found(format!("no such id: {}", e.body_text())))?;
+    let Path(id) = id.map_err(no_such_id)?;
     if id.starts_with(crate::classifier_api::ID_PREFIX) {
         return Ok(JobRef::Classifier(id));
     }
@@ -202,7 +206,7 @@ async fn cancel_job(
         JobRef::Chat(id) => id,
         JobRef::Classifier(id) => {
             let Json(v) = crate::classifier_api::cancel(State(state), Path(id)).await?;
-            return Ok(Json(serde_json::to_value(v).map_err(ApiError::internal)?));
+            return json_value(v);
         }
     };
     if !state.core.db.request_cancel(id).await? {
@@ -220,10 +224,7 @@ async fn cancel_job(
     )
     .await;
     let job = state.core.db.job(id).await?;
-    Ok(Json(
-        serde_json::to_value(operations::job_view(&state, job).await?)
-            .map_err(ApiError::internal)?,
-    ))
+    json_value(operations::job_view(&state, job).await?)
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]

@@ -139,26 +139,12 @@ impl Db {
         &self,
         max_attempts: i64,
     ) -> Result<(Vec<i64>, Vec<i64>)> {
-        let abandoned =
-            format!("state = 'running' and (lease_until is null or lease_until < {NOW})");
-        let failed: Vec<(i64,)> = sqlx::query_as(&format!(
-            "update classifier_jobs set state = 'failed', finished_at = {NOW}, lease_until = null,
-                error = 'the process stopped while running this job ' || attempts || ' times (a crash or an out-of-memory kill?): not started again; create a new job to retry'
-             where {abandoned} and attempts >= ?1 returning id"
-        ))
-        .bind(max_attempts)
-        .fetch_all(self.pool())
-        .await?;
-        let requeued: Vec<(i64,)> = sqlx::query_as(&format!(
-            "update classifier_jobs set state = 'queued', step = 0, started_at = null, lease_until = null
-             where {abandoned} returning id"
-        ))
-        .fetch_all(self.pool())
-        .await?;
-        Ok((
-            requeued.into_iter().map(|r| r.0).collect(),
-            failed.into_iter().map(|r| r.0).collect(),
-        ))
+        self.recover_abandoned(
+            "classifier_jobs",
+            "step = 0, started_at = null, ",
+            max_attempts,
+        )
+        .await
     }
 
     pub async fn set_classifier_job_progress(&self, id: i64, step: i64, total: i64) -> Result<()> {

@@ -316,10 +316,23 @@ impl Db {
     /// Jobs whose worker died (running, lease run out): back to the queue, or failed after
     /// `max_attempts` claims. Returns (requeued, failed) ids.
     pub async fn recover_abandoned_jobs(&self, max_attempts: i64) -> Result<(Vec<i64>, Vec<i64>)> {
+        self.recover_abandoned("training_jobs", "", max_attempts)
+            .await
+    }
+
+    /// `recover_abandoned_jobs` for the rows of a jobs table (`training_jobs`,
+    /// `classifier_jobs`); `reset` holds more `column = value, ` assignments a requeued row
+    /// gets (a classifier job starts over from step 0).
+    pub(super) async fn recover_abandoned(
+        &self,
+        table: &'static str,
+        reset: &'static str,
+        max_attempts: i64,
+    ) -> Result<(Vec<i64>, Vec<i64>)> {
         let abandoned =
             format!("state = 'running' and (lease_until is null or lease_until < {NOW})");
         let failed: Vec<(i64,)> = sqlx::query_as(&format!(
-            "update training_jobs set state = 'failed', finished_at = {NOW}, lease_until = null,
+            "update {table} set state = 'failed', finished_at = {NOW}, lease_until = null,
                 error = 'the process stopped while running this job ' || attempts || ' times (a crash or an out-of-memory kill?): not started again; create a new job to retry'
              where {abandoned} and attempts >= ?1 returning id"
         ))
@@ -327,7 +340,7 @@ impl Db {
         .fetch_all(self.pool())
         .await?;
         let requeued: Vec<(i64,)> = sqlx::query_as(&format!(
-            "update training_jobs set state = 'queued', lease_until = null where {abandoned} returning id"
+            "update {table} set state = 'queued', {reset}lease_until = null where {abandoned} returning id"
         ))
         .fetch_all(self.pool())
         .await?;
