@@ -577,7 +577,7 @@ impl Pipeline {
 }
 
 /// The merges of a BPE model, in rank order (empty for other model types).
-fn model_merges(model: &ModelWrapper) -> Result<Vec<(String, String)>> {
+pub(crate) fn model_merges(model: &ModelWrapper) -> Result<Vec<(String, String)>> {
     let ModelWrapper::BPE(bpe) = model else {
         return Ok(Vec::new());
     };

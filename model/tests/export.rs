@@ -217,3 +217,90 @@ fn exported_lora_and_merged_ggufs_read_back_and_match_the_unmerged_model() {
     assert!(hf_diff < 0.05, "hf: {hf_diff}");
     assert_eq!(argmax(&got), argmax(&with_adapter));
 }
+
+/// A base that came as a Hugging Face folder has no GGUF to copy metadata from: the
+/// hyperparameters, tokenizer and chat template are written from the loaded model. The
+/// folder here is the default model written out by `write_merged_hf` (f32, Hugging Face
+/// row order, its tokenizer.json), so the round trip also crosses the q/k permutation.
+#[test]
+fn a_hugging_face_base_exports_a_merged_gguf_with_its_tokenizer_and_template() {
+    let dev = Device::Cpu;
+    let dir = tempfile::tempdir().unwrap();
+    let hf = dir.path().join("hf");
+    {
+        let base = LoadedModel::load(&model_path(), &dev).unwrap();
+        write_merged_hf(&base, None, candle_core::DType::F32, &hf).unwrap();
+    }
+    let folder = LoadedModel::load(&hf, &dev).unwrap();
+    let cfg = folder.llama.config.clone();
+    let peft = PeftConfig::new(8, 16.0, &Projection::ALL);
+    let tensors: HashMap<String, Tensor> = random_peft_tensors(&cfg, &peft, 0.05, &dev)
+        .unwrap()
+        .into_iter()
+        .map(|(name, t)| {
+            let n = t.elem_count();
+            let v: Vec<f32> = (0..n)
+                .map(|i| (((i as f64 * 12.9898).sin() * 43758.5453).fract() * 0.0866) as f32)
+                .collect();
+            (name, Tensor::from_vec(v, t.shape(), &dev).unwrap())
+        })
+        .collect();
+    let adapter = LoraAdapter::from_tensors("random".into(), peft, &tensors, &cfg).unwrap();
+    let unmerged = last_logits(&folder, Some(&adapter));
+    let moved = max_abs_diff(&unmerged, &last_logits(&folder, None));
+    assert!(moved > 1.0, "the adapter moves the logits: {moved}");
+
+    let path = dir.path().join("merged-f16.gguf");
+    write_merged_gguf(
+        &hf,
+        Some(&adapter),
+        &cfg,
+        GgufType::F16,
+        "from-folder",
+        &path,
+    )
+    .unwrap();
+    let gguf = LoadedModel::load(&path, &dev).unwrap();
+    // The GGUF is llama.cpp's layout: q/k interleaved, which the loader reads as such.
+    assert_eq!(gguf.llama.config.architecture, "llama");
+    assert_eq!(gguf.llama.config.num_layers, cfg.num_layers);
+    assert_eq!(gguf.llama.config.vocab_size, cfg.vocab_size);
+    assert_eq!(gguf.template.source(), folder.template.source());
+    assert_eq!(gguf.tokenizer.bos_token(), folder.tokenizer.bos_token());
+    assert_eq!(gguf.tokenizer.eos_token(), folder.tokenizer.eos_token());
+    for text in [
+        "What is the capital of France?",
+        "Order #4521 ships on 2026-12-03 — £12.50, naïve café, 東京 😀\n\n  indented\tline",
+        "<|im_start|>user\nHi there<|im_end|>\n",
+    ] {
+        assert_eq!(
+            gguf.tokenizer.encode(text, false).unwrap(),
+            folder.tokenizer.encode(text, false).unwrap(),
+            "{text:?}"
+        );
+    }
+    let mut f = std::io::BufReader::new(std::fs::File::open(&path).unwrap());
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    assert_eq!(
+        content.metadata["tokenizer.ggml.pre"].to_string().unwrap(),
+        "smollm",
+        "SmolLM2 splits digits one by one, as llama.cpp's smollm pre-tokenizer does"
+    );
+    // Reference: the folder's f32 weights running the adapter unmerged. What is left is
+    // f16's rounding of the merged weights (the same tolerance as the GGUF-base export
+    // above, measured there 0.022).
+    let merged = last_logits(&gguf, None);
+    let diff = max_abs_diff(&merged, &unmerged);
+    eprintln!(
+        "f16 GGUF from a folder: max logit difference from the unmerged folder model: {diff}"
+    );
+    assert!(diff < 0.05, "{diff}");
+    assert_eq!(argmax(&merged), argmax(&unmerged));
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}

@@ -1,7 +1,8 @@
 //! Adapters and fine-tuned models for other runtimes: a LoRA adapter as a GGUF file in
 //! llama.cpp's adapter layout (`llama-cli --lora`, Ollama's `ADAPTER`), the model with the
 //! adapter merged in as a GGUF (F16, Q8_0 or Q4_1; the base's tokenizer and chat template
-//! carried over), and an Ollama Modelfile for either.
+//! carried over; a Hugging Face base is written by [`from_folder`]), and an Ollama
+//! Modelfile for either.
 //!
 //! llama.cpp's converter permutes the rows of `q_proj`/`k_proj` for llama-architecture
 //! GGUF files (see [`crate::lora::permute_for_interleaved_rope`]); an adapter loaded for a
@@ -16,6 +17,9 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Seek, Write};
 use std::path::Path;
+
+mod from_folder;
+pub use from_folder::{tokenizer_metadata, write_merged_gguf_from_model};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -169,7 +173,8 @@ fn write_gguf<W: Write + Seek>(
 /// Write the GGUF model at `base_path` with `adapter` merged into its weights
 /// (`W + scale * B A`; None: the base alone, in another type), every matrix in `ty` (a matrix whose rows do not split into the
 /// type's blocks stays f16), vectors in f32. Metadata (tokenizer, chat template,
-/// hyperparameters) is copied; `general.file_type` and `general.name` are set.
+/// hyperparameters) is copied; `general.file_type` and `general.name` are set. A base that
+/// is a Hugging Face folder gets its metadata written ([`write_merged_gguf_from_model`]).
 pub fn write_merged_gguf(
     base_path: &Path,
     adapter: Option<&LoraAdapter>,
@@ -182,10 +187,10 @@ pub fn write_merged_gguf(
         path: base_path.display().to_string(),
         message: e.to_string(),
     };
-    if base.rope_layout == RopeLayout::Halves && gguf_permutes_qk(&base.architecture) {
-        return Err(ExportError::Unsupported(
-            "a merged GGUF is made from a GGUF base; this base is a Hugging Face folder (export it as a merged safetensors folder, or convert the base with llama.cpp first)".into(),
-        ));
+    if base_path.is_dir() {
+        let model =
+            crate::engine::LoadedModel::load(base_path, &Device::Cpu).map_err(|e| read_err(&e))?;
+        return write_merged_gguf_from_model(&model, adapter, ty, name, path);
     }
     let file = std::fs::File::open(base_path).map_err(|e| read_err(&e))?;
     let mut reader = BufReader::new(file);
@@ -344,25 +349,7 @@ pub fn write_merged_hf(
     }
     std::fs::create_dir_all(dir).map_err(|e| write_err(dir, e))?;
     let cfg = &model.llama.config;
-    let mut dense = crate::train::DenseLlama::from_llama(&model.llama, DType::F32)?;
-    if let Some(a) = adapter {
-        let interleaved = cfg.rope_layout == RopeLayout::Interleaved;
-        for (layer, p, a, mut b) in a.scaled_pairs()? {
-            if interleaved && matches!(p, Projection::Q | Projection::K) {
-                let heads = if p == Projection::Q {
-                    cfg.num_heads
-                } else {
-                    cfg.num_kv_heads
-                };
-                b = crate::train::unpermute_interleaved_rope(&b, heads)?;
-            }
-            let name = crate::train::base_name(layer, p, "weight");
-            let w = dense
-                .param_mut(&name)
-                .ok_or_else(|| ExportError::Unsupported(format!("the model has no {name}")))?;
-            *w = (&*w + b.matmul(&a)?)?;
-        }
-    }
+    let dense = merged_dense(model, adapter)?;
     let tensors: HashMap<String, Tensor> = dense
         .named_params()
         .into_iter()
@@ -394,4 +381,32 @@ pub fn write_merged_hf(
         .save(&tok_path, false)
         .map_err(|e| write_err(&tok_path, e))?;
     Ok(())
+}
+
+/// The model's weights in f32, Hugging Face row order, with `adapter` merged in.
+fn merged_dense(
+    model: &crate::engine::LoadedModel,
+    adapter: Option<&LoraAdapter>,
+) -> Result<crate::train::DenseLlama, ExportError> {
+    let cfg = &model.llama.config;
+    let mut dense = crate::train::DenseLlama::from_llama(&model.llama, DType::F32)?;
+    if let Some(a) = adapter {
+        let interleaved = cfg.rope_layout == RopeLayout::Interleaved;
+        for (layer, p, a, mut b) in a.scaled_pairs()? {
+            if interleaved && matches!(p, Projection::Q | Projection::K) {
+                let heads = if p == Projection::Q {
+                    cfg.num_heads
+                } else {
+                    cfg.num_kv_heads
+                };
+                b = crate::train::unpermute_interleaved_rope(&b, heads)?;
+            }
+            let name = crate::train::base_name(layer, p, "weight");
+            let w = dense
+                .param_mut(&name)
+                .ok_or_else(|| ExportError::Unsupported(format!("the model has no {name}")))?;
+            *w = (&*w + b.matmul(&a)?)?;
+        }
+    }
+    Ok(dense)
 }
