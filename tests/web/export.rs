@@ -7,8 +7,7 @@ use crate::support::{active_adapter, start};
 use candle_core::quantized::gguf_file;
 
 #[tokio::test]
-async fn an_adapter_exports_as_a_lora_gguf_and_merged_into_a_folder_base_as_a_gguf()
- {
+async fn an_adapter_exports_as_a_lora_gguf_and_merged_into_a_folder_base_as_a_gguf() {
     let s = start(true, &[]).await;
     let (_, adapter_id, name) = active_adapter(&s).await;
     let r = s

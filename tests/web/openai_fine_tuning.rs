@@ -22,14 +22,19 @@ job = client.fine_tuning.jobs.create(
 )
 out["created_status"] = job.status
 statuses = [job.status]
+estimates = []
 for _ in range(600):
     job = client.fine_tuning.jobs.retrieve(job.id)
+    if job.status == "running" and job.estimated_finish is not None:
+        estimates.append([job.estimated_finish, time.time()])
     if statuses[-1] != job.status:
         statuses.append(job.status)
     if job.status in ("succeeded", "failed", "cancelled"):
         break
     time.sleep(0.1)
 out["statuses"] = statuses
+out["estimates"] = estimates
+out["finished_estimate"] = job.estimated_finish
 out["job"] = {"id": job.id, "status": job.status, "model": job.fine_tuned_model, "error": job.error and job.error.message,
               "hp": job.method.supervised.hyperparameters.n_epochs, "suffix": job.user_provided_suffix, "training_file": job.training_file}
 events = client.fine_tuning.jobs.list_events(fine_tuning_job_id=job.id, limit=100).data
@@ -105,6 +110,16 @@ async fn the_official_openai_client_fine_tunes_and_chats_with_the_result() {
         .map(|s| s.as_str().unwrap())
         .collect();
     assert_eq!(statuses.last(), Some(&"succeeded"), "{v}");
+    // While it trained, the job said when it would end: not before the moment it was
+    // asked (less a few seconds: the estimate dates from the last step), well within the
+    // test's time; once ended, no estimate.
+    let estimates = v["estimates"].as_array().unwrap();
+    assert!(!estimates.is_empty(), "no estimate while running: {v}");
+    for e in estimates {
+        let (finish, now) = (e[0].as_f64().unwrap(), e[1].as_f64().unwrap());
+        assert!(finish >= now - 5.0 && finish <= now + 300.0, "{e}");
+    }
+    assert!(v["finished_estimate"].is_null(), "{v}");
     let job = &v["job"];
     assert_eq!(job["hp"], 10.0);
     assert_eq!(job["suffix"], "zorb");

@@ -427,6 +427,10 @@ pub async fn job_object(state: &AppState, job: &TrainingJob) -> Result<FineTunin
         };
         json!({"code": code, "message": message, "param": job.error_param})
     });
+    let estimated_finish = match job.state() {
+        JobState::Running => estimated_finish(state, job.id).await?,
+        _ => None,
+    };
     // A job made by `/api/v1/fine-tune` has no file: its dataset stands in.
     let training_file = match (job.training_file_id, job.dataset_id) {
         (Some(f), _) => Some(format!("{FILE_PREFIX}{f}")),
@@ -449,11 +453,35 @@ pub async fn job_object(state: &AppState, job: &TrainingJob) -> Result<FineTunin
         trained_tokens,
         error,
         seed,
-        estimated_finish: None,
+        estimated_finish,
         integrations: Vec::new(),
         user_provided_suffix: job.suffix.clone(),
         metadata: None,
     })
+}
+
+/// When a running job's training should end (Unix seconds): its last step's time plus the
+/// trainer's estimate of the time left then (this run's pace; a resumed run counts only
+/// its own steps). None before the first step and after the last one (the report card
+/// and saving are not in the trainer's estimate).
+async fn estimated_finish(state: &AppState, job_id: i64) -> Result<Option<i64>, ApiError> {
+    let Some(step) = state.core.db.last_training_event(job_id, "step").await? else {
+        return Ok(None);
+    };
+    let Some(v) = step
+        .message
+        .as_deref()
+        .and_then(|m| serde_json::from_str::<Value>(m).ok())
+    else {
+        return Ok(None);
+    };
+    let (Some(done), Some(total)) = (v["step"].as_u64(), v["total_steps"].as_u64()) else {
+        return Ok(None);
+    };
+    let eta = v["eta_secs"]
+        .as_f64()
+        .filter(|s| s.is_finite() && *s >= 0.0 && done < total);
+    Ok(eta.map(|s| unix(&step.created_at) + s.round() as i64))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
