@@ -304,3 +304,117 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max)
 }
+
+/// The qwen2 architecture (biases on q/k/v, q/k rows not permuted in GGUF files): a tiny
+/// random qwen2 folder exports as a GGUF with the folder's logits; that GGUF, as a base,
+/// exports a LoRA GGUF holding the adapter's pairs as they are and a merged GGUF with the
+/// logits of the base running the adapter unmerged.
+#[test]
+fn a_qwen2_base_exports_lora_and_merged_ggufs() {
+    let dev = Device::Cpu;
+    let dir = tempfile::tempdir().unwrap();
+    let folder_dir = dir.path().join("qwen2");
+    loraloop_model::testing::write_tiny_chat_model(&folder_dir, Default::default()).unwrap();
+    let config_path = folder_dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["model_type"] = "qwen2".into();
+    config["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let weights = folder_dir.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&weights, &dev).unwrap();
+    for layer in 0..2 {
+        for (p, rows) in [("q", 64), ("k", 32), ("v", 32)] {
+            let v: Vec<f32> = (0..rows)
+                .map(|i| ((i * 7 + layer * 3 + p.len()) as f32 * 0.37).sin() * 0.5)
+                .collect();
+            tensors.insert(
+                format!("model.layers.{layer}.self_attn.{p}_proj.bias"),
+                Tensor::from_vec(v, rows, &dev).unwrap(),
+            );
+        }
+    }
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    let folder = LoadedModel::load(&folder_dir, &dev).unwrap();
+    assert_eq!(folder.llama.config.architecture, "qwen2");
+    assert!(folder.llama.config.qkv_bias);
+    let ids = folder
+        .tokenizer
+        .encode("Hello there, qwen!", false)
+        .unwrap();
+    let logits = |m: &LoadedModel, adapter: Option<&LoraAdapter>| -> Vec<f32> {
+        let input = Tensor::new(&ids[..], &dev).unwrap().unsqueeze(0).unwrap();
+        let mut cache = m.llama.new_cache();
+        let out = m.llama.forward(&input, &mut cache, adapter).unwrap();
+        out.squeeze(0).unwrap().to_vec1::<f32>().unwrap()
+    };
+
+    // Folder -> GGUF (f16). Reference: the folder in f32; what is left is f16's rounding.
+    let base_path = dir.path().join("qwen2-f16.gguf");
+    let cfg = folder.llama.config.clone();
+    write_merged_gguf(&folder_dir, None, &cfg, GgufType::F16, "qwen2", &base_path).unwrap();
+    let base = LoadedModel::load(&base_path, &dev).unwrap();
+    assert_eq!(base.llama.config.architecture, "qwen2");
+    assert!(base.llama.config.qkv_bias, "the biases travel");
+    let d = max_abs_diff(&logits(&base, None), &logits(&folder, None));
+    assert!(d < 0.01, "qwen2 GGUF from the folder: {d}");
+
+    // An adapter for the GGUF base (its q/k rows in the file's order, which for qwen2 is
+    // Hugging Face's).
+    let gcfg = base.llama.config.clone();
+    let peft = PeftConfig::new(4, 8.0, &Projection::ALL);
+    let adapter_tensors: HashMap<String, Tensor> = random_peft_tensors(&gcfg, &peft, 0.2, &dev)
+        .unwrap()
+        .into_iter()
+        .map(|(name, t)| {
+            let n = t.elem_count();
+            let v: Vec<f32> = (0..n)
+                .map(|i| (((i as f64 * 4.1414).sin() * 9871.25).fract() * 0.35) as f32)
+                .collect();
+            (name, Tensor::from_vec(v, t.shape(), &dev).unwrap())
+        })
+        .collect();
+    let adapter =
+        LoraAdapter::from_tensors("random".into(), peft, &adapter_tensors, &gcfg).unwrap();
+    let unmerged = logits(&base, Some(&adapter));
+    let moved = max_abs_diff(&unmerged, &logits(&base, None));
+    assert!(moved > 0.5, "the adapter moves the logits: {moved}");
+
+    let lora_path = dir.path().join("adapter.gguf");
+    write_gguf_lora(&adapter, &gcfg, &lora_path).unwrap();
+    let mut f = std::io::BufReader::new(std::fs::File::open(&lora_path).unwrap());
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    assert_eq!(
+        content.metadata["general.architecture"]
+            .to_string()
+            .unwrap(),
+        "qwen2"
+    );
+    for (layer, p, a, b) in adapter.scaled_pairs().unwrap() {
+        let stem = format!("blk.{layer}.{}.weight", p.gguf_name());
+        for (side, want) in [("lora_a", &a), ("lora_b", &b)] {
+            let got = content
+                .tensor(&mut f, &format!("{stem}.{side}"), &dev)
+                .unwrap()
+                .dequantize(&dev)
+                .unwrap();
+            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{stem}.{side}");
+        }
+    }
+
+    let merged_path = dir.path().join("merged.gguf");
+    write_merged_gguf(
+        &base_path,
+        Some(&adapter),
+        &gcfg,
+        GgufType::F16,
+        "m",
+        &merged_path,
+    )
+    .unwrap();
+    let merged = LoadedModel::load(&merged_path, &dev).unwrap();
+    let d = max_abs_diff(&logits(&merged, None), &unmerged);
+    eprintln!("qwen2 merged f16 vs unmerged: {d} (the adapter moved the logits {moved})");
+    assert!(d < 0.02, "qwen2 merged: {d}");
+}

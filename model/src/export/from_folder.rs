@@ -46,7 +46,13 @@ pub fn write_merged_gguf_from_model(
     let dense = merged_dense(model, adapter)?;
     let permute = arch == "llama";
     let quantize = |w: &Tensor| -> Result<QTensor, ExportError> {
-        let w = w.to_dtype(DType::F32)?;
+        // A fresh tensor: the dense weights may be views into a fused matrix, and
+        // quantizing reads the whole storage.
+        let w = Tensor::from_vec(
+            w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            w.shape(),
+            w.device(),
+        )?;
         let dims = w.dims();
         let target = if dims.len() < 2 {
             GgmlDType::F32
