@@ -177,6 +177,35 @@ impl TestServer {
         panic!("job {id} did not finish in 60 s");
     }
 
+    /// A logged-in console client (cookies, no redirects followed) and the page's CSRF token.
+    pub async fn console_login(&self) -> (reqwest::Client, String) {
+        let client = reqwest::Client::builder()
+            .cookie_store(true)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let login = client
+            .post(self.url("/login"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("username=admin&password={}", PASSWORD))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(login.status(), 303);
+        let home = client
+            .get(self.url("/"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let start = home.find(r#"<meta name="csrf-token" content=""#).unwrap()
+            + r#"<meta name="csrf-token" content=""#.len();
+        let csrf = home[start..start + home[start..].find('"').unwrap()].to_string();
+        (client, csrf)
+    }
+
     pub async fn stop(self) {
         self.server.stop().await.unwrap();
     }

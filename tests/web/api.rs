@@ -999,3 +999,31 @@ async fn the_audit_log_records_who_did_what() {
     assert_eq!(r.status(), 401);
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_console_page_for_an_id_that_is_not_a_number_is_a_404_page() {
+    let s = start(false, &[]).await;
+    let (client, _) = s.console_login().await;
+    let with_id: Vec<String> = console_routes()
+        .into_iter()
+        .filter(|r| r.contains("{id}"))
+        .collect();
+    assert!(with_id.len() >= 6, "{with_id:?}");
+    let mut pages = 0;
+    for route in &with_id {
+        let path = route.replace("{id}", "not-a-number");
+        let r = client.get(s.url(&path)).send().await.unwrap();
+        if r.status() == 405 {
+            continue; // a POST-only action
+        }
+        assert_eq!(r.status(), 404, "GET {path}");
+        let page = r.text().await.unwrap();
+        assert!(
+            page.contains(r#"<p class="error">"#) && page.contains("<nav"),
+            "GET {path}: {page}"
+        );
+        pages += 1;
+    }
+    assert!(pages >= 4, "{pages} pages answered GET");
+    s.stop().await;
+}

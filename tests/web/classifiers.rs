@@ -268,38 +268,6 @@ async fn classifier_requests_that_reach_outside_their_folders_or_lack_data_are_r
     }
 }
 
-/// A logged-in console client (cookies, no redirects followed) and the page's CSRF token.
-async fn console(s: &crate::support::TestServer) -> (reqwest::Client, String) {
-    let client = reqwest::Client::builder()
-        .cookie_store(true)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
-    let login = client
-        .post(s.url("/login"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!(
-            "username=admin&password={}",
-            crate::support::PASSWORD
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(login.status(), 303);
-    let home = client
-        .get(s.url("/"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let start = home.find(r#"<meta name="csrf-token" content=""#).unwrap()
-        + r#"<meta name="csrf-token" content=""#.len();
-    let csrf = home[start..start + home[start..].find('"').unwrap()].to_string();
-    (client, csrf)
-}
-
 #[tokio::test]
 async fn the_console_starts_a_classifier_fine_tune_and_shows_its_loss_chart_and_metrics() {
     let tmp = tempfile::tempdir().unwrap();
@@ -316,7 +284,7 @@ async fn the_console_starts_a_classifier_fine_tune_and_shows_its_loss_chart_and_
         7,
     )
     .unwrap();
-    let (client, csrf) = console(&s).await;
+    let (client, csrf) = s.console_login().await;
 
     let page = client
         .get(s.url("/classifiers"))

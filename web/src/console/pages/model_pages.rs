@@ -81,12 +81,30 @@ impl axum::extract::FromRequestParts<AppState> for ChosenAssistant {
     }
 }
 
-/// A path id, or a 404.
-fn path_id(
-    id: Result<axum::extract::Path<i64>, axum::extract::rejection::PathRejection>,
-) -> Result<i64, ApiError> {
-    id.map(|axum::extract::Path(i)| i)
-        .map_err(|_| ApiError::not_found("there is nothing at this address"))
+/// The id in a page's path; a 404 page when the path holds none.
+pub(super) struct PageId(pub i64);
+
+impl axum::extract::FromRequestParts<AppState> for PageId {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &AppState,
+    ) -> Result<Self, Response> {
+        if let Ok(axum::extract::Path(id)) =
+            axum::extract::Path::<i64>::from_request_parts(parts, state).await
+        {
+            return Ok(Self(id));
+        }
+        // The session only to draw the error page (the handler extracts its own).
+        let session = AdminSession::from_request_parts(parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        Err(fail(
+            &session,
+            &ApiError::not_found("there is nothing at this address"),
+        ))
+    }
 }
 
 use crate::console::short_time;

@@ -1,14 +1,14 @@
 //! Adapter pages: the list with one-click activation and rollback, downloads and uploads
 //! of PEFT zips, and a side-by-side comparison of two adapters on a few prompts.
 
-use super::{ChosenAssistant, fail, field, num, path_id, short_time};
+use super::{ChosenAssistant, PageId, fail, field, num, short_time};
 use crate::adapter_views::AdapterView;
 use crate::auth::{AdminSession, url_decode_pairs};
 use crate::console::{csrf_field, layout};
 use crate::error::ApiError;
 use crate::state::AppState;
 use axum::Router;
-use axum::extract::{Path, RawQuery, Request, State};
+use axum::extract::{RawQuery, Request, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -222,13 +222,9 @@ fn adapter_row(session: &AdminSession, a: &AdapterView, q: &str) -> Markup {
 async fn activate(
     State(state): State<AppState>,
     session: AdminSession,
-    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+    PageId(id): PageId,
     ChosenAssistant(assistant): ChosenAssistant,
 ) -> Response {
-    let id = match path_id(id) {
-        Ok(i) => i,
-        Err(e) => return fail(&session, &e),
-    };
     swap(&state, &session, &assistant, Some(id), "activated").await
 }
 
@@ -274,16 +270,12 @@ async fn rollback(
 async fn export(
     State(state): State<AppState>,
     session: AdminSession,
-    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+    PageId(id): PageId,
     q: Result<
         axum::extract::Query<crate::export_api::ExportQuery>,
         axum::extract::rejection::QueryRejection,
     >,
 ) -> Response {
-    let id = match path_id(id) {
-        Ok(i) => i,
-        Err(e) => return fail(&session, &e),
-    };
     let q = match q {
         Ok(axum::extract::Query(q)) => q,
         Err(e) => return fail(&session, &ApiError::invalid("query", e.body_text())),
@@ -298,12 +290,8 @@ async fn export(
 async fn download(
     State(state): State<AppState>,
     session: AdminSession,
-    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+    PageId(id): PageId,
 ) -> Response {
-    let id = match path_id(id) {
-        Ok(i) => i,
-        Err(e) => return fail(&session, &e),
-    };
     let row = match state.core.db.adapter(id).await {
         Ok(r) => r,
         Err(e) => return fail(&session, &ApiError::from(e)),

@@ -5,7 +5,7 @@
 //! confusion matrix. While the job is live, `console.js` fetches the page again every two
 //! seconds and swaps the job's part in.
 
-use super::{fail, field, num, path_id};
+use super::{PageId, fail, field, num};
 use crate::auth::{AdminSession, url_decode_pairs};
 use crate::classifier_api::{self, ClassifierJobView};
 use crate::console::{csrf_field, layout, short_time};
@@ -13,7 +13,7 @@ use crate::error::ApiError;
 use crate::operations::CreateJob;
 use crate::state::AppState;
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use maud::{Markup, html};
@@ -239,12 +239,8 @@ async fn create(State(state): State<AppState>, session: AdminSession, body: Stri
 async fn cancel(
     State(state): State<AppState>,
     session: AdminSession,
-    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+    PageId(id): PageId,
 ) -> Response {
-    let id = match path_id(id) {
-        Ok(i) => i,
-        Err(e) => return fail(&session, &e),
-    };
     match state.core.db.cancel_classifier_job(id).await {
         Ok(_) => Redirect::to(&format!("/classifiers/{id}")).into_response(),
         Err(e) => fail(&session, &e.into()),
@@ -254,12 +250,8 @@ async fn cancel(
 async fn show(
     State(state): State<AppState>,
     session: AdminSession,
-    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+    PageId(id): PageId,
 ) -> Response {
-    let id = match path_id(id) {
-        Ok(i) => i,
-        Err(e) => return fail(&session, &e),
-    };
     let job = match state.core.db.classifier_job(id).await {
         Ok(j) => j,
         Err(e) => return fail(&session, &e.into()),

@@ -1,14 +1,14 @@
 //! Sweeps in the console: start one from its YAML (the same as `loraloop sweep`), follow
 //! its trials, see them ranked by their report cards and what became of the best.
 
-use super::{fail, field, num, path_id};
+use super::{PageId, fail, field, num};
 use crate::auth::{AdminSession, url_decode_pairs};
 use crate::console::{csrf_field, layout, short_time};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::sweep_api::{SweepView, start_sweep, sweep_view};
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use loraloop_trainer::sweep::SweepSpec;
@@ -117,12 +117,8 @@ async fn start(State(state): State<AppState>, session: AdminSession, body: Strin
 async fn show(
     State(state): State<AppState>,
     session: AdminSession,
-    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+    PageId(id): PageId,
 ) -> Response {
-    let id = match path_id(id) {
-        Ok(i) => i,
-        Err(e) => return fail(&session, &e),
-    };
     let view = match state.core.db.sweep(id).await {
         Ok(s) => sweep_view(&state, s).await,
         Err(e) => Err(e.into()),

@@ -5,7 +5,7 @@ mod estimate;
 mod form;
 
 use super::report_card;
-use super::{duration, fail, num, path_id, short_time};
+use super::{PageId, duration, fail, num, short_time};
 use crate::auth::AdminSession;
 use crate::classifier_api;
 use crate::console::{csrf_field, layout};
@@ -13,7 +13,7 @@ use crate::error::ApiError;
 use crate::operations::{self};
 use crate::state::AppState;
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -139,12 +139,8 @@ pub(super) fn model_label(m: &str) -> &str {
 async fn show(
     State(state): State<AppState>,
     session: AdminSession,
-    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+    PageId(id): PageId,
 ) -> Response {
-    let id = match path_id(id) {
-        Ok(i) => i,
-        Err(e) => return fail(&session, &e),
-    };
     let job = match state.core.db.job(id).await {
         Ok(j) => j,
         Err(e) => return fail(&session, &e.into()),
@@ -300,14 +296,10 @@ fn event_line(e: &TrainingEvent) -> String {
 /// A reconnecting browser sends `Last-Event-ID` and gets only what it missed.
 async fn events(
     State(state): State<AppState>,
-    session: AdminSession,
+    _session: AdminSession,
     headers: HeaderMap,
-    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+    PageId(id): PageId,
 ) -> Response {
-    let id = match path_id(id) {
-        Ok(i) => i,
-        Err(e) => return fail(&session, &e),
-    };
     if let Err(e) = state.core.db.job(id).await {
         return ApiError::from(e).into_response();
     }
@@ -322,12 +314,8 @@ async fn events(
 async fn cancel(
     State(state): State<AppState>,
     session: AdminSession,
-    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+    PageId(id): PageId,
 ) -> Response {
-    let id = match path_id(id) {
-        Ok(i) => i,
-        Err(e) => return fail(&session, &e),
-    };
     match state.core.db.request_cancel(id).await {
         Ok(true) => {
             crate::audit::record(
