@@ -1,8 +1,10 @@
 //! Classifier fine-tuning jobs and their events.
 
-use super::jobs::{LEASE, NOW};
 use super::{Db, Result, StorageError};
 use serde::Serialize;
+
+/// What a classifier job put back in the queue resets: it starts over from step 0.
+const RESTART: &str = "step = 0, started_at = null, ";
 
 #[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
 pub struct ClassifierJob {
@@ -103,16 +105,8 @@ impl Db {
     /// Take the oldest queued job (it becomes `running`) with a lease of `lease_secs` that
     /// the worker renews while it runs; `None` when none waits.
     pub async fn claim_classifier_job(&self, lease_secs: i64) -> Result<Option<ClassifierJob>> {
-        Ok(sqlx::query_as(&format!(
-            "update classifier_jobs set state = 'running', started_at = {NOW},
-                attempts = attempts + 1, lease_until = {LEASE}
-             where id = (select id from classifier_jobs where state = 'queued' order by id limit 1)
-               and state = 'queued'
-             returning {COLUMNS}"
-        ))
-        .bind(lease_secs)
-        .fetch_optional(self.pool())
-        .await?)
+        self.claim_oldest("classifier_jobs", COLUMNS, lease_secs)
+            .await
     }
 
     /// Extend a running job's lease; false when the job is no longer running.
@@ -122,15 +116,7 @@ impl Db {
 
     /// A clean stop (shutdown): back to the queue to start over, the claim not counted.
     pub async fn return_classifier_job_to_queue(&self, id: i64) -> Result<bool> {
-        let done = sqlx::query(
-            "update classifier_jobs set state = 'queued', step = 0, started_at = null,
-                lease_until = null, attempts = max(attempts - 1, 0)
-             where id = ? and state = 'running'",
-        )
-        .bind(id)
-        .execute(self.pool())
-        .await?;
-        Ok(done.rows_affected() == 1)
+        self.return_to_queue("classifier_jobs", RESTART, id).await
     }
 
     /// Jobs whose worker died (running, lease run out): back to the queue to start over,
@@ -139,12 +125,8 @@ impl Db {
         &self,
         max_attempts: i64,
     ) -> Result<(Vec<i64>, Vec<i64>)> {
-        self.recover_abandoned(
-            "classifier_jobs",
-            "step = 0, started_at = null, ",
-            max_attempts,
-        )
-        .await
+        self.recover_abandoned("classifier_jobs", RESTART, max_attempts)
+            .await
     }
 
     pub async fn set_classifier_job_progress(&self, id: i64, step: i64, total: i64) -> Result<()> {

@@ -265,12 +265,27 @@ impl Db {
     /// Claim the oldest queued job for a worker (queued -> running), atomically, with a
     /// lease of `lease_secs` that the worker renews while it runs.
     pub async fn claim_next_job(&self, lease_secs: i64) -> Result<Option<TrainingJob>> {
+        self.claim_oldest("training_jobs", JOB_COLUMNS, lease_secs)
+            .await
+    }
+
+    /// `claim_next_job` for a jobs table (`training_jobs`, `classifier_jobs`), returning
+    /// the claimed row's `columns`.
+    pub(super) async fn claim_oldest<T>(
+        &self,
+        table: &'static str,
+        columns: &'static str,
+        lease_secs: i64,
+    ) -> Result<Option<T>>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + Send + Unpin,
+    {
         Ok(sqlx::query_as(&format!(
-            "update training_jobs set state = 'running', started_at = {NOW},
+            "update {table} set state = 'running', started_at = {NOW},
                 attempts = attempts + 1, lease_until = {LEASE}
-             where id = (select id from training_jobs where state = 'queued' order by id limit 1)
+             where id = (select id from {table} where state = 'queued' order by id limit 1)
                and state = 'queued'
-             returning {JOB_COLUMNS}"
+             returning {columns}"
         ))
         .bind(lease_secs)
         .fetch_optional(self.pool())
@@ -302,11 +317,21 @@ impl Db {
 
     /// A clean stop (shutdown): back to the queue, the claim not counted as an attempt.
     pub async fn return_job_to_queue(&self, id: i64) -> Result<bool> {
-        let done = sqlx::query(
-            "update training_jobs set state = 'queued', lease_until = null,
+        self.return_to_queue("training_jobs", "", id).await
+    }
+
+    /// `return_job_to_queue` for a jobs table; `reset` as in `recover_abandoned`.
+    pub(super) async fn return_to_queue(
+        &self,
+        table: &'static str,
+        reset: &'static str,
+        id: i64,
+    ) -> Result<bool> {
+        let done = sqlx::query(&format!(
+            "update {table} set state = 'queued', {reset}lease_until = null,
                 attempts = max(attempts - 1, 0)
-             where id = ? and state = 'running'",
-        )
+             where id = ? and state = 'running'"
+        ))
         .bind(id)
         .execute(self.pool())
         .await?;
