@@ -118,19 +118,21 @@ pub struct FineTuneArgs {
     pub train_on_inputs: bool,
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Mix the base model's answers to general prompts into the data (a guard against
-    /// forgetting; the report card measures what was kept).
+    /// Mix the base model's answers to general prompts into the data (on by default: a
+    /// guard against forgetting; the report card measures what was kept).
     #[arg(long, overrides_with = "no_replay")]
     pub replay: bool,
+    /// Train on the data alone, without replayed answers.
     #[arg(long)]
     pub no_replay: bool,
+    /// The share of replayed answers in the training data (default 0.3).
     #[arg(long)]
     pub replay_ratio: Option<f64>,
     /// More replay prompts, one per line.
     #[arg(long, value_name = "FILE")]
     pub replay_prompts: Option<PathBuf>,
-    /// Replayed answers teach only the base model's greedy tokens, not its whole
-    /// next-token distribution (the default).
+    /// Replayed answers teach only the base model's greedy tokens. By default they teach
+    /// its whole next-token distribution (the top 64 tokens at each position).
     #[arg(long)]
     pub no_replay_distill: bool,
     /// The loss weight of replayed answers next to the data's own (default 1).

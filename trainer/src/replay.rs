@@ -168,3 +168,28 @@ mod rotation_tests {
         assert_eq!(rounds(0, 10, 3.0), 1);
     }
 }
+
+#[cfg(test)]
+mod pool_tests {
+    use super::{BUILTIN_PROMPTS, lines};
+    use std::collections::HashSet;
+
+    /// The report card measures retention on prompts replay did not train on: no built-in
+    /// replay prompt may be a probe prompt, and none may appear twice (a repeat would be
+    /// replayed twice as often).
+    #[test]
+    fn replay_prompts_are_distinct_and_none_is_a_probe_prompt() {
+        let probe: HashSet<String> = lines(crate::card::probe::PROMPTS)
+            .into_iter()
+            .map(|p| p.to_lowercase())
+            .collect();
+        let mut seen = HashSet::new();
+        for p in lines(BUILTIN_PROMPTS) {
+            let key = p.to_lowercase();
+            assert!(!probe.contains(&key), "{p:?} is a retention probe prompt");
+            assert!(seen.insert(key), "{p:?} is listed twice");
+        }
+        assert!(seen.len() >= 300, "{}", seen.len());
+    }
+}
+
