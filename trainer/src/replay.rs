@@ -192,4 +192,3 @@ mod pool_tests {
         assert!(seen.len() >= 300, "{}", seen.len());
     }
 }
-

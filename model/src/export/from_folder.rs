@@ -9,8 +9,8 @@ use crate::engine::LoadedModel;
 use crate::llama::config::{LlamaConfig, Projection};
 use crate::lora::{LoraAdapter, permute_for_interleaved_rope};
 use crate::tokenizer::Tokenizer;
+use candle_core::quantized::QTensor;
 use candle_core::quantized::gguf_file::{self, Value};
-use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Tensor};
 use std::collections::HashMap;
 use std::io::Write;
@@ -53,15 +53,7 @@ pub fn write_merged_gguf_from_model(
             w.shape(),
             w.device(),
         )?;
-        let dims = w.dims();
-        let target = if dims.len() < 2 {
-            GgmlDType::F32
-        } else if dims[dims.len() - 1] % ty.ggml().block_size() == 0 {
-            ty.ggml()
-        } else {
-            GgmlDType::F16
-        };
-        Ok(QTensor::quantize(&w, target)?)
+        Ok(QTensor::quantize(&w, ty.for_tensor(w.dims()))?)
     };
     let mut tensors: Vec<(String, QTensor)> =
         vec![("token_embd.weight".into(), quantize(&dense.embed)?)];
@@ -158,7 +150,7 @@ fn model_metadata(cfg: &LlamaConfig, arch: &str, ty: GgufType, name: &str) -> Ve
 /// pre-tokenizer name is the one under which the project's GGUF tokenizer splits a probe
 /// text as this tokenizer does; a tokenizer none of them matches is refused rather than
 /// written to tokenize differently.
-pub fn tokenizer_metadata(
+fn tokenizer_metadata(
     tok: &Tokenizer,
     vocab_size: usize,
 ) -> Result<Vec<(String, Value)>, ExportError> {

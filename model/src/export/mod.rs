@@ -19,7 +19,7 @@ use std::io::{BufReader, BufWriter, Seek, Write};
 use std::path::Path;
 
 mod from_folder;
-pub use from_folder::{tokenizer_metadata, write_merged_gguf_from_model};
+pub use from_folder::write_merged_gguf_from_model;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -66,6 +66,16 @@ impl GgufType {
             Self::F16 => GgmlDType::F16,
             Self::Q8_0 => GgmlDType::Q8_0,
             Self::Q4_1 => GgmlDType::Q4_1,
+        }
+    }
+
+    /// What a tensor of `dims` is stored as: vectors in f32, a matrix in this type, or in
+    /// f16 when its rows do not split into this type's blocks.
+    fn for_tensor(self, dims: &[usize]) -> GgmlDType {
+        match dims {
+            [] | [_] => GgmlDType::F32,
+            [.., cols] if cols % self.ggml().block_size() == 0 => self.ggml(),
+            _ => GgmlDType::F16,
         }
     }
 
@@ -215,14 +225,7 @@ pub fn write_merged_gguf(
             let delta = b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)?;
             w = (w + delta)?;
         }
-        let target = if dims.len() < 2 {
-            GgmlDType::F32
-        } else if dims[dims.len() - 1] % ty.ggml().block_size() == 0 {
-            ty.ggml()
-        } else {
-            GgmlDType::F16
-        };
-        tensors.push((name.clone(), QTensor::quantize(&w, target)?));
+        tensors.push((name.clone(), QTensor::quantize(&w, ty.for_tensor(&dims))?));
     }
     let mut metadata: Vec<(&str, Value)> = content
         .metadata
