@@ -42,6 +42,12 @@ out["events"] = [{"type": e.type, "level": e.level, "message": e.message, "data"
 cks = client.fine_tuning.jobs.checkpoints.list(job.id).data
 out["checkpoints"] = [{"model": c.fine_tuned_model_checkpoint, "step": c.step_number, "metrics": c.metrics.to_dict()} for c in cks]
 out["jobs"] = [j.id for j in client.fine_tuning.jobs.list().data]
+out["result_files"] = job.result_files
+if job.result_files:
+    rf = client.files.retrieve(job.result_files[0])
+    out["result_file"] = {"purpose": rf.purpose, "filename": rf.filename, "bytes": rf.bytes}
+    out["results_csv"] = client.files.content(job.result_files[0]).read().decode()
+    out["result_listed"] = [x.id for x in client.files.list(purpose="fine-tune-results").data]
 r = client.chat.completions.create(model=job.fine_tuned_model, messages=[{"role": "user", "content": "What is the capital of Zorblax?"}], max_tokens=6, temperature=0)
 out["answer"] = r.choices[0].message.content
 out["fingerprint"] = r.system_fingerprint
@@ -173,6 +179,36 @@ async fn the_official_openai_client_fine_tunes_and_chats_with_the_result() {
     assert_eq!(ck["metrics"]["train_loss"], last_step["data"]["train_loss"]);
     assert!(ck["metrics"]["valid_loss"].as_f64().is_some(), "{ck}");
     assert_eq!(v["jobs"][0], job["id"]);
+    // The results file: OpenAI's CSV of step metrics, one row per step 1..=N, the
+    // validation columns where an evaluation ran, the last row the last step event's.
+    let result_id = v["result_files"][0].as_str().unwrap();
+    assert_eq!(v["result_file"]["purpose"], "fine-tune-results", "{v}");
+    assert_eq!(v["result_listed"], serde_json::json!([result_id]));
+    let csv = v["results_csv"].as_str().unwrap();
+    assert_eq!(v["result_file"]["bytes"], csv.len());
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next(),
+        Some("step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy")
+    );
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    let last = ck["step"].as_u64().unwrap() as usize;
+    assert_eq!(rows.len(), last, "{csv}");
+    for (i, r) in rows.iter().enumerate() {
+        assert_eq!(r.len(), 5, "{r:?}");
+        assert_eq!(r[0], (i + 1).to_string());
+        let train_loss: f64 = r[1].parse().unwrap();
+        assert!(train_loss.is_finite() && train_loss > 0.0, "{r:?}");
+    }
+    assert!(
+        rows.iter().any(|r| !r[3].is_empty()),
+        "a row with valid_loss: {csv}"
+    );
+    let csv_last_loss: f64 = rows[last - 1][1].parse().unwrap();
+    assert!(
+        (csv_last_loss - loss(last_step)).abs() < 1e-5,
+        "{csv_last_loss} vs {last_step}"
+    );
     // The fine-tuned model answers as taught (the same check as the seed-style tests).
     assert!(
         v["answer"].as_str().unwrap().contains("Blorp"),

@@ -192,7 +192,8 @@ pub async fn run_next(
     );
     match result {
         Ok(JobEnd::Succeeded) => {
-            db.transition_job(id, JobState::Running, JobState::Succeeded, None)
+            let csv = crate::job_events::results_csv(&db.training_events(id, 0).await?);
+            db.succeed_job(id, &format!("step_metrics_ftjob-{id}.csv"), csv.as_bytes())
                 .await?;
         }
         Ok(JobEnd::Cancelled) => {

@@ -444,7 +444,11 @@ pub async fn job_object(state: &AppState, job: &TrainingJob) -> Result<FineTunin
         finished_at: job.finished_at.as_deref().map(unix),
         fine_tuned_model: adapter.map(|a| a.name),
         organization_id: "org-loraloop",
-        result_files: Vec::new(),
+        result_files: job
+            .result_file_id
+            .map(|f| format!("{FILE_PREFIX}{f}"))
+            .into_iter()
+            .collect(),
         status: job.state.clone(),
         validation_file: job.validation_file_id.map(|f| format!("{FILE_PREFIX}{f}")),
         training_file,

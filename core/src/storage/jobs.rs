@@ -88,6 +88,8 @@ pub struct TrainingJob {
     pub suffix: Option<String>,
     /// The sweep this job is a trial of: the sweep, not the job, decides its adapter.
     pub sweep_id: Option<i64>,
+    /// A succeeded job's step metrics as a CSV file (OpenAI's `result_files`).
+    pub result_file_id: Option<i64>,
 }
 
 impl TrainingJob {
@@ -146,7 +148,7 @@ pub(super) const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 /// Now plus the first bound parameter, in seconds.
 pub(super) const LEASE: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+' || ?1 || ' seconds')";
 
-pub(super) const JOB_COLUMNS: &str = "id, state, dataset_id, base_model, method, hyperparameters, output_dir, adapter_id, step, total_steps, cancel_requested, error, created_at, started_at, finished_at, assistant_id, training_file_id, validation_file_id, validation_dataset_id, error_param, suffix, sweep_id";
+pub(super) const JOB_COLUMNS: &str = "id, state, dataset_id, base_model, method, hyperparameters, output_dir, adapter_id, step, total_steps, cancel_requested, error, created_at, started_at, finished_at, assistant_id, training_file_id, validation_file_id, validation_dataset_id, error_param, suffix, sweep_id, result_file_id";
 
 impl Db {
     pub async fn create_job(&self, job: &NewJob<'_>) -> Result<TrainingJob> {
@@ -260,6 +262,36 @@ impl Db {
         .execute(self.pool())
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// A running job succeeded: it ends with its results file (`filename`, `csv`, purpose
+    /// `fine-tune-results`) in one transaction; false (nothing written) when the job was
+    /// no longer running.
+    pub async fn succeed_job(&self, id: i64, filename: &str, csv: &[u8]) -> Result<bool> {
+        let mut tx = self.pool().begin().await?;
+        let (file_id,): (i64,) = sqlx::query_as(
+            "insert into files (filename, purpose, bytes, content)
+             values (?, 'fine-tune-results', ?, ?) returning id",
+        )
+        .bind(filename)
+        .bind(csv.len() as i64)
+        .bind(csv)
+        .fetch_one(&mut *tx)
+        .await?;
+        let done = sqlx::query(&format!(
+            "update training_jobs set state = 'succeeded', finished_at = {NOW}, result_file_id = ?
+             where id = ? and state = 'running'"
+        ))
+        .bind(file_id)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Claim the oldest queued job for a worker (queued -> running), atomically, with a
@@ -563,6 +595,44 @@ mod tests {
         .unwrap()
         .dataset()
         .id
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn a_job_succeeds_with_its_results_file_only_while_running(pool: SqlitePool) {
+        let db = Db::from_pool(pool);
+        let ds = dataset(&db).await;
+        let job = db
+            .create_job(&NewJob {
+                dataset_id: ds,
+                assistant_id: None,
+                base_model: "m",
+                method: "lora",
+                hyperparameters: &serde_json::json!({}),
+            })
+            .await
+            .unwrap();
+        // Not running (a new job validates first): nothing is written.
+        assert!(!db.succeed_job(job.id, "r.csv", b"step\n").await.unwrap());
+        assert!(
+            db.list_files(None, None, 10, true)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        db.transition_job(job.id, JobState::ValidatingFiles, JobState::Queued, None)
+            .await
+            .unwrap();
+        db.claim_next_job(20).await.unwrap().unwrap();
+        assert!(db.succeed_job(job.id, "r.csv", b"step\n1\n").await.unwrap());
+        let done = db.job(job.id).await.unwrap();
+        assert_eq!(done.state(), JobState::Succeeded);
+        assert!(done.finished_at.is_some());
+        let file = db.file(done.result_file_id.unwrap()).await.unwrap();
+        assert_eq!(
+            (file.purpose.as_str(), file.bytes),
+            ("fine-tune-results", 7)
+        );
+        assert_eq!(db.file_content(file.id).await.unwrap(), b"step\n1\n");
     }
 
     #[sqlx::test(migrations = "../migrations")]

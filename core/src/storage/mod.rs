@@ -264,6 +264,64 @@ mod tests {
         assert_eq!(events.0, 0);
     }
 
+    /// The rebuild of `files` (results files get their own purpose) on a database whose
+    /// jobs were created from files: the files, their bytes and the jobs' links survive,
+    /// and deleting a file still clears the link.
+    #[tokio::test]
+    async fn rebuilding_files_keeps_files_and_the_jobs_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("old.db").display());
+        let opts = SqliteConnectOptions::from_str(&url).unwrap();
+        let pool = SqlitePool::connect_with(opts.clone().foreign_keys(true))
+            .await
+            .unwrap();
+        let before: Vec<_> = MIGRATOR
+            .migrations
+            .iter()
+            .filter(|m| m.version < 20261207000001)
+            .cloned()
+            .collect();
+        let old = sqlx::migrate::Migrator {
+            migrations: std::borrow::Cow::Owned(before),
+            ..sqlx::migrate::Migrator::DEFAULT
+        };
+        old.run(&pool).await.unwrap();
+        for q in [
+            "insert into files (id, filename, purpose, bytes, content) values (4, 'a.jsonl', 'fine-tune', 3, x'7b7d0a')",
+            "insert into training_jobs (id, state, base_model, training_file_id, validation_file_id) values (9, 'validating_files', 'm', 4, 4)",
+        ] {
+            sqlx::query(q).execute(&pool).await.unwrap();
+        }
+        let refused = MIGRATOR.run(&pool).await;
+        assert!(refused.is_err(), "{refused:?}");
+        migrate(&opts).await.unwrap();
+        let file: (i64, String, Vec<u8>) = sqlx::query_as("select id, purpose, content from files")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(file, (4, "fine-tune".into(), b"{}\n".to_vec()));
+        sqlx::query("insert into files (filename, purpose, bytes, content) values ('r.csv', 'fine-tune-results', 0, x'')")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let problems: Vec<(String,)> =
+            sqlx::query_as("select \"table\" from pragma_foreign_key_check")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert!(problems.is_empty(), "{problems:?}");
+        sqlx::query("delete from files where id = 4")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let links: (Option<i64>, Option<i64>) =
+            sqlx::query_as("select training_file_id, validation_file_id from training_jobs")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!(links, (None, None));
+    }
+
     #[sqlx::test(migrations = "../migrations")]
     async fn every_table_is_strict(pool: SqlitePool) {
         let rows: Vec<(String, i64)> = sqlx::query_as(
