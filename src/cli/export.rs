@@ -20,8 +20,8 @@ pub struct ExportArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// `lora`: the adapter as a llama.cpp LoRA GGUF; `merged`: the model with the adapter
-    /// merged in, as a GGUF (the base must be a GGUF); `hf`: the merged model as a Hugging
-    /// Face folder (safetensors, tokenizer, chat template).
+    /// merged in, as a GGUF (from a GGUF base or a Hugging Face folder); `hf`: the merged
+    /// model as a Hugging Face folder (safetensors, tokenizer, chat template).
     #[arg(long, default_value = "lora", value_parser = ["lora", "merged", "hf"])]
     pub format: String,
     /// Weights: f16, q8_0 or q4_1 for a merged GGUF (default q8_0); f16 or f32 for a
