@@ -597,20 +597,24 @@ mod tests {
         .id
     }
 
+    /// A LoRA job on a one-example dataset, as created (`validating_files`).
+    async fn new_job(db: &Db, hp: &serde_json::Value) -> TrainingJob {
+        let ds = dataset(db).await;
+        db.create_job(&NewJob {
+            dataset_id: ds,
+            assistant_id: None,
+            base_model: "m",
+            method: "lora",
+            hyperparameters: hp,
+        })
+        .await
+        .unwrap()
+    }
+
     #[sqlx::test(migrations = "../migrations")]
     async fn a_job_succeeds_with_its_results_file_only_while_running(pool: SqlitePool) {
         let db = Db::from_pool(pool);
-        let ds = dataset(&db).await;
-        let job = db
-            .create_job(&NewJob {
-                dataset_id: ds,
-                assistant_id: None,
-                base_model: "m",
-                method: "lora",
-                hyperparameters: &serde_json::json!({}),
-            })
-            .await
-            .unwrap();
+        let job = new_job(&db, &serde_json::json!({})).await;
         // Not running (a new job validates first): nothing is written.
         assert!(!db.succeed_job(job.id, "r.csv", b"step\n").await.unwrap());
         assert!(
@@ -638,18 +642,8 @@ mod tests {
     #[sqlx::test(migrations = "../migrations")]
     async fn a_job_moves_through_its_states_and_is_claimed_once(pool: SqlitePool) {
         let db = Db::from_pool(pool);
-        let ds = dataset(&db).await;
         let hp = serde_json::json!({"learning_rate": 5e-5});
-        let job = db
-            .create_job(&NewJob {
-                dataset_id: ds,
-                assistant_id: None,
-                base_model: "m",
-                method: "lora",
-                hyperparameters: &hp,
-            })
-            .await
-            .unwrap();
+        let job = new_job(&db, &hp).await;
         assert_eq!(job.state(), JobState::ValidatingFiles);
         assert!(
             db.claim_next_job(20).await.unwrap().is_none(),

@@ -201,12 +201,13 @@ mod tests {
         Db::open(&path).await.unwrap();
     }
 
-    /// The rebuild of `training_jobs` (nullable `dataset_id`) on a database that has jobs,
-    /// their events and adapters: every row and every link survives, cascades included.
-    #[tokio::test]
-    async fn rebuilding_training_jobs_keeps_jobs_events_and_adapters() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("old.db").display());
+    /// A database in `dir` migrated up to (not including) migration `version`, and a pool
+    /// on it with foreign keys on, as a server would have left it.
+    async fn migrated_before(
+        dir: &std::path::Path,
+        version: i64,
+    ) -> (SqliteConnectOptions, SqlitePool) {
+        let url = format!("sqlite://{}?mode=rwc", dir.join("old.db").display());
         let opts = SqliteConnectOptions::from_str(&url).unwrap();
         let pool = SqlitePool::connect_with(opts.clone().foreign_keys(true))
             .await
@@ -214,7 +215,7 @@ mod tests {
         let before: Vec<_> = MIGRATOR
             .migrations
             .iter()
-            .filter(|m| m.version < 20261204000001)
+            .filter(|m| m.version < version)
             .cloned()
             .collect();
         let old = sqlx::migrate::Migrator {
@@ -222,6 +223,15 @@ mod tests {
             ..sqlx::migrate::Migrator::DEFAULT
         };
         old.run(&pool).await.unwrap();
+        (opts, pool)
+    }
+
+    /// The rebuild of `training_jobs` (nullable `dataset_id`) on a database that has jobs,
+    /// their events and adapters: every row and every link survives, cascades included.
+    #[tokio::test]
+    async fn rebuilding_training_jobs_keeps_jobs_events_and_adapters() {
+        let dir = tempfile::tempdir().unwrap();
+        let (opts, pool) = migrated_before(dir.path(), 20261204000001).await;
         for q in [
             "insert into datasets (id, name, version, content_hash, format, source, example_count) values (1, 'd', 1, 'h', 'openai', 'f', 0)",
             "insert into training_jobs (id, state, dataset_id, base_model, attempts) values (7, 'succeeded', 1, 'm', 1)",
@@ -270,22 +280,7 @@ mod tests {
     #[tokio::test]
     async fn rebuilding_files_keeps_files_and_the_jobs_links() {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("old.db").display());
-        let opts = SqliteConnectOptions::from_str(&url).unwrap();
-        let pool = SqlitePool::connect_with(opts.clone().foreign_keys(true))
-            .await
-            .unwrap();
-        let before: Vec<_> = MIGRATOR
-            .migrations
-            .iter()
-            .filter(|m| m.version < 20261207000001)
-            .cloned()
-            .collect();
-        let old = sqlx::migrate::Migrator {
-            migrations: std::borrow::Cow::Owned(before),
-            ..sqlx::migrate::Migrator::DEFAULT
-        };
-        old.run(&pool).await.unwrap();
+        let (opts, pool) = migrated_before(dir.path(), 20261207000001).await;
         for q in [
             "insert into files (id, filename, purpose, bytes, content) values (4, 'a.jsonl', 'fine-tune', 3, x'7b7d0a')",
             "insert into training_jobs (id, state, base_model, training_file_id, validation_file_id) values (9, 'validating_files', 'm', 4, 4)",
