@@ -1027,3 +1027,46 @@ async fn a_console_page_for_an_id_that_is_not_a_number_is_a_404_page() {
     assert!(pages >= 4, "{pages} pages answered GET");
     s.stop().await;
 }
+
+/// `serve` looks every second whether another process changed the active adapter. That
+/// look must not make an operator's activation fail as "another activation is in
+/// progress": with the look running back to back, every activation succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activations_are_not_refused_while_the_follower_looks() {
+    let s = start(true, &[]).await;
+    let (_, adapter_id, _) = active_adapter(&s).await;
+    let adapters = s.server.state.adapters.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let looking = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut looks = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                adapters.follow().await.unwrap();
+                looks += 1;
+            }
+            looks
+        })
+    };
+    let mut refused = Vec::new();
+    for _ in 0..30 {
+        let (status, body) = s
+            .post_json(
+                &format!("/api/v1/adapters/{adapter_id}/activate"),
+                &json!({}),
+            )
+            .await;
+        if status != 200 {
+            refused.push(format!("{status} {body}"));
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let looks = looking.await.unwrap();
+    assert!(looks > 30, "the follower looked {looks} times");
+    assert!(
+        refused.is_empty(),
+        "{} of 30 refused: {refused:?}",
+        refused.len()
+    );
+    s.stop().await;
+}

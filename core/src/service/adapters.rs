@@ -244,17 +244,20 @@ impl AdapterService {
 
     /// Swap in what the database says is active when that is not what the engine runs
     /// (an activation made by another process). Returns the new activation, if any.
+    /// `serve` calls this every second: the look happens without the activation lock,
+    /// which is taken only when there is something to swap, so an operator's activation
+    /// or rollback is not refused as "in progress" because of the look.
     pub async fn follow(&self) -> Result<Option<Activation>> {
+        let active = self.active_in_db().await?;
+        if *lock(&self.current) == Some(active) {
+            return Ok(None);
+        }
         let Ok(_guard) = self.activation.try_lock() else {
             return Ok(None);
         };
-        let active = self
-            .db
-            .assistant(&self.assistant.name)
-            .await?
-            .active_adapter_id;
-        let current = *lock(&self.current);
-        if current == Some(active) {
+        // Again under the lock: an activation may have ended between the two.
+        let active = self.active_in_db().await?;
+        if *lock(&self.current) == Some(active) {
             return Ok(None);
         }
         let by = "another process";
@@ -263,6 +266,15 @@ impl AdapterService {
             self.swap(self.assistant.id, active, by, start, Record::None)
                 .await?,
         ))
+    }
+
+    /// The adapter the database says this assistant runs (None: the base model).
+    async fn active_in_db(&self) -> Result<Option<i64>> {
+        Ok(self
+            .db
+            .assistant(&self.assistant.name)
+            .await?
+            .active_adapter_id)
     }
 
     async fn swap(
