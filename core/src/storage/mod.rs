@@ -201,6 +201,14 @@ mod tests {
         Db::open(&path).await.unwrap();
     }
 
+    /// The tables with a foreign key that points nowhere.
+    async fn broken_links(pool: &SqlitePool) -> Vec<(String,)> {
+        sqlx::query_as("select \"table\" from pragma_foreign_key_check")
+            .fetch_all(pool)
+            .await
+            .unwrap()
+    }
+
     /// A database in `dir` migrated up to (not including) migration `version`, and a pool
     /// on it with foreign keys on, as a server would have left it.
     async fn migrated_before(
@@ -256,11 +264,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(adapter_job.0, Some(7));
-        let problems: Vec<(String,)> =
-            sqlx::query_as("select \"table\" from pragma_foreign_key_check")
-                .fetch_all(&pool)
-                .await
-                .unwrap();
+        let problems = broken_links(&pool).await;
         assert!(problems.is_empty(), "{problems:?}");
         // The events still hang off the job: deleting it cascades to them.
         sqlx::query("delete from training_jobs where id = 7")
@@ -299,11 +303,7 @@ mod tests {
             .execute(&pool)
             .await
             .unwrap();
-        let problems: Vec<(String,)> =
-            sqlx::query_as("select \"table\" from pragma_foreign_key_check")
-                .fetch_all(&pool)
-                .await
-                .unwrap();
+        let problems = broken_links(&pool).await;
         assert!(problems.is_empty(), "{problems:?}");
         sqlx::query("delete from files where id = 4")
             .execute(&pool)
