@@ -1,6 +1,6 @@
 //! loraloop's model layer: the llama-family model in candle (`llama`), LoRA adapters in
 //! PEFT format (`lora`), the tokenizer, chat templates, sampling, the inference engine,
-//! the training graph and its CPU path (`train`), the Q4_1 kernels, device selection,
+//! the training graph and its CPU path (`train`), the Q4_1 and Q8_0 kernels, device selection,
 //! model files and the default model fetch, and tiny random models for tests.
 
 pub mod classify;
@@ -14,6 +14,7 @@ mod kernels;
 pub mod llama;
 pub mod lora;
 pub mod q4_1;
+pub mod q8_0;
 pub mod registry;
 pub mod sampling;
 pub mod template;

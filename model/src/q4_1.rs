@@ -14,46 +14,15 @@
 //! adds its `B` row times `A x` while it is in cache. Decode with an adapter thus reads the
 //! adapter's weights on all cores, with no extra tensors, copies or pool trips.
 
+use crate::kernels::quant::{QK, round_block};
 use crate::kernels::reduce::dot_f32;
 use crate::kernels::shared::SharedBuf;
+use crate::kernels::with_avx2;
 use crate::lora::host::{B_TILE, HostLora};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use half::f16;
 use std::sync::atomic::{AtomicUsize, Ordering};
-
-const QK: usize = 32;
-
-/// `$fast` (a call into `avx2`) in builds for CPUs with AVX2, FMA and F16C (x86-64-v3,
-/// see `.cargo/config.toml`), `$portable` otherwise.
-macro_rules! with_avx2 {
-    ($fast:expr, $portable:expr) => {{
-        #[cfg(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma",
-            target_feature = "f16c"
-        ))]
-        {
-            // SAFETY: the `avx2` kernels need only AVX2, FMA and F16C, and this code
-            // exists only in a build compiled for CPUs that have all three (the `cfg`
-            // above): the whole binary already uses them.
-            #[allow(unsafe_code)]
-            unsafe {
-                $fast
-            }
-        }
-        #[cfg(not(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma",
-            target_feature = "f16c"
-        )))]
-        {
-            $portable
-        }
-    }};
-}
 
 /// ggml's `block_q4_1`: f16 `d`, f16 `m`, then 16 bytes of nibbles (value `j` of the
 /// block is the low nibble of byte `j` for `j < 16`, the high nibble of byte `j - 16`
@@ -454,15 +423,8 @@ impl AtomicF32 {
 /// ggml's `quantize_row_q8_1`: d = max|x| / 127, q = round(x / d), s = d * sum(q), both
 /// scales rounded to f16 as ggml stores them.
 fn quantize_q8_1(x: &[f32]) -> ActBlock {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let d = amax / 127.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    let mut qs = [0i8; QK];
-    let mut sum = 0i32;
-    for (q, v) in qs.iter_mut().zip(x) {
-        *q = (v * id).round() as i8;
-        sum += *q as i32;
-    }
+    let (d, qs) = round_block(x);
+    let sum: i32 = qs.iter().map(|&q| q as i32).sum();
     ActBlock {
         d: f16::from_f32(d).to_f32(),
         s: f16::from_f32(sum as f32 * d).to_f32(),
@@ -537,6 +499,7 @@ fn dot_row_generic(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
 ))]
 mod avx2 {
     use super::*;
+    use crate::kernels::has_vnni;
     use std::arch::x86_64::*;
 
     // The pieces the kernels below share, as macros: expanded in place inside the
@@ -586,6 +549,19 @@ mod avx2 {
         }};
     }
 
+    /// [`block_sums`] in one AVX-VNNI `vpdpbusd`: each 32-bit lane gets the same four
+    /// products added as `vpmaddubsw` + `vpmaddwd` give it, so the sums are identical.
+    macro_rules! block_sums_vnni {
+        ($wq:expr, $xb:expr) => {{
+            let i64_at = |i: usize| -> i64 {
+                let a: [u8; 8] = std::array::from_fn(|k| $xb.qs[i * 8 + k] as u8);
+                i64::from_le_bytes(a)
+            };
+            let xq = _mm256_set_epi64x(i64_at(3), i64_at(2), i64_at(1), i64_at(0));
+            _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), $wq, xq))
+        }};
+    }
+
     /// The sum of the eight lanes.
     macro_rules! hsum {
         ($v:expr) => {{
@@ -597,8 +573,8 @@ mod avx2 {
         }};
     }
 
-    /// [`super::rows_dot`] with the AVX2 kernels inlined into its loops (one call per work item
-    /// instead of one per weight row).
+    /// [`super::rows_dot`] with the kernels inlined into its loops (one call per work
+    /// item instead of one per weight row), AVX-VNNI's where the CPU has it.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn rows_dot(
         w: &[WeightBlock],
@@ -607,15 +583,46 @@ mod avx2 {
         n: usize,
         dst: &mut [f32],
     ) {
-        rows_dot_with(
-            w,
-            nb,
-            acts,
-            n,
-            dst,
-            |w, x| dot_row(w, x),
-            |w, x| dot_row4(w, x),
-        )
+        if has_vnni() {
+            // SAFETY: the CPU has AVX-VNNI (checked above); AVX2, FMA and F16C are this
+            // function's own.
+            #[allow(unsafe_code)]
+            unsafe {
+                vnni::rows_dot(w, nb, acts, n, dst)
+            }
+        } else {
+            plain::rows_dot(w, nb, acts, n, dst)
+        }
+    }
+
+    /// One weight row times one activation row (the tests' entry point).
+    #[cfg(test)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn dot_row(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
+        if has_vnni() {
+            // SAFETY: as in `rows_dot`.
+            #[allow(unsafe_code)]
+            unsafe {
+                vnni::dot_row(w, x)
+            }
+        } else {
+            plain::dot_row(w, x)
+        }
+    }
+
+    /// One weight row times four activation rows (the tests' entry point).
+    #[cfg(test)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn dot_row4(w: &[WeightBlock], x: [&[ActBlock]; 4]) -> [f32; 4] {
+        if has_vnni() {
+            // SAFETY: as in `rows_dot`.
+            #[allow(unsafe_code)]
+            unsafe {
+                vnni::dot_row4(w, x)
+            }
+        } else {
+            plain::dot_row4(w, x)
+        }
     }
 
     /// Eight f16 bit patterns as eight f32 (`vcvtph2ps`).
@@ -672,45 +679,83 @@ mod avx2 {
         }
     }
 
-    /// [`dot_row`] for four activation rows at once: each weight block is unpacked and
-    /// its scales converted once, then multiplied with the four activation blocks into four
-    /// accumulators (same per-row arithmetic, so the same sums up to float rounding).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    pub(super) fn dot_row4(w: &[WeightBlock], x: [&[ActBlock]; 4]) -> [f32; 4] {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut mins = [0f32; 4];
-        for (b, wb) in w.iter().enumerate() {
-            let wq = weight_nibbles!(wb);
-            let dm = weight_scales!(wb);
-            let (d, m) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
-            for k in 0..4 {
-                let xb = &x[k][b];
-                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), block_sums!(wq, xb), acc[k]);
-                mins[k] += m * xb.s;
+    /// The row kernels, for one set of target features and one block-sum macro.
+    macro_rules! row_kernels {
+        ($features:literal, $sums:ident) => {
+            #[target_feature(enable = $features)]
+            pub(in super::super) fn rows_dot(
+                w: &[WeightBlock],
+                nb: usize,
+                acts: &[ActBlock],
+                n: usize,
+                dst: &mut [f32],
+            ) {
+                rows_dot_with(
+                    w,
+                    nb,
+                    acts,
+                    n,
+                    dst,
+                    |w, x| dot_row(w, x),
+                    |w, x| dot_row4(w, x),
+                )
             }
-        }
-        std::array::from_fn(|k| hsum!(acc[k]) + mins[k])
+
+            /// [`dot_row`] for four activation rows at once: each weight block is unpacked and
+            /// its scales converted once, then multiplied with the four activation blocks into four
+            /// accumulators (same per-row arithmetic, so the same sums up to float rounding).
+            #[target_feature(enable = $features)]
+            #[inline]
+            pub(in super::super) fn dot_row4(w: &[WeightBlock], x: [&[ActBlock]; 4]) -> [f32; 4] {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut mins = [0f32; 4];
+                for (b, wb) in w.iter().enumerate() {
+                    let wq = weight_nibbles!(wb);
+                    let dm = weight_scales!(wb);
+                    let (d, m) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
+                    for k in 0..4 {
+                        let xb = &x[k][b];
+                        acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), $sums!(wq, xb), acc[k]);
+                        mins[k] += m * xb.s;
+                    }
+                }
+                std::array::from_fn(|k| hsum!(acc[k]) + mins[k])
+            }
+
+            /// The same sum as [`dot_row_generic`] with the integer products in one `vpmaddubsw`
+            /// and one `vpmaddwd` per block (`$sums`), both f16 scales of a block converted
+            /// by one `vcvtph2ps`, and the block scales applied in an 8-lane float accumulator,
+            /// reduced once per row instead of once per block.
+            #[target_feature(enable = $features)]
+            #[inline]
+            pub(in super::super) fn dot_row(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
+                let mut acc = _mm256_setzero_ps();
+                // Lane 1 accumulates `m_w * s_x`.
+                let mut mins = _mm_setzero_ps();
+                for (wb, xb) in w.iter().zip(x) {
+                    // [d_w, m_w, 0, 0] * [d_x, s_x, 0, 0]
+                    let scales = _mm_mul_ps(weight_scales!(wb), _mm_set_ps(0.0, 0.0, xb.s, xb.d));
+                    let sums = $sums!(weight_nibbles!(wb), xb);
+                    acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), sums, acc);
+                    mins = _mm_add_ps(mins, scales);
+                }
+                hsum!(acc) + _mm_cvtss_f32(_mm_movehdup_ps(mins))
+            }
+        };
     }
 
-    /// The same sum as [`dot_row_generic`] with the integer products in one `vpmaddubsw`
-    /// and one `vpmaddwd` per block ([`block_sums`]), both f16 scales of a block converted
-    /// by one `vcvtph2ps`, and the block scales applied in an 8-lane float accumulator,
-    /// reduced once per row instead of once per block.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    pub(super) fn dot_row(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        // Lane 1 accumulates `m_w * s_x`.
-        let mut mins = _mm_setzero_ps();
-        for (wb, xb) in w.iter().zip(x) {
-            // [d_w, m_w, 0, 0] * [d_x, s_x, 0, 0]
-            let scales = _mm_mul_ps(weight_scales!(wb), _mm_set_ps(0.0, 0.0, xb.s, xb.d));
-            let sums = block_sums!(weight_nibbles!(wb), xb);
-            acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), sums, acc);
-            mins = _mm_add_ps(mins, scales);
-        }
-        hsum!(acc) + _mm_cvtss_f32(_mm_movehdup_ps(mins))
+    /// AVX2 + FMA + F16C: what every x86-64-v3 CPU has.
+    mod plain {
+        use super::super::*;
+        use std::arch::x86_64::*;
+        row_kernels!("avx2,fma,f16c", block_sums);
+    }
+
+    /// With AVX-VNNI's `vpdpbusd` (Intel since Alder Lake, AMD since Zen 4).
+    mod vnni {
+        use super::super::*;
+        use std::arch::x86_64::*;
+        row_kernels!("avx2,fma,f16c,avxvnni", block_sums_vnni);
     }
 }
 

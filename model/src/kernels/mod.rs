@@ -4,10 +4,51 @@
 //! pool. (The generic training graph in `train/mod.rs` is built from candle tensor ops on
 //! any device, and is the reference these are tested against.)
 
+/// `$fast` (a call into `avx2`) in builds for CPUs with AVX2, FMA and F16C (x86-64-v3,
+/// see `.cargo/config.toml`), `$portable` otherwise.
+macro_rules! with_avx2 {
+    ($fast:expr, $portable:expr) => {{
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma",
+            target_feature = "f16c"
+        ))]
+        {
+            // SAFETY: the `avx2` kernels need only AVX2, FMA and F16C, and this code
+            // exists only in a build compiled for CPUs that have all three (the `cfg`
+            // above): the whole binary already uses them.
+            #[allow(unsafe_code)]
+            unsafe {
+                $fast
+            }
+        }
+        #[cfg(not(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma",
+            target_feature = "f16c"
+        )))]
+        {
+            $portable
+        }
+    }};
+}
+pub(crate) use with_avx2;
+
+/// Whether this CPU has AVX-VNNI (Intel since Alder Lake, AMD since Zen 4), checked once:
+/// the integer dot-product kernels use its `vpdpbusd` where it is there.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_vnni() -> bool {
+    static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *VNNI.get_or_init(|| std::arch::is_x86_feature_detected!("avxvnni"))
+}
+
 pub(crate) mod exp;
 pub(crate) mod gemm;
 pub(crate) mod norm;
 pub(crate) mod pool;
+pub(crate) mod quant;
 pub(crate) mod reduce;
 pub(crate) mod rope;
 pub(crate) mod shared;

@@ -90,10 +90,19 @@ pub fn load_gguf(
     let (h, v) = (cfg.hidden_size, cfg.vocab_size);
     let embed_q = qt("token_embd.weight", &[v, h])?;
     let embed = embed_q.dequantize(device)?;
-    let lm_head = if cfg.tie_word_embeddings {
-        QMatMul::from_qtensor(embed_q)?
+    let head_q = if cfg.tie_word_embeddings {
+        embed_q
     } else {
-        QMatMul::from_qtensor(qt("output.weight", &[v, h])?)?
+        qt("output.weight", &[v, h])?
+    };
+    // The head runs for every row of every decode step: Q8_0 (SmolLM2's) through our
+    // batched kernel on the CPU.
+    let lm_head = if device.is_cpu() && head_q.dtype() == candle_core::quantized::GgmlDType::Q8_0 {
+        BaseWeight::Q80(std::sync::Arc::new(crate::q8_0::Q80Matrix::from_qtensor(
+            &head_q,
+        )?))
+    } else {
+        BaseWeight::Quantized(QMatMul::from_qtensor(head_q)?)
     };
     let norm = qt("output_norm.weight", &[h])?.dequantize(device)?;
     let mut blocks = Vec::with_capacity(cfg.num_layers);
@@ -146,7 +155,7 @@ pub fn load_gguf(
         blocks,
         norm,
         Linear {
-            weight: BaseWeight::Quantized(lm_head),
+            weight: lm_head,
             bias: None,
         },
         device.clone(),

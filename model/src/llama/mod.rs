@@ -43,6 +43,8 @@ pub enum BaseWeight {
     Dense(Tensor),
     /// Q4_1 on the CPU, through loraloop's own kernel (`crate::q4_1`).
     Q41(std::sync::Arc<crate::q4_1::Q41Matrix>),
+    /// Q8_0 on the CPU, through loraloop's own kernel (`crate::q8_0`): the output head.
+    Q80(std::sync::Arc<crate::q8_0::Q80Matrix>),
 }
 
 /// A linear layer `y = x W^T + b` with an optional LoRA delta applied unmerged.
@@ -63,6 +65,7 @@ impl Linear {
             BaseWeight::Quantized(q) => q.forward(x)?,
             BaseWeight::Dense(w) => dense_matmul(x, w)?,
             BaseWeight::Q41(w) => w.forward(x)?,
+            BaseWeight::Q80(w) => w.forward(x)?,
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,

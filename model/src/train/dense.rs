@@ -78,6 +78,7 @@ pub(super) fn dense_of(weight: &BaseWeight, device: &Device) -> Result<Tensor> {
     Ok(match weight {
         BaseWeight::Dense(t) => t.clone(),
         BaseWeight::Q41(m) => m.dequantize(device)?,
+        BaseWeight::Q80(m) => m.dequantize(device)?,
         BaseWeight::Quantized(QMatMul::QTensor(q)) => q.dequantize(device)?,
         BaseWeight::Quantized(QMatMul::Tensor(t)) => t.clone(),
         BaseWeight::Quantized(QMatMul::TensorF16(t)) => t.clone(),
