@@ -215,8 +215,8 @@ pub fn forward_many_host(
     let a_done = CacheLine(AtomicUsize::new(0));
     let a_cursor = CacheLine(AtomicUsize::new(0));
     let cursor = CacheLine(AtomicUsize::new(0));
-    // Results by weight row (`[rows, n]`), one buffer per projection; every work item
-    // writes only its own rows.
+    // Results by input row (`[n, rows]`), one buffer per projection; every work item
+    // writes only its own weight rows' columns.
     let mut out_data: Vec<Vec<f32>> = projections
         .iter()
         .map(|(w, _)| vec![0f32; w.rows * n])
@@ -244,10 +244,20 @@ pub fn forward_many_host(
         let (w, lora) = projections[p];
         let r0 = (item - item_start[p]) * ROWS_PER_ITEM;
         let r1 = (r0 + ROWS_PER_ITEM).min(w.rows);
-        // SAFETY: rows `r0..r1` of projection `p` are this work item's alone (the cursor
-        // hands each item out once).
-        #[allow(unsafe_code)]
-        let dst = unsafe { outs[p].slice_mut(r0 * n..r1 * n) };
+        // The item's results by weight row (`[r1 - r0, n]`): in the output itself for one
+        // input row, else in a scratch tile that is copied out at the end.
+        let mut scratch = Vec::new();
+        let dst: &mut [f32] = if n == 1 {
+            // SAFETY: rows `r0..r1` of projection `p` are this work item's alone (the
+            // cursor hands each item out once).
+            #[allow(unsafe_code)]
+            unsafe {
+                outs[p].slice_mut(r0..r1)
+            }
+        } else {
+            scratch.resize((r1 - r0) * n, 0f32);
+            &mut scratch
+        };
         rows_dot(&w.blocks[r0 * nb..r1 * nb], nb, &acts, n, dst);
         if let Some(lora) = lora {
             while a_done.0.load(Ordering::Acquire) < a_rows {
@@ -275,6 +285,17 @@ pub fn forward_many_host(
                 }
             }
         }
+        if n > 1 {
+            for t in 0..n {
+                // SAFETY: columns `r0..r1` of every output row of projection `p` are this
+                // work item's alone.
+                #[allow(unsafe_code)]
+                let out = unsafe { outs[p].slice_mut(t * w.rows + r0..t * w.rows + r1) };
+                for (o, row) in out.iter_mut().zip(dst.chunks_exact(n)) {
+                    *o = row[t];
+                }
+            }
+        }
     };
     let work = || {
         loop {
@@ -299,22 +320,7 @@ pub fn forward_many_host(
     pool.execute_chunked(threads, |range| range.for_each(|_| work()));
     drop(outs);
 
-    Ok(projections
-        .iter()
-        .zip(out_data)
-        .map(|((w, _), by_row)| {
-            if n == 1 {
-                return by_row;
-            }
-            let mut t_major = vec![0f32; n * w.rows];
-            for r in 0..w.rows {
-                for t in 0..n {
-                    t_major[t * w.rows + r] = by_row[r * n + t];
-                }
-            }
-            t_major
-        })
-        .collect())
+    Ok(out_data)
 }
 
 /// A value alone on its cache line (two lines: the adjacent-line prefetcher pairs them),

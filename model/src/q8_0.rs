@@ -10,7 +10,9 @@
 //! bit) with each weight block loaded and its scale converted once for four input rows,
 //! and `vpdpbusd` where the CPU has AVX-VNNI.
 
+use crate::kernels::pool::pool_items;
 use crate::kernels::quant::{QK, round_block};
+use crate::kernels::shared::SharedBuf;
 use crate::kernels::with_avx2;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -92,6 +94,12 @@ impl Q80Matrix {
 
     /// `xs` (rows of `cols`) times `W^T`: for each input row, its `rows` outputs.
     pub fn forward_host(&self, xs: &[f32]) -> candle_core::Result<Vec<f32>> {
+        Ok(self.forward_rows(xs)?.concat())
+    }
+
+    /// [`Self::forward_host`] with each input row's outputs in a vector of its own (the
+    /// logits of each sequence of a decode step).
+    pub fn forward_rows(&self, xs: &[f32]) -> candle_core::Result<Vec<Vec<f32>>> {
         let cols = self.cols;
         if !xs.len().is_multiple_of(cols) {
             candle_core::bail!("Q8_0 matmul: {} inputs are not rows of {cols}", xs.len());
@@ -99,10 +107,10 @@ impl Q80Matrix {
         let n = xs.len() / cols;
         let nb = cols / QK;
         let acts: Vec<Block> = xs.chunks_exact(QK).map(quantize).collect();
-        let mut out = vec![0f32; n * self.rows];
-        let dst = crate::kernels::shared::SharedBuf::new(&mut out);
+        let mut out: Vec<Vec<f32>> = (0..n).map(|_| vec![0f32; self.rows]).collect();
+        let dst: Vec<SharedBuf> = out.iter_mut().map(|v| SharedBuf::new(v)).collect();
         let items = self.rows.div_ceil(ROWS_PER_ITEM);
-        crate::kernels::pool::pool_items(items, |item| {
+        pool_items(items, |item| {
             let r0 = item * ROWS_PER_ITEM;
             let r1 = (r0 + ROWS_PER_ITEM).min(self.rows);
             let w = &self.blocks[r0 * nb..r1 * nb];
@@ -110,16 +118,15 @@ impl Q80Matrix {
             for t0 in (0..n).step_by(4) {
                 let k = (n - t0).min(4);
                 tile_dot(w, nb, &acts[t0 * nb..(t0 + k) * nb], &mut tile);
-                for t in 0..k {
+                for (t, got) in tile.chunks_exact(ROWS_PER_ITEM).take(k).enumerate() {
                     // SAFETY: columns `r0..r1` of every output row are this item's alone.
                     #[allow(unsafe_code)]
-                    let d = unsafe {
-                        dst.slice_mut((t0 + t) * self.rows + r0..(t0 + t) * self.rows + r1)
-                    };
-                    d.copy_from_slice(&tile[t * ROWS_PER_ITEM..t * ROWS_PER_ITEM + (r1 - r0)]);
+                    let d = unsafe { dst[t0 + t].slice_mut(r0..r1) };
+                    d.copy_from_slice(&got[..r1 - r0]);
                 }
             }
         });
+        drop(dst);
         Ok(out)
     }
 }

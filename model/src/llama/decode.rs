@@ -257,9 +257,21 @@ impl Llama {
             end += r.tokens.len();
             last.extend_from_slice(&x[(end - 1) * hidden..end * hidden]);
         }
-        let n = rows.len();
-        let logits = self.logits(&Tensor::from_vec(last, (n, 1, hidden), &Device::Cpu)?)?;
-        logits.squeeze(1)?.to_vec2::<f32>()
+        self.logits_host(&last)
+    }
+
+    /// Final norm and output projection of host rows of `hidden`: on the host through the
+    /// Q8_0 kernel when the head is Q8_0, else through candle.
+    fn logits_host(&self, last: &[f32]) -> candle_core::Result<Vec<Vec<f32>>> {
+        let hidden = self.config.hidden_size;
+        let n = last.len() / hidden;
+        if let super::BaseWeight::Q80(head) = &self.lm_head.weight {
+            let eps = self.config.rms_norm_eps as f32;
+            let x = rms_norm_rows(last, hidden, &self.norm, eps)?;
+            return head.forward_rows(&x);
+        }
+        let x = Tensor::from_slice(last, (n, 1, hidden), &Device::Cpu)?;
+        self.logits(&x)?.squeeze(1)?.to_vec2::<f32>()
     }
 
     /// One block for every token of the batch (`x`: rows of `hidden`, one per token,
