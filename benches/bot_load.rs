@@ -42,15 +42,13 @@ fn args() -> Args {
             "--users" => a.users = value("--users").parse().expect("--users N"),
             "--messages" => a.messages = value("--messages").parse().expect("--messages N"),
             "--model" => {
-                // cargo runs benches in the package's folder: a relative path is taken
-                // from the workspace root, where the README's commands run.
+                // A relative path is taken from the workspace root (this package's
+                // folder), where the README's commands run, wherever the binary is started.
                 let given = std::path::PathBuf::from(value("--model"));
                 let path = if given.is_absolute() {
                     given
                 } else {
-                    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                        .join("..")
-                        .join(given)
+                    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(given)
                 };
                 a.model = Some(
                     path.canonicalize()

@@ -225,6 +225,10 @@ pub struct EngineConfig {
     pub prefill_chunk: usize,
     /// Memory for the running replies' attention caches, in MiB.
     pub kv_cache_mib: usize,
+    /// Memory for finished replies' attention caches, in MiB: a prompt that begins with
+    /// one (a conversation's next message, a shared system prompt) starts after it
+    /// instead of running it again. 0: none kept.
+    pub prefix_cache_mib: usize,
     /// Memory for loaded adapters, in MiB: beyond it the least recently used is unloaded
     /// (and loaded again, off the engine thread, when a conversation needs it).
     pub adapter_cache_mib: usize,
@@ -241,6 +245,7 @@ impl Default for EngineConfig {
             max_per_user: d.max_per_user,
             prefill_chunk: d.prefill_chunk,
             kv_cache_mib: 1024,
+            prefix_cache_mib: 256,
             adapter_cache_mib: 1024,
             max_queued: d.max_in_flight,
         }
@@ -262,6 +267,11 @@ impl EngineConfig {
             kv_positions: loraloop_model::engine::EngineLimits::kv_positions(
                 &model.llama.config,
                 self.kv_cache_mib,
+                bytes,
+            ),
+            prefix_cache_positions: loraloop_model::engine::EngineLimits::kv_positions(
+                &model.llama.config,
+                self.prefix_cache_mib,
                 bytes,
             ),
             max_in_flight: self.max_queued,
@@ -522,6 +532,12 @@ impl Config {
             if !(1..=max).contains(&value) {
                 return Err(invalid(key, format!("got {value}; allowed: 1 to {max}")));
             }
+        }
+        if e.prefix_cache_mib > 1 << 20 {
+            return Err(invalid(
+                "engine.prefix_cache_mib",
+                format!("got {}; allowed: 0 to {}", e.prefix_cache_mib, 1 << 20),
+            ));
         }
         let r = &raw.retention;
         for (key, days) in [

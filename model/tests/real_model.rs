@@ -10,6 +10,7 @@
 
 use candle_core::{Device, Tensor};
 use loraloop_model::engine::{Engine, Event, FinishReason, GenerateRequest, LoadedModel, Prompt};
+use loraloop_model::llama::BatchRow;
 use loraloop_model::sampling::{SamplingParams, argmax};
 use loraloop_model::template::TemplateMessage;
 use std::path::PathBuf;
@@ -113,6 +114,34 @@ fn greedy_decoding_gives_llama_cpps_tokens_and_close_logits() {
     let mut ours: Vec<usize> = (0..logits.len()).collect();
     ours.sort_by(|a, b| logits[*b].total_cmp(&logits[*a]));
     assert_eq!(ours[..5], reference.map(|r| r.0), "top-5 order");
+
+    // The engine's path: the batched host pass with llama.cpp's f16 attention cache
+    // (`kv_f16`, as loaded), the prompt in one pass and in two, against the same numbers.
+    for split in [PROMPT_IDS.len(), 11] {
+        let mut host_cache = llama.new_cache();
+        let (a, b) = PROMPT_IDS.split_at(split);
+        let mut host = Vec::new();
+        for part in [a, b].into_iter().filter(|p| !p.is_empty()) {
+            host = llama
+                .forward_batch(&mut [BatchRow {
+                    tokens: part,
+                    cache: &mut host_cache,
+                    adapter: None,
+                }])
+                .unwrap()
+                .remove(0);
+        }
+        let top = reference[0];
+        let host_gap = reference
+            .iter()
+            .map(|&(id, v)| ((host[id] - host[top.0]) - (v - top.1)).abs())
+            .fold(0f32, f32::max);
+        eprintln!("host pass, prompt split at {split}: worst gap difference {host_gap}");
+        assert!(host_gap < 0.25, "host pass: {host_gap}");
+        let mut order: Vec<usize> = (0..host.len()).collect();
+        order.sort_by(|a, b| host[*b].total_cmp(&host[*a]));
+        assert_eq!(order[..5], reference.map(|r| r.0), "host pass top-5 order");
+    }
     let mut generated = Vec::new();
     for _ in 0..GREEDY_IDS.len() {
         let next = argmax(&logits);

@@ -14,6 +14,10 @@ pub struct EngineLimits {
     /// Attention-cache positions the running sequences may reserve together (each
     /// reserves its prompt plus its `max_new_tokens`); see [`EngineLimits::kv_positions`].
     pub kv_positions: usize,
+    /// Attention-cache positions of finished replies kept to start later prompts that
+    /// begin with the same tokens (a conversation's next message, a shared system
+    /// prompt); 0 keeps none.
+    pub prefix_cache_positions: usize,
     /// Replies running or waiting at most: a request beyond is refused at once
     /// ([`crate::engine::EngineError::Busy`]) instead of growing the line without end.
     pub max_in_flight: usize,
@@ -27,6 +31,8 @@ impl Default for EngineLimits {
             prefill_chunk: 128,
             // The default model's f32 cache takes 45 KiB a position: about 1 GiB.
             kv_positions: 24_576,
+            // About 256 MiB for the default model.
+            prefix_cache_positions: 5_824,
             max_in_flight: 512,
         }
     }

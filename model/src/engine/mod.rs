@@ -12,6 +12,7 @@
 //! admitted afterwards. No lock is held while generating.
 
 mod limits;
+mod prefix;
 mod scheduler;
 mod sequence;
 
@@ -95,7 +96,9 @@ impl LoadedModel {
         let source = ModelSource::detect(path)?;
         match &source {
             ModelSource::Gguf(p) => {
-                let (llama, content) = crate::llama::load::load_gguf(p, device)?;
+                let (mut llama, content) = crate::llama::load::load_gguf(p, device)?;
+                // Served like llama.cpp serves the file: an f16 attention cache.
+                llama.kv_f16 = true;
                 let tokenizer = Tokenizer::from_gguf(&content)?;
                 let template =
                     ChatTemplate::from_gguf(&content, tokenizer.bos_str(), tokenizer.eos_str())?;
@@ -386,15 +389,18 @@ struct Counters {
     decode_steps: AtomicU64,
     decoded_rows: AtomicU64,
     largest_batch: AtomicU64,
+    reused_prompt_tokens: AtomicU64,
 }
 
-/// The engine's work so far: decode steps, the rows they ran (tokens generated), and the
-/// most rows one step ran together.
+/// The engine's work so far: decode steps, the rows they ran (tokens generated), the
+/// most rows one step ran together, and the prompt tokens that started from a cached
+/// prefix instead of running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineStats {
     pub decode_steps: u64,
     pub decoded_rows: u64,
     pub largest_batch: u64,
+    pub reused_prompt_tokens: u64,
 }
 
 /// Cloneable handle to the engine thread.
@@ -498,6 +504,7 @@ impl Engine {
             decode_steps: c.decode_steps.load(Ordering::Relaxed),
             decoded_rows: c.decoded_rows.load(Ordering::Relaxed),
             largest_batch: c.largest_batch.load(Ordering::Relaxed),
+            reused_prompt_tokens: c.reused_prompt_tokens.load(Ordering::Relaxed),
         }
     }
 

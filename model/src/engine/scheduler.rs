@@ -8,6 +8,7 @@
 //! its own adapter). New sequences join at step boundaries, and a long prompt delays the
 //! others' next token by one chunk at most. Waiting callers hear their place in line.
 
+use super::prefix::PrefixCache;
 use super::sequence::Sequence;
 use super::{AdapterChoice, Counters, EngineLimits, Event, Job, LoadedModel, Shared};
 use crate::llama::BatchRow;
@@ -28,6 +29,7 @@ struct Scheduler<'m> {
     limits: EngineLimits,
     waiting: VecDeque<Waiting>,
     running: Vec<Sequence<'m>>,
+    prefixes: PrefixCache,
 }
 
 pub(super) fn run(shared: &Shared, jobs: mpsc::Receiver<Job>) {
@@ -38,6 +40,7 @@ pub(super) fn run(shared: &Shared, jobs: mpsc::Receiver<Job>) {
         limits: shared.limits.clone(),
         waiting: VecDeque::new(),
         running: Vec::new(),
+        prefixes: PrefixCache::new(shared.limits.prefix_cache_positions),
     };
     loop {
         if s.running.is_empty() && s.waiting.is_empty() {
@@ -109,8 +112,18 @@ impl<'m> Scheduler<'m> {
                 AdapterChoice::Fixed(a) => Some(Arc::clone(a)),
             };
             reserved += need;
-            self.running
-                .push(Sequence::admit(job, adapter, need, self.model));
+            let mut seq = Sequence::admit(job, adapter, need, self.model);
+            match self.prefixes.lookup(seq.adapter_key(), seq.prompt(), need) {
+                Ok(Some((len, cache))) => {
+                    seq.start_from(len, cache);
+                    self.stats
+                        .reused_prompt_tokens
+                        .fetch_add(len as u64, Ordering::Relaxed);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!("a cached prompt prefix could not be copied: {e}"),
+            }
+            self.running.push(seq);
         }
     }
 
@@ -125,20 +138,23 @@ impl<'m> Scheduler<'m> {
         }
     }
 
-    /// One step: a token for every sequence past its prompt (sampled and streamed, then
-    /// all run through the model in one batched pass), and up to `prefill_chunk` prompt
-    /// tokens of the sequences still on their prompts, first admitted first.
+    /// One step: a token for every sequence past its prompt (sampled and streamed), and
+    /// up to `prefill_chunk` prompt tokens of the sequences still on their prompts, first
+    /// admitted first, all run through the model in one batched pass. Finished sequences
+    /// leave their caches to the prefix cache.
     fn step(&mut self) {
         let model = self.model;
         let n = self.running.len();
-        let (mut keep, mut decode) = (vec![true; n], vec![false; n]);
+        let (mut keep, mut finished) = (vec![true; n], vec![false; n]);
+        // What each sequence runs in this pass.
+        let mut runs: Vec<Option<Run>> = vec![None; n];
         for (i, seq) in self.running.iter_mut().enumerate() {
             if seq.is_prefilling() {
                 continue;
             }
             match seq.emit(model) {
-                Ok(Some(_)) => decode[i] = true,
-                Ok(None) => keep[i] = false,
+                Ok(Some(_)) => runs[i] = Some(Run::Decode),
+                Ok(None) => (keep[i], finished[i]) = (false, true),
                 Err(e) => {
                     seq.fail(e);
                     keep[i] = false;
@@ -146,54 +162,82 @@ impl<'m> Scheduler<'m> {
             }
         }
         let mut budget = self.limits.prefill_chunk;
-        for (i, seq) in self.running.iter_mut().enumerate() {
+        for (i, seq) in self.running.iter().enumerate() {
             if budget == 0 {
                 break;
             }
-            if !seq.is_prefilling() {
-                continue;
-            }
-            let take = seq.prompt_left().min(budget);
-            budget -= take;
-            if let Err(e) = seq.prefill(model, take) {
-                seq.fail(format!("prompt processing failed: {e}"));
-                keep[i] = false;
+            if seq.is_prefilling() {
+                let take = seq.prompt_left().min(budget);
+                budget -= take;
+                runs[i] = Some(Run::Prompt(take));
             }
         }
-        let which: Vec<usize> = (0..n).filter(|&i| decode[i]).collect();
+        let which: Vec<usize> = (0..n).filter(|&i| runs[i].is_some()).collect();
         if !which.is_empty() {
-            let rows_n = which.len() as u64;
-            self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
-            self.stats.decoded_rows.fetch_add(rows_n, Ordering::Relaxed);
-            self.stats
-                .largest_batch
-                .fetch_max(rows_n, Ordering::Relaxed);
+            let decoded = runs.iter().filter(|r| **r == Some(Run::Decode)).count() as u64;
+            if decoded > 0 {
+                self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .decoded_rows
+                    .fetch_add(decoded, Ordering::Relaxed);
+                self.stats
+                    .largest_batch
+                    .fetch_max(decoded, Ordering::Relaxed);
+            }
             let mut rows: Vec<BatchRow<'_>> = self
                 .running
                 .iter_mut()
-                .zip(&decode)
-                .filter(|(_, d)| **d)
-                .map(|(seq, _)| seq.decode_row())
+                .zip(&runs)
+                .filter_map(|(seq, run)| match run {
+                    Some(Run::Decode) => Some(seq.decode_row()),
+                    Some(Run::Prompt(k)) => Some(seq.prompt_row(*k)),
+                    None => None,
+                })
                 .collect();
             let result = model.llama.forward_batch(&mut rows);
             drop(rows);
             match result {
                 Ok(logits) => {
-                    for (i, l) in which.into_iter().zip(logits) {
-                        self.running[i].set_logits(l);
+                    for (&i, l) in which.iter().zip(logits) {
+                        match runs[i] {
+                            Some(Run::Prompt(k)) => self.running[i].prompt_ran(k, l),
+                            _ => self.running[i].set_logits(l),
+                        }
                     }
                 }
                 Err(e) => {
                     for i in which {
-                        self.running[i].fail(format!("decoding failed: {e}"));
+                        let what = match runs[i] {
+                            Some(Run::Prompt(_)) => "prompt processing",
+                            _ => "decoding",
+                        };
+                        self.running[i].fail(format!("{what} failed: {e}"));
                         keep[i] = false;
                     }
                 }
             }
         }
-        let mut keep = keep.into_iter();
-        self.running.retain(|_| keep.next().unwrap_or(false));
+        let before = std::mem::take(&mut self.running);
+        for ((seq, keep), finished) in before.into_iter().zip(keep).zip(finished) {
+            if keep {
+                self.running.push(seq);
+            } else if finished {
+                let (adapter, tokens, cache) = seq.into_cache();
+                if let Err(e) = self.prefixes.insert(adapter, tokens, &cache) {
+                    tracing::warn!("a finished reply's cache was not kept: {e}");
+                }
+            }
+        }
     }
+}
+
+/// What a sequence runs in a step's pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Run {
+    /// The token it just sampled.
+    Decode,
+    /// The next this many prompt tokens.
+    Prompt(usize),
 }
 
 #[cfg(test)]
@@ -217,6 +261,7 @@ mod tests {
             limits: shared.limits.clone(),
             waiting: VecDeque::new(),
             running: Vec::new(),
+            prefixes: PrefixCache::new(shared.limits.prefix_cache_positions),
         }
     }
 
@@ -378,5 +423,147 @@ mod tests {
         s.queue(big);
         s.round(&sh);
         assert!(started(&drain(&mut big_rx)));
+    }
+
+    /// A rank-4 adapter on every layer's q and v projections, random.
+    fn random_adapter(cfg: &crate::llama::LlamaConfig) -> crate::lora::LoraAdapter {
+        use crate::llama::Projection;
+        let config = serde_json::from_value(serde_json::json!({
+            "r": 4, "lora_alpha": 8.0, "target_modules": ["q_proj", "v_proj"]
+        }))
+        .unwrap();
+        let mut tensors = std::collections::HashMap::new();
+        for layer in 0..cfg.num_layers {
+            for (p, name) in [(Projection::Q, "q_proj"), (Projection::V, "v_proj")] {
+                let (inp, out) = cfg.projection_dims(p);
+                let key = |s: &str| {
+                    format!(
+                        "base_model.model.model.layers.{layer}.self_attn.{name}.lora_{s}.weight"
+                    )
+                };
+                let dev = &candle_core::Device::Cpu;
+                tensors.insert(
+                    key("A"),
+                    candle_core::Tensor::randn(0f32, 0.5, (4, inp), dev).unwrap(),
+                );
+                tensors.insert(
+                    key("B"),
+                    candle_core::Tensor::randn(0f32, 0.5, (out, 4), dev).unwrap(),
+                );
+            }
+        }
+        crate::lora::LoraAdapter::from_tensors("random".into(), config, &tensors, cfg).unwrap()
+    }
+
+    /// Rounds until every sequence is past its prompt; the first one's logits then.
+    fn prompt_logits(s: &mut Scheduler<'_>, sh: &Shared) -> Vec<f32> {
+        s.round(sh);
+        while s.running.iter().any(|q| q.is_prefilling()) {
+            s.round(sh);
+        }
+        s.running[0].logits().to_vec()
+    }
+
+    /// Run `job` to its end.
+    fn finish(s: &mut Scheduler<'_>, sh: &Shared, job: Job) {
+        s.queue(job);
+        while !(s.running.is_empty() && s.waiting.is_empty()) {
+            s.round(sh);
+        }
+    }
+
+    #[test]
+    fn a_prompt_that_repeats_a_finished_conversation_starts_after_it_with_the_same_numbers() {
+        let limits = EngineLimits {
+            prefill_chunk: 7,
+            ..EngineLimits::default()
+        };
+        let (_dir, sh) = shared(limits);
+        // The second message of a conversation: the first prompt, the reply, then more.
+        let (first, _r1) = job(20, 6, None);
+        let first_prompt = first.prompt.clone();
+        let mut s = scheduler(&sh);
+        finish(&mut s, &sh, first);
+        assert_eq!(
+            s.prefixes.held(),
+            20 + 5,
+            "the prompt and the reply's first 5 tokens"
+        );
+        let reused_before = sh.stats.reused_prompt_tokens.load(Ordering::Relaxed);
+        let (second, _r2) = job(40, 3, None);
+        let mut prompt: Vec<u32> = first_prompt;
+        prompt.extend([71, 72, 73, 74, 75]);
+        prompt.extend((0..15).map(|i| 90 + i));
+        let second = Job {
+            prompt: prompt.clone(),
+            ..second
+        };
+        s.queue(second);
+        s.round(&sh);
+        assert!(
+            s.running[0].prefilled() >= 20,
+            "started after the cached prefix"
+        );
+        let reused = sh.stats.reused_prompt_tokens.load(Ordering::Relaxed) - reused_before;
+        assert!(reused >= 20, "{reused} tokens reused");
+        let cached = prompt_logits_from(&mut s, &sh);
+
+        // The same prompt on a scheduler with nothing cached, in other chunks.
+        let mut fresh = scheduler(&sh);
+        let (again, _r3) = job(40, 3, None);
+        fresh.queue(Job { prompt, ..again });
+        let uncached = prompt_logits(&mut fresh, &sh);
+        assert_eq!(fresh.running[0].prefilled(), 40);
+        assert_eq!(
+            cached.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            uncached.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "the logits after the prompt are the same to the bit"
+        );
+    }
+
+    /// Rounds until the running sequence is past its prompt; its logits then.
+    fn prompt_logits_from(s: &mut Scheduler<'_>, sh: &Shared) -> Vec<f32> {
+        while s.running[0].is_prefilling() {
+            s.round(sh);
+        }
+        s.running[0].logits().to_vec()
+    }
+
+    #[test]
+    fn a_cached_prefix_is_reused_only_on_the_same_adapter_and_within_its_budget() {
+        let limits = EngineLimits {
+            prefix_cache_positions: 30,
+            ..EngineLimits::default()
+        };
+        let (_dir, sh) = shared(limits);
+        let mut s = scheduler(&sh);
+        let (a, _ra) = job(20, 1, None);
+        finish(&mut s, &sh, a);
+        assert_eq!(s.prefixes.held(), 20);
+        // On an adapter the base model's keys and values do not apply.
+        let prepared = Arc::new(super::super::ActiveAdapter {
+            version: 7,
+            adapter: random_adapter(&sh.model.llama.config),
+        });
+        let (b, _rb) = job(20, 1, None);
+        s.queue(Job {
+            adapter: AdapterChoice::Fixed(prepared),
+            ..b
+        });
+        s.round(&sh);
+        assert_eq!(s.running[0].prefilled(), 20, "ran the whole prompt itself");
+        while !s.running.is_empty() {
+            s.round(&sh);
+        }
+        // Two entries of 20 do not fit 30: the older one went.
+        assert_eq!(s.prefixes.held(), 20);
+        let (c, _rc) = job(20, 1, None);
+        s.queue(c);
+        s.round(&sh);
+        assert_eq!(
+            s.running[0].prefilled(),
+            20,
+            "the base model's entry was evicted"
+        );
     }
 }

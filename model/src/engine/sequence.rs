@@ -4,7 +4,6 @@
 use super::{ActiveAdapter, Event, FinishReason, Finished, Job, LoadedModel};
 use crate::llama::{BatchRow, Cache};
 use crate::sampling::Sampler;
-use candle_core::Tensor;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc as tmpsc;
@@ -93,25 +92,56 @@ impl<'m> Sequence<'m> {
         self.prompt_tokens - self.prefilled
     }
 
-    /// Run the next `n` prompt tokens through the model, in their own pass: the whole-
-    /// sequence graph (`Llama::forward`), whose numbers for a prompt are the ones checked
-    /// against llama.cpp (the batched host pass rounds differently, and on a near-tie of
-    /// the first token that showed).
-    pub fn prefill(&mut self, model: &LoadedModel, n: usize) -> candle_core::Result<()> {
-        let chunk = &self.tokens[self.prefilled..self.prefilled + n];
-        let input = Tensor::new(chunk, &model.llama.device)?.unsqueeze(0)?;
-        let logits = model.llama.forward(
-            &input,
-            &mut self.cache,
-            self.adapter.as_ref().map(|a| &a.adapter),
-        )?;
+    /// The prompt's tokens.
+    pub fn prompt(&self) -> &[u32] {
+        &self.tokens[..self.prompt_tokens]
+    }
+
+    /// The adapter's activation version (None: the base model): what a cached prefix
+    /// must have been computed with to be reused.
+    pub fn adapter_key(&self) -> Option<u64> {
+        self.adapter.as_ref().map(|a| a.version)
+    }
+
+    /// Start after `len` prompt tokens whose keys and values `cache` already holds.
+    pub fn start_from(&mut self, len: usize, cache: Cache) {
+        debug_assert!(len < self.prompt_tokens && cache.len() == len);
+        self.cache = cache;
+        self.prefilled = len;
+    }
+
+    /// The batch row that runs the next `n` prompt tokens.
+    pub fn prompt_row(&mut self, n: usize) -> BatchRow<'_> {
+        BatchRow {
+            tokens: &self.tokens[self.prefilled..self.prefilled + n],
+            cache: &mut self.cache,
+            adapter: self.adapter.as_ref().map(|a| &a.adapter),
+        }
+    }
+
+    /// `n` more prompt tokens ran; `logits` are those after the last of them (the first
+    /// token's, once the whole prompt is in).
+    pub fn prompt_ran(&mut self, n: usize, logits: Vec<f32>) {
         self.prefilled += n;
         if !self.is_prefilling() {
-            self.logits = logits.squeeze(0)?.to_vec1::<f32>()?;
+            self.logits = logits;
             self.prompt_secs = self.admitted.elapsed().as_secs_f64();
             self.decode_start = Instant::now();
         }
-        Ok(())
+    }
+
+    /// The logits of the next token (tests compare them).
+    #[cfg(test)]
+    pub fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+
+    /// A finished sequence's attention cache with the tokens it holds, to keep for later
+    /// prompts that begin with them.
+    pub fn into_cache(mut self) -> (Option<u64>, Vec<u32>, Cache) {
+        let key = self.adapter_key();
+        self.tokens.truncate(self.cache.len());
+        (key, self.tokens, self.cache)
     }
 
     /// The batch row that runs the token just sampled.

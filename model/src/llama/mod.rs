@@ -163,6 +163,10 @@ pub struct Llama {
     cos: Tensor,
     sin: Tensor,
     pub device: Device,
+    /// Whether the host pass rounds queries, keys and values to f16, as llama.cpp's f16
+    /// attention cache does (`LoadedModel::load` sets it for GGUF files; off, the host pass
+    /// is the f32 arithmetic the numpy references check).
+    pub kv_f16: bool,
 }
 
 /// Per-sequence attention cache.
@@ -193,6 +197,31 @@ impl Cache {
     pub fn reset(&mut self) {
         self.layers.iter_mut().for_each(KvCache::reset);
     }
+
+    /// A copy of the first `len` positions, with room for `capacity` before it grows
+    /// (a prompt's cached prefix handed to a new sequence; a finished one kept exactly).
+    pub fn prefix(&self, len: usize, capacity: usize) -> candle_core::Result<Self> {
+        if len > self.len() {
+            candle_core::bail!("a prefix of {len} positions from a cache of {}", self.len());
+        }
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let mut copy = KvCache::new(2, capacity.max(len).max(1));
+                if let (Some(k), Some(v)) = (l.k()?, l.v()?)
+                    && len > 0
+                {
+                    copy.append(
+                        &k.narrow(2, 0, len)?.contiguous()?,
+                        &v.narrow(2, 0, len)?.contiguous()?,
+                    )?;
+                }
+                Ok(copy)
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self { layers })
+    }
 }
 
 impl Llama {
@@ -216,6 +245,7 @@ impl Llama {
             cos,
             sin,
             device,
+            kv_f16: false,
         })
     }
 
