@@ -2,6 +2,7 @@
 //! runs, without its threads and streaming.
 
 use loraloop_model::engine::LoadedModel;
+use loraloop_model::llama::BatchRow;
 use loraloop_model::lora::LoraAdapter;
 use loraloop_model::template::TemplateMessage;
 
@@ -35,17 +36,15 @@ pub fn greedy_tokens(
     let mut input = prompt.clone();
     let mut out = Vec::new();
     for _ in 0..max_new_tokens {
-        let t = candle_core::Tensor::new(input.as_slice(), &llama.device)
-            .and_then(|t| t.unsqueeze(0))
-            .map_err(|e| e.to_string())?;
         let logits = llama
-            .forward(&t, &mut cache, adapter)
-            .and_then(|l| l.squeeze(0))
-            .map_err(|e| e.to_string())?;
-        let next = logits
-            .argmax(0)
-            .and_then(|a| a.to_scalar::<u32>())
-            .map_err(|e| e.to_string())?;
+            .forward_batch(&mut [BatchRow {
+                tokens: &input,
+                cache: &mut cache,
+                adapter,
+            }])
+            .map_err(|e| e.to_string())?
+            .remove(0);
+        let next = loraloop_model::sampling::argmax(&logits);
         if eos.contains(&next) {
             break;
         }
