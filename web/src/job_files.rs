@@ -27,7 +27,9 @@ pub async fn validate_waiting(state: AppState) {
 pub async fn validate(state: &AppState, id: i64) {
     let db = &state.core.db;
     let job = match db.job(id).await {
-        Ok(j) if j.state() == JobState::ValidatingFiles => j,
+        // A job on a dataset passes through `validating_files` on its way to `queued`:
+        // it has no files to validate.
+        Ok(j) if j.state() == JobState::ValidatingFiles && j.dataset_id.is_none() => j,
         Ok(_) => return,
         Err(e) => {
             tracing::warn!("job {id}: cannot read it to validate its files: {e}");

@@ -6,6 +6,11 @@ use serde::Serialize;
 use std::fmt;
 use std::str::FromStr;
 
+/// A job created from files whose validation is still to come. A job created on a
+/// dataset passes through `validating_files` too, on its way to `queued` (the state's
+/// default), but has its dataset from the start: file validation must not take it.
+const FILE_JOB_TO_VALIDATE: &str = "state = 'validating_files' and dataset_id is null";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
@@ -208,7 +213,7 @@ impl Db {
     pub async fn job_file_refused(&self, id: i64, param: &str, message: &str) -> Result<bool> {
         let done = sqlx::query(&format!(
             "update training_jobs set state = 'failed', error = ?, error_param = ?, finished_at = {NOW}
-             where id = ? and state = 'validating_files'"
+             where id = ? and {FILE_JOB_TO_VALIDATE}"
         ))
         .bind(message)
         .bind(param)
@@ -220,9 +225,9 @@ impl Db {
 
     /// Jobs waiting for their files to be validated, oldest first.
     pub async fn jobs_validating_files(&self) -> Result<Vec<i64>> {
-        let ids: Vec<(i64,)> = sqlx::query_as(
-            "select id from training_jobs where state = 'validating_files' order by id",
-        )
+        let ids: Vec<(i64,)> = sqlx::query_as(&format!(
+            "select id from training_jobs where {FILE_JOB_TO_VALIDATE} order by id"
+        ))
         .fetch_all(self.pool())
         .await?;
         Ok(ids.into_iter().map(|r| r.0).collect())
@@ -609,6 +614,26 @@ mod tests {
         })
         .await
         .unwrap()
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn file_validation_never_takes_a_job_created_on_a_dataset(pool: SqlitePool) {
+        // Seen in the web tests: serve's start-up validation listed a dataset job in the
+        // moment between its insert and its move to `queued`, and failed it for having
+        // no training file.
+        let db = Db::from_pool(pool);
+        let job = new_job(&db, &serde_json::json!({})).await;
+        assert_eq!(job.state(), JobState::ValidatingFiles);
+        assert!(db.jobs_validating_files().await.unwrap().is_empty());
+        assert!(
+            !db.job_file_refused(job.id, "training_file", "no file")
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            db.job(job.id).await.unwrap().state(),
+            JobState::ValidatingFiles
+        );
     }
 
     #[sqlx::test(migrations = "../migrations")]
