@@ -505,7 +505,7 @@ fn dot_row_generic(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
 ))]
 mod avx2 {
     use super::*;
-    use crate::kernels::has_vnni;
+    use crate::kernels::with_vnni;
     use std::arch::x86_64::*;
 
     // The pieces the kernels below share, as macros: expanded in place inside the
@@ -589,46 +589,24 @@ mod avx2 {
         n: usize,
         dst: &mut [f32],
     ) {
-        if has_vnni() {
-            // SAFETY: the CPU has AVX-VNNI (checked above); AVX2, FMA and F16C are this
-            // function's own.
-            #[allow(unsafe_code)]
-            unsafe {
-                vnni::rows_dot(w, nb, acts, n, dst)
-            }
-        } else {
+        with_vnni!(
+            vnni::rows_dot(w, nb, acts, n, dst),
             plain::rows_dot(w, nb, acts, n, dst)
-        }
+        )
     }
 
     /// One weight row times one activation row (the tests' entry point).
     #[cfg(test)]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn dot_row(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
-        if has_vnni() {
-            // SAFETY: as in `rows_dot`.
-            #[allow(unsafe_code)]
-            unsafe {
-                vnni::dot_row(w, x)
-            }
-        } else {
-            plain::dot_row(w, x)
-        }
+        with_vnni!(vnni::dot_row(w, x), plain::dot_row(w, x))
     }
 
     /// One weight row times four activation rows (the tests' entry point).
     #[cfg(test)]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn dot_row4(w: &[WeightBlock], x: [&[ActBlock]; 4]) -> [f32; 4] {
-        if has_vnni() {
-            // SAFETY: as in `rows_dot`.
-            #[allow(unsafe_code)]
-            unsafe {
-                vnni::dot_row4(w, x)
-            }
-        } else {
-            plain::dot_row4(w, x)
-        }
+        with_vnni!(vnni::dot_row4(w, x), plain::dot_row4(w, x))
     }
 
     /// Eight f16 bit patterns as eight f32 (`vcvtph2ps`).
@@ -751,14 +729,14 @@ mod avx2 {
     }
 
     /// AVX2 + FMA + F16C: what every x86-64-v3 CPU has.
-    mod plain {
+    pub(super) mod plain {
         use super::super::*;
         use std::arch::x86_64::*;
         row_kernels!("avx2,fma,f16c", block_sums);
     }
 
     /// With AVX-VNNI's `vpdpbusd` (Intel since Alder Lake, AMD since Zen 4).
-    mod vnni {
+    pub(super) mod vnni {
         use super::super::*;
         use std::arch::x86_64::*;
         row_kernels!("avx2,fma,f16c,avxvnni", block_sums_vnni);
@@ -909,6 +887,38 @@ mod tests {
         target_feature = "fma",
         target_feature = "f16c"
     ))]
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    ))]
+    #[test]
+    fn the_vnni_kernel_gives_the_avx2_kernels_sums_to_the_bit() {
+        if !crate::kernels::has_vnni() {
+            eprintln!("SKIPPED: this CPU has no AVX-VNNI");
+            return;
+        }
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (5, 576), &dev).unwrap();
+        let m = Q41Matrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q4_1).unwrap()).unwrap();
+        let nb = 576 / QK;
+        let n = 6;
+        let x: Vec<f32> = Tensor::randn(0f32, 3.0, n * 576, &dev)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let acts: Vec<ActBlock> = x.chunks_exact(QK).map(quantize_q8_1).collect();
+        let (mut a, mut b) = (vec![0f32; 5 * n], vec![0f32; 5 * n]);
+        // SAFETY: this build targets AVX2, FMA and F16C; the CPU has AVX-VNNI (checked).
+        #[allow(unsafe_code)]
+        unsafe {
+            avx2::vnni::rows_dot(&m.blocks, nb, &acts, n, &mut a);
+            avx2::plain::rows_dot(&m.blocks, nb, &acts, n, &mut b);
+        }
+        assert_eq!(a, b);
+    }
+
     #[test]
     fn the_avx2_dot_product_is_the_portable_one() {
         // Same integer products, scales applied in another order: equal up to float

@@ -187,7 +187,7 @@ fn dot_generic(w: &[Block], x: &[Block]) -> f32 {
 ))]
 mod avx2 {
     use super::*;
-    use crate::kernels::has_vnni;
+    use crate::kernels::with_vnni;
 
     /// Products of a weight block's magnitudes (`aw`, unsigned) with an input block
     /// signed by the weights' signs (`sx`), four adjacent ones per 32-bit lane, as floats:
@@ -253,13 +253,13 @@ mod avx2 {
         };
     }
 
-    mod plain {
+    pub(super) mod plain {
         use super::super::*;
         use std::arch::x86_64::*;
         tile_kernel!("avx2,fma,f16c", block_sums);
     }
 
-    mod vnni {
+    pub(super) mod vnni {
         use super::super::*;
         use std::arch::x86_64::*;
         tile_kernel!("avx2,fma,f16c,avxvnni", block_sums_vnni);
@@ -267,16 +267,10 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn tile_dot(w: &[Block], nb: usize, acts: &[Block], out: &mut [f32]) {
-        if has_vnni() {
-            // SAFETY: the CPU has AVX-VNNI (checked); AVX2, FMA and F16C are this
-            // function's own.
-            #[allow(unsafe_code)]
-            unsafe {
-                vnni::tile_dot(w, nb, acts, out)
-            }
-        } else {
+        with_vnni!(
+            vnni::tile_dot(w, nb, acts, out),
             plain::tile_dot(w, nb, acts, out)
-        }
+        )
     }
 }
 
@@ -307,6 +301,36 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    ))]
+    #[test]
+    fn the_vnni_kernel_gives_the_avx2_kernels_sums_to_the_bit() {
+        if !crate::kernels::has_vnni() {
+            eprintln!("SKIPPED: this CPU has no AVX-VNNI");
+            return;
+        }
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (ROWS_PER_ITEM, 128), &dev).unwrap();
+        let m = Q80Matrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()).unwrap();
+        let x: Vec<f32> = Tensor::randn(0f32, 3.0, 3 * 128, &dev)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let acts: Vec<Block> = x.chunks_exact(QK).map(quantize).collect();
+        let (mut a, mut b) = ([0f32; 4 * ROWS_PER_ITEM], [0f32; 4 * ROWS_PER_ITEM]);
+        // SAFETY: this build targets AVX2, FMA and F16C; the CPU has AVX-VNNI (checked).
+        #[allow(unsafe_code)]
+        unsafe {
+            avx2::vnni::tile_dot(&m.blocks, 4, &acts, &mut a);
+            avx2::plain::tile_dot(&m.blocks, 4, &acts, &mut b);
+        }
+        assert_eq!(a, b);
     }
 
     #[test]

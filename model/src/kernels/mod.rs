@@ -44,6 +44,26 @@ pub(crate) fn has_vnni() -> bool {
     *VNNI.get_or_init(|| std::arch::is_x86_feature_detected!("avxvnni"))
 }
 
+/// `$vnni` where the CPU has AVX-VNNI, `$plain` otherwise: for callers that are
+/// themselves `#[target_feature(enable = "avx2,fma,f16c")]` functions.
+#[cfg(target_arch = "x86_64")]
+macro_rules! with_vnni {
+    ($vnni:expr, $plain:expr) => {{
+        if $crate::kernels::has_vnni() {
+            // SAFETY: the CPU has AVX-VNNI (checked above); AVX2, FMA and F16C are the
+            // calling function's own target features.
+            #[allow(unsafe_code)]
+            unsafe {
+                $vnni
+            }
+        } else {
+            $plain
+        }
+    }};
+}
+#[cfg(target_arch = "x86_64")]
+pub(crate) use with_vnni;
+
 pub(crate) mod exp;
 pub(crate) mod gemm;
 pub(crate) mod norm;
