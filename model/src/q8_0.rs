@@ -89,16 +89,11 @@ impl Q80Matrix {
             .to_vec1::<f32>()?;
         let mut shape = dims.to_vec();
         *shape.last_mut().expect("x has a last dimension") = self.rows;
-        Tensor::from_vec(self.forward_host(&xs)?, shape, &Device::Cpu)
+        Tensor::from_vec(self.forward_rows(&xs)?.concat(), shape, &Device::Cpu)
     }
 
-    /// `xs` (rows of `cols`) times `W^T`: for each input row, its `rows` outputs.
-    pub fn forward_host(&self, xs: &[f32]) -> candle_core::Result<Vec<f32>> {
-        Ok(self.forward_rows(xs)?.concat())
-    }
-
-    /// [`Self::forward_host`] with each input row's outputs in a vector of its own (the
-    /// logits of each sequence of a decode step).
+    /// `xs` (rows of `cols`) times `W^T`: each input row's `rows` outputs in a vector of
+    /// its own (the logits of each sequence of a decode step).
     pub fn forward_rows(&self, xs: &[f32]) -> candle_core::Result<Vec<Vec<f32>>> {
         let cols = self.cols;
         if !xs.len().is_multiple_of(cols) {
