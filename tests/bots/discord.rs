@@ -1249,6 +1249,177 @@ async fn messages_sent_while_the_bot_was_down_are_answered_after_it_returns() {
     drop(dir);
 }
 
+/// The `channel_cursors` row of a channel: where the next start reads its history from.
+async fn cursor(db: &sqlx::SqlitePool, channel: u64) -> i64 {
+    let (last,): (i64,) =
+        sqlx::query_as("select last_message_id from channel_cursors where channel = ?")
+            .bind(channel.to_string())
+            .fetch_one(db)
+            .await
+            .unwrap();
+    last
+}
+
+/// A message sent while the bot was down is still being read from the history when a
+/// newer one comes over the gateway: the newer one is stored, but the cursor (where the next
+/// start reads from) does not pass the older one until that is stored too. Before, a kill
+/// in between lost the older message for good (the crash campaign's "unanswered 0 + 1").
+#[tokio::test]
+async fn a_newer_message_does_not_move_the_cursor_past_one_still_to_read() {
+    let (fake, first) = start(&[]).await;
+    fake.dm(4901, "Hello.");
+    until(30, "the first reply", || fake.replies(dm(4901)).len() == 1).await;
+    let config = first.server.state.config.clone();
+    let crate::support::TestServer { server, dir, .. } = first;
+    server.stop().await.unwrap();
+    until(10, "the gateway connection to close", || fake.all_closed()).await;
+
+    let missed = fake.dm(4901, "Sent while the bot was down.");
+    fake.set_history_delay(Some(Duration::from_secs(3)));
+    let server = crate::support::start_config(config).await;
+    until(20, "the bot to connect again", || fake.is_live()).await;
+    let live = fake.dm(4901, "Sent after it returned.");
+    let db = server.state.db.pool().clone();
+    wait_rows(
+        &db,
+        &format!("select count(*) from inbound_updates where update_key = '{live}'"),
+        1,
+    )
+    .await;
+    let (missed_stored,): (i64,) =
+        sqlx::query_as("select count(*) from inbound_updates where update_key = ?")
+            .bind(missed.to_string())
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(missed_stored, 0, "the history is still on its way");
+    assert!(
+        cursor(&db, dm(4901)).await < missed as i64,
+        "the cursor passed a message that is not stored"
+    );
+    fake.set_history_delay(None);
+    until(30, "both messages answered", || {
+        fake.replies(dm(4901)).len() == 3
+    })
+    .await;
+    wait_rows(
+        &db,
+        &format!(
+            "select count(*) from channel_cursors where channel = '{}' and last_message_id >= {live}",
+            dm(4901)
+        ),
+        1,
+    )
+    .await;
+    server.stop().await.unwrap();
+    drop(dir);
+}
+
+/// What a kill between two stores leaves (gateway events are handled in parallel, the newer
+/// message stored first): the newer one stored, the cursor past the older one that is not.
+/// The next start reads the history from a minute before the cursor: the older message is
+/// answered, the newer one once.
+#[tokio::test]
+async fn a_message_the_cursor_passed_unstored_is_answered_after_a_restart() {
+    let (fake, first) = start(&[]).await;
+    fake.dm(4902, "Hello.");
+    until(30, "the first reply", || fake.replies(dm(4902)).len() == 1).await;
+    let config = first.server.state.config.clone();
+    let crate::support::TestServer { server, dir, .. } = first;
+    server.stop().await.unwrap();
+    until(10, "the gateway connection to close", || fake.all_closed()).await;
+
+    let older = fake.dm(4902, "The first of two.");
+    let newer = fake.dm(4902, "The second of two.");
+    let db = loraloop_core::storage::Db::open(&config.database_path)
+        .await
+        .unwrap();
+    let payload = fake
+        .dispatched_message(newer)
+        .expect("dispatched")
+        .to_string();
+    let discord = loraloop_core::storage::Platform::Discord;
+    assert!(
+        db.store_update(discord, &newer.to_string(), &payload)
+            .await
+            .unwrap()
+    );
+    db.advance_cursor(discord, &dm(4902).to_string(), None, newer as i64)
+        .await
+        .unwrap();
+    drop(db);
+
+    let server = crate::support::start_config(config).await;
+    until(30, "both messages answered", || {
+        fake.replies(dm(4902)).len() == 3
+    })
+    .await;
+    let db = server.state.db.pool().clone();
+    wait_rows(
+        &db,
+        &format!(
+            "select count(*) from inbound_updates where status = 'done' and update_key in ('{older}', '{newer}')"
+        ),
+        2,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(fake.replies(dm(4902)).len(), 3, "each answered once");
+    server.stop().await.unwrap();
+    drop(dir);
+}
+
+/// The process stops after Discord created the reply's first message and before the bot
+/// heard back, so the message's id is not recorded. After the restart the reply is
+/// generated again and its first send carries the same nonce: Discord returns the message
+/// it made, and the reply finishes in it. One message in the channel, not two.
+#[tokio::test]
+async fn a_reply_sent_just_before_the_process_stopped_is_finished_not_repeated() {
+    let (fake, first) = start(&[]).await;
+    fake.hang_next_after_effect("POST", &format!("/channels/{}/messages", dm(4903)));
+    let asked = fake.dm(4903, "Hello.");
+    until(30, "the reply's first message created", || {
+        !fake.texts(dm(4903)).is_empty()
+    })
+    .await;
+    let config = first.server.state.config.clone();
+    let crate::support::TestServer { server, dir, .. } = first;
+    // The reply waits on the unanswered send: the stop cuts it off after its deadline.
+    server.stop().await.unwrap();
+    until(10, "the gateway connection to close", || fake.all_closed()).await;
+
+    let server = crate::support::start_config(config).await;
+    let db = server.state.db.pool().clone();
+    wait_rows(
+        &db,
+        &format!(
+            "select count(*) from inbound_updates where status = 'done' and update_key = '{asked}'"
+        ),
+        1,
+    )
+    .await;
+    let sent: Vec<_> = fake
+        .sent()
+        .into_iter()
+        .filter(|m| m.channel == dm(4903))
+        .collect();
+    assert_eq!(sent.len(), 1, "one message for the reply: {sent:?}");
+    let (stored,): (String,) = sqlx::query_as(
+        "select content from messages where role = 'assistant' and platform_message_id = ?",
+    )
+    .bind(sent[0].id.to_string())
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(
+        sent[0].text(),
+        shown(&stored),
+        "the message holds the whole reply"
+    );
+    server.stop().await.unwrap();
+    drop(dir);
+}
+
 /// The database refuses to store a message (every retry fails): it is not lost, the bot
 /// reads the channel's history again a little later and answers it then.
 #[tokio::test]

@@ -94,6 +94,9 @@ struct Gateway {
     replay_extra: usize,
 }
 
+/// The injected status of a call that is never answered.
+const HANG: u16 = 0;
+
 #[derive(Default)]
 struct Inner {
     gw: Gateway,
@@ -111,6 +114,7 @@ struct Inner {
     rest_delay: Option<Duration>,
     /// When set, fetching a server's roles waits this long.
     roles_delay: Option<Duration>,
+    history_delay: Option<Duration>,
     /// Message nonces sent with `enforce_nonce`: (channel, nonce) -> (message id, when).
     nonces: HashMap<(u64, String), (u64, Instant)>,
     /// When each interaction was dispatched: Discord takes its first answer within 3 s.
@@ -436,6 +440,11 @@ impl FakeDiscord {
         self.inject(method, path, status, true);
     }
 
+    /// The next such call takes effect and is never answered (the bot dies waiting).
+    pub fn hang_next_after_effect(&self, method: &str, path: &str) {
+        self.inject(method, path, HANG, true);
+    }
+
     fn inject(&self, method: &str, path: &str, status: u16, effect: bool) {
         let body = if status == 429 {
             json!({"message": "You are being rate limited.", "retry_after": 0.3, "global": false, "code": 0})
@@ -450,6 +459,11 @@ impl FakeDiscord {
     /// Delay the answer to a roles fetch (a slow Discord).
     pub fn set_roles_delay(&self, d: Option<Duration>) {
         self.lock().roles_delay = d;
+    }
+
+    /// Delay the answer to a read of a channel's history (a slow Discord).
+    pub fn set_history_delay(&self, d: Option<Duration>) {
+        self.lock().history_delay = d;
     }
 
     /// On the next thread the bot starts, `user` writes `text` in it before the bot has
@@ -905,6 +919,10 @@ async fn rest_call(
                 .filter_map(|kv| kv.split_once('='))
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
+            let wait = fake.lock().history_delay;
+            if let Some(d) = wait {
+                tokio::time::sleep(d).await;
+            }
             let after: u64 = q.get("after").and_then(|a| a.parse().ok()).unwrap_or(0);
             let limit: usize = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(50);
             let i = fake.lock();
@@ -1071,6 +1089,9 @@ async fn rest_call(
     };
     if let Some((status, answer)) = effect {
         record(status);
+        if status == HANG {
+            std::future::pending::<()>().await;
+        }
         return json_response(status, answer);
     }
     record(status);

@@ -1,5 +1,6 @@
 //! The bot's state, and where a message or a command came from.
 
+use super::catch_up::Unread;
 use crate::queue::{UpdateHandler, UpdateQueue};
 use crate::rate_limit::RateLimiter;
 use loraloop_core::Services;
@@ -29,6 +30,14 @@ pub(super) enum Place {
     },
 }
 
+/// How a message reached the bot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Via {
+    Gateway,
+    /// Read from a channel's history, in order (see `catch_up`).
+    History,
+}
+
 pub struct DiscordBot {
     pub(super) core: Services,
     /// The bot's user, fetched before the gateway starts.
@@ -48,6 +57,8 @@ pub struct DiscordBot {
     pub(super) wake: tokio::sync::Notify,
     /// When each channel last got a refusal.
     pub(super) refused: Mutex<HashMap<u64, Instant>>,
+    /// The channels whose cursor a gateway message may not move yet.
+    pub(super) unread: Mutex<Unread>,
 }
 
 impl DiscordBot {

@@ -56,6 +56,18 @@ pub(super) fn transient(e: &serenity::Error) -> bool {
     }
 }
 
+/// The nonce of a reply's message: part 0 is the message recorded as the reply (its first
+/// words, a place-in-line notice or a failure notice), 1.. the further parts of a long one.
+/// The same in a process started after a crash: a send that Discord took just before the
+/// crash, unrecorded, returns that message again instead of a copy (within Discord's few
+/// minutes for nonces).
+pub(super) fn reply_nonce(update_key: &str, part: usize) -> String {
+    match update_key.parse::<u64>() {
+        Ok(id) => format!("r{id:x}.{part:x}"),
+        Err(_) => new_nonce(),
+    }
+}
+
 /// A nonce for one message to send (Discord allows 25 characters): with `enforce_nonce`
 /// a retried send that Discord had already taken returns that message instead of a copy.
 pub(super) fn new_nonce() -> String {

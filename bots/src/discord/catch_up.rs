@@ -1,21 +1,77 @@
 //! After downtime: Discord does not deliver the messages sent while the bot was away (a
 //! new gateway session starts from now), so the bot reads each channel it answered in
 //! since the newest message it stored there, and takes them as if they had just come.
+//!
+//! A channel's cursor says "every message up to here is stored": the next start reads from
+//! it. So a message from the gateway may move it only when no older message can still be
+//! missing ([`Unread`]): a message sent while the bot was away and not yet read from the
+//! history, or one whose store failed. Gateway events are handled in parallel tasks, so
+//! two messages sent together can be stored out of order; a kill between the two stores
+//! would leave the cursor past the older one, so the history is read from a little before
+//! the cursor ([`REREAD`]); what was stored already is recognised and not answered again.
 
-use super::bot::DiscordBot;
+use super::bot::{DiscordBot, Via};
 use super::calls::retry;
+use crate::lock;
 use loraloop_core::storage::Platform;
 use serenity::all::{ChannelId, GetMessages, GuildId, MessageId};
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Channels the bot stored a message in during this many days are read again.
 const RECENT_DAYS: i64 = 14;
 /// At most this many channels, and this many pages of 100 messages from each.
 const MAX_CHANNELS: i64 = 500;
 const MAX_PAGES: usize = 10;
+/// The history is read from this long (in Discord's snowflake time) before the cursor.
+const REREAD: Duration = Duration::from_secs(60);
+/// A channel whose history could not be read is tried again after these waits.
+const RETRY_WAITS: [Duration; 4] = [
+    Duration::from_secs(10),
+    Duration::from_secs(20),
+    Duration::from_secs(40),
+    Duration::from_secs(80),
+];
+
+/// The channels whose history may hold messages not yet stored: a message from the
+/// gateway moves no cursor before this session's catch-up has listed its channels, nor in
+/// a channel whose history is still to be read (or could not be).
+#[derive(Default)]
+pub(super) struct Unread {
+    listed: bool,
+    /// Channel -> history reads under way, due, or failed for this session.
+    channels: HashMap<u64, usize>,
+}
+
+impl Unread {
+    /// Whether a message from the gateway may move `channel`'s cursor.
+    pub(super) fn may_advance(&self, channel: u64) -> bool {
+        self.listed && !self.channels.contains_key(&channel)
+    }
+
+    /// A new gateway session: what was sent since the last one is unread everywhere.
+    pub(super) fn new_session(&mut self) {
+        self.listed = false;
+    }
+
+    pub(super) fn add(&mut self, channel: u64) {
+        *self.channels.entry(channel).or_default() += 1;
+    }
+
+    fn read(&mut self, channel: u64) {
+        if let Entry::Occupied(mut e) = self.channels.entry(channel) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+}
 
 impl DiscordBot {
-    /// Read every recent channel's messages since the bot's cursor there.
+    /// On READY: read every recent channel's messages since the bot's cursor there.
     pub(super) async fn catch_up(self: Arc<Self>) {
         let cursors = match self
             .core
@@ -25,18 +81,34 @@ impl DiscordBot {
         {
             Ok(c) => c,
             Err(e) => {
+                // No cursor moves this session: the next start reads from where they are.
                 tracing::error!("discord: cannot read where to catch up from: {e}");
                 return;
             }
         };
+        {
+            let mut unread = lock(&self.unread);
+            for (channel, ..) in &cursors {
+                if let Ok(c) = channel.parse() {
+                    unread.add(c);
+                }
+            }
+            unread.listed = true;
+        }
         let mut found = 0;
         for (channel, guild, last) in cursors {
-            match self
-                .catch_up_channel(&channel, guild.as_deref(), last)
-                .await
-            {
-                Ok(n) => found += n,
-                Err(e) => tracing::warn!("discord: cannot read channel {channel}'s history: {e:#}"),
+            let Ok(id) = channel.parse::<u64>() else {
+                continue;
+            };
+            match self.catch_up_channel(id, guild.as_deref(), last).await {
+                Ok(n) => {
+                    found += n;
+                    lock(&self.unread).read(id);
+                }
+                Err(e) => {
+                    tracing::warn!("discord: cannot read channel {channel}'s history: {e:#}");
+                    tokio::spawn(self.clone().read_again(id, guild, last));
+                }
             }
         }
         if found > 0 {
@@ -44,17 +116,47 @@ impl DiscordBot {
         }
     }
 
-    /// The messages of one channel after `after`, oldest first; how many were new.
+    /// A message from the gateway could not be stored: read its channel again from just
+    /// before it, a little later (the channel was marked unread when the store failed).
+    pub(super) async fn read_again(
+        self: Arc<Self>,
+        channel: u64,
+        guild: Option<String>,
+        after: i64,
+    ) {
+        for wait in RETRY_WAITS {
+            tokio::time::sleep(wait).await;
+            match self
+                .catch_up_channel(channel, guild.as_deref(), after)
+                .await
+            {
+                Ok(_) => {
+                    lock(&self.unread).read(channel);
+                    return;
+                }
+                Err(e) => tracing::warn!("discord: cannot read channel {channel}'s history: {e:#}"),
+            }
+        }
+        tracing::error!(
+            "discord: channel {channel}'s history could not be read; its messages since the \
+             last stored one are read at the next start"
+        );
+    }
+
+    /// The messages of one channel after `after` (and [`REREAD`] before it), oldest first;
+    /// how many were new.
     async fn catch_up_channel(
         &self,
-        channel: &str,
+        channel: u64,
         guild: Option<&str>,
         after: i64,
     ) -> anyhow::Result<usize> {
-        let ch = ChannelId::new(channel.parse()?);
+        let ch = ChannelId::new(channel);
         // REST message objects carry no server: the cursor remembers it.
         let guild = guild.map(str::parse::<u64>).transpose()?.map(GuildId::new);
-        let mut after = MessageId::new(u64::try_from(after)?.max(1));
+        // A snowflake's bits above the 22nd are milliseconds.
+        let reread = (REREAD.as_millis() as u64) << 22;
+        let mut after = MessageId::new(u64::try_from(after)?.saturating_sub(reread).max(1));
         let mut new = 0;
         for _ in 0..MAX_PAGES {
             let mut page = retry("read channel history", || {
@@ -67,7 +169,7 @@ impl DiscordBot {
             let full = page.len() == 100;
             for mut m in page {
                 m.guild_id = m.guild_id.or(guild);
-                new += usize::from(self.receive(m).await?);
+                new += usize::from(self.receive(m, Via::History).await?);
             }
             if !full {
                 break;

@@ -1,8 +1,9 @@
 //! The gateway events the bot listens to, handed to the bot.
 
-use super::bot::DiscordBot;
+use super::bot::{DiscordBot, Via};
 use super::calls::retry;
 use super::commands::commands;
+use crate::lock;
 use serenity::all::{
     Command, Context, EventHandler, GatewayIntents, GuildId, Interaction, Message, Reaction, Ready,
     ResumedEvent,
@@ -22,9 +23,6 @@ pub fn intents() -> GatewayIntents {
 
 pub(super) struct Handler(pub(super) Arc<DiscordBot>);
 
-/// A message that could not be stored is read from its channel's history this much later.
-const CATCH_UP_AFTER_FAILURE: std::time::Duration = std::time::Duration::from_secs(10);
-
 #[serenity::async_trait]
 impl EventHandler for Handler {
     async fn ready(&self, ctx: Context, ready: Ready) {
@@ -36,6 +34,7 @@ impl EventHandler for Handler {
         let _ = self.0.application.set(ready.application.id.get());
         // Messages stored by an earlier run and not answered, and those sent while the
         // bot was away.
+        lock(&self.0.unread).new_session();
         self.0.wake.notify_one();
         tokio::spawn(self.0.clone().catch_up());
         let dev_guild = self.0.core.config.raw.discord.dev_guild_id;
@@ -56,16 +55,16 @@ impl EventHandler for Handler {
     }
 
     async fn message(&self, _ctx: Context, m: Message) {
-        if let Err(e) = self.0.receive(m).await {
+        let (channel, id) = (m.channel_id.get(), m.id.get());
+        let guild = m.guild_id.map(|g| g.get().to_string());
+        if let Err(e) = self.0.receive(m, Via::Gateway).await {
             tracing::error!(
-                "discord: cannot store a message: {e:#}; reading the channels' history again in {}s",
-                CATCH_UP_AFTER_FAILURE.as_secs()
+                "discord: cannot store a message: {e:#}; reading the channel's history again soon"
             );
-            let bot = self.0.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(CATCH_UP_AFTER_FAILURE).await;
-                bot.catch_up().await;
-            });
+            // Marked before the store is retried: no later message moves the cursor past it.
+            lock(&self.0.unread).add(channel);
+            let before = i64::try_from(id.saturating_sub(1)).unwrap_or(i64::MAX);
+            tokio::spawn(self.0.clone().read_again(channel, guild, before));
         }
     }
 

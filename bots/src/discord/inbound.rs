@@ -1,6 +1,6 @@
 //! Messages from the gateway: whether the bot answers them (where, allowlists, refusals), storing them, and handing the stored ones to the update queue.
 
-use super::bot::{DiscordBot, Place};
+use super::bot::{DiscordBot, Place, Via};
 use crate::lock;
 use crate::text;
 use loraloop_core::storage::Platform;
@@ -77,10 +77,10 @@ impl DiscordBot {
             .is_some_and(|r| r.author.id == self.me)
     }
 
-    /// A message from the gateway (or a channel's history): store it if the bot is to
+    /// A message from the gateway or a channel's history: store it if the bot is to
     /// answer it, then wake the dispatcher; true when it was new. Outside the allowlists
     /// nothing is stored and the channel gets a refusal (at most one an hour).
-    pub(super) async fn receive(&self, m: Message) -> anyhow::Result<bool> {
+    pub(super) async fn receive(&self, m: Message, via: Via) -> anyhow::Result<bool> {
         let me = self.me;
         if m.author.bot || m.author.id == me {
             return Ok(false);
@@ -114,7 +114,7 @@ impl DiscordBot {
         let key = m.id.get().to_string();
         // Discord does not send a message again: retry a failed store a few times (a busy
         // or briefly unavailable database); a message still not stored is read from the
-        // channel's history by the next catch-up (the cursor has not passed it).
+        // channel's history again (the cursor stops before it: see `catch_up`).
         let mut delay = Duration::from_millis(200);
         let mut attempt = 0;
         let stored = loop {
@@ -134,17 +134,20 @@ impl DiscordBot {
                 Err(e) => return Err(e.into()),
             }
         };
+        // The history is read in order; the gateway's messages are stored in parallel.
+        let may_advance = via == Via::History || lock(&self.unread).may_advance(m.channel_id.get());
         let guild = m.guild_id.map(|g| g.get().to_string());
-        if let Err(e) = self
-            .core
-            .db
-            .advance_cursor(
-                Platform::Discord,
-                &m.channel_id.get().to_string(),
-                guild.as_deref(),
-                i64::try_from(m.id.get())?,
-            )
-            .await
+        if may_advance
+            && let Err(e) = self
+                .core
+                .db
+                .advance_cursor(
+                    Platform::Discord,
+                    &m.channel_id.get().to_string(),
+                    guild.as_deref(),
+                    i64::try_from(m.id.get())?,
+                )
+                .await
         {
             tracing::warn!(
                 "discord: cannot record channel {}'s cursor: {e}",

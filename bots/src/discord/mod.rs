@@ -98,6 +98,7 @@ async fn run_bot(
         rate,
         wake: tokio::sync::Notify::new(),
         refused: Mutex::new(HashMap::new()),
+        unread: Mutex::new(Default::default()),
     });
     let builder = serenity::all::ClientBuilder::new_with_http(http, intents())
         .event_handler(Handler(bot.clone()));

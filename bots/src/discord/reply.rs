@@ -1,7 +1,7 @@
 //! Answering a stored message: the conversation (a thread for a mention), the streamed reply, the final text split at Discord's limit with the rating reactions.
 
 use super::bot::{DiscordBot, Place, THUMBS_DOWN, THUMBS_UP};
-use super::calls::{error_code, new_nonce, retry};
+use super::calls::{error_code, new_nonce, reply_nonce, retry};
 use crate::lock;
 use crate::streaming::{self, split_message};
 use crate::text;
@@ -10,6 +10,7 @@ use serenity::all::{
     ChannelId, CreateMessage, CreateThread, EditMessage, Http, Message, MessageId, Nonce,
     ReactionType, UserId,
 };
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// Discord's limit on a message's content.
@@ -21,6 +22,10 @@ pub(super) const THREAD_ALREADY_CREATED: isize = 160004;
 pub(super) struct DiscordChannel<'a> {
     bot: &'a DiscordBot,
     channel: ChannelId,
+    /// The nonce of the reply's recorded message while this attempt has not sent it: its
+    /// first send is that message (see `streaming`); None when an earlier attempt's is
+    /// recorded, or once it is sent.
+    reply_nonce: Mutex<Option<String>>,
 }
 
 impl streaming::ReplyChannel for DiscordChannel<'_> {
@@ -29,7 +34,8 @@ impl streaming::ReplyChannel for DiscordChannel<'_> {
     const TYPING_INTERVAL: Duration = Duration::from_secs(8);
 
     async fn send(&self, text: &str) -> anyhow::Result<MessageId> {
-        Ok(self.bot.say(self.channel, text).await?.id)
+        let nonce = lock(&self.reply_nonce).take().unwrap_or_else(new_nonce);
+        Ok(self.bot.say_once(self.channel, text, nonce).await?.id)
     }
 
     async fn edit(&self, id: MessageId, text: &str) {
@@ -88,7 +94,17 @@ impl DiscordBot {
     /// Send a message; a retry after an error that Discord may have acted on (a 5xx, a
     /// lost answer) carries the same nonce, so Discord returns the first copy.
     pub(super) async fn say(&self, channel: ChannelId, text: &str) -> anyhow::Result<Message> {
-        let nonce = new_nonce();
+        self.say_once(channel, text, new_nonce()).await
+    }
+
+    /// Send a message with `nonce`: while Discord remembers it, a second send with it
+    /// returns the first message.
+    async fn say_once(
+        &self,
+        channel: ChannelId,
+        text: &str,
+        nonce: String,
+    ) -> anyhow::Result<Message> {
         Ok(retry("send message", || {
             channel.send_message(
                 self.http(),
@@ -256,7 +272,12 @@ impl DiscordBot {
             return Ok(());
         }
         let _ = channel.broadcast_typing(self.http()).await;
-        let ch = DiscordChannel { bot: self, channel };
+        let started = slot.started::<DiscordChannel>().await;
+        let ch = DiscordChannel {
+            bot: self,
+            channel,
+            reply_nonce: Mutex::new(started.is_none().then(|| reply_nonce(&message_id, 0))),
+        };
         let (sent, finished, stored) = streaming::answer(
             &self.core,
             &streaming::Incoming {
@@ -297,11 +318,15 @@ impl DiscordBot {
                     id
                 }
                 (0, None) => {
-                    let id = self.say(channel, part).await?.id;
+                    let nonce = reply_nonce(slot.update_key, 0);
+                    let id = self.say_once(channel, part, nonce).await?.id;
                     slot.record::<DiscordChannel>(id).await;
                     id
                 }
-                _ => self.say(channel, part).await?.id,
+                _ => {
+                    let nonce = reply_nonce(slot.update_key, i);
+                    self.say_once(channel, part, nonce).await?.id
+                }
             };
             first.get_or_insert(id);
         }
