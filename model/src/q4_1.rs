@@ -14,7 +14,7 @@
 //! adds its `B` row times `A x` while it is in cache. Decode with an adapter thus reads the
 //! adapter's weights on all cores, with no extra tensors, copies or pool trips.
 
-use crate::kernels::quant::{QK, round_block};
+use crate::kernels::quant::{QK, round_block, weight_blocks};
 use crate::kernels::reduce::dot_f32;
 use crate::kernels::shared::SharedBuf;
 use crate::kernels::with_avx2;
@@ -65,35 +65,17 @@ const ROWS_PER_ITEM: usize = B_TILE;
 impl Q41Matrix {
     /// From a Q4_1 `QTensor` (ggml block layout: f16 d, f16 m, 16 bytes of nibbles).
     pub fn from_qtensor(q: &QTensor) -> candle_core::Result<Self> {
-        if q.dtype() != GgmlDType::Q4_1 {
-            candle_core::bail!("not a Q4_1 tensor: {:?}", q.dtype());
-        }
-        let (rows, cols) = q.shape().dims2()?;
-        if !cols.is_multiple_of(QK) {
-            candle_core::bail!("Q4_1 rows of {cols} are not whole blocks");
-        }
-        let data = q.data()?;
-        let blocks: Vec<WeightBlock> = data
-            .chunks_exact(20)
-            .map(|b| {
-                let mut qs = [0u8; QK / 2];
-                qs.copy_from_slice(&b[4..20]);
-                WeightBlock {
-                    dm: [
-                        u16::from_le_bytes([b[0], b[1]]),
-                        u16::from_le_bytes([b[2], b[3]]),
-                    ],
-                    qs,
-                }
-            })
-            .collect();
-        if blocks.len() != rows * cols / QK {
-            candle_core::bail!(
-                "Q4_1 data holds {} blocks, expected {}",
-                blocks.len(),
-                rows * cols / QK
-            );
-        }
+        let (rows, cols, blocks) = weight_blocks(q, GgmlDType::Q4_1, 20, |b| {
+            let mut qs = [0u8; QK / 2];
+            qs.copy_from_slice(&b[4..20]);
+            WeightBlock {
+                dm: [
+                    u16::from_le_bytes([b[0], b[1]]),
+                    u16::from_le_bytes([b[2], b[3]]),
+                ],
+                qs,
+            }
+        })?;
         Ok(Self { rows, cols, blocks })
     }
 

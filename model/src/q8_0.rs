@@ -11,7 +11,7 @@
 //! and `vpdpbusd` where the CPU has AVX-VNNI.
 
 use crate::kernels::pool::pool_items;
-use crate::kernels::quant::{QK, round_block};
+use crate::kernels::quant::{QK, round_block, weight_blocks};
 use crate::kernels::shared::SharedBuf;
 use crate::kernels::with_avx2;
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -41,28 +41,10 @@ pub struct Q80Matrix {
 impl Q80Matrix {
     /// From a Q8_0 `QTensor` (ggml block layout: f16 d, then 32 signed bytes).
     pub fn from_qtensor(q: &QTensor) -> candle_core::Result<Self> {
-        if q.dtype() != GgmlDType::Q8_0 {
-            candle_core::bail!("not a Q8_0 tensor: {:?}", q.dtype());
-        }
-        let (rows, cols) = q.shape().dims2()?;
-        if !cols.is_multiple_of(QK) {
-            candle_core::bail!("Q8_0 rows of {cols} are not whole blocks");
-        }
-        let data = q.data()?;
-        let blocks: Vec<Block> = data
-            .chunks_exact(2 + QK)
-            .map(|b| Block {
-                d: f16::from_le_bytes([b[0], b[1]]).to_f32(),
-                qs: std::array::from_fn(|j| b[2 + j] as i8),
-            })
-            .collect();
-        if blocks.len() != rows * cols / QK {
-            candle_core::bail!(
-                "Q8_0 data holds {} blocks, expected {}",
-                blocks.len(),
-                rows * cols / QK
-            );
-        }
+        let (rows, cols, blocks) = weight_blocks(q, GgmlDType::Q8_0, 2 + QK, |b| Block {
+            d: f16::from_le_bytes([b[0], b[1]]).to_f32(),
+            qs: std::array::from_fn(|j| b[2 + j] as i8),
+        })?;
         Ok(Self { rows, cols, blocks })
     }
 

@@ -86,15 +86,8 @@ impl Db {
     }
 
     pub async fn adapter(&self, id: i64) -> Result<Adapter> {
-        let found: Option<Adapter> = sqlx::query_as(&format!(
-            "select {ADAPTER_COLUMNS} from adapters where id = ?"
-        ))
-        .bind(id)
-        .fetch_optional(self.pool())
-        .await?;
-        found.ok_or_else(|| StorageError::NotFound {
-            what: format!("adapter {id}"),
-        })
+        self.row_by_id("adapters", ADAPTER_COLUMNS, id, "adapter ")
+            .await
     }
 
     /// Store an adapter's report card (JSON).

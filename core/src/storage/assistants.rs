@@ -311,11 +311,7 @@ impl Db {
             let found: Option<Assistant> = sqlx::query_as(&format!(
                 "select {} from assistants a join assistant_routes r on r.assistant_id = a.id
                  where r.platform = ? and r.scope = ? and r.key = ?",
-                ASSISTANT_COLUMNS
-                    .split(", ")
-                    .map(|c| format!("a.{c}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                Self::qualified(ASSISTANT_COLUMNS, "a")
             ))
             .bind(platform)
             .bind(scope)

@@ -404,11 +404,7 @@ impl Db {
                join chats ch on ch.id = c.chat_id
              where ch.platform = ? and m.role = 'assistant' and m.platform_message_id = ?
              order by m.id desc limit 1",
-            MESSAGE_COLUMNS
-                .split(", ")
-                .map(|c| format!("m.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            Self::qualified(MESSAGE_COLUMNS, "m")
         ))
         .bind(platform.as_str())
         .bind(platform_message_id)
@@ -431,11 +427,7 @@ impl Db {
                and not exists (select 1 from messages x where x.conversation_id = u.conversation_id
                                and x.role = 'user' and x.id > u.id and x.id < a.id)
              order by a.id limit 1",
-            MESSAGE_COLUMNS
-                .split(", ")
-                .map(|c| format!("a.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            Self::qualified(MESSAGE_COLUMNS, "a")
         ))
         .bind(conversation_id)
         .bind(platform_message_id)

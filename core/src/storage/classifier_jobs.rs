@@ -1,6 +1,6 @@
 //! Classifier fine-tuning jobs and their events.
 
-use super::{Db, Result, StorageError};
+use super::{Db, Result};
 use serde::Serialize;
 
 /// What a classifier job put back in the queue resets: it starts over from step 0.
@@ -76,15 +76,8 @@ impl Db {
     }
 
     pub async fn classifier_job(&self, id: i64) -> Result<ClassifierJob> {
-        let found: Option<ClassifierJob> = sqlx::query_as(&format!(
-            "select {COLUMNS} from classifier_jobs where id = ?"
-        ))
-        .bind(id)
-        .fetch_optional(self.pool())
-        .await?;
-        found.ok_or_else(|| StorageError::NotFound {
-            what: format!("classifier job {id}"),
-        })
+        self.row_by_id("classifier_jobs", COLUMNS, id, "classifier job ")
+            .await
     }
 
     /// Jobs newest first, `limit` of them, older than the job `before` when given.

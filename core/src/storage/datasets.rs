@@ -283,14 +283,7 @@ impl Db {
 
     /// A dataset version by id.
     pub async fn dataset_by_id(&self, id: i64) -> Result<Dataset> {
-        let found: Option<Dataset> =
-            sqlx::query_as(&format!("select {COLUMNS} from datasets where id = ?"))
-                .bind(id)
-                .fetch_optional(self.pool())
-                .await?;
-        found.ok_or_else(|| StorageError::NotFound {
-            what: format!("dataset {id}"),
-        })
+        self.row_by_id("datasets", COLUMNS, id, "dataset ").await
     }
 
     /// Delete one version (or all versions when `version` is None). Refused while a

@@ -37,14 +37,8 @@ impl Db {
     }
 
     pub async fn file(&self, id: i64) -> Result<StoredFile> {
-        let found: Option<StoredFile> =
-            sqlx::query_as(&format!("select {FILE_COLUMNS} from files where id = ?"))
-                .bind(id)
-                .fetch_optional(self.pool())
-                .await?;
-        found.ok_or_else(|| StorageError::NotFound {
-            what: format!("file file-{id}"),
-        })
+        self.row_by_id("files", FILE_COLUMNS, id, "file file-")
+            .await
     }
 
     pub async fn file_content(&self, id: i64) -> Result<Vec<u8>> {

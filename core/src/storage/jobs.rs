@@ -1,7 +1,7 @@
 //! Training jobs and their progress events. States follow OpenAI's fine-tuning jobs:
 //! validating_files -> queued -> running -> succeeded | failed | cancelled.
 
-use super::{Db, Result, StorageError};
+use super::{Db, Result};
 use serde::Serialize;
 use std::fmt;
 use std::str::FromStr;
@@ -234,15 +234,8 @@ impl Db {
     }
 
     pub async fn job(&self, id: i64) -> Result<TrainingJob> {
-        let found: Option<TrainingJob> = sqlx::query_as(&format!(
-            "select {JOB_COLUMNS} from training_jobs where id = ?"
-        ))
-        .bind(id)
-        .fetch_optional(self.pool())
-        .await?;
-        found.ok_or_else(|| StorageError::NotFound {
-            what: format!("training job {id}"),
-        })
+        self.row_by_id("training_jobs", JOB_COLUMNS, id, "training job ")
+            .await
     }
 
     /// Move a job to `to` if it is in `from`; false if it was not (another worker moved it).

@@ -149,6 +149,30 @@ impl Db {
         &self.pool
     }
 
+    /// Row `id` of `table` read as `T` from its `columns`; not found: `"{what}{id}"`.
+    async fn row_by_id<T>(&self, table: &str, columns: &str, id: i64, what: &str) -> Result<T>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + Send + Unpin,
+    {
+        let found: Option<T> =
+            sqlx::query_as(&format!("select {columns} from {table} where id = ?"))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        found.ok_or_else(|| StorageError::NotFound {
+            what: format!("{what}{id}"),
+        })
+    }
+
+    /// `columns` ("a, b") as `alias.a, alias.b`, for a query that joins tables.
+    fn qualified(columns: &str, alias: &str) -> String {
+        columns
+            .split(", ")
+            .map(|c| format!("{alias}.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// Row counts the dashboard and `loraloop status` show.
     pub async fn counts(&self) -> Result<Counts> {
         let row: (i64, i64, i64, i64) = sqlx::query_as(

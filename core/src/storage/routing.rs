@@ -121,15 +121,8 @@ impl Db {
     }
 
     pub async fn canary(&self, id: i64) -> Result<Canary> {
-        sqlx::query_as(&format!(
-            "select {CANARY_COLUMNS} from canaries where id = ?"
-        ))
-        .bind(id)
-        .fetch_optional(self.pool())
-        .await?
-        .ok_or_else(|| super::StorageError::NotFound {
-            what: format!("canary {id}"),
-        })
+        self.row_by_id("canaries", CANARY_COLUMNS, id, "canary ")
+            .await
     }
 
     /// The assistant's canaries, newest first.

@@ -1,7 +1,7 @@
 //! Hyperparameter sweeps: their trials are ordinary jobs carrying the sweep's id.
 
 use super::jobs::JOB_COLUMNS;
-use super::{Db, Result, StorageError, TrainingJob};
+use super::{Db, Result, TrainingJob};
 use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
@@ -29,14 +29,7 @@ impl Db {
     }
 
     pub async fn sweep(&self, id: i64) -> Result<Sweep> {
-        let found: Option<Sweep> =
-            sqlx::query_as(&format!("select {SWEEP_COLUMNS} from sweeps where id = ?"))
-                .bind(id)
-                .fetch_optional(self.pool())
-                .await?;
-        found.ok_or_else(|| StorageError::NotFound {
-            what: format!("sweep {id}"),
-        })
+        self.row_by_id("sweeps", SWEEP_COLUMNS, id, "sweep ").await
     }
 
     /// Sweeps newest first.

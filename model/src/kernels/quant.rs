@@ -1,8 +1,37 @@
-//! Activations rounded to 8 bits per block of 32, as ggml's `quantize_row_q8_0` and
+//! ggml's blocks of 32 values: a quantized weight matrix's blocks read out of a `QTensor`,
+//! and activations rounded to 8 bits per block, as ggml's `quantize_row_q8_0` and
 //! `quantize_row_q8_1` do before an integer dot product with quantized weights.
+
+use candle_core::quantized::{GgmlDType, QTensor};
 
 /// Values per block.
 pub(crate) const QK: usize = 32;
+
+/// The `(rows, cols, blocks)` of a 2-D `dtype` tensor, each block of `block_bytes` read by
+/// `read`; refused when the type, the shape or the data's length is off.
+pub(crate) fn weight_blocks<B>(
+    q: &QTensor,
+    dtype: GgmlDType,
+    block_bytes: usize,
+    read: impl Fn(&[u8]) -> B,
+) -> candle_core::Result<(usize, usize, Vec<B>)> {
+    if q.dtype() != dtype {
+        candle_core::bail!("not a {dtype:?} tensor: {:?}", q.dtype());
+    }
+    let (rows, cols) = q.shape().dims2()?;
+    if !cols.is_multiple_of(QK) {
+        candle_core::bail!("{dtype:?} rows of {cols} are not whole blocks");
+    }
+    let blocks: Vec<B> = q.data()?.chunks_exact(block_bytes).map(read).collect();
+    if blocks.len() != rows * cols / QK {
+        candle_core::bail!(
+            "{dtype:?} data holds {} blocks, expected {}",
+            blocks.len(),
+            rows * cols / QK
+        );
+    }
+    Ok((rows, cols, blocks))
+}
 
 /// One block of `x` (32 values): `(d, q)` with `d = max|x| / 127` and `q = round(x / d)`,
 /// halves rounded away from zero (C's `roundf`, as ggml's reference does). `d` is
