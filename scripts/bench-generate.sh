@@ -39,7 +39,8 @@ import json, sys
 for r in json.load(sys.stdin):
     kind = "pp" if r["n_prompt"] else "tg"
     print(json.dumps({"who": "llama.cpp", kind: r["avg_ts"]}))' >>"$results"
-  "$LORALOOP" -q bench generate --model "$MODEL" --repeats 3 --json >>"$results"
+  # candle's thread pool (and the kernels' own) take their size from RAYON_NUM_THREADS.
+  RAYON_NUM_THREADS="$THREADS" "$LORALOOP" -q bench generate --model "$MODEL" --repeats 3 --json >>"$results"
 done
 
 python3 - "$results" "$THREADS" <<'PY'
