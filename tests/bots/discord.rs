@@ -1315,6 +1315,49 @@ async fn a_newer_message_does_not_move_the_cursor_past_one_still_to_read() {
     drop(dir);
 }
 
+/// Discord refuses the first read of a channel's history after the restart (a 403): the
+/// newer message that comes over the gateway does not move the cursor past the one missed,
+/// and the channel is read again a little later, when both are answered.
+#[tokio::test]
+async fn a_history_that_cannot_be_read_is_read_again_and_holds_the_cursor_meanwhile() {
+    let (fake, first) = start(&[]).await;
+    fake.dm(4904, "Hello.");
+    until(30, "the first reply", || fake.replies(dm(4904)).len() == 1).await;
+    let config = first.server.state.config.clone();
+    let crate::support::TestServer { server, dir, .. } = first;
+    server.stop().await.unwrap();
+    until(10, "the gateway connection to close", || fake.all_closed()).await;
+
+    let missed = fake.dm(4904, "Sent while the bot was down.");
+    fake.fail_next("GET", &format!("/channels/{}/messages", dm(4904)), 403);
+    let server = crate::support::start_config(config).await;
+    until(20, "the bot to connect again", || fake.is_live()).await;
+    until(10, "the refused history read", || {
+        fake.calls_to("GET", &format!("/channels/{}/messages", dm(4904)))
+            .iter()
+            .any(|c| c.status == 403)
+    })
+    .await;
+    let live = fake.dm(4904, "Sent after it returned.");
+    let db = server.state.db.pool().clone();
+    wait_rows(
+        &db,
+        &format!("select count(*) from inbound_updates where update_key = '{live}'"),
+        1,
+    )
+    .await;
+    assert!(
+        cursor(&db, dm(4904)).await < missed as i64,
+        "the cursor passed a message that is not stored"
+    );
+    until(40, "both messages answered", || {
+        fake.replies(dm(4904)).len() == 3
+    })
+    .await;
+    server.stop().await.unwrap();
+    drop(dir);
+}
+
 /// What a kill between two stores leaves (gateway events are handled in parallel, the newer
 /// message stored first): the newer one stored, the cursor past the older one that is not.
 /// The next start reads the history from a minute before the cursor: the older message is

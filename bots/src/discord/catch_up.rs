@@ -27,13 +27,12 @@ const MAX_CHANNELS: i64 = 500;
 const MAX_PAGES: usize = 10;
 /// The history is read from this long (in Discord's snowflake time) before the cursor.
 const REREAD: Duration = Duration::from_secs(60);
-/// A channel whose history could not be read is tried again after these waits.
-const RETRY_WAITS: [Duration; 4] = [
-    Duration::from_secs(10),
-    Duration::from_secs(20),
-    Duration::from_secs(40),
-    Duration::from_secs(80),
-];
+/// What could not be read (the channel list, a channel's history) is tried again after
+/// this wait, doubling up to [`RETRY_MAX`], until it is read or the bot stops: until then
+/// its cursors stay where they are, and a cursor left far behind would have the next
+/// start read old pages instead of what was missed.
+const RETRY_FIRST: Duration = Duration::from_secs(10);
+const RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// The channels whose history may hold messages not yet stored: a message from the
 /// gateway moves no cursor before this session's catch-up has listed its channels, nor in
@@ -73,17 +72,27 @@ impl Unread {
 impl DiscordBot {
     /// On READY: read every recent channel's messages since the bot's cursor there.
     pub(super) async fn catch_up(self: Arc<Self>) {
-        let cursors = match self
-            .core
-            .db
-            .cursors(Platform::Discord, RECENT_DAYS, MAX_CHANNELS)
-            .await
-        {
-            Ok(c) => c,
-            Err(e) => {
-                // No cursor moves this session: the next start reads from where they are.
-                tracing::error!("discord: cannot read where to catch up from: {e}");
-                return;
+        let mut wait = RETRY_FIRST;
+        let cursors = loop {
+            match self
+                .core
+                .db
+                .cursors(Platform::Discord, RECENT_DAYS, MAX_CHANNELS)
+                .await
+            {
+                Ok(c) => break c,
+                Err(e) => {
+                    // Meanwhile no cursor moves.
+                    tracing::error!(
+                        "discord: cannot read where to catch up from: {e}; trying again in {}s",
+                        wait.as_secs()
+                    );
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(RETRY_MAX);
+                    if self.queue.stopping() {
+                        return;
+                    }
+                }
             }
         };
         {
@@ -116,16 +125,20 @@ impl DiscordBot {
         }
     }
 
-    /// A message from the gateway could not be stored: read its channel again from just
-    /// before it, a little later (the channel was marked unread when the store failed).
+    /// Read a channel again from `after`, a little later and until it is read (it was
+    /// marked unread when its history or a message's store failed).
     pub(super) async fn read_again(
         self: Arc<Self>,
         channel: u64,
         guild: Option<String>,
         after: i64,
     ) {
-        for wait in RETRY_WAITS {
+        let mut wait = RETRY_FIRST;
+        loop {
             tokio::time::sleep(wait).await;
+            if self.queue.stopping() {
+                return;
+            }
             match self
                 .catch_up_channel(channel, guild.as_deref(), after)
                 .await
@@ -134,13 +147,13 @@ impl DiscordBot {
                     lock(&self.unread).read(channel);
                     return;
                 }
-                Err(e) => tracing::warn!("discord: cannot read channel {channel}'s history: {e:#}"),
+                Err(e) => tracing::warn!(
+                    "discord: cannot read channel {channel}'s history: {e:#}; trying again in {}s",
+                    (wait * 2).min(RETRY_MAX).as_secs()
+                ),
             }
+            wait = (wait * 2).min(RETRY_MAX);
         }
-        tracing::error!(
-            "discord: channel {channel}'s history could not be read; its messages since the \
-             last stored one are read at the next start"
-        );
     }
 
     /// The messages of one channel after `after` (and [`REREAD`] before it), oldest first;
