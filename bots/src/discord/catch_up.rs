@@ -40,7 +40,8 @@ const RETRY_MAX: Duration = Duration::from_secs(300);
 #[derive(Default)]
 pub(super) struct Unread {
     listed: bool,
-    /// Channel -> history reads under way, due, or failed for this session.
+    /// Channel -> history reads under way or due (one that failed is tried again until
+    /// it is read).
     channels: HashMap<u64, usize>,
 }
 
