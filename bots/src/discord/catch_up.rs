@@ -73,51 +73,40 @@ impl Unread {
 impl DiscordBot {
     /// On READY: read every recent channel's messages since the bot's cursor there.
     pub(super) async fn catch_up(self: Arc<Self>) {
-        let mut wait = RETRY_FIRST;
-        let cursors = loop {
-            match self
-                .core
-                .db
-                .cursors(Platform::Discord, RECENT_DAYS, MAX_CHANNELS)
-                .await
-            {
-                Ok(c) => break c,
-                Err(e) => {
-                    // Meanwhile no cursor moves.
-                    tracing::error!(
-                        "discord: cannot read where to catch up from: {e}; trying again in {}s",
-                        wait.as_secs()
-                    );
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(RETRY_MAX);
-                    if self.queue.stopping() {
-                        return;
-                    }
-                }
-            }
+        // Until the list is read no cursor moves.
+        let Some(cursors) = self
+            .until_read(RETRY_FIRST, "where to catch up from", || async {
+                Ok(self
+                    .core
+                    .db
+                    .cursors(Platform::Discord, RECENT_DAYS, MAX_CHANNELS)
+                    .await?)
+            })
+            .await
+        else {
+            return;
         };
+        let cursors: Vec<(u64, Option<String>, i64)> = cursors
+            .into_iter()
+            .filter_map(|(channel, guild, last)| Some((channel.parse().ok()?, guild, last)))
+            .collect();
         {
             let mut unread = lock(&self.unread);
             for (channel, ..) in &cursors {
-                if let Ok(c) = channel.parse() {
-                    unread.add(c);
-                }
+                unread.add(*channel);
             }
             unread.listed = true;
         }
         let mut found = 0;
         for (channel, guild, last) in cursors {
-            let Ok(id) = channel.parse::<u64>() else {
-                continue;
-            };
-            match self.catch_up_channel(id, guild.as_deref(), last).await {
+            match self.catch_up_channel(channel, guild.as_deref(), last).await {
                 Ok(n) => {
                     found += n;
-                    lock(&self.unread).read(id);
+                    lock(&self.unread).read(channel);
                 }
                 Err(e) => {
                     tracing::warn!("discord: cannot read channel {channel}'s history: {e:#}");
-                    tokio::spawn(self.clone().read_again(id, guild, last));
+                    tokio::spawn(self.clone().read_again(channel, guild, last));
                 }
             }
         }
@@ -134,24 +123,43 @@ impl DiscordBot {
         guild: Option<String>,
         after: i64,
     ) {
-        let mut wait = RETRY_FIRST;
+        tokio::time::sleep(RETRY_FIRST).await;
+        if self.queue.stopping() {
+            return;
+        }
+        let what = format!("channel {channel}'s history");
+        let read = self
+            .until_read(RETRY_FIRST * 2, &what, || {
+                self.catch_up_channel(channel, guild.as_deref(), after)
+            })
+            .await;
+        if read.is_some() {
+            lock(&self.unread).read(channel);
+        }
+    }
+
+    /// `read` until it succeeds (its value) or the bot stops (None), waiting `wait` after
+    /// the first failure, doubling up to [`RETRY_MAX`].
+    async fn until_read<T, Fut>(
+        &self,
+        mut wait: Duration,
+        what: &str,
+        mut read: impl FnMut() -> Fut,
+    ) -> Option<T>
+    where
+        Fut: std::future::Future<Output = anyhow::Result<T>>,
+    {
         loop {
+            match read().await {
+                Ok(v) => return Some(v),
+                Err(e) => tracing::warn!(
+                    "discord: cannot read {what}: {e:#}; trying again in {}s",
+                    wait.as_secs()
+                ),
+            }
             tokio::time::sleep(wait).await;
             if self.queue.stopping() {
-                return;
-            }
-            match self
-                .catch_up_channel(channel, guild.as_deref(), after)
-                .await
-            {
-                Ok(_) => {
-                    lock(&self.unread).read(channel);
-                    return;
-                }
-                Err(e) => tracing::warn!(
-                    "discord: cannot read channel {channel}'s history: {e:#}; trying again in {}s",
-                    (wait * 2).min(RETRY_MAX).as_secs()
-                ),
+                return None;
             }
             wait = (wait * 2).min(RETRY_MAX);
         }
