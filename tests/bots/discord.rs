@@ -1260,32 +1260,57 @@ async fn cursor(db: &sqlx::SqlitePool, channel: u64) -> i64 {
     last
 }
 
+/// The bot answers a first DM from `user` (so its channel has a cursor), then the server
+/// stops: the fake, the config to start it again with, and its folder.
+async fn answered_then_stopped(
+    user: u64,
+) -> (FakeDiscord, loraloop_core::Config, tempfile::TempDir) {
+    let (fake, first) = start(&[]).await;
+    fake.dm(user, "Hello.");
+    until(30, "the first reply", || fake.replies(dm(user)).len() == 1).await;
+    let config = first.server.state.config.clone();
+    let crate::support::TestServer { server, dir, .. } = first;
+    server.stop().await.unwrap();
+    until(10, "the gateway connection to close", || fake.all_closed()).await;
+    (fake, config, dir)
+}
+
+/// `user` writes again while the message `missed` is still unread: once that is stored,
+/// the channel's cursor must still be before `missed`. The new message's id.
+async fn write_while_unread(
+    fake: &FakeDiscord,
+    db: &sqlx::SqlitePool,
+    user: u64,
+    missed: u64,
+) -> u64 {
+    let live = fake.dm(user, "Sent after it returned.");
+    wait_rows(
+        db,
+        &format!("select count(*) from inbound_updates where update_key = '{live}'"),
+        1,
+    )
+    .await;
+    assert!(
+        cursor(db, dm(user)).await < missed as i64,
+        "the cursor passed a message that is not stored"
+    );
+    live
+}
+
 /// A message sent while the bot was down is still being read from the history when a
 /// newer one comes over the gateway: the newer one is stored, but the cursor (where the next
 /// start reads from) does not pass the older one until that is stored too. Before, a kill
 /// in between lost the older message for good (the crash campaign's "unanswered 0 + 1").
 #[tokio::test]
 async fn a_newer_message_does_not_move_the_cursor_past_one_still_to_read() {
-    let (fake, first) = start(&[]).await;
-    fake.dm(4901, "Hello.");
-    until(30, "the first reply", || fake.replies(dm(4901)).len() == 1).await;
-    let config = first.server.state.config.clone();
-    let crate::support::TestServer { server, dir, .. } = first;
-    server.stop().await.unwrap();
-    until(10, "the gateway connection to close", || fake.all_closed()).await;
+    let (fake, config, dir) = answered_then_stopped(4901).await;
 
     let missed = fake.dm(4901, "Sent while the bot was down.");
     fake.set_history_delay(Some(Duration::from_secs(3)));
     let server = crate::support::start_config(config).await;
     until(20, "the bot to connect again", || fake.is_live()).await;
-    let live = fake.dm(4901, "Sent after it returned.");
     let db = server.state.db.pool().clone();
-    wait_rows(
-        &db,
-        &format!("select count(*) from inbound_updates where update_key = '{live}'"),
-        1,
-    )
-    .await;
+    let live = write_while_unread(&fake, &db, 4901, missed).await;
     let (missed_stored,): (i64,) =
         sqlx::query_as("select count(*) from inbound_updates where update_key = ?")
             .bind(missed.to_string())
@@ -1293,10 +1318,6 @@ async fn a_newer_message_does_not_move_the_cursor_past_one_still_to_read() {
             .await
             .unwrap();
     assert_eq!(missed_stored, 0, "the history is still on its way");
-    assert!(
-        cursor(&db, dm(4901)).await < missed as i64,
-        "the cursor passed a message that is not stored"
-    );
     fake.set_history_delay(None);
     until(30, "both messages answered", || {
         fake.replies(dm(4901)).len() == 3
@@ -1320,13 +1341,7 @@ async fn a_newer_message_does_not_move_the_cursor_past_one_still_to_read() {
 /// and the channel is read again a little later, when both are answered.
 #[tokio::test]
 async fn a_history_that_cannot_be_read_is_read_again_and_holds_the_cursor_meanwhile() {
-    let (fake, first) = start(&[]).await;
-    fake.dm(4904, "Hello.");
-    until(30, "the first reply", || fake.replies(dm(4904)).len() == 1).await;
-    let config = first.server.state.config.clone();
-    let crate::support::TestServer { server, dir, .. } = first;
-    server.stop().await.unwrap();
-    until(10, "the gateway connection to close", || fake.all_closed()).await;
+    let (fake, config, dir) = answered_then_stopped(4904).await;
 
     let missed = fake.dm(4904, "Sent while the bot was down.");
     fake.fail_next("GET", &format!("/channels/{}/messages", dm(4904)), 403);
@@ -1338,18 +1353,8 @@ async fn a_history_that_cannot_be_read_is_read_again_and_holds_the_cursor_meanwh
             .any(|c| c.status == 403)
     })
     .await;
-    let live = fake.dm(4904, "Sent after it returned.");
     let db = server.state.db.pool().clone();
-    wait_rows(
-        &db,
-        &format!("select count(*) from inbound_updates where update_key = '{live}'"),
-        1,
-    )
-    .await;
-    assert!(
-        cursor(&db, dm(4904)).await < missed as i64,
-        "the cursor passed a message that is not stored"
-    );
+    write_while_unread(&fake, &db, 4904, missed).await;
     until(40, "both messages answered", || {
         fake.replies(dm(4904)).len() == 3
     })
@@ -1364,13 +1369,7 @@ async fn a_history_that_cannot_be_read_is_read_again_and_holds_the_cursor_meanwh
 /// answered, the newer one once.
 #[tokio::test]
 async fn a_message_the_cursor_passed_unstored_is_answered_after_a_restart() {
-    let (fake, first) = start(&[]).await;
-    fake.dm(4902, "Hello.");
-    until(30, "the first reply", || fake.replies(dm(4902)).len() == 1).await;
-    let config = first.server.state.config.clone();
-    let crate::support::TestServer { server, dir, .. } = first;
-    server.stop().await.unwrap();
-    until(10, "the gateway connection to close", || fake.all_closed()).await;
+    let (fake, config, dir) = answered_then_stopped(4902).await;
 
     let older = fake.dm(4902, "The first of two.");
     let newer = fake.dm(4902, "The second of two.");
