@@ -162,13 +162,15 @@ pub struct Incoming<'a> {
 /// conversation's adapter (its pin, the canary's or the active one) and stream it into
 /// `ch` (a reply that cannot start is told to the user), then store the reply. Returns
 /// the streamed message, if any, the finished generation and the stored reply; the
-/// caller sends the final text.
+/// caller sends the final text. `started` is the message an earlier attempt started
+/// (`slot.started()`, which the caller has read): the reply goes into it.
 pub async fn answer<C: ReplyChannel>(
     core: &Services,
     incoming: &Incoming<'_>,
     ch: &C,
     max_chars: usize,
     slot: &ReplySlot<'_>,
+    started: Option<C::Id>,
 ) -> anyhow::Result<(Option<C::Id>, Finished, StoredMessage)> {
     let &Incoming {
         conversation_id,
@@ -176,7 +178,6 @@ pub async fn answer<C: ReplyChannel>(
         text,
         platform_message_id,
     } = incoming;
-    let started = slot.started::<C>().await;
     let mut turn = match core
         .chat
         .start_routed_turn(

@@ -470,6 +470,7 @@ impl TelegramBot {
             return Ok(());
         }
         let _ = self.bot.send_chat_action(chat, ChatAction::Typing).await;
+        let started = slot.started::<TgChat>().await;
         let (sent, finished, stored) = streaming::answer(
             &self.core,
             &streaming::Incoming {
@@ -481,6 +482,7 @@ impl TelegramBot {
             &ch,
             MAX_MESSAGE_CHARS,
             &slot,
+            started,
         )
         .await?;
         self.deliver(chat, sent, &finished.text, stored.id, &slot)

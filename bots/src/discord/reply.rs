@@ -289,6 +289,7 @@ impl DiscordBot {
             &ch,
             MAX_MESSAGE_CHARS,
             &slot,
+            started,
         )
         .await?;
         self.deliver(channel, sent, &finished.text, stored.id, &slot)
