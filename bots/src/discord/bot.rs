@@ -1,6 +1,6 @@
 //! The bot's state, and where a message or a command came from.
 
-use super::catch_up::Unread;
+use super::unread::Unread;
 use crate::queue::{UpdateHandler, UpdateQueue};
 use crate::rate_limit::RateLimiter;
 use loraloop_core::Services;

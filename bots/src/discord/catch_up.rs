@@ -4,8 +4,8 @@
 //!
 //! A channel's cursor says "every message up to here is stored": the next start reads from
 //! it. So a message from the gateway may move it only when no older message can still be
-//! missing ([`Unread`]): a message sent while the bot was away and not yet read from the
-//! history, or one whose store failed. Gateway events are handled in parallel tasks, so
+//! missing ([`super::unread::Unread`]): a message sent while the bot was away and not yet
+//! read from the history, or one whose store failed. Gateway events are handled in parallel tasks, so
 //! two messages sent together can be stored out of order; a kill between the two stores
 //! would leave the cursor past the older one, so the history is read from a little before
 //! the cursor ([`REREAD`]); what was stored already is recognised and not answered again.
@@ -15,8 +15,6 @@ use super::calls::retry;
 use crate::lock;
 use loraloop_core::storage::Platform;
 use serenity::all::{ChannelId, GetMessages, GuildId, MessageId};
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,42 +31,6 @@ const REREAD: Duration = Duration::from_secs(60);
 /// start read old pages instead of what was missed.
 const RETRY_FIRST: Duration = Duration::from_secs(10);
 const RETRY_MAX: Duration = Duration::from_secs(300);
-
-/// The channels whose history may hold messages not yet stored: a message from the
-/// gateway moves no cursor before this session's catch-up has listed its channels, nor in
-/// a channel whose history is still to be read (or could not be).
-#[derive(Default)]
-pub(super) struct Unread {
-    listed: bool,
-    /// Channel -> history reads under way or due (one that failed is tried again until
-    /// it is read).
-    channels: HashMap<u64, usize>,
-}
-
-impl Unread {
-    /// Whether a message from the gateway may move `channel`'s cursor.
-    pub(super) fn may_advance(&self, channel: u64) -> bool {
-        self.listed && !self.channels.contains_key(&channel)
-    }
-
-    /// A new gateway session: what was sent since the last one is unread everywhere.
-    pub(super) fn new_session(&mut self) {
-        self.listed = false;
-    }
-
-    pub(super) fn add(&mut self, channel: u64) {
-        *self.channels.entry(channel).or_default() += 1;
-    }
-
-    fn read(&mut self, channel: u64) {
-        if let Entry::Occupied(mut e) = self.channels.entry(channel) {
-            *e.get_mut() -= 1;
-            if *e.get() == 0 {
-                e.remove();
-            }
-        }
-    }
-}
 
 impl DiscordBot {
     /// On READY: read every recent channel's messages since the bot's cursor there.

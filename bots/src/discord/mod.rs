@@ -28,6 +28,7 @@ mod gateway;
 mod inbound;
 mod ratings;
 mod reply;
+mod unread;
 
 pub use bot::DiscordBot;
 pub use calls::retry;
