@@ -1,7 +1,7 @@
 //! Adapters: the stored LoRA adapters, which one each assistant has active, and the
 //! activation history a rollback walks back.
 
-use super::{Db, Result, StorageError};
+use super::{Db, Result, StorageError, sql};
 use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
@@ -60,28 +60,32 @@ const ADAPTER_COLUMNS: &str = "id, name, path, base_model, base_model_hash, toke
 
 impl Db {
     pub async fn insert_adapter(&self, a: &NewAdapter<'_>) -> Result<Adapter> {
-        Ok(sqlx::query_as(&format!(
-            "insert into adapters (name, path, base_model, base_model_hash, tokenizer_hash, chat_template_hash,
-                                   rank, alpha, target_modules, metrics, job_id, assistant_id, forgotten_data_at)
-             values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12,
-                     -- trained while a user's data was taken out of its dataset
-                     (select p.purged_at from dataset_purges p join training_jobs j on j.dataset_id = p.dataset_id
-                      where j.id = ?11))
-             returning {ADAPTER_COLUMNS}"
-        ))
-        .bind(a.name)
-        .bind(a.path)
-        .bind(a.base_model)
-        .bind(a.base_model_hash)
-        .bind(a.tokenizer_hash)
-        .bind(a.chat_template_hash)
-        .bind(a.rank)
-        .bind(a.alpha)
-        .bind(serde_json::to_string(a.target_modules)?)
-        .bind(a.metrics.to_string())
-        .bind(a.job_id)
-        .bind(a.assistant_id)
-        .fetch_one(self.pool())
+        Ok(sql::one(
+            self.pool(),
+            &format!(
+                "insert into adapters (name, path, base_model, base_model_hash, tokenizer_hash, chat_template_hash,
+                                       rank, alpha, target_modules, metrics, job_id, assistant_id, forgotten_data_at)
+                 values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12,
+                         -- trained while a user's data was taken out of its dataset
+                         (select p.purged_at from dataset_purges p join training_jobs j on j.dataset_id = p.dataset_id
+                          where j.id = ?11))
+                 returning {ADAPTER_COLUMNS}"
+            ),
+            (
+                a.name,
+                a.path,
+                a.base_model,
+                a.base_model_hash,
+                a.tokenizer_hash,
+                a.chat_template_hash,
+                a.rank,
+                a.alpha,
+                serde_json::to_string(a.target_modules)?,
+                a.metrics.to_string(),
+                a.job_id,
+                a.assistant_id,
+            ),
+        )
         .await?)
     }
 
@@ -92,11 +96,12 @@ impl Db {
 
     /// Store an adapter's report card (JSON).
     pub async fn set_report_card(&self, id: i64, card: &serde_json::Value) -> Result<()> {
-        let updated = sqlx::query("update adapters set report_card = ? where id = ?")
-            .bind(card.to_string())
-            .bind(id)
-            .execute(self.pool())
-            .await?;
+        let updated = sql::execute(
+            self.pool(),
+            "update adapters set report_card = ? where id = ?",
+            (card.to_string(), id),
+        )
+        .await?;
         if updated.rows_affected() == 0 {
             return Err(StorageError::NotFound {
                 what: format!("adapter {id}"),
@@ -106,20 +111,23 @@ impl Db {
     }
 
     pub async fn list_adapters(&self) -> Result<Vec<Adapter>> {
-        Ok(sqlx::query_as(&format!(
-            "select {ADAPTER_COLUMNS} from adapters order by id"
-        ))
-        .fetch_all(self.pool())
+        Ok(sql::all(
+            self.pool(),
+            &format!("select {ADAPTER_COLUMNS} from adapters order by id"),
+            (),
+        )
         .await?)
     }
 
     /// The adapters an assistant may use: its own and those tied to no assistant.
     pub async fn assistant_adapters(&self, assistant_id: i64) -> Result<Vec<Adapter>> {
-        Ok(sqlx::query_as(&format!(
-            "select {ADAPTER_COLUMNS} from adapters where assistant_id = ? or assistant_id is null order by id"
-        ))
-        .bind(assistant_id)
-        .fetch_all(self.pool())
+        Ok(sql::all(
+            self.pool(),
+            &format!(
+                "select {ADAPTER_COLUMNS} from adapters where assistant_id = ? or assistant_id is null order by id"
+            ),
+            (assistant_id,),
+        )
         .await?)
     }
 
@@ -132,28 +140,29 @@ impl Db {
         by: &str,
     ) -> Result<()> {
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-        let updated = sqlx::query(
+        let updated = sql::execute(
+            &mut *tx,
             "update assistants set active_adapter_id = ?, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') where id = ?",
+            (adapter_id, assistant_id),
         )
-        .bind(adapter_id)
-        .bind(assistant_id)
-        .execute(&mut *tx)
         .await?;
         if updated.rows_affected() == 0 {
             return Err(StorageError::NotFound {
                 what: format!("assistant {assistant_id}"),
             });
         }
-        sqlx::query("insert into adapter_activations (assistant_id, adapter_id, activated_by) values (?, ?, ?)")
-            .bind(assistant_id)
-            .bind(adapter_id)
-            .bind(by)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("update adapters set rolled_back_at = null where id = ?")
-            .bind(adapter_id)
-            .execute(&mut *tx)
-            .await?;
+        sql::execute(
+            &mut *tx,
+            "insert into adapter_activations (assistant_id, adapter_id, activated_by) values (?, ?, ?)",
+            (assistant_id, adapter_id, by),
+        )
+        .await?;
+        sql::execute(
+            &mut *tx,
+            "update adapters set rolled_back_at = null where id = ?",
+            (adapter_id,),
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -162,11 +171,11 @@ impl Db {
     /// stack up and each rollback takes the newest one off, so rolling back twice goes two
     /// steps back. None when no activation is left to undo.
     pub async fn rollback_step(&self, assistant_id: i64) -> Result<Option<RollbackStep>> {
-        let rows: Vec<(i64, Option<i64>, Option<i64>)> = sqlx::query_as(
+        let rows: Vec<(i64, Option<i64>, Option<i64>)> = sql::all(
+            self.pool(),
             "select id, adapter_id, rollback_of from adapter_activations where assistant_id = ? order by id",
+            (assistant_id,),
         )
-        .bind(assistant_id)
-        .fetch_all(self.pool())
         .await?;
         let mut stack: Vec<(i64, Option<i64>)> = Vec::new();
         for (id, adapter, undoes) in rows {
@@ -197,25 +206,25 @@ impl Db {
         by: &str,
     ) -> Result<()> {
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(
+        sql::execute(
+            &mut *tx,
             "update assistants set active_adapter_id = ?, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') where id = ?",
+            (step.to, assistant_id),
         )
-        .bind(step.to)
-        .bind(assistant_id)
-        .execute(&mut *tx)
         .await?;
-        sqlx::query("insert into adapter_activations (assistant_id, adapter_id, activated_by, rollback_of) values (?, ?, ?, ?)")
-            .bind(assistant_id)
-            .bind(step.to)
-            .bind(by)
-            .bind(step.undo)
-            .execute(&mut *tx)
-            .await?;
+        sql::execute(
+            &mut *tx,
+            "insert into adapter_activations (assistant_id, adapter_id, activated_by, rollback_of) values (?, ?, ?, ?)",
+            (assistant_id, step.to, by, step.undo),
+        )
+        .await?;
         if step.from != step.to {
-            sqlx::query("update adapters set rolled_back_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') where id = ?")
-                .bind(step.from)
-                .execute(&mut *tx)
-                .await?;
+            sql::execute(
+                &mut *tx,
+                "update adapters set rolled_back_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') where id = ?",
+                (step.from,),
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -223,11 +232,11 @@ impl Db {
 
     /// The trained-token count recorded in an adapter's metrics, when it has one.
     pub async fn adapter_trained_tokens(&self, id: i64) -> Result<Option<i64>> {
-        let row: Option<(Option<i64>,)> = sqlx::query_as(
+        let row: Option<(Option<i64>,)> = sql::optional(
+            self.pool(),
             "select cast(json_extract(metrics, '$.trained_tokens') as integer) from adapters where id = ?",
+            (id,),
         )
-        .bind(id)
-        .fetch_optional(self.pool())
         .await?;
         Ok(row.and_then(|(t,)| t))
     }

@@ -1,33 +1,30 @@
 //! The console's admin account and its sessions (tokens stored only as hashes).
 
-use super::{Db, Result};
+use super::{Db, Result, sql};
 
 impl Db {
     /// The admin's row id and argon2 password hash.
     pub async fn admin_credentials(&self, username: &str) -> Result<Option<(i64, String)>> {
-        Ok(
-            sqlx::query_as("select id, password_hash from admin_credentials where username = ?")
-                .bind(username)
-                .fetch_optional(self.pool())
-                .await?,
+        Ok(sql::optional(
+            self.pool(),
+            "select id, password_hash from admin_credentials where username = ?",
+            (username,),
         )
+        .await?)
     }
 
     /// Store the admin's password hash (replacing an older one) and end every session of
     /// the old password.
     pub async fn set_admin_password(&self, username: &str, hash: &str) -> Result<()> {
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(
+        sql::execute(
+            &mut *tx,
             "insert into admin_credentials (username, password_hash) values (?, ?)
              on conflict (username) do update set password_hash = excluded.password_hash",
+            (username, hash),
         )
-        .bind(username)
-        .bind(hash)
-        .execute(&mut *tx)
         .await?;
-        sqlx::query("delete from web_sessions")
-            .execute(&mut *tx)
-            .await?;
+        sql::execute(&mut *tx, "delete from web_sessions", ()).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -39,33 +36,33 @@ impl Db {
         csrf: &str,
         expires_at: &str,
     ) -> Result<()> {
-        sqlx::query("insert into web_sessions (token_hash, admin_id, csrf_token, expires_at) values (?, ?, ?, ?)")
-            .bind(token_hash)
-            .bind(admin_id)
-            .bind(csrf)
-            .bind(expires_at)
-            .execute(self.pool())
-            .await?;
+        sql::execute(
+            self.pool(),
+            "insert into web_sessions (token_hash, admin_id, csrf_token, expires_at) values (?, ?, ?, ?)",
+            (token_hash, admin_id, csrf, expires_at),
+        )
+        .await?;
         Ok(())
     }
 
     pub async fn delete_web_session(&self, token_hash: &str) -> Result<()> {
-        sqlx::query("delete from web_sessions where token_hash = ?")
-            .bind(token_hash)
-            .execute(self.pool())
-            .await?;
+        sql::execute(
+            self.pool(),
+            "delete from web_sessions where token_hash = ?",
+            (token_hash,),
+        )
+        .await?;
         Ok(())
     }
 
     /// The session with this token hash that has not expired by `now`: (admin id, CSRF
     /// token).
     pub async fn web_session(&self, token_hash: &str, now: &str) -> Result<Option<(i64, String)>> {
-        Ok(sqlx::query_as(
+        Ok(sql::optional(
+            self.pool(),
             "select admin_id, csrf_token from web_sessions where token_hash = ? and expires_at > ?",
+            (token_hash, now),
         )
-        .bind(token_hash)
-        .bind(now)
-        .fetch_optional(self.pool())
         .await?)
     }
 }

@@ -2,7 +2,7 @@
 //! the served base model) and the routes that say which one answers a bot, chat, guild or
 //! channel.
 
-use super::{Db, Result, StorageError};
+use super::{Db, Result, StorageError, sql};
 use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
@@ -105,12 +105,12 @@ impl Db {
         base_model: &str,
         system_prompt: &str,
     ) -> Result<Assistant> {
-        sqlx::query("insert into assistants (name, base_model, system_prompt) values (?, ?, ?) on conflict (name) do nothing")
-            .bind(name)
-            .bind(base_model)
-            .bind(system_prompt)
-            .execute(self.pool())
-            .await?;
+        sql::execute(
+            self.pool(),
+            "insert into assistants (name, base_model, system_prompt) values (?, ?, ?) on conflict (name) do nothing",
+            (name, base_model, system_prompt),
+        )
+        .await?;
         self.assistant(name).await
     }
 
@@ -122,19 +122,17 @@ impl Db {
         s: &AssistantSettings<'_>,
     ) -> Result<Assistant> {
         validate_assistant_name(name)?;
-        Ok(sqlx::query_as(&format!(
-            "insert into assistants (name, base_model, system_prompt, generation, activation) values (?, ?, ?, ?, ?)
-             on conflict (name) do update set base_model = excluded.base_model, system_prompt = excluded.system_prompt,
-                generation = excluded.generation, activation = excluded.activation,
-                updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
-             returning {ASSISTANT_COLUMNS}"
-        ))
-        .bind(name)
-        .bind(base_model)
-        .bind(s.system_prompt)
-        .bind(s.generation.to_string())
-        .bind(s.activation)
-        .fetch_one(self.pool())
+        Ok(sql::one(
+            self.pool(),
+            &format!(
+                "insert into assistants (name, base_model, system_prompt, generation, activation) values (?, ?, ?, ?, ?)
+                 on conflict (name) do update set base_model = excluded.base_model, system_prompt = excluded.system_prompt,
+                    generation = excluded.generation, activation = excluded.activation,
+                    updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+                 returning {ASSISTANT_COLUMNS}"
+            ),
+            (name, base_model, s.system_prompt, s.generation.to_string(), s.activation),
+        )
         .await?)
     }
 
@@ -146,16 +144,14 @@ impl Db {
         s: &AssistantSettings<'_>,
     ) -> Result<Assistant> {
         validate_assistant_name(name)?;
-        let created: Option<Assistant> = sqlx::query_as(&format!(
-            "insert into assistants (name, base_model, system_prompt, generation, activation) values (?, ?, ?, ?, ?)
-             on conflict (name) do nothing returning {ASSISTANT_COLUMNS}"
-        ))
-        .bind(name)
-        .bind(base_model)
-        .bind(s.system_prompt)
-        .bind(s.generation.to_string())
-        .bind(s.activation)
-        .fetch_optional(self.pool())
+        let created: Option<Assistant> = sql::optional(
+            self.pool(),
+            &format!(
+                "insert into assistants (name, base_model, system_prompt, generation, activation) values (?, ?, ?, ?, ?)
+                 on conflict (name) do nothing returning {ASSISTANT_COLUMNS}"
+            ),
+            (name, base_model, s.system_prompt, s.generation.to_string(), s.activation),
+        )
         .await?;
         created.ok_or_else(|| StorageError::Invalid {
             what: "assistant name".into(),
@@ -165,16 +161,15 @@ impl Db {
 
     /// Change an assistant's settings.
     pub async fn update_assistant(&self, id: i64, s: &AssistantSettings<'_>) -> Result<Assistant> {
-        let updated: Option<Assistant> = sqlx::query_as(&format!(
-            "update assistants set system_prompt = ?, generation = ?, activation = ?,
-                updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
-             where id = ? returning {ASSISTANT_COLUMNS}"
-        ))
-        .bind(s.system_prompt)
-        .bind(s.generation.to_string())
-        .bind(s.activation)
-        .bind(id)
-        .fetch_optional(self.pool())
+        let updated: Option<Assistant> = sql::optional(
+            self.pool(),
+            &format!(
+                "update assistants set system_prompt = ?, generation = ?, activation = ?,
+                    updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+                 where id = ? returning {ASSISTANT_COLUMNS}"
+            ),
+            (s.system_prompt, s.generation.to_string(), s.activation, id),
+        )
         .await?;
         updated.ok_or_else(|| StorageError::NotFound {
             what: format!("assistant {id}"),
@@ -185,11 +180,12 @@ impl Db {
     /// datasets and adapters stay, tied to no assistant).
     pub async fn delete_assistant(&self, id: i64) -> Result<()> {
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-        let (conversations,): (i64,) =
-            sqlx::query_as("select count(*) from conversations where assistant_id = ?")
-                .bind(id)
-                .fetch_one(&mut *tx)
-                .await?;
+        let (conversations,): (i64,) = sql::one(
+            &mut *tx,
+            "select count(*) from conversations where assistant_id = ?",
+            (id,),
+        )
+        .await?;
         if conversations > 0 {
             return Err(StorageError::Invalid {
                 what: "assistant".into(),
@@ -198,10 +194,7 @@ impl Db {
                 ),
             });
         }
-        let deleted = sqlx::query("delete from assistants where id = ?")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+        let deleted = sql::execute(&mut *tx, "delete from assistants where id = ?", (id,)).await?;
         if deleted.rows_affected() == 0 {
             return Err(StorageError::NotFound {
                 what: format!("assistant {id}"),
@@ -247,10 +240,11 @@ impl Db {
     }
 
     pub async fn list_assistants(&self) -> Result<Vec<Assistant>> {
-        Ok(sqlx::query_as(&format!(
-            "select {ASSISTANT_COLUMNS} from assistants order by id"
-        ))
-        .fetch_all(self.pool())
+        Ok(sql::all(
+            self.pool(),
+            &format!("select {ASSISTANT_COLUMNS} from assistants order by id"),
+            (),
+        )
         .await?)
     }
 
@@ -263,26 +257,26 @@ impl Db {
         key: &str,
     ) -> Result<Route> {
         validate_route(platform, scope, key)?;
-        Ok(sqlx::query_as(&format!(
-            "insert into assistant_routes (assistant_id, platform, scope, key) values (?, ?, ?, ?)
-             on conflict (platform, scope, key) do update set assistant_id = excluded.assistant_id
-             returning {ROUTE_COLUMNS}"
-        ))
-        .bind(assistant_id)
-        .bind(platform)
-        .bind(scope)
-        .bind(key)
-        .fetch_one(self.pool())
+        Ok(sql::one(
+            self.pool(),
+            &format!(
+                "insert into assistant_routes (assistant_id, platform, scope, key) values (?, ?, ?, ?)
+                 on conflict (platform, scope, key) do update set assistant_id = excluded.assistant_id
+                 returning {ROUTE_COLUMNS}"
+            ),
+            (assistant_id, platform, scope, key),
+        )
         .await?)
     }
 
     /// Remove one of the assistant's routes.
     pub async fn delete_route(&self, assistant_id: i64, route_id: i64) -> Result<()> {
-        let deleted = sqlx::query("delete from assistant_routes where id = ? and assistant_id = ?")
-            .bind(route_id)
-            .bind(assistant_id)
-            .execute(self.pool())
-            .await?;
+        let deleted = sql::execute(
+            self.pool(),
+            "delete from assistant_routes where id = ? and assistant_id = ?",
+            (route_id, assistant_id),
+        )
+        .await?;
         if deleted.rows_affected() == 0 {
             return Err(StorageError::NotFound {
                 what: format!("route {route_id}"),
@@ -293,10 +287,11 @@ impl Db {
 
     /// Every route, by assistant then id.
     pub async fn routes(&self) -> Result<Vec<Route>> {
-        Ok(sqlx::query_as(&format!(
-            "select {ROUTE_COLUMNS} from assistant_routes order by assistant_id, id"
-        ))
-        .fetch_all(self.pool())
+        Ok(sql::all(
+            self.pool(),
+            &format!("select {ROUTE_COLUMNS} from assistant_routes order by assistant_id, id"),
+            (),
+        )
         .await?)
     }
 
@@ -308,15 +303,15 @@ impl Db {
         places: &[(&str, &str)],
     ) -> Result<Option<Assistant>> {
         for (scope, key) in places {
-            let found: Option<Assistant> = sqlx::query_as(&format!(
-                "select {} from assistants a join assistant_routes r on r.assistant_id = a.id
-                 where r.platform = ? and r.scope = ? and r.key = ?",
-                Self::qualified(ASSISTANT_COLUMNS, "a")
-            ))
-            .bind(platform)
-            .bind(scope)
-            .bind(key)
-            .fetch_optional(self.pool())
+            let found: Option<Assistant> = sql::optional(
+                self.pool(),
+                &format!(
+                    "select {} from assistants a join assistant_routes r on r.assistant_id = a.id
+                     where r.platform = ? and r.scope = ? and r.key = ?",
+                    Self::qualified(ASSISTANT_COLUMNS, "a")
+                ),
+                (platform, scope, key),
+            )
             .await?;
             if found.is_some() {
                 return Ok(found);
@@ -452,11 +447,13 @@ mod tests {
             .await
             .unwrap();
         assert!(db.delete_assistant(a.id).await.is_err());
-        sqlx::query("delete from conversations where id = ?")
-            .bind(conv.id)
-            .execute(db.pool())
-            .await
-            .unwrap();
+        sql::execute(
+            db.pool(),
+            "delete from conversations where id = ?",
+            (conv.id,),
+        )
+        .await
+        .unwrap();
         db.delete_assistant(a.id).await.unwrap();
         assert!(
             db.routes().await.unwrap().is_empty(),

@@ -1,7 +1,7 @@
 //! The audit log: one row per operator or user action that changes what users see or
 //! what is kept about them.
 
-use super::{Db, Result};
+use super::{Db, Result, sql};
 use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
@@ -24,25 +24,23 @@ impl Db {
         target: Option<&str>,
         details: Option<&str>,
     ) -> Result<()> {
-        sqlx::query("insert into audit_log (actor, action, target, details) values (?, ?, ?, ?)")
-            .bind(actor)
-            .bind(action)
-            .bind(target)
-            .bind(details)
-            .execute(self.pool())
-            .await?;
+        sql::execute(
+            self.pool(),
+            "insert into audit_log (actor, action, target, details) values (?, ?, ?, ?)",
+            (actor, action, target, details),
+        )
+        .await?;
         Ok(())
     }
 
     /// Entries newest first, `limit` of them, older than entry `before` when given.
     pub async fn audit_entries(&self, before: Option<i64>, limit: i64) -> Result<Vec<AuditEntry>> {
-        Ok(sqlx::query_as(
+        Ok(sql::all(
+            self.pool(),
             "select id, at, actor, action, target, details from audit_log
              where id < ? order by id desc limit ?",
+            (before.unwrap_or(i64::MAX), limit),
         )
-        .bind(before.unwrap_or(i64::MAX))
-        .bind(limit)
-        .fetch_all(self.pool())
         .await?)
     }
 }

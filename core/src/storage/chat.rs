@@ -1,7 +1,7 @@
 //! Platform users, chats, conversations, messages and feedback: what the chat service
 //! stores for every turn on every platform.
 
-use super::{Db, Result, StorageError};
+use super::{Db, Result, StorageError, sql};
 use crate::domain::Role;
 use serde::Serialize;
 use std::fmt;
@@ -106,18 +106,15 @@ impl Db {
         username: Option<&str>,
         display_name: Option<&str>,
     ) -> Result<PlatformUser> {
-        Ok(sqlx::query_as(
+        Ok(sql::one(
+            self.pool(),
             "insert into platform_users (platform, platform_user_id, username, display_name)
              values (?, ?, ?, ?)
              on conflict (platform, platform_user_id) do update
                set username = excluded.username, display_name = excluded.display_name
              returning id, platform, platform_user_id, username, display_name, excluded_from_training",
+            (platform.as_str(), platform_user_id, username, display_name),
         )
-        .bind(platform.as_str())
-        .bind(platform_user_id)
-        .bind(username)
-        .bind(display_name)
-        .fetch_one(self.pool())
         .await?)
     }
 
@@ -129,16 +126,13 @@ impl Db {
         kind: &str,
         title: Option<&str>,
     ) -> Result<i64> {
-        let (id,): (i64,) = sqlx::query_as(
+        let (id,): (i64,) = sql::one(
+            self.pool(),
             "insert into chats (platform, platform_chat_id, kind, title) values (?, ?, ?, ?)
              on conflict (platform, platform_chat_id) do update set title = excluded.title
              returning id",
+            (platform.as_str(), platform_chat_id, kind, title),
         )
-        .bind(platform.as_str())
-        .bind(platform_chat_id)
-        .bind(kind)
-        .bind(title)
-        .fetch_one(self.pool())
         .await?;
         Ok(id)
     }
@@ -154,28 +148,27 @@ impl Db {
         user_id: Option<i64>,
     ) -> Result<Conversation> {
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-        let open: Option<Conversation> = sqlx::query_as(&format!(
-            "select {CONVERSATION_COLUMNS} from conversations
-             where chat_id = ? and platform_thread_id is ? and assistant_id = ? and closed_at is null
-             order by id desc limit 1"
-        ))
-        .bind(chat_id)
-        .bind(thread_id)
-        .bind(assistant_id)
-        .fetch_optional(&mut *tx)
+        let open: Option<Conversation> = sql::optional(
+            &mut *tx,
+            &format!(
+                "select {CONVERSATION_COLUMNS} from conversations
+                 where chat_id = ? and platform_thread_id is ? and assistant_id = ? and closed_at is null
+                 order by id desc limit 1"
+            ),
+            (chat_id, thread_id, assistant_id),
+        )
         .await?;
         let conv = match open {
             Some(c) => c,
             None => {
-                sqlx::query_as(&format!(
+                sql::one(
+                    &mut *tx,
+                    &format!(
                     "insert into conversations (assistant_id, chat_id, platform_thread_id, user_id)
-                     values (?, ?, ?, ?) returning {CONVERSATION_COLUMNS}"
-                ))
-                .bind(assistant_id)
-                .bind(chat_id)
-                .bind(thread_id)
-                .bind(user_id)
-                .fetch_one(&mut *tx)
+                         values (?, ?, ?, ?) returning {CONVERSATION_COLUMNS}"
+                ),
+                    (assistant_id, chat_id, thread_id, user_id),
+                )
                 .await?
             }
         };
@@ -233,15 +226,13 @@ impl Db {
         thread_id: Option<&str>,
         assistant_id: Option<i64>,
     ) -> Result<u64> {
-        Ok(sqlx::query(
+        Ok(sql::execute(
+            self.pool(),
             "update conversations set closed_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
              where chat_id = ? and platform_thread_id is ? and closed_at is null
                 and (?3 is null or assistant_id = ?3)",
+            (chat_id, thread_id, assistant_id),
         )
-        .bind(chat_id)
-        .bind(thread_id)
-        .bind(assistant_id)
-        .execute(self.pool())
         .await?
         .rows_affected())
     }
@@ -249,34 +240,38 @@ impl Db {
     /// Store a message. A platform message already stored (same conversation, role and
     /// platform id, e.g. a redelivered update) is returned instead of stored twice.
     pub async fn insert_message(&self, m: &NewMessage<'_>) -> Result<StoredMessage> {
-        let inserted: Option<StoredMessage> = sqlx::query_as(&format!(
-            "insert into messages (conversation_id, role, content, user_id, platform_message_id,
-                                   adapter_id, adapter_name, prompt_tokens, completion_tokens)
-             values (?, ?, ?, ?, ?, ?, ?, ?, ?)
-             on conflict do nothing
-             returning {MESSAGE_COLUMNS}"
-        ))
-        .bind(m.conversation_id)
-        .bind(m.role.as_str())
-        .bind(m.content)
-        .bind(m.user_id)
-        .bind(m.platform_message_id)
-        .bind(m.adapter_id)
-        .bind(m.adapter_name)
-        .bind(m.prompt_tokens)
-        .bind(m.completion_tokens)
-        .fetch_optional(self.pool())
+        let inserted: Option<StoredMessage> = sql::optional(
+            self.pool(),
+            &format!(
+                "insert into messages (conversation_id, role, content, user_id, platform_message_id,
+                                       adapter_id, adapter_name, prompt_tokens, completion_tokens)
+                 values (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                 on conflict do nothing
+                 returning {MESSAGE_COLUMNS}"
+            ),
+            (
+                m.conversation_id,
+                m.role.as_str(),
+                m.content,
+                m.user_id,
+                m.platform_message_id,
+                m.adapter_id,
+                m.adapter_name,
+                m.prompt_tokens,
+                m.completion_tokens,
+            ),
+        )
         .await?;
         match inserted {
             Some(msg) => Ok(msg),
-            None => Ok(sqlx::query_as(&format!(
-                "select {MESSAGE_COLUMNS} from messages
-                 where conversation_id = ? and role = ? and platform_message_id = ?"
-            ))
-            .bind(m.conversation_id)
-            .bind(m.role.as_str())
-            .bind(m.platform_message_id)
-            .fetch_one(self.pool())
+            None => Ok(sql::one(
+                self.pool(),
+                &format!(
+                    "select {MESSAGE_COLUMNS} from messages
+                     where conversation_id = ? and role = ? and platform_message_id = ?"
+                ),
+                (m.conversation_id, m.role.as_str(), m.platform_message_id),
+            )
             .await?),
         }
     }
@@ -287,12 +282,13 @@ impl Db {
         conversation_id: i64,
         limit: i64,
     ) -> Result<Vec<StoredMessage>> {
-        let mut rows: Vec<StoredMessage> = sqlx::query_as(&format!(
-            "select {MESSAGE_COLUMNS} from messages where conversation_id = ? order by id desc limit ?"
-        ))
-        .bind(conversation_id)
-        .bind(limit)
-        .fetch_all(self.pool())
+        let mut rows: Vec<StoredMessage> = sql::all(
+            self.pool(),
+            &format!(
+                "select {MESSAGE_COLUMNS} from messages where conversation_id = ? order by id desc limit ?"
+            ),
+            (conversation_id, limit),
+        )
         .await?;
         rows.reverse();
         Ok(rows)
@@ -314,10 +310,12 @@ impl Db {
                 message: "use 1 (thumbs up) or -1 (thumbs down)".into(),
             });
         }
-        let role: Option<(String,)> = sqlx::query_as("select role from messages where id = ?")
-            .bind(message_id)
-            .fetch_optional(self.pool())
-            .await?;
+        let role: Option<(String,)> = sql::optional(
+            self.pool(),
+            "select role from messages where id = ?",
+            (message_id,),
+        )
+        .await?;
         match role {
             None => {
                 return Err(StorageError::NotFound {
@@ -332,19 +330,15 @@ impl Db {
             }
             Some(_) => {}
         }
-        Ok(sqlx::query_as(
+        Ok(sql::one(
+            self.pool(),
             "insert into feedback (message_id, rater, user_id, rating, correction) values (?, ?, ?, ?, ?)
              on conflict (message_id, rater) do update
                set rating = excluded.rating, correction = excluded.correction,
                    updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
              returning id, message_id, rater, rating, correction",
+            (message_id, rater, user_id, rating, correction),
         )
-        .bind(message_id)
-        .bind(rater)
-        .bind(user_id)
-        .bind(rating)
-        .bind(correction)
-        .fetch_one(self.pool())
         .await?)
     }
 
@@ -354,24 +348,20 @@ impl Db {
     /// right one. A correction in the same row stays. True if a rating was removed.
     pub async fn remove_rating(&self, message_id: i64, rater: &str, rating: i64) -> Result<bool> {
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-        let deleted = sqlx::query(
+        let deleted = sql::execute(
+            &mut *tx,
             "delete from feedback where message_id = ? and rater = ? and rating = ?
                and correction is null",
+            (message_id, rater, rating),
         )
-        .bind(message_id)
-        .bind(rater)
-        .bind(rating)
-        .execute(&mut *tx)
         .await?
         .rows_affected();
-        let cleared = sqlx::query(
+        let cleared = sql::execute(
+            &mut *tx,
             "update feedback set rating = null, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
              where message_id = ? and rater = ? and rating = ?",
+            (message_id, rater, rating),
         )
-        .bind(message_id)
-        .bind(rater)
-        .bind(rating)
-        .execute(&mut *tx)
         .await?
         .rows_affected();
         tx.commit().await?;
@@ -384,11 +374,12 @@ impl Db {
         message_id: i64,
         platform_message_id: &str,
     ) -> Result<()> {
-        sqlx::query("update messages set platform_message_id = ? where id = ?")
-            .bind(platform_message_id)
-            .bind(message_id)
-            .execute(self.pool())
-            .await?;
+        sql::execute(
+            self.pool(),
+            "update messages set platform_message_id = ? where id = ?",
+            (platform_message_id, message_id),
+        )
+        .await?;
         Ok(())
     }
 
@@ -399,16 +390,17 @@ impl Db {
         platform: Platform,
         platform_message_id: &str,
     ) -> Result<Option<StoredMessage>> {
-        Ok(sqlx::query_as(&format!(
-            "select {} from messages m join conversations c on c.id = m.conversation_id
-               join chats ch on ch.id = c.chat_id
-             where ch.platform = ? and m.role = 'assistant' and m.platform_message_id = ?
-             order by m.id desc limit 1",
-            Self::qualified(MESSAGE_COLUMNS, "m")
-        ))
-        .bind(platform.as_str())
-        .bind(platform_message_id)
-        .fetch_optional(self.pool())
+        Ok(sql::optional(
+            self.pool(),
+            &format!(
+                "select {} from messages m join conversations c on c.id = m.conversation_id
+                   join chats ch on ch.id = c.chat_id
+                 where ch.platform = ? and m.role = 'assistant' and m.platform_message_id = ?
+                 order by m.id desc limit 1",
+                Self::qualified(MESSAGE_COLUMNS, "m")
+            ),
+            (platform.as_str(), platform_message_id),
+        )
         .await?)
     }
 
@@ -420,18 +412,19 @@ impl Db {
         conversation_id: i64,
         platform_message_id: &str,
     ) -> Result<Option<StoredMessage>> {
-        Ok(sqlx::query_as(&format!(
-            "select {} from messages u join messages a
-               on a.conversation_id = u.conversation_id and a.role = 'assistant' and a.id > u.id
-             where u.conversation_id = ? and u.role = 'user' and u.platform_message_id = ?
-               and not exists (select 1 from messages x where x.conversation_id = u.conversation_id
-                               and x.role = 'user' and x.id > u.id and x.id < a.id)
-             order by a.id limit 1",
-            Self::qualified(MESSAGE_COLUMNS, "a")
-        ))
-        .bind(conversation_id)
-        .bind(platform_message_id)
-        .fetch_optional(self.pool())
+        Ok(sql::optional(
+            self.pool(),
+            &format!(
+                "select {} from messages u join messages a
+                   on a.conversation_id = u.conversation_id and a.role = 'assistant' and a.id > u.id
+                 where u.conversation_id = ? and u.role = 'user' and u.platform_message_id = ?
+                   and not exists (select 1 from messages x where x.conversation_id = u.conversation_id
+                                   and x.role = 'user' and x.id > u.id and x.id < a.id)
+                 order by a.id limit 1",
+                Self::qualified(MESSAGE_COLUMNS, "a")
+            ),
+            (conversation_id, platform_message_id),
+        )
         .await?)
     }
 
@@ -441,24 +434,23 @@ impl Db {
         platform: Platform,
         user_id: &str,
     ) -> Result<Option<i64>> {
-        let row: Option<(i64,)> = sqlx::query_as(
+        let row: Option<(i64,)> = sql::optional(
+            self.pool(),
             "select id from platform_users where platform = ? and platform_user_id = ?",
+            (platform.as_str(), user_id),
         )
-        .bind(platform.as_str())
-        .bind(user_id)
-        .fetch_optional(self.pool())
         .await?;
         Ok(row.map(|(id,)| id))
     }
 
     /// The row id of a platform chat already stored.
     pub async fn chat_row(&self, platform: Platform, chat_id: &str) -> Result<Option<i64>> {
-        let row: Option<(i64,)> =
-            sqlx::query_as("select id from chats where platform = ? and platform_chat_id = ?")
-                .bind(platform.as_str())
-                .bind(chat_id)
-                .fetch_optional(self.pool())
-                .await?;
+        let row: Option<(i64,)> = sql::optional(
+            self.pool(),
+            "select id from chats where platform = ? and platform_chat_id = ?",
+            (platform.as_str(), chat_id),
+        )
+        .await?;
         Ok(row.map(|(id,)| id))
     }
 
@@ -470,23 +462,23 @@ impl Db {
         platform: Platform,
         thread_id: &str,
     ) -> Result<Option<(i64, String)>> {
-        Ok(sqlx::query_as(
+        Ok(sql::optional(
+            self.pool(),
             "select ch.id, ch.platform_chat_id from conversations c join chats ch on ch.id = c.chat_id
              where ch.platform = ? and c.platform_thread_id = ? order by c.id limit 1",
+            (platform.as_str(), thread_id),
         )
-        .bind(platform.as_str())
-        .bind(thread_id)
-        .fetch_optional(self.pool())
         .await?)
     }
 
     /// Remember a platform update; false if it was seen before (redelivery).
     pub async fn mark_update_seen(&self, platform: Platform, key: &str) -> Result<bool> {
-        let done = sqlx::query("insert into inbound_updates (platform, update_key) values (?, ?) on conflict do nothing")
-            .bind(platform.as_str())
-            .bind(key)
-            .execute(self.pool())
-            .await?;
+        let done = sql::execute(
+            self.pool(),
+            "insert into inbound_updates (platform, update_key) values (?, ?) on conflict do nothing",
+            (platform.as_str(), key),
+        )
+        .await?;
         Ok(done.rows_affected() == 1)
     }
 }
@@ -672,10 +664,11 @@ mod tests {
             .await
             .unwrap();
         let rating = || async {
-            sqlx::query_as::<_, (String, Option<i64>, Option<String>)>(
+            sql::all::<(String, Option<i64>, Option<String>)>(
+                db.pool(),
                 "select rater, rating, correction from feedback order by rater",
+                (),
             )
-            .fetch_all(db.pool())
             .await
             .unwrap()
         };
@@ -715,9 +708,7 @@ mod tests {
             ),
         ] {
             let plan: Vec<(i64, i64, i64, String)> =
-                sqlx::query_as(&format!("explain query plan {sql}"))
-                    .bind("1")
-                    .fetch_all(db.pool())
+                sql::all(db.pool(), &format!("explain query plan {sql}"), ("1",))
                     .await
                     .unwrap();
             assert!(

@@ -1,6 +1,6 @@
 //! Classifier fine-tuning jobs and their events.
 
-use super::{Db, Result};
+use super::{Db, Result, sql};
 use serde::Serialize;
 
 /// What a classifier job put back in the queue resets: it starts over from step 0.
@@ -53,23 +53,20 @@ const COLUMNS: &str = "id, state, task, base_model, data_path, eval_data_path, s
 impl Db {
     pub async fn create_classifier_job(&self, job: &NewClassifierJob<'_>) -> Result<ClassifierJob> {
         let mut tx = self.pool().begin().await?;
-        let created: ClassifierJob = sqlx::query_as(&format!(
-            "insert into classifier_jobs (task, base_model, data_path, eval_data_path, settings, output_dir) values (?, ?, ?, ?, ?, '') returning {COLUMNS}"
-        ))
-        .bind(job.task)
-        .bind(job.base_model)
-        .bind(job.data_path)
-        .bind(job.eval_data_path)
-        .bind(job.settings.to_string())
-        .fetch_one(&mut *tx)
+        let created: ClassifierJob = sql::one(
+            &mut *tx,
+            &format!(
+                "insert into classifier_jobs (task, base_model, data_path, eval_data_path, settings, output_dir) values (?, ?, ?, ?, ?, '') returning {COLUMNS}"
+            ),
+            (job.task, job.base_model, job.data_path, job.eval_data_path, job.settings.to_string()),
+        )
         .await?;
         let out = job.output_dir.replace("{id}", &created.id.to_string());
-        let created: ClassifierJob = sqlx::query_as(&format!(
-            "update classifier_jobs set output_dir = ? where id = ? returning {COLUMNS}"
-        ))
-        .bind(out)
-        .bind(created.id)
-        .fetch_one(&mut *tx)
+        let created: ClassifierJob = sql::one(
+            &mut *tx,
+            &format!("update classifier_jobs set output_dir = ? where id = ? returning {COLUMNS}"),
+            (out, created.id),
+        )
         .await?;
         tx.commit().await?;
         Ok(created)
@@ -86,12 +83,11 @@ impl Db {
         before: Option<i64>,
         limit: i64,
     ) -> Result<Vec<ClassifierJob>> {
-        Ok(sqlx::query_as(&format!(
-            "select {COLUMNS} from classifier_jobs where id < ? order by id desc limit ?"
-        ))
-        .bind(before.unwrap_or(i64::MAX))
-        .bind(limit)
-        .fetch_all(self.pool())
+        Ok(sql::all(
+            self.pool(),
+            &format!("select {COLUMNS} from classifier_jobs where id < ? order by id desc limit ?"),
+            (before.unwrap_or(i64::MAX), limit),
+        )
         .await?)
     }
 
@@ -123,12 +119,12 @@ impl Db {
     }
 
     pub async fn set_classifier_job_progress(&self, id: i64, step: i64, total: i64) -> Result<()> {
-        sqlx::query("update classifier_jobs set step = ?, total_steps = ? where id = ?")
-            .bind(step)
-            .bind(total)
-            .bind(id)
-            .execute(self.pool())
-            .await?;
+        sql::execute(
+            self.pool(),
+            "update classifier_jobs set step = ?, total_steps = ? where id = ?",
+            (step, total, id),
+        )
+        .await?;
         Ok(())
     }
 
@@ -138,12 +134,12 @@ impl Db {
         checkpoint: &str,
         metric: Option<f64>,
     ) -> Result<()> {
-        sqlx::query("update classifier_jobs set best_checkpoint = ?, best_metric = ? where id = ?")
-            .bind(checkpoint)
-            .bind(metric)
-            .bind(id)
-            .execute(self.pool())
-            .await?;
+        sql::execute(
+            self.pool(),
+            "update classifier_jobs set best_checkpoint = ?, best_metric = ? where id = ?",
+            (checkpoint, metric, id),
+        )
+        .await?;
         Ok(())
     }
 
@@ -154,13 +150,11 @@ impl Db {
         state: &str,
         error: Option<&str>,
     ) -> Result<()> {
-        sqlx::query(
+        sql::execute(
+            self.pool(),
             "update classifier_jobs set state = ?, error = ?, finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), lease_until = null where id = ? and state = 'running'",
+            (state, error, id),
         )
-        .bind(state)
-        .bind(error)
-        .bind(id)
-        .execute(self.pool())
         .await?;
         Ok(())
     }
@@ -208,12 +202,12 @@ impl Db {
         kind: &str,
         payload: &serde_json::Value,
     ) -> Result<()> {
-        sqlx::query("insert into classifier_job_events (job_id, kind, payload) values (?, ?, ?)")
-            .bind(job_id)
-            .bind(kind)
-            .bind(payload.to_string())
-            .execute(self.pool())
-            .await?;
+        sql::execute(
+            self.pool(),
+            "insert into classifier_job_events (job_id, kind, payload) values (?, ?, ?)",
+            (job_id, kind, payload.to_string()),
+        )
+        .await?;
         Ok(())
     }
 
@@ -224,13 +218,11 @@ impl Db {
         after: i64,
         limit: i64,
     ) -> Result<Vec<ClassifierJobEvent>> {
-        Ok(sqlx::query_as(
+        Ok(sql::all(
+            self.pool(),
             "select id, job_id, kind, payload, created_at from classifier_job_events where job_id = ? and id > ? order by id limit ?",
+            (job_id, after, limit),
         )
-        .bind(job_id)
-        .bind(after)
-        .bind(limit)
-        .fetch_all(self.pool())
         .await?)
     }
 }

@@ -2,7 +2,7 @@
 //! ratings and corrections, and training examples built from stored conversations (what
 //! the web console's conversation and dataset pages read and change).
 
-use super::{Db, Feedback, Platform, Result, StorageError};
+use super::{Db, Feedback, Platform, Result, StorageError, sql};
 use crate::domain::{ChatExample, ChatMessage, Role};
 use crate::preference::{KtoRow, PreferencePair, PreferenceRows};
 use chrono::NaiveDate;
@@ -230,42 +230,33 @@ impl Db {
         let platform = filter.platform.map(Platform::as_str);
         let (from, to) = (day(filter.from), day(filter.to));
         let rating = filter.rating.as_str();
-        let rows: Vec<ConversationSummary> = sqlx::query_as(&format!(
-            "{SUMMARY_SELECT} {SEARCH_WHERE} order by c.id desc limit ?7 offset ?8"
-        ))
-        .bind(&text)
-        .bind(platform)
-        .bind(&user)
-        .bind(&from)
-        .bind(&to)
-        .bind(rating)
-        .bind(limit)
-        .bind(offset)
-        .fetch_all(self.pool())
+        let rows: Vec<ConversationSummary> = sql::all(
+            self.pool(),
+            &format!("{SUMMARY_SELECT} {SEARCH_WHERE} order by c.id desc limit ?7 offset ?8"),
+            (&text, platform, &user, &from, &to, rating, limit, offset),
+        )
         .await?;
-        let (total,): (i64,) = sqlx::query_as(&format!(
-            "select count(*) from conversations c
-             left join chats ch on ch.id = c.chat_id
-             left join platform_users u on u.id = c.user_id {SEARCH_WHERE}"
-        ))
-        .bind(&text)
-        .bind(platform)
-        .bind(&user)
-        .bind(&from)
-        .bind(&to)
-        .bind(rating)
-        .fetch_one(self.pool())
+        let (total,): (i64,) = sql::one(
+            self.pool(),
+            &format!(
+                "select count(*) from conversations c
+                 left join chats ch on ch.id = c.chat_id
+                 left join platform_users u on u.id = c.user_id {SEARCH_WHERE}"
+            ),
+            (&text, platform, &user, &from, &to, rating),
+        )
         .await?;
         Ok((rows, total))
     }
 
     /// A conversation with every message (oldest first) and its feedback.
     pub async fn conversation_detail(&self, id: i64) -> Result<ConversationDetail> {
-        let summary: Option<ConversationSummary> =
-            sqlx::query_as(&format!("{SUMMARY_SELECT} where c.id = ?"))
-                .bind(id)
-                .fetch_optional(self.pool())
-                .await?;
+        let summary: Option<ConversationSummary> = sql::optional(
+            self.pool(),
+            &format!("{SUMMARY_SELECT} where c.id = ?"),
+            (id,),
+        )
+        .await?;
         let summary = summary.ok_or_else(|| StorageError::NotFound {
             what: format!("conversation {id}"),
         })?;
@@ -278,23 +269,23 @@ impl Db {
             adapter_name: Option<String>,
             created_at: String,
         }
-        let rows: Vec<Row> = sqlx::query_as(
+        let rows: Vec<Row> = sql::all(
+            self.pool(),
             "select m.id, m.role, m.content,
                     coalesce(u.display_name, u.username, u.platform_user_id) as author,
                     m.adapter_name, m.created_at
              from messages m left join platform_users u on u.id = m.user_id
              where m.conversation_id = ? order by m.id",
+            (id,),
         )
-        .bind(id)
-        .fetch_all(self.pool())
         .await?;
-        let feedback: Vec<Feedback> = sqlx::query_as(
+        let feedback: Vec<Feedback> = sql::all(
+            self.pool(),
             "select f.id, f.message_id, f.rater, f.rating, f.correction
              from feedback f join messages m on m.id = f.message_id
              where m.conversation_id = ? order by f.id",
+            (id,),
         )
-        .bind(id)
-        .fetch_all(self.pool())
         .await?;
         let messages = rows
             .into_iter()
@@ -318,11 +309,12 @@ impl Db {
     /// The conversation an (assistant) message belongs to; an error naming the problem
     /// when the message does not exist or is not a reply.
     pub async fn reply_conversation(&self, message_id: i64) -> Result<i64> {
-        let row: Option<(String, i64)> =
-            sqlx::query_as("select role, conversation_id from messages where id = ?")
-                .bind(message_id)
-                .fetch_optional(self.pool())
-                .await?;
+        let row: Option<(String, i64)> = sql::optional(
+            self.pool(),
+            "select role, conversation_id from messages where id = ?",
+            (message_id,),
+        )
+        .await?;
         match row {
             None => Err(StorageError::NotFound {
                 what: format!("message {message_id}"),
@@ -337,13 +329,12 @@ impl Db {
 
     /// The operator's feedback on a message, if any.
     pub async fn operator_feedback(&self, message_id: i64) -> Result<Option<Feedback>> {
-        Ok(sqlx::query_as(
+        Ok(sql::optional(
+            self.pool(),
             "select id, message_id, rater, rating, correction from feedback
              where message_id = ? and rater = ?",
+            (message_id, OPERATOR),
         )
-        .bind(message_id)
-        .bind(OPERATOR)
-        .fetch_optional(self.pool())
         .await?)
     }
 
@@ -374,11 +365,12 @@ impl Db {
             .await?
             .and_then(|f| f.rating);
         if rating.is_none() && correction.is_none() {
-            sqlx::query("delete from feedback where message_id = ? and rater = ?")
-                .bind(message_id)
-                .bind(OPERATOR)
-                .execute(self.pool())
-                .await?;
+            sql::execute(
+                self.pool(),
+                "delete from feedback where message_id = ? and rater = ?",
+                (message_id, OPERATOR),
+            )
+            .await?;
             return Ok(None);
         }
         self.set_feedback(message_id, OPERATOR, None, rating, correction)
@@ -388,12 +380,12 @@ impl Db {
 
     /// Flip a conversation's exclusion from training; returns the new value.
     pub async fn toggle_conversation_excluded(&self, id: i64) -> Result<bool> {
-        let row: Option<(bool,)> = sqlx::query_as(
+        let row: Option<(bool,)> = sql::optional(
+            self.pool(),
             "update conversations set excluded_from_training = 1 - excluded_from_training
              where id = ? returning excluded_from_training",
+            (id,),
         )
-        .bind(id)
-        .fetch_optional(self.pool())
         .await?;
         row.map(|(e,)| e).ok_or_else(|| StorageError::NotFound {
             what: format!("conversation {id}"),
@@ -403,10 +395,8 @@ impl Db {
     /// Delete a conversation with its messages and their feedback. Dataset examples built
     /// from it stay (datasets are snapshots); only their link to it is cleared.
     pub async fn delete_conversation(&self, id: i64) -> Result<()> {
-        let done = sqlx::query("delete from conversations where id = ?")
-            .bind(id)
-            .execute(self.pool())
-            .await?;
+        let done =
+            sql::execute(self.pool(), "delete from conversations where id = ?", (id,)).await?;
         if done.rows_affected() == 0 {
             return Err(StorageError::NotFound {
                 what: format!("conversation {id}"),
@@ -417,11 +407,12 @@ impl Db {
 
     /// The training jobs that use a dataset version (they keep it from being deleted).
     pub async fn jobs_using_dataset(&self, dataset_id: i64) -> Result<Vec<i64>> {
-        let rows: Vec<(i64,)> =
-            sqlx::query_as("select id from training_jobs where dataset_id = ? order by id")
-                .bind(dataset_id)
-                .fetch_all(self.pool())
-                .await?;
+        let rows: Vec<(i64,)> = sql::all(
+            self.pool(),
+            "select id from training_jobs where dataset_id = ? order by id",
+            (dataset_id,),
+        )
+        .await?;
         Ok(rows.into_iter().map(|(id,)| id).collect())
     }
 
@@ -468,7 +459,8 @@ impl Db {
 
     /// Every message of the conversations `filter` picks, by conversation and order.
     async fn build_turns(&self, filter: &BuildFilter) -> Result<Vec<TurnRow>> {
-        Ok(sqlx::query_as(
+        Ok(sql::all(
+            self.pool(),
             "with picked as (
                  select c.id, a.system_prompt from conversations c
                  join assistants a on a.id = c.assistant_id
@@ -500,16 +492,17 @@ impl Db {
              from picked p join messages m on m.conversation_id = p.id
              left join platform_users pu on pu.id = m.user_id
              order by p.id, m.id",
+            (
+                filter.platform.map(Platform::as_str),
+                day(filter.from),
+                day(filter.to),
+                OPERATOR,
+                filter.assistant,
+                filter.adapter,
+                needle(&filter.chat),
+                filter.rating.as_str(),
+            ),
         )
-        .bind(filter.platform.map(Platform::as_str))
-        .bind(day(filter.from))
-        .bind(day(filter.to))
-        .bind(OPERATOR)
-        .bind(filter.assistant)
-        .bind(filter.adapter)
-        .bind(needle(&filter.chat))
-        .bind(filter.rating.as_str())
-        .fetch_all(self.pool())
         .await?)
     }
 }
@@ -722,12 +715,13 @@ mod tests {
         }
 
         async fn set_created(&self, conversation: i64, at: &str) {
-            sqlx::query("update conversations set created_at = ? where id = ?")
-                .bind(at)
-                .bind(conversation)
-                .execute(self.db.pool())
-                .await
-                .unwrap();
+            sql::execute(
+                self.db.pool(),
+                "update conversations set created_at = ? where id = ?",
+                (at, conversation),
+            )
+            .await
+            .unwrap();
         }
 
         async fn search(&self, filter: ConversationFilter) -> Vec<i64> {
@@ -973,10 +967,13 @@ mod tests {
         let fb = f.db.set_operator_correction(m[1], None).await.unwrap();
         assert_eq!(fb.map(|f| (f.rating, f.correction)), Some((Some(-1), None)));
         // Unrated and uncorrected: no row left.
-        sqlx::query("update feedback set rating = null, correction = 'x'")
-            .execute(f.db.pool())
-            .await
-            .unwrap();
+        sql::execute(
+            f.db.pool(),
+            "update feedback set rating = null, correction = 'x'",
+            (),
+        )
+        .await
+        .unwrap();
         assert_eq!(
             f.db.set_operator_correction(m[1], None).await.unwrap(),
             None
@@ -1205,21 +1202,24 @@ mod tests {
                 ],
             )
             .await;
-        sqlx::query("update messages set user_id = ? where id = ?")
-            .bind(eve)
-            .bind(ids[2])
-            .execute(f.db.pool())
-            .await
-            .unwrap();
+        sql::execute(
+            f.db.pool(),
+            "update messages set user_id = ? where id = ?",
+            (eve, ids[2]),
+        )
+        .await
+        .unwrap();
         // A conversation started by eve goes whole.
         let (_eves, _) = f
             .conversation(Platform::Telegram, eve, &[(U, "mine"), (A, "yours")])
             .await;
-        sqlx::query("update platform_users set excluded_from_training = 1 where id = ?")
-            .bind(eve)
-            .execute(f.db.pool())
-            .await
-            .unwrap();
+        sql::execute(
+            f.db.pool(),
+            "update platform_users set excluded_from_training = 1 where id = ?",
+            (eve,),
+        )
+        .await
+        .unwrap();
         let (discord, _) = f
             .conversation(Platform::Discord, bob, &[(U, "b1"), (A, "r3")])
             .await;

@@ -1,7 +1,7 @@
 //! Datasets: immutable, hashed snapshots of chat examples (or of preference rows),
 //! versioned per name.
 
-use super::{Db, Result, StorageError};
+use super::{Db, Result, StorageError, sql};
 use crate::domain::ChatExample;
 use crate::preference::Objective;
 use serde::Serialize;
@@ -118,42 +118,47 @@ impl Db {
             });
         }
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-        let existing: Option<Dataset> = sqlx::query_as(&format!(
-            "select {COLUMNS} from datasets where name = ? and content_hash = ?"
-        ))
-        .bind(new.name)
-        .bind(new.content_hash)
-        .fetch_optional(&mut *tx)
+        let existing: Option<Dataset> = sql::optional(
+            &mut *tx,
+            &format!("select {COLUMNS} from datasets where name = ? and content_hash = ?"),
+            (new.name, new.content_hash),
+        )
         .await?;
         if let Some(d) = existing {
             return Ok(DatasetInsert::Unchanged(d));
         }
-        let dataset: Dataset = sqlx::query_as(&format!(
-            "insert into datasets (name, version, content_hash, format, source, example_count, kind, assistant_id)
-             values (?1, (select coalesce(max(version), 0) + 1 from datasets where name = ?1), ?2, ?3, ?4, ?5, ?6, ?7)
-             returning {COLUMNS}"
-        ))
-        .bind(new.name)
-        .bind(new.content_hash)
-        .bind(new.format)
-        .bind(new.source)
-        .bind(rows.len() as i64)
-        .bind(new.kind.as_str())
-        .bind(new.assistant_id)
-        .fetch_one(&mut *tx)
+        let dataset: Dataset = sql::one(
+            &mut *tx,
+            &format!(
+                "insert into datasets (name, version, content_hash, format, source, example_count, kind, assistant_id)
+                 values (?1, (select coalesce(max(version), 0) + 1 from datasets where name = ?1), ?2, ?3, ?4, ?5, ?6, ?7)
+                 returning {COLUMNS}"
+            ),
+            (
+                new.name,
+                new.content_hash,
+                new.format,
+                new.source,
+                rows.len() as i64,
+                new.kind.as_str(),
+                new.assistant_id,
+            ),
+        )
         .await?;
         let n = rows.len();
         for (i, (line, chars)) in rows.into_iter().enumerate() {
-            sqlx::query(
+            sql::execute(
+                &mut *tx,
                 "insert into dataset_examples (dataset_id, position, messages, char_count, source_conversation_id)
                  values (?, ?, ?, ?, ?)",
+                (
+                    dataset.id,
+                    i as i64,
+                    line,
+                    chars as i64,
+                    new.source_conversations.get(i).copied().flatten(),
+                ),
             )
-            .bind(dataset.id)
-            .bind(i as i64)
-            .bind(line)
-            .bind(chars as i64)
-            .bind(new.source_conversations.get(i).copied().flatten())
-            .execute(&mut *tx)
             .await?;
             if i % 256 == 255 || i + 1 == n {
                 progress(i + 1);
@@ -165,22 +170,24 @@ impl Db {
 
     /// Every dataset version, by name then version.
     pub async fn list_datasets(&self) -> Result<Vec<Dataset>> {
-        Ok(sqlx::query_as(&format!(
-            "select {COLUMNS} from datasets order by name, version"
-        ))
-        .fetch_all(self.pool())
+        Ok(sql::all(
+            self.pool(),
+            &format!("select {COLUMNS} from datasets order by name, version"),
+            (),
+        )
         .await?)
     }
 
     /// A dataset by name: the given version, or the latest.
     pub async fn dataset(&self, name: &str, version: Option<i64>) -> Result<Dataset> {
-        let found: Option<Dataset> = sqlx::query_as(&format!(
-            "select {COLUMNS} from datasets where name = ?1 and (?2 is null or version = ?2)
-             order by version desc limit 1"
-        ))
-        .bind(name)
-        .bind(version)
-        .fetch_optional(self.pool())
+        let found: Option<Dataset> = sql::optional(
+            self.pool(),
+            &format!(
+                "select {COLUMNS} from datasets where name = ?1 and (?2 is null or version = ?2)
+                 order by version desc limit 1"
+            ),
+            (name, version),
+        )
         .await?;
         found.ok_or_else(|| StorageError::NotFound {
             what: match version {
@@ -197,12 +204,11 @@ impl Db {
         dataset_id: i64,
         sequence_len: usize,
     ) -> Result<(i64, f64)> {
-        Ok(sqlx::query_as(
+        Ok(sql::one(
+            self.pool(),
             "select count(*), coalesce(sum(min(char_count / 4.0, ?)), 0.0) from dataset_examples where dataset_id = ?",
+            (sequence_len as f64, dataset_id),
         )
-        .bind(sequence_len as f64)
-        .bind(dataset_id)
-        .fetch_one(self.pool())
         .await?)
     }
 
@@ -227,12 +233,12 @@ impl Db {
             token_count: Option<i64>,
             source_conversation_id: Option<i64>,
         }
-        let rows: Vec<Row> = sqlx::query_as(
+        let rows: Vec<Row> = sql::all(
+            self.pool(),
             "select position, messages, char_count, token_count, source_conversation_id
              from dataset_examples where dataset_id = ? order by position",
+            (dataset_id,),
         )
-        .bind(dataset_id)
-        .fetch_all(self.pool())
         .await?;
         rows.into_iter()
             .map(|r| {
@@ -289,21 +295,21 @@ impl Db {
     /// Delete one version (or all versions when `version` is None). Refused while a
     /// training job references it. Returns the number of versions deleted.
     pub async fn delete_dataset(&self, name: &str, version: Option<i64>) -> Result<u64> {
-        let result =
-            sqlx::query("delete from datasets where name = ?1 and (?2 is null or version = ?2)")
-                .bind(name)
-                .bind(version)
-                .execute(self.pool())
-                .await
-                .map_err(|e| match &e {
-                    sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
-                        StorageError::Invalid {
-                            what: format!("deletion of dataset {name:?}"),
-                            message: "a training job uses it; delete the job first".into(),
-                        }
-                    }
-                    _ => StorageError::Sqlx(e),
-                })?;
+        let result = sql::execute(
+            self.pool(),
+            "delete from datasets where name = ?1 and (?2 is null or version = ?2)",
+            (name, version),
+        )
+        .await
+        .map_err(|e| match &e {
+            StorageError::Sqlx(sqlx::Error::Database(db)) if db.is_foreign_key_violation() => {
+                StorageError::Invalid {
+                    what: format!("deletion of dataset {name:?}"),
+                    message: "a training job uses it; delete the job first".into(),
+                }
+            }
+            _ => e,
+        })?;
         if result.rows_affected() == 0 {
             return Err(StorageError::NotFound {
                 what: format!("dataset {name:?}"),
@@ -402,14 +408,15 @@ mod tests {
             .insert_dataset(&new("faq", "h1", &examples(1)))
             .await
             .unwrap();
-        let err = sqlx::query("update datasets set name = 'x' where id = ?")
-            .bind(d.dataset().id)
-            .execute(db.pool())
-            .await
-            .unwrap_err();
+        let err = sql::execute(
+            db.pool(),
+            "update datasets set name = 'x' where id = ?",
+            (d.dataset().id,),
+        )
+        .await
+        .unwrap_err();
         assert!(err.to_string().contains("datasets are immutable"), "{err}");
-        let err = sqlx::query("update dataset_examples set messages = '{}'")
-            .execute(db.pool())
+        let err = sql::execute(db.pool(), "update dataset_examples set messages = '{}'", ())
             .await
             .unwrap_err();
         assert!(err.to_string().contains("immutable"), "{err}");
@@ -422,11 +429,12 @@ mod tests {
             .await
             .unwrap();
         // Make the 4th example row fail, after the dataset row and three examples went in.
-        sqlx::query(
+        sql::execute(
+            db.pool(),
             "create trigger fail_fourth before insert on dataset_examples when new.position = 3
              begin select raise(abort, 'disk on fire'); end",
+            (),
         )
-        .execute(db.pool())
         .await
         .unwrap();
         let err = db
@@ -436,8 +444,7 @@ mod tests {
         assert!(err.to_string().contains("disk on fire"), "{err}");
         let all = db.list_datasets().await.unwrap();
         assert_eq!(all.len(), 1, "{all:?}");
-        let (rows,): (i64,) = sqlx::query_as("select count(*) from dataset_examples")
-            .fetch_one(db.pool())
+        let (rows,): (i64,) = sql::one(db.pool(), "select count(*) from dataset_examples", ())
             .await
             .unwrap();
         assert_eq!(rows, 2);

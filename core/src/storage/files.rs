@@ -1,6 +1,6 @@
 //! Uploaded files (OpenAI's `/v1/files`): the bytes as uploaded, until deleted.
 
-use super::{Db, Result, StorageError};
+use super::{Db, Result, StorageError, sql};
 use serde::Serialize;
 
 /// A file's metadata (the bytes are read apart: [`Db::file_content`]).
@@ -24,15 +24,14 @@ const FILE_COLUMNS: &str = "id, filename, purpose, bytes, created_at";
 
 impl Db {
     pub async fn insert_file(&self, f: &NewFile<'_>) -> Result<StoredFile> {
-        Ok(sqlx::query_as(&format!(
-            "insert into files (filename, purpose, bytes, content) values (?, ?, ?, ?)
-             returning {FILE_COLUMNS}"
-        ))
-        .bind(f.filename)
-        .bind(f.purpose)
-        .bind(f.content.len() as i64)
-        .bind(f.content)
-        .fetch_one(self.pool())
+        Ok(sql::one(
+            self.pool(),
+            &format!(
+                "insert into files (filename, purpose, bytes, content) values (?, ?, ?, ?)
+                 returning {FILE_COLUMNS}"
+            ),
+            (f.filename, f.purpose, f.content.len() as i64, f.content),
+        )
         .await?)
     }
 
@@ -42,10 +41,8 @@ impl Db {
     }
 
     pub async fn file_content(&self, id: i64) -> Result<Vec<u8>> {
-        let found: Option<(Vec<u8>,)> = sqlx::query_as("select content from files where id = ?")
-            .bind(id)
-            .fetch_optional(self.pool())
-            .await?;
+        let found: Option<(Vec<u8>,)> =
+            sql::optional(self.pool(), "select content from files where id = ?", (id,)).await?;
         found.map(|r| r.0).ok_or_else(|| StorageError::NotFound {
             what: format!("file file-{id}"),
         })
@@ -65,23 +62,20 @@ impl Db {
         } else {
             ("<", "desc", i64::MAX)
         };
-        Ok(sqlx::query_as(&format!(
-            "select {FILE_COLUMNS} from files where (?1 is null or purpose = ?1) and id {cmp} ?2
-             order by id {order} limit ?3"
-        ))
-        .bind(purpose)
-        .bind(after.unwrap_or(start))
-        .bind(limit)
-        .fetch_all(self.pool())
+        Ok(sql::all(
+            self.pool(),
+            &format!(
+                "select {FILE_COLUMNS} from files where (?1 is null or purpose = ?1) and id {cmp} ?2
+                 order by id {order} limit ?3"
+            ),
+            (purpose, after.unwrap_or(start), limit),
+        )
         .await?)
     }
 
     /// False when there was no such file. Jobs keep their datasets; their file link clears.
     pub async fn delete_file(&self, id: i64) -> Result<bool> {
-        let done = sqlx::query("delete from files where id = ?")
-            .bind(id)
-            .execute(self.pool())
-            .await?;
+        let done = sql::execute(self.pool(), "delete from files where id = ?", (id,)).await?;
         Ok(done.rows_affected() == 1)
     }
 }
@@ -122,10 +116,12 @@ mod tests {
         assert_eq!(job.state, "validating_files");
         assert_eq!(job.dataset_id, None);
         // A job with no dataset cannot be queued: the schema refuses it.
-        let queued = sqlx::query("update training_jobs set state = 'queued' where id = ?")
-            .bind(job.id)
-            .execute(db.pool())
-            .await;
+        let queued = sql::execute(
+            db.pool(),
+            "update training_jobs set state = 'queued' where id = ?",
+            (job.id,),
+        )
+        .await;
         assert!(queued.is_err(), "{queued:?}");
         assert!(
             db.job_file_refused(job.id, "training_file", "bad line 1")

@@ -4,7 +4,7 @@
 //! it); adapters trained on such a version are marked for the operator to retrain or
 //! retire. Other people's messages are untouched, in any conversation.
 
-use super::{Db, Result};
+use super::{Db, Result, sql};
 use sha2::{Digest, Sha256};
 
 /// What `/forget` did.
@@ -38,7 +38,8 @@ impl Db {
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         // The user's messages, and each assistant message whose previous message in its
         // conversation is one of them (the reply to it).
-        let doomed: Vec<(i64, i64)> = sqlx::query_as(
+        let doomed: Vec<(i64, i64)> = sql::all(
+            &mut *tx,
             "select id, conversation_id from messages where user_id = ?1 and role = 'user'
              union
              select m.id, m.conversation_id from messages m
@@ -46,9 +47,8 @@ impl Db {
                 select p.user_id from messages p
                 where p.conversation_id = m.conversation_id and p.id < m.id
                 order by p.id desc limit 1) = ?1",
+            (user_id,),
         )
-        .bind(user_id)
-        .fetch_all(&mut *tx)
         .await?;
         let ids: Vec<i64> = doomed.iter().map(|d| d.0).collect();
         let mut conversations: Vec<i64> = doomed.iter().map(|d| d.1).collect();
@@ -57,145 +57,136 @@ impl Db {
         let ids_json = serde_json::to_string(&ids)?;
         let convs_json = serde_json::to_string(&conversations)?;
 
-        let ratings = sqlx::query(
+        let ratings = sql::execute(
+            &mut *tx,
             "delete from feedback where user_id = ?1
                 or message_id in (select value from json_each(?2))",
+            (user_id, &ids_json),
         )
-        .bind(user_id)
-        .bind(&ids_json)
-        .execute(&mut *tx)
         .await?
         .rows_affected();
 
         // Dataset versions with rows from those conversations.
-        let versions: Vec<(i64,)> = sqlx::query_as(
+        let versions: Vec<(i64,)> = sql::all(
+            &mut *tx,
             "select distinct dataset_id from dataset_examples
              where source_conversation_id in (select value from json_each(?1)) order by dataset_id",
+            (&convs_json,),
         )
-        .bind(&convs_json)
-        .fetch_all(&mut *tx)
         .await?;
         let mut datasets = Vec::new();
         for (old,) in versions {
-            let kept: Vec<(String, i64, Option<i64>, Option<i64>)> = sqlx::query_as(
+            let kept: Vec<(String, i64, Option<i64>, Option<i64>)> = sql::all(
+                &mut *tx,
                 "select messages, char_count, token_count, source_conversation_id from dataset_examples
                  where dataset_id = ?1 and (source_conversation_id is null
                     or source_conversation_id not in (select value from json_each(?2)))
                  order by position",
+                (old, &convs_json),
             )
-            .bind(old)
-            .bind(&convs_json)
-            .fetch_all(&mut *tx)
             .await?;
             let successor = if kept.is_empty() {
                 None
             } else {
                 let hash = lines_hash(kept.iter().map(|k| &k.0));
                 // The same content under the same name is one version already.
-                let existing: Option<(i64,)> = sqlx::query_as(
+                let existing: Option<(i64,)> = sql::optional(
+                    &mut *tx,
                     "select id from datasets where content_hash = ?1
                        and name = (select name from datasets where id = ?2)",
+                    (&hash, old),
                 )
-                .bind(&hash)
-                .bind(old)
-                .fetch_optional(&mut *tx)
                 .await?;
                 match existing {
                     Some((id,)) => Some(id),
                     None => {
-                        let (id,): (i64,) = sqlx::query_as(
+                        let (id,): (i64,) = sql::one(
+                            &mut *tx,
                             "insert into datasets (name, version, content_hash, format, source, example_count, kind, assistant_id)
                              select name, (select max(version) + 1 from datasets d2 where d2.name = d.name),
                                     ?1, format, source, ?2, kind, assistant_id
                              from datasets d where id = ?3 returning id",
+                            (&hash, kept.len() as i64, old),
                         )
-                        .bind(&hash)
-                        .bind(kept.len() as i64)
-                        .bind(old)
-                        .fetch_one(&mut *tx)
                         .await?;
                         for (position, (line, chars, tokens, conv)) in kept.iter().enumerate() {
-                            sqlx::query(
+                            sql::execute(
+                                &mut *tx,
                                 "insert into dataset_examples (dataset_id, position, messages, char_count, token_count, source_conversation_id)
                                  values (?, ?, ?, ?, ?, ?)",
+                                (id, position as i64, line, chars, tokens, conv),
                             )
-                            .bind(id)
-                            .bind(position as i64)
-                            .bind(line)
-                            .bind(chars)
-                            .bind(tokens)
-                            .bind(conv)
-                            .execute(&mut *tx)
                             .await?;
                         }
                         Some(id)
                     }
                 }
             };
-            sqlx::query("delete from dataset_examples where dataset_id = ?")
-                .bind(old)
-                .execute(&mut *tx)
-                .await?;
+            sql::execute(
+                &mut *tx,
+                "delete from dataset_examples where dataset_id = ?",
+                (old,),
+            )
+            .await?;
             // A job not started yet trains the successor; a job that ran keeps the (now
             // empty) version as its record.
             if let Some(new) = successor {
-                sqlx::query(
+                sql::execute(
+                    &mut *tx,
                     "update training_jobs set dataset_id = ?1
                      where dataset_id = ?2 and state in ('validating_files', 'queued')",
+                    (new, old),
                 )
-                .bind(new)
-                .bind(old)
-                .execute(&mut *tx)
                 .await?;
             }
-            let (used,): (i64,) =
-                sqlx::query_as("select count(*) from training_jobs where dataset_id = ?")
-                    .bind(old)
-                    .fetch_one(&mut *tx)
-                    .await?;
+            let (used,): (i64,) = sql::one(
+                &mut *tx,
+                "select count(*) from training_jobs where dataset_id = ?",
+                (old,),
+            )
+            .await?;
             if used == 0 {
-                sqlx::query("delete from datasets where id = ?")
-                    .bind(old)
-                    .execute(&mut *tx)
-                    .await?;
+                sql::execute(&mut *tx, "delete from datasets where id = ?", (old,)).await?;
             } else {
-                sqlx::query(
+                sql::execute(
+                    &mut *tx,
                     "insert into dataset_purges (dataset_id, successor_id) values (?, ?)
                      on conflict (dataset_id) do update set successor_id = excluded.successor_id",
+                    (old, successor),
                 )
-                .bind(old)
-                .bind(successor)
-                .execute(&mut *tx)
                 .await?;
             }
             datasets.push((old, successor));
         }
         let olds = serde_json::to_string(&datasets.iter().map(|d| d.0).collect::<Vec<_>>())?;
-        let adapters: Vec<(i64,)> = sqlx::query_as(
+        let adapters: Vec<(i64,)> = sql::all(
+            &mut *tx,
             "update adapters set forgotten_data_at = coalesce(forgotten_data_at, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
              where job_id in (select id from training_jobs where dataset_id in (select value from json_each(?1)))
              returning id",
+            (&olds,),
         )
-        .bind(&olds)
-        .fetch_all(&mut *tx)
         .await?;
 
-        let messages =
-            sqlx::query("delete from messages where id in (select value from json_each(?1))")
-                .bind(&ids_json)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-        sqlx::query("update conversations set excluded_from_training = 1 where user_id = ?")
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
+        let messages = sql::execute(
+            &mut *tx,
+            "delete from messages where id in (select value from json_each(?1))",
+            (&ids_json,),
+        )
+        .await?
+        .rows_affected();
+        sql::execute(
+            &mut *tx,
+            "update conversations set excluded_from_training = 1 where user_id = ?",
+            (user_id,),
+        )
+        .await?;
+        sql::execute(
+            &mut *tx,
             "update platform_users set excluded_from_training = 1, username = null, display_name = null,
                     forgotten_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') where id = ?",
+            (user_id,),
         )
-        .bind(user_id)
-        .execute(&mut *tx)
         .await?;
         tx.commit().await?;
         let mut adapters: Vec<i64> = adapters.into_iter().map(|a| a.0).collect();
@@ -303,12 +294,13 @@ mod tests {
                 })
                 .await
                 .unwrap();
-            sqlx::query("update training_jobs set state = ? where id = ?")
-                .bind(state.as_str())
-                .bind(job.id)
-                .execute(self.db.pool())
-                .await
-                .unwrap();
+            sql::execute(
+                self.db.pool(),
+                "update training_jobs set state = ? where id = ?",
+                (state.as_str(), job.id),
+            )
+            .await
+            .unwrap();
             job.id
         }
     }
@@ -415,10 +407,10 @@ mod tests {
         );
         // Ann's rating and the rating of the reply to her go; Bob's own rating stays.
         assert_eq!(f.ratings, 2);
-        let left: Vec<(i64, String)> = sqlx::query_as("select message_id, rater from feedback")
-            .fetch_all(db.pool())
-            .await
-            .unwrap();
+        let left: Vec<(i64, String)> =
+            sql::all(db.pool(), "select message_id, rater from feedback", ())
+                .await
+                .unwrap();
         assert_eq!(left, [(to_bob, "telegram:bob".to_string())]);
 
         // "chats": a v2 with Bob's chat alone; v1 stays empty for the job that ran on it,

@@ -1,7 +1,7 @@
 //! Training jobs and their progress events. States follow OpenAI's fine-tuning jobs:
 //! validating_files -> queued -> running -> succeeded | failed | cancelled.
 
-use super::{Db, Result};
+use super::{Db, Result, sql};
 use serde::Serialize;
 use std::fmt;
 use std::str::FromStr;
@@ -157,35 +157,43 @@ pub(super) const JOB_COLUMNS: &str = "id, state, dataset_id, base_model, method,
 
 impl Db {
     pub async fn create_job(&self, job: &NewJob<'_>) -> Result<TrainingJob> {
-        Ok(sqlx::query_as(&format!(
-            "insert into training_jobs (dataset_id, base_model, method, hyperparameters, assistant_id)
-             values (?, ?, ?, ?, ?) returning {JOB_COLUMNS}"
-        ))
-        .bind(job.dataset_id)
-        .bind(job.base_model)
-        .bind(job.method)
-        .bind(job.hyperparameters.to_string())
-        .bind(job.assistant_id)
-        .fetch_one(self.pool())
+        Ok(sql::one(
+            self.pool(),
+            &format!(
+                "insert into training_jobs (dataset_id, base_model, method, hyperparameters, assistant_id)
+                 values (?, ?, ?, ?, ?) returning {JOB_COLUMNS}"
+            ),
+            (
+                job.dataset_id,
+                job.base_model,
+                job.method,
+                job.hyperparameters.to_string(),
+                job.assistant_id,
+            ),
+        )
         .await?)
     }
 
     /// A job from uploaded files (OpenAI's API): `validating_files`, with no dataset until
     /// [`Db::validated_job`] gives it the one its training file became.
     pub async fn create_file_job(&self, job: &NewFileJob<'_>) -> Result<TrainingJob> {
-        Ok(sqlx::query_as(&format!(
-            "insert into training_jobs (base_model, method, hyperparameters, assistant_id,
-                training_file_id, validation_file_id, suffix)
-             values (?, ?, ?, ?, ?, ?, ?) returning {JOB_COLUMNS}"
-        ))
-        .bind(job.base_model)
-        .bind(job.method)
-        .bind(job.hyperparameters.to_string())
-        .bind(job.assistant_id)
-        .bind(job.training_file_id)
-        .bind(job.validation_file_id)
-        .bind(job.suffix)
-        .fetch_one(self.pool())
+        Ok(sql::one(
+            self.pool(),
+            &format!(
+                "insert into training_jobs (base_model, method, hyperparameters, assistant_id,
+                    training_file_id, validation_file_id, suffix)
+                 values (?, ?, ?, ?, ?, ?, ?) returning {JOB_COLUMNS}"
+            ),
+            (
+                job.base_model,
+                job.method,
+                job.hyperparameters.to_string(),
+                job.assistant_id,
+                job.training_file_id,
+                job.validation_file_id,
+                job.suffix,
+            ),
+        )
         .await?)
     }
 
@@ -197,38 +205,37 @@ impl Db {
         dataset_id: i64,
         validation_dataset_id: Option<i64>,
     ) -> Result<bool> {
-        let done = sqlx::query(
+        let done = sql::execute(
+            self.pool(),
             "update training_jobs set dataset_id = ?, validation_dataset_id = ?, state = 'queued'
              where id = ? and state = 'validating_files'",
+            (dataset_id, validation_dataset_id, id),
         )
-        .bind(dataset_id)
-        .bind(validation_dataset_id)
-        .bind(id)
-        .execute(self.pool())
         .await?;
         Ok(done.rows_affected() == 1)
     }
 
     /// A job whose file did not validate: failed, with the file (`param`) and why.
     pub async fn job_file_refused(&self, id: i64, param: &str, message: &str) -> Result<bool> {
-        let done = sqlx::query(&format!(
-            "update training_jobs set state = 'failed', error = ?, error_param = ?, finished_at = {NOW}
-             where id = ? and {FILE_JOB_TO_VALIDATE}"
-        ))
-        .bind(message)
-        .bind(param)
-        .bind(id)
-        .execute(self.pool())
+        let done = sql::execute(
+            self.pool(),
+            &format!(
+                "update training_jobs set state = 'failed', error = ?, error_param = ?, finished_at = {NOW}
+                 where id = ? and {FILE_JOB_TO_VALIDATE}"
+            ),
+            (message, param, id),
+        )
         .await?;
         Ok(done.rows_affected() == 1)
     }
 
     /// Jobs waiting for their files to be validated, oldest first.
     pub async fn jobs_validating_files(&self) -> Result<Vec<i64>> {
-        let ids: Vec<(i64,)> = sqlx::query_as(&format!(
-            "select id from training_jobs where {FILE_JOB_TO_VALIDATE} order by id"
-        ))
-        .fetch_all(self.pool())
+        let ids: Vec<(i64,)> = sql::all(
+            self.pool(),
+            &format!("select id from training_jobs where {FILE_JOB_TO_VALIDATE} order by id"),
+            (),
+        )
         .await?;
         Ok(ids.into_iter().map(|r| r.0).collect())
     }
@@ -247,17 +254,16 @@ impl Db {
         error: Option<&str>,
     ) -> Result<bool> {
         let now = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
-        let done = sqlx::query(&format!(
-            "update training_jobs set state = ?1, error = coalesce(?2, error),
-                started_at = case when ?1 = 'running' then {now} else started_at end,
-                finished_at = case when ?1 in ('succeeded', 'failed', 'cancelled') then {now} else finished_at end
-             where id = ?3 and state = ?4"
-        ))
-        .bind(to.as_str())
-        .bind(error)
-        .bind(id)
-        .bind(from.as_str())
-        .execute(self.pool())
+        let done = sql::execute(
+            self.pool(),
+            &format!(
+                "update training_jobs set state = ?1, error = coalesce(?2, error),
+                    started_at = case when ?1 = 'running' then {now} else started_at end,
+                    finished_at = case when ?1 in ('succeeded', 'failed', 'cancelled') then {now} else finished_at end
+                 where id = ?3 and state = ?4"
+            ),
+            (to.as_str(), error, id, from.as_str()),
+        )
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -267,22 +273,21 @@ impl Db {
     /// no longer running.
     pub async fn succeed_job(&self, id: i64, filename: &str, csv: &[u8]) -> Result<bool> {
         let mut tx = self.pool().begin().await?;
-        let (file_id,): (i64,) = sqlx::query_as(
+        let (file_id,): (i64,) = sql::one(
+            &mut *tx,
             "insert into files (filename, purpose, bytes, content)
              values (?, 'fine-tune-results', ?, ?) returning id",
+            (filename, csv.len() as i64, csv),
         )
-        .bind(filename)
-        .bind(csv.len() as i64)
-        .bind(csv)
-        .fetch_one(&mut *tx)
         .await?;
-        let done = sqlx::query(&format!(
-            "update training_jobs set state = 'succeeded', finished_at = {NOW}, result_file_id = ?
-             where id = ? and state = 'running'"
-        ))
-        .bind(file_id)
-        .bind(id)
-        .execute(&mut *tx)
+        let done = sql::execute(
+            &mut *tx,
+            &format!(
+                "update training_jobs set state = 'succeeded', finished_at = {NOW}, result_file_id = ?
+                 where id = ? and state = 'running'"
+            ),
+            (file_id, id),
+        )
         .await?;
         if done.rows_affected() != 1 {
             tx.rollback().await?;
@@ -310,15 +315,17 @@ impl Db {
     where
         T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + Send + Unpin,
     {
-        Ok(sqlx::query_as(&format!(
-            "update {table} set state = 'running', started_at = {NOW},
-                attempts = attempts + 1, lease_until = {LEASE}
-             where id = (select id from {table} where state = 'queued' order by id limit 1)
-               and state = 'queued'
-             returning {columns}"
-        ))
-        .bind(lease_secs)
-        .fetch_optional(self.pool())
+        Ok(sql::optional(
+            self.pool(),
+            &format!(
+                "update {table} set state = 'running', started_at = {NOW},
+                    attempts = attempts + 1, lease_until = {LEASE}
+                 where id = (select id from {table} where state = 'queued' order by id limit 1)
+                   and state = 'queued'
+                 returning {columns}"
+            ),
+            (lease_secs,),
+        )
         .await?)
     }
 
@@ -335,12 +342,13 @@ impl Db {
         id: i64,
         lease_secs: i64,
     ) -> Result<bool> {
-        let done = sqlx::query(&format!(
-            "update {table} set lease_until = {LEASE} where id = ?2 and state = 'running'"
-        ))
-        .bind(lease_secs)
-        .bind(id)
-        .execute(self.pool())
+        let done = sql::execute(
+            self.pool(),
+            &format!(
+                "update {table} set lease_until = {LEASE} where id = ?2 and state = 'running'"
+            ),
+            (lease_secs, id),
+        )
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -357,13 +365,15 @@ impl Db {
         reset: &'static str,
         id: i64,
     ) -> Result<bool> {
-        let done = sqlx::query(&format!(
-            "update {table} set state = 'queued', {reset}lease_until = null,
-                attempts = max(attempts - 1, 0)
-             where id = ? and state = 'running'"
-        ))
-        .bind(id)
-        .execute(self.pool())
+        let done = sql::execute(
+            self.pool(),
+            &format!(
+                "update {table} set state = 'queued', {reset}lease_until = null,
+                    attempts = max(attempts - 1, 0)
+                 where id = ? and state = 'running'"
+            ),
+            (id,),
+        )
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -386,18 +396,23 @@ impl Db {
     ) -> Result<(Vec<i64>, Vec<i64>)> {
         let abandoned =
             format!("state = 'running' and (lease_until is null or lease_until < {NOW})");
-        let failed: Vec<(i64,)> = sqlx::query_as(&format!(
-            "update {table} set state = 'failed', finished_at = {NOW}, lease_until = null,
-                error = 'the process stopped while running this job ' || attempts || ' times (a crash or an out-of-memory kill?): not started again; create a new job to retry'
-             where {abandoned} and attempts >= ?1 returning id"
-        ))
-        .bind(max_attempts)
-        .fetch_all(self.pool())
+        let failed: Vec<(i64,)> = sql::all(
+            self.pool(),
+            &format!(
+                "update {table} set state = 'failed', finished_at = {NOW}, lease_until = null,
+                    error = 'the process stopped while running this job ' || attempts || ' times (a crash or an out-of-memory kill?): not started again; create a new job to retry'
+                 where {abandoned} and attempts >= ?1 returning id"
+            ),
+            (max_attempts,),
+        )
         .await?;
-        let requeued: Vec<(i64,)> = sqlx::query_as(&format!(
-            "update {table} set state = 'queued', {reset}lease_until = null where {abandoned} returning id"
-        ))
-        .fetch_all(self.pool())
+        let requeued: Vec<(i64,)> = sql::all(
+            self.pool(),
+            &format!(
+                "update {table} set state = 'queued', {reset}lease_until = null where {abandoned} returning id"
+            ),
+            (),
+        )
         .await?;
         Ok((
             requeued.into_iter().map(|r| r.0).collect(),
@@ -407,10 +422,12 @@ impl Db {
 
     /// How many times a job has been claimed without a clean stop.
     pub async fn job_attempts(&self, id: i64) -> Result<i64> {
-        let (n,): (i64,) = sqlx::query_as("select attempts from training_jobs where id = ?")
-            .bind(id)
-            .fetch_one(self.pool())
-            .await?;
+        let (n,): (i64,) = sql::one(
+            self.pool(),
+            "select attempts from training_jobs where id = ?",
+            (id,),
+        )
+        .await?;
         Ok(n)
     }
 
@@ -421,14 +438,12 @@ impl Db {
         output_dir: Option<&str>,
         total_steps: Option<i64>,
     ) -> Result<()> {
-        sqlx::query(
+        sql::execute(
+            self.pool(),
             "update training_jobs set output_dir = coalesce(?, output_dir),
                 total_steps = coalesce(?, total_steps) where id = ?",
+            (output_dir, total_steps, id),
         )
-        .bind(output_dir)
-        .bind(total_steps)
-        .bind(id)
-        .execute(self.pool())
         .await?;
         Ok(())
     }
@@ -440,10 +455,12 @@ impl Db {
         if job.state().is_final() {
             return Ok(false);
         }
-        sqlx::query("update training_jobs set cancel_requested = 1 where id = ?")
-            .bind(id)
-            .execute(self.pool())
-            .await?;
+        sql::execute(
+            self.pool(),
+            "update training_jobs set cancel_requested = 1 where id = ?",
+            (id,),
+        )
+        .await?;
         for from in [JobState::Queued, JobState::ValidatingFiles] {
             self.transition_job(id, from, JobState::Cancelled, None)
                 .await?;
@@ -453,36 +470,40 @@ impl Db {
 
     /// Link the adapter a job produced.
     pub async fn set_job_adapter(&self, id: i64, adapter_id: i64) -> Result<()> {
-        sqlx::query("update training_jobs set adapter_id = ? where id = ?")
-            .bind(adapter_id)
-            .bind(id)
-            .execute(self.pool())
-            .await?;
+        sql::execute(
+            self.pool(),
+            "update training_jobs set adapter_id = ? where id = ?",
+            (adapter_id, id),
+        )
+        .await?;
         Ok(())
     }
 
     pub async fn add_training_event(&self, job_id: i64, e: &NewTrainingEvent<'_>) -> Result<()> {
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(
+        sql::execute(
+            &mut *tx,
             "insert into training_events (job_id, kind, step, loss, eval_loss, learning_rate, tokens_per_sec, message)
              values (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                job_id,
+                e.kind,
+                e.step,
+                e.loss,
+                e.eval_loss,
+                e.learning_rate,
+                e.tokens_per_sec,
+                e.message,
+            ),
         )
-        .bind(job_id)
-        .bind(e.kind)
-        .bind(e.step)
-        .bind(e.loss)
-        .bind(e.eval_loss)
-        .bind(e.learning_rate)
-        .bind(e.tokens_per_sec)
-        .bind(e.message)
-        .execute(&mut *tx)
         .await?;
         if let Some(step) = e.step {
-            sqlx::query("update training_jobs set step = max(step, ?) where id = ?")
-                .bind(step)
-                .bind(job_id)
-                .execute(&mut *tx)
-                .await?;
+            sql::execute(
+                &mut *tx,
+                "update training_jobs set step = max(step, ?) where id = ?",
+                (step, job_id),
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -490,21 +511,23 @@ impl Db {
 
     /// Jobs newest first, `limit` of them, older than the job `before` when given.
     pub async fn list_jobs(&self, before: Option<i64>, limit: i64) -> Result<Vec<TrainingJob>> {
-        Ok(sqlx::query_as(&format!(
-            "select {JOB_COLUMNS} from training_jobs where id < ? order by id desc limit ?"
-        ))
-        .bind(before.unwrap_or(i64::MAX))
-        .bind(limit)
-        .fetch_all(self.pool())
+        Ok(sql::all(
+            self.pool(),
+            &format!(
+                "select {JOB_COLUMNS} from training_jobs where id < ? order by id desc limit ?"
+            ),
+            (before.unwrap_or(i64::MAX), limit),
+        )
         .await?)
     }
 
     /// How many jobs are queued and how many run.
     pub async fn active_job_counts(&self) -> Result<(i64, i64)> {
-        let counts: Vec<(String, i64)> = sqlx::query_as(
+        let counts: Vec<(String, i64)> = sql::all(
+            self.pool(),
             "select state, count(*) from training_jobs where state in ('queued', 'running') group by state",
+            (),
         )
-        .fetch_all(self.pool())
         .await?;
         let count = |s: &str| counts.iter().find(|(k, _)| k == s).map_or(0, |(_, n)| *n);
         Ok((count("queued"), count("running")))
@@ -512,11 +535,12 @@ impl Db {
 
     /// The running jobs' last two step events, newest first: (created_at, tokens/s).
     pub async fn last_running_steps(&self) -> Result<Vec<(String, Option<f64>)>> {
-        Ok(sqlx::query_as(
+        Ok(sql::all(
+            self.pool(),
             "select e.created_at, e.tokens_per_sec from training_events e join training_jobs j on j.id = e.job_id
              where j.state = 'running' and e.kind = 'step' order by e.id desc limit 2",
+            (),
         )
-        .fetch_all(self.pool())
         .await?)
     }
 
@@ -527,14 +551,12 @@ impl Db {
         before_id: Option<i64>,
         limit: i64,
     ) -> Result<Vec<TrainingEvent>> {
-        Ok(sqlx::query_as(
+        Ok(sql::all(
+            self.pool(),
             "select id, job_id, kind, step, loss, eval_loss, learning_rate, tokens_per_sec, message, created_at
              from training_events where job_id = ? and id < ? order by id desc limit ?",
+            (job_id, before_id.unwrap_or(i64::MAX), limit),
         )
-        .bind(job_id)
-        .bind(before_id.unwrap_or(i64::MAX))
-        .bind(limit)
-        .fetch_all(self.pool())
         .await?)
     }
 
@@ -544,24 +566,22 @@ impl Db {
         job_id: i64,
         kind: &str,
     ) -> Result<Option<TrainingEvent>> {
-        Ok(sqlx::query_as(
+        Ok(sql::optional(
+            self.pool(),
             "select id, job_id, kind, step, loss, eval_loss, learning_rate, tokens_per_sec, message, created_at
              from training_events where job_id = ? and kind = ? order by id desc limit 1",
+            (job_id, kind),
         )
-        .bind(job_id)
-        .bind(kind)
-        .fetch_optional(self.pool())
         .await?)
     }
 
     pub async fn training_events(&self, job_id: i64, after_id: i64) -> Result<Vec<TrainingEvent>> {
-        Ok(sqlx::query_as(
+        Ok(sql::all(
+            self.pool(),
             "select id, job_id, kind, step, loss, eval_loss, learning_rate, tokens_per_sec, message, created_at
              from training_events where job_id = ? and id > ? order by id",
+            (job_id, after_id),
         )
-        .bind(job_id)
-        .bind(after_id)
-        .fetch_all(self.pool())
         .await?)
     }
 }

@@ -1,7 +1,7 @@
 //! Keeping the database healthy over months: an online backup, moving adapter folders
 //! on a restore, and retention for the tables that would otherwise only grow.
 
-use super::{Db, Result};
+use super::{Db, Result, sql};
 use std::path::Path;
 
 /// How long rows of the growing tables are kept (`retention:` in the config).
@@ -35,23 +35,19 @@ impl Db {
     /// A consistent copy of the whole database at `path` (SQLite's `VACUUM INTO`: online,
     /// the server may keep running). `path` must not exist.
     pub async fn backup_into(&self, path: &Path) -> Result<()> {
-        sqlx::query("vacuum into ?")
-            .bind(path.display().to_string())
-            .execute(self.pool())
-            .await?;
+        sql::execute(self.pool(), "vacuum into ?", (path.display().to_string(),)).await?;
         Ok(())
     }
 
     /// Adapters whose folder starts with `from`: moved under `to` (a restore into another
     /// data folder). Returns how many.
     pub async fn relocate_adapters(&self, from: &str, to: &str) -> Result<u64> {
-        Ok(sqlx::query(
+        Ok(sql::execute(
+            self.pool(),
             "update adapters set path = ?2 || substr(path, length(?1) + 1)
              where substr(path, 1, length(?1)) = ?1",
+            (from, to),
         )
-        .bind(from)
-        .bind(to)
-        .execute(self.pool())
         .await?
         .rows_affected())
     }
@@ -64,40 +60,51 @@ impl Db {
                 (days * 86400.0) as i64
             )
         };
-        let updates = sqlx::query(&format!(
-            "delete from inbound_updates where status in ('done', 'failed') and created_at < {}",
-            before(retention.updates_days)
-        ))
-        .execute(self.pool())
-        .await?
-        .rows_affected();
-        let sessions = sqlx::query(
-            "delete from web_sessions where expires_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+        let updates = sql::execute(
+            self.pool(),
+            &format!(
+                "delete from inbound_updates where status in ('done', 'failed') and created_at < {}",
+                before(retention.updates_days)
+            ),
+            (),
         )
-        .execute(self.pool())
         .await?
         .rows_affected();
-        let training_events = sqlx::query(&format!(
-            "delete from training_events where job_id in (
-                select id from training_jobs
-                where state in ('succeeded', 'failed', 'cancelled') and finished_at < {})",
-            before(retention.training_events_days)
-        ))
-        .execute(self.pool())
+        let sessions = sql::execute(
+            self.pool(),
+            "delete from web_sessions where expires_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+            (),
+        )
         .await?
         .rows_affected();
-        let audit = sqlx::query(&format!(
-            "delete from audit_log where at < {}",
-            before(retention.audit_days)
-        ))
-        .execute(self.pool())
+        let training_events = sql::execute(
+            self.pool(),
+            &format!(
+                "delete from training_events where job_id in (
+                    select id from training_jobs
+                    where state in ('succeeded', 'failed', 'cancelled') and finished_at < {})",
+                before(retention.training_events_days)
+            ),
+            (),
+        )
+        .await?
+        .rows_affected();
+        let audit = sql::execute(
+            self.pool(),
+            &format!(
+                "delete from audit_log where at < {}",
+                before(retention.audit_days)
+            ),
+            (),
+        )
         .await?
         .rows_affected();
         // Channels not heard from in a long while are not read again after downtime.
-        let cursors = sqlx::query(
+        let cursors = sql::execute(
+            self.pool(),
             "delete from channel_cursors where updated_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-90 days')",
+            (),
         )
-        .execute(self.pool())
         .await?
         .rows_affected();
         Ok(Pruned {
@@ -132,12 +139,13 @@ mod tests {
             db.store_update(Platform::Telegram, key, "{}")
                 .await
                 .unwrap();
-            sqlx::query(&format!(
-                "update inbound_updates set status = ?, created_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-{days_ago} days') where update_key = ?"
-            ))
-            .bind(status)
-            .bind(key)
-            .execute(db.pool())
+            sql::execute(
+                db.pool(),
+                &format!(
+                    "update inbound_updates set status = ?, created_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-{days_ago} days') where update_key = ?"
+                ),
+                (status, key),
+            )
             .await
             .unwrap();
         }
@@ -147,10 +155,11 @@ mod tests {
         db.audit("console:admin", "rollback", None, None)
             .await
             .unwrap();
-        sqlx::query(
+        sql::execute(
+            db.pool(),
             "update audit_log set at = '2020-01-01T00:00:00.000Z' where action = 'activate'",
+            (),
         )
-        .execute(db.pool())
         .await
         .unwrap();
         let p = db

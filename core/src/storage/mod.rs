@@ -22,6 +22,7 @@ mod forget;
 mod jobs;
 mod maintenance;
 mod routing;
+mod sql;
 mod sweeps;
 mod updates;
 
@@ -85,10 +86,12 @@ async fn migrate(opts: &SqliteConnectOptions) -> Result<()> {
     use sqlx::Connection;
     let mut conn = sqlx::SqliteConnection::connect_with(&opts.clone().foreign_keys(false)).await?;
     MIGRATOR.run(&mut conn).await?;
-    let broken: Vec<(String, Option<i64>)> =
-        sqlx::query_as("select \"table\", rowid from pragma_foreign_key_check")
-            .fetch_all(&mut conn)
-            .await?;
+    let broken: Vec<(String, Option<i64>)> = sql::all(
+        &mut conn,
+        "select \"table\", rowid from pragma_foreign_key_check",
+        (),
+    )
+    .await?;
     conn.close().await?;
     if let Some((table, row)) = broken.first() {
         return Err(StorageError::Invalid {
@@ -154,11 +157,12 @@ impl Db {
     where
         T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + Send + Unpin,
     {
-        let found: Option<T> =
-            sqlx::query_as(&format!("select {columns} from {table} where id = ?"))
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
+        let found: Option<T> = sql::optional(
+            &self.pool,
+            &format!("select {columns} from {table} where id = ?"),
+            (id,),
+        )
+        .await?;
         found.ok_or_else(|| StorageError::NotFound {
             what: format!("{what}{id}"),
         })
@@ -175,12 +179,13 @@ impl Db {
 
     /// Row counts the dashboard and `loraloop status` show.
     pub async fn counts(&self) -> Result<Counts> {
-        let row: (i64, i64, i64, i64) = sqlx::query_as(
+        let row: (i64, i64, i64, i64) = sql::one(
+            &self.pool,
             "select (select count(*) from conversations), (select count(*) from messages),
                     (select count(*) from feedback where rating is not null),
                     (select count(*) from datasets)",
+            (),
         )
-        .fetch_one(&self.pool)
         .await?;
         Ok(Counts {
             conversations: row.0,
@@ -210,13 +215,11 @@ mod tests {
         let path = dir.path().join("nested/loraloop.db");
         let db = Db::open(&path).await.unwrap();
         assert!(path.exists());
-        let (mode,): (String,) = sqlx::query_as("pragma journal_mode")
-            .fetch_one(db.pool())
+        let (mode,): (String,) = sql::one(db.pool(), "pragma journal_mode", ())
             .await
             .unwrap();
         assert_eq!(mode, "wal");
-        let (fk,): (i64,) = sqlx::query_as("pragma foreign_keys")
-            .fetch_one(db.pool())
+        let (fk,): (i64,) = sql::one(db.pool(), "pragma foreign_keys", ())
             .await
             .unwrap();
         assert_eq!(fk, 1);
@@ -227,8 +230,7 @@ mod tests {
 
     /// The tables with a foreign key that points nowhere.
     async fn broken_links(pool: &SqlitePool) -> Vec<(String,)> {
-        sqlx::query_as("select \"table\" from pragma_foreign_key_check")
-            .fetch_all(pool)
+        sql::all(pool, "select \"table\" from pragma_foreign_key_check", ())
             .await
             .unwrap()
     }
@@ -271,32 +273,31 @@ mod tests {
             "insert into adapters (id, name, path, base_model, base_model_hash, tokenizer_hash, chat_template_hash, job_id) values (2, 'job-7', 'p', 'm', 'h', 'h', 'h', 7)",
             "update training_jobs set adapter_id = 2 where id = 7",
         ] {
-            sqlx::query(q).execute(&pool).await.unwrap();
+            sql::execute(&pool, q, ()).await.unwrap();
         }
         // With foreign keys on, the rebuild would cascade: its guard refuses to run.
         let refused = MIGRATOR.run(&pool).await;
         assert!(refused.is_err(), "{refused:?}");
         migrate(&opts).await.unwrap();
-        let job: (i64, Option<i64>, i64, Option<i64>) =
-            sqlx::query_as("select id, dataset_id, attempts, adapter_id from training_jobs")
-                .fetch_one(&pool)
-                .await
-                .unwrap();
+        let job: (i64, Option<i64>, i64, Option<i64>) = sql::one(
+            &pool,
+            "select id, dataset_id, attempts, adapter_id from training_jobs",
+            (),
+        )
+        .await
+        .unwrap();
         assert_eq!(job, (7, Some(1), 1, Some(2)));
-        let adapter_job: (Option<i64>,) = sqlx::query_as("select job_id from adapters")
-            .fetch_one(&pool)
+        let adapter_job: (Option<i64>,) = sql::one(&pool, "select job_id from adapters", ())
             .await
             .unwrap();
         assert_eq!(adapter_job.0, Some(7));
         let problems = broken_links(&pool).await;
         assert!(problems.is_empty(), "{problems:?}");
         // The events still hang off the job: deleting it cascades to them.
-        sqlx::query("delete from training_jobs where id = 7")
-            .execute(&pool)
+        sql::execute(&pool, "delete from training_jobs where id = 7", ())
             .await
             .unwrap();
-        let events: (i64,) = sqlx::query_as("select count(*) from training_events")
-            .fetch_one(&pool)
+        let events: (i64,) = sql::one(&pool, "select count(*) from training_events", ())
             .await
             .unwrap();
         assert_eq!(events.0, 0);
@@ -313,41 +314,46 @@ mod tests {
             "insert into files (id, filename, purpose, bytes, content) values (4, 'a.jsonl', 'fine-tune', 3, x'7b7d0a')",
             "insert into training_jobs (id, state, base_model, training_file_id, validation_file_id) values (9, 'validating_files', 'm', 4, 4)",
         ] {
-            sqlx::query(q).execute(&pool).await.unwrap();
+            sql::execute(&pool, q, ()).await.unwrap();
         }
         let refused = MIGRATOR.run(&pool).await;
         assert!(refused.is_err(), "{refused:?}");
         migrate(&opts).await.unwrap();
-        let file: (i64, String, Vec<u8>) = sqlx::query_as("select id, purpose, content from files")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+        let file: (i64, String, Vec<u8>) =
+            sql::one(&pool, "select id, purpose, content from files", ())
+                .await
+                .unwrap();
         assert_eq!(file, (4, "fine-tune".into(), b"{}\n".to_vec()));
-        sqlx::query("insert into files (filename, purpose, bytes, content) values ('r.csv', 'fine-tune-results', 0, x'')")
-            .execute(&pool)
-            .await
+        sql::execute(
+            &pool,
+            "insert into files (filename, purpose, bytes, content) values ('r.csv', 'fine-tune-results', 0, x'')",
+            (),
+        )
+        .await
             .unwrap();
         let problems = broken_links(&pool).await;
         assert!(problems.is_empty(), "{problems:?}");
-        sqlx::query("delete from files where id = 4")
-            .execute(&pool)
+        sql::execute(&pool, "delete from files where id = 4", ())
             .await
             .unwrap();
-        let links: (Option<i64>, Option<i64>) =
-            sqlx::query_as("select training_file_id, validation_file_id from training_jobs")
-                .fetch_one(&pool)
-                .await
-                .unwrap();
+        let links: (Option<i64>, Option<i64>) = sql::one(
+            &pool,
+            "select training_file_id, validation_file_id from training_jobs",
+            (),
+        )
+        .await
+        .unwrap();
         assert_eq!(links, (None, None));
     }
 
     #[sqlx::test(migrations = "../migrations")]
     async fn every_table_is_strict(pool: SqlitePool) {
-        let rows: Vec<(String, i64)> = sqlx::query_as(
+        let rows: Vec<(String, i64)> = sql::all(
+            &pool,
             "select name, strict from pragma_table_list where schema = 'main'
              and type = 'table' and name not like 'sqlite_%' and name != '_sqlx_migrations'",
+            (),
         )
-        .fetch_all(&pool)
         .await
         .unwrap();
         assert!(rows.len() >= 14, "{rows:?}");
@@ -358,9 +364,12 @@ mod tests {
 
     #[sqlx::test(migrations = "../migrations")]
     async fn a_strict_table_refuses_a_value_of_the_wrong_type(pool: SqlitePool) {
-        let err = sqlx::query("insert into chats (platform, platform_chat_id, created_at) values ('telegram', '1', x'00')")
-            .execute(&pool)
-            .await
+        let err = sql::execute(
+            &pool,
+            "insert into chats (platform, platform_chat_id, created_at) values ('telegram', '1', x'00')",
+            (),
+        )
+        .await
             .unwrap_err();
         assert!(
             err.to_string()

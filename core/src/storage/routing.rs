@@ -1,7 +1,7 @@
 //! Which adapter serves a conversation: its pin (kept until it has been idle), the
 //! running canary and its rating counts, and each adapter's ratings over time.
 
-use super::{Db, Result};
+use super::{Db, Result, sql};
 use crate::canary::Ratings;
 use serde::Serialize;
 
@@ -43,7 +43,8 @@ const CANARY_COLUMNS: &str = "id, assistant_id, adapter_id, baseline_adapter_id,
 impl Db {
     /// The pin of a conversation, if it has one.
     pub async fn conversation_pin(&self, conversation_id: i64) -> Result<Option<Pin>> {
-        let row: Option<(Option<i64>, f64, i64)> = sqlx::query_as(
+        let row: Option<(Option<i64>, f64, i64)> = sql::optional(
+            self.pool(),
             "select c.pinned_adapter_id,
                     (julianday('now') - julianday(coalesce(
                         (select max(m.created_at) from messages m where m.conversation_id = c.id),
@@ -52,9 +53,8 @@ impl Db {
                         select 1 from adapters a where a.id = c.pinned_adapter_id
                         and (a.rolled_back_at is null or a.rolled_back_at < c.pinned_at))
              from conversations c where c.id = ? and c.pinned_at is not null",
+            (conversation_id,),
         )
-        .bind(conversation_id)
-        .fetch_optional(self.pool())
         .await?;
         Ok(row.map(|(adapter_id, idle_secs, valid)| Pin {
             adapter_id,
@@ -69,12 +69,11 @@ impl Db {
         conversation_id: i64,
         adapter_id: Option<i64>,
     ) -> Result<()> {
-        sqlx::query(
+        sql::execute(
+            self.pool(),
             "update conversations set pinned_adapter_id = ?, pinned_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') where id = ?",
+            (adapter_id, conversation_id),
         )
-        .bind(adapter_id)
-        .bind(conversation_id)
-        .execute(self.pool())
         .await?;
         Ok(())
     }
@@ -88,23 +87,23 @@ impl Db {
         share: f64,
     ) -> Result<Canary> {
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(
+        sql::execute(
+            &mut *tx,
             "update canaries set ended_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), outcome = 'cancelled',
                 reason = 'replaced by the canary of a newer adapter'
              where assistant_id = ? and ended_at is null",
+            (assistant_id,),
         )
-        .bind(assistant_id)
-        .execute(&mut *tx)
         .await?;
-        let canary: Canary = sqlx::query_as(&format!(
-            "insert into canaries (assistant_id, adapter_id, baseline_adapter_id, share)
-             select id, ?, active_adapter_id, ? from assistants where id = ?
-             returning {CANARY_COLUMNS}"
-        ))
-        .bind(adapter_id)
-        .bind(share)
-        .bind(assistant_id)
-        .fetch_one(&mut *tx)
+        let canary: Canary = sql::one(
+            &mut *tx,
+            &format!(
+                "insert into canaries (assistant_id, adapter_id, baseline_adapter_id, share)
+                 select id, ?, active_adapter_id, ? from assistants where id = ?
+                 returning {CANARY_COLUMNS}"
+            ),
+            (adapter_id, share, assistant_id),
+        )
         .await?;
         tx.commit().await?;
         Ok(canary)
@@ -112,11 +111,13 @@ impl Db {
 
     /// The assistant's running canary, if any.
     pub async fn running_canary(&self, assistant_id: i64) -> Result<Option<Canary>> {
-        Ok(sqlx::query_as(&format!(
-            "select {CANARY_COLUMNS} from canaries where assistant_id = ? and ended_at is null"
-        ))
-        .bind(assistant_id)
-        .fetch_optional(self.pool())
+        Ok(sql::optional(
+            self.pool(),
+            &format!(
+                "select {CANARY_COLUMNS} from canaries where assistant_id = ? and ended_at is null"
+            ),
+            (assistant_id,),
+        )
         .await?)
     }
 
@@ -127,12 +128,13 @@ impl Db {
 
     /// The assistant's canaries, newest first.
     pub async fn canaries(&self, assistant_id: i64, limit: i64) -> Result<Vec<Canary>> {
-        Ok(sqlx::query_as(&format!(
-            "select {CANARY_COLUMNS} from canaries where assistant_id = ? order by id desc limit ?"
-        ))
-        .bind(assistant_id)
-        .bind(limit)
-        .fetch_all(self.pool())
+        Ok(sql::all(
+            self.pool(),
+            &format!(
+                "select {CANARY_COLUMNS} from canaries where assistant_id = ? order by id desc limit ?"
+            ),
+            (assistant_id, limit),
+        )
         .await?)
     }
 
@@ -141,24 +143,22 @@ impl Db {
     /// process decided first).
     pub async fn end_canary(&self, id: i64, outcome: &str, reason: &str) -> Result<bool> {
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-        let ended = sqlx::query(
+        let ended = sql::execute(
+            &mut *tx,
             "update canaries set ended_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), outcome = ?, reason = ?
              where id = ? and ended_at is null",
+            (outcome, reason, id),
         )
-        .bind(outcome)
-        .bind(reason)
-        .bind(id)
-        .execute(&mut *tx)
         .await?
         .rows_affected()
             == 1;
         if ended && outcome == "rolled_back" {
-            sqlx::query(
+            sql::execute(
+                &mut *tx,
                 "update adapters set rolled_back_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
                  where id = (select adapter_id from canaries where id = ?)",
+                (id,),
             )
-            .bind(id)
-            .execute(&mut *tx)
             .await?;
         }
         tx.commit().await?;
@@ -173,18 +173,16 @@ impl Db {
         adapter_id: Option<i64>,
         since: &str,
     ) -> Result<Ratings> {
-        let (up, rated): (i64, i64) = sqlx::query_as(
+        let (up, rated): (i64, i64) = sql::one(
+            self.pool(),
             "select coalesce(sum(f.rating = 1), 0), count(*)
              from messages m
              join conversations c on c.id = m.conversation_id
              join feedback f on f.message_id = m.id
              where m.role = 'assistant' and m.adapter_id is ? and m.created_at >= ?
                and c.assistant_id = ? and c.pinned_at is not null and f.rating is not null",
+            (adapter_id, since, assistant_id),
         )
-        .bind(adapter_id)
-        .bind(since)
-        .bind(assistant_id)
-        .fetch_one(self.pool())
         .await?;
         Ok(Ratings {
             up: up as u64,
@@ -198,17 +196,16 @@ impl Db {
         adapter_id: Option<i64>,
         days: i64,
     ) -> Result<Vec<DailyRatings>> {
-        Ok(sqlx::query_as(
+        Ok(sql::all(
+            self.pool(),
             "select substr(m.created_at, 1, 10) as day,
                     coalesce(sum(f.rating = 1), 0) as up, coalesce(sum(f.rating = -1), 0) as down
              from messages m join feedback f on f.message_id = m.id
              where m.role = 'assistant' and m.adapter_id is ? and f.rating is not null
                and m.created_at >= strftime('%Y-%m-%dT00:00:00Z', 'now', printf('-%d days', ? - 1))
              group by day order by day",
+            (adapter_id, days),
         )
-        .bind(adapter_id)
-        .bind(days)
-        .fetch_all(self.pool())
         .await?)
     }
 }

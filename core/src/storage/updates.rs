@@ -1,7 +1,7 @@
 //! Inbound platform updates, stored before they are confirmed to the platform: the bot
 //! works from this table, so an update read but not yet answered survives a crash.
 
-use super::{Db, Platform, Result};
+use super::{Db, Platform, Result, sql};
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct PendingUpdate {
@@ -12,14 +12,12 @@ pub struct PendingUpdate {
 impl Db {
     /// Store an update as pending; false if it was already stored (redelivered).
     pub async fn store_update(&self, platform: Platform, key: &str, payload: &str) -> Result<bool> {
-        Ok(sqlx::query(
+        Ok(sql::execute(
+            self.pool(),
             "insert into inbound_updates (platform, update_key, payload, status) values (?, ?, ?, 'pending')
              on conflict do nothing",
+            (platform.as_str(), key, payload),
         )
-        .bind(platform.as_str())
-        .bind(key)
-        .bind(payload)
-        .execute(self.pool())
         .await?
         .rows_affected()
             == 1)
@@ -34,28 +32,26 @@ impl Db {
         platform: Platform,
         source: Option<&str>,
     ) -> Result<Vec<PendingUpdate>> {
-        Ok(sqlx::query_as(
+        Ok(sql::all(
+            self.pool(),
             "select update_key, coalesce(payload, '') as payload from inbound_updates
              where platform = ?1 and status = 'pending' and (?2 is null or update_key like ?2 || ':%')
                and (retry_at is null or retry_at <= strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
              order by length(update_key), update_key",
+            (platform.as_str(), source),
         )
-        .bind(platform.as_str())
-        .bind(source)
-        .fetch_all(self.pool())
         .await?)
     }
 
     /// Give the keys stored without a source (before there were several Telegram bots:
     /// they were all one bot's) to `source`. Returns how many.
     pub async fn adopt_unscoped_updates(&self, platform: Platform, source: &str) -> Result<u64> {
-        Ok(sqlx::query(
+        Ok(sql::execute(
+            self.pool(),
             "update or ignore inbound_updates set update_key = ?1 || ':' || update_key
              where platform = ?2 and instr(update_key, ':') = 0",
+            (source, platform.as_str()),
         )
-        .bind(source)
-        .bind(platform.as_str())
-        .execute(self.pool())
         .await?
         .rows_affected())
     }
@@ -69,15 +65,13 @@ impl Db {
         key: &str,
         error: Option<&str>,
     ) -> Result<()> {
-        sqlx::query(
+        sql::execute(
+            self.pool(),
             "update inbound_updates set status = case when ?1 is null then 'done' else 'failed' end,
                 error = ?1, payload = null, done_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
              where platform = ?2 and update_key = ?3",
+            (error, platform.as_str(), key),
         )
-        .bind(error)
-        .bind(platform.as_str())
-        .bind(key)
-        .execute(self.pool())
         .await?;
         Ok(())
     }
@@ -91,29 +85,25 @@ impl Db {
         error: &str,
         retry_in_secs: f64,
     ) -> Result<i64> {
-        let (attempts,): (i64,) = sqlx::query_as(
+        let (attempts,): (i64,) = sql::one(
+            self.pool(),
             "update inbound_updates set attempts = attempts + 1, error = ?1,
                 retry_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+' || ?2 || ' seconds')
              where platform = ?3 and update_key = ?4 returning attempts",
+            (error, retry_in_secs, platform.as_str(), key),
         )
-        .bind(error)
-        .bind(retry_in_secs)
-        .bind(platform.as_str())
-        .bind(key)
-        .fetch_one(self.pool())
         .await?;
         Ok(attempts)
     }
 
     /// How old a stored update is, in seconds, and how many times its reply failed.
     pub async fn update_age(&self, platform: Platform, key: &str) -> Result<Option<(f64, i64)>> {
-        Ok(sqlx::query_as(
+        Ok(sql::optional(
+            self.pool(),
             "select (julianday('now') - julianday(created_at)) * 86400.0, attempts
              from inbound_updates where platform = ? and update_key = ?",
+            (platform.as_str(), key),
         )
-        .bind(platform.as_str())
-        .bind(key)
-        .fetch_optional(self.pool())
         .await?)
     }
 
@@ -124,25 +114,22 @@ impl Db {
         key: &str,
         platform_id: &str,
     ) -> Result<()> {
-        sqlx::query(
+        sql::execute(
+            self.pool(),
             "update inbound_updates set reply_platform_id = ? where platform = ? and update_key = ?",
+            (platform_id, platform.as_str(), key),
         )
-        .bind(platform_id)
-        .bind(platform.as_str())
-        .bind(key)
-        .execute(self.pool())
         .await?;
         Ok(())
     }
 
     /// The platform message a reply to this update was being streamed into, if any.
     pub async fn update_reply(&self, platform: Platform, key: &str) -> Result<Option<String>> {
-        let row: Option<(Option<String>,)> = sqlx::query_as(
+        let row: Option<(Option<String>,)> = sql::optional(
+            self.pool(),
             "select reply_platform_id from inbound_updates where platform = ? and update_key = ?",
+            (platform.as_str(), key),
         )
-        .bind(platform.as_str())
-        .bind(key)
-        .fetch_optional(self.pool())
         .await?;
         Ok(row.and_then(|(r,)| r))
     }
@@ -156,18 +143,15 @@ impl Db {
         guild: Option<&str>,
         message_id: i64,
     ) -> Result<()> {
-        sqlx::query(
+        sql::execute(
+            self.pool(),
             "insert into channel_cursors (platform, channel, guild, last_message_id) values (?1, ?2, ?3, ?4)
              on conflict (platform, channel) do update set
                 last_message_id = max(last_message_id, excluded.last_message_id),
                 guild = coalesce(excluded.guild, guild),
                 updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+            (platform.as_str(), channel, guild, message_id),
         )
-        .bind(platform.as_str())
-        .bind(channel)
-        .bind(guild)
-        .bind(message_id)
-        .execute(self.pool())
         .await?;
         Ok(())
     }
@@ -180,26 +164,23 @@ impl Db {
         days: i64,
         limit: i64,
     ) -> Result<Vec<(String, Option<String>, i64)>> {
-        Ok(sqlx::query_as(
+        Ok(sql::all(
+            self.pool(),
             "select channel, guild, last_message_id from channel_cursors
              where platform = ?1 and updated_at >= strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-' || ?2 || ' days')
              order by updated_at desc limit ?3",
+            (platform.as_str(), days, limit),
         )
-        .bind(platform.as_str())
-        .bind(days)
-        .bind(limit)
-        .fetch_all(self.pool())
         .await?)
     }
 
     /// An update's status (`pending`, `done`, `failed`), if it was stored.
     pub async fn update_status(&self, platform: Platform, key: &str) -> Result<Option<String>> {
-        let row: Option<(String,)> = sqlx::query_as(
+        let row: Option<(String,)> = sql::optional(
+            self.pool(),
             "select status from inbound_updates where platform = ? and update_key = ?",
+            (platform.as_str(), key),
         )
-        .bind(platform.as_str())
-        .bind(key)
-        .fetch_optional(self.pool())
         .await?;
         Ok(row.map(|(s,)| s))
     }
@@ -207,13 +188,12 @@ impl Db {
     /// The highest update id stored under `source` (keys `SOURCE:ID`: one Telegram bot's
     /// `update_id`s).
     pub async fn last_update_id(&self, platform: Platform, source: &str) -> Result<Option<i64>> {
-        let (max,): (Option<i64>,) = sqlx::query_as(
+        let (max,): (Option<i64>,) = sql::one(
+            self.pool(),
             "select max(cast(substr(update_key, length(?1) + 2) as integer)) from inbound_updates
              where platform = ?2 and update_key like ?1 || ':%'",
+            (source, platform.as_str()),
         )
-        .bind(source)
-        .bind(platform.as_str())
-        .fetch_one(self.pool())
         .await?;
         Ok(max)
     }
@@ -296,11 +276,12 @@ mod tests {
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].update_key, "7:100");
         // A finished update keeps no copy of the message; a pending one keeps it.
-        let payloads: Vec<(String, Option<String>)> = sqlx::query_as(
+        let payloads: Vec<(String, Option<String>)> = sql::all(
+            db.pool(),
             "select update_key, payload from inbound_updates where update_key in ('7:9', '7:10', '7:100')
              order by length(update_key), update_key",
+            (),
         )
-        .fetch_all(db.pool())
         .await
         .unwrap();
         assert_eq!(
