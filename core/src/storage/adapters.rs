@@ -60,7 +60,7 @@ const ADAPTER_COLUMNS: &str = "id, name, path, base_model, base_model_hash, toke
 
 impl Db {
     pub async fn insert_adapter(&self, a: &NewAdapter<'_>) -> Result<Adapter> {
-        Ok(sql::one(
+        sql::one(
             self.pool(),
             &format!(
                 "insert into adapters (name, path, base_model, base_model_hash, tokenizer_hash, chat_template_hash,
@@ -86,7 +86,7 @@ impl Db {
                 a.assistant_id,
             ),
         )
-        .await?)
+        .await
     }
 
     pub async fn adapter(&self, id: i64) -> Result<Adapter> {
@@ -111,24 +111,24 @@ impl Db {
     }
 
     pub async fn list_adapters(&self) -> Result<Vec<Adapter>> {
-        Ok(sql::all(
+        sql::all(
             self.pool(),
             &format!("select {ADAPTER_COLUMNS} from adapters order by id"),
             (),
         )
-        .await?)
+        .await
     }
 
     /// The adapters an assistant may use: its own and those tied to no assistant.
     pub async fn assistant_adapters(&self, assistant_id: i64) -> Result<Vec<Adapter>> {
-        Ok(sql::all(
+        sql::all(
             self.pool(),
             &format!(
                 "select {ADAPTER_COLUMNS} from adapters where assistant_id = ? or assistant_id is null order by id"
             ),
             (assistant_id,),
         )
-        .await?)
+        .await
     }
 
     /// Make `adapter_id` (or the base model, for None) the assistant's active adapter and

@@ -5,12 +5,12 @@ use super::{Db, Result, sql};
 impl Db {
     /// The admin's row id and argon2 password hash.
     pub async fn admin_credentials(&self, username: &str) -> Result<Option<(i64, String)>> {
-        Ok(sql::optional(
+        sql::optional(
             self.pool(),
             "select id, password_hash from admin_credentials where username = ?",
             (username,),
         )
-        .await?)
+        .await
     }
 
     /// Store the admin's password hash (replacing an older one) and end every session of
@@ -58,12 +58,12 @@ impl Db {
     /// The session with this token hash that has not expired by `now`: (admin id, CSRF
     /// token).
     pub async fn web_session(&self, token_hash: &str, now: &str) -> Result<Option<(i64, String)>> {
-        Ok(sql::optional(
+        sql::optional(
             self.pool(),
             "select admin_id, csrf_token from web_sessions where token_hash = ? and expires_at > ?",
             (token_hash, now),
         )
-        .await?)
+        .await
     }
 }
 

@@ -122,7 +122,7 @@ impl Db {
         s: &AssistantSettings<'_>,
     ) -> Result<Assistant> {
         validate_assistant_name(name)?;
-        Ok(sql::one(
+        sql::one(
             self.pool(),
             &format!(
                 "insert into assistants (name, base_model, system_prompt, generation, activation) values (?, ?, ?, ?, ?)
@@ -133,7 +133,7 @@ impl Db {
             ),
             (name, base_model, s.system_prompt, s.generation.to_string(), s.activation),
         )
-        .await?)
+        .await
     }
 
     /// A new assistant; an error when the name is taken.
@@ -240,12 +240,12 @@ impl Db {
     }
 
     pub async fn list_assistants(&self) -> Result<Vec<Assistant>> {
-        Ok(sql::all(
+        sql::all(
             self.pool(),
             &format!("select {ASSISTANT_COLUMNS} from assistants order by id"),
             (),
         )
-        .await?)
+        .await
     }
 
     /// Route `platform`/`scope`/`key` to the assistant (moved there if it routed elsewhere).
@@ -257,7 +257,7 @@ impl Db {
         key: &str,
     ) -> Result<Route> {
         validate_route(platform, scope, key)?;
-        Ok(sql::one(
+        sql::one(
             self.pool(),
             &format!(
                 "insert into assistant_routes (assistant_id, platform, scope, key) values (?, ?, ?, ?)
@@ -266,7 +266,7 @@ impl Db {
             ),
             (assistant_id, platform, scope, key),
         )
-        .await?)
+        .await
     }
 
     /// Remove one of the assistant's routes.
@@ -287,12 +287,12 @@ impl Db {
 
     /// Every route, by assistant then id.
     pub async fn routes(&self) -> Result<Vec<Route>> {
-        Ok(sql::all(
+        sql::all(
             self.pool(),
             &format!("select {ROUTE_COLUMNS} from assistant_routes order by assistant_id, id"),
             (),
         )
-        .await?)
+        .await
     }
 
     /// The assistant routed from the most specific of `places` (scope, key) on `platform`

@@ -35,12 +35,12 @@ impl Db {
 
     /// Entries newest first, `limit` of them, older than entry `before` when given.
     pub async fn audit_entries(&self, before: Option<i64>, limit: i64) -> Result<Vec<AuditEntry>> {
-        Ok(sql::all(
+        sql::all(
             self.pool(),
             "select id, at, actor, action, target, details from audit_log
              where id < ? order by id desc limit ?",
             (before.unwrap_or(i64::MAX), limit),
         )
-        .await?)
+        .await
     }
 }

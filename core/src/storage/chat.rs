@@ -106,7 +106,7 @@ impl Db {
         username: Option<&str>,
         display_name: Option<&str>,
     ) -> Result<PlatformUser> {
-        Ok(sql::one(
+        sql::one(
             self.pool(),
             "insert into platform_users (platform, platform_user_id, username, display_name)
              values (?, ?, ?, ?)
@@ -115,7 +115,7 @@ impl Db {
              returning id, platform, platform_user_id, username, display_name, excluded_from_training",
             (platform.as_str(), platform_user_id, username, display_name),
         )
-        .await?)
+        .await
     }
 
     /// The chat with this platform id, created on first sight. Returns its row id.
@@ -330,7 +330,7 @@ impl Db {
             }
             Some(_) => {}
         }
-        Ok(sql::one(
+        sql::one(
             self.pool(),
             "insert into feedback (message_id, rater, user_id, rating, correction) values (?, ?, ?, ?, ?)
              on conflict (message_id, rater) do update
@@ -339,7 +339,7 @@ impl Db {
              returning id, message_id, rater, rating, correction",
             (message_id, rater, user_id, rating, correction),
         )
-        .await?)
+        .await
     }
 
     /// Remove `rater`'s rating of a message only if it is `rating` (a platform reaction
@@ -390,7 +390,7 @@ impl Db {
         platform: Platform,
         platform_message_id: &str,
     ) -> Result<Option<StoredMessage>> {
-        Ok(sql::optional(
+        sql::optional(
             self.pool(),
             &format!(
                 "select {} from messages m join conversations c on c.id = m.conversation_id
@@ -401,7 +401,7 @@ impl Db {
             ),
             (platform.as_str(), platform_message_id),
         )
-        .await?)
+        .await
     }
 
     /// The reply already stored for the user's platform message `platform_message_id` in a
@@ -412,7 +412,7 @@ impl Db {
         conversation_id: i64,
         platform_message_id: &str,
     ) -> Result<Option<StoredMessage>> {
-        Ok(sql::optional(
+        sql::optional(
             self.pool(),
             &format!(
                 "select {} from messages u join messages a
@@ -425,7 +425,7 @@ impl Db {
             ),
             (conversation_id, platform_message_id),
         )
-        .await?)
+        .await
     }
 
     /// The row id of a platform user already stored.
@@ -462,13 +462,13 @@ impl Db {
         platform: Platform,
         thread_id: &str,
     ) -> Result<Option<(i64, String)>> {
-        Ok(sql::optional(
+        sql::optional(
             self.pool(),
             "select ch.id, ch.platform_chat_id from conversations c join chats ch on ch.id = c.chat_id
              where ch.platform = ? and c.platform_thread_id = ? order by c.id limit 1",
             (platform.as_str(), thread_id),
         )
-        .await?)
+        .await
     }
 
     /// Remember a platform update; false if it was seen before (redelivery).

@@ -83,12 +83,12 @@ impl Db {
         before: Option<i64>,
         limit: i64,
     ) -> Result<Vec<ClassifierJob>> {
-        Ok(sql::all(
+        sql::all(
             self.pool(),
             &format!("select {COLUMNS} from classifier_jobs where id < ? order by id desc limit ?"),
             (before.unwrap_or(i64::MAX), limit),
         )
-        .await?)
+        .await
     }
 
     /// Take the oldest queued job (it becomes `running`) with a lease of `lease_secs` that
@@ -218,11 +218,11 @@ impl Db {
         after: i64,
         limit: i64,
     ) -> Result<Vec<ClassifierJobEvent>> {
-        Ok(sql::all(
+        sql::all(
             self.pool(),
             "select id, job_id, kind, payload, created_at from classifier_job_events where job_id = ? and id > ? order by id limit ?",
             (job_id, after, limit),
         )
-        .await?)
+        .await
     }
 }

@@ -329,13 +329,13 @@ impl Db {
 
     /// The operator's feedback on a message, if any.
     pub async fn operator_feedback(&self, message_id: i64) -> Result<Option<Feedback>> {
-        Ok(sql::optional(
+        sql::optional(
             self.pool(),
             "select id, message_id, rater, rating, correction from feedback
              where message_id = ? and rater = ?",
             (message_id, OPERATOR),
         )
-        .await?)
+        .await
     }
 
     /// Rate a reply as the operator (1 or -1), keeping the operator's correction.
@@ -459,7 +459,7 @@ impl Db {
 
     /// Every message of the conversations `filter` picks, by conversation and order.
     async fn build_turns(&self, filter: &BuildFilter) -> Result<Vec<TurnRow>> {
-        Ok(sql::all(
+        sql::all(
             self.pool(),
             "with picked as (
                  select c.id, a.system_prompt from conversations c
@@ -503,7 +503,7 @@ impl Db {
                 filter.rating.as_str(),
             ),
         )
-        .await?)
+        .await
     }
 }
 

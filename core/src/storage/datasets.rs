@@ -170,12 +170,12 @@ impl Db {
 
     /// Every dataset version, by name then version.
     pub async fn list_datasets(&self) -> Result<Vec<Dataset>> {
-        Ok(sql::all(
+        sql::all(
             self.pool(),
             &format!("select {COLUMNS} from datasets order by name, version"),
             (),
         )
-        .await?)
+        .await
     }
 
     /// A dataset by name: the given version, or the latest.
@@ -204,12 +204,12 @@ impl Db {
         dataset_id: i64,
         sequence_len: usize,
     ) -> Result<(i64, f64)> {
-        Ok(sql::one(
+        sql::one(
             self.pool(),
             "select count(*), coalesce(sum(min(char_count / 4.0, ?)), 0.0) from dataset_examples where dataset_id = ?",
             (sequence_len as f64, dataset_id),
         )
-        .await?)
+        .await
     }
 
     /// The chat examples of an SFT dataset, in order (a preference dataset's rows are

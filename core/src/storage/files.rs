@@ -24,7 +24,7 @@ const FILE_COLUMNS: &str = "id, filename, purpose, bytes, created_at";
 
 impl Db {
     pub async fn insert_file(&self, f: &NewFile<'_>) -> Result<StoredFile> {
-        Ok(sql::one(
+        sql::one(
             self.pool(),
             &format!(
                 "insert into files (filename, purpose, bytes, content) values (?, ?, ?, ?)
@@ -32,7 +32,7 @@ impl Db {
             ),
             (f.filename, f.purpose, f.content.len() as i64, f.content),
         )
-        .await?)
+        .await
     }
 
     pub async fn file(&self, id: i64) -> Result<StoredFile> {
@@ -62,7 +62,7 @@ impl Db {
         } else {
             ("<", "desc", i64::MAX)
         };
-        Ok(sql::all(
+        sql::all(
             self.pool(),
             &format!(
                 "select {FILE_COLUMNS} from files where (?1 is null or purpose = ?1) and id {cmp} ?2
@@ -70,7 +70,7 @@ impl Db {
             ),
             (purpose, after.unwrap_or(start), limit),
         )
-        .await?)
+        .await
     }
 
     /// False when there was no such file. Jobs keep their datasets; their file link clears.

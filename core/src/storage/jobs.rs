@@ -157,7 +157,7 @@ pub(super) const JOB_COLUMNS: &str = "id, state, dataset_id, base_model, method,
 
 impl Db {
     pub async fn create_job(&self, job: &NewJob<'_>) -> Result<TrainingJob> {
-        Ok(sql::one(
+        sql::one(
             self.pool(),
             &format!(
                 "insert into training_jobs (dataset_id, base_model, method, hyperparameters, assistant_id)
@@ -171,13 +171,13 @@ impl Db {
                 job.assistant_id,
             ),
         )
-        .await?)
+        .await
     }
 
     /// A job from uploaded files (OpenAI's API): `validating_files`, with no dataset until
     /// [`Db::validated_job`] gives it the one its training file became.
     pub async fn create_file_job(&self, job: &NewFileJob<'_>) -> Result<TrainingJob> {
-        Ok(sql::one(
+        sql::one(
             self.pool(),
             &format!(
                 "insert into training_jobs (base_model, method, hyperparameters, assistant_id,
@@ -194,7 +194,7 @@ impl Db {
                 job.suffix,
             ),
         )
-        .await?)
+        .await
     }
 
     /// A validated job: its datasets, and `validating_files` -> `queued`. False when the
@@ -315,7 +315,7 @@ impl Db {
     where
         T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + Send + Unpin,
     {
-        Ok(sql::optional(
+        sql::optional(
             self.pool(),
             &format!(
                 "update {table} set state = 'running', started_at = {NOW},
@@ -326,7 +326,7 @@ impl Db {
             ),
             (lease_secs,),
         )
-        .await?)
+        .await
     }
 
     /// Extend a running job's lease; false when the job is no longer running.
@@ -511,14 +511,14 @@ impl Db {
 
     /// Jobs newest first, `limit` of them, older than the job `before` when given.
     pub async fn list_jobs(&self, before: Option<i64>, limit: i64) -> Result<Vec<TrainingJob>> {
-        Ok(sql::all(
+        sql::all(
             self.pool(),
             &format!(
                 "select {JOB_COLUMNS} from training_jobs where id < ? order by id desc limit ?"
             ),
             (before.unwrap_or(i64::MAX), limit),
         )
-        .await?)
+        .await
     }
 
     /// How many jobs are queued and how many run.
@@ -535,13 +535,13 @@ impl Db {
 
     /// The running jobs' last two step events, newest first: (created_at, tokens/s).
     pub async fn last_running_steps(&self) -> Result<Vec<(String, Option<f64>)>> {
-        Ok(sql::all(
+        sql::all(
             self.pool(),
             "select e.created_at, e.tokens_per_sec from training_events e join training_jobs j on j.id = e.job_id
              where j.state = 'running' and e.kind = 'step' order by e.id desc limit 2",
             (),
         )
-        .await?)
+        .await
     }
 
     /// Events of a job older than `before_id`, newest first, `limit` of them (OpenAI's order).
@@ -551,13 +551,13 @@ impl Db {
         before_id: Option<i64>,
         limit: i64,
     ) -> Result<Vec<TrainingEvent>> {
-        Ok(sql::all(
+        sql::all(
             self.pool(),
             "select id, job_id, kind, step, loss, eval_loss, learning_rate, tokens_per_sec, message, created_at
              from training_events where job_id = ? and id < ? order by id desc limit ?",
             (job_id, before_id.unwrap_or(i64::MAX), limit),
         )
-        .await?)
+        .await
     }
 
     /// A job's last event of `kind` (`step`, `eval`).
@@ -566,23 +566,23 @@ impl Db {
         job_id: i64,
         kind: &str,
     ) -> Result<Option<TrainingEvent>> {
-        Ok(sql::optional(
+        sql::optional(
             self.pool(),
             "select id, job_id, kind, step, loss, eval_loss, learning_rate, tokens_per_sec, message, created_at
              from training_events where job_id = ? and kind = ? order by id desc limit 1",
             (job_id, kind),
         )
-        .await?)
+        .await
     }
 
     pub async fn training_events(&self, job_id: i64, after_id: i64) -> Result<Vec<TrainingEvent>> {
-        Ok(sql::all(
+        sql::all(
             self.pool(),
             "select id, job_id, kind, step, loss, eval_loss, learning_rate, tokens_per_sec, message, created_at
              from training_events where job_id = ? and id > ? order by id",
             (job_id, after_id),
         )
-        .await?)
+        .await
     }
 }
 

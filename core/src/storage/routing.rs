@@ -111,14 +111,14 @@ impl Db {
 
     /// The assistant's running canary, if any.
     pub async fn running_canary(&self, assistant_id: i64) -> Result<Option<Canary>> {
-        Ok(sql::optional(
+        sql::optional(
             self.pool(),
             &format!(
                 "select {CANARY_COLUMNS} from canaries where assistant_id = ? and ended_at is null"
             ),
             (assistant_id,),
         )
-        .await?)
+        .await
     }
 
     pub async fn canary(&self, id: i64) -> Result<Canary> {
@@ -128,14 +128,14 @@ impl Db {
 
     /// The assistant's canaries, newest first.
     pub async fn canaries(&self, assistant_id: i64, limit: i64) -> Result<Vec<Canary>> {
-        Ok(sql::all(
+        sql::all(
             self.pool(),
             &format!(
                 "select {CANARY_COLUMNS} from canaries where assistant_id = ? order by id desc limit ?"
             ),
             (assistant_id, limit),
         )
-        .await?)
+        .await
     }
 
     /// End a running canary. A rolled-back candidate is marked so that conversations
@@ -196,7 +196,7 @@ impl Db {
         adapter_id: Option<i64>,
         days: i64,
     ) -> Result<Vec<DailyRatings>> {
-        Ok(sql::all(
+        sql::all(
             self.pool(),
             "select substr(m.created_at, 1, 10) as day,
                     coalesce(sum(f.rating = 1), 0) as up, coalesce(sum(f.rating = -1), 0) as down
@@ -206,6 +206,6 @@ impl Db {
              group by day order by day",
             (adapter_id, days),
         )
-        .await?)
+        .await
     }
 }

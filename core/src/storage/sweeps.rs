@@ -19,12 +19,12 @@ const SWEEP_COLUMNS: &str = "id, name, spec, created_at, finished_at, best_job_i
 
 impl Db {
     pub async fn create_sweep(&self, name: &str, spec: &serde_json::Value) -> Result<Sweep> {
-        Ok(sql::one(
+        sql::one(
             self.pool(),
             &format!("insert into sweeps (name, spec) values (?, ?) returning {SWEEP_COLUMNS}"),
             (name, spec.to_string()),
         )
-        .await?)
+        .await
     }
 
     pub async fn sweep(&self, id: i64) -> Result<Sweep> {
@@ -33,12 +33,12 @@ impl Db {
 
     /// Sweeps newest first.
     pub async fn list_sweeps(&self, limit: i64) -> Result<Vec<Sweep>> {
-        Ok(sql::all(
+        sql::all(
             self.pool(),
             &format!("select {SWEEP_COLUMNS} from sweeps order by id desc limit ?"),
             (limit,),
         )
-        .await?)
+        .await
     }
 
     /// Make job `job_id` a trial of `sweep_id` (before it is queued).
@@ -54,12 +54,12 @@ impl Db {
 
     /// A sweep's trials, in the order they were created.
     pub async fn sweep_jobs(&self, sweep_id: i64) -> Result<Vec<TrainingJob>> {
-        Ok(sql::all(
+        sql::all(
             self.pool(),
             &format!("select {JOB_COLUMNS} from training_jobs where sweep_id = ? order by id"),
             (sweep_id,),
         )
-        .await?)
+        .await
     }
 
     /// Close a sweep with its best trial; false when it was closed already (another

@@ -32,7 +32,7 @@ impl Db {
         platform: Platform,
         source: Option<&str>,
     ) -> Result<Vec<PendingUpdate>> {
-        Ok(sql::all(
+        sql::all(
             self.pool(),
             "select update_key, coalesce(payload, '') as payload from inbound_updates
              where platform = ?1 and status = 'pending' and (?2 is null or update_key like ?2 || ':%')
@@ -40,7 +40,7 @@ impl Db {
              order by length(update_key), update_key",
             (platform.as_str(), source),
         )
-        .await?)
+        .await
     }
 
     /// Give the keys stored without a source (before there were several Telegram bots:
@@ -98,13 +98,13 @@ impl Db {
 
     /// How old a stored update is, in seconds, and how many times its reply failed.
     pub async fn update_age(&self, platform: Platform, key: &str) -> Result<Option<(f64, i64)>> {
-        Ok(sql::optional(
+        sql::optional(
             self.pool(),
             "select (julianday('now') - julianday(created_at)) * 86400.0, attempts
              from inbound_updates where platform = ? and update_key = ?",
             (platform.as_str(), key),
         )
-        .await?)
+        .await
     }
 
     /// Record the platform message a reply to this update is streamed into.
@@ -164,14 +164,14 @@ impl Db {
         days: i64,
         limit: i64,
     ) -> Result<Vec<(String, Option<String>, i64)>> {
-        Ok(sql::all(
+        sql::all(
             self.pool(),
             "select channel, guild, last_message_id from channel_cursors
              where platform = ?1 and updated_at >= strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-' || ?2 || ' days')
              order by updated_at desc limit ?3",
             (platform.as_str(), days, limit),
         )
-        .await?)
+        .await
     }
 
     /// An update's status (`pending`, `done`, `failed`), if it was stored.
