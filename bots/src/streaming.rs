@@ -158,13 +158,55 @@ pub struct Incoming<'a> {
     pub platform_message_id: &'a str,
 }
 
+/// A reply for the caller to send: its final text, the stored reply's id and the
+/// platform message it was streamed into, if any (the caller edits that one).
+pub struct ToDeliver<Id> {
+    pub sent: Option<Id>,
+    pub text: String,
+    pub stored_id: i64,
+}
+
+/// Answer a platform message once. A replayed message (the process died before marking
+/// its update done) whose reply was stored is not generated again: None when the
+/// platform took that reply, else the stored text to send. Otherwise: "typing…", then
+/// [`answer`]. `channel` makes the chat to stream into, given the message an earlier
+/// attempt started (Discord derives the first message's nonce from it).
+pub async fn answer_once<C: ReplyChannel>(
+    core: &Services,
+    incoming: &Incoming<'_>,
+    channel: impl FnOnce(Option<C::Id>) -> C,
+    max_chars: usize,
+    slot: &ReplySlot<'_>,
+) -> anyhow::Result<Option<ToDeliver<C::Id>>> {
+    let earlier = slot
+        .db
+        .stored_reply_to(incoming.conversation_id, incoming.platform_message_id)
+        .await?;
+    let started = slot.started::<C>().await;
+    if let Some(earlier) = earlier {
+        return Ok(earlier.platform_message_id.is_none().then(|| ToDeliver {
+            sent: started,
+            text: earlier.content,
+            stored_id: earlier.id,
+        }));
+    }
+    let ch = channel(started);
+    ch.typing().await;
+    let (sent, finished, stored) = answer(core, incoming, &ch, max_chars, slot, started).await?;
+    Ok(Some(ToDeliver {
+        sent,
+        text: finished.text,
+        stored_id: stored.id,
+    }))
+}
+
 /// Answer a platform message: store it in its conversation, generate the reply with the
 /// conversation's adapter (its pin, the canary's or the active one) and stream it into
 /// `ch` (a reply that cannot start is told to the user), then store the reply. Returns
 /// the streamed message, if any, the finished generation and the stored reply; the
 /// caller sends the final text. `started` is the message an earlier attempt started
 /// (`slot.started()`, which the caller has read): the reply goes into it.
-pub async fn answer<C: ReplyChannel>(
+async fn answer<C: ReplyChannel>(
     core: &Services,
     incoming: &Incoming<'_>,
     ch: &C,

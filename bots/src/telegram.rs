@@ -448,30 +448,14 @@ impl TelegramBot {
         let conv = db
             .current_conversation(assistant.id, chat_row, thread.as_deref(), Some(user.id))
             .await?;
-        // A replayed update (the process died before marking it done): a reply that was
-        // stored is not generated again; if Telegram confirmed it, nothing is left to do,
-        // otherwise the stored text is sent (the user may see it twice: the one duplicate
-        // a kill at that moment can cause).
+        // A replayed update whose reply Telegram did not confirm is sent its stored text
+        // (the user may see it twice: the one duplicate a kill at that moment can cause).
         let slot = streaming::ReplySlot {
             db,
             platform: Platform::Telegram,
             update_key: key,
         };
-        let ch = TgChat {
-            bot: &self.bot,
-            chat,
-        };
-        if let Some(earlier) = db.stored_reply_to(conv.id, &m.id.0.to_string()).await? {
-            if earlier.platform_message_id.is_none() {
-                let started = slot.started::<TgChat>().await;
-                self.deliver(chat, started, &earlier.content, earlier.id, &slot)
-                    .await?;
-            }
-            return Ok(());
-        }
-        let _ = self.bot.send_chat_action(chat, ChatAction::Typing).await;
-        let started = slot.started::<TgChat>().await;
-        let (sent, finished, stored) = streaming::answer(
+        let reply = streaming::answer_once(
             &self.core,
             &streaming::Incoming {
                 conversation_id: conv.id,
@@ -479,14 +463,21 @@ impl TelegramBot {
                 text: &text,
                 platform_message_id: &m.id.0.to_string(),
             },
-            &ch,
+            |_| TgChat {
+                bot: &self.bot,
+                chat,
+            },
             MAX_MESSAGE_CHARS,
             &slot,
-            started,
         )
         .await?;
-        self.deliver(chat, sent, &finished.text, stored.id, &slot)
-            .await
+        match reply {
+            Some(r) => {
+                self.deliver(chat, r.sent, &r.text, r.stored_id, &slot)
+                    .await
+            }
+            None => Ok(()),
+        }
     }
 
     /// Send a stored reply's final text (editing the streamed message `sent` when there

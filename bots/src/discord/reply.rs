@@ -254,31 +254,13 @@ impl DiscordBot {
             .current_conversation(assistant.id, chat, thread.as_deref(), Some(user.id))
             .await?;
         let message_id = m.id.get().to_string();
-        // A replayed message (the process died before marking it done): a stored reply is
-        // not generated again; if Discord took it, nothing is left to do, otherwise the
-        // stored text is sent.
         // The update's key is the message's id (see `receive`).
         let slot = streaming::ReplySlot {
             db,
             platform: Platform::Discord,
             update_key: &message_id,
         };
-        if let Some(earlier) = db.stored_reply_to(conv.id, &message_id).await? {
-            if earlier.platform_message_id.is_none() {
-                let started = slot.started::<DiscordChannel>().await;
-                self.deliver(channel, started, &earlier.content, earlier.id, &slot)
-                    .await?;
-            }
-            return Ok(());
-        }
-        let _ = channel.broadcast_typing(self.http()).await;
-        let started = slot.started::<DiscordChannel>().await;
-        let ch = DiscordChannel {
-            bot: self,
-            channel,
-            reply_nonce: Mutex::new(started.is_none().then(|| reply_nonce(&message_id, 0))),
-        };
-        let (sent, finished, stored) = streaming::answer(
+        let reply = streaming::answer_once(
             &self.core,
             &streaming::Incoming {
                 conversation_id: conv.id,
@@ -286,14 +268,22 @@ impl DiscordBot {
                 text: &text,
                 platform_message_id: &message_id,
             },
-            &ch,
+            |started: Option<MessageId>| DiscordChannel {
+                bot: self,
+                channel,
+                reply_nonce: Mutex::new(started.is_none().then(|| reply_nonce(&message_id, 0))),
+            },
             MAX_MESSAGE_CHARS,
             &slot,
-            started,
         )
         .await?;
-        self.deliver(channel, sent, &finished.text, stored.id, &slot)
-            .await
+        match reply {
+            Some(r) => {
+                self.deliver(channel, r.sent, &r.text, r.stored_id, &slot)
+                    .await
+            }
+            None => Ok(()),
+        }
     }
 
     /// Send a stored reply's final text (editing the streamed message `sent` when there is
