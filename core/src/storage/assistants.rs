@@ -121,19 +121,15 @@ impl Db {
         base_model: &str,
         s: &AssistantSettings<'_>,
     ) -> Result<Assistant> {
-        validate_assistant_name(name)?;
-        sql::one(
-            self.pool(),
-            &format!(
-                "insert into assistants (name, base_model, system_prompt, generation, activation) values (?, ?, ?, ?, ?)
-                 on conflict (name) do update set base_model = excluded.base_model, system_prompt = excluded.system_prompt,
-                    generation = excluded.generation, activation = excluded.activation,
-                    updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
-                 returning {ASSISTANT_COLUMNS}"
-            ),
-            (name, base_model, s.system_prompt, s.generation.to_string(), s.activation),
-        )
-        .await
+        let on_taken = "do update set base_model = excluded.base_model,
+                system_prompt = excluded.system_prompt, generation = excluded.generation,
+                activation = excluded.activation,
+                updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+        let saved = self.insert_assistant(name, base_model, s, on_taken).await?;
+        // An upsert returns its row whether it inserted or updated.
+        saved.ok_or_else(|| StorageError::NotFound {
+            what: format!("assistant {name:?}"),
+        })
     }
 
     /// A new assistant; an error when the name is taken.
@@ -143,20 +139,41 @@ impl Db {
         base_model: &str,
         s: &AssistantSettings<'_>,
     ) -> Result<Assistant> {
-        validate_assistant_name(name)?;
-        let created: Option<Assistant> = sql::optional(
-            self.pool(),
-            &format!(
-                "insert into assistants (name, base_model, system_prompt, generation, activation) values (?, ?, ?, ?, ?)
-                 on conflict (name) do nothing returning {ASSISTANT_COLUMNS}"
-            ),
-            (name, base_model, s.system_prompt, s.generation.to_string(), s.activation),
-        )
-        .await?;
+        let created = self
+            .insert_assistant(name, base_model, s, "do nothing")
+            .await?;
         created.ok_or_else(|| StorageError::Invalid {
             what: "assistant name".into(),
             message: format!("an assistant named {name:?} already exists"),
         })
+    }
+
+    /// Insert an assistant; `on_taken` is what a taken name does (the SQL after
+    /// `on conflict (name)`). None when that returns no row.
+    async fn insert_assistant(
+        &self,
+        name: &str,
+        base_model: &str,
+        s: &AssistantSettings<'_>,
+        on_taken: &str,
+    ) -> Result<Option<Assistant>> {
+        validate_assistant_name(name)?;
+        sql::optional(
+            self.pool(),
+            &format!(
+                "insert into assistants (name, base_model, system_prompt, generation, activation)
+                 values (?, ?, ?, ?, ?)
+                 on conflict (name) {on_taken} returning {ASSISTANT_COLUMNS}"
+            ),
+            (
+                name,
+                base_model,
+                s.system_prompt,
+                s.generation.to_string(),
+                s.activation,
+            ),
+        )
+        .await
     }
 
     /// Change an assistant's settings.
