@@ -522,6 +522,38 @@ struct TurnRow {
     correction: Option<String>,
 }
 
+/// The system prompt as a conversation's first message; none when it is blank.
+fn system_context(system_prompt: &str) -> Vec<ChatMessage> {
+    if system_prompt.trim().is_empty() {
+        return Vec::new();
+    }
+    vec![ChatMessage::new(Role::System, system_prompt)]
+}
+
+/// The turns of a known role as the conversation went for training: without the messages
+/// of users excluded from training, nor the replies to them (up to the next message of
+/// someone else).
+fn visible_turns<'a>(
+    turns: impl IntoIterator<Item = &'a TurnRow>,
+) -> impl Iterator<Item = (Role, &'a TurnRow)> {
+    let mut skipping_replies = false;
+    turns.into_iter().filter_map(move |t| {
+        let role = t.role.parse::<Role>().ok()?;
+        match role {
+            Role::User if t.author_excluded => {
+                skipping_replies = true;
+                None
+            }
+            Role::User | Role::System => {
+                skipping_replies = false;
+                Some((role, t))
+            }
+            Role::Assistant if skipping_replies => None,
+            Role::Assistant => Some((role, t)),
+        }
+    })
+}
+
 /// One conversation as a training example, or `None` when nothing in it can be trained on.
 ///
 /// - The assistant's system prompt (when not blank) comes first, then the messages in
@@ -539,24 +571,14 @@ fn conversation_example(
     turns: &[TurnRow],
     filter: &BuildFilter,
 ) -> Option<ChatExample> {
-    let mut messages = Vec::new();
-    if !system_prompt.trim().is_empty() {
-        messages.push(ChatMessage::new(Role::System, system_prompt));
-    }
-    let mut skipping_replies = false;
-    for t in turns {
-        let Ok(role) = t.role.parse::<Role>() else {
-            continue;
-        };
+    let mut messages = system_context(system_prompt);
+    for (role, t) in visible_turns(turns) {
         match role {
-            Role::User if t.author_excluded => skipping_replies = true,
             Role::User | Role::System => {
-                skipping_replies = false;
                 if !t.content.trim().is_empty() {
                     messages.push(ChatMessage::new(role, t.content.as_str()));
                 }
             }
-            Role::Assistant if skipping_replies => {}
             Role::Assistant => {
                 let correction = t
                     .correction
@@ -588,25 +610,11 @@ fn conversation_example(
 /// prompt is the conversation before it as users saw it: the system prompt, then the
 /// messages, without those of users excluded from training and the replies to them.
 fn preference_rows(system_prompt: &str, turns: &[TurnRow], out: &mut PreferenceRows) {
-    let mut context = Vec::new();
-    if !system_prompt.trim().is_empty() {
-        context.push(ChatMessage::new(Role::System, system_prompt));
-    }
-    let mut skipping_replies = false;
-    for t in turns {
-        let Ok(role) = t.role.parse::<Role>() else {
-            continue;
-        };
-        if t.content.trim().is_empty() {
-            continue;
-        }
+    let mut context = system_context(system_prompt);
+    let non_blank = turns.iter().filter(|t| !t.content.trim().is_empty());
+    for (role, t) in visible_turns(non_blank) {
         match role {
-            Role::User if t.author_excluded => {
-                skipping_replies = true;
-                continue;
-            }
-            Role::User | Role::System => skipping_replies = false,
-            Role::Assistant if skipping_replies => continue,
+            Role::User | Role::System => {}
             Role::Assistant if context.iter().any(|m| m.role == Role::User) => {
                 let kto = |completion: &str, label| KtoRow {
                     prompt: context.clone(),
@@ -834,6 +842,72 @@ mod tests {
             f.db.preference_rows(&discord).await.unwrap(),
             PreferenceRows::default()
         );
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn an_excluded_users_messages_and_the_replies_to_them_make_no_preference_rows(
+        pool: SqlitePool,
+    ) {
+        let f = Fixture::new(pool, "").await;
+        let ann = f.user(Platform::Telegram, "1", "ann").await;
+        let eve = f.user(Platform::Telegram, "2", "eve").await;
+        let (_, m) = f
+            .conversation(
+                Platform::Telegram,
+                ann,
+                &[
+                    (U, "ann asks"),
+                    (A, "to ann"),
+                    (U, "eve asks"),
+                    (A, "to eve"),
+                    (U, "ann again"),
+                    (A, "to ann again"),
+                ],
+            )
+            .await;
+        sql::execute(
+            f.db.pool(),
+            "update messages set user_id = ? where id = ?",
+            (eve, m[2]),
+        )
+        .await
+        .unwrap();
+        sql::execute(
+            f.db.pool(),
+            "update platform_users set excluded_from_training = 1 where id = ?",
+            (eve,),
+        )
+        .await
+        .unwrap();
+        for (reply, rating) in [(m[1], 1), (m[3], 1), (m[5], -1)] {
+            f.db.set_feedback(reply, "telegram:1", Some(ann), Some(rating), None)
+                .await
+                .unwrap();
+        }
+        let rows = f.db.preference_rows(&BuildFilter::default()).await.unwrap();
+        // By the rules on `preference_rows`: eve's message and the reply to it are in no
+        // prompt and give no row.
+        let kto = |prompt: Vec<ChatMessage>, completion: &str, label| KtoRow {
+            prompt,
+            completion: completion.into(),
+            label,
+        };
+        assert_eq!(
+            rows.kto,
+            vec![
+                kto(vec![msg(U, "ann asks", None)], "to ann", true),
+                kto(
+                    vec![
+                        msg(U, "ann asks", None),
+                        msg(A, "to ann", None),
+                        msg(U, "ann again", None),
+                    ],
+                    "to ann again",
+                    false
+                ),
+            ]
+        );
+        assert!(rows.pairs.is_empty());
     }
 
     #[sqlx::test(migrations = "../migrations")]
