@@ -3,6 +3,7 @@
 //! died; it goes back to the queue, or fails after `MAX_ATTEMPTS` claims so a job that
 //! crashes the process is not retried forever. Chat-model and classifier jobs alike.
 
+use loraloop_core::storage::{Db, StorageError};
 use std::future::Future;
 use std::time::Duration;
 
@@ -13,17 +14,18 @@ pub const RENEW_EVERY: Duration = Duration::from_secs(4);
 /// Claims of one job that may end without a clean stop before it fails.
 pub const MAX_ATTEMPTS: i64 = 3;
 
-/// Renew a lease in the background until `renew` answers false (the job is no longer
-/// running) or the returned handle is aborted.
-pub fn keep_renewed<F, Fut>(job: String, mut renew: F) -> tokio::task::JoinHandle<()>
+/// Renew a lease in the background until `renew` (given the database) answers false (the
+/// job is no longer running) or the returned handle is aborted.
+pub fn keep_renewed<F, Fut>(db: &Db, job: String, renew: F) -> tokio::task::JoinHandle<()>
 where
-    F: FnMut() -> Fut + Send + 'static,
-    Fut: Future<Output = Result<bool, loraloop_core::storage::StorageError>> + Send,
+    F: Fn(Db) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<bool, StorageError>> + Send,
 {
+    let db = db.clone();
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(RENEW_EVERY).await;
-            match renew().await {
+            match renew(db.clone()).await {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(e) => tracing::warn!("{job}: cannot renew its lease: {e}"),

@@ -176,13 +176,9 @@ pub async fn run_next(
         return Ok(None);
     };
     let id = job.id;
-    let lease = {
-        let db = db.clone();
-        keep_renewed(format!("job {id}"), move || {
-            let db = db.clone();
-            async move { db.renew_job_lease(id, LEASE_SECS).await }
-        })
-    };
+    let lease = keep_renewed(db, format!("job {id}"), move |db| async move {
+        db.renew_job_lease(id, LEASE_SECS).await
+    });
     let result = run_job(db, opts, &job, shutdown).await;
     lease.abort();
     tracing::info!(

@@ -63,13 +63,9 @@ pub async fn run_next(
         return Ok(None);
     };
     let id = job.id;
-    let lease = {
-        let db = db.clone();
-        keep_renewed(format!("classifier job {id}"), move || {
-            let db = db.clone();
-            async move { db.renew_classifier_lease(id, LEASE_SECS).await }
-        })
-    };
+    let lease = keep_renewed(db, format!("classifier job {id}"), move |db| async move {
+        db.renew_classifier_lease(id, LEASE_SECS).await
+    });
     let result = run_job(db, device, &job, shutdown.clone()).await;
     lease.abort();
     let (state, error) = match result {
