@@ -534,3 +534,36 @@ fn duplicates_and_long_examples_are_kept_as_examples() {
     assert_eq!(out.examples.len(), 3);
     assert_eq!(out.examples[1].char_len(), 32419);
 }
+
+#[test]
+fn a_missing_empty_or_wrong_turn_list_is_reported_in_the_formats_own_words() {
+    // One line each: the list missing, empty, and not a list; for both chat formats.
+    for (format, key, code) in [
+        (
+            Format::OpenAiChat,
+            "messages",
+            ProblemCode::MissingMessagesList,
+        ),
+        (
+            Format::ShareGpt,
+            "conversations",
+            ProblemCode::MissingConversationsList,
+        ),
+    ] {
+        let data = format!("{{\"other\": 1}}\n{{\"{key}\": []}}\n{{\"{key}\": \"hi\"}}\n");
+        let out = parse_jsonl(data.as_bytes(), Some(format));
+        assert_eq!(
+            error_codes(&out),
+            [(Some(1), code), (Some(2), code), (Some(3), code)]
+        );
+        let messages: Vec<&str> = out.errors.iter().map(|p| p.message.as_str()).collect();
+        assert_eq!(
+            messages,
+            [
+                format!("missing key `{key}`"),
+                format!("`{key}` is an empty list"),
+                format!("`{key}` is not a list (found string)"),
+            ]
+        );
+    }
+}

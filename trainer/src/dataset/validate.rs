@@ -126,27 +126,37 @@ fn required_text(object: &Map<String, Value>, key: &str, found: &mut Findings) -
         .and_then(|v| content_of(v, &format!("`{key}`"), found))
 }
 
-fn openai(object: &Map<String, Value>, found: &mut Findings) -> Vec<ChatMessage> {
-    let list = match object.get("messages") {
-        Some(Value::Array(list)) if !list.is_empty() => list,
+/// The non-empty list under `key` (a record's messages or turns); reported as `code`
+/// when it is missing, empty or not a list.
+fn turn_list<'a>(
+    object: &'a Map<String, Value>,
+    key: &str,
+    code: ProblemCode,
+    found: &mut Findings,
+) -> Option<&'a Vec<Value>> {
+    match object.get(key) {
+        Some(Value::Array(list)) if !list.is_empty() => Some(list),
         Some(Value::Array(_)) => {
-            found.report(
-                ProblemCode::MissingMessagesList,
-                "`messages` is an empty list",
-            );
-            return Vec::new();
+            found.report(code, format!("`{key}` is an empty list"));
+            None
         }
         Some(other) => {
             found.report(
-                ProblemCode::MissingMessagesList,
-                format!("`messages` is not a list (found {})", json_type(other)),
+                code,
+                format!("`{key}` is not a list (found {})", json_type(other)),
             );
-            return Vec::new();
+            None
         }
         None => {
-            found.report(ProblemCode::MissingMessagesList, "missing key `messages`");
-            return Vec::new();
+            found.report(code, format!("missing key `{key}`"));
+            None
         }
+    }
+}
+
+fn openai(object: &Map<String, Value>, found: &mut Findings) -> Vec<ChatMessage> {
+    let Some(list) = turn_list(object, "messages", ProblemCode::MissingMessagesList, found) else {
+        return Vec::new();
     };
 
     let mut messages = Vec::with_capacity(list.len());
@@ -310,29 +320,13 @@ fn alpaca(object: &Map<String, Value>, found: &mut Findings) -> Vec<ChatMessage>
 /// Turns map to roles through [`SHAREGPT_ROLES`]; a non-blank top-level `system` string
 /// becomes a leading system message (an empty one, common in exports, is ignored).
 fn sharegpt(object: &Map<String, Value>, found: &mut Findings) -> Vec<ChatMessage> {
-    let list = match object.get("conversations") {
-        Some(Value::Array(list)) if !list.is_empty() => list,
-        Some(Value::Array(_)) => {
-            found.report(
-                ProblemCode::MissingConversationsList,
-                "`conversations` is an empty list",
-            );
-            return Vec::new();
-        }
-        Some(other) => {
-            found.report(
-                ProblemCode::MissingConversationsList,
-                format!("`conversations` is not a list (found {})", json_type(other)),
-            );
-            return Vec::new();
-        }
-        None => {
-            found.report(
-                ProblemCode::MissingConversationsList,
-                "missing key `conversations`",
-            );
-            return Vec::new();
-        }
+    let Some(list) = turn_list(
+        object,
+        "conversations",
+        ProblemCode::MissingConversationsList,
+        found,
+    ) else {
+        return Vec::new();
     };
 
     let mut messages = Vec::with_capacity(list.len() + 1);
