@@ -227,27 +227,18 @@ impl DiscordBot {
             }
         }
         let (chat, thread) = match place {
-            Place::Dm => (
-                db.upsert_chat(
-                    Platform::Discord,
-                    &channel.get().to_string(),
-                    "private",
-                    None,
-                )
-                .await?,
-                None,
-            ),
-            Place::Channel { .. } => (
-                db.upsert_chat(
-                    Platform::Discord,
-                    &channel.get().to_string(),
-                    "channel",
-                    None,
-                )
-                .await?,
-                None,
-            ),
             Place::Thread { chat, .. } => (chat, Some(channel.get().to_string())),
+            Place::Dm | Place::Channel { .. } => {
+                let kind = if matches!(place, Place::Dm) {
+                    "private"
+                } else {
+                    "channel"
+                };
+                let chat = db
+                    .upsert_chat(Platform::Discord, &channel.get().to_string(), kind, None)
+                    .await?;
+                (chat, None)
+            }
         };
         let assistant = self.assistant(place, channel).await?;
         let conv = db
