@@ -182,7 +182,9 @@ const SUMMARY_SELECT: &str = "select c.id,
     left join platform_users u on u.id = c.user_id";
 
 /// The conversation search's conditions, over parameters ?1 to ?6 (see `bind_filter`).
-const SEARCH_WHERE: &str = "where (?1 is null or exists (
+fn search_where() -> String {
+    format!(
+        "where (?1 is null or exists (
             select 1 from messages m where m.conversation_id = c.id
             and instr(lower(m.content), lower(?1)) > 0))
     and (?2 is null or coalesce(ch.platform, u.platform) = ?2)
@@ -195,14 +197,25 @@ const SEARCH_WHERE: &str = "where (?1 is null or exists (
                    or instr(lower(pu.platform_user_id), lower(?3)) > 0)))
     and (?4 is null or substr(c.created_at, 1, 10) >= ?4)
     and (?5 is null or substr(c.created_at, 1, 10) <= ?5)
-    and (case ?6
+    and {}",
+        rating_condition(6)
+    )
+}
+
+/// Whether conversation `c`'s ratings pass a [`RatingFilter`] (its SQL value, in parameter
+/// `?{param}`: `up`, `down`, `unrated`; anything else passes all).
+fn rating_condition(param: u8) -> String {
+    format!(
+        "(case ?{param}
            when 'up' then exists (select 1 from feedback f join messages m on m.id = f.message_id
                                   where m.conversation_id = c.id and f.rating = 1)
            when 'down' then exists (select 1 from feedback f join messages m on m.id = f.message_id
                                     where m.conversation_id = c.id and f.rating = -1)
            when 'unrated' then not exists (select 1 from feedback f join messages m on m.id = f.message_id
                                            where m.conversation_id = c.id and f.rating is not null)
-           else 1 end)";
+           else 1 end)"
+    )
+}
 
 fn day(d: Option<NaiveDate>) -> Option<String> {
     d.map(|d| d.format("%Y-%m-%d").to_string())
@@ -230,9 +243,10 @@ impl Db {
         let platform = filter.platform.map(Platform::as_str);
         let (from, to) = (day(filter.from), day(filter.to));
         let rating = filter.rating.as_str();
+        let conditions = search_where();
         let rows: Vec<ConversationSummary> = sql::all(
             self.pool(),
-            &format!("{SUMMARY_SELECT} {SEARCH_WHERE} order by c.id desc limit ?7 offset ?8"),
+            &format!("{SUMMARY_SELECT} {conditions} order by c.id desc limit ?7 offset ?8"),
             (&text, platform, &user, &from, &to, rating, limit, offset),
         )
         .await?;
@@ -241,7 +255,7 @@ impl Db {
             &format!(
                 "select count(*) from conversations c
                  left join chats ch on ch.id = c.chat_id
-                 left join platform_users u on u.id = c.user_id {SEARCH_WHERE}"
+                 left join platform_users u on u.id = c.user_id {conditions}"
             ),
             (&text, platform, &user, &from, &to, rating),
         )
@@ -461,7 +475,8 @@ impl Db {
     async fn build_turns(&self, filter: &BuildFilter) -> Result<Vec<TurnRow>> {
         sql::all(
             self.pool(),
-            "with picked as (
+            &format!(
+                "with picked as (
                  select c.id, a.system_prompt from conversations c
                  join assistants a on a.id = c.assistant_id
                  left join chats ch on ch.id = c.chat_id
@@ -475,14 +490,7 @@ impl Db {
                    and (?6 is null or exists (select 1 from messages m
                           where m.conversation_id = c.id and m.adapter_id = ?6))
                    and (?7 is null or ch.platform_chat_id = ?7)
-                   and (case ?8
-                          when 'up' then exists (select 1 from feedback f join messages m on m.id = f.message_id
-                                                 where m.conversation_id = c.id and f.rating = 1)
-                          when 'down' then exists (select 1 from feedback f join messages m on m.id = f.message_id
-                                                   where m.conversation_id = c.id and f.rating = -1)
-                          when 'unrated' then not exists (select 1 from feedback f join messages m on m.id = f.message_id
-                                                          where m.conversation_id = c.id and f.rating is not null)
-                          else 1 end))
+                   and {})
              select p.id as conversation_id, p.system_prompt, m.role, m.content,
                     coalesce(pu.excluded_from_training, 0) as author_excluded,
                     exists (select 1 from feedback f where f.message_id = m.id and f.rating = 1) as upvoted,
@@ -492,6 +500,8 @@ impl Db {
              from picked p join messages m on m.conversation_id = p.id
              left join platform_users pu on pu.id = m.user_id
              order by p.id, m.id",
+                rating_condition(8)
+            ),
             (
                 filter.platform.map(Platform::as_str),
                 day(filter.from),
