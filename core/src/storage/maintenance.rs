@@ -1,7 +1,7 @@
 //! Keeping the database healthy over months: an online backup, moving adapter folders
 //! on a restore, and retention for the tables that would otherwise only grow.
 
-use super::{Db, Result, sql};
+use super::{Db, Result, StorageError, sql};
 use std::path::Path;
 
 /// How long rows of the growing tables are kept (`retention:` in the config).
@@ -60,59 +60,36 @@ impl Db {
                 (days * 86400.0) as i64
             )
         };
-        let updates = sql::execute(
-            self.pool(),
-            &format!(
+        let now = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+        let delete = |sql: String| async move {
+            let done = sql::execute(self.pool(), &sql, ()).await?;
+            Ok::<_, StorageError>(done.rows_affected())
+        };
+        Ok(Pruned {
+            updates: delete(format!(
                 "delete from inbound_updates where status in ('done', 'failed') and created_at < {}",
                 before(retention.updates_days)
-            ),
-            (),
-        )
-        .await?
-        .rows_affected();
-        let sessions = sql::execute(
-            self.pool(),
-            "delete from web_sessions where expires_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
-            (),
-        )
-        .await?
-        .rows_affected();
-        let training_events = sql::execute(
-            self.pool(),
-            &format!(
+            ))
+            .await?,
+            sessions: delete(format!("delete from web_sessions where expires_at < {now}")).await?,
+            training_events: delete(format!(
                 "delete from training_events where job_id in (
                     select id from training_jobs
                     where state in ('succeeded', 'failed', 'cancelled') and finished_at < {})",
                 before(retention.training_events_days)
-            ),
-            (),
-        )
-        .await?
-        .rows_affected();
-        let audit = sql::execute(
-            self.pool(),
-            &format!(
+            ))
+            .await?,
+            audit: delete(format!(
                 "delete from audit_log where at < {}",
                 before(retention.audit_days)
-            ),
-            (),
-        )
-        .await?
-        .rows_affected();
-        // Channels not heard from in a long while are not read again after downtime.
-        let cursors = sql::execute(
-            self.pool(),
-            "delete from channel_cursors where updated_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-90 days')",
-            (),
-        )
-        .await?
-        .rows_affected();
-        Ok(Pruned {
-            updates,
-            sessions,
-            training_events,
-            audit,
-            cursors,
+            ))
+            .await?,
+            // Channels not heard from in a long while are not read again after downtime.
+            cursors: delete(format!(
+                "delete from channel_cursors where updated_at < {}",
+                before(90.0)
+            ))
+            .await?,
         })
     }
 }
