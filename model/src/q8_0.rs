@@ -199,13 +199,7 @@ mod avx2 {
                 out: &mut [f32],
             ) {
                 let k = acts.len() / nb;
-                // From byte arrays: the compiler makes this one unaligned load.
-                let load = |b: &Block| {
-                    let q = |i: usize| -> i64 {
-                        i64::from_le_bytes(std::array::from_fn(|k| b.qs[i * 8 + k] as u8))
-                    };
-                    _mm256_set_epi64x(q(3), q(2), q(1), q(0))
-                };
+                let load = |b: &Block| crate::kernels::bytes32!(b.qs);
                 for (i, wr) in w.chunks_exact(nb).enumerate() {
                     let mut acc = [_mm256_setzero_ps(); 4];
                     for (b, wb) in wr.iter().enumerate() {
@@ -219,11 +213,7 @@ mod avx2 {
                         }
                     }
                     for (t, acc) in acc.iter().enumerate().take(k) {
-                        let hi = _mm256_extractf128_ps::<1>(*acc);
-                        let s = _mm_add_ps(hi, _mm256_castps256_ps128(*acc));
-                        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-                        out[t * ROWS_PER_ITEM + i] = _mm_cvtss_f32(s);
+                        out[t * ROWS_PER_ITEM + i] = crate::kernels::hsum8!(*acc);
                     }
                 }
             }
@@ -254,6 +244,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{randn_vec, random_quantized};
     use candle_core::Module;
     use candle_core::quantized::QMatMul;
 
@@ -262,8 +253,7 @@ mod tests {
         // Reference: candle's own Q8_0 matmul (ggml's `vec_dot_q8_0_q8_0`) on the same
         // quantized weights; both round the input to 8 bits per block the same way.
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (83, 128), &dev).unwrap();
-        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let q = random_quantized(83, 128, GgmlDType::Q8_0);
         let ours = Q80Matrix::from_qtensor(&q).unwrap();
         let theirs = QMatMul::from_qtensor(q).unwrap();
         for rows in [1, 3, 4, 6, 9] {
@@ -292,13 +282,9 @@ mod tests {
             eprintln!("SKIPPED: this CPU has no AVX-VNNI");
             return;
         }
-        let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (ROWS_PER_ITEM, 128), &dev).unwrap();
-        let m = Q80Matrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()).unwrap();
-        let x: Vec<f32> = Tensor::randn(0f32, 3.0, 3 * 128, &dev)
-            .unwrap()
-            .to_vec1()
+        let m = Q80Matrix::from_qtensor(&random_quantized(ROWS_PER_ITEM, 128, GgmlDType::Q8_0))
             .unwrap();
+        let x = randn_vec(3 * 128, 3.0);
         let acts: Vec<Block> = x.chunks_exact(QK).map(quantize).collect();
         let (mut a, mut b) = ([0f32; 4 * ROWS_PER_ITEM], [0f32; 4 * ROWS_PER_ITEM]);
         // SAFETY: this build targets AVX2, FMA and F16C; the CPU has AVX-VNNI (checked).

@@ -638,14 +638,14 @@ mod tests {
     // chat_template=src, tokenize=False, add_generation_prompt=True,
     // bos_token="<|begin_of_text|>", date_string="26 Jul 2024")`, as above.
 
+    /// A Llama 3 family template, with the family's BOS and end-of-turn tokens.
+    fn llama3_family(source: &str) -> ChatTemplate {
+        ChatTemplate::new(Some(source.into()), "<|begin_of_text|>", "<|eot_id|>").unwrap()
+    }
+
     #[test]
     fn llama3_template_renders() {
-        let template = ChatTemplate::new(
-            Some(LLAMA3_TEMPLATE.into()),
-            "<|begin_of_text|>",
-            "<|eot_id|>",
-        )
-        .unwrap();
+        let template = llama3_family(LLAMA3_TEMPLATE);
         assert_eq!(
             template.render(&conversation(), true).unwrap(),
             "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful assistant.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello! How can I help?<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
@@ -654,12 +654,7 @@ mod tests {
 
     #[test]
     fn llama32_template_renders_with_strftime_now() {
-        let template = ChatTemplate::new(
-            Some(LLAMA32_TEMPLATE.into()),
-            "<|begin_of_text|>",
-            "<|eot_id|>",
-        )
-        .unwrap();
+        let template = llama3_family(LLAMA32_TEMPLATE);
         #[derive(Serialize)]
         struct Extra {
             date_string: &'static str,

@@ -148,6 +148,27 @@ pub(crate) fn max_abs(t: &Tensor) -> f32 {
         .expect("an f32 tensor")
 }
 
+/// A random `[rows, cols]` matrix of N(0, 1) values quantized to `dtype` (the kernels'
+/// tests' weights).
+#[cfg(test)]
+pub(crate) fn random_quantized(
+    rows: usize,
+    cols: usize,
+    dtype: candle_core::quantized::GgmlDType,
+) -> candle_core::quantized::QTensor {
+    Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu)
+        .and_then(|w| candle_core::quantized::QTensor::quantize(&w, dtype))
+        .expect("a quantizable shape")
+}
+
+/// `n` values drawn from N(0, `std`²) (the kernels' tests' inputs).
+#[cfg(test)]
+pub(crate) fn randn_vec(n: usize, std: f32) -> Vec<f32> {
+    Tensor::randn(0f32, std, n, &Device::Cpu)
+        .and_then(|t| t.to_vec1())
+        .expect("random values")
+}
+
 /// Write a tiny random BERT (`config.json`, `vocab.txt` of BERT's special tokens plus
 /// `words`, `model.safetensors` with Hugging Face's init) into `dir`.
 pub fn write_tiny_bert(
@@ -218,30 +239,23 @@ const FILLER: [&str; 10] = [
 ];
 
 /// Every word [`two_class_reviews`] uses (a tiny BERT's vocabulary).
-pub const REVIEW_WORDS: [&str; 22] = [
-    "great",
-    "wonderful",
-    "superb",
-    "lovely",
-    "brilliant",
-    "moving",
-    "awful",
-    "terrible",
-    "boring",
-    "dreadful",
-    "poor",
-    "dull",
-    "the",
-    "movie",
-    "was",
-    "a",
-    "film",
-    "plot",
-    "and",
-    "acting",
-    "really",
-    "quite",
-];
+pub const REVIEW_WORDS: [&str; 22] = concat_words(&[&POSITIVE, &NEGATIVE, &FILLER]);
+
+/// The words of `lists` one after another; a total other than `N` fails the build.
+const fn concat_words<const N: usize>(lists: &[&[&'static str]]) -> [&'static str; N] {
+    let mut out = [""; N];
+    let (mut i, mut l) = (0, 0);
+    while l < lists.len() {
+        let mut j = 0;
+        while j < lists[l].len() {
+            out[i] = lists[l][j];
+            (i, j) = (i + 1, j + 1);
+        }
+        l += 1;
+    }
+    assert!(i == N, "REVIEW_WORDS' length is not the lists' total");
+    out
+}
 
 /// `n` JSONL rows `{"text", "label"}` of a generated two-class set: a review is
 /// `positive` or `negative` by which kind of adjective it holds, amid filler words in a

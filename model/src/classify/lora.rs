@@ -123,23 +123,9 @@ pub fn linear(params: &Params, x: &Tensor, stem: &str, mode: Mode) -> Result<Ten
     let w = params.get(&base)?;
     let b = params.get_opt(&format!("{stem}.bias"))?;
     let y = super::ops::linear(x, &w, b.as_ref())?;
-    let (a_name, b_name) = factor_names(&base);
-    match (
-        mode.lora,
-        params.get_opt(&a_name)?,
-        params.get_opt(&b_name)?,
-    ) {
-        (Some(spec), Some(a), Some(lb)) => {
-            let xin = if mode.train {
-                super::ops::dropout(x, spec.dropout)?
-            } else {
-                x.clone()
-            };
-            let delta = super::ops::linear(&super::ops::linear(&xin, &a, None)?, &lb, None)?;
-            y + (delta * spec.scale())?
-        }
-        _ => Ok(y),
-    }
+    with_lora(params, &base, x, y, mode, |xin, a, lb| {
+        super::ops::linear(&super::ops::linear(xin, a, None)?, lb, None)
+    })
 }
 
 /// A bias-free 2-D convolution plus the LoRA branch where the kernel has one.
@@ -153,6 +139,21 @@ pub fn conv2d(
 ) -> Result<Tensor> {
     let w = params.get(base)?;
     let y = x.conv2d(&w, padding, stride, 1, 1)?;
+    with_lora(params, base, x, y, mode, |xin, a, lb| {
+        xin.conv2d(a, padding, stride, 1, 1)?.conv2d(lb, 0, 1, 1, 1)
+    })
+}
+
+/// `y`, the base layer's output on `x`, plus `scale * delta(x', A, B)` where `base` has
+/// LoRA factors and `mode` applies them; `x'` is `x` through dropout in training.
+fn with_lora(
+    params: &Params,
+    base: &str,
+    x: &Tensor,
+    y: Tensor,
+    mode: Mode,
+    delta: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
     let (a_name, b_name) = factor_names(base);
     match (
         mode.lora,
@@ -165,10 +166,7 @@ pub fn conv2d(
             } else {
                 x.clone()
             };
-            let delta = xin
-                .conv2d(&a, padding, stride, 1, 1)?
-                .conv2d(&lb, 0, 1, 1, 1)?;
-            y + (delta * spec.scale())?
+            y + (delta(&xin, &a, &lb)? * spec.scale())?
         }
         _ => Ok(y),
     }

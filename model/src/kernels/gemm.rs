@@ -89,19 +89,20 @@ pub(crate) fn gemm(
     scale: f32,
     par: bool,
 ) {
-    assert!(d.end() <= dst.len() && av.end() <= a.len() && bv.end() <= b.len());
     let parts = if par {
         candle_core::utils::get_num_threads()
     } else {
         1
     };
+    let out = SharedBuf::new(dst);
     // Bands of rows, unless the product is much wider than tall (the output head's
     // logits: each core then reads only its half of the head's weights).
     let by_rows = d.rows >= 32 * parts && d.cols < 4 * d.rows;
     if parts > 1 && (by_rows || d.cols >= 64 * parts) {
+        // Checked here on the caller's thread, not first in a worker's band.
+        assert!(d.end() <= out.len() && av.end() <= a.len() && bv.end() <= b.len());
         let len = if by_rows { d.rows } else { d.cols };
         let step = len.div_ceil(parts);
-        let out = SharedBuf::new(dst);
         pool_items(parts, |k| {
             let r = k * step..((k + 1) * step).min(len);
             if r.is_empty() {
@@ -120,21 +121,46 @@ pub(crate) fn gemm(
         });
         return;
     }
-    // SAFETY: every view lies inside its slice (checked above), and `dst` is a `&mut`
-    // borrow, so it overlaps neither input.
+    // SAFETY: `dst` is a `&mut` borrow: nothing else touches it, and it overlaps neither
+    // input.
     #[allow(unsafe_code)]
     unsafe {
-        gemm_ptr(
-            dst.as_mut_ptr(),
-            d,
-            acc,
-            a.as_ptr(),
-            av,
-            b.as_ptr(),
-            bv,
-            scale,
-        )
+        out.gemm(d, acc, a, av, b, bv, scale)
     }
+}
+
+/// `y [n, o] (+)= x [n, k] W^T` with `W` `[o, k]`, all row-major: a linear layer's
+/// forward (`acc`: added to `y`, the residual), over the pool.
+pub(crate) fn x_wt(y: &mut [f32], acc: bool, x: &[f32], w: &[f32], n: usize, o: usize, k: usize) {
+    let wv = View::rm(0, o, k, k).t();
+    gemm(
+        y,
+        View::rm(0, n, o, o),
+        acc,
+        x,
+        View::rm(0, n, k, k),
+        w,
+        wv,
+        1.0,
+        true,
+    )
+}
+
+/// `dx [n, k] = dy [n, o] W` with `W` `[o, k]`, all row-major: a linear layer's input
+/// gradient, over the pool.
+pub(crate) fn dy_w(dx: &mut [f32], dy: &[f32], w: &[f32], n: usize, o: usize, k: usize) {
+    let wv = View::rm(0, o, k, k);
+    gemm(
+        dx,
+        View::rm(0, n, k, k),
+        false,
+        dy,
+        View::rm(0, n, o, o),
+        w,
+        wv,
+        1.0,
+        true,
+    )
 }
 
 /// [`gemm`] on raw pointers, for the attention items that write disjoint strided parts

@@ -64,6 +64,36 @@ macro_rules! with_vnni {
 #[cfg(target_arch = "x86_64")]
 pub(crate) use with_vnni;
 
+/// The 32 bytes of a quantized block's `qs` as one `__m256i`: `_mm256_set_epi64x` from
+/// byte arrays, which the compiler makes one unaligned load (no pointer arithmetic). A
+/// macro, like [`hsum8`], so that it expands inside the `#[target_feature]` kernels (as
+/// functions such pieces were not inlined into them).
+#[cfg(target_arch = "x86_64")]
+macro_rules! bytes32 {
+    ($qs:expr) => {{
+        let q =
+            |i: usize| -> i64 { i64::from_le_bytes(std::array::from_fn(|k| $qs[i * 8 + k] as u8)) };
+        std::arch::x86_64::_mm256_set_epi64x(q(3), q(2), q(1), q(0))
+    }};
+}
+#[cfg(target_arch = "x86_64")]
+pub(crate) use bytes32;
+
+/// The sum of an `__m256`'s eight lanes, added in the order of ggml's `hsum_float_8`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! hsum8 {
+    ($v:expr) => {{
+        use std::arch::x86_64::*;
+        let v = $v;
+        let half = _mm_add_ps(_mm256_extractf128_ps::<1>(v), _mm256_castps256_ps128(v));
+        let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+        let one = _mm_add_ss(quarter, _mm_movehdup_ps(quarter));
+        _mm_cvtss_f32(one)
+    }};
+}
+#[cfg(target_arch = "x86_64")]
+pub(crate) use hsum8;
+
 pub(crate) mod exp;
 pub(crate) mod gemm;
 pub(crate) mod norm;

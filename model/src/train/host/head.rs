@@ -3,7 +3,7 @@
 
 use super::layer::missing;
 use crate::kernels::exp::exp_sub;
-use crate::kernels::gemm::{View, gemm};
+use crate::kernels::gemm::{dy_w, x_wt};
 use crate::kernels::pool::par_rows;
 use crate::kernels::reduce::max_f32;
 use crate::train::batch::{PassStats, TrainBatch};
@@ -52,20 +52,7 @@ pub(crate) fn head(
                 hs[k * h..(k + 1) * h].copy_from_slice(&hf[row * h..(row + 1) * h]);
             }
             let lg = &mut logits[..len * vocab];
-            profile::time("head logits", || {
-                let wv = View::rm(0, vocab, h, h).t();
-                gemm(
-                    lg,
-                    View::rm(0, len, vocab, vocab),
-                    false,
-                    &hs,
-                    View::rm(0, len, h, h),
-                    w,
-                    wv,
-                    1.0,
-                    true,
-                )
-            });
+            profile::time("head logits", || x_wt(lg, false, &hs, w, len, vocab, h));
             // Per row: the loss and the argmax; with a gradient, the row becomes
             // `w (softmax - q)` in place (q: one-hot, or a soft target's distribution, whose
             // loss is the KL divergence from it).
@@ -115,19 +102,7 @@ pub(crate) fn head(
             }
             if let Some(dhf) = dhf.as_mut() {
                 let dh = &mut dhs[..len * h];
-                profile::time("head dlogits W", || {
-                    gemm(
-                        dh,
-                        View::rm(0, len, h, h),
-                        false,
-                        lg,
-                        View::rm(0, len, vocab, vocab),
-                        w,
-                        View::rm(0, vocab, h, h),
-                        1.0,
-                        true,
-                    )
-                });
+                profile::time("head dlogits W", || dy_w(dh, lg, w, len, vocab, h));
                 for (k, &row) in idx.iter().enumerate() {
                     let row = row as usize;
                     for (o, v) in dhf[row * h..(row + 1) * h]

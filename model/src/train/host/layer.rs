@@ -3,7 +3,7 @@
 use super::attention::{Dims, attn_bwd, attn_fwd};
 use super::lora::{LoraGroup, lora_bwd, lora_fwd, lora_groups, vec_of};
 use crate::kernels::exp::{silu_mul, silu_mul_grad};
-use crate::kernels::gemm::{View, gemm};
+use crate::kernels::gemm::{dy_w, x_wt};
 use crate::kernels::norm::{rms_bwd_add, rms_fwd};
 use crate::kernels::pool::{BufPool, par_rows};
 use crate::kernels::rope::rope_rows;
@@ -205,20 +205,7 @@ pub(crate) fn layer_fwd(
         // Attention.
         let (h1, r1) = rms_fwd(x, &g1, eps, h, bufs.dirty(n * h));
         let mut qkv = bufs.dirty(n * d.wq);
-        profile::time("fwd x W^T", || {
-            let wv = View::rm(0, d.wq, h, h).t();
-            gemm(
-                &mut qkv,
-                View::rm(0, n, d.wq, d.wq),
-                false,
-                &h1,
-                View::rm(0, n, h, h),
-                wqkv,
-                wv,
-                1.0,
-                true,
-            )
-        });
+        profile::time("fwd x W^T", || x_wt(&mut qkv, false, &h1, wqkv, n, d.wq, h));
         for (p, col, _) in d.qkv_parts() {
             add_bias(&mut qkv, d.wq, col, bias[p.index()].as_deref());
         }
@@ -242,20 +229,7 @@ pub(crate) fn layer_fwd(
             }
             None => {
                 let mut x2 = bufs.copy_of(x);
-                profile::time("fwd x W^T", || {
-                    let wv = View::rm(0, h, d.dq, d.dq).t();
-                    gemm(
-                        &mut x2,
-                        View::rm(0, n, h, h),
-                        true,
-                        &y,
-                        View::rm(0, n, d.dq, d.dq),
-                        wo,
-                        wv,
-                        1.0,
-                        true,
-                    )
-                });
+                profile::time("fwd x W^T", || x_wt(&mut x2, true, &y, wo, n, h, d.dq));
                 add_bias(&mut x2, h, 0, bias[Projection::O.index()].as_deref());
                 lora_fwd_all(&mut lora.o, &y, n, s, Some((&mut x2, h)), bufs);
                 x2
@@ -266,18 +240,7 @@ pub(crate) fn layer_fwd(
         let (h2, r2) = rms_fwd(&x2, &g2, eps, h, bufs.dirty(n * h));
         let mut gu = bufs.dirty(n * 2 * inter);
         profile::time("fwd x W^T", || {
-            let wv = View::rm(0, 2 * inter, h, h).t();
-            gemm(
-                &mut gu,
-                View::rm(0, n, 2 * inter, 2 * inter),
-                false,
-                &h2,
-                View::rm(0, n, h, h),
-                wgu,
-                wv,
-                1.0,
-                true,
-            )
+            x_wt(&mut gu, false, &h2, wgu, n, 2 * inter, h)
         });
         for (p, col, _) in d.gate_up_parts() {
             add_bias(&mut gu, 2 * inter, col, bias[p.index()].as_deref());
@@ -303,20 +266,7 @@ pub(crate) fn layer_fwd(
             None
         } else {
             let mut x3 = x2.clone();
-            profile::time("fwd x W^T", || {
-                let wv = View::rm(0, h, inter, inter).t();
-                gemm(
-                    &mut x3,
-                    View::rm(0, n, h, h),
-                    true,
-                    &act,
-                    View::rm(0, n, inter, inter),
-                    wd,
-                    wv,
-                    1.0,
-                    true,
-                )
-            });
+            profile::time("fwd x W^T", || x_wt(&mut x3, true, &act, wd, n, h, inter));
             add_bias(&mut x3, h, 0, bias[Projection::Down.index()].as_deref());
             lora_fwd_all(&mut lora.down, &act, n, s, Some((&mut x3, h)), bufs);
             Some(x3)
@@ -380,23 +330,10 @@ pub(crate) fn layer_bwd(
         let [dx3, x, wqkv, wo, wgu, wd] = sl else {
             unreachable!("six tensors in, six slices out")
         };
-        let nh_view = View::rm(0, n, h, h);
 
         // MLP.
         let mut da = bufs.dirty(n * inter);
-        profile::time("bwd dy W", || {
-            gemm(
-                &mut da,
-                View::rm(0, n, inter, inter),
-                false,
-                dx3,
-                nh_view,
-                wd,
-                View::rm(0, h, inter, inter),
-                1.0,
-                true,
-            )
-        });
+        profile::time("bwd dy W", || dy_w(&mut da, dx3, wd, n, h, inter));
         for g in &c.lora.down {
             lora_bwd(ctx, i, &c.act, g, dx3, h, Some(&mut da), grads)?;
         }
@@ -412,19 +349,7 @@ pub(crate) fn layer_bwd(
         });
         bufs.put(da);
         let mut dh2 = bufs.dirty(n * h);
-        profile::time("bwd dy W", || {
-            gemm(
-                &mut dh2,
-                nh_view,
-                false,
-                &dgu,
-                View::rm(0, n, w2, w2),
-                wgu,
-                View::rm(0, w2, h, h),
-                1.0,
-                true,
-            )
-        });
+        profile::time("bwd dy W", || dy_w(&mut dh2, &dgu, wgu, n, w2, h));
         for g in &c.lora.gate_up {
             lora_bwd(ctx, i, &c.h2, g, &dgu, w2, Some(&mut dh2), grads)?;
         }
@@ -435,19 +360,7 @@ pub(crate) fn layer_bwd(
 
         // Attention.
         let mut dy = bufs.dirty(n * d.dq);
-        profile::time("bwd dy W", || {
-            gemm(
-                &mut dy,
-                View::rm(0, n, d.dq, d.dq),
-                false,
-                &dx2,
-                nh_view,
-                wo,
-                View::rm(0, h, d.dq, d.dq),
-                1.0,
-                true,
-            )
-        });
+        profile::time("bwd dy W", || dy_w(&mut dy, &dx2, wo, n, h, d.dq));
         for g in &c.lora.o {
             lora_bwd(ctx, i, &c.y, g, &dx2, h, Some(&mut dy), grads)?;
         }
@@ -465,19 +378,7 @@ pub(crate) fn layer_bwd(
         );
         let mut dh1 = if need_dx {
             let mut dh1 = bufs.dirty(n * h);
-            profile::time("bwd dy W", || {
-                gemm(
-                    &mut dh1,
-                    nh_view,
-                    false,
-                    &dqkv,
-                    View::rm(0, n, d.wq, d.wq),
-                    wqkv,
-                    View::rm(0, d.wq, h, h),
-                    1.0,
-                    true,
-                )
-            });
+            profile::time("bwd dy W", || dy_w(&mut dh1, &dqkv, wqkv, n, d.wq, h));
             Some(dh1)
         } else {
             None
