@@ -184,7 +184,7 @@ pub async fn answer_once<C: ReplyChannel>(
         .await?;
     let started = slot.started::<C>().await;
     if let Some(earlier) = earlier {
-        return Ok(earlier.platform_message_id.is_none().then(|| ToDeliver {
+        return Ok(earlier.platform_message_id.is_none().then_some(ToDeliver {
             sent: started,
             text: earlier.content,
             stored_id: earlier.id,

@@ -148,15 +148,12 @@ async fn get_job(
     State(state): State<AppState>,
     id: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = match job_ref(id)? {
-        JobRef::Chat(id) => id,
+    match job_ref(id)? {
+        JobRef::Chat(id) => chat_job_json(&state, id).await,
         JobRef::Classifier(id) => {
-            let Json(v) = crate::classifier_api::get(State(state), Path(id)).await?;
-            return json_value(v);
+            classifier_json(crate::classifier_api::get(State(state), Path(id))).await
         }
-    };
-    let job = state.core.db.job(id).await?;
-    json_value(operations::job_view(&state, job).await?)
+    }
 }
 
 fn path_id(
@@ -174,6 +171,20 @@ fn json_value(view: impl Serialize) -> Result<Json<Value>, ApiError> {
     Ok(Json(
         serde_json::to_value(view).map_err(ApiError::internal)?,
     ))
+}
+
+/// Chat-model job `id` as the job endpoints answer it.
+async fn chat_job_json(state: &AppState, id: i64) -> Result<Json<Value>, ApiError> {
+    let job = state.core.db.job(id).await?;
+    json_value(operations::job_view(state, job).await?)
+}
+
+/// What a classifier job's own endpoint answered, as the job endpoints answer it.
+async fn classifier_json<V: Serialize>(
+    answer: impl Future<Output = Result<Json<V>, ApiError>>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(view) = answer.await?;
+    json_value(view)
 }
 
 /// A job id in a path: `N` for a chat-model job, `clsjob-N` for a classifier job (what
@@ -202,29 +213,15 @@ async fn cancel_job(
     State(state): State<AppState>,
     id: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = match job_ref(id)? {
-        JobRef::Chat(id) => id,
-        JobRef::Classifier(id) => {
-            let Json(v) = crate::classifier_api::cancel(State(state), Path(id)).await?;
-            return json_value(v);
+    match job_ref(id)? {
+        JobRef::Chat(id) => {
+            operations::cancel_job(&state, id, &format!("job {id}"), crate::audit::API).await?;
+            chat_job_json(&state, id).await
         }
-    };
-    if !state.core.db.request_cancel(id).await? {
-        let job = state.core.db.job(id).await?;
-        return Err(ApiError::conflict(format!(
-            "job {id} has already finished ({})",
-            job.state
-        )));
+        JobRef::Classifier(id) => {
+            classifier_json(crate::classifier_api::cancel(State(state), Path(id))).await
+        }
     }
-    crate::audit::record(
-        &state,
-        crate::audit::API,
-        "cancel job",
-        &format!("job {id}"),
-    )
-    .await;
-    let job = state.core.db.job(id).await?;
-    json_value(operations::job_view(&state, job).await?)
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]

@@ -566,19 +566,7 @@ pub async fn cancel_fine_tuning_job(
 ) -> Result<Json<FineTuningJob>, ApiError> {
     let id = path_job(id)?;
     let job = job_named(&state, &id).await?;
-    if !state.core.db.request_cancel(job.id).await? {
-        return Err(ApiError::conflict(format!(
-            "{id} has already finished ({})",
-            job.state
-        )));
-    }
-    crate::audit::record(
-        &state,
-        crate::audit::API,
-        "cancel job",
-        &format!("job {}", job.id),
-    )
-    .await;
+    crate::operations::cancel_job(&state, job.id, &id, crate::audit::API).await?;
     let job = state.core.db.job(job.id).await?;
     Ok(Json(job_object(&state, &job).await?))
 }

@@ -89,35 +89,45 @@ pub async fn import_dataset(
         .await
         .map_err(ApiError::internal)?;
     if !outcome.is_ok() {
-        return Err(ApiError::invalid(
-            "file",
-            format!(
-                "the file has {} problem(s) and was not imported:\n{}",
-                outcome.errors.len(),
-                format_problems(&outcome.errors, MAX_LISTED_PROBLEMS)
-            ),
-        ));
+        return Err(refused(&outcome.errors));
     }
     let hash = content_hash(&outcome.examples);
     let fmt = outcome.format.map_or("openai", Format::as_str);
-    let inserted = state
-        .core
-        .db
-        .insert_dataset(&NewDataset {
-            assistant_id: None,
-            name,
-            format: fmt,
-            source,
-            content_hash: &hash,
-            examples: &outcome.examples,
-            ..Default::default()
-        })
-        .await?;
-    let created = matches!(inserted, DatasetInsert::Created(_));
+    let new = NewDataset {
+        assistant_id: None,
+        name,
+        format: fmt,
+        source,
+        content_hash: &hash,
+        examples: &outcome.examples,
+        ..Default::default()
+    };
+    store(state, &new, outcome.warnings).await
+}
+
+/// A file refused whole, with its problems.
+fn refused(problems: &[impl std::fmt::Display]) -> ApiError {
+    ApiError::invalid(
+        "file",
+        format!(
+            "the file has {} problem(s) and was not imported:\n{}",
+            problems.len(),
+            format_problems(problems, MAX_LISTED_PROBLEMS)
+        ),
+    )
+}
+
+/// Store `new` as the next version of its name; an import with the parser's `warnings`.
+async fn store(
+    state: &AppState,
+    new: &NewDataset<'_>,
+    warnings: Vec<Problem>,
+) -> Result<Imported, ApiError> {
+    let inserted = state.core.db.insert_dataset(new).await?;
     Ok(Imported {
+        created: matches!(inserted, DatasetInsert::Created(_)),
         dataset: inserted.dataset().clone(),
-        created,
-        warnings: outcome.warnings,
+        warnings,
     })
 }
 
@@ -128,35 +138,18 @@ async fn import_preferences(
     parsed: PreferenceImport,
     source: &str,
 ) -> Result<Imported, ApiError> {
-    let (kind, lines) = parsed.map_err(|problems| {
-        ApiError::invalid(
-            "file",
-            format!(
-                "the file has {} problem(s) and was not imported:\n{}",
-                problems.len(),
-                format_problems(&problems, MAX_LISTED_PROBLEMS)
-            ),
-        )
-    })?;
-    let inserted = state
-        .core
-        .db
-        .insert_dataset(&NewDataset {
-            assistant_id: None,
-            name,
-            format: kind.as_str(),
-            source,
-            content_hash: &dataset::lines_hash(&lines),
-            kind,
-            lines: &lines,
-            ..Default::default()
-        })
-        .await?;
-    Ok(Imported {
-        created: matches!(inserted, DatasetInsert::Created(_)),
-        dataset: inserted.dataset().clone(),
-        warnings: Vec::new(),
-    })
+    let (kind, lines) = parsed.map_err(|problems| refused(&problems))?;
+    let new = NewDataset {
+        assistant_id: None,
+        name,
+        format: kind.as_str(),
+        source,
+        content_hash: &dataset::lines_hash(&lines),
+        kind,
+        lines: &lines,
+        ..Default::default()
+    };
+    store(state, &new, Vec::new()).await
 }
 
 /// Keys of `hyperparameters` a client may set (the training YAML's names; paths such as
@@ -537,6 +530,25 @@ pub async fn create_trial(
     )
     .await;
     Ok(job)
+}
+
+/// Ask job `id` to stop (a queued one at once, a running one at its next step) and audit
+/// it as `actor`; a conflict, naming the job as `name`, when it had already finished.
+pub async fn cancel_job(
+    state: &AppState,
+    id: i64,
+    name: &str,
+    actor: &str,
+) -> Result<(), ApiError> {
+    if !state.core.db.request_cancel(id).await? {
+        let job = state.core.db.job(id).await?;
+        return Err(ApiError::conflict(format!(
+            "{name} has already finished ({})",
+            job.state
+        )));
+    }
+    crate::audit::record(state, actor, "cancel job", &format!("job {id}")).await;
+    Ok(())
 }
 
 pub async fn dataset_by_id(state: &AppState, id: i64) -> Result<Dataset, ApiError> {

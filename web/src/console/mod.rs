@@ -116,6 +116,36 @@ pub fn short_time(ts: &str) -> String {
     ts.get(..16).unwrap_or(ts).replacen('T', " ", 1)
 }
 
+/// The query string's `key=value` pairs, decoded: so that a page takes them as an
+/// argument instead of parsing `RawQuery` itself.
+pub struct QueryPairs(pub Vec<(String, String)>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for QueryPairs {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Self(auth::url_decode_pairs(
+            parts.uri.query().unwrap_or(""),
+        )))
+    }
+}
+
+/// A URL-encoded form body's pairs, decoded, likewise (a body that is not UTF-8 is refused
+/// as the `String` extractor refuses it).
+pub struct FormPairs(pub Vec<(String, String)>);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for FormPairs {
+    type Rejection = axum::extract::rejection::StringRejection;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        let body = String::from_request(req, state).await?;
+        Ok(Self(auth::url_decode_pairs(&body)))
+    }
+}
+
 /// A hidden CSRF field for a form.
 pub fn csrf_field(s: &AdminSession) -> Markup {
     html! { input type="hidden" name="_csrf" value=(s.csrf); }

@@ -11,15 +11,18 @@ mod datasets;
 mod preference_preview;
 
 use crate::auth::{self, AdminSession};
-use crate::console::error_page;
+use crate::console::{QueryPairs, error_page};
 use crate::error::ApiError;
 use crate::state::AppState;
 use axum::Router;
+use axum::extract::FromRequestParts;
 use axum::http::StatusCode;
+use axum::http::request::Parts;
 use axum::response::Response;
 use axum::routing::{get, post};
 use loraloop_core::storage::StorageError;
 use maud::{Markup, html};
+use std::convert::Infallible;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -71,6 +74,16 @@ impl Params {
     /// A ticked checkbox.
     fn checked(&self, key: &str) -> bool {
         self.get(key).is_some_and(|v| v != "0" && v != "off")
+    }
+}
+
+/// As a handler argument: the query string's pairs.
+impl<S: Send + Sync> FromRequestParts<S> for Params {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Infallible> {
+        let QueryPairs(pairs) = QueryPairs::from_request_parts(parts, state).await?;
+        Ok(Self(pairs))
     }
 }
 

@@ -8,12 +8,12 @@ use super::{
 use crate::auth::AdminSession;
 use crate::console::{csrf_field, error_page, layout};
 use crate::state::AppState;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use loraloop_core::storage::{
     ConversationDetail, ConversationFilter, ConversationSummary, MessageWithFeedback, PLATFORMS,
-    RatingFilter, StorageError,
+    RatingFilter,
 };
 use maud::{Markup, html};
 
@@ -59,9 +59,8 @@ fn search_query(params: &Params) -> String {
 pub(super) async fn list(
     State(state): State<AppState>,
     session: AdminSession,
-    RawQuery(query): RawQuery,
+    params: Params,
 ) -> Response {
-    let params = Params::parse(query.as_deref().unwrap_or(""));
     let page = params
         .get("page")
         .and_then(|p| p.parse::<i64>().ok())
@@ -182,12 +181,11 @@ pub(super) async fn show(
     State(state): State<AppState>,
     session: AdminSession,
     Path(id): Path<String>,
-    RawQuery(query): RawQuery,
+    params: Params,
 ) -> Response {
     let Some(id) = parse_id(&id) else {
         return error_page(&session, StatusCode::NOT_FOUND, "no such conversation");
     };
-    let params = Params::parse(query.as_deref().unwrap_or(""));
     conversation_page(&state, &session, id, &params, None).await
 }
 
@@ -330,39 +328,60 @@ async fn reply_conversation(
     }
 }
 
+/// An operator's change to the reply `id`: `change` gets the reply's id and answers the
+/// notice to redirect with, or the error to show on the conversation's page (a storage
+/// error, or a form value it refused).
+async fn change_reply(
+    state: &AppState,
+    session: &AdminSession,
+    id: &str,
+    change: impl AsyncFnOnce(i64) -> Result<&'static str, (StatusCode, String)>,
+) -> Response {
+    let (id, conversation) = match reply_conversation(state, session, id).await {
+        Ok(found) => found,
+        Err(page) => return page,
+    };
+    match change(id).await {
+        Ok(ok) => back_to(conversation, ok, Some(id)),
+        Err(error) => {
+            conversation_page(
+                state,
+                session,
+                conversation,
+                &Params::default(),
+                Some(error),
+            )
+            .await
+        }
+    }
+}
+
 pub(super) async fn rate(
     State(state): State<AppState>,
     session: AdminSession,
     Path(id): Path<String>,
     body: String,
 ) -> Response {
-    let (id, conversation) = match reply_conversation(&state, &session, &id).await {
-        Ok(found) => found,
-        Err(page) => return page,
+    let rating = match Params::parse(&body).get("rating") {
+        Some("1") => Ok(1),
+        Some("-1") => Ok(-1),
+        _ => Err((
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "rating: use 1 (👍) or -1 (👎)".to_string(),
+        )),
     };
-    let form = Params::parse(&body);
-    let rating = match form.get("rating") {
-        Some("1") => 1,
-        Some("-1") => -1,
-        _ => {
-            let error = (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "rating: use 1 (👍) or -1 (👎)".to_string(),
-            );
-            return conversation_page(
-                &state,
-                &session,
-                conversation,
-                &Params::default(),
-                Some(error),
-            )
-            .await;
-        }
-    };
-    match state.core.db.set_operator_rating(id, rating).await {
-        Ok(_) => back_to(conversation, "rated", Some(id)),
-        Err(e) => failed(&state, &session, conversation, e).await,
-    }
+    change_reply(&state, &session, &id, async |id| {
+        // A bad rating shows only once the reply is known to exist (else a 404).
+        let rating = rating?;
+        state
+            .core
+            .db
+            .set_operator_rating(id, rating)
+            .await
+            .map_err(storage_failure)?;
+        Ok("rated")
+    })
+    .await
 }
 
 pub(super) async fn correct(
@@ -371,26 +390,23 @@ pub(super) async fn correct(
     Path(id): Path<String>,
     body: String,
 ) -> Response {
-    let (id, conversation) = match reply_conversation(&state, &session, &id).await {
-        Ok(found) => found,
-        Err(page) => return page,
-    };
-    let form = Params::parse(&body);
     // Browsers send a textarea's line breaks as CRLF.
-    let text = form.raw("correction").replace("\r\n", "\n");
+    let text = Params::parse(&body).raw("correction").replace("\r\n", "\n");
     let correction = Some(text.trim()).filter(|c| !c.is_empty());
-    match state.core.db.set_operator_correction(id, correction).await {
-        Ok(_) => back_to(
-            conversation,
-            if correction.is_some() {
-                "corrected"
-            } else {
-                "correction-cleared"
-            },
-            Some(id),
-        ),
-        Err(e) => failed(&state, &session, conversation, e).await,
-    }
+    change_reply(&state, &session, &id, async |id| {
+        state
+            .core
+            .db
+            .set_operator_correction(id, correction)
+            .await
+            .map_err(storage_failure)?;
+        Ok(if correction.is_some() {
+            "corrected"
+        } else {
+            "correction-cleared"
+        })
+    })
+    .await
 }
 
 pub(super) async fn toggle_excluded(
@@ -437,22 +453,4 @@ pub(super) async fn delete(
         }
         Err(e) => storage_error_page(&session, e),
     }
-}
-
-/// The conversation's page with a storage error of the change just tried.
-async fn failed(
-    state: &AppState,
-    session: &AdminSession,
-    conversation: i64,
-    e: StorageError,
-) -> Response {
-    let error = storage_failure(e);
-    conversation_page(
-        state,
-        session,
-        conversation,
-        &Params::default(),
-        Some(error),
-    )
-    .await
 }

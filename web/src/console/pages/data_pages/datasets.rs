@@ -7,7 +7,7 @@ use crate::console::{csrf_field, error_page, layout};
 use crate::error::ApiError;
 use crate::operations::{self, Imported};
 use crate::state::AppState;
-use axum::extract::{Path, RawQuery, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use loraloop_core::domain::{ChatExample, Role};
@@ -39,9 +39,8 @@ struct Outcome {
 pub(super) async fn list(
     State(state): State<AppState>,
     session: AdminSession,
-    RawQuery(query): RawQuery,
+    params: Params,
 ) -> Response {
-    let params = Params::parse(query.as_deref().unwrap_or(""));
     datasets_page(&state, &session, &params, Outcome::default()).await
 }
 
@@ -401,9 +400,8 @@ pub(super) async fn preview(
     State(state): State<AppState>,
     session: AdminSession,
     Path(id): Path<String>,
-    RawQuery(query): RawQuery,
+    params: Params,
 ) -> Response {
-    let params = Params::parse(query.as_deref().unwrap_or(""));
     let d = match find_dataset(&state, &session, &id).await {
         Ok(d) => d,
         Err(page) => return page,

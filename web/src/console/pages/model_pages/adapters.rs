@@ -3,12 +3,12 @@
 
 use super::{ChosenAssistant, PageId, fail, field, num, short_time};
 use crate::adapter_views::AdapterView;
-use crate::auth::{AdminSession, url_decode_pairs};
-use crate::console::{csrf_field, layout};
+use crate::auth::AdminSession;
+use crate::console::{QueryPairs, csrf_field, layout};
 use crate::error::ApiError;
 use crate::state::AppState;
 use axum::Router;
-use axum::extract::{RawQuery, Request, State};
+use axum::extract::{Request, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -65,9 +65,8 @@ async fn list(
     State(state): State<AppState>,
     session: AdminSession,
     ChosenAssistant(assistant): ChosenAssistant,
-    RawQuery(q): RawQuery,
+    QueryPairs(pairs): QueryPairs,
 ) -> Response {
-    let pairs = url_decode_pairs(q.as_deref().unwrap_or(""));
     page(
         &state,
         &session,
@@ -637,9 +636,8 @@ async fn compare(
     State(state): State<AppState>,
     session: AdminSession,
     ChosenAssistant(assistant): ChosenAssistant,
-    RawQuery(q): RawQuery,
+    QueryPairs(pairs): QueryPairs,
 ) -> Response {
-    let pairs = url_decode_pairs(q.as_deref().unwrap_or(""));
     let views = match crate::adapter_views::adapter_views(&state, &assistant).await {
         Ok(v) => v,
         Err(e) => return fail(&session, &e),

@@ -5,12 +5,12 @@
 
 use super::{fail, field};
 use crate::assistant_api::{AssistantView, assistant_view};
-use crate::auth::{AdminSession, url_decode_pairs};
-use crate::console::{csrf_field, layout};
+use crate::auth::AdminSession;
+use crate::console::{FormPairs, QueryPairs, csrf_field, layout};
 use crate::error::ApiError;
 use crate::state::AppState;
 use axum::Router;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use loraloop_core::gate::ActivationPolicy;
@@ -44,9 +44,8 @@ fn notice(code: &str) -> Option<&'static str> {
 async fn list(
     State(state): State<AppState>,
     session: AdminSession,
-    RawQuery(q): RawQuery,
+    QueryPairs(pairs): QueryPairs,
 ) -> Response {
-    let pairs = url_decode_pairs(q.as_deref().unwrap_or(""));
     page(&state, &session, notice(field(&pairs, "ok")), None).await
 }
 
@@ -219,8 +218,11 @@ async fn finish<T>(
     }
 }
 
-async fn create(State(state): State<AppState>, session: AdminSession, body: String) -> Response {
-    let pairs = url_decode_pairs(&body);
+async fn create(
+    State(state): State<AppState>,
+    session: AdminSession,
+    FormPairs(pairs): FormPairs,
+) -> Response {
     let result = async {
         let form = form_of(&pairs)?;
         let a = state
@@ -243,22 +245,31 @@ async fn named(
     Ok(state.core.assistants.named(&name, "name").await?)
 }
 
+/// A change to the assistant the path names, then back to the page as `finish` says.
+async fn change_named<T>(
+    state: &AppState,
+    session: &AdminSession,
+    name: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    ok: &str,
+    change: impl AsyncFnOnce(loraloop_core::storage::Assistant) -> Result<T, ApiError>,
+) -> Response {
+    let result = async { change(named(state, name).await?).await }.await;
+    finish(state, session, result, ok).await
+}
+
 async fn update(
     State(state): State<AppState>,
     session: AdminSession,
     name: Result<Path<String>, axum::extract::rejection::PathRejection>,
-    body: String,
+    FormPairs(pairs): FormPairs,
 ) -> Response {
-    let pairs = url_decode_pairs(&body);
-    let result = async {
-        let a = named(&state, name).await?;
+    change_named(&state, &session, name, "saved", async |a| {
         let form = form_of(&pairs)?;
         let a = state.core.assistants.update(a.id, &form).await?;
         crate::audit::record(&state, crate::audit::CONSOLE, "update assistant", &a.name).await;
         Ok(a)
-    }
-    .await;
-    finish(&state, &session, result, "saved").await
+    })
+    .await
 }
 
 async fn delete(
@@ -266,25 +277,21 @@ async fn delete(
     session: AdminSession,
     name: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Response {
-    let result = async {
-        let a = named(&state, name).await?;
+    change_named(&state, &session, name, "deleted", async |a| {
         state.core.assistants.delete(&a).await?;
         crate::audit::record(&state, crate::audit::CONSOLE, "delete assistant", &a.name).await;
         Ok(())
-    }
-    .await;
-    finish(&state, &session, result, "deleted").await
+    })
+    .await
 }
 
 async fn add_route(
     State(state): State<AppState>,
     session: AdminSession,
     name: Result<Path<String>, axum::extract::rejection::PathRejection>,
-    body: String,
+    FormPairs(pairs): FormPairs,
 ) -> Response {
-    let pairs = url_decode_pairs(&body);
-    let result = async {
-        let a = named(&state, name).await?;
+    change_named(&state, &session, name, "routed", async |a| {
         let (platform, scope) = field(&pairs, "route")
             .split_once(':')
             .ok_or_else(|| ApiError::invalid("route", "choose what to route"))?;
@@ -293,9 +300,8 @@ async fn add_route(
             .assistants
             .set_route(&a, platform, scope, field(&pairs, "key"))
             .await?)
-    }
-    .await;
-    finish(&state, &session, result, "routed").await
+    })
+    .await
 }
 
 async fn delete_route(

@@ -6,9 +6,9 @@
 //! seconds and swaps the job's part in.
 
 use super::{PageId, fail, field, num};
-use crate::auth::{AdminSession, url_decode_pairs};
+use crate::auth::AdminSession;
 use crate::classifier_api::{self, ClassifierJobView};
-use crate::console::{csrf_field, layout, short_time};
+use crate::console::{FormPairs, csrf_field, layout, short_time};
 use crate::error::ApiError;
 use crate::operations::CreateJob;
 use crate::state::AppState;
@@ -73,6 +73,11 @@ async fn page(
             f.to_string()
         }
     };
+    // A select's fixed choices, the posted one (else `default`) selected.
+    let choices = |name: &str, options: &[&str], default: &str| {
+        let chosen = v(name, default);
+        html! { @for m in options { option value=(m) selected[chosen == *m] { (m) } } }
+    };
     let imports = state.core.config.raw.imports.dir.clone();
     let mut resp = layout(
         "Classifiers",
@@ -99,11 +104,7 @@ async fn page(
                     label for="c-eval" { "Held-out data (optional; default: the folder's val/, else a split)" }
                     input id="c-eval" name="eval_data_path" value=(v("eval_data_path", ""));
                     label for="c-method" { "Method" }
-                    select id="c-method" name="method" {
-                        @for m in ["full", "freeze", "lora"] {
-                            option value=(m) selected[v("method", "full") == m] { (m) }
-                        }
-                    }
+                    select id="c-method" name="method" { (choices("method", &["full", "freeze", "lora"], "full")) }
                     label for="c-epochs" { "Epochs" }
                     input id="c-epochs" name="epochs" value=(v("epochs", "3"));
                     label for="c-batch" { "Batch size" }
@@ -113,11 +114,7 @@ async fn page(
                     label for="c-freeze" { "Freeze: last layers that train (0: only the head)" }
                     input id="c-freeze" name="freeze_trainable_layers" value=(v("freeze_trainable_layers", ""));
                     label for="c-metric" { "Best checkpoint by" }
-                    select id="c-metric" name="metric_for_best_model" {
-                        @for m in ["accuracy", "macro_f1", "loss"] {
-                            option value=(m) selected[v("metric_for_best_model", "accuracy") == m] { (m) }
-                        }
-                    }
+                    select id="c-metric" name="metric_for_best_model" { (choices("metric_for_best_model", &["accuracy", "macro_f1", "loss"], "accuracy")) }
                     label for="c-size" { "Images: side in pixels" }
                     input id="c-size" name="image_size" value=(v("image_size", "224"));
                     label for="c-len" { "Texts: tokens per text (empty: the model's)" }
@@ -213,8 +210,11 @@ fn request(pairs: &[(String, String)]) -> Result<CreateJob, ApiError> {
     })
 }
 
-async fn create(State(state): State<AppState>, session: AdminSession, body: String) -> Response {
-    let pairs = url_decode_pairs(&body);
+async fn create(
+    State(state): State<AppState>,
+    session: AdminSession,
+    FormPairs(pairs): FormPairs,
+) -> Response {
     let created = match request(&pairs) {
         Ok(req) => match classifier_api::create(&state, &req).await {
             Ok(Some(job)) => Ok(job),

@@ -4,12 +4,12 @@
 
 use super::{ChosenAssistant, fail, field};
 use crate::auth::{AdminSession, url_decode_pairs};
-use crate::console::{csrf_field, layout};
+use crate::console::{QueryPairs, csrf_field, layout};
 use crate::error::{ApiError, parse_json};
 use crate::state::AppState;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{RawQuery, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -35,9 +35,8 @@ async fn show(
     State(state): State<AppState>,
     session: AdminSession,
     ChosenAssistant(assistant): ChosenAssistant,
-    RawQuery(q): RawQuery,
+    QueryPairs(pairs): QueryPairs,
 ) -> Response {
-    let pairs = url_decode_pairs(q.as_deref().unwrap_or(""));
     page(&state, &session, &assistant, field(&pairs, "adapter"), None).await
 }
 

@@ -2,8 +2,8 @@
 //! its trials, see them ranked by their report cards and what became of the best.
 
 use super::{PageId, fail, field, num};
-use crate::auth::{AdminSession, url_decode_pairs};
-use crate::console::{csrf_field, layout, short_time};
+use crate::auth::AdminSession;
+use crate::console::{FormPairs, csrf_field, layout, short_time};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::sweep_api::{SweepView, start_sweep, sweep_view};
@@ -95,8 +95,11 @@ async fn page(
     resp
 }
 
-async fn start(State(state): State<AppState>, session: AdminSession, body: String) -> Response {
-    let pairs = url_decode_pairs(&body);
+async fn start(
+    State(state): State<AppState>,
+    session: AdminSession,
+    FormPairs(pairs): FormPairs,
+) -> Response {
     let yaml = field(&pairs, "yaml");
     let spec: Result<SweepSpec, ApiError> = serde_yaml::from_str::<serde_json::Value>(yaml)
         .map_err(|e| ApiError::invalid("yaml", format!("not valid YAML: {e}")))

@@ -3,12 +3,12 @@
 
 use super::super::{duration, fail, field};
 use super::estimate::{RunSettings, Shape, estimate, params_label};
-use crate::auth::{AdminSession, url_decode_pairs};
-use crate::console::{csrf_field, layout};
+use crate::auth::AdminSession;
+use crate::console::{FormPairs, QueryPairs, csrf_field, layout};
 use crate::error::ApiError;
 use crate::operations::{self, CreateJob};
 use crate::state::AppState;
-use axum::extract::{RawQuery, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use loraloop_core::storage::Dataset;
@@ -207,9 +207,8 @@ impl JobForm {
 pub(super) async fn new_form(
     State(state): State<AppState>,
     session: AdminSession,
-    RawQuery(q): RawQuery,
+    QueryPairs(pairs): QueryPairs,
 ) -> Response {
-    let pairs = url_decode_pairs(q.as_deref().unwrap_or(""));
     let mut form = JobForm::from_pairs(&pairs);
     if form.preset.is_empty() && pairs.is_empty() {
         form.preset = "standard".into();
@@ -224,9 +223,8 @@ pub(super) async fn new_form(
 pub(super) async fn create(
     State(state): State<AppState>,
     session: AdminSession,
-    body: String,
+    FormPairs(pairs): FormPairs,
 ) -> Response {
-    let pairs = url_decode_pairs(&body);
     let mut form = JobForm::from_pairs(&pairs);
     form.apply_preset();
     let result = match form.to_request() {
@@ -382,9 +380,9 @@ fn dataset_rows(d: &Dataset) -> &'static str {
 pub(super) async fn estimate_fragment(
     State(state): State<AppState>,
     _session: AdminSession,
-    RawQuery(q): RawQuery,
+    QueryPairs(pairs): QueryPairs,
 ) -> Response {
-    let mut form = JobForm::from_pairs(&url_decode_pairs(q.as_deref().unwrap_or("")));
+    let mut form = JobForm::from_pairs(&pairs);
     form.apply_preset();
     estimate_markup(&state, &form).await.into_response()
 }

@@ -316,24 +316,8 @@ async fn cancel(
     session: AdminSession,
     PageId(id): PageId,
 ) -> Response {
-    match state.core.db.request_cancel(id).await {
-        Ok(true) => {
-            crate::audit::record(
-                &state,
-                crate::audit::CONSOLE,
-                "cancel job",
-                &format!("job {id}"),
-            )
-            .await;
-            Redirect::to(&format!("/jobs/{id}")).into_response()
-        }
-        Ok(false) => match state.core.db.job(id).await {
-            Ok(j) => fail(
-                &session,
-                &ApiError::conflict(format!("job {id} has already finished ({})", j.state)),
-            ),
-            Err(e) => fail(&session, &e.into()),
-        },
-        Err(e) => fail(&session, &e.into()),
+    match operations::cancel_job(&state, id, &format!("job {id}"), crate::audit::CONSOLE).await {
+        Ok(()) => Redirect::to(&format!("/jobs/{id}")).into_response(),
+        Err(e) => fail(&session, &e),
     }
 }
