@@ -245,15 +245,11 @@ impl Db {
             ),
         };
         let sql = format!("select {ASSISTANT_COLUMNS} from assistants where {condition}");
-        let query = sqlx::query_as::<_, Assistant>(&sql);
-        let query = match which {
-            Which::Name(n) => query.bind(n),
-            Which::Id(i) | Which::Conversation(i) => query.bind(i),
+        let found: Option<Assistant> = match which {
+            Which::Name(n) => sql::optional(self.pool(), &sql, (n,)).await?,
+            Which::Id(i) | Which::Conversation(i) => sql::optional(self.pool(), &sql, (i,)).await?,
         };
-        query
-            .fetch_optional(self.pool())
-            .await?
-            .ok_or(StorageError::NotFound { what })
+        found.ok_or(StorageError::NotFound { what })
     }
 
     pub async fn list_assistants(&self) -> Result<Vec<Assistant>> {

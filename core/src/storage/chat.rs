@@ -184,17 +184,15 @@ impl Db {
         platform_chat_id: &str,
         assistant_id: i64,
     ) -> Result<Option<i64>> {
-        Ok(sqlx::query_scalar(
+        sql::value(
+            self.pool(),
             "select c.id from conversations c join chats ch on ch.id = c.chat_id
              where ch.platform = ? and ch.platform_chat_id = ? and c.platform_thread_id is null
                and c.assistant_id = ? and c.closed_at is null
              order by c.id desc limit 1",
+            (platform.as_str(), platform_chat_id, assistant_id),
         )
-        .bind(platform.as_str())
-        .bind(platform_chat_id)
-        .bind(assistant_id)
-        .fetch_optional(self.pool())
-        .await?)
+        .await
     }
 
     /// Whether message `message_id` is in a conversation of the platform chat `chat_key`
@@ -205,15 +203,13 @@ impl Db {
         platform: Platform,
         chat_key: &str,
     ) -> Result<bool> {
-        let found: Option<i64> = sqlx::query_scalar(
+        let found: Option<i64> = sql::value(
+            self.pool(),
             "select m.id from messages m join conversations c on c.id = m.conversation_id
              join chats ch on ch.id = c.chat_id
              where m.id = ? and ch.platform = ? and ch.platform_chat_id = ?",
+            (message_id, platform.as_str(), chat_key),
         )
-        .bind(message_id)
-        .bind(platform.as_str())
-        .bind(chat_key)
-        .fetch_optional(self.pool())
         .await?;
         Ok(found.is_some())
     }

@@ -163,17 +163,18 @@ impl Db {
     /// already ended.
     pub async fn cancel_classifier_job(&self, id: i64) -> Result<bool> {
         let job = self.classifier_job(id).await?;
-        let changed = match job.state.as_str() {
-            "queued" => sqlx::query(
-                "update classifier_jobs set state = 'cancelled', finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') where id = ? and state = 'queued'",
-            ),
-            "running" => sqlx::query("update classifier_jobs set cancel_requested = 1 where id = ? and state = 'running'"),
+        let statement = match job.state.as_str() {
+            "queued" => {
+                "update classifier_jobs set state = 'cancelled', finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') where id = ? and state = 'queued'"
+            }
+            "running" => {
+                "update classifier_jobs set cancel_requested = 1 where id = ? and state = 'running'"
+            }
             _ => return Ok(false),
-        }
-        .bind(id)
-        .execute(self.pool())
-        .await?
-        .rows_affected();
+        };
+        let changed = sql::execute(self.pool(), statement, (id,))
+            .await?
+            .rows_affected();
         if changed > 0 && job.state == "queued" {
             // A queued job never reaches the worker, which records the other endings.
             self.add_classifier_event(

@@ -215,10 +215,12 @@ impl Db {
     /// The chat examples of an SFT dataset, in order (a preference dataset's rows are
     /// not chat examples: `dataset_lines`).
     pub async fn dataset_examples(&self, dataset_id: i64) -> Result<Vec<StoredExample>> {
-        let kind: Option<String> = sqlx::query_scalar("select kind from datasets where id = ?")
-            .bind(dataset_id)
-            .fetch_optional(self.pool())
-            .await?;
+        let kind: Option<String> = sql::value(
+            self.pool(),
+            "select kind from datasets where id = ?",
+            (dataset_id,),
+        )
+        .await?;
         if let Some(k) = kind.filter(|k| k != "sft") {
             return Err(StorageError::Invalid {
                 what: format!("dataset {dataset_id}"),
@@ -256,12 +258,12 @@ impl Db {
     /// Every row of a dataset as stored (one JSON object each), in order: what a
     /// preference dataset holds, and what an export writes.
     pub async fn dataset_lines(&self, dataset_id: i64) -> Result<Vec<String>> {
-        Ok(sqlx::query_scalar(
+        sql::column(
+            self.pool(),
             "select messages from dataset_examples where dataset_id = ? order by position",
+            (dataset_id,),
         )
-        .bind(dataset_id)
-        .fetch_all(self.pool())
-        .await?)
+        .await
     }
 
     /// A dataset as the JSONL file its export writes: the stored lines, each ending with
@@ -278,13 +280,13 @@ impl Db {
     /// The conversations a dataset's rows came from (a report card leaves them out of
     /// its rated replies).
     pub async fn dataset_conversations(&self, dataset_id: i64) -> Result<Vec<i64>> {
-        Ok(sqlx::query_scalar(
+        sql::column(
+            self.pool(),
             "select distinct source_conversation_id from dataset_examples
              where dataset_id = ? and source_conversation_id is not null",
+            (dataset_id,),
         )
-        .bind(dataset_id)
-        .fetch_all(self.pool())
-        .await?)
+        .await
     }
 
     /// A dataset version by id.

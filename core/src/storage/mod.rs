@@ -1,9 +1,10 @@
 //! SQLite storage through sqlx. Migrations from `migrations/` are embedded in the binary
 //! and applied when the database is opened. WAL mode, foreign keys on, `STRICT` tables.
 //!
-//! Queries are written with the runtime-checked `sqlx::query*` functions rather than the
-//! compile-time macros, so building needs no database and no `DATABASE_URL`; every query is
-//! exercised by the `#[sqlx::test]` tests of its repository.
+//! Queries run through [`sql`]'s `execute` / `one` / `optional` / `all`, which bind a tuple
+//! of parameters to sqlx's runtime-checked queries. Not the compile-time macros: building
+//! needs no database and no `DATABASE_URL`. Every query is exercised by the `#[sqlx::test]`
+//! tests of its repository.
 //!
 //! Every transaction that writes starts with `BEGIN IMMEDIATE`: a deferred transaction
 //! that reads and then writes fails with `SQLITE_BUSY_SNAPSHOT` (no waiting helps) when

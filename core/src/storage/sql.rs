@@ -89,3 +89,33 @@ fetch! {
     /// Every row a query returns.
     all -> Vec<T> = fetch_all;
 }
+
+/// The first column of a query's first row, if any.
+pub(crate) async fn value<'e, 'q, T>(
+    on: impl SqliteExecutor<'e>,
+    sql: &'q str,
+    params: impl Params<'q>,
+) -> Result<Option<T>>
+where
+    T: Send + Unpin,
+    (T,): Row,
+{
+    Ok(sqlx::query_scalar_with(sql, params.into_arguments()?)
+        .fetch_optional(on)
+        .await?)
+}
+
+/// The first column of every row a query returns.
+pub(crate) async fn column<'e, 'q, T>(
+    on: impl SqliteExecutor<'e>,
+    sql: &'q str,
+    params: impl Params<'q>,
+) -> Result<Vec<T>>
+where
+    T: Send + Unpin,
+    (T,): Row,
+{
+    Ok(sqlx::query_scalar_with(sql, params.into_arguments()?)
+        .fetch_all(on)
+        .await?)
+}
