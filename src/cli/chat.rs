@@ -136,6 +136,15 @@ pub async fn run(config: &Config, args: &ChatArgs) -> anyhow::Result<ExitCode> {
             None => {}
         }
         conv.turns.push(TemplateMessage::new("user", line));
+        // One Ctrl-C listener for the whole reply, registered (polled once) before it
+        // starts. A fresh `ctrl_c()` in each turn of the loop below missed a Ctrl-C that
+        // came between two pieces of text, when none existed: the reply ran on.
+        let interrupted = tokio::signal::ctrl_c();
+        tokio::pin!(interrupted);
+        let _ = std::future::Future::poll(
+            interrupted.as_mut(),
+            &mut std::task::Context::from_waker(std::task::Waker::noop()),
+        );
         let mut generation = match engine.generate(GenerateRequest {
             prompt: Prompt::Chat(conv.messages()),
             params: params.clone(),
@@ -175,7 +184,7 @@ pub async fn run(config: &Config, args: &ChatArgs) -> anyhow::Result<ExitCode> {
                     Some(Event::Failed(m)) => { eprintln!("\nerror: {m}"); break; }
                     Some(Event::Started { .. } | Event::Queued { .. }) => {}
                 },
-                _ = tokio::signal::ctrl_c() => {
+                _ = &mut interrupted => {
                     // Dropping the generation below cancels it; only this reply stops.
                     eprintln!(" [stopped]");
                     break;
