@@ -65,16 +65,20 @@ pub(crate) async fn execute<'e, 'q>(
         .await?)
 }
 
-/// The three ways of reading rows, alike but for sqlx's fetch method and what it returns.
+/// The ways of reading rows, alike but for the sqlx query (rows as `T`, or their first
+/// column as `T`), its fetch method and what it returns.
 macro_rules! fetch {
-    ($(#[$doc:meta] $name:ident -> $out:ty = $method:ident;)*) => {$(
+    ($(#[$doc:meta] $name:ident -> $out:ty = $query:ident.$method:ident where [$($bound:tt)*];)*) => {$(
         #[$doc]
-        pub(crate) async fn $name<'e, 'q, T: Row>(
+        pub(crate) async fn $name<'e, 'q, T>(
             on: impl SqliteExecutor<'e>,
             sql: &'q str,
             params: impl Params<'q>,
-        ) -> Result<$out> {
-            Ok(sqlx::query_as_with(sql, params.into_arguments()?)
+        ) -> Result<$out>
+        where
+            $($bound)*
+        {
+            Ok(sqlx::$query(sql, params.into_arguments()?)
                 .$method(on)
                 .await?)
         }
@@ -83,39 +87,13 @@ macro_rules! fetch {
 
 fetch! {
     /// The one row a query returns (none is an error).
-    one -> T = fetch_one;
+    one -> T = query_as_with.fetch_one where [T: Row];
     /// The first row a query returns, if any.
-    optional -> Option<T> = fetch_optional;
+    optional -> Option<T> = query_as_with.fetch_optional where [T: Row];
     /// Every row a query returns.
-    all -> Vec<T> = fetch_all;
-}
-
-/// The first column of a query's first row, if any.
-pub(crate) async fn value<'e, 'q, T>(
-    on: impl SqliteExecutor<'e>,
-    sql: &'q str,
-    params: impl Params<'q>,
-) -> Result<Option<T>>
-where
-    T: Send + Unpin,
-    (T,): Row,
-{
-    Ok(sqlx::query_scalar_with(sql, params.into_arguments()?)
-        .fetch_optional(on)
-        .await?)
-}
-
-/// The first column of every row a query returns.
-pub(crate) async fn column<'e, 'q, T>(
-    on: impl SqliteExecutor<'e>,
-    sql: &'q str,
-    params: impl Params<'q>,
-) -> Result<Vec<T>>
-where
-    T: Send + Unpin,
-    (T,): Row,
-{
-    Ok(sqlx::query_scalar_with(sql, params.into_arguments()?)
-        .fetch_all(on)
-        .await?)
+    all -> Vec<T> = query_as_with.fetch_all where [T: Row];
+    /// The first column of a query's first row, if any.
+    value -> Option<T> = query_scalar_with.fetch_optional where [T: Send + Unpin, (T,): Row];
+    /// The first column of every row a query returns.
+    column -> Vec<T> = query_scalar_with.fetch_all where [T: Send + Unpin, (T,): Row];
 }
