@@ -313,20 +313,12 @@ pub(crate) fn layer_bwd(
     grads: &mut Grads,
 ) -> Result<Option<Tensor>> {
     let m = ctx.model;
-    let LayerW {
-        d,
-        hb,
-        wqkv,
-        wgu,
-        wo,
-        wd,
-        g1,
-        g2,
-    } = LayerW::of(ctx, i)?;
+    let w = LayerW::of(ctx, i)?;
+    let (d, hb) = (w.d, w.hb);
     let (n, h, inter) = (d.n, d.h, d.inter);
     let bufs = &m.host_bufs;
     let dx3 = &dx3.contiguous()?;
-    let dx = fused::host_f32(&[dx3, &c.x, wqkv, wo, wgu, wd], |sl| -> Result<_> {
+    let dx = fused::host_f32(&[dx3, &c.x, w.wqkv, w.wo, w.wgu, w.wd], |sl| -> Result<_> {
         let [dx3, x, wqkv, wo, wgu, wd] = sl else {
             unreachable!("six tensors in, six slices out")
         };
@@ -355,7 +347,7 @@ pub(crate) fn layer_bwd(
         }
         bufs.put(dgu);
         let mut dx2 = dx3.to_vec();
-        rms_bwd_add(&mut dx2, &c.x2, &c.r2, &g2, &dh2, h);
+        rms_bwd_add(&mut dx2, &c.x2, &c.r2, &w.g2, &dh2, h);
         bufs.put(dh2);
 
         // Attention.
@@ -388,7 +380,7 @@ pub(crate) fn layer_bwd(
         }
         bufs.put(dqkv);
         Ok(dh1.map(|dh1| {
-            rms_bwd_add(&mut dx2, x, &c.r1, &g1, &dh1, h);
+            rms_bwd_add(&mut dx2, x, &c.r1, &w.g1, &dh1, h);
             bufs.put(dh1);
             dx2
         }))
