@@ -36,6 +36,14 @@ pub trait ReplyChannel: Sync {
     fn edit(&self, id: Self::Id, text: &str) -> impl Future<Output = ()> + Send;
     /// Show "typing…".
     fn typing(&self) -> impl Future<Output = ()> + Send;
+    /// Send a stored reply's final text, split at the platform's limit with its rating
+    /// controls (the first part edits `reply.sent`, the message it streamed into, when
+    /// there is one); the platform's id of the first part.
+    fn deliver(
+        &self,
+        reply: &ToDeliver<Self::Id>,
+        slot: &ReplySlot<'_>,
+    ) -> impl Future<Output = anyhow::Result<Option<Self::Id>>> + Send;
     /// A message id as stored, and back.
     fn id_text(id: Self::Id) -> String;
     fn parse_id(s: &str) -> Option<Self::Id>;
@@ -158,8 +166,8 @@ pub struct Incoming<'a> {
     pub platform_message_id: &'a str,
 }
 
-/// A reply for the caller to send: its final text, the stored reply's id and the
-/// platform message it was streamed into, if any (the caller edits that one).
+/// A reply to deliver: its final text, the stored reply's id and the platform message it
+/// was streamed into, if any (delivering edits that one).
 pub struct ToDeliver<Id> {
     pub sent: Option<Id>,
     pub text: String,
@@ -167,37 +175,48 @@ pub struct ToDeliver<Id> {
 }
 
 /// Answer a platform message once. A replayed message (the process died before marking
-/// its update done) whose reply was stored is not generated again: None when the
-/// platform took that reply, else the stored text to send. Otherwise: "typing…", then
-/// [`answer`]. `channel` makes the chat to stream into, given the message an earlier
-/// attempt started (Discord derives the first message's nonce from it).
+/// its update done) whose reply was stored is not generated again: nothing is sent when
+/// the platform took that reply, else the stored text. Otherwise: "typing…", then
+/// [`answer`]. The final text is delivered and the platform id of its first part stored.
+/// `channel` makes the chat to stream into, given the message an earlier attempt started
+/// (Discord derives the first message's nonce from it).
 pub async fn answer_once<C: ReplyChannel>(
     core: &Services,
     incoming: &Incoming<'_>,
     channel: impl FnOnce(Option<C::Id>) -> C,
     max_chars: usize,
     slot: &ReplySlot<'_>,
-) -> anyhow::Result<Option<ToDeliver<C::Id>>> {
+) -> anyhow::Result<()> {
     let earlier = slot
         .db
         .stored_reply_to(incoming.conversation_id, incoming.platform_message_id)
         .await?;
     let started = slot.started::<C>().await;
-    if let Some(earlier) = earlier {
-        return Ok(earlier.platform_message_id.is_none().then_some(ToDeliver {
+    let ch = channel(started);
+    let reply = match earlier {
+        Some(earlier) if earlier.platform_message_id.is_some() => return Ok(()),
+        Some(earlier) => ToDeliver {
             sent: started,
             text: earlier.content,
             stored_id: earlier.id,
-        }));
+        },
+        None => {
+            ch.typing().await;
+            let (sent, finished, stored) =
+                answer(core, incoming, &ch, max_chars, slot, started).await?;
+            ToDeliver {
+                sent,
+                text: finished.text,
+                stored_id: stored.id,
+            }
+        }
+    };
+    if let Some(first) = ch.deliver(&reply, slot).await? {
+        slot.db
+            .set_platform_message_id(reply.stored_id, &C::id_text(first))
+            .await?;
     }
-    let ch = channel(started);
-    ch.typing().await;
-    let (sent, finished, stored) = answer(core, incoming, &ch, max_chars, slot, started).await?;
-    Ok(Some(ToDeliver {
-        sent,
-        text: finished.text,
-        stored_id: stored.id,
-    }))
+    Ok(())
 }
 
 /// Answer a platform message: store it in its conversation, generate the reply with the

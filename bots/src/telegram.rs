@@ -269,6 +269,66 @@ impl streaming::ReplyChannel for TgChat<'_> {
             .await;
     }
 
+    /// The rating buttons go on the last part.
+    async fn deliver(
+        &self,
+        reply: &streaming::ToDeliver<MessageId>,
+        slot: &streaming::ReplySlot<'_>,
+    ) -> anyhow::Result<Option<MessageId>> {
+        let chat = self.chat;
+        let parts = split_message(&streaming::shown_text(&reply.text), MAX_MESSAGE_CHARS);
+        let last = parts.len() - 1;
+        let mut first_id = None;
+        for (i, part) in parts.iter().enumerate() {
+            let kb = (i == last).then(|| rating_keyboard(reply.stored_id));
+            let id = match (i, reply.sent) {
+                (0, Some(id)) => {
+                    let r = retry("editMessageText", || {
+                        let req = self.bot.edit_message_text(chat, id, part.as_str());
+                        match &kb {
+                            Some(k) => req.reply_markup(k.clone()),
+                            None => req,
+                        }
+                    })
+                    .await;
+                    match r {
+                        Ok(_) => {}
+                        // The text did not change since the last edit: only the buttons are new.
+                        Err(RequestError::Api(TgError::MessageNotModified)) => {
+                            if let Some(k) = &kb {
+                                retry("editMessageReplyMarkup", || {
+                                    self.bot
+                                        .edit_message_reply_markup(chat, id)
+                                        .reply_markup(k.clone())
+                                })
+                                .await?;
+                            }
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                    id
+                }
+                _ => {
+                    let id = retry("sendMessage", || {
+                        let req = self.bot.send_message(chat, part.as_str());
+                        match &kb {
+                            Some(k) => req.reply_markup(k.clone()),
+                            None => req,
+                        }
+                    })
+                    .await?
+                    .id;
+                    if i == 0 {
+                        slot.record::<TgChat>(id).await;
+                    }
+                    id
+                }
+            };
+            first_id.get_or_insert(id);
+        }
+        Ok(first_id)
+    }
+
     fn id_text(id: MessageId) -> String {
         id.0.to_string()
     }
@@ -455,7 +515,7 @@ impl TelegramBot {
             platform: Platform::Telegram,
             update_key: key,
         };
-        let reply = streaming::answer_once(
+        streaming::answer_once(
             &self.core,
             &streaming::Incoming {
                 conversation_id: conv.id,
@@ -470,84 +530,7 @@ impl TelegramBot {
             MAX_MESSAGE_CHARS,
             &slot,
         )
-        .await?;
-        match reply {
-            Some(r) => {
-                self.deliver(chat, r.sent, &r.text, r.stored_id, &slot)
-                    .await
-            }
-            None => Ok(()),
-        }
-    }
-
-    /// Send a stored reply's final text (editing the streamed message `sent` when there
-    /// is one), split at the length limit, with the rating buttons on its last part; then
-    /// record the Telegram id of its first part.
-    async fn deliver(
-        &self,
-        chat: ChatId,
-        sent: Option<MessageId>,
-        text: &str,
-        stored_id: i64,
-        slot: &streaming::ReplySlot<'_>,
-    ) -> anyhow::Result<()> {
-        let parts = split_message(&streaming::shown_text(text), MAX_MESSAGE_CHARS);
-        let last = parts.len() - 1;
-        let mut first_id = None;
-        for (i, part) in parts.iter().enumerate() {
-            let kb = (i == last).then(|| rating_keyboard(stored_id));
-            let id = match (i, sent) {
-                (0, Some(id)) => {
-                    let r = retry("editMessageText", || {
-                        let req = self.bot.edit_message_text(chat, id, part.as_str());
-                        match &kb {
-                            Some(k) => req.reply_markup(k.clone()),
-                            None => req,
-                        }
-                    })
-                    .await;
-                    match r {
-                        Ok(_) => {}
-                        // The text did not change since the last edit: only the buttons are new.
-                        Err(RequestError::Api(TgError::MessageNotModified)) => {
-                            if let Some(k) = &kb {
-                                retry("editMessageReplyMarkup", || {
-                                    self.bot
-                                        .edit_message_reply_markup(chat, id)
-                                        .reply_markup(k.clone())
-                                })
-                                .await?;
-                            }
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                    id
-                }
-                _ => {
-                    let id = retry("sendMessage", || {
-                        let req = self.bot.send_message(chat, part.as_str());
-                        match &kb {
-                            Some(k) => req.reply_markup(k.clone()),
-                            None => req,
-                        }
-                    })
-                    .await?
-                    .id;
-                    if i == 0 {
-                        slot.record::<TgChat>(id).await;
-                    }
-                    id
-                }
-            };
-            first_id.get_or_insert(id);
-        }
-        if let Some(id) = first_id {
-            self.core
-                .db
-                .set_platform_message_id(stored_id, &id.0.to_string())
-                .await?;
-        }
-        Ok(())
+        .await
     }
 
     /// The stored user for a Telegram user, created on first sight, names refreshed.

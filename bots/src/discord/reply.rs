@@ -50,6 +50,53 @@ impl streaming::ReplyChannel for DiscordChannel<'_> {
         let _ = self.channel.broadcast_typing(self.bot.http()).await;
     }
 
+    /// The rating reactions go on the first part.
+    async fn deliver(
+        &self,
+        reply: &streaming::ToDeliver<MessageId>,
+        slot: &streaming::ReplySlot<'_>,
+    ) -> anyhow::Result<Option<MessageId>> {
+        let (bot, channel) = (self.bot, self.channel);
+        let full = streaming::shown_text(&reply.text);
+        let mut first = None;
+        for (i, part) in split_message(&full, MAX_MESSAGE_CHARS).iter().enumerate() {
+            let id = match (i, reply.sent) {
+                (0, Some(id)) => {
+                    retry("edit message", || {
+                        channel.edit_message(bot.http(), id, EditMessage::new().content(part))
+                    })
+                    .await?;
+                    id
+                }
+                (0, None) => {
+                    let nonce = reply_nonce(slot.update_key, 0);
+                    let id = bot.say_once(channel, part, nonce).await?.id;
+                    slot.record::<DiscordChannel>(id).await;
+                    id
+                }
+                _ => {
+                    let nonce = reply_nonce(slot.update_key, i);
+                    bot.say_once(channel, part, nonce).await?.id
+                }
+            };
+            first.get_or_insert(id);
+        }
+        let Some(first) = first else {
+            return Ok(None);
+        };
+        for emoji in [THUMBS_UP, THUMBS_DOWN] {
+            if let Err(e) = retry("add reaction", || {
+                channel.create_reaction(bot.http(), first, ReactionType::Unicode(emoji.to_string()))
+            })
+            .await
+            {
+                // A missing permission must not fail the reply: people can still react.
+                tracing::info!("discord: cannot add {emoji} to a reply: {e}");
+            }
+        }
+        Ok(Some(first))
+    }
+
     fn id_text(id: MessageId) -> String {
         id.get().to_string()
     }
@@ -251,7 +298,7 @@ impl DiscordBot {
             platform: Platform::Discord,
             update_key: &message_id,
         };
-        let reply = streaming::answer_once(
+        streaming::answer_once(
             &self.core,
             &streaming::Incoming {
                 conversation_id: conv.id,
@@ -267,72 +314,6 @@ impl DiscordBot {
             MAX_MESSAGE_CHARS,
             &slot,
         )
-        .await?;
-        match reply {
-            Some(r) => {
-                self.deliver(channel, r.sent, &r.text, r.stored_id, &slot)
-                    .await
-            }
-            None => Ok(()),
-        }
-    }
-
-    /// Send a stored reply's final text (editing the streamed message `sent` when there is
-    /// one), split at the length limit; add the rating reactions to its first part and
-    /// record that part's Discord id.
-    pub(super) async fn deliver(
-        &self,
-        channel: ChannelId,
-        sent: Option<MessageId>,
-        text: &str,
-        stored_id: i64,
-        slot: &streaming::ReplySlot<'_>,
-    ) -> anyhow::Result<()> {
-        let full = streaming::shown_text(text);
-        let mut first = None;
-        for (i, part) in split_message(&full, MAX_MESSAGE_CHARS).iter().enumerate() {
-            let id = match (i, sent) {
-                (0, Some(id)) => {
-                    retry("edit message", || {
-                        channel.edit_message(self.http(), id, EditMessage::new().content(part))
-                    })
-                    .await?;
-                    id
-                }
-                (0, None) => {
-                    let nonce = reply_nonce(slot.update_key, 0);
-                    let id = self.say_once(channel, part, nonce).await?.id;
-                    slot.record::<DiscordChannel>(id).await;
-                    id
-                }
-                _ => {
-                    let nonce = reply_nonce(slot.update_key, i);
-                    self.say_once(channel, part, nonce).await?.id
-                }
-            };
-            first.get_or_insert(id);
-        }
-        let Some(first) = first else {
-            return Ok(());
-        };
-        self.core
-            .db
-            .set_platform_message_id(stored_id, &first.get().to_string())
-            .await?;
-        for emoji in [THUMBS_UP, THUMBS_DOWN] {
-            if let Err(e) = retry("add reaction", || {
-                channel.create_reaction(
-                    self.http(),
-                    first,
-                    ReactionType::Unicode(emoji.to_string()),
-                )
-            })
-            .await
-            {
-                // A missing permission must not fail the reply: people can still react.
-                tracing::info!("discord: cannot add {emoji} to a reply: {e}");
-            }
-        }
-        Ok(())
+        .await
     }
 }
