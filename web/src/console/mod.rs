@@ -116,6 +116,26 @@ pub fn short_time(ts: &str) -> String {
     ts.get(..16).unwrap_or(ts).replacen('T', " ", 1)
 }
 
+/// What a console handler starts from: the app and the signed-in admin's session.
+pub struct Console {
+    pub state: AppState,
+    pub session: AdminSession,
+}
+
+impl axum::extract::FromRequestParts<AppState> for Console {
+    type Rejection = auth::LoginRequired;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Self {
+            state: state.clone(),
+            session: AdminSession::from_request_parts(parts, state).await?,
+        })
+    }
+}
+
 /// The query string's `key=value` pairs, decoded: so that a page takes them as an
 /// argument instead of parsing `RawQuery` itself.
 pub struct QueryPairs(pub Vec<(String, String)>);
@@ -250,11 +270,7 @@ async fn login(
     }
 }
 
-async fn logout(
-    State(state): State<AppState>,
-    session: AdminSession,
-    headers: HeaderMap,
-) -> Response {
+async fn logout(Console { state, session }: Console, headers: HeaderMap) -> Response {
     if let Err(e) = auth::logout(&state.core.db, &session.token).await {
         tracing::error!("logout: {e:#}");
     }
@@ -262,7 +278,7 @@ async fn logout(
     ([(header::SET_COOKIE, cookie)], Redirect::to("/login")).into_response()
 }
 
-async fn dashboard(State(state): State<AppState>, session: AdminSession) -> Response {
+async fn dashboard(Console { state, session }: Console) -> Response {
     let counts = match state.core.db.counts().await {
         Ok(c) => c,
         Err(e) => {

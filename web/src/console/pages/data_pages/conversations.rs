@@ -6,13 +6,13 @@ use super::{
     storage_failure,
 };
 use crate::auth::AdminSession;
-use crate::console::{csrf_field, error_page, layout};
+use crate::console::{Console, csrf_field, error_page, layout};
 use crate::state::AppState;
-use axum::extract::{Path, State};
+use axum::extract::Path;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use loraloop_core::storage::{
-    ConversationDetail, ConversationFilter, ConversationSummary, MessageWithFeedback, PLATFORMS,
+    ConversationDetail, ConversationFilter, ConversationSummary, MessageWithFeedback, Platform,
     RatingFilter,
 };
 use maud::{Markup, html};
@@ -56,11 +56,7 @@ fn search_query(params: &Params) -> String {
         .join("&")
 }
 
-pub(super) async fn list(
-    State(state): State<AppState>,
-    session: AdminSession,
-    params: Params,
-) -> Response {
+pub(super) async fn list(Console { state, session }: Console, params: Params) -> Response {
     let page = params
         .get("page")
         .and_then(|p| p.parse::<i64>().ok())
@@ -109,7 +105,7 @@ fn search_form(params: &Params) -> Markup {
                 label { "Platform"
                     select name="platform" {
                         option value="any" selected[platform == "any"] { "any" }
-                        @for p in PLATFORMS {
+                        @for p in Platform::ALL {
                             option value=(p.as_str()) selected[platform == p.as_str()] { (p.as_str()) }
                         }
                     }
@@ -178,8 +174,7 @@ fn results(rows: &[ConversationSummary], total: i64, page: i64, params: &Params)
 }
 
 pub(super) async fn show(
-    State(state): State<AppState>,
-    session: AdminSession,
+    Console { state, session }: Console,
     Path(id): Path<String>,
     params: Params,
 ) -> Response {
@@ -357,8 +352,7 @@ async fn change_reply(
 }
 
 pub(super) async fn rate(
-    State(state): State<AppState>,
-    session: AdminSession,
+    Console { state, session }: Console,
     Path(id): Path<String>,
     body: String,
 ) -> Response {
@@ -385,8 +379,7 @@ pub(super) async fn rate(
 }
 
 pub(super) async fn correct(
-    State(state): State<AppState>,
-    session: AdminSession,
+    Console { state, session }: Console,
     Path(id): Path<String>,
     body: String,
 ) -> Response {
@@ -410,8 +403,7 @@ pub(super) async fn correct(
 }
 
 pub(super) async fn toggle_excluded(
-    State(state): State<AppState>,
-    session: AdminSession,
+    Console { state, session }: Console,
     Path(id): Path<String>,
 ) -> Response {
     let Some(id) = parse_id(&id) else {
@@ -425,8 +417,7 @@ pub(super) async fn toggle_excluded(
 }
 
 pub(super) async fn delete(
-    State(state): State<AppState>,
-    session: AdminSession,
+    Console { state, session }: Console,
     Path(id): Path<String>,
     body: String,
 ) -> Response {

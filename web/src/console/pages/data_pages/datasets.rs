@@ -3,17 +3,17 @@
 
 use super::{Params, notice_block, parse_date, parse_id, short_time, storage_error_page};
 use crate::auth::AdminSession;
-use crate::console::{csrf_field, error_page, layout};
+use crate::console::{Console, csrf_field, error_page, layout};
 use crate::error::ApiError;
 use crate::operations::{self, Imported};
 use crate::state::AppState;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Request};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use loraloop_core::domain::{ChatExample, Role};
 use loraloop_core::preference::Objective;
 use loraloop_core::storage::{
-    Dataset, DatasetInsert, PLATFORMS, RatingFilter, StorageError, validate_dataset_name,
+    Dataset, DatasetInsert, Platform, RatingFilter, StorageError, validate_dataset_name,
 };
 use loraloop_trainer::dataset::{
     self, BuildError, BuildSpec, MAX_LISTED_PROBLEMS, format_problems, store,
@@ -36,11 +36,7 @@ struct Outcome {
     list_error: Option<String>,
 }
 
-pub(super) async fn list(
-    State(state): State<AppState>,
-    session: AdminSession,
-    params: Params,
-) -> Response {
+pub(super) async fn list(Console { state, session }: Console, params: Params) -> Response {
     datasets_page(&state, &session, &params, Outcome::default()).await
 }
 
@@ -178,7 +174,7 @@ fn build_form(session: &AdminSession, posted: Option<&Params>) -> Markup {
             label { "Platform"
                 select name="platform" {
                     option value="any" selected[platform == "any"] { "any" }
-                    @for p in PLATFORMS {
+                    @for p in Platform::ALL {
                         option value=(p.as_str()) selected[platform == p.as_str()] { (p.as_str()) }
                     }
                 }
@@ -234,11 +230,7 @@ fn import_result(result: &Result<Imported, ApiError>) -> Markup {
     }
 }
 
-pub(super) async fn import(
-    State(state): State<AppState>,
-    session: AdminSession,
-    req: Request,
-) -> Response {
+pub(super) async fn import(Console { state, session }: Console, req: Request) -> Response {
     // A body over the limit is refused by its declared length: past the limit the
     // multipart reader only says that the form could not be parsed.
     let declared = req
@@ -297,11 +289,7 @@ fn build_spec(form: &Params) -> Result<BuildSpec, String> {
     })
 }
 
-pub(super) async fn build(
-    State(state): State<AppState>,
-    session: AdminSession,
-    body: String,
-) -> Response {
+pub(super) async fn build(Console { state, session }: Console, body: String) -> Response {
     let form = Params::parse(&body);
     match build_dataset(&state, &form).await {
         Ok(DatasetInsert::Created(d)) => {
@@ -397,8 +385,7 @@ async fn find_dataset(
 }
 
 pub(super) async fn preview(
-    State(state): State<AppState>,
-    session: AdminSession,
+    Console { state, session }: Console,
     Path(id): Path<String>,
     params: Params,
 ) -> Response {
@@ -481,8 +468,7 @@ pub(super) async fn preview(
 }
 
 pub(super) async fn export(
-    State(state): State<AppState>,
-    session: AdminSession,
+    Console { state, session }: Console,
     Path(id): Path<String>,
 ) -> Response {
     let d = match find_dataset(&state, &session, &id).await {
@@ -506,8 +492,7 @@ pub(super) async fn export(
 }
 
 pub(super) async fn delete(
-    State(state): State<AppState>,
-    session: AdminSession,
+    Console { state, session }: Console,
     Path(id): Path<String>,
     body: String,
 ) -> Response {

@@ -4,11 +4,11 @@
 use super::{ChosenAssistant, PageId, fail, field, num, short_time};
 use crate::adapter_views::AdapterView;
 use crate::auth::AdminSession;
-use crate::console::{QueryPairs, csrf_field, layout};
+use crate::console::{Console, QueryPairs, csrf_field, layout};
 use crate::error::ApiError;
 use crate::state::AppState;
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::header;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -62,8 +62,7 @@ fn back_to(a: &Assistant, ok: &str) -> Response {
 }
 
 async fn list(
-    State(state): State<AppState>,
-    session: AdminSession,
+    Console { state, session }: Console,
     ChosenAssistant(assistant): ChosenAssistant,
     QueryPairs(pairs): QueryPairs,
 ) -> Response {
@@ -219,8 +218,7 @@ fn adapter_row(session: &AdminSession, a: &AdapterView, q: &str) -> Markup {
 }
 
 async fn activate(
-    State(state): State<AppState>,
-    session: AdminSession,
+    Console { state, session }: Console,
     PageId(id): PageId,
     ChosenAssistant(assistant): ChosenAssistant,
 ) -> Response {
@@ -228,8 +226,7 @@ async fn activate(
 }
 
 async fn use_base(
-    State(state): State<AppState>,
-    session: AdminSession,
+    Console { state, session }: Console,
     ChosenAssistant(assistant): ChosenAssistant,
 ) -> Response {
     swap(&state, &session, &assistant, None, "base").await
@@ -255,8 +252,7 @@ async fn swap(
 }
 
 async fn rollback(
-    State(state): State<AppState>,
-    session: AdminSession,
+    Console { state, session }: Console,
     ChosenAssistant(assistant): ChosenAssistant,
 ) -> Response {
     match state.core.adapters.rollback(assistant.id, "operator").await {
@@ -267,8 +263,7 @@ async fn rollback(
 
 /// `GET /adapters/{id}/export?format=lora|merged&type=...`: a GGUF for llama.cpp / Ollama.
 async fn export(
-    State(state): State<AppState>,
-    session: AdminSession,
+    Console { state, session }: Console,
     PageId(id): PageId,
     q: Result<
         axum::extract::Query<crate::export_api::ExportQuery>,
@@ -286,11 +281,7 @@ async fn export(
 }
 
 /// `GET /adapters/{id}/download`: the adapter's PEFT files as a zip.
-async fn download(
-    State(state): State<AppState>,
-    session: AdminSession,
-    PageId(id): PageId,
-) -> Response {
+async fn download(Console { state, session }: Console, PageId(id): PageId) -> Response {
     let row = match state.core.db.adapter(id).await {
         Ok(r) => r,
         Err(e) => return fail(&session, &ApiError::from(e)),
@@ -348,7 +339,7 @@ async fn reserved(state: &AppState, name: &str) -> bool {
 }
 
 /// `POST /adapters/upload?_csrf=...` (multipart: `file`, `name`).
-async fn upload(State(state): State<AppState>, session: AdminSession, req: Request) -> Response {
+async fn upload(Console { state, session }: Console, req: Request) -> Response {
     match receive_upload(&state, req).await {
         Ok(()) => Redirect::to("/adapters?ok=uploaded").into_response(),
         Err(e) => match state.core.assistants.default_assistant().await {
@@ -633,8 +624,7 @@ async fn answer(state: &AppState, prompt: &str, choice: AdapterChoice) -> Answer
 
 /// `GET /adapters/compare?a=base&b=NAME&prompts=...`: both answers to each prompt.
 async fn compare(
-    State(state): State<AppState>,
-    session: AdminSession,
+    Console { state, session }: Console,
     ChosenAssistant(assistant): ChosenAssistant,
     QueryPairs(pairs): QueryPairs,
 ) -> Response {

@@ -6,11 +6,11 @@
 use super::{fail, field};
 use crate::assistant_api::{AssistantView, assistant_view};
 use crate::auth::AdminSession;
-use crate::console::{FormPairs, QueryPairs, csrf_field, layout};
+use crate::console::{Console, FormPairs, QueryPairs, csrf_field, layout};
 use crate::error::ApiError;
 use crate::state::AppState;
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::Path;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use loraloop_core::gate::ActivationPolicy;
@@ -41,11 +41,7 @@ fn notice(code: &str) -> Option<&'static str> {
     }
 }
 
-async fn list(
-    State(state): State<AppState>,
-    session: AdminSession,
-    QueryPairs(pairs): QueryPairs,
-) -> Response {
+async fn list(Console { state, session }: Console, QueryPairs(pairs): QueryPairs) -> Response {
     page(&state, &session, notice(field(&pairs, "ok")), None).await
 }
 
@@ -118,7 +114,7 @@ fn settings_fields(v: Option<&AssistantView>) -> Markup {
             "Activation of its jobs' adapters"
             select name="activation" {
                 option value="" selected[policy.is_empty()] { "The config's (assistant.activation)" }
-                @for p in ActivationPolicy::NAMES {
+                @for p in ActivationPolicy::ALL.map(ActivationPolicy::as_str) {
                     option value=(p) selected[policy == p] { (p) }
                 }
             }
@@ -218,11 +214,7 @@ async fn finish<T>(
     }
 }
 
-async fn create(
-    State(state): State<AppState>,
-    session: AdminSession,
-    FormPairs(pairs): FormPairs,
-) -> Response {
+async fn create(Console { state, session }: Console, FormPairs(pairs): FormPairs) -> Response {
     let result = async {
         let form = form_of(&pairs)?;
         let a = state
@@ -258,8 +250,7 @@ async fn change_named<T>(
 }
 
 async fn update(
-    State(state): State<AppState>,
-    session: AdminSession,
+    Console { state, session }: Console,
     name: Result<Path<String>, axum::extract::rejection::PathRejection>,
     FormPairs(pairs): FormPairs,
 ) -> Response {
@@ -273,8 +264,7 @@ async fn update(
 }
 
 async fn delete(
-    State(state): State<AppState>,
-    session: AdminSession,
+    Console { state, session }: Console,
     name: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Response {
     change_named(&state, &session, name, "deleted", async |a| {
@@ -286,8 +276,7 @@ async fn delete(
 }
 
 async fn add_route(
-    State(state): State<AppState>,
-    session: AdminSession,
+    Console { state, session }: Console,
     name: Result<Path<String>, axum::extract::rejection::PathRejection>,
     FormPairs(pairs): FormPairs,
 ) -> Response {
@@ -305,8 +294,7 @@ async fn add_route(
 }
 
 async fn delete_route(
-    State(state): State<AppState>,
-    session: AdminSession,
+    Console { state, session }: Console,
     p: Result<Path<(String, i64)>, axum::extract::rejection::PathRejection>,
 ) -> Response {
     let result = async {

@@ -1,10 +1,9 @@
 //! The audit log page: who activated, rolled back, deleted, uploaded, forgot what.
 
-use crate::auth::AdminSession;
+use crate::console::Console;
 use crate::console::layout;
 use crate::state::AppState;
 use axum::Router;
-use axum::extract::State;
 use axum::response::Response;
 use axum::routing::get;
 use maud::html;
@@ -14,7 +13,7 @@ pub fn routes() -> Router<AppState> {
 }
 
 /// The newest 200 entries.
-async fn show(State(state): State<AppState>, session: AdminSession) -> Response {
+async fn show(Console { state, session }: Console) -> Response {
     let entries = match state.core.db.audit_entries(None, 200).await {
         Ok(e) => e,
         Err(e) => return super::fail(&session, &e.into()),

@@ -6,10 +6,9 @@ use super::{fail, short_time};
 use crate::adapter_views::{AdapterView, RATING_DAYS};
 use crate::auth::AdminSession;
 use crate::canary_views::CanaryView;
+use crate::console::Console;
 use crate::console::csrf_field;
 use crate::error::ApiError;
-use crate::state::AppState;
-use axum::extract::State;
 use axum::response::{IntoResponse, Redirect, Response};
 use maud::{Markup, html};
 
@@ -138,8 +137,7 @@ pub fn ratings(a: &AdapterView) -> Markup {
 
 /// `POST /adapters/canary/stop?assistant=NAME`.
 pub async fn stop(
-    State(state): State<AppState>,
-    session: AdminSession,
+    Console { state, session }: Console,
     super::ChosenAssistant(assistant): super::ChosenAssistant,
 ) -> Response {
     match state.core.canary.stop(assistant.id, "operator").await {

@@ -8,12 +8,11 @@
 use super::{PageId, fail, field, num};
 use crate::auth::AdminSession;
 use crate::classifier_api::{self, ClassifierJobView};
-use crate::console::{FormPairs, csrf_field, layout, short_time};
+use crate::console::{Console, FormPairs, csrf_field, layout, short_time};
 use crate::error::ApiError;
 use crate::operations::CreateJob;
 use crate::state::AppState;
 use axum::Router;
-use axum::extract::State;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use maud::{Markup, html};
@@ -50,7 +49,7 @@ fn model_choices(state: &AppState) -> Vec<(String, &'static str)> {
     out
 }
 
-async fn list(State(state): State<AppState>, session: AdminSession) -> Response {
+async fn list(Console { state, session }: Console) -> Response {
     page(&state, &session, &[], None).await
 }
 
@@ -210,11 +209,7 @@ fn request(pairs: &[(String, String)]) -> Result<CreateJob, ApiError> {
     })
 }
 
-async fn create(
-    State(state): State<AppState>,
-    session: AdminSession,
-    FormPairs(pairs): FormPairs,
-) -> Response {
+async fn create(Console { state, session }: Console, FormPairs(pairs): FormPairs) -> Response {
     let created = match request(&pairs) {
         Ok(req) => match classifier_api::create(&state, &req).await {
             Ok(Some(job)) => Ok(job),
@@ -236,22 +231,14 @@ async fn create(
     }
 }
 
-async fn cancel(
-    State(state): State<AppState>,
-    session: AdminSession,
-    PageId(id): PageId,
-) -> Response {
+async fn cancel(Console { state, session }: Console, PageId(id): PageId) -> Response {
     match state.core.db.cancel_classifier_job(id).await {
         Ok(_) => Redirect::to(&format!("/classifiers/{id}")).into_response(),
         Err(e) => fail(&session, &e.into()),
     }
 }
 
-async fn show(
-    State(state): State<AppState>,
-    session: AdminSession,
-    PageId(id): PageId,
-) -> Response {
+async fn show(Console { state, session }: Console, PageId(id): PageId) -> Response {
     let job = match state.core.db.classifier_job(id).await {
         Ok(j) => j,
         Err(e) => return fail(&session, &e.into()),

@@ -4,12 +4,11 @@
 
 use super::{ChosenAssistant, fail, field};
 use crate::auth::{AdminSession, url_decode_pairs};
-use crate::console::{QueryPairs, csrf_field, layout};
+use crate::console::{Console, QueryPairs, csrf_field, layout};
 use crate::error::{ApiError, parse_json};
 use crate::state::AppState;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
 use axum::http::{HeaderMap, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -32,8 +31,7 @@ pub fn routes() -> Router<AppState> {
 }
 
 async fn show(
-    State(state): State<AppState>,
-    session: AdminSession,
+    Console { state, session }: Console,
     ChosenAssistant(assistant): ChosenAssistant,
     QueryPairs(pairs): QueryPairs,
 ) -> Response {
@@ -177,8 +175,7 @@ fn html_page(session: &AdminSession, s: &Shown, error: Option<&ApiError>) -> mau
 }
 
 async fn new_conversation(
-    State(state): State<AppState>,
-    session: AdminSession,
+    Console { state, session }: Console,
     ChosenAssistant(assistant): ChosenAssistant,
 ) -> Response {
     match state
@@ -233,8 +230,7 @@ async fn begin(
 /// message's id and the adapter, or `error`. A plain form post (no script) waits for
 /// the reply and goes back to the page.
 async fn send(
-    State(state): State<AppState>,
-    session: AdminSession,
+    Console { state, session }: Console,
     ChosenAssistant(assistant): ChosenAssistant,
     headers: HeaderMap,
     body: Bytes,

@@ -3,12 +3,11 @@
 
 use super::{PageId, fail, field, num};
 use crate::auth::AdminSession;
-use crate::console::{FormPairs, csrf_field, layout, short_time};
+use crate::console::{Console, FormPairs, csrf_field, layout, short_time};
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::sweep_api::{SweepView, start_sweep, sweep_view};
 use axum::Router;
-use axum::extract::State;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use loraloop_trainer::sweep::SweepSpec;
@@ -29,7 +28,7 @@ pub fn routes() -> Router<AppState> {
         .route("/sweeps/{id}", get(show))
 }
 
-async fn list(State(state): State<AppState>, session: AdminSession) -> Response {
+async fn list(Console { state, session }: Console) -> Response {
     page(&state, &session, EXAMPLE, None).await
 }
 
@@ -95,11 +94,7 @@ async fn page(
     resp
 }
 
-async fn start(
-    State(state): State<AppState>,
-    session: AdminSession,
-    FormPairs(pairs): FormPairs,
-) -> Response {
+async fn start(Console { state, session }: Console, FormPairs(pairs): FormPairs) -> Response {
     let yaml = field(&pairs, "yaml");
     let spec: Result<SweepSpec, ApiError> = serde_yaml::from_str::<serde_json::Value>(yaml)
         .map_err(|e| ApiError::invalid("yaml", format!("not valid YAML: {e}")))
@@ -117,11 +112,7 @@ async fn start(
     }
 }
 
-async fn show(
-    State(state): State<AppState>,
-    session: AdminSession,
-    PageId(id): PageId,
-) -> Response {
+async fn show(Console { state, session }: Console, PageId(id): PageId) -> Response {
     let view = match state.core.db.sweep(id).await {
         Ok(s) => sweep_view(&state, s).await,
         Err(e) => Err(e.into()),

@@ -4,11 +4,10 @@
 use super::super::{duration, fail, field};
 use super::estimate::{RunSettings, Shape, estimate, params_label};
 use crate::auth::AdminSession;
-use crate::console::{FormPairs, QueryPairs, csrf_field, layout};
+use crate::console::{Console, FormPairs, QueryPairs, csrf_field, layout};
 use crate::error::ApiError;
 use crate::operations::{self, CreateJob};
 use crate::state::AppState;
-use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use loraloop_core::storage::Dataset;
@@ -205,8 +204,7 @@ impl JobForm {
 }
 
 pub(super) async fn new_form(
-    State(state): State<AppState>,
-    session: AdminSession,
+    Console { state, session }: Console,
     QueryPairs(pairs): QueryPairs,
 ) -> Response {
     let mut form = JobForm::from_pairs(&pairs);
@@ -221,8 +219,7 @@ pub(super) async fn new_form(
 }
 
 pub(super) async fn create(
-    State(state): State<AppState>,
-    session: AdminSession,
+    Console { state, session }: Console,
     FormPairs(pairs): FormPairs,
 ) -> Response {
     let mut form = JobForm::from_pairs(&pairs);
@@ -378,8 +375,7 @@ fn dataset_rows(d: &Dataset) -> &'static str {
 /// `GET /jobs/estimate?...`: the estimate for the form's current values (the page's
 /// script swaps it in as the fields change).
 pub(super) async fn estimate_fragment(
-    State(state): State<AppState>,
-    _session: AdminSession,
+    Console { state, .. }: Console,
     QueryPairs(pairs): QueryPairs,
 ) -> Response {
     let mut form = JobForm::from_pairs(&pairs);

@@ -6,14 +6,12 @@ mod form;
 
 use super::report_card;
 use super::{PageId, duration, fail, num, short_time};
-use crate::auth::AdminSession;
 use crate::classifier_api;
-use crate::console::{csrf_field, layout};
+use crate::console::{Console, csrf_field, layout};
 use crate::error::ApiError;
 use crate::operations::{self};
 use crate::state::AppState;
 use axum::Router;
-use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -32,7 +30,7 @@ pub fn routes() -> Router<AppState> {
         .route("/jobs/{id}/cancel", post(cancel))
 }
 
-async fn list(State(state): State<AppState>, session: AdminSession) -> Response {
+async fn list(Console { state, session }: Console) -> Response {
     let jobs = match state.core.db.list_jobs(None, 200).await {
         Ok(j) => j,
         Err(e) => return fail(&session, &e.into()),
@@ -136,11 +134,7 @@ pub(super) fn model_label(m: &str) -> &str {
         .unwrap_or(m)
 }
 
-async fn show(
-    State(state): State<AppState>,
-    session: AdminSession,
-    PageId(id): PageId,
-) -> Response {
+async fn show(Console { state, session }: Console, PageId(id): PageId) -> Response {
     let job = match state.core.db.job(id).await {
         Ok(j) => j,
         Err(e) => return fail(&session, &e.into()),
@@ -295,8 +289,7 @@ fn event_line(e: &TrainingEvent) -> String {
 /// `GET /jobs/{id}/events`: the job's events as server-sent events (the chart's feed).
 /// A reconnecting browser sends `Last-Event-ID` and gets only what it missed.
 async fn events(
-    State(state): State<AppState>,
-    _session: AdminSession,
+    Console { state, .. }: Console,
     headers: HeaderMap,
     PageId(id): PageId,
 ) -> Response {
@@ -311,11 +304,7 @@ async fn events(
     crate::api::event_stream(state, id, after).into_response()
 }
 
-async fn cancel(
-    State(state): State<AppState>,
-    session: AdminSession,
-    PageId(id): PageId,
-) -> Response {
+async fn cancel(Console { state, session }: Console, PageId(id): PageId) -> Response {
     match operations::cancel_job(&state, id, &format!("job {id}"), crate::audit::CONSOLE).await {
         Ok(()) => Redirect::to(&format!("/jobs/{id}")).into_response(),
         Err(e) => fail(&session, &e),
