@@ -16,6 +16,7 @@ use crate::optim::AdamW;
 use crate::trainable::{LORA_DTYPE, Trainable, base_param_trains};
 use candle_core::{DType, Device, Tensor};
 use loraloop_model::engine::LoadedModel;
+use loraloop_model::export::hf_config;
 use loraloop_model::lora::{ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PeftConfig, read_peft_dir};
 use loraloop_model::train::{DenseLlama, LoraParams};
 use serde::{Deserialize, Serialize};
@@ -295,7 +296,10 @@ impl SaveCtx<'_> {
         let files = |dir: &Path| -> Result<(), TrainError> {
             self.write_weights(dir, tr, true)?;
             if tr.lora.is_none() {
-                write_synced(&dir.join("config.json"), &json_bytes(&hf_config(&tr.model)))?;
+                write_synced(
+                    &dir.join("config.json"),
+                    &json_bytes(&hf_config(&tr.model.config, DType::F32)),
+                )?;
                 let tok = dir.join("tokenizer.json");
                 self.model
                     .tokenizer
@@ -321,42 +325,6 @@ impl SaveCtx<'_> {
         }
         std::fs::remove_dir(&staging).map_err(|e| io_err(&staging, e))
     }
-}
-
-/// A Hugging Face `config.json` for a dense model.
-fn hf_config(m: &DenseLlama) -> serde_json::Value {
-    let c = &m.config;
-    let (arch, ty) = match c.architecture.as_str() {
-        "qwen2" => ("Qwen2ForCausalLM", "qwen2"),
-        "mistral" => ("MistralForCausalLM", "mistral"),
-        _ => ("LlamaForCausalLM", "llama"),
-    };
-    let mut v = serde_json::json!({
-        "architectures": [arch],
-        "model_type": ty,
-        "vocab_size": c.vocab_size,
-        "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_layers,
-        "num_attention_heads": c.num_heads,
-        "num_key_value_heads": c.num_kv_heads,
-        "head_dim": c.head_dim,
-        "rms_norm_eps": c.rms_norm_eps,
-        "rope_theta": c.rope_theta,
-        "max_position_embeddings": c.max_position_embeddings,
-        "tie_word_embeddings": c.tie_word_embeddings,
-        "torch_dtype": "float32",
-    });
-    if let Some(s) = c.rope_scaling {
-        v["rope_scaling"] = serde_json::json!({
-            "rope_type": "llama3",
-            "factor": s.factor,
-            "low_freq_factor": s.low_freq_factor,
-            "high_freq_factor": s.high_freq_factor,
-            "original_max_position_embeddings": s.original_max_position_embeddings,
-        });
-    }
-    v
 }
 
 /// A checkpoint folder read back.

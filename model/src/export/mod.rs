@@ -293,12 +293,22 @@ pub fn modelfile(from: &str, adapter: Option<&str>, system_prompt: &str) -> Stri
     m
 }
 
-/// The Hugging Face `config.json` of a model with `cfg`'s hyperparameters.
+/// The Hugging Face `config.json` of a model with `cfg`'s hyperparameters and its
+/// tokenizer's BOS and EOS ids.
 pub fn hf_config_json(
     cfg: &LlamaConfig,
     tokenizer: &crate::tokenizer::Tokenizer,
     dtype: DType,
 ) -> serde_json::Value {
+    let mut c = hf_config(cfg, dtype);
+    c["bos_token_id"] = serde_json::json!(tokenizer.bos_token().map(|t| t.0));
+    c["eos_token_id"] = serde_json::json!(tokenizer.eos_token().map(|t| t.0));
+    c
+}
+
+/// The Hugging Face `config.json` of a model with `cfg`'s hyperparameters, its weights
+/// stored as `dtype` (f16, else f32).
+pub fn hf_config(cfg: &LlamaConfig, dtype: DType) -> serde_json::Value {
     let (architecture, model_type) = match cfg.architecture.as_str() {
         "qwen2" => ("Qwen2ForCausalLM", "qwen2"),
         "mistral" => ("MistralForCausalLM", "mistral"),
@@ -321,8 +331,6 @@ pub fn hf_config_json(
         "attention_bias": cfg.qkv_bias,
         "hidden_act": "silu",
         "torch_dtype": if dtype == DType::F16 { "float16" } else { "float32" },
-        "bos_token_id": tokenizer.bos_token().map(|t| t.0),
-        "eos_token_id": tokenizer.eos_token().map(|t| t.0),
     });
     if let Some(s) = &cfg.rope_scaling {
         c["rope_scaling"] = serde_json::json!({
