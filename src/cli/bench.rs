@@ -10,6 +10,7 @@ use loraloop_core::Config;
 use loraloop_model::engine::{Engine, LoadedModel};
 use loraloop_model::llama::{Llama, Projection};
 use loraloop_model::lora::{LoraAdapter, PeftConfig, random_peft_tensors, write_peft_dir};
+use loraloop_trainer::config::Method;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -142,11 +143,7 @@ pub async fn generate(config: &Config, args: &BenchGenerateArgs) -> anyhow::Resu
 pub async fn train(config: &Config, args: &super::BenchTrainArgs) -> anyhow::Result<ExitCode> {
     let path = args.model.clone().unwrap_or_else(|| config.model_path());
     let device = super::resolve_device(args.device.as_deref(), config)?;
-    let dtype = super::parse_dtype(&args.dtype)
-        .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?
-        .unwrap_or_else(|| {
-            loraloop_trainer::run::auto_train_dtype(&device, loraloop_trainer::config::Method::Lora)
-        });
+    let dtype = super::train_dtype(&args.dtype, &device, Method::Lora)?;
     let opts = loraloop_trainer::bench::TrainBenchOptions {
         seq_len: args.seq_len,
         micro_batch: args.micro_batch,
@@ -210,11 +207,7 @@ pub async fn train(config: &Config, args: &super::BenchTrainArgs) -> anyhow::Res
 pub async fn parity(config: &Config, args: &super::BenchParityArgs) -> anyhow::Result<ExitCode> {
     let path = args.model.clone().unwrap_or_else(|| config.model_path());
     let device = super::resolve_device(Some(&args.device), config)?;
-    let dtype = super::parse_dtype(&args.dtype)
-        .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?
-        .unwrap_or_else(|| {
-            loraloop_trainer::run::auto_train_dtype(&device, loraloop_trainer::config::Method::Lora)
-        });
+    let dtype = super::train_dtype(&args.dtype, &device, Method::Lora)?;
     let o = loraloop_trainer::bench::ParityOptions {
         seq_len: args.seq_len,
         micro_batch: args.micro_batch,

@@ -35,9 +35,16 @@ pub fn resolve_device(flag: Option<&str>, config: &Config) -> anyhow::Result<can
     Ok(loraloop_model::device::select_device(choice)?)
 }
 
-/// A `--dtype` flag: `auto` (None), `f32` or `bf16`.
-pub fn parse_dtype(s: &str) -> Result<Option<candle_core::DType>, String> {
-    loraloop_trainer::run::parse_train_dtype(s)
+/// The base model's dtype for training with `method` on `device` from a `--dtype` flag:
+/// `f32`, `bf16`, or `auto` (bf16 for LoRA on CUDA, else f32).
+pub fn train_dtype(
+    flag: &str,
+    device: &candle_core::Device,
+    method: loraloop_trainer::config::Method,
+) -> anyhow::Result<candle_core::DType> {
+    Ok(loraloop_trainer::run::parse_train_dtype(flag)
+        .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?
+        .unwrap_or_else(|| loraloop_trainer::run::auto_train_dtype(device, method)))
 }
 
 #[derive(Debug, Parser)]

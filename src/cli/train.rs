@@ -534,9 +534,7 @@ pub async fn fine_tune(
     let resume = args.resume_from_checkpoint.clone();
     let init = args.init_adapter.clone().or(file.lora_model_dir.clone());
     let device = super::resolve_device(args.device.as_deref(), &config)?;
-    let dtype = super::parse_dtype(&args.dtype)
-        .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?
-        .unwrap_or_else(|| auto_train_dtype(&device, c.method));
+    let dtype = super::train_dtype(&args.dtype, &device, c.method)?;
     eprintln!(
         "training on {} with the base model in {dtype:?} (LoRA weights and optimizer state f32)",
         loraloop_model::device::device_name(&device)
