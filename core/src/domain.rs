@@ -1,48 +1,16 @@
 //! Platform-neutral domain types shared by storage, the trainer, the bots and the web console.
 
 use serde::{Deserialize, Serialize};
-use std::fmt;
-use std::str::FromStr;
 
-/// Who wrote a chat message. The set OpenAI's chat fine-tuning format accepts for
-/// plain conversations (tool calls are out of scope for now).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    System,
-    User,
-    Assistant,
-}
-
-impl Role {
-    pub const ALL: [Role; 3] = [Role::System, Role::User, Role::Assistant];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::System => "system",
-            Role::User => "user",
-            Role::Assistant => "assistant",
-        }
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Role {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "system" => Ok(Role::System),
-            "user" => Ok(Role::User),
-            "assistant" => Ok(Role::Assistant),
-            other => Err(format!(
-                "unrecognized role {other:?} (allowed: system, user, assistant)"
-            )),
-        }
+crate::keywords! {
+    /// Who wrote a chat message. The set OpenAI's chat fine-tuning format accepts for
+    /// plain conversations (tool calls are out of scope for now).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum Role ("role") {
+        System = "system",
+        User = "user",
+        Assistant = "assistant",
     }
 }
 

@@ -3,37 +3,20 @@
 
 use serde::{Deserialize, Serialize};
 
-/// How a finished job's adapter reaches users.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ActivationPolicy {
-    /// Only when an operator activates it.
-    Manual,
-    /// At once when its report card passes the gate; otherwise it is held back, with the
-    /// reasons on the card.
-    #[default]
-    Gate,
-    /// When its card passes the gate, it serves a share of new conversations (`canary:`)
-    /// and is promoted or rolled back by its users' ratings against the current adapter's.
-    Canary,
-}
-
-impl ActivationPolicy {
-    pub const NAMES: [&'static str; 3] = ["manual", "gate", "canary"];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Manual => "manual",
-            Self::Gate => "gate",
-            Self::Canary => "canary",
-        }
-    }
-
-    /// The policy an assistant row names (None: unknown or unset).
-    pub fn parse(s: &str) -> Option<Self> {
-        [Self::Manual, Self::Gate, Self::Canary]
-            .into_iter()
-            .find(|p| p.as_str() == s)
+crate::keywords! {
+    /// How a finished job's adapter reaches users.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum ActivationPolicy ("activation policy") {
+        /// Only when an operator activates it.
+        Manual = "manual",
+        /// At once when its report card passes the gate; otherwise it is held back, with the
+        /// reasons on the card.
+        #[default]
+        Gate = "gate",
+        /// When its card passes the gate, it serves a share of new conversations (`canary:`)
+        /// and is promoted or rolled back by its users' ratings against the current adapter's.
+        Canary = "canary",
     }
 }
 
@@ -75,47 +58,121 @@ impl Default for GateConfig {
     }
 }
 
+/// A key, its value, whether a value is allowed and what is.
+type Range = (&'static str, f64, fn(f64) -> bool, &'static str);
+
 impl GateConfig {
     /// The first key whose value is out of range, with what is allowed.
     pub fn check(&self) -> Result<(), (&'static str, String)> {
         let unit = |v: f64| v.is_finite() && (0.0..=1.0).contains(&v);
-        let non_negative = |v: f64| v.is_finite() && v >= 0.0;
-        if !unit(self.min_retention_agreement) {
-            return Err((
+        let at_least_0 = |v: f64| v.is_finite() && v >= 0.0;
+        let above_0 = |v: f64| v.is_finite() && v > 0.0;
+        let to_1000 = |v: f64| v <= 1000.0;
+        let to_10000 = |v: f64| v <= 10_000.0;
+        let keys: [Range; 6] = [
+            (
                 "gate.min_retention_agreement",
-                format!("got {}; allowed: 0 to 1", self.min_retention_agreement),
-            ));
-        }
-        if !non_negative(self.max_retention_kl) {
-            return Err((
+                self.min_retention_agreement,
+                unit,
+                "0 to 1",
+            ),
+            (
                 "gate.max_retention_kl",
-                format!("got {}; allowed: 0 or more", self.max_retention_kl),
-            ));
-        }
-        if !(self.max_heldout_loss_ratio.is_finite() && self.max_heldout_loss_ratio > 0.0) {
-            return Err((
+                self.max_retention_kl,
+                at_least_0,
+                "0 or more",
+            ),
+            (
                 "gate.max_heldout_loss_ratio",
-                format!("got {}; allowed: above 0", self.max_heldout_loss_ratio),
-            ));
-        }
-        if !non_negative(self.max_rated_loss_increase) {
-            return Err((
+                self.max_heldout_loss_ratio,
+                above_0,
+                "above 0",
+            ),
+            (
                 "gate.max_rated_loss_increase",
-                format!("got {}; allowed: 0 or more", self.max_rated_loss_increase),
-            ));
-        }
-        if self.heldout_replies > 1000 {
-            return Err((
+                self.max_rated_loss_increase,
+                at_least_0,
+                "0 or more",
+            ),
+            (
                 "gate.heldout_replies",
-                format!("got {}; allowed: 0 to 1000", self.heldout_replies),
-            ));
-        }
-        if self.rated_replies > 10_000 {
-            return Err((
+                self.heldout_replies as f64,
+                to_1000,
+                "0 to 1000",
+            ),
+            (
                 "gate.rated_replies",
-                format!("got {}; allowed: 0 to 10000", self.rated_replies),
-            ));
+                self.rated_replies as f64,
+                to_10000,
+                "0 to 10000",
+            ),
+        ];
+        match keys.into_iter().find(|&(_, v, ok, _)| !ok(v)) {
+            Some((key, got, _, allowed)) => Err((key, format!("got {got}; allowed: {allowed}"))),
+            None => Ok(()),
         }
-        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(change: fn(&mut GateConfig)) -> (&'static str, String) {
+        let mut g = GateConfig::default();
+        change(&mut g);
+        g.check().unwrap_err()
+    }
+
+    #[test]
+    fn the_first_key_out_of_range_is_named_with_what_is_allowed() {
+        assert_eq!(GateConfig::default().check(), Ok(()));
+        let said = |key: &'static str, text: &str| (key, text.to_string());
+        assert_eq!(
+            refusal(|g| g.min_retention_agreement = 1.5),
+            said("gate.min_retention_agreement", "got 1.5; allowed: 0 to 1")
+        );
+        assert_eq!(
+            refusal(|g| g.max_retention_kl = f64::NAN),
+            said("gate.max_retention_kl", "got NaN; allowed: 0 or more")
+        );
+        assert_eq!(
+            refusal(|g| g.max_heldout_loss_ratio = 0.0),
+            said("gate.max_heldout_loss_ratio", "got 0; allowed: above 0")
+        );
+        assert_eq!(
+            refusal(|g| g.max_rated_loss_increase = -0.1),
+            said(
+                "gate.max_rated_loss_increase",
+                "got -0.1; allowed: 0 or more"
+            )
+        );
+        assert_eq!(
+            refusal(|g| g.heldout_replies = 1001),
+            said("gate.heldout_replies", "got 1001; allowed: 0 to 1000")
+        );
+        assert_eq!(
+            refusal(|g| g.rated_replies = 10_001),
+            said("gate.rated_replies", "got 10001; allowed: 0 to 10000")
+        );
+        // Two bad keys: the first is named.
+        assert_eq!(
+            refusal(|g| {
+                g.rated_replies = 10_001;
+                g.max_retention_kl = -1.0;
+            })
+            .0,
+            "gate.max_retention_kl"
+        );
+        // The ends of each range are allowed.
+        let edges = GateConfig {
+            min_retention_agreement: 1.0,
+            max_retention_kl: 0.0,
+            max_rated_loss_increase: 0.0,
+            heldout_replies: 1000,
+            rated_replies: 10_000,
+            ..GateConfig::default()
+        };
+        assert_eq!(edges.check(), Ok(()));
     }
 }

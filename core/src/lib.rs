@@ -11,6 +11,7 @@ pub mod domain;
 pub mod error;
 pub mod gate;
 pub mod inbox;
+pub mod keywords;
 pub mod metrics;
 pub mod preference;
 pub mod service;

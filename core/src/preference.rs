@@ -7,38 +7,18 @@ use crate::domain::ChatMessage;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-/// What a run learns from, and what a dataset holds for it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Objective {
-    /// Supervised fine-tuning on chat examples.
-    #[default]
-    Sft,
-    /// Direct preference optimization on pairs (a preferred and a non-preferred reply).
-    Dpo,
-    /// Kahneman-Tversky optimization on replies labelled desirable or not.
-    Kto,
-}
-
-impl Objective {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Sft => "sft",
-            Self::Dpo => "dpo",
-            Self::Kto => "kto",
-        }
-    }
-}
-
-impl std::str::FromStr for Objective {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "sft" => Ok(Self::Sft),
-            "dpo" => Ok(Self::Dpo),
-            "kto" => Ok(Self::Kto),
-            _ => Err(format!("unknown {s:?}; expected sft, dpo or kto")),
-        }
+crate::keywords! {
+    /// What a run learns from, and what a dataset holds for it.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum Objective ("objective") {
+        /// Supervised fine-tuning on chat examples.
+        #[default]
+        Sft = "sft",
+        /// Direct preference optimization on pairs (a preferred and a non-preferred reply).
+        Dpo = "dpo",
+        /// Kahneman-Tversky optimization on replies labelled desirable or not.
+        Kto = "kto",
     }
 }
 

@@ -7,39 +7,17 @@ use loraloop_model::llama::Projection;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-/// Which weights train.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Method {
-    /// LoRA adapters on the target projections; the base stays frozen.
-    Lora,
-    /// Every weight (dense models; a quantized base is dequantized).
-    Full,
-    /// Only the last `freeze_trainable_layers` layers.
-    Freeze,
-}
-
-impl Method {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Lora => "lora",
-            Self::Full => "full",
-            Self::Freeze => "freeze",
-        }
-    }
-}
-
-impl std::str::FromStr for Method {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "lora" => Ok(Self::Lora),
-            "full" => Ok(Self::Full),
-            "freeze" => Ok(Self::Freeze),
-            _ => Err(format!(
-                "unknown method {s:?}; expected lora, full or freeze"
-            )),
-        }
+loraloop_core::keywords! {
+    /// Which weights train.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum Method ("method") {
+        /// LoRA adapters on the target projections; the base stays frozen.
+        Lora = "lora",
+        /// Every weight (dense models; a quantized base is dequantized).
+        Full = "full",
+        /// Only the last `freeze_trainable_layers` layers.
+        Freeze = "freeze",
     }
 }
 

@@ -89,7 +89,7 @@ pub async fn card_data(
     };
     if let Some(a) = assistant {
         data.assistant_id = Some(a.id);
-        if let Some(p) = a.activation.as_deref().and_then(ActivationPolicy::parse) {
+        if let Some(p) = a.activation.as_deref().and_then(|p| p.parse().ok()) {
             data.policy = p;
         }
         if let Some(id) = a.active_adapter_id {

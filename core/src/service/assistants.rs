@@ -95,7 +95,7 @@ impl AssistantService {
     pub fn policy(&self, a: &Assistant) -> ActivationPolicy {
         a.activation
             .as_deref()
-            .and_then(ActivationPolicy::parse)
+            .and_then(|p| p.parse().ok())
             .unwrap_or(self.default_policy)
     }
 
@@ -111,7 +111,7 @@ impl AssistantService {
             })?;
         let activation = form.activation.as_deref().filter(|p| !p.is_empty());
         if let Some(p) = activation
-            && ActivationPolicy::parse(p).is_none()
+            && p.parse::<ActivationPolicy>().is_err()
         {
             return Err(ServiceError::invalid(
                 "activation",

@@ -4,34 +4,17 @@
 use super::{Db, Result, StorageError, sql};
 use crate::domain::Role;
 use serde::Serialize;
-use std::fmt;
 
-/// Where a conversation happens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Platform {
-    Telegram,
-    Discord,
-    Web,
-    Cli,
-    Api,
-}
-
-impl Platform {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Telegram => "telegram",
-            Self::Discord => "discord",
-            Self::Web => "web",
-            Self::Cli => "cli",
-            Self::Api => "api",
-        }
-    }
-}
-
-impl fmt::Display for Platform {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+crate::keywords! {
+    /// Where a conversation happens.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum Platform ("platform") {
+        Telegram = "telegram",
+        Discord = "discord",
+        Web = "web",
+        Cli = "cli",
+        Api = "api",
     }
 }
 

@@ -7,66 +7,23 @@ use crate::domain::{ChatExample, ChatMessage, Role};
 use crate::preference::{KtoRow, PreferencePair, PreferenceRows};
 use chrono::NaiveDate;
 use serde::Serialize;
-use std::str::FromStr;
 
 /// The rater name of feedback given in the console.
 pub const OPERATOR: &str = "operator";
 
-/// Every platform, in the order the console lists them.
-pub const PLATFORMS: [Platform; 5] = [
-    Platform::Telegram,
-    Platform::Discord,
-    Platform::Web,
-    Platform::Cli,
-    Platform::Api,
-];
-
-impl FromStr for Platform {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        PLATFORMS
-            .into_iter()
-            .find(|p| p.as_str() == s)
-            .ok_or_else(|| {
-                format!("unknown platform {s:?} (allowed: telegram, discord, web, cli, api)")
-            })
-    }
-}
-
-/// Which conversations to list by their replies' ratings (by anyone).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RatingFilter {
-    #[default]
-    Any,
-    /// At least one reply rated 👍.
-    Up,
-    /// At least one reply rated 👎.
-    Down,
-    /// No rating at all.
-    Unrated,
-}
-
-impl RatingFilter {
-    pub const ALL: [RatingFilter; 4] = [Self::Any, Self::Up, Self::Down, Self::Unrated];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Any => "any",
-            Self::Up => "up",
-            Self::Down => "down",
-            Self::Unrated => "unrated",
-        }
-    }
-}
-
-impl FromStr for RatingFilter {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| format!("unknown rating filter {s:?} (allowed: any, up, down, unrated)"))
+crate::keywords! {
+    /// Which conversations to list by their replies' ratings (by anyone).
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum RatingFilter ("rating filter") {
+        #[default]
+        Any = "any",
+        /// At least one reply rated 👍.
+        Up = "up",
+        /// At least one reply rated 👎.
+        Down = "down",
+        /// No rating at all.
+        Unrated = "unrated",
     }
 }
 

@@ -3,62 +3,28 @@
 
 use super::{Db, Result, sql};
 use serde::Serialize;
-use std::fmt;
-use std::str::FromStr;
 
 /// A job created from files whose validation is still to come. A job created on a
 /// dataset passes through `validating_files` too, on its way to `queued` (the state's
 /// default), but has its dataset from the start: file validation must not take it.
 const FILE_JOB_TO_VALIDATE: &str = "state = 'validating_files' and dataset_id is null";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobState {
-    ValidatingFiles,
-    Queued,
-    Running,
-    Succeeded,
-    Failed,
-    Cancelled,
+crate::keywords! {
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum JobState ("job state") {
+        ValidatingFiles = "validating_files",
+        Queued = "queued",
+        Running = "running",
+        Succeeded = "succeeded",
+        Failed = "failed",
+        Cancelled = "cancelled",
+    }
 }
 
 impl JobState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::ValidatingFiles => "validating_files",
-            Self::Queued => "queued",
-            Self::Running => "running",
-            Self::Succeeded => "succeeded",
-            Self::Failed => "failed",
-            Self::Cancelled => "cancelled",
-        }
-    }
-
     pub fn is_final(self) -> bool {
         matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
-    }
-}
-
-impl fmt::Display for JobState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for JobState {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        [
-            Self::ValidatingFiles,
-            Self::Queued,
-            Self::Running,
-            Self::Succeeded,
-            Self::Failed,
-            Self::Cancelled,
-        ]
-        .into_iter()
-        .find(|st| st.as_str() == s)
-        .ok_or_else(|| format!("unknown job state {s:?}"))
     }
 }
 

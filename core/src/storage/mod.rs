@@ -37,7 +37,7 @@ pub use chat::{Conversation, Feedback, NewMessage, Platform, PlatformUser, Store
 pub use classifier_jobs::{ClassifierJob, ClassifierJobEvent, NewClassifierJob};
 pub use curation::{
     BuildFilter, ConversationDetail, ConversationExample, ConversationFilter, ConversationSummary,
-    MessageWithFeedback, OPERATOR, PLATFORMS, RatingFilter,
+    MessageWithFeedback, OPERATOR, RatingFilter,
 };
 pub use datasets::{
     Dataset, DatasetInsert, NewDataset, StoredExample, validate_name as validate_dataset_name,
