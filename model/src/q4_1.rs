@@ -422,15 +422,7 @@ fn quantize_q8_1(x: &[f32]) -> ActBlock {
 
 /// The portable dot product of one weight row with one activation row (on x86-64-v3
 /// builds only the tests' reference for the AVX2 kernel).
-#[cfg(any(
-    test,
-    not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))
-))]
+#[cfg(any(test, not(avx2_kernels)))]
 #[inline]
 fn dot_row_generic(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
     let mut sum = 0f32;
@@ -454,12 +446,7 @@ fn dot_row_generic(w: &[WeightBlock], x: &[ActBlock]) -> f32 {
 
 /// The AVX2 + FMA + F16C kernels (x86-64-v3 builds only; callers go through
 /// `with_avx2!`).
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-))]
+#[cfg(avx2_kernels)]
 mod avx2 {
     use super::*;
     use crate::kernels::{hsum8, with_vnni};

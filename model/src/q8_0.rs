@@ -132,15 +132,7 @@ fn tile_dot(w: &[Block], nb: usize, acts: &[Block], out: &mut [f32]) {
 
 /// One weight row times one input row, block by block (the portable path, and the
 /// tests' reference).
-#[cfg(any(
-    test,
-    not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))
-))]
+#[cfg(any(test, not(avx2_kernels)))]
 fn dot_generic(w: &[Block], x: &[Block]) -> f32 {
     w.iter()
         .zip(x)
@@ -156,12 +148,7 @@ fn dot_generic(w: &[Block], x: &[Block]) -> f32 {
         .sum()
 }
 
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma",
-    target_feature = "f16c"
-))]
+#[cfg(avx2_kernels)]
 mod avx2 {
     use super::*;
     use crate::kernels::with_vnni;
@@ -244,7 +231,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{randn_vec, random_quantized};
+    use crate::testing::random_quantized;
     use candle_core::Module;
     use candle_core::quantized::QMatMul;
 
@@ -270,12 +257,7 @@ mod tests {
         }
     }
 
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ))]
+    #[cfg(avx2_kernels)]
     #[test]
     fn the_vnni_kernel_gives_the_avx2_kernels_sums_to_the_bit() {
         if !crate::kernels::has_vnni() {
@@ -284,7 +266,7 @@ mod tests {
         }
         let m = Q80Matrix::from_qtensor(&random_quantized(ROWS_PER_ITEM, 128, GgmlDType::Q8_0))
             .unwrap();
-        let x = randn_vec(3 * 128, 3.0);
+        let x = crate::testing::randn_vec(3 * 128, 3.0);
         let acts: Vec<Block> = x.chunks_exact(QK).map(quantize).collect();
         let (mut a, mut b) = ([0f32; 4 * ROWS_PER_ITEM], [0f32; 4 * ROWS_PER_ITEM]);
         // SAFETY: this build targets AVX2, FMA and F16C; the CPU has AVX-VNNI (checked).

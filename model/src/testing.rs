@@ -161,8 +161,8 @@ pub(crate) fn random_quantized(
         .expect("a quantizable shape")
 }
 
-/// `n` values drawn from N(0, `std`²) (the kernels' tests' inputs).
-#[cfg(test)]
+/// `n` values drawn from N(0, `std`²) (the AVX2 kernels' tests' inputs).
+#[cfg(all(test, avx2_kernels))]
 pub(crate) fn randn_vec(n: usize, std: f32) -> Vec<f32> {
     Tensor::randn(0f32, std, n, &Device::Cpu)
         .and_then(|t| t.to_vec1())

@@ -1,19 +1,14 @@
 //! The f32 building blocks of the CPU paths, defined once: the decode step
-//! (`llama/decode.rs`), the training path (`train/host.rs`) and the Q4_1 kernels use them.
+//! (`llama/decode.rs`), the training path (`train/host/`) and the Q4_1 kernels use them.
 //! Reductions and `exp` are written to vectorize; the parallel ones run on candle's worker
-//! pool. (The generic training graph in `train/mod.rs` is built from candle tensor ops on
-//! any device, and is the reference these are tested against.)
+//! pool. (The generic training graph in `train/graph.rs` is built from candle tensor ops
+//! on any device, and is the reference these are tested against.)
 
-/// `$fast` (a call into `avx2`) in builds for CPUs with AVX2, FMA and F16C (x86-64-v3,
-/// see `.cargo/config.toml`), `$portable` otherwise.
+/// `$fast` (a call into `avx2`) in builds for CPUs with AVX2, FMA and F16C
+/// (`avx2_kernels`, set by `build.rs`), `$portable` otherwise.
 macro_rules! with_avx2 {
     ($fast:expr, $portable:expr) => {{
-        #[cfg(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma",
-            target_feature = "f16c"
-        ))]
+        #[cfg(avx2_kernels)]
         {
             // SAFETY: the `avx2` kernels need only AVX2, FMA and F16C, and this code
             // exists only in a build compiled for CPUs that have all three (the `cfg`
@@ -23,12 +18,7 @@ macro_rules! with_avx2 {
                 $fast
             }
         }
-        #[cfg(not(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma",
-            target_feature = "f16c"
-        )))]
+        #[cfg(not(avx2_kernels))]
         {
             $portable
         }
@@ -38,7 +28,7 @@ pub(crate) use with_avx2;
 
 /// Whether this CPU has AVX-VNNI (Intel since Alder Lake, AMD since Zen 4), checked once:
 /// the integer dot-product kernels use its `vpdpbusd` where it is there.
-#[cfg(target_arch = "x86_64")]
+#[cfg(avx2_kernels)]
 pub(crate) fn has_vnni() -> bool {
     static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *VNNI.get_or_init(|| std::arch::is_x86_feature_detected!("avxvnni"))
@@ -46,7 +36,7 @@ pub(crate) fn has_vnni() -> bool {
 
 /// `$vnni` where the CPU has AVX-VNNI, `$plain` otherwise: for callers that are
 /// themselves `#[target_feature(enable = "avx2,fma,f16c")]` functions.
-#[cfg(target_arch = "x86_64")]
+#[cfg(avx2_kernels)]
 macro_rules! with_vnni {
     ($vnni:expr, $plain:expr) => {{
         if $crate::kernels::has_vnni() {
@@ -61,7 +51,7 @@ macro_rules! with_vnni {
         }
     }};
 }
-#[cfg(target_arch = "x86_64")]
+#[cfg(avx2_kernels)]
 pub(crate) use with_vnni;
 
 /// The 32 signed bytes of a quantized block's `qs` as one `__m256i`, by one unaligned
@@ -69,7 +59,7 @@ pub(crate) use with_vnni;
 /// some kernels and, in the Q8_0 tile kernel unrolled, a 128-bit load, a broadcast and a
 /// blend: decode was 5-8% slower. A macro, like [`hsum8`], so that it expands inside the
 /// `#[target_feature]` kernels.
-#[cfg(target_arch = "x86_64")]
+#[cfg(avx2_kernels)]
 macro_rules! bytes32 {
     ($qs:expr) => {{
         let qs: &[i8; 32] = &$qs;
@@ -80,11 +70,11 @@ macro_rules! bytes32 {
         }
     }};
 }
-#[cfg(target_arch = "x86_64")]
+#[cfg(avx2_kernels)]
 pub(crate) use bytes32;
 
 /// The sum of an `__m256`'s eight lanes, added in the order of ggml's `hsum_float_8`.
-#[cfg(target_arch = "x86_64")]
+#[cfg(avx2_kernels)]
 macro_rules! hsum8 {
     ($v:expr) => {{
         use std::arch::x86_64::*;
@@ -95,7 +85,7 @@ macro_rules! hsum8 {
         _mm_cvtss_f32(one)
     }};
 }
-#[cfg(target_arch = "x86_64")]
+#[cfg(avx2_kernels)]
 pub(crate) use hsum8;
 
 pub(crate) mod exp;

@@ -102,6 +102,13 @@ impl LinBwd<'_> {
 }
 
 impl Ctx<'_> {
+    /// Query heads, key/value heads, head size, and query heads per key/value head.
+    fn heads(&self) -> (usize, usize, usize, usize) {
+        let c = &self.model.config;
+        let (nh, kvh) = (c.num_heads, c.num_kv_heads);
+        (nh, kvh, c.head_dim, nh / kvh)
+    }
+
     /// Whether layer `i` runs on the f32 host path (`host`: the pass qualifies; the
     /// layer's base weights must also be frozen and stacked).
     pub(super) fn on_host(&self, i: usize, host: bool, train: &BaseTrain) -> bool {
@@ -165,8 +172,7 @@ impl Ctx<'_> {
         let cfg = &m.config;
         let blk = &m.blocks[i];
         let (b, t) = (self.batch.batch, self.batch.seq);
-        let (nh, kvh, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let n_rep = nh / kvh;
+        let (nh, kvh, hd, n_rep) = self.heads();
         let s = self.scale();
         let mut lora: [Option<LoraSaved>; 7] = Default::default();
         let mut lin = |p: Projection, inp: &Tensor| -> Result<Tensor> {
@@ -247,8 +253,7 @@ impl Ctx<'_> {
         let cfg = &m.config;
         let blk = &m.blocks[i];
         let (b, t) = (self.batch.batch, self.batch.seq);
-        let (nh, kvh, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let n_rep = nh / kvh;
+        let (nh, kvh, hd, n_rep) = self.heads();
         let base_trainable = i >= train.first_layer;
         let lb = |p: Projection, need: bool| LinBwd {
             layer: i,
