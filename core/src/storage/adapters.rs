@@ -1,7 +1,8 @@
 //! Adapters: the stored LoRA adapters, which one each assistant has active, and the
 //! activation history a rollback walks back.
 
-use super::{Db, Result, StorageError, sql};
+use super::sql::Found;
+use super::{Db, Result, sql};
 use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
@@ -102,11 +103,7 @@ impl Db {
             (card.to_string(), id),
         )
         .await?;
-        if updated.rows_affected() == 0 {
-            return Err(StorageError::NotFound {
-                what: format!("adapter {id}"),
-            });
-        }
+        updated.found(|| format!("adapter {id}"))?;
         Ok(())
     }
 
@@ -146,11 +143,7 @@ impl Db {
             (adapter_id, assistant_id),
         )
         .await?;
-        if updated.rows_affected() == 0 {
-            return Err(StorageError::NotFound {
-                what: format!("assistant {assistant_id}"),
-            });
-        }
+        updated.found(|| format!("assistant {assistant_id}"))?;
         sql::execute(
             &mut *tx,
             "insert into adapter_activations (assistant_id, adapter_id, activated_by) values (?, ?, ?)",

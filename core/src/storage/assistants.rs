@@ -2,6 +2,7 @@
 //! the served base model) and the routes that say which one answers a bot, chat, guild or
 //! channel.
 
+use super::sql::Found;
 use super::{Db, Result, StorageError, sql};
 use serde::Serialize;
 
@@ -127,9 +128,7 @@ impl Db {
                 updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
         let saved = self.insert_assistant(name, base_model, s, on_taken).await?;
         // An upsert returns its row whether it inserted or updated.
-        saved.ok_or_else(|| StorageError::NotFound {
-            what: format!("assistant {name:?}"),
-        })
+        saved.found(|| format!("assistant {name:?}"))
     }
 
     /// A new assistant; an error when the name is taken.
@@ -188,9 +187,7 @@ impl Db {
             (s.system_prompt, s.generation.to_string(), s.activation, id),
         )
         .await?;
-        updated.ok_or_else(|| StorageError::NotFound {
-            what: format!("assistant {id}"),
-        })
+        updated.found(|| format!("assistant {id}"))
     }
 
     /// Delete an assistant with no conversations (its routes go with it; its jobs,
@@ -212,11 +209,7 @@ impl Db {
             });
         }
         let deleted = sql::execute(&mut *tx, "delete from assistants where id = ?", (id,)).await?;
-        if deleted.rows_affected() == 0 {
-            return Err(StorageError::NotFound {
-                what: format!("assistant {id}"),
-            });
-        }
+        deleted.found(|| format!("assistant {id}"))?;
         tx.commit().await?;
         Ok(())
     }
@@ -249,7 +242,7 @@ impl Db {
             Which::Name(n) => sql::optional(self.pool(), &sql, (n,)).await?,
             Which::Id(i) | Which::Conversation(i) => sql::optional(self.pool(), &sql, (i,)).await?,
         };
-        found.ok_or(StorageError::NotFound { what })
+        found.found(|| what)
     }
 
     pub async fn list_assistants(&self) -> Result<Vec<Assistant>> {
@@ -290,11 +283,7 @@ impl Db {
             (route_id, assistant_id),
         )
         .await?;
-        if deleted.rows_affected() == 0 {
-            return Err(StorageError::NotFound {
-                what: format!("route {route_id}"),
-            });
-        }
+        deleted.found(|| format!("route {route_id}"))?;
         Ok(())
     }
 

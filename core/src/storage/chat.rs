@@ -273,6 +273,27 @@ impl Db {
         Ok(rows)
     }
 
+    /// The conversation an (assistant) message belongs to; an error naming the problem
+    /// when the message does not exist or is not a reply.
+    pub async fn reply_conversation(&self, message_id: i64) -> Result<i64> {
+        let row: Option<(String, i64)> = sql::optional(
+            self.pool(),
+            "select role, conversation_id from messages where id = ?",
+            (message_id,),
+        )
+        .await?;
+        match row {
+            None => Err(StorageError::NotFound {
+                what: format!("message {message_id}"),
+            }),
+            Some((role, _)) if role != Role::Assistant.as_str() => Err(StorageError::Invalid {
+                what: "feedback".into(),
+                message: "only assistant replies can be rated or corrected".into(),
+            }),
+            Some((_, conversation)) => Ok(conversation),
+        }
+    }
+
     /// Record a rating and/or a correction by `rater` on an assistant message; giving
     /// feedback again replaces the earlier one.
     pub async fn set_feedback(
@@ -289,26 +310,7 @@ impl Db {
                 message: "use 1 (thumbs up) or -1 (thumbs down)".into(),
             });
         }
-        let role: Option<(String,)> = sql::optional(
-            self.pool(),
-            "select role from messages where id = ?",
-            (message_id,),
-        )
-        .await?;
-        match role {
-            None => {
-                return Err(StorageError::NotFound {
-                    what: format!("message {message_id}"),
-                });
-            }
-            Some((r,)) if r != "assistant" => {
-                return Err(StorageError::Invalid {
-                    what: "feedback".into(),
-                    message: "only assistant replies can be rated or corrected".into(),
-                });
-            }
-            Some(_) => {}
-        }
+        self.reply_conversation(message_id).await?;
         sql::one(
             self.pool(),
             "insert into feedback (message_id, rater, user_id, rating, correction) values (?, ?, ?, ?, ?)

@@ -2,7 +2,8 @@
 //! ratings and corrections, and training examples built from stored conversations (what
 //! the web console's conversation and dataset pages read and change).
 
-use super::{Db, Feedback, Platform, Result, StorageError, sql};
+use super::sql::Found;
+use super::{Db, Feedback, Platform, Result, sql};
 use crate::domain::{ChatExample, ChatMessage, Role};
 use crate::preference::{KtoRow, PreferencePair, PreferenceRows};
 use chrono::NaiveDate;
@@ -228,9 +229,7 @@ impl Db {
             (id,),
         )
         .await?;
-        let summary = summary.ok_or_else(|| StorageError::NotFound {
-            what: format!("conversation {id}"),
-        })?;
+        let summary = summary.found(|| format!("conversation {id}"))?;
         #[derive(sqlx::FromRow)]
         struct Row {
             id: i64,
@@ -275,27 +274,6 @@ impl Db {
             })
             .collect();
         Ok(ConversationDetail { summary, messages })
-    }
-
-    /// The conversation an (assistant) message belongs to; an error naming the problem
-    /// when the message does not exist or is not a reply.
-    pub async fn reply_conversation(&self, message_id: i64) -> Result<i64> {
-        let row: Option<(String, i64)> = sql::optional(
-            self.pool(),
-            "select role, conversation_id from messages where id = ?",
-            (message_id,),
-        )
-        .await?;
-        match row {
-            None => Err(StorageError::NotFound {
-                what: format!("message {message_id}"),
-            }),
-            Some((role, _)) if role != Role::Assistant.as_str() => Err(StorageError::Invalid {
-                what: "feedback".into(),
-                message: "only assistant replies can be rated or corrected".into(),
-            }),
-            Some((_, conversation)) => Ok(conversation),
-        }
     }
 
     /// The operator's feedback on a message, if any.
@@ -358,9 +336,7 @@ impl Db {
             (id,),
         )
         .await?;
-        row.map(|(e,)| e).ok_or_else(|| StorageError::NotFound {
-            what: format!("conversation {id}"),
-        })
+        row.map(|(e,)| e).found(|| format!("conversation {id}"))
     }
 
     /// Delete a conversation with its messages and their feedback. Dataset examples built
@@ -368,11 +344,7 @@ impl Db {
     pub async fn delete_conversation(&self, id: i64) -> Result<()> {
         let done =
             sql::execute(self.pool(), "delete from conversations where id = ?", (id,)).await?;
-        if done.rows_affected() == 0 {
-            return Err(StorageError::NotFound {
-                what: format!("conversation {id}"),
-            });
-        }
+        done.found(|| format!("conversation {id}"))?;
         Ok(())
     }
 
@@ -620,6 +592,7 @@ fn preference_rows(system_prompt: &str, turns: &[TurnRow], out: &mut PreferenceR
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::StorageError;
     use crate::storage::{NewDataset, NewJob, NewMessage};
     use sqlx::SqlitePool;
 

@@ -1,6 +1,7 @@
 //! Datasets: immutable, hashed snapshots of chat examples (or of preference rows),
 //! versioned per name.
 
+use super::sql::Found;
 use super::{Db, Result, StorageError, sql};
 use crate::domain::ChatExample;
 use crate::preference::Objective;
@@ -312,12 +313,9 @@ impl Db {
             }
             _ => e,
         })?;
-        if result.rows_affected() == 0 {
-            return Err(StorageError::NotFound {
-                what: format!("dataset {name:?}"),
-            });
-        }
-        Ok(result.rows_affected())
+        Ok(result
+            .found(|| format!("dataset {name:?}"))?
+            .rows_affected())
     }
 }
 

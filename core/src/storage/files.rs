@@ -1,6 +1,7 @@
 //! Uploaded files (OpenAI's `/v1/files`): the bytes as uploaded, until deleted.
 
-use super::{Db, Result, StorageError, sql};
+use super::sql::Found;
+use super::{Db, Result, sql};
 use serde::Serialize;
 
 /// A file's metadata (the bytes are read apart: [`Db::file_content`]).
@@ -43,9 +44,7 @@ impl Db {
     pub async fn file_content(&self, id: i64) -> Result<Vec<u8>> {
         let found: Option<(Vec<u8>,)> =
             sql::optional(self.pool(), "select content from files where id = ?", (id,)).await?;
-        found.map(|r| r.0).ok_or_else(|| StorageError::NotFound {
-            what: format!("file file-{id}"),
-        })
+        found.map(|r| r.0).found(|| format!("file file-{id}"))
     }
 
     /// Files of `purpose` (all when None), `limit` of them after the file `after` in the

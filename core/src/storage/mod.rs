@@ -50,6 +50,7 @@ pub use routing::{Canary, DailyRatings, Pin};
 pub use sweeps::Sweep;
 pub use updates::PendingUpdate;
 
+use sql::Found;
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use std::path::Path;
@@ -164,9 +165,7 @@ impl Db {
             (id,),
         )
         .await?;
-        found.ok_or_else(|| StorageError::NotFound {
-            what: format!("{what}{id}"),
-        })
+        found.found(|| format!("{what}{id}"))
     }
 
     /// `columns` ("a, b") as `alias.a, alias.b`, for a query that joins tables.

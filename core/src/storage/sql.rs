@@ -5,7 +5,7 @@
 //! The executor is anything sqlx runs statements on: the pool, or `&mut *tx` inside a
 //! transaction.
 
-use super::Result;
+use super::{Result, StorageError};
 use sqlx::sqlite::{SqliteArguments, SqliteQueryResult, SqliteRow};
 use sqlx::{Arguments, Encode, FromRow, Sqlite, SqliteExecutor, Type};
 
@@ -96,4 +96,27 @@ fetch! {
     value -> Option<T> = query_scalar_with.fetch_optional where [T: Send + Unpin, (T,): Row];
     /// The first column of every row a query returns.
     column -> Vec<T> = query_scalar_with.fetch_all where [T: Send + Unpin, (T,): Row];
+}
+
+/// `NotFound { what }` for a lookup that found no row or a statement that changed none.
+pub(crate) trait Found: Sized {
+    type Out;
+    fn found(self, what: impl FnOnce() -> String) -> Result<Self::Out>;
+}
+
+impl<T> Found for Option<T> {
+    type Out = T;
+    fn found(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.ok_or_else(|| StorageError::NotFound { what: what() })
+    }
+}
+
+impl Found for SqliteQueryResult {
+    type Out = SqliteQueryResult;
+    fn found(self, what: impl FnOnce() -> String) -> Result<Self> {
+        if self.rows_affected() == 0 {
+            return Err(StorageError::NotFound { what: what() });
+        }
+        Ok(self)
+    }
 }
