@@ -335,6 +335,25 @@ async fn bad_requests_get_a_clear_4xx_and_change_nothing() {
             .status(),
         404
     );
+    // An id the path cannot hold (not a number, not UTF-8) is a 404 saying what was
+    // looked for, not axum's plain-text 400.
+    for (method, path, says) in [
+        ("POST", "/api/v1/adapters/abc/activate", "no such id"),
+        ("GET", "/api/v1/fine-tune/%FF", "no such id"),
+        ("GET", "/v1/files/%FF", "no such file"),
+        ("GET", "/v1/fine_tuning/jobs/%FF", "no such fine-tuning job"),
+        ("GET", "/api/v1/assistants/%FF", "UTF-8"),
+    ] {
+        let req = if method == "POST" {
+            s.post(path)
+        } else {
+            s.get(path)
+        };
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 404, "{method} {path}");
+        let body = r.text().await.unwrap();
+        assert!(body.contains(says), "{method} {path}: {body}");
+    }
     let (got, _) = s.post_json("/api/v1/adapters/rollback", &json!({})).await;
     assert_eq!(got, 409, "nothing to roll back to");
 

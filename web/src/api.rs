@@ -6,6 +6,7 @@ use crate::assistant_api::{AssistantQuery, query_assistant};
 use crate::error::{ApiError, ApiJson, ErrorBody};
 use crate::operations::{self, CreateJob, DatasetView, Imported, JobView};
 use crate::paging::{List, Page, page_query};
+use crate::path_params::{JobPathId, NumericId};
 use crate::state::AppState;
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
@@ -144,26 +145,13 @@ async fn list_jobs(
 /// One fine-tuning job.
 #[utoipa::path(get, path = "/api/v1/fine-tune/{id}", params(("id" = String, Path, description = "N (a chat-model job) or clsjob-N (a classifier job)")),
     responses((status = 200, body = JobView, description = "a chat-model job; a classifier job answers a ClassifierJobView"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn get_job(
-    State(state): State<AppState>,
-    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
-) -> Result<Json<Value>, ApiError> {
-    match job_ref(id)? {
+async fn get_job(State(state): State<AppState>, job: JobRef) -> Result<Json<Value>, ApiError> {
+    match job {
         JobRef::Chat(id) => chat_job_json(&state, id).await,
         JobRef::Classifier(id) => {
             classifier_json(crate::classifier_api::get(State(state), Path(id))).await
         }
     }
-}
-
-fn path_id(
-    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
-) -> Result<i64, ApiError> {
-    id.map(|Path(i)| i).map_err(no_such_id)
-}
-
-fn no_such_id(e: axum::extract::rejection::PathRejection) -> ApiError {
-    ApiError::not_found(format!("no such id: {}", e.body_text()))
 }
 
 /// A view as the `Value` the job endpoints answer (a chat-model or a classifier job).
@@ -194,26 +182,28 @@ enum JobRef {
     Classifier(String),
 }
 
-fn job_ref(
-    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
-) -> Result<JobRef, ApiError> {
-    let Path(id) = id.map_err(no_such_id)?;
-    if id.starts_with(crate::classifier_api::ID_PREFIX) {
-        return Ok(JobRef::Classifier(id));
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for JobRef {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        let JobPathId(id) = JobPathId::from_request_parts(parts, state).await?;
+        if id.starts_with(crate::classifier_api::ID_PREFIX) {
+            return Ok(JobRef::Classifier(id));
+        }
+        id.parse()
+            .map(JobRef::Chat)
+            .map_err(|_| ApiError::not_found(format!("no such id: {id:?}")))
     }
-    id.parse()
-        .map(JobRef::Chat)
-        .map_err(|_| ApiError::not_found(format!("no such id: {id:?}")))
 }
 
 /// Cancel a job: a queued one at once, a running one at its next step (it keeps a checkpoint).
 #[utoipa::path(post, path = "/api/v1/fine-tune/{id}/cancel", params(("id" = String, Path, description = "N (a chat-model job) or clsjob-N (a classifier job)")),
     responses((status = 200, body = JobView, description = "a chat-model job; a classifier job answers a ClassifierJobView"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn cancel_job(
-    State(state): State<AppState>,
-    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
-) -> Result<Json<Value>, ApiError> {
-    match job_ref(id)? {
+async fn cancel_job(State(state): State<AppState>, job: JobRef) -> Result<Json<Value>, ApiError> {
+    match job {
         JobRef::Chat(id) => {
             operations::cancel_job(&state, id, &format!("job {id}"), crate::audit::API).await?;
             chat_job_json(&state, id).await
@@ -270,10 +260,10 @@ pub fn event_view(e: TrainingEvent) -> EventView {
 async fn job_events(
     State(state): State<AppState>,
     headers: HeaderMap,
-    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    job: JobRef,
     q: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let id = match job_ref(id)? {
+    let id = match job {
         JobRef::Chat(id) => id,
         JobRef::Classifier(id) => {
             return Ok(crate::classifier_api::events(State(state), Path(id))
@@ -463,10 +453,9 @@ async fn list_adapters(
     responses((status = 200, body = ActivationView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn activate_adapter(
     State(state): State<AppState>,
-    id: Result<Path<i64>, axum::extract::rejection::PathRejection>,
+    NumericId(id): NumericId,
     q: Result<Query<AssistantQuery>, QueryRejection>,
 ) -> Result<Json<ActivationView>, ApiError> {
-    let id = path_id(id)?;
     let assistant = query_assistant(&state, q).await?;
     Ok(Json(
         state

@@ -4,6 +4,7 @@
 //! default assistant).
 
 use crate::error::{ApiError, ErrorBody};
+use crate::path_params::AssistantName;
 use crate::state::AppState;
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
@@ -268,23 +269,14 @@ pub async fn create_assistant(
     Ok((StatusCode::CREATED, Json(assistant_view(&state, a).await?)))
 }
 
-fn path_name(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
-    p.map(|Path(n)| n)
-        .map_err(|e| ApiError::not_found(e.body_text()))
-}
-
 /// One assistant.
 #[utoipa::path(get, path = "/api/v1/assistants/{name}", params(("name" = String, Path)),
     responses((status = 200, body = AssistantView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn get_assistant(
     State(state): State<AppState>,
-    name: Result<Path<String>, PathRejection>,
+    AssistantName(name): AssistantName,
 ) -> Result<Json<AssistantView>, ApiError> {
-    let a = state
-        .core
-        .assistants
-        .named(&path_name(name)?, "name")
-        .await?;
+    let a = state.core.assistants.named(&name, "name").await?;
     Ok(Json(assistant_view(&state, a).await?))
 }
 
@@ -294,14 +286,10 @@ pub async fn get_assistant(
     responses((status = 200, body = AssistantView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn update_assistant(
     State(state): State<AppState>,
-    name: Result<Path<String>, PathRejection>,
+    AssistantName(name): AssistantName,
     b: Result<Json<AssistantRequest>, JsonRejection>,
 ) -> Result<Json<AssistantView>, ApiError> {
-    let old = state
-        .core
-        .assistants
-        .named(&path_name(name)?, "name")
-        .await?;
+    let old = state.core.assistants.named(&name, "name").await?;
     let req = body(b)?;
     if req.name.as_deref().is_some_and(|n| n != old.name) {
         return Err(ApiError::invalid(
@@ -327,13 +315,9 @@ pub async fn update_assistant(
     responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn delete_assistant(
     State(state): State<AppState>,
-    name: Result<Path<String>, PathRejection>,
+    AssistantName(name): AssistantName,
 ) -> Result<StatusCode, ApiError> {
-    let a = state
-        .core
-        .assistants
-        .named(&path_name(name)?, "name")
-        .await?;
+    let a = state.core.assistants.named(&name, "name").await?;
     state.core.assistants.delete(&a).await?;
     crate::audit::record(&state, crate::audit::API, "delete assistant", &a.name).await;
     Ok(StatusCode::NO_CONTENT)
@@ -345,14 +329,10 @@ pub async fn delete_assistant(
     responses((status = 201, body = RouteView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn add_route(
     State(state): State<AppState>,
-    name: Result<Path<String>, PathRejection>,
+    AssistantName(name): AssistantName,
     b: Result<Json<RouteRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<RouteView>), ApiError> {
-    let a = state
-        .core
-        .assistants
-        .named(&path_name(name)?, "name")
-        .await?;
+    let a = state.core.assistants.named(&name, "name").await?;
     let r = body(b)?;
     let key = r.key()?;
     let route = state

@@ -8,10 +8,11 @@ use crate::error::{ApiError, ApiJson, ErrorBody};
 use crate::job_files::method_name;
 use crate::openai_files::{FILE_PREFIX, stored_file};
 use crate::operations::{CreateJob, job_settings, unix};
+use crate::path_params::FineTuningJobId;
 use crate::state::AppState;
 use axum::Json;
-use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use loraloop_core::storage::{JobState, NewFileJob, TrainingEvent, TrainingJob};
 use loraloop_trainer::config::{Objective, TrainFile};
 use serde::{Deserialize, Serialize};
@@ -140,11 +141,6 @@ pub struct OpenAiList<T> {
 /// `ftjob-N` (or `N`) to N.
 pub fn job_number(id: &str) -> Option<i64> {
     crate::paging::prefixed_id(id, JOB_PREFIX).filter(|n| *n > 0)
-}
-
-fn path_job(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
-    p.map(|Path(s)| s)
-        .map_err(|e| ApiError::not_found(format!("no such fine-tuning job: {}", e.body_text())))
 }
 
 async fn job_named(state: &AppState, id: &str) -> Result<TrainingJob, ApiError> {
@@ -550,9 +546,8 @@ pub async fn list_fine_tuning_jobs(
     responses((status = 200, body = FineTuningJob), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn get_fine_tuning_job(
     State(state): State<AppState>,
-    id: Result<Path<String>, PathRejection>,
+    FineTuningJobId(id): FineTuningJobId,
 ) -> Result<Json<FineTuningJob>, ApiError> {
-    let id = path_job(id)?;
     let job = job_named(&state, &id).await?;
     Ok(Json(job_object(&state, &job).await?))
 }
@@ -562,9 +557,8 @@ pub async fn get_fine_tuning_job(
     responses((status = 200, body = FineTuningJob), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 pub async fn cancel_fine_tuning_job(
     State(state): State<AppState>,
-    id: Result<Path<String>, PathRejection>,
+    FineTuningJobId(id): FineTuningJobId,
 ) -> Result<Json<FineTuningJob>, ApiError> {
-    let id = path_job(id)?;
     let job = job_named(&state, &id).await?;
     crate::operations::cancel_job(&state, job.id, &id, crate::audit::API).await?;
     let job = state.core.db.job(job.id).await?;
@@ -707,10 +701,9 @@ fn describe(p: &Value) -> String {
     responses((status = 200, body = OpenAiList<JobEvent>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn list_fine_tuning_events(
     State(state): State<AppState>,
-    id: Result<Path<String>, PathRejection>,
+    FineTuningJobId(id): FineTuningJobId,
     q: Result<Query<OpenAiPage>, QueryRejection>,
 ) -> Result<Json<OpenAiList<JobEvent>>, ApiError> {
-    let id = path_job(id)?;
     let job = job_named(&state, &id).await?;
     let (limit, after) = page(q, EVENT_PREFIX)?;
     let mut events = state
@@ -743,10 +736,9 @@ pub struct JobCheckpoint {
     responses((status = 200, body = OpenAiList<JobCheckpoint>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn list_fine_tuning_checkpoints(
     State(state): State<AppState>,
-    id: Result<Path<String>, PathRejection>,
+    FineTuningJobId(id): FineTuningJobId,
     q: Result<Query<OpenAiPage>, QueryRejection>,
 ) -> Result<Json<OpenAiList<JobCheckpoint>>, ApiError> {
-    let id = path_job(id)?;
     let job = job_named(&state, &id).await?;
     let (_, after) = page(q, CHECKPOINT_PREFIX)?;
     let db = &state.core.db;

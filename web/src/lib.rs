@@ -30,6 +30,7 @@ pub mod openai;
 pub mod openai_files;
 pub mod operations;
 pub mod paging;
+pub mod path_params;
 pub mod state;
 pub mod sweep_api;
 pub mod telegram_webhook;

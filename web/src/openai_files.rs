@@ -3,10 +3,11 @@
 //! object per line); what the lines hold is checked when a job validates it.
 
 use crate::error::{ApiError, ErrorBody};
+use crate::path_params::FileId;
 use crate::state::AppState;
 use axum::Json;
-use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, Request, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use loraloop_core::storage::{NewFile, StoredFile};
@@ -71,11 +72,6 @@ pub async fn stored_file(state: &AppState, id: &str) -> Result<StoredFile, ApiEr
     let missing = || ApiError::not_found(format!("no such file: {id}"));
     let n = file_number(id).ok_or_else(missing)?;
     state.core.db.file(n).await.map_err(|_| missing())
-}
-
-fn path_file(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
-    p.map(|Path(s)| s)
-        .map_err(|e| ApiError::not_found(format!("no such file: {}", e.body_text())))
 }
 
 /// The problem with a fine-tune upload's bytes, if any: not UTF-8, a line that is not a
@@ -211,9 +207,8 @@ pub async fn list_files(
     responses((status = 200, body = FileObject), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn get_file(
     State(state): State<AppState>,
-    id: Result<Path<String>, PathRejection>,
+    FileId(id): FileId,
 ) -> Result<Json<FileObject>, ApiError> {
-    let id = path_file(id)?;
     Ok(Json(stored_file(&state, &id).await?.into()))
 }
 
@@ -222,9 +217,8 @@ pub async fn get_file(
     responses((status = 200, body = FileDeleted), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn delete_file(
     State(state): State<AppState>,
-    id: Result<Path<String>, PathRejection>,
+    FileId(id): FileId,
 ) -> Result<Json<FileDeleted>, ApiError> {
-    let id = path_file(id)?;
     let f = stored_file(&state, &id).await?;
     if !state.core.db.delete_file(f.id).await? {
         return Err(ApiError::not_found(format!("no such file: {id}")));
@@ -248,9 +242,8 @@ pub async fn delete_file(
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn file_content(
     State(state): State<AppState>,
-    id: Result<Path<String>, PathRejection>,
+    FileId(id): FileId,
 ) -> Result<Response, ApiError> {
-    let id = path_file(id)?;
     let f = stored_file(&state, &id).await?;
     let bytes = state.core.db.file_content(f.id).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
