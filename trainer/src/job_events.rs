@@ -12,11 +12,7 @@ pub async fn store_event(db: &Db, id: i64, e: &TrainEvent) -> anyhow::Result<()>
             db.set_job_progress_target(id, None, Some(*total_steps as i64))
                 .await?;
             message = serde_json::to_string(e)?;
-            NewTrainingEvent {
-                kind: "state",
-                message: Some(&message),
-                ..Default::default()
-            }
+            NewTrainingEvent::message("state", &message)
         }
         TrainEvent::Step {
             step,
@@ -51,11 +47,7 @@ pub async fn store_event(db: &Db, id: i64, e: &TrainEvent) -> anyhow::Result<()>
         }
         other => {
             message = serde_json::to_string(other)?;
-            NewTrainingEvent {
-                kind: "log",
-                message: Some(&message),
-                ..Default::default()
-            }
+            NewTrainingEvent::message("log", &message)
         }
     };
     db.add_training_event(id, &ev).await?;

@@ -152,15 +152,8 @@ async fn recover_abandoned(db: &Db) -> anyhow::Result<()> {
     ] {
         for id in ids {
             tracing::warn!("job {id}: {message}");
-            db.add_training_event(
-                id,
-                &NewTrainingEvent {
-                    kind: "state",
-                    message: Some(message),
-                    ..Default::default()
-                },
-            )
-            .await?;
+            db.add_training_event(id, &NewTrainingEvent::message("state", message))
+                .await?;
         }
     }
     Ok(())
@@ -204,14 +197,7 @@ pub async fn run_next(
             let message = format!("{e:#}");
             tracing::error!("job {id} failed: {message}");
             let _ = db
-                .add_training_event(
-                    id,
-                    &NewTrainingEvent {
-                        kind: "state",
-                        message: Some(&message),
-                        ..Default::default()
-                    },
-                )
+                .add_training_event(id, &NewTrainingEvent::message("state", &message))
                 .await;
             db.transition_job(id, JobState::Running, JobState::Failed, Some(&message))
                 .await?;

@@ -72,14 +72,7 @@ async fn event(state: &AppState, id: i64, level: &str, message: &str) {
     let stored = state
         .core
         .db
-        .add_training_event(
-            id,
-            &NewTrainingEvent {
-                kind: "log",
-                message: Some(&text),
-                ..Default::default()
-            },
-        )
+        .add_training_event(id, &NewTrainingEvent::message("log", &text))
         .await;
     if let Err(e) = stored {
         tracing::warn!("job {id}: cannot store an event: {e}");

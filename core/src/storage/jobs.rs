@@ -101,6 +101,17 @@ pub struct NewTrainingEvent<'a> {
     pub message: Option<&'a str>,
 }
 
+impl<'a> NewTrainingEvent<'a> {
+    /// An event that is only a message (`state` and `log` events).
+    pub fn message(kind: &'a str, message: &'a str) -> Self {
+        Self {
+            kind,
+            message: Some(message),
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
 pub struct TrainingEvent {
     pub id: i64,
