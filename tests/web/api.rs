@@ -883,6 +883,17 @@ async fn every_name_v1_models_lists_is_a_model_id_and_an_adapter_name_continues_
         .await;
     assert_eq!(status, 422, "{err}");
     assert_eq!(err["error"]["param"], "model_id");
+    // The OpenAI route likewise: a DPO job does not continue an adapter.
+    let (status, err) = s
+        .post_json(
+            "/v1/fine_tuning/jobs",
+            &json!({"model": adapter, "training_file": "file-1", "method": {"type": "dpo"}}),
+        )
+        .await;
+    assert_eq!(status, 422, "{err}");
+    assert_eq!(err["error"]["param"], "model");
+    let message = err["error"]["message"].as_str().unwrap();
+    assert!(message.contains("only a LoRA fine-tune"), "{message}");
 
     // An unknown name is refused with every accepted name in the message.
     let (status, err) = s

@@ -308,18 +308,7 @@ pub async fn create_fine_tuning_job(
     let chosen = crate::job_model::job_model(&state, Some(&req.model))
         .await
         .map_err(|e| e.with_param("model"))?;
-    if let Some(a) = &chosen.init_adapter {
-        if objective != Objective::Sft {
-            return Err(ApiError::invalid(
-                "model",
-                format!(
-                    "only a supervised job continues from adapter {:?}; a DPO job starts from the base model (model \"base\" or an assistant's name)",
-                    a.name
-                ),
-            ));
-        }
-        settings.insert("lora_model_dir".into(), Value::from(a.path.clone()));
-    }
+    chosen.continue_from_adapter(&mut settings, "model")?;
     let assistant =
         crate::assistant_api::assistant_named(&state, chosen.assistant.as_deref(), "model").await?;
     let file = |param: &'static str, id: String| {

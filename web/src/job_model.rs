@@ -4,6 +4,7 @@
 use crate::error::ApiError;
 use crate::state::AppState;
 use loraloop_core::storage::Adapter;
+use serde_json::{Map, Value};
 
 /// The base a job trains and where it starts from.
 #[derive(Debug, Default)]
@@ -14,6 +15,36 @@ pub struct JobModel {
     pub assistant: Option<String>,
     /// The adapter training continues from, when `model_id` named one.
     pub init_adapter: Option<Adapter>,
+}
+
+impl JobModel {
+    /// Make `settings` (a job's training keys) continue from the adapter the model id
+    /// named, if it named one. Only a LoRA fine-tune on chat examples can: anything else
+    /// is refused, `param` naming the request's model field.
+    pub fn continue_from_adapter(
+        &self,
+        settings: &mut Map<String, Value>,
+        param: &str,
+    ) -> Result<(), ApiError> {
+        let Some(a) = &self.init_adapter else {
+            return Ok(());
+        };
+        let trains_lora = settings.get("rl").is_none()
+            && settings
+                .get("finetuning_type")
+                .is_none_or(|m| m.as_str() == Some("lora"));
+        if !trains_lora {
+            return Err(ApiError::invalid(
+                param,
+                format!(
+                    "only a LoRA fine-tune (sft) continues from adapter {:?}; dpo, kto, full and freeze runs start from the base model ({param} \"base\" or an assistant's name)",
+                    a.name
+                ),
+            ));
+        }
+        settings.insert("lora_model_dir".into(), Value::from(a.path.clone()));
+        Ok(())
+    }
 }
 
 /// Resolve `model_id` (None: the served model).

@@ -448,22 +448,7 @@ pub async fn create_trial(
         }
     };
     match_dataset_kind(&mut settings, &dataset)?;
-    if let Some(a) = &chosen.init_adapter {
-        let trains_lora = settings.get("rl").is_none()
-            && settings
-                .get("finetuning_type")
-                .is_none_or(|m| m.as_str() == Some("lora"));
-        if !trains_lora {
-            return Err(ApiError::invalid(
-                "model_id",
-                format!(
-                    "only a LoRA fine-tune (sft) continues from adapter {:?}; dpo, kto, full and freeze runs start from the base model (model_id \"base\" or an assistant's name)",
-                    a.name
-                ),
-            ));
-        }
-        settings.insert("lora_model_dir".into(), Value::from(a.path.clone()));
-    }
+    chosen.continue_from_adapter(&mut settings, "model_id")?;
     if let (Some(a), Some(b)) = (&req.assistant, &chosen.assistant)
         && a != b
     {
