@@ -100,24 +100,17 @@ async fn page(
                     }
                     label for="c-data" { "Data in " code { (dir.display()) } ": a JSONL/CSV file of texts, or a folder of class folders" }
                     input id="c-data" name="data_path" value=(v("data_path", "")) required;
-                    label for="c-eval" { "Held-out data (optional; default: the folder's val/, else a split)" }
-                    input id="c-eval" name="eval_data_path" value=(v("eval_data_path", ""));
+                    (text_field("eval", "eval_data_path", "Held-out data (optional; default: the folder's val/, else a split)", &v("eval_data_path", "")))
                     label for="c-method" { "Method" }
                     select id="c-method" name="method" { (choices("method", &["full", "freeze", "lora"], "full")) }
-                    label for="c-epochs" { "Epochs" }
-                    input id="c-epochs" name="epochs" value=(v("epochs", "3"));
-                    label for="c-batch" { "Batch size" }
-                    input id="c-batch" name="batch_size" value=(v("batch_size", "16"));
-                    label for="c-lr" { "Learning rate (empty: the method's default)" }
-                    input id="c-lr" name="learning_rate" value=(v("learning_rate", ""));
-                    label for="c-freeze" { "Freeze: last layers that train (0: only the head)" }
-                    input id="c-freeze" name="freeze_trainable_layers" value=(v("freeze_trainable_layers", ""));
+                    (text_field("epochs", "epochs", "Epochs", &v("epochs", "3")))
+                    (text_field("batch", "batch_size", "Batch size", &v("batch_size", "16")))
+                    (text_field("lr", "learning_rate", "Learning rate (empty: the method's default)", &v("learning_rate", "")))
+                    (text_field("freeze", "freeze_trainable_layers", "Freeze: last layers that train (0: only the head)", &v("freeze_trainable_layers", "")))
                     label for="c-metric" { "Best checkpoint by" }
                     select id="c-metric" name="metric_for_best_model" { (choices("metric_for_best_model", &["accuracy", "macro_f1", "loss"], "accuracy")) }
-                    label for="c-size" { "Images: side in pixels" }
-                    input id="c-size" name="image_size" value=(v("image_size", "224"));
-                    label for="c-len" { "Texts: tokens per text (empty: the model's)" }
-                    input id="c-len" name="sequence_len" value=(v("sequence_len", ""));
+                    (text_field("size", "image_size", "Images: side in pixels", &v("image_size", "224")))
+                    (text_field("len", "sequence_len", "Texts: tokens per text (empty: the model's)", &v("sequence_len", "")))
                     label.check for="c-ckpt" {
                         input id="c-ckpt" type="checkbox" name="gradient_checkpointing" value="on" checked[!field(form, "gradient_checkpointing").is_empty()];
                         " Gradient checkpointing (less memory: each layer's activations are recomputed in the backward pass)"
@@ -154,6 +147,15 @@ async fn page(
 }
 
 /// The form as the API's request: numbers parsed, empty fields left to the defaults.
+/// A labelled text input of the form (its element id is `c-` and `id`).
+fn text_field(id: &str, name: &str, label: &str, value: &str) -> Markup {
+    let id = format!("c-{id}");
+    html! {
+        label for=(id) { (label) }
+        input id=(id) name=(name) value=(value);
+    }
+}
+
 fn request(pairs: &[(String, String)]) -> Result<CreateJob, ApiError> {
     let opt = |k: &str| Some(field(pairs, k).trim()).filter(|s| !s.is_empty());
     let mut hp = Map::new();
