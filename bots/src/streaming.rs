@@ -28,6 +28,9 @@ pub fn start_failure_notice(e: &ServiceError) -> &'static str {
 /// A chat where a reply is streamed: a platform's messages in one chat or channel.
 pub trait ReplyChannel: Sync {
     type Id: Copy + Send + Sync;
+    const PLATFORM: Platform;
+    /// The platform's limit on a message's characters.
+    const MAX_CHARS: usize;
     /// "typing…" lapses after this long and is shown again while nothing is visible yet.
     const TYPING_INTERVAL: Duration;
     /// A new message; its id.
@@ -164,6 +167,8 @@ pub struct Incoming<'a> {
     pub user_id: i64,
     pub text: &'a str,
     pub platform_message_id: &'a str,
+    /// The key of the update it came in (the reply's slot, see [`ReplySlot`]).
+    pub update_key: &'a str,
 }
 
 /// A reply to deliver: its final text, the stored reply's id and the platform message it
@@ -184,9 +189,12 @@ pub async fn answer_once<C: ReplyChannel>(
     core: &Services,
     incoming: &Incoming<'_>,
     channel: impl FnOnce(Option<C::Id>) -> C,
-    max_chars: usize,
-    slot: &ReplySlot<'_>,
 ) -> anyhow::Result<()> {
+    let slot = &ReplySlot {
+        db: &core.db,
+        platform: C::PLATFORM,
+        update_key: incoming.update_key,
+    };
     let earlier = slot
         .db
         .stored_reply_to(incoming.conversation_id, incoming.platform_message_id)
@@ -202,8 +210,7 @@ pub async fn answer_once<C: ReplyChannel>(
         },
         None => {
             ch.typing().await;
-            let (sent, finished, stored) =
-                answer(core, incoming, &ch, max_chars, slot, started).await?;
+            let (sent, finished, stored) = answer(core, incoming, &ch, slot, started).await?;
             ToDeliver {
                 sent,
                 text: finished.text,
@@ -229,7 +236,6 @@ async fn answer<C: ReplyChannel>(
     core: &Services,
     incoming: &Incoming<'_>,
     ch: &C,
-    max_chars: usize,
     slot: &ReplySlot<'_>,
     started: Option<C::Id>,
 ) -> anyhow::Result<(Option<C::Id>, Finished, StoredMessage)> {
@@ -238,6 +244,7 @@ async fn answer<C: ReplyChannel>(
         user_id,
         text,
         platform_message_id,
+        ..
     } = incoming;
     let mut turn = match core
         .chat
@@ -261,7 +268,7 @@ async fn answer<C: ReplyChannel>(
             return Err(anyhow::Error::new(e).context("cannot start the reply"));
         }
     };
-    let (sent, finished) = stream_reply(&mut turn, ch, max_chars, started, slot).await?;
+    let (sent, finished) = stream_reply(&mut turn, ch, started, slot).await?;
     drop(turn.in_flight);
     let stored = core.chat.store_reply(conversation_id, &finished).await?;
     Ok((sent, finished, stored))
@@ -274,14 +281,13 @@ pub const QUEUE_NOTICE_AFTER: Duration = Duration::from_secs(2);
 /// Stream `turn`'s reply into `ch`: "typing…" until there is text (and, when the engine is
 /// busy for longer than [`QUEUE_NOTICE_AFTER`], a message with the place in line, which
 /// the reply then replaces), the first words as soon as they exist, then an edit at most
-/// every [`EDIT_INTERVAL`] while the text fits in one message of `max_chars`. Returns the
+/// every [`EDIT_INTERVAL`] while the text fits in one message (`C::MAX_CHARS`). Returns the
 /// streamed message (None when nothing was shown) and the finished generation; the
 /// caller sends the final text. A failed generation is told to the user and returned as
 /// an error.
 async fn stream_reply<C: ReplyChannel>(
     turn: &mut Turn,
     ch: &C,
-    max_chars: usize,
     started: Option<C::Id>,
     slot: &ReplySlot<'_>,
 ) -> anyhow::Result<(Option<C::Id>, Finished)> {
@@ -335,7 +341,7 @@ async fn stream_reply<C: ReplyChannel>(
             Some(Event::Text(t)) => {
                 reply.push_str(&t);
                 let shown = reply.trim();
-                if shown.is_empty() || shown.chars().count() > max_chars {
+                if shown.is_empty() || shown.chars().count() > C::MAX_CHARS {
                     if (sent.is_none() || placeholder)
                         && last_typing.elapsed() >= C::TYPING_INTERVAL
                     {

@@ -244,6 +244,8 @@ struct TgChat<'a> {
 
 impl streaming::ReplyChannel for TgChat<'_> {
     type Id = MessageId;
+    const PLATFORM: Platform = Platform::Telegram;
+    const MAX_CHARS: usize = MAX_MESSAGE_CHARS;
     /// Telegram shows "typing…" for 5 seconds.
     const TYPING_INTERVAL: Duration = Duration::from_secs(4);
 
@@ -510,11 +512,6 @@ impl TelegramBot {
             .await?;
         // A replayed update whose reply Telegram did not confirm is sent its stored text
         // (the user may see it twice: the one duplicate a kill at that moment can cause).
-        let slot = streaming::ReplySlot {
-            db,
-            platform: Platform::Telegram,
-            update_key: key,
-        };
         streaming::answer_once(
             &self.core,
             &streaming::Incoming {
@@ -522,13 +519,12 @@ impl TelegramBot {
                 user_id: user.id,
                 text: &text,
                 platform_message_id: &m.id.0.to_string(),
+                update_key: key,
             },
             |_| TgChat {
                 bot: &self.bot,
                 chat,
             },
-            MAX_MESSAGE_CHARS,
-            &slot,
         )
         .await
     }

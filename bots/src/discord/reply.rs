@@ -30,6 +30,8 @@ pub(super) struct DiscordChannel<'a> {
 
 impl streaming::ReplyChannel for DiscordChannel<'_> {
     type Id = MessageId;
+    const PLATFORM: Platform = Platform::Discord;
+    const MAX_CHARS: usize = MAX_MESSAGE_CHARS;
     /// Discord shows "typing" for about 10 s after each trigger.
     const TYPING_INTERVAL: Duration = Duration::from_secs(8);
 
@@ -292,12 +294,6 @@ impl DiscordBot {
             .current_conversation(assistant.id, chat, thread.as_deref(), Some(user.id))
             .await?;
         let message_id = m.id.get().to_string();
-        // The update's key is the message's id (see `receive`).
-        let slot = streaming::ReplySlot {
-            db,
-            platform: Platform::Discord,
-            update_key: &message_id,
-        };
         streaming::answer_once(
             &self.core,
             &streaming::Incoming {
@@ -305,14 +301,14 @@ impl DiscordBot {
                 user_id: user.id,
                 text: &text,
                 platform_message_id: &message_id,
+                // The update's key is the message's id (see `receive`).
+                update_key: &message_id,
             },
             |started: Option<MessageId>| DiscordChannel {
                 bot: self,
                 channel,
                 reply_nonce: Mutex::new(started.is_none().then(|| reply_nonce(&message_id, 0))),
             },
-            MAX_MESSAGE_CHARS,
-            &slot,
         )
         .await
     }
