@@ -14,22 +14,105 @@ pub const RENEW_EVERY: Duration = Duration::from_secs(4);
 /// Claims of one job that may end without a clean stop before it fails.
 pub const MAX_ATTEMPTS: i64 = 3;
 
-/// Renew a lease in the background until `renew` (given the database) answers false (the
-/// job is no longer running) or the returned handle is aborted.
-pub fn keep_renewed<F, Fut>(db: &Db, job: String, renew: F) -> tokio::task::JoinHandle<()>
+/// Run `work` while its job's lease is renewed in the background, until `renew` (given the
+/// database) answers false (the job is no longer running). The renewal stops with `work`,
+/// also when `work` is dropped before it ends (a worker cancelled mid-job): a lease must
+/// not outlive the work it stands for.
+pub async fn while_renewed<F, Fut, T>(
+    db: &Db,
+    job: String,
+    renew: F,
+    work: impl Future<Output = T>,
+) -> T
+where
+    F: Fn(Db) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<bool, StorageError>> + Send,
+{
+    renewed_every(RENEW_EVERY, db, job, renew, work).await
+}
+
+async fn renewed_every<F, Fut, T>(
+    every: Duration,
+    db: &Db,
+    job: String,
+    renew: F,
+    work: impl Future<Output = T>,
+) -> T
 where
     F: Fn(Db) -> Fut + Send + 'static,
     Fut: Future<Output = Result<bool, StorageError>> + Send,
 {
     let db = db.clone();
-    tokio::spawn(async move {
+    let _renewing = AbortOnDrop(tokio::spawn(async move {
         loop {
-            tokio::time::sleep(RENEW_EVERY).await;
+            tokio::time::sleep(every).await;
             match renew(db.clone()).await {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(e) => tracing::warn!("{job}: cannot renew its lease: {e}"),
             }
         }
-    })
+    }));
+    work.await
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
+    type Renewal = std::future::Ready<Result<bool, StorageError>>;
+
+    /// A renewal that only counts itself.
+    fn counting(n: &Arc<AtomicUsize>) -> impl Fn(Db) -> Renewal + Send + 'static {
+        let n = n.clone();
+        move |_| {
+            n.fetch_add(1, SeqCst);
+            std::future::ready(Ok(true))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lease_is_renewed_while_its_work_runs_and_not_once_it_ended_or_was_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("t.db")).await.unwrap();
+        let every = Duration::from_millis(20);
+        let settle = || tokio::time::sleep(Duration::from_millis(150));
+
+        let ended = Arc::new(AtomicUsize::new(0));
+        let work = tokio::time::sleep(Duration::from_millis(200));
+        renewed_every(every, &db, "job 1".into(), counting(&ended), work).await;
+        let at_end = ended.load(SeqCst);
+        assert!(at_end >= 2, "renewed {at_end} times in 200 ms of work");
+        settle().await;
+        assert_eq!(ended.load(SeqCst), at_end, "renewed after the work ended");
+
+        // A worker cancelled mid-job drops its work: the renewals stop with it.
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let forever = std::future::pending::<()>();
+        let cancelled = tokio::time::timeout(
+            Duration::from_millis(200),
+            renewed_every(every, &db, "job 2".into(), counting(&dropped), forever),
+        )
+        .await;
+        assert!(cancelled.is_err());
+        let at_drop = dropped.load(SeqCst);
+        assert!(at_drop >= 2, "renewed {at_drop} times before the drop");
+        settle().await;
+        assert_eq!(
+            dropped.load(SeqCst),
+            at_drop,
+            "renewed after the work was dropped"
+        );
+    }
 }
