@@ -14,24 +14,12 @@ pub const RENEW_EVERY: Duration = Duration::from_secs(4);
 /// Claims of one job that may end without a clean stop before it fails.
 pub const MAX_ATTEMPTS: i64 = 3;
 
-/// Run `work` while its job's lease is renewed in the background, until `renew` (given the
-/// database) answers false (the job is no longer running). The renewal stops with `work`,
-/// also when `work` is dropped before it ends (a worker cancelled mid-job): a lease must
-/// not outlive the work it stands for.
+/// Run `work` while its job's lease is renewed in the background, `every` so often (the
+/// workers: [`RENEW_EVERY`]), until `renew` (given the database) answers false (the job is
+/// no longer running). The renewal stops with `work`, also when `work` is dropped before
+/// it ends (a worker cancelled mid-job, or a panic unwinding through it): a lease must not
+/// outlive the work it stands for.
 pub async fn while_renewed<F, Fut, T>(
-    db: &Db,
-    job: String,
-    renew: F,
-    work: impl Future<Output = T>,
-) -> T
-where
-    F: Fn(Db) -> Fut + Send + 'static,
-    Fut: Future<Output = Result<bool, StorageError>> + Send,
-{
-    renewed_every(RENEW_EVERY, db, job, renew, work).await
-}
-
-async fn renewed_every<F, Fut, T>(
     every: Duration,
     db: &Db,
     job: String,
@@ -91,7 +79,7 @@ mod tests {
 
         let ended = Arc::new(AtomicUsize::new(0));
         let work = tokio::time::sleep(Duration::from_millis(200));
-        renewed_every(every, &db, "job 1".into(), counting(&ended), work).await;
+        while_renewed(every, &db, "job 1".into(), counting(&ended), work).await;
         let at_end = ended.load(SeqCst);
         assert!(at_end >= 2, "renewed {at_end} times in 200 ms of work");
         settle().await;
@@ -102,7 +90,7 @@ mod tests {
         let forever = std::future::pending::<()>();
         let cancelled = tokio::time::timeout(
             Duration::from_millis(200),
-            renewed_every(every, &db, "job 2".into(), counting(&dropped), forever),
+            while_renewed(every, &db, "job 2".into(), counting(&dropped), forever),
         )
         .await;
         assert!(cancelled.is_err());

@@ -13,7 +13,7 @@ use crate::events::{Ending, TrainEvent};
 use crate::fingerprint::hash_model;
 use crate::job_card::{self, GateOptions};
 use crate::job_events::store_event;
-use crate::lease::{LEASE_SECS, MAX_ATTEMPTS, while_renewed};
+use crate::lease::{LEASE_SECS, MAX_ATTEMPTS, RENEW_EVERY, while_renewed};
 use crate::preference::{parse_stored, train_preferences};
 use crate::run::{TrainJob, auto_train_dtype, train};
 use candle_core::Device;
@@ -176,7 +176,7 @@ pub async fn run_next(
     );
     let renew = move |db: Db| async move { db.renew_job_lease(id, LEASE_SECS).await };
     let work = run_job(db, opts, &job, shutdown);
-    let result = while_renewed(db, format!("job {id}"), renew, work).await;
+    let result = while_renewed(RENEW_EVERY, db, format!("job {id}"), renew, work).await;
     match result {
         Ok(JobEnd::Succeeded) => {
             let csv = crate::job_events::results_csv(&db.training_events(id, 0).await?);

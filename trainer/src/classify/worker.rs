@@ -6,7 +6,7 @@ use super::data;
 use super::run::{ClassifyEvent, Run};
 use super::settings::ClassifySettings;
 use crate::config::TrainFile;
-use crate::lease::{LEASE_SECS, MAX_ATTEMPTS, while_renewed};
+use crate::lease::{LEASE_SECS, MAX_ATTEMPTS, RENEW_EVERY, while_renewed};
 use candle_core::Device;
 use loraloop_core::storage::{ClassifierJob, Db};
 use loraloop_model::classify::{self, Task};
@@ -65,7 +65,7 @@ pub async fn run_next(
     let id = job.id;
     let renew = move |db: Db| async move { db.renew_classifier_lease(id, LEASE_SECS).await };
     let work = run_job(db, device, &job, shutdown.clone());
-    let result = while_renewed(db, format!("classifier job {id}"), renew, work).await;
+    let result = while_renewed(RENEW_EVERY, db, format!("classifier job {id}"), renew, work).await;
     let (state, error) = match result {
         Ok(false) => ("succeeded", None),
         Ok(true) if shutdown.load(Ordering::SeqCst) => {
