@@ -238,11 +238,11 @@ impl Db {
             ),
         };
         let sql = format!("select {ASSISTANT_COLUMNS} from assistants where {condition}");
-        let found: Option<Assistant> = match which {
+        let row: Option<Assistant> = match which {
             Which::Name(n) => sql::optional(self.pool(), &sql, (n,)).await?,
             Which::Id(i) | Which::Conversation(i) => sql::optional(self.pool(), &sql, (i,)).await?,
         };
-        found.found(|| what)
+        row.found(|| what)
     }
 
     pub async fn list_assistants(&self) -> Result<Vec<Assistant>> {

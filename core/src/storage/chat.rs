@@ -1,6 +1,7 @@
 //! Platform users, chats, conversations, messages and feedback: what the chat service
 //! stores for every turn on every platform.
 
+use super::sql::Found;
 use super::{Db, Result, StorageError, sql};
 use crate::domain::Role;
 use serde::Serialize;
@@ -282,16 +283,14 @@ impl Db {
             (message_id,),
         )
         .await?;
-        match row {
-            None => Err(StorageError::NotFound {
-                what: format!("message {message_id}"),
-            }),
-            Some((role, _)) if role != Role::Assistant.as_str() => Err(StorageError::Invalid {
+        let (role, conversation) = row.found(|| format!("message {message_id}"))?;
+        if role != Role::Assistant.as_str() {
+            return Err(StorageError::Invalid {
                 what: "feedback".into(),
                 message: "only assistant replies can be rated or corrected".into(),
-            }),
-            Some((_, conversation)) => Ok(conversation),
+            });
         }
+        Ok(conversation)
     }
 
     /// Record a rating and/or a correction by `rater` on an assistant message; giving
