@@ -1,6 +1,7 @@
 //! The official `openai` Python client against the OpenAI-compatible endpoint (CI
 //! installs it with pip; see .ci/run). Streaming and non-streaming, model listing, and
-//! the client's error type for a bad request.
+//! the client's error type for a bad request, and a second turn that resends the first
+//! reply as the client returned it.
 
 use crate::support::{KEY, start};
 
@@ -21,6 +22,16 @@ for chunk in client.chat.completions.create(model="base", messages=[{"role": "us
     if chunk.usage:
         out["stream_usage"] = chunk.usage.completion_tokens
 out["streamed"] = "".join(pieces)
+# The usual multi-turn loop: the reply goes back as the client hands it out (model_dump()
+# carries refusal, annotations, audio, function_call and tool_calls as null), with the
+# neutral values of parameters this server does not implement.
+history = [{"role": "user", "content": "Hello there"}, r.choices[0].message.model_dump(), {"role": "user", "content": "And then?"}]
+r2 = client.chat.completions.create(model="loraloop", messages=history, max_tokens=4, temperature=0, response_format={"type": "text"}, tool_choice="none", parallel_tool_calls=False, logit_bias={}, store=False, metadata={"run": "test"}, safety_identifier="u-1")
+out["second_turn"] = r2.usage.prompt_tokens > r.usage.prompt_tokens and r2.usage.completion_tokens == 4
+try:
+    client.chat.completions.create(model="loraloop", messages=history, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+except openai.UnprocessableEntityError as e:
+    out["tools"] = e.body["param"]
 try:
     client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
 except openai.NotFoundError as e:
@@ -66,6 +77,8 @@ async fn the_official_openai_python_client_talks_to_the_assistant() {
     // Greedy on the same model: streamed and whole replies are the same text.
     assert_eq!(v["streamed"], v["text"]);
     assert!(!v["text"].as_str().unwrap().is_empty());
+    assert_eq!(v["second_turn"], true, "{v}");
+    assert_eq!(v["tools"], "tools", "{v}");
     assert_eq!(v["not_found"], 404);
     assert_eq!(v["unauthorized"], 401);
     s.stop().await;

@@ -48,7 +48,42 @@ pub struct ChatRequest {
     pub presence_penalty: Option<f64>,
     /// Accepted for compatibility; only false is supported.
     pub logprobs: Option<bool>,
+    /// The end user: fair shares, the per-user cap and the stored conversation's caller.
     pub user: Option<String>,
+    /// OpenAI's newer name for the end user; `user` wins when both are given.
+    pub safety_identifier: Option<String>,
+    /// OpenAI parameters for what this server cannot do (tools, JSON output, token
+    /// biases, audio). Clients send them with their neutral value (null, empty, `none`,
+    /// `text`), so that value is accepted; any other is refused by name.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub tools: Option<Vec<Value>>,
+    #[schema(value_type = Option<Object>)]
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub functions: Option<Vec<Value>>,
+    #[schema(value_type = Option<Object>)]
+    pub function_call: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub response_format: Option<Value>,
+    #[schema(value_type = Option<Object>)]
+    pub logit_bias: Option<serde_json::Map<String, Value>>,
+    pub top_logprobs: Option<u32>,
+    pub modalities: Option<Vec<String>>,
+    #[schema(value_type = Option<Object>)]
+    pub audio: Option<Value>,
+    /// Accepted and ignored: they change nothing in the reply.
+    pub store: Option<bool>,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Value>,
+    pub service_tier: Option<String>,
+    pub prompt_cache_key: Option<String>,
+}
+
+impl ChatRequest {
+    fn end_user(&self) -> Option<&str> {
+        self.user.as_deref().or(self.safety_identifier.as_deref())
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,9 +104,17 @@ pub enum Stop {
 #[serde(deny_unknown_fields)]
 pub struct ChatMessageIn {
     pub role: String,
-    pub content: Content,
+    /// Null only on an assistant message (OpenAI's shape for one that called a tool).
+    pub content: Option<Content>,
     #[serde(default)]
     pub name: Option<String>,
+    /// The rest of a reply as OpenAI's client hands it back (`message.model_dump()`):
+    /// accepted when empty, since a conversation resent whole carries them.
+    pub refusal: Option<String>,
+    pub annotations: Option<Vec<Value>>,
+    pub audio: Option<Value>,
+    pub function_call: Option<Value>,
+    pub tool_calls: Option<Vec<Value>>,
 }
 
 /// A string, or OpenAI's list of parts (only text parts are understood).
@@ -127,6 +170,76 @@ const MAX_MESSAGES: usize = 1024;
 /// Bytes in one stop string.
 const MAX_STOP_BYTES: usize = 256;
 
+const TOOLS_UNSUPPORTED: &str =
+    "tools and function calls are not supported (the model answers in text only)";
+
+/// Refuses an OpenAI parameter that asks for something this server cannot do; its
+/// neutral value (what clients send by default) passes.
+fn refuse_unsupported(req: &ChatRequest) -> Result<(), ApiError> {
+    let is_str = |v: &Option<Value>, allowed: &[&str]| match v {
+        None | Some(Value::Null) => true,
+        Some(Value::String(s)) => allowed.contains(&s.as_str()),
+        Some(_) => false,
+    };
+    let text_format = match &req.response_format {
+        None | Some(Value::Null) => true,
+        Some(f) => f.get("type").and_then(Value::as_str) == Some("text"),
+    };
+    let refused = [
+        (
+            "tools",
+            req.tools.as_ref().is_some_and(|t| !t.is_empty()),
+            TOOLS_UNSUPPORTED,
+        ),
+        (
+            "functions",
+            req.functions.as_ref().is_some_and(|t| !t.is_empty()),
+            TOOLS_UNSUPPORTED,
+        ),
+        (
+            "tool_choice",
+            !is_str(&req.tool_choice, &["none", "auto"]),
+            TOOLS_UNSUPPORTED,
+        ),
+        (
+            "function_call",
+            !is_str(&req.function_call, &["none", "auto"]),
+            TOOLS_UNSUPPORTED,
+        ),
+        (
+            "response_format",
+            !text_format,
+            "only response_format {\"type\": \"text\"} is supported (no JSON mode)",
+        ),
+        (
+            "logit_bias",
+            req.logit_bias.as_ref().is_some_and(|b| !b.is_empty()),
+            "logit_bias is not supported",
+        ),
+        (
+            "top_logprobs",
+            req.top_logprobs.is_some_and(|n| n > 0),
+            "logprobs are not supported",
+        ),
+        (
+            "modalities",
+            req.modalities
+                .as_ref()
+                .is_some_and(|m| m.iter().any(|m| m != "text")),
+            "only the text modality is supported",
+        ),
+        (
+            "audio",
+            req.audio.as_ref().is_some_and(|a| !a.is_null()),
+            "audio is not supported (text only)",
+        ),
+    ];
+    match refused.into_iter().find(|(_, asked, _)| *asked) {
+        Some((param, _, why)) => Err(ApiError::invalid(param, why)),
+        None => Ok(()),
+    }
+}
+
 /// The engine request: the client's messages (after the named assistant's system prompt
 /// when they hold none), the assistant's generation settings under the request's.
 fn build(
@@ -164,6 +277,7 @@ fn build(
     if req.logprobs == Some(true) {
         return Err(ApiError::invalid("logprobs", "logprobs are not supported"));
     }
+    refuse_unsupported(req)?;
     let mut messages = Vec::with_capacity(req.messages.len() + 1);
     let has_system = req
         .messages
@@ -187,9 +301,30 @@ fn build(
                 ));
             }
         };
+        if m.tool_calls.as_ref().is_some_and(|c| !c.is_empty())
+            || m.function_call.as_ref().is_some_and(|c| !c.is_null())
+        {
+            return Err(ApiError::invalid(
+                format!("messages[{i}].tool_calls"),
+                TOOLS_UNSUPPORTED,
+            ));
+        }
+        if m.audio.as_ref().is_some_and(|a| !a.is_null()) {
+            return Err(ApiError::invalid(
+                format!("messages[{i}].audio"),
+                "audio is not supported (text only)",
+            ));
+        }
         let text = match &m.content {
-            Content::Text(t) => t.clone(),
-            Content::Parts(parts) => {
+            None if role == "assistant" => m.refusal.clone().unwrap_or_default(),
+            None => {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}].content"),
+                    format!("a {role} message needs content"),
+                ));
+            }
+            Some(Content::Text(t)) => t.clone(),
+            Some(Content::Parts(parts)) => {
                 let mut t = String::new();
                 for p in parts {
                     match (p.kind.as_str(), &p.text) {
@@ -279,7 +414,7 @@ fn build(
         params: p,
         adapter: Default::default(),
         // OpenAI's end-user id: fair shares and the per-user cap (none without it).
-        user: req.user.as_ref().map(|u| format!("api:{u}")),
+        user: req.end_user().map(|u| format!("api:{u}")),
     })
 }
 
@@ -447,7 +582,7 @@ async fn record_request(
     if !state.core.config.raw.record.api {
         return Ok(None);
     }
-    let caller = req.user.as_deref().unwrap_or(API_KEY_CALLER);
+    let caller = req.end_user().unwrap_or(API_KEY_CALLER);
     Ok(record_turn(&state.core.db, Platform::Api, caller, assistant.id, said).await?)
 }
 
