@@ -6,6 +6,7 @@
 pub mod backoff;
 pub mod discord;
 pub mod forget;
+pub mod mention;
 pub mod queue;
 pub mod rate_limit;
 pub mod streaming;

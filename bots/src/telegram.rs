@@ -10,6 +10,7 @@
 //! arrives complete, split at Telegram's 4,096-character limit, with 👍/👎 buttons.
 
 use crate::backoff::{self, Wait};
+use crate::mention;
 use crate::queue::{UpdateHandler, UpdateQueue};
 use crate::rate_limit::RateLimiter;
 use crate::streaming::{self, split_message};
@@ -426,16 +427,16 @@ impl TelegramBot {
         let chat = m.chat.id;
         let private = m.chat.is_private();
         let text = m.text().map(str::to_string);
-        let bot_name = self.me.username().to_string();
-        let mention = format!("@{bot_name}");
+        let unmentioned = text
+            .as_deref()
+            .and_then(|t| mention::strip(t, self.me.username()));
         // In groups: only when mentioned or replied to.
         if !private {
             let replied_to_me = m
                 .reply_to_message()
                 .and_then(|r| r.from.as_ref())
                 .is_some_and(|u| u.id == self.me.id);
-            let mentioned = text.as_deref().is_some_and(|t| t.contains(&mention));
-            if !replied_to_me && !mentioned {
+            if !replied_to_me && unmentioned.is_none() {
                 return Ok(());
             }
         }
@@ -450,11 +451,11 @@ impl TelegramBot {
             }
             return Ok(());
         }
-        let Some(text) = text else {
+        let Some(text) = unmentioned.or(text) else {
             self.say(chat, text::NON_TEXT).await?;
             return Ok(());
         };
-        let text = text.replace(&mention, "").trim().to_string();
+        let text = text.trim().to_string();
         let db = &self.core.db;
         let user = self.user_row(&from).await?;
         let kind = if private { "private" } else { "group" };

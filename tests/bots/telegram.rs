@@ -232,6 +232,8 @@ async fn users_chat_rate_and_use_every_command() {
     let group = -5001;
     let m1 = fake.new_message_id();
     fake.push("message", json!({"message_id": m1, "date": 1, "chat": {"id": group, "type": "group", "title": "G"}, "from": FakeTelegram::user(1001), "text": "just chatting"}));
+    let other_bot = fake.new_message_id();
+    fake.push("message", json!({"message_id": other_bot, "date": 1, "chat": {"id": group, "type": "group", "title": "G"}, "from": FakeTelegram::user(1001), "text": "@loraloop_bot2 not you"}));
     let m2 = fake.new_message_id();
     fake.push("message", json!({"message_id": m2, "date": 1, "chat": {"id": group, "type": "group", "title": "G"}, "from": FakeTelegram::user(1001), "text": "@loraloop_bot what is Zorblax?"}));
     until(30, "the group reply", || rated_replies(&fake, group) == 1).await;
@@ -239,7 +241,7 @@ async fn users_chat_rate_and_use_every_command() {
     assert_eq!(
         rated_replies(&fake, group),
         1,
-        "the message without a mention got no reply"
+        "the messages without a mention of this bot got no reply"
     );
     let (stored,): (String,) =
         sqlx::query_as("select content from messages where role = 'user' order by id desc limit 1")
@@ -250,6 +252,19 @@ async fn users_chat_rate_and_use_every_command() {
         stored, "what is Zorblax?",
         "the mention is not part of the prompt"
     );
+    // Telegram matches usernames in any case.
+    let m3 = fake.new_message_id();
+    fake.push("message", json!({"message_id": m3, "date": 1, "chat": {"id": group, "type": "group", "title": "G"}, "from": FakeTelegram::user(1001), "text": "And Quux, @LoraLoop_Bot?"}));
+    until(30, "the reply to a mention in other case", || {
+        rated_replies(&fake, group) == 2
+    })
+    .await;
+    let (stored,): (String,) =
+        sqlx::query_as("select content from messages where role = 'user' order by id desc limit 1")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(stored, "And Quux, ?");
 
     // Every update handled, none pending; the token never reached the database.
     let pending = || async {
