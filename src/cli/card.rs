@@ -38,6 +38,8 @@ pub fn make(
         base_model_hash,
         sequence_len,
         &gate,
+        // The CLI's card runs to its end (Ctrl-C ends the process).
+        &std::sync::atomic::AtomicBool::new(false),
         &mut |m| eprintln!("{m} ..."),
     )
 }

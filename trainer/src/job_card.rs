@@ -10,6 +10,7 @@ use loraloop_model::engine::LoadedModel;
 use loraloop_model::train::DenseLlama;
 use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 
 /// Which assistant a job's adapter is for, and how it reaches users.
 #[derive(Debug, Clone)]
@@ -113,6 +114,7 @@ pub fn make_card(
     base_model_hash: &str,
     sequence_len: usize,
     opts: &GateOptions,
+    cancel: &AtomicBool,
     progress: &mut dyn FnMut(&str),
 ) -> anyhow::Result<ReportCard> {
     let adapter = AdapterUnderTest::load(name, dir, model, dense)?;
@@ -140,6 +142,7 @@ pub fn make_card(
             cache_dir: opts.cache_dir.clone(),
             sequence_len,
             gate: &opts.thresholds,
+            cancel,
         },
         progress,
     )

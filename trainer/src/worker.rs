@@ -347,6 +347,7 @@ async fn run_job(
     let method = config.method;
     let dtype = auto_train_dtype(&device, method);
     let stop_flag = stop.clone();
+    let card_cancel = cancel_seen.clone();
     let gate = opts.gate.clone();
     let yield_to = opts.yield_to.clone();
     let seq = config.sequence_len;
@@ -401,6 +402,7 @@ async fn run_job(
                             &hash,
                             seq,
                             &gate,
+                            &card_cancel,
                             &mut |m| say(m.to_string()),
                         )
                     });
@@ -413,6 +415,10 @@ async fn run_job(
                             train_secs
                         ));
                         Some(card)
+                    }
+                    Err(_) if card_cancel.load(Ordering::SeqCst) => {
+                        say("report card stopped: the job was cancelled".into());
+                        None
                     }
                     Err(e) => {
                         say(format!("report card failed: {e:#}"));
@@ -432,6 +438,11 @@ async fn run_job(
         Ending::Cancelled if cancel_seen.load(Ordering::SeqCst) => return Ok(JobEnd::Cancelled),
         Ending::Cancelled => return Ok(JobEnd::Interrupted),
         _ => {}
+    }
+    // A cancel that came after the last step (or during the card) still stops the job;
+    // from here on one is refused, so what follows is never half undone.
+    if !db.begin_publishing(id).await? {
+        return Ok(JobEnd::Cancelled);
     }
     if method == Method::Lora {
         let meta = AdapterMetadata::read(&outcome.output_dir)?;

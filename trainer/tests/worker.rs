@@ -359,6 +359,68 @@ async fn a_job_whose_card_passes_the_gate_becomes_the_active_adapter(pool: Sqlit
 }
 
 #[sqlx::test(migrations = "../migrations")]
+async fn a_cancel_during_the_report_card_stops_the_job_and_nothing_goes_live(pool: SqlitePool) {
+    // Seen against serve: a cancel sent after the last step was answered 200 and then
+    // ignored; the job succeeded and the gate made its adapter active.
+    let db = Db::from_pool(pool);
+    let tmp = tempfile::tempdir().unwrap();
+    let hp = serde_json::json!({"num_epochs": 3, "micro_batch_size": 4, "learning_rate": 0.01, "val_set_size": 0.25});
+    let (id, mut opts) = setup(&db, tmp.path(), hp).await;
+    db.ensure_assistant("a", "tiny", "").await.unwrap();
+    // A gate that passes anything: without the cancel, this adapter would go live.
+    opts.gate = GateOptions {
+        assistant: Some("a".into()),
+        policy: ActivationPolicy::Gate,
+        thresholds: GateConfig {
+            min_retention_agreement: 0.0,
+            max_retention_kl: 1e9,
+            max_heldout_loss_ratio: 1.0,
+            ..GateConfig::default()
+        },
+        canary_share: 0.25,
+        cache_dir: Some(tmp.path().join("cache")),
+    };
+    let canceller = {
+        let db = db.clone();
+        tokio::spawn(async move {
+            // Until the card has begun (or the job has ended, and the cancel is refused).
+            loop {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let events = db.training_events(id, 0).await.unwrap();
+                let card_begun = events.iter().any(|e| {
+                    e.message
+                        .as_deref()
+                        .is_some_and(|m| m.contains("report card:"))
+                });
+                if card_begun || db.job(id).await.unwrap().state().is_final() {
+                    break;
+                }
+            }
+            db.request_cancel(id).await.unwrap()
+        })
+    };
+    run_next(&db, &opts, Arc::new(AtomicBool::new(false)))
+        .await
+        .unwrap();
+    assert!(canceller.await.unwrap(), "the cancel was accepted");
+    let job = db.job(id).await.unwrap();
+    assert_eq!(job.state(), JobState::Cancelled, "{:?}", job.error);
+    assert_eq!(job.adapter_id, None, "no adapter was registered");
+    assert_eq!(db.assistant("a").await.unwrap().active_adapter_id, None);
+    let said: Vec<String> = db
+        .training_events(id, 0)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| e.message)
+        .collect();
+    assert!(
+        !said.iter().any(|m| m.contains("is now active")),
+        "{said:?}"
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
 async fn under_the_canary_policy_a_passing_adapter_starts_a_canary_instead(pool: SqlitePool) {
     let db = Db::from_pool(pool);
     let tmp = tempfile::tempdir().unwrap();

@@ -527,10 +527,13 @@ pub async fn cancel_job(
 ) -> Result<(), ApiError> {
     if !state.core.db.request_cancel(id).await? {
         let job = state.core.db.job(id).await?;
-        return Err(ApiError::conflict(format!(
-            "{name} has already finished ({})",
-            job.state
-        )));
+        return Err(ApiError::conflict(if job.state().is_final() {
+            format!("{name} has already finished ({})", job.state)
+        } else {
+            format!(
+                "{name} has finished training and is publishing its adapter: too late to cancel"
+            )
+        }));
     }
     crate::audit::record(state, actor, "cancel job", &format!("job {id}")).await;
     Ok(())

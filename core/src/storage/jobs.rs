@@ -8,6 +8,8 @@ use serde::Serialize;
 /// dataset passes through `validating_files` too, on its way to `queued` (the state's
 /// default), but has its dataset from the start: file validation must not take it.
 const FILE_JOB_TO_VALIDATE: &str = "state = 'validating_files' and dataset_id is null";
+/// A requeued job trains again and publishes again: until then, a cancel may stop it.
+const UNPUBLISHED: &str = "publishing = 0, ";
 
 crate::keywords! {
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -332,7 +334,7 @@ impl Db {
 
     /// A clean stop (shutdown): back to the queue, the claim not counted as an attempt.
     pub async fn return_job_to_queue(&self, id: i64) -> Result<bool> {
-        self.return_to_queue("training_jobs", "", id).await
+        self.return_to_queue("training_jobs", UNPUBLISHED, id).await
     }
 
     /// `return_job_to_queue` for a jobs table; `reset` as in `recover_abandoned`.
@@ -358,7 +360,7 @@ impl Db {
     /// Jobs whose worker died (running, lease run out): back to the queue, or failed after
     /// `max_attempts` claims. Returns (requeued, failed) ids.
     pub async fn recover_abandoned_jobs(&self, max_attempts: i64) -> Result<(Vec<i64>, Vec<i64>)> {
-        self.recover_abandoned("training_jobs", "", max_attempts)
+        self.recover_abandoned("training_jobs", UNPUBLISHED, max_attempts)
             .await
     }
 
@@ -425,24 +427,45 @@ impl Db {
         Ok(())
     }
 
-    /// Ask a job to stop: a queued job is cancelled at once, a running one at its next step.
-    /// False when the job has already finished.
+    /// Ask a job to stop: a queued job is cancelled at once, a running one at its next step
+    /// (or during its report card). False when the job has already finished or has begun
+    /// publishing its adapter ([`Db::begin_publishing`]).
     pub async fn request_cancel(&self, id: i64) -> Result<bool> {
-        let job = self.job(id).await?;
-        if job.state().is_final() {
-            return Ok(false);
-        }
-        sql::execute(
+        // One statement, so it cannot pass a job that finishes or starts publishing
+        // between a read and the write.
+        let marked = sql::execute(
             self.pool(),
-            "update training_jobs set cancel_requested = 1 where id = ?",
+            "update training_jobs set cancel_requested = 1
+              where id = ? and publishing = 0
+                and state in ('validating_files', 'queued', 'running')",
             (id,),
         )
-        .await?;
+        .await?
+        .rows_affected()
+            == 1;
+        if !marked {
+            // Not found stays an error; a finished or publishing job is refused.
+            self.job(id).await?;
+            return Ok(false);
+        }
         for from in [JobState::Queued, JobState::ValidatingFiles] {
             self.transition_job(id, from, JobState::Cancelled, None)
                 .await?;
         }
         Ok(true)
+    }
+
+    /// Mark a running job as publishing its result (storing its adapter, the gate's
+    /// decision), after which a cancel is refused; false when a cancel came first.
+    pub async fn begin_publishing(&self, id: i64) -> Result<bool> {
+        let marked = sql::execute(
+            self.pool(),
+            "update training_jobs set publishing = 1
+              where id = ? and state = 'running' and cancel_requested = 0",
+            (id,),
+        )
+        .await?;
+        Ok(marked.rows_affected() == 1)
     }
 
     /// Link the adapter a job produced.
@@ -652,6 +675,41 @@ mod tests {
             ("fine-tune-results", 7)
         );
         assert_eq!(db.file_content(file.id).await.unwrap(), b"step\n1\n");
+    }
+
+    /// A running job (claimed from the queue).
+    async fn running_job(db: &Db) -> i64 {
+        let job = new_job(db, &serde_json::json!({})).await;
+        db.transition_job(job.id, JobState::ValidatingFiles, JobState::Queued, None)
+            .await
+            .unwrap();
+        db.claim_next_job(20).await.unwrap().unwrap().id
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn a_cancel_and_the_start_of_publishing_exclude_each_other(pool: SqlitePool) {
+        let db = Db::from_pool(pool);
+        // The cancel first: the worker may not publish.
+        let id = running_job(&db).await;
+        assert!(db.request_cancel(id).await.unwrap());
+        assert!(!db.begin_publishing(id).await.unwrap());
+        assert!(db.job(id).await.unwrap().cancel_requested);
+        db.transition_job(id, JobState::Running, JobState::Cancelled, None)
+            .await
+            .unwrap();
+        // Publishing first: the cancel is refused and not recorded.
+        let id = running_job(&db).await;
+        assert!(db.begin_publishing(id).await.unwrap());
+        assert!(!db.request_cancel(id).await.unwrap());
+        let job = db.job(id).await.unwrap();
+        assert!(!job.cancel_requested);
+        assert_eq!(job.state(), JobState::Running);
+        // A job sent back to the queue publishes again later: until then a cancel holds.
+        assert!(db.return_job_to_queue(id).await.unwrap());
+        assert!(db.request_cancel(id).await.unwrap());
+        assert_eq!(db.job(id).await.unwrap().state(), JobState::Cancelled);
+        // No such job is an error, not a refusal.
+        assert!(db.request_cancel(424242).await.is_err());
     }
 
     #[sqlx::test(migrations = "../migrations")]

@@ -21,6 +21,7 @@ use loraloop_model::train::{DenseLlama, LoraParams};
 use probe::{Drift, Probe};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 pub use verdict::{Check, Verdict};
 
 /// One model's scores on a set of examples.
@@ -109,6 +110,17 @@ pub struct CardInputs<'a> {
     pub cache_dir: Option<PathBuf>,
     pub sequence_len: usize,
     pub gate: &'a GateConfig,
+    /// Set when the job is cancelled: the card stops at its next reply or phase.
+    pub cancel: &'a AtomicBool,
+}
+
+impl CardInputs<'_> {
+    fn go_on(&self) -> anyhow::Result<()> {
+        if self.cancel.load(Ordering::SeqCst) {
+            anyhow::bail!("cancelled");
+        }
+        Ok(())
+    }
 }
 
 /// Make the card. `progress` hears what is being measured.
@@ -119,8 +131,10 @@ pub fn report_card(
     let start = std::time::Instant::now();
     progress("report card: scoring held-out examples");
     let heldout = compare(i, i.heldout, i.gate.heldout_replies)?;
+    i.go_on()?;
     progress("report card: scoring rated conversations kept out of training");
     let rated = compare(i, i.rated, 0)?;
+    i.go_on()?;
     progress("report card: retention probe");
     let prompts = probe::prompts(i.gate.retention_prompts);
     let answers = probe::base_answers(i.model, i.base_model_hash, &prompts, i.cache_dir.as_deref())
@@ -132,6 +146,7 @@ pub fn report_card(
     }
     let key = probe::answers_key(i.model, i.base_model_hash, &prompts);
     let base = probe.base_tops(i.dense, i.sequence_len, &key, i.cache_dir.as_deref())?;
+    i.go_on()?;
     let drift = probe.drift(i.dense, &base, &adapters, i.sequence_len)?;
     let retention = Retention {
         prompts: probe.prompts,
@@ -187,6 +202,7 @@ fn compare(
         }
         let mut sum = 0.0;
         for (prompt, reference) in &samples {
+            i.go_on()?;
             let budget = reply_budget(i.model, reference);
             let got = greedy_reply(i.model, a, prompt, budget).map_err(anyhow::Error::msg)?;
             sum += reply_score::token_f1(&got, reference);
