@@ -53,6 +53,7 @@ impl From<StorageError> for ServiceError {
                 param: what,
                 message,
             },
+            StorageError::Conflict { message } => Self::Conflict(message),
             other => Self::Internal(other.to_string()),
         }
     }

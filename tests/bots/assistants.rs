@@ -80,6 +80,15 @@ async fn routes_send_chats_to_assistants_that_answer_in_their_own_way() {
         )
         .await;
     assert_eq!(x["name"], "x", "a name refused above is free: {x}");
+    // A taken name is a conflict with what exists, not an invalid value.
+    let (status, e) = s
+        .post_json("/api/v1/assistants", &json!({"name": "x"}))
+        .await;
+    assert_eq!(status, 409, "{e}");
+    assert_eq!(
+        e["error"]["message"],
+        "an assistant named \"x\" already exists"
+    );
 
     // A job for `support` trains an adapter for it; its gate policy activates it for
     // `support` only (the default assistant's policy is manual in the tests' config).

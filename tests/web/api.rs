@@ -54,9 +54,25 @@ async fn every_api_route_refuses_requests_without_the_key() {
             }
             let r = req.send().await.unwrap();
             assert_eq!(r.status(), 401, "{method} {path} with {auth:?}");
+            assert_eq!(r.headers()["www-authenticate"], "Bearer", "{method} {path}");
             let body: Value = r.json().await.unwrap();
             assert_eq!(body["error"]["code"], "unauthorized", "{method} {path}");
         }
+    }
+    // The scheme is case-insensitive (RFC 7235); the key is not.
+    for (auth, status) in [
+        (format!("bearer {KEY}"), 200),
+        (format!("BEARER {KEY}"), 200),
+        (format!("Bearer {}", KEY.to_uppercase()), 401),
+    ] {
+        let r = s
+            .http
+            .get(s.url("/v1/models"))
+            .header("authorization", &auth)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{auth}");
     }
     // Only the health check is open.
     let r = s.http.get(s.url("/healthz")).send().await.unwrap();
@@ -156,9 +172,59 @@ async fn the_api_is_closed_when_no_key_is_configured() {
 }
 
 #[tokio::test]
+async fn an_import_with_a_warning_on_every_line_answers_with_the_first_and_a_count() {
+    let s = start(false, &[]).await;
+    // A warning on every line (49 duplicates of the first): the response lists the first
+    // 20 (MAX_LISTED_PROBLEMS) and counts them all, instead of growing with the file.
+    let r = s
+        .post("/api/v1/datasets?name=repeats")
+        .header("content-type", "application/jsonl")
+        .body(zorblax_jsonl(50))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["warning_count"], 49, "{body}");
+    assert_eq!(
+        body["warnings"].as_array().map(Vec::len),
+        Some(20),
+        "{body}"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn bad_requests_get_a_clear_4xx_and_change_nothing() {
     let s = start(false, &[("LORALOOP_SERVER__MAX_UPLOAD_MB", "1")]).await;
     let ds = s.upload_dataset("good", &zorblax_jsonl(4)).await;
+
+    // A media type is read in any case (RFC 9110); another type is a 415.
+    for (content_type, status) in [
+        ("APPLICATION/JSON; charset=UTF-8", 422),
+        ("text/plain", 415),
+    ] {
+        let r = s
+            .post("/api/v1/fine-tune")
+            .header("content-type", content_type)
+            .body("{}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{content_type}");
+    }
+    // A method the address does not take: a JSON 405 with the Allow header.
+    let r = s
+        .http
+        .put(s.url("/v1/models"))
+        .bearer_auth(crate::support::KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert!(r.headers().contains_key("allow"), "{:?}", r.headers());
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
 
     // Malformed JSON: 400.
     let r = s

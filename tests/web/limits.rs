@@ -85,6 +85,61 @@ async fn each_route_reads_at_most_what_it_takes() {
 }
 
 #[tokio::test]
+async fn an_upload_without_a_declared_length_is_held_to_the_upload_limit_too() {
+    // Seen against serve: a chunked multipart upload over the limit was a 400 "cannot read
+    // the upload: failed to read stream"; a chunked JSON body's 413 carried axum's text.
+    let s = start(false, &[("LORALOOP_SERVER__MAX_UPLOAD_MB", "1")]).await;
+    let line = "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n";
+    let chunks = futures_util::stream::iter(
+        (0..30).map(move |_| Ok::<_, std::io::Error>(line.repeat(1000).into_bytes())),
+    );
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "fine-tune")
+        .part(
+            "file",
+            reqwest::multipart::Part::stream(reqwest::Body::wrap_stream(chunks))
+                .file_name("big.jsonl"),
+        );
+    let r = s.post("/v1/files").multipart(form).send().await.unwrap();
+    assert_eq!(r.status(), 413);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        body["error"]["message"],
+        "the upload is over the limit of 1 MB (server.max_upload_mb)"
+    );
+    // A JSON request's limit is not the upload setting, chunked or declared.
+    let chunks =
+        futures_util::stream::iter((0..40).map(|_| Ok::<_, std::io::Error>(vec![b' '; 64 * 1024])));
+    let r = s
+        .post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        body["error"]["message"],
+        "the request body is over this endpoint's limit"
+    );
+    let r = s
+        .post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(vec![b' '; 2 * 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        body["error"]["message"],
+        "the request body is over this endpoint's limit of 1 MB"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn a_full_engine_answers_503_at_once_and_takes_requests_again_when_it_has_room() {
     let s = crate::support::start_with_model(
         false,

@@ -1,7 +1,7 @@
 //! The official `openai` Python client against the OpenAI-compatible endpoint (CI
-//! installs it with pip; see .ci/run). Streaming and non-streaming, model listing, and
-//! the client's error type for a bad request, and a second turn that resends the first
-//! reply as the client returned it.
+//! installs it with pip; see .ci/run). Streaming and non-streaming, model listing and
+//! retrieval, the client's error type for a bad request, and a second turn that resends
+//! the first reply as the client returned it.
 
 use crate::support::{KEY, start};
 
@@ -10,6 +10,11 @@ import json, sys, openai
 client = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key=sys.argv[2])
 out = {}
 out["models"] = [m.id for m in client.models.list().data]
+out["retrieved"] = client.models.retrieve("base").id
+try:
+    client.models.retrieve("no-such-model")
+except openai.NotFoundError as e:
+    out["retrieve_missing"] = e.status_code
 r = client.chat.completions.create(model="loraloop", messages=[{"role": "user", "content": "Hello there"}], max_tokens=8, temperature=0)
 out["text"] = r.choices[0].message.content
 out["finish"] = r.choices[0].finish_reason
@@ -70,6 +75,8 @@ async fn the_official_openai_python_client_talks_to_the_assistant() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["models"], serde_json::json!(["loraloop", "base"]));
+    assert_eq!(v["retrieved"], "base", "{v}");
+    assert_eq!(v["retrieve_missing"], 404, "{v}");
     assert_eq!(v["finish"], "length", "{v}");
     assert_eq!(v["usage"][1], 8);
     assert_eq!(v["fingerprint"], "base");

@@ -79,6 +79,7 @@ pub fn router(_state: &AppState) -> OpenApiRouter<AppState> {
         .routes(routes!(crate::canary_views::stop_canary))
         .routes(routes!(crate::openai::chat_completions))
         .routes(routes!(crate::openai::list_models))
+        .routes(routes!(crate::openai::retrieve_model))
         .routes(routes!(
             crate::openai_files::upload_file,
             crate::openai_files::list_files

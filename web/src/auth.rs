@@ -285,18 +285,44 @@ pub async fn require_api_key(State(state): State<AppState>, req: Request, next: 
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(g) if constant_time_eq(g.trim(), key.expose_secret()) => next.run(req).await,
-        Some(_) => ApiError::unauthorized("the API key is wrong").into_response(),
-        None => ApiError::unauthorized("send the API key as `Authorization: Bearer <key>`")
-            .into_response(),
-    }
+        .and_then(bearer_token);
+    let refused = match given {
+        Some(g) if constant_time_eq(g, key.expose_secret()) => return next.run(req).await,
+        Some(_) => ApiError::unauthorized("the API key is wrong"),
+        None => ApiError::unauthorized("send the API key as `Authorization: Bearer <key>`"),
+    };
+    // RFC 6750: a 401 names the scheme it wants.
+    let mut response = refused.into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    response
+}
+
+/// The token of an `Authorization` value whose scheme is Bearer, in any case (RFC 7235:
+/// the scheme is case-insensitive; clients send `bearer` too).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_read_in_any_case() {
+        assert_eq!(bearer_token("Bearer k1"), Some("k1"));
+        assert_eq!(bearer_token("bearer k1"), Some("k1"));
+        assert_eq!(bearer_token("BEARER  k1 "), Some("k1"));
+        assert_eq!(bearer_token("Basic k1"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+        assert_eq!(bearer_token("Bearerk1"), None);
+    }
 
     #[test]
     fn a_password_verifies_against_its_hash_and_nothing_else() {

@@ -60,14 +60,24 @@ impl ApiError {
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
     }
+    /// An upload (a file, a dataset, an adapter) over `server.max_upload_mb`.
     pub fn too_large(limit_bytes: u64) -> Self {
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
             format!(
-                "the upload is over the limit of {} MB (server.max_upload_mb)",
-                limit_bytes / (1024 * 1024)
+                "the upload is over the limit of {} (server.max_upload_mb)",
+                size_text(limit_bytes)
             ),
+        )
+    }
+    /// Any other request body over its route's limit (a JSON request, a login form).
+    pub fn body_too_large(limit_bytes: Option<u64>) -> Self {
+        let limit = limit_bytes.map_or(String::new(), |l| format!(" of {}", size_text(l)));
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the request body is over this endpoint's limit{limit}"),
         )
     }
     /// Log the cause; the client sees only that something failed on our side.
@@ -114,6 +124,7 @@ impl From<StorageError> for ApiError {
         match e {
             StorageError::NotFound { what } => Self::not_found(format!("{what} not found")),
             StorageError::Invalid { what, message } => Self::invalid(what, message),
+            StorageError::Conflict { message } => Self::conflict(message),
             other => Self::internal(other),
         }
     }
@@ -168,7 +179,9 @@ where
             .headers()
             .get(axum::http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/json"));
+            // The media type without its parameters, in any case (RFC 9110).
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
         if !json_type {
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -180,16 +193,22 @@ where
             .await
             .map_err(|e| {
                 if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "payload_too_large",
-                        e.body_text(),
-                    )
+                    ApiError::body_too_large(None)
                 } else {
                     ApiError::bad_request(e.body_text())
                 }
             })?;
         parse_json(&bytes).map(ApiJson)
+    }
+}
+
+/// `1 MB`, `16 KB`: a limit as people read it.
+pub fn size_text(bytes: u64) -> String {
+    const MB: u64 = 1024 * 1024;
+    if bytes >= MB && bytes.is_multiple_of(MB) {
+        format!("{} MB", bytes / MB)
+    } else {
+        format!("{} KB", bytes.div_ceil(1024))
     }
 }
 

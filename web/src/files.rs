@@ -52,28 +52,26 @@ pub async fn read_upload(
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("multipart/form-data"));
+        .is_some_and(|v| v.to_ascii_lowercase().starts_with("multipart/form-data"));
     let mut fields = std::collections::HashMap::new();
-    let body_err = |status: axum::http::StatusCode, text: String| {
-        if status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+    let body_err = |e: &(dyn std::error::Error + 'static), text: String| {
+        if over_limit(e) {
             ApiError::too_large(limit)
         } else {
             ApiError::bad_request(format!("cannot read the upload: {text}"))
         }
     };
-    let mp_err = |e: axum::extract::multipart::MultipartError| body_err(e.status(), e.body_text());
+    let mp_err = |e: axum::extract::multipart::MultipartError| {
+        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(limit)
+        } else {
+            body_err(&e, e.body_text())
+        }
+    };
     if !multipart {
         let bytes = axum::body::to_bytes(req.into_body(), limit as usize)
             .await
-            .map_err(|e| {
-                // The only error besides a broken connection is the length limit.
-                let status = if e.to_string().contains("length limit") {
-                    axum::http::StatusCode::PAYLOAD_TOO_LARGE
-                } else {
-                    axum::http::StatusCode::BAD_REQUEST
-                };
-                body_err(status, e.to_string())
-            })?;
+            .map_err(|e| body_err(&e, e.to_string()))?;
         return Ok((bytes.to_vec(), fields));
     }
     let mut mp = <Multipart as axum::extract::FromRequest<()>>::from_request(req, &())
@@ -100,4 +98,18 @@ pub async fn read_upload(
         ApiError::invalid(file_field, format!("the form has no `{file_field}` part"))
     })?;
     Ok((file, fields))
+}
+
+/// Whether reading a body stopped at its length limit (the one `limits::limit_body` puts
+/// on every request), wherever that error sits in the chain: a chunked upload declares
+/// no length, so it is only found out while reading.
+fn over_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.is::<http_body_util::LengthLimitError>() || c.to_string().contains("length limit") {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }

@@ -277,10 +277,22 @@ fn settings_of(
         hyperparameters: keys,
         ..Default::default()
     };
+    // The trainer names its own keys; the client sent OpenAI's.
     job_settings(&create).map_err(|mut e| {
-        if e.param.as_deref() == Some("epochs") {
-            e.param = Some("hyperparameters.n_epochs".into());
-        }
+        let sent = match e.param.as_deref() {
+            Some("epochs") => "hyperparameters.n_epochs",
+            Some("hyperparameters.learning_rate") => {
+                e.message = format!(
+                    "learning_rate_multiplier times the default learning rate ({}) is out of range: {}",
+                    default_learning_rate(objective),
+                    e.message
+                );
+                "hyperparameters.learning_rate_multiplier"
+            }
+            Some("hyperparameters.rl_beta") => "hyperparameters.beta",
+            _ => return e,
+        };
+        e.param = Some(sent.into());
         e
     })
 }
@@ -784,6 +796,43 @@ mod tests {
         assert_eq!(h.batch_size.unwrap().value("batch_size").unwrap(), Some(4));
         let bad: Hyperparameters = serde_json::from_value(json!({"n_epochs": "many"})).unwrap();
         assert!(bad.n_epochs.unwrap().value("n_epochs").is_err());
+    }
+
+    #[test]
+    fn a_refused_value_is_named_as_the_client_sent_it() {
+        let refused = |body: Value| {
+            let req: CreateFineTuningJob = serde_json::from_value(body).unwrap();
+            let (objective, hp) = method_of(&req).unwrap();
+            settings_of(&req, objective, &hp).unwrap_err()
+        };
+        let e = refused(json!({"model": "base", "training_file": "file-1",
+            "hyperparameters": {"learning_rate_multiplier": 1e6}}));
+        assert_eq!(
+            e.param.as_deref(),
+            Some("hyperparameters.learning_rate_multiplier")
+        );
+        assert!(
+            e.message
+                .starts_with("learning_rate_multiplier times the default"),
+            "{}",
+            e.message
+        );
+        let e = refused(json!({"model": "base", "training_file": "file-1",
+            "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": -1}}}}));
+        assert_eq!(
+            e.param.as_deref(),
+            Some("hyperparameters.beta"),
+            "{}",
+            e.message
+        );
+        let e = refused(json!({"model": "base", "training_file": "file-1",
+            "hyperparameters": {"n_epochs": -1}}));
+        assert_eq!(
+            e.param.as_deref(),
+            Some("hyperparameters.n_epochs"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

@@ -93,6 +93,13 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async {
             error::ApiError::not_found("there is no page or endpoint at this address")
         })
+        .method_not_allowed_fallback(|| async {
+            error::ApiError::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this address does not take this method (its Allow header lists those it takes)",
+            )
+        })
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             record_request,

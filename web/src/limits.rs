@@ -46,7 +46,12 @@ pub async fn limit_body(State(state): State<AppState>, req: Request, next: Next)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
-        return ApiError::too_large(limit).into_response();
+        return if is_upload(req.method(), req.uri().path()) {
+            ApiError::too_large(limit)
+        } else {
+            ApiError::body_too_large(Some(limit))
+        }
+        .into_response();
     }
     let req = req.map(|b| Body::new(http_body_util::Limited::new(b, limit as usize)));
     next.run(req).await

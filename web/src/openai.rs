@@ -4,6 +4,7 @@
 //! name that adapter. `system_fingerprint` says which adapter (and activation) answered.
 
 use crate::error::{ApiError, ApiJson, ErrorBody};
+use crate::path_params::ModelName;
 use crate::state::AppState;
 use axum::Json;
 use axum::extract::State;
@@ -639,6 +640,26 @@ pub async fn list_models(State(state): State<AppState>) -> Result<Json<ModelList
         object: "list",
         data,
     }))
+}
+
+/// One entry of `GET /v1/models`.
+#[utoipa::path(get, path = "/v1/models/{model}", params(("model" = String, Path, description = "an id GET /v1/models lists")),
+    responses((status = 200, body = Object), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn retrieve_model(
+    State(state): State<AppState>,
+    ModelName(model): ModelName,
+) -> Result<Json<Value>, ApiError> {
+    let Json(list) = list_models(State(state)).await?;
+    list.data
+        .into_iter()
+        .find(|m| m["id"] == model.as_str())
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "model {model:?} does not exist: GET /v1/models lists the assistants, base and the adapters"
+            ))
+            .with_param("model")
+        })
 }
 
 impl AppState {

@@ -75,8 +75,10 @@ pub async fn stored_file(state: &AppState, id: &str) -> Result<StoredFile, ApiEr
 }
 
 /// The problem with a fine-tune upload's bytes, if any: not UTF-8, a line that is not a
-/// JSON object, or no lines at all.
+/// JSON object, or no lines at all. A leading UTF-8 BOM (Windows editors write one) is
+/// not content, as in a dataset import, which a job's file goes through later.
 fn jsonl_problem(bytes: &[u8]) -> Option<String> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     let Ok(text) = std::str::from_utf8(bytes) else {
         return Some("the file is not UTF-8 text; fine-tune files are JSONL".into());
     };
@@ -264,6 +266,13 @@ mod tests {
                 .starts_with("line 2: not JSON")
         );
         assert!(jsonl_problem(&[0xff, 0xfe]).unwrap().contains("UTF-8"));
+        assert_eq!(jsonl_problem(b"\xEF\xBB\xBF{\"a\": 1}\r\n"), None);
+        assert!(
+            jsonl_problem(b"{}\n\xEF\xBB\xBF{}\n")
+                .unwrap()
+                .starts_with("line 2: not JSON"),
+            "only a leading BOM is skipped"
+        );
         assert_eq!(file_number("file-12"), Some(12));
         assert_eq!(file_number("12"), Some(12));
         assert_eq!(file_number("file-0"), None);

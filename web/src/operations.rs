@@ -19,8 +19,16 @@ pub struct Imported {
     pub dataset: Dataset,
     /// False when the same content already existed under this name.
     pub created: bool,
+    /// The first warnings (duplicates, very long examples): a file with one on every line
+    /// would otherwise make a response as large as itself. `warning_count` counts them all.
     #[schema(value_type = Vec<Object>)]
+    #[serde(serialize_with = "first_problems")]
     pub warnings: Vec<Problem>,
+    pub warning_count: usize,
+}
+
+fn first_problems<S: serde::Serializer>(p: &[Problem], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(p.iter().take(MAX_LISTED_PROBLEMS))
 }
 
 /// A dataset version as the API shows it.
@@ -127,6 +135,7 @@ async fn store(
     Ok(Imported {
         created: matches!(inserted, DatasetInsert::Created(_)),
         dataset: inserted.dataset().clone(),
+        warning_count: warnings.len(),
         warnings,
     })
 }

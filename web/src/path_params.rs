@@ -4,8 +4,24 @@
 //! was looked for.
 
 use crate::error::ApiError;
+use axum::extract::path::ErrorKind;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{FromRequestParts, Path};
 use axum::http::request::Parts;
+
+/// What was wrong with a path segment, in the user's terms rather than the parser's.
+fn unreadable(e: &PathRejection) -> String {
+    match e {
+        PathRejection::FailedToDeserializePathParams(d) => match d.kind() {
+            ErrorKind::ParseError { value, .. }
+            | ErrorKind::ParseErrorAtKey { value, .. }
+            | ErrorKind::ParseErrorAtIndex { value, .. } => format!("{value:?} is not a number"),
+            ErrorKind::InvalidUtf8InPathParam { .. } => "the path is not valid UTF-8".into(),
+            _ => d.body_text(),
+        },
+        other => other.body_text(),
+    }
+}
 
 macro_rules! path_param {
     ($($(#[$doc:meta])* $name:ident($ty:ty) => $no_such:literal;)*) => {$(
@@ -19,7 +35,7 @@ macro_rules! path_param {
                 Path::<$ty>::from_request_parts(parts, state)
                     .await
                     .map(|Path(s)| Self(s))
-                    .map_err(|e| ApiError::not_found(format!("{}{}", $no_such, e.body_text())))
+                    .map_err(|e| ApiError::not_found(format!("{}{}", $no_such, unreadable(&e))))
             }
         }
     )*};
@@ -36,4 +52,6 @@ path_param! {
     JobPathId(String) => "no such id: ";
     /// A numeric id (an adapter's).
     NumericId(i64) => "no such id: ";
+    /// What `GET /v1/models` lists: an assistant, `base` or an adapter.
+    ModelName(String) => "no such model: ";
 }

@@ -141,8 +141,7 @@ impl Db {
         let created = self
             .insert_assistant(name, base_model, s, "do nothing")
             .await?;
-        created.ok_or_else(|| StorageError::Invalid {
-            what: "assistant name".into(),
+        created.ok_or_else(|| StorageError::Conflict {
             message: format!("an assistant named {name:?} already exists"),
         })
     }

@@ -76,6 +76,9 @@ pub enum StorageError {
     Json(#[from] serde_json::Error),
     #[error("invalid {what}: {message}")]
     Invalid { what: String, message: String },
+    /// The row would clash with one that exists (a taken name).
+    #[error("{message}")]
+    Conflict { message: String },
 }
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;

@@ -499,6 +499,18 @@ async fn check_upload(
 /// bytes unpacked.
 fn unpack(bytes: &[u8], dir: &FsPath, limit: u64) -> Result<(), ApiError> {
     let bad = |m: String| ApiError::invalid("file", m);
+    // The zip itself was within the upload limit; what it unpacks to is held to it too.
+    let too_big = || {
+        ApiError::new(
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!(
+                "the zip unpacks to more than the upload limit of {} (server.max_upload_mb)",
+                crate::error::size_text(limit)
+            ),
+        )
+        .with_param("file")
+    };
     let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
         .map_err(|e| bad(format!("the file is not a zip archive: {e}")))?;
     std::fs::create_dir_all(dir).map_err(ApiError::internal)?;
@@ -544,7 +556,7 @@ fn unpack(bytes: &[u8], dir: &FsPath, limit: u64) -> Result<(), ApiError> {
         }
         seen.push(known);
         if total.saturating_add(entry.size()) > limit {
-            return Err(ApiError::too_large(limit).with_param("file"));
+            return Err(too_big());
         }
         let mut out = std::fs::File::create(dir.join(known)).map_err(ApiError::internal)?;
         // The declared size can lie: never write more than the limit allows.
@@ -552,7 +564,7 @@ fn unpack(bytes: &[u8], dir: &FsPath, limit: u64) -> Result<(), ApiError> {
             .map_err(|e| bad(format!("{known} cannot be unpacked: {e}")))?;
         total += copied;
         if total > limit {
-            return Err(ApiError::too_large(limit).with_param("file"));
+            return Err(too_big());
         }
     }
     for required in [ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE] {
@@ -775,7 +787,7 @@ mod tests {
                     ("adapter_config.json", &b"{}"[..]),
                     ("adapter_model.safetensors", &[0u8; 2000][..]),
                 ],
-                "over the limit",
+                "the zip unpacks to more than the upload limit of 1 KB",
             ),
         ] {
             let dir = tmp.path().join("bad");
