@@ -11,6 +11,23 @@ fn form_login(s: &crate::support::TestServer, password: &str) -> reqwest::Reques
         .body(format!("username=admin&password={password}"))
 }
 
+/// POST `body` as JSON to the chat endpoint: the status and the error's message.
+async fn chat_body(s: &crate::support::TestServer, body: reqwest::Body) -> (u16, String) {
+    let r = s
+        .post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let v: serde_json::Value = r.json().await.unwrap();
+    (
+        status,
+        v["error"]["message"].as_str().unwrap_or("").to_string(),
+    )
+}
+
 #[tokio::test]
 async fn failed_logins_make_an_address_wait_and_a_success_clears_them() {
     let s = start(false, &[]).await;
@@ -59,14 +76,10 @@ async fn each_route_reads_at_most_what_it_takes() {
     // Without a declared length (chunked), cut while reading.
     let chunks =
         futures_util::stream::iter((0..40).map(|_| Ok::<_, std::io::Error>(vec![b' '; 64 * 1024])));
-    let r = s
-        .post("/v1/chat/completions")
-        .header("content-type", "application/json")
-        .body(reqwest::Body::wrap_stream(chunks))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 413);
+    assert_eq!(
+        chat_body(&s, reqwest::Body::wrap_stream(chunks)).await,
+        (413, "the request body is over this endpoint's limit".into())
+    );
     // A 2 MB dataset upload is still fine.
     let big = zorblax_jsonl(20_000);
     assert!(big.len() > 2_000_000);
@@ -107,34 +120,13 @@ async fn an_upload_without_a_declared_length_is_held_to_the_upload_limit_too() {
         body["error"]["message"],
         "the upload is over the limit of 1 MB (server.max_upload_mb)"
     );
-    // A JSON request's limit is not the upload setting, chunked or declared.
-    let chunks =
-        futures_util::stream::iter((0..40).map(|_| Ok::<_, std::io::Error>(vec![b' '; 64 * 1024])));
-    let r = s
-        .post("/v1/chat/completions")
-        .header("content-type", "application/json")
-        .body(reqwest::Body::wrap_stream(chunks))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 413);
-    let body: serde_json::Value = r.json().await.unwrap();
+    // A JSON request's limit is not the upload setting.
     assert_eq!(
-        body["error"]["message"],
-        "the request body is over this endpoint's limit"
-    );
-    let r = s
-        .post("/v1/chat/completions")
-        .header("content-type", "application/json")
-        .body(vec![b' '; 2 * 1024 * 1024])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 413);
-    let body: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(
-        body["error"]["message"],
-        "the request body is over this endpoint's limit of 1 MB"
+        chat_body(&s, vec![b' '; 2 * 1024 * 1024].into()).await,
+        (
+            413,
+            "the request body is over this endpoint's limit of 1 MB".into()
+        )
     );
     s.stop().await;
 }

@@ -278,6 +278,26 @@ fn hp_one_step() -> serde_json::Value {
     serde_json::json!({"max_steps": 1, "micro_batch_size": 4, "val_set_size": 0})
 }
 
+/// A gate that passes any adapter the card can score.
+fn lenient() -> GateConfig {
+    GateConfig {
+        min_retention_agreement: 0.0,
+        max_retention_kl: 1e9,
+        max_heldout_loss_ratio: 1.0,
+        ..GateConfig::default()
+    }
+}
+
+/// The messages of a job's events, in order.
+async fn messages(db: &Db, id: i64) -> Vec<String> {
+    db.training_events(id, 0)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| e.message)
+        .collect()
+}
+
 /// Run one job for the assistant `a` under the gate with `thresholds`; the adapter's
 /// stored card and the job's event messages.
 async fn gated_job(
@@ -286,6 +306,27 @@ async fn gated_job(
     policy: ActivationPolicy,
     thresholds: GateConfig,
 ) -> (ReportCard, Vec<String>, Option<i64>) {
+    let (id, opts) = gated_setup(db, tmp, policy, thresholds).await;
+    run_next(db, &opts, Arc::new(AtomicBool::new(false)))
+        .await
+        .unwrap();
+    let job = db.job(id).await.unwrap();
+    assert_eq!(job.state(), JobState::Succeeded, "{:?}", job.error);
+    let adapter = db.adapter(job.adapter_id.unwrap()).await.unwrap();
+    let said = messages(db, id).await;
+    let card = adapter.report_card.as_deref();
+    let card: ReportCard =
+        serde_json::from_str(card.unwrap_or_else(|| panic!("no card: {said:?}"))).unwrap();
+    (card, said, Some(adapter.id))
+}
+
+/// A job for the assistant `a` under the gate with `thresholds`, not yet run.
+async fn gated_setup(
+    db: &Db,
+    tmp: &std::path::Path,
+    policy: ActivationPolicy,
+    thresholds: GateConfig,
+) -> (i64, WorkerOptions) {
     let hp = serde_json::json!({"num_epochs": 3, "micro_batch_size": 4, "learning_rate": 0.01, "val_set_size": 0.25});
     let (id, mut opts) = setup(db, tmp, hp).await;
     db.ensure_assistant("a", "tiny", "").await.unwrap();
@@ -301,37 +342,15 @@ async fn gated_job(
         canary_share: 0.25,
         cache_dir: Some(tmp.join("cache")),
     };
-    run_next(db, &opts, Arc::new(AtomicBool::new(false)))
-        .await
-        .unwrap();
-    let job = db.job(id).await.unwrap();
-    assert_eq!(job.state(), JobState::Succeeded, "{:?}", job.error);
-    let adapter = db.adapter(job.adapter_id.unwrap()).await.unwrap();
-    let said: Vec<String> = db
-        .training_events(id, 0)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter_map(|e| e.message)
-        .collect();
-    let card = adapter.report_card.as_deref();
-    let card: ReportCard =
-        serde_json::from_str(card.unwrap_or_else(|| panic!("no card: {said:?}"))).unwrap();
-    (card, said, Some(adapter.id))
+    (id, opts)
 }
 
 #[sqlx::test(migrations = "../migrations")]
 async fn a_job_whose_card_passes_the_gate_becomes_the_active_adapter(pool: SqlitePool) {
     let db = Db::from_pool(pool);
     let tmp = tempfile::tempdir().unwrap();
-    let lenient = GateConfig {
-        min_retention_agreement: 0.0,
-        max_retention_kl: 1e9,
-        max_heldout_loss_ratio: 1.0,
-        ..GateConfig::default()
-    };
     let (card, said, adapter_id) =
-        gated_job(&db, tmp.path(), ActivationPolicy::Gate, lenient).await;
+        gated_job(&db, tmp.path(), ActivationPolicy::Gate, lenient()).await;
     // The card measured what the job learned: 2 held-out copies of the trained example,
     // whose loss training at lr 0.01 brings well under the random base model's.
     let h = card.heldout.as_ref().expect("held-out scores");
@@ -364,22 +383,8 @@ async fn a_cancel_during_the_report_card_stops_the_job_and_nothing_goes_live(poo
     // ignored; the job succeeded and the gate made its adapter active.
     let db = Db::from_pool(pool);
     let tmp = tempfile::tempdir().unwrap();
-    let hp = serde_json::json!({"num_epochs": 3, "micro_batch_size": 4, "learning_rate": 0.01, "val_set_size": 0.25});
-    let (id, mut opts) = setup(&db, tmp.path(), hp).await;
-    db.ensure_assistant("a", "tiny", "").await.unwrap();
     // A gate that passes anything: without the cancel, this adapter would go live.
-    opts.gate = GateOptions {
-        assistant: Some("a".into()),
-        policy: ActivationPolicy::Gate,
-        thresholds: GateConfig {
-            min_retention_agreement: 0.0,
-            max_retention_kl: 1e9,
-            max_heldout_loss_ratio: 1.0,
-            ..GateConfig::default()
-        },
-        canary_share: 0.25,
-        cache_dir: Some(tmp.path().join("cache")),
-    };
+    let (id, opts) = gated_setup(&db, tmp.path(), ActivationPolicy::Gate, lenient()).await;
     let canceller = {
         let db = db.clone();
         tokio::spawn(async move {
@@ -407,13 +412,7 @@ async fn a_cancel_during_the_report_card_stops_the_job_and_nothing_goes_live(poo
     assert_eq!(job.state(), JobState::Cancelled, "{:?}", job.error);
     assert_eq!(job.adapter_id, None, "no adapter was registered");
     assert_eq!(db.assistant("a").await.unwrap().active_adapter_id, None);
-    let said: Vec<String> = db
-        .training_events(id, 0)
-        .await
-        .unwrap()
-        .into_iter()
-        .filter_map(|e| e.message)
-        .collect();
+    let said = messages(&db, id).await;
     assert!(
         !said.iter().any(|m| m.contains("is now active")),
         "{said:?}"
@@ -424,14 +423,8 @@ async fn a_cancel_during_the_report_card_stops_the_job_and_nothing_goes_live(poo
 async fn under_the_canary_policy_a_passing_adapter_starts_a_canary_instead(pool: SqlitePool) {
     let db = Db::from_pool(pool);
     let tmp = tempfile::tempdir().unwrap();
-    let lenient = GateConfig {
-        min_retention_agreement: 0.0,
-        max_retention_kl: 1e9,
-        max_heldout_loss_ratio: 1.0,
-        ..GateConfig::default()
-    };
     let (card, said, adapter_id) =
-        gated_job(&db, tmp.path(), ActivationPolicy::Canary, lenient).await;
+        gated_job(&db, tmp.path(), ActivationPolicy::Canary, lenient()).await;
     assert!(card.verdict.pass, "{:?}", card.verdict);
     let a = db.assistant("a").await.unwrap();
     // Users keep what they had; the new adapter serves a quarter of new conversations.
