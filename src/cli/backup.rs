@@ -108,12 +108,29 @@ pub async fn restore(config: &Config, args: &RestoreArgs) -> anyhow::Result<Exit
     if let Some(parent) = target.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    // The old database's write-ahead log would be replayed into the restored file.
-    for suffix in ["-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", target.display()));
+    // The copy is opened and checked beside the target first: a damaged or foreign file
+    // in the backup fails here, and the database in place is untouched.
+    let source = from.join(DB_FILE);
+    let staged = PathBuf::from(format!("{}.restoring", target.display()));
+    remove_with_sidecars(&staged);
+    std::fs::copy(&source, &staged)
+        .with_context(|| format!("cannot copy {} to {}", source.display(), staged.display()))?;
+    let checked = async {
+        let db = Db::open(&staged).await?;
+        db.integrity_check().await?;
+        anyhow::Ok(db)
     }
-    std::fs::copy(from.join(DB_FILE), target)
-        .with_context(|| format!("cannot write {}", target.display()))?;
+    .await;
+    let db = match checked {
+        Ok(db) => db,
+        Err(e) => {
+            remove_with_sidecars(&staged);
+            return Err(e.context(format!(
+                "{} is not a usable loraloop database; nothing was restored",
+                source.display()
+            )));
+        }
+    };
     let dir = adapters_dir(config);
     std::fs::create_dir_all(&dir)?;
     let mut restored = 0;
@@ -126,7 +143,6 @@ pub async fn restore(config: &Config, args: &RestoreArgs) -> anyhow::Result<Exit
         copy_dir(&e.path(), &dst)?;
         restored += 1;
     }
-    let db = Db::open(target).await?;
     let old = manifest["adapters_dir"].as_str().unwrap_or_default();
     let new = absolute(&dir)?;
     let moved = if old.is_empty() {
@@ -137,12 +153,28 @@ pub async fn restore(config: &Config, args: &RestoreArgs) -> anyhow::Result<Exit
     };
     db.audit("cli", "restore", Some(&from.display().to_string()), None)
         .await?;
+    db.close().await?;
+    // The old database's write-ahead log would be replayed into the restored file; the
+    // rename then replaces the file itself in one step.
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", target.display()));
+    }
+    std::fs::rename(&staged, target)
+        .with_context(|| format!("cannot move {} to {}", staged.display(), target.display()))?;
+    remove_with_sidecars(&staged);
     println!(
         "restored {} and {restored} adapter folder(s) into {} ({moved} adapter path(s) moved)",
         target.display(),
         dir.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Remove a database file and its write-ahead log and shared-memory files, if present.
+fn remove_with_sidecars(db: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
 }
 
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {

@@ -56,6 +56,24 @@ async fn a_backup_taken_while_serving_restores_into_another_folder_and_serves() 
         .output()
         .unwrap();
     assert!(!over.status.success());
+    // A damaged backup, even with --force, is refused before it replaces anything: the
+    // database restored above stays (the server below reads it).
+    let bad = restored.path().join("damaged");
+    std::fs::create_dir_all(bad.join("adapters")).unwrap();
+    std::fs::copy(out.join("backup.json"), bad.join("backup.json")).unwrap();
+    let whole = std::fs::read(out.join("loraloop.db")).unwrap();
+    for damaged in [b"garbage\n".to_vec(), whole[..whole.len() / 2].to_vec()] {
+        std::fs::write(bad.join("loraloop.db"), &damaged).unwrap();
+        let refused = loraloop(&data2)
+            .args(["restore", "--force", "--from"])
+            .arg(&bad)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{said}");
+        assert!(said.contains("is not a usable loraloop database"), "{said}");
+        assert!(!data2.join("loraloop.db.restoring").exists());
+    }
 
     let data2_str = data2.display().to_string();
     let s2 = start(false, &[("LORALOOP_DATA_DIR", &data2_str)]).await;

@@ -39,6 +39,30 @@ impl Db {
         Ok(())
     }
 
+    /// SQLite's check of every page and index: an error naming the first problem it
+    /// finds (a restore refuses a damaged copy before it replaces anything).
+    pub async fn integrity_check(&self) -> Result<()> {
+        let first: Option<String> = sql::value(self.pool(), "pragma integrity_check", ()).await?;
+        match first.as_deref() {
+            Some("ok") => Ok(()),
+            other => Err(StorageError::Invalid {
+                what: "database".into(),
+                message: format!(
+                    "the integrity check failed: {}",
+                    other.unwrap_or("no answer")
+                ),
+            }),
+        }
+    }
+
+    /// Fold the write-ahead log into the file and end every connection, so the file alone
+    /// holds the whole database (and may be moved).
+    pub async fn close(&self) -> Result<()> {
+        sql::execute(self.pool(), "pragma wal_checkpoint(truncate)", ()).await?;
+        self.pool().close().await;
+        Ok(())
+    }
+
     /// Adapters whose folder starts with `from`: moved under `to` (a restore into another
     /// data folder). Returns how many.
     pub async fn relocate_adapters(&self, from: &str, to: &str) -> Result<u64> {
