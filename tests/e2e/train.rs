@@ -224,6 +224,13 @@ fn bad_training_input_gets_a_clear_error() {
         e.contains("already holds a training run; pass --overwrite"),
         "{e}"
     );
+    // --overwrite replaces the run's own files only: a user's folders named like the
+    // run's scratch (`final/`) or checkpoints (`checkpoint-old/`) and other files stay.
+    let out = dir.path().join("o");
+    for mine in ["final/keep.txt", "checkpoint-old/keep.txt", "notes.txt"] {
+        std::fs::create_dir_all(out.join(mine).parent().unwrap()).unwrap();
+        std::fs::write(out.join(mine), "mine").unwrap();
+    }
     stdout_of(&mut base(&[
         "--epochs",
         "1",
@@ -231,6 +238,14 @@ fn bad_training_input_gets_a_clear_error() {
         "o",
         "--overwrite",
     ]));
+    for mine in ["final/keep.txt", "checkpoint-old/keep.txt", "notes.txt"] {
+        assert_eq!(
+            std::fs::read_to_string(out.join(mine)).unwrap(),
+            "mine",
+            "{mine}"
+        );
+    }
+    assert!(out.join("adapter_model.safetensors").exists());
     // Nothing left to train on after truncation.
     let e = stderr_of_failure(&mut base(&["--sequence-len", "8"]));
     assert!(

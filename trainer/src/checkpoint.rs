@@ -120,8 +120,10 @@ pub fn run_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let ours = name.starts_with("checkpoint-")
-            || name.starts_with(".tmp-")
+        let ours = is_checkpoint_name(&name)
+            || name
+                .strip_prefix(".tmp-")
+                .is_some_and(|n| n == FINAL_STAGING || is_checkpoint_name(n))
             || [
                 ADAPTER_CONFIG_FILE,
                 ADAPTER_WEIGHTS_FILE,
@@ -139,6 +141,17 @@ pub fn run_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     }
     Ok(out)
 }
+
+/// `checkpoint-STEP`: a name only a run gives a folder (a user's `checkpoint-old/` is not
+/// one, and `--overwrite` leaves it).
+fn is_checkpoint_name(name: &str) -> bool {
+    name.strip_prefix("checkpoint-")
+        .is_some_and(|step| !step.is_empty() && step.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The final files are written in `.tmp-` + this, then moved into the output folder; a
+/// user's own `final/` there is left alone.
+const FINAL_STAGING: &str = "final";
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> TrainError {
     TrainError::Write {
@@ -167,11 +180,12 @@ fn json_bytes(v: &impl Serialize) -> Vec<u8> {
     serde_json::to_vec_pretty(v).expect("plain data serializes")
 }
 
-/// Fill a fresh folder through `fill`, then rename it to `dest` (replacing an older one).
-fn write_dir_atomically(
+/// The run's scratch folder `.tmp-NAME` beside `dest`, fresh (a crashed run's leftover
+/// removed) and filled through `fill`; removed again when `fill` fails.
+fn fill_scratch_dir(
     dest: &Path,
     fill: impl FnOnce(&Path) -> Result<(), TrainError>,
-) -> Result<(), TrainError> {
+) -> Result<PathBuf, TrainError> {
     let parent = dest.parent().unwrap_or(Path::new("."));
     let name = dest
         .file_name()
@@ -186,6 +200,16 @@ fn write_dir_atomically(
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
+    Ok(tmp)
+}
+
+/// Fill a fresh folder through `fill`, then rename it to `dest` (replacing an older one).
+fn write_dir_atomically(
+    dest: &Path,
+    fill: impl FnOnce(&Path) -> Result<(), TrainError>,
+) -> Result<(), TrainError> {
+    let parent = dest.parent().unwrap_or(Path::new("."));
+    let tmp = fill_scratch_dir(dest, fill)?;
     if dest.exists() {
         std::fs::remove_dir_all(dest).map_err(|e| io_err(dest, e))?;
     }
@@ -292,7 +316,6 @@ impl SaveCtx<'_> {
     /// The final weights in the output folder itself: a PEFT adapter (lora), or a
     /// Hugging Face model folder (full / freeze) that `loraloop chat --model` loads.
     pub fn save_final(&self, tr: &Trainable, state: &TrainerState) -> Result<(), TrainError> {
-        let staging = self.output_dir.join("final");
         let files = |dir: &Path| -> Result<(), TrainError> {
             self.write_weights(dir, tr, true)?;
             if tr.lora.is_none() {
@@ -316,7 +339,7 @@ impl SaveCtx<'_> {
             write_synced(&dir.join(METADATA_FILE), &json_bytes(&self.metadata(state)))?;
             write_synced(&dir.join(TRAINER_STATE_FILE), &json_bytes(state))
         };
-        write_dir_atomically(&staging, files)?;
+        let staging = fill_scratch_dir(&self.output_dir.join(FINAL_STAGING), files)?;
         // Move each file into the output folder (renames within one filesystem).
         for entry in std::fs::read_dir(&staging).map_err(|e| io_err(&staging, e))? {
             let from = entry.map_err(|e| io_err(&staging, e))?.path();
@@ -395,6 +418,30 @@ impl Checkpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_files_a_run_writes_are_its_own() {
+        let tmp = tempfile::tempdir().unwrap();
+        for dir in [
+            "checkpoint-12",
+            "checkpoint-old",
+            "final",
+            ".tmp-final",
+            ".tmp-mine",
+        ] {
+            std::fs::create_dir_all(tmp.path().join(dir)).unwrap();
+        }
+        for file in [ADAPTER_CONFIG_FILE, "notes.txt"] {
+            std::fs::write(tmp.path().join(file), "x").unwrap();
+        }
+        let mut ours: Vec<String> = run_files(tmp.path())
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        ours.sort();
+        assert_eq!(ours, [".tmp-final", ADAPTER_CONFIG_FILE, "checkpoint-12"]);
+    }
 
     #[test]
     fn a_failed_write_leaves_the_previous_folder_intact_and_no_partial_one() {
