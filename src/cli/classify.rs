@@ -36,12 +36,10 @@ pub fn task_for(
     args: &FineTuneArgs,
     file: &TrainFile,
 ) -> anyhow::Result<Option<Task>> {
-    let data = args.data_path.clone().or_else(|| {
-        file.datasets
-            .as_ref()
-            .and_then(|d| d.first())
-            .map(|d| d.path.clone())
-    });
+    let data = match args.data_path.clone() {
+        Some(p) => Some(p),
+        None => file.dataset_path()?,
+    };
     let model = args
         .model
         .clone()
@@ -89,11 +87,11 @@ pub async fn fine_tune(
         .or_else(|| file.base_model.clone().map(PathBuf::from))
         .context("a classifier fine-tune needs --model (a folder, a models-directory name, or resnet18|34|50)")?;
     let model_path = resolve_model(config, &model_name);
-    let data_path = args
-        .data_path
-        .clone()
-        .or_else(|| file.datasets.as_ref().and_then(|d| d.first()).map(|d| d.path.clone()))
-        .context("a classifier fine-tune needs --data-path (a JSONL/CSV file of texts or a folder of images)")?;
+    let data_path = match args.data_path.clone() {
+        Some(p) => Some(p),
+        None => file.dataset_path()?,
+    }
+    .context("a classifier fine-tune needs --data-path (a JSONL/CSV file of texts or a folder of images)")?;
     if args.dataset.is_some() {
         bail!("--dataset names a chat dataset; a classifier reads --data-path");
     }

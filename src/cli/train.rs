@@ -412,12 +412,10 @@ pub async fn fine_tune(
         merged.gradient_accumulation_steps = Some(b / micro);
     }
     // Data.
-    let data_path = args.data_path.clone().or_else(|| {
-        file.datasets
-            .as_ref()
-            .and_then(|d| d.first())
-            .map(|d| d.path.clone())
-    });
+    let data_path = match args.data_path.clone() {
+        Some(p) => Some(p),
+        None => file.dataset_path()?,
+    };
     // A stored dataset trains by its kind: DPO or KTO rows set the objective.
     let stored = match (&data_path, &args.dataset) {
         (None, Some(name)) => {

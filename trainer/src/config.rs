@@ -111,6 +111,21 @@ pub enum ConfigError {
 }
 
 impl TrainFile {
+    /// The data file `datasets:` names. One entry only: a run reads one file, and a
+    /// second entry silently left out would train on less than the user listed.
+    pub fn dataset_path(&self) -> Result<Option<PathBuf>, ConfigError> {
+        match self.datasets.as_deref().unwrap_or_default() {
+            [] => Ok(None),
+            [one] => Ok(Some(one.path.clone())),
+            many => Err(ConfigError::Invalid {
+                key: "datasets",
+                message: format!(
+                    "{} files are listed; a run trains on one file: join them (cat a.jsonl b.jsonl > all.jsonl) and list that",
+                    many.len()
+                ),
+            }),
+        }
+    }
     pub fn read(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
             path: path.display().to_string(),
@@ -434,6 +449,21 @@ impl TrainFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn datasets_names_one_file_and_a_second_is_refused_not_left_out() {
+        let one = TrainFile::parse("datasets:\n  - path: a.jsonl\n", "t.yaml").unwrap();
+        assert_eq!(one.dataset_path().unwrap(), Some(PathBuf::from("a.jsonl")));
+        let none = TrainFile::parse("datasets: []\n", "t.yaml").unwrap();
+        assert_eq!(none.dataset_path().unwrap(), None);
+        let two = TrainFile::parse(
+            "datasets:\n  - path: a.jsonl\n  - path: b.jsonl\n",
+            "t.yaml",
+        )
+        .unwrap();
+        let e = two.dataset_path().unwrap_err().to_string();
+        assert!(e.starts_with("datasets: 2 files are listed"), "{e}");
+    }
 
     #[test]
     fn axolotl_keys_parse_and_flags_override_the_file() {
