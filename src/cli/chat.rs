@@ -5,6 +5,7 @@ use super::ChatArgs;
 use super::chat_record::Recorder;
 use anyhow::{Context, bail};
 use loraloop_core::Config;
+use loraloop_core::config::GenerationConfig;
 use loraloop_model::engine::{Engine, Event, Finished, GenerateRequest, LoadedModel, Prompt};
 use loraloop_model::sampling::SamplingParams;
 use loraloop_model::template::TemplateMessage;
@@ -38,9 +39,11 @@ pub async fn start_engine(config: &Config, args: &ChatArgs) -> anyhow::Result<En
     Ok(engine)
 }
 
+/// The config's generation settings with the flags over them, held to the same ranges
+/// the config is (a flag is no way around them).
 fn sampling(config: &Config, args: &ChatArgs) -> anyhow::Result<SamplingParams> {
-    let g = config.raw.generation.sampling_params();
-    let p = SamplingParams {
+    let g = &config.raw.generation;
+    let merged = GenerationConfig {
         temperature: args.temperature.unwrap_or(g.temperature),
         top_p: args.top_p.unwrap_or(g.top_p),
         top_k: args.top_k.unwrap_or(g.top_k),
@@ -52,21 +55,12 @@ fn sampling(config: &Config, args: &ChatArgs) -> anyhow::Result<SamplingParams> 
         } else {
             args.stop.clone()
         },
-        ..g
     };
-    if !(p.temperature >= 0.0 && p.temperature.is_finite()) {
-        bail!("--temperature must be 0 or more");
+    if let Err((field, message)) = merged.check() {
+        let flag = field.split('.').next().unwrap_or(&field).replace('_', "-");
+        bail!("--{flag}: {message}");
     }
-    if !(p.top_p > 0.0 && p.top_p <= 1.0) {
-        bail!("--top-p must be greater than 0 and at most 1");
-    }
-    if p.repetition_penalty < 1.0 {
-        bail!("--repetition-penalty must be at least 1 (1 is off)");
-    }
-    if p.max_new_tokens == 0 {
-        bail!("--max-new-tokens must be at least 1");
-    }
-    Ok(p)
+    Ok(merged.sampling_params())
 }
 
 /// A conversation: the system prompt and the turns since the last `/reset`.

@@ -120,6 +120,36 @@ fn chat_refuses_a_missing_model_and_a_bad_adapter_with_one_line_errors() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("cannot use the adapter"), "{stderr}");
+
+    // Sampling flags are held to the config's ranges (NaN was taken and sampled with).
+    for (flag, said) in [
+        (
+            "--repetition-penalty=nan",
+            "--repetition-penalty: got NaN; allowed: 1 (off) to 2",
+        ),
+        (
+            "--temperature=100",
+            "--temperature: got 100; allowed: 0 to 5 (0 means greedy)",
+        ),
+        (
+            "--max-new-tokens=99999999",
+            "--max-new-tokens: got 99999999; allowed: 1 to 32768",
+        ),
+        (
+            "--stop=",
+            "--stop: got an empty string; allowed: non-empty strings",
+        ),
+    ] {
+        let out = loraloop(dir.path())
+            .args(["chat", "--json", flag, "--model"])
+            .arg(real_model())
+            .write_stdin("hi\n")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag}");
+        assert!(stderr.contains(said), "{flag}: {stderr}");
+    }
 }
 
 #[test]
