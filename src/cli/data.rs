@@ -84,17 +84,8 @@ async fn import_preferences(
     args: &ImportArgs,
     parsed: PreferenceImport,
 ) -> anyhow::Result<ExitCode> {
-    let (kind, lines) = match parsed {
-        Ok(p) => p,
-        Err(problems) => {
-            eprintln!(
-                "error: {} has {} problem(s); nothing was imported:\n{}",
-                args.file.display(),
-                problems.len(),
-                format_problems(&problems, MAX_LISTED_PROBLEMS)
-            );
-            return Ok(ExitCode::FAILURE);
-        }
+    let Some((kind, lines)) = preference_rows(&args.file, parsed, "nothing was imported") else {
+        return Ok(ExitCode::FAILURE);
     };
     let source = file_name(&args.file);
     let db = open_db(config).await?;
@@ -113,6 +104,24 @@ async fn import_preferences(
     let rows = format!("{} row(s)", inserted.dataset().kind);
     say_imported(&inserted, &args.file, &rows, "");
     Ok(ExitCode::SUCCESS)
+}
+
+/// A preference file's rows, or None once its problems are printed.
+fn preference_rows(
+    file: &Path,
+    parsed: PreferenceImport,
+    action: &str,
+) -> Option<(loraloop_trainer::config::Objective, Vec<String>)> {
+    parsed
+        .map_err(|problems| {
+            eprintln!(
+                "error: {} has {} problem(s); {action}:\n{}",
+                file.display(),
+                problems.len(),
+                format_problems(&problems, MAX_LISTED_PROBLEMS)
+            );
+        })
+        .ok()
 }
 
 /// The name a dataset's source records: the imported file's name.
@@ -143,7 +152,25 @@ fn say_imported(inserted: &DatasetInsert, file: &Path, rows: &str, detail: &str)
 }
 
 async fn validate(args: &ValidateArgs) -> anyhow::Result<ExitCode> {
-    let outcome = read_and_parse(&args.file, parse_format(args.format.as_deref())?).await?;
+    let bytes = tokio::fs::read(&args.file)
+        .await
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    // Read as `data import` reads it: DPO and KTO rows first, else chat examples.
+    if let Some(parsed) = preference_import(&bytes, args.format.as_deref()) {
+        let action = "it cannot be imported as it is";
+        let Some((kind, lines)) = preference_rows(&args.file, parsed, action) else {
+            return Ok(ExitCode::FAILURE);
+        };
+        println!(
+            "{}: {} valid {} row(s)",
+            args.file.display(),
+            lines.len(),
+            kind.as_str()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let format = parse_format(args.format.as_deref())?;
+    let outcome = parse_bytes(&args.file, bytes, format).await?;
     if report_errors(&args.file, &outcome, "it cannot be imported as it is") {
         return Ok(ExitCode::FAILURE);
     }

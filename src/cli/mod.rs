@@ -442,7 +442,10 @@ pub struct ImportArgs {
 
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
+    /// The JSONL file.
     pub file: PathBuf,
+    /// As for `data import`: openai, prompt-completion, text, alpaca, sharegpt, dpo or
+    /// kto (default: detected, as the import detects it).
     #[arg(long)]
     pub format: Option<String>,
 }

@@ -52,6 +52,48 @@ fn every_supported_format_imports_with_its_detected_format_and_example_count() {
 }
 
 #[test]
+fn validate_reads_preference_files_as_import_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let dpo = dir.path().join("dpo.jsonl");
+    std::fs::write(&dpo, concat!(
+        r#"{"input":{"messages":[{"role":"user","content":"q"}]},"preferred_output":[{"role":"assistant","content":"x"}],"non_preferred_output":[{"role":"assistant","content":"y"}]}"#,
+        "\n"
+    ))
+    .unwrap();
+    let kto = dir.path().join("kto.jsonl");
+    std::fs::write(
+        &kto,
+        "{\"prompt\":\"a\",\"completion\":\"b\",\"label\":\"yes\"}\n{\"prompt\":\"a\",\"completion\":\"b\",\"label\":true}\n",
+    )
+    .unwrap();
+    let validate = |file: &Path, extra: &[&str]| {
+        loraloop(dir.path())
+            .args(["data", "validate"])
+            .arg(file)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // A valid DPO file: valid (it was "unknown_format"), and so with --format dpo.
+    for extra in [&[][..], &["--format", "dpo"][..]] {
+        let out = validate(&dpo, extra);
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(said.contains("1 valid dpo row(s)"), "{said}");
+    }
+    // A KTO label that is not a boolean: refused by both (validate passed it as chat data).
+    let out = validate(&kto, &[]);
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("invalid_label"), "{said}");
+    assert!(!import(dir.path(), &kto, "k").status.success());
+}
+
+#[test]
 fn each_malformed_file_is_refused_with_its_code_and_line_and_imports_nothing() {
     let dir = tempfile::tempdir().unwrap();
     // A good version first, so "nothing" means the database is exactly as it was.
