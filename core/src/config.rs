@@ -5,7 +5,8 @@
 //!
 //! Environment overrides name a key path with `__` between levels:
 //! `LORALOOP_SERVER__PORT=9000` sets `server.port`, `LORALOOP_DATA_DIR=/srv/ll` sets
-//! `data_dir`. Values are read as YAML scalars (`9000` is a number, `[1, 2]` a list).
+//! `data_dir`. Values are read as YAML scalars (`9000` is a number, `[1, 2]` a list);
+//! text YAML would read as a map or a comment stays text.
 
 pub use crate::assistant_settings::{DEFAULT_SYSTEM_PROMPT, GenerationConfig};
 use crate::canary::CanaryConfig;
@@ -830,12 +831,7 @@ fn apply_env_overrides(
                         .into(),
             });
         }
-        let parsed: serde_yaml::Value = if value.is_empty() {
-            serde_yaml::Value::Null
-        } else {
-            serde_yaml::from_str(value).unwrap_or_else(|_| serde_yaml::Value::String(value.clone()))
-        };
-        set_path(tree, &parts, parsed).map_err(|message| ConfigError::Invalid {
+        set_path(tree, &parts, env_value(value)).map_err(|message| ConfigError::Invalid {
             key: key.clone(),
             origin: format!("environment variable {var}"),
             message,
@@ -843,6 +839,23 @@ fn apply_env_overrides(
         origins.env.insert(key, var.clone());
     }
     Ok(())
+}
+
+/// An environment value read as YAML where it is a scalar or a list (`9000`, `true`,
+/// `[1, 2]`), else as its text: free text such as a system prompt reads as a map
+/// (`Note: be brief`) or a comment (`# Rules`) in YAML, which is never what was meant.
+fn env_value(text: &str) -> serde_yaml::Value {
+    use serde_yaml::Value;
+    if text.is_empty() {
+        return Value::Null;
+    }
+    match serde_yaml::from_str::<Value>(text) {
+        Ok(Value::Null) if matches!(text.trim(), "~" | "null" | "Null" | "NULL") => Value::Null,
+        Ok(Value::Null | Value::Mapping(_) | Value::Tagged(_)) | Err(_) => {
+            Value::String(text.to_string())
+        }
+        Ok(v) => v,
+    }
 }
 
 fn set_path(
@@ -930,6 +943,15 @@ mod tests {
             cfg.model_path(),
             PathBuf::from("data/models/SmolLM2-135M-Instruct.Q4_1.gguf")
         );
+    }
+
+    #[test]
+    fn free_text_in_the_environment_is_taken_as_text() {
+        for prompt in ["Note: be brief", "# Rules", "!important", "a: b: c"] {
+            let cfg = load_yaml("", &[("LORALOOP_ASSISTANT__SYSTEM_PROMPT", prompt)])
+                .unwrap_or_else(|e| panic!("{prompt}: {e}"));
+            assert_eq!(cfg.raw.assistant.system_prompt, prompt);
+        }
     }
 
     #[test]
