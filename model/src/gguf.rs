@@ -11,17 +11,29 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("model file {path} not found; run `loraloop models fetch` to get the default model")]
+    #[error("model file {} not found; {}", path.display(), remedy(path, false))]
     NotFound { path: PathBuf },
-    #[error(
-        "model file {path} is corrupt or truncated ({reason}); run `loraloop models fetch --force` to fetch it again"
-    )]
+    #[error("model file {} is corrupt or truncated ({reason}); {}", path.display(), remedy(path, true))]
     Corrupt { path: PathBuf, reason: String },
     #[error("cannot read model file {path}: {source}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// What to do about a missing (`force` false) or broken model file: `models fetch`
+/// brings back only the default model; any other file is the user's to get again.
+fn remedy(path: &Path, force: bool) -> &'static str {
+    match (
+        path.file_name()
+            .is_some_and(|n| n == crate::fetch::DEFAULT_MODEL_FILE),
+        force,
+    ) {
+        (true, false) => "run `loraloop models fetch` to get the default model",
+        (true, true) => "run `loraloop models fetch --force` to fetch it again",
+        (false, _) => "check the path, or download or convert the model again",
+    }
 }
 
 /// The header facts `loraloop models list` shows.

@@ -114,7 +114,11 @@ mod tests {
         let err = GgufSummary::read(&path).unwrap_err();
         let text = err.to_string();
         assert!(matches!(err, ModelError::Corrupt { .. }), "{text}");
-        assert!(text.contains("loraloop models fetch --force"), "{text}");
+        // Not the default model's file: `models fetch` would not bring it back.
+        assert!(
+            text.contains("download or convert the model again"),
+            "{text}"
+        );
         assert!(!text.contains('\n'), "one line: {text}");
     }
 

@@ -205,18 +205,31 @@ fn ctrl_c_during_a_reply_stops_only_that_reply() {
 fn chat_on_a_truncated_model_says_it_is_corrupt_and_what_to_run() {
     let dir = tempfile::tempdir().unwrap();
     let bytes = std::fs::read(real_model()).unwrap();
-    let cut = dir.path().join("cut.gguf");
-    std::fs::write(&cut, &bytes[..bytes.len() - 1000]).unwrap();
-    let out = loraloop(dir.path())
-        .args(["chat", "--json", "--model"])
-        .arg(&cut)
-        .write_stdin("hi\n")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        stderr.contains("corrupt or truncated") && stderr.contains("models fetch --force"),
-        "{stderr}"
-    );
+    // The default model's file: fetching it again is the remedy; a file of the user's
+    // own is theirs to get again (`models fetch` would not bring it back).
+    for (name, remedy) in [
+        (
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "run `loraloop models fetch --force`",
+        ),
+        (
+            "cut.gguf",
+            "check the path, or download or convert the model again",
+        ),
+    ] {
+        let cut = dir.path().join(name);
+        std::fs::write(&cut, &bytes[..bytes.len() - 1000]).unwrap();
+        let out = loraloop(dir.path())
+            .args(["chat", "--json", "--model"])
+            .arg(&cut)
+            .write_stdin("hi\n")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            stderr.contains("corrupt or truncated") && stderr.contains(remedy),
+            "{stderr}"
+        );
+    }
 }
