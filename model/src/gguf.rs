@@ -198,8 +198,20 @@ mod tests {
 
     #[test]
     fn a_missing_file_says_what_to_run() {
-        let err = GgufSummary::read(Path::new("/nonexistent/model.gguf")).unwrap_err();
+        // The default model's file comes back with `models fetch`; another is the user's.
+        let default = Path::new("/nonexistent").join(crate::fetch::DEFAULT_MODEL_FILE);
+        let err = GgufSummary::read(&default).unwrap_err();
         assert!(matches!(err, ModelError::NotFound { .. }));
-        assert!(err.to_string().contains("loraloop models fetch"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("run `loraloop models fetch` to get the default model"),
+            "{err}"
+        );
+        let err = GgufSummary::read(Path::new("/nonexistent/model.gguf")).unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with("not found; check the path, or download or convert the model again"),
+            "{err}"
+        );
     }
 }
