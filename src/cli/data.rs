@@ -3,7 +3,7 @@
 use super::{BuildArgs, DataCommand, ExportArgs, ImportArgs, NameVersion, ShowArgs, ValidateArgs};
 use crate::progress::Progress;
 use anyhow::{Context, anyhow};
-use loraloop_core::storage::{DatasetInsert, NewDataset, validate_dataset_name};
+use loraloop_core::storage::{Dataset, DatasetInsert, NewDataset, validate_dataset_name};
 use loraloop_core::{Config, Db};
 use loraloop_trainer::config::Objective;
 use loraloop_trainer::dataset::{
@@ -276,13 +276,7 @@ async fn show(config: &Config, args: &ShowArgs) -> anyhow::Result<ExitCode> {
     let db = open_db(config).await?;
     let d = db.dataset(&args.dataset.name, args.dataset.version).await?;
     if d.objective() != Objective::Sft {
-        anyhow::bail!(
-            "{} v{} holds {} {} row(s), not chat examples: `loraloop data export` writes them",
-            d.name,
-            d.version,
-            d.example_count,
-            d.kind
-        );
+        return show_preference_rows(&db, &d, args).await;
     }
     let stored = db.dataset_examples(d.id).await?;
     let examples: Vec<_> = stored.into_iter().map(|s| s.example).collect();
@@ -296,10 +290,7 @@ async fn show(config: &Config, args: &ShowArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("dataset {} v{}", d.name, d.version);
-    println!("  sha256    {}", d.content_hash);
-    println!("  format    {} (from {})", d.format, d.source);
-    println!("  created   {}", d.created_at);
+    print_header(&d);
     println!("examples    {}", stats.examples);
     let r = stats.messages_per_role;
     println!(
@@ -335,6 +326,33 @@ async fn show(config: &Config, args: &ShowArgs) -> anyhow::Result<ExitCode> {
                 .unwrap_or_default();
             println!("[{}{weight}] {}", m.role, m.content);
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_header(d: &Dataset) {
+    println!("dataset {} v{}", d.name, d.version);
+    println!("  sha256    {}", d.content_hash);
+    println!("  format    {} (from {})", d.format, d.source);
+    println!("  created   {}", d.created_at);
+}
+
+/// `data show` of a DPO or KTO dataset: its rows as stored (the lines an export writes).
+async fn show_preference_rows(db: &Db, d: &Dataset, args: &ShowArgs) -> anyhow::Result<ExitCode> {
+    let lines = db.dataset_lines(d.id).await?;
+    let shown = lines.iter().take(args.examples);
+    if args.json {
+        let rows: Vec<serde_json::Value> = shown
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|_| l.as_str().into()))
+            .collect();
+        let value = serde_json::json!({"dataset": d, "rows": rows});
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    print_header(d);
+    println!("rows        {} {} row(s)", lines.len(), d.kind);
+    for (i, line) in shown.enumerate() {
+        println!("--- row {}\n{line}", i + 1);
     }
     Ok(ExitCode::SUCCESS)
 }

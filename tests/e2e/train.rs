@@ -167,6 +167,14 @@ fn a_stored_kto_dataset_is_imported_listed_exported_and_trained_as_kto_by_name()
     assert_eq!(back.len(), 2);
     assert_eq!(back[1]["completion"][0]["content"], "Paris.");
     assert_eq!(back[1]["label"], false);
+    // Shown as its rows (it was an error: "not chat examples").
+    let shown = stdout_of(loraloop(dir.path()).args(["data", "show", "rated", "--examples", "1"]));
+    assert!(shown.contains("rows        2 kto row(s)"), "{shown}");
+    assert!(
+        shown.contains("--- row 1") && !shown.contains("--- row 2"),
+        "{shown}"
+    );
+    assert!(shown.contains("Blorp City."), "{shown}");
     let out = stdout_of(
         loraloop(dir.path())
             .args([
