@@ -697,6 +697,45 @@ async fn a_job_whose_worker_died_is_requeued_and_fails_after_max_attempts(pool: 
 }
 
 #[sqlx::test(migrations = "../migrations")]
+async fn a_classifier_job_cancelled_after_its_last_step_ends_cancelled(pool: SqlitePool) {
+    // The cancel is accepted while the job runs; the worker then finishes it as a
+    // success, which must not overrule what the canceller was told.
+    let db = Db::from_pool(pool);
+    let new = loraloop_core::storage::NewClassifierJob {
+        task: "text_classification",
+        base_model: "tiny-bert",
+        data_path: "reviews.jsonl",
+        eval_data_path: None,
+        settings: &serde_json::json!({}),
+        output_dir: "out/clsjob-{id}",
+    };
+    let id = db.create_classifier_job(&new).await.unwrap().id;
+    assert_eq!(db.claim_classifier_job(20).await.unwrap().unwrap().id, id);
+    assert!(db.cancel_classifier_job(id).await.unwrap());
+    let ended = db
+        .finish_classifier_job(id, "succeeded", None)
+        .await
+        .unwrap();
+    assert_eq!(ended.as_deref(), Some("cancelled"));
+    assert_eq!(db.classifier_job(id).await.unwrap().state, "cancelled");
+    assert!(!db.cancel_classifier_job(id).await.unwrap(), "it has ended");
+    // Without a cancel, a success stays one; a job that is not running is left alone.
+    let other = db.create_classifier_job(&new).await.unwrap().id;
+    db.claim_classifier_job(20).await.unwrap().unwrap();
+    let ended = db
+        .finish_classifier_job(other, "succeeded", None)
+        .await
+        .unwrap();
+    assert_eq!(ended.as_deref(), Some("succeeded"));
+    assert_eq!(
+        db.finish_classifier_job(other, "failed", None)
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
 async fn a_classifier_job_whose_worker_died_is_requeued_and_fails_after_max_attempts(
     pool: SqlitePool,
 ) {

@@ -143,20 +143,26 @@ impl Db {
         Ok(())
     }
 
-    /// End a running job in `state` (succeeded, failed, cancelled).
+    /// End a running job in `state` (succeeded, failed, cancelled); the state it ended in,
+    /// None when it was not running. A success whose cancel was accepted (after its last
+    /// step) ends cancelled, as the canceller was told: one statement, so no cancel
+    /// lands between the look and the write.
     pub async fn finish_classifier_job(
         &self,
         id: i64,
         state: &str,
         error: Option<&str>,
-    ) -> Result<()> {
-        sql::execute(
+    ) -> Result<Option<String>> {
+        sql::value(
             self.pool(),
-            "update classifier_jobs set state = ?, error = ?, finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), lease_until = null where id = ? and state = 'running'",
+            "update classifier_jobs
+                set state = case when ?1 = 'succeeded' and cancel_requested then 'cancelled' else ?1 end,
+                    error = ?2, finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), lease_until = null
+              where id = ?3 and state = 'running'
+              returning state",
             (state, error, id),
         )
-        .await?;
-        Ok(())
+        .await
     }
 
     /// Cancel: a queued job ends now, a running one is asked to stop. False when it had

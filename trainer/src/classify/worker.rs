@@ -79,14 +79,16 @@ pub async fn run_next(
     if let Some(e) = &error {
         tracing::error!("classifier job {id} failed: {e}");
     }
+    let ended = db
+        .finish_classifier_job(id, state, error.as_deref())
+        .await?;
+    let state = ended.as_deref().unwrap_or(state);
     db.add_classifier_event(
         id,
         "state",
         &serde_json::json!({ "state": state, "error": error }),
     )
     .await?;
-    db.finish_classifier_job(id, state, error.as_deref())
-        .await?;
     Ok(Some(id))
 }
 
