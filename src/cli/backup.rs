@@ -156,9 +156,7 @@ pub async fn restore(config: &Config, args: &RestoreArgs) -> anyhow::Result<Exit
     db.close().await?;
     // The old database's write-ahead log would be replayed into the restored file; the
     // rename then replaces the file itself in one step.
-    for suffix in ["-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", target.display()));
-    }
+    remove_sidecars(target);
     std::fs::rename(&staged, target)
         .with_context(|| format!("cannot move {} to {}", staged.display(), target.display()))?;
     remove_with_sidecars(&staged);
@@ -170,11 +168,17 @@ pub async fn restore(config: &Config, args: &RestoreArgs) -> anyhow::Result<Exit
     Ok(ExitCode::SUCCESS)
 }
 
-/// Remove a database file and its write-ahead log and shared-memory files, if present.
-fn remove_with_sidecars(db: &Path) {
-    for suffix in ["", "-wal", "-shm"] {
+/// Remove a database's write-ahead log and shared-memory files, if present.
+fn remove_sidecars(db: &Path) {
+    for suffix in ["-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
     }
+}
+
+/// Remove a database file and its sidecars, if present.
+fn remove_with_sidecars(db: &Path) {
+    let _ = std::fs::remove_file(db);
+    remove_sidecars(db);
 }
 
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {

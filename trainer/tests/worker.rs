@@ -696,19 +696,25 @@ async fn a_job_whose_worker_died_is_requeued_and_fails_after_max_attempts(pool: 
     assert!(db.claim_next_job(20).await.unwrap().is_none());
 }
 
+/// A text-classification job on a model and data that need not exist (no worker runs it).
+fn classifier_job(settings: &serde_json::Value) -> loraloop_core::storage::NewClassifierJob<'_> {
+    loraloop_core::storage::NewClassifierJob {
+        task: "text_classification",
+        base_model: "tiny-bert",
+        data_path: "reviews.jsonl",
+        eval_data_path: None,
+        settings,
+        output_dir: "out/clsjob-{id}",
+    }
+}
+
 #[sqlx::test(migrations = "../migrations")]
 async fn a_classifier_job_cancelled_after_its_last_step_ends_cancelled(pool: SqlitePool) {
     // The cancel is accepted while the job runs; the worker then finishes it as a
     // success, which must not overrule what the canceller was told.
     let db = Db::from_pool(pool);
-    let new = loraloop_core::storage::NewClassifierJob {
-        task: "text_classification",
-        base_model: "tiny-bert",
-        data_path: "reviews.jsonl",
-        eval_data_path: None,
-        settings: &serde_json::json!({}),
-        output_dir: "out/clsjob-{id}",
-    };
+    let settings = serde_json::json!({});
+    let new = classifier_job(&settings);
     let id = db.create_classifier_job(&new).await.unwrap().id;
     assert_eq!(db.claim_classifier_job(20).await.unwrap().unwrap().id, id);
     assert!(db.cancel_classifier_job(id).await.unwrap());
@@ -741,14 +747,7 @@ async fn a_classifier_job_whose_worker_died_is_requeued_and_fails_after_max_atte
 ) {
     let db = Db::from_pool(pool);
     let job = db
-        .create_classifier_job(&loraloop_core::storage::NewClassifierJob {
-            task: "text_classification",
-            base_model: "tiny-bert",
-            data_path: "reviews.jsonl",
-            eval_data_path: None,
-            settings: &serde_json::json!({}),
-            output_dir: "out/clsjob-{id}",
-        })
+        .create_classifier_job(&classifier_job(&serde_json::json!({})))
         .await
         .unwrap();
     let id = job.id;
