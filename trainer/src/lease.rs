@@ -13,6 +13,19 @@ pub const LEASE_SECS: i64 = 20;
 pub const RENEW_EVERY: Duration = Duration::from_secs(4);
 /// Claims of one job that may end without a clean stop before it fails.
 pub const MAX_ATTEMPTS: i64 = 3;
+/// What a job's events say when it failed after `MAX_ATTEMPTS` claims.
+const GAVE_UP: &str =
+    "the process stopped while running this job too many times; not started again";
+
+/// The line each recovered job's events get: `requeued_text` for the jobs back in the
+/// queue, the same give-up line for every kind of job for the ones failed.
+pub fn recovery_lines(
+    (requeued, failed): (Vec<i64>, Vec<i64>),
+    requeued_text: &str,
+) -> impl Iterator<Item = (i64, &str)> {
+    let requeued = requeued.into_iter().map(move |id| (id, requeued_text));
+    requeued.chain(failed.into_iter().map(|id| (id, GAVE_UP)))
+}
 
 /// Run `work` while its job's lease is renewed in the background, `every` so often (the
 /// workers: [`RENEW_EVERY`]), until `renew` (given the database) answers false (the job is

@@ -13,7 +13,7 @@ use crate::events::{Ending, TrainEvent};
 use crate::fingerprint::hash_model;
 use crate::job_card::{self, GateOptions};
 use crate::job_events::store_event;
-use crate::lease::{LEASE_SECS, MAX_ATTEMPTS, RENEW_EVERY, while_renewed};
+use crate::lease::{LEASE_SECS, MAX_ATTEMPTS, RENEW_EVERY, recovery_lines, while_renewed};
 use crate::preference::{parse_stored, train_preferences};
 use crate::run::{TrainJob, auto_train_dtype, train};
 use candle_core::Device;
@@ -139,22 +139,12 @@ async fn close_ended_sweeps(db: &Db, opts: &WorkerOptions) {
 
 /// Requeue (or fail) the jobs whose worker died, with a line in each one's events.
 async fn recover_abandoned(db: &Db) -> anyhow::Result<()> {
-    let (requeued, failed) = db.recover_abandoned_jobs(MAX_ATTEMPTS).await?;
-    for (ids, message) in [
-        (
-            requeued,
-            "the worker running this job stopped without a word; back in the queue",
-        ),
-        (
-            failed,
-            "the process stopped while running this job too many times; not started again",
-        ),
-    ] {
-        for id in ids {
-            tracing::warn!("job {id}: {message}");
-            db.add_training_event(id, &NewTrainingEvent::message("state", message))
-                .await?;
-        }
+    let recovered = db.recover_abandoned_jobs(MAX_ATTEMPTS).await?;
+    let requeued = "the worker running this job stopped without a word; back in the queue";
+    for (id, message) in recovery_lines(recovered, requeued) {
+        tracing::warn!("job {id}: {message}");
+        db.add_training_event(id, &NewTrainingEvent::message("state", message))
+            .await?;
     }
     Ok(())
 }

@@ -6,7 +6,7 @@ use super::data;
 use super::run::{ClassifyEvent, Run};
 use super::settings::ClassifySettings;
 use crate::config::TrainFile;
-use crate::lease::{LEASE_SECS, MAX_ATTEMPTS, RENEW_EVERY, while_renewed};
+use crate::lease::{LEASE_SECS, MAX_ATTEMPTS, RENEW_EVERY, recovery_lines, while_renewed};
 use candle_core::Device;
 use loraloop_core::storage::{ClassifierJob, Db};
 use loraloop_model::classify::{self, Task};
@@ -33,22 +33,13 @@ fn task_of_key(key: &str) -> Option<Task> {
 /// Requeue (or fail, after `MAX_ATTEMPTS` claims) the classifier jobs whose worker died,
 /// with a line in each one's events.
 pub async fn recover_abandoned(db: &Db) -> anyhow::Result<()> {
-    let (requeued, failed) = db.recover_abandoned_classifier_jobs(MAX_ATTEMPTS).await?;
-    for (ids, text) in [
-        (
-            requeued,
-            "the worker running this job stopped without a word; back in the queue, to start over",
-        ),
-        (
-            failed,
-            "the process stopped while running this job too many times; not started again",
-        ),
-    ] {
-        for id in ids {
-            tracing::warn!("classifier job {id}: {text}");
-            db.add_classifier_event(id, "message", &serde_json::json!({ "text": text }))
-                .await?;
-        }
+    let recovered = db.recover_abandoned_classifier_jobs(MAX_ATTEMPTS).await?;
+    let requeued =
+        "the worker running this job stopped without a word; back in the queue, to start over";
+    for (id, text) in recovery_lines(recovered, requeued) {
+        tracing::warn!("classifier job {id}: {text}");
+        db.add_classifier_event(id, "message", &serde_json::json!({ "text": text }))
+            .await?;
     }
     Ok(())
 }
