@@ -136,11 +136,7 @@ async fn list_jobs(
     for j in jobs {
         data.push(operations::job_view(&state, j).await?);
     }
-    Ok(Json(List {
-        object: "list",
-        data,
-        has_more,
-    }))
+    Ok(Json(List::new(data, has_more)))
 }
 
 /// One fine-tuning job.
@@ -288,11 +284,10 @@ async fn job_events(
         .training_events(id, p.after.unwrap_or(0))
         .await?;
     let has_more = crate::paging::cut(&mut events, limit);
-    Ok(Json(List {
-        object: "list",
-        data: events.into_iter().map(event_view).collect(),
+    Ok(Json(List::new(
+        events.into_iter().map(event_view).collect(),
         has_more,
-    })
+    ))
     .into_response())
 }
 
@@ -425,11 +420,7 @@ async fn list_datasets(State(state): State<AppState>) -> Result<Json<List<Datase
         .into_iter()
         .map(DatasetView::from)
         .collect();
-    Ok(Json(List {
-        object: "list",
-        data,
-        has_more: false,
-    }))
+    Ok(Json(List::new(data, false)))
 }
 
 /// The adapters an assistant may use (its own and those tied to none), with their metrics
@@ -441,11 +432,10 @@ async fn list_adapters(
     q: Result<Query<AssistantQuery>, QueryRejection>,
 ) -> Result<Json<List<AdapterView>>, ApiError> {
     let assistant = query_assistant(&state, q).await?;
-    Ok(Json(List {
-        object: "list",
-        data: adapter_views(&state, &assistant).await?,
-        has_more: false,
-    }))
+    Ok(Json(List::new(
+        adapter_views(&state, &assistant).await?,
+        false,
+    )))
 }
 
 /// Activate an adapter: the next reply comes from it; replies in flight finish on the

@@ -30,9 +30,5 @@ pub async fn list_audit(
     let limit = p.limit.unwrap_or(50).min(500);
     let mut data = state.core.db.audit_entries(p.after, limit + 1).await?;
     let has_more = cut(&mut data, limit);
-    Ok(Json(List {
-        object: "list",
-        data,
-        has_more,
-    }))
+    Ok(Json(List::new(data, has_more)))
 }

@@ -293,11 +293,10 @@ pub async fn list(
         .list_classifier_jobs(p.after, limit + 1)
         .await?;
     let has_more = crate::paging::cut(&mut jobs, limit);
-    Ok(Json(List {
-        object: "list",
-        data: jobs.into_iter().map(view).collect(),
+    Ok(Json(List::new(
+        jobs.into_iter().map(view).collect(),
         has_more,
-    }))
+    )))
 }
 
 /// One classifier job.

@@ -8,6 +8,7 @@ use crate::error::{ApiError, ApiJson, ErrorBody};
 use crate::job_files::method_name;
 use crate::openai_files::{FILE_PREFIX, stored_file};
 use crate::operations::{CreateJob, job_settings, unix};
+use crate::paging::OpenAiList;
 use crate::path_params::FineTuningJobId;
 use crate::state::AppState;
 use axum::Json;
@@ -127,15 +128,6 @@ pub struct FineTuningJob {
     pub user_provided_suffix: Option<String>,
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Value>,
-}
-
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct OpenAiList<T> {
-    pub object: &'static str,
-    pub data: Vec<T>,
-    pub has_more: bool,
-    pub first_id: Option<String>,
-    pub last_id: Option<String>,
 }
 
 /// `ftjob-N` (or `N`) to N.
@@ -515,16 +507,6 @@ fn page(
     Ok((limit, after))
 }
 
-fn list<T>(data: Vec<T>, has_more: bool, id: impl Fn(&T) -> String) -> OpenAiList<T> {
-    OpenAiList {
-        object: "list",
-        first_id: data.first().map(&id),
-        last_id: data.last().map(&id),
-        data,
-        has_more,
-    }
-}
-
 /// List fine-tuning jobs, newest first.
 #[utoipa::path(get, path = "/v1/fine_tuning/jobs", params(OpenAiPage),
     responses((status = 200, body = OpenAiList<FineTuningJob>), (status = 401, body = ErrorBody)))]
@@ -539,7 +521,7 @@ pub async fn list_fine_tuning_jobs(
     for j in &jobs {
         data.push(job_object(&state, j).await?);
     }
-    Ok(Json(list(data, has_more, |j| j.id.clone())))
+    Ok(Json(OpenAiList::new(data, has_more, |j| j.id.clone())))
 }
 
 /// One fine-tuning job.
@@ -714,7 +696,9 @@ pub async fn list_fine_tuning_events(
         .await?;
     let has_more = crate::paging::cut(&mut events, limit);
     let data = events.iter().map(job_event).collect();
-    Ok(Json(list(data, has_more, |e: &JobEvent| e.id.clone())))
+    Ok(Json(OpenAiList::new(data, has_more, |e: &JobEvent| {
+        e.id.clone()
+    })))
 }
 
 /// OpenAI's FineTuningJobCheckpoint.
@@ -776,7 +760,9 @@ pub async fn list_fine_tuning_checkpoints(
             step_number: job.step,
         });
     }
-    Ok(Json(list(data, false, |c: &JobCheckpoint| c.id.clone())))
+    Ok(Json(OpenAiList::new(data, false, |c: &JobCheckpoint| {
+        c.id.clone()
+    })))
 }
 
 #[cfg(test)]

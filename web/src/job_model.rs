@@ -70,9 +70,8 @@ pub async fn job_model(state: &AppState, model_id: Option<&str>) -> Result<JobMo
             init_adapter: None,
         });
     }
-    let adapters = state.core.db.list_adapters().await?;
-    if let Some(a) = adapters.iter().find(|a| a.name == id) {
-        if let Some(why) = state.core.adapters.mismatch(a) {
+    if let Some(a) = state.core.db.adapter_named(id).await? {
+        if let Some(why) = state.core.adapters.mismatch(&a) {
             return Err(ApiError::invalid(
                 "model_id",
                 format!("adapter {id:?} does not fit the served model: {why}"),
@@ -85,7 +84,7 @@ pub async fn job_model(state: &AppState, model_id: Option<&str>) -> Result<JobMo
         return Ok(JobModel {
             file: served_file(),
             assistant,
-            init_adapter: Some(a.clone()),
+            init_adapter: Some(a),
         });
     }
     let file_ok = crate::files::safe_file_name(id).is_ok();
@@ -98,7 +97,7 @@ pub async fn job_model(state: &AppState, model_id: Option<&str>) -> Result<JobMo
     }
     let message = format!(
         "model_id {id:?} is not a model here; accepted: {}",
-        accepted(state, &adapters).await?.join(", ")
+        accepted(state).await?.join(", ")
     );
     Err(if file_ok {
         ApiError::not_found(message).with_param("model_id")
@@ -109,7 +108,8 @@ pub async fn job_model(state: &AppState, model_id: Option<&str>) -> Result<JobMo
 
 /// Every name `model_id` accepts, in the order `GET /v1/models` lists them, then the
 /// model files in the models folder.
-async fn accepted(state: &AppState, adapters: &[Adapter]) -> Result<Vec<String>, ApiError> {
+async fn accepted(state: &AppState) -> Result<Vec<String>, ApiError> {
+    let adapters = state.core.db.list_adapters().await?;
     let mut names: Vec<String> = state
         .core
         .assistants

@@ -3,6 +3,7 @@
 //! object per line); what the lines hold is checked when a job validates it.
 
 use crate::error::{ApiError, ErrorBody};
+use crate::paging::OpenAiList;
 use crate::path_params::FileId;
 use crate::state::AppState;
 use axum::Json;
@@ -44,15 +45,6 @@ impl From<StoredFile> for FileObject {
             expires_at: None,
         }
     }
-}
-
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct FileList {
-    pub object: &'static str,
-    pub data: Vec<FileObject>,
-    pub first_id: Option<String>,
-    pub last_id: Option<String>,
-    pub has_more: bool,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -158,11 +150,11 @@ pub struct FileListQuery {
 
 /// List uploaded files.
 #[utoipa::path(get, path = "/v1/files", params(FileListQuery),
-    responses((status = 200, body = FileList), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    responses((status = 200, body = OpenAiList<FileObject>), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn list_files(
     State(state): State<AppState>,
     q: Result<Query<FileListQuery>, QueryRejection>,
-) -> Result<Json<FileList>, ApiError> {
+) -> Result<Json<OpenAiList<FileObject>>, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::invalid("query", e.body_text()))?;
     let limit = q.limit.unwrap_or(10_000);
     if !(1..=10_000).contains(&limit) {
@@ -195,13 +187,7 @@ pub async fn list_files(
         .await?;
     let has_more = crate::paging::cut(&mut files, limit);
     let data: Vec<FileObject> = files.into_iter().map(FileObject::from).collect();
-    Ok(Json(FileList {
-        object: "list",
-        first_id: data.first().map(|f| f.id.clone()),
-        last_id: data.last().map(|f| f.id.clone()),
-        data,
-        has_more,
-    }))
+    Ok(Json(OpenAiList::new(data, has_more, |f| f.id.clone())))
 }
 
 /// One file's metadata.

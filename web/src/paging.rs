@@ -21,6 +21,41 @@ pub struct List<T> {
     pub has_more: bool,
 }
 
+impl<T> List<T> {
+    /// A page of `data`; `has_more` when rows were left after it.
+    pub fn new(data: Vec<T>, has_more: bool) -> Self {
+        Self {
+            object: "list",
+            data,
+            has_more,
+        }
+    }
+}
+
+/// A page as OpenAI's list routes answer it (`/v1/files`, `/v1/fine_tuning/jobs`): with
+/// the ids of its first and last items.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct OpenAiList<T> {
+    pub object: &'static str,
+    pub data: Vec<T>,
+    pub has_more: bool,
+    pub first_id: Option<String>,
+    pub last_id: Option<String>,
+}
+
+impl<T> OpenAiList<T> {
+    /// A page of `data`, each item's id given by `id`.
+    pub fn new(data: Vec<T>, has_more: bool, id: impl Fn(&T) -> String) -> Self {
+        Self {
+            object: "list",
+            first_id: data.first().map(&id),
+            last_id: data.last().map(&id),
+            data,
+            has_more,
+        }
+    }
+}
+
 /// An OpenAI-style id (`file-12`, `ftjob-7`; the bare number too) as its number.
 pub fn prefixed_id(id: &str, prefix: &str) -> Option<i64> {
     id.strip_prefix(prefix).unwrap_or(id).parse().ok()

@@ -193,9 +193,5 @@ pub async fn list_sweeps(
     for s in state.core.db.list_sweeps(100).await? {
         data.push(sweep_view(&state, s).await?);
     }
-    Ok(Json(crate::paging::List {
-        object: "list",
-        data,
-        has_more: false,
-    }))
+    Ok(Json(crate::paging::List::new(data, false)))
 }

@@ -341,13 +341,7 @@ impl AdapterService {
         if let Ok(a) = self.db.assistant(model).await {
             return self.choice_of(a.active_adapter_id).await;
         }
-        let row: Option<Adapter> = self
-            .db
-            .list_adapters()
-            .await?
-            .into_iter()
-            .find(|a| a.name == model);
-        match row {
+        match self.db.adapter_named(model).await? {
             Some(a) => Ok(AdapterChoice::Fixed(self.load(&a).await?)),
             None => Err(ServiceError::NotFound {
                 message: format!(

@@ -130,13 +130,8 @@ impl AssistantService {
     pub async fn create(&self, name: &str, form: &AssistantForm) -> Result<Assistant> {
         let (generation, activation) = self.checked(form)?;
         // The OpenAI endpoint's `model` names assistants, adapters and `base` alike.
-        let taken = matches!(name, "base" | "active")
-            || self
-                .db
-                .list_adapters()
-                .await?
-                .iter()
-                .any(|a| a.name == name);
+        let taken =
+            matches!(name, "base" | "active") || self.db.adapter_named(name).await?.is_some();
         if taken {
             return Err(ServiceError::invalid(
                 "name",

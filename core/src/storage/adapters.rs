@@ -107,6 +107,16 @@ impl Db {
         Ok(())
     }
 
+    /// The adapter named `name` (names are unique), if there is one.
+    pub async fn adapter_named(&self, name: &str) -> Result<Option<Adapter>> {
+        sql::optional(
+            self.pool(),
+            &format!("select {ADAPTER_COLUMNS} from adapters where name = ?"),
+            (name,),
+        )
+        .await
+    }
+
     pub async fn list_adapters(&self) -> Result<Vec<Adapter>> {
         sql::all(
             self.pool(),
@@ -259,6 +269,25 @@ mod tests {
             job_id: None,
             assistant_id: None,
         }
+    }
+
+    #[sqlx::test(migrations = "../migrations")]
+    async fn an_adapter_is_found_by_its_exact_name(pool: SqlitePool) {
+        let db = Db::from_pool(pool);
+        let modules = vec!["q_proj".to_string()];
+        let metrics = serde_json::json!({});
+        let one = db
+            .insert_adapter(&adapter("one", &modules, &metrics))
+            .await
+            .unwrap();
+        db.insert_adapter(&adapter("two", &modules, &metrics))
+            .await
+            .unwrap();
+        assert_eq!(db.adapter_named("one").await.unwrap(), Some(one));
+        // Names compare as the OpenAI endpoint's `model` does: exactly.
+        assert_eq!(db.adapter_named("One").await.unwrap(), None);
+        assert_eq!(db.adapter_named("one ").await.unwrap(), None);
+        assert_eq!(db.adapter_named("three").await.unwrap(), None);
     }
 
     #[sqlx::test(migrations = "../migrations")]

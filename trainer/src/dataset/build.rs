@@ -80,10 +80,8 @@ impl BuildSpec {
         let adapter = match self.adapter.as_deref().filter(|s| !s.is_empty()) {
             None => None,
             Some(name) => Some(
-                db.list_adapters()
+                db.adapter_named(name)
                     .await?
-                    .into_iter()
-                    .find(|a| a.name == name)
                     .ok_or_else(|| invalid("adapter", format!("no adapter is named {name:?}")))?
                     .id,
             ),

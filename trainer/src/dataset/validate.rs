@@ -119,6 +119,35 @@ fn require_keys(object: &Map<String, Value>, keys: &[&str], format: Format, foun
     }
 }
 
+/// A message of a record (`what`: "message 3") as an object, reported when it is not one
+/// or lacks one of `keys` (its role and its text, as the format names them).
+fn message_object<'a>(
+    message: &'a Value,
+    what: &str,
+    keys: [&str; 2],
+    found: &mut Findings,
+) -> Option<&'a Map<String, Value>> {
+    let Some(object) = message.as_object() else {
+        found.report(
+            ProblemCode::MessageMissingKey,
+            format!(
+                "{what} is a {}, not an object with `{}` and `{}`",
+                json_type(message),
+                keys[0],
+                keys[1]
+            ),
+        );
+        return None;
+    };
+    for key in keys.into_iter().filter(|k| !object.contains_key(*k)) {
+        found.report(
+            ProblemCode::MessageMissingKey,
+            format!("{what} has no `{key}`"),
+        );
+    }
+    Some(object)
+}
+
 /// The non-blank string under a required `key`, if present and valid.
 fn required_text(object: &Map<String, Value>, key: &str, found: &mut Findings) -> Option<String> {
     object
@@ -163,14 +192,7 @@ fn openai(object: &Map<String, Value>, found: &mut Findings) -> Vec<ChatMessage>
     let mut has_assistant = false;
     for (index, message) in list.iter().enumerate() {
         let what = format!("message {}", index + 1);
-        let Some(message) = message.as_object() else {
-            found.report(
-                ProblemCode::MessageMissingKey,
-                format!(
-                    "{what} is a {}, not an object with `role` and `content`",
-                    json_type(message)
-                ),
-            );
+        let Some(message) = message_object(message, &what, ["role", "content"], found) else {
             continue;
         };
         if let Some(key) = message
@@ -183,14 +205,6 @@ fn openai(object: &Map<String, Value>, found: &mut Findings) -> Vec<ChatMessage>
                     "{what} has unrecognized key `{key}` (allowed: role, content, weight, name)"
                 ),
             );
-        }
-        for key in ["role", "content"] {
-            if !message.contains_key(key) {
-                found.report(
-                    ProblemCode::MessageMissingKey,
-                    format!("{what} has no `{key}`"),
-                );
-            }
         }
 
         let role = message.get("role").and_then(|value| {
@@ -346,24 +360,9 @@ fn sharegpt(object: &Map<String, Value>, found: &mut Findings) -> Vec<ChatMessag
     let mut has_assistant = false;
     for (index, turn) in list.iter().enumerate() {
         let what = format!("message {}", index + 1);
-        let Some(turn) = turn.as_object() else {
-            found.report(
-                ProblemCode::MessageMissingKey,
-                format!(
-                    "{what} is a {}, not an object with `from` and `value`",
-                    json_type(turn)
-                ),
-            );
+        let Some(turn) = message_object(turn, &what, ["from", "value"], found) else {
             continue;
         };
-        for key in ["from", "value"] {
-            if !turn.contains_key(key) {
-                found.report(
-                    ProblemCode::MessageMissingKey,
-                    format!("{what} has no `{key}`"),
-                );
-            }
-        }
         let role = turn.get("from").and_then(|value| {
             let role = value.as_str().and_then(|from| {
                 SHAREGPT_ROLES

@@ -367,14 +367,7 @@ async fn receive_upload(state: &AppState, req: Request) -> Result<(), ApiError> 
             format!("{name:?} is reserved; choose another name"),
         ));
     }
-    if state
-        .core
-        .db
-        .list_adapters()
-        .await?
-        .iter()
-        .any(|a| a.name == name)
-    {
+    if state.core.db.adapter_named(&name).await?.is_some() {
         return Err(ApiError::conflict(format!(
             "an adapter named {name:?} exists already"
         )));
