@@ -139,7 +139,8 @@ impl Db {
     }
 
     /// Make `adapter_id` (or the base model, for None) the assistant's active adapter and
-    /// record the activation.
+    /// record the activation. Activating what is already active records nothing: a second
+    /// entry in the history would make the next rollback undo it and change nothing.
     pub async fn activate_adapter(
         &self,
         assistant_id: i64,
@@ -147,13 +148,21 @@ impl Db {
         by: &str,
     ) -> Result<()> {
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
-        let updated = sql::execute(
+        let active: Option<Option<i64>> = sql::value(
+            &mut *tx,
+            "select active_adapter_id from assistants where id = ?",
+            (assistant_id,),
+        )
+        .await?;
+        if active.found(|| format!("assistant {assistant_id}"))? == adapter_id {
+            return Ok(());
+        }
+        sql::execute(
             &mut *tx,
             "update assistants set active_adapter_id = ?, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') where id = ?",
             (adapter_id, assistant_id),
         )
         .await?;
-        updated.found(|| format!("assistant {assistant_id}"))?;
         sql::execute(
             &mut *tx,
             "insert into adapter_activations (assistant_id, adapter_id, activated_by) values (?, ?, ?)",
@@ -310,6 +319,10 @@ mod tests {
             .await
             .unwrap();
         db.activate_adapter(asst.id, Some(two.id), "operator")
+            .await
+            .unwrap();
+        // A repeated activation (a second click, the gate after an operator) is no step.
+        db.activate_adapter(asst.id, Some(two.id), "gate")
             .await
             .unwrap();
         assert_eq!(
