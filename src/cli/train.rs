@@ -633,13 +633,23 @@ pub struct EvaluateArgs {
     /// Sample generations shown with --compare.
     #[arg(long, default_value_t = 3)]
     pub samples: usize,
-    #[arg(long, default_value_t = 1024)]
+    /// Longest example in tokens (longer ones are truncated).
+    #[arg(long, default_value_t = 1024, value_parser = at_least_one)]
     pub sequence_len: usize,
     #[arg(long)]
     pub json: bool,
     /// auto, cpu, cuda or cuda:N (default: the configured device).
     #[arg(long)]
     pub device: Option<String>,
+}
+
+/// A count that must be at least 1, as a flag's value parser.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        Ok(_) => Err("must be at least 1".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 pub async fn evaluate(config: &Config, args: &EvaluateArgs) -> anyhow::Result<ExitCode> {

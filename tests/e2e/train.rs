@@ -225,6 +225,17 @@ fn bad_training_input_gets_a_clear_error() {
             .arg(&data),
     );
     assert!(e.contains("model nope.gguf not found"), "{e}");
+    let e = stderr_of_failure(
+        loraloop(dir.path())
+            .args(["evaluate", "--sequence-len", "0", "--model"])
+            .arg(&model)
+            .arg("--data-path")
+            .arg(&data),
+    );
+    assert!(
+        e.contains("'--sequence-len <SEQUENCE_LEN>': must be at least 1"),
+        "{e}"
+    );
     // An output folder holding another run is refused unless --overwrite.
     stdout_of(&mut base(&["--epochs", "1", "--output-dir", "o"]));
     let e = stderr_of_failure(&mut base(&["--epochs", "1", "--output-dir", "o"]));

@@ -314,7 +314,10 @@ impl Db {
             _ => e,
         })?;
         Ok(result
-            .found(|| format!("dataset {name:?}"))?
+            .found(|| match version {
+                Some(v) => format!("version {v} of dataset {name:?}"),
+                None => format!("dataset {name:?}"),
+            })?
             .rows_affected())
     }
 }
@@ -457,6 +460,11 @@ mod tests {
             .insert_dataset(&new("faq", "h1", &examples(2)))
             .await
             .unwrap();
+        let missing = db.delete_dataset("faq", Some(5)).await.unwrap_err();
+        assert_eq!(
+            missing.to_string(),
+            "version 5 of dataset \"faq\" not found"
+        );
         assert_eq!(db.delete_dataset("faq", None).await.unwrap(), 1);
         assert!(
             db.dataset_examples(d.dataset().id)
