@@ -269,6 +269,8 @@ async fn answer<C: ReplyChannel>(
         }
     };
     let (sent, finished) = stream_reply(&mut turn, ch, started, slot).await?;
+    turn.in_flight
+        .finished(finished.completion_tokens, finished.decode_secs);
     drop(turn.in_flight);
     let stored = core.chat.store_reply(conversation_id, &finished).await?;
     Ok((sent, finished, stored))
@@ -367,6 +369,7 @@ async fn stream_reply<C: ReplyChannel>(
             }
             Some(Event::Finished(f)) => return Ok((sent, f)),
             Some(Event::Failed(e)) => {
+                turn.in_flight.failed();
                 match sent {
                     Some(id) if placeholder => ch.edit(id, text::MODEL_FAILED).await,
                     _ => {

@@ -14,6 +14,8 @@ pub struct Metrics {
     decode_micros: AtomicU64,
     generations: AtomicU64,
     failed_generations: AtomicU64,
+    /// Generations dropped before they ended (the client left).
+    abandoned_generations: AtomicU64,
     /// Generations queued or running in the engine.
     in_flight: AtomicI64,
     adapter_swaps: AtomicU64,
@@ -26,21 +28,14 @@ impl Metrics {
             .or_default() += 1;
     }
 
+    /// A generation queued: it counts in the queue depth until the returned guard is
+    /// dropped, and as finished, failed or abandoned by what the guard was told.
     pub fn generation_started(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
-        InFlight(Arc::clone(self))
-    }
-
-    pub fn generation_finished(&self, tokens: usize, decode_secs: f64) {
-        self.generations.fetch_add(1, Ordering::Relaxed);
-        self.generated_tokens
-            .fetch_add(tokens as u64, Ordering::Relaxed);
-        self.decode_micros
-            .fetch_add((decode_secs * 1e6) as u64, Ordering::Relaxed);
-    }
-
-    pub fn generation_failed(&self) {
-        self.failed_generations.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            metrics: Arc::clone(self),
+            ended: false,
+        }
     }
 
     pub fn adapter_swapped(&self) {
@@ -101,6 +96,11 @@ impl Metrics {
                 self.failed_generations.load(Ordering::Relaxed) as f64,
             ),
             (
+                "loraloop_generations_abandoned_total",
+                "Generations stopped before they ended because the client left.",
+                self.abandoned_generations.load(Ordering::Relaxed) as f64,
+            ),
+            (
                 "loraloop_adapter_swaps_total",
                 "Adapter activations and rollbacks.",
                 self.adapter_swaps.load(Ordering::Relaxed) as f64,
@@ -155,11 +155,88 @@ impl Metrics {
     }
 }
 
-/// Decrements the queue depth when dropped (a generation ended, however it ended).
-pub struct InFlight(Arc<Metrics>);
+/// A generation in the queue depth until dropped. Told how it ended (only the first word
+/// counts); dropped untold, it was abandoned: its client left and the engine stopped it.
+pub struct InFlight {
+    metrics: Arc<Metrics>,
+    ended: bool,
+}
+
+impl InFlight {
+    /// It finished with `tokens` generated in `decode_secs`.
+    pub fn finished(&mut self, tokens: usize, decode_secs: f64) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
+        let m = &self.metrics;
+        m.generations.fetch_add(1, Ordering::Relaxed);
+        m.generated_tokens
+            .fetch_add(tokens as u64, Ordering::Relaxed);
+        m.decode_micros
+            .fetch_add((decode_secs * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    /// The engine failed it.
+    pub fn failed(&mut self) {
+        if !std::mem::replace(&mut self.ended, true) {
+            self.metrics
+                .failed_generations
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.metrics.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if !self.ended {
+            self.metrics
+                .abandoned_generations
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(m: &Metrics, name: &str) -> String {
+        let text = m.render(0, 0, None);
+        let prefix = format!("{name} ");
+        text.lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+            .to_string()
+    }
+
+    #[test]
+    fn a_generation_counts_once_as_what_it_was_told_and_untold_as_abandoned() {
+        let m = Arc::new(Metrics::default());
+        let mut done = m.generation_started();
+        let mut broken = m.generation_started();
+        let left = m.generation_started();
+        assert_eq!(m.queue_depth(), 3);
+        done.finished(10, 0.5);
+        done.failed(); // a second word does not count
+        broken.failed();
+        drop((done, broken, left));
+        assert_eq!(m.queue_depth(), 0);
+        assert_eq!(
+            line(&m, "loraloop_generations_total"),
+            "loraloop_generations_total 1"
+        );
+        assert_eq!(
+            line(&m, "loraloop_generated_tokens_total"),
+            "loraloop_generated_tokens_total 10"
+        );
+        assert_eq!(
+            line(&m, "loraloop_generations_failed_total"),
+            "loraloop_generations_failed_total 1"
+        );
+        assert_eq!(
+            line(&m, "loraloop_generations_abandoned_total"),
+            "loraloop_generations_abandoned_total 1"
+        );
     }
 }

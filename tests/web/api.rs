@@ -716,6 +716,10 @@ async fn a_job_trains_registers_its_adapter_and_activation_changes_the_next_repl
         "loraloop_generated_tokens_total",
         "loraloop_generation_tokens_per_second",
         "loraloop_generation_queue_depth 0",
+        // The five completions above, each finished; none failed or left.
+        "loraloop_generations_total 5\n",
+        "loraloop_generations_failed_total 0\n",
+        "loraloop_generations_abandoned_total 0\n",
         "loraloop_adapter_swaps_total 2",
         "loraloop_http_requests_total{method=\"POST\",route=\"/v1/chat/completions\",status=\"200\"} 5",
     ] {

@@ -445,7 +445,7 @@ pub async fn chat_completions(
     let mut gen_req = build(&state, &req, named.as_ref(), &settings)?;
     gen_req.adapter = state.core.adapters.choice(&req.model).await?;
     let said = said(&gen_req);
-    let in_flight = state.core.metrics.generation_started();
+    let mut in_flight = state.core.metrics.generation_started();
     let mut generation = state.core.engine.generate(gen_req)?;
     // Stored once the engine has taken the request: a refused one (busy) leaves no trace.
     let recorded = record_request(&state, &req, &said, &settings).await?;
@@ -460,24 +460,21 @@ pub async fn chat_completions(
     let adapter = match first {
         Some(Event::Started { adapter }) => adapter,
         Some(Event::Failed(m)) => {
-            state.core.metrics.generation_failed();
+            in_flight.failed();
             return Err(ApiError::internal(m));
         }
         _ => {
-            state.core.metrics.generation_failed();
+            in_flight.failed();
             return Err(ApiError::internal("the engine stopped"));
         }
     };
     let fp = fingerprint(&adapter);
     if !req.stream {
         let finished = generation.finish().await.map_err(|m| {
-            state.core.metrics.generation_failed();
+            in_flight.failed();
             ApiError::internal(m)
         })?;
-        state
-            .core
-            .metrics
-            .generation_finished(finished.completion_tokens, finished.decode_secs);
+        in_flight.finished(finished.completion_tokens, finished.decode_secs);
         drop(in_flight);
         record_reply(&state, recorded, &finished).await;
         return Ok(Json(ChatCompletion {
@@ -511,7 +508,7 @@ pub async fn chat_completions(
     };
     let st = state.clone();
     tokio::spawn(async move {
-        let _in_flight = in_flight;
+        let mut in_flight = in_flight;
         let send = |v: Value| SseEvent::default().data(v.to_string());
         if tx
             .send(Ok(send(chunk(
@@ -535,9 +532,7 @@ pub async fn chat_completions(
                     }
                 }
                 Event::Finished(f) => {
-                    st.core
-                        .metrics
-                        .generation_finished(f.completion_tokens, f.decode_secs);
+                    in_flight.finished(f.completion_tokens, f.decode_secs);
                     record_reply(&st, recorded, &f).await;
                     let mut last = chunk(json!({}), Some(finish_reason(f.reason)));
                     let _ = tx.send(Ok(send(last.clone()))).await;
@@ -554,7 +549,7 @@ pub async fn chat_completions(
                     return;
                 }
                 Event::Failed(m) => {
-                    st.core.metrics.generation_failed();
+                    in_flight.failed();
                     tracing::error!("generation failed: {m}");
                     let _ = tx
                         .send(Ok(SseEvent::default().data(
@@ -600,7 +595,7 @@ const API_KEY_CALLER: &str = "api-key";
 
 async fn record_reply(state: &AppState, recorded: Option<Recorded>, f: &Finished) {
     if let Some(r) = recorded
-        && let Err(e) = state.core.chat.record_reply(r.conversation_id, f).await
+        && let Err(e) = state.core.chat.store_reply(r.conversation_id, f).await
     {
         tracing::warn!("cannot store an API reply: {e}");
     }

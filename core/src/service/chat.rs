@@ -190,16 +190,9 @@ impl ChatService {
         })
     }
 
-    /// Store a finished reply with the adapter that produced it.
+    /// Store a finished reply with the adapter that produced it (the turn's `in_flight`
+    /// counts the generation).
     pub async fn store_reply(&self, conversation_id: i64, f: &Finished) -> Result<StoredMessage> {
-        self.metrics
-            .generation_finished(f.completion_tokens, f.decode_secs);
-        self.record_reply(conversation_id, f).await
-    }
-
-    /// Store a finished reply with the adapter that produced it (no metrics: for callers
-    /// that count the generation themselves, such as `/v1/chat/completions`).
-    pub async fn record_reply(&self, conversation_id: i64, f: &Finished) -> Result<StoredMessage> {
         let adapter_id = f
             .adapter
             .as_ref()

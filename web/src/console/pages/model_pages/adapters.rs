@@ -597,18 +597,14 @@ async fn answer(state: &AppState, prompt: &str, choice: AdapterChoice) -> Answer
         adapter: choice,
         user: None,
     });
-    let in_flight = state.core.metrics.generation_started();
+    let mut in_flight = state.core.metrics.generation_started();
     let result = match generation {
         Ok(g) => g.finish().await,
         Err(e) => Err(e.to_string()),
     };
-    drop(in_flight);
     match result {
         Ok(f) => {
-            state
-                .core
-                .metrics
-                .generation_finished(f.completion_tokens, f.decode_secs);
+            in_flight.finished(f.completion_tokens, f.decode_secs);
             Answer {
                 adapter: f
                     .adapter
@@ -618,7 +614,7 @@ async fn answer(state: &AppState, prompt: &str, choice: AdapterChoice) -> Answer
             }
         }
         Err(m) => {
-            state.core.metrics.generation_failed();
+            in_flight.failed();
             Answer {
                 adapter: String::new(),
                 text: Err(m),

@@ -259,20 +259,23 @@ async fn send(
     let Turn {
         conversation_id,
         generation,
-        in_flight,
+        mut in_flight,
         ..
     } = turn;
     let finished = generation.finish().await;
-    drop(in_flight);
     let stored = match finished {
-        Ok(f) => state
-            .core
-            .chat
-            .store_reply(conversation_id, &f)
-            .await
-            .map_err(ApiError::from),
+        Ok(f) => {
+            in_flight.finished(f.completion_tokens, f.decode_secs);
+            drop(in_flight);
+            state
+                .core
+                .chat
+                .store_reply(conversation_id, &f)
+                .await
+                .map_err(ApiError::from)
+        }
         Err(m) => {
-            state.core.metrics.generation_failed();
+            in_flight.failed();
             Err(ApiError::internal(format!("generation failed: {m}")))
         }
     };
@@ -299,9 +302,8 @@ fn stream(state: AppState, turn: Turn) -> Response {
             conversation_id,
             user_message,
             mut generation,
-            in_flight,
+            mut in_flight,
         } = turn;
-        let _in_flight = in_flight;
         let event = |name: &str, data: serde_json::Value| {
             Ok(SseEvent::default().event(name).data(data.to_string()))
         };
@@ -327,6 +329,7 @@ fn stream(state: AppState, turn: Turn) -> Response {
                     let _ = tx.send(event("text", json!(t))).await;
                 }
                 Event::Finished(f) => {
+                    in_flight.finished(f.completion_tokens, f.decode_secs);
                     let adapter = f
                         .adapter
                         .as_ref()
@@ -347,7 +350,7 @@ fn stream(state: AppState, turn: Turn) -> Response {
                     return;
                 }
                 Event::Failed(m) => {
-                    state.core.metrics.generation_failed();
+                    in_flight.failed();
                     tracing::error!("playground generation failed: {m}");
                     let _ = tx
                         .send(event(
