@@ -496,14 +496,34 @@ impl Config {
         reject_secrets_in_file(&tree, &origins)?;
         apply_env_overrides(&mut tree, env, &mut origins)?;
 
-        let raw: RawConfig = serde_path_to_error::deserialize(tree).map_err(|e| {
+        // Keys retried as text, with the first error (told if the text fails too).
+        let mut as_text: BTreeMap<String, String> = BTreeMap::new();
+        let raw: RawConfig = loop {
+            let e = match serde_path_to_error::deserialize(tree.clone()) {
+                Ok(raw) => break raw,
+                Err(e) => e,
+            };
             let key = e.path().to_string();
-            ConfigError::Invalid {
-                origin: origins.of(&key),
-                message: e.into_inner().to_string(),
-                key,
+            // A key that takes text, set from the environment to what YAML reads as a number
+            // or a boolean (LORALOOP_MODEL=5 names the file `5`): the variable's text.
+            let text = origins.env.get(&key).and_then(|var| env.get(var));
+            let message = e.into_inner().to_string();
+            if let Some(text) = text
+                && message.starts_with("invalid type")
+                && !as_text.contains_key(&key)
+            {
+                let parts: Vec<String> = key.split('.').map(str::to_string).collect();
+                if set_path(&mut tree, &parts, serde_yaml::Value::String(text.clone())).is_ok() {
+                    as_text.insert(key, message);
+                    continue;
+                }
             }
-        })?;
+            return Err(ConfigError::Invalid {
+                origin: origins.of(&key),
+                message: as_text.remove(&key).unwrap_or(message),
+                key,
+            });
+        };
         Self::validate(raw, file, Secrets::from_env(env), &origins)
     }
 
@@ -952,6 +972,27 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{prompt}: {e}"));
             assert_eq!(cfg.raw.assistant.system_prompt, prompt);
         }
+    }
+
+    #[test]
+    fn a_number_or_boolean_in_the_environment_is_text_where_the_key_takes_text() {
+        let cfg = load_yaml(
+            "",
+            &[
+                ("LORALOOP_MODEL", "5"),
+                ("LORALOOP_ASSISTANT__SYSTEM_PROMPT", "true"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(cfg.raw.model, "5");
+        assert_eq!(cfg.raw.assistant.system_prompt, "true");
+        // A key that takes a number still tells what it was given.
+        let e = load_yaml("", &[("LORALOOP_SERVER__PORT", "true")]).unwrap_err();
+        assert!(
+            e.to_string()
+                .ends_with("invalid type: boolean `true`, expected u16"),
+            "{e}"
+        );
     }
 
     #[test]
