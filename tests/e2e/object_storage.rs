@@ -62,7 +62,7 @@ async fn an_s3_dataset_url_is_read_with_credentials_from_the_environment() {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn();
-    let _s3 = Killed(s3.expect(
+    let s3 = Killed(s3.expect(
         "this test needs the s3s-fs S3 server: cargo install --locked s3s-fs --features binary (scripts/test.sh does)",
     ));
     let http = reqwest::Client::builder()
@@ -155,4 +155,19 @@ async fn an_s3_dataset_url_is_read_with_credentials_from_the_environment() {
     .await;
     assert_eq!(status, 422, "{message}");
     assert!(!message.contains("secret"), "{message}");
+    // A store that is down: a 422 that says the object cannot be read, within seconds.
+    drop(s3);
+    let asked = std::time::Instant::now();
+    let (status, message) =
+        refused(fine_tune("s3://datasets/team/zorblax.jsonl").await.unwrap()).await;
+    assert_eq!(status, 422, "{message}");
+    assert!(
+        message.starts_with("cannot read s3://datasets/team/zorblax.jsonl"),
+        "{message}"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        asked.elapsed()
+    );
 }

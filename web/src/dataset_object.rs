@@ -11,6 +11,7 @@ use crate::fetched::{Fetched, file_name};
 use futures_util::StreamExt;
 use object_store::ObjectStore;
 use object_store::path::Path as ObjectPath;
+use std::time::Duration;
 
 /// The URL schemes read here.
 const SCHEMES: &[&str] = &["s3", "s3a", "gs", "az", "azure", "abfs", "abfss"];
@@ -77,22 +78,36 @@ pub async fn fetch_object(url: &str, limit: u64) -> Result<Fetched, ApiError> {
     })
 }
 
+/// How a failing request to the store is retried. object_store's default retries for up
+/// to three minutes (10 times, each attempt up to 30 s); the caller of an API request
+/// waits for the answer, so: 3 times, none started after 20 s.
+fn retry() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        max_retries: 3,
+        retry_timeout: Duration::from_secs(20),
+        ..Default::default()
+    }
+}
+
 /// The store for the URL's scheme, configured from the environment and the URL.
 fn store_for(parsed: &reqwest::Url, url: &str) -> object_store::Result<Box<dyn ObjectStore>> {
     Ok(match parsed.scheme() {
         "s3" | "s3a" => Box::new(
             object_store::aws::AmazonS3Builder::from_env()
                 .with_url(url)
+                .with_retry(retry())
                 .build()?,
         ),
         "gs" => Box::new(
             object_store::gcp::GoogleCloudStorageBuilder::from_env()
                 .with_url(url)
+                .with_retry(retry())
                 .build()?,
         ),
         _ => Box::new(
             object_store::azure::MicrosoftAzureBuilder::from_env()
                 .with_url(url)
+                .with_retry(retry())
                 .build()?,
         ),
     })
