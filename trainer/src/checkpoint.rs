@@ -108,6 +108,30 @@ impl AdapterMetadata {
     }
 }
 
+/// A run's scratch in its output folder: a folder being written (`.tmp-NAME`) or one being
+/// replaced (`.old-NAME`), both of names a run gives. What a killed write leaves.
+pub fn is_scratch_name(name: &str) -> bool {
+    [".tmp-", ".old-"].iter().any(|prefix| {
+        name.strip_prefix(prefix)
+            .is_some_and(|n| n == FINAL_STAGING || is_checkpoint_name(n))
+    })
+}
+
+/// The step of a checkpoint folder named `checkpoint-STEP`, or `.old-checkpoint-STEP` (a
+/// checkpoint that a kill caught while a copy of it replaced it; see
+/// [`write_dir_atomically`]), with whether it is the latter.
+pub fn checkpoint_step(name: &str) -> Option<(usize, bool)> {
+    let (name, old) = match name.strip_prefix(".old-") {
+        Some(n) => (n, true),
+        None => (name, false),
+    };
+    if !is_checkpoint_name(name) {
+        return None;
+    }
+    let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
+    Some((step, old))
+}
+
 /// The files and folders a run writes into its output folder that exist now.
 pub fn run_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
@@ -121,9 +145,7 @@ pub fn run_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let ours = is_checkpoint_name(&name)
-            || name
-                .strip_prefix(".tmp-")
-                .is_some_and(|n| n == FINAL_STAGING || is_checkpoint_name(n))
+            || is_scratch_name(&name)
             || [
                 ADAPTER_CONFIG_FILE,
                 ADAPTER_WEIGHTS_FILE,
@@ -203,17 +225,28 @@ fn fill_scratch_dir(
     Ok(tmp)
 }
 
-/// Fill a fresh folder through `fill`, then rename it to `dest` (replacing an older one).
+/// Fill a fresh folder through `fill`, then rename it to `dest`. An older `dest` steps
+/// aside to `.old-NAME` until the new one is in place and is removed after, so a kill at
+/// any moment leaves a complete folder to resume from (a resumed run saves again the
+/// checkpoint it started from; removing it first left none between the two steps).
 fn write_dir_atomically(
     dest: &Path,
     fill: impl FnOnce(&Path) -> Result<(), TrainError>,
 ) -> Result<(), TrainError> {
     let parent = dest.parent().unwrap_or(Path::new("."));
     let tmp = fill_scratch_dir(dest, fill)?;
+    let name = dest.file_name().unwrap_or_default().to_string_lossy();
+    let aside = parent.join(format!(".old-{name}"));
     if dest.exists() {
-        std::fs::remove_dir_all(dest).map_err(|e| io_err(dest, e))?;
+        if aside.exists() {
+            std::fs::remove_dir_all(&aside).map_err(|e| io_err(&aside, e))?;
+        }
+        std::fs::rename(dest, &aside).map_err(|e| io_err(dest, e))?;
     }
     std::fs::rename(&tmp, dest).map_err(|e| io_err(dest, e))?;
+    if aside.exists() {
+        std::fs::remove_dir_all(&aside).map_err(|e| io_err(&aside, e))?;
+    }
     if let Ok(d) = std::fs::File::open(parent) {
         let _ = d.sync_all();
     }
@@ -476,5 +509,44 @@ mod tests {
         std::fs::write(tmp.path().join("adapter_config.json"), "{}").unwrap();
         let err = Checkpoint::load(tmp.path()).unwrap_err();
         assert!(err.contains("is not a complete checkpoint"), "{err}");
+    }
+
+    #[test]
+    fn checkpoint_names_and_scratch_are_told_apart() {
+        assert_eq!(checkpoint_step("checkpoint-12"), Some((12, false)));
+        assert_eq!(checkpoint_step(".old-checkpoint-12"), Some((12, true)));
+        for other in [
+            "checkpoint-old",
+            ".tmp-checkpoint-12",
+            "checkpoint-",
+            "final",
+        ] {
+            assert_eq!(checkpoint_step(other), None, "{other}");
+        }
+        for scratch in [
+            ".tmp-checkpoint-3",
+            ".old-checkpoint-3",
+            ".tmp-final",
+            ".old-final",
+        ] {
+            assert!(is_scratch_name(scratch), "{scratch}");
+        }
+        for kept in ["checkpoint-3", ".tmp-notes", ".old-checkpoint-old", "final"] {
+            assert!(!is_scratch_name(kept), "{kept}");
+        }
+    }
+
+    #[test]
+    fn a_replaced_folder_leaves_only_the_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("checkpoint-4");
+        write_dir_atomically(&dest, |d| write_synced(&d.join("a"), b"old")).unwrap();
+        write_dir_atomically(&dest, |d| write_synced(&d.join("a"), b"new")).unwrap();
+        assert_eq!(std::fs::read(dest.join("a")).unwrap(), b"new");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["checkpoint-4"]);
     }
 }

@@ -87,6 +87,16 @@ pub(crate) fn prepare_output_dir(
         )));
     }
     if dir.is_dir() && !resuming {
+        // A killed write's scratch is never a run to keep: the run it was part of starts
+        // over here (a worker's job killed while writing its first checkpoint).
+        for e in std::fs::read_dir(dir)
+            .map_err(|e| write_err(dir, e))?
+            .flatten()
+        {
+            if checkpoint::is_scratch_name(&e.file_name().to_string_lossy()) {
+                std::fs::remove_dir_all(e.path()).map_err(|err| write_err(&e.path(), err))?;
+            }
+        }
         let ours = checkpoint::run_files(dir).map_err(|e| write_err(dir, e))?;
         let others = std::fs::read_dir(dir)
             .map_err(|e| write_err(dir, e))?

@@ -7,7 +7,7 @@
 //! been claimed [`MAX_ATTEMPTS`] times (a job that takes the process down is not retried
 //! forever). Several workers may share a database.
 
-use crate::checkpoint::{AdapterMetadata, Checkpoint, TRAINER_STATE_FILE};
+use crate::checkpoint::{self, AdapterMetadata, Checkpoint, TRAINER_STATE_FILE};
 use crate::config::{Method, Objective, TrainFile};
 use crate::events::{Ending, TrainEvent};
 use crate::fingerprint::hash_model;
@@ -76,21 +76,20 @@ pub fn resolve_model(name: &str, models_dir: &Path) -> PathBuf {
     }
 }
 
-/// The newest complete `checkpoint-STEP` in `dir`.
+/// The newest complete `checkpoint-STEP` in `dir` (or the `.old-` copy a kill left while
+/// that checkpoint was being written again, when it is all there is of that step).
 pub fn latest_checkpoint(dir: &Path) -> Option<PathBuf> {
-    let mut best: Option<(usize, PathBuf)> = None;
+    let mut best: Option<((usize, bool), PathBuf)> = None;
     for e in std::fs::read_dir(dir).ok()?.filter_map(Result::ok) {
         let path = e.path();
-        let Some(step) = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_prefix("checkpoint-"))
-            .and_then(|s| s.parse::<usize>().ok())
+        let Some((step, old)) = checkpoint::checkpoint_step(&e.file_name().to_string_lossy())
         else {
             continue;
         };
-        if path.join(TRAINER_STATE_FILE).is_file() && best.as_ref().is_none_or(|(b, _)| step > *b) {
-            best = Some((step, path));
+        // Newer steps first; of one step, the checkpoint before its `.old-` copy.
+        let rank = (step, !old);
+        if path.join(TRAINER_STATE_FILE).is_file() && best.as_ref().is_none_or(|(b, _)| rank > *b) {
+            best = Some((rank, path));
         }
     }
     best.map(|(_, p)| p)

@@ -121,6 +121,50 @@ async fn a_queued_job_trains_stores_its_events_and_registers_the_adapter(pool: S
 }
 
 #[sqlx::test(migrations = "../migrations")]
+async fn a_job_killed_while_writing_its_first_checkpoint_starts_over(pool: SqlitePool) {
+    let db = Db::from_pool(pool);
+    let tmp = tempfile::tempdir().unwrap();
+    let hp = serde_json::json!({"num_epochs": 1, "micro_batch_size": 4, "val_set_size": 0});
+    let (id, opts) = setup(&db, tmp.path(), hp).await;
+    // What a kill during the first checkpoint write leaves: its scratch folder, half
+    // written, and no checkpoint to resume from. It was refused as "a training run".
+    let scratch = opts
+        .adapters_dir
+        .join(format!("job-{id}/.tmp-checkpoint-1"));
+    std::fs::create_dir_all(&scratch).unwrap();
+    std::fs::write(scratch.join("adapter_model.safetensors"), b"half").unwrap();
+    run_next(&db, &opts, Arc::new(AtomicBool::new(false)))
+        .await
+        .unwrap();
+    let job = db.job(id).await.unwrap();
+    assert_eq!(job.state(), JobState::Succeeded, "{:?}", job.error);
+    assert!(!scratch.exists(), "the scratch was cleared");
+}
+
+#[test]
+fn a_resume_takes_the_newest_checkpoint_or_the_copy_a_kill_left_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = |name: &str| {
+        let p = dir.path().join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::write(
+            p.join(loraloop_trainer::checkpoint::TRAINER_STATE_FILE),
+            "{}",
+        )
+        .unwrap();
+        p
+    };
+    let latest = || loraloop_trainer::worker::latest_checkpoint(dir.path());
+    ck("checkpoint-2");
+    // Killed while checkpoint-4 was being written again: only its old copy is complete.
+    let old = ck(".old-checkpoint-4");
+    std::fs::create_dir_all(dir.path().join(".tmp-checkpoint-4")).unwrap();
+    assert_eq!(latest(), Some(old));
+    let new = ck("checkpoint-4");
+    assert_eq!(latest(), Some(new));
+}
+
+#[sqlx::test(migrations = "../migrations")]
 async fn a_job_that_cannot_start_fails_with_its_error(pool: SqlitePool) {
     let db = Db::from_pool(pool);
     let tmp = tempfile::tempdir().unwrap();
