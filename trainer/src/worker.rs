@@ -443,22 +443,29 @@ async fn run_job(
             "steps": outcome.steps,
             "trained_tokens": outcome.trained_tokens,
         });
-        let adapter = db
-            .insert_adapter(&NewAdapter {
-                name: &name,
-                path: &outcome.output_dir.display().to_string(),
-                base_model: &meta.base_model,
-                base_model_hash: &meta.base_model_hash,
-                tokenizer_hash: &meta.tokenizer_hash,
-                chat_template_hash: &meta.chat_template_hash,
-                rank: Some(c.lora_r as i64),
-                alpha: Some(c.lora_alpha),
-                target_modules: &c.lora_target_modules,
-                metrics: &metrics,
-                job_id: Some(id),
-                assistant_id,
-            })
-            .await?;
+        // A worker killed while publishing this job registered its adapter already: this
+        // attempt finishes that publication (a second insert failed on the name).
+        let registered = db.adapter_of_job(id).await?;
+        let adapter = match registered {
+            Some(a) => a,
+            None => {
+                db.insert_adapter(&NewAdapter {
+                    name: &name,
+                    path: &outcome.output_dir.display().to_string(),
+                    base_model: &meta.base_model,
+                    base_model_hash: &meta.base_model_hash,
+                    tokenizer_hash: &meta.tokenizer_hash,
+                    chat_template_hash: &meta.chat_template_hash,
+                    rank: Some(c.lora_r as i64),
+                    alpha: Some(c.lora_alpha),
+                    target_modules: &c.lora_target_modules,
+                    metrics: &metrics,
+                    job_id: Some(id),
+                    assistant_id,
+                })
+                .await?
+            }
+        };
         db.set_job_adapter(id, adapter.id).await?;
         let said = match &card {
             Some(card) if job.sweep_id.is_some() => {

@@ -141,6 +141,41 @@ async fn a_job_killed_while_writing_its_first_checkpoint_starts_over(pool: Sqlit
     assert!(!scratch.exists(), "the scratch was cleared");
 }
 
+#[sqlx::test(migrations = "../migrations")]
+async fn a_job_whose_worker_died_while_publishing_finishes_that_publication(pool: SqlitePool) {
+    let db = Db::from_pool(pool);
+    let tmp = tempfile::tempdir().unwrap();
+    let hp = serde_json::json!({"num_epochs": 1, "micro_batch_size": 4, "val_set_size": 0});
+    let (id, opts) = setup(&db, tmp.path(), hp).await;
+    // What a kill after the adapter's row and before the job's end leaves: the row.
+    let modules = vec!["q_proj".to_string()];
+    let left = db
+        .insert_adapter(&loraloop_core::storage::NewAdapter {
+            name: &format!("job-{id}"),
+            path: "adapters/x",
+            base_model: "tiny",
+            base_model_hash: "b",
+            tokenizer_hash: "t",
+            chat_template_hash: "c",
+            rank: Some(16),
+            alpha: Some(32.0),
+            target_modules: &modules,
+            metrics: &serde_json::json!({}),
+            job_id: Some(id),
+            assistant_id: None,
+        })
+        .await
+        .unwrap();
+    run_next(&db, &opts, Arc::new(AtomicBool::new(false)))
+        .await
+        .unwrap();
+    let job = db.job(id).await.unwrap();
+    // It failed on the adapter's name (UNIQUE constraint), leaving the adapter tied to no job.
+    assert_eq!(job.state(), JobState::Succeeded, "{:?}", job.error);
+    assert_eq!(job.adapter_id, Some(left.id));
+    assert_eq!(db.list_adapters().await.unwrap().len(), 1);
+}
+
 #[test]
 fn a_resume_takes_the_newest_checkpoint_or_the_copy_a_kill_left_of_it() {
     let dir = tempfile::tempdir().unwrap();

@@ -107,6 +107,16 @@ impl Db {
         Ok(())
     }
 
+    /// The adapter a training job registered, if it did.
+    pub async fn adapter_of_job(&self, job_id: i64) -> Result<Option<Adapter>> {
+        sql::optional(
+            self.pool(),
+            &format!("select {ADAPTER_COLUMNS} from adapters where job_id = ? order by id limit 1"),
+            (job_id,),
+        )
+        .await
+    }
+
     /// The adapter named `name` (names are unique), if there is one.
     pub async fn adapter_named(&self, name: &str) -> Result<Option<Adapter>> {
         sql::optional(
