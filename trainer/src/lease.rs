@@ -3,7 +3,7 @@
 //! died; it goes back to the queue, or fails after `MAX_ATTEMPTS` claims so a job that
 //! crashes the process is not retried forever. Chat-model and classifier jobs alike.
 
-use loraloop_core::storage::{Db, StorageError};
+use loraloop_core::storage::{Db, Recovered, StorageError};
 use std::future::Future;
 use std::time::Duration;
 
@@ -17,14 +17,17 @@ pub const MAX_ATTEMPTS: i64 = 3;
 const GAVE_UP: &str =
     "the process stopped while running this job too many times; not started again";
 
+/// What a job's events say when its worker died after a cancel was accepted.
+const CANCELLED: &str = "cancelled as requested (the worker running this job had stopped)";
+
 /// The line each recovered job's events get: `requeued_text` for the jobs back in the
-/// queue, the same give-up line for every kind of job for the ones failed.
-pub fn recovery_lines(
-    (requeued, failed): (Vec<i64>, Vec<i64>),
-    requeued_text: &str,
-) -> impl Iterator<Item = (i64, &str)> {
-    let requeued = requeued.into_iter().map(move |id| (id, requeued_text));
-    requeued.chain(failed.into_iter().map(|id| (id, GAVE_UP)))
+/// queue, the same lines for every kind of job for the ones failed or cancelled.
+pub fn recovery_lines(r: Recovered, requeued_text: &str) -> impl Iterator<Item = (i64, &str)> {
+    let requeued = r.requeued.into_iter().map(move |id| (id, requeued_text));
+    let failed = r.failed.into_iter().map(|id| (id, GAVE_UP));
+    requeued
+        .chain(failed)
+        .chain(r.cancelled.into_iter().map(|id| (id, CANCELLED)))
 }
 
 /// Run `work` while its job's lease is renewed in the background, `every` so often (the

@@ -3,7 +3,7 @@
 use candle_core::Device;
 use loraloop_core::domain::{ChatExample, ChatMessage, Role};
 use loraloop_core::gate::{ActivationPolicy, GateConfig};
-use loraloop_core::storage::{Db, JobState, NewDataset, NewJob, NewMessage, Platform};
+use loraloop_core::storage::{Db, JobState, NewDataset, NewJob, NewMessage, Platform, Recovered};
 use loraloop_model::testing::{TinySpec, write_tiny_chat_model};
 use loraloop_trainer::card::ReportCard;
 use loraloop_trainer::job_card::GateOptions;
@@ -174,6 +174,32 @@ async fn a_job_whose_worker_died_while_publishing_finishes_that_publication(pool
     assert_eq!(job.state(), JobState::Succeeded, "{:?}", job.error);
     assert_eq!(job.adapter_id, Some(left.id));
     assert_eq!(db.list_adapters().await.unwrap().len(), 1);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_cancelled_job_whose_worker_died_ends_cancelled_not_requeued(pool: SqlitePool) {
+    let db = Db::from_pool(pool);
+    let tmp = tempfile::tempdir().unwrap();
+    let (id, _) = setup(&db, tmp.path(), serde_json::json!({"num_epochs": 1})).await;
+    assert_eq!(db.claim_next_job(0).await.unwrap().unwrap().id, id);
+    // The cancel is accepted, then the process is killed before the worker sees it.
+    assert!(db.request_cancel(id).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let cancelled = Recovered {
+        cancelled: vec![id],
+        ..Default::default()
+    };
+    assert_eq!(
+        db.recover_abandoned_jobs(MAX_ATTEMPTS).await.unwrap(),
+        cancelled
+    );
+    let job = db.job(id).await.unwrap();
+    assert_eq!(job.state(), JobState::Cancelled);
+    assert!(job.finished_at.is_some());
+    assert!(
+        db.claim_next_job(0).await.unwrap().is_none(),
+        "never claimed again"
+    );
 }
 
 #[test]
@@ -746,7 +772,7 @@ async fn a_job_whose_worker_died_is_requeued_and_fails_after_max_attempts(pool: 
     assert_eq!(claimed.id, id);
     assert_eq!(
         db.recover_abandoned_jobs(MAX_ATTEMPTS).await.unwrap(),
-        (vec![], vec![])
+        Recovered::default()
     );
     // A clean stop gives it back without counting an attempt.
     assert!(db.return_job_to_queue(id).await.unwrap());
@@ -755,12 +781,20 @@ async fn a_job_whose_worker_died_is_requeued_and_fails_after_max_attempts(pool: 
     for attempt in 1..=MAX_ATTEMPTS {
         assert_eq!(db.claim_next_job(0).await.unwrap().unwrap().id, id);
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let (requeued, failed) = db.recover_abandoned_jobs(MAX_ATTEMPTS).await.unwrap();
+        let r = db.recover_abandoned_jobs(MAX_ATTEMPTS).await.unwrap();
         if attempt < MAX_ATTEMPTS {
-            assert_eq!((requeued, failed), (vec![id], vec![]), "attempt {attempt}");
+            let requeued = Recovered {
+                requeued: vec![id],
+                ..Default::default()
+            };
+            assert_eq!(r, requeued, "attempt {attempt}");
             assert_eq!(db.job(id).await.unwrap().state(), JobState::Queued);
         } else {
-            assert_eq!((requeued, failed), (vec![], vec![id]));
+            let failed = Recovered {
+                failed: vec![id],
+                ..Default::default()
+            };
+            assert_eq!(r, failed);
         }
     }
     // ...then failed, with the reason, and never claimed again.
@@ -837,7 +871,7 @@ async fn a_classifier_job_whose_worker_died_is_requeued_and_fails_after_max_atte
         db.recover_abandoned_classifier_jobs(MAX_ATTEMPTS)
             .await
             .unwrap(),
-        (vec![], vec![])
+        Recovered::default()
     );
     assert!(db.renew_classifier_lease(id, 20).await.unwrap());
     // A clean stop gives it back without counting an attempt.

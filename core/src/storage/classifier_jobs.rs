@@ -1,6 +1,6 @@
 //! Classifier fine-tuning jobs and their events.
 
-use super::{Db, Result, sql};
+use super::{Db, Recovered, Result, sql};
 use serde::Serialize;
 
 /// What a classifier job put back in the queue resets: it starts over from step 0.
@@ -108,12 +108,10 @@ impl Db {
         self.return_to_queue("classifier_jobs", RESTART, id).await
     }
 
-    /// Jobs whose worker died (running, lease run out): back to the queue to start over,
-    /// or failed after `max_attempts` claims. Returns (requeued, failed) ids.
-    pub async fn recover_abandoned_classifier_jobs(
-        &self,
-        max_attempts: i64,
-    ) -> Result<(Vec<i64>, Vec<i64>)> {
+    /// Jobs whose worker died (running, lease run out): cancelled when a cancel was
+    /// accepted, else back to the queue to start over, or failed after `max_attempts`
+    /// claims.
+    pub async fn recover_abandoned_classifier_jobs(&self, max_attempts: i64) -> Result<Recovered> {
         self.recover_abandoned("classifier_jobs", RESTART, max_attempts)
             .await
     }

@@ -30,6 +30,17 @@ impl JobState {
     }
 }
 
+/// The jobs of dead workers, by what became of them (ids).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Back in the queue.
+    pub requeued: Vec<i64>,
+    /// Failed: claimed too many times.
+    pub failed: Vec<i64>,
+    /// Cancelled: a cancel was accepted before the worker died.
+    pub cancelled: Vec<i64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
 pub struct TrainingJob {
     pub id: i64,
@@ -357,9 +368,9 @@ impl Db {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Jobs whose worker died (running, lease run out): back to the queue, or failed after
-    /// `max_attempts` claims. Returns (requeued, failed) ids.
-    pub async fn recover_abandoned_jobs(&self, max_attempts: i64) -> Result<(Vec<i64>, Vec<i64>)> {
+    /// Jobs whose worker died (running, lease run out): cancelled when a cancel was
+    /// accepted, else back to the queue, or failed after `max_attempts` claims.
+    pub async fn recover_abandoned_jobs(&self, max_attempts: i64) -> Result<Recovered> {
         self.recover_abandoned("training_jobs", UNPUBLISHED, max_attempts)
             .await
     }
@@ -372,9 +383,20 @@ impl Db {
         table: &'static str,
         reset: &'static str,
         max_attempts: i64,
-    ) -> Result<(Vec<i64>, Vec<i64>)> {
+    ) -> Result<Recovered> {
         let abandoned =
             format!("state = 'running' and (lease_until is null or lease_until < {NOW})");
+        // A cancel accepted before the worker died is the job's end: running it again to
+        // its next step only to stop there cost a claim, its setup and a step.
+        let cancelled: Vec<i64> = sql::column(
+            self.pool(),
+            &format!(
+                "update {table} set state = 'cancelled', finished_at = {NOW}, lease_until = null
+                 where {abandoned} and cancel_requested returning id"
+            ),
+            (),
+        )
+        .await?;
         let failed: Vec<(i64,)> = sql::all(
             self.pool(),
             &format!(
@@ -393,10 +415,11 @@ impl Db {
             (),
         )
         .await?;
-        Ok((
-            requeued.into_iter().map(|r| r.0).collect(),
-            failed.into_iter().map(|r| r.0).collect(),
-        ))
+        Ok(Recovered {
+            requeued: requeued.into_iter().map(|r| r.0).collect(),
+            failed: failed.into_iter().map(|r| r.0).collect(),
+            cancelled,
+        })
     }
 
     /// How many times a job has been claimed without a clean stop.

@@ -44,7 +44,9 @@ pub use datasets::{
 };
 pub use files::{NewFile, StoredFile};
 pub use forget::{Forgotten, lines_hash};
-pub use jobs::{JobState, NewFileJob, NewJob, NewTrainingEvent, TrainingEvent, TrainingJob};
+pub use jobs::{
+    JobState, NewFileJob, NewJob, NewTrainingEvent, Recovered, TrainingEvent, TrainingJob,
+};
 pub use maintenance::{Pruned, Retention};
 pub use routing::{Canary, DailyRatings, Pin};
 pub use sweeps::Sweep;
