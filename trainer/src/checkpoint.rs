@@ -56,6 +56,9 @@ pub struct TrainerState {
     pub base_model_hash: String,
     /// AdamW's update count.
     pub optimizer_steps: u64,
+    /// Tokens trained on up to `global_step`, across resumes (0 in older checkpoints).
+    #[serde(default)]
+    pub trained_tokens: usize,
     pub log_history: Vec<LogEntry>,
     pub eval_history: Vec<EvalEntry>,
     pub best_eval_loss: Option<f64>,
@@ -76,6 +79,7 @@ impl TrainerState {
             data_hash,
             base_model_hash,
             optimizer_steps: 0,
+            trained_tokens: 0,
             log_history: Vec::new(),
             eval_history: Vec::new(),
             best_eval_loss: None,

@@ -124,6 +124,7 @@ impl TrainingLoop<'_> {
             }
             tokens_done += r.tokens;
             let state = &mut self.state;
+            state.trained_tokens += r.tokens;
             state.global_step = step + 1;
             state.epoch = *epoch as f64
                 + (((step + 1) - epoch * steps_per_epoch) as f64 / steps_per_epoch as f64).min(1.0);
@@ -214,7 +215,8 @@ impl TrainingLoop<'_> {
         Ok(TrainOutcome {
             ending,
             steps: self.state.global_step,
-            trained_tokens: tokens_done,
+            // The whole run's, not this process's: a resumed run counts what came before.
+            trained_tokens: self.state.trained_tokens,
             final_loss: self.state.final_loss,
             eval: last_eval,
             output_dir: self.output_dir,

@@ -317,6 +317,47 @@ async fn a_job_interrupted_by_a_dying_worker_resumes_from_its_checkpoint(pool: S
         started[1]["resumed_from_step"],
         serde_json::json!(stopped_at)
     );
+
+    // Every step trains the same four examples, so the run trained 600 times what one
+    // step of an uninterrupted run on the same data trains (the count after a resume
+    // covered only the steps after it).
+    let tokens = |job: &loraloop_core::storage::TrainingJob| {
+        let db = db.clone();
+        let adapter = job.adapter_id.unwrap();
+        async move {
+            let a = db.adapter(adapter).await.unwrap();
+            let m: serde_json::Value = serde_json::from_str(&a.metrics).unwrap();
+            m["trained_tokens"].as_u64().unwrap()
+        }
+    };
+    let resumed = tokens(&job).await;
+    let hp = serde_json::json!({"num_epochs": 1, "micro_batch_size": 4, "val_set_size": 0});
+    let one_epoch = db
+        .create_job(&NewJob {
+            assistant_id: None,
+            dataset_id: job.dataset_id.unwrap(),
+            base_model: "tiny",
+            method: "lora",
+            hyperparameters: &hp,
+        })
+        .await
+        .unwrap();
+    db.transition_job(
+        one_epoch.id,
+        JobState::ValidatingFiles,
+        JobState::Queued,
+        None,
+    )
+    .await
+    .unwrap();
+    run_next(&db, &opts, Arc::new(AtomicBool::new(false)))
+        .await
+        .unwrap();
+    let one_epoch = db.job(one_epoch.id).await.unwrap();
+    assert_eq!(one_epoch.step, 2);
+    let per_step = tokens(&one_epoch).await / 2;
+    assert!(per_step > 0);
+    assert_eq!(resumed, 600 * per_step);
 }
 
 // A job on the model the worker was given already loaded (the server's engine model)
