@@ -292,27 +292,15 @@ impl AdapterService {
                 (Some(self.load(&row).await?), Some(row.name))
             }
         };
-        let action = match record {
-            Record::None => None,
+        // The storage writes the audit entry with the swap, in one transaction.
+        match record {
+            Record::None => {}
             Record::Activation => {
                 self.db
                     .activate_adapter(assistant_id, adapter_id, by)
                     .await?;
-                Some("activate adapter")
             }
-            Record::Rollback(step) => {
-                self.db.record_rollback(assistant_id, &step, by).await?;
-                Some("roll back adapter")
-            }
-        };
-        if let Some(action) = action {
-            let target = format!(
-                "assistant {assistant_id}: {}",
-                name.as_deref().unwrap_or("the base model")
-            );
-            if let Err(e) = self.db.audit(by, action, Some(&target), None).await {
-                tracing::warn!("cannot write the audit log: {e}");
-            }
+            Record::Rollback(step) => self.db.record_rollback(assistant_id, &step, by).await?,
         }
         // Other assistants' turns name their active adapter when they start (the router
         // reads it from the database); only the default assistant's is the engine's own.

@@ -149,8 +149,9 @@ impl Db {
     }
 
     /// Make `adapter_id` (or the base model, for None) the assistant's active adapter and
-    /// record the activation. Activating what is already active records nothing: a second
-    /// entry in the history would make the next rollback undo it and change nothing.
+    /// record the activation, in its history and the audit log. Activating what is
+    /// already active records nothing: a second entry in the history would make the next
+    /// rollback undo it and change nothing.
     pub async fn activate_adapter(
         &self,
         assistant_id: i64,
@@ -185,6 +186,7 @@ impl Db {
             (adapter_id,),
         )
         .await?;
+        audit_swap(&mut tx, by, "activate adapter", assistant_id, adapter_id).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -248,6 +250,7 @@ impl Db {
             )
             .await?;
         }
+        audit_swap(&mut tx, by, "roll back adapter", assistant_id, step.to).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -262,6 +265,32 @@ impl Db {
         .await?;
         Ok(row.and_then(|(t,)| t))
     }
+}
+
+/// The audit entry of an activation or a rollback, in its transaction: a swap that
+/// happened is never missing from the log (the gate's included).
+async fn audit_swap(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    by: &str,
+    action: &str,
+    assistant_id: i64,
+    adapter_id: Option<i64>,
+) -> Result<()> {
+    let name: Option<String> = match adapter_id {
+        Some(id) => sql::value(&mut **tx, "select name from adapters where id = ?", (id,)).await?,
+        None => None,
+    };
+    let target = format!(
+        "assistant {assistant_id}: {}",
+        name.as_deref().unwrap_or("the base model")
+    );
+    sql::execute(
+        &mut **tx,
+        "insert into audit_log (actor, action, target) values (?, ?, ?)",
+        (by, action, target),
+    )
+    .await?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -339,6 +368,29 @@ mod tests {
             db.assistant("a").await.unwrap().active_adapter_id,
             Some(two.id)
         );
+        // Each activation is in the audit log (newest first), the repeated one not.
+        let audit: Vec<(String, String, Option<String>)> = db
+            .audit_entries(None, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.actor, e.action, e.target))
+            .collect();
+        let entry = |action: &str, target: &str| {
+            (
+                "operator".to_string(),
+                action.to_string(),
+                Some(target.to_string()),
+            )
+        };
+        let a = asst.id;
+        assert_eq!(
+            audit,
+            [
+                entry("activate adapter", &format!("assistant {a}: two")),
+                entry("activate adapter", &format!("assistant {a}: one")),
+            ]
+        );
         // Each rollback goes one step further back: two, then one, then the base model.
         let back = |db: Db| async move {
             let step = db.rollback_step(asst.id).await.unwrap()?;
@@ -354,6 +406,12 @@ mod tests {
         assert!(db.adapter(two.id).await.unwrap().rolled_back_at.is_some());
         assert_eq!(back(db.clone()).await, Some((Some(one.id), None)));
         assert_eq!(back(db.clone()).await, None, "nothing left to undo");
+        let newest = db.audit_entries(None, 1).await.unwrap().remove(0);
+        assert_eq!(newest.action, "roll back adapter");
+        assert_eq!(
+            newest.target,
+            Some(format!("assistant {a}: the base model"))
+        );
         // Activating again clears the mark and starts a new step.
         db.activate_adapter(asst.id, Some(two.id), "operator")
             .await
