@@ -520,7 +520,15 @@ pub async fn chat_completions(
         {
             return;
         }
-        while let Some(e) = generation.next().await {
+        loop {
+            // A client that leaves while the prompt is still being read sends nothing to
+            // fail on: its closed stream ends the generation (dropping `generation`
+            // cancels it) instead of the whole prompt being read for nobody.
+            let e = tokio::select! {
+                e = generation.next() => e,
+                () = tx.closed() => return,
+            };
+            let Some(e) = e else { break };
             match e {
                 Event::Text(t) => {
                     if tx
