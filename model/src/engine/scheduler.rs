@@ -3,10 +3,10 @@
 //! Each round it takes new requests into a waiting line, admits what fits (a cap on
 //! sequences, a budget of cache positions, a cap per user, users with the fewest replies
 //! running first), runs at most `prefill_chunk` prompt tokens of the sequences still on
-//! their prompts, then one decode step for every sequence past its prompt, all of them in
-//! one forward pass (`Llama::forward_batch`: each weight read once per step, each row on
-//! its own adapter). New sequences join at step boundaries, and a long prompt delays the
-//! others' next token by one chunk at most. Waiting callers hear their place in line.
+//! their prompts (shortest first), then one decode step for every sequence past its prompt,
+//! all of them in one forward pass (`Llama::forward_batch`: each weight read once per step,
+//! each row on its own adapter). New sequences join at step boundaries, and a long prompt
+//! delays the others' next token, and a shorter prompt behind it, by one chunk at most. Waiting callers hear their place in line.
 
 use super::prefix::PrefixCache;
 use super::sequence::Sequence;
@@ -138,9 +138,40 @@ impl<'m> Scheduler<'m> {
         }
     }
 
+    /// How the step's `prefill_chunk` prompt tokens are shared among the sequences still
+    /// on their prompts, as (index in `running`, tokens). The first admitted gets a
+    /// quarter of the chunk at least, so it always moves on; the rest goes to the shortest
+    /// remaining prompts first, so a short prompt behind a long one waits one step, not
+    /// the whole long prompt (first come, first served made a chat wait a minute behind a
+    /// 7,000-word prompt).
+    fn prefill_shares(&self) -> Vec<(usize, usize)> {
+        let prefilling: Vec<usize> = (0..self.running.len())
+            .filter(|&i| self.running[i].is_prefilling())
+            .collect();
+        let mut shares = vec![0; self.running.len()];
+        let mut budget = self.limits.prefill_chunk;
+        if let Some(&first) = prefilling.first() {
+            let floor = (budget / 4).max(1).min(self.running[first].prompt_left());
+            shares[first] = floor;
+            budget -= floor;
+        }
+        let mut shortest = prefilling.clone();
+        shortest.sort_by_key(|&i| self.running[i].prompt_left() - shares[i]);
+        for i in shortest {
+            let take = (self.running[i].prompt_left() - shares[i]).min(budget);
+            shares[i] += take;
+            budget -= take;
+        }
+        prefilling
+            .into_iter()
+            .filter(|&i| shares[i] > 0)
+            .map(|i| (i, shares[i]))
+            .collect()
+    }
+
     /// One step: a token for every sequence past its prompt (sampled and streamed), and
-    /// up to `prefill_chunk` prompt tokens of the sequences still on their prompts, first
-    /// admitted first, all run through the model in one batched pass. Finished sequences
+    /// up to `prefill_chunk` prompt tokens of the sequences still on their prompts (see
+    /// `prefill_shares`), all run through the model in one batched pass. Finished sequences
     /// leave their caches to the prefix cache.
     fn step(&mut self) {
         let model = self.model;
@@ -161,16 +192,8 @@ impl<'m> Scheduler<'m> {
                 }
             }
         }
-        let mut budget = self.limits.prefill_chunk;
-        for (i, seq) in self.running.iter().enumerate() {
-            if budget == 0 {
-                break;
-            }
-            if seq.is_prefilling() {
-                let take = seq.prompt_left().min(budget);
-                budget -= take;
-                runs[i] = Some(Run::Prompt(take));
-            }
+        for (i, take) in self.prefill_shares() {
+            runs[i] = Some(Run::Prompt(take));
         }
         let which: Vec<usize> = (0..n).filter(|&i| runs[i].is_some()).collect();
         if !which.is_empty() {
@@ -302,6 +325,32 @@ mod tests {
 
     fn started(events: &[Event]) -> bool {
         events.iter().any(|e| matches!(e, Event::Started { .. }))
+    }
+
+    #[test]
+    fn a_short_prompt_behind_a_long_one_is_read_in_one_step_and_the_long_one_moves_on() {
+        let limits = EngineLimits {
+            prefill_chunk: 16,
+            ..EngineLimits::default()
+        };
+        let (_dir, sh) = shared(limits);
+        let mut s = scheduler(&sh);
+        let (long, _long_rx) = job(100, 5, None);
+        s.queue(long);
+        s.round(&sh);
+        assert_eq!(s.running[0].prefilled(), 16, "alone, the whole chunk");
+        // Short prompts keep arriving behind it: each is read in the step it joins (it
+        // waited for all 100 tokens before), and the long one still gets a quarter.
+        let mut short_rx = Vec::new();
+        for round in 1..=3 {
+            let (short, rx) = job(4, 40, None);
+            short_rx.push(rx);
+            s.queue(short);
+            s.round(&sh);
+            let short = s.running.last().unwrap();
+            assert!(!short.is_prefilling(), "round {round}");
+            assert_eq!(s.running[0].prefilled(), 16 + 12 * round, "round {round}");
+        }
     }
 
     #[test]
