@@ -257,6 +257,16 @@ fn a_conversation_longer_than_the_context_drops_its_oldest_turns_but_keeps_the_s
         !text.contains("question 0 "),
         "the oldest turn should be gone"
     );
+    // The fewest turns are dropped: the first conversation that fits, dropping question
+    // and answer pairs one at a time from the oldest, drops as many.
+    let fits = |pairs: usize| {
+        let mut m = vec![messages[0].clone()];
+        m.extend(messages[1 + 2 * pairs..].iter().cloned());
+        let text = model.template.render(&m, true).unwrap();
+        model.tokenizer.encode(&text, false).unwrap().len() <= model.context_length() - 256
+    };
+    let pairs = (0..8).find(|&p| fits(p)).unwrap();
+    assert_eq!(dropped, 2 * pairs);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -156,39 +156,59 @@ impl LoadedModel {
         let context = self.context_length();
         let reserve = reserve.min(context / 2);
         let budget = context - reserve;
-        let mut msgs = messages.to_vec();
-        let mut dropped = 0;
-        loop {
-            let text = self.template.render(&msgs, true)?;
-            let ids = self.tokenizer.encode(&text, false)?;
-            if ids.len() <= budget {
-                return Ok((ids, dropped));
+        // Dropping goes in steps: the oldest turn after the system messages, then any
+        // assistant turns that would come first after them (never the last message). Step
+        // `k` leaves the non-system messages from `kept_from[k]` on. The fewest steps that
+        // fit are found by bisection: a thousand-message conversation is rendered and
+        // tokenized about ten times, not once per dropped message.
+        let last = messages.len() - 1;
+        let turns: Vec<usize> = (0..messages.len())
+            .filter(|&i| messages[i].role != "system")
+            .collect();
+        let mut kept_from = vec![0];
+        let mut r = 0;
+        while r < turns.len() && turns[r] < last {
+            r += 1;
+            while r < turns.len() && messages[turns[r]].role == "assistant" && turns[r] < last {
+                r += 1;
             }
-            let last = msgs.len() - 1;
-            match msgs.iter().position(|m| m.role != "system") {
-                Some(i) if i < last => {
-                    msgs.remove(i);
-                    dropped += 1;
-                    // Do not leave an assistant turn first after the system prompt.
-                    while let Some(j) = msgs.iter().position(|m| m.role != "system") {
-                        if msgs[j].role == "assistant" && j < msgs.len() - 1 {
-                            msgs.remove(j);
-                            dropped += 1;
-                        } else {
-                            break;
-                        }
-                    }
-                }
-                _ => {
-                    return Err(EngineError::PromptTooLong {
-                        tokens: ids.len(),
-                        budget,
-                        context,
-                        reserved: reserve,
-                    });
-                }
+            kept_from.push(r);
+        }
+        let tokens = |k: usize| -> Result<Vec<u32>, EngineError> {
+            let cut: Vec<usize> = turns[..kept_from[k]].to_vec();
+            let msgs: Vec<TemplateMessage> = (0..messages.len())
+                .filter(|i| cut.binary_search(i).is_err())
+                .map(|i| messages[i].clone())
+                .collect();
+            let text = self.template.render(&msgs, true)?;
+            Ok(self.tokenizer.encode(&text, false)?)
+        };
+        let ids = tokens(0)?;
+        if ids.len() <= budget {
+            return Ok((ids, 0));
+        }
+        let most = kept_from.len() - 1;
+        let mut fitting = tokens(most)?;
+        if most == 0 || fitting.len() > budget {
+            return Err(EngineError::PromptTooLong {
+                tokens: fitting.len(),
+                budget,
+                context,
+                reserved: reserve,
+            });
+        }
+        // Step `lo` does not fit, step `hi` does.
+        let (mut lo, mut hi) = (0, most);
+        while hi - lo > 1 {
+            let mid = (lo + hi) / 2;
+            let ids = tokens(mid)?;
+            if ids.len() <= budget {
+                (hi, fitting) = (mid, ids);
+            } else {
+                lo = mid;
             }
         }
+        Ok((fitting, kept_from[hi]))
     }
 }
 
