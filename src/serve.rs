@@ -276,6 +276,7 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
         let state = AppState::new(core.clone(), telegram_inbox.clone());
         let app = match opts.only_bot {
             None => {
+                loraloop_web::files::remove_leftovers(&state).await;
                 // Jobs a stopped server left in `validating_files`.
                 tokio::spawn(loraloop_web::job_files::validate_waiting(state.clone()));
                 loraloop_web::router(state)

@@ -222,21 +222,13 @@ mod tests {
         broken.failed();
         drop((done, broken, left));
         assert_eq!(m.queue_depth(), 0);
-        assert_eq!(
-            line(&m, "loraloop_generations_total"),
-            "loraloop_generations_total 1"
-        );
-        assert_eq!(
-            line(&m, "loraloop_generated_tokens_total"),
-            "loraloop_generated_tokens_total 10"
-        );
-        assert_eq!(
-            line(&m, "loraloop_generations_failed_total"),
-            "loraloop_generations_failed_total 1"
-        );
-        assert_eq!(
-            line(&m, "loraloop_generations_abandoned_total"),
-            "loraloop_generations_abandoned_total 1"
-        );
+        for (name, value) in [
+            ("loraloop_generations_total", 1),
+            ("loraloop_generated_tokens_total", 10),
+            ("loraloop_generations_failed_total", 1),
+            ("loraloop_generations_abandoned_total", 1),
+        ] {
+            assert_eq!(line(&m, name), format!("{name} {value}"));
+        }
     }
 }

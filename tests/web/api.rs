@@ -737,10 +737,30 @@ async fn a_job_trains_registers_its_adapter_and_activation_changes_the_next_repl
     let config = s.server.state.config.clone();
     let crate::support::TestServer { server, dir, .. } = s;
     server.stop().await.unwrap();
-    let server = crate::support::start_config(config).await;
+    // What a killed server leaves: an export's scratch file, an upload being unpacked, and
+    // an uploaded folder whose adapter was never recorded (a 409 for that name forever).
+    let data = &config.raw.data_dir;
+    let leftovers = [
+        data.join("tmp/ab12cd34.gguf"),
+        data.join("adapters/.upload-ab12cd34/adapter_model.safetensors"),
+        data.join("adapters/uploaded-ghost/adapter_model.safetensors"),
+    ];
+    for f in &leftovers {
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(f, b"half").unwrap();
+    }
+    let server = crate::support::start_config(config.clone()).await;
     assert_eq!(
         server.state.engine.active_adapter().map(|t| t.name),
-        Some(adapter)
+        Some(adapter.clone())
+    );
+    for f in &leftovers {
+        assert!(!f.exists(), "{} was left", f.display());
+    }
+    assert!(!data.join("adapters/uploaded-ghost").exists());
+    assert!(
+        data.join(format!("adapters/{adapter}")).is_dir(),
+        "a recorded adapter stays"
     );
     server.stop().await.unwrap();
     drop(dir);

@@ -1,5 +1,5 @@
 //! Uploads: reading one within its limit, names a client supplies that become paths,
-//! and scratch files.
+//! and scratch files (and what a killed server left of them).
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -31,13 +31,63 @@ pub fn safe_file_name(name: &str) -> Result<&str, ApiError> {
 
 /// A scratch path for a download or an upload.
 pub fn scratch_file(state: &AppState, suffix: &str) -> PathBuf {
-    state
-        .core
-        .config
-        .raw
-        .data_dir
-        .join("tmp")
-        .join(format!("{}{suffix}", random_token(8)))
+    scratch_dir(state).join(format!("{}{suffix}", random_token(8)))
+}
+
+fn scratch_dir(state: &AppState) -> PathBuf {
+    state.core.config.raw.data_dir.join("tmp")
+}
+
+/// In the adapters folder: an uploaded adapter being unpacked and checked.
+pub const UPLOAD_STAGING_PREFIX: &str = ".upload-";
+/// In the adapters folder: an uploaded adapter `uploaded-NAME`.
+pub const UPLOADED_PREFIX: &str = "uploaded-";
+
+/// Remove what a killed server left: scratch files (exports, downloads), adapters it was
+/// unpacking, and uploaded adapter folders whose adapter was never recorded (they made
+/// every later upload of that name a 409). Run at start, before any request.
+pub async fn remove_leftovers(state: &AppState) {
+    let adapters = match state.core.db.list_adapters().await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!("cannot look for leftover uploads: {e}");
+            return;
+        }
+    };
+    // Kept when any adapter's folder has the name, wherever it lies.
+    let recorded: std::collections::HashSet<std::ffi::OsString> = adapters
+        .iter()
+        .filter_map(|a| std::path::Path::new(&a.path).file_name().map(Into::into))
+        .collect();
+    let mut left: Vec<PathBuf> = std::fs::read_dir(scratch_dir(state))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    for e in std::fs::read_dir(&state.core.adapters_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name();
+        let text = name.to_string_lossy();
+        let unrecorded = text.starts_with(UPLOADED_PREFIX) && !recorded.contains(&name);
+        if text.starts_with(UPLOAD_STAGING_PREFIX) || unrecorded {
+            left.push(e.path());
+        }
+    }
+    for path in left {
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match removed {
+            Ok(()) => tracing::warn!("removed {}: left by a server that stopped", path.display()),
+            Err(e) => tracing::warn!("cannot remove {}: {e}", path.display()),
+        }
+    }
 }
 
 /// The bytes of an upload (raw body, or the `file_field` part of a multipart form), and

@@ -372,17 +372,21 @@ async fn receive_upload(state: &AppState, req: Request) -> Result<(), ApiError> 
             "an adapter named {name:?} exists already"
         )));
     }
-    let target = state.core.adapters_dir.join(format!("uploaded-{name}"));
+    let target = state
+        .core
+        .adapters_dir
+        .join(format!("{}{name}", crate::files::UPLOADED_PREFIX));
     if target.exists() {
         return Err(ApiError::conflict(format!(
             "the folder {} exists already",
             target.display()
         )));
     }
-    let staging = state
-        .core
-        .adapters_dir
-        .join(format!(".upload-{}", loraloop_core::token::random_token(8)));
+    let staging = state.core.adapters_dir.join(format!(
+        "{}{}",
+        crate::files::UPLOAD_STAGING_PREFIX,
+        loraloop_core::token::random_token(8)
+    ));
     let result = check_upload(state, &name, bytes, &staging, &target).await;
     if staging.exists() {
         let _ = std::fs::remove_dir_all(&staging);
