@@ -446,7 +446,7 @@ pub async fn chat_completions(
     gen_req.adapter = state.core.adapters.choice(&req.model).await?;
     let said = said(&gen_req);
     let mut in_flight = state.core.metrics.generation_started();
-    let mut generation = state.core.engine.generate(gen_req)?;
+    let mut generation = state.core.engine.generate_off_thread(gen_req).await?;
     // Stored once the engine has taken the request: a refused one (busy) leaves no trace.
     let recorded = record_request(&state, &req, &said, &settings).await?;
     let id = format!("chatcmpl-{}", loraloop_core::token::random_token(12));

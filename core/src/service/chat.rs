@@ -171,17 +171,20 @@ impl ChatService {
                 .map(|m| TemplateMessage::new(m.role.as_str(), m.content.clone())),
         );
         let in_flight = self.metrics.generation_started();
-        let generation = self.engine.generate(GenerateRequest {
-            prompt: Prompt::Chat(messages),
-            params: self.assistants.sampling(&assistant),
-            adapter,
-            // Fair shares and the per-user cap go by the person (by the conversation when
-            // the platform gave no user).
-            user: Some(match user_id {
-                Some(u) => format!("user:{u}"),
-                None => format!("conversation:{conversation_id}"),
-            }),
-        })?;
+        let generation = self
+            .engine
+            .generate_off_thread(GenerateRequest {
+                prompt: Prompt::Chat(messages),
+                params: self.assistants.sampling(&assistant),
+                adapter,
+                // Fair shares and the per-user cap go by the person (by the conversation when
+                // the platform gave no user).
+                user: Some(match user_id {
+                    Some(u) => format!("user:{u}"),
+                    None => format!("conversation:{conversation_id}"),
+                }),
+            })
+            .await?;
         Ok(Turn {
             conversation_id,
             user_message,

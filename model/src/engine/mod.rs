@@ -532,6 +532,23 @@ impl Engine {
         self.shared.adapter.load().as_ref().map(|a| a.tag())
     }
 
+    /// [`Engine::generate`] on a blocking thread, for async callers: rendering and
+    /// tokenizing a long conversation takes long enough to stall the other tasks of an
+    /// async worker thread (a server's other requests).
+    pub async fn generate_off_thread(
+        &self,
+        req: GenerateRequest,
+    ) -> Result<Generation, EngineError> {
+        let engine = self.clone();
+        match tokio::task::spawn_blocking(move || engine.generate(req)).await {
+            Ok(result) => result,
+            Err(e) => match e.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(_) => Err(EngineError::Stopped),
+            },
+        }
+    }
+
     /// Queue a generation. Prompt errors (empty, too long) are returned here; the reply
     /// streams through the returned [`Generation`].
     pub fn generate(&self, req: GenerateRequest) -> Result<Generation, EngineError> {
