@@ -5,6 +5,7 @@
 use anyhow::Context;
 use clap::Args;
 use loraloop_core::{Config, Db};
+use loraloop_web::files::RESTORED_PREFIX;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -131,31 +132,38 @@ pub async fn restore(config: &Config, args: &RestoreArgs) -> anyhow::Result<Exit
             )));
         }
     };
-    let dir = adapters_dir(config);
-    std::fs::create_dir_all(&dir)?;
-    let mut restored = 0;
-    for e in std::fs::read_dir(from.join(ADAPTERS))? {
-        let e = e?;
-        let dst = dir.join(e.file_name());
-        if dst.exists() {
-            std::fs::remove_dir_all(&dst)?;
-        }
-        copy_dir(&e.path(), &dst)?;
-        restored += 1;
-    }
+    // The backup's adapters go to a new folder that only the restored database names: the
+    // folders the database in place names are never touched, so a restore stopped at any
+    // point before the rename below leaves that database and its adapters whole (serve
+    // removes the stopped restore's folder).
+    let dir = restored_adapters_dir(config)?;
     let old = manifest["adapters_dir"].as_str().unwrap_or_default();
-    let new = absolute(&dir)?;
-    let moved = if old.is_empty() {
-        0
-    } else {
-        db.relocate_adapters(old, &new.display().to_string())
-            .await?
+    let filled = async {
+        let restored = copy_adapters(&from.join(ADAPTERS), &dir)?;
+        let moved = if old.is_empty() {
+            0
+        } else {
+            db.relocate_adapters(old, &absolute(&dir)?.display().to_string())
+                .await?
+        };
+        anyhow::Ok((restored, moved))
+    }
+    .await;
+    let (restored, moved) = match filled {
+        Ok(counts) => counts,
+        Err(e) => {
+            let _ = db.close().await;
+            remove_with_sidecars(&staged);
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e.context("nothing was restored"));
+        }
     };
     db.audit("cli", "restore", Some(&from.display().to_string()), None)
         .await?;
     db.close().await?;
     // The old database's write-ahead log would be replayed into the restored file; the
     // rename then replaces the file itself in one step.
+    let replaced = target.exists();
     remove_sidecars(target);
     std::fs::rename(&staged, target)
         .with_context(|| format!("cannot move {} to {}", staged.display(), target.display()))?;
@@ -165,7 +173,45 @@ pub async fn restore(config: &Config, args: &RestoreArgs) -> anyhow::Result<Exit
         target.display(),
         dir.display()
     );
+    if replaced {
+        println!(
+            "the adapter folders of the database it replaced are left in {}: remove those you no longer want",
+            adapters_dir(config).display()
+        );
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A new folder in the adapters folder for a restore's adapters: `restored-<UTC time>`.
+fn restored_adapters_dir(config: &Config) -> anyhow::Result<PathBuf> {
+    let parent = adapters_dir(config);
+    std::fs::create_dir_all(&parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    let stamp = chrono::Utc::now().format("%Y%m%d-%H%M%S");
+    for n in 1.. {
+        let name = match n {
+            1 => format!("{RESTORED_PREFIX}{stamp}"),
+            n => format!("{RESTORED_PREFIX}{stamp}-{n}"),
+        };
+        let dir = parent.join(name);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
+        }
+    }
+    unreachable!("some numbered name is free")
+}
+
+/// Copy each adapter folder of a backup into `dir`; how many.
+fn copy_adapters(from: &Path, dir: &Path) -> anyhow::Result<usize> {
+    let mut copied = 0;
+    for e in std::fs::read_dir(from).with_context(|| format!("cannot read {}", from.display()))? {
+        let e = e?;
+        copy_dir(&e.path(), &dir.join(e.file_name()))?;
+        copied += 1;
+    }
+    Ok(copied)
 }
 
 /// Remove a database's write-ahead log and shared-memory files, if present.

@@ -42,10 +42,13 @@ fn scratch_dir(state: &AppState) -> PathBuf {
 pub const UPLOAD_STAGING_PREFIX: &str = ".upload-";
 /// In the adapters folder: an uploaded adapter `uploaded-NAME`.
 pub const UPLOADED_PREFIX: &str = "uploaded-";
+/// In the adapters folder: the adapters `loraloop restore` copied, `restored-<UTC time>`.
+pub const RESTORED_PREFIX: &str = "restored-";
 
 /// Remove what a killed server left: scratch files (exports, downloads), adapters it was
 /// unpacking, and uploaded adapter folders whose adapter was never recorded (they made
-/// every later upload of that name a 409). Run at start, before any request.
+/// every later upload of that name a 409), and the folder of a restore that stopped before
+/// its database replaced the one in place. Run at start, before any request.
 pub async fn remove_leftovers(state: &AppState) {
     let adapters = match state.core.db.list_adapters().await {
         Ok(a) => a,
@@ -54,10 +57,11 @@ pub async fn remove_leftovers(state: &AppState) {
             return;
         }
     };
-    // Kept when any adapter's folder has the name, wherever it lies.
+    // Kept when any adapter's path has a folder of the name, wherever it lies (a restore's
+    // folder holds the adapters).
     let recorded: std::collections::HashSet<std::ffi::OsString> = adapters
         .iter()
-        .filter_map(|a| std::path::Path::new(&a.path).file_name().map(Into::into))
+        .flat_map(|a| std::path::Path::new(&a.path).iter().map(Into::into))
         .collect();
     let mut left: Vec<PathBuf> = std::fs::read_dir(scratch_dir(state))
         .into_iter()
@@ -72,7 +76,8 @@ pub async fn remove_leftovers(state: &AppState) {
     {
         let name = e.file_name();
         let text = name.to_string_lossy();
-        let unrecorded = text.starts_with(UPLOADED_PREFIX) && !recorded.contains(&name);
+        let unrecorded = (text.starts_with(UPLOADED_PREFIX) || text.starts_with(RESTORED_PREFIX))
+            && !recorded.contains(&name);
         if text.starts_with(UPLOAD_STAGING_PREFIX) || unrecorded {
             left.push(e.path());
         }

@@ -386,10 +386,13 @@ impl Db {
     ) -> Result<Recovered> {
         let abandoned =
             format!("state = 'running' and (lease_until is null or lease_until < {NOW})");
+        // One transaction: a second process starting at the same moment sees the jobs all
+        // recovered or none, never a job counted by both.
+        let mut tx = self.pool().begin().await?;
         // A cancel accepted before the worker died is the job's end: running it again to
         // its next step only to stop there cost a claim, its setup and a step.
-        let cancelled: Vec<i64> = sql::column(
-            self.pool(),
+        let cancelled = sql::column(
+            &mut *tx,
             &format!(
                 "update {table} set state = 'cancelled', finished_at = {NOW}, lease_until = null
                  where {abandoned} and cancel_requested returning id"
@@ -397,8 +400,8 @@ impl Db {
             (),
         )
         .await?;
-        let failed: Vec<(i64,)> = sql::all(
-            self.pool(),
+        let failed = sql::column(
+            &mut *tx,
             &format!(
                 "update {table} set state = 'failed', finished_at = {NOW}, lease_until = null,
                     error = 'the process stopped while running this job ' || attempts || ' times (a crash or an out-of-memory kill?): not started again; create a new job to retry'
@@ -407,17 +410,18 @@ impl Db {
             (max_attempts,),
         )
         .await?;
-        let requeued: Vec<(i64,)> = sql::all(
-            self.pool(),
+        let requeued = sql::column(
+            &mut *tx,
             &format!(
                 "update {table} set state = 'queued', {reset}lease_until = null where {abandoned} returning id"
             ),
             (),
         )
         .await?;
+        tx.commit().await?;
         Ok(Recovered {
-            requeued: requeued.into_iter().map(|r| r.0).collect(),
-            failed: failed.into_iter().map(|r| r.0).collect(),
+            requeued,
+            failed,
             cancelled,
         })
     }

@@ -595,12 +595,16 @@ async fn answer(state: &AppState, prompt: &str, choice: AdapterChoice) -> Answer
         ));
     }
     messages.push(TemplateMessage::new("user", prompt.to_string()));
-    let generation = state.core.engine.generate(GenerateRequest {
-        prompt: Prompt::Chat(messages),
-        params: SamplingParams::greedy(COMPARE_TOKENS),
-        adapter: choice,
-        user: None,
-    });
+    let generation = state
+        .core
+        .engine
+        .generate_off_thread(GenerateRequest {
+            prompt: Prompt::Chat(messages),
+            params: SamplingParams::greedy(COMPARE_TOKENS),
+            adapter: choice,
+            user: None,
+        })
+        .await;
     let mut in_flight = state.core.metrics.generation_started();
     let result = match generation {
         Ok(g) => g.finish().await,
