@@ -284,13 +284,19 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
             Some(_) => loraloop_web::bot_router(state),
         };
         let shutdown = shutdown.clone();
+        let limits = crate::listener::Limits {
+            header_timeout: Duration::from_secs_f64(core.config.raw.server.header_timeout_secs),
+            max_connections: core.config.raw.server.max_connections,
+        };
         let server = tokio::spawn(async move {
-            axum::serve(
+            crate::listener::serve(
                 listener,
-                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+                app,
+                limits,
+                async move { shutdown.notified().await },
             )
-            .with_graceful_shutdown(async move { shutdown.notified().await })
-            .await
+            .await;
+            std::io::Result::Ok(())
         });
         (Some(addr), Some(server))
     } else {

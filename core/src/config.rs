@@ -199,6 +199,11 @@ pub struct ServerConfig {
     /// of them, the client is the address it names in `X-Forwarded-For` (what the login
     /// throttle counts by). Empty: the TCP peer is the client.
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Seconds a connection has to send a request's headers, the first request's and each
+    /// later one's on a kept-alive connection; then it is closed.
+    pub header_timeout_secs: f64,
+    /// Connections open at once; one more is closed as soon as it is accepted.
+    pub max_connections: usize,
 }
 
 /// The default assistant: it answers wherever no route names another.
@@ -361,6 +366,8 @@ impl Default for ServerConfig {
             port: 8080,
             max_upload_mb: 100,
             trusted_proxies: Vec::new(),
+            header_timeout_secs: 30.0,
+            max_connections: 1024,
         }
     }
 }
@@ -589,6 +596,19 @@ impl Config {
                     "got {}; allowed: 1 to 100000 (megabytes)",
                     raw.server.max_upload_mb
                 ),
+            ));
+        }
+        let t = raw.server.header_timeout_secs;
+        if !(t.is_finite() && (0.1..=3600.0).contains(&t)) {
+            return Err(invalid(
+                "server.header_timeout_secs",
+                format!("got {t}; allowed: 0.1 to 3600 (seconds)"),
+            ));
+        }
+        if !(1..=1_000_000).contains(&raw.server.max_connections) {
+            return Err(invalid(
+                "server.max_connections",
+                format!("got {}; allowed: 1 to 1000000", raw.server.max_connections),
             ));
         }
         if raw.model.trim().is_empty() {

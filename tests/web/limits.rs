@@ -191,3 +191,105 @@ async fn a_full_engine_answers_503_at_once_and_takes_requests_again_when_it_has_
     assert!(ok, "a place is free once the first reply is gone");
     s.stop().await;
 }
+
+/// A raw connection to the test server.
+async fn connect(s: &crate::support::TestServer) -> tokio::net::TcpStream {
+    tokio::net::TcpStream::connect(s.server.addr.unwrap())
+        .await
+        .unwrap()
+}
+
+/// Whether the server closes `c` (reads end, or fail) within `secs`.
+async fn closed_within(c: &mut tokio::net::TcpStream, secs: f64) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    let read = async {
+        loop {
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs_f64(secs), read)
+        .await
+        .is_ok()
+}
+
+/// `GET /healthz` on a new connection: the status line, or None when the connection was
+/// closed without one.
+async fn health_on_new_connection(s: &crate::support::TestServer) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = connect(s).await;
+    c.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), c.read_to_end(&mut got)).await;
+    let text = String::from_utf8_lossy(&got).to_string();
+    text.lines()
+        .next()
+        .map(str::to_string)
+        .filter(|l| !l.is_empty())
+}
+
+#[tokio::test]
+async fn connections_that_send_no_headers_in_time_are_closed_and_the_count_is_capped() {
+    let s = start(
+        false,
+        &[
+            ("LORALOOP_SERVER__HEADER_TIMEOUT_SECS", "1"),
+            ("LORALOOP_SERVER__MAX_CONNECTIONS", "8"),
+        ],
+    )
+    .await;
+    use tokio::io::AsyncWriteExt;
+    // Silent, and headers sent a byte at a time: both closed after about a second.
+    let mut silent = connect(&s).await;
+    let mut slow = connect(&s).await;
+    let trickle = async {
+        for b in b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-a: " {
+            if slow.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        closed_within(&mut slow, 5.0).await
+    };
+    let (silent_closed, slow_closed) = tokio::join!(closed_within(&mut silent, 5.0), trickle);
+    assert!(silent_closed, "a connection that sent nothing stayed open");
+    assert!(
+        slow_closed,
+        "a connection trickling its headers stayed open"
+    );
+    // A kept-alive connection idle after its request is closed too.
+    let mut kept = connect(&s).await;
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        closed_within(&mut kept, 5.0).await,
+        "an idle kept-alive connection stayed open"
+    );
+
+    // Eight idle connections fill the server: a ninth is closed at once, and a request
+    // is answered again once the idle ones are closed.
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        idle.push(connect(&s).await);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut ninth = connect(&s).await;
+    assert!(
+        closed_within(&mut ninth, 0.5).await,
+        "a connection over server.max_connections stayed open"
+    );
+    for c in &mut idle {
+        assert!(closed_within(c, 5.0).await);
+    }
+    assert_eq!(
+        health_on_new_connection(&s).await.as_deref(),
+        Some("HTTP/1.1 200 OK")
+    );
+    s.stop().await;
+}
