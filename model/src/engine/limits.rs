@@ -11,8 +11,9 @@ pub struct EngineLimits {
     /// Prompt tokens run per step: a long prompt delays the others' next token by about
     /// this many tokens' work at most.
     pub prefill_chunk: usize,
-    /// Attention-cache positions the running sequences may reserve together (each
-    /// reserves its prompt plus its `max_new_tokens`); see [`EngineLimits::kv_positions`].
+    /// Attention-cache positions the running sequences may reserve together (each holds
+    /// what it has read and written and room for a few hundred more, taken as it writes);
+    /// see [`EngineLimits::kv_positions`].
     pub kv_positions: usize,
     /// Attention-cache positions of finished replies kept to start later prompts that
     /// begin with the same tokens (a conversation's next message, a shared system

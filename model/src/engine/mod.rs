@@ -410,17 +410,20 @@ struct Counters {
     decoded_rows: AtomicU64,
     largest_batch: AtomicU64,
     reused_prompt_tokens: AtomicU64,
+    parked: AtomicU64,
 }
 
 /// The engine's work so far: decode steps, the rows they ran (tokens generated), the
-/// most rows one step ran together, and the prompt tokens that started from a cached
-/// prefix instead of running.
+/// most rows one step ran together, the prompt tokens that started from a cached
+/// prefix instead of running, and the times a sequence gave up its cache for older ones
+/// (it reads what it had again when resumed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineStats {
     pub decode_steps: u64,
     pub decoded_rows: u64,
     pub largest_batch: u64,
     pub reused_prompt_tokens: u64,
+    pub parked: u64,
 }
 
 /// Cloneable handle to the engine thread.
@@ -525,6 +528,7 @@ impl Engine {
             decoded_rows: c.decoded_rows.load(Ordering::Relaxed),
             largest_batch: c.largest_batch.load(Ordering::Relaxed),
             reused_prompt_tokens: c.reused_prompt_tokens.load(Ordering::Relaxed),
+            parked: c.parked.load(Ordering::Relaxed),
         }
     }
 

@@ -7,6 +7,14 @@
 //! all of them in one forward pass (`Llama::forward_batch`: each weight read once per step,
 //! each row on its own adapter). New sequences join at step boundaries, and a long prompt
 //! delays the others' next token, and a shorter prompt behind it, by one chunk at most. Waiting callers hear their place in line.
+//!
+//! A sequence holds cache positions for what it has read and written and a block of
+//! [`ROOM`] more, not its whole `max_new_tokens`: three requests asking for 8,192 tokens
+//! no longer keep everyone else waiting for room they may never use. When the budget has
+//! no block left for a sequence that writes on, the youngest sequence is parked (vLLM's
+//! preemption by recompute): its cache goes to the prefix cache, it goes back to the
+//! head of the line, and it reads its prompt and what it had written again when room
+//! frees. Its caller sees a pause, never a different reply.
 
 use super::prefix::PrefixCache;
 use super::sequence::Sequence;
@@ -16,6 +24,10 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
+
+/// Cache positions a sequence is given beyond what it holds, at admission and each time
+/// it fills them (the attention cache grows by as much).
+pub(super) const ROOM: usize = 256;
 
 struct Waiting {
     job: Job,
@@ -29,6 +41,11 @@ struct Scheduler<'m> {
     limits: EngineLimits,
     waiting: VecDeque<Waiting>,
     running: Vec<Sequence<'m>>,
+    /// Sequences that gave up their cache for older ones, oldest first: they are resumed
+    /// before anything new starts.
+    parked: Vec<Sequence<'m>>,
+    /// The next admission's order number.
+    admitted: u64,
     prefixes: PrefixCache,
 }
 
@@ -40,10 +57,12 @@ pub(super) fn run(shared: &Shared, jobs: mpsc::Receiver<Job>) {
         limits: shared.limits.clone(),
         waiting: VecDeque::new(),
         running: Vec::new(),
+        parked: Vec::new(),
+        admitted: 0,
         prefixes: PrefixCache::new(shared.limits.prefix_cache_positions),
     };
     loop {
-        if s.running.is_empty() && s.waiting.is_empty() {
+        if s.running.is_empty() && s.waiting.is_empty() && s.parked.is_empty() {
             match jobs.recv() {
                 Ok(job) => s.queue(job),
                 Err(_) => return,
@@ -61,6 +80,7 @@ impl<'m> Scheduler<'m> {
     fn round(&mut self, shared: &Shared) {
         self.waiting.retain(|w| !w.job.events.is_closed());
         self.running.retain(|seq| !seq.cancelled());
+        self.parked.retain(|seq| !seq.cancelled());
         self.admit(shared);
         self.tell_places();
         self.step();
@@ -70,9 +90,10 @@ impl<'m> Scheduler<'m> {
         self.waiting.push_back(Waiting { job, told: None });
     }
 
-    /// Cache positions a job needs: its prompt and the most it may generate.
+    /// Cache positions a job is admitted with: its prompt and room for [`ROOM`] tokens
+    /// (or as many as it may generate, when fewer).
     fn reserve(&self, job: &Job) -> usize {
-        (job.prompt.len() + job.params.max_new_tokens).min(self.model.context_length())
+        (job.prompt.len() + job.params.max_new_tokens.min(ROOM)).min(self.model.context_length())
     }
 
     fn running_for(&self, user: &Option<String>) -> usize {
@@ -81,17 +102,32 @@ impl<'m> Scheduler<'m> {
             Some(u) => self
                 .running
                 .iter()
+                .chain(&self.parked)
                 .filter(|s| s.user.as_deref() == Some(u))
                 .count(),
         }
     }
 
-    /// Admit waiting jobs while they fit. The next is the earliest job of a user with the
-    /// fewest replies running, skipping users at their cap; a job that does not fit the
-    /// cache budget waits for room (nothing behind it overtakes it, so it cannot starve),
-    /// unless nothing runs at all: then it runs alone.
+    /// Resume parked sequences, oldest first, then admit waiting jobs while they fit. The
+    /// next job is the earliest of a user with the fewest replies running, skipping users
+    /// at their cap; what does not fit the cache budget waits for room (nothing behind it
+    /// overtakes it, so it cannot starve), unless nothing runs at all: then it runs alone.
     fn admit(&mut self, shared: &Shared) {
         let mut reserved: usize = self.running.iter().map(|s| s.reserved).sum();
+        while self.running.len() < self.limits.max_sequences && !self.parked.is_empty() {
+            let need = self.parked[0].resume_reservation(ROOM);
+            if reserved + need > self.limits.kv_positions && !self.running.is_empty() {
+                return;
+            }
+            let mut seq = self.parked.remove(0);
+            seq.reserved = need;
+            reserved += need;
+            self.start_from_cached_prefix(&mut seq);
+            self.running.push(seq);
+        }
+        if !self.parked.is_empty() {
+            return;
+        }
         while self.running.len() < self.limits.max_sequences {
             let pick = self
                 .waiting
@@ -112,19 +148,77 @@ impl<'m> Scheduler<'m> {
                 AdapterChoice::Fixed(a) => Some(Arc::clone(a)),
             };
             reserved += need;
-            let mut seq = Sequence::admit(job, adapter, need, self.model);
-            match self.prefixes.lookup(seq.adapter_key(), seq.prompt(), need) {
-                Ok(Some((len, cache))) => {
-                    seq.start_from(len, cache);
-                    self.stats
-                        .reused_prompt_tokens
-                        .fetch_add(len as u64, Ordering::Relaxed);
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!("a cached prompt prefix could not be copied: {e}"),
-            }
+            self.admitted += 1;
+            let mut seq = Sequence::admit(job, adapter, self.admitted, need, self.model);
+            self.start_from_cached_prefix(&mut seq);
             self.running.push(seq);
         }
+    }
+
+    /// Start `seq` after the longest cached start of what it reads, if any.
+    fn start_from_cached_prefix(&mut self, seq: &mut Sequence<'m>) {
+        match self
+            .prefixes
+            .lookup(seq.adapter_key(), seq.prompt(), seq.reserved)
+        {
+            Ok(Some((len, cache))) => {
+                seq.start_from(len, cache);
+                self.stats
+                    .reused_prompt_tokens
+                    .fetch_add(len as u64, Ordering::Relaxed);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!("a cached prompt prefix could not be copied: {e}"),
+        }
+    }
+
+    /// Room for the position each decoding sequence writes this step, oldest first: one
+    /// past its reservation gets [`ROOM`] more (or what it may still write), and when the
+    /// budget has no such block, the youngest sequence is parked until it does. One
+    /// sequence alone may outgrow the budget.
+    fn make_room(&mut self) {
+        let mut reserved: usize = self.running.iter().map(|s| s.reserved).sum();
+        let mut by_age: Vec<usize> = (0..self.running.len()).collect();
+        by_age.sort_by_key(|&i| self.running[i].order);
+        let mut parked = vec![false; self.running.len()];
+        for &i in &by_age {
+            while !parked[i] && self.running[i].positions_after_step() > self.running[i].reserved {
+                let seq = &self.running[i];
+                let block = ROOM
+                    .min(seq.max_positions.saturating_sub(seq.reserved))
+                    .max(seq.positions_after_step() - seq.reserved);
+                let alone = parked.iter().filter(|p| !**p).count() == 1;
+                if reserved + block <= self.limits.kv_positions || alone {
+                    self.running[i].reserved += block;
+                    reserved += block;
+                } else {
+                    let youngest = *by_age
+                        .iter()
+                        .rev()
+                        .find(|&&j| !parked[j])
+                        .expect("this one is not parked");
+                    parked[youngest] = true;
+                    reserved -= self.running[youngest].reserved;
+                }
+            }
+        }
+        if !parked.contains(&true) {
+            return;
+        }
+        let before = std::mem::take(&mut self.running);
+        for (mut seq, parked) in before.into_iter().zip(parked) {
+            if !parked {
+                self.running.push(seq);
+                continue;
+            }
+            let (adapter, tokens, cache) = seq.park(self.model);
+            if let Err(e) = self.prefixes.insert(adapter, tokens, &cache) {
+                tracing::warn!("a parked reply's cache was not kept: {e}");
+            }
+            self.stats.parked.fetch_add(1, Ordering::Relaxed);
+            self.parked.push(seq);
+        }
+        self.parked.sort_by_key(|s| s.order);
     }
 
     /// Tell each waiting caller its place in line when it changed.
@@ -175,80 +269,78 @@ impl<'m> Scheduler<'m> {
     /// leave their caches to the prefix cache.
     fn step(&mut self) {
         let model = self.model;
-        let n = self.running.len();
-        let (mut keep, mut finished) = (vec![true; n], vec![false; n]);
-        // What each sequence runs in this pass.
-        let mut runs: Vec<Option<Run>> = vec![None; n];
-        for (i, seq) in self.running.iter_mut().enumerate() {
+        for mut seq in std::mem::take(&mut self.running) {
             if seq.is_prefilling() {
+                self.running.push(seq);
                 continue;
             }
             match seq.emit(model) {
-                Ok(Some(_)) => runs[i] = Some(Run::Decode),
-                Ok(None) => (keep[i], finished[i]) = (false, true),
-                Err(e) => {
-                    seq.fail(e);
-                    keep[i] = false;
+                Ok(Some(_)) => self.running.push(seq),
+                Ok(None) => {
+                    let (adapter, tokens, cache) = seq.into_cache();
+                    if let Err(e) = self.prefixes.insert(adapter, tokens, &cache) {
+                        tracing::warn!("a finished reply's cache was not kept: {e}");
+                    }
                 }
+                Err(e) => seq.fail(e),
             }
         }
+        self.make_room();
+        let n = self.running.len();
+        // What each sequence runs in this pass.
+        let mut runs: Vec<Option<Run>> = self
+            .running
+            .iter()
+            .map(|seq| (!seq.is_prefilling()).then_some(Run::Decode))
+            .collect();
         for (i, take) in self.prefill_shares() {
             runs[i] = Some(Run::Prompt(take));
         }
         let which: Vec<usize> = (0..n).filter(|&i| runs[i].is_some()).collect();
-        if !which.is_empty() {
-            let decoded = runs.iter().filter(|r| **r == Some(Run::Decode)).count() as u64;
-            if decoded > 0 {
-                self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .decoded_rows
-                    .fetch_add(decoded, Ordering::Relaxed);
-                self.stats
-                    .largest_batch
-                    .fetch_max(decoded, Ordering::Relaxed);
-            }
-            let mut rows: Vec<BatchRow<'_>> = self
-                .running
-                .iter_mut()
-                .zip(&runs)
-                .filter_map(|(seq, run)| match run {
-                    Some(Run::Decode) => Some(seq.decode_row()),
-                    Some(Run::Prompt(k)) => Some(seq.prompt_row(*k)),
-                    None => None,
-                })
-                .collect();
-            let result = model.llama.forward_batch(&mut rows);
-            drop(rows);
-            match result {
-                Ok(logits) => {
-                    for (&i, l) in which.iter().zip(logits) {
-                        match runs[i] {
-                            Some(Run::Prompt(k)) => self.running[i].prompt_ran(k, l),
-                            _ => self.running[i].set_logits(l),
-                        }
-                    }
-                }
-                Err(e) => {
-                    for i in which {
-                        let what = match runs[i] {
-                            Some(Run::Prompt(_)) => "prompt processing",
-                            _ => "decoding",
-                        };
-                        self.running[i].fail(format!("{what} failed: {e}"));
-                        keep[i] = false;
-                    }
-                }
-            }
+        if which.is_empty() {
+            return;
         }
-        let before = std::mem::take(&mut self.running);
-        for ((seq, keep), finished) in before.into_iter().zip(keep).zip(finished) {
-            if keep {
-                self.running.push(seq);
-            } else if finished {
-                let (adapter, tokens, cache) = seq.into_cache();
-                if let Err(e) = self.prefixes.insert(adapter, tokens, &cache) {
-                    tracing::warn!("a finished reply's cache was not kept: {e}");
+        let decoded = runs.iter().filter(|r| **r == Some(Run::Decode)).count() as u64;
+        if decoded > 0 {
+            self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .decoded_rows
+                .fetch_add(decoded, Ordering::Relaxed);
+            self.stats
+                .largest_batch
+                .fetch_max(decoded, Ordering::Relaxed);
+        }
+        let mut rows: Vec<BatchRow<'_>> = self
+            .running
+            .iter_mut()
+            .zip(&runs)
+            .filter_map(|(seq, run)| match run {
+                Some(Run::Decode) => Some(seq.decode_row()),
+                Some(Run::Prompt(k)) => Some(seq.prompt_row(*k)),
+                None => None,
+            })
+            .collect();
+        let result = model.llama.forward_batch(&mut rows);
+        drop(rows);
+        match result {
+            Ok(logits) => {
+                for (&i, l) in which.iter().zip(logits) {
+                    match runs[i] {
+                        Some(Run::Prompt(k)) => self.running[i].prompt_ran(k, l),
+                        _ => self.running[i].set_logits(l),
+                    }
                 }
+            }
+            Err(e) => {
+                for &i in &which {
+                    let what = match runs[i] {
+                        Some(Run::Prompt(_)) => "prompt processing",
+                        _ => "decoding",
+                    };
+                    self.running[i].fail(format!("{what} failed: {e}"));
+                }
+                let mut ran = runs.iter().map(Option::is_some);
+                self.running.retain(|_| !ran.next().unwrap_or(false));
             }
         }
     }
@@ -266,6 +358,7 @@ enum Run {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::Finished;
     use crate::sampling::SamplingParams;
     use crate::testing::{TinySpec, write_tiny_chat_model};
     use tokio::sync::mpsc as tmpsc;
@@ -284,6 +377,8 @@ mod tests {
             limits: shared.limits.clone(),
             waiting: VecDeque::new(),
             running: Vec::new(),
+            parked: Vec::new(),
+            admitted: 0,
             prefixes: PrefixCache::new(shared.limits.prefix_cache_positions),
         }
     }
@@ -516,8 +611,73 @@ mod tests {
     /// Run `job` to its end.
     fn finish(s: &mut Scheduler<'_>, sh: &Shared, job: Job) {
         s.queue(job);
-        while !(s.running.is_empty() && s.waiting.is_empty()) {
+        run_out(s, sh);
+    }
+
+    /// Rounds until nothing runs, waits or is parked.
+    fn run_out(s: &mut Scheduler<'_>, sh: &Shared) {
+        while !(s.running.is_empty() && s.waiting.is_empty() && s.parked.is_empty()) {
             s.round(sh);
+        }
+    }
+
+    /// The reply a job's events end with.
+    fn finished(rx: &mut tmpsc::UnboundedReceiver<Event>) -> Finished {
+        drain(rx)
+            .into_iter()
+            .find_map(|e| match e {
+                Event::Finished(f) => Some(f),
+                _ => None,
+            })
+            .expect("the job finished")
+    }
+
+    #[test]
+    fn a_short_request_starts_beside_long_max_tokens_and_a_parked_reply_resumes_unchanged() {
+        // Each long job alone: the reply it must give when it shares the engine too.
+        let (_dir, sh) = shared(EngineLimits::default());
+        let mut s = scheduler(&sh);
+        let (alone, mut alone_rx) = job(10, 400, None);
+        finish(&mut s, &sh, alone);
+        let reference = finished(&mut alone_rx);
+        assert_eq!(
+            reference.completion_tokens, 400,
+            "the random model stopped early"
+        );
+
+        // Two jobs that may write 400 tokens each and a short one behind them, in a budget
+        // of 700 positions. Reserving all they may write (410 each) kept the short one,
+        // and the second long one, waiting for the first to end. The parked one resumes
+        // from its cache kept in the prefix cache, or with none kept, by reading again.
+        for prefix_cache_positions in [EngineLimits::default().prefix_cache_positions, 0] {
+            let (_dir, sh) = shared(EngineLimits {
+                kv_positions: 700,
+                prefix_cache_positions,
+                ..EngineLimits::default()
+            });
+            let mut s = scheduler(&sh);
+            let (a, mut a_rx) = job(10, 400, None);
+            let (b, mut b_rx) = job(10, 400, None);
+            let (c, mut c_rx) = job(10, 20, None);
+            s.queue(a);
+            s.queue(b);
+            s.queue(c);
+            s.round(&sh);
+            assert_eq!(s.running.len(), 3, "all three start at once");
+            // The short one ends while the long ones write on.
+            while s.running.len() == 3 {
+                s.round(&sh);
+            }
+            assert_eq!(finished(&mut c_rx).completion_tokens, 20);
+            assert!(s.running.len() == 2 && s.parked.is_empty());
+            // Past their first blocks (266 positions each, then 410 each: over 700), the
+            // younger is parked and resumed when the older ends, and writes what it would
+            // have alone.
+            run_out(&mut s, &sh);
+            assert_eq!(sh.stats.parked.load(Ordering::Relaxed), 1);
+            for rx in [&mut a_rx, &mut b_rx] {
+                assert_eq!(finished(rx).token_ids, reference.token_ids);
+            }
         }
     }
 

@@ -11,8 +11,13 @@ use tokio::sync::mpsc as tmpsc;
 pub(super) struct Sequence<'m> {
     /// Who asked (fairness and the per-user cap), if the caller said.
     pub user: Option<String>,
-    /// Cache positions set aside for it: prompt plus the most it may generate.
+    /// Admission order, kept when it is parked: the oldest sequences keep their room.
+    pub order: u64,
+    /// Cache positions set aside for it: what it has read and written, plus room for the
+    /// next tokens (the scheduler adds room as it writes).
     pub reserved: usize,
+    /// The most positions it can take: its prompt and `max_new_tokens`, within the context.
+    pub max_positions: usize,
     pub adapter: Option<Arc<ActiveAdapter>>,
     pub cache: Cache,
     pub events: tmpsc::UnboundedSender<Event>,
@@ -21,7 +26,10 @@ pub(super) struct Sequence<'m> {
     sampler: Sampler,
     tokens: Vec<u32>,
     prompt_tokens: usize,
-    /// Prompt tokens already in the cache; the sequence decodes once all are.
+    /// Tokens to read before it samples: the prompt, or after it was parked, the prompt
+    /// and all it had written.
+    fill_to: usize,
+    /// Tokens of `fill_to` already in the cache; the sequence decodes once all are.
     prefilled: usize,
     /// The next token's logits (set by the last prefill chunk, then by each decode step).
     logits: Vec<f32>,
@@ -40,6 +48,7 @@ impl<'m> Sequence<'m> {
     pub fn admit(
         job: Job,
         adapter: Option<Arc<ActiveAdapter>>,
+        order: u64,
         reserved: usize,
         model: &'m LoadedModel,
     ) -> Self {
@@ -48,13 +57,17 @@ impl<'m> Sequence<'m> {
         });
         Self {
             user: job.user,
+            order,
             reserved,
+            max_positions: (job.prompt.len() + job.params.max_new_tokens)
+                .min(model.context_length()),
             adapter,
             cache: model.llama.new_cache(),
             events: job.events,
             eos_ids: model.tokenizer.eos_token_ids(),
             sampler: Sampler::new(job.params),
             prompt_tokens: job.prompt.len(),
+            fill_to: job.prompt.len(),
             tokens: job.prompt,
             prefilled: 0,
             logits: Vec::new(),
@@ -80,21 +93,49 @@ impl<'m> Sequence<'m> {
     }
 
     pub fn is_prefilling(&self) -> bool {
-        self.prefilled < self.prompt_tokens
+        self.prefilled < self.fill_to
     }
 
     pub fn cancelled(&self) -> bool {
         self.events.is_closed()
     }
 
-    /// Prompt tokens not yet in the cache.
+    /// Tokens to read not yet in the cache.
     pub fn prompt_left(&self) -> usize {
-        self.prompt_tokens - self.prefilled
+        self.fill_to - self.prefilled
     }
 
-    /// The prompt's tokens.
+    /// The tokens it reads before it samples (the prompt, and after it was parked, what it
+    /// had written too).
     pub fn prompt(&self) -> &[u32] {
-        &self.tokens[..self.prompt_tokens]
+        &self.tokens[..self.fill_to]
+    }
+
+    /// Cache positions it holds once this step's decode token has run (its prompt rows
+    /// stay within its reservation).
+    pub fn positions_after_step(&self) -> usize {
+        if self.is_prefilling() {
+            0
+        } else {
+            self.tokens.len()
+        }
+    }
+
+    /// The reservation to resume with after it was parked: what it has, and up to `room`
+    /// more.
+    pub fn resume_reservation(&self, room: usize) -> usize {
+        (self.tokens.len() + room).min(self.max_positions.max(self.tokens.len()))
+    }
+
+    /// Give up the cache, to read everything again when resumed: the tokens it held,
+    /// with the cache (for the prefix cache, which may spare the reading).
+    pub fn park(&mut self, model: &LoadedModel) -> (Option<u64>, Vec<u32>, Cache) {
+        let cache = std::mem::replace(&mut self.cache, model.llama.new_cache());
+        let held = self.tokens[..cache.len()].to_vec();
+        self.fill_to = self.tokens.len();
+        self.prefilled = 0;
+        self.reserved = 0;
+        (self.adapter_key(), held, cache)
     }
 
     /// The adapter's activation version (None: the base model): what a cached prefix
@@ -105,7 +146,7 @@ impl<'m> Sequence<'m> {
 
     /// Start after `len` prompt tokens whose keys and values `cache` already holds.
     pub fn start_from(&mut self, len: usize, cache: Cache) {
-        debug_assert!(len < self.prompt_tokens && cache.len() == len);
+        debug_assert!(len < self.fill_to && cache.len() == len);
         self.cache = cache;
         self.prefilled = len;
     }
@@ -125,8 +166,11 @@ impl<'m> Sequence<'m> {
         self.prefilled += n;
         if !self.is_prefilling() {
             self.logits = logits;
-            self.prompt_secs = self.admitted.elapsed().as_secs_f64();
-            self.decode_start = Instant::now();
+            // (A resumed sequence keeps the times of its first reading.)
+            if self.fill_to == self.prompt_tokens {
+                self.prompt_secs = self.admitted.elapsed().as_secs_f64();
+                self.decode_start = Instant::now();
+            }
         }
     }
 
