@@ -57,6 +57,7 @@ async fn every_api_route_refuses_requests_without_the_key() {
             assert_eq!(r.headers()["www-authenticate"], "Bearer", "{method} {path}");
             let body: Value = r.json().await.unwrap();
             assert_eq!(body["error"]["code"], "unauthorized", "{method} {path}");
+            assert_eq!(body["error"]["type"], "authentication_error");
         }
     }
     // The scheme is case-insensitive (RFC 7235); the key is not.

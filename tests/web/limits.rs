@@ -171,6 +171,7 @@ async fn a_full_engine_answers_503_at_once_and_takes_requests_again_when_it_has_
     assert_eq!(second.headers()["retry-after"], "5");
     let err: serde_json::Value = second.json().await.unwrap();
     assert_eq!(err["error"]["code"], "overloaded", "{err}");
+    assert_eq!(err["error"]["type"], "server_error", "{err}");
     // The first reply ends; its place is free again.
     drop(stream);
     let mut ok = false;

@@ -41,11 +41,13 @@ try:
     client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
 except openai.NotFoundError as e:
     out["not_found"] = e.status_code
+    out["not_found_type"] = e.type
 bad = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="wrong")
 try:
     bad.models.list()
 except openai.AuthenticationError as e:
     out["unauthorized"] = e.status_code
+    out["unauthorized_type"] = e.type
 print(json.dumps(out))
 "#;
 
@@ -88,5 +90,8 @@ async fn the_official_openai_python_client_talks_to_the_assistant() {
     assert_eq!(v["tools"], "tools", "{v}");
     assert_eq!(v["not_found"], 404);
     assert_eq!(v["unauthorized"], 401);
+    // The client reads the error's class from the body's `type`.
+    assert_eq!(v["not_found_type"], "invalid_request_error", "{v}");
+    assert_eq!(v["unauthorized_type"], "authentication_error", "{v}");
     s.stop().await;
 }

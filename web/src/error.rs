@@ -1,4 +1,5 @@
-//! API errors: `{"error": {"code", "message", "param"}}` with the matching HTTP status.
+//! API errors: `{"error": {"code", "message", "param", "type"}}` with the matching HTTP
+//! status (`type` as OpenAI's clients expect it, from the status).
 //! A 500 never carries internal detail: the cause is logged, the client sees a generic
 //! message.
 
@@ -30,6 +31,21 @@ pub struct ErrorDetail {
     pub message: String,
     /// The request field the error is about, when there is one.
     pub param: Option<String>,
+    /// OpenAI's error class: `invalid_request_error`, `authentication_error`,
+    /// `permission_error`, `rate_limit_error` or `server_error`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+}
+
+/// OpenAI's error `type` for an HTTP status.
+pub fn error_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "authentication_error",
+        403 => "permission_error",
+        429 => "rate_limit_error",
+        s if s >= 500 => "server_error",
+        _ => "invalid_request_error",
+    }
 }
 
 impl ApiError {
@@ -95,6 +111,7 @@ impl ApiError {
                 code: self.code.to_string(),
                 message: self.message.clone(),
                 param: self.param.clone(),
+                kind: error_type(self.status),
             },
         }
     }

@@ -561,7 +561,7 @@ pub async fn chat_completions(
                     tracing::error!("generation failed: {m}");
                     let _ = tx
                         .send(Ok(SseEvent::default().data(
-                            json!({"error": {"code": "internal_error", "message": "generation failed", "param": null}}).to_string(),
+                            json!({"error": {"code": "internal_error", "message": "generation failed", "param": null, "type": "server_error"}}).to_string(),
                         )))
                         .await;
                     return;
