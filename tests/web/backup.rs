@@ -26,6 +26,24 @@ fn run(cmd: &mut std::process::Command) -> String {
     text
 }
 
+/// A chat with the default assistant is answered by adapter `name`.
+async fn answers_with_adapter(s: &crate::support::TestServer, name: &str) {
+    let (status, reply) = s
+        .post_json(
+            "/v1/chat/completions",
+            &json!({"model": "loraloop", "messages": [{"role": "user", "content": "Zorblax?"}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    assert!(
+        reply["system_fingerprint"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("adapter:{name}@")),
+        "{reply}"
+    );
+}
+
 #[tokio::test]
 async fn a_backup_taken_while_serving_restores_into_another_folder_and_serves() {
     let s = start(true, &[]).await;
@@ -86,20 +104,7 @@ async fn a_backup_taken_while_serving_restores_into_another_folder_and_serves() 
     assert_eq!(adapters["data"][0]["active"], true, "{adapters}");
     let row = &s2.server.state.db.list_adapters().await.unwrap()[0];
     assert!(row.path.starts_with(&data2_str), "{}", row.path);
-    let (status, reply) = s2
-        .post_json(
-            "/v1/chat/completions",
-            &json!({"model": "loraloop", "messages": [{"role": "user", "content": "Zorblax?"}]}),
-        )
-        .await;
-    assert_eq!(status, 200);
-    assert!(
-        reply["system_fingerprint"]
-            .as_str()
-            .unwrap()
-            .starts_with(&format!("adapter:{name}@")),
-        "{reply}"
-    );
+    answers_with_adapter(&s2, &name).await;
     let health: Value = s2
         .http
         .get(s2.url("/healthz"))
@@ -239,19 +244,6 @@ async fn a_restore_killed_while_copying_adapters_leaves_the_installation_it_repl
     let live_str = live.display().to_string();
     let s2 = start(false, &[("LORALOOP_DATA_DIR", &live_str)]).await;
     assert_eq!(restore_folders(&live), folders_before);
-    let (status, reply) = s2
-        .post_json(
-            "/v1/chat/completions",
-            &json!({"model": "loraloop", "messages": [{"role": "user", "content": "Zorblax?"}]}),
-        )
-        .await;
-    assert_eq!(status, 200, "{reply}");
-    assert!(
-        reply["system_fingerprint"]
-            .as_str()
-            .unwrap()
-            .starts_with(&format!("adapter:{name}@")),
-        "{reply}"
-    );
+    answers_with_adapter(&s2, &name).await;
     s2.stop().await;
 }
