@@ -28,11 +28,27 @@ fn keep_freed_memory() {
     };
 }
 
+/// candle captures a backtrace into every error it makes when `RUST_BACKTRACE` is set and
+/// prints it with the message, so a user's one-line error became forty lines of frames.
+/// `RUST_LIB_BACKTRACE=0` turns that capture off and leaves panics' backtraces to
+/// `RUST_BACKTRACE`; one set by the user is kept.
+///
+/// # Safety
+/// As [`loraloop_model::pin_candle_thread_count`]: before any other thread exists.
+#[allow(unsafe_code)]
+unsafe fn keep_backtraces_out_of_errors() {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: the caller guarantees no other thread exists yet.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    }
+}
+
 fn main() -> ExitCode {
     // SAFETY: first thing in `main`, before any other thread exists.
     #[allow(unsafe_code)]
     unsafe {
-        loraloop_model::pin_candle_thread_count()
+        loraloop_model::pin_candle_thread_count();
+        keep_backtraces_out_of_errors();
     };
     keep_freed_memory();
     let args = cli::Cli::parse();

@@ -233,3 +233,31 @@ fn chat_on_a_truncated_model_says_it_is_corrupt_and_what_to_run() {
         );
     }
 }
+
+#[test]
+fn with_rust_backtrace_set_an_error_stays_a_message_not_a_stack() {
+    // candle captures a backtrace into each error it makes when RUST_BACKTRACE is set,
+    // and prints it with the message: a bad header read as some 40 lines of frames.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.gguf");
+    std::fs::write(&bad, b"not a model file at all, only some bytes").unwrap();
+    let out = loraloop(dir.path())
+        .env("RUST_BACKTRACE", "1")
+        .args(["chat", "--json", "--model"])
+        .arg(&bad)
+        .write_stdin("hi\n")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let error: Vec<&str> = stderr
+        .lines()
+        .skip_while(|l| !l.starts_with("error:"))
+        .collect();
+    assert!(
+        error.first().is_some_and(|l| l.contains("bad GGUF header")),
+        "{stderr}"
+    );
+    assert!(error.len() <= 2, "{stderr}");
+    assert!(!stderr.contains("candle-core"), "{stderr}");
+}
