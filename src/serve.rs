@@ -236,7 +236,10 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
             device: dev.clone(),
             // A job on the served model trains on the engine's weights (one copy in memory).
             shared_model: Some((core.model.path.clone(), core.engine.shared_model())),
-            gate: loraloop_trainer::job_card::GateOptions::from_config(&core.config),
+            gate: loraloop_trainer::job_card::GateOptions {
+                after_activation: Some(swap_after_gate(&core)),
+                ..loraloop_trainer::job_card::GateOptions::from_config(&core.config)
+            },
             // Chat first: a job pauses between micro-batches while replies are being made.
             yield_to: Some(loraloop_trainer::yield_to::YieldTo({
                 let engine = core.engine.clone();
@@ -385,6 +388,26 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
         telegram,
         discord,
     })
+}
+
+/// What the gate of this process's worker awaits after it activates an adapter: the
+/// engine swaps to it before the job reports success.
+fn swap_after_gate(core: &Services) -> loraloop_trainer::job_card::AfterActivation {
+    let core = core.clone();
+    loraloop_trainer::job_card::AfterActivation(Arc::new(move || {
+        let core = core.clone();
+        Box::pin(async move {
+            match core.adapters.follow_now().await {
+                Ok(Some(a)) => tracing::info!(
+                    "active adapter changed: now {}",
+                    a.adapter_name.as_deref().unwrap_or("the base model")
+                ),
+                Ok(None) => {}
+                // The follower loop tries again each second and reports it.
+                Err(e) => tracing::warn!("the gate's adapter cannot be loaded yet: {e}"),
+            }
+        })
+    }))
 }
 
 /// Start the `kind` bot under its supervisor when its token is set and this run wants

@@ -1200,3 +1200,38 @@ async fn activations_are_not_refused_while_the_follower_looks() {
     );
     s.stop().await;
 }
+
+#[tokio::test]
+async fn the_first_reply_after_a_gate_activation_succeeds_comes_from_the_new_adapter() {
+    // Thresholds any adapter passes: this is about when, not whether, it is activated.
+    let s = start(
+        true,
+        &[
+            ("LORALOOP_ASSISTANT__ACTIVATION", "gate"),
+            ("LORALOOP_GATE__MIN_RETENTION_AGREEMENT", "0"),
+            ("LORALOOP_GATE__MAX_RETENTION_KL", "1000"),
+            ("LORALOOP_GATE__MAX_HELDOUT_LOSS_RATIO", "1000"),
+            ("LORALOOP_GATE__MAX_RATED_LOSS_INCREASE", "1000"),
+            ("LORALOOP_GATE__RETENTION_PROMPTS", "4"),
+        ],
+    )
+    .await;
+    let ds = s.upload_dataset("zorblax", &zorblax_jsonl(8)).await;
+    // `train_adapter` returns as soon as the job reports `succeeded`.
+    let (job, _, name) = train_adapter(&s, ds, 1).await;
+    let (status, reply) = s
+        .post_json(
+            "/v1/chat/completions",
+            &json!({"model": "loraloop", "messages": [{"role": "user", "content": "Zorblax?"}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    assert!(
+        reply["system_fingerprint"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("adapter:{name}@")),
+        "job {job}: {reply}"
+    );
+    s.stop().await;
+}

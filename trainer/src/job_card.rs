@@ -24,6 +24,23 @@ pub struct GateOptions {
     pub canary_share: f64,
     /// Where the retention probe's base answers are cached.
     pub cache_dir: Option<PathBuf>,
+    /// Run after the gate activates an adapter, before the job reports success: a server
+    /// running this worker swaps its engine here.
+    pub after_activation: Option<AfterActivation>,
+}
+
+/// What the gate awaits after an activation (see [`GateOptions::after_activation`]).
+#[derive(Clone)]
+pub struct AfterActivation(pub std::sync::Arc<ActivationHook>);
+
+/// An async callback: the future it returns is awaited.
+pub type ActivationHook =
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync;
+
+impl std::fmt::Debug for AfterActivation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AfterActivation(..)")
+    }
 }
 
 impl GateOptions {
@@ -36,6 +53,7 @@ impl GateOptions {
             thresholds: config.raw.gate.clone(),
             canary_share: config.raw.canary.share,
             cache_dir: Some(config.raw.data_dir.join("cache")),
+            after_activation: None,
         }
     }
 }
@@ -167,6 +185,9 @@ pub async fn decide(
         (ActivationPolicy::Gate, true) => {
             db.activate_adapter(assistant_id, Some(adapter_id), "gate")
                 .await?;
+            if let Some(after) = &opts.after_activation {
+                (after.0)().await;
+            }
             format!("gate: {} passed and is now active", card.adapter)
         }
         (ActivationPolicy::Canary, true) => {

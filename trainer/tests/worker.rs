@@ -68,6 +68,7 @@ async fn setup(db: &Db, tmp: &std::path::Path, hp: serde_json::Value) -> (i64, W
                 thresholds: GateConfig::default(),
                 canary_share: 0.2,
                 cache_dir: Some(tmp.join("cache")),
+                after_activation: None,
             },
             yield_to: None,
         },
@@ -487,6 +488,7 @@ async fn gated_setup(
         thresholds,
         canary_share: 0.25,
         cache_dir: Some(tmp.join("cache")),
+        after_activation: None,
     };
     (id, opts)
 }

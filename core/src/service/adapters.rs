@@ -252,10 +252,25 @@ impl AdapterService {
         if *lock(&self.current) == Some(active) {
             return Ok(None);
         }
-        let Ok(_guard) = self.activation.try_lock() else {
+        let Ok(guard) = self.activation.try_lock() else {
             return Ok(None);
         };
-        // Again under the lock: an activation may have ended between the two.
+        self.follow_locked(guard).await
+    }
+
+    /// [`Self::follow`] now, waiting for an activation under way: the gate in this
+    /// process calls it so that its adapter answers before its job says it succeeded
+    /// (following the database each second made replies lag the job by up to a second).
+    pub async fn follow_now(&self) -> Result<Option<Activation>> {
+        let guard = self.activation.lock().await;
+        self.follow_locked(guard).await
+    }
+
+    async fn follow_locked(
+        &self,
+        _guard: tokio::sync::MutexGuard<'_, ()>,
+    ) -> Result<Option<Activation>> {
+        // Under the lock: an activation may have ended since the caller looked.
         let active = self.active_in_db().await?;
         if *lock(&self.current) == Some(active) {
             return Ok(None);
