@@ -290,6 +290,8 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
         let limits = crate::listener::Limits {
             header_timeout: Duration::from_secs_f64(core.config.raw.server.header_timeout_secs),
             max_connections: core.config.raw.server.max_connections,
+            max_per_address: core.config.raw.server.max_connections_per_address,
+            uncapped: core.config.raw.server.trusted_proxies.clone(),
         };
         let server = tokio::spawn(async move {
             crate::listener::serve(

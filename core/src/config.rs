@@ -204,6 +204,8 @@ pub struct ServerConfig {
     pub header_timeout_secs: f64,
     /// Connections open at once; one more is closed as soon as it is accepted.
     pub max_connections: usize,
+    /// Connections open at once from one address (a trusted proxy has no such cap).
+    pub max_connections_per_address: usize,
 }
 
 /// The default assistant: it answers wherever no route names another.
@@ -368,6 +370,7 @@ impl Default for ServerConfig {
             trusted_proxies: Vec::new(),
             header_timeout_secs: 30.0,
             max_connections: 1024,
+            max_connections_per_address: 256,
         }
     }
 }
@@ -609,6 +612,15 @@ impl Config {
             return Err(invalid(
                 "server.max_connections",
                 format!("got {}; allowed: 1 to 1000000", raw.server.max_connections),
+            ));
+        }
+        if !(1..=raw.server.max_connections).contains(&raw.server.max_connections_per_address) {
+            return Err(invalid(
+                "server.max_connections_per_address",
+                format!(
+                    "got {}; allowed: 1 to server.max_connections ({})",
+                    raw.server.max_connections_per_address, raw.server.max_connections
+                ),
             ));
         }
         if raw.model.trim().is_empty() {

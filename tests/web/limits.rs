@@ -195,9 +195,15 @@ async fn a_full_engine_answers_503_at_once_and_takes_requests_again_when_it_has_
 
 /// A raw connection to the test server.
 async fn connect(s: &crate::support::TestServer) -> tokio::net::TcpStream {
-    tokio::net::TcpStream::connect(s.server.addr.unwrap())
-        .await
-        .unwrap()
+    connect_from(s, "127.0.0.1").await
+}
+
+/// A raw connection to the test server from the loopback address `from` (127.0.0.2 is as
+/// good as 127.0.0.1 on Linux): another client, as the server counts them.
+async fn connect_from(s: &crate::support::TestServer, from: &str) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    socket.connect(s.server.addr.unwrap()).await.unwrap()
 }
 
 /// Whether the server closes `c` (reads end, or fail) within `secs`.
@@ -219,9 +225,9 @@ async fn closed_within(c: &mut tokio::net::TcpStream, secs: f64) -> bool {
 
 /// `GET /healthz` on a new connection: the status line, or None when the connection was
 /// closed without one.
-async fn health_on_new_connection(s: &crate::support::TestServer) -> Option<String> {
+async fn health_on_new_connection(s: &crate::support::TestServer, from: &str) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut c = connect(s).await;
+    let mut c = connect_from(s, from).await;
     c.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
         .await
         .ok()?;
@@ -239,13 +245,14 @@ async fn connections_that_send_no_headers_in_time_are_closed_and_the_count_is_ca
     let s = start(
         false,
         &[
-            ("LORALOOP_SERVER__HEADER_TIMEOUT_SECS", "1"),
+            ("LORALOOP_SERVER__HEADER_TIMEOUT_SECS", "2"),
             ("LORALOOP_SERVER__MAX_CONNECTIONS", "8"),
+            ("LORALOOP_SERVER__MAX_CONNECTIONS_PER_ADDRESS", "4"),
         ],
     )
     .await;
     use tokio::io::AsyncWriteExt;
-    // Silent, and headers sent a byte at a time: both closed after about a second.
+    // Silent, and headers sent a byte at a time: both closed after about two seconds.
     let mut silent = connect(&s).await;
     let mut slow = connect(&s).await;
     let trickle = async {
@@ -273,14 +280,29 @@ async fn connections_that_send_no_headers_in_time_are_closed_and_the_count_is_ca
         "an idle kept-alive connection stayed open"
     );
 
-    // Eight idle connections fill the server: a ninth is closed at once, and a request
-    // is answered again once the idle ones are closed.
+    // Four idle connections from one address are all it may hold: its fifth is closed
+    // at once, and another address is still answered.
     let mut idle = Vec::new();
-    for _ in 0..8 {
-        idle.push(connect(&s).await);
+    for _ in 0..4 {
+        idle.push(connect_from(&s, "127.0.0.2").await);
     }
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    let mut ninth = connect(&s).await;
+    let mut fifth = connect_from(&s, "127.0.0.2").await;
+    assert!(
+        closed_within(&mut fifth, 0.5).await,
+        "a connection over server.max_connections_per_address stayed open"
+    );
+    assert_eq!(
+        health_on_new_connection(&s, "127.0.0.1").await.as_deref(),
+        Some("HTTP/1.1 200 OK")
+    );
+    // Eight fill the server: a ninth, from any address, is closed at once, and a request
+    // is answered again once the idle ones are closed.
+    for _ in 0..4 {
+        idle.push(connect_from(&s, "127.0.0.3").await);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut ninth = connect_from(&s, "127.0.0.4").await;
     assert!(
         closed_within(&mut ninth, 0.5).await,
         "a connection over server.max_connections stayed open"
@@ -289,7 +311,7 @@ async fn connections_that_send_no_headers_in_time_are_closed_and_the_count_is_ca
         assert!(closed_within(c, 5.0).await);
     }
     assert_eq!(
-        health_on_new_connection(&s).await.as_deref(),
+        health_on_new_connection(&s, "127.0.0.4").await.as_deref(),
         Some("HTTP/1.1 200 OK")
     );
     s.stop().await;
