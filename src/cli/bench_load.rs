@@ -234,11 +234,12 @@ pub async fn load(config: &Config, args: &BenchLoadArgs) -> anyhow::Result<ExitC
         );
     }
     println!(
-        "loraloop engine: {} decode steps, {:.1} rows per step on average, at most {}; {} prompt tokens started from cached prefixes",
+        "loraloop engine: {} decode steps, {:.1} rows per step on average, at most {}; {} prompt tokens started from cached prefixes; {} replies parked for room",
         stats.decode_steps,
         stats.decoded_rows as f64 / stats.decode_steps.max(1) as f64,
         stats.largest_batch,
-        stats.reused_prompt_tokens
+        stats.reused_prompt_tokens,
+        stats.parked
     );
     Ok(ExitCode::SUCCESS)
 }
