@@ -89,7 +89,7 @@ pub struct RunningServer {
     pub state: Services,
     shutdown: Arc<Notify>,
     worker_stop: Arc<AtomicBool>,
-    server: Option<JoinHandle<std::io::Result<()>>>,
+    server: Option<JoinHandle<()>>,
     follower: JoinHandle<()>,
     worker: Option<JoinHandle<()>>,
     telegram: Option<Bot>,
@@ -110,7 +110,7 @@ impl RunningServer {
             bot.stop().await?;
         }
         if let Some(server) = self.server {
-            server.await??;
+            server.await?;
         }
         self.follower.abort();
         if let Some(w) = self.worker {
@@ -300,8 +300,7 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
                 limits,
                 async move { shutdown.notified().await },
             )
-            .await;
-            std::io::Result::Ok(())
+            .await
         });
         (Some(addr), Some(server))
     } else {
