@@ -61,6 +61,10 @@ pub async fn record_turn(
     if last.role != Role::User || last.text.trim().is_empty() {
         return Ok(None);
     }
+    // What is stored is read, compared and appended to as one: two requests of a caller
+    // at once (a client sending branches of one history in parallel) each continued the
+    // same conversation, and it held both turns, interleaved.
+    let _one_at_a_time = caller_lock(platform, caller).lock().await;
     let user = db
         .upsert_platform_user(platform, caller, Some(caller), None)
         .await?;
@@ -105,6 +109,17 @@ pub async fn record_turn(
     }))
 }
 
+/// Locks for recording turns, a caller always on the same one: a fixed set (striped by
+/// the caller's hash), so callers never grow a map. Within one process, which is where
+/// a caller's requests arrive (the API in `serve`, a `loraloop chat` session).
+fn caller_lock(platform: Platform, caller: &str) -> &'static tokio::sync::Mutex<()> {
+    use std::hash::{Hash, Hasher};
+    static LOCKS: [tokio::sync::Mutex<()>; 64] = [const { tokio::sync::Mutex::const_new(()) }; 64];
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (platform.as_str(), caller).hash(&mut h);
+    &LOCKS[(h.finish() % LOCKS.len() as u64) as usize]
+}
+
 fn message(conversation_id: i64, m: &Said, user_id: Option<i64>) -> NewMessage<'_> {
     NewMessage {
         conversation_id,
@@ -137,6 +152,52 @@ mod tests {
             .into_iter()
             .map(|m| format!("{}:{}", m.role, m.content))
             .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn continuations_sent_at_once_each_get_a_conversation_that_holds_only_their_own_turn() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("t.db")).await.unwrap();
+        let generation = serde_json::json!({});
+        let a = db
+            .create_assistant(
+                "helper",
+                "m",
+                &crate::storage::AssistantSettings {
+                    system_prompt: "",
+                    generation: &generation,
+                    activation: None,
+                },
+            )
+            .await
+            .unwrap()
+            .id;
+        for round in 0..5 {
+            let caller = format!("caller-{round}");
+            let history = vec![said(Role::User, "hi"), said(Role::Assistant, "hello")];
+            let tasks: Vec<_> = (0..6)
+                .map(|i| {
+                    let (db, caller) = (db.clone(), caller.clone());
+                    let mut messages = history.clone();
+                    messages.push(said(Role::User, &format!("branch {i}")));
+                    tokio::spawn(async move {
+                        record_turn(&db, Platform::Api, &caller, a, &messages)
+                            .await
+                            .unwrap()
+                            .unwrap()
+                    })
+                })
+                .collect();
+            for (i, t) in tasks.into_iter().enumerate() {
+                let r = t.await.unwrap();
+                // Each branch's conversation is the history and that branch alone.
+                assert_eq!(
+                    texts(&db, r.conversation_id).await,
+                    ["user:hi", "assistant:hello", &format!("user:branch {i}")],
+                    "round {round}"
+                );
+            }
+        }
     }
 
     #[tokio::test]
