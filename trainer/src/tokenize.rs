@@ -91,10 +91,21 @@ pub fn tokenize_example(
         let through = template
             .render(&msgs[..=i], false)
             .map_err(|e| err(e.to_string()))?;
-        let (Some(prompt), Some(reply)) = (
+        let split = match (
             before.strip_prefix(done.as_str()),
             through.strip_prefix(before.as_str()),
-        ) else {
+        ) {
+            (Some(prompt), Some(reply)) => Some((prompt, reply)),
+            // A conversation that opens with the assistant (a `text` example): templates
+            // that add a default system prompt before the first message add none before
+            // no message at all, so the turn's prompt is what its own rendering holds
+            // before its text.
+            _ if i == 0 => through
+                .find(m.content.as_str())
+                .map(|at| through.split_at(at)),
+            _ => None,
+        };
+        let Some((prompt, reply)) = split else {
             return Err(err(
                 "the chat template does not render this conversation as a growing prefix, so assistant turns cannot be located".into(),
             ));

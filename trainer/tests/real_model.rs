@@ -123,3 +123,49 @@ fn fine_tuning_the_real_model_teaches_it_a_made_up_fact() {
     let after = ask(Some(&adapter));
     assert!(after.contains("Quendrith"), "after training: {after}");
 }
+
+#[test]
+fn a_plain_text_example_trains_on_its_text_under_the_real_template() {
+    // A `text` line becomes a conversation that opens with the assistant. SmolLM2's
+    // template puts its default system prompt before a conversation's first message, but
+    // not before no message at all, so the prompt of that first turn is not a prefix of
+    // the turn's own rendering.
+    let model = LoadedModel::load(&model_path(), &Device::Cpu).unwrap();
+    let text = "The sky is blue because of Rayleigh scattering.";
+    let ex = ChatExample {
+        messages: vec![ChatMessage::new(Role::Assistant, text)],
+    };
+    let t = loraloop_trainer::tokenize::tokenize_example(
+        &ex,
+        0,
+        &model.tokenizer,
+        &model.template,
+        false,
+    )
+    .unwrap();
+    let scored: Vec<u32> = t
+        .tokens
+        .iter()
+        .zip(&t.weights)
+        .filter(|&(_, &w)| w > 0.0)
+        .map(|(&id, _)| id)
+        .collect();
+    let unscored: Vec<u32> = t
+        .tokens
+        .iter()
+        .zip(&t.weights)
+        .filter(|&(_, &w)| w == 0.0)
+        .map(|(&id, _)| id)
+        .collect();
+    // By hand from the template (model/src/template.rs checks its rendering against
+    // transformers'): the default system turn and the assistant header are the prompt;
+    // the text and its end of turn are what is learned.
+    assert_eq!(
+        model.tokenizer.decode(&unscored, false).unwrap(),
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>assistant\n"
+    );
+    assert_eq!(
+        model.tokenizer.decode(&scored, false).unwrap(),
+        format!("{text}<|im_end|>\n")
+    );
+}
