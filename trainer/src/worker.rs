@@ -17,7 +17,9 @@ use crate::lease::{LEASE_SECS, MAX_ATTEMPTS, RENEW_EVERY, recovery_lines, while_
 use crate::preference::{parse_stored, train_preferences};
 use crate::run::{TrainJob, auto_train_dtype, train};
 use candle_core::Device;
-use loraloop_core::storage::{Db, JobState, NewAdapter, NewTrainingEvent, TrainingJob};
+use loraloop_core::storage::{
+    Db, JobState, NewAdapter, NewTrainingEvent, StorageError, TrainingJob,
+};
 use loraloop_model::engine::LoadedModel;
 use loraloop_model::train::DenseLlama;
 use std::path::{Path, PathBuf};
@@ -340,7 +342,7 @@ async fn run_job(
     let gate = opts.gate.clone();
     let yield_to = opts.yield_to.clone();
     let seq = config.sequence_len;
-    let name = adapter_name(job);
+    let mut name = adapter_name(job);
     let card_name = name.clone();
     let decide_data = card_data.clone();
     let assistant_id = decide_data
@@ -422,7 +424,8 @@ async fn run_job(
     .await;
     watcher.abort();
     let _ = writer.await;
-    let (outcome, card) = outcome.map_err(|e| anyhow::anyhow!("the trainer panicked: {e}"))??;
+    let (outcome, mut card) =
+        outcome.map_err(|e| anyhow::anyhow!("the trainer panicked: {e}"))??;
     match outcome.ending {
         Ending::Cancelled if cancel_seen.load(Ordering::SeqCst) => return Ok(JobEnd::Cancelled),
         Ending::Cancelled => return Ok(JobEnd::Interrupted),
@@ -449,6 +452,15 @@ async fn run_job(
         let adapter = match registered {
             Some(a) => a,
             None => {
+                let free = free_model_name(db, &name).await?;
+                if free != name {
+                    let text = format!(
+                        "{name} already names an adapter or an assistant (the OpenAI endpoint's model names both): the adapter is published as {free}"
+                    );
+                    tracing::info!("job {id}: {text}");
+                    store_event(db, id, &TrainEvent::Message { text }).await?;
+                    name = free;
+                }
                 db.insert_adapter(&NewAdapter {
                     name: &name,
                     path: &outcome.output_dir.display().to_string(),
@@ -467,6 +479,9 @@ async fn run_job(
             }
         };
         db.set_job_adapter(id, adapter.id).await?;
+        if let Some(card) = card.as_mut() {
+            card.adapter.clone_from(&adapter.name);
+        }
         let said = match &card {
             Some(card) if job.sweep_id.is_some() => {
                 db.set_report_card(adapter.id, &serde_json::to_value(card)?)
@@ -488,6 +503,29 @@ async fn run_job(
         store_event(db, id, &TrainEvent::Message { text: said }).await?;
     }
     Ok(JobEnd::Succeeded)
+}
+
+/// `wanted`, or the first of `wanted-2`, `wanted-3`, ... that no adapter and no assistant
+/// has (the OpenAI endpoint's `model` names both: an assistant of the adapter's name
+/// answered in its place).
+async fn free_model_name(db: &Db, wanted: &str) -> anyhow::Result<String> {
+    for n in 1u32.. {
+        let name = match n {
+            1 => wanted.to_string(),
+            n => format!("{wanted}-{n}"),
+        };
+        let taken = matches!(name.as_str(), "base" | "active")
+            || db.adapter_named(&name).await?.is_some()
+            || match db.assistant(&name).await {
+                Ok(_) => true,
+                Err(StorageError::NotFound { .. }) => false,
+                Err(e) => return Err(e.into()),
+            };
+        if !taken {
+            return Ok(name);
+        }
+    }
+    unreachable!("some numbered name is free")
 }
 
 /// `job-ID`, or `SUFFIX-job-ID` for a job given OpenAI's `suffix`.

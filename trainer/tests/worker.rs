@@ -122,6 +122,60 @@ async fn a_queued_job_trains_stores_its_events_and_registers_the_adapter(pool: S
 }
 
 #[sqlx::test(migrations = "../migrations")]
+async fn a_job_whose_adapter_name_is_taken_publishes_under_the_next_free_one(pool: SqlitePool) {
+    let db = Db::from_pool(pool);
+    let tmp = tempfile::tempdir().unwrap();
+    let hp = serde_json::json!({"num_epochs": 1, "micro_batch_size": 4, "val_set_size": 0});
+    let (id, opts) = setup(&db, tmp.path(), hp).await;
+    // `job-ID` taken by an uploaded adapter, `job-ID-2` by an assistant: the finished
+    // training used to fail on the name (and an assistant of the name answered in the
+    // adapter's place).
+    let taken = format!("job-{id}");
+    db.insert_adapter(&loraloop_core::storage::NewAdapter {
+        name: &taken,
+        path: "elsewhere",
+        base_model: "tiny",
+        base_model_hash: "h",
+        tokenizer_hash: "h",
+        chat_template_hash: "h",
+        rank: Some(4),
+        alpha: Some(8.0),
+        target_modules: &[],
+        metrics: &serde_json::json!({}),
+        job_id: None,
+        assistant_id: None,
+    })
+    .await
+    .unwrap();
+    db.create_assistant(
+        &format!("job-{id}-2"),
+        "tiny",
+        &loraloop_core::storage::AssistantSettings {
+            system_prompt: "",
+            generation: &serde_json::json!({}),
+            activation: None,
+        },
+    )
+    .await
+    .unwrap();
+    run_next(&db, &opts, Arc::new(AtomicBool::new(false)))
+        .await
+        .unwrap();
+    let job = db.job(id).await.unwrap();
+    assert_eq!(job.state(), JobState::Succeeded, "{:?}", job.error);
+    let adapter = db.adapter(job.adapter_id.unwrap()).await.unwrap();
+    assert_eq!(adapter.name, format!("job-{id}-3"));
+    let events = db.training_events(id, 0).await.unwrap();
+    assert!(
+        events.iter().any(|e| e
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains(&format!("published as job-{id}-3")))),
+        "the job says so"
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
 async fn a_job_killed_while_writing_its_first_checkpoint_starts_over(pool: SqlitePool) {
     let db = Db::from_pool(pool);
     let tmp = tempfile::tempdir().unwrap();
