@@ -63,15 +63,17 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error("cannot create the database folder {path}: {source}")]
+    // The messages hold their cause's text, so the cause is not also a `source`: with it,
+    // a chain printed whole (`{:#}`) said "UNIQUE constraint failed" three times.
+    #[error("cannot create the database folder {path}: {error}")]
     CreateDir {
         path: std::path::PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("database error: {0}")]
-    Sqlx(#[from] sqlx::Error),
+    Sqlx(sqlx::Error),
     #[error("database migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(sqlx::migrate::MigrateError),
     #[error("{what} not found")]
     NotFound { what: String },
     #[error("stored JSON is invalid: {0}")]
@@ -84,6 +86,18 @@ pub enum StorageError {
 }
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+impl From<sqlx::Error> for StorageError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Sqlx(e)
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StorageError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        Self::Migrate(e)
+    }
+}
 
 /// Apply pending migrations on a connection of their own with foreign keys off: a table
 /// rebuild (SQLite's documented way to change a column) drops the old table, and with
@@ -122,9 +136,9 @@ impl Db {
     /// Open (creating if needed) the SQLite file at `path` and apply pending migrations.
     pub async fn open(path: &Path) -> Result<Self> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|source| StorageError::CreateDir {
+            std::fs::create_dir_all(parent).map_err(|error| StorageError::CreateDir {
                 path: parent.to_path_buf(),
-                source,
+                error,
             })?;
         }
         let opts = SqliteConnectOptions::new()
@@ -231,6 +245,21 @@ mod tests {
         // Re-opening applies nothing twice.
         drop(db);
         Db::open(&path).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_database_error_printed_with_its_causes_says_what_failed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("t.db")).await.unwrap();
+        let insert = "insert into admin_credentials (username, password_hash) values ('a', 'h')";
+        sql::execute(db.pool(), insert, ()).await.unwrap();
+        let e = sql::execute(db.pool(), insert, ()).await.unwrap_err();
+        let whole = format!("{:#}", anyhow::Error::from(e));
+        assert_eq!(
+            whole.matches("UNIQUE constraint failed").count(),
+            1,
+            "{whole}"
+        );
     }
 
     /// The tables with a foreign key that points nowhere.
