@@ -85,6 +85,21 @@ mod tests {
     use crate::storage::NewFileJob;
 
     #[tokio::test]
+    async fn a_deleted_files_id_is_never_given_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("t.db")).await.unwrap();
+        let new = NewFile {
+            filename: "train.jsonl",
+            purpose: "fine-tune",
+            content: b"{}\n",
+        };
+        let first = db.insert_file(&new).await.unwrap();
+        assert!(db.delete_file(first.id).await.unwrap());
+        let second = db.insert_file(&new).await.unwrap();
+        assert!(second.id > first.id, "{} after {}", second.id, first.id);
+    }
+
+    #[tokio::test]
     async fn a_file_round_trips_and_a_job_from_it_waits_for_validation() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("t.db")).await.unwrap();
