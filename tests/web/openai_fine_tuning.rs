@@ -68,6 +68,8 @@ try:
     client.fine_tuning.jobs.create(model="no-such-model", training_file=f.id)
 except openai.NotFoundError as e:
     out["unknown_model"] = e.status_code
+    out["unknown_model_param"] = e.param
+    out["unknown_model_says"] = e.message
 out["deleted"] = client.files.delete(bad.id).deleted
 try:
     client.files.retrieve(bad.id)
@@ -228,6 +230,15 @@ async fn the_official_openai_client_fine_tunes_and_chats_with_the_result() {
     assert_eq!(v["bad"]["param"], "training_file");
     assert_eq!(v["refused_upload"], 422);
     assert_eq!(v["unknown_model"], 404);
+    // The field the client sent is the one named.
+    assert_eq!(v["unknown_model_param"], "model", "{v}");
+    assert!(
+        v["unknown_model_says"]
+            .as_str()
+            .unwrap()
+            .contains(r#"model "no-such-model" is not a model here"#),
+        "{v}"
+    );
     assert_eq!(v["deleted"], true);
     assert_eq!(v["gone"], 404);
     s.stop().await;

@@ -309,9 +309,7 @@ pub async fn create_fine_tuning_job(
     refuse_unsupported(&req)?;
     let (objective, hp) = method_of(&req)?;
     let mut settings = settings_of(&req, objective, &hp)?;
-    let chosen = crate::job_model::job_model(&state, Some(&req.model))
-        .await
-        .map_err(|e| e.with_param("model"))?;
+    let chosen = crate::job_model::job_model(&state, Some(&req.model), "model").await?;
     chosen.continue_from_adapter(&mut settings, "model")?;
     let assistant =
         crate::assistant_api::assistant_named(&state, chosen.assistant.as_deref(), "model").await?;

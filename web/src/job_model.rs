@@ -47,8 +47,13 @@ impl JobModel {
     }
 }
 
-/// Resolve `model_id` (None: the served model).
-pub async fn job_model(state: &AppState, model_id: Option<&str>) -> Result<JobModel, ApiError> {
+/// Resolve `model_id` (None: the served model); errors name the request's field `param`
+/// (`model_id` in the REST API, `model` in OpenAI's).
+pub async fn job_model(
+    state: &AppState,
+    model_id: Option<&str>,
+    param: &'static str,
+) -> Result<JobModel, ApiError> {
     let served = &state.core.model;
     let served_file = || served.config_name.clone();
     let Some(id) = model_id.map(str::trim).filter(|m| !m.is_empty()) else {
@@ -73,7 +78,7 @@ pub async fn job_model(state: &AppState, model_id: Option<&str>) -> Result<JobMo
     if let Some(a) = state.core.db.adapter_named(id).await? {
         if let Some(why) = state.core.adapters.mismatch(&a) {
             return Err(ApiError::invalid(
-                "model_id",
+                param,
                 format!("adapter {id:?} does not fit the served model: {why}"),
             ));
         }
@@ -96,13 +101,13 @@ pub async fn job_model(state: &AppState, model_id: Option<&str>) -> Result<JobMo
         });
     }
     let message = format!(
-        "model_id {id:?} is not a model here; accepted: {}",
+        "{param} {id:?} is not a model here; accepted: {}",
         accepted(state).await?.join(", ")
     );
     Err(if file_ok {
-        ApiError::not_found(message).with_param("model_id")
+        ApiError::not_found(message).with_param(param)
     } else {
-        ApiError::invalid("model_id", message)
+        ApiError::invalid(param, message)
     })
 }
 

@@ -425,7 +425,7 @@ pub async fn create_trial(
     let mut settings = job_settings(req)?;
     // A name `GET /v1/models` lists, or a model file in the models folder by name: a
     // client's string never becomes an arbitrary path.
-    let chosen = crate::job_model::job_model(state, req.model_id.as_deref()).await?;
+    let chosen = crate::job_model::job_model(state, req.model_id.as_deref(), "model_id").await?;
     let model = chosen.file.clone();
     let dataset = match (&req.dataset_id, &req.dataset_url) {
         (Some(_), Some(_)) => {
