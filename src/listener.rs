@@ -31,10 +31,14 @@ pub struct Limits {
     pub max_per_address: usize,
     /// Addresses without the per-address cap (`server.trusted_proxies`).
     pub uncapped: Vec<IpAddr>,
+    /// How long a stop waits for the requests in flight (a reply streaming for a minute
+    /// outlasts a supervisor's stop timeout) before it closes them.
+    pub shutdown_grace: Duration,
 }
 
 /// Serve `app` on `listener` until `shutdown` resolves, then wait for the requests in
-/// flight to finish (kept-alive idle connections are closed).
+/// flight to finish, `shutdown_grace` at most (kept-alive idle connections are closed at
+/// once; what is still open after the grace is dropped).
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -51,9 +55,12 @@ pub async fn serve(
     let per_address = Arc::new(Mutex::new(HashMap::new()));
     let graceful = GracefulShutdown::new();
     let mut refused = Refusals::default();
+    // The connections' tasks, so that what outlives the grace can be closed.
+    let mut conns = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -92,7 +99,7 @@ pub async fn serve(
         // (No route upgrades a connection.)
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
-        tokio::spawn(async move {
+        conns.spawn(async move {
             // A client that leaves mid-request or sends no headers in time ends here; no
             // one else is told.
             let _ = conn.await;
@@ -100,7 +107,16 @@ pub async fn serve(
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "requests still running after {:?} (server.shutdown_grace_secs): their connections are closed",
+            limits.shutdown_grace
+        );
+    }
+    conns.shutdown().await;
 }
 
 /// One open connection of an address; dropped when it closes.

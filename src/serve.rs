@@ -292,6 +292,7 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
             max_connections: core.config.raw.server.max_connections,
             max_per_address: core.config.raw.server.max_connections_per_address,
             uncapped: core.config.raw.server.trusted_proxies.clone(),
+            shutdown_grace: Duration::from_secs_f64(core.config.raw.server.shutdown_grace_secs),
         };
         let server = tokio::spawn(async move {
             crate::listener::serve(

@@ -206,6 +206,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Connections open at once from one address (a trusted proxy has no such cap).
     pub max_connections_per_address: usize,
+    /// Seconds a stop waits for the requests in flight (a streaming reply) before it
+    /// closes their connections.
+    pub shutdown_grace_secs: f64,
 }
 
 /// The default assistant: it answers wherever no route names another.
@@ -371,6 +374,7 @@ impl Default for ServerConfig {
             header_timeout_secs: 30.0,
             max_connections: 1024,
             max_connections_per_address: 256,
+            shutdown_grace_secs: 20.0,
         }
     }
 }
@@ -612,6 +616,13 @@ impl Config {
             return Err(invalid(
                 "server.max_connections",
                 format!("got {}; allowed: 1 to 1000000", raw.server.max_connections),
+            ));
+        }
+        let g = raw.server.shutdown_grace_secs;
+        if !(g.is_finite() && (0.0..=3600.0).contains(&g)) {
+            return Err(invalid(
+                "server.shutdown_grace_secs",
+                format!("got {g}; allowed: 0 to 3600 (seconds)"),
             ));
         }
         if !(1..=raw.server.max_connections).contains(&raw.server.max_connections_per_address) {

@@ -316,3 +316,49 @@ async fn connections_that_send_no_headers_in_time_are_closed_and_the_count_is_ca
     );
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_stop_waits_for_a_streaming_reply_only_as_long_as_its_grace() {
+    let s = crate::support::start_with_model(
+        false,
+        &[
+            ("LORALOOP_SERVER__SHUTDOWN_GRACE_SECS", "0.5"),
+            ("LORALOOP_GENERATION__MAX_NEW_TOKENS", "1000"),
+        ],
+        crate::support::SLOW_MODEL,
+    )
+    .await;
+    let reply = s
+        .post("/v1/chat/completions")
+        .json(
+            &json!({"model": "loraloop", "stream": true, "max_tokens": 1000,
+                      "messages": [{"role": "user", "content": "A long story, please."}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 200);
+    use futures_util::StreamExt;
+    let mut stream = reply.bytes_stream();
+    assert!(!stream.next().await.unwrap().unwrap().is_empty());
+    let reading = tokio::spawn(async move {
+        let mut text = Vec::new();
+        while let Some(Ok(chunk)) = stream.next().await {
+            text.extend_from_slice(&chunk);
+        }
+        String::from_utf8_lossy(&text).to_string()
+    });
+    let started = std::time::Instant::now();
+    s.stop().await;
+    let took = started.elapsed();
+    let read = reading.await.unwrap();
+    // The reply was cut at the grace, not waited for to its end.
+    assert!(
+        !read.contains("[DONE]"),
+        "the reply ran to its end ({took:?}): the stop waited for it, or it was shorter than the grace"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(4),
+        "stop took {took:?}"
+    );
+}
