@@ -510,6 +510,11 @@ fn unpack(bytes: &[u8], dir: &FsPath, limit: u64) -> Result<(), ApiError> {
     };
     let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
         .map_err(|e| bad(format!("the file is not a zip archive: {e}")))?;
+    // The reader keeps only the last of entries with one name; another unzip tool may
+    // take the first, so which file is the adapter would depend on the tool.
+    if zip.has_duplicate_names() {
+        return Err(bad("the zip holds an entry name twice".into()));
+    }
     std::fs::create_dir_all(dir).map_err(ApiError::internal)?;
     let mut total = 0u64;
     let mut seen: Vec<&str> = Vec::new();
@@ -795,5 +800,20 @@ mod tests {
         }
         let e = unpack(b"not a zip", &tmp.path().join("x"), 1000).unwrap_err();
         assert!(e.message.contains("not a zip"), "{}", e.message);
+        // One name twice (the writer refuses that, so the second name is patched in: a
+        // zip stores names outside what its checksums cover).
+        let mut twice = zip_of(&[
+            ("adapter_config.json", b"{}"),
+            ("adapter_config.jsoX", b"{\"r\": 8}"),
+            ("adapter_model.safetensors", b"xx"),
+        ]);
+        let (from, to) = (&b"adapter_config.jsoX"[..], &b"adapter_config.json"[..]);
+        for i in 0..twice.len() - from.len() {
+            if &twice[i..i + from.len()] == from {
+                twice[i..i + to.len()].copy_from_slice(to);
+            }
+        }
+        let e = unpack(&twice, &tmp.path().join("twice"), 1000).unwrap_err();
+        assert!(e.message.contains("an entry name twice"), "{}", e.message);
     }
 }
