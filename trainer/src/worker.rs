@@ -294,6 +294,12 @@ async fn run_job(
     if let Some(ck) = &resume {
         tracing::info!("job {id}: resuming from {}", ck.display());
     }
+    let resumed_step = resume
+        .as_ref()
+        .and_then(|ck| ck.file_name())
+        .and_then(|n| crate::checkpoint::checkpoint_step(&n.to_string_lossy()))
+        .map_or(0, |(step, _)| step as i64);
+    db.drop_training_events_after(id, resumed_step).await?;
 
     // Cancel requests and worker shutdown both stop the run at its next step.
     let stop = Arc::new(AtomicBool::new(false));

@@ -188,12 +188,30 @@ async fn a_job_killed_while_writing_its_first_checkpoint_starts_over(pool: Sqlit
         .join(format!("job-{id}/.tmp-checkpoint-1"));
     std::fs::create_dir_all(&scratch).unwrap();
     std::fs::write(scratch.join("adapter_model.safetensors"), b"half").unwrap();
+    // And the step event the killed run stored before it.
+    let step = |n| loraloop_core::storage::NewTrainingEvent {
+        kind: "step",
+        step: Some(n),
+        loss: Some(9.0),
+        ..Default::default()
+    };
+    db.add_training_event(id, &step(1)).await.unwrap();
     run_next(&db, &opts, Arc::new(AtomicBool::new(false)))
         .await
         .unwrap();
     let job = db.job(id).await.unwrap();
     assert_eq!(job.state(), JobState::Succeeded, "{:?}", job.error);
     assert!(!scratch.exists(), "the scratch was cleared");
+    // Starting over, the run's steps are each in the events once: the killed run's went.
+    let steps: Vec<i64> = db
+        .training_events(id, 0)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.kind == "step")
+        .filter_map(|e| e.step)
+        .collect();
+    assert_eq!(steps, (1..=job.step).collect::<Vec<_>>());
 }
 
 #[sqlx::test(migrations = "../migrations")]

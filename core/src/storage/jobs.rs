@@ -560,6 +560,19 @@ impl Db {
         Ok((count("queued"), count("running")))
     }
 
+    /// Drop a job's step and eval events after `step`: a run that starts again from the
+    /// checkpoint of `step` (or from 0) writes them again, and a kill between checkpoints
+    /// left the first run's copies (its chart and events showed those steps twice).
+    pub async fn drop_training_events_after(&self, job_id: i64, step: i64) -> Result<u64> {
+        Ok(sql::execute(
+            self.pool(),
+            "delete from training_events where job_id = ? and kind in ('step', 'eval') and step > ?",
+            (job_id, step),
+        )
+        .await?
+        .rows_affected())
+    }
+
     /// The running jobs' last two step events, newest first: (created_at, tokens/s).
     pub async fn last_running_steps(&self) -> Result<Vec<(String, Option<f64>)>> {
         sql::all(
