@@ -104,7 +104,7 @@ pub async fn run_worker(
     shutdown: Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
     while !shutdown.load(Ordering::SeqCst) {
-        recover_abandoned(&db).await?;
+        recover_abandoned(&db, &opts).await?;
         crate::classify::worker::recover_abandoned(&db).await?;
         match run_next(&db, &opts, shutdown.clone()).await? {
             Some(id) => tracing::info!("job {id} done"),
@@ -139,8 +139,11 @@ async fn close_ended_sweeps(db: &Db, opts: &WorkerOptions) {
 }
 
 /// Requeue (or fail) the jobs whose worker died, with a line in each one's events.
-async fn recover_abandoned(db: &Db) -> anyhow::Result<()> {
+async fn recover_abandoned(db: &Db, opts: &WorkerOptions) -> anyhow::Result<()> {
     let recovered = db.recover_abandoned_jobs(MAX_ATTEMPTS).await?;
+    for &id in &recovered.cancelled {
+        remove_cancelled_folder(opts, id);
+    }
     let requeued = "the worker running this job stopped without a word; back in the queue";
     for (id, message) in recovery_lines(recovered, requeued) {
         tracing::warn!("job {id}: {message}");
@@ -148,6 +151,18 @@ async fn recover_abandoned(db: &Db) -> anyhow::Result<()> {
             .await?;
     }
     Ok(())
+}
+
+/// A cancelled job's own folder (`adapters_dir/job-ID`, its checkpoints: tens of MB) goes
+/// with it: nothing names it and a cancelled job never resumes. A folder the job was told
+/// to write to is its owner's and stays.
+fn remove_cancelled_folder(opts: &WorkerOptions, id: i64) {
+    let dir = opts.adapters_dir.join(format!("job-{id}"));
+    if dir.is_dir()
+        && let Err(e) = std::fs::remove_dir_all(&dir)
+    {
+        tracing::warn!("job {id}: cannot remove {}: {e}", dir.display());
+    }
 }
 
 /// Claim and run one job; `None` when the queue is empty.
@@ -177,6 +192,7 @@ pub async fn run_next(
         Ok(JobEnd::Cancelled) => {
             db.transition_job(id, JobState::Running, JobState::Cancelled, None)
                 .await?;
+            remove_cancelled_folder(opts, id);
         }
         Ok(JobEnd::Interrupted) => {
             // The worker is shutting down: back to the queue, to resume later.

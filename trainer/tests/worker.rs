@@ -340,9 +340,17 @@ async fn a_cancel_request_stops_a_running_job_with_a_checkpoint(pool: SqlitePool
     let job = db.job(id).await.unwrap();
     assert_eq!(job.state(), JobState::Cancelled);
     assert!(job.step < 10_000, "stopped early, at step {}", job.step);
-    let ck =
-        loraloop_trainer::worker::latest_checkpoint(std::path::Path::new(&job.output_dir.unwrap()));
-    assert!(ck.is_some(), "a checkpoint was saved");
+    let events = db.training_events(id, 0).await.unwrap();
+    assert!(
+        events.iter().any(|e| e
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains(r#""kind":"checkpoint""#))),
+        "the stop saved a checkpoint"
+    );
+    // A cancelled job never resumes: its folder (checkpoints, tens of MB on a real
+    // model) goes with it.
+    assert!(!std::path::Path::new(&job.output_dir.unwrap()).exists());
 }
 
 #[sqlx::test(migrations = "../migrations")]
