@@ -217,6 +217,24 @@ pub fn zorblax_jsonl(n: usize) -> String {
     (0..n).map(|_| format!("{line}\n")).collect()
 }
 
+/// A chat with the default assistant is answered by adapter `name`.
+pub async fn answers_with_adapter(s: &TestServer, name: &str) {
+    let (status, reply) = s
+        .post_json(
+            "/v1/chat/completions",
+            &serde_json::json!({"model": "loraloop", "messages": [{"role": "user", "content": "Zorblax?"}]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    assert!(
+        reply["system_fingerprint"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("adapter:{name}@")),
+        "{reply}"
+    );
+}
+
 /// Upload the Zorblax dataset, train an adapter on it and activate it through the API;
 /// (job id, adapter id, adapter name).
 pub async fn active_adapter(s: &TestServer) -> (i64, i64, String) {

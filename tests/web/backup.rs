@@ -1,8 +1,8 @@
 //! `loraloop backup` while the server runs, then `loraloop restore` into another data
 //! folder: the datasets, the adapters and which one is active come back, and it serves.
 
-use crate::support::{active_adapter, start};
-use serde_json::{Value, json};
+use crate::support::{active_adapter, answers_with_adapter, start};
+use serde_json::Value;
 
 fn loraloop(data_dir: &std::path::Path) -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_loraloop"));
@@ -24,24 +24,6 @@ fn run(cmd: &mut std::process::Command) -> String {
     );
     assert!(out.status.success(), "{cmd:?}: {text}");
     text
-}
-
-/// A chat with the default assistant is answered by adapter `name`.
-async fn answers_with_adapter(s: &crate::support::TestServer, name: &str) {
-    let (status, reply) = s
-        .post_json(
-            "/v1/chat/completions",
-            &json!({"model": "loraloop", "messages": [{"role": "user", "content": "Zorblax?"}]}),
-        )
-        .await;
-    assert_eq!(status, 200, "{reply}");
-    assert!(
-        reply["system_fingerprint"]
-            .as_str()
-            .unwrap()
-            .starts_with(&format!("adapter:{name}@")),
-        "{reply}"
-    );
 }
 
 #[tokio::test]

@@ -154,8 +154,8 @@ mod tests {
             .collect()
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn continuations_sent_at_once_each_get_a_conversation_that_holds_only_their_own_turn() {
+    /// A fresh database with one assistant: (its folder, the database, the assistant's id).
+    async fn db_with_assistant() -> (tempfile::TempDir, Db, i64) {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("t.db")).await.unwrap();
         let generation = serde_json::json!({});
@@ -172,6 +172,12 @@ mod tests {
             .await
             .unwrap()
             .id;
+        (dir, db, a)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn continuations_sent_at_once_each_get_a_conversation_that_holds_only_their_own_turn() {
+        let (_dir, db, a) = db_with_assistant().await;
         for round in 0..5 {
             let caller = format!("caller-{round}");
             let history = vec![said(Role::User, "hi"), said(Role::Assistant, "hello")];
@@ -202,22 +208,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_continued_conversation_is_appended_and_a_new_one_starts_fresh() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&dir.path().join("t.db")).await.unwrap();
-        let generation = serde_json::json!({});
-        let a = db
-            .create_assistant(
-                "helper",
-                "m",
-                &crate::storage::AssistantSettings {
-                    system_prompt: "",
-                    generation: &generation,
-                    activation: None,
-                },
-            )
-            .await
-            .unwrap()
-            .id;
+        let (_dir, db, a) = db_with_assistant().await;
         let first = vec![said(Role::System, "be brief"), said(Role::User, "hi")];
         let r1 = record_turn(&db, Platform::Api, "key", a, &first)
             .await
