@@ -68,6 +68,9 @@ async fn routes_send_chats_to_assistants_that_answer_in_their_own_way() {
             "routes.0",
         ),
         (json!({"name": "base"}), "name"),
+        (json!({"name": "active"}), "name"),
+        // The served model's name: the OpenAI endpoint reads it as the base model.
+        (json!({"name": "tiny"}), "name"),
     ] {
         let (status, e) = s.post_json("/api/v1/assistants", &body).await;
         assert_eq!(status, 422, "{body}: {e}");

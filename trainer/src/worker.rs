@@ -17,9 +17,8 @@ use crate::lease::{LEASE_SECS, MAX_ATTEMPTS, RENEW_EVERY, recovery_lines, while_
 use crate::preference::{parse_stored, train_preferences};
 use crate::run::{TrainJob, auto_train_dtype, train};
 use candle_core::Device;
-use loraloop_core::storage::{
-    Db, JobState, NewAdapter, NewTrainingEvent, StorageError, TrainingJob,
-};
+use loraloop_core::service::adapters::reserved_model_name;
+use loraloop_core::storage::{Db, JobState, NewAdapter, NewTrainingEvent, TrainingJob};
 use loraloop_model::engine::LoadedModel;
 use loraloop_model::train::DenseLlama;
 use std::path::{Path, PathBuf};
@@ -153,11 +152,16 @@ async fn recover_abandoned(db: &Db, opts: &WorkerOptions) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Where job `id` writes when it names no folder: its own, `adapters_dir/job-ID`.
+fn default_output_dir(opts: &WorkerOptions, id: i64) -> PathBuf {
+    opts.adapters_dir.join(format!("job-{id}"))
+}
+
 /// A cancelled job's own folder (`adapters_dir/job-ID`, its checkpoints: tens of MB) goes
 /// with it: nothing names it and a cancelled job never resumes. A folder the job was told
 /// to write to is its owner's and stays.
 fn remove_cancelled_folder(opts: &WorkerOptions, id: i64) {
-    let dir = opts.adapters_dir.join(format!("job-{id}"));
+    let dir = default_output_dir(opts, id);
     if dir.is_dir()
         && let Err(e) = std::fs::remove_dir_all(&dir)
     {
@@ -301,7 +305,7 @@ async fn run_job(
         .output_dir
         .as_ref()
         .map(PathBuf::from)
-        .unwrap_or_else(|| opts.adapters_dir.join(format!("job-{id}")));
+        .unwrap_or_else(|| default_output_dir(opts, id));
     db.set_job_progress_target(id, Some(&output_dir.display().to_string()), None)
         .await?;
     // Preference runs cannot resume yet: an interrupted one starts over.
@@ -474,7 +478,7 @@ async fn run_job(
         let adapter = match registered {
             Some(a) => a,
             None => {
-                let free = free_model_name(db, &name).await?;
+                let free = free_model_name(db, &name, &job.base_model).await?;
                 if free != name {
                     let text = format!(
                         "{name} already names an adapter or an assistant (the OpenAI endpoint's model names both): the adapter is published as {free}"
@@ -530,19 +534,13 @@ async fn run_job(
 /// `wanted`, or the first of `wanted-2`, `wanted-3`, ... that no adapter and no assistant
 /// has (the OpenAI endpoint's `model` names both: an assistant of the adapter's name
 /// answered in its place).
-async fn free_model_name(db: &Db, wanted: &str) -> anyhow::Result<String> {
+async fn free_model_name(db: &Db, wanted: &str, base_model: &str) -> anyhow::Result<String> {
     for n in 1u32.. {
         let name = match n {
             1 => wanted.to_string(),
             n => format!("{wanted}-{n}"),
         };
-        let taken = matches!(name.as_str(), "base" | "active")
-            || db.adapter_named(&name).await?.is_some()
-            || match db.assistant(&name).await {
-                Ok(_) => true,
-                Err(StorageError::NotFound { .. }) => false,
-                Err(e) => return Err(e.into()),
-            };
+        let taken = reserved_model_name(&name, base_model) || db.model_name_in_use(&name).await?;
         if !taken {
             return Ok(name);
         }

@@ -331,7 +331,7 @@ impl AdapterService {
         })
     }
 
-    /// What a request asking for `model` runs on: the default assistant's name (or
+    /// What a request asking for `model` runs on (see also [`reserved_model_name`]): the default assistant's name (or
     /// empty) is the engine's active adapter, another assistant's name that assistant's
     /// active adapter, `base` the base model, anything else an adapter by name.
     pub async fn choice(&self, model: &str) -> Result<AdapterChoice> {
@@ -355,4 +355,11 @@ impl AdapterService {
             }),
         }
     }
+}
+
+/// Names no adapter or assistant may take: [`AdapterService::choice`] reads `base` and the
+/// base model's name as the base model before it looks for one, and the console's
+/// playground and compare page read `active` as the assistant's active adapter.
+pub fn reserved_model_name(name: &str, base_model: &str) -> bool {
+    matches!(name, "base" | "active") || name == base_model
 }

@@ -6,6 +6,7 @@ use crate::assistant_settings::{AssistantEntry, GenerationOverrides};
 use crate::config::GenerationConfig;
 use crate::error::{Result, ServiceError};
 use crate::gate::ActivationPolicy;
+use crate::service::adapters::reserved_model_name;
 use crate::storage::{Assistant, AssistantSettings, Db, Route};
 use loraloop_model::sampling::SamplingParams;
 
@@ -129,9 +130,10 @@ impl AssistantService {
 
     pub async fn create(&self, name: &str, form: &AssistantForm) -> Result<Assistant> {
         let (generation, activation) = self.checked(form)?;
-        // The OpenAI endpoint's `model` names assistants, adapters and `base` alike.
-        let taken =
-            matches!(name, "base" | "active") || self.db.adapter_named(name).await?.is_some();
+        // The OpenAI endpoint's `model` names assistants, adapters and the base model
+        // alike (a taken assistant name is the storage's conflict).
+        let taken = reserved_model_name(name, &self.base_model)
+            || self.db.adapter_named(name).await?.is_some();
         if taken {
             return Err(ServiceError::invalid(
                 "name",

@@ -127,6 +127,19 @@ impl Db {
         .await
     }
 
+    /// Whether an adapter or an assistant has the name `name` (the OpenAI endpoint's
+    /// `model` names both).
+    pub async fn model_name_in_use(&self, name: &str) -> Result<bool> {
+        let (used,): (bool,) = sql::one(
+            self.pool(),
+            "select exists (select 1 from adapters where name = ?1) \
+                 or exists (select 1 from assistants where name = ?1)",
+            (name,),
+        )
+        .await?;
+        Ok(used)
+    }
+
     pub async fn list_adapters(&self) -> Result<Vec<Adapter>> {
         sql::all(
             self.pool(),
@@ -336,6 +349,16 @@ mod tests {
         assert_eq!(db.adapter_named("One").await.unwrap(), None);
         assert_eq!(db.adapter_named("one ").await.unwrap(), None);
         assert_eq!(db.adapter_named("three").await.unwrap(), None);
+        // A name is in use as an adapter's or an assistant's, compared exactly.
+        db.ensure_assistant("helper", "m", "s").await.unwrap();
+        for (name, used) in [
+            ("one", true),
+            ("helper", true),
+            ("One", false),
+            ("three", false),
+        ] {
+            assert_eq!(db.model_name_in_use(name).await.unwrap(), used, "{name}");
+        }
     }
 
     #[sqlx::test(migrations = "../migrations")]

@@ -12,6 +12,7 @@ use axum::extract::Request;
 use axum::http::header;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
+use loraloop_core::service::adapters::reserved_model_name;
 use loraloop_core::storage::{Assistant, NewAdapter};
 use loraloop_model::engine::{AdapterChoice, GenerateRequest, Prompt};
 use loraloop_model::lora::{ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE};
@@ -333,9 +334,7 @@ fn zip_dir(dir: &FsPath) -> Result<Vec<u8>, ApiError> {
 
 /// Names an uploaded adapter may not take: they mean something else to `model`.
 async fn reserved(state: &AppState, name: &str) -> bool {
-    ["active", "base"].contains(&name)
-        || name == state.core.model.name
-        || state.core.db.assistant(name).await.is_ok()
+    reserved_model_name(name, &state.core.model.name) || state.core.db.assistant(name).await.is_ok()
 }
 
 /// `POST /adapters/upload?_csrf=...` (multipart: `file`, `name`).
