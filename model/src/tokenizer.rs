@@ -453,7 +453,8 @@ impl Tokenizer {
 
 /// Turns token ids pushed one at a time into text deltas. A delta is only emitted once it
 /// ends on a whole character, so multi-byte characters split across tokens (emoji) come
-/// out whole; the deltas concatenate to `decode(all ids)`.
+/// out whole; the deltas concatenate to `decode(all ids)`, less an incomplete character
+/// at the very end (see [`TokenStream::finish`]).
 pub struct TokenStream<'a> {
     tokenizer: &'a Tokenizer,
     skip_special: bool,
@@ -498,11 +499,15 @@ impl<'a> TokenStream<'a> {
         Ok(Some(delta))
     }
 
-    /// The text still held back (an incomplete character at the end), if any.
+    /// The text still held back, if any, less an incomplete character at its end: the
+    /// last tokens were the first bytes of a character whose rest never came (the reply
+    /// was cut at `max_tokens`, or ended). Decoding shows those bytes as U+FFFD; vLLM's
+    /// and TGI's incremental detokenizers never emit them either.
     pub fn finish(self) -> Result<Option<String>> {
         let (prefix, text) = self.pending()?;
         Ok(text
             .get(prefix.len()..)
+            .map(|rest| rest.trim_end_matches(char::REPLACEMENT_CHARACTER))
             .filter(|rest| !rest.is_empty())
             .map(str::to_string))
     }
@@ -823,6 +828,31 @@ mod tests {
         );
         assert_eq!(deltas.concat(), tok.decode(&ids, true).unwrap());
         assert_eq!(deltas.concat(), text);
+    }
+
+    #[test]
+    fn a_reply_cut_inside_a_character_ends_before_it() {
+        let tok = real_tokenizer();
+        let ids = tok.encode("ok 🦀", false).unwrap();
+        let whole = tok.encode("ok ", false).unwrap().len();
+        assert!(
+            ids.len() >= whole + 2,
+            "the crab takes several tokens: {ids:?}"
+        );
+        // Cut after the crab's first token: its bytes alone decode to U+FFFD.
+        let cut = &ids[..whole + 1];
+        assert!(
+            tok.decode(cut, true)
+                .unwrap()
+                .ends_with(char::REPLACEMENT_CHARACTER)
+        );
+        let mut stream = tok.stream(true);
+        let mut text = String::new();
+        for id in cut {
+            text.extend(stream.push(*id).unwrap());
+        }
+        text.extend(stream.finish().unwrap());
+        assert_eq!(text, "ok ");
     }
 
     /// A GGUF-metadata tokenizer over a handful of tokens: the 256 byte-level symbols,
