@@ -648,6 +648,8 @@ impl Config {
             ));
         }
         let mut names = vec![raw.assistant.name.as_str()];
+        // Each route's first assistant: a route names one (a second would silently win).
+        let mut routed: Vec<((&str, &str, String), &str)> = Vec::new();
         for (i, a) in raw.assistants.iter().enumerate() {
             if let Some(why) = crate::assistant_settings::name_problem(&a.name) {
                 return Err(invalid(&format!("assistants.{i}.name"), why));
@@ -680,6 +682,21 @@ impl Config {
                         "{key:?} is not a {scope} id (a number; a Telegram bot's is the part of its token before the colon)"
                     ),
                 ));
+            }
+            for route in a.routes.all() {
+                if let Some((_, owner)) = routed
+                    .iter()
+                    .find(|(r, owner)| *r == route && *owner != a.name)
+                {
+                    let (platform, scope, key) = route;
+                    return Err(invalid(
+                        &format!("assistants.{i}.routes"),
+                        format!(
+                            "{platform} {scope} {key} is routed to {owner:?} already: a route sends its chats to one assistant"
+                        ),
+                    ));
+                }
+                routed.push((route, &a.name));
             }
         }
         if let Err((key, message)) = raw.gate.check() {
@@ -1112,6 +1129,10 @@ mod tests {
             (
                 "assistants:\n  - name: x\n    routes: {discord_channels: [general]}\n",
                 "assistants.0.routes",
+            ),
+            (
+                "assistants:\n  - name: x\n    routes: {telegram_chats: [7]}\n  - name: y\n    routes: {telegram_chats: [\"7\"]}\n",
+                "assistants.1.routes",
             ),
         ] {
             assert_eq!(

@@ -150,6 +150,31 @@ async fn routes_send_chats_to_assistants_that_answer_in_their_own_way() {
         )
         .await;
     assert_eq!(status, 201, "{sales}");
+    // Chat 7002 is support's: taking it needs "move", and a refused change changes nothing.
+    let chat_7002 = json!({"platform": "telegram", "scope": "chat", "key": 7002});
+    let (status, e) = s
+        .post_json("/api/v1/assistants/sales/routes", &chat_7002)
+        .await;
+    assert_eq!(status, 409, "{e}");
+    let message = e["error"]["message"].as_str().unwrap();
+    assert!(message.contains("assistant \"support\""), "{e}");
+    let r = s
+        .http
+        .patch(s.url("/api/v1/assistants/sales"))
+        .bearer_auth(crate::support::KEY)
+        .json(&json!({"system_prompt": "Changed.", "routes": [chat_7002]}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let e: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        (status, e["error"]["param"].as_str()),
+        (409, Some("routes.0")),
+        "{e}"
+    );
+    let unchanged = s.get_json("/api/v1/assistants/sales").await;
+    assert_eq!(unchanged["system_prompt"], "Sell.", "{unchanged}");
     let same_text = "What is the capital of Zorblax?";
     for chat in [7001, 7002] {
         fake.text(chat, same_text);
@@ -192,6 +217,16 @@ async fn routes_send_chats_to_assistants_that_answer_in_their_own_way() {
     until(30, "the third reply", || rated_replies(&fake, 7001) == 2).await;
     let after = replies_in(db, 7001).await;
     assert_eq!(after[1].0, "loraloop", "{after:?}");
+    // Asked to, sales takes chat 7002 from support.
+    let (status, moved) = s
+        .post_json(
+            "/api/v1/assistants/sales/routes",
+            &json!({"platform": "telegram", "scope": "chat", "key": 7002, "move": true}),
+        )
+        .await;
+    assert_eq!(status, 201, "{moved}");
+    let support_now = s.get_json("/api/v1/assistants/support").await;
+    assert_eq!(support_now["routes"], json!([]), "{support_now}");
 
     // The OpenAI endpoint: `model` names an assistant (its prompt, settings, adapter).
     let models = s.get_json("/v1/models").await;

@@ -175,6 +175,10 @@ pub struct RouteRequest {
     /// The id, as a string or a number.
     #[schema(value_type = String)]
     pub key: serde_json::Value,
+    /// Take the route from the assistant it sends its chats to now (without it, that is
+    /// a 409 that changes nothing).
+    #[serde(default, rename = "move")]
+    pub take_over: bool,
 }
 
 impl RouteRequest {
@@ -220,6 +224,27 @@ fn checked_routes(routes: &[RouteRequest]) -> Result<Vec<String>, ApiError> {
     Ok(keys)
 }
 
+/// A 409 when a route sends its chats to another assistant and does not say `move`
+/// (`a`: the assistant the routes are for, None when it is not created yet).
+async fn check_routes_free(
+    state: &AppState,
+    a: Option<&Assistant>,
+    routes: &[RouteRequest],
+    keys: &[String],
+) -> Result<(), ApiError> {
+    for (i, (r, key)) in routes.iter().zip(keys).enumerate() {
+        if !r.take_over {
+            state
+                .core
+                .assistants
+                .check_route_free(a, &r.platform, &r.scope, key)
+                .await
+                .map_err(|e| ApiError::from(e).with_param(format!("routes.{i}")))?;
+        }
+    }
+    Ok(())
+}
+
 async fn add_routes(
     state: &AppState,
     a: &Assistant,
@@ -230,7 +255,7 @@ async fn add_routes(
         state
             .core
             .assistants
-            .set_route(a, &r.platform, &r.scope, key)
+            .set_route(a, &r.platform, &r.scope, key, r.take_over)
             .await
             .map_err(|e| ApiError::from(e).with_param(format!("routes.{i}")))?;
     }
@@ -259,6 +284,7 @@ pub async fn create_assistant(
         .ok_or_else(|| ApiError::invalid("name", "an assistant needs a name"))?;
     let routes = req.routes.as_deref().unwrap_or_default();
     let keys = checked_routes(routes)?;
+    check_routes_free(&state, None, routes, &keys).await?;
     let a = state
         .core
         .assistants
@@ -299,6 +325,7 @@ pub async fn update_assistant(
     }
     let routes = req.routes.as_deref().unwrap_or_default();
     let keys = checked_routes(routes)?;
+    check_routes_free(&state, Some(&old), routes, &keys).await?;
     let a = state
         .core
         .assistants
@@ -324,9 +351,9 @@ pub async fn delete_assistant(
 }
 
 /// Send a Telegram bot or chat, or a Discord application, server or channel to this
-/// assistant (a route already sending it elsewhere moves).
+/// assistant (a route already sending it elsewhere moves only with `"move": true`).
 #[utoipa::path(post, path = "/api/v1/assistants/{name}/routes", params(("name" = String, Path)), request_body = RouteRequest,
-    responses((status = 201, body = RouteView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    responses((status = 201, body = RouteView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn add_route(
     State(state): State<AppState>,
     AssistantName(name): AssistantName,
@@ -338,7 +365,7 @@ pub async fn add_route(
     let route = state
         .core
         .assistants
-        .set_route(&a, &r.platform, &r.scope, &key)
+        .set_route(&a, &r.platform, &r.scope, &key, r.take_over)
         .await?;
     Ok((StatusCode::CREATED, Json(route.into())))
 }

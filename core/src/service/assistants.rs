@@ -187,14 +187,46 @@ impl AssistantService {
         })
     }
 
+    /// Route `platform`/`scope`/`key` to `a`. A route to another assistant moves only when
+    /// `take_over` (it changes who answers those chats); otherwise it is a conflict.
     pub async fn set_route(
         &self,
         a: &Assistant,
         platform: &str,
         scope: &str,
         key: &str,
+        take_over: bool,
     ) -> Result<Route> {
-        Ok(self.db.set_route(a.id, platform, scope, key.trim()).await?)
+        let key = key.trim();
+        match self
+            .db
+            .set_route(a.id, platform, scope, key, take_over)
+            .await?
+        {
+            Some(route) => Ok(route),
+            None => {
+                let owner = self.db.route_owner(platform, scope, key).await?;
+                Err(routed_elsewhere(platform, scope, key, owner.as_deref()))
+            }
+        }
+    }
+
+    /// An error when `platform`/`scope`/`key` routes to an assistant other than `a` (or
+    /// to any, for an assistant not created yet).
+    pub async fn check_route_free(
+        &self,
+        a: Option<&Assistant>,
+        platform: &str,
+        scope: &str,
+        key: &str,
+    ) -> Result<()> {
+        let key = key.trim();
+        match self.db.route_owner(platform, scope, key).await? {
+            Some(owner) if a.is_none_or(|a| a.name != owner) => {
+                Err(routed_elsewhere(platform, scope, key, Some(&owner)))
+            }
+            _ => Ok(()),
+        }
     }
 
     pub async fn delete_route(&self, a: &Assistant, route_id: i64) -> Result<()> {
@@ -219,8 +251,9 @@ impl AssistantService {
                 )
                 .await?;
             for (platform, scope, key) in e.routes.all() {
+                // The config says where its routes go: one routed elsewhere moves here.
                 self.db
-                    .set_route(a.id, platform, scope, &key)
+                    .set_route(a.id, platform, scope, &key, true)
                     .await
                     .map_err(|err| {
                         ServiceError::invalid(
@@ -232,4 +265,13 @@ impl AssistantService {
         }
         Ok(())
     }
+}
+
+fn routed_elsewhere(platform: &str, scope: &str, key: &str, owner: Option<&str>) -> ServiceError {
+    let owner = owner.map_or("another assistant".to_string(), |o| {
+        format!("assistant {o:?}")
+    });
+    ServiceError::Conflict(format!(
+        "{platform} {scope} {key} is routed to {owner}: moving it changes who answers there, so it moves only when asked (the API: \"move\": true with the route; the console: tick \"move it here\")"
+    ))
 }

@@ -253,23 +253,42 @@ impl Db {
         .await
     }
 
-    /// Route `platform`/`scope`/`key` to the assistant (moved there if it routed elsewhere).
+    /// Route `platform`/`scope`/`key` to the assistant. A route to another assistant moves
+    /// only when `take_over`; otherwise nothing changes and the answer is None.
     pub async fn set_route(
         &self,
         assistant_id: i64,
         platform: &str,
         scope: &str,
         key: &str,
-    ) -> Result<Route> {
+        take_over: bool,
+    ) -> Result<Option<Route>> {
         validate_route(platform, scope, key)?;
-        sql::one(
+        sql::optional(
             self.pool(),
             &format!(
-                "insert into assistant_routes (assistant_id, platform, scope, key) values (?, ?, ?, ?)
+                "insert into assistant_routes (assistant_id, platform, scope, key) values (?1, ?2, ?3, ?4)
                  on conflict (platform, scope, key) do update set assistant_id = excluded.assistant_id
+                 where ?5 or assistant_routes.assistant_id = excluded.assistant_id
                  returning {ROUTE_COLUMNS}"
             ),
-            (assistant_id, platform, scope, key),
+            (assistant_id, platform, scope, key, take_over),
+        )
+        .await
+    }
+
+    /// The name of the assistant `platform`/`scope`/`key` routes to, if any.
+    pub async fn route_owner(
+        &self,
+        platform: &str,
+        scope: &str,
+        key: &str,
+    ) -> Result<Option<String>> {
+        sql::value(
+            self.pool(),
+            "select a.name from assistant_routes r join assistants a on a.id = r.assistant_id
+             where r.platform = ? and r.scope = ? and r.key = ?",
+            (platform, scope, key),
         )
         .await
     }
@@ -348,10 +367,10 @@ mod tests {
             .create_assistant("sales", "m", &settings("Sell."))
             .await
             .unwrap();
-        db.set_route(support.id, "discord", "guild", "10")
+        db.set_route(support.id, "discord", "guild", "10", false)
             .await
             .unwrap();
-        db.set_route(sales.id, "discord", "channel", "20")
+        db.set_route(sales.id, "discord", "channel", "20", false)
             .await
             .unwrap();
         let route = |channel: &'static str, guild: &'static str| {
@@ -377,9 +396,22 @@ mod tests {
             None,
             "no route: the default assistant"
         );
-        // A key routes to one assistant: setting it again moves it.
-        db.set_route(support.id, "discord", "channel", "20")
+        // A key routes to one assistant: another takes it only when told to.
+        let taken = db.set_route(support.id, "discord", "channel", "20", false);
+        assert_eq!(taken.await.unwrap(), None);
+        assert_eq!(route("20", "11").await.as_deref(), Some("sales"));
+        assert_eq!(
+            db.route_owner("discord", "channel", "20")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("sales")
+        );
+        let again = db.set_route(sales.id, "discord", "channel", "20", false);
+        assert!(again.await.unwrap().is_some(), "its own route again");
+        db.set_route(support.id, "discord", "channel", "20", true)
             .await
+            .unwrap()
             .unwrap();
         assert_eq!(route("20", "11").await.as_deref(), Some("support"));
         assert_eq!(db.routes().await.unwrap().len(), 2);
@@ -391,11 +423,11 @@ mod tests {
             ("slack", "chat", "1"),
         ] {
             assert!(
-                db.set_route(sales.id, p, s, k).await.is_err(),
+                db.set_route(sales.id, p, s, k, false).await.is_err(),
                 "{p} {s} {k}"
             );
         }
-        db.set_route(sales.id, "telegram", "chat", "-100123")
+        db.set_route(sales.id, "telegram", "chat", "-100123", false)
             .await
             .unwrap();
     }
@@ -437,7 +469,9 @@ mod tests {
             db.update_assistant(a.id, &bad).await.is_err(),
             "unknown policy"
         );
-        db.set_route(a.id, "telegram", "bot", "42").await.unwrap();
+        db.set_route(a.id, "telegram", "bot", "42", false)
+            .await
+            .unwrap();
         // A conversation keeps its assistant from being deleted.
         let chat = db
             .upsert_chat(super::super::Platform::Web, "c", "private", None)

@@ -172,6 +172,7 @@ fn assistant_card(session: &AdminSession, v: &AssistantView) -> Markup {
                     }
                 }
                 input name="key" placeholder="id" required maxlength="64" aria-label="Id" class="mono";
+                label { input type="checkbox" name="move" value="1"; " move it here" }
                 button type="submit" { "Add route" }
             }
             @if !v.default {
@@ -287,7 +288,13 @@ async fn add_route(
         Ok(state
             .core
             .assistants
-            .set_route(&a, platform, scope, field(&pairs, "key"))
+            .set_route(
+                &a,
+                platform,
+                scope,
+                field(&pairs, "key"),
+                field(&pairs, "move") == "1",
+            )
             .await?)
     })
     .await
