@@ -201,6 +201,19 @@ fn ctrl_c_during_a_reply_stops_only_that_reply() {
     assert!(rest.contains("The capital of France is Paris."), "{rest}");
 }
 
+/// `loraloop chat` on `model` with these variables set, which must fail: its stderr.
+fn chat_fails_on(dir: &std::path::Path, model: &std::path::Path, env: &[(&str, &str)]) -> String {
+    let out = loraloop(dir)
+        .envs(env.iter().copied())
+        .args(["chat", "--json", "--model"])
+        .arg(model)
+        .write_stdin("hi\n")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn chat_on_a_truncated_model_says_it_is_corrupt_and_what_to_run() {
     let dir = tempfile::tempdir().unwrap();
@@ -219,14 +232,7 @@ fn chat_on_a_truncated_model_says_it_is_corrupt_and_what_to_run() {
     ] {
         let cut = dir.path().join(name);
         std::fs::write(&cut, &bytes[..bytes.len() - 1000]).unwrap();
-        let out = loraloop(dir.path())
-            .args(["chat", "--json", "--model"])
-            .arg(&cut)
-            .write_stdin("hi\n")
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success());
+        let stderr = chat_fails_on(dir.path(), &cut, &[]);
         assert!(
             stderr.contains("corrupt or truncated") && stderr.contains(remedy),
             "{stderr}"
@@ -241,15 +247,7 @@ fn with_rust_backtrace_set_an_error_stays_a_message_not_a_stack() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.gguf");
     std::fs::write(&bad, b"not a model file at all, only some bytes").unwrap();
-    let out = loraloop(dir.path())
-        .env("RUST_BACKTRACE", "1")
-        .args(["chat", "--json", "--model"])
-        .arg(&bad)
-        .write_stdin("hi\n")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let stderr = chat_fails_on(dir.path(), &bad, &[("RUST_BACKTRACE", "1")]);
     let error: Vec<&str> = stderr
         .lines()
         .skip_while(|l| !l.starts_with("error:"))

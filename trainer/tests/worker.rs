@@ -121,6 +121,31 @@ async fn a_queued_job_trains_stores_its_events_and_registers_the_adapter(pool: S
     );
 }
 
+/// An adapter's row named `name` (of job `job_id`), its files elsewhere: an upload's, or
+/// what a worker killed while publishing leaves.
+async fn insert_adapter_row(
+    db: &Db,
+    name: &str,
+    job_id: Option<i64>,
+) -> loraloop_core::storage::Adapter {
+    db.insert_adapter(&loraloop_core::storage::NewAdapter {
+        name,
+        path: "elsewhere",
+        base_model: "tiny",
+        base_model_hash: "h",
+        tokenizer_hash: "h",
+        chat_template_hash: "h",
+        rank: Some(4),
+        alpha: Some(8.0),
+        target_modules: &[],
+        metrics: &serde_json::json!({}),
+        job_id,
+        assistant_id: None,
+    })
+    .await
+    .unwrap()
+}
+
 #[sqlx::test(migrations = "../migrations")]
 async fn a_job_whose_adapter_name_is_taken_publishes_under_the_next_free_one(pool: SqlitePool) {
     let db = Db::from_pool(pool);
@@ -131,22 +156,7 @@ async fn a_job_whose_adapter_name_is_taken_publishes_under_the_next_free_one(poo
     // training used to fail on the name (and an assistant of the name answered in the
     // adapter's place).
     let taken = format!("job-{id}");
-    db.insert_adapter(&loraloop_core::storage::NewAdapter {
-        name: &taken,
-        path: "elsewhere",
-        base_model: "tiny",
-        base_model_hash: "h",
-        tokenizer_hash: "h",
-        chat_template_hash: "h",
-        rank: Some(4),
-        alpha: Some(8.0),
-        target_modules: &[],
-        metrics: &serde_json::json!({}),
-        job_id: None,
-        assistant_id: None,
-    })
-    .await
-    .unwrap();
+    insert_adapter_row(&db, &taken, None).await;
     db.create_assistant(
         &format!("job-{id}-2"),
         "tiny",
@@ -221,24 +231,7 @@ async fn a_job_whose_worker_died_while_publishing_finishes_that_publication(pool
     let hp = serde_json::json!({"num_epochs": 1, "micro_batch_size": 4, "val_set_size": 0});
     let (id, opts) = setup(&db, tmp.path(), hp).await;
     // What a kill after the adapter's row and before the job's end leaves: the row.
-    let modules = vec!["q_proj".to_string()];
-    let left = db
-        .insert_adapter(&loraloop_core::storage::NewAdapter {
-            name: &format!("job-{id}"),
-            path: "adapters/x",
-            base_model: "tiny",
-            base_model_hash: "b",
-            tokenizer_hash: "t",
-            chat_template_hash: "c",
-            rank: Some(16),
-            alpha: Some(32.0),
-            target_modules: &modules,
-            metrics: &serde_json::json!({}),
-            job_id: Some(id),
-            assistant_id: None,
-        })
-        .await
-        .unwrap();
+    let left = insert_adapter_row(&db, &format!("job-{id}"), Some(id)).await;
     run_next(&db, &opts, Arc::new(AtomicBool::new(false)))
         .await
         .unwrap();
