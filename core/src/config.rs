@@ -641,11 +641,10 @@ impl Config {
                     .to_string(),
             ));
         }
-        if raw.assistant.name.trim().is_empty() {
-            return Err(invalid(
-                "assistant.name",
-                "got an empty string; allowed: any non-empty name".to_string(),
-            ));
+        // The same names as `assistants:` and the API allow: it is the OpenAI endpoint's
+        // model name and the console's address of the assistant.
+        if let Some(why) = crate::assistant_settings::name_problem(&raw.assistant.name) {
+            return Err(invalid("assistant.name", why));
         }
         let mut names = vec![raw.assistant.name.as_str()];
         // Each route's first assistant: a route names one (a second would silently win).
@@ -1117,6 +1116,8 @@ mod tests {
         );
         for (yaml, key) in [
             ("assistants:\n  - name: loraloop\n", "assistants.0.name"),
+            ("assistant: {name: \"main/x y<b>\"}\n", "assistant.name"),
+            ("assistant: {name: \"\"}\n", "assistant.name"),
             ("assistants:\n  - name: a b\n", "assistants.0.name"),
             (
                 "assistants:\n  - name: x\n  - name: x\n",
