@@ -305,7 +305,12 @@ impl Db {
         )
         .await
         .map_err(|e| match &e {
-            StorageError::Sqlx(sqlx::Error::Database(db)) if db.is_foreign_key_violation() => {
+            // A job's reference to the dataset, or to its examples through the cascade
+            // (SQLite reports a failure inside a cascade as a trigger's, code 1811).
+            StorageError::Sqlx(sqlx::Error::Database(db))
+                if db.is_foreign_key_violation()
+                    || db.message().contains("FOREIGN KEY constraint failed") =>
+            {
                 StorageError::Invalid {
                     what: format!("deletion of dataset {name:?}"),
                     message: "a training job uses it; delete the job first".into(),

@@ -792,8 +792,13 @@ mod tests {
         let done = db.job(job.id).await.unwrap();
         assert_eq!(done.error.as_deref(), Some("out of memory"));
         assert!(done.finished_at.is_some());
-        // A dataset used by a job cannot be deleted from under it.
-        assert!(db.delete_dataset("d", None).await.is_err());
+        // A dataset used by a job cannot be deleted from under it, and the error says so
+        // (SQLite reports the failed cascade as a trigger's constraint, code 1811).
+        let refused = db.delete_dataset("d", None).await.unwrap_err();
+        assert!(
+            refused.to_string().contains("a training job uses it"),
+            "{refused}"
+        );
     }
 
     #[sqlx::test(migrations = "../migrations")]
