@@ -108,16 +108,23 @@ pub async fn run(config: &Config, args: &ChatArgs) -> anyhow::Result<ExitCode> {
     eprintln!(
         "/reset starts over, /system TEXT sets the system prompt, /quit or Ctrl-D leaves; Ctrl-C stops a reply."
     );
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut lines = StdinLines::default();
     loop {
         eprint!("> ");
         let line = tokio::select! {
-            line = lines.next_line() => line?,
+            line = lines.next() => line?,
             _ = tokio::signal::ctrl_c() => None,
         };
         let Some(line) = line else {
             eprintln!();
             return Ok(ExitCode::SUCCESS);
+        };
+        let line = match line {
+            Ok(line) => line,
+            Err(e) => {
+                eprintln!("{e}");
+                continue;
+            }
         };
         let line = line.trim();
         match command(line, &mut conv) {
@@ -228,9 +235,17 @@ async fn json_loop(
     params: &SamplingParams,
     recorder: Option<&Recorder>,
 ) -> anyhow::Result<ExitCode> {
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut lines = StdinLines::default();
     let mut failures = 0;
-    while let Some(line) = lines.next_line().await? {
+    while let Some(line) = lines.next().await? {
+        let line = match line {
+            Ok(line) => line,
+            Err(e) => {
+                println!("{}", serde_json::json!({"error": e}));
+                failures += 1;
+                continue;
+            }
+        };
         let line = line.trim();
         if line.is_empty() {
             continue;
@@ -315,4 +330,44 @@ fn reply_json(prompt: &str, f: &Finished) -> serde_json::Value {
         "adapter": f.adapter.as_ref().map(|a| &a.name),
         "decode_tokens_per_second": if f.decode_secs > 0.0 { f.completion_tokens as f64 / f.decode_secs } else { 0.0 },
     })
+}
+
+/// Stdin, a line at a time. A line that is not UTF-8 is an error naming it; the lines
+/// after it are still read (`lines()` ended the whole input there).
+struct StdinLines {
+    reader: BufReader<tokio::io::Stdin>,
+    number: usize,
+}
+
+impl Default for StdinLines {
+    fn default() -> Self {
+        Self {
+            reader: BufReader::new(tokio::io::stdin()),
+            number: 0,
+        }
+    }
+}
+
+impl StdinLines {
+    /// The next line without its line break; None at the end of input.
+    async fn next(&mut self) -> std::io::Result<Option<Result<String, String>>> {
+        let mut bytes = Vec::new();
+        if self.reader.read_until(b'\n', &mut bytes).await? == 0 {
+            return Ok(None);
+        }
+        self.number += 1;
+        if bytes.ends_with(b"\n") {
+            bytes.pop();
+            if bytes.ends_with(b"\r") {
+                bytes.pop();
+            }
+        }
+        Ok(Some(String::from_utf8(bytes).map_err(|e| {
+            format!(
+                "line {} is not UTF-8 text (byte {} is not): skipped",
+                self.number,
+                e.utf8_error().valid_up_to() + 1
+            )
+        })))
+    }
 }

@@ -14,7 +14,7 @@ fn chat_json_answers_each_stdin_line_with_one_json_object_and_keeps_history() {
     let out = loraloop(dir.path())
         .args(["chat", "--json", "--temperature", "0", "--repetition-penalty", "1", "--max-new-tokens", "24", "--model"])
         .arg(real_model())
-        .write_stdin("What is the capital of France?\n/reset\n{\"prompt\": \"What is the capital of France?\"}\n{\"oops\": 1}\n")
+        .write_stdin(&b"What is the capital of France?\n/reset\n{\"prompt\": \"What is the capital of France?\"}\nnot \xff UTF-8\n{\"oops\": 1}\n"[..])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -22,7 +22,7 @@ fn chat_json_answers_each_stdin_line_with_one_json_object_and_keeps_history() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 4, "{stdout}");
+    assert_eq!(lines.len(), 5, "{stdout}");
     // The greedy answer llama.cpp gives for this ChatML prompt (see model/tests/real_model.rs).
     assert_eq!(lines[0]["reply"], "The capital of France is Paris.");
     assert_eq!(lines[0]["finish_reason"], "stop");
@@ -32,7 +32,12 @@ fn chat_json_answers_each_stdin_line_with_one_json_object_and_keeps_history() {
         lines[2]["reply"], "The capital of France is Paris.",
         "after /reset the prompt is the same"
     );
-    assert!(lines[3]["error"].as_str().unwrap().contains("prompt"));
+    // A line that is not UTF-8 is one error; the lines after it are still read.
+    assert_eq!(
+        lines[3]["error"],
+        "line 4 is not UTF-8 text (byte 5 is not): skipped"
+    );
+    assert!(lines[4]["error"].as_str().unwrap().contains("prompt"));
     assert!(
         !out.status.success(),
         "a bad line makes the exit status non-zero"
