@@ -86,6 +86,9 @@ problem_codes! {
     InvalidWeight => "invalid_weight", Error;
     /// Prompt-completion, text and Alpaca: a required key is absent.
     MissingKey => "missing_key", Error;
+    /// OpenAI chat: `tools` or `functions`, tool use that loraloop does not train (the
+    /// example would teach answers without the tools the prompt offered).
+    UnsupportedKey => "unsupported_key", Error;
     /// The same normalized example already appeared on an earlier line.
     DuplicateExample => "duplicate_example", Warning;
     /// The example is longer than [`super::LONG_EXAMPLE_CHARS`].

@@ -118,6 +118,33 @@ fn a_text_line_becomes_a_single_assistant_turn() {
 }
 
 #[test]
+fn an_alpaca_line_keeps_llama_factorys_system_and_history() {
+    let line =
+        r#"{"instruction":"And 3+3?","output":"6","system":"Be brief.","history":[["2+2?","4"]]}"#;
+    let out = parse_jsonl(line.as_bytes(), None);
+    assert!(out.is_ok(), "{:?}", out.errors);
+    assert_eq!(
+        out.examples,
+        [ex(vec![
+            m(System, "Be brief."),
+            m(User, "2+2?"),
+            m(Assistant, "4"),
+            m(User, "And 3+3?"),
+            m(Assistant, "6"),
+        ])]
+    );
+    for bad in [
+        r#"{"instruction":"q","output":"a","history":[["only one"]]}"#,
+        r#"{"instruction":"q","output":"a","history":"2+2? 4"}"#,
+        r#"{"instruction":"q","output":"a","system":3}"#,
+    ] {
+        let out = parse_jsonl(bad.as_bytes(), None);
+        let codes: Vec<_> = out.errors.iter().map(|p| p.code).collect();
+        assert_eq!(codes, [ProblemCode::MissingContent], "{bad}");
+    }
+}
+
+#[test]
 fn an_alpaca_line_joins_instruction_and_non_empty_input_with_a_blank_line() {
     // Blank and whitespace-only lines are skipped but still counted.
     let out = parse_ok("valid/alpaca_blank_lines.jsonl", None);
@@ -191,6 +218,7 @@ fn fixture_problem_line(code: ProblemCode) -> Option<usize> {
         ExampleMissingAssistantMessage => Some(2),
         InvalidWeight => Some(3),
         MissingKey => Some(3),
+        UnsupportedKey => Some(2),
         DuplicateExample => Some(4),
         LongExample => Some(2),
     }
@@ -395,7 +423,7 @@ fn several_problems_on_one_line_are_reported_once_per_code() {
 #[test]
 fn openai_message_shape_errors_use_the_cookbook_codes() {
     use ProblemCode::*;
-    let cases: [(&str, &[ProblemCode]); 9] = [
+    let cases: [(&str, &[ProblemCode]); 11] = [
         (r#"{"messages":"hi"}"#, &[MissingMessagesList]),
         (r#"{"messages":null}"#, &[MissingMessagesList]),
         (
@@ -425,6 +453,15 @@ fn openai_message_shape_errors_use_the_cookbook_codes() {
         (
             r#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"a","weight":-0.1}]}"#,
             &[InvalidWeight],
+        ),
+        // Every assistant turn out of the loss: nothing to learn.
+        (
+            r#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"a","weight":0}]}"#,
+            &[ExampleMissingAssistantMessage],
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"a","weight":0},{"role":"user","content":"and?"},{"role":"assistant","content":"b"}]}"#,
+            &[],
         ),
     ];
     for (line, expected) in cases {

@@ -184,12 +184,23 @@ fn turn_list<'a>(
 }
 
 fn openai(object: &Map<String, Value>, found: &mut Findings) -> Vec<ChatMessage> {
+    if let Some(key) = ["tools", "functions"]
+        .into_iter()
+        .find(|k| object.get(*k).is_some_and(|v| !v.is_null()))
+    {
+        found.report(
+            ProblemCode::UnsupportedKey,
+            format!("`{key}`: loraloop does not train tool use; remove the key, or the example"),
+        );
+    }
     let Some(list) = turn_list(object, "messages", ProblemCode::MissingMessagesList, found) else {
         return Vec::new();
     };
 
     let mut messages = Vec::with_capacity(list.len());
     let mut has_assistant = false;
+    // An assistant message the loss covers (weight absent or above 0).
+    let mut learned = false;
     for (index, message) in list.iter().enumerate() {
         let what = format!("message {}", index + 1);
         let Some(message) = message_object(message, &what, ["role", "content"], found) else {
@@ -225,6 +236,7 @@ fn openai(object: &Map<String, Value>, found: &mut Findings) -> Vec<ChatMessage>
             .get("weight")
             .and_then(|value| weight_of(value, role, &what, found));
 
+        learned |= role == Some(Role::Assistant) && weight != Some(0.0);
         if let (Some(role), Some(content)) = (role, content) {
             messages.push(ChatMessage {
                 role,
@@ -237,6 +249,11 @@ fn openai(object: &Map<String, Value>, found: &mut Findings) -> Vec<ChatMessage>
         found.report(
             ProblemCode::ExampleMissingAssistantMessage,
             "no message has role \"assistant\", so there is nothing to learn",
+        );
+    } else if !learned {
+        found.report(
+            ProblemCode::ExampleMissingAssistantMessage,
+            "every assistant message has weight 0, so there is nothing to learn",
         );
     }
     messages
@@ -296,8 +313,74 @@ fn text(object: &Map<String, Value>, found: &mut Findings) -> Vec<ChatMessage> {
 
 /// The user turn is `instruction`, followed by a blank line and `input` when `input` is
 /// non-blank (the usual Alpaca prompt layout minus its boilerplate); `output` is the
-/// assistant turn. `input` may be absent, null or empty.
+/// assistant turn. `input` may be absent, null or empty. LLaMA-Factory's optional
+/// `system` (a leading system message) and `history` (earlier `[instruction, output]`
+/// pairs, as turns before it) are kept.
 fn alpaca(object: &Map<String, Value>, found: &mut Findings) -> Vec<ChatMessage> {
+    let mut messages: Vec<ChatMessage> = leading_system(object, found).into_iter().collect();
+    messages.extend(alpaca_history(object, found));
+    messages.extend(alpaca_turn(object, found));
+    messages
+}
+
+/// A non-blank top-level `system` string as a system message (an empty one, common in
+/// exports, is ignored).
+fn leading_system(object: &Map<String, Value>, found: &mut Findings) -> Option<ChatMessage> {
+    match object.get("system") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.trim().is_empty() => None,
+        Some(Value::String(s)) => Some(ChatMessage::new(Role::System, s.clone())),
+        Some(other) => {
+            found.report(
+                ProblemCode::MissingContent,
+                format!(
+                    "`system` content is not a string (found {})",
+                    json_type(other)
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// LLaMA-Factory's `history`: `[[instruction, output], ...]`, oldest first.
+fn alpaca_history(object: &Map<String, Value>, found: &mut Findings) -> Vec<ChatMessage> {
+    let pairs = match object.get("history") {
+        None | Some(Value::Null) => return Vec::new(),
+        Some(Value::Array(pairs)) => pairs,
+        Some(other) => {
+            found.report(
+                ProblemCode::MissingContent,
+                format!(
+                    "`history` is not a list of [instruction, output] pairs (found {})",
+                    json_type(other)
+                ),
+            );
+            return Vec::new();
+        }
+    };
+    let mut messages = Vec::with_capacity(pairs.len() * 2);
+    for (i, pair) in pairs.iter().enumerate() {
+        let what = format!("`history` pair {}", i + 1);
+        match pair.as_array().map(Vec::as_slice) {
+            Some([instruction, output]) => {
+                let user = content_of(instruction, &format!("{what}'s instruction"), found);
+                let assistant = content_of(output, &format!("{what}'s output"), found);
+                if let (Some(user), Some(assistant)) = (user, assistant) {
+                    messages.push(ChatMessage::new(Role::User, user));
+                    messages.push(ChatMessage::new(Role::Assistant, assistant));
+                }
+            }
+            _ => found.report(
+                ProblemCode::MissingContent,
+                format!("{what} is not an [instruction, output] pair of strings"),
+            ),
+        }
+    }
+    messages
+}
+
+fn alpaca_turn(object: &Map<String, Value>, found: &mut Findings) -> Vec<ChatMessage> {
     require_keys(object, &["instruction", "output"], Format::Alpaca, found);
     let instruction = required_text(object, "instruction", found);
     let output = required_text(object, "output", found);
@@ -344,18 +427,7 @@ fn sharegpt(object: &Map<String, Value>, found: &mut Findings) -> Vec<ChatMessag
     };
 
     let mut messages = Vec::with_capacity(list.len() + 1);
-    match object.get("system") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(s)) if s.trim().is_empty() => {}
-        Some(Value::String(s)) => messages.push(ChatMessage::new(Role::System, s.clone())),
-        Some(other) => found.report(
-            ProblemCode::MissingContent,
-            format!(
-                "`system` content is not a string (found {})",
-                json_type(other)
-            ),
-        ),
-    }
+    messages.extend(leading_system(object, found));
 
     let mut has_assistant = false;
     for (index, turn) in list.iter().enumerate() {
