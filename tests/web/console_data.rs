@@ -468,9 +468,9 @@ async fn datasets_are_imported_previewed_exported_and_deleted() {
     let good = concat!(
         r#"{"messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"What is 2+2?"},{"role":"assistant","content":"4"}]}"#,
         "\n",
-        r#"{"messages":[{"role":"user","content":"Capital of France?"},{"role":"assistant","content":"Paris","weight":0}]}"#,
+        r#"{"messages":[{"role":"user","content":"Capital of France?"},{"role":"assistant","content":"Paris","weight":0.5}]}"#,
         "\n",
-        r#"{"messages":[{"role":"user","content":"Capital of France?"},{"role":"assistant","content":"Paris","weight":0}]}"#,
+        r#"{"messages":[{"role":"user","content":"Capital of France?"},{"role":"assistant","content":"Paris","weight":0.5}]}"#,
         "\n",
     );
     let (status, _) = c.import("faq", "auto", good.into(), false).await;
@@ -529,7 +529,7 @@ async fn datasets_are_imported_previewed_exported_and_deleted() {
         .map(|s| s.example)
         .collect();
     assert_eq!(lines, stored);
-    assert_eq!(lines[1].messages[1].weight, Some(0.0));
+    assert_eq!(lines[1].messages[1].weight, Some(0.5));
     let (status, page) = c.import("faq", "auto", exported, true).await;
     assert_eq!(status, StatusCode::OK);
     assert!(page.contains(r#"data-outcome="unchanged""#));
