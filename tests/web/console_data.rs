@@ -468,9 +468,9 @@ async fn datasets_are_imported_previewed_exported_and_deleted() {
     let good = concat!(
         r#"{"messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"What is 2+2?"},{"role":"assistant","content":"4"}]}"#,
         "\n",
-        r#"{"messages":[{"role":"user","content":"Capital of France?"},{"role":"assistant","content":"Paris","weight":0.5}]}"#,
+        r#"{"messages":[{"role":"user","content":"Capital of France?"},{"role":"assistant","content":"Paris","weight":0},{"role":"user","content":"Sure?"},{"role":"assistant","content":"Yes."}]}"#,
         "\n",
-        r#"{"messages":[{"role":"user","content":"Capital of France?"},{"role":"assistant","content":"Paris","weight":0.5}]}"#,
+        r#"{"messages":[{"role":"user","content":"Capital of France?"},{"role":"assistant","content":"Paris","weight":0},{"role":"user","content":"Sure?"},{"role":"assistant","content":"Yes."}]}"#,
         "\n",
     );
     let (status, _) = c.import("faq", "auto", good.into(), false).await;
@@ -529,7 +529,7 @@ async fn datasets_are_imported_previewed_exported_and_deleted() {
         .map(|s| s.example)
         .collect();
     assert_eq!(lines, stored);
-    assert_eq!(lines[1].messages[1].weight, Some(0.5));
+    assert_eq!(lines[1].messages[1].weight, Some(0.0));
     let (status, page) = c.import("faq", "auto", exported, true).await;
     assert_eq!(status, StatusCode::OK);
     assert!(page.contains(r#"data-outcome="unchanged""#));
@@ -537,7 +537,7 @@ async fn datasets_are_imported_previewed_exported_and_deleted() {
     // Preview: role counts and token counts from the served model's template.
     let (status, page) = c.get(&format!("/datasets/{}", faq.id)).await;
     assert_eq!(status, StatusCode::OK);
-    assert!(page.contains("1 system · 3 user · 3 assistant"), "{page}");
+    assert!(page.contains("1 system · 5 user · 5 assistant"), "{page}");
     let model = c.server.state.engine.model();
     let expected: Vec<usize> = stored
         .iter()
