@@ -43,10 +43,12 @@ const RESERVED_VARS: [&str; 5] = [
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    // `error`, not `source`: the message holds it already (printed with its causes, a
+    // source said it twice).
+    #[error("cannot read config file {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("config file {path} is not valid YAML: {message}")]
     Yaml { path: PathBuf, message: String },
@@ -831,9 +833,9 @@ impl Config {
 }
 
 fn read_yaml(path: &Path) -> Result<serde_yaml::Value, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     serde_yaml::from_str(&text).map_err(|e| ConfigError::Yaml {
         path: path.to_path_buf(),
@@ -910,10 +912,21 @@ fn apply_env_overrides(
                         .into(),
             });
         }
-        set_path(tree, &parts, env_value(value)).map_err(|message| ConfigError::Invalid {
-            key: key.clone(),
-            origin: format!("environment variable {var}"),
-            message,
+        // A value on the way that is not a section is the fault of where it came from
+        // (the file, or another variable), not of this variable.
+        set_path(tree, &parts, env_value(value)).map_err(|(depth, found)| {
+            let section = parts[..depth].join(".");
+            ConfigError::Invalid {
+                origin: origins.of(&section),
+                message: format!(
+                    "expected a section of keys (here {var} sets `{key}`), found {found}"
+                ),
+                key: if section.is_empty() {
+                    ".".into()
+                } else {
+                    section
+                },
+            }
         })?;
         origins.env.insert(key, var.clone());
     }
@@ -937,16 +950,22 @@ fn env_value(text: &str) -> serde_yaml::Value {
     }
 }
 
+/// Set `parts` (a key path) to `value`; on a value that is not a section on the way, its
+/// depth and what it is.
 fn set_path(
     tree: &mut serde_yaml::Value,
     parts: &[String],
     value: serde_yaml::Value,
-) -> Result<(), String> {
+) -> Result<(), (usize, &'static str)> {
     let mut node = tree;
     for (i, part) in parts.iter().enumerate() {
+        // `server:` with nothing under it is an empty section.
+        if node.is_null() {
+            *node = serde_yaml::Value::Mapping(Default::default());
+        }
         let map = match node {
             serde_yaml::Value::Mapping(m) => m,
-            _ => return Err(format!("`{}` is not a section", parts[..i].join("."))),
+            other => return Err((i, yaml_kind(other))),
         };
         let k = serde_yaml::Value::String(part.clone());
         if i + 1 == parts.len() {
@@ -958,6 +977,19 @@ fn set_path(
             .or_insert_with(|| serde_yaml::Value::Mapping(Default::default()));
     }
     Ok(())
+}
+
+/// What a YAML value is, for messages.
+fn yaml_kind(v: &serde_yaml::Value) -> &'static str {
+    match v {
+        serde_yaml::Value::Null => "nothing",
+        serde_yaml::Value::Bool(_) => "a boolean",
+        serde_yaml::Value::Number(_) => "a number",
+        serde_yaml::Value::String(_) => "a string",
+        serde_yaml::Value::Sequence(_) => "a list",
+        serde_yaml::Value::Mapping(_) => "a section",
+        serde_yaml::Value::Tagged(_) => "a tagged value",
+    }
 }
 
 fn is_hostname(s: &str) -> bool {
@@ -1268,6 +1300,24 @@ mod tests {
     }
 
     #[test]
+    fn a_file_value_that_is_not_a_section_is_the_files_fault_not_a_variables() {
+        let port = [("LORALOOP_SERVER__PORT", "9000")];
+        for (yaml, key, found) in [
+            ("- a\n", ".", "a list"),
+            ("server: 5\n", "server", "a number"),
+        ] {
+            let err = load_yaml(yaml, &port).unwrap_err();
+            let text = err.to_string();
+            assert!(text.starts_with("config file "), "{text}");
+            assert!(text.contains(&format!("`{key}`")), "{text}");
+            assert!(text.contains(found), "{text}");
+        }
+        // A section with nothing under it takes the variable.
+        let cfg = load_yaml("server:\n", &port).unwrap();
+        assert_eq!(cfg.raw.server.port, 9000);
+    }
+
+    #[test]
     fn an_explicitly_named_missing_file_is_an_error() {
         let err = Config::load_with_env(
             &ConfigSource {
@@ -1277,6 +1327,9 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+        // The operating system's reason once, also when printed with its causes.
+        let chain = format!("{:#}", anyhow::Error::new(err));
+        assert_eq!(chain.matches("No such file").count(), 1, "{chain}");
         let err = Config::load_with_env(
             &ConfigSource::default(),
             &env(&[(CONFIG_ENV, "/nonexistent/from-env.yaml")]),
