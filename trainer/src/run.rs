@@ -312,7 +312,15 @@ pub fn train(
     on_event: &mut dyn FnMut(&TrainEvent),
 ) -> Result<TrainOutcome, TrainError> {
     let c = job.config.clone();
-    train_inner(job, cancel, on_event).map_err(|e| e.classify_oom(&c))
+    let dir = job.output_dir.clone();
+    let existed = dir.exists();
+    let result = train_inner(job, cancel, on_event).map_err(|e| e.classify_oom(&c));
+    // A run that failed before it wrote anything takes away the folder it made
+    // (`remove_dir` removes only an empty one: checkpoints stay).
+    if result.is_err() && !existed {
+        let _ = std::fs::remove_dir(&dir);
+    }
+    result
 }
 
 fn train_inner(

@@ -141,6 +141,29 @@ fn a_run_refuses_an_output_folder_holding_another_run() {
 }
 
 #[test]
+fn a_run_that_fails_before_writing_leaves_no_folder_it_made() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(&tmp.path().join("model"));
+    let out = tmp.path().join("out");
+    // Every example longer than 8 tokens: nothing to train, found after the folder exists.
+    let c = config("num_epochs: 1\nval_set_size: 0\nmicro_batch_size: 8\nsequence_len: 8\n");
+    for existed in [false, true] {
+        if existed {
+            std::fs::create_dir(&out).unwrap();
+        }
+        let mut j = job(&model, c.clone(), &out);
+        j.examples = dataset();
+        let err = train(j, &AtomicBool::new(false), &mut |_| {}).unwrap_err();
+        assert!(err.to_string().contains("sequence_len"), "{err}");
+        assert_eq!(
+            out.is_dir(),
+            existed,
+            "the folder is there only if it was before"
+        );
+    }
+}
+
+#[test]
 fn a_freeze_run_trains_only_the_last_layers() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(&tmp.path().join("model"));
