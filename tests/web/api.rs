@@ -255,6 +255,22 @@ async fn bad_requests_get_a_clear_4xx_and_change_nothing() {
         ),
         (json!({"dataset_id": ds, "epochs": 1e9}), 422, "epochs"),
         (json!({"dataset_id": ds, "epochs": -1}), 422, "epochs"),
+        // One setting sent twice with two values.
+        (
+            json!({"dataset_id": ds, "epochs": 3, "hyperparameters": {"n_epochs": 5}}),
+            422,
+            "epochs",
+        ),
+        (
+            json!({"dataset_id": ds, "hyperparameters": {"n_epochs": 5, "num_epochs": 2}}),
+            422,
+            "hyperparameters.n_epochs",
+        ),
+        (
+            json!({"dataset_id": ds, "method": "full", "hyperparameters": {"freeze_trainable_layers": 3}}),
+            422,
+            "hyperparameters.freeze_trainable_layers",
+        ),
         (
             json!({"dataset_id": ds, "hyperparameters": {"batch_size": 0}}),
             422,

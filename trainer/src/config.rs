@@ -281,6 +281,14 @@ impl TrainFile {
     /// Apply defaults and check every value.
     pub fn validate(&self) -> Result<TrainConfig, ConfigError> {
         let method = match (&self.finetuning_type, &self.adapter) {
+            (Some(t), Some(a)) if t != a => {
+                return Err(invalid(
+                    "finetuning_type",
+                    format!(
+                        "{t:?} and adapter {a:?} say different things about what trains; keep one"
+                    ),
+                ));
+            }
             (Some(t), _) => t.parse().map_err(|m| invalid("finetuning_type", m))?,
             (None, Some(a)) if a == "lora" => Method::Lora,
             (None, Some(a)) => {
@@ -385,10 +393,17 @@ impl TrainFile {
                 self.kto_undesirable_weight.unwrap_or(1.0),
             )?,
             method,
-            freeze_trainable_layers: at_least_one(
-                "freeze_trainable_layers",
-                self.freeze_trainable_layers.unwrap_or(2),
-            )?,
+            freeze_trainable_layers: match (self.freeze_trainable_layers, method) {
+                (Some(_), m) if m != Method::Freeze => {
+                    return Err(invalid(
+                        "freeze_trainable_layers",
+                        format!(
+                            "trains only the last layers of finetuning_type freeze; this run is {m}"
+                        ),
+                    ));
+                }
+                (n, _) => at_least_one("freeze_trainable_layers", n.unwrap_or(2))?,
+            },
             lora_r: at_least_one("lora_r", self.lora_r.unwrap_or(16))?,
             lora_alpha: positive("lora_alpha", self.lora_alpha.unwrap_or(32.0))?,
             lora_dropout,
@@ -517,5 +532,26 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(e.to_string().starts_with("finetuning_type:"), "{e}");
+        // Settings that contradict what trains are refused, not dropped.
+        for (yaml, key) in [
+            ("finetuning_type: full\nadapter: lora\n", "finetuning_type:"),
+            (
+                "finetuning_type: full\nfreeze_trainable_layers: 3\n",
+                "freeze_trainable_layers:",
+            ),
+            ("freeze_trainable_layers: 3\n", "freeze_trainable_layers:"),
+        ] {
+            let e = TrainFile::parse(yaml, "x").unwrap().validate().unwrap_err();
+            assert!(e.to_string().starts_with(key), "{yaml}: {e}");
+        }
+        for yaml in [
+            "finetuning_type: freeze\nfreeze_trainable_layers: 3\n",
+            "finetuning_type: lora\nadapter: lora\n",
+        ] {
+            assert!(
+                TrainFile::parse(yaml, "x").unwrap().validate().is_ok(),
+                "{yaml}"
+            );
+        }
     }
 }

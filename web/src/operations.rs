@@ -293,9 +293,23 @@ pub fn job_settings(req: &CreateJob) -> Result<Map<String, Value>, ApiError> {
         }
     };
     if let Some(e) = hp.remove("n_epochs") {
+        if hp.contains_key("num_epochs") {
+            return Err(ApiError::invalid(
+                param("n_epochs"),
+                "n_epochs and num_epochs are one setting; send one",
+            ));
+        }
         hp.insert("num_epochs".into(), e);
     }
     if let Some(e) = req.epochs {
+        if let Some(other) = hp.get("num_epochs")
+            && other.as_f64() != Some(e)
+        {
+            return Err(ApiError::invalid(
+                "epochs",
+                format!("epochs {e} and hyperparameters' {other} disagree; send one"),
+            ));
+        }
         if !(e > 0.0 && e <= MAX_EPOCHS) {
             return Err(ApiError::invalid(
                 "epochs",
