@@ -119,3 +119,18 @@ async fn with_record_api_off_nothing_is_stored() {
     assert!(stored(&s).await.is_empty());
     s.stop().await;
 }
+
+#[tokio::test]
+async fn text_content_parts_are_one_message_with_a_line_break_between_them() {
+    let s = start(false, &[]).await;
+    chat(
+        &s,
+        json!({"model": "loraloop", "user": "parts", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "Say"}, {"type": "text", "text": "hello"}]}]}),
+    )
+    .await;
+    // vLLM joins text parts with "\n"; back to back the two words ran together.
+    let rows = stored(&s).await;
+    assert!(rows[0].ends_with("|user:Say\nhello"), "{rows:?}");
+    s.stop().await;
+}

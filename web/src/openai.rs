@@ -325,11 +325,13 @@ fn build(
                 ));
             }
             Some(Content::Text(t)) => t.clone(),
+            // Text parts joined by a line break, as vLLM joins them: back to back, two
+            // parts' words ran together ("Say" + "hello").
             Some(Content::Parts(parts)) => {
-                let mut t = String::new();
+                let mut texts = Vec::with_capacity(parts.len());
                 for p in parts {
                     match (p.kind.as_str(), &p.text) {
-                        ("text", Some(s)) => t.push_str(s),
+                        ("text", Some(s)) => texts.push(s.as_str()),
                         (kind, _) => {
                             return Err(ApiError::invalid(
                                 format!("messages[{i}].content"),
@@ -340,7 +342,7 @@ fn build(
                         }
                     }
                 }
-                t
+                texts.join("\n")
             }
         };
         messages.push(TemplateMessage::new(role, text));
