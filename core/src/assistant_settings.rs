@@ -22,15 +22,24 @@ pub struct GenerationConfig {
     pub stop: Vec<String>,
 }
 
+/// The highest temperature any surface takes (the config, assistants, `loraloop chat`, the
+/// OpenAI endpoint): OpenAI's own limit.
+pub const MAX_TEMPERATURE: f64 = 2.0;
+/// The highest repetition penalty any surface takes (1 is off).
+pub const MAX_REPETITION_PENALTY: f64 = 2.0;
+
 impl GenerationConfig {
     /// The first value out of range, as (field, what is wrong and what is allowed).
     pub fn check(&self) -> Result<(), (String, String)> {
         let g = self;
         let bad = |field: &str, message: String| Err((field.to_string(), message));
-        if !(g.temperature.is_finite() && (0.0..=5.0).contains(&g.temperature)) {
+        if !(g.temperature.is_finite() && (0.0..=MAX_TEMPERATURE).contains(&g.temperature)) {
             return bad(
                 "temperature",
-                format!("got {}; allowed: 0 to 5 (0 means greedy)", g.temperature),
+                format!(
+                    "got {}; allowed: 0 to {MAX_TEMPERATURE} (0 means greedy)",
+                    g.temperature
+                ),
             );
         }
         if !(g.top_p > 0.0 && g.top_p <= 1.0) {
@@ -39,10 +48,15 @@ impl GenerationConfig {
                 format!("got {}; allowed: greater than 0, at most 1", g.top_p),
             );
         }
-        if !(g.repetition_penalty.is_finite() && (1.0..=2.0).contains(&g.repetition_penalty)) {
+        if !(g.repetition_penalty.is_finite()
+            && (1.0..=MAX_REPETITION_PENALTY).contains(&g.repetition_penalty))
+        {
             return bad(
                 "repetition_penalty",
-                format!("got {}; allowed: 1 (off) to 2", g.repetition_penalty),
+                format!(
+                    "got {}; allowed: 1 (off) to {MAX_REPETITION_PENALTY}",
+                    g.repetition_penalty
+                ),
             );
         }
         if !(1..=32_768).contains(&g.max_new_tokens) {

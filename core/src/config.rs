@@ -1198,7 +1198,7 @@ mod tests {
             (
                 "generation:\n  temperature: -1\n",
                 "generation.temperature",
-                "0 to 5",
+                "0 to 2",
             ),
             (
                 "generation:\n  max_new_tokens: 0\n",

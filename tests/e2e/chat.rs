@@ -134,7 +134,7 @@ fn chat_refuses_a_missing_model_and_a_bad_adapter_with_one_line_errors() {
         ),
         (
             "--temperature=100",
-            "--temperature: got 100; allowed: 0 to 5 (0 means greedy)",
+            "--temperature: got 100; allowed: 0 to 2 (0 means greedy)",
         ),
         (
             "--max-new-tokens=99999999",

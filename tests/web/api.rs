@@ -1240,3 +1240,51 @@ async fn the_first_reply_after_a_gate_activation_succeeds_comes_from_the_new_ada
     answers_with_adapter(&s, &name).await;
     s.stop().await;
 }
+
+#[tokio::test]
+async fn the_dataset_list_pages_with_limit_and_after_and_refuses_a_bad_page() {
+    let s = start(false, &[]).await;
+    for name in ["a", "b", "c"] {
+        s.upload_dataset(name, &zorblax_jsonl(2)).await;
+    }
+    let names = |v: &Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let all = s.get_json("/api/v1/datasets").await;
+    assert_eq!(
+        (names(&all), &all["has_more"]),
+        (vec!["a".into(), "b".into(), "c".into()], &json!(false))
+    );
+    let first = s.get_json("/api/v1/datasets?limit=2").await;
+    assert_eq!(
+        (names(&first), &first["has_more"]),
+        (vec!["a".into(), "b".into()], &json!(true))
+    );
+    let last = first["data"][1]["id"].as_i64().unwrap();
+    let next = s
+        .get_json(&format!("/api/v1/datasets?limit=2&after={last}"))
+        .await;
+    assert_eq!(
+        (names(&next), &next["has_more"]),
+        (vec!["c".into()], &json!(false))
+    );
+    for (query, param) in [
+        ("limit=0", "limit"),
+        ("limit=abc", "query"),
+        ("after=999999", "after"),
+    ] {
+        let r = s
+            .get(&format!("/api/v1/datasets?{query}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 422, "{query}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["param"], param, "{query}: {body}");
+    }
+}

@@ -5,7 +5,7 @@ use crate::adapter_views::{ActivationView, AdapterView, adapter_views};
 use crate::assistant_api::{AssistantQuery, query_assistant};
 use crate::error::{ApiError, ApiJson, ErrorBody};
 use crate::operations::{self, CreateJob, DatasetView, Imported, JobView};
-use crate::paging::{List, Page, page_query};
+use crate::paging::{List, Page, cut, page_query};
 use crate::path_params::{JobPathId, NumericId};
 use crate::state::AppState;
 use axum::Json;
@@ -408,19 +408,28 @@ async fn upload_dataset(
     ))
 }
 
-/// Every dataset version.
-#[utoipa::path(get, path = "/api/v1/datasets",
-    responses((status = 200, body = List<DatasetView>), (status = 401, body = ErrorBody)))]
-async fn list_datasets(State(state): State<AppState>) -> Result<Json<List<DatasetView>>, ApiError> {
-    let data = state
-        .core
-        .db
-        .list_datasets()
-        .await?
-        .into_iter()
-        .map(DatasetView::from)
-        .collect();
-    Ok(Json(List::new(data, false)))
+/// Every dataset version, by name then version; with `limit`, a page of them, the next
+/// one after the id of the last (`after`).
+#[utoipa::path(get, path = "/api/v1/datasets", params(Page),
+    responses((status = 200, body = List<DatasetView>), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn list_datasets(
+    State(state): State<AppState>,
+    q: Result<Query<Page>, QueryRejection>,
+) -> Result<Json<List<DatasetView>>, ApiError> {
+    let page = page_query(q)?;
+    let mut rows = state.core.db.list_datasets().await?;
+    if let Some(after) = page.after {
+        let Some(i) = rows.iter().position(|d| d.id == after) else {
+            return Err(ApiError::invalid(
+                "after",
+                format!("no dataset version has id {after}"),
+            ));
+        };
+        rows.drain(..=i);
+    }
+    let more = page.limit.is_some_and(|l| cut(&mut rows, l));
+    let data = rows.into_iter().map(DatasetView::from).collect();
+    Ok(Json(List::new(data, more)))
 }
 
 /// The adapters an assistant may use (its own and those tied to none), with their metrics

@@ -10,6 +10,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use loraloop_core::assistant_settings::{MAX_REPETITION_PENALTY, MAX_TEMPERATURE};
 use loraloop_core::service::transcripts::{Recorded, Said, record_turn, said_of};
 use loraloop_core::storage::{Assistant, Platform};
 use loraloop_model::engine::{AdapterTag, Event, FinishReason, Finished, GenerateRequest, Prompt};
@@ -349,10 +350,10 @@ fn build(
     }
     let mut p = state.core.assistants.sampling(settings);
     if let Some(t) = req.temperature {
-        if !(0.0..=2.0).contains(&t) {
+        if !(0.0..=MAX_TEMPERATURE).contains(&t) {
             return Err(ApiError::invalid(
                 "temperature",
-                "temperature must be between 0 and 2",
+                format!("temperature must be between 0 and {MAX_TEMPERATURE}"),
             ));
         }
         p.temperature = t;
@@ -370,10 +371,10 @@ fn build(
         p.top_k = k;
     }
     if let Some(r) = req.repetition_penalty {
-        if !(1.0..=10.0).contains(&r) {
+        if !(1.0..=MAX_REPETITION_PENALTY).contains(&r) {
             return Err(ApiError::invalid(
                 "repetition_penalty",
-                "repetition_penalty must be between 1 (off) and 10",
+                format!("repetition_penalty must be between 1 (off) and {MAX_REPETITION_PENALTY}"),
             ));
         }
         p.repetition_penalty = r;

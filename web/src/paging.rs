@@ -8,9 +8,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct Page {
-    /// How many (default 20, at most 100 for jobs, 1000 for events, 500 for the audit log).
+    /// How many (default 20, at most 100 for jobs, 1000 for events, 500 for the audit log;
+    /// datasets: all unless given).
     pub limit: Option<i64>,
-    /// Jobs and the audit log: older than this id. Events: after this event id.
+    /// Jobs and the audit log: older than this id. Events: after this event id. Datasets:
+    /// after this dataset version in the list.
     pub after: Option<i64>,
 }
 
