@@ -45,10 +45,17 @@ pub async fn export(config: &Config, args: &ExportArgs) -> anyhow::Result<ExitCo
         };
         return export_hf(config, args, dtype).await;
     }
+    if args_format == "lora"
+        && let Some(t) = asked
+    {
+        anyhow::bail!(
+            "--type {t} is for --format merged or hf: a LoRA GGUF keeps the adapter's f32 weights"
+        );
+    }
     let ty = GgufType::parse(asked.unwrap_or("q8_0")).map_err(anyhow::Error::msg)?;
     let (adapter_dir, out) = (args.adapter.clone(), args.output_dir.clone());
     let system = config.raw.assistant.system_prompt.clone();
-    let written = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<PathBuf>> {
+    let written = in_output_dir(&args.output_dir, move || -> anyhow::Result<Vec<PathBuf>> {
         let base = LoadedModel::load(&model_path, &candle_core::Device::Cpu)?;
         let cfg = &base.llama.config;
         let name = adapter_dir
@@ -79,8 +86,7 @@ pub async fn export(config: &Config, args: &ExportArgs) -> anyhow::Result<ExitCo
             .with_context(|| format!("cannot write {}", mf.display()))?;
         Ok(vec![file, mf])
     })
-    .await
-    .context("the export panicked")??;
+    .await?;
     for p in written {
         println!("wrote {}", p.display());
     }
@@ -95,7 +101,7 @@ async fn export_hf(
 ) -> anyhow::Result<ExitCode> {
     let model_path = args.model.clone().unwrap_or_else(|| config.model_path());
     let (adapter_dir, out) = (args.adapter.clone(), args.output_dir.clone());
-    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+    in_output_dir(&args.output_dir, move || -> anyhow::Result<()> {
         let device = candle_core::Device::Cpu;
         let base = LoadedModel::load(&model_path, &device)?;
         let adapter =
@@ -104,8 +110,23 @@ async fn export_hf(
         write_merged_hf(&base, Some(&adapter), dtype, &out)?;
         Ok(())
     })
-    .await
-    .context("the export panicked")??;
+    .await?;
     println!("wrote {}", args.output_dir.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Run an export that writes into `out` off the async threads; when it fails, a folder it
+/// made and left empty goes (a refused adapter left an empty output folder).
+async fn in_output_dir<T: Send + 'static>(
+    out: &std::path::Path,
+    work: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let existed = out.exists();
+    let result = tokio::task::spawn_blocking(work)
+        .await
+        .context("the export panicked")?;
+    if result.is_err() && !existed {
+        let _ = std::fs::remove_dir(out);
+    }
+    result
 }

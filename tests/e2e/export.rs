@@ -14,15 +14,97 @@ fn real_model() -> std::path::PathBuf {
     p
 }
 
-#[test]
-fn export_writes_a_lora_gguf_or_a_merged_gguf_with_an_ollama_modelfile() {
-    let dir = tempfile::tempdir().unwrap();
+/// A rank-4 adapter of small random weights for the real model at `dir/my-adapter`.
+fn random_adapter(dir: &Path) {
     let dev = candle_core::Device::Cpu;
     let base = LoadedModel::load(&real_model(), &dev).unwrap();
     let peft = PeftConfig::new(4, 8.0, &[Projection::Q, Projection::V]);
     let tensors = random_peft_tensors(&base.llama.config, &peft, 0.01, &dev).unwrap();
-    let adapter = dir.path().join("my-adapter");
-    write_peft_dir(&adapter, &peft, &tensors).unwrap();
+    write_peft_dir(&dir.join("my-adapter"), &peft, &tensors).unwrap();
+}
+
+#[test]
+fn an_export_killed_while_writing_leaves_the_earlier_file_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    random_adapter(dir.path());
+    let merged = dir.path().join("merged");
+    std::fs::create_dir(&merged).unwrap();
+    let earlier = merged.join("model-f16.gguf");
+    std::fs::write(&earlier, b"an earlier export").unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_loraloop"))
+        .current_dir(dir.path())
+        .args([
+            "export",
+            "--adapter",
+            "my-adapter",
+            "--format",
+            "merged",
+            "--type",
+            "f16",
+        ])
+        .args(["--output-dir", "merged", "--model"])
+        .arg(real_model())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed once a megabyte of the new file is written (it holds about 270 MB).
+    let partial_size = || {
+        std::fs::read_dir(&merged)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(".model-f16.gguf.partial")
+            })
+            .map(|e| e.metadata().map_or(0, |m| m.len()))
+            .max()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while partial_size().unwrap_or(0) < 1 << 20 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the export ended before the kill"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no partial file appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(std::fs::read(&earlier).unwrap(), b"an earlier export");
+}
+
+#[test]
+fn a_refused_export_leaves_no_folder_and_a_lora_gguf_takes_no_type() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, said) in [
+        (&["--adapter", "missing"][..], "missing"),
+        (
+            &["--adapter", "missing", "--type", "q4_1"][..],
+            "--type q4_1 is for --format merged or hf",
+        ),
+    ] {
+        let out = loraloop(dir.path())
+            .arg("export")
+            .args(args)
+            .args(["--output-dir", "never", "--model"])
+            .arg(real_model())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(said), "{stderr}");
+        assert!(!dir.path().join("never").exists(), "{args:?}");
+    }
+}
+
+#[test]
+fn export_writes_a_lora_gguf_or_a_merged_gguf_with_an_ollama_modelfile() {
+    let dir = tempfile::tempdir().unwrap();
+    random_adapter(dir.path());
 
     let out = loraloop(dir.path())
         .args([

@@ -4,7 +4,7 @@
 //! tensors get llama.cpp's names (q/k rows permuted for the llama architecture, as
 //! llama.cpp's converter does).
 
-use super::{ExportError, GgufType, merged_dense, write_err, write_gguf};
+use super::{ExportError, GgufType, merged_dense};
 use crate::engine::LoadedModel;
 use crate::llama::config::{LlamaConfig, Projection};
 use crate::lora::{LoraAdapter, permute_for_interleaved_rope};
@@ -13,7 +13,6 @@ use candle_core::quantized::QTensor;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::{DType, Tensor};
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
@@ -98,9 +97,7 @@ pub fn write_merged_gguf_from_model(
         .iter()
         .map(|(k, v)| (k.as_str(), v.clone()))
         .collect();
-    let mut w = super::create(path)?;
-    write_gguf(&mut w, &md, &tensors)?;
-    w.flush().map_err(|e| write_err(path, e))
+    super::write_gguf_file(path, &md, &tensors)
 }
 
 /// llama.cpp's architecture name for the model, or why it has none the project reads.

@@ -114,13 +114,37 @@ fn gguf_pairs(
     Ok(pairs)
 }
 
-fn create(path: &Path) -> Result<BufWriter<std::fs::File>, ExportError> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| write_err(path, e))?;
-    }
-    Ok(BufWriter::new(
-        std::fs::File::create(path).map_err(|e| write_err(path, e))?,
-    ))
+/// Write a GGUF file at `path` under a temporary name beside it, then rename it there: an
+/// export stopped half-way (killed, out of disk) leaves no truncated file under the final
+/// name, and an earlier export at that name stays whole until the new one is complete.
+/// A failed write removes its temporary file; a kill leaves `.NAME.partial*` behind.
+fn write_gguf_file(
+    path: &Path,
+    metadata: &[(&str, Value)],
+    tensors: &[(String, QTensor)],
+) -> Result<(), ExportError> {
+    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| write_err(path, e))?;
+            dir
+        }
+        None => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}.partial"))
+        .tempfile_in(dir)
+        .map_err(|e| write_err(path, e))?;
+    let mut w = BufWriter::new(tmp);
+    write_gguf(&mut w, metadata, tensors)?;
+    let tmp = w.into_inner().map_err(|e| write_err(path, e.error()))?;
+    tmp.as_file().sync_all().map_err(|e| write_err(path, e))?;
+    crate::fetch::set_readable(tmp.as_file()).map_err(|e| write_err(path, e))?;
+    tmp.persist(path).map_err(|e| write_err(path, e.error))?;
+    Ok(())
 }
 
 fn write_err(path: &Path, e: impl std::fmt::Display) -> ExportError {
@@ -164,9 +188,7 @@ pub fn write_gguf_lora(
         ("adapter.type", Value::String("lora".into())),
         ("adapter.lora.alpha", Value::F32(r)),
     ];
-    let mut w = create(path)?;
-    write_gguf(&mut w, &metadata, &tensors)?;
-    w.flush().map_err(|e| write_err(path, e))
+    write_gguf_file(path, &metadata, &tensors)
 }
 
 fn write_gguf<W: Write + Seek>(
@@ -241,9 +263,7 @@ pub fn write_merged_gguf(
     metadata.sort_by(|a, b| a.0.cmp(b.0));
     metadata.push(("general.file_type", Value::U32(ty.file_type())));
     metadata.push(("general.name", Value::String(name.to_string())));
-    let mut w = create(path)?;
-    write_gguf(&mut w, &metadata, &tensors)?;
-    w.flush().map_err(|e| write_err(path, e))
+    write_gguf_file(path, &metadata, &tensors)
 }
 
 /// What to export.
