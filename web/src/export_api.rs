@@ -15,6 +15,7 @@ use serde::Deserialize;
 use tokio::io::AsyncReadExt;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
 pub struct ExportQuery {
     /// `lora` (default) or `merged`.
     pub format: Option<String>,
@@ -54,6 +55,12 @@ pub async fn export_download(
             ));
         }
     };
+    if !merged && let Some(t) = &q.gguf_type {
+        return Err(ApiError::invalid(
+            "type",
+            format!("type {t:?} is for format=merged: a LoRA GGUF keeps the adapter's f32 weights"),
+        ));
+    }
     let ty = GgufType::parse(q.gguf_type.as_deref().unwrap_or("q8_0"))
         .map_err(|m| ApiError::invalid("type", m))?;
     let adapter = state.core.db.adapter(id).await?;
@@ -81,8 +88,12 @@ pub async fn export_download(
     } else {
         Export::Lora
     };
-    let written = tokio::task::spawn_blocking(move || {
-        write_export(
+    // The export owns its scratch file until it hands it back: a client gone before then
+    // drops this request, and the file goes when the export ends (it was left behind, one
+    // whole model per aborted download).
+    let guard = Scratch(scratch.clone());
+    let (written, _guard) = tokio::task::spawn_blocking(move || {
+        let written = write_export(
             std::path::Path::new(&dir),
             &base_path,
             &cfg,
@@ -90,12 +101,12 @@ pub async fn export_download(
             &name,
             &out,
         )
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string());
+        (written, guard)
     })
     .await
     .map_err(ApiError::internal)?;
     if let Err(m) = written {
-        let _ = std::fs::remove_file(&scratch);
         return Err(ApiError::invalid(
             "id",
             format!("cannot export {}: {m}", adapter.name),
@@ -109,6 +120,15 @@ pub async fn export_download(
     )
     .await;
     stream_and_remove(&scratch, &file_name).await
+}
+
+/// A scratch file removed when this is dropped (streaming unlinks it earlier, once open).
+struct Scratch(std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// A name as a download's file name: letters, digits, `-`, `_` and `.`; the rest `_`.
