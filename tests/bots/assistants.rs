@@ -126,6 +126,21 @@ async fn routes_send_chats_to_assistants_that_answer_in_their_own_way() {
     }
     let support = s.get_json("/api/v1/assistants/support").await;
     assert_eq!(support["active_adapter"], adapter.as_str(), "{support}");
+    // Support's adapter is not the default assistant's to activate (no list of its showed it).
+    let (status, e) = s
+        .post_json(
+            &format!("/api/v1/adapters/{adapter_id}/activate?assistant=loraloop"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(status, 409, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("assistant \"support\""),
+        "{e}"
+    );
     let default = s.get_json("/api/v1/assistants/loraloop").await;
     assert_eq!(default["active_adapter"], json!(null), "{default}");
     assert_eq!(default["default"], true);

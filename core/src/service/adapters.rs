@@ -304,6 +304,20 @@ impl AdapterService {
             None => (None, None),
             Some(id) => {
                 let row = self.db.adapter(id).await?;
+                // An assistant's adapters are its own and the uploaded ones (tied to none):
+                // another's would answer there while no adapter list showed it active.
+                if matches!(record, Record::Activation)
+                    && let Some(owner) = row.assistant_id.filter(|&o| o != assistant_id)
+                {
+                    let owner = match self.db.assistant_by_id(owner).await {
+                        Ok(a) => format!("assistant {:?}", a.name),
+                        Err(_) => "another assistant".to_string(),
+                    };
+                    return Err(ServiceError::Conflict(format!(
+                        "adapter {} was trained for {owner}: an assistant activates its own adapters and uploaded ones",
+                        row.name
+                    )));
+                }
                 (Some(self.load(&row).await?), Some(row.name))
             }
         };
