@@ -673,8 +673,14 @@ pub async fn evaluate(config: &Config, args: &EvaluateArgs) -> anyhow::Result<Ex
             None => None,
         };
         let (tok, report) = tokenize_dataset(&examples, &model.tokenizer, &model.template, seq, false)?;
-        if report.truncated > 0 {
-            eprintln!("{} example(s) truncated to {seq} tokens", report.truncated);
+        if report.truncated > 0 || report.dropped > 0 {
+            eprintln!(
+                "{} example(s) truncated to {seq} tokens, {} left out with no assistant tokens left: the figures cover {} of {} example(s)",
+                report.truncated,
+                report.dropped,
+                examples.len() - report.dropped,
+                examples.len()
+            );
         }
         let with = evaluate_tokenized(&dense, lora.as_ref(), &tok, 4, seq)?;
         let card = match &adapter_dir {

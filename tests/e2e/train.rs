@@ -80,6 +80,33 @@ fn fine_tune_trains_an_adapter_that_evaluate_compares_with_the_base_model() {
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert!(v["metrics"]["loss"].as_f64().unwrap() < 0.5, "{v}");
     assert_eq!(v["metrics"]["accuracy"], 1.0);
+
+    // An example whose answer the truncation cuts off is left out, and said to be.
+    let long = dir.path().join("long.jsonl");
+    let long_line = format!(
+        r#"{{"messages":[{{"role":"user","content":"{}"}},{{"role":"assistant","content":"Yes."}}]}}"#,
+        "word ".repeat(400)
+    );
+    std::fs::write(
+        &long,
+        format!("{}{long_line}\n", std::fs::read_to_string(&data).unwrap()),
+    )
+    .unwrap();
+    let out = loraloop(dir.path())
+        .args(["evaluate", "--sequence-len", "256", "--model"])
+        .arg(&model)
+        .args(["--data-path"])
+        .arg(&long)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "1 left out with no assistant tokens left: the figures cover 8 of 9 example(s)"
+        ),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -268,7 +295,7 @@ fn bad_training_input_gets_a_clear_error() {
     // Nothing left to train on after truncation.
     let e = stderr_of_failure(&mut base(&["--sequence-len", "8"]));
     assert!(
-        e.contains("no example has assistant tokens left to train on"),
+        e.contains("no example has assistant tokens left after truncation"),
         "{e}"
     );
 }

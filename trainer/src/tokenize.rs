@@ -44,7 +44,7 @@ pub enum TokenizeError {
     #[error("example {index}: {message}")]
     Example { index: usize, message: String },
     #[error(
-        "no example has assistant tokens left to train on after truncation to sequence_len {sequence_len} ({dropped} dropped); raise sequence_len or shorten the prompts"
+        "no example has assistant tokens left after truncation to sequence_len {sequence_len} ({dropped} dropped): nothing to train on or score; raise sequence_len or shorten the prompts"
     )]
     NothingToTrain { sequence_len: usize, dropped: usize },
 }
