@@ -30,6 +30,10 @@ pub async fn start_engine(config: &Config, args: &ChatArgs) -> anyhow::Result<En
     }
     let engine = Engine::start(model);
     if let Some(dir) = &args.adapter {
+        super::check_adapter_base(
+            dir,
+            &args.model.clone().unwrap_or_else(|| config.model_path()),
+        )?;
         let adapter = engine
             .load_adapter(dir.clone())
             .await

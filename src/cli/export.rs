@@ -56,6 +56,7 @@ pub async fn export(config: &Config, args: &ExportArgs) -> anyhow::Result<ExitCo
     let (adapter_dir, out) = (args.adapter.clone(), args.output_dir.clone());
     let system = config.raw.assistant.system_prompt.clone();
     let written = in_output_dir(&args.output_dir, move || -> anyhow::Result<Vec<PathBuf>> {
+        super::check_adapter_base(&adapter_dir, &model_path)?;
         let base = LoadedModel::load(&model_path, &candle_core::Device::Cpu)?;
         let cfg = &base.llama.config;
         let name = adapter_dir
@@ -102,6 +103,7 @@ async fn export_hf(
     let model_path = args.model.clone().unwrap_or_else(|| config.model_path());
     let (adapter_dir, out) = (args.adapter.clone(), args.output_dir.clone());
     in_output_dir(&args.output_dir, move || -> anyhow::Result<()> {
+        super::check_adapter_base(&adapter_dir, &model_path)?;
         let device = candle_core::Device::Cpu;
         let base = LoadedModel::load(&model_path, &device)?;
         let adapter =

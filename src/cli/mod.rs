@@ -35,6 +35,18 @@ pub fn resolve_device(flag: Option<&str>, config: &Config) -> anyhow::Result<can
     Ok(loraloop_model::device::select_device(choice)?)
 }
 
+/// Refuses an adapter whose metadata says it was trained on another base model than
+/// `model` (it would load and produce garbage), as the server refuses to activate one.
+pub fn check_adapter_base(
+    adapter: &std::path::Path,
+    model: &std::path::Path,
+) -> anyhow::Result<()> {
+    match loraloop_trainer::fingerprint::base_model_mismatch(adapter, model)? {
+        Some(why) => anyhow::bail!(why),
+        None => Ok(()),
+    }
+}
+
 /// The base model's dtype for training with `method` on `device` from a `--dtype` flag:
 /// `f32`, `bf16`, or `auto` (bf16 for LoRA on CUDA, else f32).
 pub fn train_dtype(
@@ -516,6 +528,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Evaluate(args) => {
             match args.model.as_deref().filter(|m| classify::is_checkpoint(m)) {
                 Some(dir) => {
+                    if let Some(flag) = args.language_model_flags() {
+                        anyhow::bail!(
+                            "{flag} is for a language model; {} is a classifier checkpoint, evaluated as it is",
+                            dir.display()
+                        );
+                    }
                     classify::evaluate(
                         &config,
                         dir,

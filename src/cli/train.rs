@@ -633,14 +633,28 @@ pub struct EvaluateArgs {
     /// Sample generations shown with --compare.
     #[arg(long, default_value_t = 3)]
     pub samples: usize,
-    /// Longest example in tokens (longer ones are truncated).
-    #[arg(long, default_value_t = 1024, value_parser = at_least_one)]
-    pub sequence_len: usize,
+    /// Longest example in tokens (longer ones are truncated; default 1024).
+    #[arg(long, value_parser = at_least_one)]
+    pub sequence_len: Option<usize>,
     #[arg(long)]
     pub json: bool,
     /// auto, cpu, cuda or cuda:N (default: the configured device).
     #[arg(long)]
     pub device: Option<String>,
+}
+
+impl EvaluateArgs {
+    /// The flags for a language model that a classifier checkpoint cannot use, if any was
+    /// given (they would be ignored).
+    pub fn language_model_flags(&self) -> Option<&'static str> {
+        if self.adapter.is_some() {
+            Some("--adapter")
+        } else if self.sequence_len.is_some() {
+            Some("--sequence-len")
+        } else {
+            None
+        }
+    }
 }
 
 /// A count that must be at least 1, as a flag's value parser.
@@ -658,7 +672,8 @@ pub async fn evaluate(config: &Config, args: &EvaluateArgs) -> anyhow::Result<Ex
     };
     let model_path = args.model.clone().unwrap_or_else(|| config.model_path());
     let adapter_dir = args.adapter.clone();
-    let (compare, samples, seq, json) = (args.compare, args.samples, args.sequence_len, args.json);
+    let seq = args.sequence_len.unwrap_or(1024);
+    let (compare, samples, json) = (args.compare, args.samples, args.json);
     let config = config.clone();
     let device = super::resolve_device(args.device.as_deref(), &config)?;
     tokio::task::spawn_blocking(move || -> anyhow::Result<ExitCode> {
@@ -666,6 +681,7 @@ pub async fn evaluate(config: &Config, args: &EvaluateArgs) -> anyhow::Result<Ex
         let dense = DenseLlama::from_llama(&model.llama, auto_train_dtype(&device, Method::Lora))?;
         let lora = match &adapter_dir {
             Some(dir) => {
+                super::check_adapter_base(dir, &model_path)?;
                 let (cfg, tensors) = read_peft_dir(dir, &device)
                     .with_context(|| format!("cannot read the adapter {}", dir.display()))?;
                 Some(LoraParams::from_tensors(cfg, &tensors, &dense.config, LORA_DTYPE)?)

@@ -95,6 +95,20 @@ fn a_tiny_encoder_learns_a_two_class_text_set_and_the_checkpoint_evaluates_and_p
         report.contains(&format!("accuracy {:.2}%", acc * 100.0)),
         "{report}"
     );
+    // Language-model flags cannot apply to a classifier: refused, not ignored.
+    let refused = failure(
+        loraloop(dir.path())
+            .args(["evaluate", "--model-path"])
+            .arg(out_dir.join("checkpoint-20"))
+            .arg("--data-path")
+            .arg(&held_out)
+            .args(["--sequence-len", "64"]),
+    );
+    assert!(
+        refused.contains("--sequence-len is for a language model")
+            && refused.contains("classifier checkpoint"),
+        "{refused}"
+    );
 
     let preds = stdout_of(
         loraloop(dir.path())

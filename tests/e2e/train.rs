@@ -81,6 +81,37 @@ fn fine_tune_trains_an_adapter_that_evaluate_compares_with_the_base_model() {
     assert!(v["metrics"]["loss"].as_f64().unwrap() < 0.5, "{v}");
     assert_eq!(v["metrics"]["accuracy"], 1.0);
 
+    // The same shapes with other weights: the adapter would load and talk nonsense, so
+    // every command that runs it on a model refuses a model it was not trained on.
+    let other = dir.path().join("other");
+    write_tiny_chat_model(
+        &other,
+        TinySpec {
+            seed: 1,
+            ..TinySpec::default()
+        },
+    )
+    .unwrap();
+    let commands: [&[&str]; 3] = [
+        &["evaluate", "--adapter", "out", "--data-path", "facts.jsonl"],
+        &["export", "--adapter", "out", "--output-dir", "exported"],
+        &["chat", "--adapter", "out"],
+    ];
+    for args in commands {
+        let stderr = stderr_of_failure(
+            loraloop(dir.path())
+                .args(args)
+                .arg("--model")
+                .arg(&other)
+                .write_stdin("hello\n"),
+        );
+        assert!(
+            stderr.contains("was trained on another base model"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert!(!dir.path().join("exported").exists());
+
     // An example whose answer the truncation cuts off is left out, and said to be.
     let long = dir.path().join("long.jsonl");
     let long_line = format!(

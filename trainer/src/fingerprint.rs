@@ -46,3 +46,32 @@ pub(crate) fn data_fingerprint(examples: &[TokenizedExample]) -> String {
     }
     hex::encode(h.finalize())
 }
+
+/// Why the adapter in `adapter_dir` must not run on the model at `model_path`, if its
+/// `loraloop_adapter.json` says it was trained on another base model: its weights would
+/// load (the shapes match) and produce garbage. An adapter without that file (one from
+/// PEFT) is not checked. Hashes the model file only when there is something to compare.
+pub fn base_model_mismatch(
+    adapter_dir: &Path,
+    model_path: &Path,
+) -> std::io::Result<Option<String>> {
+    let meta = match crate::checkpoint::AdapterMetadata::read(adapter_dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(std::io::Error::other(format!(
+                "{}: {e}",
+                adapter_dir.join(crate::checkpoint::METADATA_FILE).display()
+            )));
+        }
+    };
+    if meta.base_model_hash == hash_model(model_path)? {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "the adapter {} was trained on another base model ({}) than {}; it would produce garbage (pass the model it was trained on with --model)",
+        adapter_dir.display(),
+        meta.base_model,
+        model_path.display()
+    )))
+}
