@@ -24,7 +24,8 @@ fn random_adapter(dir: &Path) {
 }
 
 #[test]
-fn an_export_killed_while_writing_leaves_the_earlier_file_whole() {
+fn an_export_killed_while_writing_leaves_the_earlier_file_whole_and_the_next_removes_its_leftover()
+{
     let dir = tempfile::tempdir().unwrap();
     random_adapter(dir.path());
     let merged = dir.path().join("merged");
@@ -76,6 +77,27 @@ fn an_export_killed_while_writing_leaves_the_earlier_file_whole() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(std::fs::read(&earlier).unwrap(), b"an earlier export");
+    assert!(partial_size().is_some(), "the kill left its partial file");
+
+    // The next export replaces the file and removes what the killed one left.
+    let out = loraloop(dir.path())
+        .args(["export", "--adapter", "my-adapter", "--format", "merged"])
+        .args(["--type", "f16", "--output-dir", "merged", "--model"])
+        .arg(real_model())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        partial_size(),
+        None,
+        "a killed export's partial file was left"
+    );
+    let exported = LoadedModel::load(&earlier, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(exported.llama.config.num_layers, 30);
 }
 
 #[test]

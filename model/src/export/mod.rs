@@ -134,10 +134,15 @@ fn write_gguf_file(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let prefix = format!(".{name}.partial");
     let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}.partial"))
+        .prefix(&prefix)
         .tempfile_in(dir)
         .map_err(|e| write_err(path, e))?;
+    // Held until the file is renamed or gone, so that a later export can tell a killed
+    // export's leftover from a live one's file.
+    tmp.as_file().lock().map_err(|e| write_err(path, e))?;
+    remove_abandoned(dir, &prefix, tmp.path());
     let mut w = BufWriter::new(tmp);
     write_gguf(&mut w, metadata, tensors)?;
     let tmp = w.into_inner().map_err(|e| write_err(path, e.error()))?;
@@ -145,6 +150,24 @@ fn write_gguf_file(
     crate::fetch::set_readable(tmp.as_file()).map_err(|e| write_err(path, e))?;
     tmp.persist(path).map_err(|e| write_err(path, e.error))?;
     Ok(())
+}
+
+/// Removes the files named `prefix*` in `dir` that no process holds a lock on: what killed
+/// exports left (each a partial model, hundreds of MB). Best effort.
+fn remove_abandoned(dir: &Path, prefix: &str, own: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let p = entry.path();
+        if p == own || !entry.file_name().to_string_lossy().starts_with(prefix) {
+            continue;
+        }
+        let unlocked = std::fs::File::open(&p).is_ok_and(|f| f.try_lock().is_ok());
+        if unlocked {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
 }
 
 fn write_err(path: &Path, e: impl std::fmt::Display) -> ExportError {
