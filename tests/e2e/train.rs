@@ -272,6 +272,16 @@ fn bad_training_input_gets_a_clear_error() {
         e.contains("learning_rate: must be a positive number, got -1"),
         "{e}"
     );
+    // A held-out count as large as the data (8 examples) leaves nothing to train on.
+    let e = stderr_of_failure(&mut base(&["--val-set-size", "8", "--output-dir", "v"]));
+    assert!(
+        e.contains("val_set_size 8 holds out all 8 example(s), leaving none to train on"),
+        "{e}"
+    );
+    assert!(
+        !dir.path().join("v").exists(),
+        "a refused run left its folder"
+    );
     let e = stderr_of_failure(&mut base(&["--lora-r", "100"]));
     assert!(
         e.contains("lora_r 100 is larger than q_proj (64 -> 64)"),

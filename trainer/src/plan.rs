@@ -2,27 +2,32 @@
 //! for the same data and seed, so a resumed run skips to its step.
 
 use crate::batch::{BatchPlan, epoch_batches, epoch_order};
+use crate::error::TrainError;
 use crate::tokenize::TokenizedExample;
 use loraloop_core::domain::ChatExample;
 use loraloop_model::train::Row;
 
 /// Split `val_set_size` (a fraction below 1, or a count) off the examples, the same
-/// way for the same seed.
+/// way for the same seed. A count that leaves nothing to train on is refused (a
+/// fraction below 1 always leaves some).
 pub fn split_examples(
     examples: Vec<ChatExample>,
     val_set_size: f64,
     seed: u64,
-) -> (Vec<ChatExample>, Vec<ChatExample>) {
+) -> Result<(Vec<ChatExample>, Vec<ChatExample>), TrainError> {
     let n = examples.len();
     let n_val = if val_set_size < 1.0 {
         (val_set_size * n as f64).floor() as usize
     } else {
         val_set_size as usize
     };
-    // Keep at least one training example.
-    let n_val = n_val.min(n.saturating_sub(1));
+    if n_val >= n && n > 0 {
+        return Err(TrainError::Invalid(format!(
+            "val_set_size {n_val} holds out all {n} example(s), leaving none to train on: give a smaller count, or a fraction below 1"
+        )));
+    }
     if n_val == 0 {
-        return (examples, Vec::new());
+        return Ok((examples, Vec::new()));
     }
     let order = epoch_order(n, seed ^ 0x5EED, usize::MAX);
     let val_set: std::collections::HashSet<usize> = order[..n_val].iter().copied().collect();
@@ -35,7 +40,7 @@ pub fn split_examples(
             train.push(e);
         }
     }
-    (train, val)
+    Ok((train, val))
 }
 
 /// The optimizer steps of the run, each a list of micro-batches, with the epoch they

@@ -343,7 +343,7 @@ fn train_inner(
     let examples = std::mem::take(&mut job.examples);
     let (train_ex, eval_ex) = match job.eval_examples.take() {
         Some(v) => (examples, v),
-        None => split_examples(examples, c.val_set_size, c.seed),
+        None => split_examples(examples, c.val_set_size, c.seed)?,
     };
     let mut tr = initial_trainable(&job, &c, resume.as_ref())?;
     if c.method != Method::Lora
