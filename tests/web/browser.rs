@@ -278,8 +278,23 @@ async fn an_operator_trains_activates_and_chats_from_the_console() {
         );
     }
 
-    // Log out: the console is closed again.
+    // An error page's Back link returns to the page before it (the CSP blocks a
+    // `javascript:` link, so a dead one would leave the operator on the error page).
     c.set_window_size(1280, 900).await.unwrap();
+    c.goto(&url("/datasets")).await.unwrap();
+    c.goto(&url("/conversations/999999")).await.unwrap();
+    until(10, "the error page", || async {
+        c.find("a[data-back]").await.ok()
+    })
+    .await;
+    click(&c, "a[data-back]").await;
+    until(10, "the page before the error", || async {
+        let here = c.current_url().await.ok()?;
+        here.ends_with("/datasets").then_some(())
+    })
+    .await;
+
+    // Log out: the console is closed again.
     c.goto(&url("/")).await.unwrap();
     click(&c, "form.logout button").await;
     until(10, "the login page", || async {

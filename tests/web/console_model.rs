@@ -584,7 +584,26 @@ async fn train_activate_download_upload_chat_and_compare_from_the_console() {
     let msgs = c.server.state.db.recent_messages(conv, 10).await.unwrap();
     assert_eq!(msgs.len(), 4, "an unknown adapter stores nothing");
     assert_eq!(msgs[3].adapter_name, None);
+    // A message the engine refuses (longer than the context window) is not stored.
+    let r = c
+        .http
+        .post(c.url("/playground/send"))
+        .header("x-csrf-token", &c.csrf)
+        .json(&serde_json::json!({"message": "word ".repeat(20_000), "adapter": "base"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    let refused = r.text().await.unwrap();
+    assert!(refused.contains("context window"), "{refused}");
+    let msgs = c.server.state.db.recent_messages(conv, 10).await.unwrap();
+    assert_eq!(msgs.len(), 4, "the refused message was stored");
 
+    // Pages that show conversations are kept out of caches; no inline script runs.
+    let r = c.http.get(c.url("/playground")).send().await.unwrap();
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    let csp = r.headers()["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("script-src 'self';"), "{csp}");
     let (_, page) = c.get("/playground").await;
     assert!(
         page.contains(&format!(

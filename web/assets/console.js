@@ -355,7 +355,21 @@ function initPlayground() {
   });
 }
 
+// ---------------------------------------------------------------- error pages
+// "Back" returns to the page the operator came from (its href, home, when there is none).
+function initBackLinks() {
+  document.querySelectorAll("a[data-back]").forEach((a) => {
+    a.addEventListener("click", (e) => {
+      if (window.history.length > 1) {
+        e.preventDefault();
+        window.history.back();
+      }
+    });
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  initBackLinks();
   initJobForm();
   initJobPage();
   initPlayground();

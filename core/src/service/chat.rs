@@ -171,7 +171,7 @@ impl ChatService {
                 .map(|m| TemplateMessage::new(m.role.as_str(), m.content.clone())),
         );
         let in_flight = self.metrics.generation_started();
-        let generation = self
+        let generation = match self
             .engine
             .generate_off_thread(GenerateRequest {
                 prompt: Prompt::Chat(messages),
@@ -184,7 +184,19 @@ impl ChatService {
                     None => format!("conversation:{conversation_id}"),
                 }),
             })
-            .await?;
+            .await
+        {
+            Ok(g) => g,
+            Err(e) => {
+                // A message the engine refused (too long for the context, a full queue)
+                // leaves no trace, unless it is a platform message: that one stays, as the
+                // record of what the user sent and so that a redelivery is known.
+                if platform_message_id.is_none() {
+                    self.db.delete_unanswered_message(user_message.id).await?;
+                }
+                return Err(e.into());
+            }
+        };
         Ok(Turn {
             conversation_id,
             user_message,

@@ -256,6 +256,17 @@ impl Db {
         }
     }
 
+    /// Remove a message nothing refers to yet (a user message whose reply was refused).
+    pub async fn delete_unanswered_message(&self, message_id: i64) -> Result<()> {
+        sql::execute(
+            self.pool(),
+            "delete from messages where id = ?",
+            (message_id,),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// The last `limit` messages of a conversation, oldest first.
     pub async fn recent_messages(
         &self,

@@ -47,9 +47,11 @@ fn asset(body: &'static str, content_type: &'static str) -> Response {
         .into_response()
 }
 
-/// Headers every console page gets: no framing, no sniffing, no referrer leaks.
+/// Headers every console page gets: no framing, no sniffing, no referrer leaks, and no
+/// copy kept in a cache (pages show users' conversations).
 fn secure_headers(resp: &mut Response) {
     let h = resp.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
     h.insert(
         "x-content-type-options",
@@ -171,13 +173,14 @@ pub fn csrf_field(s: &AdminSession) -> Markup {
     html! { input type="hidden" name="_csrf" value=(s.csrf); }
 }
 
-/// A page that says what went wrong, with the right status.
+/// A page that says what went wrong, with the right status. "Back" goes back in the
+/// browser's history (console.js; the CSP forbids a `javascript:` link), else home.
 pub fn error_page(session: &AdminSession, status: StatusCode, message: &str) -> Response {
     let mut r = layout(
         "Error",
         Some(session),
         "",
-        html! { h1 { "Something went wrong" } p.error { (message) } p { a href="javascript:history.back()" { "Back" } } },
+        html! { h1 { "Something went wrong" } p.error { (message) } p { a href="/" data-back { "Back" } } },
     );
     *r.status_mut() = status;
     r
