@@ -240,8 +240,8 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
                 after_activation: Some(swap_after_gate(&core)),
                 ..loraloop_trainer::job_card::GateOptions::from_config(&core.config)
             },
-            // Chat first: a job pauses between micro-batches while replies are being made.
-            yield_to: Some(loraloop_trainer::yield_to::YieldTo({
+            // Chat first: a job pauses before each layer while replies are being made.
+            yield_to: Some(loraloop_trainer::yield_to::YieldTo::new({
                 let engine = core.engine.clone();
                 Arc::new(move || engine.busy())
             })),

@@ -769,6 +769,85 @@ async fn a_job_in_the_server_waits_while_a_chat_reply_is_being_made_then_finishe
 }
 
 #[sqlx::test(migrations = "../migrations")]
+async fn a_job_finishes_while_chat_never_stops(pool: SqlitePool) {
+    use loraloop_model::engine::{AdapterChoice, Engine, GenerateRequest, LoadedModel, Prompt};
+    use loraloop_model::sampling::SamplingParams;
+    use loraloop_trainer::yield_to::YieldTo;
+    let db = Db::from_pool(pool);
+    let tmp = tempfile::tempdir().unwrap();
+    let hp = serde_json::json!({"num_epochs": 2, "micro_batch_size": 4, "val_set_size": 0, "replay": false});
+    let (first, mut opts) = setup(&db, tmp.path(), hp.clone()).await;
+    let engine =
+        Engine::start(LoadedModel::load(&tmp.path().join("models/tiny"), &Device::Cpu).unwrap());
+    // As `serve` wires it, with 1 s of pause held at most (10 s in `serve`) to keep the
+    // test short.
+    opts.yield_to = Some(YieldTo::with_budget(
+        {
+            let engine = engine.clone();
+            Arc::new(move || engine.busy())
+        },
+        0.75,
+        Duration::from_secs(1),
+    ));
+    let run = |expected: i64| {
+        let (db, opts) = (db.clone(), opts.clone());
+        async move {
+            let started = std::time::Instant::now();
+            let done = run_next(&db, &opts, Arc::new(AtomicBool::new(false)))
+                .await
+                .unwrap();
+            assert_eq!(done, Some(expected));
+            let job = db.job(expected).await.unwrap();
+            assert_eq!(job.state(), JobState::Succeeded, "{:?}", job.error);
+            started.elapsed()
+        }
+    };
+    // The job's time with chat idle.
+    let alone = run(first).await;
+    // The same job again, with a reply held in flight throughout: chat is busy all along.
+    let again = db
+        .create_job(&NewJob {
+            assistant_id: None,
+            dataset_id: db.job(first).await.unwrap().dataset_id.unwrap(),
+            base_model: "tiny",
+            method: "lora",
+            hyperparameters: &hp,
+        })
+        .await
+        .unwrap()
+        .id;
+    assert!(
+        db.transition_job(again, JobState::ValidatingFiles, JobState::Queued, None)
+            .await
+            .unwrap()
+    );
+    let reply = engine
+        .generate(GenerateRequest {
+            prompt: Prompt::Tokens(vec![70, 71, 72]),
+            params: SamplingParams::greedy(4),
+            adapter: AdapterChoice::Base,
+            user: None,
+        })
+        .unwrap();
+    let busy = run(again).await;
+    assert!(engine.busy(), "chat stayed busy throughout");
+    // At most the 1 s held, then 3 s of pause per second trained: under 1 s + 4 times the
+    // job alone (1 s to spare). Pausing at each layer for as long as chat was busy (up to
+    // the 1 s), as jobs once did, took 16.4 s here with the job alone 1.8 s.
+    let bound = Duration::from_secs(2) + alone * 4;
+    assert!(busy < bound, "{busy:?} with chat busy, {alone:?} alone");
+    let events = db.training_events(again, 0).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .filter_map(|e| e.message.as_deref())
+            .any(|m| m.contains("training gives way to chat")),
+        "the job paused for chat and said so"
+    );
+    drop(reply);
+}
+
+#[sqlx::test(migrations = "../migrations")]
 async fn a_dpo_job_in_the_server_waits_for_chat_too(pool: SqlitePool) {
     let db = Db::from_pool(pool);
     let tmp = tempfile::tempdir().unwrap();
@@ -815,7 +894,7 @@ async fn waits_for_chat(db: &Db, tmp: &std::path::Path, id: i64, mut opts: Worke
     use loraloop_trainer::yield_to::YieldTo;
     // The real engine on the same model, as `serve` wires it.
     let engine = Engine::start(LoadedModel::load(&tmp.join("models/tiny"), &Device::Cpu).unwrap());
-    opts.yield_to = Some(YieldTo({
+    opts.yield_to = Some(YieldTo::new({
         let engine = engine.clone();
         Arc::new(move || engine.busy())
     }));
