@@ -36,14 +36,19 @@ pub struct Limits {
     pub shutdown_grace: Duration,
 }
 
+/// How long the replies still streaming at the end of the grace have to say so.
+const FAREWELL: Duration = Duration::from_millis(500);
+
 /// Serve `app` on `listener` until `shutdown` resolves, then wait for the requests in
 /// flight to finish, `shutdown_grace` at most (kept-alive idle connections are closed at
-/// once; what is still open after the grace is dropped).
+/// once). Then `grace_over` runs (streaming replies say they are cut off) and what is
+/// still open a moment later is dropped.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,
     shutdown: impl Future<Output = ()>,
+    grace_over: impl FnOnce(),
 ) {
     // HTTP/1 only, as `axum::serve` served it here: hyper's protocol sniffing (the auto
     // builder) reads the first bytes with no deadline.
@@ -107,7 +112,9 @@ pub async fn serve(
         });
     }
     drop(listener);
-    if tokio::time::timeout(limits.shutdown_grace, graceful.shutdown())
+    let drained = graceful.shutdown();
+    tokio::pin!(drained);
+    if tokio::time::timeout(limits.shutdown_grace, &mut drained)
         .await
         .is_err()
     {
@@ -115,6 +122,8 @@ pub async fn serve(
             "requests still running after {:?} (server.shutdown_grace_secs): their connections are closed",
             limits.shutdown_grace
         );
+        grace_over();
+        let _ = tokio::time::timeout(FAREWELL, &mut drained).await;
     }
     conns.shutdown().await;
 }

@@ -277,6 +277,7 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
         })?;
         let addr = listener.local_addr()?;
         let state = AppState::new(core.clone(), telegram_inbox.clone());
+        let web_state = state.clone();
         let app = match opts.only_bot {
             None => {
                 loraloop_web::files::remove_leftovers(&state).await;
@@ -300,6 +301,7 @@ pub async fn start(config: Config, opts: ServeOptions) -> anyhow::Result<Running
                 app,
                 limits,
                 async move { shutdown.notified().await },
+                move || web_state.close_streams(),
             )
             .await
         });

@@ -357,6 +357,13 @@ async fn a_stop_waits_for_a_streaming_reply_only_as_long_as_its_grace() {
         !read.contains("[DONE]"),
         "the reply ran to its end ({took:?}): the stop waited for it, or it was shorter than the grace"
     );
+    // And it says so: a stream that just stopped would read as a whole reply to a client
+    // that does not check for `[DONE]`.
+    let last = read.trim_end().lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("data: {\"error\"") && last.contains("\"code\":\"server_stopping\""),
+        "{read}"
+    );
     assert!(
         took < std::time::Duration::from_secs(4),
         "stop took {took:?}"

@@ -510,8 +510,10 @@ pub async fn chat_completions(
         })
     };
     let st = state.clone();
+    let closing = state.closing();
     tokio::spawn(async move {
         let mut in_flight = in_flight;
+        tokio::pin!(closing);
         let send = |v: Value| SseEvent::default().data(v.to_string());
         if tx
             .send(Ok(send(chunk(
@@ -530,6 +532,16 @@ pub async fn chat_completions(
             let e = tokio::select! {
                 e = generation.next() => e,
                 () = tx.closed() => return,
+                () = &mut closing => {
+                    // The stop's grace is over: say so before the connection closes, so
+                    // that a client does not take the cut reply for a whole one.
+                    let _ = tx
+                        .send(Ok(SseEvent::default().data(
+                            json!({"error": {"code": "server_stopping", "message": "the server is stopping: the reply was cut off", "param": null, "type": "server_error"}}).to_string(),
+                        )))
+                        .await;
+                    return;
+                }
             };
             let Some(e) = e else { break };
             match e {

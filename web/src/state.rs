@@ -18,6 +18,9 @@ pub struct Inner {
     pub logins: crate::login_throttle::LoginThrottle,
     /// The classifier `POST /api/v1/predict` served last, kept loaded.
     pub classifier: Arc<LoadedClassifier>,
+    /// Set when a stop's grace is over: streaming replies end with an error event
+    /// before their connections are closed.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 /// The last classifier served (its checkpoint folder and the loaded model), kept loaded
@@ -42,8 +45,22 @@ impl AppState {
             telegram_inbox,
             logins: crate::login_throttle::LoginThrottle::new(),
             classifier: Arc::default(),
+            closing: tokio::sync::watch::Sender::new(false),
             core,
         }))
+    }
+
+    /// Tell the streaming replies that the server stops now (see [`Self::closing`]).
+    pub fn close_streams(&self) {
+        self.0.closing.send_replace(true);
+    }
+
+    /// Resolves once [`Self::close_streams`] was called.
+    pub fn closing(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.0.closing.subscribe();
+        async move {
+            let _ = rx.wait_for(|closing| *closing).await;
+        }
     }
 }
 
