@@ -418,3 +418,33 @@ fn a_qwen2_base_exports_lora_and_merged_ggufs() {
     eprintln!("qwen2 merged f16 vs unmerged: {d} (the adapter moved the logits {moved})");
     assert!(d < 0.02, "qwen2 merged: {d}");
 }
+
+#[test]
+fn a_merge_stops_when_it_is_cancelled_and_writes_nothing() {
+    use loraloop_model::export::{Export, ExportError, export_adapter};
+    use std::sync::atomic::AtomicBool;
+    let dev = Device::Cpu;
+    let base = LoadedModel::load(&model_path(), &dev).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let peft = PeftConfig::new(4, 8.0, &[Projection::Q, Projection::V]);
+    let tensors = random_peft_tensors(&base.llama.config, &peft, 0.01, &dev).unwrap();
+    loraloop_model::lora::write_peft_dir(&dir.path().join("adapter"), &peft, &tensors).unwrap();
+    // A download whose client left before the merge began: its first tensor is not read.
+    let out = dir.path().join("merged.gguf");
+    let e = export_adapter(
+        &dir.path().join("adapter"),
+        &model_path(),
+        &base.llama.config,
+        Export::Merged(GgufType::F16),
+        "merged",
+        &out,
+        &AtomicBool::new(true),
+    )
+    .unwrap_err();
+    assert!(matches!(e, ExportError::Cancelled), "{e}");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("adapter")]);
+}

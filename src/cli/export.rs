@@ -9,6 +9,10 @@ use loraloop_core::Config;
 use loraloop_model::engine::LoadedModel;
 use loraloop_model::export::{Export, GgufType, export_adapter, modelfile, write_merged_hf};
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+
+/// The CLI's exports run to the end (Ctrl-C ends the process).
+static NO_CANCEL: AtomicBool = AtomicBool::new(false);
 use std::process::ExitCode;
 
 #[derive(Debug, Args)]
@@ -66,7 +70,15 @@ pub async fn export(config: &Config, args: &ExportArgs) -> anyhow::Result<ExitCo
             .with_context(|| format!("cannot create {}", out.display()))?;
         let (file, from, adapter_line) = if args_format == "lora" {
             let file = out.join("adapter.gguf");
-            export_adapter(&adapter_dir, &model_path, cfg, Export::Lora, &name, &file)?;
+            export_adapter(
+                &adapter_dir,
+                &model_path,
+                cfg,
+                Export::Lora,
+                &name,
+                &file,
+                &NO_CANCEL,
+            )?;
             let from = std::fs::canonicalize(&model_path).unwrap_or(model_path.clone());
             (file, from.display().to_string(), Some("./adapter.gguf"))
         } else {
@@ -79,6 +91,7 @@ pub async fn export(config: &Config, args: &ExportArgs) -> anyhow::Result<ExitCo
                 Export::Merged(ty),
                 &name,
                 &file,
+                &NO_CANCEL,
             )?;
             (file, format!("./{file_name}"), None)
         };

@@ -1,7 +1,7 @@
 //! `loraloop export` on the real default model: a LoRA GGUF with a Modelfile that points
 //! llama.cpp / Ollama at the base, and a merged Q4_1 GGUF that loads and chats.
 
-use super::loraloop;
+use super::{loraloop, stdout_of};
 use loraloop_model::engine::LoadedModel;
 use loraloop_model::llama::config::Projection;
 use loraloop_model::lora::{PeftConfig, random_peft_tensors, write_peft_dir};
@@ -80,16 +80,11 @@ fn an_export_killed_while_writing_leaves_the_earlier_file_whole_and_the_next_rem
     assert!(partial_size().is_some(), "the kill left its partial file");
 
     // The next export replaces the file and removes what the killed one left.
-    let out = loraloop(dir.path())
-        .args(["export", "--adapter", "my-adapter", "--format", "merged"])
-        .args(["--type", "f16", "--output-dir", "merged", "--model"])
-        .arg(real_model())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    stdout_of(
+        loraloop(dir.path())
+            .args(["export", "--adapter", "my-adapter", "--format", "merged"])
+            .args(["--type", "f16", "--output-dir", "merged", "--model"])
+            .arg(real_model()),
     );
     assert_eq!(
         partial_size(),
@@ -128,22 +123,17 @@ fn export_writes_a_lora_gguf_or_a_merged_gguf_with_an_ollama_modelfile() {
     let dir = tempfile::tempdir().unwrap();
     random_adapter(dir.path());
 
-    let out = loraloop(dir.path())
-        .args([
-            "export",
-            "--adapter",
-            "my-adapter",
-            "--output-dir",
-            "lora",
-            "--model",
-        ])
-        .arg(real_model())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    stdout_of(
+        loraloop(dir.path())
+            .args([
+                "export",
+                "--adapter",
+                "my-adapter",
+                "--output-dir",
+                "lora",
+                "--model",
+            ])
+            .arg(real_model()),
     );
     let gguf = std::fs::read(dir.path().join("lora/adapter.gguf")).unwrap();
     assert_eq!(&gguf[..4], b"GGUF");
@@ -161,26 +151,20 @@ fn export_writes_a_lora_gguf_or_a_merged_gguf_with_an_ollama_modelfile() {
         "{modelfile}"
     );
 
-    let out = loraloop(dir.path())
-        .args([
-            "export",
-            "--adapter",
-            "my-adapter",
-            "--format",
-            "merged",
-            "--type",
-            "q4_1",
-        ])
-        .args(["--output-dir", "merged", "--model"])
-        .arg(real_model())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = stdout_of(
+        loraloop(dir.path())
+            .args([
+                "export",
+                "--adapter",
+                "my-adapter",
+                "--format",
+                "merged",
+                "--type",
+                "q4_1",
+            ])
+            .args(["--output-dir", "merged", "--model"])
+            .arg(real_model()),
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("model-q4_1.gguf"), "{stdout}");
     let modelfile = std::fs::read_to_string(dir.path().join("merged/Modelfile")).unwrap();
     assert!(
@@ -188,48 +172,37 @@ fn export_writes_a_lora_gguf_or_a_merged_gguf_with_an_ollama_modelfile() {
         "{modelfile}"
     );
     // The merged file is a model of its own: `loraloop chat` runs it.
-    let out = loraloop(dir.path())
-        .args([
-            "chat",
-            "--json",
-            "--temperature",
-            "0",
-            "--max-new-tokens",
-            "8",
-            "--model",
-        ])
-        .arg(dir.path().join("merged/model-q4_1.gguf"))
-        .write_stdin("What is the capital of France?\n")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = stdout_of(
+        loraloop(dir.path())
+            .args([
+                "chat",
+                "--json",
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "8",
+                "--model",
+            ])
+            .arg(dir.path().join("merged/model-q4_1.gguf"))
+            .write_stdin("What is the capital of France?\n"),
     );
-    let reply: serde_json::Value =
-        serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    let reply: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert!(!reply["reply"].as_str().unwrap().is_empty(), "{reply}");
 
     // The merged model as a Hugging Face folder, which the folder loader runs.
-    let out = loraloop(dir.path())
-        .args([
-            "export",
-            "--adapter",
-            "my-adapter",
-            "--format",
-            "hf",
-            "--output-dir",
-            "hf",
-            "--model",
-        ])
-        .arg(real_model())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    stdout_of(
+        loraloop(dir.path())
+            .args([
+                "export",
+                "--adapter",
+                "my-adapter",
+                "--format",
+                "hf",
+                "--output-dir",
+                "hf",
+                "--model",
+            ])
+            .arg(real_model()),
     );
     for f in [
         "config.json",
@@ -239,24 +212,19 @@ fn export_writes_a_lora_gguf_or_a_merged_gguf_with_an_ollama_modelfile() {
     ] {
         assert!(dir.path().join("hf").join(f).is_file(), "{f}");
     }
-    let out = loraloop(dir.path())
-        .args([
-            "chat",
-            "--json",
-            "--temperature",
-            "0",
-            "--max-new-tokens",
-            "8",
-            "--model",
-            "hf",
-        ])
-        .write_stdin("What is the capital of France?\n")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    stdout_of(
+        loraloop(dir.path())
+            .args([
+                "chat",
+                "--json",
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "8",
+                "--model",
+                "hf",
+            ])
+            .write_stdin("What is the capital of France?\n"),
     );
 
     let out = loraloop(dir.path())

@@ -770,8 +770,7 @@ async fn a_job_in_the_server_waits_while_a_chat_reply_is_being_made_then_finishe
 
 #[sqlx::test(migrations = "../migrations")]
 async fn a_job_finishes_while_chat_never_stops(pool: SqlitePool) {
-    use loraloop_model::engine::{AdapterChoice, Engine, GenerateRequest, LoadedModel, Prompt};
-    use loraloop_model::sampling::SamplingParams;
+    use loraloop_model::engine::{Engine, LoadedModel};
     use loraloop_trainer::yield_to::YieldTo;
     let db = Db::from_pool(pool);
     let tmp = tempfile::tempdir().unwrap();
@@ -821,14 +820,7 @@ async fn a_job_finishes_while_chat_never_stops(pool: SqlitePool) {
             .await
             .unwrap()
     );
-    let reply = engine
-        .generate(GenerateRequest {
-            prompt: Prompt::Tokens(vec![70, 71, 72]),
-            params: SamplingParams::greedy(4),
-            adapter: AdapterChoice::Base,
-            user: None,
-        })
-        .unwrap();
+    let reply = reply_in_flight(&engine);
     let busy = run(again).await;
     assert!(engine.busy(), "chat stayed busy throughout");
     // At most the 1 s held, then 3 s of pause per second trained: under 1 s + 4 times the
@@ -886,11 +878,23 @@ async fn a_dpo_job_in_the_server_waits_for_chat_too(pool: SqlitePool) {
     waits_for_chat(&db, tmp.path(), id, opts).await;
 }
 
+/// A short reply that stays in flight, the engine busy, while the caller holds it.
+fn reply_in_flight(engine: &loraloop_model::engine::Engine) -> loraloop_model::engine::Generation {
+    use loraloop_model::engine::{AdapterChoice, GenerateRequest, Prompt};
+    engine
+        .generate(GenerateRequest {
+            prompt: Prompt::Tokens(vec![70, 71, 72]),
+            params: loraloop_model::sampling::SamplingParams::greedy(4),
+            adapter: AdapterChoice::Base,
+            user: None,
+        })
+        .unwrap()
+}
+
 /// Job `id` run by a worker that gives way to a real engine: it waits at its first
 /// micro-batch while a reply is in flight, says so, and finishes once the reply is done.
 async fn waits_for_chat(db: &Db, tmp: &std::path::Path, id: i64, mut opts: WorkerOptions) {
-    use loraloop_model::engine::{AdapterChoice, Engine, GenerateRequest, LoadedModel, Prompt};
-    use loraloop_model::sampling::SamplingParams;
+    use loraloop_model::engine::{Engine, LoadedModel};
     use loraloop_trainer::yield_to::YieldTo;
     // The real engine on the same model, as `serve` wires it.
     let engine = Engine::start(LoadedModel::load(&tmp.join("models/tiny"), &Device::Cpu).unwrap());
@@ -899,14 +903,7 @@ async fn waits_for_chat(db: &Db, tmp: &std::path::Path, id: i64, mut opts: Worke
         Arc::new(move || engine.busy())
     }));
     // A reply in flight: the caller holds its stream.
-    let reply = engine
-        .generate(GenerateRequest {
-            prompt: Prompt::Tokens(vec![70, 71, 72]),
-            params: SamplingParams::greedy(4),
-            adapter: AdapterChoice::Base,
-            user: None,
-        })
-        .unwrap();
+    let reply = reply_in_flight(&engine);
     assert!(engine.busy());
     let job = {
         let (db, opts) = (db.clone(), opts.clone());

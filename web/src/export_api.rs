@@ -12,6 +12,8 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use loraloop_model::export::{Export, GgufType, export_adapter as write_export};
 use serde::Deserialize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::io::AsyncReadExt;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -92,6 +94,9 @@ pub async fn export_download(
     // drops this request, and the file goes when the export ends (it was left behind, one
     // whole model per aborted download).
     let guard = Scratch(scratch.clone());
+    // And it stops merging when the client is gone (this request dropped).
+    let cancel = CancelOnDrop(Arc::new(AtomicBool::new(false)));
+    let cancelled = cancel.0.clone();
     let (written, _guard) = tokio::task::spawn_blocking(move || {
         let written = write_export(
             std::path::Path::new(&dir),
@@ -100,6 +105,7 @@ pub async fn export_download(
             what,
             &name,
             &out,
+            &cancelled,
         )
         .map_err(|e| e.to_string());
         (written, guard)
@@ -128,6 +134,15 @@ struct Scratch(std::path::PathBuf);
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Sets its flag when dropped: with the request, when the client leaves mid-export.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 

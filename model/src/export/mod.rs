@@ -17,6 +17,7 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Seek, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 mod from_folder;
 pub use from_folder::write_merged_gguf_from_model;
@@ -31,6 +32,9 @@ pub enum ExportError {
     Read { path: String, message: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// The caller no longer wants the file (a download whose client left).
+    #[error("the export was cancelled")]
+    Cancelled,
 }
 
 /// The weight type of an exported GGUF model.
@@ -238,6 +242,27 @@ pub fn write_merged_gguf(
     name: &str,
     path: &Path,
 ) -> Result<(), ExportError> {
+    write_merged_gguf_until(
+        base_path,
+        adapter,
+        base,
+        ty,
+        name,
+        path,
+        &AtomicBool::new(false),
+    )
+}
+
+/// [`write_merged_gguf`] that gives up between tensors once `cancel` is set.
+fn write_merged_gguf_until(
+    base_path: &Path,
+    adapter: Option<&LoraAdapter>,
+    base: &LlamaConfig,
+    ty: GgufType,
+    name: &str,
+    path: &Path,
+    cancel: &AtomicBool,
+) -> Result<(), ExportError> {
     let read_err = |e: &dyn std::fmt::Display| ExportError::Read {
         path: base_path.display().to_string(),
         message: e.to_string(),
@@ -263,6 +288,9 @@ pub fn write_merged_gguf(
     names.sort_by_key(|n| content.tensor_infos[*n].offset);
     let mut tensors = Vec::with_capacity(names.len());
     for name in names {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(ExportError::Cancelled);
+        }
         let q = content.tensor(&mut reader, name, &cpu)?;
         let dims = q.shape().dims().to_vec();
         let mut w = q.dequantize(&cpu)?;
@@ -299,7 +327,8 @@ pub enum Export {
 }
 
 /// Load the PEFT adapter in `adapter_dir` for the base described by `cfg` (on the CPU)
-/// and write `what` to `out`, naming the adapter or merged model `name`.
+/// and write `what` to `out`, naming the adapter or merged model `name`. A merge gives up
+/// with [`ExportError::Cancelled`] between tensors once `cancel` is set.
 pub fn export_adapter(
     adapter_dir: &Path,
     base_path: &Path,
@@ -307,6 +336,7 @@ pub fn export_adapter(
     what: Export,
     name: &str,
     out: &Path,
+    cancel: &AtomicBool,
 ) -> Result<(), ExportError> {
     let mut adapter =
         LoraAdapter::load(adapter_dir, cfg, &Device::Cpu).map_err(|e| ExportError::Read {
@@ -316,7 +346,9 @@ pub fn export_adapter(
     adapter.name = name.to_string();
     match what {
         Export::Lora => write_gguf_lora(&adapter, cfg, out),
-        Export::Merged(ty) => write_merged_gguf(base_path, Some(&adapter), cfg, ty, name, out),
+        Export::Merged(ty) => {
+            write_merged_gguf_until(base_path, Some(&adapter), cfg, ty, name, out, cancel)
+        }
     }
 }
 
